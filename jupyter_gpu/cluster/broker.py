@@ -1,0 +1,406 @@
+"""The GPU broker: a Dask ``SchedulerPlugin`` that owns the pool's GPU inventory, queue and leases.
+
+Workers report their GPUs to it; kernels ask it for leases through scheduler handlers (``gpu_request``,
+``gpu_wait``, ...); it grants leases by best-fit packing in the order its queue policy gives, asks the
+owning worker to start a session process for each grant, and frees leases when a session ends, its kernel's
+client disconnects or its worker is lost. Everything the panel and ``%gpu status`` show comes from
+``gpu_snapshot``.
+
+Load it into any Dask scheduler with ``--preload jupyter_gpu.cluster.broker``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from typing import Any
+
+from distributed.diagnostics.plugin import SchedulerPlugin
+
+from .. import config
+from ..units import format_bytes
+from . import packing
+from .leases import GpuSlot, Lease, Request, RequestSpec, new_id
+from .queue_policy import FifoPolicy, QueuePolicy
+
+log = logging.getLogger(__name__)
+
+PLUGIN_NAME = "jupyter-gpu-broker"
+_ENDED_KEPT = 2000
+
+
+class GpuBroker(SchedulerPlugin):
+    """Grants fractions of GPUs to kernels' sessions; see the module docstring."""
+
+    name = PLUGIN_NAME
+
+    def __init__(self, policy: QueuePolicy | None = None, embedded: bool = False):
+        self.policy: QueuePolicy = policy or FifoPolicy()
+        self.embedded = embedded
+        self.gpus: dict[str, GpuSlot] = {}
+        self.requests: dict[str, Request] = {}
+        self.queue: list[Request] = []
+        self.leases: dict[str, Lease] = {}
+        self.ended: collections.OrderedDict[str, Lease] = collections.OrderedDict()
+        self.samples: dict[str, collections.deque] = {}
+        self.worker_gpus: dict[str, list[str]] = {}
+        self.runs: dict[str, dict] = {}
+        self.scaler: Any = None  # set by a pool that owns a cluster manager (embedded pool)
+        self._events: dict[str, asyncio.Event] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self.scheduler = None
+
+    # ------------------------------------------------------------------ plugin hooks
+    async def start(self, scheduler) -> None:  # noqa: ANN001
+        self.scheduler = scheduler
+        scheduler.handlers.update({
+            "gpu_register_worker": self.register_worker,
+            "gpu_request": self.request,
+            "gpu_wait": self.wait,
+            "gpu_cancel": self.cancel,
+            "gpu_release": self.release,
+            "gpu_lease_info": self.lease_info,
+            "gpu_lease_state": self.lease_state,
+            "gpu_session_ended": self.session_ended,
+            "gpu_samples": self.add_samples,
+            "gpu_snapshot": self.snapshot,
+            "gpu_scale": self.scale,
+        })
+        from distributed.compatibility import PeriodicCallback
+
+        interval_ms = config.get_seconds("worker.sample-interval") * 1000
+        self._sampler = PeriodicCallback(self._sample_virtual, interval_ms)
+        self._sampler.start()
+
+    async def close(self) -> None:
+        if getattr(self, "_sampler", None):
+            self._sampler.stop()
+
+    def remove_worker(self, scheduler, worker: str, **kwargs) -> None:  # noqa: ANN001
+        for gpu_id in self.worker_gpus.pop(worker, []):
+            self.gpus.pop(gpu_id, None)
+            self.samples.pop(gpu_id, None)
+        for lease in [ls for ls in self.leases.values() if ls.worker == worker]:
+            self._end_lease(lease, f"the pool worker {worker} holding this session was lost", kill=False)
+        self._schedule()
+
+    def remove_client(self, scheduler, client: str) -> None:  # noqa: ANN001
+        for req in [r for r in self.queue if r.client == client]:
+            self._finish_request(req, "cancelled", "its kernel disconnected")
+        for lease in [ls for ls in self.leases.values() if ls.client == client]:
+            self._end_lease(lease, "its kernel disconnected from the pool", kill=True)
+        self._schedule()
+
+    # ------------------------------------------------------------------ handlers: workers
+    def register_worker(self, worker: str, gpus: list[dict]) -> dict:
+        """A worker's GPU plugin reports the GPUs it owns (replacing any earlier report)."""
+        for gpu_id in self.worker_gpus.pop(worker, []):
+            self.gpus.pop(gpu_id, None)
+        ids = []
+        for info in gpus:
+            slot = GpuSlot(worker=worker, index=int(info["index"]), uuid=info["uuid"], name=info["name"],
+                           total_bytes=int(info["total_bytes"]), virtual=bool(info.get("virtual")),
+                           mig=bool(info.get("mig")))
+            self.gpus[slot.id] = slot
+            self.samples.setdefault(slot.id, collections.deque(maxlen=int(config.get("worker.samples-kept"))))
+            ids.append(slot.id)
+        self.worker_gpus[worker] = ids
+        log.info("worker %s offers %d GPU(s)", worker, len(ids))
+        self._schedule()
+        return {"gpus": ids}
+
+    def add_samples(self, worker: str, samples: dict[str, dict]) -> None:
+        """NVML samples from a worker's sampling thread, keyed by GPU index."""
+        for index, sample in samples.items():
+            gpu_id = f"{worker}#{index}"
+            if gpu_id in self.samples:
+                self.samples[gpu_id].append(sample)
+
+    def lease_state(self, lease: str, state: str, cell: str | None = None, peak_bytes: int | None = None) -> None:
+        """A session says a cell started (``running``) or finished (``idle``)."""
+        ls = self.leases.get(lease)
+        if ls is None:
+            return
+        ls.state = state
+        if state == "running":
+            ls.cell_started = time.time()
+            if cell:
+                ls.cell = cell
+        else:
+            ls.cell_started = None
+        if peak_bytes is not None:
+            ls.peak_bytes = max(ls.peak_bytes or 0, int(peak_bytes))
+
+    def session_ended(self, lease: str, reason: str) -> None:
+        """The worker saw a session process exit."""
+        ls = self.leases.get(lease)
+        if ls is not None:
+            self._end_lease(ls, reason, kill=False)
+            self._schedule()
+
+    # ------------------------------------------------------------------ handlers: kernels
+    def request(self, user: str, kernel: str, spec: dict, client: str | None = None,
+                notebook: str | None = None, cell: str | None = None) -> dict:
+        """Queue a request for GPU memory; grant it at once if it fits, refuse it if it never can."""
+        try:
+            rspec = RequestSpec(**spec)
+            rspec.validate()
+        except (TypeError, ValueError) as exc:
+            return {"id": None, "state": "refused", "reason": f"The request is not valid: {exc}."}
+        req = Request(id=new_id("R"), user=user, kernel=kernel, client=client, spec=rspec,
+                      notebook=notebook, cell=cell)
+        self.requests[req.id] = req
+        self._events[req.id] = asyncio.Event()
+        impossible = packing.never_fits(rspec, self.gpus.values())
+        if impossible:
+            self._finish_request(req, "refused", f"No GPU in this pool can ever satisfy this request: {impossible}")
+            return self._request_status(req)
+        self.queue.append(req)
+        self._schedule()
+        return self._request_status(req)
+
+    async def wait(self, id: str, timeout: float = 1.0) -> dict:
+        """Long-poll: the request's state once it changes from queued/starting, or after ``timeout``."""
+        req = self.requests.get(id)
+        if req is None:
+            return {"id": id, "state": "unknown", "reason": f"no request {id} is known to the broker"}
+        event = self._events.get(id)
+        if event is not None and req.state in ("queued", "starting"):
+            try:
+                await asyncio.wait_for(event.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+        return self._request_status(req)
+
+    def cancel(self, id: str, user: str | None = None) -> dict:
+        """Cancel a queued request or end a lease (its session is killed)."""
+        req = self.requests.get(id)
+        if req is not None and req.state in ("queued", "starting"):
+            if user is not None and req.user != user:
+                return {"cancelled": False, "what": f"{id} belongs to {req.user}; you can cancel only your own work"}
+            for lease_id in list(req.leases):
+                if lease_id in self.leases:
+                    self._end_lease(self.leases[lease_id], "its request was cancelled", kill=True)
+            self._finish_request(req, "cancelled", "cancelled by its owner")
+            self._schedule()
+            return {"cancelled": True, "what": f"queued request {id}"}
+        lease = self.leases.get(id)
+        if lease is not None:
+            if user is not None and lease.user != user:
+                return {"cancelled": False, "what": f"{id} belongs to {lease.user}; you can cancel only your own work"}
+            self._end_lease(lease, "cancelled by its owner", kill=True)
+            self._schedule()
+            return {"cancelled": True, "what": f"lease {id} (its session was ended)"}
+        return {"cancelled": False, "what": f"nothing queued or running is called {id}"}
+
+    def release(self, lease: str, user: str | None = None, reason: str = "released by its owner") -> dict:
+        ls = self.leases.get(lease)
+        if ls is None:
+            return {"released": False}
+        if user is not None and ls.user != user:
+            return {"released": False, "error": f"{lease} belongs to {ls.user}"}
+        self._end_lease(ls, reason, kill=True)
+        self._schedule()
+        return {"released": True}
+
+    def lease_info(self, lease: str) -> dict:
+        ls = self.leases.get(lease) or self.ended.get(lease)
+        if ls is None:
+            return {"id": lease, "state": "unknown", "end_reason": "the broker has no record of this lease"}
+        return ls.public()
+
+    async def scale(self, n: int | None = None, minimum: int | None = None, maximum: int | None = None,
+                    user: str | None = None) -> dict:
+        """Grow or shrink the pool through its cluster manager, where the pool has one."""
+        if self.scaler is None:
+            return {"error": "this pool has no cluster manager to scale; add machines with "
+                             "`jupyter-gpu worker ADDRESS` instead"}
+        result = await self.scaler(n=n, minimum=minimum, maximum=maximum)
+        log.info("user %s scaled the pool: n=%s minimum=%s maximum=%s", user, n, minimum, maximum)
+        self.scheduler.log_event("jupyter-gpu-audit", {"action": "scale", "user": user, "n": n,
+                                                        "minimum": minimum, "maximum": maximum})
+        return result
+
+    def snapshot(self) -> dict:
+        """The whole pool as the panel, ``%gpu status`` and ``jupyter-gpu status`` show it."""
+        gpus = []
+        for gpu in sorted(self.gpus.values(), key=lambda g: (g.worker, g.index)):
+            samples = list(self.samples.get(gpu.id, ()))
+            last = samples[-1] if samples else {}
+            gpus.append({
+                "id": gpu.id, "worker": gpu.worker, "host": _host(gpu.worker), "index": gpu.index,
+                "uuid": gpu.uuid, "name": gpu.name, "total_bytes": gpu.total_bytes,
+                "leased_bytes": gpu.leased_bytes, "virtual": gpu.virtual, "mig": gpu.mig,
+                "utilization": last.get("utilization"), "memory_used_bytes": last.get("memory_used_bytes"),
+                "samples": samples[-60:],
+                "leases": [self._lease_view(self.leases[lid], gpu.id) for lid in sorted(gpu.leases)
+                           if lid in self.leases],
+            })
+        queue = []
+        for pos, req in enumerate(self._ordered_queue(), start=1):
+            queue.append({"id": req.id, "user": req.user, "kernel": req.kernel, "notebook": req.notebook,
+                          "cell": req.cell, "request": req.spec.describe(), "priority": req.spec.priority,
+                          "position": pos, "reason": req.reason, "eta": req.eta, "since": req.submitted})
+        return {
+            "time": time.time(),
+            "pool": {"address": self.scheduler.address if self.scheduler else None, "embedded": self.embedded,
+                     "scalable": self.scaler is not None, "workers": len(self.worker_gpus),
+                     "virtual": any(g.virtual for g in self.gpus.values()),
+                     "default_fraction": float(config.get("default-fraction"))},
+            "gpus": gpus,
+            "queue": queue,
+            "runs": list(self.runs.values()),
+        }
+
+    # ------------------------------------------------------------------ internals
+    def _lease_view(self, lease: Lease, gpu_id: str) -> dict:
+        view = lease.public()
+        view["bytes_on_gpu"] = sum(a.bytes for a in lease.allocations if a.gpu == gpu_id)
+        return view
+
+    def _ordered_queue(self) -> list[Request]:
+        return self.policy.order([r for r in self.queue if r.state == "queued"], self)
+
+    def _schedule(self) -> None:
+        """Grant, in policy order, every queued request that fits now; give the others their reason."""
+        for req in self._ordered_queue():
+            placement = packing.place(req.spec, self.gpus.values())
+            if placement is None:
+                req.reason = packing.why_waiting(req.spec, self.gpus.values())
+                continue
+            self.queue.remove(req)
+            req.state = "starting"
+            req.reason = "starting the session process"
+            leases = []
+            for rank, (worker, allocations) in enumerate(placement):
+                lease = Lease(id=new_id("L"), request=req.id, user=req.user, kernel=req.kernel, client=req.client,
+                              worker=worker, allocations=allocations,
+                              fraction=round(sum(a.bytes / self.gpus[a.gpu].total_bytes for a in allocations), 4),
+                              priority=req.spec.priority, notebook=req.notebook, cell=req.cell, team=req.team,
+                              rank=rank, world_size=len(placement))
+                for a in allocations:
+                    slot = self.gpus[a.gpu]
+                    slot.leased_bytes += a.bytes
+                    slot.leases.add(lease.id)
+                self.leases[lease.id] = lease
+                req.leases.append(lease.id)
+                leases.append(lease)
+            self._spawn(self._start_sessions(req, leases))
+
+    async def _start_sessions(self, req: Request, leases: list[Lease]) -> None:
+        async def start_one(lease: Lease) -> None:
+            reply = await self.scheduler.rpc(lease.worker).gpu_session_start(
+                lease=lease.public(), scheduler=self.scheduler.address)
+            if reply.get("error"):
+                raise RuntimeError(reply["error"])
+            lease.address, lease.pid = reply["address"], reply["pid"]
+            lease.isolation = reply.get("isolation", "none")
+            lease.state = "idle"
+
+        try:
+            await asyncio.gather(*(start_one(ls) for ls in leases))
+        except Exception as exc:  # a worker failed to start a session: free everything, say why
+            log.warning("session start for %s failed: %s", req.id, exc)
+            for lease in leases:
+                if lease.id in self.leases:
+                    self._end_lease(lease, f"its session process failed to start: {exc}", kill=True)
+            self._finish_request(req, "failed", f"The GPU session could not be started on the pool: {exc}")
+            self._schedule()
+            return
+        if req.state == "starting":
+            self._finish_request(req, "granted", "")
+        else:  # cancelled while starting
+            for lease in leases:
+                if lease.id in self.leases:
+                    self._end_lease(lease, "its request was cancelled", kill=True)
+
+    def _finish_request(self, req: Request, state: str, reason: str) -> None:
+        req.state = state
+        if state != "granted":
+            req.error = reason
+        req.reason = reason
+        if req in self.queue:
+            self.queue.remove(req)
+        event = self._events.pop(req.id, None)
+        if event is not None:
+            event.set()
+        if state != "granted":
+            self.scheduler and self.scheduler.log_event(
+                "jupyter-gpu-refused" if state == "refused" else "jupyter-gpu-requests",
+                {"id": req.id, "user": req.user, "state": state, "reason": reason})
+        # finished requests are kept briefly so a waiting kernel can read the outcome
+        if len(self.requests) > _ENDED_KEPT:
+            for rid in [r for r, q in self.requests.items() if q.state not in ("queued", "starting")][:_ENDED_KEPT // 2]:
+                self.requests.pop(rid, None)
+
+    def _end_lease(self, lease: Lease, reason: str, kill: bool) -> None:
+        if lease.id not in self.leases:
+            return
+        del self.leases[lease.id]
+        for a in lease.allocations:
+            slot = self.gpus.get(a.gpu)
+            if slot is not None:
+                slot.leased_bytes -= a.bytes
+                slot.leases.discard(lease.id)
+        lease.state, lease.ended, lease.end_reason = "ended", time.time(), reason
+        self.ended[lease.id] = lease
+        while len(self.ended) > _ENDED_KEPT:
+            self.ended.popitem(last=False)
+        log.info("lease %s of %s ended: %s", lease.id, lease.user, reason)
+        if kill and lease.worker in self.worker_gpus:
+            self._spawn(self._kill_session(lease))
+
+    async def _kill_session(self, lease: Lease) -> None:
+        try:
+            await self.scheduler.rpc(lease.worker).gpu_session_signal(lease=lease.id, signal="kill")
+        except Exception as exc:  # the worker may be gone already
+            log.debug("could not kill session of %s on %s: %s", lease.id, lease.worker, exc)
+
+    def _request_status(self, req: Request) -> dict:
+        status = {"id": req.id, "state": req.state, "reason": req.reason, "eta": req.eta,
+                  "request": req.spec.describe()}
+        if req.state == "queued":
+            order = self._ordered_queue()
+            status["position"] = order.index(req) + 1 if req in order else None
+            status["queue_length"] = len(order)
+        if req.state == "granted":
+            status["leases"] = [self.leases[lid].public() for lid in req.leases if lid in self.leases]
+        return status
+
+    def _sample_virtual(self) -> None:
+        """Virtual GPUs have no counter: their utilization is the leased share of sessions running a cell."""
+        now = time.time()
+        for gpu in self.gpus.values():
+            if not gpu.virtual:
+                continue
+            running = sum(a.bytes for lid in gpu.leases if lid in self.leases
+                          for a in self.leases[lid].allocations
+                          if a.gpu == gpu.id and self.leases[lid].state == "running")
+            self.samples[gpu.id].append({"t": now, "utilization": round(100.0 * running / gpu.total_bytes, 1),
+                                         "memory_used_bytes": gpu.leased_bytes})
+
+    def _spawn(self, coro) -> None:  # noqa: ANN001
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def _host(address: str) -> str:
+    from distributed.comm import get_address_host
+
+    try:
+        return get_address_host(address)
+    except Exception:
+        return address
+
+
+def describe_bytes(n: int) -> str:
+    return format_bytes(n)
+
+
+async def dask_setup(scheduler) -> None:  # noqa: ANN001
+    """``--preload jupyter_gpu.cluster.broker``: install the broker on this scheduler."""
+    if PLUGIN_NAME not in scheduler.plugins:
+        scheduler.add_plugin(GpuBroker())

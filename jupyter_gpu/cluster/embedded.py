@@ -1,0 +1,188 @@
+"""The embedded pool: a whole GPU pool on this machine, started on demand, in its own processes.
+
+``ensure_embedded_pool()`` returns the address of this user's pool, starting one if none runs: a detached
+process (so it never blocks a kernel and survives the kernel that started it) that runs a Dask scheduler
+with the broker and one worker per GPU (a Nanny-managed process each, with the GPU worker plugin). It
+advertises itself in the Jupyter runtime directory and shuts itself down once nobody has used it for
+``jupyter-gpu.embedded.idle-timeout`` (no clients, no leases, no queue) unless started with ``keep``.
+
+Run directly: ``python -m jupyter_gpu.cluster.embedded`` (what ``jupyter-gpu pool up --embedded`` does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import subprocess
+import sys
+import time
+
+from .. import config
+from .discovery import PoolRecord, live_embedded_pool, runtime_file, write_record
+from .inventory import VIRTUAL_ENV, discover, parse_virtual_spec
+from .worker_plugin import DEVICES_ENV
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddedPoolError(RuntimeError):
+    """The embedded pool could not be started; the message carries the log's tail."""
+
+
+@contextlib.contextmanager
+def _locked(path: str):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def ensure_embedded_pool(timeout: float | None = None, keep: bool = False, path: str | None = None) -> str:
+    """The scheduler address of this user's embedded pool, starting one if none is alive.
+
+    Kernels of one user race here when several start at once; a file lock makes exactly one of them start
+    the pool and the others join it.
+    """
+    path = path or runtime_file()
+    timeout = timeout if timeout is not None else config.get_seconds("connect-timeout")
+    with _locked(path):
+        record = live_embedded_pool(path)
+        if record is not None:
+            return record.address
+        # fail here, in the kernel, with the inventory's own message if the machine has no GPU at all
+        discover()
+        log_path = path[:-len(".json")] + ".log"
+        cmd = [sys.executable, "-m", "jupyter_gpu.cluster.embedded", "--runtime-file", path]
+        if keep:
+            cmd.append("--keep")
+        with open(log_path, "ab") as logf:
+            proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True, cwd=os.getcwd())
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            record = live_embedded_pool(path)
+            if record is not None and record.pid == proc.pid:
+                return record.address
+            if proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        if proc.poll() is None:
+            proc.kill()
+        raise EmbeddedPoolError(
+            f"The embedded GPU pool did not start within {timeout:.0f} s. Its log ({log_path}) ends with:\n"
+            + _tail(log_path)
+        )
+
+
+def _tail(path: str, lines: int = 15) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _worker_spec(index: int, virtual: str | None, host: str) -> dict:
+    from distributed import Nanny
+
+    env = {DEVICES_ENV: str(index)}
+    if virtual:
+        env[VIRTUAL_ENV] = virtual
+    return {"cls": Nanny, "options": {"nthreads": 1, "host": host, "env": env, "name": f"gpu-{index}",
+                                      "preload": ["jupyter_gpu.cluster.worker_plugin"], "dashboard": False}}
+
+
+def _extend_virtual(spec: str, count: int) -> str:
+    """A virtual spec with at least ``count`` GPUs (new ones the size of the first), for scaling out."""
+    gpus = parse_virtual_spec(spec)
+    sizes = [g.total_bytes for g in gpus] + [gpus[0].total_bytes] * max(0, count - len(gpus))
+    return ",".join(f"{s}B" for s in sizes)
+
+
+async def run_pool(path: str, keep: bool = False, host: str = "127.0.0.1") -> None:
+    """Run the pool until it has been idle (no clients, leases or queue) for the idle timeout."""
+    from distributed import Scheduler, SpecCluster
+
+    from .broker import PLUGIN_NAME
+
+    virtual = os.environ.get(VIRTUAL_ENV) or config.get("embedded.virtual-gpus")
+    gpus = discover(virtual)
+    n_gpus = len(gpus)
+
+    class GpuPool(SpecCluster):
+        """SpecCluster whose new workers each take the next GPU."""
+
+        def new_worker_spec(self) -> dict:
+            used = {int(str(name).split("-")[-1]) for name in self.worker_spec}
+            index = next(i for i in range(10_000) if i not in used)
+            spec = _extend_virtual(virtual, index + 1) if virtual else None
+            return {f"gpu-{index}": _worker_spec(index, spec, host)}
+
+    scheduler = {"cls": Scheduler, "options": {"host": host, "port": 0, "dashboard": False,
+                                                "preload": ["jupyter_gpu.cluster.broker"]}}
+    workers = {f"gpu-{i}": _worker_spec(i, virtual, host) for i in range(n_gpus)}
+    cluster = await GpuPool(scheduler=scheduler, workers=workers, asynchronous=True, name="jupyter-gpu")
+    sched = cluster.scheduler
+    broker = sched.plugins[PLUGIN_NAME]
+    broker.embedded = True
+
+    async def scaler(n: int | None = None, minimum: int | None = None, maximum: int | None = None) -> dict:
+        target = n if n is not None else maximum
+        if target is None or target < 1:
+            return {"error": "give a worker count of at least 1"}
+        if not virtual and target > n_gpus:
+            return {"error": f"this machine has {n_gpus} GPU(s); the embedded pool cannot grow past that. "
+                             "Add machines with `jupyter-gpu worker ADDRESS`."}
+        cluster.scale(target)
+        await cluster
+        return {"workers": len(cluster.worker_spec)}
+
+    broker.scaler = scaler
+    # the pool is ready when every worker has reported its GPUs to the broker
+    deadline = time.monotonic() + 120
+    while len(broker.gpus) < n_gpus and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    write_record(PoolRecord(address=sched.address, pid=os.getpid(), started=time.time(), keep=keep,
+                            log=path[:-len(".json")] + ".log"), path)
+    log.info("embedded GPU pool at %s with %d GPU(s)", sched.address, len(broker.gpus))
+    idle_timeout = config.get_seconds("embedded.keep-idle-timeout" if keep else "embedded.idle-timeout")
+    idle_since: float | None = None
+    try:
+        while True:
+            await asyncio.sleep(0.5)
+            clients = [c for c in sched.clients if c != "fire-and-forget"]
+            idle = not clients and not broker.leases and not broker.queue
+            if not idle:
+                idle_since = None
+            elif idle_since is None:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since > idle_timeout:
+                log.info("embedded pool idle for %.0f s: shutting down", idle_timeout)
+                break
+    finally:
+        record = live_embedded_pool(path)
+        if record is None or record.pid == os.getpid():
+            with contextlib.suppress(OSError):
+                os.remove(path)
+        await cluster.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Run this user's embedded jupyter-gpu pool.")
+    parser.add_argument("--runtime-file", default=None)
+    parser.add_argument("--keep", action="store_true", help="stay up for keep-idle-timeout when unused")
+    parser.add_argument("--host", default="127.0.0.1")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s pool %(levelname)s %(name)s: %(message)s")
+    asyncio.run(run_pool(args.runtime_file or runtime_file(), keep=args.keep, host=args.host))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""Everything a cell shows, captured inside the session process and relayed to the kernel as messages.
+
+- ``stdout``/``stderr`` at file-descriptor level: fds 1 and 2 are pipes read by threads, so C libraries,
+  subprocesses and ``os.write`` are captured as well as ``print``;
+- ``display()``, rich reprs, ``clear_output`` and display updates through an IPython ``DisplayPublisher``;
+- the last expression's value through IPython's ``DisplayHook``;
+- matplotlib figures through the same inline backend ipykernel uses.
+
+Messages go to whichever cell is running (``Relay.begin``); the I/O thread sends them on.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import os
+import threading
+import time
+from typing import Any, Callable
+
+from IPython.core.displayhook import DisplayHook
+from IPython.core.displaypub import DisplayPublisher
+
+Emit = Callable[[dict], None]
+
+
+class Relay:
+    """Routes messages to the running cell's sink; drops them between cells."""
+
+    def __init__(self) -> None:
+        self._emit: Emit | None = None
+        self.streams: list[RelayStream] = []
+
+    def begin(self, emit: Emit) -> None:
+        self._emit = emit
+
+    def end(self) -> None:
+        self._emit = None
+
+    def emit(self, msg: dict) -> None:
+        sink = self._emit
+        if sink is not None:
+            sink(msg)
+
+    def flush_streams(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+
+class RelayStream(io.TextIOBase):
+    """``sys.stdout``/``sys.stderr`` replacement that batches text into ``stream`` messages."""
+
+    def __init__(self, relay: Relay, name: str, max_delay: float = 0.05, max_chars: int = 16384):
+        super().__init__()
+        self.relay, self.name = relay, name
+        self.max_delay, self.max_chars = max_delay, max_chars
+        self._buf: list[str] = []
+        self._size = 0
+        self._first = 0.0
+        self._lock = threading.Lock()
+        relay.streams.append(self)
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return "utf-8"
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        return 1 if self.name == "stdout" else 2
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        if not text:
+            return 0
+        with self._lock:
+            if not self._buf:
+                self._first = time.monotonic()
+            self._buf.append(text)
+            self._size += len(text)
+            due = self._size >= self.max_chars or time.monotonic() - self._first >= self.max_delay
+        if due:
+            self.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            if not self._buf:
+                return
+            text = "".join(self._buf)
+            self._buf.clear()
+            self._size = 0
+        self.relay.emit({"op": "stream", "name": self.name, "text": text})
+
+    def due(self) -> bool:
+        with self._lock:
+            return bool(self._buf) and time.monotonic() - self._first >= self.max_delay
+
+
+class FdCapture:
+    """Redirects file descriptors 1 and 2 into pipes read by threads that relay what C code writes.
+
+    ``sync()`` returns once everything written to the fds before the call has been relayed: it writes a
+    marker behind the data and waits for the reader to reach it (pipes keep order).
+    """
+
+    _MARK = b"\x00jupyter-gpu-sync\x00"
+
+    def __init__(self, relay: Relay):
+        self.relay = relay
+        self._events: dict[int, threading.Event] = {}
+        self._threads = []
+        try:
+            self._libc = ctypes.CDLL(None)
+        except OSError:  # pragma: no cover
+            self._libc = None
+        for fd, name in ((1, "stdout"), (2, "stderr")):
+            read_end, write_end = os.pipe()
+            os.dup2(write_end, fd)
+            os.close(write_end)
+            self._events[fd] = threading.Event()
+            thread = threading.Thread(target=self._pump, args=(read_end, fd, name), daemon=True,
+                                      name=f"jupyter-gpu-fd{fd}")
+            thread.start()
+            self._threads.append(thread)
+
+    def _pump(self, read_end: int, fd: int, name: str) -> None:
+        pending = b""
+        while True:
+            chunk = os.read(read_end, 65536)
+            if not chunk:
+                return
+            data = pending + chunk
+            pending = b""
+            while True:
+                at = data.find(self._MARK)
+                if at < 0:
+                    break
+                if at:
+                    self._send(name, data[:at])
+                data = data[at + len(self._MARK):]
+                self._events[fd].set()
+            # keep a possible partial marker (or partial UTF-8 sequence) for the next read
+            keep = _partial_suffix(data, self._MARK)
+            if keep:
+                pending, data = data[-keep:], data[:-keep]
+            if data:
+                self._send(name, data)
+
+    def _send(self, name: str, data: bytes) -> None:
+        self.relay.emit({"op": "stream", "name": name, "text": data.decode("utf-8", "replace")})
+
+    def sync(self, timeout: float = 2.0) -> None:
+        if self._libc is not None:
+            try:
+                self._libc.fflush(None)  # C stdio buffers first
+            except Exception:  # pragma: no cover
+                pass
+        for fd in (1, 2):
+            self._events[fd].clear()
+            os.write(fd, self._MARK)
+        for fd in (1, 2):
+            self._events[fd].wait(timeout)
+
+
+def _partial_suffix(data: bytes, mark: bytes) -> int:
+    """Length of the longest tail of ``data`` that could start the marker or a UTF-8 character."""
+    for n in range(min(len(mark) - 1, len(data)), 0, -1):
+        if mark.startswith(data[-n:]):
+            return n
+    # an incomplete UTF-8 sequence at the end: hold it back (at most 3 bytes)
+    for n in range(1, min(4, len(data) + 1)):
+        byte = data[-n]
+        if byte & 0xC0 == 0xC0:  # a lead byte
+            need = 2 if byte & 0xE0 == 0xC0 else 3 if byte & 0xF0 == 0xE0 else 4
+            return n if n < need else 0
+        if byte & 0xC0 != 0x80:
+            return 0
+    return 0
+
+
+class RelayDisplayPublisher(DisplayPublisher):
+    """``display()`` / ``update_display`` / ``clear_output`` inside a session, sent to the kernel."""
+
+    relay: Relay | None = None
+
+    def publish(self, data: dict, metadata: dict | None = None, source: str | None = None, *,
+                transient: dict | None = None, update: bool = False, **kwargs: Any) -> None:
+        self.relay.flush_streams()
+        self.relay.emit({"op": "display", "data": data, "metadata": metadata or {},
+                         "transient": transient or {}, "update": bool(update)})
+
+    def clear_output(self, wait: bool = False) -> None:
+        self.relay.flush_streams()
+        self.relay.emit({"op": "clear", "wait": bool(wait)})
+
+
+class CapturingDisplayHook(DisplayHook):
+    """Keeps the last expression's value and its rich representation instead of printing them."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.last_value: Any = None
+        self.last_bundle: dict | None = None
+
+    def reset(self) -> None:
+        self.last_value, self.last_bundle = None, None
+
+    def write_output_prompt(self) -> None:
+        pass
+
+    def compute_format_data(self, result: Any) -> tuple[dict, dict]:
+        self.last_value = result
+        return super().compute_format_data(result)
+
+    def write_format_data(self, format_dict: dict, md_dict: dict | None = None) -> None:
+        self.last_bundle = {"data": format_dict, "metadata": md_dict or {}}
+
+    def finish_displayhook(self) -> None:
+        pass

@@ -1,0 +1,271 @@
+"""The GPU worker plugin: offers this worker's GPUs to the broker and owns their session processes.
+
+It keeps one spare session process warm (Python, NumPy, torch, IPython imported) so that a first cell does
+not pay for the imports, hands it a lease when the broker grants one, watches every session process, and
+tells the broker when one ends (crash, OOM kill, exit). On real GPUs a background thread samples NVML for
+the panel; nothing NVML runs on the event loop.
+
+Load it into any Dask worker with ``--preload jupyter_gpu.cluster.worker_plugin``. The GPUs it offers are
+this machine's (NVML or ``JUPYTER_GPU_VIRTUAL_GPUS``), restricted to ``JUPYTER_GPU_DEVICES=0,1`` (indices)
+when several workers share one machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+from distributed.comm import get_address_host
+from distributed.core import rpc
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from .. import config
+from .inventory import GpuInfo, discover
+
+log = logging.getLogger(__name__)
+
+PLUGIN_NAME = "jupyter-gpu-worker"
+DEVICES_ENV = "JUPYTER_GPU_DEVICES"
+
+
+@dataclass
+class SessionProcess:
+    proc: subprocess.Popen
+    address: str
+    lease: str | None = None
+    killed: bool = False
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+def exit_reason(code: int) -> str:
+    """Words for a session process's exit code."""
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = {"SIGKILL": " (often the operating system's out-of-memory killer)",
+                "SIGSEGV": " (a crash in native code)", "SIGABRT": " (an abort in native code)"}.get(name, "")
+        return f"the session process was killed by {name}{hint}"
+    return f"the session process exited with code {code}"
+
+
+class GpuWorkerPlugin(WorkerPlugin):
+    """See the module docstring."""
+
+    name = PLUGIN_NAME
+
+    def __init__(self, virtual_gpus: str | None = None, devices: str | None = None):
+        self.virtual_gpus = virtual_gpus
+        self.devices = devices
+        self.gpus: list[GpuInfo] = []
+        self.sessions: dict[str, SessionProcess] = {}
+        self.spare: SessionProcess | None = None
+        self._spare_task: asyncio.Task | None = None
+        self._stop = threading.Event()
+
+    # ------------------------------------------------------------------ lifecycle
+    async def setup(self, worker) -> None:  # noqa: ANN001
+        self.worker = worker
+        gpus = discover(self.virtual_gpus)
+        wanted = self.devices or os.environ.get(DEVICES_ENV)
+        if wanted:
+            keep = {int(i) for i in wanted.split(",") if i.strip()}
+            gpus = [g for g in gpus if g.index in keep]
+        self.gpus = gpus
+        worker.handlers.update({
+            "gpu_session_start": self.session_start,
+            "gpu_session_signal": self.session_signal,
+            "gpu_inventory": self.inventory,
+        })
+        from distributed.compatibility import PeriodicCallback
+
+        self._monitor = PeriodicCallback(self._check_sessions, 250)
+        self._monitor.start()
+        if config.get("session.prewarm"):
+            self._refill_spare()
+        asyncio.ensure_future(self._report_when_registered())
+        if any(not g.virtual for g in self.gpus):
+            threading.Thread(target=self._sample_nvml, daemon=True, name="jupyter-gpu-nvml").start()
+
+    async def teardown(self, worker) -> None:  # noqa: ANN001
+        self._stop.set()
+        self._monitor.stop()
+        for sp in list(self.sessions.values()) + ([self.spare] if self.spare else []):
+            sp.killed = True
+            _kill(sp.proc)
+
+    def inventory(self) -> list[dict]:
+        return [g.to_dict() for g in self.gpus]
+
+    async def _report_when_registered(self) -> None:
+        from distributed.core import Status
+
+        for _ in range(600):
+            if self.worker.status == Status.running:
+                break
+            await asyncio.sleep(0.05)
+        try:
+            await self.worker.scheduler.gpu_register_worker(worker=self.worker.address, gpus=self.inventory())
+        except Exception as exc:
+            log.error("could not register GPUs with the scheduler (is the broker loaded there? start it "
+                      "with `jupyter-gpu pool up` or --preload jupyter_gpu.cluster.broker): %s", exc)
+
+    # ------------------------------------------------------------------ sessions
+    async def _spawn(self) -> SessionProcess:
+        host = get_address_host(self.worker.address)
+        preload = ",".join(config.get("session.preload-modules") or [])
+        cmd = [sys.executable, "-m", "jupyter_gpu.cluster.session_process", "--host", host,
+               "--worker", self.worker.address, "--preload", preload]
+        env = dict(os.environ)
+        env.pop(DEVICES_ENV, None)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env,
+                                cwd=os.getcwd())
+        loop = asyncio.get_running_loop()
+        timeout = config.get_seconds("session.start-timeout")
+        try:
+            line = await asyncio.wait_for(loop.run_in_executor(None, proc.stdout.readline), timeout)
+        except asyncio.TimeoutError:
+            _kill(proc)
+            raise RuntimeError(f"a session process did not start within {timeout:.0f} s") from None
+        if not line:
+            code = proc.wait()
+            raise RuntimeError(f"a session process failed to start ({exit_reason(code)}); see the worker's log")
+        import json
+
+        info = json.loads(line)
+        proc.stdout.close()
+        return SessionProcess(proc=proc, address=info["address"])
+
+    def _refill_spare(self) -> None:
+        if self.spare is not None or (self._spare_task is not None and not self._spare_task.done()):
+            return
+
+        async def refill() -> None:
+            try:
+                self.spare = await self._spawn()
+            except Exception as exc:
+                log.warning("could not pre-warm a session process: %s", exc)
+
+        self._spare_task = asyncio.ensure_future(refill())
+
+    async def session_start(self, lease: dict, scheduler: str | None = None) -> dict:
+        """Give a (pre-warmed) session process the lease: pin it, cap it, and return its address."""
+        try:
+            if self._spare_task is not None and not self._spare_task.done():
+                await self._spare_task
+            sp, self.spare = self.spare, None
+            if sp is None or sp.proc.poll() is not None:
+                sp = await self._spawn()
+            if config.get("session.prewarm"):
+                self._refill_spare()
+            by_index = {g.index: g for g in self.gpus}
+            gpus = [by_index[i].to_dict() for i in lease["gpu_indices"]]
+            sp.lease = lease["id"]
+            self.sessions[lease["id"]] = sp
+            env = {"JUPYTER_GPU_CHECKPOINT_DIR": lease.get("checkpoint_dir") or ""}
+            r = rpc(sp.address)
+            try:
+                reply = await r.assign(lease=lease, gpus=gpus, scheduler=scheduler, env=env)
+            finally:
+                await r.close_rpc()
+            if reply.get("error"):
+                raise RuntimeError(reply["error"])
+            return {"address": sp.address, "pid": sp.pid, "isolation": reply.get("isolation", "none")}
+        except Exception as exc:
+            log.exception("could not start a session for lease %s", lease.get("id"))
+            sp = self.sessions.pop(lease.get("id"), None)
+            if sp is not None:
+                sp.killed = True
+                _kill(sp.proc)
+            return {"error": f"{type(exc).__name__}: {exc}"}
+
+    async def session_signal(self, lease: str, signal: str = "kill") -> dict:
+        sp = self.sessions.get(lease)
+        if sp is None:
+            return {"ok": False}
+        if signal == "interrupt":
+            sp.proc.send_signal(2)
+        else:
+            sp.killed = True
+            self.sessions.pop(lease, None)
+            _kill(sp.proc)
+        return {"ok": True}
+
+    async def _check_sessions(self) -> None:
+        for lease, sp in list(self.sessions.items()):
+            code = sp.proc.poll()
+            if code is None:
+                continue
+            self.sessions.pop(lease, None)
+            if sp.killed:
+                continue
+            reason = exit_reason(code)
+            log.warning("session for lease %s ended: %s", lease, reason)
+            try:
+                await self.worker.scheduler.gpu_session_ended(lease=lease, reason=reason)
+            except Exception as exc:
+                log.debug("could not tell the broker: %s", exc)
+        if self.spare is not None and self.spare.proc.poll() is not None:
+            self.spare = None
+            if config.get("session.prewarm"):
+                self._refill_spare()
+
+    # ------------------------------------------------------------------ NVML sampling (own thread)
+    def _sample_nvml(self) -> None:
+        import pynvml
+
+        try:
+            pynvml.nvmlInit()
+        except Exception as exc:
+            log.warning("NVML sampling disabled: %s", exc)
+            return
+        handles = {}
+        for g in self.gpus:
+            if g.virtual:
+                continue
+            try:
+                handles[g.index] = pynvml.nvmlDeviceGetHandleByUUID(g.uuid)
+            except Exception:
+                if g.nvml_index is not None:
+                    handles[g.index] = pynvml.nvmlDeviceGetHandleByIndex(g.nvml_index)
+        interval = config.get_seconds("worker.sample-interval")
+        loop = self.worker.loop.asyncio_loop
+        while not self._stop.wait(interval):
+            samples = {}
+            for index, h in handles.items():
+                try:
+                    util = pynvml.nvmlDeviceGetUtilizationRates(h).gpu
+                except Exception:
+                    util = None  # MIG slices have no utilization counter
+                mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+                samples[str(index)] = {"t": time.time(), "utilization": util, "memory_used_bytes": int(mem.used)}
+            asyncio.run_coroutine_threadsafe(self._send_samples(samples), loop)
+
+    async def _send_samples(self, samples: dict) -> None:
+        try:
+            await self.worker.scheduler.gpu_samples(worker=self.worker.address, samples=samples)
+        except Exception as exc:
+            log.debug("could not send samples: %s", exc)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        proc.kill()
+    except ProcessLookupError:
+        pass
+
+
+async def dask_setup(worker) -> None:  # noqa: ANN001
+    """``--preload jupyter_gpu.cluster.worker_plugin``: install the GPU plugin on this worker."""
+    await worker.plugin_add(GpuWorkerPlugin(), name=PLUGIN_NAME)

@@ -1,0 +1,337 @@
+"""A kernel's link to the pool: its Dask client, its lease and remote session, and running cells there.
+
+All network I/O runs on the Dask client's event loop thread; the kernel's main thread waits on a queue of
+messages and renders them, which is also where a kernel interrupt (KeyboardInterrupt) lands and is turned
+into a remote interrupt, then a kill after a grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from distributed import Client
+from distributed.comm import CommClosedError, connect
+from distributed.core import rpc
+
+from .. import config
+from ..cluster.discovery import SCHEDULER_ENV, user_name
+from ..errors import CellTimeout, GpuPoolError, RequestRefused, SessionLost
+from ..units import format_bytes
+
+log = logging.getLogger(__name__)
+
+
+def kernel_identity() -> str:
+    """This kernel's id (from its connection file) so the panel can tell kernels apart."""
+    try:
+        from ipykernel.connect import get_connection_file
+
+        match = re.search(r"kernel-(.+)\.json$", get_connection_file())
+        if match:
+            return match.group(1)
+    except Exception:
+        pass
+    return f"proc-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class RemoteSession:
+    """The remote process this kernel's cells run in, and the lease it holds."""
+
+    lease: dict
+    comm: Any = None
+    fresh: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.lease["id"]
+
+    @property
+    def address(self) -> str:
+        return self.lease["address"]
+
+    def describe(self, gpus: dict[str, dict] | None = None) -> str:
+        gpu = (gpus or {}).get(self.lease["gpus"][0], {}) if self.lease.get("gpus") else {}
+        name = gpu.get("name") or f"GPU {self.lease['gpu_indices'][0]}"
+        iso = self.lease.get("isolation", "none")
+        note = {"none": "not enforced: virtual GPU" if gpu.get("virtual", True) else "not enforced",
+                "torch-cap": "enforced by the PyTorch allocator cap", "mps": "enforced by MPS",
+                "mig": "a MIG slice"}.get(iso, iso)
+        return (f"{self.lease['fraction']:g} of {name} ({format_bytes(self.lease['bytes'])}, {note}) on "
+                f"{self.lease['worker']}, lease {self.id}")
+
+
+class Waiter:
+    """Receives a running cell's messages on the main thread."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue = queue.Queue()
+
+    def put(self, msg: Any) -> None:
+        self.queue.put(msg)
+
+
+class PoolConnection:
+    """One per kernel: the Dask client to the pool's scheduler and this kernel's remote session."""
+
+    def __init__(self, address: str, embedded: bool):
+        self.address = address
+        self.embedded = embedded
+        self.user = user_name()
+        self.kernel = kernel_identity()
+        self.client = Client(address, set_as_default=False, name=f"jupyter-gpu {self.user}",
+                             timeout=config.get_seconds("connect-timeout"))
+        self.loop = self.client.loop.asyncio_loop
+        self.session: RemoteSession | None = None
+        self.ended_sessions: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ plumbing
+    def call(self, coro_fn: Callable, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+        """Run a coroutine on the client's loop and wait for it (interruptible)."""
+        future = asyncio.run_coroutine_threadsafe(coro_fn(*args, **kwargs), self.loop)
+        try:
+            return future.result(timeout)
+        except KeyboardInterrupt:
+            future.cancel()
+            raise
+
+    def scheduler_call(self, op: str, **kwargs: Any) -> Any:
+        async def go() -> Any:
+            return await getattr(self.client.scheduler, op)(**kwargs)
+
+        return self.call(go)
+
+    def close(self) -> None:
+        try:
+            if self.session is not None and self.session.comm is not None:
+                comm = self.session.comm
+                self.call(comm.close, timeout=2)
+        except Exception:
+            pass
+        self.client.close(timeout=5)
+
+    # ------------------------------------------------------------------ leases
+    def request_lease(self, spec: dict, notebook: str | None, cell: str | None,
+                      on_wait: Callable[[dict], None], deadline: float | None) -> dict:
+        """Ask the broker for a lease and wait for it, reporting queue status through ``on_wait``.
+
+        A KeyboardInterrupt while queued cancels the request at once.
+        """
+        status = self.scheduler_call("gpu_request", user=self.user, kernel=self.kernel, spec=spec,
+                                     client=self.client.id, notebook=notebook, cell=cell)
+        try:
+            while status["state"] in ("queued", "starting"):
+                on_wait(status)
+                if deadline is not None and time.monotonic() > deadline:
+                    self.scheduler_call("gpu_cancel", id=status["id"], user=self.user)
+                    raise CellTimeout(f"the request {status['id']} was still waiting when --timeout ran out "
+                                      f"({status.get('reason')}); it was withdrawn from the queue")
+                status = self.scheduler_call("gpu_wait", id=status["id"], timeout=0.5)
+        except KeyboardInterrupt:
+            if status.get("id"):
+                self.scheduler_call("gpu_cancel", id=status["id"], user=self.user)
+            raise
+        if status["state"] == "refused":
+            raise RequestRefused(f"The pool refused this %%gpu cell at once. {status['reason']}")
+        if status["state"] != "granted":
+            raise GpuPoolError(f"The GPU request {status['id']} ended without a grant: {status['reason']}")
+        on_wait(status)
+        return status
+
+    def ensure_session(self, spec: dict, notebook: str | None, cell: str | None,
+                       on_wait: Callable[[dict], None], deadline: float | None, fresh: bool = False) -> RemoteSession:
+        if not fresh and self.session is not None:
+            return self.session
+        status = self.request_lease(spec, notebook, cell, on_wait, deadline)
+        session = RemoteSession(lease=dict(status["leases"][0]), fresh=fresh)
+        if not fresh:
+            self.session = session
+        return session
+
+    def release(self, session: RemoteSession | None = None, reason: str = "released by its owner") -> bool:
+        session = session or self.session
+        if session is None:
+            return False
+        if session is self.session:
+            self.session = None
+        if session.comm is not None:
+            try:
+                self.call(session.comm.close, timeout=2)
+            except Exception:
+                pass
+        reply = self.scheduler_call("gpu_release", lease=session.id, user=self.user, reason=reason)
+        return bool(reply.get("released"))
+
+    def lease_end_reason(self, lease: str, wait: float = 3.0) -> str:
+        """Why a lease ended, waiting briefly for the worker's report to reach the broker."""
+        deadline = time.monotonic() + wait
+        while True:
+            info = self.scheduler_call("gpu_lease_info", lease=lease)
+            if info.get("state") == "ended" or time.monotonic() > deadline:
+                return info.get("end_reason") or "the session process stopped answering"
+            time.sleep(0.1)
+
+    # ------------------------------------------------------------------ running a cell
+    def start_execute(self, session: RemoteSession, payload: dict, sink: Callable[[Any], None]) -> Any:
+        """Start the cell on the client loop; every message (and finally the done reply) goes to ``sink``."""
+
+        async def run() -> None:
+            started = False
+            try:
+                comm = session.comm
+                try:
+                    if comm is None or comm.closed():
+                        raise CommClosedError("not connected")
+                    await comm.write({"op": "execute", "reply": True, **payload})
+                except (CommClosedError, OSError):
+                    # a fresh connection; failing that, the session is gone and the cell never started
+                    try:
+                        session.comm = comm = await connect(session.address, deserialize=False, timeout=5)
+                    except (CommClosedError, OSError) as exc:
+                        session.comm = None
+                        sink({"op": "lost", "error": str(exc), "started": False})
+                        return
+                    await comm.write({"op": "execute", "reply": True, **payload})
+                started = True
+                while True:
+                    msg = await comm.read()
+                    sink(msg)
+                    if isinstance(msg, dict):
+                        return
+            except (CommClosedError, OSError) as exc:
+                session.comm = None
+                sink({"op": "lost", "error": str(exc), "started": started})
+            except Exception as exc:  # never leave the main thread waiting
+                session.comm = None
+                sink({"op": "lost", "error": f"{type(exc).__name__}: {exc}", "started": started})
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop)
+
+    def interrupt(self, session: RemoteSession) -> None:
+        async def go() -> None:
+            r = rpc(session.address)
+            try:
+                await asyncio.wait_for(r.interrupt(), 2)
+            finally:
+                await r.close_rpc()
+
+        try:
+            self.call(go, timeout=3)
+        except Exception as exc:
+            log.debug("interrupt did not reach %s: %s", session.address, exc)
+
+    def pull(self, name: str) -> Any:
+        from distributed.protocol import deserialize
+
+        if self.session is None:
+            raise GpuPoolError("This kernel has no GPU session yet: run a %%gpu cell first.")
+        address = self.session.address
+
+        async def go() -> dict:
+            r = rpc(address, deserializers=None, deserialize=False)
+            try:
+                return await r.pull(name=name)
+            finally:
+                await r.close_rpc()
+
+        reply = self.call(go)
+        if reply.get("error"):
+            raise GpuPoolError(f"%gpu pull {name}: {reply['error']}")
+        data = reply["data"]
+        return deserialize(data.header, data.frames)
+
+
+def resolve_address(address: str | None, keep: bool = False) -> tuple[str, bool]:
+    """The pool to join: the given address, ``JUPYTER_GPU_SCHEDULER``, or this user's embedded pool."""
+    if address:
+        return address, False
+    explicit = os.environ.get(SCHEDULER_ENV)
+    if explicit:
+        return explicit, False
+    from ..cluster.embedded import ensure_embedded_pool
+
+    return ensure_embedded_pool(keep=keep), True
+
+
+class CellRun:
+    """Drives one cell's execution from the main thread: pumps messages, handles interrupt and timeout."""
+
+    def __init__(self, conn: PoolConnection, session: RemoteSession, handle: Callable[[dict], None],
+                 deadline: float | None, timeout: float | None, cancel: Callable[[], bool] | None = None):
+        self.conn, self.session, self.handle = conn, session, handle
+        self.cancel = cancel
+        self.deadline, self.timeout = deadline, timeout
+        self.grace = config.get_seconds("interrupt-grace")
+
+    def run(self, payload: dict) -> dict:
+        waiter = Waiter()
+        self.conn.start_execute(self.session, payload, waiter.put)
+        stop_at: float | None = None
+        stop_cause: str | None = None
+        while True:
+            try:
+                now = time.monotonic()
+                if stop_at is None and self.deadline is not None and now > self.deadline:
+                    stop_cause, stop_at = "timeout", now + self.grace
+                    self.conn.interrupt(self.session)
+                if stop_at is None and self.cancel is not None and self.cancel():
+                    raise KeyboardInterrupt
+                if stop_at is not None and now > stop_at:
+                    return self._kill(stop_cause)
+                wait = 0.1 if (stop_at or self.deadline or self.cancel) else 0.5
+                msg = waiter.queue.get(timeout=wait)
+            except queue.Empty:
+                continue
+            except KeyboardInterrupt:
+                if stop_at is None:
+                    stop_cause, stop_at = "interrupt", time.monotonic() + self.grace
+                    self.conn.interrupt(self.session)
+                    continue
+                return self._kill("interrupt")  # a second interrupt: stop now
+            if isinstance(msg, dict):
+                if msg.get("op") == "lost":
+                    return {"status": "lost", "error": msg.get("error"), "started": msg.get("started", True)}
+                if stop_cause == "timeout" and msg.get("status") == "error":
+                    msg["timed_out"] = True
+                return msg
+            for item in msg:
+                self.handle(item)
+
+    def _kill(self, cause: str | None) -> dict:
+        """The code did not stop after SIGINT: end the session (its state is lost) and say so."""
+        self.conn.release(self.session, reason=f"killed after {'the --timeout' if cause == 'timeout' else 'an interrupt'}: "
+                                                f"the running code did not stop within {self.grace:g} s")
+        return {"status": "killed", "cause": cause}
+
+
+def raise_for_outcome(outcome: dict, conn: PoolConnection, session: RemoteSession, timeout: float | None) -> None:
+    """Turn a lost/killed outcome into the exception the user sees."""
+    status = outcome.get("status")
+    if status not in ("ok", "error", "killed", "lost"):  # the session's server failed to run the request
+        raise GpuPoolError(f"The GPU session could not run this cell ({outcome.get('exception') or status}). "
+                           "This is a jupyter-gpu error, not your code's: the pool's log has the details.")
+    if status == "killed":
+        what = (f"--timeout {timeout:g} s was reached" if outcome.get("cause") == "timeout"
+                else "the kernel was interrupted")
+        message = (f"{what} and the remote code did not stop within {config.get_seconds('interrupt-grace'):g} s "
+                   "of SIGINT, so its GPU session was killed: the session's state (its variables) is lost. "
+                   "The next %%gpu cell starts a new session.")
+        if outcome.get("cause") == "timeout":
+            raise CellTimeout(message)
+        raise KeyboardInterrupt(message)
+    if status == "lost":
+        if conn.session is session:
+            conn.session = None
+        reason = conn.lease_end_reason(session.id)
+        conn.ended_sessions[session.id] = reason
+        raise SessionLost(f"Your GPU session (lease {session.id} on {session.lease['worker']}) ended while this "
+                          f"cell ran: {reason}. Its state is lost; the kernel and other sessions are fine. The next "
+                          "%%gpu cell starts a new session.")

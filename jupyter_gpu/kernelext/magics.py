@@ -1,0 +1,462 @@
+"""The ``%gpu`` line magics and the ``%%gpu`` cell magic.
+
+A ``%%gpu`` cell: parse options, find inputs from the syntax tree and serialize them (refusing bad input
+before anything waits), get this kernel's session (queueing with a live reason if the pool is busy), run
+the cell there with output streamed back, then bring back what it assigned and re-raise what it raised.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.display import DisplayHandle
+
+from .. import config
+from ..datacontract import RemoteObject, cell_names, input_item
+from ..errors import CellTimeout, GpuPoolError
+from ..units import format_bytes
+from .connection import CellRun, PoolConnection, RemoteSession, raise_for_outcome, resolve_address
+from .jobs import AsyncJob
+from .options import USAGE, CellOptions, parse_cell_options
+from .rendering import CellRenderer, rebuild_exception, register_cell_source
+
+log = logging.getLogger(__name__)
+
+LINE_HELP = """%gpu connect [ADDRESS] [--keep]   join a pool (no address: JUPYTER_GPU_SCHEDULER or the embedded pool)
+%gpu status                        the pool, my sessions, my quota
+%gpu queue                         the queue, with the reason each item waits
+%gpu cancel ID                     cancel my queued request, lease or --async job
+%gpu scale N                       scale the pool to N workers (if allowed)
+%gpu pull NAME                     bring a remote-only object back (as a CPU copy)
+%gpu release                       end my remote session now (its variables are lost)
+
+""" + USAGE
+
+
+class RemoteDisplay:
+    """A cell's last value that stayed remote: shown with the representation computed remotely."""
+
+    def __init__(self, bundle: dict):
+        self.bundle = bundle
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> tuple[dict, dict]:
+        return dict(self.bundle.get("data") or {}), dict(self.bundle.get("metadata") or {})
+
+
+@magics_class
+class GpuMagics(Magics):
+    """``%gpu`` and ``%%gpu``; see ``%gpu?``."""
+
+    def __init__(self, shell: Any):
+        super().__init__(shell)
+        self.conn: PoolConnection | None = None
+        self.jobs: dict[str, AsyncJob] = {}
+        self._job_ids = itertools.count(1)
+        self.session_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ entry
+    @line_cell_magic
+    def gpu(self, line: str, cell: str | None = None) -> Any:
+        """Run this cell on a fraction of a GPU in the shared pool (``%%gpu``), or manage the pool (``%gpu``).
+
+        %%gpu [--gpus F] [--memory SIZE] [--workers N] [--timeout S] [--priority interactive|batch]
+              [--in a,b] [--out x,y] [--fresh] [--async] [--name TEXT]
+
+        --gpus F      a fraction in (0, 1] of one GPU, or a whole number of GPUs (default: the pool's default)
+        --memory SIZE ask by bytes on one GPU instead, e.g. 8GiB, 500MB
+        --workers N   run on N GPUs at once with torch.distributed initialised
+        --timeout S   stop the cell after S seconds (5min, 2h also work)
+        --priority    interactive (default) or batch
+        --in a,b      ship exactly these local variables (default: the free names the cell uses)
+        --out x,y     bring back exactly these (default: plain data the cell assigns; the rest stays remote)
+        --fresh       run in a throwaway session, released after the cell
+        --async       return a handle at once; the cell runs in the background
+        --name TEXT   a label for the panel and the queue
+
+        Line magics: connect, status, queue, cancel, scale, pull, release (see %gpu help).
+        """
+        __tracebackhide__ = True
+        if cell is None:
+            return self._line(line)
+        return self._cell(line, cell)
+
+    # ------------------------------------------------------------------ connection
+    def connect(self, address: str | None = None, keep: bool = False, quiet: bool = False) -> PoolConnection:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+        resolved, embedded = resolve_address(address, keep=keep)
+        try:
+            self.conn = PoolConnection(resolved, embedded)
+        except OSError as exc:
+            raise GpuPoolError(f"Could not reach the GPU pool at {resolved}: {exc}. Check the address (the "
+                               "scheduler that `jupyter-gpu pool up` printed) and that this machine can reach "
+                               "it; `%gpu connect` with no address uses an embedded pool on this machine.") from None
+        if not quiet:
+            snap = self.conn.scheduler_call("gpu_snapshot")
+            kind = "embedded pool" if embedded else "pool"
+            print(f"Connected to the {kind} at {resolved}: {len(snap['gpus'])} GPU(s)"
+                  + (" (virtual)" if snap["pool"].get("virtual") else "") + f", user {self.conn.user}.")
+        return self.conn
+
+    def _ensure_connection(self) -> PoolConnection:
+        if self.conn is None:
+            self.connect(quiet=True)
+        return self.conn
+
+    # ------------------------------------------------------------------ line magics
+    def _line(self, line: str) -> Any:
+        parts = line.split()
+        if not parts or parts[0] in ("help", "-h", "--help"):
+            print(LINE_HELP)
+            return None
+        cmd, args = parts[0], parts[1:]
+        handler = getattr(self, f"_cmd_{cmd}", None)
+        if handler is None:
+            raise UsageError(f"%gpu {cmd}: unknown command. Commands: connect, status, queue, cancel, scale, "
+                             "pull, release. Run `%gpu help` for their arguments; `%%gpu` (two %) on the first "
+                             "line of a cell runs the cell on a GPU.")
+        return handler(args)
+
+    def _cmd_connect(self, args: list[str]) -> None:
+        keep = "--keep" in args
+        rest = [a for a in args if a != "--keep"]
+        if len(rest) > 1 or any(a.startswith("-") for a in rest):
+            raise UsageError("%gpu connect takes at most one address, e.g. `%gpu connect tcp://10.0.0.5:8786`, "
+                             "and the flag --keep (keep the embedded pool up across kernel restarts).")
+        self.connect(rest[0] if rest else None, keep=keep)
+
+    def _cmd_status(self, args: list[str]) -> Any:
+        from .status_view import StatusView
+
+        conn = self._ensure_connection()
+        snap = conn.scheduler_call("gpu_snapshot")
+        return StatusView(snap, conn.user, conn.kernel, self.jobs, conn.session, conn.address)
+
+    def _cmd_queue(self, args: list[str]) -> Any:
+        from .status_view import QueueView
+
+        conn = self._ensure_connection()
+        return QueueView(conn.scheduler_call("gpu_snapshot"), conn.user)
+
+    def _cmd_cancel(self, args: list[str]) -> None:
+        if len(args) != 1:
+            raise UsageError("%gpu cancel ID: give one id from `%gpu queue` or `%gpu status` (R.. for a queued "
+                             "request, L.. for a lease, J.. for an --async job).")
+        target = args[0]
+        if target in self.jobs:
+            self.jobs[target].cancel()
+            print(f"Cancelling --async job {target}.")
+            return
+        conn = self._ensure_connection()
+        reply = conn.scheduler_call("gpu_cancel", id=target, user=conn.user)
+        if not reply.get("cancelled"):
+            raise UsageError(f"%gpu cancel {target}: {reply.get('what')}.")
+        if conn.session is not None and conn.session.id == target:
+            conn.session = None
+        print(f"Cancelled {reply['what']}.")
+
+    def _cmd_scale(self, args: list[str]) -> None:
+        if len(args) != 1 or not args[0].isdigit() or int(args[0]) < 1:
+            raise UsageError("%gpu scale N: give the number of workers the pool should have, e.g. `%gpu scale 3`.")
+        conn = self._ensure_connection()
+        reply = conn.scheduler_call("gpu_scale", n=int(args[0]), user=conn.user)
+        if reply.get("error"):
+            raise UsageError(f"%gpu scale: {reply['error']}")
+        print(f"The pool now has {reply['workers']} worker(s).")
+
+    def _cmd_pull(self, args: list[str]) -> None:
+        if len(args) != 1 or not args[0].isidentifier():
+            raise UsageError("%gpu pull NAME: give the name of one variable that lives in your GPU session.")
+        name = args[0]
+        conn = self._ensure_connection()
+        self.shell.user_ns[name] = conn.pull(name)
+        print(f"{name} is now a local copy ({type(self.shell.user_ns[name]).__name__}).")
+
+    def _cmd_release(self, args: list[str]) -> None:
+        if self.conn is None or self.conn.session is None:
+            print("This kernel holds no GPU session.")
+            return
+        lease = self.conn.session.id
+        self.conn.release()
+        print(f"Released your GPU session (lease {lease}); the next %%gpu cell starts a new one.")
+
+    # ------------------------------------------------------------------ the cell magic
+    def _cell(self, line: str, cell: str) -> Any:
+        __tracebackhide__ = True
+        opts = parse_cell_options(line)
+        if opts.spec.workers > 1:
+            raise UsageError("%%gpu --workers N (distributed training across GPUs) is not part of this release "
+                             "yet; run the cell without --workers to train on one GPU.")
+        conn = self._ensure_connection()
+        count = self.shell.execution_count
+        cell_name = f"<%%gpu cell In[{count}]>"
+        register_cell_source(cell_name, cell)
+        label = opts.name or _label(count, cell)
+        inputs, remote_refs, outputs = self._prepare(opts, cell)
+        payload = {"code": cell, "inputs": inputs, "outputs": outputs, "exact_outputs": opts.outputs is not None,
+                   "cell_name": cell_name, "label": label, "max_bytes": config.get_bytes("output-max-bytes")}
+        if opts.run_async:
+            return self._start_async(conn, opts, payload, remote_refs, label)
+        deadline = time.monotonic() + opts.timeout if opts.timeout else None
+        renderer = CellRenderer()
+        with self._session_turn(deadline):
+            session = self._session(conn, opts, label, deadline, StatusLine())
+            try:
+                done = self._run(conn, session, opts, payload, remote_refs, renderer.handle, deadline)
+            finally:
+                renderer.close()
+                if session.fresh:
+                    conn.release(session, reason="--fresh cell finished")
+        return self._finish(done, session, opts)
+
+    def _prepare(self, opts: CellOptions, cell: str) -> tuple[dict, dict, list[str]]:
+        """Serialize the inputs now, so a bad one is refused before anything waits."""
+        from distributed.protocol import serialize
+        from distributed.protocol.serialize import Serialized
+
+        ns = self.shell.user_ns
+        free, assigned = cell_names(cell)
+        if opts.inputs is not None:
+            missing = [n for n in opts.inputs if n not in ns]
+            if missing:
+                raise UsageError(f"%%gpu --in: no variable named {', '.join(map(repr, missing))} exists in this "
+                                 "kernel. List variables that exist here (or leave --in out to send the ones the "
+                                 "cell uses).")
+            names = opts.inputs
+        else:
+            names = [n for n in free if n in ns and not n.startswith("_")]
+        inputs: dict[str, Any] = {}
+        remote_refs: dict[str, RemoteObject] = {}
+        for name in names:
+            value = ns[name]
+            if isinstance(value, RemoteObject):
+                remote_refs[name] = value
+                continue
+            try:
+                header, frames = serialize(input_item(value), serializers=("dask", "pickle"), on_error="raise")
+            except Exception as exc:
+                raise UsageError(
+                    f"%%gpu: the input {name!r} ({type(value).__module__}.{type(value).__qualname__}) cannot be "
+                    f"sent to the GPU session: it cannot be pickled ({type(exc).__name__}: {exc}). Create it "
+                    f"inside the %%gpu cell instead, or leave it out by listing the names the cell needs with "
+                    f"--in (e.g. --in {','.join(n for n in names if n != name) or 'x'}).") from None
+            inputs[name] = Serialized(header, frames)
+        outputs = opts.outputs if opts.outputs is not None else assigned
+        return inputs, remote_refs, outputs
+
+    def _session_turn(self, deadline: float | None):
+        """This kernel's session runs one cell at a time: wait (visibly) for a running --async job."""
+        magics = self
+
+        class Turn:
+            def __enter__(self) -> None:
+                if magics.session_lock.acquire(blocking=False):
+                    return
+                busy = [j.id for j in magics.jobs.values() if not j.done()]
+                print(f"Waiting for your running --async job {', '.join(busy) or ''} to finish "
+                      "(interrupt to stop waiting; --fresh runs a cell in a separate session).")
+                while not magics.session_lock.acquire(timeout=0.2):
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise CellTimeout("--timeout ran out while waiting for your --async job to finish")
+
+            def __exit__(self, *exc: Any) -> None:
+                magics.session_lock.release()
+
+        return Turn()
+
+    def _session(self, conn: PoolConnection, opts: CellOptions, label: str, deadline: float | None,
+                 status: StatusLine) -> RemoteSession:
+        """This kernel's session (or a fresh one), checking that it is big enough for this cell."""
+        spec = opts.spec
+        if conn.session is not None and not opts.fresh and opts.explicit_request:
+            have = conn.session.lease
+            if not _fits_lease(spec, have):
+                raise UsageError(
+                    f"%%gpu: your GPU session holds {have['fraction']:g} of a GPU ({format_bytes(have['bytes'])}, "
+                    f"lease {have['id']}) and this cell asks for {spec.describe()}. A session keeps its lease for "
+                    "its life: run `%gpu release` and rerun this cell to start a bigger session (the session's "
+                    "variables are lost), or add --fresh to run only this cell in a separate session.")
+        new = conn.session is None or opts.fresh
+        session = conn.ensure_session(spec.__dict__, _notebook(), label, status.waiting, deadline, fresh=opts.fresh)
+        if new:
+            status.started(session, conn)
+        return session
+
+    def _run(self, conn: PoolConnection, session: RemoteSession, opts: CellOptions, payload: dict,
+             remote_refs: dict, handle: Any, deadline: float | None, cancel: Any = None) -> dict:
+        self._check_remote_refs(session, remote_refs)
+        payload = {**payload, "cwd": os.getcwd()}
+        done = CellRun(conn, session, handle, deadline, opts.timeout, cancel=cancel).run(payload)
+        if done.get("status") == "lost" and not done.get("started", True) and not session.fresh:
+            # the session ended between cells: say why, and run this cell in a new one
+            reason = conn.lease_end_reason(session.id, wait=0.5)
+            conn.session = None
+            print(f"Your previous GPU session (lease {session.id}) ended: {reason}. Starting a new one; "
+                  "the variables that lived there are gone.")
+            session = self._session(conn, opts, payload.get("label") or "", deadline, StatusLine())
+            self._check_remote_refs(session, remote_refs)
+            done = CellRun(conn, session, handle, deadline, opts.timeout, cancel=cancel).run(payload)
+        raise_for_outcome(done, conn, session, opts.timeout)
+        return done
+
+    def _check_remote_refs(self, session: RemoteSession, remote_refs: dict[str, RemoteObject]) -> None:
+        stale = {n: r for n, r in remote_refs.items() if r.lease and r.lease != session.id}
+        if stale:
+            name, ref = next(iter(stale.items()))
+            reason = (self.conn.ended_sessions.get(ref.lease) if self.conn else None) or "that session has ended"
+            raise GpuPoolError(
+                f"{name!r} lived in an earlier GPU session (lease {ref.lease}) and is gone: {reason}. Rerun the "
+                "cell that created it (in a %%gpu cell), or bring such objects back first with --out / %gpu pull.")
+
+    def _finish(self, done: dict, session: RemoteSession, opts: CellOptions) -> Any:
+        __tracebackhide__ = True
+        from distributed.protocol import deserialize
+
+        ns = self.shell.user_ns
+        for name, item in (done.get("outputs") or {}).items():
+            if item.get("kind") == "value":
+                try:
+                    ns[name] = deserialize(item["data"].header, item["data"].frames)
+                    continue
+                except Exception as exc:
+                    item = {"kind": "remote", "type_name": "object", "summary": "",
+                            "reason": f"it could not be rebuilt in this kernel ({type(exc).__name__}: {exc})",
+                            "lease": session.id}
+            ns[name] = RemoteObject(name=name, type_name=item.get("type_name", "object"),
+                                    summary=item.get("summary", ""), nbytes=item.get("nbytes"),
+                                    device=item.get("device"), reason=item.get("reason", ""),
+                                    lease=None if session.fresh else item.get("lease"))
+        if done.get("status") == "error":
+            exc = rebuild_exception(done["error"])
+            if done.get("timed_out"):
+                raise CellTimeout(f"--timeout {opts.timeout:g} s was reached: the cell was interrupted (its "
+                                  "session and its variables are kept).") from exc
+            raise exc
+        result = done.get("result")
+        if not result:
+            return None
+        if result.get("value") is not None:
+            try:
+                return deserialize(result["value"].header, result["value"].frames)
+            except Exception:
+                pass
+        return RemoteDisplay(result["bundle"])
+
+    # ------------------------------------------------------------------ --async
+    def _start_async(self, conn: PoolConnection, opts: CellOptions, payload: dict, remote_refs: dict,
+                     label: str) -> AsyncJob:
+        job = AsyncJob(f"J{next(self._job_ids)}", label)
+        self.jobs[job.id] = job
+        deadline = time.monotonic() + opts.timeout if opts.timeout else None
+        job.show()
+
+        def runner() -> None:
+            try:
+                while not self.session_lock.acquire(timeout=0.2):
+                    if job.cancel_requested.is_set():
+                        raise KeyboardInterrupt("cancelled before it started")
+                try:
+                    job.set_state("queued", "waiting for a GPU")
+                    status = _JobStatus(job)
+                    session = self._session(conn, opts, label, deadline, status)
+                    job.set_state("running", session.describe())
+                    done = self._run(conn, session, opts, payload, remote_refs, job.handle, deadline,
+                                     cancel=job.cancel_requested.is_set)
+                    try:
+                        value = self._finish(done, session, opts)
+                    finally:
+                        if session.fresh:
+                            conn.release(session, reason="--fresh cell finished")
+                finally:
+                    self.session_lock.release()
+                job.outputs = {n: self.shell.user_ns.get(n) for n in (done.get("outputs") or {})}
+                job.finish(value)
+            except BaseException as exc:  # delivered through the handle, never lost
+                job.finish(error=exc)
+
+        threading.Thread(target=runner, daemon=True, name=f"jupyter-gpu-{job.id}").start()
+        return job
+
+
+class StatusLine:
+    """The in-cell line that says where a cell waits and, for a new session, where it runs."""
+
+    def __init__(self) -> None:
+        self.handle: DisplayHandle | None = None
+        self.waited_since: float | None = None
+
+    def waiting(self, status: dict) -> None:
+        if status["state"] != "queued":
+            return
+        if self.waited_since is None:
+            self.waited_since = time.monotonic()
+        pos = status.get("position")
+        text = (f"queued ({status['id']}, {status.get('request')}): position {pos} of "
+                f"{status.get('queue_length')}, {status.get('reason')}")
+        if status.get("eta"):
+            text += f", estimated start in {max(0, status['eta'] - time.time()):.0f} s"
+        text += f" [{time.monotonic() - self.waited_since:.0f} s]"
+        self._show(text)
+
+    def started(self, session: RemoteSession, conn: PoolConnection) -> None:
+        waited = f" after {time.monotonic() - self.waited_since:.1f} s in the queue" if self.waited_since else ""
+        self._show(f"GPU session started{waited}: {session.describe()}")
+
+    def _show(self, text: str) -> None:
+        bundle = {"text/plain": text}
+        if self.handle is None:
+            self.handle = DisplayHandle()
+            self.handle.display(bundle, raw=True)
+        else:
+            self.handle.update(bundle, raw=True)
+
+
+class _JobStatus(StatusLine):
+    def __init__(self, job: AsyncJob):
+        super().__init__()
+        self.job = job
+
+    def _show(self, text: str) -> None:
+        self.job.set_state(self.job.state, text)
+
+
+def _fits_lease(spec: Any, lease: dict) -> bool:
+    if spec.gpus is not None:
+        return len(lease.get("gpu_indices") or ()) >= spec.gpus and lease["fraction"] >= spec.gpus - 1e-9
+    if spec.memory is not None:
+        return lease["bytes"] >= spec.memory
+    return lease["fraction"] + 1e-9 >= spec.fraction
+
+
+def _label(count: int, cell: str) -> str:
+    first = next((ln.strip() for ln in cell.splitlines() if ln.strip() and not ln.strip().startswith("#")), "")
+    return f"In[{count}] {first[:60]}"
+
+
+def _notebook() -> str | None:
+    """The notebook this kernel serves (Jupyter Server sets JPY_SESSION_NAME for its kernels)."""
+    return os.environ.get("JPY_SESSION_NAME")
+
+
+_magics: GpuMagics | None = None
+
+
+def load(ipython: Any) -> None:
+    global _magics
+    _magics = GpuMagics(ipython)
+    ipython.register_magics(_magics)
+
+
+def unload(ipython: Any) -> None:
+    global _magics
+    if _magics is not None and _magics.conn is not None:
+        _magics.conn.close()
+    _magics = None

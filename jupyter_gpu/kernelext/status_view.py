@@ -1,0 +1,95 @@
+"""``%gpu status`` and ``%gpu queue``: the pool snapshot rendered for a notebook (HTML and plain text)."""
+
+from __future__ import annotations
+
+import html
+import time
+from typing import Any
+
+from ..units import format_bytes
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> tuple[str, str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    plain = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
+    plain += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    rich = ("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in headers) + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+            + "</table>")
+    return "\n".join(plain), rich
+
+
+def queue_rows(snapshot: dict) -> list[list[str]]:
+    now = snapshot.get("time") or time.time()
+    rows = []
+    for q in snapshot["queue"]:
+        eta = f"in {max(0, q['eta'] - now):.0f} s" if q.get("eta") else "unknown"
+        rows.append([str(q["position"]), q["id"], q["user"], q["request"], q.get("priority", ""),
+                     f"{now - q['since']:.0f} s", q.get("reason") or "", eta])
+    return rows
+
+
+class QueueView:
+    def __init__(self, snapshot: dict, user: str):
+        self.snapshot, self.user = snapshot, user
+
+    def _parts(self) -> tuple[str, str]:
+        rows = queue_rows(self.snapshot)
+        if not rows:
+            return "The queue is empty: every request has been granted.", "<p>The queue is empty.</p>"
+        return _table(["#", "id", "user", "request", "priority", "waiting", "reason", "estimated start"], rows)
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict:
+        plain, rich = self._parts()
+        return {"text/plain": plain, "text/html": rich}
+
+
+class StatusView:
+    """Pool, GPUs with their leases, my session and jobs, my queued requests."""
+
+    def __init__(self, snapshot: dict, user: str, kernel: str, jobs: dict, session: Any, address: str):
+        self.snapshot, self.user, self.kernel = snapshot, user, kernel
+        self.jobs, self.session, self.address = jobs, session, address
+
+    def _parts(self) -> tuple[str, str]:
+        snap = self.snapshot
+        pool = snap["pool"]
+        head = (f"Pool {self.address} ({'embedded' if pool.get('embedded') else 'shared'}): "
+                f"{len(snap['gpus'])} GPU(s) on {pool.get('workers')} worker(s)"
+                + (", virtual GPUs (fractions are counted, not enforced)" if pool.get("virtual") else ""))
+        gpu_rows = []
+        for g in snap["gpus"]:
+            holders = ", ".join(f"{ls['user']} {ls.get('bytes_on_gpu', ls['bytes']) / g['total_bytes']:.2g}"
+                                f" ({ls['state']})" for ls in g["leases"]) or "-"
+            util = g.get("utilization")
+            gpu_rows.append([g["name"] + (" [virtual]" if g.get("virtual") else "") + (" [MIG]" if g.get("mig") else ""),
+                             f"{format_bytes(g['leased_bytes'])} / {format_bytes(g['total_bytes'])}",
+                             "-" if util is None else f"{util:.0f}%", holders])
+        gpu_plain, gpu_html = _table(["GPU", "leased", "util", "held by"], gpu_rows)
+        mine = []
+        for g in snap["gpus"]:
+            for ls in g["leases"]:
+                if ls["user"] == self.user and ls["id"] not in {m[0] for m in mine}:
+                    here = " (this kernel)" if ls["kernel"] == self.kernel else ""
+                    peak = format_bytes(ls["peak_bytes"]) if ls.get("peak_bytes") else "-"
+                    mine.append([ls["id"], f"{ls['fraction']:g} of {g['name']}{here}", ls["state"],
+                                 ls.get("isolation", "none"), peak, ls.get("notebook") or "-"])
+        my_plain, my_html = _table(["lease", "share", "state", "isolation", "peak memory", "notebook"], mine)
+        queued = [r for r in queue_rows(snap) if r[2] == self.user]
+        q_plain, q_html = _table(["#", "id", "user", "request", "priority", "waiting", "reason", "estimated start"],
+                                 queued)
+        jobs = [[j.id, j.label, j.state] for j in self.jobs.values()]
+        j_plain, j_html = _table(["job", "cell", "state"], jobs)
+        plain = [head, "", gpu_plain, "", f"My sessions ({self.user}):",
+                 my_plain if mine else "none", "", "My queued requests:", q_plain if queued else "none"]
+        if jobs:
+            plain += ["", "My --async jobs in this kernel:", j_plain]
+        plain += ["", "Quota: this pool has no quotas configured (every user may use idle capacity)."]
+        rich = (f"<p><b>{html.escape(head)}</b></p>{gpu_html}<h4>My sessions ({html.escape(self.user)})</h4>"
+                + (my_html if mine else "<p>none</p>") + "<h4>My queued requests</h4>"
+                + (q_html if queued else "<p>none</p>") + (f"<h4>My --async jobs</h4>{j_html}" if jobs else ""))
+        return "\n".join(plain), rich
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict:
+        plain, rich = self._parts()
+        return {"text/plain": plain, "text/html": rich}
