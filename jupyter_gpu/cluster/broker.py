@@ -260,6 +260,13 @@ class GpuBroker(SchedulerPlugin):
         view["bytes_on_gpu"] = sum(a.bytes for a in lease.allocations if a.gpu == gpu_id)
         return view
 
+    def _lease_with_gpus(self, lease: Lease) -> dict:
+        view = lease.public()
+        slots = [self.gpus[a.gpu] for a in lease.allocations if a.gpu in self.gpus]
+        view["gpu_names"] = [g.name for g in slots]
+        view["virtual"] = all(g.virtual for g in slots)
+        return view
+
     def _ordered_queue(self) -> list[Request]:
         return self.policy.order([r for r in self.queue if r.state == "queued"], self)
 
@@ -366,7 +373,7 @@ class GpuBroker(SchedulerPlugin):
             status["position"] = order.index(req) + 1 if req in order else None
             status["queue_length"] = len(order)
         if req.state == "granted":
-            status["leases"] = [self.leases[lid].public() for lid in req.leases if lid in self.leases]
+            status["leases"] = [self._lease_with_gpus(self.leases[lid]) for lid in req.leases if lid in self.leases]
         return status
 
     def _sample_virtual(self) -> None:

@@ -60,6 +60,12 @@ def write_record(record: PoolRecord, path: str | None = None) -> None:
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a child of ours that exited is reaped, not mistaken for alive)."""
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

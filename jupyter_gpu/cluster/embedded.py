@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -79,6 +80,25 @@ def ensure_embedded_pool(timeout: float | None = None, keep: bool = False, path:
             f"The embedded GPU pool did not start within {timeout:.0f} s. Its log ({log_path}) ends with:\n"
             + _tail(log_path)
         )
+
+
+def stop_embedded_pool(path: str | None = None, timeout: float = 30.0) -> bool:
+    """Ask the embedded pool advertised at ``path`` to shut down (workers and sessions included) and wait."""
+    from .discovery import pid_alive, read_record
+
+    path = path or runtime_file()
+    record = read_record(path)
+    if record is None or not pid_alive(record.pid):
+        return False
+    os.kill(record.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while pid_alive(record.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if pid_alive(record.pid):
+        os.kill(record.pid, signal.SIGKILL)
+    with contextlib.suppress(OSError):
+        os.remove(path)
+    return True
 
 
 def _tail(path: str, lines: int = 15) -> str:
@@ -154,9 +174,17 @@ async def run_pool(path: str, keep: bool = False, host: str = "127.0.0.1") -> No
     log.info("embedded GPU pool at %s with %d GPU(s)", sched.address, len(broker.gpus))
     idle_timeout = config.get_seconds("embedded.keep-idle-timeout" if keep else "embedded.idle-timeout")
     idle_since: float | None = None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)  # stop_embedded_pool(): close workers and sessions cleanly
     try:
-        while True:
-            await asyncio.sleep(0.5)
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), 0.5)
+                break
+            except asyncio.TimeoutError:
+                pass
             clients = [c for c in sched.clients if c != "fire-and-forget"]
             idle = not clients and not broker.leases and not broker.queue
             if not idle:
@@ -164,14 +192,38 @@ async def run_pool(path: str, keep: bool = False, host: str = "127.0.0.1") -> No
             elif idle_since is None:
                 idle_since = time.monotonic()
             elif time.monotonic() - idle_since > idle_timeout:
-                log.info("embedded pool idle for %.0f s: shutting down", idle_timeout)
-                break
+                if await _withdraw(path, sched, broker):
+                    log.info("embedded pool idle for %.0f s: shutting down", idle_timeout)
+                    break
+                idle_since = None
     finally:
         record = live_embedded_pool(path)
         if record is None or record.pid == os.getpid():
             with contextlib.suppress(OSError):
                 os.remove(path)
         await cluster.close()
+
+
+async def _withdraw(path: str, sched, broker, grace: float = 1.0) -> bool:  # noqa: ANN001
+    """Stop advertising the pool, then give a kernel that read the file just before a moment to connect.
+
+    Returns True if nobody came (shut down), False if somebody did (the pool is advertised again).
+    """
+    record = live_embedded_pool(path)
+    with open(path + ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # a kernel is looking for the pool right now: stay
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    await asyncio.sleep(grace)
+    if [c for c in sched.clients if c != "fire-and-forget"] or broker.leases or broker.queue:
+        if record is not None:
+            write_record(record, path)
+        return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -58,15 +58,14 @@ class RemoteSession:
     def address(self) -> str:
         return self.lease["address"]
 
-    def describe(self, gpus: dict[str, dict] | None = None) -> str:
-        gpu = (gpus or {}).get(self.lease["gpus"][0], {}) if self.lease.get("gpus") else {}
-        name = gpu.get("name") or f"GPU {self.lease['gpu_indices'][0]}"
+    def describe(self) -> str:
+        names = self.lease.get("gpu_names") or [f"GPU {i}" for i in self.lease.get("gpu_indices", ())]
         iso = self.lease.get("isolation", "none")
-        note = {"none": "not enforced: virtual GPU" if gpu.get("virtual", True) else "not enforced",
+        note = {"none": "not enforced: virtual GPU" if self.lease.get("virtual", True) else "not enforced",
                 "torch-cap": "enforced by the PyTorch allocator cap", "mps": "enforced by MPS",
                 "mig": "a MIG slice"}.get(iso, iso)
-        return (f"{self.lease['fraction']:g} of {name} ({format_bytes(self.lease['bytes'])}, {note}) on "
-                f"{self.lease['worker']}, lease {self.id}")
+        return (f"{self.lease['fraction']:g} of {', '.join(names)} ({format_bytes(self.lease['bytes'])}, {note}) "
+                f"on {self.lease['worker']}, lease {self.id}")
 
 
 class Waiter:

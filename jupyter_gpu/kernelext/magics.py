@@ -449,14 +449,33 @@ def _notebook() -> str | None:
 _magics: GpuMagics | None = None
 
 
+def _show_pool_error(shell: Any, etype: type, value: BaseException, tb: Any, tb_offset: Any = None) -> list[str]:
+    """Pool errors are messages for the user, not bugs: show the message (and the remote part, where the
+    cell was when it was stopped), not jupyter-gpu's own frames."""
+    stb: list[str] = []
+    cause = value.__cause__
+    if cause is not None and not isinstance(cause, GpuPoolError) and cause.__traceback__ is not None:
+        try:
+            stb = list(shell.InteractiveTB.structured_traceback(type(cause), cause, cause.__traceback__,
+                                                                tb_offset=0))
+            stb.append("\nThe remote code above was stopped:")
+        except Exception:
+            stb = []
+    stb.append(f"\x1b[0;31m{etype.__name__}\x1b[0m: {value}")
+    shell._showtraceback(etype, value, stb)
+    return stb
+
+
 def load(ipython: Any) -> None:
     global _magics
     _magics = GpuMagics(ipython)
     ipython.register_magics(_magics)
+    ipython.set_custom_exc((GpuPoolError,), _show_pool_error)
 
 
 def unload(ipython: Any) -> None:
     global _magics
     if _magics is not None and _magics.conn is not None:
         _magics.conn.close()
+    ipython.set_custom_exc((), None)
     _magics = None

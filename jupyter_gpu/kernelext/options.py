@@ -64,6 +64,19 @@ def _names(text: str | None, option: str) -> list[str] | None:
     return names
 
 
+def _duration(text: str) -> float | None:
+    """Seconds from ``300``, ``90s``, ``5min``, ``2h`` (Dask's units, plus ``min``), or None."""
+    from dask.utils import parse_timedelta
+
+    text = text.strip()
+    if text.endswith("min"):
+        text = text[:-3] + "m"
+    try:
+        return float(parse_timedelta(text, default="seconds"))
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def parse_cell_options(line: str) -> CellOptions:
     """Parse the text after ``%%gpu``; raise UsageError naming the wrong option and the fix."""
     try:
@@ -98,34 +111,26 @@ def parse_cell_options(line: str) -> CellOptions:
             raise UsageError(f"%%gpu --memory: {exc}.") from None
     else:
         spec.fraction = float(config.get("default-fraction"))
-    try:
-        spec.workers = int(args.workers)
-        assert spec.workers >= 1
-    except (ValueError, AssertionError):
+    if not args.workers.isdigit() or int(args.workers) < 1:
         raise UsageError(f"%%gpu --workers {args.workers}: write how many GPUs to train on, a whole number "
-                         ">= 1 (e.g. --workers 2).") from None
+                         ">= 1 (e.g. --workers 2).")
+    spec.workers = int(args.workers)
     if args.priority not in PRIORITIES:
         raise UsageError(f"%%gpu --priority {args.priority}: use 'interactive' (the default, for cells you "
                          "wait on) or 'batch' (long runs that may wait behind interactive work).")
     timeout = None
     if args.timeout is not None:
-        try:
-            from dask.utils import parse_timedelta
-
-            timeout = float(parse_timedelta(args.timeout, default="seconds"))
-            assert timeout > 0
-        except (ValueError, KeyError, AssertionError, TypeError):
+        timeout = _duration(args.timeout)
+        if timeout is None or timeout <= 0:
             raise UsageError(f"%%gpu --timeout {args.timeout}: write a positive duration in seconds (300) or "
-                             "with a unit (5min, 2h).") from None
+                             "with a unit (90s, 5min, 2h).")
     try:
         spec.validate()
     except ValueError as exc:
         raise UsageError(f"%%gpu: {exc}.") from None
-    try:
-        retries = int(args.retries)
-        assert retries >= 0
-    except (ValueError, AssertionError):
-        raise UsageError(f"%%gpu --retries {args.retries}: write a whole number >= 0.") from None
+    if not args.retries.isdigit():
+        raise UsageError(f"%%gpu --retries {args.retries}: write a whole number >= 0.")
+    retries = int(args.retries)
     if args.fresh and spec.workers > 1:
         raise UsageError("%%gpu: --fresh applies to single-GPU cells; every --workers run already gets its own "
                          "sessions.")

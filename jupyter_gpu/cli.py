@@ -1,0 +1,121 @@
+"""``jupyter-gpu``: run the pool's services, look at the pool, and rerun notebooks headlessly."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from . import __version__
+
+
+def _cmd_pool(args: argparse.Namespace) -> int:
+    if args.action != "up":
+        print("usage: jupyter-gpu pool up [--host HOST] [--port PORT] [--embedded]", file=sys.stderr)
+        return 2
+    if args.embedded:
+        from .cluster.embedded import run_pool
+        from .cluster.discovery import runtime_file
+
+        asyncio.run(run_pool(runtime_file(), keep=True, host=args.host))
+        return 0
+    from .cluster.services import run_scheduler
+
+    asyncio.run(run_scheduler(args.host, args.port))
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from .cluster.services import run_workers
+
+    asyncio.run(run_workers(args.address, args.host, os.environ.get("JUPYTER_GPU_VIRTUAL_GPUS")))
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from distributed.core import rpc
+
+    from .cluster.discovery import pool_address, user_name
+    from .kernelext.status_view import StatusView
+
+    address = args.pool or pool_address()
+    if not address:
+        print("No pool is running for you on this machine and JUPYTER_GPU_SCHEDULER is not set. Start one with "
+              "`jupyter-gpu pool up`, or run a %%gpu cell (it starts the embedded pool).", file=sys.stderr)
+        return 1
+
+    async def fetch() -> dict:
+        r = rpc(address)
+        try:
+            return await asyncio.wait_for(r.gpu_snapshot(), 10)
+        finally:
+            await r.close_rpc()
+
+    try:
+        snap = asyncio.run(fetch())
+    except Exception as exc:
+        print(f"Could not read the pool at {address}: {exc}", file=sys.stderr)
+        return 1
+    view = StatusView(snap, user_name(), kernel="", jobs={}, session=None, address=address)
+    print(view._repr_mimebundle_()["text/plain"])
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .headless.runner import run_notebook
+
+    params = [(name, value) for name, value in (args.parameter or [])]
+    return run_notebook(args.notebook, output=args.output, parameters=params, timeout=args.timeout,
+                        pool=args.pool)
+
+
+def _cmd_lab(args: argparse.Namespace, extra: list[str]) -> int:
+    from .cluster.embedded import ensure_embedded_pool
+
+    address = ensure_embedded_pool(keep=True)
+    print(f"jupyter-gpu: embedded pool at {address}", flush=True)
+    os.execvp(sys.executable, [sys.executable, "-m", "jupyterlab", *extra])
+    return 0  # pragma: no cover
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jupyter-gpu", description=__doc__)
+    parser.add_argument("--version", action="version", version=__version__)
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+    pool = sub.add_parser("pool", help="run the pool's scheduler and broker")
+    pool.add_argument("action", choices=["up"])
+    pool.add_argument("--host", default="127.0.0.1")
+    pool.add_argument("--port", type=int, default=8786)
+    pool.add_argument("--embedded", action="store_true",
+                      help="also run one worker per local GPU in this process group (a one-machine pool)")
+    worker = sub.add_parser("worker", help="add this machine's GPUs to a pool")
+    worker.add_argument("address")
+    worker.add_argument("--host", default=None, help="the address to listen on (default: Dask's choice)")
+    status = sub.add_parser("status", help="print the pool: GPUs, leases, queue")
+    status.add_argument("--pool", default=None)
+    run = sub.add_parser("run", help="execute a notebook headlessly (exit code 1 on a failing cell)")
+    run.add_argument("notebook")
+    run.add_argument("-o", "--output", default=None)
+    run.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"))
+    run.add_argument("--timeout", type=float, default=None, help="seconds per cell")
+    run.add_argument("--pool", default=None, help="use this pool instead of starting an embedded one")
+    sub.add_parser("lab", help="JupyterLab with the GPU panel and an embedded pool")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and argv[0] == "lab":
+        args = parser.parse_args(argv[:1])
+        return _cmd_lab(args, argv[1:])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING))
+    return {"pool": _cmd_pool, "worker": _cmd_worker, "status": _cmd_status, "run": _cmd_run}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Long-running pool services for a pool that spans machines: the scheduler with the broker, and GPU workers.
+
+``jupyter-gpu pool up`` runs the scheduler (Dask ``Scheduler`` with the broker preloaded);
+``jupyter-gpu worker ADDRESS`` runs one Nanny-managed Dask worker per local GPU, each with the GPU worker
+plugin, so that a lost GPU process is restarted and reported like any Dask worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from .inventory import VIRTUAL_ENV, discover
+from .worker_plugin import DEVICES_ENV
+
+log = logging.getLogger(__name__)
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def run_scheduler(host: str, port: int, security: object | None = None) -> None:
+    """The pool's scheduler with the broker; runs until SIGTERM/SIGINT."""
+    from distributed import Scheduler
+
+    kwargs = {"security": security} if security is not None else {}
+    async with Scheduler(host=host, port=port, dashboard=False, preload=["jupyter_gpu.cluster.broker"],
+                         **kwargs) as scheduler:
+        print(f"jupyter-gpu pool scheduler at {scheduler.address}", flush=True)
+        print(f"  join GPU machines with:  jupyter-gpu worker {scheduler.address}", flush=True)
+        print(f"  use it from notebooks:   %gpu connect {scheduler.address}", flush=True)
+        await _until_signalled()
+
+
+async def run_workers(address: str, host: str | None, virtual: str | None, security: object | None = None) -> None:
+    """One Nanny-managed worker per GPU of this machine; runs until SIGTERM/SIGINT."""
+    from distributed import Nanny
+
+    gpus = discover(virtual)
+    env = {VIRTUAL_ENV: virtual} if virtual else {}
+    kwargs = {"security": security} if security is not None else {}
+    nannies = [Nanny(address, nthreads=1, host=host, name=f"{gpu.name}-{gpu.uuid[-8:]}",
+                     env={**env, DEVICES_ENV: str(gpu.index)}, dashboard=False,
+                     preload=["jupyter_gpu.cluster.worker_plugin"], **kwargs) for gpu in gpus]
+    await asyncio.gather(*(n.start() for n in nannies))
+    print(f"jupyter-gpu: {len(nannies)} GPU worker(s) joined {address}: "
+          + ", ".join(g.name for g in gpus), flush=True)
+    try:
+        await _until_signalled()
+    finally:
+        await asyncio.gather(*(n.close() for n in nannies), return_exceptions=True)

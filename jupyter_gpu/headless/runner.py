@@ -1,0 +1,406 @@
+"""Execute a notebook headlessly against a GPU pool: ``jupyter-gpu run`` and the pytest plugin's engine.
+
+One kernel (``python3``) runs the notebook's code cells in order with nbclient. The kernel finds its pool
+through ``JUPYTER_GPU_SCHEDULER``: the pool given, or a private embedded pool started for this run and
+stopped after it, so a rerun never queues behind (or disturbs) the user's interactive sessions.
+
+Parameters are injected the way papermill does it: a cell tagged ``injected-parameters`` right after the
+cell tagged ``parameters`` (or first, if there is none) assigns them. ``%%gpu`` cells ship the free names
+they use from the kernel's namespace, so parameters reach the GPU without anything more.
+
+Execution stops at the first failing cell. A failure names the cell (its 1-based position in the source
+notebook and its ``In [n]``), shows its source and the traceback (for a ``%%gpu`` cell, the remote part:
+the cell's own lines), ANSI colours stripped. A cell that runs past its timeout is interrupted like a user
+would: the magic turns the interrupt into SIGINT for the remote code, then a kill after the grace period.
+Whatever happens, the kernel is shut down at the end and the broker is asked (``gpu_snapshot``) whether
+the kernel still holds a lease or a queued request; anything left is ended.
+
+A cell's metadata ``{"jupyter_gpu": {"timeout": S}}`` sets that cell's own limit (0: none), e.g. a first
+``%%gpu`` cell that may queue for a GPU. Cell tags: ``skip-execution`` (not run), ``raises-exception`` (must raise; the run goes on),
+``parameters`` / ``injected-parameters`` as above. ``requires-gpu`` is the pytest plugin's business.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import nbformat
+
+from .kernel import kernel_directory, kernel_env, manager_kwargs, strip_ansi
+
+log = logging.getLogger(__name__)
+
+PARAMETERS_TAG = "parameters"
+INJECTED_TAG = "injected-parameters"
+SKIP_TAG = "skip-execution"
+RAISES_TAG = "raises-exception"
+REQUIRES_GPU_TAG = "requires-gpu"
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CANNOT_RUN = 2
+
+# after a timeout's interrupt: the magic needs interrupt-grace to kill remote code that ignores SIGINT,
+# plus time to say so; past this the kernel itself is deemed stuck and killed
+_AFTER_INTERRUPT_MARGIN = 15.0
+
+
+class CannotRun(Exception):
+    """The notebook could not be run at all (bad file, bad parameter, no pool): exit code 2, not 1."""
+
+
+# ---------------------------------------------------------------------- parameters
+def parse_value(text: str) -> Any:
+    """A parameter value from the command line: a Python literal when it is one (``3``, ``0.5``,
+    ``[1, 2]``, ``True``, ``'x'``), else the text itself as a string (``-p name resnet``)."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return text
+
+
+def inject_parameters(nb: Any, parameters: Iterable[tuple[str, Any]]) -> Any:
+    """Insert (in place) a cell tagged ``injected-parameters`` assigning ``parameters``; returns ``nb``.
+
+    String values given as ``(name, str)`` are parsed with :func:`parse_value`. An earlier injected cell
+    (a rerun of an executed notebook) is replaced. No parameters: the notebook is left as it is.
+    """
+    params = [(name, parse_value(value) if isinstance(value, str) else value) for name, value in parameters]
+    if not params:
+        return nb
+    for name, _ in params:
+        if not name.isidentifier():
+            raise CannotRun(f"parameter name {name!r} is not a Python identifier")
+    nb.cells = [c for c in nb.cells if INJECTED_TAG not in _tags(c)]
+    lines = ["# Parameters"] + [f"{name} = {value!r}" for name, value in params]
+    cell = nbformat.v4.new_code_cell("\n".join(lines) + "\n", metadata={"tags": [INJECTED_TAG]})
+    if nb.get("nbformat_minor", 5) < 5:
+        cell.pop("id", None)
+    at = next((i + 1 for i, c in enumerate(nb.cells) if PARAMETERS_TAG in _tags(c)), 0)
+    nb.cells.insert(at, cell)
+    return nb
+
+
+def _tags(cell: Any) -> list[str]:
+    return list(cell.get("metadata", {}).get("tags", []) or [])
+
+
+# ---------------------------------------------------------------------- results
+@dataclass
+class CellFailure:
+    """Why a run stopped: which cell, what it raised (or that it timed out), and its traceback."""
+
+    index: int                      # 0-based, in the executed notebook (injected cell included)
+    number: int | None              # 1-based position in the source notebook; None for the injected cell
+    source: str
+    kind: str                       # error | timeout | notebook-timeout | dead-kernel | no-exception
+    execution_count: int | None = None
+    ename: str | None = None
+    evalue: str | None = None
+    traceback: str = ""             # ANSI stripped, the whole thing
+    timeout: float | None = None
+
+    @property
+    def where(self) -> str:
+        what = f"cell {self.number}" if self.number is not None else "the injected-parameters cell"
+        return what + (f" (In [{self.execution_count}])" if self.execution_count else "")
+
+    @property
+    def remote(self) -> bool:
+        return "<%%gpu cell" in self.traceback
+
+    def summary(self) -> str:
+        """One line: which cell and what happened."""
+        if self.kind == "timeout":
+            return f"{self.where} timed out after {self.timeout:g} s (cell timeout) and was interrupted"
+        if self.kind == "notebook-timeout":
+            return (f"{self.where} was interrupted when the notebook's timeout of {self.timeout:g} s ran out")
+        if self.kind == "dead-kernel":
+            return f"the kernel died while running {self.where}"
+        if self.kind == "no-exception":
+            return f"{self.where} is tagged {RAISES_TAG} but raised nothing"
+        return f"{self.where} raised {self.ename}: {self.evalue}"
+
+    def report(self) -> str:
+        """The cell, its source and its traceback (the remote part for a ``%%gpu`` cell), as plain text."""
+        parts = [self.summary(), "", f"---- {self.where} source ----", self.source.rstrip()]
+        if self.traceback:
+            label = "remote traceback" if self.remote else "traceback"
+            parts += ["", f"---- {label} ----", focus_traceback(self.traceback).rstrip()]
+        return "\n".join(parts) + "\n"
+
+
+def focus_traceback(text: str) -> str:
+    """For a ``%%gpu`` cell, drop the kernel-side frames (the magic's call) before the cell's own lines."""
+    marker = text.find("File <%%gpu cell")
+    if marker < 0:
+        return text
+    lines = text.splitlines()
+    head = []
+    for line in lines:  # the header: the rule and "ValueError   Traceback (most recent call last)"
+        if line.startswith(("Cell In", "File ")):
+            break
+        head.append(line)
+    return "\n".join(head) + ("\n" if head else "") + text[marker:]
+
+
+@dataclass
+class NotebookRun:
+    """The executed notebook and how the run went."""
+
+    nb: Any
+    failure: CellFailure | None = None
+    cells_run: int = 0
+    duration: float = 0.0
+    kernel_id: str = ""
+    pool: str = ""
+    leftovers: list[str] = field(default_factory=list)  # leases/requests the runner had to end itself
+
+    @property
+    def passed(self) -> bool:
+        return self.failure is None
+
+
+# ---------------------------------------------------------------------- execution
+async def async_execute_notebook(nb: Any, *, pool: str, cwd: str | None = None, path: str | None = None,
+                                 cell_timeout: float | None = None, notebook_timeout: float | None = None,
+                                 kernel_name: str = "python3") -> NotebookRun:
+    """Run ``nb`` (in place) on a new kernel that uses ``pool``; stop at the first failure.
+
+    The kernel is always shut down and its leases checked, whatever happened.
+    """
+    from jupyter_client.manager import AsyncKernelManager
+    from nbclient import NotebookClient
+    from jupyter_core.utils import ensure_async
+    from nbclient.exceptions import DeadKernelError
+
+    from .. import config
+    from .pool import async_release_kernel_leases
+
+    started = time.monotonic()
+    cwd = cwd or (os.path.dirname(os.path.abspath(path)) if path else os.getcwd())
+    directory = kernel_directory()
+    kernel_id, km_kwargs = manager_kwargs(directory, kernel_name)
+    km = AsyncKernelManager(**km_kwargs)
+    client = NotebookClient(nb, km=km, kernel_name=kernel_name, timeout=None, allow_errors=True,
+                            resources={"metadata": {"path": cwd}})
+    run = NotebookRun(nb=nb, kernel_id=kernel_id, pool=pool)
+    replies: dict[int, dict] = {}
+    client.on_cell_executed = lambda cell, cell_index, execute_reply: replies.__setitem__(cell_index,
+                                                                                          execute_reply)
+    numbers = _source_numbers(nb)
+    deadline = started + notebook_timeout if notebook_timeout else None
+    grace = config.get_seconds("interrupt-grace") + _AFTER_INTERRUPT_MARGIN
+    kill_now = False
+    try:
+        async with client.async_setup_kernel(env=kernel_env(pool, path), cwd=cwd):
+            log.info("kernel %s started in %.1f s", kernel_id, time.monotonic() - started)
+            msg_id = await ensure_async(client.kc.kernel_info())
+            info = await client.async_wait_for_reply(msg_id)
+            if info and "language_info" in info["content"]:
+                nb.metadata["language_info"] = info["content"]["language_info"]
+            for index, cell in enumerate(nb.cells):
+                if cell.cell_type != "code" or not cell.source.strip() or SKIP_TAG in _tags(cell):
+                    continue
+                limit, kind = _limit(_cell_timeout(cell, cell_timeout), deadline)
+                if limit is not None and limit <= 0:
+                    run.failure = CellFailure(index, numbers[index], cell.source, "notebook-timeout",
+                                              timeout=notebook_timeout)
+                    break
+                cell_started = time.monotonic()
+                task = asyncio.ensure_future(client.async_execute_cell(
+                    cell, index, execution_count=client.code_cells_executed + 1))
+                timed_out = False
+                try:
+                    done, _ = await asyncio.wait({task}, timeout=limit)
+                    if not done:  # interrupt like a user would: the magic stops and frees the remote work
+                        timed_out = True
+                        log.info("cell %s ran past %s s: interrupting the kernel", numbers[index], limit)
+                        await km.interrupt_kernel()
+                        done, _ = await asyncio.wait({task}, timeout=grace)
+                        if not done:  # a second interrupt makes the magic kill the remote session at once
+                            await km.interrupt_kernel()
+                            done, _ = await asyncio.wait({task}, timeout=5)
+                        if not done:
+                            log.warning("the kernel did not stop after two interrupts: killing it")
+                            kill_now = True
+                            task.cancel()
+                            await km.shutdown_kernel(now=True)
+                    await task
+                except (DeadKernelError, asyncio.CancelledError):
+                    run.cells_run += 1
+                    if timed_out:
+                        run.failure = _timeout_failure(index, numbers[index], cell, kind,
+                                                   _cell_timeout(cell, cell_timeout), notebook_timeout, None)
+                    else:
+                        run.failure = CellFailure(index, numbers[index], cell.source, "dead-kernel")
+                    kill_now = True
+                    break
+                run.cells_run += 1
+                log.info("cell %s ran in %.1f s", numbers[index], time.monotonic() - cell_started)
+                reply = (replies.get(index) or {}).get("content", {})
+                if timed_out:
+                    run.failure = _timeout_failure(index, numbers[index], cell, kind,
+                                                   _cell_timeout(cell, cell_timeout), notebook_timeout, reply)
+                    cell.outputs.append(nbformat.v4.new_output(
+                        "stream", name="stderr", text=f"[jupyter-gpu] {run.failure.summary()}\n"))
+                    break
+                if reply.get("status") == "error":
+                    if RAISES_TAG in _tags(cell):
+                        continue
+                    run.failure = CellFailure(index, numbers[index], cell.source, "error",
+                                              execution_count=cell.get("execution_count"),
+                                              ename=reply.get("ename"), evalue=reply.get("evalue"),
+                                              traceback=strip_ansi("\n".join(reply.get("traceback", []))))
+                    break
+                if RAISES_TAG in _tags(cell):
+                    run.failure = CellFailure(index, numbers[index], cell.source, "no-exception",
+                                              execution_count=cell.get("execution_count"))
+                    break
+            client.set_widgets_metadata()
+    finally:
+        stopping = time.monotonic()
+        if client.kc is not None:
+            with contextlib.suppress(Exception):
+                await ensure_async(client.kc.stop_channels())
+        with contextlib.suppress(Exception):
+            if await km.is_alive():
+                await km.shutdown_kernel(now=kill_now)
+        with contextlib.suppress(Exception):
+            await km.cleanup_resources()
+        stopped = time.monotonic()
+        with contextlib.suppress(Exception):
+            run.leftovers = await async_release_kernel_leases(pool, kernel_id)
+        log.info("kernel shut down in %.1f s, its leases checked in %.1f s", stopped - stopping,
+                 time.monotonic() - stopped)
+        import shutil
+
+        shutil.rmtree(directory, ignore_errors=True)
+        run.duration = time.monotonic() - started
+    return run
+
+
+def _cell_timeout(cell: Any, default: float | None) -> float | None:
+    """A cell's own limit (metadata ``jupyter_gpu: {timeout: S}``, 0 for none) overrides the run's."""
+    meta = cell.get("metadata", {}).get("jupyter_gpu", {}) or {}
+    if "timeout" not in meta:
+        return default
+    try:
+        value = float(meta["timeout"] or 0)
+    except (TypeError, ValueError):
+        log.warning("cell metadata jupyter_gpu.timeout=%r is not a number of seconds: ignored", meta["timeout"])
+        return default
+    return value if value > 0 else None
+
+
+def _limit(cell_timeout: float | None, deadline: float | None) -> tuple[float | None, str]:
+    """The time this cell may take, and which timeout that is."""
+    remaining = deadline - time.monotonic() if deadline is not None else None
+    if cell_timeout and (remaining is None or cell_timeout <= remaining):
+        return float(cell_timeout), "timeout"
+    if remaining is not None:
+        return remaining, "notebook-timeout"
+    return None, ""
+
+
+def _timeout_failure(index: int, number: int | None, cell: Any, kind: str, cell_timeout: float | None,
+                     notebook_timeout: float | None, reply: dict | None) -> CellFailure:
+    reply = reply or {}
+    return CellFailure(index, number, cell.source, kind or "timeout", execution_count=cell.get("execution_count"),
+                       ename=reply.get("ename"), evalue=reply.get("evalue"),
+                       traceback=strip_ansi("\n".join(reply.get("traceback", []))),
+                       timeout=cell_timeout if kind == "timeout" else notebook_timeout)
+
+
+def _source_numbers(nb: Any) -> list[int | None]:
+    """Each cell's 1-based position in the source notebook (the injected cell has none)."""
+    numbers: list[int | None] = []
+    n = 0
+    for cell in nb.cells:
+        if INJECTED_TAG in _tags(cell):
+            numbers.append(None)
+        else:
+            n += 1
+            numbers.append(n)
+    return numbers
+
+
+def execute_notebook(nb: Any, *, pool: str, cwd: str | None = None, path: str | None = None,
+                     cell_timeout: float | None = None, notebook_timeout: float | None = None,
+                     kernel_name: str = "python3") -> NotebookRun:
+    """Synchronous :func:`async_execute_notebook` (runs its own event loop)."""
+    return asyncio.run(async_execute_notebook(nb, pool=pool, cwd=cwd, path=path, cell_timeout=cell_timeout,
+                                              notebook_timeout=notebook_timeout, kernel_name=kernel_name))
+
+
+def default_output(path: str) -> str:
+    """Where ``jupyter-gpu run`` saves the executed notebook by default: ``<name>.out.ipynb`` beside it."""
+    base = path[:-len(".ipynb")] if path.endswith(".ipynb") else path
+    return base + ".out.ipynb"
+
+
+# ---------------------------------------------------------------------- the CLI entry point
+def run_notebook(path: str, output: str | None = None, parameters: Sequence[tuple[str, Any]] = (),
+                 timeout: float | None = None, pool: str | None = None, notebook_timeout: float | None = None,
+                 kernel_name: str = "python3", stream: Any = None) -> int:
+    """``jupyter-gpu run``: execute ``path``, save it with its outputs, return the exit code.
+
+    0: every cell ran. 1: a cell failed or timed out (the report goes to ``stream``, stderr by default).
+    2: the notebook could not be run (missing or invalid file, bad parameter, no pool could be started).
+    The executed notebook is saved to ``output`` (default ``<name>.out.ipynb`` beside the notebook; the
+    source notebook is never overwritten), also when a cell failed: its outputs show what happened.
+    """
+    from .pool import PrivatePool
+
+    err = stream or sys.stderr
+    output = output or default_output(path)
+    try:
+        if os.path.exists(output) and os.path.samefile(output, path):
+            raise CannotRun(f"the output {output} is the notebook itself; give another path with -o")
+        try:
+            nb = nbformat.read(path, as_version=4)
+        except (OSError, ValueError) as exc:
+            raise CannotRun(f"cannot read {path}: {exc}") from None
+        inject_parameters(nb, parameters)
+    except CannotRun as exc:
+        print(f"jupyter-gpu run: {exc}", file=err)
+        return EXIT_CANNOT_RUN
+    private = None
+    try:
+        if pool is None:
+            private = PrivatePool(label="run")
+            try:
+                pool = private.start()
+            except Exception as exc:  # NoGpuAvailable, EmbeddedPoolError: their messages say what to do
+                print(f"jupyter-gpu run: could not start a GPU pool for {path}: {exc}", file=err)
+                return EXIT_CANNOT_RUN
+        result = execute_notebook(nb, pool=pool, path=path, cell_timeout=timeout,
+                                  notebook_timeout=notebook_timeout, kernel_name=kernel_name)
+    finally:
+        if private is not None:
+            private.stop()
+    nb.metadata["jupyter_gpu"] = {
+        "parameters": {name: repr(parse_value(v) if isinstance(v, str) else v) for name, v in parameters},
+        "status": "passed" if result.passed else "failed", "duration_s": round(result.duration, 2),
+        **({"failed_cell": result.failure.number, "failure": result.failure.summary()} if result.failure else {}),
+    }
+    try:
+        nbformat.write(nb, output)
+        saved = f"the executed notebook is saved to {output}"
+    except OSError as exc:
+        saved = f"the executed notebook could not be saved to {output}: {exc}"
+    if result.failure is not None:
+        print(f"jupyter-gpu run: {path} failed: {result.failure.report()}", file=err)
+        print(f"jupyter-gpu run: {saved}", file=err)
+        return EXIT_FAILED
+    print(f"jupyter-gpu run: {path} passed ({result.cells_run} cells in {result.duration:.1f} s); {saved}",
+          file=err)
+    return EXIT_OK

@@ -1,0 +1,191 @@
+"""%%gpu cells in a real kernel against a real embedded pool (2 virtual GPUs)."""
+
+import time
+
+import pytest
+
+from harness import Kernel, leases, snapshot, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def test_outputs_values_and_remote_objects(kernel):
+    assert kernel.run("import numpy as np\ndata = np.arange(10)\nscale = 3").error is None
+    res = kernel.run(
+        "%%gpu\n"
+        "import os, sys\n"
+        "print('python print')\n"
+        "os.write(1, b'fd level\\n')\n"
+        "print('to stderr', file=sys.stderr)\n"
+        "from IPython.display import display, HTML\n"
+        "display(HTML('<b>rich</b>'))\n"
+        "y = data * scale\n"
+        "total = int(y.sum())\n"
+        "total"
+    )
+    assert res.error is None, res.error_text
+    assert "python print\n" in res.stdout and "fd level\n" in res.stdout
+    assert "to stderr" in res.stderr
+    assert res.data("text/html") == ["<b>rich</b>"]
+    assert res.result == "135"
+    local = kernel.run("print(type(y).__name__, y[-1], total)")
+    assert local.stdout == "ndarray 27 135\n"
+
+    res = kernel.run("%%gpu\nimport torch\nmodel = torch.nn.Linear(3, 1)\nw = model.weight.detach()")
+    assert res.error is None, res.error_text
+    check = kernel.run("print(type(model).__name__, type(w).__name__)\nmodel")
+    assert check.stdout == "RemoteObject Tensor\n"
+    assert "%gpu pull model" in check.result
+    # the model is used as-is by the next cell, without transfer
+    res = kernel.run("%%gpu\nout = model(torch.ones(3)).detach()\nprint(out.shape)")
+    assert res.stdout == "torch.Size([1])\n", res.error_text
+    res = kernel.run("%gpu pull model")
+    assert res.error is None and "local copy" in res.stdout
+    assert kernel.run("print(type(model).__name__)").stdout == "Linear\n"
+
+
+def test_matplotlib_figure_is_an_ordinary_output(kernel):
+    res = kernel.run("%%gpu\nimport matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\nplt.title('loss')\nplt.show()")
+    assert res.error is None, res.error_text
+    assert len(res.data("image/png")) == 1
+
+
+def test_remote_exception_keeps_type_and_shows_the_cells_lines(kernel):
+    res = kernel.run("%%gpu\ndef f(a):\n    return 1 / a\n\nvalue = f(0)")
+    assert res.error["ename"] == "ZeroDivisionError"
+    text = res.error_text
+    assert "----> 4 value = f(0)" in text and "----> 2     return 1 / a" in text
+    # an exception class that exists only remotely still arrives, with its name
+    res = kernel.run("%%gpu\nclass DataProblem(Exception):\n    pass\nraise DataProblem('bad rows: 3')")
+    assert "DataProblem" in res.error["ename"] and "bad rows: 3" in res.error["evalue"]
+    # the session survives its cell's errors
+    assert kernel.run("%%gpu\nprint('still here')").stdout == "still here\n"
+
+
+def test_bad_input_is_refused_at_once_with_the_fix(kernel, pool):
+    res = kernel.run("import threading\nlock = threading.Lock()")
+    res = kernel.run("%%gpu\nprint(lock)")
+    assert res.error is None
+    assert "UsageError" in res.stderr and "'lock'" in res.stderr and "--in" in res.stderr
+    res = kernel.run("%%gpu --gpus 0\nprint(1)")
+    assert "greater than 0" in res.stderr
+    start = time.monotonic()
+    res = kernel.run("%%gpu --memory 40GiB --fresh\nprint(1)")
+    assert time.monotonic() - start < 5
+    assert res.error["ename"] == "RequestRefused"
+    assert "largest GPU in the pool has 16.0 GiB" in res.error["evalue"]
+    res = kernel.run("%%gpu --in nothere\nprint(1)")
+    assert "no variable named 'nothere'" in res.stderr
+
+
+def test_timeout_interrupts_and_keeps_the_session(kernel):
+    kernel.run("%%gpu\nkept = 41")
+    res = kernel.run("%%gpu --timeout 1\nimport time\ntime.sleep(30)")
+    assert res.error["ename"] == "CellTimeout" and res.elapsed < 6
+    assert "time.sleep(30)" in res.error_text  # where the remote code was stopped
+    assert kernel.run("%%gpu\nprint(kept + 1)").stdout == "42\n"
+
+
+def test_interrupt_reaches_running_remote_code_within_two_seconds(kernel):
+    kernel.run("%%gpu\nkept = 'state'")
+    msg = kernel.start("%%gpu\nimport time\nprint('started', flush=True)\ntime.sleep(60)")
+    kernel.wait_for_output(msg, "started")
+    t0 = time.monotonic()
+    kernel.interrupt()
+    res = kernel.collect(msg)
+    assert time.monotonic() - t0 < 2.0
+    assert res.error["ename"] == "KeyboardInterrupt"
+    assert kernel.run("%%gpu\nprint(kept)").stdout == "state\n"
+
+
+def test_code_that_ignores_sigint_is_killed_after_the_grace_period(kernel, pool):
+    msg = kernel.start("%%gpu\nimport signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+                       "print('stubborn', flush=True)\ntime.sleep(60)")
+    kernel.wait_for_output(msg, "stubborn")
+    t0 = time.monotonic()
+    kernel.interrupt()
+    res = kernel.collect(msg)
+    assert time.monotonic() - t0 < 4.0
+    assert res.error["ename"] == "KeyboardInterrupt" and "state (its variables) is lost" in res.error["evalue"]
+    assert kernel.alive()
+    assert kernel.run("%%gpu\nprint('new session')").stdout.endswith("new session\n")
+
+
+def test_crash_ends_only_that_session(kernel, pool):
+    other = Kernel(pool, user="other")
+    try:
+        assert other.run("%%gpu\nmine = 7").error is None
+        res = kernel.run("%%gpu\nimport os, signal\nos.kill(os.getpid(), signal.SIGSEGV)")
+        assert res.error["ename"] == "SessionLost"
+        assert "SIGSEGV" in res.error["evalue"] and "kernel and other sessions are fine" in res.error["evalue"]
+        assert kernel.alive()
+        assert other.run("%%gpu\nprint(mine)").stdout == "7\n"
+        assert kernel.run("%%gpu\nprint('again')").stdout.endswith("again\n")
+    finally:
+        other.shutdown(now=True)
+
+
+def test_async_returns_a_handle(kernel):
+    res = kernel.run("%%gpu --async --name bg\nimport time\ntime.sleep(1)\nprint('bg done')\nresult_value = 6 * 7\n"
+                     "result_value")
+    assert res.error is None and "J1" in res.data()[0]
+    res = kernel.run("job = _\nprint(job.result(timeout=60), result_value)")
+    assert res.stdout == "42 42\n", res.error_text
+    res = kernel.run("await job")
+    assert res.result == "42"
+
+
+def test_fresh_session_is_thrown_away(kernel, pool):
+    kernel.run("%%gpu\nkeep = 1")
+    before = {ls["id"] for ls in leases(pool)}
+    res = kernel.run("%%gpu --fresh\nimport os\nprint('keep' in dir())")
+    assert res.stdout.endswith("False\n")
+    assert wait_until(lambda: {ls["id"] for ls in leases(pool)} == before)
+
+
+def test_two_kernels_share_one_virtual_gpu(pool):
+    a, b = Kernel(pool, user="alice"), Kernel(pool, user="bob")
+    try:
+        assert a.run("%%gpu --gpus 0.5\nx = 1").error is None
+        assert b.run("%%gpu --gpus 0.5\nx = 2").error is None
+        mine = [ls for ls in leases(pool) if ls["user"] in ("alice", "bob")]
+        assert len(mine) == 2 and len({ls["gpus"][0] for ls in mine}) == 1  # packed onto one GPU
+        gpu = next(g for g in snapshot(pool)["gpus"] if g["id"] == mine[0]["gpus"][0])
+        assert gpu["leased_bytes"] == gpu["total_bytes"]
+        status = a.run("%gpu status")
+        assert "alice" in status.result and "bob" in status.result
+    finally:
+        a.shutdown(now=True)
+        b.shutdown(now=True)
+
+
+def test_queue_shows_position_and_reason_and_cancel_works(pool):
+    a, b = Kernel(pool, user="carol"), Kernel(pool, user="dave")
+    try:
+        assert a.run("%%gpu --gpus 1\nx = 1").error is None
+        assert b.run("%%gpu --gpus 1\nx = 1").error is None
+        res = a.run("%%gpu --gpus 1 --fresh --async\nprint('ran')")
+        assert res.error is None
+        assert wait_until(lambda: snapshot(pool)["queue"], timeout=10)
+        queue = a.run("%gpu queue").result
+        assert "carol" in queue and "waiting:" in queue
+        item = snapshot(pool)["queue"][0]
+        refused = b.run(f"%gpu cancel {item['id']}")
+        assert "belongs to carol" in refused.stderr
+        b.run("%gpu release")  # frees a whole GPU: the queued request is granted and runs
+        assert wait_until(lambda: not snapshot(pool)["queue"], timeout=30)
+        done = a.run("import jupyter_gpu\njob = _gpu_magics_job = get_ipython().find_magic('gpu').__self__.jobs['J1']\n"
+                     "job.result(timeout=60)\nprint(job.state)")
+        assert done.stdout == "done\n", done.error_text
+    finally:
+        a.shutdown(now=True)
+        b.shutdown(now=True)
+
+
+def test_dead_kernel_releases_its_lease(pool):
+    k = Kernel(pool, user="erin")
+    assert k.run("%%gpu\nx = 1").error is None
+    assert any(ls["user"] == "erin" for ls in leases(pool))
+    k.km.provisioner.process.kill()  # the kernel dies: no shutdown, no goodbye
+    assert wait_until(lambda: not any(ls["user"] == "erin" for ls in leases(pool)), timeout=20)
+    k.kc.stop_channels()
