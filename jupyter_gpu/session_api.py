@@ -16,6 +16,9 @@ _state: dict[str, Any] = {
     "rank": None, "world_size": None, "device": None, "lease": None,
     "emit": None,            # Callable[[dict], None]: sends a message to the running cell's kernel
     "checkpoint_dir": None,  # pool storage for checkpoint()/restore()
+    "run_sink": None,        # Callable[[dict], None]: a scale-out run's metrics, batched to the broker
+    "attempt": 0,            # 0 for a first run, n for the n-th resume after a lost worker
+    "run": None,
 }
 
 
@@ -51,6 +54,9 @@ def report(step: int | None = None, **metrics: Any) -> None:
     msg = {"op": "metrics", "rank": rank(), "step": step, "time": time.time(), "metrics": values}
     if emit is not None:
         emit(msg)
+    sink = _state["run_sink"]
+    if sink is not None:
+        sink(msg)
 
 
 def _plain(value: Any) -> Any:
@@ -88,7 +94,12 @@ def restore(name: str = "checkpoint", default: Any = None) -> Any:
     path = os.path.join(_checkpoint_dir(), f"{name}.pt")
     if not os.path.exists(path):
         return default
-    return torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if _state["attempt"] and rank() == 0:
+        step = state.get("step") if isinstance(state, dict) else None
+        note = f"resumed from step {step}" if step is not None else "resumed from the last checkpoint"
+        print(f"[jupyter-gpu] {note} (attempt {_state['attempt'] + 1})", flush=True)
+    return state
 
 
 def _checkpoint_dir() -> str:

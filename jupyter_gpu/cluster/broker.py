@@ -67,6 +67,8 @@ class GpuBroker(SchedulerPlugin):
             "gpu_samples": self.add_samples,
             "gpu_snapshot": self.snapshot,
             "gpu_scale": self.scale,
+            "gpu_run_update": self.run_update,
+            "gpu_run_metrics": self.run_metrics,
         })
         from distributed.compatibility import PeriodicCallback
 
@@ -210,6 +212,20 @@ class GpuBroker(SchedulerPlugin):
         if ls is None:
             return {"id": lease, "state": "unknown", "end_reason": "the broker has no record of this lease"}
         return ls.public()
+
+    def run_update(self, run: str, **fields: Any) -> None:
+        """A kernel says how its scale-out run stands (ranks, state, attempt), for the panel."""
+        record = self.runs.setdefault(run, {"id": run, "ranks": {}, "started": time.time()})
+        record.update(fields)
+        while len(self.runs) > 50:  # keep the latest runs' streams for replay, not every run forever
+            self.runs.pop(next(iter(self.runs)))
+
+    def run_metrics(self, run: str, rank: int, items: list[dict]) -> None:
+        """Metrics batched by a rank's session (``jupyter_gpu.report``); kept so a panel can replay them."""
+        record = self.runs.setdefault(run, {"id": run, "ranks": {}, "started": time.time()})
+        stream = record["ranks"].setdefault(str(rank), [])
+        stream.extend(items)
+        del stream[:-1000]
 
     async def scale(self, n: int | None = None, minimum: int | None = None, maximum: int | None = None,
                     user: str | None = None) -> dict:

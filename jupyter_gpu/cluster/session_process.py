@@ -109,7 +109,7 @@ class Session:
         from distributed.core import rpc
 
         handlers = {"assign": self.h_assign, "execute": self.h_execute, "interrupt": self.h_interrupt,
-                    "pull": self.h_pull, "ping": self.h_ping}
+                    "pull": self.h_pull, "ping": self.h_ping, "free_port": self.h_free_port}
         self.server = self.server_cls(handlers, deserialize=False)
         await self.server.listen(f"tcp://{self.host}:0", **_security_args())
         self.address = self.server.address
@@ -128,6 +128,14 @@ class Session:
         self.jobs.put(job)
         return job
 
+    async def h_free_port(self) -> dict:
+        """A port free right now on this host, for torch.distributed's rendezvous (never a fixed one)."""
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind((self.host, 0))
+            return {"host": self.host, "port": sock.getsockname()[1]}
+
     async def h_ping(self) -> dict:
         return {"pid": os.getpid(), "busy": self.busy, "lease": (self.lease or {}).get("id")}
 
@@ -144,11 +152,12 @@ class Session:
 
     async def h_execute(self, comm, code: str, inputs: dict, outputs: list[str] | None = None,
                         exact_outputs: bool = False, cell_name: str = "<gpu-cell>",
-                        label: str | None = None, max_bytes: int = 64 * 2**20, cwd: str | None = None) -> dict:
+                        label: str | None = None, max_bytes: int = 64 * 2**20, cwd: str | None = None,
+                        dist: dict | None = None) -> dict:
         """Run a cell; stream output messages on ``comm`` while it runs; the reply is the ``done`` message."""
         job = await self._submit("execute", code=code, inputs=inputs, outputs=outputs or [],
                                  exact_outputs=exact_outputs, cell_name=cell_name, label=label,
-                                 max_bytes=max_bytes, cwd=cwd)
+                                 max_bytes=max_bytes, cwd=cwd, dist=dist)
         while True:
             getter = asyncio.ensure_future(job.messages.get())
             done, _ = await asyncio.wait({getter, job.reply}, return_when=asyncio.FIRST_COMPLETED)
@@ -226,16 +235,34 @@ class Session:
         return {"isolation": self.isolation, "pid": os.getpid()}
 
     def do_execute(self, job: _Job, code: str, inputs: dict, outputs: list[str], exact_outputs: bool,
-                   cell_name: str, label: str | None, max_bytes: int, cwd: str | None) -> dict:
-        from distributed.protocol import deserialize
-
-        from ..datacontract import ModuleRef
-
+                   cell_name: str, label: str | None, max_bytes: int, cwd: str | None,
+                   dist: dict | None = None) -> dict:
         started = time.time()
         if cwd and cwd != os.getcwd() and os.path.isdir(cwd):
             os.chdir(cwd)  # same machine as the kernel: relative paths mean what they mean in the notebook
         self.relay.begin(job.emit)
         self.busy = True
+        if dist is None:
+            return self._execute(code, inputs, outputs, exact_outputs, cell_name, label, max_bytes, started)
+        from .distributed_run import DistributedRun
+
+        run = DistributedRun(dist, self)
+        try:
+            inputs = run.start(inputs)
+        except Exception as exc:
+            run.stop()
+            return {"status": "error", "error": _pool_error(str(exc))}
+        try:
+            return self._execute(code, inputs, outputs, exact_outputs, cell_name, label, max_bytes, started)
+        finally:
+            run.stop()  # the process group is torn down whatever happened in the cell
+
+    def _execute(self, code: str, inputs: dict, outputs: list[str], exact_outputs: bool, cell_name: str,
+                 label: str | None, max_bytes: int, started: float) -> dict:
+        from distributed.protocol import deserialize
+
+        from ..datacontract import ModuleRef
+
         ns = self.shell.user_ns
         for name, item in inputs.items():
             try:
@@ -244,12 +271,10 @@ class Session:
                     value = importlib.import_module(value.name)
                 ns[name] = value
             except Exception as exc:
-                return {"status": "error", "error": {
-                    "type": "jupyter_gpu.errors.GpuPoolError", "pickled": None, "traceback": None,
-                    "message": (f"The input '{name}' could not be rebuilt in the GPU session "
-                                f"({type(exc).__name__}: {exc}). Install what it needs on the pool's workers, "
-                                f"create it inside the cell instead, or leave it out with --in."),
-                    "text": ""}}
+                return {"status": "error", "error": _pool_error(
+                    f"The input '{name}' could not be rebuilt in the GPU session ({type(exc).__name__}: {exc}). "
+                    "Install what it needs on the pool's workers, create it inside the cell instead, or leave it "
+                    "out with --in.")}
         self.tell_scheduler(state="running", cell=label)
         peak = _reset_peak()
         self.shell.displayhook.reset()
@@ -319,6 +344,12 @@ class Session:
         if packed is None:
             return {"error": f"{name!r} ({type(ns[name]).__name__}) cannot be serialized to bring it back"}
         return {"data": packed}
+
+
+def _pool_error(message: str) -> dict:
+    """An error about the pool, not the user's code, in the shape the kernel rebuilds."""
+    return {"type": "jupyter_gpu.errors.GpuPoolError", "pickled": None, "traceback": None,
+            "message": message, "text": ""}
 
 
 def _pack(value: Any) -> Any:
@@ -435,7 +466,11 @@ def _make_shell(relay: Any) -> Any:
     RelayDisplayPublisher.relay = relay
     shell = InteractiveShell.instance(config=cfg, display_pub_class=RelayDisplayPublisher,
                                       displayhook_class=CapturingDisplayHook, compiler_class=CellNameCompiler)
-    shell._showtraceback = lambda *args, **kwargs: None  # the kernel shows the error, rebuilt
+    # The kernel shows the error, rebuilt from what _error_payload sends: formatting it here too (IPython's
+    # verbose traceback, with pygments) would cost up to a second on every error and every interrupt.
+    shell.showtraceback = lambda *args, **kwargs: None
+    shell.showsyntaxerror = lambda *args, **kwargs: None
+    shell._showtraceback = lambda *args, **kwargs: None
     try:
         import matplotlib  # noqa: F401
 
@@ -450,6 +485,21 @@ def _security_args() -> dict:
     return {}
 
 
+def _preload(modules: list[str]) -> None:
+    """Import what cells will need, at low CPU priority: a spare warming up must not slow down the
+    sessions, kernels and schedulers that are working now. The niceness is this thread's only (Linux), so
+    the session itself runs at normal priority once it is assigned."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):
+        pass
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception:
+            pass  # an optional preload (torch on a CPU-only client machine)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
@@ -462,11 +512,10 @@ def main(argv: list[str] | None = None) -> None:
                         format="%(asctime)s session[%(process)d] %(levelname)s %(message)s")
     _die_with_parent()
     control = os.fdopen(os.dup(1), "w")  # our original stdout: tells the worker our address
-    for name in [m for m in args.preload.split(",") if m]:
-        try:
-            importlib.import_module(name)
-        except Exception:
-            pass  # an optional preload (torch on a CPU-only client machine)
+    preloader = threading.Thread(target=_preload, args=([m for m in args.preload.split(",") if m],),
+                                 name="jupyter-gpu-preload")
+    preloader.start()
+    preloader.join()
     session = Session(args.host, args.worker)
     control.write(json.dumps({"address": session.address, "pid": os.getpid()}) + "\n")
     control.flush()

@@ -73,6 +73,7 @@ class GpuWorkerPlugin(WorkerPlugin):
         self.spare: SessionProcess | None = None
         self._spare_task: asyncio.Task | None = None
         self._stop = threading.Event()
+        self._reaping: list[subprocess.Popen] = []  # killed processes, waited for so none stays a zombie
 
     # ------------------------------------------------------------------ lifecycle
     async def setup(self, worker) -> None:  # noqa: ANN001
@@ -188,6 +189,7 @@ class GpuWorkerPlugin(WorkerPlugin):
             if sp is not None:
                 sp.killed = True
                 _kill(sp.proc)
+                self._reaping.append(sp.proc)
             return {"error": f"{type(exc).__name__}: {exc}"}
 
     async def session_signal(self, lease: str, signal: str = "kill") -> dict:
@@ -200,9 +202,11 @@ class GpuWorkerPlugin(WorkerPlugin):
             sp.killed = True
             self.sessions.pop(lease, None)
             _kill(sp.proc)
+            self._reaping.append(sp.proc)
         return {"ok": True}
 
     async def _check_sessions(self) -> None:
+        self._reaping = [p for p in self._reaping if p.poll() is None]
         for lease, sp in list(self.sessions.items()):
             code = sp.proc.poll()
             if code is None:

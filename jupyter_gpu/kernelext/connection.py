@@ -161,6 +161,8 @@ class PoolConnection:
             return False
         if session is self.session:
             self.session = None
+        self.ended_sessions[session.id] = (f"it was a throwaway session ({reason})" if session.fresh
+                                           else f"it was {reason}")
         if session.comm is not None:
             try:
                 self.call(session.comm.close, timeout=2)

@@ -93,6 +93,13 @@ class GpuMagics(Magics):
             self.conn.close()
             self.conn = None
         resolved, embedded = resolve_address(address, keep=keep)
+        from ..cluster.discovery import address_reachable
+
+        if not address_reachable(resolved, timeout=5):
+            raise GpuPoolError(f"Could not reach the GPU pool at {resolved}: nothing answers there. Check the "
+                               "address (the scheduler that `jupyter-gpu pool up` printed) and that this machine "
+                               "can reach it; `%gpu connect` with no address uses an embedded pool on this "
+                               "machine.")
         try:
             self.conn = PoolConnection(resolved, embedded)
         except OSError as exc:
@@ -193,8 +200,9 @@ class GpuMagics(Magics):
         __tracebackhide__ = True
         opts = parse_cell_options(line)
         if opts.spec.workers > 1:
-            raise UsageError("%%gpu --workers N (distributed training across GPUs) is not part of this release "
-                             "yet; run the cell without --workers to train on one GPU.")
+            from .scaleout import run_scaleout
+
+            return run_scaleout(self, opts, cell)
         conn = self._ensure_connection()
         count = self.shell.execution_count
         cell_name = f"<%%gpu cell In[{count}]>"
@@ -333,7 +341,7 @@ class GpuMagics(Magics):
             ns[name] = RemoteObject(name=name, type_name=item.get("type_name", "object"),
                                     summary=item.get("summary", ""), nbytes=item.get("nbytes"),
                                     device=item.get("device"), reason=item.get("reason", ""),
-                                    lease=None if session.fresh else item.get("lease"))
+                                    lease=item.get("lease"))
         if done.get("status") == "error":
             exc = rebuild_exception(done["error"])
             if done.get("timed_out"):

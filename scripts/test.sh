@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Install what the tests need and run all of them: Python (unit, integration, server routes, headless
+# notebooks) and the browser tests of the JupyterLab panel. This is the README's test command.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1
+export JUPYTER_GPU_VIRTUAL_GPUS="${JUPYTER_GPU_VIRTUAL_GPUS:-2x16GiB}"
+
+# torch first, pinned: an unpinned torch would pull several GB of CUDA packages on a CPU machine
+python -c "import torch" 2>/dev/null || python -m pip install --quiet torch==2.13.0
+python -m pip install --quiet -e ".[test]"
+
+python -m pytest "$@"
+
+if [ -d ui-tests ] && [ -f ui-tests/package.json ]; then
+  if ! command -v chromium >/dev/null 2>&1; then
+    (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null
+  fi
+  (cd ui-tests && jlpm install >/dev/null && jlpm playwright test)
+fi
