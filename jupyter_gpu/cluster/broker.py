@@ -46,6 +46,9 @@ class GpuBroker(SchedulerPlugin):
         self.ended: collections.OrderedDict[str, Lease] = collections.OrderedDict()
         self.samples: dict[str, collections.deque] = {}
         self.worker_gpus: dict[str, list[str]] = {}
+        # GPUs of workers lost recently (a Nanny restarting one, a node rebooting): a request that needs them
+        # waits for them instead of being refused as impossible
+        self.recently_lost: dict[str, tuple[GpuSlot, float]] = {}
         self.runs: dict[str, dict] = {}
         self.scaler: Any = None  # set by a pool that owns a cluster manager (embedded pool)
         self._events: dict[str, asyncio.Event] = {}
@@ -82,8 +85,10 @@ class GpuBroker(SchedulerPlugin):
 
     def remove_worker(self, scheduler, worker: str, **kwargs) -> None:  # noqa: ANN001
         for gpu_id in self.worker_gpus.pop(worker, []):
-            self.gpus.pop(gpu_id, None)
+            slot = self.gpus.pop(gpu_id, None)
             self.samples.pop(gpu_id, None)
+            if slot is not None:
+                self.recently_lost[slot.uuid] = (slot, time.time())
         for lease in [ls for ls in self.leases.values() if ls.worker == worker]:
             self._end_lease(lease, f"the pool worker {worker} holding this session was lost", kill=False)
         self._schedule()
@@ -106,6 +111,7 @@ class GpuBroker(SchedulerPlugin):
                            total_bytes=int(info["total_bytes"]), virtual=bool(info.get("virtual")),
                            mig=bool(info.get("mig")))
             self.gpus[slot.id] = slot
+            self.recently_lost.pop(slot.uuid, None)
             self.samples.setdefault(slot.id, collections.deque(maxlen=int(config.get("worker.samples-kept"))))
             ids.append(slot.id)
         self.worker_gpus[worker] = ids
@@ -155,7 +161,7 @@ class GpuBroker(SchedulerPlugin):
                       notebook=notebook, cell=cell)
         self.requests[req.id] = req
         self._events[req.id] = asyncio.Event()
-        impossible = packing.never_fits(rspec, self.gpus.values())
+        impossible = packing.never_fits(rspec, self._capacity())
         if impossible:
             self._finish_request(req, "refused", f"No GPU in this pool can ever satisfy this request: {impossible}")
             return self._request_status(req)
@@ -282,6 +288,17 @@ class GpuBroker(SchedulerPlugin):
         view["gpu_names"] = [g.name for g in slots]
         view["virtual"] = all(g.virtual for g in slots)
         return view
+
+    def _capacity(self, remember: float = 120.0) -> list[GpuSlot]:
+        """The GPUs the pool has, plus those lost in the last ``remember`` seconds (likely to come back)."""
+        now = time.time()
+        for uuid, (_, lost_at) in list(self.recently_lost.items()):
+            if now - lost_at > remember:
+                del self.recently_lost[uuid]
+        back = [GpuSlot(worker=f"lost:{slot.worker}", index=slot.index, uuid=slot.uuid, name=slot.name,
+                        total_bytes=slot.total_bytes, virtual=slot.virtual, mig=slot.mig)
+                for slot, _ in self.recently_lost.values()]
+        return list(self.gpus.values()) + back
 
     def _ordered_queue(self) -> list[Request]:
         return self.policy.order([r for r in self.queue if r.state == "queued"], self)

@@ -60,7 +60,7 @@ class DistributedRun:
         log.info("rank %d/%d joined %s in %.2f s", self.rank, self.world_size, backend,
                  time.monotonic() - started)
         session_api._state.update({"rank": self.rank, "world_size": self.world_size,
-                                   "checkpoint_dir": d.get("checkpoint_dir"), "attempt": int(d.get("attempt", 0)),
+                                   "attempt": int(d.get("attempt", 0)),
                                    "run": d.get("run"), "run_sink": self._collect})
         self._flusher = asyncio.run_coroutine_threadsafe(self._flush_forever(), self.session.loop)
         return self._broadcast(inputs)

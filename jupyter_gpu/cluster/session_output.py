@@ -114,6 +114,8 @@ class FdCapture:
     def __init__(self, relay: Relay):
         self.relay = relay
         self._events: dict[int, threading.Event] = {}
+        self._pipes: dict[int, int] = {}
+        self._in_flight = {1: False, 2: False}  # a reader holds bytes it has not relayed yet
         self._threads = []
         try:
             self._libc = ctypes.CDLL(None)
@@ -121,6 +123,7 @@ class FdCapture:
             self._libc = None
         for fd, name in ((1, "stdout"), (2, "stderr")):
             read_end, write_end = os.pipe()
+            self._pipes[fd] = read_end
             os.dup2(write_end, fd)
             os.close(write_end)
             self._events[fd] = threading.Event()
@@ -135,6 +138,7 @@ class FdCapture:
             chunk = os.read(read_end, 65536)
             if not chunk:
                 return
+            self._in_flight[fd] = True
             data = pending + chunk
             pending = b""
             while True:
@@ -151,6 +155,7 @@ class FdCapture:
                 pending, data = data[-keep:], data[:-keep]
             if data:
                 self._send(name, data)
+            self._in_flight[fd] = bool(pending)
 
     def _send(self, name: str, data: bytes) -> None:
         self.relay.emit({"op": "stream", "name": name, "text": data.decode("utf-8", "replace")})
@@ -161,11 +166,24 @@ class FdCapture:
                 self._libc.fflush(None)  # C stdio buffers first
             except Exception:  # pragma: no cover
                 pass
-        for fd in (1, 2):
+        busy = [fd for fd in (1, 2) if self._in_flight[fd] or _pending_bytes(self._pipes[fd])]
+        for fd in busy:  # a pipe with nothing written since the last sync needs no round trip
             self._events[fd].clear()
             os.write(fd, self._MARK)
-        for fd in (1, 2):
+        for fd in busy:
             self._events[fd].wait(timeout)
+
+
+def _pending_bytes(fd: int) -> int:
+    """Bytes waiting in a pipe (FIONREAD)."""
+    import fcntl
+    import struct
+    import termios
+
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    except OSError:
+        return 1  # unknown: sync to be safe
 
 
 def _partial_suffix(data: bytes, mark: bytes) -> int:

@@ -85,6 +85,7 @@ class Session:
         self.scheduler: str | None = None
         self.isolation = "none"
         self.busy = False
+        self._after_reply: dict | None = None
         self.relay = Relay()
         self.capture = FdCapture(self.relay)
         sys.stdout = RelayStream(self.relay, "stdout")
@@ -153,11 +154,11 @@ class Session:
     async def h_execute(self, comm, code: str, inputs: dict, outputs: list[str] | None = None,
                         exact_outputs: bool = False, cell_name: str = "<gpu-cell>",
                         label: str | None = None, max_bytes: int = 64 * 2**20, cwd: str | None = None,
-                        dist: dict | None = None) -> dict:
+                        dist: dict | None = None, checkpoint_dir: str | None = None) -> dict:
         """Run a cell; stream output messages on ``comm`` while it runs; the reply is the ``done`` message."""
         job = await self._submit("execute", code=code, inputs=inputs, outputs=outputs or [],
                                  exact_outputs=exact_outputs, cell_name=cell_name, label=label,
-                                 max_bytes=max_bytes, cwd=cwd, dist=dist)
+                                 max_bytes=max_bytes, cwd=cwd, dist=dist, checkpoint_dir=checkpoint_dir)
         while True:
             getter = asyncio.ensure_future(job.messages.get())
             done, _ = await asyncio.wait({getter, job.reply}, return_when=asyncio.FIRST_COMPLETED)
@@ -188,7 +189,8 @@ class Session:
             try:
                 if self._scheduler_rpc is None:
                     self._scheduler_rpc = self._rpc(self.scheduler, **_security_args())
-                await self._scheduler_rpc.gpu_lease_state(lease=self.lease["id"], **kwargs)
+                # one-way: the broker's bookkeeping must never sit on a cell's path
+                await self._scheduler_rpc.gpu_lease_state(lease=self.lease["id"], reply=False, **kwargs)
             except Exception as exc:
                 log.debug("could not tell the broker: %s", exc)
 
@@ -212,6 +214,9 @@ class Session:
                 self.busy = False
                 self.relay.end()
             job.finish(result)
+            after, self._after_reply = self._after_reply, None
+            if after:
+                self.tell_scheduler(**after)
 
     def do_assign(self, job: _Job, lease: dict, gpus: list[dict], scheduler: str | None, env: dict) -> dict:
         from .. import session_api
@@ -228,7 +233,6 @@ class Session:
             "rank": lease.get("rank", 0), "world_size": lease.get("world_size", 1),
             "device": "cpu" if virtual else "cuda:0", "lease": lease["id"],
             "emit": self.relay.emit,
-            "checkpoint_dir": env.get("JUPYTER_GPU_CHECKPOINT_DIR"),
         })
         log.info("session %d assigned lease %s on %s (isolation %s)", os.getpid(), lease["id"],
                  [g["uuid"] for g in gpus], self.isolation)
@@ -236,10 +240,14 @@ class Session:
 
     def do_execute(self, job: _Job, code: str, inputs: dict, outputs: list[str], exact_outputs: bool,
                    cell_name: str, label: str | None, max_bytes: int, cwd: str | None,
-                   dist: dict | None = None) -> dict:
+                   dist: dict | None = None, checkpoint_dir: str | None = None) -> dict:
+        from .. import session_api
+
         started = time.time()
         if cwd and cwd != os.getcwd() and os.path.isdir(cwd):
             os.chdir(cwd)  # same machine as the kernel: relative paths mean what they mean in the notebook
+        # checkpoint()/restore() of this cell: per user, kernel and cell, so no other run's state is restored
+        session_api._state["checkpoint_dir"] = checkpoint_dir
         self.relay.begin(job.emit)
         self.busy = True
         if dist is None:
@@ -295,7 +303,7 @@ class Session:
             reply["status"] = "ok"
         reply["outputs"] = self._collect_outputs(outputs, exact_outputs, max_bytes)
         reply["result"] = self._last_value(max_bytes) if error is None else None
-        self.tell_scheduler(state="idle", peak_bytes=peak)
+        self._after_reply = {"state": "idle", "peak_bytes": peak}  # told once the reply is on its way
         return reply
 
     def _collect_outputs(self, names: list[str], exact: bool, max_bytes: int) -> dict:

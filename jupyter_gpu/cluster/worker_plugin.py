@@ -174,10 +174,9 @@ class GpuWorkerPlugin(WorkerPlugin):
             gpus = [by_index[i].to_dict() for i in lease["gpu_indices"]]
             sp.lease = lease["id"]
             self.sessions[lease["id"]] = sp
-            env = {"JUPYTER_GPU_CHECKPOINT_DIR": lease.get("checkpoint_dir") or ""}
             r = rpc(sp.address)
             try:
-                reply = await r.assign(lease=lease, gpus=gpus, scheduler=scheduler, env=env)
+                reply = await r.assign(lease=lease, gpus=gpus, scheduler=scheduler)
             finally:
                 await r.close_rpc()
             if reply.get("error"):

@@ -209,8 +209,11 @@ class GpuMagics(Magics):
         register_cell_source(cell_name, cell)
         label = opts.name or _label(count, cell)
         inputs, remote_refs, outputs = self._prepare(opts, cell)
+        from .scaleout import checkpoint_dir_for, run_key
+
         payload = {"code": cell, "inputs": inputs, "outputs": outputs, "exact_outputs": opts.outputs is not None,
-                   "cell_name": cell_name, "label": label, "max_bytes": config.get_bytes("output-max-bytes")}
+                   "cell_name": cell_name, "label": label, "max_bytes": config.get_bytes("output-max-bytes"),
+                   "checkpoint_dir": checkpoint_dir_for(conn, run_key(conn, opts.name, cell))}
         if opts.run_async:
             return self._start_async(conn, opts, payload, remote_refs, label)
         deadline = time.monotonic() + opts.timeout if opts.timeout else None

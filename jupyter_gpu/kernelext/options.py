@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import shlex
 from dataclasses import dataclass, field
 
@@ -37,7 +38,9 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"%%gpu: {message}. Usage: {USAGE}. Run `%gpu?` for what each option means.")
 
 
+@functools.lru_cache(maxsize=1)
 def _parser() -> _Parser:
+    """Built once: argparse construction costs more than parsing a %%gpu line."""
     p = _Parser(prog="%%gpu", add_help=False, allow_abbrev=False)
     p.add_argument("--gpus", default=None)
     p.add_argument("--memory", default=None)

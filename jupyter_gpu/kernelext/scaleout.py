@@ -40,12 +40,13 @@ def run_scaleout(magics: Any, opts: Any, cell: str) -> Any:
         raise UsageError(f"%%gpu --workers: {names} live(s) in this notebook's own GPU session, and a --workers run "
                          "starts sessions of its own. Create it inside this cell, or bring a copy back first "
                          "(%gpu pull NAME) so that it is sent to the ranks.")
-    run_id = _run_id(conn, opts, cell)
-    checkpoint_dir = os.path.join(os.path.expanduser(config.get("scaleout.checkpoint-dir")), conn.user, run_id)
+    run_id = run_key(conn, opts.name, cell)
+    checkpoint_dir = checkpoint_dir_for(conn, run_id)
     deadline = time.monotonic() + opts.timeout if opts.timeout else None
     renderer = CellRenderer()
     payload = {"code": cell, "outputs": outputs, "exact_outputs": opts.outputs is not None, "cell_name": cell_name,
-               "label": label, "max_bytes": config.get_bytes("output-max-bytes"), "cwd": os.getcwd()}
+               "label": label, "max_bytes": config.get_bytes("output-max-bytes"), "cwd": os.getcwd(),
+               "checkpoint_dir": checkpoint_dir}
     attempt = 0
     try:
         while True:
@@ -80,11 +81,17 @@ def run_scaleout(magics: Any, opts: Any, cell: str) -> Any:
     return _finish(magics, outcome, sessions, opts)
 
 
-def _run_id(conn: PoolConnection, opts: Any, cell: str) -> str:
-    """Stable for one cell of one kernel (so a rerun after a crash finds its checkpoints)."""
-    base = opts.name or hashlib.sha1(cell.encode()).hexdigest()[:10]
+def run_key(conn: PoolConnection, name: str | None, cell: str) -> str:
+    """Stable for one cell of one kernel (so a rerun after a lost worker finds its checkpoints), and
+    different across kernels (so a notebook rerun from scratch does not resume someone's old run)."""
+    base = name or hashlib.sha1(cell.encode()).hexdigest()[:10]
     safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in base)[:60]
     return f"{safe}-{conn.kernel[:8]}"
+
+
+def checkpoint_dir_for(conn: PoolConnection, key: str) -> str:
+    """Pool storage for one run's checkpoints (``jupyter-gpu.scaleout.checkpoint-dir``)."""
+    return os.path.join(os.path.expanduser(config.get("scaleout.checkpoint-dir")), conn.user, key)
 
 
 def _gang(conn: PoolConnection, opts: Any, label: str, status: Any, deadline: float) -> list[RemoteSession]:
@@ -118,7 +125,7 @@ def _run_ranks(conn: PoolConnection, sessions: list[RemoteSession], payload: dic
         rank_payload = {**payload, "inputs": inputs if rank == 0 else {},
                         "outputs": payload["outputs"] if rank == 0 else [], "dist": dist}
         conn.start_execute(session, rank_payload, lambda msg, r=rank: events.put((r, msg)))
-    done: dict[int, dict] = {}
+    done: dict[int, dict] = {}  # in the order the ranks finished: the first failure is the root cause
     lost: dict[int, str] = {}
     grace = config.get_seconds("interrupt-grace")
     stop_at: float | None = None
@@ -157,8 +164,9 @@ def _run_ranks(conn: PoolConnection, sessions: list[RemoteSession], payload: dic
             else:
                 done[rank] = msg
             failed = done[rank].get("status") != "ok"
-            if failed and stop_at is None:  # the others would wait forever in a collective: stop them soon
-                stop_at = time.monotonic() + config.get_seconds("scaleout.error-grace")
+            if failed and stop_at is None:  # the others would wait forever in a collective: stop them
+                # a lost rank never comes back: stop now; after an error, give the others a moment to fail too
+                stop_at = time.monotonic() + (0 if rank in lost else config.get_seconds("scaleout.error-grace"))
             continue
         for item in msg:
             _show(renderer, rank, item)
@@ -194,13 +202,13 @@ def _finish(magics: Any, outcome: dict, sessions: list[RemoteSession], opts: Any
     __tracebackhide__ = True
     done = outcome["done"]
     first = done.get(0, {})
-    errors = {r: d for r, d in sorted(done.items()) if d.get("status") == "error"}
+    errors = {r: d for r, d in done.items() if d.get("status") == "error"}
     if outcome["lost"]:
         rank, reason = next(iter(outcome["lost"].items()))
         raise SessionLost(f"Rank {rank}'s GPU session was lost ({reason}) and --retries {opts.retries} were used "
                           "up. Every rank was stopped and every lease freed.")
     if errors:
-        rank, err = next(((r, e) for r, e in errors.items() if r == 0), next(iter(errors.items())))
+        rank, err = next(iter(errors.items()))  # the first rank to fail; the others mostly follow from it
         others = [f"rank {r}: {d['error'].get('type', '').split('.')[-1]}: {d['error'].get('message', '')}"
                   for r, d in errors.items() if r != rank]
         exc = rebuild_exception(err["error"])

@@ -32,3 +32,18 @@ def test_quickstart_runs_and_shows_its_results(pool, monkeypatch):
     assert "RemoteObject - the model stays remote" in _outputs_text(local)
     assert any("image/png" in o.get("data", {}) for o in local.outputs)
     assert "local and remote predictions agree: True" in _outputs_text(code[-2])
+
+
+def test_scale_out_notebook_trains_on_one_then_two_workers(pool, monkeypatch, tmp_path):
+    monkeypatch.setenv("JUPYTER_GPU_SCHEDULER", pool)
+    monkeypatch.setenv("DASK_JUPYTER_GPU__SCALEOUT__CHECKPOINT_DIR", str(tmp_path))
+    nb = nbformat.read(os.path.join(NOTEBOOKS, "02-scale-out.ipynb"), as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": NOTEBOOKS}}).execute()
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    one = next(c for c in code if "--workers 1" in c.source)
+    two = next(c for c in code if "--workers 2" in c.source)
+    assert "rank 0 of 1: final loss" in _outputs_text(one)
+    assert "rank 0 of 2: final loss" in _outputs_text(two) and "[rank 1] rank 1 of 2" in _outputs_text(two)
+    assert "rank 1: step 119" in _outputs_text(two)  # per-rank progress
+    assert "accuracy: 1 worker" in _outputs_text(code[-1])
+    assert any("image/png" in o.get("data", {}) for o in code[-1].outputs)

@@ -1,0 +1,106 @@
+"""%%gpu --workers N: real 2-rank runs (gloo on two virtual GPUs)."""
+
+import os
+import signal
+import time
+
+import pytest
+
+from harness import Kernel, leases, snapshot, wait_until
+
+pytestmark = pytest.mark.integration
+
+DDP_CELL = """%%gpu --workers 2 --name ddp-ref
+import torch, torch.distributed as dist, jupyter_gpu
+from torch.nn.parallel import DistributedDataParallel as DDP
+torch.manual_seed(0)
+model = DDP(torch.nn.Linear(4, 1))
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+r, n = jupyter_gpu.rank(), jupyter_gpu.world_size()
+xs, ys = torch.from_numpy(X[r::n]), torch.from_numpy(Y[r::n])
+for step in range(steps):
+    opt.zero_grad()
+    loss = torch.nn.functional.mse_loss(model(xs), ys)
+    loss.backward()
+    opt.step()
+    jupyter_gpu.report(step=step, loss=loss.item())
+weights = model.module.weight.detach().clone()
+print(f"rank {r} of {n} done")
+"""
+
+LOCAL_REFERENCE = """import torch
+torch.manual_seed(0)
+ref = torch.nn.Linear(4, 1)
+opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+xs, ys = torch.from_numpy(X), torch.from_numpy(Y)
+for step in range(steps):
+    opt.zero_grad()
+    # the mean of the two ranks' mean losses over equal halves = the full batch's mean loss
+    loss = (torch.nn.functional.mse_loss(ref(xs[0::2]), ys[0::2]) + torch.nn.functional.mse_loss(ref(xs[1::2]), ys[1::2])) / 2
+    loss.backward()
+    opt.step()
+print(torch.allclose(ref.weight, weights, atol=1e-5))
+"""
+
+
+def test_two_ranks_train_like_the_local_reference_and_all_ranks_report(kernel, pool):
+    kernel.run("import numpy as np\nrng = np.random.default_rng(1)\nX = rng.normal(size=(64, 4)).astype('float32')\n"
+               "Y = (X @ np.array([[1.0], [-2.0], [0.5], [3.0]], dtype='float32'))\nsteps = 20")
+    res = kernel.run(DDP_CELL, timeout=240)
+    assert res.error is None, res.error_text
+    assert "rank 0 of 2 done" in res.stdout and "[rank 1] rank 1 of 2 done" in res.stdout
+    progress = res.data()[-1]
+    assert "rank 0: step 19" in progress and "rank 1: step 19" in progress
+    assert kernel.run(LOCAL_REFERENCE).stdout == "True\n"
+    run = next(r for r in snapshot(pool)["runs"] if r["id"].startswith("ddp-ref"))
+    assert set(run["ranks"]) == {"0", "1"} and run["state"] == "done"
+    assert len(run["ranks"]["1"]) == 20  # the stream is kept by the broker for the panel
+    assert not [ls for ls in leases(pool) if ls["world_size"] == 2]  # every rank's lease is freed
+
+
+def test_a_ranks_exception_reaches_the_cell(kernel, pool):
+    res = kernel.run("%%gpu --workers 2\nimport jupyter_gpu, torch.distributed as dist\n"
+                     "if jupyter_gpu.rank() == 1:\n    raise ValueError('rank one broke')\ndist.barrier()", timeout=240)
+    assert res.error["ename"] == "ValueError" and "rank one broke" in res.error["evalue"]
+    assert wait_until(lambda: not [ls for ls in leases(pool) if ls["world_size"] == 2])
+
+
+def test_interrupt_tears_down_every_rank_and_frees_every_lease(kernel, pool):
+    msg = kernel.start("%%gpu --workers 2\nimport time, jupyter_gpu\nprint('go', flush=True)\ntime.sleep(120)")
+    kernel.wait_for_output(msg, "go", timeout=120)
+    assert len([ls for ls in leases(pool) if ls["world_size"] == 2]) == 2
+    kernel.interrupt()
+    res = kernel.collect(msg, timeout=30)
+    assert res.error["ename"] == "KeyboardInterrupt"
+    assert wait_until(lambda: not [ls for ls in leases(pool) if ls["world_size"] == 2])
+
+
+def test_lost_worker_resumes_from_the_last_checkpoint(private_pool, tmp_path):
+    from distributed import Client
+
+    k = Kernel(private_pool, env={"DASK_JUPYTER_GPU__SCALEOUT__CHECKPOINT_DIR": str(tmp_path)})
+    try:
+        msg = k.start("%%gpu --workers 2 --name resume\n"
+                      "import time, torch, jupyter_gpu, torch.distributed as dist\n"
+                      "state = jupyter_gpu.restore(default={'step': -1})\n"
+                      "for step in range(state['step'] + 1, 12):\n"
+                      "    jupyter_gpu.checkpoint({'step': step})\n"
+                      "    if jupyter_gpu.rank() == 0:\n"
+                      "        print(f'step {step}', flush=True)\n"
+                      "    time.sleep(0.5)\n"
+                      "    dist.barrier()\n"
+                      "last = step")
+        k.wait_for_output(msg, "step 4", timeout=180)
+        rank1 = next(ls for ls in leases(private_pool) if ls["rank"] == 1 and ls["world_size"] == 2)
+        with Client(private_pool, set_as_default=False) as client:
+            pid = client.run(os.getpid)[rank1["worker"]]
+        os.kill(pid, signal.SIGKILL)
+        res = k.collect(msg, timeout=240)
+        assert res.error is None, res.stdout + res.stderr + res.error_text
+        assert "rank 1's session was lost" in res.stdout and "retry 1 of 2" in res.stdout
+        assert "[jupyter-gpu] resumed from step" in res.stdout
+        assert k.run("print(last)").stdout == "11\n"
+        resumed = int(res.stdout.split("resumed from step ")[1].split()[0])
+        assert resumed >= 4
+    finally:
+        k.shutdown(now=True)
