@@ -88,17 +88,27 @@ def checkpoint(state: Any, name: str = "checkpoint") -> str:
 
 
 def restore(name: str = "checkpoint", default: Any = None) -> Any:
-    """The last ``checkpoint()`` of this run, or ``default`` if there is none yet."""
+    """The last ``checkpoint()`` of this run, or ``default`` if there is none yet.
+
+    In a ``--workers`` run every rank must call it: rank 0 reads the checkpoint and broadcasts it, so that
+    all ranks resume from the same step even if rank 0 checkpoints again before a slower rank gets here.
+    """
     import torch
 
-    path = os.path.join(_checkpoint_dir(), f"{name}.pt")
-    if not os.path.exists(path):
-        return default
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if _state["attempt"] and rank() == 0:
-        step = state.get("step") if isinstance(state, dict) else None
-        note = f"resumed from step {step}" if step is not None else "resumed from the last checkpoint"
-        print(f"[jupyter-gpu] {note} (attempt {_state['attempt'] + 1})", flush=True)
+    distributed = world_size() > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+    state = default
+    if rank() == 0:
+        path = os.path.join(_checkpoint_dir(), f"{name}.pt")
+        if os.path.exists(path):
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            if _state["attempt"]:
+                step = state.get("step") if isinstance(state, dict) else None
+                note = f"resumed from step {step}" if step is not None else "resumed from the last checkpoint"
+                print(f"[jupyter-gpu] {note} (attempt {_state['attempt'] + 1})", flush=True)
+    if distributed:
+        box = [state]
+        torch.distributed.broadcast_object_list(box, src=0)
+        state = box[0]
     return state
 
 

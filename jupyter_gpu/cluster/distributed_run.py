@@ -97,7 +97,25 @@ class DistributedRun:
         except Exception as exc:  # the panel misses a beat; training never waits for it
             log.debug("could not send metrics: %s", exc)
 
-    def stop(self) -> None:
+    def _arrive_and_wait(self, timeout: float) -> None:
+        """Count this rank in at the rendezvous store and wait (bounded) for the others. The store is not
+        the process group's transport, so this never interferes with a collective a peer is finishing."""
+        try:
+            from torch.distributed import distributed_c10d
+
+            store = distributed_c10d._get_default_store()
+            key = f"jupyter-gpu/teardown/{self.dist.get('run')}/{self.dist.get('attempt', 0)}"
+            store.add(key, 1)
+            deadline = time.monotonic() + timeout
+            while store.add(key, 0) < self.world_size and time.monotonic() < deadline:
+                time.sleep(0.02)
+        except Exception as exc:  # a peer failed or the store is gone: nothing to wait for
+            log.debug("teardown rendezvous: %s", exc)
+
+    def stop(self, clean: bool = False) -> None:
+        """Tear down. After a cell that succeeded on this rank, first wait (bounded) for every rank to get
+        here: a rank that left its last collective early and closed its connections would make a peer still
+        finishing that collective fail with "connection closed by peer"."""
         if self._flusher is not None:
             self._flusher.cancel()
             try:
@@ -108,6 +126,8 @@ class DistributedRun:
         if self._group:
             import torch.distributed as torch_dist
 
+            if clean:
+                self._arrive_and_wait(timeout=30.0)
             try:
                 torch_dist.destroy_process_group()
             except Exception as exc:

@@ -260,10 +260,12 @@ class Session:
         except Exception as exc:
             run.stop()
             return {"status": "error", "error": _pool_error(str(exc))}
+        reply: dict | None = None
         try:
-            return self._execute(code, inputs, outputs, exact_outputs, cell_name, label, max_bytes, started)
-        finally:
-            run.stop()  # the process group is torn down whatever happened in the cell
+            reply = self._execute(code, inputs, outputs, exact_outputs, cell_name, label, max_bytes, started)
+            return reply
+        finally:  # the process group is torn down whatever happened in the cell
+            run.stop(clean=reply is not None and reply.get("status") == "ok")
 
     def _execute(self, code: str, inputs: dict, outputs: list[str], exact_outputs: bool, cell_name: str,
                  label: str | None, max_bytes: int, started: float) -> dict:
