@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what the tests need and run all of them: Python (unit, integration, server routes, headless
-# notebooks) and the browser tests of the JupyterLab panel. This is the README's test command.
+# notebooks), the panel's TypeScript unit tests (jest) and its browser tests (Galata/Playwright on Debian's
+# Chromium). This is the README's test command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,13 +10,13 @@ export JUPYTER_GPU_VIRTUAL_GPUS="${JUPYTER_GPU_VIRTUAL_GPUS:-2x16GiB}"
 
 # torch first, pinned: an unpinned torch would pull several GB of CUDA packages on a CPU machine
 python -c "import torch" 2>/dev/null || python -m pip install --quiet torch==2.13.0
+# the editable install also builds the panel (jlpm install + build) into jupyter_gpu/labext/static
 python -m pip install --quiet -e ".[test]"
 
 python -m pytest "$@"
 
-if [ -d ui-tests ] && [ -f ui-tests/package.json ]; then
-  if ! command -v chromium >/dev/null 2>&1; then
-    (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null
-  fi
-  (cd ui-tests && jlpm install >/dev/null && jlpm playwright test)
+jlpm test
+if ! command -v chromium >/dev/null 2>&1; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null
 fi
+(cd ui-tests && jlpm install >/dev/null && jlpm playwright test)

@@ -27,7 +27,7 @@ from jupyter_server.base.websocket import WebSocketMixin
 from jupyter_server.utils import url_path_join
 from tornado import websocket
 
-from .pool_link import GpuPanelConfig, PoolLink, PoolUnavailable, server_user
+from .pool_link import PoolLink, PoolUnavailable, server_user
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ SETTINGS_KEY = "jupyter_gpu_pool_link"
 
 
 class _PoolHandlerMixin:
-    """Access to the server-wide ``PoolLink`` stored in the tornado settings by ``setup_handlers``."""
+    """Access to the server-wide ``PoolLink`` stored in the tornado settings by ``GpuPanelExtension``."""
 
     @property
     def pool(self) -> PoolLink:
@@ -118,12 +118,14 @@ class ScaleHandler(_ApiBase):
         else:
             raise tornado.web.HTTPError(400, 'send {"n": workers} or {"minimum": m, "maximum": M}')
         try:
-            result = await self.pool.call("gpu_scale", user=server_user(self.pool.config), **kwargs)
+            result = await self.pool.call("gpu_scale", timeout=self.pool.config.start_timeout,
+                                          user=server_user(self.pool.config), **kwargs)
         except PoolUnavailable as exc:
             raise tornado.web.HTTPError(409, str(exc)) from exc
         except Exception as exc:  # noqa: BLE001
-            log.warning("gpu_scale failed: %s", exc)
-            raise tornado.web.HTTPError(502, f"the pool did not scale: {exc}") from exc
+            error = str(exc) or type(exc).__name__
+            log.warning("gpu_scale failed: %s", error)
+            raise tornado.web.HTTPError(502, f"the pool did not scale: {error}") from exc
         if isinstance(result, dict) and result.get("error"):
             self.reply(result, status=409)  # e.g. a pool without a cluster manager
             return
@@ -140,8 +142,9 @@ class CancelHandler(_ApiBase):
         except PoolUnavailable as exc:
             raise tornado.web.HTTPError(409, str(exc)) from exc
         except Exception as exc:  # noqa: BLE001
-            log.warning("gpu_cancel %s failed: %s", item_id, exc)
-            raise tornado.web.HTTPError(502, f"the pool did not answer the cancel: {exc}") from exc
+            error = str(exc) or type(exc).__name__
+            log.warning("gpu_cancel %s failed: %s", item_id, error)
+            raise tornado.web.HTTPError(502, f"the pool did not answer the cancel: {error}") from exc
         self.reply(result)
 
 

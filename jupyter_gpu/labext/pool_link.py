@@ -44,7 +44,7 @@ class GpuPanelConfig(Configurable):
     start_timeout = Float(
         120.0,
         config=True,
-        help="Seconds the Start button waits for the embedded pool to come up.",
+        help="Seconds the Start button waits for the embedded pool, and Scale for workers to start or retire.",
     )
     user = Unicode(
         "",
@@ -68,8 +68,11 @@ def server_user(config: GpuPanelConfig | None = None) -> str:
     return user_name()
 
 
-def _pool_address() -> str | None:
-    """Where the pool's scheduler is, per the project's discovery rules (env var, then embedded runtime file)."""
+def _discover_address() -> str | None:
+    """Where the pool's scheduler is, per the project's discovery rules (env var, then embedded runtime file).
+
+    Blocking: the embedded pool's liveness check is a TCP connect, so callers run it in a thread.
+    """
     from jupyter_gpu.cluster.discovery import pool_address
 
     return pool_address()
@@ -99,9 +102,30 @@ class PoolLink:
         self._listeners: set[Listener] = set()
         self._poller: asyncio.Task | None = None
         self._last: tuple[float, str] | None = None  # (monotonic time, snapshot JSON text)
+        self._address: tuple[float, str] | None = None  # (monotonic time found, address) while it answers
         self.polls = 0  # how many snapshots the shared poller has fetched (tests read it)
 
     # ------------------------------------------------------------------ scheduler calls
+    ADDRESS_RECHECK_S = 10.0
+
+    async def address(self) -> str | None:
+        """The pool's address, rediscovered at most every ``ADDRESS_RECHECK_S`` while it keeps answering.
+
+        Discovery probes the embedded pool with a TCP connect; doing that on every 1 s poll would fill the
+        scheduler's log with half-open connections. A failed call forgets the address (``_forget_address``),
+        so a restarted or replaced pool is found at the next poll.
+        """
+        now = time.monotonic()
+        if self._address is not None and now - self._address[0] < self.ADDRESS_RECHECK_S:
+            return self._address[1]
+        address = await asyncio.to_thread(_discover_address)
+        self._address = (now, address) if address else None
+        return address
+
+    def _forget_address(self) -> None:
+        self._address = None
+        self._drop_rpc()
+
     def _scheduler(self, address: str) -> Any:
         """A Dask ``rpc`` to the scheduler, kept across calls so its comm is reused (one TCP connection)."""
         from distributed.core import rpc
@@ -124,16 +148,20 @@ class PoolLink:
                 for comm in list(old.comms):
                     comm.abort()
 
-    async def call(self, handler: str, **kwargs: Any) -> Any:
-        """Call a scheduler handler (``gpu_scale``, ``gpu_cancel``...); raise ``PoolUnavailable`` if no pool."""
-        address = _pool_address()
+    async def call(self, handler: str, timeout: float | None = None, **kwargs: Any) -> Any:
+        """Call a scheduler handler (``gpu_scale``, ``gpu_cancel``...); raise ``PoolUnavailable`` if no pool.
+
+        ``timeout`` defaults to twice the snapshot timeout; scaling passes a longer one, since the broker
+        answers only once workers have started or retired.
+        """
+        address = await self.address()
         if not address:
             raise PoolUnavailable("no GPU pool is running for this server")
         method: Callable[..., Awaitable[Any]] = getattr(self._scheduler(address), handler)
         try:
-            return await asyncio.wait_for(method(**kwargs), self.config.snapshot_timeout * 2)
+            return await asyncio.wait_for(method(**kwargs), timeout or self.config.snapshot_timeout * 2)
         except Exception:
-            self._drop_rpc()  # a dead comm must not poison the next call
+            self._forget_address()  # a dead comm or a gone pool must not poison the next call
             raise
 
     async def snapshot(self) -> dict:
@@ -145,7 +173,7 @@ class PoolLink:
         """
         me = server_user(self.config)
         try:
-            address = _pool_address()
+            address = await self.address()
         except Exception as exc:  # noqa: BLE001 - a broken runtime file is shown, not raised
             log.warning("could not read the pool address: %s", exc)
             return {"state": "unreachable", "error": f"cannot read the pool address: {exc}", "me": me}
@@ -154,7 +182,7 @@ class PoolLink:
         try:
             snap = await asyncio.wait_for(self._scheduler(address).gpu_snapshot(), self.config.snapshot_timeout)
         except Exception as exc:  # noqa: BLE001 - every failure becomes the "unreachable" state
-            self._drop_rpc()
+            self._forget_address()
             error = str(exc) or type(exc).__name__
             log.info("pool at %s unreachable: %s", address, error)
             return {"state": "unreachable", "address": address, "error": error, "me": me}

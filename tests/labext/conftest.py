@@ -7,10 +7,7 @@ conftest, so that its autouse server cleanup applies to these tests only.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import signal
 import time
 
 import pytest
@@ -27,7 +24,7 @@ def jp_server_config():
     """Enable the extension (as jupyter-config/ does for installed wheels) with a fast update rate."""
     return {
         "ServerApp": {"jpserver_extensions": {"jupyter_gpu.labext": True}},
-        "GpuPanelConfig": {"update_interval": 0.2},
+        "GpuPanelConfig": {"update_interval": 0.2, "snapshot_timeout": 2.0},
     }
 
 
@@ -39,24 +36,11 @@ def _pool_env(monkeypatch):
 
 
 def stop_pool(record_path: str) -> None:
-    """Stop an embedded pool by the pid in its runtime record (SIGTERM, then SIGKILL), and wait for it."""
-    from jupyter_gpu.cluster.discovery import pid_alive, read_record
+    """Stop an embedded pool started by a test (started with keep=True, it would outlive the test)."""
+    from jupyter_gpu.cluster.embedded import stop_embedded_pool
 
-    record = read_record(record_path)
-    if record is None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(record.pid, signal.SIGTERM)  # the pool runs in its own session: take its workers too
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(record.pid, os.WNOHANG)  # reap it if this process started it (POST api/pool does)
-        if not pid_alive(record.pid):
-            break
-        time.sleep(0.1)
-    if pid_alive(record.pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(record.pid, signal.SIGKILL)
+    if stop_embedded_pool(record_path):
+        log.info("stopped the embedded pool advertised at %s", record_path)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,277 @@
+/**
+ * The panel's data model: snapshot → view model. These are the rules the panel shows users, so they are
+ * tested on snapshots shaped exactly as the broker's gpu_snapshot sends them (docs/interfaces.md).
+ */
+import {
+  ISnapshot,
+  buildViewModel,
+  formatBytes,
+  formatDuration,
+  gpuView,
+  runView,
+  scaleRequest,
+  sparklinePoints,
+  statusText,
+  validFraction
+} from '../model';
+
+const GiB = 2 ** 30;
+
+function snapshot(): ISnapshot {
+  return {
+    state: 'ok',
+    me: 'alice',
+    time: 1000,
+    pool: { address: 'tcp://127.0.0.1:8786', embedded: true, scalable: true, workers: 2, virtual: true, default_fraction: 0.25 },
+    gpus: [
+      {
+        id: 'w0#0',
+        worker: 'tcp://127.0.0.1:40000',
+        host: '127.0.0.1',
+        index: 0,
+        name: 'Virtual GPU 0',
+        total_bytes: 16 * GiB,
+        leased_bytes: 12 * GiB,
+        virtual: true,
+        mig: false,
+        utilization: 37.5,
+        memory_used_bytes: 2 * GiB,
+        samples: [
+          { t: 998, utilization: 0, memory_used_bytes: 0 },
+          { t: 999, utilization: 50, memory_used_bytes: 8 * GiB },
+          { t: 1000, utilization: 37.5, memory_used_bytes: 2 * GiB }
+        ],
+        leases: [
+          { id: 'L2', user: 'bob', notebook: 'b.ipynb', cell: null, fraction: 0.5, bytes: 8 * GiB, bytes_on_gpu: 8 * GiB, isolation: 'none', state: 'running', started: 900 },
+          { id: 'L1', user: 'alice', notebook: 'analysis.ipynb', cell: 'train', fraction: 0.25, bytes: 4 * GiB, bytes_on_gpu: 4 * GiB, isolation: 'allocator-cap', state: 'idle', started: 880, peak_bytes: 3 * GiB }
+        ]
+      },
+      {
+        id: 'w1#0', host: '127.0.0.1', index: 1, name: 'Virtual GPU 1', total_bytes: 16 * GiB, leased_bytes: 16 * GiB,
+        virtual: true, mig: false, samples: [],
+        leases: [
+          { id: 'L3', user: 'alice', notebook: 'gang.ipynb', fraction: 1, bytes: 32 * GiB, bytes_on_gpu: 16 * GiB, state: 'running', started: 990, rank: 0, world_size: 2 }
+        ]
+      },
+      {
+        id: 'w2#0', host: '127.0.0.1', index: 2, name: 'Virtual GPU 2', total_bytes: 16 * GiB, leased_bytes: 16 * GiB,
+        virtual: true, leases: [
+          { id: 'L3', user: 'alice', notebook: 'gang.ipynb', fraction: 1, bytes: 32 * GiB, bytes_on_gpu: 16 * GiB, state: 'running', started: 990, rank: 1, world_size: 2 }
+        ]
+      }
+    ],
+    queue: [
+      { id: 'R9', user: 'alice', request: '1 GPU', position: 2, reason: 'waiting: behind R7', eta: null, since: 950 },
+      { id: 'R7', user: 'bob', request: '0.5 GPU', position: 1, reason: 'waiting: no GPU has 8.0 GiB free; largest gap 4.0 GiB', eta: 1125, since: 940 }
+    ],
+    runs: []
+  };
+}
+
+describe('formatBytes', () => {
+  it('uses binary units like the Python side', () => {
+    expect(formatBytes(512)).toBe('512 B');
+    expect(formatBytes(1536)).toBe('1.5 KiB');
+    expect(formatBytes(16 * GiB)).toBe('16.0 GiB');
+    expect(formatBytes(3 * 1024 * GiB)).toBe('3.0 TiB');
+    expect(formatBytes(5000 * 1024 * GiB)).toBe('5000.0 TiB');
+  });
+  it('says ? when unknown', () => {
+    expect(formatBytes(null)).toBe('?');
+    expect(formatBytes(undefined)).toBe('?');
+    expect(formatBytes(NaN)).toBe('?');
+  });
+});
+
+describe('formatDuration', () => {
+  it('reads well at every scale', () => {
+    expect(formatDuration(0)).toBe('0s');
+    expect(formatDuration(42.9)).toBe('42s');
+    expect(formatDuration(185)).toBe('3m 05s');
+    expect(formatDuration(2 * 3600 + 7 * 60 + 3)).toBe('2h 07m');
+    expect(formatDuration(-5)).toBe('0s');
+    expect(formatDuration(null)).toBe('–');
+  });
+});
+
+describe('gpuView', () => {
+  it('splits memory by lease, mine first, with shares of the GPU', () => {
+    const vm = gpuView((snapshot() as any).gpus[0], 'alice');
+    expect(vm.badge).toBe('virtual');
+    expect(vm.title).toBe('Virtual GPU 0');
+    expect(vm.host).toBe('127.0.0.1');
+    expect(vm.segments.map(s => [s.leaseId, s.user, s.mine, s.share])).toEqual([
+      ['L1', 'alice', true, 0.25],
+      ['L2', 'bob', false, 0.5]
+    ]);
+    expect(vm.segments[0].isolation).toBe('allocator-cap');
+    expect(vm.freeBytes).toBe(4 * GiB);
+    expect(vm.utilSeries).toEqual([0, 50, 37.5]);
+    expect(vm.memSeries).toEqual([0, 0.5, 0.125]);
+  });
+  it('badges MIG slices and leaves real GPUs plain', () => {
+    expect(gpuView({ id: 'g', index: 0, total_bytes: GiB, mig: true }, 'x').badge).toBe('MIG');
+    expect(gpuView({ id: 'g', index: 0, total_bytes: GiB }, 'x').badge).toBeNull();
+  });
+  it('counts a lease without bytes_on_gpu by its bytes, and never overflows the bar', () => {
+    const vm = gpuView(
+      { id: 'g', index: 0, total_bytes: GiB, leases: [{ id: 'L', user: 'u', bytes: 2 * GiB }] },
+      'x'
+    );
+    expect(vm.segments[0].share).toBe(1);
+    expect(vm.leasedBytes).toBe(2 * GiB);
+    expect(vm.freeBytes).toBe(0);
+  });
+});
+
+describe('buildViewModel', () => {
+  it('maps the non-ok states', () => {
+    expect(buildViewModel(null, 0).state).toBe('loading');
+    const noPool = buildViewModel({ state: 'no-pool', me: 'alice' }, 0);
+    expect([noPool.state, noPool.me, noPool.gpus]).toEqual(['no-pool', 'alice', []]);
+    const down = buildViewModel({ state: 'unreachable', error: 'Timed out', address: 'tcp://x:1' }, 0);
+    expect([down.state, down.error, down.address]).toEqual(['unreachable', 'Timed out', 'tcp://x:1']);
+  });
+
+  it('computes my share, my sessions (one per lease across GPUs) and the pool totals', () => {
+    const vm = buildViewModel(snapshot(), 5000);
+    expect(vm.state).toBe('ok');
+    expect(vm.virtual).toBe(true);
+    expect(vm.scalable).toBe(true);
+    expect(vm.defaultFraction).toBe(0.25);
+    // 0.25 of GPU 0 + all of GPUs 1 and 2 (a two-rank gang)
+    expect(vm.myShare).toBe(2.25);
+    expect(vm.poolTotal).toBe(3);
+    expect(vm.poolLeased).toBe(2.75);
+    expect(vm.sessions.map(s => [s.id, s.gpus, s.notebook, s.cell])).toEqual([
+      ['L1', ['0@127.0.0.1'], 'analysis.ipynb', 'train'],
+      ['L3', ['1@127.0.0.1', '2@127.0.0.1'], 'gang.ipynb', null]
+    ]);
+    // elapsed from the snapshot's clock (1000), not the browser's (5000)
+    expect(vm.sessions[0].elapsed).toBe('2m 00s');
+    expect(vm.sessions[0].peak).toBe('3.0 GiB');
+  });
+
+  it('orders the queue by position and marks my requests', () => {
+    const vm = buildViewModel(snapshot(), 0);
+    expect(vm.queue.map(q => [q.position, q.id, q.mine, q.eta, q.waited])).toEqual([
+      [1, 'R7', false, '2m 05s', '1m 00s'],
+      [2, 'R9', true, 'unknown', '50s']
+    ]);
+    expect(vm.myQueued).toBe(1);
+  });
+
+  it('lets the caller override who I am', () => {
+    const vm = buildViewModel(snapshot(), 0, 'bob');
+    expect(vm.sessions.map(s => s.id)).toEqual(['L2']);
+    expect(vm.myShare).toBe(0.5);
+  });
+});
+
+describe('runView', () => {
+  it('shows per-rank progress and rank 0 loss curve', () => {
+    const run = runView(
+      {
+        id: 'run1',
+        user: 'alice',
+        name: 'train',
+        world_size: 2,
+        ranks: { '1': { rank: 1, step: 5, total: 10, loss: 0.5 }, '0': { rank: 0, progress: 1.7 } },
+        metrics: [
+          { rank: 0, step: 1, loss: 2.0 },
+          { rank: 1, step: 1, loss: 2.1 },
+          { rank: 0, step: 2, loss: 1.0 }
+        ]
+      },
+      'alice'
+    );
+    expect(run.title).toBe('train (2 GPUs)');
+    expect(run.mine).toBe(true);
+    expect(run.ranks.map(r => [r.rank, r.progress, r.label])).toEqual([
+      [0, 1, ''],
+      [1, 0.5, 'step 5/10 · loss 0.500']
+    ]);
+    expect(run.loss).toEqual([2.0, 1.0]);
+  });
+});
+
+describe("runView on the broker's run record", () => {
+  it("summarises each rank's report stream", () => {
+    const run = runView(
+      {
+        id: 'run-abc',
+        user: 'alice',
+        notebook: 'train.ipynb',
+        cell: 'fit',
+        world_size: 2,
+        attempt: 1,
+        state: 'running',
+        ranks: {
+          '0': [
+            { step: 1, time: 1, metrics: { loss: 2.5 } },
+            { step: 4, time: 2, metrics: { loss: 1.25 } }
+          ],
+          '1': [{ step: 2, time: 1, metrics: { loss: 2.4 } }]
+        }
+      },
+      'bob'
+    );
+    expect(run.title).toBe('fit (2 GPUs)');
+    expect(run.mine).toBe(false);
+    expect(run.state).toBe('running (retry 1)');
+    // no total reported: progress relative to the furthest rank
+    expect(run.ranks.map(r => [r.rank, r.progress, r.label])).toEqual([
+      [0, 1, 'step 4 · loss 1.25'],
+      [1, 0.5, 'step 2 · loss 2.40']
+    ]);
+    expect(run.loss).toEqual([2.5, 1.25]);
+  });
+  it('uses a reported total for progress', () => {
+    const run = runView({ id: 'r', ranks: { '0': [{ step: 3, metrics: { total: 12, loss: 1 } }] } }, 'x');
+    expect(run.ranks[0].progress).toBe(0.25);
+    expect(run.ranks[0].label).toBe('step 3/12 · loss 1.00');
+  });
+});
+
+describe('sparklinePoints', () => {
+  it('scales to the box with a fixed max and clips above it', () => {
+    expect(sparklinePoints([0, 50, 200], 100, 10, 100)).toBe('0.0,10.0 50.0,5.0 100.0,0.0');
+  });
+  it('draws nothing for fewer than two points', () => {
+    expect(sparklinePoints([3], 100, 10)).toBe('');
+    expect(sparklinePoints([], 100, 10)).toBe('');
+  });
+});
+
+describe('statusText', () => {
+  it('says my share and my queue position', () => {
+    expect(statusText(buildViewModel(snapshot(), 0))).toBe('GPU: 2.25 of 3 · 1 queued (#2)');
+    expect(statusText(buildViewModel({ state: 'no-pool' }, 0))).toBe('GPU: no pool');
+    expect(statusText(buildViewModel({ state: 'unreachable' }, 0))).toBe('GPU: pool unreachable');
+  });
+});
+
+describe('scaleRequest', () => {
+  it('builds the api/scale body the server accepts', () => {
+    expect(scaleRequest('manual', { n: '3' })).toEqual({ body: { n: 3 } });
+    expect(scaleRequest('adaptive', { minimum: '1', maximum: '4' })).toEqual({ body: { minimum: 1, maximum: 4 } });
+  });
+  it('refuses what the server would refuse, with a reason', () => {
+    expect(scaleRequest('manual', { n: '' })).toHaveProperty('error');
+    expect(scaleRequest('manual', { n: '1.5' })).toHaveProperty('error');
+    expect(scaleRequest('manual', { n: '-1' })).toHaveProperty('error');
+    expect(scaleRequest('adaptive', { minimum: '4', maximum: '1' })).toEqual({
+      error: 'Minimum (4) must not exceed maximum (1)'
+    });
+  });
+});
+
+describe('validFraction', () => {
+  it('accepts fractions in (0, 1] and whole GPU counts', () => {
+    expect(validFraction(0.25)).toBe(0.25);
+    expect(validFraction(2)).toBe(2);
+    expect(validFraction(0)).toBeNull();
+    expect(validFraction(1.5)).toBeNull();
+    expect(validFraction('0.5')).toBeNull();
+  });
+});

@@ -1,0 +1,93 @@
+"""Real work on the test pool, as notebook kernels would create it, for the panel's browser tests.
+
+``python pool_helper.py load``  asks the broker for leases and queued requests of two users and prints
+their ids as JSON; ``python pool_helper.py cancel ID...`` ends them; ``python pool_helper.py stop`` stops
+the embedded pool advertised in JUPYTER_RUNTIME_DIR (the tests' teardown). It talks to the scheduler with the
+same handlers the ``%%gpu`` magic uses, so the panel shows exactly what users would see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+
+log = logging.getLogger("jupyter_gpu.ui_tests.pool_helper")
+
+ME = os.environ.get("JUPYTER_GPU_USER", "panel-tester")
+OTHER = "someone-else"
+
+
+async def _call(handler: str, **kwargs):
+    from distributed.core import rpc
+
+    from jupyter_gpu.cluster.discovery import pool_address
+
+    address = pool_address()
+    if not address:
+        raise SystemExit("no pool is running in JUPYTER_RUNTIME_DIR")
+    async with rpc(address) as r:
+        return await getattr(r, handler)(**kwargs)
+
+
+async def _until_settled(req: dict, timeout: float = 120.0) -> dict:
+    """A granted lease first starts its session process ("starting"): wait until it is granted or fails."""
+    deadline = time.monotonic() + timeout
+    while req["state"] in ("starting", "queued") and time.monotonic() < deadline:
+        req = await _call("gpu_wait", id=req["id"], timeout=1.0)
+    return req
+
+
+async def load() -> dict:
+    """Two GPUs of 16 GiB: my 0.5 on one, someone else's whole GPU on the other, then two waiting."""
+    mine = await _call("gpu_request", user=ME, kernel="ui-k1", spec={"fraction": 0.5},
+                       notebook="analysis.ipynb", cell="train")
+    other = await _call("gpu_request", user=OTHER, kernel="ui-k2", spec={"fraction": 1.0},
+                        notebook="their.ipynb")
+    mine, other = await _until_settled(mine), await _until_settled(other)
+    waiting_other = await _call("gpu_request", user=OTHER, kernel="ui-k3", spec={"fraction": 1.0})
+    waiting_mine = await _call("gpu_request", user=ME, kernel="ui-k4", spec={"fraction": 0.75},
+                               notebook="analysis.ipynb")
+    return {"mine": mine, "other": other, "waiting_other": waiting_other, "waiting_mine": waiting_mine}
+
+
+async def cancel(ids: list[str]) -> list:
+    return [await _call("gpu_cancel", id=i, user=None) for i in ids]
+
+
+def stop() -> None:
+    """Stop the pool the tests started (it was started with keep=True, so it would otherwise stay up)."""
+    from jupyter_gpu.cluster.embedded import stop_embedded_pool
+
+    if stop_embedded_pool():
+        log.info("stopped the tests' embedded pool")
+    else:
+        log.info("no embedded pool was running in %s", os.environ.get("JUPYTER_RUNTIME_DIR"))
+
+
+async def _cancel_quietly(ids: list[str]) -> list:
+    try:
+        return await cancel(ids)
+    except SystemExit as exc:  # the pool is already gone: nothing left to cancel
+        log.info("%s", exc)
+        return []
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
+    command, args = sys.argv[1], sys.argv[2:]
+    if command == "load":
+        json.dump(asyncio.run(load()), sys.stdout)
+    elif command == "cancel":
+        json.dump(asyncio.run(_cancel_quietly(args)), sys.stdout)
+    elif command == "stop":
+        stop()
+    else:
+        raise SystemExit(f"unknown command {command!r}: use load, cancel ID... or stop")
+
+
+if __name__ == "__main__":
+    main()
