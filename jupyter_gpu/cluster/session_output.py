@@ -115,7 +115,8 @@ class FdCapture:
         self.relay = relay
         self._events: dict[int, threading.Event] = {}
         self._pipes: dict[int, int] = {}
-        self._in_flight = {1: False, 2: False}  # a reader holds bytes it has not relayed yet
+        self._in_flight = {1: False, 2: False}  # a reader holds back bytes (a partial character or marker)
+        self._locks = {1: threading.Lock(), 2: threading.Lock()}
         self._threads = []
         try:
             self._libc = ctypes.CDLL(None)
@@ -133,29 +134,33 @@ class FdCapture:
             self._threads.append(thread)
 
     def _pump(self, read_end: int, fd: int, name: str) -> None:
+        import select
+
         pending = b""
         while True:
-            chunk = os.read(read_end, 65536)
-            if not chunk:
-                return
-            self._in_flight[fd] = True
-            data = pending + chunk
-            pending = b""
-            while True:
-                at = data.find(self._MARK)
-                if at < 0:
-                    break
-                if at:
-                    self._send(name, data[:at])
-                data = data[at + len(self._MARK):]
-                self._events[fd].set()
-            # keep a possible partial marker (or partial UTF-8 sequence) for the next read
-            keep = _partial_suffix(data, self._MARK)
-            if keep:
-                pending, data = data[-keep:], data[:-keep]
-            if data:
-                self._send(name, data)
-            self._in_flight[fd] = bool(pending)
+            select.select([read_end], [], [])
+            # read and relay under the lock: sync() then sees bytes either still in the pipe or relayed
+            with self._locks[fd]:
+                chunk = os.read(read_end, 65536)
+                if not chunk:
+                    return
+                data = pending + chunk
+                pending = b""
+                while True:
+                    at = data.find(self._MARK)
+                    if at < 0:
+                        break
+                    if at:
+                        self._send(name, data[:at])
+                    data = data[at + len(self._MARK):]
+                    self._events[fd].set()
+                # keep a possible partial marker (or partial UTF-8 sequence) for the next read
+                keep = _partial_suffix(data, self._MARK)
+                if keep:
+                    pending, data = data[-keep:], data[:-keep]
+                if data:
+                    self._send(name, data)
+                self._in_flight[fd] = bool(pending)
 
     def _send(self, name: str, data: bytes) -> None:
         self.relay.emit({"op": "stream", "name": name, "text": data.decode("utf-8", "replace")})
@@ -166,7 +171,11 @@ class FdCapture:
                 self._libc.fflush(None)  # C stdio buffers first
             except Exception:  # pragma: no cover
                 pass
-        busy = [fd for fd in (1, 2) if self._in_flight[fd] or _pending_bytes(self._pipes[fd])]
+        busy = []
+        for fd in (1, 2):
+            with self._locks[fd]:
+                if self._in_flight[fd] or _pending_bytes(self._pipes[fd]):
+                    busy.append(fd)
         for fd in busy:  # a pipe with nothing written since the last sync needs no round trip
             self._events[fd].clear()
             os.write(fd, self._MARK)

@@ -218,14 +218,22 @@ class GpuMagics(Magics):
             return self._start_async(conn, opts, payload, remote_refs, label)
         deadline = time.monotonic() + opts.timeout if opts.timeout else None
         renderer = CellRenderer()
+        badge = StatusLine()
         with self._session_turn(deadline):
-            session = self._session(conn, opts, label, deadline, StatusLine())
+            session = self._session(conn, opts, label, deadline, badge)
+            badge.running(session)
             try:
                 done = self._run(conn, session, opts, payload, remote_refs, renderer.handle, deadline)
+            except BaseException as exc:
+                badge.finished(session, f"{type(exc).__name__}")
+                raise
             finally:
                 renderer.close()
                 if session.fresh:
                     conn.release(session, reason="--fresh cell finished")
+        err = done.get("error") or {}
+        badge.finished(session, None if done.get("status") == "ok" else err.get("type", "error").split(".")[-1],
+                       done.get("elapsed"), done.get("peak_bytes"))
         return self._finish(done, session, opts)
 
     def _prepare(self, opts: CellOptions, cell: str) -> tuple[dict, dict, list[str]]:
@@ -398,11 +406,13 @@ class GpuMagics(Magics):
 
 
 class StatusLine:
-    """The in-cell line that says where a cell waits and, for a new session, where it runs."""
+    """The cell's badge: queued (position, reason, estimated start) -> running on GPU n (share) -> done or
+    failed. One display, updated in place, so it is also what a headless run records."""
 
     def __init__(self) -> None:
         self.handle: DisplayHandle | None = None
         self.waited_since: float | None = None
+        self.new_session: RemoteSession | None = None
 
     def waiting(self, status: dict) -> None:
         if status["state"] != "queued":
@@ -415,19 +425,39 @@ class StatusLine:
         if status.get("eta"):
             text += f", estimated start in {max(0, status['eta'] - time.time()):.0f} s"
         text += f" [{time.monotonic() - self.waited_since:.0f} s]"
-        self._show(text)
+        self._show(text, "queued", None)
 
     def started(self, session: RemoteSession, conn: PoolConnection) -> None:
-        waited = f" after {time.monotonic() - self.waited_since:.1f} s in the queue" if self.waited_since else ""
-        self._show(f"GPU session started{waited}: {session.describe()}")
+        self.new_session = session
 
-    def _show(self, text: str) -> None:
-        bundle = {"text/plain": text}
+    def running(self, session: RemoteSession) -> None:
+        waited = f" after {time.monotonic() - self.waited_since:.1f} s in the queue" if self.waited_since else ""
+        new = f" (new session{waited})" if self.new_session is session else ""
+        self._show(f"running on {_where(session)}{new}", "running", session)
+
+    def finished(self, session: RemoteSession, error: str | None, elapsed: float | None = None,
+                 peak: int | None = None) -> None:
+        took = f" in {elapsed:.2f} s" if elapsed is not None else ""
+        peak_text = f", peak {format_bytes(peak)}" if peak else ""
+        if error is None:
+            self._show(f"done{took} on {_where(session)}{peak_text}", "done", session)
+        else:
+            self._show(f"failed ({error}){took} on {_where(session)}", "failed", session)
+
+    def _show(self, text: str, state: str, session: RemoteSession | None) -> None:
+        bundle = {"text/plain": f"%%gpu {text}"}
+        meta = {"jupyter-gpu": {"state": state, "lease": session.id if session else None}}
         if self.handle is None:
             self.handle = DisplayHandle()
-            self.handle.display(bundle, raw=True)
+            self.handle.display(bundle, metadata=meta, raw=True)
         else:
-            self.handle.update(bundle, raw=True)
+            self.handle.update(bundle, metadata=meta, raw=True)
+
+
+def _where(session: RemoteSession) -> str:
+    lease = session.lease
+    names = ", ".join(lease.get("gpu_names") or [f"GPU {i}" for i in lease.get("gpu_indices", ())])
+    return f"{names} ({lease['fraction']:g} of a GPU, lease {session.id}, isolation {lease.get('isolation', 'none')})"
 
 
 class _JobStatus(StatusLine):
@@ -435,7 +465,7 @@ class _JobStatus(StatusLine):
         super().__init__()
         self.job = job
 
-    def _show(self, text: str) -> None:
+    def _show(self, text: str, state: str = "", session: RemoteSession | None = None) -> None:
         self.job.set_state(self.job.state, text)
 
 

@@ -77,7 +77,9 @@ def run_scaleout(magics: Any, opts: Any, cell: str) -> Any:
             break
     finally:
         renderer.close()
-    conn.scheduler_call("gpu_run_update", run=run_id, state=_state(outcome), attempt=attempt)
+    final = _state(outcome)
+    conn.scheduler_call("gpu_run_update", run=run_id, state=final, attempt=attempt)
+    status._show(f"{final}: {len(sessions)} ranks" + (f" after {attempt} resume(s)" if attempt else ""), final, None)
     return _finish(magics, outcome, sessions, opts)
 
 
@@ -107,7 +109,7 @@ def _gang(conn: PoolConnection, opts: Any, label: str, status: Any, deadline: fl
     sessions = [RemoteSession(lease=dict(ls), fresh=True) for ls in sorted(granted["leases"], key=lambda x: x["rank"])]
     status._show(f"{len(sessions)} ranks scheduled: " + "; ".join(f"rank {s.lease['rank']} on "
                                                                f"{', '.join(s.lease.get('gpu_names') or [])}"
-                                                               for s in sessions))
+                                                               for s in sessions), "running", None)
     return sessions
 
 

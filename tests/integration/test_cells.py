@@ -28,6 +28,8 @@ def test_outputs_values_and_remote_objects(kernel):
     assert "to stderr" in res.stderr
     assert res.data("text/html") == ["<b>rich</b>"]
     assert res.result == "135"
+    badge = [d for d in res.data() if d.startswith("%%gpu ")][-1]  # the badge: where, how long, which lease
+    assert badge.startswith("%%gpu done in ") and "Virtual GPU" in badge and "0.25 of a GPU" in badge
     local = kernel.run("print(type(y).__name__, y[-1], total)")
     assert local.stdout == "ndarray 27 135\n"
 

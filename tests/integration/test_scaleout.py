@@ -49,13 +49,14 @@ def test_two_ranks_train_like_the_local_reference_and_all_ranks_report(kernel, p
     res = kernel.run(DDP_CELL, timeout=240)
     assert res.error is None, res.error_text
     assert "rank 0 of 2 done" in res.stdout and "[rank 1] rank 1 of 2 done" in res.stdout
-    progress = res.data()[-1]
+    progress = next(d for d in reversed(res.data()) if d.startswith("rank 0:"))
     assert "rank 0: step 19" in progress and "rank 1: step 19" in progress
     assert kernel.run(LOCAL_REFERENCE).stdout == "True\n"
     run = next(r for r in snapshot(pool)["runs"] if r["id"].startswith("ddp-ref"))
     assert set(run["ranks"]) == {"0", "1"} and run["state"] == "done"
     assert len(run["ranks"]["1"]) == 20  # the stream is kept by the broker for the panel
     assert not [ls for ls in leases(pool) if ls["world_size"] == 2]  # every rank's lease is freed
+    assert [d for d in res.data() if d.startswith("%%gpu ")][-1] == "%%gpu done: 2 ranks"  # the badge
 
 
 def test_a_ranks_exception_reaches_the_cell(kernel, pool):
