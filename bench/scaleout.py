@@ -58,6 +58,9 @@ def main() -> None:
     parser.add_argument("--virtual", default="2x16GiB", help="virtual GPUs; '' for the machine's real GPUs")
     parser.add_argument("--repeats", type=int, default=None)
     args = parser.parse_args()
+    from _common import set_virtual
+
+    set_virtual(args.virtual or None)
     header("scaleout", args.quick)
     steps, warmup, batch = (30, 5, 256) if args.quick else (200, 20, 512)
     repeats = args.repeats or (1 if args.quick else 3)
