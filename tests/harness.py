@@ -75,9 +75,16 @@ class Kernel:
 
     def run(self, code: str, timeout: float = 120) -> CellResult:
         """Execute ``code`` and collect its outputs until the kernel is idle again."""
-        start = time.perf_counter()
-        msg_id = self.kc.execute(code)
+        return self.collect(self.start(code), timeout)
+
+    def start(self, code: str) -> str:
+        """Send ``code`` without waiting (for interrupt tests); collect with ``collect``."""
+        return self.kc.execute(code)
+
+    def collect(self, msg_id: str, timeout: float = 60) -> CellResult:
+        """The outputs of the cell ``msg_id`` until the kernel is idle again."""
         result = CellResult()
+        start = time.perf_counter()
         deadline = time.monotonic() + timeout
         while True:
             msg = self.kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
@@ -96,33 +103,6 @@ class Kernel:
                                        "traceback": content["traceback"]})
             elif kind == "clear_output":
                 result.outputs.append({"type": "clear_output"})
-        result.elapsed = time.perf_counter() - start
-        return result
-
-    def start(self, code: str) -> str:
-        """Send ``code`` without waiting (for interrupt tests); collect with ``collect``."""
-        self._pending = self.kc.execute(code)
-        return self._pending
-
-    def collect(self, msg_id: str, timeout: float = 60) -> CellResult:
-        result = CellResult()
-        start = time.perf_counter()
-        deadline = time.monotonic() + timeout
-        while True:
-            msg = self.kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
-            if msg["parent_header"].get("msg_id") != msg_id:
-                continue
-            kind, content = msg["msg_type"], msg["content"]
-            if kind == "status" and content["execution_state"] == "idle":
-                break
-            if kind == "stream":
-                result.outputs.append({"type": "stream", "name": content["name"], "text": content["text"]})
-            elif kind == "error":
-                result.outputs.append({"type": "error", "ename": content["ename"], "evalue": content["evalue"],
-                                       "traceback": content["traceback"]})
-            elif kind in ("display_data", "execute_result", "update_display_data"):
-                result.outputs.append({"type": kind, "data": content["data"],
-                                       "transient": content.get("transient", {})})
         result.elapsed = time.perf_counter() - start
         return result
 

@@ -273,7 +273,9 @@ class GpuBroker(SchedulerPlugin):
                      "default_fraction": float(config.get("default-fraction"))},
             "gpus": gpus,
             "queue": queue,
-            "runs": list(self.runs.values()),
+            # the latest runs, each rank's stream thinned to its last points: the panel polls this every second
+            "runs": [{**run, "ranks": {r: items[-300:] for r, items in run.get("ranks", {}).items()}}
+                     for run in list(self.runs.values())[-10:]],
         }
 
     # ------------------------------------------------------------------ internals
