@@ -153,18 +153,9 @@ async def run_pool(path: str, keep: bool = False, host: str = "127.0.0.1") -> No
     broker = sched.plugins[PLUGIN_NAME]
     broker.embedded = True
 
-    async def scaler(n: int | None = None, minimum: int | None = None, maximum: int | None = None) -> dict:
-        target = n if n is not None else maximum
-        if target is None or target < 1:
-            return {"error": "give a worker count of at least 1"}
-        if not virtual and target > n_gpus:
-            return {"error": f"this machine has {n_gpus} GPU(s); the embedded pool cannot grow past that. "
-                             "Add machines with `jupyter-gpu worker ADDRESS`."}
-        cluster.scale(target)
-        await cluster
-        return {"workers": len(cluster.worker_spec)}
+    from .scaling import PoolScaler
 
-    broker.scaler = scaler
+    broker.scaler = PoolScaler(cluster, broker, max_workers=None if virtual else n_gpus)
     # the pool is ready when every worker has reported its GPUs to the broker
     deadline = time.monotonic() + 120
     while len(broker.gpus) < n_gpus and time.monotonic() < deadline:

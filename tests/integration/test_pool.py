@@ -86,3 +86,39 @@ def test_connect_to_an_unreachable_address_is_a_clear_error(kernel):
     assert "Could not reach the GPU pool at tcp://127.0.0.1:9" in res.error["evalue"]
     res = kernel.run("%gpu frobnicate")
     assert "unknown command" in res.stderr
+
+
+def test_adaptive_scaling_grows_for_waiting_requests_and_retires_only_idle_workers(private_pool):
+    import asyncio
+
+    from distributed.core import rpc
+
+    async def scenario() -> None:
+        r = rpc(private_pool)
+        try:
+            reply = await r.gpu_scale(minimum=2, maximum=3, user="admin")
+            assert reply["adaptive"] == {"minimum": 2, "maximum": 3}, reply
+            grants = [await r.gpu_request(user="u", kernel=f"k{i}", spec={"gpus": 1}) for i in range(3)]
+            ids = [g["id"] for g in grants]
+            final = {}
+            for rid in ids:  # the third waits until adaptive scaling adds a worker
+                state = {"state": "queued"}
+                for _ in range(120):
+                    state = await r.gpu_wait(id=rid, timeout=1)
+                    if state["state"] not in ("queued", "starting"):
+                        break
+                final[rid] = state
+            assert all(s["state"] == "granted" for s in final.values()), final
+            snap = await r.gpu_snapshot()
+            assert snap["pool"]["workers"] == 3 and len(snap["gpus"]) == 3
+            busy_worker = final[ids[0]]["leases"][0]["worker"]
+            for rid in ids[1:]:
+                await r.gpu_cancel(id=final[rid]["leases"][0]["id"], user="u")
+            reply = await r.gpu_scale(n=1, user="admin")  # only idle workers are retired: the lease survives
+            snap = await r.gpu_snapshot()
+            assert [g["worker"] for g in snap["gpus"]] == [busy_worker]
+            assert snap["gpus"][0]["leases"] and reply["workers"] == 1
+        finally:
+            await r.close_rpc()
+
+    asyncio.run(scenario())
