@@ -204,7 +204,7 @@ class GpuMagics(Magics):
 
             return run_scaleout(self, opts, cell)
         conn = self._ensure_connection()
-        count = self.shell.execution_count
+        count = cell_number(self.shell)
         cell_name = f"<%%gpu cell In[{count}]>"
         register_cell_source(cell_name, cell)
         label = opts.name or _label(count, cell)
@@ -475,6 +475,14 @@ def _fits_lease(spec: Any, lease: dict) -> bool:
     if spec.memory is not None:
         return lease["bytes"] >= spec.memory
     return lease["fraction"] + 1e-9 >= spec.fraction
+
+
+def cell_number(shell: Any) -> int:
+    """The In[n] number of the running cell. IPython 9 counts the running cell before running it (so
+    ``execution_count`` is already n + 1 inside it); IPython 8 counts it afterwards."""
+    import IPython
+
+    return shell.execution_count - (1 if IPython.version_info[0] >= 9 else 0)
 
 
 def _label(count: int, cell: str) -> str:

@@ -69,7 +69,10 @@ class ProgressDisplay:
             rate = _rate(items)
             step = last.get("step")
             text = f"rank {rank}: step {step if step is not None else len(items)}" + (f", {metrics}" if metrics else "")
-            if rate:
+            samples = (last.get("metrics") or {}).get("samples")
+            if rate and isinstance(samples, (int, float)):
+                text += f", {rate * samples:.0f} samples/s"  # report(samples=batch size) gives throughput
+            elif rate:
                 text += f", {rate:.1f} steps/s"
             lines.append(text)
             losses = [m["metrics"].get("loss") for m in items if isinstance((m.get("metrics") or {}).get("loss"), (int, float))]

@@ -27,10 +27,10 @@ from .rendering import CellRenderer, rebuild_exception, register_cell_source
 
 def run_scaleout(magics: Any, opts: Any, cell: str) -> Any:
     __tracebackhide__ = True
-    from .magics import StatusLine, _label, _notebook
+    from .magics import StatusLine, _label, _notebook, cell_number
 
     conn: PoolConnection = magics._ensure_connection()
-    count = magics.shell.execution_count
+    count = cell_number(magics.shell)
     cell_name = f"<%%gpu cell In[{count}]>"
     register_cell_source(cell_name, cell)
     label = opts.name or _label(count, cell)

@@ -11,13 +11,13 @@ pytestmark = pytest.mark.integration
 def test_notebooks_as_items_with_cell_reports_and_tags(pytester, copy_notebooks):
     copy_notebooks("passing.ipynb", "failing_gpu.ipynb", "requires_gpu.ipynb", "passing.ipynb", into=pytester.path)
     (pytester.path / "passing.out.ipynb").write_text("not a notebook: outputs of the runner are not collected")
-    result = pytester.runpytest("--nbgpu", "-p", "no:cacheprovider", "-rs")
+    result = pytester.runpytest_subprocess("--nbgpu", "-p", "no:cacheprovider", "-rs")
     result.assert_outcomes(passed=1, failed=1, skipped=1)
     out = result.stdout.str()
     assert "\x1b" not in out
     result.stdout.fnmatch_lines([
-        "*failing_gpu.ipynb: cell 3 (In [3]) raised ZeroDivisionError: integer division or modulo by zero",
-        "*---- cell 3 (In [3]) source ----",
+        "*failing_gpu.ipynb: cell 3 (In [[]3]) raised ZeroDivisionError: integer division or modulo by zero",
+        "*---- cell 3 (In [[]3]) source ----",
         "%%gpu",
         "def steps(n):",
         "*---- remote traceback ----",
@@ -29,7 +29,7 @@ def test_notebooks_as_items_with_cell_reports_and_tags(pytester, copy_notebooks)
 
 def test_not_collected_without_the_option(pytester, copy_notebooks):
     copy_notebooks("failing_gpu.ipynb", into=pytester.path)
-    result = pytester.runpytest("-p", "no:cacheprovider")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes()
     assert result.ret == pytest.ExitCode.NO_TESTS_COLLECTED
 
@@ -53,9 +53,9 @@ def test_ini_options_cell_timeout_frees_the_lease_in_the_shared_pool(pytester, c
             # the notebook's session was there: it ran, and its lease ended
             assert len(snap["gpus"]) == 2 and all(g["virtual"] for g in snap["gpus"])
     """)
-    result = pytester.runpytest("-p", "no:cacheprovider")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1, failed=1)
-    result.stdout.fnmatch_lines(["*slow_gpu.ipynb: cell 3 (In [3]) timed out after 5 s (cell timeout)*"])
+    result.stdout.fnmatch_lines(["*slow_gpu.ipynb: cell 3 (In [[]3]) timed out after 5 s (cell timeout)*"])
 
 
 def test_xdist_runs_two_notebooks_on_separate_pools(pytester, copy_notebooks):

@@ -105,3 +105,14 @@ def test_lost_worker_resumes_from_the_last_checkpoint(private_pool, tmp_path):
         assert resumed >= 4
     finally:
         k.shutdown(now=True)
+
+
+def test_ranks_can_start_dataloader_worker_processes(kernel, pool):
+    res = kernel.run("%%gpu --workers 2\nimport torch, jupyter_gpu\n"
+                     "from torch.utils.data import DataLoader, TensorDataset\n"
+                     "loader = DataLoader(TensorDataset(torch.arange(64.0)), batch_size=8, num_workers=2)\n"
+                     "seen = sum(len(b[0]) for b in loader)\n"
+                     "jupyter_gpu.report(step=0, samples=seen)\n"
+                     "print(f'rank {jupyter_gpu.rank()} saw {seen}')", timeout=240)
+    assert res.error is None, res.error_text
+    assert "rank 0 saw 64" in res.stdout and "[rank 1] rank 1 saw 64" in res.stdout

@@ -128,12 +128,12 @@ async def test_leases_queue_and_cancel(jp_fetch, pool_address):
 @pytest.mark.integration
 async def test_scale_embedded_pool(jp_fetch, pool_address):
     reply = _json(await jp_fetch("jupyter-gpu", "api", "scale", method="POST", body=json.dumps({"n": 3})))
-    assert reply == {"workers": 3}
+    assert reply["workers"] == 3 and reply["adaptive"] is None
     snap = await _snapshot_until(jp_fetch, lambda s: len(s.get("gpus", [])) == 3, timeout=60)
     assert len(snap["gpus"]) == 3
     reply = _json(await jp_fetch("jupyter-gpu", "api", "scale", method="POST",
                                  body=json.dumps({"minimum": 1, "maximum": 2})))
-    assert reply == {"workers": 2}
+    assert reply["workers"] == 2 and reply["adaptive"] == {"minimum": 1, "maximum": 2}
     snap = await _snapshot_until(jp_fetch, lambda s: len(s.get("gpus", [])) == 2, timeout=60)
     assert len(snap["gpus"]) == 2
 
