@@ -14,6 +14,8 @@ python -c "import torch" 2>/dev/null || python -m pip install --quiet torch==2.1
 python -m pip install --quiet -e ".[test]"
 
 python -m pytest "$@"
+# the shipped notebooks, as notebook tests through the project's own pytest plugin
+python -m pytest --nbgpu notebooks "$@"
 
 jlpm test
 if ! command -v chromium >/dev/null 2>&1; then
