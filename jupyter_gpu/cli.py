@@ -63,6 +63,78 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_token(args: argparse.Namespace) -> int:
+    """``jupyter-gpu token create USER``: issue a token (printed once; the token file keeps its hash)."""
+    from . import config
+    from .cluster.identity import TokenStore
+
+    path = args.file or config.get("token-file")
+    if not path:
+        print("No token file is configured: pass --file PATH or set jupyter-gpu.token-file in the Dask config "
+              "(DASK_JUPYTER_GPU__TOKEN_FILE) of the pool's scheduler.", file=sys.stderr)
+        return 1
+    token = TokenStore(str(path)).create(args.user)
+    print(token)
+    print(f"token for {args.user} stored (hashed) in {path}; give it to the user as JUPYTER_GPU_TOKEN",
+          file=sys.stderr)
+    return 0
+
+
+def _cmd_usage(args: argparse.Namespace) -> int:
+    """``jupyter-gpu usage [--since 7d]``: GPU-hours per team and user, from the audit store or the pool."""
+    import time
+
+    from dask.utils import parse_timedelta
+
+    from . import config
+    from .cluster.audit import AuditStore, format_usage
+
+    since = 0.0
+    if args.since:
+        try:
+            since = time.time() - float(parse_timedelta(args.since, default="s"))
+        except (ValueError, KeyError, TypeError):
+            try:
+                from datetime import datetime
+
+                since = datetime.fromisoformat(args.since).timestamp()
+            except ValueError:
+                print(f"--since {args.since!r}: give a duration (7d, 12h) or a date (2026-01-31)", file=sys.stderr)
+                return 2
+    db = args.db or config.get("audit-db")
+    if db and not args.pool:
+        store = AuditStore(str(db))
+        try:
+            usage = store.usage(since=since)
+        finally:
+            store.close()
+    else:
+        from distributed.core import rpc
+
+        from .cluster.discovery import pool_address
+
+        address = args.pool or pool_address()
+        if not address:
+            print("No audit database (--db or jupyter-gpu.audit-db) and no pool to ask (--pool or "
+                  "JUPYTER_GPU_SCHEDULER).", file=sys.stderr)
+            return 1
+
+        async def fetch() -> dict:
+            r = rpc(address)
+            try:
+                return await asyncio.wait_for(r.gpu_usage(since=since), 10)
+            finally:
+                await r.close_rpc()
+
+        try:
+            usage = asyncio.run(fetch())
+        except Exception as exc:
+            print(f"Could not read usage from the pool at {address}: {exc}", file=sys.stderr)
+            return 1
+    print(format_usage(usage))
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from .headless.runner import run_notebook
 
@@ -103,6 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=float, default=None, help="seconds per cell")
     run.add_argument("--pool", default=None, help="use this pool instead of starting an embedded one")
     sub.add_parser("lab", help="JupyterLab with the GPU panel and an embedded pool")
+    token = sub.add_parser("token", help="issue user tokens for a pool that requires them")
+    token.add_argument("action", choices=["create"])
+    token.add_argument("user")
+    token.add_argument("--file", default=None, help="the token file (default: jupyter-gpu.token-file)")
+    usage = sub.add_parser("usage", help="GPU-hours per team and user (from the audit store)")
+    usage.add_argument("--since", default=None, help="a duration back from now (7d, 12h) or a date")
+    usage.add_argument("--db", default=None, help="the audit database (default: jupyter-gpu.audit-db)")
+    usage.add_argument("--pool", default=None, help="ask this pool's scheduler instead of reading a database")
     return parser
 
 
@@ -114,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         return _cmd_lab(args, argv[1:])
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING))
-    return {"pool": _cmd_pool, "worker": _cmd_worker, "status": _cmd_status, "run": _cmd_run}[args.command](args)
+    return {"pool": _cmd_pool, "worker": _cmd_worker, "status": _cmd_status, "run": _cmd_run,
+            "token": _cmd_token, "usage": _cmd_usage}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,12 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from .. import config
 from ..units import format_bytes
 from . import packing
+from .audit import AuditStore, audit_from_config
+from .fair_share import FairSharePolicy, schedule_pass
+from .identity import TokenStore, tokens_from_config
 from .leases import GpuSlot, Lease, Request, RequestSpec, new_id
-from .queue_policy import FifoPolicy, QueuePolicy
+from .queue_policy import QueuePolicy
+from .quotas import quotas_from_config
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +40,12 @@ class GpuBroker(SchedulerPlugin):
 
     name = PLUGIN_NAME
 
-    def __init__(self, policy: QueuePolicy | None = None, embedded: bool = False):
-        self.policy: QueuePolicy = policy or FifoPolicy()
+    def __init__(self, policy: QueuePolicy | None = None, embedded: bool = False,
+                 audit: AuditStore | None = None, tokens: TokenStore | None = None):
+        # fair share with the quotas of Dask config jupyter-gpu.pool-config (none: fair share of use only)
+        self.policy: QueuePolicy = policy or FairSharePolicy(quotas_from_config())
+        self.audit: AuditStore = audit or audit_from_config()
+        self.tokens: TokenStore | None = tokens if tokens is not None else tokens_from_config()
         self.embedded = embedded
         self.gpus: dict[str, GpuSlot] = {}
         self.requests: dict[str, Request] = {}
@@ -72,16 +80,23 @@ class GpuBroker(SchedulerPlugin):
             "gpu_scale": self.scale,
             "gpu_run_update": self.run_update,
             "gpu_run_metrics": self.run_metrics,
+            "gpu_usage": self.usage,
         })
+        self.audit.open_boot()
         from distributed.compatibility import PeriodicCallback
 
         interval_ms = config.get_seconds("worker.sample-interval") * 1000
         self._sampler = PeriodicCallback(self._sample_virtual, interval_ms)
         self._sampler.start()
+        self._housekeeper = PeriodicCallback(self._housekeeping, 1000)
+        self._housekeeper.start()
 
     async def close(self) -> None:
         if getattr(self, "_sampler", None):
             self._sampler.stop()
+        if getattr(self, "_housekeeper", None):
+            self._housekeeper.stop()
+        self.audit.heartbeat()
 
     def remove_worker(self, scheduler, worker: str, **kwargs) -> None:  # noqa: ANN001
         for gpu_id in self.worker_gpus.pop(worker, []):
@@ -132,6 +147,8 @@ class GpuBroker(SchedulerPlugin):
         if ls is None:
             return
         ls.state = state
+        if isinstance(self.policy, FairSharePolicy):
+            self.policy.lease_state(lease, state)
         if state == "running":
             ls.cell_started = time.time()
             if cell:
@@ -150,18 +167,27 @@ class GpuBroker(SchedulerPlugin):
 
     # ------------------------------------------------------------------ handlers: kernels
     def request(self, user: str, kernel: str, spec: dict, client: str | None = None,
-                notebook: str | None = None, cell: str | None = None) -> dict:
+                notebook: str | None = None, cell: str | None = None, token: str | None = None) -> dict:
         """Queue a request for GPU memory; grant it at once if it fits, refuse it if it never can."""
+        denied = self._identity_error(user, token)
+        if denied:
+            self.audit.refused(None, user, None, spec, denied)
+            return {"id": None, "state": "refused", "reason": denied}
         try:
             rspec = RequestSpec(**spec)
             rspec.validate()
         except (TypeError, ValueError) as exc:
+            self.audit.refused(None, user, None, spec, f"not valid: {exc}")
             return {"id": None, "state": "refused", "reason": f"The request is not valid: {exc}."}
         req = Request(id=new_id("R"), user=user, kernel=kernel, client=client, spec=rspec,
                       notebook=notebook, cell=cell)
+        if isinstance(self.policy, FairSharePolicy):
+            req.team = self.policy.quotas.team_of(user)
         self.requests[req.id] = req
         self._events[req.id] = asyncio.Event()
         impossible = packing.never_fits(rspec, self._capacity())
+        if not impossible and isinstance(self.policy, FairSharePolicy):
+            impossible = self.policy.never_within_limits(user, rspec)
         if impossible:
             self._finish_request(req, "refused", f"No GPU in this pool can ever satisfy this request: {impossible}")
             return self._request_status(req)
@@ -182,8 +208,11 @@ class GpuBroker(SchedulerPlugin):
                 pass
         return self._request_status(req)
 
-    def cancel(self, id: str, user: str | None = None) -> dict:
+    def cancel(self, id: str, user: str | None = None, token: str | None = None) -> dict:
         """Cancel a queued request or end a lease (its session is killed)."""
+        denied = self._identity_error(user, token)
+        if denied:
+            return {"cancelled": False, "what": denied}
         req = self.requests.get(id)
         if req is not None and req.state in ("queued", "starting"):
             if user is not None and req.user != user:
@@ -203,7 +232,11 @@ class GpuBroker(SchedulerPlugin):
             return {"cancelled": True, "what": f"lease {id} (its session was ended)"}
         return {"cancelled": False, "what": f"nothing queued or running is called {id}"}
 
-    def release(self, lease: str, user: str | None = None, reason: str = "released by its owner") -> dict:
+    def release(self, lease: str, user: str | None = None, reason: str = "released by its owner",
+                token: str | None = None) -> dict:
+        denied = self._identity_error(user, token)
+        if denied:
+            return {"released": False, "error": denied}
         ls = self.leases.get(lease)
         if ls is None:
             return {"released": False}
@@ -217,7 +250,11 @@ class GpuBroker(SchedulerPlugin):
         ls = self.leases.get(lease) or self.ended.get(lease)
         if ls is None:
             return {"id": lease, "state": "unknown", "end_reason": "the broker has no record of this lease"}
-        return ls.public()
+        return self._public(ls)
+
+    def usage(self, since: float = 0.0) -> dict:
+        """GPU-hours per user and team from the audit store (everyone may read usage)."""
+        return self.audit.usage(since=since)
 
     def run_update(self, run: str, **fields: Any) -> None:
         """A kernel says how its scale-out run stands (ranks, state, attempt), for the panel."""
@@ -273,19 +310,41 @@ class GpuBroker(SchedulerPlugin):
                      "default_fraction": float(config.get("default-fraction"))},
             "gpus": gpus,
             "queue": queue,
+            "quotas": self._quota_view(),
             # the latest runs, each rank's stream thinned to its last points: the panel polls this every second
             "runs": [{**run, "ranks": {r: items[-300:] for r, items in run.get("ranks", {}).items()}}
                      for run in list(self.runs.values())[-10:]],
         }
 
     # ------------------------------------------------------------------ internals
-    def _lease_view(self, lease: Lease, gpu_id: str) -> dict:
+    def _public(self, lease: Lease) -> dict:
+        """``lease.public()`` plus what the fair-share policy knows of it (preemptible)."""
         view = lease.public()
+        view["preemptible"] = bool(getattr(lease, "preemptible", False))
+        return view
+
+    def _quota_view(self) -> dict:
+        """Teams' guarantees, limits and GPUs held now, for ``%gpu status`` and the panel."""
+        policy = self.policy
+        if not isinstance(policy, FairSharePolicy) or not policy.quotas.configured:
+            return {"configured": False, "teams": []}
+        teams = [{"team": t.name, "guarantee": t.guarantee, "limit": t.limit, "priority": t.priority,
+                  "held": round(policy.held_team.get(t.name, 0.0), 4), "members": sorted(t.members)}
+                 for t in policy.quotas.teams.values()]
+        return {"configured": True, "default_team": policy.quotas.default_team, "teams": teams,
+                "identity": "tokens" if self.tokens is not None else "names"}
+
+    def _identity_error(self, user: str | None, token: str | None) -> str | None:
+        """With a token file configured, the reason ``user``/``token`` is not accepted (None: accepted)."""
+        return self.tokens.check(user, token) if self.tokens is not None else None
+
+    def _lease_view(self, lease: Lease, gpu_id: str) -> dict:
+        view = self._public(lease)
         view["bytes_on_gpu"] = sum(a.bytes for a in lease.allocations if a.gpu == gpu_id)
         return view
 
     def _lease_with_gpus(self, lease: Lease) -> dict:
-        view = lease.public()
+        view = self._public(lease)
         slots = [self.gpus[a.gpu] for a in lease.allocations if a.gpu in self.gpus]
         view["gpu_names"] = [g.name for g in slots]
         view["virtual"] = all(g.virtual for g in slots)
@@ -307,6 +366,10 @@ class GpuBroker(SchedulerPlugin):
 
     def _schedule(self) -> None:
         """Grant, in policy order, every queued request that fits now; give the others their reason."""
+        if isinstance(self.policy, FairSharePolicy):
+            queued = [r for r in self.queue if r.state == "queued"]
+            schedule_pass(self.policy, queued, self.gpus.values(), self._grant, self._preempt)
+            return
         for req in self._ordered_queue():
             placement = packing.place(req.spec, self.gpus.values())
             if placement is None:
@@ -330,6 +393,59 @@ class GpuBroker(SchedulerPlugin):
                 req.leases.append(lease.id)
                 leases.append(lease)
             self._spawn(self._start_sessions(req, leases))
+
+    def _grant(self, req: Request, placement: packing.Placement, preemptible: bool) -> None:
+        """Book a placement chosen by ``schedule_pass``: leases, GPU bytes, accounting, audit, session start."""
+        self.queue.remove(req)
+        req.state = "starting"
+        req.reason = "starting the session process"
+        req.eta = None
+        leases = []
+        for rank, (worker, allocations) in enumerate(placement):
+            lease = Lease(id=new_id("L"), request=req.id, user=req.user, kernel=req.kernel, client=req.client,
+                          worker=worker, allocations=allocations,
+                          fraction=round(sum(a.bytes / self.gpus[a.gpu].total_bytes for a in allocations), 4),
+                          priority=req.spec.priority, notebook=req.notebook, cell=req.cell, team=req.team,
+                          rank=rank, world_size=len(placement))
+            lease.preemptible = preemptible
+            for a in allocations:
+                slot = self.gpus[a.gpu]
+                slot.leased_bytes += a.bytes
+                slot.leases.add(lease.id)
+            self.leases[lease.id] = lease
+            req.leases.append(lease.id)
+            leases.append(lease)
+            self.policy.lease_started(lease.id, req.user, req.team or self.policy.quotas.team_of(req.user),
+                                      lease.fraction, preemptible, now=lease.started,
+                                      allocs={a.gpu: a.bytes for a in allocations}, request=req.id,
+                                      gang=len(placement) > 1)
+            self.audit.lease_started(self._public(lease), preemptible)
+        self._spawn(self._start_sessions(req, leases))
+
+    def _preempt(self, lease_id: str, reason: str, req: Request | None = None) -> None:
+        """End an over-quota lease for a within-guarantee request; its owner reads ``reason`` next cell."""
+        lease = self.leases.get(lease_id)
+        if lease is None:
+            return
+        log.info("reclaiming lease %s of %s: %s", lease_id, lease.user, reason)
+        self.audit.preempted(self._public(lease), {"id": req.id, "user": req.user, "team": req.team} if req else {},
+                             reason)
+        self._end_lease(lease, reason, kill=True)
+
+    def _housekeeping(self) -> None:
+        """Once a second: the admin idle timeout, reservations that aged, and the audit heartbeat."""
+        self.audit.heartbeat()
+        if not isinstance(self.policy, FairSharePolicy):
+            return
+        now = time.time()
+        expired = self.policy.idle_expired(now)
+        for lease_id in expired:
+            lease = self.leases.get(lease_id)
+            if lease is not None and lease.state == "idle":
+                self._end_lease(lease, f"released by the pool after {self.policy.quotas.idle_timeout:g} s idle "
+                                       "(the admin's idle timeout)", kill=True)
+        if expired or self.queue:
+            self._schedule()
 
     async def _start_sessions(self, req: Request, leases: list[Lease]) -> None:
         async def start_one(lease: Lease) -> None:
@@ -368,6 +484,8 @@ class GpuBroker(SchedulerPlugin):
         event = self._events.pop(req.id, None)
         if event is not None:
             event.set()
+        if state == "refused":
+            self.audit.refused(req.id, req.user, req.team, req.spec.__dict__, reason)
         if state != "granted":
             self.scheduler and self.scheduler.log_event(
                 "jupyter-gpu-refused" if state == "refused" else "jupyter-gpu-requests",
@@ -387,6 +505,9 @@ class GpuBroker(SchedulerPlugin):
                 slot.leased_bytes -= a.bytes
                 slot.leases.discard(lease.id)
         lease.state, lease.ended, lease.end_reason = "ended", time.time(), reason
+        if isinstance(self.policy, FairSharePolicy):
+            self.policy.lease_ended(lease.id, now=lease.ended)
+        self.audit.lease_ended(lease.id, lease.ended, reason, lease.peak_bytes)
         self.ended[lease.id] = lease
         while len(self.ended) > _ENDED_KEPT:
             self.ended.popitem(last=False)

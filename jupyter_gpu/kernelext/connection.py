@@ -28,6 +28,9 @@ from ..units import format_bytes
 
 log = logging.getLogger(__name__)
 
+TOKEN_ENV = "JUPYTER_GPU_TOKEN"
+_TOKEN_OPS = frozenset({"gpu_request", "gpu_cancel", "gpu_release"})
+
 
 def kernel_identity() -> str:
     """This kernel's id (from its connection file) so the panel can tell kernels apart."""
@@ -103,6 +106,10 @@ class PoolConnection:
             raise
 
     def scheduler_call(self, op: str, **kwargs: Any) -> Any:
+        if op in _TOKEN_OPS and os.environ.get(TOKEN_ENV):
+            # a pool with a token file accepts requests, cancels and releases only with the user's token
+            kwargs.setdefault("token", os.environ[TOKEN_ENV])
+
         async def go() -> Any:
             return await getattr(self.client.scheduler, op)(**kwargs)
 

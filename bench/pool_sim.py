@@ -1,0 +1,486 @@
+"""Pool simulator: the REAL fair-share policy and packing under a synthetic notebook workload.
+
+Imports ``jupyter_gpu.cluster.fair_share`` (order, reclaim, reservations, ETA) and ``packing`` (best fit)
+and drives them with a reproducible discrete-event workload: N users in teams on G GPUs; notebooks whose
+cells are short bursts with idle gaps (a session holds its lease for the notebook's life, as in the pool);
+some batch jobs. Requests: 44% fractional (fraction p10 0.23, p50 0.47, p90 0.81), the rest a whole GPU.
+
+It prints, side by side for (fair) fair share with quotas, reclaim and idle timeout, (a) one whole GPU per
+notebook for its lifetime, and (b) plain FIFO of fractional requests: allocated and busy utilization,
+p50/p95 wait of interactive cells, Jain's fairness index, preemptions/hour and the largest team (users on
+the G GPUs) whose p95 interactive wait stays under 10 s. Then the policy's decision time with 10,000 GPUs
+and 100,000 queued requests.
+
+    python bench/pool_sim.py            # full (a few minutes)
+    python bench/pool_sim.py --quick    # under 60 s
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import math
+import os
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from jupyter_gpu.cluster import packing  # noqa: E402
+from jupyter_gpu.cluster.fair_share import FairQueue, FairSharePolicy, schedule_pass  # noqa: E402
+from jupyter_gpu.cluster.leases import GpuSlot, Request, RequestSpec  # noqa: E402
+from jupyter_gpu.cluster.quotas import PoolQuotas, Team, UserQuota  # noqa: E402
+
+GiB = 2**30
+GPU_BYTES = 80 * GiB
+
+
+# ---------------------------------------------------------------------- the pool, on the real policy
+class FifoFractions(FairSharePolicy):
+    """Baseline (b): first come first served with backfill, no quotas, no reservations, no reclaim."""
+
+    name = "fifo"
+
+    def key(self, req: Request, now: float) -> tuple:
+        return (req.submitted, req.id)
+
+
+@dataclass
+class SimLease:
+    id: str
+    req: Request
+    allocs: list
+    start: float
+    owner: object = None      # the notebook or job holding it
+
+
+class SimPool:
+    """GpuSlots + a queue + leases, scheduled by ``schedule_pass`` exactly as the broker does."""
+
+    def __init__(self, gpus: list[GpuSlot], policy: FairSharePolicy):
+        self.gpus = {g.id: g for g in gpus}
+        self.policy = policy
+        self.now = 0.0
+        policy.clock = lambda: self.now
+        self.queue: list[Request] = []
+        self.leases: dict[str, SimLease] = {}
+        self.granted: list[tuple[Request, SimLease]] = []
+        self.preempted: list[tuple[SimLease, str]] = []
+        self._ids = 0
+        self.eta_for = 0  # estimated starts cost O(leases) per request: the simulator skips them
+
+    def new_id(self, prefix: str) -> str:
+        self._ids += 1
+        return f"{prefix}{self._ids}"
+
+    def submit(self, req: Request) -> None:
+        req.submitted = self.now
+        req.team = req.team or self.policy.quotas.team_of(req.user)
+        self.queue.append(req)
+
+    def cancel(self, req: Request) -> None:
+        if req in self.queue:
+            self.queue.remove(req)
+
+    def _grant(self, req: Request, placement: packing.Placement, preemptible: bool) -> None:
+        self.queue.remove(req)
+        for _worker, allocs in placement:
+            lease = SimLease(id=self.new_id("L"), req=req, allocs=allocs, start=self.now)
+            for a in allocs:
+                slot = self.gpus[a.gpu]
+                slot.leased_bytes += a.bytes
+                slot.leases.add(lease.id)
+            self.leases[lease.id] = lease
+            frac = sum(a.bytes / self.gpus[a.gpu].total_bytes for a in allocs)
+            self.policy.lease_started(lease.id, req.user, req.team, frac, preemptible, now=self.now,
+                                      allocs={a.gpu: a.bytes for a in allocs}, request=req.id,
+                                      gang=len(placement) > 1)
+            req.leases.append(lease.id)
+            self.granted.append((req, lease))
+
+    def _preempt(self, lease_id: str, reason: str, req: Request) -> None:
+        lease = self.leases.get(lease_id)
+        if lease is not None:
+            self.preempted.append((lease, reason))
+            self.end(lease_id)
+
+    def end(self, lease_id: str) -> SimLease | None:
+        lease = self.leases.pop(lease_id, None)
+        if lease is None:
+            return None
+        for a in lease.allocs:
+            slot = self.gpus[a.gpu]
+            slot.leased_bytes -= a.bytes
+            slot.leases.discard(lease.id)
+        self.policy.lease_ended(lease_id, now=self.now)
+        return lease
+
+    def schedule(self) -> tuple[list, list]:
+        """One pass; returns (grants, preemptions) made by it."""
+        self.granted, self.preempted = [], []
+        schedule_pass(self.policy, list(self.queue), self.gpus.values(), self._grant, self._preempt,
+                      now=self.now, eta_for=self.eta_for)
+        return self.granted, self.preempted
+
+    def check_invariants(self) -> None:
+        for g in self.gpus.values():
+            total = sum(a.bytes for ls in self.leases.values() for a in ls.allocs if a.gpu == g.id)
+            assert total == g.leased_bytes, (g.id, total, g.leased_bytes)
+            assert 0 <= g.leased_bytes <= g.total_bytes, (g.id, g.leased_bytes, g.total_bytes)
+
+
+def make_gpus(n: int, per_worker: int = 4, size: int = GPU_BYTES) -> list[GpuSlot]:
+    return [GpuSlot(worker=f"w{i // per_worker}", index=i % per_worker, uuid=f"G{i}", name="sim", total_bytes=size)
+            for i in range(n)]
+
+
+# ---------------------------------------------------------------------- the workload
+def fraction_draw(rng: random.Random) -> float:
+    """44% fractional with p10 0.23, p50 0.47, p90 0.81 (a two-sided logit-normal through those points);
+    the rest a whole GPU."""
+    if rng.random() >= 0.44:
+        return 1.0
+    z = rng.gauss(0, 1)
+    mid = math.log(0.47 / 0.53)
+    lo, hi = mid - math.log(0.23 / 0.77), math.log(0.81 / 0.19) - mid
+    x = mid + z * ((lo if z < 0 else hi) / 1.2816)
+    return min(0.95, max(0.05, 1 / (1 + math.exp(-x))))
+
+
+@dataclass
+class Notebook:
+    user: str
+    fraction: float
+    cells: list[tuple[float, float]]      # (idle gap before the cell, burst length)
+    linger: float                          # open and idle after the last cell before the kernel stops
+    lease: str | None = None
+    request: Request | None = None
+    cell: int = 0
+    asked: float = 0.0
+
+
+@dataclass
+class Job:
+    user: str
+    fraction: float
+    duration: float
+    workers: int = 1
+    request: Request | None = None
+    submitted: float = 0.0
+
+
+@dataclass
+class Result:
+    name: str
+    waits: list[float] = field(default_factory=list)
+    first_waits: list[float] = field(default_factory=list)   # cells that had to ask for a session
+    alloc_area: float = 0.0
+    busy_area: float = 0.0
+    horizon: float = 1.0
+    gpus: int = 1
+    preemptions: int = 0
+    served: dict[str, float] = field(default_factory=dict)
+    demanded: dict[str, float] = field(default_factory=dict)
+
+    def pct(self, q: float) -> float:
+        if not self.waits:
+            return float("nan")
+        s = sorted(self.waits)
+        k = (len(s) - 1) * q / 100
+        lo, hi = math.floor(k), math.ceil(k)
+        return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+    def jain(self) -> float:
+        xs = [self.served.get(u, 0.0) / d for u, d in self.demanded.items() if d > 0]
+        return (sum(xs) ** 2) / (len(xs) * sum(x * x for x in xs)) if xs else float("nan")
+
+
+def workload(users: int, hours: float, seed: int) -> tuple[list[tuple[float, object]], dict[str, str]]:
+    """Arrivals (time, notebook|job) and each user's team (4 teams), reproducible from ``seed``."""
+    rng = random.Random(seed)
+    teams = {f"u{i}": f"team{i % 4}" for i in range(users)}
+    arrivals: list[tuple[float, object]] = []
+    horizon = hours * 3600
+    for u in teams:
+        t = rng.uniform(0, 600)
+        batch_user = rng.random() < 0.2
+        while t < horizon:
+            if batch_user and rng.random() < 0.5:
+                workers = 2 if rng.random() < 0.15 else 1
+                arrivals.append((t, Job(user=u, fraction=1.0 if workers > 1 else fraction_draw(rng),
+                                        duration=rng.lognormvariate(math.log(900), 0.6), workers=workers)))
+                t += rng.expovariate(1 / 1800)
+                continue
+            cells = [(rng.lognormvariate(math.log(45), 1.0), rng.lognormvariate(math.log(15), 1.0))
+                     for _ in range(rng.randint(5, 30))]
+            nb = Notebook(user=u, fraction=fraction_draw(rng), cells=cells,
+                          linger=rng.lognormvariate(math.log(600), 1.0))
+            arrivals.append((t, nb))
+            t += sum(g + b for g, b in cells) + nb.linger + rng.expovariate(1 / 1200)
+    arrivals.sort(key=lambda a: a[0])
+    return arrivals, teams
+
+
+def quotas_for(teams: dict[str, str], gpus: int, idle_timeout: float | None) -> PoolQuotas:
+    """Guarantees proportional to team size, summing to the pool; borrowing allowed up to the whole pool."""
+    sizes: dict[str, int] = {}
+    for t in teams.values():
+        sizes[t] = sizes.get(t, 0) + 1
+    n = len(teams)
+    q = PoolQuotas(teams={t: Team(name=t, guarantee=gpus * k / n, members={u for u, tt in teams.items() if tt == t})
+                          for t, k in sizes.items()},
+                   users={u: UserQuota(name=u, team=t) for u, t in teams.items()},
+                   half_life=1800, reserve_after=60, min_run_time=60, idle_timeout=idle_timeout, configured=True)
+    return q
+
+
+def simulate(mode: str, users: int, n_gpus: int, hours: float, seed: int) -> Result:
+    """Run one mode: ``fair`` (quotas, reclaim, idle timeout), ``whole`` (a), ``fifo`` (b)."""
+    arrivals, teams = workload(users, hours, seed)
+    if mode == "fair":
+        policy: FairSharePolicy = FairSharePolicy(quotas_for(teams, n_gpus, idle_timeout=300))
+    else:
+        policy = FifoFractions(PoolQuotas(reserve_after=math.inf, min_run_time=math.inf))
+        policy.quotas.users = {u: UserQuota(name=u, team=t) for u, t in teams.items()}
+    pool = SimPool(make_gpus(n_gpus), policy)
+    res = Result(name=mode, horizon=hours * 3600, gpus=n_gpus)
+    events: list[tuple[float, int, str, object]] = []
+    seq = 0
+
+    def push(t: float, kind: str, obj: object) -> None:
+        nonlocal seq
+        seq += 1
+        heapq.heappush(events, (t, seq, kind, obj))
+
+    for t, obj in arrivals:
+        push(t, "arrive", obj)
+    for t in range(0, int(res.horizon), 30):
+        push(float(t), "tick", None)
+    running: dict[str, float] = {}          # lease id -> fraction while a cell/job runs
+    owners: dict[str, object] = {}
+    last = 0.0
+
+    def frac_of(obj: object) -> float:
+        return 1.0 if mode == "whole" else obj.fraction
+
+    def ask(obj: object) -> None:
+        if isinstance(obj, Notebook):
+            spec = RequestSpec(gpus=1) if frac_of(obj) >= 1.0 else RequestSpec(fraction=frac_of(obj))
+            obj.request = Request(id=pool.new_id("R"), user=obj.user, kernel="k", client=None, spec=spec)
+            obj.asked = pool.now
+            pool.submit(obj.request)
+            owners[obj.request.id] = obj
+        else:
+            f = frac_of(obj)
+            spec = (RequestSpec(gpus=1, workers=obj.workers, priority="batch") if f >= 1.0 and obj.workers == 1
+                    else RequestSpec(fraction=f if f < 1 else 1.0, workers=obj.workers, priority="batch"))
+            obj.request = Request(id=pool.new_id("R"), user=obj.user, kernel="j", client=None, spec=spec)
+            obj.submitted = pool.now
+            pool.submit(obj.request)
+            owners[obj.request.id] = obj
+
+    def start_cell(nb: Notebook) -> None:
+        gap, burst = nb.cells[nb.cell]
+        running[nb.lease] = pool.policy.leases[nb.lease].gpus
+        pool.policy.lease_state(nb.lease, "running", pool.now)
+        res.served[nb.user] = res.served.get(nb.user, 0.0) + burst
+        push(pool.now + burst, "cell_end", (nb, nb.lease))
+
+    while events:
+        t, _, kind, obj = heapq.heappop(events)
+        if t > res.horizon:
+            break
+        leased = sum(g.leased_bytes for g in pool.gpus.values()) / GPU_BYTES
+        res.alloc_area += leased * (t - last)
+        res.busy_area += sum(running.values()) * (t - last)
+        last = pool.now = t
+        if kind == "arrive":
+            if isinstance(obj, Notebook):
+                gap, burst = obj.cells[0]
+                res.demanded[obj.user] = res.demanded.get(obj.user, 0.0) + sum(b for _, b in obj.cells)
+                push(t, "cell", obj)
+            else:
+                res.demanded[obj.user] = res.demanded.get(obj.user, 0.0) + obj.duration
+                ask(obj)
+        elif kind == "cell":
+            nb = obj
+            if nb.lease is not None and nb.lease in pool.leases:
+                res.waits.append(0.0)
+                start_cell(nb)
+            else:
+                nb.lease = None
+                ask(nb)
+        elif kind == "cell_end":
+            nb, lease_id = obj
+            running.pop(lease_id, None)
+            if lease_id in pool.leases:
+                pool.policy.lease_state(lease_id, "idle", t)
+            nb.cell += 1
+            if nb.cell < len(nb.cells):
+                push(t + nb.cells[nb.cell][0], "cell", nb)
+            else:
+                push(t + nb.linger, "close", nb)
+        elif kind == "close":
+            if obj.lease is not None:
+                pool.end(obj.lease)
+                running.pop(obj.lease, None)
+                obj.lease = None
+        elif kind == "job_end":
+            job, lease_ids = obj
+            for lid in lease_ids:
+                pool.end(lid)
+                running.pop(lid, None)
+        elif kind == "tick":
+            if mode == "fair":
+                for lid in pool.policy.idle_expired(t):
+                    if lid in pool.leases and lid not in running:
+                        pool.end(lid)
+        grants, preempted = pool.schedule()
+        for lease, _reason in preempted:
+            res.preemptions += 1
+            running.pop(lease.id, None)
+            owner = owners.get(lease.req.id)
+            if isinstance(owner, Job):  # a preempted job is requeued from the start
+                res.served[owner.user] = res.served.get(owner.user, 0.0) - owner.duration
+                owner.request = None
+                for lid in lease.req.leases:
+                    pool.end(lid)
+                ask(owner)
+        done: set[str] = set()
+        for req, lease in grants:
+            owner = owners.get(req.id)
+            if req.id in done or owner is None:
+                continue
+            done.add(req.id)
+            if isinstance(owner, Notebook):
+                owner.lease = lease.id
+                res.waits.append(t - owner.asked)
+                res.first_waits.append(t - owner.asked)
+                start_cell(owner)
+            else:
+                for lid in req.leases:
+                    running[lid] = pool.policy.leases[lid].gpus
+                    pool.policy.lease_state(lid, "running", t)
+                res.served[owner.user] = res.served.get(owner.user, 0.0) + owner.duration
+                push(t + owner.duration, "job_end", (owner, list(req.leases)))
+    for req in pool.queue:  # still waiting at the end: counted with the wait so far (not dropped)
+        owner = owners.get(req.id)
+        if isinstance(owner, Notebook):
+            res.waits.append(res.horizon - owner.asked)
+            res.first_waits.append(res.horizon - owner.asked)
+    return res
+
+
+def largest_team(mode: str, n_gpus: int, hours: float, seed: int, sizes: list[int]) -> int:
+    best = 0
+    for n in sizes:
+        if simulate(mode, n, n_gpus, hours, seed).pct(95) < 10.0:
+            best = n
+        else:
+            break
+    return best
+
+
+# ---------------------------------------------------------------------- decision time at scale
+def decision_time(n_gpus: int, n_queued: int, decisions: int, seed: int) -> dict:
+    """Per-decision time of the incremental fair queue: pick the next request, grant it (accounting), end
+    a lease (accounting) — with ``n_queued`` waiting requests from 2,000 users in 50 teams."""
+    rng = random.Random(seed)
+    users = {f"u{i}": f"t{i % 50}" for i in range(2000)}
+    quotas = PoolQuotas(teams={t: Team(name=t, guarantee=n_gpus / 50) for t in set(users.values())},
+                        users={u: UserQuota(name=u, team=t) for u, t in users.items()}, configured=True)
+    now = [0.0]
+    policy = FairSharePolicy(quotas, clock=lambda: now[0])
+    policy.reference_bytes = GPU_BYTES
+    fq = FairQueue(policy)
+    names = list(users)
+    for i in range(n_queued):
+        u = rng.choice(names)
+        f = fraction_draw(rng)
+        spec = RequestSpec(gpus=1) if f >= 1 else RequestSpec(fraction=f)
+        if rng.random() < 0.1:
+            spec.priority = "batch"
+        fq.add(Request(id=f"R{i}", user=u, kernel="k", client=None, spec=spec, team=users[u], submitted=i * 1e-3))
+    # a pool nearly full of leases
+    live: list[str] = []
+    for i in range(int(n_gpus * 1.5)):
+        u = rng.choice(names)
+        policy.lease_started(f"P{i}", u, users[u], 0.6, False, now=0.0, allocs={f"g{i % n_gpus}": GPU_BYTES // 2})
+        live.append(f"P{i}")
+    times = []
+    for d in range(decisions):
+        now[0] = 200.0 + d * 0.01
+        t0 = time.perf_counter()
+        req = fq.pop(now[0])
+        policy.lease_started(f"N{d}", req.user, req.team, policy.need(req.spec), False, now=now[0])
+        victim = live.pop(rng.randrange(len(live)))
+        policy.lease_ended(victim, now=now[0])
+        times.append(time.perf_counter() - t0)
+        live.append(f"N{d}")
+    gpus = make_gpus(n_gpus)
+    for g in gpus:
+        g.leased_bytes = rng.choice([0, GPU_BYTES // 4, GPU_BYTES // 2, GPU_BYTES])
+    place_times = []
+    for _ in range(50):
+        t0 = time.perf_counter()
+        packing.place(RequestSpec(fraction=0.47), gpus)
+        place_times.append(time.perf_counter() - t0)
+    s = sorted(times)
+    return {"p50_ms": s[len(s) // 2] * 1e3, "p99_ms": s[int(len(s) * 0.99) - 1] * 1e3, "max_ms": s[-1] * 1e3,
+            "decisions": decisions, "place_p50_ms": statistics.median(place_times) * 1e3}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small runs, under 60 s")
+    parser.add_argument("--users", type=int, default=None)
+    parser.add_argument("--gpus", type=int, default=None)
+    parser.add_argument("--hours", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args(argv)
+    quick = args.quick
+    users = args.users or (24 if quick else 48)
+    n_gpus = args.gpus or (8 if quick else 16)
+    hours = args.hours or (2.0 if quick else 8.0)
+    t_start = time.perf_counter()
+    print(f"pool_sim: {users} users in 4 teams on {n_gpus} x 80 GiB GPUs, {hours:g} simulated hours, seed "
+          f"{args.seed}\n")
+    rows = []
+    for mode, label in (("fair", "fair share (this policy)"), ("whole", "(a) whole GPU per notebook"),
+                        ("fifo", "(b) FIFO of fractions")):
+        r = simulate(mode, users, n_gpus, hours, args.seed)
+        rows.append((label, r))
+    sizes = [4, 8, 12, 16, 24, 32, 48] if quick else [4, 8, 12, 16, 24, 32, 48, 64, 96]
+    team_hours = 1.0 if quick else 4.0
+    largest = {mode: largest_team(mode, n_gpus, team_hours, args.seed, sizes) for mode in ("fair", "whole", "fifo")}
+    header = ["metric"] + [label for label, _ in rows]
+    table = [
+        ["allocated utilization"] + [f"{100 * r.alloc_area / (r.horizon * r.gpus):.1f}%" for _, r in rows],
+        ["busy utilization"] + [f"{100 * r.busy_area / (r.horizon * r.gpus):.1f}%" for _, r in rows],
+        ["interactive wait p50"] + [f"{r.pct(50):.1f} s" for _, r in rows],
+        ["interactive wait p95"] + [f"{r.pct(95):.1f} s" for _, r in rows],
+        ["interactive cells"] + [str(len(r.waits)) for _, r in rows],
+        ["Jain's fairness index"] + [f"{r.jain():.3f}" for _, r in rows],
+        ["preemptions / hour"] + [f"{r.preemptions / (r.horizon / 3600):.1f}" for _, r in rows],
+        [f"largest team, p95 wait < 10 s ({team_hours:g} h runs)"]
+        + [str(largest[m]) + " users" for m in ("fair", "whole", "fifo")],
+    ]
+    widths = [max(len(str(row[i])) for row in [header] + table) for i in range(len(header))]
+    for row in [header, ["-" * w for w in widths]] + table:
+        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |")
+    n_dec_gpus, n_queued = 10_000, (100_000)
+    d = decision_time(n_dec_gpus, n_queued, 2000 if quick else 10000, args.seed)
+    print(f"\nDecision time, {n_dec_gpus:,} GPUs and {n_queued:,} queued requests (2,000 users, 50 teams), "
+          f"{d['decisions']} decisions: p50 {d['p50_ms']:.3f} ms, p99 {d['p99_ms']:.3f} ms, max {d['max_ms']:.3f} ms "
+          f"(pick + grant + end accounting; target p99 < 1 ms)")
+    print(f"Best-fit placement of one request over {n_dec_gpus:,} GPUs (packing.place, not incremental): "
+          f"p50 {d['place_p50_ms']:.2f} ms")
+    print(f"\nwall time {time.perf_counter() - t_start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

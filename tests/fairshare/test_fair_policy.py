@@ -1,0 +1,199 @@
+"""The fair-share policy on the real packing: order, quotas, reasons, ETA, reservations, reclaim."""
+
+import pytest
+from fairsim import GiB, gpus, pool_sim, quotas, req
+
+from jupyter_gpu.cluster.fair_share import FairQueue, FairSharePolicy, estimate_start, schedule_pass
+from jupyter_gpu.cluster.leases import RequestSpec
+from jupyter_gpu.cluster.quotas import PoolQuotas
+
+
+def make_pool(q=None, sizes=(16, 16)):
+    sim = pool_sim()
+    policy = FairSharePolicy(q if q is not None else quotas())
+    return sim.SimPool(gpus(*sizes), policy)
+
+
+def test_within_guarantee_goes_before_over_quota_then_share_priority_age():
+    pool = make_pool()
+    p = pool.policy
+    p.lease_started("X", "alice", "ml", 1.0, False, now=0.0)  # ml is at its guarantee
+    over = req("bob", submitted=1)                              # ml: over quota
+    within = req("carol", submitted=2)                          # viz: within
+    assert [r.id for r in p.order([over, within])] == [within.id, over.id]
+    # among over-quota teams: the one with less use for its guarantee first
+    p.lease_started("Y", "carol", "viz", 2.0, False, now=0.0)
+    a, c = req("alice", submitted=5), req("carol", submitted=1)
+    assert [r.id for r in p.order([c, a])] == [a.id, c.id]
+    # same standing: interactive before batch, then age
+    b1, i1, i2 = req("bob", 1, "batch"), req("bob", 3), req("bob", 2)
+    assert [r.id for r in p.order([b1, i1, i2])] == [i2.id, i1.id, b1.id]
+
+
+def test_fair_share_remembers_recent_use_with_decay():
+    p = FairSharePolicy(quotas())
+    p.lease_started("X", "alice", "ml", 1.0, False, now=0.0)
+    p.lease_ended("X", now=3600.0)  # ml used 1 GPU for an hour, viz nothing
+    a, c = req("alice", submitted=0), req("carol", submitted=10)
+    p.clock = lambda: 3601.0
+    assert p.order([a, c])[0] is c
+    share_soon = p.share("ml", "alice", 3601.0)[0]
+    share_later = p.share("ml", "alice", 3601.0 + 4 * 3600)[0]
+    assert share_later < share_soon / 10  # four half-lives later it is mostly forgotten
+
+
+def test_configured_priority_orders_equal_shares():
+    q = quotas(teams={"ml": {"guarantee": 1, "members": ["alice"], "priority": 5},
+                      "viz": {"guarantee": 1, "members": ["carol"]}})
+    p = FairSharePolicy(q)
+    assert p.order([req("carol", 0), req("alice", 9)])[0].user == "alice"
+
+
+def test_limit_holds_requests_back_with_the_reason_and_refuses_the_impossible():
+    q = quotas(teams={"ml": {"guarantee": 1, "limit": 2, "members": ["alice"]}})
+    pool = make_pool(q, sizes=(16, 16, 16))
+    for _ in range(2):
+        pool.submit(req("alice", gpus=1))
+        pool.schedule()
+    waiting = req("alice", gpus=1)
+    pool.submit(waiting)
+    pool.schedule()
+    assert waiting.reason == "waiting: team quota full (2.0/2.0 GPU)"
+    assert pool.policy.never_within_limits("alice", RequestSpec(gpus=3)) is not None
+    assert pool.policy.never_within_limits("alice", RequestSpec(gpus=1)) is None
+
+
+def test_over_quota_borrowing_is_preemptible_and_reasons_carry_packing():
+    pool = make_pool()
+    first, second = req("alice", 0, gpus=1), req("alice", 1, gpus=1)  # ml guarantee 1.0: the second borrows
+    for r in (first, second):
+        pool.submit(r)
+    pool.schedule()
+    recs = [pool.policy.leases[l] for r in (first, second) for l in r.leases]
+    assert [rec.preemptible for rec in recs] == [False, True]
+    late = req("bob", 2, fraction=0.5)
+    pool.submit(late)
+    pool.schedule()
+    assert late.reason.startswith("waiting: no GPU has 8.0 GiB free; largest gap 0 B")
+    assert "team ml holds 2.0 of its 1.0 GPU guarantee" in late.reason
+
+
+def test_reclaim_takes_idle_over_quota_sessions_first_for_a_guarantee():
+    pool = make_pool()
+    p = pool.policy
+    a1, a2 = req("alice", 0, fraction=0.5), req("alice", 0.1, fraction=0.5)
+    a3, a4 = req("alice", 0.2, fraction=0.5), req("alice", 0.3, fraction=0.5)
+    for r in (a1, a2, a3, a4):
+        pool.submit(r)
+    pool.now = 1.0
+    pool.schedule()
+    assert not pool.queue
+    over = [l for r in (a3, a4) for l in r.leases]
+    assert all(p.leases[l].preemptible for l in over)
+    running = next(l for l in over if p.leases[l].allocs)
+    p.lease_state(over[0], "running", 2.0)          # one borrowed session runs, the other is idle
+    pool.now = 10.0
+    c = req("carol", 10, fraction=0.5)              # viz is owed its guarantee
+    pool.submit(c)
+    grants, preempted = pool.schedule()
+    assert [r.id for r, _ in grants] == [c.id]
+    assert [lease.id for lease, _ in preempted] == [over[1]]   # the idle one
+    reason = preempted[0][1]
+    assert "reclaimed for a request within team viz's guarantee" in reason and "idle" in reason
+    assert running
+
+
+def test_min_run_time_protects_young_leases():
+    pool = make_pool(quotas(**{"min-run-time": "120s"}))
+    for i in range(4):
+        pool.submit(req("alice", i * 0.1, fraction=0.5))
+    pool.now = 1.0
+    pool.schedule()
+    c = req("carol", 5, fraction=0.5)
+    pool.submit(c)
+    pool.now = 60.0
+    assert pool.schedule() == ([], [])
+    pool.now = 122.0
+    grants, preempted = pool.schedule()
+    assert grants and len(preempted) == 1
+
+
+def test_no_quotas_configured_means_nothing_preemptible_and_no_reclaim():
+    pool = make_pool(PoolQuotas())
+    for i in range(5):
+        pool.submit(req(f"u{i}", i, fraction=0.5))
+    pool.schedule()
+    assert all(not rec.preemptible for rec in pool.policy.leases.values())
+    assert len(pool.queue) == 1 and "waiting: no GPU has 8.0 GiB free" in pool.queue[0].reason
+
+
+def test_aged_gang_goes_first_and_gets_gpus_reserved():
+    pool = make_pool(quotas(), sizes=(16, 16))
+    pool.submit(req("carol", 0, fraction=0.5))
+    pool.submit(req("carol", 0, fraction=0.5))
+    pool.now = 1
+    pool.schedule()
+    gang = req("alice", 1, fraction=0.75, workers=2)
+    pool.submit(gang)
+    pool.schedule()
+    assert gang in pool.queue
+    pool.now = 40  # past reserve-after (30 s)
+    small = req("carol", 40, fraction=0.25)
+    pool.submit(small)
+    pool.schedule()
+    assert pool.policy.order(list(pool.queue))[0] is gang
+    assert "reserved for it" in gang.reason
+    # the small request may not land on the GPUs held for the gang
+    assert small in pool.queue
+    for lid in list(pool.leases):
+        pool.end(lid)
+    pool.schedule()
+    assert gang not in pool.queue and len(gang.leases) == 2
+
+
+def test_eta_is_null_without_history_and_estimated_from_recent_leases():
+    pool = make_pool(PoolQuotas(), sizes=(16,))
+    pool.eta_for = 100
+    pool.submit(req("a", 0, gpus=1))
+    pool.schedule()
+    waiting = req("b", 1, gpus=1)
+    pool.submit(waiting)
+    pool.now = 5
+    pool.schedule()
+    assert waiting.eta is None
+    pool.policy.durations.extend([100.0, 100.0, 100.0])
+    pool.schedule()
+    assert waiting.eta == pytest.approx(100.0)
+    assert estimate_start(RequestSpec(fraction=0.5), [], {}, 10.0, 0.0) is None
+
+
+def test_idle_timeout_lists_idle_leases_only():
+    p = FairSharePolicy(quotas(**{"idle-timeout": "60s"}))
+    p.lease_started("A", "alice", "ml", 0.5, False, now=0.0)
+    p.lease_started("B", "bob", "ml", 0.5, False, now=0.0)
+    p.lease_state("B", "running", 1.0)
+    assert p.idle_expired(30.0) == [] and p.idle_expired(61.0) == ["A"]
+
+
+def test_fair_queue_best_agrees_with_the_full_order():
+    import random
+
+    rng = random.Random(3)
+    q = quotas(teams={f"t{i}": {"guarantee": 0.5 + i, "members": [f"u{i}{j}" for j in range(4)]} for i in range(4)})
+    p = FairSharePolicy(q, clock=lambda: 100.0)
+    p.reference_bytes = 16 * GiB
+    fq = FairQueue(p)
+    reqs = []
+    for k in range(300):
+        user = f"u{rng.randrange(4)}{rng.randrange(4)}"
+        r = req(user, rng.uniform(0, 99), rng.choice(["interactive", "batch"]), fraction=rng.choice([0.25, 0.5, 1.0]))
+        r.team = q.team_of(user)
+        fq.add(r)
+        reqs.append(r)
+    for i in range(40):
+        p.lease_started(f"L{i}", reqs[i].user, reqs[i].team, 0.5, False, now=float(i))
+    for _ in range(100):
+        expected = p.order([r for r in reqs if r in fq])[0]
+        got = fq.pop(100.0)
+        assert got is expected
+        p.lease_started(f"N{got.id}", got.user, got.team, 0.5, False, now=100.0)

@@ -1,0 +1,155 @@
+"""Fair share in a real pool (2 virtual 16 GiB GPUs) with quotas, tokens and an audit database, and real
+kernels of several users: tokens refused, guarantees honoured by reclaiming borrowed capacity, another
+user's cancel refused, and audit rows that outlive the scheduler."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+
+import pytest
+from harness import Kernel, leases, snapshot, wait_until
+
+from jupyter_gpu.cluster.audit import AuditStore
+from jupyter_gpu.cluster.identity import TokenStore
+
+pytestmark = pytest.mark.integration
+
+QUOTAS = """
+reserve-after: 5s
+min-run-time: 0s
+teams:
+  ml:  {guarantee: 1.0, members: [alice, bob]}
+  viz: {guarantee: 1.0, limit: 1.5, members: [carol]}
+"""
+ENV = {"DASK_JUPYTER_GPU__POOL_CONFIG": "pool.yaml", "DASK_JUPYTER_GPU__AUDIT_DB": "audit.sqlite",
+       "DASK_JUPYTER_GPU__TOKEN_FILE": "tokens.json"}
+
+
+class QuotaPool:
+    """A pool process of its own, started with the quota, audit and token settings in its environment."""
+
+    def __init__(self, root):
+        self.root = root
+        (root / "pool.yaml").write_text(QUOTAS)
+        store = TokenStore(str(root / "tokens.json"))
+        self.tokens = {u: store.create(u) for u in ("alice", "bob", "carol")}
+        self.path = str(root / "pool.json")
+        self.address = None
+
+    def start(self) -> str:
+        from jupyter_gpu.cluster.embedded import ensure_embedded_pool
+
+        saved = {k: os.environ.get(k) for k in ENV}
+        os.environ.update({k: str(self.root / v) for k, v in ENV.items()})
+        try:
+            self.address = ensure_embedded_pool(keep=True, path=self.path, timeout=120)
+        finally:  # only the pool process sees these settings
+            for k, v in saved.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        return self.address
+
+    def stop(self) -> None:
+        from jupyter_gpu.cluster.embedded import stop_embedded_pool
+
+        stop_embedded_pool(self.path)
+
+    def kernel(self, user: str) -> Kernel:
+        return Kernel(self.address, user=user, env={"JUPYTER_GPU_TOKEN": self.tokens[user]})
+
+
+def call(address: str, op: str, **kwargs):
+    from distributed.core import rpc
+
+    async def go():
+        r = rpc(address)
+        try:
+            return await getattr(r, op)(**kwargs)
+        finally:
+            await r.close_rpc()
+
+    return asyncio.run(go())
+
+
+@pytest.fixture(scope="module")
+def qpool(tmp_path_factory):
+    pool = QuotaPool(tmp_path_factory.mktemp("quota-pool"))
+    pool.start()
+    yield pool
+    pool.stop()
+
+
+def test_unknown_user_and_wrong_token_are_refused_and_limits_refuse_the_impossible(qpool):
+    a = qpool.address
+    reply = call(a, "gpu_request", user="alice", kernel="t", spec={"fraction": 0.25}, token="not-it")
+    assert reply["state"] == "refused" and "token sent for user 'alice' is wrong" in reply["reason"]
+    reply = call(a, "gpu_request", user="mallory", kernel="t", spec={"fraction": 0.25}, token="x")
+    assert reply["state"] == "refused" and "does not know the user 'mallory'" in reply["reason"]
+    reply = call(a, "gpu_request", user="carol", kernel="t", spec={"fraction": 1.0, "workers": 2},
+                 token=qpool.tokens["carol"])
+    assert reply["state"] == "refused" and "limit is 1.5 GPU" in reply["reason"]
+    reply = call(a, "gpu_cancel", id="L1", user="bob", token=qpool.tokens["carol"])  # carol posing as bob
+    assert reply["cancelled"] is False and "is wrong" in reply["what"]
+    quotas = snapshot(a)["quotas"]
+    assert quotas["configured"] and {t["team"]: t["guarantee"] for t in quotas["teams"]}["viz"] == 1.0
+
+
+def test_borrowing_is_preemptible_and_a_guarantee_reclaims_it(qpool):
+    alice, bob, carol = qpool.kernel("alice"), qpool.kernel("bob"), qpool.kernel("carol")
+    try:
+        assert alice.run("%%gpu --gpus 1\nx = 1").error is None
+        res = bob.run("%%gpu --gpus 1\ny = 2")  # team ml is at its guarantee: bob borrows the idle GPU
+        assert res.error is None, res.error_text
+        held = {ls["user"]: ls for ls in leases(qpool.address)}
+        assert held["alice"]["preemptible"] is False and held["alice"]["team"] == "ml"
+        assert held["bob"]["preemptible"] is True
+        # a wrong token in the kernel is refused at once, with the fix
+        res = carol.run("import os\nos.environ['JUPYTER_GPU_TOKEN'] = 'bad'")
+        res = carol.run("%%gpu --gpus 0.5\nz = 3")
+        assert res.error["ename"] == "RequestRefused" and "JUPYTER_GPU_TOKEN" in res.error["evalue"]
+        carol.run(f"os.environ['JUPYTER_GPU_TOKEN'] = {qpool.tokens['carol']!r}")
+        # carol may not cancel bob's work
+        res = carol.run(f"%gpu cancel {held['bob']['id']}")
+        assert "belongs to bob" in res.stderr + res.stdout
+        # carol's team is owed its guarantee: bob's idle, borrowed session is reclaimed for her
+        res = carol.run("%%gpu --gpus 0.5\nz = 3\nprint('carol ran')")
+        assert res.error is None and "carol ran" in res.stdout, res.error_text
+        assert wait_until(lambda: held["bob"]["id"] not in {ls["id"] for ls in leases(qpool.address)})
+        # bob sees why in his next cell, which runs in a new (borrowed) session
+        res = bob.run("%%gpu\nprint('bob again')")
+        assert "reclaimed for a request within team viz's guarantee" in res.stdout, res.stdout + res.error_text
+        assert "bob again" in res.stdout
+        usage = call(qpool.address, "gpu_usage")
+        assert {"alice", "bob", "carol"} <= {u["user"] for u in usage["users"]} and usage["preemptions"] == 1
+    finally:
+        for k in (alice, bob, carol):
+            k.shutdown(now=True)
+
+
+def test_audit_rows_are_correct_after_a_scheduler_restart(qpool):
+    db = str(qpool.root / "audit.sqlite")
+    qpool.stop()
+    store = AuditStore(db)
+    rows = store.rows("leases")
+    assert all(r["ended"] is not None and r["gpu_seconds"] is not None for r in rows)
+    by_user = {}
+    for r in rows:
+        by_user.setdefault(r["user"], []).append(r)
+    assert {"alice", "bob", "carol"} <= set(by_user)
+    reclaimed = [r for r in by_user["bob"] if (r["end_reason"] or "").startswith("reclaimed")]
+    assert len(reclaimed) == 1 and reclaimed[0]["preemptible"] == 1 and reclaimed[0]["team"] == "ml"
+    assert reclaimed[0]["fraction"] == 1.0
+    preemptions = store.rows("preemptions")
+    assert len(preemptions) == 1 and preemptions[0]["user"] == "bob" and preemptions[0]["for_user"] == "carol"
+    refused = {r["user"] for r in store.rows("refused")}
+    assert {"alice", "mallory", "carol"} <= refused
+    store.close()
+    # the restarted scheduler reads the same history
+    qpool.start()
+    usage = call(qpool.address, "gpu_usage")
+    assert {"alice", "bob", "carol"} <= {u["user"] for u in usage["users"]}
+    out = subprocess.run([sys.executable, "-m", "jupyter_gpu.cli", "usage", "--db", db], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and "alice" in out.stdout and "viz" in out.stdout, out.stderr
