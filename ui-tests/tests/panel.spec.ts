@@ -89,12 +89,14 @@ test.describe('GPU panel', () => {
     await expect(queue.locator(`li[data-request-id="${work.waiting_other.id}"]`)).toContainText('someone-else');
     await expect(queue.locator(`li[data-request-id="${work.waiting_other.id}"] button`)).toHaveCount(0);
     await expect(queue.locator('.jp-GpuPanel-reason').first()).not.toBeEmpty();
+    // fair share: I hold 0.5 GPU and someone-else a whole one, so my later request is served first
+    await expect(queue.locator('li[data-request-id]').first()).toHaveAttribute('data-request-id', work.waiting_mine.id);
 
     // my sessions and the status bar
     const mine = panel.locator('.jp-GpuPanel-mine');
     await expect(mine.locator('h3')).toHaveText('My sessions (1)');
     await expect(mine.locator(`li[data-lease-id="${myLease}"]`)).toContainText('analysis.ipynb › train');
-    await expect(page.locator('.jp-GpuStatus-text')).toHaveText(/^GPU: 0\.5 of 2 · 1 queued \(#2\)$/);
+    await expect(page.locator('.jp-GpuStatus-text')).toHaveText(/^GPU: 0\.5 of 2 · 1 queued \(#1\)$/);
 
     const shot = test.info().outputPath('panel.png');
     await page.screenshot({ path: shot });
