@@ -7,36 +7,66 @@ import asyncio
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from . import __version__
 
+if TYPE_CHECKING:  # the CLI imports Dask lazily: `jupyter-gpu run` and `--version` should start fast
+    from distributed.security import Security
+
+    from .security import Role
+
+
+def _security(args: argparse.Namespace, roles: tuple[Role, ...]) -> Security:
+    """The ``Security`` of a service: Dask config, overridden by ``--tls-ca-file/--tls-cert/--tls-key``
+    (for ``roles``: the certificate a service presents depends on what it is, as with ``dask scheduler``)."""
+    from .security import pool_security
+
+    return pool_security(args.tls_ca_file, args.tls_cert, args.tls_key, roles=roles)
+
 
 def _cmd_pool(args: argparse.Namespace) -> int:
+    from .security import TlsConfigError
+
+    try:
+        return _pool_up(args)
+    except TlsConfigError as exc:
+        print(f"jupyter-gpu pool up: {exc}", file=sys.stderr)
+        return 1
+
+
+def _pool_up(args: argparse.Namespace) -> int:
     if args.action != "up":
-        print("usage: jupyter-gpu pool up [--host HOST] [--port PORT] [--embedded]", file=sys.stderr)
+        print("usage: jupyter-gpu pool up [--host HOST] [--port PORT] [--embedded] [--tls-*]", file=sys.stderr)
         return 2
     if args.embedded:
-        from .cluster.embedded import run_pool
         from .cluster.discovery import runtime_file
+        from .cluster.embedded import run_pool
 
-        asyncio.run(run_pool(runtime_file(), keep=True, host=args.host))
+        # one machine, one program: the same certificate serves the scheduler, its workers and its own client
+        sec = _security(args, ("scheduler", "worker", "client"))
+        asyncio.run(run_pool(runtime_file(), keep=True, host=args.host, security=sec))
         return 0
     from .cluster.services import run_scheduler
 
-    asyncio.run(run_scheduler(args.host, args.port))
+    asyncio.run(run_scheduler(args.host, args.port, security=_security(args, ("scheduler",))))
     return 0
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
     from .cluster.services import run_workers
+    from .security import TlsConfigError
 
-    asyncio.run(run_workers(args.address, args.host, os.environ.get("JUPYTER_GPU_VIRTUAL_GPUS")))
+    try:
+        asyncio.run(run_workers(args.address, args.host, os.environ.get("JUPYTER_GPU_VIRTUAL_GPUS"),
+                                security=_security(args, ("worker",))))
+    except TlsConfigError as exc:
+        print(f"jupyter-gpu worker: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from distributed.core import rpc
-
     from .cluster.discovery import pool_address, user_name
     from .kernelext.status_view import StatusView
 
@@ -46,8 +76,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
               "`jupyter-gpu pool up`, or run a %%gpu cell (it starts the embedded pool).", file=sys.stderr)
         return 1
 
+    from .security import pool_rpc
+
     async def fetch() -> dict:
-        r = rpc(address)
+        r = pool_rpc(address)  # the pool's TLS, client role (Dask config)
         try:
             return await asyncio.wait_for(r.gpu_snapshot(), 10)
         finally:
@@ -109,8 +141,6 @@ def _cmd_usage(args: argparse.Namespace) -> int:
         finally:
             store.close()
     else:
-        from distributed.core import rpc
-
         from .cluster.discovery import pool_address
 
         address = args.pool or pool_address()
@@ -119,8 +149,10 @@ def _cmd_usage(args: argparse.Namespace) -> int:
                   "JUPYTER_GPU_SCHEDULER).", file=sys.stderr)
             return 1
 
+        from .security import pool_rpc
+
         async def fetch() -> dict:
-            r = rpc(address)
+            r = pool_rpc(address)
             try:
                 return await asyncio.wait_for(r.gpu_usage(since=since), 10)
             finally:
@@ -152,6 +184,16 @@ def _cmd_lab(args: argparse.Namespace, extra: list[str]) -> int:
     return 0  # pragma: no cover
 
 
+def _tls_options(parser: argparse.ArgumentParser, whose: str) -> None:
+    """``--tls-ca-file/--tls-cert/--tls-key``, as ``dask scheduler`` and ``dask worker`` have them; without
+    them Dask config (distributed.comm.tls.*) applies. Any of them makes the service require TLS."""
+    parser.add_argument("--tls-ca-file", default=None, metavar="PEM",
+                        help="CA certificate(s) that peers' certificates must be signed by")
+    parser.add_argument("--tls-cert", default=None, metavar="PEM", help=f"{whose} certificate")
+    parser.add_argument("--tls-key", default=None, metavar="PEM",
+                        help=f"{whose} private key (may instead be appended to the certificate file)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jupyter-gpu", description=__doc__)
     parser.add_argument("--version", action="version", version=__version__)
@@ -163,9 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     pool.add_argument("--port", type=int, default=8786)
     pool.add_argument("--embedded", action="store_true",
                       help="also run one worker per local GPU in this process group (a one-machine pool)")
+    _tls_options(pool, "the scheduler's (with --embedded: the whole pool's)")
     worker = sub.add_parser("worker", help="add this machine's GPUs to a pool")
     worker.add_argument("address")
     worker.add_argument("--host", default=None, help="the address to listen on (default: Dask's choice)")
+    _tls_options(worker, "the workers' (their session processes use it too)")
     status = sub.add_parser("status", help="print the pool: GPUs, leases, queue")
     status.add_argument("--pool", default=None)
     run = sub.add_parser("run", help="execute a notebook headlessly (exit code 1 on a failing cell)")

@@ -18,6 +18,8 @@ import time
 import uuid
 from typing import Any
 
+from ..rightsizing import MIN_RESERVED_FOR_HINT, OVERSIZED_BELOW
+
 log = logging.getLogger(__name__)
 
 SCHEMA = """
@@ -104,6 +106,15 @@ class AuditStore:
             " / 3600.0, COUNT(*) FROM leases WHERE COALESCE(ended, ?) >= ? GROUP BY user, team ORDER BY user",
             (now, now, since, now, since)).fetchall()
         users = [{"user": u, "team": t or None, "gpu_hours": round(h or 0.0, 6), "leases": n} for u, t, h, n in rows]
+        # right-sizing: how many of each user's measured leases used under a quarter of what they reserved
+        sized = self.db.execute(
+            "SELECT user, COUNT(*), SUM(CASE WHEN peak_bytes < ? * bytes AND bytes >= ? THEN 1 ELSE 0 END) "
+            "FROM leases WHERE peak_bytes IS NOT NULL AND COALESCE(ended, ?) >= ? GROUP BY user",
+            (OVERSIZED_BELOW, MIN_RESERVED_FOR_HINT, now, since)).fetchall()
+        by_user = {u: (n, over) for u, n, over in sized}
+        for row in users:
+            measured, oversized = by_user.get(row["user"], (0, 0))
+            row["measured"], row["oversized"] = measured, oversized
         teams: dict[str, dict] = {}
         for row in users:
             team = teams.setdefault(row["team"] or "-", {"team": row["team"] or "-", "gpu_hours": 0.0, "leases": 0})
@@ -133,14 +144,20 @@ def audit_from_config() -> AuditStore:
     return AuditStore(config.get("audit-db"))
 
 
+def _oversized(user: dict) -> str:
+    return f"{user['oversized']}/{user['measured']}" if user.get("measured") else "-"
+
+
 def format_usage(usage: dict) -> str:
     """``jupyter-gpu usage`` output: GPU-hours per team, then per user."""
     lines = [f"GPU-hours from {time.strftime('%Y-%m-%d %H:%M', time.localtime(usage['since']))} "
              f"to {time.strftime('%Y-%m-%d %H:%M', time.localtime(usage['until']))}", "",
              f"{'team':<20} {'GPU-hours':>10} {'leases':>7}"]
     lines += [f"{t['team']:<20} {t['gpu_hours']:>10.3f} {t['leases']:>7}" for t in usage["teams"]]
-    lines += ["", f"{'user':<20} {'team':<14} {'GPU-hours':>10} {'leases':>7}"]
-    lines += [f"{u['user']:<20} {u['team'] or '-':<14} {u['gpu_hours']:>10.3f} {u['leases']:>7}"
-              for u in usage["users"]]
+    lines += ["", f"{'user':<20} {'team':<14} {'GPU-hours':>10} {'leases':>7} {'oversized':>10}"]
+    lines += [f"{u['user']:<20} {u['team'] or '-':<14} {u['gpu_hours']:>10.3f} {u['leases']:>7} "
+              f"{_oversized(u):>10}" for u in usage["users"]]
+    lines += ["(oversized: leases whose measured peak stayed under a quarter of what they reserved, of those "
+              "measured)"]
     lines += ["", f"preemptions: {usage['preemptions']}   refused requests: {usage['refused']}"]
     return "\n".join(lines)

@@ -141,8 +141,10 @@ class GpuBroker(SchedulerPlugin):
             if gpu_id in self.samples:
                 self.samples[gpu_id].append(sample)
 
-    def lease_state(self, lease: str, state: str, cell: str | None = None, peak_bytes: int | None = None) -> None:
-        """A session says a cell started (``running``) or finished (``idle``)."""
+    def lease_state(self, lease: str, state: str, cell: str | None = None, peak_bytes: int | None = None,
+                    gpu_utilization: float | None = None) -> None:
+        """A session says a cell started (``running``) or finished (``idle``, with its measured peak memory and,
+        on real GPUs, its mean utilization: the right-sizing numbers)."""
         ls = self.leases.get(lease)
         if ls is None:
             return
@@ -157,6 +159,8 @@ class GpuBroker(SchedulerPlugin):
             ls.cell_started = None
         if peak_bytes is not None:
             ls.peak_bytes = max(ls.peak_bytes or 0, int(peak_bytes))
+        if gpu_utilization is not None:
+            ls.gpu_utilization = float(gpu_utilization)
 
     def session_ended(self, lease: str, reason: str) -> None:
         """The worker saw a session process exit."""
@@ -331,7 +335,12 @@ class GpuBroker(SchedulerPlugin):
         teams = [{"team": t.name, "guarantee": t.guarantee, "limit": t.limit, "priority": t.priority,
                   "held": round(policy.held_team.get(t.name, 0.0), 4), "members": sorted(t.members)}
                  for t in policy.quotas.teams.values()]
-        return {"configured": True, "default_team": policy.quotas.default_team, "teams": teams,
+        quotas = policy.quotas
+        names = set(quotas.users) | {u for u, held in policy.held_user.items() if held > 0}
+        users = [{"user": u, "team": quotas.team_of(u), "limit": quotas.user_limit(u),
+                  "priority": quotas.priority(u), "held": round(policy.held_user.get(u, 0.0), 4)}
+                 for u in sorted(names)]
+        return {"configured": True, "default_team": quotas.default_team, "teams": teams, "users": users,
                 "identity": "tokens" if self.tokens is not None else "names"}
 
     def _identity_error(self, user: str | None, token: str | None) -> str | None:
@@ -430,6 +439,7 @@ class GpuBroker(SchedulerPlugin):
         log.info("reclaiming lease %s of %s: %s", lease_id, lease.user, reason)
         self.audit.preempted(self._public(lease), {"id": req.id, "user": req.user, "team": req.team} if req else {},
                              reason)
+        lease.preempted = True
         self._end_lease(lease, reason, kill=True)
 
     def _housekeeping(self) -> None:

@@ -21,11 +21,16 @@ import signal
 import subprocess
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from .. import config
+from ..security import describe, listen_scheme, pool_security, require_certificate
 from .discovery import PoolRecord, live_embedded_pool, runtime_file, write_record
 from .inventory import VIRTUAL_ENV, discover, parse_virtual_spec
 from .worker_plugin import DEVICES_ENV
+
+if TYPE_CHECKING:
+    from distributed.security import Security
 
 log = logging.getLogger(__name__)
 
@@ -109,14 +114,17 @@ def _tail(path: str, lines: int = 15) -> str:
         return "(no log)"
 
 
-def _worker_spec(index: int, virtual: str | None, host: str) -> dict:
+def _worker_spec(index: int, virtual: str | None, host: str, security: Security | None = None) -> dict:
     from distributed import Nanny
 
     env = {DEVICES_ENV: str(index)}
     if virtual:
         env[VIRTUAL_ENV] = virtual
-    return {"cls": Nanny, "options": {"nthreads": 1, "host": host, "env": env, "name": f"gpu-{index}",
-                                      "preload": ["jupyter_gpu.cluster.worker_plugin"], "dashboard": False}}
+    options = {"nthreads": 1, "host": host, "env": env, "name": f"gpu-{index}",
+               "preload": ["jupyter_gpu.cluster.worker_plugin"], "dashboard": False}
+    if security is not None:
+        options["security"] = security
+    return {"cls": Nanny, "options": options}
 
 
 def _extend_virtual(spec: str, count: int) -> str:
@@ -126,12 +134,21 @@ def _extend_virtual(spec: str, count: int) -> str:
     return ",".join(f"{s}B" for s in sizes)
 
 
-async def run_pool(path: str, keep: bool = False, host: str = "127.0.0.1") -> None:
-    """Run the pool until it has been idle (no clients, leases or queue) for the idle timeout."""
+async def run_pool(path: str, keep: bool = False, host: str = "127.0.0.1",
+                   security: Security | None = None) -> None:
+    """Run the pool until it has been idle (no clients, leases or queue) for the idle timeout.
+
+    ``security``: the pool's TLS (default: Dask config, see ``jupyter_gpu.security``). With TLS configured
+    the scheduler listens on ``tls://``, the workers follow it, and kernels need the client certificate.
+    """
     from distributed import Scheduler, SpecCluster
 
     from .broker import PLUGIN_NAME
 
+    sec = security or pool_security()
+    protocol = listen_scheme("scheduler", sec)
+    if protocol == "tls":
+        require_certificate(sec, "scheduler", "The embedded pool's scheduler is to listen on TLS")
     virtual = os.environ.get(VIRTUAL_ENV) or config.get("embedded.virtual-gpus")
     gpus = discover(virtual)
     n_gpus = len(gpus)
@@ -143,12 +160,14 @@ async def run_pool(path: str, keep: bool = False, host: str = "127.0.0.1") -> No
             used = {int(str(name).split("-")[-1]) for name in self.worker_spec}
             index = next(i for i in range(10_000) if i not in used)
             spec = _extend_virtual(virtual, index + 1) if virtual else None
-            return {f"gpu-{index}": _worker_spec(index, spec, host)}
+            return {f"gpu-{index}": _worker_spec(index, spec, host, sec)}
 
     scheduler = {"cls": Scheduler, "options": {"host": host, "port": 0, "dashboard": False,
+                                                "protocol": protocol, "security": sec,
                                                 "preload": ["jupyter_gpu.cluster.broker"]}}
-    workers = {f"gpu-{i}": _worker_spec(i, virtual, host) for i in range(n_gpus)}
-    cluster = await GpuPool(scheduler=scheduler, workers=workers, asynchronous=True, name="jupyter-gpu")
+    workers = {f"gpu-{i}": _worker_spec(i, virtual, host, sec) for i in range(n_gpus)}
+    cluster = await GpuPool(scheduler=scheduler, workers=workers, asynchronous=True, name="jupyter-gpu",
+                            security=sec)
     sched = cluster.scheduler
     broker = sched.plugins[PLUGIN_NAME]
     broker.embedded = True
@@ -162,7 +181,8 @@ async def run_pool(path: str, keep: bool = False, host: str = "127.0.0.1") -> No
         await asyncio.sleep(0.05)
     write_record(PoolRecord(address=sched.address, pid=os.getpid(), started=time.time(), keep=keep,
                             log=path[:-len(".json")] + ".log"), path)
-    log.info("embedded GPU pool at %s with %d GPU(s)", sched.address, len(broker.gpus))
+    log.info("embedded GPU pool at %s with %d GPU(s); %s", sched.address, len(broker.gpus),
+             describe(sec, "scheduler"))
     idle_timeout = config.get_seconds("embedded.keep-idle-timeout" if keep else "embedded.idle-timeout")
     idle_since: float | None = None
     stop = asyncio.Event()

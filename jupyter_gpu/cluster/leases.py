@@ -159,7 +159,9 @@ class Lease:
     address: str | None = None     # the session process's comm address
     pid: int | None = None
     cell_started: float | None = None
-    peak_bytes: int | None = None
+    peak_bytes: int | None = None   # the largest cell peak so far (right-sizing, audit)
+    gpu_utilization: float | None = None  # the last cell's mean SM utilization (real GPUs, NVML)
+    preempted: bool = False         # ended to give its memory to a request owed by a guarantee
     ended: float | None = None
     end_reason: str | None = None
 
@@ -177,5 +179,6 @@ class Lease:
             "rank": self.rank, "world_size": self.world_size, "started": self.started, "state": self.state,
             "isolation": self.isolation, "address": self.address, "pid": self.pid,
             "cell_started": self.cell_started, "peak_bytes": self.peak_bytes, "end_reason": self.end_reason,
+            "gpu_utilization": self.gpu_utilization, "preempted": self.preempted,
             "team": self.team,
         }

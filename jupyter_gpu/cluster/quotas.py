@@ -168,7 +168,10 @@ def load_quotas(path: str) -> PoolQuotas:
     path = os.path.expanduser(path)
     try:
         if path.endswith(".toml"):
-            import tomllib
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10: the same parser, as a package
+                import tomli as tomllib
 
             with open(path, "rb") as f:
                 data = tomllib.load(f)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import importlib
 import json
 import logging
@@ -25,6 +26,8 @@ import threading
 import time
 import traceback
 from typing import Any
+
+from .memory_meter import CellMemoryMeter
 
 log = logging.getLogger("jupyter_gpu.session")
 
@@ -84,6 +87,7 @@ class Session:
         self.gpus: list[dict] = []
         self.scheduler: str | None = None
         self.isolation = "none"
+        self.meter: CellMemoryMeter | None = None  # set when a lease is assigned
         self.busy = False
         self._after_reply: dict | None = None
         self.relay = Relay()
@@ -112,9 +116,11 @@ class Session:
         handlers = {"assign": self.h_assign, "execute": self.h_execute, "interrupt": self.h_interrupt,
                     "pull": self.h_pull, "ping": self.h_ping, "free_port": self.h_free_port}
         self.server = self.server_cls(handlers, deserialize=False)
-        await self.server.listen(f"tcp://{self.host}:0", **_security_args())
+        listen_at, listen_args, connection_args = _security_args(self.host, self.worker)
+        await self.server.listen(listen_at, **listen_args)
         self.address = self.server.address
-        self._rpc = rpc
+        # every rpc this session makes (to the broker, here and in distributed_run) speaks its worker's TLS
+        self._rpc = functools.partial(rpc, connection_args=connection_args)
         self._ready.set()
 
     def _flush_streams(self) -> None:
@@ -188,7 +194,7 @@ class Session:
         async def send() -> None:
             try:
                 if self._scheduler_rpc is None:
-                    self._scheduler_rpc = self._rpc(self.scheduler, **_security_args())
+                    self._scheduler_rpc = self._rpc(self.scheduler)
                 # one-way: the broker's bookkeeping must never sit on a cell's path
                 await self._scheduler_rpc.gpu_lease_state(lease=self.lease["id"], reply=False, **kwargs)
             except Exception as exc:
@@ -229,6 +235,8 @@ class Session:
         self.lease, self.gpus, self.scheduler = lease, gpus, scheduler
         self.isolation = apply_memory_cap(lease, gpus)
         virtual = all(g.get("virtual") for g in gpus)
+        # measured from here: what the session holds before its first cell is not the user's data
+        self.meter = CellMemoryMeter(virtual, [g["uuid"] for g in gpus if not g.get("virtual")])
         session_api._state.update({
             "rank": lease.get("rank", 0), "world_size": lease.get("world_size", 1),
             "device": "cpu" if virtual else "cuda:0", "lease": lease["id"],
@@ -286,7 +294,8 @@ class Session:
                     "Install what it needs on the pool's workers, create it inside the cell instead, or leave it "
                     "out with --in.")}
         self.tell_scheduler(state="running", cell=label)
-        peak = _reset_peak()
+        meter = self.meter or CellMemoryMeter(virtual=False)
+        meter.start()
         self.shell.displayhook.reset()
         self.shell.compile.next_name = cell_name
         try:
@@ -294,9 +303,9 @@ class Session:
         finally:
             self.relay.flush_streams()
             self.capture.sync()
-        peak = _read_peak(peak)
+        peak, utilization = meter.stop()
         reply: dict[str, Any] = {"elapsed": time.time() - started, "peak_bytes": peak,
-                                 "execution_count": self.shell.execution_count}
+                                 "gpu_utilization": utilization, "execution_count": self.shell.execution_count}
         error = result.error_before_exec or result.error_in_exec
         if error is not None:
             reply["status"] = "error"
@@ -305,7 +314,7 @@ class Session:
             reply["status"] = "ok"
         reply["outputs"] = self._collect_outputs(outputs, exact_outputs, max_bytes)
         reply["result"] = self._last_value(max_bytes) if error is None else None
-        self._after_reply = {"state": "idle", "peak_bytes": peak}  # told once the reply is on its way
+        self._after_reply = {"state": "idle", "peak_bytes": peak, "gpu_utilization": utilization}  # told once the reply is on its way
         return reply
 
     def _collect_outputs(self, names: list[str], exact: bool, max_bytes: int) -> dict:
@@ -383,27 +392,6 @@ def _coalesce(batch: list[dict]) -> list[dict]:
         else:
             out.append(msg)
     return out
-
-
-def _reset_peak() -> bool:
-    torch = sys.modules.get("torch")
-    try:
-        if torch is not None and torch.cuda.is_initialized():
-            torch.cuda.reset_peak_memory_stats()
-            return True
-    except Exception:
-        pass
-    return False
-
-
-def _read_peak(was_initialized: bool) -> int | None:
-    torch = sys.modules.get("torch")
-    try:
-        if torch is not None and torch.cuda.is_initialized():
-            return int(sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())))
-    except Exception:
-        pass
-    return None
 
 
 def _error_payload(exc: BaseException, cell_name: str | None, shell: Any, lease: dict | None = None) -> dict:
@@ -490,9 +478,16 @@ def _make_shell(relay: Any) -> Any:
     return shell
 
 
-def _security_args() -> dict:
-    """Connection arguments for the pool's comms (TLS where the pool uses it, see jupyter_gpu.security)."""
-    return {}
+def _security_args(host: str, worker: str | None) -> tuple[str, dict, dict]:
+    """Where the session's comm server listens, its listen arguments, and the connection arguments of its
+    rpcs: the ``worker`` role of ``jupyter_gpu.security``, with the scheme of its worker (``tls://`` in a TLS
+    pool), so a kernel that may talk to the pool may talk to its session and nobody else may. The worker
+    hands its TLS settings over in the environment (``security_env``)."""
+    from ..security import connection_args, listen_address, listen_args, pool_security
+
+    sec = pool_security()
+    address = listen_address(host, "worker", security=sec, like=worker)
+    return address, listen_args("worker", sec, address=address), connection_args("worker", sec)
 
 
 def _preload(modules: list[str]) -> None:

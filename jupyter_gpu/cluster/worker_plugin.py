@@ -27,6 +27,7 @@ from distributed.core import rpc
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from .. import config
+from ..security import security_env
 from .inventory import GpuInfo, discover
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,9 @@ class GpuWorkerPlugin(WorkerPlugin):
                "--worker", self.worker.address, "--preload", preload]
         env = dict(os.environ)
         env.pop(DEVICES_ENV, None)
+        # the session serves the kernel's comm and calls the broker with this worker's TLS, also when the
+        # worker got it from --tls-* options rather than from Dask config
+        env.update(security_env(self.worker.security))
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env,
                                 cwd=os.getcwd())
         loop = asyncio.get_running_loop()
@@ -174,7 +178,7 @@ class GpuWorkerPlugin(WorkerPlugin):
             gpus = [by_index[i].to_dict() for i in lease["gpu_indices"]]
             sp.lease = lease["id"]
             self.sessions[lease["id"]] = sp
-            r = rpc(sp.address)
+            r = rpc(sp.address, connection_args=self.worker.connection_args)  # the worker's TLS
             try:
                 reply = await r.assign(lease=lease, gpus=gpus, scheduler=scheduler)
             finally:

@@ -57,6 +57,7 @@ class PrivatePool:
         from ..cluster.discovery import read_record
         from ..cluster.embedded import ensure_embedded_pool
         from ..cluster.inventory import VIRTUAL_ENV
+        from ..security import client_security
 
         started = time.monotonic()
         with _env(VIRTUAL_ENV, self.virtual_gpus):
@@ -69,7 +70,7 @@ class PrivatePool:
         self.pid = record.pid if record else None
         # the keep-alive client: see the module docstring
         self._client = Client(self.address, set_as_default=False, name=f"jupyter-gpu headless {self.label}",
-                              timeout=30)
+                              timeout=30, security=client_security(self.address))
         log.info("private pool %s at %s started in %.1f s (log %s)", self.label, self.address,
                  time.monotonic() - started, self.log_path)
         return self.address
@@ -131,9 +132,9 @@ def _safe(text: str) -> str:
 # ---------------------------------------------------------------------- broker queries
 async def async_pool_snapshot(address: str, timeout: float = 10.0) -> dict:
     """The broker's ``gpu_snapshot``: GPUs with their leases, and the queue."""
-    from distributed.core import rpc
+    from ..security import pool_rpc
 
-    r = rpc(address)
+    r = pool_rpc(address)  # the pool's TLS, client role
     try:
         return await asyncio.wait_for(r.gpu_snapshot(), timeout)
     finally:
@@ -169,7 +170,7 @@ async def async_release_kernel_leases(address: str, kernel: str, wait: float = 1
     when the kernel process exits; this waits up to ``wait`` seconds for that, then ends what is left
     (killing its session). Returns the ids it had to end itself: normally none.
     """
-    from distributed.core import rpc
+    from ..security import pool_rpc
 
     deadline = time.monotonic() + wait
     while True:
@@ -185,7 +186,7 @@ async def async_release_kernel_leases(address: str, kernel: str, wait: float = 1
         await asyncio.sleep(0.1)
     log.warning("kernel %s still held %s in the pool %s after it stopped: ending them", kernel,
                 ", ".join(leases + queued), address)
-    r = rpc(address)
+    r = pool_rpc(address)
     try:
         for rid in queued:
             await r.gpu_cancel(id=rid)

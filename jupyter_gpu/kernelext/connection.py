@@ -8,6 +8,7 @@ into a remote interrupt, then a kill after a grace period.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import queue
@@ -24,6 +25,7 @@ from distributed.core import rpc
 from .. import config
 from ..cluster.discovery import SCHEDULER_ENV, user_name
 from ..errors import CellTimeout, GpuPoolError, RequestRefused, SessionLost
+from ..security import check_address, client_security, connection_args
 from ..units import format_bytes
 
 log = logging.getLogger(__name__)
@@ -89,8 +91,12 @@ class PoolConnection:
         self.embedded = embedded
         self.user = user_name()
         self.kernel = kernel_identity()
+        # the pool's TLS (client role): the scheduler, and the direct comms to sessions below, use the same
+        self.security = client_security(address)
+        check_address(address, "client", self.security)
+        self.connection_args = connection_args("client", self.security)
         self.client = Client(address, set_as_default=False, name=f"jupyter-gpu {self.user}",
-                             timeout=config.get_seconds("connect-timeout"))
+                             timeout=config.get_seconds("connect-timeout"), security=self.security)
         self.loop = self.client.loop.asyncio_loop
         self.session: RemoteSession | None = None
         self.ended_sessions: dict[str, str] = {}
@@ -202,7 +208,8 @@ class PoolConnection:
                 except (CommClosedError, OSError):
                     # a fresh connection; failing that, the session is gone and the cell never started
                     try:
-                        session.comm = comm = await connect(session.address, deserialize=False, timeout=5)
+                        session.comm = comm = await connect(session.address, deserialize=False, timeout=5,
+                                                            **self.connection_args)
                     except (CommClosedError, OSError) as exc:
                         session.comm = None
                         sink({"op": "lost", "error": str(exc), "started": False})
@@ -225,7 +232,7 @@ class PoolConnection:
 
     def interrupt(self, session: RemoteSession) -> None:
         async def go() -> None:
-            r = rpc(session.address)
+            r = rpc(session.address, connection_args=self.connection_args)
             try:
                 await asyncio.wait_for(r.interrupt(), 2)
             finally:
@@ -244,7 +251,7 @@ class PoolConnection:
         address = self.session.address
 
         async def go() -> dict:
-            r = rpc(address, deserializers=None, deserialize=False)
+            r = rpc(address, deserializers=None, deserialize=False, connection_args=self.connection_args)
             try:
                 return await r.pull(name=name)
             finally:
@@ -284,8 +291,12 @@ class CellRun:
         self.conn.start_execute(self.session, payload, waiter.put)
         stop_at: float | None = None
         stop_cause: str | None = None
+        # outputs are shown inside the try: an interrupt that lands while one is rendered is still an interrupt
+        pending: collections.deque = collections.deque()
         while True:
             try:
+                while pending:
+                    self.handle(pending.popleft())
                 now = time.monotonic()
                 if stop_at is None and self.deadline is not None and now > self.deadline:
                     stop_cause, stop_at = "timeout", now + self.grace
@@ -296,6 +307,9 @@ class CellRun:
                     return self._kill(stop_cause)
                 wait = 0.1 if (stop_at or self.deadline or self.cancel) else 0.5
                 msg = waiter.queue.get(timeout=wait)
+                if not isinstance(msg, dict):
+                    pending.extend(msg)
+                    continue
             except queue.Empty:
                 continue
             except KeyboardInterrupt:
@@ -304,14 +318,13 @@ class CellRun:
                     self.conn.interrupt(self.session)
                     continue
                 return self._kill("interrupt")  # a second interrupt: stop now
-            if isinstance(msg, dict):
-                if msg.get("op") == "lost":
-                    return {"status": "lost", "error": msg.get("error"), "started": msg.get("started", True)}
-                if stop_cause == "timeout" and msg.get("status") == "error":
-                    msg["timed_out"] = True
-                return msg
-            for item in msg:
-                self.handle(item)
+            while pending:  # the outputs that came before the reply
+                self.handle(pending.popleft())
+            if msg.get("op") == "lost":
+                return {"status": "lost", "error": msg.get("error"), "started": msg.get("started", True)}
+            if stop_cause == "timeout" and msg.get("status") == "error":
+                msg["timed_out"] = True
+            return msg
 
     def _kill(self, cause: str | None) -> dict:
         """The code did not stop after SIGINT: end the session (its state is lost) and say so."""

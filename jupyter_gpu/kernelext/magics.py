@@ -21,6 +21,7 @@ from IPython.display import DisplayHandle
 from .. import config
 from ..datacontract import RemoteObject, cell_names, input_item
 from ..errors import CellTimeout, GpuPoolError
+from ..rightsizing import RightSize, right_size
 from ..units import format_bytes
 from .connection import CellRun, PoolConnection, RemoteSession, raise_for_outcome, resolve_address
 from .jobs import AsyncJob
@@ -60,6 +61,7 @@ class GpuMagics(Magics):
         self.jobs: dict[str, AsyncJob] = {}
         self._job_ids = itertools.count(1)
         self.session_lock = threading.Lock()
+        self.session_peaks: dict[str, int] = {}  # lease id -> the largest cell peak measured in that session
 
     # ------------------------------------------------------------------ entry
     @line_cell_magic
@@ -223,7 +225,7 @@ class GpuMagics(Magics):
             session = self._session(conn, opts, label, deadline, badge)
             badge.running(session)
             try:
-                done = self._run(conn, session, opts, payload, remote_refs, renderer.handle, deadline)
+                done, session = self._run(conn, session, opts, payload, remote_refs, renderer.handle, deadline)
             except BaseException as exc:
                 badge.finished(session, f"{type(exc).__name__}")
                 raise
@@ -233,8 +235,16 @@ class GpuMagics(Magics):
                     conn.release(session, reason="--fresh cell finished")
         err = done.get("error") or {}
         badge.finished(session, None if done.get("status") == "ok" else err.get("type", "error").split(".")[-1],
-                       done.get("elapsed"), done.get("peak_bytes"))
+                       done.get("elapsed"), done.get("peak_bytes"), self._right_size(session, done))
         return self._finish(done, session, opts)
+
+    def _right_size(self, session: RemoteSession, done: dict) -> RightSize | None:
+        """Far more reserved than the session ever used? Then the badge says what to ask next time."""
+        peak = done.get("peak_bytes")
+        if peak is None:
+            return None
+        peak = self.session_peaks[session.id] = max(self.session_peaks.get(session.id, 0), int(peak))
+        return right_size(peak, session.lease.get("bytes"))
 
     def _prepare(self, opts: CellOptions, cell: str) -> tuple[dict, dict, list[str]]:
         """Serialize the inputs now, so a bad one is refused before anything waits."""
@@ -310,9 +320,13 @@ class GpuMagics(Magics):
         return session
 
     def _run(self, conn: PoolConnection, session: RemoteSession, opts: CellOptions, payload: dict,
-             remote_refs: dict, handle: Any, deadline: float | None, cancel: Any = None) -> dict:
+             remote_refs: dict, handle: Any, deadline: float | None, cancel: Any = None
+             ) -> tuple[dict, RemoteSession]:
+        """Run the cell; returns its outcome and the session it finally ran in (a new one when the old
+        session had ended between cells, or when a preempted batch cell was requeued)."""
         self._check_remote_refs(session, remote_refs)
         payload = {**payload, "cwd": os.getcwd()}
+        label = payload.get("label") or ""
         done = CellRun(conn, session, handle, deadline, opts.timeout, cancel=cancel).run(payload)
         if done.get("status") == "lost" and not done.get("started", True) and not session.fresh:
             # the session ended between cells: say why, and run this cell in a new one
@@ -320,11 +334,42 @@ class GpuMagics(Magics):
             conn.session = None
             print(f"Your previous GPU session (lease {session.id}) ended: {reason}. Starting a new one; "
                   "the variables that lived there are gone.")
-            session = self._session(conn, opts, payload.get("label") or "", deadline, StatusLine())
+            session = self._session(conn, opts, label, deadline, StatusLine())
             self._check_remote_refs(session, remote_refs)
             done = CellRun(conn, session, handle, deadline, opts.timeout, cancel=cancel).run(payload)
+        attempt = 0
+        while done.get("status") == "lost" and opts.spec.priority == "batch" and attempt < opts.retries:
+            # batch cells are retryable: preempted (not crashed), the cell is requeued and reruns from its start
+            ended = self._ended_lease(conn, session)
+            if not ended.get("preempted"):
+                break
+            attempt += 1
+            if conn.session is session:
+                conn.session = None
+            conn.ended_sessions[session.id] = ended.get("end_reason") or "preempted"
+            print(f"This batch cell was preempted (lease {session.id}): {ended.get('end_reason')}. Requeued "
+                  f"(retry {attempt} of --retries {opts.retries}): it reruns from its start in a new session "
+                  "when the pool has room; the variables of the old session are gone.", flush=True)
+            session = self._session(conn, opts, label, deadline, StatusLine())
+            try:
+                self._check_remote_refs(session, remote_refs)
+                done = CellRun(conn, session, handle, deadline, opts.timeout, cancel=cancel).run(payload)
+            except BaseException:
+                if session.fresh:  # the caller only knows the first session: free the requeued one here
+                    conn.release(session, reason="--fresh cell finished")
+                raise
         raise_for_outcome(done, conn, session, opts.timeout)
-        return done
+        return done, session
+
+    @staticmethod
+    def _ended_lease(conn: PoolConnection, session: RemoteSession, wait: float = 3.0) -> dict:
+        """The broker's record of a lease that just ended (waiting briefly for the worker's report)."""
+        deadline = time.monotonic() + wait
+        while True:
+            info = conn.scheduler_call("gpu_lease_info", lease=session.id)
+            if info.get("state") == "ended" or time.monotonic() > deadline:
+                return info
+            time.sleep(0.1)
 
     def _check_remote_refs(self, session: RemoteSession, remote_refs: dict[str, RemoteObject]) -> None:
         stale = {n: r for n, r in remote_refs.items() if r.lease and r.lease != session.id}
@@ -387,7 +432,7 @@ class GpuMagics(Magics):
                     status = _JobStatus(job)
                     session = self._session(conn, opts, label, deadline, status)
                     job.set_state("running", session.describe())
-                    done = self._run(conn, session, opts, payload, remote_refs, job.handle, deadline,
+                    done, session = self._run(conn, session, opts, payload, remote_refs, job.handle, deadline,
                                      cancel=job.cancel_requested.is_set)
                     try:
                         value = self._finish(done, session, opts)
@@ -436,11 +481,12 @@ class StatusLine:
         self._show(f"running on {_where(session)}{new}", "running", session)
 
     def finished(self, session: RemoteSession, error: str | None, elapsed: float | None = None,
-                 peak: int | None = None) -> None:
+                 peak: int | None = None, sizing: RightSize | None = None) -> None:
         took = f" in {elapsed:.2f} s" if elapsed is not None else ""
         peak_text = f", peak {format_bytes(peak)}" if peak else ""
+        hint = f". Right-size: {sizing.hint()}" if sizing is not None else ""
         if error is None:
-            self._show(f"done{took} on {_where(session)}{peak_text}", "done", session)
+            self._show(f"done{took} on {_where(session)}{peak_text}{hint}", "done", session)
         else:
             self._show(f"failed ({error}){took} on {_where(session)}", "failed", session)
 

@@ -118,7 +118,7 @@ def _run_ranks(conn: PoolConnection, sessions: list[RemoteSession], payload: dic
                attempt: int) -> dict:
     """Run every rank; stop the others when one fails; return each rank's outcome."""
     world = len(sessions)
-    rendezvous = conn.call(_free_port, sessions[0].address)
+    rendezvous = conn.call(_free_port, sessions[0].address, conn.connection_args)
     events: queue.Queue = queue.Queue()
     for rank, session in enumerate(sessions):
         dist = {"rank": rank, "world_size": world, "master_addr": rendezvous["host"],
@@ -183,10 +183,11 @@ def _show(renderer: CellRenderer, rank: int, item: dict) -> None:
         renderer.handle({**item, "text": text})
 
 
-async def _free_port(address: str) -> dict:
+async def _free_port(address: str, connection_args: dict | None = None) -> dict:
+    """A free port on rank 0's host for the rendezvous, asked over the kernel's (TLS) comm to the session."""
     from distributed.core import rpc
 
-    r = rpc(address)
+    r = rpc(address, connection_args=connection_args)
     try:
         return await r.free_port()
     finally:

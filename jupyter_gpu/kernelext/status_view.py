@@ -6,6 +6,7 @@ import html
 import time
 from typing import Any
 
+from ..rightsizing import right_size
 from ..units import format_bytes
 
 
@@ -27,6 +28,26 @@ def queue_rows(snapshot: dict) -> list[list[str]]:
         rows.append([str(q["position"]), q["id"], q["user"], q["request"], q.get("priority", ""),
                      f"{now - q['since']:.0f} s", q.get("reason") or "", eta])
     return rows
+
+
+def quota_text(quotas: dict, user: str) -> str:
+    """``user``'s standing: their team's guarantee, limit and what the team and the user hold now."""
+    if not quotas.get("configured"):
+        return "Quota: this pool has no quotas configured (every user may use idle capacity; fair share orders the queue)."
+    me = next((u for u in quotas.get("users", []) if u["user"] == user), None)
+    team_name = me["team"] if me else quotas.get("default_team", "default")
+    team = next((t for t in quotas.get("teams", []) if t["team"] == team_name), None)
+    if team is None:
+        return f"Quota: you are in team {team_name}, which has no quota entry."
+    limit = f", limit {team['limit']:g}" if team.get("limit") is not None else ", no limit"
+    text = (f"Quota: team {team_name} is guaranteed {team['guarantee']:g} GPU{limit}; it holds "
+            f"{team['held']:g} GPU now")
+    if team["held"] > team["guarantee"] + 1e-9:
+        text += " (over its guarantee: the part above it runs on idle capacity and is preemptible)"
+    if me is not None:
+        text += f". You hold {me['held']:g} GPU" + (f" of your limit {me['limit']:g}" if me.get("limit") is not None
+                                                   else "")
+    return text + "."
 
 
 class QueueView:
@@ -71,10 +92,15 @@ class StatusView:
             for ls in g["leases"]:
                 if ls["user"] == self.user and ls["id"] not in {m[0] for m in mine}:
                     here = " (this kernel)" if ls["kernel"] == self.kernel else ""
-                    peak = format_bytes(ls["peak_bytes"]) if ls.get("peak_bytes") else "-"
-                    mine.append([ls["id"], f"{ls['fraction']:g} of {g['name']}{here}", ls["state"],
-                                 ls.get("isolation", "none"), peak, ls.get("notebook") or "-"])
-        my_plain, my_html = _table(["lease", "share", "state", "isolation", "peak memory", "notebook"], mine)
+                    peak = format_bytes(ls["peak_bytes"]) if ls.get("peak_bytes") is not None else "-"
+                    sizing = right_size(ls.get("peak_bytes"), ls.get("bytes"))
+                    state = ls["state"] + (" (preemptible)" if ls.get("preemptible") else "")
+                    mine.append([ls["id"], f"{ls['fraction']:g} of {g['name']}{here}", state,
+                                 ls.get("isolation", "none"), f"{peak} of {format_bytes(ls['bytes'])}",
+                                 f"ask --memory {sizing.suggestion()}" if sizing else "-",
+                                 ls.get("notebook") or "-"])
+        my_plain, my_html = _table(["lease", "share", "state", "isolation", "peak memory", "right-size",
+                                    "notebook"], mine)
         queued = [r for r in queue_rows(snap) if r[2] == self.user]
         q_plain, q_html = _table(["#", "id", "user", "request", "priority", "waiting", "reason", "estimated start"],
                                  queued)
@@ -84,10 +110,12 @@ class StatusView:
                  my_plain if mine else "none", "", "My queued requests:", q_plain if queued else "none"]
         if jobs:
             plain += ["", "My --async jobs in this kernel:", j_plain]
-        plain += ["", "Quota: this pool has no quotas configured (every user may use idle capacity)."]
+        quota = quota_text(snap.get("quotas") or {}, self.user)
+        plain += ["", quota]
         rich = (f"<p><b>{html.escape(head)}</b></p>{gpu_html}<h4>My sessions ({html.escape(self.user)})</h4>"
                 + (my_html if mine else "<p>none</p>") + "<h4>My queued requests</h4>"
-                + (q_html if queued else "<p>none</p>") + (f"<h4>My --async jobs</h4>{j_html}" if jobs else ""))
+                + (q_html if queued else "<p>none</p>") + (f"<h4>My --async jobs</h4>{j_html}" if jobs else "")
+                + f"<h4>My quota</h4><p>{html.escape(quota)}</p>")
         return "\n".join(plain), rich
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict:

@@ -51,6 +51,12 @@ class GpuPanelConfig(Configurable):
         config=True,
         help="User name shown to the broker for cancel/scale; default: JUPYTER_GPU_USER, else the login name.",
     )
+    token = Unicode(
+        "",
+        config=True,
+        help="The user's pool token, sent with cancels to a pool that checks tokens (Dask config "
+        "jupyter-gpu.token-file); default: JUPYTER_GPU_TOKEN from the server's environment.",
+    )
 
 
 def server_user(config: GpuPanelConfig | None = None) -> str:
@@ -68,6 +74,20 @@ def server_user(config: GpuPanelConfig | None = None) -> str:
     return user_name()
 
 
+def server_token(config: GpuPanelConfig | None = None) -> str | None:
+    """The pool token of ``server_user``, or None when this server has none.
+
+    The server acts for its user as the user's kernels do, so it sends the same ``JUPYTER_GPU_TOKEN`` (the
+    kernels inherit it from this server's environment). It goes to the scheduler only, never to the browser:
+    the snapshot says just whether there is one (``token_set``).
+    """
+    if config is not None and config.token:
+        return config.token
+    from jupyter_gpu.cluster.identity import TOKEN_ENV
+
+    return os.environ.get(TOKEN_ENV) or None
+
+
 def _discover_address() -> str | None:
     """Where the pool's scheduler is, per the project's discovery rules (env var, then embedded runtime file).
 
@@ -79,13 +99,16 @@ def _discover_address() -> str | None:
 
 
 def _connection_args() -> dict:
-    """TLS / auth arguments for Dask comms, where the cluster package provides them."""
-    try:
-        from jupyter_gpu.cluster import discovery
-    except ImportError:  # pragma: no cover - cluster package always ships with this one
-        return {}
-    getter = getattr(discovery, "connection_args", None)
-    return dict(getter()) if callable(getter) else {}
+    """The pool's TLS for this server's comm to the scheduler (client role, see ``jupyter_gpu.security``).
+
+    Read from the Jupyter server's own Dask config (``distributed.comm.tls.*``, e.g. the
+    ``DASK_DISTRIBUTED__COMM__TLS__...`` variables it was started with), like the kernels it starts, so a
+    server whose notebooks can use a TLS pool shows that pool in its panel too. A server without the
+    certificate sees a TLS pool as unreachable, with Dask's TLS error as the reason.
+    """
+    from jupyter_gpu.security import connection_args
+
+    return connection_args("client")
 
 
 class PoolUnavailable(RuntimeError):
@@ -169,7 +192,8 @@ class PoolLink:
 
         ``state`` is ``"no-pool"`` when nothing is running (the panel offers Start), ``"unreachable"`` with
         the error when an address is known but the scheduler does not answer. ``me`` is this server's user,
-        so the panel can pick out "my sessions" without a second request.
+        so the panel can pick out "my sessions" without a second request; ``token_set`` whether this server
+        has a pool token to send with cancels.
         """
         me = server_user(self.config)
         try:
@@ -189,6 +213,8 @@ class PoolLink:
         snap = dict(snap)
         snap["state"] = "ok"
         snap["me"] = me
+        # a pool that checks tokens refuses this server's cancels without one: the panel says so up front
+        snap["token_set"] = server_token(self.config) is not None
         return snap
 
     async def snapshot_text(self, max_age: float | None = None) -> str:

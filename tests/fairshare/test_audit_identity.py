@@ -79,3 +79,18 @@ def test_cli_token_create_and_usage(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "dave" in out and "1.000" in out and "ml" in out
     assert main(["usage", "--db", db, "--since", "not a time"]) == 2
+
+
+def test_usage_counts_oversized_leases_per_user(tmp_path):
+    from jupyter_gpu.cluster.audit import format_usage
+
+    store = AuditStore(str(tmp_path / "audit.sqlite"))
+    store.open_boot(now=0.0)
+    for lid, peak in (("L1", 100 << 20), ("L2", 6 << 30), ("L3", None)):
+        store.lease_started({**lease(lid, "alice", "ml", 0.5, 0.0), "bytes": 8 << 30}, preemptible=False)
+        store.lease_ended(lid, 60.0, "released by its owner", peak_bytes=peak)
+    usage = store.usage(since=0.0, now=120.0)
+    alice = usage["users"][0]
+    assert (alice["leases"], alice["measured"], alice["oversized"]) == (3, 2, 1)
+    assert "1/2" in format_usage(usage).splitlines()[-4]
+    store.close()

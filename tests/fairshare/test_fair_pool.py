@@ -153,3 +153,40 @@ def test_audit_rows_are_correct_after_a_scheduler_restart(qpool):
     out = subprocess.run([sys.executable, "-m", "jupyter_gpu.cli", "usage", "--db", db], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0 and "alice" in out.stdout and "viz" in out.stdout, out.stderr
+
+
+def test_running_batch_work_is_preempted_told_why_and_requeued(qpool):
+    """After the restart above: a batch cell running on borrowed capacity is stopped for a guarantee, its
+    owner is told why, and the cell reruns from its start once the pool has room again."""
+    alice, bob, carol = qpool.kernel("alice"), qpool.kernel("bob"), qpool.kernel("carol")
+    try:
+        assert alice.run("%%gpu --gpus 1\nx = 1").error is None  # team ml at its guarantee
+        cell = bob.start("%%gpu --gpus 1 --priority batch\nimport time\nprint('bob starts', flush=True)\n"
+                         "time.sleep(5)\nprint('bob finished')")
+        bob.wait_for_output(cell, "bob starts", timeout=60)
+        # the session tells the broker "running" on its own, one-way channel: it may trail the cell's output
+        assert wait_until(lambda: {ls["user"]: ls["state"] for ls in leases(qpool.address)}.get("bob") == "running")
+        held = {ls["user"]: ls for ls in leases(qpool.address)}
+        assert held["bob"]["preemptible"]
+        # carol is owed her guarantee: bob's running, borrowed batch cell is preempted for her
+        res = carol.run("%%gpu --gpus 0.5\nprint('carol ran')")
+        assert res.error is None and "carol ran" in res.stdout, res.error_text
+        ended = call(qpool.address, "gpu_lease_info", lease=held["bob"]["id"])
+        assert ended["state"] == "ended" and ended["preempted"] and ended["end_reason"].startswith("reclaimed")
+        assert carol.run("%gpu release").error is None
+        # bob's cell was requeued and reruns from its start once carol's half GPU is free again
+        res = bob.collect(cell, timeout=120)
+        assert res.error is None, res.error_text
+        assert "This batch cell was preempted" in res.stdout and "reclaimed for a request within team viz" in res.stdout
+        # (the first run's "bob starts" was read above): the cell ran again from its start, to its end
+        assert res.stdout.count("bob starts") == 1 and "bob finished" in res.stdout, res.stdout
+        assert res.stdout.index("This batch cell was preempted") < res.stdout.index("bob starts")
+        # an interactive cell is not rerun: it fails, saying why
+        cell = bob.start("%%gpu\nimport time\nprint('again', flush=True)\ntime.sleep(30)")
+        bob.wait_for_output(cell, "again", timeout=60)
+        assert carol.run("%%gpu --gpus 1\nprint('carol again')").error is None
+        res = bob.collect(cell, timeout=60)
+        assert res.error["ename"] == "SessionLost" and "reclaimed" in res.error["evalue"], res.error_text
+    finally:
+        for k in (alice, bob, carol):
+            k.shutdown(now=True)

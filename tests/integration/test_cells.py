@@ -100,6 +100,27 @@ def test_interrupt_reaches_running_remote_code_within_two_seconds(kernel):
     assert kernel.run("%%gpu\nprint(kept)").stdout == "state\n"
 
 
+def test_an_interrupt_that_lands_while_an_output_is_shown_still_stops_the_remote_code(pool):
+    """The bug CI hit under load: SIGINT arriving while the kernel rendered an output escaped the cell's
+    wait loop as a bare KeyboardInterrupt, and the remote code ran on."""
+    k = Kernel(pool, user="slowrender")
+    try:
+        # make showing an output slow, so that the interrupt surely lands while one is shown
+        k.run("import time\nfrom jupyter_gpu.kernelext import rendering\n_show = rendering.CellRenderer.handle\n"
+              "rendering.CellRenderer.handle = lambda self, item: (_show(self, item), time.sleep(2))[0]")
+        msg = k.start("%%gpu\nimport time\nprint('rendering', flush=True)\ntime.sleep(60)")
+        k.wait_for_output(msg, "rendering")
+        t0 = time.monotonic()
+        k.interrupt()
+        res = k.collect(msg)
+        assert time.monotonic() - t0 < 6.0
+        # the remote code was stopped by SIGINT: its own traceback, in the cell's lines
+        assert res.error["ename"] == "KeyboardInterrupt" and "time.sleep(60)" in res.error_text, res.error_text
+        assert k.run("%%gpu\nprint('still here')").stdout.endswith("still here\n")
+    finally:
+        k.shutdown(now=True)
+
+
 def test_code_that_ignores_sigint_is_killed_after_the_grace_period(kernel, pool):
     msg = kernel.start("%%gpu\nimport signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
                        "print('stubborn', flush=True)\ntime.sleep(60)")
@@ -191,3 +212,26 @@ def test_dead_kernel_releases_its_lease(pool):
     k.km.provisioner.process.kill()  # the kernel dies: no shutdown, no goodbye
     assert wait_until(lambda: not any(ls["user"] == "erin" for ls in leases(pool)), timeout=20)
     k.kc.stop_channels()
+
+
+def test_each_cell_measures_its_peak_and_an_oversized_request_gets_a_right_size_hint(pool):
+    k = Kernel(pool, user="rita")
+    try:
+        # 4 GiB reserved; the cell holds about 300 MiB at its peak (a virtual GPU: the session's own memory)
+        res = k.run("%%gpu --memory 4GiB\nimport numpy as np\nblock = np.ones(300 * 2**20, dtype=np.uint8)\n"
+                    "n = int(block.sum())\ndel block")
+        assert res.error is None, res.error_text
+        badge = [d for d in res.data() if d.startswith("%%gpu ")][-1]
+        assert "peak 3" in badge and "MiB" in badge, badge  # about 300 MiB (plus numpy's own import)
+        assert "Right-size: this session used at most" in badge and "--memory 512MiB would do" in badge, badge
+        mine = [ls for ls in leases(pool) if ls["user"] == "rita"]
+        assert len(mine) == 1 and 300 * 2**20 <= mine[0]["peak_bytes"] < 400 * 2**20
+        status = k.run("%gpu status").result
+        assert "ask --memory 512MiB" in status and "of 4.0 GiB" in status, status
+        # a cell that fills its reservation gets no hint
+        res = k.run("%%gpu --memory 1GiB --fresh\nimport numpy as np\nblock = np.ones(700 * 2**20, dtype=np.uint8)\n"
+                    "n = int(block.sum())")
+        badge = [d for d in res.data() if d.startswith("%%gpu ")][-1]
+        assert res.error is None and "peak" in badge and "Right-size" not in badge, badge
+    finally:
+        k.shutdown(now=True)

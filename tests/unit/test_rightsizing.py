@@ -1,0 +1,34 @@
+"""Right-sizing hints and the quota line of ``%gpu status``."""
+
+from jupyter_gpu.kernelext.status_view import quota_text
+from jupyter_gpu.rightsizing import right_size, suggest_bytes
+
+GiB, MiB = 1 << 30, 1 << 20
+
+
+def test_suggestion_is_a_readable_power_of_two_above_the_peak_with_headroom():
+    assert suggest_bytes(0) == 256 * MiB
+    assert suggest_bytes(300 * MiB) == 512 * MiB
+    assert suggest_bytes(410 * MiB) == 1 * GiB  # 1.25 x 410 MiB > 512 MiB
+    assert suggest_bytes(3 * GiB) == 4 * GiB
+
+
+def test_hint_only_when_far_more_was_reserved_than_used():
+    hint = right_size(300 * MiB, 8 * GiB)
+    assert hint is not None and hint.suggestion() == "512MiB" and abs(hint.used_share - 300 / 8192) < 1e-9
+    assert "used at most 300.0 MiB of the 8.0 GiB it reserves: --memory 512MiB would do" in hint.hint()
+    assert right_size(3 * GiB, 8 * GiB) is None          # used more than a quarter
+    assert right_size(None, 8 * GiB) is None             # nothing measured
+    assert right_size(10 * MiB, 512 * MiB) is None       # too small a reservation to matter
+
+
+def test_quota_line_names_the_team_its_standing_and_mine():
+    assert "no quotas configured" in quota_text({"configured": False, "teams": []}, "ann")
+    quotas = {"configured": True, "default_team": "default",
+              "teams": [{"team": "ml", "guarantee": 1.0, "limit": 2.0, "held": 1.5},
+                        {"team": "default", "guarantee": 0.0, "limit": None, "held": 0.0}],
+              "users": [{"user": "ann", "team": "ml", "limit": 1.0, "held": 0.75}]}
+    text = quota_text(quotas, "ann")
+    assert text.startswith("Quota: team ml is guaranteed 1 GPU, limit 2; it holds 1.5 GPU now")
+    assert "over its guarantee" in text and "You hold 0.75 GPU of your limit 1." in text
+    assert quota_text(quotas, "zed") == "Quota: team default is guaranteed 0 GPU, no limit; it holds 0 GPU now."
