@@ -111,6 +111,36 @@ export interface IRun {
   started?: number | null;
 }
 
+/** A team as the broker's ``quotas`` view lists it (GPUs; fractions allowed). */
+export interface IQuotaTeam {
+  team: string;
+  guarantee: number;
+  limit?: number | null;
+  priority?: number;
+  /** GPUs the team's leases hold now. */
+  held: number;
+  members?: string[];
+}
+
+/** A user named in the quota file, or holding GPUs now. */
+export interface IQuotaUser {
+  user: string;
+  team: string;
+  limit?: number | null;
+  priority?: number;
+  held: number;
+}
+
+/** The snapshot's ``quotas``: ``configured`` is false for a pool without a quota file (the embedded pool). */
+export interface IQuotas {
+  configured: boolean;
+  default_team?: string;
+  teams?: IQuotaTeam[];
+  users?: IQuotaUser[];
+  /** ``tokens``: the broker checks JUPYTER_GPU_TOKEN on requests and cancels; ``names``: names are trusted. */
+  identity?: 'tokens' | 'names';
+}
+
 export interface IPoolInfo {
   address?: string | null;
   embedded?: boolean;
@@ -132,6 +162,9 @@ export type ISnapshot =
       gpus: IGpu[];
       queue: IQueueItem[];
       runs?: IRun[];
+      quotas?: IQuotas;
+      /** Whether this Jupyter server has a pool token to send with cancels (never the token itself). */
+      token_set?: boolean;
     };
 
 /** One coloured segment of a GPU's memory bar. */
@@ -187,8 +220,43 @@ export interface ISessionView {
   state: string;
   elapsed: string;
   peak: string;
+  /** Peak memory measured in the session (CUDA allocator), null until a cell has used CUDA. */
+  peakBytes: number | null;
   bytes: number;
   isolation: string;
+  /** ``peak X of Y reserved`` when the peak is known, else ``Y reserved``. */
+  usage: string;
+  /** A smaller ``--memory`` to ask for next time, when the session used under a quarter of its reservation. */
+  rightSize: string | null;
+  /** Granted beyond the team's guarantee: the pool may reclaim it for a team that is owed its guarantee. */
+  preemptible: boolean;
+}
+
+/** One team's row in the Quotas section. */
+export interface ITeamQuotaView {
+  team: string;
+  /** The team this server's user belongs to (highlighted). */
+  mine: boolean;
+  guarantee: number;
+  limit: number | null;
+  held: number;
+  members: string[];
+  /** The row's bar, as shares (0..1) of its scale (the limit, else the larger of guarantee and held). */
+  withinShare: number;
+  overShare: number;
+  guaranteeAt: number;
+  /** Holds more than its guarantee: it runs on borrowed capacity, and those leases are preemptible. */
+  over: boolean;
+  text: string;
+}
+
+export interface IQuotaView {
+  configured: boolean;
+  teams: ITeamQuotaView[];
+  myTeam: string | null;
+  myHeld: number;
+  myLimit: number | null;
+  identity: 'tokens' | 'names' | null;
 }
 
 export interface IRunView {
@@ -215,6 +283,10 @@ export interface IViewModel {
   queue: IQueueView[];
   sessions: ISessionView[];
   runs: IRunView[];
+  /** The pool's quotas as they concern the panel; null when the broker sends none (an older broker). */
+  quotas: IQuotaView | null;
+  /** The pool checks tokens and this server has none to send: its cancels will be refused. */
+  tokenMissing: boolean;
   /** My leased memory in GPU-equivalents (sum over GPUs of my bytes / that GPU's total). */
   myShare: number;
   myQueued: number;
@@ -451,6 +523,164 @@ export function validFraction(value: unknown): number | null {
   return value;
 }
 
+const MiB = 2 ** 20;
+const GiB = 2 ** 30;
+/*
+ * The right-sizing rule is jupyter_gpu/rightsizing.py's (the kernel's hint and %gpu status use it), repeated
+ * here so that the panel and the notebook never suggest different sizes for the same session.
+ */
+/** A session that peaked under this share of its reservation was over-sized. */
+const OVERSIZED_BELOW = 0.25;
+/** Below this reservation the saving is not worth a hint. */
+const MIN_RESERVED_FOR_HINT = GiB;
+/** Headroom over the measured peak: the peak excludes the CUDA context and varies between runs. */
+const HEADROOM = 1.25;
+/** The smallest ``--memory`` suggested. */
+const MIN_SUGGESTION = 256 * MiB;
+
+/**
+ * The ``--memory`` to suggest for a session that peaked at ``peakBytes``: the smallest power of two (256 MiB,
+ * 512 MiB, 1 GiB, 2 GiB, ...) that is at least 1.25 x the peak. Powers of two keep suggestions few and easy
+ * to read, and the packer places such requests without leaving odd gaps.
+ */
+export function suggestMemory(peakBytes: number): number {
+  const need = Math.max(MIN_SUGGESTION, Math.floor(Math.max(0, peakBytes) * HEADROOM));
+  let size = MIN_SUGGESTION;
+  while (size < need) {
+    size *= 2;
+  }
+  return size;
+}
+
+/** A size as the magic's ``--memory`` reads it: ``512MiB``, ``1GiB``, ``1.5GiB``. */
+export function formatMemoryOption(bytes: number): string {
+  const trim = (v: number) => String(Math.round(v * 100) / 100);
+  return bytes >= GiB ? `${trim(bytes / GiB)}GiB` : `${trim(bytes / MiB)}MiB`;
+}
+
+/**
+ * The right-sizing hint of a session that reserved ``reservedBytes`` and peaked at ``peakBytes``, or null.
+ * It speaks only when the peak is known and under a quarter of a reservation of at least 1 GiB: memory
+ * reserved and unused is memory others wait for, while a small miss is not worth nagging about.
+ */
+export function rightSizeHint(peakBytes: number | null, reservedBytes: number): string | null {
+  if (peakBytes === null || !isFinite(peakBytes) || !(reservedBytes >= MIN_RESERVED_FOR_HINT)) {
+    return null;
+  }
+  const peak = Math.max(0, peakBytes);
+  if (peak >= reservedBytes * OVERSIZED_BELOW) {
+    return null;
+  }
+  const suggestion = suggestMemory(peak);
+  if (suggestion >= reservedBytes) {
+    return null;
+  }
+  return `used ${formatBytes(peak)} of ${formatBytes(reservedBytes)}: ask --memory ${formatMemoryOption(
+    suggestion
+  )} next time`;
+}
+
+/** ``peak X of Y reserved``, or ``Y reserved`` while no peak has been measured (no CUDA use yet). */
+export function usageText(peakBytes: number | null, reservedBytes: number): string {
+  const reserved = `${formatBytes(reservedBytes)} reserved`;
+  return peakBytes === null ? reserved : `peak ${formatBytes(peakBytes)} of ${reserved}`;
+}
+
+/** A quantity of GPUs as the quota file writes it: ``0.5``, ``1``, ``2.25``. */
+function gpus(value: number): string {
+  return formatShare(value);
+}
+
+const EPS = 1e-6;
+
+/**
+ * The team whose quota holds ``me``, by the broker's own rules: a user entry names it, else a team that lists
+ * me as a member, else the default team (where users named nowhere land).
+ */
+export function myTeamOf(quotas: IQuotas, me: string): string | null {
+  const entry = (quotas.users ?? []).find(u => u.user === me);
+  if (entry) {
+    return entry.team;
+  }
+  const member = (quotas.teams ?? []).find(t => (t.members ?? []).includes(me));
+  if (member) {
+    return member.team;
+  }
+  return quotas.default_team ?? null;
+}
+
+/** One team's row: its numbers, its bar's geometry, and whether it is borrowing (over its guarantee). */
+export function teamQuotaRow(team: IQuotaTeam, mine: boolean): ITeamQuotaView {
+  const guarantee = Math.max(0, team.guarantee ?? 0);
+  const limit = typeof team.limit === 'number' ? team.limit : null;
+  const held = Math.max(0, team.held ?? 0);
+  // With a limit the bar is the limit; without, it grows with use so that borrowing shows beyond the tick.
+  const scale = Math.max(limit ?? 0, guarantee, held) || 1;
+  const text = `${gpus(held)} of ${gpus(guarantee)} GPU guaranteed${limit !== null ? ` · limit ${gpus(limit)}` : ''}`;
+  return {
+    team: team.team,
+    mine,
+    guarantee,
+    limit,
+    held,
+    members: [...(team.members ?? [])].sort(),
+    withinShare: Math.min(held, guarantee) / scale,
+    overShare: Math.max(0, held - guarantee) / scale,
+    guaranteeAt: guarantee / scale,
+    over: held > guarantee + EPS,
+    text
+  };
+}
+
+/**
+ * The rows of the Quotas section: my team first, then by name. A team with nothing to say (no guarantee,
+ * no limit, no members, nothing held: typically the implicit default team) is left out unless it is mine.
+ */
+export function teamQuotaRows(quotas: IQuotas, me: string): ITeamQuotaView[] {
+  const myTeam = myTeamOf(quotas, me);
+  return (quotas.teams ?? [])
+    .filter(
+      t =>
+        t.team === myTeam ||
+        (t.guarantee ?? 0) > 0 ||
+        typeof t.limit === 'number' ||
+        (t.members ?? []).length > 0 ||
+        (t.held ?? 0) > 0
+    )
+    .map(t => teamQuotaRow(t, t.team === myTeam))
+    .sort((a, b) => Number(b.mine) - Number(a.mine) || a.team.localeCompare(b.team));
+}
+
+/**
+ * The Quotas section's model, or null when the snapshot has no ``quotas`` (an older broker). ``myShare`` is
+ * what I hold by the leases' bytes, used only when the broker does not list me (it lists every user who holds
+ * GPUs, so that means I hold none).
+ */
+export function quotaView(quotas: IQuotas | undefined, me: string, myShare: number): IQuotaView | null {
+  if (!quotas) {
+    return null;
+  }
+  if (!quotas.configured) {
+    return { configured: false, teams: [], myTeam: null, myHeld: myShare, myLimit: null, identity: null };
+  }
+  const entry = (quotas.users ?? []).find(u => u.user === me);
+  return {
+    configured: true,
+    teams: teamQuotaRows(quotas, me),
+    myTeam: myTeamOf(quotas, me),
+    myHeld: entry ? entry.held : myShare,
+    myLimit: entry && typeof entry.limit === 'number' ? entry.limit : null,
+    identity: quotas.identity ?? null
+  };
+}
+
+/** The line under the Quotas rows about me: what I hold and my own limit inside the team. */
+export function myQuotaText(q: IQuotaView): string {
+  const held = `${gpus(q.myHeld)} GPU held`;
+  const limit = q.myLimit !== null ? `your limit ${gpus(q.myLimit)} GPU` : 'no limit of your own';
+  return `${held} · ${limit}`;
+}
+
 const EMPTY: Omit<IViewModel, 'state' | 'me'> = {
   error: null,
   address: null,
@@ -463,6 +693,8 @@ const EMPTY: Omit<IViewModel, 'state' | 'me'> = {
   queue: [],
   sessions: [],
   runs: [],
+  quotas: null,
+  tokenMissing: false,
   myShare: 0,
   myQueued: 0,
   poolLeased: 0,
@@ -524,10 +756,19 @@ export function buildViewModel(snapshot: ISnapshot | null, nowSeconds: number, m
         state: lease.state || 'unknown',
         elapsed: formatDuration(typeof lease.started === 'number' ? now - lease.started : null),
         peak: typeof lease.peak_bytes === 'number' ? formatBytes(lease.peak_bytes) : '–',
+        peakBytes: typeof lease.peak_bytes === 'number' ? lease.peak_bytes : null,
         bytes: lease.bytes ?? 0,
-        isolation: lease.isolation || 'none'
+        isolation: lease.isolation || 'none',
+        usage: '',
+        rightSize: null,
+        preemptible: !!lease.preemptible
       });
     }
+  }
+  for (const s of sessions.values()) {
+    s.usage = usageText(s.peakBytes, s.bytes);
+    // --memory sizes one GPU's share: a session spanning GPUs (a gang rank, whole GPUs) gets no suggestion
+    s.rightSize = s.gpus.length === 1 ? rightSizeHint(s.peakBytes, s.bytes) : null;
   }
   const queue: IQueueView[] = [...(snapshot.queue ?? [])]
     .sort((a, b) => a.position - b.position)
@@ -557,6 +798,8 @@ export function buildViewModel(snapshot: ISnapshot | null, nowSeconds: number, m
     queue,
     sessions: [...sessions.values()],
     runs: (snapshot.runs ?? []).map(r => runView(r, me)),
+    quotas: quotaView(snapshot.quotas, me, Math.round(myShare * 1000) / 1000),
+    tokenMissing: snapshot.quotas?.identity === 'tokens' && snapshot.token_set === false,
     myShare: Math.round(myShare * 1000) / 1000,
     myQueued: queue.filter(q => q.mine).length,
     poolLeased: Math.round(poolLeased * 1000) / 1000,

@@ -13,13 +13,16 @@ import { SnapshotFeed } from './client';
 import { gpuIcon } from './icon';
 import {
   IGpuView,
+  IQuotaView,
   IRunView,
   ISegmentView,
   ISnapshot,
+  ITeamQuotaView,
   IViewModel,
   buildViewModel,
   formatBytes,
   formatShare,
+  myQuotaText,
   scaleRequest,
   sparklinePoints
 } from './model';
@@ -70,13 +73,33 @@ function segmentTitle(s: ISegmentView): string {
   }`;
 }
 
+/** Why a lease is marked preemptible, for its tooltip (docs/fair-share.md, "Borrowing and reclaim"). */
+const PREEMPTIBLE_HELP =
+  "borrowed: granted beyond its team's guarantee on idle capacity, so the pool may end it (after its " +
+  'minimum run time) when another team needs its guarantee back';
+
+/** Why the panel suggests a smaller ``--memory``, for the hint's tooltip. */
+const RIGHT_SIZE_HELP =
+  "this session's peak memory is under a quarter of what it reserves: a smaller request starts sooner and " +
+  'leaves the rest of the GPU to others';
+
+function PreemptibleBadge(): JSX.Element {
+  return (
+    <span className="jp-GpuPanel-preemptible" title={PREEMPTIBLE_HELP}>
+      preemptible
+    </span>
+  );
+}
+
 function MemoryBar(props: { gpu: IGpuView }): JSX.Element {
   return (
     <div className="jp-GpuPanel-memBar" role="img" aria-label="memory by lease">
       {props.gpu.segments.map(s => (
         <div
           key={s.leaseId}
-          className={`jp-GpuPanel-memSegment${s.mine ? ' jp-mod-mine' : ''}`}
+          className={['jp-GpuPanel-memSegment', s.mine ? 'jp-mod-mine' : '', s.preemptible ? 'jp-mod-preemptible' : '']
+            .filter(Boolean)
+            .join(' ')}
           style={{
             width: `${(s.share * 100).toFixed(2)}%`,
             ...(s.mine ? {} : { backgroundColor: `hsl(${userHue(s.user)}, 55%, 55%)` })
@@ -119,7 +142,12 @@ function GpuCard(props: { gpu: IGpuView }): JSX.Element {
       {gpu.segments.length ? (
         <ul className="jp-GpuPanel-leases">
           {gpu.segments.map(s => (
-            <li key={s.leaseId} className={s.mine ? 'jp-mod-mine' : ''} data-lease-id={s.leaseId} title={segmentTitle(s)}>
+            <li
+              key={s.leaseId}
+              className={`${s.mine ? 'jp-mod-mine' : ''}${s.preemptible ? ' jp-mod-preemptible' : ''}`}
+              data-lease-id={s.leaseId}
+              title={segmentTitle(s)}
+            >
               <span
                 className="jp-GpuPanel-swatch"
                 style={s.mine ? {} : { backgroundColor: `hsl(${userHue(s.user)}, 55%, 55%)` }}
@@ -132,6 +160,7 @@ function GpuCard(props: { gpu: IGpuView }): JSX.Element {
               <span className="jp-GpuPanel-fraction">
                 {s.fraction !== null ? formatShare(s.fraction) : formatBytes(s.bytes)}
               </span>
+              {s.preemptible ? <PreemptibleBadge /> : null}
               <span className="jp-GpuPanel-isolation">{s.isolation}</span>
             </li>
           ))}
@@ -140,6 +169,58 @@ function GpuCard(props: { gpu: IGpuView }): JSX.Element {
         <div className="jp-GpuPanel-empty">idle</div>
       )}
     </div>
+  );
+}
+
+function QuotaBar(props: { row: ITeamQuotaView }): JSX.Element {
+  const { row } = props;
+  const pct = (share: number) => `${(share * 100).toFixed(2)}%`;
+  return (
+    <div className="jp-GpuPanel-quotaBar" role="img" aria-label={`${row.team}: ${row.text}`} title={row.text}>
+      <div className="jp-GpuPanel-quotaHeld" style={{ width: pct(row.withinShare) }} />
+      {row.overShare > 0 ? (
+        <div className="jp-GpuPanel-quotaOver" style={{ width: pct(row.overShare) }} title={PREEMPTIBLE_HELP} />
+      ) : null}
+      {/* the bar ends at the limit, else at the guarantee: a tick marks the guarantee only inside the bar */}
+      {row.guarantee > 0 && row.guaranteeAt < 1 ? (
+        <div className="jp-GpuPanel-quotaTick" style={{ left: pct(row.guaranteeAt) }} title="guarantee" />
+      ) : null}
+    </div>
+  );
+}
+
+/** Teams' guarantees, what each holds and whether it borrows; my team first and highlighted. */
+function QuotaSection(props: { quotas: IQuotaView; me: string }): JSX.Element {
+  const { quotas } = props;
+  return (
+    <section className="jp-GpuPanel-section jp-GpuPanel-quotas">
+      <h3>Quotas</h3>
+      <ul className="jp-GpuPanel-list">
+        {quotas.teams.map(t => (
+          <li
+            key={t.team}
+            className={`jp-GpuPanel-quotaRow${t.mine ? ' jp-mod-mine' : ''}`}
+            data-team={t.team}
+            title={t.members.length ? `members: ${t.members.join(', ')}` : undefined}
+          >
+            <div className="jp-GpuPanel-itemMain">
+              <span className="jp-GpuPanel-team">{t.team}</span>
+              <span className="jp-GpuPanel-quotaText">{t.text}</span>
+            </div>
+            <QuotaBar row={t} />
+            {t.over ? (
+              <div className="jp-GpuPanel-quotaHint" title={PREEMPTIBLE_HELP}>
+                over guarantee: preemptible
+              </div>
+            ) : null}
+          </li>
+        ))}
+      </ul>
+      <div className="jp-GpuPanel-sub jp-GpuPanel-myQuota">
+        {props.me}
+        {quotas.myTeam ? ` (team ${quotas.myTeam})` : ''}: {myQuotaText(quotas)}
+      </div>
+    </section>
   );
 }
 
@@ -282,6 +363,17 @@ export async function openScaleDialog(current: number): Promise<boolean> {
   return true;
 }
 
+/**
+ * Cancel through the server and turn the broker's refusal (someone else's work, a missing or wrong token)
+ * into an error, so the panel shows its reason instead of silently keeping the item.
+ */
+async function cancelOrExplain(id: string): Promise<void> {
+  const reply = await cancelWork(id);
+  if (!reply.cancelled) {
+    throw new Error(`Not cancelled: ${reply.what}`);
+  }
+}
+
 interface IViewProps {
   vm: IViewModel;
   live: boolean;
@@ -383,6 +475,12 @@ function PanelView(props: IViewProps): JSX.Element {
             and utilization is the share of memory leased to running cells.
           </div>
         ) : null}
+        {vm.tokenMissing ? (
+          <div className="jp-GpuPanel-notice jp-GpuPanel-tokenNotice">
+            This pool checks user tokens and this Jupyter server has none, so the pool refuses its Cancel. Set{' '}
+            <code>JUPYTER_GPU_TOKEN</code> (or <code>c.GpuPanelConfig.token</code>) before starting JupyterLab.
+          </div>
+        ) : null}
         <section className="jp-GpuPanel-section jp-GpuPanel-gpus">
           <h3>GPUs ({vm.gpus.length})</h3>
           {vm.gpus.length ? (
@@ -420,15 +518,21 @@ function PanelView(props: IViewProps): JSX.Element {
                       className="jp-GpuPanel-cancel jp-mod-styled jp-mod-reject"
                       disabled={busy !== null}
                       title={`end session ${s.id}`}
-                      onClick={() => void run(`cancel ${s.id}`, () => cancelWork(s.id))}
+                      onClick={() => void run(`cancel ${s.id}`, () => cancelOrExplain(s.id))}
                     >
                       Cancel
                     </button>
                   </div>
                   <div className="jp-GpuPanel-sub">
-                    {s.state} · {formatBytes(s.bytes)} on GPU {s.gpus.join(', ')} · {s.elapsed} · peak {s.peak} ·
-                    isolation {s.isolation}
+                    {s.state} · GPU {s.gpus.join(', ')} · {s.elapsed} · isolation {s.isolation}
+                    {s.preemptible ? <> · <PreemptibleBadge /></> : null}
                   </div>
+                  <div className="jp-GpuPanel-sub jp-GpuPanel-usage">{s.usage}</div>
+                  {s.rightSize ? (
+                    <div className="jp-GpuPanel-rightSize" title={RIGHT_SIZE_HELP}>
+                      {s.rightSize}
+                    </div>
+                  ) : null}
                 </li>
               ))}
             </ul>
@@ -438,8 +542,14 @@ function PanelView(props: IViewProps): JSX.Element {
             </div>
           )}
         </section>
+        {vm.quotas?.configured ? <QuotaSection quotas={vm.quotas} me={vm.me} /> : null}
         <section className="jp-GpuPanel-section jp-GpuPanel-queue">
           <h3>Queue ({vm.queue.length})</h3>
+          {vm.quotas && !vm.quotas.configured ? (
+            <div className="jp-GpuPanel-sub jp-GpuPanel-noQuotas">
+              No quotas: the queue is ordered by fair share of recent use.
+            </div>
+          ) : null}
           {vm.queue.length ? (
             <ol className="jp-GpuPanel-list">
               {vm.queue.map(q => (
@@ -453,7 +563,7 @@ function PanelView(props: IViewProps): JSX.Element {
                         className="jp-GpuPanel-cancel jp-mod-styled jp-mod-reject"
                         disabled={busy !== null}
                         title={`cancel request ${q.id}`}
-                        onClick={() => void run(`cancel ${q.id}`, () => cancelWork(q.id))}
+                        onClick={() => void run(`cancel ${q.id}`, () => cancelOrExplain(q.id))}
                       >
                         Cancel
                       </button>

@@ -4,7 +4,8 @@
  * The browser is the system's Debian chromium (no Playwright browser download: PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1
  * at install time). JupyterLab is started by the webServer below with the real server extension; the pool is a
  * real embedded pool of two virtual 16 GiB GPUs that the test starts from the panel's Start button, in a
- * private runtime directory that global setup and teardown clean.
+ * private runtime directory that global setup and teardown clean. The pool's processes inherit the server's
+ * environment, so DASK_JUPYTER_GPU__POOL_CONFIG gives the pool the quotas in pool-quotas.yaml.
  */
 const os = require('os');
 const path = require('path');
@@ -17,7 +18,8 @@ const env = {
   JUPYTER_GPU_VIRTUAL_GPUS: '2x16GiB',
   JUPYTER_GPU_USER: 'panel-tester',
   JUPYTER_GPU_SCHEDULER: '',
-  JUPYTER_GPU_UI_TESTS_PORT: port
+  JUPYTER_GPU_UI_TESTS_PORT: port,
+  DASK_JUPYTER_GPU__POOL_CONFIG: path.join(__dirname, 'pool-quotas.yaml')
 };
 Object.assign(process.env, env); // for the helper processes the tests run
 

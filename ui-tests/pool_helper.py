@@ -1,9 +1,11 @@
 """Real work on the test pool, as notebook kernels would create it, for the panel's browser tests.
 
 ``python pool_helper.py load``  asks the broker for leases and queued requests of two users and prints
-their ids as JSON; ``python pool_helper.py cancel ID...`` ends them; ``python pool_helper.py stop`` stops
-the embedded pool advertised in JUPYTER_RUNTIME_DIR (the tests' teardown). It talks to the scheduler with the
-same handlers the ``%%gpu`` magic uses, so the panel shows exactly what users would see.
+their ids as JSON; ``python pool_helper.py peak LEASE BYTES`` reports a peak memory for a lease, as its
+session does after a cell (virtual GPUs measure none); ``python pool_helper.py cancel ID...`` ends them;
+``python pool_helper.py stop`` stops the embedded pool advertised in JUPYTER_RUNTIME_DIR (the tests'
+teardown). It talks to the scheduler with the same handlers the ``%%gpu`` magic and the session processes
+use, so the panel shows exactly what users would see.
 """
 
 from __future__ import annotations
@@ -54,6 +56,14 @@ async def load() -> dict:
     return {"mine": mine, "other": other, "waiting_other": waiting_other, "waiting_mine": waiting_mine}
 
 
+async def peak(lease: str, peak_bytes: int) -> dict:
+    """Report ``peak_bytes`` for ``lease`` the way a session process does when a cell ends (``gpu_lease_state``
+    with its current state), then return the lease as the broker now has it."""
+    info = await _call("gpu_lease_info", lease=lease)
+    await _call("gpu_lease_state", lease=lease, state=info.get("state") or "idle", peak_bytes=peak_bytes)
+    return await _call("gpu_lease_info", lease=lease)
+
+
 async def cancel(ids: list[str]) -> list:
     return [await _call("gpu_cancel", id=i, user=None) for i in ids]
 
@@ -81,12 +91,14 @@ def main() -> None:
     command, args = sys.argv[1], sys.argv[2:]
     if command == "load":
         json.dump(asyncio.run(load()), sys.stdout)
+    elif command == "peak":
+        json.dump(asyncio.run(peak(args[0], int(args[1]))), sys.stdout)
     elif command == "cancel":
         json.dump(asyncio.run(_cancel_quietly(args)), sys.stdout)
     elif command == "stop":
         stop()
     else:
-        raise SystemExit(f"unknown command {command!r}: use load, cancel ID... or stop")
+        raise SystemExit(f"unknown command {command!r}: use load, peak LEASE BYTES, cancel ID... or stop")
 
 
 if __name__ == "__main__":

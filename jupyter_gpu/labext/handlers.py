@@ -27,7 +27,7 @@ from jupyter_server.base.websocket import WebSocketMixin
 from jupyter_server.utils import url_path_join
 from tornado import websocket
 
-from .pool_link import PoolLink, PoolUnavailable, server_user
+from .pool_link import PoolLink, PoolUnavailable, server_token, server_user
 
 log = logging.getLogger(__name__)
 
@@ -133,12 +133,22 @@ class ScaleHandler(_ApiBase):
 
 
 class CancelHandler(_ApiBase):
-    """Cancel button of "my sessions" and the queue: the broker checks that the work is this user's."""
+    """Cancel button of "my sessions" and the queue: the broker checks that the work is this user's.
+
+    A pool with a token file (Dask config ``jupyter-gpu.token-file``) also checks the user's token, so the
+    server sends its own (``GpuPanelConfig.token`` or ``JUPYTER_GPU_TOKEN``), as the user's kernels do. The
+    broker's refusal (``{"cancelled": false, "what": reason}``: someone else's work, a missing or wrong
+    token) is passed through as is, for the panel to show.
+    """
 
     @tornado.web.authenticated
     async def post(self, item_id: str) -> None:
+        kwargs: dict[str, Any] = {"id": item_id, "user": server_user(self.pool.config)}
+        token = server_token(self.pool.config)
+        if token:  # only when set: a pool without tokens ignores it, and the reply names what is missing
+            kwargs["token"] = token
         try:
-            result = await self.pool.call("gpu_cancel", id=item_id, user=server_user(self.pool.config))
+            result = await self.pool.call("gpu_cancel", **kwargs)
         except PoolUnavailable as exc:
             raise tornado.web.HTTPError(409, str(exc)) from exc
         except Exception as exc:  # noqa: BLE001

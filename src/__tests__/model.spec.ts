@@ -3,19 +3,48 @@
  * tested on snapshots shaped exactly as the broker's gpu_snapshot sends them (docs/interfaces.md).
  */
 import {
+  IQuotas,
   ISnapshot,
   buildViewModel,
   formatBytes,
   formatDuration,
+  formatMemoryOption,
   gpuView,
+  myQuotaText,
+  myTeamOf,
+  quotaView,
+  rightSizeHint,
   runView,
   scaleRequest,
   sparklinePoints,
   statusText,
+  suggestMemory,
+  teamQuotaRow,
+  teamQuotaRows,
+  usageText,
   validFraction
 } from '../model';
 
 const GiB = 2 ** 30;
+const MiB = 2 ** 20;
+
+/** The broker's ``quotas`` view (broker._quota_view) for a pool with two teams and a user limit. */
+function quotas(): IQuotas {
+  return {
+    configured: true,
+    default_team: 'default',
+    identity: 'tokens',
+    teams: [
+      { team: 'viz', guarantee: 0.5, limit: null, priority: 0, held: 0, members: ['carol'] },
+      { team: 'ml', guarantee: 1.0, limit: 2.0, priority: 10, held: 1.5, members: ['bob', 'alice'] },
+      { team: 'default', guarantee: 0, limit: null, priority: 0, held: 0, members: [] }
+    ],
+    users: [
+      { user: 'alice', team: 'ml', limit: 1.0, priority: 0, held: 0.25 },
+      { user: 'bob', team: 'ml', limit: null, priority: 0, held: 1.25 }
+    ]
+  };
+}
 
 function snapshot(): ISnapshot {
   return {
@@ -273,5 +302,133 @@ describe('validFraction', () => {
     expect(validFraction(0)).toBeNull();
     expect(validFraction(1.5)).toBeNull();
     expect(validFraction('0.5')).toBeNull();
+  });
+});
+
+describe('suggestMemory', () => {
+  it('is the smallest power of two at least 1.25 x the peak, never under 256 MiB (rightsizing.py)', () => {
+    expect(suggestMemory(0)).toBe(256 * MiB);
+    expect(suggestMemory(100 * MiB)).toBe(256 * MiB);
+    expect(suggestMemory(205 * MiB)).toBe(512 * MiB); // 256.25 MiB needed
+    expect(suggestMemory(Math.round(0.4 * GiB))).toBe(512 * MiB); // floor(1.25 x peak) is exactly 512 MiB
+    expect(suggestMemory(600 * MiB)).toBe(GiB);
+    expect(suggestMemory(0.8 * GiB)).toBe(GiB); // exactly 1 GiB with headroom: it fits
+    expect(suggestMemory(3 * GiB)).toBe(4 * GiB);
+    expect(suggestMemory(3.5 * GiB)).toBe(8 * GiB);
+  });
+  it('writes sizes as the magic reads them', () => {
+    expect(formatMemoryOption(256 * MiB)).toBe('256MiB');
+    expect(formatMemoryOption(GiB)).toBe('1GiB');
+    expect(formatMemoryOption(8 * GiB)).toBe('8GiB');
+    expect(formatMemoryOption(1.5 * GiB)).toBe('1.5GiB');
+  });
+});
+
+describe('rightSizeHint', () => {
+  it('suggests a smaller --memory when the peak is under a quarter of the reservation', () => {
+    expect(rightSizeHint(Math.round(0.45 * GiB), 8 * GiB)).toBe(
+      'used 460.8 MiB of 8.0 GiB: ask --memory 1GiB next time'
+    );
+    expect(rightSizeHint(1.5 * GiB, 8 * GiB)).toBe('used 1.5 GiB of 8.0 GiB: ask --memory 2GiB next time');
+  });
+  it('stays quiet without a peak, at a quarter or more, or when the suggestion would not be smaller', () => {
+    expect(rightSizeHint(null, 8 * GiB)).toBeNull();
+    expect(rightSizeHint(2 * GiB, 8 * GiB)).toBeNull();
+    expect(rightSizeHint(7 * GiB, 8 * GiB)).toBeNull();
+    expect(rightSizeHint(100 * MiB, 768 * MiB)).toBeNull(); // under 1 GiB reserved: not worth a hint
+    expect(rightSizeHint(300 * MiB, GiB + MiB)).toBeNull(); // 512 MiB would do, but that is not under a quarter
+    expect(rightSizeHint(10 * MiB, 0)).toBeNull();
+  });
+  it('says peak of reserved when the peak is known', () => {
+    expect(usageText(3 * GiB, 4 * GiB)).toBe('peak 3.0 GiB of 4.0 GiB reserved');
+    expect(usageText(null, 4 * GiB)).toBe('4.0 GiB reserved');
+  });
+});
+
+describe('quotas', () => {
+  it("finds my team from my user entry, a team's members, else the default team", () => {
+    const q = quotas();
+    expect(myTeamOf(q, 'alice')).toBe('ml');
+    expect(myTeamOf(q, 'carol')).toBe('viz'); // a member, not listed under users
+    expect(myTeamOf(q, 'dave')).toBe('default');
+  });
+
+  it('draws held within the guarantee, the borrowed rest, and the guarantee tick on the limit scale', () => {
+    const row = teamQuotaRow(quotas().teams![1], true);
+    expect(row.text).toBe('1.5 of 1 GPU guaranteed · limit 2');
+    expect([row.withinShare, row.overShare, row.guaranteeAt]).toEqual([0.5, 0.25, 0.5]);
+    expect(row.over).toBe(true);
+    expect(row.members).toEqual(['alice', 'bob']);
+  });
+
+  it('scales a team without a limit by the larger of its guarantee and what it holds', () => {
+    const within = teamQuotaRow({ team: 't', guarantee: 2, held: 1 }, false);
+    expect([within.withinShare, within.overShare, within.guaranteeAt, within.over]).toEqual([0.5, 0, 1, false]);
+    const over = teamQuotaRow({ team: 't', guarantee: 1, held: 2 }, false);
+    expect([over.withinShare, over.overShare, over.guaranteeAt, over.over]).toEqual([0.5, 0.5, 0.5, true]);
+    const empty = teamQuotaRow({ team: 't', guarantee: 0, held: 0 }, false);
+    expect([empty.withinShare, empty.overShare, empty.over]).toEqual([0, 0, false]);
+  });
+
+  it('lists my team first and leaves out an empty default team unless it is mine', () => {
+    expect(teamQuotaRows(quotas(), 'carol').map(r => [r.team, r.mine])).toEqual([
+      ['viz', true],
+      ['ml', false]
+    ]);
+    expect(teamQuotaRows(quotas(), 'dave').map(r => [r.team, r.mine])).toEqual([
+      ['default', true],
+      ['ml', false],
+      ['viz', false]
+    ]);
+  });
+
+  it('gives my own held and limit, falling back to my leases when the broker does not list me', () => {
+    const alice = quotaView(quotas(), 'alice', 9)!;
+    expect([alice.configured, alice.myTeam, alice.myHeld, alice.myLimit, alice.identity]).toEqual([
+      true,
+      'ml',
+      0.25,
+      1,
+      'tokens'
+    ]);
+    expect(myQuotaText(alice)).toBe('0.25 GPU held · your limit 1 GPU');
+    const carol = quotaView(quotas(), 'carol', 0)!;
+    expect(myQuotaText(carol)).toBe('0 GPU held · no limit of your own');
+  });
+
+  it('warns when the pool checks tokens and this server has none to send', () => {
+    const snap = snapshot() as any;
+    snap.quotas = quotas();
+    expect(buildViewModel(snap, 0).tokenMissing).toBe(false); // no token_set: an older server, say nothing
+    snap.token_set = false;
+    expect(buildViewModel(snap, 0).tokenMissing).toBe(true);
+    snap.token_set = true;
+    expect(buildViewModel(snap, 0).tokenMissing).toBe(false);
+    snap.token_set = false;
+    snap.quotas.identity = 'names';
+    expect(buildViewModel(snap, 0).tokenMissing).toBe(false);
+  });
+
+  it('says not configured for a pool without a quota file, and nothing for a broker without quotas', () => {
+    const none = quotaView({ configured: false, teams: [] }, 'alice', 0.5)!;
+    expect([none.configured, none.teams]).toEqual([false, []]);
+    expect(quotaView(undefined, 'alice', 0)).toBeNull();
+  });
+
+  it('reaches the view model with right-sizing and preemptible sessions', () => {
+    const snap = snapshot() as any;
+    snap.quotas = quotas();
+    snap.gpus[0].leases[1].peak_bytes = 512 * MiB; // alice's L1 reserves 4 GiB
+    snap.gpus[0].leases[1].preemptible = true;
+    const vm = buildViewModel(snap, 0);
+    expect(vm.quotas!.teams[0]).toMatchObject({ team: 'ml', mine: true, over: true });
+    const l1 = vm.sessions.find(s => s.id === 'L1')!;
+    expect(l1.usage).toBe('peak 512.0 MiB of 4.0 GiB reserved');
+    expect(l1.rightSize).toBe('used 512.0 MiB of 4.0 GiB: ask --memory 1GiB next time');
+    expect(l1.preemptible).toBe(true);
+    expect(vm.gpus[0].segments.find(s => s.leaseId === 'L1')!.preemptible).toBe(true);
+    // the two-GPU lease gets no --memory suggestion (it sizes one GPU's share)
+    const l3 = vm.sessions.find(s => s.id === 'L3')!;
+    expect([l3.usage, l3.rightSize, l3.preemptible]).toEqual(['32.0 GiB reserved', null, false]);
   });
 });

@@ -3,6 +3,8 @@
  *
  * One serial flow, because it walks the pool's life: no pool → Start (from the panel) → GPU cards →
  * real leases and queued requests (made through the broker, as kernels make them) → Cancel from the panel.
+ * The pool has quotas (pool-quotas.yaml: one team per test user, 1 GPU guaranteed each, no limits), so the
+ * Quotas section, and the preemptible mark on what a team holds beyond its guarantee, are real too.
  */
 import { expect, galata, test } from '@jupyterlab/galata';
 import { execFileSync } from 'child_process';
@@ -10,6 +12,7 @@ import * as fs from 'fs';
 import * as path from 'path';
 
 const PANEL_ID = 'jupyter-gpu-panel';
+const MiB = 2 ** 20;
 const helper = path.join(__dirname, '..', 'pool_helper.py');
 const python = process.env.PYTHON || 'python';
 
@@ -49,6 +52,17 @@ test.describe('GPU panel', () => {
     await expect(panel.locator('.jp-GpuPanel-virtualNotice')).toContainText('virtual GPUs');
     await expect(panel.getByRole('button', { name: 'Scale' })).toBeVisible(); // the embedded pool is scalable
     await expect(page.locator('.jp-GpuStatus-text')).toHaveText('GPU: 0 of 2');
+    // the pool's quotas: one row per team, mine (panel-tester's team "panel") first and highlighted
+    const quotas = panel.locator('.jp-GpuPanel-quotas');
+    await expect(quotas.locator('.jp-GpuPanel-quotaRow')).toHaveCount(2);
+    await expect(quotas.locator('.jp-GpuPanel-quotaRow').first()).toHaveAttribute('data-team', 'panel');
+    await expect(quotas.locator('[data-team="panel"]')).toHaveClass(/jp-mod-mine/);
+    await expect(quotas.locator('[data-team="others"]')).not.toHaveClass(/jp-mod-mine/);
+    await expect(quotas.locator('[data-team="panel"]')).toContainText('0 of 1 GPU guaranteed');
+    await expect(quotas.locator('.jp-GpuPanel-myQuota')).toHaveText(
+      'panel-tester (team panel): 0 GPU held · no limit of your own'
+    );
+    await expect(panel.locator('.jp-GpuPanel-noQuotas')).toHaveCount(0);
     // the websocket took over from REST polling
     await expect(panel.locator('.jp-GpuPanel-live')).toHaveClass(/jp-mod-live/, { timeout: 15000 });
     await panel.screenshot({ path: test.info().outputPath('panel-idle.png') });
@@ -97,6 +111,24 @@ test.describe('GPU panel', () => {
     await expect(mine.locator('h3')).toHaveText('My sessions (1)');
     await expect(mine.locator(`li[data-lease-id="${myLease}"]`)).toContainText('analysis.ipynb › train');
     await expect(page.locator('.jp-GpuStatus-text')).toHaveText(/^GPU: 0\.5 of 2 · 1 queued \(#1\)$/);
+
+    // quotas: each team within its guarantee, so nothing is preemptible yet
+    const quotas = panel.locator('.jp-GpuPanel-quotas');
+    await expect(quotas.locator('[data-team="panel"]')).toContainText('0.5 of 1 GPU guaranteed');
+    await expect(quotas.locator('[data-team="others"]')).toContainText('1 of 1 GPU guaranteed');
+    await expect(quotas.locator('.jp-GpuPanel-quotaHint')).toHaveCount(0);
+    await expect(quotas.locator('.jp-GpuPanel-myQuota')).toContainText('0.5 GPU held');
+    await expect(panel.locator('.jp-GpuPanel-preemptible')).toHaveCount(0);
+
+    // right-sizing: my session reserves 8 GiB; once it reports a 600 MiB peak, the panel suggests 1 GiB
+    const mySession = mine.locator(`li[data-lease-id="${myLease}"]`);
+    await expect(mySession.locator('.jp-GpuPanel-usage')).toHaveText('8.0 GiB reserved');
+    await expect(mySession.locator('.jp-GpuPanel-rightSize')).toHaveCount(0);
+    expect(poolHelper('peak', myLease, String(600 * MiB)).peak_bytes).toBe(600 * MiB);
+    await expect(mySession.locator('.jp-GpuPanel-usage')).toHaveText('peak 600.0 MiB of 8.0 GiB reserved');
+    await expect(mySession.locator('.jp-GpuPanel-rightSize')).toHaveText(
+      'used 600.0 MiB of 8.0 GiB: ask --memory 1GiB next time'
+    );
 
     const shot = test.info().outputPath('panel.png');
     await page.screenshot({ path: shot });
@@ -151,6 +183,18 @@ test.describe('GPU panel', () => {
     await expect(panel.locator('.jp-GpuPanel-memText')).toHaveText(
       Array(2).fill(/16\.0 GiB of 16\.0 GiB leased/), { timeout: 30000 });
     await expect(page.locator('.jp-GpuStatus-text')).toHaveText('GPU: 0 of 2');
+    // someone-else's team now holds 2 GPUs on a 1 GPU guarantee: the second lease is borrowed, preemptible
+    await expect(quotas.locator('[data-team="others"]')).toContainText('2 of 1 GPU guaranteed');
+    await expect(quotas.locator('[data-team="others"] .jp-GpuPanel-quotaHint')).toHaveText(
+      'over guarantee: preemptible'
+    );
+    await expect(quotas.locator('[data-team="panel"] .jp-GpuPanel-quotaHint')).toHaveCount(0);
+    const borrowed = panel.locator('.jp-GpuPanel-leases li.jp-mod-preemptible');
+    await expect(borrowed).toHaveCount(1);
+    await expect(borrowed).toContainText('someone-else');
+    await expect(borrowed.locator('.jp-GpuPanel-preemptible')).toHaveText('preemptible');
+    await expect(panel.locator('.jp-GpuPanel-memSegment.jp-mod-preemptible')).toHaveCount(1);
+    await panel.screenshot({ path: test.info().outputPath('panel-preemptible.png') });
   });
 
   test('scales the pool from the Scale dialog', async ({ page }) => {
