@@ -331,7 +331,8 @@ class GpuBroker(SchedulerPlugin):
         """Teams' guarantees, limits and GPUs held now, for ``%gpu status`` and the panel."""
         policy = self.policy
         if not isinstance(policy, FairSharePolicy) or not policy.quotas.configured:
-            return {"configured": False, "teams": []}
+            return {"configured": False, "teams": [], "users": [],
+                    "identity": "tokens" if self.tokens is not None else "names"}
         teams = [{"team": t.name, "guarantee": t.guarantee, "limit": t.limit, "priority": t.priority,
                   "held": round(policy.held_team.get(t.name, 0.0), 4), "members": sorted(t.members)}
                  for t in policy.quotas.teams.values()]
