@@ -145,6 +145,10 @@ export interface IPoolInfo {
   address?: string | null;
   embedded?: boolean;
   scalable?: boolean;
+  /** Set by the server extension: the pool is scalable and this server's user may scale it. */
+  can_scale?: boolean;
+  /** Who may scale (Dask config jupyter-gpu.scale-users); null: everyone. */
+  scale_users?: string[] | null;
   workers?: number;
   virtual?: boolean;
   default_fraction?: number;
@@ -790,7 +794,8 @@ export function buildViewModel(snapshot: ISnapshot | null, nowSeconds: number, m
     error: null,
     address: pool.address ?? null,
     virtual: !!pool.virtual || gpus.some(g => g.badge === 'virtual'),
-    scalable: !!pool.scalable,
+    // the Scale button is for users the pool lets scale (older servers send no can_scale: scalable decides)
+    scalable: pool.can_scale ?? !!pool.scalable,
     embedded: !!pool.embedded,
     workers: pool.workers ?? 0,
     defaultFraction: validFraction(pool.default_fraction),

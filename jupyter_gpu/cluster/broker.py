@@ -275,8 +275,14 @@ class GpuBroker(SchedulerPlugin):
         del stream[:-1000]
 
     async def scale(self, n: int | None = None, minimum: int | None = None, maximum: int | None = None,
-                    user: str | None = None) -> dict:
-        """Grow or shrink the pool through its cluster manager, where the pool has one."""
+                    user: str | None = None, token: str | None = None) -> dict:
+        """Grow or shrink the pool through its cluster manager, where the pool has one, for the users the
+        admin allows (Dask config ``jupyter-gpu.scale-users``; everyone when unset). Refusals are audited."""
+        denied = self._identity_error(user, token) or self._scale_refusal(user)
+        if denied:
+            self.audit.refused(None, user, None, {"scale": {"n": n, "minimum": minimum, "maximum": maximum}}, denied)
+            self.scheduler.log_event("jupyter-gpu-audit", {"action": "scale refused", "user": user, "reason": denied})
+            return {"error": denied}
         if self.scaler is None:
             return {"error": "this pool has no cluster manager to scale; add machines with "
                              "`jupyter-gpu worker ADDRESS` instead"}
@@ -309,7 +315,8 @@ class GpuBroker(SchedulerPlugin):
         return {
             "time": time.time(),
             "pool": {"address": self.scheduler.address if self.scheduler else None, "embedded": self.embedded,
-                     "scalable": self.scaler is not None, "workers": len(self.worker_gpus),
+                     "scalable": self.scaler is not None, "scale_users": self.scale_users(),
+                     "workers": len(self.worker_gpus),
                      "virtual": any(g.virtual for g in self.gpus.values()),
                      "default_fraction": float(config.get("default-fraction"))},
             "gpus": gpus,
@@ -343,6 +350,21 @@ class GpuBroker(SchedulerPlugin):
                  for u in sorted(names)]
         return {"configured": True, "default_team": quotas.default_team, "teams": teams, "users": users,
                 "identity": "tokens" if self.tokens is not None else "names"}
+
+    @staticmethod
+    def scale_users() -> list[str] | None:
+        """Who may scale the pool (None: everyone), from Dask config ``jupyter-gpu.scale-users``."""
+        allowed = config.get("scale-users")
+        if allowed is None:
+            return None
+        return [str(u) for u in ([allowed] if isinstance(allowed, str) else allowed)]
+
+    def _scale_refusal(self, user: str | None) -> str | None:
+        allowed = self.scale_users()
+        if allowed is None or (user is not None and user in allowed):
+            return None
+        return (f"user {user!r} may not scale this pool: only {', '.join(allowed) or 'nobody'} may (Dask config "
+                "jupyter-gpu.scale-users on the scheduler). Ask one of them, or an administrator.")
 
     def _identity_error(self, user: str | None, token: str | None) -> str | None:
         """With a token file configured, the reason ``user``/``token`` is not accepted (None: accepted)."""

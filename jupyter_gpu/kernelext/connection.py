@@ -31,7 +31,7 @@ from ..units import format_bytes
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "JUPYTER_GPU_TOKEN"
-_TOKEN_OPS = frozenset({"gpu_request", "gpu_cancel", "gpu_release"})
+_TOKEN_OPS = frozenset({"gpu_request", "gpu_cancel", "gpu_release", "gpu_scale"})
 
 
 def kernel_identity() -> str:

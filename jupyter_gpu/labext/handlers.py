@@ -118,8 +118,10 @@ class ScaleHandler(_ApiBase):
         else:
             raise tornado.web.HTTPError(400, 'send {"n": workers} or {"minimum": m, "maximum": M}')
         try:
+            token = server_token(self.pool.config)
             result = await self.pool.call("gpu_scale", timeout=self.pool.config.start_timeout,
-                                          user=server_user(self.pool.config), **kwargs)
+                                          user=server_user(self.pool.config),
+                                          **({"token": token} if token else {}), **kwargs)
         except PoolUnavailable as exc:
             raise tornado.web.HTTPError(409, str(exc)) from exc
         except Exception as exc:  # noqa: BLE001

@@ -215,6 +215,10 @@ class PoolLink:
         snap["me"] = me
         # a pool that checks tokens refuses this server's cancels without one: the panel says so up front
         snap["token_set"] = server_token(self.config) is not None
+        # the Scale button is shown only to users the pool lets scale (Dask config jupyter-gpu.scale-users)
+        pool = snap["pool"] = dict(snap.get("pool") or {})
+        allowed = pool.get("scale_users")
+        pool["can_scale"] = bool(pool.get("scalable")) and (allowed is None or me in allowed)
         return snap
 
     async def snapshot_text(self, max_age: float | None = None) -> str:

@@ -162,6 +162,15 @@ describe('buildViewModel', () => {
     expect([down.state, down.error, down.address]).toEqual(['unreachable', 'Timed out', 'tcp://x:1']);
   });
 
+  it('shows the Scale button only to users the pool lets scale', () => {
+    const withScale = (canScale: boolean, users: string[]): ISnapshot => {
+      const snap = snapshot() as Extract<ISnapshot, { state: 'ok' }>;
+      return { ...snap, pool: { ...snap.pool, can_scale: canScale, scale_users: users } };
+    };
+    expect(buildViewModel(withScale(false, ['admin']), 5000).scalable).toBe(false);
+    expect(buildViewModel(withScale(true, ['alice']), 5000).scalable).toBe(true);
+  });
+
   it('computes my share, my sessions (one per lease across GPUs) and the pool totals', () => {
     const vm = buildViewModel(snapshot(), 5000);
     expect(vm.state).toBe('ok');

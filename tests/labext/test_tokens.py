@@ -61,6 +61,7 @@ def token_pool(tmp_path_factory):
         mp.setenv("JUPYTER_GPU_USER", TEST_USER)
         mp.setenv("DASK_JUPYTER_GPU__TOKEN_FILE", str(root / "tokens.json"))
         mp.setenv("DASK_JUPYTER_GPU__POOL_CONFIG", str(root / "pool.yaml"))
+        mp.setenv("DASK_JUPYTER_GPU__SCALE_USERS", f'["{OTHER}"]')  # the server's user may not scale
         address = ensure_embedded_pool(timeout=120, keep=True, path=path)
     try:
         yield address, tokens
@@ -163,3 +164,25 @@ async def test_configured_token_wins_over_the_environment(jp_fetch, jp_serverapp
         assert await _gone(jp_fetch, lease)
     finally:
         await _rpc_call(address, "gpu_cancel", id=lease, user=TEST_USER, token=tokens[TEST_USER])
+
+
+async def test_scale_is_only_for_the_users_the_pool_allows(jp_fetch, pool, monkeypatch):
+    address, tokens = pool
+    monkeypatch.setenv("JUPYTER_GPU_TOKEN", tokens[TEST_USER])
+    await asyncio.sleep(0.3)
+    snap = _json(await jp_fetch("jupyter-gpu", "api", "snapshot"))
+    pool_info = snap["pool"]
+    assert pool_info["scalable"] is True and pool_info["scale_users"] == [OTHER]
+    assert pool_info["can_scale"] is False  # the panel hides its Scale button
+    with pytest.raises(Exception) as refused:
+        await jp_fetch("jupyter-gpu", "api", "scale", method="POST", body=json.dumps({"n": 3}))
+    assert refused.value.code == 409
+    body = json.loads(refused.value.response.body.decode())
+    assert f"user {TEST_USER!r} may not scale this pool" in json.dumps(body) and "scale-users" in json.dumps(body)
+    snap = _json(await jp_fetch("jupyter-gpu", "api", "snapshot"))
+    assert snap["pool"]["workers"] == 2  # nothing was scaled
+    # the allowed user (with their token) may
+    reply = await _rpc_call(address, "gpu_scale", n=2, user=OTHER, token=tokens[OTHER])
+    assert reply.get("workers") == 2, reply
+    reply = await _rpc_call(address, "gpu_scale", n=2, user=OTHER, token="wrong")
+    assert "wrong" in reply["error"], reply
