@@ -15,8 +15,19 @@ import { fetchSnapshot, streamUrl } from './api';
 import { ISnapshot } from './model';
 
 export class SnapshotFeed {
-  constructor(options: { interval?: number; settings?: ServerConnection.ISettings } = {}) {
+  /**
+   * @param options.transform applied to every snapshot before it is published (the plugin maps the
+   * notebooks of this server's kernels to their document paths, see notebooks.ts)
+   */
+  constructor(
+    options: {
+      interval?: number;
+      settings?: ServerConnection.ISettings;
+      transform?: (snapshot: ISnapshot) => ISnapshot;
+    } = {}
+  ) {
     this._settings = options.settings ?? ServerConnection.makeSettings();
+    this._transform = options.transform ?? (snapshot => snapshot);
     this._interval = (options.interval ?? 1) * 1000;
     this._poll = new Poll({
       auto: false,
@@ -136,11 +147,17 @@ export class SnapshotFeed {
     if (this._disposed) {
       return;
     }
+    try {
+      snapshot = this._transform(snapshot);
+    } catch (error) {
+      console.warn('jupyter-gpu: cannot adapt the snapshot', error);
+    }
     this._latest = snapshot;
     this._changed.emit(snapshot);
   }
 
   private _settings: ServerConnection.ISettings;
+  private _transform: (snapshot: ISnapshot) => ISnapshot;
   private _interval: number;
   private _poll: Poll;
   private _socket: WebSocket | null = null;

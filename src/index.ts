@@ -10,6 +10,7 @@ import { IStatusBar } from '@jupyterlab/statusbar';
 
 import { SnapshotFeed } from './client';
 import { validFraction } from './model';
+import { KernelPaths, withServerNotebookPaths } from './notebooks';
 import { GpuPanel, IPanelActions } from './panel';
 import { GpuStatus } from './statusbar';
 
@@ -64,7 +65,21 @@ const plugin: JupyterFrontEndPlugin<void> = {
     docManager: IDocumentManager | null,
     palette: ICommandPalette | null
   ) => {
-    const feed = new SnapshotFeed({ interval: 1 });
+    // leases name their notebook by its path on the kernel's machine: for this server's kernels, use the
+    // document path of the kernel's session instead (shown, and opened by "go to cell")
+    const sessions = app.serviceManager.sessions;
+    const kernelPaths: KernelPaths = kernel => {
+      for (const session of sessions.running()) {
+        if (session.kernel?.id === kernel) {
+          return session.path;
+        }
+      }
+      return undefined;
+    };
+    const feed = new SnapshotFeed({
+      interval: 1,
+      transform: snapshot => withServerNotebookPaths(snapshot, kernelPaths)
+    });
     const panel = new GpuPanel({
       feed,
       actions: { goToCell: docManager ? goToCellAction(docManager) : undefined }

@@ -3,9 +3,10 @@
  *
  * The browser is the system's Debian chromium (no Playwright browser download: PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1
  * at install time). JupyterLab is started by the webServer below with the real server extension; the pool is a
- * real embedded pool of two virtual 16 GiB GPUs that the test starts from the panel's Start button, in a
- * private runtime directory that global setup and teardown clean. The pool's processes inherit the server's
- * environment, so DASK_JUPYTER_GPU__POOL_CONFIG gives the pool the quotas in pool-quotas.yaml.
+ * real embedded pool of two virtual 16 GiB GPUs, in a private runtime directory that global setup and teardown
+ * clean: panel.spec.ts starts it from the panel's Start button, notebooks.spec.ts from a notebook kernel (the
+ * kernels that the server starts inherit this environment, so they find the same pool). The pool's processes
+ * inherit the server's environment, so DASK_JUPYTER_GPU__POOL_CONFIG gives the pool the quotas in pool-quotas.yaml.
  */
 const os = require('os');
 const path = require('path');

@@ -3,9 +3,10 @@
 ``python pool_helper.py load``  asks the broker for leases and queued requests of two users and prints
 their ids as JSON; ``python pool_helper.py peak LEASE BYTES`` reports a peak memory for a lease, as its
 session does after a cell (virtual GPUs measure none); ``python pool_helper.py cancel ID...`` ends them;
-``python pool_helper.py stop`` stops the embedded pool advertised in JUPYTER_RUNTIME_DIR (the tests'
-teardown). It talks to the scheduler with the same handlers the ``%%gpu`` magic and the session processes
-use, so the panel shows exactly what users would see.
+``python pool_helper.py clear`` cancels every lease and queued request of the test user (what notebook tests
+leave behind) and waits until the pool holds none; ``python pool_helper.py stop`` stops the embedded pool
+advertised in JUPYTER_RUNTIME_DIR (the tests' teardown). It talks to the scheduler with the same handlers the
+``%%gpu`` magic and the session processes use, so the panel shows exactly what users would see.
 """
 
 from __future__ import annotations
@@ -68,6 +69,32 @@ async def cancel(ids: list[str]) -> list:
     return [await _call("gpu_cancel", id=i, user=None) for i in ids]
 
 
+async def clear(user: str = ME, timeout: float = 30.0) -> list:
+    """Cancel everything ``user`` holds or waits for, then wait until the broker shows none of it (a lease
+    whose session is being killed is still listed for a moment). Returns the ids cancelled."""
+    try:
+        snap = await _call("gpu_snapshot")
+    except SystemExit as exc:  # no pool: nothing to clear
+        log.info("%s", exc)
+        return []
+
+    def mine(snap: dict) -> list[str]:
+        leases = {ls["id"] for g in snap["gpus"] for ls in g["leases"] if ls.get("user") == user}
+        return sorted(leases) + [q["id"] for q in snap["queue"] if q.get("user") == user]
+
+    ids = mine(snap)
+    for i in ids:
+        await _call("gpu_cancel", id=i, user=None)
+    deadline = time.monotonic() + timeout
+    while mine(snap) and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+        snap = await _call("gpu_snapshot")
+    left = mine(snap)
+    if left:
+        raise SystemExit(f"{user} still holds {left} {timeout:.0f} s after they were cancelled")
+    return ids
+
+
 def stop() -> None:
     """Stop the pool the tests started (it was started with keep=True, so it would otherwise stay up)."""
     from jupyter_gpu.cluster.embedded import stop_embedded_pool
@@ -95,10 +122,12 @@ def main() -> None:
         json.dump(asyncio.run(peak(args[0], int(args[1]))), sys.stdout)
     elif command == "cancel":
         json.dump(asyncio.run(_cancel_quietly(args)), sys.stdout)
+    elif command == "clear":
+        json.dump(asyncio.run(clear()), sys.stdout)
     elif command == "stop":
         stop()
     else:
-        raise SystemExit(f"unknown command {command!r}: use load, peak LEASE BYTES, cancel ID... or stop")
+        raise SystemExit(f"unknown command {command!r}: use load, peak LEASE BYTES, cancel ID..., clear or stop")
 
 
 if __name__ == "__main__":
