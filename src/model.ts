@@ -859,3 +859,16 @@ export function scaleRequest(
   }
   return { body: { minimum, maximum } };
 }
+
+/**
+ * How a lease's notebook is shown. This server's kernels are mapped to server paths (notebooks.ts); other
+ * kernels report an absolute path on their own machine, which would only be cut off in a narrow panel,
+ * so those show their file name (the full path stays in the tooltip).
+ */
+export function notebookLabel(path: string | null | undefined): string | null {
+  if (!path) {
+    return null;
+  }
+  const absolute = path.startsWith('/') || /^[A-Za-z]:[\\/]/.test(path);
+  return absolute ? path.split(/[\\/]/).pop() || path : path;
+}

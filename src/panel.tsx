@@ -23,6 +23,7 @@ import {
   formatBytes,
   formatShare,
   myQuotaText,
+  notebookLabel,
   scaleRequest,
   sparklinePoints
 } from './model';
@@ -153,8 +154,8 @@ function GpuCard(props: { gpu: IGpuView }): JSX.Element {
                 style={s.mine ? {} : { backgroundColor: `hsl(${userHue(s.user)}, 55%, 55%)` }}
               />
               <span className="jp-GpuPanel-user">{s.user}</span>
-              <span className="jp-GpuPanel-where">
-                {s.notebook ?? ''}
+              <span className="jp-GpuPanel-where" title={s.notebook ?? undefined}>
+                {notebookLabel(s.notebook) ?? ''}
                 {s.cell ? ` › ${s.cell}` : ''}
               </span>
               <span className="jp-GpuPanel-fraction">
@@ -511,7 +512,7 @@ function PanelView(props: IViewProps): JSX.Element {
                           {s.cell ? ` › ${s.cell}` : ''}
                         </a>
                       ) : (
-                        (s.notebook ?? s.id) + (s.cell ? ` › ${s.cell}` : '')
+                        (notebookLabel(s.notebook) ?? s.id) + (s.cell ? ` › ${s.cell}` : '')
                       )}
                     </span>
                     <button
@@ -572,7 +573,7 @@ function PanelView(props: IViewProps): JSX.Element {
                   <div className="jp-GpuPanel-reason">{q.reason}</div>
                   <div className="jp-GpuPanel-sub">
                     waiting {q.waited} · eta {q.eta}
-                    {q.notebook ? ` · ${q.notebook}` : ''}
+                    {q.notebook ? ` · ${notebookLabel(q.notebook)}` : ''}
                   </div>
                 </li>
               ))}

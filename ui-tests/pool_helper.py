@@ -2,7 +2,7 @@
 
 ``python pool_helper.py load``  asks the broker for leases and queued requests of two users and prints
 their ids as JSON; ``python pool_helper.py peak LEASE BYTES`` reports a peak memory for a lease, as its
-session does after a cell (virtual GPUs measure none); ``python pool_helper.py cancel ID...`` ends them;
+session does after a cell (here the leases run no cells, so the test sets one); ``python pool_helper.py cancel ID...`` ends them;
 ``python pool_helper.py clear`` cancels every lease and queued request of the test user (what notebook tests
 leave behind) and waits until the pool holds none; ``python pool_helper.py stop`` stops the embedded pool
 advertised in JUPYTER_RUNTIME_DIR (the tests' teardown). It talks to the scheduler with the same handlers the

@@ -402,16 +402,22 @@ def estimate_start(spec: RequestSpec, gpus: list[GpuSlot], by_gpu: dict[str, lis
                    typical: float | None, now: float) -> float | None:
     """When ``spec`` could start if running leases last as long as recent ones did (None: unknowable).
 
-    Optimistic on purpose: it ignores requests ahead in the queue, so it reads as "not before".
+    Optimistic on purpose: it ignores requests ahead in the queue, so it reads as "not before". A lease
+    that has already outlived the typical one is expected to last as long again as its age (the longer a
+    session has lived, the longer it tends to go on), never to end "now".
     """
     if typical is None or not gpus:
         return None
+
+    def expected_end(started: float) -> float:
+        return started + typical if started + typical > now else now + (now - started)
+
     starts = []
     for gpu in gpus:
         need = spec.need_on(gpu)
         if need > gpu.total_bytes:
             continue
-        ends = sorted((max(now, started + typical), nbytes) for started, nbytes in by_gpu.get(gpu.id, ()))
+        ends = sorted((expected_end(started), nbytes) for started, nbytes in by_gpu.get(gpu.id, ()))
         free, t = gpu.free_bytes, now
         if spec.gpus is not None:
             free, t = (gpu.total_bytes, ends[-1][0]) if ends else (gpu.total_bytes, now)

@@ -222,7 +222,11 @@ class GpuMagics(Magics):
         renderer = CellRenderer()
         badge = StatusLine()
         with self._session_turn(deadline):
-            session = self._session(conn, opts, label, deadline, badge)
+            try:
+                session = self._session(conn, opts, label, deadline, badge)
+            except BaseException as exc:  # cancelled, refused, timed out or interrupted while queued
+                badge.not_started(exc)
+                raise
             badge.running(session)
             try:
                 done, session = self._run(conn, session, opts, payload, remote_refs, renderer.handle, deadline)
@@ -474,6 +478,17 @@ class StatusLine:
 
     def started(self, session: RemoteSession, conn: PoolConnection) -> None:
         self.new_session = session
+
+    def not_started(self, exc: BaseException) -> None:
+        """The request ended without a session: the badge must not go on saying "queued"."""
+        if self.handle is None:
+            return  # it never waited visibly: the error alone says it
+        if isinstance(exc, KeyboardInterrupt):
+            why = "interrupted while queued"
+        else:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            why = f"{type(exc).__name__}: {first[:200]}"
+        self._show(f"not started ({why})", "failed", None)
 
     def running(self, session: RemoteSession) -> None:
         waited = f" after {time.monotonic() - self.waited_since:.1f} s in the queue" if self.waited_since else ""

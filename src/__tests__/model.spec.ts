@@ -11,6 +11,7 @@ import {
   formatMemoryOption,
   gpuView,
   myQuotaText,
+  notebookLabel,
   myTeamOf,
   quotaView,
   rightSizeHint,
@@ -439,5 +440,14 @@ describe('quotas', () => {
     // the two-GPU lease gets no --memory suggestion (it sizes one GPU's share)
     const l3 = vm.sessions.find(s => s.id === 'L3')!;
     expect([l3.usage, l3.rightSize, l3.preemptible]).toEqual(['32.0 GiB reserved', null, false]);
+  });
+});
+
+describe('notebookLabel', () => {
+  it('shows the file name of an absolute path and leaves server paths alone', () => {
+    expect(notebookLabel('/home/ann/projects/train.ipynb')).toBe('train.ipynb');
+    expect(notebookLabel('C:\\Users\\ann\\train.ipynb')).toBe('train.ipynb');
+    expect(notebookLabel('work/train.ipynb')).toBe('work/train.ipynb');
+    expect(notebookLabel(null)).toBeNull();
   });
 });

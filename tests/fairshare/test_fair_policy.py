@@ -165,6 +165,10 @@ def test_eta_is_null_without_history_and_estimated_from_recent_leases():
     pool.schedule()
     assert waiting.eta == pytest.approx(100.0)
     assert estimate_start(RequestSpec(fraction=0.5), [], {}, 10.0, 0.0) is None
+    # a lease that outlived the typical one is not expected to end "now" (the badge said "in 0 s")
+    pool.now = 160.0
+    pool.schedule()
+    assert waiting.eta == pytest.approx(160.0 + 160.0)
 
 
 def test_idle_timeout_lists_idle_leases_only():

@@ -235,3 +235,30 @@ def test_each_cell_measures_its_peak_and_an_oversized_request_gets_a_right_size_
         assert res.error is None and "peak" in badge and "Right-size" not in badge, badge
     finally:
         k.shutdown(now=True)
+
+
+def test_a_queued_cell_that_is_cancelled_says_so_in_its_badge(pool):
+    a, b, c = Kernel(pool, user="fay"), Kernel(pool, user="gus"), Kernel(pool, user="hal")
+    try:
+        assert a.run("%%gpu --gpus 1\nx = 1").error is None
+        assert b.run("%%gpu --gpus 1\nx = 1").error is None
+        cell = c.start("%%gpu --gpus 1\nprint('never')")
+        assert wait_until(lambda: any(q["user"] == "hal" for q in snapshot(pool)["queue"]), timeout=20)
+        request = next(q for q in snapshot(pool)["queue"] if q["user"] == "hal")
+        from distributed.core import rpc
+        import asyncio
+
+        async def cancel():
+            async with rpc(pool) as r:
+                return await r.gpu_cancel(id=request["id"], user="hal")
+
+        assert asyncio.run(cancel())["cancelled"] is True
+        res = c.collect(cell, timeout=30)
+        assert res.error is not None and "cancelled by its owner" in res.error["evalue"], res.error_text
+        badges = [d for d in res.data() if d.startswith("%%gpu ")]
+        assert badges[0].startswith("%%gpu queued (") and "position 1" in badges[0], badges
+        assert badges[-1].startswith("%%gpu not started (") and "cancelled by its owner" in badges[-1], badges
+        assert "never" not in res.stdout
+    finally:
+        for k in (a, b, c):
+            k.shutdown(now=True)
