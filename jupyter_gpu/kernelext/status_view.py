@@ -96,7 +96,9 @@ class StatusView:
                     sizing = right_size(ls.get("peak_bytes"), ls.get("bytes"))
                     state = ls["state"] + (" (preemptible)" if ls.get("preemptible") else "")
                     mine.append([ls["id"], f"{ls['fraction']:g} of {g['name']}{here}", state,
-                                 ls.get("isolation", "none"), f"{peak} of {format_bytes(ls['bytes'])}",
+                                 ls.get("isolation", "none"), f"{peak} of {format_bytes(ls['bytes'])}"
+                                 + (f", {ls['gpu_utilization']:.0f}% SM busy" if ls.get("gpu_utilization") is not None
+                                    else ""),
                                  f"ask --memory {sizing.suggestion()}" if sizing else "-",
                                  ls.get("notebook") or "-"])
         my_plain, my_html = _table(["lease", "share", "state", "isolation", "peak memory", "right-size",

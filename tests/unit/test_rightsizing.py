@@ -32,3 +32,19 @@ def test_quota_line_names_the_team_its_standing_and_mine():
     assert text.startswith("Quota: team ml is guaranteed 1 GPU, limit 2; it holds 1.5 GPU now")
     assert "over its guarantee" in text and "You hold 0.75 GPU of your limit 1." in text
     assert quota_text(quotas, "zed") == "Quota: team default is guaranteed 0 GPU, no limit; it holds 0 GPU now."
+
+
+def test_status_shows_my_sessions_peak_utilization_and_right_size():
+    from jupyter_gpu.kernelext.status_view import StatusView
+
+    lease = {"id": "L3", "user": "ann", "kernel": "k1", "state": "idle", "fraction": 0.5, "bytes": 8 * GiB,
+             "bytes_on_gpu": 8 * GiB, "isolation": "torch-cap", "peak_bytes": 300 * MiB,
+             "gpu_utilization": 37.0, "preemptible": True, "notebook": "a.ipynb"}
+    snap = {"time": 100.0, "pool": {"embedded": False, "workers": 1, "virtual": False},
+            "gpus": [{"name": "H100", "total_bytes": 16 * GiB, "leased_bytes": 8 * GiB, "utilization": 40,
+                      "leases": [lease]}],
+            "queue": [], "quotas": {"configured": False, "teams": []}}
+    plain = StatusView(snap, "ann", "k1", {}, None, "tcp://pool:8786")._repr_mimebundle_()["text/plain"]
+    assert "300.0 MiB of 8.0 GiB, 37% SM busy" in plain
+    assert "ask --memory 512MiB" in plain and "idle (preemptible)" in plain
+    assert "no quotas configured" in plain
