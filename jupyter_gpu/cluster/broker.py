@@ -61,6 +61,7 @@ class GpuBroker(SchedulerPlugin):
         self.scaler: Any = None  # set by a pool that owns a cluster manager (embedded pool)
         self._events: dict[str, asyncio.Event] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._drains: dict[str, list[asyncio.Task]] = {}  # request id -> reclaimed sessions it waits to see gone
         self.scheduler = None
 
     # ------------------------------------------------------------------ plugin hooks
@@ -113,7 +114,17 @@ class GpuBroker(SchedulerPlugin):
             self._finish_request(req, "cancelled", "its kernel disconnected")
         for lease in [ls for ls in self.leases.values() if ls.client == client]:
             self._end_lease(lease, "its kernel disconnected from the pool", kill=True)
+        for lease in [ls for ls in self.ended.values()
+                      if ls.client == client and (ls.offload or {}).get("state") == "saved"]:
+            self._spawn(self._discard_offload(lease))  # nobody will restore these variables now
         self._schedule()
+
+    async def _discard_offload(self, lease: Lease) -> None:
+        offload, lease.offload = lease.offload, None
+        try:
+            await self.scheduler.rpc(offload["worker"]).gpu_offload_discard(path=offload["path"])
+        except Exception as exc:  # noqa: BLE001 - the worker is gone, and its files with it
+            log.debug("could not discard the offload of %s: %s", lease.id, exc)
 
     # ------------------------------------------------------------------ handlers: workers
     def register_worker(self, worker: str, gpus: list[dict]) -> dict:
@@ -171,7 +182,8 @@ class GpuBroker(SchedulerPlugin):
 
     # ------------------------------------------------------------------ handlers: kernels
     def request(self, user: str, kernel: str, spec: dict, client: str | None = None,
-                notebook: str | None = None, cell: str | None = None, token: str | None = None) -> dict:
+                notebook: str | None = None, cell: str | None = None, token: str | None = None,
+                restore: str | None = None) -> dict:
         """Queue a request for GPU memory; grant it at once if it fits, refuse it if it never can."""
         denied = self._identity_error(user, token)
         if denied:
@@ -183,8 +195,12 @@ class GpuBroker(SchedulerPlugin):
         except (TypeError, ValueError) as exc:
             self.audit.refused(None, user, None, spec, f"not valid: {exc}")
             return {"id": None, "state": "refused", "reason": f"The request is not valid: {exc}."}
+        # the new session (of this cell's size, on any GPU) starts with the offloaded variables of an old one
+        offloaded = self._offloaded(restore, user, kernel) if restore else None
         req = Request(id=new_id("R"), user=user, kernel=kernel, client=client, spec=rspec,
-                      notebook=notebook, cell=cell)
+                      notebook=notebook, cell=cell, restore=offloaded.offload if offloaded else None)
+        if offloaded is not None:
+            offloaded.offload = None  # restored once, by this request
         if isinstance(self.policy, FairSharePolicy):
             req.team = self.policy.quotas.team_of(user)
         self.requests[req.id] = req
@@ -198,6 +214,13 @@ class GpuBroker(SchedulerPlugin):
         self.queue.append(req)
         self._schedule()
         return self._request_status(req)
+
+    def _offloaded(self, lease_id: str, user: str, kernel: str) -> Lease | None:
+        """The ended lease ``lease_id`` of this kernel whose variables wait in host memory on a live worker."""
+        old = self.ended.get(lease_id)
+        if old is None or old.user != user or old.kernel != kernel or (old.offload or {}).get("state") != "saved":
+            return None
+        return old if old.worker in self.worker_gpus else None
 
     async def wait(self, id: str, timeout: float = 1.0) -> dict:
         """Long-poll: the request's state once it changes from queued/starting, or after ``timeout``."""
@@ -463,7 +486,38 @@ class GpuBroker(SchedulerPlugin):
         self.audit.preempted(self._public(lease), {"id": req.id, "user": req.user, "team": req.team} if req else {},
                              reason)
         lease.preempted = True
+        if lease.state == "idle" and lease.world_size == 1 and config.get("reclaim-offload"):
+            # the memory is booked for ``req`` now; its session starts once this one has written its variables
+            # to host memory and exited (``_start_sessions`` waits for that)
+            lease.offload = {"state": "pending"}  # a kernel asking now waits for the outcome
+            self._end_lease(lease, reason, kill=False)
+            task = asyncio.ensure_future(self._offload_then_end(lease))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            if req is not None:
+                self._drains.setdefault(req.id, []).append(task)
+            return
         self._end_lease(lease, reason, kill=True)
+
+    async def _offload_then_end(self, lease: Lease) -> None:
+        """Move a reclaimed idle session's variables to host memory on its worker, then end its process."""
+        timeout = config.get_seconds("offload-timeout")
+        try:
+            reply = await asyncio.wait_for(
+                self.scheduler.rpc(lease.worker).gpu_session_offload(lease=lease.id, timeout=timeout), timeout + 5)
+        except Exception as exc:  # noqa: BLE001 - the worker is gone or too slow: the variables are lost
+            reply = {"error": f"{type(exc).__name__}: {exc}"}
+        if reply.get("error"):
+            log.warning("could not offload lease %s: %s", lease.id, reply["error"])
+            lease.offload = None
+            lease.end_reason = f"{lease.end_reason}; its variables could not be kept ({reply['error']})"
+        else:
+            lease.offload = {"state": "saved", "worker": lease.worker, "path": reply["path"],
+                             "saved": reply["saved"], "lost": reply["lost"], "bytes": reply["bytes"]}
+            lease.end_reason = (f"{lease.end_reason}; its {len(reply['saved'])} variable(s) were moved to host "
+                                "memory and come back with your next %%gpu cell")
+            log.info("lease %s offloaded %d variable(s), %d byte(s)", lease.id, len(reply["saved"]), reply["bytes"])
+        await self._kill_session(lease)
 
     def _housekeeping(self) -> None:
         """Once a second: the admin idle timeout, reservations that aged, and the audit heartbeat."""
@@ -481,14 +535,23 @@ class GpuBroker(SchedulerPlugin):
             self._schedule()
 
     async def _start_sessions(self, req: Request, leases: list[Lease]) -> None:
+        # sessions reclaimed for this request must be gone from the GPU before its session starts there
+        drains = self._drains.pop(req.id, [])
+        if drains:
+            await asyncio.gather(*drains, return_exceptions=True)
+
         async def start_one(lease: Lease) -> None:
+            restore = {"worker": req.restore["worker"], "path": req.restore["path"]} if (
+                req.restore and lease.rank == 0) else None
             reply = await self.scheduler.rpc(lease.worker).gpu_session_start(
-                lease=lease.public(), scheduler=self.scheduler.address)
+                lease=lease.public(), scheduler=self.scheduler.address, restore=restore)
             if reply.get("error"):
                 raise RuntimeError(reply["error"])
             lease.address, lease.pid = reply["address"], reply["pid"]
             lease.isolation = reply.get("isolation", "none")
             lease.state = "idle"
+            if restore:
+                req.restored = reply.get("restored")
 
         try:
             await asyncio.gather(*(start_one(ls) for ls in leases))
@@ -563,6 +626,7 @@ class GpuBroker(SchedulerPlugin):
             status["queue_length"] = len(order)
         if req.state == "granted":
             status["leases"] = [self._lease_with_gpus(self.leases[lid]) for lid in req.leases if lid in self.leases]
+            status["restored"] = req.restored
         return status
 
     def _sample_virtual(self) -> None:

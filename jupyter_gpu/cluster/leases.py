@@ -126,6 +126,8 @@ class Request:
     error: str | None = None
     eta: float | None = None
     leases: list[str] = field(default_factory=list)
+    restore: dict | None = None    # the offload of an earlier lease this request's session starts with
+    restored: dict | None = None   # what the new session got back from it
 
 
 @dataclass
@@ -162,6 +164,7 @@ class Lease:
     peak_bytes: int | None = None   # the largest cell peak so far (right-sizing, audit)
     gpu_utilization: float | None = None  # the last cell's mean SM utilization (real GPUs, NVML)
     preempted: bool = False         # ended to give its memory to a request owed by a guarantee
+    offload: dict | None = None     # where its variables went when it was reclaimed (worker, path, names)
     ended: float | None = None
     end_reason: str | None = None
 
@@ -180,5 +183,6 @@ class Lease:
             "isolation": self.isolation, "address": self.address, "pid": self.pid,
             "cell_started": self.cell_started, "peak_bytes": self.peak_bytes, "end_reason": self.end_reason,
             "gpu_utilization": self.gpu_utilization, "preempted": self.preempted,
+            "offload": ({k: v for k, v in self.offload.items() if k != "path"} if self.offload else None),
             "team": self.team,
         }

@@ -89,6 +89,7 @@ class Session:
         self.isolation = "none"
         self.meter: CellMemoryMeter | None = None  # set when a lease is assigned
         self.busy = False
+        self.retired = False  # its variables were offloaded: it runs no more cells
         self._after_reply: dict | None = None
         self.relay = Relay()
         self.capture = FdCapture(self.relay)
@@ -114,7 +115,8 @@ class Session:
         from distributed.core import rpc
 
         handlers = {"assign": self.h_assign, "execute": self.h_execute, "interrupt": self.h_interrupt,
-                    "pull": self.h_pull, "ping": self.h_ping, "free_port": self.h_free_port}
+                    "pull": self.h_pull, "ping": self.h_ping, "free_port": self.h_free_port,
+                    "offload": self.h_offload, "restore": self.h_restore}
         self.server = self.server_cls(handlers, deserialize=False)
         listen_at, listen_args, connection_args = _security_args(self.host, self.worker)
         await self.server.listen(listen_at, **listen_args)
@@ -186,6 +188,16 @@ class Session:
         job = await self._submit("pull", name=name)
         return await job.reply
 
+    async def h_offload(self, path: str) -> dict:
+        """Move the variables to host memory (the lease is being reclaimed); the session runs no more cells."""
+        job = await self._submit("offload", path=path)
+        return await job.reply
+
+    async def h_restore(self, path: str) -> dict:
+        """Bring back the variables an earlier session of this kernel offloaded (see ``offload``)."""
+        job = await self._submit("restore", path=path)
+        return await job.reply
+
     def tell_scheduler(self, **kwargs: Any) -> None:
         """Fire-and-forget note to the broker (cell running/idle, peak memory) for the panel."""
         if not self.scheduler or not self.lease:
@@ -252,6 +264,8 @@ class Session:
         from .. import session_api
 
         started = time.time()
+        if self.retired:
+            return {"status": "retired"}
         if cwd and cwd != os.getcwd() and os.path.isdir(cwd):
             os.chdir(cwd)  # same machine as the kernel: relative paths mean what they mean in the notebook
         # checkpoint()/restore() of this cell: per user, kernel and cell, so no other run's state is restored
@@ -352,6 +366,17 @@ class Session:
         if kind == "value":
             value = _pack(hook.last_value)
         return {"bundle": hook.last_bundle, "value": value}
+
+    def do_offload(self, job: _Job, path: str) -> dict:
+        from .offload import save_namespace
+
+        self.retired = True  # queued behind this job, a cell must not run on memory that is being given away
+        return save_namespace(self.shell.user_ns, self.shell.user_ns_hidden, path)
+
+    def do_restore(self, job: _Job, path: str) -> dict:
+        from .offload import load_namespace
+
+        return load_namespace(self.shell.user_ns, path)
 
     def do_pull(self, job: _Job, name: str) -> dict:
         from ..datacontract import to_cpu

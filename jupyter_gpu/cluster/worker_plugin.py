@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -71,6 +72,7 @@ class GpuWorkerPlugin(WorkerPlugin):
         self.devices = devices
         self.gpus: list[GpuInfo] = []
         self.sessions: dict[str, SessionProcess] = {}
+        self._offload_dir: str | None = None  # offloaded namespaces of reclaimed sessions (host memory)
         self.spare: SessionProcess | None = None
         self._spare_task: asyncio.Task | None = None
         self._stop = threading.Event()
@@ -88,6 +90,9 @@ class GpuWorkerPlugin(WorkerPlugin):
         worker.handlers.update({
             "gpu_session_start": self.session_start,
             "gpu_session_signal": self.session_signal,
+            "gpu_session_offload": self.session_offload,
+            "gpu_offload_discard": self.offload_discard,
+            "gpu_offload_fetch": self.offload_fetch,
             "gpu_inventory": self.inventory,
         })
         from distributed.compatibility import PeriodicCallback
@@ -106,6 +111,71 @@ class GpuWorkerPlugin(WorkerPlugin):
         for sp in list(self.sessions.values()) + ([self.spare] if self.spare else []):
             sp.killed = True
             _kill(sp.proc)
+        if self._offload_dir is not None:  # offloaded namespaces die with their worker
+            shutil.rmtree(self._offload_dir, ignore_errors=True)
+
+    async def session_offload(self, lease: str, timeout: float = 60.0) -> dict:
+        """Move a session's variables to host memory on this machine (its lease is being reclaimed); the
+        broker ends the process afterwards. Returns what was saved and what could not be."""
+        from .offload import offload_dir
+
+        sp = self.sessions.get(lease)
+        if sp is None:
+            return {"error": f"no session of lease {lease} runs here"}
+        if self._offload_dir is None:
+            self._offload_dir = offload_dir(f"{os.getpid()}")
+        path = os.path.join(self._offload_dir, f"{lease}.pkl")
+        r = rpc(sp.address, connection_args=self.worker.connection_args)
+        try:
+            return await asyncio.wait_for(r.offload(path=path), timeout)
+        except Exception as exc:  # noqa: BLE001 - the broker then ends the session without its variables
+            return {"error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            await r.close_rpc()
+
+    def _own_offload(self, path: str) -> bool:
+        return bool(self._offload_dir) and os.path.dirname(os.path.abspath(path)) == self._offload_dir
+
+    async def _local_offload(self, restore: dict) -> str | None:
+        """The offloaded namespace as a file here: as it is when its worker is on this machine (the embedded
+        pool), else fetched from that worker (a pool across machines)."""
+        path = restore["path"]
+        if os.path.exists(path):
+            return path
+        try:
+            reply = await self.worker.rpc(restore["worker"]).gpu_offload_fetch(path=path)
+        except Exception as exc:  # noqa: BLE001 - that worker is gone: the variables are lost, said by the kernel
+            log.warning("could not fetch offloaded variables %s from %s: %s", path, restore["worker"], exc)
+            return None
+        if reply.get("error"):
+            log.warning("could not fetch offloaded variables %s: %s", path, reply["error"])
+            return None
+        from .offload import offload_dir
+
+        if self._offload_dir is None:
+            self._offload_dir = offload_dir(f"{os.getpid()}")
+        local = os.path.join(self._offload_dir, os.path.basename(path))
+        with open(local, "wb") as f:
+            f.write(reply["data"])
+        return local
+
+    def offload_fetch(self, path: str) -> dict:
+        """Hand an offloaded namespace to the worker where its kernel's new session starts, and forget it."""
+        if not self._own_offload(path) or not os.path.exists(path):
+            return {"error": f"no offloaded variables at {path} on this worker"}
+        with open(path, "rb") as f:
+            data = f.read()
+        os.unlink(path)
+        return {"data": data}
+
+    def offload_discard(self, path: str) -> dict:
+        """Forget an offloaded namespace nobody will restore (its kernel ended)."""
+        if self._own_offload(path):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        return {"ok": True}
 
     def inventory(self) -> list[dict]:
         return [g.to_dict() for g in self.gpus]
@@ -164,7 +234,7 @@ class GpuWorkerPlugin(WorkerPlugin):
 
         self._spare_task = asyncio.ensure_future(refill())
 
-    async def session_start(self, lease: dict, scheduler: str | None = None) -> dict:
+    async def session_start(self, lease: dict, scheduler: str | None = None, restore: dict | None = None) -> dict:
         """Give a (pre-warmed) session process the lease: pin it, cap it, and return its address."""
         try:
             if self._spare_task is not None and not self._spare_task.done():
@@ -181,11 +251,16 @@ class GpuWorkerPlugin(WorkerPlugin):
             r = rpc(sp.address, connection_args=self.worker.connection_args)  # the worker's TLS
             try:
                 reply = await r.assign(lease=lease, gpus=gpus, scheduler=scheduler)
+                restored = None
+                if restore and not reply.get("error"):
+                    path = await self._local_offload(restore)
+                    restored = await r.restore(path=path) if path else None
             finally:
                 await r.close_rpc()
             if reply.get("error"):
                 raise RuntimeError(reply["error"])
-            return {"address": sp.address, "pid": sp.pid, "isolation": reply.get("isolation", "none")}
+            return {"address": sp.address, "pid": sp.pid, "isolation": reply.get("isolation", "none"),
+                    "restored": restored}
         except Exception as exc:
             log.exception("could not start a session for lease %s", lease.get("id"))
             sp = self.sessions.pop(lease.get("id"), None)

@@ -54,6 +54,7 @@ class RemoteSession:
     lease: dict
     comm: Any = None
     fresh: bool = False
+    restored: dict | None = None  # what came back from an offloaded session, when it continues one
 
     @property
     def id(self) -> str:
@@ -100,6 +101,15 @@ class PoolConnection:
         self.loop = self.client.loop.asyncio_loop
         self.session: RemoteSession | None = None
         self.ended_sessions: dict[str, str] = {}
+        self.continues: dict[str, str] = {}  # new lease id -> the offloaded lease whose variables it restored
+
+    def lineage(self, lease: str) -> set[str]:
+        """``lease`` and the earlier leases it continues (remote objects of those live on in it)."""
+        seen = {lease}
+        while lease in self.continues and self.continues[lease] not in seen:
+            lease = self.continues[lease]
+            seen.add(lease)
+        return seen
 
     # ------------------------------------------------------------------ plumbing
     def call(self, coro_fn: Callable, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
@@ -132,13 +142,15 @@ class PoolConnection:
 
     # ------------------------------------------------------------------ leases
     def request_lease(self, spec: dict, notebook: str | None, cell: str | None,
-                      on_wait: Callable[[dict], None], deadline: float | None) -> dict:
+                      on_wait: Callable[[dict], None], deadline: float | None, restore: str | None = None) -> dict:
         """Ask the broker for a lease and wait for it, reporting queue status through ``on_wait``.
 
-        A KeyboardInterrupt while queued cancels the request at once.
+        ``restore`` names an ended lease of this kernel whose variables were offloaded: the new session
+        starts with them. A KeyboardInterrupt while queued cancels the request at once.
         """
+        extra = {"restore": restore} if restore else {}
         status = self.scheduler_call("gpu_request", user=self.user, kernel=self.kernel, spec=spec,
-                                     client=self.client.id, notebook=notebook, cell=cell)
+                                     client=self.client.id, notebook=notebook, cell=cell, **extra)
         try:
             while status["state"] in ("queued", "starting"):
                 on_wait(status)
@@ -159,11 +171,15 @@ class PoolConnection:
         return status
 
     def ensure_session(self, spec: dict, notebook: str | None, cell: str | None,
-                       on_wait: Callable[[dict], None], deadline: float | None, fresh: bool = False) -> RemoteSession:
+                       on_wait: Callable[[dict], None], deadline: float | None, fresh: bool = False,
+                       restore: str | None = None) -> RemoteSession:
         if not fresh and self.session is not None:
             return self.session
-        status = self.request_lease(spec, notebook, cell, on_wait, deadline)
+        status = self.request_lease(spec, notebook, cell, on_wait, deadline, restore=restore)
         session = RemoteSession(lease=dict(status["leases"][0]), fresh=fresh)
+        session.restored = status.get("restored")
+        if restore and session.restored is not None:
+            self.continues[session.id] = restore  # objects of the old session live on in this one
         if not fresh:
             self.session = session
         return session
@@ -322,6 +338,8 @@ class CellRun:
                 self.handle(pending.popleft())
             if msg.get("op") == "lost":
                 return {"status": "lost", "error": msg.get("error"), "started": msg.get("started", True)}
+            if msg.get("status") == "retired":  # its variables were just offloaded: the cell did not run
+                return {"status": "lost", "error": "the session was retired", "started": False}
             if stop_cause == "timeout" and msg.get("status") == "error":
                 msg["timed_out"] = True
             return msg

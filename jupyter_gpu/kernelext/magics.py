@@ -306,7 +306,7 @@ class GpuMagics(Magics):
         return Turn()
 
     def _session(self, conn: PoolConnection, opts: CellOptions, label: str, deadline: float | None,
-                 status: StatusLine) -> RemoteSession:
+                 status: StatusLine, restore: str | None = None) -> RemoteSession:
         """This kernel's session (or a fresh one), checking that it is big enough for this cell."""
         spec = opts.spec
         if conn.session is not None and not opts.fresh and opts.explicit_request:
@@ -318,7 +318,8 @@ class GpuMagics(Magics):
                     "its life: run `%gpu release` and rerun this cell to start a bigger session (the session's "
                     "variables are lost), or add --fresh to run only this cell in a separate session.")
         new = conn.session is None or opts.fresh
-        session = conn.ensure_session(spec.__dict__, _notebook(), label, status.waiting, deadline, fresh=opts.fresh)
+        session = conn.ensure_session(spec.__dict__, _notebook(), label, status.waiting, deadline, fresh=opts.fresh,
+                                      restore=restore)
         if new:
             status.started(session, conn)
         return session
@@ -333,12 +334,21 @@ class GpuMagics(Magics):
         label = payload.get("label") or ""
         done = CellRun(conn, session, handle, deadline, opts.timeout, cancel=cancel).run(payload)
         if done.get("status") == "lost" and not done.get("started", True) and not session.fresh:
-            # the session ended between cells: say why, and run this cell in a new one
-            reason = conn.lease_end_reason(session.id, wait=0.5)
+            # the session ended between cells: say why, and run this cell in a new one (with the old one's
+            # variables when the pool moved them to host memory)
+            ended = self._ended_lease(conn, session, wait=0.5)
+            reason = ended.get("end_reason") or "the session process stopped answering"
             conn.session = None
-            print(f"Your previous GPU session (lease {session.id}) ended: {reason}. Starting a new one; "
-                  "the variables that lived there are gone.")
-            session = self._session(conn, opts, label, deadline, StatusLine())
+            offload = ended.get("offload") or {}
+            if offload.get("state") == "saved":
+                print(f"Your previous GPU session (lease {session.id}) ended: {reason}. Starting a new one with "
+                      "its variables.", flush=True)
+                session = self._session(conn, opts, label, deadline, StatusLine(), restore=session.id)
+                print(_restored_text(session, offload), flush=True)
+            else:
+                print(f"Your previous GPU session (lease {session.id}) ended: {reason}. Starting a new one; "
+                      "the variables that lived there are gone.")
+                session = self._session(conn, opts, label, deadline, StatusLine())
             self._check_remote_refs(session, remote_refs)
             done = CellRun(conn, session, handle, deadline, opts.timeout, cancel=cancel).run(payload)
         attempt = 0
@@ -369,14 +379,18 @@ class GpuMagics(Magics):
     def _ended_lease(conn: PoolConnection, session: RemoteSession, wait: float = 3.0) -> dict:
         """The broker's record of a lease that just ended (waiting briefly for the worker's report)."""
         deadline = time.monotonic() + wait
+        offload_deadline = time.monotonic() + config.get_seconds("offload-timeout") + 5
         while True:
             info = conn.scheduler_call("gpu_lease_info", lease=session.id)
-            if info.get("state") == "ended" or time.monotonic() > deadline:
+            pending = (info.get("offload") or {}).get("state") == "pending"  # its variables are being saved
+            if (info.get("state") == "ended" and not pending) or time.monotonic() > (
+                    offload_deadline if pending else deadline):
                 return info
             time.sleep(0.1)
 
     def _check_remote_refs(self, session: RemoteSession, remote_refs: dict[str, RemoteObject]) -> None:
-        stale = {n: r for n, r in remote_refs.items() if r.lease and r.lease != session.id}
+        alive = self.conn.lineage(session.id) if self.conn else {session.id}
+        stale = {n: r for n, r in remote_refs.items() if r.lease and r.lease not in alive}
         if stale:
             name, ref = next(iter(stale.items()))
             reason = (self.conn.ended_sessions.get(ref.lease) if self.conn else None) or "that session has ended"
@@ -513,6 +527,23 @@ class StatusLine:
             self.handle.display(bundle, metadata=meta, raw=True)
         else:
             self.handle.update(bundle, metadata=meta, raw=True)
+
+
+def _restored_text(session: RemoteSession, offload: dict) -> str:
+    """What came back from host memory, and what did not (by name, with why)."""
+    restored = session.restored
+    if restored is None:
+        return ("Its variables could not be restored: the worker that kept them has left the pool, so they are "
+                "gone. Rerun the cells that built them.")
+    names = list(restored.get("restored") or ())
+    text = f"Restored {len(names)} variable(s) from host memory" + (f": {', '.join(names[:12])}" if names else "")
+    text += "." if len(names) <= 12 else f", and {len(names) - 12} more."
+    gone = [f"{x['name']} ({x.get('type') or x.get('why', '')})" for x in
+            [*(offload.get("lost") or ()), *(restored.get("failed") or ())]]
+    if gone:
+        text += (f" Not restored (they could not be moved to host memory): {', '.join(gone)}. Rerun the cells "
+                 "that made them.")
+    return text
 
 
 def _where(session: RemoteSession) -> str:

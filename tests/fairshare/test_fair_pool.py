@@ -100,8 +100,11 @@ def test_borrowing_is_preemptible_and_a_guarantee_reclaims_it(qpool):
     alice, bob, carol = qpool.kernel("alice"), qpool.kernel("bob"), qpool.kernel("carol")
     try:
         assert alice.run("%%gpu --gpus 1\nx = 1").error is None
-        res = bob.run("%%gpu --gpus 1\ny = 2")  # team ml is at its guarantee: bob borrows the idle GPU
+        # team ml is at its guarantee: bob borrows the idle GPU, and builds state there
+        res = bob.run("%%gpu --gpus 1\ny = 2\nimport torch\nnet = torch.nn.Linear(2, 1)\n"
+                      "w0 = float(net.weight.sum())\nsteps = (i for i in range(3))")
         assert res.error is None, res.error_text
+        assert bob.run("print(type(net).__name__)").stdout == "RemoteObject\n"  # net lives in the session
         held = {ls["user"]: ls for ls in leases(qpool.address)}
         assert held["alice"]["preemptible"] is False and held["alice"]["team"] == "ml"
         assert held["bob"]["preemptible"] is True
@@ -117,10 +120,14 @@ def test_borrowing_is_preemptible_and_a_guarantee_reclaims_it(qpool):
         res = carol.run("%%gpu --gpus 0.5\nz = 3\nprint('carol ran')")
         assert res.error is None and "carol ran" in res.stdout, res.error_text
         assert wait_until(lambda: held["bob"]["id"] not in {ls["id"] for ls in leases(qpool.address)})
-        # bob sees why in his next cell, which runs in a new (borrowed) session
-        res = bob.run("%%gpu\nprint('bob again')")
+        # bob sees why in his next cell, which runs in a new (borrowed) session with his variables: they were
+        # moved to host memory when his idle session was reclaimed; the generator could not be, and he is told
+        res = bob.run("%%gpu\nprint('bob again', float(net.weight.sum()) == w0)")
         assert "reclaimed for a request within team viz's guarantee" in res.stdout, res.stdout + res.error_text
-        assert "bob again" in res.stdout
+        assert "were moved to host memory" in res.stdout and "Starting a new one with its variables" in res.stdout
+        assert "Restored 4 variable(s) from host memory: net, torch, w0, y." in res.stdout, res.stdout
+        assert "Not restored (they could not be moved to host memory): steps (generator)" in res.stdout
+        assert "bob again True" in res.stdout, res.stdout + res.error_text
         usage = call(qpool.address, "gpu_usage")
         assert {"alice", "bob", "carol"} <= {u["user"] for u in usage["users"]} and usage["preemptions"] == 1
     finally:
