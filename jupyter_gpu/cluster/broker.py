@@ -517,6 +517,8 @@ class GpuBroker(SchedulerPlugin):
             lease.end_reason = (f"{lease.end_reason}; its {len(reply['saved'])} variable(s) were moved to host "
                                 "memory and come back with your next %%gpu cell")
             log.info("lease %s offloaded %d variable(s), %d byte(s)", lease.id, len(reply["saved"]), reply["bytes"])
+            if lease.client is not None and lease.client not in self.scheduler.clients:
+                await self._discard_offload(lease)  # its kernel went away meanwhile: nobody will restore them
         await self._kill_session(lease)
 
     def _housekeeping(self) -> None:

@@ -5,6 +5,7 @@ user's cancel refused, and audit rows that outlive the scheduler."""
 from __future__ import annotations
 
 import asyncio
+import glob
 import os
 import subprocess
 import sys
@@ -120,6 +121,8 @@ def test_borrowing_is_preemptible_and_a_guarantee_reclaims_it(qpool):
         res = carol.run("%%gpu --gpus 0.5\nz = 3\nprint('carol ran')")
         assert res.error is None and "carol ran" in res.stdout, res.error_text
         assert wait_until(lambda: held["bob"]["id"] not in {ls["id"] for ls in leases(qpool.address)})
+        # his variables wait in host memory on the worker
+        assert glob.glob(f"/dev/shm/jupyter-gpu-offload-*/{held['bob']['id']}.pkl") or not os.path.isdir("/dev/shm")
         # bob sees why in his next cell, which runs in a new (borrowed) session with his variables: they were
         # moved to host memory when his idle session was reclaimed; the generator could not be, and he is told
         res = bob.run("%%gpu\nprint('bob again', float(net.weight.sum()) == w0)")
@@ -197,3 +200,25 @@ def test_running_batch_work_is_preempted_told_why_and_requeued(qpool):
     finally:
         for k in (alice, bob, carol):
             k.shutdown(now=True)
+
+
+def test_offloaded_variables_are_dropped_when_their_kernel_goes_away(qpool):
+    alice, bob, carol = qpool.kernel("alice"), qpool.kernel("bob"), qpool.kernel("carol")
+    try:
+        assert alice.run("%%gpu --gpus 1\nx = 1").error is None
+        assert bob.run("%%gpu --gpus 1\nimport torch\nnet = torch.nn.Linear(2, 1)").error is None
+        lease = next(ls for ls in leases(qpool.address) if ls["user"] == "bob")
+        assert carol.run("%%gpu --gpus 0.5\nz = 1").error is None  # reclaims bob's idle, borrowed session
+        pattern = f"/dev/shm/jupyter-gpu-offload-*/{lease['id']}.pkl"
+        if not os.path.isdir("/dev/shm"):
+            pytest.skip("no /dev/shm on this machine")
+        assert wait_until(lambda: glob.glob(pattern), timeout=20)
+        bob.shutdown(now=True)  # bob's kernel ends without another cell: nobody will restore them
+        assert wait_until(lambda: not glob.glob(pattern), timeout=30)
+    finally:
+        for k in (alice, carol):
+            k.shutdown(now=True)
+        try:
+            bob.shutdown(now=True)
+        except Exception:
+            pass
