@@ -5,11 +5,15 @@ and drives them with a reproducible discrete-event workload: N users in teams on
 cells are short bursts with idle gaps (a session holds its lease for the notebook's life, as in the pool);
 some batch jobs. Requests: 44% fractional (fraction p10 0.23, p50 0.47, p90 0.81), the rest a whole GPU.
 
-It prints, side by side for (fair) fair share with quotas, reclaim and idle timeout, (a) one whole GPU per
-notebook for its lifetime, and (b) plain FIFO of fractional requests: allocated and busy utilization,
-p50/p95 wait of interactive cells, Jain's fairness index, preemptions/hour and the largest team (users on
-the G GPUs) whose p95 interactive wait stays under 10 s. Then the policy's decision time with 10,000 GPUs
-and 100,000 queued requests.
+It prints, side by side for (fair) fair share with quotas, reclaim, suspension of idle sessions for waiting
+cells (``suspend-idle-after``, 0 s here) and an idle timeout, (a) one whole GPU per notebook for its lifetime,
+and (b) plain FIFO of fractional requests: allocated and busy utilization, p50/p95 wait of interactive cells,
+Jain's fairness index, preemptions/hour, idle sessions moved to host memory per hour, and the largest team
+(users on the G GPUs) whose p95 interactive wait stays under 10 s. Moving a session costs time, and it is
+charged to the cells that wait for it (``MoveCosts``): the cell that displaced a session waits until that
+session has written its state out, and the displaced owner's next cell waits for a new session to read it
+back. How the result depends on those costs and on ``suspend-idle-after`` is printed too. Then the policy's
+decision time with 10,000 GPUs and 100,000 queued requests.
 
     python bench/pool_sim.py            # full (a few minutes)
     python bench/pool_sim.py --quick    # under 60 s
@@ -26,6 +30,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -36,6 +41,31 @@ from jupyter_gpu.cluster.quotas import PoolQuotas, Team, UserQuota  # noqa: E402
 
 GiB = 2**30
 GPU_BYTES = 80 * GiB
+
+
+@dataclass
+class MoveCosts:
+    """What moving an idle session's variables to host memory and back costs (reclaim and suspension).
+
+    A reclaimed or suspended session first writes its GPU state out (the request that displaced it starts
+    only once it is gone: ``save``), and its owner's next cell waits for a new session that reads it back
+    (``resume``). The state is what the session really holds on the GPU, usually far less than its lease
+    (``state_gib_median``, lognormal, capped at the lease), moved at ``gbps`` each way.
+    """
+
+    state_gib_median: float = 4.0
+    state_sigma: float = 1.0
+    gbps: float = 4.0
+    session_start: float = 0.5
+
+    def state_bytes(self, rng: random.Random, lease_bytes: int) -> int:
+        return int(min(lease_bytes, rng.lognormvariate(math.log(self.state_gib_median * GiB), self.state_sigma)))
+
+    def save(self, state: int) -> float:
+        return state / (self.gbps * 1e9)
+
+    def resume(self, state: int) -> float:
+        return self.session_start + state / (self.gbps * 1e9)
 
 
 # ---------------------------------------------------------------------- the pool, on the real policy
@@ -70,6 +100,7 @@ class SimPool:
         self.granted: list[tuple[Request, SimLease]] = []
         self.preempted: list[tuple[SimLease, str]] = []
         self._ids = 0
+        self.on_preempt: Callable[[SimLease, Request], None] = lambda lease, req: None
         self.eta_for = 0  # estimated starts cost O(leases) per request: the simulator skips them
 
     def new_id(self, prefix: str) -> str:
@@ -97,13 +128,14 @@ class SimPool:
             frac = sum(a.bytes / self.gpus[a.gpu].total_bytes for a in allocs)
             self.policy.lease_started(lease.id, req.user, req.team, frac, preemptible, now=self.now,
                                       allocs={a.gpu: a.bytes for a in allocs}, request=req.id,
-                                      gang=len(placement) > 1)
+                                      gang=len(placement) > 1, priority=req.spec.priority)
             req.leases.append(lease.id)
             self.granted.append((req, lease))
 
     def _preempt(self, lease_id: str, reason: str, req: Request) -> None:
         lease = self.leases.get(lease_id)
         if lease is not None:
+            self.on_preempt(lease, req)
             self.preempted.append((lease, reason))
             self.end(lease_id)
 
@@ -160,6 +192,8 @@ class Notebook:
     request: Request | None = None
     cell: int = 0
     asked: float = 0.0
+    suspended: bool = False            # its variables are in host memory: the next cell reads them back
+    state: int = 0                       # bytes it holds on the GPU when idle
 
 
 @dataclass
@@ -181,7 +215,8 @@ class Result:
     busy_area: float = 0.0
     horizon: float = 1.0
     gpus: int = 1
-    preemptions: int = 0
+    preemptions: int = 0     # running work interrupted
+    moved: int = 0           # idle sessions moved to host memory (reclaimed or suspended)
     served: dict[str, float] = field(default_factory=dict)
     demanded: dict[str, float] = field(default_factory=dict)
 
@@ -237,15 +272,22 @@ def quotas_for(teams: dict[str, str], gpus: int, idle_timeout: float | None) -> 
     return q
 
 
-def simulate(mode: str, users: int, n_gpus: int, hours: float, seed: int) -> Result:
-    """Run one mode: ``fair`` (quotas, reclaim, idle timeout), ``whole`` (a), ``fifo`` (b)."""
+def simulate(mode: str, users: int, n_gpus: int, hours: float, seed: int, costs: MoveCosts | None = None,
+             suspend_after: float | None = 0.0) -> Result:
+    """Run one mode: ``fair`` (quotas, reclaim, suspension of idle sessions for waiting cells, idle timeout),
+    ``whole`` (a), ``fifo`` (b)."""
+    costs = costs or MoveCosts()
     arrivals, teams = workload(users, hours, seed)
+    state_rng = random.Random(seed + 1)
     if mode == "fair":
         policy: FairSharePolicy = FairSharePolicy(quotas_for(teams, n_gpus, idle_timeout=300))
+        policy.quotas.suspend_idle_after = suspend_after
     else:
-        policy = FifoFractions(PoolQuotas(reserve_after=math.inf, min_run_time=math.inf))
+        policy = FifoFractions(PoolQuotas(reserve_after=math.inf, min_run_time=math.inf, suspend_idle_after=None))
         policy.quotas.users = {u: UserQuota(name=u, team=t) for u, t in teams.items()}
     pool = SimPool(make_gpus(n_gpus), policy)
+    drain: dict[str, float] = {}          # request id -> seconds until the sessions displaced for it are gone
+    pool.on_preempt = lambda lease, req: displaced(lease, req)
     res = Result(name=mode, horizon=hours * 3600, gpus=n_gpus)
     events: list[tuple[float, int, str, object]] = []
     seq = 0
@@ -282,12 +324,20 @@ def simulate(mode: str, users: int, n_gpus: int, hours: float, seed: int) -> Res
             pool.submit(obj.request)
             owners[obj.request.id] = obj
 
-    def start_cell(nb: Notebook) -> None:
+    def displaced(lease: SimLease, req: Request) -> None:
+        """An idle session leaves for ``req``: it writes its state out first (``req`` waits for that)."""
+        owner = owners.get(lease.req.id)
+        if isinstance(owner, Notebook) and lease.id not in running:
+            owner.suspended = True
+            drain[req.id] = max(drain.get(req.id, 0.0), costs.save(owner.state))
+
+    def start_cell(nb: Notebook, extra: float = 0.0) -> None:
+        """The cell runs after ``extra`` seconds (displaced sessions leaving, its own state coming back)."""
         gap, burst = nb.cells[nb.cell]
         running[nb.lease] = pool.policy.leases[nb.lease].gpus
         pool.policy.lease_state(nb.lease, "running", pool.now)
         res.served[nb.user] = res.served.get(nb.user, 0.0) + burst
-        push(pool.now + burst, "cell_end", (nb, nb.lease))
+        push(pool.now + extra + burst, "cell_end", (nb, nb.lease))
 
     while events:
         t, _, kind, obj = heapq.heappop(events)
@@ -300,6 +350,7 @@ def simulate(mode: str, users: int, n_gpus: int, hours: float, seed: int) -> Res
         if kind == "arrive":
             if isinstance(obj, Notebook):
                 gap, burst = obj.cells[0]
+                obj.state = costs.state_bytes(state_rng, int(frac_of(obj) * GPU_BYTES))
                 res.demanded[obj.user] = res.demanded.get(obj.user, 0.0) + sum(b for _, b in obj.cells)
                 push(t, "cell", obj)
             else:
@@ -337,10 +388,16 @@ def simulate(mode: str, users: int, n_gpus: int, hours: float, seed: int) -> Res
             if mode == "fair":
                 for lid in pool.policy.idle_expired(t):
                     if lid in pool.leases and lid not in running:
+                        owner = owners.get(pool.leases[lid].req.id)
+                        if isinstance(owner, Notebook):
+                            owner.suspended = True  # released to host memory: the next cell reads it back
                         pool.end(lid)
         grants, preempted = pool.schedule()
         for lease, _reason in preempted:
-            res.preemptions += 1
+            if lease.id in running:
+                res.preemptions += 1
+            else:
+                res.moved += 1
             running.pop(lease.id, None)
             owner = owners.get(lease.req.id)
             if isinstance(owner, Job):  # a preempted job is requeued from the start
@@ -357,9 +414,11 @@ def simulate(mode: str, users: int, n_gpus: int, hours: float, seed: int) -> Res
             done.add(req.id)
             if isinstance(owner, Notebook):
                 owner.lease = lease.id
-                res.waits.append(t - owner.asked)
-                res.first_waits.append(t - owner.asked)
-                start_cell(owner)
+                extra = drain.pop(req.id, 0.0) + (costs.resume(owner.state) if owner.suspended else 0.0)
+                owner.suspended = False
+                res.waits.append(t - owner.asked + extra)
+                res.first_waits.append(t - owner.asked + extra)
+                start_cell(owner, extra)
             else:
                 for lid in req.leases:
                     running[lid] = pool.policy.leases[lid].gpus
@@ -374,14 +433,35 @@ def simulate(mode: str, users: int, n_gpus: int, hours: float, seed: int) -> Res
     return res
 
 
-def largest_team(mode: str, n_gpus: int, hours: float, seed: int, sizes: list[int]) -> int:
+def largest_team(mode: str, n_gpus: int, hours: float, seed: int, sizes: list[int], costs: MoveCosts | None = None,
+                 suspend_after: float | None = 0.0) -> int:
+    """The most users (of ``sizes``, tried in order) served with a p95 interactive wait under 10 s."""
     best = 0
     for n in sizes:
-        if simulate(mode, n, n_gpus, hours, seed).pct(95) < 10.0:
+        if simulate(mode, n, n_gpus, hours, seed, costs, suspend_after).pct(95) < 10.0:
             best = n
         else:
             break
     return best
+
+
+def sensitivity(n_gpus: int, hours: float, seed: int, users: int, costs: MoveCosts, suspend: float | None,
+                quick: bool) -> None:
+    """p95 interactive wait of fair share at ``users`` (3x what (a) serves) as the assumptions change: the
+    workload's seed, what moving a session costs, and ``suspend-idle-after``."""
+    def p95(**kw) -> str:
+        c = MoveCosts(**{**costs.__dict__, **kw.get("costs", {})})
+        r = simulate("fair", users, n_gpus, hours, kw.get("seed", seed), c, kw.get("suspend", suspend))
+        return f"{r.pct(95):.1f} s" + ("" if r.pct(95) < 10 else " (over)")
+
+    seeds = [seed] + [s for s in range(1, 9) if s != seed][: 2 if quick else 7]
+    print(f"p95 interactive wait of fair share, {users} users on {n_gpus} GPUs, {hours:g} h:")
+    print("  by workload seed: " + ", ".join(f"{s}: {p95(seed=s)}" for s in seeds))
+    for gib in (1.0, 4.0, 16.0):
+        print(f"  idle state median {gib:g} GiB, moved at " + ", ".join(
+            f"{gbps:g} GB/s: {p95(costs={'state_gib_median': gib, 'gbps': gbps})}" for gbps in (1.0, 4.0, 10.0)))
+    print("  suspend-idle-after " + ", ".join(
+        f"{'off' if a is None else f'{a:g} s'}: {p95(suspend=a)}" for a in (0.0, 10.0, 60.0, None)))
 
 
 # ---------------------------------------------------------------------- decision time at scale
@@ -440,22 +520,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", type=int, default=None)
     parser.add_argument("--hours", type=float, default=None)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--suspend-after", type=float, default=0.0,
+                        help="the pool's suspend-idle-after for fair share, seconds (negative: off)")
+    parser.add_argument("--state-gib", type=float, default=4.0,
+                        help="median GPU state of an idle session, GiB (lognormal, capped at its lease)")
+    parser.add_argument("--move-gbps", type=float, default=4.0,
+                        help="GB/s at which a session's state moves to host memory and back")
+    parser.add_argument("--session-start", type=float, default=0.5, help="seconds to start a new session")
     args = parser.parse_args(argv)
+    costs = MoveCosts(state_gib_median=args.state_gib, gbps=args.move_gbps, session_start=args.session_start)
+    suspend = None if args.suspend_after < 0 else args.suspend_after
     quick = args.quick
     users = args.users or (24 if quick else 48)
     n_gpus = args.gpus or (8 if quick else 16)
     hours = args.hours or (2.0 if quick else 8.0)
     t_start = time.perf_counter()
     print(f"pool_sim: {users} users in 4 teams on {n_gpus} x 80 GiB GPUs, {hours:g} simulated hours, seed "
-          f"{args.seed}\n")
+          f"{args.seed}")
+    print(f"fair share: suspend-idle-after {'off' if suspend is None else f'{suspend:g} s'}; moving an idle "
+          f"session's state (median {costs.state_gib_median:g} GiB) at {costs.gbps:g} GB/s each way, "
+          f"{costs.session_start:g} s to start its new session\n")
     rows = []
     for mode, label in (("fair", "fair share (this policy)"), ("whole", "(a) whole GPU per notebook"),
                         ("fifo", "(b) FIFO of fractions")):
-        r = simulate(mode, users, n_gpus, hours, args.seed)
+        r = simulate(mode, users, n_gpus, hours, args.seed, costs, suspend)
         rows.append((label, r))
     sizes = [4, 8, 12, 16, 24, 32, 48] if quick else [4, 8, 12, 16, 24, 32, 48, 64, 96]
     team_hours = 1.0 if quick else 4.0
-    largest = {mode: largest_team(mode, n_gpus, team_hours, args.seed, sizes) for mode in ("fair", "whole", "fifo")}
+    largest = {mode: largest_team(mode, n_gpus, team_hours, args.seed, sizes, costs, suspend)
+               for mode in ("fair", "whole", "fifo")}
     header = ["metric"] + [label for label, _ in rows]
     table = [
         ["allocated utilization"] + [f"{100 * r.alloc_area / (r.horizon * r.gpus):.1f}%" for _, r in rows],
@@ -463,14 +556,20 @@ def main(argv: list[str] | None = None) -> int:
         ["interactive wait p50"] + [f"{r.pct(50):.1f} s" for _, r in rows],
         ["interactive wait p95"] + [f"{r.pct(95):.1f} s" for _, r in rows],
         ["interactive cells"] + [str(len(r.waits)) for _, r in rows],
+        ["cells that waited at all"] + [f"{100 * sum(1 for w in r.waits if w > 0) / max(1, len(r.waits)):.0f}%"
+                                        for _, r in rows],
         ["Jain's fairness index"] + [f"{r.jain():.3f}" for _, r in rows],
-        ["preemptions / hour"] + [f"{r.preemptions / (r.horizon / 3600):.1f}" for _, r in rows],
+        ["preemptions / hour (running work)"] + [f"{r.preemptions / (r.horizon / 3600):.1f}" for _, r in rows],
+        ["idle sessions moved to host / hour"] + [f"{r.moved / (r.horizon / 3600):.1f}" for _, r in rows],
         [f"largest team, p95 wait < 10 s ({team_hours:g} h runs)"]
         + [str(largest[m]) + " users" for m in ("fair", "whole", "fifo")],
     ]
     widths = [max(len(str(row[i])) for row in [header] + table) for i in range(len(header))]
     for row in [header, ["-" * w for w in widths]] + table:
         print("| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |")
+    print(f"\nlargest team / (a): {largest['fair'] / max(1, largest['whole']):.1f}x (target 3x); seeds and "
+          "costs below\n")
+    sensitivity(n_gpus, team_hours, args.seed, 3 * largest["whole"], costs, suspend, quick)
     n_dec_gpus, n_queued = 10_000, (100_000)
     d = decision_time(n_dec_gpus, n_queued, 2000 if quick else 10000, args.seed)
     print(f"\nDecision time, {n_dec_gpus:,} GPUs and {n_queued:,} queued requests (2,000 users, 50 teams), "

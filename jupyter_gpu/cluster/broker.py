@@ -473,19 +473,25 @@ class GpuBroker(SchedulerPlugin):
             self.policy.lease_started(lease.id, req.user, req.team or self.policy.quotas.team_of(req.user),
                                       lease.fraction, preemptible, now=lease.started,
                                       allocs={a.gpu: a.bytes for a in allocations}, request=req.id,
-                                      gang=len(placement) > 1)
+                                      gang=len(placement) > 1, priority=req.spec.priority, idle=False)
             self.audit.lease_started(self._public(lease), preemptible)
         self._spawn(self._start_sessions(req, leases))
 
     def _preempt(self, lease_id: str, reason: str, req: Request | None = None) -> None:
-        """End an over-quota lease for a within-guarantee request; its owner reads ``reason`` next cell."""
+        """End a lease for a waiting request (an over-quota lease reclaimed for a guarantee, or an idle session
+        suspended for an interactive cell); its owner reads ``reason`` next cell."""
         lease = self.leases.get(lease_id)
         if lease is None:
             return
-        log.info("reclaiming lease %s of %s: %s", lease_id, lease.user, reason)
+        log.info("taking lease %s of %s back: %s", lease_id, lease.user, reason)
         self.audit.preempted(self._public(lease), {"id": req.id, "user": req.user, "team": req.team} if req else {},
                              reason)
         lease.preempted = True
+        self._vacate(lease, reason, req)
+
+    def _vacate(self, lease: Lease, reason: str, req: Request | None = None) -> None:
+        """End ``lease`` now: an idle session first moves its variables to host memory (its owner's next cell
+        brings them back), anything else is ended at once."""
         if lease.state == "idle" and lease.world_size == 1 and config.get("reclaim-offload"):
             # the memory is booked for ``req`` now; its session starts once this one has written its variables
             # to host memory and exited (``_start_sessions`` waits for that)
@@ -531,8 +537,8 @@ class GpuBroker(SchedulerPlugin):
         for lease_id in expired:
             lease = self.leases.get(lease_id)
             if lease is not None and lease.state == "idle":
-                self._end_lease(lease, f"released by the pool after {self.policy.quotas.idle_timeout:g} s idle "
-                                       "(the admin's idle timeout)", kill=True)
+                self._vacate(lease, f"released by the pool after {self.policy.quotas.idle_timeout:g} s idle "
+                                    "(the admin's idle timeout)")
         if expired or self.queue:
             self._schedule()
 
@@ -551,7 +557,10 @@ class GpuBroker(SchedulerPlugin):
                 raise RuntimeError(reply["error"])
             lease.address, lease.pid = reply["address"], reply["pid"]
             lease.isolation = reply.get("isolation", "none")
-            lease.state = "idle"
+            if lease.state == "starting":
+                lease.state = "idle"
+                if isinstance(self.policy, FairSharePolicy):
+                    self.policy.lease_state(lease.id, "idle")
             if restore:
                 req.restored = reply.get("restored")
 

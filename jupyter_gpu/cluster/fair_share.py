@@ -10,6 +10,10 @@ Order (smallest key first):
 4. priority: configured team/user priority, then interactive above batch;
 5. age.
 
+When a request does not fit, ``schedule_pass`` first reclaims borrowed capacity for a request within its
+team's guarantee (``reclaim_plan``), then, for an interactive request, moves idle sessions to host memory
+(``suspend_plan``, after ``suspend-idle-after``).
+
 ``schedule_pass`` is the whole scheduling decision on plain state (``GpuSlot``s, ``Request``s and the
 policy's lease book) with the real packing; the broker applies its grants and preemptions through
 callbacks, and the simulator (``bench/pool_sim.py``) and the property tests drive the very same code.
@@ -52,6 +56,7 @@ class LeaseRecord:
     request: str | None = None
     gang: bool = False
     idle_since: float | None = None
+    priority: str = "interactive"
 
 
 class DecayedAverage:
@@ -101,11 +106,14 @@ class FairSharePolicy:
     # ------------------------------------------------------------------ accounting
     def lease_started(self, lease_id: str, user: str, team: str, gpus: float, preemptible: bool,
                       now: float | None = None, allocs: dict[str, int] | None = None,
-                      request: str | None = None, gang: bool = False) -> LeaseRecord:
-        """Count a new lease against its user and team (the broker calls this on every grant)."""
+                      request: str | None = None, gang: bool = False,
+                      priority: str = "interactive", idle: bool = True) -> LeaseRecord:
+        """Count a new lease against its user and team (the broker calls this on every grant, with
+        ``idle=False``: a session that is still starting is busy until it says it is idle)."""
         now = self.clock() if now is None else now
         rec = LeaseRecord(id=lease_id, user=user, team=team, gpus=gpus, preemptible=preemptible, started=now,
-                          allocs=dict(allocs or {}), request=request, gang=gang, idle_since=now)
+                          allocs=dict(allocs or {}), request=request, gang=gang, idle_since=now if idle else None,
+                          priority=priority)
         self.leases[lease_id] = rec
         self._step(user, team, now, gpus)
         return rec
@@ -291,6 +299,62 @@ class FairSharePolicy:
                                  "on borrowed, preemptible capacity"))
         return plan
 
+    def suspend_plan(self, req: Request, gpus: list[GpuSlot], now: float,
+                     after: float | None = None) -> list[tuple[str, str]] | None:
+        """Idle sessions to move to host memory so that the interactive ``req`` fits now.
+
+        Why: an idle session holds GPU memory while its owner reads and types; a person waiting on a cell
+        should not wait for that. Any team's session qualifies once idle for ``suspend-idle-after`` (its
+        owner's next cell reads the variables back, and a within-guarantee owner reclaims room for that),
+        never a gang's rank, a session still starting, or one granted this very instant. Of the GPUs where
+        enough could move, the one whose sessions are least likely to be back soon (idle longest) is chosen,
+        then the one with the least to move. Batch work never suspends anybody: it waits for free memory.
+        None if no plan (or suspension is off). ``after`` overrides the idle time required (0: the plan
+        that today's idle sessions will allow once idle long enough, for the reason a request waits).
+        """
+        if self.quotas.suspend_idle_after is None:
+            return None
+        after = self.quotas.suspend_idle_after if after is None else after
+        spec = req.spec
+        if spec.workers > 1 or (spec.gpus or 1) > 1 or spec.priority != "interactive":
+            return None
+        candidates = {r.id: r for r in self.leases.values()
+                      if not r.gang and r.idle_since is not None and now - r.idle_since >= after
+                      and r.started < now}
+        if not candidates:
+            return None
+        best: tuple[tuple, list[LeaseRecord]] | None = None
+        for gpu in gpus:
+            need = spec.need_on(gpu)
+            if need > gpu.total_bytes:
+                continue
+            on_gpu = [candidates[lid] for lid in gpu.leases if lid in candidates]
+            if spec.gpus is not None:
+                if len(on_gpu) != len(gpu.leases):
+                    continue
+                victims = on_gpu
+            else:
+                on_gpu.sort(key=lambda r: (r.idle_since, r.id))
+                free, victims = gpu.free_bytes, []
+                for rec in on_gpu:
+                    if free >= need:
+                        break
+                    victims.append(rec)
+                    free += rec.allocs.get(gpu.id, 0)
+                if free < need:
+                    continue
+            # the chance that a session runs its next cell soon falls the longer it has been idle
+            soon = sum(1.0 / (1.0 + now - v.idle_since) for v in victims)
+            moved = sum(v.allocs.get(gpu.id, 0) for v in victims)
+            cost = (round(soon, 6), moved, gpu.id)
+            if best is None or cost < best[0]:
+                best = (cost, victims)
+        if best is None:
+            return None
+        return [(rec.id, f"suspended after {now - rec.idle_since:.0f} s idle: {req.user}'s cell was waiting "
+                         "for the GPU")
+                for rec in best[1]]
+
     def idle_expired(self, now: float) -> list[str]:
         """Leases idle for longer than the admin ``idle-timeout`` (none when it is unset)."""
         limit = self.quotas.idle_timeout
@@ -331,6 +395,7 @@ def schedule_pass(policy: FairSharePolicy, queue: list[Request], gpus: Iterable[
         del policy.reservations[rid]
     reserved_by: dict[str, str] = {g: rid for rid, gs in policy.reservations.items() for g in gs if g in ids}
     waiting: list[Request] = []
+    suspend_at: dict[str, float] = {}
     for req in policy.order(queue, None) if not isinstance(queue, FairQueue) else queue.ordered(now):
         team, need = policy.team_of(req), policy.need(req.spec)
         blocked = policy.limit_reason(req)
@@ -347,12 +412,26 @@ def schedule_pass(policy: FairSharePolicy, queue: list[Request], gpus: Iterable[
                 for lease_id, reason in plan:
                     preempt(lease_id, reason, req)
                 placement = packing.place(req.spec, avail)
+        if placement is None and preempt is not None:
+            plan = policy.suspend_plan(req, avail, now)
+            if plan:
+                for lease_id, reason in plan:
+                    preempt(lease_id, reason, req)
+                placement = packing.place(req.spec, avail)
         if placement is not None:
             grant(req, placement, configured and not within)
             for g in policy.reservations.pop(req.id, ()):
                 reserved_by.pop(g, None)
             continue
         reason = packing.why_waiting(req.spec, avail or gpus)
+        later = (policy.suspend_plan(req, avail, now, after=0.0)
+                 if preempt is not None and len(waiting) < eta_for else None)
+        if later:
+            idle = [policy.leases[lid].idle_since for lid, _ in later]
+            at = max(now if t is None else t for t in idle) + policy.quotas.suspend_idle_after
+            suspend_at[req.id] = max(at, now)
+            reason += (f"; {len(later)} idle session(s) there move to host memory for it in "
+                       f"{max(0.0, at - now):.0f} s if they stay idle")
         if configured and not within:
             g = policy.quotas.team(team).guarantee
             reason += (f" (team {team} holds {policy.held_team.get(team, 0.0):.1f} of its {g:.1f} GPU guarantee: "
@@ -373,6 +452,8 @@ def schedule_pass(policy: FairSharePolicy, queue: list[Request], gpus: Iterable[
         typical = policy.typical_duration()
         for i, req in enumerate(waiting):
             req.eta = estimate_start(req.spec, gpus, by_gpu, typical, now) if i < eta_for else None
+            if req.id in suspend_at:
+                req.eta = min(req.eta or math.inf, suspend_at[req.id])
     return waiting
 
 

@@ -6,7 +6,8 @@ namespace to a file in host memory (``/dev/shm`` where it exists) on its own wor
 (freeing its GPU memory and CUDA context), and the owner's next cell restores the variables into a new
 session on that worker, on whichever GPU it gets there.
 
-What travels: every user variable that cloudpickle can serialize. CUDA tensors and modules come back on
+What travels: every user variable that cloudpickle can serialize, pickled together so that objects shared
+between variables stay shared (a model and its optimizer, a tensor and its views). CUDA tensors and modules come back on
 the new session's GPU (the only one it sees). Modules are re-imported by name. Objects that cannot be
 serialized (open files, generators, sockets, CUDA streams) are listed by name, so the owner is told
 exactly what is gone; nothing else is dropped silently.
@@ -18,6 +19,7 @@ import importlib
 import logging
 import os
 import pickle
+import sys
 import tempfile
 import types
 from typing import Any
@@ -39,43 +41,151 @@ def user_names(ns: dict, hidden: dict | None) -> list[str]:
     return [n for n in ns if not n.startswith("_") and n not in hidden]
 
 
-def save_namespace(ns: dict, hidden: dict | None, path: str) -> dict:
-    """Write the user's variables to ``path``; returns what was saved, what could not be, and the size."""
+class _Discard:
+    """A file that keeps nothing: pickling into it only tells whether an object can be pickled."""
+
+    def write(self, data: Any) -> int:
+        return memoryview(data).nbytes  # bytes, or a PickleBuffer (protocol 5 writes large buffers as they are)
+
+
+def _unpicklable(values: dict[str, Any]) -> list[dict]:
+    """The variables that cannot be pickled, each with why (one pickling pass over each, into nothing)."""
     import cloudpickle
 
-    saved: dict[str, tuple[str, Any]] = {}
-    lost: list[dict] = []
-    for name in user_names(ns, hidden):
-        value = ns[name]
-        if isinstance(value, types.ModuleType):
-            saved[name] = ("module", value.__name__)
-            continue
+    lost = []
+    for name, value in values.items():
         try:
-            saved[name] = ("value", cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
+            cloudpickle.dump(value, _Discard(), protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:  # noqa: BLE001 - anything unpicklable is reported by name, not fatal
             lost.append({"name": name, "type": type(value).__name__, "why": f"{type(exc).__name__}: {exc}"[:200]})
+    return lost
+
+
+def _array_from_tensor(tensor: Any) -> Any:
+    """Unpickling side of ``_TorchPickler``: the numpy array that travelled as a tensor's raw storage."""
+    return tensor.numpy()
+
+
+def _torch_pickle_module() -> Any:
+    """A pickle module for ``torch.save``: cloudpickle (functions and classes made in the notebook), with
+    plain numeric numpy arrays sent as tensors sharing their memory, so that they are written as raw storage
+    records like tensors are (in-band pickling copies them through the pickler's frames, several times
+    slower)."""
+    import cloudpickle
+    import numpy as np
+    import torch
+
+    class _TorchPickler(cloudpickle.Pickler):
+        def reducer_override(self, obj: Any) -> Any:
+            if type(obj) is np.ndarray and obj.dtype.kind in "biuf" and obj.flags.c_contiguous and obj.nbytes >= 4096:
+                try:
+                    return _array_from_tensor, (torch.from_numpy(obj),)
+                except (TypeError, ValueError):  # a dtype torch has no tensor for
+                    pass
+            return super().reducer_override(obj)
+
+    return types.SimpleNamespace(Pickler=_TorchPickler, __name__="jupyter_gpu_offload_pickle")
+
+
+def _write(path: str, modules: dict, values: dict) -> None:
+    """One file: with torch loaded, ``torch.save`` of everything (tensors as raw storage records, a tensor
+    and its views sharing one storage); else one cloudpickle."""
+    import cloudpickle
+
+    with open(path, "wb") as f:
+        if "torch" in sys.modules:
+            import torch
+
+            torch.save({"modules": modules, "values": values}, f, pickle_module=_torch_pickle_module(),
+                       pickle_protocol=pickle.HIGHEST_PROTOCOL)
+        else:
+            pickle.dump(modules, f, protocol=pickle.HIGHEST_PROTOCOL)
+            cloudpickle.dump(values, f, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+class _Discard:
+    """A file that keeps nothing: pickling into it only tells whether an object can be pickled."""
+
+    def write(self, data: Any) -> int:
+        return memoryview(data).nbytes  # bytes, or a PickleBuffer (protocol 5 writes large buffers as they are)
+
+
+def _unpicklable(values: dict[str, Any]) -> list[dict]:
+    """The variables that cannot be pickled, each with why (one pickling pass over each, into nothing)."""
+    import cloudpickle
+
+    lost = []
+    for name, value in values.items():
+        try:
+            cloudpickle.dump(value, _Discard(), protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # noqa: BLE001 - anything unpicklable is reported by name, not fatal
+            lost.append({"name": name, "type": type(value).__name__, "why": f"{type(exc).__name__}: {exc}"[:200]})
+    return lost
+
+
+def save_namespace(ns: dict, hidden: dict | None, path: str) -> dict:
+    """Write the user's variables to ``path``; returns what was saved, what could not be, and the size.
+
+    The variables are pickled together, in one pickle, so that objects shared between them stay shared
+    when they come back: an optimizer still updates the model's own parameters, a view still shares its
+    tensor's storage, ``b = [a]`` still holds ``a`` itself. Pickled one by one they would come back as
+    separate copies, and a training loop would silently stop changing the model. When something cannot
+    be pickled, each variable is tried alone to name the culprits, and the rest are pickled together.
+    """
+    names = user_names(ns, hidden)
+    modules = {n: ns[n].__name__ for n in names if isinstance(ns[n], types.ModuleType)}
+    values = {n: ns[n] for n in names if n not in modules}
+    lost: list[dict] = []
     tmp = f"{path}.part"
-    with open(tmp, "wb") as f:
-        pickle.dump(saved, f, protocol=pickle.HIGHEST_PROTOCOL)
+    while True:
+        try:
+            _write(tmp, modules, values)
+            break
+        except OSError:
+            raise  # host memory full, or the folder went away: the broker says the variables are lost
+        except Exception:  # noqa: BLE001 - some variable cannot be pickled: name it, keep the others
+            culprits = _unpicklable(values)
+            if not culprits:
+                raise
+            lost += culprits
+            for entry in culprits:
+                values.pop(entry["name"], None)
     os.replace(tmp, path)
-    return {"path": path, "saved": sorted(saved), "lost": lost, "bytes": os.path.getsize(path)}
+    return {"path": path, "saved": sorted([*modules, *values]), "lost": lost, "bytes": os.path.getsize(path)}
+
+
+def _read(path: str) -> tuple[dict, dict]:
+    """(modules, values) from a file ``_write`` made (a zip is ``torch.save``'s format)."""
+    with open(path, "rb") as f:
+        if f.read(2) == b"PK":
+            import torch
+
+            saved = torch.load(path, weights_only=False)  # the user's own objects: not weights only
+            return saved["modules"], saved["values"]
+        f.seek(0)
+        return pickle.load(f), pickle.load(f)
 
 
 def load_namespace(ns: dict, path: str) -> dict:
     """Put the variables saved at ``path`` back into ``ns`` and delete the file; returns what came back."""
-    import cloudpickle
-
-    with open(path, "rb") as f:
-        saved = pickle.load(f)
     restored, failed = [], []
-    for name, (kind, data) in saved.items():
-        try:
-            ns[name] = importlib.import_module(data) if kind == "module" else cloudpickle.loads(data)
-            restored.append(name)
-        except Exception as exc:  # noqa: BLE001 - e.g. a class whose module this worker lacks
-            failed.append({"name": name, "why": f"{type(exc).__name__}: {exc}"[:200]})
     try:
-        os.unlink(path)
-    except OSError:
-        pass
+        try:
+            modules, values = _read(path)
+        except Exception as exc:  # noqa: BLE001 - e.g. a class whose module this worker lacks
+            modules, values = {}, {}
+            failed.append({"name": "(all variables)", "why": f"{type(exc).__name__}: {exc}"[:200]})
+        for name, module in modules.items():
+            try:
+                ns[name] = importlib.import_module(module)
+                restored.append(name)
+            except Exception as exc:  # noqa: BLE001 - the module is not installed where the session now runs
+                failed.append({"name": name, "why": f"{type(exc).__name__}: {exc}"[:200]})
+        ns.update(values)
+        restored += list(values)
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
     return {"restored": sorted(restored), "failed": failed}

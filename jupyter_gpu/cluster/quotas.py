@@ -9,6 +9,8 @@ by fair share of recent use, priority and age only. The file looks like::
     reserve-after: 60s           # a gang (or a within-guarantee request) waiting this long gets GPUs reserved
     min-run-time: 60s            # a preemptible lease is never reclaimed before it ran this long
     idle-timeout: null           # admin limit: idle leases are released after this long (null: never)
+    suspend-idle-after: 60s      # an interactive cell that finds no room moves sessions idle this long to host
+                                 # memory (their next cell reads them back); 0s for a busy team pool, null: never
     teams:
       ml:   {guarantee: 2.0, limit: 3, priority: 10, members: [alice, bob]}
       viz:  {guarantee: 0.5, members: [carol]}
@@ -68,6 +70,7 @@ class PoolQuotas:
     reserve_after: float = 60.0
     min_run_time: float = 60.0
     idle_timeout: float | None = None
+    suspend_idle_after: float | None = 60.0
     configured: bool = False
     source: str | None = None
 
@@ -160,6 +163,8 @@ def parse_quotas(data: dict | None, source: str | None = None) -> PoolQuotas:
                       reserve_after=_seconds(data.get("reserve-after", "60s"), f"{where}: reserve-after") or 0.0,
                       min_run_time=_seconds(data.get("min-run-time", "60s"), f"{where}: min-run-time") or 0.0,
                       idle_timeout=_seconds(data.get("idle-timeout"), f"{where}: idle-timeout"),
+                      suspend_idle_after=_seconds(data.get("suspend-idle-after", "60s"),
+                                                  f"{where}: suspend-idle-after"),
                       configured=True, source=source)
 
 

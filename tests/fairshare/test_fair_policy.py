@@ -152,7 +152,7 @@ def test_aged_gang_goes_first_and_gets_gpus_reserved():
 
 
 def test_eta_is_null_without_history_and_estimated_from_recent_leases():
-    pool = make_pool(PoolQuotas(), sizes=(16,))
+    pool = make_pool(PoolQuotas(suspend_idle_after=None), sizes=(16,))
     pool.eta_for = 100
     pool.submit(req("a", 0, gpus=1))
     pool.schedule()
@@ -201,3 +201,81 @@ def test_fair_queue_best_agrees_with_the_full_order():
         got = fq.pop(100.0)
         assert got is expected
         p.lease_started(f"N{got.id}", got.user, got.team, 0.5, False, now=100.0)
+
+
+# ---------------------------------------------------------------------- suspension of idle sessions
+
+def suspending_pool(after="30s", sizes=(16, 16)):
+    return make_pool(quotas(**{"suspend-idle-after": after}), sizes=sizes)
+
+
+def held(pool, user):
+    return next(ls for ls in pool.leases.values() if ls.req.user == user)
+
+
+def test_an_idle_session_moves_to_host_memory_for_a_waiting_interactive_cell():
+    pool = suspending_pool()
+    pool.eta_for = 100
+    for user in ("alice", "carol"):
+        pool.submit(req(user, gpus=1))
+    pool.schedule()
+    carol = held(pool, "carol")
+    pool.policy.lease_state(carol.id, "running", 0.0)  # carol computes; alice reads her results
+    pool.now = 10.0
+    waiting = req("bob", 10.0)
+    pool.submit(waiting)
+    pool.schedule()
+    # it waits, saying when and why it will not wait longer
+    assert waiting in pool.queue and "1 idle session(s) there move to host memory for it in 20 s" in waiting.reason
+    assert waiting.eta == pytest.approx(30.0)
+    pool.now = 30.0
+    grants, taken = pool.schedule()
+    assert [r.id for r, _ in grants] == [waiting.id]
+    assert [(ls.req.user, why) for ls, why in taken] == [("alice", "suspended after 30 s idle: bob's cell was "
+                                                                     "waiting for the GPU")]
+    assert carol.id in pool.leases  # a running cell is never suspended
+
+
+def test_batch_work_never_suspends_anybody_and_suspension_can_be_off():
+    for pool, user_spec in ((suspending_pool("0s"), {"priority": "batch"}), (suspending_pool(None), {})):
+        for user in ("alice", "carol"):
+            pool.submit(req(user, gpus=1))
+        pool.schedule()
+        pool.now = 500.0
+        waiting = req("bob", 500.0, **user_spec)
+        pool.submit(waiting)
+        _, taken = pool.schedule()
+        assert taken == [] and waiting in pool.queue and "host memory" not in waiting.reason
+
+
+def test_the_sessions_least_likely_to_be_back_soon_are_moved():
+    pool = suspending_pool("0s")
+    for user in ("alice", "carol"):
+        pool.submit(req(user, gpus=1))
+    pool.schedule()
+    alice, carol = held(pool, "alice"), held(pool, "carol")
+    pool.policy.lease_state(alice.id, "running", 0.0)
+    pool.policy.lease_state(alice.id, "idle", 95.0)    # alice's last cell ended 5 s ago
+    pool.policy.lease_state(carol.id, "running", 0.0)
+    pool.policy.lease_state(carol.id, "idle", 10.0)    # carol has been away for 90 s
+    pool.now = 100.0
+    pool.submit(req("bob", 100.0))
+    _, taken = pool.schedule()
+    assert [ls.id for ls, _ in taken] == [carol.id]
+
+
+def test_a_whole_gpu_is_freed_only_where_every_session_on_it_is_idle():
+    pool = suspending_pool("0s", sizes=(16, 16))
+    for user, f in (("alice", 0.5), ("carol", 0.5), ("dave", 0.5)):
+        pool.submit(req(user, fraction=f))
+        pool.schedule()
+    # two halves share a GPU, one is alone on the other; the lone one runs a cell
+    lone = next(ls for ls in pool.leases.values()
+                if len(pool.gpus[ls.allocs[0].gpu].leases) == 1)
+    pool.policy.lease_state(lone.id, "running", 0.0)
+    pool.now = 50.0
+    whole = req("bob", 50.0, gpus=1)
+    pool.submit(whole)
+    _, taken = pool.schedule()
+    assert len(taken) == 2 and len({ls.allocs[0].gpu for ls, _ in taken}) == 1  # both halves of one GPU
+    assert lone.id in pool.leases and whole not in pool.queue

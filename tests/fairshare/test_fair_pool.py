@@ -32,9 +32,9 @@ ENV = {"DASK_JUPYTER_GPU__POOL_CONFIG": "pool.yaml", "DASK_JUPYTER_GPU__AUDIT_DB
 class QuotaPool:
     """A pool process of its own, started with the quota, audit and token settings in its environment."""
 
-    def __init__(self, root):
+    def __init__(self, root, quotas: str = QUOTAS):
         self.root = root
-        (root / "pool.yaml").write_text(QUOTAS)
+        (root / "pool.yaml").write_text(quotas)
         store = TokenStore(str(root / "tokens.json"))
         self.tokens = {u: store.create(u) for u in ("alice", "bob", "carol")}
         self.path = str(root / "pool.json")

@@ -8,7 +8,7 @@ nothing starves (every request that could ever fit is eventually served).
 import heapq
 
 from fairsim import GiB, gpus, pool_sim
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from jupyter_gpu.cluster.fair_share import FairSharePolicy
@@ -153,3 +153,50 @@ def test_under_a_steady_stream_guarantees_are_met_and_gangs_do_not_starve(pool_d
     assert worst <= BOUND, worst
     gangs = [waits[r.id] for r in submitted.values() if r.spec.workers > 1 or r.spec.gpus]
     assert all(w <= BOUND for w in gangs), gangs
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from([16, 24, 80]), min_size=1, max_size=3), jobs, st.sampled_from([0.0, 5.0, 30.0]))
+def test_suspension_moves_only_idle_sessions_and_never_overcommits(sizes, workload, after):
+    """With suspension of idle sessions on: only sessions idle for ``after`` are ever moved, only for an
+    interactive request, never a running one; memory is never overcommitted; everything is served."""
+    sim = pool_sim()
+    pool = sim.SimPool(gpus(*sizes), FairSharePolicy(PoolQuotas(suspend_idle_after=after, min_run_time=0.0)))
+    events, seq, durations, submitted = [], 0, {}, {}
+    for n, (t, u, spec, dur, prio) in enumerate(workload):
+        r = Request(id=f"R{n}", user=f"u{u}", kernel="k", client=None, spec=RequestSpec(priority=prio, **spec))
+        if r.spec.workers <= len(sizes):
+            heapq.heappush(events, (t, seq := seq + 1, "arrive", (r, dur)))
+    for k in range(int((300 + len(workload) * 2 * D) / TICK)):
+        heapq.heappush(events, (k * TICK, seq := seq + 1, "tick", None))
+    moved = 0
+    while events:
+        t, _, kind, obj = heapq.heappop(events)
+        pool.now = t
+        if kind == "arrive":
+            r, dur = obj
+            pool.submit(r)
+            durations[r.id], submitted[r.id] = dur, r
+        elif kind == "idle":  # the cell ended: the session stays, idle, until its owner leaves
+            for lid in obj:
+                pool.policy.lease_state(lid, "idle", t)
+            heapq.heappush(events, (t + D, seq := seq + 1, "end", obj))
+        elif kind == "end":
+            for lid in obj:
+                pool.end(lid)
+        idle_before = {lid: rec.idle_since for lid, rec in pool.policy.leases.items()}
+        grants, taken = pool.schedule()
+        for lease, why in taken:
+            assert why.startswith("suspended"), why
+            assert idle_before[lease.id] is not None and t - idle_before[lease.id] >= after  # idle long enough
+            assert not lease.req.spec.workers > 1
+            moved += 1
+        event(f"idle sessions moved: {'some' if moved else 'none'}")
+        pool.check_invariants()
+        for req, lease in grants:
+            if lease.id == req.leases[0]:
+                for lid in req.leases:
+                    pool.policy.lease_state(lid, "running", t)
+                heapq.heappush(events, (t + durations[req.id], seq := seq + 1, "idle", list(req.leases)))
+    assert not pool.queue, [(r.id, r.spec.describe(), r.reason) for r in pool.queue]
+    assert not pool.leases

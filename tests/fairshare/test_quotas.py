@@ -37,6 +37,7 @@ def test_toml(tmp_path):
     ({"teams": {"ml": {"guarantee": "lots"}}}, "not a number of GPUs"),
     ({"teams": {"a": {"members": ["x"]}, "b": {"members": ["x"]}}}, "member of two teams"),
     ({"half-life": "soon"}, "not a duration"),
+    ({"suspend-idle-after": "whenever"}, "suspend-idle-after: 'whenever' is not a duration"),
 ])
 def test_bad_config_names_the_entry(data, message):
     with pytest.raises(QuotaConfigError, match=message):
@@ -49,3 +50,10 @@ def test_no_config_means_no_quotas():
     with dask.config.set({"jupyter-gpu.pool-config": None}):
         q = quotas_from_config()
     assert not q.configured and q.team_of("anyone") == "default"
+
+
+def test_suspend_idle_after_defaults_to_a_minute_and_can_be_zero_or_off():
+    assert parse_quotas({}).suspend_idle_after == 60.0
+    assert parse_quotas({"suspend-idle-after": "0s"}).suspend_idle_after == 0.0
+    assert parse_quotas({"suspend-idle-after": None}).suspend_idle_after is None
+    assert parse_quotas({"suspend-idle-after": "2m"}).suspend_idle_after == 120.0

@@ -1,0 +1,80 @@
+"""Suspension in a real pool (2 virtual 16 GiB GPUs, real kernels of three users): an interactive cell that
+finds no room moves an idle session of another user to host memory and runs; a running session is never
+touched and batch work waits; the suspended owner's next cell says why and gets the variables back."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from harness import leases, snapshot, wait_until
+from test_fair_pool import QuotaPool, call
+
+from jupyter_gpu.cluster.audit import AuditStore
+
+pytestmark = pytest.mark.integration
+
+QUOTAS = """
+suspend-idle-after: 2s
+min-run-time: 0s
+"""
+
+
+@pytest.fixture(scope="module")
+def spool(tmp_path_factory):
+    pool = QuotaPool(tmp_path_factory.mktemp("suspend-pool"), quotas=QUOTAS)
+    pool.start()
+    yield pool
+    pool.stop()
+
+
+def by_user(address: str) -> dict:
+    return {ls["user"]: ls for ls in leases(address)}
+
+
+def test_an_idle_session_is_suspended_for_a_waiting_cell_and_comes_back(spool):
+    alice, bob, carol = spool.kernel("alice"), spool.kernel("bob"), spool.kernel("carol")
+    a = spool.address
+    try:
+        res = alice.run("%%gpu --gpus 1\nimport torch\nt = torch.arange(6.)\nsteps = (i for i in range(3))")
+        assert res.error is None, res.error_text
+        cell = carol.start("%%gpu --gpus 1\nimport time\nprint('carol starts', flush=True)\ntime.sleep(12)\n"
+                           "print('carol done')")
+        carol.wait_for_output(cell, "carol starts", timeout=60)
+        assert wait_until(lambda: by_user(a).get("carol", {}).get("state") == "running")
+        held = by_user(a)
+        # batch work never suspends anybody: it waits, even with alice idle for longer than 2 s
+        batch = call(a, "gpu_request", user="bob", kernel="b", spec={"fraction": 0.5, "priority": "batch"},
+                     token=spool.tokens["bob"])
+        assert batch["state"] == "queued"
+        time.sleep(3)
+        assert [q["id"] for q in snapshot(a)["queue"]] == [batch["id"]]
+        assert by_user(a)["alice"]["id"] == held["alice"]["id"]
+        assert call(a, "gpu_cancel", id=batch["id"], user="bob", token=spool.tokens["bob"])["cancelled"]
+        # bob's interactive cell moves alice's idle session to host memory (not carol's running one)
+        res = bob.run("%%gpu --gpus 0.5\nprint('bob ran')", timeout=120)
+        assert res.error is None and "bob ran" in res.stdout, res.error_text
+        now = by_user(a)
+        assert now["carol"]["id"] == held["carol"]["id"] and now["carol"]["state"] == "running"
+        ended = call(a, "gpu_lease_info", lease=held["alice"]["id"])
+        assert ended["state"] == "ended" and ended["end_reason"].startswith("suspended after"), ended
+        assert "bob's cell was waiting for the GPU" in ended["end_reason"]
+        assert "done" in carol.collect(cell, timeout=60).stdout
+        # alice's next cell says why, starts a new session and gets her variables back
+        assert bob.run("%gpu release").error is None
+        res = alice.run("%%gpu\nprint('sum', float(t.sum()))", timeout=120)
+        assert res.error is None, res.error_text
+        assert "suspended after" in res.stdout and "were moved to host memory" in res.stdout, res.stdout
+        assert "Restored 2 variable(s) from host memory: t, torch." in res.stdout, res.stdout
+        assert "steps (generator)" in res.stdout and "sum 15.0" in res.stdout, res.stdout
+    finally:
+        for k in (alice, bob, carol):
+            k.shutdown(now=True)
+    # the audit keeps the suspension, as a preemption of alice's lease for bob
+    store = AuditStore(str(spool.root / "audit.sqlite"))
+    try:
+        rows = store.rows("preemptions")
+        assert [(r["user"], r["for_user"]) for r in rows] == [("alice", "bob")]
+        assert rows[0]["reason"].startswith("suspended after")
+    finally:
+        store.close()
