@@ -5,12 +5,13 @@
 
 A namespace of half torch tensors, half numpy arrays (plus a model and its optimizer, which must stay
 linked) is written with ``save_namespace`` to the offload folder (``/dev/shm`` where there is one) and read
-back with ``load_namespace``, as a suspended session and its owner's next session do. Anchors measured in
+back with ``load_namespace`` (plus reading every restored byte once: CPU data comes back mapped, not copied), as a
+suspended session and its owner's next session do. Anchors measured in
 the same rounds: ``fresh memcpy`` (copy the same bytes into freshly allocated memory, the machine's floor
 for any path that lands in new memory) and ``raw write`` (the bytes written to a file in the same folder,
 no pickling). On a real GPU, CUDA tensors also cross the host link each way; that part is not measured here
-without a GPU (``bench/gpu_smoke.py`` is the place for it). ``bench/pool_sim.py`` assumes 4 GB/s each way
-for a whole move; compare with the ratios printed here.
+without a GPU (``bench/gpu_smoke.py`` is the place for it). ``bench/pool_sim.py`` charges its moves at the
+rates this script measured on the machine of docs/benchmarks.md (2.0 GB/s out, 7.5 GB/s back).
 
 GB/s = namespace bytes / seconds (10^9 bytes); methods are interleaved, one each per round.
 """
@@ -67,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             back: dict = {}
             t0 = time.perf_counter()
             load_namespace(back, path)
+            # restored CPU data is mapped, not copied: reading every byte once is part of the cost
+            float(back["weights"].sum()) + float(back["features"].sum())
             times["load_namespace"].append(time.perf_counter() - t0)
             assert back["opt"].param_groups[0]["params"][0] is back["net"].weight, "model and optimizer unlinked"
             del back
@@ -91,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     table(f"{mib} MiB namespace ({saved['bytes'] / 2**20:.0f} MiB file in {os.path.dirname(folder)}), "
           f"{rounds} rounds, p50", ["method", "ms", "GB/s", "/ fresh memcpy", "/ raw write"], rows)
     move = 1 / (1 / gbps["save_namespace"] + 1 / gbps["load_namespace"])
-    print(f"\nA whole move (out and back) here: {move:.2f} GB/s. bench/pool_sim.py assumes 4 GB/s each way.")
+    print(f"\nA whole move (out and back) here: {move:.2f} GB/s. bench/pool_sim.py charges 2.0 GB/s out and "
+          "7.5 GB/s back (docs/benchmarks.md).")
     print(f"{loadavg()} at the end")
     return 0
 
