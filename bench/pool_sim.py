@@ -61,6 +61,7 @@ class MoveCosts:
     save_gbps: float = 2.0
     load_gbps: float = 7.5
     session_start: float = 0.5
+    measure_sigma: float = 0.3   # the session's own measure of what it holds is off by ~30% (RSS, allocator)
 
     def state_bytes(self, rng: random.Random, lease_bytes: int) -> int:
         return int(min(lease_bytes, rng.lognormvariate(math.log(self.state_gib_median * GiB), self.state_sigma)))
@@ -198,6 +199,7 @@ class Notebook:
     asked: float = 0.0
     suspended: bool = False            # its variables are in host memory: the next cell reads them back
     state: int = 0                       # bytes it holds on the GPU when idle
+    measured: float = 1.0                # what its session reports of that, relative to the truth
 
 
 @dataclass
@@ -283,6 +285,7 @@ def simulate(mode: str, users: int, n_gpus: int, hours: float, seed: int, costs:
     costs = costs or MoveCosts()
     arrivals, teams = workload(users, hours, seed)
     state_rng = random.Random(seed + 1)
+    measure_rng = random.Random(seed + 2)
     if mode == "fair":
         policy: FairSharePolicy = FairSharePolicy(quotas_for(teams, n_gpus, idle_timeout=300))
         policy.quotas.suspend_idle_after = suspend_after
@@ -355,6 +358,7 @@ def simulate(mode: str, users: int, n_gpus: int, hours: float, seed: int, costs:
             if isinstance(obj, Notebook):
                 gap, burst = obj.cells[0]
                 obj.state = costs.state_bytes(state_rng, int(frac_of(obj) * GPU_BYTES))
+                obj.measured = measure_rng.lognormvariate(0.0, costs.measure_sigma)
                 res.demanded[obj.user] = res.demanded.get(obj.user, 0.0) + sum(b for _, b in obj.cells)
                 push(t, "cell", obj)
             else:
@@ -371,8 +375,8 @@ def simulate(mode: str, users: int, n_gpus: int, hours: float, seed: int, costs:
         elif kind == "cell_end":
             nb, lease_id = obj
             running.pop(lease_id, None)
-            if lease_id in pool.leases:
-                pool.policy.lease_state(lease_id, "idle", t)
+            if lease_id in pool.leases:  # the session says what it holds now (measured, so not exactly)
+                pool.policy.lease_state(lease_id, "idle", t, resident=int(nb.state * nb.measured))
             nb.cell += 1
             if nb.cell < len(nb.cells):
                 push(t + nb.cells[nb.cell][0], "cell", nb)

@@ -153,15 +153,16 @@ class GpuBroker(SchedulerPlugin):
                 self.samples[gpu_id].append(sample)
 
     def lease_state(self, lease: str, state: str, cell: str | None = None, peak_bytes: int | None = None,
-                    gpu_utilization: float | None = None) -> None:
+                    gpu_utilization: float | None = None, resident_bytes: int | None = None) -> None:
         """A session says a cell started (``running``) or finished (``idle``, with its measured peak memory and,
-        on real GPUs, its mean utilization: the right-sizing numbers)."""
+        on real GPUs, its mean utilization: the right-sizing numbers; and what it holds now, which is what
+        suspending it would have to move)."""
         ls = self.leases.get(lease)
         if ls is None:
             return
         ls.state = state
         if isinstance(self.policy, FairSharePolicy):
-            self.policy.lease_state(lease, state)
+            self.policy.lease_state(lease, state, resident=resident_bytes)
         if state == "running":
             ls.cell_started = time.time()
             if cell:
@@ -172,6 +173,8 @@ class GpuBroker(SchedulerPlugin):
             ls.peak_bytes = max(ls.peak_bytes or 0, int(peak_bytes))
         if gpu_utilization is not None:
             ls.gpu_utilization = float(gpu_utilization)
+        if resident_bytes is not None:
+            ls.resident_bytes = int(resident_bytes)
 
     def session_ended(self, lease: str, reason: str) -> None:
         """The worker saw a session process exit."""

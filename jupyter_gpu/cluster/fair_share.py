@@ -57,6 +57,7 @@ class LeaseRecord:
     gang: bool = False
     idle_since: float | None = None
     priority: str = "interactive"
+    resident: int | None = None   # bytes the session held when it last went idle (what suspending it moves)
 
 
 class DecayedAverage:
@@ -127,12 +128,15 @@ class FairSharePolicy:
         self.durations.append(max(0.0, now - rec.started))
         return rec
 
-    def lease_state(self, lease_id: str, state: str, now: float | None = None) -> None:
-        """A lease went idle or started running a cell (idle sessions are reclaimed first)."""
+    def lease_state(self, lease_id: str, state: str, now: float | None = None, resident: int | None = None) -> None:
+        """A lease went idle (with what it holds, when measured) or started running a cell (idle sessions are
+        reclaimed first, and suspended smallest first)."""
         rec = self.leases.get(lease_id)
         if rec is not None:
             now = self.clock() if now is None else now
             rec.idle_since = None if state == "running" else (rec.idle_since or now)
+            if resident is not None:
+                rec.resident = int(resident)
 
     def _step(self, user: str, team: str, now: float, delta: float) -> None:
         self.held_team[team] += delta
@@ -306,9 +310,12 @@ class FairSharePolicy:
         Why: an idle session holds GPU memory while its owner reads and types; a person waiting on a cell
         should not wait for that. Any team's session qualifies once idle for ``suspend-idle-after`` (its
         owner's next cell reads the variables back, and a within-guarantee owner reclaims room for that),
-        never a gang's rank, a session still starting, or one granted this very instant. Of the GPUs where
-        enough could move, the one whose sessions are least likely to be back soon (idle longest) is chosen,
-        then the one with the least to move. Batch work never suspends anybody: it waits for free memory.
+        never a gang's rank, a session still starting, or one granted this very instant. The waiting cell
+        waits for the sessions it displaces to write their state out, so of the GPUs where enough could
+        move, the one where the largest of them holds least is chosen (what each held when it last went
+        idle, as its session measured it; its lease's size when unknown), then the one whose sessions are
+        least likely to be back soon (idle longest). Batch work never suspends anybody: it waits for free
+        memory.
         None if no plan (or suspension is off). ``after`` overrides the idle time required (0: the plan
         that today's idle sessions will allow once idle long enough, for the reason a request waits).
         """
@@ -343,10 +350,11 @@ class FairSharePolicy:
                     free += rec.allocs.get(gpu.id, 0)
                 if free < need:
                     continue
-            # the chance that a session runs its next cell soon falls the longer it has been idle
+            # the largest state to write out, then the chance that a session runs its next cell soon (it
+            # falls the longer the session has been idle)
+            largest = max(v.resident if v.resident is not None else v.allocs.get(gpu.id, 0) for v in victims)
             soon = sum(1.0 / (1.0 + now - v.idle_since) for v in victims)
-            moved = sum(v.allocs.get(gpu.id, 0) for v in victims)
-            cost = (round(soon, 6), moved, gpu.id)
+            cost = (largest, round(soon, 6), gpu.id)
             if best is None or cost < best[0]:
                 best = (cost, victims)
         if best is None:

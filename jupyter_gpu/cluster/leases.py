@@ -163,6 +163,7 @@ class Lease:
     cell_started: float | None = None
     peak_bytes: int | None = None   # the largest cell peak so far (right-sizing, audit)
     gpu_utilization: float | None = None  # the last cell's mean SM utilization (real GPUs, NVML)
+    resident_bytes: int | None = None     # what the session held when it last went idle (what suspending moves)
     preempted: bool = False         # ended to give its memory to a request owed by a guarantee
     offload: dict | None = None     # where its variables went when it was reclaimed (worker, path, names)
     ended: float | None = None
@@ -182,7 +183,8 @@ class Lease:
             "rank": self.rank, "world_size": self.world_size, "started": self.started, "state": self.state,
             "isolation": self.isolation, "address": self.address, "pid": self.pid,
             "cell_started": self.cell_started, "peak_bytes": self.peak_bytes, "end_reason": self.end_reason,
-            "gpu_utilization": self.gpu_utilization, "preempted": self.preempted,
+            "gpu_utilization": self.gpu_utilization, "resident_bytes": self.resident_bytes,
+            "preempted": self.preempted,
             "offload": ({k: v for k, v in self.offload.items() if k != "path"} if self.offload else None),
             "team": self.team,
         }

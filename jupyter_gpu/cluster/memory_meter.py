@@ -52,7 +52,7 @@ class CellMemoryMeter:
     def __init__(self, virtual: bool, gpu_uuids: list[str] | None = None):
         self.virtual = virtual
         self.gpu_uuids = list(gpu_uuids or [])
-        self.baseline: int | None = _proc_status_bytes("VmRSS") if virtual else None
+        self.baseline: int | None = _proc_status_bytes("VmRSS")
         self._cuda = False
         self._util_since = 0
 
@@ -85,6 +85,24 @@ class CellMemoryMeter:
         except Exception:
             peak = None
         return peak, self._utilization()
+
+    def resident(self) -> int | None:
+        """What the session holds now, between cells: roughly what moving it to host memory would write
+        (the session's resident memory above its start, plus live CUDA tensors on a real GPU). The broker
+        prefers to suspend sessions that hold little, because the cell that waits for the move waits for
+        the largest of them to be written out."""
+        rss = _proc_status_bytes("VmRSS")
+        held = max(0, rss - self.baseline) if rss is not None and self.baseline is not None else None
+        if self.virtual:
+            return held
+        torch = sys.modules.get("torch")
+        try:
+            if torch is not None and torch.cuda.is_initialized():
+                cuda = int(sum(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count())))
+                return cuda + (held or 0)
+        except Exception:  # a broken CUDA state: say nothing rather than something wrong
+            return None
+        return held
 
     def _utilization(self) -> float | None:
         """The mean SM utilization NVML sampled for this process during the cell (real GPUs only)."""

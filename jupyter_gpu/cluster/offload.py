@@ -77,7 +77,8 @@ def _torch_pickle_module() -> Any:
 
     class _TorchPickler(cloudpickle.Pickler):
         def reducer_override(self, obj: Any) -> Any:
-            if type(obj) is np.ndarray and obj.dtype.kind in "biuf" and obj.flags.c_contiguous and obj.nbytes >= 4096:
+            if (type(obj) is np.ndarray and obj.dtype.kind in "biuf" and obj.flags.c_contiguous
+                    and obj.flags.writeable and obj.nbytes >= 4096):
                 try:
                     return _array_from_tensor, (torch.from_numpy(obj),)
                 except (TypeError, ValueError):  # a dtype torch has no tensor for

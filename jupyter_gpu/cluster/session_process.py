@@ -328,7 +328,9 @@ class Session:
             reply["status"] = "ok"
         reply["outputs"] = self._collect_outputs(outputs, exact_outputs, max_bytes)
         reply["result"] = self._last_value(max_bytes) if error is None else None
-        self._after_reply = {"state": "idle", "peak_bytes": peak, "gpu_utilization": utilization}  # told once the reply is on its way
+        # told once the reply is on its way
+        self._after_reply = {"state": "idle", "peak_bytes": peak, "gpu_utilization": utilization,
+                             "resident_bytes": meter.resident()}
         return reply
 
     def _collect_outputs(self, names: list[str], exact: bool, max_bytes: int) -> dict:

@@ -279,3 +279,21 @@ def test_a_whole_gpu_is_freed_only_where_every_session_on_it_is_idle():
     _, taken = pool.schedule()
     assert len(taken) == 2 and len({ls.allocs[0].gpu for ls, _ in taken}) == 1  # both halves of one GPU
     assert lone.id in pool.leases and whole not in pool.queue
+
+
+def test_the_gpu_whose_largest_idle_state_is_smallest_is_freed_first():
+    """The waiting cell waits for the displaced sessions to write their state out: a GPU where that is
+    quick goes before one whose session has merely been idle longer."""
+    pool = suspending_pool("0s")
+    for user in ("alice", "carol"):
+        pool.submit(req(user, gpus=1))
+    pool.schedule()
+    alice, carol = held(pool, "alice"), held(pool, "carol")
+    pool.policy.lease_state(alice.id, "running", 0.0)
+    pool.policy.lease_state(alice.id, "idle", 10.0, resident=12 * GiB)   # away 90 s, holds 12 GiB
+    pool.policy.lease_state(carol.id, "running", 0.0)
+    pool.policy.lease_state(carol.id, "idle", 80.0, resident=1 * GiB)    # away 20 s, holds 1 GiB
+    pool.now = 100.0
+    pool.submit(req("bob", 100.0))
+    _, taken = pool.schedule()
+    assert [ls.id for ls, _ in taken] == [carol.id]

@@ -36,8 +36,11 @@ def test_an_idle_session_is_suspended_for_a_waiting_cell_and_comes_back(spool):
     alice, bob, carol = spool.kernel("alice"), spool.kernel("bob"), spool.kernel("carol")
     a = spool.address
     try:
-        res = alice.run("%%gpu --gpus 1\nimport torch\nt = torch.arange(6.)\nsteps = (i for i in range(3))")
+        res = alice.run("%%gpu --gpus 1\nimport torch\nt = torch.arange(6.)\nsteps = (i for i in range(3))\n"
+                        "big = torch.ones(64 * 2**20 // 4)")
         assert res.error is None, res.error_text
+        # her session says what it holds now (what suspending it would move): the 64 MiB tensor, and more
+        assert wait_until(lambda: (by_user(a).get("alice", {}).get("resident_bytes") or 0) >= 60 * 2**20)
         cell = carol.start("%%gpu --gpus 1\nimport time\nprint('carol starts', flush=True)\ntime.sleep(12)\n"
                            "print('carol done')")
         carol.wait_for_output(cell, "carol starts", timeout=60)
@@ -65,7 +68,7 @@ def test_an_idle_session_is_suspended_for_a_waiting_cell_and_comes_back(spool):
         res = alice.run("%%gpu\nprint('sum', float(t.sum()))", timeout=120)
         assert res.error is None, res.error_text
         assert "suspended after" in res.stdout and "were moved to host memory" in res.stdout, res.stdout
-        assert "Restored 2 variable(s) from host memory: t, torch." in res.stdout, res.stdout
+        assert "Restored 3 variable(s) from host memory: big, t, torch." in res.stdout, res.stdout
         assert "steps (generator)" in res.stdout and "sum 15.0" in res.stdout, res.stdout
     finally:
         for k in (alice, bob, carol):
