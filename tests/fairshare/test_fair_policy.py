@@ -248,20 +248,27 @@ def test_batch_work_never_suspends_anybody_and_suspension_can_be_off():
         assert taken == [] and waiting in pool.queue and "host memory" not in waiting.reason
 
 
-def test_the_sessions_least_likely_to_be_back_soon_are_moved():
+def whom_bob_displaces(alice_idle: tuple, carol_idle: tuple) -> str:
+    """alice and carol each hold a whole GPU and went idle at ``(time, resident bytes or None)``; at 100 s
+    bob's half-GPU cell waits: whose session is moved for it?"""
     pool = suspending_pool("0s")
     for user in ("alice", "carol"):
         pool.submit(req(user, gpus=1))
     pool.schedule()
-    alice, carol = held(pool, "alice"), held(pool, "carol")
-    pool.policy.lease_state(alice.id, "running", 0.0)
-    pool.policy.lease_state(alice.id, "idle", 95.0)    # alice's last cell ended 5 s ago
-    pool.policy.lease_state(carol.id, "running", 0.0)
-    pool.policy.lease_state(carol.id, "idle", 10.0)    # carol has been away for 90 s
+    for user, (at, resident) in (("alice", alice_idle), ("carol", carol_idle)):
+        lease = held(pool, user)
+        pool.policy.lease_state(lease.id, "running", 0.0)
+        pool.policy.lease_state(lease.id, "idle", at, resident=resident)
     pool.now = 100.0
     pool.submit(req("bob", 100.0))
     _, taken = pool.schedule()
-    assert [ls.id for ls, _ in taken] == [carol.id]
+    assert len(taken) == 1
+    return taken[0][0].req.user
+
+
+def test_the_sessions_least_likely_to_be_back_soon_are_moved():
+    # alice's last cell ended 5 s ago, carol has been away for 90 s; neither said what it holds
+    assert whom_bob_displaces((95.0, None), (10.0, None)) == "carol"
 
 
 def test_a_whole_gpu_is_freed_only_where_every_session_on_it_is_idle():
@@ -284,16 +291,5 @@ def test_a_whole_gpu_is_freed_only_where_every_session_on_it_is_idle():
 def test_the_gpu_whose_largest_idle_state_is_smallest_is_freed_first():
     """The waiting cell waits for the displaced sessions to write their state out: a GPU where that is
     quick goes before one whose session has merely been idle longer."""
-    pool = suspending_pool("0s")
-    for user in ("alice", "carol"):
-        pool.submit(req(user, gpus=1))
-    pool.schedule()
-    alice, carol = held(pool, "alice"), held(pool, "carol")
-    pool.policy.lease_state(alice.id, "running", 0.0)
-    pool.policy.lease_state(alice.id, "idle", 10.0, resident=12 * GiB)   # away 90 s, holds 12 GiB
-    pool.policy.lease_state(carol.id, "running", 0.0)
-    pool.policy.lease_state(carol.id, "idle", 80.0, resident=1 * GiB)    # away 20 s, holds 1 GiB
-    pool.now = 100.0
-    pool.submit(req("bob", 100.0))
-    _, taken = pool.schedule()
-    assert [ls.id for ls, _ in taken] == [carol.id]
+    # alice: away 90 s, holds 12 GiB; carol: away 20 s, holds 1 GiB
+    assert whom_bob_displaces((10.0, 12 * GiB), (80.0, 1 * GiB)) == "carol"
