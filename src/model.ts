@@ -166,10 +166,41 @@ export type ISnapshot =
       gpus: IGpu[];
       queue: IQueueItem[];
       runs?: IRun[];
+      /** Sessions taken off their GPU whose variables wait in host memory for the owner's next cell. */
+      in_host_memory?: IParked[];
       quotas?: IQuotas;
       /** Whether this Jupyter server has a pool token to send with cancels (never the token itself). */
       token_set?: boolean;
     };
+
+/** A session moved to host memory (suspended, reclaimed or timed out), as the broker reports it. */
+export interface IParked {
+  id: string;
+  user: string;
+  notebook?: string | null;
+  cell?: string | null;
+  /** ``pending`` while the variables are being written, then ``saved``. */
+  state?: string | null;
+  saved?: string[];
+  lost?: string[];
+  bytes?: number | null;
+  since?: number | null;
+  reason?: string | null;
+}
+
+/** One of my sessions waiting in host memory. */
+export interface IParkedView {
+  id: string;
+  notebook: string | null;
+  cell: string | null;
+  /** e.g. ``3 variables, 64.0 MiB`` (``being moved`` while pending). */
+  what: string;
+  /** How long ago it left its GPU. */
+  since: string;
+  reason: string | null;
+  /** Names that could not be kept (not picklable). */
+  lost: string[];
+}
 
 /** One coloured segment of a GPU's memory bar. */
 export interface ISegmentView {
@@ -286,6 +317,8 @@ export interface IViewModel {
   gpus: IGpuView[];
   queue: IQueueView[];
   sessions: ISessionView[];
+  /** My sessions whose variables wait in host memory; my next ``%%gpu`` cell there brings them back. */
+  inHostMemory: IParkedView[];
   runs: IRunView[];
   /** The pool's quotas as they concern the panel; null when the broker sends none (an older broker). */
   quotas: IQuotaView | null;
@@ -696,6 +729,7 @@ const EMPTY: Omit<IViewModel, 'state' | 'me'> = {
   gpus: [],
   queue: [],
   sessions: [],
+  inHostMemory: [],
   runs: [],
   quotas: null,
   tokenMissing: false,
@@ -802,6 +836,7 @@ export function buildViewModel(snapshot: ISnapshot | null, nowSeconds: number, m
     gpus,
     queue,
     sessions: [...sessions.values()],
+    inHostMemory: (snapshot.in_host_memory ?? []).filter(p => p.user === me).map(p => parkedView(p, now)),
     runs: (snapshot.runs ?? []).map(r => runView(r, me)),
     quotas: quotaView(snapshot.quotas, me, Math.round(myShare * 1000) / 1000),
     tokenMissing: snapshot.quotas?.identity === 'tokens' && snapshot.token_set === false,
@@ -871,4 +906,22 @@ export function notebookLabel(path: string | null | undefined): string | null {
   }
   const absolute = path.startsWith('/') || /^[A-Za-z]:[\\/]/.test(path);
   return absolute ? path.split(/[\\/]/).pop() || path : path;
+}
+
+/** How one of my sessions in host memory reads in the panel. */
+export function parkedView(p: IParked, nowSeconds: number): IParkedView {
+  const names = p.saved ?? [];
+  const size = typeof p.bytes === 'number' ? `, ${formatBytes(p.bytes)}` : '';
+  return {
+    id: p.id,
+    notebook: p.notebook ?? null,
+    cell: p.cell ?? null,
+    what:
+      p.state === 'pending'
+        ? 'being moved to host memory'
+        : `${names.length} variable${names.length === 1 ? '' : 's'}${size}`,
+    since: formatDuration(typeof p.since === 'number' ? nowSeconds - p.since : null),
+    reason: p.reason ?? null,
+    lost: p.lost ?? []
+  };
 }

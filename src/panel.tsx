@@ -542,6 +542,31 @@ function PanelView(props: IViewProps): JSX.Element {
               None. Start one with <code>%%gpu</code> in a notebook cell.
             </div>
           )}
+          {vm.inHostMemory.length ? (
+            <>
+              <h4 className="jp-GpuPanel-parkedTitle">In host memory ({vm.inHostMemory.length})</h4>
+              <ul className="jp-GpuPanel-list jp-GpuPanel-parked">
+                {vm.inHostMemory.map(p => (
+                  <li key={p.id} className="jp-GpuPanel-item jp-mod-mine jp-mod-parked" data-lease-id={p.id}>
+                    <div className="jp-GpuPanel-itemMain">
+                      <span className="jp-GpuPanel-where">
+                        {(notebookLabel(p.notebook) ?? p.id) + (p.cell ? ` › ${p.cell}` : '')}
+                      </span>
+                    </div>
+                    <div className="jp-GpuPanel-sub">
+                      {p.what} · off the GPU for {p.since} · back with your next <code>%%gpu</code> cell there
+                    </div>
+                    {p.reason ? <div className="jp-GpuPanel-sub jp-GpuPanel-parkedReason">{p.reason}</div> : null}
+                    {p.lost.length ? (
+                      <div className="jp-GpuPanel-sub jp-GpuPanel-parkedLost">
+                        not kept (cannot be pickled): {p.lost.join(', ')}
+                      </div>
+                    ) : null}
+                  </li>
+                ))}
+              </ul>
+            </>
+          ) : null}
         </section>
         {vm.quotas?.configured ? <QuotaSection quotas={vm.quotas} me={vm.me} /> : null}
         <section className="jp-GpuPanel-section jp-GpuPanel-queue">

@@ -347,6 +347,9 @@ class GpuBroker(SchedulerPlugin):
                      "default_fraction": float(config.get("default-fraction"))},
             "gpus": gpus,
             "queue": queue,
+            # sessions taken off their GPU whose variables wait in host memory for their owner's next cell
+            "in_host_memory": [self._parked_view(ls) for ls in self.ended.values()
+                               if (ls.offload or {}).get("state") in ("pending", "saved")],
             "quotas": self._quota_view(),
             # the latest runs, each rank's stream thinned to its last points: the panel polls this every second
             "runs": [{**run, "ranks": {r: items[-300:] for r, items in run.get("ranks", {}).items()}}
@@ -354,6 +357,14 @@ class GpuBroker(SchedulerPlugin):
         }
 
     # ------------------------------------------------------------------ internals
+    @staticmethod
+    def _parked_view(lease: Lease) -> dict:
+        offload = lease.offload or {}
+        return {"id": lease.id, "user": lease.user, "kernel": lease.kernel, "notebook": lease.notebook,
+                "cell": lease.cell, "state": offload.get("state"), "saved": offload.get("saved") or [],
+                "lost": [x.get("name") for x in offload.get("lost") or []], "bytes": offload.get("bytes"),
+                "since": lease.ended, "reason": lease.end_reason}
+
     def _public(self, lease: Lease) -> dict:
         """``lease.public()`` plus what the fair-share policy knows of it (preemptible)."""
         view = lease.public()

@@ -103,19 +103,34 @@ class StatusView:
                                  ls.get("notebook") or "-"])
         my_plain, my_html = _table(["lease", "share", "state", "isolation", "peak memory", "right-size",
                                     "notebook"], mine)
+        now = snap.get("time") or time.time()
+        parked = [[p["id"], "this kernel" if p.get("kernel") == self.kernel else (p.get("notebook") or "-"),
+                   ("being moved" if p.get("state") == "pending" else
+                    f"{len(p.get('saved') or ())} variable(s)"
+                    + (f", {format_bytes(p['bytes'])}" if p.get("bytes") is not None else "")),
+                   f"{now - p['since']:.0f} s ago" if p.get("since") else "-", p.get("reason") or "-"]
+                  for p in snap.get("in_host_memory") or () if p["user"] == self.user]
+        p_plain, p_html = _table(["lease", "kernel", "kept", "left its GPU", "why"], parked)
         queued = [r for r in queue_rows(snap) if r[2] == self.user]
         q_plain, q_html = _table(["#", "id", "user", "request", "priority", "waiting", "reason", "estimated start"],
                                  queued)
         jobs = [[j.id, j.label, j.state] for j in self.jobs.values()]
         j_plain, j_html = _table(["job", "cell", "state"], jobs)
         plain = [head, "", gpu_plain, "", f"My sessions ({self.user}):",
-                 my_plain if mine else "none", "", "My queued requests:", q_plain if queued else "none"]
+                 my_plain if mine else "none"]
+        if parked:
+            plain += ["", "My sessions in host memory (the next %%gpu cell of their kernel brings them back):",
+                      p_plain]
+        plain += ["", "My queued requests:", q_plain if queued else "none"]
         if jobs:
             plain += ["", "My --async jobs in this kernel:", j_plain]
         quota = quota_text(snap.get("quotas") or {}, self.user)
         plain += ["", quota]
         rich = (f"<p><b>{html.escape(head)}</b></p>{gpu_html}<h4>My sessions ({html.escape(self.user)})</h4>"
-                + (my_html if mine else "<p>none</p>") + "<h4>My queued requests</h4>"
+                + (my_html if mine else "<p>none</p>")
+                + ("<h4>My sessions in host memory</h4><p>The next <code>%%gpu</code> cell of their kernel brings "
+                   f"them back.</p>{p_html}" if parked else "")
+                + "<h4>My queued requests</h4>"
                 + (q_html if queued else "<p>none</p>") + (f"<h4>My --async jobs</h4>{j_html}" if jobs else "")
                 + f"<h4>My quota</h4><p>{html.escape(quota)}</p>")
         return "\n".join(plain), rich

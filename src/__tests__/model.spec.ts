@@ -200,6 +200,31 @@ describe('buildViewModel', () => {
     expect(vm.myQueued).toBe(1);
   });
 
+  it('lists my sessions waiting in host memory, and only mine', () => {
+    const snap = snapshot() as Extract<ISnapshot, { state: 'ok' }>;
+    const vm = buildViewModel(
+      {
+        ...snap,
+        in_host_memory: [
+          {
+            id: 'L4', user: 'alice', notebook: 'analysis.ipynb', cell: 'train', state: 'saved',
+            saved: ['net', 't', 'torch'], lost: ['steps'], bytes: 64 * 2 ** 20, since: 880,
+            reason: "suspended after 312 s idle: bob's cell was waiting for the GPU"
+          },
+          { id: 'L5', user: 'alice', notebook: null, state: 'pending', since: 995 },
+          { id: 'L6', user: 'bob', state: 'saved', saved: ['x'], since: 900 }
+        ]
+      },
+      5000
+    );
+    expect(vm.inHostMemory.map(p => [p.id, p.what, p.since, p.lost])).toEqual([
+      ['L4', '3 variables, 64.0 MiB', '2m 00s', ['steps']],
+      ['L5', 'being moved to host memory', '5s', []]
+    ]);
+    expect(vm.inHostMemory[0].reason).toContain('suspended after 312 s idle');
+    expect(buildViewModel(snapshot(), 0).inHostMemory).toEqual([]);
+  });
+
   it('lets the caller override who I am', () => {
     const vm = buildViewModel(snapshot(), 0, 'bob');
     expect(vm.sessions.map(s => s.id)).toEqual(['L2']);

@@ -62,6 +62,17 @@ def test_an_idle_session_is_suspended_for_a_waiting_cell_and_comes_back(spool):
         ended = call(a, "gpu_lease_info", lease=held["alice"]["id"])
         assert ended["state"] == "ended" and ended["end_reason"].startswith("suspended after"), ended
         assert "bob's cell was waiting for the GPU" in ended["end_reason"]
+        # the panel's snapshot lists alice's variables as waiting in host memory
+        assert wait_until(lambda: [(p["id"], p["state"]) for p in snapshot(a)["in_host_memory"]]
+                          == [(held["alice"]["id"], "saved")])
+        parked = snapshot(a)["in_host_memory"][0]
+        assert parked["user"] == "alice" and list(parked["saved"]) == ["big", "t", "torch"]
+        assert list(parked["lost"]) == ["steps"]
+        assert parked["bytes"] >= 64 * 2**20 and parked["reason"].startswith("suspended after")
+        # alice's %gpu status says so too (a line magic: it does not restore anything)
+        status = alice.run("%gpu status").data()[0]
+        assert "My sessions in host memory" in status and held["alice"]["id"] in status, status
+        assert "this kernel" in status and "3 variable(s)" in status, status
         assert "done" in carol.collect(cell, timeout=60).stdout
         # alice's next cell says why, starts a new session and gets her variables back
         assert bob.run("%gpu release").error is None
@@ -70,6 +81,7 @@ def test_an_idle_session_is_suspended_for_a_waiting_cell_and_comes_back(spool):
         assert "suspended after" in res.stdout and "were moved to host memory" in res.stdout, res.stdout
         assert "Restored 3 variable(s) from host memory: big, t, torch." in res.stdout, res.stdout
         assert "steps (generator)" in res.stdout and "sum 15.0" in res.stdout, res.stdout
+        assert not snapshot(a)["in_host_memory"]  # restored: nothing waits in host memory any more
     finally:
         for k in (alice, bob, carol):
             k.shutdown(now=True)
