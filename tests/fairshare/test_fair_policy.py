@@ -293,3 +293,17 @@ def test_the_gpu_whose_largest_idle_state_is_smallest_is_freed_first():
     quick goes before one whose session has merely been idle longer."""
     # alice: away 90 s, holds 12 GiB; carol: away 20 s, holds 1 GiB
     assert whom_bob_displaces((10.0, 12 * GiB), (80.0, 1 * GiB)) == "carol"
+
+
+def test_a_session_still_starting_is_never_taken():
+    """Bug fixed: a lease counted as idle from the instant it was granted, so with min-run-time 0 a request
+    could take it back (killing the session) before its session process had even started."""
+    pool = suspending_pool("0s", sizes=(16,))
+    policy = pool.policy
+    policy.lease_started("S1", "alice", "ml", 1.0, False, now=0.0, allocs={pool.gpus["w0#0"].id: 16 * GiB},
+                         idle=False)
+    pool.gpus["w0#0"].leased_bytes = 16 * GiB
+    pool.gpus["w0#0"].leases.add("S1")
+    assert policy.suspend_plan(req("bob", 5.0), list(pool.gpus.values()), 5.0) is None
+    policy.lease_state("S1", "idle", 6.0)  # the session is up and says so
+    assert [lid for lid, _ in policy.suspend_plan(req("bob", 7.0), list(pool.gpus.values()), 7.0)] == ["S1"]
