@@ -318,7 +318,9 @@ class Session:
             self.relay.flush_streams()
             self.capture.sync()
         peak, utilization = meter.stop()
-        reply: dict[str, Any] = {"elapsed": time.time() - started, "peak_bytes": peak,
+        # ``finished``: when the cell's code ended, so that of several failed ranks the first to fail is named
+        # (replies can arrive in any order: a failed rank tears its process group down before it replies)
+        reply: dict[str, Any] = {"elapsed": time.time() - started, "finished": time.time(), "peak_bytes": peak,
                                  "gpu_utilization": utilization, "execution_count": self.shell.execution_count}
         error = result.error_before_exec or result.error_in_exec
         if error is not None:

@@ -12,6 +12,7 @@ times. An interrupt or --timeout stops every rank and frees every lease.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import queue
 import time
@@ -201,6 +202,14 @@ def _state(outcome: dict) -> str:
     return "stopped" if outcome["stopped"] else "failed"
 
 
+def first_failure(errors: dict[int, dict]) -> tuple[int, dict]:
+    """The rank whose cell failed first, by when its code ended (``finished``), not by which reply came
+    first: a rank that raises tears its process group down before it replies, so the others' collective
+    errors ("connection closed by peer") can arrive before the exception that caused them."""
+    order = list(errors)
+    return min(errors.items(), key=lambda item: (item[1].get("finished", math.inf), order.index(item[0])))
+
+
 def _finish(magics: Any, outcome: dict, sessions: list[RemoteSession], opts: Any) -> Any:
     __tracebackhide__ = True
     done = outcome["done"]
@@ -211,7 +220,7 @@ def _finish(magics: Any, outcome: dict, sessions: list[RemoteSession], opts: Any
         raise SessionLost(f"Rank {rank}'s GPU session was lost ({reason}) and --retries {opts.retries} were used "
                           "up. Every rank was stopped and every lease freed.")
     if errors:
-        rank, err = next(iter(errors.items()))  # the first rank to fail; the others mostly follow from it
+        rank, err = first_failure(errors)  # the others mostly follow from it (a collective losing a peer)
         others = [f"rank {r}: {d['error'].get('type', '').split('.')[-1]}: {d['error'].get('message', '')}"
                   for r, d in errors.items() if r != rank]
         exc = rebuild_exception(err["error"])
