@@ -22,6 +22,7 @@ decision time with 10,000 GPUs and 100,000 queued requests.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import heapq
 import math
 import os
@@ -294,7 +295,6 @@ def simulate(mode: str, users: int, n_gpus: int, hours: float, seed: int, costs:
         policy.quotas.users = {u: UserQuota(name=u, team=t) for u, t in teams.items()}
     pool = SimPool(make_gpus(n_gpus), policy)
     drain: dict[str, float] = {}          # request id -> seconds until the sessions displaced for it are gone
-    pool.on_preempt = lambda lease, req: displaced(lease, req)
     res = Result(name=mode, horizon=hours * 3600, gpus=n_gpus)
     events: list[tuple[float, int, str, object]] = []
     seq = 0
@@ -337,6 +337,8 @@ def simulate(mode: str, users: int, n_gpus: int, hours: float, seed: int, costs:
         if isinstance(owner, Notebook) and lease.id not in running:
             owner.suspended = True
             drain[req.id] = max(drain.get(req.id, 0.0), costs.save(owner.state))
+
+    pool.on_preempt = displaced
 
     def start_cell(nb: Notebook, extra: float = 0.0) -> None:
         """The cell runs after ``extra`` seconds (displaced sessions leaving, its own state coming back)."""
@@ -458,7 +460,7 @@ def sensitivity(n_gpus: int, hours: float, seed: int, users: int, costs: MoveCos
     """p95 interactive wait of fair share at ``users`` (3x what (a) serves) as the assumptions change: the
     workload's seed, what moving a session costs, and ``suspend-idle-after``."""
     def p95(**kw) -> str:
-        c = MoveCosts(**{**costs.__dict__, **kw.get("costs", {})})
+        c = dataclasses.replace(costs, **kw.get("costs", {}))
         r = simulate("fair", users, n_gpus, hours, kw.get("seed", seed), c, kw.get("suspend", suspend))
         return f"{r.pct(95):.1f} s" + ("" if r.pct(95) < 10 else " (over)")
 
@@ -532,13 +534,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--suspend-after", type=float, default=0.0,
                         help="the pool's suspend-idle-after for fair share, seconds (negative: off)")
-    parser.add_argument("--state-gib", type=float, default=4.0,
+    parser.add_argument("--state-gib", type=float, default=MoveCosts.state_gib_median,
                         help="median GPU state of an idle session, GiB (lognormal, capped at its lease)")
     parser.add_argument("--save-gbps", type=float, default=MoveCosts.save_gbps,
                         help="GB/s at which an idle session's state is written to host memory")
     parser.add_argument("--load-gbps", type=float, default=MoveCosts.load_gbps,
                         help="GB/s at which a new session reads it back")
-    parser.add_argument("--session-start", type=float, default=0.5, help="seconds to start a new session")
+    parser.add_argument("--session-start", type=float, default=MoveCosts.session_start,
+                        help="seconds to start a new session")
     args = parser.parse_args(argv)
     costs = MoveCosts(state_gib_median=args.state_gib, save_gbps=args.save_gbps, load_gbps=args.load_gbps,
                       session_start=args.session_start)

@@ -266,32 +266,16 @@ class FairSharePolicy:
                       and now - r.started >= self.quotas.min_run_time and r.started < now}
         if not candidates:
             return None
-        best: tuple[tuple, list[LeaseRecord]] | None = None
-        for gpu in gpus:
-            need = spec.need_on(gpu)
-            if need > gpu.total_bytes:
-                continue
-            on_gpu = [candidates[lid] for lid in gpu.leases if lid in candidates]
-            if spec.gpus is not None:
-                if len(on_gpu) != len(gpu.leases):
-                    continue
-                victims = on_gpu
-            else:
-                on_gpu.sort(key=lambda r: (r.idle_since is None, -over[r.team], -r.started))
-                free, victims, left = gpu.free_bytes, [], dict(over)
-                for rec in on_gpu:
-                    if free >= need:
-                        break
-                    if left[rec.team] <= EPS:
-                        continue  # the team is no longer over: its remaining leases are its guarantee
-                    victims.append(rec)
-                    free += rec.allocs.get(gpu.id, 0)
-                    left[rec.team] -= rec.gpus
-                if free < need:
-                    continue
-            cost = (sum(1 for v in victims if v.idle_since is None), len(victims), gpu.id)
-            if best is None or cost < best[0]:
-                best = (cost, victims)
+
+        def cost(gpu: GpuSlot, victims: list[LeaseRecord]) -> tuple:
+            return sum(1 for v in victims if v.idle_since is None), len(victims), gpu.id  # fewest running
+
+        # idle first, then the team furthest over, then the youngest; a team stops losing leases once it is no
+        # longer over (its remaining leases are its guarantee)
+        best = min(((cost(gpu, victims), victims) for gpu, victims in _victims_by_gpu(
+                        spec, gpus, candidates, order=lambda r: (r.idle_since is None, -over[r.team], -r.started),
+                        budget=over)),
+                   key=lambda p: p[0], default=None)
         if best is None:
             return None
         plan = []
@@ -330,33 +314,17 @@ class FairSharePolicy:
                       and r.started < now}
         if not candidates:
             return None
-        best: tuple[tuple, list[LeaseRecord]] | None = None
-        for gpu in gpus:
-            need = spec.need_on(gpu)
-            if need > gpu.total_bytes:
-                continue
-            on_gpu = [candidates[lid] for lid in gpu.leases if lid in candidates]
-            if spec.gpus is not None:
-                if len(on_gpu) != len(gpu.leases):
-                    continue
-                victims = on_gpu
-            else:
-                on_gpu.sort(key=lambda r: (r.idle_since, r.id))
-                free, victims = gpu.free_bytes, []
-                for rec in on_gpu:
-                    if free >= need:
-                        break
-                    victims.append(rec)
-                    free += rec.allocs.get(gpu.id, 0)
-                if free < need:
-                    continue
+
+        def cost(gpu: GpuSlot, victims: list[LeaseRecord]) -> tuple:
             # the largest state to write out, then the chance that a session runs its next cell soon (it
             # falls the longer the session has been idle)
             largest = max(v.resident if v.resident is not None else v.allocs.get(gpu.id, 0) for v in victims)
             soon = sum(1.0 / (1.0 + now - v.idle_since) for v in victims)
-            cost = (largest, round(soon, 6), gpu.id)
-            if best is None or cost < best[0]:
-                best = (cost, victims)
+            return largest, round(soon, 6), gpu.id
+
+        best = min(((cost(gpu, victims), victims) for gpu, victims in _victims_by_gpu(
+                        spec, gpus, candidates, order=lambda r: (r.idle_since, r.id))),
+                   key=lambda p: p[0], default=None)
         if best is None:
             return None
         return [(rec.id, f"suspended after {now - rec.idle_since:.0f} s idle: {req.user}'s cell was waiting "
@@ -369,6 +337,38 @@ class FairSharePolicy:
         if not limit:
             return []
         return [r.id for r in self.leases.values() if r.idle_since is not None and now - r.idle_since > limit]
+
+
+def _victims_by_gpu(spec: RequestSpec, gpus: list[GpuSlot], candidates: dict[str, LeaseRecord],
+                    order: Callable[[LeaseRecord], tuple], budget: dict[str, float] | None = None
+                    ) -> Iterable[tuple[GpuSlot, list[LeaseRecord]]]:
+    """Each GPU where ``spec`` fits once some of ``candidates`` leave, with the leases that must leave: all
+    of the GPU's leases for whole GPUs (so all must be candidates), else candidates in ``order`` until the
+    request fits. With ``budget`` (team -> GPUs it may still lose), a lease whose team has none left stays.
+    Shared by reclaim (for guarantees) and suspension (for waiting cells), which differ only in who may
+    leave, in what order, and what a GPU's plan costs."""
+    for gpu in gpus:
+        need = spec.need_on(gpu)
+        if need > gpu.total_bytes:
+            continue
+        on_gpu = [candidates[lid] for lid in gpu.leases if lid in candidates]
+        if spec.gpus is not None:
+            if on_gpu and len(on_gpu) == len(gpu.leases):
+                yield gpu, on_gpu
+            continue
+        on_gpu.sort(key=order)
+        free, victims, left = gpu.free_bytes, [], dict(budget or {})
+        for rec in on_gpu:
+            if free >= need:
+                break
+            if budget is not None:
+                if left[rec.team] <= EPS:
+                    continue
+                left[rec.team] -= rec.gpus
+            victims.append(rec)
+            free += rec.allocs.get(gpu.id, 0)
+        if victims and free >= need:
+            yield gpu, victims
 
 
 # ---------------------------------------------------------------------- one scheduling pass

@@ -114,26 +114,6 @@ def _write(path: str, modules: dict, values: dict) -> None:
             cloudpickle.dump(values, f, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-class _Discard:
-    """A file that keeps nothing: pickling into it only tells whether an object can be pickled."""
-
-    def write(self, data: Any) -> int:
-        return memoryview(data).nbytes  # bytes, or a PickleBuffer (protocol 5 writes large buffers as they are)
-
-
-def _unpicklable(values: dict[str, Any]) -> list[dict]:
-    """The variables that cannot be pickled, each with why (one pickling pass over each, into nothing)."""
-    import cloudpickle
-
-    lost = []
-    for name, value in values.items():
-        try:
-            cloudpickle.dump(value, _Discard(), protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception as exc:  # noqa: BLE001 - anything unpicklable is reported by name, not fatal
-            lost.append({"name": name, "type": type(value).__name__, "why": f"{type(exc).__name__}: {exc}"[:200]})
-    return lost
-
-
 def save_namespace(ns: dict, hidden: dict | None, path: str) -> dict:
     """Write the user's variables to ``path``; returns what was saved, what could not be, and the size.
 

@@ -320,7 +320,8 @@ class Session:
         peak, utilization = meter.stop()
         # ``finished``: when the cell's code ended, so that of several failed ranks the first to fail is named
         # (replies can arrive in any order: a failed rank tears its process group down before it replies)
-        reply: dict[str, Any] = {"elapsed": time.time() - started, "finished": time.time(), "peak_bytes": peak,
+        finished = time.time()
+        reply: dict[str, Any] = {"elapsed": finished - started, "finished": finished, "peak_bytes": peak,
                                  "gpu_utilization": utilization, "execution_count": self.shell.execution_count}
         error = result.error_before_exec or result.error_in_exec
         if error is not None:

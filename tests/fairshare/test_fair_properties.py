@@ -52,6 +52,19 @@ def pools(draw):
     return sizes, [round(s * scale, 2) for s in shares]
 
 
+def initial_events(workload, n_gpus: int, horizon: float) -> tuple[list, int]:
+    """The event heap: each request's arrival (a gang wider than the pool is left out), and a tick every
+    TICK up to ``horizon``; returns it and the last sequence number used."""
+    events, seq = [], 0
+    for n, (t, u, spec, dur, prio) in enumerate(workload):
+        r = Request(id=f"R{n}", user=f"u{u}", kernel="k", client=None, spec=RequestSpec(priority=prio, **spec))
+        if r.spec.workers <= n_gpus:
+            heapq.heappush(events, (t, seq := seq + 1, "arrive", (r, dur)))
+    for k in range(int(horizon / TICK)):
+        heapq.heappush(events, (k * TICK, seq := seq + 1, "tick", None))
+    return events, seq
+
+
 def run(sizes, guarantees, workload, reclaim=True):
     sim = pool_sim()
     users = {f"u{i}": f"t{i % 3}" for i in range(6)}
@@ -61,15 +74,7 @@ def run(sizes, guarantees, workload, reclaim=True):
     pool = sim.SimPool(gpus(*sizes), FairSharePolicy(q))
     if not reclaim:
         pool._preempt = None
-    events, seq = [], 0
-    for n, (t, u, spec, dur, prio) in enumerate(workload):
-        r = Request(id=f"R{n}", user=f"u{u}", kernel="k", client=None, spec=RequestSpec(priority=prio, **spec))
-        if r.spec.workers > len(sizes):
-            continue
-        heapq.heappush(events, (t, seq := seq + 1, "arrive", (r, dur)))
-    horizon = 200 + (len(workload) + 3) * (D + RESERVE_AFTER + TICK)
-    for k in range(int(horizon / TICK)):
-        heapq.heappush(events, (k * TICK, seq := seq + 1, "tick", None))
+    events, seq = initial_events(workload, len(sizes), 200 + (len(workload) + 3) * (D + RESERVE_AFTER + TICK))
     durations, within_since, served, submitted, worst, waits = {}, {}, set(), {}, 0.0, {}
     while events:
         t, _, kind, obj = heapq.heappop(events)
@@ -162,21 +167,15 @@ def test_suspension_moves_only_idle_sessions_and_never_overcommits(sizes, worklo
     interactive request, never a running one; memory is never overcommitted; everything is served."""
     sim = pool_sim()
     pool = sim.SimPool(gpus(*sizes), FairSharePolicy(PoolQuotas(suspend_idle_after=after, min_run_time=0.0)))
-    events, seq, durations, submitted = [], 0, {}, {}
-    for n, (t, u, spec, dur, prio) in enumerate(workload):
-        r = Request(id=f"R{n}", user=f"u{u}", kernel="k", client=None, spec=RequestSpec(priority=prio, **spec))
-        if r.spec.workers <= len(sizes):
-            heapq.heappush(events, (t, seq := seq + 1, "arrive", (r, dur)))
-    for k in range(int((300 + len(workload) * 2 * D) / TICK)):
-        heapq.heappush(events, (k * TICK, seq := seq + 1, "tick", None))
-    moved = 0
+    events, seq = initial_events(workload, len(sizes), 300 + len(workload) * 2 * D)
+    durations, moved = {}, 0
     while events:
         t, _, kind, obj = heapq.heappop(events)
         pool.now = t
         if kind == "arrive":
             r, dur = obj
             pool.submit(r)
-            durations[r.id], submitted[r.id] = dur, r
+            durations[r.id] = dur
         elif kind == "idle":  # the cell ended: the session stays, idle, until its owner leaves
             for lid in obj:
                 pool.policy.lease_state(lid, "idle", t)
@@ -191,12 +190,12 @@ def test_suspension_moves_only_idle_sessions_and_never_overcommits(sizes, worklo
             assert idle_before[lease.id] is not None and t - idle_before[lease.id] >= after  # idle long enough
             assert not lease.req.spec.workers > 1
             moved += 1
-        event(f"idle sessions moved: {'some' if moved else 'none'}")
         pool.check_invariants()
         for req, lease in grants:
             if lease.id == req.leases[0]:
                 for lid in req.leases:
                     pool.policy.lease_state(lid, "running", t)
                 heapq.heappush(events, (t + durations[req.id], seq := seq + 1, "idle", list(req.leases)))
+    event(f"idle sessions moved: {'some' if moved else 'none'}")
     assert not pool.queue, [(r.id, r.spec.describe(), r.reason) for r in pool.queue]
     assert not pool.leases
