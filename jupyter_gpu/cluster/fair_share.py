@@ -351,7 +351,8 @@ def _victims_by_gpu(spec: RequestSpec, gpus: list[GpuSlot], candidates: dict[str
         need = spec.need_on(gpu)
         if need > gpu.total_bytes:
             continue
-        on_gpu = [candidates[lid] for lid in gpu.leases if lid in candidates]
+        # in id order, not the set's: ties in ``order`` must not depend on the process's string hash seed
+        on_gpu = [candidates[lid] for lid in sorted(gpu.leases) if lid in candidates]
         if spec.gpus is not None:
             if on_gpu and len(on_gpu) == len(gpu.leases):
                 yield gpu, on_gpu
