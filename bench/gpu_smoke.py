@@ -17,6 +17,10 @@ and exits 1 if any check failed:
   two-sessions     a second kernel's ``%%gpu --gpus 0.5`` session runs beside the first: both leases on the same
                    GPU in gpu_snapshot, and both sessions hold ~40% of the GPU's memory at the same time
                    (torch.cuda.memory_allocated in each, and NVML's used memory >= 80% while both hold it)
+  offload-cuda     (in this process, after the pool) a namespace of 1 GiB of CUDA tensors plus a model and its
+                   optimizer on the GPU: a standby copy (standby.py, what an idle session writes) and
+                   load_namespace bring it back on the GPU, equal and still linked; prints the GB/s of the copy
+                   (GPU to host memory) and of the load (host to GPU), the rates bench/pool_sim.py charges
 
 --quick changes nothing (the checks are already short); it exists so every bench script takes the flag.
 """
@@ -122,6 +126,44 @@ def nvml_used(uuid: str) -> tuple[int, int] | None:
     except Exception as exc:  # noqa: BLE001 - an optional extra check
         log(f"NVML memory query failed: {exc}")
         return None
+
+
+def offload_cuda(checks: Checks) -> None:
+    """CUDA tensors through a standby copy and back (what suspending a session on a real GPU moves)."""
+    import tempfile
+
+    import torch
+
+    from jupyter_gpu.cluster.offload import load_namespace
+    from jupyter_gpu.cluster.standby import StandbyCopy
+
+    net = torch.nn.Linear(256, 256).cuda()
+    ns = {"w": torch.randn(2**28, device="cuda"), "net": net, "opt": torch.optim.SGD(net.parameters(), lr=0.1)}
+    nbytes = ns["w"].nbytes
+    folder = tempfile.mkdtemp(prefix="jgpu-smoke-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    try:
+        copy = StandbyCopy(os.path.join(folder, "L1.standby"), 0.0)
+        copy.changed()
+        copy.idle()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        written = copy.take(ns, {}, nbytes, lambda: False)
+        t_copy = time.perf_counter() - t0
+        moved = copy.hand_over(os.path.join(folder, "L1.pkl")) if written else None
+        back: dict = {}
+        t0 = time.perf_counter()
+        failed = load_namespace(back, moved["path"])["failed"] if moved else ["no copy was written"]
+        torch.cuda.synchronize()
+        t_load = time.perf_counter() - t0
+        ok = (not failed and back["w"].is_cuda and torch.equal(back["w"], ns["w"])
+              and back["opt"].param_groups[0]["params"][0] is back["net"].weight and back["net"].weight.is_cuda)
+        checks.record("offload-cuda", ok, f"{nbytes / 2**30:.1f} GiB of CUDA tensors: standby copy "
+                      f"{nbytes / t_copy / 1e9:.2f} GB/s, load back to the GPU {nbytes / t_load / 1e9:.2f} GB/s"
+                      + (f"; failed: {failed}" if failed else ""))
+    finally:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
                 k.shutdown()
             time.sleep(0.5)
 
+    offload_cuda(checks)
     failed = [name for name, ok, _ in checks.results if not ok]
     print(f"\ngpu_smoke: {len(checks.results) - len(failed)} passed, {len(failed)} failed"
           + (f" ({', '.join(failed)})" if failed else ""))

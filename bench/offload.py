@@ -14,6 +14,10 @@ without a GPU (``bench/gpu_smoke.py`` is the place for it). ``bench/pool_sim.py`
 rates this script measured on the machine of docs/benchmarks.md (2.0 GB/s out, 7.5 GB/s back).
 
 GB/s = namespace bytes / seconds (10^9 bytes); methods are interleaved, one each per round.
+
+Then the standby copy (``standby.py``): what suspending a session costs once it has copied its variables
+while idle (the hand-over, a rename), and how long a cell that arrives while the copy is being written waits
+for it to stop (the copy is told to stop a third of the way through a save; it stops at its next write).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -29,6 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from _common import header, loadavg, percentile, table  # noqa: E402
 
 from jupyter_gpu.cluster.offload import load_namespace, offload_dir, save_namespace  # noqa: E402
+from jupyter_gpu.cluster.standby import StandbyCopy  # noqa: E402
 
 
 def namespace(mib: int) -> tuple[dict, int]:
@@ -83,6 +89,27 @@ def main(argv: list[str] | None = None) -> int:
                 f.write(memoryview(flat))
             times["raw write"].append(time.perf_counter() - t0)
             os.unlink(raw)
+        standby = {"hand-over (a rename)": [], "a cell stops a copy mid-write": []}
+        for _ in range(rounds):
+            copy = StandbyCopy(os.path.join(folder, "L2.standby"), 0.0)
+            copy.changed()
+            copy.idle()
+            assert copy.take(ns, {}, nbytes, lambda: False)
+            t0 = time.perf_counter()
+            moved = copy.hand_over(os.path.join(folder, "L2.pkl"))
+            standby["hand-over (a rename)"].append(time.perf_counter() - t0)
+            os.unlink(moved["path"])
+            copy.changed()
+            copy.idle()
+            cell = threading.Event()
+            writer = threading.Thread(target=copy.take, args=(ns, {}, nbytes, cell.is_set))
+            writer.start()
+            time.sleep(percentile(times["save_namespace"], 50) / 3)
+            t0 = time.perf_counter()
+            cell.set()
+            writer.join()
+            standby["a cell stops a copy mid-write"].append(time.perf_counter() - t0)
+            assert not os.path.exists(copy.path), "a stopped copy left its file"
     finally:
         for name in os.listdir(folder):
             os.unlink(os.path.join(folder, name))
@@ -93,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
              f"{gbps[k] / gbps['raw write']:.2f}"] for k in times]
     table(f"{mib} MiB namespace ({saved['bytes'] / 2**20:.0f} MiB file in {os.path.dirname(folder)}), "
           f"{rounds} rounds, p50", ["method", "ms", "GB/s", "/ fresh memcpy", "/ raw write"], rows)
+    table("standby copy: suspension once copied, and a cell that arrives mid-copy, p50",
+          ["what", "ms", "/ save_namespace"],
+          [[k, f"{percentile(v, 50) * 1e3:.2f}", f"{percentile(v, 50) / p50['save_namespace']:.3f}"]
+           for k, v in standby.items()])
     move = 1 / (1 / gbps["save_namespace"] + 1 / gbps["load_namespace"])
     print(f"\nA whole move (out and back) here: {move:.2f} GB/s. bench/pool_sim.py charges 2.0 GB/s out and "
           "7.5 GB/s back (docs/benchmarks.md).")

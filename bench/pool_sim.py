@@ -11,8 +11,9 @@ and (b) plain FIFO of fractional requests: allocated and busy utilization, p50/p
 Jain's fairness index, preemptions/hour, idle sessions moved to host memory per hour, and the largest team
 (users on the G GPUs) whose p95 interactive wait stays under 10 s. Moving a session costs time, and it is
 charged to the cells that wait for it (``MoveCosts``): the cell that displaced a session waits until that
-session has written its state out, and the displaced owner's next cell waits for a new session to read it
-back. How the result depends on those costs and on ``suspend-idle-after`` is printed too. Then the policy's
+session has written its state out (nothing when the session's standby copy, written once it had been idle
+``standby_after`` seconds, is complete), and the displaced owner's next cell waits for a new session to read
+it back. How the result depends on those costs, ``suspend-idle-after`` and standby copies is printed too. Then the policy's
 decision time with 10,000 GPUs and 100,000 queued requests.
 
     python bench/pool_sim.py            # full (a few minutes)
@@ -55,6 +56,12 @@ class MoveCosts:
     rates default to what ``bench/offload.py`` measured for ``save_namespace`` and ``load_namespace`` on
     the 2-core VM of docs/benchmarks.md (2.0 and 7.5 GB/s; there the "GPU" is host memory, so that is the
     whole move); a GPU server adds the host link for CUDA tensors but has faster memory.
+
+    ``standby_after`` is the pool's ``session.standby-after``: a session idle that long writes a standby copy
+    of its state (at ``save_gbps``), so that suspending it once the copy is complete costs nothing, and
+    mid-copy costs the rest of the copy. A cell that arrives while its own session is writing the copy waits
+    for the rest of it (conservative: the session stops the copy at its next write, one tensor, not at the
+    end). None: no copies, every move writes its state when it is suspended.
     """
 
     state_gib_median: float = 4.0
@@ -63,6 +70,7 @@ class MoveCosts:
     load_gbps: float = 7.5
     session_start: float = 0.5
     measure_sigma: float = 0.3   # the session's own measure of what it holds is off by ~30% (RSS, allocator)
+    standby_after: float | None = 2.0
 
     def state_bytes(self, rng: random.Random, lease_bytes: int) -> int:
         return int(min(lease_bytes, rng.lognormvariate(math.log(self.state_gib_median * GiB), self.state_sigma)))
@@ -201,6 +209,8 @@ class Notebook:
     suspended: bool = False            # its variables are in host memory: the next cell reads them back
     state: int = 0                       # bytes it holds on the GPU when idle
     measured: float = 1.0                # what its session reports of that, relative to the truth
+    copy_from: float = math.inf          # its standby copy is being written from then ...
+    copy_done: float = math.inf          # ... and is complete then (inf: no copy while it runs)
 
 
 @dataclass
@@ -224,6 +234,9 @@ class Result:
     gpus: int = 1
     preemptions: int = 0     # running work interrupted
     moved: int = 0           # idle sessions moved to host memory (reclaimed or suspended)
+    moved_by_copy: int = 0   # ... whose standby copy was complete: nothing left to write
+    copy_bytes: float = 0.0  # bytes written to standby copies (complete or stopped)
+    copy_peak: int = 0       # most bytes held in host memory by standby copies at once (sampled every 30 s)
     served: dict[str, float] = field(default_factory=dict)
     demanded: dict[str, float] = field(default_factory=dict)
 
@@ -332,21 +345,44 @@ def simulate(mode: str, users: int, n_gpus: int, hours: float, seed: int, costs:
             owners[obj.request.id] = obj
 
     def displaced(lease: SimLease, req: Request) -> None:
-        """An idle session leaves for ``req``: it writes its state out first (``req`` waits for that)."""
+        """An idle session leaves for ``req``: it writes its state out first (``req`` waits for that), unless
+        its standby copy is complete (mid-copy: the rest of the copy)."""
         owner = owners.get(lease.req.id)
         if isinstance(owner, Notebook) and lease.id not in running:
             owner.suspended = True
-            drain[req.id] = max(drain.get(req.id, 0.0), costs.save(owner.state))
+            if owner.copy_done <= pool.now:
+                write, res.moved_by_copy = 0.0, res.moved_by_copy + 1
+            elif owner.copy_from <= pool.now:
+                write = owner.copy_done - pool.now
+            else:
+                write = costs.save(owner.state)
+            stop_copy(owner)
+            drain[req.id] = max(drain.get(req.id, 0.0), write)
+
+    def stop_copy(nb: Notebook) -> float:
+        """The notebook's standby copy ends (a cell, a move): count what was written; returns the seconds
+        still needed to finish it (what a cell that arrives mid-copy waits for, conservatively)."""
+        rest = 0.0
+        if nb.copy_from <= pool.now:
+            done = min(pool.now, nb.copy_done)
+            res.copy_bytes += (done - nb.copy_from) * costs.save_gbps * 1e9
+            rest = max(0.0, nb.copy_done - pool.now)
+        nb.copy_from = nb.copy_done = math.inf
+        return rest
 
     pool.on_preempt = displaced
 
-    def start_cell(nb: Notebook, extra: float = 0.0) -> None:
-        """The cell runs after ``extra`` seconds (displaced sessions leaving, its own state coming back)."""
+    def start_cell(nb: Notebook, extra: float = 0.0) -> float:
+        """The cell runs after ``extra`` seconds (displaced sessions leaving, its own state coming back, its
+        own standby copy being written); returns how long it waited for the copy."""
+        copying = stop_copy(nb)
+        extra += copying
         gap, burst = nb.cells[nb.cell]
         running[nb.lease] = pool.policy.leases[nb.lease].gpus
         pool.policy.lease_state(nb.lease, "running", pool.now)
         res.served[nb.user] = res.served.get(nb.user, 0.0) + burst
         push(pool.now + extra + burst, "cell_end", (nb, nb.lease))
+        return copying
 
     while events:
         t, _, kind, obj = heapq.heappop(events)
@@ -369,8 +405,7 @@ def simulate(mode: str, users: int, n_gpus: int, hours: float, seed: int, costs:
         elif kind == "cell":
             nb = obj
             if nb.lease is not None and nb.lease in pool.leases:
-                res.waits.append(0.0)
-                start_cell(nb)
+                res.waits.append(start_cell(nb))
             else:
                 nb.lease = None
                 ask(nb)
@@ -379,12 +414,16 @@ def simulate(mode: str, users: int, n_gpus: int, hours: float, seed: int, costs:
             running.pop(lease_id, None)
             if lease_id in pool.leases:  # the session says what it holds now (measured, so not exactly)
                 pool.policy.lease_state(lease_id, "idle", t, resident=int(nb.state * nb.measured))
+                if mode == "fair" and costs.standby_after is not None:
+                    nb.copy_from = t + costs.standby_after
+                    nb.copy_done = nb.copy_from + costs.save(nb.state)
             nb.cell += 1
             if nb.cell < len(nb.cells):
                 push(t + nb.cells[nb.cell][0], "cell", nb)
             else:
                 push(t + nb.linger, "close", nb)
         elif kind == "close":
+            stop_copy(obj)
             if obj.lease is not None:
                 pool.end(obj.lease)
                 running.pop(obj.lease, None)
@@ -396,11 +435,15 @@ def simulate(mode: str, users: int, n_gpus: int, hours: float, seed: int, costs:
                 running.pop(lid, None)
         elif kind == "tick":
             if mode == "fair":
+                held = sum(nb.state for nb in (owners.get(ls.req.id) for ls in pool.leases.values())
+                           if isinstance(nb, Notebook) and nb.copy_done <= t)
+                res.copy_peak = max(res.copy_peak, held)
                 for lid in pool.policy.idle_expired(t):
                     if lid in pool.leases and lid not in running:
                         owner = owners.get(pool.leases[lid].req.id)
                         if isinstance(owner, Notebook):
                             owner.suspended = True  # released to host memory: the next cell reads it back
+                            stop_copy(owner)
                         pool.end(lid)
         grants, preempted = pool.schedule()
         for lease, _reason in preempted:
@@ -426,9 +469,9 @@ def simulate(mode: str, users: int, n_gpus: int, hours: float, seed: int, costs:
                 owner.lease = lease.id
                 extra = drain.pop(req.id, 0.0) + (costs.resume(owner.state) if owner.suspended else 0.0)
                 owner.suspended = False
+                extra += start_cell(owner, extra)
                 res.waits.append(t - owner.asked + extra)
                 res.first_waits.append(t - owner.asked + extra)
-                start_cell(owner, extra)
             else:
                 for lid in req.leases:
                     running[lid] = pool.policy.leases[lid].gpus
@@ -474,6 +517,12 @@ def sensitivity(n_gpus: int, hours: float, seed: int, users: int, costs: MoveCos
             for sv, ld in rates))
     print("  suspend-idle-after " + ", ".join(
         f"{'off' if a is None else f'{a:g} s'}: {p95(suspend=a)}" for a in (0.0, 10.0, 60.0, None)))
+    print("  standby copies " + ", ".join(
+        f"{'off' if a is None else f'after {a:g} s'}: {p95(costs={'standby_after': a})}"
+        for a in (None, 0.0, 2.0, 10.0, 30.0)))
+    on = costs.standby_after if costs.standby_after is not None else 2.0
+    print(f"  idle state median 16 GiB: standby copies off: {p95(costs={'standby_after': None, 'state_gib_median': 16.0})}"
+          f", after {on:g} s: {p95(costs={'standby_after': on, 'state_gib_median': 16.0})}")
 
 
 # ---------------------------------------------------------------------- decision time at scale
@@ -542,9 +591,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="GB/s at which a new session reads it back")
     parser.add_argument("--session-start", type=float, default=MoveCosts.session_start,
                         help="seconds to start a new session")
+    parser.add_argument("--standby-after", type=float, default=MoveCosts.standby_after,
+                        help="session.standby-after: idle seconds before a session copies its state ahead of "
+                             "need (negative: no copies)")
     args = parser.parse_args(argv)
     costs = MoveCosts(state_gib_median=args.state_gib, save_gbps=args.save_gbps, load_gbps=args.load_gbps,
-                      session_start=args.session_start)
+                      session_start=args.session_start,
+                      standby_after=None if args.standby_after < 0 else args.standby_after)
     suspend = None if args.suspend_after < 0 else args.suspend_after
     quick = args.quick
     users = args.users or (24 if quick else 48)
@@ -556,7 +609,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fair share: suspend-idle-after {'off' if suspend is None else f'{suspend:g} s'}; moving an idle "
           f"session's state (median {costs.state_gib_median:g} GiB) out at {costs.save_gbps:g} GB/s, back at "
           f"{costs.load_gbps:g} GB/s, "
-          f"{costs.session_start:g} s to start its new session\n")
+          f"{costs.session_start:g} s to start its new session; standby copies "
+          f"{'off' if costs.standby_after is None else f'after {costs.standby_after:g} s idle'}\n")
     rows = []
     for mode, label in (("fair", "fair share (this policy)"), ("whole", "(a) whole GPU per notebook"),
                         ("fifo", "(b) FIFO of fractions")):
@@ -578,6 +632,12 @@ def main(argv: list[str] | None = None) -> int:
         ["Jain's fairness index"] + [f"{r.jain():.3f}" for _, r in rows],
         ["preemptions / hour (running work)"] + [f"{r.preemptions / (r.horizon / 3600):.1f}" for _, r in rows],
         ["idle sessions moved to host / hour"] + [f"{r.moved / (r.horizon / 3600):.1f}" for _, r in rows],
+        ["... of them from a complete standby copy"] + [f"{100 * r.moved_by_copy / r.moved:.0f}%" if r.moved else "-"
+                                                       for _, r in rows],
+        ["standby copies written / hour"] + [f"{r.copy_bytes / 1e9 / (r.horizon / 3600):.0f} GB" if r.copy_bytes
+                                             else "-" for _, r in rows],
+        ["host memory held by standby copies, peak"] + [f"{r.copy_peak / GiB:.0f} GiB" if r.copy_peak else "-"
+                                                        for _, r in rows],
         [f"largest team, p95 wait < 10 s ({team_hours:g} h runs)"]
         + [str(largest[m]) + " users" for m in ("fair", "whole", "fifo")],
     ]

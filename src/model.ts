@@ -184,6 +184,10 @@ export interface IParked {
   saved?: string[];
   lost?: string[];
   bytes?: number | null;
+  /** The session had copied its variables while idle: moving it was a rename (standby.py). */
+  standby?: boolean | null;
+  /** How long moving it off its GPU took (seconds). */
+  move_seconds?: number | null;
   since?: number | null;
   reason?: string | null;
 }
@@ -193,7 +197,7 @@ export interface IParkedView {
   id: string;
   notebook: string | null;
   cell: string | null;
-  /** e.g. ``3 variables, 64.0 MiB`` (``being moved`` while pending). */
+  /** e.g. ``3 variables, 64.0 MiB, moved in 0.4 s`` (``being moved`` while pending). */
   what: string;
   /** How long ago it left its GPU. */
   since: string;
@@ -912,6 +916,11 @@ export function notebookLabel(path: string | null | undefined): string | null {
 export function parkedView(p: IParked, nowSeconds: number): IParkedView {
   const names = p.saved ?? [];
   const size = typeof p.bytes === 'number' ? `, ${formatBytes(p.bytes)}` : '';
+  const moved = p.standby
+    ? ', moved at once from its standby copy'
+    : typeof p.move_seconds === 'number'
+      ? `, moved in ${p.move_seconds.toFixed(1)} s`
+      : '';
   return {
     id: p.id,
     notebook: p.notebook ?? null,
@@ -919,7 +928,7 @@ export function parkedView(p: IParked, nowSeconds: number): IParkedView {
     what:
       p.state === 'pending'
         ? 'being moved to host memory'
-        : `${names.length} variable${names.length === 1 ? '' : 's'}${size}`,
+        : `${names.length} variable${names.length === 1 ? '' : 's'}${size}${moved}`,
     since: formatDuration(typeof p.since === 'number' ? nowSeconds - p.since : null),
     reason: p.reason ?? null,
     lost: p.lost ?? []

@@ -363,6 +363,7 @@ class GpuBroker(SchedulerPlugin):
         return {"id": lease.id, "user": lease.user, "kernel": lease.kernel, "notebook": lease.notebook,
                 "cell": lease.cell, "state": offload.get("state"), "saved": offload.get("saved") or [],
                 "lost": [x.get("name") for x in offload.get("lost") or []], "bytes": offload.get("bytes"),
+                "standby": offload.get("standby"), "move_seconds": offload.get("seconds"),
                 "since": lease.ended, "reason": lease.end_reason}
 
     def _public(self, lease: Lease) -> dict:
@@ -522,6 +523,7 @@ class GpuBroker(SchedulerPlugin):
     async def _offload_then_end(self, lease: Lease) -> None:
         """Move a reclaimed idle session's variables to host memory on its worker, then end its process."""
         timeout = config.get_seconds("offload-timeout")
+        started = time.monotonic()
         try:
             reply = await asyncio.wait_for(
                 self.scheduler.rpc(lease.worker).gpu_session_offload(lease=lease.id, timeout=timeout), timeout + 5)
@@ -532,11 +534,14 @@ class GpuBroker(SchedulerPlugin):
             lease.offload = None
             lease.end_reason = f"{lease.end_reason}; its variables could not be kept ({reply['error']})"
         else:
+            # ``standby``: the session had copied its variables while idle, so moving it was a rename
             lease.offload = {"state": "saved", "worker": lease.worker, "path": reply["path"],
-                             "saved": reply["saved"], "lost": reply["lost"], "bytes": reply["bytes"]}
+                             "saved": reply["saved"], "lost": reply["lost"], "bytes": reply["bytes"],
+                             "standby": bool(reply.get("standby")), "seconds": time.monotonic() - started}
             lease.end_reason = (f"{lease.end_reason}; its {len(reply['saved'])} variable(s) were moved to host "
                                 "memory and come back with your next %%gpu cell")
-            log.info("lease %s offloaded %d variable(s), %d byte(s)", lease.id, len(reply["saved"]), reply["bytes"])
+            log.info("lease %s offloaded %d variable(s), %d byte(s) in %.2f s%s", lease.id, len(reply["saved"]),
+                     reply["bytes"], lease.offload["seconds"], " (its standby copy)" if reply.get("standby") else "")
             if lease.client is not None and lease.client not in self.scheduler.clients:
                 await self._discard_offload(lease)  # its kernel went away meanwhile: nobody will restore them
         await self._kill_session(lease)

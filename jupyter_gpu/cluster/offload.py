@@ -22,9 +22,29 @@ import pickle
 import sys
 import tempfile
 import types
-from typing import Any
+from typing import Any, Callable
 
 log = logging.getLogger(__name__)
+
+
+class CopyStopped(Exception):
+    """A standby copy was stopped because work arrived for its session (see ``standby.py``)."""
+
+
+class _StoppableFile:
+    """A file whose every write first asks ``should_stop``: a standby copy gives way to a cell at the next
+    record (``torch.save`` and pickle both write through ``write``)."""
+
+    def __init__(self, f: Any, should_stop: Callable[[], bool]):
+        self._f, self._should_stop = f, should_stop
+
+    def write(self, data: Any) -> int:
+        if self._should_stop():
+            raise CopyStopped("work arrived for the session")
+        return self._f.write(data)
+
+    def flush(self) -> None:
+        self._f.flush()
 
 
 def offload_dir(tag: str) -> str:
@@ -88,12 +108,13 @@ def _torch_pickle_module() -> Any:
     return types.SimpleNamespace(Pickler=_TorchPickler, __name__="jupyter_gpu_offload_pickle")
 
 
-def _write(path: str, modules: dict, values: dict) -> None:
+def _write(path: str, modules: dict, values: dict, should_stop: Callable[[], bool] | None = None) -> None:
     """One file: with torch loaded, ``torch.save`` of everything (tensors as raw storage records, a tensor
     and its views sharing one storage); else one cloudpickle."""
     import cloudpickle
 
-    with open(path, "wb") as f:
+    with open(path, "wb") as raw:
+        f = _StoppableFile(raw, should_stop) if should_stop is not None else raw
         if "torch" in sys.modules:
             import torch
             import torch.serialization as serialization
@@ -114,7 +135,8 @@ def _write(path: str, modules: dict, values: dict) -> None:
             cloudpickle.dump(values, f, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def save_namespace(ns: dict, hidden: dict | None, path: str) -> dict:
+def save_namespace(ns: dict, hidden: dict | None, path: str,
+                   should_stop: Callable[[], bool] | None = None) -> dict:
     """Write the user's variables to ``path``; returns what was saved, what could not be, and the size.
 
     The variables are pickled together, in one pickle, so that objects shared between them stay shared
@@ -122,6 +144,8 @@ def save_namespace(ns: dict, hidden: dict | None, path: str) -> dict:
     tensor's storage, ``b = [a]`` still holds ``a`` itself. Pickled one by one they would come back as
     separate copies, and a training loop would silently stop changing the model. When something cannot
     be pickled, each variable is tried alone to name the culprits, and the rest are pickled together.
+    ``should_stop`` (a standby copy) is asked before every write; when it says so, the partial file is
+    removed and ``CopyStopped`` raised.
     """
     names = user_names(ns, hidden)
     modules = {n: ns[n].__name__ for n in names if isinstance(ns[n], types.ModuleType)}
@@ -130,19 +154,31 @@ def save_namespace(ns: dict, hidden: dict | None, path: str) -> dict:
     tmp = f"{path}.part"
     while True:
         try:
-            _write(tmp, modules, values)
+            _write(tmp, modules, values, should_stop)
             break
         except OSError:
+            _remove(tmp)
             raise  # host memory full, or the folder went away: the broker says the variables are lost
-        except Exception:  # noqa: BLE001 - some variable cannot be pickled: name it, keep the others
+        except Exception as exc:  # noqa: BLE001 - some variable cannot be pickled: name it, keep the others
+            if isinstance(exc, CopyStopped) or (should_stop is not None and should_stop()):
+                _remove(tmp)  # (torch may hand the stop back wrapped in its own error)
+                raise CopyStopped("work arrived for the session") from None
             culprits = _unpicklable(values)
             if not culprits:
+                _remove(tmp)
                 raise
             lost += culprits
             for entry in culprits:
                 values.pop(entry["name"], None)
     os.replace(tmp, path)
     return {"path": path, "saved": sorted([*modules, *values]), "lost": lost, "bytes": os.path.getsize(path)}
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _read(path: str) -> tuple[dict, dict]:

@@ -28,6 +28,7 @@ import traceback
 from typing import Any
 
 from .memory_meter import CellMemoryMeter
+from .standby import StandbyCopy
 
 log = logging.getLogger("jupyter_gpu.session")
 
@@ -90,6 +91,7 @@ class Session:
         self.meter: CellMemoryMeter | None = None  # set when a lease is assigned
         self.busy = False
         self.retired = False  # its variables were offloaded: it runs no more cells
+        self.standby = StandbyCopy(None, None)  # its variables' copy in host memory while idle (standby.py)
         self._after_reply: dict | None = None
         self.relay = Relay()
         self.capture = FdCapture(self.relay)
@@ -149,8 +151,9 @@ class Session:
         return {"pid": os.getpid(), "busy": self.busy, "lease": (self.lease or {}).get("id")}
 
     async def h_assign(self, lease: dict, gpus: list[dict], scheduler: str | None = None,
-                       env: dict | None = None) -> dict:
-        job = await self._submit("assign", lease=lease, gpus=gpus, scheduler=scheduler, env=env or {})
+                       env: dict | None = None, standby: dict | None = None) -> dict:
+        job = await self._submit("assign", lease=lease, gpus=gpus, scheduler=scheduler, env=env or {},
+                                 standby=standby)
         return await job.reply
 
     async def h_interrupt(self) -> dict:
@@ -217,8 +220,12 @@ class Session:
     # ------------------------------------------------------------------ main thread
     def run_forever(self) -> None:
         while True:
+            due = self.standby.due_in() if not self.retired else None
             try:
-                job = self.jobs.get()
+                job = self.jobs.get() if due is None else self.jobs.get(timeout=due)
+            except queue.Empty:  # idle long enough: write the standby copy while nobody waits
+                self._take_standby_copy()
+                continue
             except KeyboardInterrupt:  # an interrupt that arrived just after a cell ended
                 continue
             try:
@@ -232,11 +239,26 @@ class Session:
                 self.busy = False
                 self.relay.end()
             job.finish(result)
+            self.standby.idle()
             after, self._after_reply = self._after_reply, None
             if after:
                 self.tell_scheduler(**after)
 
-    def do_assign(self, job: _Job, lease: dict, gpus: list[dict], scheduler: str | None, env: dict) -> dict:
+    def _work_waiting(self) -> bool:
+        """Whether a job other than an offload is queued: a standby copy then stops for it (an offload
+        instead waits for the copy, which it hands over)."""
+        with self.jobs.mutex:
+            return any(job.kind != "offload" for job in self.jobs.queue)
+
+    def _take_standby_copy(self) -> None:
+        expected = self.meter.resident() if self.meter is not None else None
+        try:
+            self.standby.take(self.shell.user_ns, self.shell.user_ns_hidden, expected, self._work_waiting)
+        except KeyboardInterrupt:  # an interrupt meant for a cell that had just ended
+            pass
+
+    def do_assign(self, job: _Job, lease: dict, gpus: list[dict], scheduler: str | None, env: dict,
+                  standby: dict | None = None) -> dict:
         from .. import session_api
         from .isolation import apply_memory_cap, pin_environment
 
@@ -246,6 +268,8 @@ class Session:
         os.environ.update(env)
         self.lease, self.gpus, self.scheduler = lease, gpus, scheduler
         self.isolation = apply_memory_cap(lease, gpus)
+        if standby:
+            self.standby = StandbyCopy(standby.get("path"), standby.get("after"))
         virtual = all(g.get("virtual") for g in gpus)
         # measured from here: what the session holds before its first cell is not the user's data
         self.meter = CellMemoryMeter(virtual, [g["uuid"] for g in gpus if not g.get("virtual")])
@@ -270,6 +294,7 @@ class Session:
             os.chdir(cwd)  # same machine as the kernel: relative paths mean what they mean in the notebook
         # checkpoint()/restore() of this cell: per user, kernel and cell, so no other run's state is restored
         session_api._state["checkpoint_dir"] = checkpoint_dir
+        self.standby.changed()  # the copy is of the namespace before this cell: stale from here on
         self.relay.begin(job.emit)
         self.busy = True
         if dist is None:
@@ -376,11 +401,15 @@ class Session:
         from .offload import save_namespace
 
         self.retired = True  # queued behind this job, a cell must not run on memory that is being given away
+        copy = self.standby.hand_over(path)  # written while idle: nothing left to write
+        if copy is not None:
+            return copy
         return save_namespace(self.shell.user_ns, self.shell.user_ns_hidden, path)
 
     def do_restore(self, job: _Job, path: str) -> dict:
         from .offload import load_namespace
 
+        self.standby.changed()
         return load_namespace(self.shell.user_ns, path)
 
     def do_pull(self, job: _Job, name: str) -> dict:

@@ -117,14 +117,10 @@ class GpuWorkerPlugin(WorkerPlugin):
     async def session_offload(self, lease: str, timeout: float = 60.0) -> dict:
         """Move a session's variables to host memory on this machine (its lease is being reclaimed); the
         broker ends the process afterwards. Returns what was saved and what could not be."""
-        from .offload import offload_dir
-
         sp = self.sessions.get(lease)
         if sp is None:
             return {"error": f"no session of lease {lease} runs here"}
-        if self._offload_dir is None:
-            self._offload_dir = offload_dir(f"{os.getpid()}")
-        path = os.path.join(self._offload_dir, f"{lease}.pkl")
+        path = os.path.join(self._offloads(), f"{lease}.pkl")
         r = rpc(sp.address, connection_args=self.worker.connection_args)
         try:
             return await asyncio.wait_for(r.offload(path=path), timeout)
@@ -150,11 +146,7 @@ class GpuWorkerPlugin(WorkerPlugin):
         if reply.get("error"):
             log.warning("could not fetch offloaded variables %s: %s", path, reply["error"])
             return None
-        from .offload import offload_dir
-
-        if self._offload_dir is None:
-            self._offload_dir = offload_dir(f"{os.getpid()}")
-        local = os.path.join(self._offload_dir, os.path.basename(path))
+        local = os.path.join(self._offloads(), os.path.basename(path))
         with open(local, "wb") as f:
             f.write(reply["data"])
         return local
@@ -250,7 +242,8 @@ class GpuWorkerPlugin(WorkerPlugin):
             self.sessions[lease["id"]] = sp
             r = rpc(sp.address, connection_args=self.worker.connection_args)  # the worker's TLS
             try:
-                reply = await r.assign(lease=lease, gpus=gpus, scheduler=scheduler)
+                reply = await r.assign(lease=lease, gpus=gpus, scheduler=scheduler,
+                                       standby=self._standby_for(lease))
                 restored = None
                 if restore and not reply.get("error"):
                     path = await self._local_offload(restore)
@@ -270,6 +263,39 @@ class GpuWorkerPlugin(WorkerPlugin):
                 self._reaping.append(sp.proc)
             return {"error": f"{type(exc).__name__}: {exc}"}
 
+    def _offloads(self) -> str:
+        from .offload import offload_dir
+
+        if self._offload_dir is None:
+            self._offload_dir = offload_dir(f"{os.getpid()}")
+        return self._offload_dir
+
+    def _standby_for(self, lease: dict) -> dict | None:
+        """Where (and after how long idle) a session writes its standby copy (``standby.py``); none for the
+        ranks of a --workers run (never moved to host memory) or when idle sessions are not offloaded."""
+        if (config.get("session.standby-after") is None or not config.get("reclaim-offload")
+                or lease.get("world_size", 1) > 1):
+            return None
+        try:
+            after = config.get_seconds("session.standby-after")
+        except (ValueError, TypeError, KeyError):
+            after = -1.0
+        if after < 0:
+            log.error("jupyter-gpu.session.standby-after is %r, not a duration: standby copies are off until it "
+                      "is set to one (e.g. 2s) or to null", config.get("session.standby-after"))
+            return None
+        return {"path": os.path.join(self._offloads(), f"{lease['id']}.standby"), "after": after}
+
+    def _forget_standby(self, lease: str) -> None:
+        """A session that ended leaves no standby copy behind in host memory (killed, it could not tidy)."""
+        if self._offload_dir is None:
+            return
+        for suffix in (".standby", ".standby.part"):
+            try:
+                os.unlink(os.path.join(self._offload_dir, f"{lease}{suffix}"))
+            except OSError:
+                pass
+
     async def session_signal(self, lease: str, signal: str = "kill") -> dict:
         sp = self.sessions.get(lease)
         if sp is None:
@@ -281,6 +307,7 @@ class GpuWorkerPlugin(WorkerPlugin):
             self.sessions.pop(lease, None)
             _kill(sp.proc)
             self._reaping.append(sp.proc)
+            self._forget_standby(lease)
         return {"ok": True}
 
     async def _check_sessions(self) -> None:
@@ -290,6 +317,7 @@ class GpuWorkerPlugin(WorkerPlugin):
             if code is None:
                 continue
             self.sessions.pop(lease, None)
+            self._forget_standby(lease)
             if sp.killed:
                 continue
             reason = exit_reason(code)

@@ -208,18 +208,20 @@ describe('buildViewModel', () => {
         in_host_memory: [
           {
             id: 'L4', user: 'alice', notebook: 'analysis.ipynb', cell: 'train', state: 'saved',
-            saved: ['net', 't', 'torch'], lost: ['steps'], bytes: 64 * 2 ** 20, since: 880,
+            saved: ['net', 't', 'torch'], lost: ['steps'], bytes: 64 * 2 ** 20, since: 880, move_seconds: 0.42,
             reason: "suspended after 312 s idle: bob's cell was waiting for the GPU"
           },
           { id: 'L5', user: 'alice', notebook: null, state: 'pending', since: 995 },
-          { id: 'L6', user: 'bob', state: 'saved', saved: ['x'], since: 900 }
+          { id: 'L6', user: 'bob', state: 'saved', saved: ['x'], since: 900 },
+          { id: 'L7', user: 'alice', state: 'saved', saved: ['x'], bytes: 2 ** 20, standby: true, move_seconds: 0.01 }
         ]
       },
       5000
     );
     expect(vm.inHostMemory.map(p => [p.id, p.what, p.since, p.lost])).toEqual([
-      ['L4', '3 variables, 64.0 MiB', '2m 00s', ['steps']],
-      ['L5', 'being moved to host memory', '5s', []]
+      ['L4', '3 variables, 64.0 MiB, moved in 0.4 s', '2m 00s', ['steps']],
+      ['L5', 'being moved to host memory', '5s', []],
+      ['L7', '1 variable, 1.0 MiB, moved at once from its standby copy', '–', []]
     ]);
     expect(vm.inHostMemory[0].reason).toContain('suspended after 312 s idle');
     expect(buildViewModel(snapshot(), 0).inHostMemory).toEqual([]);

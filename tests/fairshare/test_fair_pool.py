@@ -32,8 +32,9 @@ ENV = {"DASK_JUPYTER_GPU__POOL_CONFIG": "pool.yaml", "DASK_JUPYTER_GPU__AUDIT_DB
 class QuotaPool:
     """A pool process of its own, started with the quota, audit and token settings in its environment."""
 
-    def __init__(self, root, quotas: str = QUOTAS):
+    def __init__(self, root, quotas: str = QUOTAS, env: dict | None = None):
         self.root = root
+        self.env = dict(env or {})  # more settings for the pool process (DASK_JUPYTER_GPU__...)
         (root / "pool.yaml").write_text(quotas)
         store = TokenStore(str(root / "tokens.json"))
         self.tokens = {u: store.create(u) for u in ("alice", "bob", "carol")}
@@ -43,8 +44,9 @@ class QuotaPool:
     def start(self) -> str:
         from jupyter_gpu.cluster.embedded import ensure_embedded_pool
 
-        saved = {k: os.environ.get(k) for k in ENV}
+        saved = {k: os.environ.get(k) for k in [*ENV, *self.env]}
         os.environ.update({k: str(self.root / v) for k, v in ENV.items()})
+        os.environ.update(self.env)
         try:
             self.address = ensure_embedded_pool(keep=True, path=self.path, timeout=120)
         finally:  # only the pool process sees these settings

@@ -1,9 +1,15 @@
 """Suspension in a real pool (2 virtual 16 GiB GPUs, real kernels of three users): an interactive cell that
 finds no room moves an idle session of another user to host memory and runs; a running session is never
-touched and batch work waits; the suspended owner's next cell says why and gets the variables back."""
+touched and batch work waits; the suspended owner's next cell says why and gets the variables back. A
+session idle for ``session.standby-after`` (6 s here) has copied its variables already, so suspending it
+hands that copy over; a cell makes the copy stale, and a session suspended before its next copy is written
+moves its variables as they are."""
 
 from __future__ import annotations
 
+import glob
+import os
+import tempfile
 import time
 
 import pytest
@@ -22,7 +28,8 @@ min-run-time: 0s
 
 @pytest.fixture(scope="module")
 def spool(tmp_path_factory):
-    pool = QuotaPool(tmp_path_factory.mktemp("suspend-pool"), quotas=QUOTAS)
+    pool = QuotaPool(tmp_path_factory.mktemp("suspend-pool"), quotas=QUOTAS,
+                     env={"DASK_JUPYTER_GPU__SESSION__STANDBY_AFTER": "6s"})
     pool.start()
     yield pool
     pool.stop()
@@ -30,6 +37,12 @@ def spool(tmp_path_factory):
 
 def by_user(address: str) -> dict:
     return {ls["user"]: ls for ls in leases(address)}
+
+
+def standby_copy(lease_id: str) -> list[str]:
+    """The session's standby copy in its worker's host-memory folder (``offload_dir``), if it has one."""
+    return [p for base in ("/dev/shm", tempfile.gettempdir())
+            for p in glob.glob(os.path.join(base, "jupyter-gpu-offload-*", f"{lease_id}.standby"))]
 
 
 def test_an_idle_session_is_suspended_for_a_waiting_cell_and_comes_back(spool):
@@ -55,6 +68,8 @@ def test_an_idle_session_is_suspended_for_a_waiting_cell_and_comes_back(spool):
         assert by_user(a)["alice"]["id"] == held["alice"]["id"]
         assert call(a, "gpu_cancel", id=batch["id"], user="bob", token=spool.tokens["bob"])["cancelled"]
         # bob's interactive cell moves alice's idle session to host memory (not carol's running one)
+        # idle for 6 s, alice's session has copied its variables to host memory already
+        assert wait_until(lambda: standby_copy(held["alice"]["id"]), timeout=30)
         res = bob.run("%%gpu --gpus 0.5\nprint('bob ran')", timeout=120)
         assert res.error is None and "bob ran" in res.stdout, res.error_text
         now = by_user(a)
@@ -69,6 +84,8 @@ def test_an_idle_session_is_suspended_for_a_waiting_cell_and_comes_back(spool):
         assert parked["user"] == "alice" and list(parked["saved"]) == ["big", "t", "torch"]
         assert list(parked["lost"]) == ["steps"]
         assert parked["bytes"] >= 64 * 2**20 and parked["reason"].startswith("suspended after")
+        assert parked["standby"] is True  # her copy was handed over: nothing was left to write
+        assert not standby_copy(held["alice"]["id"])
         # alice's %gpu status says so too (a line magic: it does not restore anything)
         status = alice.run("%gpu status").data()[0]
         assert "My sessions in host memory" in status and held["alice"]["id"] in status, status
@@ -93,3 +110,30 @@ def test_an_idle_session_is_suspended_for_a_waiting_cell_and_comes_back(spool):
         assert rows[0]["reason"].startswith("suspended after")
     finally:
         store.close()
+
+
+def test_a_cell_makes_the_standby_copy_stale_and_suspension_moves_the_variables_as_they_are(spool):
+    """Suspended 2 s into its idleness, before its next copy (6 s), a session writes what it holds now: never
+    the copy taken before its last cell."""
+    alice, bob, carol = spool.kernel("alice"), spool.kernel("bob"), spool.kernel("carol")
+    a = spool.address
+    try:
+        assert alice.run("%%gpu --gpus 1\nimport torch\nx = torch.ones(4)").error is None
+        lease_id = by_user(a)["alice"]["id"]
+        assert wait_until(lambda: standby_copy(lease_id), timeout=30)  # a copy holding x = 1
+        # the other GPU is busy with carol's running cell: bob's cell can only get alice's
+        cell = carol.start("%%gpu --gpus 1\nimport time\nprint('carol starts', flush=True)\ntime.sleep(300)")
+        carol.wait_for_output(cell, "carol starts", timeout=60)
+        assert alice.run("%%gpu\nx = x * 2").error is None
+        assert not standby_copy(lease_id)  # stale from the moment the cell started: its memory given back
+        res = bob.run("%%gpu --gpus 1\nprint('bob ran')", timeout=120)
+        assert res.error is None and "bob ran" in res.stdout, res.error_text
+        assert wait_until(lambda: [(p["id"], p["state"]) for p in snapshot(a)["in_host_memory"]]
+                          == [(lease_id, "saved")])
+        assert snapshot(a)["in_host_memory"][0]["standby"] is False  # written when suspended, as it was then
+        assert bob.run("%gpu release").error is None
+        res = alice.run("%%gpu\nprint('x', x.tolist())", timeout=120)
+        assert res.error is None and "x [2.0, 2.0, 2.0, 2.0]" in res.stdout, (res.stdout, res.error_text)
+    finally:
+        for k in (alice, bob, carol):
+            k.shutdown(now=True)
