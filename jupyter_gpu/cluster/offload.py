@@ -157,15 +157,15 @@ def save_namespace(ns: dict, hidden: dict | None, path: str,
             _write(tmp, modules, values, should_stop)
             break
         except OSError:
-            _remove(tmp)
+            discard(tmp)
             raise  # host memory full, or the folder went away: the broker says the variables are lost
         except Exception as exc:  # noqa: BLE001 - some variable cannot be pickled: name it, keep the others
             if isinstance(exc, CopyStopped) or (should_stop is not None and should_stop()):
-                _remove(tmp)  # (torch may hand the stop back wrapped in its own error)
+                discard(tmp)  # (torch may hand the stop back wrapped in its own error)
                 raise CopyStopped("work arrived for the session") from None
             culprits = _unpicklable(values)
             if not culprits:
-                _remove(tmp)
+                discard(tmp)
                 raise
             lost += culprits
             for entry in culprits:
@@ -174,7 +174,8 @@ def save_namespace(ns: dict, hidden: dict | None, path: str,
     return {"path": path, "saved": sorted([*modules, *values]), "lost": lost, "bytes": os.path.getsize(path)}
 
 
-def _remove(path: str) -> None:
+def discard(path: str) -> None:
+    """Remove a file of host memory (an offload, a standby copy, a partial write) that may already be gone."""
     try:
         os.unlink(path)
     except OSError:
@@ -214,8 +215,5 @@ def load_namespace(ns: dict, path: str) -> dict:
         ns.update(values)
         restored += list(values)
     finally:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+        discard(path)
     return {"restored": sorted(restored), "failed": failed}

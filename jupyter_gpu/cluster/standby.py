@@ -22,7 +22,7 @@ import shutil
 import time
 from typing import Callable
 
-from .offload import CopyStopped, save_namespace
+from .offload import CopyStopped, discard, save_namespace
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class StandbyCopy:
             return False
         except BaseException as exc:  # noqa: BLE001 - a copy is an optimisation: the real offload still runs
             log.info("no standby copy (%s: %s)", type(exc).__name__, exc)
-            _unlink(f"{self.path}.part")
+            discard(f"{self.path}.part")
             if isinstance(exc, KeyboardInterrupt):
                 self._tried = None
             return False
@@ -105,12 +105,6 @@ class StandbyCopy:
 
     def drop(self) -> None:
         if self._copied is not None and self.path:
-            _unlink(self.path)
+            discard(self.path)
         self._copied, self._result = None, None
 
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass

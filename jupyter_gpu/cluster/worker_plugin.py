@@ -30,6 +30,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from .. import config
 from ..security import security_env
 from .inventory import GpuInfo, discover
+from .offload import discard, offload_dir
 
 log = logging.getLogger(__name__)
 
@@ -163,10 +164,7 @@ class GpuWorkerPlugin(WorkerPlugin):
     def offload_discard(self, path: str) -> dict:
         """Forget an offloaded namespace nobody will restore (its kernel ended)."""
         if self._own_offload(path):
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+            discard(path)
         return {"ok": True}
 
     def inventory(self) -> list[dict]:
@@ -264,8 +262,6 @@ class GpuWorkerPlugin(WorkerPlugin):
             return {"error": f"{type(exc).__name__}: {exc}"}
 
     def _offloads(self) -> str:
-        from .offload import offload_dir
-
         if self._offload_dir is None:
             self._offload_dir = offload_dir(f"{os.getpid()}")
         return self._offload_dir
@@ -291,10 +287,7 @@ class GpuWorkerPlugin(WorkerPlugin):
         if self._offload_dir is None:
             return
         for suffix in (".standby", ".standby.part"):
-            try:
-                os.unlink(os.path.join(self._offload_dir, f"{lease}{suffix}"))
-            except OSError:
-                pass
+            discard(os.path.join(self._offload_dir, f"{lease}{suffix}"))
 
     async def session_signal(self, lease: str, signal: str = "kill") -> dict:
         sp = self.sessions.get(lease)
