@@ -350,14 +350,10 @@ def simulate(mode: str, users: int, n_gpus: int, hours: float, seed: int, costs:
         owner = owners.get(lease.req.id)
         if isinstance(owner, Notebook) and lease.id not in running:
             owner.suspended = True
-            if owner.copy_done <= pool.now:
-                write, res.moved_by_copy = 0.0, res.moved_by_copy + 1
-            elif owner.copy_from <= pool.now:
-                write = owner.copy_done - pool.now
-            else:
-                write = costs.save(owner.state)
-            stop_copy(owner)
-            drain[req.id] = max(drain.get(req.id, 0.0), write)
+            started, complete = owner.copy_from <= pool.now, owner.copy_done <= pool.now
+            rest = stop_copy(owner)  # 0 once complete
+            res.moved_by_copy += complete
+            drain[req.id] = max(drain.get(req.id, 0.0), rest if started else costs.save(owner.state))
 
     def stop_copy(nb: Notebook) -> float:
         """The notebook's standby copy ends (a cell, a move): count what was written; returns the seconds
