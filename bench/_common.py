@@ -100,7 +100,7 @@ class Pool:
         self.start_s = float("nan")
 
     def __enter__(self) -> Pool:  # noqa: PYI034
-        from jupyter_gpu.cluster.embedded import ensure_embedded_pool
+        from jupyter_gpu.pool.embedded import ensure_embedded_pool
 
         t0 = time.perf_counter()
         # keep=True: the pool must not shut itself down between phases while no client is connected
@@ -109,7 +109,7 @@ class Pool:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        from jupyter_gpu.cluster.embedded import stop_embedded_pool
+        from jupyter_gpu.pool.embedded import stop_embedded_pool
 
         stop_embedded_pool(self.path)
         if exc[0] is None:  # keep the pool's log (in self.dir) when something failed

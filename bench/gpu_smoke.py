@@ -7,7 +7,7 @@ embedded pool on ONE real GPU (``CUDA_VISIBLE_DEVICES=<--gpu>`` for the pool, so
 it; ``JUPYTER_GPU_VIRTUAL_GPUS`` is ignored here), runs two real kernels against it, prints PASS/FAIL per check
 and exits 1 if any check failed:
 
-  nvml-inventory   jupyter_gpu.cluster.inventory.nvml_gpus() lists the GPU(s) with a GPU-/MIG- UUID, a name and
+  nvml-inventory   jupyter_gpu.worker.inventory.nvml_gpus() lists the GPU(s) with a GPU-/MIG- UUID, a name and
                    memory, and the pool offers exactly the selected GPU, not virtual, with the same UUID
   session-pinned   inside a ``%%gpu --gpus 0.5`` cell: CUDA_VISIBLE_DEVICES == the leased GPU's UUID,
                    torch.cuda.device_count() == 1, and the lease's isolation is enforced (not "none")
@@ -134,8 +134,8 @@ def offload_cuda(checks: Checks) -> None:
 
     import torch
 
-    from jupyter_gpu.cluster.offload import load_namespace
-    from jupyter_gpu.cluster.standby import StandbyCopy
+    from jupyter_gpu.session.offload import load_namespace
+    from jupyter_gpu.session.standby import StandbyCopy
 
     net = torch.nn.Linear(256, 256).cuda()
     ns = {"w": torch.randn(2**28, device="cuda"), "net": net, "opt": torch.optim.SGD(net.parameters(), lr=0.1)}
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="accepted for uniformity; the run is the same")
     args = ap.parse_args(argv)
 
-    from jupyter_gpu.cluster.inventory import nvml_gpus
+    from jupyter_gpu.worker.inventory import nvml_gpus
 
     set_virtual(None)  # real GPUs only, whatever the environment says
     all_gpus = nvml_gpus()

@@ -33,8 +33,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from _common import header, loadavg, percentile, table  # noqa: E402
 
-from jupyter_gpu.cluster.offload import load_namespace, offload_dir, save_namespace  # noqa: E402
-from jupyter_gpu.cluster.standby import StandbyCopy  # noqa: E402
+from jupyter_gpu.common.hostmem import offload_dir  # noqa: E402
+from jupyter_gpu.session.offload import load_namespace, save_namespace  # noqa: E402
+from jupyter_gpu.session.standby import StandbyCopy  # noqa: E402
 
 
 def namespace(mib: int) -> tuple[dict, int]:

@@ -1,6 +1,6 @@
 """Pool simulator: the REAL fair-share policy and packing under a synthetic notebook workload.
 
-Imports ``jupyter_gpu.cluster.fair_share`` (order, reclaim, reservations, ETA) and ``packing`` (best fit)
+Imports ``jupyter_gpu.broker.fair_share`` (order, reclaim, reservations, ETA) and ``packing`` (best fit)
 and drives them with a reproducible discrete-event workload: N users in teams on G GPUs; notebooks whose
 cells are short bursts with idle gaps (a session holds its lease for the notebook's life, as in the pool);
 some batch jobs. Requests: 44% fractional (fraction p10 0.23, p50 0.47, p90 0.81), the rest a whole GPU.
@@ -36,10 +36,12 @@ from typing import Callable
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from jupyter_gpu.cluster import packing  # noqa: E402
-from jupyter_gpu.cluster.fair_share import FairQueue, FairSharePolicy, schedule_pass  # noqa: E402
-from jupyter_gpu.cluster.leases import GpuSlot, Request, RequestSpec  # noqa: E402
-from jupyter_gpu.cluster.quotas import PoolQuotas, Team, UserQuota  # noqa: E402
+from jupyter_gpu.broker import packing  # noqa: E402
+from jupyter_gpu.broker.fair_share import FairQueue, FairSharePolicy  # noqa: E402
+from jupyter_gpu.broker.ledger import Ledger  # noqa: E402
+from jupyter_gpu.broker.model import GpuSlot, Lease, Request  # noqa: E402
+from jupyter_gpu.broker.quotas import PoolQuotas, Team, UserQuota  # noqa: E402
+from jupyter_gpu.common.protocol import RequestSpec  # noqa: E402
 
 GiB = 2**30
 GPU_BYTES = 80 * GiB
@@ -92,90 +94,73 @@ class FifoFractions(FairSharePolicy):
         return (req.submitted, req.id)
 
 
-@dataclass
-class SimLease:
-    id: str
-    req: Request
-    allocs: list
-    start: float
-    owner: object = None      # the notebook or job holding it
-
-
 class SimPool:
-    """GpuSlots + a queue + leases, scheduled by ``schedule_pass`` exactly as the broker does."""
+    """The broker's own ``Ledger`` on simulated time: GPUs, queue and leases, scheduled by the very pass the
+    broker runs (``Ledger.schedule``); only the clock, the ids and the workload are the simulator's."""
 
     def __init__(self, gpus: list[GpuSlot], policy: FairSharePolicy):
-        self.gpus = {g.id: g for g in gpus}
         self.policy = policy
         self.now = 0.0
         policy.clock = lambda: self.now
-        self.queue: list[Request] = []
-        self.leases: dict[str, SimLease] = {}
-        self.granted: list[tuple[Request, SimLease]] = []
-        self.preempted: list[tuple[SimLease, str]] = []
         self._ids = 0
-        self.on_preempt: Callable[[SimLease, Request], None] = lambda lease, req: None
+        # sessions start the instant they are granted here: idle until their first cell runs
+        self.ledger = Ledger(policy, clock=lambda: self.now, new_id=self.new_id, sessions_start_idle=True)
+        by_worker: dict[str, list[GpuSlot]] = {}
+        for g in gpus:
+            by_worker.setdefault(g.worker, []).append(g)
+        for worker, slots in by_worker.items():
+            self.ledger.set_worker_gpus(worker, slots)
+        self.on_preempt: Callable[[Lease, Request], None] = lambda lease, req: None
         self.eta_for = 0  # estimated starts cost O(leases) per request: the simulator skips them
+        self._preempted: list[tuple[Lease, str]] = []
+
+    @property
+    def gpus(self) -> dict[str, GpuSlot]:
+        return self.ledger.gpus
+
+    @property
+    def queue(self) -> list[Request]:
+        return self.ledger.queue
+
+    @property
+    def leases(self) -> dict[str, Lease]:
+        return self.ledger.leases
 
     def new_id(self, prefix: str) -> str:
         self._ids += 1
         return f"{prefix}{self._ids}"
 
+    def req_of(self, lease: Lease) -> Request:
+        """The request a lease was granted for."""
+        return self.ledger.requests[lease.request]
+
     def submit(self, req: Request) -> None:
         req.submitted = self.now
         req.team = req.team or self.policy.quotas.team_of(req.user)
-        self.queue.append(req)
+        self.ledger.submit(req)
 
     def cancel(self, req: Request) -> None:
         if req in self.queue:
             self.queue.remove(req)
 
-    def _grant(self, req: Request, placement: packing.Placement, preemptible: bool) -> None:
-        self.queue.remove(req)
-        for _worker, allocs in placement:
-            lease = SimLease(id=self.new_id("L"), req=req, allocs=allocs, start=self.now)
-            for a in allocs:
-                slot = self.gpus[a.gpu]
-                slot.leased_bytes += a.bytes
-                slot.leases.add(lease.id)
-            self.leases[lease.id] = lease
-            frac = sum(a.bytes / self.gpus[a.gpu].total_bytes for a in allocs)
-            self.policy.lease_started(lease.id, req.user, req.team, frac, preemptible, now=self.now,
-                                      allocs={a.gpu: a.bytes for a in allocs}, request=req.id,
-                                      gang=len(placement) > 1, priority=req.spec.priority)
-            req.leases.append(lease.id)
-            self.granted.append((req, lease))
-
     def _preempt(self, lease_id: str, reason: str, req: Request) -> None:
         lease = self.leases.get(lease_id)
         if lease is not None:
             self.on_preempt(lease, req)
-            self.preempted.append((lease, reason))
+            self._preempted.append((lease, reason))
             self.end(lease_id)
 
-    def end(self, lease_id: str) -> SimLease | None:
-        lease = self.leases.pop(lease_id, None)
-        if lease is None:
-            return None
-        for a in lease.allocs:
-            slot = self.gpus[a.gpu]
-            slot.leased_bytes -= a.bytes
-            slot.leases.discard(lease.id)
-        self.policy.lease_ended(lease_id, now=self.now)
-        return lease
+    def end(self, lease_id: str) -> Lease | None:
+        return self.ledger.end(lease_id, "ended", now=self.now)
 
-    def schedule(self) -> tuple[list, list]:
-        """One pass; returns (grants, preemptions) made by it."""
-        self.granted, self.preempted = [], []
-        schedule_pass(self.policy, list(self.queue), self.gpus.values(), self._grant, self._preempt,
-                      now=self.now, eta_for=self.eta_for)
-        return self.granted, self.preempted
+    def schedule(self) -> tuple[list[tuple[Request, Lease]], list[tuple[Lease, str]]]:
+        """One pass; returns (grants, preemptions) made by it, one (request, lease) per granted rank."""
+        self._preempted = []
+        grants = self.ledger.schedule(self._preempt, now=self.now, eta_for=self.eta_for)
+        return [(req, lease) for req, leases in grants for lease in leases], self._preempted
 
     def check_invariants(self) -> None:
-        for g in self.gpus.values():
-            total = sum(a.bytes for ls in self.leases.values() for a in ls.allocs if a.gpu == g.id)
-            assert total == g.leased_bytes, (g.id, total, g.leased_bytes)
-            assert 0 <= g.leased_bytes <= g.total_bytes, (g.id, g.leased_bytes, g.total_bytes)
+        self.ledger.check()
 
 
 def make_gpus(n: int, per_worker: int = 4, size: int = GPU_BYTES) -> list[GpuSlot]:
@@ -344,10 +329,10 @@ def simulate(mode: str, users: int, n_gpus: int, hours: float, seed: int, costs:
             pool.submit(obj.request)
             owners[obj.request.id] = obj
 
-    def displaced(lease: SimLease, req: Request) -> None:
+    def displaced(lease: Lease, req: Request) -> None:
         """An idle session leaves for ``req``: it writes its state out first (``req`` waits for that), unless
         its standby copy is complete (mid-copy: the rest of the copy)."""
-        owner = owners.get(lease.req.id)
+        owner = owners.get(lease.request)
         if isinstance(owner, Notebook) and lease.id not in running:
             owner.suspended = True
             started, complete = owner.copy_from <= pool.now, owner.copy_done <= pool.now
@@ -431,12 +416,12 @@ def simulate(mode: str, users: int, n_gpus: int, hours: float, seed: int, costs:
                 running.pop(lid, None)
         elif kind == "tick":
             if mode == "fair":
-                held = sum(nb.state for nb in (owners.get(ls.req.id) for ls in pool.leases.values())
+                held = sum(nb.state for nb in (owners.get(ls.request) for ls in pool.leases.values())
                            if isinstance(nb, Notebook) and nb.copy_done <= t)
                 res.copy_peak = max(res.copy_peak, held)
                 for lid in pool.policy.idle_expired(t):
                     if lid in pool.leases and lid not in running:
-                        owner = owners.get(pool.leases[lid].req.id)
+                        owner = owners.get(pool.leases[lid].request)
                         if isinstance(owner, Notebook):
                             owner.suspended = True  # released to host memory: the next cell reads it back
                             stop_copy(owner)
@@ -448,11 +433,11 @@ def simulate(mode: str, users: int, n_gpus: int, hours: float, seed: int, costs:
             else:
                 res.moved += 1
             running.pop(lease.id, None)
-            owner = owners.get(lease.req.id)
+            owner = owners.get(lease.request)
             if isinstance(owner, Job):  # a preempted job is requeued from the start
                 res.served[owner.user] = res.served.get(owner.user, 0.0) - owner.duration
                 owner.request = None
-                for lid in lease.req.leases:
+                for lid in pool.req_of(lease).leases:
                     pool.end(lid)
                 ask(owner)
         done: set[str] = set()

@@ -8,9 +8,9 @@ so their differences from the baseline are the cost of that piece on this machin
 
   baseline           as shipped
   no tell_scheduler  the session's two per-cell notes to the broker (state running/idle) are skipped
-                     (jupyter_gpu/cluster/session_process.py, Session.tell_scheduler, called in do_execute)
+                     (jupyter_gpu/session/server.py, Session.tell_scheduler, called in do_execute)
   no fd sync         the per-cell FdCapture.sync() (marker through both fd pipes) is skipped
-                     (jupyter_gpu/cluster/session_output.py, FdCapture.sync, called in do_execute)
+                     (jupyter_gpu/session/output.py, FdCapture.sync, called in do_execute)
   cached parser      the kernel-side argparse parser is built once instead of per cell
                      (jupyter_gpu/kernelext/options.py, _parser(), called by parse_cell_options)
   all three          all of the above

@@ -6,8 +6,8 @@ below tell the cell where it runs and stream its progress.
 
 from __future__ import annotations
 
-from ._version import __version__
-from .session_api import checkpoint, device, rank, report, restore, world_size
+from jupyter_gpu._version import __version__
+from jupyter_gpu.session.api import checkpoint, device, rank, report, restore, world_size
 
 __all__ = ["__version__", "checkpoint", "device", "load_ipython_extension", "rank", "report", "restore",
            "unload_ipython_extension", "world_size"]
@@ -15,12 +15,12 @@ __all__ = ["__version__", "checkpoint", "device", "load_ipython_extension", "ran
 
 def load_ipython_extension(ipython) -> None:  # noqa: ANN001 - IPython's own type
     """``%load_ext jupyter_gpu``: register the ``%gpu`` / ``%%gpu`` magics in this kernel."""
-    from .kernelext.magics import load
+    from jupyter_gpu.kernelext.magics import load
 
     load(ipython)
 
 
 def unload_ipython_extension(ipython) -> None:  # noqa: ANN001
-    from .kernelext.magics import unload
+    from jupyter_gpu.kernelext.magics import unload
 
     unload(ipython)

@@ -9,24 +9,24 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from . import __version__
+from jupyter_gpu import __version__
 
 if TYPE_CHECKING:  # the CLI imports Dask lazily: `jupyter-gpu run` and `--version` should start fast
     from distributed.security import Security
 
-    from .security import Role
+    from jupyter_gpu.common.security import Role
 
 
 def _security(args: argparse.Namespace, roles: tuple[Role, ...]) -> Security:
     """The ``Security`` of a service: Dask config, overridden by ``--tls-ca-file/--tls-cert/--tls-key``
     (for ``roles``: the certificate a service presents depends on what it is, as with ``dask scheduler``)."""
-    from .security import pool_security
+    from jupyter_gpu.common.security import pool_security
 
     return pool_security(args.tls_ca_file, args.tls_cert, args.tls_key, roles=roles)
 
 
 def _cmd_pool(args: argparse.Namespace) -> int:
-    from .security import TlsConfigError
+    from jupyter_gpu.common.security import TlsConfigError
 
     try:
         return _pool_up(args)
@@ -40,22 +40,22 @@ def _pool_up(args: argparse.Namespace) -> int:
         print("usage: jupyter-gpu pool up [--host HOST] [--port PORT] [--embedded] [--tls-*]", file=sys.stderr)
         return 2
     if args.embedded:
-        from .cluster.discovery import runtime_file
-        from .cluster.embedded import run_pool
+        from jupyter_gpu.pool.discovery import runtime_file
+        from jupyter_gpu.pool.embedded import run_pool
 
         # one machine, one program: the same certificate serves the scheduler, its workers and its own client
         sec = _security(args, ("scheduler", "worker", "client"))
         asyncio.run(run_pool(runtime_file(), keep=True, host=args.host, security=sec))
         return 0
-    from .cluster.services import run_scheduler
+    from jupyter_gpu.pool.services import run_scheduler
 
     asyncio.run(run_scheduler(args.host, args.port, security=_security(args, ("scheduler",))))
     return 0
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from .cluster.services import run_workers
-    from .security import TlsConfigError
+    from jupyter_gpu.common.security import TlsConfigError
+    from jupyter_gpu.pool.services import run_workers
 
     try:
         asyncio.run(run_workers(args.address, args.host, os.environ.get("JUPYTER_GPU_VIRTUAL_GPUS"),
@@ -67,8 +67,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from .cluster.discovery import pool_address, user_name
-    from .kernelext.status_view import StatusView
+    from jupyter_gpu.kernelext.status_view import StatusView
+    from jupyter_gpu.pool.discovery import pool_address, user_name
 
     address = args.pool or pool_address()
     if not address:
@@ -76,7 +76,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
               "`jupyter-gpu pool up`, or run a %%gpu cell (it starts the embedded pool).", file=sys.stderr)
         return 1
 
-    from .security import pool_rpc
+    from jupyter_gpu.common.security import pool_rpc
 
     async def fetch() -> dict:
         r = pool_rpc(address)  # the pool's TLS, client role (Dask config)
@@ -97,8 +97,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _cmd_token(args: argparse.Namespace) -> int:
     """``jupyter-gpu token create USER``: issue a token (printed once; the token file keeps its hash)."""
-    from . import config
-    from .cluster.identity import TokenStore
+    from jupyter_gpu.broker.identity import TokenStore
+    from jupyter_gpu.common import config
 
     path = args.file or config.get("token-file")
     if not path:
@@ -118,8 +118,8 @@ def _cmd_usage(args: argparse.Namespace) -> int:
 
     from dask.utils import parse_timedelta
 
-    from . import config
-    from .cluster.audit import AuditStore, format_usage
+    from jupyter_gpu.broker.audit import AuditStore, format_usage
+    from jupyter_gpu.common import config
 
     since = 0.0
     if args.since:
@@ -141,7 +141,7 @@ def _cmd_usage(args: argparse.Namespace) -> int:
         finally:
             store.close()
     else:
-        from .cluster.discovery import pool_address
+        from jupyter_gpu.pool.discovery import pool_address
 
         address = args.pool or pool_address()
         if not address:
@@ -149,7 +149,7 @@ def _cmd_usage(args: argparse.Namespace) -> int:
                   "JUPYTER_GPU_SCHEDULER).", file=sys.stderr)
             return 1
 
-        from .security import pool_rpc
+        from jupyter_gpu.common.security import pool_rpc
 
         async def fetch() -> dict:
             r = pool_rpc(address)
@@ -168,7 +168,7 @@ def _cmd_usage(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .headless.runner import run_notebook
+    from jupyter_gpu.headless.runner import run_notebook
 
     params = [(name, value) for name, value in (args.parameter or [])]
     return run_notebook(args.notebook, output=args.output, parameters=params, timeout=args.timeout,
@@ -176,7 +176,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_lab(args: argparse.Namespace, extra: list[str]) -> int:
-    from .cluster.embedded import ensure_embedded_pool
+    from jupyter_gpu.pool.embedded import ensure_embedded_pool
 
     address = ensure_embedded_pool(keep=True)
     print(f"jupyter-gpu: embedded pool at {address}", flush=True)

@@ -13,7 +13,7 @@ os.environ.setdefault("JUPYTER_GPU_VIRTUAL_GPUS", "2x16GiB")
 
 
 def _start_pool(path: str) -> str:
-    from jupyter_gpu.cluster.embedded import ensure_embedded_pool
+    from jupyter_gpu.pool.embedded import ensure_embedded_pool
 
     return ensure_embedded_pool(keep=True, path=path, timeout=120)
 
@@ -21,7 +21,7 @@ def _start_pool(path: str) -> str:
 @pytest.fixture(scope="session")
 def pool(tmp_path_factory) -> str:  # noqa: ANN001
     """The address of a private embedded pool (2 virtual GPUs), stopped at the end of the session."""
-    from jupyter_gpu.cluster.embedded import stop_embedded_pool
+    from jupyter_gpu.pool.embedded import stop_embedded_pool
 
     path = str(tmp_path_factory.mktemp("pool") / "pool.json")
     address = _start_pool(path)
@@ -32,7 +32,7 @@ def pool(tmp_path_factory) -> str:  # noqa: ANN001
 @pytest.fixture()
 def private_pool(tmp_path) -> str:  # noqa: ANN001
     """A pool of its own for a test that breaks things (kills workers)."""
-    from jupyter_gpu.cluster.embedded import stop_embedded_pool
+    from jupyter_gpu.pool.embedded import stop_embedded_pool
 
     path = str(tmp_path / "pool.json")
     address = _start_pool(path)

@@ -27,7 +27,7 @@ OTHER = "someone-else"
 async def _call(handler: str, **kwargs):
     from distributed.core import rpc
 
-    from jupyter_gpu.cluster.discovery import pool_address
+    from jupyter_gpu.pool.discovery import pool_address
 
     address = pool_address()
     if not address:
@@ -97,7 +97,7 @@ async def clear(user: str = ME, timeout: float = 30.0) -> list:
 
 def stop() -> None:
     """Stop the pool the tests started (it was started with keep=True, so it would otherwise stay up)."""
-    from jupyter_gpu.cluster.embedded import stop_embedded_pool
+    from jupyter_gpu.pool.embedded import stop_embedded_pool
 
     if stop_embedded_pool():
         log.info("stopped the tests' embedded pool")

@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..cluster.discovery import SCHEDULER_ENV
+from jupyter_gpu.common.protocol import SCHEDULER_ENV
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class GpuKernel:
         """Run ``code`` as a cell; on timeout interrupt the kernel (the magic stops the remote work)."""
         from nbformat.v4 import output_from_msg
 
-        from .. import config
+        from jupyter_gpu.common import config
 
         timeout = self.default_timeout if timeout is None else timeout
         msg_id = self.kc.execute(code, store_history=True, allow_stdin=False, stop_on_error=False)
@@ -223,7 +223,7 @@ class GpuKernel:
 
     def stop(self) -> list[str]:
         """Shut the kernel down, then make sure the pool holds nothing for it; returns what had to be ended."""
-        from .pool import release_kernel_leases
+        from jupyter_gpu.headless.pool import release_kernel_leases
 
         if self.kc is not None:
             with contextlib.suppress(Exception):

@@ -54,10 +54,10 @@ class PrivatePool:
         """Start the pool and return its scheduler address (raises EmbeddedPoolError/NoGpuAvailable)."""
         from distributed import Client
 
-        from ..cluster.discovery import read_record
-        from ..cluster.embedded import ensure_embedded_pool
-        from ..cluster.inventory import VIRTUAL_ENV
-        from ..security import client_security
+        from jupyter_gpu.common.protocol import VIRTUAL_ENV
+        from jupyter_gpu.common.security import client_security
+        from jupyter_gpu.pool.discovery import read_record
+        from jupyter_gpu.pool.embedded import ensure_embedded_pool
 
         started = time.monotonic()
         with _env(VIRTUAL_ENV, self.virtual_gpus):
@@ -77,8 +77,8 @@ class PrivatePool:
 
     def stop(self) -> None:
         """Stop the pool (its workers and sessions with it) and remove its files."""
-        from ..cluster.discovery import pid_alive
-        from ..cluster.embedded import stop_embedded_pool
+        from jupyter_gpu.pool.discovery import pid_alive
+        from jupyter_gpu.pool.embedded import stop_embedded_pool
 
         if self._client is not None:
             with contextlib.suppress(Exception):
@@ -132,7 +132,7 @@ def _safe(text: str) -> str:
 # ---------------------------------------------------------------------- broker queries
 async def async_pool_snapshot(address: str, timeout: float = 10.0) -> dict:
     """The broker's ``gpu_snapshot``: GPUs with their leases, and the queue."""
-    from ..security import pool_rpc
+    from jupyter_gpu.common.security import pool_rpc
 
     r = pool_rpc(address)  # the pool's TLS, client role
     try:
@@ -170,7 +170,7 @@ async def async_release_kernel_leases(address: str, kernel: str, wait: float = 1
     when the kernel process exits; this waits up to ``wait`` seconds for that, then ends what is left
     (killing its session). Returns the ids it had to end itself: normally none.
     """
-    from ..security import pool_rpc
+    from jupyter_gpu.common.security import pool_rpc
 
     deadline = time.monotonic() + wait
     while True:

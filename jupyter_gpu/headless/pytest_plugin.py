@@ -104,7 +104,7 @@ class SessionPool:
         if explicit:
             self._address = explicit
             return explicit
-        from .pool import PrivatePool
+        from jupyter_gpu.headless.pool import PrivatePool
 
         # a private runtime file per pytest process (per xdist worker): never the user's embedded pool
         self._private = PrivatePool(virtual_gpus=self._virtual_spec(), label=f"pytest-{self.worker}")
@@ -119,7 +119,8 @@ class SessionPool:
 
     def _virtual_spec(self) -> str | None:
         """Real GPUs where the machine has them; else virtual ones (JUPYTER_GPU_VIRTUAL_GPUS wins)."""
-        from ..cluster.inventory import VIRTUAL_ENV, nvml_gpus
+        from jupyter_gpu.common.protocol import VIRTUAL_ENV
+        from jupyter_gpu.worker.inventory import nvml_gpus
 
         if os.environ.get(VIRTUAL_ENV):
             return None
@@ -130,7 +131,7 @@ class SessionPool:
     def has_real_gpu(self) -> bool:
         """Whether the pool offers a real GPU (what ``requires-gpu`` cells need); asks the broker."""
         if self._real_gpu is None:
-            from .pool import pool_has_real_gpu
+            from jupyter_gpu.headless.pool import pool_has_real_gpu
 
             self._real_gpu = pool_has_real_gpu(self.address())
         return self._real_gpu
@@ -184,7 +185,7 @@ class NotebookItem(pytest.Item):
     def setup(self) -> None:
         import nbformat
 
-        from .runner import REQUIRES_GPU_TAG, _tags
+        from jupyter_gpu.headless.runner import REQUIRES_GPU_TAG, _tags
 
         self.nb = nbformat.read(str(self.path), as_version=4)
         needs = [i + 1 for i, c in enumerate(self.nb.cells) if REQUIRES_GPU_TAG in _tags(c)]
@@ -193,7 +194,7 @@ class NotebookItem(pytest.Item):
                         "(only virtual ones)")
 
     def runtest(self) -> None:
-        from .runner import execute_notebook
+        from jupyter_gpu.headless.runner import execute_notebook
 
         pool = session_pool(self.config).address()
         cell_timeout, notebook_timeout = _timeouts(self.config)
@@ -240,7 +241,7 @@ def gpu_kernel(gpu_pool: str, request: pytest.FixtureRequest) -> Iterator[Any]:
     ``CellResult`` (``.stdout``, ``.text``, ``.result``, ``.outputs``); it raises when the code raises
     unless ``allow_error=True``. At teardown the kernel is shut down and the pool checked for leftovers.
     """
-    from .kernel import GpuKernel
+    from jupyter_gpu.headless.kernel import GpuKernel
 
     kernel = GpuKernel(gpu_pool, cwd=str(request.path.parent)).start()
     try:

@@ -34,7 +34,7 @@ from typing import Any, Iterable, Sequence
 
 import nbformat
 
-from .kernel import kernel_directory, kernel_env, manager_kwargs, strip_ansi
+from jupyter_gpu.headless.kernel import kernel_directory, kernel_env, manager_kwargs, strip_ansi
 
 log = logging.getLogger(__name__)
 
@@ -178,12 +178,12 @@ async def async_execute_notebook(nb: Any, *, pool: str, cwd: str | None = None, 
     The kernel is always shut down and its leases checked, whatever happened.
     """
     from jupyter_client.manager import AsyncKernelManager
-    from nbclient import NotebookClient
     from jupyter_core.utils import ensure_async
+    from nbclient import NotebookClient
     from nbclient.exceptions import DeadKernelError
 
-    from .. import config
-    from .pool import async_release_kernel_leases
+    from jupyter_gpu.common import config
+    from jupyter_gpu.headless.pool import async_release_kernel_leases
 
     started = time.monotonic()
     cwd = cwd or (os.path.dirname(os.path.abspath(path)) if path else os.getcwd())
@@ -358,7 +358,7 @@ def run_notebook(path: str, output: str | None = None, parameters: Sequence[tupl
     The executed notebook is saved to ``output`` (default ``<name>.out.ipynb`` beside the notebook; the
     source notebook is never overwritten), also when a cell failed: its outputs show what happened.
     """
-    from .pool import PrivatePool
+    from jupyter_gpu.headless.pool import PrivatePool
 
     err = stream or sys.stderr
     output = output or default_output(path)

@@ -22,15 +22,15 @@ from distributed import Client
 from distributed.comm import CommClosedError, connect
 from distributed.core import rpc
 
-from .. import config
-from ..cluster.discovery import SCHEDULER_ENV, user_name
-from ..errors import CellTimeout, GpuPoolError, RequestRefused, SessionLost
-from ..security import check_address, client_security, connection_args
-from ..units import format_bytes
+from jupyter_gpu.common import config
+from jupyter_gpu.common.protocol import SCHEDULER_ENV, TOKEN_ENV
+from jupyter_gpu.common.security import check_address, client_security, connection_args
+from jupyter_gpu.common.units import format_bytes
+from jupyter_gpu.errors import CellTimeout, GpuPoolError, RequestRefused, SessionLost
+from jupyter_gpu.pool.discovery import user_name
 
 log = logging.getLogger(__name__)
 
-TOKEN_ENV = "JUPYTER_GPU_TOKEN"
 _TOKEN_OPS = frozenset({"gpu_request", "gpu_cancel", "gpu_release", "gpu_scale"})
 
 
@@ -287,7 +287,7 @@ def resolve_address(address: str | None, keep: bool = False) -> tuple[str, bool]
     explicit = os.environ.get(SCHEDULER_ENV)
     if explicit:
         return explicit, False
-    from ..cluster.embedded import ensure_embedded_pool
+    from jupyter_gpu.pool.embedded import ensure_embedded_pool
 
     return ensure_embedded_pool(keep=keep), True
 

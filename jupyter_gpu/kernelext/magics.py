@@ -18,15 +18,15 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.display import DisplayHandle
 
-from .. import config
-from ..datacontract import RemoteObject, cell_names, input_item
-from ..errors import CellTimeout, GpuPoolError
-from ..rightsizing import RightSize, right_size
-from ..units import format_bytes
-from .connection import CellRun, PoolConnection, RemoteSession, raise_for_outcome, resolve_address
-from .jobs import AsyncJob
-from .options import USAGE, CellOptions, parse_cell_options
-from .rendering import CellRenderer, rebuild_exception, register_cell_source
+from jupyter_gpu.common import config
+from jupyter_gpu.common.datacontract import RemoteObject, cell_names, input_item
+from jupyter_gpu.common.rightsizing import RightSize, right_size
+from jupyter_gpu.common.units import format_bytes
+from jupyter_gpu.errors import CellTimeout, GpuPoolError
+from jupyter_gpu.kernelext.connection import CellRun, PoolConnection, RemoteSession, raise_for_outcome, resolve_address
+from jupyter_gpu.kernelext.jobs import AsyncJob
+from jupyter_gpu.kernelext.options import USAGE, CellOptions, parse_cell_options
+from jupyter_gpu.kernelext.rendering import CellRenderer, rebuild_exception, register_cell_source
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class GpuMagics(Magics):
             self.conn.close()
             self.conn = None
         resolved, embedded = resolve_address(address, keep=keep)
-        from ..cluster.discovery import address_reachable
+        from jupyter_gpu.pool.discovery import address_reachable
 
         if not address_reachable(resolved, timeout=5):
             raise GpuPoolError(f"Could not reach the GPU pool at {resolved}: nothing answers there. Check the "
@@ -143,14 +143,14 @@ class GpuMagics(Magics):
         self.connect(rest[0] if rest else None, keep=keep)
 
     def _cmd_status(self, args: list[str]) -> Any:
-        from .status_view import StatusView
+        from jupyter_gpu.kernelext.status_view import StatusView
 
         conn = self._ensure_connection()
         snap = conn.scheduler_call("gpu_snapshot")
         return StatusView(snap, conn.user, conn.kernel, self.jobs, conn.session, conn.address)
 
     def _cmd_queue(self, args: list[str]) -> Any:
-        from .status_view import QueueView
+        from jupyter_gpu.kernelext.status_view import QueueView
 
         conn = self._ensure_connection()
         return QueueView(conn.scheduler_call("gpu_snapshot"), conn.user)
@@ -202,7 +202,7 @@ class GpuMagics(Magics):
         __tracebackhide__ = True
         opts = parse_cell_options(line)
         if opts.spec.workers > 1:
-            from .scaleout import run_scaleout
+            from jupyter_gpu.kernelext.scaleout import run_scaleout
 
             return run_scaleout(self, opts, cell)
         conn = self._ensure_connection()
@@ -211,7 +211,7 @@ class GpuMagics(Magics):
         register_cell_source(cell_name, cell)
         label = opts.name or _label(count, cell)
         inputs, remote_refs, outputs = self._prepare(opts, cell)
-        from .scaleout import checkpoint_dir_for, run_key
+        from jupyter_gpu.kernelext.scaleout import checkpoint_dir_for, run_key
 
         payload = {"code": cell, "inputs": inputs, "outputs": outputs, "exact_outputs": opts.outputs is not None,
                    "cell_name": cell_name, "label": label, "max_bytes": config.get_bytes("output-max-bytes"),

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 
 from IPython.core.error import UsageError
 
-from .. import config
-from ..cluster.leases import PRIORITIES, RequestSpec
-from ..units import parse_size
+from jupyter_gpu.common import config
+from jupyter_gpu.common.protocol import PRIORITIES, RequestSpec
+from jupyter_gpu.common.units import parse_size
 
 USAGE = ("%%gpu [--gpus F] [--memory SIZE] [--workers N] [--timeout S] [--priority interactive|batch] "
          "[--in a,b] [--out x,y] [--fresh] [--async] [--name TEXT]")

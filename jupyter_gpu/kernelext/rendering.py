@@ -16,7 +16,7 @@ from typing import Any
 
 from IPython.display import DisplayHandle, clear_output, publish_display_data
 
-from ..errors import RemoteError
+from jupyter_gpu.errors import RemoteError
 
 
 class CellRenderer:
@@ -129,7 +129,7 @@ def rebuild_exception(error: dict) -> BaseException:
             exc = None
     if exc is None:
         if error.get("type") == "jupyter_gpu.errors.GpuPoolError":
-            from ..errors import GpuPoolError
+            from jupyter_gpu.errors import GpuPoolError
 
             exc = GpuPoolError(error.get("message", ""))
         elif error.get("type") == "builtins.KeyboardInterrupt":

@@ -20,15 +20,15 @@ from typing import Any
 
 from IPython.core.error import UsageError
 
-from .. import config
-from ..errors import CellTimeout, GpuPoolError, SessionLost
-from .connection import PoolConnection, RemoteSession
-from .rendering import CellRenderer, rebuild_exception, register_cell_source
+from jupyter_gpu.common import config
+from jupyter_gpu.errors import CellTimeout, GpuPoolError, SessionLost
+from jupyter_gpu.kernelext.connection import PoolConnection, RemoteSession
+from jupyter_gpu.kernelext.rendering import CellRenderer, rebuild_exception, register_cell_source
 
 
 def run_scaleout(magics: Any, opts: Any, cell: str) -> Any:
     __tracebackhide__ = True
-    from .magics import StatusLine, _label, _notebook, cell_number
+    from jupyter_gpu.kernelext.magics import StatusLine, _label, _notebook, cell_number
 
     conn: PoolConnection = magics._ensure_connection()
     count = cell_number(magics.shell)
@@ -98,7 +98,7 @@ def checkpoint_dir_for(conn: PoolConnection, key: str) -> str:
 
 
 def _gang(conn: PoolConnection, opts: Any, label: str, status: Any, deadline: float) -> list[RemoteSession]:
-    from .magics import _notebook
+    from jupyter_gpu.kernelext.magics import _notebook
 
     spec = dict(opts.spec.__dict__)
     try:

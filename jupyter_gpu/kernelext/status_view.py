@@ -6,8 +6,8 @@ import html
 import time
 from typing import Any
 
-from ..rightsizing import right_size
-from ..units import format_bytes
+from jupyter_gpu.common.rightsizing import right_size
+from jupyter_gpu.common.units import format_bytes
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> tuple[str, str]:

@@ -21,6 +21,6 @@ def _jupyter_labextension_paths() -> list[dict[str, str]]:
 
 def _jupyter_server_extension_points() -> list[dict[str, Any]]:
     """Tell jupyter_server which app serves the panel's routes (enabled by jupyter-config/)."""
-    from .app import GpuPanelExtension
+    from jupyter_gpu.labext.app import GpuPanelExtension
 
     return [{"module": "jupyter_gpu.labext", "app": GpuPanelExtension}]

@@ -11,8 +11,8 @@ import logging
 
 from jupyter_server.extension.application import ExtensionApp
 
-from .handlers import SETTINGS_KEY, handler_classes, route_pattern
-from .pool_link import GpuPanelConfig, PoolLink
+from jupyter_gpu.labext.handlers import SETTINGS_KEY, handler_classes, route_pattern
+from jupyter_gpu.labext.pool_link import GpuPanelConfig, PoolLink
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from jupyter_server.base.websocket import WebSocketMixin
 from jupyter_server.utils import url_path_join
 from tornado import websocket
 
-from .pool_link import PoolLink, PoolUnavailable, server_token, server_user
+from jupyter_gpu.labext.pool_link import PoolLink, PoolUnavailable, server_token, server_user
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class StartPoolHandler(_ApiBase):
 
     @tornado.web.authenticated
     async def post(self) -> None:
-        from jupyter_gpu.cluster.embedded import ensure_embedded_pool
+        from jupyter_gpu.pool.embedded import ensure_embedded_pool
 
         timeout = self.pool.config.start_timeout
         loop = asyncio.get_running_loop()

@@ -68,7 +68,7 @@ def server_user(config: GpuPanelConfig | None = None) -> str:
     if config is not None and config.user:
         return config.user
     try:
-        from jupyter_gpu.cluster.discovery import user_name
+        from jupyter_gpu.pool.discovery import user_name
     except ImportError:  # pragma: no cover - the cluster package ships with this one
         return os.environ.get("JUPYTER_GPU_USER") or getpass.getuser()
     return user_name()
@@ -83,7 +83,7 @@ def server_token(config: GpuPanelConfig | None = None) -> str | None:
     """
     if config is not None and config.token:
         return config.token
-    from jupyter_gpu.cluster.identity import TOKEN_ENV
+    from jupyter_gpu.common.protocol import TOKEN_ENV
 
     return os.environ.get(TOKEN_ENV) or None
 
@@ -93,20 +93,20 @@ def _discover_address() -> str | None:
 
     Blocking: the embedded pool's liveness check is a TCP connect, so callers run it in a thread.
     """
-    from jupyter_gpu.cluster.discovery import pool_address
+    from jupyter_gpu.pool.discovery import pool_address
 
     return pool_address()
 
 
 def _connection_args() -> dict:
-    """The pool's TLS for this server's comm to the scheduler (client role, see ``jupyter_gpu.security``).
+    """The pool's TLS for this server's comm to the scheduler (client role, see ``jupyter_gpu.common.security``).
 
     Read from the Jupyter server's own Dask config (``distributed.comm.tls.*``, e.g. the
     ``DASK_DISTRIBUTED__COMM__TLS__...`` variables it was started with), like the kernels it starts, so a
     server whose notebooks can use a TLS pool shows that pool in its panel too. A server without the
     certificate sees a TLS pool as unreachable, with Dask's TLS error as the reason.
     """
-    from jupyter_gpu.security import connection_args
+    from jupyter_gpu.common.security import connection_args
 
     return connection_args("client")
 

@@ -7,8 +7,9 @@ import importlib.util
 import os
 import sys
 
-from jupyter_gpu.cluster.leases import GpuSlot, Request, RequestSpec
-from jupyter_gpu.cluster.quotas import parse_quotas
+from jupyter_gpu.broker.model import GpuSlot, Request
+from jupyter_gpu.broker.quotas import parse_quotas
+from jupyter_gpu.common.protocol import RequestSpec
 
 GiB = 2**30
 _BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "pool_sim.py")

@@ -5,9 +5,9 @@ import os
 
 import pytest
 
+from jupyter_gpu.broker.audit import AuditStore
+from jupyter_gpu.broker.identity import TokenStore
 from jupyter_gpu.cli import main
-from jupyter_gpu.cluster.audit import AuditStore
-from jupyter_gpu.cluster.identity import TokenStore
 
 
 def lease(id, user, team, fraction, started):
@@ -82,7 +82,7 @@ def test_cli_token_create_and_usage(tmp_path, capsys):
 
 
 def test_usage_counts_oversized_leases_per_user(tmp_path):
-    from jupyter_gpu.cluster.audit import format_usage
+    from jupyter_gpu.broker.audit import format_usage
 
     store = AuditStore(str(tmp_path / "audit.sqlite"))
     store.open_boot(now=0.0)

@@ -3,9 +3,9 @@
 import pytest
 from fairsim import GiB, gpus, pool_sim, quotas, req
 
-from jupyter_gpu.cluster.fair_share import FairQueue, FairSharePolicy, estimate_start, schedule_pass
-from jupyter_gpu.cluster.leases import RequestSpec
-from jupyter_gpu.cluster.quotas import PoolQuotas
+from jupyter_gpu.broker.fair_share import FairQueue, FairSharePolicy, estimate_start
+from jupyter_gpu.broker.quotas import PoolQuotas
+from jupyter_gpu.common.protocol import RequestSpec
 
 
 def make_pool(q=None, sizes=(16, 16)):
@@ -210,7 +210,7 @@ def suspending_pool(after="30s", sizes=(16, 16)):
 
 
 def held(pool, user):
-    return next(ls for ls in pool.leases.values() if ls.req.user == user)
+    return next(ls for ls in pool.leases.values() if ls.user == user)
 
 
 def test_an_idle_session_moves_to_host_memory_for_a_waiting_interactive_cell():
@@ -231,7 +231,7 @@ def test_an_idle_session_moves_to_host_memory_for_a_waiting_interactive_cell():
     pool.now = 30.0
     grants, taken = pool.schedule()
     assert [r.id for r, _ in grants] == [waiting.id]
-    assert [(ls.req.user, why) for ls, why in taken] == [("alice", "suspended after 30 s idle: bob's cell was "
+    assert [(ls.user, why) for ls, why in taken] == [("alice", "suspended after 30 s idle: bob's cell was "
                                                                      "waiting for the GPU")]
     assert carol.id in pool.leases  # a running cell is never suspended
 
@@ -263,7 +263,7 @@ def whom_bob_displaces(alice_idle: tuple, carol_idle: tuple) -> str:
     pool.submit(req("bob", 100.0))
     _, taken = pool.schedule()
     assert len(taken) == 1
-    return taken[0][0].req.user
+    return taken[0][0].user
 
 
 def test_the_sessions_least_likely_to_be_back_soon_are_moved():
@@ -278,13 +278,13 @@ def test_a_whole_gpu_is_freed_only_where_every_session_on_it_is_idle():
         pool.schedule()
     # two halves share a GPU, one is alone on the other; the lone one runs a cell
     lone = next(ls for ls in pool.leases.values()
-                if len(pool.gpus[ls.allocs[0].gpu].leases) == 1)
+                if len(pool.gpus[ls.allocations[0].gpu].leases) == 1)
     pool.policy.lease_state(lone.id, "running", 0.0)
     pool.now = 50.0
     whole = req("bob", 50.0, gpus=1)
     pool.submit(whole)
     _, taken = pool.schedule()
-    assert len(taken) == 2 and len({ls.allocs[0].gpu for ls, _ in taken}) == 1  # both halves of one GPU
+    assert len(taken) == 2 and len({ls.allocations[0].gpu for ls, _ in taken}) == 1  # both halves of one GPU
     assert lone.id in pool.leases and whole not in pool.queue
 
 

@@ -13,8 +13,8 @@ import sys
 import pytest
 from harness import Kernel, leases, snapshot, wait_until
 
-from jupyter_gpu.cluster.audit import AuditStore
-from jupyter_gpu.cluster.identity import TokenStore
+from jupyter_gpu.broker.audit import AuditStore
+from jupyter_gpu.broker.identity import TokenStore
 
 pytestmark = pytest.mark.integration
 
@@ -42,7 +42,7 @@ class QuotaPool:
         self.address = None
 
     def start(self) -> str:
-        from jupyter_gpu.cluster.embedded import ensure_embedded_pool
+        from jupyter_gpu.pool.embedded import ensure_embedded_pool
 
         saved = {k: os.environ.get(k) for k in [*ENV, *self.env]}
         os.environ.update({k: str(self.root / v) for k, v in ENV.items()})
@@ -55,7 +55,7 @@ class QuotaPool:
         return self.address
 
     def stop(self) -> None:
-        from jupyter_gpu.cluster.embedded import stop_embedded_pool
+        from jupyter_gpu.pool.embedded import stop_embedded_pool
 
         stop_embedded_pool(self.path)
 

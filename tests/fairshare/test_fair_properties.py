@@ -11,9 +11,10 @@ from fairsim import GiB, gpus, pool_sim
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from jupyter_gpu.cluster.fair_share import FairSharePolicy
-from jupyter_gpu.cluster.leases import Request, RequestSpec
-from jupyter_gpu.cluster.quotas import PoolQuotas, Team, UserQuota
+from jupyter_gpu.broker.fair_share import FairSharePolicy
+from jupyter_gpu.broker.model import Request
+from jupyter_gpu.broker.quotas import PoolQuotas, Team, UserQuota
+from jupyter_gpu.common.protocol import RequestSpec
 
 D = 50.0            # longest lease
 TICK = 5.0          # the broker re-runs the pass every second; the simulation every TICK
@@ -87,15 +88,14 @@ def run(sizes, guarantees, workload, reclaim=True):
         elif kind == "end":
             for lid in obj:
                 pool.end(lid)
-        schedule = pool.schedule if reclaim else _no_reclaim(pool)
-        grants, _ = schedule()
+        grants, _ = pool.schedule()
         pool.check_invariants()
         for g in pool.gpus.values():  # fractions never overcommit
-            assert sum(ls.allocs[0].bytes for ls in pool.leases.values() if ls.allocs[0].gpu == g.id) <= g.total_bytes
+            assert sum(ls.allocations[0].bytes for ls in pool.leases.values() if ls.allocations[0].gpu == g.id) <= g.total_bytes
         for req, lease in grants:
             if req.id not in served:
                 served.add(req.id)
-                ranks = [pool.leases[lid].allocs[0].gpu for lid in req.leases]
+                ranks = [pool.leases[lid].allocations[0].gpu for lid in req.leases]
                 assert len(set(ranks)) == len(ranks) == req.spec.workers  # a gang: distinct GPUs
                 heapq.heappush(events, (t + durations[req.id], seq := seq + 1, "end", list(req.leases)))
                 within_since.pop(req.id, None)
@@ -108,16 +108,6 @@ def run(sizes, guarantees, workload, reclaim=True):
             else:
                 within_since.pop(req.id, None)
     return pool, served, submitted, worst, waits
-
-
-def _no_reclaim(pool):
-    def schedule():
-        from jupyter_gpu.cluster.fair_share import schedule_pass
-
-        pool.granted, pool.preempted = [], []
-        schedule_pass(pool.policy, list(pool.queue), pool.gpus.values(), pool._grant, None, now=pool.now, eta_for=0)
-        return pool.granted, pool.preempted
-    return schedule
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -188,7 +178,7 @@ def test_suspension_moves_only_idle_sessions_and_never_overcommits(sizes, worklo
         for lease, why in taken:
             assert why.startswith("suspended"), why
             assert idle_before[lease.id] is not None and t - idle_before[lease.id] >= after  # idle long enough
-            assert not lease.req.spec.workers > 1
+            assert not pool.req_of(lease).spec.workers > 1
             moved += 1
         pool.check_invariants()
         for req, lease in grants:

@@ -1,6 +1,6 @@
 import pytest
 
-from jupyter_gpu.cluster.quotas import QuotaConfigError, load_quotas, parse_quotas, quotas_from_config
+from jupyter_gpu.broker.quotas import QuotaConfigError, load_quotas, parse_quotas, quotas_from_config
 
 
 def test_yaml_teams_users_and_defaults(tmp_path):

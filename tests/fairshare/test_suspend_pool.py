@@ -16,7 +16,7 @@ import pytest
 from harness import leases, snapshot, wait_until
 from test_fair_pool import QuotaPool, call
 
-from jupyter_gpu.cluster.audit import AuditStore
+from jupyter_gpu.broker.audit import AuditStore
 
 pytestmark = pytest.mark.integration
 

@@ -10,9 +10,9 @@ import sys
 import time
 
 import nbformat
+import psutil
 import pytest
 
-import psutil
 from jupyter_gpu.headless.pool import all_leases, pool_snapshot
 from jupyter_gpu.headless.runner import inject_parameters, parse_value, run_notebook
 

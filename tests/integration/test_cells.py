@@ -3,7 +3,6 @@
 import time
 
 import pytest
-
 from harness import Kernel, leases, snapshot, wait_until
 
 pytestmark = pytest.mark.integration
@@ -245,8 +244,9 @@ def test_a_queued_cell_that_is_cancelled_says_so_in_its_badge(pool):
         cell = c.start("%%gpu --gpus 1\nprint('never')")
         assert wait_until(lambda: any(q["user"] == "hal" for q in snapshot(pool)["queue"]), timeout=20)
         request = next(q for q in snapshot(pool)["queue"] if q["user"] == "hal")
-        from distributed.core import rpc
         import asyncio
+
+        from distributed.core import rpc
 
         async def cancel():
             async with rpc(pool) as r:

@@ -7,7 +7,6 @@ import sys
 import time
 
 import pytest
-
 from harness import Kernel, leases, snapshot, wait_until
 
 pytestmark = pytest.mark.integration
@@ -51,7 +50,7 @@ def test_pool_up_and_worker_services_span_processes(tmp_path):
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     worker = None
     try:
-        from jupyter_gpu.cluster.discovery import address_reachable
+        from jupyter_gpu.pool.discovery import address_reachable
 
         assert wait_until(lambda: address_reachable(address), timeout=60)
         worker = subprocess.Popen([sys.executable, "-m", "jupyter_gpu.cli", "worker", address, "--host",

@@ -2,10 +2,8 @@
 
 import os
 import signal
-import time
 
 import pytest
-
 from harness import Kernel, leases, snapshot, wait_until
 
 pytestmark = pytest.mark.integration

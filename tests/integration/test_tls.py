@@ -110,8 +110,8 @@ def client_security(pki: dict, cert: str = "client"):
 
 
 def call(address: str, op: str, security, **kwargs):
-    """A scheduler handler, called the way a client of the pool calls it (through jupyter_gpu.security)."""
-    from jupyter_gpu.security import pool_rpc
+    """A scheduler handler, called the way a client of the pool calls it (through jupyter_gpu.common.security)."""
+    from jupyter_gpu.common.security import pool_rpc
 
     async def go():
         r = pool_rpc(address, security=security, timeout=10)
@@ -160,7 +160,7 @@ def assert_only_pool_certificates_are_accepted(address: str, pki: dict) -> None:
 @pytest.fixture(scope="module")
 def tls_pool(pki, tmp_path_factory):
     """The embedded pool (2 virtual GPUs) with TLS required by Dask config in its environment."""
-    from jupyter_gpu.cluster.embedded import ensure_embedded_pool, stop_embedded_pool
+    from jupyter_gpu.pool.embedded import ensure_embedded_pool, stop_embedded_pool
 
     path = str(tmp_path_factory.mktemp("tls-pool") / "pool.json")
     env = tls_env(pki, ("scheduler", "worker", "client"))  # the pool is also a client of its own scheduler
@@ -284,7 +284,7 @@ def test_pool_up_and_worker_with_tls_options(tls_kernel, pki):
                              text=True)
     worker = None
     try:
-        from jupyter_gpu.cluster.discovery import address_reachable
+        from jupyter_gpu.pool.discovery import address_reachable
 
         assert wait_until(lambda: address_reachable(address), timeout=60)
         worker = subprocess.Popen([sys.executable, "-m", "jupyter_gpu.cli", "worker", address, "--host",

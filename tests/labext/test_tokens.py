@@ -48,8 +48,8 @@ def token_pool(tmp_path_factory):
     Yields ``(address, tokens)`` with a token issued for each test user. The settings reach only the pool's
     processes (through their environment at start), as ``DASK_JUPYTER_GPU__*`` does for ``pool up``.
     """
-    from jupyter_gpu.cluster.embedded import ensure_embedded_pool
-    from jupyter_gpu.cluster.identity import TokenStore
+    from jupyter_gpu.broker.identity import TokenStore
+    from jupyter_gpu.pool.embedded import ensure_embedded_pool
 
     root = tmp_path_factory.mktemp("token-pool")
     (root / "pool.yaml").write_text(QUOTAS)

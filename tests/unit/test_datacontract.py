@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from jupyter_gpu.datacontract import ModuleRef, RemoteObject, cell_names, classify_output, input_item, to_cpu
+from jupyter_gpu.common.datacontract import ModuleRef, RemoteObject, cell_names, classify_output, input_item, to_cpu
 
 
 def test_free_and_assigned_names():

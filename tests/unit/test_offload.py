@@ -2,7 +2,8 @@
 
 import json
 
-from jupyter_gpu.cluster.offload import load_namespace, offload_dir, save_namespace, user_names
+from jupyter_gpu.common.hostmem import offload_dir
+from jupyter_gpu.session.offload import load_namespace, save_namespace, user_names
 
 
 def test_user_variables_round_trip_and_the_unpicklable_are_named(tmp_path):
@@ -73,7 +74,7 @@ def test_a_session_that_never_imported_torch_is_saved_without_it(tmp_path):
 
     path = str(tmp_path / "L9.pkl")
     code = ("import sys, numpy as np\n"
-            "from jupyter_gpu.cluster.offload import save_namespace\n"
+            "from jupyter_gpu.session.offload import save_namespace\n"
             f"r = save_namespace({{'arr': np.arange(3), 'pair': (1, 'x')}}, {{}}, {path!r})\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n"
             "print(r['saved'])\n")

@@ -1,8 +1,9 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jupyter_gpu.cluster import packing
-from jupyter_gpu.cluster.leases import GpuSlot, RequestSpec
+from jupyter_gpu.broker import packing
+from jupyter_gpu.broker.model import GpuSlot
+from jupyter_gpu.common.protocol import RequestSpec
 
 GiB = 2**30
 

@@ -1,7 +1,7 @@
 """Right-sizing hints and the quota line of ``%gpu status``."""
 
+from jupyter_gpu.common.rightsizing import right_size, suggest_bytes
 from jupyter_gpu.kernelext.status_view import quota_text
-from jupyter_gpu.rightsizing import right_size, suggest_bytes
 
 GiB, MiB = 1 << 30, 1 << 20
 

@@ -1,4 +1,4 @@
-"""jupyter_gpu.security without a pool: which scheme a server listens on, the errors that name the settings
+"""jupyter_gpu.common.security without a pool: which scheme a server listens on, the errors that name the settings
 to change, and the hand-over of a worker's TLS settings to its session processes through the environment."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import dask.config
 import pytest
 from distributed.security import Security
 
-from jupyter_gpu import security
+from jupyter_gpu.common import security
 
 
 def test_no_tls_configured_means_tcp_and_harmless_connection_args():

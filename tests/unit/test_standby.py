@@ -6,8 +6,8 @@ import os
 import numpy as np
 import torch
 
-from jupyter_gpu.cluster.offload import load_namespace
-from jupyter_gpu.cluster.standby import StandbyCopy
+from jupyter_gpu.session.offload import load_namespace
+from jupyter_gpu.session.standby import StandbyCopy
 
 
 def namespace() -> dict:
@@ -101,7 +101,7 @@ def test_work_that_arrives_stops_the_copy_and_it_is_written_when_idle_again(tmp_
 
 
 def test_no_copy_when_host_memory_is_short_and_it_is_not_retried_for_the_same_namespace(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="jupyter_gpu.cluster.standby")
+    caplog.set_level(logging.INFO, logger="jupyter_gpu.session.standby")
     copy = StandbyCopy(str(tmp_path / "L5.standby"), 0.0)
     after_a_cell(copy)
     assert not copy.take({"x": torch.ones(4)}, {}, 1 << 60, never)  # the session holds more than is free
@@ -116,7 +116,7 @@ def test_the_worker_gives_sessions_a_copy_path_unless_turned_off_or_misconfigure
 
     import dask.config
 
-    from jupyter_gpu.cluster.worker_plugin import GpuWorkerPlugin
+    from jupyter_gpu.worker.plugin import GpuWorkerPlugin
 
     plugin = GpuWorkerPlugin()
     try:

@@ -1,8 +1,8 @@
 import pytest
 
-from jupyter_gpu.cluster import inventory
+from jupyter_gpu.common.units import format_bytes, parse_size
 from jupyter_gpu.errors import NoGpuAvailable
-from jupyter_gpu.units import format_bytes, parse_size
+from jupyter_gpu.worker import inventory
 
 
 @pytest.mark.parametrize("text,expected", [("8GiB", 8 * 2**30), ("500MB", 500 * 10**6), ("1.5G", 1.5e9),

@@ -1,0 +1,193 @@
+"""The broker's bookkeeping as a plain class: GPUs, requests, the queue and leases; granting and ending.
+
+Why a class without asyncio or Dask: the same bookkeeping must run in three places and mean the same in
+each, the broker plugin (``broker/plugin.py``, which adds the Dask handlers, the audit store and the
+session starts around it), the pool simulator (``bench/pool_sim.py``) and the property tests. A figure
+the simulator prints is then a figure of the broker's own code, not of a copy of it.
+
+The ledger keeps these invariants: a GPU's ``leased_bytes`` is the sum of its leases' allocations and never
+exceeds its memory (packing only places into free memory); a lease is counted by the fair-share policy from
+its grant to its end, once; the queue holds only requests in state ``queued``.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from typing import Callable
+
+from jupyter_gpu.broker import packing
+from jupyter_gpu.broker.fair_share import FairSharePolicy, PreemptFn, schedule_pass
+from jupyter_gpu.broker.model import GpuSlot, Lease, Request, new_id
+
+ENDED_KEPT = 2000  # ended leases and finished requests kept so a kernel can read how they ended
+
+
+class Ledger:
+    """See the module docstring. ``clock`` and ``new_id`` are injectable so a simulation runs on its own
+    time and ids. ``sessions_start_idle``: a simulation whose sessions start the instant they are granted
+    counts a new lease as idle from its grant; the broker counts it busy until its session says it is idle."""
+
+    def __init__(self, policy: FairSharePolicy, clock: Callable[[], float] = time.time,
+                 new_id: Callable[[str], str] = new_id, sessions_start_idle: bool = False):
+        self.policy = policy
+        self.sessions_start_idle = sessions_start_idle
+        self.clock = clock
+        self.new_id = new_id
+        self.gpus: dict[str, GpuSlot] = {}
+        self.worker_gpus: dict[str, list[str]] = {}
+        # GPUs of workers lost recently (a Nanny restarting one, a node rebooting): a request that needs them
+        # waits for them instead of being refused as impossible
+        self.recently_lost: dict[str, tuple[GpuSlot, float]] = {}
+        self.requests: dict[str, Request] = {}
+        self.queue: list[Request] = []
+        self.leases: dict[str, Lease] = {}
+        self.ended: collections.OrderedDict[str, Lease] = collections.OrderedDict()
+
+    # ------------------------------------------------------------------ GPUs
+    def set_worker_gpus(self, worker: str, slots: list[GpuSlot]) -> list[str]:
+        """A worker offers ``slots`` (replacing what it offered before); returns their ids."""
+        for gpu_id in self.worker_gpus.pop(worker, []):
+            self.gpus.pop(gpu_id, None)
+        ids = []
+        for slot in slots:
+            self.gpus[slot.id] = slot
+            self.recently_lost.pop(slot.uuid, None)
+            ids.append(slot.id)
+        self.worker_gpus[worker] = ids
+        return ids
+
+    def remove_worker(self, worker: str) -> tuple[list[str], list[Lease]]:
+        """Forget a worker's GPUs (remembered as recently lost); returns their ids and the live leases on it,
+        which the caller ends with its reason."""
+        gone = self.worker_gpus.pop(worker, [])
+        for gpu_id in gone:
+            slot = self.gpus.pop(gpu_id, None)
+            if slot is not None:
+                self.recently_lost[slot.uuid] = (slot, self.clock())
+        return gone, [ls for ls in self.leases.values() if ls.worker == worker]
+
+    def capacity(self, remember: float = 120.0) -> list[GpuSlot]:
+        """The GPUs the pool has, plus those lost in the last ``remember`` seconds (likely to come back)."""
+        now = self.clock()
+        for uuid, (_, lost_at) in list(self.recently_lost.items()):
+            if now - lost_at > remember:
+                del self.recently_lost[uuid]
+        back = [GpuSlot(worker=f"lost:{slot.worker}", index=slot.index, uuid=slot.uuid, name=slot.name,
+                        total_bytes=slot.total_bytes, virtual=slot.virtual, mig=slot.mig)
+                for slot, _ in self.recently_lost.values()]
+        return list(self.gpus.values()) + back
+
+    # ------------------------------------------------------------------ requests
+    def submit(self, req: Request) -> None:
+        """Put ``req`` in the queue (it is considered at the next ``schedule``)."""
+        req.state = "queued"
+        self.requests[req.id] = req
+        self.queue.append(req)
+
+    def record(self, req: Request) -> None:
+        """Keep a request that never queues (refused at once) so its outcome can be read."""
+        self.requests[req.id] = req
+
+    def queued(self) -> list[Request]:
+        return [r for r in self.queue if r.state == "queued"]
+
+    def ordered_queue(self) -> list[Request]:
+        """The waiting requests in the policy's order."""
+        return self.policy.order(self.queued())
+
+    def finish_request(self, req: Request, state: str, reason: str) -> None:
+        """``req`` leaves the queue for good: granted, refused, cancelled or failed."""
+        req.state = state
+        if state != "granted":
+            req.error = reason
+        req.reason = reason
+        if req in self.queue:
+            self.queue.remove(req)
+        # finished requests are kept briefly so a waiting kernel can read the outcome
+        if len(self.requests) > ENDED_KEPT:
+            finished = [r for r, q in self.requests.items() if q.state not in ("queued", "starting")]
+            for rid in finished[:ENDED_KEPT // 2]:
+                self.requests.pop(rid, None)
+
+    # ------------------------------------------------------------------ scheduling
+    def schedule(self, preempt: PreemptFn | None, now: float | None = None,
+                 eta_for: int = 100) -> list[tuple[Request, list[Lease]]]:
+        """One scheduling pass (``fair_share.schedule_pass``) over the queue: grants, in policy order, what
+        fits; ``preempt(lease_id, reason, req)`` takes a lease back for a waiting request (it must end the
+        lease through ``end``). Returns the grants made, each request with its new leases."""
+        grants: list[tuple[Request, list[Lease]]] = []
+
+        def grant(req: Request, placement: packing.Placement, preemptible: bool) -> None:
+            grants.append((req, self.grant(req, placement, preemptible)))
+
+        schedule_pass(self.policy, self.queued(), self.gpus.values(), grant, preempt,
+                      now=self.clock() if now is None else now, eta_for=eta_for)
+        return grants
+
+    def grant(self, req: Request, placement: packing.Placement, preemptible: bool) -> list[Lease]:
+        """Book ``placement`` for ``req``: one lease per rank, the GPUs' bytes, the policy's accounting."""
+        self.queue.remove(req)
+        req.state = "starting"
+        req.reason = "starting the session process"
+        req.eta = None
+        now = self.clock()
+        team = req.team or self.policy.quotas.team_of(req.user)
+        leases = []
+        for rank, (worker, allocations) in enumerate(placement):
+            fraction = sum(a.bytes / self.gpus[a.gpu].total_bytes for a in allocations)
+            lease = Lease(id=self.new_id("L"), request=req.id, user=req.user, kernel=req.kernel,
+                          client=req.client, worker=worker, allocations=allocations, fraction=round(fraction, 4),
+                          priority=req.spec.priority, notebook=req.notebook, cell=req.cell, team=req.team,
+                          rank=rank, world_size=len(placement), started=now, preemptible=preemptible)
+            for a in allocations:
+                slot = self.gpus[a.gpu]
+                slot.leased_bytes += a.bytes
+                slot.leases.add(lease.id)
+            self.leases[lease.id] = lease
+            req.leases.append(lease.id)
+            leases.append(lease)
+            # the exact share is what quotas count (the lease shows it rounded)
+            self.policy.lease_started(lease.id, req.user, team, fraction, preemptible, now=now,
+                                      allocs={a.gpu: a.bytes for a in allocations}, request=req.id,
+                                      gang=len(placement) > 1, priority=req.spec.priority,
+                                      idle=self.sessions_start_idle)
+        return leases
+
+    def set_state(self, lease_id: str, state: str, resident: int | None = None) -> Lease | None:
+        """A lease's session started a cell (``running``) or finished one (``idle``)."""
+        lease = self.leases.get(lease_id)
+        if lease is None:
+            return None
+        lease.state = state
+        self.policy.lease_state(lease_id, state, now=self.clock(), resident=resident)
+        return lease
+
+    def end(self, lease_id: str, reason: str, now: float | None = None) -> Lease | None:
+        """End a live lease: free its GPU memory, stop counting it; None if it is not live."""
+        lease = self.leases.pop(lease_id, None)
+        if lease is None:
+            return None
+        for a in lease.allocations:
+            slot = self.gpus.get(a.gpu)
+            if slot is not None:
+                slot.leased_bytes -= a.bytes
+                slot.leases.discard(lease.id)
+        lease.state, lease.ended, lease.end_reason = "ended", self.clock() if now is None else now, reason
+        self.policy.lease_ended(lease.id, now=lease.ended)
+        self.ended[lease.id] = lease
+        while len(self.ended) > ENDED_KEPT:
+            self.ended.popitem(last=False)
+        return lease
+
+    def lease_or_ended(self, lease_id: str) -> Lease | None:
+        return self.leases.get(lease_id) or self.ended.get(lease_id)
+
+    def check(self) -> None:
+        """Assert the invariants of the module docstring (tests and the simulator call it)."""
+        for g in self.gpus.values():
+            total = sum(a.bytes for ls in self.leases.values() for a in ls.allocations if a.gpu == g.id)
+            assert total == g.leased_bytes, (g.id, total, g.leased_bytes)
+            assert 0 <= g.leased_bytes <= g.total_bytes, (g.id, g.leased_bytes, g.total_bytes)
+        assert all(r.state == "queued" for r in self.queue), [r.state for r in self.queue]
+        assert set(self.policy.leases) == set(self.leases), (set(self.policy.leases) ^ set(self.leases))

@@ -1,0 +1,126 @@
+"""The broker's state: GPUs in the pool, requests waiting for them, and leases granted on them.
+
+Plain dataclasses with no Dask in them, so that the packing, the queue policy and the pool simulator run
+the real code on their own.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from jupyter_gpu.common.protocol import Isolation, LeaseState, LeaseView, RequestSpec, RequestState
+
+
+@dataclass
+class GpuSlot:
+    """One GPU as the broker sees it: where it is, how big it is, what is leased on it."""
+
+    worker: str
+    index: int
+    uuid: str
+    name: str
+    total_bytes: int
+    virtual: bool = False
+    mig: bool = False
+    leased_bytes: int = 0
+    leases: set[str] = field(default_factory=set)
+
+    @property
+    def id(self) -> str:
+        return f"{self.worker}#{self.index}"
+
+    @property
+    def free_bytes(self) -> int:
+        return self.total_bytes - self.leased_bytes
+
+
+_ids = itertools.count(1)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}{next(_ids)}"
+
+
+@dataclass
+class Request:
+    """A request waiting in (or just leaving) the queue."""
+
+    id: str
+    user: str
+    kernel: str
+    client: str | None
+    spec: RequestSpec
+    notebook: str | None = None
+    cell: str | None = None
+    team: str | None = None
+    submitted: float = field(default_factory=time.time)
+    state: RequestState = "queued"
+    reason: str = ""
+    error: str | None = None
+    eta: float | None = None
+    leases: list[str] = field(default_factory=list)
+    restore: dict | None = None    # the offload of an earlier lease this request's session starts with
+    restored: dict | None = None   # what the new session got back from it
+
+
+@dataclass
+class Allocation:
+    gpu: str          # GpuSlot.id
+    index: int        # GPU index on its worker
+    bytes: int
+
+
+@dataclass
+class Lease:
+    """Memory on one or more GPUs of one worker, held by one session process of one kernel."""
+
+    id: str
+    request: str
+    user: str
+    kernel: str
+    client: str | None
+    worker: str
+    allocations: list[Allocation]
+    fraction: float
+    priority: str = "interactive"
+    notebook: str | None = None
+    cell: str | None = None
+    team: str | None = None
+    rank: int = 0
+    world_size: int = 1
+    started: float = field(default_factory=time.time)
+    state: LeaseState = "starting"
+    isolation: Isolation = "none"
+    address: str | None = None     # the session process's comm address
+    pid: int | None = None
+    cell_started: float | None = None
+    peak_bytes: int | None = None   # the largest cell peak so far (right-sizing, audit)
+    gpu_utilization: float | None = None  # the last cell's mean SM utilization (real GPUs, NVML)
+    resident_bytes: int | None = None     # what the session held when it last went idle (what suspending moves)
+    preemptible: bool = False       # granted beyond its team's guarantee: may be reclaimed
+    preempted: bool = False         # ended to give its memory to a request owed by a guarantee
+    offload: dict | None = None     # where its variables went when it was reclaimed (worker, path, names)
+    ended: float | None = None
+    end_reason: str | None = None
+
+    @property
+    def bytes(self) -> int:
+        return sum(a.bytes for a in self.allocations)
+
+    def public(self) -> LeaseView:
+        """The lease as the kernel, the CLI and the panel see it."""
+        return {
+            "id": self.id, "request": self.request, "user": self.user, "kernel": self.kernel,
+            "worker": self.worker, "gpus": [a.gpu for a in self.allocations],
+            "gpu_indices": [a.index for a in self.allocations], "bytes": self.bytes,
+            "fraction": self.fraction, "priority": self.priority, "notebook": self.notebook, "cell": self.cell,
+            "rank": self.rank, "world_size": self.world_size, "started": self.started, "state": self.state,
+            "isolation": self.isolation, "address": self.address, "pid": self.pid,
+            "cell_started": self.cell_started, "peak_bytes": self.peak_bytes, "end_reason": self.end_reason,
+            "gpu_utilization": self.gpu_utilization, "resident_bytes": self.resident_bytes,
+            "preempted": self.preempted, "preemptible": self.preemptible,
+            "offload": ({k: v for k, v in self.offload.items() if k != "path"} if self.offload else None),
+            "team": self.team,
+        }

@@ -1,0 +1,522 @@
+"""The GPU broker: a Dask ``SchedulerPlugin`` that owns the pool's GPU inventory, queue and leases.
+
+Workers report their GPUs to it; kernels ask it for leases through scheduler handlers (``gpu_request``,
+``gpu_wait``, ...); it grants leases by best-fit packing in the fair-share order, asks the owning worker to
+start a session process for each grant, and frees leases when a session ends, its kernel's client
+disconnects or its worker is lost. Everything the panel and ``%gpu status`` show comes from
+``gpu_snapshot``.
+
+The bookkeeping itself is the ``Ledger`` (``broker/ledger.py``, no asyncio); this module adds what needs
+the scheduler: the handlers (``handlers()``, exactly ``protocol.SCHEDULER_OPS``), the audit store, the
+session starts and kills on workers, host-memory moves, sampling and housekeeping.
+
+Load it into any Dask scheduler with ``--preload jupyter_gpu.broker.plugin``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from typing import Any, Callable
+
+from distributed.diagnostics.plugin import SchedulerPlugin
+
+from jupyter_gpu.broker import packing, views
+from jupyter_gpu.broker.audit import AuditStore, audit_from_config
+from jupyter_gpu.broker.fair_share import FairSharePolicy
+from jupyter_gpu.broker.identity import TokenStore, tokens_from_config
+from jupyter_gpu.broker.ledger import Ledger
+from jupyter_gpu.broker.model import GpuSlot, Lease, Request, new_id
+from jupyter_gpu.broker.quotas import quotas_from_config
+from jupyter_gpu.common import config, protocol
+from jupyter_gpu.common.protocol import RequestSpec, RequestStatus, Snapshot
+
+log = logging.getLogger(__name__)
+
+PLUGIN_NAME = "jupyter-gpu-broker"
+RUNS_KEPT = 50  # the latest runs' streams, for the panel's replay
+
+
+class GpuBroker(SchedulerPlugin):
+    """Grants fractions of GPUs to kernels' sessions; see the module docstring."""
+
+    name = PLUGIN_NAME
+
+    def __init__(self, policy: FairSharePolicy | None = None, embedded: bool = False,
+                 audit: AuditStore | None = None, tokens: TokenStore | None = None):
+        # fair share with the quotas of Dask config jupyter-gpu.pool-config (none: fair share of use only)
+        self.policy: FairSharePolicy = policy or FairSharePolicy(quotas_from_config())
+        self.ledger = Ledger(self.policy)
+        self.audit: AuditStore = audit or audit_from_config()
+        self.tokens: TokenStore | None = tokens if tokens is not None else tokens_from_config()
+        self.embedded = embedded
+        self.samples: dict[str, collections.deque] = {}
+        self.runs: dict[str, dict] = {}
+        self.scaler: Any = None  # set by a pool that owns a cluster manager (embedded pool)
+        self._events: dict[str, asyncio.Event] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._drains: dict[str, list[asyncio.Task]] = {}  # request id -> reclaimed sessions it waits to see gone
+        self.scheduler = None
+
+    # the ledger's state, as the scaler, the embedded pool and tests read it
+    @property
+    def gpus(self) -> dict[str, GpuSlot]:
+        return self.ledger.gpus
+
+    @property
+    def leases(self) -> dict[str, Lease]:
+        return self.ledger.leases
+
+    @property
+    def queue(self) -> list[Request]:
+        return self.ledger.queue
+
+    @property
+    def requests(self) -> dict[str, Request]:
+        return self.ledger.requests
+
+    @property
+    def ended(self) -> collections.OrderedDict[str, Lease]:
+        return self.ledger.ended
+
+    @property
+    def worker_gpus(self) -> dict[str, list[str]]:
+        return self.ledger.worker_gpus
+
+    # ------------------------------------------------------------------ plugin hooks
+    def handlers(self) -> dict[str, Callable[..., Any]]:
+        """The broker's scheduler handlers: exactly ``protocol.SCHEDULER_OPS``."""
+        table = {
+            "gpu_register_worker": self.register_worker,
+            "gpu_request": self.request,
+            "gpu_wait": self.wait,
+            "gpu_cancel": self.cancel,
+            "gpu_release": self.release,
+            "gpu_lease_info": self.lease_info,
+            "gpu_lease_state": self.lease_state,
+            "gpu_session_ended": self.session_ended,
+            "gpu_samples": self.add_samples,
+            "gpu_snapshot": self.snapshot,
+            "gpu_scale": self.scale,
+            "gpu_run_update": self.run_update,
+            "gpu_run_metrics": self.run_metrics,
+            "gpu_usage": self.usage,
+        }
+        assert set(table) == protocol.SCHEDULER_OPS, "broker handlers and protocol.SCHEDULER_OPS disagree"
+        return table
+
+    async def start(self, scheduler) -> None:  # noqa: ANN001
+        self.scheduler = scheduler
+        scheduler.handlers.update(self.handlers())
+        self.audit.open_boot()
+        from distributed.compatibility import PeriodicCallback
+
+        interval_ms = config.get_seconds("worker.sample-interval") * 1000
+        self._sampler = PeriodicCallback(self._sample_virtual, interval_ms)
+        self._sampler.start()
+        self._housekeeper = PeriodicCallback(self._housekeeping, 1000)
+        self._housekeeper.start()
+
+    async def close(self) -> None:
+        if getattr(self, "_sampler", None):
+            self._sampler.stop()
+        if getattr(self, "_housekeeper", None):
+            self._housekeeper.stop()
+        self.audit.heartbeat()
+
+    def remove_worker(self, scheduler, worker: str, **kwargs) -> None:  # noqa: ANN001
+        gone, leases = self.ledger.remove_worker(worker)
+        for gpu_id in gone:
+            self.samples.pop(gpu_id, None)
+        for lease in leases:
+            self._end_lease(lease, f"the pool worker {worker} holding this session was lost", kill=False)
+        self._schedule()
+
+    def remove_client(self, scheduler, client: str) -> None:  # noqa: ANN001
+        for req in [r for r in self.queue if r.client == client]:
+            self._finish_request(req, "cancelled", "its kernel disconnected")
+        for lease in [ls for ls in self.leases.values() if ls.client == client]:
+            self._end_lease(lease, "its kernel disconnected from the pool", kill=True)
+        for lease in [ls for ls in self.ended.values()
+                      if ls.client == client and (ls.offload or {}).get("state") == "saved"]:
+            self._spawn(self._discard_offload(lease))  # nobody will restore these variables now
+        self._schedule()
+
+    async def _discard_offload(self, lease: Lease) -> None:
+        offload, lease.offload = lease.offload, None
+        try:
+            await self.scheduler.rpc(offload["worker"]).gpu_offload_discard(path=offload["path"])
+        except Exception as exc:  # noqa: BLE001 - the worker is gone, and its files with it
+            log.debug("could not discard the offload of %s: %s", lease.id, exc)
+
+    # ------------------------------------------------------------------ handlers: workers and sessions
+    def register_worker(self, worker: str, gpus: list[dict]) -> dict:
+        """A worker's GPU plugin reports the GPUs it owns (replacing any earlier report)."""
+        slots = [GpuSlot(worker=worker, index=int(info["index"]), uuid=info["uuid"], name=info["name"],
+                         total_bytes=int(info["total_bytes"]), virtual=bool(info.get("virtual")),
+                         mig=bool(info.get("mig"))) for info in gpus]
+        ids = self.ledger.set_worker_gpus(worker, slots)
+        for gpu_id in ids:
+            self.samples.setdefault(gpu_id, collections.deque(maxlen=int(config.get("worker.samples-kept"))))
+        log.info("worker %s offers %d GPU(s)", worker, len(ids))
+        self._schedule()
+        return {"gpus": ids}
+
+    def add_samples(self, worker: str, samples: dict[str, dict]) -> None:
+        """NVML samples from a worker's sampling thread, keyed by GPU index."""
+        for index, sample in samples.items():
+            gpu_id = f"{worker}#{index}"
+            if gpu_id in self.samples:
+                self.samples[gpu_id].append(sample)
+
+    def lease_state(self, lease: str, state: str, cell: str | None = None, peak_bytes: int | None = None,
+                    gpu_utilization: float | None = None, resident_bytes: int | None = None) -> None:
+        """A session says a cell started (``running``) or finished (``idle``, with its measured peak memory and,
+        on real GPUs, its mean utilization: the right-sizing numbers; and what it holds now, which is what
+        suspending it would have to move)."""
+        ls = self.ledger.set_state(lease, state, resident=resident_bytes)
+        if ls is None:
+            return
+        if state == "running":
+            ls.cell_started = time.time()
+            if cell:
+                ls.cell = cell
+        else:
+            ls.cell_started = None
+        if peak_bytes is not None:
+            ls.peak_bytes = max(ls.peak_bytes or 0, int(peak_bytes))
+        if gpu_utilization is not None:
+            ls.gpu_utilization = float(gpu_utilization)
+        if resident_bytes is not None:
+            ls.resident_bytes = int(resident_bytes)
+
+    def session_ended(self, lease: str, reason: str) -> None:
+        """The worker saw a session process exit."""
+        ls = self.leases.get(lease)
+        if ls is not None:
+            self._end_lease(ls, reason, kill=False)
+            self._schedule()
+
+    def run_metrics(self, run: str, rank: int, items: list[dict]) -> None:
+        """Metrics batched by a rank's session (``jupyter_gpu.report``); kept so a panel can replay them."""
+        record = self.runs.setdefault(run, {"id": run, "ranks": {}, "started": time.time()})
+        stream = record["ranks"].setdefault(str(rank), [])
+        stream.extend(items)
+        del stream[:-1000]
+
+    # ------------------------------------------------------------------ handlers: kernels
+    def request(self, user: str, kernel: str, spec: dict, client: str | None = None,
+                notebook: str | None = None, cell: str | None = None, token: str | None = None,
+                restore: str | None = None) -> RequestStatus:
+        """Queue a request for GPU memory; grant it at once if it fits, refuse it if it never can."""
+        denied = self._identity_error(user, token)
+        if denied:
+            self.audit.refused(None, user, None, spec, denied)
+            return {"id": None, "state": "refused", "reason": denied}
+        try:
+            rspec = RequestSpec(**spec)
+            rspec.validate()
+        except (TypeError, ValueError) as exc:
+            self.audit.refused(None, user, None, spec, f"not valid: {exc}")
+            return {"id": None, "state": "refused", "reason": f"The request is not valid: {exc}."}
+        # the new session (of this cell's size, on any GPU) starts with the offloaded variables of an old one
+        offloaded = self._offloaded(restore, user, kernel) if restore else None
+        req = Request(id=new_id("R"), user=user, kernel=kernel, client=client, spec=rspec,
+                      notebook=notebook, cell=cell, restore=offloaded.offload if offloaded else None)
+        if offloaded is not None:
+            offloaded.offload = None  # restored once, by this request
+        req.team = self.policy.quotas.team_of(user)
+        self.ledger.record(req)
+        self._events[req.id] = asyncio.Event()
+        impossible = (packing.never_fits(rspec, self.ledger.capacity())
+                      or self.policy.never_within_limits(user, rspec))
+        if impossible:
+            self._finish_request(req, "refused", f"No GPU in this pool can ever satisfy this request: {impossible}")
+            return views.request_status(self.ledger, req)
+        self.ledger.submit(req)
+        self._schedule()
+        return views.request_status(self.ledger, req)
+
+    def _offloaded(self, lease_id: str, user: str, kernel: str) -> Lease | None:
+        """The ended lease ``lease_id`` of this kernel whose variables wait in host memory on a live worker."""
+        old = self.ended.get(lease_id)
+        if old is None or old.user != user or old.kernel != kernel or (old.offload or {}).get("state") != "saved":
+            return None
+        return old if old.worker in self.worker_gpus else None
+
+    async def wait(self, id: str, timeout: float = 1.0) -> RequestStatus:
+        """Long-poll: the request's state once it changes from queued/starting, or after ``timeout``."""
+        req = self.requests.get(id)
+        if req is None:
+            return {"id": id, "state": "unknown", "reason": f"no request {id} is known to the broker"}
+        event = self._events.get(id)
+        if event is not None and req.state in ("queued", "starting"):
+            try:
+                await asyncio.wait_for(event.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+        return views.request_status(self.ledger, req)
+
+    def cancel(self, id: str, user: str | None = None, token: str | None = None) -> dict:
+        """Cancel a queued request or end a lease (its session is killed)."""
+        denied = self._identity_error(user, token)
+        if denied:
+            return {"cancelled": False, "what": denied}
+        req = self.requests.get(id)
+        if req is not None and req.state in ("queued", "starting"):
+            if user is not None and req.user != user:
+                return {"cancelled": False, "what": f"{id} belongs to {req.user}; you can cancel only your own work"}
+            for lease_id in list(req.leases):
+                if lease_id in self.leases:
+                    self._end_lease(self.leases[lease_id], "its request was cancelled", kill=True)
+            self._finish_request(req, "cancelled", "cancelled by its owner")
+            self._schedule()
+            return {"cancelled": True, "what": f"queued request {id}"}
+        lease = self.leases.get(id)
+        if lease is not None:
+            if user is not None and lease.user != user:
+                return {"cancelled": False, "what": f"{id} belongs to {lease.user}; you can cancel only your own work"}
+            self._end_lease(lease, "cancelled by its owner", kill=True)
+            self._schedule()
+            return {"cancelled": True, "what": f"lease {id} (its session was ended)"}
+        return {"cancelled": False, "what": f"nothing queued or running is called {id}"}
+
+    def release(self, lease: str, user: str | None = None, reason: str = "released by its owner",
+                token: str | None = None) -> dict:
+        denied = self._identity_error(user, token)
+        if denied:
+            return {"released": False, "error": denied}
+        ls = self.leases.get(lease)
+        if ls is None:
+            return {"released": False}
+        if user is not None and ls.user != user:
+            return {"released": False, "error": f"{lease} belongs to {ls.user}"}
+        self._end_lease(ls, reason, kill=True)
+        self._schedule()
+        return {"released": True}
+
+    def lease_info(self, lease: str) -> dict:
+        ls = self.ledger.lease_or_ended(lease)
+        if ls is None:
+            return {"id": lease, "state": "unknown", "end_reason": "the broker has no record of this lease"}
+        return ls.public()
+
+    def usage(self, since: float = 0.0) -> dict:
+        """GPU-hours per user and team from the audit store (everyone may read usage)."""
+        return self.audit.usage(since=since)
+
+    def run_update(self, run: str, **fields: Any) -> None:
+        """A kernel says how its scale-out run stands (ranks, state, attempt), for the panel."""
+        record = self.runs.setdefault(run, {"id": run, "ranks": {}, "started": time.time()})
+        record.update(fields)
+        while len(self.runs) > RUNS_KEPT:  # keep the latest runs' streams for replay, not every run forever
+            self.runs.pop(next(iter(self.runs)))
+
+    async def scale(self, n: int | None = None, minimum: int | None = None, maximum: int | None = None,
+                    user: str | None = None, token: str | None = None) -> dict:
+        """Grow or shrink the pool through its cluster manager, where the pool has one, for the users the
+        admin allows (Dask config ``jupyter-gpu.scale-users``; everyone when unset). Refusals are audited."""
+        denied = self._identity_error(user, token) or self._scale_refusal(user)
+        if denied:
+            self.audit.refused(None, user, None, {"scale": {"n": n, "minimum": minimum, "maximum": maximum}}, denied)
+            self.scheduler.log_event("jupyter-gpu-audit", {"action": "scale refused", "user": user, "reason": denied})
+            return {"error": denied}
+        if self.scaler is None:
+            return {"error": "this pool has no cluster manager to scale; add machines with "
+                             "`jupyter-gpu worker ADDRESS` instead"}
+        result = await self.scaler(n=n, minimum=minimum, maximum=maximum)
+        log.info("user %s scaled the pool: n=%s minimum=%s maximum=%s", user, n, minimum, maximum)
+        self.scheduler.log_event("jupyter-gpu-audit", {"action": "scale", "user": user, "n": n,
+                                                        "minimum": minimum, "maximum": maximum})
+        return result
+
+    def snapshot(self) -> Snapshot:
+        """The whole pool as the panel, ``%gpu status`` and ``jupyter-gpu status`` show it."""
+        pool = {"address": self.scheduler.address if self.scheduler else None, "embedded": self.embedded,
+                "scalable": self.scaler is not None, "scale_users": self.scale_users(),
+                "default_fraction": float(config.get("default-fraction"))}
+        return views.snapshot(self.ledger, self.samples, pool, self.runs.values(),
+                              "tokens" if self.tokens is not None else "names")
+
+    # ------------------------------------------------------------------ who may
+    @staticmethod
+    def scale_users() -> list[str] | None:
+        """Who may scale the pool (None: everyone), from Dask config ``jupyter-gpu.scale-users``."""
+        allowed = config.get("scale-users")
+        if allowed is None:
+            return None
+        return [str(u) for u in ([allowed] if isinstance(allowed, str) else allowed)]
+
+    def _scale_refusal(self, user: str | None) -> str | None:
+        allowed = self.scale_users()
+        if allowed is None or (user is not None and user in allowed):
+            return None
+        return (f"user {user!r} may not scale this pool: only {', '.join(allowed) or 'nobody'} may (Dask config "
+                "jupyter-gpu.scale-users on the scheduler). Ask one of them, or an administrator.")
+
+    def _identity_error(self, user: str | None, token: str | None) -> str | None:
+        """With a token file configured, the reason ``user``/``token`` is not accepted (None: accepted)."""
+        return self.tokens.check(user, token) if self.tokens is not None else None
+
+    # ------------------------------------------------------------------ scheduling
+    def _schedule(self) -> None:
+        """Grant, in policy order, every queued request that fits now; give the others their reason."""
+        for req, leases in self.ledger.schedule(self._preempt):
+            for lease in leases:
+                self.audit.lease_started(lease.public(), lease.preemptible)
+            self._spawn(self._start_sessions(req, leases))
+
+    def _preempt(self, lease_id: str, reason: str, req: Request | None = None) -> None:
+        """End a lease for a waiting request (an over-quota lease reclaimed for a guarantee, or an idle session
+        suspended for an interactive cell); its owner reads ``reason`` next cell."""
+        lease = self.leases.get(lease_id)
+        if lease is None:
+            return
+        log.info("taking lease %s of %s back: %s", lease_id, lease.user, reason)
+        self.audit.preempted(lease.public(), {"id": req.id, "user": req.user, "team": req.team} if req else {},
+                             reason)
+        lease.preempted = True
+        self._vacate(lease, reason, req)
+
+    def _vacate(self, lease: Lease, reason: str, req: Request | None = None) -> None:
+        """End ``lease`` now: an idle session first moves its variables to host memory (its owner's next cell
+        brings them back), anything else is ended at once."""
+        if lease.state == "idle" and lease.world_size == 1 and config.get("reclaim-offload"):
+            # the memory is booked for ``req`` now; its session starts once this one has written its variables
+            # to host memory and exited (``_start_sessions`` waits for that)
+            lease.offload = {"state": "pending"}  # a kernel asking now waits for the outcome
+            self._end_lease(lease, reason, kill=False)
+            task = asyncio.ensure_future(self._offload_then_end(lease))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            if req is not None:
+                self._drains.setdefault(req.id, []).append(task)
+            return
+        self._end_lease(lease, reason, kill=True)
+
+    async def _offload_then_end(self, lease: Lease) -> None:
+        """Move a reclaimed idle session's variables to host memory on its worker, then end its process."""
+        timeout = config.get_seconds("offload-timeout")
+        started = time.monotonic()
+        try:
+            reply = await asyncio.wait_for(
+                self.scheduler.rpc(lease.worker).gpu_session_offload(lease=lease.id, timeout=timeout), timeout + 5)
+        except Exception as exc:  # noqa: BLE001 - the worker is gone or too slow: the variables are lost
+            reply = {"error": f"{type(exc).__name__}: {exc}"}
+        if reply.get("error"):
+            log.warning("could not offload lease %s: %s", lease.id, reply["error"])
+            lease.offload = None
+            lease.end_reason = f"{lease.end_reason}; its variables could not be kept ({reply['error']})"
+        else:
+            # ``standby``: the session had copied its variables while idle, so moving it was a rename
+            lease.offload = {"state": "saved", "worker": lease.worker, "path": reply["path"],
+                             "saved": reply["saved"], "lost": reply["lost"], "bytes": reply["bytes"],
+                             "standby": bool(reply.get("standby")), "seconds": time.monotonic() - started}
+            lease.end_reason = (f"{lease.end_reason}; its {len(reply['saved'])} variable(s) were moved to host "
+                                "memory and come back with your next %%gpu cell")
+            log.info("lease %s offloaded %d variable(s), %d byte(s) in %.2f s%s", lease.id, len(reply["saved"]),
+                     reply["bytes"], lease.offload["seconds"], " (its standby copy)" if reply.get("standby") else "")
+            if lease.client is not None and lease.client not in self.scheduler.clients:
+                await self._discard_offload(lease)  # its kernel went away meanwhile: nobody will restore them
+        await self._kill_session(lease)
+
+    def _housekeeping(self) -> None:
+        """Once a second: the admin idle timeout, reservations that aged, and the audit heartbeat."""
+        self.audit.heartbeat()
+        now = time.time()
+        expired = self.policy.idle_expired(now)
+        for lease_id in expired:
+            lease = self.leases.get(lease_id)
+            if lease is not None and lease.state == "idle":
+                self._vacate(lease, f"released by the pool after {self.policy.quotas.idle_timeout:g} s idle "
+                                    "(the admin's idle timeout)")
+        if expired or self.queue:
+            self._schedule()
+
+    async def _start_sessions(self, req: Request, leases: list[Lease]) -> None:
+        # sessions reclaimed for this request must be gone from the GPU before its session starts there
+        drains = self._drains.pop(req.id, [])
+        if drains:
+            await asyncio.gather(*drains, return_exceptions=True)
+
+        async def start_one(lease: Lease) -> None:
+            restore = {"worker": req.restore["worker"], "path": req.restore["path"]} if (
+                req.restore and lease.rank == 0) else None
+            reply = await self.scheduler.rpc(lease.worker).gpu_session_start(
+                lease=lease.public(), scheduler=self.scheduler.address, restore=restore)
+            if reply.get("error"):
+                raise RuntimeError(reply["error"])
+            lease.address, lease.pid = reply["address"], reply["pid"]
+            lease.isolation = reply.get("isolation", "none")
+            if lease.state == "starting":
+                self.ledger.set_state(lease.id, "idle")
+            if restore:
+                req.restored = reply.get("restored")
+
+        try:
+            await asyncio.gather(*(start_one(ls) for ls in leases))
+        except Exception as exc:  # a worker failed to start a session: free everything, say why
+            log.warning("session start for %s failed: %s", req.id, exc)
+            for lease in leases:
+                if lease.id in self.leases:
+                    self._end_lease(lease, f"its session process failed to start: {exc}", kill=True)
+            self._finish_request(req, "failed", f"The GPU session could not be started on the pool: {exc}")
+            self._schedule()
+            return
+        if req.state == "starting":
+            self._finish_request(req, "granted", "")
+        else:  # cancelled while starting
+            for lease in leases:
+                if lease.id in self.leases:
+                    self._end_lease(lease, "its request was cancelled", kill=True)
+
+    def _finish_request(self, req: Request, state: str, reason: str) -> None:
+        self.ledger.finish_request(req, state, reason)
+        event = self._events.pop(req.id, None)
+        if event is not None:
+            event.set()
+        if state == "refused":
+            self.audit.refused(req.id, req.user, req.team, req.spec.__dict__, reason)
+        if state != "granted":
+            self.scheduler and self.scheduler.log_event(
+                "jupyter-gpu-refused" if state == "refused" else "jupyter-gpu-requests",
+                {"id": req.id, "user": req.user, "state": state, "reason": reason})
+
+    def _end_lease(self, lease: Lease, reason: str, kill: bool) -> None:
+        if self.ledger.end(lease.id, reason) is None:
+            return
+        self.audit.lease_ended(lease.id, lease.ended, reason, lease.peak_bytes)
+        log.info("lease %s of %s ended: %s", lease.id, lease.user, reason)
+        if kill and lease.worker in self.worker_gpus:
+            self._spawn(self._kill_session(lease))
+
+    async def _kill_session(self, lease: Lease) -> None:
+        try:
+            await self.scheduler.rpc(lease.worker).gpu_session_signal(lease=lease.id, signal="kill")
+        except Exception as exc:  # the worker may be gone already
+            log.debug("could not kill session of %s on %s: %s", lease.id, lease.worker, exc)
+
+    def _sample_virtual(self) -> None:
+        """Virtual GPUs have no counter: their utilization is the leased share of sessions running a cell."""
+        now = time.time()
+        for gpu in self.gpus.values():
+            if not gpu.virtual:
+                continue
+            running = sum(a.bytes for lid in gpu.leases if lid in self.leases
+                          for a in self.leases[lid].allocations
+                          if a.gpu == gpu.id and self.leases[lid].state == "running")
+            self.samples[gpu.id].append({"t": now, "utilization": round(100.0 * running / gpu.total_bytes, 1),
+                                         "memory_used_bytes": gpu.leased_bytes})
+
+    def _spawn(self, coro) -> None:  # noqa: ANN001
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+async def dask_setup(scheduler) -> None:  # noqa: ANN001
+    """``--preload jupyter_gpu.broker.plugin``: install the broker on this scheduler."""
+    if PLUGIN_NAME not in scheduler.plugins:
+        scheduler.add_plugin(GpuBroker())

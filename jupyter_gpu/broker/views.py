@@ -1,0 +1,122 @@
+"""What the broker shows: the pool snapshot, a request's status, a lease with its GPUs.
+
+Why apart from the plugin: these are pure functions of the ledger (and the samples the broker keeps), the
+one place that decides what the panel, ``%gpu status`` and ``jupyter-gpu status`` see. They build the
+``protocol`` shapes (``Snapshot``, ``RequestStatus``, ``LeaseView``) and nothing else.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from jupyter_gpu.broker.ledger import Ledger
+from jupyter_gpu.broker.model import GpuSlot, Lease, Request
+from jupyter_gpu.common.protocol import GpuView, LeaseView, ParkedView, QueueItem, RequestStatus, Sample, Snapshot
+
+SAMPLES_SHOWN = 60    # per GPU in a snapshot (the panel's sparklines)
+RUNS_SHOWN = 10       # the latest --workers runs
+RUN_POINTS_SHOWN = 300  # per rank of a run: the panel polls the snapshot every second
+
+
+def host_of(address: str) -> str:
+    from distributed.comm import get_address_host
+
+    try:
+        return get_address_host(address)
+    except Exception:
+        return address
+
+
+def lease_on_gpu(lease: Lease, gpu_id: str) -> LeaseView:
+    view = lease.public()
+    view["bytes_on_gpu"] = sum(a.bytes for a in lease.allocations if a.gpu == gpu_id)
+    return view
+
+
+def lease_with_gpus(lease: Lease, gpus: Mapping[str, GpuSlot]) -> LeaseView:
+    """A granted lease as its kernel gets it: with its GPUs' names and whether they are virtual."""
+    view = lease.public()
+    slots = [gpus[a.gpu] for a in lease.allocations if a.gpu in gpus]
+    view["gpu_names"] = [g.name for g in slots]
+    view["virtual"] = all(g.virtual for g in slots)
+    return view
+
+
+def parked(lease: Lease) -> ParkedView:
+    """A session whose variables wait in host memory (no file path: that stays with the workers)."""
+    offload = lease.offload or {}
+    return {"id": lease.id, "user": lease.user, "kernel": lease.kernel, "notebook": lease.notebook,
+            "cell": lease.cell, "state": offload.get("state"), "saved": offload.get("saved") or [],
+            "lost": [x.get("name") for x in offload.get("lost") or []], "bytes": offload.get("bytes"),
+            "standby": offload.get("standby"), "move_seconds": offload.get("seconds"),
+            "since": lease.ended, "reason": lease.end_reason}
+
+
+def request_status(ledger: Ledger, req: Request) -> RequestStatus:
+    status: RequestStatus = {"id": req.id, "state": req.state, "reason": req.reason, "eta": req.eta,
+                             "request": req.spec.describe()}
+    if req.state == "queued":
+        order = ledger.ordered_queue()
+        status["position"] = order.index(req) + 1 if req in order else None
+        status["queue_length"] = len(order)
+    if req.state == "granted":
+        status["leases"] = [lease_with_gpus(ledger.leases[lid], ledger.gpus) for lid in req.leases
+                            if lid in ledger.leases]
+        status["restored"] = req.restored
+    return status
+
+
+def quota_view(ledger: Ledger, identity: str) -> dict:
+    """Teams' guarantees, limits and GPUs held now, for ``%gpu status`` and the panel."""
+    policy = ledger.policy
+    if not policy.quotas.configured:
+        return {"configured": False, "teams": [], "users": [], "identity": identity}
+    teams = [{"team": t.name, "guarantee": t.guarantee, "limit": t.limit, "priority": t.priority,
+              "held": round(policy.held_team.get(t.name, 0.0), 4), "members": sorted(t.members)}
+             for t in policy.quotas.teams.values()]
+    quotas = policy.quotas
+    names = set(quotas.users) | {u for u, held in policy.held_user.items() if held > 0}
+    users = [{"user": u, "team": quotas.team_of(u), "limit": quotas.user_limit(u),
+              "priority": quotas.priority(u), "held": round(policy.held_user.get(u, 0.0), 4)}
+             for u in sorted(names)]
+    return {"configured": True, "default_team": quotas.default_team, "teams": teams, "users": users,
+            "identity": identity}
+
+
+def snapshot(ledger: Ledger, samples: Mapping[str, Iterable[Sample]], pool: dict[str, Any],
+             runs: Iterable[dict], identity: str) -> Snapshot:
+    """The whole pool as the panel, ``%gpu status`` and ``jupyter-gpu status`` show it."""
+    gpus: list[GpuView] = []
+    for gpu in sorted(ledger.gpus.values(), key=lambda g: (g.worker, g.index)):
+        kept = list(samples.get(gpu.id, ()))
+        last = kept[-1] if kept else {}
+        gpus.append({
+            "id": gpu.id, "worker": gpu.worker, "host": host_of(gpu.worker), "index": gpu.index,
+            "uuid": gpu.uuid, "name": gpu.name, "total_bytes": gpu.total_bytes,
+            "leased_bytes": gpu.leased_bytes, "virtual": gpu.virtual, "mig": gpu.mig,
+            "utilization": last.get("utilization"), "memory_used_bytes": last.get("memory_used_bytes"),
+            "samples": kept[-SAMPLES_SHOWN:],
+            "leases": [lease_on_gpu(ledger.leases[lid], gpu.id) for lid in sorted(gpu.leases)
+                       if lid in ledger.leases],
+        })
+    queue: list[QueueItem] = [
+        {"id": req.id, "user": req.user, "kernel": req.kernel, "notebook": req.notebook, "cell": req.cell,
+         "request": req.spec.describe(), "priority": req.spec.priority, "position": pos, "reason": req.reason,
+         "eta": req.eta, "since": req.submitted}
+        for pos, req in enumerate(ledger.ordered_queue(), start=1)]
+    return {
+        "time": time.time(),
+        "pool": {**pool, "workers": len(ledger.worker_gpus),
+                 "virtual": any(g.virtual for g in ledger.gpus.values())},
+        "gpus": gpus,
+        "queue": queue,
+        # sessions taken off their GPU whose variables wait in host memory for their owner's next cell
+        "in_host_memory": [parked(ls) for ls in ledger.ended.values()
+                           if (ls.offload or {}).get("state") in ("pending", "saved")],
+        "quotas": quota_view(ledger, identity),
+        # the latest runs, each rank's stream thinned to its last points: the panel polls this every second
+        "runs": [{**run, "ranks": {r: items[-RUN_POINTS_SHOWN:] for r, items in run.get("ranks", {}).items()}}
+                 for run in list(runs)[-RUNS_SHOWN:]],
+    }

@@ -1,0 +1,450 @@
+"""The wire protocol: every message that crosses a process boundary, and every handler table.
+
+Four kinds of process talk to each other (``docs/architecture.md``): the notebook kernel, the Dask scheduler
+with the broker, the Dask worker with the GPU plugin, and the session process where cells run. The JupyterLab
+server extension and the CLI read the pool like a kernel does. This module declares, in one place:
+
+- the environment variables that configure a kernel or a worker (the user contract, DESIGN section 2);
+- the value sets of states and options, as ``Literal`` types;
+- the request a ``%%gpu`` cell sends (``RequestSpec``, the one message with behaviour: it validates itself
+  with the error the notebook user reads, in the kernel before anything waits and again in the broker);
+- the shapes of the other messages as ``TypedDict``s (what a field holds is in its comment);
+- the handler tables of the three servers (``SCHEDULER_HANDLERS``, ``WORKER_HANDLERS``,
+  ``SESSION_HANDLERS``): each op, who may call it and what it does. Each server registers exactly these ops
+  (``broker/plugin.py``, ``worker/plugin.py``, ``session/server.py``), the tests pin them, and
+  ``docs/interfaces.md`` is generated from them (``python -m jupyter_gpu.common.protocol``).
+
+Nothing here imports Dask or any process's code, so every side can import it.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from typing import Any, Final, Literal, NamedTuple, TypedDict
+
+from jupyter_gpu.common.units import format_bytes
+
+# ---------------------------------------------------------------------- environment (the user contract)
+SCHEDULER_ENV: Final = "JUPYTER_GPU_SCHEDULER"   # the pool a kernel joins (else the embedded pool)
+USER_ENV: Final = "JUPYTER_GPU_USER"             # who a kernel acts for (else the login name)
+TOKEN_ENV: Final = "JUPYTER_GPU_TOKEN"           # that user's token, for pools with a token file
+VIRTUAL_ENV: Final = "JUPYTER_GPU_VIRTUAL_GPUS"  # e.g. 2x16GiB: virtual GPUs for machines without one
+DEVICES_ENV: Final = "JUPYTER_GPU_DEVICES"       # worker-internal: which of the machine's GPUs a worker owns
+
+# ---------------------------------------------------------------------- value sets
+Priority = Literal["interactive", "batch"]
+PRIORITIES: Final[tuple[Priority, ...]] = ("interactive", "batch")
+RequestState = Literal["queued", "starting", "granted", "refused", "cancelled", "failed", "unknown"]
+LeaseState = Literal["starting", "idle", "running", "ended"]
+Isolation = Literal["none", "torch-cap", "mps", "mig"]
+OffloadState = Literal["pending", "saved"]
+RunState = Literal["running", "done", "failed", "stopped"]
+Caller = Literal["kernel", "session", "worker", "broker", "anyone"]
+
+
+# ---------------------------------------------------------------------- the request of a %%gpu cell
+@dataclass
+class RequestSpec:
+    """What a cell asks for, as the magic sends it (``spec`` of ``gpu_request``).
+
+    Exactly one of ``fraction`` (of one GPU, 0 < f <= 1), ``memory`` (bytes on one GPU) or ``gpus`` (whole
+    GPUs on one worker, >= 1) is set. ``workers`` > 1 asks for that many such allocations, each on a
+    distinct GPU, granted together (a gang).
+    """
+
+    fraction: float | None = None
+    memory: int | None = None
+    gpus: int | None = None
+    workers: int = 1
+    priority: str = "interactive"
+
+    def validate(self) -> None:
+        """Raise ValueError, worded for the notebook user, for a spec that makes no sense."""
+        set_fields = [n for n in ("fraction", "memory", "gpus") if getattr(self, n) is not None]
+        if len(set_fields) != 1:
+            raise ValueError("ask for exactly one of a fraction (--gpus 0.5), whole GPUs (--gpus 2) or "
+                             "memory (--memory 8GiB)")
+        if self.fraction is not None and not (0 < self.fraction <= 1):
+            raise ValueError(f"a GPU fraction must be in (0, 1]; got {self.fraction}")
+        if self.memory is not None and self.memory <= 0:
+            raise ValueError(f"memory must be positive; got {self.memory}")
+        if self.gpus is not None and (self.gpus < 1 or int(self.gpus) != self.gpus):
+            raise ValueError(f"whole GPUs must be a whole number >= 1; got {self.gpus}")
+        if self.workers < 1:
+            raise ValueError(f"--workers must be >= 1; got {self.workers}")
+        if self.gpus is not None and self.gpus > 1 and self.workers > 1:
+            raise ValueError("--workers N runs one rank per GPU: use --gpus 1 (or a fraction) with --workers")
+        if self.priority not in PRIORITIES:
+            raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}; got {self.priority!r}")
+
+    def need_on(self, gpu: Any) -> int:
+        """Bytes this spec reserves on ``gpu`` (anything with ``total_bytes``) for one allocation (whole
+        GPUs reserve all of it)."""
+        if self.memory is not None:
+            return int(self.memory)
+        if self.gpus is not None:
+            return gpu.total_bytes
+        return int(math.ceil(float(self.fraction) * gpu.total_bytes))
+
+    def describe(self) -> str:
+        if self.memory is not None:
+            what = f"{format_bytes(self.memory)} of a GPU"
+        elif self.gpus is not None:
+            what = f"{self.gpus} whole GPU" + ("s" if self.gpus > 1 else "")
+        else:
+            what = f"{self.fraction:g} GPU"
+        return what if self.workers == 1 else f"{self.workers} x {what}"
+
+    def gpu_equivalents(self, gpu_bytes: int | None = None) -> float:
+        """How many GPUs this spec is worth (for quotas and accounting)."""
+        if self.gpus is not None:
+            per = float(self.gpus)
+        elif self.fraction is not None:
+            per = float(self.fraction)
+        else:
+            per = float(self.memory) / float(gpu_bytes) if gpu_bytes else 1.0
+        return per * self.workers
+
+
+# ---------------------------------------------------------------------- worker -> broker
+class GpuInfoMsg(TypedDict, total=False):
+    """One GPU a worker offers (``gpu_register_worker``'s ``gpus``; ``worker/inventory.py``'s ``GpuInfo``)."""
+
+    index: int                 # position on its worker: what a lease names
+    uuid: str                  # GPU-..., MIG-... or VGPU-...
+    name: str
+    total_bytes: int
+    virtual: bool
+    mig: bool
+    parent_uuid: str | None
+    nvml_index: int | None
+    extra: dict
+
+
+class Sample(TypedDict, total=False):
+    """One utilization sample of one GPU (NVML on a worker, or the broker's estimate for virtual GPUs)."""
+
+    t: float
+    utilization: float | None        # percent
+    memory_used_bytes: int | None
+
+
+# ---------------------------------------------------------------------- broker -> kernel, panel, CLI
+class OffloadView(TypedDict, total=False):
+    """Where an idle session's variables went when its lease was taken back (no file path: that stays
+    between the broker and the workers)."""
+
+    state: OffloadState
+    worker: str
+    saved: list[str]
+    lost: list[dict]                 # [{"name", "type", "why"}]
+    bytes: int
+    standby: bool                    # handed over from a standby copy (moving it was a rename)
+    seconds: float
+
+
+class LeaseView(TypedDict, total=False):
+    """A lease as the kernel, the CLI and the panel see it (``Lease.public()`` plus the policy's view)."""
+
+    id: str
+    request: str
+    user: str
+    kernel: str
+    worker: str
+    gpus: list[str]                  # GPU ids: "<worker>#<index>"
+    gpu_indices: list[int]
+    bytes: int
+    fraction: float
+    priority: Priority
+    notebook: str | None
+    cell: str | None
+    rank: int
+    world_size: int
+    started: float
+    state: LeaseState
+    isolation: Isolation
+    address: str | None              # the session's comm address
+    pid: int | None
+    cell_started: float | None
+    peak_bytes: int | None
+    end_reason: str | None
+    gpu_utilization: float | None
+    resident_bytes: int | None
+    preempted: bool
+    offload: OffloadView | None
+    team: str | None
+    preemptible: bool
+    bytes_on_gpu: int                # in a snapshot's GPU entry: the part of the lease on that GPU
+    gpu_names: list[str]             # in a granted request's status
+    virtual: bool                    # in a granted request's status
+
+
+class RequestStatus(TypedDict, total=False):
+    """What ``gpu_request`` and ``gpu_wait`` answer."""
+
+    id: str | None
+    state: RequestState
+    reason: str
+    eta: float | None                # estimated start (epoch seconds), "not before"
+    request: str                     # RequestSpec.describe()
+    position: int | None             # queued: place in the fair order
+    queue_length: int
+    leases: list[LeaseView]          # granted: one per rank, with gpu_names
+    restored: dict | None            # granted with ``restore``: {"restored": [names], "failed": [...]}
+
+
+class GpuView(TypedDict, total=False):
+    """One GPU in a snapshot."""
+
+    id: str
+    worker: str
+    host: str
+    index: int
+    uuid: str
+    name: str
+    total_bytes: int
+    leased_bytes: int
+    virtual: bool
+    mig: bool
+    utilization: float | None
+    memory_used_bytes: int | None
+    samples: list[Sample]
+    leases: list[LeaseView]
+
+
+class QueueItem(TypedDict, total=False):
+    """One waiting request in a snapshot, in the policy's order."""
+
+    id: str
+    user: str
+    kernel: str
+    notebook: str | None
+    cell: str | None
+    request: str
+    priority: Priority
+    position: int
+    reason: str                      # why it waits, always set
+    eta: float | None
+    since: float
+
+
+class ParkedView(TypedDict, total=False):
+    """A session taken off its GPU whose variables wait in host memory for its owner's next cell."""
+
+    id: str
+    user: str
+    kernel: str
+    notebook: str | None
+    cell: str | None
+    state: OffloadState
+    saved: list[str]
+    lost: list[str]
+    bytes: int | None
+    standby: bool | None
+    move_seconds: float | None
+    since: float | None
+    reason: str | None
+
+
+class PoolInfo(TypedDict, total=False):
+    address: str | None
+    embedded: bool
+    scalable: bool                   # the pool owns a cluster manager (%gpu scale works)
+    scale_users: list[str] | None    # who may scale (None: everyone)
+    workers: int
+    virtual: bool
+    default_fraction: float
+
+
+class Snapshot(TypedDict, total=False):
+    """``gpu_snapshot``: the whole pool as ``%gpu status``, ``jupyter-gpu status`` and the panel show it."""
+
+    time: float
+    pool: PoolInfo
+    gpus: list[GpuView]
+    queue: list[QueueItem]
+    in_host_memory: list[ParkedView]
+    quotas: dict                     # {"configured", "teams", "users", "identity", "default_team"}
+    runs: list[dict]                 # the latest --workers runs: {"id", "ranks": {rank: [metrics]}, ...}
+
+
+# ---------------------------------------------------------------------- kernel <-> session
+class CellPayload(TypedDict, total=False):
+    """The ``execute`` call of a session (its keyword arguments): one cell to run."""
+
+    code: str
+    inputs: dict                     # name -> Serialized (Dask frames; modules as ModuleRef)
+    outputs: list[str]               # names to send back (plain data comes back, the rest stays remote)
+    exact_outputs: bool              # --out given: bring back exactly these, whatever they are
+    cell_name: str                   # "<%%gpu cell In[n]>": the file name of the cell's code
+    label: str | None                # for the panel and the queue
+    max_bytes: int                   # larger values stay remote
+    cwd: str | None                  # the kernel's working directory
+    dist: dict | None                # --workers: rank, world_size, master_addr/port, run, attempt, ...
+    checkpoint_dir: str | None       # where jupyter_gpu.checkpoint() writes for this cell
+
+
+class StreamMsg(TypedDict):
+    op: Literal["stream"]
+    name: Literal["stdout", "stderr"]
+    text: str
+
+
+class DisplayMsg(TypedDict, total=False):
+    op: Literal["display"]
+    data: dict
+    metadata: dict
+    transient: dict
+    update: bool
+
+
+class ClearMsg(TypedDict):
+    op: Literal["clear"]
+    wait: bool
+
+
+class MetricsMsg(TypedDict):
+    """``jupyter_gpu.report(step=..., **metrics)`` inside a cell."""
+
+    op: Literal["metrics"]
+    rank: int
+    step: int | None
+    time: float
+    metrics: dict
+
+
+OutputMsg = StreamMsg | DisplayMsg | ClearMsg | MetricsMsg
+
+
+class ErrorPayload(TypedDict, total=False):
+    """A remote exception (``session/tracebacks.py``), rebuilt in the kernel."""
+
+    type: str                        # module.qualname
+    message: str
+    pickled: bytes | None
+    traceback: dict | None           # tblib
+    text: str
+    cell: str | None
+
+
+class ExecuteReply(TypedDict, total=False):
+    """The final message of ``execute``."""
+
+    status: Literal["ok", "error", "retired"]
+    elapsed: float
+    finished: float
+    peak_bytes: int | None
+    gpu_utilization: float | None
+    execution_count: int
+    error: ErrorPayload
+    outputs: dict                    # name -> {"kind": "value", "data"} | {"kind": "remote", ...}
+    result: dict | None              # the last expression: {"bundle", "value"}
+
+
+# ---------------------------------------------------------------------- handler tables
+class Op(NamedTuple):
+    """One handler: who may call it, its arguments and reply, and what it is for."""
+
+    caller: Caller
+    arguments: str
+    returns: str
+    doc: str
+
+
+SCHEDULER_HANDLERS: Final[dict[str, Op]] = {
+    "gpu_register_worker": Op("worker", "worker, gpus: list[GpuInfoMsg]", "{gpus: [GPU id]}",
+                              "a worker's GPU plugin offers its GPUs (replacing any earlier offer)"),
+    "gpu_samples": Op("worker", "worker, samples: {index: Sample}", "-",
+                      "NVML utilization samples from a worker's sampling thread"),
+    "gpu_session_ended": Op("worker", "lease, reason", "-",
+                            "the worker saw a session process exit (crash, OOM kill, exit)"),
+    "gpu_lease_state": Op("session", "lease, state, cell?, peak_bytes?, gpu_utilization?, resident_bytes?", "-",
+                          "a session's cell started (running) or ended (idle, with its peak and what it holds)"),
+    "gpu_run_metrics": Op("session", "run, rank, items: [metrics]", "-",
+                          "a --workers rank's jupyter_gpu.report() metrics, batched, for the panel"),
+    "gpu_request": Op("kernel", "user, kernel, spec: RequestSpec, client?, notebook?, cell?, token?, restore?",
+                      "RequestStatus", "queue a request for GPU memory; granted at once if it fits, refused "
+                      "at once if it never can"),
+    "gpu_wait": Op("kernel", "id, timeout", "RequestStatus",
+                   "long-poll a request until it leaves queued/starting, or the timeout"),
+    "gpu_cancel": Op("kernel", "id, user, token?", "{cancelled: bool, what: str}",
+                     "cancel my queued request, or end my lease (its session is killed)"),
+    "gpu_release": Op("kernel", "lease, user, reason?, token?", "{released: bool, error?}",
+                      "end my lease now (%gpu release, --fresh cells, --workers runs)"),
+    "gpu_lease_info": Op("kernel", "lease", "LeaseView",
+                         "a lease, live or ended (with why it ended and where its variables went)"),
+    "gpu_run_update": Op("kernel", "run, ...fields", "-",
+                         "how a --workers run stands (ranks, state, attempt), for the panel"),
+    "gpu_scale": Op("kernel", "n | minimum, maximum, user, token?", "{workers, adaptive} | {error}",
+                    "grow or shrink a pool that owns a cluster manager (jupyter-gpu.scale-users may)"),
+    "gpu_snapshot": Op("anyone", "-", "Snapshot", "the whole pool: GPUs, leases, queue, quotas, runs"),
+    "gpu_usage": Op("anyone", "since", "usage", "GPU-hours per user and team from the audit store"),
+}
+
+WORKER_HANDLERS: Final[dict[str, Op]] = {
+    "gpu_session_start": Op("broker", "lease: LeaseView, scheduler, restore?: {worker, path}",
+                            "{address, pid, isolation, restored} | {error}",
+                            "give a (pre-warmed) session process the lease: pinned, capped, restored"),
+    "gpu_session_signal": Op("broker", 'lease, signal: "interrupt" | "kill"', "{ok}",
+                             "interrupt or kill a lease's session"),
+    "gpu_session_offload": Op("broker", "lease, timeout", "{path, saved, lost, bytes, standby?} | {error}",
+                              "move a session's variables to host memory (its lease is being taken back)"),
+    "gpu_offload_fetch": Op("worker", "path", "{data: bytes} | {error}",
+                            "hand an offloaded namespace to the worker where its owner's next session starts"),
+    "gpu_offload_discard": Op("broker", "path", "{ok}", "forget an offloaded namespace nobody will restore"),
+    "gpu_inventory": Op("anyone", "-", "[GpuInfoMsg]", "the GPUs this worker owns"),
+}
+
+SESSION_HANDLERS: Final[dict[str, Op]] = {
+    "assign": Op("worker", "lease, gpus, scheduler?, env?, standby?: {path, after}", "{isolation, pid} | {error}",
+                 "take a lease: pin the GPU, cap memory, start measuring"),
+    "execute": Op("kernel", "CellPayload (streams OutputMsg batches)", "ExecuteReply",
+                  "run one cell in the session's namespace, streaming its output"),
+    "interrupt": Op("kernel", "-", "{interrupted: bool}", "SIGINT to the running cell"),
+    "pull": Op("kernel", "name", "{data} | {error}", "a copy of one variable (moved to CPU)"),
+    "ping": Op("kernel", "-", "{pid, busy, lease}", "is the session alive, and busy"),
+    "free_port": Op("kernel", "-", "{host, port}", "a free port on this host for a --workers rendezvous"),
+    "offload": Op("worker", "path", "{path, saved, lost, bytes}",
+                  "write the variables to host memory; the session runs no more cells"),
+    "restore": Op("worker", "path", "{restored: [names], failed: [...]}",
+                  "load an earlier session's offloaded variables into this one"),
+}
+
+SCHEDULER_OPS: Final = frozenset(SCHEDULER_HANDLERS)
+WORKER_OPS: Final = frozenset(WORKER_HANDLERS)
+SESSION_OPS: Final = frozenset(SESSION_HANDLERS)
+
+
+def handler_tables_markdown() -> str:
+    """The three handler tables as Markdown (the generated part of ``docs/interfaces.md``)."""
+    out = []
+    for title, table in (("Scheduler handlers (the broker, `broker/plugin.py`)", SCHEDULER_HANDLERS),
+                         ("Worker handlers (the GPU worker plugin, `worker/plugin.py`)", WORKER_HANDLERS),
+                         ("Session handlers (the session process, `session/server.py`)", SESSION_HANDLERS)):
+        out += [f"### {title}", "", "| handler | caller | arguments | returns | what it does |",
+                "| --- | --- | --- | --- | --- |"]
+        for name, op in sorted(table.items()):
+            out.append(f"| `{name}` | {op.caller} | {op.arguments} | {op.returns} | {op.doc} |")
+        out.append("")
+    return "\n".join(out)
+
+
+GENERATED_BEGIN: Final = "<!-- BEGIN GENERATED: python -m jupyter_gpu.common.protocol -->"
+GENERATED_END: Final = "<!-- END GENERATED -->"
+
+
+def render_interfaces(doc: str) -> str:
+    """``doc`` (docs/interfaces.md) with its generated section replaced by the current tables."""
+    head, _, rest = doc.partition(GENERATED_BEGIN)
+    _, _, tail = rest.partition(GENERATED_END)
+    return f"{head}{GENERATED_BEGIN}\n\n{handler_tables_markdown()}\n{GENERATED_END}{tail}"
+
+
+if __name__ == "__main__":  # regenerate docs/interfaces.md's tables in place
+    path = sys.argv[1] if len(sys.argv) > 1 else "docs/interfaces.md"
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write(render_interfaces(text))

@@ -1,0 +1,105 @@
+"""How kernels, the panel and the CLI find the pool they share.
+
+``JUPYTER_GPU_SCHEDULER`` names a pool explicitly. Otherwise each user on a machine has one embedded pool,
+advertised by a small JSON file in the Jupyter runtime directory, so every kernel and the panel of that user
+join the same pool and really contend for the same GPUs.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import socket
+from dataclasses import dataclass
+
+from jupyter_core.paths import jupyter_runtime_dir
+
+from jupyter_gpu.common.protocol import SCHEDULER_ENV, USER_ENV
+
+
+def user_name() -> str:
+    """Who this process acts for: ``JUPYTER_GPU_USER`` or the login name."""
+    return os.environ.get(USER_ENV) or getpass.getuser()
+
+
+def runtime_file(user: str | None = None) -> str:
+    """The embedded pool's advertisement file for ``user`` (the JUPYTER_RUNTIME_DIR is honoured)."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in (user or user_name()))
+    return os.path.join(jupyter_runtime_dir(), f"jupyter-gpu-pool-{safe}.json")
+
+
+@dataclass
+class PoolRecord:
+    address: str
+    pid: int
+    started: float
+    keep: bool = False
+    log: str | None = None
+
+
+def read_record(path: str | None = None) -> PoolRecord | None:
+    path = path or runtime_file()
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        return PoolRecord(**{k: data[k] for k in ("address", "pid", "started") if k in data},
+                          keep=bool(data.get("keep")), log=data.get("log"))
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def write_record(record: PoolRecord, path: str | None = None) -> None:
+    path = path or runtime_file()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(record.__dict__, f)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a child of ours that exited is reaped, not mistaken for alive)."""
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def address_reachable(address: str, timeout: float = 1.0) -> bool:
+    """A TCP connect to the scheduler's port: cheap and needs no event loop."""
+    from distributed.comm import parse_address, parse_host_port
+
+    try:
+        _, loc = parse_address(address)
+        host, port = parse_host_port(loc)
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def live_embedded_pool(path: str | None = None) -> PoolRecord | None:
+    """The advertised embedded pool if its process is alive and its scheduler answers."""
+    record = read_record(path)
+    if record and pid_alive(record.pid) and address_reachable(record.address):
+        return record
+    return None
+
+
+def pool_address() -> str | None:
+    """The pool to use: ``JUPYTER_GPU_SCHEDULER``, else this user's live embedded pool, else None."""
+    explicit = os.environ.get(SCHEDULER_ENV)
+    if explicit:
+        return explicit
+    record = live_embedded_pool()
+    return record.address if record else None

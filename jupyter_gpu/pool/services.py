@@ -1,0 +1,77 @@
+"""Long-running pool services for a pool that spans machines: the scheduler with the broker, and GPU workers.
+
+``jupyter-gpu pool up`` runs the scheduler (Dask ``Scheduler`` with the broker preloaded);
+``jupyter-gpu worker ADDRESS`` runs one Nanny-managed Dask worker per local GPU, each with the GPU worker
+plugin, so that a lost GPU process is restarted and reported like any Dask worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import TYPE_CHECKING
+
+from jupyter_gpu.common.protocol import DEVICES_ENV, VIRTUAL_ENV
+from jupyter_gpu.common.security import check_address, describe, listen_scheme, pool_security, require_certificate
+from jupyter_gpu.worker.inventory import discover
+
+if TYPE_CHECKING:
+    from distributed.security import Security
+
+log = logging.getLogger(__name__)
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def run_scheduler(host: str, port: int, security: Security | None = None) -> None:
+    """The pool's scheduler with the broker; runs until SIGTERM/SIGINT.
+
+    ``security``: TLS of the ``scheduler`` role (default: Dask config, see ``jupyter_gpu.common.security``); when
+    TLS is configured the scheduler listens on ``tls://`` and accepts only peers with the pool's certificates.
+    """
+    from distributed import Scheduler
+
+    sec = security or pool_security(roles=("scheduler",))
+    protocol = listen_scheme("scheduler", sec)
+    if protocol == "tls":
+        require_certificate(sec, "scheduler", "The pool's scheduler is to listen on TLS")
+    async with Scheduler(host=host, port=port, protocol=protocol, security=sec, dashboard=False,
+                         preload=["jupyter_gpu.broker.plugin"]) as scheduler:
+        print(f"jupyter-gpu pool scheduler at {scheduler.address}", flush=True)
+        print(f"  {describe(sec, 'scheduler')}", flush=True)
+        print(f"  join GPU machines with:  jupyter-gpu worker {scheduler.address}", flush=True)
+        print(f"  use it from notebooks:   %gpu connect {scheduler.address}", flush=True)
+        await _until_signalled()
+
+
+async def run_workers(address: str, host: str | None, virtual: str | None,
+                      security: Security | None = None) -> None:
+    """One Nanny-managed worker per GPU of this machine; runs until SIGTERM/SIGINT.
+
+    ``security``: TLS of the ``worker`` role (default: Dask config). The workers listen with the scheme of
+    ``address`` and hand their TLS settings on to their session processes (see the worker plugin).
+    """
+    from distributed import Nanny
+
+    sec = security or pool_security(roles=("worker",))
+    check_address(address, "worker", sec)
+    gpus = discover(virtual)
+    env = {VIRTUAL_ENV: virtual} if virtual else {}
+    nannies = [Nanny(address, nthreads=1, host=host, name=f"{gpu.name}-{gpu.uuid[-8:]}",
+                     env={**env, DEVICES_ENV: str(gpu.index)}, dashboard=False, security=sec,
+                     preload=["jupyter_gpu.worker.plugin"]) for gpu in gpus]
+    await asyncio.gather(*(n.start() for n in nannies))
+    print(f"jupyter-gpu: {len(nannies)} GPU worker(s) joined {address}: "
+          + ", ".join(g.name for g in gpus), flush=True)
+    print(f"  {describe(sec, 'worker')}", flush=True)
+    try:
+        await _until_signalled()
+    finally:
+        await asyncio.gather(*(n.close() for n in nannies), return_exceptions=True)

@@ -1,0 +1,122 @@
+"""Functions a ``%%gpu`` cell calls to learn where it runs and to stream its progress.
+
+They work in any process: inside a session they read what the session was assigned; in a plain kernel
+they describe the local process (rank 0 of 1, ``cpu`` or ``cuda``), so code written for ``%%gpu`` cells
+also runs unchanged without them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable
+
+# Filled in by the session process when it is assigned a lease (jupyter_gpu.session.server).
+_state: dict[str, Any] = {
+    "rank": None, "world_size": None, "device": None, "lease": None,
+    "emit": None,            # Callable[[dict], None]: sends a message to the running cell's kernel
+    "checkpoint_dir": None,  # pool storage for checkpoint()/restore()
+    "run_sink": None,        # Callable[[dict], None]: a scale-out run's metrics, batched to the broker
+    "attempt": 0,            # 0 for a first run, n for the n-th resume after a lost worker
+    "run": None,
+}
+
+
+def rank() -> int:
+    """This process's rank in a ``%%gpu --workers N`` run (0 in a single-GPU cell)."""
+    value = _state["rank"]
+    return int(value if value is not None else os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    """How many ranks run this cell (1 in a single-GPU cell)."""
+    value = _state["world_size"]
+    return int(value if value is not None else os.environ.get("WORLD_SIZE", 1))
+
+
+def device() -> Any:
+    """The ``torch.device`` this session should use: its pinned GPU, or ``cpu`` on a virtual GPU."""
+    import torch
+
+    name = _state["device"]
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def report(step: int | None = None, **metrics: Any) -> None:
+    """Stream metrics (``step=``, ``loss=``, ...) to the cell's progress display and the panel.
+
+    Never blocks training: the message is queued and sent by the session's I/O thread.
+    """
+    emit: Callable[[dict], None] | None = _state["emit"]
+    values = {k: _plain(v) for k, v in metrics.items()}
+    msg = {"op": "metrics", "rank": rank(), "step": step, "time": time.time(), "metrics": values}
+    if emit is not None:
+        emit(msg)
+    sink = _state["run_sink"]
+    if sink is not None:
+        sink(msg)
+
+
+def _plain(value: Any) -> Any:
+    """Tensors and NumPy scalars to Python numbers so that metrics cross msgpack cheaply."""
+    if hasattr(value, "item") and callable(value.item):
+        try:
+            return value.item()
+        except Exception:
+            return repr(value)
+    if isinstance(value, (int, float, str, bool)) or value is None:
+        return value
+    return repr(value)
+
+
+def checkpoint(state: Any, name: str = "checkpoint") -> str:
+    """Persist ``state`` (e.g. model and optimizer ``state_dict``s and the step) to pool storage.
+
+    Only rank 0 writes; the path is returned. ``restore()`` reads it back after a resume.
+    """
+    import torch
+
+    directory = _checkpoint_dir()
+    path = os.path.join(directory, f"{name}.pt")
+    if rank() == 0:
+        tmp = path + ".tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # atomic: a crash mid-save never leaves a torn checkpoint
+    return path
+
+
+def restore(name: str = "checkpoint", default: Any = None) -> Any:
+    """The last ``checkpoint()`` of this run, or ``default`` if there is none yet.
+
+    In a ``--workers`` run every rank must call it: rank 0 reads the checkpoint and broadcasts it, so that
+    all ranks resume from the same step even if rank 0 checkpoints again before a slower rank gets here.
+    """
+    import torch
+
+    distributed = world_size() > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+    state = default
+    if rank() == 0:
+        path = os.path.join(_checkpoint_dir(), f"{name}.pt")
+        if os.path.exists(path):
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            if _state["attempt"]:
+                step = state.get("step") if isinstance(state, dict) else None
+                note = f"resumed from step {step}" if step is not None else "resumed from the last checkpoint"
+                print(f"[jupyter-gpu] {note} (attempt {_state['attempt'] + 1})", flush=True)
+    if distributed:
+        box = [state]
+        torch.distributed.broadcast_object_list(box, src=0)
+        state = box[0]
+    return state
+
+
+def _checkpoint_dir() -> str:
+    directory = _state["checkpoint_dir"] or os.environ.get("JUPYTER_GPU_CHECKPOINT_DIR")
+    if not directory:
+        import tempfile
+
+        directory = os.path.join(tempfile.gettempdir(), "jupyter-gpu-checkpoints", "local")
+    os.makedirs(directory, exist_ok=True)
+    return directory

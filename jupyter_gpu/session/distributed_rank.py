@@ -1,0 +1,133 @@
+"""One rank of a ``%%gpu --workers N`` run, inside its session process.
+
+Before the cell: the torch.distributed environment (MASTER_ADDR/PORT, RANK, LOCAL_RANK, WORLD_SIZE), the
+process group (nccl on real GPUs, gloo on CPU and virtual GPUs) with a start-up time limit, and the cell's
+inputs, which the kernel sends to rank 0 only and rank 0 broadcasts to the others. During the cell:
+``jupyter_gpu.report`` metrics are batched to the broker, which keeps the run's stream for the panel.
+After the cell, whatever happened: the process group is destroyed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from jupyter_gpu.session import api as session_api
+from jupyter_gpu.session.scheduler_link import SchedulerLink
+
+log = logging.getLogger(__name__)
+
+
+class DistributedRun:
+    """Sets up and tears down one rank; see the module docstring."""
+
+    def __init__(self, dist: dict, gpus: list[dict], link: SchedulerLink):
+        self.dist, self.gpus, self.link = dist, gpus, link
+        self.rank, self.world_size = int(dist["rank"]), int(dist["world_size"])
+        self._buffer: list[dict] = []
+        self._lock = threading.Lock()
+        self._flusher: Any = None
+        self._group = False
+
+    def start(self, inputs: dict) -> dict:
+        import torch
+        import torch.distributed as torch_dist
+
+        d = self.dist
+        virtual = all(g.get("virtual") for g in self.gpus) if self.gpus else True
+        backend = "nccl" if (not virtual and torch.cuda.is_available()) else "gloo"
+        os.environ.update({"MASTER_ADDR": d["master_addr"], "MASTER_PORT": str(d["master_port"]),
+                           "RANK": str(self.rank), "WORLD_SIZE": str(self.world_size),
+                           "LOCAL_RANK": "0",  # each rank sees only its own GPU, as device 0
+                           "JUPYTER_GPU_CHECKPOINT_DIR": d.get("checkpoint_dir") or ""})
+        if backend == "nccl":
+            torch.cuda.set_device(0)
+        timeout = float(d.get("startup_timeout", 60))
+        started = time.monotonic()
+        try:
+            torch_dist.init_process_group(backend, init_method=f"tcp://{d['master_addr']}:{d['master_port']}",
+                                          rank=self.rank, world_size=self.world_size,
+                                          timeout=datetime.timedelta(seconds=timeout))
+        except Exception as exc:
+            raise RuntimeError(
+                f"rank {self.rank} could not join the process group ({backend}, {d['master_addr']}:"
+                f"{d['master_port']}) within {timeout:.0f} s: {type(exc).__name__}: {exc}") from None
+        self._group = True
+        log.info("rank %d/%d joined %s in %.2f s", self.rank, self.world_size, backend,
+                 time.monotonic() - started)
+        session_api._state.update({"rank": self.rank, "world_size": self.world_size,
+                                   "attempt": int(d.get("attempt", 0)),
+                                   "run": d.get("run"), "run_sink": self._collect})
+        self._flusher = asyncio.run_coroutine_threadsafe(self._flush_forever(), self.link.loop)
+        return self._broadcast(inputs)
+
+    def _broadcast(self, inputs: dict) -> dict:
+        """Rank 0 holds the inputs as the kernel serialized them; every other rank gets the same bytes."""
+        import torch.distributed as torch_dist
+        from distributed.protocol.serialize import Serialized
+
+        packed = [{name: (item.header, [bytes(f) for f in item.frames]) for name, item in inputs.items()}
+                  if self.rank == 0 else None]
+        torch_dist.broadcast_object_list(packed, src=0)
+        return {name: Serialized(header, frames) for name, (header, frames) in packed[0].items()}
+
+    def _collect(self, msg: dict) -> None:
+        with self._lock:
+            self._buffer.append({k: msg.get(k) for k in ("step", "time", "metrics")})
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            await self._flush()
+
+    async def _flush(self) -> None:
+        with self._lock:
+            items, self._buffer = self._buffer, []
+        if not items or not self.link.address:
+            return
+        try:
+            await self.link.call("gpu_run_metrics", run=self.dist.get("run"), rank=self.rank, items=items)
+        except Exception as exc:  # the panel misses a beat; training never waits for it
+            log.debug("could not send metrics: %s", exc)
+
+    def _arrive_and_wait(self, timeout: float) -> None:
+        """Count this rank in at the rendezvous store and wait (bounded) for the others. The store is not
+        the process group's transport, so this never interferes with a collective a peer is finishing."""
+        try:
+            from torch.distributed import distributed_c10d
+
+            store = distributed_c10d._get_default_store()
+            key = f"jupyter-gpu/teardown/{self.dist.get('run')}/{self.dist.get('attempt', 0)}"
+            store.add(key, 1)
+            deadline = time.monotonic() + timeout
+            while store.add(key, 0) < self.world_size and time.monotonic() < deadline:
+                time.sleep(0.02)
+        except Exception as exc:  # a peer failed or the store is gone: nothing to wait for
+            log.debug("teardown rendezvous: %s", exc)
+
+    def stop(self, clean: bool = False) -> None:
+        """Tear down. After a cell that succeeded on this rank, first wait (bounded) for every rank to get
+        here: a rank that left its last collective early and closed its connections would make a peer still
+        finishing that collective fail with "connection closed by peer"."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+            try:
+                asyncio.run_coroutine_threadsafe(self._flush(), self.link.loop).result(5)
+            except Exception:
+                pass
+        session_api._state.update({"run_sink": None, "attempt": 0, "run": None})
+        if self._group:
+            import torch.distributed as torch_dist
+
+            if clean:
+                self._arrive_and_wait(timeout=30.0)
+            try:
+                torch_dist.destroy_process_group()
+            except Exception as exc:
+                log.debug("destroy_process_group: %s", exc)
+            self._group = False

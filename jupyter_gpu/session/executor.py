@@ -1,0 +1,279 @@
+"""The session's main thread: the user's namespace, and the work the kernel sends to it.
+
+User code runs here, in the main thread, so that SIGINT (the kernel's interrupt) raises KeyboardInterrupt
+in the running cell. The I/O thread (``server.py``) only queues ``Job``s; this thread runs them one at a
+time: assign a lease, execute a cell, pull a variable, offload or restore the variables. While it has
+nothing to do and has been idle long enough it writes its standby copy (``standby.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import os
+import queue
+import time
+from typing import Any
+
+from jupyter_gpu.session.memory_meter import CellMemoryMeter
+from jupyter_gpu.session.output import Relay
+from jupyter_gpu.session.scheduler_link import SchedulerLink
+from jupyter_gpu.session.standby import StandbyCopy
+from jupyter_gpu.session.tracebacks import error_payload, pool_error
+
+log = logging.getLogger("jupyter_gpu.session")
+
+
+class Job:
+    """Work for the main thread; ``reply`` is resolved on the I/O loop, ``messages`` stream meanwhile."""
+
+    def __init__(self, kind: str, loop: asyncio.AbstractEventLoop, **kwargs: Any):
+        self.kind, self.loop, self.kwargs = kind, loop, kwargs
+        self.reply: asyncio.Future = loop.create_future()
+        self.messages: asyncio.Queue = asyncio.Queue()
+
+    def emit(self, msg: dict) -> None:
+        self.loop.call_soon_threadsafe(self.messages.put_nowait, msg)
+
+    def finish(self, value: Any) -> None:
+        def _set() -> None:
+            if not self.reply.done():
+                self.reply.set_result(value)
+        self.loop.call_soon_threadsafe(_set)
+
+
+class Executor:
+    """Runs the session's jobs in the main thread; see the module docstring."""
+
+    def __init__(self, relay: Relay, capture: Any, shell: Any, link: SchedulerLink):
+        self.relay, self.capture, self.shell, self.link = relay, capture, shell, link
+        self.jobs: queue.Queue[Job] = queue.Queue()
+        self.lease: dict | None = None
+        self.gpus: list[dict] = []
+        self.isolation = "none"
+        self.meter: CellMemoryMeter | None = None  # set when a lease is assigned
+        self.busy = False
+        self.retired = False  # its variables were offloaded: it runs no more cells
+        self.standby = StandbyCopy(None, None)  # its variables' copy in host memory while idle (standby.py)
+        self._after_reply: dict | None = None
+
+    # ------------------------------------------------------------------ the loop
+    def run_forever(self) -> None:
+        while True:
+            due = self.standby.due_in() if not self.retired else None
+            try:
+                job = self.jobs.get() if due is None else self.jobs.get(timeout=due)
+            except queue.Empty:  # idle long enough: write the standby copy while nobody waits
+                self._take_standby_copy()
+                continue
+            except KeyboardInterrupt:  # an interrupt that arrived just after a cell ended
+                continue
+            try:
+                result = getattr(self, f"do_{job.kind}")(job, **job.kwargs)
+            except KeyboardInterrupt:
+                result = {"status": "error", "error": error_payload(KeyboardInterrupt(), None)}
+            except BaseException as exc:  # never let a job kill the session silently
+                log.exception("session job %s failed", job.kind)
+                result = {"status": "error", "error": error_payload(exc, None)}
+            finally:
+                self.busy = False
+                self.relay.end()
+            job.finish(result)
+            self.standby.idle()
+            after, self._after_reply = self._after_reply, None
+            if after:
+                self.link.tell_lease_state(**after)
+
+    def _work_waiting(self) -> bool:
+        """Whether a job other than an offload is queued: a standby copy then stops for it (an offload
+        instead waits for the copy, which it hands over)."""
+        with self.jobs.mutex:
+            return any(job.kind != "offload" for job in self.jobs.queue)
+
+    def _take_standby_copy(self) -> None:
+        expected = self.meter.resident() if self.meter is not None else None
+        try:
+            self.standby.take(self.shell.user_ns, self.shell.user_ns_hidden, expected, self._work_waiting)
+        except KeyboardInterrupt:  # an interrupt meant for a cell that had just ended
+            pass
+
+    # ------------------------------------------------------------------ jobs
+    def do_assign(self, job: Job, lease: dict, gpus: list[dict], scheduler: str | None, env: dict,
+                  standby: dict | None = None) -> dict:
+        from jupyter_gpu.session import api as session_api
+        from jupyter_gpu.session.isolation import apply_memory_cap, pin_environment
+
+        if self.lease is not None:
+            return {"error": f"this session already holds lease {self.lease['id']}"}
+        os.environ.update(pin_environment(lease, gpus))
+        os.environ.update(env)
+        self.lease, self.gpus = lease, gpus
+        self.link.bind(scheduler, lease["id"])
+        self.isolation = apply_memory_cap(lease, gpus)
+        if standby:
+            self.standby = StandbyCopy(standby.get("path"), standby.get("after"))
+        virtual = all(g.get("virtual") for g in gpus)
+        # measured from here: what the session holds before its first cell is not the user's data
+        self.meter = CellMemoryMeter(virtual, [g["uuid"] for g in gpus if not g.get("virtual")])
+        session_api._state.update({
+            "rank": lease.get("rank", 0), "world_size": lease.get("world_size", 1),
+            "device": "cpu" if virtual else "cuda:0", "lease": lease["id"],
+            "emit": self.relay.emit,
+        })
+        log.info("session %d assigned lease %s on %s (isolation %s)", os.getpid(), lease["id"],
+                 [g["uuid"] for g in gpus], self.isolation)
+        return {"isolation": self.isolation, "pid": os.getpid()}
+
+    def do_execute(self, job: Job, code: str, inputs: dict, outputs: list[str], exact_outputs: bool,
+                   cell_name: str, label: str | None, max_bytes: int, cwd: str | None,
+                   dist: dict | None = None, checkpoint_dir: str | None = None) -> dict:
+        from jupyter_gpu.session import api as session_api
+
+        started = time.time()
+        if self.retired:
+            return {"status": "retired"}
+        if cwd and cwd != os.getcwd() and os.path.isdir(cwd):
+            os.chdir(cwd)  # same machine as the kernel: relative paths mean what they mean in the notebook
+        # checkpoint()/restore() of this cell: per user, kernel and cell, so no other run's state is restored
+        session_api._state["checkpoint_dir"] = checkpoint_dir
+        self.standby.changed()  # the copy is of the namespace before this cell: stale from here on
+        self.relay.begin(job.emit)
+        self.busy = True
+        if dist is None:
+            return self._execute(code, inputs, outputs, exact_outputs, cell_name, label, max_bytes, started)
+        from jupyter_gpu.session.distributed_rank import DistributedRun
+
+        run = DistributedRun(dist, self.gpus, self.link)
+        try:
+            inputs = run.start(inputs)
+        except Exception as exc:
+            run.stop()
+            return {"status": "error", "error": pool_error(str(exc))}
+        reply: dict | None = None
+        try:
+            reply = self._execute(code, inputs, outputs, exact_outputs, cell_name, label, max_bytes, started)
+            return reply
+        finally:  # the process group is torn down whatever happened in the cell
+            run.stop(clean=reply is not None and reply.get("status") == "ok")
+
+    def _execute(self, code: str, inputs: dict, outputs: list[str], exact_outputs: bool, cell_name: str,
+                 label: str | None, max_bytes: int, started: float) -> dict:
+        from distributed.protocol import deserialize
+
+        from jupyter_gpu.common.datacontract import ModuleRef
+
+        ns = self.shell.user_ns
+        for name, item in inputs.items():
+            try:
+                value = deserialize(item.header, item.frames) if hasattr(item, "frames") else item
+                if isinstance(value, ModuleRef):
+                    value = importlib.import_module(value.name)
+                ns[name] = value
+            except Exception as exc:
+                return {"status": "error", "error": pool_error(
+                    f"The input '{name}' could not be rebuilt in the GPU session ({type(exc).__name__}: {exc}). "
+                    "Install what it needs on the pool's workers, create it inside the cell instead, or leave it "
+                    "out with --in.")}
+        self.link.tell_lease_state(state="running", cell=label)
+        meter = self.meter or CellMemoryMeter(virtual=False)
+        meter.start()
+        self.shell.displayhook.reset()
+        self.shell.compile.next_name = cell_name
+        try:
+            result = self.shell.run_cell(code, store_history=True)
+        finally:
+            self.relay.flush_streams()
+            self.capture.sync()
+        peak, utilization = meter.stop()
+        # ``finished``: when the cell's code ended, so that of several failed ranks the first to fail is named
+        # (replies can arrive in any order: a failed rank tears its process group down before it replies)
+        finished = time.time()
+        reply: dict[str, Any] = {"elapsed": finished - started, "finished": finished, "peak_bytes": peak,
+                                 "gpu_utilization": utilization, "execution_count": self.shell.execution_count}
+        error = result.error_before_exec or result.error_in_exec
+        if error is not None:
+            reply["status"] = "error"
+            reply["error"] = error_payload(error, cell_name, lease=self.lease)
+        else:
+            reply["status"] = "ok"
+        reply["outputs"] = self._collect_outputs(outputs, exact_outputs, max_bytes)
+        reply["result"] = self._last_value(max_bytes) if error is None else None
+        # told once the reply is on its way
+        self._after_reply = {"state": "idle", "peak_bytes": peak, "gpu_utilization": utilization,
+                             "resident_bytes": meter.resident()}
+        return reply
+
+    def _collect_outputs(self, names: list[str], exact: bool, max_bytes: int) -> dict:
+        from jupyter_gpu.common.datacontract import classify_output, to_cpu
+
+        ns = self.shell.user_ns
+        out: dict[str, dict] = {}
+        for name in names:
+            if name not in ns:
+                continue
+            value = ns[name]
+            kind, desc = classify_output(name, value, max_bytes)
+            if kind == "skip":
+                continue
+            if exact:  # --out: bring it back whatever it is
+                value, kind = to_cpu(value), "value"
+            if kind == "value":
+                packed = pack(value)
+                if packed is None:
+                    kind, desc = "remote", {**desc, "reason": "it cannot be serialized"}
+                else:
+                    out[name] = {"kind": "value", "data": packed}
+                    continue
+            out[name] = {"kind": "remote", **desc, "lease": (self.lease or {}).get("id")}
+        return out
+
+    def _last_value(self, max_bytes: int) -> dict | None:
+        from jupyter_gpu.common.datacontract import classify_output
+
+        hook = self.shell.displayhook
+        if hook.last_bundle is None:
+            return None
+        value = None
+        kind, _ = classify_output("_", hook.last_value, max_bytes)
+        if kind == "value":
+            value = pack(hook.last_value)
+        return {"bundle": hook.last_bundle, "value": value}
+
+    def do_offload(self, job: Job, path: str) -> dict:
+        from jupyter_gpu.session.offload import save_namespace
+
+        self.retired = True  # queued behind this job, a cell must not run on memory that is being given away
+        copy = self.standby.hand_over(path)  # written while idle: nothing left to write
+        if copy is not None:
+            return copy
+        return save_namespace(self.shell.user_ns, self.shell.user_ns_hidden, path)
+
+    def do_restore(self, job: Job, path: str) -> dict:
+        from jupyter_gpu.session.offload import load_namespace
+
+        self.standby.changed()
+        return load_namespace(self.shell.user_ns, path)
+
+    def do_pull(self, job: Job, name: str) -> dict:
+        from jupyter_gpu.common.datacontract import to_cpu
+
+        ns = self.shell.user_ns
+        if name not in ns:
+            return {"error": f"your GPU session has no variable named {name!r}"}
+        packed = pack(to_cpu(ns[name]))
+        if packed is None:
+            return {"error": f"{name!r} ({type(ns[name]).__name__}) cannot be serialized to bring it back"}
+        return {"data": packed}
+
+
+def pack(value: Any) -> Any:
+    """Serialize now (in the main thread) so a failure is reported for this name, not for the reply."""
+    from distributed.protocol import serialize
+    from distributed.protocol.serialize import Serialized
+
+    try:
+        header, frames = serialize(value, serializers=("dask", "pickle"), on_error="raise")
+    except Exception:
+        return None
+    return Serialized(header, frames)

@@ -1,0 +1,85 @@
+"""The session process's entry point: ``python -m jupyter_gpu.session``.
+
+One session process per (kernel, lease): where ``%%gpu`` cells actually run. The GPU worker starts it
+ahead of need (a spare: Python, NumPy, torch and IPython imported), then assigns it a lease: pinned to its
+GPU and capped at its memory before CUDA initialises. Its namespace persists across the kernel's cells.
+It prints one JSON line with its address on its original stdout, then captures fds 1 and 2 for the cells.
+If its worker dies, it dies too (parent-death signal and a watchdog), so no session outlives its worker.
+
+This is the trust boundary's user side: nothing imported from here belongs to the broker or the worker
+(``tests/unit/test_boundaries.py`` checks that in a fresh interpreter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import signal
+import threading
+import time
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL us when our worker dies, so no session outlives its worker."""
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except Exception:  # not Linux: the watchdog thread below still catches it
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+    def watchdog() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watchdog, daemon=True, name="jupyter-gpu-parent-watchdog").start()
+
+
+def preload(modules: list[str]) -> None:
+    """Import what cells will need, at low CPU priority: a spare warming up must not slow down the
+    sessions, kernels and schedulers that are working now. The niceness is this thread's only (Linux), so
+    the session itself runs at normal priority once it is assigned."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):
+        pass
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception:
+            pass  # an optional preload (torch on a CPU-only client machine)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--worker", default=None)
+    parser.add_argument("--preload", default="")
+    args = parser.parse_args(argv)
+    # logs go to the worker's stderr (a copy of fd 2 taken before fd 2 is captured for the cells)
+    logging.basicConfig(level=os.environ.get("JUPYTER_GPU_SESSION_LOG", "WARNING"),
+                        stream=os.fdopen(os.dup(2), "w", buffering=1),
+                        format="%(asctime)s session[%(process)d] %(levelname)s %(message)s")
+    die_with_parent()
+    control = os.fdopen(os.dup(1), "w")  # our original stdout: tells the worker our address
+    preloader = threading.Thread(target=preload, args=([m for m in args.preload.split(",") if m],),
+                                 name="jupyter-gpu-preload")
+    preloader.start()
+    preloader.join()
+    from jupyter_gpu.session.server import SessionServer
+
+    session = SessionServer(args.host, args.worker)
+    control.write(json.dumps({"address": session.address, "pid": os.getpid()}) + "\n")
+    control.flush()
+    control.close()
+    session.run_forever()

@@ -1,0 +1,292 @@
+"""The GPU worker plugin: offers this worker's GPUs to the broker and owns their session processes.
+
+It keeps one spare session process warm (Python, NumPy, torch, IPython imported) so that a first cell does
+not pay for the imports, hands it a lease when the broker grants one, watches every session process, and
+tells the broker when one ends (crash, OOM kill, exit). On real GPUs a background thread samples NVML for
+the panel; nothing NVML runs on the event loop.
+
+Load it into any Dask worker with ``--preload jupyter_gpu.worker.plugin``. The GPUs it offers are
+this machine's (NVML or ``JUPYTER_GPU_VIRTUAL_GPUS``), restricted to ``JUPYTER_GPU_DEVICES=0,1`` (indices)
+when several workers share one machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import subprocess
+from typing import Any, Callable
+
+from distributed.comm import get_address_host
+from distributed.core import rpc
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from jupyter_gpu.common import config, protocol
+from jupyter_gpu.common.hostmem import discard, offload_dir
+from jupyter_gpu.common.protocol import DEVICES_ENV
+from jupyter_gpu.common.security import security_env
+from jupyter_gpu.worker.inventory import GpuInfo, discover
+from jupyter_gpu.worker.nvml_sampler import NvmlSampler
+from jupyter_gpu.worker.spawn import SessionProcess, exit_reason, kill, spawn_session
+
+log = logging.getLogger(__name__)
+
+PLUGIN_NAME = "jupyter-gpu-worker"
+
+
+class GpuWorkerPlugin(WorkerPlugin):
+    """See the module docstring."""
+
+    name = PLUGIN_NAME
+
+    def __init__(self, virtual_gpus: str | None = None, devices: str | None = None):
+        self.virtual_gpus = virtual_gpus
+        self.devices = devices
+        self.gpus: list[GpuInfo] = []
+        self.sessions: dict[str, SessionProcess] = {}
+        self._offload_dir: str | None = None  # offloaded namespaces of reclaimed sessions (host memory)
+        self.spare: SessionProcess | None = None
+        self._spare_task: asyncio.Task | None = None
+        self._sampler: NvmlSampler | None = None
+        self._reaping: list[subprocess.Popen] = []  # killed processes, waited for so none stays a zombie
+
+    # ------------------------------------------------------------------ lifecycle
+    def handlers(self) -> dict[str, Callable[..., Any]]:
+        """The GPU plugin's worker handlers: exactly ``protocol.WORKER_OPS``."""
+        table = {
+            "gpu_session_start": self.session_start,
+            "gpu_session_signal": self.session_signal,
+            "gpu_session_offload": self.session_offload,
+            "gpu_offload_discard": self.offload_discard,
+            "gpu_offload_fetch": self.offload_fetch,
+            "gpu_inventory": self.inventory,
+        }
+        assert set(table) == protocol.WORKER_OPS, "worker handlers and protocol.WORKER_OPS disagree"
+        return table
+
+    async def setup(self, worker) -> None:  # noqa: ANN001
+        self.worker = worker
+        gpus = discover(self.virtual_gpus)
+        wanted = self.devices or os.environ.get(DEVICES_ENV)
+        if wanted:
+            keep = {int(i) for i in wanted.split(",") if i.strip()}
+            gpus = [g for g in gpus if g.index in keep]
+        self.gpus = gpus
+        worker.handlers.update(self.handlers())
+        from distributed.compatibility import PeriodicCallback
+
+        self._monitor = PeriodicCallback(self._check_sessions, 250)
+        self._monitor.start()
+        if config.get("session.prewarm"):
+            self._refill_spare()
+        asyncio.ensure_future(self._report_when_registered())
+        self._sampler = NvmlSampler(self.gpus, worker.loop.asyncio_loop, self._send_samples)
+        self._sampler.start()
+
+    async def teardown(self, worker) -> None:  # noqa: ANN001
+        if self._sampler is not None:
+            self._sampler.stop()
+        self._monitor.stop()
+        for sp in list(self.sessions.values()) + ([self.spare] if self.spare else []):
+            sp.killed = True
+            kill(sp.proc)
+        if self._offload_dir is not None:  # offloaded namespaces die with their worker
+            shutil.rmtree(self._offload_dir, ignore_errors=True)
+
+    async def session_offload(self, lease: str, timeout: float = 60.0) -> dict:
+        """Move a session's variables to host memory on this machine (its lease is being reclaimed); the
+        broker ends the process afterwards. Returns what was saved and what could not be."""
+        sp = self.sessions.get(lease)
+        if sp is None:
+            return {"error": f"no session of lease {lease} runs here"}
+        path = os.path.join(self._offloads(), f"{lease}.pkl")
+        r = rpc(sp.address, connection_args=self.worker.connection_args)
+        try:
+            return await asyncio.wait_for(r.offload(path=path), timeout)
+        except Exception as exc:  # noqa: BLE001 - the broker then ends the session without its variables
+            return {"error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            await r.close_rpc()
+
+    def _own_offload(self, path: str) -> bool:
+        return bool(self._offload_dir) and os.path.dirname(os.path.abspath(path)) == self._offload_dir
+
+    async def _local_offload(self, restore: dict) -> str | None:
+        """The offloaded namespace as a file here: as it is when its worker is on this machine (the embedded
+        pool), else fetched from that worker (a pool across machines)."""
+        path = restore["path"]
+        if os.path.exists(path):
+            return path
+        try:
+            reply = await self.worker.rpc(restore["worker"]).gpu_offload_fetch(path=path)
+        except Exception as exc:  # noqa: BLE001 - that worker is gone: the variables are lost, said by the kernel
+            log.warning("could not fetch offloaded variables %s from %s: %s", path, restore["worker"], exc)
+            return None
+        if reply.get("error"):
+            log.warning("could not fetch offloaded variables %s: %s", path, reply["error"])
+            return None
+        local = os.path.join(self._offloads(), os.path.basename(path))
+        with open(local, "wb") as f:
+            f.write(reply["data"])
+        return local
+
+    def offload_fetch(self, path: str) -> dict:
+        """Hand an offloaded namespace to the worker where its kernel's new session starts, and forget it."""
+        if not self._own_offload(path) or not os.path.exists(path):
+            return {"error": f"no offloaded variables at {path} on this worker"}
+        with open(path, "rb") as f:
+            data = f.read()
+        os.unlink(path)
+        return {"data": data}
+
+    def offload_discard(self, path: str) -> dict:
+        """Forget an offloaded namespace nobody will restore (its kernel ended)."""
+        if self._own_offload(path):
+            discard(path)
+        return {"ok": True}
+
+    def inventory(self) -> list[dict]:
+        return [g.to_dict() for g in self.gpus]
+
+    async def _report_when_registered(self) -> None:
+        from distributed.core import Status
+
+        for _ in range(600):
+            if self.worker.status == Status.running:
+                break
+            await asyncio.sleep(0.05)
+        try:
+            await self.worker.scheduler.gpu_register_worker(worker=self.worker.address, gpus=self.inventory())
+        except Exception as exc:
+            log.error("could not register GPUs with the scheduler (is the broker loaded there? start it "
+                      "with `jupyter-gpu pool up` or --preload jupyter_gpu.broker.plugin): %s", exc)
+
+    # ------------------------------------------------------------------ sessions
+    async def _spawn(self) -> SessionProcess:
+        return await spawn_session(get_address_host(self.worker.address), self.worker.address,
+                                   security_env(self.worker.security))
+
+    def _refill_spare(self) -> None:
+        if self.spare is not None or (self._spare_task is not None and not self._spare_task.done()):
+            return
+
+        async def refill() -> None:
+            try:
+                self.spare = await self._spawn()
+            except Exception as exc:
+                log.warning("could not pre-warm a session process: %s", exc)
+
+        self._spare_task = asyncio.ensure_future(refill())
+
+    async def session_start(self, lease: dict, scheduler: str | None = None, restore: dict | None = None) -> dict:
+        """Give a (pre-warmed) session process the lease: pin it, cap it, and return its address."""
+        try:
+            if self._spare_task is not None and not self._spare_task.done():
+                await self._spare_task
+            sp, self.spare = self.spare, None
+            if sp is None or sp.proc.poll() is not None:
+                sp = await self._spawn()
+            if config.get("session.prewarm"):
+                self._refill_spare()
+            by_index = {g.index: g for g in self.gpus}
+            gpus = [by_index[i].to_dict() for i in lease["gpu_indices"]]
+            sp.lease = lease["id"]
+            self.sessions[lease["id"]] = sp
+            r = rpc(sp.address, connection_args=self.worker.connection_args)  # the worker's TLS
+            try:
+                reply = await r.assign(lease=lease, gpus=gpus, scheduler=scheduler,
+                                       standby=self._standby_for(lease))
+                restored = None
+                if restore and not reply.get("error"):
+                    path = await self._local_offload(restore)
+                    restored = await r.restore(path=path) if path else None
+            finally:
+                await r.close_rpc()
+            if reply.get("error"):
+                raise RuntimeError(reply["error"])
+            return {"address": sp.address, "pid": sp.pid, "isolation": reply.get("isolation", "none"),
+                    "restored": restored}
+        except Exception as exc:
+            log.exception("could not start a session for lease %s", lease.get("id"))
+            sp = self.sessions.pop(lease.get("id"), None)
+            if sp is not None:
+                sp.killed = True
+                kill(sp.proc)
+                self._reaping.append(sp.proc)
+            return {"error": f"{type(exc).__name__}: {exc}"}
+
+    def _offloads(self) -> str:
+        if self._offload_dir is None:
+            self._offload_dir = offload_dir(f"{os.getpid()}")
+        return self._offload_dir
+
+    def _standby_for(self, lease: dict) -> dict | None:
+        """Where (and after how long idle) a session writes its standby copy (``standby.py``); none for the
+        ranks of a --workers run (never moved to host memory) or when idle sessions are not offloaded."""
+        if (config.get("session.standby-after") is None or not config.get("reclaim-offload")
+                or lease.get("world_size", 1) > 1):
+            return None
+        try:
+            after = config.get_seconds("session.standby-after")
+        except (ValueError, TypeError, KeyError):
+            after = -1.0
+        if after < 0:
+            log.error("jupyter-gpu.session.standby-after is %r, not a duration: standby copies are off until it "
+                      "is set to one (e.g. 2s) or to null", config.get("session.standby-after"))
+            return None
+        return {"path": os.path.join(self._offloads(), f"{lease['id']}.standby"), "after": after}
+
+    def _forget_standby(self, lease: str) -> None:
+        """A session that ended leaves no standby copy behind in host memory (killed, it could not tidy)."""
+        if self._offload_dir is None:
+            return
+        for suffix in (".standby", ".standby.part"):
+            discard(os.path.join(self._offload_dir, f"{lease}{suffix}"))
+
+    async def session_signal(self, lease: str, signal: str = "kill") -> dict:
+        sp = self.sessions.get(lease)
+        if sp is None:
+            return {"ok": False}
+        if signal == "interrupt":
+            sp.proc.send_signal(2)
+        else:
+            sp.killed = True
+            self.sessions.pop(lease, None)
+            kill(sp.proc)
+            self._reaping.append(sp.proc)
+            self._forget_standby(lease)
+        return {"ok": True}
+
+    async def _check_sessions(self) -> None:
+        self._reaping = [p for p in self._reaping if p.poll() is None]
+        for lease, sp in list(self.sessions.items()):
+            code = sp.proc.poll()
+            if code is None:
+                continue
+            self.sessions.pop(lease, None)
+            self._forget_standby(lease)
+            if sp.killed:
+                continue
+            reason = exit_reason(code)
+            log.warning("session for lease %s ended: %s", lease, reason)
+            try:
+                await self.worker.scheduler.gpu_session_ended(lease=lease, reason=reason)
+            except Exception as exc:
+                log.debug("could not tell the broker: %s", exc)
+        if self.spare is not None and self.spare.proc.poll() is not None:
+            self.spare = None
+            if config.get("session.prewarm"):
+                self._refill_spare()
+
+    async def _send_samples(self, samples: dict) -> None:
+        try:
+            await self.worker.scheduler.gpu_samples(worker=self.worker.address, samples=samples)
+        except Exception as exc:
+            log.debug("could not send samples: %s", exc)
+
+
+async def dask_setup(worker) -> None:  # noqa: ANN001
+    """``--preload jupyter_gpu.worker.plugin``: install the GPU plugin on this worker."""
+    await worker.plugin_add(GpuWorkerPlugin(), name=PLUGIN_NAME)

@@ -1,0 +1,79 @@
+"""Starting and ending session processes on a worker.
+
+A session process is ``python -m jupyter_gpu.session``: it prints one JSON line with its comm address on
+stdout once it serves, then belongs to its lease. This module starts one (with the worker's TLS handed
+over in its environment), reads that line within ``session.start-timeout``, and kills processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+
+from jupyter_gpu.common import config
+from jupyter_gpu.common.protocol import DEVICES_ENV
+
+
+@dataclass
+class SessionProcess:
+    """A session process the worker started, and the lease it serves (None while it is a spare)."""
+
+    proc: subprocess.Popen
+    address: str
+    lease: str | None = None
+    killed: bool = False
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+def exit_reason(code: int) -> str:
+    """Words for a session process's exit code."""
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = {"SIGKILL": " (often the operating system's out-of-memory killer)",
+                "SIGSEGV": " (a crash in native code)", "SIGABRT": " (an abort in native code)"}.get(name, "")
+        return f"the session process was killed by {name}{hint}"
+    return f"the session process exited with code {code}"
+
+
+async def spawn_session(host: str, worker_address: str, tls_env: dict[str, str]) -> SessionProcess:
+    """Start a session process listening on ``host`` and wait until it serves."""
+    preload = ",".join(config.get("session.preload-modules") or [])
+    cmd = [sys.executable, "-m", "jupyter_gpu.session", "--host", host, "--worker", worker_address,
+           "--preload", preload]
+    env = dict(os.environ)
+    env.pop(DEVICES_ENV, None)
+    # the session serves the kernel's comm and calls the broker with this worker's TLS, also when the
+    # worker got it from --tls-* options rather than from Dask config
+    env.update(tls_env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env, cwd=os.getcwd())
+    loop = asyncio.get_running_loop()
+    timeout = config.get_seconds("session.start-timeout")
+    try:
+        line = await asyncio.wait_for(loop.run_in_executor(None, proc.stdout.readline), timeout)
+    except asyncio.TimeoutError:
+        kill(proc)
+        raise RuntimeError(f"a session process did not start within {timeout:.0f} s") from None
+    if not line:
+        code = proc.wait()
+        raise RuntimeError(f"a session process failed to start ({exit_reason(code)}); see the worker's log")
+    info = json.loads(line)
+    proc.stdout.close()
+    return SessionProcess(proc=proc, address=info["address"])
+
+
+def kill(proc: subprocess.Popen) -> None:
+    try:
+        proc.kill()
+    except ProcessLookupError:
+        pass
