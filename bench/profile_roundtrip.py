@@ -8,9 +8,10 @@ so their differences from the baseline are the cost of that piece on this machin
 
   baseline           as shipped
   no tell_scheduler  the session's two per-cell notes to the broker (state running/idle) are skipped
-                     (jupyter_gpu/session/server.py, Session.tell_scheduler, called in do_execute)
+                     (jupyter_gpu/session/scheduler_link.py, SchedulerLink.tell_lease_state, called by the
+                     executor around every cell)
   no fd sync         the per-cell FdCapture.sync() (marker through both fd pipes) is skipped
-                     (jupyter_gpu/session/output.py, FdCapture.sync, called in do_execute)
+                     (jupyter_gpu/session/output.py, FdCapture.sync, called in Executor._execute)
   cached parser      the kernel-side argparse parser is built once instead of per cell
                      (jupyter_gpu/kernelext/options.py, _parser(), called by parse_cell_options)
   all three          all of the above
@@ -42,8 +43,9 @@ from _common import (
 )
 
 FIND = ("import gc as _gc\n"
-        "_S = [o for o in _gc.get_objects() if type(o).__name__ == 'Session' and hasattr(o, 'tell_scheduler')][0]\n")
-SET_TELL = {True: "_S.__dict__.pop('tell_scheduler', None)", False: "_S.tell_scheduler = lambda **kw: None"}
+        "_S = [o for o in _gc.get_objects() if type(o).__name__ == 'Executor' and hasattr(o, 'link')][0]\n")
+SET_TELL = {True: "_S.link.__dict__.pop('tell_lease_state', None)",
+            False: "_S.link.tell_lease_state = lambda **kw: None"}
 SET_SYNC = {True: "_S.capture.__dict__.pop('sync', None)", False: "_S.capture.sync = lambda *a, **k: None"}
 
 

@@ -13,12 +13,15 @@ its grant to its end, once; the queue holds only requests in state ``queued``.
 from __future__ import annotations
 
 import collections
+import logging
 import time
 from typing import Callable
 
 from jupyter_gpu.broker import packing
 from jupyter_gpu.broker.fair_share import FairSharePolicy, PreemptFn, schedule_pass
 from jupyter_gpu.broker.model import GpuSlot, Lease, Request, new_id
+
+log = logging.getLogger(__name__)
 
 ENDED_KEPT = 2000  # ended leases and finished requests kept so a kernel can read how they ended
 
@@ -111,19 +114,55 @@ class Ledger:
                 self.requests.pop(rid, None)
 
     # ------------------------------------------------------------------ scheduling
-    def schedule(self, preempt: PreemptFn | None, now: float | None = None,
-                 eta_for: int = 100) -> list[tuple[Request, list[Lease]]]:
+    def schedule(self, preempt: PreemptFn | None, now: float | None = None, eta_for: int = 100,
+                 fail: Callable[[Request, str], None] | None = None) -> list[tuple[Request, list[Lease]]]:
         """One scheduling pass (``fair_share.schedule_pass``) over the queue: grants, in policy order, what
         fits; ``preempt(lease_id, reason, req)`` takes a lease back for a waiting request (it must end the
-        lease through ``end``). Returns the grants made, each request with its new leases."""
+        lease through ``end``). Returns the grants made, each request with its new leases.
+
+        A request that makes the pass raise (it should never get in: handlers validate what they accept) is
+        taken out with the reason, through ``fail`` (default: ``finish_request(req, "failed", ...)``), and the
+        pass runs again without it: one bad request never stops scheduling for everybody else.
+        """
         grants: list[tuple[Request, list[Lease]]] = []
 
         def grant(req: Request, placement: packing.Placement, preemptible: bool) -> None:
             grants.append((req, self.grant(req, placement, preemptible)))
 
-        schedule_pass(self.policy, self.queued(), self.gpus.values(), grant, preempt,
-                      now=self.clock() if now is None else now, eta_for=eta_for)
+        for _attempt in range(len(self.queue) + 1):
+            try:
+                schedule_pass(self.policy, self.queued(), self.gpus.values(), grant, preempt,
+                              now=self.clock() if now is None else now, eta_for=eta_for)
+                return grants
+            except Exception:
+                log.exception("a scheduling pass failed; looking for the request that makes it fail")
+                culprits = self._faulty_requests()
+                if not culprits:
+                    return grants  # not a request's fault: the next event tries again
+                for req, why in culprits:
+                    reason = (f"The pool could not schedule this request ({why}). This is a jupyter-gpu error, "
+                              "not your code's: the pool's log has the details; other requests were not affected.")
+                    if fail is not None:
+                        fail(req, reason)
+                    else:
+                        self.finish_request(req, "failed", reason)
         return grants
+
+    def _faulty_requests(self) -> list[tuple[Request, str]]:
+        """The queued requests that the policy or the packing cannot handle, each with the error."""
+        now = self.clock()
+        gpus = list(self.gpus.values())
+        faulty = []
+        for req in self.queued():
+            try:
+                req.spec.validate()
+                self.policy.key(req, now)
+                self.policy.limit_reason(req)
+                packing.place(req.spec, gpus)
+                packing.why_waiting(req.spec, gpus)
+            except Exception as exc:  # noqa: BLE001 - exactly what is looked for
+                faulty.append((req, f"{type(exc).__name__}: {exc}"))
+        return faulty
 
     def grant(self, req: Request, placement: packing.Placement, preemptible: bool) -> list[Lease]:
         """Book ``placement`` for ``req``: one lease per rank, the GPUs' bytes, the policy's accounting."""

@@ -18,8 +18,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import time
-from typing import Any, Callable
+from typing import Annotated, Any, Callable, Literal
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
@@ -31,11 +32,26 @@ from jupyter_gpu.broker.ledger import Ledger
 from jupyter_gpu.broker.model import GpuSlot, Lease, Request, new_id
 from jupyter_gpu.broker.quotas import quotas_from_config
 from jupyter_gpu.common import config, protocol
-from jupyter_gpu.common.protocol import RequestSpec, RequestStatus, Snapshot
+from jupyter_gpu.common.protocol import GpuInfoMsg, MetricsItem, RequestSpec, RequestStatus, RunState, Sample, Snapshot
+from jupyter_gpu.common.validation import (
+    Address,
+    Bytes,
+    Count,
+    MaxLen,
+    Name,
+    Percent,
+    Range,
+    Text,
+    dropped,
+    error_reply,
+    validated,
+)
 
 log = logging.getLogger(__name__)
 
 PLUGIN_NAME = "jupyter-gpu-broker"
+Token = Annotated[str, MaxLen(512)]
+Workers = Annotated[int, Range(0, 100_000)]  # a pool's worker count (scale)
 RUNS_KEPT = 50  # the latest runs' streams, for the panel's replay
 
 
@@ -152,8 +168,15 @@ class GpuBroker(SchedulerPlugin):
             log.debug("could not discard the offload of %s: %s", lease.id, exc)
 
     # ------------------------------------------------------------------ handlers: workers and sessions
-    def register_worker(self, worker: str, gpus: list[dict]) -> dict:
+    @validated(error_reply)
+    def register_worker(self, worker: Address, gpus: Annotated[list[GpuInfoMsg], MaxLen(1024)]) -> dict:
         """A worker's GPU plugin reports the GPUs it owns (replacing any earlier report)."""
+        for i, info in enumerate(gpus):
+            missing = [k for k in ("index", "uuid", "name", "total_bytes") if k not in info]
+            if missing:
+                return error_reply(f"gpu_register_worker: gpus[{i}] lacks {', '.join(missing)}")
+        if len({int(info["index"]) for info in gpus}) != len(gpus):
+            return error_reply("gpu_register_worker: two GPUs have the same index")
         slots = [GpuSlot(worker=worker, index=int(info["index"]), uuid=info["uuid"], name=info["name"],
                          total_bytes=int(info["total_bytes"]), virtual=bool(info.get("virtual")),
                          mig=bool(info.get("mig"))) for info in gpus]
@@ -164,15 +187,18 @@ class GpuBroker(SchedulerPlugin):
         self._schedule()
         return {"gpus": ids}
 
-    def add_samples(self, worker: str, samples: dict[str, dict]) -> None:
+    @validated(dropped)
+    def add_samples(self, worker: Address, samples: Annotated[dict[str, Sample], MaxLen(1024)]) -> None:
         """NVML samples from a worker's sampling thread, keyed by GPU index."""
         for index, sample in samples.items():
             gpu_id = f"{worker}#{index}"
             if gpu_id in self.samples:
                 self.samples[gpu_id].append(sample)
 
-    def lease_state(self, lease: str, state: str, cell: str | None = None, peak_bytes: int | None = None,
-                    gpu_utilization: float | None = None, resident_bytes: int | None = None) -> None:
+    @validated(dropped)
+    def lease_state(self, lease: Name, state: Literal["running", "idle"], cell: Text | None = None,
+                    peak_bytes: Bytes | None = None, gpu_utilization: Percent | None = None,
+                    resident_bytes: Bytes | None = None) -> None:
         """A session says a cell started (``running``) or finished (``idle``, with its measured peak memory and,
         on real GPUs, its mean utilization: the right-sizing numbers; and what it holds now, which is what
         suspending it would have to move)."""
@@ -192,32 +218,35 @@ class GpuBroker(SchedulerPlugin):
         if resident_bytes is not None:
             ls.resident_bytes = int(resident_bytes)
 
-    def session_ended(self, lease: str, reason: str) -> None:
+    @validated(error_reply)
+    def session_ended(self, lease: Name, reason: Text) -> None:
         """The worker saw a session process exit."""
         ls = self.leases.get(lease)
         if ls is not None:
             self._end_lease(ls, reason, kill=False)
             self._schedule()
 
-    def run_metrics(self, run: str, rank: int, items: list[dict]) -> None:
+    @validated(dropped)
+    def run_metrics(self, run: Name, rank: Annotated[int, Range(0, RequestSpec.MAX_RANKS)],
+                    items: Annotated[list[MetricsItem], MaxLen(100_000)]) -> None:
         """Metrics batched by a rank's session (``jupyter_gpu.report``); kept so a panel can replay them."""
         record = self.runs.setdefault(run, {"id": run, "ranks": {}, "started": time.time()})
         stream = record["ranks"].setdefault(str(rank), [])
-        stream.extend(items)
+        stream.extend({**item, "metrics": _plain_metrics(item.get("metrics") or {})} for item in items)
         del stream[:-1000]
 
     # ------------------------------------------------------------------ handlers: kernels
-    def request(self, user: str, kernel: str, spec: dict, client: str | None = None,
-                notebook: str | None = None, cell: str | None = None, token: str | None = None,
-                restore: str | None = None) -> RequestStatus:
+    @validated(lambda why: {"id": None, "state": "refused", "reason": f"The request is not valid: {why}."})
+    def request(self, user: Name, kernel: Name, spec: dict, client: Name | None = None,
+                notebook: Text | None = None, cell: Text | None = None, token: Token | None = None,
+                restore: Name | None = None) -> RequestStatus:
         """Queue a request for GPU memory; grant it at once if it fits, refuse it if it never can."""
         denied = self._identity_error(user, token)
         if denied:
             self.audit.refused(None, user, None, spec, denied)
             return {"id": None, "state": "refused", "reason": denied}
         try:
-            rspec = RequestSpec(**spec)
-            rspec.validate()
+            rspec = RequestSpec.from_wire(spec)
         except (TypeError, ValueError) as exc:
             self.audit.refused(None, user, None, spec, f"not valid: {exc}")
             return {"id": None, "state": "refused", "reason": f"The request is not valid: {exc}."}
@@ -246,7 +275,8 @@ class GpuBroker(SchedulerPlugin):
             return None
         return old if old.worker in self.worker_gpus else None
 
-    async def wait(self, id: str, timeout: float = 1.0) -> RequestStatus:
+    @validated(lambda why: {"id": None, "state": "unknown", "reason": why})
+    async def wait(self, id: Name, timeout: Annotated[float, Range(0, 60)] = 1.0) -> RequestStatus:
         """Long-poll: the request's state once it changes from queued/starting, or after ``timeout``."""
         req = self.requests.get(id)
         if req is None:
@@ -259,7 +289,8 @@ class GpuBroker(SchedulerPlugin):
                 pass
         return views.request_status(self.ledger, req)
 
-    def cancel(self, id: str, user: str | None = None, token: str | None = None) -> dict:
+    @validated(lambda why: {"cancelled": False, "what": why})
+    def cancel(self, id: Name, user: Name | None = None, token: Token | None = None) -> dict:
         """Cancel a queued request or end a lease (its session is killed)."""
         denied = self._identity_error(user, token)
         if denied:
@@ -283,8 +314,9 @@ class GpuBroker(SchedulerPlugin):
             return {"cancelled": True, "what": f"lease {id} (its session was ended)"}
         return {"cancelled": False, "what": f"nothing queued or running is called {id}"}
 
-    def release(self, lease: str, user: str | None = None, reason: str = "released by its owner",
-                token: str | None = None) -> dict:
+    @validated(lambda why: {"released": False, "error": why})
+    def release(self, lease: Name, user: Name | None = None, reason: Text = "released by its owner",
+                token: Token | None = None) -> dict:
         denied = self._identity_error(user, token)
         if denied:
             return {"released": False, "error": denied}
@@ -297,25 +329,34 @@ class GpuBroker(SchedulerPlugin):
         self._schedule()
         return {"released": True}
 
-    def lease_info(self, lease: str) -> dict:
+    @validated(lambda why: {"id": None, "state": "unknown", "end_reason": why})
+    def lease_info(self, lease: Name) -> dict:
         ls = self.ledger.lease_or_ended(lease)
         if ls is None:
             return {"id": lease, "state": "unknown", "end_reason": "the broker has no record of this lease"}
         return ls.public()
 
+    @validated(error_reply)
     def usage(self, since: float = 0.0) -> dict:
         """GPU-hours per user and team from the audit store (everyone may read usage)."""
         return self.audit.usage(since=since)
 
-    def run_update(self, run: str, **fields: Any) -> None:
+    @validated(dropped)
+    def run_update(self, run: Name, user: Name | None = None, notebook: Text | None = None,
+                   cell: Text | None = None, world_size: Annotated[int, Range(1, RequestSpec.MAX_RANKS)] | None = None,
+                   attempt: Count | None = None, state: RunState | None = None,
+                   leases: Annotated[list[Name], MaxLen(RequestSpec.MAX_RANKS)] | None = None) -> None:
         """A kernel says how its scale-out run stands (ranks, state, attempt), for the panel."""
         record = self.runs.setdefault(run, {"id": run, "ranks": {}, "started": time.time()})
-        record.update(fields)
+        fields = {"user": user, "notebook": notebook, "cell": cell, "world_size": world_size, "attempt": attempt,
+                  "state": state, "leases": leases}
+        record.update({k: v for k, v in fields.items() if v is not None})
         while len(self.runs) > RUNS_KEPT:  # keep the latest runs' streams for replay, not every run forever
             self.runs.pop(next(iter(self.runs)))
 
-    async def scale(self, n: int | None = None, minimum: int | None = None, maximum: int | None = None,
-                    user: str | None = None, token: str | None = None) -> dict:
+    @validated(error_reply)
+    async def scale(self, n: Workers | None = None, minimum: Workers | None = None, maximum: Workers | None = None,
+                    user: Name | None = None, token: Token | None = None) -> dict:
         """Grow or shrink the pool through its cluster manager, where the pool has one, for the users the
         admin allows (Dask config ``jupyter-gpu.scale-users``; everyone when unset). Refusals are audited."""
         denied = self._identity_error(user, token) or self._scale_refusal(user)
@@ -363,7 +404,8 @@ class GpuBroker(SchedulerPlugin):
     # ------------------------------------------------------------------ scheduling
     def _schedule(self) -> None:
         """Grant, in policy order, every queued request that fits now; give the others their reason."""
-        for req, leases in self.ledger.schedule(self._preempt):
+        fail = lambda req, reason: self._finish_request(req, "failed", reason)  # noqa: E731
+        for req, leases in self.ledger.schedule(self._preempt, fail=fail):
             for lease in leases:
                 self.audit.lease_started(lease.public(), lease.preemptible)
             self._spawn(self._start_sessions(req, leases))
@@ -514,6 +556,19 @@ class GpuBroker(SchedulerPlugin):
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _plain_metrics(metrics: dict) -> dict:
+    """What the panel can show as JSON: numbers, text, true/false and null; NaN and infinities as text (JSON
+    has no NaN: one would break the panel's parse for everyone), anything else by its repr, cut short."""
+    plain: dict = {}
+    for key, value in list(metrics.items())[:64]:
+        if isinstance(value, float) and not math.isfinite(value):
+            value = repr(value)
+        elif value is not None and not isinstance(value, (bool, int, float, str)):
+            value = repr(value)
+        plain[str(key)[:64]] = value[:200] if isinstance(value, str) else value
+    return plain
 
 
 async def dask_setup(scheduler) -> None:  # noqa: ANN001

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
-from typing import Any, Final, Literal, NamedTuple, TypedDict
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Final, Literal, NamedTuple, TypedDict
 
 from jupyter_gpu.common.units import format_bytes
 
@@ -59,6 +59,36 @@ class RequestSpec:
     gpus: int | None = None
     workers: int = 1
     priority: str = "interactive"
+
+    MAX_RANKS: ClassVar[int] = 4096
+    MAX_GPUS: ClassVar[int] = 4096
+
+    @classmethod
+    def from_wire(cls, data: Any) -> RequestSpec:
+        """The spec a kernel sent, checked field by field (types, finite numbers, ranges, known keys):
+        raises ValueError worded for the notebook user. Nothing is coerced: ``workers: 1.5`` is refused."""
+        if not isinstance(data, dict):
+            raise ValueError(f"the request must be a mapping of fields, not {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(str(k) for k in data if k not in known)
+        if unknown:
+            raise ValueError(f"unknown field(s) {', '.join(unknown)} in the request; known: {', '.join(sorted(known))}")
+        spec = cls(**data)
+        if spec.fraction is not None and (isinstance(spec.fraction, bool) or not isinstance(spec.fraction, (int, float))
+                                          or not math.isfinite(spec.fraction)):
+            raise ValueError(f"a GPU fraction must be a finite number in (0, 1]; got {spec.fraction!r}")
+        for name, top in (("memory", 2**62), ("gpus", cls.MAX_GPUS), ("workers", cls.MAX_RANKS)):
+            value = getattr(spec, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be a whole number; got {value!r}")
+            if value > top:
+                raise ValueError(f"{name} must be at most {top}; got {value}")
+        if not isinstance(spec.priority, str):
+            raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}; got {spec.priority!r}")
+        spec.validate()
+        return spec
 
     def validate(self) -> None:
         """Raise ValueError, worded for the notebook user, for a spec that makes no sense."""
@@ -177,6 +207,7 @@ class LeaseView(TypedDict, total=False):
     team: str | None
     preemptible: bool
     bytes_on_gpu: int                # in a snapshot's GPU entry: the part of the lease on that GPU
+    right_size: str | None           # the broker's right-sizing hint (views.right_size_hint), None: none
     gpu_names: list[str]             # in a granted request's status
     virtual: bool                    # in a granted request's status
 
@@ -270,6 +301,20 @@ class Snapshot(TypedDict, total=False):
     runs: list[dict]                 # the latest --workers runs: {"id", "ranks": {rank: [metrics]}, ...}
 
 
+class RestoreRef(TypedDict):
+    """Where an offloaded namespace waits: the worker that keeps it and the file there (broker -> worker)."""
+
+    worker: str
+    path: str
+
+
+class StandbyPlan(TypedDict):
+    """Where (and after how long idle) a session writes its standby copy (worker -> session at ``assign``)."""
+
+    path: str
+    after: float
+
+
 # ---------------------------------------------------------------------- kernel <-> session
 class CellPayload(TypedDict, total=False):
     """The ``execute`` call of a session (its keyword arguments): one cell to run."""
@@ -303,6 +348,14 @@ class DisplayMsg(TypedDict, total=False):
 class ClearMsg(TypedDict):
     op: Literal["clear"]
     wait: bool
+
+
+class MetricsItem(TypedDict, total=False):
+    """One ``report()`` of a --workers rank, as the session batches it to the broker (``gpu_run_metrics``)."""
+
+    step: int | None
+    time: float
+    metrics: dict[str, Any]          # scalars; the broker keeps numbers, text and null (NaN becomes "nan")
 
 
 class MetricsMsg(TypedDict):
@@ -426,7 +479,8 @@ def handler_tables_markdown() -> str:
         out += [f"### {title}", "", "| handler | caller | arguments | returns | what it does |",
                 "| --- | --- | --- | --- | --- |"]
         for name, op in sorted(table.items()):
-            out.append(f"| `{name}` | {op.caller} | {op.arguments} | {op.returns} | {op.doc} |")
+            cells = [f"`{name}`", op.caller, op.arguments, op.returns, op.doc]
+            out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         out.append("")
     return "\n".join(out)
 

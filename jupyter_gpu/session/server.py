@@ -13,13 +13,16 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable
+from typing import Annotated, Any, Callable
 
 from jupyter_gpu.common import protocol
+from jupyter_gpu.common.protocol import GpuInfoMsg, LeaseView, StandbyPlan
+from jupyter_gpu.common.validation import Address, Bytes, MaxLen, Name, Text, error_reply, validated
 from jupyter_gpu.session.executor import Executor, Job
 from jupyter_gpu.session.output import FdCapture, Relay, RelayStream
 from jupyter_gpu.session.scheduler_link import SchedulerLink
 from jupyter_gpu.session.shell import make_shell
+from jupyter_gpu.session.tracebacks import pool_error
 
 
 class SessionServer:
@@ -93,8 +96,10 @@ class SessionServer:
     async def h_ping(self) -> dict:
         return {"pid": os.getpid(), "busy": self.executor.busy, "lease": (self.executor.lease or {}).get("id")}
 
-    async def h_assign(self, lease: dict, gpus: list[dict], scheduler: str | None = None,
-                       env: dict | None = None, standby: dict | None = None) -> dict:
+    @validated(error_reply)
+    async def h_assign(self, lease: LeaseView, gpus: Annotated[list[GpuInfoMsg], MaxLen(64)],
+                       scheduler: Address | None = None, env: dict[str, str] | None = None,
+                       standby: StandbyPlan | None = None) -> dict:
         job = await self._submit("assign", lease=lease, gpus=gpus, scheduler=scheduler, env=env or {},
                                  standby=standby)
         return await job.reply
@@ -106,10 +111,12 @@ class SessionServer:
             signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
         return {"interrupted": busy}
 
-    async def h_execute(self, comm: Any, code: str, inputs: dict, outputs: list[str] | None = None,
-                        exact_outputs: bool = False, cell_name: str = "<gpu-cell>",
-                        label: str | None = None, max_bytes: int = 64 * 2**20, cwd: str | None = None,
-                        dist: dict | None = None, checkpoint_dir: str | None = None) -> dict:
+    @validated(lambda why: {"status": "error", "error": pool_error(f"The cell was not run: {why}.")})
+    async def h_execute(self, comm: Any, code: Annotated[str, MaxLen(64 * 2**20)], inputs: dict[str, Any],
+                        outputs: Annotated[list[Name], MaxLen(100_000)] | None = None,
+                        exact_outputs: bool = False, cell_name: Text = "<gpu-cell>",
+                        label: Text | None = None, max_bytes: Bytes = 64 * 2**20, cwd: Text | None = None,
+                        dist: dict[str, Any] | None = None, checkpoint_dir: Text | None = None) -> dict:
         """Run a cell; stream output messages on ``comm`` while it runs; the reply is the ``done`` message."""
         job = await self._submit("execute", code=code, inputs=inputs, outputs=outputs or [],
                                  exact_outputs=exact_outputs, cell_name=cell_name, label=label,
@@ -131,16 +138,19 @@ class SessionServer:
                     await comm.write(coalesce(rest))
                 return job.reply.result()
 
-    async def h_pull(self, name: str) -> dict:
+    @validated(error_reply)
+    async def h_pull(self, name: Name) -> dict:
         job = await self._submit("pull", name=name)
         return await job.reply
 
-    async def h_offload(self, path: str) -> dict:
+    @validated(error_reply)
+    async def h_offload(self, path: Text) -> dict:
         """Move the variables to host memory (the lease is being reclaimed); the session runs no more cells."""
         job = await self._submit("offload", path=path)
         return await job.reply
 
-    async def h_restore(self, path: str) -> dict:
+    @validated(error_reply)
+    async def h_restore(self, path: Text) -> dict:
         """Bring back the variables an earlier session of this kernel offloaded (see ``offload``)."""
         job = await self._submit("restore", path=path)
         return await job.reply

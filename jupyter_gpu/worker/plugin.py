@@ -17,7 +17,7 @@ import logging
 import os
 import shutil
 import subprocess
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from distributed.comm import get_address_host
 from distributed.core import rpc
@@ -25,8 +25,9 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from jupyter_gpu.common import config, protocol
 from jupyter_gpu.common.hostmem import discard, offload_dir
-from jupyter_gpu.common.protocol import DEVICES_ENV
+from jupyter_gpu.common.protocol import DEVICES_ENV, LeaseView, RestoreRef
 from jupyter_gpu.common.security import security_env
+from jupyter_gpu.common.validation import Address, Name, Seconds, Text, error_reply, validated
 from jupyter_gpu.worker.inventory import GpuInfo, discover
 from jupyter_gpu.worker.nvml_sampler import NvmlSampler
 from jupyter_gpu.worker.spawn import SessionProcess, exit_reason, kill, spawn_session
@@ -95,7 +96,8 @@ class GpuWorkerPlugin(WorkerPlugin):
         if self._offload_dir is not None:  # offloaded namespaces die with their worker
             shutil.rmtree(self._offload_dir, ignore_errors=True)
 
-    async def session_offload(self, lease: str, timeout: float = 60.0) -> dict:
+    @validated(error_reply)
+    async def session_offload(self, lease: Name, timeout: Seconds = 60.0) -> dict:
         """Move a session's variables to host memory on this machine (its lease is being reclaimed); the
         broker ends the process afterwards. Returns what was saved and what could not be."""
         sp = self.sessions.get(lease)
@@ -132,7 +134,8 @@ class GpuWorkerPlugin(WorkerPlugin):
             f.write(reply["data"])
         return local
 
-    def offload_fetch(self, path: str) -> dict:
+    @validated(error_reply)
+    def offload_fetch(self, path: Text) -> dict:
         """Hand an offloaded namespace to the worker where its kernel's new session starts, and forget it."""
         if not self._own_offload(path) or not os.path.exists(path):
             return {"error": f"no offloaded variables at {path} on this worker"}
@@ -141,7 +144,8 @@ class GpuWorkerPlugin(WorkerPlugin):
         os.unlink(path)
         return {"data": data}
 
-    def offload_discard(self, path: str) -> dict:
+    @validated(error_reply)
+    def offload_discard(self, path: Text) -> dict:
         """Forget an offloaded namespace nobody will restore (its kernel ended)."""
         if self._own_offload(path):
             discard(path)
@@ -180,8 +184,16 @@ class GpuWorkerPlugin(WorkerPlugin):
 
         self._spare_task = asyncio.ensure_future(refill())
 
-    async def session_start(self, lease: dict, scheduler: str | None = None, restore: dict | None = None) -> dict:
+    @validated(error_reply)
+    async def session_start(self, lease: LeaseView, scheduler: Address | None = None,
+                            restore: RestoreRef | None = None) -> dict:
         """Give a (pre-warmed) session process the lease: pin it, cap it, and return its address."""
+        ours = {g.index for g in self.gpus}
+        if not lease.get("id") or not lease.get("gpu_indices") or not set(lease["gpu_indices"]) <= ours:
+            return error_reply(f"gpu_session_start: the lease must name an id and GPUs of this worker "
+                               f"({sorted(ours)}), not {lease.get('gpu_indices')}")
+        if lease["id"] in self.sessions:
+            return error_reply(f"gpu_session_start: lease {lease['id']} already has a session here")
         try:
             if self._spare_task is not None and not self._spare_task.done():
                 await self._spare_task
@@ -245,7 +257,8 @@ class GpuWorkerPlugin(WorkerPlugin):
         for suffix in (".standby", ".standby.part"):
             discard(os.path.join(self._offload_dir, f"{lease}{suffix}"))
 
-    async def session_signal(self, lease: str, signal: str = "kill") -> dict:
+    @validated(lambda why: {"ok": False, "error": why})
+    async def session_signal(self, lease: Name, signal: Literal["interrupt", "kill"] = "kill") -> dict:
         sp = self.sessions.get(lease)
         if sp is None:
             return {"ok": False}

@@ -1,0 +1,212 @@
+"""Checking what a caller sent before it touches any state: handler signatures are the schema.
+
+Why: a Dask handler is called with whatever keyword arguments arrive on the comm. One request with
+``workers: 1.5`` once wedged every later scheduling pass; a run update with a malformed field broke the
+snapshot for everyone. Every handler of the broker, the worker plugin and the session is therefore wrapped
+by ``validated``: each argument is checked against the handler's own annotation (``Annotated`` types below
+carry ranges and lengths), unknown arguments are refused, numbers must be finite, and a refusal is answered
+to the sender in the handler's own reply shape, naming the field and the fix. Nothing is coerced: a string
+where a number belongs is refused, not parsed.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import math
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
+
+log = logging.getLogger(__name__)
+
+
+class BadMessage(ValueError):
+    """A message whose fields are not what the protocol says; the text names the field and what it must be."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """Numbers: inclusive bounds."""
+
+    lo: float = -math.inf
+    hi: float = math.inf
+
+
+@dataclass(frozen=True)
+class MaxLen:
+    """Strings, lists and dicts: at most this many characters or items."""
+
+    n: int
+
+
+# the shapes handlers use most
+Name = Annotated[str, MaxLen(256)]          # user names, kernel ids, lease and request ids
+Text = Annotated[str, MaxLen(4096)]         # labels, reasons, notebook paths
+Seconds = Annotated[float, Range(0, 10 * 365 * 86400)]
+Count = Annotated[int, Range(0, 1_000_000)]
+Bytes = Annotated[int, Range(0, 2**62)]
+Percent = Annotated[float, Range(0, 100)]
+Address = Annotated[str, MaxLen(512)]
+
+
+def check(value: Any, hint: Any, where: str) -> None:
+    """Raise ``BadMessage`` unless ``value`` fits ``hint`` (a type annotation, possibly ``Annotated``)."""
+    constraints: tuple = ()
+    if get_origin(hint) is Annotated:
+        hint, *extra = get_args(hint)
+        constraints = tuple(extra)
+    origin = get_origin(hint)
+    if hint is Any or hint is object:
+        pass
+    elif origin in (Union, types.UnionType):
+        options = get_args(hint)
+        errors = []
+        for option in options:
+            try:
+                check(value, option, where)
+                break
+            except BadMessage as exc:
+                errors.append((option, str(exc)))
+        else:
+            real = [why for option, why in errors if option is not type(None)]
+            # ``X | None`` given something that is not None: what is wrong with it as an X
+            raise BadMessage(real[0] if len(real) == 1 else f"{where} must be {_describe(hint)}, not {_show(value)}")
+    elif hint is type(None):
+        if value is not None:
+            raise BadMessage(f"{where} must be null, not {_show(value)}")
+    elif origin is Literal:
+        if value not in get_args(hint) or isinstance(value, bool) != any(isinstance(a, bool) for a in get_args(hint)):
+            raise BadMessage(f"{where} must be one of {', '.join(map(repr, get_args(hint)))}, not {_show(value)}")
+    elif hint is bool:
+        if not isinstance(value, bool):
+            raise BadMessage(f"{where} must be true or false, not {_show(value)}")
+    elif hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise BadMessage(f"{where} must be a whole number, not {_show(value)}")
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise BadMessage(f"{where} must be a number, not {_show(value)}")
+        if not math.isfinite(value):
+            raise BadMessage(f"{where} must be a finite number, not {value}")
+    elif hint is str:
+        if not isinstance(value, str):
+            raise BadMessage(f"{where} must be text, not {_show(value)}")
+    elif hint is bytes:
+        if not isinstance(value, (bytes, bytearray, memoryview)):
+            raise BadMessage(f"{where} must be bytes, not {_show(value)}")
+    elif origin in (list, tuple) or hint in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise BadMessage(f"{where} must be a list, not {_show(value)}")
+        args = get_args(hint)
+        if args and origin is list:
+            for i, item in enumerate(value):
+                check(item, args[0], f"{where}[{i}]")
+    elif origin is dict or hint is dict or _is_typeddict(hint):
+        if not isinstance(value, dict):
+            raise BadMessage(f"{where} must be a mapping, not {_show(value)}")
+        args = get_args(hint)
+        if args:
+            for k, v in value.items():
+                check(k, args[0], f"{where} key")
+                check(v, args[1], f"{where}[{k!r}]")
+        elif _is_typeddict(hint):
+            check_fields(value, hint, where)
+    elif isinstance(hint, type):
+        if not isinstance(value, hint):
+            raise BadMessage(f"{where} must be {hint.__name__}, not {_show(value)}")
+    for c in constraints:
+        if isinstance(c, Range) and not (c.lo <= value <= c.hi):
+            raise BadMessage(f"{where} must be between {c.lo:g} and {c.hi:g}, not {value!r}")
+        if isinstance(c, MaxLen) and len(value) > c.n:
+            raise BadMessage(f"{where} is too long ({len(value)} > {c.n})")
+
+
+def check_fields(value: dict, typed: type, where: str) -> None:
+    """A ``TypedDict``: known keys only, each of its declared type."""
+    hints = get_type_hints(typed, include_extras=True)
+    unknown = sorted(str(k) for k in value if k not in hints)
+    if unknown:
+        raise BadMessage(f"{where} has unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(hints))}")
+    for key, v in value.items():
+        check(v, hints[key], f"{where}.{key}")
+    missing = sorted(getattr(typed, "__required_keys__", set()) - set(value))
+    if missing:
+        raise BadMessage(f"{where} lacks {', '.join(missing)}")
+
+
+def _is_typeddict(hint: Any) -> bool:
+    return isinstance(hint, type) and issubclass(hint, dict) and hasattr(hint, "__annotations__") and \
+        hasattr(hint, "__total__")
+
+
+def _describe(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
+
+
+def validated(refuse: Callable[[str], Any], skip: tuple[str, ...] = ("self", "comm")) -> Callable:
+    """Wrap a handler so that its arguments are checked against its annotations first.
+
+    ``refuse(message)`` builds the reply a caller gets for a bad message (e.g. ``{"error": message}``, or
+    a refused request status); for a one-way handler it is logged and dropped. Unknown keyword arguments
+    are refused too (a typo is a bug the sender must hear about, not a field silently ignored).
+    """
+
+    def wrap(fn: Callable) -> Callable:
+        sig = inspect.signature(fn)
+        hints = get_type_hints(fn, include_extras=True)
+        params = {n: p for n, p in sig.parameters.items() if n not in skip and p.kind not in
+                  (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        op = fn.__name__
+
+        def problem(args: tuple, kwargs: dict) -> str | None:
+            try:
+                bound = sig.bind(*args, **kwargs)
+            except TypeError as exc:
+                return f"{op}: {exc}"
+            for name, value in bound.arguments.items():
+                if name in params and name in hints:
+                    try:
+                        check(value, hints[name], name)
+                    except BadMessage as exc:
+                        return f"{op}: {exc}"
+            return None
+
+        if inspect.iscoroutinefunction(fn):
+            @functools.wraps(fn)
+            async def async_handler(*args: Any, **kwargs: Any) -> Any:
+                why = problem(args, kwargs)
+                if why is not None:
+                    log.warning("refused a malformed message: %s", why)
+                    return refuse(why)
+                return await fn(*args, **kwargs)
+            return async_handler
+
+        @functools.wraps(fn)
+        def handler(*args: Any, **kwargs: Any) -> Any:
+            why = problem(args, kwargs)
+            if why is not None:
+                log.warning("refused a malformed message: %s", why)
+                return refuse(why)
+            return fn(*args, **kwargs)
+        return handler
+
+    return wrap
+
+
+def error_reply(message: str) -> dict:
+    """The usual refusal: ``{"error": message}``."""
+    return {"error": message}
+
+
+def dropped(message: str) -> None:
+    """For one-way messages: nobody reads a reply; the refusal is logged by ``validated``."""
+    return None
+
