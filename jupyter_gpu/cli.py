@@ -26,11 +26,12 @@ def _security(args: argparse.Namespace, roles: tuple[Role, ...]) -> Security:
 
 
 def _cmd_pool(args: argparse.Namespace) -> int:
+    from jupyter_gpu.broker.settings import PoolConfigError
     from jupyter_gpu.common.security import TlsConfigError
 
     try:
         return _pool_up(args)
-    except TlsConfigError as exc:
+    except (TlsConfigError, PoolConfigError) as exc:
         print(f"jupyter-gpu pool up: {exc}", file=sys.stderr)
         return 1
 
@@ -55,15 +56,15 @@ def _pool_up(args: argparse.Namespace) -> int:
 
 def _cmd_worker(args: argparse.Namespace) -> int:
     from jupyter_gpu.common.security import TlsConfigError
+    from jupyter_gpu.errors import NoGpuAvailable
     from jupyter_gpu.pool.services import run_workers
 
     try:
-        asyncio.run(run_workers(args.address, args.host, os.environ.get("JUPYTER_GPU_VIRTUAL_GPUS"),
-                                security=_security(args, ("worker",))))
-    except TlsConfigError as exc:
+        return asyncio.run(run_workers(args.address, args.host, os.environ.get("JUPYTER_GPU_VIRTUAL_GPUS"),
+                                       security=_security(args, ("worker",))))
+    except (TlsConfigError, NoGpuAvailable, ValueError) as exc:
         print(f"jupyter-gpu worker: {exc}", file=sys.stderr)
         return 1
-    return 0
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

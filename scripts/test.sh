@@ -12,11 +12,13 @@ export JUPYTER_GPU_VIRTUAL_GPUS="${JUPYTER_GPU_VIRTUAL_GPUS:-2x16GiB}"
 python -c "import torch" 2>/dev/null || python -m pip install --quiet torch==2.13.0
 # the editable install also builds the panel (jlpm install + build) into jupyter_gpu/labext/static
 python -m pip install --quiet -e ".[test]"
+ruff check jupyter_gpu tests bench ui-tests/*.py
 
 python -m pytest "$@"
 # the shipped notebooks, as notebook tests through the project's own pytest plugin
 python -m pytest --nbgpu notebooks "$@"
 
+jlpm lint:check
 jlpm test
 if ! command -v chromium >/dev/null 2>&1; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null

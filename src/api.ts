@@ -5,7 +5,8 @@
 import { URLExt } from '@jupyterlab/coreutils';
 import { ServerConnection } from '@jupyterlab/services';
 
-import { ISnapshot } from './model';
+import { ScaleBody } from './validate';
+import { ISnapshot } from './wire';
 
 const PREFIX = 'jupyter-gpu/api';
 
@@ -48,18 +49,23 @@ export function fetchSnapshot(settings?: ServerConnection.ISettings): Promise<IS
   return request<ISnapshot>('snapshot', { method: 'GET' }, settings);
 }
 
-export function startPool(settings?: ServerConnection.ISettings): Promise<{ started: boolean; address?: string; error?: string }> {
+export function startPool(
+  settings?: ServerConnection.ISettings
+): Promise<{ started: boolean; address?: string; error?: string }> {
   return request('pool', { method: 'POST', body: '{}' }, settings);
 }
 
 export function scalePool(
-  body: { n: number } | { minimum: number; maximum: number },
+  body: ScaleBody,
   settings?: ServerConnection.ISettings
 ): Promise<{ workers?: number; error?: string }> {
   return request('scale', { method: 'POST', body: JSON.stringify(body) }, settings);
 }
 
-export function cancelWork(id: string, settings?: ServerConnection.ISettings): Promise<{ cancelled: boolean; what: string }> {
+export function cancelWork(
+  id: string,
+  settings?: ServerConnection.ISettings
+): Promise<{ cancelled: boolean; what: string }> {
   return request(`cancel/${encodeURIComponent(id)}`, { method: 'POST', body: '{}' }, settings);
 }
 

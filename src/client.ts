@@ -12,7 +12,7 @@ import { Poll } from '@lumino/polling';
 import { ISignal, Signal } from '@lumino/signaling';
 
 import { fetchSnapshot, streamUrl } from './api';
-import { ISnapshot } from './model';
+import { ISnapshot } from './wire';
 
 export class SnapshotFeed {
   /**

@@ -9,7 +9,7 @@ import { ISettingRegistry } from '@jupyterlab/settingregistry';
 import { IStatusBar } from '@jupyterlab/statusbar';
 
 import { SnapshotFeed } from './client';
-import { validFraction } from './model';
+import { validFraction } from './validate';
 import { KernelPaths, withServerNotebookPaths } from './notebooks';
 import { GpuPanel, IPanelActions } from './panel';
 import { GpuStatus } from './statusbar';
@@ -91,6 +91,8 @@ const plugin: JupyterFrontEndPlugin<void> = {
     app.commands.addCommand(OPEN_COMMAND, {
       label: 'Show GPU Pool Panel',
       caption: 'Open the jupyter-gpu side panel',
+      // the command takes no arguments; saying so lets callers of the command registry check theirs
+      describedBy: { args: { type: 'object', properties: {} } },
       execute: () => app.shell.activateById(panel.id)
     });
     if (palette) {

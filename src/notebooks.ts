@@ -8,7 +8,7 @@
  * panel takes the notebook's path from the server's own session of that kernel. Other kernels (another
  * server's, another machine's) keep the path they reported.
  */
-import { ISnapshot } from './model';
+import { ISnapshot } from './wire';
 
 /** The server-relative notebook path of one of this server's kernels, or undefined for other kernels. */
 export type KernelPaths = (kernel: string) => string | undefined;

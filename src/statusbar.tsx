@@ -5,7 +5,9 @@ import * as React from 'react';
 
 import { SnapshotFeed } from './client';
 import { gpuIcon } from './icon';
-import { ISnapshot, buildViewModel, statusText } from './model';
+import { statusText } from './views/status';
+import { buildViewModel } from './views/viewmodel';
+import { ISnapshot } from './wire';
 
 export class GpuStatus extends ReactWidget {
   constructor(

@@ -19,42 +19,108 @@ import time
 log = logging.getLogger(__name__)
 
 
+class TokenFileError(ValueError):
+    """The token file cannot be used; the message names the file and the fix."""
+
+
 def _hash(token: str, salt: str) -> str:
     return hashlib.sha256(f"{salt}:{token}".encode()).hexdigest()
 
 
+def parse_token_file(text: str, path: str) -> dict[str, dict]:
+    """The users of a token file's text, checked: ``{"users": {name: {"salt", "hash", "created"}}}``."""
+    fix = f"Recreate it with `jupyter-gpu token create --file {path} USER` (one line per user)."
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise TokenFileError(f"the token file {path} is not JSON ({exc}). {fix}") from None
+    users = data.get("users") if isinstance(data, dict) else None
+    if not isinstance(users, dict):
+        raise TokenFileError(f"the token file {path} has no \"users\" mapping. {fix}")
+    for name, entry in users.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("salt"), str) or \
+                not isinstance(entry.get("hash"), str) or len(entry["hash"]) != 64:
+            raise TokenFileError(f"the token file {path}: the entry of user {name!r} lacks a salt and a SHA-256 "
+                                 f"hash. {fix}")
+    return users
+
+
 class TokenStore:
-    """The token file: ``{"users": {name: {"salt", "hash", "created"}}}`` (written 0600)."""
+    """The token file: ``{"users": {name: {"salt", "hash", "created"}}}`` (written 0600).
+
+    It is read again when it changes, so tokens created while the pool runs take effect at once. A file that
+    turns bad while the pool runs (half written, edited by hand, unreadable) does not lock everybody out:
+    the last good copy stays in use and the error is logged once.
+    """
 
     def __init__(self, path: str):
         self.path = os.path.expanduser(path)
-        self._mtime: float | None = None
-        self._users: dict[str, dict] = {}
+        self._stamp: tuple[float, int] | None = None
+        self._users: dict[str, dict] | None = None
+        self._bad_stamp: tuple[float, int] | None = None
+
+    def validate(self) -> int:
+        """Read the file now, strictly (``jupyter-gpu pool up`` does this before it listens); returns the
+        number of users. Raises ``TokenFileError`` naming the file and the fix."""
+        try:
+            with open(self.path) as f:
+                text = f.read()
+            stamp = self._stat()
+        except FileNotFoundError:
+            raise TokenFileError(f"the token file {self.path} (jupyter-gpu.token-file) does not exist. Create it "
+                                 f"with `jupyter-gpu token create --file {self.path} USER`, or unset "
+                                 "jupyter-gpu.token-file for a pool without tokens.") from None
+        except OSError as exc:
+            raise TokenFileError(f"cannot read the token file {self.path}: {exc.strerror or exc}. The pool's "
+                                 "service account must be able to read it (and nobody else).") from None
+        self._users, self._stamp = parse_token_file(text, self.path), stamp
+        return len(self._users)
+
+    def _stat(self) -> tuple[float, int] | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return (st.st_mtime, st.st_size)
 
     def _load(self) -> dict[str, dict]:
-        try:
-            mtime = os.stat(self.path).st_mtime
-        except FileNotFoundError:
-            self._users, self._mtime = {}, None
+        stamp = self._stat()
+        if self._users is not None and stamp == self._stamp:
             return self._users
-        if mtime != self._mtime:  # tokens created while the pool runs take effect at once
+        if stamp is not None and stamp == self._bad_stamp:
+            return self._users or {}
+        try:
+            if stamp is None:
+                raise TokenFileError(f"the token file {self.path} was removed")
             with open(self.path) as f:
-                self._users = dict(json.load(f).get("users") or {})
-            self._mtime = mtime
-        return self._users
+                users = parse_token_file(f.read(), self.path)
+        except (OSError, TokenFileError) as exc:
+            self._bad_stamp = stamp
+            if self._users is not None:
+                log.error("%s; keeping the last good copy of the tokens (%d user(s)) until it is fixed", exc,
+                          len(self._users))
+                return self._users
+            log.error("%s; no user can be checked until it is fixed", exc)
+            return {}
+        self._users, self._stamp, self._bad_stamp = users, stamp, None
+        return users
 
     def create(self, user: str) -> str:
         """Issue a new token for ``user`` (replacing any earlier one) and return it; only its hash is kept."""
         token = secrets.token_urlsafe(24)
         salt = secrets.token_hex(8)
-        users = dict(self._load())
+        try:
+            with open(self.path) as f:
+                users = dict(parse_token_file(f.read(), self.path))
+        except FileNotFoundError:
+            users = {}
         users[user] = {"salt": salt, "hash": _hash(token, salt), "created": time.time()}
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         tmp = f"{self.path}.{os.getpid()}.tmp"
         with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             json.dump({"users": users}, f, indent=1)
         os.replace(tmp, self.path)
-        self._mtime = None
+        self._stamp = None
         log.info("token created for %s in %s", user, self.path)
         return token
 
@@ -62,8 +128,12 @@ class TokenStore:
         """None if ``token`` is ``user``'s, else the error the caller sees (saying what to do)."""
         if not user:
             return "The pool requires a user name and token (JUPYTER_GPU_USER and JUPYTER_GPU_TOKEN)."
-        entry = self._load().get(user)
+        users = self._load()
+        entry = users.get(user)
         if entry is None:
+            if not users and self._bad_stamp is not None:
+                return ("The pool cannot check tokens right now: its token file is unreadable. Ask the pool's "
+                        "admin to fix it (the scheduler's log says what is wrong).")
             return (f"The pool does not know the user {user!r}: it accepts only users with a token. Ask the "
                     f"pool's admin for one (jupyter-gpu token create {user}) and set JUPYTER_GPU_TOKEN.")
         if not token:

@@ -193,6 +193,27 @@ class Ledger:
                                       idle=self.sessions_start_idle)
         return leases
 
+    def adopt(self, lease: Lease, idle: bool) -> str | None:
+        """Book a live lease this ledger did not grant (its session outlived a scheduler restart). Returns
+        None when booked, else why it cannot be (its GPUs are gone, or the memory is booked by others)."""
+        if lease.id in self.leases:
+            return f"lease {lease.id} is already live"
+        for a in lease.allocations:
+            slot = self.gpus.get(a.gpu)
+            if slot is None:
+                return f"its GPU {a.gpu} is not in the pool"
+            if slot.free_bytes < a.bytes:
+                return f"its GPU {a.gpu} has only {slot.free_bytes} bytes free, not {a.bytes}"
+        for a in lease.allocations:
+            self.gpus[a.gpu].leased_bytes += a.bytes
+            self.gpus[a.gpu].leases.add(lease.id)
+        self.leases[lease.id] = lease
+        team = lease.team or self.policy.quotas.team_of(lease.user)
+        self.policy.lease_started(lease.id, lease.user, team, lease.fraction, lease.preemptible, now=lease.started,
+                                  allocs={a.gpu: a.bytes for a in lease.allocations}, request=lease.request,
+                                  gang=lease.world_size > 1, priority=lease.priority, idle=idle)
+        return None
+
     def set_state(self, lease_id: str, state: str, resident: int | None = None) -> Lease | None:
         """A lease's session started a cell (``running``) or finished one (``idle``)."""
         lease = self.leases.get(lease_id)

@@ -40,7 +40,17 @@ _ids = itertools.count(1)
 
 
 def new_id(prefix: str) -> str:
+    """A new request or lease id (``R12``, ``L13``): short, for people to read and type."""
     return f"{prefix}{next(_ids)}"
+
+
+def ids_beyond(taken: list[str]) -> None:
+    """Make ``new_id`` never hand out ``taken`` ids again (leases adopted from before a scheduler restart)."""
+    global _ids
+    numbers = [int(t[1:]) for t in taken if t[1:].isdigit()]
+    if numbers:
+        current = next(_ids)
+        _ids = itertools.count(max(current, max(numbers) + 1))
 
 
 @dataclass

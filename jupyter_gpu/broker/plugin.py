@@ -19,20 +19,32 @@ import asyncio
 import collections
 import logging
 import math
+import os
 import time
 from typing import Annotated, Any, Callable, Literal
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from jupyter_gpu.broker import packing, views
-from jupyter_gpu.broker.audit import AuditStore, audit_from_config
+from jupyter_gpu.broker.audit import AuditStore
 from jupyter_gpu.broker.fair_share import FairSharePolicy
-from jupyter_gpu.broker.identity import TokenStore, tokens_from_config
+from jupyter_gpu.broker.identity import TokenStore
 from jupyter_gpu.broker.ledger import Ledger
-from jupyter_gpu.broker.model import GpuSlot, Lease, Request, new_id
-from jupyter_gpu.broker.quotas import quotas_from_config
+from jupyter_gpu.broker.model import Allocation, GpuSlot, Lease, Request, ids_beyond, new_id
+from jupyter_gpu.broker.settings import BrokerSettings, PoolConfigError, load_settings
 from jupyter_gpu.common import config, protocol
-from jupyter_gpu.common.protocol import GpuInfoMsg, MetricsItem, RequestSpec, RequestStatus, RunState, Sample, Snapshot
+from jupyter_gpu.common.protocol import (
+    GpuInfoMsg,
+    LeaseView,
+    LiveSession,
+    MetricsItem,
+    ParkedCopy,
+    RequestSpec,
+    RequestStatus,
+    RunState,
+    Sample,
+    Snapshot,
+)
 from jupyter_gpu.common.validation import (
     Address,
     Bytes,
@@ -61,12 +73,16 @@ class GpuBroker(SchedulerPlugin):
     name = PLUGIN_NAME
 
     def __init__(self, policy: FairSharePolicy | None = None, embedded: bool = False,
-                 audit: AuditStore | None = None, tokens: TokenStore | None = None):
-        # fair share with the quotas of Dask config jupyter-gpu.pool-config (none: fair share of use only)
-        self.policy: FairSharePolicy = policy or FairSharePolicy(quotas_from_config())
+                 audit: AuditStore | None = None, tokens: TokenStore | None = None,
+                 settings: BrokerSettings | None = None):
+        # what is not given comes from Dask config (jupyter-gpu.pool-config, token-file, audit-db), checked
+        if settings is None and (policy is None or audit is None or tokens is None):
+            settings = load_settings()
+        # fair share with the configured quotas (none: fair share of use only)
+        self.policy: FairSharePolicy = policy or FairSharePolicy(settings.quotas)
         self.ledger = Ledger(self.policy)
-        self.audit: AuditStore = audit or audit_from_config()
-        self.tokens: TokenStore | None = tokens if tokens is not None else tokens_from_config()
+        self.audit: AuditStore = audit or settings.audit
+        self.tokens: TokenStore | None = tokens if tokens is not None else settings.tokens
         self.embedded = embedded
         self.samples: dict[str, collections.deque] = {}
         self.runs: dict[str, dict] = {}
@@ -74,6 +90,7 @@ class GpuBroker(SchedulerPlugin):
         self._events: dict[str, asyncio.Event] = {}
         self._tasks: set[asyncio.Task] = set()
         self._drains: dict[str, list[asyncio.Task]] = {}  # request id -> reclaimed sessions it waits to see gone
+        self._adopted: dict[str, float] = {}  # lease id -> when adopted after a restart (its kernel must come back)
         self.scheduler = None
 
     # the ledger's state, as the scaler, the embedded pool and tests read it
@@ -169,8 +186,12 @@ class GpuBroker(SchedulerPlugin):
 
     # ------------------------------------------------------------------ handlers: workers and sessions
     @validated(error_reply)
-    def register_worker(self, worker: Address, gpus: Annotated[list[GpuInfoMsg], MaxLen(1024)]) -> dict:
-        """A worker's GPU plugin reports the GPUs it owns (replacing any earlier report)."""
+    def register_worker(self, worker: Address, gpus: Annotated[list[GpuInfoMsg], MaxLen(1024)],
+                        sessions: Annotated[list[LiveSession], MaxLen(10_000)] | None = None,
+                        parked: Annotated[list[ParkedCopy], MaxLen(10_000)] | None = None) -> dict:
+        """A worker's GPU plugin reports the GPUs it owns (replacing any earlier report). A worker that joins a
+        restarted scheduler also reports the sessions and parked variables it kept: they are adopted, so
+        their owners' kernels carry on as if nothing had happened."""
         for i, info in enumerate(gpus):
             missing = [k for k in ("index", "uuid", "name", "total_bytes") if k not in info]
             if missing:
@@ -183,9 +204,80 @@ class GpuBroker(SchedulerPlugin):
         ids = self.ledger.set_worker_gpus(worker, slots)
         for gpu_id in ids:
             self.samples.setdefault(gpu_id, collections.deque(maxlen=int(config.get("worker.samples-kept"))))
-        log.info("worker %s offers %d GPU(s)", worker, len(ids))
+        refused = self._adopt(worker, sessions or [], parked or [])
+        log.info("worker %s offers %d GPU(s)%s", worker, len(ids),
+                 f", with {len(sessions or [])} live session(s) and {len(parked or [])} parked" if sessions or parked
+                 else "")
         self._schedule()
-        return {"gpus": ids}
+        return {"gpus": ids, "refused_sessions": refused}
+
+    def _adopt(self, worker: str, sessions: list[LiveSession], parked: list[ParkedCopy]) -> list[str]:
+        """Take back the sessions and parked variables a worker kept across a scheduler restart; returns the
+        lease ids that could not be (the worker ends those sessions)."""
+        now = time.time()
+        refused = []
+        ids_beyond([s["lease"].get("id", "") for s in sessions] + [p["lease"].get("id", "") for p in parked])
+        for live in sessions:
+            lease = self._lease_from(worker, live["lease"], live["client"])
+            if lease is None:
+                refused.append(str(live["lease"].get("id")))
+                continue
+            lease.state = "running" if live["busy"] else "idle"
+            why = self.ledger.adopt(lease, idle=not live["busy"])
+            if why is not None:
+                log.warning("cannot adopt the session of lease %s on %s: %s", lease.id, worker, why)
+                refused.append(lease.id)
+                continue
+            self._adopted[lease.id] = now
+            self.audit.lease_started(lease.public(), lease.preemptible)
+            log.info("adopted lease %s of %s on %s (its session outlived the scheduler)", lease.id, lease.user, worker)
+        for copy in parked:
+            lease = self._lease_from(worker, copy["lease"], copy["client"])
+            if lease is None or lease.id in self.ended or lease.id in self.leases:
+                continue
+            lease.state, lease.ended = "ended", now
+            lease.end_reason = copy["lease"].get("end_reason") or "its session was moved to host memory"
+            lease.offload = {"state": "saved", "worker": worker, "path": copy["path"], "saved": copy["saved"],
+                             "lost": copy["lost"], "bytes": copy["bytes"], "standby": copy["standby"], "seconds": None}
+            self.ended[lease.id] = lease
+            self._adopted[lease.id] = now
+        return refused
+
+    def _lease_from(self, worker: str, view: LeaseView, client: str | None) -> Lease | None:
+        """A ``Lease`` rebuilt from the view a worker kept, on that worker's GPUs (None if it does not fit them)."""
+        indices = view.get("gpu_indices") or []
+        slots = [self.gpus.get(f"{worker}#{i}") for i in indices]
+        if not indices or not view.get("id") or not view.get("user") or any(s is None for s in slots):
+            return None
+        if len(slots) == 1:
+            allocations = [Allocation(gpu=slots[0].id, index=slots[0].index, bytes=int(view.get("bytes") or 0))]
+        else:
+            allocations = [Allocation(gpu=s.id, index=s.index, bytes=s.total_bytes) for s in slots]
+        return Lease(id=view["id"], request=view.get("request") or "", user=view["user"], kernel=view.get("kernel", ""),
+                     client=client, worker=worker, allocations=allocations, fraction=float(view.get("fraction") or 0),
+                     priority=view.get("priority") or "interactive", notebook=view.get("notebook"),
+                     cell=view.get("cell"), team=view.get("team"), rank=int(view.get("rank") or 0),
+                     world_size=int(view.get("world_size") or 1), started=float(view.get("started") or time.time()),
+                     isolation=view.get("isolation") or "none", address=view.get("address"), pid=view.get("pid"),
+                     peak_bytes=view.get("peak_bytes"), resident_bytes=view.get("resident_bytes"),
+                     preemptible=bool(view.get("preemptible")))
+
+    def _end_orphans(self, now: float) -> None:
+        """Adopted leases and parked variables whose kernel did not come back after the restart are ended."""
+        grace = config.get_seconds("adopt-grace")
+        for lease_id, since in list(self._adopted.items()):
+            if now - since < grace:
+                continue
+            del self._adopted[lease_id]
+            lease = self.leases.get(lease_id)
+            if lease is not None and lease.client is not None and lease.client not in self.scheduler.clients:
+                self._end_lease(lease, f"its kernel did not reconnect within {grace:.0f} s of the pool's scheduler "
+                                       "restarting", kill=True)
+                continue
+            parked = self.ended.get(lease_id)
+            if parked is not None and parked.client is not None and parked.client not in self.scheduler.clients \
+                    and (parked.offload or {}).get("state") == "saved":
+                self._spawn(self._discard_offload(parked))
 
     @validated(dropped)
     def add_samples(self, worker: Address, samples: Annotated[dict[str, Sample], MaxLen(1024)]) -> None:
@@ -465,9 +557,12 @@ class GpuBroker(SchedulerPlugin):
         await self._kill_session(lease)
 
     def _housekeeping(self) -> None:
-        """Once a second: the admin idle timeout, reservations that aged, and the audit heartbeat."""
+        """Once a second: the admin idle timeout, reservations that aged, orphans of a restart, the audit
+        heartbeat."""
         self.audit.heartbeat()
         now = time.time()
+        if self._adopted:
+            self._end_orphans(now)
         expired = self.policy.idle_expired(now)
         for lease_id in expired:
             lease = self.leases.get(lease_id)
@@ -487,7 +582,7 @@ class GpuBroker(SchedulerPlugin):
             restore = {"worker": req.restore["worker"], "path": req.restore["path"]} if (
                 req.restore and lease.rank == 0) else None
             reply = await self.scheduler.rpc(lease.worker).gpu_session_start(
-                lease=lease.public(), scheduler=self.scheduler.address, restore=restore)
+                lease=lease.public(), scheduler=self.scheduler.address, restore=restore, client=lease.client)
             if reply.get("error"):
                 raise RuntimeError(reply["error"])
             lease.address, lease.pid = reply["address"], reply["pid"]
@@ -572,6 +667,16 @@ def _plain_metrics(metrics: dict) -> dict:
 
 
 async def dask_setup(scheduler) -> None:  # noqa: ANN001
-    """``--preload jupyter_gpu.broker.plugin``: install the broker on this scheduler."""
-    if PLUGIN_NAME not in scheduler.plugins:
-        scheduler.add_plugin(GpuBroker())
+    """``--preload jupyter_gpu.broker.plugin``: install the broker on this scheduler.
+
+    A scheduler whose broker cannot load its settings exits (code 1) instead of serving without a broker:
+    a supervisor sees the failure, and the log says which file to fix."""
+    if PLUGIN_NAME in scheduler.plugins:
+        return
+    try:
+        settings = load_settings()
+    except PoolConfigError as exc:
+        log.critical("jupyter-gpu: the broker cannot start: %s", exc)
+        logging.shutdown()
+        os._exit(1)
+    scheduler.add_plugin(GpuBroker(settings=settings))

@@ -25,6 +25,7 @@ Use beyond the guarantee is allowed when capacity is idle, and such leases are m
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,79 +99,184 @@ class PoolQuotas:
         return sum(t.guarantee for t in self.teams.values())
 
 
+TOP_KEYS = ("default-team", "half-life", "reserve-after", "min-run-time", "idle-timeout", "suspend-idle-after",
+            "teams", "users")
+TEAM_KEYS = ("guarantee", "limit", "priority", "members")
+USER_KEYS = ("team", "guarantee", "limit", "priority")
+
+
+class _Where:
+    """Names an entry of the file for an error: the file, the line where the file has it, and its key path."""
+
+    def __init__(self, source: str | None, lines: dict[tuple[str, ...], int] | None = None):
+        self.source = source or "pool config"
+        self.lines = lines or {}
+
+    def __call__(self, *keys: Any) -> str:
+        path = tuple(str(k) for k in keys)
+        line = None
+        for n in range(len(path), 0, -1):  # the entry's own line, else its nearest parent's
+            line = self.lines.get(path[:n])
+            if line is not None:
+                break
+        at = f"{self.source}, line {line}" if line else self.source
+        return f"{at}: {'.'.join(path)}" if path else at
+
+
 def _seconds(value: Any, what: str) -> float | None:
     if value is None:
         return None
     from dask.utils import parse_timedelta
 
     try:
-        return float(parse_timedelta(value, default="s"))
-    except (TypeError, ValueError, KeyError) as exc:
-        raise QuotaConfigError(f"{what}: {value!r} is not a duration (e.g. 90s, 10m, 1h)") from exc
+        seconds = float(parse_timedelta(value, default="s"))
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise QuotaConfigError(f"{what}: {value!r} is not a duration (write e.g. 90s, 10m, 1h)") from exc
+    if not math.isfinite(seconds) or seconds < 0:
+        raise QuotaConfigError(f"{what}: {value!r} is not a duration (write e.g. 90s, 10m, 1h)")
+    return seconds
 
 
 def _gpus(value: Any, what: str, allow_none: bool = False) -> float | None:
     if value is None and allow_none:
         return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError) as exc:
-        raise QuotaConfigError(f"{what}: {value!r} is not a number of GPUs") from exc
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise QuotaConfigError(f"{what}: {value!r} is not a number of GPUs (write a number >= 0, e.g. 1.5)")
+    number = float(value)
+    if not math.isfinite(number):
+        raise QuotaConfigError(f"{what}: {value!r} is not a number of GPUs (write a finite number >= 0, e.g. 1.5)")
     if number < 0:
-        raise QuotaConfigError(f"{what}: must be >= 0, got {number}")
+        raise QuotaConfigError(f"{what}: must be >= 0, got {number:g}")
     return number
 
 
-def parse_quotas(data: dict | None, source: str | None = None) -> PoolQuotas:
-    """Build ``PoolQuotas`` from the parsed file; raises ``QuotaConfigError`` naming the bad entry."""
-    data = dict(data or {})
-    where = source or "pool config"
-    default_team = str(data.get("default-team", DEFAULT_TEAM))
+def _priority(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise QuotaConfigError(f"{what}: {value!r} is not a whole number (a priority: higher goes first, e.g. 10)")
+    return value
+
+
+def _mapping(value: Any, what: str, known: tuple[str, ...] | None = None) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise QuotaConfigError(f"{what}: must be a mapping of names to settings, not {type(value).__name__} "
+                               f"{value!r}")
+    if known is not None:
+        unknown = sorted(str(k) for k in value if k not in known)
+        if unknown:
+            raise QuotaConfigError(f"{what}: unknown setting(s) {', '.join(unknown)}; the settings here are "
+                                   f"{', '.join(known)} (a typo?)")
+    return value
+
+
+def _names(value: Any, what: str) -> set[str]:
+    if value is None:
+        return set()
+    if not isinstance(value, list) or not all(isinstance(m, str) and m for m in value):
+        raise QuotaConfigError(f"{what}: must be a list of user names, e.g. [alice, bob], not {value!r}")
+    return set(value)
+
+
+def parse_quotas(data: Any, source: str | None = None, lines: dict[tuple[str, ...], int] | None = None) -> PoolQuotas:
+    """Build ``PoolQuotas`` from the parsed file; raises ``QuotaConfigError`` naming the file, the line (when
+    known) and the entry, and saying what to write instead. Unknown settings are refused (a typo would
+    otherwise silently mean "no quota")."""
+    where = _Where(source, lines)
+    data = _mapping(data, where(), TOP_KEYS)
+    default_team = data.get("default-team", DEFAULT_TEAM)
+    if not isinstance(default_team, str) or not default_team:
+        raise QuotaConfigError(f"{where('default-team')}: must be a team name, not {default_team!r}")
     teams: dict[str, Team] = {}
     users: dict[str, UserQuota] = {}
-    for name, entry in (data.get("teams") or {}).items():
-        entry = entry or {}
-        team = Team(name=str(name), guarantee=_gpus(entry.get("guarantee", 0), f"{where}: teams.{name}.guarantee"),
-                    limit=_gpus(entry.get("limit"), f"{where}: teams.{name}.limit", allow_none=True),
-                    priority=int(entry.get("priority", 0)), members={str(m) for m in entry.get("members") or ()})
+    for name, entry in _mapping(data.get("teams"), where("teams")).items():
+        entry = _mapping(entry, where("teams", name), TEAM_KEYS)
+        team = Team(name=str(name), guarantee=_gpus(entry.get("guarantee", 0), where("teams", name, "guarantee")),
+                    limit=_gpus(entry.get("limit"), where("teams", name, "limit"), allow_none=True),
+                    priority=_priority(entry.get("priority", 0), where("teams", name, "priority")),
+                    members=_names(entry.get("members"), where("teams", name, "members")))
         if team.limit is not None and team.limit < team.guarantee:
-            raise QuotaConfigError(f"{where}: teams.{name}: limit {team.limit} is below its guarantee "
-                                   f"{team.guarantee}")
+            raise QuotaConfigError(f"{where('teams', name)}: limit {team.limit:g} is below its guarantee "
+                                   f"{team.guarantee:g}")
         teams[team.name] = team
         for member in team.members:
             if member in users:
-                raise QuotaConfigError(f"{where}: user {member!r} is a member of two teams "
-                                       f"({users[member].team} and {name})")
+                raise QuotaConfigError(f"{where('teams', name, 'members')}: user {member!r} is a member of two "
+                                       f"teams ({users[member].team} and {name})")
             users[member] = UserQuota(name=member, team=team.name)
-    for name, entry in (data.get("users") or {}).items():
-        entry = entry or {}
+    for name, entry in _mapping(data.get("users"), where("users")).items():
+        entry = _mapping(entry, where("users", name), USER_KEYS)
         name = str(name)
         team_name = entry.get("team") or (users[name].team if name in users else None)
+        if team_name is not None and not isinstance(team_name, str):
+            raise QuotaConfigError(f"{where('users', name, 'team')}: must be a team name, not {team_name!r}")
         if entry.get("guarantee") is not None and team_name is None:
             # a user with a guarantee of their own and no team: a one-member team carries it
             team_name = name
             teams.setdefault(name, Team(name=name, members={name}))
-            teams[name].guarantee = _gpus(entry["guarantee"], f"{where}: users.{name}.guarantee")
+            teams[name].guarantee = _gpus(entry["guarantee"], where("users", name, "guarantee"))
         team_name = team_name or default_team
         if team_name not in teams:
             teams[team_name] = Team(name=team_name)
         teams[team_name].members.add(name)
         users[name] = UserQuota(name=name, team=team_name,
-                                limit=_gpus(entry.get("limit"), f"{where}: users.{name}.limit", allow_none=True),
-                                priority=int(entry.get("priority", 0)))
+                                limit=_gpus(entry.get("limit"), where("users", name, "limit"), allow_none=True),
+                                priority=_priority(entry.get("priority", 0), where("users", name, "priority")))
     return PoolQuotas(teams=teams, users=users, default_team=default_team,
-                      half_life=_seconds(data.get("half-life", "1h"), f"{where}: half-life") or 3600.0,
-                      reserve_after=_seconds(data.get("reserve-after", "60s"), f"{where}: reserve-after") or 0.0,
-                      min_run_time=_seconds(data.get("min-run-time", "60s"), f"{where}: min-run-time") or 0.0,
-                      idle_timeout=_seconds(data.get("idle-timeout"), f"{where}: idle-timeout"),
-                      suspend_idle_after=_seconds(data.get("suspend-idle-after", "60s"),
-                                                  f"{where}: suspend-idle-after"),
+                      half_life=_seconds(data.get("half-life", "1h"), where("half-life")) or 3600.0,
+                      reserve_after=_seconds(data.get("reserve-after", "60s"), where("reserve-after")) or 0.0,
+                      min_run_time=_seconds(data.get("min-run-time", "60s"), where("min-run-time")) or 0.0,
+                      idle_timeout=_seconds(data.get("idle-timeout"), where("idle-timeout")),
+                      suspend_idle_after=_seconds(data.get("suspend-idle-after", "60s"), where("suspend-idle-after")),
                       configured=True, source=source)
+
+
+def _yaml_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Key path -> 1-based line of every mapping key in a YAML document (for errors that name the line)."""
+    import yaml
+
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: Any, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                sub = path + (str(key.value),)
+                lines[sub] = key.start_mark.line + 1
+                walk(value, sub)
+
+    try:
+        walk(yaml.compose(text), ())
+    except yaml.YAMLError:
+        pass
+    return lines
+
+
+def _toml_lines(text: str) -> dict[tuple[str, ...], int]:
+    """The same for TOML, from its text: ``[a.b]`` tables and ``key = ...`` lines under them."""
+    lines: dict[tuple[str, ...], int] = {}
+    table: tuple[str, ...] = ()
+    for n, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if line.startswith("[") and line.endswith("]"):
+            table = tuple(p.strip().strip('"') for p in line.strip("[]").split("."))
+            lines.setdefault(table, n)
+        elif "=" in line and not line.startswith("#"):
+            key = line.split("=", 1)[0].strip().strip('"')
+            lines.setdefault(table + tuple(p.strip() for p in key.split(".")), n)
+    return lines
 
 
 def load_quotas(path: str) -> PoolQuotas:
     """Read a quota file (``.toml`` as TOML, anything else as YAML)."""
     path = os.path.expanduser(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise QuotaConfigError(f"cannot read the pool's quota file {path} (jupyter-gpu.pool-config): "
+                               f"{exc.strerror or exc}. Fix the path or its permissions, or unset "
+                               "jupyter-gpu.pool-config for a pool without quotas.") from exc
+    text = raw.decode("utf-8", "replace")
     try:
         if path.endswith(".toml"):
             try:
@@ -178,18 +284,17 @@ def load_quotas(path: str) -> PoolQuotas:
             except ImportError:  # Python 3.10: the same parser, as a package
                 import tomli as tomllib
 
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
+            data = tomllib.loads(text)
+            lines = _toml_lines(text)
         else:
             import yaml
 
-            with open(path) as f:
-                data = yaml.safe_load(f)
-    except OSError as exc:
-        raise QuotaConfigError(f"cannot read the pool config {path}: {exc}") from exc
-    except Exception as exc:  # a YAML/TOML syntax error: say which file
-        raise QuotaConfigError(f"the pool config {path} is not valid: {exc}") from exc
-    quotas = parse_quotas(data, source=path)
+            data = yaml.safe_load(text)
+            lines = _yaml_lines(text)
+    except Exception as exc:  # a YAML/TOML syntax error: say which file (the parser's text has the line)
+        raise QuotaConfigError(f"the pool's quota file {path} is not valid "
+                               f"{'TOML' if path.endswith('.toml') else 'YAML'}: {exc}") from exc
+    quotas = parse_quotas(data, source=path, lines=lines)
     log.info("pool quotas from %s: %d team(s), %d user(s), %.2f GPU guaranteed", path, len(quotas.teams),
              len(quotas.users), quotas.total_guarantee())
     return quotas

@@ -14,6 +14,8 @@ from typing import Any
 from jupyter_gpu.broker.ledger import Ledger
 from jupyter_gpu.broker.model import GpuSlot, Lease, Request
 from jupyter_gpu.common.protocol import GpuView, LeaseView, ParkedView, QueueItem, RequestStatus, Sample, Snapshot
+from jupyter_gpu.common.rightsizing import right_size
+from jupyter_gpu.common.units import format_bytes
 
 SAMPLES_SHOWN = 60    # per GPU in a snapshot (the panel's sparklines)
 RUNS_SHOWN = 10       # the latest --workers runs
@@ -29,15 +31,40 @@ def host_of(address: str) -> str:
         return address
 
 
-def lease_on_gpu(lease: Lease, gpu_id: str) -> LeaseView:
+def right_size_hint(lease: Lease) -> str | None:
+    """The panel's right-sizing line for ``lease`` (``used 600.0 MiB of 8.0 GiB: ask --memory 1GiB next
+    time``), or None when ``common.rightsizing`` finds nothing to say.
+
+    Why the broker words it: the rule (when a reservation counts as over-sized, what to suggest) lives in
+    ``rightsizing.py`` for the kernel and ``%gpu status`` too; the panel shows this text as sent instead of
+    keeping a copy of the rule. ``--memory`` sizes one GPU's share, so a lease over several GPUs (whole
+    GPUs) gets no suggestion.
+    """
+    if len(lease.allocations) != 1:
+        return None
+    sizing = right_size(lease.peak_bytes, lease.bytes)
+    if sizing is None:
+        return None
+    return (f"used {format_bytes(sizing.peak_bytes)} of {format_bytes(sizing.reserved_bytes)}: "
+            f"ask --memory {sizing.suggestion()} next time")
+
+
+def lease_view(lease: Lease) -> LeaseView:
+    """``Lease.public()`` plus what the broker concludes about it for the panel (``right_size``)."""
     view = lease.public()
+    view["right_size"] = right_size_hint(lease)
+    return view
+
+
+def lease_on_gpu(lease: Lease, gpu_id: str) -> LeaseView:
+    view = lease_view(lease)
     view["bytes_on_gpu"] = sum(a.bytes for a in lease.allocations if a.gpu == gpu_id)
     return view
 
 
 def lease_with_gpus(lease: Lease, gpus: Mapping[str, GpuSlot]) -> LeaseView:
     """A granted lease as its kernel gets it: with its GPUs' names and whether they are virtual."""
-    view = lease.public()
+    view = lease_view(lease)
     slots = [gpus[a.gpu] for a in lease.allocations if a.gpu in gpus]
     view["gpu_names"] = [g.name for g in slots]
     view["virtual"] = all(g.virtual for g in slots)

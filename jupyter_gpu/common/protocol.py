@@ -212,6 +212,26 @@ class LeaseView(TypedDict, total=False):
     virtual: bool                    # in a granted request's status
 
 
+class LiveSession(TypedDict):
+    """A session a worker reports when it joins a (restarted) scheduler, for the broker to adopt."""
+
+    lease: LeaseView                 # as the broker granted it, with the session's address and pid
+    client: str | None               # the owning kernel's Dask client
+    busy: bool                       # running a cell right now
+
+
+class ParkedCopy(TypedDict):
+    """An ended session's variables a worker keeps in host memory, reported for adoption the same way."""
+
+    lease: LeaseView
+    client: str | None
+    path: str
+    saved: list[str]
+    lost: list[dict]
+    bytes: int
+    standby: bool
+
+
 class RequestStatus(TypedDict, total=False):
     """What ``gpu_request`` and ``gpu_wait`` answer."""
 
@@ -407,8 +427,10 @@ class Op(NamedTuple):
 
 
 SCHEDULER_HANDLERS: Final[dict[str, Op]] = {
-    "gpu_register_worker": Op("worker", "worker, gpus: list[GpuInfoMsg]", "{gpus: [GPU id]}",
-                              "a worker's GPU plugin offers its GPUs (replacing any earlier offer)"),
+    "gpu_register_worker": Op("worker", "worker, gpus: list[GpuInfoMsg], sessions?: list[LiveSession], "
+                              "parked?: list[ParkedCopy]", "{gpus: [GPU id], refused_sessions: [lease id]}",
+                              "a worker's GPU plugin offers its GPUs (replacing any earlier offer); after a "
+                              "scheduler restart, with the sessions and parked variables it keeps, to adopt"),
     "gpu_samples": Op("worker", "worker, samples: {index: Sample}", "-",
                       "NVML utilization samples from a worker's sampling thread"),
     "gpu_session_ended": Op("worker", "lease, reason", "-",
@@ -437,7 +459,7 @@ SCHEDULER_HANDLERS: Final[dict[str, Op]] = {
 }
 
 WORKER_HANDLERS: Final[dict[str, Op]] = {
-    "gpu_session_start": Op("broker", "lease: LeaseView, scheduler, restore?: {worker, path}",
+    "gpu_session_start": Op("broker", "lease: LeaseView, scheduler, restore?: {worker, path}, client?",
                             "{address, pid, isolation, restored} | {error}",
                             "give a (pre-warmed) session process the lease: pinned, capped, restored"),
     "gpu_session_signal": Op("broker", 'lease, signal: "interrupt" | "kill"', "{ok}",

@@ -27,6 +27,7 @@ from jupyter_gpu.common import config
 from jupyter_gpu.common.protocol import DEVICES_ENV, VIRTUAL_ENV
 from jupyter_gpu.common.security import describe, listen_scheme, pool_security, require_certificate
 from jupyter_gpu.pool.discovery import PoolRecord, live_embedded_pool, runtime_file, write_record
+from jupyter_gpu.worker.dask_worker import GpuDaskWorker
 from jupyter_gpu.worker.inventory import discover, parse_virtual_spec
 
 if TYPE_CHECKING:
@@ -120,7 +121,7 @@ def _worker_spec(index: int, virtual: str | None, host: str, security: Security 
     env = {DEVICES_ENV: str(index)}
     if virtual:
         env[VIRTUAL_ENV] = virtual
-    options = {"nthreads": 1, "host": host, "env": env, "name": f"gpu-{index}",
+    options = {"nthreads": 1, "host": host, "env": env, "name": f"gpu-{index}", "worker_class": GpuDaskWorker,
                "preload": ["jupyter_gpu.worker.plugin"], "dashboard": False}
     if security is not None:
         options["security"] = security

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from jupyter_gpu.common.protocol import DEVICES_ENV, VIRTUAL_ENV
 from jupyter_gpu.common.security import check_address, describe, listen_scheme, pool_security, require_certificate
+from jupyter_gpu.worker.dask_worker import GpuDaskWorker
 from jupyter_gpu.worker.inventory import discover
 
 if TYPE_CHECKING:
@@ -38,6 +39,9 @@ async def run_scheduler(host: str, port: int, security: Security | None = None) 
     """
     from distributed import Scheduler
 
+    from jupyter_gpu.broker.settings import load_settings
+
+    load_settings()  # the quota file, token file and audit store, checked before anything listens
     sec = security or pool_security(roles=("scheduler",))
     protocol = listen_scheme("scheduler", sec)
     if protocol == "tls":
@@ -52,13 +56,14 @@ async def run_scheduler(host: str, port: int, security: Security | None = None) 
 
 
 async def run_workers(address: str, host: str | None, virtual: str | None,
-                      security: Security | None = None) -> None:
+                      security: Security | None = None) -> int:
     """One Nanny-managed worker per GPU of this machine; runs until SIGTERM/SIGINT.
 
     ``security``: TLS of the ``worker`` role (default: Dask config). The workers listen with the scheme of
     ``address`` and hand their TLS settings on to their session processes (see the worker plugin).
     """
     from distributed import Nanny
+    from distributed.core import Status
 
     sec = security or pool_security(roles=("worker",))
     check_address(address, "worker", sec)
@@ -66,12 +71,23 @@ async def run_workers(address: str, host: str | None, virtual: str | None,
     env = {VIRTUAL_ENV: virtual} if virtual else {}
     nannies = [Nanny(address, nthreads=1, host=host, name=f"{gpu.name}-{gpu.uuid[-8:]}",
                      env={**env, DEVICES_ENV: str(gpu.index)}, dashboard=False, security=sec,
-                     preload=["jupyter_gpu.worker.plugin"]) for gpu in gpus]
+                     worker_class=GpuDaskWorker, preload=["jupyter_gpu.worker.plugin"]) for gpu in gpus]
     await asyncio.gather(*(n.start() for n in nannies))
     print(f"jupyter-gpu: {len(nannies)} GPU worker(s) joined {address}: "
           + ", ".join(g.name for g in gpus), flush=True)
     print(f"  {describe(sec, 'worker')}", flush=True)
+    signalled = asyncio.ensure_future(_until_signalled())
     try:
-        await _until_signalled()
+        # a worker that could not get back to its scheduler closes (with its nanny): then this service exits
+        # non-zero, so that whatever supervises it (systemd, Slurm, Kubernetes) starts it again
+        while not signalled.done():
+            await asyncio.wait({signalled}, timeout=1.0)
+            closed = [n for n in nannies if n.status in (Status.closed, Status.closing, Status.failed)]
+            if closed and not signalled.done():
+                print(f"jupyter-gpu worker: {len(closed)} of {len(nannies)} GPU worker(s) stopped (their scheduler "
+                      f"at {address} is gone); exiting so that a supervisor restarts this service", flush=True)
+                return 1
+        return 0
     finally:
+        signalled.cancel()
         await asyncio.gather(*(n.close() for n in nannies), return_exceptions=True)

@@ -47,6 +47,8 @@ class GpuWorkerPlugin(WorkerPlugin):
         self.devices = devices
         self.gpus: list[GpuInfo] = []
         self.sessions: dict[str, SessionProcess] = {}
+        # variables of ended sessions kept in host memory here, with their owner: lease id -> ParkedCopy
+        self.parked: dict[str, dict] = {}
         self._offload_dir: str | None = None  # offloaded namespaces of reclaimed sessions (host memory)
         self.spare: SessionProcess | None = None
         self._spare_task: asyncio.Task | None = None
@@ -106,11 +108,16 @@ class GpuWorkerPlugin(WorkerPlugin):
         path = os.path.join(self._offloads(), f"{lease}.pkl")
         r = rpc(sp.address, connection_args=self.worker.connection_args)
         try:
-            return await asyncio.wait_for(r.offload(path=path), timeout)
+            reply = await asyncio.wait_for(r.offload(path=path), timeout)
         except Exception as exc:  # noqa: BLE001 - the broker then ends the session without its variables
             return {"error": f"{type(exc).__name__}: {exc}"}
         finally:
             await r.close_rpc()
+        if not reply.get("error") and sp.grant is not None:
+            # kept with its owner, so that a restarted broker can give the variables back (``reconnected``)
+            self.parked[lease] = {**sp.grant, "path": reply["path"], "saved": reply["saved"], "lost": reply["lost"],
+                                  "bytes": reply["bytes"], "standby": bool(reply.get("standby"))}
+        return reply
 
     def _own_offload(self, path: str) -> bool:
         return bool(self._offload_dir) and os.path.dirname(os.path.abspath(path)) == self._offload_dir
@@ -142,6 +149,7 @@ class GpuWorkerPlugin(WorkerPlugin):
         with open(path, "rb") as f:
             data = f.read()
         os.unlink(path)
+        self._forget_parked(path)
         return {"data": data}
 
     @validated(error_reply)
@@ -149,7 +157,13 @@ class GpuWorkerPlugin(WorkerPlugin):
         """Forget an offloaded namespace nobody will restore (its kernel ended)."""
         if self._own_offload(path):
             discard(path)
+            self._forget_parked(path)
         return {"ok": True}
+
+    def _forget_parked(self, path: str) -> None:
+        for lease, entry in list(self.parked.items()):
+            if entry["path"] == path:
+                del self.parked[lease]
 
     def inventory(self) -> list[dict]:
         return [g.to_dict() for g in self.gpus]
@@ -161,11 +175,44 @@ class GpuWorkerPlugin(WorkerPlugin):
             if self.worker.status == Status.running:
                 break
             await asyncio.sleep(0.05)
+        await self._report()
+
+    async def reconnected(self) -> None:
+        """The worker joined a restarted scheduler (``dask_worker.GpuDaskWorker``): offer the GPUs again, with
+        the sessions that live here and the variables parked here, for the new broker to adopt."""
+        await self._report()
+
+    async def _report(self) -> None:
+        live = []
+        for lease, sp in list(self.sessions.items()):
+            if sp.grant is None or sp.proc.poll() is not None or "address" not in sp.grant["lease"]:
+                continue
+            live.append({**sp.grant, "busy": await self._busy(sp)})
         try:
-            await self.worker.scheduler.gpu_register_worker(worker=self.worker.address, gpus=self.inventory())
+            reply = await self.worker.scheduler.gpu_register_worker(
+                worker=self.worker.address, gpus=self.inventory(), sessions=live, parked=list(self.parked.values()))
         except Exception as exc:
             log.error("could not register GPUs with the scheduler (is the broker loaded there? start it "
                       "with `jupyter-gpu pool up` or --preload jupyter_gpu.broker.plugin): %s", exc)
+            return
+        if reply.get("error"):
+            log.error("the broker refused this worker's GPUs: %s", reply["error"])
+            return
+        for lease in reply.get("refused_sessions") or ():  # the broker could not take them back: end them
+            log.warning("the broker did not adopt the session of lease %s: ending it", lease)
+            await self.session_signal(lease=lease, signal="kill")
+        if live or self.parked:
+            log.info("reported %d live session(s) and %d parked namespace(s) to the broker", len(live),
+                     len(self.parked))
+
+    async def _busy(self, sp: SessionProcess) -> bool:
+        r = rpc(sp.address, connection_args=self.worker.connection_args)
+        try:
+            return bool((await asyncio.wait_for(r.ping(), 5))["busy"])
+        except Exception:  # noqa: BLE001 - not answering: count it busy, so it is never moved while unsure
+            return True
+        finally:
+            await r.close_rpc()
 
     # ------------------------------------------------------------------ sessions
     async def _spawn(self) -> SessionProcess:
@@ -186,7 +233,7 @@ class GpuWorkerPlugin(WorkerPlugin):
 
     @validated(error_reply)
     async def session_start(self, lease: LeaseView, scheduler: Address | None = None,
-                            restore: RestoreRef | None = None) -> dict:
+                            restore: RestoreRef | None = None, client: Name | None = None) -> dict:
         """Give a (pre-warmed) session process the lease: pin it, cap it, and return its address."""
         ours = {g.index for g in self.gpus}
         if not lease.get("id") or not lease.get("gpu_indices") or not set(lease["gpu_indices"]) <= ours:
@@ -205,6 +252,7 @@ class GpuWorkerPlugin(WorkerPlugin):
             by_index = {g.index: g for g in self.gpus}
             gpus = [by_index[i].to_dict() for i in lease["gpu_indices"]]
             sp.lease = lease["id"]
+            sp.grant = {"lease": dict(lease), "client": client}
             self.sessions[lease["id"]] = sp
             r = rpc(sp.address, connection_args=self.worker.connection_args)  # the worker's TLS
             try:
@@ -218,6 +266,7 @@ class GpuWorkerPlugin(WorkerPlugin):
                 await r.close_rpc()
             if reply.get("error"):
                 raise RuntimeError(reply["error"])
+            sp.grant["lease"].update(address=sp.address, pid=sp.pid, isolation=reply.get("isolation", "none"))
             return {"address": sp.address, "pid": sp.pid, "isolation": reply.get("isolation", "none"),
                     "restored": restored}
         except Exception as exc:

@@ -26,6 +26,7 @@ class SessionProcess:
     proc: subprocess.Popen
     address: str
     lease: str | None = None
+    grant: dict | None = None      # {"lease": LeaseView, "client"}: what a restarted broker needs to adopt it
     killed: bool = False
 
     @property

@@ -2,7 +2,7 @@
  * Notebook paths: a kernel of this server reports its notebook as an absolute path on its machine
  * (JPY_SESSION_NAME); the panel shows, and "go to cell" opens, the server's document path instead.
  */
-import { ISnapshot } from '../model';
+import { ISnapshot } from '../wire';
 import { withServerNotebookPaths } from '../notebooks';
 
 function snapshot(): ISnapshot {

@@ -1,0 +1,82 @@
+"""The Dask worker of a GPU pool: a ``distributed.Worker`` that outlives a restart of its scheduler.
+
+Why: a plain Dask worker closes when its connection to the scheduler breaks (it cannot keep task state
+across schedulers), and its session processes, which die with it, would take every user's variables along.
+A GPU worker runs no Dask tasks: its state is its sessions and their host-memory copies, which stay valid
+when the scheduler comes back. So this worker waits for the scheduler instead, registers again at the same
+address when it answers, and tells its GPU plugin (``reconnected``), which reports its live sessions and
+copies so the restarted broker adopts them. It gives up after ``worker.reconnect-timeout`` and closes as a
+plain worker would (``jupyter-gpu worker`` then exits non-zero so a supervisor restarts it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from distributed import Worker
+from distributed.batched import BatchedSend
+from distributed.core import Status
+
+from jupyter_gpu.common import config
+
+log = logging.getLogger(__name__)
+
+
+class GpuDaskWorker(Worker):
+    """See the module docstring. Start it with ``Nanny(..., worker_class=GpuDaskWorker)``."""
+
+    async def handle_scheduler(self, comm) -> None:  # noqa: ANN001 - Dask's own signature
+        try:
+            await self.handle_stream(comm)
+        finally:
+            try:
+                again = await self._reconnect()
+            except Exception:  # noqa: BLE001 - a bug here must not leave a worker without a scheduler
+                log.exception("reconnecting to the scheduler failed")
+                again = False
+            if not again:
+                await self.close(reason="worker-handle-scheduler-connection-broken")
+
+    async def heartbeat(self) -> None:
+        """As Dask's, except that a scheduler that does not know this worker (it restarted) is joined
+        again instead of being left."""
+        if self.status not in (Status.running, Status.paused):
+            return
+        try:
+            response = await self.scheduler.heartbeat_worker(address=self.contact_address, now=time.time(),
+                                                             metrics=await self.get_metrics(), executing={},
+                                                             extensions={})
+        except OSError:
+            log.info("heartbeat: the scheduler at %s does not answer", self.scheduler.address)
+            return
+        if response.get("status") == "missing":
+            log.warning("the scheduler does not know this worker (it restarted): registering again")
+            self.batched_stream.close()  # handle_scheduler's reconnect takes over
+            return
+        self.scheduler_delay = response["time"] - time.time()
+        self.periodic_callbacks["heartbeat"].callback_time = response["heartbeat-interval"] * 1000
+
+    async def _reconnect(self) -> bool:
+        """Wait for the scheduler (up to ``worker.reconnect-timeout``) and register again; True on success."""
+        if self.status not in (Status.running, Status.paused) or self.data or self.state.tasks:
+            return False
+        timeout = config.get_seconds("worker.reconnect-timeout")
+        if timeout <= 0:
+            return False
+        log.warning("lost the scheduler at %s; keeping this worker's sessions and reconnecting for up to %.0f s",
+                    self.scheduler.address, timeout)
+        self.batched_stream = BatchedSend(interval="2ms", loop=self.loop)
+        try:
+            await asyncio.wait_for(self._register_with_scheduler(), timeout)
+        except Exception as exc:  # noqa: BLE001 - gone for good, or refused: close as a plain worker would
+            log.error("could not reconnect to the scheduler at %s within %.0f s (%s): closing",
+                      self.scheduler.address, timeout, exc)
+            return False
+        for plugin in list(self.plugins.values()):
+            reconnected = getattr(plugin, "reconnected", None)
+            if reconnected is not None:
+                await reconnected()
+        log.warning("reconnected to the scheduler at %s", self.scheduler.address)
+        return True

@@ -1,0 +1,26 @@
+/**
+ * My sessions' usage line. The right-sizing rule (``suggestMemory``, ``rightSizeHint``) was tested here while
+ * the panel kept a copy of it; the broker now sends the hint (``right_size``), and those cases moved to
+ * tests/unit/test_views.py with the rule.
+ */
+import { mySessions, usageText } from '../views/sessions';
+import { GiB, MiB } from './fixtures';
+
+describe('usageText', () => {
+  it('says peak of reserved when the peak is known', () => {
+    expect(usageText(3 * GiB, 4 * GiB)).toBe('peak 3.0 GiB of 4.0 GiB reserved');
+    expect(usageText(null, 4 * GiB)).toBe('4.0 GiB reserved');
+  });
+});
+
+describe('mySessions', () => {
+  it("shows the broker's right-sizing hint as sent, and makes none up", () => {
+    const lease = { id: 'L1', user: 'alice', bytes: 4 * GiB, bytes_on_gpu: 4 * GiB, peak_bytes: 512 * MiB };
+    const gpu = { id: 'w#0', index: 0, host: 'h', total_bytes: 16 * GiB };
+    const hint = 'used 512.0 MiB of 4.0 GiB: ask --memory 1GiB next time';
+    const [sent] = mySessions([{ ...gpu, leases: [{ ...lease, right_size: hint }] }], 'alice', 0);
+    expect([sent.gpus, sent.usage, sent.rightSize]).toEqual([['0@h'], 'peak 512.0 MiB of 4.0 GiB reserved', hint]);
+    const [older] = mySessions([{ ...gpu, leases: [lease] }], 'alice', 0); // an older broker: no right_size
+    expect(older.rightSize).toBeNull();
+  });
+});

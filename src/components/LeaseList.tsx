@@ -1,0 +1,37 @@
+import * as React from 'react';
+
+import { formatBytes, formatShare, notebookLabel } from '../format';
+import { ISegmentView, segmentTitle } from '../views/gpus';
+import { leaseColour } from './colour';
+import { PreemptibleBadge } from './PreemptibleBadge';
+
+/** The leases on one GPU card (mine first), or ``idle`` when it has none. */
+export function LeaseList(props: { segments: ISegmentView[] }): JSX.Element {
+  if (!props.segments.length) {
+    return <div className="jp-GpuPanel-empty">idle</div>;
+  }
+  return (
+    <ul className="jp-GpuPanel-leases">
+      {props.segments.map(s => (
+        <li
+          key={s.leaseId}
+          className={`${s.mine ? 'jp-mod-mine' : ''}${s.preemptible ? ' jp-mod-preemptible' : ''}`}
+          data-lease-id={s.leaseId}
+          title={segmentTitle(s)}
+        >
+          <span className="jp-GpuPanel-swatch" style={leaseColour(s.user, s.mine)} />
+          <span className="jp-GpuPanel-user">{s.user}</span>
+          <span className="jp-GpuPanel-where" title={s.notebook ?? undefined}>
+            {notebookLabel(s.notebook) ?? ''}
+            {s.cell ? ` › ${s.cell}` : ''}
+          </span>
+          <span className="jp-GpuPanel-fraction">
+            {s.fraction !== null ? formatShare(s.fraction) : formatBytes(s.bytes)}
+          </span>
+          {s.preemptible ? <PreemptibleBadge /> : null}
+          <span className="jp-GpuPanel-isolation">{s.isolation}</span>
+        </li>
+      ))}
+    </ul>
+  );
+}

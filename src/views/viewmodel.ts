@@ -1,0 +1,116 @@
+/**
+ * The whole panel's view model from one snapshot: what every section draws, already worded.
+ *
+ * Nothing here touches JupyterLab, the DOM or the network, so what the panel shows (what counts as "mine",
+ * how a lease's share of a GPU reads) is unit-tested with jest. Rules the broker owns (right-sizing, team
+ * membership) arrive in the snapshot and are shown as sent; see src/wire.ts.
+ */
+import { validFraction } from '../validate';
+import { ISnapshot } from '../wire';
+import { IGpuView, gpuView, poolShares } from './gpus';
+import { IParkedView, myParked } from './parked';
+import { IQueueView, queueViews } from './queue';
+import { IQuotaView, quotaView } from './quotas';
+import { IRunView, runView } from './runs';
+import { ISessionView, mySessions } from './sessions';
+
+export interface IViewModel {
+  state: 'loading' | 'no-pool' | 'unreachable' | 'ok';
+  error: string | null;
+  address: string | null;
+  me: string;
+  virtual: boolean;
+  scalable: boolean;
+  embedded: boolean;
+  workers: number;
+  defaultFraction: number | null;
+  gpus: IGpuView[];
+  queue: IQueueView[];
+  sessions: ISessionView[];
+  /** My sessions whose variables wait in host memory; my next ``%%gpu`` cell there brings them back. */
+  inHostMemory: IParkedView[];
+  runs: IRunView[];
+  /** The pool's quotas as they concern the panel; null when the broker sends none (an older broker). */
+  quotas: IQuotaView | null;
+  /** The pool checks tokens and this server has none to send: its cancels will be refused. */
+  tokenMissing: boolean;
+  /** My leased memory in GPU-equivalents (sum over GPUs of my bytes / that GPU's total). */
+  myShare: number;
+  myQueued: number;
+  /** Whole pool, in GPU-equivalents: leased and total. */
+  poolLeased: number;
+  poolTotal: number;
+}
+
+/** Everything but the state and who I am, for the states that have no pool to show. */
+const EMPTY: Omit<IViewModel, 'state' | 'me'> = {
+  error: null,
+  address: null,
+  virtual: false,
+  scalable: false,
+  embedded: false,
+  workers: 0,
+  defaultFraction: null,
+  gpus: [],
+  queue: [],
+  sessions: [],
+  inHostMemory: [],
+  runs: [],
+  quotas: null,
+  tokenMissing: false,
+  myShare: 0,
+  myQueued: 0,
+  poolLeased: 0,
+  poolTotal: 0
+};
+
+/**
+ * The whole view model from one snapshot. ``now`` is in seconds (like the snapshot's ``time``); elapsed
+ * times use the snapshot's own clock when present so that a skewed browser clock cannot show negative ages.
+ */
+export function buildViewModel(snapshot: ISnapshot | null, nowSeconds: number, meOverride?: string): IViewModel {
+  if (!snapshot) {
+    return { ...EMPTY, state: 'loading', me: meOverride ?? '' };
+  }
+  const me = meOverride ?? snapshot.me ?? '';
+  if (snapshot.state === 'no-pool') {
+    return { ...EMPTY, state: 'no-pool', me };
+  }
+  if (snapshot.state === 'unreachable') {
+    return {
+      ...EMPTY,
+      state: 'unreachable',
+      me,
+      error: snapshot.error ?? 'the pool does not answer',
+      address: snapshot.address ?? null
+    };
+  }
+  const now = typeof snapshot.time === 'number' ? snapshot.time : nowSeconds;
+  const gpus = (snapshot.gpus ?? []).map(g => gpuView(g, me));
+  const shares = poolShares(gpus);
+  const queue = queueViews(snapshot.queue ?? [], me, now);
+  const pool = snapshot.pool ?? {};
+  return {
+    state: 'ok',
+    me,
+    error: null,
+    address: pool.address ?? null,
+    virtual: !!pool.virtual || gpus.some(g => g.badge === 'virtual'),
+    // the Scale button is for users the pool lets scale (older servers send no can_scale: scalable decides)
+    scalable: pool.can_scale ?? !!pool.scalable,
+    embedded: !!pool.embedded,
+    workers: pool.workers ?? 0,
+    defaultFraction: validFraction(pool.default_fraction),
+    gpus,
+    queue,
+    sessions: mySessions(snapshot.gpus ?? [], me, now),
+    inHostMemory: myParked(snapshot.in_host_memory ?? [], me, now),
+    runs: (snapshot.runs ?? []).map(r => runView(r, me)),
+    quotas: quotaView(snapshot.quotas, me, shares.myShare),
+    tokenMissing: snapshot.quotas?.identity === 'tokens' && snapshot.token_set === false,
+    myShare: shares.myShare,
+    myQueued: queue.filter(q => q.mine).length,
+    poolLeased: shares.poolLeased,
+    poolTotal: shares.poolTotal
+  };
+}
