@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     header("offload: a session's variables to host memory and back", args.quick)
     import numpy as np
 
-    folder = offload_dir(f"bench-{os.getpid()}")
+    folder = offload_dir("bench")
     ns, nbytes = namespace(mib)
     flat = np.concatenate([ns["weights"].numpy().view(np.uint8), ns["features"].view(np.uint8)])
     times: dict[str, list[float]] = {"save_namespace": [], "load_namespace": [], "fresh memcpy": [],

@@ -103,6 +103,8 @@ class Lease:
     started: float = field(default_factory=time.time)
     state: LeaseState = "starting"
     isolation: Isolation = "none"
+    containment: str | None = None       # how its processes are kept together and capped (worker/containment.py)
+    host_memory_limit: int | None = None  # the host memory its processes may use together
     address: str | None = None     # the session process's comm address
     pid: int | None = None
     cell_started: float | None = None
@@ -128,6 +130,7 @@ class Lease:
             "fraction": self.fraction, "priority": self.priority, "notebook": self.notebook, "cell": self.cell,
             "rank": self.rank, "world_size": self.world_size, "started": self.started, "state": self.state,
             "isolation": self.isolation, "address": self.address, "pid": self.pid,
+            "containment": self.containment, "host_memory_limit": self.host_memory_limit,
             "cell_started": self.cell_started, "peak_bytes": self.peak_bytes, "end_reason": self.end_reason,
             "gpu_utilization": self.gpu_utilization, "resident_bytes": self.resident_bytes,
             "preempted": self.preempted, "preemptible": self.preemptible,

@@ -91,6 +91,7 @@ class GpuBroker(SchedulerPlugin):
         self._tasks: set[asyncio.Task] = set()
         self._drains: dict[str, list[asyncio.Task]] = {}  # request id -> reclaimed sessions it waits to see gone
         self._adopted: dict[str, float] = {}  # lease id -> when adopted after a restart (its kernel must come back)
+        self.start_slots: dict[str, int] = {}  # worker -> session processes it starts at once
         self.scheduler = None
 
     # the ledger's state, as the scaler, the embedded pool and tests read it
@@ -188,7 +189,8 @@ class GpuBroker(SchedulerPlugin):
     @validated(error_reply)
     def register_worker(self, worker: Address, gpus: Annotated[list[GpuInfoMsg], MaxLen(1024)],
                         sessions: Annotated[list[LiveSession], MaxLen(10_000)] | None = None,
-                        parked: Annotated[list[ParkedCopy], MaxLen(10_000)] | None = None) -> dict:
+                        parked: Annotated[list[ParkedCopy], MaxLen(10_000)] | None = None,
+                        start_slots: Annotated[int, Range(1, 1024)] = 1) -> dict:
         """A worker's GPU plugin reports the GPUs it owns (replacing any earlier report). A worker that joins a
         restarted scheduler also reports the sessions and parked variables it kept: they are adopted, so
         their owners' kernels carry on as if nothing had happened."""
@@ -202,6 +204,7 @@ class GpuBroker(SchedulerPlugin):
                          total_bytes=int(info["total_bytes"]), virtual=bool(info.get("virtual")),
                          mig=bool(info.get("mig"))) for info in gpus]
         ids = self.ledger.set_worker_gpus(worker, slots)
+        self.start_slots[worker] = start_slots
         for gpu_id in ids:
             self.samples.setdefault(gpu_id, collections.deque(maxlen=int(config.get("worker.samples-kept"))))
         refused = self._adopt(worker, sessions or [], parked or [])
@@ -259,6 +262,7 @@ class GpuBroker(SchedulerPlugin):
                      cell=view.get("cell"), team=view.get("team"), rank=int(view.get("rank") or 0),
                      world_size=int(view.get("world_size") or 1), started=float(view.get("started") or time.time()),
                      isolation=view.get("isolation") or "none", address=view.get("address"), pid=view.get("pid"),
+                     containment=view.get("containment"), host_memory_limit=view.get("host_memory_limit"),
                      peak_bytes=view.get("peak_bytes"), resident_bytes=view.get("resident_bytes"),
                      preemptible=bool(view.get("preemptible")))
 
@@ -355,10 +359,10 @@ class GpuBroker(SchedulerPlugin):
                       or self.policy.never_within_limits(user, rspec))
         if impossible:
             self._finish_request(req, "refused", f"No GPU in this pool can ever satisfy this request: {impossible}")
-            return views.request_status(self.ledger, req)
+            return views.request_status(self.ledger, req, self.start_slots)
         self.ledger.submit(req)
         self._schedule()
-        return views.request_status(self.ledger, req)
+        return views.request_status(self.ledger, req, self.start_slots)
 
     def _offloaded(self, lease_id: str, user: str, kernel: str) -> Lease | None:
         """The ended lease ``lease_id`` of this kernel whose variables wait in host memory on a live worker."""
@@ -379,7 +383,7 @@ class GpuBroker(SchedulerPlugin):
                 await asyncio.wait_for(event.wait(), timeout)
             except asyncio.TimeoutError:
                 pass
-        return views.request_status(self.ledger, req)
+        return views.request_status(self.ledger, req, self.start_slots)
 
     @validated(lambda why: {"cancelled": False, "what": why})
     def cancel(self, id: Name, user: Name | None = None, token: Token | None = None) -> dict:
@@ -587,6 +591,7 @@ class GpuBroker(SchedulerPlugin):
                 raise RuntimeError(reply["error"])
             lease.address, lease.pid = reply["address"], reply["pid"]
             lease.isolation = reply.get("isolation", "none")
+            lease.containment, lease.host_memory_limit = reply.get("containment"), reply.get("host_memory_limit")
             if lease.state == "starting":
                 self.ledger.set_state(lease.id, "idle")
             if restore:

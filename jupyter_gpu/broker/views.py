@@ -81,9 +81,11 @@ def parked(lease: Lease) -> ParkedView:
             "since": lease.ended, "reason": lease.end_reason}
 
 
-def request_status(ledger: Ledger, req: Request) -> RequestStatus:
+def request_status(ledger: Ledger, req: Request, start_slots: Mapping[str, int] | None = None) -> RequestStatus:
     status: RequestStatus = {"id": req.id, "state": req.state, "reason": req.reason, "eta": req.eta,
                              "request": req.spec.describe()}
+    if req.state == "starting":
+        status["reason"] = starting_reason(ledger, req, start_slots or {})
     if req.state == "queued":
         order = ledger.ordered_queue()
         status["position"] = order.index(req) + 1 if req in order else None
@@ -93,6 +95,22 @@ def request_status(ledger: Ledger, req: Request) -> RequestStatus:
                             if lid in ledger.leases]
         status["restored"] = req.restored
     return status
+
+
+def starting_reason(ledger: Ledger, req: Request, start_slots: Mapping[str, int]) -> str:
+    """Why a granted request's session is not there yet: its worker starts a few session processes at a
+    time, and this many were granted before it there."""
+    mine = [ledger.leases[lid] for lid in req.leases if lid in ledger.leases]
+    waits = []
+    for lease in mine:
+        slots = start_slots.get(lease.worker, 1)
+        ahead = sum(1 for other in ledger.leases.values() if other.worker == lease.worker and other.state == "starting"
+                    and (other.started, other.id) < (lease.started, lease.id))
+        if ahead >= slots:
+            waits.append(f"{ahead} session start(s) ahead of it on {host_of(lease.worker)}, {slots} at a time")
+    if waits:
+        return "starting the session process, queued: " + "; ".join(waits)
+    return "starting the session process"
 
 
 def quota_view(ledger: Ledger, identity: str) -> dict:

@@ -195,6 +195,8 @@ class LeaseView(TypedDict, total=False):
     started: float
     state: LeaseState
     isolation: Isolation
+    containment: str | None          # how its processes are kept together: "cgroup v2", ..., "process group"
+    host_memory_limit: int | None    # the host memory its processes may use together (bytes)
     address: str | None              # the session's comm address
     pid: int | None
     cell_started: float | None
@@ -428,7 +430,7 @@ class Op(NamedTuple):
 
 SCHEDULER_HANDLERS: Final[dict[str, Op]] = {
     "gpu_register_worker": Op("worker", "worker, gpus: list[GpuInfoMsg], sessions?: list[LiveSession], "
-                              "parked?: list[ParkedCopy]", "{gpus: [GPU id], refused_sessions: [lease id]}",
+                              "parked?: list[ParkedCopy], start_slots?: int", "{gpus: [GPU id], refused_sessions: [lease id]}",
                               "a worker's GPU plugin offers its GPUs (replacing any earlier offer); after a "
                               "scheduler restart, with the sessions and parked variables it keeps, to adopt"),
     "gpu_samples": Op("worker", "worker, samples: {index: Sample}", "-",

@@ -1,17 +1,15 @@
 """A kernel's link to the pool: its Dask client, its lease and remote session, and running cells there.
 
-All network I/O runs on the Dask client's event loop thread; the kernel's main thread waits on a queue of
-messages and renders them, which is also where a kernel interrupt (KeyboardInterrupt) lands and is turned
-into a remote interrupt, then a kill after a grace period.
+All network I/O runs on the Dask client's event loop thread: ``start_execute`` sends a cell to a session
+there and hands every message it answers with to a callback; ``runner.RankRunner`` waits for them on the
+kernel's main thread (where interrupts land).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import os
-import queue
 import re
 import time
 import uuid
@@ -26,7 +24,7 @@ from jupyter_gpu.common import config
 from jupyter_gpu.common.protocol import SCHEDULER_ENV, TOKEN_ENV
 from jupyter_gpu.common.security import check_address, client_security, connection_args
 from jupyter_gpu.common.units import format_bytes
-from jupyter_gpu.errors import CellTimeout, GpuPoolError, RequestRefused, SessionLost
+from jupyter_gpu.errors import CellTimeout, GpuPoolError, RequestRefused
 from jupyter_gpu.pool.discovery import user_name
 
 log = logging.getLogger(__name__)
@@ -72,16 +70,6 @@ class RemoteSession:
                 "mig": "a MIG slice"}.get(iso, iso)
         return (f"{self.lease['fraction']:g} of {', '.join(names)} ({format_bytes(self.lease['bytes'])}, {note}) "
                 f"on {self.lease['worker']}, lease {self.id}")
-
-
-class Waiter:
-    """Receives a running cell's messages on the main thread."""
-
-    def __init__(self) -> None:
-        self.queue: queue.Queue = queue.Queue()
-
-    def put(self, msg: Any) -> None:
-        self.queue.put(msg)
 
 
 class PoolConnection:
@@ -209,6 +197,19 @@ class PoolConnection:
                 return info.get("end_reason") or "the session process stopped answering"
             time.sleep(0.1)
 
+    def ended_lease(self, lease: str, wait: float = 3.0) -> dict:
+        """The broker's record of a lease that just ended, waiting up to ``wait`` s for the worker's report
+        (and, while the session's variables are being saved to host memory, until that is done)."""
+        deadline = time.monotonic() + wait
+        offload_deadline = time.monotonic() + config.get_seconds("offload-timeout") + 5
+        while True:
+            info = self.scheduler_call("gpu_lease_info", lease=lease)
+            pending = (info.get("offload") or {}).get("state") == "pending"  # its variables are being saved
+            if (info.get("state") == "ended" and not pending) or time.monotonic() > (
+                    offload_deadline if pending else deadline):
+                return info
+            time.sleep(0.1)
+
     # ------------------------------------------------------------------ running a cell
     def start_execute(self, session: RemoteSession, payload: dict, sink: Callable[[Any], None]) -> Any:
         """Start the cell on the client loop; every message (and finally the done reply) goes to ``sink``."""
@@ -290,87 +291,3 @@ def resolve_address(address: str | None, keep: bool = False) -> tuple[str, bool]
     from jupyter_gpu.pool.embedded import ensure_embedded_pool
 
     return ensure_embedded_pool(keep=keep), True
-
-
-class CellRun:
-    """Drives one cell's execution from the main thread: pumps messages, handles interrupt and timeout."""
-
-    def __init__(self, conn: PoolConnection, session: RemoteSession, handle: Callable[[dict], None],
-                 deadline: float | None, timeout: float | None, cancel: Callable[[], bool] | None = None):
-        self.conn, self.session, self.handle = conn, session, handle
-        self.cancel = cancel
-        self.deadline, self.timeout = deadline, timeout
-        self.grace = config.get_seconds("interrupt-grace")
-
-    def run(self, payload: dict) -> dict:
-        waiter = Waiter()
-        self.conn.start_execute(self.session, payload, waiter.put)
-        stop_at: float | None = None
-        stop_cause: str | None = None
-        # outputs are shown inside the try: an interrupt that lands while one is rendered is still an interrupt
-        pending: collections.deque = collections.deque()
-        while True:
-            try:
-                while pending:
-                    self.handle(pending.popleft())
-                now = time.monotonic()
-                if stop_at is None and self.deadline is not None and now > self.deadline:
-                    stop_cause, stop_at = "timeout", now + self.grace
-                    self.conn.interrupt(self.session)
-                if stop_at is None and self.cancel is not None and self.cancel():
-                    raise KeyboardInterrupt
-                if stop_at is not None and now > stop_at:
-                    return self._kill(stop_cause)
-                wait = 0.1 if (stop_at or self.deadline or self.cancel) else 0.5
-                msg = waiter.queue.get(timeout=wait)
-                if not isinstance(msg, dict):
-                    pending.extend(msg)
-                    continue
-            except queue.Empty:
-                continue
-            except KeyboardInterrupt:
-                if stop_at is None:
-                    stop_cause, stop_at = "interrupt", time.monotonic() + self.grace
-                    self.conn.interrupt(self.session)
-                    continue
-                return self._kill("interrupt")  # a second interrupt: stop now
-            while pending:  # the outputs that came before the reply
-                self.handle(pending.popleft())
-            if msg.get("op") == "lost":
-                return {"status": "lost", "error": msg.get("error"), "started": msg.get("started", True)}
-            if msg.get("status") == "retired":  # its variables were just offloaded: the cell did not run
-                return {"status": "lost", "error": "the session was retired", "started": False}
-            if stop_cause == "timeout" and msg.get("status") == "error":
-                msg["timed_out"] = True
-            return msg
-
-    def _kill(self, cause: str | None) -> dict:
-        """The code did not stop after SIGINT: end the session (its state is lost) and say so."""
-        self.conn.release(self.session, reason=f"killed after {'the --timeout' if cause == 'timeout' else 'an interrupt'}: "
-                                                f"the running code did not stop within {self.grace:g} s")
-        return {"status": "killed", "cause": cause}
-
-
-def raise_for_outcome(outcome: dict, conn: PoolConnection, session: RemoteSession, timeout: float | None) -> None:
-    """Turn a lost/killed outcome into the exception the user sees."""
-    status = outcome.get("status")
-    if status not in ("ok", "error", "killed", "lost"):  # the session's server failed to run the request
-        raise GpuPoolError(f"The GPU session could not run this cell ({outcome.get('exception') or status}). "
-                           "This is a jupyter-gpu error, not your code's: the pool's log has the details.")
-    if status == "killed":
-        what = (f"--timeout {timeout:g} s was reached" if outcome.get("cause") == "timeout"
-                else "the kernel was interrupted")
-        message = (f"{what} and the remote code did not stop within {config.get_seconds('interrupt-grace'):g} s "
-                   "of SIGINT, so its GPU session was killed: the session's state (its variables) is lost. "
-                   "The next %%gpu cell starts a new session.")
-        if outcome.get("cause") == "timeout":
-            raise CellTimeout(message)
-        raise KeyboardInterrupt(message)
-    if status == "lost":
-        if conn.session is session:
-            conn.session = None
-        reason = conn.lease_end_reason(session.id)
-        conn.ended_sessions[session.id] = reason
-        raise SessionLost(f"Your GPU session (lease {session.id} on {session.lease['worker']}) ended while this "
-                          f"cell ran: {reason}. Its state is lost; the kernel and other sessions are fine. The next "
-                          "%%gpu cell starts a new session.")

@@ -1,20 +1,80 @@
-"""Parsing ``%%gpu`` options into a ``CellOptions``, with one clear paragraph for every mistake."""
+"""The ``%%gpu`` options: declared once, parsed into a ``CellOptions``, with one clear paragraph per mistake.
+
+The declaration is IPython's ``magic_arguments`` (``@magic_arguments()`` over ``@argument(...)``, as
+ipyparallel's ``%%px`` does). Everything a user reads about the options comes from it: the usage line in
+every error (``USAGE``), ``%gpu?`` and ``%gpu help`` (``options_help()``) and the tables in README.md and
+docs/user-guide.md (``options_markdown()``; ``python -m jupyter_gpu.kernelext.options`` rewrites them), so
+an option cannot be parsed without being documented, nor documented differently in two places.
+"""
 
 from __future__ import annotations
 
 import argparse
 import functools
+import logging
+import re
 import shlex
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from IPython.core.error import UsageError
+from IPython.core.magic_arguments import MagicArgumentParser, MagicHelpFormatter, argument, kwds, magic_arguments
 
 from jupyter_gpu.common import config
 from jupyter_gpu.common.protocol import PRIORITIES, RequestSpec
 from jupyter_gpu.common.units import parse_size
 
-USAGE = ("%%gpu [--gpus F] [--memory SIZE] [--workers N] [--timeout S] [--priority interactive|batch] "
-         "[--in a,b] [--out x,y] [--fresh] [--async] [--name TEXT]")
+log = logging.getLogger(__name__)
+
+BEGIN_MARK = "<!-- BEGIN %%gpu options (generated: python -m jupyter_gpu.kernelext.options) -->"
+END_MARK = "<!-- END %%gpu options -->"
+DOC_FILES = ("README.md", "docs/user-guide.md")
+
+
+class _HelpFormatter(MagicHelpFormatter):
+    """IPython's magic help layout at a fixed width, so that ``%gpu?`` reads the same in every terminal,
+    with metavars as declared (``--in a,b``, not ``--in <a,b>``)."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, width=100, max_help_position=32)
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        return argparse.HelpFormatter._format_action_invocation(self, action)
+
+
+@magic_arguments("%gpu")  # the prog: IPython's help prefixes one more %, so the usage reads "%%gpu ..."
+@kwds(formatter_class=_HelpFormatter)
+@argument("--gpus", metavar="F", default=None,
+          help="a fraction in (0, 1] of one GPU (0.25 is a quarter of its memory), or a whole number of GPUs "
+               "(2); default: the pool's default fraction (0.25 out of the box)")
+@argument("--memory", metavar="SIZE", default=None,
+          help="ask by bytes on one GPU instead of --gpus, e.g. 8GiB, 500MB")
+@argument("--workers", metavar="N", default="1",
+          help="run the cell on N GPUs at once, one rank per GPU, with torch.distributed initialised "
+               "(default 1)")
+@argument("--timeout", metavar="S", default=None,
+          help="stop the cell after S seconds (5min, 2h also work), the time it waits in the queue included")
+@argument("--priority", metavar="interactive|batch", default="interactive",
+          help="interactive (the default) for cells you wait on; batch for long runs that may wait behind "
+               "interactive work and are requeued when preempted")
+@argument("--in", dest="inputs", metavar="a,b", default=None,
+          help="send exactly these local variables (default: the free names the cell uses that exist here)")
+@argument("--out", dest="outputs", metavar="x,y", default=None,
+          help="bring back exactly these (default: the plain data the cell assigns; the rest stays remote)")
+@argument("--fresh", action="store_true",
+          help="run in a throwaway session, released after the cell (single-GPU cells)")
+@argument("--async", dest="run_async", action="store_true",
+          help="return a handle at once; the cell runs in the background (job.result(), await job)")
+@argument("--name", metavar="TEXT", default=None,
+          help="a label for the panel and the queue; it also names the cell's folder for jupyter_gpu.checkpoint")
+@argument("--retries", metavar="N", default="2",
+          help="for batch cells, how many times a preempted cell is requeued; for --workers runs, how many "
+               "times a run that lost a worker resumes from its last checkpoint (default 2)")
+def gpu_options(line: str, cell: str) -> None:
+    """Run this cell on a fraction of a GPU in the shared pool. The names it uses are sent from this kernel,
+    and its output, the plain data it assigns and its errors come back as if it had run here; the
+    notebook's variables on the GPU persist from one %%gpu cell to the next."""
 
 
 @dataclass
@@ -33,27 +93,55 @@ class CellOptions:
     extra: dict = field(default_factory=dict)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse would exit the kernel process
-        raise UsageError(f"%%gpu: {message}. Usage: {USAGE}. Run `%gpu?` for what each option means.")
+@functools.lru_cache(maxsize=1)
+def _parser() -> MagicArgumentParser:
+    """The declaration's parser, built once by ``@magic_arguments`` (argparse construction costs more than
+    parsing a %%gpu line, and the warm round trip of a no-op cell is benchmarked). Abbreviations are off: a
+    misspelt ``--gpu`` must be an error, not silently ``--gpus``."""
+    parser = gpu_options.parser
+    parser.allow_abbrev = False
+    return parser
+
+
+def _option_rows() -> list[tuple[str, str]]:
+    """(invocation, help) per option, in declaration order, with argparse's %-escapes expanded."""
+    parser = _parser()
+    rows = []
+    for action in parser._actions:
+        invocation = " ".join(filter(None, [action.option_strings[0], action.metavar]))
+        rows.append((invocation, (action.help or "") % {**vars(action), "prog": parser.prog}))
+    return rows
 
 
 @functools.lru_cache(maxsize=1)
-def _parser() -> _Parser:
-    """Built once: argparse construction costs more than parsing a %%gpu line."""
-    p = _Parser(prog="%%gpu", add_help=False, allow_abbrev=False)
-    p.add_argument("--gpus", default=None)
-    p.add_argument("--memory", default=None)
-    p.add_argument("--workers", default="1")
-    p.add_argument("--timeout", default=None)
-    p.add_argument("--priority", default="interactive")
-    p.add_argument("--in", dest="inputs", default=None)
-    p.add_argument("--out", dest="outputs", default=None)
-    p.add_argument("--fresh", action="store_true")
-    p.add_argument("--async", dest="run_async", action="store_true")
-    p.add_argument("--name", default=None)
-    p.add_argument("--retries", default="2")
-    return p
+def usage() -> str:
+    """The one-line usage (``%%gpu [--gpus F] ...``) that every error about the options ends with."""
+    return "%%gpu " + " ".join(f"[{invocation}]" for invocation, _ in _option_rows())
+
+
+USAGE = usage()
+
+
+def options_help() -> str:
+    """``%gpu?`` and ``%gpu help`` for the cell form: the declaration's argparse help."""
+    return gpu_options.__doc__ or ""  # @magic_arguments replaced the docstring with the parser's help
+
+
+def options_markdown() -> str:
+    """The options table of README.md and docs/user-guide.md, between ``BEGIN_MARK`` and ``END_MARK``."""
+    lines = ["| option | what it does |", "| --- | --- |"]
+    for invocation, text in _option_rows():
+        cells = [f"`{invocation}`", text]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")  # a | would split the cell
+    return "\n".join(lines)
+
+
+def with_generated_table(text: str) -> str:
+    """``text`` with the part between the markers replaced by ``options_markdown()``."""
+    pattern = re.compile(re.escape(BEGIN_MARK) + r"\n.*?" + re.escape(END_MARK), re.DOTALL)
+    if not pattern.search(text):
+        raise ValueError(f"no {BEGIN_MARK!r} ... {END_MARK!r} block to rewrite")
+    return pattern.sub(lambda _: f"{BEGIN_MARK}\n{options_markdown()}\n{END_MARK}", text)
 
 
 def _names(text: str | None, option: str) -> list[str] | None:
@@ -86,7 +174,10 @@ def parse_cell_options(line: str) -> CellOptions:
         argv = shlex.split(line)
     except ValueError as exc:
         raise UsageError(f"%%gpu: cannot read the options ({exc}); check the quotes. Usage: {USAGE}") from None
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except UsageError as exc:  # argparse's own message (an unknown option, a missing value)
+        raise UsageError(f"%%gpu: {exc}. Usage: {USAGE}. Run `%gpu?` for what each option means.") from None
     if args.gpus is not None and args.memory is not None:
         raise UsageError("%%gpu: give either --gpus (a fraction or a number of GPUs) or --memory (bytes on one "
                          "GPU), not both: they are two ways to say how much GPU this cell needs.")
@@ -141,3 +232,23 @@ def parse_cell_options(line: str) -> CellOptions:
                        outputs=_names(args.outputs, "--out"), fresh=args.fresh, run_async=args.run_async,
                        name=args.name, explicit_request=args.gpus is not None or args.memory is not None,
                        retries=retries)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m jupyter_gpu.kernelext.options [FILE ...]``: rewrite the generated options tables (by
+    default README.md and docs/user-guide.md, relative to the current directory: run it from the repo)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    paths = [Path(p) for p in (argv if argv is not None else sys.argv[1:]) or DOC_FILES]
+    for path in paths:
+        text = path.read_text()
+        new = with_generated_table(text)
+        if new != text:
+            path.write_text(new)
+            log.info("rewrote the %%%%gpu options table in %s", path)
+        else:
+            log.info("%s is up to date", path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -100,7 +100,7 @@ class Executor:
 
     # ------------------------------------------------------------------ jobs
     def do_assign(self, job: Job, lease: dict, gpus: list[dict], scheduler: str | None, env: dict,
-                  standby: dict | None = None) -> dict:
+                  standby: dict | None = None, memory_rlimit: int | None = None) -> dict:
         from jupyter_gpu.session import api as session_api
         from jupyter_gpu.session.isolation import apply_memory_cap, pin_environment
 
@@ -111,6 +111,10 @@ class Executor:
         self.lease, self.gpus = lease, gpus
         self.link.bind(scheduler, lease["id"])
         self.isolation = apply_memory_cap(lease, gpus)
+        if memory_rlimit:  # the worker has no cgroup to put this session in: cap its data instead
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_DATA, (memory_rlimit, memory_rlimit))
         if standby:
             self.standby = StandbyCopy(standby.get("path"), standby.get("after"))
         virtual = all(g.get("virtual") for g in gpus)
@@ -185,6 +189,7 @@ class Executor:
         finally:
             self.relay.flush_streams()
             self.capture.sync()
+            self.relay.finish_cell()
         peak, utilization = meter.stop()
         # ``finished``: when the cell's code ended, so that of several failed ranks the first to fail is named
         # (replies can arrive in any order: a failed rank tears its process group down before it replies)

@@ -25,13 +25,25 @@ Emit = Callable[[dict], None]
 
 
 class Relay:
-    """Routes messages to the running cell's sink; drops them between cells."""
+    """Routes messages to the running cell's sink; drops them between cells.
 
-    def __init__(self) -> None:
+    Text output is capped per cell (``limit`` bytes, ``session.output-limit``): a loop that prints for
+    minutes must not push tens of megabytes into the notebook (the browser and the saved notebook suffer,
+    not the cell). Beyond the cap, stream text is dropped and counted; ``finish_cell`` says how much, once.
+    """
+
+    def __init__(self, limit: int | None = None) -> None:
         self._emit: Emit | None = None
         self.streams: list[RelayStream] = []
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._sent = 0
+        self._dropped_bytes = 0
+        self._dropped_lines = 0
 
     def begin(self, emit: Emit) -> None:
+        with self._lock:
+            self._sent = self._dropped_bytes = self._dropped_lines = 0
         self._emit = emit
 
     def end(self) -> None:
@@ -39,8 +51,37 @@ class Relay:
 
     def emit(self, msg: dict) -> None:
         sink = self._emit
-        if sink is not None:
-            sink(msg)
+        if sink is None:
+            return
+        if self.limit is not None and msg.get("op") == "stream":
+            text = msg["text"]
+            with self._lock:
+                room = self.limit - self._sent
+                if room <= 0:
+                    self._dropped_bytes += len(text)
+                    self._dropped_lines += text.count("\n")
+                    return
+                if len(text) > room:
+                    cut = text.rfind("\n", 0, room) + 1 or room
+                    self._dropped_bytes += len(text) - cut
+                    self._dropped_lines += text.count("\n", cut)
+                    text = text[:cut]
+                    msg = {**msg, "text": text}
+                self._sent += len(text)
+        sink(msg)
+
+    def finish_cell(self) -> None:
+        """After the cell's output is flushed: one note saying what the cap dropped (if anything)."""
+        with self._lock:
+            dropped, lines = self._dropped_bytes, self._dropped_lines
+            self._dropped_bytes = self._dropped_lines = 0
+        if dropped and self._emit is not None:
+            from jupyter_gpu.common.units import format_bytes
+
+            self._emit({"op": "stream", "name": "stderr", "text": (
+                f"[jupyter-gpu] {lines} line(s) ({format_bytes(dropped)}) of output were dropped: this cell printed "
+                f"more than {format_bytes(self.limit)}. Write large output to a file, print less often, or raise "
+                "jupyter-gpu.session.output-limit.\n")})
 
     def flush_streams(self) -> None:
         for stream in self.streams:

@@ -30,7 +30,7 @@ class SessionServer:
 
     def __init__(self, host: str, worker: str | None):
         self.host, self.worker = host, worker
-        relay = Relay()
+        relay = Relay(limit=output_limit())
         capture = FdCapture(relay)
         sys.stdout = RelayStream(relay, "stdout")
         sys.stderr = RelayStream(relay, "stderr")
@@ -99,9 +99,9 @@ class SessionServer:
     @validated(error_reply)
     async def h_assign(self, lease: LeaseView, gpus: Annotated[list[GpuInfoMsg], MaxLen(64)],
                        scheduler: Address | None = None, env: dict[str, str] | None = None,
-                       standby: StandbyPlan | None = None) -> dict:
+                       standby: StandbyPlan | None = None, memory_rlimit: Bytes | None = None) -> dict:
         job = await self._submit("assign", lease=lease, gpus=gpus, scheduler=scheduler, env=env or {},
-                                 standby=standby)
+                                 standby=standby, memory_rlimit=memory_rlimit)
         return await job.reply
 
     async def h_interrupt(self) -> dict:
@@ -154,6 +154,13 @@ class SessionServer:
         """Bring back the variables an earlier session of this kernel offloaded (see ``offload``)."""
         job = await self._submit("restore", path=path)
         return await job.reply
+
+
+def output_limit() -> int | None:
+    """``session.output-limit``: the most text one cell may send to the notebook (None: no limit)."""
+    from jupyter_gpu.common import config
+
+    return config.get_bytes("session.output-limit") if config.get("session.output-limit") is not None else None
 
 
 def coalesce(batch: list[dict]) -> list[dict]:

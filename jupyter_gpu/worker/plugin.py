@@ -24,10 +24,12 @@ from distributed.core import rpc
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from jupyter_gpu.common import config, protocol
-from jupyter_gpu.common.hostmem import discard, offload_dir
+from jupyter_gpu.common.hostmem import discard, offload_dir, sweep_stale
 from jupyter_gpu.common.protocol import DEVICES_ENV, LeaseView, RestoreRef
 from jupyter_gpu.common.security import security_env
+from jupyter_gpu.common.units import format_bytes
 from jupyter_gpu.common.validation import Address, Name, Seconds, Text, error_reply, validated
+from jupyter_gpu.worker.containment import Containment, host_memory_limit
 from jupyter_gpu.worker.inventory import GpuInfo, discover
 from jupyter_gpu.worker.nvml_sampler import NvmlSampler
 from jupyter_gpu.worker.spawn import SessionProcess, exit_reason, kill, spawn_session
@@ -52,7 +54,10 @@ class GpuWorkerPlugin(WorkerPlugin):
         self._offload_dir: str | None = None  # offloaded namespaces of reclaimed sessions (host memory)
         self.spare: SessionProcess | None = None
         self._spare_task: asyncio.Task | None = None
+        self._start_slots = asyncio.Semaphore(self.start_concurrency())
         self._sampler: NvmlSampler | None = None
+        self.containment: Containment | None = None
+        self.host_memory_limit: int | None = None
         self._reaping: list[subprocess.Popen] = []  # killed processes, waited for so none stays a zombie
 
     # ------------------------------------------------------------------ lifecycle
@@ -77,6 +82,12 @@ class GpuWorkerPlugin(WorkerPlugin):
             keep = {int(i) for i in wanted.split(",") if i.strip()}
             gpus = [g for g in gpus if g.index in keep]
         self.gpus = gpus
+        # what earlier workers on this machine left behind when they were killed: host-memory folders, groups
+        for folder in sweep_stale():
+            log.warning("removed the host-memory folder %s of a worker that is gone", folder)
+        Containment.sweep_stale()
+        self.containment = Containment()
+        self.host_memory_limit = self._host_memory_limit()
         worker.handlers.update(self.handlers())
         from distributed.compatibility import PeriodicCallback
 
@@ -94,9 +105,32 @@ class GpuWorkerPlugin(WorkerPlugin):
         self._monitor.stop()
         for sp in list(self.sessions.values()) + ([self.spare] if self.spare else []):
             sp.killed = True
-            kill(sp.proc)
+            self._end_process(sp)
+        if self.containment is not None:
+            self.containment.close()
         if self._offload_dir is not None:  # offloaded namespaces die with their worker
             shutil.rmtree(self._offload_dir, ignore_errors=True)
+
+    def _host_memory_limit(self) -> int | None:
+        """``session.host-memory-limit`` in bytes for this machine (a typo turns it off, loudly)."""
+        import psutil
+
+        setting = config.get("session.host-memory-limit")
+        try:
+            return host_memory_limit(setting, psutil.virtual_memory().total)
+        except (ValueError, TypeError) as exc:
+            log.error("jupyter-gpu.session.host-memory-limit is %r (%s): sessions have no host-memory limit until "
+                      "it is a size (64GiB), a share of the machine (50%%) or null", setting, exc)
+            return None
+
+    def _end_process(self, sp: SessionProcess) -> None:
+        """Kill a session and everything it started (its group), and reap it."""
+        kill(sp.proc)
+        if sp.group is not None:
+            sp.group.kill()
+            sp.group.remove()
+            sp.group = None
+        self._reaping.append(sp.proc)
 
     @validated(error_reply)
     async def session_offload(self, lease: Name, timeout: Seconds = 60.0) -> dict:
@@ -190,7 +224,8 @@ class GpuWorkerPlugin(WorkerPlugin):
             live.append({**sp.grant, "busy": await self._busy(sp)})
         try:
             reply = await self.worker.scheduler.gpu_register_worker(
-                worker=self.worker.address, gpus=self.inventory(), sessions=live, parked=list(self.parked.values()))
+                worker=self.worker.address, gpus=self.inventory(), sessions=live, parked=list(self.parked.values()),
+                start_slots=self.start_concurrency())
         except Exception as exc:
             log.error("could not register GPUs with the scheduler (is the broker loaded there? start it "
                       "with `jupyter-gpu pool up` or --preload jupyter_gpu.broker.plugin): %s", exc)
@@ -216,8 +251,12 @@ class GpuWorkerPlugin(WorkerPlugin):
 
     # ------------------------------------------------------------------ sessions
     async def _spawn(self) -> SessionProcess:
-        return await spawn_session(get_address_host(self.worker.address), self.worker.address,
-                                   security_env(self.worker.security))
+        """A new session process, started when one of the ``session.start-concurrency`` start slots is free:
+        on a busy machine eight sessions importing torch at once each take eight times as long (and used to
+        be killed for it); one after another, each is quick, and the queue is visible in the broker."""
+        async with self._start_slots:
+            return await spawn_session(get_address_host(self.worker.address), self.worker.address,
+                                       security_env(self.worker.security))
 
     def _refill_spare(self) -> None:
         if self.spare is not None or (self._spare_task is not None and not self._spare_task.done()):
@@ -230,6 +269,11 @@ class GpuWorkerPlugin(WorkerPlugin):
                 log.warning("could not pre-warm a session process: %s", exc)
 
         self._spare_task = asyncio.ensure_future(refill())
+
+    @staticmethod
+    def start_concurrency() -> int:
+        """How many session processes this worker starts at once (``session.start-concurrency``)."""
+        return max(1, int(config.get("session.start-concurrency") or 1))
 
     @validated(error_reply)
     async def session_start(self, lease: LeaseView, scheduler: Address | None = None,
@@ -254,10 +298,18 @@ class GpuWorkerPlugin(WorkerPlugin):
             sp.lease = lease["id"]
             sp.grant = {"lease": dict(lease), "client": client}
             self.sessions[lease["id"]] = sp
+            sp.group = self.containment.group(lease["id"], self.host_memory_limit)
+            if sp.group is not None:
+                sp.group.add(sp.pid)
+            # no group: a data-size rlimit stands in for the cap on virtual GPUs (CUDA maps more than it uses)
+            rlimit = (self.host_memory_limit if sp.group is None and all(g["virtual"] for g in gpus) else None)
+            containment = {"containment": self.containment.kind if sp.group is not None else
+                           ("rlimit" if rlimit else "process group"),
+                           "host_memory_limit": self.host_memory_limit if (sp.group is not None or rlimit) else None}
             r = rpc(sp.address, connection_args=self.worker.connection_args)  # the worker's TLS
             try:
                 reply = await r.assign(lease=lease, gpus=gpus, scheduler=scheduler,
-                                       standby=self._standby_for(lease))
+                                       standby=self._standby_for(lease), memory_rlimit=rlimit)
                 restored = None
                 if restore and not reply.get("error"):
                     path = await self._local_offload(restore)
@@ -266,21 +318,21 @@ class GpuWorkerPlugin(WorkerPlugin):
                 await r.close_rpc()
             if reply.get("error"):
                 raise RuntimeError(reply["error"])
-            sp.grant["lease"].update(address=sp.address, pid=sp.pid, isolation=reply.get("isolation", "none"))
+            sp.grant["lease"].update(address=sp.address, pid=sp.pid, isolation=reply.get("isolation", "none"),
+                                     **containment)
             return {"address": sp.address, "pid": sp.pid, "isolation": reply.get("isolation", "none"),
-                    "restored": restored}
+                    "restored": restored, **containment}
         except Exception as exc:
             log.exception("could not start a session for lease %s", lease.get("id"))
             sp = self.sessions.pop(lease.get("id"), None)
             if sp is not None:
                 sp.killed = True
-                kill(sp.proc)
-                self._reaping.append(sp.proc)
+                self._end_process(sp)
             return {"error": f"{type(exc).__name__}: {exc}"}
 
     def _offloads(self) -> str:
         if self._offload_dir is None:
-            self._offload_dir = offload_dir(f"{os.getpid()}")
+            self._offload_dir = offload_dir()
         return self._offload_dir
 
     def _standby_for(self, lease: dict) -> dict | None:
@@ -316,8 +368,7 @@ class GpuWorkerPlugin(WorkerPlugin):
         else:
             sp.killed = True
             self.sessions.pop(lease, None)
-            kill(sp.proc)
-            self._reaping.append(sp.proc)
+            self._end_process(sp)
             self._forget_standby(lease)
         return {"ok": True}
 
@@ -329,9 +380,16 @@ class GpuWorkerPlugin(WorkerPlugin):
                 continue
             self.sessions.pop(lease, None)
             self._forget_standby(lease)
+            over = sp.group is not None and sp.group.oom_killed()
+            limit = sp.group.memory_limit if sp.group is not None else None
+            self._end_process(sp)  # what the session started ends with it
             if sp.killed:
                 continue
             reason = exit_reason(code)
+            if over:
+                reason = (f"the session used more host memory than its limit of {format_bytes(limit)} and the "
+                          "operating system stopped it (jupyter-gpu.session.host-memory-limit); other sessions "
+                          "were not affected. Use less memory in the cell, or ask the admin for a higher limit")
             log.warning("session for lease %s ended: %s", lease, reason)
             try:
                 await self.worker.scheduler.gpu_session_ended(lease=lease, reason=reason)

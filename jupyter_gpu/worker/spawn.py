@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from jupyter_gpu.common import config
 from jupyter_gpu.common.protocol import DEVICES_ENV
+from jupyter_gpu.worker.containment import SessionGroup
 
 
 @dataclass
@@ -27,6 +28,7 @@ class SessionProcess:
     address: str
     lease: str | None = None
     grant: dict | None = None      # {"lease": LeaseView, "client"}: what a restarted broker needs to adopt it
+    group: SessionGroup | None = None  # its cgroup: everything it starts, ended with it, capped in host memory
     killed: bool = False
 
     @property
@@ -59,12 +61,13 @@ async def spawn_session(host: str, worker_address: str, tls_env: dict[str, str])
     env.update(tls_env)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env, cwd=os.getcwd())
     loop = asyncio.get_running_loop()
-    timeout = config.get_seconds("session.start-timeout")
+    timeout = config.get_seconds("session.start-timeout")  # a hung start, not a slow one: minutes
     try:
         line = await asyncio.wait_for(loop.run_in_executor(None, proc.stdout.readline), timeout)
     except asyncio.TimeoutError:
         kill(proc)
-        raise RuntimeError(f"a session process did not start within {timeout:.0f} s") from None
+        raise RuntimeError(f"a session process did not start within {timeout:.0f} s (jupyter-gpu.session."
+                           "start-timeout); the worker's log says where it hung") from None
     if not line:
         code = proc.wait()
         raise RuntimeError(f"a session process failed to start ({exit_reason(code)}); see the worker's log")

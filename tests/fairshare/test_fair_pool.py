@@ -124,7 +124,7 @@ def test_borrowing_is_preemptible_and_a_guarantee_reclaims_it(qpool):
         assert res.error is None and "carol ran" in res.stdout, res.error_text
         assert wait_until(lambda: held["bob"]["id"] not in {ls["id"] for ls in leases(qpool.address)})
         # his variables wait in host memory on the worker
-        assert glob.glob(f"/dev/shm/jupyter-gpu-offload-*/{held['bob']['id']}.pkl") or not os.path.isdir("/dev/shm")
+        assert glob.glob(f"/dev/shm/jupyter-gpu-*/{held['bob']['id']}.pkl") or not os.path.isdir("/dev/shm")
         # bob sees why in his next cell, which runs in a new (borrowed) session with his variables: they were
         # moved to host memory when his idle session was reclaimed; the generator could not be, and he is told
         res = bob.run("%%gpu\nprint('bob again', float(net.weight.sum()) == w0)")
@@ -211,7 +211,7 @@ def test_offloaded_variables_are_dropped_when_their_kernel_goes_away(qpool):
         assert bob.run("%%gpu --gpus 1\nimport torch\nnet = torch.nn.Linear(2, 1)").error is None
         lease = next(ls for ls in leases(qpool.address) if ls["user"] == "bob")
         assert carol.run("%%gpu --gpus 0.5\nz = 1").error is None  # reclaims bob's idle, borrowed session
-        pattern = f"/dev/shm/jupyter-gpu-offload-*/{lease['id']}.pkl"
+        pattern = f"/dev/shm/jupyter-gpu-*/{lease['id']}.pkl"
         if not os.path.isdir("/dev/shm"):
             pytest.skip("no /dev/shm on this machine")
         assert wait_until(lambda: glob.glob(pattern), timeout=20)

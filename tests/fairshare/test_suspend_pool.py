@@ -40,9 +40,23 @@ def by_user(address: str) -> dict:
 
 
 def standby_copy(lease_id: str) -> list[str]:
-    """The session's standby copy in its worker's host-memory folder (``offload_dir``), if it has one."""
+    """The session's standby copy in its worker's host-memory folder (``offload_dir``: ``jupyter-gpu-<worker
+    pid>-...``), if it has one; folders of workers that are gone (earlier pools, whose lease ids were the
+    same) do not count."""
     return [p for base in ("/dev/shm", tempfile.gettempdir())
-            for p in glob.glob(os.path.join(base, "jupyter-gpu-offload-*", f"{lease_id}.standby"))]
+            for p in glob.glob(os.path.join(base, "jupyter-gpu-*", f"{lease_id}.standby"))
+            if _live_worker(os.path.basename(os.path.dirname(p)))]
+
+
+def _live_worker(folder: str) -> bool:
+    pid = folder.split("-")[2]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def test_an_idle_session_is_suspended_for_a_waiting_cell_and_comes_back(spool):

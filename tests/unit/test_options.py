@@ -51,3 +51,42 @@ def test_bad_options_are_one_clear_usage_error(text, needle):
     message = str(info.value)
     assert needle in message
     assert "\n" not in message  # one paragraph
+
+
+def test_retries_and_no_abbreviations():
+    assert parse_cell_options("--retries 0").retries == 0 and parse_cell_options("").retries == 2
+    with pytest.raises(UsageError, match="whole number >= 0"):
+        parse_cell_options("--retries many")
+    with pytest.raises(UsageError, match="unrecognized arguments: --gpu"):  # not silently --gpus
+        parse_cell_options("--gpu 0.5")
+
+
+def test_usage_help_and_the_tables_come_from_the_one_declaration():
+    """Every option the parser takes is in the usage line of every error, in ``%gpu?`` / ``%gpu help``
+    and in the generated tables, with its help text (``--retries`` was parsed but documented nowhere)."""
+    from jupyter_gpu.kernelext import options
+    from jupyter_gpu.kernelext.magics import GpuMagics
+
+    flags = [a.option_strings[0] for a in options._parser()._actions]
+    assert flags == ["--gpus", "--memory", "--workers", "--timeout", "--priority", "--in", "--out", "--fresh",
+                     "--async", "--name", "--retries"]
+    help_text, table = options.options_help(), options.options_markdown()
+    for flag in flags:
+        assert f"[{flag}" in options.USAGE and flag in help_text and f"| `{flag}" in table
+    assert "\n" not in options.USAGE and options.USAGE.startswith("%%gpu [--gpus F] [--memory SIZE]")
+    assert "preempted cell is requeued" in table and "resumes from its last checkpoint" in table
+    assert GpuMagics.gpu.__doc__.startswith(help_text) and "%gpu release" in GpuMagics.gpu.__doc__
+
+
+@pytest.mark.parametrize("name", ["README.md", "docs/user-guide.md"])
+def test_the_docs_options_table_is_the_generated_one(name):
+    """Fails when an option's declaration changed and the docs were not regenerated: run
+    ``python -m jupyter_gpu.kernelext.options`` from the repository root."""
+    from pathlib import Path
+
+    from jupyter_gpu.kernelext import options
+
+    text = (Path(__file__).resolve().parents[2] / name).read_text()
+    assert options.BEGIN_MARK in text and options.END_MARK in text
+    assert options.with_generated_table(text) == text, (
+        f"{name}'s %%gpu options table differs from the declaration: run python -m jupyter_gpu.kernelext.options")

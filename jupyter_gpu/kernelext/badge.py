@@ -1,0 +1,99 @@
+"""The cell's badge: one display line that says where a ``%%gpu`` cell is (queued, running, done, failed).
+
+It is a single display updated in place, so a headless run records its last state; the panel reads the
+``jupyter-gpu`` metadata. An ``--async`` job shows the same text in its own handle instead.
+"""
+
+from __future__ import annotations
+
+import time
+
+from IPython.display import DisplayHandle
+
+from jupyter_gpu.common.rightsizing import RightSize
+from jupyter_gpu.common.units import format_bytes
+from jupyter_gpu.kernelext.connection import RemoteSession
+from jupyter_gpu.kernelext.jobs import AsyncJob
+
+
+def where(session: RemoteSession) -> str:
+    """The GPU(s), share, lease and isolation level of a session, as the badge names them."""
+    lease = session.lease
+    names = ", ".join(lease.get("gpu_names") or [f"GPU {i}" for i in lease.get("gpu_indices", ())])
+    return f"{names} ({lease['fraction']:g} of a GPU, lease {session.id}, isolation {lease.get('isolation', 'none')})"
+
+
+class StatusLine:
+    """The cell's badge: queued (position, reason, estimated start) -> running on GPU n (share) -> done or
+    failed. One display, updated in place, so it is also what a headless run records."""
+
+    def __init__(self) -> None:
+        self.handle: DisplayHandle | None = None
+        self.waited_since: float | None = None
+        self.new_session: RemoteSession | None = None
+
+    def waiting(self, status: dict) -> None:
+        """A queue report from the broker (called while the request waits)."""
+        if status["state"] != "queued":
+            return
+        if self.waited_since is None:
+            self.waited_since = time.monotonic()
+        pos = status.get("position")
+        text = (f"queued ({status['id']}, {status.get('request')}): position {pos} of "
+                f"{status.get('queue_length')}, {status.get('reason')}")
+        if status.get("eta"):
+            text += f", estimated start in {max(0, status['eta'] - time.time()):.0f} s"
+        text += f" [{time.monotonic() - self.waited_since:.0f} s]"
+        self.show(text, "queued", None)
+
+    def started(self, session: RemoteSession) -> None:
+        """The request got a new session (the running line says so)."""
+        self.new_session = session
+
+    def not_started(self, exc: BaseException) -> None:
+        """The request ended without a session: the badge must not go on saying "queued"."""
+        if self.handle is None:
+            return  # it never waited visibly: the error alone says it
+        if isinstance(exc, KeyboardInterrupt):
+            why = "interrupted while queued"
+        else:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            why = f"{type(exc).__name__}: {first[:200]}"
+        self.show(f"not started ({why})", "failed", None)
+
+    def running(self, session: RemoteSession) -> None:
+        waited = f" after {time.monotonic() - self.waited_since:.1f} s in the queue" if self.waited_since else ""
+        new = f" (new session{waited})" if self.new_session is session else ""
+        self.show(f"running on {where(session)}{new}", "running", session)
+
+    def finished(self, session: RemoteSession, error: str | None, elapsed: float | None = None,
+                 peak: int | None = None, sizing: RightSize | None = None) -> None:
+        took = f" in {elapsed:.2f} s" if elapsed is not None else ""
+        peak_text = f", peak {format_bytes(peak)}" if peak else ""
+        hint = f". Right-size: {sizing.hint()}" if sizing is not None else ""
+        if error is None:
+            self.show(f"done{took} on {where(session)}{peak_text}{hint}", "done", session)
+        else:
+            self.show(f"failed ({error}){took} on {where(session)}", "failed", session)
+
+    def show(self, text: str, state: str, session: RemoteSession | None) -> None:
+        """Show ``%%gpu {text}`` (the first call displays the badge, later ones update it)."""
+        bundle = {"text/plain": f"%%gpu {text}"}
+        meta = {"jupyter-gpu": {"state": state, "lease": session.id if session else None}}
+        if self.handle is None:
+            self.handle = DisplayHandle()
+            self.handle.display(bundle, metadata=meta, raw=True)
+        else:
+            self.handle.update(bundle, metadata=meta, raw=True)
+
+
+class JobStatus(StatusLine):
+    """The badge of an ``--async`` job: its text goes into the job's own display, which stays in the cell
+    that started it while other cells run."""
+
+    def __init__(self, job: AsyncJob) -> None:
+        super().__init__()
+        self.job = job
+
+    def show(self, text: str, state: str = "", session: RemoteSession | None = None) -> None:
+        self.job.set_state(self.job.state, text)

@@ -1,0 +1,140 @@
+"""Running a cell in its remote session(s) and waiting for it: one loop for one session or N ranks.
+
+The network I/O runs on the Dask client's loop thread; every message lands in one queue that the kernel's
+main thread empties here. The main thread is also where a kernel interrupt (KeyboardInterrupt) lands, so
+this loop is where the user's ways of stopping a cell are carried out, the same for a plain cell (one
+rank) and a ``--workers`` run (N ranks):
+
+- first interrupt, ``--timeout`` reached, or an ``--async`` job cancelled: SIGINT to every rank still
+  running, then ``interrupt-grace`` seconds for the code to stop;
+- a second interrupt, or the grace period over: the ranks still running are killed (their sessions
+  released, their state lost);
+- with N ranks, one that fails or is lost stops the others (they would wait forever in a collective):
+  after ``scaleout.error-grace`` (a moment to fail on their own), at once for a lost one.
+
+Outputs are shown inside the loop's ``try``: an interrupt that lands while one is being rendered is still
+an interrupt, not a KeyboardInterrupt escaping while the remote code runs on.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import os
+import queue
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from jupyter_gpu.common import config
+from jupyter_gpu.kernelext.connection import PoolConnection, RemoteSession
+
+log = logging.getLogger(__name__)
+
+Show = Callable[[int, dict], None]  # (rank, message) -> render one output message of that rank
+
+
+@dataclass
+class RunOutcome:
+    """Each rank's final reply, in the order the ranks finished (the first failure is the root cause), and
+    what stopped the run: ``"timeout"``, ``"interrupt"`` (also a cancelled --async job), or None."""
+
+    replies: dict[int, dict]
+    cause: str | None = None
+
+    @property
+    def stopped(self) -> bool:
+        return self.cause is not None
+
+
+def kill_reason(cause: str | None, grace: float) -> str:
+    """Why a single cell's session was released when its code ignored SIGINT (the broker and the kernel
+    keep it as the lease's end reason)."""
+    return (f"killed after {'the --timeout' if cause == 'timeout' else 'an interrupt'}: "
+            f"the running code did not stop within {grace:g} s")
+
+
+class RankRunner:
+    """Runs one execute request per session (rank) and drives them to an end from the main thread."""
+
+    def __init__(self, conn: PoolConnection, sessions: list[RemoteSession], show: Show,
+                 deadline: float | None = None, cancel: Callable[[], bool] | None = None,
+                 release_reason: Callable[[str | None, float], str] = kill_reason) -> None:
+        self.conn, self.sessions, self.show = conn, sessions, show
+        self.deadline, self.cancel = deadline, cancel
+        self.release_reason = release_reason
+        self.grace = config.get_seconds("interrupt-grace")
+
+    def run(self, payloads: list[dict]) -> RunOutcome:
+        """Start every rank (payload i on session i) and wait until each has replied or was killed."""
+        events: queue.Queue = queue.Queue()
+        cwd = os.getcwd()
+        for rank, (session, payload) in enumerate(zip(self.sessions, payloads)):
+            self.conn.start_execute(session, {**payload, "cwd": cwd}, lambda msg, r=rank: events.put((r, msg)))
+        world = len(self.sessions)
+        replies: dict[int, dict] = {}
+        cause: str | None = None
+        stop_at: float | None = None   # when to SIGINT the ranks still running (a rank failed, or stop now)
+        kill_at: float | None = None   # set once SIGINT was sent: when the ranks still running are killed
+        pending: collections.deque = collections.deque()
+
+        while len(replies) < world:
+            try:
+                while pending:
+                    self.show(*pending.popleft())
+                now = time.monotonic()
+                if kill_at is None and stop_at is None:
+                    if self.deadline is not None and now > self.deadline:
+                        cause, stop_at = "timeout", now
+                    elif self.cancel is not None and self.cancel():
+                        cause, stop_at = "interrupt", now
+                if kill_at is None and stop_at is not None and now >= stop_at:
+                    kill_at = now + self.grace  # set first: an interrupt during the SIGINTs is a second one
+                    for r, session in enumerate(self.sessions):
+                        if r not in replies:
+                            self.conn.interrupt(session)
+                if kill_at is not None and now > kill_at:
+                    self._kill(replies, cause)
+                    break
+                wait = 0.1 if (kill_at or stop_at or self.deadline or self.cancel) else 0.5
+                rank, msg = events.get(timeout=wait)
+                if not isinstance(msg, dict):
+                    pending.extend((rank, item) for item in msg)
+                    continue
+            except queue.Empty:
+                continue
+            except KeyboardInterrupt:  # acted on at the top of the loop, inside the try
+                cause = "interrupt"
+                if kill_at is None:
+                    stop_at = time.monotonic()  # the first: SIGINT now
+                else:
+                    kill_at = -math.inf  # a second one: kill now
+                continue
+            while pending:  # outputs that came before the reply and were not shown yet
+                self.show(*pending.popleft())
+            replies[rank] = reply = self._reply(msg, cause)
+            if world > 1 and reply.get("status") != "ok" and stop_at is None and kill_at is None:
+                lost = reply.get("status") == "lost"
+                stop_at = time.monotonic() + (0 if lost else config.get_seconds("scaleout.error-grace"))
+        return RunOutcome(replies, cause)
+
+    @staticmethod
+    def _reply(msg: dict, cause: str | None) -> dict:
+        """A rank's final message as an outcome: ``lost`` when its session went away (``started`` says
+        whether the cell had begun), the session's reply otherwise."""
+        if msg.get("op") == "lost":
+            return {"status": "lost", "error": msg.get("error"), "started": msg.get("started", True)}
+        if msg.get("status") == "retired":  # its variables were just offloaded: the cell did not run
+            return {"status": "lost", "error": "the session was retired", "started": False}
+        if cause == "timeout" and msg.get("status") == "error":
+            msg["timed_out"] = True
+        return msg
+
+    def _kill(self, replies: dict[int, dict], cause: str | None) -> None:
+        """The code did not stop after SIGINT: end the sessions still running (their state is lost)."""
+        for rank, session in enumerate(self.sessions):
+            if rank not in replies:
+                log.debug("killing rank %d (lease %s) after %s", rank, session.id, cause or "a failed rank")
+                self.conn.release(session, reason=self.release_reason(cause, self.grace))
+                replies[rank] = {"status": "killed", "cause": cause}
