@@ -16,12 +16,14 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class
 
 from jupyter_gpu.errors import GpuPoolError
 from jupyter_gpu.kernelext.connection import PoolConnection, resolve_address
-from jupyter_gpu.kernelext.options import options_help, parse_cell_options
+from jupyter_gpu.kernelext.options import options_help, parse_cell_options, whole_number
 from jupyter_gpu.kernelext.pipeline import prepare_cell
 from jupyter_gpu.kernelext.scaleout import run_scaleout
 from jupyter_gpu.kernelext.single import SessionCells
 
 log = logging.getLogger(__name__)
+
+MAX_WORKERS = 100_000  # what %gpu scale accepts (the broker checks the same bound)
 
 LINE_HELP = """The line form, %gpu COMMAND:
 
@@ -128,7 +130,7 @@ class GpuMagics(Magics):
         return QueueView(conn.scheduler_call("gpu_snapshot"), conn.user)
 
     def _cmd_cancel(self, args: list[str]) -> None:
-        if len(args) != 1:
+        if len(args) != 1 or len(args[0]) > 200 or not args[0].isprintable():
             raise UsageError("%gpu cancel ID: give one id from `%gpu queue` or `%gpu status` (R.. for a queued "
                              "request, L.. for a lease, J.. for an --async job).")
         target = args[0]
@@ -145,18 +147,24 @@ class GpuMagics(Magics):
         print(f"Cancelled {reply['what']}.")
 
     def _cmd_scale(self, args: list[str]) -> None:
-        if len(args) != 1 or not args[0].isdigit() or int(args[0]) < 1:
+        if len(args) != 1:
             raise UsageError("%gpu scale N: give the number of workers the pool should have, e.g. `%gpu scale 3`.")
+        n = whole_number(args[0], "%gpu scale", 1, MAX_WORKERS, "%gpu scale 3")
         conn = self._ensure_connection()
-        reply = conn.scheduler_call("gpu_scale", n=int(args[0]), user=conn.user)
+        reply = conn.scheduler_call("gpu_scale", n=n, user=conn.user)
         if reply.get("error"):
             raise UsageError(f"%gpu scale: {reply['error']}")
         print(f"The pool now has {reply['workers']} worker(s).")
 
     def _cmd_pull(self, args: list[str]) -> None:
-        if len(args) != 1 or not args[0].isidentifier():
+        if len(args) != 1 or not args[0].isidentifier() or len(args[0]) > 200:
             raise UsageError("%gpu pull NAME: give the name of one variable that lives in your GPU session.")
         name = args[0]
+        if name in self.shell.user_ns_hidden or name.startswith("_"):
+            raise UsageError(f"%gpu pull {name}: {name!r} is one of IPython's own names in this kernel (history, "
+                             "output cache or the shell itself); pulling it would overwrite that. Pull a variable "
+                             "your cells made, or copy it under another name in a %%gpu cell first "
+                             f"(e.g. `my_{name.strip('_') or 'copy'} = {name}`).")
         conn = self._ensure_connection()
         self.shell.user_ns[name] = conn.pull(name)
         print(f"{name} is now a local copy ({type(self.shell.user_ns[name]).__name__}).")

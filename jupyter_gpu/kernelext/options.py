@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import math
 import re
 import shlex
 import sys
@@ -148,7 +149,7 @@ def _names(text: str | None, option: str) -> list[str] | None:
     if text is None:
         return None
     names = [n.strip() for n in text.split(",") if n.strip()]
-    bad = [n for n in names if not n.isidentifier()]
+    bad = [n for n in names if not n.isidentifier() or len(n) > MAX_NAME]
     if bad:
         raise UsageError(f"%%gpu {option}: {', '.join(map(repr, bad))} is not a variable name. Give names "
                          f"separated by commas, e.g. {option} x,y")
@@ -162,14 +163,32 @@ def _duration(text: str) -> float | None:
     text = text.strip()
     if text.endswith("min"):
         text = text[:-3] + "m"
+    if not re.fullmatch(r"[0-9.]+\s*[a-z]*", text):  # plain decimals with a unit: no 1e400, nan, inf, ²
+        return None
     try:
         return float(parse_timedelta(text, default="seconds"))
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, OverflowError):
         return None
 
 
+_DECIMAL = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")   # plain ASCII decimals: no 1e400, nan, inf, ²
+_WHOLE = re.compile(r"[0-9]+")
+MAX_TIMEOUT = 366 * 86400.0  # a year: anything longer is a typo, not a limit
+MAX_NAME = 200
+
+
+def whole_number(text: str, what: str, lo: int, hi: int, example: str) -> int:
+    """``text`` as a whole number in [lo, hi], or UsageError naming ``what`` and an example."""
+    if not _WHOLE.fullmatch(text or "") or not lo <= int(text) <= hi:
+        raise UsageError(f"{what} {text}: write a whole number from {lo} to {hi} (e.g. {example}).")
+    return int(text)
+
+
 def parse_cell_options(line: str) -> CellOptions:
-    """Parse the text after ``%%gpu``; raise UsageError naming the wrong option and the fix."""
+    """Parse the text after ``%%gpu``; raise UsageError naming the wrong option and the fix.
+
+    Every value is checked here, before anything is sent or waits: numbers are plain ASCII decimals within
+    their range (``--gpus nan``, ``--workers ²``, ``--timeout 1e400`` are mistakes, not values)."""
     try:
         argv = shlex.split(line)
     except ValueError as exc:
@@ -183,51 +202,51 @@ def parse_cell_options(line: str) -> CellOptions:
                          "GPU), not both: they are two ways to say how much GPU this cell needs.")
     spec = RequestSpec(priority=args.priority)
     if args.gpus is not None:
-        try:
-            value = float(args.gpus)
-        except ValueError:
+        if not _DECIMAL.fullmatch(args.gpus.strip()):
             raise UsageError(f"%%gpu --gpus {args.gpus}: write a fraction of one GPU in (0, 1] such as 0.25, or a "
-                             "whole number of GPUs such as 2.") from None
+                             "whole number of GPUs such as 2.")
+        value = float(args.gpus)
         if value <= 0:
             raise UsageError(f"%%gpu --gpus {args.gpus}: a GPU share must be greater than 0. Write a fraction in "
                              "(0, 1] such as 0.25 (a quarter of one GPU) or a whole number such as 1.")
         if value <= 1 and not (value == 1 and "." not in args.gpus):
             spec.fraction = value
-        elif value == int(value):
+        elif value == int(value) and value <= RequestSpec.MAX_GPUS:
             spec.gpus = int(value)
+        elif value == int(value):
+            raise UsageError(f"%%gpu --gpus {args.gpus}: at most {RequestSpec.MAX_GPUS} whole GPUs in one session.")
         else:
             raise UsageError(f"%%gpu --gpus {args.gpus}: above 1 the count must be whole (2, not 1.5): one "
                              "session gets whole GPUs, or a fraction of one.")
     elif args.memory is not None:
         try:
             spec.memory = parse_size(args.memory)
-        except ValueError as exc:
-            raise UsageError(f"%%gpu --memory: {exc}.") from None
+        except (ValueError, OverflowError) as exc:
+            raise UsageError(f"%%gpu --memory {args.memory}: {exc}. Write a size such as 8GiB or 500MB.") from None
+        if not 0 < spec.memory <= 2**62:
+            raise UsageError(f"%%gpu --memory {args.memory}: write a size above 0 such as 8GiB or 500MB.")
     else:
         spec.fraction = float(config.get("default-fraction"))
-    if not args.workers.isdigit() or int(args.workers) < 1:
-        raise UsageError(f"%%gpu --workers {args.workers}: write how many GPUs to train on, a whole number "
-                         ">= 1 (e.g. --workers 2).")
-    spec.workers = int(args.workers)
+    spec.workers = whole_number(args.workers, "%%gpu --workers", 1, RequestSpec.MAX_RANKS, "--workers 2")
     if args.priority not in PRIORITIES:
         raise UsageError(f"%%gpu --priority {args.priority}: use 'interactive' (the default, for cells you "
                          "wait on) or 'batch' (long runs that may wait behind interactive work).")
     timeout = None
     if args.timeout is not None:
         timeout = _duration(args.timeout)
-        if timeout is None or timeout <= 0:
+        if timeout is None or not math.isfinite(timeout) or not 0 < timeout <= MAX_TIMEOUT:
             raise UsageError(f"%%gpu --timeout {args.timeout}: write a positive duration in seconds (300) or "
-                             "with a unit (90s, 5min, 2h).")
+                             "with a unit (90s, 5min, 2h), at most a year.")
     try:
         spec.validate()
     except ValueError as exc:
         raise UsageError(f"%%gpu: {exc}.") from None
-    if not args.retries.isdigit():
-        raise UsageError(f"%%gpu --retries {args.retries}: write a whole number >= 0.")
-    retries = int(args.retries)
+    retries = whole_number(args.retries, "%%gpu --retries", 0, 100, "--retries 2")
     if args.fresh and spec.workers > 1:
         raise UsageError("%%gpu: --fresh applies to single-GPU cells; every --workers run already gets its own "
                          "sessions.")
+    if args.name is not None and (len(args.name) > MAX_NAME or not args.name.isprintable()):
+        raise UsageError(f"%%gpu --name: give a short printable label (at most {MAX_NAME} characters).")
     return CellOptions(spec=spec, timeout=timeout, inputs=_names(args.inputs, "--in"),
                        outputs=_names(args.outputs, "--out"), fresh=args.fresh, run_async=args.run_async,
                        name=args.name, explicit_request=args.gpus is not None or args.memory is not None,

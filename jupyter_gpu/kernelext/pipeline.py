@@ -7,8 +7,11 @@ their inputs before anything waits (so that a bad input is refused at once) and 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,7 +95,8 @@ def prepare_inputs(ns: dict, opts: CellOptions, cell: str) -> tuple[dict, dict[s
             remote_refs[name] = value
             continue
         try:
-            header, frames = serialize(input_item(value), serializers=("dask", "pickle"), on_error="raise")
+            with _quiet("distributed.protocol.pickle", "distributed.protocol.core"):
+                header, frames = serialize(input_item(value), serializers=("dask", "pickle"), on_error="raise")
         except Exception as exc:
             raise UsageError(
                 f"%%gpu: the input {name!r} ({type(value).__module__}.{type(value).__qualname__}) cannot be "
@@ -102,6 +106,20 @@ def prepare_inputs(ns: dict, opts: CellOptions, cell: str) -> tuple[dict, dict[s
         inputs[name] = Serialized(header, frames)
     outputs = opts.outputs if opts.outputs is not None else assigned
     return inputs, remote_refs, outputs
+
+
+@contextlib.contextmanager
+def _quiet(*loggers: str) -> Iterator[None]:
+    """Dask logs a failed pickle with its whole traceback before raising it: the user gets our one-paragraph
+    error instead, so those loggers are silenced while an input is serialized."""
+    saved = [(logging.getLogger(name), logging.getLogger(name).disabled) for name in loggers]
+    for logger, _ in saved:
+        logger.disabled = True
+    try:
+        yield
+    finally:
+        for logger, was in saved:
+            logger.disabled = was
 
 
 def prepare_cell(shell: Any, conn: PoolConnection, opts: CellOptions, cell: str) -> CellJob:

@@ -95,10 +95,13 @@ class StartPoolHandler(_ApiBase):
         self.reply({"started": True, "address": address})
 
 
+MAX_WORKERS = 100_000  # what the broker accepts for a scale (and more than any real pool)
+
+
 def _as_count(body: dict, key: str) -> int:
     value = body.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise tornado.web.HTTPError(400, f"{key!r} must be a whole number >= 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_WORKERS:
+        raise tornado.web.HTTPError(400, f"{key!r} must be a whole number from 0 to {MAX_WORKERS}, got {value!r}")
     return value
 
 

@@ -57,6 +57,7 @@ class Executor:
         self.retired = False  # its variables were offloaded: it runs no more cells
         self.standby = StandbyCopy(None, None)  # its variables' copy in host memory while idle (standby.py)
         self._after_reply: dict | None = None
+        self._cwd_refused: str | None = None
 
     # ------------------------------------------------------------------ the loop
     def run_forever(self) -> None:
@@ -138,7 +139,15 @@ class Executor:
         if self.retired:
             return {"status": "retired"}
         if cwd and cwd != os.getcwd() and os.path.isdir(cwd):
-            os.chdir(cwd)  # same machine as the kernel: relative paths mean what they mean in the notebook
+            # same machine as the kernel: relative paths mean what they mean in the notebook
+            try:
+                os.chdir(cwd)
+            except OSError as exc:  # a folder this session may not enter: run where it is, and say so once
+                if cwd != self._cwd_refused:
+                    self._cwd_refused = cwd
+                    job.emit({"op": "stream", "name": "stderr", "text": (
+                        f"[jupyter-gpu] the GPU session cannot enter this notebook's folder {cwd} "
+                        f"({exc.strerror}); relative paths in this cell refer to {os.getcwd()}.\n")})
         # checkpoint()/restore() of this cell: per user, kernel and cell, so no other run's state is restored
         session_api._state["checkpoint_dir"] = checkpoint_dir
         self.standby.changed()  # the copy is of the namespace before this cell: stale from here on
@@ -221,7 +230,11 @@ class Executor:
             kind, desc = classify_output(name, value, max_bytes)
             if kind == "skip":
                 continue
-            if exact:  # --out: bring it back whatever it is
+            if exact:  # --out: bring it back whatever it is, if it can travel
+                too_big = transfer_refusal(name, value)
+                if too_big is not None:
+                    out[name] = {"kind": "remote", **desc, "reason": too_big, "lease": (self.lease or {}).get("id")}
+                    continue
                 value, kind = to_cpu(value), "value"
             if kind == "value":
                 packed = pack(value)
@@ -266,10 +279,38 @@ class Executor:
         ns = self.shell.user_ns
         if name not in ns:
             return {"error": f"your GPU session has no variable named {name!r}"}
+        too_big = transfer_refusal(name, ns[name])
+        if too_big is not None:
+            return {"error": too_big}
         packed = pack(to_cpu(ns[name]))
         if packed is None:
             return {"error": f"{name!r} ({type(ns[name]).__name__}) cannot be serialized to bring it back"}
         return {"data": packed}
+
+
+def transfer_refusal(name: str, value: Any) -> str | None:
+    """Why ``value`` is too large to send back to the kernel (None: it may go), checked before serializing:
+    serializing a value takes up to its size again in host memory, and a session that runs out of it while
+    answering ``--out`` or ``%gpu pull`` would lose everything."""
+    import psutil
+    from dask.sizeof import sizeof
+
+    from jupyter_gpu.common import config
+    from jupyter_gpu.common.units import format_bytes
+
+    try:
+        size = int(sizeof(value))
+    except Exception:  # noqa: BLE001 - unknown size: let pickling find out
+        return None
+    limit = config.get_bytes("transfer-max-bytes")
+    room = psutil.virtual_memory().available // 2
+    if size <= min(limit, room):
+        return None
+    why = (f"more than a cell can send back ({format_bytes(limit)}: jupyter-gpu.transfer-max-bytes)" if size > limit
+           else f"more than this machine has free to copy it ({format_bytes(room)})")
+    return (f"{name} is {format_bytes(size)}, {why}. Keep it in the GPU session and bring back what you need "
+            f"(a slice or a summary, e.g. `small = {name}[:1000]` and --out small), or save it to storage the "
+            "notebook can read.")
 
 
 def pack(value: Any) -> Any:

@@ -35,7 +35,8 @@ def _alive(pid: int) -> bool:
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
     env = {"DASK_JUPYTER_GPU__SESSION__HOST_MEMORY_LIMIT": "600MiB",
-           "DASK_JUPYTER_GPU__SESSION__STANDBY_AFTER": "0.5s"}
+           "DASK_JUPYTER_GPU__SESSION__STANDBY_AFTER": "0.5s",
+           "DASK_JUPYTER_GPU__SESSION__OUTPUT_LIMIT": "64KiB", "DASK_JUPYTER_GPU__TRANSFER_MAX_BYTES": "16MiB"}
     with PoolServices(tmp_path_factory.mktemp("contained"), env=env) as services:
         yield services
 
@@ -89,5 +90,49 @@ def test_a_killed_workers_host_memory_folder_and_standby_copy_are_removed_by_the
         assert not copies()
         res = k.run("%%gpu\nprint('after')")  # the kernel is told and carries on in a new session
         assert "after" in res.stdout or "SessionLost" in res.error_text
+    finally:
+        k.shutdown(now=True)
+
+
+def test_a_print_loop_is_capped_with_a_note_of_what_was_dropped(pool):
+    """Bug fixed: a 20 s print loop sent 66 MB to the notebook, unthrottled."""
+    k = Kernel(pool.address, user="dave")
+    try:
+        res = k.run("%%gpu\nimport os\nfor i in range(20000):\n    print('line', i, 'x' * 40)\n"
+                    "os.write(1, b'C level\\n' * 5000)\nprint('after the loop')")
+        assert res.error is None, res.error_text
+        assert len(res.stdout.encode()) <= 64 * 1024 + 200
+        assert "line 0 " in res.stdout and "line 19999" not in res.stdout
+        assert "of output were dropped: this cell printed more than 64.0 KiB" in res.stderr, res.stderr[-500:]
+        again = k.run("%%gpu\nprint('next cell prints again')")  # the cap is per cell
+        assert again.stdout.strip() == "next cell prints again"
+    finally:
+        k.shutdown(now=True)
+
+
+def test_out_and_pull_refuse_a_value_too_large_to_send_before_serializing_it(pool):
+    """Bug fixed: ``%%gpu --out big`` on a 2 GiB array killed the session while serializing it."""
+    k = Kernel(pool.address, user="erin")
+    try:
+        res = k.run("%%gpu --out big,small\nimport numpy as np\nbig = np.zeros(4 * 2**20)\nsmall = big[:10]")
+        assert res.error is None, res.error_text
+        check = k.run("print(type(big).__name__, repr(big)[:400]); print(small.shape)")
+        assert check.stdout.startswith("RemoteObject") and "32.0 MiB" in check.stdout, check.stdout
+        assert "jupyter-gpu.transfer-max-bytes" in check.stdout and "(10,)" in check.stdout
+        pulled = k.run("%gpu pull big")
+        assert pulled.error is not None and "more than a cell can send back (16.0 MiB" in pulled.error_text
+        assert k.run("%%gpu\nprint(big.shape)").stdout.strip() == "(4194304,)"  # the session is fine
+    finally:
+        k.shutdown(now=True)
+
+
+def test_an_unpicklable_input_gets_only_the_clean_error(pool):
+    """Bug fixed: a 30-line ``distributed.protocol.pickle - ERROR`` traceback came before the clean error."""
+    k = Kernel(pool.address, user="frank")
+    try:
+        res = k.run("import threading\nlock = threading.Lock()\n")
+        res = k.run("%%gpu\nprint(lock)")
+        assert res.stderr.startswith("UsageError: %%gpu: the input 'lock'") and "cannot be pickled" in res.stderr
+        assert "distributed.protocol" not in res.stderr and "Traceback" not in res.stderr, res.stderr
     finally:
         k.shutdown(now=True)

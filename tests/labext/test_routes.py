@@ -59,7 +59,7 @@ async def test_scale_and_cancel_without_pool_are_409(jp_fetch, monkeypatch, tmp_
 
 
 @pytest.mark.parametrize("body", [{}, {"n": -1}, {"n": "two"}, {"n": True}, {"minimum": 3, "maximum": 1},
-                                  {"minimum": 1}])
+                                  {"minimum": 1}, {"n": 1e20}, {"n": 10**20}, {"n": 2.5}, {"maximum": 10**9}])
 async def test_scale_rejects_bad_bodies(jp_fetch, body):
     with pytest.raises(HTTPClientError) as err:
         await jp_fetch("jupyter-gpu", "api", "scale", method="POST", body=json.dumps(body))
