@@ -17,6 +17,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from jupyter_gpu.headless.kernel import GpuKernel
+
 DEFAULT_VIRTUAL = "2x16GiB"
 
 
@@ -163,77 +165,31 @@ _by_value()
 
 
 # ---------------------------------------------------------------------- real kernels
-class Kernel:
-    """A real IPython kernel (jupyter_client KernelManager); ``run`` executes a cell until idle."""
+def start_kernel(pool: str | None, user: str | None = None, env: dict | None = None) -> GpuKernel:
+    """A started real IPython kernel pointed at ``pool``, *without* ``%load_ext`` (the benchmarks time it).
 
-    def __init__(self, env: dict | None = None):
-        from jupyter_client.manager import KernelManager
+    The project's one kernel driver (:class:`jupyter_gpu.headless.kernel.GpuKernel`, as in the tests):
+    ``kernel.start_s`` is its start-up time, ``check(kernel, code)`` times a cell from ``kc.execute`` to the
+    idle status, ``kernel.run(code)`` returns its outputs, ``kernel.shutdown(now=True)`` ends it.
+    """
+    return GpuKernel(pool, user=user, env=env, load_extension=False).start()
 
-        kenv = dict(os.environ)
-        kenv.update(env or {})
-        self.km = KernelManager(kernel_name="python3")
-        t0 = time.perf_counter()
-        self.km.start_kernel(env=kenv)
-        self.kc = self.km.client()
-        self.kc.start_channels()
-        self.kc.wait_for_ready(timeout=60)
-        self.start_s = time.perf_counter() - t0
 
-    def run(self, code: str, timeout: float = 120) -> tuple[float, list[dict]]:
-        """Execute ``code``; return (seconds from execute to the idle status, error outputs)."""
-        t0 = time.perf_counter()
-        msg_id = self.kc.execute(code)
-        errors = []
-        deadline = time.monotonic() + timeout
-        while True:
-            msg = self.kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
-            if msg["parent_header"].get("msg_id") != msg_id:
-                continue
-            kind, content = msg["msg_type"], msg["content"]
-            if kind == "status" and content["execution_state"] == "idle":
-                break
-            if kind == "error":
-                errors.append(content)
-            elif kind == "stream" and content["name"] == "stderr":
-                errors.append({"ename": "stderr", "evalue": content["text"], "traceback": []})
-        elapsed = time.perf_counter() - t0
-        # drain the shell reply so it never piles up
-        while True:
-            reply = self.kc.get_shell_msg(timeout=timeout)
-            if reply["parent_header"].get("msg_id") == msg_id:
-                break
-        return elapsed, errors
+def check(kernel: GpuKernel, code: str, timeout: float = 120) -> float:
+    """Run ``code``; return the seconds from ``kc.execute`` to the idle status; raise if the cell raised.
 
-    def capture(self, code: str, timeout: float = 180) -> tuple[str, list[dict]]:
-        """Execute ``code``; return (its stdout text, its error outputs as {'ename', 'evalue', 'traceback'})."""
-        msg_id = self.kc.execute(code)
-        out, errors = [], []
-        deadline = time.monotonic() + timeout
-        while True:
-            msg = self.kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
-            if msg["parent_header"].get("msg_id") != msg_id:
-                continue
-            kind, content = msg["msg_type"], msg["content"]
-            if kind == "status" and content["execution_state"] == "idle":
-                break
-            if kind == "stream" and content["name"] == "stdout":
-                out.append(content["text"])
-            elif kind == "error":
-                errors.append(content)
-        return "".join(out), errors
+    Outputs are not parsed (``record=False``): only the idle status and the execute reply are read.
+    """
+    res = kernel.run(code, timeout, record=False)
+    if res.status != "ok":
+        raise RuntimeError(f"cell failed: {code!r}: {res.ename}: {res.evalue}")
+    return res.elapsed
 
-    def check(self, code: str, timeout: float = 120) -> float:
-        elapsed, errors = self.run(code, timeout)
-        if any(e["ename"] != "stderr" for e in errors):
-            e = next(e for e in errors if e["ename"] != "stderr")
-            raise RuntimeError(f"cell failed: {code!r}: {e['ename']}: {e['evalue']}")
-        return elapsed
 
-    def shutdown(self) -> None:
-        with contextlib.suppress(Exception):
-            self.kc.stop_channels()
-        with contextlib.suppress(Exception):
-            self.km.shutdown_kernel(now=True)
+def capture(kernel: GpuKernel, code: str, timeout: float = 180) -> tuple[str, list[dict]]:
+    """Run ``code``; return (its stdout text, its error outputs: nbformat dicts with ename, evalue, traceback)."""
+    res = kernel.run(code, timeout)
+    return res.stdout, [o for o in res.log if o["output_type"] == "error"]
 
 
 def time_cells(run: Any, code: str, n: int, warmup: int) -> list[float]:

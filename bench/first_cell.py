@@ -25,7 +25,19 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import DEFAULT_VIRTUAL, Kernel, Pool, header, loadavg, log, ms, set_virtual, summary, table
+from _common import (
+    DEFAULT_VIRTUAL,
+    Pool,
+    check,
+    header,
+    loadavg,
+    log,
+    ms,
+    set_virtual,
+    start_kernel,
+    summary,
+    table,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,13 +59,13 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(count):
             pool.wait_idle()
             waited = pool.wait_spares()
-            kernel = Kernel(env={"JUPYTER_GPU_SCHEDULER": pool.address})
+            kernel = start_kernel(pool.address)
             try:
-                load = kernel.check("%load_ext jupyter_gpu")
-                first = kernel.check("%%gpu\npass")
-                second = kernel.check("%%gpu\npass")
+                load = check(kernel, "%load_ext jupyter_gpu")
+                first = check(kernel, "%%gpu\npass")
+                second = check(kernel, "%%gpu\npass")
             finally:
-                kernel.shutdown()
+                kernel.shutdown(now=True)
             log(f"kernel {i + 1}/{count}: first %%gpu {first * 1e3:.0f} ms (spares were ready after {waited:.1f} s)")
             rows.append([i + 1, ms(kernel.start_s), ms(load), ms(first), ms(second), f"{first / second:.0f}x"])
             firsts.append(first)

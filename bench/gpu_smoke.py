@@ -35,7 +35,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import Kernel, Pool, header, log, set_virtual
+from _common import GpuKernel, Pool, capture, check, header, log, set_virtual, start_kernel
 
 MARK = "JGPU-SMOKE "
 
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     gpu = chosen[0]
 
-    kernels: list[Kernel] = []
+    kernels: list[GpuKernel] = []
     with Pool(virtual=None) as pool:
         log(f"pool on {gpu.name} ({gpu.uuid}) up in {pool.start_s:.1f} s")
         try:
@@ -212,13 +212,12 @@ def main(argv: list[str] | None = None) -> int:
                           f"pool offers {offered}, expected [({gpu.uuid!r}, False)]")
 
             # ---------------------------------------------------------- session-pinned
-            env = {"JUPYTER_GPU_SCHEDULER": pool.address}
-            a = Kernel(env={**env, "JUPYTER_GPU_USER": "smoke-a"})
+            a = start_kernel(pool.address, user="smoke-a")
             kernels.append(a)
-            a.check("%load_ext jupyter_gpu")
-            out, errors = a.capture(PIN_CELL.format(mark=MARK))
+            check(a, "%load_ext jupyter_gpu")
+            out, errors = capture(a, PIN_CELL.format(mark=MARK))
             seen = marked(out)
-            lease_out, lease_err = a.capture(LEASE_CELL.format(mark=MARK))
+            lease_out, lease_err = capture(a, LEASE_CELL.format(mark=MARK))
             lease_a = marked(lease_out)
             if seen is None or lease_a is None:
                 checks.record("session-pinned", False, f"the cell failed: {error_text(errors + lease_err)[-2000:]}")
@@ -237,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
 
             # ---------------------------------------------------------- oom-names-lease
             over = min(int(lease_a["bytes"] * 1.25), int(total * 0.9))
-            out, errors = a.capture(OOM_CELL.format(nbytes=over))
+            out, errors = capture(a, OOM_CELL.format(nbytes=over))
             text = error_text(errors)
             oom = any("OutOfMemoryError" in (e.get("ename") or "") for e in errors) or "out of memory" in text.lower()
             names = f"This session holds lease {lease_a['id']}" in text
@@ -248,13 +247,13 @@ def main(argv: list[str] | None = None) -> int:
 
             # ---------------------------------------------------------- two-sessions
             share = int(total * 0.4)
-            out_a, err_a = a.capture(HOLD_CELL.format(nbytes=share, mark=MARK))
-            b = Kernel(env={**env, "JUPYTER_GPU_USER": "smoke-b"})
+            out_a, err_a = capture(a, HOLD_CELL.format(nbytes=share, mark=MARK))
+            b = start_kernel(pool.address, user="smoke-b")
             kernels.append(b)
-            b.check("%load_ext jupyter_gpu")
-            out_b, err_b = b.capture("%%gpu --gpus 0.5 --out ''\npass")
-            out_b, err_b2 = b.capture(HOLD_CELL.format(nbytes=share, mark=MARK))
-            lease_b = marked(b.capture(LEASE_CELL.format(mark=MARK))[0])
+            check(b, "%load_ext jupyter_gpu")
+            out_b, err_b = capture(b, "%%gpu --gpus 0.5 --out ''\npass")
+            out_b, err_b2 = capture(b, HOLD_CELL.format(nbytes=share, mark=MARK))
+            lease_b = marked(capture(b, LEASE_CELL.format(mark=MARK))[0])
             used = nvml_used(gpu.parent_uuid or gpu.uuid) if not gpu.mig else None
             snap = snapshot(pool.address)
             held_a, held_b = marked(out_a), marked(out_b)
@@ -271,10 +270,10 @@ def main(argv: list[str] | None = None) -> int:
                       + (f"; errors: {error_text(err_a + err_b + err_b2)[-1500:]}" if (err_a or err_b or err_b2) else ""))
             checks.record("two-sessions", same and both and nvml_ok, detail)
             for k in kernels:
-                k.capture(FREE_CELL)
+                capture(k, FREE_CELL)
         finally:
             for k in kernels:
-                k.shutdown()
+                k.shutdown(now=True)
             time.sleep(0.5)
 
     offload_cuda(checks)

@@ -29,8 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (
     DEFAULT_VIRTUAL,
-    Kernel,
     Pool,
+    check,
     dask_local_cluster,
     header,
     ipp_cluster,
@@ -40,6 +40,7 @@ from _common import (
     run_cell_checked,
     set_virtual,
     shell_with_extension,
+    start_kernel,
     summary,
     table,
 )
@@ -70,18 +71,18 @@ def main(argv: list[str] | None = None) -> int:
         view = rc[:]
         view.block = True
         shell = shell_with_extension(pool.address)
-        kernel = Kernel(env={"JUPYTER_GPU_SCHEDULER": pool.address})
+        kernel = start_kernel(pool.address)
         try:
-            kernel.check("%load_ext jupyter_gpu")
-            kernel.check("import ipyparallel as _ipp\n"
+            check(kernel, "%load_ext jupyter_gpu")
+            check(kernel, "import ipyparallel as _ipp\n"
                          f"_rc = _ipp.Client({ipp_url!r})\n"
                          "_rc.wait_for_engines(1, timeout=60)\n"
                          "_rc[:].activate()\n"
                          "_rc[:].block = True")
             methods = {
-                "kernel: pass": lambda: kernel.check("pass"),
-                "kernel: %%gpu pass": lambda: kernel.check("%%gpu\npass"),
-                "kernel: %%px pass": lambda: kernel.check("%%px\npass"),
+                "kernel: pass": lambda: check(kernel, "pass"),
+                "kernel: %%gpu pass": lambda: check(kernel, "%%gpu\npass"),
+                "kernel: %%px pass": lambda: check(kernel, "%%px\npass"),
                 "shell: %%gpu pass": lambda: run_cell_checked(shell, "%%gpu\npass"),
                 "ipp: view.execute": lambda: view.execute("pass", block=True),
                 "dask: submit/result": lambda: dc.submit(noop, pure=False).result(),
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                         fn()
                         samples[name].append(time.perf_counter() - t0)
         finally:
-            kernel.shutdown()
+            kernel.shutdown(now=True)
             ext = shell.magics_manager.registry.get("GpuMagics")
             if ext is not None and ext.conn is not None:
                 ext.conn.close()

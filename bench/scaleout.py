@@ -14,7 +14,7 @@ import argparse
 import re
 import time
 
-from _common import Kernel, Pool, header, loadavg, log, table
+from _common import GpuKernel, Pool, capture, check, header, loadavg, log, start_kernel, table
 
 TRAIN = """{magic}
 import time, torch, jupyter_gpu
@@ -41,10 +41,10 @@ if r == 0:
 """
 
 
-def measure(kernel: Kernel, magic: str, batch: int, steps: int, warmup: int) -> tuple[float, float]:
+def measure(kernel: GpuKernel, magic: str, batch: int, steps: int, warmup: int) -> tuple[float, float]:
     code = TRAIN.format(magic=magic, batch=batch, steps=steps, warmup=warmup)
     sent = time.time()
-    out, errors = kernel.capture(code, timeout=600)
+    out, errors = capture(kernel, code, timeout=600)
     if errors:
         raise RuntimeError(f"{magic!r} failed: {errors[0]['ename']}: {errors[0]['evalue']}")
     first = float(re.search(r"FIRST_STEP (\S+)", out).group(1)) - sent
@@ -67,10 +67,10 @@ def main() -> None:
     with Pool(args.virtual or None) as pool:
         log(f"pool started in {pool.start_s:.1f} s")
         pool.wait_spares()
-        kernel = Kernel(env={"JUPYTER_GPU_SCHEDULER": pool.address})
+        kernel = start_kernel(pool.address)
         try:
-            kernel.check("%load_ext jupyter_gpu")
-            kernel.check("%%gpu\npass")  # the notebook's own session: the 1-rank runs use it warm
+            check(kernel, "%load_ext jupyter_gpu")
+            check(kernel, "%%gpu\npass")  # the notebook's own session: the 1-rank runs use it warm
             rows = []
             local = measure(kernel, "# anchor: the same loop in the notebook kernel", batch, steps, warmup)
             rows.append(["kernel, local (anchor)", f"{local[0]:.2f}", f"{local[1]:.0f}", "1.00"])
@@ -87,7 +87,7 @@ def main() -> None:
                 rows.append([label, f"{results[label][0]:.2f}", f"{results[label][1]:.0f}",
                              f"{results[label][1] / local[1]:.2f}"])
         finally:
-            kernel.shutdown()
+            kernel.shutdown(now=True)
     table(f"Time to first training step and throughput (batch {batch}/rank, {steps} steps, median of {repeats})",
           ["run", "first step (s)", "samples/s", "vs local"], rows)
     one, two = results["%%gpu --workers 1"], results["%%gpu --workers 2"]

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from harness import Kernel, leases, snapshot, wait_until
+from harness import GpuKernel, Kernel, leases, snapshot, wait_until
 
 from jupyter_gpu.broker.audit import AuditStore
 from jupyter_gpu.broker.identity import TokenStore
@@ -59,7 +59,7 @@ class QuotaPool:
 
         stop_embedded_pool(self.path)
 
-    def kernel(self, user: str) -> Kernel:
+    def kernel(self, user: str) -> GpuKernel:
         return Kernel(self.address, user=user, env={"JUPYTER_GPU_TOKEN": self.tokens[user]})
 
 
@@ -173,8 +173,8 @@ def test_running_batch_work_is_preempted_told_why_and_requeued(qpool):
     alice, bob, carol = qpool.kernel("alice"), qpool.kernel("bob"), qpool.kernel("carol")
     try:
         assert alice.run("%%gpu --gpus 1\nx = 1").error is None  # team ml at its guarantee
-        cell = bob.start("%%gpu --gpus 1 --priority batch\nimport time\nprint('bob starts', flush=True)\n"
-                         "time.sleep(5)\nprint('bob finished')")
+        cell = bob.submit("%%gpu --gpus 1 --priority batch\nimport time\nprint('bob starts', flush=True)\n"
+                          "time.sleep(5)\nprint('bob finished')")
         bob.wait_for_output(cell, "bob starts", timeout=60)
         # the session tells the broker "running" on its own, one-way channel: it may trail the cell's output
         assert wait_until(lambda: {ls["user"]: ls["state"] for ls in leases(qpool.address)}.get("bob") == "running")
@@ -194,7 +194,7 @@ def test_running_batch_work_is_preempted_told_why_and_requeued(qpool):
         assert res.stdout.count("bob starts") == 1 and "bob finished" in res.stdout, res.stdout
         assert res.stdout.index("This batch cell was preempted") < res.stdout.index("bob starts")
         # an interactive cell is not rerun: it fails, saying why
-        cell = bob.start("%%gpu\nimport time\nprint('again', flush=True)\ntime.sleep(30)")
+        cell = bob.submit("%%gpu\nimport time\nprint('again', flush=True)\ntime.sleep(30)")
         bob.wait_for_output(cell, "again", timeout=60)
         assert carol.run("%%gpu --gpus 1\nprint('carol again')").error is None
         res = bob.collect(cell, timeout=60)

@@ -68,8 +68,8 @@ def test_an_idle_session_is_suspended_for_a_waiting_cell_and_comes_back(spool):
         assert res.error is None, res.error_text
         # her session says what it holds now (what suspending it would move): the 64 MiB tensor, and more
         assert wait_until(lambda: (by_user(a).get("alice", {}).get("resident_bytes") or 0) >= 60 * 2**20)
-        cell = carol.start("%%gpu --gpus 1\nimport time\nprint('carol starts', flush=True)\ntime.sleep(12)\n"
-                           "print('carol done')")
+        cell = carol.submit("%%gpu --gpus 1\nimport time\nprint('carol starts', flush=True)\ntime.sleep(12)\n"
+                            "print('carol done')")
         carol.wait_for_output(cell, "carol starts", timeout=60)
         assert wait_until(lambda: by_user(a).get("carol", {}).get("state") == "running")
         held = by_user(a)
@@ -136,7 +136,7 @@ def test_a_cell_makes_the_standby_copy_stale_and_suspension_moves_the_variables_
         lease_id = by_user(a)["alice"]["id"]
         assert wait_until(lambda: standby_copy(lease_id), timeout=30)  # a copy holding x = 1
         # the other GPU is busy with carol's running cell: bob's cell can only get alice's
-        cell = carol.start("%%gpu --gpus 1\nimport time\nprint('carol starts', flush=True)\ntime.sleep(300)")
+        cell = carol.submit("%%gpu --gpus 1\nimport time\nprint('carol starts', flush=True)\ntime.sleep(300)")
         carol.wait_for_output(cell, "carol starts", timeout=60)
         assert alice.run("%%gpu\nx = x * 2").error is None
         assert not standby_copy(lease_id)  # stale from the moment the cell started: its memory given back

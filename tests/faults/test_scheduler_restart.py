@@ -22,8 +22,8 @@ def test_a_cell_running_while_the_scheduler_restarts_finishes_and_sessions_keep_
             assert alice.run("%%gpu\nx = 41\nprint('set')").stdout.strip() == "set"
             assert bob.run("%%gpu --gpus 0.5\ny = 'kept'").error is None
             before = {ls["user"]: ls["id"] for ls in leases(pool.address)}
-            cell = alice.start("%%gpu\nimport time\nfor i in range(8):\n    print('tick', i, flush=True)\n"
-                               "    time.sleep(1)\nprint('done', x + 1)")
+            cell = alice.submit("%%gpu\nimport time\nfor i in range(8):\n    print('tick', i, flush=True)\n"
+                                "    time.sleep(1)\nprint('done', x + 1)")
             alice.wait_for_output(cell, "tick 1")
             pool.restart_scheduler()  # kill -9, then `jupyter-gpu pool up` again on the same port
             out = alice.collect(cell, timeout=60)

@@ -89,7 +89,7 @@ def test_timeout_interrupts_and_keeps_the_session(kernel):
 
 def test_interrupt_reaches_running_remote_code_within_two_seconds(kernel):
     kernel.run("%%gpu\nkept = 'state'")
-    msg = kernel.start("%%gpu\nimport time\nprint('started', flush=True)\ntime.sleep(60)")
+    msg = kernel.submit("%%gpu\nimport time\nprint('started', flush=True)\ntime.sleep(60)")
     kernel.wait_for_output(msg, "started")
     t0 = time.monotonic()
     kernel.interrupt()
@@ -107,7 +107,7 @@ def test_an_interrupt_that_lands_while_an_output_is_shown_still_stops_the_remote
         # make showing an output slow, so that the interrupt surely lands while one is shown
         k.run("import time\nfrom jupyter_gpu.kernelext import rendering\n_show = rendering.CellRenderer.handle\n"
               "rendering.CellRenderer.handle = lambda self, item: (_show(self, item), time.sleep(2))[0]")
-        msg = k.start("%%gpu\nimport time\nprint('rendering', flush=True)\ntime.sleep(60)")
+        msg = k.submit("%%gpu\nimport time\nprint('rendering', flush=True)\ntime.sleep(60)")
         k.wait_for_output(msg, "rendering")
         t0 = time.monotonic()
         k.interrupt()
@@ -121,8 +121,8 @@ def test_an_interrupt_that_lands_while_an_output_is_shown_still_stops_the_remote
 
 
 def test_code_that_ignores_sigint_is_killed_after_the_grace_period(kernel, pool):
-    msg = kernel.start("%%gpu\nimport signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
-                       "print('stubborn', flush=True)\ntime.sleep(60)")
+    msg = kernel.submit("%%gpu\nimport signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+                        "print('stubborn', flush=True)\ntime.sleep(60)")
     kernel.wait_for_output(msg, "stubborn")
     t0 = time.monotonic()
     kernel.interrupt()
@@ -241,7 +241,7 @@ def test_a_queued_cell_that_is_cancelled_says_so_in_its_badge(pool):
     try:
         assert a.run("%%gpu --gpus 1\nx = 1").error is None
         assert b.run("%%gpu --gpus 1\nx = 1").error is None
-        cell = c.start("%%gpu --gpus 1\nprint('never')")
+        cell = c.submit("%%gpu --gpus 1\nprint('never')")
         assert wait_until(lambda: any(q["user"] == "hal" for q in snapshot(pool)["queue"]), timeout=20)
         request = next(q for q in snapshot(pool)["queue"] if q["user"] == "hal")
         import asyncio

@@ -17,7 +17,7 @@ def test_worker_killed_mid_cell_gives_a_clear_error_and_frees_the_lease(private_
 
     k = Kernel(private_pool, user="frank")
     try:
-        msg = k.start("%%gpu\nimport time\nprint('training', flush=True)\ntime.sleep(120)")
+        msg = k.submit("%%gpu\nimport time\nprint('training', flush=True)\ntime.sleep(120)")
         k.wait_for_output(msg, "training")
         lease = next(ls for ls in leases(private_pool) if ls["user"] == "frank")
         with Client(private_pool, set_as_default=False) as client:

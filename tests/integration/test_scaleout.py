@@ -65,7 +65,7 @@ def test_a_ranks_exception_reaches_the_cell(kernel, pool):
 
 
 def test_interrupt_tears_down_every_rank_and_frees_every_lease(kernel, pool):
-    msg = kernel.start("%%gpu --workers 2\nimport time, jupyter_gpu\nprint('go', flush=True)\ntime.sleep(120)")
+    msg = kernel.submit("%%gpu --workers 2\nimport time, jupyter_gpu\nprint('go', flush=True)\ntime.sleep(120)")
     kernel.wait_for_output(msg, "go", timeout=120)
     assert len([ls for ls in leases(pool) if ls["world_size"] == 2]) == 2
     kernel.interrupt()
@@ -79,16 +79,16 @@ def test_lost_worker_resumes_from_the_last_checkpoint(private_pool, tmp_path):
 
     k = Kernel(private_pool, env={"DASK_JUPYTER_GPU__SCALEOUT__CHECKPOINT_DIR": str(tmp_path)})
     try:
-        msg = k.start("%%gpu --workers 2 --name resume\n"
-                      "import time, torch, jupyter_gpu, torch.distributed as dist\n"
-                      "state = jupyter_gpu.restore(default={'step': -1})\n"
-                      "for step in range(state['step'] + 1, 12):\n"
-                      "    jupyter_gpu.checkpoint({'step': step})\n"
-                      "    if jupyter_gpu.rank() == 0:\n"
-                      "        print(f'step {step}', flush=True)\n"
-                      "    time.sleep(0.5)\n"
-                      "    dist.barrier()\n"
-                      "last = step")
+        msg = k.submit("%%gpu --workers 2 --name resume\n"
+                       "import time, torch, jupyter_gpu, torch.distributed as dist\n"
+                       "state = jupyter_gpu.restore(default={'step': -1})\n"
+                       "for step in range(state['step'] + 1, 12):\n"
+                       "    jupyter_gpu.checkpoint({'step': step})\n"
+                       "    if jupyter_gpu.rank() == 0:\n"
+                       "        print(f'step {step}', flush=True)\n"
+                       "    time.sleep(0.5)\n"
+                       "    dist.barrier()\n"
+                       "last = step")
         k.wait_for_output(msg, "step 4", timeout=180)
         rank1 = next(ls for ls in leases(private_pool) if ls["rank"] == 1 and ls["world_size"] == 2)
         with Client(private_pool, set_as_default=False) as client:

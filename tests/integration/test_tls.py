@@ -195,7 +195,7 @@ def test_a_cell_runs_over_tls_and_its_session_speaks_tls(tls_pool, tls_kernel, p
     assert len(mine) == 1 and mine[0]["address"].startswith("tls://"), mine
     assert mine[0]["worker"].startswith("tls://")
     # the interrupt travels on its own TLS comm to the session: the cell stops, the session stays
-    msg = tls_kernel.start("%%gpu\nimport time\nprint('started', flush=True)\ntime.sleep(60)")
+    msg = tls_kernel.submit("%%gpu\nimport time\nprint('started', flush=True)\ntime.sleep(60)")
     tls_kernel.wait_for_output(msg, "started")
     t0 = time.monotonic()
     tls_kernel.interrupt()
