@@ -18,6 +18,10 @@ class SessionLost(GpuPoolError):
     """The remote session ended while a cell ran in it (crash, OOM kill, lost worker, kill after interrupt)."""
 
 
+class PoolUnreachable(GpuPoolError):
+    """The pool's scheduler does not answer (down, restarting, or unreachable from here)."""
+
+
 class CellTimeout(GpuPoolError, TimeoutError):
     """A ``%%gpu --timeout`` limit was reached; the remote work was stopped."""
 

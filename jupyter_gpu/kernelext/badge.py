@@ -34,6 +34,13 @@ class StatusLine:
 
     def waiting(self, status: dict) -> None:
         """A queue report from the broker (called while the request waits)."""
+        if status["state"] == "starting" and "queued" in (status.get("reason") or ""):
+            # granted, and its worker starts sessions a few at a time: say so rather than look stuck
+            if self.waited_since is None:
+                self.waited_since = time.monotonic()
+            self.show(f"starting ({status['id']}, {status.get('request')}): {status.get('reason')} "
+                      f"[{time.monotonic() - self.waited_since:.0f} s]", "queued", None)
+            return
         if status["state"] != "queued":
             return
         if self.waited_since is None:

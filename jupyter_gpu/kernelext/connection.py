@@ -24,7 +24,7 @@ from jupyter_gpu.common import config
 from jupyter_gpu.common.protocol import SCHEDULER_ENV, TOKEN_ENV
 from jupyter_gpu.common.security import check_address, client_security, connection_args
 from jupyter_gpu.common.units import format_bytes
-from jupyter_gpu.errors import CellTimeout, GpuPoolError, RequestRefused
+from jupyter_gpu.errors import CellTimeout, GpuPoolError, PoolUnreachable, RequestRefused
 from jupyter_gpu.pool.discovery import user_name
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,8 @@ class PoolConnection:
             raise
 
     def scheduler_call(self, op: str, **kwargs: Any) -> Any:
+        """One broker handler, answered; a scheduler that does not answer is a ``PoolUnreachable`` saying so
+        (a cell's session lives on its worker and is not affected)."""
         if op in _TOKEN_OPS and os.environ.get(TOKEN_ENV):
             # a pool with a token file accepts requests, cancels and releases only with the user's token
             kwargs.setdefault("token", os.environ[TOKEN_ENV])
@@ -117,7 +119,13 @@ class PoolConnection:
         async def go() -> Any:
             return await getattr(self.client.scheduler, op)(**kwargs)
 
-        return self.call(go)
+        try:
+            return self.call(go)
+        except (OSError, CommClosedError, asyncio.TimeoutError) as exc:
+            raise PoolUnreachable(
+                f"The pool's scheduler at {self.address} did not answer ({type(exc).__name__}: {exc}). If it is "
+                "restarting, running sessions carry on and this kernel reconnects by itself: run the cell again "
+                "in a moment (`%gpu status` shows when the pool is back).") from None
 
     def close(self) -> None:
         try:
@@ -137,8 +145,12 @@ class PoolConnection:
         starts with them. A KeyboardInterrupt while queued cancels the request at once.
         """
         extra = {"restore": restore} if restore else {}
-        status = self.scheduler_call("gpu_request", user=self.user, kernel=self.kernel, spec=spec,
-                                     client=self.client.id, notebook=notebook, cell=cell, **extra)
+
+        def submit() -> dict:
+            return self.scheduler_call("gpu_request", user=self.user, kernel=self.kernel, spec=spec,
+                                       client=self.client.id, notebook=notebook, cell=cell, **extra)
+
+        status = submit()
         try:
             while status["state"] in ("queued", "starting"):
                 on_wait(status)
@@ -146,7 +158,7 @@ class PoolConnection:
                     self.scheduler_call("gpu_cancel", id=status["id"], user=self.user)
                     raise CellTimeout(f"the request {status['id']} was still waiting when --timeout ran out "
                                       f"({status.get('reason')}); it was withdrawn from the queue")
-                status = self.scheduler_call("gpu_wait", id=status["id"], timeout=0.5)
+                status = self._wait_through_restarts(status, submit)
         except KeyboardInterrupt:
             if status.get("id"):
                 self.scheduler_call("gpu_cancel", id=status["id"], user=self.user)
@@ -157,6 +169,29 @@ class PoolConnection:
             raise GpuPoolError(f"The GPU request {status['id']} ended without a grant: {status['reason']}")
         on_wait(status)
         return status
+
+    def _wait_through_restarts(self, status: dict, submit: Callable[[], dict]) -> dict:
+        """``gpu_wait`` for a queued request; when the scheduler restarts meanwhile, wait for it (up to
+        ``connect-timeout``) and ask again: the new broker does not know requests made to the old one."""
+        try:
+            reply = self.scheduler_call("gpu_wait", id=status["id"], timeout=0.5)
+        except PoolUnreachable:
+            reply = None
+            give_up = time.monotonic() + config.get_seconds("connect-timeout")
+            print(f"[jupyter-gpu] the pool's scheduler at {self.address} stopped answering while this cell "
+                  "waited; waiting for it to come back.", flush=True)
+            while reply is None:
+                time.sleep(1.0)
+                try:
+                    reply = self.scheduler_call("gpu_wait", id=status["id"], timeout=0.5)
+                except PoolUnreachable:
+                    if time.monotonic() > give_up:
+                        raise
+        if reply.get("state") == "unknown":
+            print("[jupyter-gpu] the pool's scheduler restarted and forgot this cell's request; asking again.",
+                  flush=True)
+            return submit()
+        return reply
 
     def ensure_session(self, spec: dict, notebook: str | None, cell: str | None,
                        on_wait: Callable[[dict], None], deadline: float | None, fresh: bool = False,

@@ -171,7 +171,7 @@ def _duration(text: str) -> float | None:
         return None
 
 
-_DECIMAL = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")   # plain ASCII decimals: no 1e400, nan, inf, ²
+_DECIMAL = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")   # plain ASCII decimals: no 1e400, nan, inf, ²
 _WHOLE = re.compile(r"[0-9]+")
 MAX_TIMEOUT = 366 * 86400.0  # a year: anything longer is a typo, not a limit
 MAX_NAME = 200
@@ -180,7 +180,7 @@ MAX_NAME = 200
 def whole_number(text: str, what: str, lo: int, hi: int, example: str) -> int:
     """``text`` as a whole number in [lo, hi], or UsageError naming ``what`` and an example."""
     if not _WHOLE.fullmatch(text or "") or not lo <= int(text) <= hi:
-        raise UsageError(f"{what} {text}: write a whole number from {lo} to {hi} (e.g. {example}).")
+        raise UsageError(f"{what} {text}: write a whole number >= {lo} (at most {hi}), e.g. {example}.")
     return int(text)
 
 
