@@ -123,8 +123,10 @@ class Pool:
         """Wait until every worker holds a pre-warmed spare session process; return the seconds waited."""
         from distributed import Client
 
+        from jupyter_gpu.common.security import client_security
+
         t0 = time.perf_counter()
-        with Client(self.address, set_as_default=False, timeout=30) as client:
+        with Client(self.address, set_as_default=False, timeout=30, security=client_security(self.address)) as client:
             while True:
                 ready = client.run(_spare_ready)
                 if ready and all(ready.values()):
@@ -137,8 +139,10 @@ class Pool:
         """Wait until the broker holds no lease (a kernel that went away has been cleaned up)."""
         from distributed import Client
 
+        from jupyter_gpu.common.security import client_security
+
         t0 = time.perf_counter()
-        with Client(self.address, set_as_default=False, timeout=30) as client:
+        with Client(self.address, set_as_default=False, timeout=30, security=client_security(self.address)) as client:
             while True:
                 snap = client.sync(client.scheduler.gpu_snapshot)
                 if not any(g["leases"] for g in snap["gpus"]):

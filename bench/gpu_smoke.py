@@ -107,7 +107,9 @@ def error_text(errors: list[dict]) -> str:
 def snapshot(address: str) -> dict:
     from distributed import Client
 
-    with Client(address, set_as_default=False, timeout=30) as client:
+    from jupyter_gpu.common.security import client_security
+
+    with Client(address, set_as_default=False, timeout=30, security=client_security(address)) as client:
         return client.sync(client.scheduler.gpu_snapshot)
 
 

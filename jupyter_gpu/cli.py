@@ -36,10 +36,21 @@ def _cmd_pool(args: argparse.Namespace) -> int:
         return 1
 
 
+def _http_option(args: argparse.Namespace) -> None:
+    """``--http``: serve Dask's HTTP routes (``jupyter-gpu.http``; the nannies hand the setting on to their
+    workers)."""
+    if args.http:
+        import dask.config
+
+        dask.config.set({"jupyter-gpu.http": True})
+
+
 def _pool_up(args: argparse.Namespace) -> int:
     if args.action != "up":
-        print("usage: jupyter-gpu pool up [--host HOST] [--port PORT] [--embedded] [--tls-*]", file=sys.stderr)
+        print("usage: jupyter-gpu pool up [--host HOST] [--port PORT] [--embedded] [--http] [--tls-*]",
+              file=sys.stderr)
         return 2
+    _http_option(args)
     if args.embedded:
         from jupyter_gpu.pool.discovery import runtime_file
         from jupyter_gpu.pool.embedded import run_pool
@@ -59,6 +70,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     from jupyter_gpu.errors import NoGpuAvailable
     from jupyter_gpu.pool.services import run_workers
 
+    _http_option(args)
     try:
         return asyncio.run(run_workers(args.address, args.host, os.environ.get("JUPYTER_GPU_VIRTUAL_GPUS"),
                                        security=_security(args, ("worker",))))
@@ -195,6 +207,12 @@ def _tls_options(parser: argparse.ArgumentParser, whose: str) -> None:
                         help=f"{whose} private key (may instead be appended to the certificate file)")
 
 
+def _http_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--http", action="store_true",
+                        help="also serve Dask's HTTP routes (health, metrics, info pages) on the same host; "
+                             "default: off (jupyter-gpu.http)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jupyter-gpu", description=__doc__)
     parser.add_argument("--version", action="version", version=__version__)
@@ -202,14 +220,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     pool = sub.add_parser("pool", help="run the pool's scheduler and broker")
     pool.add_argument("action", choices=["up"])
-    pool.add_argument("--host", default="127.0.0.1")
+    pool.add_argument("--host", default="127.0.0.1",
+                      help="the address the scheduler listens on (0.0.0.0: every interface); default 127.0.0.1")
     pool.add_argument("--port", type=int, default=8786)
     pool.add_argument("--embedded", action="store_true",
                       help="also run one worker per local GPU in this process group (a one-machine pool)")
+    _http_flag(pool)
     _tls_options(pool, "the scheduler's (with --embedded: the whole pool's)")
     worker = sub.add_parser("worker", help="add this machine's GPUs to a pool")
     worker.add_argument("address")
-    worker.add_argument("--host", default=None, help="the address to listen on (default: Dask's choice)")
+    worker.add_argument("--host", default=None,
+                        help="the address its workers and sessions listen on (default: the local address "
+                             "that reaches the scheduler)")
+    _http_flag(worker)
     _tls_options(worker, "the workers' (their session processes use it too)")
     status = sub.add_parser("status", help="print the pool: GPUs, leases, queue")
     status.add_argument("--pool", default=None)

@@ -21,13 +21,14 @@ def Kernel(pool: str | None, user: str | None = None, load: bool = True, env: di
 
 
 def snapshot(pool: str) -> dict:
-    """The broker's view of the pool, read through its scheduler handler."""
+    """The broker's view of the pool, read through its scheduler handler (with the pool's TLS: an embedded
+    pool's own certificate is found from its address, see ``client_security``)."""
     import asyncio
 
-    from distributed.core import rpc
+    from jupyter_gpu.common.security import pool_rpc
 
     async def go() -> dict:
-        r = rpc(pool)
+        r = pool_rpc(pool)
         try:
             return await r.gpu_snapshot()
         finally:

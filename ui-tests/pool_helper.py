@@ -25,14 +25,13 @@ OTHER = "someone-else"
 
 
 async def _call(handler: str, **kwargs):
-    from distributed.core import rpc
-
+    from jupyter_gpu.common.security import pool_rpc
     from jupyter_gpu.pool.discovery import pool_address
 
     address = pool_address()
     if not address:
         raise SystemExit("no pool is running in JUPYTER_RUNTIME_DIR")
-    async with rpc(address) as r:
+    async with pool_rpc(address) as r:  # the pool's TLS (the embedded pool's own certificate)
         return await getattr(r, handler)(**kwargs)
 
 

@@ -17,6 +17,11 @@ Roles (the certificate each process presents, as Dask names them):
   comm and calls the broker with its worker's certificate; :func:`security_env` hands it over);
 - ``client``: kernels, the CLI, the Jupyter server's panel, the headless runner.
 
+An embedded pool with no TLS configured makes its own CA and certificate and runs on mutual TLS anyway (it
+listens on 127.0.0.1, which every local account reaches): :func:`client_security` finds that certificate
+from the pool's address for the same account, so its clients need no configuration, and other accounts
+cannot connect (``jupyter_gpu.common.pool_credentials``).
+
 Dask's TLS is mutual: with a CA file and a certificate configured, each side requires the other to present a
 certificate signed by that CA, so only holders of the pool's certificates can connect to any of its parts.
 """
@@ -77,9 +82,16 @@ def pool_security(ca_file: str | None = None, cert: str | None = None, key: str 
 
 
 def client_security(address: str | None = None) -> Security:
-    """The ``Security`` of a client (kernel, CLI, panel): Dask's ``distributed.client.security-loader``
-    when one is configured (the hook Dask's own ``Client`` calls for deployments that hand out
-    credentials per cluster), else Dask config."""
+    """The ``Security`` of a client (kernel, CLI, panel, headless runner, tests) of the pool at ``address``.
+
+    In order: Dask's ``distributed.client.security-loader`` when one is configured (the hook Dask's own
+    ``Client`` calls for deployments that hand out credentials per cluster); the credentials of this
+    account's own embedded pool at ``address`` (:func:`embedded_security`: an exact match, so it comes
+    before the general config, which may hold the certificate of a shared pool), which is how every client
+    of an embedded pool speaks its private TLS with nothing configured; else Dask config (the
+    administrator's TLS, plain TCP, or a TLS pool this process has no certificate for, which
+    :func:`check_address` then reports by name).
+    """
     import dask.config
 
     loader = dask.config.get("distributed.client.security-loader", None)
@@ -89,7 +101,17 @@ def client_security(address: str | None = None) -> Security:
         found = import_term(loader)({"address": address})
         if isinstance(found, Security):
             return found
-    return pool_security()
+    return embedded_security(address) or pool_security()
+
+
+def embedded_security(address: str | None, roles: Iterable[Role] = ("client",)) -> Security | None:
+    """The ``Security`` that presents, in ``roles``, the certificate of this account's embedded pool at
+    ``address``; None when ``address`` is not such a pool (another account's, a shared pool, plain TCP).
+    See ``jupyter_gpu.common.pool_credentials``."""
+    from jupyter_gpu.common.pool_credentials import credentials_for
+
+    creds = credentials_for(address)
+    return creds.security(roles) if creds is not None else None
 
 
 def has_certificate(security: Security, role: Role) -> bool:

@@ -44,6 +44,7 @@ class PrivatePool:
         self.path = os.path.join(self.directory, "pool.json")
         self.address: str | None = None
         self.pid: int | None = None
+        self._record: Any = None  # the pool's runtime record (address, pid, its TLS credentials' folder)
         self._client: Any = None
 
     @property
@@ -66,9 +67,10 @@ class PrivatePool:
             except BaseException:
                 self._own_dir = False  # keep the pool's log for the person reading the error
                 raise
-        record = read_record(self.path)
+        record = self._record = read_record(self.path)
         self.pid = record.pid if record else None
-        # the keep-alive client: see the module docstring
+        # the keep-alive client: see the module docstring. Like every client of an embedded pool, it finds
+        # the pool's own TLS certificate from its address (client_security)
         self._client = Client(self.address, set_as_default=False, name=f"jupyter-gpu headless {self.label}",
                               timeout=30, security=client_security(self.address))
         log.info("private pool %s at %s started in %.1f s (log %s)", self.label, self.address,
@@ -78,7 +80,7 @@ class PrivatePool:
     def stop(self) -> None:
         """Stop the pool (its workers and sessions with it) and remove its files."""
         from jupyter_gpu.pool.discovery import pid_alive
-        from jupyter_gpu.pool.embedded import stop_embedded_pool
+        from jupyter_gpu.pool.embedded import forget_credentials, stop_embedded_pool
 
         if self._client is not None:
             with contextlib.suppress(Exception):
@@ -96,6 +98,9 @@ class PrivatePool:
             while pid_alive(self.pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
             self.pid = None
+        if self._record is not None:
+            forget_credentials(self._record)  # the pool's key goes with it, even when it had to be killed
+            self._record = None
         self.address = None
         if self._own_dir:
             shutil.rmtree(self.directory, ignore_errors=True)

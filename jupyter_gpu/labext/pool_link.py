@@ -98,17 +98,19 @@ def _discover_address() -> str | None:
     return pool_address()
 
 
-def _connection_args() -> dict:
-    """The pool's TLS for this server's comm to the scheduler (client role, see ``jupyter_gpu.common.security``).
+def _connection_args(address: str) -> dict:
+    """The pool's TLS for this server's comm to the scheduler at ``address`` (client role, see
+    ``jupyter_gpu.common.security.client_security``).
 
-    Read from the Jupyter server's own Dask config (``distributed.comm.tls.*``, e.g. the
+    This user's embedded pool is found with the certificate it made for itself, with nothing configured.
+    Any other pool is read with the Jupyter server's own Dask config (``distributed.comm.tls.*``, e.g. the
     ``DASK_DISTRIBUTED__COMM__TLS__...`` variables it was started with), like the kernels it starts, so a
     server whose notebooks can use a TLS pool shows that pool in its panel too. A server without the
     certificate sees a TLS pool as unreachable, with Dask's TLS error as the reason.
     """
-    from jupyter_gpu.common.security import connection_args
+    from jupyter_gpu.common.security import client_security, connection_args
 
-    return connection_args("client")
+    return connection_args("client", client_security(address))
 
 
 class PoolUnavailable(RuntimeError):
@@ -155,7 +157,8 @@ class PoolLink:
 
         if self._rpc is None or self._rpc_address != address:
             self._drop_rpc()
-            self._rpc = rpc(address, connection_args=_connection_args(), timeout=self.config.snapshot_timeout)
+            self._rpc = rpc(address, connection_args=_connection_args(address),
+                            timeout=self.config.snapshot_timeout)
             self._rpc_address = address
         return self._rpc
 

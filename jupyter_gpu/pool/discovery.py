@@ -31,11 +31,16 @@ def runtime_file(user: str | None = None) -> str:
 
 @dataclass
 class PoolRecord:
+    """What the runtime file says about an embedded pool. ``tls``: the folder of the TLS credentials it made
+    for itself (None when it uses the administrator's); its clients find them from its address anyway
+    (``jupyter_gpu.common.pool_credentials``), this is for whoever cleans up after a killed pool."""
+
     address: str
     pid: int
     started: float
     keep: bool = False
     log: str | None = None
+    tls: str | None = None
 
 
 def read_record(path: str | None = None) -> PoolRecord | None:
@@ -44,14 +49,14 @@ def read_record(path: str | None = None) -> PoolRecord | None:
         with open(path) as f:
             data = json.load(f)
         return PoolRecord(**{k: data[k] for k in ("address", "pid", "started") if k in data},
-                          keep=bool(data.get("keep")), log=data.get("log"))
+                          keep=bool(data.get("keep")), log=data.get("log"), tls=data.get("tls"))
     except (OSError, ValueError, TypeError, KeyError):
         return None
 
 
 def write_record(record: PoolRecord, path: str | None = None) -> None:
     path = path or runtime_file()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump(record.__dict__, f)

@@ -6,6 +6,11 @@ with the broker and one worker per GPU (a Nanny-managed process each, with the G
 advertises itself in the Jupyter runtime directory and shuts itself down once nobody has used it for
 ``jupyter-gpu.embedded.idle-timeout`` (no clients, no leases, no queue) unless started with ``keep``.
 
+It is private to its user: it listens on 127.0.0.1 only, serves no HTTP, and, unless the administrator
+configured TLS in Dask config, runs every comm on mutual TLS with a CA and certificate it makes on start
+(``jupyter_gpu.common.pool_credentials``; its clients find them from its address), so another local
+account can neither connect to it nor read its key.
+
 Run directly: ``python -m jupyter_gpu.pool.embedded`` (what ``jupyter-gpu pool up --embedded`` does).
 """
 
@@ -24,10 +29,25 @@ import time
 from typing import TYPE_CHECKING
 
 from jupyter_gpu.common import config
+from jupyter_gpu.common.pool_credentials import (
+    PoolCredentials,
+    create_credentials,
+    credentials_dir,
+    register,
+    remove_credentials,
+    unregister,
+)
 from jupyter_gpu.common.protocol import DEVICES_ENV, VIRTUAL_ENV
-from jupyter_gpu.common.security import describe, listen_scheme, pool_security, require_certificate
+from jupyter_gpu.common.security import (
+    ROLES,
+    describe,
+    has_certificate,
+    listen_scheme,
+    pool_security,
+    require_certificate,
+)
 from jupyter_gpu.pool.discovery import PoolRecord, live_embedded_pool, runtime_file, write_record
-from jupyter_gpu.worker.dask_worker import GpuDaskWorker
+from jupyter_gpu.pool.listeners import PoolScheduler, PoolWorker, quiet_reachability_probes
 from jupyter_gpu.worker.inventory import discover, parse_virtual_spec
 
 if TYPE_CHECKING:
@@ -42,7 +62,7 @@ class EmbeddedPoolError(RuntimeError):
 
 @contextlib.contextmanager
 def _locked(path: str):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     with open(path + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
@@ -69,7 +89,8 @@ def ensure_embedded_pool(timeout: float | None = None, keep: bool = False, path:
         cmd = [sys.executable, "-m", "jupyter_gpu.pool.embedded", "--runtime-file", path]
         if keep:
             cmd.append("--keep")
-        with open(log_path, "ab") as logf:
+        # the log names the pool's address and its credentials' folder: this user's only, like the rest
+        with os.fdopen(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as logf:
             proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True, cwd=os.getcwd())
         deadline = time.monotonic() + timeout
@@ -104,7 +125,16 @@ def stop_embedded_pool(path: str | None = None, timeout: float = 30.0) -> bool:
         os.kill(record.pid, signal.SIGKILL)
     with contextlib.suppress(OSError):
         os.remove(path)
+    forget_credentials(record)  # what a pool killed before it could clean up leaves behind
     return True
+
+
+def forget_credentials(record: PoolRecord) -> None:
+    """Remove the TLS credentials a stopped pool made, and their index entry (it removes them itself when it
+    stops cleanly; this is for a pool that was killed)."""
+    if record.tls:
+        unregister(record.address)
+        remove_credentials(record.tls)
 
 
 def _tail(path: str, lines: int = 15) -> str:
@@ -121,7 +151,7 @@ def _worker_spec(index: int, virtual: str | None, host: str, security: Security 
     env = {DEVICES_ENV: str(index)}
     if virtual:
         env[VIRTUAL_ENV] = virtual
-    options = {"nthreads": 1, "host": host, "env": env, "name": f"gpu-{index}", "worker_class": GpuDaskWorker,
+    options = {"nthreads": 1, "host": host, "env": env, "name": f"gpu-{index}", "worker_class": PoolWorker,
                "preload": ["jupyter_gpu.worker.plugin"], "dashboard": False}
     if security is not None:
         options["security"] = security
@@ -135,18 +165,44 @@ def _extend_virtual(spec: str, count: int) -> str:
     return ",".join(f"{s}B" for s in sizes)
 
 
+def pool_tls(path: str, security: Security | None = None) -> tuple[Security, PoolCredentials | None]:
+    """The embedded pool's TLS: the administrator's when Dask config (or ``pool up --embedded --tls-*``)
+    gives the scheduler a certificate, else fresh credentials of its own next to its runtime file ``path``
+    (returned too, so that the pool removes them when it stops).
+
+    Why always TLS: the pool listens on 127.0.0.1, which every account of the machine can reach, and any
+    Dask peer can run code in its processes; its own certificate, readable only by its user, keeps the pool
+    private with nothing to configure (its clients find it from its address: ``client_security``).
+    """
+    sec = security or pool_security()
+    if has_certificate(sec, "scheduler"):
+        return sec, None
+    creds = create_credentials(credentials_dir(path))
+    return creds.security(ROLES), creds
+
+
 async def run_pool(path: str, keep: bool = False, host: str = "127.0.0.1",
                    security: Security | None = None) -> None:
     """Run the pool until it has been idle (no clients, leases or queue) for the idle timeout.
 
-    ``security``: the pool's TLS (default: Dask config, see ``jupyter_gpu.common.security``). With TLS configured
-    the scheduler listens on ``tls://``, the workers follow it, and kernels need the client certificate.
+    ``security``: the pool's TLS (default: Dask config, see ``jupyter_gpu.common.security``); without a
+    certificate there, the pool makes its own (:func:`pool_tls`). The scheduler listens on ``tls://``, the
+    workers follow it, and kernels present the client certificate.
     """
-    from distributed import Scheduler, SpecCluster
+    quiet_reachability_probes()
+    sec, own = pool_tls(path, security)
+    try:
+        await _serve(path, keep, host, sec, own)
+    finally:
+        if own is not None:
+            remove_credentials(own.directory)
+
+
+async def _serve(path: str, keep: bool, host: str, sec: Security, own: PoolCredentials | None) -> None:
+    from distributed import SpecCluster
 
     from jupyter_gpu.broker.plugin import PLUGIN_NAME
 
-    sec = security or pool_security()
     protocol = listen_scheme("scheduler", sec)
     if protocol == "tls":
         require_certificate(sec, "scheduler", "The embedded pool's scheduler is to listen on TLS")
@@ -163,9 +219,9 @@ async def run_pool(path: str, keep: bool = False, host: str = "127.0.0.1",
             spec = _extend_virtual(virtual, index + 1) if virtual else None
             return {f"gpu-{index}": _worker_spec(index, spec, host, sec)}
 
-    scheduler = {"cls": Scheduler, "options": {"host": host, "port": 0, "dashboard": False,
-                                                "protocol": protocol, "security": sec,
-                                                "preload": ["jupyter_gpu.broker.plugin"]}}
+    scheduler = {"cls": PoolScheduler, "options": {"host": host, "port": 0, "dashboard": False,
+                                                    "protocol": protocol, "security": sec,
+                                                    "preload": ["jupyter_gpu.broker.plugin"]}}
     workers = {f"gpu-{i}": _worker_spec(i, virtual, host, sec) for i in range(n_gpus)}
     cluster = await GpuPool(scheduler=scheduler, workers=workers, asynchronous=True, name="jupyter-gpu",
                             security=sec)
@@ -180,10 +236,12 @@ async def run_pool(path: str, keep: bool = False, host: str = "127.0.0.1",
     deadline = time.monotonic() + 120
     while len(broker.gpus) < n_gpus and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
+    if own is not None:
+        register(sched.address, own)  # before the advertisement: a kernel that finds the pool finds its key
     write_record(PoolRecord(address=sched.address, pid=os.getpid(), started=time.time(), keep=keep,
-                            log=path[:-len(".json")] + ".log"), path)
-    log.info("embedded GPU pool at %s with %d GPU(s); %s", sched.address, len(broker.gpus),
-             describe(sec, "scheduler"))
+                            log=path[:-len(".json")] + ".log", tls=own.directory if own else None), path)
+    log.info("embedded GPU pool at %s with %d GPU(s); %s%s", sched.address, len(broker.gpus),
+             describe(sec, "scheduler"), f" (its own, in {own.directory})" if own else "")
     idle_timeout = config.get_seconds("embedded.keep-idle-timeout" if keep else "embedded.idle-timeout")
     idle_since: float | None = None
     stop = asyncio.Event()
@@ -213,6 +271,8 @@ async def run_pool(path: str, keep: bool = False, host: str = "127.0.0.1",
         if record is None or record.pid == os.getpid():
             with contextlib.suppress(OSError):
                 os.remove(path)
+        if own is not None:
+            unregister(sched.address)
         await cluster.close()
 
 

@@ -3,6 +3,10 @@
 ``jupyter-gpu pool up`` runs the scheduler (Dask ``Scheduler`` with the broker preloaded);
 ``jupyter-gpu worker ADDRESS`` runs one Nanny-managed Dask worker per local GPU, each with the GPU worker
 plugin, so that a lost GPU process is restarted and reported like any Dask worker.
+
+Each listens only where it was asked (the scheduler on ``--host``; nannies, workers and their session
+processes on the worker's ``--host``, by default the address that reaches the scheduler), with no HTTP
+server unless ``jupyter-gpu.http`` is set: see ``jupyter_gpu.pool.listeners``.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from jupyter_gpu.common.protocol import DEVICES_ENV, VIRTUAL_ENV
 from jupyter_gpu.common.security import check_address, describe, listen_scheme, pool_security, require_certificate
-from jupyter_gpu.worker.dask_worker import GpuDaskWorker
+from jupyter_gpu.pool.listeners import PoolScheduler, PoolWorker, quiet_reachability_probes, worker_host
 from jupyter_gpu.worker.inventory import discover
 
 if TYPE_CHECKING:
@@ -37,17 +41,16 @@ async def run_scheduler(host: str, port: int, security: Security | None = None) 
     ``security``: TLS of the ``scheduler`` role (default: Dask config, see ``jupyter_gpu.common.security``); when
     TLS is configured the scheduler listens on ``tls://`` and accepts only peers with the pool's certificates.
     """
-    from distributed import Scheduler
-
     from jupyter_gpu.broker.settings import load_settings
 
     load_settings()  # the quota file, token file and audit store, checked before anything listens
+    quiet_reachability_probes()
     sec = security or pool_security(roles=("scheduler",))
     protocol = listen_scheme("scheduler", sec)
     if protocol == "tls":
         require_certificate(sec, "scheduler", "The pool's scheduler is to listen on TLS")
-    async with Scheduler(host=host, port=port, protocol=protocol, security=sec, dashboard=False,
-                         preload=["jupyter_gpu.broker.plugin"]) as scheduler:
+    async with PoolScheduler(host=host, port=port, protocol=protocol, security=sec, dashboard=False,
+                             preload=["jupyter_gpu.broker.plugin"]) as scheduler:
         print(f"jupyter-gpu pool scheduler at {scheduler.address}", flush=True)
         print(f"  {describe(sec, 'scheduler')}", flush=True)
         print(f"  join GPU machines with:  jupyter-gpu worker {scheduler.address}", flush=True)
@@ -61,6 +64,8 @@ async def run_workers(address: str, host: str | None, virtual: str | None,
 
     ``security``: TLS of the ``worker`` role (default: Dask config). The workers listen with the scheme of
     ``address`` and hand their TLS settings on to their session processes (see the worker plugin).
+    ``host``: where the nannies, workers and sessions listen; None: the address that reaches the scheduler
+    (``worker_host``), not every interface.
     """
     from distributed import Nanny
     from distributed.core import Status
@@ -68,13 +73,14 @@ async def run_workers(address: str, host: str | None, virtual: str | None,
     sec = security or pool_security(roles=("worker",))
     check_address(address, "worker", sec)
     gpus = discover(virtual)
+    host = host or worker_host(address)
     env = {VIRTUAL_ENV: virtual} if virtual else {}
     nannies = [Nanny(address, nthreads=1, host=host, name=f"{gpu.name}-{gpu.uuid[-8:]}",
                      env={**env, DEVICES_ENV: str(gpu.index)}, dashboard=False, security=sec,
-                     worker_class=GpuDaskWorker, preload=["jupyter_gpu.worker.plugin"]) for gpu in gpus]
+                     worker_class=PoolWorker, preload=["jupyter_gpu.worker.plugin"]) for gpu in gpus]
     await asyncio.gather(*(n.start() for n in nannies))
     print(f"jupyter-gpu: {len(nannies)} GPU worker(s) joined {address}: "
-          + ", ".join(g.name for g in gpus), flush=True)
+          + ", ".join(g.name for g in gpus) + f"; listening on {host}", flush=True)
     print(f"  {describe(sec, 'worker')}", flush=True)
     signalled = asyncio.ensure_future(_until_signalled())
     try:

@@ -64,10 +64,10 @@ class QuotaPool:
 
 
 def call(address: str, op: str, **kwargs):
-    from distributed.core import rpc
+    from jupyter_gpu.common.security import pool_rpc  # the embedded pool's own TLS, found from its address
 
     async def go():
-        r = rpc(address)
+        r = pool_rpc(address)
         try:
             return await getattr(r, op)(**kwargs)
         finally:

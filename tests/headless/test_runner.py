@@ -128,9 +128,9 @@ def test_timeout_interrupts_and_frees_the_lease(gpu_pool, copy_notebooks, tmp_pa
     _assert_pool_idle(gpu_pool)
 
     async def lease_info():
-        from distributed.core import rpc
+        from jupyter_gpu.common.security import pool_rpc
 
-        r = rpc(gpu_pool)
+        r = pool_rpc(gpu_pool)
         try:
             return await r.gpu_lease_info(lease=lease)
         finally:

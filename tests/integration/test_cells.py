@@ -246,10 +246,10 @@ def test_a_queued_cell_that_is_cancelled_says_so_in_its_badge(pool):
         request = next(q for q in snapshot(pool)["queue"] if q["user"] == "hal")
         import asyncio
 
-        from distributed.core import rpc
+        from jupyter_gpu.common.security import pool_rpc
 
         async def cancel():
-            async with rpc(pool) as r:
+            async with pool_rpc(pool) as r:
                 return await r.gpu_cancel(id=request["id"], user="hal")
 
         assert asyncio.run(cancel())["cancelled"] is True

@@ -15,12 +15,14 @@ pytestmark = pytest.mark.integration
 def test_worker_killed_mid_cell_gives_a_clear_error_and_frees_the_lease(private_pool):
     from distributed import Client
 
+    from jupyter_gpu.common.security import client_security
+
     k = Kernel(private_pool, user="frank")
     try:
         msg = k.submit("%%gpu\nimport time\nprint('training', flush=True)\ntime.sleep(120)")
         k.wait_for_output(msg, "training")
         lease = next(ls for ls in leases(private_pool) if ls["user"] == "frank")
-        with Client(private_pool, set_as_default=False) as client:
+        with Client(private_pool, set_as_default=False, security=client_security(private_pool)) as client:
             pids = client.run(os.getpid)
         t0 = time.monotonic()
         os.kill(pids[lease["worker"]], signal.SIGKILL)
@@ -90,10 +92,10 @@ def test_connect_to_an_unreachable_address_is_a_clear_error(kernel):
 def test_adaptive_scaling_grows_for_waiting_requests_and_retires_only_idle_workers(private_pool):
     import asyncio
 
-    from distributed.core import rpc
+    from jupyter_gpu.common.security import pool_rpc
 
     async def scenario() -> None:
-        r = rpc(private_pool)
+        r = pool_rpc(private_pool)
         try:
             reply = await r.gpu_scale(minimum=2, maximum=3, user="admin")
             assert reply["adaptive"] == {"minimum": 2, "maximum": 3}, reply

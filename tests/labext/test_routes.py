@@ -20,9 +20,9 @@ def _json(response) -> dict:
 
 async def _rpc_call(address: str, handler: str, **kwargs):
     """Act as a notebook kernel would (the magic calls the same broker handlers)."""
-    from distributed.core import rpc
+    from jupyter_gpu.common.security import pool_rpc  # the pool's TLS (the embedded pool's own certificate)
 
-    async with rpc(address) as r:
+    async with pool_rpc(address) as r:
         return await getattr(r, handler)(**kwargs)
 
 
@@ -179,7 +179,7 @@ async def test_start_button_starts_embedded_pool(jp_fetch, monkeypatch, tmp_path
         snap = _json(await jp_fetch("jupyter-gpu", "api", "snapshot"))
         assert snap["state"] in ("no-pool", "ok")
         reply = _json(await started)
-        assert reply["started"] is True and reply["address"].startswith("tcp://")
+        assert reply["started"] is True and reply["address"].startswith("tls://")  # private: its own TLS
         snap = await _snapshot_until(jp_fetch, lambda s: s.get("state") == "ok" and len(s["gpus"]) == 2)
         assert snap["pool"]["address"] == reply["address"] and snap["pool"]["embedded"] is True
         assert snap["pool"]["scalable"] is True

@@ -35,9 +35,9 @@ def _json(response) -> dict:
 
 async def _rpc_call(address: str, handler: str, **kwargs):
     """Act as a notebook kernel would (the magic calls the same broker handlers, with its token)."""
-    from distributed.core import rpc
+    from jupyter_gpu.common.security import pool_rpc  # the pool's TLS (the embedded pool's own certificate)
 
-    async with rpc(address) as r:
+    async with pool_rpc(address) as r:
         return await getattr(r, handler)(**kwargs)
 
 

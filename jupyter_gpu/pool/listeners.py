@@ -1,0 +1,90 @@
+"""What the pool's processes listen on: one comm port each, on the host they were given, and no HTTP server
+unless it is configured.
+
+Why: Dask's ``Scheduler`` and ``Worker`` always start an HTTP server next to their comm port (health,
+Prometheus metrics, info pages that list workers, addresses, logs and call stacks; the scheduler's on port
+8787), outside Dask's TLS and without authentication, and ``dashboard=False`` turns off only the bokeh
+dashboard. A ``Nanny`` or ``Worker`` given no host listens on every interface. Neither is what someone who
+runs ``jupyter-gpu pool up --host H`` asked for, and on an embedded pool the HTTP pages would let any local
+account read what the pool is doing. So:
+
+- :class:`PoolScheduler` and :class:`PoolWorker` start Dask's HTTP server only when ``jupyter-gpu.http`` is
+  true (``--http`` on ``jupyter-gpu pool up`` and ``jupyter-gpu worker``); it then listens on the process's
+  own host, as Dask does by default;
+- :func:`worker_host`: the host a ``jupyter-gpu worker`` listens on when not given ``--host``: the local
+  address through which this machine reaches its scheduler (the one the scheduler will call back on),
+  rather than every interface;
+- :func:`quiet_reachability_probes`: kernels and the panel check that a pool is up with a bare TCP connect
+  (``discovery.address_reachable``); on a TLS scheduler each would be logged as a failed handshake, so
+  those (and only those: a peer that closes before sending anything) go to the debug level.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from distributed import Scheduler
+
+from jupyter_gpu.common import config
+from jupyter_gpu.worker.dask_worker import GpuDaskWorker
+
+log = logging.getLogger(__name__)
+
+
+def http_enabled() -> bool:
+    """Whether this pool's scheduler and workers serve Dask's HTTP routes (``jupyter-gpu.http``)."""
+    return bool(config.get("http", False))
+
+
+class _HttpWhenConfigured:
+    """Replaces ``Node.start_http_server``: a no-op unless :func:`http_enabled` (see the module docstring)."""
+
+    def start_http_server(self, routes: Any, dashboard_address: Any, default_port: int = 0,
+                          ssl_options: Any = None) -> None:
+        if http_enabled():
+            super().start_http_server(routes, dashboard_address, default_port=default_port,  # type: ignore[misc]
+                                      ssl_options=ssl_options)
+            log.info("%s serves Dask's HTTP routes on port %s (jupyter-gpu.http)", type(self).__name__,
+                     self.http_server.port)  # type: ignore[attr-defined]
+        else:
+            log.debug("%s: no HTTP server (jupyter-gpu.http is off)", type(self).__name__)
+
+
+class PoolScheduler(_HttpWhenConfigured, Scheduler):
+    """The pool's Dask scheduler: its comm port only (plus Dask's HTTP routes when configured)."""
+
+
+class PoolWorker(_HttpWhenConfigured, GpuDaskWorker):
+    """The pool's GPU worker (``GpuDaskWorker``): its comm port only (plus HTTP routes when configured)."""
+
+
+class _ProbeFilter(logging.Filter):
+    """Drops Dask's "TLS handshake failed ... UNEXPECTED_EOF" warnings: a connect-and-close probe, not an
+    attack; every other handshake failure (no certificate, another CA, plain TCP) is still a warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.DEBUG and "TLS handshake failed" in str(record.msg):
+            text = record.getMessage()
+            if "UNEXPECTED_EOF_WHILE_READING" in text or "EOF occurred in violation of protocol" in text:
+                log.debug("%s", text)
+                return False
+        return True
+
+
+def quiet_reachability_probes() -> None:
+    """Install :class:`_ProbeFilter` on Dask's TCP/TLS comm logger (once per process)."""
+    logger = logging.getLogger("distributed.comm.tcp")
+    if not any(isinstance(f, _ProbeFilter) for f in logger.filters):
+        logger.addFilter(_ProbeFilter())
+
+
+def worker_host(scheduler_address: str) -> str:
+    """The local IP address this machine uses to reach ``scheduler_address`` (127.0.0.1 for a local
+    scheduler): where a worker listens when it is not told, so that it is reachable by its scheduler and
+    by nothing on the machine's other interfaces."""
+    from distributed.comm import get_address_host_port
+    from distributed.utils import get_ip
+
+    host, port = get_address_host_port(scheduler_address)
+    return get_ip(host, port)
