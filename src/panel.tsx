@@ -77,6 +77,13 @@ function PoolSections(props: {
           utilization is the share of memory leased to running cells.
         </div>
       ) : null}
+      {vm.notIsolated ? (
+        <div className="jp-GpuPanel-notice jp-GpuPanel-isolationNotice">
+          Users of this pool are <b>not isolated</b> from each other: sessions run as the worker&apos;s account, not as
+          their users&apos;. The pool&apos;s admin isolates them by running <code>jupyter-gpu worker</code> as root
+          (docs/security.md).
+        </div>
+      ) : null}
       {vm.tokenMissing ? (
         <div className="jp-GpuPanel-notice jp-GpuPanel-tokenNotice">
           This pool checks user tokens and this Jupyter server has none, so the pool refuses its Cancel. Set{' '}

@@ -149,6 +149,10 @@ export interface IPoolInfo {
   workers?: number;
   virtual?: boolean;
   default_fraction?: number;
+  /** The pool checks tokens: several people use it. */
+  shared?: boolean;
+  /** Every session runs as its user's account (docs/security.md). */
+  users_isolated?: boolean;
 }
 
 /** A team as broker/views.py's ``quota_view`` lists it (GPUs; fractions allowed). */

@@ -48,3 +48,26 @@ def wait_until(predicate, timeout: float = 15.0, interval: float = 0.1) -> bool:
             return True
         time.sleep(interval)
     return predicate()
+
+
+def worker_pid(address: str) -> int:
+    """The pid of the process that listens at a worker's comm ``address`` (as the machine's admin sees it:
+    a GPU worker answers no ``run`` to find out; docs/security.md)."""
+    import psutil
+    from distributed.comm import get_address_host_port
+
+    host, port = get_address_host_port(address)
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+            return conn.pid
+    raise LookupError(f"nothing listens at {address}")
+
+
+def own_lease(kernel: GpuKernel) -> dict:
+    """The kernel's own session's lease, as the broker gave it to that kernel (with its address and secret:
+    the snapshot shows other users neither)."""
+    import json
+
+    res = kernel.run("import json as _json\n"
+                     "print(_json.dumps(get_ipython().find_magic('gpu').__self__.conn.session.lease))")
+    return json.loads(res.stdout)

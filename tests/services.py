@@ -26,22 +26,32 @@ class PoolServices:
     """``pool up`` on a fixed port plus one ``worker`` service; ``restart_scheduler`` kills and restarts it."""
 
     def __init__(self, root: Path, virtual: str = "2x16GiB", env: dict[str, str] | None = None,
-                 host: str = "127.0.0.1"):
+                 host: str = "127.0.0.1", worker_account: str | None = None):
         self.root = Path(root)
         self.virtual = virtual
         self.host = host
         self.port = free_port()
         self.address = f"tcp://{host}:{self.port}"
         self.env = {**os.environ, **(env or {})}
+        self.worker_account = worker_account  # run `jupyter-gpu worker` as this account instead of ours
         self.scheduler: subprocess.Popen | None = None
         self.worker: subprocess.Popen | None = None
         self._logs: list = []
 
-    def _start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    def _start(self, name: str, args: list[str], env: dict[str, str], account: str | None = None) -> subprocess.Popen:
         log = open(self.root / f"{name}.log", "ab")
         self._logs.append(log)
+        extra: dict = {}
+        if account is not None:
+            import pwd
+
+            entry = pwd.getpwnam(account)
+            extra = {"user": entry.pw_uid, "group": entry.pw_gid,
+                     "extra_groups": os.getgrouplist(entry.pw_name, entry.pw_gid)}
+            env = {**env, "HOME": entry.pw_dir, "USER": account, "LOGNAME": account}
         return subprocess.Popen([sys.executable, "-m", "jupyter_gpu.cli", *args], stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env, cwd=str(self.root), start_new_session=True)
+                                stdin=subprocess.DEVNULL, env=env, cwd="/" if account else str(self.root),
+                                start_new_session=True, **extra)
 
     def start_scheduler(self) -> None:
         self.scheduler = self._start("scheduler", ["pool", "up", "--host", self.host, "--port", str(self.port)],
@@ -51,7 +61,7 @@ class PoolServices:
     def start(self) -> PoolServices:
         self.start_scheduler()
         self.worker = self._start("worker", ["worker", self.address],
-                                  {**self.env, "JUPYTER_GPU_VIRTUAL_GPUS": self.virtual})
+                                  {**self.env, "JUPYTER_GPU_VIRTUAL_GPUS": self.virtual}, self.worker_account)
         self.wait_for(lambda: self.gpu_count() >= self._expected_gpus(), 120, "the worker's GPUs")
         return self
 

@@ -44,12 +44,18 @@ class AuditStore:
     def __init__(self, path: str | None = None):
         self.path = os.path.expanduser(path) if path else ":memory:"
         if self.path != ":memory:":
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        if self.path != ":memory:":
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(SCHEMA)
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o700, exist_ok=True)
+            # the pool's history is the pool's: created readable and writable by its account only
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        old = os.umask(0o077)  # and the WAL and shared-memory files SQLite makes beside it
+        try:
+            self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            if self.path != ":memory:":
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(SCHEMA)
+        finally:
+            os.umask(old)
         self.boot = uuid.uuid4().hex[:12]
 
     # ------------------------------------------------------------------ writing (the broker)

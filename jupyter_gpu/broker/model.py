@@ -106,6 +106,7 @@ class Lease:
     containment: str | None = None       # how its processes are kept together and capped (worker/containment.py)
     host_memory_limit: int | None = None  # the host memory its processes may use together
     address: str | None = None     # the session process's comm address
+    secret: str | None = field(default=None, repr=False)  # what its session asks of every call: owner only
     pid: int | None = None
     cell_started: float | None = None
     peak_bytes: int | None = None   # the largest cell peak so far (right-sizing, audit)

@@ -17,22 +17,24 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import math
 import os
+import secrets
 import time
 from typing import Annotated, Any, Callable, Literal
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from jupyter_gpu.broker import packing, views
+from jupyter_gpu.broker import gate, packing, views
 from jupyter_gpu.broker.audit import AuditStore
 from jupyter_gpu.broker.fair_share import FairSharePolicy
 from jupyter_gpu.broker.identity import TokenStore
 from jupyter_gpu.broker.ledger import Ledger
 from jupyter_gpu.broker.model import Allocation, GpuSlot, Lease, Request, ids_beyond, new_id
 from jupyter_gpu.broker.settings import BrokerSettings, PoolConfigError, load_settings
-from jupyter_gpu.common import config, protocol
+from jupyter_gpu.common import config, poolkey, protocol
 from jupyter_gpu.common.protocol import (
     GpuInfoMsg,
     LeaseView,
@@ -53,6 +55,7 @@ from jupyter_gpu.common.validation import (
     Name,
     Percent,
     Range,
+    Secret,
     Text,
     dropped,
     error_reply,
@@ -62,6 +65,7 @@ from jupyter_gpu.common.validation import (
 log = logging.getLogger(__name__)
 
 PLUGIN_NAME = "jupyter-gpu-broker"
+NOT_A_WORKER = "only the pool's workers may call this (they hold the pool key; see docs/security.md)"
 Token = Annotated[str, MaxLen(512)]
 Workers = Annotated[int, Range(0, 100_000)]  # a pool's worker count (scale)
 RUNS_KEPT = 50  # the latest runs' streams, for the panel's replay
@@ -92,6 +96,8 @@ class GpuBroker(SchedulerPlugin):
         self._drains: dict[str, list[asyncio.Task]] = {}  # request id -> reclaimed sessions it waits to see gone
         self._adopted: dict[str, float] = {}  # lease id -> when adopted after a restart (its kernel must come back)
         self.start_slots: dict[str, int] = {}  # worker -> session processes it starts at once
+        self.runs_as_users: dict[str, bool] = {}  # worker -> whether its sessions run as their users
+        self.pool_key: str | None = None
         self.scheduler = None
 
     # the ledger's state, as the scaler, the embedded pool and tests read it
@@ -143,7 +149,13 @@ class GpuBroker(SchedulerPlugin):
 
     async def start(self, scheduler) -> None:  # noqa: ANN001
         self.scheduler = scheduler
+        # what workers and the broker show each other (common/poolkey.py); users never hold it
+        self._key_path = poolkey.key_path(scheduler.address)
+        self._made_key = poolkey.read_key(self._key_path) is None
+        self.pool_key = poolkey.ensure_key(self._key_path)
         scheduler.handlers.update(self.handlers())
+        if self.tokens is not None:  # a pool shared by several people: nothing but our handlers (broker/gate.py)
+            gate.close(scheduler, self.pool_key)
         self.audit.open_boot()
         from distributed.compatibility import PeriodicCallback
 
@@ -154,6 +166,9 @@ class GpuBroker(SchedulerPlugin):
         self._housekeeper.start()
 
     async def close(self) -> None:
+        if self.embedded and getattr(self, "_made_key", False):  # an embedded pool's key dies with it (a pool up's
+            with contextlib.suppress(OSError):                   # stays: its workers rejoin a restarted scheduler)
+                os.unlink(self._key_path)
         if getattr(self, "_sampler", None):
             self._sampler.stop()
         if getattr(self, "_housekeeper", None):
@@ -181,7 +196,7 @@ class GpuBroker(SchedulerPlugin):
     async def _discard_offload(self, lease: Lease) -> None:
         offload, lease.offload = lease.offload, None
         try:
-            await self.scheduler.rpc(offload["worker"]).gpu_offload_discard(path=offload["path"])
+            await self.scheduler.rpc(offload["worker"]).gpu_offload_discard(path=offload["path"], key=self.pool_key)
         except Exception as exc:  # noqa: BLE001 - the worker is gone, and its files with it
             log.debug("could not discard the offload of %s: %s", lease.id, exc)
 
@@ -190,10 +205,13 @@ class GpuBroker(SchedulerPlugin):
     def register_worker(self, worker: Address, gpus: Annotated[list[GpuInfoMsg], MaxLen(1024)],
                         sessions: Annotated[list[LiveSession], MaxLen(10_000)] | None = None,
                         parked: Annotated[list[ParkedCopy], MaxLen(10_000)] | None = None,
-                        start_slots: Annotated[int, Range(1, 1024)] = 1) -> dict:
+                        start_slots: Annotated[int, Range(1, 1024)] = 1, accounts: bool = False,
+                        key: Secret | None = None) -> dict:
         """A worker's GPU plugin reports the GPUs it owns (replacing any earlier report). A worker that joins a
         restarted scheduler also reports the sessions and parked variables it kept: they are adopted, so
         their owners' kernels carry on as if nothing had happened."""
+        if not poolkey.matches(key, self.pool_key):
+            return error_reply(NOT_A_WORKER)
         for i, info in enumerate(gpus):
             missing = [k for k in ("index", "uuid", "name", "total_bytes") if k not in info]
             if missing:
@@ -205,6 +223,7 @@ class GpuBroker(SchedulerPlugin):
                          mig=bool(info.get("mig"))) for info in gpus]
         ids = self.ledger.set_worker_gpus(worker, slots)
         self.start_slots[worker] = start_slots
+        self.runs_as_users[worker] = accounts
         for gpu_id in ids:
             self.samples.setdefault(gpu_id, collections.deque(maxlen=int(config.get("worker.samples-kept"))))
         refused = self._adopt(worker, sessions or [], parked or [])
@@ -284,8 +303,11 @@ class GpuBroker(SchedulerPlugin):
                 self._spawn(self._discard_offload(parked))
 
     @validated(dropped)
-    def add_samples(self, worker: Address, samples: Annotated[dict[str, Sample], MaxLen(1024)]) -> None:
+    def add_samples(self, worker: Address, samples: Annotated[dict[str, Sample], MaxLen(1024)],
+                    key: Secret | None = None) -> None:
         """NVML samples from a worker's sampling thread, keyed by GPU index."""
+        if not poolkey.matches(key, self.pool_key):
+            return
         for index, sample in samples.items():
             gpu_id = f"{worker}#{index}"
             if gpu_id in self.samples:
@@ -294,10 +316,15 @@ class GpuBroker(SchedulerPlugin):
     @validated(dropped)
     def lease_state(self, lease: Name, state: Literal["running", "idle"], cell: Text | None = None,
                     peak_bytes: Bytes | None = None, gpu_utilization: Percent | None = None,
-                    resident_bytes: Bytes | None = None) -> None:
+                    resident_bytes: Bytes | None = None, worker: Address | None = None,
+                    key: Secret | None = None) -> None:
         """A session says a cell started (``running``) or finished (``idle``, with its measured peak memory and,
         on real GPUs, its mean utilization: the right-sizing numbers; and what it holds now, which is what
-        suspending it would have to move)."""
+        suspending it would have to move). It arrives through the session's worker, which alone knows which
+        lease the session holds; a note about a lease on another worker is dropped."""
+        live = self.leases.get(lease)
+        if not poolkey.matches(key, self.pool_key) or live is None or (worker is not None and live.worker != worker):
+            return
         ls = self.ledger.set_state(lease, state, resident=resident_bytes)
         if ls is None:
             return
@@ -315,17 +342,27 @@ class GpuBroker(SchedulerPlugin):
             ls.resident_bytes = int(resident_bytes)
 
     @validated(error_reply)
-    def session_ended(self, lease: Name, reason: Text) -> None:
+    def session_ended(self, lease: Name, reason: Text, worker: Address | None = None,
+                      key: Secret | None = None) -> dict | None:
         """The worker saw a session process exit."""
+        if not poolkey.matches(key, self.pool_key):
+            return error_reply(NOT_A_WORKER)
         ls = self.leases.get(lease)
-        if ls is not None:
+        if ls is not None and (worker is None or ls.worker == worker):
             self._end_lease(ls, reason, kill=False)
             self._schedule()
 
     @validated(dropped)
     def run_metrics(self, run: Name, rank: Annotated[int, Range(0, RequestSpec.MAX_RANKS)],
-                    items: Annotated[list[MetricsItem], MaxLen(100_000)]) -> None:
-        """Metrics batched by a rank's session (``jupyter_gpu.report``); kept so a panel can replay them."""
+                    items: Annotated[list[MetricsItem], MaxLen(100_000)], lease: Name | None = None,
+                    key: Secret | None = None) -> None:
+        """Metrics batched by a rank's session (``jupyter_gpu.report``, through its worker); kept so a panel can
+        replay them. Only a lease of the run (as its kernel declared it) may add to it, as its own rank."""
+        live = self.leases.get(lease or "")
+        known = self.runs.get(run)
+        if (not poolkey.matches(key, self.pool_key) or live is None or live.rank != rank
+                or (known is not None and lease not in (known.get("leases") or ()))):
+            return
         record = self.runs.setdefault(run, {"id": run, "ranks": {}, "started": time.time()})
         stream = record["ranks"].setdefault(str(rank), [])
         stream.extend({**item, "metrics": _plain_metrics(item.get("metrics") or {})} for item in items)
@@ -372,11 +409,16 @@ class GpuBroker(SchedulerPlugin):
         return old if old.worker in self.worker_gpus else None
 
     @validated(lambda why: {"id": None, "state": "unknown", "reason": why})
-    async def wait(self, id: Name, timeout: Annotated[float, Range(0, 60)] = 1.0) -> RequestStatus:
-        """Long-poll: the request's state once it changes from queued/starting, or after ``timeout``."""
+    async def wait(self, id: Name, timeout: Annotated[float, Range(0, 60)] = 1.0, user: Name | None = None,
+                   token: Token | None = None) -> RequestStatus:
+        """Long-poll: the request's state once it changes from queued/starting, or after ``timeout``. Only
+        its owner may read it (a granted status carries the lease's secret)."""
         req = self.requests.get(id)
         if req is None:
             return {"id": id, "state": "unknown", "reason": f"no request {id} is known to the broker"}
+        denied = self._identity_error(user, token) or self._owner_refusal(req.user, user, id)
+        if denied:
+            return {"id": id, "state": "refused", "reason": denied}
         event = self._events.get(id)
         if event is not None and req.state in ("queued", "starting"):
             try:
@@ -426,10 +468,14 @@ class GpuBroker(SchedulerPlugin):
         return {"released": True}
 
     @validated(lambda why: {"id": None, "state": "unknown", "end_reason": why})
-    def lease_info(self, lease: Name) -> dict:
+    def lease_info(self, lease: Name, user: Name | None = None, token: Token | None = None) -> dict:
+        """A lease, live or ended, for its owner (why it ended, where its variables went)."""
         ls = self.ledger.lease_or_ended(lease)
         if ls is None:
             return {"id": lease, "state": "unknown", "end_reason": "the broker has no record of this lease"}
+        denied = self._identity_error(user, token) or self._owner_refusal(ls.user, user, lease)
+        if denied:
+            return {"id": lease, "state": "unknown", "end_reason": denied}
         return ls.public()
 
     @validated(error_reply)
@@ -473,11 +519,22 @@ class GpuBroker(SchedulerPlugin):
         """The whole pool as the panel, ``%gpu status`` and ``jupyter-gpu status`` show it."""
         pool = {"address": self.scheduler.address if self.scheduler else None, "embedded": self.embedded,
                 "scalable": self.scaler is not None, "scale_users": self.scale_users(),
-                "default_fraction": float(config.get("default-fraction"))}
+                "default_fraction": float(config.get("default-fraction")),
+                "users_isolated": self.users_isolated(), "shared": self.tokens is not None}
         return views.snapshot(self.ledger, self.samples, pool, self.runs.values(),
                               "tokens" if self.tokens is not None else "names")
 
     # ------------------------------------------------------------------ who may
+    def sessions_as_users(self) -> bool:
+        """Whether sessions are to run as their users' accounts: when the pool checks tokens, unless the admin
+        turned it off (``session.as-user: false``, e.g. tokens kept for accounting only)."""
+        return self.tokens is not None and config.get("session.as-user") is not False
+
+    def users_isolated(self) -> bool:
+        """Whether every session runs as its user (as above, and every worker runs as root)."""
+        workers = [self.runs_as_users.get(w, False) for w in self.worker_gpus]
+        return self.sessions_as_users() and bool(workers) and all(workers)
+
     @staticmethod
     def scale_users() -> list[str] | None:
         """Who may scale the pool (None: everyone), from Dask config ``jupyter-gpu.scale-users``."""
@@ -492,6 +549,12 @@ class GpuBroker(SchedulerPlugin):
             return None
         return (f"user {user!r} may not scale this pool: only {', '.join(allowed) or 'nobody'} may (Dask config "
                 "jupyter-gpu.scale-users on the scheduler). Ask one of them, or an administrator.")
+
+    def _owner_refusal(self, owner: str, user: str | None, what: str) -> str | None:
+        """In a pool that checks tokens, only the owner may read or change their work."""
+        if self.tokens is None or user == owner:
+            return None
+        return f"{what} belongs to another user; you can see only your own work"
 
     def _identity_error(self, user: str | None, token: str | None) -> str | None:
         """With a token file configured, the reason ``user``/``token`` is not accepted (None: accepted)."""
@@ -540,7 +603,8 @@ class GpuBroker(SchedulerPlugin):
         started = time.monotonic()
         try:
             reply = await asyncio.wait_for(
-                self.scheduler.rpc(lease.worker).gpu_session_offload(lease=lease.id, timeout=timeout), timeout + 5)
+                self.scheduler.rpc(lease.worker).gpu_session_offload(lease=lease.id, timeout=timeout, key=self.pool_key),
+                timeout + 5)
         except Exception as exc:  # noqa: BLE001 - the worker is gone or too slow: the variables are lost
             reply = {"error": f"{type(exc).__name__}: {exc}"}
         if reply.get("error"):
@@ -585,8 +649,10 @@ class GpuBroker(SchedulerPlugin):
         async def start_one(lease: Lease) -> None:
             restore = {"worker": req.restore["worker"], "path": req.restore["path"]} if (
                 req.restore and lease.rank == 0) else None
+            lease.secret = secrets.token_urlsafe(24)  # only the worker and the owner's kernel get it
             reply = await self.scheduler.rpc(lease.worker).gpu_session_start(
-                lease=lease.public(), scheduler=self.scheduler.address, restore=restore, client=lease.client)
+                lease=lease.public(), scheduler=self.scheduler.address, restore=restore, client=lease.client,
+                secret=lease.secret, account=lease.user if self.sessions_as_users() else None, key=self.pool_key)
             if reply.get("error"):
                 raise RuntimeError(reply["error"])
             lease.address, lease.pid = reply["address"], reply["pid"]
@@ -636,7 +702,7 @@ class GpuBroker(SchedulerPlugin):
 
     async def _kill_session(self, lease: Lease) -> None:
         try:
-            await self.scheduler.rpc(lease.worker).gpu_session_signal(lease=lease.id, signal="kill")
+            await self.scheduler.rpc(lease.worker).gpu_session_signal(lease=lease.id, signal="kill", key=self.pool_key)
         except Exception as exc:  # the worker may be gone already
             log.debug("could not kill session of %s on %s: %s", lease.id, lease.worker, exc)
 

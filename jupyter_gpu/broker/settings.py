@@ -8,12 +8,17 @@ with ``--preload jupyter_gpu.broker.plugin`` exits the same way.
 
 from __future__ import annotations
 
+import logging
+import os
 import sqlite3
+import stat
 from dataclasses import dataclass
 
 from jupyter_gpu.broker.audit import AuditStore, audit_from_config
 from jupyter_gpu.broker.identity import TokenFileError, TokenStore, tokens_from_config
 from jupyter_gpu.broker.quotas import PoolQuotas, QuotaConfigError, quotas_from_config
+
+log = logging.getLogger(__name__)
 
 
 class PoolConfigError(Exception):
@@ -27,9 +32,41 @@ class BrokerSettings:
     audit: AuditStore
 
 
+def secure_file(path: str, what: str) -> None:
+    """A pool secret readable and writable by the pool's account only.
+
+    A file another account owns, or in a folder others may write, could be changed by a user (a quota, a
+    token): refused, naming the fix. A file of ours that others may read is made private (0600), with a
+    warning: the pool starts, and its secrets stop leaking.
+    """
+    path = os.path.abspath(os.path.expanduser(path))
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return  # the loaders say what is missing
+    if st.st_uid != os.geteuid():
+        raise PoolConfigError(f"the {what} {path} belongs to uid {st.st_uid}, not to the pool's account (uid "
+                              f"{os.geteuid()}): whoever owns it could change it. `chown` it to the pool's account "
+                              "and `chmod 600` it.")
+    folder = os.stat(os.path.dirname(path))
+    if folder.st_mode & 0o022 and not folder.st_mode & stat.S_ISVTX:
+        raise PoolConfigError(f"the folder of the {what} {path} can be written by other accounts, who could replace "
+                              f"the file: keep pool secrets in a folder only the pool's account writes (chmod 700).")
+    if st.st_mode & 0o077:
+        log.warning("the %s %s could be read by other accounts (mode %o): made it 0600", what, path,
+                    stat.S_IMODE(st.st_mode))
+        os.chmod(path, stat.S_IMODE(st.st_mode) & 0o700)
+
+
 def load_settings() -> BrokerSettings:
     """Quotas (``jupyter-gpu.pool-config``), tokens (``jupyter-gpu.token-file``) and the audit store
-    (``jupyter-gpu.audit-db``) from Dask config, each checked; raises ``PoolConfigError``."""
+    (``jupyter-gpu.audit-db``) from Dask config, each checked (and kept private: ``secure_file``); raises
+    ``PoolConfigError``."""
+    from jupyter_gpu.common import config
+
+    for key, what in (("pool-config", "quota file"), ("token-file", "token file"), ("audit-db", "audit store")):
+        if config.get(key):
+            secure_file(str(config.get(key)), what)
     try:
         quotas = quotas_from_config()
     except QuotaConfigError as exc:

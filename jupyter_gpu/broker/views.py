@@ -56,18 +56,26 @@ def lease_view(lease: Lease) -> LeaseView:
     return view
 
 
+PRIVATE_FIELDS = ("address", "pid")  # where a session can be reached: its owner's business only
+
+
 def lease_on_gpu(lease: Lease, gpu_id: str) -> LeaseView:
+    """A lease as everybody sees it in the snapshot: who holds what, never where its session answers."""
     view = lease_view(lease)
+    for key in PRIVATE_FIELDS:
+        view.pop(key, None)
     view["bytes_on_gpu"] = sum(a.bytes for a in lease.allocations if a.gpu == gpu_id)
     return view
 
 
 def lease_with_gpus(lease: Lease, gpus: Mapping[str, GpuSlot]) -> LeaseView:
-    """A granted lease as its kernel gets it: with its GPUs' names and whether they are virtual."""
+    """A granted lease as its kernel (and only its kernel) gets it: with its GPUs' names, whether they are
+    virtual, and the secret its session asks of every call."""
     view = lease_view(lease)
     slots = [gpus[a.gpu] for a in lease.allocations if a.gpu in gpus]
     view["gpu_names"] = [g.name for g in slots]
     view["virtual"] = all(g.virtual for g in slots)
+    view["secret"] = lease.secret
     return view
 
 

@@ -32,6 +32,9 @@ USER_ENV: Final = "JUPYTER_GPU_USER"             # who a kernel acts for (else t
 TOKEN_ENV: Final = "JUPYTER_GPU_TOKEN"           # that user's token, for pools with a token file
 VIRTUAL_ENV: Final = "JUPYTER_GPU_VIRTUAL_GPUS"  # e.g. 2x16GiB: virtual GPUs for machines without one
 DEVICES_ENV: Final = "JUPYTER_GPU_DEVICES"       # worker-internal: which of the machine's GPUs a worker owns
+SPAWN_KEY_ENV: Final = "JUPYTER_GPU_SESSION_KEY"  # worker -> session: the key its first ``assign`` must carry
+NANNY_KEY_ENV: Final = "JUPYTER_GPU_NANNY_KEY"    # nanny -> its worker: the key to ask the nanny to close
+STARTUP_KEY: Final = "jupyter-gpu-pool-key"     # where a GPU worker shows the pool key when it registers
 
 # ---------------------------------------------------------------------- value sets
 Priority = Literal["interactive", "batch"]
@@ -211,6 +214,7 @@ class LeaseView(TypedDict, total=False):
     bytes_on_gpu: int                # in a snapshot's GPU entry: the part of the lease on that GPU
     right_size: str | None           # the broker's right-sizing hint (views.right_size_hint), None: none
     gpu_names: list[str]             # in a granted request's status
+    secret: str | None               # in a granted request's status (its owner's only): what the session asks
     virtual: bool                    # in a granted request's status
 
 
@@ -309,6 +313,8 @@ class PoolInfo(TypedDict, total=False):
     workers: int
     virtual: bool
     default_fraction: float
+    shared: bool                     # the pool checks tokens: several people use it
+    users_isolated: bool             # every session runs as its user's account (docs/security.md)
 
 
 class Snapshot(TypedDict, total=False):
@@ -321,6 +327,16 @@ class Snapshot(TypedDict, total=False):
     in_host_memory: list[ParkedView]
     quotas: dict                     # {"configured", "teams", "users", "identity", "default_team"}
     runs: list[dict]                 # the latest --workers runs: {"id", "ranks": {rank: [metrics]}, ...}
+
+
+class Account(TypedDict):
+    """The OS account a session runs as (worker -> session at ``assign``, when users are isolated)."""
+
+    user: str
+    uid: int
+    gid: int
+    groups: list[int]
+    home: str
 
 
 class RestoreRef(TypedDict):

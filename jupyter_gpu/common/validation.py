@@ -50,6 +50,7 @@ Count = Annotated[int, Range(0, 1_000_000)]
 Bytes = Annotated[int, Range(0, 2**62)]
 Percent = Annotated[float, Range(0, 100)]
 Address = Annotated[str, MaxLen(512)]
+Secret = Annotated[str, MaxLen(256)]        # a lease's secret, a spawn key, a pool key
 
 
 def check(value: Any, hint: Any, where: str) -> None:

@@ -62,6 +62,29 @@ def manager_kwargs(directory: str, kernel_name: str = "python3") -> tuple[str, d
     return kernel_id, kwargs
 
 
+def _account_kernel_manager() -> type:
+    from jupyter_client.manager import KernelManager
+
+    class AccountKernelManager(KernelManager):
+        """A kernel manager (run by root) whose kernel runs as another account: that account must be able to
+        read the connection file it writes."""
+
+        def __init__(self, account: tuple[int, int], **kwargs: Any):
+            super().__init__(**kwargs)
+            self._account = account
+
+        def write_connection_file(self, **kwargs: Any) -> Any:
+            result = super().write_connection_file(**kwargs)
+            os.chown(self.connection_file, *self._account)
+            return result
+
+    return AccountKernelManager
+
+
+def _AccountKernelManager(account: tuple[int, int], **kwargs: Any) -> Any:  # noqa: N802 - a class, built lazily
+    return _account_kernel_manager()(account=account, **kwargs)
+
+
 def kernel_directory() -> str:
     """A short private directory for connection files and IPC sockets (socket paths are length-limited)."""
     return tempfile.mkdtemp(prefix="jgpu-k-", dir="/tmp" if os.path.isdir("/tmp") else None)
@@ -220,7 +243,7 @@ class GpuKernel:
 
     def __init__(self, pool: str | None, cwd: str | None = None, kernel_name: str = "python3",
                  load_extension: bool = True, default_timeout: float | None = 120.0, user: str | None = None,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, account: str | None = None):
         self.pool = pool
         self.cwd = cwd or os.getcwd()
         self.kernel_name = kernel_name
@@ -228,6 +251,7 @@ class GpuKernel:
         self.default_timeout = default_timeout
         self.user = user
         self.env = dict(env or {})
+        self.account = account  # run the kernel process as this OS account (the caller must be root)
         self.directory = kernel_directory()
         self.kernel_id, self._km_kwargs = manager_kwargs(self.directory, kernel_name)
         self.km: Any = None
@@ -244,8 +268,19 @@ class GpuKernel:
         extra = {USER_ENV: self.user} if self.user else {}
         extra.update(self.env)
         started = time.perf_counter()
-        self.km = KernelManager(**self._km_kwargs)
-        self.km.start_kernel(env=kernel_env(self.pool, extra=extra), cwd=self.cwd)
+        launch: dict[str, Any] = {}
+        if self.account is not None:  # a user's kernel as that user runs it: their uid, groups, home
+            import pwd
+
+            entry = pwd.getpwnam(self.account)
+            os.chown(self.directory, entry.pw_uid, entry.pw_gid)
+            launch = {"user": entry.pw_uid, "group": entry.pw_gid,
+                      "extra_groups": os.getgrouplist(entry.pw_name, entry.pw_gid), "umask": 0o077}
+            extra = {"HOME": entry.pw_dir, "USER": entry.pw_name, "LOGNAME": entry.pw_name, **extra}
+            self.km = _AccountKernelManager(account=(entry.pw_uid, entry.pw_gid), **self._km_kwargs)
+        else:
+            self.km = KernelManager(**self._km_kwargs)
+        self.km.start_kernel(env=kernel_env(self.pool, extra=extra), cwd=self.cwd, **launch)
         self.kc = self.km.client()
         self.kc.start_channels()
         self.kc.wait_for_ready(timeout=60)

@@ -29,7 +29,8 @@ from jupyter_gpu.pool.discovery import user_name
 
 log = logging.getLogger(__name__)
 
-_TOKEN_OPS = frozenset({"gpu_request", "gpu_cancel", "gpu_release", "gpu_scale"})
+# the calls that act on or read one user's work: the user's name and token go with them
+_TOKEN_OPS = frozenset({"gpu_request", "gpu_wait", "gpu_cancel", "gpu_release", "gpu_lease_info", "gpu_scale"})
 
 
 def kernel_identity() -> str:
@@ -61,6 +62,11 @@ class RemoteSession:
     @property
     def address(self) -> str:
         return self.lease["address"]
+
+    @property
+    def secret(self) -> str | None:
+        """What the session asks of every call (only this kernel got it, with the grant)."""
+        return self.lease.get("secret")
 
     def describe(self) -> str:
         names = self.lease.get("gpu_names") or [f"GPU {i}" for i in self.lease.get("gpu_indices", ())]
@@ -174,7 +180,7 @@ class PoolConnection:
         """``gpu_wait`` for a queued request; when the scheduler restarts meanwhile, wait for it (up to
         ``connect-timeout``) and ask again: the new broker does not know requests made to the old one."""
         try:
-            reply = self.scheduler_call("gpu_wait", id=status["id"], timeout=0.5)
+            reply = self.scheduler_call("gpu_wait", id=status["id"], timeout=0.5, user=self.user)
         except PoolUnreachable:
             reply = None
             give_up = time.monotonic() + config.get_seconds("connect-timeout")
@@ -183,7 +189,7 @@ class PoolConnection:
             while reply is None:
                 time.sleep(1.0)
                 try:
-                    reply = self.scheduler_call("gpu_wait", id=status["id"], timeout=0.5)
+                    reply = self.scheduler_call("gpu_wait", id=status["id"], timeout=0.5, user=self.user)
                 except PoolUnreachable:
                     if time.monotonic() > give_up:
                         raise
@@ -227,7 +233,7 @@ class PoolConnection:
         """Why a lease ended, waiting briefly for the worker's report to reach the broker."""
         deadline = time.monotonic() + wait
         while True:
-            info = self.scheduler_call("gpu_lease_info", lease=lease)
+            info = self.scheduler_call("gpu_lease_info", lease=lease, user=self.user)
             if info.get("state") == "ended" or time.monotonic() > deadline:
                 return info.get("end_reason") or "the session process stopped answering"
             time.sleep(0.1)
@@ -238,7 +244,7 @@ class PoolConnection:
         deadline = time.monotonic() + wait
         offload_deadline = time.monotonic() + config.get_seconds("offload-timeout") + 5
         while True:
-            info = self.scheduler_call("gpu_lease_info", lease=lease)
+            info = self.scheduler_call("gpu_lease_info", lease=lease, user=self.user)
             pending = (info.get("offload") or {}).get("state") == "pending"  # its variables are being saved
             if (info.get("state") == "ended" and not pending) or time.monotonic() > (
                     offload_deadline if pending else deadline):
@@ -256,7 +262,7 @@ class PoolConnection:
                 try:
                     if comm is None or comm.closed():
                         raise CommClosedError("not connected")
-                    await comm.write({"op": "execute", "reply": True, **payload})
+                    await comm.write({"op": "execute", "reply": True, "secret": session.secret, **payload})
                 except (CommClosedError, OSError):
                     # a fresh connection; failing that, the session is gone and the cell never started
                     try:
@@ -266,7 +272,7 @@ class PoolConnection:
                         session.comm = None
                         sink({"op": "lost", "error": str(exc), "started": False})
                         return
-                    await comm.write({"op": "execute", "reply": True, **payload})
+                    await comm.write({"op": "execute", "reply": True, "secret": session.secret, **payload})
                 started = True
                 while True:
                     msg = await comm.read()
@@ -286,7 +292,7 @@ class PoolConnection:
         async def go() -> None:
             r = rpc(session.address, connection_args=self.connection_args)
             try:
-                await asyncio.wait_for(r.interrupt(), 2)
+                await asyncio.wait_for(r.interrupt(secret=session.secret), 2)
             finally:
                 await r.close_rpc()
 
@@ -300,12 +306,12 @@ class PoolConnection:
 
         if self.session is None:
             raise GpuPoolError("This kernel has no GPU session yet: run a %%gpu cell first.")
-        address = self.session.address
+        address, secret = self.session.address, self.session.secret
 
         async def go() -> dict:
             r = rpc(address, deserializers=None, deserialize=False, connection_args=self.connection_args)
             try:
-                return await r.pull(name=name)
+                return await r.pull(name=name, secret=secret)
             finally:
                 await r.close_rpc()
 

@@ -99,7 +99,7 @@ def _run_ranks(conn: PoolConnection, sessions: list[RemoteSession], job: CellJob
     ended, and the ranks whose sessions were lost, with the reason the pool gives (asked before the
     leases are released, which would overwrite it)."""
     world = len(sessions)
-    rendezvous = conn.call(_free_port, sessions[0].address, conn.connection_args)
+    rendezvous = conn.call(_free_port, sessions[0].address, conn.connection_args, sessions[0].secret)
     payloads = []
     for rank in range(world):
         dist = {"rank": rank, "world_size": world, "master_addr": rendezvous["host"],
@@ -123,13 +123,13 @@ def _show(renderer: CellRenderer, rank: int, item: dict) -> None:
         renderer.handle({**item, "text": text})
 
 
-async def _free_port(address: str, connection_args: dict | None = None) -> dict:
+async def _free_port(address: str, connection_args: dict | None = None, secret: str | None = None) -> dict:
     """A free port on rank 0's host for the rendezvous, asked over the kernel's (TLS) comm to the session."""
     from distributed.core import rpc
 
     r = rpc(address, connection_args=connection_args)
     try:
-        return await r.free_port()
+        return await r.free_port(secret=secret)
     finally:
         await r.close_rpc()
 

@@ -50,6 +50,17 @@ def quota_text(quotas: dict, user: str) -> str:
     return text + "."
 
 
+def isolation_note(pool: dict) -> str:
+    """What a shared pool promises about users (DESIGN 2b): said plainly when sessions do not run as their
+    users (the worker is not root), so nobody takes a shared pool for an isolated one."""
+    if pool.get("embedded"):
+        return ""
+    if pool.get("users_isolated"):
+        return ". Users are isolated: each session runs as its user's account"
+    return (". Users are NOT isolated from each other: sessions run as the worker's account (start `jupyter-gpu "
+            "worker` as root, with a token file on the pool, to isolate them; see docs/security.md)")
+
+
 class QueueView:
     def __init__(self, snapshot: dict, user: str):
         self.snapshot, self.user = snapshot, user
@@ -77,7 +88,8 @@ class StatusView:
         pool = snap["pool"]
         head = (f"Pool {self.address} ({'embedded' if pool.get('embedded') else 'shared'}): "
                 f"{len(snap['gpus'])} GPU(s) on {pool.get('workers')} worker(s)"
-                + (", virtual GPUs (fractions are counted, not enforced)" if pool.get("virtual") else ""))
+                + (", virtual GPUs (fractions are counted, not enforced)" if pool.get("virtual") else "")
+                + isolation_note(pool))
         gpu_rows = []
         for g in snap["gpus"]:
             holders = ", ".join(f"{ls['user']} {ls.get('bytes_on_gpu', ls['bytes']) / g['total_bytes']:.2g}"

@@ -20,6 +20,7 @@ from jupyter_gpu.common.protocol import DEVICES_ENV, VIRTUAL_ENV
 from jupyter_gpu.common.security import check_address, describe, listen_scheme, pool_security, require_certificate
 from jupyter_gpu.pool.listeners import PoolScheduler, PoolWorker, quiet_reachability_probes, worker_host
 from jupyter_gpu.worker.inventory import discover
+from jupyter_gpu.worker.nanny import GpuNanny
 
 if TYPE_CHECKING:
     from distributed.security import Security
@@ -67,7 +68,6 @@ async def run_workers(address: str, host: str | None, virtual: str | None,
     ``host``: where the nannies, workers and sessions listen; None: the address that reaches the scheduler
     (``worker_host``), not every interface.
     """
-    from distributed import Nanny
     from distributed.core import Status
 
     sec = security or pool_security(roles=("worker",))
@@ -75,7 +75,7 @@ async def run_workers(address: str, host: str | None, virtual: str | None,
     gpus = discover(virtual)
     host = host or worker_host(address)
     env = {VIRTUAL_ENV: virtual} if virtual else {}
-    nannies = [Nanny(address, nthreads=1, host=host, name=f"{gpu.name}-{gpu.uuid[-8:]}",
+    nannies = [GpuNanny(address, nthreads=1, host=host, name=f"{gpu.name}-{gpu.uuid[-8:]}",
                      env={**env, DEVICES_ENV: str(gpu.index)}, dashboard=False, security=sec,
                      worker_class=PoolWorker, preload=["jupyter_gpu.worker.plugin"]) for gpu in gpus]
     await asyncio.gather(*(n.start() for n in nannies))

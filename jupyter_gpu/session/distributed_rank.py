@@ -3,7 +3,7 @@
 Before the cell: the torch.distributed environment (MASTER_ADDR/PORT, RANK, LOCAL_RANK, WORLD_SIZE), the
 process group (nccl on real GPUs, gloo on CPU and virtual GPUs) with a start-up time limit, and the cell's
 inputs, which the kernel sends to rank 0 only and rank 0 broadcasts to the others. During the cell:
-``jupyter_gpu.report`` metrics are batched to the broker, which keeps the run's stream for the panel.
+``jupyter_gpu.report`` metrics are batched to the broker (through the worker), which keeps the run's stream for the panel.
 After the cell, whatever happened: the process group is destroyed.
 """
 
@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from jupyter_gpu.session import api as session_api
-from jupyter_gpu.session.scheduler_link import SchedulerLink
+from jupyter_gpu.session.worker_link import WorkerLink
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 class DistributedRun:
     """Sets up and tears down one rank; see the module docstring."""
 
-    def __init__(self, dist: dict, gpus: list[dict], link: SchedulerLink):
+    def __init__(self, dist: dict, gpus: list[dict], link: WorkerLink):
         self.dist, self.gpus, self.link = dist, gpus, link
         self.rank, self.world_size = int(dist["rank"]), int(dist["world_size"])
         self._buffer: list[dict] = []
@@ -88,10 +88,10 @@ class DistributedRun:
     async def _flush(self) -> None:
         with self._lock:
             items, self._buffer = self._buffer, []
-        if not items or not self.link.address:
+        if not items or not self.link.connected:
             return
         try:
-            await self.link.call("gpu_run_metrics", run=self.dist.get("run"), rank=self.rank, items=items)
+            self.link.tell("run_metrics", run=self.dist.get("run"), rank=self.rank, items=items)
         except Exception as exc:  # the panel misses a beat; training never waits for it
             log.debug("could not send metrics: %s", exc)
 

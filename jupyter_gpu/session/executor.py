@@ -18,9 +18,9 @@ from typing import Any
 
 from jupyter_gpu.session.memory_meter import CellMemoryMeter
 from jupyter_gpu.session.output import Relay
-from jupyter_gpu.session.scheduler_link import SchedulerLink
 from jupyter_gpu.session.standby import StandbyCopy
 from jupyter_gpu.session.tracebacks import error_payload, pool_error
+from jupyter_gpu.session.worker_link import WorkerLink
 
 log = logging.getLogger("jupyter_gpu.session")
 
@@ -46,7 +46,7 @@ class Job:
 class Executor:
     """Runs the session's jobs in the main thread; see the module docstring."""
 
-    def __init__(self, relay: Relay, capture: Any, shell: Any, link: SchedulerLink):
+    def __init__(self, relay: Relay, capture: Any, shell: Any, link: WorkerLink):
         self.relay, self.capture, self.shell, self.link = relay, capture, shell, link
         self.jobs: queue.Queue[Job] = queue.Queue()
         self.lease: dict | None = None
@@ -100,17 +100,24 @@ class Executor:
             pass
 
     # ------------------------------------------------------------------ jobs
-    def do_assign(self, job: Job, lease: dict, gpus: list[dict], scheduler: str | None, env: dict,
-                  standby: dict | None = None, memory_rlimit: int | None = None) -> dict:
+    def do_assign(self, job: Job, lease: dict, gpus: list[dict], env: dict, standby: dict | None = None,
+                  memory_rlimit: int | None = None, account: dict | None = None, hostmem: str | None = None) -> dict:
         from jupyter_gpu.session import api as session_api
         from jupyter_gpu.session.isolation import apply_memory_cap, pin_environment
 
         if self.lease is not None:
             return {"error": f"this session already holds lease {self.lease['id']}"}
+        if account is not None:  # users are isolated: this process becomes its user before any cell runs
+            from jupyter_gpu.session.account import AccountError, become, private_mounts
+
+            try:
+                private_mounts(hostmem)
+                become(account)
+            except AccountError as exc:
+                return {"error": f"the session could not run as {account['user']}: {exc}"}
         os.environ.update(pin_environment(lease, gpus))
         os.environ.update(env)
         self.lease, self.gpus = lease, gpus
-        self.link.bind(scheduler, lease["id"])
         self.isolation = apply_memory_cap(lease, gpus)
         if memory_rlimit:  # the worker has no cgroup to put this session in: cap its data instead
             import resource

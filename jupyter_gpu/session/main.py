@@ -21,6 +21,8 @@ import signal
 import threading
 import time
 
+from jupyter_gpu.common.protocol import SPAWN_KEY_ENV
+
 
 def die_with_parent() -> None:
     """Ask Linux to SIGKILL us when our worker dies, so no session outlives its worker."""
@@ -65,7 +67,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--worker", default=None)
     parser.add_argument("--preload", default="")
+    parser.add_argument("--control-fd", type=int, default=None,
+                        help="the worker's end of this session's private socket (worker_link.py)")
     args = parser.parse_args(argv)
+    # the worker's key for ``assign``: read once, and gone from the environment before any user code
+    spawn_key = os.environ.pop(SPAWN_KEY_ENV, None)
     # logs go to the worker's stderr (a copy of fd 2 taken before fd 2 is captured for the cells)
     logging.basicConfig(level=os.environ.get("JUPYTER_GPU_SESSION_LOG", "WARNING"),
                         stream=os.fdopen(os.dup(2), "w", buffering=1),
@@ -78,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     preloader.join()
     from jupyter_gpu.session.server import SessionServer
 
-    session = SessionServer(args.host, args.worker)
+    session = SessionServer(args.host, args.worker, control_fd=args.control_fd, spawn_key=spawn_key)
     control.write(json.dumps({"address": session.address, "pid": os.getpid()}) + "\n")
     control.flush()
     control.close()

@@ -106,7 +106,10 @@ def _write(path: str, modules: dict, values: dict, should_stop: Callable[[], boo
     and its views sharing one storage); else one cloudpickle."""
     import cloudpickle
 
-    with open(path, "wb") as raw:
+    # 0600 whatever the umask: a user's variables are readable by that user only (worker/hoststore.py
+    # refuses to restore a file that others could read or have written)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as raw:
         f = _StoppableFile(raw, should_stop) if should_stop is not None else raw
         if "torch" in sys.modules:
             import torch

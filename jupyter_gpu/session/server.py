@@ -2,12 +2,19 @@
 
 Handlers here never run user code: they queue a ``Job`` for the main thread (``executor.py``) and stream
 its messages back while it runs (coalesced, so a print loop costs few writes). The handler table is
-declared once, in ``handlers()``, against ``protocol.SESSION_OPS``.
+declared once, in ``handlers()``, against ``protocol.SESSION_OPS``; Dask's default handlers that would let
+anyone open a stream or dump the server's state are removed.
+
+Only the lease's owner gets an answer: ``assign`` needs the key the worker gave this process when it
+started it (in its environment, readable by nobody else), and every later call needs the lease's secret,
+which the broker gave only to the worker and to the kernel that asked for the lease. The secret is
+compared in constant time; a wrong one gets a refusal and nothing runs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import os
 import signal
 import sys
@@ -16,20 +23,22 @@ import time
 from typing import Annotated, Any, Callable
 
 from jupyter_gpu.common import protocol
-from jupyter_gpu.common.protocol import GpuInfoMsg, LeaseView, StandbyPlan
-from jupyter_gpu.common.validation import Address, Bytes, MaxLen, Name, Text, error_reply, validated
+from jupyter_gpu.common.protocol import Account, GpuInfoMsg, LeaseView, StandbyPlan
+from jupyter_gpu.common.validation import Bytes, MaxLen, Name, Secret, Text, error_reply, validated
 from jupyter_gpu.session.executor import Executor, Job
 from jupyter_gpu.session.output import FdCapture, Relay, RelayStream
-from jupyter_gpu.session.scheduler_link import SchedulerLink
 from jupyter_gpu.session.shell import make_shell
 from jupyter_gpu.session.tracebacks import pool_error
+from jupyter_gpu.session.worker_link import WorkerLink
 
 
 class SessionServer:
     """One session process's state and comm server; ``run_forever`` hands the main thread to the executor."""
 
-    def __init__(self, host: str, worker: str | None):
+    def __init__(self, host: str, worker: str | None, control_fd: int | None = None, spawn_key: str | None = None):
         self.host, self.worker = host, worker
+        self._spawn_key = spawn_key
+        self.secret: str | None = None  # the lease's secret, from ``assign`` on
         relay = Relay(limit=output_limit())
         capture = FdCapture(relay)
         sys.stdout = RelayStream(relay, "stdout")
@@ -38,8 +47,8 @@ class SessionServer:
         self.loop = asyncio.new_event_loop()
         listen_at, self._listen_args, connection_args = listen_settings(host, worker)
         self._listen_at = listen_at
-        # every rpc this session makes (to the broker, here and in distributed_rank) speaks its worker's TLS
-        self.link = SchedulerLink(self.loop, connection_args)
+        # the only way to the control plane: the private socket from the worker (worker_link.py)
+        self.link = WorkerLink(self.loop, control_fd)
         self.executor = Executor(relay, capture, make_shell(relay), self.link)
         self.address: str | None = None
         self._ready = threading.Event()
@@ -68,6 +77,9 @@ class SessionServer:
         from distributed.core import Server
 
         self.server = Server(self.handlers(), deserialize=False)
+        for op in ("connection_stream", "dump_state", "echo"):  # Dask's defaults: a stream in, a state dump out
+            self.server.handlers.pop(op, None)
+        await self.link.open()
         await self.server.listen(self._listen_at, **self._listen_args)
         self.address = self.server.address
         self._ready.set()
@@ -85,27 +97,53 @@ class SessionServer:
         return job
 
     # ------------------------------------------------------------------ handlers
-    async def h_free_port(self) -> dict:
+    def _refused(self, secret: str | None) -> str | None:
+        """Why a call is not the owner's (None: it is)."""
+        if self.secret is None:
+            return "this session has no lease yet"
+        if secret is None or not hmac.compare_digest(secret, self.secret):
+            return "this session answers only the kernel that holds its lease (wrong or missing secret)"
+        return None
+
+    @validated(error_reply)
+    async def h_free_port(self, secret: Secret | None = None) -> dict:
         """A port free right now on this host, for torch.distributed's rendezvous (never a fixed one)."""
         import socket
+
+        if why := self._refused(secret):
+            return error_reply(why)
 
         with socket.socket() as sock:
             sock.bind((self.host, 0))
             return {"host": self.host, "port": sock.getsockname()[1]}
 
-    async def h_ping(self) -> dict:
+    @validated(error_reply)
+    async def h_ping(self, secret: Secret | None = None) -> dict:
+        if why := self._refused(secret):
+            return error_reply(why)
         return {"pid": os.getpid(), "busy": self.executor.busy, "lease": (self.executor.lease or {}).get("id")}
 
     @validated(error_reply)
-    async def h_assign(self, lease: LeaseView, gpus: Annotated[list[GpuInfoMsg], MaxLen(64)],
-                       scheduler: Address | None = None, env: dict[str, str] | None = None,
-                       standby: StandbyPlan | None = None, memory_rlimit: Bytes | None = None) -> dict:
-        job = await self._submit("assign", lease=lease, gpus=gpus, scheduler=scheduler, env=env or {},
-                                 standby=standby, memory_rlimit=memory_rlimit)
-        return await job.reply
+    async def h_assign(self, key: Secret, secret: Secret, lease: LeaseView,
+                       gpus: Annotated[list[GpuInfoMsg], MaxLen(64)], env: dict[str, str] | None = None,
+                       standby: StandbyPlan | None = None, memory_rlimit: Bytes | None = None,
+                       account: Account | None = None, hostmem: Text | None = None) -> dict:
+        """Take the lease (once, from the worker that started this process)."""
+        if self._spawn_key is None or not hmac.compare_digest(key, self._spawn_key):
+            return error_reply("only the worker that started this session may give it a lease")
+        self._spawn_key = None  # once
+        job = await self._submit("assign", lease=lease, gpus=gpus, env=env or {}, standby=standby,
+                                 memory_rlimit=memory_rlimit, account=account, hostmem=hostmem)
+        reply = await job.reply
+        if not reply.get("error"):
+            self.secret = secret
+        return reply
 
-    async def h_interrupt(self) -> dict:
+    @validated(error_reply)
+    async def h_interrupt(self, secret: Secret | None = None) -> dict:
         """SIGINT to the main thread: raises KeyboardInterrupt in the running cell."""
+        if why := self._refused(secret):
+            return error_reply(why)
         busy = self.executor.busy
         if busy:
             signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
@@ -116,8 +154,11 @@ class SessionServer:
                         outputs: Annotated[list[Name], MaxLen(100_000)] | None = None,
                         exact_outputs: bool = False, cell_name: Text = "<gpu-cell>",
                         label: Text | None = None, max_bytes: Bytes = 64 * 2**20, cwd: Text | None = None,
-                        dist: dict[str, Any] | None = None, checkpoint_dir: Text | None = None) -> dict:
+                        dist: dict[str, Any] | None = None, checkpoint_dir: Text | None = None,
+                        secret: Secret | None = None) -> dict:
         """Run a cell; stream output messages on ``comm`` while it runs; the reply is the ``done`` message."""
+        if why := self._refused(secret):
+            return {"status": "error", "error": pool_error(f"The cell was not run: {why}.")}
         job = await self._submit("execute", code=code, inputs=inputs, outputs=outputs or [],
                                  exact_outputs=exact_outputs, cell_name=cell_name, label=label,
                                  max_bytes=max_bytes, cwd=cwd, dist=dist, checkpoint_dir=checkpoint_dir)
@@ -139,19 +180,25 @@ class SessionServer:
                 return job.reply.result()
 
     @validated(error_reply)
-    async def h_pull(self, name: Name) -> dict:
+    async def h_pull(self, name: Name, secret: Secret | None = None) -> dict:
+        if why := self._refused(secret):
+            return error_reply(why)
         job = await self._submit("pull", name=name)
         return await job.reply
 
     @validated(error_reply)
-    async def h_offload(self, path: Text) -> dict:
+    async def h_offload(self, path: Text, secret: Secret | None = None) -> dict:
         """Move the variables to host memory (the lease is being reclaimed); the session runs no more cells."""
+        if why := self._refused(secret):
+            return error_reply(why)
         job = await self._submit("offload", path=path)
         return await job.reply
 
     @validated(error_reply)
-    async def h_restore(self, path: Text) -> dict:
+    async def h_restore(self, path: Text, secret: Secret | None = None) -> dict:
         """Bring back the variables an earlier session of this kernel offloaded (see ``offload``)."""
+        if why := self._refused(secret):
+            return error_reply(why)
         job = await self._submit("restore", path=path)
         return await job.reply
 

@@ -13,19 +13,56 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
+from typing import Any
 
 from distributed import Worker
 from distributed.batched import BatchedSend
 from distributed.core import Status
 
-from jupyter_gpu.common import config
+from jupyter_gpu.common import config, poolkey
+from jupyter_gpu.common.protocol import NANNY_KEY_ENV, STARTUP_KEY
 
 log = logging.getLogger(__name__)
 
 
 class GpuDaskWorker(Worker):
-    """See the module docstring. Start it with ``Nanny(..., worker_class=GpuDaskWorker)``."""
+    """See the module docstring. Start it with ``Nanny(..., worker_class=GpuDaskWorker)``.
+
+    It also keeps Dask's generic worker API closed (``run``, ``run_coroutine``, ``plugin-add``, task data,
+    inbound streams...): a GPU worker runs no tasks, and in a pool shared by several people each of those
+    would run code as the pool's account. What stays open is ``identity`` and the GPU plugin's handlers, which
+    ask for the pool key. It shows the pool key to the scheduler when it registers (its start-up
+    information), and asks its nanny to close with the nanny's key.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self._nanny_key = os.environ.pop(NANNY_KEY_ENV, None)
+        super().__init__(*args, **kwargs)
+        for op in list(self.handlers):
+            if op != "identity":
+                self.handlers[op] = _refused(op)
+
+    async def get_startup_information(self) -> dict:
+        info = await super().get_startup_information()
+        key = poolkey.read_key(poolkey.key_path(self.scheduler.address))
+        if key is not None:
+            info[STARTUP_KEY] = key
+        return info
+
+    async def close(self, timeout: float = 30, executor_wait: bool = True, nanny: bool = True,  # type: ignore[override]
+                    reason: str = "worker-close") -> str | None:
+        """As Dask's, but a ``GpuNanny`` is asked with its key (it answers nobody else)."""
+        if self._nanny_key is None:  # a plain Dask nanny (the embedded pool's): Dask's own way
+            return await super().close(timeout=timeout, executor_wait=executor_wait, nanny=nanny, reason=reason)
+        if nanny and self.nanny and self.status not in (Status.closed, Status.closing, Status.failed, Status.init):
+            try:
+                async with self.rpc(self.nanny) as r:
+                    await r.close_gracefully(reason=reason, key=self._nanny_key)
+            except Exception as exc:  # noqa: BLE001 - the nanny is gone already: close anyway
+                log.debug("could not ask the nanny to close: %s", exc)
+        return await super().close(timeout=timeout, executor_wait=executor_wait, nanny=False, reason=reason)
 
     async def handle_scheduler(self, comm) -> None:  # noqa: ANN001 - Dask's own signature
         try:
@@ -80,3 +117,13 @@ class GpuDaskWorker(Worker):
                 await reconnected()
         log.warning("reconnected to the scheduler at %s", self.scheduler.address)
         return True
+
+
+def _refused(op: str) -> Any:
+    def refused(**kwargs: Any) -> dict:
+        from distributed.core import error_message
+
+        log.warning("refused %r on a GPU worker (it runs no Dask tasks)", op)
+        return error_message(PermissionError(f"{op!r} is not available on a jupyter-gpu worker: it runs no Dask "
+                                             "tasks (see docs/security.md)"))
+    return refused

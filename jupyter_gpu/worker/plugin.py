@@ -5,6 +5,11 @@ not pay for the imports, hands it a lease when the broker grants one, watches ev
 tells the broker when one ends (crash, OOM kill, exit). On real GPUs a background thread samples NVML for
 the panel; nothing NVML runs on the event loop.
 
+Who may call it: the broker (and, for a parked namespace, another worker) with the pool key
+(``common/poolkey.py``); nobody else. Sessions report through their private socket (``worker/relay.py``).
+When the broker says the pool isolates users and this worker runs as root, each session runs as its user
+(``worker/accounts.py``, ``session/account.py``).
+
 Load it into any Dask worker with ``--preload jupyter_gpu.worker.plugin``. The GPUs it offers are
 this machine's (NVML or ``JUPYTER_GPU_VIRTUAL_GPUS``), restricted to ``JUPYTER_GPU_DEVICES=0,1`` (indices)
 when several workers share one machine.
@@ -15,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
 import subprocess
 from typing import Any, Callable, Literal
 
@@ -23,20 +27,24 @@ from distributed.comm import get_address_host
 from distributed.core import rpc
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from jupyter_gpu.common import config, protocol
-from jupyter_gpu.common.hostmem import discard, offload_dir, sweep_stale
-from jupyter_gpu.common.protocol import DEVICES_ENV, LeaseView, RestoreRef
+from jupyter_gpu.common import config, poolkey, protocol
+from jupyter_gpu.common.hostmem import sweep_stale
+from jupyter_gpu.common.protocol import DEVICES_ENV, Account, LeaseView, RestoreRef
 from jupyter_gpu.common.security import security_env
 from jupyter_gpu.common.units import format_bytes
-from jupyter_gpu.common.validation import Address, Name, Seconds, Text, error_reply, validated
+from jupyter_gpu.common.validation import Address, Name, Seconds, Secret, Text, error_reply, validated
+from jupyter_gpu.worker.accounts import NoAccount, account_of, can_switch_users
 from jupyter_gpu.worker.containment import Containment, host_memory_limit
+from jupyter_gpu.worker.hoststore import HostStore, UnsafeFile
 from jupyter_gpu.worker.inventory import GpuInfo, discover
 from jupyter_gpu.worker.nvml_sampler import NvmlSampler
+from jupyter_gpu.worker.relay import relay
 from jupyter_gpu.worker.spawn import SessionProcess, exit_reason, kill, spawn_session
 
 log = logging.getLogger(__name__)
 
 PLUGIN_NAME = "jupyter-gpu-worker"
+NOT_THE_BROKER = "only the pool's broker may call this (it holds the pool key; see docs/security.md)"
 
 
 class GpuWorkerPlugin(WorkerPlugin):
@@ -51,13 +59,15 @@ class GpuWorkerPlugin(WorkerPlugin):
         self.sessions: dict[str, SessionProcess] = {}
         # variables of ended sessions kept in host memory here, with their owner: lease id -> ParkedCopy
         self.parked: dict[str, dict] = {}
-        self._offload_dir: str | None = None  # offloaded namespaces of reclaimed sessions (host memory)
+        self.store = HostStore()
         self.spare: SessionProcess | None = None
         self._spare_task: asyncio.Task | None = None
         self._start_slots = asyncio.Semaphore(self.start_concurrency())
         self._sampler: NvmlSampler | None = None
         self.containment: Containment | None = None
         self.host_memory_limit: int | None = None
+        self.pool_key: str | None = None
+        self._relays: dict[str, asyncio.Task] = {}
         self._reaping: list[subprocess.Popen] = []  # killed processes, waited for so none stays a zombie
 
     # ------------------------------------------------------------------ lifecycle
@@ -82,6 +92,7 @@ class GpuWorkerPlugin(WorkerPlugin):
             keep = {int(i) for i in wanted.split(",") if i.strip()}
             gpus = [g for g in gpus if g.index in keep]
         self.gpus = gpus
+        self.pool_key = poolkey.read_key(poolkey.key_path(worker.scheduler.address))
         # what earlier workers on this machine left behind when they were killed: host-memory folders, groups
         for folder in sweep_stale():
             log.warning("removed the host-memory folder %s of a worker that is gone", folder)
@@ -108,8 +119,7 @@ class GpuWorkerPlugin(WorkerPlugin):
             self._end_process(sp)
         if self.containment is not None:
             self.containment.close()
-        if self._offload_dir is not None:  # offloaded namespaces die with their worker
-            shutil.rmtree(self._offload_dir, ignore_errors=True)
+        self.store.close()  # offloaded namespaces die with their worker
 
     def _host_memory_limit(self) -> int | None:
         """``session.host-memory-limit`` in bytes for this machine (a typo turns it off, loudly)."""
@@ -123,6 +133,9 @@ class GpuWorkerPlugin(WorkerPlugin):
                       "it is a size (64GiB), a share of the machine (50%%) or null", setting, exc)
             return None
 
+    def _broker_refusal(self, key: str | None) -> dict | None:
+        return None if poolkey.matches(key, self.pool_key) else error_reply(NOT_THE_BROKER)
+
     def _end_process(self, sp: SessionProcess) -> None:
         """Kill a session and everything it started (its group), and reap it."""
         kill(sp.proc)
@@ -130,19 +143,27 @@ class GpuWorkerPlugin(WorkerPlugin):
             sp.group.kill()
             sp.group.remove()
             sp.group = None
+        if sp.control is not None:
+            sp.control.close()
+            sp.control = None
+        task = self._relays.pop(sp.lease or "", None)
+        if task is not None:
+            task.cancel()
         self._reaping.append(sp.proc)
 
+    # ------------------------------------------------------------------ host memory
     @validated(error_reply)
-    async def session_offload(self, lease: Name, timeout: Seconds = 60.0) -> dict:
+    async def session_offload(self, lease: Name, timeout: Seconds = 60.0, key: Secret | None = None) -> dict:
         """Move a session's variables to host memory on this machine (its lease is being reclaimed); the
         broker ends the process afterwards. Returns what was saved and what could not be."""
+        if refused := self._broker_refusal(key):
+            return refused
         sp = self.sessions.get(lease)
         if sp is None:
             return {"error": f"no session of lease {lease} runs here"}
-        path = os.path.join(self._offloads(), f"{lease}.pkl")
         r = rpc(sp.address, connection_args=self.worker.connection_args)
         try:
-            reply = await asyncio.wait_for(r.offload(path=path), timeout)
+            reply = await asyncio.wait_for(r.offload(path=self.store.offload_path(lease), secret=sp.secret), timeout)
         except Exception as exc:  # noqa: BLE001 - the broker then ends the session without its variables
             return {"error": f"{type(exc).__name__}: {exc}"}
         finally:
@@ -150,35 +171,38 @@ class GpuWorkerPlugin(WorkerPlugin):
         if not reply.get("error") and sp.grant is not None:
             # kept with its owner, so that a restarted broker can give the variables back (``reconnected``)
             self.parked[lease] = {**sp.grant, "path": reply["path"], "saved": reply["saved"], "lost": reply["lost"],
-                                  "bytes": reply["bytes"], "standby": bool(reply.get("standby"))}
+                                  "bytes": reply["bytes"], "standby": bool(reply.get("standby")),
+                                  "account": sp.account}
         return reply
 
-    def _own_offload(self, path: str) -> bool:
-        return bool(self._offload_dir) and os.path.dirname(os.path.abspath(path)) == self._offload_dir
-
-    async def _local_offload(self, restore: dict) -> str | None:
-        """The offloaded namespace as a file here: as it is when its worker is on this machine (the embedded
-        pool), else fetched from that worker (a pool across machines)."""
+    async def _restore_file(self, restore: dict, lease: str, account: Account | None) -> str | None:
+        """The offloaded namespace as a file in the new session's folder: moved there when it was parked on
+        this worker, else fetched from the worker that keeps it (a pool across machines). None: it is gone,
+        or it is not a file this session's account may trust."""
         path = restore["path"]
-        if os.path.exists(path):
-            return path
         try:
-            reply = await self.worker.rpc(restore["worker"]).gpu_offload_fetch(path=path)
+            if self.store.owns(path) and os.path.exists(path):
+                moved = self.store.hand_over(path, lease, account)
+                self._forget_parked(path)
+                return moved
+            reply = await self.worker.rpc(restore["worker"]).gpu_offload_fetch(path=path, key=self.pool_key)
+        except UnsafeFile as exc:
+            log.warning("not restoring %s for lease %s: %s", path, lease, exc)
+            return None
         except Exception as exc:  # noqa: BLE001 - that worker is gone: the variables are lost, said by the kernel
             log.warning("could not fetch offloaded variables %s from %s: %s", path, restore["worker"], exc)
             return None
         if reply.get("error"):
             log.warning("could not fetch offloaded variables %s: %s", path, reply["error"])
             return None
-        local = os.path.join(self._offloads(), os.path.basename(path))
-        with open(local, "wb") as f:
-            f.write(reply["data"])
-        return local
+        return self.store.receive(reply["data"], lease, account)
 
     @validated(error_reply)
-    def offload_fetch(self, path: Text) -> dict:
+    def offload_fetch(self, path: Text, key: Secret | None = None) -> dict:
         """Hand an offloaded namespace to the worker where its kernel's new session starts, and forget it."""
-        if not self._own_offload(path) or not os.path.exists(path):
+        if refused := self._broker_refusal(key):
+            return refused
+        if not self.store.owns(path) or not os.path.isfile(path):
             return {"error": f"no offloaded variables at {path} on this worker"}
         with open(path, "rb") as f:
             data = f.read()
@@ -187,10 +211,11 @@ class GpuWorkerPlugin(WorkerPlugin):
         return {"data": data}
 
     @validated(error_reply)
-    def offload_discard(self, path: Text) -> dict:
+    def offload_discard(self, path: Text, key: Secret | None = None) -> dict:
         """Forget an offloaded namespace nobody will restore (its kernel ended)."""
-        if self._own_offload(path):
-            discard(path)
+        if refused := self._broker_refusal(key):
+            return refused
+        if self.store.owns(path):
             self._forget_parked(path)
         return {"ok": True}
 
@@ -198,10 +223,13 @@ class GpuWorkerPlugin(WorkerPlugin):
         for lease, entry in list(self.parked.items()):
             if entry["path"] == path:
                 del self.parked[lease]
+                if lease not in self.sessions:
+                    self.store.forget(lease)
 
     def inventory(self) -> list[dict]:
         return [g.to_dict() for g in self.gpus]
 
+    # ------------------------------------------------------------------ talking to the broker
     async def _report_when_registered(self) -> None:
         from distributed.core import Status
 
@@ -222,10 +250,11 @@ class GpuWorkerPlugin(WorkerPlugin):
             if sp.grant is None or sp.proc.poll() is not None or "address" not in sp.grant["lease"]:
                 continue
             live.append({**sp.grant, "busy": await self._busy(sp)})
+        parked = [{k: v for k, v in entry.items() if k != "account"} for entry in self.parked.values()]
         try:
             reply = await self.worker.scheduler.gpu_register_worker(
-                worker=self.worker.address, gpus=self.inventory(), sessions=live, parked=list(self.parked.values()),
-                start_slots=self.start_concurrency())
+                worker=self.worker.address, gpus=self.inventory(), sessions=live, parked=parked,
+                start_slots=self.start_concurrency(), accounts=can_switch_users(), key=self.pool_key)
         except Exception as exc:
             log.error("could not register GPUs with the scheduler (is the broker loaded there? start it "
                       "with `jupyter-gpu pool up` or --preload jupyter_gpu.broker.plugin): %s", exc)
@@ -235,7 +264,7 @@ class GpuWorkerPlugin(WorkerPlugin):
             return
         for lease in reply.get("refused_sessions") or ():  # the broker could not take them back: end them
             log.warning("the broker did not adopt the session of lease %s: ending it", lease)
-            await self.session_signal(lease=lease, signal="kill")
+            await self.session_signal(lease=lease, signal="kill", key=self.pool_key)
         if live or self.parked:
             log.info("reported %d live session(s) and %d parked namespace(s) to the broker", len(live),
                      len(self.parked))
@@ -243,11 +272,25 @@ class GpuWorkerPlugin(WorkerPlugin):
     async def _busy(self, sp: SessionProcess) -> bool:
         r = rpc(sp.address, connection_args=self.worker.connection_args)
         try:
-            return bool((await asyncio.wait_for(r.ping(), 5))["busy"])
+            return bool((await asyncio.wait_for(r.ping(secret=sp.secret), 5))["busy"])
         except Exception:  # noqa: BLE001 - not answering: count it busy, so it is never moved while unsure
             return True
         finally:
             await r.close_rpc()
+
+    async def _forward(self, sp: SessionProcess, op: str, fields: dict) -> None:
+        """A session's checked report, on to the broker, about its own lease (``worker/relay.py``)."""
+        if op == "lease_state":
+            await self.worker.scheduler.gpu_lease_state(lease=sp.lease, worker=self.worker.address,
+                                                       key=self.pool_key, reply=False, **fields)
+        elif op == "run_metrics":
+            await self.worker.scheduler.gpu_run_metrics(lease=sp.lease, key=self.pool_key, reply=False, **fields)
+
+    async def _send_samples(self, samples: dict) -> None:
+        try:
+            await self.worker.scheduler.gpu_samples(worker=self.worker.address, samples=samples, key=self.pool_key)
+        except Exception as exc:
+            log.debug("could not send samples: %s", exc)
 
     # ------------------------------------------------------------------ sessions
     async def _spawn(self) -> SessionProcess:
@@ -277,14 +320,26 @@ class GpuWorkerPlugin(WorkerPlugin):
 
     @validated(error_reply)
     async def session_start(self, lease: LeaseView, scheduler: Address | None = None,
-                            restore: RestoreRef | None = None, client: Name | None = None) -> dict:
-        """Give a (pre-warmed) session process the lease: pin it, cap it, and return its address."""
+                            restore: RestoreRef | None = None, client: Name | None = None,
+                            secret: Secret | None = None, account: Name | None = None,
+                            key: Secret | None = None) -> dict:
+        """Give a (pre-warmed) session process the lease: its account, its group, pinned, capped, restored;
+        return its address. ``account``: the pool user whose OS account the session runs as (the broker
+        sends it when the pool isolates users; it applies when this worker runs as root)."""
+        if refused := self._broker_refusal(key):
+            return refused
         ours = {g.index for g in self.gpus}
         if not lease.get("id") or not lease.get("gpu_indices") or not set(lease["gpu_indices"]) <= ours:
             return error_reply(f"gpu_session_start: the lease must name an id and GPUs of this worker "
                                f"({sorted(ours)}), not {lease.get('gpu_indices')}")
         if lease["id"] in self.sessions:
             return error_reply(f"gpu_session_start: lease {lease['id']} already has a session here")
+        who: Account | None = None
+        if account is not None and can_switch_users():
+            try:
+                who = account_of(account)
+            except NoAccount as exc:
+                return error_reply(str(exc))
         try:
             if self._spare_task is not None and not self._spare_task.done():
                 await self._spare_task
@@ -295,9 +350,13 @@ class GpuWorkerPlugin(WorkerPlugin):
                 self._refill_spare()
             by_index = {g.index: g for g in self.gpus}
             gpus = [by_index[i].to_dict() for i in lease["gpu_indices"]]
-            sp.lease = lease["id"]
+            sp.lease, sp.secret, sp.account = lease["id"], secret, who
             sp.grant = {"lease": dict(lease), "client": client}
             self.sessions[lease["id"]] = sp
+            if sp.control is not None:  # its reports, checked, to the broker
+                self._relays[lease["id"]] = asyncio.ensure_future(
+                    relay(sp.control, lease["id"], lambda op, fields, sp=sp: self._forward(sp, op, fields)))
+                sp.control = None
             sp.group = self.containment.group(lease["id"], self.host_memory_limit)
             if sp.group is not None:
                 sp.group.add(sp.pid)
@@ -306,14 +365,16 @@ class GpuWorkerPlugin(WorkerPlugin):
             containment = {"containment": self.containment.kind if sp.group is not None else
                            ("rlimit" if rlimit else "process group"),
                            "host_memory_limit": self.host_memory_limit if (sp.group is not None or rlimit) else None}
+            folder = self.store.folder(lease["id"], who)
             r = rpc(sp.address, connection_args=self.worker.connection_args)  # the worker's TLS
             try:
-                reply = await r.assign(lease=lease, gpus=gpus, scheduler=scheduler,
-                                       standby=self._standby_for(lease), memory_rlimit=rlimit)
+                reply = await r.assign(key=sp.spawn_key, secret=secret or "", lease=lease, gpus=gpus,
+                                       standby=self._standby_for(lease), memory_rlimit=rlimit, account=who,
+                                       hostmem=folder if who is not None else None)
                 restored = None
                 if restore and not reply.get("error"):
-                    path = await self._local_offload(restore)
-                    restored = await r.restore(path=path) if path else None
+                    path = await self._restore_file(restore, lease["id"], who)
+                    restored = await r.restore(path=path, secret=secret) if path else None
             finally:
                 await r.close_rpc()
             if reply.get("error"):
@@ -321,19 +382,15 @@ class GpuWorkerPlugin(WorkerPlugin):
             sp.grant["lease"].update(address=sp.address, pid=sp.pid, isolation=reply.get("isolation", "none"),
                                      **containment)
             return {"address": sp.address, "pid": sp.pid, "isolation": reply.get("isolation", "none"),
-                    "restored": restored, **containment}
+                    "restored": restored, "as_user": who is not None, **containment}
         except Exception as exc:
             log.exception("could not start a session for lease %s", lease.get("id"))
             sp = self.sessions.pop(lease.get("id"), None)
             if sp is not None:
                 sp.killed = True
                 self._end_process(sp)
+                self.store.forget(lease["id"])
             return {"error": f"{type(exc).__name__}: {exc}"}
-
-    def _offloads(self) -> str:
-        if self._offload_dir is None:
-            self._offload_dir = offload_dir()
-        return self._offload_dir
 
     def _standby_for(self, lease: dict) -> dict | None:
         """Where (and after how long idle) a session writes its standby copy (``standby.py``); none for the
@@ -349,17 +406,23 @@ class GpuWorkerPlugin(WorkerPlugin):
             log.error("jupyter-gpu.session.standby-after is %r, not a duration: standby copies are off until it "
                       "is set to one (e.g. 2s) or to null", config.get("session.standby-after"))
             return None
-        return {"path": os.path.join(self._offloads(), f"{lease['id']}.standby"), "after": after}
+        return {"path": self.store.standby_path(lease["id"]), "after": after}
 
-    def _forget_standby(self, lease: str) -> None:
-        """A session that ended leaves no standby copy behind in host memory (killed, it could not tidy)."""
-        if self._offload_dir is None:
-            return
-        for suffix in (".standby", ".standby.part"):
-            discard(os.path.join(self._offload_dir, f"{lease}{suffix}"))
+    def _ended(self, lease: str) -> None:
+        """A session ended: its folder goes, unless its variables are parked there for its owner."""
+        if lease not in self.parked:
+            self.store.forget(lease)
+        else:  # a standby copy it was writing is of no use now
+            try:
+                os.unlink(self.store.standby_path(lease))
+            except OSError:
+                pass
 
     @validated(lambda why: {"ok": False, "error": why})
-    async def session_signal(self, lease: Name, signal: Literal["interrupt", "kill"] = "kill") -> dict:
+    async def session_signal(self, lease: Name, signal: Literal["interrupt", "kill"] = "kill",
+                             key: Secret | None = None) -> dict:
+        if refused := self._broker_refusal(key):
+            return {"ok": False, **refused}
         sp = self.sessions.get(lease)
         if sp is None:
             return {"ok": False}
@@ -369,7 +432,7 @@ class GpuWorkerPlugin(WorkerPlugin):
             sp.killed = True
             self.sessions.pop(lease, None)
             self._end_process(sp)
-            self._forget_standby(lease)
+            self._ended(lease)
         return {"ok": True}
 
     async def _check_sessions(self) -> None:
@@ -379,10 +442,10 @@ class GpuWorkerPlugin(WorkerPlugin):
             if code is None:
                 continue
             self.sessions.pop(lease, None)
-            self._forget_standby(lease)
             over = sp.group is not None and sp.group.oom_killed()
             limit = sp.group.memory_limit if sp.group is not None else None
             self._end_process(sp)  # what the session started ends with it
+            self._ended(lease)
             if sp.killed:
                 continue
             reason = exit_reason(code)
@@ -392,19 +455,14 @@ class GpuWorkerPlugin(WorkerPlugin):
                           "were not affected. Use less memory in the cell, or ask the admin for a higher limit")
             log.warning("session for lease %s ended: %s", lease, reason)
             try:
-                await self.worker.scheduler.gpu_session_ended(lease=lease, reason=reason)
+                await self.worker.scheduler.gpu_session_ended(lease=lease, reason=reason, worker=self.worker.address,
+                                                             key=self.pool_key)
             except Exception as exc:
                 log.debug("could not tell the broker: %s", exc)
         if self.spare is not None and self.spare.proc.poll() is not None:
             self.spare = None
             if config.get("session.prewarm"):
                 self._refill_spare()
-
-    async def _send_samples(self, samples: dict) -> None:
-        try:
-            await self.worker.scheduler.gpu_samples(worker=self.worker.address, samples=samples)
-        except Exception as exc:
-            log.debug("could not send samples: %s", exc)
 
 
 async def dask_setup(worker) -> None:  # noqa: ANN001

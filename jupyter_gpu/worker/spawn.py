@@ -10,13 +10,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
 
 from jupyter_gpu.common import config
-from jupyter_gpu.common.protocol import DEVICES_ENV
+from jupyter_gpu.common.protocol import DEVICES_ENV, NANNY_KEY_ENV, SPAWN_KEY_ENV
 from jupyter_gpu.worker.containment import SessionGroup
 
 
@@ -26,7 +28,11 @@ class SessionProcess:
 
     proc: subprocess.Popen
     address: str
+    spawn_key: str = ""            # what its first ``assign`` must carry (it has it in its environment)
+    control: socket.socket | None = None  # the worker's end of its private socket (worker/relay.py)
     lease: str | None = None
+    secret: str | None = None      # its lease's secret: asked of every call once it holds the lease
+    account: dict | None = None    # the OS account it runs as (worker/accounts.py), when users are isolated
     grant: dict | None = None      # {"lease": LeaseView, "client"}: what a restarted broker needs to adopt it
     group: SessionGroup | None = None  # its cgroup: everything it starts, ended with it, capped in host memory
     killed: bool = False
@@ -50,16 +56,26 @@ def exit_reason(code: int) -> str:
 
 
 async def spawn_session(host: str, worker_address: str, tls_env: dict[str, str]) -> SessionProcess:
-    """Start a session process listening on ``host`` and wait until it serves."""
+    """Start a session process listening on ``host`` and wait until it serves.
+
+    It gets a key for its first ``assign`` (in its environment, which only this account can read) and one end
+    of a socket pair: its only way to report to the pool (``worker/relay.py``). What it must not have, it
+    does not get: the pool key, the nanny's key, the worker's choice of devices."""
     preload = ",".join(config.get("session.preload-modules") or [])
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     cmd = [sys.executable, "-m", "jupyter_gpu.session", "--host", host, "--worker", worker_address,
-           "--preload", preload]
-    env = dict(os.environ)
-    env.pop(DEVICES_ENV, None)
-    # the session serves the kernel's comm and calls the broker with this worker's TLS, also when the
-    # worker got it from --tls-* options rather than from Dask config
+           "--preload", preload, "--control-fd", str(theirs.fileno())]
+    env = {k: v for k, v in os.environ.items() if k not in (DEVICES_ENV, NANNY_KEY_ENV)}
+    spawn_key = secrets.token_urlsafe(24)
+    env[SPAWN_KEY_ENV] = spawn_key
+    # the session serves the kernel's comm with this worker's TLS, also when the worker got it from --tls-*
+    # options rather than from Dask config
     env.update(tls_env)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env, cwd=os.getcwd())
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env, cwd=os.getcwd(),
+                                pass_fds=(theirs.fileno(),))
+    finally:
+        theirs.close()
     loop = asyncio.get_running_loop()
     timeout = config.get_seconds("session.start-timeout")  # a hung start, not a slow one: minutes
     try:
@@ -73,7 +89,7 @@ async def spawn_session(host: str, worker_address: str, tls_env: dict[str, str])
         raise RuntimeError(f"a session process failed to start ({exit_reason(code)}); see the worker's log")
     info = json.loads(line)
     proc.stdout.close()
-    return SessionProcess(proc=proc, address=info["address"])
+    return SessionProcess(proc=proc, address=info["address"], spawn_key=spawn_key, control=ours)
 
 
 def kill(proc: subprocess.Popen) -> None:

@@ -67,6 +67,18 @@ describe('quotas', () => {
     expect(buildViewModel(snap, 0).tokenMissing).toBe(false);
   });
 
+  it('says so when a shared pool does not isolate its users (and nothing for the embedded pool)', () => {
+    const snap = snapshot() as any;
+    snap.pool = { ...snap.pool, embedded: false, shared: true, users_isolated: false };
+    expect(buildViewModel(snap, 0).notIsolated).toBe(true);
+    snap.pool.users_isolated = true;
+    expect(buildViewModel(snap, 0).notIsolated).toBe(false);
+    snap.pool = { ...snap.pool, users_isolated: false, shared: false }; // no tokens: one trusted group
+    expect(buildViewModel(snap, 0).notIsolated).toBe(false);
+    snap.pool = { ...snap.pool, shared: true, embedded: true };
+    expect(buildViewModel(snap, 0).notIsolated).toBe(false);
+  });
+
   it('says not configured for a pool without a quota file, and nothing for a broker without quotas', () => {
     const none = quotaView({ configured: false, teams: [] }, 'alice', 0.5)!;
     expect([none.configured, none.teams]).toEqual([false, []]);

@@ -34,6 +34,8 @@ export interface IViewModel {
   quotas: IQuotaView | null;
   /** The pool checks tokens and this server has none to send: its cancels will be refused. */
   tokenMissing: boolean;
+  /** A pool shared by several people whose sessions do not run as their users: they are not isolated. */
+  notIsolated: boolean;
   /** My leased memory in GPU-equivalents (sum over GPUs of my bytes / that GPU's total). */
   myShare: number;
   myQueued: number;
@@ -58,6 +60,7 @@ const EMPTY: Omit<IViewModel, 'state' | 'me'> = {
   runs: [],
   quotas: null,
   tokenMissing: false,
+  notIsolated: false,
   myShare: 0,
   myQueued: 0,
   poolLeased: 0,
@@ -108,6 +111,7 @@ export function buildViewModel(snapshot: ISnapshot | null, nowSeconds: number, m
     runs: (snapshot.runs ?? []).map(r => runView(r, me)),
     quotas: quotaView(snapshot.quotas, me, shares.myShare),
     tokenMissing: snapshot.quotas?.identity === 'tokens' && snapshot.token_set === false,
+    notIsolated: !pool.embedded && !!pool.shared && pool.users_isolated === false,
     myShare: shares.myShare,
     myQueued: queue.filter(q => q.mine).length,
     poolLeased: shares.poolLeased,

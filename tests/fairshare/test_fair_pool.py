@@ -27,6 +27,9 @@ teams:
 """
 ENV = {"DASK_JUPYTER_GPU__POOL_CONFIG": "pool.yaml", "DASK_JUPYTER_GPU__AUDIT_DB": "audit.sqlite",
        "DASK_JUPYTER_GPU__TOKEN_FILE": "tokens.json"}
+# fair share is what these pools test: their users' sessions run as the pool's account (alice, bob and carol
+# have no accounts here); sessions as their users are tests/security/'s
+AS_POOL = {"DASK_JUPYTER_GPU__SESSION__AS_USER": "false"}
 
 
 class QuotaPool:
@@ -44,9 +47,9 @@ class QuotaPool:
     def start(self) -> str:
         from jupyter_gpu.pool.embedded import ensure_embedded_pool
 
-        saved = {k: os.environ.get(k) for k in [*ENV, *self.env]}
+        saved = {k: os.environ.get(k) for k in [*ENV, *AS_POOL, *self.env]}
         os.environ.update({k: str(self.root / v) for k, v in ENV.items()})
-        os.environ.update(self.env)
+        os.environ.update({**AS_POOL, **self.env})
         try:
             self.address = ensure_embedded_pool(keep=True, path=self.path, timeout=120)
         finally:  # only the pool process sees these settings
@@ -124,7 +127,7 @@ def test_borrowing_is_preemptible_and_a_guarantee_reclaims_it(qpool):
         assert res.error is None and "carol ran" in res.stdout, res.error_text
         assert wait_until(lambda: held["bob"]["id"] not in {ls["id"] for ls in leases(qpool.address)})
         # his variables wait in host memory on the worker
-        assert glob.glob(f"/dev/shm/jupyter-gpu-*/{held['bob']['id']}.pkl") or not os.path.isdir("/dev/shm")
+        assert glob.glob(f"/dev/shm/jupyter-gpu-*/{held['bob']['id']}/offload.pkl") or not os.path.isdir("/dev/shm")
         # bob sees why in his next cell, which runs in a new (borrowed) session with his variables: they were
         # moved to host memory when his idle session was reclaimed; the generator could not be, and he is told
         res = bob.run("%%gpu\nprint('bob again', float(net.weight.sum()) == w0)")
@@ -183,7 +186,7 @@ def test_running_batch_work_is_preempted_told_why_and_requeued(qpool):
         # carol is owed her guarantee: bob's running, borrowed batch cell is preempted for her
         res = carol.run("%%gpu --gpus 0.5\nprint('carol ran')")
         assert res.error is None and "carol ran" in res.stdout, res.error_text
-        ended = call(qpool.address, "gpu_lease_info", lease=held["bob"]["id"])
+        ended = call(qpool.address, "gpu_lease_info", lease=held["bob"]["id"], user="bob", token=qpool.tokens["bob"])
         assert ended["state"] == "ended" and ended["preempted"] and ended["end_reason"].startswith("reclaimed")
         assert carol.run("%gpu release").error is None
         # bob's cell was requeued and reruns from its start once carol's half GPU is free again
@@ -211,7 +214,7 @@ def test_offloaded_variables_are_dropped_when_their_kernel_goes_away(qpool):
         assert bob.run("%%gpu --gpus 1\nimport torch\nnet = torch.nn.Linear(2, 1)").error is None
         lease = next(ls for ls in leases(qpool.address) if ls["user"] == "bob")
         assert carol.run("%%gpu --gpus 0.5\nz = 1").error is None  # reclaims bob's idle, borrowed session
-        pattern = f"/dev/shm/jupyter-gpu-*/{lease['id']}.pkl"
+        pattern = f"/dev/shm/jupyter-gpu-*/{lease['id']}/offload.pkl"
         if not os.path.isdir("/dev/shm"):
             pytest.skip("no /dev/shm on this machine")
         assert wait_until(lambda: glob.glob(pattern), timeout=20)

@@ -44,8 +44,8 @@ def standby_copy(lease_id: str) -> list[str]:
     pid>-...``), if it has one; folders of workers that are gone (earlier pools, whose lease ids were the
     same) do not count."""
     return [p for base in ("/dev/shm", tempfile.gettempdir())
-            for p in glob.glob(os.path.join(base, "jupyter-gpu-*", f"{lease_id}.standby"))
-            if _live_worker(os.path.basename(os.path.dirname(p)))]
+            for p in glob.glob(os.path.join(base, "jupyter-gpu-*", lease_id, "standby"))
+            if _live_worker(os.path.basename(os.path.dirname(os.path.dirname(p))))]
 
 
 def _live_worker(folder: str) -> bool:
@@ -88,7 +88,7 @@ def test_an_idle_session_is_suspended_for_a_waiting_cell_and_comes_back(spool):
         assert res.error is None and "bob ran" in res.stdout, res.error_text
         now = by_user(a)
         assert now["carol"]["id"] == held["carol"]["id"] and now["carol"]["state"] == "running"
-        ended = call(a, "gpu_lease_info", lease=held["alice"]["id"])
+        ended = call(a, "gpu_lease_info", lease=held["alice"]["id"], user="alice", token=spool.tokens["alice"])
         assert ended["state"] == "ended" and ended["end_reason"].startswith("suspended after"), ended
         assert "bob's cell was waiting for the GPU" in ended["end_reason"]
         # the panel's snapshot lists alice's variables as waiting in host memory

@@ -81,9 +81,9 @@ def test_a_killed_workers_host_memory_folder_and_standby_copy_are_removed_by_the
     try:
         assert k.run("%%gpu\nimport numpy as np\nbig = np.zeros(4_000_000)").error is None
         lease = next(ls for ls in leases(pool.address) if ls["user"] == "carol")
-        copies = lambda: glob.glob(f"/dev/shm/jupyter-gpu-*/{lease['id']}.standby")  # noqa: E731
+        copies = lambda: glob.glob(f"/dev/shm/jupyter-gpu-*/{lease['id']}/standby")  # noqa: E731
         assert wait_until(lambda: bool(copies()), 20), "no standby copy was written"
-        folder = os.path.dirname(copies()[0])
+        folder = os.path.dirname(os.path.dirname(copies()[0]))  # the worker's folder, named after its pid
         worker_pid = int(os.path.basename(folder).split("-")[2])
         os.kill(worker_pid, signal.SIGKILL)  # no teardown runs: the nanny starts a new worker
         assert wait_until(lambda: not os.path.exists(folder), 60), os.listdir(folder)

@@ -107,18 +107,21 @@ async def test_a_grant_starts_a_session_that_answers_only_the_session_table(s, w
             assert lease["bytes"] == 8 * GiB and lease["gpu_names"] and lease["virtual"]
             assert plugin.sessions[lease["id"]].pid == lease["pid"]
             async with rpc(lease["address"]) as session:
-                assert (await session.ping())["lease"] == lease["id"]
+                assert lease["secret"] and (await session.ping(secret=lease["secret"]))["lease"] == lease["id"]
+                # only the lease's owner gets an answer: no secret, or a wrong one, is refused
+                assert "answers only the kernel" in (await session.ping())["error"]
+                assert "answers only the kernel" in (await session.pull(name="x", secret="guess"))["error"]
                 try:  # nothing beyond the pinned table: Dask drops an unknown op (logs "No handler ...")
                     reply = await session.run_code(code="1")
                 except Exception as exc:
                     reply = repr(exc)
                 assert reply is None or "No handler run_code" in str(reply), reply
                 # a malformed cell is refused before the main thread sees it, and the session lives on
-                bad = await session.execute(code=123, inputs={})
+                bad = await session.execute(code=123, inputs={}, secret=lease["secret"])
                 assert bad["status"] == "error" and "code must be text" in bad["error"]["message"]
-                bad = await session.pull(name={"not": "a name"})
+                bad = await session.pull(name={"not": "a name"}, secret=lease["secret"])
                 assert "name must be text" in bad["error"]
-                assert (await session.ping())["busy"] is False
+                assert (await session.ping(secret=lease["secret"]))["busy"] is False
             snap = await sched.gpu_snapshot()
             assert [ls["id"] for g in snap["gpus"] for ls in g["leases"]] == [lease["id"]]
             assert (await sched.gpu_release(lease=lease["id"], user="alice"))["released"]
@@ -232,9 +235,12 @@ async def test_malformed_messages_are_refused_to_their_sender_and_break_nothing(
             await sched.gpu_lease_state(lease=lease, state="idle", peak_bytes=-5)
             await sched.gpu_run_update(run="r1", world_size="two", state="running")
             await sched.gpu_run_update(run="r2", ranks={"0": "not a list"})
-            await sched.gpu_run_metrics(run="r3", rank=0, items=[{"step": 1, "time": 1.0,
-                                                                    "metrics": {"loss": float("nan")}}])
-            await sched.gpu_run_metrics(run="r4", rank="zero", items=[])
+            # metrics come through a session's worker, with the pool key, for that session's own lease
+            await sched.gpu_run_metrics(run="r3", rank=0, lease=lease, key=broker.pool_key,
+                                        items=[{"step": 1, "time": 1.0, "metrics": {"loss": float("nan")}}])
+            await sched.gpu_run_metrics(run="r4", rank="zero", items=[], lease=lease, key=broker.pool_key)
+            await sched.gpu_run_metrics(run="r5", rank=0, items=[], lease=lease)  # no key: not a worker
+            await sched.gpu_lease_state(lease=lease, state="running", peak_bytes=10**13)  # no key: dropped
             assert broker.leases[lease].state == "idle" and broker.leases[lease].peak_bytes is None
             snap = await sched.gpu_snapshot()
             json.dumps(snap, allow_nan=False)  # what the panel parses: no NaN, no bytes
@@ -243,10 +249,11 @@ async def test_malformed_messages_are_refused_to_their_sender_and_break_nothing(
             assert "whole number" in (await sched.gpu_scale(n=1e20, user="alice"))["error"]
             assert "between 0 and 60" in (await sched.gpu_wait(id="R1", timeout=1e9))["reason"]
             assert not (await sched.gpu_cancel(id=["R1"], user="alice"))["cancelled"]
-            refused = await sched.gpu_register_worker(worker=w.address, gpus=[{"index": 0, "uuid": "G", "name": "x"}])
+            refused = await sched.gpu_register_worker(worker=w.address, gpus=[{"index": 0, "uuid": "G", "name": "x"}],
+                                                      key=broker.pool_key)
             assert "lacks total_bytes" in refused["error"]
             refused = await sched.gpu_register_worker(worker=w.address, gpus=[{"index": 0, "uuid": "G", "name": "x",
-                                                                              "total_bytes": 2.5}])
+                                                                              "total_bytes": 2.5}], key=broker.pool_key)
             assert "whole number" in refused["error"]
             assert len(broker.gpus) == 2  # the real GPUs are still there
             broker.ledger.check()

@@ -4,7 +4,7 @@ import os
 import signal
 
 import pytest
-from harness import Kernel, leases, snapshot, wait_until
+from harness import Kernel, leases, snapshot, wait_until, worker_pid
 
 pytestmark = pytest.mark.integration
 
@@ -75,9 +75,7 @@ def test_interrupt_tears_down_every_rank_and_frees_every_lease(kernel, pool):
 
 
 def test_lost_worker_resumes_from_the_last_checkpoint(private_pool, tmp_path):
-    from distributed import Client
 
-    from jupyter_gpu.common.security import client_security
 
     k = Kernel(private_pool, env={"DASK_JUPYTER_GPU__SCALEOUT__CHECKPOINT_DIR": str(tmp_path)})
     try:
@@ -93,9 +91,7 @@ def test_lost_worker_resumes_from_the_last_checkpoint(private_pool, tmp_path):
                        "last = step")
         k.wait_for_output(msg, "step 4", timeout=180)
         rank1 = next(ls for ls in leases(private_pool) if ls["rank"] == 1 and ls["world_size"] == 2)
-        with Client(private_pool, set_as_default=False, security=client_security(private_pool)) as client:
-            pid = client.run(os.getpid)[rank1["worker"]]
-        os.kill(pid, signal.SIGKILL)
+        os.kill(worker_pid(rank1["worker"]), signal.SIGKILL)
         res = k.collect(msg, timeout=240)
         assert res.error is None, res.stdout + res.stderr + res.error_text
         assert "rank 1's session was lost" in res.stdout and "retry 1 of 2" in res.stdout

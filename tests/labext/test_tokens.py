@@ -62,6 +62,7 @@ def token_pool(tmp_path_factory):
         mp.setenv("DASK_JUPYTER_GPU__TOKEN_FILE", str(root / "tokens.json"))
         mp.setenv("DASK_JUPYTER_GPU__POOL_CONFIG", str(root / "pool.yaml"))
         mp.setenv("DASK_JUPYTER_GPU__SCALE_USERS", f'["{OTHER}"]')  # the server's user may not scale
+        mp.setenv("DASK_JUPYTER_GPU__SESSION__AS_USER", "false")  # the test users have no accounts here
         address = ensure_embedded_pool(timeout=120, keep=True, path=path)
     try:
         yield address, tokens
@@ -84,7 +85,7 @@ async def _granted_lease(address: str, token: str, kernel: str) -> str:
                           notebook="tokens.ipynb", token=token)
     deadline = time.monotonic() + 120
     while req["state"] in ("queued", "starting") and time.monotonic() < deadline:
-        req = await _rpc_call(address, "gpu_wait", id=req["id"], timeout=1.0)
+        req = await _rpc_call(address, "gpu_wait", id=req["id"], timeout=1.0, user=TEST_USER, token=token)
     assert req["state"] == "granted", req
     return req["leases"][0]["id"]
 

@@ -121,8 +121,8 @@ def test_the_worker_gives_sessions_a_copy_path_unless_turned_off_or_misconfigure
     plugin = GpuWorkerPlugin()
     try:
         given = plugin._standby_for({"id": "L9", "world_size": 1})
-        assert given["after"] == 2.0 and given["path"].endswith("/L9.standby")
-        assert os.path.dirname(given["path"]) == plugin._offload_dir
+        assert given["after"] == 2.0 and given["path"].endswith("/L9/standby")  # the session's own folder
+        assert os.path.dirname(os.path.dirname(given["path"])) == plugin.store.base
         assert plugin._standby_for({"id": "L9", "world_size": 2}) is None  # ranks are never moved
         with dask.config.set({"jupyter-gpu.session.standby-after": None}):
             assert plugin._standby_for({"id": "L9"}) is None
@@ -132,4 +132,4 @@ def test_the_worker_gives_sessions_a_copy_path_unless_turned_off_or_misconfigure
             assert plugin._standby_for({"id": "L9"}) is None  # a typo turns copies off; sessions still start
         assert "standby-after is 'soon', not a duration" in caplog.text and "e.g. 2s" in caplog.text
     finally:
-        shutil.rmtree(plugin._offload_dir, ignore_errors=True)
+        shutil.rmtree(plugin.store.base, ignore_errors=True)

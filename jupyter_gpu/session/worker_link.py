@@ -1,0 +1,65 @@
+"""The session's one way to the control plane: a private socket its worker handed it when it started it.
+
+Why not a connection to the scheduler: a session runs its user's code, so nothing it holds may let that code
+act as a part of the pool (the pool's TLS key, its address with a credential, another lease's name). The
+worker starts each session with one end of a socket pair (``--control-fd``); what arrives on it can only
+come from that session, so the worker knows which lease it is about without trusting what it says, checks
+every field, and forwards it to the broker with its own credential. The session only ever reports on
+itself: cell started or ended (with its measured memory), and the metrics of a ``--workers`` rank.
+
+Messages are JSON lines; writes are fire-and-forget on the session's I/O loop, so reporting never sits on
+a cell's path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+MAX_LINE = 1 << 20  # what the worker reads at most per message
+
+
+class WorkerLink:
+    """Reports from this session to its worker (see the module docstring)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int | None):
+        self.loop = loop
+        self._fd = fd
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def open(self) -> None:
+        """Wrap the inherited socket (on the I/O loop, once, before anything is reported)."""
+        if self._fd is None:
+            return
+        sock = socket.socket(fileno=self._fd)
+        sock.setblocking(False)
+        _, self._writer = await asyncio.open_unix_connection(sock=sock)
+
+    @property
+    def connected(self) -> bool:
+        return self._writer is not None
+
+    def tell(self, op: str, **fields: Any) -> None:
+        """Send one report, from any thread; dropped (logged) if it cannot be sent."""
+        if self._writer is None:
+            return
+        line = json.dumps({"op": op, **fields}, default=repr).encode() + b"\n"
+        if len(line) > MAX_LINE:
+            log.warning("report %s too large (%d bytes): not sent", op, len(line))
+            return
+        self.loop.call_soon_threadsafe(self._write, line)
+
+    def _write(self, line: bytes) -> None:
+        try:
+            self._writer.write(line)
+        except Exception as exc:  # noqa: BLE001 - the worker is gone: so is this session, soon
+            log.debug("could not tell the worker: %s", exc)
+
+    def tell_lease_state(self, **fields: Any) -> None:
+        """Cell running / idle, with what the session measured (the worker adds which lease)."""
+        self.tell("lease_state", **fields)
