@@ -46,6 +46,8 @@ def _http_option(args: argparse.Namespace) -> None:
 
 
 def _pool_up(args: argparse.Namespace) -> int:
+    if args.action == "down":
+        return _pool_down()
     if args.action != "up":
         print("usage: jupyter-gpu pool up [--host HOST] [--port PORT] [--embedded] [--http] [--tls-*]",
               file=sys.stderr)
@@ -62,6 +64,21 @@ def _pool_up(args: argparse.Namespace) -> int:
     from jupyter_gpu.pool.services import run_scheduler
 
     asyncio.run(run_scheduler(args.host, args.port, security=_security(args, ("scheduler",))))
+    return 0
+
+
+def _pool_down() -> int:
+    """``jupyter-gpu pool down``: stop this user's embedded pool (the one ``jupyter-gpu lab``, a kernel or
+    ``pool up --embedded`` started here), its workers and sessions with it."""
+    from jupyter_gpu.pool.discovery import runtime_file
+    from jupyter_gpu.pool.embedded import stop_embedded_pool
+
+    path = runtime_file()
+    if stop_embedded_pool(path):
+        print(f"jupyter-gpu: stopped the embedded pool ({path})", file=sys.stderr)
+        return 0
+    print(f"jupyter-gpu: no embedded pool is running for you here ({path}); a pool started with `pool up` "
+          "(without --embedded) stops with its process.", file=sys.stderr)
     return 0
 
 
@@ -189,12 +206,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_lab(args: argparse.Namespace, extra: list[str]) -> int:
-    from jupyter_gpu.pool.embedded import ensure_embedded_pool
+    from jupyter_gpu.pool.lab import run_lab
 
-    address = ensure_embedded_pool(keep=True)
-    print(f"jupyter-gpu: embedded pool at {address}", flush=True)
-    os.execvp(sys.executable, [sys.executable, "-m", "jupyterlab", *extra])
-    return 0  # pragma: no cover
+    return run_lab(extra)
 
 
 def _tls_options(parser: argparse.ArgumentParser, whose: str) -> None:
@@ -218,8 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=__version__)
     parser.add_argument("--log-level", default="WARNING")
     sub = parser.add_subparsers(dest="command", required=True)
-    pool = sub.add_parser("pool", help="run the pool's scheduler and broker")
-    pool.add_argument("action", choices=["up"])
+    pool = sub.add_parser("pool", help="run the pool's scheduler and broker (up), or stop the embedded pool (down)")
+    pool.add_argument("action", choices=["up", "down"])
     pool.add_argument("--host", default="127.0.0.1",
                       help="the address the scheduler listens on (0.0.0.0: every interface); default 127.0.0.1")
     pool.add_argument("--port", type=int, default=8786)
@@ -242,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"))
     run.add_argument("--timeout", type=float, default=None, help="seconds per cell")
     run.add_argument("--pool", default=None, help="use this pool instead of starting an embedded one")
-    sub.add_parser("lab", help="JupyterLab with the GPU panel and an embedded pool")
+    sub.add_parser("lab", help="JupyterLab with the GPU panel and an embedded pool, stopped when Lab exits")
     token = sub.add_parser("token", help="issue user tokens for a pool that requires them")
     token.add_argument("action", choices=["create"])
     token.add_argument("user")

@@ -59,6 +59,35 @@ class LeaseRecord:
     idle_since: float | None = None
     priority: str = "interactive"
     resident: int | None = None   # bytes the session held when it last went idle (what suspending it moves)
+    progress: Progress | None = None  # how far its running cell is, when the cell reports step/total
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A running cell's reported steps: the first and the latest (time, step) seen, and its total."""
+
+    t0: float
+    step0: float
+    t: float
+    step: float
+    total: float
+
+    def cell_end(self, now: float) -> float | None:
+        """When the cell should end at the rate seen so far (not before now); None until it has moved."""
+        if self.t <= self.t0 or self.step <= self.step0:
+            return None
+        rate = (self.step - self.step0) / (self.t - self.t0)
+        return max(now, self.t + max(0.0, self.total - self.step) / rate)
+
+
+@dataclass(frozen=True)
+class LeaseEnd:
+    """When a lease's memory is expected to come free, and what that is based on: ``progress`` (its running
+    cell's reported steps) or ``history`` (how long recent leases lasted: a rough guess)."""
+
+    at: float
+    nbytes: int
+    basis: str
 
 
 class DecayedAverage:
@@ -131,15 +160,27 @@ class FairSharePolicy:
         self.durations.append(max(0.0, now - rec.started))
         return rec
 
-    def lease_state(self, lease_id: str, state: str, now: float | None = None, resident: int | None = None) -> None:
-        """A lease went idle (with what it holds, when measured) or started running a cell (idle sessions are
-        reclaimed first, and suspended smallest first)."""
+    def lease_state(self, lease_id: str, state: str, now: float | None = None, resident: int | None = None,
+                    step: float | None = None, total: float | None = None) -> None:
+        """A lease went idle (with what it holds, when measured), started running a cell (idle sessions are
+        reclaimed first, and suspended smallest first), or its running cell reported how far it is
+        (``step`` of ``total``: the queue's estimates use it)."""
         rec = self.leases.get(lease_id)
         if rec is not None:
             now = self.clock() if now is None else now
             rec.idle_since = None if state == "running" else (rec.idle_since or now)
             if resident is not None:
                 rec.resident = int(resident)
+            if state != "running":
+                rec.progress = None
+            elif step is not None and total:
+                p = rec.progress
+                if p is None or step < p.step:  # a new cell (or a new loop) counts from here
+                    rec.progress = Progress(now, float(step), now, float(step), float(total))
+                else:
+                    rec.progress = Progress(p.t0, p.step0, now, float(step), float(total))
+            else:  # a cell started: what an earlier cell reported says nothing about this one
+                rec.progress = None
 
     def _step(self, user: str, team: str, now: float, delta: float) -> None:
         self.held_team[team] += delta
@@ -460,12 +501,18 @@ def schedule_pass(policy: FairSharePolicy, queue: list[Request], gpus: Iterable[
         req.reason = reason
         waiting.append(req)
     if waiting:
-        by_gpu = _leases_by_gpu(policy)
-        typical = policy.typical_duration()
+        ends: dict[bool, dict[str, list[LeaseEnd]]] = {}  # interactive? -> GPU id -> its leases' ends
         for i, req in enumerate(waiting):
-            req.eta = estimate_start(req.spec, gpus, by_gpu, typical, now) if i < eta_for else None
-            if req.id in suspend_at:
-                req.eta = min(req.eta or math.inf, suspend_at[req.id])
+            req.eta, req.eta_basis = None, None
+            if i < eta_for:
+                interactive = req.spec.priority == "interactive"
+                if interactive not in ends:
+                    ends[interactive] = lease_ends(policy, now, interactive)
+                estimate = estimate_start(req.spec, gpus, ends[interactive], now)
+                if estimate is not None:
+                    req.eta, req.eta_basis = estimate
+            if req.id in suspend_at and suspend_at[req.id] < (req.eta or math.inf):
+                req.eta, req.eta_basis = suspend_at[req.id], "idle"
     return waiting
 
 
@@ -483,43 +530,69 @@ def reserve(spec: RequestSpec, gpus: list[GpuSlot]) -> set[str]:
     return {g.id for g in able[:ranks]}
 
 
-def _leases_by_gpu(policy: FairSharePolicy) -> dict[str, list[tuple[float, int]]]:
-    by_gpu: dict[str, list[tuple[float, int]]] = collections.defaultdict(list)
+def lease_end(rec: LeaseRecord, now: float, typical: float | None, suspend_after: float | None) -> LeaseEnd | None:
+    """When ``rec``'s memory should come free (None: unknowable).
+
+    With a running cell that reports its progress: a ``--workers`` rank's lease ends with its run; a
+    session's lease comes free ``suspend_after`` seconds after its cell ends (its idle session moves to
+    host memory for an interactive request; ``suspend_after`` None: not for this request). Otherwise from
+    how long recent leases lasted: a lease that has already outlived the typical one is expected to last as
+    long again as its age (the longer a session has lived, the longer it tends to go on), never to end
+    "now". Only the progress-based end holds still while one waits."""
+    nbytes = 0
+    cell_end = rec.progress.cell_end(now) if rec.progress is not None else None
+    if cell_end is not None and (rec.gang or suspend_after is not None):
+        return LeaseEnd(cell_end + (0.0 if rec.gang else suspend_after or 0.0), nbytes, "progress")
+    if typical is None:
+        return None
+    at = rec.started + typical if rec.started + typical > now else now + (now - rec.started)
+    return LeaseEnd(at, nbytes, "history")
+
+
+def lease_ends(policy: FairSharePolicy, now: float, interactive: bool) -> dict[str, list[LeaseEnd]]:
+    """Every lease's expected end, per GPU it holds memory on (for an interactive request or a batch one:
+    only an interactive request gets idle sessions moved out of its way)."""
+    typical = policy.typical_duration()
+    suspend_after = policy.quotas.suspend_idle_after if interactive else None
+    by_gpu: dict[str, list[LeaseEnd]] = collections.defaultdict(list)
     for rec in policy.leases.values():
+        end = lease_end(rec, now, typical, suspend_after)
+        if end is None:
+            continue
         for gpu_id, nbytes in rec.allocs.items():
-            by_gpu[gpu_id].append((rec.started, nbytes))
+            by_gpu[gpu_id].append(LeaseEnd(end.at, nbytes, end.basis))
     return by_gpu
 
 
-def estimate_start(spec: RequestSpec, gpus: list[GpuSlot], by_gpu: dict[str, list[tuple[float, int]]],
-                   typical: float | None, now: float) -> float | None:
-    """When ``spec`` could start if running leases last as long as recent ones did (None: unknowable).
+def estimate_start(spec: RequestSpec, gpus: list[GpuSlot], ends: dict[str, list[LeaseEnd]],
+                   now: float) -> tuple[float, str] | None:
+    """When ``spec`` could start if running leases end when ``lease_end`` expects, and what that is based
+    on (the basis of the end it waits for): ``(eta, "progress" | "history")``, or None (unknowable).
 
     Optimistic on purpose: it ignores requests ahead in the queue, so it reads as "not before". A lease
-    that has already outlived the typical one is expected to last as long again as its age (the longer a
-    session has lived, the longer it tends to go on), never to end "now".
-    """
-    if typical is None or not gpus:
+    whose end is unknowable never frees its memory here."""
+    if not gpus:
         return None
-
-    def expected_end(started: float) -> float:
-        return started + typical if started + typical > now else now + (now - started)
-
-    starts = []
+    starts: list[tuple[float, str]] = []
     for gpu in gpus:
         need = spec.need_on(gpu)
         if need > gpu.total_bytes:
             continue
-        ends = sorted((expected_end(started), nbytes) for started, nbytes in by_gpu.get(gpu.id, ()))
-        free, t = gpu.free_bytes, now
+        mine = sorted(ends.get(gpu.id, ()), key=lambda e: e.at)
+        free, t, basis = gpu.free_bytes, now, "progress"
         if spec.gpus is not None:
-            free, t = (gpu.total_bytes, ends[-1][0]) if ends else (gpu.total_bytes, now)
-        for end, nbytes in ends:
+            # a whole GPU: free when every lease on it has ended, all of them known
+            if len(mine) < len(gpu.leases):
+                continue
+            free = gpu.total_bytes
+            if mine:
+                t, basis = mine[-1].at, mine[-1].basis
+        for end in mine:
             if free >= need:
                 break
-            free, t = free + nbytes, end
+            free, t, basis = free + end.nbytes, end.at, end.basis
         if free >= need:
-            starts.append(t)
+            starts.append((t, basis))
     if len(starts) < spec.workers:
         return None
     return sorted(starts)[spec.workers - 1]

@@ -169,7 +169,7 @@ class Ledger:
         self.queue.remove(req)
         req.state = "starting"
         req.reason = "starting the session process"
-        req.eta = None
+        req.eta, req.eta_basis = None, None
         now = self.clock()
         team = req.team or self.policy.quotas.team_of(req.user)
         leases = []
@@ -214,13 +214,15 @@ class Ledger:
                                   gang=lease.world_size > 1, priority=lease.priority, idle=idle)
         return None
 
-    def set_state(self, lease_id: str, state: str, resident: int | None = None) -> Lease | None:
-        """A lease's session started a cell (``running``) or finished one (``idle``)."""
+    def set_state(self, lease_id: str, state: str, resident: int | None = None, step: float | None = None,
+                  total: float | None = None) -> Lease | None:
+        """A lease's session started a cell (``running``), reported how far it is (``running`` with
+        ``step`` of ``total``) or finished one (``idle``)."""
         lease = self.leases.get(lease_id)
         if lease is None:
             return None
         lease.state = state
-        self.policy.lease_state(lease_id, state, now=self.clock(), resident=resident)
+        self.policy.lease_state(lease_id, state, now=self.clock(), resident=resident, step=step, total=total)
         return lease
 
     def end(self, lease_id: str, reason: str, now: float | None = None) -> Lease | None:

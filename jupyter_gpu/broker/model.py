@@ -70,6 +70,7 @@ class Request:
     reason: str = ""
     error: str | None = None
     eta: float | None = None
+    eta_basis: str | None = None   # what the estimate rests on: progress, idle (suspension), history
     leases: list[str] = field(default_factory=list)
     restore: dict | None = None    # the offload of an earlier lease this request's session starts with
     restored: dict | None = None   # what the new session got back from it

@@ -56,6 +56,7 @@ from jupyter_gpu.common.validation import (
     Percent,
     Range,
     Secret,
+    Steps,
     Text,
     dropped,
     error_reply,
@@ -317,18 +318,19 @@ class GpuBroker(SchedulerPlugin):
     def lease_state(self, lease: Name, state: Literal["running", "idle"], cell: Text | None = None,
                     peak_bytes: Bytes | None = None, gpu_utilization: Percent | None = None,
                     resident_bytes: Bytes | None = None, worker: Address | None = None,
-                    key: Secret | None = None) -> None:
-        """A session says a cell started (``running``) or finished (``idle``, with its measured peak memory and,
-        on real GPUs, its mean utilization: the right-sizing numbers; and what it holds now, which is what
-        suspending it would have to move). It arrives through the session's worker, which alone knows which
-        lease the session holds; a note about a lease on another worker is dropped."""
+                    key: Secret | None = None, step: Steps | None = None, total: Steps | None = None) -> None:
+        """A session says a cell started (``running``), how far its running cell is (``running`` with
+        ``step`` of ``total``: the queue's estimates use it) or that it finished (``idle``, with its measured
+        peak memory and, on real GPUs, its mean utilization: the right-sizing numbers; and what it holds now,
+        which is what suspending it would have to move). It arrives through the session's worker, which
+        alone knows which lease the session holds; a note about a lease on another worker is dropped."""
         live = self.leases.get(lease)
         if not poolkey.matches(key, self.pool_key) or live is None or (worker is not None and live.worker != worker):
             return
-        ls = self.ledger.set_state(lease, state, resident=resident_bytes)
+        ls = self.ledger.set_state(lease, state, resident=resident_bytes, step=step, total=total)
         if ls is None:
             return
-        if state == "running":
+        if state == "running" and step is None:  # a cell started (a progress report is not a new cell)
             ls.cell_started = time.time()
             if cell:
                 ls.cell = cell
@@ -487,12 +489,17 @@ class GpuBroker(SchedulerPlugin):
     def run_update(self, run: Name, user: Name | None = None, notebook: Text | None = None,
                    cell: Text | None = None, world_size: Annotated[int, Range(1, RequestSpec.MAX_RANKS)] | None = None,
                    attempt: Count | None = None, state: RunState | None = None,
-                   leases: Annotated[list[Name], MaxLen(RequestSpec.MAX_RANKS)] | None = None) -> None:
-        """A kernel says how its scale-out run stands (ranks, state, attempt), for the panel."""
+                   leases: Annotated[list[Name], MaxLen(RequestSpec.MAX_RANKS)] | None = None,
+                   resumes: Name | None = None) -> None:
+        """A kernel says how its scale-out run stands (ranks, state, attempt, the earlier run whose
+        checkpoints it continues), for the panel. Every run of a cell has a run id of its own; a run that
+        ends (done, failed, stopped) gets its end time."""
         record = self.runs.setdefault(run, {"id": run, "ranks": {}, "started": time.time()})
         fields = {"user": user, "notebook": notebook, "cell": cell, "world_size": world_size, "attempt": attempt,
-                  "state": state, "leases": leases}
+                  "state": state, "leases": leases, "resumes": resumes}
         record.update({k: v for k, v in fields.items() if v is not None})
+        if state is not None:
+            record["ended"] = time.time() if state != "running" else None
         while len(self.runs) > RUNS_KEPT:  # keep the latest runs' streams for replay, not every run forever
             self.runs.pop(next(iter(self.runs)))
 

@@ -92,6 +92,7 @@ def parked(lease: Lease) -> ParkedView:
 def request_status(ledger: Ledger, req: Request, start_slots: Mapping[str, int] | None = None) -> RequestStatus:
     status: RequestStatus = {"id": req.id, "state": req.state, "reason": req.reason, "eta": req.eta,
                              "request": req.spec.describe()}
+    status["eta_basis"] = req.eta_basis
     if req.state == "starting":
         status["reason"] = starting_reason(ledger, req, start_slots or {})
     if req.state == "queued":
@@ -157,7 +158,7 @@ def snapshot(ledger: Ledger, samples: Mapping[str, Iterable[Sample]], pool: dict
     queue: list[QueueItem] = [
         {"id": req.id, "user": req.user, "kernel": req.kernel, "notebook": req.notebook, "cell": req.cell,
          "request": req.spec.describe(), "priority": req.spec.priority, "position": pos, "reason": req.reason,
-         "eta": req.eta, "since": req.submitted}
+         "eta": req.eta, "eta_basis": req.eta_basis, "since": req.submitted}
         for pos, req in enumerate(ledger.ordered_queue(), start=1)]
     return {
         "time": time.time(),

@@ -205,10 +205,46 @@ class RemoteObject:
                 "copy here.</div>")
 
 
+#: the attribute a session on a virtual GPU puts on tensors and modules that are on ``jupyter_gpu.device()``
+#: (``session/virtual_device.py``): they stay remote, as CUDA tensors do on a real GPU
+DEVICE_MARK = "_jupyter_gpu_on_device"
+VIRTUAL_DEVICE = "the virtual GPU"
+
+
+def is_marked(value: Any) -> bool:
+    """Whether ``value`` is on a virtual GPU's ``jupyter_gpu.device()`` (see ``DEVICE_MARK``)."""
+    try:
+        return bool(value.__dict__.get(DEVICE_MARK))
+    except AttributeError:
+        return False
+
+
+def unmark(value: Any) -> Any:
+    """``value`` without the device marks (a module's parameters and buffers too): a CPU copy that comes
+    back to the kernel must not say it lives on a GPU."""
+    for item in [value, *_module_tensors(value)]:
+        try:
+            item.__dict__.pop(DEVICE_MARK, None)
+        except AttributeError:
+            pass
+    return value
+
+
+def _module_tensors(value: Any) -> list:
+    try:
+        import torch
+
+        if isinstance(value, torch.nn.Module):
+            return [*value.parameters(), *value.buffers()]
+    except ImportError:
+        pass
+    return []
+
+
 def _tensor_device(value: Any) -> str | None:
     dev = getattr(value, "device", None)
     if dev is not None and type(dev).__module__.startswith("torch"):
-        return str(dev)
+        return VIRTUAL_DEVICE if is_marked(value) else str(dev)
     return None
 
 
@@ -217,8 +253,10 @@ def _module_device(value: Any) -> str | None:
         import torch
 
         if isinstance(value, torch.nn.Module):
+            if is_marked(value):
+                return VIRTUAL_DEVICE
             for p in value.parameters():
-                return str(p.device)
+                return _tensor_device(p)
             return "cpu"
     except ImportError:
         pass
@@ -276,6 +314,9 @@ def classify_output(name: str, value: Any, max_bytes: int) -> tuple[str, dict]:
         nbytes = None
     desc = {"name": name, "type_name": f"{type(value).__module__}.{type(value).__qualname__}",
             "summary": _summary(value), "nbytes": nbytes, "device": device}
+    if device == VIRTUAL_DEVICE:
+        return "remote", {**desc, "reason": "it lives on the session's jupyter_gpu.device() (a virtual GPU here: "
+                                            "on a real GPU it is a CUDA object, which stays remote too)"}
     if device is not None and device != "cpu":
         return "remote", {**desc, "reason": f"it lives on {device}"}
     if not _is_plain(value):
@@ -296,11 +337,11 @@ def to_cpu(value: Any) -> Any:
     except ImportError:
         return value
     if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
+        return unmark(value.detach().cpu())
     if isinstance(value, torch.nn.Module):
         import copy
 
-        return copy.deepcopy(value).cpu()
+        return unmark(copy.deepcopy(value).cpu())
     if isinstance(value, (list, tuple)):
         return type(value)(to_cpu(v) for v in value)
     if isinstance(value, dict):

@@ -44,6 +44,9 @@ LeaseState = Literal["starting", "idle", "running", "ended"]
 Isolation = Literal["none", "torch-cap", "mps", "mig"]
 OffloadState = Literal["pending", "saved"]
 RunState = Literal["running", "done", "failed", "stopped"]
+# what an estimated start rests on: the running cells' reported progress, idle sessions moving to host
+# memory for it, or how long recent leases lasted (a rough guess)
+EtaBasis = Literal["progress", "idle", "history"]
 Caller = Literal["kernel", "session", "worker", "broker", "anyone"]
 
 
@@ -245,6 +248,7 @@ class RequestStatus(TypedDict, total=False):
     state: RequestState
     reason: str
     eta: float | None                # estimated start (epoch seconds), "not before"
+    eta_basis: EtaBasis | None       # what the estimate rests on (how sure it is)
     request: str                     # RequestSpec.describe()
     position: int | None             # queued: place in the fair order
     queue_length: int
@@ -284,6 +288,7 @@ class QueueItem(TypedDict, total=False):
     position: int
     reason: str                      # why it waits, always set
     eta: float | None
+    eta_basis: EtaBasis | None
     since: float
 
 

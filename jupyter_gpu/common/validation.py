@@ -47,6 +47,7 @@ Name = Annotated[str, MaxLen(256)]          # user names, kernel ids, lease and 
 Text = Annotated[str, MaxLen(4096)]         # labels, reasons, notebook paths
 Seconds = Annotated[float, Range(0, 10 * 365 * 86400)]
 Count = Annotated[int, Range(0, 1_000_000)]
+Steps = Annotated[int, Range(0, 2**53)]    # a training loop's step counts (report(step=..., total=...))
 Bytes = Annotated[int, Range(0, 2**62)]
 Percent = Annotated[float, Range(0, 100)]
 Address = Annotated[str, MaxLen(512)]

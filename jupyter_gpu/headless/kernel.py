@@ -44,6 +44,7 @@ def kernel_env(pool: str | None, notebook: str | None = None, extra: dict[str, s
     with their notebook, so the panel and ``%gpu queue`` show which notebook a headless run holds GPUs for.
     """
     env = dict(os.environ)
+    env["JUPYTER_GPU_PROGRESS"] = "text"  # no widget frontend here: progress as text (kernelext/progress.py)
     if pool is not None:
         env[SCHEDULER_ENV] = pool
     if notebook:

@@ -5,7 +5,9 @@ through ``JUPYTER_GPU_SCHEDULER``: the pool given, or a private embedded pool st
 stopped after it, so a rerun never queues behind (or disturbs) the user's interactive sessions.
 
 Parameters are injected the way papermill does it: a cell tagged ``injected-parameters`` right after the
-cell tagged ``parameters`` (or first, if there is none) assigns them. ``%%gpu`` cells ship the free names
+cell tagged ``parameters`` assigns them. A parameter that the ``parameters`` cell does not assign (or a
+notebook without one) is refused before anything runs, where papermill only warns: the notebook's own
+assignment would silently win. ``%%gpu`` cells ship the free names
 they use from the kernel's namespace, so parameters reach the GPU without anything more.
 
 Execution stops at the first failing cell. A failure names the cell (its 1-based position in the source
@@ -30,7 +32,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import nbformat
 
@@ -91,6 +93,40 @@ def inject_parameters(nb: Any, parameters: Iterable[tuple[str, Any]]) -> Any:
 
 def _tags(cell: Any) -> list[str]:
     return list(cell.get("metadata", {}).get("tags", []) or [])
+
+
+def parameter_names(nb: Any) -> list[str] | None:
+    """The names the cell tagged ``parameters`` assigns (its defaults), or None when there is no such cell."""
+    cell = next((c for c in nb.cells if PARAMETERS_TAG in _tags(c)), None)
+    if cell is None:
+        return None
+    from jupyter_gpu.common.datacontract import cell_names
+
+    return cell_names(cell.source)[1]
+
+
+def check_parameters(nb: Any, names: Sequence[str], path: str = "the notebook") -> None:
+    """Refuse parameters the notebook does not declare (raise ``CannotRun``).
+
+    Why refuse, where papermill warns: a name that is not assigned in the ``parameters`` cell is a typo
+    (``-p epoch 30`` for ``epochs``) or a notebook without a ``parameters`` cell, where the injected value is
+    assigned first and then overwritten by the notebook's own ``epochs = 150``: the run would silently use
+    another value than the one asked for."""
+    if not names:
+        return
+    for name in names:
+        if not name.isidentifier():
+            raise CannotRun(f"parameter name {name!r} is not a Python identifier")
+    declared = parameter_names(nb)
+    if declared is None:
+        raise CannotRun(f"{path} has no cell tagged 'parameters', so -p {names[0]} ... would be overwritten by the "
+                        "notebook's own assignment. Tag the cell that sets the defaults 'parameters' (JupyterLab: "
+                        "the cell's Property Inspector, Common Tools > Cell Tags; the same tag papermill uses).")
+    unknown = [n for n in names if n not in declared]
+    if unknown:
+        raise CannotRun(f"unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: the "
+                        f"cell tagged 'parameters' in {path} assigns {', '.join(declared) or 'nothing'}. Check the "
+                        "spelling, or assign the name in that cell.")
 
 
 # ---------------------------------------------------------------------- results
@@ -172,10 +208,12 @@ class NotebookRun:
 # ---------------------------------------------------------------------- execution
 async def async_execute_notebook(nb: Any, *, pool: str, cwd: str | None = None, path: str | None = None,
                                  cell_timeout: float | None = None, notebook_timeout: float | None = None,
-                                 kernel_name: str = "python3") -> NotebookRun:
+                                 kernel_name: str = "python3", progress: Progress | None = None) -> NotebookRun:
     """Run ``nb`` (in place) on a new kernel that uses ``pool``; stop at the first failure.
 
-    The kernel is always shut down and its leases checked, whatever happened.
+    ``progress`` hears a line as each cell starts and ends, and every ``PROGRESS_EVERY`` seconds of a long
+    cell its latest badge or progress line (``jupyter-gpu run`` prints them). The kernel is always shut down
+    and its leases checked, whatever happened.
     """
     from jupyter_client.manager import AsyncKernelManager
     from jupyter_core.utils import ensure_async
@@ -197,6 +235,7 @@ async def async_execute_notebook(nb: Any, *, pool: str, cwd: str | None = None, 
     client.on_cell_executed = lambda cell, cell_index, execute_reply: replies.__setitem__(cell_index,
                                                                                           execute_reply)
     numbers = _source_numbers(nb)
+    total = sum(1 for n in numbers if n is not None)
     deadline = started + notebook_timeout if notebook_timeout else None
     grace = config.get_seconds("interrupt-grace") + _AFTER_INTERRUPT_MARGIN
     kill_now = False
@@ -219,8 +258,11 @@ async def async_execute_notebook(nb: Any, *, pool: str, cwd: str | None = None, 
                 task = asyncio.ensure_future(client.async_execute_cell(
                     cell, index, execution_count=client.code_cells_executed + 1))
                 timed_out = False
+                where = f"cell {numbers[index] or 'injected'}/{total}"
+                if progress is not None:
+                    progress(f"{where}: {_first_line(cell.source)}")
                 try:
-                    done, _ = await asyncio.wait({task}, timeout=limit)
+                    done = await _wait_telling(task, limit, cell, where, progress)
                     if not done:  # interrupt like a user would: the magic stops and frees the remote work
                         timed_out = True
                         log.info("cell %s ran past %s s: interrupting the kernel", numbers[index], limit)
@@ -247,6 +289,10 @@ async def async_execute_notebook(nb: Any, *, pool: str, cwd: str | None = None, 
                 run.cells_run += 1
                 log.info("cell %s ran in %.1f s", numbers[index], time.monotonic() - cell_started)
                 reply = (replies.get(index) or {}).get("content", {})
+                if progress is not None:
+                    outcome = "timed out" if timed_out else ("raised " + str(reply.get("ename")) if
+                                                             reply.get("status") == "error" else "done")
+                    progress(f"{where}: {outcome} in {time.monotonic() - cell_started:.1f} s")
                 if timed_out:
                     run.failure = _timeout_failure(index, numbers[index], cell, kind,
                                                    _cell_timeout(cell, cell_timeout), notebook_timeout, reply)
@@ -286,6 +332,44 @@ async def async_execute_notebook(nb: Any, *, pool: str, cwd: str | None = None, 
         shutil.rmtree(directory, ignore_errors=True)
         run.duration = time.monotonic() - started
     return run
+
+
+Progress = Callable[[str], None]
+#: how often ``jupyter-gpu run`` says where a long cell is
+PROGRESS_EVERY = 10.0
+
+
+async def _wait_telling(task: asyncio.Future, limit: float | None, cell: Any, where: str,
+                        progress: Progress | None) -> set:
+    """``asyncio.wait({task}, timeout=limit)``, telling ``progress`` every ``PROGRESS_EVERY`` seconds what
+    the cell shows last (its ``%%gpu`` badge or progress line), so a long run is not silent."""
+    started = time.monotonic()
+    while True:
+        left = None if limit is None else limit - (time.monotonic() - started)
+        step = PROGRESS_EVERY if progress is not None else None
+        wait = left if step is None else (step if left is None else max(0.0, min(step, left)))
+        done, _ = await asyncio.wait({task}, timeout=wait)
+        if done or (left is not None and left <= wait):
+            return done
+        latest = _latest_line(cell)
+        if progress is not None and latest:
+            progress(f"{where}: {time.monotonic() - started:.0f} s, {latest}")
+
+
+def _latest_line(cell: Any) -> str:
+    """The last line a person would read in the cell now (a badge, a progress line, a print)."""
+    for out in reversed(cell.get("outputs", [])):
+        text = out.get("text") if out.get("output_type") == "stream" else out.get("data", {}).get("text/plain")
+        lines = [ln for ln in str(text or "").splitlines() if ln.strip()]
+        if lines:
+            return lines[-1][:200]
+    return ""
+
+
+def _first_line(source: str) -> str:
+    lines = [ln for ln in source.splitlines() if ln.strip()]
+    first = lines[0][:80] if lines else ""
+    return first + (" ..." if len(lines) > 1 else "")
 
 
 def _cell_timeout(cell: Any, default: float | None) -> float | None:
@@ -335,10 +419,11 @@ def _source_numbers(nb: Any) -> list[int | None]:
 
 def execute_notebook(nb: Any, *, pool: str, cwd: str | None = None, path: str | None = None,
                      cell_timeout: float | None = None, notebook_timeout: float | None = None,
-                     kernel_name: str = "python3") -> NotebookRun:
+                     kernel_name: str = "python3", progress: Progress | None = None) -> NotebookRun:
     """Synchronous :func:`async_execute_notebook` (runs its own event loop)."""
     return asyncio.run(async_execute_notebook(nb, pool=pool, cwd=cwd, path=path, cell_timeout=cell_timeout,
-                                              notebook_timeout=notebook_timeout, kernel_name=kernel_name))
+                                              notebook_timeout=notebook_timeout, kernel_name=kernel_name,
+                                              progress=progress))
 
 
 def default_output(path: str) -> str:
@@ -369,6 +454,7 @@ def run_notebook(path: str, output: str | None = None, parameters: Sequence[tupl
             nb = nbformat.read(path, as_version=4)
         except (OSError, ValueError) as exc:
             raise CannotRun(f"cannot read {path}: {exc}") from None
+        check_parameters(nb, [name for name, _ in parameters], path)
         inject_parameters(nb, parameters)
     except CannotRun as exc:
         print(f"jupyter-gpu run: {exc}", file=err)
@@ -383,7 +469,8 @@ def run_notebook(path: str, output: str | None = None, parameters: Sequence[tupl
                 print(f"jupyter-gpu run: could not start a GPU pool for {path}: {exc}", file=err)
                 return EXIT_CANNOT_RUN
         result = execute_notebook(nb, pool=pool, path=path, cell_timeout=timeout,
-                                  notebook_timeout=notebook_timeout, kernel_name=kernel_name)
+                                  notebook_timeout=notebook_timeout, kernel_name=kernel_name,
+                                  progress=lambda line: print(f"jupyter-gpu run: {line}", file=err, flush=True))
     finally:
         if private is not None:
             private.stop()

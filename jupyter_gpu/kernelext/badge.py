@@ -24,34 +24,36 @@ def where(session: RemoteSession) -> str:
 
 
 class StatusLine:
-    """The cell's badge: queued (position, reason, estimated start) -> running on GPU n (share) -> done or
-    failed. One display, updated in place, so it is also what a headless run records."""
+    """The cell's badge: queued (position, reason, estimated start) -> starting (its session process) ->
+    running on GPU n (share) -> done or failed, saying how long the cell waited for its GPU. One display,
+    updated in place, so it is also what a headless run records. ``note`` (e.g. what ``--resume``
+    continues) is said while it runs and at the end."""
 
-    def __init__(self) -> None:
+    def __init__(self, note: str | None = None) -> None:
         self.handle: DisplayHandle | None = None
         self.waited_since: float | None = None
+        self.waited: float | None = None   # seconds from the request to a running session (None: no wait)
         self.new_session: RemoteSession | None = None
+        self.note = note
 
     def waiting(self, status: dict) -> None:
-        """A queue report from the broker (called while the request waits)."""
-        if status["state"] == "starting" and "queued" in (status.get("reason") or ""):
-            # granted, and its worker starts sessions a few at a time: say so rather than look stuck
-            if self.waited_since is None:
-                self.waited_since = time.monotonic()
-            self.show(f"starting ({status['id']}, {status.get('request')}): {status.get('reason')} "
-                      f"[{time.monotonic() - self.waited_since:.0f} s]", "queued", None)
-            return
-        if status["state"] != "queued":
-            return
+        """A report from the broker while the request waits (queued, then its session starting), and once
+        more when it is granted."""
         if self.waited_since is None:
             self.waited_since = time.monotonic()
-        pos = status.get("position")
-        text = (f"queued ({status['id']}, {status.get('request')}): position {pos} of "
-                f"{status.get('queue_length')}, {status.get('reason')}")
-        if status.get("eta"):
-            text += f", estimated start in {max(0, status['eta'] - time.time()):.0f} s"
-        text += f" [{time.monotonic() - self.waited_since:.0f} s]"
-        self.show(text, "queued", None)
+        waited = f"[{time.monotonic() - self.waited_since:.0f} s]"
+        if status["state"] == "starting":
+            # granted: its worker is starting the session process (a few at a time): say so, not nothing
+            self.show(f"starting a GPU session ({status['id']}, {status.get('request')}): "
+                      f"{status.get('reason') or 'starting the session process'} {waited}", "queued", None)
+        elif status["state"] == "queued":
+            pos = status.get("position")
+            text = (f"queued ({status['id']}, {status.get('request')}): position {pos} of "
+                    f"{status.get('queue_length')}, {status.get('reason')}")
+            if status.get("eta"):
+                text += f", estimated start in {max(0, status['eta'] - time.time()):.0f} s"
+                text += f" ({ETA_BASIS.get(status.get('eta_basis') or '', 'a rough guess')})"
+            self.show(f"{text} {waited}", "queued", None)
 
     def started(self, session: RemoteSession) -> None:
         """The request got a new session (the running line says so)."""
@@ -68,20 +70,31 @@ class StatusLine:
             why = f"{type(exc).__name__}: {first[:200]}"
         self.show(f"not started ({why})", "failed", None)
 
+    def waited_text(self) -> str:
+        """``waited 3.2 s for its GPU`` (a new session was asked for), or nothing (it ran in the session)."""
+        if self.waited is None:
+            return ""
+        return f"waited {self.waited:.1f} s for its GPU" if self.waited >= 0.05 else "no wait for its GPU"
+
     def running(self, session: RemoteSession) -> None:
-        waited = f" after {time.monotonic() - self.waited_since:.1f} s in the queue" if self.waited_since else ""
-        new = f" (new session{waited})" if self.new_session is session else ""
-        self.show(f"running on {where(session)}{new}", "running", session)
+        if self.waited_since is not None and self.waited is None:
+            self.waited = time.monotonic() - self.waited_since
+        new = f" (new session, {self.waited_text()})" if self.new_session is session else ""
+        self.show(f"running on {where(session)}{new}{self.note_text()}", "running", session)
 
     def finished(self, session: RemoteSession, error: str | None, elapsed: float | None = None,
                  peak: int | None = None, sizing: RightSize | None = None) -> None:
         took = f" in {elapsed:.2f} s" if elapsed is not None else ""
+        waited = f" ({self.waited_text()})" if self.waited is not None else ""
         peak_text = f", peak {format_bytes(peak)}" if peak else ""
         hint = f". Right-size: {sizing.hint()}" if sizing is not None else ""
         if error is None:
-            self.show(f"done{took} on {where(session)}{peak_text}{hint}", "done", session)
+            self.show(f"done{took}{waited} on {where(session)}{peak_text}{self.note_text()}{hint}", "done", session)
         else:
-            self.show(f"failed ({error}){took} on {where(session)}", "failed", session)
+            self.show(f"failed ({error}){took}{waited} on {where(session)}{self.note_text()}", "failed", session)
+
+    def note_text(self) -> str:
+        return f"; {self.note}" if self.note else ""
 
     def show(self, text: str, state: str, session: RemoteSession | None) -> None:
         """Show ``%%gpu {text}`` (the first call displays the badge, later ones update it)."""
@@ -92,6 +105,14 @@ class StatusLine:
             self.handle.display(bundle, metadata=meta, raw=True)
         else:
             self.handle.update(bundle, metadata=meta, raw=True)
+
+
+#: how sure an estimated start is, by what the broker based it on (``RequestStatus.eta_basis``)
+ETA_BASIS = {
+    "progress": "from the running cells' reported progress",
+    "idle": "when idle sessions move to host memory",
+    "history": "a rough guess from how long recent sessions lasted",
+}
 
 
 class JobStatus(StatusLine):

@@ -93,6 +93,8 @@ class PoolConnection:
         self.client = Client(address, set_as_default=False, name=f"jupyter-gpu {self.user}",
                              timeout=config.get_seconds("connect-timeout"), security=self.security)
         self.loop = self.client.loop.asyncio_loop
+        # what goes wrong on the client loop after nobody waits for it any more is ours to log, not the cell's
+        self.loop.call_soon_threadsafe(self.loop.set_exception_handler, log_loop_error)
         self.session: RemoteSession | None = None
         self.ended_sessions: dict[str, str] = {}
         self.continues: dict[str, str] = {}  # new lease id -> the offloaded lease whose variables it restored
@@ -320,6 +322,16 @@ class PoolConnection:
             raise GpuPoolError(f"%gpu pull {name}: {reply['error']}")
         data = reply["data"]
         return deserialize(data.header, data.frames)
+
+
+def log_loop_error(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """The client loop's unhandled errors, in jupyter-gpu's log (at debug) instead of stderr.
+
+    Why: the loop runs in the kernel, whose stderr is the running cell's output. A future abandoned by an
+    interrupt or a timeout (a call the main thread stopped waiting for), whose comm then failed, made asyncio
+    print ``Future exception was never retrieved ... KeyError(71)`` into whatever cell ran next."""
+    exc = context.get("exception")
+    log.debug("client loop: %s", context.get("message"), exc_info=(type(exc), exc, exc.__traceback__) if exc else None)
 
 
 def resolve_address(address: str | None, keep: bool = False) -> tuple[str, bool]:

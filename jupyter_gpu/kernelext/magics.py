@@ -9,6 +9,7 @@ back what it assigned and re-raise what it raised (``results``). The line form m
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any, Callable
 
 from IPython.core.error import UsageError
@@ -18,6 +19,8 @@ from jupyter_gpu.errors import GpuPoolError
 from jupyter_gpu.kernelext.connection import PoolConnection, resolve_address
 from jupyter_gpu.kernelext.options import options_help, parse_cell_options, whole_number
 from jupyter_gpu.kernelext.pipeline import prepare_cell
+from jupyter_gpu.kernelext.rendering import remote_part
+from jupyter_gpu.kernelext.runs import RunBook
 from jupyter_gpu.kernelext.scaleout import run_scaleout
 from jupyter_gpu.kernelext.single import SessionCells
 
@@ -31,7 +34,7 @@ LINE_HELP = """The line form, %gpu COMMAND:
 %gpu status                        the pool, my sessions, my quota
 %gpu queue                         the queue, with the reason each item waits
 %gpu cancel ID                     cancel my queued request, lease or --async job
-%gpu scale N                       scale the pool to N workers (if allowed)
+%gpu scale N                       scale the pool to N workers (if allowed; jobs of its cluster manager)
 %gpu pull NAME                     bring a remote-only object back (as a CPU copy)
 %gpu release                       end my remote session now (its variables are lost)
 """
@@ -53,6 +56,7 @@ class GpuMagics(Magics):
         self.conn: PoolConnection | None = None
         self.cells = SessionCells(shell)
         self.jobs = self.cells.jobs  # the --async jobs, by id (``%gpu cancel J1``, ``%gpu status``)
+        self.runs = RunBook()  # each cell's runs: a new run id every time, --resume continues the latest
 
     # ------------------------------------------------------------------ entry
     @line_cell_magic
@@ -149,12 +153,16 @@ class GpuMagics(Magics):
     def _cmd_scale(self, args: list[str]) -> None:
         if len(args) != 1:
             raise UsageError("%gpu scale N: give the number of workers the pool should have, e.g. `%gpu scale 3`.")
-        n = whole_number(args[0], "%gpu scale", 1, MAX_WORKERS, "%gpu scale 3")
+        n = whole_number(args[0], "%gpu scale", 0, MAX_WORKERS, "%gpu scale 3")  # 0: a cluster manager's jobs
         conn = self._ensure_connection()
         reply = conn.scheduler_call("gpu_scale", n=n, user=conn.user)
         if reply.get("error"):
             raise UsageError(f"%gpu scale: {reply['error']}")
-        print(f"The pool now has {reply['workers']} worker(s).")
+        print(f"The pool now has {reply['workers']} worker(s)"
+              + (f" ({reply['jobs']} job(s) of its cluster manager)" if reply.get("jobs") != reply["workers"]
+                 and reply.get("jobs") is not None else "") + ".")
+        if reply.get("note"):
+            print(reply["note"][0].upper() + reply["note"][1:] + ".")
 
     def _cmd_pull(self, args: list[str]) -> None:
         if len(args) != 1 or not args[0].isidentifier() or len(args[0]) > 200:
@@ -184,12 +192,12 @@ class GpuMagics(Magics):
         __tracebackhide__ = True
         opts = parse_cell_options(line)
         conn = self._ensure_connection()
-        job = prepare_cell(self.shell, conn, opts, cell)
+        job = prepare_cell(self.shell, conn, opts, cell, self.runs)
         if opts.spec.workers > 1:
-            return run_scaleout(self.shell, conn, opts, job)
+            return run_scaleout(self.shell, conn, opts, job, self.runs)
         if opts.run_async:
             return self.cells.start_async(conn, opts, job)
-        return self.cells.run(conn, opts, job)
+        return self.cells.run(conn, opts, job, self.runs)
 
 
 _magics: GpuMagics | None = None
@@ -212,11 +220,29 @@ def _show_pool_error(shell: Any, etype: type, value: BaseException, tb: Any, tb_
     return stb
 
 
+def _show_error(shell: Any, etype: type, value: BaseException, tb: Any, tb_offset: Any = None) -> list[str]:
+    """How the kernel shows an error: a pool error as its message (``_show_pool_error``), an exception a
+    ``%%gpu`` cell raised from its own remote frames on (as it would read had the cell run here), and any
+    other error exactly as IPython does."""
+    if isinstance(value, GpuPoolError):
+        return _show_pool_error(shell, etype, value, tb, tb_offset)
+    remote = remote_part(value, tb)
+    if remote is None:
+        shell.showtraceback((etype, value, tb), tb_offset=tb_offset, running_compiled_code=True)
+        return []
+    sys.last_type, sys.last_value, sys.last_traceback = etype, value, remote  # for %debug
+    stb = shell.InteractiveTB.structured_traceback(etype, value, remote, tb_offset=0)
+    shell._showtraceback(etype, value, stb)
+    return stb
+
+
 def load(ipython: Any) -> None:
     global _magics
     _magics = GpuMagics(ipython)
     ipython.register_magics(_magics)
-    ipython.set_custom_exc((GpuPoolError,), _show_pool_error)
+    # every error passes through _show_error: IPython calls a custom handler by exception type, and a remote
+    # exception keeps its own type (ValueError, a user's class), so the handler tells them apart itself
+    ipython.set_custom_exc((Exception,), _show_error)
 
 
 def unload(ipython: Any) -> None:

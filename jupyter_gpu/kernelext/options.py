@@ -69,6 +69,9 @@ class _HelpFormatter(MagicHelpFormatter):
           help="return a handle at once; the cell runs in the background (job.result(), await job)")
 @argument("--name", metavar="TEXT", default=None,
           help="a label for the panel and the queue; it also names the cell's folder for jupyter_gpu.checkpoint")
+@argument("--resume", action="store_true",
+          help="start from the last jupyter_gpu.checkpoint() of this cell's latest earlier run (same --name, or "
+               "same source); without it every run starts afresh (a run that lost a worker always resumes)")
 @argument("--retries", metavar="N", default="2",
           help="for batch cells, how many times a preempted cell is requeued; for --workers runs, how many "
                "times a run that lost a worker resumes from its last checkpoint (default 2)")
@@ -91,6 +94,7 @@ class CellOptions:
     name: str | None = None
     explicit_request: bool = False
     retries: int = 2
+    resume: bool = False
     extra: dict = field(default_factory=dict)
 
 
@@ -250,7 +254,7 @@ def parse_cell_options(line: str) -> CellOptions:
     return CellOptions(spec=spec, timeout=timeout, inputs=_names(args.inputs, "--in"),
                        outputs=_names(args.outputs, "--out"), fresh=args.fresh, run_async=args.run_async,
                        name=args.name, explicit_request=args.gpus is not None or args.memory is not None,
-                       retries=retries)
+                       retries=retries, resume=args.resume)
 
 
 def main(argv: list[str] | None = None) -> int:

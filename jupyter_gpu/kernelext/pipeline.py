@@ -8,7 +8,6 @@ their inputs before anything waits (so that a bad input is refused at once) and 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 from collections.abc import Iterator
@@ -18,10 +17,12 @@ from typing import Any
 from IPython.core.error import UsageError
 
 from jupyter_gpu.common import config
+from jupyter_gpu.common.codenames import code_names_kept
 from jupyter_gpu.common.datacontract import RemoteObject, cell_names, input_item
 from jupyter_gpu.kernelext.connection import PoolConnection
 from jupyter_gpu.kernelext.options import CellOptions
 from jupyter_gpu.kernelext.rendering import register_cell_source
+from jupyter_gpu.kernelext.runs import RunBook, RunPlan
 
 
 @dataclass
@@ -32,7 +33,8 @@ class CellJob:
     count: int              # In[n]
     cell_name: str          # the file name its traceback lines carry: <%%gpu cell In[n]>
     label: str              # --name, or In[n] and its first line: the queue, the panel, the badge
-    run_id: str             # stable for this cell in this kernel: finds its checkpoints again
+    run_id: str             # new for every run of the cell (a retry after a lost worker keeps it)
+    plan: RunPlan           # the run's checkpoint folder, and the earlier run it resumes (--resume)
     inputs: dict            # name -> serialized value, for the session (rank 0 of a --workers run)
     remote_refs: dict[str, RemoteObject]  # inputs that already live in a GPU session
     outputs: list[str]      # the names to bring back
@@ -56,19 +58,6 @@ def cell_label(count: int, cell: str) -> str:
 def notebook_name() -> str | None:
     """The notebook this kernel serves (Jupyter Server sets JPY_SESSION_NAME for its kernels)."""
     return os.environ.get("JPY_SESSION_NAME")
-
-
-def run_key(conn: PoolConnection, name: str | None, cell: str) -> str:
-    """Stable for one cell of one kernel (so a rerun after a lost worker finds its checkpoints), and
-    different across kernels (so a notebook rerun from scratch does not resume someone's old run)."""
-    base = name or hashlib.sha1(cell.encode()).hexdigest()[:10]
-    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in base)[:60]
-    return f"{safe}-{conn.kernel[:8]}"
-
-
-def checkpoint_dir_for(conn: PoolConnection, key: str) -> str:
-    """Pool storage for one run's checkpoints (``jupyter-gpu.scaleout.checkpoint-dir``)."""
-    return os.path.join(os.path.expanduser(config.get("scaleout.checkpoint-dir")), conn.user, key)
 
 
 def prepare_inputs(ns: dict, opts: CellOptions, cell: str) -> tuple[dict, dict[str, RemoteObject], list[str]]:
@@ -95,7 +84,9 @@ def prepare_inputs(ns: dict, opts: CellOptions, cell: str) -> tuple[dict, dict[s
             remote_refs[name] = value
             continue
         try:
-            with _quiet("distributed.protocol.pickle", "distributed.protocol.core"):
+            # code_names_kept: functions from earlier cells keep their file names, so a remote traceback
+            # through them shows their lines (this kernel's linecache has every cell's source)
+            with _quiet("distributed.protocol.pickle", "distributed.protocol.core"), code_names_kept():
                 header, frames = serialize(input_item(value), serializers=("dask", "pickle"), on_error="raise")
         except Exception as exc:
             raise UsageError(
@@ -122,17 +113,18 @@ def _quiet(*loggers: str) -> Iterator[None]:
             logger.disabled = was
 
 
-def prepare_cell(shell: Any, conn: PoolConnection, opts: CellOptions, cell: str) -> CellJob:
+def prepare_cell(shell: Any, conn: PoolConnection, opts: CellOptions, cell: str, runs: RunBook) -> CellJob:
     """Name the cell, register its source (remote tracebacks show its lines), serialize its inputs and
-    build the execute request that every session running it gets."""
+    build the execute request that every session running it gets: a new run (``runs``), which resumes an
+    earlier run's checkpoints only with ``--resume``."""
     count = cell_number(shell)
     cell_name = f"<%%gpu cell In[{count}]>"
     register_cell_source(cell_name, cell)
     label = opts.name or cell_label(count, cell)
     inputs, remote_refs, outputs = prepare_inputs(shell.user_ns, opts, cell)
-    run_id = run_key(conn, opts.name, cell)
+    plan = runs.plan(conn.user, conn.kernel, opts.name, cell, opts.resume)
     payload = {"code": cell, "inputs": inputs, "outputs": outputs, "exact_outputs": opts.outputs is not None,
                "cell_name": cell_name, "label": label, "max_bytes": config.get_bytes("output-max-bytes"),
-               "checkpoint_dir": checkpoint_dir_for(conn, run_id)}
-    return CellJob(cell=cell, count=count, cell_name=cell_name, label=label, run_id=run_id, inputs=inputs,
-                   remote_refs=remote_refs, outputs=outputs, payload=payload)
+               "checkpoint_dir": plan.checkpoint_dir}
+    return CellJob(cell=cell, count=count, cell_name=cell_name, label=label, run_id=plan.run_id, plan=plan,
+                   inputs=inputs, remote_refs=remote_refs, outputs=outputs, payload=payload)

@@ -7,16 +7,15 @@ exceptions are rebuilt as real exceptions whose traceback shows the cell's own l
 
 from __future__ import annotations
 
-import html
 import linecache
 import pickle
 import sys
-import time
 from typing import Any
 
-from IPython.display import DisplayHandle, clear_output, publish_display_data
+from IPython.display import clear_output, publish_display_data
 
 from jupyter_gpu.errors import RemoteError
+from jupyter_gpu.kernelext.progress import ProgressDisplay
 
 
 class CellRenderer:
@@ -44,72 +43,6 @@ class CellRenderer:
     def close(self) -> None:
         if self.progress is not None:
             self.progress.render(final=True)
-
-
-class ProgressDisplay:
-    """A live, throttled progress line (steps, loss sparkline, rate per rank) for ``jupyter_gpu.report``."""
-
-    def __init__(self, min_interval: float = 0.25):
-        self.handle = DisplayHandle()
-        self.shown = False
-        self.history: dict[int, list[dict]] = {}
-        self.min_interval = min_interval
-        self.last_render = 0.0
-
-    def add(self, msg: dict) -> None:
-        self.history.setdefault(int(msg.get("rank") or 0), []).append(msg)
-        if time.monotonic() - self.last_render >= self.min_interval:
-            self.render()
-
-    def bundle(self) -> dict:
-        lines, rows = [], []
-        for rank, items in sorted(self.history.items()):
-            last = items[-1]
-            metrics = ", ".join(f"{k}={_fmt(v)}" for k, v in (last.get("metrics") or {}).items())
-            rate = _rate(items)
-            step = last.get("step")
-            text = f"rank {rank}: step {step if step is not None else len(items)}" + (f", {metrics}" if metrics else "")
-            samples = (last.get("metrics") or {}).get("samples")
-            if rate and isinstance(samples, (int, float)):
-                text += f", {rate * samples:.0f} samples/s"  # report(samples=batch size) gives throughput
-            elif rate:
-                text += f", {rate:.1f} steps/s"
-            lines.append(text)
-            losses = [m["metrics"].get("loss") for m in items if isinstance((m.get("metrics") or {}).get("loss"), (int, float))]
-            rows.append(f"<tr><td>rank {rank}</td><td>{html.escape(text.split(': ', 1)[1])}</td>"
-                        f"<td>{_sparkline(losses)}</td></tr>")
-        return {"text/plain": "\n".join(lines),
-                "text/html": "<table class='jupyter-gpu-progress'>" + "".join(rows) + "</table>"}
-
-    def render(self, final: bool = False) -> None:
-        self.last_render = time.monotonic()
-        if not self.shown:
-            self.handle.display(self.bundle(), raw=True)
-            self.shown = True
-        else:
-            self.handle.update(self.bundle(), raw=True)
-
-
-def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _rate(items: list[dict]) -> float | None:
-    if len(items) < 2:
-        return None
-    span = items[-1]["time"] - items[0]["time"]
-    return (len(items) - 1) / span if span > 0 else None
-
-
-def _sparkline(values: list[float], width: int = 160, height: int = 28) -> str:
-    if len(values) < 2:
-        return ""
-    lo, hi = min(values), max(values)
-    span = (hi - lo) or 1.0
-    pts = " ".join(f"{i * width / (len(values) - 1):.1f},{height - (v - lo) / span * height:.1f}"
-                   for i, v in enumerate(values[-200:]))
-    return (f"<svg width='{width}' height='{height}'><polyline fill='none' stroke='currentColor' "
-            f"points='{pts}'/></svg>")
 
 
 def register_cell_source(cell_name: str, code: str) -> None:
@@ -141,10 +74,30 @@ def rebuild_exception(error: dict) -> BaseException:
         try:
             from tblib import Traceback
 
-            exc = exc.with_traceback(Traceback.from_dict(_lists(tb_dict)).as_traceback())
+            remote_tb = Traceback.from_dict(_lists(tb_dict)).as_traceback()
+            exc = exc.with_traceback(remote_tb)
+            setattr(exc, REMOTE_TB, remote_tb)  # where the cell's own frames start (see remote_part)
         except Exception:
             pass
     return exc
+
+
+REMOTE_TB = "_jupyter_gpu_remote_tb"
+
+
+def remote_part(value: BaseException, tb: Any) -> Any:
+    """The part of ``tb`` that ran remotely, for an exception a ``%%gpu`` cell raised (None otherwise).
+
+    Raising the rebuilt exception in the kernel puts the kernel's frames in front of the remote ones (the
+    notebook's ``get_ipython().run_cell_magic(...)`` line and IPython's own call): locally the user would
+    see only their cell's lines, so the traceback shown starts where the remote frames do."""
+    start = getattr(value, REMOTE_TB, None)
+    t = tb
+    while start is not None and t is not None:
+        if t is start:
+            return t
+        t = t.tb_next
+    return None
 
 
 def _lists(obj: Any) -> Any:

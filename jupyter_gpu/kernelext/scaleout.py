@@ -7,7 +7,9 @@ output; other ranks' output appears prefixed with their rank, and their errors a
 swallowed. Metrics from any rank drive the progress display. If a rank's session is lost (its worker
 died), every rank is stopped, the gang is scheduled again and the cell reruns, so that
 ``jupyter_gpu.restore()`` resumes from the last checkpoint, up to --retries times. An interrupt or
---timeout stops every rank and frees every lease.
+--timeout stops every rank and frees every lease. A new run of the cell (a rerun) starts afresh, unless
+it says ``--resume`` (``runs.py``); the badge says so, and ends with the run's steps, time and each rank's
+last progress.
 """
 
 from __future__ import annotations
@@ -24,14 +26,16 @@ from jupyter_gpu.kernelext.badge import StatusLine
 from jupyter_gpu.kernelext.connection import PoolConnection, RemoteSession
 from jupyter_gpu.kernelext.options import CellOptions
 from jupyter_gpu.kernelext.pipeline import CellJob, notebook_name
+from jupyter_gpu.kernelext.progress import duration
 from jupyter_gpu.kernelext.rendering import CellRenderer, rebuild_exception
 from jupyter_gpu.kernelext.results import finish_cell
 from jupyter_gpu.kernelext.runner import RankRunner, RunOutcome
+from jupyter_gpu.kernelext.runs import RunBook
 
 RANKS_STOPPED = "stopped: another rank failed, or the run was interrupted"
 
 
-def run_scaleout(shell: Any, conn: PoolConnection, opts: CellOptions, job: CellJob) -> Any:
+def run_scaleout(shell: Any, conn: PoolConnection, opts: CellOptions, job: CellJob, runs: RunBook) -> Any:
     """Run a prepared cell on ``opts.spec.workers`` ranks, resuming after a lost worker; return rank 0's
     value or raise the error of the rank that failed first."""
     __tracebackhide__ = True
@@ -43,16 +47,21 @@ def run_scaleout(shell: Any, conn: PoolConnection, opts: CellOptions, job: CellJ
     deadline = time.monotonic() + opts.timeout if opts.timeout else None
     renderer = CellRenderer()
     attempt = 0
+    began = time.monotonic()
+    waited = 0.0
+    runs.started(job.plan)
     try:
         while True:
-            badge = StatusLine()
+            badge = StatusLine(note=job.plan.resume_note)
             schedule_deadline = time.monotonic() + config.get_seconds("scaleout.schedule-timeout")
             if deadline is not None:
                 schedule_deadline = min(schedule_deadline, deadline)
+            asked = time.monotonic()
             sessions = _gang(conn, opts, job.label, badge, schedule_deadline)
+            waited += time.monotonic() - asked
             conn.scheduler_call("gpu_run_update", run=job.run_id, user=conn.user, notebook=notebook_name(),
                                 cell=job.label, world_size=len(sessions), attempt=attempt, state="running",
-                                leases=[s.id for s in sessions])
+                                leases=[s.id for s in sessions], resumes=job.plan.resumes)
             try:
                 outcome, lost = _run_ranks(conn, sessions, job, renderer, deadline, attempt)
             finally:
@@ -72,8 +81,27 @@ def run_scaleout(shell: Any, conn: PoolConnection, opts: CellOptions, job: CellJ
         renderer.close()
     final = _state(outcome)
     conn.scheduler_call("gpu_run_update", run=job.run_id, state=final, attempt=attempt)
-    badge.show(f"{final}: {len(sessions)} ranks" + (f" after {attempt} resume(s)" if attempt else ""), final, None)
+    runs.finished(job.plan, final == "done")
+    badge.show(final_badge(final, len(sessions), time.monotonic() - began, waited, attempt, renderer,
+                           job.plan.resume_note), final, None)
     return _finish(shell, outcome, lost, sessions, opts)
+
+
+def final_badge(final: str, world: int, elapsed: float, waited: float, attempt: int, renderer: CellRenderer,
+                note: str | None = None) -> str:
+    """``done: 2 ranks in 8.1 s (waited 0.4 s for 2 GPUs); rank 0: 120/120 steps ...; rank 1: ...``: what
+    the run did, how long it took and waited, and each rank's last progress line."""
+    text = f"{final}: {world} ranks in {duration(elapsed)} (waited {waited:.1f} s for {world} GPUs)"
+    if attempt:
+        text += f", after {attempt} resume(s)"
+    if note:
+        text += f"; {note}"
+    progress = renderer.progress
+    for rank in range(world):
+        line = progress.summary(rank) if progress is not None else None
+        if line:
+            text += f"; rank {rank}: {line}"
+    return text
 
 
 def _gang(conn: PoolConnection, opts: CellOptions, label: str, badge: StatusLine,
@@ -89,7 +117,7 @@ def _gang(conn: PoolConnection, opts: CellOptions, label: str, badge: StatusLine
     sessions = [RemoteSession(lease=dict(ls), fresh=True) for ls in sorted(granted["leases"], key=lambda x: x["rank"])]
     badge.show(f"{len(sessions)} ranks scheduled: " + "; ".join(f"rank {s.lease['rank']} on "
                                                               f"{', '.join(s.lease.get('gpu_names') or [])}"
-                                                              for s in sessions), "running", None)
+                                                              for s in sessions) + badge.note_text(), "running", None)
     return sessions
 
 

@@ -28,7 +28,13 @@ from jupyter_gpu.kernelext.pipeline import CellJob
 from jupyter_gpu.kernelext.rendering import CellRenderer
 from jupyter_gpu.kernelext.results import finish_cell
 from jupyter_gpu.kernelext.runner import RankRunner
+from jupyter_gpu.kernelext.runs import RunBook
 from jupyter_gpu.kernelext.sessions import acquire_session, check_remote_refs
+
+#: a cell that used less than this on its GPU, in less than this time, says nothing about the size a session
+#: needs (``x = 1`` measures the session's own few MiB): no right-size hint after it
+HINT_AFTER_PEAK = 8 << 20
+HINT_AFTER_SECONDS = 1.0
 
 
 class SessionCells:
@@ -41,14 +47,16 @@ class SessionCells:
         self._job_ids = itertools.count(1)
         self.lock = threading.Lock()
         self.peaks: dict[str, int] = {}  # lease id -> the largest cell peak measured in that session
+        self.hinted: set[str] = set()    # sessions whose badge has given the right-size hint
 
     # ------------------------------------------------------------------ a cell the notebook waits for
-    def run(self, conn: PoolConnection, opts: CellOptions, job: CellJob) -> Any:
+    def run(self, conn: PoolConnection, opts: CellOptions, job: CellJob, runs: RunBook) -> Any:
         """Run the cell with its badge and its outputs in the cell; return its value or raise its error."""
         __tracebackhide__ = True
         deadline = time.monotonic() + opts.timeout if opts.timeout else None
         renderer = CellRenderer()
-        badge = StatusLine()
+        badge = StatusLine(note=job.plan.resume_note)
+        runs.started(job.plan)
         with self._turn(deadline):
             try:
                 session = acquire_session(conn, opts, job.label, deadline, badge)
@@ -68,15 +76,24 @@ class SessionCells:
         err = done.get("error") or {}
         badge.finished(session, None if done.get("status") == "ok" else err.get("type", "error").split(".")[-1],
                        done.get("elapsed"), done.get("peak_bytes"), self._right_size(session, done))
+        runs.finished(job.plan, done.get("status") == "ok")
         return finish_cell(self.shell, done, session, opts)
 
     def _right_size(self, session: RemoteSession, done: dict) -> RightSize | None:
-        """Far more reserved than the session ever used? Then the badge says what to ask next time."""
+        """Far more reserved than the session ever used? Then the badge says what to ask next time: once
+        per session, and only after a cell that did some work on its GPU (``x = 1`` says nothing about how
+        much a session needs; the panel keeps showing the hint for as long as it holds)."""
         peak = done.get("peak_bytes")
         if peak is None:
             return None
         peak = self.peaks[session.id] = max(self.peaks.get(session.id, 0), int(peak))
-        return right_size(peak, session.lease.get("bytes"))
+        worked = int(done.get("peak_bytes") or 0) >= HINT_AFTER_PEAK or (done.get("elapsed") or 0) >= HINT_AFTER_SECONDS
+        if session.id in self.hinted or not worked:
+            return None
+        sizing = right_size(peak, session.lease.get("bytes"))
+        if sizing is not None:
+            self.hinted.add(session.id)
+        return sizing
 
     @contextmanager
     def _turn(self, deadline: float | None) -> Iterator[None]:

@@ -25,6 +25,8 @@ def queue_rows(snapshot: dict) -> list[list[str]]:
     rows = []
     for q in snapshot["queue"]:
         eta = f"in {max(0, q['eta'] - now):.0f} s" if q.get("eta") else "unknown"
+        if q.get("eta") and q.get("eta_basis"):
+            eta += {"progress": " (from progress)", "idle": " (idle sessions move)"}.get(q["eta_basis"], " (rough)")
         rows.append([str(q["position"]), q["id"], q["user"], q["request"], q.get("priority", ""),
                      f"{now - q['since']:.0f} s", q.get("reason") or "", eta])
     return rows

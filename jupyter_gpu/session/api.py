@@ -15,6 +15,8 @@ from typing import Any, Callable
 _state: dict[str, Any] = {
     "rank": None, "world_size": None, "device": None, "lease": None,
     "emit": None,            # Callable[[dict], None]: sends a message to the running cell's kernel
+    "device_factory": None,  # Callable[[], torch.device]: on a virtual GPU, the device whose tensors stay remote
+    "progress": None,        # Callable[[dict], None]: a report with a step, for the broker's queue estimates
     "checkpoint_dir": None,  # pool storage for checkpoint()/restore()
     "run_sink": None,        # Callable[[dict], None]: a scale-out run's metrics, batched to the broker
     "attempt": 0,            # 0 for a first run, n for the n-th resume after a lost worker
@@ -35,9 +37,15 @@ def world_size() -> int:
 
 
 def device() -> Any:
-    """The ``torch.device`` this session should use: its pinned GPU, or ``cpu`` on a virtual GPU."""
+    """The ``torch.device`` this session should use: its pinned GPU, or ``cpu`` on a virtual GPU.
+
+    On a virtual GPU, what a cell puts on this device stays in the session, as CUDA tensors do on a real
+    GPU (``session/virtual_device.py``): a notebook behaves the same in CI and on a GPU."""
     import torch
 
+    factory = _state.get("device_factory")
+    if factory is not None:  # a virtual GPU: the session's marked device (session/virtual_device.py)
+        return factory()
     name = _state["device"]
     if name is None:
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -47,16 +55,19 @@ def device() -> Any:
 def report(step: int | None = None, **metrics: Any) -> None:
     """Stream metrics (``step=``, ``loss=``, ...) to the cell's progress display and the panel.
 
-    Never blocks training: the message is queued and sent by the session's I/O thread.
+    With ``total=`` the cell shows a progress bar with the rate and the time left, and the pool's queue
+    estimates when the GPU comes free from it. Steps may count from 0 or 1; reporting every n-th step is
+    fine (the rate comes from the step numbers). Never blocks training: the message is queued and sent by
+    the session's I/O thread.
     """
     emit: Callable[[dict], None] | None = _state["emit"]
     values = {k: _plain(v) for k, v in metrics.items()}
     msg = {"op": "metrics", "rank": rank(), "step": step, "time": time.time(), "metrics": values}
     if emit is not None:
         emit(msg)
-    sink = _state["run_sink"]
-    if sink is not None:
-        sink(msg)
+    for sink in (_state["run_sink"], _state["progress"]):
+        if sink is not None:
+            sink(msg)
 
 
 def _plain(value: Any) -> Any:
@@ -90,6 +101,9 @@ def checkpoint(state: Any, name: str = "checkpoint") -> str:
 def restore(name: str = "checkpoint", default: Any = None) -> Any:
     """The last ``checkpoint()`` of this run, or ``default`` if there is none yet.
 
+    A new run of a cell has none: only a run that lost a worker (and reruns) or a cell run with
+    ``%%gpu --resume`` finds checkpoints, and it says so in the cell.
+
     In a ``--workers`` run every rank must call it: rank 0 reads the checkpoint and broadcasts it, so that
     all ranks resume from the same step even if rank 0 checkpoints again before a slower rank gets here.
     """
@@ -101,10 +115,11 @@ def restore(name: str = "checkpoint", default: Any = None) -> Any:
         path = os.path.join(_checkpoint_dir(), f"{name}.pt")
         if os.path.exists(path):
             state = torch.load(path, map_location="cpu", weights_only=False)
-            if _state["attempt"]:
-                step = state.get("step") if isinstance(state, dict) else None
-                note = f"resumed from step {step}" if step is not None else "resumed from the last checkpoint"
-                print(f"[jupyter-gpu] {note} (attempt {_state['attempt'] + 1})", flush=True)
+            # a run finds checkpoints only when it resumes (a retry after a lost worker, or --resume): say so
+            step = state.get("step") if isinstance(state, dict) else None
+            note = f"resumed from step {step}" if step is not None else "resumed from the last checkpoint"
+            why = f"attempt {_state['attempt'] + 1}" if _state["attempt"] else "--resume"
+            print(f"[jupyter-gpu] {note} ({why})", flush=True)
     if distributed:
         box = [state]
         torch.distributed.broadcast_object_list(box, src=0)

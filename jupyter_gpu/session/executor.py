@@ -13,11 +13,14 @@ import importlib
 import logging
 import os
 import queue
+import sys
 import time
 from typing import Any
 
+from jupyter_gpu.session import tqdm_bridge
 from jupyter_gpu.session.memory_meter import CellMemoryMeter
 from jupyter_gpu.session.output import Relay
+from jupyter_gpu.session.progress import ProgressLink
 from jupyter_gpu.session.standby import StandbyCopy
 from jupyter_gpu.session.tracebacks import error_payload, pool_error
 from jupyter_gpu.session.worker_link import WorkerLink
@@ -58,6 +61,8 @@ class Executor:
         self.standby = StandbyCopy(None, None)  # its variables' copy in host memory while idle (standby.py)
         self._after_reply: dict | None = None
         self._cwd_refused: str | None = None
+        self.virtual = False
+        self.vdev: Any = None  # VirtualDevice, on a virtual GPU once torch is used
 
     # ------------------------------------------------------------------ the loop
     def run_forever(self) -> None:
@@ -131,8 +136,10 @@ class Executor:
         session_api._state.update({
             "rank": lease.get("rank", 0), "world_size": lease.get("world_size", 1),
             "device": "cpu" if virtual else "cuda:0", "lease": lease["id"],
-            "emit": self.relay.emit,
+            "emit": self.relay.emit, "device_factory": self._virtual_device if virtual else None,
         })
+        self.virtual = virtual
+        tqdm_bridge.install()  # tqdm bars in cells report as the cell's progress bar
         log.info("session %d assigned lease %s on %s (isolation %s)", os.getpid(), lease["id"],
                  [g["uuid"] for g in gpus], self.isolation)
         return {"isolation": self.isolation, "pid": os.getpid()}
@@ -182,6 +189,7 @@ class Executor:
         from distributed.protocol import deserialize
 
         from jupyter_gpu.common.datacontract import ModuleRef
+        from jupyter_gpu.session import api as session_api
 
         ns = self.shell.user_ns
         for name, item in inputs.items():
@@ -196,13 +204,19 @@ class Executor:
                     "Install what it needs on the pool's workers, create it inside the cell instead, or leave it "
                     "out with --in.")}
         self.link.tell_lease_state(state="running", cell=label)
+        session_api._state["progress"] = ProgressLink(self.link, label)  # step/total on to the broker
         meter = self.meter or CellMemoryMeter(virtual=False)
         meter.start()
         self.shell.displayhook.reset()
         self.shell.compile.next_name = cell_name
+        if self.virtual and "torch" in sys.modules:
+            self._virtual_device()  # mark what the cell puts on jupyter_gpu.device(), as a GPU would keep it
         try:
             result = self.shell.run_cell(code, store_history=True)
         finally:
+            session_api._state["progress"] = None
+            if self.vdev is not None:
+                self.vdev.end_cell()
             self.relay.flush_streams()
             self.capture.sync()
             self.relay.finish_cell()
@@ -265,6 +279,17 @@ class Executor:
             value = pack(hook.last_value)
         return {"bundle": hook.last_bundle, "value": value}
 
+    def _virtual_device(self) -> Any:
+        """``jupyter_gpu.device()`` on a virtual GPU: the device whose tensors stay in the session, marked
+        from the moment a cell runs (``session/virtual_device.py``)."""
+        if self.vdev is None:
+            from jupyter_gpu.session.virtual_device import VirtualDevice
+
+            self.vdev = VirtualDevice()
+        if self.busy:
+            self.vdev.begin_cell()
+        return self.vdev.device
+
     def do_offload(self, job: Job, path: str) -> dict:
         from jupyter_gpu.session.offload import save_namespace
 
@@ -325,8 +350,11 @@ def pack(value: Any) -> Any:
     from distributed.protocol import serialize
     from distributed.protocol.serialize import Serialized
 
+    from jupyter_gpu.common.codenames import code_names_kept
+
     try:
-        header, frames = serialize(value, serializers=("dask", "pickle"), on_error="raise")
+        with code_names_kept():  # functions made in cells keep their file names (tracebacks show their lines)
+            header, frames = serialize(value, serializers=("dask", "pickle"), on_error="raise")
     except Exception:
         return None
     return Serialized(header, frames)

@@ -23,6 +23,7 @@ import sys
 import types
 from typing import Any, Callable
 
+from jupyter_gpu.common.codenames import code_names_kept
 from jupyter_gpu.common.hostmem import discard
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,8 @@ def _write(path: str, modules: dict, values: dict, should_stop: Callable[[], boo
     # 0600 whatever the umask: a user's variables are readable by that user only (worker/hoststore.py
     # refuses to restore a file that others could read or have written)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as raw:
+    # functions made in cells keep their cells' file names: tracebacks after a restore still show their lines
+    with os.fdopen(fd, "wb") as raw, code_names_kept():
         f = _StoppableFile(raw, should_stop) if should_stop is not None else raw
         if "torch" in sys.modules:
             import torch

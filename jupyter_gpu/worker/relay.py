@@ -16,14 +16,15 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal
 
 from jupyter_gpu.common.protocol import MetricsItem
-from jupyter_gpu.common.validation import BadMessage, Bytes, MaxLen, Name, Percent, Text, check
+from jupyter_gpu.common.validation import BadMessage, Bytes, MaxLen, Name, Percent, Steps, Text, check
 
 log = logging.getLogger(__name__)
 
 MAX_LINE = 1 << 20
 FIELDS: dict[str, dict[str, Any]] = {
     "lease_state": {"state": Literal["running", "idle"], "cell": Text | None, "peak_bytes": Bytes | None,
-                    "gpu_utilization": Percent | None, "resident_bytes": Bytes | None},
+                    "gpu_utilization": Percent | None, "resident_bytes": Bytes | None,
+                    "step": Steps | None, "total": Steps | None},
     "run_metrics": {"run": Name, "rank": int, "items": Annotated[list[MetricsItem], MaxLen(100_000)]},
 }
 Forward = Callable[[str, dict[str, Any]], Awaitable[None]]

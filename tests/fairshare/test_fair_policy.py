@@ -164,11 +164,44 @@ def test_eta_is_null_without_history_and_estimated_from_recent_leases():
     pool.policy.durations.extend([100.0, 100.0, 100.0])
     pool.schedule()
     assert waiting.eta == pytest.approx(100.0)
-    assert estimate_start(RequestSpec(fraction=0.5), [], {}, 10.0, 0.0) is None
+    assert waiting.eta_basis == "history"  # a rough guess, and the badge says so
+    assert estimate_start(RequestSpec(fraction=0.5), [], {}, 0.0) is None
     # a lease that outlived the typical one is not expected to end "now" (the badge said "in 0 s")
     pool.now = 160.0
     pool.schedule()
     assert waiting.eta == pytest.approx(160.0 + 160.0)
+
+
+def test_an_estimate_from_reported_progress_holds_still_while_one_waits():
+    """The queue said 22 -> 27 -> 39 s for a cell behind a training run that reported step/total: running
+    work was assumed to need as long again as it had run. With its progress (100 steps, one a second),
+    the estimate is the run's end, whenever one asks, and says what it rests on."""
+    pool = make_pool(PoolQuotas(suspend_idle_after=None), sizes=(16,))
+    pool.eta_for = 100
+    first = req("a", 0, gpus=1, workers=1)
+    pool.submit(first)
+    pool.schedule()
+    lease = next(iter(pool.leases))
+    pool.policy.leases[lease].gang = True  # a --workers run's rank: its lease ends with the run
+    pool.policy.durations.extend([20.0, 20.0, 20.0])  # recent leases lasted 20 s: history would say so
+    waiting = req("b", 1, gpus=1)
+    pool.submit(waiting)
+    estimates = []
+    for now in (30.0, 40.0, 60.0, 80.0):
+        pool.now = now
+        pool.policy.lease_state(lease, "running", now=now, step=now - 10.0, total=100.0)  # started at 10 s
+        pool.schedule()
+        estimates.append((waiting.eta, waiting.eta_basis))
+    assert estimates[0][0] is None or estimates[0][1] == "history"  # one report: no rate yet
+    assert [basis for _, basis in estimates[1:]] == ["progress"] * 3
+    assert [eta for eta, _ in estimates[1:]] == pytest.approx([110.0] * 3)  # 100 steps at 1/s from 10 s
+    # a session (not a run's rank) comes free when its idle session moves out: suspend-idle-after later
+    pool.policy.quotas.suspend_idle_after = 30.0
+    pool.policy.leases[lease].gang = False
+    pool.now = 90.0
+    pool.policy.lease_state(lease, "running", now=90.0, step=80.0, total=100.0)
+    pool.schedule()
+    assert (waiting.eta, waiting.eta_basis) == (pytest.approx(110.0 + 30.0), "progress")
 
 
 def test_idle_timeout_lists_idle_leases_only():

@@ -69,6 +69,11 @@ def test_passing_notebook(gpu_pool, copy_notebooks, tmp_path):
     err = io.StringIO()
     code = run_notebook(str(nb_path), pool=gpu_pool, stream=err)
     assert code == 0, err.getvalue()
+    # it says where it is while it runs: each cell as it starts and ends (it was silent until the end)
+    said = err.getvalue()
+    assert "jupyter-gpu run: cell 2/7: %load_ext jupyter_gpu" in said, said
+    assert re.search(r"jupyter-gpu run: cell 4/7: done in [\d.]+ s", said), said
+    assert re.search(r"jupyter-gpu run: cell 6/7: raised \w+ in", said), said
     out = nbformat.read(tmp_path / "passing.out.ipynb", as_version=4)  # the default output, beside it
     texts = [_outputs_text(c) for c in out.cells]
     assert "remote y = 42" in texts[3] and "local y = 42" in texts[4]
@@ -185,3 +190,30 @@ def test_a_kernel_that_dies_fails_the_run_and_frees_its_lease(gpu_pool, tmp_path
     assert run_notebook(str(tmp_path / "dies.ipynb"), pool=gpu_pool, stream=err) == 1
     assert "the kernel died while running cell 3" in err.getvalue()
     _assert_pool_idle(gpu_pool)
+
+
+def test_unknown_parameters_are_refused_before_anything_runs(tmp_path):
+    """`jupyter-gpu run -p epochs 30` on a notebook whose parameters cell lacks `epochs` (or that has no
+    parameters cell) ran with the notebook's own value, silently. Now it is refused, naming what is declared."""
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("epochs = 150\nlr = 0.01", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("raise SystemExit('never run')")])
+    path = tmp_path / "p.ipynb"
+    nbformat.write(nb, path)
+    err = io.StringIO()
+    assert run_notebook(str(path), parameters=[("epoch", "30")], stream=err) == 2
+    assert "unknown parameter 'epoch'" in err.getvalue() and "assigns epochs, lr" in err.getvalue()
+    untagged = tmp_path / "u.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("epochs = 150")]), untagged)
+    err = io.StringIO()
+    assert run_notebook(str(untagged), parameters=[("epochs", "30")], stream=err) == 2
+    assert "has no cell tagged 'parameters'" in err.getvalue()
+    assert not (tmp_path / "p.out.ipynb").exists()  # nothing ran
+
+
+@pytest.mark.parametrize("name", ["01-quickstart.ipynb", "02-scale-out.ipynb"])
+def test_the_shipped_notebooks_declare_their_parameters(name):
+    from jupyter_gpu.headless.runner import parameter_names
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "notebooks", name)
+    assert "epochs" in (parameter_names(nbformat.read(path, as_version=4)) or [])

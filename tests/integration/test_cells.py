@@ -1,5 +1,6 @@
 """%%gpu cells in a real kernel against a real embedded pool (2 virtual GPUs)."""
 
+import re
 import time
 
 import pytest
@@ -262,3 +263,131 @@ def test_a_queued_cell_that_is_cancelled_says_so_in_its_badge(pool):
     finally:
         for k in (a, b, c):
             k.shutdown(now=True)
+
+
+def test_tracebacks_show_lines_from_earlier_cells_and_not_the_magics_frames(kernel):
+    """A remote traceback through code defined in an earlier cell (a %%gpu cell, or a plain cell whose
+    function was shipped by value) shows that cell's lines, as it would locally: not
+    ``File <dynamic-code>:19 'Could not get source'``; and no ``get_ipython().run_cell_magic(...)`` frame."""
+    assert kernel.run("def helper(a):\n    b = a + 1\n    return b / 0\n").error is None
+    res = kernel.run("%%gpu\nz = helper(3)")
+    assert res.error["ename"] == "ZeroDivisionError"
+    text = res.error_text
+    assert "<dynamic-code>" not in text and "Could not get source" not in text, text
+    assert "----> 3     return b / 0" in text and "----> 1 z = helper(3)" in text, text
+    assert "run_cell_magic" not in text, text
+    # a class from an earlier %%gpu cell, pulled here and sent to a fresh session by value
+    assert kernel.run("%%gpu\nimport torch\nclass Net(torch.nn.Module):\n    def __init__(self):\n"
+                      "        super().__init__()\n        self.lin = torch.nn.Linear(2, 2)\n\n"
+                      "    def forward(self, x):\n        y = self.lin(x)\n        return y / undefined_name\n\n"
+                      "net = Net()").error is None
+    assert kernel.run("%gpu pull net").error is None
+    res = kernel.run("%%gpu --fresh\nimport torch\nout = net(torch.ones(2))")
+    text = res.error_text
+    assert res.error["ename"] == "NameError" and "----> 9     return y / undefined_name" in text, text
+    assert "<dynamic-code>" not in text and "run_cell_magic" not in text, text
+    # an error in a plain cell is shown by IPython as before
+    plain = kernel.run("1 / 0")
+    assert plain.error["ename"] == "ZeroDivisionError" and "----> 1 1 / 0" in plain.error_text
+
+
+def test_tensors_on_the_device_stay_remote_on_virtual_gpus_as_they_do_on_real_ones(kernel):
+    """On a real GPU, tensors and modules on jupyter_gpu.device() are CUDA objects that stay in the session;
+    on a virtual GPU (device() is the CPU) they used to come back, so a notebook passing in CI broke on a GPU.
+    What is moved off the device (.cpu(), .item()) comes back in both."""
+    res = kernel.run(
+        "%%gpu\nimport torch, jupyter_gpu\ndev = jupyter_gpu.device()\n"
+        "x = torch.linspace(-1, 1, 50).to(dev)[:, None]\n"
+        "model = torch.nn.Linear(1, 1).to(dev)\n"
+        "w = model.weight\n"
+        "y_pred = model(x)\n"
+        "z = torch.zeros(3, device=dev)\n"
+        "y_cpu = y_pred.detach().cpu()\n"
+        "total = float(y_pred.sum())\n"
+        "here = torch.ones(2)\n"
+        "y_pred")
+    assert res.error is None, res.error_text
+    kinds = kernel.run("for n in ('x', 'model', 'w', 'y_pred', 'z', 'y_cpu', 'total', 'here'):\n"
+                       "    print(n, type(globals()[n]).__name__)")
+    assert kinds.stdout.split("\n")[:-1] == ["x RemoteObject", "model RemoteObject", "w RemoteObject",
+                                             "y_pred RemoteObject", "z RemoteObject", "y_cpu Tensor",
+                                             "total float", "here Tensor"], kinds.stdout
+    assert "jupyter_gpu.device()" in kernel.run("print(y_pred)").stdout
+    # the next cell uses them in place; --out and %gpu pull bring CPU copies that say nothing of a device
+    res = kernel.run("%%gpu --out y2\ny2 = model(x) * 2")
+    assert res.error is None, res.error_text
+    check = kernel.run("print(type(y2).__name__, y2.shape, hasattr(y2, '_jupyter_gpu_on_device'))")
+    assert check.stdout == "Tensor torch.Size([50, 1]) False\n", check.stdout + check.error_text
+    assert kernel.run("%gpu pull model").error is None
+    check = kernel.run("print(type(model).__name__, any(hasattr(p, '_jupyter_gpu_on_device') "
+                       "for p in model.parameters()))")
+    assert check.stdout == "Linear False\n"
+
+
+WIDGET = "application/vnd.jupyter.widget-view+json"
+
+
+def test_progress_is_a_bar_with_rate_and_time_left_and_counts_steps_not_reports(kernel):
+    """report(step=..., total=...) gives a progress bar (an ipywidgets bar, its text for a headless run):
+    the share done, steps/s from the step numbers (this loop reports every 10th step: counting calls said
+    ten times too few) and the time left; a loop that counts from 0 ends at 300/300."""
+    res = kernel.run("%%gpu\nimport time, jupyter_gpu\nfor step in range(300):\n    time.sleep(0.01)\n"
+                     "    if step % 10 == 0 or step == 299:\n"
+                     "        jupyter_gpu.report(step=step, total=300, loss=1 / (step + 1))\n", timeout=120)
+    assert res.error is None, res.error_text
+    lines = [d for d in res.data() if d.startswith("rank 0:")]  # headless: text, updated in place
+    assert len(lines) >= 2 and not res.data(WIDGET)
+    final = lines[-1]
+    assert final.startswith("rank 0: 300/300 steps (100%) · "), final
+    rate = float(final.split(" · ")[1].split(" steps/s")[0])
+    assert 40 < rate < 110, final  # one step per 10 ms (plus the loop's own time), not 10 reports a second
+    assert "loss=0.003333" in final and "left" not in final  # finished: no time left
+    html = [d for d in res.data("text/html") if "jupyter-gpu-progress" in d][-1]
+    assert "<progress" in html and "<polyline" in html
+
+
+def test_tqdm_in_a_cell_is_the_same_progress_bar(kernel):
+    res = kernel.run("%%gpu\nimport time\nfrom tqdm.auto import tqdm\nfor i in tqdm(range(40), desc='epochs'):\n"
+                     "    time.sleep(0.01)\n", timeout=120)
+    assert res.error is None, res.error_text
+    assert "it/s" not in res.stderr and "|" not in res.stderr, res.stderr  # no red text bar
+    final = [d for d in res.data() if d.startswith("rank 0")][-1]
+    assert final.startswith("rank 0 · epochs: 40/40 steps (100%) · "), final
+
+
+def test_the_badge_shows_a_starting_session_says_how_long_the_cell_waited_and_hints_once_when_it_matters(pool):
+    k = Kernel(pool, user="bea")
+    try:
+        res = k.run("%%gpu --memory 4GiB\nx = 1")
+        assert res.error is None, res.error_text
+        badges = [d for d in res.data() if d.startswith("%%gpu ")]
+        # the session process starting shows in the cell (it showed nothing until the cell ran)
+        assert badges[0].startswith("%%gpu starting a GPU session (R"), badges
+        assert re.search(r"new session, (waited [\d.]+ s|no wait) for its GPU", badges[-2]), badges
+        assert re.match(r"%%gpu done in [\d.]+ s \((waited [\d.]+ s|no wait) for its GPU\) on ", badges[-1]), badges
+        assert "Right-size" not in badges[-1]  # x = 1 says nothing about how much GPU a session needs
+        grow = "%%gpu\nimport numpy as np\nblock = np.ones(300 * 2**20, dtype=np.uint8)\nn = int(block.sum())\ndel block"
+        res = k.run(grow)
+        final = [d for d in res.data() if d.startswith("%%gpu ")][-1]
+        assert "Right-size: this session used at most" in final and "waited" not in final, final  # its session
+        res = k.run(grow)
+        final = [d for d in res.data() if d.startswith("%%gpu ")][-1]
+        assert res.error is None and "Right-size" not in final, final  # once per session
+    finally:
+        k.shutdown(now=True)
+
+
+def test_an_abandoned_future_on_the_client_loop_does_not_print_into_a_cell(kernel):
+    """A call the kernel stopped waiting for (an interrupt, a timeout) may fail later on the client's loop;
+    asyncio then printed ``Future exception was never retrieved ... KeyError(71)`` into the running cell.
+    The loop's unhandled errors go to jupyter-gpu's log instead."""
+    assert kernel.run("%%gpu\nx = 1").error is None
+    res = kernel.run(
+        "import asyncio, gc, time\n"
+        "conn = get_ipython().find_magic('gpu').__self__.conn\n"
+        "async def abandon():\n"
+        "    conn.loop.create_future().set_exception(KeyError(71))  # nobody will ever retrieve it\n"
+        "asyncio.run_coroutine_threadsafe(abandon(), conn.loop).result()\n"
+        "asyncio.run_coroutine_threadsafe(asyncio.sleep(0.2), conn.loop).result()\n"
+        "gc.collect()\ntime.sleep(0.3)\nprint('ok')")
+    assert res.stdout == "ok\n" and "never retrieved" not in res.stderr and "KeyError" not in res.stderr, res.stderr

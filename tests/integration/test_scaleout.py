@@ -1,6 +1,7 @@
 """%%gpu --workers N: real 2-rank runs (gloo on two virtual GPUs)."""
 
 import os
+import re
 import signal
 
 import pytest
@@ -54,7 +55,9 @@ def test_two_ranks_train_like_the_local_reference_and_all_ranks_report(kernel, p
     assert set(run["ranks"]) == {"0", "1"} and run["state"] == "done"
     assert len(run["ranks"]["1"]) == 20  # the stream is kept by the broker for the panel
     assert not [ls for ls in leases(pool) if ls["world_size"] == 2]  # every rank's lease is freed
-    assert [d for d in res.data() if d.startswith("%%gpu ")][-1] == "%%gpu done: 2 ranks"  # the badge
+    badge = [d for d in res.data() if d.startswith("%%gpu ")][-1]  # steps, time, per-rank summary
+    assert badge.startswith("%%gpu done: 2 ranks in ") and "; rank 0: step 19 · " in badge, badge
+    assert "; rank 1: step 19 · " in badge and "loss=" in badge, badge
 
 
 def test_a_ranks_exception_reaches_the_cell(kernel, pool):
@@ -112,3 +115,42 @@ def test_ranks_can_start_dataloader_worker_processes(kernel, pool):
                      "print(f'rank {jupyter_gpu.rank()} saw {seen}')", timeout=240)
     assert res.error is None, res.error_text
     assert "rank 0 saw 64" in res.stdout and "[rank 1] rank 1 saw 64" in res.stdout
+
+
+RERUN = ("%%gpu --workers 2 --name rerun{opts}\n"
+         "import jupyter_gpu\n"
+         "state = jupyter_gpu.restore(default={{'step': -1}})\n"
+         "first = state['step'] + 1\n"
+         "for step in range(first, steps):\n"
+         "    jupyter_gpu.checkpoint({{'step': step}})\n"
+         "    jupyter_gpu.report(step=step, total=steps, loss=1.0 / (step + 1))\n")
+
+
+def test_a_rerun_starts_afresh_and_resuming_is_asked_for_and_announced(pool, tmp_path):
+    """Rerunning a --workers cell (new hyperparameters) silently started at the old run's last checkpoint:
+    the run id was the same for every run of a cell. Now each run has its own; --resume continues the
+    latest run of the cell, and the badge says so. Each run is a run of its own in the panel."""
+    k = Kernel(pool, env={"DASK_JUPYTER_GPU__SCALEOUT__CHECKPOINT_DIR": str(tmp_path)})
+    try:
+        k.run("steps = 5")
+        assert k.run(RERUN.format(opts=""), timeout=240).error is None
+        res = k.run(RERUN.format(opts=""), timeout=240)
+        assert res.error is None, res.error_text
+        assert k.run("print(first)").stdout == "0\n"  # from scratch, not from step 5
+        assert "resumed" not in res.stdout
+        badge = [d for d in res.data() if d.startswith("%%gpu ")][-1]
+        assert re.match(r"%%gpu done: 2 ranks in \d+ s \(waited [\d.]+ s for 2 GPUs\); rank 0: 5/5 steps \(100%\) · "
+                        r"[\d.]+ steps/s · loss=0\.2; rank 1: 5/5 steps", badge), badge
+        k.run("steps = 8")
+        res = k.run(RERUN.format(opts=" --resume"), timeout=240)
+        assert res.error is None, res.error_text
+        assert k.run("print(first)").stdout == "5\n"
+        assert "[jupyter-gpu] resumed from step 4 (--resume)" in res.stdout
+        badges = [d for d in res.data() if d.startswith("%%gpu ")]
+        assert all("--resume: continues run rerun-" in b for b in badges if "starting" not in b), badges
+        runs = [r for r in snapshot(pool)["runs"] if r["id"].startswith("rerun-")]
+        assert len(runs) == 3 and len({r["id"] for r in runs}) == 3
+        assert all(r["state"] == "done" and r["ended"] >= r["started"] for r in runs)
+        assert runs[-1]["resumes"] == runs[-2]["id"]
+    finally:
+        k.shutdown(now=True)

@@ -69,12 +69,13 @@ def test_usage_help_and_the_tables_come_from_the_one_declaration():
 
     flags = [a.option_strings[0] for a in options._parser()._actions]
     assert flags == ["--gpus", "--memory", "--workers", "--timeout", "--priority", "--in", "--out", "--fresh",
-                     "--async", "--name", "--retries"]
+                     "--async", "--name", "--resume", "--retries"]
     help_text, table = options.options_help(), options.options_markdown()
     for flag in flags:
         assert f"[{flag}" in options.USAGE and flag in help_text and f"| `{flag}" in table
     assert "\n" not in options.USAGE and options.USAGE.startswith("%%gpu [--gpus F] [--memory SIZE]")
     assert "preempted cell is requeued" in table and "resumes from its last checkpoint" in table
+    assert "without it every run starts afresh" in table  # --resume: resuming is asked for, never silent
     assert GpuMagics.gpu.__doc__.startswith(help_text) and "%gpu release" in GpuMagics.gpu.__doc__
 
 
