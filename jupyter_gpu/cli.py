@@ -28,10 +28,11 @@ def _security(args: argparse.Namespace, roles: tuple[Role, ...]) -> Security:
 def _cmd_pool(args: argparse.Namespace) -> int:
     from jupyter_gpu.broker.settings import PoolConfigError
     from jupyter_gpu.common.security import TlsConfigError
+    from jupyter_gpu.pool.cluster_manager import ClusterManagerError
 
     try:
         return _pool_up(args)
-    except (TlsConfigError, PoolConfigError) as exc:
+    except (TlsConfigError, PoolConfigError, ClusterManagerError) as exc:
         print(f"jupyter-gpu pool up: {exc}", file=sys.stderr)
         return 1
 
@@ -88,12 +89,28 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     from jupyter_gpu.pool.services import run_workers
 
     _http_option(args)
+    host = args.host
     try:
-        return asyncio.run(run_workers(args.address, args.host, os.environ.get("JUPYTER_GPU_VIRTUAL_GPUS"),
-                                       security=_security(args, ("worker",))))
+        if host is None and args.interface:
+            from distributed.utils import get_ip_interface
+
+            host = get_ip_interface(args.interface)
+        virtual = args.virtual_gpus or os.environ.get("JUPYTER_GPU_VIRTUAL_GPUS")
+        if args.protocol and "://" not in args.address:
+            args.address = f"{args.protocol.replace('://', '')}://{args.address}"
+        death_timeout = _seconds(args.death_timeout) if args.death_timeout else None
+        return asyncio.run(run_workers(args.address, host, virtual, security=_security(args, ("worker",)),
+                                       name=args.name, death_timeout=death_timeout,
+                                       local_directory=args.local_directory))
     except (TlsConfigError, NoGpuAvailable, ValueError) as exc:
         print(f"jupyter-gpu worker: {exc}", file=sys.stderr)
         return 1
+
+
+def _seconds(text: str) -> float:
+    from dask.utils import parse_timedelta
+
+    return float(parse_timedelta(text, default="s"))
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -246,8 +263,22 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--host", default=None,
                         help="the address its workers and sessions listen on (default: the local address "
                              "that reaches the scheduler)")
+    worker.add_argument("--virtual-gpus", default=None, metavar="SPEC",
+                        help="offer virtual GPUs (2x16GiB) instead of this machine's; default: JUPYTER_GPU_VIRTUAL_GPUS")
     _http_flag(worker)
     _tls_options(worker, "the workers' (their session processes use it too)")
+    # dask-worker's arguments, which a cluster manager's job passes (dask-jobqueue: worker_command
+    # "jupyter_gpu.cli worker"): a name, where to listen, how long to wait for the scheduler
+    jobs = worker.add_argument_group("as a cluster manager's job (dask-worker's arguments)")
+    jobs.add_argument("--name", default=None, help="the worker's name (one GPU), or NAME-gpuN for each of several")
+    jobs.add_argument("--interface", default=None, help="listen on this network interface's address")
+    jobs.add_argument("--protocol", default=None, help="the scheduler address's scheme, when it has none")
+    jobs.add_argument("--death-timeout", default=None, help="give up when the scheduler cannot be reached this long")
+    jobs.add_argument("--local-directory", default=None, help="the workers' scratch folder")
+    jobs.add_argument("--nthreads", default=None, help="accepted and ignored: a GPU worker runs one thread")
+    jobs.add_argument("--memory-limit", default=None,
+                      help="accepted and ignored: sessions are limited by jupyter-gpu.session.host-memory-limit")
+    jobs.add_argument("--nanny", action="store_true", help="accepted and ignored: GPU workers always have a nanny")
     status = sub.add_parser("status", help="print the pool: GPUs, leases, queue")
     status.add_argument("--pool", default=None)
     run = sub.add_parser("run", help="execute a notebook headlessly (exit code 1 on a failing cell)")

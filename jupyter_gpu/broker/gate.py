@@ -8,6 +8,11 @@ Dask client needs to connect (``identity``, ``register-client`` and its heartbea
 join (``register-worker``, only with the pool key in its start-up information; its own stream; heartbeats),
 and the broker's handlers, each of which checks who calls it (a kernel's token, the pool key). A refused
 call is answered with the reason and logged; a refused message on a client's stream is dropped and logged.
+
+One caller keeps Dask's API: a comm that comes in on the scheduler's ``inproc://`` listener, which only code
+running in the scheduler's own process can open (user code never runs there). That is the cluster manager a
+``jupyter-gpu pool up`` owns (``pool/cluster_manager.py``): its ``SpecCluster`` watches the workers and
+retires them through that comm.
 """
 
 from __future__ import annotations
@@ -46,20 +51,34 @@ def close(scheduler: Any, key: str | None) -> None:
     for op in list(scheduler.handlers):
         if op in CONNECT_OPS or op in protocol.SCHEDULER_OPS:
             continue
-        scheduler.handlers[op] = _refuse(op)
+        scheduler.handlers[op] = _refuse(op, scheduler.handlers[op])
     scheduler.handlers["register-worker"] = _checked_registration(scheduler.handlers["register-worker"], key)
     for op, handler in list(scheduler.stream_handlers.items()):
         scheduler.stream_handlers[op] = _stream_gate(scheduler, op, handler)
     log.info("the scheduler answers only jupyter-gpu's handlers and what clients and workers need to connect")
 
 
-def _refuse(op: str) -> Callable[..., Any]:
-    def refused(**kwargs: Any) -> dict:
+def in_process(comm: Any) -> bool:
+    """Whether ``comm`` came from this very process (the scheduler's ``inproc://`` listener)."""
+    return str(getattr(comm, "peer_address", "") or "").startswith("inproc://")
+
+
+def _refuse(op: str, handler: Callable[..., Any] | None = None) -> Callable[..., Any]:
+    takes_comm = handler is not None and _expects_comm(handler)
+
+    def refused(comm: Any = None, **kwargs: Any) -> Any:
         from distributed.core import error_message
 
+        if handler is not None and in_process(comm):  # the pool's own cluster manager
+            return handler(comm, **kwargs) if takes_comm else handler(**kwargs)
         log.warning("refused %r (a pool shared by several people runs no Dask tasks)", op)
         return error_message(PermissionError(refusal(op)))  # Dask's own error shape: the caller raises it
     return refused
+
+
+def _expects_comm(handler: Callable[..., Any]) -> bool:
+    params = inspect.signature(handler).parameters
+    return bool(params) and next(iter(params)) == "comm"
 
 
 def _checked_registration(handler: Callable[..., Any], key: str | None) -> Callable[..., Any]:

@@ -91,7 +91,7 @@ class GpuBroker(SchedulerPlugin):
         self.embedded = embedded
         self.samples: dict[str, collections.deque] = {}
         self.runs: dict[str, dict] = {}
-        self.scaler: Any = None  # set by a pool that owns a cluster manager (embedded pool)
+        self.scaler: Any = None  # a pool that owns a cluster manager: pool/scaling.py's PoolScaler
         self._events: dict[str, asyncio.Event] = {}
         self._tasks: set[asyncio.Task] = set()
         self._drains: dict[str, list[asyncio.Task]] = {}  # request id -> reclaimed sessions it waits to see gone
@@ -180,6 +180,7 @@ class GpuBroker(SchedulerPlugin):
         gone, leases = self.ledger.remove_worker(worker)
         for gpu_id in gone:
             self.samples.pop(gpu_id, None)
+        note = self.scaler.lost_note(worker) if self.scaler is not None else None  # e.g. its Slurm job
         for lease in leases:
             self._end_lease(lease, f"the pool worker {worker} holding this session was lost", kill=False)
         self._schedule()
@@ -394,14 +395,22 @@ class GpuBroker(SchedulerPlugin):
         req.team = self.policy.quotas.team_of(user)
         self.ledger.record(req)
         self._events[req.id] = asyncio.Event()
-        impossible = (packing.never_fits(rspec, self.ledger.capacity())
-                      or self.policy.never_within_limits(user, rspec))
+        # what the pool could grow to counts too: a cluster manager's adaptive scaling adds workers for it
+        could_have = self.ledger.capacity() + (self.scaler.headroom() if self.scaler is not None else [])
+        impossible = packing.never_fits(rspec, could_have) or self.policy.never_within_limits(user, rspec)
         if impossible:
             self._finish_request(req, "refused", f"No GPU in this pool can ever satisfy this request: {impossible}")
-            return views.request_status(self.ledger, req, self.start_slots)
+            return self._status(req)
         self.ledger.submit(req)
         self._schedule()
-        return views.request_status(self.ledger, req, self.start_slots)
+        return self._status(req)
+
+    def _status(self, req: Request) -> RequestStatus:
+        """A request's status, with the cluster manager's word when new workers are on their way."""
+        return views.request_status(self.ledger, req, self.start_slots, waiting_note=self._waiting_note())
+
+    def _waiting_note(self) -> str | None:
+        return self.scaler.waiting_note() if self.scaler is not None else None
 
     def _offloaded(self, lease_id: str, user: str, kernel: str) -> Lease | None:
         """The ended lease ``lease_id`` of this kernel whose variables wait in host memory on a live worker."""
@@ -427,7 +436,7 @@ class GpuBroker(SchedulerPlugin):
                 await asyncio.wait_for(event.wait(), timeout)
             except asyncio.TimeoutError:
                 pass
-        return views.request_status(self.ledger, req, self.start_slots)
+        return self._status(req)
 
     @validated(lambda why: {"cancelled": False, "what": why})
     def cancel(self, id: Name, user: Name | None = None, token: Token | None = None) -> dict:
@@ -527,9 +536,10 @@ class GpuBroker(SchedulerPlugin):
         pool = {"address": self.scheduler.address if self.scheduler else None, "embedded": self.embedded,
                 "scalable": self.scaler is not None, "scale_users": self.scale_users(),
                 "default_fraction": float(config.get("default-fraction")),
+                "cluster": self.scaler.view() if self.scaler is not None else None,
                 "users_isolated": self.users_isolated(), "shared": self.tokens is not None}
         return views.snapshot(self.ledger, self.samples, pool, self.runs.values(),
-                              "tokens" if self.tokens is not None else "names")
+                              "tokens" if self.tokens is not None else "names", waiting_note=self._waiting_note())
 
     # ------------------------------------------------------------------ who may
     def sessions_as_users(self) -> bool:

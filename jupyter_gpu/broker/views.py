@@ -13,7 +13,16 @@ from typing import Any
 
 from jupyter_gpu.broker.ledger import Ledger
 from jupyter_gpu.broker.model import GpuSlot, Lease, Request
-from jupyter_gpu.common.protocol import GpuView, LeaseView, ParkedView, QueueItem, RequestStatus, Sample, Snapshot
+from jupyter_gpu.common.protocol import (
+    GpuView,
+    HostView,
+    LeaseView,
+    ParkedView,
+    QueueItem,
+    RequestStatus,
+    Sample,
+    Snapshot,
+)
 from jupyter_gpu.common.rightsizing import right_size
 from jupyter_gpu.common.units import format_bytes
 
@@ -29,6 +38,33 @@ def host_of(address: str) -> str:
         return get_address_host(address)
     except Exception:
         return address
+
+
+def host_order(host: str) -> tuple:
+    """Sort key of a host: IPv4/IPv6 addresses by number (10.0.0.9 before 10.0.0.10), names by name."""
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return (1, 0, host)
+    return (0, ip.version, int(ip))
+
+
+def hosts_view(gpus: list[GpuView]) -> list[HostView]:
+    """The machines of the pool, each with its workers' GPUs, in the order of ``gpus`` (already by host)."""
+    hosts: dict[str, HostView] = {}
+    workers: dict[str, set[str]] = {}
+    for g in gpus:
+        h = hosts.setdefault(g["host"], {"host": g["host"], "workers": 0, "gpus": [], "total_bytes": 0,
+                                         "leased_bytes": 0})
+        h["gpus"].append(g["id"])
+        h["total_bytes"] += g["total_bytes"]
+        h["leased_bytes"] += g["leased_bytes"]
+        workers.setdefault(g["host"], set()).add(g["worker"])
+    for name, h in hosts.items():
+        h["workers"] = len(workers[name])
+    return list(hosts.values())
 
 
 def right_size_hint(lease: Lease) -> str | None:
@@ -89,9 +125,19 @@ def parked(lease: Lease) -> ParkedView:
             "since": lease.ended, "reason": lease.end_reason}
 
 
-def request_status(ledger: Ledger, req: Request, start_slots: Mapping[str, int] | None = None) -> RequestStatus:
-    status: RequestStatus = {"id": req.id, "state": req.state, "reason": req.reason, "eta": req.eta,
-                             "request": req.spec.describe()}
+def waiting_reason(req: Request, note: str | None) -> str:
+    """Why ``req`` waits, with the cluster manager's ``note`` (``waiting for a new worker (job 123 pending)``)
+    when new workers are on their way, unless it waits for its quota, which new workers do not change."""
+    reason = req.reason or ""
+    if note and req.state == "queued" and "quota" not in reason:
+        return f"{reason}; {note}" if reason else note
+    return reason
+
+
+def request_status(ledger: Ledger, req: Request, start_slots: Mapping[str, int] | None = None,
+                   waiting_note: str | None = None) -> RequestStatus:
+    status: RequestStatus = {"id": req.id, "state": req.state, "reason": waiting_reason(req, waiting_note),
+                             "eta": req.eta, "request": req.spec.describe()}
     status["eta_basis"] = req.eta_basis
     if req.state == "starting":
         status["reason"] = starting_reason(ledger, req, start_slots or {})
@@ -140,10 +186,12 @@ def quota_view(ledger: Ledger, identity: str) -> dict:
 
 
 def snapshot(ledger: Ledger, samples: Mapping[str, Iterable[Sample]], pool: dict[str, Any],
-             runs: Iterable[dict], identity: str) -> Snapshot:
-    """The whole pool as the panel, ``%gpu status`` and ``jupyter-gpu status`` show it."""
+             runs: Iterable[dict], identity: str, waiting_note: str | None = None) -> Snapshot:
+    """The whole pool as the panel, ``%gpu status`` and ``jupyter-gpu status`` show it (``waiting_note``: the
+    cluster manager's word on new workers on their way, for the queue's reasons)."""
     gpus: list[GpuView] = []
-    for gpu in sorted(ledger.gpus.values(), key=lambda g: (g.worker, g.index)):
+    # grouped by machine: the panel draws one group per host when the pool spans several
+    for gpu in sorted(ledger.gpus.values(), key=lambda g: (host_order(host_of(g.worker)), g.worker, g.index)):
         kept = list(samples.get(gpu.id, ()))
         last = kept[-1] if kept else {}
         gpus.append({
@@ -157,7 +205,8 @@ def snapshot(ledger: Ledger, samples: Mapping[str, Iterable[Sample]], pool: dict
         })
     queue: list[QueueItem] = [
         {"id": req.id, "user": req.user, "kernel": req.kernel, "notebook": req.notebook, "cell": req.cell,
-         "request": req.spec.describe(), "priority": req.spec.priority, "position": pos, "reason": req.reason,
+         "request": req.spec.describe(), "priority": req.spec.priority, "position": pos,
+         "reason": waiting_reason(req, waiting_note),
          "eta": req.eta, "eta_basis": req.eta_basis, "since": req.submitted}
         for pos, req in enumerate(ledger.ordered_queue(), start=1)]
     return {
@@ -165,6 +214,7 @@ def snapshot(ledger: Ledger, samples: Mapping[str, Iterable[Sample]], pool: dict
         "pool": {**pool, "workers": len(ledger.worker_gpus),
                  "virtual": any(g.virtual for g in ledger.gpus.values())},
         "gpus": gpus,
+        "hosts": hosts_view(gpus),
         "queue": queue,
         # sessions taken off their GPU whose variables wait in host memory for their owner's next cell
         "in_host_memory": [parked(ls) for ls in ledger.ended.values()

@@ -310,10 +310,52 @@ class ParkedView(TypedDict, total=False):
     reason: str | None
 
 
+class HostView(TypedDict):
+    """One machine of the pool in a snapshot: its workers' GPUs (the panel groups GPUs by host)."""
+
+    host: str                        # the address its workers listen on
+    workers: int
+    gpus: list[str]                  # GPU ids, in the snapshot's order
+    total_bytes: int
+    leased_bytes: int
+
+
+class JobView(TypedDict, total=False):
+    """A job (Slurm job, pod, ...) the pool's cluster manager runs or was asked for: one or more GPU workers."""
+
+    name: str                        # the Dask worker name it starts (its GPU workers: name, or name-gpuN)
+    job_id: str | None               # the cluster manager's id (a Slurm job id); None where it has none
+    state: str                       # the cluster manager's own state (Slurm: PENDING, RUNNING, TIMEOUT...), or
+                                     # "submitted" / "running" where it tells none
+    reason: str | None               # the cluster manager's reason for that state (Slurm: Resources, TimeLimit)
+    workers: int                     # its GPU workers that have joined the pool
+    since: float                     # when it was asked for (epoch seconds)
+    ended: float | None              # when it was seen to end (in ``ClusterView.ended``)
+
+
+class AdaptiveView(TypedDict):
+    minimum: int                     # GPU workers
+    maximum: int
+    idle: float                      # seconds a worker with no session and no host-memory copy waits to be retired
+
+
+class ClusterView(TypedDict, total=False):
+    """The cluster manager behind the Scale button: what it was asked for and its jobs, as it reports them."""
+
+    kind: str                        # "slurm" (squeue states), "dask" (any Dask cluster class), "embedded"
+    manager: str                     # the class, e.g. dask_jobqueue.SLURMCluster
+    gpus_per_job: int
+    target: int | None               # GPU workers asked for by a fixed scale (None: adaptive or never scaled)
+    adaptive: AdaptiveView | None
+    jobs: list[JobView]              # asked for and not ended: pending ones first
+    ended: list[JobView]             # the latest that ended on their own (walltime, failure), newest first
+
+
 class PoolInfo(TypedDict, total=False):
     address: str | None
     embedded: bool
     scalable: bool                   # the pool owns a cluster manager (%gpu scale works)
+    cluster: ClusterView | None      # that cluster manager and its jobs (None: the pool has none)
     scale_users: list[str] | None    # who may scale (None: everyone)
     workers: int
     virtual: bool
@@ -327,7 +369,8 @@ class Snapshot(TypedDict, total=False):
 
     time: float
     pool: PoolInfo
-    gpus: list[GpuView]
+    gpus: list[GpuView]              # grouped by host (then worker, index)
+    hosts: list[HostView]            # the machines, in the order their GPUs are listed
     queue: list[QueueItem]
     in_host_memory: list[ParkedView]
     quotas: dict                     # {"configured", "teams", "users", "identity", "default_team"}
@@ -475,8 +518,9 @@ SCHEDULER_HANDLERS: Final[dict[str, Op]] = {
                          "a lease, live or ended (with why it ended and where its variables went)"),
     "gpu_run_update": Op("kernel", "run, ...fields", "-",
                          "how a --workers run stands (ranks, state, attempt), for the panel"),
-    "gpu_scale": Op("kernel", "n | minimum, maximum, user, token?", "{workers, adaptive} | {error}",
-                    "grow or shrink a pool that owns a cluster manager (jupyter-gpu.scale-users may)"),
+    "gpu_scale": Op("kernel", "n | minimum, maximum, user, token?", "{workers, adaptive, jobs?, note?} | {error}",
+                    "grow or shrink a pool that owns a cluster manager (jupyter-gpu.scale-users may): jobs are "
+                    "submitted and cancelled; a worker holding a session or a host-memory copy is never retired"),
     "gpu_snapshot": Op("anyone", "-", "Snapshot", "the whole pool: GPUs, leases, queue, quotas, runs"),
     "gpu_usage": Op("anyone", "since", "usage", "GPU-hours per user and team from the audit store"),
 }

@@ -12,6 +12,10 @@ rank) and a ``--workers`` run (N ranks):
 - with N ranks, one that fails or is lost stops the others (they would wait forever in a collective):
   after ``scaleout.error-grace`` (a moment to fail on their own), at once for a lost one.
 
+A rank is lost when its connection breaks (its worker or machine died) or, every ``LEASE_CHECK`` seconds
+while it runs, when the broker says its lease ended (the pool gave its worker up): a machine cut off from
+the network breaks no connection, and TCP would only give up on it after ``distributed.comm.timeouts.tcp``.
+
 Outputs are shown inside the loop's ``try``: an interrupt that lands while one is being rendered is still
 an interrupt, not a KeyboardInterrupt escaping while the remote code runs on.
 """
@@ -33,6 +37,7 @@ from jupyter_gpu.kernelext.connection import PoolConnection, RemoteSession
 log = logging.getLogger(__name__)
 
 Show = Callable[[int, dict], None]  # (rank, message) -> render one output message of that rank
+LEASE_CHECK = 2.0  # seconds between asking the broker whether the running ranks' leases still stand
 
 
 @dataclass
@@ -78,12 +83,17 @@ class RankRunner:
         stop_at: float | None = None   # when to SIGINT the ranks still running (a rank failed, or stop now)
         kill_at: float | None = None   # set once SIGINT was sent: when the ranks still running are killed
         pending: collections.deque = collections.deque()
+        next_check = time.monotonic() + LEASE_CHECK
 
         while len(replies) < world:
             try:
                 while pending:
                     self.show(*pending.popleft())
                 now = time.monotonic()
+                if now >= next_check and kill_at is None:
+                    next_check = now + LEASE_CHECK
+                    for rank, reason in self._ended_leases(replies).items():
+                        events.put((rank, {"op": "lost", "error": reason, "started": True}))
                 if kill_at is None and stop_at is None:
                     if self.deadline is not None and now > self.deadline:
                         cause, stop_at = "timeout", now
@@ -113,11 +123,28 @@ class RankRunner:
                 continue
             while pending:  # outputs that came before the reply and were not shown yet
                 self.show(*pending.popleft())
+            if rank in replies:  # its connection broke after the broker had already said it was lost
+                continue
             replies[rank] = reply = self._reply(msg, cause)
             if world > 1 and reply.get("status") != "ok" and stop_at is None and kill_at is None:
                 lost = reply.get("status") == "lost"
                 stop_at = time.monotonic() + (0 if lost else config.get_seconds("scaleout.error-grace"))
         return RunOutcome(replies, cause)
+
+    def _ended_leases(self, replies: dict[int, dict]) -> dict[int, str]:
+        """The ranks still running whose lease the broker has ended (their worker was given up), with why."""
+        ended = {}
+        for rank, session in enumerate(self.sessions):
+            if rank in replies:
+                continue
+            try:
+                info = self.conn.scheduler_call("gpu_lease_info", lease=session.id, user=self.conn.user)
+            except Exception as exc:  # noqa: BLE001 - the pool does not answer now: the connections will tell
+                log.debug("could not ask about lease %s: %s", session.id, exc)
+                return {}
+            if info.get("state") == "ended":
+                ended[rank] = info.get("end_reason") or "the pool ended its lease"
+        return ended
 
     @staticmethod
     def _reply(msg: dict, cause: str | None) -> dict:

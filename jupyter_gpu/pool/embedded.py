@@ -231,7 +231,8 @@ async def _serve(path: str, keep: bool, host: str, sec: Security, own: PoolCrede
 
     from jupyter_gpu.pool.scaling import PoolScaler
 
-    broker.scaler = PoolScaler(cluster, broker, max_workers=None if virtual else n_gpus)
+    broker.scaler = PoolScaler(cluster, broker, max_workers=None if virtual else n_gpus, kind="embedded",
+                               manager="jupyter-gpu embedded pool")
     # the pool is ready when every worker has reported its GPUs to the broker
     deadline = time.monotonic() + 120
     while len(broker.gpus) < n_gpus and time.monotonic() < deadline:
@@ -273,6 +274,7 @@ async def _serve(path: str, keep: bool, host: str, sec: Security, own: PoolCrede
                 os.remove(path)
         if own is not None:
             unregister(sched.address)
+        await broker.scaler.close()
         await cluster.close()
 
 

@@ -52,7 +52,54 @@ class _HttpWhenConfigured:
 
 
 class PoolScheduler(_HttpWhenConfigured, Scheduler):
-    """The pool's Dask scheduler: its comm port only (plus Dask's HTTP routes when configured)."""
+    """The pool's Dask scheduler: its comm port only (plus Dask's HTTP routes when configured).
+
+    ``in_process_listener``: also listen on an ``inproc://`` address, which only code in this process can
+    reach, and give it as the scheduler's ``external_address``: what a ``SpecCluster`` that owns this
+    scheduler (``pool/cluster_manager.py``) connects its own comm to. In a pool that checks tokens the gate
+    (``broker/gate.py``) lets that comm use Dask's cluster API (worker status, retiring workers), which it
+    closes to everyone else.
+    """
+
+    def __init__(self, *args: Any, in_process_listener: bool = False, **kwargs: Any):
+        if in_process_listener:
+            protocol = (kwargs.get("protocol") or "tcp").replace("://", "")
+            kwargs.update(host=[kwargs.get("host"), None], port=[kwargs.get("port", 0), None],
+                          protocol=[protocol, "inproc"])
+            kwargs.pop("interface", None)
+        super().__init__(*args, **kwargs)
+        if self.worker_ttl:  # checked four times per ttl, not once: a lost machine is given up within 1.25 ttl
+            from distributed.compatibility import PeriodicCallback
+
+            self.periodic_callbacks["worker-ttl"] = PeriodicCallback(self.check_worker_ttl, self.worker_ttl * 250)
+
+    async def check_worker_ttl(self) -> None:
+        """As Dask's (``distributed.scheduler.worker-ttl``), except that a worker that missed its heartbeats
+        is removed instead of restarted through its nanny.
+
+        Why: a GPU nanny answers nobody but its own worker (``worker/nanny.py``), so Dask's restart fails (and
+        raises in this periodic callback, leaving the worker in place); and the nanny of a machine cut off
+        from the network does not answer either, so the pool would wait ``distributed.comm.timeouts.connect``
+        before giving the worker up. Its sessions are lost either way; removing it at once ends their
+        leases, which kernels then treat as lost (a ``--workers`` run resumes elsewhere)."""
+        from time import time
+
+        from distributed.scheduler import heartbeat_interval
+
+        now = time()
+        ttl = max(self.worker_ttl, 10 * heartbeat_interval(len(self.workers)))
+        for ws in list(self.workers.values()):
+            if now - ws.last_seen > ttl:
+                log.warning("worker %s (%s) sent no heartbeat for %.0f s: giving it up", ws.address, ws.name,
+                            now - ws.last_seen)
+                await self.remove_worker(ws.address, stimulus_id=f"check-worker-ttl-{now}")
+
+    async def start_unsafe(self) -> PoolScheduler:
+        await super().start_unsafe()
+        local = [li.contact_address for li in self.listeners if li.contact_address.startswith("inproc://")]
+        if local:
+            self.external_address = local[0]  # the first listener (tcp/tls) stays the scheduler's address
+        return self
 
 
 class PoolWorker(_HttpWhenConfigured, GpuDaskWorker):

@@ -1,105 +1,409 @@
-"""Growing and shrinking a pool that owns a cluster manager (the embedded pool's SpecCluster).
+"""Growing and shrinking a pool through the cluster manager it owns: the broker's ``scaler``.
 
-Manual scaling sets a worker count. Adaptive scaling keeps the count between a minimum and a maximum,
-driven by the broker rather than by Dask's task load (GPU pools have no tasks): it adds a worker while
-requests wait for capacity and retires a worker that has held no lease for ``idle`` seconds. Scaling down
-always retires workers without leases first, so nobody's session is killed to shrink the pool.
+A pool that owns a Dask cluster manager (the embedded pool's ``SpecCluster``, or ``jupyter-gpu pool up`` with
+``jupyter-gpu.cluster-manager``: dask-jobqueue's ``SLURMCluster`` and the like) grows and shrinks by its
+**jobs**: a job is one entry of the cluster's worker spec (a Slurm job, a local Nanny) and starts
+``per_job`` GPU workers. Counts given by users (``%gpu scale N``, the panel's Scale dialog) are GPU workers.
+
+- **Manual** (``n``): the pool keeps ``n`` workers. Jobs are submitted at once; surplus ones are retired at
+  once when they hold nothing (pending jobs first), the others as soon as they do; a job that ends by
+  itself (Slurm's walltime, a node failure) is replaced.
+- **Adaptive** (``minimum``, ``maximum``): driven by the broker, not by Dask's task load (GPU pools run no
+  tasks): a job is submitted for requests that have waited one interval and that the jobs already on their
+  way do not cover; a job is retired only when nothing waits, once its workers have held no session and no
+  host-memory copy for ``idle`` seconds, and not within ``cooldown`` seconds of the last growth, one job per
+  interval. That hysteresis is what keeps the pauses between interactive cells (a session stays leased while
+  its notebook thinks) from cancelling a job that the next cell would submit again (dask-jobqueue's
+  ``adapt()`` does that, dask/dask-jobqueue#701).
+- **Never** is a worker retired while it holds a session (a live lease) or a session's variables in host
+  memory (an ended lease whose offload is saved or being written there): the broker knows both.
+
+What the cluster manager says about each job (Slurm's ``squeue`` state and reason, through ``states``) is
+polled every ``interval`` and shown in the snapshot (``ClusterView``) and in the queue's reasons
+(:meth:`PoolScaler.waiting_note`: ``waiting for a new worker (job 123 pending)``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import logging
+import math
+import re
 import time
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from jupyter_gpu.broker.model import GpuSlot
+from jupyter_gpu.common.protocol import ClusterView, JobView
 
 log = logging.getLogger(__name__)
 
+ENDED_KEPT = 10  # jobs that ended by themselves, shown in the snapshot
+_GPU_SUFFIX = re.compile(r"^(.*)-gpu\d+$")
+
+
+class JobStates(Protocol):
+    """What a cluster manager says about its jobs (``pool/slurm.py``'s ``SlurmStates``)."""
+
+    kind: str
+
+    async def poll(self, job_ids: list[str]) -> dict[str, tuple[str, str | None]]: ...
+
+    @staticmethod
+    def ended(state: str | None) -> bool: ...
+
+
+@dataclass
+class JobRecord:
+    """What the scaler knows of one job beyond the cluster's spec."""
+
+    name: str
+    since: float = field(default_factory=time.time)          # when it was asked for (epoch)
+    asked: float = field(default_factory=time.monotonic)
+    state: str | None = None                                  # the cluster manager's word (PENDING, RUNNING...)
+    reason: str | None = None
+    seen: bool = False                                        # the cluster manager has reported it
+    workers: set[str] = field(default_factory=set)            # addresses of its workers that joined
+
 
 class PoolScaler:
-    """The broker's ``scaler``: ``await scaler(n=...)`` or ``await scaler(minimum=..., maximum=...)``."""
+    """The broker's ``scaler``: ``await scaler(n=...)`` or ``await scaler(minimum=..., maximum=...)``.
 
-    def __init__(self, cluster: Any, broker: Any, max_workers: int | None, idle: float = 60.0,
-                 interval: float = 2.0):
+    ``cluster``: a started ``SpecCluster`` whose scheduler runs the broker. ``max_workers``: a hardware bound
+    (the embedded pool on real GPUs), None for none. ``states``: the cluster manager's job states (None: it
+    tells none). ``allow_zero``: whether the pool may have no worker (a cluster manager's pool; not the
+    embedded one). ``gpu_bytes``: the size of the GPUs a new job brings, when known before one joins.
+    """
+
+    def __init__(self, cluster: Any, broker: Any, *, max_workers: int | None = None, per_job: int = 1,
+                 states: JobStates | None = None, kind: str = "embedded", manager: str = "",
+                 allow_zero: bool = False, idle: float = 60.0, cooldown: float = 30.0, interval: float = 2.0,
+                 gpu_bytes: int | None = None):
         self.cluster, self.broker = cluster, broker
-        self.max_workers = max_workers  # None: no hardware bound (virtual GPUs)
-        self.idle, self.interval = idle, interval
-        self.bounds: tuple[int, int] | None = None
-        self._task: asyncio.Task | None = None
+        self.max_workers = max_workers
+        self.per_job = max(1, int(per_job))
+        self.states = states
+        self.kind, self.manager = kind, manager
+        self.allow_zero = allow_zero
+        self.idle, self.cooldown, self.interval = idle, cooldown, interval
+        self.gpu_bytes = gpu_bytes
+        self.target: int | None = None              # manual: GPU workers to keep
+        self.bounds: tuple[int, int] | None = None  # adaptive: GPU workers, minimum and maximum
+        self.records: dict[str, JobRecord] = {name: JobRecord(str(name)) for name in cluster.worker_spec}
+        self.ended: collections.deque[JobView] = collections.deque(maxlen=ENDED_KEPT)
         self._idle_since: dict[str, float] = {}
+        self._last_growth = -math.inf
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task | None = None
+        self._worker_job: dict[str, str] = {}       # worker address -> job name (kept after the worker left)
 
+    # ------------------------------------------------------------------ the gpu_scale handler
     async def __call__(self, n: int | None = None, minimum: int | None = None,
                        maximum: int | None = None) -> dict:
         if n is None and (minimum is None or maximum is None):
             return {"error": "give a worker count (n), or adaptive bounds (minimum and maximum)"}
         top = n if n is not None else maximum
         low = n if n is not None else minimum
-        if low < 1 or top < low:
-            return {"error": f"worker counts must satisfy 1 <= minimum <= maximum (got {low}..{top})"}
+        floor = 0 if self.allow_zero else 1
+        if low < floor or top < low:
+            return {"error": f"worker counts must satisfy {floor} <= minimum <= maximum (got {low}..{top})"}
         if self.max_workers is not None and top > self.max_workers:
             return {"error": f"this machine has {self.max_workers} GPU(s); the embedded pool cannot grow past "
                              "that. Add machines with `jupyter-gpu worker ADDRESS`."}
-        if n is not None:
-            self.stop_adaptive()
-            await self.scale_to(n)
-            return {"workers": len(self.cluster.worker_spec), "adaptive": None}
-        self.bounds = (minimum, maximum)
+        self.start()
+        async with self._lock:
+            if n is not None:
+                self.target, self.bounds = n, None
+                left = await self._scale_jobs(self._jobs_for(n), retire_idle_for=0.0)
+                reply: dict = {"workers": n, "adaptive": None}
+            else:
+                self.target, self.bounds = None, (minimum, maximum)
+                want = min(max(self.workers_asked(), minimum), maximum)
+                left = await self._scale_jobs(self._jobs_for(want), retire_idle_for=0.0)
+                reply = {"workers": want, "adaptive": {"minimum": minimum, "maximum": maximum}}
+        reply["jobs"] = len(self.cluster.worker_spec)
+        if left:
+            reply["note"] = (f"{left} job(s) hold a session or a session's variables in host memory: they are "
+                             "retired once they hold none")
+        return reply
+
+    def start(self) -> None:
+        """Run the loop that converges, adapts and reads job states (idempotent)."""
         if self._task is None or self._task.done():
-            self._task = asyncio.ensure_future(self._adapt_forever())
-        await self.scale_to(min(max(len(self.cluster.worker_spec), minimum), maximum))
-        return {"workers": len(self.cluster.worker_spec), "adaptive": {"minimum": minimum, "maximum": maximum}}
+            self._task = asyncio.ensure_future(self._run_forever())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
 
     def stop_adaptive(self) -> None:
         self.bounds = None
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
 
-    def _names_by_address(self) -> dict[str, str]:
-        sched = self.cluster.scheduler
-        return {addr: str(ws.name) for addr, ws in sched.workers.items()}
+    # ------------------------------------------------------------------ what the broker shows
+    def workers_asked(self) -> int:
+        """GPU workers the cluster's jobs (running or on their way) start."""
+        return len(self.cluster.worker_spec) * self.per_job
 
-    def _idle_workers(self) -> list[str]:
-        """Names of workers whose GPUs hold no lease, the longest idle first."""
+    def job_id(self, name: str) -> str | None:
+        job = self.cluster.workers.get(name)
+        value = getattr(job, "job_id", None)
+        return str(value) if value is not None else None
+
+    def _label(self, name: str) -> str:
+        return f"job {self.job_id(name) or name}"
+
+    def pending_jobs(self) -> list[str]:
+        """Jobs asked for whose workers have not joined yet, oldest first."""
+        joined = self._joined()
+        pending = [str(n) for n in self.cluster.worker_spec if not joined.get(str(n))]
+        return sorted(pending, key=lambda n: self.records.get(n, JobRecord(n)).asked)
+
+    def waiting_note(self) -> str | None:
+        """For the reasons of waiting requests: ``waiting for a new worker (job 123 pending)``, with what the
+        cluster manager says about that job; None when no job is on its way."""
+        pending = self.pending_jobs()
+        if not pending:
+            return None
+        ids = [self.job_id(n) or n for n in pending]
+        what = f"job {ids[0]}" if len(ids) == 1 else f"jobs {', '.join(ids)}"
+        note = f"waiting for a new worker ({what} pending)"
+        rec = self.records.get(pending[0])
+        if rec is not None and rec.state and self.states is not None:
+            from jupyter_gpu.pool.slurm import describe
+
+            note += f", {self.states.kind.capitalize()}: {describe(rec.state, rec.reason)}"
+        return note
+
+    def lost_note(self, worker: str) -> str | None:
+        """What the cluster manager adds to "the worker was lost": the job it ran in (and how it ended)."""
+        self._joined()
+        name = self._worker_job.get(worker)
+        if name is None or self.states is None:
+            return None
+        rec = self.records.get(name)
+        note = f"it ran in {self.states.kind.capitalize()} {self._label(name)}"
+        if rec is not None and rec.state and self.states.ended(rec.state):
+            from jupyter_gpu.pool.slurm import describe
+
+            note += f", which ended: {describe(rec.state, rec.reason)}"
+        return note
+
+    def headroom(self) -> list[GpuSlot]:
+        """The GPUs adaptive scaling could still add (for the broker: a request larger than today's pool
+        waits for them instead of being refused)."""
+        if self.bounds is None:
+            return []
+        size = self.gpu_bytes or max((g.total_bytes for g in self.broker.gpus.values()), default=0)
+        if not size:
+            return []
+        joined_jobs = len(self.cluster.worker_spec) - len(self.pending_jobs())
+        count = max(0, self._jobs_for(self.bounds[1]) - joined_jobs) * self.per_job
+        return [GpuSlot(worker=f"future:{i}", index=0, uuid=f"future-{i}", name="a GPU worker scaling can add",
+                        total_bytes=size, virtual=True) for i in range(count)]
+
+    def view(self) -> ClusterView:
+        joined = self._joined()
+        jobs: list[JobView] = []
+        for name in [str(n) for n in self.cluster.worker_spec]:
+            rec = self.records.setdefault(name, JobRecord(name))
+            state = rec.state or ("running" if joined.get(name) else "submitted")
+            jobs.append({"name": name, "job_id": self.job_id(name), "state": state, "reason": rec.reason,
+                         "workers": len(joined.get(name, [])), "since": rec.since, "ended": None})
+        jobs.sort(key=lambda j: (j["workers"] > 0, j["since"]))
+        adaptive = ({"minimum": self.bounds[0], "maximum": self.bounds[1], "idle": self.idle}
+                    if self.bounds else None)
+        return {"kind": self.states.kind if self.states else self.kind, "manager": self.manager,
+                "gpus_per_job": self.per_job, "target": self.target, "adaptive": adaptive, "jobs": jobs,
+                "ended": list(self.ended)}
+
+    # ------------------------------------------------------------------ jobs and their workers
+    def _jobs_for(self, workers: int) -> int:
+        return math.ceil(workers / self.per_job)
+
+    def _job_of(self, worker_name: str) -> str | None:
+        spec = {str(n) for n in self.cluster.worker_spec}
+        if worker_name in spec:
+            return worker_name
+        m = _GPU_SUFFIX.match(worker_name)
+        return m.group(1) if m and m.group(1) in spec else None
+
+    def _joined(self) -> dict[str, list[str]]:
+        """Job name -> addresses of its workers connected to the scheduler now."""
+        joined: dict[str, list[str]] = {}
+        for addr, ws in self.broker.scheduler.workers.items():
+            job = self._job_of(str(ws.name))
+            if job is not None:
+                joined.setdefault(job, []).append(addr)
+                self._worker_job[addr] = job
+                self.records.setdefault(job, JobRecord(job)).workers.add(addr)
+        return joined
+
+    def _busy_workers(self) -> set[str]:
+        """Workers holding a session (a live lease, starting ones included) or a session's variables in host
+        memory (saved there, or being written there): never retired."""
         busy = {ls.worker for ls in self.broker.leases.values()}
-        names = self._names_by_address()
-        now = time.monotonic()
-        for addr in names:
-            if addr in busy:
-                self._idle_since.pop(addr, None)
-            else:
-                self._idle_since.setdefault(addr, now)
-        idle = sorted((since, addr) for addr, since in self._idle_since.items() if addr in names)
-        return [names[addr] for _, addr in idle]
+        for ls in self.broker.ended.values():
+            offload = ls.offload or {}
+            if offload.get("state") == "saved":
+                busy.add(offload.get("worker") or ls.worker)
+            elif offload.get("state") == "pending":
+                busy.add(ls.worker)
+        return busy
 
-    async def scale_to(self, target: int) -> None:
+    def _retirable(self, idle_for: float) -> list[str]:
+        """Jobs that may go now, in the order to retire them: jobs whose workers have not joined (the newest
+        first), then jobs whose workers held nothing for ``idle_for`` seconds (the longest idle first)."""
+        joined = self._joined()
+        busy = self._busy_workers()
+        now = time.monotonic()
+        pending, idle = [], []
+        for name in [str(n) for n in self.cluster.worker_spec]:
+            addrs = joined.get(name, [])
+            rec = self.records.setdefault(name, JobRecord(name))
+            if set(addrs) & busy:
+                self._idle_since.pop(name, None)
+                continue
+            since = self._idle_since.setdefault(name, now if addrs else rec.asked)
+            if now - since < idle_for:
+                continue
+            if addrs:
+                idle.append((since, name))
+            else:
+                pending.append((rec.asked, name))
+        return [n for _, n in sorted(pending, reverse=True)] + [n for _, n in sorted(idle)]
+
+    async def _scale_jobs(self, target: int, retire_idle_for: float) -> int:
+        """Submit or retire jobs towards ``target``; returns how many surplus jobs could not go now."""
         current = len(self.cluster.worker_spec)
         if target > current:
-            self.cluster.scale(target)
-            await self.cluster
-        elif target < current:
-            idle = [w for w in self._idle_workers() if w in self.cluster.worker_spec]
-            retire = idle[: current - target]
-            if len(retire) < current - target:
-                log.info("scale to %d: only %d idle worker(s) can be retired now", target, len(retire))
+            for _ in range(target - current):
+                spec = self.cluster.new_worker_spec()
+                self.cluster.worker_spec.update(spec)
+                for name in spec:
+                    self.records[str(name)] = JobRecord(str(name))
+            self._last_growth = time.monotonic()
+            await self.cluster  # submits them (sbatch) or starts them; it does not wait for them to join
+            log.info("asked the cluster manager for %d more job(s): %d in all", target - current, target)
+            self._audit(target)
+            return 0
+        if target < current:
+            retire = self._retirable(retire_idle_for)[: current - target]
             if retire:
                 await self.cluster.scale_down(retire)
-        self.broker.scheduler.log_event("jupyter-gpu-audit", {"action": "scaled", "workers": target})
+                for name in retire:
+                    self._idle_since.pop(name, None)
+                log.info("retired %s (they held no session and no host-memory copy): %d job(s) left",
+                         ", ".join(self._label(n) for n in retire), len(self.cluster.worker_spec))
+                self._audit(len(self.cluster.worker_spec))
+            return current - target - len(retire)
+        return 0
 
-    async def _adapt_forever(self) -> None:
-        while self.bounds is not None:
+    def _audit(self, jobs: int) -> None:
+        self.broker.scheduler.log_event("jupyter-gpu-audit", {"action": "scaled", "jobs": jobs,
+                                                               "workers": jobs * self.per_job})
+
+    # ------------------------------------------------------------------ the loop
+    async def _run_forever(self) -> None:
+        while True:
+            try:
+                async with self._lock:
+                    await self._tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - one bad pass (a failed sbatch) must not end scaling
+                log.exception("a scaling pass failed; trying again in %g s", self.interval)
             await asyncio.sleep(self.interval)
-            low, high = self.bounds
-            current = len(self.cluster.worker_spec)
-            waiting = [r for r in self.broker.queue if r.state == "queued"]
-            if waiting and current < high:
-                await self.scale_to(current + 1)
-                continue
-            now = time.monotonic()
-            long_idle = [w for w in self._idle_workers()
-                         if now - self._idle_since.get(self._address(w), now) > self.idle]
-            if not waiting and long_idle and current > low:
-                await self.scale_to(current - 1)
 
-    def _address(self, name: str) -> str:
-        return next((addr for addr, n in self._names_by_address().items() if n == name), "")
+    async def _tick(self) -> None:
+        await self._read_states()
+        if self.target is not None:
+            await self._scale_jobs(self._jobs_for(self.target), retire_idle_for=0.0)
+        elif self.bounds is not None:
+            await self._adapt()
+
+    async def _adapt(self) -> None:
+        low, high = (self._jobs_for(b) for b in self.bounds)  # type: ignore[misc]
+        jobs = len(self.cluster.worker_spec)
+        if jobs < low or jobs > high:
+            await self._scale_jobs(min(max(jobs, low), high), retire_idle_for=0.0)
+            return
+        need = self._gpus_needed()
+        on_their_way = len(self.pending_jobs()) * self.per_job
+        if need > on_their_way and jobs < high:
+            await self._scale_jobs(min(high, jobs + math.ceil((need - on_their_way) / self.per_job)), 0.0)
+            return
+        self._retirable(self.idle)  # keeps the idle clocks of every job current
+        if need == 0 and jobs > low and time.monotonic() - self._last_growth >= self.cooldown:
+            await self._scale_jobs(jobs - 1, retire_idle_for=self.idle)
+
+    def _gpus_needed(self) -> int:
+        """GPUs the requests that have waited one interval want (whole GPUs and ranks count one each; shares
+        add up), leaving out requests that wait for their quota, which new GPUs do not change."""
+        now, total = time.time(), 0.0
+        size = self.gpu_bytes or max((g.total_bytes for g in self.broker.gpus.values()), default=0)
+        for req in self.broker.queue:
+            if req.state != "queued" or now - req.submitted < self.interval or "quota" in (req.reason or ""):
+                continue
+            spec = req.spec
+            if spec.workers > 1 or spec.gpus is not None:
+                total += spec.workers * (spec.gpus or 1)
+            elif spec.fraction is not None:
+                total += spec.fraction
+            else:
+                total += min(1.0, spec.memory / size) if size else 1.0
+        return math.ceil(total - 1e-9)
+
+    async def _read_states(self) -> None:
+        """Read the cluster manager's job states; a job it says ended (or forgot) leaves the spec."""
+        if self.states is None:
+            return
+        ids = {str(n): self.job_id(str(n)) for n in self.cluster.worker_spec}
+        ids = {n: j for n, j in ids.items() if j}
+        if not ids:
+            return
+        try:
+            states = await self.states.poll(list(ids.values()))
+        except Exception as exc:  # noqa: BLE001 - keep what we knew; say so once in a while
+            log.warning("could not read the job states: %s", exc)
+            return
+        ended = []
+        for name, job_id in ids.items():
+            rec = self.records.setdefault(name, JobRecord(name))
+            if job_id in states:
+                rec.state, rec.reason = states[job_id]
+                rec.seen = True
+                if self.states.ended(rec.state):
+                    ended.append(name)
+            elif rec.seen:  # gone from the cluster manager's memory: it ended a while ago
+                if not self.states.ended(rec.state):
+                    rec.state = "ENDED"
+                ended.append(name)
+        for name in ended:
+            await self._job_ended(name)
+
+    async def _job_ended(self, name: str) -> None:
+        """A job ended by itself (walltime, node failure, cancelled outside the pool): forget it, keep it in
+        ``ended`` for the panel, and add how it ended to the end reasons of the sessions it held."""
+        from jupyter_gpu.pool.slurm import describe
+
+        rec = self.records.pop(name, JobRecord(name))
+        job_id = self.job_id(name)
+        how = describe(rec.state or "ENDED", rec.reason)
+        log.warning("%s (%s) ended: %s; its workers and their sessions are lost", self._label(name), name, how)
+        self.ended.appendleft({"name": name, "job_id": job_id, "state": rec.state or "ENDED", "reason": rec.reason,
+                               "workers": 0, "since": rec.since, "ended": time.time()})
+        self._idle_since.pop(name, None)
+        self.broker.scheduler.log_event("jupyter-gpu-audit", {"action": "job ended", "job": job_id, "name": name,
+                                                               "state": rec.state, "reason": rec.reason})
+        for lease in self.broker.ended.values():
+            if lease.worker in rec.workers and lease.end_reason and "ended:" not in lease.end_reason:
+                lease.end_reason = f"{lease.end_reason} ({self._label(name)} ended: {how})"
+        with contextlib.suppress(Exception):
+            await self.cluster.scale_down([name])  # its scancel finds nothing to cancel
+        self.cluster.worker_spec.pop(name, None)
+        self.cluster.workers.pop(name, None)

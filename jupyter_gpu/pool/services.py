@@ -25,6 +25,8 @@ from jupyter_gpu.worker.nanny import GpuNanny
 if TYPE_CHECKING:
     from distributed.security import Security
 
+    from jupyter_gpu.pool.cluster_manager import ManagerSettings
+
 log = logging.getLogger(__name__)
 
 
@@ -43,13 +45,18 @@ async def run_scheduler(host: str, port: int, security: Security | None = None) 
     TLS is configured the scheduler listens on ``tls://`` and accepts only peers with the pool's certificates.
     """
     from jupyter_gpu.broker.settings import load_settings
+    from jupyter_gpu.pool import cluster_manager
 
     load_settings()  # the quota file, token file and audit store, checked before anything listens
+    manager = cluster_manager.load_settings()  # and the cluster manager, if the pool owns one
     quiet_reachability_probes()
     sec = security or pool_security(roles=("scheduler",))
     protocol = listen_scheme("scheduler", sec)
     if protocol == "tls":
         require_certificate(sec, "scheduler", "The pool's scheduler is to listen on TLS")
+    if manager is not None:
+        await run_managed_scheduler(manager, host, port, protocol, sec)
+        return
     async with PoolScheduler(host=host, port=port, protocol=protocol, security=sec, dashboard=False,
                              preload=["jupyter_gpu.broker.plugin"]) as scheduler:
         print(f"jupyter-gpu pool scheduler at {scheduler.address}", flush=True)
@@ -59,14 +66,63 @@ async def run_scheduler(host: str, port: int, security: Security | None = None) 
         await _until_signalled()
 
 
+async def run_managed_scheduler(settings: ManagerSettings, host: str, port: int, protocol: str,
+                                security: Security) -> None:
+    """The pool's scheduler inside the cluster manager that owns it (``jupyter-gpu.cluster-manager``): the
+    broker's ``scaler`` submits and cancels its jobs. Every job is cancelled when this returns."""
+    from jupyter_gpu.broker.plugin import PLUGIN_NAME
+    from jupyter_gpu.pool import cluster_manager
+    from jupyter_gpu.pool.scaling import PoolScaler
+    from jupyter_gpu.pool.slurm import SlurmStates
+
+    cluster = cluster_manager.build(settings, host, port, protocol, security)
+    await cluster
+    scaler = None
+    try:
+        broker = cluster.scheduler.plugins[PLUGIN_NAME]
+        slurm = "SLURM" in type(cluster).__name__.upper()
+        scaler = PoolScaler(cluster, broker, per_job=settings.gpus_per_job, states=SlurmStates() if slurm else None,
+                            kind="slurm" if slurm else "dask", manager=settings.cls, allow_zero=True,
+                            idle=settings.idle, cooldown=settings.cooldown, interval=settings.interval,
+                            gpu_bytes=cluster_manager.gpu_bytes(settings))
+        broker.scaler = scaler
+        address = cluster.scheduler.address
+        print(f"jupyter-gpu pool scheduler at {address}", flush=True)
+        print(f"  {describe(security, 'scheduler')}", flush=True)
+        print(f"  GPU workers from {settings.cls} ({settings.gpus_per_job} per job): scale with %gpu scale N or "
+              "the panel's Scale button", flush=True)
+        print(f"  use it from notebooks:   %gpu connect {address}", flush=True)
+        scaler.start()
+        if settings.adaptive is not None:
+            await scaler(minimum=settings.adaptive[0], maximum=settings.adaptive[1])
+        elif settings.workers:
+            await scaler(n=settings.workers)
+        await _until_signalled()
+    finally:
+        if scaler is not None:
+            await scaler.close()
+        await cluster.close()  # cancels every job (scancel), then stops the scheduler
+
+
+def worker_names(gpus: list, name: str | None) -> list[str]:
+    """The Dask names of a machine's GPU workers: ``name`` for a job with one GPU, ``name-gpuN`` for each of
+    several (what a cluster manager's job spec expects, ``pool/cluster_manager.py``); without a name, the
+    GPU's name and the end of its UUID."""
+    if name is None:
+        return [f"{gpu.name}-{gpu.uuid[-8:]}" for gpu in gpus]
+    return [name] if len(gpus) == 1 else [f"{name}-gpu{gpu.index}" for gpu in gpus]
+
+
 async def run_workers(address: str, host: str | None, virtual: str | None,
-                      security: Security | None = None) -> int:
+                      security: Security | None = None, name: str | None = None,
+                      death_timeout: float | None = None, local_directory: str | None = None) -> int:
     """One Nanny-managed worker per GPU of this machine; runs until SIGTERM/SIGINT.
 
     ``security``: TLS of the ``worker`` role (default: Dask config). The workers listen with the scheme of
     ``address`` and hand their TLS settings on to their session processes (see the worker plugin).
     ``host``: where the nannies, workers and sessions listen; None: the address that reaches the scheduler
-    (``worker_host``), not every interface.
+    (``worker_host``), not every interface. ``name``, ``death_timeout``, ``local_directory``: as dask-worker's
+    (a cluster manager's job passes them).
     """
     from distributed.core import Status
 
@@ -75,9 +131,12 @@ async def run_workers(address: str, host: str | None, virtual: str | None,
     gpus = discover(virtual)
     host = host or worker_host(address)
     env = {VIRTUAL_ENV: virtual} if virtual else {}
-    nannies = [GpuNanny(address, nthreads=1, host=host, name=f"{gpu.name}-{gpu.uuid[-8:]}",
+    extra = {k: v for k, v in (("death_timeout", death_timeout), ("local_directory", local_directory))
+             if v is not None}
+    nannies = [GpuNanny(address, nthreads=1, host=host, name=worker_name,
                      env={**env, DEVICES_ENV: str(gpu.index)}, dashboard=False, security=sec,
-                     worker_class=PoolWorker, preload=["jupyter_gpu.worker.plugin"]) for gpu in gpus]
+                     worker_class=PoolWorker, preload=["jupyter_gpu.worker.plugin"], **extra)
+               for gpu, worker_name in zip(gpus, worker_names(gpus, name))]
     await asyncio.gather(*(n.start() for n in nannies))
     print(f"jupyter-gpu: {len(nannies)} GPU worker(s) joined {address}: "
           + ", ".join(g.name for g in gpus) + f"; listening on {host}", flush=True)

@@ -23,6 +23,42 @@ from jupyter_gpu.session.worker_link import WorkerLink
 log = logging.getLogger(__name__)
 
 
+def route_interface(peer: str) -> str | None:
+    """The name of the network interface this machine uses to reach ``peer`` (an IP address), or None.
+
+    Why: gloo binds to the address its host name resolves to, and on a machine whose name resolves to a
+    loopback address (Debian's ``127.0.1.1``) or to nothing, it falls back to ``127.0.0.1``, which the
+    other machines' ranks cannot reach: a run with ranks on two hosts then never starts. The interface that
+    routes to rank 0 is the one every rank of the run can use (on one machine, that is loopback).
+    """
+    import socket
+
+    import psutil
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in peer else socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.connect((peer, 9))  # UDP: nothing is sent, the kernel only picks the route
+            local = sock.getsockname()[0]
+    except OSError:
+        return None
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.address.split("%")[0] == local for a in addresses):
+            return name
+    return None
+
+
+def _pin_interface(backend: str, master_addr: str) -> None:
+    """Point gloo (or NCCL's socket bootstrap) at the interface that reaches rank 0, unless the admin chose one
+    (``GLOO_SOCKET_IFNAME`` / ``NCCL_SOCKET_IFNAME`` in the workers' environment)."""
+    variable = "GLOO_SOCKET_IFNAME" if backend == "gloo" else "NCCL_SOCKET_IFNAME"
+    if os.environ.get(variable):
+        return
+    name = route_interface(master_addr)
+    if name is not None:
+        os.environ[variable] = name
+        log.info("%s=%s (the interface that reaches rank 0 at %s)", variable, name, master_addr)
+
+
 class DistributedRun:
     """Sets up and tears down one rank; see the module docstring."""
 
@@ -47,6 +83,7 @@ class DistributedRun:
                            "JUPYTER_GPU_CHECKPOINT_DIR": d.get("checkpoint_dir") or ""})
         if backend == "nccl":
             torch.cuda.set_device(0)
+        _pin_interface(backend, d["master_addr"])
         timeout = float(d.get("startup_timeout", 60))
         started = time.monotonic()
         try:

@@ -1,0 +1,23 @@
+"""Fixtures of the Slurm tests: a real one-node Slurm (``slurm.py``), installed when missing; stopped at the end
+with every job cancelled."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from slurm import LocalSlurm, sweep_stale, unavailable  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    sweep_stale()
+    why = unavailable()
+    if why:
+        pytest.skip(why)
+    with LocalSlurm(cpus=2) as cluster:  # two jobs of one core run; a third waits (Resources)
+        yield cluster
