@@ -12,6 +12,7 @@ import * as React from 'react';
 import { cancelWork, startPool } from './api';
 import { SnapshotFeed } from './client';
 import { GpuList } from './components/GpuList';
+import { JobList } from './components/JobList';
 import { MySessions } from './components/MySessions';
 import { PanelHeader } from './components/PanelHeader';
 import { Connecting, NoPool, Unreachable } from './components/PoolStates';
@@ -90,7 +91,8 @@ function PoolSections(props: {
           <code>JUPYTER_GPU_TOKEN</code> (or <code>c.GpuPanelConfig.token</code>) before starting JupyterLab.
         </div>
       ) : null}
-      <GpuList gpus={vm.gpus} />
+      <GpuList gpus={vm.gpus} groups={vm.hostGroups} />
+      <JobList cluster={vm.cluster} />
       <MySessions
         sessions={vm.sessions}
         inHostMemory={vm.inHostMemory}

@@ -136,6 +136,47 @@ export interface IParked {
   reason?: string | null;
 }
 
+/** protocol.HostView: one machine of the pool, with its workers' GPUs (the snapshot lists GPUs by host). */
+export interface IHost {
+  host: string;
+  workers?: number;
+  /** GPU ids, in the snapshot's order. */
+  gpus?: string[];
+  total_bytes?: number;
+  leased_bytes?: number;
+}
+
+/** protocol.JobView: a job of the pool's cluster manager (a Slurm job...), with the manager's own words. */
+export interface IJob {
+  name: string;
+  /** The cluster manager's id (a Slurm job id); null where it has none. */
+  job_id?: string | null;
+  /** The cluster manager's state (Slurm: PENDING, RUNNING, TIMEOUT...), or submitted / running. */
+  state?: string;
+  /** Its reason for that state (Slurm: Resources, Priority, TimeLimit). */
+  reason?: string | null;
+  /** Its GPU workers that joined the pool. */
+  workers?: number;
+  since?: number | null;
+  ended?: number | null;
+}
+
+/** protocol.ClusterView: the cluster manager behind the Scale button. */
+export interface ICluster {
+  /** ``slurm``, ``dask`` (any Dask cluster class) or ``embedded``. */
+  kind?: string;
+  /** Its class, e.g. dask_jobqueue.SLURMCluster. */
+  manager?: string;
+  gpus_per_job?: number;
+  /** GPU workers asked for by a fixed scale; null when adaptive or never scaled. */
+  target?: number | null;
+  adaptive?: { minimum: number; maximum: number; idle?: number } | null;
+  /** Asked for and not ended: pending ones first. */
+  jobs?: IJob[];
+  /** The latest that ended on their own (walltime, failure), newest first. */
+  ended?: IJob[];
+}
+
 /** protocol.PoolInfo, plus ``can_scale`` from the server extension. */
 export interface IPoolInfo {
   address?: string | null;
@@ -153,6 +194,8 @@ export interface IPoolInfo {
   shared?: boolean;
   /** Every session runs as its user's account (docs/security.md). */
   users_isolated?: boolean;
+  /** The cluster manager behind the Scale button and its jobs; null: the pool has none. */
+  cluster?: ICluster | null;
 }
 
 /** A team as broker/views.py's ``quota_view`` lists it (GPUs; fractions allowed). */
@@ -249,6 +292,8 @@ export type ISnapshot =
       /** Sessions taken off their GPU whose variables wait in host memory for the owner's next cell. */
       in_host_memory?: IParked[];
       quotas?: IQuotas;
+      /** The machines, in the order their GPUs are listed (older brokers send none). */
+      hosts?: IHost[];
       /** Whether this Jupyter server has a pool token to send with cancels (never the token itself). */
       token_set?: boolean;
     };

@@ -137,3 +137,32 @@ export function poolShares(gpus: IGpuView[]): IPoolShares {
   }
   return { myShare: round3(myShare), poolLeased: round3(poolLeased), poolTotal };
 }
+
+/** The GPUs of one machine, for the GPU list's groups. */
+export interface IHostGroup {
+  host: string;
+  gpus: IGpuView[];
+  totalBytes: number;
+  leasedBytes: number;
+}
+
+/**
+ * The GPUs grouped by machine, in the snapshot's order (the broker lists them by host, then worker, then
+ * index); one group per host. The list draws groups only when the pool spans several hosts.
+ */
+export function hostGroups(gpus: IGpuView[]): IHostGroup[] {
+  const groups: IHostGroup[] = [];
+  const byHost = new Map<string, IHostGroup>();
+  for (const gpu of gpus) {
+    let group = byHost.get(gpu.host);
+    if (!group) {
+      group = { host: gpu.host, gpus: [], totalBytes: 0, leasedBytes: 0 };
+      byHost.set(gpu.host, group);
+      groups.push(group);
+    }
+    group.gpus.push(gpu);
+    group.totalBytes += gpu.totalBytes;
+    group.leasedBytes += gpu.leasedBytes;
+  }
+  return groups;
+}

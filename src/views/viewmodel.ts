@@ -7,7 +7,8 @@
  */
 import { validFraction } from '../validate';
 import { ISnapshot } from '../wire';
-import { IGpuView, gpuView, poolShares } from './gpus';
+import { IGpuView, IHostGroup, gpuView, hostGroups, poolShares } from './gpus';
+import { IClusterView, clusterView } from './jobs';
 import { IParkedView, myParked } from './parked';
 import { IQueueView, queueViews } from './queue';
 import { IQuotaView, quotaView } from './quotas';
@@ -25,6 +26,10 @@ export interface IViewModel {
   workers: number;
   defaultFraction: number | null;
   gpus: IGpuView[];
+  /** The GPUs by machine (one group per host, in the broker's order); drawn as groups when there are several. */
+  hostGroups: IHostGroup[];
+  /** The cluster manager behind the Scale button and its jobs on their way or ended; null: none to show. */
+  cluster: IClusterView | null;
   queue: IQueueView[];
   sessions: ISessionView[];
   /** My sessions whose variables wait in host memory; my next ``%%gpu`` cell there brings them back. */
@@ -55,6 +60,8 @@ const EMPTY: Omit<IViewModel, 'state' | 'me'> = {
   defaultFraction: null,
   gpus: [],
   queue: [],
+  hostGroups: [],
+  cluster: null,
   sessions: [],
   inHostMemory: [],
   runs: [],
@@ -106,6 +113,8 @@ export function buildViewModel(snapshot: ISnapshot | null, nowSeconds: number, m
     defaultFraction: validFraction(pool.default_fraction),
     gpus,
     queue,
+    hostGroups: hostGroups(gpus),
+    cluster: clusterView(pool.cluster, now),
     sessions: mySessions(snapshot.gpus ?? [], me, now),
     inHostMemory: myParked(snapshot.in_host_memory ?? [], me, now),
     runs: (snapshot.runs ?? []).map(r => runView(r, me)),
