@@ -120,7 +120,8 @@ class Pool:
             log(f"the pool's log is kept at {self.dir}/pool.log")
 
     def wait_spares(self, timeout: float = 120.0) -> float:
-        """Wait until every worker holds a pre-warmed spare session process; return the seconds waited."""
+        """Wait until every worker can start a session warm (its zygote has imported torch, or its spare
+        session process is up); return the seconds waited."""
         from distributed import Client
 
         from jupyter_gpu.common.security import client_security
@@ -128,7 +129,8 @@ class Pool:
         t0 = time.perf_counter()
         with Client(self.address, set_as_default=False, timeout=30, security=client_security(self.address)) as client:
             while True:
-                ready = client.run(_spare_ready)
+                ready = {w: client.sync(client.rpc(w).gpu_session_starter)["ready"]
+                         for w in client.scheduler_info()["workers"]}
                 if ready and all(ready.values()):
                     return time.perf_counter() - t0
                 if time.perf_counter() - t0 > timeout:
@@ -150,12 +152,6 @@ class Pool:
                 if time.perf_counter() - t0 > timeout:
                     raise TimeoutError("leases still held after the kernels went away")
                 time.sleep(0.1)
-
-
-def _spare_ready(dask_worker: Any) -> bool:
-    plugin = dask_worker.plugins.get("jupyter-gpu-worker")
-    spare = getattr(plugin, "spare", None)
-    return spare is not None and spare.proc.poll() is None
 
 
 def _by_value() -> None:

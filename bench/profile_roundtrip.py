@@ -7,9 +7,10 @@ Each variant switches off one piece of per-cell work at run time (monkeypatched 
 so their differences from the baseline are the cost of that piece on this machine:
 
   baseline           as shipped
-  no tell_scheduler  the session's two per-cell notes to the broker (state running/idle) are skipped
-                     (jupyter_gpu/session/scheduler_link.py, SchedulerLink.tell_lease_state, called by the
-                     executor around every cell)
+  no lease notes     the session's per-cell notes to the broker through its worker are skipped: "idle" after
+                     every cell, and "running" for a cell still running after 50 ms
+                     (jupyter_gpu/session/worker_link.py, WorkerLink.tell_lease_state and tell_later, called
+                     by the executor around every cell)
   no fd sync         the per-cell FdCapture.sync() (marker through both fd pipes) is skipped
                      (jupyter_gpu/session/output.py, FdCapture.sync, called in Executor._execute)
   cached parser      the kernel-side argparse parser is built once instead of per cell
@@ -44,8 +45,8 @@ from _common import (
 
 FIND = ("import gc as _gc\n"
         "_S = [o for o in _gc.get_objects() if type(o).__name__ == 'Executor' and hasattr(o, 'link')][0]\n")
-SET_TELL = {True: "_S.link.__dict__.pop('tell_lease_state', None)",
-            False: "_S.link.tell_lease_state = lambda **kw: None"}
+SET_TELL = {True: "_S.link.__dict__.pop('tell_lease_state', None); _S.link.__dict__.pop('tell_later', None)",
+            False: "_S.link.tell_lease_state = lambda **kw: None; _S.link.tell_later = lambda *a, **kw: None"}
 SET_SYNC = {True: "_S.capture.__dict__.pop('sync', None)", False: "_S.capture.sync = lambda *a, **k: None"}
 
 
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
         variants = {
             "baseline": (True, True, True),
-            "no tell_scheduler": (False, True, True),
+            "no lease notes": (False, True, True),
             "no fd sync": (True, False, True),
             "cached parser": (True, True, False),
             "all three": (False, False, False),

@@ -10,7 +10,8 @@ import time
 
 from jupyter_gpu.headless.kernel import CellResult, GpuKernel, KernelCellError, strip_ansi
 
-__all__ = ["CellResult", "GpuKernel", "Kernel", "KernelCellError", "leases", "snapshot", "strip_ansi", "wait_until"]
+__all__ = ["CellResult", "GpuKernel", "Kernel", "KernelCellError", "leases", "session_starters", "snapshot",
+           "strip_ansi", "wait_until"]
 
 
 def Kernel(pool: str | None, user: str | None = None, load: bool = True, env: dict | None = None) -> GpuKernel:
@@ -33,6 +34,27 @@ def snapshot(pool: str) -> dict:
             return await r.gpu_snapshot()
         finally:
             await r.close_rpc()
+
+    return asyncio.run(go())
+
+
+def session_starters(pool: str) -> dict[str, dict]:
+    """Each worker's ``gpu_session_starter``: how it starts sessions (its zygote's pid) and whether it is warm."""
+    import asyncio
+
+    from jupyter_gpu.common.security import client_security, pool_rpc
+
+    workers = sorted({g["worker"] for g in snapshot(pool)["gpus"]})
+
+    async def go() -> dict[str, dict]:
+        out = {}
+        for address in workers:
+            r = pool_rpc(address, security=client_security(pool))
+            try:
+                out[address] = await r.gpu_session_starter()
+            finally:
+                await r.close_rpc()
+        return out
 
     return asyncio.run(go())
 

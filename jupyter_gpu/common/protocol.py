@@ -406,7 +406,8 @@ class CellPayload(TypedDict, total=False):
     """The ``execute`` call of a session (its keyword arguments): one cell to run."""
 
     code: str
-    inputs: dict                     # name -> Serialized (Dask frames; modules as ModuleRef)
+    inputs: dict                     # name -> Serialized (Dask frames; modules as ModuleRef) or, on the same
+                                     # machine and account, a pipe marker (common/local_transfer.py)
     outputs: list[str]               # names to send back (plain data comes back, the rest stays remote)
     exact_outputs: bool              # --out given: bring back exactly these, whatever they are
     cell_name: str                   # "<%%gpu cell In[n]>": the file name of the cell's code
@@ -415,6 +416,7 @@ class CellPayload(TypedDict, total=False):
     cwd: str | None                  # the kernel's working directory
     dist: dict | None                # --workers: rank, world_size, master_addr/port, run, attempt, ...
     checkpoint_dir: str | None       # where jupyter_gpu.checkpoint() writes for this cell
+    local: bool                      # send large outputs back through pipes (the probe passed)
 
 
 class StreamMsg(TypedDict):
@@ -537,6 +539,8 @@ WORKER_HANDLERS: Final[dict[str, Op]] = {
                             "hand an offloaded namespace to the worker where its owner's next session starts"),
     "gpu_offload_discard": Op("broker", "path", "{ok}", "forget an offloaded namespace nobody will restore"),
     "gpu_inventory": Op("anyone", "-", "[GpuInfoMsg]", "the GPUs this worker owns"),
+    "gpu_session_starter": Op("anyone", "-", "{kind: fork | spare, ready, worker_pid, pid?, sessions?}",
+                              "how this worker starts sessions (its zygote, or a spare) and whether one is warm"),
 }
 
 SESSION_HANDLERS: Final[dict[str, Op]] = {
@@ -545,8 +549,9 @@ SESSION_HANDLERS: Final[dict[str, Op]] = {
     "execute": Op("kernel", "CellPayload (streams OutputMsg batches)", "ExecuteReply",
                   "run one cell in the session's namespace, streaming its output"),
     "interrupt": Op("kernel", "-", "{interrupted: bool}", "SIGINT to the running cell"),
-    "pull": Op("kernel", "name", "{data} | {error}", "a copy of one variable (moved to CPU)"),
-    "ping": Op("kernel", "-", "{pid, busy, lease}", "is the session alive, and busy"),
+    "pull": Op("kernel", "name, local?", "{data} | {error}", "a copy of one variable (moved to CPU)"),
+    "ping": Op("kernel", "probe?: pipe marker", "{pid, busy, lease, probe_ok?, probe?}",
+               "is the session alive, and busy; with a probe, can the two read each other's pipes"),
     "free_port": Op("kernel", "-", "{host, port}", "a free port on this host for a --workers rendezvous"),
     "offload": Op("worker", "path", "{path, saved, lost, bytes}",
                   "write the variables to host memory; the session runs no more cells"),

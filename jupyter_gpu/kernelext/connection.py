@@ -20,7 +20,7 @@ from distributed import Client
 from distributed.comm import CommClosedError, connect
 from distributed.core import rpc
 
-from jupyter_gpu.common import config
+from jupyter_gpu.common import config, local_transfer
 from jupyter_gpu.common.protocol import SCHEDULER_ENV, TOKEN_ENV
 from jupyter_gpu.common.security import check_address, client_security, connection_args
 from jupyter_gpu.common.units import format_bytes
@@ -54,6 +54,7 @@ class RemoteSession:
     comm: Any = None
     fresh: bool = False
     restored: dict | None = None  # what came back from an offloaded session, when it continues one
+    local: bool | None = None     # can it and this kernel read each other's pipes (None: not asked yet)
 
     @property
     def id(self) -> str:
@@ -254,8 +255,43 @@ class PoolConnection:
             time.sleep(0.1)
 
     # ------------------------------------------------------------------ running a cell
+    def local_transfer(self, session: RemoteSession) -> bool:
+        """Whether this kernel and ``session`` pass large values through pipes (``common/local_transfer.py``):
+        asked once per session, by each side reading a small probe of the other's (same machine, same account,
+        ``/proc`` readable), so a setting that would fail mid-cell is found before it matters."""
+        if session.local is None:
+            session.local = False
+            if config.get("local-transfer", True) and local_transfer.available():
+                sending = local_transfer.Sending()
+                try:
+                    reply = self.session_call(session, "ping", probe=local_transfer.probe(sending))
+                    session.local = bool(reply.get("probe_ok")) and local_transfer.check_probe(reply.get("probe"))
+                except Exception as exc:  # noqa: BLE001 - the comm always works
+                    log.debug("same-host transfer probe of %s failed: %s", session.address, exc)
+                finally:
+                    sending.close()
+        return session.local
+
+    def session_call(self, session: RemoteSession, op: str, timeout: float | None = 10, **kwargs: Any) -> dict:
+        """One call to the session (with its secret), waited for on the client loop."""
+
+        async def go() -> dict:
+            r = rpc(session.address, deserializers=None, deserialize=False, connection_args=self.connection_args)
+            try:
+                return await asyncio.wait_for(getattr(r, op)(secret=session.secret, **kwargs), timeout)
+            finally:
+                await r.close_rpc()
+
+        return self.call(go, timeout=None if timeout is None else timeout + 5)
+
     def start_execute(self, session: RemoteSession, payload: dict, sink: Callable[[Any], None]) -> Any:
-        """Start the cell on the client loop; every message (and finally the done reply) goes to ``sink``."""
+        """Start the cell on the client loop; every message (and finally the done reply) goes to ``sink``.
+        Large inputs go through pipes when the session can read them; this returns once the session has read
+        them (or the cell ended), so the kernel's objects may change again (``--async`` cells)."""
+        sending = local_transfer.Sending()
+        if self.local_transfer(session):
+            payload = {**payload, "local": True, "inputs": {
+                name: local_transfer.pack(v, sending) for name, v in (payload.get("inputs") or {}).items()}}
 
         async def run() -> None:
             started = False
@@ -266,7 +302,14 @@ class PoolConnection:
                         raise CommClosedError("not connected")
                     await comm.write({"op": "execute", "reply": True, "secret": session.secret, **payload})
                 except (CommClosedError, OSError):
-                    # a fresh connection; failing that, the session is gone and the cell never started
+                    # a fresh connection; failing that, the session is gone and the cell never started. Ask the
+                    # broker first: a session whose lease ended (moved to host memory, timed out) listens no
+                    # more, and connecting would retry its closed port for the whole connect timeout
+                    ended = await self._lease_ended(session.id)
+                    if ended is not None:
+                        session.comm = None
+                        sink({"op": "lost", "error": ended, "started": False})
+                        return
                     try:
                         session.comm = comm = await connect(session.address, deserialize=False, timeout=5,
                                                             **self.connection_args)
@@ -287,8 +330,25 @@ class PoolConnection:
             except Exception as exc:  # never leave the main thread waiting
                 session.comm = None
                 sink({"op": "lost", "error": f"{type(exc).__name__}: {exc}", "started": started})
+            finally:
+                sending.close()
 
-        return asyncio.run_coroutine_threadsafe(run(), self.loop)
+        future = asyncio.run_coroutine_threadsafe(run(), self.loop)
+        try:
+            sending.wait()
+        except KeyboardInterrupt:  # stop sending: the session refuses the cell (its inputs are incomplete)
+            sending.close()
+        return future
+
+    async def _lease_ended(self, lease: str) -> str | None:
+        """Why the broker ended ``lease``, or None while it stands (or when the broker does not answer)."""
+        kwargs = {"token": os.environ[TOKEN_ENV]} if os.environ.get(TOKEN_ENV) else {}
+        try:
+            info = await asyncio.wait_for(self.client.scheduler.gpu_lease_info(lease=lease, user=self.user, **kwargs),
+                                          5)
+        except Exception:  # noqa: BLE001 - then the connection attempt says what happened
+            return None
+        return (info.get("end_reason") or "its lease ended") if info.get("state") == "ended" else None
 
     def interrupt(self, session: RemoteSession) -> None:
         async def go() -> None:
@@ -308,20 +368,12 @@ class PoolConnection:
 
         if self.session is None:
             raise GpuPoolError("This kernel has no GPU session yet: run a %%gpu cell first.")
-        address, secret = self.session.address, self.session.secret
-
-        async def go() -> dict:
-            r = rpc(address, deserializers=None, deserialize=False, connection_args=self.connection_args)
-            try:
-                return await r.pull(name=name, secret=secret)
-            finally:
-                await r.close_rpc()
-
-        reply = self.call(go)
+        session = self.session
+        reply = self.session_call(session, "pull", timeout=None, name=name,
+                                  local=self.local_transfer(session))
         if reply.get("error"):
             raise GpuPoolError(f"%gpu pull {name}: {reply['error']}")
-        data = reply["data"]
-        return deserialize(data.header, data.frames)
+        return deserialize(*local_transfer.unpack(reply["data"]))
 
 
 def log_loop_error(loop: asyncio.AbstractEventLoop, context: dict) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from jupyter_gpu.common import local_transfer
 from jupyter_gpu.common.datacontract import RemoteObject
 from jupyter_gpu.errors import CellTimeout
 from jupyter_gpu.kernelext.connection import RemoteSession
@@ -35,7 +36,7 @@ def land_outputs(ns: dict, done: dict, session: RemoteSession) -> None:
     for name, item in (done.get("outputs") or {}).items():
         if item.get("kind") == "value":
             try:
-                ns[name] = deserialize(item["data"].header, item["data"].frames)
+                ns[name] = deserialize(*local_transfer.unpack(item["data"]))
                 continue
             except Exception as exc:
                 item = {"kind": "remote", "type_name": "object", "summary": "",
@@ -64,7 +65,7 @@ def finish_cell(shell: Any, done: dict, session: RemoteSession, opts: CellOption
         return None
     if result.get("value") is not None:
         try:
-            return deserialize(result["value"].header, result["value"].frames)
+            return deserialize(*local_transfer.unpack(result["value"]))
         except Exception:
             pass
     return RemoteDisplay(result["bundle"])

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 CLONE_NEWNS = 0x00020000
 MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x1000, 0x4000, 0x40000
-
+PR_SET_DUMPABLE = 4
 
 KEPT_ENV = frozenset({"PATH", "LANG", "LANGUAGE", "TZ", "TERM", "PYTHONPATH", "VIRTUAL_ENV", "CONDA_PREFIX",
                       "JUPYTER_GPU_VIRTUAL_GPUS", "MPLBACKEND", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
@@ -83,6 +83,9 @@ def become(account: dict) -> None:
     if os.getuid() != uid or os.geteuid() != uid:
         raise AccountError(f"still uid {os.geteuid()} after setuid({uid})")
     os.umask(0o077)
+    # setuid from root leaves the process undumpable, which also closes its /proc/<pid>/fd to its own user:
+    # the owner's kernel (same account, same machine) reads large results from there (local_transfer.py)
+    _libc().prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
     home = account.get("home") or "/"
     # the worker's environment is not the user's: only what a login would give, and what cells rely on
     # (the GPU pinning and the pool's user-facing settings are set after this)

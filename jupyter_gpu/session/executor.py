@@ -14,6 +14,7 @@ import logging
 import os
 import queue
 import sys
+import threading
 import time
 from typing import Any
 
@@ -131,6 +132,10 @@ class Executor:
         if standby:
             self.standby = StandbyCopy(standby.get("path"), standby.get("after"))
         virtual = all(g.get("virtual") for g in gpus)
+        self.virtual = virtual
+        tqdm_bridge.install()  # tqdm bars in cells report as the cell's progress bar
+        if virtual and "torch" in sys.modules:
+            self._virtual_device()  # the device marks' machinery (virtual_device.py), not the user's memory
         # measured from here: what the session holds before its first cell is not the user's data
         self.meter = CellMemoryMeter(virtual, [g["uuid"] for g in gpus if not g.get("virtual")])
         session_api._state.update({
@@ -138,8 +143,6 @@ class Executor:
             "device": "cpu" if virtual else "cuda:0", "lease": lease["id"],
             "emit": self.relay.emit, "device_factory": self._virtual_device if virtual else None,
         })
-        self.virtual = virtual
-        tqdm_bridge.install()  # tqdm bars in cells report as the cell's progress bar
         log.info("session %d assigned lease %s on %s (isolation %s)", os.getpid(), lease["id"],
                  [g["uuid"] for g in gpus], self.isolation)
         return {"isolation": self.isolation, "pid": os.getpid()}
@@ -192,28 +195,38 @@ class Executor:
         from jupyter_gpu.session import api as session_api
 
         ns = self.shell.user_ns
+        replaced = []
         for name, item in inputs.items():
             try:
                 value = deserialize(item.header, item.frames) if hasattr(item, "frames") else item
                 if isinstance(value, ModuleRef):
                     value = importlib.import_module(value.name)
+                if name in ns:
+                    replaced.append(ns[name])
                 ns[name] = value
             except Exception as exc:
                 return {"status": "error", "error": pool_error(
                     f"The input '{name}' could not be rebuilt in the GPU session ({type(exc).__name__}: {exc}). "
                     "Install what it needs on the pool's workers, create it inside the cell instead, or leave it "
                     "out with --in.")}
-        self.link.tell_lease_state(state="running", cell=label)
+        let_go(replaced)  # freeing last cell's copy of a large input can take as long as sending it
+        del replaced
+        # the broker hears "running" only from a cell still running after RUNNING_NOTE s; a shorter one is
+        # reported once, idle with its measurements, after its reply (a warm no-op cell: no extra message)
+        running_note = self.link.tell_later(RUNNING_NOTE, "lease_state", state="running", cell=label)
         session_api._state["progress"] = ProgressLink(self.link, label)  # step/total on to the broker
+        if self.virtual and "torch" in sys.modules:
+            # mark what the cell puts on jupyter_gpu.device(), as a GPU would keep it (set up before the cell's
+            # memory is measured: the marking's own objects are not the cell's)
+            self._virtual_device()
         meter = self.meter or CellMemoryMeter(virtual=False)
         meter.start()
         self.shell.displayhook.reset()
         self.shell.compile.next_name = cell_name
-        if self.virtual and "torch" in sys.modules:
-            self._virtual_device()  # mark what the cell puts on jupyter_gpu.device(), as a GPU would keep it
         try:
             result = self.shell.run_cell(code, store_history=True)
         finally:
+            self.link.cancel(running_note)
             session_api._state["progress"] = None
             if self.vdev is not None:
                 self.vdev.end_cell()
@@ -318,6 +331,32 @@ class Executor:
         if packed is None:
             return {"error": f"{name!r} ({type(ns[name]).__name__}) cannot be serialized to bring it back"}
         return {"data": packed}
+
+
+RUNNING_NOTE = 0.05  # seconds
+
+_letting_go: queue.Queue | None = None
+
+
+def let_go(values: list) -> None:
+    """Drop ``values`` on a background thread: the previous copy of a 256 MiB input takes tens of ms to give
+    back to the OS (its pages are unmapped and freed), time the cell that replaced it need not wait for.
+    (Finalizers already run on any thread: Python's garbage collector runs where it is triggered.)"""
+    global _letting_go
+    if not values:
+        return
+    if _letting_go is None:
+        _letting_go = queue.Queue()
+
+        def drain(q: queue.Queue) -> None:
+            while True:
+                batch = q.get()
+                while sys.getrefcount(batch) > 2:  # until the main thread has let go of the list too
+                    time.sleep(0.001)
+                del batch
+
+        threading.Thread(target=drain, args=(_letting_go,), daemon=True, name="jupyter-gpu-let-go").start()
+    _letting_go.put(values)
 
 
 def transfer_refusal(name: str, value: Any) -> str | None:

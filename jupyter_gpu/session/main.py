@@ -1,7 +1,8 @@
 """The session process's entry point: ``python -m jupyter_gpu.session``.
 
-One session process per (kernel, lease): where ``%%gpu`` cells actually run. The GPU worker starts it
-ahead of need (a spare: Python, NumPy, torch and IPython imported), then assigns it a lease: pinned to its
+One session process per (kernel, lease): where ``%%gpu`` cells actually run. The GPU worker forks it from
+its zygote (``zygote.py``: Python, NumPy, torch and IPython already imported) or, without one, starts it
+ahead of need (a spare), then assigns it a lease: pinned to its
 GPU and capped at its memory before CUDA initialises. Its namespace persists across the kernel's cells.
 It prints one JSON line with its address on its original stdout, then captures fds 1 and 2 for the cells.
 If its worker dies, it dies too (parent-death signal and a watchdog), so no session outlives its worker.
@@ -20,6 +21,7 @@ import os
 import signal
 import threading
 import time
+from typing import TextIO
 
 from jupyter_gpu.common.protocol import SPAWN_KEY_ENV
 
@@ -62,6 +64,22 @@ def preload(modules: list[str]) -> None:
             pass  # an optional preload (torch on a CPU-only client machine)
 
 
+def serve(host: str, worker: str | None, control_fd: int | None, ready: TextIO, spawn_key: str | None) -> None:
+    """Serve the kernel's comm: tell the worker our address on ``ready``, then run cells forever. Shared by a
+    process started on its own (``main``) and one forked from the worker's zygote (``zygote.py``)."""
+    # logs go to the worker's stderr (a copy of fd 2 taken before fd 2 is captured for the cells)
+    logging.basicConfig(level=os.environ.get("JUPYTER_GPU_SESSION_LOG", "WARNING"),
+                        stream=os.fdopen(os.dup(2), "w", buffering=1), force=True,
+                        format="%(asctime)s session[%(process)d] %(levelname)s %(message)s")
+    from jupyter_gpu.session.server import SessionServer
+
+    session = SessionServer(host, worker, control_fd=control_fd, spawn_key=spawn_key)
+    ready.write(json.dumps({"address": session.address, "pid": os.getpid()}) + "\n")
+    ready.flush()
+    ready.close()
+    session.run_forever()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
@@ -72,20 +90,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     # the worker's key for ``assign``: read once, and gone from the environment before any user code
     spawn_key = os.environ.pop(SPAWN_KEY_ENV, None)
-    # logs go to the worker's stderr (a copy of fd 2 taken before fd 2 is captured for the cells)
-    logging.basicConfig(level=os.environ.get("JUPYTER_GPU_SESSION_LOG", "WARNING"),
-                        stream=os.fdopen(os.dup(2), "w", buffering=1),
-                        format="%(asctime)s session[%(process)d] %(levelname)s %(message)s")
     die_with_parent()
-    control = os.fdopen(os.dup(1), "w")  # our original stdout: tells the worker our address
+    ready = os.fdopen(os.dup(1), "w")  # our original stdout: tells the worker our address
     preloader = threading.Thread(target=preload, args=([m for m in args.preload.split(",") if m],),
                                  name="jupyter-gpu-preload")
     preloader.start()
     preloader.join()
-    from jupyter_gpu.session.server import SessionServer
-
-    session = SessionServer(args.host, args.worker, control_fd=args.control_fd, spawn_key=spawn_key)
-    control.write(json.dumps({"address": session.address, "pid": os.getpid()}) + "\n")
-    control.flush()
-    control.close()
-    session.run_forever()
+    serve(args.host, args.worker, args.control_fd, ready, spawn_key)

@@ -22,7 +22,7 @@ import threading
 import time
 from typing import Annotated, Any, Callable
 
-from jupyter_gpu.common import protocol
+from jupyter_gpu.common import local_transfer, protocol
 from jupyter_gpu.common.protocol import Account, GpuInfoMsg, LeaseView, StandbyPlan
 from jupyter_gpu.common.validation import Bytes, MaxLen, Name, Secret, Text, error_reply, validated
 from jupyter_gpu.session.executor import Executor, Job
@@ -51,6 +51,7 @@ class SessionServer:
         self.link = WorkerLink(self.loop, control_fd)
         self.executor = Executor(relay, capture, make_shell(relay), self.link)
         self.address: str | None = None
+        self._sent: local_transfer.Sending | None = None  # pipes of the last reply, until the kernel's next call
         self._ready = threading.Event()
         threading.Thread(target=self._run_loop, daemon=True, name="jupyter-gpu-session-io").start()
         threading.Thread(target=self._flush_streams, daemon=True, name="jupyter-gpu-stream-flush").start()
@@ -96,6 +97,14 @@ class SessionServer:
         self.executor.jobs.put(job)
         return job
 
+    def _sending(self) -> local_transfer.Sending:
+        """The pipes of a new reply; the last reply's are closed (the kernel has read them by now: it reads a
+        reply before it makes its next call)."""
+        if self._sent is not None:
+            self._sent.close()
+        self._sent = local_transfer.Sending()
+        return self._sent
+
     # ------------------------------------------------------------------ handlers
     def _refused(self, secret: str | None) -> str | None:
         """Why a call is not the owner's (None: it is)."""
@@ -118,10 +127,18 @@ class SessionServer:
             return {"host": self.host, "port": sock.getsockname()[1]}
 
     @validated(error_reply)
-    async def h_ping(self, secret: Secret | None = None) -> dict:
+    async def h_ping(self, secret: Secret | None = None, probe: dict[str, Any] | None = None) -> dict:
+        """Alive and busy; with the kernel's ``probe`` marker: whether this process can read the kernel's
+        pipes, and a probe of its own for the kernel to try the other way (``common/local_transfer.py``)."""
         if why := self._refused(secret):
             return error_reply(why)
-        return {"pid": os.getpid(), "busy": self.executor.busy, "lease": (self.executor.lease or {}).get("id")}
+        reply = {"pid": os.getpid(), "busy": self.executor.busy, "lease": (self.executor.lease or {}).get("id")}
+        if probe is not None:
+            reply["probe_ok"] = local_transfer.available() and await self.loop.run_in_executor(
+                None, local_transfer.check_probe, probe)
+            if reply["probe_ok"]:
+                reply["probe"] = local_transfer.probe(self._sending())
+        return reply
 
     @validated(error_reply)
     async def h_assign(self, key: Secret, secret: Secret, lease: LeaseView,
@@ -155,10 +172,16 @@ class SessionServer:
                         exact_outputs: bool = False, cell_name: Text = "<gpu-cell>",
                         label: Text | None = None, max_bytes: Bytes = 64 * 2**20, cwd: Text | None = None,
                         dist: dict[str, Any] | None = None, checkpoint_dir: Text | None = None,
-                        secret: Secret | None = None) -> dict:
+                        secret: Secret | None = None, local: bool = False) -> dict:
         """Run a cell; stream output messages on ``comm`` while it runs; the reply is the ``done`` message."""
         if why := self._refused(secret):
             return {"status": "error", "error": pool_error(f"The cell was not run: {why}.")}
+        try:
+            inputs = await self.loop.run_in_executor(None, receive_inputs, inputs)
+        except local_transfer.TransferError as exc:
+            return {"status": "error", "error": pool_error(
+                f"The cell was not run: its inputs could not be read from the kernel ({exc}). Run it again; "
+                "if this repeats, set jupyter-gpu.local-transfer to false.")}
         job = await self._submit("execute", code=code, inputs=inputs, outputs=outputs or [],
                                  exact_outputs=exact_outputs, cell_name=cell_name, label=label,
                                  max_bytes=max_bytes, cwd=cwd, dist=dist, checkpoint_dir=checkpoint_dir)
@@ -177,14 +200,21 @@ class SessionServer:
                     rest.append(job.messages.get_nowait())
                 if rest:
                     await comm.write(coalesce(rest))
-                return job.reply.result()
+                reply = job.reply.result()
+                if local:
+                    reply = await self.loop.run_in_executor(None, pack_reply, reply, self._sending())
+                return reply
 
     @validated(error_reply)
-    async def h_pull(self, name: Name, secret: Secret | None = None) -> dict:
+    async def h_pull(self, name: Name, secret: Secret | None = None, local: bool = False) -> dict:
         if why := self._refused(secret):
             return error_reply(why)
         job = await self._submit("pull", name=name)
-        return await job.reply
+        reply = await job.reply
+        if local and reply.get("data") is not None:
+            reply = {**reply, "data": await self.loop.run_in_executor(None, local_transfer.pack, reply["data"],
+                                                                       self._sending())}
+        return reply
 
     @validated(error_reply)
     async def h_offload(self, path: Text, secret: Secret | None = None) -> dict:
@@ -201,6 +231,28 @@ class SessionServer:
             return error_reply(why)
         job = await self._submit("restore", path=path)
         return await job.reply
+
+
+def receive_inputs(inputs: dict) -> dict:
+    """Inputs the kernel sent through pipes (``common/local_transfer.py``), read as ``Serialized`` values."""
+    from distributed.protocol.serialize import Serialized
+
+    if not any(local_transfer.is_marker(v) for v in inputs.values()):
+        return inputs
+    return {name: Serialized(*local_transfer.receive(v)) if local_transfer.is_marker(v) else v
+            for name, v in inputs.items()}
+
+
+def pack_reply(reply: dict, sending: local_transfer.Sending) -> dict:
+    """The ``done`` reply with its large values (outputs, the last expression) sent through pipes."""
+    outputs = reply.get("outputs")
+    if outputs:
+        reply["outputs"] = {name: ({**item, "data": local_transfer.pack(item["data"], sending)}
+                                   if "data" in item else item) for name, item in outputs.items()}
+    result = reply.get("result")
+    if result and result.get("value") is not None:
+        reply["result"] = {**result, "value": local_transfer.pack(result["value"], sending)}
+    return reply
 
 
 def output_limit() -> int | None:

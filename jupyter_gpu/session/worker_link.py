@@ -54,6 +54,28 @@ class WorkerLink:
             return
         self.loop.call_soon_threadsafe(self._write, line)
 
+    def tell_later(self, delay: float, op: str, **fields: Any) -> Any:
+        """Send a report in ``delay`` s unless :meth:`cancel` comes first (from any thread): a cell that is over
+        by then is reported once, when it ends, and a warm no-op cell costs the pool nothing more."""
+        if self._writer is None:
+            return None
+        pending = {"cancelled": False}
+
+        def go() -> None:
+            if not pending["cancelled"]:
+                self.tell(op, **fields)
+
+        self.loop.call_soon_threadsafe(lambda: self.loop.call_later(delay, go))
+        return pending
+
+    @staticmethod
+    def cancel(pending: Any) -> bool:
+        """Cancel a :meth:`tell_later`; whether it was still pending (False: it was sent, or never planned)."""
+        if not pending or pending["cancelled"]:
+            return False
+        pending["cancelled"] = True
+        return True
+
     def _write(self, line: bytes) -> None:
         try:
             self._writer.write(line)

@@ -1,8 +1,9 @@
 """The GPU worker plugin: offers this worker's GPUs to the broker and owns their session processes.
 
-It keeps one spare session process warm (Python, NumPy, torch, IPython imported) so that a first cell does
-not pay for the imports, hands it a lease when the broker grants one, watches every session process, and
-tells the broker when one ends (crash, OOM kill, exit). On real GPUs a background thread samples NVML for
+It keeps a zygote (``worker/forkserver.py``, ``session/zygote.py``: Python, NumPy, torch, IPython imported)
+and forks a session from it in milliseconds, or, with ``session.fork-server: false``, one spare session
+process warm; either way a first cell does not pay for the imports. It hands the session a lease when the
+broker grants one, watches every session process, and tells the broker when one ends (crash, OOM kill, exit). On real GPUs a background thread samples NVML for
 the panel; nothing NVML runs on the event loop.
 
 Who may call it: the broker (and, for a parked namespace, another worker) with the pool key
@@ -21,6 +22,8 @@ import asyncio
 import logging
 import os
 import subprocess
+import sys
+import time
 from typing import Any, Callable, Literal
 
 from distributed.comm import get_address_host
@@ -35,11 +38,12 @@ from jupyter_gpu.common.units import format_bytes
 from jupyter_gpu.common.validation import Address, Name, Seconds, Secret, Text, error_reply, validated
 from jupyter_gpu.worker.accounts import NoAccount, account_of, can_switch_users
 from jupyter_gpu.worker.containment import Containment, host_memory_limit
+from jupyter_gpu.worker.forkserver import ForkServer
 from jupyter_gpu.worker.hoststore import HostStore, UnsafeFile
 from jupyter_gpu.worker.inventory import GpuInfo, discover
 from jupyter_gpu.worker.nvml_sampler import NvmlSampler
 from jupyter_gpu.worker.relay import relay
-from jupyter_gpu.worker.spawn import SessionProcess, exit_reason, kill, spawn_session
+from jupyter_gpu.worker.spawn import SessionProcess, exit_reason, kill, session_env, spawn_session
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +66,7 @@ class GpuWorkerPlugin(WorkerPlugin):
         self.store = HostStore()
         self.spare: SessionProcess | None = None
         self._spare_task: asyncio.Task | None = None
+        self.forkserver: ForkServer | None = None  # the zygote sessions are forked from (None: spares)
         self._start_slots = asyncio.Semaphore(self.start_concurrency())
         self._sampler: NvmlSampler | None = None
         self.containment: Containment | None = None
@@ -80,6 +85,7 @@ class GpuWorkerPlugin(WorkerPlugin):
             "gpu_offload_discard": self.offload_discard,
             "gpu_offload_fetch": self.offload_fetch,
             "gpu_inventory": self.inventory,
+            "gpu_session_starter": self.session_starter,
         }
         assert set(table) == protocol.WORKER_OPS, "worker handlers and protocol.WORKER_OPS disagree"
         return table
@@ -104,7 +110,12 @@ class GpuWorkerPlugin(WorkerPlugin):
 
         self._monitor = PeriodicCallback(self._check_sessions, 250)
         self._monitor.start()
-        if config.get("session.prewarm"):
+        if config.get("session.fork-server") and sys.platform == "linux":
+            self.forkserver = ForkServer(list(config.get("session.preload-modules") or []),
+                                         session_env(security_env(worker.security)))
+            if config.get("session.prewarm"):
+                self.forkserver.start()
+        elif config.get("session.prewarm"):
             self._refill_spare()
         asyncio.ensure_future(self._report_when_registered())
         self._sampler = NvmlSampler(self.gpus, worker.loop.asyncio_loop, self._send_samples)
@@ -117,6 +128,8 @@ class GpuWorkerPlugin(WorkerPlugin):
         for sp in list(self.sessions.values()) + ([self.spare] if self.spare else []):
             sp.killed = True
             self._end_process(sp)
+        if self.forkserver is not None:
+            self.forkserver.close()
         if self.containment is not None:
             self.containment.close()
         self.store.close()  # offloaded namespaces die with their worker
@@ -299,9 +312,19 @@ class GpuWorkerPlugin(WorkerPlugin):
         be killed for it); one after another, each is quick, and the queue is visible in the broker."""
         async with self._start_slots:
             return await spawn_session(get_address_host(self.worker.address), self.worker.address,
-                                       security_env(self.worker.security))
+                                       security_env(self.worker.security), forkserver=self.forkserver)
+
+    async def session_starter(self) -> dict:
+        """How this worker starts sessions, and whether a start is warm now (benchmarks and tests wait for it)."""
+        if self.forkserver is not None:
+            return {"kind": "fork", "ready": self.forkserver.alive() and self.forkserver.ready.is_set(),
+                    "worker_pid": os.getpid(), **self.forkserver.info()}
+        spare = self.spare
+        return {"kind": "spare", "ready": spare is not None and spare.proc.poll() is None, "worker_pid": os.getpid()}
 
     def _refill_spare(self) -> None:
+        if self.forkserver is not None:
+            return
         if self.spare is not None or (self._spare_task is not None and not self._spare_task.done()):
             return
 
@@ -340,12 +363,14 @@ class GpuWorkerPlugin(WorkerPlugin):
                 who = account_of(account)
             except NoAccount as exc:
                 return error_reply(str(exc))
+        t0 = time.monotonic()
         try:
             if self._spare_task is not None and not self._spare_task.done():
                 await self._spare_task
             sp, self.spare = self.spare, None
             if sp is None or sp.proc.poll() is not None:
                 sp = await self._spawn()
+            t_process = time.monotonic()
             if config.get("session.prewarm"):
                 self._refill_spare()
             by_index = {g.index: g for g in self.gpus}
@@ -379,6 +404,8 @@ class GpuWorkerPlugin(WorkerPlugin):
                 await r.close_rpc()
             if reply.get("error"):
                 raise RuntimeError(reply["error"])
+            log.info("lease %s: session %d ready in %.0f ms (process %.0f ms, assign %.0f ms)", lease["id"], sp.pid,
+                     (time.monotonic() - t0) * 1e3, (t_process - t0) * 1e3, (time.monotonic() - t_process) * 1e3)
             sp.grant["lease"].update(address=sp.address, pid=sp.pid, isolation=reply.get("isolation", "none"),
                                      **containment)
             return {"address": sp.address, "pid": sp.pid, "isolation": reply.get("isolation", "none"),

@@ -32,7 +32,7 @@ SCHEDULER_OPS = {"gpu_register_worker", "gpu_samples", "gpu_session_ended", "gpu
                  "gpu_request", "gpu_wait", "gpu_cancel", "gpu_release", "gpu_lease_info", "gpu_run_update",
                  "gpu_scale", "gpu_snapshot", "gpu_usage"}
 WORKER_OPS = {"gpu_session_start", "gpu_session_signal", "gpu_session_offload", "gpu_offload_fetch",
-              "gpu_offload_discard", "gpu_inventory"}
+              "gpu_offload_discard", "gpu_inventory", "gpu_session_starter"}
 SESSION_OPS = {"assign", "execute", "interrupt", "pull", "ping", "free_port", "offload", "restore"}
 
 

@@ -265,6 +265,32 @@ def test_a_queued_cell_that_is_cancelled_says_so_in_its_badge(pool):
             k.shutdown(now=True)
 
 
+def test_large_values_travel_through_pipes_between_a_kernel_and_its_session_on_one_machine(kernel):
+    """Inputs, --out values, the last expression and %gpu pull over 1 MiB go through pipes
+    (common/local_transfer.py) when the kernel and its session share the machine and account: the same
+    values, each side's copy its own."""
+    assert kernel.run("import numpy as np\nbig = np.arange(4 << 20, dtype=np.float64)").error is None
+    res = kernel.run("%%gpu\nbig[0] = -1.0\ndoubled = big * 2\nfloat(doubled.sum())")
+    assert res.error is None, res.error_text
+    check = kernel.run(
+        "conn = get_ipython().find_magic('gpu').__self__.conn\n"
+        "print(conn.session.local, big[0], doubled[0], doubled[-1], type(doubled).__name__, doubled.flags.writeable)")
+    # the session's change to its copy of `big` stayed its own: the kernel's big is untouched
+    assert check.stdout == f"True 0.0 -2.0 {2.0 * ((4 << 20) - 1)} ndarray True\n", check.error_text
+    res = kernel.run("%%gpu\nbig_view = big[: 1 << 20] + 1\nbig_view")
+    assert res.error is None and "array(" in res.result
+    res = kernel.run("%%gpu\nbig[1] = 7.0")  # changes the session's copy only (no name assigned)
+    assert res.error is None and kernel.run("print(big[1])").stdout == "1.0\n"
+    res = kernel.run("%gpu pull big")
+    assert res.error is None, res.error_text
+    assert kernel.run("print(big[0], big[1], big[-1])").stdout == f"0.0 7.0 {float((4 << 20) - 1)}\n"
+    # with the setting off, the same cell goes on the comm and gives the same answer
+    off = kernel.run("import dask\nwith dask.config.set({'jupyter-gpu.local-transfer': False}):\n"
+                     "    get_ipython().run_cell_magic('gpu', '--fresh', 'tripled = big * 3')\n"
+                     "print(tripled[-1])")
+    assert off.error is None and off.stdout.endswith(f"{3.0 * ((4 << 20) - 1)}\n"), off.error_text
+
+
 def test_tracebacks_show_lines_from_earlier_cells_and_not_the_magics_frames(kernel):
     """A remote traceback through code defined in an earlier cell (a %%gpu cell, or a plain cell whose
     function was shipped by value) shows that cell's lines, as it would locally: not

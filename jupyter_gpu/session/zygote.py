@@ -1,0 +1,211 @@
+"""The worker's zygote: one process that has imported what sessions need, and forks them in milliseconds.
+
+Why: a session started from scratch spends seconds importing torch, and eight of them at once on a small
+machine take minutes. The zygote imports Python, NumPy, torch (CUDA is never touched here: a forked CUDA
+context is unusable), matplotlib, IPython and the session's own server once; every session is then a
+``fork`` of it, sharing those pages copy-on-write (an idle session costs what it changed, not a torch).
+The child drops to its user's account, pins its GPU and caps its memory at ``assign``, before any CUDA
+call, exactly like a session started on its own (``main.py``).
+
+Protocol, on the ``SOCK_SEQPACKET`` socket the worker gave us (one message per packet, JSON):
+
+* worker -> zygote ``{"op": "fork", "id", "env", "host", "worker"}`` with two file descriptors attached:
+  the session's end of its private socket to the worker (``worker_link.py``) and the write end of a pipe on
+  which the child announces its address (as ``main.py`` does on stdout);
+* zygote -> worker ``{"op": "ready", "pid"}`` once the imports are done, ``{"op": "forked", "id", "pid"}``,
+  ``{"op": "failed", "id", "error"}`` and ``{"op": "exited", "pid", "code"}`` (a negative code: the signal)
+  when it reaps a child, so the worker learns how each session ended.
+
+The zygote runs no user code and holds no lease or pool secret; it is single-threaded whenever it forks (the
+import thread has ended), and it dies with its worker (parent-death signal and a check of its parent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import importlib
+import json
+import logging
+import os
+import select
+import socket
+import sys
+import threading
+import traceback
+
+from jupyter_gpu.common.protocol import SPAWN_KEY_ENV
+
+log = logging.getLogger("jupyter_gpu.session.zygote")
+
+MAX_MESSAGE = 1 << 20  # a fork request carries an environment: well under this
+
+# imported by every session before its first cell (lazily, inside functions): importing them once here saves
+# each forked session a third of a second
+SESSION_MODULES = (
+    "distributed", "distributed.core", "distributed.comm.tcp", "distributed.protocol", "distributed.security",
+    "cloudpickle", "tblib", "psutil", "jupyter_gpu.common.security", "jupyter_gpu.common.datacontract",
+    "jupyter_gpu.common.local_transfer", "jupyter_gpu.session.server", "jupyter_gpu.session.shell",
+    "jupyter_gpu.session.executor", "jupyter_gpu.session.tracebacks", "jupyter_gpu.session.offload",
+    "jupyter_gpu.session.standby", "jupyter_gpu.session.memory_meter", "jupyter_gpu.session.account",
+    "jupyter_gpu.session.isolation", "jupyter_gpu.session.distributed_rank", "jupyter_gpu.session.api",
+    "jupyter_gpu.session.virtual_device", "jupyter_gpu.session.tqdm_bridge", "jupyter_gpu.session.progress",
+    "IPython.core.interactiveshell", "matplotlib_inline.backend_inline", "tqdm.std", "tqdm.notebook", "pynvml",
+)
+
+
+def _send(sock: socket.socket, msg: dict) -> None:
+    try:
+        sock.send(json.dumps(msg).encode())
+    except OSError as exc:  # the worker is gone: the parent check ends us
+        log.debug("could not tell the worker %s: %s", msg.get("op"), exc)
+
+
+def _reap(sock: socket.socket) -> None:
+    """Wait for every child that has ended and tell the worker how."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        _send(sock, {"op": "exited", "pid": pid, "code": os.waitstatus_to_exitcode(status)})
+
+
+def _reseed() -> None:
+    """A fork copies the parent's random generators: every session would draw the same "random" numbers.
+    Python's ``random`` reseeds itself after a fork; NumPy's and torch's global generators are reseeded here
+    from the operating system, as a freshly started process would be."""
+    np = sys.modules.get("numpy")
+    if np is not None:
+        np.random.seed()
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.seed()
+
+
+def _apply_environment(env: dict[str, str]) -> None:
+    """Take the session's environment, and the Dask settings in it that differ from the zygote's (the
+    worker's TLS and the pool's settings for sessions come this way). Re-reading every config file would
+    cost each session 0.2 s; only what changed is applied."""
+    import dask.config
+
+    changed = {k: v for k, v in env.items() if k.startswith("DASK_") and os.environ.get(k) != v}
+    removed = [k for k in os.environ if k.startswith("DASK_") and k not in env]
+    os.environ.clear()
+    os.environ.update(env)
+    if removed:
+        dask.config.refresh()
+    elif changed:
+        dask.config.update(dask.config.config, dask.config.collect_env(changed), priority="new")
+
+
+def _child(sock: socket.socket, msg: dict, control_fd: int, ready_fd: int) -> None:
+    """In the forked child: become a session process (never returns)."""
+    code = 1
+    try:
+        sock.close()
+        env = {str(k): str(v) for k, v in (msg.get("env") or {}).items()}
+        _apply_environment(env)
+        spawn_key = os.environ.pop(SPAWN_KEY_ENV, None)
+        _reseed()
+        from jupyter_gpu.session.main import die_with_parent, serve
+
+        die_with_parent()
+        serve(str(msg.get("host") or "127.0.0.1"), msg.get("worker"), control_fd, os.fdopen(ready_fd, "w"),
+              spawn_key)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:  # noqa: BLE001 - the worker's log must say why a session never started
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+def _fork(sock: socket.socket, msg: dict, fds: list[int]) -> None:
+    if msg.get("op") != "fork" or len(fds) != 2:
+        for fd in fds:
+            os.close(fd)
+        _send(sock, {"op": "failed", "id": msg.get("id"), "error": "a fork request needs two descriptors"})
+        return
+    control_fd, ready_fd = fds
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        _send(sock, {"op": "failed", "id": msg.get("id"), "error": f"fork: {exc.strerror}"})
+    else:
+        if pid == 0:
+            _child(sock, msg, control_fd, ready_fd)
+        _send(sock, {"op": "forked", "id": msg.get("id"), "pid": pid})
+    finally:
+        os.close(control_fd)
+        os.close(ready_fd)
+
+
+def serve_forks(sock: socket.socket, parent: int) -> None:
+    """Answer fork requests until the worker closes its end or dies."""
+    while True:
+        if os.getppid() != parent:
+            return
+        try:
+            readable, _, _ = select.select([sock], [], [], 0.2)
+        except InterruptedError:
+            readable = []
+        if readable:
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 2)
+            except OSError as exc:
+                if exc.errno in (errno.EAGAIN, errno.EINTR):
+                    continue
+                return
+            if not data:  # the worker closed its end
+                for fd in fds:
+                    os.close(fd)
+                return
+            try:
+                msg = json.loads(data)
+            except ValueError:
+                msg = {}
+            _fork(sock, msg if isinstance(msg, dict) else {}, fds)
+        _reap(sock)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--socket-fd", type=int, required=True, help="the worker's SOCK_SEQPACKET socket")
+    parser.add_argument("--preload", default="")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("JUPYTER_GPU_SESSION_LOG", "WARNING"), stream=sys.stderr,
+                        format="%(asctime)s zygote[%(process)d] %(levelname)s %(message)s")
+    from jupyter_gpu.session.main import preload
+
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL: die with the worker
+    except (OSError, AttributeError):
+        pass
+    sock = socket.socket(fileno=args.socket_fd)
+    sock.setblocking(True)
+    # imports on a thread of low priority (the machine's running sessions come first), then joined: the
+    # zygote must be single-threaded when it forks
+    modules = [m for m in args.preload.split(",") if m]
+    loader = threading.Thread(target=preload, args=(modules,), name="jupyter-gpu-preload")
+    loader.start()
+    loader.join()
+    for name in SESSION_MODULES:  # what every session imports on its way to serving: once, here
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - the session will say what it lacks
+            log.warning("the zygote could not import %s: %s", name, exc)
+
+    _send(sock, {"op": "ready", "pid": os.getpid()})
+    serve_forks(sock, parent)
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
