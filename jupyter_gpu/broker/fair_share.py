@@ -376,11 +376,14 @@ class FairSharePolicy:
                 for rec in best[1]]
 
     def idle_expired(self, now: float) -> list[str]:
-        """Leases idle for longer than the admin ``idle-timeout`` (none when it is unset)."""
+        """Leases idle for longer than the admin ``idle-timeout`` (none when it is unset), never a gang's rank:
+        the ranks of a ``--workers`` run sit idle while the others' sessions start (seconds, on a busy
+        machine), and their kernel releases them all when the run ends."""
         limit = self.quotas.idle_timeout
         if not limit:
             return []
-        return [r.id for r in self.leases.values() if r.idle_since is not None and now - r.idle_since > limit]
+        return [r.id for r in self.leases.values()
+                if not r.gang and r.idle_since is not None and now - r.idle_since > limit]
 
 
 def _victims_by_gpu(spec: RequestSpec, gpus: list[GpuSlot], candidates: dict[str, LeaseRecord],

@@ -182,7 +182,8 @@ class GpuBroker(SchedulerPlugin):
             self.samples.pop(gpu_id, None)
         note = self.scaler.lost_note(worker) if self.scaler is not None else None  # e.g. its Slurm job
         for lease in leases:
-            self._end_lease(lease, f"the pool worker {worker} holding this session was lost", kill=False)
+            self._end_lease(lease, f"the pool worker {worker} holding this session was lost"
+                                   + (f" ({note})" if note else ""), kill=False)
         self._schedule()
 
     def remove_client(self, scheduler, client: str) -> None:  # noqa: ANN001
@@ -535,8 +536,8 @@ class GpuBroker(SchedulerPlugin):
         """The whole pool as the panel, ``%gpu status`` and ``jupyter-gpu status`` show it."""
         pool = {"address": self.scheduler.address if self.scheduler else None, "embedded": self.embedded,
                 "scalable": self.scaler is not None, "scale_users": self.scale_users(),
-                "default_fraction": float(config.get("default-fraction")),
                 "cluster": self.scaler.view() if self.scaler is not None else None,
+                "default_fraction": float(config.get("default-fraction")),
                 "users_isolated": self.users_isolated(), "shared": self.tokens is not None}
         return views.snapshot(self.ledger, self.samples, pool, self.runs.values(),
                               "tokens" if self.tokens is not None else "names", waiting_note=self._waiting_note())

@@ -189,6 +189,9 @@ def build(settings: ManagerSettings, host: str, port: int, protocol: str, securi
     if settings.is_jobqueue:
         address = f"{protocol}://{host}:{port}"
         key_file = poolkey.key_path(address)
+        if not config.get("pool-key-file"):
+            log.warning("the jobs read the pool key from %s, this machine's runtime folder: on a cluster, set "
+                        "jupyter-gpu.pool-key-file to a 0600 file on storage the job nodes share", key_file)
         options.setdefault("cores", 1)        # what the job reserves for the worker process itself; sessions
         options.setdefault("memory", "2GiB")  # are counted by the node, not by Dask
         options.setdefault("processes", 1)    # one `jupyter-gpu worker` per job: it starts a worker per GPU

@@ -212,6 +212,16 @@ def test_idle_timeout_lists_idle_leases_only():
     assert p.idle_expired(30.0) == [] and p.idle_expired(61.0) == ["A"]
 
 
+def test_idle_timeout_never_takes_a_runs_rank():
+    """Bug fixed: a --workers run's rank 1 sat idle while rank 0's session started (slow on a busy machine) and
+    the idle timeout ended it, so the run failed ("Rank 1's GPU session was lost ... idle timeout")."""
+    p = FairSharePolicy(quotas(**{"idle-timeout": "3s"}))
+    p.lease_started("R0", "alice", "ml", 1.0, False, now=0.0, gang=True)
+    p.lease_started("R1", "alice", "ml", 1.0, False, now=0.0, gang=True)
+    p.lease_started("S", "bob", "ml", 0.5, False, now=0.0)
+    assert p.idle_expired(10.0) == ["S"]
+
+
 def test_fair_queue_best_agrees_with_the_full_order():
     import random
 

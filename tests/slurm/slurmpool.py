@@ -19,8 +19,11 @@ from slurm import LocalSlurm
 class SlurmPool:
     """``jupyter-gpu pool up`` with a SLURMCluster behind its Scale button; see the module docstring."""
 
-    def __init__(self, root: Path, slurm: LocalSlurm, manager: dict, quotas: str = ""):
+    def __init__(self, root: Path, slurm: LocalSlurm, manager: dict, quotas: str = "",
+                 users: tuple[str, ...] = ()):
         from services import free_port
+
+        from jupyter_gpu.broker.identity import TokenStore
 
         self.root, self.slurm = root, slurm
         self.port = free_port()
@@ -31,6 +34,12 @@ class SlurmPool:
         if quotas:
             (root / "quotas.yaml").write_text(quotas)
             settings["pool-config"] = str(root / "quotas.yaml")
+        self.tokens: dict[str, str] = {}
+        if users:  # a pool shared by several people: tokens checked, Dask's generic API closed (broker/gate.py)
+            store = TokenStore(str(root / "tokens.json"))
+            self.tokens = {u: store.create(u) for u in users}
+            # their sessions run as the pool's account: these users have no OS accounts here
+            settings.update({"token-file": str(root / "tokens.json"), "session": {"as-user": False}})
         (config / "jupyter-gpu.yaml").write_text(yaml.safe_dump({"jupyter-gpu": settings}))
         self.env = {**os.environ, **slurm.env(), "DASK_CONFIG": str(config)}
         self.proc: subprocess.Popen | None = None
@@ -57,8 +66,18 @@ class SlurmPool:
 
         return snapshot(self.address)
 
+    def kernel(self, user: str | None = None):  # noqa: ANN201
+        """A started kernel of ``user`` (with its token when the pool checks them)."""
+        from harness import Kernel
+
+        env = {"JUPYTER_GPU_TOKEN": self.tokens[user]} if user in self.tokens else {}
+        return Kernel(self.address, user=user, env=env)
+
     def call(self, op: str, **kwargs):  # noqa: ANN201
         from jupyter_gpu.common.security import pool_rpc
+
+        if kwargs.get("user") in self.tokens:
+            kwargs.setdefault("token", self.tokens[kwargs["user"]])
 
         async def go():  # noqa: ANN202
             r = pool_rpc(self.address)
@@ -97,9 +116,11 @@ class SlurmPool:
 
 
 
-def slurm_pool(root: Path, slurm: LocalSlurm, quotas: str = "", **manager):  # noqa: ANN201
-    """A started SlurmPool whose jobs each start one worker with a virtual 4 GiB GPU."""
+def slurm_pool(root: Path, slurm: LocalSlurm, quotas: str = "", users: tuple[str, ...] = (),
+               **manager):  # noqa: ANN201
+    """A started SlurmPool whose jobs each start one worker with a virtual 4 GiB GPU (``users``: a pool that
+    checks their tokens)."""
     settings = {"class": "dask_jobqueue.SLURMCluster", "virtual-gpus": "1x4GiB",
                 "options": {"cores": 1, "memory": "1GiB", "log_directory": str(root / "jobs")},
                 "interval": "1s", **manager}
-    return SlurmPool(root, slurm, settings, quotas).start()
+    return SlurmPool(root, slurm, settings, quotas, users).start()

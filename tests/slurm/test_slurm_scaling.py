@@ -1,7 +1,8 @@
 """The Scale button and ``%gpu scale`` behind a real Slurm: a ``jupyter-gpu pool up`` that owns dask-jobqueue's
 ``SLURMCluster`` submits and cancels real jobs (``sbatch``/``scancel`` on a one-node cluster started by the
 test), each job runs our GPU worker (virtual GPUs), and what Slurm says about them (``squeue``) is what the
-panel and the queue show.
+panel and the queue show. The pool is a shared one (tokens checked, Dask's generic API closed), as a team's
+pool on a Slurm cluster would be: its cluster object works through the scheduler's in-process comm.
 
 - scale up from 0 to 2 GPU workers, a cell on each job; a third job waits for CPUs (``PENDING
   (Resources)``) and a waiting request says so; scale down to 0 while one kernel holds a session: the
@@ -19,19 +20,20 @@ from __future__ import annotations
 import time
 
 import pytest
-from harness import Kernel, wait_until
+from harness import wait_until
 from slurmpool import slurm_pool
 
 pytestmark = pytest.mark.integration
 
 # the admin's idle timeout moves an idle session's variables to host memory on its worker
 QUOTAS = "idle-timeout: 6s\nmin-run-time: 0s\n"
+USERS = ("alice", "bob", "carol", "admin")
 IDLE = 3.0  # adaptive scaling retires a job whose workers held nothing for this long (and not sooner)
 
 
 @pytest.fixture(scope="module")
 def spool(slurm, tmp_path_factory):
-    pool = slurm_pool(tmp_path_factory.mktemp("slurm-pool"), slurm, quotas=QUOTAS, idle=f"{IDLE}s",
+    pool = slurm_pool(tmp_path_factory.mktemp("slurm-pool"), slurm, quotas=QUOTAS, users=USERS, idle=f"{IDLE}s",
                       cooldown=f"{IDLE}s")
     try:
         yield pool
@@ -58,7 +60,7 @@ def state_of(slurm, job_id: str) -> str:
 
 def test_scale_up_from_zero_to_two_workers_and_down_without_losing_a_session(spool, slurm, kernels):
     assert spool.snapshot()["pool"]["workers"] == 0 and not spool.cluster()["jobs"]
-    a, b = Kernel(spool.address), Kernel(spool.address)
+    a, b = spool.kernel("alice"), spool.kernel("bob")
     kernels += [a, b]
     scaled = time.monotonic()
     res = a.run("%gpu scale 2")
@@ -112,7 +114,7 @@ def test_adaptive_scaling_submits_a_job_for_a_waiting_cell_and_keeps_it_while_it
         spool, slurm, kernels):
     reply = spool.call("gpu_scale", minimum=0, maximum=1, user="admin")
     assert reply["adaptive"] == {"minimum": 0, "maximum": 1}, reply
-    k = Kernel(spool.address)
+    k = spool.kernel("alice")
     kernels.append(k)
     msg = k.submit("%%gpu --gpus 1\nimport os, torch\nw = torch.ones(4)\nprint('on job', os.environ['SLURM_JOB_ID'])")
     spool.wait_for(lambda: any("waiting for a new worker (job " in q["reason"] for q in spool.snapshot()["queue"]),
@@ -140,12 +142,13 @@ def test_a_job_killed_at_its_walltime_is_a_lost_worker_and_is_replaced(spool, sl
     spool.call("gpu_scale", n=1, user="admin")
     spool.wait_for(lambda: len(spool.snapshot()["gpus"]) == 1, 120, "a GPU worker from a Slurm job")
     (job,) = job_ids(spool)
-    k = Kernel(spool.address)
+    k = spool.kernel("bob")
     kernels.append(k)
     msg = k.submit("%%gpu --gpus 1\nimport time\nprint('training', flush=True)\ntime.sleep(600)")
     k.wait_for_output(msg, "training", timeout=60)
-    # Slurm's walltime: a limit of one minute (Slurm counts in minutes and checks about every 30 s)
-    slurm.run("scontrol", "update", f"JobId={job}", "TimeLimit=1")
+    # Slurm's walltime, brought forward: the job's end time is now, and slurmctld's time-limit check (about every
+    # 30 s) kills it as it would at the end of its walltime (state TIMEOUT, reason TimeLimit)
+    slurm.run("scontrol", "update", f"JobId={job}", "EndTime=now")
     res = k.collect(msg, timeout=150)
     assert res.error is not None, res.stdout
     text = res.error_text

@@ -1,0 +1,93 @@
+"""The cluster manager's pure parts: its settings (checked before the pool listens), the job script a
+SLURMCluster submits (our worker, the pool key, virtual GPUs), squeue's output, worker names, and the
+snapshot's host grouping and waiting reasons."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from distributed.security import Security
+
+from jupyter_gpu.broker.model import Request
+from jupyter_gpu.broker.views import host_order, hosts_view, waiting_reason
+from jupyter_gpu.common.protocol import RequestSpec
+from jupyter_gpu.pool import cluster_manager as cm
+from jupyter_gpu.pool.services import worker_names
+from jupyter_gpu.pool.slurm import SlurmStates, describe, parse_squeue
+from jupyter_gpu.worker.inventory import parse_virtual_spec
+
+SLURM = "dask_jobqueue.SLURMCluster"
+
+
+@pytest.mark.parametrize("value, words", [
+    ("slurm", "must be a mapping"),
+    ({"options": {}}, "must name a class"),
+    ({"class": SLURM, "walltime": "1h"}, "unknown key(s) walltime"),
+    ({"class": "no_such_module.Cluster"}, "cannot import no_such_module"),
+    ({"class": "distributed.NoSuchCluster"}, "distributed has no NoSuchCluster"),
+    ({"class": "distributed.deploy.cluster.Cluster"}, "is not a distributed.SpecCluster"),
+    ({"class": SLURM, "options": ["cores", 1]}, "options must be a mapping"),
+    ({"class": SLURM, "adaptive": {"minimum": 3, "maximum": 1}}, "minimum 3 exceeds maximum 1"),
+    ({"class": SLURM, "adaptive": {"max": 3}}, "adaptive must be {minimum: M, maximum: N}"),
+    ({"class": SLURM, "gpus-per-job": 0}, "gpus-per-job must be a whole number from 1"),
+    ({"class": SLURM, "workers": 1.5}, "workers must be a whole number"),
+    ({"class": SLURM, "idle": "soon"}, "idle is 'soon'"),
+    ({"class": SLURM, "virtual-gpus": "lots"}, "virtual-gpus"),
+])
+def test_bad_settings_are_refused_with_the_key_and_the_fix(value, words):
+    with pytest.raises(cm.ClusterManagerError, match=None) as exc:
+        cm.load_settings(value)
+    assert words in str(exc.value)
+
+
+def test_settings_and_the_job_a_slurm_cluster_submits():
+    settings = cm.load_settings({"class": SLURM, "virtual-gpus": "1x4GiB", "adaptive": {"minimum": 0, "maximum": 4},
+                                 "idle": "2m", "options": {"walltime": "01:00:00",
+                                                           "job_extra_directives": ["--gres=gpu:1"]}})
+    assert settings.adaptive == (0, 4) and settings.idle == 120 and settings.is_jobqueue
+    assert cm.gpu_bytes(settings) == 4 * 2**30
+
+    async def script() -> str:
+        cluster = cm.build(settings, "10.0.0.5", 8786, "tcp", Security())
+        return cluster.job_script()
+
+    text = asyncio.run(script())
+    assert "#SBATCH -t 01:00:00" in text and "#SBATCH --gres=gpu:1" in text and "#SBATCH -J jupyter-gpu" in text
+    assert "-m jupyter_gpu.cli worker tcp://" in text and "--virtual-gpus 1x4GiB" in text  # our GPU worker
+    assert "export DASK_JUPYTER_GPU__POOL_KEY_FILE=" in text  # the pool key, where the jobs find it
+
+
+def test_squeue_output_and_what_counts_as_ended():
+    states = parse_squeue("123|PENDING|Resources\n124|RUNNING|None\n125|TIMEOUT|TimeLimit\n\n")
+    assert states == {"123": ("PENDING", "Resources"), "124": ("RUNNING", None), "125": ("TIMEOUT", "TimeLimit")}
+    assert describe(*states["123"]) == "PENDING (Resources)" and describe(*states["124"]) == "RUNNING"
+    assert SlurmStates.ended("TIMEOUT") and SlurmStates.ended("CANCELLED") and not SlurmStates.ended("PENDING")
+    assert not SlurmStates.ended(None)
+
+
+def test_a_jobs_gpu_workers_are_named_after_the_job():
+    one, two = parse_virtual_spec("1x4GiB"), parse_virtual_spec("2x4GiB")
+    assert worker_names(one, "jupyter-gpu-3") == ["jupyter-gpu-3"]
+    assert worker_names(two, "jupyter-gpu-3") == ["jupyter-gpu-3-gpu0", "jupyter-gpu-3-gpu1"]
+    assert worker_names(one, None)[0].startswith("Virtual GPU 0")
+
+
+def test_hosts_are_listed_in_address_order_with_their_gpus():
+    assert sorted(["10.0.0.10", "10.0.0.9", "node-b", "::1"], key=host_order) == ["10.0.0.9", "10.0.0.10", "::1",
+                                                                                  "node-b"]
+    gpus = [{"id": f"tcp://10.0.0.{h}:{p}#0", "worker": f"tcp://10.0.0.{h}:{p}", "host": f"10.0.0.{h}",
+             "total_bytes": 4, "leased_bytes": lb} for h, p, lb in ((9, 1, 1), (9, 2, 0), (10, 1, 2))]
+    assert hosts_view(gpus) == [
+        {"host": "10.0.0.9", "workers": 2, "gpus": [gpus[0]["id"], gpus[1]["id"]], "total_bytes": 8, "leased_bytes": 1},
+        {"host": "10.0.0.10", "workers": 1, "gpus": [gpus[2]["id"]], "total_bytes": 4, "leased_bytes": 2}]
+
+
+def test_a_waiting_request_hears_of_the_new_worker_unless_it_waits_for_its_quota():
+    req = Request(id="R1", user="u", kernel="k", client=None, spec=RequestSpec(fraction=0.5))
+    req.state, req.reason = "queued", "waiting: no GPU has 8.0 GiB free"
+    note = "waiting for a new worker (job 12 pending), Slurm: PENDING (Resources)"
+    assert waiting_reason(req, note) == f"waiting: no GPU has 8.0 GiB free; {note}"
+    assert waiting_reason(req, None) == req.reason
+    req.reason = "waiting: your quota full (1.0/1.0 GPU)"
+    assert waiting_reason(req, note) == req.reason
