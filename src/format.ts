@@ -38,6 +38,12 @@ export function formatDuration(seconds: number | null | undefined): string {
   return `${h}h ${String(m % 60).padStart(2, '0')}m`;
 }
 
+/** A time of day, 24-hour ``14:03:12``, from epoch seconds (the panel's clock, for when things happened). */
+export function formatClock(epochSeconds: number): string {
+  const d = new Date(epochSeconds * 1000);
+  return [d.getHours(), d.getMinutes(), d.getSeconds()].map(n => String(n).padStart(2, '0')).join(':');
+}
+
 /** A GPU fraction as the magic and the quota file spell it: ``0.25``, ``1``, ``2.5``. */
 export function formatShare(share: number): string {
   const rounded = Math.round(share * 100) / 100;

@@ -3,7 +3,8 @@
  *
  * It only lays out the view model (src/views/) with the section components (src/components/) and runs the
  * actions (start, scale, cancel) one at a time, showing why one failed; every decision about what to show
- * lives in the tested view builders, and every rule the broker owns arrives in the snapshot.
+ * lives in the tested view builders, and every rule the broker owns arrives in the snapshot. The one state
+ * it keeps is the usage history behind the charts (views/history.ts), fed by every snapshot.
  */
 import { ReactWidget } from '@jupyterlab/apputils';
 import { UseSignal } from '@jupyterlab/ui-components';
@@ -20,7 +21,9 @@ import { QueueList } from './components/QueueList';
 import { QuotaSection } from './components/QuotaSection';
 import { RunList } from './components/RunList';
 import { openScaleDialog } from './components/ScaleDialog';
+import { UsageSection } from './components/UsageSection';
 import { gpuIcon } from './icon';
+import { UsageHistory } from './views/history';
 import { IViewModel, buildViewModel } from './views/viewmodel';
 import { ISnapshot } from './wire';
 
@@ -56,6 +59,7 @@ async function startOrExplain(): Promise<void> {
 
 interface IViewProps {
   vm: IViewModel;
+  history: UsageHistory;
   live: boolean;
   actions: IPanelActions;
   defaultFraction: number;
@@ -65,6 +69,7 @@ interface IViewProps {
 /** The panel's body for a pool that answers: notices, then the GPUs, my sessions, quotas, queue, runs. */
 function PoolSections(props: {
   vm: IViewModel;
+  history: UsageHistory;
   actions: IPanelActions;
   busy: boolean;
   onCancel: (id: string) => void;
@@ -91,7 +96,8 @@ function PoolSections(props: {
           <code>JUPYTER_GPU_TOKEN</code> (or <code>c.GpuPanelConfig.token</code>) before starting JupyterLab.
         </div>
       ) : null}
-      <GpuList gpus={vm.gpus} groups={vm.hostGroups} />
+      <GpuList gpus={vm.gpus} history={props.history} groups={vm.hostGroups} />
+      <UsageSection history={props.history} me={vm.me} poolTotal={vm.poolTotal} />
       <JobList cluster={vm.cluster} />
       <MySessions
         sessions={vm.sessions}
@@ -150,6 +156,7 @@ function PanelView(props: IViewProps): JSX.Element {
     body = (
       <PoolSections
         vm={vm}
+        history={props.history}
         actions={props.actions}
         busy={isBusy}
         onCancel={id => void run(`cancel ${id}`, () => cancelOrExplain(id))}
@@ -181,6 +188,9 @@ export class GpuPanel extends ReactWidget {
     this._feed = options.feed;
     this._actions = options.actions ?? {};
     this._defaultFraction = options.defaultFraction ?? 0.25;
+    // every snapshot feeds the usage charts, whether or not the panel is on screen
+    this._history.add(this._feed.latest);
+    this._feed.changed.connect((_, snapshot) => this._history.add(snapshot), this);
     this.id = 'jupyter-gpu-panel';
     this.title.icon = gpuIcon;
     this.title.caption = 'GPU pool';
@@ -198,6 +208,7 @@ export class GpuPanel extends ReactWidget {
         {(_, snapshot?: ISnapshot) => (
           <PanelView
             vm={buildViewModel(snapshot ?? null, Date.now() / 1000)}
+            history={this._history}
             live={this._feed.live}
             actions={this._actions}
             defaultFraction={this._defaultFraction}
@@ -209,6 +220,7 @@ export class GpuPanel extends ReactWidget {
   }
 
   private _feed: SnapshotFeed;
+  private _history = new UsageHistory();
   private _actions: IPanelActions;
   private _defaultFraction: number;
 }

@@ -260,7 +260,8 @@ export interface IRankReport {
 
 /**
  * A scale-out run as the broker's ``gpu_run_update`` / ``gpu_run_metrics`` record it: ``ranks`` maps each
- * rank to its stream of reports. A summary per rank (``IRunRank``) is accepted too.
+ * rank to its stream of reports. A summary per rank (``IRunRank``) is accepted too. Every run of a cell
+ * has an id of its own (jupyter_gpu/kernelext/runs.py).
  */
 export interface IRun {
   id: string;
@@ -273,7 +274,11 @@ export interface IRun {
   attempt?: number;
   ranks?: IRunRank[] | Record<string, IRunRank | IRankReport[]>;
   metrics?: IRunMetric[];
+  /** Epoch seconds: when the broker first heard of the run, and when it ended (null while it runs). */
   started?: number | null;
+  ended?: number | null;
+  /** The earlier run whose checkpoints this one continues (``%%gpu --resume``). */
+  resumes?: string | null;
 }
 
 /** What GET jupyter-gpu/api/snapshot and the stream websocket send: protocol.Snapshot with a ``state``. */

@@ -59,8 +59,15 @@ async def load() -> dict:
 async def peak(lease: str, peak_bytes: int) -> dict:
     """Report ``peak_bytes`` for ``lease`` the way a session process does when a cell ends (``gpu_lease_state``
     with its current state), then return the lease as the broker now has it."""
+    from jupyter_gpu.common import poolkey
+    from jupyter_gpu.pool.discovery import pool_address
+
     info = await _call("gpu_lease_info", lease=lease)
-    await _call("gpu_lease_state", lease=lease, state=info.get("state") or "idle", peak_bytes=peak_bytes)
+    # a session's report reaches the broker through its worker, with the pool key (the embedded pool's is
+    # this account's): without it the broker ignores the report
+    key = poolkey.read_key(poolkey.key_path(pool_address()))
+    await _call("gpu_lease_state", lease=lease, state=info.get("state") or "idle", peak_bytes=peak_bytes, key=key,
+                worker=info.get("worker"))
     return await _call("gpu_lease_info", lease=lease)
 
 

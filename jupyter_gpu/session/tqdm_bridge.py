@@ -28,7 +28,8 @@ _NOWHERE = _Discard()
 
 
 def install() -> bool:
-    """Patch tqdm's base class (and point ``tqdm.notebook`` at it); False when tqdm is not installed."""
+    """Patch tqdm's base class (``tqdm``, ``tqdm.auto`` and ``trange`` use it; ``tqdm.notebook`` too when it
+    is loaded already); False when tqdm is not installed."""
     try:
         import tqdm.std as std
     except ImportError:
@@ -50,13 +51,10 @@ def install() -> bool:
     cls.__init__ = __init__
     cls.display = display
     cls._jupyter_gpu = True
-    try:  # tqdm.notebook draws ipywidgets for a kernel's frontend, which a session has not: the same bar
-        import tqdm.notebook as notebook
-
-        notebook.tqdm = notebook.tqdm_notebook = cls
-        notebook.trange = std.trange
-    except Exception as exc:  # noqa: BLE001 - tqdm.notebook is optional
-        log.debug("tqdm.notebook left as it is: %s", exc)
+    notebook = sys.modules.get("tqdm.notebook")
+    if notebook is not None:  # it draws ipywidgets for a kernel's frontend, which a session has not: the same
+        notebook.tqdm = notebook.tqdm_notebook = cls  # bar (not imported here: it imports ipywidgets, which
+        notebook.trange = std.trange                 # would slow every session's start)
     return True
 
 

@@ -38,12 +38,13 @@ class VirtualDevice:
 
         self.device = torch.device("cpu")   # the one object device() hands out: marks go by identity
         self.mode: Any = None
+        self._mode_class = _marking_mode_class(self)
         _patch_module_moves(self)
 
     def begin_cell(self) -> None:
         """Mark from here (the cell starts)."""
         if self.mode is None:
-            self.mode = _marking_mode(self)
+            self.mode = self._mode_class()
             self.mode.__enter__()
 
     def end_cell(self) -> None:
@@ -74,7 +75,7 @@ class VirtualDevice:
         return device is self.device
 
 
-def _marking_mode(vdev: VirtualDevice) -> Any:
+def _marking_mode_class(vdev: VirtualDevice) -> type:
     from torch.overrides import TorchFunctionMode
 
     class DeviceMarks(TorchFunctionMode):
@@ -92,7 +93,7 @@ def _marking_mode(vdev: VirtualDevice) -> Any:
                 _mark(out)
             return out
 
-    return DeviceMarks()
+    return DeviceMarks
 
 
 def _own(out: Any, args: tuple) -> Any:

@@ -2,15 +2,24 @@ import * as React from 'react';
 
 import { formatBytes } from '../format';
 import { IGpuView, IHostGroup } from '../views/gpus';
+import { UsageHistory } from '../views/history';
 import { GpuCard } from './GpuCard';
+import { chartSpan } from './TimeChart';
 
 /**
- * The GPUs section: a card per GPU, in the broker's order (by host, worker, then index). When the pool spans
- * several machines the cards are grouped under a heading per host, with that host's memory leased and total.
+ * The GPUs section: a card per GPU, in the broker's order (by host, worker, then index), charts on one time
+ * axis. When the pool spans several machines the cards are grouped under a heading per host, with that
+ * host's memory leased and total.
  */
-export function GpuList(props: { gpus: IGpuView[]; groups?: IHostGroup[] }): JSX.Element {
-  const { gpus } = props;
+export function GpuList(props: { gpus: IGpuView[]; history: UsageHistory; groups?: IHostGroup[] }): JSX.Element {
+  const { gpus, history } = props;
   const groups = props.groups ?? [];
+  const span = chartSpan(
+    gpus.map(g => history.gpu(g.id).util),
+    history.now,
+    history.window
+  );
+  const card = (g: IGpuView) => <GpuCard key={g.id} gpu={g} history={history.gpu(g.id)} span={span} />;
   let body: React.ReactNode;
   if (!gpus.length) {
     body = <div className="jp-GpuPanel-empty">No GPU workers yet.</div>;
@@ -24,13 +33,11 @@ export function GpuList(props: { gpus: IGpuView[]; groups?: IHostGroup[] }): JSX
             {formatBytes(group.totalBytes)} leased
           </span>
         </div>
-        {group.gpus.map(g => (
-          <GpuCard key={g.id} gpu={g} />
-        ))}
+        {group.gpus.map(card)}
       </div>
     ));
   } else {
-    body = gpus.map(g => <GpuCard key={g.id} gpu={g} />);
+    body = gpus.map(card);
   }
   return (
     <section className="jp-GpuPanel-section jp-GpuPanel-gpus">

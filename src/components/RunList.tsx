@@ -3,7 +3,7 @@ import * as React from 'react';
 import { IRunView } from '../views/runs';
 import { RunCard } from './RunCard';
 
-/** The Scale-out runs section (the broker's latest runs); nothing when there are none. */
+/** The Scale-out runs section (the broker's latest runs, newest first); nothing when there are none. */
 export function RunList(props: { runs: IRunView[] }): JSX.Element | null {
   const { runs } = props;
   if (!runs.length) {

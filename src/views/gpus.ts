@@ -2,7 +2,7 @@
  * One GPU card's view: its memory split by lease (one coloured segment per lease), its utilisation and
  * memory series for the sparklines, and the badge that says a GPU is virtual or a MIG slice.
  */
-import { formatBytes, formatShare } from '../format';
+import { formatBytes, formatShare, notebookLabel } from '../format';
 import { IGpu, ILease } from '../wire';
 
 /** One coloured segment of a GPU's memory bar, and its row in the card's lease list. */
@@ -19,6 +19,8 @@ export interface ISegmentView {
   isolation: string;
   state: string;
   preemptible: boolean;
+  /** A rank of a ``--workers`` run: ``rank 1 of 2`` (its cell label is the same on every rank). */
+  rank: string | null;
 }
 
 export interface IGpuView {
@@ -74,7 +76,8 @@ export function gpuView(gpu: IGpu, me: string): IGpuView {
       share: total ? Math.min(1, bytes / total) : 0,
       isolation: lease.isolation || 'none',
       state: lease.state || 'unknown',
-      preemptible: !!lease.preemptible
+      preemptible: !!lease.preemptible,
+      rank: (lease.world_size ?? 1) > 1 ? `rank ${lease.rank ?? 0} of ${lease.world_size}` : null
     };
   });
   segments.sort((a, b) => Number(b.mine) - Number(a.mine) || b.bytes - a.bytes || a.leaseId.localeCompare(b.leaseId));
@@ -97,9 +100,15 @@ export function gpuView(gpu: IGpu, me: string): IGpuView {
   };
 }
 
+/** Where a lease runs, as its row reads: ``train.ipynb › fit · rank 1 of 2`` (a notebook's path in full). */
+export function segmentWhere(s: ISegmentView): string {
+  const where = [notebookLabel(s.notebook), s.cell].filter(Boolean).join(' › ');
+  return [where, s.rank].filter(Boolean).join(' · ');
+}
+
 /** A segment's tooltip (on the memory bar and on its lease row): who, where, how much, how isolated. */
 export function segmentTitle(s: ISegmentView): string {
-  const where = [s.notebook, s.cell].filter(Boolean).join(' › ');
+  const where = [[s.notebook, s.cell].filter(Boolean).join(' › '), s.rank].filter(Boolean).join(' · ');
   const fraction = s.fraction !== null ? `${formatShare(s.fraction)} GPU` : formatBytes(s.bytes);
   return `${s.user}${where ? ` – ${where}` : ''}: ${fraction} (${formatBytes(s.bytes)}), isolation ${s.isolation}, ${
     s.state

@@ -12,7 +12,7 @@ import { IClusterView, clusterView } from './jobs';
 import { IParkedView, myParked } from './parked';
 import { IQueueView, queueViews } from './queue';
 import { IQuotaView, quotaView } from './quotas';
-import { IRunView, runView } from './runs';
+import { IRunView, runViews } from './runs';
 import { ISessionView, mySessions } from './sessions';
 
 export interface IViewModel {
@@ -34,6 +34,7 @@ export interface IViewModel {
   sessions: ISessionView[];
   /** My sessions whose variables wait in host memory; my next ``%%gpu`` cell there brings them back. */
   inHostMemory: IParkedView[];
+  /** Scale-out runs, newest first. */
   runs: IRunView[];
   /** The pool's quotas as they concern the panel; null when the broker sends none (an older broker). */
   quotas: IQuotaView | null;
@@ -117,7 +118,7 @@ export function buildViewModel(snapshot: ISnapshot | null, nowSeconds: number, m
     cluster: clusterView(pool.cluster, now),
     sessions: mySessions(snapshot.gpus ?? [], me, now),
     inHostMemory: myParked(snapshot.in_host_memory ?? [], me, now),
-    runs: (snapshot.runs ?? []).map(r => runView(r, me)),
+    runs: runViews(snapshot.runs ?? [], me, now),
     quotas: quotaView(snapshot.quotas, me, shares.myShare),
     tokenMissing: snapshot.quotas?.identity === 'tokens' && snapshot.token_set === false,
     notIsolated: !pool.embedded && !!pool.shared && pool.users_isolated === false,

@@ -25,7 +25,7 @@ def test_quickstart_runs_and_shows_its_results(pool, monkeypatch):
     code = [c for c in nb.cells if c.cell_type == "code"]
     train = next(c for c in code if "--name spirals" in c.source)
     assert "trained on cpu: final loss" in _outputs_text(train)
-    assert "step" in _outputs_text(train)  # the live progress display from jupyter_gpu.report
+    assert "rank 0: 150/150 steps (100%)" in _outputs_text(train)  # the progress display from jupyter_gpu.report
     evaluate = next(c for c in code if "accuracy = float" in c.source)
     assert any("image/png" in o.get("data", {}) for o in evaluate.outputs)
     local = next(c for c in code if "the model stays remote" in c.source)
@@ -44,6 +44,6 @@ def test_scale_out_notebook_trains_on_one_then_two_workers(pool, monkeypatch, tm
     two = next(c for c in code if "--workers 2" in c.source)
     assert "rank 0 of 1: final loss" in _outputs_text(one)
     assert "rank 0 of 2: final loss" in _outputs_text(two) and "[rank 1] rank 1 of 2" in _outputs_text(two)
-    assert "rank 1: step 119" in _outputs_text(two)  # per-rank progress
+    assert "rank 1: 120/120 steps (100%)" in _outputs_text(two)  # per-rank progress
     assert "accuracy: 1 worker" in _outputs_text(code[-1])
     assert any("image/png" in o.get("data", {}) for o in code[-1].outputs)

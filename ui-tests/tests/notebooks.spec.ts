@@ -12,6 +12,7 @@
 import { expect, galata, IJupyterLabPageFixture, test } from '@jupyterlab/galata';
 import type { Locator } from '@playwright/test';
 import { execFileSync } from 'child_process';
+import * as fs from 'fs';
 import * as path from 'path';
 
 const PANEL_ID = 'jupyter-gpu-panel';
@@ -31,6 +32,13 @@ function luminance(colour: string): number {
       return c <= 0.03928 ? c / 12.92 : ((c + 0.055) / 1.055) ** 2.4;
     });
   return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+}
+
+/** Keep a screenshot of the real run in docs/images (the docs show it). */
+function keepDocShot(shot: string, name: string): void {
+  const docs = path.join(__dirname, '..', '..', 'docs', 'images');
+  fs.mkdirSync(docs, { recursive: true });
+  fs.copyFileSync(shot, path.join(docs, name));
 }
 
 function poolHelper(...args: string[]): any {
@@ -64,12 +72,9 @@ function notebookJson(cells: string[]): string {
  */
 async function openNotebook(page: IJupyterLabPageFixture, tmpPath: string, name: string, cells: string[]) {
   await page.contents.uploadContent(notebookJson(cells), 'text', `${tmpPath}/${name}`);
-  await page.evaluate(
-    async p => {
-      await (window as any).jupyterapp.commands.execute('docmanager:open', { path: p, factory: 'Notebook' });
-    },
-    `${tmpPath}/${name}`
-  );
+  await page.evaluate(async p => {
+    await (window as any).jupyterapp.commands.execute('docmanager:open', { path: p, factory: 'Notebook' });
+  }, `${tmpPath}/${name}`);
   await expect(page.activity.getTabLocator(name)).toBeVisible();
   expect(await page.notebook.activate(name)).toBe(true);
 }
@@ -121,7 +126,7 @@ test.describe('%%gpu notebooks and the panel', () => {
     // the kernel starts the embedded pool in the tests' runtime directory, where the panel looks for it
     await runCell(page, 0);
     await expect(await output(page, 0)).toContainText(
-      /Connected to the embedded pool at tcp:\/\/127\.0\.0\.1:\d+: 2 GPU\(s\) \(virtual\), user panel-tester\./,
+      /Connected to the embedded pool at (tcp|tls):\/\/127\.0\.0\.1:\d+: 2 GPU\(s\) \(virtual\), user panel-tester\./,
       { timeout: POOL_START }
     );
     const cards = panel.locator('.jp-GpuPanel-gpus .jp-GpuPanel-card');
@@ -130,9 +135,12 @@ test.describe('%%gpu notebooks and the panel', () => {
     await runCell(page, 1);
     const out = await output(page, 1);
     await expect(out).toContainText('hello from the pool, pid', { timeout: CELL });
-    await expect(out).toContainText(/%%gpu done in [\d.]+ s on .+ \(1 of a GPU, lease L\w+, isolation none\)/, {
-      timeout: CELL
-    });
+    await expect(out).toContainText(
+      /%%gpu done in [\d.]+ s \((waited [\d.]+ s|no wait) for its GPU\) on .+ \(1 of a GPU, lease L\w+, isolation none\)/,
+      {
+        timeout: CELL
+      }
+    );
     const lease = (await out.textContent())!.match(/lease (L\w+)/)![1];
 
     // the panel: my session (notebook › cell name), its lease on one card, my share in the status bar
@@ -242,11 +250,11 @@ test.describe('%%gpu notebooks and the panel', () => {
     });
   });
 
-  test('a %%gpu --workers 2 run shows per-rank progress and the loss curve in the panel', async ({
+  test('a %%gpu --workers 2 run shows per-rank progress, and its rerun is a run of its own', async ({
     page,
     tmpPath
   }) => {
-    test.setTimeout(150000);
+    test.setTimeout(200000);
     const panel = await openPanel(page);
     await openNotebook(page, tmpPath, 'spread.ipynb', [
       CONNECT,
@@ -264,37 +272,108 @@ test.describe('%%gpu notebooks and the panel', () => {
     await expect(await output(page, 0)).toContainText('Connected to the embedded pool', { timeout: POOL_START });
     await runCell(page, 1, false);
 
-    const run = panel.locator('.jp-GpuPanel-runs .jp-GpuPanel-run').filter({ hasText: 'spread (2 GPUs)' });
+    const runs = panel.locator('.jp-GpuPanel-runs .jp-GpuPanel-run').filter({ hasText: 'spread (2 GPUs)' });
+    const run = runs.first();
     const ranks = run.locator('.jp-GpuPanel-rank');
     // while it runs: one progress bar per rank, each with its step
     await expect(ranks).toHaveCount(2, { timeout: CELL });
     await expect(ranks.locator('.jp-GpuPanel-rankLabel')).toHaveText(['rank 0', 'rank 1']);
-    await expect(ranks.locator('.jp-GpuPanel-rankText')).toHaveText(Array(2).fill(/^step \d+\/20 · loss /), {
+    await expect(ranks.locator('.jp-GpuPanel-rankText')).toHaveText(Array(2).fill(/^\d+\/20 steps · loss /), {
       timeout: CELL
     });
     // live: rank 0 is seen part-way (the loop takes 8 s; the panel updates every 0.5 s)
-    await expect(ranks.locator('.jp-GpuPanel-rankText').first()).toHaveText(/^step (1?\d)\/20 · loss /);
+    await expect(ranks.locator('.jp-GpuPanel-rankText').first()).toHaveText(/^(1?\d)\/20 steps · loss /);
     await expect(run.locator('.jp-GpuPanel-state')).toHaveText('running');
+    await expect(run.locator('.jp-GpuPanel-runWhen')).toHaveText(
+      /^spread\.ipynb · started \d\d:\d\d:\d\d · running for \d+s$/
+    );
     await run.scrollIntoViewIfNeeded();
     await page.screenshot({ path: test.info().outputPath('notebook-scale-out-running.png') });
 
     // finished: both ranks at 20/20, rank 0's loss curve, and the cell shows both ranks' output
     const out = await output(page, 1);
-    await expect(out).toContainText('%%gpu done: 2 ranks', { timeout: CELL });
+    await expect(out).toContainText('%%gpu done: 2 ranks in', { timeout: CELL });
     await expect(out).toContainText('rank 0 of 2 finished');
     await expect(out).toContainText('[rank 1] rank 1 of 2 finished');
+    await expect(out).toContainText(
+      /; rank 0: 20\/20 steps \(100%\) · [\d.]+ steps\/s · loss=0\.05; rank 1: 20\/20 steps/
+    );
     await expect(run.locator('.jp-GpuPanel-state')).toHaveText('done', { timeout: 15000 });
-    await expect(ranks.locator('.jp-GpuPanel-rankText')).toHaveText(Array(2).fill('step 20/20 · loss 0.0500'), {
+    await expect(ranks.locator('.jp-GpuPanel-rankText')).toHaveText(Array(2).fill('20/20 steps · loss 0.0500'), {
       timeout: 15000
     });
     for (const bar of await ranks.locator('progress').all()) {
       await expect(bar).toHaveJSProperty('value', 1);
     }
     await expect(run.locator('.jp-GpuPanel-sparkline.jp-mod-loss')).toBeVisible();
-    await expect(run.locator('.jp-GpuPanel-metricLabel')).toHaveText('loss 0.0500');
+    await expect(run.locator('.jp-GpuPanel-metricLabel')).toHaveText('loss 0.0500 (from 1.00)');
+    await expect(run.locator('.jp-GpuPanel-runWhen')).toHaveText(
+      /^spread\.ipynb · started \d\d:\d\d:\d\d · took \d+s$/
+    );
     // the gang's leases were freed with the run
     await expect(panel.locator('.jp-GpuPanel-mine h3')).toHaveText('My sessions (0)', { timeout: 15000 });
     await run.screenshot({ path: test.info().outputPath('panel-scale-out-run.png') });
+
+    // the same cell again (a rerun): a second card, first in the list, not a spike on the first run's curve
+    const firstId = await run.getAttribute('data-run-id');
+    await runCell(page, 1, false);
+    await expect(runs).toHaveCount(2, { timeout: CELL });
+    await expect(runs.first()).not.toHaveAttribute('data-run-id', firstId!);
+    await expect(runs.nth(1)).toHaveAttribute('data-run-id', firstId!);
+    await expect(runs.nth(1).locator('.jp-GpuPanel-state')).toHaveText('done');
+    await expect(runs.first().locator('.jp-GpuPanel-state')).toHaveText('done', { timeout: CELL });
+    await expect(runs.first().locator('.jp-GpuPanel-rankText')).toHaveText(Array(2).fill('20/20 steps · loss 0.0500'));
+  });
+
+  test('a training cell shows a progress bar widget with its rate and time left, and tqdm the same', async ({
+    page,
+    tmpPath
+  }) => {
+    test.setTimeout(150000);
+    await openNotebook(page, tmpPath, 'progress.ipynb', [
+      CONNECT,
+      [
+        '%%gpu --name train',
+        'import time, jupyter_gpu',
+        'for step in range(60):',
+        '    time.sleep(0.2)',
+        '    if step % 5 == 0 or step == 59:',
+        '        jupyter_gpu.report(step=step, total=60, loss=1.0 / (step + 1))'
+      ].join('\n'),
+      [
+        '%%gpu',
+        'import time',
+        'from tqdm.auto import tqdm',
+        "for i in tqdm(range(30), desc='epochs'):",
+        '    time.sleep(0.1)'
+      ].join('\n')
+    ]);
+    await runCell(page, 0);
+    await expect(await output(page, 0)).toContainText('Connected to the embedded pool', { timeout: POOL_START });
+    await runCell(page, 1, false);
+    const out = await output(page, 1);
+    // an ipywidgets bar, updated in place while the cell runs: share done, steps per second, time left
+    const bar = out.locator('.jupyter-gpu-progress-bar');
+    await expect(bar).toBeVisible({ timeout: CELL });
+    const text = out.locator('.jupyter-gpu-progress-text');
+    await expect(text).toHaveText(/^\d+\/60 steps \(\d+%\) · [\d.]+ steps\/s · \d+ s left · loss=/, { timeout: CELL });
+    await out.scrollIntoViewIfNeeded();
+    const cell = (await page.notebook.getCellLocator(1))!;
+    const shot = test.info().outputPath('progress-widget-running.png');
+    await cell.screenshot({ path: shot });
+    keepDocShot(shot, 'progress-widget.png');
+    await expect(text).toHaveText(/^60\/60 steps \(100%\) · [\d.]+ steps\/s · loss=0\.01667$/, { timeout: CELL });
+    await expect(out.locator('.jupyter-gpu-progress-curve svg polyline')).toHaveCount(1);
+    await expect(out).toContainText('%%gpu done in');
+    await expect(out.locator('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]')).toHaveCount(0);
+
+    // tqdm.auto in a cell: the same bar, not a red text bar on stderr
+    await runCell(page, 2);
+    const tq = await output(page, 2);
+    await expect(tq.locator('.jupyter-gpu-progress-text')).toHaveText(/^30\/30 steps \(100%\) · /, { timeout: CELL });
+    await expect(tq.locator('.jupyter-gpu-progress-bar')).toBeVisible();
+    await expect(tq).toContainText('rank 0 · epochs');
+    await expect(tq.locator('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]')).toHaveCount(0);
   });
 
   test('the panel follows the JupyterLab Dark theme', async ({ page }) => {

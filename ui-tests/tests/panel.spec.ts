@@ -8,7 +8,6 @@
  */
 import { expect, galata, test } from '@jupyterlab/galata';
 import { execFileSync } from 'child_process';
-import * as fs from 'fs';
 import * as path from 'path';
 
 const PANEL_ID = 'jupyter-gpu-panel';
@@ -130,11 +129,8 @@ test.describe('GPU panel', () => {
       'used 600.0 MiB of 8.0 GiB: ask --memory 1GiB next time'
     );
 
-    const shot = test.info().outputPath('panel.png');
-    await page.screenshot({ path: shot });
-    const docs = path.join(__dirname, '..', '..', 'docs', 'images');
-    fs.mkdirSync(docs, { recursive: true });
-    fs.copyFileSync(shot, path.join(docs, 'panel.png'));
+    // (the README's picture, docs/images/panel.png, is tour.spec.ts's: real notebooks, not this test's work)
+    await page.screenshot({ path: test.info().outputPath('panel.png') });
 
     // "go to cell": the session's notebook opens with the lease's cell (named by %%gpu --name) active
     await page.contents.uploadContent(
@@ -180,8 +176,9 @@ test.describe('GPU panel', () => {
     await expect(myRow).toHaveCount(0);
     // freeing my half empties that GPU, so the broker grants the waiting whole-GPU request: both GPUs full
     await expect(queue.locator('h3')).toHaveText('Queue (0)', { timeout: 30000 });
-    await expect(panel.locator('.jp-GpuPanel-memText')).toHaveText(
-      Array(2).fill(/16\.0 GiB of 16\.0 GiB leased/), { timeout: 30000 });
+    await expect(panel.locator('.jp-GpuPanel-memText')).toHaveText(Array(2).fill(/16\.0 GiB of 16\.0 GiB leased/), {
+      timeout: 30000
+    });
     await expect(page.locator('.jp-GpuStatus-text')).toHaveText('GPU: 0 of 2');
     // someone-else's team now holds 2 GPUs on a 1 GPU guarantee: the second lease is borrowed, preemptible
     await expect(quotas.locator('[data-team="others"]')).toContainText('2 of 1 GPU guaranteed');
