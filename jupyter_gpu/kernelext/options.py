@@ -68,7 +68,7 @@ class _HelpFormatter(MagicHelpFormatter):
 @argument("--async", dest="run_async", action="store_true",
           help="return a handle at once; the cell runs in the background (job.result(), await job)")
 @argument("--name", metavar="TEXT", default=None,
-          help="a label for the panel and the queue; it also names the cell's folder for jupyter_gpu.checkpoint")
+          help="a label for the panel and the queue; --resume finds this cell's earlier runs by it")
 @argument("--resume", action="store_true",
           help="start from the last jupyter_gpu.checkpoint() of this cell's latest earlier run (same --name, or "
                "same source); without it every run starts afresh (a run that lost a worker always resumes)")
