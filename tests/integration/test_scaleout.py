@@ -3,6 +3,7 @@
 import os
 import re
 import signal
+import time
 
 import pytest
 from harness import Kernel, leases, snapshot, wait_until, worker_pid
@@ -154,3 +155,35 @@ def test_a_rerun_starts_afresh_and_resuming_is_asked_for_and_announced(pool, tmp
         assert runs[-1]["resumes"] == runs[-2]["id"]
     finally:
         k.shutdown(now=True)
+
+
+def test_a_cell_waiting_behind_a_run_that_reports_progress_gets_a_steady_estimate(private_pool):
+    """The queue said 22 -> 27 -> 39 s while one waited: running work was assumed to need as long again as it
+    had run. The ranks of a run report step/total to the broker (through their workers); a cell queued
+    behind the run gets the run's end as its estimate, which holds still, and says what it rests on."""
+    a, c = Kernel(private_pool, user="ann"), Kernel(private_pool, user="cid")
+    try:
+        run = a.submit("%%gpu --workers 2 --name long\nimport time, jupyter_gpu\nfor i in range(40):\n"
+                       "    time.sleep(0.4)\n    jupyter_gpu.report(step=i, total=40)\nprint('done')")
+        assert wait_until(lambda: len([ls for ls in leases(private_pool) if ls["world_size"] == 2
+                                       and ls["state"] == "running"]) == 2, timeout=120)
+        waiting = c.submit("%%gpu --gpus 1\nprint('ran')")
+        estimates = []
+        deadline = time.monotonic() + 60
+        while len(estimates) < 4 and time.monotonic() < deadline:
+            queued = [q for q in snapshot(private_pool)["queue"] if q["user"] == "cid"]
+            if queued and queued[0]["eta_basis"] == "progress":
+                estimates.append((time.time(), queued[0]["eta"]))
+            time.sleep(1.5)
+        assert len(estimates) == 4, estimates
+        etas = [eta for _, eta in estimates]
+        assert max(etas) - min(etas) < 5, estimates  # it holds still (it grew by seconds each time before)
+        assert all(eta > t for t, eta in estimates) and etas[-1] - estimates[-1][0] < 20, estimates
+        res = c.collect(waiting, timeout=120)
+        badges = [d for d in res.data() if d.startswith("%%gpu queued")]
+        assert any("(from the running cells' reported progress)" in b for b in badges), badges
+        assert res.stdout == "ran\n"
+        assert a.collect(run, timeout=120).error is None
+    finally:
+        a.shutdown(now=True)
+        c.shutdown(now=True)
