@@ -126,6 +126,8 @@ class RankRunner:
             if rank in replies:  # its connection broke after the broker had already said it was lost
                 continue
             replies[rank] = reply = self._reply(msg, cause)
+            if reply.get("status") == "lost" and reply.get("started") and self._moved_out(rank):
+                reply["started"] = False  # its session had been moved to host memory: it ran no more cells
             if world > 1 and reply.get("status") != "ok" and stop_at is None and kill_at is None:
                 lost = reply.get("status") == "lost"
                 stop_at = time.monotonic() + (0 if lost else config.get_seconds("scaleout.error-grace"))
@@ -145,6 +147,16 @@ class RankRunner:
             if info.get("state") == "ended":
                 ended[rank] = info.get("end_reason") or "the pool ended its lease"
         return ended
+
+    def _moved_out(self, rank: int) -> bool:
+        """Whether rank ``rank``'s lease ended by moving its session to host memory. Such a session runs no
+        more cells, so a cell sent to it just then (its connection broke as the worker ended it) never ran:
+        the caller brings the variables back in a new session and runs the cell there."""
+        try:
+            info = self.conn.scheduler_call("gpu_lease_info", lease=self.sessions[rank].id, user=self.conn.user)
+        except Exception:  # noqa: BLE001 - the pool does not answer: keep what the connection said
+            return False
+        return info.get("state") == "ended" and (info.get("offload") or {}).get("state") in ("pending", "saved")
 
     @staticmethod
     def _reply(msg: dict, cause: str | None) -> dict:

@@ -63,6 +63,32 @@ def isolation_note(pool: dict) -> str:
             "worker` as root, with a token file on the pool, to isolate them; see docs/security.md)")
 
 
+def cluster_text(pool: dict) -> str:
+    """The cluster manager behind ``%gpu scale``, what it was asked for, and its jobs on their way or ended
+    (the manager's own words: ``job 123 PENDING (Resources)``); '' for a pool without one."""
+    cluster = pool.get("cluster") or {}
+    if not cluster or cluster.get("kind") == "embedded":
+        return ""
+    name = {"slurm": "Slurm"}.get(cluster.get("kind") or "", "a Dask cluster manager")
+    parts = [f"Workers come from {name} ({cluster.get('manager')})"]
+    if cluster.get("adaptive"):
+        parts.append(f"adaptive {cluster['adaptive']['minimum']}..{cluster['adaptive']['maximum']} workers")
+    elif cluster.get("target") is not None:
+        parts.append(f"{cluster['target']} worker(s) asked for")
+
+    def job(j: dict) -> str:
+        state = j.get("state") or "submitted"
+        return f"job {j.get('job_id') or j.get('name')} {state}" + (f" ({j['reason']})" if j.get("reason") else "")
+
+    pending = [job(j) for j in cluster.get("jobs") or () if not j.get("workers")]
+    ended = [job(j) for j in cluster.get("ended") or ()][:3]
+    if pending:
+        parts.append("on their way: " + ", ".join(pending))
+    if ended:
+        parts.append("ended by themselves: " + ", ".join(ended))
+    return "; ".join(parts) + "."
+
+
 class QueueView:
     def __init__(self, snapshot: dict, user: str):
         self.snapshot, self.user = snapshot, user
@@ -93,11 +119,13 @@ class StatusView:
                 + (", virtual GPUs (fractions are counted, not enforced)" if pool.get("virtual") else "")
                 + isolation_note(pool))
         gpu_rows = []
+        several_hosts = len({g.get("host") for g in snap["gpus"]}) > 1  # a pool across machines: say which
         for g in snap["gpus"]:
             holders = ", ".join(f"{ls['user']} {ls.get('bytes_on_gpu', ls['bytes']) / g['total_bytes']:.2g}"
                                 f" ({ls['state']})" for ls in g["leases"]) or "-"
             util = g.get("utilization")
-            gpu_rows.append([g["name"] + (" [virtual]" if g.get("virtual") else "") + (" [MIG]" if g.get("mig") else ""),
+            gpu_rows.append([(f"{g.get('host')}: " if several_hosts else "") + g["name"]
+                             + (" [virtual]" if g.get("virtual") else "") + (" [MIG]" if g.get("mig") else ""),
                              f"{format_bytes(g['leased_bytes'])} / {format_bytes(g['total_bytes'])}",
                              "-" if util is None else f"{util:.0f}%", holders])
         gpu_plain, gpu_html = _table(["GPU", "leased", "util", "held by"], gpu_rows)
@@ -130,8 +158,9 @@ class StatusView:
                                  queued)
         jobs = [[j.id, j.label, j.state] for j in self.jobs.values()]
         j_plain, j_html = _table(["job", "cell", "state"], jobs)
-        plain = [head, "", gpu_plain, "", f"My sessions ({self.user}):",
-                 my_plain if mine else "none"]
+        cluster = cluster_text(pool)
+        plain = [head] + ([cluster] if cluster else []) + ["", gpu_plain, "", f"My sessions ({self.user}):",
+                                                            my_plain if mine else "none"]
         if parked:
             plain += ["", "My sessions in host memory (the next %%gpu cell of their kernel brings them back):",
                       p_plain]
@@ -140,7 +169,8 @@ class StatusView:
             plain += ["", "My --async jobs in this kernel:", j_plain]
         quota = quota_text(snap.get("quotas") or {}, self.user)
         plain += ["", quota]
-        rich = (f"<p><b>{html.escape(head)}</b></p>{gpu_html}<h4>My sessions ({html.escape(self.user)})</h4>"
+        rich = (f"<p><b>{html.escape(head)}</b></p>" + (f"<p>{html.escape(cluster)}</p>" if cluster else "")
+                + f"{gpu_html}<h4>My sessions ({html.escape(self.user)})</h4>"
                 + (my_html if mine else "<p>none</p>")
                 + ("<h4>My sessions in host memory</h4><p>The next <code>%%gpu</code> cell of their kernel brings "
                    f"them back.</p>{p_html}" if parked else "")

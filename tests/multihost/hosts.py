@@ -45,9 +45,12 @@ def missing_tools() -> str | None:
     """Why hosts cannot be made here (not root, no ip/unshare, namespaces refused), or None."""
     if os.geteuid() != 0:
         return "making hosts needs root (network namespaces, links and mounts)"
+    if shutil.which("ip") is None and shutil.which("apt-get") is not None:  # Debian's iproute2, as CI installs it
+        subprocess.run(["apt-get", "install", "-y", "-qq", "iproute2"], capture_output=True,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, timeout=600)
     for tool in ("ip", "unshare"):
         if shutil.which(tool) is None:
-            return f"making hosts needs `{tool}` (iproute2 / util-linux)"
+            return f"making hosts needs `{tool}` (iproute2 / util-linux), and it could not be installed"
     probe = f"{NETNS_PREFIX}{os.getpid()}-probe"
     made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
     if made.returncode != 0:

@@ -23,7 +23,8 @@ import pytest
 from harness import wait_until
 from slurmpool import slurm_pool
 
-pytestmark = pytest.mark.integration
+# the first test's setup may install Slurm (apt-get) and starts it: more than the default 300 s on a cold CI
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 # the admin's idle timeout moves an idle session's variables to host memory on its worker
 QUOTAS = "idle-timeout: 6s\nmin-run-time: 0s\n"

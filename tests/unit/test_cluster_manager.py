@@ -91,3 +91,20 @@ def test_a_waiting_request_hears_of_the_new_worker_unless_it_waits_for_its_quota
     assert waiting_reason(req, None) == req.reason
     req.reason = "waiting: your quota full (1.0/1.0 GPU)"
     assert waiting_reason(req, note) == req.reason
+
+
+def test_status_says_where_workers_come_from_and_which_host_each_gpu_is_on():
+    from jupyter_gpu.kernelext.status_view import StatusView
+
+    gpu = {"name": "Virtual GPU 0", "total_bytes": 4, "leased_bytes": 0, "leases": [], "virtual": True}
+    snap = {"time": 100.0, "queue": [], "quotas": {}, "in_host_memory": [],
+            "pool": {"workers": 2, "cluster": {
+                "kind": "slurm", "manager": SLURM, "target": 3, "adaptive": None,
+                "jobs": [{"name": "jupyter-gpu-2", "job_id": "12", "state": "PENDING", "reason": "Resources",
+                          "workers": 0}, {"name": "jupyter-gpu-0", "job_id": "10", "state": "RUNNING", "workers": 1}],
+                "ended": [{"name": "jupyter-gpu-1", "job_id": "11", "state": "TIMEOUT", "reason": "TimeLimit"}]}},
+            "gpus": [{**gpu, "host": "10.0.0.9"}, {**gpu, "host": "10.0.0.10"}]}
+    text = StatusView(snap, "alice", "k", {}, None, "tcp://10.0.0.5:8786")._repr_mimebundle_()["text/plain"]
+    assert (f"Workers come from Slurm ({SLURM}); 3 worker(s) asked for; on their way: job 12 PENDING (Resources); "
+            "ended by themselves: job 11 TIMEOUT (TimeLimit).") in text
+    assert "10.0.0.9: Virtual GPU 0" in text and "10.0.0.10: Virtual GPU 0" in text
