@@ -90,7 +90,7 @@ def sweep_stale() -> list[str]:
 class LocalSlurm:
     """See the module docstring. ``env()`` is what a process needs to use this cluster (``SLURM_CONF``)."""
 
-    def __init__(self, cpus: int | None = None, memory_mb: int = 8192):
+    def __init__(self, cpus: int | None = None, memory_mb: int = 4096):
         self.root = Path(tempfile.mkdtemp(prefix=f"{ROOT_PREFIX}{os.getpid()}-", dir=ROOT_BASE))
         os.chmod(self.root, 0o755)  # munged wants every folder above its socket searchable
         self.node = socket.gethostname().split(".")[0]
@@ -162,6 +162,8 @@ MpiDefault=none
 ReturnToService=2
 KillWait=5
 MinJobAge=600
+# the node is what this file says (CPUs, memory), whatever the machine has: CI machines differ
+SlurmdParameters=config_overrides
 SlurmctldTimeout=30
 SlurmdTimeout=30
 NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={self.memory_mb} State=UNKNOWN
