@@ -292,13 +292,13 @@ export type ISnapshot =
       time: number;
       pool: IPoolInfo;
       gpus: IGpu[];
+      /** The machines, in the order their GPUs are listed (older brokers send none). */
+      hosts?: IHost[];
       queue: IQueueItem[];
       runs?: IRun[];
       /** Sessions taken off their GPU whose variables wait in host memory for the owner's next cell. */
       in_host_memory?: IParked[];
       quotas?: IQuotas;
-      /** The machines, in the order their GPUs are listed (older brokers send none). */
-      hosts?: IHost[];
       /** Whether this Jupyter server has a pool token to send with cancels (never the token itself). */
       token_set?: boolean;
     };
