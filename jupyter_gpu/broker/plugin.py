@@ -332,10 +332,11 @@ class GpuBroker(SchedulerPlugin):
         ls = self.ledger.set_state(lease, state, resident=resident_bytes, step=step, total=total)
         if ls is None:
             return
-        if state == "running" and step is None:  # a cell started (a progress report is not a new cell)
-            ls.cell_started = time.time()
-            if cell:
-                ls.cell = cell
+        if state == "running":
+            if step is None:  # a cell started (a progress report is not a new cell: it keeps its start)
+                ls.cell_started = time.time()
+                if cell:
+                    ls.cell = cell
         else:
             ls.cell_started = None
         if peak_bytes is not None:

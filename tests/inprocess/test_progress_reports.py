@@ -40,7 +40,8 @@ async def test_the_broker_keeps_a_running_cells_progress_from_its_worker_only(s,
             await sched.gpu_lease_state(lease=lease, state="running", step=3, total=10, key=broker.pool_key)
             await sched.gpu_lease_state(lease=lease, state="running", step=5, total=10, key=broker.pool_key)
             assert (record.progress.step0, record.progress.step, record.progress.total) == (3, 5, 10)
-            assert broker.leases[lease].cell == "train"  # a progress report is not a new cell
+            # a progress report is not a new cell: the cell keeps its name and when it started
+            assert broker.leases[lease].cell == "train" and broker.leases[lease].cell_started is not None
             await sched.gpu_lease_state(lease=lease, state="idle", key=broker.pool_key)
             assert record.progress is None  # the cell ended: its progress says nothing any more
     finally:
