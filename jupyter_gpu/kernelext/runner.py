@@ -83,6 +83,7 @@ class RankRunner:
         stop_at: float | None = None   # when to SIGINT the ranks still running (a rank failed, or stop now)
         kill_at: float | None = None   # set once SIGINT was sent: when the ranks still running are killed
         pending: collections.deque = collections.deque()
+        heard: set[int] = set()        # ranks whose cell sent output: they started, whatever comes next
         next_check = time.monotonic() + LEASE_CHECK
 
         while len(replies) < world:
@@ -110,6 +111,7 @@ class RankRunner:
                 wait = 0.1 if (kill_at or stop_at or self.deadline or self.cancel) else 0.5
                 rank, msg = events.get(timeout=wait)
                 if not isinstance(msg, dict):
+                    heard.add(rank)  # its cell is running: whatever happens next, it started
                     pending.extend((rank, item) for item in msg)
                     continue
             except queue.Empty:
@@ -126,7 +128,8 @@ class RankRunner:
             if rank in replies:  # its connection broke after the broker had already said it was lost
                 continue
             replies[rank] = reply = self._reply(msg, cause)
-            if reply.get("status") == "lost" and reply.get("started") and self._moved_out(rank):
+            if (reply.get("status") == "lost" and reply.get("started") and rank not in heard
+                    and self._moved_out(rank)):
                 reply["started"] = False  # its session had been moved to host memory: it ran no more cells
             if world > 1 and reply.get("status") != "ok" and stop_at is None and kill_at is None:
                 lost = reply.get("status") == "lost"
@@ -150,8 +153,9 @@ class RankRunner:
 
     def _moved_out(self, rank: int) -> bool:
         """Whether rank ``rank``'s lease ended by moving its session to host memory. Such a session runs no
-        more cells, so a cell sent to it just then (its connection broke as the worker ended it) never ran:
-        the caller brings the variables back in a new session and runs the cell there."""
+        more cells, so a cell sent to it just then (its connection broke as the worker ended it, before any
+        output) never ran: the caller brings the variables back in a new session and runs the cell there. A
+        cell that had sent output was running when its session was taken back: it did start."""
         try:
             info = self.conn.scheduler_call("gpu_lease_info", lease=self.sessions[rank].id, user=self.conn.user)
         except Exception:  # noqa: BLE001 - the pool does not answer: keep what the connection said

@@ -39,24 +39,31 @@ def by_user(address: str) -> dict:
     return {ls["user"]: ls for ls in leases(address)}
 
 
-def standby_copy(lease_id: str) -> list[str]:
+def standby_copy(lease_id: str, pool: QuotaPool) -> list[str]:
     """The session's standby copy in its worker's host-memory folder (``offload_dir``: ``jupyter-gpu-<worker
-    pid>-...``), if it has one; folders of workers that are gone (earlier pools, whose lease ids were the
-    same) do not count."""
+    pid>-...``), if it has one; only this pool's workers' folders count (other pools, earlier or running at
+    the same time, use the same lease ids)."""
     return [p for base in ("/dev/shm", tempfile.gettempdir())
             for p in glob.glob(os.path.join(base, "jupyter-gpu-*", lease_id, "standby"))
-            if _live_worker(os.path.basename(os.path.dirname(os.path.dirname(p))))]
+            if _worker_pid(os.path.basename(os.path.dirname(os.path.dirname(p)))) in _pool_pids(pool)]
 
 
-def _live_worker(folder: str) -> bool:
+def _worker_pid(folder: str) -> int | None:
     pid = folder.split("-")[2]
-    if not pid.isdigit():
-        return False
+    return int(pid) if pid.isdigit() else None
+
+
+def _pool_pids(pool: QuotaPool) -> set[int]:
+    """The pool process and everything it started (its workers among them)."""
+    import psutil
+
+    from jupyter_gpu.pool.discovery import read_record
+
     try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    return True
+        root = psutil.Process(read_record(pool.path).pid)
+        return {root.pid, *(p.pid for p in root.children(recursive=True))}
+    except (psutil.NoSuchProcess, AttributeError, OSError):
+        return set()
 
 
 def test_an_idle_session_is_suspended_for_a_waiting_cell_and_comes_back(spool):
@@ -83,7 +90,7 @@ def test_an_idle_session_is_suspended_for_a_waiting_cell_and_comes_back(spool):
         assert call(a, "gpu_cancel", id=batch["id"], user="bob", token=spool.tokens["bob"])["cancelled"]
         # bob's interactive cell moves alice's idle session to host memory (not carol's running one)
         # idle for 6 s, alice's session has copied its variables to host memory already
-        assert wait_until(lambda: standby_copy(held["alice"]["id"]), timeout=30)
+        assert wait_until(lambda: standby_copy(held["alice"]["id"], spool), timeout=30)
         res = bob.run("%%gpu --gpus 0.5\nprint('bob ran')", timeout=120)
         assert res.error is None and "bob ran" in res.stdout, res.error_text
         now = by_user(a)
@@ -99,7 +106,7 @@ def test_an_idle_session_is_suspended_for_a_waiting_cell_and_comes_back(spool):
         assert list(parked["lost"]) == ["steps"]
         assert parked["bytes"] >= 64 * 2**20 and parked["reason"].startswith("suspended after")
         assert parked["standby"] is True  # her copy was handed over: nothing was left to write
-        assert not standby_copy(held["alice"]["id"])
+        assert not standby_copy(held["alice"]["id"], spool)
         # alice's %gpu status says so too (a line magic: it does not restore anything)
         status = alice.run("%gpu status").data()[0]
         assert "My sessions in host memory" in status and held["alice"]["id"] in status, status
@@ -134,12 +141,12 @@ def test_a_cell_makes_the_standby_copy_stale_and_suspension_moves_the_variables_
     try:
         assert alice.run("%%gpu --gpus 1\nimport torch\nx = torch.ones(4)").error is None
         lease_id = by_user(a)["alice"]["id"]
-        assert wait_until(lambda: standby_copy(lease_id), timeout=30)  # a copy holding x = 1
+        assert wait_until(lambda: standby_copy(lease_id, spool), timeout=30)  # a copy holding x = 1
         # the other GPU is busy with carol's running cell: bob's cell can only get alice's
         cell = carol.submit("%%gpu --gpus 1\nimport time\nprint('carol starts', flush=True)\ntime.sleep(300)")
         carol.wait_for_output(cell, "carol starts", timeout=60)
         assert alice.run("%%gpu\nx = x * 2").error is None
-        assert not standby_copy(lease_id)  # stale from the moment the cell started: its memory given back
+        assert not standby_copy(lease_id, spool)  # stale from the moment the cell started: its memory given back
         res = bob.run("%%gpu --gpus 1\nprint('bob ran')", timeout=120)
         assert res.error is None and "bob ran" in res.stdout, res.error_text
         assert wait_until(lambda: [(p["id"], p["state"]) for p in snapshot(a)["in_host_memory"]]

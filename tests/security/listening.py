@@ -4,8 +4,10 @@ answers HTTP.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import psutil
@@ -46,16 +48,36 @@ def listeners(*pids: int) -> list[Listener]:
 
 
 def listening_sessions(*pids: int) -> int:
-    """How many session processes (``python -m jupyter_gpu.session``) under ``pids`` listen yet."""
+    """How many session processes under ``pids`` listen yet (started as ``python -m jupyter_gpu.session``,
+    or forked from a worker's zygote, whose command line they keep)."""
     return len({s.pid for s in listeners(*pids) if "jupyter_gpu.session" in s.command})
 
 
 def wait_for_sessions(count: int, *pids: int, timeout: float = 120.0) -> None:
-    """Wait until ``count`` session processes (the workers' spares) listen, so that they are checked too."""
+    """Wait until ``count`` session processes listen, so that they are checked too."""
     deadline = time.monotonic() + timeout
     while listening_sessions(*pids) < count and time.monotonic() < deadline:
         time.sleep(0.2)
     assert listening_sessions(*pids) >= count, f"only {listening_sessions(*pids)} of {count} sessions listen"
+
+
+@contextlib.contextmanager
+def sessions_on_every_gpu(address: str, gpus: int) -> Iterator[None]:
+    """A real session on each GPU of the pool at ``address`` (a kernel holding a whole GPU each), for as long
+    as the block runs: sessions exist only for leases (a worker's zygote listens on nothing)."""
+    from harness import Kernel
+
+    kernels = []
+    try:
+        for i in range(gpus):
+            k = Kernel(address, user=f"listener{i}")
+            kernels.append(k)
+            res = k.run("%%gpu --gpus 1\npass", timeout=180)
+            assert res.error is None, res.error_text
+        yield
+    finally:
+        for k in kernels:
+            k.shutdown(now=True)
 
 
 def answers_http(ip: str, port: int) -> bytes | None:

@@ -12,7 +12,7 @@ import socket
 
 import psutil
 import pytest
-from listening import answers_http, listeners, wait_for_sessions
+from listening import answers_http, listeners, sessions_on_every_gpu, wait_for_sessions
 from services import PoolServices
 
 pytestmark = pytest.mark.integration
@@ -37,9 +37,10 @@ HOSTS = ["127.0.0.1", pytest.param(_lan_ip(), marks=pytest.mark.skipif(_lan_ip()
 def test_pool_up_and_worker_listen_only_on_the_asked_host_and_serve_no_http(tmp_path, host):
     """`pool up --host H` and `worker tcp://H:P` (no --host: it listens where it reaches its scheduler)."""
     env = {k: v for k, v in os.environ.items() if k != "DASK_JUPYTER_GPU__HTTP"}
-    with PoolServices(tmp_path, virtual=f"{GPUS}x8GiB", host=host, env=env) as services:
+    with PoolServices(tmp_path, virtual=f"{GPUS}x8GiB", host=host, env=env) as services, \
+            sessions_on_every_gpu(services.address, GPUS):
         pids = (services.scheduler.pid, services.worker.pid)
-        wait_for_sessions(GPUS, services.worker.pid)  # the workers' spare sessions are checked too
+        wait_for_sessions(GPUS, services.worker.pid)  # the sessions are checked too
         found = listeners(*pids)
         report = "\n".join(map(str, found))
         # the scheduler, two nannies, two workers, two sessions: one comm port each, nothing else
@@ -72,17 +73,18 @@ def test_the_embedded_pool_listens_on_loopback_only_with_tls_and_no_http(tmp_pat
     try:
         address = ensure_embedded_pool(path=path, keep=True, timeout=120)
         pid = read_record(path).pid
-        wait_for_sessions(GPUS, pid)
-        found = listeners(pid)
-        report = "\n".join(map(str, found))
-        assert address.startswith("tls://127.0.0.1:"), address
-        assert len(found) >= 1 + 3 * GPUS and {s.ip for s in found} == {"127.0.0.1"}, report
-        assert not [s for s in found if answers_http(s.ip, s.port)], report
-        # every port speaks TLS: none opens with Dask's plain handshake, as a TCP comm server would
-        for s in found:
-            with socket.create_connection((s.ip, s.port), timeout=3) as sock:
-                sock.settimeout(0.5)
-                with pytest.raises(socket.timeout):
-                    sock.recv(1)
+        with sessions_on_every_gpu(address, GPUS):
+            wait_for_sessions(GPUS, pid)
+            found = listeners(pid)
+            report = "\n".join(map(str, found))
+            assert address.startswith("tls://127.0.0.1:"), address
+            assert len(found) >= 1 + 3 * GPUS and {s.ip for s in found} == {"127.0.0.1"}, report
+            assert not [s for s in found if answers_http(s.ip, s.port)], report
+            # every port speaks TLS: none opens with Dask's plain handshake, as a TCP comm server would
+            for s in found:
+                with socket.create_connection((s.ip, s.port), timeout=3) as sock:
+                    sock.settimeout(0.5)
+                    with pytest.raises(socket.timeout):
+                        sock.recv(1)
     finally:
         stop_embedded_pool(path)
