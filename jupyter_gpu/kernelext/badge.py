@@ -29,8 +29,14 @@ class StatusLine:
     updated in place, so it is also what a headless run records. ``note`` (e.g. what ``--resume``
     continues) is said while it runs and at the end."""
 
+    #: a cell's "running" line is shown once the cell has run this long (or sent output): a cell done sooner
+    #: shows its final line only, one display message instead of two on the warm path
+    RUNNING_AFTER = 0.2
+
     def __init__(self, note: str | None = None) -> None:
         self.handle: DisplayHandle | None = None
+        self._pending: tuple[str, str, RemoteSession | None] | None = None
+        self._due = 0.0
         self.waited_since: float | None = None
         self.waited: float | None = None   # seconds from the request to a running session (None: no wait)
         self.new_session: RemoteSession | None = None
@@ -80,7 +86,26 @@ class StatusLine:
         if self.waited_since is not None and self.waited is None:
             self.waited = time.monotonic() - self.waited_since
         new = f" (new session, {self.waited_text()})" if self.new_session is session else ""
-        self.show(f"running on {where(session)}{new}{self.note_text()}", "running", session)
+        text = f"running on {where(session)}{new}{self.note_text()}"
+        if self.handle is None:  # nothing shown yet: wait and see whether the cell is over first
+            self._pending, self._due = (text, "running", session), time.monotonic() + self.RUNNING_AFTER
+        else:  # it was queued visibly: say at once that it runs
+            self.show(text, "running", session)
+
+    def flush(self) -> None:
+        """Show the "running" line now if it waits (before the cell's first output, so it stays on top)."""
+        if self._pending is not None:
+            self.show(*self._pending)
+
+    def tick(self) -> float | None:
+        """Show the "running" line once it is due; seconds until it is, or None (nothing waits)."""
+        if self._pending is None:
+            return None
+        left = self._due - time.monotonic()
+        if left <= 0:
+            self.flush()
+            return None
+        return left
 
     def finished(self, session: RemoteSession, error: str | None, elapsed: float | None = None,
                  peak: int | None = None, sizing: RightSize | None = None) -> None:
@@ -98,6 +123,7 @@ class StatusLine:
 
     def show(self, text: str, state: str, session: RemoteSession | None) -> None:
         """Show ``%%gpu {text}`` (the first call displays the badge, later ones update it)."""
+        self._pending = None
         bundle = {"text/plain": f"%%gpu {text}"}
         meta = {"jupyter-gpu": {"state": state, "lease": session.id if session else None}}
         if self.handle is None:

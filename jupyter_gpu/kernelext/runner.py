@@ -65,8 +65,10 @@ class RankRunner:
 
     def __init__(self, conn: PoolConnection, sessions: list[RemoteSession], show: Show,
                  deadline: float | None = None, cancel: Callable[[], bool] | None = None,
-                 release_reason: Callable[[str | None, float], str] = kill_reason) -> None:
+                 release_reason: Callable[[str | None, float], str] = kill_reason,
+                 tick: Callable[[], float | None] | None = None) -> None:
         self.conn, self.sessions, self.show = conn, sessions, show
+        self.tick = tick  # called on the main thread while waiting; returns seconds until it wants a call again
         self.deadline, self.cancel = deadline, cancel
         self.release_reason = release_reason
         self.grace = config.get_seconds("interrupt-grace")
@@ -109,6 +111,10 @@ class RankRunner:
                     self._kill(replies, cause)
                     break
                 wait = 0.1 if (kill_at or stop_at or self.deadline or self.cancel) else 0.5
+                if self.tick is not None:
+                    due = self.tick()
+                    if due is not None:
+                        wait = min(wait, max(0.01, due))
                 rank, msg = events.get(timeout=wait)
                 if not isinstance(msg, dict):
                     heard.add(rank)  # its cell is running: whatever happens next, it started

@@ -64,8 +64,13 @@ class SessionCells:
                 badge.not_started(exc)
                 raise
             badge.running(session)
+
+            def show(msg: dict) -> None:
+                badge.flush()  # the badge stays above the cell's output
+                renderer.handle(msg)
+
             try:
-                done, session = self._run(conn, session, opts, job, renderer.handle, deadline)
+                done, session = self._run(conn, session, opts, job, show, deadline, tick=badge.tick)
             except BaseException as exc:
                 badge.finished(session, f"{type(exc).__name__}")
                 raise
@@ -146,14 +151,14 @@ class SessionCells:
 
     # ------------------------------------------------------------------ running, and the two recoveries
     def _run(self, conn: PoolConnection, session: RemoteSession, opts: CellOptions, job: CellJob,
-             show: Callable[[dict], None], deadline: float | None, cancel: Callable[[], bool] | None = None
-             ) -> tuple[dict, RemoteSession]:
+             show: Callable[[dict], None], deadline: float | None, cancel: Callable[[], bool] | None = None,
+             tick: Callable[[], float | None] | None = None) -> tuple[dict, RemoteSession]:
         """Run the cell; returns its outcome and the session it finally ran in (a new one when the old
         session had ended between cells, or when a preempted batch cell was requeued)."""
-        done = _attempt(conn, session, job, show, deadline, cancel)
+        done = _attempt(conn, session, job, show, deadline, cancel, tick)
         if done.get("status") == "lost" and not done.get("started", True) and not session.fresh:
             session = _replace_ended_session(conn, session, opts, job.label, deadline)
-            done = _attempt(conn, session, job, show, deadline, cancel)
+            done = _attempt(conn, session, job, show, deadline, cancel, tick)
         attempt = 0
         while done.get("status") == "lost" and opts.spec.priority == "batch" and attempt < opts.retries:
             # batch cells are retryable: preempted (not crashed), the cell is requeued and reruns from its start
@@ -169,7 +174,7 @@ class SessionCells:
                   "when the pool has room; the variables of the old session are gone.", flush=True)
             session = acquire_session(conn, opts, job.label, deadline, StatusLine())
             try:
-                done = _attempt(conn, session, job, show, deadline, cancel)
+                done = _attempt(conn, session, job, show, deadline, cancel, tick)
             except BaseException:
                 if session.fresh:  # the caller only knows the first session: free the requeued one here
                     conn.release(session, reason="--fresh cell finished")
@@ -179,10 +184,11 @@ class SessionCells:
 
 
 def _attempt(conn: PoolConnection, session: RemoteSession, job: CellJob, show: Callable[[dict], None],
-             deadline: float | None, cancel: Callable[[], bool] | None) -> dict:
+             deadline: float | None, cancel: Callable[[], bool] | None,
+             tick: Callable[[], float | None] | None = None) -> dict:
     """One run of the cell in ``session``: a RankRunner with one rank."""
     check_remote_refs(conn, session, job.remote_refs)
-    runner = RankRunner(conn, [session], lambda rank, msg: show(msg), deadline, cancel)
+    runner = RankRunner(conn, [session], lambda rank, msg: show(msg), deadline, cancel, tick=tick)
     return runner.run([job.payload]).replies[0]
 
 

@@ -417,3 +417,21 @@ def test_an_abandoned_future_on_the_client_loop_does_not_print_into_a_cell(kerne
         "asyncio.run_coroutine_threadsafe(asyncio.sleep(0.2), conn.loop).result()\n"
         "gc.collect()\ntime.sleep(0.3)\nprint('ok')")
     assert res.stdout == "ok\n" and "never retrieved" not in res.stderr and "KeyError" not in res.stderr, res.stderr
+
+
+def test_a_quick_cell_shows_one_badge_message_and_a_slow_one_shows_running_above_its_output(kernel):
+    """Badge updates are coalesced: a cell over within RUNNING_AFTER shows only its final line (one display
+    message); a longer one shows "running" first (before its output), then "done"."""
+    assert kernel.run("%%gpu\nx = 1").error is None  # the session exists: what follows is the warm path
+    quick = kernel.run("%%gpu\ny = 2")
+    badges = [m for m in quick.log if "%%gpu " in str((m.get("data") or {}).get("text/plain", ""))]
+    assert len(badges) == 1 and badges[0]["data"]["text/plain"].startswith("%%gpu done in "), quick.log
+    slow = kernel.run("%%gpu\nimport time\ntime.sleep(0.6)\nprint('slept')")
+    assert slow.error is None, slow.error_text
+    texts = [str((m.get("data") or {}).get("text/plain", "")) or m.get("text", "") for m in slow.log]
+    running = next(i for i, t in enumerate(texts) if t.startswith("%%gpu running on "))
+    printed = next(i for i, t in enumerate(texts) if "slept" in t)
+    assert running < printed and texts[-1].startswith("%%gpu done in "), texts
+    early = kernel.run("%%gpu\nprint('at once')\nimport time\ntime.sleep(0.05)")
+    texts = [str((m.get("data") or {}).get("text/plain", "")) or m.get("text", "") for m in early.log]
+    assert texts[0].startswith("%%gpu running on ") and "at once" in texts[1], texts  # flushed by the output
