@@ -51,6 +51,15 @@ def host_order(host: str) -> tuple:
     return (0, ip.version, int(ip))
 
 
+def gpu_order(worker: str, index: int) -> tuple:
+    """Sort key of a GPU: by host, then by its device number on that host, then by worker address (port by
+    number). Not by the worker's address first: with one worker per GPU, the worker holding GPU 1 may have the
+    lower port, and "GPU 1, GPU 0" reads as a mistake."""
+    host = host_of(worker)
+    port = worker.rsplit(":", 1)[-1]
+    return (host_order(host), index, (0, int(port), "") if port.isdigit() else (1, 0, worker))
+
+
 def hosts_view(gpus: list[GpuView]) -> list[HostView]:
     """The machines of the pool, each with its workers' GPUs, in the order of ``gpus`` (already by host)."""
     hosts: dict[str, HostView] = {}
@@ -191,7 +200,7 @@ def snapshot(ledger: Ledger, samples: Mapping[str, Iterable[Sample]], pool: dict
     cluster manager's word on new workers on their way, for the queue's reasons)."""
     gpus: list[GpuView] = []
     # grouped by machine: the panel draws one group per host when the pool spans several
-    for gpu in sorted(ledger.gpus.values(), key=lambda g: (host_order(host_of(g.worker)), g.worker, g.index)):
+    for gpu in sorted(ledger.gpus.values(), key=lambda g: gpu_order(g.worker, g.index)):
         kept = list(samples.get(gpu.id, ()))
         last = kept[-1] if kept else {}
         gpus.append({

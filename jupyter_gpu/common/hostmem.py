@@ -18,6 +18,8 @@ import shutil
 import stat
 import tempfile
 
+from jupyter_gpu.common.processes import pid_alive
+
 PREFIX = "jupyter-gpu-"
 
 
@@ -47,21 +49,11 @@ def sweep_stale(base: str | None = None) -> list[str]:
             st = entry.stat(follow_symlinks=False)
         except OSError:
             continue
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or _alive(int(head)):
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or pid_alive(int(head)):
             continue
         shutil.rmtree(entry.path, ignore_errors=True)
         removed.append(entry.path)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def discard(path: str) -> None:

@@ -35,6 +35,8 @@ import stat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from jupyter_gpu.common.processes import pid_alive
+
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
@@ -275,19 +277,7 @@ def credentials_for(address: str | None) -> PoolCredentials | None:
 def _current(entry: object) -> bool:
     """Whether an index entry is of a pool running on this machine now."""
     return (isinstance(entry, dict) and entry.get("host", socket.gethostname()) == socket.gethostname()
-            and _alive(entry.get("pid")))
-
-
-def _alive(pid: object) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+            and pid_alive(entry.get("pid")))
 
 
 def _sweep(folder: str, keep: str) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from jupyter_core.paths import jupyter_runtime_dir
 
+from jupyter_gpu.common import processes
 from jupyter_gpu.common.protocol import SCHEDULER_ENV, USER_ENV
 
 
@@ -66,18 +67,7 @@ def write_record(record: PoolRecord, path: str | None = None) -> None:
 
 def pid_alive(pid: int) -> bool:
     """Whether ``pid`` runs (a child of ours that exited is reaped, not mistaken for alive)."""
-    try:
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return processes.pid_alive(pid, reap=True)
 
 
 def address_reachable(address: str, timeout: float = 1.0) -> bool:

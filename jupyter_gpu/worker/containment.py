@@ -23,6 +23,8 @@ import signal
 import time
 from dataclasses import dataclass, field
 
+from jupyter_gpu.common.processes import pid_alive
+
 log = logging.getLogger(__name__)
 
 
@@ -219,7 +221,7 @@ class Containment:
                 continue
             for entry in os.scandir(mount):
                 pid = _pid_of(entry.name)
-                if pid is None or not entry.is_dir() or _alive(pid):
+                if pid is None or not entry.is_dir() or pid_alive(pid):
                     continue
                 for sub in os.scandir(entry.path):
                     if sub.is_dir():
@@ -254,16 +256,6 @@ def _pid_of(name: str) -> int | None:
         return None
     head = name[len("jupyter-gpu-"):].split("-", 1)[0]
     return int(head) if head.isdigit() else None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def host_memory_limit(setting: object, total: int) -> int | None:

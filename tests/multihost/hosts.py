@@ -33,6 +33,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lifecycle import Started
+
+from jupyter_gpu.common.processes import pid_alive
+
 log = logging.getLogger(__name__)
 
 NETNS_PREFIX = "jgmh-"       # jgmh-<pid>-<host>
@@ -57,16 +61,6 @@ def missing_tools() -> str | None:
         return f"`ip netns add` is refused here: {made.stderr.strip()}"
     subprocess.run(["ip", "netns", "del", probe], capture_output=True)
     return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -99,18 +93,18 @@ def sweep_stale() -> list[str]:
     for line in _run("ip", "netns", "list", check=False).stdout.splitlines():
         name = line.split()[0] if line.split() else ""
         m = re.match(rf"^{re.escape(NETNS_PREFIX)}(\d+)-", name)
-        if m and not _alive(int(m.group(1))):
+        if m and not pid_alive(int(m.group(1))):
             _kill_netns(name)
             _run("ip", "netns", "del", name, check=False)
             removed.append(f"netns {name}")
     for line in _run("ip", "-o", "link", "show", check=False).stdout.splitlines():
         m = re.match(rf"^\d+:\s+({re.escape(LINK_PREFIX)}(\d+)[a-z]\w*)[@:]", line)
-        if m and not _alive(int(m.group(2))):
+        if m and not pid_alive(int(m.group(2))):
             _run("ip", "link", "del", m.group(1), check=False)
             removed.append(f"link {m.group(1)}")
     for folder in ROOT_BASE.glob(f"{ROOT_PREFIX}*"):
         m = re.match(rf"^{re.escape(ROOT_PREFIX)}(\d+)-", folder.name)
-        if m and not _alive(int(m.group(1))):
+        if m and not pid_alive(int(m.group(1))):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(f"folder {folder}")
     for what in removed:
@@ -144,7 +138,7 @@ class Host:
         return f"{self.name} ({self.ip})"
 
 
-class Hosts:
+class Hosts(Started):
     """``n`` hosts on a bridge; see the module docstring. Use as a context manager, or call :meth:`close`."""
 
     def __init__(self, names: list[str], mtu: int = 1500):
@@ -162,16 +156,6 @@ class Hosts:
         self._logs: list = []
 
     # ------------------------------------------------------------------ making and removing
-    def __enter__(self) -> Hosts:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def __getitem__(self, name: str) -> Host:
         return self.hosts[name]
 

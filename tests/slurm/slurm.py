@@ -27,6 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from lifecycle import Started
+
+from jupyter_gpu.common.processes import pid_alive
+
 PACKAGES = ("slurm-wlm", "munge")
 DAEMONS = ("munged", "slurmctld", "slurmd")
 ROOT_PREFIX = "jgsl-"
@@ -37,16 +41,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def installed() -> bool:
@@ -77,7 +71,7 @@ def sweep_stale() -> list[str]:
     removed = []
     for folder in ROOT_BASE.glob(f"{ROOT_PREFIX}*"):
         m = re.match(rf"^{re.escape(ROOT_PREFIX)}(\d+)-", folder.name)
-        if not m or _alive(int(m.group(1))):
+        if not m or pid_alive(int(m.group(1))):
             continue
         for pidfile in folder.glob("*.pid"):
             with contextlib.suppress(ValueError, OSError):
@@ -87,7 +81,7 @@ def sweep_stale() -> list[str]:
     return removed
 
 
-class LocalSlurm:
+class LocalSlurm(Started):
     """See the module docstring. ``env()`` is what a process needs to use this cluster (``SLURM_CONF``)."""
 
     def __init__(self, cpus: int | None = None, memory_mb: int = 4096):
@@ -102,16 +96,6 @@ class LocalSlurm:
 
     def env(self) -> dict[str, str]:
         return {"SLURM_CONF": str(self.conf)}
-
-    def __enter__(self) -> LocalSlurm:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
         log = open(self.root / f"{name}.out", "ab")

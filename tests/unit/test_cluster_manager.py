@@ -10,7 +10,7 @@ import pytest
 from distributed.security import Security
 
 from jupyter_gpu.broker.model import Request
-from jupyter_gpu.broker.views import host_order, hosts_view, waiting_reason
+from jupyter_gpu.broker.views import gpu_order, host_order, hosts_view, waiting_reason
 from jupyter_gpu.common.protocol import RequestSpec
 from jupyter_gpu.pool import cluster_manager as cm
 from jupyter_gpu.pool.services import worker_names
@@ -81,6 +81,14 @@ def test_hosts_are_listed_in_address_order_with_their_gpus():
     assert hosts_view(gpus) == [
         {"host": "10.0.0.9", "workers": 2, "gpus": [gpus[0]["id"], gpus[1]["id"]], "total_bytes": 8, "leased_bytes": 1},
         {"host": "10.0.0.10", "workers": 1, "gpus": [gpus[2]["id"]], "total_bytes": 4, "leased_bytes": 2}]
+
+
+def test_gpus_of_a_host_are_listed_by_device_number_whatever_their_workers_ports():
+    # one worker per GPU: the worker holding GPU 1 got the lower port (the CI tour saw "Virtual GPU 1" first)
+    gpus = [("tls://127.0.0.1:41007", 0), ("tls://127.0.0.1:36045", 1), ("tls://127.0.0.1:9999", 2),
+            ("tls://10.0.0.2:1", 0)]
+    assert sorted(gpus, key=lambda g: gpu_order(*g)) == [("tls://10.0.0.2:1", 0), ("tls://127.0.0.1:41007", 0),
+                                                         ("tls://127.0.0.1:36045", 1), ("tls://127.0.0.1:9999", 2)]
 
 
 def test_a_waiting_request_hears_of_the_new_worker_unless_it_waits_for_its_quota():
