@@ -63,6 +63,21 @@ def missing_tools() -> str | None:
     return None
 
 
+def code_hidden_by_private_mounts() -> str | None:
+    """Each host mounts a fresh /tmp and /dev/shm, so a checkout or interpreter under them is not there on a
+    host, and every process started on one fails with "No module named jupyter_gpu". Say so up front."""
+    import jupyter_gpu
+
+    for what, path in (("the jupyter_gpu package", os.path.dirname(jupyter_gpu.__file__)),
+                       ("the Python interpreter", sys.executable)):
+        real = os.path.realpath(path)
+        if real.startswith(("/tmp/", "/dev/shm/")):
+            return (f"{what} is at {real}, under a folder every test host replaces with a private one, so the "
+                    "hosts cannot run it. Check the project out (and make its environment) outside /tmp and "
+                    "/dev/shm, e.g. under /var/tmp or your home.")
+    return None
+
+
 def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
     done = subprocess.run(list(argv), capture_output=True, text=True)
     if check and done.returncode != 0:
@@ -160,6 +175,9 @@ class Hosts(Started):
         return self.hosts[name]
 
     def start(self) -> Hosts:
+        hidden = code_hidden_by_private_mounts()
+        if hidden:
+            raise RuntimeError(hidden)
         _run("ip", "link", "add", self.bridge, "type", "bridge")
         _run("ip", "addr", "add", f"{self.gateway}/24", "dev", self.bridge)
         _run("ip", "link", "set", self.bridge, "up")
