@@ -6,7 +6,12 @@ It is a single display updated in place, so a headless run records its last stat
 
 from __future__ import annotations
 
+import contextlib
+import sys
+import threading
 import time
+from collections.abc import Iterator
+from typing import Any
 
 from IPython.display import DisplayHandle
 
@@ -126,11 +131,68 @@ class StatusLine:
         self._pending = None
         bundle = {"text/plain": f"%%gpu {text}"}
         meta = {"jupyter-gpu": {"state": state, "lease": session.id if session else None}}
-        if self.handle is None:
-            self.handle = DisplayHandle()
-            self.handle.display(bundle, metadata=meta, raw=True)
+        with _no_idle_flush():
+            if self.handle is None:
+                self.handle = DisplayHandle()
+                self.handle.display(bundle, metadata=meta, raw=True)
+            else:
+                self.handle.update(bundle, metadata=meta, raw=True)
+
+
+_publishing = threading.Lock()
+
+
+def _streams_idle() -> bool:
+    """Whether neither ``sys.stdout`` nor ``sys.stderr`` holds text not yet handed to ipykernel's I/O thread
+    (its ``OutStream``: a write sets ``_flush_pending`` until the thread takes the buffers). Anything else
+    (a terminal IPython, a captured stream) counts as not idle."""
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "_flush_pending", True) or getattr(stream, "_subprocess_flush_pending", False):
+            return False
+        lock, buffers = getattr(stream, "_buffer_lock", None), getattr(stream, "_buffers", None)
+        if lock is None or buffers is None:
+            return False
+        with lock:
+            if any(b.tell() for b in buffers.values()):
+                return False
+    return True
+
+
+@contextlib.contextmanager
+def _no_idle_flush() -> Iterator[None]:
+    """Publish the badge without ipykernel's stream flush when there is nothing to flush.
+
+    Why: ipykernel flushes stdout and stderr before every display, and each flush is a round trip to its
+    I/O thread (schedule, then wait for an event), 0.4-0.5 ms of a warm cell's 5 ms on two cores, paid even
+    when nothing was printed. With nothing pending the order of outputs cannot change: the display goes
+    out through the same I/O thread, after anything it already took. Text still buffered is flushed as
+    before."""
+    shell: Any = None
+    try:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+    except Exception:  # noqa: BLE001 - no IPython: nothing to skip
+        pass
+    pub = getattr(shell, "display_pub", None)
+    if pub is None or not hasattr(pub, "_flush_streams") or not _publishing.acquire(blocking=False):
+        yield
+        return
+    try:
+        if _streams_idle():
+            pub._flush_streams = _nothing
+            try:
+                yield
+            finally:
+                del pub._flush_streams
         else:
-            self.handle.update(bundle, metadata=meta, raw=True)
+            yield
+    finally:
+        _publishing.release()
+
+
+def _nothing() -> None:
+    return None
 
 
 #: how sure an estimated start is, by what the broker based it on (``RequestStatus.eta_basis``)

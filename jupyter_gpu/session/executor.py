@@ -90,7 +90,17 @@ class Executor:
             self.standby.idle()
             after, self._after_reply = self._after_reply, None
             if after:
-                self.link.tell_lease_state(**after)
+                self._tell_idle(**after)
+
+    def _tell_idle(self, heard_running: bool, **fields: Any) -> None:
+        """The cell is over: tell the broker "idle" with what it measured. At once when the broker had heard
+        "running"; otherwise (a quick cell: the broker still thinks the session idle) within IDLE_NOTE s,
+        merged with the notes of the quick cells after it, so a loop of warm cells costs the worker and the
+        broker a message or so per IDLE_NOTE instead of one per cell."""
+        if heard_running:
+            self.link.tell_lease_state(**fields)
+        else:
+            self.link.tell_coalesced(IDLE_NOTE, "lease_state", merge_idle_notes, **fields)
 
     def _work_waiting(self) -> bool:
         """Whether a job other than an offload is queued: a standby copy then stops for it (an offload
@@ -226,7 +236,7 @@ class Executor:
         try:
             result = self.shell.run_cell(code, store_history=True)
         finally:
-            self.link.cancel(running_note)
+            heard_running = running_note is not None and not self.link.cancel(running_note)
             session_api._state["progress"] = None
             if self.vdev is not None:
                 self.vdev.end_cell()
@@ -248,8 +258,8 @@ class Executor:
         reply["outputs"] = self._collect_outputs(outputs, exact_outputs, max_bytes)
         reply["result"] = self._last_value(max_bytes) if error is None else None
         # told once the reply is on its way
-        self._after_reply = {"state": "idle", "peak_bytes": peak, "gpu_utilization": utilization,
-                             "resident_bytes": meter.resident()}
+        self._after_reply = {"heard_running": heard_running, "state": "idle", "peak_bytes": peak,
+                             "gpu_utilization": utilization, "resident_bytes": meter.resident()}
         return reply
 
     def _collect_outputs(self, names: list[str], exact: bool, max_bytes: int) -> dict:
@@ -334,6 +344,15 @@ class Executor:
 
 
 RUNNING_NOTE = 0.05  # seconds
+IDLE_NOTE = 0.25     # seconds: quick cells' idle notes are merged over this long (Executor._tell_idle)
+
+
+def merge_idle_notes(held: dict, new: dict) -> dict:
+    """Two idle notes as one: the latest measurements, and the larger of the two cells' peaks."""
+    merged = {**held, **new}
+    peaks = [p for p in (held.get("peak_bytes"), new.get("peak_bytes")) if p is not None]
+    merged["peak_bytes"] = max(peaks) if peaks else None
+    return merged
 
 _letting_go: queue.Queue | None = None
 

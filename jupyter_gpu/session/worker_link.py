@@ -17,6 +17,8 @@ import asyncio
 import json
 import logging
 import socket
+import threading
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,7 @@ class WorkerLink:
         self.loop = loop
         self._fd = fd
         self._writer: asyncio.StreamWriter | None = None
+        self._held: tuple[str, dict] | None = None  # a coalesced report waiting to go (tell_coalesced)
 
     async def open(self) -> None:
         """Wrap the inherited socket (on the I/O loop, once, before anything is reported)."""
@@ -48,22 +51,54 @@ class WorkerLink:
         """Send one report, from any thread; dropped (logged) if it cannot be sent."""
         if self._writer is None:
             return
+        line = self._line(op, fields)
+        if line is not None:
+            self.loop.call_soon_threadsafe(self._write, line)
+
+    @staticmethod
+    def _line(op: str, fields: dict) -> bytes | None:
         line = json.dumps({"op": op, **fields}, default=repr).encode() + b"\n"
         if len(line) > MAX_LINE:
             log.warning("report %s too large (%d bytes): not sent", op, len(line))
+            return None
+        return line
+
+    def tell_coalesced(self, delay: float, op: str, merge: Callable[[dict, dict], dict], **fields: Any) -> None:
+        """Send a report within ``delay`` s, merged (``merge(held, new)``) with any report held back the same
+        way meanwhile: a loop of quick cells tells its worker, and through it the broker, a few times a
+        second instead of after every cell. Any other report sends the held one first, so the order of
+        states holds (a cell's "running" never overtakes the "idle" of the cell before it)."""
+        if self._writer is not None:
+            self.loop.call_soon_threadsafe(self._hold, delay, op, fields, merge)
+
+    def _hold(self, delay: float, op: str, fields: dict, merge: Callable[[dict, dict], dict]) -> None:
+        if self._held is not None:
+            self._held = (op, merge(self._held[1], fields))
             return
-        self.loop.call_soon_threadsafe(self._write, line)
+        self._held = (op, fields)
+        self.loop.call_later(delay, self._release_held)
+
+    def _release_held(self) -> None:
+        if self._held is None:
+            return
+        (op, fields), self._held = self._held, None
+        line = self._line(op, fields)
+        if line is not None:
+            self._send(line)
 
     def tell_later(self, delay: float, op: str, **fields: Any) -> Any:
         """Send a report in ``delay`` s unless :meth:`cancel` comes first (from any thread): a cell that is over
         by then is reported once, when it ends, and a warm no-op cell costs the pool nothing more."""
         if self._writer is None:
             return None
-        pending = {"cancelled": False}
+        pending = {"cancelled": False, "sent": False, "lock": threading.Lock()}
 
         def go() -> None:
-            if not pending["cancelled"]:
-                self.tell(op, **fields)
+            with pending["lock"]:
+                if pending["cancelled"]:
+                    return
+                pending["sent"] = True
+            self.tell(op, **fields)
 
         self.loop.call_soon_threadsafe(lambda: self.loop.call_later(delay, go))
         return pending
@@ -71,12 +106,19 @@ class WorkerLink:
     @staticmethod
     def cancel(pending: Any) -> bool:
         """Cancel a :meth:`tell_later`; whether it was still pending (False: it was sent, or never planned)."""
-        if not pending or pending["cancelled"]:
+        if not pending:
             return False
-        pending["cancelled"] = True
-        return True
+        with pending["lock"]:
+            if pending["cancelled"] or pending["sent"]:
+                return False
+            pending["cancelled"] = True
+            return True
 
     def _write(self, line: bytes) -> None:
+        self._release_held()
+        self._send(line)
+
+    def _send(self, line: bytes) -> None:
         try:
             self._writer.write(line)
         except Exception as exc:  # noqa: BLE001 - the worker is gone: so is this session, soon

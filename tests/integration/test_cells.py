@@ -224,6 +224,9 @@ def test_each_cell_measures_its_peak_and_an_oversized_request_gets_a_right_size_
         badge = [d for d in res.data() if d.startswith("%%gpu ")][-1]
         assert "peak 3" in badge and "MiB" in badge, badge  # about 300 MiB (plus numpy's own import)
         assert "Right-size: this session used at most" in badge and "--memory 512MiB would do" in badge, badge
+        # the broker hears it with the cell's idle note (a quick cell's within session.executor.IDLE_NOTE)
+        assert wait_until(lambda: [ls.get("peak_bytes") for ls in leases(pool) if ls["user"] == "rita"] != [None],
+                          timeout=10)
         mine = [ls for ls in leases(pool) if ls["user"] == "rita"]
         assert len(mine) == 1 and 300 * 2**20 <= mine[0]["peak_bytes"] < 400 * 2**20
         status = k.run("%gpu status").result
