@@ -18,6 +18,7 @@ import threading
 import time
 from typing import Any
 
+from jupyter_gpu.common import local_transfer
 from jupyter_gpu.session import tqdm_bridge
 from jupyter_gpu.session.memory_meter import CellMemoryMeter
 from jupyter_gpu.session.output import Relay
@@ -52,6 +53,9 @@ class Executor:
 
     def __init__(self, relay: Relay, capture: Any, shell: Any, link: WorkerLink):
         self.relay, self.capture, self.shell, self.link = relay, capture, shell, link
+        # inputs read from the kernel's pipes land in these; given back to the OS once idle for TRIM_AFTER s
+        self.input_buffers = local_transfer.ReceiveBuffers()
+        self._trim_at: float | None = None
         self.jobs: queue.Queue[Job] = queue.Queue()
         self.lease: dict | None = None
         self.gpus: list[dict] = []
@@ -69,9 +73,16 @@ class Executor:
     def run_forever(self) -> None:
         while True:
             due = self.standby.due_in() if not self.retired else None
+            if self._trim_at is not None:
+                trim_in = max(0.0, self._trim_at - time.monotonic())
+                due = trim_in if due is None else min(due, trim_in)
             try:
                 job = self.jobs.get() if due is None else self.jobs.get(timeout=due)
-            except queue.Empty:  # idle long enough: write the standby copy while nobody waits
+            except queue.Empty:  # idle long enough: give back spare input buffers, write the standby copy
+                if self._trim_at is not None and time.monotonic() >= self._trim_at:
+                    self._trim_at = None
+                    self.input_buffers.trim()
+                    continue
                 self._take_standby_copy()
                 continue
             except KeyboardInterrupt:  # an interrupt that arrived just after a cell ended
@@ -88,6 +99,7 @@ class Executor:
                 self.relay.end()
             job.finish(result)
             self.standby.idle()
+            self._trim_at = time.monotonic() + TRIM_AFTER
             after, self._after_reply = self._after_reply, None
             if after:
                 self._tell_idle(**after)
@@ -344,6 +356,7 @@ class Executor:
 
 
 RUNNING_NOTE = 0.05  # seconds
+TRIM_AFTER = 2.0     # seconds idle before a session gives its unused input buffers back to the OS
 IDLE_NOTE = 0.25     # seconds: quick cells' idle notes are merged over this long (Executor._tell_idle)
 
 

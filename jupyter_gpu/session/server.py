@@ -177,7 +177,7 @@ class SessionServer:
         if why := self._refused(secret):
             return {"status": "error", "error": pool_error(f"The cell was not run: {why}.")}
         try:
-            inputs = await self.loop.run_in_executor(None, receive_inputs, inputs)
+            inputs = await self.loop.run_in_executor(None, receive_inputs, inputs, self.executor.input_buffers)
         except local_transfer.TransferError as exc:
             return {"status": "error", "error": pool_error(
                 f"The cell was not run: its inputs could not be read from the kernel ({exc}). Run it again; "
@@ -233,13 +233,14 @@ class SessionServer:
         return await job.reply
 
 
-def receive_inputs(inputs: dict) -> dict:
-    """Inputs the kernel sent through pipes (``common/local_transfer.py``), read as ``Serialized`` values."""
+def receive_inputs(inputs: dict, buffers: local_transfer.ReceiveBuffers | None = None) -> dict:
+    """Inputs the kernel sent through pipes (``common/local_transfer.py``), read as ``Serialized`` values
+    (into ``buffers``' unused memory where it has a buffer of the right size)."""
     from distributed.protocol.serialize import Serialized
 
     if not any(local_transfer.is_marker(v) for v in inputs.values()):
         return inputs
-    return {name: Serialized(*local_transfer.receive(v)) if local_transfer.is_marker(v) else v
+    return {name: Serialized(*local_transfer.receive(v, buffers=buffers)) if local_transfer.is_marker(v) else v
             for name, v in inputs.items()}
 
 

@@ -31,6 +31,38 @@ def test_a_large_array_round_trips_into_memory_of_the_receivers_own():
     assert data[0] == 0
 
 
+def _through_pipes(data: np.ndarray, buffers: lt.ReceiveBuffers) -> np.ndarray:
+    sending = lt.Sending()
+    marker = lt.pack(Serialized(*serialize(data, serializers=("dask", "pickle"))), sending)
+    try:
+        return deserialize(*lt.receive(marker, buffers=buffers))
+    finally:
+        sending.wait(5)
+        sending.close()
+
+
+def test_a_buffer_is_reused_only_once_nothing_refers_to_it_and_trim_gives_it_back():
+    buffers = lt.ReceiveBuffers()
+    first = _through_pipes(np.full(4 << 20, 1.0, dtype=np.float32), buffers)
+    kept_view = first[10:20]  # a view of the first input, still alive
+    del first
+    second = _through_pipes(np.full(4 << 20, 2.0, dtype=np.float32), buffers)
+    assert buffers.reused == 0, "a buffer a live view refers to is never written into"
+    assert np.all(kept_view == 1.0) and np.all(second == 2.0)
+    del kept_view  # now nothing refers to the first buffer: the next input of that size lands in it
+    third = _through_pipes(np.full(4 << 20, 3.0, dtype=np.float32), buffers)
+    assert buffers.reused == 1 and np.all(third == 3.0) and np.all(second == 2.0)
+    third[0] = -1  # still the receiver's own copy: the sender's array is untouched
+    other = _through_pipes(np.full(2 << 20, 4.0, dtype=np.float32), buffers)  # another size: fresh memory
+    assert buffers.reused == 1 and np.all(other == 4.0)
+    del second, third, other
+    assert buffers.unused_bytes() == (16 + 16 + 8) << 20
+    view = buffers.take(1 << 20)  # the next transfer keeps at most one unused buffer (max_free=1): the newest
+    assert buffers.unused_bytes() == 8 << 20
+    del view
+    assert buffers.trim() == 9 << 20 and buffers.unused_bytes() == 0
+
+
 def test_small_values_stay_on_the_comm():
     sending = lt.Sending()
     small = Serialized(*serialize(np.arange(10), serializers=("dask", "pickle")))
