@@ -223,7 +223,7 @@ def _open(path: Any) -> int:
     if not isinstance(path, str) or not _PATH.fullmatch(path):
         raise TransferError(f"a transfer marker may name only /proc/<pid>/fd/<fd>, not {str(path)[:80]!r}")
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # our own open: the sender's is untouched
     except OSError as exc:
         raise TransferError(f"the sender's pipe is not readable here ({exc.strerror})") from None
     import stat
@@ -235,11 +235,16 @@ def _open(path: Any) -> int:
 
 
 def _fill(fd: int, view: memoryview, timeout: float) -> None:
+    """Read the pipe until ``view`` is full: straight away while the pipe has data (a non-blocking read),
+    waiting (``select``, at most ``timeout`` s) only when it is empty."""
     got = 0
     while got < view.nbytes:
-        if not select.select([fd], [], [], timeout)[0]:
-            raise TransferError(f"the sender sent nothing for {timeout:.0f} s ({got} of {view.nbytes} bytes)")
-        n = os.readv(fd, [view[got:]])
+        try:
+            n = os.readv(fd, [view[got:]])
+        except BlockingIOError:
+            if not select.select([fd], [], [], timeout)[0]:
+                raise TransferError(f"the sender sent nothing for {timeout:.0f} s ({got} of {view.nbytes} bytes)")
+            continue
         if n == 0:
             raise TransferError(f"the sender's pipe closed after {got} of {view.nbytes} bytes")
         got += n
