@@ -72,9 +72,7 @@ def rebuild_exception(error: dict) -> BaseException:
     tb_dict = error.get("traceback")
     if tb_dict:
         try:
-            from tblib import Traceback
-
-            remote_tb = Traceback.from_dict(_lists(tb_dict)).as_traceback()
+            remote_tb = traceback_from_dict(_lists(tb_dict))
             exc = exc.with_traceback(remote_tb)
             setattr(exc, REMOTE_TB, remote_tb)  # where the cell's own frames start (see remote_part)
         except Exception:
@@ -83,6 +81,39 @@ def rebuild_exception(error: dict) -> BaseException:
 
 
 REMOTE_TB = "_jupyter_gpu_remote_tb"
+
+
+class _TracebackMaker(Exception):
+    """Raised by each stub frame of :func:`traceback_from_dict`, never seen outside it."""
+
+
+def traceback_from_dict(tb_dict: dict) -> Any:
+    """A real traceback from tblib's ``Traceback.as_dict()``: one stub frame per remote frame, with the remote
+    file name, function name and line number, so IPython shows the cell's own lines from ``linecache``.
+
+    Why not ``tblib.Traceback.as_traceback``: tblib 3 makes each stub a one-line code object whose first
+    line is the frame's line, and IPython 9 reads a frame's source from its code's first line: a failure on
+    line 3 of a function showed the function's first line labelled 3. Here the stub's code starts at line 1
+    and reaches the frame's line, as a real module's code does, which IPython 8 and 9 both show right."""
+    top = last = None
+    node: Any = tb_dict
+    while isinstance(node, dict):
+        code = (node.get("tb_frame") or {}).get("f_code") or {}
+        filename, name = str(code.get("co_filename") or "<unknown>"), str(code.get("co_name") or "<module>")
+        lineno = node.get("tb_lineno")
+        lineno = lineno if isinstance(lineno, int) and 0 < lineno <= 1_000_000 else 1
+        stub = compile("\n" * (lineno - 1) + "raise __traceback_maker", filename, "exec").replace(co_name=name)
+        try:
+            exec(stub, {"__traceback_maker": _TracebackMaker, "__name__": "__main__"})  # noqa: S102
+        except _TracebackMaker:
+            made = sys.exc_info()[2].tb_next  # the stub's own frame
+            if top is None:
+                top = made
+            if last is not None:
+                last.tb_next = made
+            last = made
+        node = node.get("tb_next")
+    return top
 
 
 def remote_part(value: BaseException, tb: Any) -> Any:
