@@ -62,6 +62,8 @@ class Executor:
         self.isolation = "none"
         self.meter: CellMemoryMeter | None = None  # set when a lease is assigned
         self.busy = False
+        self.interrupt_lock = threading.Lock()  # busy and interrupt_pending change together (server.h_interrupt)
+        self.interrupt_pending = False  # an interrupt that came before the cell reached the main thread
         self.retired = False  # its variables were offloaded: it runs no more cells
         self.standby = StandbyCopy(None, None)  # its variables' copy in host memory while idle (standby.py)
         self._after_reply: dict | None = None
@@ -191,7 +193,11 @@ class Executor:
         session_api._state["checkpoint_dir"] = checkpoint_dir
         self.standby.changed()  # the copy is of the namespace before this cell: stale from here on
         self.relay.begin(job.emit)
-        self.busy = True
+        with self.interrupt_lock:
+            self.busy = True
+            stop, self.interrupt_pending = self.interrupt_pending, False
+        if stop:  # interrupted on its way here: it does not start (the session and its variables stay)
+            raise KeyboardInterrupt("interrupted before the cell started")
         if dist is None:
             return self._execute(code, inputs, outputs, exact_outputs, cell_name, label, max_bytes, started)
         from jupyter_gpu.session.distributed_rank import DistributedRun

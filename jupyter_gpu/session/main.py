@@ -73,6 +73,9 @@ def serve(host: str, worker: str | None, control_fd: int | None, ready: TextIO, 
                         format="%(asctime)s session[%(process)d] %(levelname)s %(message)s")
     from jupyter_gpu.session.server import SessionServer
 
+    # an interrupt is SIGINT to the main thread: whatever this process inherited (a worker started with
+    # SIGINT ignored, as a background job of a non-interactive shell is), it must raise KeyboardInterrupt
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     session = SessionServer(host, worker, control_fd=control_fd, spawn_key=spawn_key)
     ready.write(json.dumps({"address": session.address, "pid": os.getpid()}) + "\n")
     ready.flush()

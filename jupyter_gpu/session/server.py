@@ -52,6 +52,7 @@ class SessionServer:
         self.executor = Executor(relay, capture, make_shell(relay), self.link)
         self.address: str | None = None
         self._sent: local_transfer.Sending | None = None  # pipes of the last reply, until the kernel's next call
+        self._executing = 0  # execute calls in flight (an interrupt between their arrival and the cell's start)
         self._ready = threading.Event()
         threading.Thread(target=self._run_loop, daemon=True, name="jupyter-gpu-session-io").start()
         threading.Thread(target=self._flush_streams, daemon=True, name="jupyter-gpu-stream-flush").start()
@@ -161,10 +162,17 @@ class SessionServer:
         """SIGINT to the main thread: raises KeyboardInterrupt in the running cell."""
         if why := self._refused(secret):
             return error_reply(why)
-        busy = self.executor.busy
-        if busy:
-            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-        return {"interrupted": busy}
+        ex = self.executor
+        with ex.interrupt_lock:
+            if ex.busy:
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+                return {"interrupted": True}
+            if self._executing:
+                # the cell is on its way to the main thread (inputs being read, or queued): it must not start
+                # after all. Dropping this interrupt let a cell that started late run on until it was killed
+                ex.interrupt_pending = True
+                return {"interrupted": True, "before_start": True}
+        return {"interrupted": False}
 
     @validated(lambda why: {"status": "error", "error": pool_error(f"The cell was not run: {why}.")})
     async def h_execute(self, comm: Any, code: Annotated[str, MaxLen(64 * 2**20)], inputs: dict[str, Any],
@@ -176,6 +184,19 @@ class SessionServer:
         """Run a cell; stream output messages on ``comm`` while it runs; the reply is the ``done`` message."""
         if why := self._refused(secret):
             return {"status": "error", "error": pool_error(f"The cell was not run: {why}.")}
+        self._executing += 1
+        try:
+            return await self._execute(comm, code, inputs, outputs, exact_outputs, cell_name, label, max_bytes, cwd,
+                                       dist, checkpoint_dir, local)
+        finally:
+            with self.executor.interrupt_lock:
+                self._executing -= 1
+                if not self._executing:
+                    self.executor.interrupt_pending = False  # meant for this cell only, never for a later one
+
+    async def _execute(self, comm: Any, code: str, inputs: dict[str, Any], outputs: list[str] | None,
+                       exact_outputs: bool, cell_name: str, label: str | None, max_bytes: int, cwd: str | None,
+                       dist: dict[str, Any] | None, checkpoint_dir: str | None, local: bool) -> dict:
         try:
             inputs = await self.loop.run_in_executor(None, receive_inputs, inputs, self.executor.input_buffers)
         except local_transfer.TransferError as exc:
