@@ -127,7 +127,11 @@ class PoolServices:
             log.close()
 
     def __enter__(self) -> PoolServices:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:  # a start that fails half way (no GPUs joined) leaves no services running
+            self.stop()
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -223,16 +223,7 @@ class Containment:
                 pid = _pid_of(entry.name)
                 if pid is None or not entry.is_dir() or pid_alive(pid):
                     continue
-                for sub in os.scandir(entry.path):
-                    if sub.is_dir():
-                        grp = SessionGroup(name=sub.name, paths=[sub.path])
-                        grp.kill(wait=0.5)
-                        grp.remove()
-                try:
-                    os.rmdir(entry.path)
-                    removed += 1
-                except OSError:
-                    pass
+                removed += _sweep_group_folder(entry.path)
         return removed
 
     def close(self) -> None:
@@ -248,6 +239,28 @@ class Containment:
                 os.rmdir(base)
             except OSError:
                 pass
+
+
+def _sweep_group_folder(path: str) -> int:
+    """End the groups in a dead worker's folder and remove it; 1 if this call removed it. The workers of a
+    machine start together and sweep together: a folder or group another one removed first is not an
+    error (it used to fail the worker's start with FileNotFoundError, and the pool had no GPUs)."""
+    try:
+        subs = [sub for sub in os.scandir(path) if sub.is_dir()]
+    except FileNotFoundError:
+        return 0
+    except OSError as exc:
+        log.warning("could not sweep the stale cgroup folder %s: %s", path, exc)
+        return 0
+    for sub in subs:
+        grp = SessionGroup(name=sub.name, paths=[sub.path])
+        grp.kill(wait=0.5)
+        grp.remove()
+    try:
+        os.rmdir(path)
+        return 1
+    except OSError:
+        return 0
 
 
 def _pid_of(name: str) -> int | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import os
 import signal
+import sys
 
 import pytest
 from harness import Kernel, leases, wait_until
@@ -136,3 +137,53 @@ def test_an_unpicklable_input_gets_only_the_clean_error(pool):
         assert "distributed.protocol" not in res.stderr and "Traceback" not in res.stderr, res.stderr
     finally:
         k.shutdown(now=True)
+
+
+def test_workers_starting_together_sweep_a_dead_workers_cgroups_without_failing():
+    """The workers of a machine start together and each sweeps the cgroup folders of workers that died. A
+    folder another one removed first made ``sweep_stale`` raise FileNotFoundError, the worker plugin failed to
+    set up, and the pool came up without GPUs (seen in CI after workers were killed)."""
+    import subprocess
+    import threading
+
+    from jupyter_gpu.worker.containment import Containment, _mounts
+
+    mounts = [m for m in _mounts() if m and os.access(m, os.W_OK)]
+    if os.geteuid() != 0 or not mounts:
+        pytest.skip("needs root and a writable cgroup mount")
+    made = []
+    for _ in range(8):  # eight workers that died, each with its sessions' groups
+        dead = subprocess.Popen(["true"])
+        dead.wait()  # a worker pid that is gone
+        for mount in mounts:
+            folder = os.path.join(mount, f"jupyter-gpu-{dead.pid}")
+            for i in range(10):
+                os.makedirs(os.path.join(folder, f"L{i}"), exist_ok=True)
+            made.append(folder)
+    errors: list[BaseException] = []
+    removed: list[int] = []
+
+    def sweep() -> None:
+        try:
+            removed.append(Containment.sweep_stale())
+        except BaseException as exc:  # noqa: BLE001 - what a worker's start would have died of
+            errors.append(exc)
+
+    threads = [threading.Thread(target=sweep) for _ in range(4)]
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # the sweeps interleave as separate worker processes would
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert errors == [], errors
+        assert all(not os.path.exists(folder) for folder in made)
+        assert sum(removed) >= len(made)
+    finally:
+        sys.setswitchinterval(switch)
+        for folder in made:
+            for sub in glob.glob(os.path.join(folder, "L*")):
+                os.rmdir(sub)
+            if os.path.isdir(folder):
+                os.rmdir(folder)
