@@ -25,6 +25,10 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+class ZygoteLost(RuntimeError):
+    """The zygote ended before it answered a fork."""
+
+
 class ForkedProcess:
     """A session forked by the zygote, as the worker sees it."""
 
@@ -144,14 +148,26 @@ class ForkServer:
         self.children.clear()
         for fut in self._waiting.values():
             if not fut.done():
-                fut.set_exception(RuntimeError("the session zygote exited; see the worker's log"))
+                fut.set_exception(ZygoteLost("the session zygote exited; see the worker's log"))
         self._waiting.clear()
         if self.sock is not None:
             self.sock.close()
             self.sock = None
 
     async def fork(self, msg: dict, fds: list[int], timeout: float) -> ForkedProcess:
-        """A new session process (``msg``: its environment, host and worker; ``fds``: handed to it)."""
+        """A new session process (``msg``: its environment, host and worker; ``fds``: handed to it).
+
+        A zygote that died just before (killed, its death not yet seen here) is replaced and the fork asked of
+        the new one, once: the start must not fail because the old zygote was still being reaped."""
+        try:
+            return await self._fork(msg, fds, timeout)
+        except ZygoteLost:
+            log.warning("the session zygote exited during a start: starting a new one and trying again")
+            self.close()
+            self.start()
+            return await self._fork(msg, fds, timeout)
+
+    async def _fork(self, msg: dict, fds: list[int], timeout: float) -> ForkedProcess:
         if not self.alive() or self.sock is None:
             log.warning("the session zygote is not running: starting a new one")
             self.close()
@@ -162,11 +178,17 @@ class ForkServer:
         self._waiting[ident] = fut
         data = json.dumps({**msg, "op": "fork", "id": ident}).encode()
         while True:
+            if self.sock is None:
+                self._waiting.pop(ident, None)
+                raise ZygoteLost("the session zygote exited; see the worker's log")
             try:
                 socket.send_fds(self.sock, [data], fds)
                 break
             except BlockingIOError:
                 await asyncio.sleep(0.005)
+            except OSError as exc:  # its end of the socket is gone: it died
+                self._waiting.pop(ident, None)
+                raise ZygoteLost(f"the session zygote exited ({exc.strerror}); see the worker's log") from None
         return await asyncio.wait_for(fut, timeout)
 
     def close(self) -> None:

@@ -92,29 +92,43 @@ def test_timeout_interrupts_and_keeps_the_session(kernel):
 def test_an_interrupt_that_arrives_before_the_cell_starts_is_not_lost(kernel):
     """A --timeout or an interrupt can reach the session while the cell is still on its way to the session's
     main thread (under load in CI: its inputs being read, or queued). It used to be dropped: the cell then
-    started and ran until the grace ran out and the session was killed, variables and all."""
+    started and ran until the grace ran out and the session was killed, variables and all.
+
+    Made certain here: the cell's input comes through a pipe of the kernel's that stays empty until the
+    interrupt has been answered, so the session is still reading the input when the interrupt arrives."""
     kernel.run("%%gpu\nkept = 'state'")
     res = kernel.run(
-        "import asyncio, time\n"
+        "import asyncio, os, time\n"
+        "import numpy as np\n"
         "from distributed.comm import connect\n"
+        "from distributed.protocol import serialize\n"
+        "from jupyter_gpu.common import local_transfer as lt\n"
         "_c = get_ipython().find_magic('gpu').__self__.conn\n"
         "_s = _c.session\n"
+        "_head, _frames = serialize(np.zeros(1 << 18), serializers=('dask', 'pickle'))\n"
+        "_data = b''.join(bytes(memoryview(f)) for f in _frames)\n"
+        "_r, _w = os.pipe()\n"
+        "_marker = {lt.MARK: {'header': _head, 'frames': [{'parts': [[f'/proc/{os.getpid()}/fd/{_r}', len(_data)]],\n"
+        "                                                  'size': len(_data)}]}}\n"
         "async def _race():\n"
         "    run = await connect(_s.address, deserialize=False, **_c.connection_args)\n"
         "    stop = await connect(_s.address, deserialize=False, **_c.connection_args)\n"
-        "    await run.write({'op': 'execute', 'reply': True, 'secret': _s.secret, 'inputs': {},\n"
-        "                     'code': 'import time\\ntime.sleep(30)'})\n"
+        "    await run.write({'op': 'execute', 'reply': True, 'secret': _s.secret, 'local': True,\n"
+        "                     'inputs': {'x': _marker}, 'code': 'import time\\ntime.sleep(30)'})\n"
+        "    await asyncio.sleep(0.5)  # the session has the cell and waits for its input\n"
         "    await stop.write({'op': 'interrupt', 'reply': True, 'secret': _s.secret})\n"
         "    said = await stop.read()\n"
+        "    os.write(_w, _data)  # now the input arrives and the cell reaches the main thread\n"
         "    t0 = time.monotonic()\n"
         "    while not isinstance(done := await asyncio.wait_for(run.read(), 15), dict):\n"
         "        pass\n"
         "    await run.close(); await stop.close()\n"
         "    return said, done, time.monotonic() - t0\n"
         "said, done, took = _c.call(_race, timeout=30)\n"
-        "print(said['interrupted'], done['status'], done['error']['type'], took < 5)")
+        "os.close(_r); os.close(_w)\n"
+        "print(said['interrupted'], said.get('before_start'), done['status'], done['error']['type'], took < 5)")
     assert res.error is None, res.error_text
-    assert res.stdout.split() == ["True", "error", "builtins.KeyboardInterrupt", "True"], res.stdout
+    assert res.stdout.split() == ["True", "True", "error", "builtins.KeyboardInterrupt", "True"], res.stdout
     assert kernel.run("%%gpu\nprint(kept)").stdout == "state\n"  # the session and its variables stay
 
 
