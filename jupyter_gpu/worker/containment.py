@@ -229,20 +229,13 @@ class Containment:
     def close(self) -> None:
         """Remove this worker's folders (their groups must be gone: ``SessionGroup.remove``)."""
         for base in (self.v2_base, self.v1_memory_base):
-            if base is None:
-                continue
-            for entry in os.scandir(base) if os.path.isdir(base) else ():
-                if entry.is_dir():
-                    SessionGroup(name=entry.name, paths=[entry.path]).kill(wait=0.5)
-                    SessionGroup(name=entry.name, paths=[entry.path]).remove()
-            try:
-                os.rmdir(base)
-            except OSError:
-                pass
+            if base is not None:
+                _sweep_group_folder(base)
 
 
 def _sweep_group_folder(path: str) -> int:
-    """End the groups in a dead worker's folder and remove it; 1 if this call removed it. The workers of a
+    """End the groups in a worker's folder and remove it (a dead worker's at start, our own at close); 1 if
+    this call removed it. The workers of a
     machine start together and sweep together: a folder or group another one removed first is not an
     error (it used to fail the worker's start with FileNotFoundError, and the pool had no GPUs)."""
     try:
@@ -250,7 +243,7 @@ def _sweep_group_folder(path: str) -> int:
     except FileNotFoundError:
         return 0
     except OSError as exc:
-        log.warning("could not sweep the stale cgroup folder %s: %s", path, exc)
+        log.warning("could not sweep the cgroup folder %s: %s", path, exc)
         return 0
     for sub in subs:
         grp = SessionGroup(name=sub.name, paths=[sub.path])
