@@ -235,9 +235,9 @@ class Containment:
 
 def _sweep_group_folder(path: str) -> int:
     """End the groups in a worker's folder and remove it (a dead worker's at start, our own at close); 1 if
-    this call removed it. The workers of a
-    machine start together and sweep together: a folder or group another one removed first is not an
-    error (it used to fail the worker's start with FileNotFoundError, and the pool had no GPUs)."""
+    this call removed it. The workers of a machine start together and sweep together: a folder or group
+    another one removed first is not an error (it used to fail the worker's start with FileNotFoundError,
+    and the pool had no GPUs)."""
     try:
         subs = [sub for sub in os.scandir(path) if sub.is_dir()]
     except FileNotFoundError:
