@@ -34,8 +34,13 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def summary(values: list[float]) -> dict:
-    return {"n": len(values), "p50": percentile(values, 50), "p95": percentile(values, 95),
-            "min": min(values) if values else float("nan"), "mean": sum(values) / len(values) if values else float("nan")}
+    return {
+        "n": len(values),
+        "p50": percentile(values, 50),
+        "p95": percentile(values, 95),
+        "min": min(values) if values else float("nan"),
+        "mean": sum(values) / len(values) if values else float("nan"),
+    }
 
 
 def ms(seconds: float) -> str:
@@ -61,16 +66,21 @@ def machine() -> str:
         gpu = "CUDA" if torch.cuda.is_available() else "CPU only"
     except Exception:  # noqa: BLE001 - only a label
         gpu = "no torch"
-    return (f"{platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}, {gpu}, "
-            f"{platform.platform(terse=True)}")
+    return (
+        f"{platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}, {gpu}, "
+        f"{platform.platform(terse=True)}"
+    )
 
 
 def header(name: str, quick: bool) -> None:
     print(f"== {name}{' (--quick)' if quick else ''} -- {time.strftime('%Y-%m-%d %H:%M:%S')}")
     print(f"   machine: {machine()}")
     print(f"   virtual GPUs: {os.environ.get('JUPYTER_GPU_VIRTUAL_GPUS') or '(none: real GPUs)'}")
-    print("   load average at start: " + ", ".join(f"{v:.2f}" for v in os.getloadavg())
-          + " (other work on the machine skews every figure; anchors run interleaved with ours)")
+    print(
+        "   load average at start: "
+        + ", ".join(f"{v:.2f}" for v in os.getloadavg())
+        + " (other work on the machine skews every figure; anchors run interleaved with ours)"
+    )
     sys.stdout.flush()
 
 
@@ -84,7 +94,8 @@ def log(msg: str) -> None:
 
 # ---------------------------------------------------------------------- the jupyter-gpu pool
 def set_virtual(spec: str | None) -> None:
-    """Use virtual GPUs ``spec`` (e.g. 2x16GiB) for pools started from here; '' or None: the real GPUs."""
+    """Use virtual GPUs ``spec`` (e.g. 2x16GiB) for pools started from here; '' or None: the real
+    GPUs."""
     if spec:
         os.environ["JUPYTER_GPU_VIRTUAL_GPUS"] = spec
     else:
@@ -101,7 +112,7 @@ class Pool:
         self.address: str | None = None
         self.start_s = float("nan")
 
-    def __enter__(self) -> Pool:  # noqa: PYI034
+    def __enter__(self) -> Pool:
         from jupyter_gpu.pool.embedded import ensure_embedded_pool
 
         t0 = time.perf_counter()
@@ -120,17 +131,21 @@ class Pool:
             log(f"the pool's log is kept at {self.dir}/pool.log")
 
     def wait_spares(self, timeout: float = 120.0) -> float:
-        """Wait until every worker can start a session warm (its zygote has imported torch, or its spare
-        session process is up); return the seconds waited."""
+        """Wait until every worker can start a session warm (its zygote has imported torch, or its
+        spare session process is up); return the seconds waited."""
         from distributed import Client
 
         from jupyter_gpu.common.security import client_security
 
         t0 = time.perf_counter()
-        with Client(self.address, set_as_default=False, timeout=30, security=client_security(self.address)) as client:
+        with Client(
+            self.address, set_as_default=False, timeout=30, security=client_security(self.address)
+        ) as client:
             while True:
-                ready = {w: client.sync(client.rpc(w).gpu_session_starter)["ready"]
-                         for w in client.scheduler_info()["workers"]}
+                ready = {
+                    w: client.sync(client.rpc(w).gpu_session_starter)["ready"]
+                    for w in client.scheduler_info()["workers"]
+                }
                 if ready and all(ready.values()):
                     return time.perf_counter() - t0
                 if time.perf_counter() - t0 > timeout:
@@ -144,7 +159,9 @@ class Pool:
         from jupyter_gpu.common.security import client_security
 
         t0 = time.perf_counter()
-        with Client(self.address, set_as_default=False, timeout=30, security=client_security(self.address)) as client:
+        with Client(
+            self.address, set_as_default=False, timeout=30, security=client_security(self.address)
+        ) as client:
             while True:
                 snap = client.sync(client.scheduler.gpu_snapshot)
                 if not any(g["leases"] for g in snap["gpus"]):
@@ -166,19 +183,23 @@ _by_value()
 
 # ---------------------------------------------------------------------- real kernels
 def start_kernel(pool: str | None, user: str | None = None, env: dict | None = None) -> GpuKernel:
-    """A started real IPython kernel pointed at ``pool``, *without* ``%load_ext`` (the benchmarks time it).
+    """A started real IPython kernel pointed at ``pool``, *without* ``%load_ext`` (the benchmarks
+    time it).
 
-    The project's one kernel driver (:class:`jupyter_gpu.headless.kernel.GpuKernel`, as in the tests):
-    ``kernel.start_s`` is its start-up time, ``check(kernel, code)`` times a cell from ``kc.execute`` to the
-    idle status, ``kernel.run(code)`` returns its outputs, ``kernel.shutdown(now=True)`` ends it.
+        The project's one kernel driver (:class:`jupyter_gpu.headless.kernel.GpuKernel`, as in the
+        tests): ``kernel.start_s`` is its start-up time, ``check(kernel, code)`` times a cell from
+        ``kc.execute`` to the idle status, ``kernel.run(code)`` returns its outputs,
+        ``kernel.shutdown(now=True)`` ends it.
     """
     return GpuKernel(pool, user=user, env=env, load_extension=False).start()
 
 
 def check(kernel: GpuKernel, code: str, timeout: float = 120) -> float:
-    """Run ``code``; return the seconds from ``kc.execute`` to the idle status; raise if the cell raised.
+    """Run ``code``; return the seconds from ``kc.execute`` to the idle status; raise if the cell
+    raised.
 
-    Outputs are not parsed (``record=False``): only the idle status and the execute reply are read.
+        Outputs are not parsed (``record=False``): only the idle status and the execute reply are
+        read.
     """
     res = kernel.run(code, timeout, record=False)
     if res.status != "ok":
@@ -187,7 +208,8 @@ def check(kernel: GpuKernel, code: str, timeout: float = 120) -> float:
 
 
 def capture(kernel: GpuKernel, code: str, timeout: float = 180) -> tuple[str, list[dict]]:
-    """Run ``code``; return (its stdout text, its error outputs: nbformat dicts with ename, evalue, traceback)."""
+    """Run ``code``; return (its stdout text, its error outputs: nbformat dicts with ename, evalue,
+    traceback)."""
     res = kernel.run(code, timeout)
     return res.stdout, [o for o in res.log if o["output_type"] == "error"]
 
@@ -221,20 +243,25 @@ def shell_with_extension(address: str) -> Any:
 def run_cell_checked(shell: Any, code: str) -> None:
     result = shell.run_cell(code, silent=False, store_history=True)
     if not result.success:
-        raise RuntimeError(f"cell failed: {code!r}: {result.error_before_exec or result.error_in_exec!r}")
+        raise RuntimeError(
+            f"cell failed: {code!r}: {result.error_before_exec or result.error_in_exec!r}"
+        )
 
 
 # ---------------------------------------------------------------------- anchors
 @contextlib.contextmanager
 def ipp_cluster(quiet: bool = True) -> Iterator[tuple[Any, Any, str]]:
-    """An in-process-managed ipyparallel cluster with one engine: (cluster, client, client url file)."""
+    """An in-process-managed ipyparallel cluster with one engine: (cluster, client, client url
+    file)."""
     import ipyparallel as ipp
 
     cluster = ipp.Cluster(n=1, log_level=40)
     client = cluster.start_and_connect_sync()
     try:
         client.wait_for_engines(1, timeout=120)
-        url = os.path.join(cluster.profile_dir, "security", f"ipcontroller-{cluster.cluster_id}-client.json")
+        url = os.path.join(
+            cluster.profile_dir, "security", f"ipcontroller-{cluster.cluster_id}-client.json"
+        )
         yield cluster, client, url
     finally:
         with contextlib.suppress(Exception):
@@ -247,7 +274,15 @@ def dask_local_cluster() -> Iterator[Any]:
     """A Dask LocalCluster with one worker process (one thread) and a client to it."""
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0",
-                      host="127.0.0.1") as cluster, Client(cluster, set_as_default=False) as client:
+    with (
+        LocalCluster(
+            n_workers=1,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",
+            host="127.0.0.1",
+        ) as cluster,
+        Client(cluster, set_as_default=False) as client,
+    ):
         client.wait_for_workers(1)
         yield client

@@ -1,11 +1,12 @@
-"""Checks of the paths that need a real NVIDIA GPU: NVML inventory, pinning, the memory cap, sharing one GPU.
+"""Checks of the paths that need a real NVIDIA GPU: NVML inventory, pinning, the memory cap,
+sharing one GPU.
 
     python bench/gpu_smoke.py [--gpu 0] [--quick]
 
-On a machine where NVML finds no GPU it prints "no GPU: skipped" and exits 0. Otherwise it starts a private
-embedded pool on ONE real GPU (``CUDA_VISIBLE_DEVICES=<--gpu>`` for the pool, so both sessions below must share
-it; ``JUPYTER_GPU_VIRTUAL_GPUS`` is ignored here), runs two real kernels against it, prints PASS/FAIL per check
-and exits 1 if any check failed:
+On a machine where NVML finds no GPU it prints "no GPU: skipped" and exits 0. Otherwise it starts
+a private embedded pool on ONE real GPU (``CUDA_VISIBLE_DEVICES=<--gpu>`` for the pool, so both
+sessions below must share it; ``JUPYTER_GPU_VIRTUAL_GPUS`` is ignored here), runs two real
+kernels against it, prints PASS/FAIL per check and exits 1 if any check failed:
 
   nvml-inventory   jupyter_gpu.worker.inventory.nvml_gpus() lists the GPU(s) with a GPU-/MIG- UUID, a name and
                    memory, and the pool offers exactly the selected GPU, not virtual, with the same UUID
@@ -39,7 +40,8 @@ from _common import GpuKernel, Pool, capture, check, header, log, set_virtual, s
 
 MARK = "JGPU-SMOKE "
 
-# remote: report what the session sees (run as the first cell, so the session's CUDA is initialised here)
+# remote: report what the session sees (run as the first cell, so the session's CUDA is initialised
+# here)
 PIN_CELL = """%%gpu --gpus 0.5 --out ''
 import json as _json, os as _os, torch as _torch
 print({mark!r} + _json.dumps({{
@@ -93,15 +95,21 @@ class Checks:
 def marked(stdout: str) -> dict | None:
     for line in stdout.splitlines():
         if line.startswith(MARK):
-            return json.loads(line[len(MARK):])
+            return json.loads(line[len(MARK) :])
     return None
 
 
 def error_text(errors: list[dict]) -> str:
     import re
 
-    return "\n".join(re.sub(r"\x1b\[[0-9;]*m", "", f"{e.get('ename')}: {e.get('evalue')}\n" + "\n".join(e.get("traceback") or []))
-                     for e in errors)
+    return "\n".join(
+        re.sub(
+            r"\x1b\[[0-9;]*m",
+            "",
+            f"{e.get('ename')}: {e.get('evalue')}\n" + "\n".join(e.get("traceback") or []),
+        )
+        for e in errors
+    )
 
 
 def snapshot(address: str) -> dict:
@@ -109,7 +117,9 @@ def snapshot(address: str) -> dict:
 
     from jupyter_gpu.common.security import client_security
 
-    with Client(address, set_as_default=False, timeout=30, security=client_security(address)) as client:
+    with Client(
+        address, set_as_default=False, timeout=30, security=client_security(address)
+    ) as client:
         return client.sync(client.scheduler.gpu_snapshot)
 
 
@@ -131,7 +141,8 @@ def nvml_used(uuid: str) -> tuple[int, int] | None:
 
 
 def offload_cuda(checks: Checks) -> None:
-    """CUDA tensors through a standby copy and back (what suspending a session on a real GPU moves)."""
+    """CUDA tensors through a standby copy and back (what suspending a session on a real GPU
+    moves)."""
     import tempfile
 
     import torch
@@ -140,9 +151,15 @@ def offload_cuda(checks: Checks) -> None:
     from jupyter_gpu.session.standby import StandbyCopy
 
     net = torch.nn.Linear(256, 256).cuda()
-    ns = {"w": torch.randn(2**28, device="cuda"), "net": net, "opt": torch.optim.SGD(net.parameters(), lr=0.1)}
+    ns = {
+        "w": torch.randn(2**28, device="cuda"),
+        "net": net,
+        "opt": torch.optim.SGD(net.parameters(), lr=0.1),
+    }
     nbytes = ns["w"].nbytes
-    folder = tempfile.mkdtemp(prefix="jgpu-smoke-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    folder = tempfile.mkdtemp(
+        prefix="jgpu-smoke-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None
+    )
     try:
         copy = StandbyCopy(os.path.join(folder, "L1.standby"), 0.0)
         copy.changed()
@@ -157,11 +174,20 @@ def offload_cuda(checks: Checks) -> None:
         failed = load_namespace(back, moved["path"])["failed"] if moved else ["no copy was written"]
         torch.cuda.synchronize()
         t_load = time.perf_counter() - t0
-        ok = (not failed and back["w"].is_cuda and torch.equal(back["w"], ns["w"])
-              and back["opt"].param_groups[0]["params"][0] is back["net"].weight and back["net"].weight.is_cuda)
-        checks.record("offload-cuda", ok, f"{nbytes / 2**30:.1f} GiB of CUDA tensors: standby copy "
-                      f"{nbytes / t_copy / 1e9:.2f} GB/s, load back to the GPU {nbytes / t_load / 1e9:.2f} GB/s"
-                      + (f"; failed: {failed}" if failed else ""))
+        ok = (
+            not failed
+            and back["w"].is_cuda
+            and torch.equal(back["w"], ns["w"])
+            and back["opt"].param_groups[0]["params"][0] is back["net"].weight
+            and back["net"].weight.is_cuda
+        )
+        checks.record(
+            "offload-cuda",
+            ok,
+            f"{nbytes / 2**30:.1f} GiB of CUDA tensors: standby copy "
+            f"{nbytes / t_copy / 1e9:.2f} GB/s, load back to the GPU {nbytes / t_load / 1e9:.2f} "
+            "GB/s" + (f"; failed: {failed}" if failed else ""),
+        )
     finally:
         import shutil
 
@@ -170,8 +196,12 @@ def offload_cuda(checks: Checks) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--gpu", default="0", help="the GPU to test (an index or UUID for CUDA_VISIBLE_DEVICES)")
-    ap.add_argument("--quick", action="store_true", help="accepted for uniformity; the run is the same")
+    ap.add_argument(
+        "--gpu", default="0", help="the GPU to test (an index or UUID for CUDA_VISIBLE_DEVICES)"
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="accepted for uniformity; the run is the same"
+    )
     args = ap.parse_args(argv)
 
     from jupyter_gpu.worker.inventory import nvml_gpus
@@ -179,7 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     set_virtual(None)  # real GPUs only, whatever the environment says
     all_gpus = nvml_gpus()
     if not all_gpus:
-        print("gpu_smoke: no GPU: skipped (NVML finds no NVIDIA GPU on this machine; nothing was checked)")
+        print(
+            "gpu_smoke: no GPU: skipped (NVML finds no NVIDIA GPU on this machine; nothing was "
+            "checked)"
+        )
         return 0
     header("gpu_smoke: real-GPU checks", args.quick)
     checks = Checks()
@@ -193,13 +226,21 @@ def main(argv: list[str] | None = None) -> int:
             problems.append(f"GPU {g.index} looks wrong: {g.to_dict()}")
     if len({g.uuid for g in all_gpus}) != len(all_gpus):
         problems.append("duplicate UUIDs")
-    os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu  # the pool (and this process's NVML view) get one GPU
+    # the pool (and this process's NVML view) get one GPU
+    os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu
     chosen = nvml_gpus()
     if len(chosen) != 1:
-        problems.append(f"CUDA_VISIBLE_DEVICES={args.gpu} selects {len(chosen)} GPU(s), expected 1 "
-                        "(a GPU in MIG mode with several slices: pass one slice's MIG- UUID with --gpu)")
-    inventory = "; ".join(f"{g.index}: {g.name} {g.uuid} {g.total_bytes / 2**30:.1f} GiB" for g in all_gpus)
-    if not checks.record("nvml-inventory (NVML)", not problems, "; ".join(problems) or inventory) or not chosen:
+        problems.append(
+            f"CUDA_VISIBLE_DEVICES={args.gpu} selects {len(chosen)} GPU(s), expected 1 "
+            "(a GPU in MIG mode with several slices: pass one slice's MIG- UUID with --gpu)"
+        )
+    inventory = "; ".join(
+        f"{g.index}: {g.name} {g.uuid} {g.total_bytes / 2**30:.1f} GiB" for g in all_gpus
+    )
+    if (
+        not checks.record("nvml-inventory (NVML)", not problems, "; ".join(problems) or inventory)
+        or not chosen
+    ):
         return 1
     gpu = chosen[0]
 
@@ -210,8 +251,11 @@ def main(argv: list[str] | None = None) -> int:
             log(f"spare sessions ready after {pool.wait_spares(timeout=300):.1f} s")
             snap = snapshot(pool.address)
             offered = [(g["uuid"], g["virtual"]) for g in snap["gpus"]]
-            checks.record("nvml-inventory (pool)", offered == [(gpu.uuid, False)],
-                          f"pool offers {offered}, expected [({gpu.uuid!r}, False)]")
+            checks.record(
+                "nvml-inventory (pool)",
+                offered == [(gpu.uuid, False)],
+                f"pool offers {offered}, expected [({gpu.uuid!r}, False)]",
+            )
 
             # ---------------------------------------------------------- session-pinned
             a = start_kernel(pool.address, user="smoke-a")
@@ -222,30 +266,56 @@ def main(argv: list[str] | None = None) -> int:
             lease_out, lease_err = capture(a, LEASE_CELL.format(mark=MARK))
             lease_a = marked(lease_out)
             if seen is None or lease_a is None:
-                checks.record("session-pinned", False, f"the cell failed: {error_text(errors + lease_err)[-2000:]}")
+                checks.record(
+                    "session-pinned",
+                    False,
+                    f"the cell failed: {error_text(errors + lease_err)[-2000:]}",
+                )
                 return 1
             snap = snapshot(pool.address)
-            holder = next((g for g in snap["gpus"] if any(ls["id"] == lease_a["id"] for ls in g["leases"])), None)
+            holder = next(
+                (g for g in snap["gpus"] if any(ls["id"] == lease_a["id"] for ls in g["leases"])),
+                None,
+            )
             want_uuid = holder["uuid"] if holder else None
             iso = lease_a.get("isolation")
-            ok = (seen["cvd"] == want_uuid == gpu.uuid and seen["count"] == 1 and seen["available"]
-                  and seen["lease_env"] == lease_a["id"] and iso in ("torch-cap", "mps", "mig"))
-            checks.record("session-pinned", ok,
-                          f"lease {lease_a['id']} on {want_uuid}: CUDA_VISIBLE_DEVICES={seen['cvd']!r}, "
-                          f"device_count={seen['count']}, cuda available={seen['available']}, "
-                          f"JUPYTER_GPU_LEASE={seen['lease_env']!r}, isolation={iso!r}")
+            ok = (
+                seen["cvd"] == want_uuid == gpu.uuid
+                and seen["count"] == 1
+                and seen["available"]
+                and seen["lease_env"] == lease_a["id"]
+                and iso in ("torch-cap", "mps", "mig")
+            )
+            checks.record(
+                "session-pinned",
+                ok,
+                f"lease {lease_a['id']} on {want_uuid}: CUDA_VISIBLE_DEVICES={seen['cvd']!r}, "
+                f"device_count={seen['count']}, cuda available={seen['available']}, "
+                f"JUPYTER_GPU_LEASE={seen['lease_env']!r}, isolation={iso!r}",
+            )
             total = int(seen["total"] or gpu.total_bytes)
 
             # ---------------------------------------------------------- oom-names-lease
             over = min(int(lease_a["bytes"] * 1.25), int(total * 0.9))
             out, errors = capture(a, OOM_CELL.format(nbytes=over))
             text = error_text(errors)
-            oom = any("OutOfMemoryError" in (e.get("ename") or "") for e in errors) or "out of memory" in text.lower()
+            oom = (
+                any("OutOfMemoryError" in (e.get("ename") or "") for e in errors)
+                or "out of memory" in text.lower()
+            )
             names = f"This session holds lease {lease_a['id']}" in text
-            checks.record("oom-names-lease", bool(errors) and oom and names,
-                          f"allocating {over / 2**30:.2f} GiB against a lease of {lease_a['bytes'] / 2**30:.2f} GiB: "
-                          + ("no error was raised (the cap is not enforced)" if not errors else
-                             f"{errors[0].get('ename')}, out-of-memory={oom}, names lease {lease_a['id']}={names}"))
+            checks.record(
+                "oom-names-lease",
+                bool(errors) and oom and names,
+                f"allocating {over / 2**30:.2f} GiB against a lease of "
+                f"{lease_a['bytes'] / 2**30:.2f} GiB: "
+                + (
+                    "no error was raised (the cap is not enforced)"
+                    if not errors
+                    else f"{errors[0].get('ename')}, out-of-memory={oom}, names lease "
+                    f"{lease_a['id']}={names}"
+                ),
+            )
 
             # ---------------------------------------------------------- two-sessions
             share = int(total * 0.4)
@@ -260,16 +330,29 @@ def main(argv: list[str] | None = None) -> int:
             snap = snapshot(pool.address)
             held_a, held_b = marked(out_a), marked(out_b)
             on = {ls["id"]: g["uuid"] for g in snap["gpus"] for ls in g["leases"]}
-            same = lease_b is not None and on.get(lease_a["id"]) == on.get(lease_b["id"]) == gpu.uuid
-            both = (held_a is not None and held_b is not None and held_a["allocated"] >= share
-                    and held_b["allocated"] >= share)
+            same = (
+                lease_b is not None and on.get(lease_a["id"]) == on.get(lease_b["id"]) == gpu.uuid
+            )
+            both = (
+                held_a is not None
+                and held_b is not None
+                and held_a["allocated"] >= share
+                and held_b["allocated"] >= share
+            )
             nvml_ok = used is None or used[0] >= 0.8 * total
-            detail = (f"leases {lease_a['id']} and {(lease_b or {}).get('id')} on "
-                      f"{on.get(lease_a['id'])} / {on.get((lease_b or {}).get('id'))}; allocated "
-                      f"{(held_a or {}).get('allocated', 0) / 2**30:.2f} + {(held_b or {}).get('allocated', 0) / 2**30:.2f} "
-                      f"GiB of {total / 2**30:.2f} GiB"
-                      + (f"; NVML used {used[0] / 2**30:.2f} GiB" if used else "")
-                      + (f"; errors: {error_text(err_a + err_b + err_b2)[-1500:]}" if (err_a or err_b or err_b2) else ""))
+            detail = (
+                f"leases {lease_a['id']} and {(lease_b or {}).get('id')} on "
+                f"{on.get(lease_a['id'])} / {on.get((lease_b or {}).get('id'))}; allocated "
+                f"{(held_a or {}).get('allocated', 0) / 2**30:.2f} + "
+                f"{(held_b or {}).get('allocated', 0) / 2**30:.2f} "
+                f"GiB of {total / 2**30:.2f} GiB"
+                + (f"; NVML used {used[0] / 2**30:.2f} GiB" if used else "")
+                + (
+                    f"; errors: {error_text(err_a + err_b + err_b2)[-1500:]}"
+                    if (err_a or err_b or err_b2)
+                    else ""
+                )
+            )
             checks.record("two-sessions", same and both and nvml_ok, detail)
             for k in kernels:
                 capture(k, FREE_CELL)
@@ -280,8 +363,10 @@ def main(argv: list[str] | None = None) -> int:
 
     offload_cuda(checks)
     failed = [name for name, ok, _ in checks.results if not ok]
-    print(f"\ngpu_smoke: {len(checks.results) - len(failed)} passed, {len(failed)} failed"
-          + (f" ({', '.join(failed)})" if failed else ""))
+    print(
+        f"\ngpu_smoke: {len(checks.results) - len(failed)} passed, {len(failed)} failed"
+        + (f" ({', '.join(failed)})" if failed else "")
+    )
     return 1 if failed else 0
 
 

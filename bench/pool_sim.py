@@ -1,20 +1,22 @@
 """Pool simulator: the REAL fair-share policy and packing under a synthetic notebook workload.
 
-Imports ``jupyter_gpu.broker.fair_share`` (order, reclaim, reservations, ETA) and ``packing`` (best fit)
-and drives them with a reproducible discrete-event workload: N users in teams on G GPUs; notebooks whose
-cells are short bursts with idle gaps (a session holds its lease for the notebook's life, as in the pool);
-some batch jobs. Requests: 44% fractional (fraction p10 0.23, p50 0.47, p90 0.81), the rest a whole GPU.
+Imports ``jupyter_gpu.broker.fair_share`` (order, reclaim, reservations, ETA) and ``packing`` (best
+fit) and drives them with a reproducible discrete-event workload: N users in teams on G GPUs;
+notebooks whose cells are short bursts with idle gaps (a session holds its lease for the notebook's
+life, as in the pool); some batch jobs. Requests: 44% fractional (fraction p10 0.23, p50 0.47, p90
+0.81), the rest a whole GPU.
 
-It prints, side by side for (fair) fair share with quotas, reclaim, suspension of idle sessions for waiting
-cells (``suspend-idle-after``, 0 s here) and an idle timeout, (a) one whole GPU per notebook for its lifetime,
-and (b) plain FIFO of fractional requests: allocated and busy utilization, p50/p95 wait of interactive cells,
-Jain's fairness index, preemptions/hour, idle sessions moved to host memory per hour, and the largest team
-(users on the G GPUs) whose p95 interactive wait stays under 10 s. Moving a session costs time, and it is
-charged to the cells that wait for it (``MoveCosts``): the cell that displaced a session waits until that
-session has written its state out (nothing when the session's standby copy, written once it had been idle
-``standby_after`` seconds, is complete), and the displaced owner's next cell waits for a new session to read
-it back. How the result depends on those costs, ``suspend-idle-after`` and standby copies is printed too. Then the policy's
-decision time with 10,000 GPUs and 100,000 queued requests.
+It prints, side by side for (fair) fair share with quotas, reclaim, suspension of idle sessions for
+waiting cells (``suspend-idle-after``, 0 s here) and an idle timeout, (a) one whole GPU per notebook
+for its lifetime, and (b) plain FIFO of fractional requests: allocated and busy utilization, p50/p95
+wait of interactive cells, Jain's fairness index, preemptions/hour, idle sessions moved to host
+memory per hour, and the largest team (users on the G GPUs) whose p95 interactive wait stays under
+10 s. Moving a session costs time, and it is charged to the cells that wait for it (``MoveCosts``):
+the cell that displaced a session waits until that session has written its state out (nothing when
+the session's standby copy, written once it had been idle ``standby_after`` seconds, is complete),
+and the displaced owner's next cell waits for a new session to read it back. How the result depends
+on those costs, ``suspend-idle-after`` and standby copies is printed too. Then the policy's decision
+time with 10,000 GPUs and 100,000 queued requests.
 
     python bench/pool_sim.py            # full (a few minutes)
     python bench/pool_sim.py --quick    # under 60 s
@@ -36,12 +38,12 @@ from typing import Callable
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from jupyter_gpu.broker import packing  # noqa: E402
-from jupyter_gpu.broker.fair_share import FairQueue, FairSharePolicy  # noqa: E402
-from jupyter_gpu.broker.ledger import Ledger  # noqa: E402
-from jupyter_gpu.broker.model import GpuSlot, Lease, Request  # noqa: E402
-from jupyter_gpu.broker.quotas import PoolQuotas, Team, UserQuota  # noqa: E402
-from jupyter_gpu.common.protocol import RequestSpec  # noqa: E402
+from jupyter_gpu.broker import packing
+from jupyter_gpu.broker.fair_share import FairQueue, FairSharePolicy
+from jupyter_gpu.broker.ledger import Ledger
+from jupyter_gpu.broker.model import GpuSlot, Lease, Request
+from jupyter_gpu.broker.quotas import PoolQuotas, Team, UserQuota
+from jupyter_gpu.common.protocol import RequestSpec
 
 GiB = 2**30
 GPU_BYTES = 80 * GiB
@@ -49,21 +51,24 @@ GPU_BYTES = 80 * GiB
 
 @dataclass
 class MoveCosts:
-    """What moving an idle session's variables to host memory and back costs (reclaim and suspension).
+    """What moving an idle session's variables to host memory and back costs (reclaim and
+    suspension).
 
-    A reclaimed or suspended session first writes its GPU state out (the request that displaced it starts
-    only once it is gone: ``save``), and its owner's next cell waits for a new session that reads it back
-    (``resume``). The state is what the session really holds on the GPU, usually far less than its lease
-    (``state_gib_median``, lognormal, capped at the lease: an assumption, no public trace gives it). The
-    rates default to what ``bench/offload.py`` measured for ``save_namespace`` and ``load_namespace`` on
-    the 2-core VM of docs/benchmarks.md (2.0 and 7.5 GB/s; there the "GPU" is host memory, so that is the
-    whole move); a GPU server adds the host link for CUDA tensors but has faster memory.
+        A reclaimed or suspended session first writes its GPU state out (the request that displaced
+        it starts only once it is gone: ``save``), and its owner's next cell waits for a new session
+        that reads it back (``resume``). The state is what the session really holds on the GPU,
+        usually far less than its lease (``state_gib_median``, lognormal, capped at the lease: an
+        assumption, no public trace gives it). The rates default to what ``bench/offload.py``
+        measured for ``save_namespace`` and ``load_namespace`` on the 2-core VM of
+        docs/benchmarks.md (2.0 and 7.5 GB/s; there the "GPU" is host memory, so that is the whole
+        move); a GPU server adds the host link for CUDA tensors but has faster memory.
 
-    ``standby_after`` is the pool's ``session.standby-after``: a session idle that long writes a standby copy
-    of its state (at ``save_gbps``), so that suspending it once the copy is complete costs nothing, and
-    mid-copy costs the rest of the copy. A cell that arrives while its own session is writing the copy waits
-    for the rest of it (conservative: the session stops the copy at its next write, one tensor, not at the
-    end). None: no copies, every move writes its state when it is suspended.
+        ``standby_after`` is the pool's ``session.standby-after``: a session idle that long writes a
+        standby copy of its state (at ``save_gbps``), so that suspending it once the copy is
+        complete costs nothing, and mid-copy costs the rest of the copy. A cell that arrives while
+        its own session is writing the copy waits for the rest of it (conservative: the session
+        stops the copy at its next write, one tensor, not at the end). None: no copies, every move
+        writes its state when it is suspended.
     """
 
     state_gib_median: float = 4.0
@@ -71,11 +76,17 @@ class MoveCosts:
     save_gbps: float = 2.0
     load_gbps: float = 7.5
     session_start: float = 0.5
-    measure_sigma: float = 0.3   # the session's own measure of what it holds is off by ~30% (RSS, allocator)
+    # the session's own measure of what it holds is off by ~30% (RSS, allocator)
+    measure_sigma: float = 0.3
     standby_after: float | None = 2.0
 
     def state_bytes(self, rng: random.Random, lease_bytes: int) -> int:
-        return int(min(lease_bytes, rng.lognormvariate(math.log(self.state_gib_median * GiB), self.state_sigma)))
+        return int(
+            min(
+                lease_bytes,
+                rng.lognormvariate(math.log(self.state_gib_median * GiB), self.state_sigma),
+            )
+        )
 
     def save(self, state: int) -> float:
         return state / (self.save_gbps * 1e9)
@@ -86,7 +97,8 @@ class MoveCosts:
 
 # ---------------------------------------------------------------------- the pool, on the real policy
 class FifoFractions(FairSharePolicy):
-    """Baseline (b): first come first served with backfill, no quotas, no reservations, no reclaim."""
+    """Baseline (b): first come first served with backfill, no quotas, no reservations, no
+    reclaim."""
 
     name = "fifo"
 
@@ -95,8 +107,9 @@ class FifoFractions(FairSharePolicy):
 
 
 class SimPool:
-    """The broker's own ``Ledger`` on simulated time: GPUs, queue and leases, scheduled by the very pass the
-    broker runs (``Ledger.schedule``); only the clock, the ids and the workload are the simulator's."""
+    """The broker's own ``Ledger`` on simulated time: GPUs, queue and leases, scheduled by the very
+    pass the broker runs (``Ledger.schedule``); only the clock, the ids and the workload are the
+    simulator's."""
 
     def __init__(self, gpus: list[GpuSlot], policy: FairSharePolicy):
         self.policy = policy
@@ -104,7 +117,9 @@ class SimPool:
         policy.clock = lambda: self.now
         self._ids = 0
         # sessions start the instant they are granted here: idle until their first cell runs
-        self.ledger = Ledger(policy, clock=lambda: self.now, new_id=self.new_id, sessions_start_idle=True)
+        self.ledger = Ledger(
+            policy, clock=lambda: self.now, new_id=self.new_id, sessions_start_idle=True
+        )
         by_worker: dict[str, list[GpuSlot]] = {}
         for g in gpus:
             by_worker.setdefault(g.worker, []).append(g)
@@ -154,7 +169,8 @@ class SimPool:
         return self.ledger.end(lease_id, "ended", now=self.now)
 
     def schedule(self) -> tuple[list[tuple[Request, Lease]], list[tuple[Lease, str]]]:
-        """One pass; returns (grants, preemptions) made by it, one (request, lease) per granted rank."""
+        """One pass; returns (grants, preemptions) made by it, one (request, lease) per granted
+        rank."""
         self._preempted = []
         grants = self.ledger.schedule(self._preempt, now=self.now, eta_for=self.eta_for)
         return [(req, lease) for req, leases in grants for lease in leases], self._preempted
@@ -164,14 +180,22 @@ class SimPool:
 
 
 def make_gpus(n: int, per_worker: int = 4, size: int = GPU_BYTES) -> list[GpuSlot]:
-    return [GpuSlot(worker=f"w{i // per_worker}", index=i % per_worker, uuid=f"G{i}", name="sim", total_bytes=size)
-            for i in range(n)]
+    return [
+        GpuSlot(
+            worker=f"w{i // per_worker}",
+            index=i % per_worker,
+            uuid=f"G{i}",
+            name="sim",
+            total_bytes=size,
+        )
+        for i in range(n)
+    ]
 
 
 # ---------------------------------------------------------------------- the workload
 def fraction_draw(rng: random.Random) -> float:
-    """44% fractional with p10 0.23, p50 0.47, p90 0.81 (a two-sided logit-normal through those points);
-    the rest a whole GPU."""
+    """44% fractional with p10 0.23, p50 0.47, p90 0.81 (a two-sided logit-normal through those
+    points); the rest a whole GPU."""
     if rng.random() >= 0.44:
         return 1.0
     z = rng.gauss(0, 1)
@@ -185,17 +209,19 @@ def fraction_draw(rng: random.Random) -> float:
 class Notebook:
     user: str
     fraction: float
-    cells: list[tuple[float, float]]      # (idle gap before the cell, burst length)
-    linger: float                          # open and idle after the last cell before the kernel stops
+    cells: list[tuple[float, float]]  # (idle gap before the cell, burst length)
+    # open and idle after the last cell before the kernel stops
+    linger: float
     lease: str | None = None
     request: Request | None = None
     cell: int = 0
     asked: float = 0.0
-    suspended: bool = False            # its variables are in host memory: the next cell reads them back
-    state: int = 0                       # bytes it holds on the GPU when idle
-    measured: float = 1.0                # what its session reports of that, relative to the truth
-    copy_from: float = math.inf          # its standby copy is being written from then ...
-    copy_done: float = math.inf          # ... and is complete then (inf: no copy while it runs)
+    # its variables are in host memory: the next cell reads them back
+    suspended: bool = False
+    state: int = 0  # bytes it holds on the GPU when idle
+    measured: float = 1.0  # what its session reports of that, relative to the truth
+    copy_from: float = math.inf  # its standby copy is being written from then ...
+    copy_done: float = math.inf  # ... and is complete then (inf: no copy while it runs)
 
 
 @dataclass
@@ -212,16 +238,17 @@ class Job:
 class Result:
     name: str
     waits: list[float] = field(default_factory=list)
-    first_waits: list[float] = field(default_factory=list)   # cells that had to ask for a session
+    first_waits: list[float] = field(default_factory=list)  # cells that had to ask for a session
     alloc_area: float = 0.0
     busy_area: float = 0.0
     horizon: float = 1.0
     gpus: int = 1
-    preemptions: int = 0     # running work interrupted
-    moved: int = 0           # idle sessions moved to host memory (reclaimed or suspended)
-    moved_by_copy: int = 0   # ... whose standby copy was complete: nothing left to write
+    preemptions: int = 0  # running work interrupted
+    moved: int = 0  # idle sessions moved to host memory (reclaimed or suspended)
+    moved_by_copy: int = 0  # ... whose standby copy was complete: nothing left to write
     copy_bytes: float = 0.0  # bytes written to standby copies (complete or stopped)
-    copy_peak: int = 0       # most bytes held in host memory by standby copies at once (sampled every 30 s)
+    # most bytes held in host memory by standby copies at once (sampled every 30 s)
+    copy_peak: int = 0
     served: dict[str, float] = field(default_factory=dict)
     demanded: dict[str, float] = field(default_factory=dict)
 
@@ -238,7 +265,9 @@ class Result:
         return (sum(xs) ** 2) / (len(xs) * sum(x * x for x in xs)) if xs else float("nan")
 
 
-def workload(users: int, hours: float, seed: int) -> tuple[list[tuple[float, object]], dict[str, str]]:
+def workload(
+    users: int, hours: float, seed: int
+) -> tuple[list[tuple[float, object]], dict[str, str]]:
     """Arrivals (time, notebook|job) and each user's team (4 teams), reproducible from ``seed``."""
     rng = random.Random(seed)
     teams = {f"u{i}": f"team{i % 4}" for i in range(users)}
@@ -250,14 +279,29 @@ def workload(users: int, hours: float, seed: int) -> tuple[list[tuple[float, obj
         while t < horizon:
             if batch_user and rng.random() < 0.5:
                 workers = 2 if rng.random() < 0.15 else 1
-                arrivals.append((t, Job(user=u, fraction=1.0 if workers > 1 else fraction_draw(rng),
-                                        duration=rng.lognormvariate(math.log(900), 0.6), workers=workers)))
+                arrivals.append(
+                    (
+                        t,
+                        Job(
+                            user=u,
+                            fraction=1.0 if workers > 1 else fraction_draw(rng),
+                            duration=rng.lognormvariate(math.log(900), 0.6),
+                            workers=workers,
+                        ),
+                    )
+                )
                 t += rng.expovariate(1 / 1800)
                 continue
-            cells = [(rng.lognormvariate(math.log(45), 1.0), rng.lognormvariate(math.log(15), 1.0))
-                     for _ in range(rng.randint(5, 30))]
-            nb = Notebook(user=u, fraction=fraction_draw(rng), cells=cells,
-                          linger=rng.lognormvariate(math.log(600), 1.0))
+            cells = [
+                (rng.lognormvariate(math.log(45), 1.0), rng.lognormvariate(math.log(15), 1.0))
+                for _ in range(rng.randint(5, 30))
+            ]
+            nb = Notebook(
+                user=u,
+                fraction=fraction_draw(rng),
+                cells=cells,
+                linger=rng.lognormvariate(math.log(600), 1.0),
+            )
             arrivals.append((t, nb))
             t += sum(g + b for g, b in cells) + nb.linger + rng.expovariate(1 / 1200)
     arrivals.sort(key=lambda a: a[0])
@@ -265,22 +309,40 @@ def workload(users: int, hours: float, seed: int) -> tuple[list[tuple[float, obj
 
 
 def quotas_for(teams: dict[str, str], gpus: int, idle_timeout: float | None) -> PoolQuotas:
-    """Guarantees proportional to team size, summing to the pool; borrowing allowed up to the whole pool."""
+    """Guarantees proportional to team size, summing to the pool; borrowing allowed up to the whole
+    pool."""
     sizes: dict[str, int] = {}
     for t in teams.values():
         sizes[t] = sizes.get(t, 0) + 1
     n = len(teams)
-    q = PoolQuotas(teams={t: Team(name=t, guarantee=gpus * k / n, members={u for u, tt in teams.items() if tt == t})
-                          for t, k in sizes.items()},
-                   users={u: UserQuota(name=u, team=t) for u, t in teams.items()},
-                   half_life=1800, reserve_after=60, min_run_time=60, idle_timeout=idle_timeout, configured=True)
+    q = PoolQuotas(
+        teams={
+            t: Team(
+                name=t, guarantee=gpus * k / n, members={u for u, tt in teams.items() if tt == t}
+            )
+            for t, k in sizes.items()
+        },
+        users={u: UserQuota(name=u, team=t) for u, t in teams.items()},
+        half_life=1800,
+        reserve_after=60,
+        min_run_time=60,
+        idle_timeout=idle_timeout,
+        configured=True,
+    )
     return q
 
 
-def simulate(mode: str, users: int, n_gpus: int, hours: float, seed: int, costs: MoveCosts | None = None,
-             suspend_after: float | None = 0.0) -> Result:
-    """Run one mode: ``fair`` (quotas, reclaim, suspension of idle sessions for waiting cells, idle timeout),
-    ``whole`` (a), ``fifo`` (b)."""
+def simulate(
+    mode: str,
+    users: int,
+    n_gpus: int,
+    hours: float,
+    seed: int,
+    costs: MoveCosts | None = None,
+    suspend_after: float | None = 0.0,
+) -> Result:
+    """Run one mode: ``fair`` (quotas, reclaim, suspension of idle sessions for waiting cells, idle
+    timeout), ``whole`` (a), ``fifo`` (b)."""
     costs = costs or MoveCosts()
     arrivals, teams = workload(users, hours, seed)
     state_rng = random.Random(seed + 1)
@@ -289,10 +351,13 @@ def simulate(mode: str, users: int, n_gpus: int, hours: float, seed: int, costs:
         policy: FairSharePolicy = FairSharePolicy(quotas_for(teams, n_gpus, idle_timeout=300))
         policy.quotas.suspend_idle_after = suspend_after
     else:
-        policy = FifoFractions(PoolQuotas(reserve_after=math.inf, min_run_time=math.inf, suspend_idle_after=None))
+        policy = FifoFractions(
+            PoolQuotas(reserve_after=math.inf, min_run_time=math.inf, suspend_idle_after=None)
+        )
         policy.quotas.users = {u: UserQuota(name=u, team=t) for u, t in teams.items()}
     pool = SimPool(make_gpus(n_gpus), policy)
-    drain: dict[str, float] = {}          # request id -> seconds until the sessions displaced for it are gone
+    # request id -> seconds until the sessions displaced for it are gone
+    drain: dict[str, float] = {}
     res = Result(name=mode, horizon=hours * 3600, gpus=n_gpus)
     events: list[tuple[float, int, str, object]] = []
     seq = 0
@@ -306,7 +371,7 @@ def simulate(mode: str, users: int, n_gpus: int, hours: float, seed: int, costs:
         push(t, "arrive", obj)
     for t in range(0, int(res.horizon), 30):
         push(float(t), "tick", None)
-    running: dict[str, float] = {}          # lease id -> fraction while a cell/job runs
+    running: dict[str, float] = {}  # lease id -> fraction while a cell/job runs
     owners: dict[str, object] = {}
     last = 0.0
 
@@ -315,34 +380,48 @@ def simulate(mode: str, users: int, n_gpus: int, hours: float, seed: int, costs:
 
     def ask(obj: object) -> None:
         if isinstance(obj, Notebook):
-            spec = RequestSpec(gpus=1) if frac_of(obj) >= 1.0 else RequestSpec(fraction=frac_of(obj))
-            obj.request = Request(id=pool.new_id("R"), user=obj.user, kernel="k", client=None, spec=spec)
+            spec = (
+                RequestSpec(gpus=1) if frac_of(obj) >= 1.0 else RequestSpec(fraction=frac_of(obj))
+            )
+            obj.request = Request(
+                id=pool.new_id("R"), user=obj.user, kernel="k", client=None, spec=spec
+            )
             obj.asked = pool.now
             pool.submit(obj.request)
             owners[obj.request.id] = obj
         else:
             f = frac_of(obj)
-            spec = (RequestSpec(gpus=1, workers=obj.workers, priority="batch") if f >= 1.0 and obj.workers == 1
-                    else RequestSpec(fraction=f if f < 1 else 1.0, workers=obj.workers, priority="batch"))
-            obj.request = Request(id=pool.new_id("R"), user=obj.user, kernel="j", client=None, spec=spec)
+            spec = (
+                RequestSpec(gpus=1, workers=obj.workers, priority="batch")
+                if f >= 1.0 and obj.workers == 1
+                else RequestSpec(
+                    fraction=f if f < 1 else 1.0, workers=obj.workers, priority="batch"
+                )
+            )
+            obj.request = Request(
+                id=pool.new_id("R"), user=obj.user, kernel="j", client=None, spec=spec
+            )
             obj.submitted = pool.now
             pool.submit(obj.request)
             owners[obj.request.id] = obj
 
     def displaced(lease: Lease, req: Request) -> None:
-        """An idle session leaves for ``req``: it writes its state out first (``req`` waits for that), unless
-        its standby copy is complete (mid-copy: the rest of the copy)."""
+        """An idle session leaves for ``req``: it writes its state out first (``req`` waits for
+        that), unless its standby copy is complete (mid-copy: the rest of the copy)."""
         owner = owners.get(lease.request)
         if isinstance(owner, Notebook) and lease.id not in running:
             owner.suspended = True
             started, complete = owner.copy_from <= pool.now, owner.copy_done <= pool.now
             rest = stop_copy(owner)  # 0 once complete
             res.moved_by_copy += complete
-            drain[req.id] = max(drain.get(req.id, 0.0), rest if started else costs.save(owner.state))
+            drain[req.id] = max(
+                drain.get(req.id, 0.0), rest if started else costs.save(owner.state)
+            )
 
     def stop_copy(nb: Notebook) -> float:
-        """The notebook's standby copy ends (a cell, a move): count what was written; returns the seconds
-        still needed to finish it (what a cell that arrives mid-copy waits for, conservatively)."""
+        """The notebook's standby copy ends (a cell, a move): count what was written; returns the
+        seconds still needed to finish it (what a cell that arrives mid-copy waits for,
+        conservatively)."""
         rest = 0.0
         if nb.copy_from <= pool.now:
             done = min(pool.now, nb.copy_done)
@@ -354,8 +433,8 @@ def simulate(mode: str, users: int, n_gpus: int, hours: float, seed: int, costs:
     pool.on_preempt = displaced
 
     def start_cell(nb: Notebook, extra: float = 0.0) -> float:
-        """The cell runs after ``extra`` seconds (displaced sessions leaving, its own state coming back, its
-        own standby copy being written); returns how long it waited for the copy."""
+        """The cell runs after ``extra`` seconds (displaced sessions leaving, its own state coming
+        back, its own standby copy being written); returns how long it waited for the copy."""
         copying = stop_copy(nb)
         extra += copying
         gap, burst = nb.cells[nb.cell]
@@ -378,7 +457,9 @@ def simulate(mode: str, users: int, n_gpus: int, hours: float, seed: int, costs:
                 gap, burst = obj.cells[0]
                 obj.state = costs.state_bytes(state_rng, int(frac_of(obj) * GPU_BYTES))
                 obj.measured = measure_rng.lognormvariate(0.0, costs.measure_sigma)
-                res.demanded[obj.user] = res.demanded.get(obj.user, 0.0) + sum(b for _, b in obj.cells)
+                res.demanded[obj.user] = res.demanded.get(obj.user, 0.0) + sum(
+                    b for _, b in obj.cells
+                )
                 push(t, "cell", obj)
             else:
                 res.demanded[obj.user] = res.demanded.get(obj.user, 0.0) + obj.duration
@@ -393,7 +474,8 @@ def simulate(mode: str, users: int, n_gpus: int, hours: float, seed: int, costs:
         elif kind == "cell_end":
             nb, lease_id = obj
             running.pop(lease_id, None)
-            if lease_id in pool.leases:  # the session says what it holds now (measured, so not exactly)
+            # the session says what it holds now (measured, so not exactly)
+            if lease_id in pool.leases:
                 pool.policy.lease_state(lease_id, "idle", t, resident=int(nb.state * nb.measured))
                 if mode == "fair" and costs.standby_after is not None:
                     nb.copy_from = t + costs.standby_after
@@ -416,14 +498,18 @@ def simulate(mode: str, users: int, n_gpus: int, hours: float, seed: int, costs:
                 running.pop(lid, None)
         elif kind == "tick":
             if mode == "fair":
-                held = sum(nb.state for nb in (owners.get(ls.request) for ls in pool.leases.values())
-                           if isinstance(nb, Notebook) and nb.copy_done <= t)
+                held = sum(
+                    nb.state
+                    for nb in (owners.get(ls.request) for ls in pool.leases.values())
+                    if isinstance(nb, Notebook) and nb.copy_done <= t
+                )
                 res.copy_peak = max(res.copy_peak, held)
                 for lid in pool.policy.idle_expired(t):
                     if lid in pool.leases and lid not in running:
                         owner = owners.get(pool.leases[lid].request)
                         if isinstance(owner, Notebook):
-                            owner.suspended = True  # released to host memory: the next cell reads it back
+                            # released to host memory: the next cell reads it back
+                            owner.suspended = True
                             stop_copy(owner)
                         pool.end(lid)
         grants, preempted = pool.schedule()
@@ -448,7 +534,9 @@ def simulate(mode: str, users: int, n_gpus: int, hours: float, seed: int, costs:
             done.add(req.id)
             if isinstance(owner, Notebook):
                 owner.lease = lease.id
-                extra = drain.pop(req.id, 0.0) + (costs.resume(owner.state) if owner.suspended else 0.0)
+                extra = drain.pop(req.id, 0.0) + (
+                    costs.resume(owner.state) if owner.suspended else 0.0
+                )
                 owner.suspended = False
                 extra += start_cell(owner, extra)
                 res.waits.append(t - owner.asked + extra)
@@ -467,9 +555,17 @@ def simulate(mode: str, users: int, n_gpus: int, hours: float, seed: int, costs:
     return res
 
 
-def largest_team(mode: str, n_gpus: int, hours: float, seed: int, sizes: list[int], costs: MoveCosts | None = None,
-                 suspend_after: float | None = 0.0) -> int:
-    """The most users (of ``sizes``, tried in order) served with a p95 interactive wait under 10 s."""
+def largest_team(
+    mode: str,
+    n_gpus: int,
+    hours: float,
+    seed: int,
+    sizes: list[int],
+    costs: MoveCosts | None = None,
+    suspend_after: float | None = 0.0,
+) -> int:
+    """The most users (of ``sizes``, tried in order) served with a p95 interactive wait under 10
+    s."""
     best = 0
     for n in sizes:
         if simulate(mode, n, n_gpus, hours, seed, costs, suspend_after).pct(95) < 10.0:
@@ -479,13 +575,23 @@ def largest_team(mode: str, n_gpus: int, hours: float, seed: int, sizes: list[in
     return best
 
 
-def sensitivity(n_gpus: int, hours: float, seed: int, users: int, costs: MoveCosts, suspend: float | None,
-                quick: bool) -> None:
-    """p95 interactive wait of fair share at ``users`` (3x what (a) serves) as the assumptions change: the
-    workload's seed, what moving a session costs, and ``suspend-idle-after``."""
+def sensitivity(
+    n_gpus: int,
+    hours: float,
+    seed: int,
+    users: int,
+    costs: MoveCosts,
+    suspend: float | None,
+    quick: bool,
+) -> None:
+    """p95 interactive wait of fair share at ``users`` (3x what (a) serves) as the assumptions
+    change: the workload's seed, what moving a session costs, and ``suspend-idle-after``."""
+
     def p95(**kw) -> str:
         c = dataclasses.replace(costs, **kw.get("costs", {}))
-        r = simulate("fair", users, n_gpus, hours, kw.get("seed", seed), c, kw.get("suspend", suspend))
+        r = simulate(
+            "fair", users, n_gpus, hours, kw.get("seed", seed), c, kw.get("suspend", suspend)
+        )
         return f"{r.pct(95):.1f} s" + ("" if r.pct(95) < 10 else " (over)")
 
     seeds = [seed] + [s for s in range(1, 9) if s != seed][: 2 if quick else 7]
@@ -493,27 +599,48 @@ def sensitivity(n_gpus: int, hours: float, seed: int, users: int, costs: MoveCos
     print("  by workload seed: " + ", ".join(f"{s}: {p95(seed=s)}" for s in seeds))
     rates = ((1.0, 2.0), (costs.save_gbps, costs.load_gbps), (4.0, 4.0), (10.0, 10.0))
     for gib in (1.0, 2.0, 4.0, 16.0):
-        print(f"  idle state median {gib:g} GiB, saved/loaded at " + ", ".join(
-            f"{sv:g}/{ld:g} GB/s: {p95(costs={'state_gib_median': gib, 'save_gbps': sv, 'load_gbps': ld})}"
-            for sv, ld in rates))
-    print("  suspend-idle-after " + ", ".join(
-        f"{'off' if a is None else f'{a:g} s'}: {p95(suspend=a)}" for a in (0.0, 10.0, 60.0, None)))
-    print("  standby copies " + ", ".join(
-        f"{'off' if a is None else f'after {a:g} s'}: {p95(costs={'standby_after': a})}"
-        for a in (None, 0.0, 2.0, 10.0, 30.0)))
+        print(
+            f"  idle state median {gib:g} GiB, saved/loaded at "
+            + ", ".join(
+                f"{sv:g}/{ld:g} GB/s: "
+                f"{p95(costs={'state_gib_median': gib, 'save_gbps': sv, 'load_gbps': ld})}"
+                for sv, ld in rates
+            )
+        )
+    print(
+        "  suspend-idle-after "
+        + ", ".join(
+            f"{'off' if a is None else f'{a:g} s'}: {p95(suspend=a)}"
+            for a in (0.0, 10.0, 60.0, None)
+        )
+    )
+    print(
+        "  standby copies "
+        + ", ".join(
+            f"{'off' if a is None else f'after {a:g} s'}: {p95(costs={'standby_after': a})}"
+            for a in (None, 0.0, 2.0, 10.0, 30.0)
+        )
+    )
     on = costs.standby_after if costs.standby_after is not None else 2.0
-    print(f"  idle state median 16 GiB: standby copies off: {p95(costs={'standby_after': None, 'state_gib_median': 16.0})}"
-          f", after {on:g} s: {p95(costs={'standby_after': on, 'state_gib_median': 16.0})}")
+    print(
+        "  idle state median 16 GiB: standby copies off: "
+        f"{p95(costs={'standby_after': None, 'state_gib_median': 16.0})}"
+        f", after {on:g} s: {p95(costs={'standby_after': on, 'state_gib_median': 16.0})}"
+    )
 
 
 # ---------------------------------------------------------------------- decision time at scale
 def decision_time(n_gpus: int, n_queued: int, decisions: int, seed: int) -> dict:
-    """Per-decision time of the incremental fair queue: pick the next request, grant it (accounting), end
-    a lease (accounting) — with ``n_queued`` waiting requests from 2,000 users in 50 teams."""
+    """Per-decision time of the incremental fair queue: pick the next request, grant it
+    (accounting), end a lease (accounting) — with ``n_queued`` waiting requests from 2,000 users in
+    50 teams."""
     rng = random.Random(seed)
     users = {f"u{i}": f"t{i % 50}" for i in range(2000)}
-    quotas = PoolQuotas(teams={t: Team(name=t, guarantee=n_gpus / 50) for t in set(users.values())},
-                        users={u: UserQuota(name=u, team=t) for u, t in users.items()}, configured=True)
+    quotas = PoolQuotas(
+        teams={t: Team(name=t, guarantee=n_gpus / 50) for t in set(users.values())},
+        users={u: UserQuota(name=u, team=t) for u, t in users.items()},
+        configured=True,
+    )
     now = [0.0]
     policy = FairSharePolicy(quotas, clock=lambda: now[0])
     policy.reference_bytes = GPU_BYTES
@@ -525,12 +652,24 @@ def decision_time(n_gpus: int, n_queued: int, decisions: int, seed: int) -> dict
         spec = RequestSpec(gpus=1) if f >= 1 else RequestSpec(fraction=f)
         if rng.random() < 0.1:
             spec.priority = "batch"
-        fq.add(Request(id=f"R{i}", user=u, kernel="k", client=None, spec=spec, team=users[u], submitted=i * 1e-3))
+        fq.add(
+            Request(
+                id=f"R{i}",
+                user=u,
+                kernel="k",
+                client=None,
+                spec=spec,
+                team=users[u],
+                submitted=i * 1e-3,
+            )
+        )
     # a pool nearly full of leases
     live: list[str] = []
     for i in range(int(n_gpus * 1.5)):
         u = rng.choice(names)
-        policy.lease_started(f"P{i}", u, users[u], 0.6, False, now=0.0, allocs={f"g{i % n_gpus}": GPU_BYTES // 2})
+        policy.lease_started(
+            f"P{i}", u, users[u], 0.6, False, now=0.0, allocs={f"g{i % n_gpus}": GPU_BYTES // 2}
+        )
         live.append(f"P{i}")
     times = []
     for d in range(decisions):
@@ -551,90 +690,160 @@ def decision_time(n_gpus: int, n_queued: int, decisions: int, seed: int) -> dict
         packing.place(RequestSpec(fraction=0.47), gpus)
         place_times.append(time.perf_counter() - t0)
     s = sorted(times)
-    return {"p50_ms": s[len(s) // 2] * 1e3, "p99_ms": s[int(len(s) * 0.99) - 1] * 1e3, "max_ms": s[-1] * 1e3,
-            "decisions": decisions, "place_p50_ms": statistics.median(place_times) * 1e3}
+    return {
+        "p50_ms": s[len(s) // 2] * 1e3,
+        "p99_ms": s[int(len(s) * 0.99) - 1] * 1e3,
+        "max_ms": s[-1] * 1e3,
+        "decisions": decisions,
+        "place_p50_ms": statistics.median(place_times) * 1e3,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="small runs, under 60 s")
     parser.add_argument("--users", type=int, default=None)
     parser.add_argument("--gpus", type=int, default=None)
     parser.add_argument("--hours", type=float, default=None)
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--suspend-after", type=float, default=0.0,
-                        help="the pool's suspend-idle-after for fair share, seconds (negative: off)")
-    parser.add_argument("--state-gib", type=float, default=MoveCosts.state_gib_median,
-                        help="median GPU state of an idle session, GiB (lognormal, capped at its lease)")
-    parser.add_argument("--save-gbps", type=float, default=MoveCosts.save_gbps,
-                        help="GB/s at which an idle session's state is written to host memory")
-    parser.add_argument("--load-gbps", type=float, default=MoveCosts.load_gbps,
-                        help="GB/s at which a new session reads it back")
-    parser.add_argument("--session-start", type=float, default=MoveCosts.session_start,
-                        help="seconds to start a new session")
-    parser.add_argument("--standby-after", type=float, default=MoveCosts.standby_after,
-                        help="session.standby-after: idle seconds before a session copies its state ahead of "
-                             "need (negative: no copies)")
+    parser.add_argument(
+        "--suspend-after",
+        type=float,
+        default=0.0,
+        help="the pool's suspend-idle-after for fair share, seconds (negative: off)",
+    )
+    parser.add_argument(
+        "--state-gib",
+        type=float,
+        default=MoveCosts.state_gib_median,
+        help="median GPU state of an idle session, GiB (lognormal, capped at its lease)",
+    )
+    parser.add_argument(
+        "--save-gbps",
+        type=float,
+        default=MoveCosts.save_gbps,
+        help="GB/s at which an idle session's state is written to host memory",
+    )
+    parser.add_argument(
+        "--load-gbps",
+        type=float,
+        default=MoveCosts.load_gbps,
+        help="GB/s at which a new session reads it back",
+    )
+    parser.add_argument(
+        "--session-start",
+        type=float,
+        default=MoveCosts.session_start,
+        help="seconds to start a new session",
+    )
+    parser.add_argument(
+        "--standby-after",
+        type=float,
+        default=MoveCosts.standby_after,
+        help="session.standby-after: idle seconds before a session copies its state ahead of "
+        "need (negative: no copies)",
+    )
     args = parser.parse_args(argv)
-    costs = MoveCosts(state_gib_median=args.state_gib, save_gbps=args.save_gbps, load_gbps=args.load_gbps,
-                      session_start=args.session_start,
-                      standby_after=None if args.standby_after < 0 else args.standby_after)
+    costs = MoveCosts(
+        state_gib_median=args.state_gib,
+        save_gbps=args.save_gbps,
+        load_gbps=args.load_gbps,
+        session_start=args.session_start,
+        standby_after=None if args.standby_after < 0 else args.standby_after,
+    )
     suspend = None if args.suspend_after < 0 else args.suspend_after
     quick = args.quick
     users = args.users or (24 if quick else 48)
     n_gpus = args.gpus or (8 if quick else 16)
     hours = args.hours or (2.0 if quick else 8.0)
     t_start = time.perf_counter()
-    print(f"pool_sim: {users} users in 4 teams on {n_gpus} x 80 GiB GPUs, {hours:g} simulated hours, seed "
-          f"{args.seed}")
-    print(f"fair share: suspend-idle-after {'off' if suspend is None else f'{suspend:g} s'}; moving an idle "
-          f"session's state (median {costs.state_gib_median:g} GiB) out at {costs.save_gbps:g} GB/s, back at "
-          f"{costs.load_gbps:g} GB/s, "
-          f"{costs.session_start:g} s to start its new session; standby copies "
-          f"{'off' if costs.standby_after is None else f'after {costs.standby_after:g} s idle'}\n")
+    print(
+        f"pool_sim: {users} users in 4 teams on {n_gpus} x 80 GiB GPUs, {hours:g} simulated hours, "
+        "seed "
+        f"{args.seed}"
+    )
+    print(
+        f"fair share: suspend-idle-after {'off' if suspend is None else f'{suspend:g} s'}; moving "
+        "an idle "
+        f"session's state (median {costs.state_gib_median:g} GiB) out at {costs.save_gbps:g} GB/s, "
+        "back at "
+        f"{costs.load_gbps:g} GB/s, "
+        f"{costs.session_start:g} s to start its new session; standby copies "
+        f"{'off' if costs.standby_after is None else f'after {costs.standby_after:g} s idle'}\n"
+    )
     rows = []
-    for mode, label in (("fair", "fair share (this policy)"), ("whole", "(a) whole GPU per notebook"),
-                        ("fifo", "(b) FIFO of fractions")):
+    for mode, label in (
+        ("fair", "fair share (this policy)"),
+        ("whole", "(a) whole GPU per notebook"),
+        ("fifo", "(b) FIFO of fractions"),
+    ):
         r = simulate(mode, users, n_gpus, hours, args.seed, costs, suspend)
         rows.append((label, r))
-    sizes = [4, 8, 12, 16, 20, 24, 28, 32, 36] if quick else [4, 8, 12, 16, 24, 32, 36, 40, 44, 48, 56, 64, 96]
+    sizes = (
+        [4, 8, 12, 16, 20, 24, 28, 32, 36]
+        if quick
+        else [4, 8, 12, 16, 24, 32, 36, 40, 44, 48, 56, 64, 96]
+    )
     team_hours = 1.0 if quick else 4.0
-    largest = {mode: largest_team(mode, n_gpus, team_hours, args.seed, sizes, costs, suspend)
-               for mode in ("fair", "whole", "fifo")}
+    largest = {
+        mode: largest_team(mode, n_gpus, team_hours, args.seed, sizes, costs, suspend)
+        for mode in ("fair", "whole", "fifo")
+    }
     header = ["metric"] + [label for label, _ in rows]
     table = [
-        ["allocated utilization"] + [f"{100 * r.alloc_area / (r.horizon * r.gpus):.1f}%" for _, r in rows],
-        ["busy utilization"] + [f"{100 * r.busy_area / (r.horizon * r.gpus):.1f}%" for _, r in rows],
+        ["allocated utilization"]
+        + [f"{100 * r.alloc_area / (r.horizon * r.gpus):.1f}%" for _, r in rows],
+        ["busy utilization"]
+        + [f"{100 * r.busy_area / (r.horizon * r.gpus):.1f}%" for _, r in rows],
         ["interactive wait p50"] + [f"{r.pct(50):.1f} s" for _, r in rows],
         ["interactive wait p95"] + [f"{r.pct(95):.1f} s" for _, r in rows],
         ["interactive cells"] + [str(len(r.waits)) for _, r in rows],
-        ["cells that waited at all"] + [f"{100 * sum(1 for w in r.waits if w > 0) / max(1, len(r.waits)):.0f}%"
-                                        for _, r in rows],
+        ["cells that waited at all"]
+        + [
+            f"{100 * sum(1 for w in r.waits if w > 0) / max(1, len(r.waits)):.0f}%" for _, r in rows
+        ],
         ["Jain's fairness index"] + [f"{r.jain():.3f}" for _, r in rows],
-        ["preemptions / hour (running work)"] + [f"{r.preemptions / (r.horizon / 3600):.1f}" for _, r in rows],
-        ["idle sessions moved to host / hour"] + [f"{r.moved / (r.horizon / 3600):.1f}" for _, r in rows],
-        ["... of them from a complete standby copy"] + [f"{100 * r.moved_by_copy / r.moved:.0f}%" if r.moved else "-"
-                                                       for _, r in rows],
-        ["standby copies written / hour"] + [f"{r.copy_bytes / 1e9 / (r.horizon / 3600):.0f} GB" if r.copy_bytes
-                                             else "-" for _, r in rows],
-        ["host memory held by standby copies, peak"] + [f"{r.copy_peak / GiB:.0f} GiB" if r.copy_peak else "-"
-                                                        for _, r in rows],
+        ["preemptions / hour (running work)"]
+        + [f"{r.preemptions / (r.horizon / 3600):.1f}" for _, r in rows],
+        ["idle sessions moved to host / hour"]
+        + [f"{r.moved / (r.horizon / 3600):.1f}" for _, r in rows],
+        ["... of them from a complete standby copy"]
+        + [f"{100 * r.moved_by_copy / r.moved:.0f}%" if r.moved else "-" for _, r in rows],
+        ["standby copies written / hour"]
+        + [
+            f"{r.copy_bytes / 1e9 / (r.horizon / 3600):.0f} GB" if r.copy_bytes else "-"
+            for _, r in rows
+        ],
+        ["host memory held by standby copies, peak"]
+        + [f"{r.copy_peak / GiB:.0f} GiB" if r.copy_peak else "-" for _, r in rows],
         [f"largest team, p95 wait < 10 s ({team_hours:g} h runs)"]
         + [str(largest[m]) + " users" for m in ("fair", "whole", "fifo")],
     ]
     widths = [max(len(str(row[i])) for row in [header] + table) for i in range(len(header))]
     for row in [header, ["-" * w for w in widths]] + table:
         print("| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |")
-    print(f"\nlargest team / (a): {largest['fair'] / max(1, largest['whole']):.1f}x (target 3x); seeds and "
-          "costs below\n")
+    print(
+        f"\nlargest team / (a): {largest['fair'] / max(1, largest['whole']):.1f}x (target 3x); "
+        "seeds and "
+        "costs below\n"
+    )
     sensitivity(n_gpus, team_hours, args.seed, 3 * largest["whole"], costs, suspend, quick)
     n_dec_gpus, n_queued = 10_000, (100_000)
     d = decision_time(n_dec_gpus, n_queued, 2000 if quick else 10000, args.seed)
-    print(f"\nDecision time, {n_dec_gpus:,} GPUs and {n_queued:,} queued requests (2,000 users, 50 teams), "
-          f"{d['decisions']} decisions: p50 {d['p50_ms']:.3f} ms, p99 {d['p99_ms']:.3f} ms, max {d['max_ms']:.3f} ms "
-          f"(pick + grant + end accounting; target p99 < 1 ms)")
-    print(f"Best-fit placement of one request over {n_dec_gpus:,} GPUs (packing.place, not incremental): "
-          f"p50 {d['place_p50_ms']:.2f} ms")
+    print(
+        f"\nDecision time, {n_dec_gpus:,} GPUs and {n_queued:,} queued requests (2,000 users, 50 "
+        "teams), "
+        f"{d['decisions']} decisions: p50 {d['p50_ms']:.3f} ms, p99 {d['p99_ms']:.3f} ms, max "
+        f"{d['max_ms']:.3f} ms "
+        f"(pick + grant + end accounting; target p99 < 1 ms)"
+    )
+    print(
+        f"Best-fit placement of one request over {n_dec_gpus:,} GPUs (packing.place, not "
+        "incremental): "
+        f"p50 {d['place_p50_ms']:.2f} ms"
+    )
     print(f"\nwall time {time.perf_counter() - t_start:.1f} s")
     return 0
 

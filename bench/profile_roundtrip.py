@@ -2,9 +2,10 @@
 
     python bench/profile_roundtrip.py [--quick] [-n 300]
 
-Each variant switches off one piece of per-cell work at run time (monkeypatched in this process or, through a
-``%%gpu`` cell, inside the session process; no file is changed) and the variants are interleaved in rounds,
-so their differences from the baseline are the cost of that piece on this machine:
+Each variant switches off one piece of per-cell work at run time (monkeypatched in this process
+or, through a ``%%gpu`` cell, inside the session process; no file is changed) and the variants
+are interleaved in rounds, so their differences from the baseline are the cost of that piece on
+this machine:
 
   baseline           as shipped
   no lease notes     the session's per-cell notes to the broker through its worker are skipped: "idle" after
@@ -17,7 +18,8 @@ so their differences from the baseline are the cost of that piece on this machin
                      (jupyter_gpu/kernelext/options.py, _parser(), called by parse_cell_options)
   all three          all of the above
 
-Variants that skip work the product needs are for measurement only; they are not proposals to drop it.
+Variants that skip work the product needs are for measurement only; they are not proposals to
+drop it.
 """
 
 from __future__ import annotations
@@ -43,19 +45,32 @@ from _common import (
     table,
 )
 
-FIND = ("import gc as _gc\n"
-        "_S = [o for o in _gc.get_objects() if type(o).__name__ == 'Executor' and hasattr(o, 'link')][0]\n")
-SET_TELL = {True: "_S.link.__dict__.pop('tell_lease_state', None); _S.link.__dict__.pop('tell_later', None)",
-            False: "_S.link.tell_lease_state = lambda **kw: None; _S.link.tell_later = lambda *a, **kw: None"}
-SET_SYNC = {True: "_S.capture.__dict__.pop('sync', None)", False: "_S.capture.sync = lambda *a, **k: None"}
+FIND = (
+    "import gc as _gc\n"
+    "_S = [o for o in _gc.get_objects() if type(o).__name__ == 'Executor' and hasattr(o, "
+    "'link')][0]\n"
+)
+SET_TELL = {
+    True: "_S.link.__dict__.pop('tell_lease_state', None); _S.link.__dict__.pop('tell_later', None)",
+    False: "_S.link.tell_lease_state = lambda **kw: None; _S.link.tell_later = lambda *a, **kw: "
+    "None",
+}
+SET_SYNC = {
+    True: "_S.capture.__dict__.pop('sync', None)",
+    False: "_S.capture.sync = lambda *a, **k: None",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("-n", type=int, default=None, help="timed runs per variant (default 300, --quick 40)")
+    ap.add_argument(
+        "-n", type=int, default=None, help="timed runs per variant (default 300, --quick 40)"
+    )
     ap.add_argument("--rounds", type=int, default=None)
-    ap.add_argument("--virtual-gpus", default=os.environ.get("JUPYTER_GPU_VIRTUAL_GPUS", DEFAULT_VIRTUAL))
+    ap.add_argument(
+        "--virtual-gpus", default=os.environ.get("JUPYTER_GPU_VIRTUAL_GPUS", DEFAULT_VIRTUAL)
+    )
     args = ap.parse_args(argv)
     n = args.n or (40 if args.quick else 300)
     rounds = args.rounds or (2 if args.quick else 6)
@@ -74,8 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         log(f"spares ready after {pool.wait_spares():.1f} s")
 
         def configure(tell: bool, sync: bool, parser: bool) -> None:
-            run_cell_checked(shell, "%%gpu --out ''\n" + FIND + SET_TELL[tell] + "\n" + SET_SYNC[sync] + "\n"
-                             "del _S, _gc")
+            run_cell_checked(
+                shell,
+                "%%gpu --out ''\n" + FIND + SET_TELL[tell] + "\n" + SET_SYNC[sync] + "\n"
+                "del _S, _gc",
+            )
             options._parser = real_parser if parser else cached_parser
 
         variants = {
@@ -106,10 +124,22 @@ def main(argv: list[str] | None = None) -> int:
 
     stats = {k: summary(v) for k, v in samples.items()}
     base = stats["baseline"]
-    rows = [[k, s["n"], ms(s["p50"]), ms(s["p95"]), ms(s["p50"] - base["p50"]), f"{s['p50'] / base['p50']:.2f}"]
-            for k, s in stats.items()]
-    table("Warm %%gpu no-op, in-process, by variant (ms)", ["variant", "n", "p50", "p95", "p50 - baseline",
-                                                            "p50 / baseline"], rows)
+    rows = [
+        [
+            k,
+            s["n"],
+            ms(s["p50"]),
+            ms(s["p95"]),
+            ms(s["p50"] - base["p50"]),
+            f"{s['p50'] / base['p50']:.2f}",
+        ]
+        for k, s in stats.items()
+    ]
+    table(
+        "Warm %%gpu no-op, in-process, by variant (ms)",
+        ["variant", "n", "p50", "p95", "p50 - baseline", "p50 / baseline"],
+        rows,
+    )
     return 0
 
 

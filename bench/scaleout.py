@@ -1,9 +1,10 @@
 """Scale-out training from a cell: time to the first training step and samples/s for 1 vs 2 ranks.
 
-Measured from a real kernel against a private embedded pool (2 virtual GPUs: gloo on CPU here; nccl on a
-GPU machine with ``--virtual ''``). The anchor is the same training loop run in the notebook kernel itself,
-in the same run. On a CPU-only machine two ranks share the same cores as one, so CPU samples/s shows the
-overhead of data parallelism, not GPU scaling; on real GPUs the same script reports scaling efficiency.
+Measured from a real kernel against a private embedded pool (2 virtual GPUs: gloo on CPU here; nccl
+on a GPU machine with ``--virtual ''``). The anchor is the same training loop run in the notebook
+kernel itself, in the same run. On a CPU-only machine two ranks share the same cores as one, so CPU
+samples/s shows the overhead of data parallelism, not GPU scaling; on real GPUs the same script
+reports scaling efficiency.
 
     python bench/scaleout.py [--quick] [--virtual 2x16GiB]
 """
@@ -41,7 +42,9 @@ if r == 0:
 """
 
 
-def measure(kernel: GpuKernel, magic: str, batch: int, steps: int, warmup: int) -> tuple[float, float]:
+def measure(
+    kernel: GpuKernel, magic: str, batch: int, steps: int, warmup: int
+) -> tuple[float, float]:
     code = TRAIN.format(magic=magic, batch=batch, steps=steps, warmup=warmup)
     sent = time.time()
     out, errors = capture(kernel, code, timeout=600)
@@ -55,7 +58,9 @@ def measure(kernel: GpuKernel, magic: str, batch: int, steps: int, warmup: int) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--virtual", default="2x16GiB", help="virtual GPUs; '' for the machine's real GPUs")
+    parser.add_argument(
+        "--virtual", default="2x16GiB", help="virtual GPUs; '' for the machine's real GPUs"
+    )
     parser.add_argument("--repeats", type=int, default=None)
     args = parser.parse_args()
     from _common import set_virtual
@@ -72,11 +77,15 @@ def main() -> None:
             check(kernel, "%load_ext jupyter_gpu")
             check(kernel, "%%gpu\npass")  # the notebook's own session: the 1-rank runs use it warm
             rows = []
-            local = measure(kernel, "# anchor: the same loop in the notebook kernel", batch, steps, warmup)
+            local = measure(
+                kernel, "# anchor: the same loop in the notebook kernel", batch, steps, warmup
+            )
             rows.append(["kernel, local (anchor)", f"{local[0]:.2f}", f"{local[1]:.0f}", "1.00"])
             results = {}
-            for label, magic in (("%%gpu --workers 1", "%%gpu --workers 1"),
-                                 ("%%gpu --workers 2", "%%gpu --workers 2")):
+            for label, magic in (
+                ("%%gpu --workers 1", "%%gpu --workers 1"),
+                ("%%gpu --workers 2", "%%gpu --workers 2"),
+            ):
                 firsts, rates = [], []
                 for _ in range(repeats):
                     pool.wait_spares()
@@ -84,14 +93,27 @@ def main() -> None:
                     firsts.append(first)
                     rates.append(rate)
                 results[label] = (sorted(firsts)[len(firsts) // 2], sorted(rates)[len(rates) // 2])
-                rows.append([label, f"{results[label][0]:.2f}", f"{results[label][1]:.0f}",
-                             f"{results[label][1] / local[1]:.2f}"])
+                rows.append(
+                    [
+                        label,
+                        f"{results[label][0]:.2f}",
+                        f"{results[label][1]:.0f}",
+                        f"{results[label][1] / local[1]:.2f}",
+                    ]
+                )
         finally:
             kernel.shutdown(now=True)
-    table(f"Time to first training step and throughput (batch {batch}/rank, {steps} steps, median of {repeats})",
-          ["run", "first step (s)", "samples/s", "vs local"], rows)
+    table(
+        f"Time to first training step and throughput (batch {batch}/rank, {steps} steps, median of "
+        f"{repeats})",
+        ["run", "first step (s)", "samples/s", "vs local"],
+        rows,
+    )
     one, two = results["%%gpu --workers 1"], results["%%gpu --workers 2"]
-    print(f"\n2-rank scaling efficiency (samples/s of 2 ranks / (2 x 1 rank)): {two[1] / (2 * one[1]):.2f}")
+    print(
+        "\n2-rank scaling efficiency (samples/s of 2 ranks / (2 x 1 rank)): "
+        f"{two[1] / (2 * one[1]):.2f}"
+    )
     print(f"at end: {loadavg()}")
 
 

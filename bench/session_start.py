@@ -1,11 +1,13 @@
-"""Session starts under load: forked from the worker's zygote, against today's spare-process path.
+"""Session starts under load: forked from the worker's zygote, against today's spare-process
+path.
 
     python bench/session_start.py           # 1, 4 and 8 kernels at once, both paths (about 4 minutes)
     python bench/session_start.py --quick   # 1 and 4 kernels, both paths (about 2 minutes)
 
-For each path (``fork``: ``session.fork-server: true``, the default; ``spare``: ``false``, one pre-warmed
-spare session process per worker and a new interpreter for every other start) a private embedded pool
-(2 virtual GPUs, one worker) is started and warmed (its zygote, or its spare, has imported torch). Then:
+For each path (``fork``: ``session.fork-server: true``, the default; ``spare``: ``false``, one
+pre-warmed spare session process per worker and a new interpreter for every other start) a
+private embedded pool (2 virtual GPUs, one worker) is started and warmed (its zygote, or its
+spare, has imported torch). Then:
 
   first cell, N at once   N real kernels (jupyter_client), each with ``%load_ext jupyter_gpu`` done, send
                           their first ``%%gpu`` cell at the same moment; each figure is one kernel's cell,
@@ -15,7 +17,8 @@ spare session process per worker and a new interpreter for every other start) a 
   --workers 2, first step a 2-rank ``%%gpu --workers 2`` cell (DDP on a Linear) in a fresh kernel: from
                           execute until rank 0 prints its first finished step
 
-Targets (issue 16): 8 first cells at once all succeed with p95 < 1 s on 2 cores; first DDP step < 3 s.
+Targets (issue 16): 8 first cells at once all succeed with p95 < 1 s on 2 cores; first DDP step <
+3 s.
 """
 
 from __future__ import annotations
@@ -28,7 +31,19 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import DEFAULT_VIRTUAL, Pool, check, header, loadavg, log, ms, set_virtual, start_kernel, summary, table
+from _common import (
+    DEFAULT_VIRTUAL,
+    Pool,
+    check,
+    header,
+    loadavg,
+    log,
+    ms,
+    set_virtual,
+    start_kernel,
+    summary,
+    table,
+)
 
 FIRST = "%%gpu\nimport numpy as np\nx = np.arange(10).sum()"
 DDP = """%%gpu --workers 2
@@ -45,8 +60,8 @@ if jupyter_gpu.rank() == 0:
 
 
 def sessions_pss(starter_info: list[dict]) -> tuple[list[int], list[int]]:
-    """PSS (bytes) of this pool's session processes (children of its zygotes, or of its workers), and of
-    its zygotes."""
+    """PSS (bytes) of this pool's session processes (children of its zygotes, or of its workers),
+    and of its zygotes."""
     import psutil
 
     sessions, zygotes = [], []
@@ -73,7 +88,9 @@ def starters(pool: Pool) -> dict:
 
     from jupyter_gpu.common.security import client_security
 
-    with Client(pool.address, set_as_default=False, timeout=30, security=client_security(pool.address)) as c:
+    with Client(
+        pool.address, set_as_default=False, timeout=30, security=client_security(pool.address)
+    ) as c:
         return {w: c.sync(c.rpc(w).gpu_session_starter) for w in c.scheduler_info()["workers"]}
 
 
@@ -150,7 +167,9 @@ def run_path(kind: str, virtual: str, counts: list[int]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 and 4 kernels only")
-    ap.add_argument("--virtual-gpus", default=os.environ.get("JUPYTER_GPU_VIRTUAL_GPUS", DEFAULT_VIRTUAL))
+    ap.add_argument(
+        "--virtual-gpus", default=os.environ.get("JUPYTER_GPU_VIRTUAL_GPUS", DEFAULT_VIRTUAL)
+    )
     args = ap.parse_args(argv)
     counts = [1, 4] if args.quick else [1, 4, 8]
     set_virtual(args.virtual_gpus)
@@ -169,27 +188,52 @@ def main(argv: list[str] | None = None) -> int:
     for n in counts:
         for kind in ("fork", "spare"):
             s = summary(results[kind]["first"][n])
-            rows.append([n, kind, s["n"], results[kind]["failures"][n], ms(s["p50"]), ms(s["p95"]),
-                         ms(max(results[kind]["first"][n], default=float("nan")))])
-    table("First %%gpu cell, N kernels at once (ms, execute to idle)",
-          ["N", "path", "ok", "failed", "p50", "p95", "max"], rows)
+            rows.append(
+                [
+                    n,
+                    kind,
+                    s["n"],
+                    results[kind]["failures"][n],
+                    ms(s["p50"]),
+                    ms(s["p95"]),
+                    ms(max(results[kind]["first"][n], default=float("nan"))),
+                ]
+            )
+    table(
+        "First %%gpu cell, N kernels at once (ms, execute to idle)",
+        ["N", "path", "ok", "failed", "p50", "p95", "max"],
+        rows,
+    )
     if 8 in counts:
         mib = 2**20
-        table("Memory of idle sessions after the 8-kernel round (PSS, MiB)", ["path", "sessions", "mean per session",
-                                                                              "zygote"],
-              [[kind, len(results[kind]["pss"][0]),
-                f"{sum(results[kind]['pss'][0]) / max(1, len(results[kind]['pss'][0])) / mib:.0f}",
-                f"{sum(results[kind]['pss'][1]) / mib:.0f}" if results[kind]["pss"][1] else "-"]
-               for kind in ("fork", "spare")])
-    table("--workers 2: execute to rank 0's first finished step (s)", ["path", "seconds"],
-          [[kind, f"{results[kind]['ddp']:.2f}"] for kind in ("fork", "spare")])
+        table(
+            "Memory of idle sessions after the 8-kernel round (PSS, MiB)",
+            ["path", "sessions", "mean per session", "zygote"],
+            [
+                [
+                    kind,
+                    len(results[kind]["pss"][0]),
+                    f"{sum(results[kind]['pss'][0]) / max(1, len(results[kind]['pss'][0])) / mib:.0f}",
+                    f"{sum(results[kind]['pss'][1]) / mib:.0f}" if results[kind]["pss"][1] else "-",
+                ]
+                for kind in ("fork", "spare")
+            ],
+        )
+    table(
+        "--workers 2: execute to rank 0's first finished step (s)",
+        ["path", "seconds"],
+        [[kind, f"{results[kind]['ddp']:.2f}"] for kind in ("fork", "spare")],
+    )
     top = max(counts)
     fork = summary(results["fork"]["first"][top])
-    print(f"\nTargets: {top} first cells at once all succeed with p95 < 1 s: "
-          f"{'met' if results['fork']['failures'][top] == 0 and fork['p95'] < 1 else 'NOT met'} "
-          f"(p95 {fork['p95']:.2f} s, {results['fork']['failures'][top]} failed); --workers 2 first step < 3 s: "
-          f"{'met' if results['fork']['ddp'] < 3 else 'NOT met'} ({results['fork']['ddp']:.2f} s). "
-          f"Total wall time {time.perf_counter() - t_all:.0f} s; {loadavg()} at the end.")
+    print(
+        f"\nTargets: {top} first cells at once all succeed with p95 < 1 s: "
+        f"{'met' if results['fork']['failures'][top] == 0 and fork['p95'] < 1 else 'NOT met'} "
+        f"(p95 {fork['p95']:.2f} s, {results['fork']['failures'][top]} failed); --workers 2 first "
+        "step < 3 s: "
+        f"{'met' if results['fork']['ddp'] < 3 else 'NOT met'} ({results['fork']['ddp']:.2f} s). "
+        f"Total wall time {time.perf_counter() - t_all:.0f} s; {loadavg()} at the end."
+    )
     return 0
 
 

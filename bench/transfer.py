@@ -19,8 +19,8 @@ Methods, all measured in this process (no Jupyter kernel protocol in the path) o
                     child Python process that ``recv_into``s fresh memory (numpy.empty, as Dask does) and acks
   fresh memcpy      ``x.copy()`` in this process: the cost of touching fresh memory once (page faults + copy)
 
-GB/s = array bytes / seconds (10^9 bytes). Methods are interleaved, one transfer each per round. Ratios are
-ours / anchor (> 1 means we are faster).
+GB/s = array bytes / seconds (10^9 bytes). Methods are interleaved, one transfer each per round.
+Ratios are ours / anchor (> 1 means we are faster).
 """
 
 from __future__ import annotations
@@ -78,7 +78,9 @@ class RawSocket:
         import socket
         import subprocess
 
-        self.proc = subprocess.Popen([sys.executable, "-c", RECEIVER], stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", RECEIVER], stdout=subprocess.PIPE, text=True
+        )
         port = int(self.proc.stdout.readline())
         self.sock = socket.create_connection(("127.0.0.1", port))
 
@@ -93,8 +95,11 @@ class RawSocket:
         self.proc.wait(10)
 
 
-def measure(mib: int, n: int, pool: Pool, shell, view, raw: RawSocket, dc) -> dict[str, list[float]]:  # noqa: ANN001
-    """One size: every method warmed once, then ``n`` interleaved rounds; seconds per transfer by method."""
+def measure(
+    mib: int, n: int, pool: Pool, shell, view, raw: RawSocket, dc
+) -> dict[str, list[float]]:
+    """One size: every method warmed once, then ``n`` interleaved rounds; seconds per transfer by
+    method."""
     import numpy as np
 
     x = np.random.default_rng(0).random(mib * 2**20 // 8)
@@ -129,8 +134,15 @@ def measure(mib: int, n: int, pool: Pool, shell, view, raw: RawSocket, dc) -> di
         y = x.copy()
         del y
 
-    methods = {"%%gpu input": ours, "%%gpu via comm": ours_comm, "%%gpu no-op": noop, "dask scatter": scatter,
-               "ipp push": push, "raw TCP socket": lambda: raw.send(x), "fresh memcpy": copy}
+    methods = {
+        "%%gpu input": ours,
+        "%%gpu via comm": ours_comm,
+        "%%gpu no-op": noop,
+        "dask scatter": scatter,
+        "ipp push": push,
+        "raw TCP socket": lambda: raw.send(x),
+        "fresh memcpy": copy,
+    }
     samples: dict[str, list[float]] = {k: [] for k in methods}
     for fn in methods.values():  # warm every path once
         fn()
@@ -153,22 +165,44 @@ def report(mib: int, nbytes: int, samples: dict[str, list[float]]) -> float:
         gbs = "" if name == "%%gpu no-op" else f"{nbytes / s['p50'] / 1e9:.2f}"
         best = "" if name == "%%gpu no-op" else f"{nbytes / s['min'] / 1e9:.2f}"
         rows.append([name, s["n"], ms(s["p50"]), ms(s["min"]), gbs, best])
-    table(f"{mib} MiB array into a cell ({nbytes / 1e9:.3f} GB)", ["method", "n", "p50 ms", "min ms",
-                                                                  "GB/s (p50)", "GB/s (best)"], rows)
+    table(
+        f"{mib} MiB array into a cell ({nbytes / 1e9:.3f} GB)",
+        ["method", "n", "p50 ms", "min ms", "GB/s (p50)", "GB/s (best)"],
+        rows,
+    )
     ours_p50 = stats["%%gpu input"]["p50"]
-    table(f"{mib} MiB: ratios (throughput, ours / anchor; > 1 means we are faster)", ["anchor", "p50"],
-          [[k, f"{stats[k]['p50'] / ours_p50:.2f}"] for k in ("fresh memcpy", "dask scatter", "ipp push",
-                                                               "raw TCP socket", "%%gpu via comm")])
+    table(
+        f"{mib} MiB: ratios (throughput, ours / anchor; > 1 means we are faster)",
+        ["anchor", "p50"],
+        [
+            [k, f"{stats[k]['p50'] / ours_p50:.2f}"]
+            for k in (
+                "fresh memcpy",
+                "dask scatter",
+                "ipp push",
+                "raw TCP socket",
+                "%%gpu via comm",
+            )
+        ],
+    )
     return stats["fresh memcpy"]["p50"] / ours_p50
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a fast smoke variant (64 MiB, 2 runs)")
-    ap.add_argument("--mib", type=int, default=None, help="one array size in MiB (default: 256 and 2048)")
-    ap.add_argument("-n", type=int, default=None, help="timed transfers per method (default 6 at 256 MiB and 3 at "
-                    "2 GiB, --quick 2)")
-    ap.add_argument("--virtual-gpus", default=os.environ.get("JUPYTER_GPU_VIRTUAL_GPUS", DEFAULT_VIRTUAL))
+    ap.add_argument(
+        "--mib", type=int, default=None, help="one array size in MiB (default: 256 and 2048)"
+    )
+    ap.add_argument(
+        "-n",
+        type=int,
+        default=None,
+        help="timed transfers per method (default 6 at 256 MiB and 3 at 2 GiB, --quick 2)",
+    )
+    ap.add_argument(
+        "--virtual-gpus", default=os.environ.get("JUPYTER_GPU_VIRTUAL_GPUS", DEFAULT_VIRTUAL)
+    )
     args = ap.parse_args(argv)
     if args.quick:
         sizes = [(args.mib or 64, args.n or 2)]
@@ -177,10 +211,17 @@ def main(argv: list[str] | None = None) -> int:
     else:
         sizes = [(256, args.n or 6), (2048, args.n or 3)]
     set_virtual(args.virtual_gpus)
-    header("transfer: a NumPy array into a cell, " + " and ".join(f"{m} MiB" for m, _ in sizes), args.quick)
+    header(
+        "transfer: a NumPy array into a cell, " + " and ".join(f"{m} MiB" for m, _ in sizes),
+        args.quick,
+    )
     t_all = time.perf_counter()
     results = []
-    with Pool(args.virtual_gpus or None) as pool, ipp_cluster() as (_, rc, _url), dask_local_cluster() as dc:
+    with (
+        Pool(args.virtual_gpus or None) as pool,
+        ipp_cluster() as (_, rc, _url),
+        dask_local_cluster() as dc,
+    ):
         view = rc[:]
         raw = RawSocket()
         shell = shell_with_extension(pool.address)
@@ -198,9 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     for mib, nbytes, samples in results:
         ratio = report(mib, nbytes, samples)
         verdicts.append(f"{mib} MiB {ratio:.2f}x")
-    print(f"\nTarget (same-host input at least 0.8x a fresh memcpy of the same bytes, p50): "
-          f"{'met' if all(float(v.split()[-1][:-1]) >= 0.8 for v in verdicts) else 'NOT met'} "
-          f"({', '.join(verdicts)}). Total wall time {time.perf_counter() - t_all:.0f} s; {loadavg()} at the end.")
+    print(
+        f"\nTarget (same-host input at least 0.8x a fresh memcpy of the same bytes, p50): "
+        f"{'met' if all(float(v.split()[-1][:-1]) >= 0.8 for v in verdicts) else 'NOT met'} "
+        f"({', '.join(verdicts)}). Total wall time {time.perf_counter() - t_all:.0f} s; "
+        f"{loadavg()} at the end."
+    )
     return 0
 
 

@@ -11,15 +11,17 @@ from typing import TYPE_CHECKING
 
 from jupyter_gpu import __version__
 
-if TYPE_CHECKING:  # the CLI imports Dask lazily: `jupyter-gpu run` and `--version` should start fast
+# the CLI imports Dask lazily: `jupyter-gpu run` and `--version` should start fast
+if TYPE_CHECKING:
     from distributed.security import Security
 
     from jupyter_gpu.common.security import Role
 
 
 def _security(args: argparse.Namespace, roles: tuple[Role, ...]) -> Security:
-    """The ``Security`` of a service: Dask config, overridden by ``--tls-ca-file/--tls-cert/--tls-key``
-    (for ``roles``: the certificate a service presents depends on what it is, as with ``dask scheduler``)."""
+    """The ``Security`` of a service: Dask config, overridden by
+    ``--tls-ca-file/--tls-cert/--tls-key`` (for ``roles``: the certificate a service presents
+    depends on what it is, as with ``dask scheduler``)."""
     from jupyter_gpu.common.security import pool_security
 
     return pool_security(args.tls_ca_file, args.tls_cert, args.tls_key, roles=roles)
@@ -38,8 +40,8 @@ def _cmd_pool(args: argparse.Namespace) -> int:
 
 
 def _http_option(args: argparse.Namespace) -> None:
-    """``--http``: serve Dask's HTTP routes (``jupyter-gpu.http``; the nannies hand the setting on to their
-    workers)."""
+    """``--http``: serve Dask's HTTP routes (``jupyter-gpu.http``; the nannies hand the setting on
+    to their workers)."""
     if args.http:
         import dask.config
 
@@ -50,15 +52,18 @@ def _pool_up(args: argparse.Namespace) -> int:
     if args.action == "down":
         return _pool_down()
     if args.action != "up":
-        print("usage: jupyter-gpu pool up [--host HOST] [--port PORT] [--embedded] [--http] [--tls-*]",
-              file=sys.stderr)
+        print(
+            "usage: jupyter-gpu pool up [--host HOST] [--port PORT] [--embedded] [--http] [--tls-*]",
+            file=sys.stderr,
+        )
         return 2
     _http_option(args)
     if args.embedded:
         from jupyter_gpu.pool.discovery import runtime_file
         from jupyter_gpu.pool.embedded import run_pool
 
-        # one machine, one program: the same certificate serves the scheduler, its workers and its own client
+        # one machine, one program: the same certificate serves the scheduler, its workers and its
+        # own client
         sec = _security(args, ("scheduler", "worker", "client"))
         asyncio.run(run_pool(runtime_file(), keep=True, host=args.host, security=sec))
         return 0
@@ -69,8 +74,8 @@ def _pool_up(args: argparse.Namespace) -> int:
 
 
 def _pool_down() -> int:
-    """``jupyter-gpu pool down``: stop this user's embedded pool (the one ``jupyter-gpu lab``, a kernel or
-    ``pool up --embedded`` started here), its workers and sessions with it."""
+    """``jupyter-gpu pool down``: stop this user's embedded pool (the one ``jupyter-gpu lab``, a
+    kernel or ``pool up --embedded`` started here), its workers and sessions with it."""
     from jupyter_gpu.pool.discovery import runtime_file
     from jupyter_gpu.pool.embedded import stop_embedded_pool
 
@@ -78,8 +83,12 @@ def _pool_down() -> int:
     if stop_embedded_pool(path):
         print(f"jupyter-gpu: stopped the embedded pool ({path})", file=sys.stderr)
         return 0
-    print(f"jupyter-gpu: no embedded pool is running for you here ({path}); a pool started with `pool up` "
-          "(without --embedded) stops with its process.", file=sys.stderr)
+    print(
+        f"jupyter-gpu: no embedded pool is running for you here ({path}); a pool started with "
+        "`pool up` "
+        "(without --embedded) stops with its process.",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -99,9 +108,17 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         if args.protocol and "://" not in args.address:
             args.address = f"{args.protocol.replace('://', '')}://{args.address}"
         death_timeout = _seconds(args.death_timeout) if args.death_timeout else None
-        return asyncio.run(run_workers(args.address, host, virtual, security=_security(args, ("worker",)),
-                                       name=args.name, death_timeout=death_timeout,
-                                       local_directory=args.local_directory))
+        return asyncio.run(
+            run_workers(
+                args.address,
+                host,
+                virtual,
+                security=_security(args, ("worker",)),
+                name=args.name,
+                death_timeout=death_timeout,
+                local_directory=args.local_directory,
+            )
+        )
     except (TlsConfigError, NoGpuAvailable, ValueError) as exc:
         print(f"jupyter-gpu worker: {exc}", file=sys.stderr)
         return 1
@@ -119,8 +136,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     address = args.pool or pool_address()
     if not address:
-        print("No pool is running for you on this machine and JUPYTER_GPU_SCHEDULER is not set. Start one with "
-              "`jupyter-gpu pool up`, or run a %%gpu cell (it starts the embedded pool).", file=sys.stderr)
+        print(
+            "No pool is running for you on this machine and JUPYTER_GPU_SCHEDULER is not set. "
+            "Start one with "
+            "`jupyter-gpu pool up`, or run a %%gpu cell (it starts the embedded pool).",
+            file=sys.stderr,
+        )
         return 1
 
     from jupyter_gpu.common.security import pool_rpc
@@ -143,24 +164,32 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_token(args: argparse.Namespace) -> int:
-    """``jupyter-gpu token create USER``: issue a token (printed once; the token file keeps its hash)."""
+    """``jupyter-gpu token create USER``: issue a token (printed once; the token file keeps its
+    hash)."""
     from jupyter_gpu.broker.identity import TokenStore
     from jupyter_gpu.common import config
 
     path = args.file or config.get("token-file")
     if not path:
-        print("No token file is configured: pass --file PATH or set jupyter-gpu.token-file in the Dask config "
-              "(DASK_JUPYTER_GPU__TOKEN_FILE) of the pool's scheduler.", file=sys.stderr)
+        print(
+            "No token file is configured: pass --file PATH or set jupyter-gpu.token-file in the "
+            "Dask config "
+            "(DASK_JUPYTER_GPU__TOKEN_FILE) of the pool's scheduler.",
+            file=sys.stderr,
+        )
         return 1
     token = TokenStore(str(path)).create(args.user)
     print(token)
-    print(f"token for {args.user} stored (hashed) in {path}; give it to the user as JUPYTER_GPU_TOKEN",
-          file=sys.stderr)
+    print(
+        f"token for {args.user} stored (hashed) in {path}; give it to the user as JUPYTER_GPU_TOKEN",
+        file=sys.stderr,
+    )
     return 0
 
 
 def _cmd_usage(args: argparse.Namespace) -> int:
-    """``jupyter-gpu usage [--since 7d]``: GPU-hours per team and user, from the audit store or the pool."""
+    """``jupyter-gpu usage [--since 7d]``: GPU-hours per team and user, from the audit store or the
+    pool."""
     import time
 
     from dask.utils import parse_timedelta
@@ -178,7 +207,10 @@ def _cmd_usage(args: argparse.Namespace) -> int:
 
                 since = datetime.fromisoformat(args.since).timestamp()
             except ValueError:
-                print(f"--since {args.since!r}: give a duration (7d, 12h) or a date (2026-01-31)", file=sys.stderr)
+                print(
+                    f"--since {args.since!r}: give a duration (7d, 12h) or a date (2026-01-31)",
+                    file=sys.stderr,
+                )
                 return 2
     db = args.db or config.get("audit-db")
     if db and not args.pool:
@@ -192,8 +224,11 @@ def _cmd_usage(args: argparse.Namespace) -> int:
 
         address = args.pool or pool_address()
         if not address:
-            print("No audit database (--db or jupyter-gpu.audit-db) and no pool to ask (--pool or "
-                  "JUPYTER_GPU_SCHEDULER).", file=sys.stderr)
+            print(
+                "No audit database (--db or jupyter-gpu.audit-db) and no pool to ask (--pool or "
+                "JUPYTER_GPU_SCHEDULER).",
+                file=sys.stderr,
+            )
             return 1
 
         from jupyter_gpu.common.security import pool_rpc
@@ -218,8 +253,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from jupyter_gpu.headless.runner import run_notebook
 
     params = [(name, value) for name, value in (args.parameter or [])]
-    return run_notebook(args.notebook, output=args.output, parameters=params, timeout=args.timeout,
-                        pool=args.pool)
+    return run_notebook(
+        args.notebook, output=args.output, parameters=params, timeout=args.timeout, pool=args.pool
+    )
 
 
 def _cmd_lab(args: argparse.Namespace, extra: list[str]) -> int:
@@ -229,19 +265,31 @@ def _cmd_lab(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _tls_options(parser: argparse.ArgumentParser, whose: str) -> None:
-    """``--tls-ca-file/--tls-cert/--tls-key``, as ``dask scheduler`` and ``dask worker`` have them; without
-    them Dask config (distributed.comm.tls.*) applies. Any of them makes the service require TLS."""
-    parser.add_argument("--tls-ca-file", default=None, metavar="PEM",
-                        help="CA certificate(s) that peers' certificates must be signed by")
+    """``--tls-ca-file/--tls-cert/--tls-key``, as ``dask scheduler`` and ``dask worker`` have them;
+    without them Dask config (distributed.comm.tls.*) applies. Any of them makes the service require
+    TLS."""
+    parser.add_argument(
+        "--tls-ca-file",
+        default=None,
+        metavar="PEM",
+        help="CA certificate(s) that peers' certificates must be signed by",
+    )
     parser.add_argument("--tls-cert", default=None, metavar="PEM", help=f"{whose} certificate")
-    parser.add_argument("--tls-key", default=None, metavar="PEM",
-                        help=f"{whose} private key (may instead be appended to the certificate file)")
+    parser.add_argument(
+        "--tls-key",
+        default=None,
+        metavar="PEM",
+        help=f"{whose} private key (may instead be appended to the certificate file)",
+    )
 
 
 def _http_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--http", action="store_true",
-                        help="also serve Dask's HTTP routes (health, metrics, info pages) on the same host; "
-                             "default: off (jupyter-gpu.http)")
+    parser.add_argument(
+        "--http",
+        action="store_true",
+        help="also serve Dask's HTTP routes (health, metrics, info pages) on the same host; "
+        "default: off (jupyter-gpu.http)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,53 +297,98 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=__version__)
     parser.add_argument("--log-level", default="WARNING")
     sub = parser.add_subparsers(dest="command", required=True)
-    pool = sub.add_parser("pool", help="run the pool's scheduler and broker (up), or stop the embedded pool (down)")
+    pool = sub.add_parser(
+        "pool", help="run the pool's scheduler and broker (up), or stop the embedded pool (down)"
+    )
     pool.add_argument("action", choices=["up", "down"])
-    pool.add_argument("--host", default="127.0.0.1",
-                      help="the address the scheduler listens on (0.0.0.0: every interface); default 127.0.0.1")
+    pool.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="the address the scheduler listens on (0.0.0.0: every interface); default 127.0.0.1",
+    )
     pool.add_argument("--port", type=int, default=8786)
-    pool.add_argument("--embedded", action="store_true",
-                      help="also run one worker per local GPU in this process group (a one-machine pool)")
+    pool.add_argument(
+        "--embedded",
+        action="store_true",
+        help="also run one worker per local GPU in this process group (a one-machine pool)",
+    )
     _http_flag(pool)
     _tls_options(pool, "the scheduler's (with --embedded: the whole pool's)")
     worker = sub.add_parser("worker", help="add this machine's GPUs to a pool")
     worker.add_argument("address")
-    worker.add_argument("--host", default=None,
-                        help="the address its workers and sessions listen on (default: the local address "
-                             "that reaches the scheduler)")
-    worker.add_argument("--virtual-gpus", default=None, metavar="SPEC",
-                        help="offer virtual GPUs (2x16GiB) instead of this machine's; default: JUPYTER_GPU_VIRTUAL_GPUS")
+    worker.add_argument(
+        "--host",
+        default=None,
+        help="the address its workers and sessions listen on (default: the local address "
+        "that reaches the scheduler)",
+    )
+    worker.add_argument(
+        "--virtual-gpus",
+        default=None,
+        metavar="SPEC",
+        help="offer virtual GPUs (2x16GiB) instead of this machine's; default: "
+        "JUPYTER_GPU_VIRTUAL_GPUS",
+    )
     _http_flag(worker)
     _tls_options(worker, "the workers' (their session processes use it too)")
     # dask-worker's arguments, which a cluster manager's job passes (dask-jobqueue: worker_command
     # "jupyter_gpu.cli worker"): a name, where to listen, how long to wait for the scheduler
     jobs = worker.add_argument_group("as a cluster manager's job (dask-worker's arguments)")
-    jobs.add_argument("--name", default=None, help="the worker's name (one GPU), or NAME-gpuN for each of several")
-    jobs.add_argument("--interface", default=None, help="listen on this network interface's address")
-    jobs.add_argument("--protocol", default=None, help="the scheduler address's scheme, when it has none")
-    jobs.add_argument("--death-timeout", default=None, help="give up when the scheduler cannot be reached this long")
+    jobs.add_argument(
+        "--name", default=None, help="the worker's name (one GPU), or NAME-gpuN for each of several"
+    )
+    jobs.add_argument(
+        "--interface", default=None, help="listen on this network interface's address"
+    )
+    jobs.add_argument(
+        "--protocol", default=None, help="the scheduler address's scheme, when it has none"
+    )
+    jobs.add_argument(
+        "--death-timeout",
+        default=None,
+        help="give up when the scheduler cannot be reached this long",
+    )
     jobs.add_argument("--local-directory", default=None, help="the workers' scratch folder")
-    jobs.add_argument("--nthreads", default=None, help="accepted and ignored: a GPU worker runs one thread")
-    jobs.add_argument("--memory-limit", default=None,
-                      help="accepted and ignored: sessions are limited by jupyter-gpu.session.host-memory-limit")
-    jobs.add_argument("--nanny", action="store_true", help="accepted and ignored: GPU workers always have a nanny")
+    jobs.add_argument(
+        "--nthreads", default=None, help="accepted and ignored: a GPU worker runs one thread"
+    )
+    jobs.add_argument(
+        "--memory-limit",
+        default=None,
+        help="accepted and ignored: sessions are limited by jupyter-gpu.session.host-memory-limit",
+    )
+    jobs.add_argument(
+        "--nanny", action="store_true", help="accepted and ignored: GPU workers always have a nanny"
+    )
     status = sub.add_parser("status", help="print the pool: GPUs, leases, queue")
     status.add_argument("--pool", default=None)
-    run = sub.add_parser("run", help="execute a notebook headlessly (exit code 1 on a failing cell)")
+    run = sub.add_parser(
+        "run", help="execute a notebook headlessly (exit code 1 on a failing cell)"
+    )
     run.add_argument("notebook")
     run.add_argument("-o", "--output", default=None)
     run.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"))
     run.add_argument("--timeout", type=float, default=None, help="seconds per cell")
-    run.add_argument("--pool", default=None, help="use this pool instead of starting an embedded one")
-    sub.add_parser("lab", help="JupyterLab with the GPU panel and an embedded pool, stopped when Lab exits")
+    run.add_argument(
+        "--pool", default=None, help="use this pool instead of starting an embedded one"
+    )
+    sub.add_parser(
+        "lab", help="JupyterLab with the GPU panel and an embedded pool, stopped when Lab exits"
+    )
     token = sub.add_parser("token", help="issue user tokens for a pool that requires them")
     token.add_argument("action", choices=["create"])
     token.add_argument("user")
-    token.add_argument("--file", default=None, help="the token file (default: jupyter-gpu.token-file)")
+    token.add_argument(
+        "--file", default=None, help="the token file (default: jupyter-gpu.token-file)"
+    )
     usage = sub.add_parser("usage", help="GPU-hours per team and user (from the audit store)")
     usage.add_argument("--since", default=None, help="a duration back from now (7d, 12h) or a date")
-    usage.add_argument("--db", default=None, help="the audit database (default: jupyter-gpu.audit-db)")
-    usage.add_argument("--pool", default=None, help="ask this pool's scheduler instead of reading a database")
+    usage.add_argument(
+        "--db", default=None, help="the audit database (default: jupyter-gpu.audit-db)"
+    )
+    usage.add_argument(
+        "--pool", default=None, help="ask this pool's scheduler instead of reading a database"
+    )
     return parser
 
 
@@ -307,8 +400,14 @@ def main(argv: list[str] | None = None) -> int:
         return _cmd_lab(args, argv[1:])
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING))
-    return {"pool": _cmd_pool, "worker": _cmd_worker, "status": _cmd_status, "run": _cmd_run,
-            "token": _cmd_token, "usage": _cmd_usage}[args.command](args)
+    return {
+        "pool": _cmd_pool,
+        "worker": _cmd_worker,
+        "status": _cmd_status,
+        "run": _cmd_run,
+        "token": _cmd_token,
+        "usage": _cmd_usage,
+    }[args.command](args)
 
 
 if __name__ == "__main__":

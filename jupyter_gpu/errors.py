@@ -15,7 +15,8 @@ class RequestRefused(GpuPoolError):
 
 
 class SessionLost(GpuPoolError):
-    """The remote session ended while a cell ran in it (crash, OOM kill, lost worker, kill after interrupt)."""
+    """The remote session ended while a cell ran in it (crash, OOM kill, lost worker, kill after
+    interrupt)."""
 
 
 class PoolUnreachable(GpuPoolError):

@@ -19,8 +19,9 @@ def _start_pool(path: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def pool(tmp_path_factory) -> str:  # noqa: ANN001
-    """The address of a private embedded pool (2 virtual GPUs), stopped at the end of the session."""
+def pool(tmp_path_factory) -> str:
+    """The address of a private embedded pool (2 virtual GPUs), stopped at the end of the
+    session."""
     from jupyter_gpu.pool.embedded import stop_embedded_pool
 
     path = str(tmp_path_factory.mktemp("pool") / "pool.json")
@@ -30,7 +31,7 @@ def pool(tmp_path_factory) -> str:  # noqa: ANN001
 
 
 @pytest.fixture()
-def private_pool(tmp_path) -> str:  # noqa: ANN001
+def private_pool(tmp_path) -> str:
     """A pool of its own for a test that breaks things (kills workers)."""
     from jupyter_gpu.pool.embedded import stop_embedded_pool
 
@@ -41,7 +42,7 @@ def private_pool(tmp_path) -> str:  # noqa: ANN001
 
 
 @pytest.fixture()
-def kernel(pool):  # noqa: ANN001
+def kernel(pool):
     from harness import Kernel
 
     k = Kernel(pool)

@@ -1,7 +1,9 @@
-"""Test harness: a real embedded pool and real IPython kernels (jupyter_client), with their outputs collected.
+"""Test harness: a real embedded pool and real IPython kernels (jupyter_client), with their outputs
+collected.
 
-Kernels are the project's one kernel driver, :class:`jupyter_gpu.headless.kernel.GpuKernel` (the same that
-users' tests get as ``gpu_kernel`` and the benchmarks use); nothing here stands in for a real part.
+Kernels are the project's one kernel driver, :class:`jupyter_gpu.headless.kernel.GpuKernel` (the
+same that users' tests get as ``gpu_kernel`` and the benchmarks use); nothing here stands in for a
+real part.
 """
 
 from __future__ import annotations
@@ -10,20 +12,32 @@ import time
 
 from jupyter_gpu.headless.kernel import CellResult, GpuKernel, KernelCellError, strip_ansi
 
-__all__ = ["CellResult", "GpuKernel", "Kernel", "KernelCellError", "leases", "session_starters", "snapshot",
-           "strip_ansi", "wait_until"]
+__all__ = [
+    "CellResult",
+    "GpuKernel",
+    "Kernel",
+    "KernelCellError",
+    "leases",
+    "session_starters",
+    "snapshot",
+    "strip_ansi",
+    "wait_until",
+]
 
 
-def Kernel(pool: str | None, user: str | None = None, load: bool = True, env: dict | None = None) -> GpuKernel:
-    """A started :class:`GpuKernel` with ``%load_ext jupyter_gpu`` run, acting for ``user``: the harness's
-    defaults (tests call ``run``, which never raises for a cell's error, and ``shutdown(now=True)``, which
-    leaves freeing the kernel's leases to the broker, so that tests can check it does)."""
+def Kernel(
+    pool: str | None, user: str | None = None, load: bool = True, env: dict | None = None
+) -> GpuKernel:
+    """A started :class:`GpuKernel` with ``%load_ext jupyter_gpu`` run, acting for ``user``: the
+    harness's defaults (tests call ``run``, which never raises for a cell's error, and
+    ``shutdown(now=True)``, which leaves freeing the kernel's leases to the broker, so that tests
+    can check it does)."""
     return GpuKernel(pool, user=user, env=env, load_extension=load).start()
 
 
 def snapshot(pool: str) -> dict:
-    """The broker's view of the pool, read through its scheduler handler (with the pool's TLS: an embedded
-    pool's own certificate is found from its address, see ``client_security``)."""
+    """The broker's view of the pool, read through its scheduler handler (with the pool's TLS: an
+    embedded pool's own certificate is found from its address, see ``client_security``)."""
     import asyncio
 
     from jupyter_gpu.common.security import pool_rpc
@@ -39,7 +53,8 @@ def snapshot(pool: str) -> dict:
 
 
 def session_starters(pool: str) -> dict[str, dict]:
-    """Each worker's ``gpu_session_starter``: how it starts sessions (its zygote's pid) and whether it is warm."""
+    """Each worker's ``gpu_session_starter``: how it starts sessions (its zygote's pid) and whether
+    it is warm."""
     import asyncio
 
     from jupyter_gpu.common.security import client_security, pool_rpc
@@ -63,7 +78,7 @@ def leases(pool: str) -> list[dict]:
     return [ls for g in snapshot(pool)["gpus"] for ls in g["leases"]]
 
 
-def wait_until(predicate, timeout: float = 15.0, interval: float = 0.1) -> bool:  # noqa: ANN001
+def wait_until(predicate, timeout: float = 15.0, interval: float = 0.1) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -73,23 +88,30 @@ def wait_until(predicate, timeout: float = 15.0, interval: float = 0.1) -> bool:
 
 
 def worker_pid(address: str) -> int:
-    """The pid of the process that listens at a worker's comm ``address`` (as the machine's admin sees it:
-    a GPU worker answers no ``run`` to find out; docs/security.md)."""
+    """The pid of the process that listens at a worker's comm ``address`` (as the machine's admin
+    sees it: a GPU worker answers no ``run`` to find out; docs/security.md)."""
     import psutil
     from distributed.comm import get_address_host_port
 
     host, port = get_address_host_port(address)
     for conn in psutil.net_connections(kind="tcp"):
-        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+        if (
+            conn.status == psutil.CONN_LISTEN
+            and conn.laddr
+            and conn.laddr.port == port
+            and conn.pid
+        ):
             return conn.pid
     raise LookupError(f"nothing listens at {address}")
 
 
 def own_lease(kernel: GpuKernel) -> dict:
-    """The kernel's own session's lease, as the broker gave it to that kernel (with its address and secret:
-    the snapshot shows other users neither)."""
+    """The kernel's own session's lease, as the broker gave it to that kernel (with its address and
+    secret: the snapshot shows other users neither)."""
     import json
 
-    res = kernel.run("import json as _json\n"
-                     "print(_json.dumps(get_ipython().find_magic('gpu').__self__.conn.session.lease))")
+    res = kernel.run(
+        "import json as _json\n"
+        "print(_json.dumps(get_ipython().find_magic('gpu').__self__.conn.session.lease))"
+    )
     return json.loads(res.stdout)

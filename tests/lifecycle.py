@@ -1,5 +1,5 @@
-"""Test fixtures that start real things (hosts, a Slurm, pool services) and must remove them even when
-starting fails half way."""
+"""Test fixtures that start real things (hosts, a Slurm, pool services) and must remove them even
+when starting fails half way."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Any
 
 
 class Started:
-    """``with X(...) as x``: ``x.start()`` on entry, ``x.close()`` on exit, and ``close()`` also when
-    ``start()`` itself fails, so a half-made fixture leaves nothing behind."""
+    """``with X(...) as x``: ``x.start()`` on entry, ``x.close()`` on exit, and ``close()`` also
+    when ``start()`` itself fails, so a half-made fixture leaves nothing behind."""
 
     def start(self) -> Any:
         raise NotImplementedError

@@ -1,10 +1,12 @@
-"""JupyterLab server for the panel's browser tests (started by Playwright's webServer; see playwright.config.js).
+"""JupyterLab server for the panel's browser tests (started by Playwright's webServer; see
+playwright.config.js).
 
-It runs the real server extension and the built panel from this checkout without installing anything: the
-built assets (``jlpm build`` at the repository root) are exposed through a temporary labextensions folder,
-and ``jupyter_gpu.labext`` is enabled here, as jupyter-config/ does for an installed wheel. The embedded
-pool that the tests start from the panel uses virtual GPUs and a private runtime directory (both set by the
-Playwright config), so it never meets a developer's own pool.
+It runs the real server extension and the built panel from this checkout without installing
+anything: the built assets (``jlpm build`` at the repository root) are exposed through a temporary
+labextensions folder, and ``jupyter_gpu.labext`` is enabled here, as jupyter-config/ does for an
+installed wheel. The embedded pool that the tests start from the panel uses virtual GPUs and a
+private runtime directory (both set by the Playwright config), so it never meets a developer's own
+pool.
 """
 
 import logging
@@ -22,7 +24,9 @@ configure_jupyter_server(c)
 REPO = Path(__file__).resolve().parent.parent
 STATIC = REPO / "jupyter_gpu" / "labext" / "static"
 if not (STATIC / "package.json").exists():
-    raise SystemExit(f"the panel is not built: run `jlpm build` in {REPO} first ({STATIC} is missing)")
+    raise SystemExit(
+        f"the panel is not built: run `jlpm build` in {REPO} first ({STATIC} is missing)"
+    )
 
 # labextension folders are looked up by package name, so expose static/ as "jupyter-gpu"
 _ext_root = Path(tempfile.mkdtemp(prefix="jupyter-gpu-labext-"))

@@ -1,11 +1,12 @@
 """Real work on the test pool, as notebook kernels would create it, for the panel's browser tests.
 
-``python pool_helper.py load``  asks the broker for leases and queued requests of two users and prints
-their ids as JSON; ``python pool_helper.py peak LEASE BYTES`` reports a peak memory for a lease, as its
-session does after a cell (here the leases run no cells, so the test sets one); ``python pool_helper.py cancel ID...`` ends them;
-``python pool_helper.py clear`` cancels every lease and queued request of the test user (what notebook tests
-leave behind) and waits until the pool holds none; ``python pool_helper.py stop`` stops the embedded pool
-advertised in JUPYTER_RUNTIME_DIR (the tests' teardown). It talks to the scheduler with the same handlers the
+``python pool_helper.py load``  asks the broker for leases and queued requests of two users and
+prints their ids as JSON; ``python pool_helper.py peak LEASE BYTES`` reports a peak memory for a
+lease, as its session does after a cell (here the leases run no cells, so the test sets one);
+``python pool_helper.py cancel ID...`` ends them; ``python pool_helper.py clear`` cancels every
+lease and queued request of the test user (what notebook tests leave behind) and waits until the
+pool holds none; ``python pool_helper.py stop`` stops the embedded pool advertised in
+JUPYTER_RUNTIME_DIR (the tests' teardown). It talks to the scheduler with the same handlers the
 ``%%gpu`` magic and the session processes use, so the panel shows exactly what users would see.
 """
 
@@ -36,7 +37,8 @@ async def _call(handler: str, **kwargs):
 
 
 async def _until_settled(req: dict, timeout: float = 120.0) -> dict:
-    """A granted lease first starts its session process ("starting"): wait until it is granted or fails."""
+    """A granted lease first starts its session process ("starting"): wait until it is granted or
+    fails."""
     deadline = time.monotonic() + timeout
     while req["state"] in ("starting", "queued") and time.monotonic() < deadline:
         req = await _call("gpu_wait", id=req["id"], timeout=1.0)
@@ -44,30 +46,50 @@ async def _until_settled(req: dict, timeout: float = 120.0) -> dict:
 
 
 async def load() -> dict:
-    """Two GPUs of 16 GiB: my 0.5 on one, someone else's whole GPU on the other, then two waiting."""
-    mine = await _call("gpu_request", user=ME, kernel="ui-k1", spec={"fraction": 0.5},
-                       notebook="analysis.ipynb", cell="train")
-    other = await _call("gpu_request", user=OTHER, kernel="ui-k2", spec={"fraction": 1.0},
-                        notebook="their.ipynb")
+    """Two GPUs of 16 GiB: my 0.5 on one, someone else's whole GPU on the other, then two
+    waiting."""
+    mine = await _call(
+        "gpu_request",
+        user=ME,
+        kernel="ui-k1",
+        spec={"fraction": 0.5},
+        notebook="analysis.ipynb",
+        cell="train",
+    )
+    other = await _call(
+        "gpu_request", user=OTHER, kernel="ui-k2", spec={"fraction": 1.0}, notebook="their.ipynb"
+    )
     mine, other = await _until_settled(mine), await _until_settled(other)
     waiting_other = await _call("gpu_request", user=OTHER, kernel="ui-k3", spec={"fraction": 1.0})
-    waiting_mine = await _call("gpu_request", user=ME, kernel="ui-k4", spec={"fraction": 0.75},
-                               notebook="analysis.ipynb")
-    return {"mine": mine, "other": other, "waiting_other": waiting_other, "waiting_mine": waiting_mine}
+    waiting_mine = await _call(
+        "gpu_request", user=ME, kernel="ui-k4", spec={"fraction": 0.75}, notebook="analysis.ipynb"
+    )
+    return {
+        "mine": mine,
+        "other": other,
+        "waiting_other": waiting_other,
+        "waiting_mine": waiting_mine,
+    }
 
 
 async def peak(lease: str, peak_bytes: int) -> dict:
-    """Report ``peak_bytes`` for ``lease`` the way a session process does when a cell ends (``gpu_lease_state``
-    with its current state), then return the lease as the broker now has it."""
+    """Report ``peak_bytes`` for ``lease`` the way a session process does when a cell ends
+    (``gpu_lease_state`` with its current state), then return the lease as the broker now has it."""
     from jupyter_gpu.common import poolkey
     from jupyter_gpu.pool.discovery import pool_address
 
     info = await _call("gpu_lease_info", lease=lease)
-    # a session's report reaches the broker through its worker, with the pool key (the embedded pool's is
-    # this account's): without it the broker ignores the report
+    # a session's report reaches the broker through its worker, with the pool key (the embedded
+    # pool's is this account's): without it the broker ignores the report
     key = poolkey.read_key(poolkey.key_path(pool_address()))
-    await _call("gpu_lease_state", lease=lease, state=info.get("state") or "idle", peak_bytes=peak_bytes, key=key,
-                worker=info.get("worker"))
+    await _call(
+        "gpu_lease_state",
+        lease=lease,
+        state=info.get("state") or "idle",
+        peak_bytes=peak_bytes,
+        key=key,
+        worker=info.get("worker"),
+    )
     return await _call("gpu_lease_info", lease=lease)
 
 
@@ -76,8 +98,8 @@ async def cancel(ids: list[str]) -> list:
 
 
 async def clear(user: str = ME, timeout: float = 30.0) -> list:
-    """Cancel everything ``user`` holds or waits for, then wait until the broker shows none of it (a lease
-    whose session is being killed is still listed for a moment). Returns the ids cancelled."""
+    """Cancel everything ``user`` holds or waits for, then wait until the broker shows none of it (a
+    lease whose session is being killed is still listed for a moment). Returns the ids cancelled."""
     try:
         snap = await _call("gpu_snapshot")
     except SystemExit as exc:  # no pool: nothing to clear
@@ -102,7 +124,8 @@ async def clear(user: str = ME, timeout: float = 30.0) -> list:
 
 
 def stop() -> None:
-    """Stop the pool the tests started (it was started with keep=True, so it would otherwise stay up)."""
+    """Stop the pool the tests started (it was started with keep=True, so it would otherwise stay
+    up)."""
     from jupyter_gpu.pool.embedded import stop_embedded_pool
 
     if stop_embedded_pool():
@@ -133,7 +156,9 @@ def main() -> None:
     elif command == "stop":
         stop()
     else:
-        raise SystemExit(f"unknown command {command!r}: use load, peak LEASE BYTES, cancel ID..., clear or stop")
+        raise SystemExit(
+            f"unknown command {command!r}: use load, peak LEASE BYTES, cancel ID..., clear or stop"
+        )
 
 
 if __name__ == "__main__":

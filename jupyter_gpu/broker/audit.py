@@ -1,11 +1,13 @@
 """The pool's audit store: every lease, preemption and refused request, in SQLite.
 
-Why SQLite: one file next to the scheduler, no server, atomic writes, and it outlives the scheduler, so
-``jupyter-gpu usage`` reports GPU-hours across restarts. The path is Dask config ``jupyter-gpu.audit-db``;
-without one the store lives in memory (usage for the life of the pool only).
+Why SQLite: one file next to the scheduler, no server, atomic writes, and it outlives the scheduler,
+so ``jupyter-gpu usage`` reports GPU-hours across restarts. The path is Dask config
+``jupyter-gpu.audit-db``; without one the store lives in memory (usage for the life of the pool
+only).
 
-Lease ids restart with the scheduler, so every row also carries the scheduler's ``boot`` id; leases a
-dead scheduler left open are closed at the next start ("the scheduler stopped"), at its last heartbeat.
+Lease ids restart with the scheduler, so every row also carries the scheduler's ``boot`` id; leases
+a dead scheduler left open are closed at the next start ("the scheduler stopped"), at its last
+heartbeat.
 """
 
 from __future__ import annotations
@@ -60,14 +62,17 @@ class AuditStore:
 
     # ------------------------------------------------------------------ writing (the broker)
     def open_boot(self, now: float | None = None) -> int:
-        """Start this scheduler's boot; close leases earlier boots left open. Returns how many were closed."""
+        """Start this scheduler's boot; close leases earlier boots left open. Returns how many were
+        closed."""
         now = time.time() if now is None else now
         closed = 0
         for boot, heartbeat in self.db.execute("SELECT boot, heartbeat FROM boots").fetchall():
             cur = self.db.execute(
-                "UPDATE leases SET ended = MAX(started, ?), gpu_seconds = fraction * MAX(0, ? - started), "
+                "UPDATE leases SET ended = MAX(started, ?), gpu_seconds = fraction * MAX(0, ? - "
+                "started), "
                 "end_reason = 'the scheduler stopped' WHERE boot = ? AND ended IS NULL",
-                (heartbeat, heartbeat, boot))
+                (heartbeat, heartbeat, boot),
+            )
             closed += cur.rowcount
         self.db.execute("INSERT INTO boots VALUES (?, ?, ?)", (self.boot, now, now))
         if closed:
@@ -75,67 +80,134 @@ class AuditStore:
         return closed
 
     def heartbeat(self, now: float | None = None) -> None:
-        self.db.execute("UPDATE boots SET heartbeat = ? WHERE boot = ?", (time.time() if now is None else now,
-                                                                        self.boot))
+        self.db.execute(
+            "UPDATE boots SET heartbeat = ? WHERE boot = ?",
+            (time.time() if now is None else now, self.boot),
+        )
 
     def lease_started(self, lease: dict, preemptible: bool) -> None:
         self.db.execute(
-            "INSERT OR REPLACE INTO leases (boot, id, request, user, team, kernel, notebook, worker, gpus, fraction,"
+            "INSERT OR REPLACE INTO leases (boot, id, request, user, team, kernel, notebook, "
+            "worker, gpus, fraction,"
             " bytes, priority, preemptible, started) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (self.boot, lease["id"], lease.get("request"), lease["user"], lease.get("team"), lease.get("kernel"),
-             lease.get("notebook"), lease.get("worker"), json.dumps(lease.get("gpus") or []),
-             float(lease["fraction"]), lease.get("bytes"), lease.get("priority"), int(preemptible),
-             float(lease["started"])))
+            (
+                self.boot,
+                lease["id"],
+                lease.get("request"),
+                lease["user"],
+                lease.get("team"),
+                lease.get("kernel"),
+                lease.get("notebook"),
+                lease.get("worker"),
+                json.dumps(lease.get("gpus") or []),
+                float(lease["fraction"]),
+                lease.get("bytes"),
+                lease.get("priority"),
+                int(preemptible),
+                float(lease["started"]),
+            ),
+        )
 
     def lease_ended(self, lease_id: str, ended: float, reason: str, peak_bytes: int | None) -> None:
         self.db.execute(
-            "UPDATE leases SET ended = ?, gpu_seconds = fraction * MAX(0, ? - started), end_reason = ?, "
-            "peak_bytes = ? WHERE boot = ? AND id = ?", (ended, ended, reason, peak_bytes, self.boot, lease_id))
+            "UPDATE leases SET ended = ?, gpu_seconds = fraction * MAX(0, ? - started), end_reason "
+            "= ?, "
+            "peak_bytes = ? WHERE boot = ? AND id = ?",
+            (ended, ended, reason, peak_bytes, self.boot, lease_id),
+        )
 
     def preempted(self, lease: dict, request: dict, reason: str, now: float | None = None) -> None:
-        self.db.execute("INSERT INTO preemptions VALUES (?,?,?,?,?,?,?,?,?)",
-                        (self.boot, time.time() if now is None else now, lease["id"], lease.get("user"),
-                         lease.get("team"), request.get("id"), request.get("user"), request.get("team"), reason))
+        self.db.execute(
+            "INSERT INTO preemptions VALUES (?,?,?,?,?,?,?,?,?)",
+            (
+                self.boot,
+                time.time() if now is None else now,
+                lease["id"],
+                lease.get("user"),
+                lease.get("team"),
+                request.get("id"),
+                request.get("user"),
+                request.get("team"),
+                reason,
+            ),
+        )
 
-    def refused(self, request: str | None, user: str | None, team: str | None, spec: Any, reason: str,
-                now: float | None = None) -> None:
-        self.db.execute("INSERT INTO refused VALUES (?,?,?,?,?,?,?)",
-                        (self.boot, time.time() if now is None else now, request, user, team,
-                         json.dumps(spec, default=str), reason))
+    def refused(
+        self,
+        request: str | None,
+        user: str | None,
+        team: str | None,
+        spec: Any,
+        reason: str,
+        now: float | None = None,
+    ) -> None:
+        self.db.execute(
+            "INSERT INTO refused VALUES (?,?,?,?,?,?,?)",
+            (
+                self.boot,
+                time.time() if now is None else now,
+                request,
+                user,
+                team,
+                json.dumps(spec, default=str),
+                reason,
+            ),
+        )
 
     # ------------------------------------------------------------------ reading (CLI, handler)
     def usage(self, since: float = 0.0, now: float | None = None) -> dict:
         """GPU-hours per user and per team from ``since`` (open leases counted up to now)."""
         now = time.time() if now is None else now
         rows = self.db.execute(
-            "SELECT user, COALESCE(team, ''), SUM(fraction * MAX(0, MIN(COALESCE(ended, ?), ?) - MAX(started, ?)))"
-            " / 3600.0, COUNT(*) FROM leases WHERE COALESCE(ended, ?) >= ? GROUP BY user, team ORDER BY user",
-            (now, now, since, now, since)).fetchall()
-        users = [{"user": u, "team": t or None, "gpu_hours": round(h or 0.0, 6), "leases": n} for u, t, h, n in rows]
-        # right-sizing: how many of each user's measured leases used under a quarter of what they reserved
+            "SELECT user, COALESCE(team, ''), SUM(fraction * MAX(0, MIN(COALESCE(ended, ?), ?) - "
+            "MAX(started, ?)))"
+            " / 3600.0, COUNT(*) FROM leases WHERE COALESCE(ended, ?) >= ? GROUP BY user, team "
+            "ORDER BY user",
+            (now, now, since, now, since),
+        ).fetchall()
+        users = [
+            {"user": u, "team": t or None, "gpu_hours": round(h or 0.0, 6), "leases": n}
+            for u, t, h, n in rows
+        ]
+        # right-sizing: how many of each user's measured leases used under a quarter of what they
+        # reserved
         sized = self.db.execute(
-            "SELECT user, COUNT(*), SUM(CASE WHEN peak_bytes < ? * bytes AND bytes >= ? THEN 1 ELSE 0 END) "
+            "SELECT user, COUNT(*), SUM(CASE WHEN peak_bytes < ? * bytes AND bytes >= ? THEN 1 "
+            "ELSE 0 END) "
             "FROM leases WHERE peak_bytes IS NOT NULL AND COALESCE(ended, ?) >= ? GROUP BY user",
-            (OVERSIZED_BELOW, MIN_RESERVED_FOR_HINT, now, since)).fetchall()
+            (OVERSIZED_BELOW, MIN_RESERVED_FOR_HINT, now, since),
+        ).fetchall()
         by_user = {u: (n, over) for u, n, over in sized}
         for row in users:
             measured, oversized = by_user.get(row["user"], (0, 0))
             row["measured"], row["oversized"] = measured, oversized
         teams: dict[str, dict] = {}
         for row in users:
-            team = teams.setdefault(row["team"] or "-", {"team": row["team"] or "-", "gpu_hours": 0.0, "leases": 0})
+            team = teams.setdefault(
+                row["team"] or "-", {"team": row["team"] or "-", "gpu_hours": 0.0, "leases": 0}
+            )
             team["gpu_hours"] += row["gpu_hours"]
             team["leases"] += row["leases"]
-        preemptions = self.db.execute("SELECT COUNT(*) FROM preemptions WHERE time >= ?", (since,)).fetchone()[0]
-        refused = self.db.execute("SELECT COUNT(*) FROM refused WHERE time >= ?", (since,)).fetchone()[0]
-        return {"since": since, "until": now, "users": users, "teams": sorted(teams.values(), key=lambda t: t["team"]),
-                "preemptions": preemptions, "refused": refused}
+        preemptions = self.db.execute(
+            "SELECT COUNT(*) FROM preemptions WHERE time >= ?", (since,)
+        ).fetchone()[0]
+        refused = self.db.execute(
+            "SELECT COUNT(*) FROM refused WHERE time >= ?", (since,)
+        ).fetchone()[0]
+        return {
+            "since": since,
+            "until": now,
+            "users": users,
+            "teams": sorted(teams.values(), key=lambda t: t["team"]),
+            "preemptions": preemptions,
+            "refused": refused,
+        }
 
     def rows(self, table: str) -> list[dict]:
         """Every row of ``table`` as dicts (tests, exports)."""
         if table not in ("leases", "preemptions", "refused", "boots"):
             raise ValueError(f"no table {table}")
-        cur = self.db.execute(f"SELECT * FROM {table}")  # noqa: S608 - table checked above
+        cur = self.db.execute(f"SELECT * FROM {table}")
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row)) for row in cur.fetchall()]
 
@@ -156,14 +228,23 @@ def _oversized(user: dict) -> str:
 
 def format_usage(usage: dict) -> str:
     """``jupyter-gpu usage`` output: GPU-hours per team, then per user."""
-    lines = [f"GPU-hours from {time.strftime('%Y-%m-%d %H:%M', time.localtime(usage['since']))} "
-             f"to {time.strftime('%Y-%m-%d %H:%M', time.localtime(usage['until']))}", "",
-             f"{'team':<20} {'GPU-hours':>10} {'leases':>7}"]
+    lines = [
+        f"GPU-hours from {time.strftime('%Y-%m-%d %H:%M', time.localtime(usage['since']))} "
+        f"to {time.strftime('%Y-%m-%d %H:%M', time.localtime(usage['until']))}",
+        "",
+        f"{'team':<20} {'GPU-hours':>10} {'leases':>7}",
+    ]
     lines += [f"{t['team']:<20} {t['gpu_hours']:>10.3f} {t['leases']:>7}" for t in usage["teams"]]
     lines += ["", f"{'user':<20} {'team':<14} {'GPU-hours':>10} {'leases':>7} {'oversized':>10}"]
-    lines += [f"{u['user']:<20} {u['team'] or '-':<14} {u['gpu_hours']:>10.3f} {u['leases']:>7} "
-              f"{_oversized(u):>10}" for u in usage["users"]]
-    lines += ["(oversized: leases whose measured peak stayed under a quarter of what they reserved, of those "
-              "measured)"]
+    lines += [
+        f"{u['user']:<20} {u['team'] or '-':<14} {u['gpu_hours']:>10.3f} {u['leases']:>7} "
+        f"{_oversized(u):>10}"
+        for u in usage["users"]
+    ]
+    lines += [
+        "(oversized: leases whose measured peak stayed under a quarter of what they reserved, of "
+        "those "
+        "measured)"
+    ]
     lines += ["", f"preemptions: {usage['preemptions']}   refused requests: {usage['refused']}"]
     return "\n".join(lines)

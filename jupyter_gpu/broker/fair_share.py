@@ -1,4 +1,5 @@
-"""The fair queue: who goes first when GPUs are short, and what to take back when a guarantee is owed.
+"""The fair queue: who goes first when GPUs are short, and what to take back when a guarantee is
+owed.
 
 Order (smallest key first):
 
@@ -10,14 +11,15 @@ Order (smallest key first):
 4. priority: configured team/user priority, then interactive above batch;
 5. age.
 
-When a request does not fit, ``schedule_pass`` first reclaims borrowed capacity for a request within its
-team's guarantee (``reclaim_plan``), then, for an interactive request, moves idle sessions to host memory
-(``suspend_plan``, after ``suspend-idle-after``).
+When a request does not fit, ``schedule_pass`` first reclaims borrowed capacity for a request
+within its team's guarantee (``reclaim_plan``), then, for an interactive request, moves idle
+sessions to host memory (``suspend_plan``, after ``suspend-idle-after``).
 
-``schedule_pass`` is the whole scheduling decision on plain state (``GpuSlot``s, ``Request``s and the
-policy's lease book) with the real packing; the broker applies its grants and preemptions through
-callbacks, and the simulator (``bench/pool_sim.py``) and the property tests drive the very same code.
-``FairQueue`` is the same order kept incrementally, for queues of 100,000 requests.
+``schedule_pass`` is the whole scheduling decision on plain state (``GpuSlot``s, ``Request``s and
+the policy's lease book) with the real packing; the broker applies its grants and preemptions
+through callbacks, and the simulator (``bench/pool_sim.py``) and the property tests drive the
+very same code. ``FairQueue`` is the same order kept incrementally, for queues of 100,000
+requests.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ MIN_WEIGHT = 0.1  # a team with no guarantee counts as guaranteed this much when
 
 @dataclass
 class LeaseRecord:
-    """What the policy remembers of a granted lease: who holds how much, since when, and on which GPUs."""
+    """What the policy remembers of a granted lease: who holds how much, since when, and on which
+    GPUs."""
 
     id: str
     user: str
@@ -53,18 +56,21 @@ class LeaseRecord:
     gpus: float
     preemptible: bool
     started: float
-    allocs: dict[str, int] = field(default_factory=dict)   # GPU id -> bytes
+    allocs: dict[str, int] = field(default_factory=dict)  # GPU id -> bytes
     request: str | None = None
     gang: bool = False
     idle_since: float | None = None
     priority: str = "interactive"
-    resident: int | None = None   # bytes the session held when it last went idle (what suspending it moves)
-    progress: Progress | None = None  # how far its running cell is, when the cell reports step/total
+    # bytes the session held when it last went idle (what suspending it moves)
+    resident: int | None = None
+    # how far its running cell is, when the cell reports step/total
+    progress: Progress | None = None
 
 
 @dataclass(frozen=True)
 class Progress:
-    """A running cell's reported steps: the first and the latest (time, step) seen, and its total."""
+    """A running cell's reported steps: the first and the latest (time, step) seen, and its
+    total."""
 
     t0: float
     step0: float
@@ -73,7 +79,8 @@ class Progress:
     total: float
 
     def cell_end(self, now: float) -> float | None:
-        """When the cell should end at the rate seen so far (not before now); None until it has moved."""
+        """When the cell should end at the rate seen so far (not before now); None until it has
+        moved."""
         if self.t <= self.t0 or self.step <= self.step0:
             return None
         rate = (self.step - self.step0) / (self.t - self.t0)
@@ -82,8 +89,8 @@ class Progress:
 
 @dataclass(frozen=True)
 class LeaseEnd:
-    """When a lease's memory is expected to come free, and what that is based on: ``progress`` (its running
-    cell's reported steps) or ``history`` (how long recent leases lasted: a rough guess)."""
+    """When a lease's memory is expected to come free, and what that is based on: ``progress`` (its
+    running cell's reported steps) or ``history`` (how long recent leases lasted: a rough guess)."""
 
     at: float
     nbytes: int
@@ -93,8 +100,9 @@ class LeaseEnd:
 class DecayedAverage:
     """An exponentially weighted average of a step function (GPUs held), updated only when it steps.
 
-    Why: fair share must remember recent use without a periodic job walking every user; the integral of a
-    constant held between two events has a closed form, so each grant or end costs O(1).
+    Why: fair share must remember recent use without a periodic job walking every user; the
+    integral of a constant held between two events has a closed form, so each grant or end costs
+    O(1).
     """
 
     __slots__ = ("value", "rate", "t")
@@ -116,8 +124,8 @@ class DecayedAverage:
 
 class FairSharePolicy:
     """The broker's queue policy (see the module docstring); also keeps the lease book. There is one
-    policy: quotas, priorities and ``suspend-idle-after`` tune it, and the simulator's baselines subclass
-    ``key``."""
+    policy: quotas, priorities and ``suspend-idle-after`` tune it, and the simulator's baselines
+    subclass ``key``."""
 
     name = "fair-share"
 
@@ -131,22 +139,44 @@ class FairSharePolicy:
         self.avg_user: dict[str, DecayedAverage] = {}
         self.leases: dict[str, LeaseRecord] = {}
         self.durations: collections.deque[float] = collections.deque(maxlen=200)
-        self.reference_bytes: int | None = None  # the pool's largest GPU: what a --memory request is worth
+        # the pool's largest GPU: what a --memory request is worth
+        self.reference_bytes: int | None = None
         self.listeners: list[Callable[[str, str], None]] = []  # (team, user) whose standing changed
-        self.reservations: dict[str, set[str]] = {}  # request id -> GPU ids held for it (see schedule_pass)
+        # request id -> GPU ids held for it (see schedule_pass)
+        self.reservations: dict[str, set[str]] = {}
         self._priority: dict[str, int] = {}
 
     # ------------------------------------------------------------------ accounting
-    def lease_started(self, lease_id: str, user: str, team: str, gpus: float, preemptible: bool,
-                      now: float | None = None, allocs: dict[str, int] | None = None,
-                      request: str | None = None, gang: bool = False,
-                      priority: str = "interactive", idle: bool = True) -> LeaseRecord:
+    def lease_started(
+        self,
+        lease_id: str,
+        user: str,
+        team: str,
+        gpus: float,
+        preemptible: bool,
+        now: float | None = None,
+        allocs: dict[str, int] | None = None,
+        request: str | None = None,
+        gang: bool = False,
+        priority: str = "interactive",
+        idle: bool = True,
+    ) -> LeaseRecord:
         """Count a new lease against its user and team (the broker calls this on every grant, with
         ``idle=False``: a session that is still starting is busy until it says it is idle)."""
         now = self.clock() if now is None else now
-        rec = LeaseRecord(id=lease_id, user=user, team=team, gpus=gpus, preemptible=preemptible, started=now,
-                          allocs=dict(allocs or {}), request=request, gang=gang, idle_since=now if idle else None,
-                          priority=priority)
+        rec = LeaseRecord(
+            id=lease_id,
+            user=user,
+            team=team,
+            gpus=gpus,
+            preemptible=preemptible,
+            started=now,
+            allocs=dict(allocs or {}),
+            request=request,
+            gang=gang,
+            idle_since=now if idle else None,
+            priority=priority,
+        )
         self.leases[lease_id] = rec
         self._step(user, team, now, gpus)
         return rec
@@ -160,11 +190,18 @@ class FairSharePolicy:
         self.durations.append(max(0.0, now - rec.started))
         return rec
 
-    def lease_state(self, lease_id: str, state: str, now: float | None = None, resident: int | None = None,
-                    step: float | None = None, total: float | None = None) -> None:
-        """A lease went idle (with what it holds, when measured), started running a cell (idle sessions are
-        reclaimed first, and suspended smallest first), or its running cell reported how far it is
-        (``step`` of ``total``: the queue's estimates use it)."""
+    def lease_state(
+        self,
+        lease_id: str,
+        state: str,
+        now: float | None = None,
+        resident: int | None = None,
+        step: float | None = None,
+        total: float | None = None,
+    ) -> None:
+        """A lease went idle (with what it holds, when measured), started running a cell (idle
+        sessions are reclaimed first, and suspended smallest first), or its running cell reported
+        how far it is (``step`` of ``total``: the queue's estimates use it)."""
         rec = self.leases.get(lease_id)
         if rec is not None:
             now = self.clock() if now is None else now
@@ -195,7 +232,8 @@ class FairSharePolicy:
             listener(team, user)
 
     def typical_duration(self) -> float | None:
-        """The median length of recent leases: the estimate for how long a running lease still holds on."""
+        """The median length of recent leases: the estimate for how long a running lease still holds
+        on."""
         return statistics.median(self.durations) if self.durations else None
 
     # ------------------------------------------------------------------ quotas
@@ -236,17 +274,26 @@ class FairSharePolicy:
         need = self.need(spec)
         limit = self.quotas.team(team).limit
         if limit is not None and need > limit + EPS:
-            return (f"it asks for {need:g} GPU but team {team}'s limit is {limit:g} GPU. Ask for less, or ask "
-                    "the pool's admin to raise the limit.")
+            return (
+                f"it asks for {need:g} GPU but team {team}'s limit is {limit:g} GPU. Ask for less, "
+                "or ask "
+                "the pool's admin to raise the limit."
+            )
         ulimit = self.quotas.user_limit(user)
         if ulimit is not None and need > ulimit + EPS:
-            return (f"it asks for {need:g} GPU but your limit is {ulimit:g} GPU. Ask for less, or ask the "
-                    "pool's admin to raise it.")
+            return (
+                f"it asks for {need:g} GPU but your limit is {ulimit:g} GPU. Ask for less, or ask "
+                "the "
+                "pool's admin to raise it."
+            )
         return None
 
     def share(self, team: str, user: str, now: float) -> tuple[float, float]:
-        """(team share, user share): GPUs held now plus decayed past use, relative to the guarantee."""
-        weight = max(self.quotas.team(team).guarantee, MIN_WEIGHT) if self.quotas.configured else 1.0
+        """(team share, user share): GPUs held now plus decayed past use, relative to the
+        guarantee."""
+        weight = (
+            max(self.quotas.team(team).guarantee, MIN_WEIGHT) if self.quotas.configured else 1.0
+        )
         avg_t = self.avg_team.get(team)
         avg_u = self.avg_user.get(user)
         t = (self.held_team.get(team, 0.0) + (avg_t.at(now, self.lam) if avg_t else 0.0)) / weight
@@ -258,8 +305,8 @@ class FairSharePolicy:
         return req.spec.workers > 1 and now - req.submitted >= self.quotas.reserve_after
 
     def team_context(self, team: str, now: float) -> tuple[float, float]:
-        """(room: the most a request of ``team`` may need and still be within its guarantee, team share);
-        computed once per team when many of its requests are keyed."""
+        """(room: the most a request of ``team`` may need and still be within its guarantee, team
+        share); computed once per team when many of its requests are keyed."""
         held = self.held_team.get(team, 0.0)
         if self.quotas.configured:
             g = self.quotas.team(team).guarantee
@@ -278,9 +325,16 @@ class FairSharePolicy:
         if prio is None:
             prio = self._priority[req.user] = self.quotas.priority(req.user)
         spec = req.spec
-        return (0 if spec.workers > 1 and now - req.submitted >= self.quotas.reserve_after else 1,
-                0 if self.need(spec) <= room else 1, share_t, round(share_u, 9), -prio,
-                PRIORITY_RANK.get(spec.priority, 1), req.submitted, req.id)
+        return (
+            0 if spec.workers > 1 and now - req.submitted >= self.quotas.reserve_after else 1,
+            0 if self.need(spec) <= room else 1,
+            share_t,
+            round(share_u, 9),
+            -prio,
+            PRIORITY_RANK.get(spec.priority, 1),
+            req.submitted,
+            req.id,
+        )
 
     def order(self, queue: list[Request]) -> list[Request]:
         """The queue sorted by ``key``: the first request is the one to serve first."""
@@ -288,64 +342,95 @@ class FairSharePolicy:
         return sorted(queue, key=lambda r: self.key(r, now))
 
     def should_reserve(self, req: Request, now: float) -> bool:
-        """Aged gangs, aged whole-GPU requests and aged within-guarantee requests get GPUs held for them."""
+        """Aged gangs, aged whole-GPU requests and aged within-guarantee requests get GPUs held for
+        them."""
         if now - req.submitted < self.quotas.reserve_after:
             return False
         if req.spec.workers > 1 or req.spec.gpus is not None:
             return True
-        return self.quotas.configured and self.within_guarantee(self.team_of(req), self.need(req.spec))
+        return self.quotas.configured and self.within_guarantee(
+            self.team_of(req), self.need(req.spec)
+        )
 
     # ------------------------------------------------------------------ reclaim
-    def reclaim_plan(self, req: Request, gpus: list[GpuSlot], now: float) -> list[tuple[str, str]] | None:
-        """Over-quota leases to end so that the within-guarantee ``req`` fits: idle ones first, then running
-        preemptible ones, never one younger than ``min-run-time`` (nor one granted this very instant: no
-        grant-then-reclaim churn within a pass), never a gang's rank. None if no plan."""
+    def reclaim_plan(
+        self, req: Request, gpus: list[GpuSlot], now: float
+    ) -> list[tuple[str, str]] | None:
+        """Over-quota leases to end so that the within-guarantee ``req`` fits: idle ones first,
+        then running preemptible ones, never one younger than ``min-run-time`` (nor one granted
+        this very instant: no grant-then-reclaim churn within a pass), never a gang's rank. None
+        if no plan."""
         spec = req.spec
         if spec.workers > 1 or (spec.gpus or 1) > 1:
             return None  # gangs and multi-GPU sessions wait for reservations instead
         team = self.team_of(req)
         over = {t: self.over_guarantee(t) for t in {r.team for r in self.leases.values()}}
-        candidates = {r.id: r for r in self.leases.values()
-                      if r.preemptible and not r.gang and r.team != team and over.get(r.team, 0) > EPS
-                      and now - r.started >= self.quotas.min_run_time and r.started < now}
+        candidates = {
+            r.id: r
+            for r in self.leases.values()
+            if r.preemptible
+            and not r.gang
+            and r.team != team
+            and over.get(r.team, 0) > EPS
+            and now - r.started >= self.quotas.min_run_time
+            and r.started < now
+        }
         if not candidates:
             return None
 
         def cost(gpu: GpuSlot, victims: list[LeaseRecord]) -> tuple:
-            return sum(1 for v in victims if v.idle_since is None), len(victims), gpu.id  # fewest running
+            # fewest running
+            return sum(1 for v in victims if v.idle_since is None), len(victims), gpu.id
 
-        # idle first, then the team furthest over, then the youngest; a team stops losing leases once it is no
-        # longer over (its remaining leases are its guarantee)
-        best = min(((cost(gpu, victims), victims) for gpu, victims in _victims_by_gpu(
-                        spec, gpus, candidates, order=lambda r: (r.idle_since is None, -over[r.team], -r.started),
-                        budget=over)),
-                   key=lambda p: p[0], default=None)
+        # idle first, then the team furthest over, then the youngest; a team stops losing leases
+        # once it is no longer over (its remaining leases are its guarantee)
+        best = min(
+            (
+                (cost(gpu, victims), victims)
+                for gpu, victims in _victims_by_gpu(
+                    spec,
+                    gpus,
+                    candidates,
+                    order=lambda r: (r.idle_since is None, -over[r.team], -r.started),
+                    budget=over,
+                )
+            ),
+            key=lambda p: p[0],
+            default=None,
+        )
         if best is None:
             return None
         plan = []
         for rec in best[1]:
             state = "idle" if rec.idle_since is not None else "running preemptible work"
-            plan.append((rec.id, f"reclaimed for a request within team {team}'s guarantee: team {rec.team} was "
-                                 f"over its guarantee ({self.held_team[rec.team]:.2f}/"
-                                 f"{self.quotas.team(rec.team).guarantee:.2f} GPU) and this session was {state} "
-                                 "on borrowed, preemptible capacity"))
+            plan.append(
+                (
+                    rec.id,
+                    f"reclaimed for a request within team {team}'s guarantee: team {rec.team} was "
+                    f"over its guarantee ({self.held_team[rec.team]:.2f}/"
+                    f"{self.quotas.team(rec.team).guarantee:.2f} GPU) and this session was {state} "
+                    "on borrowed, preemptible capacity",
+                )
+            )
         return plan
 
-    def suspend_plan(self, req: Request, gpus: list[GpuSlot], now: float,
-                     after: float | None = None) -> list[tuple[str, str]] | None:
+    def suspend_plan(
+        self, req: Request, gpus: list[GpuSlot], now: float, after: float | None = None
+    ) -> list[tuple[str, str]] | None:
         """Idle sessions to move to host memory so that the interactive ``req`` fits now.
 
-        Why: an idle session holds GPU memory while its owner reads and types; a person waiting on a cell
-        should not wait for that. Any team's session qualifies once idle for ``suspend-idle-after`` (its
-        owner's next cell reads the variables back, and a within-guarantee owner reclaims room for that),
-        never a gang's rank, a session still starting, or one granted this very instant. The waiting cell
-        waits for the sessions it displaces to write their state out, so of the GPUs where enough could
-        move, the one where the largest of them holds least is chosen (what each held when it last went
-        idle, as its session measured it; its lease's size when unknown), then the one whose sessions are
-        least likely to be back soon (idle longest). Batch work never suspends anybody: it waits for free
-        memory.
-        None if no plan (or suspension is off). ``after`` overrides the idle time required (0: the plan
-        that today's idle sessions will allow once idle long enough, for the reason a request waits).
+        Why: an idle session holds GPU memory while its owner reads and types; a person
+        waiting on a cell should not wait for that. Any team's session qualifies once idle
+        for ``suspend-idle-after`` (its owner's next cell reads the variables back, and a
+        within-guarantee owner reclaims room for that), never a gang's rank, a session still
+        starting, or one granted this very instant. The waiting cell waits for the sessions
+        it displaces to write their state out, so of the GPUs where enough could move, the
+        one where the largest of them holds least is chosen (what each held when it last
+        went idle, as its session measured it; its lease's size when unknown), then the one
+        whose sessions are least likely to be back soon (idle longest). Batch work never
+        suspends anybody: it waits for free memory. None if no plan (or suspension is off).
+        ``after`` overrides the idle time required (0: the plan that today's idle sessions
+        will allow once idle long enough, for the reason a request waits).
         """
         if self.quotas.suspend_idle_after is None:
             return None
@@ -353,52 +438,79 @@ class FairSharePolicy:
         spec = req.spec
         if spec.workers > 1 or (spec.gpus or 1) > 1 or spec.priority != "interactive":
             return None
-        candidates = {r.id: r for r in self.leases.values()
-                      if not r.gang and r.idle_since is not None and now - r.idle_since >= after
-                      and r.started < now}
+        candidates = {
+            r.id: r
+            for r in self.leases.values()
+            if not r.gang
+            and r.idle_since is not None
+            and now - r.idle_since >= after
+            and r.started < now
+        }
         if not candidates:
             return None
 
         def cost(gpu: GpuSlot, victims: list[LeaseRecord]) -> tuple:
-            # the largest state to write out, then the chance that a session runs its next cell soon (it
-            # falls the longer the session has been idle)
-            largest = max(v.resident if v.resident is not None else v.allocs.get(gpu.id, 0) for v in victims)
+            # the largest state to write out, then the chance that a session runs its next cell soon
+            # (it falls the longer the session has been idle)
+            largest = max(
+                v.resident if v.resident is not None else v.allocs.get(gpu.id, 0) for v in victims
+            )
             soon = sum(1.0 / (1.0 + now - v.idle_since) for v in victims)
             return largest, round(soon, 6), gpu.id
 
-        best = min(((cost(gpu, victims), victims) for gpu, victims in _victims_by_gpu(
-                        spec, gpus, candidates, order=lambda r: (r.idle_since, r.id))),
-                   key=lambda p: p[0], default=None)
+        best = min(
+            (
+                (cost(gpu, victims), victims)
+                for gpu, victims in _victims_by_gpu(
+                    spec, gpus, candidates, order=lambda r: (r.idle_since, r.id)
+                )
+            ),
+            key=lambda p: p[0],
+            default=None,
+        )
         if best is None:
             return None
-        return [(rec.id, f"suspended after {now - rec.idle_since:.0f} s idle: {req.user}'s cell was waiting "
-                         "for the GPU")
-                for rec in best[1]]
+        return [
+            (
+                rec.id,
+                f"suspended after {now - rec.idle_since:.0f} s idle: {req.user}'s cell was waiting "
+                "for the GPU",
+            )
+            for rec in best[1]
+        ]
 
     def idle_expired(self, now: float) -> list[str]:
-        """Leases idle for longer than the admin ``idle-timeout`` (none when it is unset), never a gang's rank:
-        the ranks of a ``--workers`` run sit idle while the others' sessions start (seconds, on a busy
-        machine), and their kernel releases them all when the run ends."""
+        """Leases idle for longer than the admin ``idle-timeout`` (none when it is unset), never a
+        gang's rank: the ranks of a ``--workers`` run sit idle while the others' sessions start
+        (seconds, on a busy machine), and their kernel releases them all when the run ends."""
         limit = self.quotas.idle_timeout
         if not limit:
             return []
-        return [r.id for r in self.leases.values()
-                if not r.gang and r.idle_since is not None and now - r.idle_since > limit]
+        return [
+            r.id
+            for r in self.leases.values()
+            if not r.gang and r.idle_since is not None and now - r.idle_since > limit
+        ]
 
 
-def _victims_by_gpu(spec: RequestSpec, gpus: list[GpuSlot], candidates: dict[str, LeaseRecord],
-                    order: Callable[[LeaseRecord], tuple], budget: dict[str, float] | None = None
-                    ) -> Iterable[tuple[GpuSlot, list[LeaseRecord]]]:
-    """Each GPU where ``spec`` fits once some of ``candidates`` leave, with the leases that must leave: all
-    of the GPU's leases for whole GPUs (so all must be candidates), else candidates in ``order`` until the
-    request fits. With ``budget`` (team -> GPUs it may still lose), a lease whose team has none left stays.
-    Shared by reclaim (for guarantees) and suspension (for waiting cells), which differ only in who may
-    leave, in what order, and what a GPU's plan costs."""
+def _victims_by_gpu(
+    spec: RequestSpec,
+    gpus: list[GpuSlot],
+    candidates: dict[str, LeaseRecord],
+    order: Callable[[LeaseRecord], tuple],
+    budget: dict[str, float] | None = None,
+) -> Iterable[tuple[GpuSlot, list[LeaseRecord]]]:
+    """Each GPU where ``spec`` fits once some of ``candidates`` leave, with the leases that must
+    leave: all of the GPU's leases for whole GPUs (so all must be candidates), else candidates in
+    ``order`` until the request fits. With ``budget`` (team -> GPUs it may still lose), a lease
+    whose team has none left stays. Shared by reclaim (for guarantees) and suspension (for waiting
+    cells), which differ only in who may leave, in what order, and what a GPU's plan costs."""
     for gpu in gpus:
         need = spec.need_on(gpu)
         if need > gpu.total_bytes:
             continue
-        # in id order, not the set's: ties in ``order`` must not depend on the process's string hash seed
+        # in id order, not the set's: ties in ``order`` must not depend on the process's string hash
+        # seed
         on_gpu = [candidates[lid] for lid in sorted(gpu.leases) if lid in candidates]
         if spec.gpus is not None:
             if on_gpu and len(on_gpu) == len(gpu.leases):
@@ -426,30 +538,40 @@ GrantFn = Callable[[Request, Placement, bool], None]
 PreemptFn = Callable[[str, str, Request], None]
 
 
-def schedule_pass(policy: FairSharePolicy, queue: list[Request], gpus: Iterable[GpuSlot], grant: GrantFn,
-                  preempt: PreemptFn | None = None, now: float | None = None, eta_for: int = 100,
-                  reserve_share: float = 0.25) -> list[Request]:
-    """Grant, in policy order, every queued request that fits; reclaim for guarantees; give the rest a
-    reason and an estimated start. Returns the requests still waiting, in order.
+def schedule_pass(
+    policy: FairSharePolicy,
+    queue: list[Request],
+    gpus: Iterable[GpuSlot],
+    grant: GrantFn,
+    preempt: PreemptFn | None = None,
+    now: float | None = None,
+    eta_for: int = 100,
+    reserve_share: float = 0.25,
+) -> list[Request]:
+    """Grant, in policy order, every queued request that fits; reclaim for guarantees; give the rest
+    a reason and an estimated start. Returns the requests still waiting, in order.
 
-    ``grant(req, placement, preemptible)`` must book the placement on the GpuSlots (and call
-    ``policy.lease_started``); ``preempt(lease_id, reason, req)`` must free the lease (and call
-    ``policy.lease_ended``). Requests granted here are the caller's to take out of its queue. Reservations
-    (aged gangs first: they sort first) hold at most ``reserve_share`` of the GPUs (at least one), so they
-    cannot idle the pool.
+        ``grant(req, placement, preemptible)`` must book the placement on the GpuSlots (and call
+        ``policy.lease_started``); ``preempt(lease_id, reason, req)`` must free the lease (and call
+        ``policy.lease_ended``). Requests granted here are the caller's to take out of its queue.
+        Reservations (aged gangs first: they sort first) hold at most ``reserve_share`` of the GPUs
+        (at least one), so they cannot idle the pool.
     """
     now = policy.clock() if now is None else now
     gpus = list(gpus)
     if gpus:
         policy.reference_bytes = max(g.total_bytes for g in gpus)
     configured = policy.quotas.configured
-    # reservations are sticky (a request keeps the GPUs it was given until it starts), so that the GPUs
-    # held for it drain instead of moving to whichever GPU happens to be emptiest at the next pass
+    # reservations are sticky (a request keeps the GPUs it was given until it starts), so that the
+    # GPUs held for it drain instead of moving to whichever GPU happens to be emptiest at the next
+    # pass
     live = {r.id for r in queue}
     ids = {g.id for g in gpus}
     for rid in [rid for rid in policy.reservations if rid not in live]:
         del policy.reservations[rid]
-    reserved_by: dict[str, str] = {g: rid for rid, gs in policy.reservations.items() for g in gs if g in ids}
+    reserved_by: dict[str, str] = {
+        g: rid for rid, gs in policy.reservations.items() for g in gs if g in ids
+    }
     waiting: list[Request] = []
     suspend_at: dict[str, float] = {}
     for req in policy.order(queue):
@@ -459,7 +581,9 @@ def schedule_pass(policy: FairSharePolicy, queue: list[Request], gpus: Iterable[
             req.reason = blocked
             waiting.append(req)
             continue
-        avail = [g for g in gpus if reserved_by.get(g.id, req.id) == req.id] if reserved_by else gpus
+        avail = (
+            [g for g in gpus if reserved_by.get(g.id, req.id) == req.id] if reserved_by else gpus
+        )
         within = policy.within_guarantee(team, need)
         placement = packing.place(req.spec, avail)
         if placement is None and configured and within and preempt is not None:
@@ -480,31 +604,45 @@ def schedule_pass(policy: FairSharePolicy, queue: list[Request], gpus: Iterable[
                 reserved_by.pop(g, None)
             continue
         reason = packing.why_waiting(req.spec, avail or gpus)
-        later = (policy.suspend_plan(req, avail, now, after=0.0)
-                 if preempt is not None and len(waiting) < eta_for else None)
+        later = (
+            policy.suspend_plan(req, avail, now, after=0.0)
+            if preempt is not None and len(waiting) < eta_for
+            else None
+        )
         if later:
             idle = [policy.leases[lid].idle_since for lid, _ in later]
             at = max(now if t is None else t for t in idle) + policy.quotas.suspend_idle_after
             suspend_at[req.id] = max(at, now)
-            reason += (f"; {len(later)} idle session(s) there move to host memory for it in "
-                       f"{max(0.0, at - now):.0f} s if they stay idle")
+            reason += (
+                f"; {len(later)} idle session(s) there move to host memory for it in "
+                f"{max(0.0, at - now):.0f} s if they stay idle"
+            )
         if configured and not within:
             g = policy.quotas.team(team).guarantee
-            reason += (f" (team {team} holds {policy.held_team.get(team, 0.0):.1f} of its {g:.1f} GPU guarantee: "
-                       "this runs on idle capacity, preemptible)")
+            reason += (
+                f" (team {team} holds {policy.held_team.get(team, 0.0):.1f} of its {g:.1f} GPU "
+                "guarantee: "
+                "this runs on idle capacity, preemptible)"
+            )
         mine = policy.reservations.get(req.id)
-        if (not mine and policy.should_reserve(req, now)
-                and len(reserved_by) < max(1, int(len(gpus) * reserve_share))):
+        if (
+            not mine
+            and policy.should_reserve(req, now)
+            and len(reserved_by) < max(1, int(len(gpus) * reserve_share))
+        ):
             mine = reserve(req.spec, avail)
             if mine:
                 policy.reservations[req.id] = mine
                 reserved_by.update({g: req.id for g in mine})
         if mine:
-            reason += f"; {len(mine)} GPU(s) reserved for it after {now - req.submitted:.0f} s of waiting"
+            reason += (
+                f"; {len(mine)} GPU(s) reserved for it after {now - req.submitted:.0f} s of waiting"
+            )
         req.reason = reason
         waiting.append(req)
     if waiting:
-        ends: dict[bool, dict[str, list[LeaseEnd]]] = {}  # interactive? -> GPU id -> its leases' ends
+        # interactive? -> GPU id -> its leases' ends
+        ends: dict[bool, dict[str, list[LeaseEnd]]] = {}
         for i, req in enumerate(waiting):
             req.eta, req.eta_basis = None, None
             if i < eta_for:
@@ -520,7 +658,8 @@ def schedule_pass(policy: FairSharePolicy, queue: list[Request], gpus: Iterable[
 
 
 def reserve(spec: RequestSpec, gpus: list[GpuSlot]) -> set[str]:
-    """The GPUs to hold for ``spec``: those closest to fitting it (most free memory), one per rank."""
+    """The GPUs to hold for ``spec``: those closest to fitting it (most free memory), one per
+    rank."""
     ranks = spec.workers * (int(spec.gpus) if spec.gpus and spec.workers == 1 else 1)
     able = [g for g in gpus if spec.need_on(g) <= g.total_bytes]
     able.sort(key=lambda g: (-g.free_bytes, len(g.leases), g.id))
@@ -533,15 +672,18 @@ def reserve(spec: RequestSpec, gpus: list[GpuSlot]) -> set[str]:
     return {g.id for g in able[:ranks]}
 
 
-def lease_end(rec: LeaseRecord, now: float, typical: float | None, suspend_after: float | None) -> LeaseEnd | None:
+def lease_end(
+    rec: LeaseRecord, now: float, typical: float | None, suspend_after: float | None
+) -> LeaseEnd | None:
     """When ``rec``'s memory should come free (None: unknowable).
 
-    With a running cell that reports its progress: a ``--workers`` rank's lease ends with its run; a
-    session's lease comes free ``suspend_after`` seconds after its cell ends (its idle session moves to
-    host memory for an interactive request; ``suspend_after`` None: not for this request). Otherwise from
-    how long recent leases lasted: a lease that has already outlived the typical one is expected to last as
-    long again as its age (the longer a session has lived, the longer it tends to go on), never to end
-    "now". Only the progress-based end holds still while one waits."""
+    With a running cell that reports its progress: a ``--workers`` rank's lease ends with its
+    run; a session's lease comes free ``suspend_after`` seconds after its cell ends (its idle
+    session moves to host memory for an interactive request; ``suspend_after`` None: not for
+    this request). Otherwise from how long recent leases lasted: a lease that has already
+    outlived the typical one is expected to last as long again as its age (the longer a session
+    has lived, the longer it tends to go on), never to end "now". Only the progress-based end
+    holds still while one waits."""
     nbytes = 0
     cell_end = rec.progress.cell_end(now) if rec.progress is not None else None
     if cell_end is not None and (rec.gang or suspend_after is not None):
@@ -553,8 +695,8 @@ def lease_end(rec: LeaseRecord, now: float, typical: float | None, suspend_after
 
 
 def lease_ends(policy: FairSharePolicy, now: float, interactive: bool) -> dict[str, list[LeaseEnd]]:
-    """Every lease's expected end, per GPU it holds memory on (for an interactive request or a batch one:
-    only an interactive request gets idle sessions moved out of its way)."""
+    """Every lease's expected end, per GPU it holds memory on (for an interactive request or a batch
+    one: only an interactive request gets idle sessions moved out of its way)."""
     typical = policy.typical_duration()
     suspend_after = policy.quotas.suspend_idle_after if interactive else None
     by_gpu: dict[str, list[LeaseEnd]] = collections.defaultdict(list)
@@ -567,13 +709,15 @@ def lease_ends(policy: FairSharePolicy, now: float, interactive: bool) -> dict[s
     return by_gpu
 
 
-def estimate_start(spec: RequestSpec, gpus: list[GpuSlot], ends: dict[str, list[LeaseEnd]],
-                   now: float) -> tuple[float, str] | None:
-    """When ``spec`` could start if running leases end when ``lease_end`` expects, and what that is based
-    on (the basis of the end it waits for): ``(eta, "progress" | "history")``, or None (unknowable).
+def estimate_start(
+    spec: RequestSpec, gpus: list[GpuSlot], ends: dict[str, list[LeaseEnd]], now: float
+) -> tuple[float, str] | None:
+    """When ``spec`` could start if running leases end when ``lease_end`` expects, and what that is
+    based on (the basis of the end it waits for): ``(eta, "progress" | "history")``, or None
+    (unknowable).
 
-    Optimistic on purpose: it ignores requests ahead in the queue, so it reads as "not before". A lease
-    whose end is unknowable never frees its memory here."""
+        Optimistic on purpose: it ignores requests ahead in the queue, so it reads as "not before".
+        A lease whose end is unknowable never frees its memory here."""
     if not gpus:
         return None
     starts: list[tuple[float, str]] = []
@@ -603,22 +747,25 @@ def estimate_start(spec: RequestSpec, gpus: list[GpuSlot], ends: dict[str, list[
 
 # ---------------------------------------------------------------------- the incremental queue
 
-class FairQueue:
-    """The policy's order kept incrementally: ``best()`` costs about (teams + users of one team), not a sort
-    of the whole queue, which is what makes 100,000 queued requests affordable.
 
-    Requests are grouped per user (a heap by priority and age) and users per team; each team caches its
-    best user and recomputes it only when something of that team changed (a grant, an end, a request
-    added or removed) or after ``refresh`` seconds (decay slowly reorders users). Aged gangs are kept in
-    a heap of their own so they go first without a scan.
+class FairQueue:
+    """The policy's order kept incrementally: ``best()`` costs about (teams + users of one team),
+    not a sort of the whole queue, which is what makes 100,000 queued requests affordable.
+
+        Requests are grouped per user (a heap by priority and age) and users per team; each team
+        caches its best user and recomputes it only when something of that team changed (a grant, an
+        end, a request added or removed) or after ``refresh`` seconds (decay slowly reorders users).
+        Aged gangs are kept in a heap of their own so they go first without a scan.
     """
 
     def __init__(self, policy: FairSharePolicy, refresh: float = 5.0):
         self.policy = policy
         self.refresh = refresh
-        self._users: dict[str, list[tuple]] = {}             # user -> heap of (rank, submitted, id, req)
+        # user -> heap of (rank, submitted, id, req)
+        self._users: dict[str, list[tuple]] = {}
         self._team_users: dict[str, set[str]] = collections.defaultdict(set)
-        self._team_best: dict[str, tuple[float, tuple | None, str | None]] = {}   # team -> (at, key, user)
+        # team -> (at, key, user)
+        self._team_best: dict[str, tuple[float, tuple | None, str | None]] = {}
         self._gangs: list[tuple[float, str, Request]] = []
         self._live: dict[str, Request] = {}
         policy.listeners.append(self._changed)
@@ -635,8 +782,10 @@ class FairQueue:
     def add(self, req: Request) -> None:
         team = self.policy.team_of(req)
         self._live[req.id] = req
-        heapq.heappush(self._users.setdefault(req.user, []),
-                       (PRIORITY_RANK.get(req.spec.priority, 1), req.submitted, req.id, req))
+        heapq.heappush(
+            self._users.setdefault(req.user, []),
+            (PRIORITY_RANK.get(req.spec.priority, 1), req.submitted, req.id, req),
+        )
         self._team_users[team].add(req.user)
         if req.spec.workers > 1:
             heapq.heappush(self._gangs, (req.submitted, req.id, req))
@@ -652,7 +801,9 @@ class FairQueue:
             heapq.heappop(heap)
         return heap[0][3] if heap else None
 
-    def _best_of_team(self, team: str, now: float, may_refresh: bool) -> tuple[tuple | None, str | None]:
+    def _best_of_team(
+        self, team: str, now: float, may_refresh: bool
+    ) -> tuple[tuple | None, str | None]:
         cached = self._team_best.get(team)
         if cached is not None and (not may_refresh or now - cached[0] < self.refresh):
             return cached[1], cached[2]
@@ -678,7 +829,8 @@ class FairQueue:
         if self._gangs and self.policy.aged_gang(self._gangs[0][2], now):
             return self._gangs[0][2]
         best_key, best_user = None, None
-        refresh = 1  # stale (not changed) teams are refreshed one per decision, so no decision pays for all
+        # stale (not changed) teams are refreshed one per decision, so no decision pays for all
+        refresh = 1
         for team in list(self._team_users):
             cached = self._team_best.get(team)
             stale = cached is not None and now - cached[0] >= self.refresh
@@ -695,5 +847,6 @@ class FairQueue:
         return req
 
     def ordered(self, now: float | None = None) -> list[Request]:
-        """Every queued request in order (a full sort: for small queues and for checking ``best``)."""
+        """Every queued request in order (a full sort: for small queues and for checking
+        ``best``)."""
         return self.policy.order(list(self._live.values()))

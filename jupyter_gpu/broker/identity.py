@@ -1,9 +1,10 @@
 """Who is asking: user names backed by tokens, for pools shared between people.
 
-Without a token file (the default, and every embedded pool) a user is whoever ``JUPYTER_GPU_USER`` (or the
-login name) says, as before. With Dask config ``jupyter-gpu.token-file`` set, the broker accepts a request,
-cancel or release only with the user's token (``JUPYTER_GPU_TOKEN``); ``jupyter-gpu token create USER``
-issues one. The file stores salted SHA-256 hashes only, so reading it does not reveal tokens.
+Without a token file (the default, and every embedded pool) a user is whoever ``JUPYTER_GPU_USER``
+(or the login name) says, as before. With Dask config ``jupyter-gpu.token-file`` set, the broker
+accepts a request, cancel or release only with the user's token (``JUPYTER_GPU_TOKEN``);
+``jupyter-gpu token create USER`` issues one. The file stores salted SHA-256 hashes only, so reading
+it does not reveal tokens.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ def _hash(token: str, salt: str) -> str:
 
 
 def parse_token_file(text: str, path: str) -> dict[str, dict]:
-    """The users of a token file's text, checked: ``{"users": {name: {"salt", "hash", "created"}}}``."""
+    """The users of a token file's text, checked: ``{"users": {name: {"salt", "hash",
+    "created"}}}``."""
     fix = f"Recreate it with `jupyter-gpu token create --file {path} USER` (one line per user)."
     try:
         data = json.loads(text)
@@ -36,21 +38,27 @@ def parse_token_file(text: str, path: str) -> dict[str, dict]:
         raise TokenFileError(f"the token file {path} is not JSON ({exc}). {fix}") from None
     users = data.get("users") if isinstance(data, dict) else None
     if not isinstance(users, dict):
-        raise TokenFileError(f"the token file {path} has no \"users\" mapping. {fix}")
+        raise TokenFileError(f'the token file {path} has no "users" mapping. {fix}')
     for name, entry in users.items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("salt"), str) or \
-                not isinstance(entry.get("hash"), str) or len(entry["hash"]) != 64:
-            raise TokenFileError(f"the token file {path}: the entry of user {name!r} lacks a salt and a SHA-256 "
-                                 f"hash. {fix}")
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("salt"), str)
+            or not isinstance(entry.get("hash"), str)
+            or len(entry["hash"]) != 64
+        ):
+            raise TokenFileError(
+                f"the token file {path}: the entry of user {name!r} lacks a salt and a SHA-256 "
+                f"hash. {fix}"
+            )
     return users
 
 
 class TokenStore:
     """The token file: ``{"users": {name: {"salt", "hash", "created"}}}`` (written 0600).
 
-    It is read again when it changes, so tokens created while the pool runs take effect at once. A file that
-    turns bad while the pool runs (half written, edited by hand, unreadable) does not lock everybody out:
-    the last good copy stays in use and the error is logged once.
+    It is read again when it changes, so tokens created while the pool runs take effect at once.
+    A file that turns bad while the pool runs (half written, edited by hand, unreadable) does
+    not lock everybody out: the last good copy stays in use and the error is logged once.
     """
 
     def __init__(self, path: str):
@@ -60,19 +68,23 @@ class TokenStore:
         self._bad_stamp: tuple[float, int] | None = None
 
     def validate(self) -> int:
-        """Read the file now, strictly (``jupyter-gpu pool up`` does this before it listens); returns the
-        number of users. Raises ``TokenFileError`` naming the file and the fix."""
+        """Read the file now, strictly (``jupyter-gpu pool up`` does this before it listens);
+        returns the number of users. Raises ``TokenFileError`` naming the file and the fix."""
         try:
             with open(self.path) as f:
                 text = f.read()
             stamp = self._stat()
         except FileNotFoundError:
-            raise TokenFileError(f"the token file {self.path} (jupyter-gpu.token-file) does not exist. Create it "
-                                 f"with `jupyter-gpu token create --file {self.path} USER`, or unset "
-                                 "jupyter-gpu.token-file for a pool without tokens.") from None
+            raise TokenFileError(
+                f"the token file {self.path} (jupyter-gpu.token-file) does not exist. Create it "
+                f"with `jupyter-gpu token create --file {self.path} USER`, or unset "
+                "jupyter-gpu.token-file for a pool without tokens."
+            ) from None
         except OSError as exc:
-            raise TokenFileError(f"cannot read the token file {self.path}: {exc.strerror or exc}. The pool's "
-                                 "service account must be able to read it (and nobody else).") from None
+            raise TokenFileError(
+                f"cannot read the token file {self.path}: {exc.strerror or exc}. The pool's "
+                "service account must be able to read it (and nobody else)."
+            ) from None
         self._users, self._stamp = parse_token_file(text, self.path), stamp
         return len(self._users)
 
@@ -97,8 +109,11 @@ class TokenStore:
         except (OSError, TokenFileError) as exc:
             self._bad_stamp = stamp
             if self._users is not None:
-                log.error("%s; keeping the last good copy of the tokens (%d user(s)) until it is fixed", exc,
-                          len(self._users))
+                log.error(
+                    "%s; keeping the last good copy of the tokens (%d user(s)) until it is fixed",
+                    exc,
+                    len(self._users),
+                )
                 return self._users
             log.error("%s; no user can be checked until it is fixed", exc)
             return {}
@@ -106,7 +121,8 @@ class TokenStore:
         return users
 
     def create(self, user: str) -> str:
-        """Issue a new token for ``user`` (replacing any earlier one) and return it; only its hash is kept."""
+        """Issue a new token for ``user`` (replacing any earlier one) and return it; only its hash
+        is kept."""
         token = secrets.token_urlsafe(24)
         salt = secrets.token_hex(8)
         try:
@@ -127,26 +143,41 @@ class TokenStore:
     def check(self, user: str | None, token: str | None) -> str | None:
         """None if ``token`` is ``user``'s, else the error the caller sees (saying what to do)."""
         if not user:
-            return "The pool requires a user name and token (JUPYTER_GPU_USER and JUPYTER_GPU_TOKEN)."
+            return (
+                "The pool requires a user name and token (JUPYTER_GPU_USER and JUPYTER_GPU_TOKEN)."
+            )
         users = self._load()
         entry = users.get(user)
         if entry is None:
             if not users and self._bad_stamp is not None:
-                return ("The pool cannot check tokens right now: its token file is unreadable. Ask the pool's "
-                        "admin to fix it (the scheduler's log says what is wrong).")
-            return (f"The pool does not know the user {user!r}: it accepts only users with a token. Ask the "
-                    f"pool's admin for one (jupyter-gpu token create {user}) and set JUPYTER_GPU_TOKEN.")
+                return (
+                    "The pool cannot check tokens right now: its token file is unreadable. Ask the "
+                    "pool's "
+                    "admin to fix it (the scheduler's log says what is wrong)."
+                )
+            return (
+                f"The pool does not know the user {user!r}: it accepts only users with a token. "
+                "Ask the "
+                f"pool's admin for one (jupyter-gpu token create {user}) and set JUPYTER_GPU_TOKEN."
+            )
         if not token:
-            return (f"The pool requires a token for user {user!r} and none was sent: set JUPYTER_GPU_TOKEN in "
-                    "the kernel's environment.")
+            return (
+                f"The pool requires a token for user {user!r} and none was sent: set "
+                "JUPYTER_GPU_TOKEN in "
+                "the kernel's environment."
+            )
         if not hmac.compare_digest(_hash(token, entry["salt"]), entry["hash"]):
-            return (f"The token sent for user {user!r} is wrong (JUPYTER_GPU_TOKEN). Use the token issued for "
-                    "this user, or ask the pool's admin for a new one.")
+            return (
+                f"The token sent for user {user!r} is wrong (JUPYTER_GPU_TOKEN). Use the token "
+                "issued for "
+                "this user, or ask the pool's admin for a new one."
+            )
         return None
 
 
 def tokens_from_config() -> TokenStore | None:
-    """The token store at Dask config ``jupyter-gpu.token-file``, or None: names are trusted as given."""
+    """The token store at Dask config ``jupyter-gpu.token-file``, or None: names are trusted as
+    given."""
     from jupyter_gpu.common import config
 
     path = config.get("token-file")

@@ -1,13 +1,15 @@
-"""The broker's bookkeeping as a plain class: GPUs, requests, the queue and leases; granting and ending.
+"""The broker's bookkeeping as a plain class: GPUs, requests, the queue and leases; granting and
+ending.
 
-Why a class without asyncio or Dask: the same bookkeeping must run in three places and mean the same in
-each, the broker plugin (``broker/plugin.py``, which adds the Dask handlers, the audit store and the
-session starts around it), the pool simulator (``bench/pool_sim.py``) and the property tests. A figure
-the simulator prints is then a figure of the broker's own code, not of a copy of it.
+Why a class without asyncio or Dask: the same bookkeeping must run in three places and mean the same
+in each, the broker plugin (``broker/plugin.py``, which adds the Dask handlers, the audit store and
+the session starts around it), the pool simulator (``bench/pool_sim.py``) and the property tests. A
+figure the simulator prints is then a figure of the broker's own code, not of a copy of it.
 
-The ledger keeps these invariants: a GPU's ``leased_bytes`` is the sum of its leases' allocations and never
-exceeds its memory (packing only places into free memory); a lease is counted by the fair-share policy from
-its grant to its end, once; the queue holds only requests in state ``queued``.
+The ledger keeps these invariants: a GPU's ``leased_bytes`` is the sum of its leases' allocations
+and never exceeds its memory (packing only places into free memory); a lease is counted by the
+fair-share policy from its grant to its end, once; the queue holds only requests in state
+``queued``.
 """
 
 from __future__ import annotations
@@ -27,20 +29,26 @@ ENDED_KEPT = 2000  # ended leases and finished requests kept so a kernel can rea
 
 
 class Ledger:
-    """See the module docstring. ``clock`` and ``new_id`` are injectable so a simulation runs on its own
-    time and ids. ``sessions_start_idle``: a simulation whose sessions start the instant they are granted
-    counts a new lease as idle from its grant; the broker counts it busy until its session says it is idle."""
+    """See the module docstring. ``clock`` and ``new_id`` are injectable so a simulation runs on its
+    own time and ids. ``sessions_start_idle``: a simulation whose sessions start the instant they
+    are granted counts a new lease as idle from its grant; the broker counts it busy until its
+    session says it is idle."""
 
-    def __init__(self, policy: FairSharePolicy, clock: Callable[[], float] = time.time,
-                 new_id: Callable[[str], str] = new_id, sessions_start_idle: bool = False):
+    def __init__(
+        self,
+        policy: FairSharePolicy,
+        clock: Callable[[], float] = time.time,
+        new_id: Callable[[str], str] = new_id,
+        sessions_start_idle: bool = False,
+    ):
         self.policy = policy
         self.sessions_start_idle = sessions_start_idle
         self.clock = clock
         self.new_id = new_id
         self.gpus: dict[str, GpuSlot] = {}
         self.worker_gpus: dict[str, list[str]] = {}
-        # GPUs of workers lost recently (a Nanny restarting one, a node rebooting): a request that needs them
-        # waits for them instead of being refused as impossible
+        # GPUs of workers lost recently (a Nanny restarting one, a node rebooting): a request that
+        # needs them waits for them instead of being refused as impossible
         self.recently_lost: dict[str, tuple[GpuSlot, float]] = {}
         self.requests: dict[str, Request] = {}
         self.queue: list[Request] = []
@@ -61,8 +69,8 @@ class Ledger:
         return ids
 
     def remove_worker(self, worker: str) -> tuple[list[str], list[Lease]]:
-        """Forget a worker's GPUs (remembered as recently lost); returns their ids and the live leases on it,
-        which the caller ends with its reason."""
+        """Forget a worker's GPUs (remembered as recently lost); returns their ids and the live
+        leases on it, which the caller ends with its reason."""
         gone = self.worker_gpus.pop(worker, [])
         for gpu_id in gone:
             slot = self.gpus.pop(gpu_id, None)
@@ -71,14 +79,24 @@ class Ledger:
         return gone, [ls for ls in self.leases.values() if ls.worker == worker]
 
     def capacity(self, remember: float = 120.0) -> list[GpuSlot]:
-        """The GPUs the pool has, plus those lost in the last ``remember`` seconds (likely to come back)."""
+        """The GPUs the pool has, plus those lost in the last ``remember`` seconds (likely to come
+        back)."""
         now = self.clock()
         for uuid, (_, lost_at) in list(self.recently_lost.items()):
             if now - lost_at > remember:
                 del self.recently_lost[uuid]
-        back = [GpuSlot(worker=f"lost:{slot.worker}", index=slot.index, uuid=slot.uuid, name=slot.name,
-                        total_bytes=slot.total_bytes, virtual=slot.virtual, mig=slot.mig)
-                for slot, _ in self.recently_lost.values()]
+        back = [
+            GpuSlot(
+                worker=f"lost:{slot.worker}",
+                index=slot.index,
+                uuid=slot.uuid,
+                name=slot.name,
+                total_bytes=slot.total_bytes,
+                virtual=slot.virtual,
+                mig=slot.mig,
+            )
+            for slot, _ in self.recently_lost.values()
+        ]
         return list(self.gpus.values()) + back
 
     # ------------------------------------------------------------------ requests
@@ -109,20 +127,29 @@ class Ledger:
             self.queue.remove(req)
         # finished requests are kept briefly so a waiting kernel can read the outcome
         if len(self.requests) > ENDED_KEPT:
-            finished = [r for r, q in self.requests.items() if q.state not in ("queued", "starting")]
-            for rid in finished[:ENDED_KEPT // 2]:
+            finished = [
+                r for r, q in self.requests.items() if q.state not in ("queued", "starting")
+            ]
+            for rid in finished[: ENDED_KEPT // 2]:
                 self.requests.pop(rid, None)
 
     # ------------------------------------------------------------------ scheduling
-    def schedule(self, preempt: PreemptFn | None, now: float | None = None, eta_for: int = 100,
-                 fail: Callable[[Request, str], None] | None = None) -> list[tuple[Request, list[Lease]]]:
-        """One scheduling pass (``fair_share.schedule_pass``) over the queue: grants, in policy order, what
-        fits; ``preempt(lease_id, reason, req)`` takes a lease back for a waiting request (it must end the
-        lease through ``end``). Returns the grants made, each request with its new leases.
+    def schedule(
+        self,
+        preempt: PreemptFn | None,
+        now: float | None = None,
+        eta_for: int = 100,
+        fail: Callable[[Request, str], None] | None = None,
+    ) -> list[tuple[Request, list[Lease]]]:
+        """One scheduling pass (``fair_share.schedule_pass``) over the queue: grants, in policy
+        order, what fits; ``preempt(lease_id, reason, req)`` takes a lease back for a waiting
+        request (it must end the lease through ``end``). Returns the grants made, each request with
+        its new leases.
 
-        A request that makes the pass raise (it should never get in: handlers validate what they accept) is
-        taken out with the reason, through ``fail`` (default: ``finish_request(req, "failed", ...)``), and the
-        pass runs again without it: one bad request never stops scheduling for everybody else.
+                A request that makes the pass raise (it should never get in: handlers validate what
+                they accept) is taken out with the reason, through ``fail`` (default:
+                ``finish_request(req, "failed", ...)``), and the pass runs again without it: one bad
+                request never stops scheduling for everybody else.
         """
         grants: list[tuple[Request, list[Lease]]] = []
 
@@ -131,17 +158,30 @@ class Ledger:
 
         for _attempt in range(len(self.queue) + 1):
             try:
-                schedule_pass(self.policy, self.queued(), self.gpus.values(), grant, preempt,
-                              now=self.clock() if now is None else now, eta_for=eta_for)
+                schedule_pass(
+                    self.policy,
+                    self.queued(),
+                    self.gpus.values(),
+                    grant,
+                    preempt,
+                    now=self.clock() if now is None else now,
+                    eta_for=eta_for,
+                )
                 return grants
             except Exception:
-                log.exception("a scheduling pass failed; looking for the request that makes it fail")
+                log.exception(
+                    "a scheduling pass failed; looking for the request that makes it fail"
+                )
                 culprits = self._faulty_requests()
                 if not culprits:
                     return grants  # not a request's fault: the next event tries again
                 for req, why in culprits:
-                    reason = (f"The pool could not schedule this request ({why}). This is a jupyter-gpu error, "
-                              "not your code's: the pool's log has the details; other requests were not affected.")
+                    reason = (
+                        f"The pool could not schedule this request ({why}). This is a jupyter-gpu "
+                        "error, "
+                        "not your code's: the pool's log has the details; other requests were not "
+                        "affected."
+                    )
                     if fail is not None:
                         fail(req, reason)
                     else:
@@ -165,7 +205,8 @@ class Ledger:
         return faulty
 
     def grant(self, req: Request, placement: packing.Placement, preemptible: bool) -> list[Lease]:
-        """Book ``placement`` for ``req``: one lease per rank, the GPUs' bytes, the policy's accounting."""
+        """Book ``placement`` for ``req``: one lease per rank, the GPUs' bytes, the policy's
+        accounting."""
         self.queue.remove(req)
         req.state = "starting"
         req.reason = "starting the session process"
@@ -175,10 +216,24 @@ class Ledger:
         leases = []
         for rank, (worker, allocations) in enumerate(placement):
             fraction = sum(a.bytes / self.gpus[a.gpu].total_bytes for a in allocations)
-            lease = Lease(id=self.new_id("L"), request=req.id, user=req.user, kernel=req.kernel,
-                          client=req.client, worker=worker, allocations=allocations, fraction=round(fraction, 4),
-                          priority=req.spec.priority, notebook=req.notebook, cell=req.cell, team=req.team,
-                          rank=rank, world_size=len(placement), started=now, preemptible=preemptible)
+            lease = Lease(
+                id=self.new_id("L"),
+                request=req.id,
+                user=req.user,
+                kernel=req.kernel,
+                client=req.client,
+                worker=worker,
+                allocations=allocations,
+                fraction=round(fraction, 4),
+                priority=req.spec.priority,
+                notebook=req.notebook,
+                cell=req.cell,
+                team=req.team,
+                rank=rank,
+                world_size=len(placement),
+                started=now,
+                preemptible=preemptible,
+            )
             for a in allocations:
                 slot = self.gpus[a.gpu]
                 slot.leased_bytes += a.bytes
@@ -187,15 +242,25 @@ class Ledger:
             req.leases.append(lease.id)
             leases.append(lease)
             # the exact share is what quotas count (the lease shows it rounded)
-            self.policy.lease_started(lease.id, req.user, team, fraction, preemptible, now=now,
-                                      allocs={a.gpu: a.bytes for a in allocations}, request=req.id,
-                                      gang=len(placement) > 1, priority=req.spec.priority,
-                                      idle=self.sessions_start_idle)
+            self.policy.lease_started(
+                lease.id,
+                req.user,
+                team,
+                fraction,
+                preemptible,
+                now=now,
+                allocs={a.gpu: a.bytes for a in allocations},
+                request=req.id,
+                gang=len(placement) > 1,
+                priority=req.spec.priority,
+                idle=self.sessions_start_idle,
+            )
         return leases
 
     def adopt(self, lease: Lease, idle: bool) -> str | None:
-        """Book a live lease this ledger did not grant (its session outlived a scheduler restart). Returns
-        None when booked, else why it cannot be (its GPUs are gone, or the memory is booked by others)."""
+        """Book a live lease this ledger did not grant (its session outlived a scheduler restart).
+        Returns None when booked, else why it cannot be (its GPUs are gone, or the memory is booked
+        by others)."""
         if lease.id in self.leases:
             return f"lease {lease.id} is already live"
         for a in lease.allocations:
@@ -209,20 +274,38 @@ class Ledger:
             self.gpus[a.gpu].leases.add(lease.id)
         self.leases[lease.id] = lease
         team = lease.team or self.policy.quotas.team_of(lease.user)
-        self.policy.lease_started(lease.id, lease.user, team, lease.fraction, lease.preemptible, now=lease.started,
-                                  allocs={a.gpu: a.bytes for a in lease.allocations}, request=lease.request,
-                                  gang=lease.world_size > 1, priority=lease.priority, idle=idle)
+        self.policy.lease_started(
+            lease.id,
+            lease.user,
+            team,
+            lease.fraction,
+            lease.preemptible,
+            now=lease.started,
+            allocs={a.gpu: a.bytes for a in lease.allocations},
+            request=lease.request,
+            gang=lease.world_size > 1,
+            priority=lease.priority,
+            idle=idle,
+        )
         return None
 
-    def set_state(self, lease_id: str, state: str, resident: int | None = None, step: float | None = None,
-                  total: float | None = None) -> Lease | None:
+    def set_state(
+        self,
+        lease_id: str,
+        state: str,
+        resident: int | None = None,
+        step: float | None = None,
+        total: float | None = None,
+    ) -> Lease | None:
         """A lease's session started a cell (``running``), reported how far it is (``running`` with
         ``step`` of ``total``) or finished one (``idle``)."""
         lease = self.leases.get(lease_id)
         if lease is None:
             return None
         lease.state = state
-        self.policy.lease_state(lease_id, state, now=self.clock(), resident=resident, step=step, total=total)
+        self.policy.lease_state(
+            lease_id, state, now=self.clock(), resident=resident, step=step, total=total
+        )
         return lease
 
     def end(self, lease_id: str, reason: str, now: float | None = None) -> Lease | None:
@@ -235,7 +318,11 @@ class Ledger:
             if slot is not None:
                 slot.leased_bytes -= a.bytes
                 slot.leases.discard(lease.id)
-        lease.state, lease.ended, lease.end_reason = "ended", self.clock() if now is None else now, reason
+        lease.state, lease.ended, lease.end_reason = (
+            "ended",
+            self.clock() if now is None else now,
+            reason,
+        )
         self.policy.lease_ended(lease.id, now=lease.ended)
         self.ended[lease.id] = lease
         while len(self.ended) > ENDED_KEPT:
@@ -248,8 +335,12 @@ class Ledger:
     def check(self) -> None:
         """Assert the invariants of the module docstring (tests and the simulator call it)."""
         for g in self.gpus.values():
-            total = sum(a.bytes for ls in self.leases.values() for a in ls.allocations if a.gpu == g.id)
+            total = sum(
+                a.bytes for ls in self.leases.values() for a in ls.allocations if a.gpu == g.id
+            )
             assert total == g.leased_bytes, (g.id, total, g.leased_bytes)
             assert 0 <= g.leased_bytes <= g.total_bytes, (g.id, g.leased_bytes, g.total_bytes)
         assert all(r.state == "queued" for r in self.queue), [r.state for r in self.queue]
-        assert set(self.policy.leases) == set(self.leases), (set(self.policy.leases) ^ set(self.leases))
+        assert set(self.policy.leases) == set(self.leases), set(self.policy.leases) ^ set(
+            self.leases
+        )

@@ -1,7 +1,7 @@
 """The broker's state: GPUs in the pool, requests waiting for them, and leases granted on them.
 
-Plain dataclasses with no Dask in them, so that the packing, the queue policy and the pool simulator run
-the real code on their own.
+Plain dataclasses with no Dask in them, so that the packing, the queue policy and the pool simulator
+run the real code on their own.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def new_id(prefix: str) -> str:
 
 
 def ids_beyond(taken: list[str]) -> None:
-    """Make ``new_id`` never hand out ``taken`` ids again (leases adopted from before a scheduler restart)."""
+    """Make ``new_id`` never hand out ``taken`` ids again (leases adopted from before a scheduler
+    restart)."""
     global _ids
     numbers = [int(t[1:]) for t in taken if t[1:].isdigit()]
     if numbers:
@@ -70,16 +71,18 @@ class Request:
     reason: str = ""
     error: str | None = None
     eta: float | None = None
-    eta_basis: str | None = None   # what the estimate rests on: progress, idle (suspension), history
+    # what the estimate rests on: progress, idle (suspension), history
+    eta_basis: str | None = None
     leases: list[str] = field(default_factory=list)
-    restore: dict | None = None    # the offload of an earlier lease this request's session starts with
-    restored: dict | None = None   # what the new session got back from it
+    # the offload of an earlier lease this request's session starts with
+    restore: dict | None = None
+    restored: dict | None = None  # what the new session got back from it
 
 
 @dataclass
 class Allocation:
-    gpu: str          # GpuSlot.id
-    index: int        # GPU index on its worker
+    gpu: str  # GpuSlot.id
+    index: int  # GPU index on its worker
     bytes: int
 
 
@@ -104,18 +107,22 @@ class Lease:
     started: float = field(default_factory=time.time)
     state: LeaseState = "starting"
     isolation: Isolation = "none"
-    containment: str | None = None       # how its processes are kept together and capped (worker/containment.py)
+    # how its processes are kept together and capped (worker/containment.py)
+    containment: str | None = None
     host_memory_limit: int | None = None  # the host memory its processes may use together
-    address: str | None = None     # the session process's comm address
-    secret: str | None = field(default=None, repr=False)  # what its session asks of every call: owner only
+    address: str | None = None  # the session process's comm address
+    # what its session asks of every call: owner only
+    secret: str | None = field(default=None, repr=False)
     pid: int | None = None
     cell_started: float | None = None
-    peak_bytes: int | None = None   # the largest cell peak so far (right-sizing, audit)
+    peak_bytes: int | None = None  # the largest cell peak so far (right-sizing, audit)
     gpu_utilization: float | None = None  # the last cell's mean SM utilization (real GPUs, NVML)
-    resident_bytes: int | None = None     # what the session held when it last went idle (what suspending moves)
-    preemptible: bool = False       # granted beyond its team's guarantee: may be reclaimed
-    preempted: bool = False         # ended to give its memory to a request owed by a guarantee
-    offload: dict | None = None     # where its variables went when it was reclaimed (worker, path, names)
+    # what the session held when it last went idle (what suspending moves)
+    resident_bytes: int | None = None
+    preemptible: bool = False  # granted beyond its team's guarantee: may be reclaimed
+    preempted: bool = False  # ended to give its memory to a request owed by a guarantee
+    # where its variables went when it was reclaimed (worker, path, names)
+    offload: dict | None = None
     ended: float | None = None
     end_reason: str | None = None
 
@@ -126,16 +133,36 @@ class Lease:
     def public(self) -> LeaseView:
         """The lease as the kernel, the CLI and the panel see it."""
         return {
-            "id": self.id, "request": self.request, "user": self.user, "kernel": self.kernel,
-            "worker": self.worker, "gpus": [a.gpu for a in self.allocations],
-            "gpu_indices": [a.index for a in self.allocations], "bytes": self.bytes,
-            "fraction": self.fraction, "priority": self.priority, "notebook": self.notebook, "cell": self.cell,
-            "rank": self.rank, "world_size": self.world_size, "started": self.started, "state": self.state,
-            "isolation": self.isolation, "address": self.address, "pid": self.pid,
-            "containment": self.containment, "host_memory_limit": self.host_memory_limit,
-            "cell_started": self.cell_started, "peak_bytes": self.peak_bytes, "end_reason": self.end_reason,
-            "gpu_utilization": self.gpu_utilization, "resident_bytes": self.resident_bytes,
-            "preempted": self.preempted, "preemptible": self.preemptible,
-            "offload": ({k: v for k, v in self.offload.items() if k != "path"} if self.offload else None),
+            "id": self.id,
+            "request": self.request,
+            "user": self.user,
+            "kernel": self.kernel,
+            "worker": self.worker,
+            "gpus": [a.gpu for a in self.allocations],
+            "gpu_indices": [a.index for a in self.allocations],
+            "bytes": self.bytes,
+            "fraction": self.fraction,
+            "priority": self.priority,
+            "notebook": self.notebook,
+            "cell": self.cell,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "started": self.started,
+            "state": self.state,
+            "isolation": self.isolation,
+            "address": self.address,
+            "pid": self.pid,
+            "containment": self.containment,
+            "host_memory_limit": self.host_memory_limit,
+            "cell_started": self.cell_started,
+            "peak_bytes": self.peak_bytes,
+            "end_reason": self.end_reason,
+            "gpu_utilization": self.gpu_utilization,
+            "resident_bytes": self.resident_bytes,
+            "preempted": self.preempted,
+            "preemptible": self.preemptible,
+            "offload": (
+                {k: v for k, v in self.offload.items() if k != "path"} if self.offload else None
+            ),
             "team": self.team,
         }

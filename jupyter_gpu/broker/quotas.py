@@ -99,8 +99,16 @@ class PoolQuotas:
         return sum(t.guarantee for t in self.teams.values())
 
 
-TOP_KEYS = ("default-team", "half-life", "reserve-after", "min-run-time", "idle-timeout", "suspend-idle-after",
-            "teams", "users")
+TOP_KEYS = (
+    "default-team",
+    "half-life",
+    "reserve-after",
+    "min-run-time",
+    "idle-timeout",
+    "suspend-idle-after",
+    "teams",
+    "users",
+)
 TEAM_KEYS = ("guarantee", "limit", "priority", "members")
 USER_KEYS = ("team", "guarantee", "limit", "priority")
 
@@ -131,7 +139,9 @@ def _seconds(value: Any, what: str) -> float | None:
     try:
         seconds = float(parse_timedelta(value, default="s"))
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
-        raise QuotaConfigError(f"{what}: {value!r} is not a duration (write e.g. 90s, 10m, 1h)") from exc
+        raise QuotaConfigError(
+            f"{what}: {value!r} is not a duration (write e.g. 90s, 10m, 1h)"
+        ) from exc
     if not math.isfinite(seconds) or seconds < 0:
         raise QuotaConfigError(f"{what}: {value!r} is not a duration (write e.g. 90s, 10m, 1h)")
     return seconds
@@ -141,10 +151,14 @@ def _gpus(value: Any, what: str, allow_none: bool = False) -> float | None:
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise QuotaConfigError(f"{what}: {value!r} is not a number of GPUs (write a number >= 0, e.g. 1.5)")
+        raise QuotaConfigError(
+            f"{what}: {value!r} is not a number of GPUs (write a number >= 0, e.g. 1.5)"
+        )
     number = float(value)
     if not math.isfinite(number):
-        raise QuotaConfigError(f"{what}: {value!r} is not a number of GPUs (write a finite number >= 0, e.g. 1.5)")
+        raise QuotaConfigError(
+            f"{what}: {value!r} is not a number of GPUs (write a finite number >= 0, e.g. 1.5)"
+        )
     if number < 0:
         raise QuotaConfigError(f"{what}: must be >= 0, got {number:g}")
     return number
@@ -152,7 +166,9 @@ def _gpus(value: Any, what: str, allow_none: bool = False) -> float | None:
 
 def _priority(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise QuotaConfigError(f"{what}: {value!r} is not a whole number (a priority: higher goes first, e.g. 10)")
+        raise QuotaConfigError(
+            f"{what}: {value!r} is not a whole number (a priority: higher goes first, e.g. 10)"
+        )
     return value
 
 
@@ -160,13 +176,16 @@ def _mapping(value: Any, what: str, known: tuple[str, ...] | None = None) -> dic
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise QuotaConfigError(f"{what}: must be a mapping of names to settings, not {type(value).__name__} "
-                               f"{value!r}")
+        raise QuotaConfigError(
+            f"{what}: must be a mapping of names to settings, not {type(value).__name__} {value!r}"
+        )
     if known is not None:
         unknown = sorted(str(k) for k in value if k not in known)
         if unknown:
-            raise QuotaConfigError(f"{what}: unknown setting(s) {', '.join(unknown)}; the settings here are "
-                                   f"{', '.join(known)} (a typo?)")
+            raise QuotaConfigError(
+                f"{what}: unknown setting(s) {', '.join(unknown)}; the settings here are "
+                f"{', '.join(known)} (a typo?)"
+            )
     return value
 
 
@@ -174,11 +193,15 @@ def _names(value: Any, what: str) -> set[str]:
     if value is None:
         return set()
     if not isinstance(value, list) or not all(isinstance(m, str) and m for m in value):
-        raise QuotaConfigError(f"{what}: must be a list of user names, e.g. [alice, bob], not {value!r}")
+        raise QuotaConfigError(
+            f"{what}: must be a list of user names, e.g. [alice, bob], not {value!r}"
+        )
     return set(value)
 
 
-def parse_quotas(data: Any, source: str | None = None, lines: dict[tuple[str, ...], int] | None = None) -> PoolQuotas:
+def parse_quotas(
+    data: Any, source: str | None = None, lines: dict[tuple[str, ...], int] | None = None
+) -> PoolQuotas:
     """Build ``PoolQuotas`` from the parsed file; raises ``QuotaConfigError`` naming the file, the line (when
     known) and the entry, and saying what to write instead. Unknown settings are refused (a typo would
     otherwise silently mean "no quota")."""
@@ -186,30 +209,41 @@ def parse_quotas(data: Any, source: str | None = None, lines: dict[tuple[str, ..
     data = _mapping(data, where(), TOP_KEYS)
     default_team = data.get("default-team", DEFAULT_TEAM)
     if not isinstance(default_team, str) or not default_team:
-        raise QuotaConfigError(f"{where('default-team')}: must be a team name, not {default_team!r}")
+        raise QuotaConfigError(
+            f"{where('default-team')}: must be a team name, not {default_team!r}"
+        )
     teams: dict[str, Team] = {}
     users: dict[str, UserQuota] = {}
     for name, entry in _mapping(data.get("teams"), where("teams")).items():
         entry = _mapping(entry, where("teams", name), TEAM_KEYS)
-        team = Team(name=str(name), guarantee=_gpus(entry.get("guarantee", 0), where("teams", name, "guarantee")),
-                    limit=_gpus(entry.get("limit"), where("teams", name, "limit"), allow_none=True),
-                    priority=_priority(entry.get("priority", 0), where("teams", name, "priority")),
-                    members=_names(entry.get("members"), where("teams", name, "members")))
+        team = Team(
+            name=str(name),
+            guarantee=_gpus(entry.get("guarantee", 0), where("teams", name, "guarantee")),
+            limit=_gpus(entry.get("limit"), where("teams", name, "limit"), allow_none=True),
+            priority=_priority(entry.get("priority", 0), where("teams", name, "priority")),
+            members=_names(entry.get("members"), where("teams", name, "members")),
+        )
         if team.limit is not None and team.limit < team.guarantee:
-            raise QuotaConfigError(f"{where('teams', name)}: limit {team.limit:g} is below its guarantee "
-                                   f"{team.guarantee:g}")
+            raise QuotaConfigError(
+                f"{where('teams', name)}: limit {team.limit:g} is below its guarantee "
+                f"{team.guarantee:g}"
+            )
         teams[team.name] = team
         for member in team.members:
             if member in users:
-                raise QuotaConfigError(f"{where('teams', name, 'members')}: user {member!r} is a member of two "
-                                       f"teams ({users[member].team} and {name})")
+                raise QuotaConfigError(
+                    f"{where('teams', name, 'members')}: user {member!r} is a member of two "
+                    f"teams ({users[member].team} and {name})"
+                )
             users[member] = UserQuota(name=member, team=team.name)
     for name, entry in _mapping(data.get("users"), where("users")).items():
         entry = _mapping(entry, where("users", name), USER_KEYS)
         name = str(name)
         team_name = entry.get("team") or (users[name].team if name in users else None)
         if team_name is not None and not isinstance(team_name, str):
-            raise QuotaConfigError(f"{where('users', name, 'team')}: must be a team name, not {team_name!r}")
+            raise QuotaConfigError(
+                f"{where('users', name, 'team')}: must be a team name, not {team_name!r}"
+            )
         if entry.get("guarantee") is not None and team_name is None:
             # a user with a guarantee of their own and no team: a one-member team carries it
             team_name = name
@@ -219,16 +253,26 @@ def parse_quotas(data: Any, source: str | None = None, lines: dict[tuple[str, ..
         if team_name not in teams:
             teams[team_name] = Team(name=team_name)
         teams[team_name].members.add(name)
-        users[name] = UserQuota(name=name, team=team_name,
-                                limit=_gpus(entry.get("limit"), where("users", name, "limit"), allow_none=True),
-                                priority=_priority(entry.get("priority", 0), where("users", name, "priority")))
-    return PoolQuotas(teams=teams, users=users, default_team=default_team,
-                      half_life=_seconds(data.get("half-life", "1h"), where("half-life")) or 3600.0,
-                      reserve_after=_seconds(data.get("reserve-after", "60s"), where("reserve-after")) or 0.0,
-                      min_run_time=_seconds(data.get("min-run-time", "60s"), where("min-run-time")) or 0.0,
-                      idle_timeout=_seconds(data.get("idle-timeout"), where("idle-timeout")),
-                      suspend_idle_after=_seconds(data.get("suspend-idle-after", "60s"), where("suspend-idle-after")),
-                      configured=True, source=source)
+        users[name] = UserQuota(
+            name=name,
+            team=team_name,
+            limit=_gpus(entry.get("limit"), where("users", name, "limit"), allow_none=True),
+            priority=_priority(entry.get("priority", 0), where("users", name, "priority")),
+        )
+    return PoolQuotas(
+        teams=teams,
+        users=users,
+        default_team=default_team,
+        half_life=_seconds(data.get("half-life", "1h"), where("half-life")) or 3600.0,
+        reserve_after=_seconds(data.get("reserve-after", "60s"), where("reserve-after")) or 0.0,
+        min_run_time=_seconds(data.get("min-run-time", "60s"), where("min-run-time")) or 0.0,
+        idle_timeout=_seconds(data.get("idle-timeout"), where("idle-timeout")),
+        suspend_idle_after=_seconds(
+            data.get("suspend-idle-after", "60s"), where("suspend-idle-after")
+        ),
+        configured=True,
+        source=source,
+    )
 
 
 def _yaml_lines(text: str) -> dict[tuple[str, ...], int]:
@@ -273,9 +317,11 @@ def load_quotas(path: str) -> PoolQuotas:
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as exc:
-        raise QuotaConfigError(f"cannot read the pool's quota file {path} (jupyter-gpu.pool-config): "
-                               f"{exc.strerror or exc}. Fix the path or its permissions, or unset "
-                               "jupyter-gpu.pool-config for a pool without quotas.") from exc
+        raise QuotaConfigError(
+            f"cannot read the pool's quota file {path} (jupyter-gpu.pool-config): "
+            f"{exc.strerror or exc}. Fix the path or its permissions, or unset "
+            "jupyter-gpu.pool-config for a pool without quotas."
+        ) from exc
     text = raw.decode("utf-8", "replace")
     try:
         if path.endswith(".toml"):
@@ -291,12 +337,20 @@ def load_quotas(path: str) -> PoolQuotas:
 
             data = yaml.safe_load(text)
             lines = _yaml_lines(text)
-    except Exception as exc:  # a YAML/TOML syntax error: say which file (the parser's text has the line)
-        raise QuotaConfigError(f"the pool's quota file {path} is not valid "
-                               f"{'TOML' if path.endswith('.toml') else 'YAML'}: {exc}") from exc
+    # a YAML/TOML syntax error: say which file (the parser's text has the line)
+    except Exception as exc:
+        raise QuotaConfigError(
+            f"the pool's quota file {path} is not valid "
+            f"{'TOML' if path.endswith('.toml') else 'YAML'}: {exc}"
+        ) from exc
     quotas = parse_quotas(data, source=path, lines=lines)
-    log.info("pool quotas from %s: %d team(s), %d user(s), %.2f GPU guaranteed", path, len(quotas.teams),
-             len(quotas.users), quotas.total_guarantee())
+    log.info(
+        "pool quotas from %s: %d team(s), %d user(s), %.2f GPU guaranteed",
+        path,
+        len(quotas.teams),
+        len(quotas.users),
+        quotas.total_guarantee(),
+    )
     return quotas
 
 

@@ -1,9 +1,9 @@
 """The broker's settings, loaded and checked before the pool listens.
 
-Why up front: a broker whose quota file, token file or audit store cannot be used must not leave behind a
-scheduler that serves without it (every request then failed with an internal error). ``jupyter-gpu pool
-up`` loads these first and exits non-zero with the file, the line and the fix; a scheduler started by hand
-with ``--preload jupyter_gpu.broker.plugin`` exits the same way.
+Why up front: a broker whose quota file, token file or audit store cannot be used must not leave
+behind a scheduler that serves without it (every request then failed with an internal error).
+``jupyter-gpu pool up`` loads these first and exits non-zero with the file, the line and the fix; a
+scheduler started by hand with ``--preload jupyter_gpu.broker.plugin`` exits the same way.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ class BrokerSettings:
 def secure_file(path: str, what: str) -> None:
     """A pool secret readable and writable by the pool's account only.
 
-    A file another account owns, or in a folder others may write, could be changed by a user (a quota, a
-    token): refused, naming the fix. A file of ours that others may read is made private (0600), with a
-    warning: the pool starts, and its secrets stop leaking.
+    A file another account owns, or in a folder others may write, could be changed by a user (a
+    quota, a token): refused, naming the fix. A file of ours that others may read is made
+    private (0600), with a warning: the pool starts, and its secrets stop leaking.
     """
     path = os.path.abspath(os.path.expanduser(path))
     try:
@@ -45,26 +45,38 @@ def secure_file(path: str, what: str) -> None:
     except FileNotFoundError:
         return  # the loaders say what is missing
     if st.st_uid != os.geteuid():
-        raise PoolConfigError(f"the {what} {path} belongs to uid {st.st_uid}, not to the pool's account (uid "
-                              f"{os.geteuid()}): whoever owns it could change it. `chown` it to the pool's account "
-                              "and `chmod 600` it.")
+        raise PoolConfigError(
+            f"the {what} {path} belongs to uid {st.st_uid}, not to the pool's account (uid "
+            f"{os.geteuid()}): whoever owns it could change it. `chown` it to the pool's account "
+            "and `chmod 600` it."
+        )
     folder = os.stat(os.path.dirname(path))
     if folder.st_mode & 0o022 and not folder.st_mode & stat.S_ISVTX:
-        raise PoolConfigError(f"the folder of the {what} {path} can be written by other accounts, who could replace "
-                              f"the file: keep pool secrets in a folder only the pool's account writes (chmod 700).")
+        raise PoolConfigError(
+            f"the folder of the {what} {path} can be written by other accounts, who could replace "
+            f"the file: keep pool secrets in a folder only the pool's account writes (chmod 700)."
+        )
     if st.st_mode & 0o077:
-        log.warning("the %s %s could be read by other accounts (mode %o): made it 0600", what, path,
-                    stat.S_IMODE(st.st_mode))
+        log.warning(
+            "the %s %s could be read by other accounts (mode %o): made it 0600",
+            what,
+            path,
+            stat.S_IMODE(st.st_mode),
+        )
         os.chmod(path, stat.S_IMODE(st.st_mode) & 0o700)
 
 
 def load_settings() -> BrokerSettings:
     """Quotas (``jupyter-gpu.pool-config``), tokens (``jupyter-gpu.token-file``) and the audit store
-    (``jupyter-gpu.audit-db``) from Dask config, each checked (and kept private: ``secure_file``); raises
-    ``PoolConfigError``."""
+    (``jupyter-gpu.audit-db``) from Dask config, each checked (and kept private: ``secure_file``);
+    raises ``PoolConfigError``."""
     from jupyter_gpu.common import config
 
-    for key, what in (("pool-config", "quota file"), ("token-file", "token file"), ("audit-db", "audit store")):
+    for key, what in (
+        ("pool-config", "quota file"),
+        ("token-file", "token file"),
+        ("audit-db", "audit store"),
+    ):
         if config.get(key):
             secure_file(str(config.get(key)), what)
     try:
@@ -82,6 +94,8 @@ def load_settings() -> BrokerSettings:
     except (sqlite3.Error, OSError) as exc:
         from jupyter_gpu.common import config
 
-        raise PoolConfigError(f"cannot open the audit store {config.get('audit-db')} (jupyter-gpu.audit-db): {exc}. "
-                              "Its folder must exist and be writable by the pool's service account.") from None
+        raise PoolConfigError(
+            f"cannot open the audit store {config.get('audit-db')} (jupyter-gpu.audit-db): {exc}. "
+            "Its folder must exist and be writable by the pool's service account."
+        ) from None
     return BrokerSettings(quotas=quotas, tokens=tokens, audit=audit)

@@ -1,9 +1,9 @@
 """What crosses between a notebook kernel and its remote session.
 
-Inputs: the cell's free names that exist in the kernel, found from the cell's syntax tree (modules travel
-as their import name and are re-imported remotely). Outputs: the names the cell assigns; those holding
-plain data come back as real objects, the rest stay remote behind a ``RemoteObject`` placeholder that says
-so. Both sides import this module, so the rules are the same everywhere.
+Inputs: the cell's free names that exist in the kernel, found from the cell's syntax tree (modules
+travel as their import name and are re-imported remotely). Outputs: the names the cell assigns;
+those holding plain data come back as real objects, the rest stay remote behind a ``RemoteObject``
+placeholder that says so. Both sides import this module, so the rules are the same everywhere.
 """
 
 from __future__ import annotations
@@ -32,12 +32,14 @@ def _parse(code: str) -> ast.Module | None:
 
 
 class _Names(ast.NodeVisitor):
-    """Collects, in source order, loads and stores of names at cell level and free names in nested scopes."""
+    """Collects, in source order, loads and stores of names at cell level and free names in nested
+    scopes."""
 
     def __init__(self) -> None:
-        self.first_use: dict[str, str] = {}   # name -> "load" | "store" (first occurrence at cell level)
+        # name -> "load" | "store" (first occurrence at cell level)
+        self.first_use: dict[str, str] = {}
         self.loaded: set[str] = set()
-        self.stored: list[str] = []           # cell-level assignments, in order
+        self.stored: list[str] = []  # cell-level assignments, in order
 
     def _use(self, name: str, kind: str) -> None:
         self.first_use.setdefault(name, kind)
@@ -150,7 +152,8 @@ class _Names(ast.NodeVisitor):
 
 
 def cell_names(code: str) -> tuple[list[str], list[str]]:
-    """``(free, assigned)``: names the cell reads before assigning them, and names it assigns at top level."""
+    """``(free, assigned)``: names the cell reads before assigning them, and names it assigns at top
+    level."""
     tree = _parse(code)
     if tree is None:
         return [], []
@@ -193,20 +196,29 @@ class RemoteObject:
     lease: str | None = None
 
     def __repr__(self) -> str:
-        return (f"<remote {self.type_name} '{self.name}' in your GPU session: {self.summary}; {self.reason}. "
-                f"It is used as-is by later %%gpu cells; run `%gpu pull {self.name}` to bring a CPU copy here>")
+        return (
+            f"<remote {self.type_name} '{self.name}' in your GPU session: {self.summary}; "
+            f"{self.reason}. "
+            f"It is used as-is by later %%gpu cells; run `%gpu pull {self.name}` to bring a CPU "
+            "copy here>"
+        )
 
     def _repr_html_(self) -> str:
         import html
 
-        return (f"<div class='jupyter-gpu-remote'><b>{html.escape(self.name)}</b> stays in your GPU session "
-                f"(<code>{html.escape(self.type_name)}</code>, {html.escape(self.summary)}; "
-                f"{html.escape(self.reason)}). <code>%gpu pull {html.escape(self.name)}</code> brings a CPU "
-                "copy here.</div>")
+        return (
+            f"<div class='jupyter-gpu-remote'><b>{html.escape(self.name)}</b> stays in your GPU "
+            "session "
+            f"(<code>{html.escape(self.type_name)}</code>, {html.escape(self.summary)}; "
+            f"{html.escape(self.reason)}). <code>%gpu pull {html.escape(self.name)}</code> brings "
+            "a CPU "
+            "copy here.</div>"
+        )
 
 
-#: the attribute a session on a virtual GPU puts on tensors and modules that are on ``jupyter_gpu.device()``
-#: (``session/virtual_device.py``): they stay remote, as CUDA tensors do on a real GPU
+# : the attribute a session on a virtual GPU puts on tensors and modules that are on
+# ``jupyter_gpu.device()`` : (``session/virtual_device.py``): they stay remote, as CUDA tensors do
+# on a real GPU
 DEVICE_MARK = "_jupyter_gpu_on_device"
 VIRTUAL_DEVICE = "the virtual GPU"
 
@@ -220,8 +232,8 @@ def is_marked(value: Any) -> bool:
 
 
 def unmark(value: Any) -> Any:
-    """``value`` without the device marks (a module's parameters and buffers too): a CPU copy that comes
-    back to the kernel must not say it lives on a GPU."""
+    """``value`` without the device marks (a module's parameters and buffers too): a CPU copy that
+    comes back to the kernel must not say it lives on a GPU."""
     for item in [value, *_module_tensors(value)]:
         try:
             item.__dict__.pop(DEVICE_MARK, None)
@@ -264,13 +276,19 @@ def _module_device(value: Any) -> str | None:
 
 
 def _is_plain(value: Any, depth: int = 0) -> bool:
-    """Plain data: numbers, text, arrays, CPU tensors, data frames, figures and containers of them."""
+    """Plain data: numbers, text, arrays, CPU tensors, data frames, figures and containers of
+    them."""
     if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
         return True
     mod = type(value).__module__ or ""
     if mod.startswith("numpy"):
         return True
-    if mod.startswith("pandas") and type(value).__name__ in ("DataFrame", "Series", "Index", "Timestamp"):
+    if mod.startswith("pandas") and type(value).__name__ in (
+        "DataFrame",
+        "Series",
+        "Index",
+        "Timestamp",
+    ):
         return True
     if mod.startswith("matplotlib") and type(value).__name__ == "Figure":
         return True
@@ -279,8 +297,9 @@ def _is_plain(value: Any, depth: int = 0) -> bool:
     if depth < 3 and isinstance(value, (list, tuple, set, frozenset)):
         return len(value) <= 10_000 and all(_is_plain(v, depth + 1) for v in value)
     if depth < 3 and isinstance(value, dict):
-        return len(value) <= 10_000 and all(_is_plain(k, depth + 1) and _is_plain(v, depth + 1)
-                                            for k, v in value.items())
+        return len(value) <= 10_000 and all(
+            _is_plain(k, depth + 1) and _is_plain(v, depth + 1) for k, v in value.items()
+        )
     return False
 
 
@@ -302,7 +321,8 @@ def _summary(value: Any) -> str:
 
 
 def classify_output(name: str, value: Any, max_bytes: int) -> tuple[str, dict]:
-    """Decide whether ``value`` comes back (``("value", {...})``) or stays (``("remote", description)``)."""
+    """Decide whether ``value`` comes back (``("value", {...})``) or stays (``("remote",
+    description)``)."""
     from dask.sizeof import sizeof
 
     if isinstance(value, types.ModuleType):
@@ -312,26 +332,41 @@ def classify_output(name: str, value: Any, max_bytes: int) -> tuple[str, dict]:
         nbytes = int(sizeof(value))
     except Exception:
         nbytes = None
-    desc = {"name": name, "type_name": f"{type(value).__module__}.{type(value).__qualname__}",
-            "summary": _summary(value), "nbytes": nbytes, "device": device}
+    desc = {
+        "name": name,
+        "type_name": f"{type(value).__module__}.{type(value).__qualname__}",
+        "summary": _summary(value),
+        "nbytes": nbytes,
+        "device": device,
+    }
     if device == VIRTUAL_DEVICE:
-        return "remote", {**desc, "reason": "it lives on the session's jupyter_gpu.device() (a virtual GPU here: "
-                                            "on a real GPU it is a CUDA object, which stays remote too)"}
+        return "remote", {
+            **desc,
+            "reason": "it lives on the session's jupyter_gpu.device() (a virtual GPU here: "
+            "on a real GPU it is a CUDA object, which stays remote too)",
+        }
     if device is not None and device != "cpu":
         return "remote", {**desc, "reason": f"it lives on {device}"}
     if not _is_plain(value):
-        return "remote", {**desc, "reason": "it is not plain data (models, functions and handles stay "
-                                            "where they were made)"}
+        return "remote", {
+            **desc,
+            "reason": "it is not plain data (models, functions and handles stay "
+            "where they were made)",
+        }
     if nbytes is not None and nbytes > max_bytes:
         from jupyter_gpu.common.units import format_bytes
 
-        return "remote", {**desc, "reason": f"it is large ({format_bytes(nbytes)} > the "
-                                            f"{format_bytes(max_bytes)} limit for automatic return)"}
+        return "remote", {
+            **desc,
+            "reason": f"it is large ({format_bytes(nbytes)} > the "
+            f"{format_bytes(max_bytes)} limit for automatic return)",
+        }
     return "value", desc
 
 
 def to_cpu(value: Any) -> Any:
-    """A CPU copy of a remote value for ``%gpu pull`` / ``--out`` (tensors and modules moved off the GPU)."""
+    """A CPU copy of a remote value for ``%gpu pull`` / ``--out`` (tensors and modules moved off the
+    GPU)."""
     try:
         import torch
     except ImportError:

@@ -1,14 +1,14 @@
 """Host memory that a worker and its sessions share: the folder where idle sessions' variables wait.
 
-Why a module of its own: the worker owns the folder (it creates it, hands paths out, fetches and deletes
-files in it) and the session writes into it (offloads, standby copies); both sides must agree on where it
-is and how files in it are removed, without the session importing worker code.
+Why a module of its own: the worker owns the folder (it creates it, hands paths out, fetches and
+deletes files in it) and the session writes into it (offloads, standby copies); both sides must
+agree on where it is and how files in it are removed, without the session importing worker code.
 
-The folder is ``jupyter-gpu-<worker pid>-<random>`` in ``/dev/shm`` (host memory) where the machine has one:
-created fresh with ``mkdtemp`` (so mode 0700, owned by the worker, and never a folder someone else made
-first under a name they could predict), and removed with the worker. A worker killed without its teardown
-leaves its folder behind; the next worker on the machine removes folders whose worker is gone
-(``sweep_stale``), so host memory does not fill with copies nobody can restore.
+The folder is ``jupyter-gpu-<worker pid>-<random>`` in ``/dev/shm`` (host memory) where the machine
+has one: created fresh with ``mkdtemp`` (so mode 0700, owned by the worker, and never a folder
+someone else made first under a name they could predict), and removed with the worker. A worker
+killed without its teardown leaves its folder behind; the next worker on the machine removes folders
+whose worker is gone (``sweep_stale``), so host memory does not fill with copies nobody can restore.
 """
 
 from __future__ import annotations
@@ -25,24 +25,29 @@ PREFIX = "jupyter-gpu-"
 
 def host_memory_base() -> str:
     """``/dev/shm`` when the machine has a writable one (host memory), else the temporary folder."""
-    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+    return (
+        "/dev/shm"
+        if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK)
+        else tempfile.gettempdir()
+    )
 
 
 def offload_dir(tag: str | None = None) -> str:
-    """A new private folder in host memory for a worker's offloaded namespaces (``tag``: what it is for)."""
+    """A new private folder in host memory for a worker's offloaded namespaces (``tag``: what it is
+    for)."""
     prefix = f"{PREFIX}{os.getpid()}-" + (f"{tag}-" if tag else "")
     return tempfile.mkdtemp(prefix=prefix, dir=host_memory_base())
 
 
 def sweep_stale(base: str | None = None) -> list[str]:
-    """Remove the host-memory folders of workers that are gone (their pid no longer runs) and that this
-    account owns; returns what was removed."""
+    """Remove the host-memory folders of workers that are gone (their pid no longer runs) and that
+    this account owns; returns what was removed."""
     base = base or host_memory_base()
     removed = []
     for entry in os.scandir(base):
         if not entry.name.startswith(PREFIX):
             continue
-        head = entry.name[len(PREFIX):].split("-", 1)[0]
+        head = entry.name[len(PREFIX) :].split("-", 1)[0]
         if not head.isdigit() or int(head) == os.getpid():
             continue
         try:
@@ -57,7 +62,8 @@ def sweep_stale(base: str | None = None) -> list[str]:
 
 
 def discard(path: str) -> None:
-    """Remove a file of host memory (an offload, a standby copy, a partial write) that may already be gone."""
+    """Remove a file of host memory (an offload, a standby copy, a partial write) that may already
+    be gone."""
     try:
         os.unlink(path)
     except OSError:

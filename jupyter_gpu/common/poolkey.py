@@ -1,14 +1,15 @@
 """The pool key: what the parts of a pool show each other, and what users never hold.
 
-Why: a kernel and a worker both connect to the scheduler, and Dask cannot tell them apart. A user's code
-must not be able to act as a worker (offer a fake GPU, report a 10 TB peak for someone else's lease, end a
-session), nor as the broker towards a worker. So the scheduler and the workers share a secret, the pool key,
-in a file only the pool's service account can read; every handler meant for workers or the broker asks for
-it, and user code (in kernels and sessions, under the users' accounts) cannot read it.
+Why: a kernel and a worker both connect to the scheduler, and Dask cannot tell them apart. A user's
+code must not be able to act as a worker (offer a fake GPU, report a 10 TB peak for someone else's
+lease, end a session), nor as the broker towards a worker. So the scheduler and the workers share a
+secret, the pool key, in a file only the pool's service account can read; every handler meant for
+workers or the broker asks for it, and user code (in kernels and sessions, under the users'
+accounts) cannot read it.
 
-Where it lives: ``jupyter-gpu.pool-key-file`` if set (a pool across machines: copy the file to each worker
-machine, readable only by the service account), else ``jupyter-gpu-pool-<port>.key`` in the service
-account's Jupyter runtime folder, which ``jupyter-gpu pool up`` creates on first start and a
+Where it lives: ``jupyter-gpu.pool-key-file`` if set (a pool across machines: copy the file to each
+worker machine, readable only by the service account), else ``jupyter-gpu-pool-<port>.key`` in the
+service account's Jupyter runtime folder, which ``jupyter-gpu pool up`` creates on first start and a
 ``jupyter-gpu worker`` of the same account on the same machine finds by the scheduler's port.
 """
 
@@ -57,7 +58,8 @@ def ensure_key(path: str) -> str:
 
 
 def matches(given: str | None, key: str | None) -> bool:
-    """Whether ``given`` is the pool key (constant time); with no key configured nothing is checked."""
+    """Whether ``given`` is the pool key (constant time); with no key configured nothing is
+    checked."""
     if key is None:
         return True
     return given is not None and hmac.compare_digest(given, key)

@@ -1,8 +1,9 @@
 """The wire protocol: every message that crosses a process boundary, and every handler table.
 
-Four kinds of process talk to each other (``docs/architecture.md``): the notebook kernel, the Dask scheduler
-with the broker, the Dask worker with the GPU plugin, and the session process where cells run. The JupyterLab
-server extension and the CLI read the pool like a kernel does. This module declares, in one place:
+Four kinds of process talk to each other (``docs/architecture.md``): the notebook kernel, the
+Dask scheduler with the broker, the Dask worker with the GPU plugin, and the session process
+where cells run. The JupyterLab server extension and the CLI read the pool like a kernel does.
+This module declares, in one place:
 
 - the environment variables that configure a kernel or a worker (the user contract, DESIGN section 2);
 - the value sets of states and options, as ``Literal`` types;
@@ -27,14 +28,19 @@ from typing import Any, ClassVar, Final, Literal, NamedTuple, TypedDict
 from jupyter_gpu.common.units import format_bytes
 
 # ---------------------------------------------------------------------- environment (the user contract)
-SCHEDULER_ENV: Final = "JUPYTER_GPU_SCHEDULER"   # the pool a kernel joins (else the embedded pool)
-USER_ENV: Final = "JUPYTER_GPU_USER"             # who a kernel acts for (else the login name)
-TOKEN_ENV: Final = "JUPYTER_GPU_TOKEN"           # that user's token, for pools with a token file
-VIRTUAL_ENV: Final = "JUPYTER_GPU_VIRTUAL_GPUS"  # e.g. 2x16GiB: virtual GPUs for machines without one
-DEVICES_ENV: Final = "JUPYTER_GPU_DEVICES"       # worker-internal: which of the machine's GPUs a worker owns
-SPAWN_KEY_ENV: Final = "JUPYTER_GPU_SESSION_KEY"  # worker -> session: the key its first ``assign`` must carry
-NANNY_KEY_ENV: Final = "JUPYTER_GPU_NANNY_KEY"    # nanny -> its worker: the key to ask the nanny to close
-STARTUP_KEY: Final = "jupyter-gpu-pool-key"     # where a GPU worker shows the pool key when it registers
+SCHEDULER_ENV: Final = "JUPYTER_GPU_SCHEDULER"  # the pool a kernel joins (else the embedded pool)
+USER_ENV: Final = "JUPYTER_GPU_USER"  # who a kernel acts for (else the login name)
+TOKEN_ENV: Final = "JUPYTER_GPU_TOKEN"  # that user's token, for pools with a token file
+# e.g. 2x16GiB: virtual GPUs for machines without one
+VIRTUAL_ENV: Final = "JUPYTER_GPU_VIRTUAL_GPUS"
+# worker-internal: which of the machine's GPUs a worker owns
+DEVICES_ENV: Final = "JUPYTER_GPU_DEVICES"
+# worker -> session: the key its first ``assign`` must carry
+SPAWN_KEY_ENV: Final = "JUPYTER_GPU_SESSION_KEY"
+# nanny -> its worker: the key to ask the nanny to close
+NANNY_KEY_ENV: Final = "JUPYTER_GPU_NANNY_KEY"
+# where a GPU worker shows the pool key when it registers
+STARTUP_KEY: Final = "jupyter-gpu-pool-key"
 
 # ---------------------------------------------------------------------- value sets
 Priority = Literal["interactive", "batch"]
@@ -44,8 +50,8 @@ LeaseState = Literal["starting", "idle", "running", "ended"]
 Isolation = Literal["none", "torch-cap", "mps", "mig"]
 OffloadState = Literal["pending", "saved"]
 RunState = Literal["running", "done", "failed", "stopped"]
-# what an estimated start rests on: the running cells' reported progress, idle sessions moving to host
-# memory for it, or how long recent leases lasted (a rough guess)
+# what an estimated start rests on: the running cells' reported progress, idle sessions moving to
+# host memory for it, or how long recent leases lasted (a rough guess)
 EtaBasis = Literal["progress", "idle", "history"]
 Caller = Literal["kernel", "session", "worker", "broker", "anyone"]
 
@@ -55,9 +61,9 @@ Caller = Literal["kernel", "session", "worker", "broker", "anyone"]
 class RequestSpec:
     """What a cell asks for, as the magic sends it (``spec`` of ``gpu_request``).
 
-    Exactly one of ``fraction`` (of one GPU, 0 < f <= 1), ``memory`` (bytes on one GPU) or ``gpus`` (whole
-    GPUs on one worker, >= 1) is set. ``workers`` > 1 asks for that many such allocations, each on a
-    distinct GPU, granted together (a gang).
+    Exactly one of ``fraction`` (of one GPU, 0 < f <= 1), ``memory`` (bytes on one GPU) or
+    ``gpus`` (whole GPUs on one worker, >= 1) is set. ``workers`` > 1 asks for that many such
+    allocations, each on a distinct GPU, granted together (a gang).
     """
 
     fraction: float | None = None
@@ -71,18 +77,27 @@ class RequestSpec:
 
     @classmethod
     def from_wire(cls, data: Any) -> RequestSpec:
-        """The spec a kernel sent, checked field by field (types, finite numbers, ranges, known keys):
-        raises ValueError worded for the notebook user. Nothing is coerced: ``workers: 1.5`` is refused."""
+        """The spec a kernel sent, checked field by field (types, finite numbers, ranges, known
+        keys): raises ValueError worded for the notebook user. Nothing is coerced: ``workers: 1.5``
+        is refused."""
         if not isinstance(data, dict):
             raise ValueError(f"the request must be a mapping of fields, not {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(str(k) for k in data if k not in known)
         if unknown:
-            raise ValueError(f"unknown field(s) {', '.join(unknown)} in the request; known: {', '.join(sorted(known))}")
+            raise ValueError(
+                f"unknown field(s) {', '.join(unknown)} in the request; known: "
+                f"{', '.join(sorted(known))}"
+            )
         spec = cls(**data)
-        if spec.fraction is not None and (isinstance(spec.fraction, bool) or not isinstance(spec.fraction, (int, float))
-                                          or not math.isfinite(spec.fraction)):
-            raise ValueError(f"a GPU fraction must be a finite number in (0, 1]; got {spec.fraction!r}")
+        if spec.fraction is not None and (
+            isinstance(spec.fraction, bool)
+            or not isinstance(spec.fraction, (int, float))
+            or not math.isfinite(spec.fraction)
+        ):
+            raise ValueError(
+                f"a GPU fraction must be a finite number in (0, 1]; got {spec.fraction!r}"
+            )
         for name, top in (("memory", 2**62), ("gpus", cls.MAX_GPUS), ("workers", cls.MAX_RANKS)):
             value = getattr(spec, name)
             if value is None:
@@ -92,7 +107,9 @@ class RequestSpec:
             if value > top:
                 raise ValueError(f"{name} must be at most {top}; got {value}")
         if not isinstance(spec.priority, str):
-            raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}; got {spec.priority!r}")
+            raise ValueError(
+                f"priority must be one of {', '.join(PRIORITIES)}; got {spec.priority!r}"
+            )
         spec.validate()
         return spec
 
@@ -100,8 +117,10 @@ class RequestSpec:
         """Raise ValueError, worded for the notebook user, for a spec that makes no sense."""
         set_fields = [n for n in ("fraction", "memory", "gpus") if getattr(self, n) is not None]
         if len(set_fields) != 1:
-            raise ValueError("ask for exactly one of a fraction (--gpus 0.5), whole GPUs (--gpus 2) or "
-                             "memory (--memory 8GiB)")
+            raise ValueError(
+                "ask for exactly one of a fraction (--gpus 0.5), whole GPUs (--gpus 2) or "
+                "memory (--memory 8GiB)"
+            )
         if self.fraction is not None and not (0 < self.fraction <= 1):
             raise ValueError(f"a GPU fraction must be in (0, 1]; got {self.fraction}")
         if self.memory is not None and self.memory <= 0:
@@ -111,13 +130,17 @@ class RequestSpec:
         if self.workers < 1:
             raise ValueError(f"--workers must be >= 1; got {self.workers}")
         if self.gpus is not None and self.gpus > 1 and self.workers > 1:
-            raise ValueError("--workers N runs one rank per GPU: use --gpus 1 (or a fraction) with --workers")
+            raise ValueError(
+                "--workers N runs one rank per GPU: use --gpus 1 (or a fraction) with --workers"
+            )
         if self.priority not in PRIORITIES:
-            raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}; got {self.priority!r}")
+            raise ValueError(
+                f"priority must be one of {', '.join(PRIORITIES)}; got {self.priority!r}"
+            )
 
     def need_on(self, gpu: Any) -> int:
-        """Bytes this spec reserves on ``gpu`` (anything with ``total_bytes``) for one allocation (whole
-        GPUs reserve all of it)."""
+        """Bytes this spec reserves on ``gpu`` (anything with ``total_bytes``) for one allocation
+        (whole GPUs reserve all of it)."""
         if self.memory is not None:
             return int(self.memory)
         if self.gpus is not None:
@@ -146,10 +169,11 @@ class RequestSpec:
 
 # ---------------------------------------------------------------------- worker -> broker
 class GpuInfoMsg(TypedDict, total=False):
-    """One GPU a worker offers (``gpu_register_worker``'s ``gpus``; ``worker/inventory.py``'s ``GpuInfo``)."""
+    """One GPU a worker offers (``gpu_register_worker``'s ``gpus``; ``worker/inventory.py``'s
+    ``GpuInfo``)."""
 
-    index: int                 # position on its worker: what a lease names
-    uuid: str                  # GPU-..., MIG-... or VGPU-...
+    index: int  # position on its worker: what a lease names
+    uuid: str  # GPU-..., MIG-... or VGPU-...
     name: str
     total_bytes: int
     virtual: bool
@@ -160,36 +184,38 @@ class GpuInfoMsg(TypedDict, total=False):
 
 
 class Sample(TypedDict, total=False):
-    """One utilization sample of one GPU (NVML on a worker, or the broker's estimate for virtual GPUs)."""
+    """One utilization sample of one GPU (NVML on a worker, or the broker's estimate for virtual
+    GPUs)."""
 
     t: float
-    utilization: float | None        # percent
+    utilization: float | None  # percent
     memory_used_bytes: int | None
 
 
 # ---------------------------------------------------------------------- broker -> kernel, panel, CLI
 class OffloadView(TypedDict, total=False):
-    """Where an idle session's variables went when its lease was taken back (no file path: that stays
-    between the broker and the workers)."""
+    """Where an idle session's variables went when its lease was taken back (no file path: that
+    stays between the broker and the workers)."""
 
     state: OffloadState
     worker: str
     saved: list[str]
-    lost: list[dict]                 # [{"name", "type", "why"}]
+    lost: list[dict]  # [{"name", "type", "why"}]
     bytes: int
-    standby: bool                    # handed over from a standby copy (moving it was a rename)
+    standby: bool  # handed over from a standby copy (moving it was a rename)
     seconds: float
 
 
 class LeaseView(TypedDict, total=False):
-    """A lease as the kernel, the CLI and the panel see it (``Lease.public()`` plus the policy's view)."""
+    """A lease as the kernel, the CLI and the panel see it (``Lease.public()`` plus the policy's
+    view)."""
 
     id: str
     request: str
     user: str
     kernel: str
     worker: str
-    gpus: list[str]                  # GPU ids: "<worker>#<index>"
+    gpus: list[str]  # GPU ids: "<worker>#<index>"
     gpu_indices: list[int]
     bytes: int
     fraction: float
@@ -201,9 +227,10 @@ class LeaseView(TypedDict, total=False):
     started: float
     state: LeaseState
     isolation: Isolation
-    containment: str | None          # how its processes are kept together: "cgroup v2", ..., "process group"
-    host_memory_limit: int | None    # the host memory its processes may use together (bytes)
-    address: str | None              # the session's comm address
+    # how its processes are kept together: "cgroup v2", ..., "process group"
+    containment: str | None
+    host_memory_limit: int | None  # the host memory its processes may use together (bytes)
+    address: str | None  # the session's comm address
     pid: int | None
     cell_started: float | None
     peak_bytes: int | None
@@ -214,23 +241,26 @@ class LeaseView(TypedDict, total=False):
     offload: OffloadView | None
     team: str | None
     preemptible: bool
-    bytes_on_gpu: int                # in a snapshot's GPU entry: the part of the lease on that GPU
-    right_size: str | None           # the broker's right-sizing hint (views.right_size_hint), None: none
-    gpu_names: list[str]             # in a granted request's status
-    secret: str | None               # in a granted request's status (its owner's only): what the session asks
-    virtual: bool                    # in a granted request's status
+    bytes_on_gpu: int  # in a snapshot's GPU entry: the part of the lease on that GPU
+    # the broker's right-sizing hint (views.right_size_hint), None: none
+    right_size: str | None
+    gpu_names: list[str]  # in a granted request's status
+    # in a granted request's status (its owner's only): what the session asks
+    secret: str | None
+    virtual: bool  # in a granted request's status
 
 
 class LiveSession(TypedDict):
     """A session a worker reports when it joins a (restarted) scheduler, for the broker to adopt."""
 
-    lease: LeaseView                 # as the broker granted it, with the session's address and pid
-    client: str | None               # the owning kernel's Dask client
-    busy: bool                       # running a cell right now
+    lease: LeaseView  # as the broker granted it, with the session's address and pid
+    client: str | None  # the owning kernel's Dask client
+    busy: bool  # running a cell right now
 
 
 class ParkedCopy(TypedDict):
-    """An ended session's variables a worker keeps in host memory, reported for adoption the same way."""
+    """An ended session's variables a worker keeps in host memory, reported for adoption the same
+    way."""
 
     lease: LeaseView
     client: str | None
@@ -247,13 +277,14 @@ class RequestStatus(TypedDict, total=False):
     id: str | None
     state: RequestState
     reason: str
-    eta: float | None                # estimated start (epoch seconds), "not before"
-    eta_basis: EtaBasis | None       # what the estimate rests on (how sure it is)
-    request: str                     # RequestSpec.describe()
-    position: int | None             # queued: place in the fair order
+    eta: float | None  # estimated start (epoch seconds), "not before"
+    eta_basis: EtaBasis | None  # what the estimate rests on (how sure it is)
+    request: str  # RequestSpec.describe()
+    position: int | None  # queued: place in the fair order
     queue_length: int
-    leases: list[LeaseView]          # granted: one per rank, with gpu_names
-    restored: dict | None            # granted with ``restore``: {"restored": [names], "failed": [...]}
+    leases: list[LeaseView]  # granted: one per rank, with gpu_names
+    # granted with ``restore``: {"restored": [names], "failed": [...]}
+    restored: dict | None
 
 
 class GpuView(TypedDict, total=False):
@@ -286,7 +317,7 @@ class QueueItem(TypedDict, total=False):
     request: str
     priority: Priority
     position: int
-    reason: str                      # why it waits, always set
+    reason: str  # why it waits, always set
     eta: float | None
     eta_basis: EtaBasis | None
     since: float
@@ -313,72 +344,85 @@ class ParkedView(TypedDict, total=False):
 class HostView(TypedDict):
     """One machine of the pool in a snapshot: its workers' GPUs (the panel groups GPUs by host)."""
 
-    host: str                        # the address its workers listen on
+    host: str  # the address its workers listen on
     workers: int
-    gpus: list[str]                  # GPU ids, in the snapshot's order
+    gpus: list[str]  # GPU ids, in the snapshot's order
     total_bytes: int
     leased_bytes: int
 
 
 class JobView(TypedDict, total=False):
-    """A job (Slurm job, pod, ...) the pool's cluster manager runs or was asked for: one or more GPU workers."""
+    """A job (Slurm job, pod, ...) the pool's cluster manager runs or was asked for: one or more GPU
+    workers."""
 
-    name: str                        # the Dask worker name it starts (its GPU workers: name, or name-gpuN)
-    job_id: str | None               # the cluster manager's id (a Slurm job id); None where it has none
-    state: str                       # the cluster manager's own state (Slurm: PENDING, RUNNING, TIMEOUT...), or
-                                     # "submitted" / "running" where it tells none
-    reason: str | None               # the cluster manager's reason for that state (Slurm: Resources, TimeLimit)
-    workers: int                     # its GPU workers that have joined the pool
-    since: float                     # when it was asked for (epoch seconds)
-    ended: float | None              # when it was seen to end (in ``ClusterView.ended``)
+    # the Dask worker name it starts (its GPU workers: name, or name-gpuN)
+    name: str
+    # the cluster manager's id (a Slurm job id); None where it has none
+    job_id: str | None
+    # the cluster manager's own state (Slurm: PENDING, RUNNING, TIMEOUT...), or
+    state: str
+    # "submitted" / "running" where it tells none
+    # the cluster manager's reason for that state (Slurm: Resources, TimeLimit)
+    reason: str | None
+    workers: int  # its GPU workers that have joined the pool
+    since: float  # when it was asked for (epoch seconds)
+    ended: float | None  # when it was seen to end (in ``ClusterView.ended``)
 
 
 class AdaptiveView(TypedDict):
-    minimum: int                     # GPU workers
+    minimum: int  # GPU workers
     maximum: int
-    idle: float                      # seconds a worker with no session and no host-memory copy waits to be retired
+    # seconds a worker with no session and no host-memory copy waits to be retired
+    idle: float
 
 
 class ClusterView(TypedDict, total=False):
-    """The cluster manager behind the Scale button: what it was asked for and its jobs, as it reports them."""
+    """The cluster manager behind the Scale button: what it was asked for and its jobs, as it
+    reports them."""
 
-    kind: str                        # "slurm" (squeue states), "dask" (any Dask cluster class), "embedded"
-    manager: str                     # the class, e.g. dask_jobqueue.SLURMCluster
+    # "slurm" (squeue states), "dask" (any Dask cluster class), "embedded"
+    kind: str
+    manager: str  # the class, e.g. dask_jobqueue.SLURMCluster
     gpus_per_job: int
-    target: int | None               # GPU workers asked for by a fixed scale (None: adaptive or never scaled)
+    # GPU workers asked for by a fixed scale (None: adaptive or never scaled)
+    target: int | None
     adaptive: AdaptiveView | None
-    jobs: list[JobView]              # asked for and not ended: pending ones first
-    ended: list[JobView]             # the latest that ended on their own (walltime, failure), newest first
+    jobs: list[JobView]  # asked for and not ended: pending ones first
+    # the latest that ended on their own (walltime, failure), newest first
+    ended: list[JobView]
 
 
 class PoolInfo(TypedDict, total=False):
     address: str | None
     embedded: bool
-    scalable: bool                   # the pool owns a cluster manager (%gpu scale works)
-    cluster: ClusterView | None      # that cluster manager and its jobs (None: the pool has none)
-    scale_users: list[str] | None    # who may scale (None: everyone)
+    scalable: bool  # the pool owns a cluster manager (%gpu scale works)
+    cluster: ClusterView | None  # that cluster manager and its jobs (None: the pool has none)
+    scale_users: list[str] | None  # who may scale (None: everyone)
     workers: int
     virtual: bool
     default_fraction: float
-    shared: bool                     # the pool checks tokens: several people use it
-    users_isolated: bool             # every session runs as its user's account (docs/security.md)
+    shared: bool  # the pool checks tokens: several people use it
+    users_isolated: bool  # every session runs as its user's account (docs/security.md)
 
 
 class Snapshot(TypedDict, total=False):
-    """``gpu_snapshot``: the whole pool as ``%gpu status``, ``jupyter-gpu status`` and the panel show it."""
+    """``gpu_snapshot``: the whole pool as ``%gpu status``, ``jupyter-gpu status`` and the panel
+    show it."""
 
     time: float
     pool: PoolInfo
-    gpus: list[GpuView]              # grouped by host (then worker, index)
-    hosts: list[HostView]            # the machines, in the order their GPUs are listed
+    gpus: list[GpuView]  # grouped by host (then worker, index)
+    hosts: list[HostView]  # the machines, in the order their GPUs are listed
     queue: list[QueueItem]
     in_host_memory: list[ParkedView]
-    quotas: dict                     # {"configured", "teams", "users", "identity", "default_team"}
-    runs: list[dict]                 # the latest --workers runs: {"id", "ranks": {rank: [metrics]}, ...}
+    quotas: dict  # {"configured", "teams", "users", "identity", "default_team"}
+    # the latest --workers runs: {"id", "ranks": {rank: [metrics]}, ...}
+    runs: list[dict]
 
 
 class Account(TypedDict):
-    """The OS account a session runs as (worker -> session at ``assign``, when users are isolated)."""
+    """The OS account a session runs as (worker -> session at ``assign``, when users are
+    isolated)."""
 
     user: str
     uid: int
@@ -388,14 +432,16 @@ class Account(TypedDict):
 
 
 class RestoreRef(TypedDict):
-    """Where an offloaded namespace waits: the worker that keeps it and the file there (broker -> worker)."""
+    """Where an offloaded namespace waits: the worker that keeps it and the file there (broker ->
+    worker)."""
 
     worker: str
     path: str
 
 
 class StandbyPlan(TypedDict):
-    """Where (and after how long idle) a session writes its standby copy (worker -> session at ``assign``)."""
+    """Where (and after how long idle) a session writes its standby copy (worker -> session at
+    ``assign``)."""
 
     path: str
     after: float
@@ -406,17 +452,20 @@ class CellPayload(TypedDict, total=False):
     """The ``execute`` call of a session (its keyword arguments): one cell to run."""
 
     code: str
-    inputs: dict                     # name -> Serialized (Dask frames; modules as ModuleRef) or, on the same
-                                     # machine and account, a pipe marker (common/local_transfer.py)
-    outputs: list[str]               # names to send back (plain data comes back, the rest stays remote)
-    exact_outputs: bool              # --out given: bring back exactly these, whatever they are
-    cell_name: str                   # "<%%gpu cell In[n]>": the file name of the cell's code
-    label: str | None                # for the panel and the queue
-    max_bytes: int                   # larger values stay remote
-    cwd: str | None                  # the kernel's working directory
-    dist: dict | None                # --workers: rank, world_size, master_addr/port, run, attempt, ...
-    checkpoint_dir: str | None       # where jupyter_gpu.checkpoint() writes for this cell
-    local: bool                      # send large outputs back through pipes (the probe passed)
+    # name -> Serialized (Dask frames; modules as ModuleRef) or, on the same
+    inputs: dict
+    # machine and account, a pipe marker (common/local_transfer.py)
+    # names to send back (plain data comes back, the rest stays remote)
+    outputs: list[str]
+    exact_outputs: bool  # --out given: bring back exactly these, whatever they are
+    cell_name: str  # "<%%gpu cell In[n]>": the file name of the cell's code
+    label: str | None  # for the panel and the queue
+    max_bytes: int  # larger values stay remote
+    cwd: str | None  # the kernel's working directory
+    # --workers: rank, world_size, master_addr/port, run, attempt, ...
+    dist: dict | None
+    checkpoint_dir: str | None  # where jupyter_gpu.checkpoint() writes for this cell
+    local: bool  # send large outputs back through pipes (the probe passed)
 
 
 class StreamMsg(TypedDict):
@@ -439,11 +488,13 @@ class ClearMsg(TypedDict):
 
 
 class MetricsItem(TypedDict, total=False):
-    """One ``report()`` of a --workers rank, as the session batches it to the broker (``gpu_run_metrics``)."""
+    """One ``report()`` of a --workers rank, as the session batches it to the broker
+    (``gpu_run_metrics``)."""
 
     step: int | None
     time: float
-    metrics: dict[str, Any]          # scalars; the broker keeps numbers, text and null (NaN becomes "nan")
+    # scalars; the broker keeps numbers, text and null (NaN becomes "nan")
+    metrics: dict[str, Any]
 
 
 class MetricsMsg(TypedDict):
@@ -462,10 +513,10 @@ OutputMsg = StreamMsg | DisplayMsg | ClearMsg | MetricsMsg
 class ErrorPayload(TypedDict, total=False):
     """A remote exception (``session/tracebacks.py``), rebuilt in the kernel."""
 
-    type: str                        # module.qualname
+    type: str  # module.qualname
     message: str
     pickled: bytes | None
-    traceback: dict | None           # tblib
+    traceback: dict | None  # tblib
     text: str
     cell: str | None
 
@@ -480,8 +531,8 @@ class ExecuteReply(TypedDict, total=False):
     gpu_utilization: float | None
     execution_count: int
     error: ErrorPayload
-    outputs: dict                    # name -> {"kind": "value", "data"} | {"kind": "remote", ...}
-    result: dict | None              # the last expression: {"bundle", "value"}
+    outputs: dict  # name -> {"kind": "value", "data"} | {"kind": "remote", ...}
+    result: dict | None  # the last expression: {"bundle", "value"}
 
 
 # ---------------------------------------------------------------------- handler tables
@@ -495,68 +546,163 @@ class Op(NamedTuple):
 
 
 SCHEDULER_HANDLERS: Final[dict[str, Op]] = {
-    "gpu_register_worker": Op("worker", "worker, gpus: list[GpuInfoMsg], sessions?: list[LiveSession], "
-                              "parked?: list[ParkedCopy], start_slots?: int", "{gpus: [GPU id], refused_sessions: [lease id]}",
-                              "a worker's GPU plugin offers its GPUs (replacing any earlier offer); after a "
-                              "scheduler restart, with the sessions and parked variables it keeps, to adopt"),
-    "gpu_samples": Op("worker", "worker, samples: {index: Sample}", "-",
-                      "NVML utilization samples from a worker's sampling thread"),
-    "gpu_session_ended": Op("worker", "lease, reason", "-",
-                            "the worker saw a session process exit (crash, OOM kill, exit)"),
-    "gpu_lease_state": Op("session", "lease, state, cell?, peak_bytes?, gpu_utilization?, resident_bytes?", "-",
-                          "a session's cell started (running) or ended (idle, with its peak and what it holds)"),
-    "gpu_run_metrics": Op("session", "run, rank, items: [metrics]", "-",
-                          "a --workers rank's jupyter_gpu.report() metrics, batched, for the panel"),
-    "gpu_request": Op("kernel", "user, kernel, spec: RequestSpec, client?, notebook?, cell?, token?, restore?",
-                      "RequestStatus", "queue a request for GPU memory; granted at once if it fits, refused "
-                      "at once if it never can"),
-    "gpu_wait": Op("kernel", "id, timeout", "RequestStatus",
-                   "long-poll a request until it leaves queued/starting, or the timeout"),
-    "gpu_cancel": Op("kernel", "id, user, token?", "{cancelled: bool, what: str}",
-                     "cancel my queued request, or end my lease (its session is killed)"),
-    "gpu_release": Op("kernel", "lease, user, reason?, token?", "{released: bool, error?}",
-                      "end my lease now (%gpu release, --fresh cells, --workers runs)"),
-    "gpu_lease_info": Op("kernel", "lease", "LeaseView",
-                         "a lease, live or ended (with why it ended and where its variables went)"),
-    "gpu_run_update": Op("kernel", "run, ...fields", "-",
-                         "how a --workers run stands (ranks, state, attempt), for the panel"),
-    "gpu_scale": Op("kernel", "n | minimum, maximum, user, token?", "{workers, adaptive, jobs?, note?} | {error}",
-                    "grow or shrink a pool that owns a cluster manager (jupyter-gpu.scale-users may): jobs are "
-                    "submitted and cancelled; a worker holding a session or a host-memory copy is never retired"),
-    "gpu_snapshot": Op("anyone", "-", "Snapshot", "the whole pool: GPUs, leases, queue, quotas, runs"),
+    "gpu_register_worker": Op(
+        "worker",
+        "worker, gpus: list[GpuInfoMsg], sessions?: list[LiveSession], "
+        "parked?: list[ParkedCopy], start_slots?: int",
+        "{gpus: [GPU id], refused_sessions: [lease id]}",
+        "a worker's GPU plugin offers its GPUs (replacing any earlier offer); after a "
+        "scheduler restart, with the sessions and parked variables it keeps, to adopt",
+    ),
+    "gpu_samples": Op(
+        "worker",
+        "worker, samples: {index: Sample}",
+        "-",
+        "NVML utilization samples from a worker's sampling thread",
+    ),
+    "gpu_session_ended": Op(
+        "worker",
+        "lease, reason",
+        "-",
+        "the worker saw a session process exit (crash, OOM kill, exit)",
+    ),
+    "gpu_lease_state": Op(
+        "session",
+        "lease, state, cell?, peak_bytes?, gpu_utilization?, resident_bytes?",
+        "-",
+        "a session's cell started (running) or ended (idle, with its peak and what it holds)",
+    ),
+    "gpu_run_metrics": Op(
+        "session",
+        "run, rank, items: [metrics]",
+        "-",
+        "a --workers rank's jupyter_gpu.report() metrics, batched, for the panel",
+    ),
+    "gpu_request": Op(
+        "kernel",
+        "user, kernel, spec: RequestSpec, client?, notebook?, cell?, token?, restore?",
+        "RequestStatus",
+        "queue a request for GPU memory; granted at once if it fits, refused "
+        "at once if it never can",
+    ),
+    "gpu_wait": Op(
+        "kernel",
+        "id, timeout",
+        "RequestStatus",
+        "long-poll a request until it leaves queued/starting, or the timeout",
+    ),
+    "gpu_cancel": Op(
+        "kernel",
+        "id, user, token?",
+        "{cancelled: bool, what: str}",
+        "cancel my queued request, or end my lease (its session is killed)",
+    ),
+    "gpu_release": Op(
+        "kernel",
+        "lease, user, reason?, token?",
+        "{released: bool, error?}",
+        "end my lease now (%gpu release, --fresh cells, --workers runs)",
+    ),
+    "gpu_lease_info": Op(
+        "kernel",
+        "lease",
+        "LeaseView",
+        "a lease, live or ended (with why it ended and where its variables went)",
+    ),
+    "gpu_run_update": Op(
+        "kernel",
+        "run, ...fields",
+        "-",
+        "how a --workers run stands (ranks, state, attempt), for the panel",
+    ),
+    "gpu_scale": Op(
+        "kernel",
+        "n | minimum, maximum, user, token?",
+        "{workers, adaptive, jobs?, note?} | {error}",
+        "grow or shrink a pool that owns a cluster manager (jupyter-gpu.scale-users may): jobs are "
+        "submitted and cancelled; a worker holding a session or a host-memory copy is never retired",
+    ),
+    "gpu_snapshot": Op(
+        "anyone", "-", "Snapshot", "the whole pool: GPUs, leases, queue, quotas, runs"
+    ),
     "gpu_usage": Op("anyone", "since", "usage", "GPU-hours per user and team from the audit store"),
 }
 
 WORKER_HANDLERS: Final[dict[str, Op]] = {
-    "gpu_session_start": Op("broker", "lease: LeaseView, scheduler, restore?: {worker, path}, client?",
-                            "{address, pid, isolation, restored} | {error}",
-                            "give a (pre-warmed) session process the lease: pinned, capped, restored"),
-    "gpu_session_signal": Op("broker", 'lease, signal: "interrupt" | "kill"', "{ok}",
-                             "interrupt or kill a lease's session"),
-    "gpu_session_offload": Op("broker", "lease, timeout", "{path, saved, lost, bytes, standby?} | {error}",
-                              "move a session's variables to host memory (its lease is being taken back)"),
-    "gpu_offload_fetch": Op("worker", "path", "{data: bytes} | {error}",
-                            "hand an offloaded namespace to the worker where its owner's next session starts"),
-    "gpu_offload_discard": Op("broker", "path", "{ok}", "forget an offloaded namespace nobody will restore"),
+    "gpu_session_start": Op(
+        "broker",
+        "lease: LeaseView, scheduler, restore?: {worker, path}, client?",
+        "{address, pid, isolation, restored} | {error}",
+        "give a (pre-warmed) session process the lease: pinned, capped, restored",
+    ),
+    "gpu_session_signal": Op(
+        "broker",
+        'lease, signal: "interrupt" | "kill"',
+        "{ok}",
+        "interrupt or kill a lease's session",
+    ),
+    "gpu_session_offload": Op(
+        "broker",
+        "lease, timeout",
+        "{path, saved, lost, bytes, standby?} | {error}",
+        "move a session's variables to host memory (its lease is being taken back)",
+    ),
+    "gpu_offload_fetch": Op(
+        "worker",
+        "path",
+        "{data: bytes} | {error}",
+        "hand an offloaded namespace to the worker where its owner's next session starts",
+    ),
+    "gpu_offload_discard": Op(
+        "broker", "path", "{ok}", "forget an offloaded namespace nobody will restore"
+    ),
     "gpu_inventory": Op("anyone", "-", "[GpuInfoMsg]", "the GPUs this worker owns"),
-    "gpu_session_starter": Op("anyone", "-", "{kind: fork | spare, ready, worker_pid, pid?, sessions?}",
-                              "how this worker starts sessions (its zygote, or a spare) and whether one is warm"),
+    "gpu_session_starter": Op(
+        "anyone",
+        "-",
+        "{kind: fork | spare, ready, worker_pid, pid?, sessions?}",
+        "how this worker starts sessions (its zygote, or a spare) and whether one is warm",
+    ),
 }
 
 SESSION_HANDLERS: Final[dict[str, Op]] = {
-    "assign": Op("worker", "lease, gpus, scheduler?, env?, standby?: {path, after}", "{isolation, pid} | {error}",
-                 "take a lease: pin the GPU, cap memory, start measuring"),
-    "execute": Op("kernel", "CellPayload (streams OutputMsg batches)", "ExecuteReply",
-                  "run one cell in the session's namespace, streaming its output"),
+    "assign": Op(
+        "worker",
+        "lease, gpus, scheduler?, env?, standby?: {path, after}",
+        "{isolation, pid} | {error}",
+        "take a lease: pin the GPU, cap memory, start measuring",
+    ),
+    "execute": Op(
+        "kernel",
+        "CellPayload (streams OutputMsg batches)",
+        "ExecuteReply",
+        "run one cell in the session's namespace, streaming its output",
+    ),
     "interrupt": Op("kernel", "-", "{interrupted: bool}", "SIGINT to the running cell"),
-    "pull": Op("kernel", "name, local?", "{data} | {error}", "a copy of one variable (moved to CPU)"),
-    "ping": Op("kernel", "probe?: pipe marker", "{pid, busy, lease, probe_ok?, probe?}",
-               "is the session alive, and busy; with a probe, can the two read each other's pipes"),
-    "free_port": Op("kernel", "-", "{host, port}", "a free port on this host for a --workers rendezvous"),
-    "offload": Op("worker", "path", "{path, saved, lost, bytes}",
-                  "write the variables to host memory; the session runs no more cells"),
-    "restore": Op("worker", "path", "{restored: [names], failed: [...]}",
-                  "load an earlier session's offloaded variables into this one"),
+    "pull": Op(
+        "kernel", "name, local?", "{data} | {error}", "a copy of one variable (moved to CPU)"
+    ),
+    "ping": Op(
+        "kernel",
+        "probe?: pipe marker",
+        "{pid, busy, lease, probe_ok?, probe?}",
+        "is the session alive, and busy; with a probe, can the two read each other's pipes",
+    ),
+    "free_port": Op(
+        "kernel", "-", "{host, port}", "a free port on this host for a --workers rendezvous"
+    ),
+    "offload": Op(
+        "worker",
+        "path",
+        "{path, saved, lost, bytes}",
+        "write the variables to host memory; the session runs no more cells",
+    ),
+    "restore": Op(
+        "worker",
+        "path",
+        "{restored: [names], failed: [...]}",
+        "load an earlier session's offloaded variables into this one",
+    ),
 }
 
 SCHEDULER_OPS: Final = frozenset(SCHEDULER_HANDLERS)
@@ -567,11 +713,17 @@ SESSION_OPS: Final = frozenset(SESSION_HANDLERS)
 def handler_tables_markdown() -> str:
     """The three handler tables as Markdown (the generated part of ``docs/interfaces.md``)."""
     out = []
-    for title, table in (("Scheduler handlers (the broker, `broker/plugin.py`)", SCHEDULER_HANDLERS),
-                         ("Worker handlers (the GPU worker plugin, `worker/plugin.py`)", WORKER_HANDLERS),
-                         ("Session handlers (the session process, `session/server.py`)", SESSION_HANDLERS)):
-        out += [f"### {title}", "", "| handler | caller | arguments | returns | what it does |",
-                "| --- | --- | --- | --- | --- |"]
+    for title, table in (
+        ("Scheduler handlers (the broker, `broker/plugin.py`)", SCHEDULER_HANDLERS),
+        ("Worker handlers (the GPU worker plugin, `worker/plugin.py`)", WORKER_HANDLERS),
+        ("Session handlers (the session process, `session/server.py`)", SESSION_HANDLERS),
+    ):
+        out += [
+            f"### {title}",
+            "",
+            "| handler | caller | arguments | returns | what it does |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for name, op in sorted(table.items()):
             cells = [f"`{name}`", op.caller, op.arguments, op.returns, op.doc]
             out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")

@@ -1,9 +1,10 @@
-"""Right-sizing: compare what a GPU session reserved with what its cells used, and suggest a smaller ask.
+"""Right-sizing: compare what a GPU session reserved with what its cells used, and suggest a smaller
+ask.
 
-A lease reserves memory for the session's whole life, so an over-sized request keeps others waiting for
-memory nobody touches. Every cell measures its peak (``jupyter_gpu.session.memory_meter``); the kernel,
-``%gpu status``, the panel and ``jupyter-gpu usage`` use these helpers to tell the user when a request
-was far larger than its use, with a request that would have done.
+A lease reserves memory for the session's whole life, so an over-sized request keeps others waiting
+for memory nobody touches. Every cell measures its peak (``jupyter_gpu.session.memory_meter``); the
+kernel, ``%gpu status``, the panel and ``jupyter-gpu usage`` use these helpers to tell the user when
+a request was far larger than its use, with a request that would have done.
 """
 
 from __future__ import annotations
@@ -40,19 +41,24 @@ class RightSize:
         return f"{n >> 30}GiB" if n >= 1 << 30 else f"{n >> 20}MiB"
 
     def hint(self) -> str:
-        return (f"this session used at most {format_bytes(self.peak_bytes)} of the "
-                f"{format_bytes(self.reserved_bytes)} it reserves: --memory {self.suggestion()} would do "
-                "and leaves the rest to others")
+        return (
+            f"this session used at most {format_bytes(self.peak_bytes)} of the "
+            f"{format_bytes(self.reserved_bytes)} it reserves: --memory {self.suggestion()} would "
+            "do "
+            "and leaves the rest to others"
+        )
 
 
 def suggest_bytes(peak_bytes: int) -> int:
-    """The next power of two (at least 256 MiB) above the peak plus headroom: requests people can read."""
+    """The next power of two (at least 256 MiB) above the peak plus headroom: requests people can
+    read."""
     want = max(MIN_SUGGESTION, int(peak_bytes * HEADROOM))
     return 1 << math.ceil(math.log2(want))
 
 
 def right_size(peak_bytes: int | None, reserved_bytes: int | None) -> RightSize | None:
-    """A ``RightSize`` when the reservation was far larger than the peak (None: no measurement, or fine)."""
+    """A ``RightSize`` when the reservation was far larger than the peak (None: no measurement, or
+    fine)."""
     if peak_bytes is None or not reserved_bytes or reserved_bytes < MIN_RESERVED_FOR_HINT:
         return None
     peak = max(0, int(peak_bytes))

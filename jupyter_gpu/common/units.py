@@ -5,20 +5,33 @@ from __future__ import annotations
 import re
 
 _UNITS = {
-    "": 1, "b": 1,
-    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
 }
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
 
 
 def parse_size(text: str) -> int:
-    """Parse ``8GiB`` / ``500MB`` / ``1.5G`` into bytes; raise ValueError naming the accepted forms."""
+    """Parse ``8GiB`` / ``500MB`` / ``1.5G`` into bytes; raise ValueError naming the accepted
+    forms."""
     match = _SIZE.match(str(text))
     unit = match.group(2).lower() if match else None
     if not match or unit not in _UNITS:
         raise ValueError(
-            f"cannot read {text!r} as a memory size: write a number with a unit such as 500MB, 8GiB or 1.5GB "
+            f"cannot read {text!r} as a memory size: write a number with a unit such as 500MB, "
+            "8GiB or 1.5GB "
             "(units: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
         )
     value = float(match.group(1)) * _UNITS[unit]

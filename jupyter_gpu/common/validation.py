@@ -1,12 +1,12 @@
 """Checking what a caller sent before it touches any state: handler signatures are the schema.
 
 Why: a Dask handler is called with whatever keyword arguments arrive on the comm. One request with
-``workers: 1.5`` once wedged every later scheduling pass; a run update with a malformed field broke the
-snapshot for everyone. Every handler of the broker, the worker plugin and the session is therefore wrapped
-by ``validated``: each argument is checked against the handler's own annotation (``Annotated`` types below
-carry ranges and lengths), unknown arguments are refused, numbers must be finite, and a refusal is answered
-to the sender in the handler's own reply shape, naming the field and the fix. Nothing is coerced: a string
-where a number belongs is refused, not parsed.
+``workers: 1.5`` once wedged every later scheduling pass; a run update with a malformed field broke
+the snapshot for everyone. Every handler of the broker, the worker plugin and the session is
+therefore wrapped by ``validated``: each argument is checked against the handler's own annotation
+(``Annotated`` types below carry ranges and lengths), unknown arguments are refused, numbers must be
+finite, and a refusal is answered to the sender in the handler's own reply shape, naming the field
+and the fix. Nothing is coerced: a string where a number belongs is refused, not parsed.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 
 class BadMessage(ValueError):
-    """A message whose fields are not what the protocol says; the text names the field and what it must be."""
+    """A message whose fields are not what the protocol says; the text names the field and what it
+    must be."""
 
 
 @dataclass(frozen=True)
@@ -43,19 +44,21 @@ class MaxLen:
 
 
 # the shapes handlers use most
-Name = Annotated[str, MaxLen(256)]          # user names, kernel ids, lease and request ids
-Text = Annotated[str, MaxLen(4096)]         # labels, reasons, notebook paths
+Name = Annotated[str, MaxLen(256)]  # user names, kernel ids, lease and request ids
+Text = Annotated[str, MaxLen(4096)]  # labels, reasons, notebook paths
 Seconds = Annotated[float, Range(0, 10 * 365 * 86400)]
 Count = Annotated[int, Range(0, 1_000_000)]
-Steps = Annotated[int, Range(0, 2**53)]    # a training loop's step counts (report(step=..., total=...))
+# a training loop's step counts (report(step=..., total=...))
+Steps = Annotated[int, Range(0, 2**53)]
 Bytes = Annotated[int, Range(0, 2**62)]
 Percent = Annotated[float, Range(0, 100)]
 Address = Annotated[str, MaxLen(512)]
-Secret = Annotated[str, MaxLen(256)]        # a lease's secret, a spawn key, a pool key
+Secret = Annotated[str, MaxLen(256)]  # a lease's secret, a spawn key, a pool key
 
 
 def check(value: Any, hint: Any, where: str) -> None:
-    """Raise ``BadMessage`` unless ``value`` fits ``hint`` (a type annotation, possibly ``Annotated``)."""
+    """Raise ``BadMessage`` unless ``value`` fits ``hint`` (a type annotation, possibly
+    ``Annotated``)."""
     constraints: tuple = ()
     if get_origin(hint) is Annotated:
         hint, *extra = get_args(hint)
@@ -75,13 +78,21 @@ def check(value: Any, hint: Any, where: str) -> None:
         else:
             real = [why for option, why in errors if option is not type(None)]
             # ``X | None`` given something that is not None: what is wrong with it as an X
-            raise BadMessage(real[0] if len(real) == 1 else f"{where} must be {_describe(hint)}, not {_show(value)}")
+            raise BadMessage(
+                real[0]
+                if len(real) == 1
+                else f"{where} must be {_describe(hint)}, not {_show(value)}"
+            )
     elif hint is type(None):
         if value is not None:
             raise BadMessage(f"{where} must be null, not {_show(value)}")
     elif origin is Literal:
-        if value not in get_args(hint) or isinstance(value, bool) != any(isinstance(a, bool) for a in get_args(hint)):
-            raise BadMessage(f"{where} must be one of {', '.join(map(repr, get_args(hint)))}, not {_show(value)}")
+        if value not in get_args(hint) or isinstance(value, bool) != any(
+            isinstance(a, bool) for a in get_args(hint)
+        ):
+            raise BadMessage(
+                f"{where} must be one of {', '.join(map(repr, get_args(hint)))}, not {_show(value)}"
+            )
     elif hint is bool:
         if not isinstance(value, bool):
             raise BadMessage(f"{where} must be true or false, not {_show(value)}")
@@ -131,7 +142,9 @@ def check_fields(value: dict, typed: type, where: str) -> None:
     hints = get_type_hints(typed, include_extras=True)
     unknown = sorted(str(k) for k in value if k not in hints)
     if unknown:
-        raise BadMessage(f"{where} has unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(hints))}")
+        raise BadMessage(
+            f"{where} has unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(hints))}"
+        )
     for key, v in value.items():
         check(v, hints[key], f"{where}.{key}")
     missing = sorted(getattr(typed, "__required_keys__", set()) - set(value))
@@ -140,8 +153,12 @@ def check_fields(value: dict, typed: type, where: str) -> None:
 
 
 def _is_typeddict(hint: Any) -> bool:
-    return isinstance(hint, type) and issubclass(hint, dict) and hasattr(hint, "__annotations__") and \
-        hasattr(hint, "__total__")
+    return (
+        isinstance(hint, type)
+        and issubclass(hint, dict)
+        and hasattr(hint, "__annotations__")
+        and hasattr(hint, "__total__")
+    )
 
 
 def _describe(hint: Any) -> str:
@@ -156,16 +173,20 @@ def _show(value: Any) -> str:
 def validated(refuse: Callable[[str], Any], skip: tuple[str, ...] = ("self", "comm")) -> Callable:
     """Wrap a handler so that its arguments are checked against its annotations first.
 
-    ``refuse(message)`` builds the reply a caller gets for a bad message (e.g. ``{"error": message}``, or
-    a refused request status); for a one-way handler it is logged and dropped. Unknown keyword arguments
-    are refused too (a typo is a bug the sender must hear about, not a field silently ignored).
+    ``refuse(message)`` builds the reply a caller gets for a bad message (e.g. ``{"error":
+    message}``, or a refused request status); for a one-way handler it is logged and dropped.
+    Unknown keyword arguments are refused too (a typo is a bug the sender must hear about, not a
+    field silently ignored).
     """
 
     def wrap(fn: Callable) -> Callable:
         sig = inspect.signature(fn)
         hints = get_type_hints(fn, include_extras=True)
-        params = {n: p for n, p in sig.parameters.items() if n not in skip and p.kind not in
-                  (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        params = {
+            n: p
+            for n, p in sig.parameters.items()
+            if n not in skip and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        }
         op = fn.__name__
 
         def problem(args: tuple, kwargs: dict) -> str | None:
@@ -182,6 +203,7 @@ def validated(refuse: Callable[[str], Any], skip: tuple[str, ...] = ("self", "co
             return None
 
         if inspect.iscoroutinefunction(fn):
+
             @functools.wraps(fn)
             async def async_handler(*args: Any, **kwargs: Any) -> Any:
                 why = problem(args, kwargs)
@@ -189,6 +211,7 @@ def validated(refuse: Callable[[str], Any], skip: tuple[str, ...] = ("self", "co
                     log.warning("refused a malformed message: %s", why)
                     return refuse(why)
                 return await fn(*args, **kwargs)
+
             return async_handler
 
         @functools.wraps(fn)
@@ -198,6 +221,7 @@ def validated(refuse: Callable[[str], Any], skip: tuple[str, ...] = ("self", "co
                 log.warning("refused a malformed message: %s", why)
                 return refuse(why)
             return fn(*args, **kwargs)
+
         return handler
 
     return wrap
@@ -211,4 +235,3 @@ def error_reply(message: str) -> dict:
 def dropped(message: str) -> None:
     """For one-way messages: nobody reads a reply; the refusal is logged by ``validated``."""
     return None
-

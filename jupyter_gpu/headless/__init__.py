@@ -14,7 +14,8 @@ __all__ = ["run_notebook"]
 
 
 def run_notebook(*args, **kwargs) -> int:  # noqa: ANN002, ANN003 - forwards to the runner
-    """See :func:`jupyter_gpu.headless.runner.run_notebook` (imported lazily: nbclient is not cheap)."""
+    """See :func:`jupyter_gpu.headless.runner.run_notebook` (imported lazily: nbclient is not
+    cheap)."""
     from jupyter_gpu.headless.runner import run_notebook as _run
 
     return _run(*args, **kwargs)

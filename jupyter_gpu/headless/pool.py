@@ -1,15 +1,17 @@
 """A private embedded pool for one headless run or one test session, and lease hygiene checks.
 
-A headless run must not share the user's interactive embedded pool (its GPUs may be busy, and a test must
-not depend on what the user runs), so it starts its own, advertised in a runtime file of its own. The pool
-process shuts itself down when it has had no Dask client for its idle timeout; :class:`PrivatePool` holds
-one client on it for as long as the run lasts. That keeps the pool up while a notebook does slow local
-work before its first ``%%gpu`` cell, and it means that a runner killed with SIGKILL still leaves nothing
-behind: its client disconnects and the pool exits by itself a few seconds later.
+A headless run must not share the user's interactive embedded pool (its GPUs may be busy, and a
+test must not depend on what the user runs), so it starts its own, advertised in a runtime file
+of its own. The pool process shuts itself down when it has had no Dask client for its idle
+timeout;
+:class:`PrivatePool` holds one client on it for as long as the run lasts. That keeps the pool up
+while a notebook does slow local work before its first ``%%gpu`` cell, and it means that a runner
+killed with SIGKILL still leaves nothing behind: its client disconnects and the pool exits by
+itself a few seconds later.
 
 :func:`release_kernel_leases` is the other half of the guarantee: after a kernel is shut down (or dies),
-the broker frees its leases because the kernel's Dask client disconnected; this checks that through
-``gpu_snapshot`` and ends whatever is still there.
+the broker frees its leases because the kernel's Dask client disconnected; this checks that
+through ``gpu_snapshot`` and ends whatever is still there.
 """
 
 from __future__ import annotations
@@ -30,13 +32,17 @@ POOL_START_TIMEOUT = 120.0
 
 
 class PrivatePool:
-    """An embedded pool of this machine's GPUs (or virtual ones) that belongs to one run or test session.
+    """An embedded pool of this machine's GPUs (or virtual ones) that belongs to one run or test
+    session.
 
-    Use as a context manager, or call :meth:`start` and :meth:`stop`. ``virtual_gpus`` (e.g. ``2x16GiB``)
-    makes the pool use virtual GPUs; ``None`` keeps whatever ``JUPYTER_GPU_VIRTUAL_GPUS`` says.
+        Use as a context manager, or call :meth:`start` and :meth:`stop`. ``virtual_gpus`` (e.g.
+        ``2x16GiB``) makes the pool use virtual GPUs; ``None`` keeps whatever
+        ``JUPYTER_GPU_VIRTUAL_GPUS`` says.
     """
 
-    def __init__(self, virtual_gpus: str | None = None, label: str = "run", directory: str | None = None):
+    def __init__(
+        self, virtual_gpus: str | None = None, label: str = "run", directory: str | None = None
+    ):
         self.virtual_gpus = virtual_gpus
         self.label = label
         self._own_dir = directory is None
@@ -44,7 +50,8 @@ class PrivatePool:
         self.path = os.path.join(self.directory, "pool.json")
         self.address: str | None = None
         self.pid: int | None = None
-        self._record: Any = None  # the pool's runtime record (address, pid, its TLS credentials' folder)
+        # the pool's runtime record (address, pid, its TLS credentials' folder)
+        self._record: Any = None
         self._client: Any = None
 
     @property
@@ -52,7 +59,8 @@ class PrivatePool:
         return self.path[: -len(".json")] + ".log"
 
     def start(self) -> str:
-        """Start the pool and return its scheduler address (raises EmbeddedPoolError/NoGpuAvailable)."""
+        """Start the pool and return its scheduler address (raises
+        EmbeddedPoolError/NoGpuAvailable)."""
         from distributed import Client
 
         from jupyter_gpu.common.protocol import VIRTUAL_ENV
@@ -63,18 +71,30 @@ class PrivatePool:
         started = time.monotonic()
         with _env(VIRTUAL_ENV, self.virtual_gpus):
             try:
-                self.address = ensure_embedded_pool(timeout=POOL_START_TIMEOUT, keep=False, path=self.path)
+                self.address = ensure_embedded_pool(
+                    timeout=POOL_START_TIMEOUT, keep=False, path=self.path
+                )
             except BaseException:
                 self._own_dir = False  # keep the pool's log for the person reading the error
                 raise
         record = self._record = read_record(self.path)
         self.pid = record.pid if record else None
-        # the keep-alive client: see the module docstring. Like every client of an embedded pool, it finds
-        # the pool's own TLS certificate from its address (client_security)
-        self._client = Client(self.address, set_as_default=False, name=f"jupyter-gpu headless {self.label}",
-                              timeout=30, security=client_security(self.address))
-        log.info("private pool %s at %s started in %.1f s (log %s)", self.label, self.address,
-                 time.monotonic() - started, self.log_path)
+        # the keep-alive client: see the module docstring. Like every client of an embedded pool, it
+        # finds the pool's own TLS certificate from its address (client_security)
+        self._client = Client(
+            self.address,
+            set_as_default=False,
+            name=f"jupyter-gpu headless {self.label}",
+            timeout=30,
+            security=client_security(self.address),
+        )
+        log.info(
+            "private pool %s at %s started in %.1f s (log %s)",
+            self.label,
+            self.address,
+            time.monotonic() - started,
+            self.log_path,
+        )
         return self.address
 
     def stop(self) -> None:
@@ -90,8 +110,8 @@ class PrivatePool:
             # a short grace: the run is over, nothing in this pool is worth a slow orderly shutdown
             with contextlib.suppress(Exception):
                 stop_embedded_pool(self.path, timeout=3)
-            # the pool runs in a process group of its own (start_new_session) with its workers and their
-            # session processes: make sure none of them outlives it
+            # the pool runs in a process group of its own (start_new_session) with its workers and
+            # their session processes: make sure none of them outlives it
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, signal.SIGKILL)
             deadline = time.monotonic() + 5
@@ -99,7 +119,8 @@ class PrivatePool:
                 time.sleep(0.05)
             self.pid = None
         if self._record is not None:
-            forget_credentials(self._record)  # the pool's key goes with it, even when it had to be killed
+            # the pool's key goes with it, even when it had to be killed
+            forget_credentials(self._record)
             self._record = None
         self.address = None
         if self._own_dir:
@@ -153,8 +174,14 @@ def pool_snapshot(address: str, timeout: float = 10.0) -> dict:
 
 def kernel_holdings(snapshot: dict, kernel: str) -> tuple[list[str], list[str]]:
     """The lease ids and queued request ids that belong to ``kernel`` in a snapshot."""
-    leases = sorted({ls["id"] for gpu in snapshot.get("gpus", []) for ls in gpu.get("leases", [])
-                     if ls.get("kernel") == kernel})
+    leases = sorted(
+        {
+            ls["id"]
+            for gpu in snapshot.get("gpus", [])
+            for ls in gpu.get("leases", [])
+            if ls.get("kernel") == kernel
+        }
+    )
     queued = [item["id"] for item in snapshot.get("queue", []) if item.get("kernel") == kernel]
     return leases, queued
 
@@ -171,9 +198,10 @@ def all_leases(snapshot: dict) -> list[dict]:
 async def async_release_kernel_leases(address: str, kernel: str, wait: float = 10.0) -> list[str]:
     """Make sure ``kernel`` (shut down or dead) holds no lease and has nothing queued in the pool.
 
-    The broker frees a kernel's leases by itself when the kernel's Dask client disconnects, which happens
-    when the kernel process exits; this waits up to ``wait`` seconds for that, then ends what is left
-    (killing its session). Returns the ids it had to end itself: normally none.
+    The broker frees a kernel's leases by itself when the kernel's Dask client disconnects,
+    which happens when the kernel process exits; this waits up to ``wait`` seconds for that,
+    then ends what is left (killing its session). Returns the ids it had to end itself: normally
+    none.
     """
     from jupyter_gpu.common.security import pool_rpc
 
@@ -189,8 +217,12 @@ async def async_release_kernel_leases(address: str, kernel: str, wait: float = 1
         if time.monotonic() > deadline:
             break
         await asyncio.sleep(0.1)
-    log.warning("kernel %s still held %s in the pool %s after it stopped: ending them", kernel,
-                ", ".join(leases + queued), address)
+    log.warning(
+        "kernel %s still held %s in the pool %s after it stopped: ending them",
+        kernel,
+        ", ".join(leases + queued),
+        address,
+    )
     r = pool_rpc(address)
     try:
         for rid in queued:
@@ -208,6 +240,7 @@ def release_kernel_leases(address: str, kernel: str, wait: float = 10.0) -> list
 
 
 def pool_has_real_gpu(address: str) -> bool:
-    """Whether the pool offers at least one real (not virtual) GPU: what ``requires-gpu`` cells need."""
+    """Whether the pool offers at least one real (not virtual) GPU: what ``requires-gpu`` cells
+    need."""
     snap = pool_snapshot(address)
     return any(not gpu.get("virtual", True) for gpu in snap.get("gpus", []))

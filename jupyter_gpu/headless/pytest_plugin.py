@@ -1,20 +1,25 @@
-"""pytest plugin ``jupyter_gpu``: notebooks as tests on a GPU pool, and fixtures for users' own tests.
+"""pytest plugin ``jupyter_gpu``: notebooks as tests on a GPU pool, and fixtures for users' own
+tests.
 
-Registered through the ``pytest11`` entry point, so installing jupyter-gpu makes it available; notebook
-collection is off until ``--nbgpu`` (or ``nbgpu = true`` in the ini file) because a project's notebooks
-are not all meant to be tests. Each ``*.ipynb`` (except ``*.out.ipynb``, the runner's outputs) becomes
-one test item; a failing cell fails the item with the cell's number, source and (remote) traceback.
+Registered through the ``pytest11`` entry point, so installing jupyter-gpu makes it available;
+notebook collection is off until ``--nbgpu`` (or ``nbgpu = true`` in the ini file) because a
+project's notebooks are not all meant to be tests. Each ``*.ipynb`` (except ``*.out.ipynb``, the
+runner's outputs) becomes one test item; a failing cell fails the item with the cell's number,
+source and (remote) traceback.
 
-All notebook items and the ``gpu_pool`` fixture of one pytest process share one pool, started on first
-use and stopped when pytest ends. Under pytest-xdist each worker is its own pytest process with its own
-runtime file and so its own pool: ``pytest -n 2`` really runs two notebooks side by side.
+All notebook items and the ``gpu_pool`` fixture of one pytest process share one pool, started on
+first use and stopped when pytest ends. Under pytest-xdist each worker is its own pytest process
+with its own runtime file and so its own pool: ``pytest -n 2`` really runs two notebooks side by
+side.
 
-Cell tags: ``skip-execution`` (not run), ``raises-exception`` (must raise), ``requires-gpu`` (the whole
-notebook is skipped, with the reason, when the pool has no real GPU: its cells would need CUDA).
+Cell tags: ``skip-execution`` (not run), ``raises-exception`` (must raise), ``requires-gpu`` (the
+whole notebook is skipped, with the reason, when the pool has no real GPU: its cells would need
+CUDA).
 
-Options: ``--nbgpu``, ``--nbgpu-cell-timeout S``, ``--nbgpu-notebook-timeout S``, ``--nbgpu-pool ADDRESS``
-(use a running pool); ini: ``nbgpu``, ``nbgpu_cell_timeout``, ``nbgpu_notebook_timeout``, ``nbgpu_pool``,
-``nbgpu_virtual_gpus`` (the virtual GPUs of the embedded pool when the machine has none; ``2x16GiB``).
+Options: ``--nbgpu``, ``--nbgpu-cell-timeout S``, ``--nbgpu-notebook-timeout S``, ``--nbgpu-pool
+ADDRESS`` (use a running pool); ini: ``nbgpu``, ``nbgpu_cell_timeout``, ``nbgpu_notebook_timeout``,
+``nbgpu_pool``, ``nbgpu_virtual_gpus`` (the virtual GPUs of the embedded pool when the machine has
+none; ``2x16GiB``).
 """
 
 from __future__ import annotations
@@ -34,20 +39,48 @@ DEFAULT_VIRTUAL_GPUS = "2x16GiB"
 # ---------------------------------------------------------------------- options
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("nbgpu", "notebooks as tests on a GPU pool (jupyter-gpu)")
-    group.addoption("--nbgpu", action="store_true", default=False,
-                    help="collect *.ipynb files as tests, run on a GPU pool (ini: nbgpu = true)")
-    group.addoption("--nbgpu-cell-timeout", default=None, metavar="SECONDS",
-                    help="interrupt a notebook cell that runs longer (its remote work is stopped, its lease freed)")
-    group.addoption("--nbgpu-notebook-timeout", default=None, metavar="SECONDS",
-                    help="interrupt a notebook whose cells together run longer")
-    group.addoption("--nbgpu-pool", default=None, metavar="ADDRESS",
-                    help="use this running pool instead of starting an embedded one")
-    parser.addini("nbgpu", type="bool", default=False, help="collect *.ipynb files as tests (like --nbgpu)")
-    parser.addini("nbgpu_cell_timeout", default="", help="per-cell timeout of notebook tests (30, 30s, 5min)")
-    parser.addini("nbgpu_notebook_timeout", default="", help="per-notebook timeout of notebook tests")
-    parser.addini("nbgpu_pool", default="", help="address of a running pool to use for notebook tests")
-    parser.addini("nbgpu_virtual_gpus", default=DEFAULT_VIRTUAL_GPUS,
-                  help="virtual GPUs of the embedded test pool on machines without a GPU")
+    group.addoption(
+        "--nbgpu",
+        action="store_true",
+        default=False,
+        help="collect *.ipynb files as tests, run on a GPU pool (ini: nbgpu = true)",
+    )
+    group.addoption(
+        "--nbgpu-cell-timeout",
+        default=None,
+        metavar="SECONDS",
+        help="interrupt a notebook cell that runs longer (its remote work is stopped, its lease "
+        "freed)",
+    )
+    group.addoption(
+        "--nbgpu-notebook-timeout",
+        default=None,
+        metavar="SECONDS",
+        help="interrupt a notebook whose cells together run longer",
+    )
+    group.addoption(
+        "--nbgpu-pool",
+        default=None,
+        metavar="ADDRESS",
+        help="use this running pool instead of starting an embedded one",
+    )
+    parser.addini(
+        "nbgpu", type="bool", default=False, help="collect *.ipynb files as tests (like --nbgpu)"
+    )
+    parser.addini(
+        "nbgpu_cell_timeout", default="", help="per-cell timeout of notebook tests (30, 30s, 5min)"
+    )
+    parser.addini(
+        "nbgpu_notebook_timeout", default="", help="per-notebook timeout of notebook tests"
+    )
+    parser.addini(
+        "nbgpu_pool", default="", help="address of a running pool to use for notebook tests"
+    )
+    parser.addini(
+        "nbgpu_virtual_gpus",
+        default=DEFAULT_VIRTUAL_GPUS,
+        help="virtual GPUs of the embedded test pool on machines without a GPU",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -106,8 +139,11 @@ class SessionPool:
             return explicit
         from jupyter_gpu.headless.pool import PrivatePool
 
-        # a private runtime file per pytest process (per xdist worker): never the user's embedded pool
-        self._private = PrivatePool(virtual_gpus=self._virtual_spec(), label=f"pytest-{self.worker}")
+        # a private runtime file per pytest process (per xdist worker): never the user's embedded
+        # pool
+        self._private = PrivatePool(
+            virtual_gpus=self._virtual_spec(), label=f"pytest-{self.worker}"
+        )
         try:
             self._address = self._private.start()
         except Exception as exc:
@@ -118,7 +154,8 @@ class SessionPool:
         return self._address
 
     def _virtual_spec(self) -> str | None:
-        """Real GPUs where the machine has them; else virtual ones (JUPYTER_GPU_VIRTUAL_GPUS wins)."""
+        """Real GPUs where the machine has them; else virtual ones (JUPYTER_GPU_VIRTUAL_GPUS
+        wins)."""
         from jupyter_gpu.common.protocol import VIRTUAL_ENV
         from jupyter_gpu.worker.inventory import nvml_gpus
 
@@ -129,7 +166,8 @@ class SessionPool:
         return self.config.getini("nbgpu_virtual_gpus") or DEFAULT_VIRTUAL_GPUS
 
     def has_real_gpu(self) -> bool:
-        """Whether the pool offers a real GPU (what ``requires-gpu`` cells need); asks the broker."""
+        """Whether the pool offers a real GPU (what ``requires-gpu`` cells need); asks the
+        broker."""
         if self._real_gpu is None:
             from jupyter_gpu.headless.pool import pool_has_real_gpu
 
@@ -178,7 +216,8 @@ class NotebookFailed(Exception):
 
 
 class NotebookItem(pytest.Item):
-    """Runs the notebook on a fresh kernel against the session's pool; fails at the first failing cell."""
+    """Runs the notebook on a fresh kernel against the session's pool; fails at the first failing
+    cell."""
 
     nb: Any = None
 
@@ -190,19 +229,30 @@ class NotebookItem(pytest.Item):
         self.nb = nbformat.read(str(self.path), as_version=4)
         needs = [i + 1 for i, c in enumerate(self.nb.cells) if REQUIRES_GPU_TAG in _tags(c)]
         if needs and not session_pool(self.config).has_real_gpu():
-            pytest.skip(f"cell {needs[0]} is tagged {REQUIRES_GPU_TAG} and the pool has no real GPU "
-                        "(only virtual ones)")
+            pytest.skip(
+                f"cell {needs[0]} is tagged {REQUIRES_GPU_TAG} and the pool has no real GPU "
+                "(only virtual ones)"
+            )
 
     def runtest(self) -> None:
         from jupyter_gpu.headless.runner import execute_notebook
 
         pool = session_pool(self.config).address()
         cell_timeout, notebook_timeout = _timeouts(self.config)
-        run = execute_notebook(self.nb, pool=pool, path=str(self.path), cell_timeout=cell_timeout,
-                               notebook_timeout=notebook_timeout)
+        run = execute_notebook(
+            self.nb,
+            pool=pool,
+            path=str(self.path),
+            cell_timeout=cell_timeout,
+            notebook_timeout=notebook_timeout,
+        )
         if run.leftovers:
-            self.warn(pytest.PytestWarning(f"{self.name}: the pool still held {', '.join(run.leftovers)} for "
-                                           "the notebook's kernel after it stopped; they were ended"))
+            self.warn(
+                pytest.PytestWarning(
+                    f"{self.name}: the pool still held {', '.join(run.leftovers)} for "
+                    "the notebook's kernel after it stopped; they were ended"
+                )
+            )
         if run.failure is not None:
             output = _cell_text(self.nb.cells[run.failure.index])
             if output.strip():
@@ -220,7 +270,9 @@ class NotebookItem(pytest.Item):
 
 def _cell_text(cell: Any, max_lines: int = 40) -> str:
     """The last lines of a cell's stream outputs (what it printed before failing)."""
-    text = "".join(o.get("text", "") for o in cell.get("outputs", []) if o.get("output_type") == "stream")
+    text = "".join(
+        o.get("text", "") for o in cell.get("outputs", []) if o.get("output_type") == "stream"
+    )
     lines = text.splitlines()
     return "\n".join(lines[-max_lines:])
 
@@ -228,8 +280,8 @@ def _cell_text(cell: Any, max_lines: int = 40) -> str:
 # ---------------------------------------------------------------------- fixtures for users' tests
 @pytest.fixture(scope="session")
 def gpu_pool(pytestconfig: pytest.Config) -> str:
-    """The address of this test session's GPU pool (an embedded pool of virtual GPUs on a machine without
-    one), shared with the notebook items; stopped when the session ends."""
+    """The address of this test session's GPU pool (an embedded pool of virtual GPUs on a machine
+    without one), shared with the notebook items; stopped when the session ends."""
     return session_pool(pytestconfig).address()
 
 
@@ -238,8 +290,9 @@ def gpu_kernel(gpu_pool: str, request: pytest.FixtureRequest) -> Iterator[Any]:
     """A started IPython kernel with ``%load_ext jupyter_gpu`` run, using ``gpu_pool``.
 
     ``gpu_kernel.execute(code)`` runs code as a notebook cell (``%%gpu`` included) and returns a
-    ``CellResult`` (``.stdout``, ``.text``, ``.result``, ``.outputs``); it raises when the code raises
-    unless ``allow_error=True``. At teardown the kernel is shut down and the pool checked for leftovers.
+    ``CellResult`` (``.stdout``, ``.text``, ``.result``, ``.outputs``); it raises when the code
+    raises unless ``allow_error=True``. At teardown the kernel is shut down and the pool checked
+    for leftovers.
     """
     from jupyter_gpu.headless.kernel import GpuKernel
 

@@ -1,25 +1,29 @@
-"""Execute a notebook headlessly against a GPU pool: ``jupyter-gpu run`` and the pytest plugin's engine.
+"""Execute a notebook headlessly against a GPU pool: ``jupyter-gpu run`` and the pytest plugin's
+engine.
 
-One kernel (``python3``) runs the notebook's code cells in order with nbclient. The kernel finds its pool
-through ``JUPYTER_GPU_SCHEDULER``: the pool given, or a private embedded pool started for this run and
-stopped after it, so a rerun never queues behind (or disturbs) the user's interactive sessions.
+One kernel (``python3``) runs the notebook's code cells in order with nbclient. The kernel finds its
+pool through ``JUPYTER_GPU_SCHEDULER``: the pool given, or a private embedded pool started for this
+run and stopped after it, so a rerun never queues behind (or disturbs) the user's interactive
+sessions.
 
-Parameters are injected the way papermill does it: a cell tagged ``injected-parameters`` right after the
-cell tagged ``parameters`` assigns them. A parameter that the ``parameters`` cell does not assign (or a
-notebook without one) is refused before anything runs, where papermill only warns: the notebook's own
-assignment would silently win. ``%%gpu`` cells ship the free names
-they use from the kernel's namespace, so parameters reach the GPU without anything more.
+Parameters are injected the way papermill does it: a cell tagged ``injected-parameters`` right after
+the cell tagged ``parameters`` assigns them. A parameter that the ``parameters`` cell does not
+assign (or a notebook without one) is refused before anything runs, where papermill only warns: the
+notebook's own assignment would silently win. ``%%gpu`` cells ship the free names they use from the
+kernel's namespace, so parameters reach the GPU without anything more.
 
-Execution stops at the first failing cell. A failure names the cell (its 1-based position in the source
-notebook and its ``In [n]``), shows its source and the traceback (for a ``%%gpu`` cell, the remote part:
-the cell's own lines), ANSI colours stripped. A cell that runs past its timeout is interrupted like a user
-would: the magic turns the interrupt into SIGINT for the remote code, then a kill after the grace period.
-Whatever happens, the kernel is shut down at the end and the broker is asked (``gpu_snapshot``) whether
-the kernel still holds a lease or a queued request; anything left is ended.
+Execution stops at the first failing cell. A failure names the cell (its 1-based position in the
+source notebook and its ``In [n]``), shows its source and the traceback (for a ``%%gpu`` cell, the
+remote part: the cell's own lines), ANSI colours stripped. A cell that runs past its timeout is
+interrupted like a user would: the magic turns the interrupt into SIGINT for the remote code, then a
+kill after the grace period. Whatever happens, the kernel is shut down at the end and the broker is
+asked (``gpu_snapshot``) whether the kernel still holds a lease or a queued request; anything left
+is ended.
 
-A cell's metadata ``{"jupyter_gpu": {"timeout": S}}`` sets that cell's own limit (0: none), e.g. a first
-``%%gpu`` cell that may queue for a GPU. Cell tags: ``skip-execution`` (not run), ``raises-exception`` (must raise; the run goes on),
-``parameters`` / ``injected-parameters`` as above. ``requires-gpu`` is the pytest plugin's business.
+A cell's metadata ``{"jupyter_gpu": {"timeout": S}}`` sets that cell's own limit (0: none), e.g. a
+first ``%%gpu`` cell that may queue for a GPU. Cell tags: ``skip-execution`` (not run),
+``raises-exception`` (must raise; the run goes on), ``parameters`` / ``injected-parameters`` as
+above. ``requires-gpu`` is the pytest plugin's business.
 """
 
 from __future__ import annotations
@@ -50,13 +54,14 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CANNOT_RUN = 2
 
-# after a timeout's interrupt: the magic needs interrupt-grace to kill remote code that ignores SIGINT,
-# plus time to say so; past this the kernel itself is deemed stuck and killed
+# after a timeout's interrupt: the magic needs interrupt-grace to kill remote code that ignores
+# SIGINT, plus time to say so; past this the kernel itself is deemed stuck and killed
 _AFTER_INTERRUPT_MARGIN = 15.0
 
 
 class CannotRun(Exception):
-    """The notebook could not be run at all (bad file, bad parameter, no pool): exit code 2, not 1."""
+    """The notebook could not be run at all (bad file, bad parameter, no pool): exit code 2, not
+    1."""
 
 
 # ---------------------------------------------------------------------- parameters
@@ -70,12 +75,17 @@ def parse_value(text: str) -> Any:
 
 
 def inject_parameters(nb: Any, parameters: Iterable[tuple[str, Any]]) -> Any:
-    """Insert (in place) a cell tagged ``injected-parameters`` assigning ``parameters``; returns ``nb``.
+    """Insert (in place) a cell tagged ``injected-parameters`` assigning ``parameters``; returns
+    ``nb``.
 
-    String values given as ``(name, str)`` are parsed with :func:`parse_value`. An earlier injected cell
-    (a rerun of an executed notebook) is replaced. No parameters: the notebook is left as it is.
+        String values given as ``(name, str)`` are parsed with :func:`parse_value`. An earlier
+        injected cell (a rerun of an executed notebook) is replaced. No parameters: the notebook is
+        left as it is.
     """
-    params = [(name, parse_value(value) if isinstance(value, str) else value) for name, value in parameters]
+    params = [
+        (name, parse_value(value) if isinstance(value, str) else value)
+        for name, value in parameters
+    ]
     if not params:
         return nb
     for name, _ in params:
@@ -96,7 +106,8 @@ def _tags(cell: Any) -> list[str]:
 
 
 def parameter_names(nb: Any) -> list[str] | None:
-    """The names the cell tagged ``parameters`` assigns (its defaults), or None when there is no such cell."""
+    """The names the cell tagged ``parameters`` assigns (its defaults), or None when there is no
+    such cell."""
     cell = next((c for c in nb.cells if PARAMETERS_TAG in _tags(c)), None)
     if cell is None:
         return None
@@ -108,10 +119,10 @@ def parameter_names(nb: Any) -> list[str] | None:
 def check_parameters(nb: Any, names: Sequence[str], path: str = "the notebook") -> None:
     """Refuse parameters the notebook does not declare (raise ``CannotRun``).
 
-    Why refuse, where papermill warns: a name that is not assigned in the ``parameters`` cell is a typo
-    (``-p epoch 30`` for ``epochs``) or a notebook without a ``parameters`` cell, where the injected value is
-    assigned first and then overwritten by the notebook's own ``epochs = 150``: the run would silently use
-    another value than the one asked for."""
+    Why refuse, where papermill warns: a name that is not assigned in the ``parameters`` cell is
+    a typo (``-p epoch 30`` for ``epochs``) or a notebook without a ``parameters`` cell, where
+    the injected value is assigned first and then overwritten by the notebook's own ``epochs =
+    150``: the run would silently use another value than the one asked for."""
     if not names:
         return
     for name in names:
@@ -119,14 +130,22 @@ def check_parameters(nb: Any, names: Sequence[str], path: str = "the notebook") 
             raise CannotRun(f"parameter name {name!r} is not a Python identifier")
     declared = parameter_names(nb)
     if declared is None:
-        raise CannotRun(f"{path} has no cell tagged 'parameters', so -p {names[0]} ... would be overwritten by the "
-                        "notebook's own assignment. Tag the cell that sets the defaults 'parameters' (JupyterLab: "
-                        "the cell's Property Inspector, Common Tools > Cell Tags; the same tag papermill uses).")
+        raise CannotRun(
+            f"{path} has no cell tagged 'parameters', so -p {names[0]} ... would be overwritten by "
+            "the "
+            "notebook's own assignment. Tag the cell that sets the defaults 'parameters' "
+            "(JupyterLab: "
+            "the cell's Property Inspector, Common Tools > Cell Tags; the same tag papermill uses)."
+        )
     unknown = [n for n in names if n not in declared]
     if unknown:
-        raise CannotRun(f"unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: the "
-                        f"cell tagged 'parameters' in {path} assigns {', '.join(declared) or 'nothing'}. Check the "
-                        "spelling, or assign the name in that cell.")
+        raise CannotRun(
+            f"unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: "
+            "the "
+            f"cell tagged 'parameters' in {path} assigns {', '.join(declared) or 'nothing'}. Check "
+            "the "
+            "spelling, or assign the name in that cell."
+        )
 
 
 # ---------------------------------------------------------------------- results
@@ -134,14 +153,16 @@ def check_parameters(nb: Any, names: Sequence[str], path: str = "the notebook") 
 class CellFailure:
     """Why a run stopped: which cell, what it raised (or that it timed out), and its traceback."""
 
-    index: int                      # 0-based, in the executed notebook (injected cell included)
-    number: int | None              # 1-based position in the source notebook; None for the injected cell
+    index: int  # 0-based, in the executed notebook (injected cell included)
+    # 1-based position in the source notebook; None for the injected cell
+    number: int | None
     source: str
-    kind: str                       # error | timeout | notebook-timeout | dead-kernel | no-exception
+    # error | timeout | notebook-timeout | dead-kernel | no-exception
+    kind: str
     execution_count: int | None = None
     ename: str | None = None
     evalue: str | None = None
-    traceback: str = ""             # ANSI stripped, the whole thing
+    traceback: str = ""  # ANSI stripped, the whole thing
     timeout: float | None = None
 
     @property
@@ -158,7 +179,7 @@ class CellFailure:
         if self.kind == "timeout":
             return f"{self.where} timed out after {self.timeout:g} s (cell timeout) and was interrupted"
         if self.kind == "notebook-timeout":
-            return (f"{self.where} was interrupted when the notebook's timeout of {self.timeout:g} s ran out")
+            return f"{self.where} was interrupted when the notebook's timeout of {self.timeout:g} s ran out"
         if self.kind == "dead-kernel":
             return f"the kernel died while running {self.where}"
         if self.kind == "no-exception":
@@ -166,7 +187,8 @@ class CellFailure:
         return f"{self.where} raised {self.ename}: {self.evalue}"
 
     def report(self) -> str:
-        """The cell, its source and its traceback (the remote part for a ``%%gpu`` cell), as plain text."""
+        """The cell, its source and its traceback (the remote part for a ``%%gpu`` cell), as plain
+        text."""
         parts = [self.summary(), "", f"---- {self.where} source ----", self.source.rstrip()]
         if self.traceback:
             label = "remote traceback" if self.remote else "traceback"
@@ -175,7 +197,8 @@ class CellFailure:
 
 
 def focus_traceback(text: str) -> str:
-    """For a ``%%gpu`` cell, drop the kernel-side frames (the magic's call) before the cell's own lines."""
+    """For a ``%%gpu`` cell, drop the kernel-side frames (the magic's call) before the cell's own
+    lines."""
     marker = text.find("File <%%gpu cell")
     if marker < 0:
         return text
@@ -198,7 +221,8 @@ class NotebookRun:
     duration: float = 0.0
     kernel_id: str = ""
     pool: str = ""
-    leftovers: list[str] = field(default_factory=list)  # leases/requests the runner had to end itself
+    # leases/requests the runner had to end itself
+    leftovers: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -206,14 +230,22 @@ class NotebookRun:
 
 
 # ---------------------------------------------------------------------- execution
-async def async_execute_notebook(nb: Any, *, pool: str, cwd: str | None = None, path: str | None = None,
-                                 cell_timeout: float | None = None, notebook_timeout: float | None = None,
-                                 kernel_name: str = "python3", progress: Progress | None = None) -> NotebookRun:
+async def async_execute_notebook(
+    nb: Any,
+    *,
+    pool: str,
+    cwd: str | None = None,
+    path: str | None = None,
+    cell_timeout: float | None = None,
+    notebook_timeout: float | None = None,
+    kernel_name: str = "python3",
+    progress: Progress | None = None,
+) -> NotebookRun:
     """Run ``nb`` (in place) on a new kernel that uses ``pool``; stop at the first failure.
 
-    ``progress`` hears a line as each cell starts and ends, and every ``PROGRESS_EVERY`` seconds of a long
-    cell its latest badge or progress line (``jupyter-gpu run`` prints them). The kernel is always shut down
-    and its leases checked, whatever happened.
+    ``progress`` hears a line as each cell starts and ends, and every ``PROGRESS_EVERY`` seconds
+    of a long cell its latest badge or progress line (``jupyter-gpu run`` prints them). The
+    kernel is always shut down and its leases checked, whatever happened.
     """
     from jupyter_client.manager import AsyncKernelManager
     from jupyter_core.utils import ensure_async
@@ -228,12 +260,19 @@ async def async_execute_notebook(nb: Any, *, pool: str, cwd: str | None = None, 
     directory = kernel_directory()
     kernel_id, km_kwargs = manager_kwargs(directory, kernel_name)
     km = AsyncKernelManager(**km_kwargs)
-    client = NotebookClient(nb, km=km, kernel_name=kernel_name, timeout=None, allow_errors=True,
-                            resources={"metadata": {"path": cwd}})
+    client = NotebookClient(
+        nb,
+        km=km,
+        kernel_name=kernel_name,
+        timeout=None,
+        allow_errors=True,
+        resources={"metadata": {"path": cwd}},
+    )
     run = NotebookRun(nb=nb, kernel_id=kernel_id, pool=pool)
     replies: dict[int, dict] = {}
-    client.on_cell_executed = lambda cell, cell_index, execute_reply: replies.__setitem__(cell_index,
-                                                                                          execute_reply)
+    client.on_cell_executed = lambda cell, cell_index, execute_reply: replies.__setitem__(
+        cell_index, execute_reply
+    )
     numbers = _source_numbers(nb)
     total = sum(1 for n in numbers if n is not None)
     deadline = started + notebook_timeout if notebook_timeout else None
@@ -251,24 +290,36 @@ async def async_execute_notebook(nb: Any, *, pool: str, cwd: str | None = None, 
                     continue
                 limit, kind = _limit(_cell_timeout(cell, cell_timeout), deadline)
                 if limit is not None and limit <= 0:
-                    run.failure = CellFailure(index, numbers[index], cell.source, "notebook-timeout",
-                                              timeout=notebook_timeout)
+                    run.failure = CellFailure(
+                        index,
+                        numbers[index],
+                        cell.source,
+                        "notebook-timeout",
+                        timeout=notebook_timeout,
+                    )
                     break
                 cell_started = time.monotonic()
-                task = asyncio.ensure_future(client.async_execute_cell(
-                    cell, index, execution_count=client.code_cells_executed + 1))
+                task = asyncio.ensure_future(
+                    client.async_execute_cell(
+                        cell, index, execution_count=client.code_cells_executed + 1
+                    )
+                )
                 timed_out = False
                 where = f"cell {numbers[index] or 'injected'}/{total}"
                 if progress is not None:
                     progress(f"{where}: {_first_line(cell.source)}")
                 try:
                     done = await _wait_telling(task, limit, cell, where, progress)
-                    if not done:  # interrupt like a user would: the magic stops and frees the remote work
+                    # interrupt like a user would: the magic stops and frees the remote work
+                    if not done:
                         timed_out = True
-                        log.info("cell %s ran past %s s: interrupting the kernel", numbers[index], limit)
+                        log.info(
+                            "cell %s ran past %s s: interrupting the kernel", numbers[index], limit
+                        )
                         await km.interrupt_kernel()
                         done, _ = await asyncio.wait({task}, timeout=grace)
-                        if not done:  # a second interrupt makes the magic kill the remote session at once
+                        # a second interrupt makes the magic kill the remote session at once
+                        if not done:
                             await km.interrupt_kernel()
                             done, _ = await asyncio.wait({task}, timeout=5)
                         if not done:
@@ -280,8 +331,15 @@ async def async_execute_notebook(nb: Any, *, pool: str, cwd: str | None = None, 
                 except (DeadKernelError, asyncio.CancelledError):
                     run.cells_run += 1
                     if timed_out:
-                        run.failure = _timeout_failure(index, numbers[index], cell, kind,
-                                                   _cell_timeout(cell, cell_timeout), notebook_timeout, None)
+                        run.failure = _timeout_failure(
+                            index,
+                            numbers[index],
+                            cell,
+                            kind,
+                            _cell_timeout(cell, cell_timeout),
+                            notebook_timeout,
+                            None,
+                        )
                     else:
                         run.failure = CellFailure(index, numbers[index], cell.source, "dead-kernel")
                     kill_now = True
@@ -290,26 +348,54 @@ async def async_execute_notebook(nb: Any, *, pool: str, cwd: str | None = None, 
                 log.info("cell %s ran in %.1f s", numbers[index], time.monotonic() - cell_started)
                 reply = (replies.get(index) or {}).get("content", {})
                 if progress is not None:
-                    outcome = "timed out" if timed_out else ("raised " + str(reply.get("ename")) if
-                                                             reply.get("status") == "error" else "done")
+                    outcome = (
+                        "timed out"
+                        if timed_out
+                        else (
+                            "raised " + str(reply.get("ename"))
+                            if reply.get("status") == "error"
+                            else "done"
+                        )
+                    )
                     progress(f"{where}: {outcome} in {time.monotonic() - cell_started:.1f} s")
                 if timed_out:
-                    run.failure = _timeout_failure(index, numbers[index], cell, kind,
-                                                   _cell_timeout(cell, cell_timeout), notebook_timeout, reply)
-                    cell.outputs.append(nbformat.v4.new_output(
-                        "stream", name="stderr", text=f"[jupyter-gpu] {run.failure.summary()}\n"))
+                    run.failure = _timeout_failure(
+                        index,
+                        numbers[index],
+                        cell,
+                        kind,
+                        _cell_timeout(cell, cell_timeout),
+                        notebook_timeout,
+                        reply,
+                    )
+                    cell.outputs.append(
+                        nbformat.v4.new_output(
+                            "stream", name="stderr", text=f"[jupyter-gpu] {run.failure.summary()}\n"
+                        )
+                    )
                     break
                 if reply.get("status") == "error":
                     if RAISES_TAG in _tags(cell):
                         continue
-                    run.failure = CellFailure(index, numbers[index], cell.source, "error",
-                                              execution_count=cell.get("execution_count"),
-                                              ename=reply.get("ename"), evalue=reply.get("evalue"),
-                                              traceback=strip_ansi("\n".join(reply.get("traceback", []))))
+                    run.failure = CellFailure(
+                        index,
+                        numbers[index],
+                        cell.source,
+                        "error",
+                        execution_count=cell.get("execution_count"),
+                        ename=reply.get("ename"),
+                        evalue=reply.get("evalue"),
+                        traceback=strip_ansi("\n".join(reply.get("traceback", []))),
+                    )
                     break
                 if RAISES_TAG in _tags(cell):
-                    run.failure = CellFailure(index, numbers[index], cell.source, "no-exception",
-                                              execution_count=cell.get("execution_count"))
+                    run.failure = CellFailure(
+                        index,
+                        numbers[index],
+                        cell.source,
+                        "no-exception",
+                        execution_count=cell.get("execution_count"),
+                    )
                     break
             client.set_widgets_metadata()
     finally:
@@ -325,8 +411,11 @@ async def async_execute_notebook(nb: Any, *, pool: str, cwd: str | None = None, 
         stopped = time.monotonic()
         with contextlib.suppress(Exception):
             run.leftovers = await async_release_kernel_leases(pool, kernel_id)
-        log.info("kernel shut down in %.1f s, its leases checked in %.1f s", stopped - stopping,
-                 time.monotonic() - stopped)
+        log.info(
+            "kernel shut down in %.1f s, its leases checked in %.1f s",
+            stopped - stopping,
+            time.monotonic() - stopped,
+        )
         import shutil
 
         shutil.rmtree(directory, ignore_errors=True)
@@ -339,10 +428,12 @@ Progress = Callable[[str], None]
 PROGRESS_EVERY = 10.0
 
 
-async def _wait_telling(task: asyncio.Future, limit: float | None, cell: Any, where: str,
-                        progress: Progress | None) -> set:
-    """``asyncio.wait({task}, timeout=limit)``, telling ``progress`` every ``PROGRESS_EVERY`` seconds what
-    the cell shows last (its ``%%gpu`` badge or progress line), so a long run is not silent."""
+async def _wait_telling(
+    task: asyncio.Future, limit: float | None, cell: Any, where: str, progress: Progress | None
+) -> set:
+    """``asyncio.wait({task}, timeout=limit)``, telling ``progress`` every ``PROGRESS_EVERY``
+    seconds what the cell shows last (its ``%%gpu`` badge or progress line), so a long run is not
+    silent."""
     started = time.monotonic()
     while True:
         left = None if limit is None else limit - (time.monotonic() - started)
@@ -359,7 +450,11 @@ async def _wait_telling(task: asyncio.Future, limit: float | None, cell: Any, wh
 def _latest_line(cell: Any) -> str:
     """The last line a person would read in the cell now (a badge, a progress line, a print)."""
     for out in reversed(cell.get("outputs", [])):
-        text = out.get("text") if out.get("output_type") == "stream" else out.get("data", {}).get("text/plain")
+        text = (
+            out.get("text")
+            if out.get("output_type") == "stream"
+            else out.get("data", {}).get("text/plain")
+        )
         lines = [ln for ln in str(text or "").splitlines() if ln.strip()]
         if lines:
             return lines[-1][:200]
@@ -373,14 +468,18 @@ def _first_line(source: str) -> str:
 
 
 def _cell_timeout(cell: Any, default: float | None) -> float | None:
-    """A cell's own limit (metadata ``jupyter_gpu: {timeout: S}``, 0 for none) overrides the run's."""
+    """A cell's own limit (metadata ``jupyter_gpu: {timeout: S}``, 0 for none) overrides the
+    run's."""
     meta = cell.get("metadata", {}).get("jupyter_gpu", {}) or {}
     if "timeout" not in meta:
         return default
     try:
         value = float(meta["timeout"] or 0)
     except (TypeError, ValueError):
-        log.warning("cell metadata jupyter_gpu.timeout=%r is not a number of seconds: ignored", meta["timeout"])
+        log.warning(
+            "cell metadata jupyter_gpu.timeout=%r is not a number of seconds: ignored",
+            meta["timeout"],
+        )
         return default
     return value if value > 0 else None
 
@@ -395,13 +494,27 @@ def _limit(cell_timeout: float | None, deadline: float | None) -> tuple[float | 
     return None, ""
 
 
-def _timeout_failure(index: int, number: int | None, cell: Any, kind: str, cell_timeout: float | None,
-                     notebook_timeout: float | None, reply: dict | None) -> CellFailure:
+def _timeout_failure(
+    index: int,
+    number: int | None,
+    cell: Any,
+    kind: str,
+    cell_timeout: float | None,
+    notebook_timeout: float | None,
+    reply: dict | None,
+) -> CellFailure:
     reply = reply or {}
-    return CellFailure(index, number, cell.source, kind or "timeout", execution_count=cell.get("execution_count"),
-                       ename=reply.get("ename"), evalue=reply.get("evalue"),
-                       traceback=strip_ansi("\n".join(reply.get("traceback", []))),
-                       timeout=cell_timeout if kind == "timeout" else notebook_timeout)
+    return CellFailure(
+        index,
+        number,
+        cell.source,
+        kind or "timeout",
+        execution_count=cell.get("execution_count"),
+        ename=reply.get("ename"),
+        evalue=reply.get("evalue"),
+        traceback=strip_ansi("\n".join(reply.get("traceback", []))),
+        timeout=cell_timeout if kind == "timeout" else notebook_timeout,
+    )
 
 
 def _source_numbers(nb: Any) -> list[int | None]:
@@ -417,31 +530,57 @@ def _source_numbers(nb: Any) -> list[int | None]:
     return numbers
 
 
-def execute_notebook(nb: Any, *, pool: str, cwd: str | None = None, path: str | None = None,
-                     cell_timeout: float | None = None, notebook_timeout: float | None = None,
-                     kernel_name: str = "python3", progress: Progress | None = None) -> NotebookRun:
+def execute_notebook(
+    nb: Any,
+    *,
+    pool: str,
+    cwd: str | None = None,
+    path: str | None = None,
+    cell_timeout: float | None = None,
+    notebook_timeout: float | None = None,
+    kernel_name: str = "python3",
+    progress: Progress | None = None,
+) -> NotebookRun:
     """Synchronous :func:`async_execute_notebook` (runs its own event loop)."""
-    return asyncio.run(async_execute_notebook(nb, pool=pool, cwd=cwd, path=path, cell_timeout=cell_timeout,
-                                              notebook_timeout=notebook_timeout, kernel_name=kernel_name,
-                                              progress=progress))
+    return asyncio.run(
+        async_execute_notebook(
+            nb,
+            pool=pool,
+            cwd=cwd,
+            path=path,
+            cell_timeout=cell_timeout,
+            notebook_timeout=notebook_timeout,
+            kernel_name=kernel_name,
+            progress=progress,
+        )
+    )
 
 
 def default_output(path: str) -> str:
-    """Where ``jupyter-gpu run`` saves the executed notebook by default: ``<name>.out.ipynb`` beside it."""
-    base = path[:-len(".ipynb")] if path.endswith(".ipynb") else path
+    """Where ``jupyter-gpu run`` saves the executed notebook by default: ``<name>.out.ipynb`` beside
+    it."""
+    base = path[: -len(".ipynb")] if path.endswith(".ipynb") else path
     return base + ".out.ipynb"
 
 
 # ---------------------------------------------------------------------- the CLI entry point
-def run_notebook(path: str, output: str | None = None, parameters: Sequence[tuple[str, Any]] = (),
-                 timeout: float | None = None, pool: str | None = None, notebook_timeout: float | None = None,
-                 kernel_name: str = "python3", stream: Any = None) -> int:
+def run_notebook(
+    path: str,
+    output: str | None = None,
+    parameters: Sequence[tuple[str, Any]] = (),
+    timeout: float | None = None,
+    pool: str | None = None,
+    notebook_timeout: float | None = None,
+    kernel_name: str = "python3",
+    stream: Any = None,
+) -> int:
     """``jupyter-gpu run``: execute ``path``, save it with its outputs, return the exit code.
 
-    0: every cell ran. 1: a cell failed or timed out (the report goes to ``stream``, stderr by default).
-    2: the notebook could not be run (missing or invalid file, bad parameter, no pool could be started).
-    The executed notebook is saved to ``output`` (default ``<name>.out.ipynb`` beside the notebook; the
-    source notebook is never overwritten), also when a cell failed: its outputs show what happened.
+    0: every cell ran. 1: a cell failed or timed out (the report goes to ``stream``, stderr by
+    default). 2: the notebook could not be run (missing or invalid file, bad parameter, no pool
+    could be started). The executed notebook is saved to ``output`` (default
+    ``<name>.out.ipynb`` beside the notebook; the source notebook is never overwritten), also
+    when a cell failed: its outputs show what happened.
     """
     from jupyter_gpu.headless.pool import PrivatePool
 
@@ -449,7 +588,9 @@ def run_notebook(path: str, output: str | None = None, parameters: Sequence[tupl
     output = output or default_output(path)
     try:
         if os.path.exists(output) and os.path.samefile(output, path):
-            raise CannotRun(f"the output {output} is the notebook itself; give another path with -o")
+            raise CannotRun(
+                f"the output {output} is the notebook itself; give another path with -o"
+            )
         try:
             nb = nbformat.read(path, as_version=4)
         except (OSError, ValueError) as exc:
@@ -465,19 +606,33 @@ def run_notebook(path: str, output: str | None = None, parameters: Sequence[tupl
             private = PrivatePool(label="run")
             try:
                 pool = private.start()
-            except Exception as exc:  # NoGpuAvailable, EmbeddedPoolError: their messages say what to do
+            # NoGpuAvailable, EmbeddedPoolError: their messages say what to do
+            except Exception as exc:
                 print(f"jupyter-gpu run: could not start a GPU pool for {path}: {exc}", file=err)
                 return EXIT_CANNOT_RUN
-        result = execute_notebook(nb, pool=pool, path=path, cell_timeout=timeout,
-                                  notebook_timeout=notebook_timeout, kernel_name=kernel_name,
-                                  progress=lambda line: print(f"jupyter-gpu run: {line}", file=err, flush=True))
+        result = execute_notebook(
+            nb,
+            pool=pool,
+            path=path,
+            cell_timeout=timeout,
+            notebook_timeout=notebook_timeout,
+            kernel_name=kernel_name,
+            progress=lambda line: print(f"jupyter-gpu run: {line}", file=err, flush=True),
+        )
     finally:
         if private is not None:
             private.stop()
     nb.metadata["jupyter_gpu"] = {
-        "parameters": {name: repr(parse_value(v) if isinstance(v, str) else v) for name, v in parameters},
-        "status": "passed" if result.passed else "failed", "duration_s": round(result.duration, 2),
-        **({"failed_cell": result.failure.number, "failure": result.failure.summary()} if result.failure else {}),
+        "parameters": {
+            name: repr(parse_value(v) if isinstance(v, str) else v) for name, v in parameters
+        },
+        "status": "passed" if result.passed else "failed",
+        "duration_s": round(result.duration, 2),
+        **(
+            {"failed_cell": result.failure.number, "failure": result.failure.summary()}
+            if result.failure
+            else {}
+        ),
     }
     try:
         nbformat.write(nb, output)
@@ -488,6 +643,9 @@ def run_notebook(path: str, output: str | None = None, parameters: Sequence[tupl
         print(f"jupyter-gpu run: {path} failed: {result.failure.report()}", file=err)
         print(f"jupyter-gpu run: {saved}", file=err)
         return EXIT_FAILED
-    print(f"jupyter-gpu run: {path} passed ({result.cells_run} cells in {result.duration:.1f} s); {saved}",
-          file=err)
+    print(
+        f"jupyter-gpu run: {path} passed ({result.cells_run} cells in {result.duration:.1f} s); "
+        f"{saved}",
+        file=err,
+    )
     return EXIT_OK

@@ -1,8 +1,8 @@
 """``%%gpu --async``: a handle for a cell that runs while the notebook goes on.
 
-The cell's output is collected into one display in the cell that started it (updated live, whichever cell
-runs now); the values it assigns land in the namespace when it finishes; ``job.result()`` blocks,
-``await job`` awaits, and showing ``job`` later renders its state and output.
+The cell's output is collected into one display in the cell that started it (updated live, whichever
+cell runs now); the values it assigns land in the namespace when it finishes; ``job.result()``
+blocks, ``await job`` awaits, and showing ``job`` later renders its state and output.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class AsyncJob:
         self.finished: float | None = None
         self.outputs: dict[str, Any] = {}
         self._future: concurrent.futures.Future = concurrent.futures.Future()
-        self._parts: list[tuple[str, Any]] = []   # ("stream", text) | ("bundle", data)
+        self._parts: list[tuple[str, Any]] = []  # ("stream", text) | ("bundle", data)
         self._lock = threading.Lock()
         self._handle = DisplayHandle()
         self._shown = False
@@ -45,7 +45,8 @@ class AsyncJob:
         return self._future.done()
 
     def cancel(self) -> None:
-        """Stop the job: withdraw it from the queue or interrupt it (then kill after the grace period)."""
+        """Stop the job: withdraw it from the queue or interrupt it (then kill after the grace
+        period)."""
         self.cancel_requested.set()
 
     def __await__(self):
@@ -92,7 +93,9 @@ class AsyncJob:
     # ------------------------------------------------------------------ display
     def _status(self) -> str:
         end = self.finished or time.time()
-        text = f"%%gpu --async job {self.id} ({self.label}): {self.state}, {end - self.started:.1f} s"
+        text = (
+            f"%%gpu --async job {self.id} ({self.label}): {self.state}, {end - self.started:.1f} s"
+        )
         return text + (f" — {self.detail}" if self.detail else "")
 
     def _bundle(self) -> dict:

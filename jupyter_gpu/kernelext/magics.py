@@ -1,9 +1,10 @@
 """The ``%gpu`` line magics and the ``%%gpu`` cell magic.
 
-A ``%%gpu`` cell: parse its options (``options``), prepare it (``pipeline``: name, inputs serialized so
-that a bad one is refused before anything waits, the payload), then run it: in this kernel's session
-(``single``, also ``--async``) or on N ranks (``scaleout``), both through ``runner.RankRunner``, and bring
-back what it assigned and re-raise what it raised (``results``). The line form manages the pool.
+A ``%%gpu`` cell: parse its options (``options``), prepare it (``pipeline``: name, inputs serialized
+so that a bad one is refused before anything waits, the payload), then run it: in this kernel's
+session (``single``, also ``--async``) or on N ranks (``scaleout``), both through
+``runner.RankRunner``, and bring back what it assigned and re-raise what it raised (``results``).
+The line form manages the pool.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ LINE_HELP = """The line form, %gpu COMMAND:
 
 
 def _documented(func: Callable) -> Callable:
-    """``%gpu?`` shows the magic's docstring: the cell form's help, generated from the one declaration of
-    the options (``options.gpu_options``), then the line commands."""
+    """``%gpu?`` shows the magic's docstring: the cell form's help, generated from the one
+    declaration of the options (``options.gpu_options``), then the line commands."""
     func.__doc__ = f"{options_help()}\n{LINE_HELP}"
     return func
 
@@ -56,7 +57,8 @@ class GpuMagics(Magics):
         self.conn: PoolConnection | None = None
         self.cells = SessionCells(shell)
         self.jobs = self.cells.jobs  # the --async jobs, by id (``%gpu cancel J1``, ``%gpu status``)
-        self.runs = RunBook()  # each cell's runs: a new run id every time, --resume continues the latest
+        # each cell's runs: a new run id every time, --resume continues the latest
+        self.runs = RunBook()
 
     # ------------------------------------------------------------------ entry
     @line_cell_magic
@@ -68,7 +70,9 @@ class GpuMagics(Magics):
         return self._cell(line, cell)
 
     # ------------------------------------------------------------------ connection
-    def connect(self, address: str | None = None, keep: bool = False, quiet: bool = False) -> PoolConnection:
+    def connect(
+        self, address: str | None = None, keep: bool = False, quiet: bool = False
+    ) -> PoolConnection:
         if self.conn is not None:
             self.conn.close()
             self.conn = None
@@ -76,21 +80,28 @@ class GpuMagics(Magics):
         from jupyter_gpu.pool.discovery import address_reachable
 
         if not address_reachable(resolved, timeout=5):
-            raise GpuPoolError(f"Could not reach the GPU pool at {resolved}: nothing answers there. Check the "
-                               "address (the scheduler that `jupyter-gpu pool up` printed) and that this machine "
-                               "can reach it; `%gpu connect` with no address uses an embedded pool on this "
-                               "machine.")
+            raise GpuPoolError(
+                f"Could not reach the GPU pool at {resolved}: nothing answers there. Check the "
+                "address (the scheduler that `jupyter-gpu pool up` printed) and that this machine "
+                "can reach it; `%gpu connect` with no address uses an embedded pool on this "
+                "machine."
+            )
         try:
             self.conn = PoolConnection(resolved, embedded)
         except OSError as exc:
-            raise GpuPoolError(f"Could not reach the GPU pool at {resolved}: {exc}. Check the address (the "
-                               "scheduler that `jupyter-gpu pool up` printed) and that this machine can reach "
-                               "it; `%gpu connect` with no address uses an embedded pool on this machine.") from None
+            raise GpuPoolError(
+                f"Could not reach the GPU pool at {resolved}: {exc}. Check the address (the "
+                "scheduler that `jupyter-gpu pool up` printed) and that this machine can reach "
+                "it; `%gpu connect` with no address uses an embedded pool on this machine."
+            ) from None
         if not quiet:
             snap = self.conn.scheduler_call("gpu_snapshot")
             kind = "embedded pool" if embedded else "pool"
-            print(f"Connected to the {kind} at {resolved}: {len(snap['gpus'])} GPU(s)"
-                  + (" (virtual)" if snap["pool"].get("virtual") else "") + f", user {self.conn.user}.")
+            print(
+                f"Connected to the {kind} at {resolved}: {len(snap['gpus'])} GPU(s)"
+                + (" (virtual)" if snap["pool"].get("virtual") else "")
+                + f", user {self.conn.user}."
+            )
         return self.conn
 
     def _ensure_connection(self) -> PoolConnection:
@@ -107,17 +118,21 @@ class GpuMagics(Magics):
         cmd, args = parts[0], parts[1:]
         handler = getattr(self, f"_cmd_{cmd}", None)
         if handler is None:
-            raise UsageError(f"%gpu {cmd}: unknown command. Commands: connect, status, queue, cancel, scale, "
-                             "pull, release. Run `%gpu help` for their arguments; `%%gpu` (two %) on the first "
-                             "line of a cell runs the cell on a GPU.")
+            raise UsageError(
+                f"%gpu {cmd}: unknown command. Commands: connect, status, queue, cancel, scale, "
+                "pull, release. Run `%gpu help` for their arguments; `%%gpu` (two %) on the first "
+                "line of a cell runs the cell on a GPU."
+            )
         return handler(args)
 
     def _cmd_connect(self, args: list[str]) -> None:
         keep = "--keep" in args
         rest = [a for a in args if a != "--keep"]
         if len(rest) > 1 or any(a.startswith("-") for a in rest):
-            raise UsageError("%gpu connect takes at most one address, e.g. `%gpu connect tcp://10.0.0.5:8786`, "
-                             "and the flag --keep (keep the embedded pool up across kernel restarts).")
+            raise UsageError(
+                "%gpu connect takes at most one address, e.g. `%gpu connect tcp://10.0.0.5:8786`, "
+                "and the flag --keep (keep the embedded pool up across kernel restarts)."
+            )
         self.connect(rest[0] if rest else None, keep=keep)
 
     def _cmd_status(self, args: list[str]) -> Any:
@@ -135,8 +150,10 @@ class GpuMagics(Magics):
 
     def _cmd_cancel(self, args: list[str]) -> None:
         if len(args) != 1 or len(args[0]) > 200 or not args[0].isprintable():
-            raise UsageError("%gpu cancel ID: give one id from `%gpu queue` or `%gpu status` (R.. for a queued "
-                             "request, L.. for a lease, J.. for an --async job).")
+            raise UsageError(
+                "%gpu cancel ID: give one id from `%gpu queue` or `%gpu status` (R.. for a queued "
+                "request, L.. for a lease, J.. for an --async job)."
+            )
         target = args[0]
         if target in self.jobs:
             self.jobs[target].cancel()
@@ -152,27 +169,43 @@ class GpuMagics(Magics):
 
     def _cmd_scale(self, args: list[str]) -> None:
         if len(args) != 1:
-            raise UsageError("%gpu scale N: give the number of workers the pool should have, e.g. `%gpu scale 3`.")
-        n = whole_number(args[0], "%gpu scale", 0, MAX_WORKERS, "%gpu scale 3")  # 0: a cluster manager's jobs
+            raise UsageError(
+                "%gpu scale N: give the number of workers the pool should have, e.g. `%gpu scale "
+                "3`."
+            )
+        # 0: a cluster manager's jobs
+        n = whole_number(args[0], "%gpu scale", 0, MAX_WORKERS, "%gpu scale 3")
         conn = self._ensure_connection()
         reply = conn.scheduler_call("gpu_scale", n=n, user=conn.user)
         if reply.get("error"):
             raise UsageError(f"%gpu scale: {reply['error']}")
-        print(f"The pool now has {reply['workers']} worker(s)"
-              + (f" ({reply['jobs']} job(s) of its cluster manager)" if reply.get("jobs") != reply["workers"]
-                 and reply.get("jobs") is not None else "") + ".")
+        print(
+            f"The pool now has {reply['workers']} worker(s)"
+            + (
+                f" ({reply['jobs']} job(s) of its cluster manager)"
+                if reply.get("jobs") != reply["workers"] and reply.get("jobs") is not None
+                else ""
+            )
+            + "."
+        )
         if reply.get("note"):
             print(reply["note"][0].upper() + reply["note"][1:] + ".")
 
     def _cmd_pull(self, args: list[str]) -> None:
         if len(args) != 1 or not args[0].isidentifier() or len(args[0]) > 200:
-            raise UsageError("%gpu pull NAME: give the name of one variable that lives in your GPU session.")
+            raise UsageError(
+                "%gpu pull NAME: give the name of one variable that lives in your GPU session."
+            )
         name = args[0]
         if name in self.shell.user_ns_hidden or name.startswith("_"):
-            raise UsageError(f"%gpu pull {name}: {name!r} is one of IPython's own names in this kernel (history, "
-                             "output cache or the shell itself); pulling it would overwrite that. Pull a variable "
-                             "your cells made, or copy it under another name in a %%gpu cell first "
-                             f"(e.g. `my_{name.strip('_') or 'copy'} = {name}`).")
+            raise UsageError(
+                f"%gpu pull {name}: {name!r} is one of IPython's own names in this kernel "
+                "(history, "
+                "output cache or the shell itself); pulling it would overwrite that. Pull a "
+                "variable "
+                "your cells made, or copy it under another name in a %%gpu cell first "
+                f"(e.g. `my_{name.strip('_') or 'copy'} = {name}`)."
+            )
         conn = self._ensure_connection()
         self.shell.user_ns[name] = conn.pull(name)
         print(f"{name} is now a local copy ({type(self.shell.user_ns[name]).__name__}).")
@@ -187,8 +220,8 @@ class GpuMagics(Magics):
 
     # ------------------------------------------------------------------ the cell magic
     def _cell(self, line: str, cell: str) -> Any:
-        """Every %%gpu cell takes the same path: parse, prepare (name, inputs, payload), then run on one
-        GPU in the kernel's session (now, or as an --async job) or on N ranks."""
+        """Every %%gpu cell takes the same path: parse, prepare (name, inputs, payload), then run on
+        one GPU in the kernel's session (now, or as an --async job) or on N ranks."""
         __tracebackhide__ = True
         opts = parse_cell_options(line)
         conn = self._ensure_connection()
@@ -203,15 +236,24 @@ class GpuMagics(Magics):
 _magics: GpuMagics | None = None
 
 
-def _show_pool_error(shell: Any, etype: type, value: BaseException, tb: Any, tb_offset: Any = None) -> list[str]:
-    """Pool errors are messages for the user, not bugs: show the message (and the remote part, where the
-    cell was when it was stopped), not jupyter-gpu's own frames."""
+def _show_pool_error(
+    shell: Any, etype: type, value: BaseException, tb: Any, tb_offset: Any = None
+) -> list[str]:
+    """Pool errors are messages for the user, not bugs: show the message (and the remote part, where
+    the cell was when it was stopped), not jupyter-gpu's own frames."""
     stb: list[str] = []
     cause = value.__cause__
-    if cause is not None and not isinstance(cause, GpuPoolError) and cause.__traceback__ is not None:
+    if (
+        cause is not None
+        and not isinstance(cause, GpuPoolError)
+        and cause.__traceback__ is not None
+    ):
         try:
-            stb = list(shell.InteractiveTB.structured_traceback(type(cause), cause, cause.__traceback__,
-                                                                tb_offset=0))
+            stb = list(
+                shell.InteractiveTB.structured_traceback(
+                    type(cause), cause, cause.__traceback__, tb_offset=0
+                )
+            )
             stb.append("\nThe remote code above was stopped:")
         except Exception:
             stb = []
@@ -220,10 +262,12 @@ def _show_pool_error(shell: Any, etype: type, value: BaseException, tb: Any, tb_
     return stb
 
 
-def _show_error(shell: Any, etype: type, value: BaseException, tb: Any, tb_offset: Any = None) -> list[str]:
-    """How the kernel shows an error: a pool error as its message (``_show_pool_error``), an exception a
-    ``%%gpu`` cell raised from its own remote frames on (as it would read had the cell run here), and any
-    other error exactly as IPython does."""
+def _show_error(
+    shell: Any, etype: type, value: BaseException, tb: Any, tb_offset: Any = None
+) -> list[str]:
+    """How the kernel shows an error: a pool error as its message (``_show_pool_error``), an
+    exception a ``%%gpu`` cell raised from its own remote frames on (as it would read had the cell
+    run here), and any other error exactly as IPython does."""
     if isinstance(value, GpuPoolError):
         return _show_pool_error(shell, etype, value, tb, tb_offset)
     remote = remote_part(value, tb)
@@ -240,8 +284,9 @@ def load(ipython: Any) -> None:
     global _magics
     _magics = GpuMagics(ipython)
     ipython.register_magics(_magics)
-    # every error passes through _show_error: IPython calls a custom handler by exception type, and a remote
-    # exception keeps its own type (ValueError, a user's class), so the handler tells them apart itself
+    # every error passes through _show_error: IPython calls a custom handler by exception type, and
+    # a remote exception keeps its own type (ValueError, a user's class), so the handler tells them
+    # apart itself
     ipython.set_custom_exc((Exception,), _show_error)
 
 

@@ -1,8 +1,9 @@
-"""The first step of every ``%%gpu`` cell, single-GPU or ``--workers``: from the cell's text to a ``CellJob``.
+"""The first step of every ``%%gpu`` cell, single-GPU or ``--workers``: from the cell's text to a
+``CellJob``.
 
-Both kinds of cell are named and labelled the same way, register their source for tracebacks, serialize
-their inputs before anything waits (so that a bad input is refused at once) and send the same payload
-(``--workers`` then adds each rank's part), so that they cannot drift apart.
+Both kinds of cell are named and labelled the same way, register their source for tracebacks,
+serialize their inputs before anything waits (so that a bad input is refused at once) and send the
+same payload (``--workers`` then adds each rank's part), so that they cannot drift apart.
 """
 
 from __future__ import annotations
@@ -27,18 +28,19 @@ from jupyter_gpu.kernelext.runs import RunBook, RunPlan
 
 @dataclass
 class CellJob:
-    """One ``%%gpu`` cell, ready to run: what it sends, what it wants back, and what it is called."""
+    """One ``%%gpu`` cell, ready to run: what it sends, what it wants back, and what it is
+    called."""
 
     cell: str
-    count: int              # In[n]
-    cell_name: str          # the file name its traceback lines carry: <%%gpu cell In[n]>
-    label: str              # --name, or In[n] and its first line: the queue, the panel, the badge
-    run_id: str             # new for every run of the cell (a retry after a lost worker keeps it)
-    plan: RunPlan           # the run's checkpoint folder, and the earlier run it resumes (--resume)
-    inputs: dict            # name -> serialized value, for the session (rank 0 of a --workers run)
+    count: int  # In[n]
+    cell_name: str  # the file name its traceback lines carry: <%%gpu cell In[n]>
+    label: str  # --name, or In[n] and its first line: the queue, the panel, the badge
+    run_id: str  # new for every run of the cell (a retry after a lost worker keeps it)
+    plan: RunPlan  # the run's checkpoint folder, and the earlier run it resumes (--resume)
+    inputs: dict  # name -> serialized value, for the session (rank 0 of a --workers run)
     remote_refs: dict[str, RemoteObject]  # inputs that already live in a GPU session
-    outputs: list[str]      # the names to bring back
-    payload: dict           # the execute request, without the cwd (taken when it runs)
+    outputs: list[str]  # the names to bring back
+    payload: dict  # the execute request, without the cwd (taken when it runs)
 
 
 def cell_number(shell: Any) -> int:
@@ -50,8 +52,12 @@ def cell_number(shell: Any) -> int:
 
 
 def cell_label(count: int, cell: str) -> str:
-    """``In[n]`` and the cell's first line of code: how the queue and the panel name a cell without --name."""
-    first = next((ln.strip() for ln in cell.splitlines() if ln.strip() and not ln.strip().startswith("#")), "")
+    """``In[n]`` and the cell's first line of code: how the queue and the panel name a cell without
+    --name."""
+    first = next(
+        (ln.strip() for ln in cell.splitlines() if ln.strip() and not ln.strip().startswith("#")),
+        "",
+    )
     return f"In[{count}] {first[:60]}"
 
 
@@ -60,9 +66,12 @@ def notebook_name() -> str | None:
     return os.environ.get("JPY_SESSION_NAME")
 
 
-def prepare_inputs(ns: dict, opts: CellOptions, cell: str) -> tuple[dict, dict[str, RemoteObject], list[str]]:
-    """Serialize the inputs now, so a bad one is refused before anything waits. Returns the serialized
-    inputs, the inputs that are placeholders of remote objects, and the names to bring back."""
+def prepare_inputs(
+    ns: dict, opts: CellOptions, cell: str
+) -> tuple[dict, dict[str, RemoteObject], list[str]]:
+    """Serialize the inputs now, so a bad one is refused before anything waits. Returns the
+    serialized inputs, the inputs that are placeholders of remote objects, and the names to bring
+    back."""
     from distributed.protocol import serialize
     from distributed.protocol.serialize import Serialized
 
@@ -70,9 +79,11 @@ def prepare_inputs(ns: dict, opts: CellOptions, cell: str) -> tuple[dict, dict[s
     if opts.inputs is not None:
         missing = [n for n in opts.inputs if n not in ns]
         if missing:
-            raise UsageError(f"%%gpu --in: no variable named {', '.join(map(repr, missing))} exists in this "
-                             "kernel. List variables that exist here (or leave --in out to send the ones the "
-                             "cell uses).")
+            raise UsageError(
+                f"%%gpu --in: no variable named {', '.join(map(repr, missing))} exists in this "
+                "kernel. List variables that exist here (or leave --in out to send the ones the "
+                "cell uses)."
+            )
         names = opts.inputs
     else:
         names = [n for n in free if n in ns and not n.startswith("_")]
@@ -84,16 +95,26 @@ def prepare_inputs(ns: dict, opts: CellOptions, cell: str) -> tuple[dict, dict[s
             remote_refs[name] = value
             continue
         try:
-            # code_names_kept: functions from earlier cells keep their file names, so a remote traceback
-            # through them shows their lines (this kernel's linecache has every cell's source)
-            with _quiet("distributed.protocol.pickle", "distributed.protocol.core"), code_names_kept():
-                header, frames = serialize(input_item(value), serializers=("dask", "pickle"), on_error="raise")
+            # code_names_kept: functions from earlier cells keep their file names, so a remote
+            # traceback through them shows their lines (this kernel's linecache has every cell's
+            # source)
+            with (
+                _quiet("distributed.protocol.pickle", "distributed.protocol.core"),
+                code_names_kept(),
+            ):
+                header, frames = serialize(
+                    input_item(value), serializers=("dask", "pickle"), on_error="raise"
+                )
         except Exception as exc:
             raise UsageError(
-                f"%%gpu: the input {name!r} ({type(value).__module__}.{type(value).__qualname__}) cannot be "
-                f"sent to the GPU session: it cannot be pickled ({type(exc).__name__}: {exc}). Create it "
-                f"inside the %%gpu cell instead, or leave it out by listing the names the cell needs with "
-                f"--in (e.g. --in {','.join(n for n in names if n != name) or 'x'}).") from None
+                f"%%gpu: the input {name!r} ({type(value).__module__}.{type(value).__qualname__}) "
+                "cannot be "
+                f"sent to the GPU session: it cannot be pickled ({type(exc).__name__}: {exc}). "
+                "Create it "
+                "inside the %%gpu cell instead, or leave it out by listing the names the cell "
+                "needs with "
+                f"--in (e.g. --in {','.join(n for n in names if n != name) or 'x'})."
+            ) from None
         inputs[name] = Serialized(header, frames)
     outputs = opts.outputs if opts.outputs is not None else assigned
     return inputs, remote_refs, outputs
@@ -101,8 +122,8 @@ def prepare_inputs(ns: dict, opts: CellOptions, cell: str) -> tuple[dict, dict[s
 
 @contextlib.contextmanager
 def _quiet(*loggers: str) -> Iterator[None]:
-    """Dask logs a failed pickle with its whole traceback before raising it: the user gets our one-paragraph
-    error instead, so those loggers are silenced while an input is serialized."""
+    """Dask logs a failed pickle with its whole traceback before raising it: the user gets our
+    one-paragraph error instead, so those loggers are silenced while an input is serialized."""
     saved = [(logging.getLogger(name), logging.getLogger(name).disabled) for name in loggers]
     for logger, _ in saved:
         logger.disabled = True
@@ -113,18 +134,37 @@ def _quiet(*loggers: str) -> Iterator[None]:
             logger.disabled = was
 
 
-def prepare_cell(shell: Any, conn: PoolConnection, opts: CellOptions, cell: str, runs: RunBook) -> CellJob:
-    """Name the cell, register its source (remote tracebacks show its lines), serialize its inputs and
-    build the execute request that every session running it gets: a new run (``runs``), which resumes an
-    earlier run's checkpoints only with ``--resume``."""
+def prepare_cell(
+    shell: Any, conn: PoolConnection, opts: CellOptions, cell: str, runs: RunBook
+) -> CellJob:
+    """Name the cell, register its source (remote tracebacks show its lines), serialize its inputs
+    and build the execute request that every session running it gets: a new run (``runs``), which
+    resumes an earlier run's checkpoints only with ``--resume``."""
     count = cell_number(shell)
     cell_name = f"<%%gpu cell In[{count}]>"
     register_cell_source(cell_name, cell)
     label = opts.name or cell_label(count, cell)
     inputs, remote_refs, outputs = prepare_inputs(shell.user_ns, opts, cell)
     plan = runs.plan(conn.user, conn.kernel, opts.name, cell, opts.resume)
-    payload = {"code": cell, "inputs": inputs, "outputs": outputs, "exact_outputs": opts.outputs is not None,
-               "cell_name": cell_name, "label": label, "max_bytes": config.get_bytes("output-max-bytes"),
-               "checkpoint_dir": plan.checkpoint_dir}
-    return CellJob(cell=cell, count=count, cell_name=cell_name, label=label, run_id=plan.run_id, plan=plan,
-                   inputs=inputs, remote_refs=remote_refs, outputs=outputs, payload=payload)
+    payload = {
+        "code": cell,
+        "inputs": inputs,
+        "outputs": outputs,
+        "exact_outputs": opts.outputs is not None,
+        "cell_name": cell_name,
+        "label": label,
+        "max_bytes": config.get_bytes("output-max-bytes"),
+        "checkpoint_dir": plan.checkpoint_dir,
+    }
+    return CellJob(
+        cell=cell,
+        count=count,
+        cell_name=cell_name,
+        label=label,
+        run_id=plan.run_id,
+        plan=plan,
+        inputs=inputs,
+        remote_refs=remote_refs,
+        outputs=outputs,
+        payload=payload,
+    )

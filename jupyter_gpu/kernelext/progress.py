@@ -1,15 +1,18 @@
-"""The live progress of a ``%%gpu`` cell, from what it reports with ``jupyter_gpu.report`` (or tqdm).
+"""The live progress of a ``%%gpu`` cell, from what it reports with ``jupyter_gpu.report`` (or
+tqdm).
 
-What a data scientist expects from a training loop: a bar with the share done, the rate and the time left
-when a ``total`` is known, the last metrics, and a loss curve. In JupyterLab (a widget frontend) it is an
-ipywidgets bar updated in place through the widgets' comms (its text and HTML version, written at the end,
-is what a saved notebook keeps); in the headless runs that this project starts (``jupyter-gpu run``, the
-pytest plugin, ``GpuKernel``: no widget frontend) it is that text and HTML, updated in place.
+What a data scientist expects from a training loop: a bar with the share done, the rate and the time
+left when a ``total`` is known, the last metrics, and a loss curve. In JupyterLab (a widget
+frontend) it is an ipywidgets bar updated in place through the widgets' comms (its text and HTML
+version, written at the end, is what a saved notebook keeps); in the headless runs that this project
+starts (``jupyter-gpu run``, the pytest plugin, ``GpuKernel``: no widget frontend) it is that text
+and HTML, updated in place.
 
-Counting: steps per second comes from the reported step numbers, not from how often ``report`` is called
-(a loop that reports every 10th step runs ten times faster than its calls). A loop that reports ``step=0``
-first counts from zero, so its last step ``total - 1`` is shown as ``total/total`` done. tqdm bars (the
-session turns them into reports, ``session/tqdm_bridge.py``) report how many iterations are done.
+Counting: steps per second comes from the reported step numbers, not from how often ``report`` is
+called (a loop that reports every 10th step runs ten times faster than its calls). A loop that
+reports ``step=0`` first counts from zero, so its last step ``total - 1`` is shown as
+``total/total`` done. tqdm bars (the session turns them into reports, ``session/tqdm_bridge.py``)
+report how many iterations are done.
 """
 
 from __future__ import annotations
@@ -27,15 +30,16 @@ from IPython.display import DisplayHandle
 log = logging.getLogger(__name__)
 
 MAX_POINTS = 400  # a loss curve keeps at most this many points, thinned evenly however long the run
-#: ``text`` in a kernel's environment: show progress as text, updated in place (headless runs set it:
-#: ``headless/kernel.py``); otherwise a kernel with comms shows ipywidgets
+# : ``text`` in a kernel's environment: show progress as text, updated in place (headless runs set it:
+# : ``headless/kernel.py``); otherwise a kernel with comms shows ipywidgets
 PROGRESS_ENV = "JUPYTER_GPU_PROGRESS"
 
 
 class Series:
-    """A bounded, evenly thinned series: every ``stride``-th value, the stride doubling when it is full.
+    """A bounded, evenly thinned series: every ``stride``-th value, the stride doubling when it
+    is full.
 
-    Why: a run may report a million times; the curve must keep its whole shape in a fixed size."""
+        Why: a run may report a million times; the curve must keep its whole shape in a fixed size."""
 
     def __init__(self, limit: int = MAX_POINTS):
         self.limit = limit
@@ -64,7 +68,7 @@ class Bar:
     time: float | None = None
     total: float | None = None
     count: int = 0
-    counts_done: bool = False          # tqdm: the step is how many are done, not an index
+    counts_done: bool = False  # tqdm: the step is how many are done, not an index
     metrics: dict = field(default_factory=dict)
     loss: Series = field(default_factory=Series)
 
@@ -88,23 +92,31 @@ class Bar:
         if isinstance(loss, (int, float)) and math.isfinite(loss):
             self.loss.add(float(loss))
 
-    finished: bool = False             # the cell has ended
+    finished: bool = False  # the cell has ended
 
     @property
     def done(self) -> float | None:
-        """Steps done: the last step, plus one when the loop counts from zero (it reported step 0, or it
-        ended at step ``total - 1``: a resumed loop's first step is not 0)."""
+        """Steps done: the last step, plus one when the loop counts from zero (it reported step 0,
+        or it ended at step ``total - 1``: a resumed loop's first step is not 0)."""
         if self.step is None:
             return None
         if self.counts_done:
             return self.step
-        ended_at_last_index = self.finished and self.total is not None and self.step == self.total - 1
+        ended_at_last_index = (
+            self.finished and self.total is not None and self.step == self.total - 1
+        )
         return self.step + 1 if self.first_step == 0 or ended_at_last_index else self.step
 
     @property
     def rate(self) -> float | None:
-        """Steps per second, from the step numbers reported (None until two reports apart in time)."""
-        if self.first_time is None or self.time is None or self.step is None or self.first_step is None:
+        """Steps per second, from the step numbers reported (None until two reports apart in
+        time)."""
+        if (
+            self.first_time is None
+            or self.time is None
+            or self.step is None
+            or self.first_step is None
+        ):
             return None
         span = self.time - self.first_time
         if span <= 0 or self.step <= self.first_step:
@@ -135,14 +147,19 @@ class Bar:
         parts = []
         done = self.done
         if done is not None:
-            shown = f"{_count(done)}/{_count(self.total)} steps" if self.total else f"step {_count(self.step)}"
+            shown = (
+                f"{_count(done)}/{_count(self.total)} steps"
+                if self.total
+                else f"step {_count(self.step)}"
+            )
             if self.fraction is not None:
                 shown += f" ({self.fraction:.0%})"
             parts.append(shown)
         rate = self.rate
         samples = self.metrics.get("samples")
         if rate and isinstance(samples, (int, float)) and not isinstance(samples, bool):
-            parts.append(f"{_count(rate * samples)} samples/s")  # report(samples=batch size): throughput
+            # report(samples=batch size): throughput
+            parts.append(f"{_count(rate * samples)} samples/s")
         elif rate:
             parts.append(f"{_count(rate) if rate >= 100 else f'{rate:.3g}'} steps/s")
         eta = self.eta
@@ -153,7 +170,8 @@ class Bar:
 
 
 class ProgressDisplay:
-    """The cell's progress lines (one per rank, and per tqdm bar), live; see the module docstring."""
+    """The cell's progress lines (one per rank, and per tqdm bar), live; see the module
+    docstring."""
 
     def __init__(self, min_interval: float = 0.25, widgets: bool | None = None):
         self.handle = DisplayHandle()
@@ -187,16 +205,24 @@ class ProgressDisplay:
         bars = self.ordered()
         rows = []
         for bar in bars:
-            meter = (f"<progress max='1' value='{bar.fraction:.4f}'></progress> "
-                     if bar.fraction is not None else "")
-            rows.append(f"<tr><td>{html.escape(bar.label())}</td><td>{meter}"
-                        f"{html.escape(bar.text(self.finished))}</td><td>{sparkline(bar.loss.values)}</td></tr>")
-        return {"text/plain": "\n".join(f"{b.label()}: {b.text(self.finished)}" for b in bars),
-                "text/html": "<table class='jupyter-gpu-progress'>" + "".join(rows) + "</table>"}
+            meter = (
+                f"<progress max='1' value='{bar.fraction:.4f}'></progress> "
+                if bar.fraction is not None
+                else ""
+            )
+            rows.append(
+                f"<tr><td>{html.escape(bar.label())}</td><td>{meter}"
+                f"{html.escape(bar.text(self.finished))}</td><td>{sparkline(bar.loss.values)}</td></tr>"
+            )
+        return {
+            "text/plain": "\n".join(f"{b.label()}: {b.text(self.finished)}" for b in bars),
+            "text/html": "<table class='jupyter-gpu-progress'>" + "".join(rows) + "</table>",
+        }
 
     def render(self, final: bool = False) -> None:
-        """Show or refresh the display. With widgets, the bars move through their comms and the display
-        itself is written only at first and at the end (its text is what a saved notebook keeps)."""
+        """Show or refresh the display. With widgets, the bars move through their comms and the
+        display itself is written only at first and at the end (its text is what a saved notebook
+        keeps)."""
         self.last_render = time.monotonic()
         self.finished = self.finished or final
         bundle = self.bundle()
@@ -213,8 +239,9 @@ class ProgressDisplay:
 
 
 class WidgetView:
-    """The ipywidgets form of the progress: per bar a label, a progress bar and a line of text, and the loss
-    curve below. Created only in a kernel that can talk to a widget frontend (ipykernel with comms)."""
+    """The ipywidgets form of the progress: per bar a label, a progress bar and a line of text, and
+    the loss curve below. Created only in a kernel that can talk to a widget frontend (ipykernel
+    with comms)."""
 
     def __init__(self, widgets: Any) -> None:
         self.w = widgets
@@ -224,7 +251,8 @@ class WidgetView:
 
     @classmethod
     def create(cls) -> WidgetView | None:
-        if os.environ.get(PROGRESS_ENV) == "text":  # a headless run: nobody draws widgets, the text is kept
+        # a headless run: nobody draws widgets, the text is kept
+        if os.environ.get(PROGRESS_ENV) == "text":
             return None
         try:
             from IPython import get_ipython
@@ -257,13 +285,22 @@ class WidgetView:
                 meter.bar_style = "success" if finished and fraction >= 1 else ""
             else:
                 meter.layout.visibility = "hidden"
-            text.value = f"<span class='jupyter-gpu-progress-text'>{html.escape(bar.text(finished))}</span>"
+            text.value = (
+                f"<span class='jupyter-gpu-progress-text'>{html.escape(bar.text(finished))}</span>"
+            )
         losses = next((b.loss.values for b in bars if len(b.loss.values) > 1), [])
-        self.curve.value = f"<div class='jupyter-gpu-progress-curve'>{sparkline(losses, 320, 40)}</div>"
+        self.curve.value = (
+            f"<div class='jupyter-gpu-progress-curve'>{sparkline(losses, 320, 40)}</div>"
+        )
 
     def mime(self) -> dict:
-        return {"application/vnd.jupyter.widget-view+json": {"version_major": 2, "version_minor": 0,
-                                                               "model_id": self.box.model_id}}
+        return {
+            "application/vnd.jupyter.widget-view+json": {
+                "version_major": 2,
+                "version_minor": 0,
+                "model_id": self.box.model_id,
+            }
+        }
 
 
 def duration(seconds: float) -> str:
@@ -287,12 +324,17 @@ def _fmt(value: Any) -> str:
 
 
 def sparkline(values: list[float], width: int = 160, height: int = 28) -> str:
-    """An SVG polyline of ``values`` (all of them, scaled to the box), or nothing for fewer than two."""
+    """An SVG polyline of ``values`` (all of them, scaled to the box), or nothing for fewer than
+    two."""
     if len(values) < 2:
         return ""
     lo, hi = min(values), max(values)
     span = (hi - lo) or 1.0
     step = width / (len(values) - 1)
-    pts = " ".join(f"{i * step:.1f},{height - (v - lo) / span * height:.1f}" for i, v in enumerate(values))
-    return (f"<svg width='{width}' height='{height}' class='jupyter-gpu-sparkline'><title>loss</title>"
-            f"<polyline fill='none' stroke='currentColor' points='{pts}'/></svg>")
+    pts = " ".join(
+        f"{i * step:.1f},{height - (v - lo) / span * height:.1f}" for i, v in enumerate(values)
+    )
+    return (
+        f"<svg width='{width}' height='{height}' class='jupyter-gpu-sparkline'><title>loss</title>"
+        f"<polyline fill='none' stroke='currentColor' points='{pts}'/></svg>"
+    )

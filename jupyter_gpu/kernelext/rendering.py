@@ -1,8 +1,8 @@
 """Showing what a remote cell produced as ordinary outputs of the local cell.
 
 Streams become stream outputs, remote ``display()`` calls become display_data (updates and
-``clear_output`` included), metrics from ``jupyter_gpu.report`` drive a live progress display, and remote
-exceptions are rebuilt as real exceptions whose traceback shows the cell's own lines.
+``clear_output`` included), metrics from ``jupyter_gpu.report`` drive a live progress display, and
+remote exceptions are rebuilt as real exceptions whose traceback shows the cell's own lines.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from jupyter_gpu.kernelext.progress import ProgressDisplay
 
 
 class CellRenderer:
-    """Renders one cell's message stream in the kernel (main thread, or a job's display for --async)."""
+    """Renders one cell's message stream in the kernel (main thread, or a job's display for
+    --async)."""
 
     def __init__(self) -> None:
         self.progress: ProgressDisplay | None = None
@@ -31,8 +32,12 @@ class CellRenderer:
             stream.write(msg["text"])
             stream.flush()
         elif op == "display":
-            publish_display_data(dict(msg["data"]), dict(msg.get("metadata") or {}),
-                                 transient=dict(msg.get("transient") or {}), update=bool(msg.get("update")))
+            publish_display_data(
+                dict(msg["data"]),
+                dict(msg.get("metadata") or {}),
+                transient=dict(msg.get("transient") or {}),
+                update=bool(msg.get("update")),
+            )
         elif op == "clear":
             clear_output(wait=bool(msg.get("wait")))
         elif op == "metrics":
@@ -74,7 +79,8 @@ def rebuild_exception(error: dict) -> BaseException:
         try:
             remote_tb = traceback_from_dict(_lists(tb_dict))
             exc = exc.with_traceback(remote_tb)
-            setattr(exc, REMOTE_TB, remote_tb)  # where the cell's own frames start (see remote_part)
+            # where the cell's own frames start (see remote_part)
+            setattr(exc, REMOTE_TB, remote_tb)
         except Exception:
             pass
     return exc
@@ -88,23 +94,30 @@ class _TracebackMaker(Exception):
 
 
 def traceback_from_dict(tb_dict: dict) -> Any:
-    """A real traceback from tblib's ``Traceback.as_dict()``: one stub frame per remote frame, with the remote
-    file name, function name and line number, so IPython shows the cell's own lines from ``linecache``.
+    """A real traceback from tblib's ``Traceback.as_dict()``: one stub frame per remote frame, with
+    the remote file name, function name and line number, so IPython shows the cell's own lines from
+    ``linecache``.
 
-    Why not ``tblib.Traceback.as_traceback``: tblib 3 makes each stub a one-line code object whose first
-    line is the frame's line, and IPython 9 reads a frame's source from its code's first line: a failure on
-    line 3 of a function showed the function's first line labelled 3. Here the stub's code starts at line 1
-    and reaches the frame's line, as a real module's code does, which IPython 8 and 9 both show right."""
+        Why not ``tblib.Traceback.as_traceback``: tblib 3 makes each stub a one-line code object
+        whose first line is the frame's line, and IPython 9 reads a frame's source from its code's
+        first line: a failure on line 3 of a function showed the function's first line labelled 3.
+        Here the stub's code starts at line 1 and reaches the frame's line, as a real module's code
+        does, which IPython 8 and 9 both show right."""
     top = last = None
     node: Any = tb_dict
     while isinstance(node, dict):
         code = (node.get("tb_frame") or {}).get("f_code") or {}
-        filename, name = str(code.get("co_filename") or "<unknown>"), str(code.get("co_name") or "<module>")
+        filename, name = (
+            str(code.get("co_filename") or "<unknown>"),
+            str(code.get("co_name") or "<module>"),
+        )
         lineno = node.get("tb_lineno")
         lineno = lineno if isinstance(lineno, int) and 0 < lineno <= 1_000_000 else 1
-        stub = compile("\n" * (lineno - 1) + "raise __traceback_maker", filename, "exec").replace(co_name=name)
+        stub = compile("\n" * (lineno - 1) + "raise __traceback_maker", filename, "exec").replace(
+            co_name=name
+        )
         try:
-            exec(stub, {"__traceback_maker": _TracebackMaker, "__name__": "__main__"})  # noqa: S102
+            exec(stub, {"__traceback_maker": _TracebackMaker, "__name__": "__main__"})
         except _TracebackMaker:
             made = sys.exc_info()[2].tb_next  # the stub's own frame
             if top is None:
@@ -117,11 +130,13 @@ def traceback_from_dict(tb_dict: dict) -> Any:
 
 
 def remote_part(value: BaseException, tb: Any) -> Any:
-    """The part of ``tb`` that ran remotely, for an exception a ``%%gpu`` cell raised (None otherwise).
+    """The part of ``tb`` that ran remotely, for an exception a ``%%gpu`` cell raised (None
+    otherwise).
 
-    Raising the rebuilt exception in the kernel puts the kernel's frames in front of the remote ones (the
-    notebook's ``get_ipython().run_cell_magic(...)`` line and IPython's own call): locally the user would
-    see only their cell's lines, so the traceback shown starts where the remote frames do."""
+        Raising the rebuilt exception in the kernel puts the kernel's frames in front of the remote
+        ones (the notebook's ``get_ipython().run_cell_magic(...)`` line and IPython's own call):
+        locally the user would see only their cell's lines, so the traceback shown starts where the
+        remote frames do."""
     start = getattr(value, REMOTE_TB, None)
     t = tb
     while start is not None and t is not None:

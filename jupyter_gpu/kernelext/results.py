@@ -1,9 +1,9 @@
-"""The last step of every ``%%gpu`` cell: what the session sent back becomes local names, a value, or the
-cell's exception.
+"""The last step of every ``%%gpu`` cell: what the session sent back becomes local names, a value,
+or the cell's exception.
 
-Plain data lands in the namespace as real objects; what stayed on the GPU (or could not be rebuilt here)
-lands as a ``RemoteObject`` placeholder that says so; the remote exception is raised with the cell's own
-lines. A ``--workers`` run finishes through here with rank 0's reply.
+Plain data lands in the namespace as real objects; what stayed on the GPU (or could not be rebuilt
+here) lands as a ``RemoteObject`` placeholder that says so; the remote exception is raised with the
+cell's own lines. A ``--workers`` run finishes through here with rank 0's reply.
 """
 
 from __future__ import annotations
@@ -39,17 +39,28 @@ def land_outputs(ns: dict, done: dict, session: RemoteSession) -> None:
                 ns[name] = deserialize(*local_transfer.unpack(item["data"]))
                 continue
             except Exception as exc:
-                item = {"kind": "remote", "type_name": "object", "summary": "",
-                        "reason": f"it could not be rebuilt in this kernel ({type(exc).__name__}: {exc})",
-                        "lease": session.id}
-        ns[name] = RemoteObject(name=name, type_name=item.get("type_name", "object"),
-                                summary=item.get("summary", ""), nbytes=item.get("nbytes"),
-                                device=item.get("device"), reason=item.get("reason", ""),
-                                lease=item.get("lease"))
+                item = {
+                    "kind": "remote",
+                    "type_name": "object",
+                    "summary": "",
+                    "reason": f"it could not be rebuilt in this kernel ({type(exc).__name__}: "
+                    f"{exc})",
+                    "lease": session.id,
+                }
+        ns[name] = RemoteObject(
+            name=name,
+            type_name=item.get("type_name", "object"),
+            summary=item.get("summary", ""),
+            nbytes=item.get("nbytes"),
+            device=item.get("device"),
+            reason=item.get("reason", ""),
+            lease=item.get("lease"),
+        )
 
 
 def finish_cell(shell: Any, done: dict, session: RemoteSession, opts: CellOptions) -> Any:
-    """Land the outputs, then raise the cell's error or return its last value (the cell's ``Out[n]``)."""
+    """Land the outputs, then raise the cell's error or return its last value (the cell's
+    ``Out[n]``)."""
     __tracebackhide__ = True
     from distributed.protocol import deserialize
 
@@ -57,8 +68,10 @@ def finish_cell(shell: Any, done: dict, session: RemoteSession, opts: CellOption
     if done.get("status") == "error":
         exc = rebuild_exception(done["error"])
         if done.get("timed_out"):
-            raise CellTimeout(f"--timeout {opts.timeout:g} s was reached: the cell was interrupted (its "
-                              "session and its variables are kept).") from exc
+            raise CellTimeout(
+                f"--timeout {opts.timeout:g} s was reached: the cell was interrupted (its "
+                "session and its variables are kept)."
+            ) from exc
         raise exc
     result = done.get("result")
     if not result:

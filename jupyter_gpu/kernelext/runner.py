@@ -1,9 +1,10 @@
-"""Running a cell in its remote session(s) and waiting for it: one loop for one session or N ranks.
+"""Running a cell in its remote session(s) and waiting for it: one loop for one session or N
+ranks.
 
-The network I/O runs on the Dask client's loop thread; every message lands in one queue that the kernel's
-main thread empties here. The main thread is also where a kernel interrupt (KeyboardInterrupt) lands, so
-this loop is where the user's ways of stopping a cell are carried out, the same for a plain cell (one
-rank) and a ``--workers`` run (N ranks):
+The network I/O runs on the Dask client's loop thread; every message lands in one queue that the
+kernel's main thread empties here. The main thread is also where a kernel interrupt
+(KeyboardInterrupt) lands, so this loop is where the user's ways of stopping a cell are carried
+out, the same for a plain cell (one rank) and a ``--workers`` run (N ranks):
 
 - first interrupt, ``--timeout`` reached, or an ``--async`` job cancelled: SIGINT to every rank still
   running, then ``interrupt-grace`` seconds for the code to stop;
@@ -12,12 +13,13 @@ rank) and a ``--workers`` run (N ranks):
 - with N ranks, one that fails or is lost stops the others (they would wait forever in a collective):
   after ``scaleout.error-grace`` (a moment to fail on their own), at once for a lost one.
 
-A rank is lost when its connection breaks (its worker or machine died) or, every ``LEASE_CHECK`` seconds
-while it runs, when the broker says its lease ended (the pool gave its worker up): a machine cut off from
-the network breaks no connection, and TCP would only give up on it after ``distributed.comm.timeouts.tcp``.
+A rank is lost when its connection breaks (its worker or machine died) or, every ``LEASE_CHECK``
+seconds while it runs, when the broker says its lease ended (the pool gave its worker up): a
+machine cut off from the network breaks no connection, and TCP would only give up on it after
+``distributed.comm.timeouts.tcp``.
 
-Outputs are shown inside the loop's ``try``: an interrupt that lands while one is being rendered is still
-an interrupt, not a KeyboardInterrupt escaping while the remote code runs on.
+Outputs are shown inside the loop's ``try``: an interrupt that lands while one is being rendered
+is still an interrupt, not a KeyboardInterrupt escaping while the remote code runs on.
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ LEASE_CHECK = 2.0  # seconds between asking the broker whether the running ranks
 
 @dataclass
 class RunOutcome:
-    """Each rank's final reply, in the order the ranks finished (the first failure is the root cause), and
-    what stopped the run: ``"timeout"``, ``"interrupt"`` (also a cancelled --async job), or None."""
+    """Each rank's final reply, in the order the ranks finished (the first failure is the root
+    cause), and what stopped the run: ``"timeout"``, ``"interrupt"`` (also a cancelled --async job),
+    or None."""
 
     replies: dict[int, dict]
     cause: str | None = None
@@ -54,38 +57,54 @@ class RunOutcome:
 
 
 def kill_reason(cause: str | None, grace: float) -> str:
-    """Why a single cell's session was released when its code ignored SIGINT (the broker and the kernel
-    keep it as the lease's end reason)."""
-    return (f"killed after {'the --timeout' if cause == 'timeout' else 'an interrupt'}: "
-            f"the running code did not stop within {grace:g} s")
+    """Why a single cell's session was released when its code ignored SIGINT (the broker and the
+    kernel keep it as the lease's end reason)."""
+    return (
+        f"killed after {'the --timeout' if cause == 'timeout' else 'an interrupt'}: "
+        f"the running code did not stop within {grace:g} s"
+    )
 
 
 class RankRunner:
-    """Runs one execute request per session (rank) and drives them to an end from the main thread."""
+    """Runs one execute request per session (rank) and drives them to an end from the main
+    thread."""
 
-    def __init__(self, conn: PoolConnection, sessions: list[RemoteSession], show: Show,
-                 deadline: float | None = None, cancel: Callable[[], bool] | None = None,
-                 release_reason: Callable[[str | None, float], str] = kill_reason,
-                 tick: Callable[[], float | None] | None = None) -> None:
+    def __init__(
+        self,
+        conn: PoolConnection,
+        sessions: list[RemoteSession],
+        show: Show,
+        deadline: float | None = None,
+        cancel: Callable[[], bool] | None = None,
+        release_reason: Callable[[str | None, float], str] = kill_reason,
+        tick: Callable[[], float | None] | None = None,
+    ) -> None:
         self.conn, self.sessions, self.show = conn, sessions, show
-        self.tick = tick  # called on the main thread while waiting; returns seconds until it wants a call again
+        # called on the main thread while waiting; returns seconds until it wants a call again
+        self.tick = tick
         self.deadline, self.cancel = deadline, cancel
         self.release_reason = release_reason
         self.grace = config.get_seconds("interrupt-grace")
 
     def run(self, payloads: list[dict]) -> RunOutcome:
-        """Start every rank (payload i on session i) and wait until each has replied or was killed."""
+        """Start every rank (payload i on session i) and wait until each has replied or was
+        killed."""
         events: queue.Queue = queue.Queue()
         cwd = os.getcwd()
         for rank, (session, payload) in enumerate(zip(self.sessions, payloads)):
-            self.conn.start_execute(session, {**payload, "cwd": cwd}, lambda msg, r=rank: events.put((r, msg)))
+            self.conn.start_execute(
+                session, {**payload, "cwd": cwd}, lambda msg, r=rank: events.put((r, msg))
+            )
         world = len(self.sessions)
         replies: dict[int, dict] = {}
         cause: str | None = None
-        stop_at: float | None = None   # when to SIGINT the ranks still running (a rank failed, or stop now)
-        kill_at: float | None = None   # set once SIGINT was sent: when the ranks still running are killed
+        # when to SIGINT the ranks still running (a rank failed, or stop now)
+        stop_at: float | None = None
+        # set once SIGINT was sent: when the ranks still running are killed
+        kill_at: float | None = None
         pending: collections.deque = collections.deque()
-        heard: set[int] = set()        # ranks whose cell sent output: they started, whatever comes next
+        # ranks whose cell sent output: they started, whatever comes next
+        heard: set[int] = set()
         next_check = time.monotonic() + LEASE_CHECK
 
         while len(replies) < world:
@@ -103,7 +122,8 @@ class RankRunner:
                     elif self.cancel is not None and self.cancel():
                         cause, stop_at = "interrupt", now
                 if kill_at is None and stop_at is not None and now >= stop_at:
-                    kill_at = now + self.grace  # set first: an interrupt during the SIGINTs is a second one
+                    # set first: an interrupt during the SIGINTs is a second one
+                    kill_at = now + self.grace
                     for r, session in enumerate(self.sessions):
                         if r not in replies:
                             self.conn.interrupt(session)
@@ -131,25 +151,36 @@ class RankRunner:
                 continue
             while pending:  # outputs that came before the reply and were not shown yet
                 self.show(*pending.popleft())
-            if rank in replies:  # its connection broke after the broker had already said it was lost
+            # its connection broke after the broker had already said it was lost
+            if rank in replies:
                 continue
             replies[rank] = reply = self._reply(msg, cause)
-            if (reply.get("status") == "lost" and reply.get("started") and rank not in heard
-                    and self._moved_out(rank)):
-                reply["started"] = False  # its session had been moved to host memory: it ran no more cells
+            if (
+                reply.get("status") == "lost"
+                and reply.get("started")
+                and rank not in heard
+                and self._moved_out(rank)
+            ):
+                # its session had been moved to host memory: it ran no more cells
+                reply["started"] = False
             if world > 1 and reply.get("status") != "ok" and stop_at is None and kill_at is None:
                 lost = reply.get("status") == "lost"
-                stop_at = time.monotonic() + (0 if lost else config.get_seconds("scaleout.error-grace"))
+                stop_at = time.monotonic() + (
+                    0 if lost else config.get_seconds("scaleout.error-grace")
+                )
         return RunOutcome(replies, cause)
 
     def _ended_leases(self, replies: dict[int, dict]) -> dict[int, str]:
-        """The ranks still running whose lease the broker has ended (their worker was given up), with why."""
+        """The ranks still running whose lease the broker has ended (their worker was given up),
+        with why."""
         ended = {}
         for rank, session in enumerate(self.sessions):
             if rank in replies:
                 continue
             try:
-                info = self.conn.scheduler_call("gpu_lease_info", lease=session.id, user=self.conn.user)
+                info = self.conn.scheduler_call(
+                    "gpu_lease_info", lease=session.id, user=self.conn.user
+                )
             except Exception as exc:  # noqa: BLE001 - the pool does not answer now: the connections will tell
                 log.debug("could not ask about lease %s: %s", session.id, exc)
                 return {}
@@ -158,32 +189,49 @@ class RankRunner:
         return ended
 
     def _moved_out(self, rank: int) -> bool:
-        """Whether rank ``rank``'s lease ended by moving its session to host memory. Such a session runs no
-        more cells, so a cell sent to it just then (its connection broke as the worker ended it, before any
-        output) never ran: the caller brings the variables back in a new session and runs the cell there. A
-        cell that had sent output was running when its session was taken back: it did start."""
+        """Whether rank ``rank``'s lease ended by moving its session to host memory. Such a session
+        runs no more cells, so a cell sent to it just then (its connection broke as the worker ended
+        it, before any output) never ran: the caller brings the variables back in a new session and
+        runs the cell there. A cell that had sent output was running when its session was taken
+        back: it did start."""
         try:
-            info = self.conn.scheduler_call("gpu_lease_info", lease=self.sessions[rank].id, user=self.conn.user)
+            info = self.conn.scheduler_call(
+                "gpu_lease_info", lease=self.sessions[rank].id, user=self.conn.user
+            )
         except Exception:  # noqa: BLE001 - the pool does not answer: keep what the connection said
             return False
-        return info.get("state") == "ended" and (info.get("offload") or {}).get("state") in ("pending", "saved")
+        return info.get("state") == "ended" and (info.get("offload") or {}).get("state") in (
+            "pending",
+            "saved",
+        )
 
     @staticmethod
     def _reply(msg: dict, cause: str | None) -> dict:
-        """A rank's final message as an outcome: ``lost`` when its session went away (``started`` says
-        whether the cell had begun), the session's reply otherwise."""
+        """A rank's final message as an outcome: ``lost`` when its session went away (``started``
+        says whether the cell had begun), the session's reply otherwise."""
         if msg.get("op") == "lost":
-            return {"status": "lost", "error": msg.get("error"), "started": msg.get("started", True)}
-        if msg.get("status") == "retired":  # its variables were just offloaded: the cell did not run
+            return {
+                "status": "lost",
+                "error": msg.get("error"),
+                "started": msg.get("started", True),
+            }
+        # its variables were just offloaded: the cell did not run
+        if msg.get("status") == "retired":
             return {"status": "lost", "error": "the session was retired", "started": False}
         if cause == "timeout" and msg.get("status") == "error":
             msg["timed_out"] = True
         return msg
 
     def _kill(self, replies: dict[int, dict], cause: str | None) -> None:
-        """The code did not stop after SIGINT: end the sessions still running (their state is lost)."""
+        """The code did not stop after SIGINT: end the sessions still running (their state is
+        lost)."""
         for rank, session in enumerate(self.sessions):
             if rank not in replies:
-                log.debug("killing rank %d (lease %s) after %s", rank, session.id, cause or "a failed rank")
+                log.debug(
+                    "killing rank %d (lease %s) after %s",
+                    rank,
+                    session.id,
+                    cause or "a failed rank",
+                )
                 self.conn.release(session, reason=self.release_reason(cause, self.grace))
                 replies[rank] = {"status": "killed", "cause": cause}

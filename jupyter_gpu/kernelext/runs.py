@@ -1,11 +1,13 @@
-"""Which run a ``%%gpu`` cell is: a new run id every time it runs, and the checkpoints it may resume.
+"""Which run a ``%%gpu`` cell is: a new run id every time it runs, and the checkpoints it may
+resume.
 
 Why a new id per run: ``jupyter_gpu.checkpoint()`` writes to a folder named after the run, and
 ``jupyter_gpu.restore()`` reads from it. Were the id stable per cell, rerunning a cell with new
-hyperparameters would silently start at the old run's last step. So only the run that lost a worker (the
-retry loop in ``scaleout.py``, and a preempted batch cell in ``single.py``, which rerun the *same* job)
-finds its own checkpoints; a new run of a cell starts from scratch unless it says ``--resume``, which picks
-the latest earlier run of the same cell (same ``--name``, or same source) and is always announced.
+hyperparameters would silently start at the old run's last step. So only the run that lost a worker
+(the retry loop in ``scaleout.py``, and a preempted batch cell in ``single.py``, which rerun the
+*same* job) finds its own checkpoints; a new run of a cell starts from scratch unless it says
+``--resume``, which picks the latest earlier run of the same cell (same ``--name``, or same source)
+and is always announced.
 """
 
 from __future__ import annotations
@@ -24,18 +26,21 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RunPlan:
-    """One run of a cell: its id, where its checkpoints go, and the earlier run it resumes (if any)."""
+    """One run of a cell: its id, where its checkpoints go, and the earlier run it resumes (if
+    any)."""
 
     cell_key: str
     run_id: str
     checkpoint_dir: str
-    resumes: str | None = None       # the earlier run whose checkpoints this run starts from (--resume)
-    resume_note: str | None = None   # what the badge says about resuming (also when there was nothing)
+    # the earlier run whose checkpoints this run starts from (--resume)
+    resumes: str | None = None
+    # what the badge says about resuming (also when there was nothing)
+    resume_note: str | None = None
 
 
 def cell_key(kernel: str, name: str | None, cell: str) -> str:
-    """The same for every run of one cell (its ``--name``, else its source) in one kernel, different across
-    kernels; a prefix of each run id."""
+    """The same for every run of one cell (its ``--name``, else its source) in one kernel, different
+    across kernels; a prefix of each run id."""
     base = name or hashlib.sha1(cell.encode()).hexdigest()[:10]
     return f"{_safe(base)}-{kernel[:8]}"
 
@@ -50,15 +55,17 @@ def checkpoint_root(user: str) -> str:
 
 
 class RunBook:
-    """The runs of this kernel's cells: the latest run of each cell, for ``--resume`` and for tidying up
-    the checkpoints of runs nobody can resume any more."""
+    """The runs of this kernel's cells: the latest run of each cell, for ``--resume`` and for
+    tidying up the checkpoints of runs nobody can resume any more."""
 
     def __init__(self) -> None:
-        self.latest: dict[str, str] = {}  # cell key -> the latest run id (its checkpoint folder's name)
+        # cell key -> the latest run id (its checkpoint folder's name)
+        self.latest: dict[str, str] = {}
         self.folders: dict[str, str] = {}  # run id -> its checkpoint folder
 
     def plan(self, user: str, kernel: str, name: str | None, cell: str, resume: bool) -> RunPlan:
-        """A new run of this cell; with ``resume``, continuing the latest earlier run's checkpoints."""
+        """A new run of this cell; with ``resume``, continuing the latest earlier run's
+        checkpoints."""
         key = cell_key(kernel, name, cell)
         run_id = f"{key}-{secrets.token_hex(3)}"
         root = checkpoint_root(user)
@@ -66,15 +73,27 @@ class RunBook:
             return RunPlan(key, run_id, os.path.join(root, run_id))
         earlier = self.latest.get(key)
         folder = self.folders.get(earlier or "")
-        if earlier is None:  # not run in this kernel: the newest checkpoints of the same cell (a restarted kernel)
-            folder = _newest_checkpoints(root, _safe(name or hashlib.sha1(cell.encode()).hexdigest()[:10]))
+        # not run in this kernel: the newest checkpoints of the same cell (a restarted kernel)
+        if earlier is None:
+            folder = _newest_checkpoints(
+                root, _safe(name or hashlib.sha1(cell.encode()).hexdigest()[:10])
+            )
             earlier = os.path.basename(folder) if folder else None
         if earlier is None or folder is None:
-            return RunPlan(key, run_id, os.path.join(root, run_id),
-                           resume_note="--resume: no earlier run of this cell has checkpoints; starting from "
-                                       "the beginning")
-        return RunPlan(key, run_id, folder, resumes=earlier,
-                       resume_note=f"--resume: continues run {earlier} from its last checkpoint")
+            return RunPlan(
+                key,
+                run_id,
+                os.path.join(root, run_id),
+                resume_note="--resume: no earlier run of this cell has checkpoints; starting from "
+                "the beginning",
+            )
+        return RunPlan(
+            key,
+            run_id,
+            folder,
+            resumes=earlier,
+            resume_note=f"--resume: continues run {earlier} from its last checkpoint",
+        )
 
     def started(self, plan: RunPlan) -> None:
         """The run is under way: it is the one a later ``--resume`` of this cell continues."""
@@ -82,8 +101,9 @@ class RunBook:
         self.folders[os.path.basename(plan.checkpoint_dir)] = plan.checkpoint_dir
 
     def finished(self, plan: RunPlan, ok: bool) -> None:
-        """A run that ended well makes the checkpoints of this cell's earlier runs in this kernel useless
-        (``--resume`` continues the latest): remove them, so reruns do not fill the pool's storage."""
+        """A run that ended well makes the checkpoints of this cell's earlier runs in this kernel
+        useless (``--resume`` continues the latest): remove them, so reruns do not fill the pool's
+        storage."""
         if not ok:
             return
         keep = plan.checkpoint_dir
@@ -94,7 +114,8 @@ class RunBook:
 
 
 def _newest_checkpoints(root: str, prefix: str) -> str | None:
-    """The most recently written checkpoint folder of runs named ``prefix-...`` under ``root``, if any."""
+    """The most recently written checkpoint folder of runs named ``prefix-...`` under ``root``, if
+    any."""
     try:
         entries = [e for e in os.scandir(root) if e.is_dir() and e.name.startswith(prefix + "-")]
     except OSError:

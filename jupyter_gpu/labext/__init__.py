@@ -1,9 +1,10 @@
-"""JupyterLab side of jupyter-gpu: the server extension behind the GPU panel, and the panel's built assets.
+"""JupyterLab side of jupyter-gpu: the server extension behind the GPU panel, and the panel's built
+assets.
 
-The panel (TypeScript, built into ``static/`` at wheel build time so users need no node) only talks to this
-server extension; the extension talks to the pool's scheduler with Dask RPC. Keeping the browser away from
-the scheduler means the pool needs no CORS or browser-facing auth, and the Jupyter server's own login
-protects every route.
+The panel (TypeScript, built into ``static/`` at wheel build time so users need no node) only talks
+to this server extension; the extension talks to the pool's scheduler with Dask RPC. Keeping the
+browser away from the scheduler means the pool needs no CORS or browser-facing auth, and the Jupyter
+server's own login protects every route.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
-"""The server extension as a jupyter_server ``ExtensionApp``: routes in, poller and scheduler comm out.
+"""The server extension as a jupyter_server ``ExtensionApp``: routes in, poller and scheduler comm
+out.
 
 An ``ExtensionApp`` (rather than a bare load function) gets a ``stop_extension`` hook, so the shared
-snapshot poller and the scheduler comm close with the server instead of leaking into the next server of a
-test session or a restart.
+snapshot poller and the scheduler comm close with the server instead of leaking into the next server
+of a test session or a restart.
 """
 
 from __future__ import annotations
@@ -31,8 +32,13 @@ class GpuPanelExtension(ExtensionApp):
 
     def initialize_handlers(self) -> None:
         # ExtensionApp prefixes patterns with the server's base_url itself: pass them without it.
-        self.handlers.extend((route_pattern("/", pattern), handler) for pattern, handler in handler_classes())
-        log.info("jupyter-gpu panel routes: %s", ", ".join(route_pattern("/", p) for p, _ in handler_classes()))
+        self.handlers.extend(
+            (route_pattern("/", pattern), handler) for pattern, handler in handler_classes()
+        )
+        log.info(
+            "jupyter-gpu panel routes: %s",
+            ", ".join(route_pattern("/", p) for p, _ in handler_classes()),
+        )
 
     async def stop_extension(self) -> None:
         link = getattr(self, "pool_link", None)

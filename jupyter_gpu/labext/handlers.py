@@ -1,9 +1,9 @@
 """HTTP and websocket routes of the GPU panel, all under ``<base_url>/jupyter-gpu/``.
 
-Every HTTP verb method is wrapped by ``tornado.web.authenticated`` (tests/labext enumerates them): the
-routes can start a pool, scale it and cancel work in the server user's name, so an unauthenticated request
-must never reach them. ``APIHandler`` turns the login redirect into a 403; the websocket handler does the
-same, since a redirect is meaningless to a websocket.
+Every HTTP verb method is wrapped by ``tornado.web.authenticated`` (tests/labext enumerates
+them): the routes can start a pool, scale it and cancel work in the server user's name, so an
+unauthenticated request must never reach them. ``APIHandler`` turns the login redirect into a
+403; the websocket handler does the same, since a redirect is meaningless to a websocket.
 
 Routes:
 
@@ -36,7 +36,8 @@ SETTINGS_KEY = "jupyter_gpu_pool_link"
 
 
 class _PoolHandlerMixin:
-    """Access to the server-wide ``PoolLink`` stored in the tornado settings by ``GpuPanelExtension``."""
+    """Access to the server-wide ``PoolLink`` stored in the tornado settings by
+    ``GpuPanelExtension``."""
 
     @property
     def pool(self) -> PoolLink:
@@ -62,11 +63,13 @@ class _ApiBase(_PoolHandlerMixin, APIHandler):
 
 
 class SnapshotHandler(_ApiBase):
-    """The current pool snapshot; the panel's first paint and its fallback when the websocket is down."""
+    """The current pool snapshot; the panel's first paint and its fallback when the websocket is
+    down."""
 
     @tornado.web.authenticated
     async def get(self) -> None:
-        # A snapshot fetched by the shared poller within the last half interval is as fresh as a new one.
+        # A snapshot fetched by the shared poller within the last half interval is as fresh as a new
+        # one.
         text = await self.pool.snapshot_text(max_age=self.pool.config.update_interval / 2)
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-store")
@@ -83,11 +86,14 @@ class StartPoolHandler(_ApiBase):
         timeout = self.pool.config.start_timeout
         loop = asyncio.get_running_loop()
         try:
-            # ensure_embedded_pool blocks (it spawns processes and waits for them): keep it off the event loop
-            # keep=True: the panel is not a Dask client, so a pool it starts must not shut itself down
-            # after the short no-client idle timeout while the user is still looking at it
-            address = await loop.run_in_executor(None, lambda: ensure_embedded_pool(timeout=timeout, keep=True))
-        except Exception as exc:  # noqa: BLE001 - every failure is reported to the panel, with its text
+            # ensure_embedded_pool blocks (it spawns processes and waits for them): keep it off the
+            # event loop keep=True: the panel is not a Dask client, so a pool it starts must not
+            # shut itself down after the short no-client idle timeout while the user is still
+            # looking at it
+            address = await loop.run_in_executor(
+                None, lambda: ensure_embedded_pool(timeout=timeout, keep=True)
+            )
+        except Exception as exc:
             log.exception("starting the embedded GPU pool failed")
             self.reply({"started": False, "error": str(exc) or type(exc).__name__}, status=500)
             return
@@ -101,12 +107,15 @@ MAX_WORKERS = 100_000  # what the broker accepts for a scale (and more than any 
 def _as_count(body: dict, key: str) -> int:
     value = body.get(key)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_WORKERS:
-        raise tornado.web.HTTPError(400, f"{key!r} must be a whole number from 0 to {MAX_WORKERS}, got {value!r}")
+        raise tornado.web.HTTPError(
+            400, f"{key!r} must be a whole number from 0 to {MAX_WORKERS}, got {value!r}"
+        )
     return value
 
 
 class ScaleHandler(_ApiBase):
-    """The Scale dialog: a fixed worker count, or adaptive bounds, passed to the broker's cluster manager."""
+    """The Scale dialog: a fixed worker count, or adaptive bounds, passed to the broker's cluster
+    manager."""
 
     @tornado.web.authenticated
     async def post(self) -> None:
@@ -116,18 +125,24 @@ class ScaleHandler(_ApiBase):
         elif "minimum" in body and "maximum" in body:
             minimum, maximum = _as_count(body, "minimum"), _as_count(body, "maximum")
             if minimum > maximum:
-                raise tornado.web.HTTPError(400, f"minimum ({minimum}) must not exceed maximum ({maximum})")
+                raise tornado.web.HTTPError(
+                    400, f"minimum ({minimum}) must not exceed maximum ({maximum})"
+                )
             kwargs = {"minimum": minimum, "maximum": maximum}
         else:
             raise tornado.web.HTTPError(400, 'send {"n": workers} or {"minimum": m, "maximum": M}')
         try:
             token = server_token(self.pool.config)
-            result = await self.pool.call("gpu_scale", timeout=self.pool.config.start_timeout,
-                                          user=server_user(self.pool.config),
-                                          **({"token": token} if token else {}), **kwargs)
+            result = await self.pool.call(
+                "gpu_scale",
+                timeout=self.pool.config.start_timeout,
+                user=server_user(self.pool.config),
+                **({"token": token} if token else {}),
+                **kwargs,
+            )
         except PoolUnavailable as exc:
             raise tornado.web.HTTPError(409, str(exc)) from exc
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             error = str(exc) or type(exc).__name__
             log.warning("gpu_scale failed: %s", error)
             raise tornado.web.HTTPError(502, f"the pool did not scale: {error}") from exc
@@ -140,26 +155,30 @@ class ScaleHandler(_ApiBase):
 class CancelHandler(_ApiBase):
     """Cancel button of "my sessions" and the queue: the broker checks that the work is this user's.
 
-    A pool with a token file (Dask config ``jupyter-gpu.token-file``) also checks the user's token, so the
-    server sends its own (``GpuPanelConfig.token`` or ``JUPYTER_GPU_TOKEN``), as the user's kernels do. The
-    broker's refusal (``{"cancelled": false, "what": reason}``: someone else's work, a missing or wrong
-    token) is passed through as is, for the panel to show.
+    A pool with a token file (Dask config ``jupyter-gpu.token-file``) also checks the user's
+    token, so the server sends its own (``GpuPanelConfig.token`` or ``JUPYTER_GPU_TOKEN``), as
+    the user's kernels do. The broker's refusal (``{"cancelled": false, "what": reason}``:
+    someone else's work, a missing or wrong token) is passed through as is, for the panel to
+    show.
     """
 
     @tornado.web.authenticated
     async def post(self, item_id: str) -> None:
         kwargs: dict[str, Any] = {"id": item_id, "user": server_user(self.pool.config)}
         token = server_token(self.pool.config)
-        if token:  # only when set: a pool without tokens ignores it, and the reply names what is missing
+        # only when set: a pool without tokens ignores it, and the reply names what is missing
+        if token:
             kwargs["token"] = token
         try:
             result = await self.pool.call("gpu_cancel", **kwargs)
         except PoolUnavailable as exc:
             raise tornado.web.HTTPError(409, str(exc)) from exc
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             error = str(exc) or type(exc).__name__
             log.warning("gpu_cancel %s failed: %s", item_id, error)
-            raise tornado.web.HTTPError(502, f"the pool did not answer the cancel: {error}") from exc
+            raise tornado.web.HTTPError(
+                502, f"the pool did not answer the cancel: {error}"
+            ) from exc
         self.reply(result)
 
 
@@ -167,7 +186,8 @@ class StreamHandler(_PoolHandlerMixin, WebSocketMixin, websocket.WebSocketHandle
     """Websocket pushing snapshots; each socket only subscribes to the server's single poller."""
 
     def get_login_url(self) -> str:
-        """``tornado.web.authenticated`` redirects GETs to the login page; a websocket gets 403 instead."""
+        """``tornado.web.authenticated`` redirects GETs to the login page; a websocket gets 403
+        instead."""
         raise tornado.web.HTTPError(403)
 
     @tornado.web.authenticated
@@ -176,7 +196,7 @@ class StreamHandler(_PoolHandlerMixin, WebSocketMixin, websocket.WebSocketHandle
         if res is not None:
             await res
 
-    def open(self, *args: Any, **kwargs: Any) -> None:  # noqa: ARG002
+    def open(self, *args: Any, **kwargs: Any) -> None:
         super().open()  # WebSocketMixin: keep-alive pings
         self.pool.subscribe(self._push)
         log.debug("panel websocket opened (%d listening)", self.pool.listeners)
@@ -187,7 +207,8 @@ class StreamHandler(_PoolHandlerMixin, WebSocketMixin, websocket.WebSocketHandle
         self.write_message(text)
 
     def on_message(self, message: str | bytes) -> None:
-        """The panel sends nothing but an optional ``refresh``; answer it with the latest snapshot."""
+        """The panel sends nothing but an optional ``refresh``; answer it with the latest
+        snapshot."""
         if message == "refresh":
             asyncio.get_running_loop().create_task(self._refresh())
 
@@ -203,7 +224,8 @@ class StreamHandler(_PoolHandlerMixin, WebSocketMixin, websocket.WebSocketHandle
 
 
 def handler_classes() -> list[tuple[str, type]]:
-    """Route patterns (relative to ``<base_url>/jupyter-gpu/``) and handlers; tests enumerate this list."""
+    """Route patterns (relative to ``<base_url>/jupyter-gpu/``) and handlers; tests enumerate this
+    list."""
     return [
         (r"api/snapshot", SnapshotHandler),
         (r"api/pool", StartPoolHandler),

@@ -1,11 +1,12 @@
-"""The Jupyter server's one link to the GPU pool: snapshot reads, scheduler calls, and the shared poller.
+"""The Jupyter server's one link to the GPU pool: snapshot reads, scheduler calls, and the shared
+poller.
 
 Why one object per server: the panel may be open in many browser tabs (and many users behind one
-JupyterHub-spawned server see only their own server), and each open panel holds a websocket. If every socket
-polled the scheduler on its own, N tabs would cost N snapshots a second. Instead a single asyncio task polls
-while at least one socket listens and fans the same JSON text out to all of them; it stops when the last
-socket closes. NVML is never touched here: utilisation samples come from the scheduler's broker, which gets
-them from the workers that own the GPUs.
+JupyterHub-spawned server see only their own server), and each open panel holds a websocket. If
+every socket polled the scheduler on its own, N tabs would cost N snapshots a second. Instead a
+single asyncio task polls while at least one socket listens and fans the same JSON text out to all
+of them; it stops when the last socket closes. NVML is never touched here: utilisation samples come
+from the scheduler's broker, which gets them from the workers that own the GPUs.
 """
 
 from __future__ import annotations
@@ -34,22 +35,26 @@ class GpuPanelConfig(Configurable):
     update_interval = Float(
         1.0,
         config=True,
-        help="Seconds between two snapshots pushed to the panel's websocket (one poll shared by all sockets).",
+        help="Seconds between two snapshots pushed to the panel's websocket (one poll shared by "
+        "all sockets).",
     )
     snapshot_timeout = Float(
         5.0,
         config=True,
-        help="Seconds to wait for the scheduler's gpu_snapshot before reporting the pool unreachable.",
+        help="Seconds to wait for the scheduler's gpu_snapshot before reporting the pool "
+        "unreachable.",
     )
     start_timeout = Float(
         120.0,
         config=True,
-        help="Seconds the Start button waits for the embedded pool, and Scale for workers to start or retire.",
+        help="Seconds the Start button waits for the embedded pool, and Scale for workers to start "
+        "or retire.",
     )
     user = Unicode(
         "",
         config=True,
-        help="User name shown to the broker for cancel/scale; default: JUPYTER_GPU_USER, else the login name.",
+        help="User name shown to the broker for cancel/scale; default: JUPYTER_GPU_USER, else the "
+        "login name.",
     )
     token = Unicode(
         "",
@@ -63,7 +68,8 @@ def server_user(config: GpuPanelConfig | None = None) -> str:
     """The pool user this Jupyter server acts for.
 
     It must be the same name the notebook kernels of this server use (the kernel extension reads
-    ``JUPYTER_GPU_USER`` or the login name too), or the panel's "my sessions" and Cancel would not match.
+    ``JUPYTER_GPU_USER`` or the login name too), or the panel's "my sessions" and Cancel would
+    not match.
     """
     if config is not None and config.user:
         return config.user
@@ -77,9 +83,10 @@ def server_user(config: GpuPanelConfig | None = None) -> str:
 def server_token(config: GpuPanelConfig | None = None) -> str | None:
     """The pool token of ``server_user``, or None when this server has none.
 
-    The server acts for its user as the user's kernels do, so it sends the same ``JUPYTER_GPU_TOKEN`` (the
-    kernels inherit it from this server's environment). It goes to the scheduler only, never to the browser:
-    the snapshot says just whether there is one (``token_set``).
+    The server acts for its user as the user's kernels do, so it sends the same
+    ``JUPYTER_GPU_TOKEN`` (the kernels inherit it from this server's environment). It goes to
+    the scheduler only, never to the browser: the snapshot says just whether there is one
+    (``token_set``).
     """
     if config is not None and config.token:
         return config.token
@@ -89,9 +96,11 @@ def server_token(config: GpuPanelConfig | None = None) -> str | None:
 
 
 def _discover_address() -> str | None:
-    """Where the pool's scheduler is, per the project's discovery rules (env var, then embedded runtime file).
+    """Where the pool's scheduler is, per the project's discovery rules (env var, then embedded
+    runtime file).
 
-    Blocking: the embedded pool's liveness check is a TCP connect, so callers run it in a thread.
+        Blocking: the embedded pool's liveness check is a TCP connect, so callers run it in a
+        thread.
     """
     from jupyter_gpu.pool.discovery import pool_address
 
@@ -102,11 +111,12 @@ def _connection_args(address: str) -> dict:
     """The pool's TLS for this server's comm to the scheduler at ``address`` (client role, see
     ``jupyter_gpu.common.security.client_security``).
 
-    This user's embedded pool is found with the certificate it made for itself, with nothing configured.
-    Any other pool is read with the Jupyter server's own Dask config (``distributed.comm.tls.*``, e.g. the
-    ``DASK_DISTRIBUTED__COMM__TLS__...`` variables it was started with), like the kernels it starts, so a
-    server whose notebooks can use a TLS pool shows that pool in its panel too. A server without the
-    certificate sees a TLS pool as unreachable, with Dask's TLS error as the reason.
+        This user's embedded pool is found with the certificate it made for itself, with nothing
+        configured. Any other pool is read with the Jupyter server's own Dask config
+        (``distributed.comm.tls.*``, e.g. the ``DASK_DISTRIBUTED__COMM__TLS__...`` variables it was
+        started with), like the kernels it starts, so a server whose notebooks can use a TLS pool
+        shows that pool in its panel too. A server without the certificate sees a TLS pool as
+        unreachable, with Dask's TLS error as the reason.
     """
     from jupyter_gpu.common.security import client_security, connection_args
 
@@ -118,7 +128,8 @@ class PoolUnavailable(RuntimeError):
 
 
 class PoolLink:
-    """Calls the pool's scheduler handlers and runs the one shared snapshot poller (see module docstring)."""
+    """Calls the pool's scheduler handlers and runs the one shared snapshot poller (see module
+    docstring)."""
 
     def __init__(self, config: GpuPanelConfig):
         self.config = config
@@ -127,18 +138,21 @@ class PoolLink:
         self._listeners: set[Listener] = set()
         self._poller: asyncio.Task | None = None
         self._last: tuple[float, str] | None = None  # (monotonic time, snapshot JSON text)
-        self._address: tuple[float, str] | None = None  # (monotonic time found, address) while it answers
+        # (monotonic time found, address) while it answers
+        self._address: tuple[float, str] | None = None
         self.polls = 0  # how many snapshots the shared poller has fetched (tests read it)
 
     # ------------------------------------------------------------------ scheduler calls
     ADDRESS_RECHECK_S = 10.0
 
     async def address(self) -> str | None:
-        """The pool's address, rediscovered at most every ``ADDRESS_RECHECK_S`` while it keeps answering.
+        """The pool's address, rediscovered at most every ``ADDRESS_RECHECK_S`` while it keeps
+        answering.
 
-        Discovery probes the embedded pool with a TCP connect; doing that on every 1 s poll would fill the
-        scheduler's log with half-open connections. A failed call forgets the address (``_forget_address``),
-        so a restarted or replaced pool is found at the next poll.
+                Discovery probes the embedded pool with a TCP connect; doing that on every 1 s poll
+                would fill the scheduler's log with half-open connections. A failed call forgets the
+                address (``_forget_address``), so a restarted or replaced pool is found at the next
+                poll.
         """
         now = time.monotonic()
         if self._address is not None and now - self._address[0] < self.ADDRESS_RECHECK_S:
@@ -152,13 +166,17 @@ class PoolLink:
         self._drop_rpc()
 
     def _scheduler(self, address: str) -> Any:
-        """A Dask ``rpc`` to the scheduler, kept across calls so its comm is reused (one TCP connection)."""
+        """A Dask ``rpc`` to the scheduler, kept across calls so its comm is reused (one TCP
+        connection)."""
         from distributed.core import rpc
 
         if self._rpc is None or self._rpc_address != address:
             self._drop_rpc()
-            self._rpc = rpc(address, connection_args=_connection_args(address),
-                            timeout=self.config.snapshot_timeout)
+            self._rpc = rpc(
+                address,
+                connection_args=_connection_args(address),
+                timeout=self.config.snapshot_timeout,
+            )
             self._rpc_address = address
         return self._rpc
 
@@ -169,23 +187,27 @@ class PoolLink:
             self._rpc_address = None
             try:
                 task = asyncio.get_running_loop().create_task(old.close_rpc())
-                task.add_done_callback(lambda t: t.cancelled() or t.exception())  # never "never retrieved"
+                # never "never retrieved"
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())
             except RuntimeError:  # no running loop (interpreter shutdown): drop the comms outright
                 for comm in list(old.comms):
                     comm.abort()
 
     async def call(self, handler: str, timeout: float | None = None, **kwargs: Any) -> Any:
-        """Call a scheduler handler (``gpu_scale``, ``gpu_cancel``...); raise ``PoolUnavailable`` if no pool.
+        """Call a scheduler handler (``gpu_scale``, ``gpu_cancel``...); raise ``PoolUnavailable`` if
+        no pool.
 
-        ``timeout`` defaults to twice the snapshot timeout; scaling passes a longer one, since the broker
-        answers only once workers have started or retired.
+                ``timeout`` defaults to twice the snapshot timeout; scaling passes a longer one,
+                since the broker answers only once workers have started or retired.
         """
         address = await self.address()
         if not address:
             raise PoolUnavailable("no GPU pool is running for this server")
         method: Callable[..., Awaitable[Any]] = getattr(self._scheduler(address), handler)
         try:
-            return await asyncio.wait_for(method(**kwargs), timeout or self.config.snapshot_timeout * 2)
+            return await asyncio.wait_for(
+                method(**kwargs), timeout or self.config.snapshot_timeout * 2
+            )
         except Exception:
             self._forget_address()  # a dead comm or a gone pool must not poison the next call
             raise
@@ -193,21 +215,28 @@ class PoolLink:
     async def snapshot(self) -> dict:
         """The pool snapshot with ``state: "ok"``, or a state the panel can show instead.
 
-        ``state`` is ``"no-pool"`` when nothing is running (the panel offers Start), ``"unreachable"`` with
-        the error when an address is known but the scheduler does not answer. ``me`` is this server's user,
-        so the panel can pick out "my sessions" without a second request; ``token_set`` whether this server
-        has a pool token to send with cancels.
+        ``state`` is ``"no-pool"`` when nothing is running (the panel offers Start),
+        ``"unreachable"`` with the error when an address is known but the scheduler does not
+        answer. ``me`` is this server's user, so the panel can pick out "my sessions"
+        without a second request; ``token_set`` whether this server has a pool token to send
+        with cancels.
         """
         me = server_user(self.config)
         try:
             address = await self.address()
         except Exception as exc:  # noqa: BLE001 - a broken runtime file is shown, not raised
             log.warning("could not read the pool address: %s", exc)
-            return {"state": "unreachable", "error": f"cannot read the pool address: {exc}", "me": me}
+            return {
+                "state": "unreachable",
+                "error": f"cannot read the pool address: {exc}",
+                "me": me,
+            }
         if not address:
             return {"state": "no-pool", "me": me}
         try:
-            snap = await asyncio.wait_for(self._scheduler(address).gpu_snapshot(), self.config.snapshot_timeout)
+            snap = await asyncio.wait_for(
+                self._scheduler(address).gpu_snapshot(), self.config.snapshot_timeout
+            )
         except Exception as exc:  # noqa: BLE001 - every failure becomes the "unreachable" state
             self._forget_address()
             error = str(exc) or type(exc).__name__
@@ -216,17 +245,24 @@ class PoolLink:
         snap = dict(snap)
         snap["state"] = "ok"
         snap["me"] = me
-        # a pool that checks tokens refuses this server's cancels without one: the panel says so up front
+        # a pool that checks tokens refuses this server's cancels without one: the panel says so up
+        # front
         snap["token_set"] = server_token(self.config) is not None
-        # the Scale button is shown only to users the pool lets scale (Dask config jupyter-gpu.scale-users)
+        # the Scale button is shown only to users the pool lets scale (Dask config
+        # jupyter-gpu.scale-users)
         pool = snap["pool"] = dict(snap.get("pool") or {})
         allowed = pool.get("scale_users")
         pool["can_scale"] = bool(pool.get("scalable")) and (allowed is None or me in allowed)
         return snap
 
     async def snapshot_text(self, max_age: float | None = None) -> str:
-        """Snapshot as JSON text, reusing the poller's last one when it is younger than ``max_age`` s."""
-        if max_age is not None and self._last is not None and time.monotonic() - self._last[0] <= max_age:
+        """Snapshot as JSON text, reusing the poller's last one when it is younger than ``max_age``
+        s."""
+        if (
+            max_age is not None
+            and self._last is not None
+            and time.monotonic() - self._last[0] <= max_age
+        ):
             return self._last[1]
         text = json.dumps(await self.snapshot())
         self._last = (time.monotonic(), text)
@@ -239,7 +275,8 @@ class PoolLink:
         if self._poller is None or self._poller.done():
             self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
         elif self._last is not None:
-            self._send(listener, self._last[1])  # a new tab sees data at once, not one interval later
+            # a new tab sees data at once, not one interval later
+            self._send(listener, self._last[1])
 
     def unsubscribe(self, listener: Listener) -> None:
         """Remove a socket; the poller notices no listeners and ends after its current sleep."""
@@ -261,7 +298,7 @@ class PoolLink:
                 try:
                     text = await self.snapshot_text()
                     self.polls += 1
-                except Exception:  # noqa: BLE001 - the poller must survive anything one poll does
+                except Exception:
                     log.exception("snapshot poll failed")
                     text = None
                 if text is not None:
@@ -275,7 +312,7 @@ class PoolLink:
     def _send(self, listener: Listener, text: str) -> None:
         try:
             listener(text)
-        except Exception:  # noqa: BLE001 - a closed socket is dropped, the others keep receiving
+        except Exception:
             log.debug("dropping a snapshot listener that failed", exc_info=True)
             self._listeners.discard(listener)
 

@@ -1,8 +1,8 @@
 """How kernels, the panel and the CLI find the pool they share.
 
-``JUPYTER_GPU_SCHEDULER`` names a pool explicitly. Otherwise each user on a machine has one embedded pool,
-advertised by a small JSON file in the Jupyter runtime directory, so every kernel and the panel of that user
-join the same pool and really contend for the same GPUs.
+``JUPYTER_GPU_SCHEDULER`` names a pool explicitly. Otherwise each user on a machine has one embedded
+pool, advertised by a small JSON file in the Jupyter runtime directory, so every kernel and the
+panel of that user join the same pool and really contend for the same GPUs.
 """
 
 from __future__ import annotations
@@ -32,9 +32,10 @@ def runtime_file(user: str | None = None) -> str:
 
 @dataclass
 class PoolRecord:
-    """What the runtime file says about an embedded pool. ``tls``: the folder of the TLS credentials it made
-    for itself (None when it uses the administrator's); its clients find them from its address anyway
-    (``jupyter_gpu.common.pool_credentials``), this is for whoever cleans up after a killed pool."""
+    """What the runtime file says about an embedded pool. ``tls``: the folder of the TLS credentials
+    it made for itself (None when it uses the administrator's); its clients find them from its
+    address anyway (``jupyter_gpu.common.pool_credentials``), this is for whoever cleans up after a
+    killed pool."""
 
     address: str
     pid: int
@@ -49,8 +50,12 @@ def read_record(path: str | None = None) -> PoolRecord | None:
     try:
         with open(path) as f:
             data = json.load(f)
-        return PoolRecord(**{k: data[k] for k in ("address", "pid", "started") if k in data},
-                          keep=bool(data.get("keep")), log=data.get("log"), tls=data.get("tls"))
+        return PoolRecord(
+            **{k: data[k] for k in ("address", "pid", "started") if k in data},
+            keep=bool(data.get("keep")),
+            log=data.get("log"),
+            tls=data.get("tls"),
+        )
     except (OSError, ValueError, TypeError, KeyError):
         return None
 
@@ -92,7 +97,8 @@ def live_embedded_pool(path: str | None = None) -> PoolRecord | None:
 
 
 def pool_address() -> str | None:
-    """The pool to use: ``JUPYTER_GPU_SCHEDULER``, else this user's live embedded pool, else None."""
+    """The pool to use: ``JUPYTER_GPU_SCHEDULER``, else this user's live embedded pool, else
+    None."""
     explicit = os.environ.get(SCHEDULER_ENV)
     if explicit:
         return explicit

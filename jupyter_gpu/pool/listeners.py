@@ -1,12 +1,12 @@
-"""What the pool's processes listen on: one comm port each, on the host they were given, and no HTTP server
-unless it is configured.
+"""What the pool's processes listen on: one comm port each, on the host they were given, and no
+HTTP server unless it is configured.
 
-Why: Dask's ``Scheduler`` and ``Worker`` always start an HTTP server next to their comm port (health,
-Prometheus metrics, info pages that list workers, addresses, logs and call stacks; the scheduler's on port
-8787), outside Dask's TLS and without authentication, and ``dashboard=False`` turns off only the bokeh
-dashboard. A ``Nanny`` or ``Worker`` given no host listens on every interface. Neither is what someone who
-runs ``jupyter-gpu pool up --host H`` asked for, and on an embedded pool the HTTP pages would let any local
-account read what the pool is doing. So:
+Why: Dask's ``Scheduler`` and ``Worker`` always start an HTTP server next to their comm port
+(health, Prometheus metrics, info pages that list workers, addresses, logs and call stacks; the
+scheduler's on port 8787), outside Dask's TLS and without authentication, and ``dashboard=False``
+turns off only the bokeh dashboard. A ``Nanny`` or ``Worker`` given no host listens on every
+interface. Neither is what someone who runs ``jupyter-gpu pool up --host H`` asked for, and on an
+embedded pool the HTTP pages would let any local account read what the pool is doing. So:
 
 - :class:`PoolScheduler` and :class:`PoolWorker` start Dask's HTTP server only when ``jupyter-gpu.http`` is
   true (``--http`` on ``jupyter-gpu pool up`` and ``jupyter-gpu worker``); it then listens on the process's
@@ -38,15 +38,24 @@ def http_enabled() -> bool:
 
 
 class _HttpWhenConfigured:
-    """Replaces ``Node.start_http_server``: a no-op unless :func:`http_enabled` (see the module docstring)."""
+    """Replaces ``Node.start_http_server``: a no-op unless :func:`http_enabled` (see the module
+    docstring)."""
 
-    def start_http_server(self, routes: Any, dashboard_address: Any, default_port: int = 0,
-                          ssl_options: Any = None) -> None:
+    def start_http_server(
+        self, routes: Any, dashboard_address: Any, default_port: int = 0, ssl_options: Any = None
+    ) -> None:
         if http_enabled():
-            super().start_http_server(routes, dashboard_address, default_port=default_port,  # type: ignore[misc]
-                                      ssl_options=ssl_options)
-            log.info("%s serves Dask's HTTP routes on port %s (jupyter-gpu.http)", type(self).__name__,
-                     self.http_server.port)  # type: ignore[attr-defined]
+            super().start_http_server(
+                routes,
+                dashboard_address,
+                default_port=default_port,  # type: ignore[misc]
+                ssl_options=ssl_options,
+            )
+            log.info(
+                "%s serves Dask's HTTP routes on port %s (jupyter-gpu.http)",
+                type(self).__name__,
+                self.http_server.port,
+            )  # type: ignore[attr-defined]
         else:
             log.debug("%s: no HTTP server (jupyter-gpu.http is off)", type(self).__name__)
 
@@ -54,34 +63,41 @@ class _HttpWhenConfigured:
 class PoolScheduler(_HttpWhenConfigured, Scheduler):
     """The pool's Dask scheduler: its comm port only (plus Dask's HTTP routes when configured).
 
-    ``in_process_listener``: also listen on an ``inproc://`` address, which only code in this process can
-    reach, and give it as the scheduler's ``external_address``: what a ``SpecCluster`` that owns this
-    scheduler (``pool/cluster_manager.py``) connects its own comm to. In a pool that checks tokens the gate
-    (``broker/gate.py``) lets that comm use Dask's cluster API (worker status, retiring workers), which it
-    closes to everyone else.
+    ``in_process_listener``: also listen on an ``inproc://`` address, which only code in this
+    process can reach, and give it as the scheduler's ``external_address``: what a
+    ``SpecCluster`` that owns this scheduler (``pool/cluster_manager.py``) connects its own comm
+    to. In a pool that checks tokens the gate (``broker/gate.py``) lets that comm use Dask's
+    cluster API (worker status, retiring workers), which it closes to everyone else.
     """
 
     def __init__(self, *args: Any, in_process_listener: bool = False, **kwargs: Any):
         if in_process_listener:
             protocol = (kwargs.get("protocol") or "tcp").replace("://", "")
-            kwargs.update(host=[kwargs.get("host"), None], port=[kwargs.get("port", 0), None],
-                          protocol=[protocol, "inproc"])
+            kwargs.update(
+                host=[kwargs.get("host"), None],
+                port=[kwargs.get("port", 0), None],
+                protocol=[protocol, "inproc"],
+            )
             kwargs.pop("interface", None)
         super().__init__(*args, **kwargs)
-        if self.worker_ttl:  # checked four times per ttl, not once: a lost machine is given up within 1.25 ttl
+        # checked four times per ttl, not once: a lost machine is given up within 1.25 ttl
+        if self.worker_ttl:
             from distributed.compatibility import PeriodicCallback
 
-            self.periodic_callbacks["worker-ttl"] = PeriodicCallback(self.check_worker_ttl, self.worker_ttl * 250)
+            self.periodic_callbacks["worker-ttl"] = PeriodicCallback(
+                self.check_worker_ttl, self.worker_ttl * 250
+            )
 
     async def check_worker_ttl(self) -> None:
-        """As Dask's (``distributed.scheduler.worker-ttl``), except that a worker that missed its heartbeats
-        is removed instead of restarted through its nanny.
+        """As Dask's (``distributed.scheduler.worker-ttl``), except that a worker that missed its
+        heartbeats is removed instead of restarted through its nanny.
 
-        Why: a GPU nanny answers nobody but its own worker (``worker/nanny.py``), so Dask's restart fails (and
-        raises in this periodic callback, leaving the worker in place); and the nanny of a machine cut off
-        from the network does not answer either, so the pool would wait ``distributed.comm.timeouts.connect``
-        before giving the worker up. Its sessions are lost either way; removing it at once ends their
-        leases, which kernels then treat as lost (a ``--workers`` run resumes elsewhere)."""
+                Why: a GPU nanny answers nobody but its own worker (``worker/nanny.py``), so Dask's
+                restart fails (and raises in this periodic callback, leaving the worker in place);
+                and the nanny of a machine cut off from the network does not answer either, so the
+                pool would wait ``distributed.comm.timeouts.connect`` before giving the worker up.
+                Its sessions are lost either way; removing it at once ends their leases, which
+                kernels then treat as lost (a ``--workers`` run resumes elsewhere)."""
         from time import time
 
         from distributed.scheduler import heartbeat_interval
@@ -90,30 +106,44 @@ class PoolScheduler(_HttpWhenConfigured, Scheduler):
         ttl = max(self.worker_ttl, 10 * heartbeat_interval(len(self.workers)))
         for ws in list(self.workers.values()):
             if now - ws.last_seen > ttl:
-                log.warning("worker %s (%s) sent no heartbeat for %.0f s: giving it up", ws.address, ws.name,
-                            now - ws.last_seen)
+                log.warning(
+                    "worker %s (%s) sent no heartbeat for %.0f s: giving it up",
+                    ws.address,
+                    ws.name,
+                    now - ws.last_seen,
+                )
                 await self.remove_worker(ws.address, stimulus_id=f"check-worker-ttl-{now}")
 
     async def start_unsafe(self) -> PoolScheduler:
         await super().start_unsafe()
-        local = [li.contact_address for li in self.listeners if li.contact_address.startswith("inproc://")]
+        local = [
+            li.contact_address
+            for li in self.listeners
+            if li.contact_address.startswith("inproc://")
+        ]
         if local:
-            self.external_address = local[0]  # the first listener (tcp/tls) stays the scheduler's address
+            # the first listener (tcp/tls) stays the scheduler's address
+            self.external_address = local[0]
         return self
 
 
 class PoolWorker(_HttpWhenConfigured, GpuDaskWorker):
-    """The pool's GPU worker (``GpuDaskWorker``): its comm port only (plus HTTP routes when configured)."""
+    """The pool's GPU worker (``GpuDaskWorker``): its comm port only (plus HTTP routes when
+    configured)."""
 
 
 class _ProbeFilter(logging.Filter):
-    """Drops Dask's "TLS handshake failed ... UNEXPECTED_EOF" warnings: a connect-and-close probe, not an
-    attack; every other handshake failure (no certificate, another CA, plain TCP) is still a warning."""
+    """Drops Dask's "TLS handshake failed ... UNEXPECTED_EOF" warnings: a connect-and-close probe,
+    not an attack; every other handshake failure (no certificate, another CA, plain TCP) is still a
+    warning."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno > logging.DEBUG and "TLS handshake failed" in str(record.msg):
             text = record.getMessage()
-            if "UNEXPECTED_EOF_WHILE_READING" in text or "EOF occurred in violation of protocol" in text:
+            if (
+                "UNEXPECTED_EOF_WHILE_READING" in text
+                or "EOF occurred in violation of protocol" in text
+            ):
                 log.debug("%s", text)
                 return False
         return True
@@ -128,8 +158,8 @@ def quiet_reachability_probes() -> None:
 
 def worker_host(scheduler_address: str) -> str:
     """The local IP address this machine uses to reach ``scheduler_address`` (127.0.0.1 for a local
-    scheduler): where a worker listens when it is not told, so that it is reachable by its scheduler and
-    by nothing on the machine's other interfaces."""
+    scheduler): where a worker listens when it is not told, so that it is reachable by its scheduler
+    and by nothing on the machine's other interfaces."""
     from distributed.comm import get_address_host_port
     from distributed.utils import get_ip
 

@@ -1,9 +1,11 @@
 """Growing and shrinking a pool through the cluster manager it owns: the broker's ``scaler``.
 
-A pool that owns a Dask cluster manager (the embedded pool's ``SpecCluster``, or ``jupyter-gpu pool up`` with
-``jupyter-gpu.cluster-manager``: dask-jobqueue's ``SLURMCluster`` and the like) grows and shrinks by its
+A pool that owns a Dask cluster manager (the embedded pool's ``SpecCluster``, or ``jupyter-gpu
+pool up`` with ``jupyter-gpu.cluster-manager``: dask-jobqueue's ``SLURMCluster`` and the like)
+grows and shrinks by its
 **jobs**: a job is one entry of the cluster's worker spec (a Slurm job, a local Nanny) and starts
-``per_job`` GPU workers. Counts given by users (``%gpu scale N``, the panel's Scale dialog) are GPU workers.
+``per_job`` GPU workers. Counts given by users (``%gpu scale N``, the panel's Scale dialog) are
+GPU workers.
 
 - **Manual** (``n``): the pool keeps ``n`` workers. Jobs are submitted at once; surplus ones are retired at
   once when they hold nothing (pending jobs first), the others as soon as they do; a job that ends by
@@ -18,9 +20,10 @@ A pool that owns a Dask cluster manager (the embedded pool's ``SpecCluster``, or
 - **Never** is a worker retired while it holds a session (a live lease) or a session's variables in host
   memory (an ended lease whose offload is saved or being written there): the broker knows both.
 
-What the cluster manager says about each job (Slurm's ``squeue`` state and reason, through ``states``) is
-polled every ``interval`` and shown in the snapshot (``ClusterView``) and in the queue's reasons
-(:meth:`PoolScaler.waiting_note`: ``waiting for a new worker (job 123 pending)``).
+What the cluster manager says about each job (Slurm's ``squeue`` state and reason, through
+``states``) is polled every ``interval`` and shown in the snapshot (``ClusterView``) and in the
+queue's reasons (:meth:`PoolScaler.waiting_note`: ``waiting for a new worker (job 123
+pending)``).
 """
 
 from __future__ import annotations
@@ -60,27 +63,42 @@ class JobRecord:
     """What the scaler knows of one job beyond the cluster's spec."""
 
     name: str
-    since: float = field(default_factory=time.time)          # when it was asked for (epoch)
+    since: float = field(default_factory=time.time)  # when it was asked for (epoch)
     asked: float = field(default_factory=time.monotonic)
-    state: str | None = None                                  # the cluster manager's word (PENDING, RUNNING...)
+    # the cluster manager's word (PENDING, RUNNING...)
+    state: str | None = None
     reason: str | None = None
-    seen: bool = False                                        # the cluster manager has reported it
-    workers: set[str] = field(default_factory=set)            # addresses of its workers that joined
+    seen: bool = False  # the cluster manager has reported it
+    workers: set[str] = field(default_factory=set)  # addresses of its workers that joined
 
 
 class PoolScaler:
-    """The broker's ``scaler``: ``await scaler(n=...)`` or ``await scaler(minimum=..., maximum=...)``.
+    """The broker's ``scaler``: ``await scaler(n=...)`` or ``await scaler(minimum=...,
+    maximum=...)``.
 
-    ``cluster``: a started ``SpecCluster`` whose scheduler runs the broker. ``max_workers``: a hardware bound
-    (the embedded pool on real GPUs), None for none. ``states``: the cluster manager's job states (None: it
-    tells none). ``allow_zero``: whether the pool may have no worker (a cluster manager's pool; not the
-    embedded one). ``gpu_bytes``: the size of the GPUs a new job brings, when known before one joins.
+        ``cluster``: a started ``SpecCluster`` whose scheduler runs the broker. ``max_workers``: a
+        hardware bound (the embedded pool on real GPUs), None for none. ``states``: the cluster
+        manager's job states (None: it tells none). ``allow_zero``: whether the pool may have no
+        worker (a cluster manager's pool; not the embedded one). ``gpu_bytes``: the size of the GPUs
+        a new job brings, when known before one joins.
     """
 
-    def __init__(self, cluster: Any, broker: Any, *, max_workers: int | None = None, per_job: int = 1,
-                 states: JobStates | None = None, kind: str = "embedded", manager: str = "",
-                 allow_zero: bool = False, idle: float = 60.0, cooldown: float = 30.0, interval: float = 2.0,
-                 gpu_bytes: int | None = None):
+    def __init__(
+        self,
+        cluster: Any,
+        broker: Any,
+        *,
+        max_workers: int | None = None,
+        per_job: int = 1,
+        states: JobStates | None = None,
+        kind: str = "embedded",
+        manager: str = "",
+        allow_zero: bool = False,
+        idle: float = 60.0,
+        cooldown: float = 30.0,
+        interval: float = 2.0,
+        gpu_bytes: int | None = None,
+    ):
         self.cluster, self.broker = cluster, broker
         self.max_workers = max_workers
         self.per_job = max(1, int(per_job))
@@ -89,29 +107,39 @@ class PoolScaler:
         self.allow_zero = allow_zero
         self.idle, self.cooldown, self.interval = idle, cooldown, interval
         self.gpu_bytes = gpu_bytes
-        self.target: int | None = None              # manual: GPU workers to keep
+        self.target: int | None = None  # manual: GPU workers to keep
         self.bounds: tuple[int, int] | None = None  # adaptive: GPU workers, minimum and maximum
-        self.records: dict[str, JobRecord] = {name: JobRecord(str(name)) for name in cluster.worker_spec}
+        self.records: dict[str, JobRecord] = {
+            name: JobRecord(str(name)) for name in cluster.worker_spec
+        }
         self.ended: collections.deque[JobView] = collections.deque(maxlen=ENDED_KEPT)
         self._idle_since: dict[str, float] = {}
         self._last_growth = -math.inf
         self._lock = asyncio.Lock()
         self._task: asyncio.Task | None = None
-        self._worker_job: dict[str, str] = {}       # worker address -> job name (kept after the worker left)
+        # worker address -> job name (kept after the worker left)
+        self._worker_job: dict[str, str] = {}
 
     # ------------------------------------------------------------------ the gpu_scale handler
-    async def __call__(self, n: int | None = None, minimum: int | None = None,
-                       maximum: int | None = None) -> dict:
+    async def __call__(
+        self, n: int | None = None, minimum: int | None = None, maximum: int | None = None
+    ) -> dict:
         if n is None and (minimum is None or maximum is None):
             return {"error": "give a worker count (n), or adaptive bounds (minimum and maximum)"}
         top = n if n is not None else maximum
         low = n if n is not None else minimum
         floor = 0 if self.allow_zero else 1
         if low < floor or top < low:
-            return {"error": f"worker counts must satisfy {floor} <= minimum <= maximum (got {low}..{top})"}
+            return {
+                "error": f"worker counts must satisfy {floor} <= minimum <= maximum (got "
+                f"{low}..{top})"
+            }
         if self.max_workers is not None and top > self.max_workers:
-            return {"error": f"this machine has {self.max_workers} GPU(s); the embedded pool cannot grow past "
-                             "that. Add machines with `jupyter-gpu worker ADDRESS`."}
+            return {
+                "error": f"this machine has {self.max_workers} GPU(s); the embedded pool cannot "
+                "grow past "
+                "that. Add machines with `jupyter-gpu worker ADDRESS`."
+            }
         self.start()
         async with self._lock:
             if n is not None:
@@ -125,8 +153,10 @@ class PoolScaler:
                 reply = {"workers": want, "adaptive": {"minimum": minimum, "maximum": maximum}}
         reply["jobs"] = len(self.cluster.worker_spec)
         if left:
-            reply["note"] = (f"{left} job(s) hold a session or a session's variables in host memory: they are "
-                             "retired once they hold none")
+            reply["note"] = (
+                f"{left} job(s) hold a session or a session's variables in host memory: they are "
+                "retired once they hold none"
+            )
         return reply
 
     def start(self) -> None:
@@ -164,8 +194,8 @@ class PoolScaler:
         return sorted(pending, key=lambda n: self.records.get(n, JobRecord(n)).asked)
 
     def waiting_note(self) -> str | None:
-        """For the reasons of waiting requests: ``waiting for a new worker (job 123 pending)``, with what the
-        cluster manager says about that job; None when no job is on its way."""
+        """For the reasons of waiting requests: ``waiting for a new worker (job 123 pending)``, with
+        what the cluster manager says about that job; None when no job is on its way."""
         pending = self.pending_jobs()
         if not pending:
             return None
@@ -180,7 +210,8 @@ class PoolScaler:
         return note
 
     def lost_note(self, worker: str) -> str | None:
-        """What the cluster manager adds to "the worker was lost": the job it ran in (and how it ended)."""
+        """What the cluster manager adds to "the worker was lost": the job it ran in (and how it
+        ended)."""
         self._joined()
         name = self._worker_job.get(worker)
         if name is None or self.states is None:
@@ -194,8 +225,8 @@ class PoolScaler:
         return note
 
     def headroom(self) -> list[GpuSlot]:
-        """The GPUs adaptive scaling could still add (for the broker: a request larger than today's pool
-        waits for them instead of being refused)."""
+        """The GPUs adaptive scaling could still add (for the broker: a request larger than today's
+        pool waits for them instead of being refused)."""
         if self.bounds is None:
             return []
         size = self.gpu_bytes or max((g.total_bytes for g in self.broker.gpus.values()), default=0)
@@ -203,8 +234,17 @@ class PoolScaler:
             return []
         joined_jobs = len(self.cluster.worker_spec) - len(self.pending_jobs())
         count = max(0, self._jobs_for(self.bounds[1]) - joined_jobs) * self.per_job
-        return [GpuSlot(worker=f"future:{i}", index=0, uuid=f"future-{i}", name="a GPU worker scaling can add",
-                        total_bytes=size, virtual=True) for i in range(count)]
+        return [
+            GpuSlot(
+                worker=f"future:{i}",
+                index=0,
+                uuid=f"future-{i}",
+                name="a GPU worker scaling can add",
+                total_bytes=size,
+                virtual=True,
+            )
+            for i in range(count)
+        ]
 
     def view(self) -> ClusterView:
         joined = self._joined()
@@ -212,14 +252,32 @@ class PoolScaler:
         for name in [str(n) for n in self.cluster.worker_spec]:
             rec = self.records.setdefault(name, JobRecord(name))
             state = rec.state or ("running" if joined.get(name) else "submitted")
-            jobs.append({"name": name, "job_id": self.job_id(name), "state": state, "reason": rec.reason,
-                         "workers": len(joined.get(name, [])), "since": rec.since, "ended": None})
+            jobs.append(
+                {
+                    "name": name,
+                    "job_id": self.job_id(name),
+                    "state": state,
+                    "reason": rec.reason,
+                    "workers": len(joined.get(name, [])),
+                    "since": rec.since,
+                    "ended": None,
+                }
+            )
         jobs.sort(key=lambda j: (j["workers"] > 0, j["since"]))
-        adaptive = ({"minimum": self.bounds[0], "maximum": self.bounds[1], "idle": self.idle}
-                    if self.bounds else None)
-        return {"kind": self.states.kind if self.states else self.kind, "manager": self.manager,
-                "gpus_per_job": self.per_job, "target": self.target, "adaptive": adaptive, "jobs": jobs,
-                "ended": list(self.ended)}
+        adaptive = (
+            {"minimum": self.bounds[0], "maximum": self.bounds[1], "idle": self.idle}
+            if self.bounds
+            else None
+        )
+        return {
+            "kind": self.states.kind if self.states else self.kind,
+            "manager": self.manager,
+            "gpus_per_job": self.per_job,
+            "target": self.target,
+            "adaptive": adaptive,
+            "jobs": jobs,
+            "ended": list(self.ended),
+        }
 
     # ------------------------------------------------------------------ jobs and their workers
     def _jobs_for(self, workers: int) -> int:
@@ -244,8 +302,8 @@ class PoolScaler:
         return joined
 
     def _busy_workers(self) -> set[str]:
-        """Workers holding a session (a live lease, starting ones included) or a session's variables in host
-        memory (saved there, or being written there): never retired."""
+        """Workers holding a session (a live lease, starting ones included) or a session's variables
+        in host memory (saved there, or being written there): never retired."""
         busy = {ls.worker for ls in self.broker.leases.values()}
         for ls in self.broker.ended.values():
             offload = ls.offload or {}
@@ -256,8 +314,9 @@ class PoolScaler:
         return busy
 
     def _retirable(self, idle_for: float) -> list[str]:
-        """Jobs that may go now, in the order to retire them: jobs whose workers have not joined (the newest
-        first), then jobs whose workers held nothing for ``idle_for`` seconds (the longest idle first)."""
+        """Jobs that may go now, in the order to retire them: jobs whose workers have not joined
+        (the newest first), then jobs whose workers held nothing for ``idle_for`` seconds (the
+        longest idle first)."""
         joined = self._joined()
         busy = self._busy_workers()
         now = time.monotonic()
@@ -278,7 +337,8 @@ class PoolScaler:
         return [n for _, n in sorted(pending, reverse=True)] + [n for _, n in sorted(idle)]
 
     async def _scale_jobs(self, target: int, retire_idle_for: float) -> int:
-        """Submit or retire jobs towards ``target``; returns how many surplus jobs could not go now."""
+        """Submit or retire jobs towards ``target``; returns how many surplus jobs could not go
+        now."""
         current = len(self.cluster.worker_spec)
         if target > current:
             for _ in range(target - current):
@@ -287,8 +347,11 @@ class PoolScaler:
                 for name in spec:
                     self.records[str(name)] = JobRecord(str(name))
             self._last_growth = time.monotonic()
-            await self.cluster  # submits them (sbatch) or starts them; it does not wait for them to join
-            log.info("asked the cluster manager for %d more job(s): %d in all", target - current, target)
+            # submits them (sbatch) or starts them; it does not wait for them to join
+            await self.cluster
+            log.info(
+                "asked the cluster manager for %d more job(s): %d in all", target - current, target
+            )
             self._audit(target)
             return 0
         if target < current:
@@ -297,15 +360,19 @@ class PoolScaler:
                 await self.cluster.scale_down(retire)
                 for name in retire:
                     self._idle_since.pop(name, None)
-                log.info("retired %s (they held no session and no host-memory copy): %d job(s) left",
-                         ", ".join(self._label(n) for n in retire), len(self.cluster.worker_spec))
+                log.info(
+                    "retired %s (they held no session and no host-memory copy): %d job(s) left",
+                    ", ".join(self._label(n) for n in retire),
+                    len(self.cluster.worker_spec),
+                )
                 self._audit(len(self.cluster.worker_spec))
             return current - target - len(retire)
         return 0
 
     def _audit(self, jobs: int) -> None:
-        self.broker.scheduler.log_event("jupyter-gpu-audit", {"action": "scaled", "jobs": jobs,
-                                                               "workers": jobs * self.per_job})
+        self.broker.scheduler.log_event(
+            "jupyter-gpu-audit", {"action": "scaled", "jobs": jobs, "workers": jobs * self.per_job}
+        )
 
     # ------------------------------------------------------------------ the loop
     async def _run_forever(self) -> None:
@@ -315,7 +382,7 @@ class PoolScaler:
                     await self._tick()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - one bad pass (a failed sbatch) must not end scaling
+            except Exception:
                 log.exception("a scaling pass failed; trying again in %g s", self.interval)
             await asyncio.sleep(self.interval)
 
@@ -335,19 +402,26 @@ class PoolScaler:
         need = self._gpus_needed()
         on_their_way = len(self.pending_jobs()) * self.per_job
         if need > on_their_way and jobs < high:
-            await self._scale_jobs(min(high, jobs + math.ceil((need - on_their_way) / self.per_job)), 0.0)
+            await self._scale_jobs(
+                min(high, jobs + math.ceil((need - on_their_way) / self.per_job)), 0.0
+            )
             return
         self._retirable(self.idle)  # keeps the idle clocks of every job current
         if need == 0 and jobs > low and time.monotonic() - self._last_growth >= self.cooldown:
             await self._scale_jobs(jobs - 1, retire_idle_for=self.idle)
 
     def _gpus_needed(self) -> int:
-        """GPUs the requests that have waited one interval want (whole GPUs and ranks count one each; shares
-        add up), leaving out requests that wait for their quota, which new GPUs do not change."""
+        """GPUs the requests that have waited one interval want (whole GPUs and ranks count one
+        each; shares add up), leaving out requests that wait for their quota, which new GPUs do not
+        change."""
         now, total = time.time(), 0.0
         size = self.gpu_bytes or max((g.total_bytes for g in self.broker.gpus.values()), default=0)
         for req in self.broker.queue:
-            if req.state != "queued" or now - req.submitted < self.interval or "quota" in (req.reason or ""):
+            if (
+                req.state != "queued"
+                or now - req.submitted < self.interval
+                or "quota" in (req.reason or "")
+            ):
                 continue
             spec = req.spec
             if spec.workers > 1 or spec.gpus is not None:
@@ -359,7 +433,8 @@ class PoolScaler:
         return math.ceil(total - 1e-9)
 
     async def _read_states(self) -> None:
-        """Read the cluster manager's job states; a job it says ended (or forgot) leaves the spec."""
+        """Read the cluster manager's job states; a job it says ended (or forgot) leaves the
+        spec."""
         if self.states is None:
             return
         ids = {str(n): self.job_id(str(n)) for n in self.cluster.worker_spec}
@@ -387,21 +462,48 @@ class PoolScaler:
             await self._job_ended(name)
 
     async def _job_ended(self, name: str) -> None:
-        """A job ended by itself (walltime, node failure, cancelled outside the pool): forget it, keep it in
-        ``ended`` for the panel, and add how it ended to the end reasons of the sessions it held."""
+        """A job ended by itself (walltime, node failure, cancelled outside the pool): forget it,
+        keep it in ``ended`` for the panel, and add how it ended to the end reasons of the sessions
+        it held."""
         from jupyter_gpu.pool.slurm import describe
 
         rec = self.records.pop(name, JobRecord(name))
         job_id = self.job_id(name)
         how = describe(rec.state or "ENDED", rec.reason)
-        log.warning("%s (%s) ended: %s; its workers and their sessions are lost", self._label(name), name, how)
-        self.ended.appendleft({"name": name, "job_id": job_id, "state": rec.state or "ENDED", "reason": rec.reason,
-                               "workers": 0, "since": rec.since, "ended": time.time()})
+        log.warning(
+            "%s (%s) ended: %s; its workers and their sessions are lost",
+            self._label(name),
+            name,
+            how,
+        )
+        self.ended.appendleft(
+            {
+                "name": name,
+                "job_id": job_id,
+                "state": rec.state or "ENDED",
+                "reason": rec.reason,
+                "workers": 0,
+                "since": rec.since,
+                "ended": time.time(),
+            }
+        )
         self._idle_since.pop(name, None)
-        self.broker.scheduler.log_event("jupyter-gpu-audit", {"action": "job ended", "job": job_id, "name": name,
-                                                               "state": rec.state, "reason": rec.reason})
+        self.broker.scheduler.log_event(
+            "jupyter-gpu-audit",
+            {
+                "action": "job ended",
+                "job": job_id,
+                "name": name,
+                "state": rec.state,
+                "reason": rec.reason,
+            },
+        )
         for lease in self.broker.ended.values():
-            if lease.worker in rec.workers and lease.end_reason and "ended:" not in lease.end_reason:
+            if (
+                lease.worker in rec.workers
+                and lease.end_reason
+                and "ended:" not in lease.end_reason
+            ):
                 lease.end_reason = f"{lease.end_reason} ({self._label(name)} ended: {how})"
         with contextlib.suppress(Exception):
             await self.cluster.scale_down([name])  # its scancel finds nothing to cancel

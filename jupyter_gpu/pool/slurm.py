@@ -1,11 +1,13 @@
-"""What Slurm says about the pool's jobs: ``squeue``'s state and reason, for the panel and the queue.
+"""What Slurm says about the pool's jobs: ``squeue``'s state and reason, for the panel and the
+queue.
 
-Why its own module: dask-jobqueue submits and cancels jobs but never reads their state back, so a job that
-waits in Slurm's queue (``PENDING (Resources)``) or that Slurm ended (``TIMEOUT``: its walltime) is
-invisible to it. The pool shows the cluster manager's own words, and notices a job that ended by itself
-so that it can be replaced.
+Why its own module: dask-jobqueue submits and cancels jobs but never reads their state back, so a
+job that waits in Slurm's queue (``PENDING (Resources)``) or that Slurm ended (``TIMEOUT``: its
+walltime) is invisible to it. The pool shows the cluster manager's own words, and notices a job that
+ended by itself so that it can be replaced.
 
-One ``squeue`` call per poll for all of the pool's jobs, run without blocking the scheduler's event loop.
+One ``squeue`` call per poll for all of the pool's jobs, run without blocking the scheduler's event
+loop.
 """
 
 from __future__ import annotations
@@ -18,8 +20,21 @@ import shutil
 log = logging.getLogger(__name__)
 
 # job states after which a job runs nothing any more (squeue --states=all keeps them for MinJobAge)
-ENDED_STATES = frozenset({"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL",
-                          "OUT_OF_MEMORY", "PREEMPTED", "REVOKED", "SPECIAL_EXIT", "TIMEOUT"})
+ENDED_STATES = frozenset(
+    {
+        "BOOT_FAIL",
+        "CANCELLED",
+        "COMPLETED",
+        "DEADLINE",
+        "FAILED",
+        "NODE_FAIL",
+        "OUT_OF_MEMORY",
+        "PREEMPTED",
+        "REVOKED",
+        "SPECIAL_EXIT",
+        "TIMEOUT",
+    }
+)
 
 
 class SlurmStates:
@@ -36,13 +51,23 @@ class SlurmStates:
         return state in ENDED_STATES
 
     async def poll(self, job_ids: list[str]) -> dict[str, tuple[str, str | None]]:
-        """``{job id: (state, reason)}`` for the ids Slurm still knows (ended ones too, for a while); raises
-        ``RuntimeError`` when ``squeue`` fails (the caller keeps what it knew)."""
+        """``{job id: (state, reason)}`` for the ids Slurm still knows (ended ones too, for a
+        while); raises ``RuntimeError`` when ``squeue`` fails (the caller keeps what it knew)."""
         if not job_ids:
             return {}
-        cmd = [self.squeue, "--noheader", "--states=all", "--format=%i|%T|%r", f"--jobs={','.join(job_ids)}"]
-        proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE,
-                                                    stderr=asyncio.subprocess.PIPE, env=os.environ.copy())
+        cmd = [
+            self.squeue,
+            "--noheader",
+            "--states=all",
+            "--format=%i|%T|%r",
+            f"--jobs={','.join(job_ids)}",
+        ]
+        proc = await asyncio.create_subprocess_exec(
+            *cmd,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=os.environ.copy(),
+        )
         try:
             out, err = await asyncio.wait_for(proc.communicate(), self.timeout)
         except asyncio.TimeoutError:
@@ -58,15 +83,18 @@ class SlurmStates:
 
 
 def parse_squeue(text: str) -> dict[str, tuple[str, str | None]]:
-    """``squeue --format=%i|%T|%r`` lines into ``{job id: (state, reason)}``; a reason of ``None`` (Slurm's word
-    for no reason) is None."""
+    """``squeue --format=%i|%T|%r`` lines into ``{job id: (state, reason)}``; a reason of ``None``
+    (Slurm's word for no reason) is None."""
     states: dict[str, tuple[str, str | None]] = {}
     for line in text.splitlines():
         parts = line.strip().split("|")
         if len(parts) < 2 or not parts[0]:
             continue
         reason = parts[2].strip() if len(parts) > 2 else ""
-        states[parts[0].strip()] = (parts[1].strip(), None if reason in ("", "None", "(null)") else reason)
+        states[parts[0].strip()] = (
+            parts[1].strip(),
+            None if reason in ("", "None", "(null)") else reason,
+        )
     return states
 
 

@@ -1,8 +1,8 @@
 """Functions a ``%%gpu`` cell calls to learn where it runs and to stream its progress.
 
-They work in any process: inside a session they read what the session was assigned; in a plain kernel
-they describe the local process (rank 0 of 1, ``cpu`` or ``cuda``), so code written for ``%%gpu`` cells
-also runs unchanged without them.
+They work in any process: inside a session they read what the session was assigned; in a plain
+kernel they describe the local process (rank 0 of 1, ``cpu`` or ``cuda``), so code written for
+``%%gpu`` cells also runs unchanged without them.
 """
 
 from __future__ import annotations
@@ -13,13 +13,19 @@ from typing import Any, Callable
 
 # Filled in by the session process when it is assigned a lease (jupyter_gpu.session.server).
 _state: dict[str, Any] = {
-    "rank": None, "world_size": None, "device": None, "lease": None,
-    "emit": None,            # Callable[[dict], None]: sends a message to the running cell's kernel
-    "device_factory": None,  # Callable[[], torch.device]: on a virtual GPU, the device whose tensors stay remote
-    "progress": None,        # Callable[[dict], None]: a report with a step, for the broker's queue estimates
+    "rank": None,
+    "world_size": None,
+    "device": None,
+    "lease": None,
+    "emit": None,  # Callable[[dict], None]: sends a message to the running cell's kernel
+    # Callable[[], torch.device]: on a virtual GPU, the device whose tensors stay remote
+    "device_factory": None,
+    # Callable[[dict], None]: a report with a step, for the broker's queue estimates
+    "progress": None,
     "checkpoint_dir": None,  # pool storage for checkpoint()/restore()
-    "run_sink": None,        # Callable[[dict], None]: a scale-out run's metrics, batched to the broker
-    "attempt": 0,            # 0 for a first run, n for the n-th resume after a lost worker
+    # Callable[[dict], None]: a scale-out run's metrics, batched to the broker
+    "run_sink": None,
+    "attempt": 0,  # 0 for a first run, n for the n-th resume after a lost worker
     "run": None,
 }
 
@@ -39,12 +45,14 @@ def world_size() -> int:
 def device() -> Any:
     """The ``torch.device`` this session should use: its pinned GPU, or ``cpu`` on a virtual GPU.
 
-    On a virtual GPU, what a cell puts on this device stays in the session, as CUDA tensors do on a real
-    GPU (``session/virtual_device.py``): a notebook behaves the same in CI and on a GPU."""
+    On a virtual GPU, what a cell puts on this device stays in the session, as CUDA tensors do
+    on a real GPU (``session/virtual_device.py``): a notebook behaves the same in CI and on a
+    GPU."""
     import torch
 
     factory = _state.get("device_factory")
-    if factory is not None:  # a virtual GPU: the session's marked device (session/virtual_device.py)
+    # a virtual GPU: the session's marked device (session/virtual_device.py)
+    if factory is not None:
         return factory()
     name = _state["device"]
     if name is None:
@@ -55,10 +63,10 @@ def device() -> Any:
 def report(step: int | None = None, **metrics: Any) -> None:
     """Stream metrics (``step=``, ``loss=``, ...) to the cell's progress display and the panel.
 
-    With ``total=`` the cell shows a progress bar with the rate and the time left, and the pool's queue
-    estimates when the GPU comes free from it. Steps may count from 0 or 1; reporting every n-th step is
-    fine (the rate comes from the step numbers). Never blocks training: the message is queued and sent by
-    the session's I/O thread.
+    With ``total=`` the cell shows a progress bar with the rate and the time left, and the
+    pool's queue estimates when the GPU comes free from it. Steps may count from 0 or 1;
+    reporting every n-th step is fine (the rate comes from the step numbers). Never blocks
+    training: the message is queued and sent by the session's I/O thread.
     """
     emit: Callable[[dict], None] | None = _state["emit"]
     values = {k: _plain(v) for k, v in metrics.items()}
@@ -104,20 +112,28 @@ def restore(name: str = "checkpoint", default: Any = None) -> Any:
     A new run of a cell has none: only a run that lost a worker (and reruns) or a cell run with
     ``%%gpu --resume`` finds checkpoints, and it says so in the cell.
 
-    In a ``--workers`` run every rank must call it: rank 0 reads the checkpoint and broadcasts it, so that
-    all ranks resume from the same step even if rank 0 checkpoints again before a slower rank gets here.
+    In a ``--workers`` run every rank must call it: rank 0 reads the checkpoint and broadcasts
+    it, so that all ranks resume from the same step even if rank 0 checkpoints again before a
+    slower rank gets here.
     """
     import torch
 
-    distributed = world_size() > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+    distributed = (
+        world_size() > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+    )
     state = default
     if rank() == 0:
         path = os.path.join(_checkpoint_dir(), f"{name}.pt")
         if os.path.exists(path):
             state = torch.load(path, map_location="cpu", weights_only=False)
-            # a run finds checkpoints only when it resumes (a retry after a lost worker, or --resume): say so
+            # a run finds checkpoints only when it resumes (a retry after a lost worker, or
+            # --resume): say so
             step = state.get("step") if isinstance(state, dict) else None
-            note = f"resumed from step {step}" if step is not None else "resumed from the last checkpoint"
+            note = (
+                f"resumed from step {step}"
+                if step is not None
+                else "resumed from the last checkpoint"
+            )
             why = f"attempt {_state['attempt'] + 1}" if _state["attempt"] else "--resume"
             print(f"[jupyter-gpu] {note} ({why})", flush=True)
     if distributed:

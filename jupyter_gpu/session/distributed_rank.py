@@ -1,10 +1,10 @@
 """One rank of a ``%%gpu --workers N`` run, inside its session process.
 
-Before the cell: the torch.distributed environment (MASTER_ADDR/PORT, RANK, LOCAL_RANK, WORLD_SIZE), the
-process group (nccl on real GPUs, gloo on CPU and virtual GPUs) with a start-up time limit, and the cell's
-inputs, which the kernel sends to rank 0 only and rank 0 broadcasts to the others. During the cell:
-``jupyter_gpu.report`` metrics are batched to the broker (through the worker), which keeps the run's stream for the panel.
-After the cell, whatever happened: the process group is destroyed.
+Before the cell: the torch.distributed environment (MASTER_ADDR/PORT, RANK, LOCAL_RANK, WORLD_SIZE),
+the process group (nccl on real GPUs, gloo on CPU and virtual GPUs) with a start-up time limit, and
+the cell's inputs, which the kernel sends to rank 0 only and rank 0 broadcasts to the others. During
+the cell: ``jupyter_gpu.report`` metrics are batched to the broker (through the worker), which keeps
+the run's stream for the panel. After the cell, whatever happened: the process group is destroyed.
 """
 
 from __future__ import annotations
@@ -24,19 +24,23 @@ log = logging.getLogger(__name__)
 
 
 def route_interface(peer: str) -> str | None:
-    """The name of the network interface this machine uses to reach ``peer`` (an IP address), or None.
+    """The name of the network interface this machine uses to reach ``peer`` (an IP address), or
+    None.
 
-    Why: gloo binds to the address its host name resolves to, and on a machine whose name resolves to a
-    loopback address (Debian's ``127.0.1.1``) or to nothing, it falls back to ``127.0.0.1``, which the
-    other machines' ranks cannot reach: a run with ranks on two hosts then never starts. The interface that
-    routes to rank 0 is the one every rank of the run can use (on one machine, that is loopback).
+        Why: gloo binds to the address its host name resolves to, and on a machine whose name
+        resolves to a loopback address (Debian's ``127.0.1.1``) or to nothing, it falls back to
+        ``127.0.0.1``, which the other machines' ranks cannot reach: a run with ranks on two hosts
+        then never starts. The interface that routes to rank 0 is the one every rank of the run can
+        use (on one machine, that is loopback).
     """
     import socket
 
     import psutil
 
     try:
-        with socket.socket(socket.AF_INET6 if ":" in peer else socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        with socket.socket(
+            socket.AF_INET6 if ":" in peer else socket.AF_INET, socket.SOCK_DGRAM
+        ) as sock:
             sock.connect((peer, 9))  # UDP: nothing is sent, the kernel only picks the route
             local = sock.getsockname()[0]
     except OSError:
@@ -48,8 +52,9 @@ def route_interface(peer: str) -> str | None:
 
 
 def _pin_interface(backend: str, master_addr: str) -> None:
-    """Point gloo (or NCCL's socket bootstrap) at the interface that reaches rank 0, unless the admin chose one
-    (``GLOO_SOCKET_IFNAME`` / ``NCCL_SOCKET_IFNAME`` in the workers' environment)."""
+    """Point gloo (or NCCL's socket bootstrap) at the interface that reaches rank 0, unless the
+    admin chose one (``GLOO_SOCKET_IFNAME`` / ``NCCL_SOCKET_IFNAME`` in the workers'
+    environment)."""
     variable = "GLOO_SOCKET_IFNAME" if backend == "gloo" else "NCCL_SOCKET_IFNAME"
     if os.environ.get(variable):
         return
@@ -77,39 +82,65 @@ class DistributedRun:
         d = self.dist
         virtual = all(g.get("virtual") for g in self.gpus) if self.gpus else True
         backend = "nccl" if (not virtual and torch.cuda.is_available()) else "gloo"
-        os.environ.update({"MASTER_ADDR": d["master_addr"], "MASTER_PORT": str(d["master_port"]),
-                           "RANK": str(self.rank), "WORLD_SIZE": str(self.world_size),
-                           "LOCAL_RANK": "0",  # each rank sees only its own GPU, as device 0
-                           "JUPYTER_GPU_CHECKPOINT_DIR": d.get("checkpoint_dir") or ""})
+        os.environ.update(
+            {
+                "MASTER_ADDR": d["master_addr"],
+                "MASTER_PORT": str(d["master_port"]),
+                "RANK": str(self.rank),
+                "WORLD_SIZE": str(self.world_size),
+                "LOCAL_RANK": "0",  # each rank sees only its own GPU, as device 0
+                "JUPYTER_GPU_CHECKPOINT_DIR": d.get("checkpoint_dir") or "",
+            }
+        )
         if backend == "nccl":
             torch.cuda.set_device(0)
         _pin_interface(backend, d["master_addr"])
         timeout = float(d.get("startup_timeout", 60))
         started = time.monotonic()
         try:
-            torch_dist.init_process_group(backend, init_method=f"tcp://{d['master_addr']}:{d['master_port']}",
-                                          rank=self.rank, world_size=self.world_size,
-                                          timeout=datetime.timedelta(seconds=timeout))
+            torch_dist.init_process_group(
+                backend,
+                init_method=f"tcp://{d['master_addr']}:{d['master_port']}",
+                rank=self.rank,
+                world_size=self.world_size,
+                timeout=datetime.timedelta(seconds=timeout),
+            )
         except Exception as exc:
             raise RuntimeError(
                 f"rank {self.rank} could not join the process group ({backend}, {d['master_addr']}:"
-                f"{d['master_port']}) within {timeout:.0f} s: {type(exc).__name__}: {exc}") from None
+                f"{d['master_port']}) within {timeout:.0f} s: {type(exc).__name__}: {exc}"
+            ) from None
         self._group = True
-        log.info("rank %d/%d joined %s in %.2f s", self.rank, self.world_size, backend,
-                 time.monotonic() - started)
-        session_api._state.update({"rank": self.rank, "world_size": self.world_size,
-                                   "attempt": int(d.get("attempt", 0)),
-                                   "run": d.get("run"), "run_sink": self._collect})
+        log.info(
+            "rank %d/%d joined %s in %.2f s",
+            self.rank,
+            self.world_size,
+            backend,
+            time.monotonic() - started,
+        )
+        session_api._state.update(
+            {
+                "rank": self.rank,
+                "world_size": self.world_size,
+                "attempt": int(d.get("attempt", 0)),
+                "run": d.get("run"),
+                "run_sink": self._collect,
+            }
+        )
         self._flusher = asyncio.run_coroutine_threadsafe(self._flush_forever(), self.link.loop)
         return self._broadcast(inputs)
 
     def _broadcast(self, inputs: dict) -> dict:
-        """Rank 0 holds the inputs as the kernel serialized them; every other rank gets the same bytes."""
+        """Rank 0 holds the inputs as the kernel serialized them; every other rank gets the same
+        bytes."""
         import torch.distributed as torch_dist
         from distributed.protocol.serialize import Serialized
 
-        packed = [{name: (item.header, [bytes(f) for f in item.frames]) for name, item in inputs.items()}
-                  if self.rank == 0 else None]
+        packed = [
+            {name: (item.header, [bytes(f) for f in item.frames]) for name, item in inputs.items()}
+            if self.rank == 0
+            else None
+        ]
         torch_dist.broadcast_object_list(packed, src=0)
         return {name: Serialized(header, frames) for name, (header, frames) in packed[0].items()}
 
@@ -133,8 +164,9 @@ class DistributedRun:
             log.debug("could not send metrics: %s", exc)
 
     def _arrive_and_wait(self, timeout: float) -> None:
-        """Count this rank in at the rendezvous store and wait (bounded) for the others. The store is not
-        the process group's transport, so this never interferes with a collective a peer is finishing."""
+        """Count this rank in at the rendezvous store and wait (bounded) for the others. The store
+        is not the process group's transport, so this never interferes with a collective a peer is
+        finishing."""
         try:
             from torch.distributed import distributed_c10d
 
@@ -148,9 +180,9 @@ class DistributedRun:
             log.debug("teardown rendezvous: %s", exc)
 
     def stop(self, clean: bool = False) -> None:
-        """Tear down. After a cell that succeeded on this rank, first wait (bounded) for every rank to get
-        here: a rank that left its last collective early and closed its connections would make a peer still
-        finishing that collective fail with "connection closed by peer"."""
+        """Tear down. After a cell that succeeded on this rank, first wait (bounded) for every rank
+        to get here: a rank that left its last collective early and closed its connections would
+        make a peer still finishing that collective fail with "connection closed by peer"."""
         if self._flusher is not None:
             self._flusher.cancel()
             try:

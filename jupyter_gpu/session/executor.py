@@ -1,9 +1,10 @@
 """The session's main thread: the user's namespace, and the work the kernel sends to it.
 
-User code runs here, in the main thread, so that SIGINT (the kernel's interrupt) raises KeyboardInterrupt
-in the running cell. The I/O thread (``server.py``) only queues ``Job``s; this thread runs them one at a
-time: assign a lease, execute a cell, pull a variable, offload or restore the variables. While it has
-nothing to do and has been idle long enough it writes its standby copy (``standby.py``).
+User code runs here, in the main thread, so that SIGINT (the kernel's interrupt) raises
+KeyboardInterrupt in the running cell. The I/O thread (``server.py``) only queues ``Job``s; this
+thread runs them one at a time: assign a lease, execute a cell, pull a variable, offload or restore
+the variables. While it has nothing to do and has been idle long enough it writes its standby copy
+(``standby.py``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ log = logging.getLogger("jupyter_gpu.session")
 
 
 class Job:
-    """Work for the main thread; ``reply`` is resolved on the I/O loop, ``messages`` stream meanwhile."""
+    """Work for the main thread; ``reply`` is resolved on the I/O loop, ``messages`` stream
+    meanwhile."""
 
     def __init__(self, kind: str, loop: asyncio.AbstractEventLoop, **kwargs: Any):
         self.kind, self.loop, self.kwargs = kind, loop, kwargs
@@ -45,6 +47,7 @@ class Job:
         def _set() -> None:
             if not self.reply.done():
                 self.reply.set_result(value)
+
         self.loop.call_soon_threadsafe(_set)
 
 
@@ -53,7 +56,8 @@ class Executor:
 
     def __init__(self, relay: Relay, capture: Any, shell: Any, link: WorkerLink):
         self.relay, self.capture, self.shell, self.link = relay, capture, shell, link
-        # inputs read from the kernel's pipes land in these; given back to the OS once idle for TRIM_AFTER s
+        # inputs read from the kernel's pipes land in these; given back to the OS once idle for
+        # TRIM_AFTER s
         self.input_buffers = local_transfer.ReceiveBuffers()
         self._trim_at: float | None = None
         self.jobs: queue.Queue[Job] = queue.Queue()
@@ -62,10 +66,13 @@ class Executor:
         self.isolation = "none"
         self.meter: CellMemoryMeter | None = None  # set when a lease is assigned
         self.busy = False
-        self.interrupt_lock = threading.Lock()  # busy and interrupt_pending change together (server.h_interrupt)
-        self.interrupt_pending = False  # an interrupt that came before the cell reached the main thread
+        # busy and interrupt_pending change together (server.h_interrupt)
+        self.interrupt_lock = threading.Lock()
+        # an interrupt that came before the cell reached the main thread
+        self.interrupt_pending = False
         self.retired = False  # its variables were offloaded: it runs no more cells
-        self.standby = StandbyCopy(None, None)  # its variables' copy in host memory while idle (standby.py)
+        # its variables' copy in host memory while idle (standby.py)
+        self.standby = StandbyCopy(None, None)
         self._after_reply: dict | None = None
         self._cwd_refused: str | None = None
         self.virtual = False
@@ -80,7 +87,8 @@ class Executor:
                 due = trim_in if due is None else min(due, trim_in)
             try:
                 job = self.jobs.get() if due is None else self.jobs.get(timeout=due)
-            except queue.Empty:  # idle long enough: give back spare input buffers, write the standby copy
+            # idle long enough: give back spare input buffers, write the standby copy
+            except queue.Empty:
                 if self._trim_at is not None and time.monotonic() >= self._trim_at:
                     self._trim_at = None
                     self.input_buffers.trim()
@@ -107,37 +115,50 @@ class Executor:
                 self._tell_idle(**after)
 
     def _tell_idle(self, heard_running: bool, **fields: Any) -> None:
-        """The cell is over: tell the broker "idle" with what it measured. At once when the broker had heard
-        "running"; otherwise (a quick cell: the broker still thinks the session idle) within IDLE_NOTE s,
-        merged with the notes of the quick cells after it, so a loop of warm cells costs the worker and the
-        broker a message or so per IDLE_NOTE instead of one per cell."""
+        """The cell is over: tell the broker "idle" with what it measured. At once when the
+        broker had heard "running"; otherwise (a quick cell: the broker still thinks the session
+        idle) within IDLE_NOTE s, merged with the notes of the quick cells after it, so a loop of
+        warm cells costs the worker and the broker a message or so per IDLE_NOTE instead of one
+        per cell."""
         if heard_running:
             self.link.tell_lease_state(**fields)
         else:
             self.link.tell_coalesced(IDLE_NOTE, "lease_state", merge_idle_notes, **fields)
 
     def _work_waiting(self) -> bool:
-        """Whether a job other than an offload is queued: a standby copy then stops for it (an offload
-        instead waits for the copy, which it hands over)."""
+        """Whether a job other than an offload is queued: a standby copy then stops for it (an
+        offload instead waits for the copy, which it hands over)."""
         with self.jobs.mutex:
             return any(job.kind != "offload" for job in self.jobs.queue)
 
     def _take_standby_copy(self) -> None:
         expected = self.meter.resident() if self.meter is not None else None
         try:
-            self.standby.take(self.shell.user_ns, self.shell.user_ns_hidden, expected, self._work_waiting)
+            self.standby.take(
+                self.shell.user_ns, self.shell.user_ns_hidden, expected, self._work_waiting
+            )
         except KeyboardInterrupt:  # an interrupt meant for a cell that had just ended
             pass
 
     # ------------------------------------------------------------------ jobs
-    def do_assign(self, job: Job, lease: dict, gpus: list[dict], env: dict, standby: dict | None = None,
-                  memory_rlimit: int | None = None, account: dict | None = None, hostmem: str | None = None) -> dict:
+    def do_assign(
+        self,
+        job: Job,
+        lease: dict,
+        gpus: list[dict],
+        env: dict,
+        standby: dict | None = None,
+        memory_rlimit: int | None = None,
+        account: dict | None = None,
+        hostmem: str | None = None,
+    ) -> dict:
         from jupyter_gpu.session import api as session_api
         from jupyter_gpu.session.isolation import apply_memory_cap, pin_environment
 
         if self.lease is not None:
             return {"error": f"this session already holds lease {self.lease['id']}"}
-        if account is not None:  # users are isolated: this process becomes its user before any cell runs
+        # users are isolated: this process becomes its user before any cell runs
+        if account is not None:
             from jupyter_gpu.session.account import AccountError, become, private_mounts
 
             try:
@@ -159,21 +180,43 @@ class Executor:
         self.virtual = virtual
         tqdm_bridge.install()  # tqdm bars in cells report as the cell's progress bar
         if virtual and "torch" in sys.modules:
-            self._virtual_device()  # the device marks' machinery (virtual_device.py), not the user's memory
+            # the device marks' machinery (virtual_device.py), not the user's memory
+            self._virtual_device()
         # measured from here: what the session holds before its first cell is not the user's data
         self.meter = CellMemoryMeter(virtual, [g["uuid"] for g in gpus if not g.get("virtual")])
-        session_api._state.update({
-            "rank": lease.get("rank", 0), "world_size": lease.get("world_size", 1),
-            "device": "cpu" if virtual else "cuda:0", "lease": lease["id"],
-            "emit": self.relay.emit, "device_factory": self._virtual_device if virtual else None,
-        })
-        log.info("session %d assigned lease %s on %s (isolation %s)", os.getpid(), lease["id"],
-                 [g["uuid"] for g in gpus], self.isolation)
+        session_api._state.update(
+            {
+                "rank": lease.get("rank", 0),
+                "world_size": lease.get("world_size", 1),
+                "device": "cpu" if virtual else "cuda:0",
+                "lease": lease["id"],
+                "emit": self.relay.emit,
+                "device_factory": self._virtual_device if virtual else None,
+            }
+        )
+        log.info(
+            "session %d assigned lease %s on %s (isolation %s)",
+            os.getpid(),
+            lease["id"],
+            [g["uuid"] for g in gpus],
+            self.isolation,
+        )
         return {"isolation": self.isolation, "pid": os.getpid()}
 
-    def do_execute(self, job: Job, code: str, inputs: dict, outputs: list[str], exact_outputs: bool,
-                   cell_name: str, label: str | None, max_bytes: int, cwd: str | None,
-                   dist: dict | None = None, checkpoint_dir: str | None = None) -> dict:
+    def do_execute(
+        self,
+        job: Job,
+        code: str,
+        inputs: dict,
+        outputs: list[str],
+        exact_outputs: bool,
+        cell_name: str,
+        label: str | None,
+        max_bytes: int,
+        cwd: str | None,
+        dist: dict | None = None,
+        checkpoint_dir: str | None = None,
+    ) -> dict:
         from jupyter_gpu.session import api as session_api
 
         started = time.time()
@@ -183,23 +226,37 @@ class Executor:
             # same machine as the kernel: relative paths mean what they mean in the notebook
             try:
                 os.chdir(cwd)
-            except OSError as exc:  # a folder this session may not enter: run where it is, and say so once
+            # a folder this session may not enter: run where it is, and say so once
+            except OSError as exc:
                 if cwd != self._cwd_refused:
                     self._cwd_refused = cwd
-                    job.emit({"op": "stream", "name": "stderr", "text": (
-                        f"[jupyter-gpu] the GPU session cannot enter this notebook's folder {cwd} "
-                        f"({exc.strerror}); relative paths in this cell refer to {os.getcwd()}.\n")})
-        # checkpoint()/restore() of this cell: per user, kernel and cell, so no other run's state is restored
+                    job.emit(
+                        {
+                            "op": "stream",
+                            "name": "stderr",
+                            "text": (
+                                "[jupyter-gpu] the GPU session cannot enter this notebook's "
+                                f"folder {cwd} "
+                                f"({exc.strerror}); relative paths in this cell refer to "
+                                f"{os.getcwd()}.\n"
+                            ),
+                        }
+                    )
+        # checkpoint()/restore() of this cell: per user, kernel and cell, so no other run's state is
+        # restored
         session_api._state["checkpoint_dir"] = checkpoint_dir
         self.standby.changed()  # the copy is of the namespace before this cell: stale from here on
         self.relay.begin(job.emit)
         with self.interrupt_lock:
             self.busy = True
             stop, self.interrupt_pending = self.interrupt_pending, False
-        if stop:  # interrupted on its way here: it does not start (the session and its variables stay)
+        # interrupted on its way here: it does not start (the session and its variables stay)
+        if stop:
             raise KeyboardInterrupt("interrupted before the cell started")
         if dist is None:
-            return self._execute(code, inputs, outputs, exact_outputs, cell_name, label, max_bytes, started)
+            return self._execute(
+                code, inputs, outputs, exact_outputs, cell_name, label, max_bytes, started
+            )
         from jupyter_gpu.session.distributed_rank import DistributedRun
 
         run = DistributedRun(dist, self.gpus, self.link)
@@ -210,13 +267,24 @@ class Executor:
             return {"status": "error", "error": pool_error(str(exc))}
         reply: dict | None = None
         try:
-            reply = self._execute(code, inputs, outputs, exact_outputs, cell_name, label, max_bytes, started)
+            reply = self._execute(
+                code, inputs, outputs, exact_outputs, cell_name, label, max_bytes, started
+            )
             return reply
         finally:  # the process group is torn down whatever happened in the cell
             run.stop(clean=reply is not None and reply.get("status") == "ok")
 
-    def _execute(self, code: str, inputs: dict, outputs: list[str], exact_outputs: bool, cell_name: str,
-                 label: str | None, max_bytes: int, started: float) -> dict:
+    def _execute(
+        self,
+        code: str,
+        inputs: dict,
+        outputs: list[str],
+        exact_outputs: bool,
+        cell_name: str,
+        label: str | None,
+        max_bytes: int,
+        started: float,
+    ) -> dict:
         from distributed.protocol import deserialize
 
         from jupyter_gpu.common.datacontract import ModuleRef
@@ -233,19 +301,29 @@ class Executor:
                     replaced.append(ns[name])
                 ns[name] = value
             except Exception as exc:
-                return {"status": "error", "error": pool_error(
-                    f"The input '{name}' could not be rebuilt in the GPU session ({type(exc).__name__}: {exc}). "
-                    "Install what it needs on the pool's workers, create it inside the cell instead, or leave it "
-                    "out with --in.")}
+                return {
+                    "status": "error",
+                    "error": pool_error(
+                        f"The input '{name}' could not be rebuilt in the GPU session "
+                        f"({type(exc).__name__}: {exc}). "
+                        "Install what it needs on the pool's workers, create it inside the cell "
+                        "instead, or leave it "
+                        "out with --in."
+                    ),
+                }
         let_go(replaced)  # freeing last cell's copy of a large input can take as long as sending it
         del replaced
-        # the broker hears "running" only from a cell still running after RUNNING_NOTE s; a shorter one is
-        # reported once, idle with its measurements, after its reply (a warm no-op cell: no extra message)
-        running_note = self.link.tell_later(RUNNING_NOTE, "lease_state", state="running", cell=label)
-        session_api._state["progress"] = ProgressLink(self.link, label)  # step/total on to the broker
+        # the broker hears "running" only from a cell still running after RUNNING_NOTE s; a shorter
+        # one is reported once, idle with its measurements, after its reply (a warm no-op cell: no
+        # extra message)
+        running_note = self.link.tell_later(
+            RUNNING_NOTE, "lease_state", state="running", cell=label
+        )
+        # step/total on to the broker
+        session_api._state["progress"] = ProgressLink(self.link, label)
         if self.virtual and "torch" in sys.modules:
-            # mark what the cell puts on jupyter_gpu.device(), as a GPU would keep it (set up before the cell's
-            # memory is measured: the marking's own objects are not the cell's)
+            # mark what the cell puts on jupyter_gpu.device(), as a GPU would keep it (set up before
+            # the cell's memory is measured: the marking's own objects are not the cell's)
             self._virtual_device()
         meter = self.meter or CellMemoryMeter(virtual=False)
         meter.start()
@@ -262,11 +340,17 @@ class Executor:
             self.capture.sync()
             self.relay.finish_cell()
         peak, utilization = meter.stop()
-        # ``finished``: when the cell's code ended, so that of several failed ranks the first to fail is named
-        # (replies can arrive in any order: a failed rank tears its process group down before it replies)
+        # ``finished``: when the cell's code ended, so that of several failed ranks the first to
+        # fail is named (replies can arrive in any order: a failed rank tears its process group down
+        # before it replies)
         finished = time.time()
-        reply: dict[str, Any] = {"elapsed": finished - started, "finished": finished, "peak_bytes": peak,
-                                 "gpu_utilization": utilization, "execution_count": self.shell.execution_count}
+        reply: dict[str, Any] = {
+            "elapsed": finished - started,
+            "finished": finished,
+            "peak_bytes": peak,
+            "gpu_utilization": utilization,
+            "execution_count": self.shell.execution_count,
+        }
         error = result.error_before_exec or result.error_in_exec
         if error is not None:
             reply["status"] = "error"
@@ -276,8 +360,13 @@ class Executor:
         reply["outputs"] = self._collect_outputs(outputs, exact_outputs, max_bytes)
         reply["result"] = self._last_value(max_bytes) if error is None else None
         # told once the reply is on its way
-        self._after_reply = {"heard_running": heard_running, "state": "idle", "peak_bytes": peak,
-                             "gpu_utilization": utilization, "resident_bytes": meter.resident()}
+        self._after_reply = {
+            "heard_running": heard_running,
+            "state": "idle",
+            "peak_bytes": peak,
+            "gpu_utilization": utilization,
+            "resident_bytes": meter.resident(),
+        }
         return reply
 
     def _collect_outputs(self, names: list[str], exact: bool, max_bytes: int) -> dict:
@@ -295,7 +384,12 @@ class Executor:
             if exact:  # --out: bring it back whatever it is, if it can travel
                 too_big = transfer_refusal(name, value)
                 if too_big is not None:
-                    out[name] = {"kind": "remote", **desc, "reason": too_big, "lease": (self.lease or {}).get("id")}
+                    out[name] = {
+                        "kind": "remote",
+                        **desc,
+                        "reason": too_big,
+                        "lease": (self.lease or {}).get("id"),
+                    }
                     continue
                 value, kind = to_cpu(value), "value"
             if kind == "value":
@@ -321,8 +415,8 @@ class Executor:
         return {"bundle": hook.last_bundle, "value": value}
 
     def _virtual_device(self) -> Any:
-        """``jupyter_gpu.device()`` on a virtual GPU: the device whose tensors stay in the session, marked
-        from the moment a cell runs (``session/virtual_device.py``)."""
+        """``jupyter_gpu.device()`` on a virtual GPU: the device whose tensors stay in the session,
+        marked from the moment a cell runs (``session/virtual_device.py``)."""
         if self.vdev is None:
             from jupyter_gpu.session.virtual_device import VirtualDevice
 
@@ -334,7 +428,8 @@ class Executor:
     def do_offload(self, job: Job, path: str) -> dict:
         from jupyter_gpu.session.offload import save_namespace
 
-        self.retired = True  # queued behind this job, a cell must not run on memory that is being given away
+        # queued behind this job, a cell must not run on memory that is being given away
+        self.retired = True
         copy = self.standby.hand_over(path)  # written while idle: nothing left to write
         if copy is not None:
             return copy
@@ -357,13 +452,17 @@ class Executor:
             return {"error": too_big}
         packed = pack(to_cpu(ns[name]))
         if packed is None:
-            return {"error": f"{name!r} ({type(ns[name]).__name__}) cannot be serialized to bring it back"}
+            return {
+                "error": f"{name!r} ({type(ns[name]).__name__}) cannot be serialized to bring it "
+                "back"
+            }
         return {"data": packed}
 
 
 RUNNING_NOTE = 0.05  # seconds
-TRIM_AFTER = 2.0     # seconds idle before a session gives its unused input buffers back to the OS
-IDLE_NOTE = 0.25     # seconds: quick cells' idle notes are merged over this long (Executor._tell_idle)
+TRIM_AFTER = 2.0  # seconds idle before a session gives its unused input buffers back to the OS
+# seconds: quick cells' idle notes are merged over this long (Executor._tell_idle)
+IDLE_NOTE = 0.25
 
 
 def merge_idle_notes(held: dict, new: dict) -> dict:
@@ -373,13 +472,15 @@ def merge_idle_notes(held: dict, new: dict) -> dict:
     merged["peak_bytes"] = max(peaks) if peaks else None
     return merged
 
+
 _letting_go: queue.Queue | None = None
 
 
 def let_go(values: list) -> None:
-    """Drop ``values`` on a background thread: the previous copy of a 256 MiB input takes tens of ms to give
-    back to the OS (its pages are unmapped and freed), time the cell that replaced it need not wait for.
-    (Finalizers already run on any thread: Python's garbage collector runs where it is triggered.)"""
+    """Drop ``values`` on a background thread: the previous copy of a 256 MiB input takes tens of ms
+    to give back to the OS (its pages are unmapped and freed), time the cell that replaced it need
+    not wait for. (Finalizers already run on any thread: Python's garbage collector runs where it is
+    triggered.)"""
     global _letting_go
     if not values:
         return
@@ -389,18 +490,21 @@ def let_go(values: list) -> None:
         def drain(q: queue.Queue) -> None:
             while True:
                 batch = q.get()
-                while sys.getrefcount(batch) > 2:  # until the main thread has let go of the list too
+                # until the main thread has let go of the list too
+                while sys.getrefcount(batch) > 2:
                     time.sleep(0.001)
                 del batch
 
-        threading.Thread(target=drain, args=(_letting_go,), daemon=True, name="jupyter-gpu-let-go").start()
+        threading.Thread(
+            target=drain, args=(_letting_go,), daemon=True, name="jupyter-gpu-let-go"
+        ).start()
     _letting_go.put(values)
 
 
 def transfer_refusal(name: str, value: Any) -> str | None:
-    """Why ``value`` is too large to send back to the kernel (None: it may go), checked before serializing:
-    serializing a value takes up to its size again in host memory, and a session that runs out of it while
-    answering ``--out`` or ``%gpu pull`` would lose everything."""
+    """Why ``value`` is too large to send back to the kernel (None: it may go), checked before
+    serializing: serializing a value takes up to its size again in host memory, and a session that
+    runs out of it while answering ``--out`` or ``%gpu pull`` would lose everything."""
     import psutil
     from dask.sizeof import sizeof
 
@@ -415,22 +519,31 @@ def transfer_refusal(name: str, value: Any) -> str | None:
     room = psutil.virtual_memory().available // 2
     if size <= min(limit, room):
         return None
-    why = (f"more than a cell can send back ({format_bytes(limit)}: jupyter-gpu.transfer-max-bytes)" if size > limit
-           else f"more than this machine has free to copy it ({format_bytes(room)})")
-    return (f"{name} is {format_bytes(size)}, {why}. Keep it in the GPU session and bring back what you need "
-            f"(a slice or a summary, e.g. `small = {name}[:1000]` and --out small), or save it to storage the "
-            "notebook can read.")
+    why = (
+        f"more than a cell can send back ({format_bytes(limit)}: jupyter-gpu.transfer-max-bytes)"
+        if size > limit
+        else f"more than this machine has free to copy it ({format_bytes(room)})"
+    )
+    return (
+        f"{name} is {format_bytes(size)}, {why}. Keep it in the GPU session and bring back what "
+        "you need "
+        f"(a slice or a summary, e.g. `small = {name}[:1000]` and --out small), or save it to "
+        "storage the "
+        "notebook can read."
+    )
 
 
 def pack(value: Any) -> Any:
-    """Serialize now (in the main thread) so a failure is reported for this name, not for the reply."""
+    """Serialize now (in the main thread) so a failure is reported for this name, not for the
+    reply."""
     from distributed.protocol import serialize
     from distributed.protocol.serialize import Serialized
 
     from jupyter_gpu.common.codenames import code_names_kept
 
     try:
-        with code_names_kept():  # functions made in cells keep their file names (tracebacks show their lines)
+        # functions made in cells keep their file names (tracebacks show their lines)
+        with code_names_kept():
             header, frames = serialize(value, serializers=("dask", "pickle"), on_error="raise")
     except Exception:
         return None

@@ -1,9 +1,9 @@
 """Enforcing a lease inside its session process: GPU pinning and memory caps.
 
-Applied before CUDA initialises in the process (a pre-warmed process has imported torch but never touched
-CUDA). The strongest mechanism available wins and is recorded with the lease:
-``mig`` (a MIG slice is its own device) > ``mps`` (an MPS daemon enforces a pinned memory limit) >
-``torch-cap`` (PyTorch's caching allocator refuses to grow past the fraction) > ``none`` (virtual GPU).
+Applied before CUDA initialises in the process (a pre-warmed process has imported torch but never
+touched CUDA). The strongest mechanism available wins and is recorded with the lease: ``mig`` (a MIG
+slice is its own device) > ``mps`` (an MPS daemon enforces a pinned memory limit) > ``torch-cap``
+(PyTorch's caching allocator refuses to grow past the fraction) > ``none`` (virtual GPU).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ def mps_running() -> bool:
 
 
 def pin_environment(lease: dict, gpus: list[dict]) -> dict[str, str]:
-    """Environment variables that pin the process to its leased GPUs (and MPS limits where MPS runs)."""
+    """Environment variables that pin the process to its leased GPUs (and MPS limits where MPS
+    runs)."""
     env: dict[str, str] = {"JUPYTER_GPU_LEASE": lease["id"]}
     real = [g for g in gpus if not g.get("virtual")]
     if real:
@@ -30,9 +31,12 @@ def pin_environment(lease: dict, gpus: list[dict]) -> dict[str, str]:
         env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         if mps_running() and not any(g.get("mig") for g in real):
             limit_mib = max(1, int(lease["bytes"] / max(1, len(real)) / 2**20))
-            env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] = ",".join(f"{i}={limit_mib}M" for i in range(len(real)))
+            env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] = ",".join(
+                f"{i}={limit_mib}M" for i in range(len(real))
+            )
     else:
-        env["CUDA_VISIBLE_DEVICES"] = ""  # a virtual GPU: the session must not grab a real one by accident
+        # a virtual GPU: the session must not grab a real one by accident
+        env["CUDA_VISIBLE_DEVICES"] = ""
     return env
 
 
@@ -46,12 +50,14 @@ def apply_memory_cap(lease: dict, gpus: list[dict]) -> str:
     torch = sys.modules.get("torch")
     if torch is None:
         try:
-            import torch  # noqa: F811
+            import torch
         except ImportError:
             return level
     try:
         if not torch.cuda.is_available():
-            log.warning("lease %s names a real GPU but CUDA is not available to torch here", lease["id"])
+            log.warning(
+                "lease %s names a real GPU but CUDA is not available to torch here", lease["id"]
+            )
             return level
         per_gpu = lease["bytes"] / len(gpus)
         for i, gpu in enumerate(gpus):

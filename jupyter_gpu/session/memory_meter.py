@@ -1,8 +1,9 @@
-"""Each cell's peak memory (and GPU utilization on real GPUs), measured inside the session process.
+"""Each cell's peak memory (and GPU utilization on real GPUs), measured inside the session
+process.
 
-Why: a lease reserves memory for the session's life, so users need to see how much their cells really
-used to ask for the right amount (``jupyter_gpu.common.rightsizing``), and the audit store keeps the peak per
-lease. What "memory" means depends on the GPU:
+Why: a lease reserves memory for the session's life, so users need to see how much their cells
+really used to ask for the right amount (``jupyter_gpu.common.rightsizing``), and the audit store
+keeps the peak per lease. What "memory" means depends on the GPU:
 
 - a real GPU with PyTorch's CUDA initialised: ``torch.cuda.max_memory_allocated`` (all the session's
   live tensors at their peak, not just the cell's new ones), and the process's SM utilization from NVML
@@ -79,7 +80,11 @@ class CellMemoryMeter:
         peak = None
         try:
             if torch is not None and torch.cuda.is_initialized():
-                peak = int(sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())))
+                peak = int(
+                    sum(
+                        torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())
+                    )
+                )
             elif not self._cuda:
                 peak = 0  # the cell never touched the GPU
         except Exception:
@@ -87,25 +92,30 @@ class CellMemoryMeter:
         return peak, self._utilization()
 
     def resident(self) -> int | None:
-        """What the session holds now, between cells: roughly what moving it to host memory would write
-        (the session's resident memory above its start, plus live CUDA tensors on a real GPU). The broker
-        prefers to suspend sessions that hold little, because the cell that waits for the move waits for
-        the largest of them to be written out."""
+        """What the session holds now, between cells: roughly what moving it to host memory would
+        write (the session's resident memory above its start, plus live CUDA tensors on a real GPU).
+        The broker prefers to suspend sessions that hold little, because the cell that waits for the
+        move waits for the largest of them to be written out."""
         rss = _proc_status_bytes("VmRSS")
-        held = max(0, rss - self.baseline) if rss is not None and self.baseline is not None else None
+        held = (
+            max(0, rss - self.baseline) if rss is not None and self.baseline is not None else None
+        )
         if self.virtual:
             return held
         torch = sys.modules.get("torch")
         try:
             if torch is not None and torch.cuda.is_initialized():
-                cuda = int(sum(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count())))
+                cuda = int(
+                    sum(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count()))
+                )
                 return cuda + (held or 0)
         except Exception:  # a broken CUDA state: say nothing rather than something wrong
             return None
         return held
 
     def _utilization(self) -> float | None:
-        """The mean SM utilization NVML sampled for this process during the cell (real GPUs only)."""
+        """The mean SM utilization NVML sampled for this process during the cell (real GPUs
+        only)."""
         if not self.gpu_uuids:
             return None
         try:

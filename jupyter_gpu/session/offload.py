@@ -1,16 +1,18 @@
-"""A session's variables moved to host memory, so that its GPU memory can be reclaimed without losing them.
+"""A session's variables moved to host memory, so that its GPU memory can be reclaimed without
+losing them.
 
-Why: when the broker reclaims an idle session's lease for someone owed a guarantee, ending the session
-would throw away everything its owner built (a model, data on the GPU). Instead the session writes its
-namespace to a file in host memory (``/dev/shm`` where it exists) on its own worker, the process ends
-(freeing its GPU memory and CUDA context), and the owner's next cell restores the variables into a new
-session on that worker, on whichever GPU it gets there.
+Why: when the broker reclaims an idle session's lease for someone owed a guarantee, ending the
+session would throw away everything its owner built (a model, data on the GPU). Instead the session
+writes its namespace to a file in host memory (``/dev/shm`` where it exists) on its own worker, the
+process ends (freeing its GPU memory and CUDA context), and the owner's next cell restores the
+variables into a new session on that worker, on whichever GPU it gets there.
 
-What travels: every user variable that cloudpickle can serialize, pickled together so that objects shared
-between variables stay shared (a model and its optimizer, a tensor and its views). CUDA tensors and modules come back on
-the new session's GPU (the only one it sees). Modules are re-imported by name. Objects that cannot be
-serialized (open files, generators, sockets, CUDA streams) are listed by name, so the owner is told
-exactly what is gone; nothing else is dropped silently.
+What travels: every user variable that cloudpickle can serialize, pickled together so that objects
+shared between variables stay shared (a model and its optimizer, a tensor and its views). CUDA
+tensors and modules come back on the new session's GPU (the only one it sees). Modules are
+re-imported by name. Objects that cannot be serialized (open files, generators, sockets, CUDA
+streams) are listed by name, so the owner is told exactly what is gone; nothing else is dropped
+silently.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ class CopyStopped(Exception):
 
 
 class _StoppableFile:
-    """A file whose every write first asks ``should_stop``: a standby copy gives way to a cell at the next
-    record (``torch.save`` and pickle both write through ``write``)."""
+    """A file whose every write first asks ``should_stop``: a standby copy gives way to a cell at
+    the next record (``torch.save`` and pickle both write through ``write``)."""
 
     def __init__(self, f: Any, should_stop: Callable[[], bool]):
         self._f, self._should_stop = f, should_stop
@@ -59,11 +61,13 @@ class _Discard:
     """A file that keeps nothing: pickling into it only tells whether an object can be pickled."""
 
     def write(self, data: Any) -> int:
-        return memoryview(data).nbytes  # bytes, or a PickleBuffer (protocol 5 writes large buffers as they are)
+        # bytes, or a PickleBuffer (protocol 5 writes large buffers as they are)
+        return memoryview(data).nbytes
 
 
 def _unpicklable(values: dict[str, Any]) -> list[dict]:
-    """The variables that cannot be pickled, each with why (one pickling pass over each, into nothing)."""
+    """The variables that cannot be pickled, each with why (one pickling pass over each, into
+    nothing)."""
     import cloudpickle
 
     lost = []
@@ -71,28 +75,40 @@ def _unpicklable(values: dict[str, Any]) -> list[dict]:
         try:
             cloudpickle.dump(value, _Discard(), protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:  # noqa: BLE001 - anything unpicklable is reported by name, not fatal
-            lost.append({"name": name, "type": type(value).__name__, "why": f"{type(exc).__name__}: {exc}"[:200]})
+            lost.append(
+                {
+                    "name": name,
+                    "type": type(value).__name__,
+                    "why": f"{type(exc).__name__}: {exc}"[:200],
+                }
+            )
     return lost
 
 
 def _array_from_tensor(tensor: Any) -> Any:
-    """Unpickling side of ``_TorchPickler``: the numpy array that travelled as a tensor's raw storage."""
+    """Unpickling side of ``_TorchPickler``: the numpy array that travelled as a tensor's raw
+    storage."""
     return tensor.numpy()
 
 
 def _torch_pickle_module() -> Any:
-    """A pickle module for ``torch.save``: cloudpickle (functions and classes made in the notebook), with
-    plain numeric numpy arrays sent as tensors sharing their memory, so that they are written as raw storage
-    records like tensors are (in-band pickling copies them through the pickler's frames, several times
-    slower)."""
+    """A pickle module for ``torch.save``: cloudpickle (functions and classes made in the notebook),
+    with plain numeric numpy arrays sent as tensors sharing their memory, so that they are written
+    as raw storage records like tensors are (in-band pickling copies them through the pickler's
+    frames, several times slower)."""
     import cloudpickle
     import numpy as np
     import torch
 
     class _TorchPickler(cloudpickle.Pickler):
         def reducer_override(self, obj: Any) -> Any:
-            if (type(obj) is np.ndarray and obj.dtype.kind in "biuf" and obj.flags.c_contiguous
-                    and obj.flags.writeable and obj.nbytes >= 4096):
+            if (
+                type(obj) is np.ndarray
+                and obj.dtype.kind in "biuf"
+                and obj.flags.c_contiguous
+                and obj.flags.writeable
+                and obj.nbytes >= 4096
+            ):
                 try:
                     return _array_from_tensor, (torch.from_numpy(obj),)
                 except (TypeError, ValueError):  # a dtype torch has no tensor for
@@ -102,29 +118,40 @@ def _torch_pickle_module() -> Any:
     return types.SimpleNamespace(Pickler=_TorchPickler, __name__="jupyter_gpu_offload_pickle")
 
 
-def _write(path: str, modules: dict, values: dict, should_stop: Callable[[], bool] | None = None) -> None:
-    """One file: with torch loaded, ``torch.save`` of everything (tensors as raw storage records, a tensor
-    and its views sharing one storage); else one cloudpickle."""
+def _write(
+    path: str, modules: dict, values: dict, should_stop: Callable[[], bool] | None = None
+) -> None:
+    """One file: with torch loaded, ``torch.save`` of everything (tensors as raw storage records, a
+    tensor and its views sharing one storage); else one cloudpickle."""
     import cloudpickle
 
-    # 0600 whatever the umask: a user's variables are readable by that user only (worker/hoststore.py
-    # refuses to restore a file that others could read or have written)
+    # 0600 whatever the umask: a user's variables are readable by that user only
+    # (worker/hoststore.py refuses to restore a file that others could read or have written)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    # functions made in cells keep their cells' file names: tracebacks after a restore still show their lines
+    # functions made in cells keep their cells' file names: tracebacks after a restore still show
+    # their lines
     with os.fdopen(fd, "wb") as raw, code_names_kept():
         f = _StoppableFile(raw, should_stop) if should_stop is not None else raw
         if "torch" in sys.modules:
             import torch
             import torch.serialization as serialization
 
-            # no CRC32 over every record (torch >= 2.6 lets us skip it): it halves the speed, for a file that
-            # lives minutes in RAM
-            crc = serialization.get_crc32_options() if hasattr(serialization, "set_crc32_options") else None
+            # no CRC32 over every record (torch >= 2.6 lets us skip it): it halves the speed, for a
+            # file that lives minutes in RAM
+            crc = (
+                serialization.get_crc32_options()
+                if hasattr(serialization, "set_crc32_options")
+                else None
+            )
             if crc is not None:
                 serialization.set_crc32_options(False)
             try:
-                torch.save({"modules": modules, "values": values}, f, pickle_module=_torch_pickle_module(),
-                           pickle_protocol=pickle.HIGHEST_PROTOCOL)
+                torch.save(
+                    {"modules": modules, "values": values},
+                    f,
+                    pickle_module=_torch_pickle_module(),
+                    pickle_protocol=pickle.HIGHEST_PROTOCOL,
+                )
             finally:
                 if crc is not None:
                     serialization.set_crc32_options(crc)
@@ -133,17 +160,19 @@ def _write(path: str, modules: dict, values: dict, should_stop: Callable[[], boo
             cloudpickle.dump(values, f, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def save_namespace(ns: dict, hidden: dict | None, path: str,
-                   should_stop: Callable[[], bool] | None = None) -> dict:
-    """Write the user's variables to ``path``; returns what was saved, what could not be, and the size.
+def save_namespace(
+    ns: dict, hidden: dict | None, path: str, should_stop: Callable[[], bool] | None = None
+) -> dict:
+    """Write the user's variables to ``path``; returns what was saved, what could not be, and the
+    size.
 
-    The variables are pickled together, in one pickle, so that objects shared between them stay shared
-    when they come back: an optimizer still updates the model's own parameters, a view still shares its
-    tensor's storage, ``b = [a]`` still holds ``a`` itself. Pickled one by one they would come back as
-    separate copies, and a training loop would silently stop changing the model. When something cannot
-    be pickled, each variable is tried alone to name the culprits, and the rest are pickled together.
-    ``should_stop`` (a standby copy) is asked before every write; when it says so, the partial file is
-    removed and ``CopyStopped`` raised.
+        The variables are pickled together, in one pickle, so that objects shared between them stay
+        shared when they come back: an optimizer still updates the model's own parameters, a view
+        still shares its tensor's storage, ``b = [a]`` still holds ``a`` itself. Pickled one by one
+        they would come back as separate copies, and a training loop would silently stop changing
+        the model. When something cannot be pickled, each variable is tried alone to name the
+        culprits, and the rest are pickled together. ``should_stop`` (a standby copy) is asked
+        before every write; when it says so, the partial file is removed and ``CopyStopped`` raised.
     """
     names = user_names(ns, hidden)
     modules = {n: ns[n].__name__ for n in names if isinstance(ns[n], types.ModuleType)}
@@ -156,8 +185,9 @@ def save_namespace(ns: dict, hidden: dict | None, path: str,
             break
         except OSError:
             discard(tmp)
-            raise  # host memory full, or the folder went away: the broker says the variables are lost
-        except Exception as exc:  # noqa: BLE001 - some variable cannot be pickled: name it, keep the others
+            # host memory full, or the folder went away: the broker says the variables are lost
+            raise
+        except Exception as exc:
             if isinstance(exc, CopyStopped) or (should_stop is not None and should_stop()):
                 discard(tmp)  # (torch may hand the stop back wrapped in its own error)
                 raise CopyStopped("work arrived for the session") from None
@@ -169,7 +199,12 @@ def save_namespace(ns: dict, hidden: dict | None, path: str,
             for entry in culprits:
                 values.pop(entry["name"], None)
     os.replace(tmp, path)
-    return {"path": path, "saved": sorted([*modules, *values]), "lost": lost, "bytes": os.path.getsize(path)}
+    return {
+        "path": path,
+        "saved": sorted([*modules, *values]),
+        "lost": lost,
+        "bytes": os.path.getsize(path),
+    }
 
 
 def _read(path: str) -> tuple[dict, dict]:
@@ -178,9 +213,9 @@ def _read(path: str) -> tuple[dict, dict]:
         if f.read(2) == b"PK":
             import torch
 
-            # the user's own objects (not weights only); mapped, not copied: CPU tensors and arrays use the
-            # file's pages in host memory as they are (copy-on-write, kept after the file is unlinked below),
-            # CUDA ones are copied to the new session's GPU from them
+            # the user's own objects (not weights only); mapped, not copied: CPU tensors and arrays
+            # use the file's pages in host memory as they are (copy-on-write, kept after the file is
+            # unlinked below), CUDA ones are copied to the new session's GPU from them
             saved = torch.load(path, weights_only=False, mmap=True)
             return saved["modules"], saved["values"]
         f.seek(0)
@@ -188,7 +223,8 @@ def _read(path: str) -> tuple[dict, dict]:
 
 
 def load_namespace(ns: dict, path: str) -> dict:
-    """Put the variables saved at ``path`` back into ``ns`` and delete the file; returns what came back."""
+    """Put the variables saved at ``path`` back into ``ns`` and delete the file; returns what came
+    back."""
     restored, failed = [], []
     try:
         try:

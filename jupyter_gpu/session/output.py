@@ -1,4 +1,5 @@
-"""Everything a cell shows, captured inside the session process and relayed to the kernel as messages.
+"""Everything a cell shows, captured inside the session process and relayed to the kernel as
+messages.
 
 - ``stdout``/``stderr`` at file-descriptor level: fds 1 and 2 are pipes read by threads, so C libraries,
   subprocesses and ``os.write`` are captured as well as ``print``;
@@ -27,9 +28,10 @@ Emit = Callable[[dict], None]
 class Relay:
     """Routes messages to the running cell's sink; drops them between cells.
 
-    Text output is capped per cell (``limit`` bytes, ``session.output-limit``): a loop that prints for
-    minutes must not push tens of megabytes into the notebook (the browser and the saved notebook suffer,
-    not the cell). Beyond the cap, stream text is dropped and counted; ``finish_cell`` says how much, once.
+    Text output is capped per cell (``limit`` bytes, ``session.output-limit``): a loop that
+    prints for minutes must not push tens of megabytes into the notebook (the browser and the
+    saved notebook suffer, not the cell). Beyond the cap, stream text is dropped and counted;
+    ``finish_cell`` says how much, once.
     """
 
     def __init__(self, limit: int | None = None) -> None:
@@ -71,17 +73,27 @@ class Relay:
         sink(msg)
 
     def finish_cell(self) -> None:
-        """After the cell's output is flushed: one note saying what the cap dropped (if anything)."""
+        """After the cell's output is flushed: one note saying what the cap dropped (if
+        anything)."""
         with self._lock:
             dropped, lines = self._dropped_bytes, self._dropped_lines
             self._dropped_bytes = self._dropped_lines = 0
         if dropped and self._emit is not None:
             from jupyter_gpu.common.units import format_bytes
 
-            self._emit({"op": "stream", "name": "stderr", "text": (
-                f"[jupyter-gpu] {lines} line(s) ({format_bytes(dropped)}) of output were dropped: this cell printed "
-                f"more than {format_bytes(self.limit)}. Write large output to a file, print less often, or raise "
-                "jupyter-gpu.session.output-limit.\n")})
+            self._emit(
+                {
+                    "op": "stream",
+                    "name": "stderr",
+                    "text": (
+                        f"[jupyter-gpu] {lines} line(s) ({format_bytes(dropped)}) of output were "
+                        "dropped: this cell printed "
+                        f"more than {format_bytes(self.limit)}. Write large output to a file, "
+                        "print less often, or raise "
+                        "jupyter-gpu.session.output-limit.\n"
+                    ),
+                }
+            )
 
     def flush_streams(self) -> None:
         for stream in self.streams:
@@ -146,8 +158,8 @@ class RelayStream(io.TextIOBase):
 class FdCapture:
     """Redirects file descriptors 1 and 2 into pipes read by threads that relay what C code writes.
 
-    ``sync()`` returns once everything written to the fds before the call has been relayed: it writes a
-    marker behind the data and waits for the reader to reach it (pipes keep order).
+    ``sync()`` returns once everything written to the fds before the call has been relayed: it
+    writes a marker behind the data and waits for the reader to reach it (pipes keep order).
     """
 
     _MARK = b"\x00jupyter-gpu-sync\x00"
@@ -156,7 +168,8 @@ class FdCapture:
         self.relay = relay
         self._events: dict[int, threading.Event] = {}
         self._pipes: dict[int, int] = {}
-        self._in_flight = {1: False, 2: False}  # a reader holds back bytes (a partial character or marker)
+        # a reader holds back bytes (a partial character or marker)
+        self._in_flight = {1: False, 2: False}
         self._locks = {1: threading.Lock(), 2: threading.Lock()}
         self._threads = []
         try:
@@ -169,8 +182,12 @@ class FdCapture:
             os.dup2(write_end, fd)
             os.close(write_end)
             self._events[fd] = threading.Event()
-            thread = threading.Thread(target=self._pump, args=(read_end, fd, name), daemon=True,
-                                      name=f"jupyter-gpu-fd{fd}")
+            thread = threading.Thread(
+                target=self._pump,
+                args=(read_end, fd, name),
+                daemon=True,
+                name=f"jupyter-gpu-fd{fd}",
+            )
             thread.start()
             self._threads.append(thread)
 
@@ -180,7 +197,8 @@ class FdCapture:
         pending = b""
         while True:
             select.select([read_end], [], [])
-            # read and relay under the lock: sync() then sees bytes either still in the pipe or relayed
+            # read and relay under the lock: sync() then sees bytes either still in the pipe or
+            # relayed
             with self._locks[fd]:
                 chunk = os.read(read_end, 65536)
                 if not chunk:
@@ -193,7 +211,7 @@ class FdCapture:
                         break
                     if at:
                         self._send(name, data[:at])
-                    data = data[at + len(self._MARK):]
+                    data = data[at + len(self._MARK) :]
                     self._events[fd].set()
                 # keep a possible partial marker (or partial UTF-8 sequence) for the next read
                 keep = _partial_suffix(data, self._MARK)
@@ -253,15 +271,31 @@ def _partial_suffix(data: bytes, mark: bytes) -> int:
 
 
 class RelayDisplayPublisher(DisplayPublisher):
-    """``display()`` / ``update_display`` / ``clear_output`` inside a session, sent to the kernel."""
+    """``display()`` / ``update_display`` / ``clear_output`` inside a session, sent to the
+    kernel."""
 
     relay: Relay | None = None
 
-    def publish(self, data: dict, metadata: dict | None = None, source: str | None = None, *,
-                transient: dict | None = None, update: bool = False, **kwargs: Any) -> None:
+    def publish(
+        self,
+        data: dict,
+        metadata: dict | None = None,
+        source: str | None = None,
+        *,
+        transient: dict | None = None,
+        update: bool = False,
+        **kwargs: Any,
+    ) -> None:
         self.relay.flush_streams()
-        self.relay.emit({"op": "display", "data": data, "metadata": metadata or {},
-                         "transient": transient or {}, "update": bool(update)})
+        self.relay.emit(
+            {
+                "op": "display",
+                "data": data,
+                "metadata": metadata or {},
+                "transient": transient or {},
+                "update": bool(update),
+            }
+        )
 
     def clear_output(self, wait: bool = False) -> None:
         self.relay.flush_streams()

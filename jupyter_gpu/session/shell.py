@@ -1,8 +1,9 @@
 """The IPython shell that runs a session's cells.
 
 Why IPython and not ``exec``: magics, ``display()``, rich reprs, the last expression's value and the
-inline matplotlib backend behave exactly as in a notebook kernel, because they are the same machinery.
-Its display publisher and display hook send messages (``session/output.py``) instead of printing.
+inline matplotlib backend behave exactly as in a notebook kernel, because they are the same
+machinery. Its display publisher and display hook send messages (``session/output.py``) instead of
+printing.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ def make_shell(relay: Relay) -> Any:
     from jupyter_gpu.session.output import CapturingDisplayHook, RelayDisplayPublisher
 
     class CellNameCompiler(CachingCompiler):
-        """Names each cell's code after the kernel's cell, so remote tracebacks point at the cell's lines."""
+        """Names each cell's code after the kernel's cell, so remote tracebacks point at the cell's
+        lines."""
 
         next_name = "<gpu-cell>"
 
@@ -32,10 +34,15 @@ def make_shell(relay: Relay) -> Any:
     cfg.HistoryManager.hist_file = ":memory:"
     cfg.HistoryManager.enabled = False
     RelayDisplayPublisher.relay = relay
-    shell = InteractiveShell.instance(config=cfg, display_pub_class=RelayDisplayPublisher,
-                                      displayhook_class=CapturingDisplayHook, compiler_class=CellNameCompiler)
-    # The kernel shows the error, rebuilt from what tracebacks.error_payload sends: formatting it here too
-    # (IPython's verbose traceback, with pygments) would cost up to a second on every error and interrupt.
+    shell = InteractiveShell.instance(
+        config=cfg,
+        display_pub_class=RelayDisplayPublisher,
+        displayhook_class=CapturingDisplayHook,
+        compiler_class=CellNameCompiler,
+    )
+    # The kernel shows the error, rebuilt from what tracebacks.error_payload sends: formatting it
+    # here too (IPython's verbose traceback, with pygments) would cost up to a second on every error
+    # and interrupt.
     shell.showtraceback = lambda *args, **kwargs: None
     shell.showsyntaxerror = lambda *args, **kwargs: None
     shell._showtraceback = lambda *args, **kwargs: None

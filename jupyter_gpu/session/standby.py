@@ -1,17 +1,18 @@
 """A standby copy of an idle session's variables in host memory, written while nobody waits for it.
 
-Why: suspending an idle session (for a waiting cell, a reclaim or the admin's idle timeout) means writing
-its variables to host memory before its GPU memory can be given away, and the cell that displaced it waits
-for that write. The pool simulator (``bench/pool_sim.py``) shows that write is what makes a busy pool's
-cells wait most. A session that has been idle for ``session.standby-after`` seconds writes the copy ahead
-of need instead, in its otherwise idle main thread; when the broker then suspends it, the copy is handed
-over by a rename and the GPU is free at once.
+Why: suspending an idle session (for a waiting cell, a reclaim or the admin's idle timeout) means
+writing its variables to host memory before its GPU memory can be given away, and the cell that
+displaced it waits for that write. The pool simulator (``bench/pool_sim.py``) shows that write is
+what makes a busy pool's cells wait most. A session that has been idle for ``session.standby-after``
+seconds writes the copy ahead of need instead, in its otherwise idle main thread; when the broker
+then suspends it, the copy is handed over by a rename and the GPU is free at once.
 
-A copy is only ever used for the namespace it was taken of: a cell (or a restore) makes it stale, and it is
-deleted there and then, so host memory holds at most one copy per idle session. A cell that arrives while
-the copy is being written stops it at the next write (``should_stop``): the cell waits at most for the
-record being written (one tensor's storage), never for the whole copy. A copy is skipped when the folder
-would be left with less than twice its size free, so that copies never crowd out real offloads.
+A copy is only ever used for the namespace it was taken of: a cell (or a restore) makes it stale,
+and it is deleted there and then, so host memory holds at most one copy per idle session. A cell
+that arrives while the copy is being written stops it at the next write (``should_stop``): the cell
+waits at most for the record being written (one tensor's storage), never for the whole copy. A copy
+is skipped when the folder would be left with less than twice its size free, so that copies never
+crowd out real offloads.
 """
 
 from __future__ import annotations
@@ -31,14 +32,16 @@ MIN_FREE = 1 << 30  # what a copy must leave free in host memory (bytes), beside
 
 
 class StandbyCopy:
-    """The standby copy of one session: when it is due, writing it, and handing it over on suspension."""
+    """The standby copy of one session: when it is due, writing it, and handing it over on
+    suspension."""
 
     def __init__(self, path: str | None, after: float | None):
         self.path = path
         self.after = after
-        self.generation = 0          # bumped by every cell: a copy of an older generation is stale
-        self._copied: int | None = None     # generation the file at ``path`` holds
-        self._tried: int | None = None      # generation a copy was attempted for (failed: not retried)
+        self.generation = 0  # bumped by every cell: a copy of an older generation is stale
+        self._copied: int | None = None  # generation the file at ``path`` holds
+        # generation a copy was attempted for (failed: not retried)
+        self._tried: int | None = None
         self._result: dict | None = None
         self.idle_since: float | None = None
 
@@ -47,33 +50,49 @@ class StandbyCopy:
         return self.path is not None and self.after is not None
 
     def changed(self) -> None:
-        """The namespace is about to change (a cell starts, variables are restored): drop the copy."""
+        """The namespace is about to change (a cell starts, variables are restored): drop the
+        copy."""
         self.generation += 1
         self.idle_since = None
         self.drop()
 
     def idle(self) -> None:
-        """The session finished its work and waits: the copy falls due ``after`` seconds from now."""
+        """The session finished its work and waits: the copy falls due ``after`` seconds from
+        now."""
         self.idle_since = time.monotonic()
 
     def due_in(self) -> float | None:
         """Seconds until a copy should be written (0: now), or None when there is nothing to do."""
-        if (not self.enabled or self.idle_since is None or self.generation == 0
-                or self.generation in (self._copied, self._tried)):
+        if (
+            not self.enabled
+            or self.idle_since is None
+            or self.generation == 0
+            or self.generation in (self._copied, self._tried)
+        ):
             return None
         return max(0.0, self.idle_since + self.after - time.monotonic())
 
-    def take(self, ns: dict, hidden: dict | None, expected_bytes: int | None,
-             should_stop: Callable[[], bool]) -> bool:
-        """Write the copy (``save_namespace``), unless ``should_stop`` says work arrived; True when written."""
+    def take(
+        self,
+        ns: dict,
+        hidden: dict | None,
+        expected_bytes: int | None,
+        should_stop: Callable[[], bool],
+    ) -> bool:
+        """Write the copy (``save_namespace``), unless ``should_stop`` says work arrived; True when
+        written."""
         assert self.path is not None
         generation = self.generation
         self._tried = generation
         folder = os.path.dirname(self.path)
         free = shutil.disk_usage(folder).free
         if free < 2 * (expected_bytes or 0) + MIN_FREE:
-            log.info("no standby copy: %d bytes free in %s, the session holds about %s", free, folder,
-                     expected_bytes)
+            log.info(
+                "no standby copy: %d bytes free in %s, the session holds about %s",
+                free,
+                folder,
+                expected_bytes,
+            )
             return False
         started = time.monotonic()
         try:
@@ -88,18 +107,25 @@ class StandbyCopy:
                 self._tried = None
             return False
         self._copied, self._result = generation, result
-        log.info("standby copy of %d variable(s), %d byte(s) in %.2f s", len(result["saved"]), result["bytes"],
-                 time.monotonic() - started)
+        log.info(
+            "standby copy of %d variable(s), %d byte(s) in %.2f s",
+            len(result["saved"]),
+            result["bytes"],
+            time.monotonic() - started,
+        )
         return True
 
     def hand_over(self, path: str) -> dict | None:
-        """The copy moved to ``path`` as the session's offload, when it is of the namespace as it is now."""
+        """The copy moved to ``path`` as the session's offload, when it is of the namespace as it is
+        now."""
         if self._copied is None or self._copied != self.generation or self._result is None:
             return None
         try:
             os.replace(self.path, path)
         except OSError as exc:
-            log.warning("the standby copy could not be handed over (%s): writing the variables now", exc)
+            log.warning(
+                "the standby copy could not be handed over (%s): writing the variables now", exc
+            )
             return None
         self._copied = None
         return {**self._result, "path": path, "standby": True}
@@ -108,4 +134,3 @@ class StandbyCopy:
         if self._copied is not None and self.path:
             discard(self.path)
         self._copied, self._result = None, None
-

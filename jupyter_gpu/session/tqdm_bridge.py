@@ -1,10 +1,11 @@
 """tqdm inside a ``%%gpu`` cell renders as the cell's own progress bar.
 
-Why: in a session, ``tqdm.auto`` sees a plain IPython shell, not a notebook kernel, and falls back to the
-text bar, written to stderr: the notebook shows a red, half-rewritten line instead of the widget users
-expect. So the session turns every tqdm bar into ``jupyter_gpu.report(step=n, total=total)`` calls (at
-tqdm's own refresh rate), which the kernel shows as the same progress bar as ``report`` gives, with the
-rate and time left, and which the panel and the queue's estimates use. tqdm's own output is not written.
+Why: in a session, ``tqdm.auto`` sees a plain IPython shell, not a notebook kernel, and falls back
+to the text bar, written to stderr: the notebook shows a red, half-rewritten line instead of the
+widget users expect. So the session turns every tqdm bar into ``jupyter_gpu.report(step=n,
+total=total)`` calls (at tqdm's own refresh rate), which the kernel shows as the same progress bar
+as ``report`` gives, with the rate and time left, and which the panel and the queue's estimates use.
+tqdm's own output is not written.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ _NOWHERE = _Discard()
 
 
 def install() -> bool:
-    """Patch tqdm's base class (``tqdm``, ``tqdm.auto`` and ``trange`` use it; ``tqdm.notebook`` too when it
-    is loaded already); False when tqdm is not installed."""
+    """Patch tqdm's base class (``tqdm``, ``tqdm.auto`` and ``trange`` use it; ``tqdm.notebook`` too
+    when it is loaded already); False when tqdm is not installed."""
     try:
         import tqdm.std as std
     except ImportError:
@@ -52,15 +53,18 @@ def install() -> bool:
     cls.display = display
     cls._jupyter_gpu = True
     notebook = sys.modules.get("tqdm.notebook")
-    if notebook is not None:  # it draws ipywidgets for a kernel's frontend, which a session has not: the same
-        notebook.tqdm = notebook.tqdm_notebook = cls  # bar (not imported here: it imports ipywidgets, which
-        notebook.trange = std.trange                 # would slow every session's start)
+    # it draws ipywidgets for a kernel's frontend, which a session has not: the same
+    if notebook is not None:
+        # bar (not imported here: it imports ipywidgets, which
+        notebook.tqdm = notebook.tqdm_notebook = cls
+        notebook.trange = std.trange  # would slow every session's start)
     return True
 
 
 def report_bar(bar: Any) -> None:
-    """One tqdm bar's state as a ``jupyter_gpu.report``: done (``_done``: n counts finished iterations), the
-    total, the bar's name (its description, or its position when nested) and its postfix values."""
+    """One tqdm bar's state as a ``jupyter_gpu.report``: done (``_done``: n counts finished
+    iterations), the total, the bar's name (its description, or its position when nested) and its
+    postfix values."""
     from jupyter_gpu.session import api
 
     try:

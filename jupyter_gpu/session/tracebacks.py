@@ -1,8 +1,10 @@
-"""Errors as the session sends them to the kernel: the user's exception, or a message about the pool.
+"""Errors as the session sends them to the kernel: the user's exception, or a message about the
+pool.
 
-The kernel rebuilds an exception from this payload (``kernelext/rendering.py``): its type where it can be
-imported there, its traceback via tblib starting at the cell's own frames (the session's machinery is
-dropped), and the text as a fallback. A CUDA out-of-memory error gets the lease and the fix added to it.
+The kernel rebuilds an exception from this payload (``kernelext/rendering.py``): its type where it
+can be imported there, its traceback via tblib starting at the cell's own frames (the session's
+machinery is dropped), and the text as a fallback. A CUDA out-of-memory error gets the lease and the
+fix added to it.
 """
 
 from __future__ import annotations
@@ -12,12 +14,18 @@ import traceback
 
 def pool_error(message: str) -> dict:
     """An error about the pool, not the user's code, in the shape the kernel rebuilds."""
-    return {"type": "jupyter_gpu.errors.GpuPoolError", "pickled": None, "traceback": None,
-            "message": message, "text": ""}
+    return {
+        "type": "jupyter_gpu.errors.GpuPoolError",
+        "pickled": None,
+        "traceback": None,
+        "message": message,
+        "text": "",
+    }
 
 
 def error_payload(exc: BaseException, cell_name: str | None, lease: dict | None = None) -> dict:
-    """An exception as the kernel rebuilds it: pickled if possible, its traceback via tblib, and text."""
+    """An exception as the kernel rebuilds it: pickled if possible, its traceback via tblib, and
+    text."""
     import pickle
 
     import cloudpickle
@@ -43,8 +51,14 @@ def error_payload(exc: BaseException, cell_name: str | None, lease: dict | None 
         text = "".join(traceback.format_exception(type(exc), exc, tb))
     except Exception:
         text = repr(exc)
-    return {"type": f"{type(exc).__module__}.{type(exc).__qualname__}", "message": str(exc),
-            "pickled": pickled, "traceback": tb_dict, "text": text, "cell": cell_name}
+    return {
+        "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+        "message": str(exc),
+        "pickled": pickled,
+        "traceback": tb_dict,
+        "text": text,
+        "cell": cell_name,
+    }
 
 
 def explain_oom(exc: BaseException, lease: dict | None) -> None:
@@ -53,9 +67,12 @@ def explain_oom(exc: BaseException, lease: dict | None) -> None:
         return
     from jupyter_gpu.common.units import format_bytes
 
-    note = (f"[jupyter-gpu] This session holds lease {lease['id']}: {format_bytes(lease.get('bytes'))} "
-            f"({lease.get('fraction')} of a GPU), which caps its GPU memory. Ask for more with "
-            f"`%%gpu --gpus 0.5` or `--memory 20GiB`, or free memory (del tensors, torch.cuda.empty_cache()).")
+    note = (
+        f"[jupyter-gpu] This session holds lease {lease['id']}: {format_bytes(lease.get('bytes'))} "
+        f"({lease.get('fraction')} of a GPU), which caps its GPU memory. Ask for more with "
+        "`%%gpu --gpus 0.5` or `--memory 20GiB`, or free memory (del tensors, "
+        "torch.cuda.empty_cache())."
+    )
     try:
         exc.add_note(note)
         if exc.args and isinstance(exc.args[0], str):

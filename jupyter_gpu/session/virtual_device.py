@@ -1,10 +1,12 @@
-"""On a virtual GPU, what a cell puts on ``jupyter_gpu.device()`` is marked, so it stays in the session.
+"""On a virtual GPU, what a cell puts on ``jupyter_gpu.device()`` is marked, so it stays in the
+session.
 
-Why: on a real GPU, tensors and modules on ``device()`` are CUDA objects, which stay in the session (the
-kernel gets a placeholder; ``--out`` and ``%gpu pull`` bring a CPU copy). On a virtual GPU ``device()`` is
-the CPU, so the same tensors are plain CPU tensors and would come back to the kernel: a notebook would then
-pass in CI and break on a GPU (``plt.plot(x, y_pred.detach())`` gets a placeholder only there). So here the
-session marks them, as the GPU would by their device:
+Why: on a real GPU, tensors and modules on ``device()`` are CUDA objects, which stay in the
+session (the kernel gets a placeholder; ``--out`` and ``%gpu pull`` bring a CPU copy). On a
+virtual GPU ``device()`` is the CPU, so the same tensors are plain CPU tensors and would come
+back to the kernel: a notebook would then pass in CI and break on a GPU (``plt.plot(x,
+y_pred.detach())`` gets a placeholder only there). So here the session marks them, as the GPU
+would by their device:
 
 - a tensor moved to, or made on, the very ``torch.device`` object that ``device()`` returned is marked
   (``x.to(dev)``, ``torch.zeros(3, device=dev)``), and so is a module moved there (``model.to(dev)``) with
@@ -13,8 +15,9 @@ session marks them, as the GPU would by their device:
 - a move off the device (``.cpu()``, ``.to("cpu")``) gives an unmarked tensor, as ``.cpu()`` of a CUDA
   tensor gives a CPU one.
 
-The marks propagate through a ``TorchFunctionMode`` entered while a cell runs (only on virtual GPUs; a few
-microseconds per torch call). The data contract reads them (``common/datacontract.py``).
+The marks propagate through a ``TorchFunctionMode`` entered while a cell runs (only on virtual
+GPUs; a few microseconds per torch call). The data contract reads them
+(``common/datacontract.py``).
 """
 
 from __future__ import annotations
@@ -31,12 +34,14 @@ _MISSING = object()
 
 
 class VirtualDevice:
-    """The session's ``device()`` on a virtual GPU, and the marks that make it behave like a GPU's."""
+    """The session's ``device()`` on a virtual GPU, and the marks that make it behave like a
+    GPU's."""
 
     def __init__(self) -> None:
         import torch
 
-        self.device = torch.device("cpu")   # the one object device() hands out: marks go by identity
+        # the one object device() hands out: marks go by identity
+        self.device = torch.device("cpu")
         self.mode: Any = None
         self._mode_class = _marking_mode_class(self)
         _patch_module_moves(self)
@@ -48,7 +53,8 @@ class VirtualDevice:
             self.mode.__enter__()
 
     def end_cell(self) -> None:
-        """Stop marking (the cell ended: collecting its outputs must not mark or unmark anything)."""
+        """Stop marking (the cell ended: collecting its outputs must not mark or unmark
+        anything)."""
         mode, self.mode = self.mode, None
         if mode is not None:
             try:
@@ -57,7 +63,8 @@ class VirtualDevice:
                 log.warning("could not leave the device-marking mode: %s", exc)
 
     def target(self, func: Any, args: tuple, kwargs: dict) -> bool | None:
-        """Where a torch call puts its result: True (this device), False (elsewhere), None (not a move)."""
+        """Where a torch call puts its result: True (this device), False (elsewhere), None (not a
+        move)."""
         import torch
 
         name = getattr(func, "__name__", "")
@@ -79,9 +86,12 @@ def _marking_mode_class(vdev: VirtualDevice) -> type:
     from torch.overrides import TorchFunctionMode
 
     class DeviceMarks(TorchFunctionMode):
-        """Marks the results of torch calls that put a tensor on the device, or compute from one there."""
+        """Marks the results of torch calls that put a tensor on the device, or compute from one
+        there."""
 
-        def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        def __torch_function__(
+            self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
+        ) -> Any:
             kwargs = kwargs or {}
             out = func(*args, **kwargs)
             target = vdev.target(func, args, kwargs)
@@ -97,8 +107,9 @@ def _marking_mode_class(vdev: VirtualDevice) -> type:
 
 
 def _own(out: Any, args: tuple) -> Any:
-    """A tensor "moved" to the device that is the very tensor it came from (CPU to CPU: torch returns it as
-    it is) would mark the original too; a GPU move makes a new tensor, and so does this (a view)."""
+    """A tensor "moved" to the device that is the very tensor it came from (CPU to CPU: torch
+    returns it as it is) would mark the original too; a GPU move makes a new tensor, and so does
+    this (a view)."""
     import torch
 
     if isinstance(out, torch.Tensor) and args and out is args[0]:
@@ -144,8 +155,8 @@ def _mark(out: Any) -> Any:
 
 
 def _patch_module_moves(vdev: VirtualDevice) -> None:
-    """``Module.to(dev)`` marks the module and its parameters and buffers (it moves them in place, which
-    the marking mode cannot see); ``Module.to("cpu")`` and ``Module.cpu()`` unmark them."""
+    """``Module.to(dev)`` marks the module and its parameters and buffers (it moves them in place,
+    which the marking mode cannot see); ``Module.to("cpu")`` and ``Module.cpu()`` unmark them."""
     import torch
 
     module = torch.nn.Module

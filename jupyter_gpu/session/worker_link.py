@@ -1,14 +1,16 @@
-"""The session's one way to the control plane: a private socket its worker handed it when it started it.
+"""The session's one way to the control plane: a private socket its worker handed it when it started
+it.
 
-Why not a connection to the scheduler: a session runs its user's code, so nothing it holds may let that code
-act as a part of the pool (the pool's TLS key, its address with a credential, another lease's name). The
-worker starts each session with one end of a socket pair (``--control-fd``); what arrives on it can only
-come from that session, so the worker knows which lease it is about without trusting what it says, checks
-every field, and forwards it to the broker with its own credential. The session only ever reports on
-itself: cell started or ended (with its measured memory), and the metrics of a ``--workers`` rank.
+Why not a connection to the scheduler: a session runs its user's code, so nothing it holds may let
+that code act as a part of the pool (the pool's TLS key, its address with a credential, another
+lease's name). The worker starts each session with one end of a socket pair (``--control-fd``); what
+arrives on it can only come from that session, so the worker knows which lease it is about without
+trusting what it says, checks every field, and forwards it to the broker with its own credential.
+The session only ever reports on itself: cell started or ended (with its measured memory), and the
+metrics of a ``--workers`` rank.
 
-Messages are JSON lines; writes are fire-and-forget on the session's I/O loop, so reporting never sits on
-a cell's path.
+Messages are JSON lines; writes are fire-and-forget on the session's I/O loop, so reporting never
+sits on a cell's path.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ class WorkerLink:
         self.loop = loop
         self._fd = fd
         self._writer: asyncio.StreamWriter | None = None
-        self._held: tuple[str, dict] | None = None  # a coalesced report waiting to go (tell_coalesced)
+        # a coalesced report waiting to go (tell_coalesced)
+        self._held: tuple[str, dict] | None = None
 
     async def open(self) -> None:
         """Wrap the inherited socket (on the I/O loop, once, before anything is reported)."""
@@ -63,15 +66,20 @@ class WorkerLink:
             return None
         return line
 
-    def tell_coalesced(self, delay: float, op: str, merge: Callable[[dict, dict], dict], **fields: Any) -> None:
-        """Send a report within ``delay`` s, merged (``merge(held, new)``) with any report held back the same
-        way meanwhile: a loop of quick cells tells its worker, and through it the broker, a few times a
-        second instead of after every cell. Any other report sends the held one first, so the order of
-        states holds (a cell's "running" never overtakes the "idle" of the cell before it)."""
+    def tell_coalesced(
+        self, delay: float, op: str, merge: Callable[[dict, dict], dict], **fields: Any
+    ) -> None:
+        """Send a report within ``delay`` s, merged (``merge(held, new)``) with any report held back
+        the same way meanwhile: a loop of quick cells tells its worker, and through it the broker, a
+        few times a second instead of after every cell. Any other report sends the held one first,
+        so the order of states holds (a cell's "running" never overtakes the "idle" of the cell
+        before it)."""
         if self._writer is not None:
             self.loop.call_soon_threadsafe(self._hold, delay, op, fields, merge)
 
-    def _hold(self, delay: float, op: str, fields: dict, merge: Callable[[dict, dict], dict]) -> None:
+    def _hold(
+        self, delay: float, op: str, fields: dict, merge: Callable[[dict, dict], dict]
+    ) -> None:
         if self._held is not None:
             self._held = (op, merge(self._held[1], fields))
             return
@@ -87,8 +95,9 @@ class WorkerLink:
             self._send(line)
 
     def tell_later(self, delay: float, op: str, **fields: Any) -> Any:
-        """Send a report in ``delay`` s unless :meth:`cancel` comes first (from any thread): a cell that is over
-        by then is reported once, when it ends, and a warm no-op cell costs the pool nothing more."""
+        """Send a report in ``delay`` s unless :meth:`cancel` comes first (from any thread): a cell
+        that is over by then is reported once, when it ends, and a warm no-op cell costs the pool
+        nothing more."""
         if self._writer is None:
             return None
         pending = {"cancelled": False, "sent": False, "lock": threading.Lock()}
@@ -105,7 +114,8 @@ class WorkerLink:
 
     @staticmethod
     def cancel(pending: Any) -> bool:
-        """Cancel a :meth:`tell_later`; whether it was still pending (False: it was sent, or never planned)."""
+        """Cancel a :meth:`tell_later`; whether it was still pending (False: it was sent, or never
+        planned)."""
         if not pending:
             return False
         with pending["lock"]:

@@ -1,11 +1,13 @@
-"""The worker's zygote: one process that has imported what sessions need, and forks them in milliseconds.
+"""The worker's zygote: one process that has imported what sessions need, and forks them in
+milliseconds.
 
-Why: a session started from scratch spends seconds importing torch, and eight of them at once on a small
-machine take minutes. The zygote imports Python, NumPy, torch (CUDA is never touched here: a forked CUDA
-context is unusable), matplotlib, IPython and the session's own server once; every session is then a
-``fork`` of it, sharing those pages copy-on-write (an idle session costs what it changed, not a torch).
-The child drops to its user's account, pins its GPU and caps its memory at ``assign``, before any CUDA
-call, exactly like a session started on its own (``main.py``).
+Why: a session started from scratch spends seconds importing torch, and eight of them at once on
+a small machine take minutes. The zygote imports Python, NumPy, torch (CUDA is never touched
+here: a forked CUDA context is unusable), matplotlib, IPython and the session's own server once;
+every session is then a ``fork`` of it, sharing those pages copy-on-write (an idle session costs
+what it changed, not a torch). The child drops to its user's account, pins its GPU and caps its
+memory at ``assign``, before any CUDA call, exactly like a session started on its own
+(``main.py``).
 
 Protocol, on the ``SOCK_SEQPACKET`` socket the worker gave us (one message per packet, JSON):
 
@@ -16,8 +18,9 @@ Protocol, on the ``SOCK_SEQPACKET`` socket the worker gave us (one message per p
   ``{"op": "failed", "id", "error"}`` and ``{"op": "exited", "pid", "code"}`` (a negative code: the signal)
   when it reaps a child, so the worker learns how each session ended.
 
-The zygote runs no user code and holds no lease or pool secret; it is single-threaded whenever it forks (the
-import thread has ended), and it dies with its worker (parent-death signal and a check of its parent).
+The zygote runs no user code and holds no lease or pool secret; it is single-threaded whenever it
+forks (the import thread has ended), and it dies with its worker (parent-death signal and a check
+of its parent).
 """
 
 from __future__ import annotations
@@ -40,17 +43,39 @@ log = logging.getLogger("jupyter_gpu.session.zygote")
 
 MAX_MESSAGE = 1 << 20  # a fork request carries an environment: well under this
 
-# imported by every session before its first cell (lazily, inside functions): importing them once here saves
-# each forked session a third of a second
+# imported by every session before its first cell (lazily, inside functions): importing them once
+# here saves each forked session a third of a second
 SESSION_MODULES = (
-    "distributed", "distributed.core", "distributed.comm.tcp", "distributed.protocol", "distributed.security",
-    "cloudpickle", "tblib", "psutil", "jupyter_gpu.common.security", "jupyter_gpu.common.datacontract",
-    "jupyter_gpu.common.local_transfer", "jupyter_gpu.session.server", "jupyter_gpu.session.shell",
-    "jupyter_gpu.session.executor", "jupyter_gpu.session.tracebacks", "jupyter_gpu.session.offload",
-    "jupyter_gpu.session.standby", "jupyter_gpu.session.memory_meter", "jupyter_gpu.session.account",
-    "jupyter_gpu.session.isolation", "jupyter_gpu.session.distributed_rank", "jupyter_gpu.session.api",
-    "jupyter_gpu.session.virtual_device", "jupyter_gpu.session.tqdm_bridge", "jupyter_gpu.session.progress",
-    "IPython.core.interactiveshell", "matplotlib_inline.backend_inline", "tqdm.std", "tqdm.notebook", "pynvml",
+    "distributed",
+    "distributed.core",
+    "distributed.comm.tcp",
+    "distributed.protocol",
+    "distributed.security",
+    "cloudpickle",
+    "tblib",
+    "psutil",
+    "jupyter_gpu.common.security",
+    "jupyter_gpu.common.datacontract",
+    "jupyter_gpu.common.local_transfer",
+    "jupyter_gpu.session.server",
+    "jupyter_gpu.session.shell",
+    "jupyter_gpu.session.executor",
+    "jupyter_gpu.session.tracebacks",
+    "jupyter_gpu.session.offload",
+    "jupyter_gpu.session.standby",
+    "jupyter_gpu.session.memory_meter",
+    "jupyter_gpu.session.account",
+    "jupyter_gpu.session.isolation",
+    "jupyter_gpu.session.distributed_rank",
+    "jupyter_gpu.session.api",
+    "jupyter_gpu.session.virtual_device",
+    "jupyter_gpu.session.tqdm_bridge",
+    "jupyter_gpu.session.progress",
+    "IPython.core.interactiveshell",
+    "matplotlib_inline.backend_inline",
+    "tqdm.std",
+    "tqdm.notebook",
+    "pynvml",
 )
 
 
@@ -74,9 +99,9 @@ def _reap(sock: socket.socket) -> None:
 
 
 def _reseed() -> None:
-    """A fork copies the parent's random generators: every session would draw the same "random" numbers.
-    Python's ``random`` reseeds itself after a fork; NumPy's and torch's global generators are reseeded here
-    from the operating system, as a freshly started process would be."""
+    """A fork copies the parent's random generators: every session would draw the same "random"
+    numbers. Python's ``random`` reseeds itself after a fork; NumPy's and torch's global generators
+    are reseeded here from the operating system, as a freshly started process would be."""
     np = sys.modules.get("numpy")
     if np is not None:
         np.random.seed()
@@ -86,9 +111,9 @@ def _reseed() -> None:
 
 
 def _apply_environment(env: dict[str, str]) -> None:
-    """Take the session's environment, and the Dask settings in it that differ from the zygote's (the
-    worker's TLS and the pool's settings for sessions come this way). Re-reading every config file would
-    cost each session 0.2 s; only what changed is applied."""
+    """Take the session's environment, and the Dask settings in it that differ from the zygote's
+    (the worker's TLS and the pool's settings for sessions come this way). Re-reading every config
+    file would cost each session 0.2 s; only what changed is applied."""
     import dask.config
 
     changed = {k: v for k, v in env.items() if k.startswith("DASK_") and os.environ.get(k) != v}
@@ -113,8 +138,13 @@ def _child(sock: socket.socket, msg: dict, control_fd: int, ready_fd: int) -> No
         from jupyter_gpu.session.main import die_with_parent, serve
 
         die_with_parent()
-        serve(str(msg.get("host") or "127.0.0.1"), msg.get("worker"), control_fd, os.fdopen(ready_fd, "w"),
-              spawn_key)
+        serve(
+            str(msg.get("host") or "127.0.0.1"),
+            msg.get("worker"),
+            control_fd,
+            os.fdopen(ready_fd, "w"),
+            spawn_key,
+        )
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
@@ -128,7 +158,10 @@ def _fork(sock: socket.socket, msg: dict, fds: list[int]) -> None:
     if msg.get("op") != "fork" or len(fds) != 2:
         for fd in fds:
             os.close(fd)
-        _send(sock, {"op": "failed", "id": msg.get("id"), "error": "a fork request needs two descriptors"})
+        _send(
+            sock,
+            {"op": "failed", "id": msg.get("id"), "error": "a fork request needs two descriptors"},
+        )
         return
     control_fd, ready_fd = fds
     try:
@@ -174,24 +207,30 @@ def serve_forks(sock: socket.socket, parent: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--socket-fd", type=int, required=True, help="the worker's SOCK_SEQPACKET socket")
+    parser.add_argument(
+        "--socket-fd", type=int, required=True, help="the worker's SOCK_SEQPACKET socket"
+    )
     parser.add_argument("--preload", default="")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("JUPYTER_GPU_SESSION_LOG", "WARNING"), stream=sys.stderr,
-                        format="%(asctime)s zygote[%(process)d] %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("JUPYTER_GPU_SESSION_LOG", "WARNING"),
+        stream=sys.stderr,
+        format="%(asctime)s zygote[%(process)d] %(levelname)s %(message)s",
+    )
     from jupyter_gpu.session.main import preload
 
     parent = os.getppid()
     try:
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL: die with the worker
+        # PR_SET_PDEATHSIG, SIGKILL: die with the worker
+        ctypes.CDLL(None, use_errno=True).prctl(1, 9)
     except (OSError, AttributeError):
         pass
     sock = socket.socket(fileno=args.socket_fd)
     sock.setblocking(True)
-    # imports on a thread of low priority (the machine's running sessions come first), then joined: the
-    # zygote must be single-threaded when it forks
+    # imports on a thread of low priority (the machine's running sessions come first), then joined:
+    # the zygote must be single-threaded when it forks
     modules = [m for m in args.preload.split(",") if m]
     loader = threading.Thread(target=preload, args=(modules,), name="jupyter-gpu-preload")
     loader.start()

@@ -1,10 +1,10 @@
 """Whose account a session runs as, and the host-memory folder that belongs to it.
 
-When the pool checks tokens and the worker runs as root, each session runs as the OS account named like its
-pool user (``session/account.py`` does the switch). The worker looks the account up here, refuses a user
-without one (saying how to fix it) and refuses ``root`` (a pool user must not become the machine's
-administrator), and makes the session's own folder in host memory, owned by that account and 0700, where its
-offloads and standby copies go.
+When the pool checks tokens and the worker runs as root, each session runs as the OS account named
+like its pool user (``session/account.py`` does the switch). The worker looks the account up here,
+refuses a user without one (saying how to fix it) and refuses ``root`` (a pool user must not become
+the machine's administrator), and makes the session's own folder in host memory, owned by that
+account and 0700, where its offloads and standby copies go.
 """
 
 from __future__ import annotations
@@ -30,15 +30,27 @@ def account_of(user: str) -> Account:
     try:
         entry = pwd.getpwnam(user)
     except KeyError:
-        raise NoAccount(f"the pool user {user!r} has no account on {host}, where the GPU is: sessions run as their "
-                        f"user. Ask the pool's admin to create it (e.g. `useradd {user}`) on every GPU machine, or "
-                        "use the name of your account as your pool user.") from None
+        raise NoAccount(
+            f"the pool user {user!r} has no account on {host}, where the GPU is: sessions run as "
+            "their "
+            f"user. Ask the pool's admin to create it (e.g. `useradd {user}`) on every GPU "
+            "machine, or "
+            "use the name of your account as your pool user."
+        ) from None
     if entry.pw_uid == 0:
-        raise NoAccount(f"the pool user {user!r} maps to the administrator account on {host}: sessions do not run "
-                        "as root. Use a personal account.")
+        raise NoAccount(
+            f"the pool user {user!r} maps to the administrator account on {host}: sessions do not "
+            "run "
+            "as root. Use a personal account."
+        )
     groups = sorted(set(os.getgrouplist(entry.pw_name, entry.pw_gid)))
-    return {"user": entry.pw_name, "uid": entry.pw_uid, "gid": entry.pw_gid, "groups": groups,
-            "home": entry.pw_dir}
+    return {
+        "user": entry.pw_name,
+        "uid": entry.pw_uid,
+        "gid": entry.pw_gid,
+        "groups": groups,
+        "home": entry.pw_dir,
+    }
 
 
 def session_folder(base: str, lease: str, account: Account) -> str:

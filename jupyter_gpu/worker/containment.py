@@ -1,18 +1,19 @@
 """Every process of a session in one control group: ended as a whole, and capped in host memory.
 
-Why: a cell can start processes of its own (``subprocess.Popen(..., start_new_session=True)``, a data loader's
-workers, a server), and killing the session's process must end them all; and a cell that allocates more host
-memory than the machine has must be stopped alone, not leave the host's OOM killer to pick among everyone's
-processes. A cgroup does both: ``cgroup.kill`` (or killing every pid it lists) ends all its processes, and its
-memory limit makes the kernel kill inside the group only.
+Why: a cell can start processes of its own (``subprocess.Popen(..., start_new_session=True)``, a
+data loader's workers, a server), and killing the session's process must end them all; and a cell
+that allocates more host memory than the machine has must be stopped alone, not leave the host's OOM
+killer to pick among everyone's processes. A cgroup does both: ``cgroup.kill`` (or killing every pid
+it lists) ends all its processes, and its memory limit makes the kernel kill inside the group only.
 
-The worker creates one group per session under a folder of its own (``jupyter-gpu-<worker pid>``) and moves
-the session's process into it when the session gets its lease; what the session starts inherits the group.
-Machines differ: a pure cgroup v2 hierarchy gives both (``memory.max``, ``cgroup.kill``); a hybrid one (v1
-memory controller next to an empty v2 hierarchy) gives the v1 memory limit plus v2 grouping. Creating groups
-needs root (or a delegated subtree). Without either, sessions run in a process group of their own (killed as
-a whole, but a process that leaves the group escapes) and host memory is capped with ``RLIMIT_DATA`` on
-virtual GPUs only (CUDA maps more than it uses); ``kind`` says which, and the lease shows it.
+The worker creates one group per session under a folder of its own (``jupyter-gpu-<worker pid>``)
+and moves the session's process into it when the session gets its lease; what the session starts
+inherits the group. Machines differ: a pure cgroup v2 hierarchy gives both (``memory.max``,
+``cgroup.kill``); a hybrid one (v1 memory controller next to an empty v2 hierarchy) gives the v1
+memory limit plus v2 grouping. Creating groups needs root (or a delegated subtree). Without either,
+sessions run in a process group of their own (killed as a whole, but a process that leaves the group
+escapes) and host memory is capped with ``RLIMIT_DATA`` on virtual GPUs only (CUDA maps more than it
+uses); ``kind`` says which, and the lease shows it.
 """
 
 from __future__ import annotations
@@ -29,13 +30,16 @@ log = logging.getLogger(__name__)
 
 
 def _mounts() -> tuple[str | None, str | None]:
-    """(the cgroup v2 mount, the cgroup v1 memory controller's mount) of this machine, from mountinfo."""
+    """(the cgroup v2 mount, the cgroup v1 memory controller's mount) of this machine, from
+    mountinfo."""
     v2 = v1_memory = None
     try:
         with open("/proc/self/mountinfo") as f:
             for line in f:
                 left, _, right = line.rstrip("\n").partition(" - ")
-                fstype, _, options = right.split(" ", 2) if right.count(" ") >= 2 else (right, "", "")
+                fstype, _, options = (
+                    right.split(" ", 2) if right.count(" ") >= 2 else (right, "", "")
+                )
                 mount = left.split()[4]
                 if fstype == "cgroup2" and v2 is None:
                     v2 = mount
@@ -65,8 +69,8 @@ class SessionGroup:
 
     name: str
     paths: list[str] = field(default_factory=list)
-    kill_file: str | None = None           # cgroup.kill (v2), when the kernel has it
-    memory_events: str | None = None       # where OOM kills are counted
+    kill_file: str | None = None  # cgroup.kill (v2), when the kernel has it
+    memory_events: str | None = None  # where OOM kills are counted
     memory_limit: int | None = None
 
     def add(self, pid: int) -> None:
@@ -96,8 +100,9 @@ class SessionGroup:
         deadline = time.monotonic() + wait
         while True:
             left = self.pids()
-            for pid in left:  # also the fallback when there is no cgroup.kill (a fork racing the kill is caught
-                try:          # by the next round)
+            # also the fallback when there is no cgroup.kill (a fork racing the kill is caught
+            for pid in left:
+                try:  # by the next round)
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
@@ -170,7 +175,8 @@ class Containment:
             return None
 
     def _enable_v2_memory(self, mount: str) -> bool:
-        """Turn the memory controller on for our groups (pure v2, at the root of the hierarchy, as root)."""
+        """Turn the memory controller on for our groups (pure v2, at the root of the hierarchy, as
+        root)."""
         try:
             with open(os.path.join(mount, "cgroup.controllers")) as f:
                 if "memory" not in f.read().split():
@@ -206,15 +212,19 @@ class Containment:
                         f.write(str(memory_limit))
                     grp.memory_events = os.path.join(path, "memory.oom_control")
         except OSError as exc:
-            log.warning("could not make a cgroup for session %s (%s): its processes are not contained", name, exc)
+            log.warning(
+                "could not make a cgroup for session %s (%s): its processes are not contained",
+                name,
+                exc,
+            )
             grp.remove()
             return None
         return grp if grp.paths else None
 
     @staticmethod
     def sweep_stale() -> int:
-        """Kill and remove the groups of workers that died without cleaning up (their pid is gone); returns how
-        many folders were removed. Run at worker start."""
+        """Kill and remove the groups of workers that died without cleaning up (their pid is gone);
+        returns how many folders were removed. Run at worker start."""
         removed = 0
         for mount in _mounts():
             if mount is None or not os.path.isdir(mount):
@@ -234,10 +244,10 @@ class Containment:
 
 
 def _sweep_group_folder(path: str) -> int:
-    """End the groups in a worker's folder and remove it (a dead worker's at start, our own at close); 1 if
-    this call removed it. The workers of a machine start together and sweep together: a folder or group
-    another one removed first is not an error (it used to fail the worker's start with FileNotFoundError,
-    and the pool had no GPUs)."""
+    """End the groups in a worker's folder and remove it (a dead worker's at start, our own at
+    close); 1 if this call removed it. The workers of a machine start together and sweep together: a
+    folder or group another one removed first is not an error (it used to fail the worker's start
+    with FileNotFoundError, and the pool had no GPUs)."""
     try:
         subs = [sub for sub in os.scandir(path) if sub.is_dir()]
     except FileNotFoundError:
@@ -260,12 +270,13 @@ def _pid_of(name: str) -> int | None:
     """The worker pid in a folder name ``jupyter-gpu-<pid>`` (or ``jupyter-gpu-<pid>-<random>``)."""
     if not name.startswith("jupyter-gpu-"):
         return None
-    head = name[len("jupyter-gpu-"):].split("-", 1)[0]
+    head = name[len("jupyter-gpu-") :].split("-", 1)[0]
     return int(head) if head.isdigit() else None
 
 
 def host_memory_limit(setting: object, total: int) -> int | None:
-    """``session.host-memory-limit`` in bytes: a size (``16GiB``), a share of this machine (``50%``), or None."""
+    """``session.host-memory-limit`` in bytes: a size (``16GiB``), a share of this machine
+    (``50%``), or None."""
     from jupyter_gpu.common.units import parse_size
 
     if setting is None or setting is False:

@@ -1,12 +1,13 @@
 """The Dask worker of a GPU pool: a ``distributed.Worker`` that outlives a restart of its scheduler.
 
-Why: a plain Dask worker closes when its connection to the scheduler breaks (it cannot keep task state
-across schedulers), and its session processes, which die with it, would take every user's variables along.
-A GPU worker runs no Dask tasks: its state is its sessions and their host-memory copies, which stay valid
-when the scheduler comes back. So this worker waits for the scheduler instead, registers again at the same
-address when it answers, and tells its GPU plugin (``reconnected``), which reports its live sessions and
-copies so the restarted broker adopts them. It gives up after ``worker.reconnect-timeout`` and closes as a
-plain worker would (``jupyter-gpu worker`` then exits non-zero so a supervisor restarts it).
+Why: a plain Dask worker closes when its connection to the scheduler breaks (it cannot keep task
+state across schedulers), and its session processes, which die with it, would take every user's
+variables along. A GPU worker runs no Dask tasks: its state is its sessions and their host-memory
+copies, which stay valid when the scheduler comes back. So this worker waits for the scheduler
+instead, registers again at the same address when it answers, and tells its GPU plugin
+(``reconnected``), which reports its live sessions and copies so the restarted broker adopts them.
+It gives up after ``worker.reconnect-timeout`` and closes as a plain worker would (``jupyter-gpu
+worker`` then exits non-zero so a supervisor restarts it).
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ log = logging.getLogger(__name__)
 class GpuDaskWorker(Worker):
     """See the module docstring. Start it with ``Nanny(..., worker_class=GpuDaskWorker)``.
 
-    It also keeps Dask's generic worker API closed (``run``, ``run_coroutine``, ``plugin-add``, task data,
-    inbound streams...): a GPU worker runs no tasks, and in a pool shared by several people each of those
-    would run code as the pool's account. What stays open is ``identity`` and the GPU plugin's handlers, which
-    ask for the pool key. It shows the pool key to the scheduler when it registers (its start-up
-    information), and asks its nanny to close with the nanny's key.
+    It also keeps Dask's generic worker API closed (``run``, ``run_coroutine``, ``plugin-add``,
+    task data, inbound streams...): a GPU worker runs no tasks, and in a pool shared by several
+    people each of those would run code as the pool's account. What stays open is ``identity``
+    and the GPU plugin's handlers, which ask for the pool key. It shows the pool key to the
+    scheduler when it registers (its start-up information), and asks its nanny to close with the
+    nanny's key.
     """
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -51,18 +53,31 @@ class GpuDaskWorker(Worker):
             info[STARTUP_KEY] = key
         return info
 
-    async def close(self, timeout: float = 30, executor_wait: bool = True, nanny: bool = True,  # type: ignore[override]
-                    reason: str = "worker-close") -> str | None:
+    async def close(
+        self,
+        timeout: float = 30,
+        executor_wait: bool = True,
+        nanny: bool = True,  # type: ignore[override]
+        reason: str = "worker-close",
+    ) -> str | None:
         """As Dask's, but a ``GpuNanny`` is asked with its key (it answers nobody else)."""
         if self._nanny_key is None:  # a plain Dask nanny (the embedded pool's): Dask's own way
-            return await super().close(timeout=timeout, executor_wait=executor_wait, nanny=nanny, reason=reason)
-        if nanny and self.nanny and self.status not in (Status.closed, Status.closing, Status.failed, Status.init):
+            return await super().close(
+                timeout=timeout, executor_wait=executor_wait, nanny=nanny, reason=reason
+            )
+        if (
+            nanny
+            and self.nanny
+            and self.status not in (Status.closed, Status.closing, Status.failed, Status.init)
+        ):
             try:
                 async with self.rpc(self.nanny) as r:
                     await r.close_gracefully(reason=reason, key=self._nanny_key)
             except Exception as exc:  # noqa: BLE001 - the nanny is gone already: close anyway
                 log.debug("could not ask the nanny to close: %s", exc)
-        return await super().close(timeout=timeout, executor_wait=executor_wait, nanny=False, reason=reason)
+        return await super().close(
+            timeout=timeout, executor_wait=executor_wait, nanny=False, reason=reason
+        )
 
     async def handle_scheduler(self, comm) -> None:  # noqa: ANN001 - Dask's own signature
         try:
@@ -70,21 +85,25 @@ class GpuDaskWorker(Worker):
         finally:
             try:
                 again = await self._reconnect()
-            except Exception:  # noqa: BLE001 - a bug here must not leave a worker without a scheduler
+            except Exception:
                 log.exception("reconnecting to the scheduler failed")
                 again = False
             if not again:
                 await self.close(reason="worker-handle-scheduler-connection-broken")
 
     async def heartbeat(self) -> None:
-        """As Dask's, except that a scheduler that does not know this worker (it restarted) is joined
-        again instead of being left."""
+        """As Dask's, except that a scheduler that does not know this worker (it restarted) is
+        joined again instead of being left."""
         if self.status not in (Status.running, Status.paused):
             return
         try:
-            response = await self.scheduler.heartbeat_worker(address=self.contact_address, now=time.time(),
-                                                             metrics=await self.get_metrics(), executing={},
-                                                             extensions={})
+            response = await self.scheduler.heartbeat_worker(
+                address=self.contact_address,
+                now=time.time(),
+                metrics=await self.get_metrics(),
+                executing={},
+                extensions={},
+            )
         except OSError:
             log.info("heartbeat: the scheduler at %s does not answer", self.scheduler.address)
             return
@@ -96,20 +115,29 @@ class GpuDaskWorker(Worker):
         self.periodic_callbacks["heartbeat"].callback_time = response["heartbeat-interval"] * 1000
 
     async def _reconnect(self) -> bool:
-        """Wait for the scheduler (up to ``worker.reconnect-timeout``) and register again; True on success."""
+        """Wait for the scheduler (up to ``worker.reconnect-timeout``) and register again; True on
+        success."""
         if self.status not in (Status.running, Status.paused) or self.data or self.state.tasks:
             return False
         timeout = config.get_seconds("worker.reconnect-timeout")
         if timeout <= 0:
             return False
-        log.warning("lost the scheduler at %s; keeping this worker's sessions and reconnecting for up to %.0f s",
-                    self.scheduler.address, timeout)
+        log.warning(
+            "lost the scheduler at %s; keeping this worker's sessions and reconnecting for up to "
+            "%.0f s",
+            self.scheduler.address,
+            timeout,
+        )
         self.batched_stream = BatchedSend(interval="2ms", loop=self.loop)
         try:
             await asyncio.wait_for(self._register_with_scheduler(), timeout)
         except Exception as exc:  # noqa: BLE001 - gone for good, or refused: close as a plain worker would
-            log.error("could not reconnect to the scheduler at %s within %.0f s (%s): closing",
-                      self.scheduler.address, timeout, exc)
+            log.error(
+                "could not reconnect to the scheduler at %s within %.0f s (%s): closing",
+                self.scheduler.address,
+                timeout,
+                exc,
+            )
             return False
         for plugin in list(self.plugins.values()):
             reconnected = getattr(plugin, "reconnected", None)
@@ -124,6 +152,11 @@ def _refused(op: str) -> Any:
         from distributed.core import error_message
 
         log.warning("refused %r on a GPU worker (it runs no Dask tasks)", op)
-        return error_message(PermissionError(f"{op!r} is not available on a jupyter-gpu worker: it runs no Dask "
-                                             "tasks (see docs/security.md)"))
+        return error_message(
+            PermissionError(
+                f"{op!r} is not available on a jupyter-gpu worker: it runs no Dask "
+                "tasks (see docs/security.md)"
+            )
+        )
+
     return refused

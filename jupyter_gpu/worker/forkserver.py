@@ -1,11 +1,12 @@
-"""The worker's side of its zygote (``session/zygote.py``): start it, ask it for sessions, learn how they end.
+"""The worker's side of its zygote (``session/zygote.py``): start it, ask it for sessions, learn how
+they end.
 
-A forked session is not this worker's child (it is the zygote's), so it comes with a ``ForkedProcess``
-handle that behaves like the ``subprocess.Popen`` the worker keeps for a session it started itself:
-``pid``, ``poll()``, ``send_signal()``, ``kill()``. Its exit code arrives from the zygote, which reaps it;
-signals go through a pidfd taken when the zygote reported the fork, so a recycled pid is never signalled.
-If the zygote itself dies, its sessions die with it (parent-death signal) and the next start brings up a
-new zygote.
+A forked session is not this worker's child (it is the zygote's), so it comes with a
+``ForkedProcess`` handle that behaves like the ``subprocess.Popen`` the worker keeps for a session
+it started itself: ``pid``, ``poll()``, ``send_signal()``, ``kill()``. Its exit code arrives from
+the zygote, which reaps it; signals go through a pidfd taken when the zygote reported the fork, so a
+recycled pid is never signalled. If the zygote itself dies, its sessions die with it (parent-death
+signal) and the next start brings up a new zygote.
 """
 
 from __future__ import annotations
@@ -92,11 +93,24 @@ class ForkServer:
     def start(self) -> None:
         """Start the zygote (its imports take seconds; ``fork`` waits for them)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        cmd = [sys.executable, "-m", "jupyter_gpu.session.zygote", "--socket-fd", str(theirs.fileno()),
-               "--preload", ",".join(self.preload)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "jupyter_gpu.session.zygote",
+            "--socket-fd",
+            str(theirs.fileno()),
+            "--preload",
+            ",".join(self.preload),
+        ]
         try:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=self.env,
-                                         cwd=os.getcwd(), pass_fds=(theirs.fileno(),))
+            self.proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                env=self.env,
+                cwd=os.getcwd(),
+                pass_fds=(theirs.fileno(),),
+            )
         finally:
             theirs.close()
         ours.setblocking(False)
@@ -125,7 +139,11 @@ class ForkServer:
     def _handle(self, msg: dict) -> None:
         op = msg.get("op")
         if op == "ready":
-            log.info("session zygote %s ready after %.1f s", msg.get("pid"), time.monotonic() - self.started_at)
+            log.info(
+                "session zygote %s ready after %.1f s",
+                msg.get("pid"),
+                time.monotonic() - self.started_at,
+            )
             self.ready.set()
         elif op in ("forked", "failed"):
             fut = self._waiting.pop(msg.get("id"), None)
@@ -135,14 +153,17 @@ class ForkServer:
                     self.children[child.pid] = child
                     fut.set_result(child)
                 else:
-                    fut.set_exception(RuntimeError(f"the session zygote could not fork: {msg.get('error')}"))
+                    fut.set_exception(
+                        RuntimeError(f"the session zygote could not fork: {msg.get('error')}")
+                    )
         elif op == "exited":
             child = self.children.pop(int(msg.get("pid", -1)), None)
             if child is not None:
                 child._ended(int(msg.get("code", -9)))
 
     def _lost(self) -> None:
-        """The zygote is gone: its children died with it (parent-death signal); nobody waits for a fork."""
+        """The zygote is gone: its children died with it (parent-death signal); nobody waits for a
+        fork."""
         for child in self.children.values():
             child._ended(-signal.SIGKILL)
         self.children.clear()
@@ -157,12 +178,15 @@ class ForkServer:
     async def fork(self, msg: dict, fds: list[int], timeout: float) -> ForkedProcess:
         """A new session process (``msg``: its environment, host and worker; ``fds``: handed to it).
 
-        A zygote that died just before (killed, its death not yet seen here) is replaced and the fork asked of
-        the new one, once: the start must not fail because the old zygote was still being reaped."""
+        A zygote that died just before (killed, its death not yet seen here) is replaced and
+        the fork asked of the new one, once: the start must not fail because the old zygote
+        was still being reaped."""
         try:
             return await self._fork(msg, fds, timeout)
         except ZygoteLost:
-            log.warning("the session zygote exited during a start: starting a new one and trying again")
+            log.warning(
+                "the session zygote exited during a start: starting a new one and trying again"
+            )
             self.close()
             self.start()
             return await self._fork(msg, fds, timeout)
@@ -188,7 +212,9 @@ class ForkServer:
                 await asyncio.sleep(0.005)
             except OSError as exc:  # its end of the socket is gone: it died
                 self._waiting.pop(ident, None)
-                raise ZygoteLost(f"the session zygote exited ({exc.strerror}); see the worker's log") from None
+                raise ZygoteLost(
+                    f"the session zygote exited ({exc.strerror}); see the worker's log"
+                ) from None
         return await asyncio.wait_for(fut, timeout)
 
     def close(self) -> None:
@@ -205,5 +231,8 @@ class ForkServer:
         self._lost()
 
     def info(self) -> dict[str, Any]:
-        return {"pid": self.proc.pid if self.proc else None, "ready": self.ready.is_set(),
-                "sessions": len(self.children)}
+        return {
+            "pid": self.proc.pid if self.proc else None,
+            "ready": self.ready.is_set(),
+            "sessions": len(self.children),
+        }

@@ -1,14 +1,15 @@
-"""The worker's store of sessions' variables in host memory: one folder per session, owned by its user.
+"""The worker's store of sessions' variables in host memory: one folder per session, owned by its
+user.
 
 Layout: ``<base>/<lease>/`` per session (``base`` is the worker's private folder in ``/dev/shm``,
-``common/hostmem.py``); the session writes its standby copy (``standby``) and, when it is moved off its GPU,
-its offload (``offload.pkl``) there. When sessions run as their users, a session's folder belongs to its
-user (0700) and its files are 0600: no other account can read or replace them, and the session sees no
-other session's folder (its /dev/shm is private; ``session/account.py``).
+``common/hostmem.py``); the session writes its standby copy (``standby``) and, when it is moved off
+its GPU, its offload (``offload.pkl``) there. When sessions run as their users, a session's folder
+belongs to its user (0700) and its files are 0600: no other account can read or replace them, and
+the session sees no other session's folder (its /dev/shm is private; ``session/account.py``).
 
-A restore hands a file to the new session of the same kernel: moved (never copied) into the new session's
-folder, and only if it is a plain file that belongs to that session's account and nobody else may read or
-write, so that no session ever loads a file another account could have written.
+A restore hands a file to the new session of the same kernel: moved (never copied) into the new
+session's folder, and only if it is a plain file that belongs to that session's account and nobody
+else may read or write, so that no session ever loads a file another account could have written.
 """
 
 from __future__ import annotations
@@ -67,17 +68,21 @@ class HostStore:
         return os.path.commonpath([real, self.base]) == self.base and real == os.path.abspath(path)
 
     def check(self, path: str, uid: int) -> None:
-        """Raise ``UnsafeFile`` unless ``path`` is a regular file of ``uid`` that only its owner can access."""
+        """Raise ``UnsafeFile`` unless ``path`` is a regular file of ``uid`` that only its owner can
+        access."""
         st = os.lstat(path)
         if not stat.S_ISREG(st.st_mode):
             raise UnsafeFile(f"{path} is not a plain file")
         if st.st_uid != uid:
             raise UnsafeFile(f"{path} belongs to uid {st.st_uid}, not {uid}")
         if st.st_mode & 0o077:
-            raise UnsafeFile(f"{path} can be read or written by others (mode {stat.S_IMODE(st.st_mode):o})")
+            raise UnsafeFile(
+                f"{path} can be read or written by others (mode {stat.S_IMODE(st.st_mode):o})"
+            )
 
     def hand_over(self, path: str, lease: str, account: Account | None) -> str:
-        """Move a parked offload into the new session's folder (checked first); returns its new path."""
+        """Move a parked offload into the new session's folder (checked first); returns its new
+        path."""
         uid = account["uid"] if account is not None else os.geteuid()
         self.check(path, uid)
         target = os.path.join(self.folder(lease, account), OFFLOAD)
@@ -85,7 +90,8 @@ class HostStore:
         return target
 
     def receive(self, data: bytes, lease: str, account: Account | None) -> str:
-        """Write an offload fetched from another machine into the new session's folder (0600, its owner)."""
+        """Write an offload fetched from another machine into the new session's folder (0600, its
+        owner)."""
         target = os.path.join(self.folder(lease, account), OFFLOAD)
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "wb") as f:

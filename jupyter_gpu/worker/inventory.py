@@ -1,9 +1,9 @@
 """What GPUs this machine offers to the pool.
 
-Real GPUs come from NVML (nvidia-ml-py), in the order and subset that ``CUDA_VISIBLE_DEVICES`` selects, with
-MIG slices listed in place of their parent when MIG is enabled. Machines without a GPU can offer virtual
-GPUs (``JUPYTER_GPU_VIRTUAL_GPUS=2x16GiB``) so that the whole pool runs and is tested anywhere; those are
-marked ``virtual`` everywhere they are shown and enforce nothing.
+Real GPUs come from NVML (nvidia-ml-py), in the order and subset that ``CUDA_VISIBLE_DEVICES``
+selects, with MIG slices listed in place of their parent when MIG is enabled. Machines without a GPU
+can offer virtual GPUs (``JUPYTER_GPU_VIRTUAL_GPUS=2x16GiB``) so that the whole pool runs and is
+tested anywhere; those are marked ``virtual`` everywhere they are shown and enforce nothing.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import re
 import uuid as uuidlib
 from dataclasses import asdict, dataclass, field
 
-from jupyter_gpu.common import config as _config  # noqa: F401 - registers defaults
+from jupyter_gpu.common import config as _config
 from jupyter_gpu.common.protocol import VIRTUAL_ENV
 from jupyter_gpu.common.units import format_bytes, parse_size
 from jupyter_gpu.errors import NoGpuAvailable
@@ -22,13 +22,13 @@ from jupyter_gpu.errors import NoGpuAvailable
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class GpuInfo:
     """One schedulable GPU (a whole device, a MIG slice, or a virtual GPU)."""
 
-    index: int                  # position on its worker, what a lease names
-    uuid: str                   # what CUDA_VISIBLE_DEVICES is pinned to (GPU-..., MIG-..., VGPU-...)
+    index: int  # position on its worker, what a lease names
+    # what CUDA_VISIBLE_DEVICES is pinned to (GPU-..., MIG-..., VGPU-...)
+    uuid: str
     name: str
     total_bytes: int
     virtual: bool = False
@@ -42,7 +42,8 @@ class GpuInfo:
 
     @property
     def best_isolation(self) -> str:
-        """The strongest enforcement a session on this GPU can get (MPS is decided at session start)."""
+        """The strongest enforcement a session on this GPU can get (MPS is decided at session
+        start)."""
         if self.virtual:
             return "none"
         return "mig" if self.mig else "torch-cap"
@@ -52,7 +53,8 @@ _VIRTUAL_SPEC = re.compile(r"^\s*(\d+)\s*[xX*]\s*(.+?)\s*$")
 
 
 def parse_virtual_spec(spec: str) -> list[GpuInfo]:
-    """``2x16GiB`` or ``16GiB,8GiB`` into virtual GPUs. Raises ValueError with the accepted forms."""
+    """``2x16GiB`` or ``16GiB,8GiB`` into virtual GPUs. Raises ValueError with the accepted
+    forms."""
     sizes: list[int] = []
     try:
         for part in [p for p in spec.split(",") if p.strip()]:
@@ -66,15 +68,21 @@ def parse_virtual_spec(spec: str) -> list[GpuInfo]:
                 sizes.append(parse_size(part))
     except ValueError as exc:
         raise ValueError(
-            f"{VIRTUAL_ENV}={spec!r} is not a virtual GPU list ({exc}). Write COUNTxSIZE such as 2x16GiB, "
+            f"{VIRTUAL_ENV}={spec!r} is not a virtual GPU list ({exc}). Write COUNTxSIZE such as "
+            "2x16GiB, "
             "or sizes separated by commas such as 16GiB,8GiB."
         ) from None
     if not sizes:
         raise ValueError(f"{VIRTUAL_ENV}={spec!r} names no GPU; write e.g. 2x16GiB")
     host = os.uname().nodename
     return [
-        GpuInfo(index=i, uuid=f"VGPU-{uuidlib.uuid5(uuidlib.NAMESPACE_DNS, f'{host}-{i}-{size}')}",
-                name=f"Virtual GPU {i} ({format_bytes(size)})", total_bytes=size, virtual=True)
+        GpuInfo(
+            index=i,
+            uuid=f"VGPU-{uuidlib.uuid5(uuidlib.NAMESPACE_DNS, f'{host}-{i}-{size}')}",
+            name=f"Virtual GPU {i} ({format_bytes(size)})",
+            total_bytes=size,
+            virtual=True,
+        )
         for i, size in enumerate(sizes)
     ]
 
@@ -87,7 +95,8 @@ def _visible_selection() -> list[str] | None:
 
 
 def nvml_gpus() -> list[GpuInfo]:
-    """Real GPUs via NVML, honouring CUDA_VISIBLE_DEVICES (indices or UUIDs) and MIG. Empty without NVML."""
+    """Real GPUs via NVML, honouring CUDA_VISIBLE_DEVICES (indices or UUIDs) and MIG. Empty without
+    NVML."""
     try:
         import pynvml
     except ImportError:  # pragma: no cover - nvidia-ml-py is a dependency
@@ -108,7 +117,9 @@ def nvml_gpus() -> list[GpuInfo]:
                 devices += mig_children
             else:
                 mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
-                devices.append(GpuInfo(index=0, uuid=uuid, name=name, total_bytes=int(mem.total), nvml_index=i))
+                devices.append(
+                    GpuInfo(index=0, uuid=uuid, name=name, total_bytes=int(mem.total), nvml_index=i)
+                )
         selection = _visible_selection()
         if selection is not None:
             devices = _apply_visible(devices, selection)
@@ -136,9 +147,17 @@ def _mig_devices(pynvml, handle, parent_uuid: str, nvml_index: int) -> list[GpuI
         except Exception:
             continue
         mem = pynvml.nvmlDeviceGetMemoryInfo(mig)
-        out.append(GpuInfo(index=0, uuid=_text(pynvml.nvmlDeviceGetUUID(mig)),
-                           name=f"{_text(pynvml.nvmlDeviceGetName(mig))} (MIG {j})",
-                           total_bytes=int(mem.total), mig=True, parent_uuid=parent_uuid, nvml_index=nvml_index))
+        out.append(
+            GpuInfo(
+                index=0,
+                uuid=_text(pynvml.nvmlDeviceGetUUID(mig)),
+                name=f"{_text(pynvml.nvmlDeviceGetName(mig))} (MIG {j})",
+                total_bytes=int(mem.total),
+                mig=True,
+                parent_uuid=parent_uuid,
+                nvml_index=nvml_index,
+            )
+        )
     return out
 
 
@@ -154,7 +173,11 @@ def _apply_visible(devices: list[GpuInfo], selection: list[str]) -> list[GpuInfo
             idx = int(item)
             chosen += [d for d in devices if d.nvml_index == idx]
         else:
-            chosen += [d for d in devices if d.uuid == item or d.parent_uuid == item or d.uuid.startswith(item)]
+            chosen += [
+                d
+                for d in devices
+                if d.uuid == item or d.parent_uuid == item or d.uuid.startswith(item)
+            ]
     return chosen
 
 
@@ -163,10 +186,11 @@ def _text(value) -> str:  # noqa: ANN001
 
 
 def discover(virtual_spec: str | None = None) -> list[GpuInfo]:
-    """This machine's GPUs: real ones from NVML, else the virtual ones configured; else NoGpuAvailable.
+    """This machine's GPUs: real ones from NVML, else the virtual ones configured; else
+    NoGpuAvailable.
 
-    ``virtual_spec`` (or ``JUPYTER_GPU_VIRTUAL_GPUS``) forces virtual GPUs even where a GPU exists, which is
-    what tests of the pool on a GPU machine want.
+        ``virtual_spec`` (or ``JUPYTER_GPU_VIRTUAL_GPUS``) forces virtual GPUs even where a GPU
+        exists, which is what tests of the pool on a GPU machine want.
     """
     spec = virtual_spec or os.environ.get(VIRTUAL_ENV) or _config.get("embedded.virtual-gpus")
     if spec:
@@ -175,8 +199,10 @@ def discover(virtual_spec: str | None = None) -> list[GpuInfo]:
     if real:
         return real
     raise NoGpuAvailable(
-        "This machine has no GPU that NVML can see (no NVIDIA driver, or CUDA_VISIBLE_DEVICES hides them all), "
-        f"and no virtual GPUs are configured. To try jupyter-gpu without a GPU, set {VIRTUAL_ENV}=2x16GiB "
+        "This machine has no GPU that NVML can see (no NVIDIA driver, or CUDA_VISIBLE_DEVICES "
+        "hides them all), "
+        "and no virtual GPUs are configured. To try jupyter-gpu without a GPU, set "
+        f"{VIRTUAL_ENV}=2x16GiB "
         "(two virtual 16 GiB GPUs) before starting the pool or the notebook; to use a GPU machine, "
         "run `jupyter-gpu worker ADDRESS` there and `%gpu connect ADDRESS` here."
     )

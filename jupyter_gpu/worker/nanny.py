@@ -1,11 +1,11 @@
 """The Dask nanny of a GPU worker, answering nobody but its own worker.
 
-Why: a Dask nanny answers ``run`` (run a function in the nanny, as the pool's account), ``plugin_add``,
-``instantiate``, ``kill``, ``restart``, ``terminate``... to whoever connects. In a pool shared by several
-people any of these is code running as root or a way to stop other users' sessions. A GPU nanny needs none
-of them from outside: it starts its worker itself and its worker asks it to close. So it answers only
-``identity``, and ``close_gracefully`` with the key it gave its worker (in the worker's environment, which
-no user can read and which sessions do not inherit).
+Why: a Dask nanny answers ``run`` (run a function in the nanny, as the pool's account),
+``plugin_add``, ``instantiate``, ``kill``, ``restart``, ``terminate``... to whoever connects. In a
+pool shared by several people any of these is code running as root or a way to stop other users'
+sessions. A GPU nanny needs none of them from outside: it starts its worker itself and its worker
+asks it to close. So it answers only ``identity``, and ``close_gracefully`` with the key it gave its
+worker (in the worker's environment, which no user can read and which sessions do not inherit).
 """
 
 from __future__ import annotations
@@ -38,11 +38,14 @@ class GpuNanny(Nanny):
 
     def _keyed(self, handler: Any) -> Any:
         @functools.wraps(handler)
-        async def close_gracefully(reason: str = "nanny-close-gracefully", key: str | None = None) -> Any:
+        async def close_gracefully(
+            reason: str = "nanny-close-gracefully", key: str | None = None
+        ) -> Any:
             if key is None or not hmac.compare_digest(key, self._key):
                 log.warning("refused close_gracefully from a caller without this nanny's key")
                 return error_message(PermissionError("only this nanny's own worker may close it"))
             return await handler(reason=reason)
+
         return close_gracefully
 
 
@@ -50,4 +53,5 @@ def _refused(op: str) -> Any:
     def refused(**kwargs: Any) -> dict:
         log.warning("refused %r on a GPU nanny (it answers only its own worker)", op)
         return error_message(PermissionError(f"{op!r} is not available on a jupyter-gpu nanny"))
+
     return refused

@@ -1,8 +1,8 @@
 """GPU utilization sampling with NVML, in a thread of its own.
 
-Why a thread: NVML calls block (tens of milliseconds on a busy GPU); none may run on the worker's event
-loop. The thread samples every ``worker.sample-interval`` and hands each batch to ``send`` (a coroutine
-function run on the worker's loop), which forwards it to the broker for the panel.
+Why a thread: NVML calls block (tens of milliseconds on a busy GPU); none may run on the worker's
+event loop. The thread samples every ``worker.sample-interval`` and hands each batch to ``send`` (a
+coroutine function run on the worker's loop), which forwards it to the broker for the panel.
 """
 
 from __future__ import annotations
@@ -22,8 +22,12 @@ log = logging.getLogger(__name__)
 class NvmlSampler:
     """Samples the real GPUs of ``gpus`` until ``stop()``."""
 
-    def __init__(self, gpus: list[GpuInfo], loop: asyncio.AbstractEventLoop,
-                 send: Callable[[dict], Awaitable[None]]):
+    def __init__(
+        self,
+        gpus: list[GpuInfo],
+        loop: asyncio.AbstractEventLoop,
+        send: Callable[[dict], Awaitable[None]],
+    ):
         self.gpus = [g for g in gpus if not g.virtual]
         self.loop, self.send = loop, send
         self._stop = threading.Event()
@@ -59,5 +63,9 @@ class NvmlSampler:
                 except Exception:
                     util = None  # MIG slices have no utilization counter
                 mem = pynvml.nvmlDeviceGetMemoryInfo(h)
-                samples[str(index)] = {"t": time.time(), "utilization": util, "memory_used_bytes": int(mem.used)}
+                samples[str(index)] = {
+                    "t": time.time(),
+                    "utilization": util,
+                    "memory_used_bytes": int(mem.used),
+                }
             asyncio.run_coroutine_threadsafe(self.send(samples), self.loop)

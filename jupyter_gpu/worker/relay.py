@@ -1,9 +1,10 @@
 """What a session reports, checked and passed on to the broker by its worker.
 
-A session holds no credential of the pool (``session/worker_link.py``): it writes JSON lines on the private
-socket its worker gave it. The worker reads them here, keeps only the reports a session may make about
-itself, with fields of the right types and ranges, names the lease itself (the session cannot claim another
-one), and forwards them with the pool key. Anything else is dropped with a log line.
+A session holds no credential of the pool (``session/worker_link.py``): it writes JSON lines on the
+private socket its worker gave it. The worker reads them here, keeps only the reports a session may
+make about itself, with fields of the right types and ranges, names the lease itself (the session
+cannot claim another one), and forwards them with the pool key. Anything else is dropped with a log
+line.
 """
 
 from __future__ import annotations
@@ -16,16 +17,35 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal
 
 from jupyter_gpu.common.protocol import MetricsItem
-from jupyter_gpu.common.validation import BadMessage, Bytes, MaxLen, Name, Percent, Steps, Text, check
+from jupyter_gpu.common.validation import (
+    BadMessage,
+    Bytes,
+    MaxLen,
+    Name,
+    Percent,
+    Steps,
+    Text,
+    check,
+)
 
 log = logging.getLogger(__name__)
 
 MAX_LINE = 1 << 20
 FIELDS: dict[str, dict[str, Any]] = {
-    "lease_state": {"state": Literal["running", "idle"], "cell": Text | None, "peak_bytes": Bytes | None,
-                    "gpu_utilization": Percent | None, "resident_bytes": Bytes | None,
-                    "step": Steps | None, "total": Steps | None},
-    "run_metrics": {"run": Name, "rank": int, "items": Annotated[list[MetricsItem], MaxLen(100_000)]},
+    "lease_state": {
+        "state": Literal["running", "idle"],
+        "cell": Text | None,
+        "peak_bytes": Bytes | None,
+        "gpu_utilization": Percent | None,
+        "resident_bytes": Bytes | None,
+        "step": Steps | None,
+        "total": Steps | None,
+    },
+    "run_metrics": {
+        "run": Name,
+        "rank": int,
+        "items": Annotated[list[MetricsItem], MaxLen(100_000)],
+    },
 }
 Forward = Callable[[str, dict[str, Any]], Awaitable[None]]
 

@@ -1,10 +1,12 @@
-"""Outside code nobody here wrote, run as notebooks of %%gpu cells: pytorch/tutorials' polynomial_nn.py,
-pytorch/examples' mnist/main.py (on scikit-learn's digits) and the DDP tutorial series' multigpu.py.
+"""Outside code nobody here wrote, run as notebooks of %%gpu cells: pytorch/tutorials'
+polynomial_nn.py, pytorch/examples' mnist/main.py (on scikit-learn's digits) and the DDP tutorial
+series' multigpu.py.
 
-The notebooks (beside this file) hold the authors' code as they wrote it; what ``%%gpu`` needs, and the
-data of the MNIST example, is marked ``# jupyter-gpu example:`` in them. They run headlessly like any
-notebook (``jupyter-gpu run``, ``pytest --nbgpu tests/examples``); here each runs on the tests' pool of two
-virtual GPUs in a folder of its own (the DDP example writes its checkpoint where it runs).
+The notebooks (beside this file) hold the authors' code as they wrote it; what ``%%gpu`` needs, and
+the data of the MNIST example, is marked ``# jupyter-gpu example:`` in them. They run headlessly
+like any notebook (``jupyter-gpu run``, ``pytest --nbgpu tests/examples``); here each runs on the
+tests' pool of two virtual GPUs in a folder of its own (the DDP example writes its checkpoint where
+it runs).
 """
 
 from __future__ import annotations
@@ -28,14 +30,22 @@ def run(pool: str, tmp_path, name: str, timeout: float = 300) -> list[str]:
     path = tmp_path / name
     shutil.copy(os.path.join(HERE, name), path)
     err = io.StringIO()
-    code = run_notebook(str(path), output=str(tmp_path / "out.ipynb"), pool=pool, stream=err, timeout=timeout)
+    code = run_notebook(
+        str(path), output=str(tmp_path / "out.ipynb"), pool=pool, stream=err, timeout=timeout
+    )
     assert code == 0, err.getvalue()
     nb = nbformat.read(tmp_path / "out.ipynb", as_version=4)
     texts = []
     for cell in nb.cells:
         if cell.cell_type == "code":
-            texts.append("".join(o.get("text", "") if o.get("output_type") == "stream" else
-                                 str(o.get("data", {}).get("text/plain", "")) + "\n" for o in cell.outputs))
+            texts.append(
+                "".join(
+                    o.get("text", "")
+                    if o.get("output_type") == "stream"
+                    else str(o.get("data", {}).get("text/plain", "")) + "\n"
+                    for o in cell.outputs
+                )
+            )
     return texts
 
 
@@ -43,7 +53,9 @@ def test_polynomial_nn_from_the_pytorch_tutorials(pool, tmp_path):
     texts = run(pool, tmp_path, "polynomial_nn.ipynb")
     losses = [float(m) for m in re.findall(r"^\d+ ([\d.e+-]+)$", texts[3], re.M)]
     assert len(losses) == 20 and losses[-1] < losses[0], texts[3]
-    assert re.search(r"Result: y = [-\d.e]+ \+ [-\d.e]+ x \+ [-\d.e]+ x\^2 \+ [-\d.e]+ x\^3", texts[4]), texts[4]
+    assert re.search(
+        r"Result: y = [-\d.e]+ \+ [-\d.e]+ x \+ [-\d.e]+ x\^2 \+ [-\d.e]+ x\^3", texts[4]
+    ), texts[4]
 
 
 def test_mnist_example_on_scikit_learns_digits(pool, tmp_path):

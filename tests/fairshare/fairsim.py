@@ -1,5 +1,5 @@
-"""Helpers for the fair-share tests: the simulator's pool (bench/pool_sim.py, the real policy and packing)
-and small builders for GPUs, quotas and requests."""
+"""Helpers for the fair-share tests: the simulator's pool (bench/pool_sim.py, the real policy and
+packing) and small builders for GPUs, quotas and requests."""
 
 from __future__ import annotations
 
@@ -26,14 +26,28 @@ def pool_sim():
 
 
 def gpus(*sizes_gib: int, per_worker: int = 2) -> list[GpuSlot]:
-    return [GpuSlot(worker=f"w{i // per_worker}", index=i % per_worker, uuid=f"G{i}", name="g",
-                    total_bytes=int(s * GiB)) for i, s in enumerate(sizes_gib)]
+    return [
+        GpuSlot(
+            worker=f"w{i // per_worker}",
+            index=i % per_worker,
+            uuid=f"G{i}",
+            name="g",
+            total_bytes=int(s * GiB),
+        )
+        for i, s in enumerate(sizes_gib)
+    ]
 
 
 def quotas(**overrides):
-    data = {"reserve-after": "30s", "min-run-time": "0s", "half-life": "1h",
-            "teams": {"ml": {"guarantee": 1.0, "members": ["alice", "bob"]},
-                      "viz": {"guarantee": 1.0, "members": ["carol"]}}}
+    data = {
+        "reserve-after": "30s",
+        "min-run-time": "0s",
+        "half-life": "1h",
+        "teams": {
+            "ml": {"guarantee": 1.0, "members": ["alice", "bob"]},
+            "viz": {"guarantee": 1.0, "members": ["carol"]},
+        },
+    }
     data.update(overrides)
     return parse_quotas(data)
 
@@ -44,5 +58,11 @@ _n = [0]
 def req(user: str, submitted: float = 0.0, priority: str = "interactive", **spec) -> Request:
     _n[0] += 1
     spec = spec or {"fraction": 0.5}
-    return Request(id=f"R{_n[0]}", user=user, kernel="k", client=None, spec=RequestSpec(priority=priority, **spec),
-                   submitted=submitted)
+    return Request(
+        id=f"R{_n[0]}",
+        user=user,
+        kernel="k",
+        client=None,
+        spec=RequestSpec(priority=priority, **spec),
+        submitted=submitted,
+    )

@@ -1,4 +1,5 @@
-"""The audit store (SQLite, across scheduler restarts), tokens, and the `token create` / `usage` commands."""
+"""The audit store (SQLite, across scheduler restarts), tokens, and the `token create` / `usage`
+commands."""
 
 import json
 import os
@@ -11,9 +12,20 @@ from jupyter_gpu.cli import main
 
 
 def lease(id, user, team, fraction, started):
-    return {"id": id, "request": "R1", "user": user, "team": team, "kernel": "k", "notebook": "a.ipynb",
-            "worker": "w", "gpus": ["w#0"], "fraction": fraction, "bytes": 1, "priority": "interactive",
-            "started": started}
+    return {
+        "id": id,
+        "request": "R1",
+        "user": user,
+        "team": team,
+        "kernel": "k",
+        "notebook": "a.ipynb",
+        "worker": "w",
+        "gpus": ["w#0"],
+        "fraction": fraction,
+        "bytes": 1,
+        "priority": "interactive",
+        "started": started,
+    }
 
 
 def test_leases_preemptions_refusals_and_usage_survive_a_restart(tmp_path):
@@ -23,29 +35,45 @@ def test_leases_preemptions_refusals_and_usage_survive_a_restart(tmp_path):
     first.lease_started(lease("L1", "alice", "ml", 0.5, 0.0), preemptible=False)
     first.lease_started(lease("L2", "bob", "ml", 1.0, 0.0), preemptible=True)
     first.lease_ended("L1", 7200.0, "released by its owner", peak_bytes=123)
-    first.preempted(lease("L2", "bob", "ml", 1.0, 0.0), {"id": "R9", "user": "carol", "team": "viz"}, "reclaimed")
+    first.preempted(
+        lease("L2", "bob", "ml", 1.0, 0.0),
+        {"id": "R9", "user": "carol", "team": "viz"},
+        "reclaimed",
+    )
     first.refused(None, "mallory", None, {"fraction": 0.5}, "wrong token")
     first.heartbeat(now=3600.0)
     first.close()  # the scheduler dies with L2 still open
     second = AuditStore(path)
     assert second.open_boot(now=9000.0) == 1  # L2 closed at the dead scheduler's last heartbeat
-    second.lease_started(lease("L1", "carol", "viz", 0.25, 9000.0), preemptible=False)  # ids restart: no clash
+    # ids restart: no clash
+    second.lease_started(lease("L1", "carol", "viz", 0.25, 9000.0), preemptible=False)
     rows = {(r["user"], r["id"]): r for r in second.rows("leases")}
     assert rows[("alice", "L1")]["gpu_seconds"] == pytest.approx(3600.0)
-    assert rows[("alice", "L1")]["peak_bytes"] == 123 and rows[("alice", "L1")]["end_reason"] == "released by its owner"
-    assert rows[("bob", "L2")]["end_reason"] == "the scheduler stopped" and rows[("bob", "L2")]["ended"] == 3600.0
+    assert (
+        rows[("alice", "L1")]["peak_bytes"] == 123
+        and rows[("alice", "L1")]["end_reason"] == "released by its owner"
+    )
+    assert (
+        rows[("bob", "L2")]["end_reason"] == "the scheduler stopped"
+        and rows[("bob", "L2")]["ended"] == 3600.0
+    )
     assert rows[("bob", "L2")]["preemptible"] == 1
     assert second.rows("preemptions")[0]["for_user"] == "carol"
     assert second.rows("refused")[0]["user"] == "mallory"
     usage = second.usage(since=0.0, now=9000.0 + 3600.0)
     by_user = {u["user"]: u["gpu_hours"] for u in usage["users"]}
-    assert by_user == {"alice": pytest.approx(1.0), "bob": pytest.approx(1.0), "carol": pytest.approx(0.25)}
+    assert by_user == {
+        "alice": pytest.approx(1.0),
+        "bob": pytest.approx(1.0),
+        "carol": pytest.approx(0.25),
+    }
     by_team = {t["team"]: t["gpu_hours"] for t in usage["teams"]}
     assert by_team == {"ml": pytest.approx(2.0), "viz": pytest.approx(0.25)}
     assert usage["preemptions"] == 1 and usage["refused"] == 1
     # --since counts only the part of a lease after it
-    assert {u["user"]: u["gpu_hours"] for u in second.usage(since=3600.0, now=9000.0)["users"]}["alice"] == \
-        pytest.approx(0.5)
+    assert {u["user"]: u["gpu_hours"] for u in second.usage(since=3600.0, now=9000.0)["users"]}[
+        "alice"
+    ] == pytest.approx(0.5)
     second.close()
 
 
@@ -87,7 +115,9 @@ def test_usage_counts_oversized_leases_per_user(tmp_path):
     store = AuditStore(str(tmp_path / "audit.sqlite"))
     store.open_boot(now=0.0)
     for lid, peak in (("L1", 100 << 20), ("L2", 6 << 30), ("L3", None)):
-        store.lease_started({**lease(lid, "alice", "ml", 0.5, 0.0), "bytes": 8 << 30}, preemptible=False)
+        store.lease_started(
+            {**lease(lid, "alice", "ml", 0.5, 0.0), "bytes": 8 << 30}, preemptible=False
+        )
         store.lease_ended(lid, 60.0, "released by its owner", peak_bytes=peak)
     usage = store.usage(since=0.0, now=120.0)
     alice = usage["users"][0]

@@ -18,8 +18,8 @@ def test_within_guarantee_goes_before_over_quota_then_share_priority_age():
     pool = make_pool()
     p = pool.policy
     p.lease_started("X", "alice", "ml", 1.0, False, now=0.0)  # ml is at its guarantee
-    over = req("bob", submitted=1)                              # ml: over quota
-    within = req("carol", submitted=2)                          # viz: within
+    over = req("bob", submitted=1)  # ml: over quota
+    within = req("carol", submitted=2)  # viz: within
     assert [r.id for r in p.order([over, within])] == [within.id, over.id]
     # among over-quota teams: the one with less use for its guarantee first
     p.lease_started("Y", "carol", "viz", 2.0, False, now=0.0)
@@ -43,8 +43,12 @@ def test_fair_share_remembers_recent_use_with_decay():
 
 
 def test_configured_priority_orders_equal_shares():
-    q = quotas(teams={"ml": {"guarantee": 1, "members": ["alice"], "priority": 5},
-                      "viz": {"guarantee": 1, "members": ["carol"]}})
+    q = quotas(
+        teams={
+            "ml": {"guarantee": 1, "members": ["alice"], "priority": 5},
+            "viz": {"guarantee": 1, "members": ["carol"]},
+        }
+    )
     p = FairSharePolicy(q)
     assert p.order([req("carol", 0), req("alice", 9)])[0].user == "alice"
 
@@ -65,7 +69,8 @@ def test_limit_holds_requests_back_with_the_reason_and_refuses_the_impossible():
 
 def test_over_quota_borrowing_is_preemptible_and_reasons_carry_packing():
     pool = make_pool()
-    first, second = req("alice", 0, gpus=1), req("alice", 1, gpus=1)  # ml guarantee 1.0: the second borrows
+    # ml guarantee 1.0: the second borrows
+    first, second = req("alice", 0, gpus=1), req("alice", 1, gpus=1)
     for r in (first, second):
         pool.submit(r)
     pool.schedule()
@@ -91,13 +96,13 @@ def test_reclaim_takes_idle_over_quota_sessions_first_for_a_guarantee():
     over = [l for r in (a3, a4) for l in r.leases]
     assert all(p.leases[l].preemptible for l in over)
     running = next(l for l in over if p.leases[l].allocs)
-    p.lease_state(over[0], "running", 2.0)          # one borrowed session runs, the other is idle
+    p.lease_state(over[0], "running", 2.0)  # one borrowed session runs, the other is idle
     pool.now = 10.0
-    c = req("carol", 10, fraction=0.5)              # viz is owed its guarantee
+    c = req("carol", 10, fraction=0.5)  # viz is owed its guarantee
     pool.submit(c)
     grants, preempted = pool.schedule()
     assert [r.id for r, _ in grants] == [c.id]
-    assert [lease.id for lease, _ in preempted] == [over[1]]   # the idle one
+    assert [lease.id for lease, _ in preempted] == [over[1]]  # the idle one
     reason = preempted[0][1]
     assert "reclaimed for a request within team viz's guarantee" in reason and "idle" in reason
     assert running
@@ -173,9 +178,9 @@ def test_eta_is_null_without_history_and_estimated_from_recent_leases():
 
 
 def test_an_estimate_from_reported_progress_holds_still_while_one_waits():
-    """The queue said 22 -> 27 -> 39 s for a cell behind a training run that reported step/total: running
-    work was assumed to need as long again as it had run. With its progress (100 steps, one a second),
-    the estimate is the run's end, whenever one asks, and says what it rests on."""
+    """The queue said 22 -> 27 -> 39 s for a cell behind a training run that reported step/total:
+    running work was assumed to need as long again as it had run. With its progress (100 steps, one
+    a second), the estimate is the run's end, whenever one asks, and says what it rests on."""
     pool = make_pool(PoolQuotas(suspend_idle_after=None), sizes=(16,))
     pool.eta_for = 100
     first = req("a", 0, gpus=1, workers=1)
@@ -183,19 +188,23 @@ def test_an_estimate_from_reported_progress_holds_still_while_one_waits():
     pool.schedule()
     lease = next(iter(pool.leases))
     pool.policy.leases[lease].gang = True  # a --workers run's rank: its lease ends with the run
-    pool.policy.durations.extend([20.0, 20.0, 20.0])  # recent leases lasted 20 s: history would say so
+    # recent leases lasted 20 s: history would say so
+    pool.policy.durations.extend([20.0, 20.0, 20.0])
     waiting = req("b", 1, gpus=1)
     pool.submit(waiting)
     estimates = []
     for now in (30.0, 40.0, 60.0, 80.0):
         pool.now = now
-        pool.policy.lease_state(lease, "running", now=now, step=now - 10.0, total=100.0)  # started at 10 s
+        # started at 10 s
+        pool.policy.lease_state(lease, "running", now=now, step=now - 10.0, total=100.0)
         pool.schedule()
         estimates.append((waiting.eta, waiting.eta_basis))
     assert estimates[0][0] is None or estimates[0][1] == "history"  # one report: no rate yet
     assert [basis for _, basis in estimates[1:]] == ["progress"] * 3
-    assert [eta for eta, _ in estimates[1:]] == pytest.approx([110.0] * 3)  # 100 steps at 1/s from 10 s
-    # a session (not a run's rank) comes free when its idle session moves out: suspend-idle-after later
+    # 100 steps at 1/s from 10 s
+    assert [eta for eta, _ in estimates[1:]] == pytest.approx([110.0] * 3)
+    # a session (not a run's rank) comes free when its idle session moves out: suspend-idle-after
+    # later
     pool.policy.quotas.suspend_idle_after = 30.0
     pool.policy.leases[lease].gang = False
     pool.now = 90.0
@@ -213,8 +222,9 @@ def test_idle_timeout_lists_idle_leases_only():
 
 
 def test_idle_timeout_never_takes_a_runs_rank():
-    """Bug fixed: a --workers run's rank 1 sat idle while rank 0's session started (slow on a busy machine) and
-    the idle timeout ended it, so the run failed ("Rank 1's GPU session was lost ... idle timeout")."""
+    """Bug fixed: a --workers run's rank 1 sat idle while rank 0's session started (slow on a busy
+    machine) and the idle timeout ended it, so the run failed ("Rank 1's GPU session was lost ...
+    idle timeout")."""
     p = FairSharePolicy(quotas(**{"idle-timeout": "3s"}))
     p.lease_started("R0", "alice", "ml", 1.0, False, now=0.0, gang=True)
     p.lease_started("R1", "alice", "ml", 1.0, False, now=0.0, gang=True)
@@ -226,14 +236,24 @@ def test_fair_queue_best_agrees_with_the_full_order():
     import random
 
     rng = random.Random(3)
-    q = quotas(teams={f"t{i}": {"guarantee": 0.5 + i, "members": [f"u{i}{j}" for j in range(4)]} for i in range(4)})
+    q = quotas(
+        teams={
+            f"t{i}": {"guarantee": 0.5 + i, "members": [f"u{i}{j}" for j in range(4)]}
+            for i in range(4)
+        }
+    )
     p = FairSharePolicy(q, clock=lambda: 100.0)
     p.reference_bytes = 16 * GiB
     fq = FairQueue(p)
     reqs = []
     for k in range(300):
         user = f"u{rng.randrange(4)}{rng.randrange(4)}"
-        r = req(user, rng.uniform(0, 99), rng.choice(["interactive", "batch"]), fraction=rng.choice([0.25, 0.5, 1.0]))
+        r = req(
+            user,
+            rng.uniform(0, 99),
+            rng.choice(["interactive", "batch"]),
+            fraction=rng.choice([0.25, 0.5, 1.0]),
+        )
         r.team = q.team_of(user)
         fq.add(r)
         reqs.append(r)
@@ -247,6 +267,7 @@ def test_fair_queue_best_agrees_with_the_full_order():
 
 
 # ---------------------------------------------------------------------- suspension of idle sessions
+
 
 def suspending_pool(after="30s", sizes=(16, 16)):
     return make_pool(quotas(**{"suspend-idle-after": after}), sizes=sizes)
@@ -269,18 +290,25 @@ def test_an_idle_session_moves_to_host_memory_for_a_waiting_interactive_cell():
     pool.submit(waiting)
     pool.schedule()
     # it waits, saying when and why it will not wait longer
-    assert waiting in pool.queue and "1 idle session(s) there move to host memory for it in 20 s" in waiting.reason
+    assert (
+        waiting in pool.queue
+        and "1 idle session(s) there move to host memory for it in 20 s" in waiting.reason
+    )
     assert waiting.eta == pytest.approx(30.0)
     pool.now = 30.0
     grants, taken = pool.schedule()
     assert [r.id for r, _ in grants] == [waiting.id]
-    assert [(ls.user, why) for ls, why in taken] == [("alice", "suspended after 30 s idle: bob's cell was "
-                                                                     "waiting for the GPU")]
+    assert [(ls.user, why) for ls, why in taken] == [
+        ("alice", "suspended after 30 s idle: bob's cell was waiting for the GPU")
+    ]
     assert carol.id in pool.leases  # a running cell is never suspended
 
 
 def test_batch_work_never_suspends_anybody_and_suspension_can_be_off():
-    for pool, user_spec in ((suspending_pool("0s"), {"priority": "batch"}), (suspending_pool(None), {})):
+    for pool, user_spec in (
+        (suspending_pool("0s"), {"priority": "batch"}),
+        (suspending_pool(None), {}),
+    ):
         for user in ("alice", "carol"):
             pool.submit(req(user, gpus=1))
         pool.schedule()
@@ -292,8 +320,8 @@ def test_batch_work_never_suspends_anybody_and_suspension_can_be_off():
 
 
 def whom_bob_displaces(alice_idle: tuple, carol_idle: tuple) -> str:
-    """alice and carol each hold a whole GPU and went idle at ``(time, resident bytes or None)``; at 100 s
-    bob's half-GPU cell waits: whose session is moved for it?"""
+    """alice and carol each hold a whole GPU and went idle at ``(time, resident bytes or None)``; at
+    100 s bob's half-GPU cell waits: whose session is moved for it?"""
     pool = suspending_pool("0s")
     for user in ("alice", "carol"):
         pool.submit(req(user, gpus=1))
@@ -320,33 +348,45 @@ def test_a_whole_gpu_is_freed_only_where_every_session_on_it_is_idle():
         pool.submit(req(user, fraction=f))
         pool.schedule()
     # two halves share a GPU, one is alone on the other; the lone one runs a cell
-    lone = next(ls for ls in pool.leases.values()
-                if len(pool.gpus[ls.allocations[0].gpu].leases) == 1)
+    lone = next(
+        ls for ls in pool.leases.values() if len(pool.gpus[ls.allocations[0].gpu].leases) == 1
+    )
     pool.policy.lease_state(lone.id, "running", 0.0)
     pool.now = 50.0
     whole = req("bob", 50.0, gpus=1)
     pool.submit(whole)
     _, taken = pool.schedule()
-    assert len(taken) == 2 and len({ls.allocations[0].gpu for ls, _ in taken}) == 1  # both halves of one GPU
+    # both halves of one GPU
+    assert len(taken) == 2 and len({ls.allocations[0].gpu for ls, _ in taken}) == 1
     assert lone.id in pool.leases and whole not in pool.queue
 
 
 def test_the_gpu_whose_largest_idle_state_is_smallest_is_freed_first():
-    """The waiting cell waits for the displaced sessions to write their state out: a GPU where that is
-    quick goes before one whose session has merely been idle longer."""
+    """The waiting cell waits for the displaced sessions to write their state out: a GPU where that
+    is quick goes before one whose session has merely been idle longer."""
     # alice: away 90 s, holds 12 GiB; carol: away 20 s, holds 1 GiB
     assert whom_bob_displaces((10.0, 12 * GiB), (80.0, 1 * GiB)) == "carol"
 
 
 def test_a_session_still_starting_is_never_taken():
-    """Bug fixed: a lease counted as idle from the instant it was granted, so with min-run-time 0 a request
-    could take it back (killing the session) before its session process had even started."""
+    """Bug fixed: a lease counted as idle from the instant it was granted, so with min-run-time 0 a
+    request could take it back (killing the session) before its session process had even started."""
     pool = suspending_pool("0s", sizes=(16,))
     policy = pool.policy
-    policy.lease_started("S1", "alice", "ml", 1.0, False, now=0.0, allocs={pool.gpus["w0#0"].id: 16 * GiB},
-                         idle=False)
+    policy.lease_started(
+        "S1",
+        "alice",
+        "ml",
+        1.0,
+        False,
+        now=0.0,
+        allocs={pool.gpus["w0#0"].id: 16 * GiB},
+        idle=False,
+    )
     pool.gpus["w0#0"].leased_bytes = 16 * GiB
     pool.gpus["w0#0"].leases.add("S1")
     assert policy.suspend_plan(req("bob", 5.0), list(pool.gpus.values()), 5.0) is None
     policy.lease_state("S1", "idle", 6.0)  # the session is up and says so
-    assert [lid for lid, _ in policy.suspend_plan(req("bob", 7.0), list(pool.gpus.values()), 7.0)] == ["S1"]
+    assert [
+        lid for lid, _ in policy.suspend_plan(req("bob", 7.0), list(pool.gpus.values()), 7.0)
+    ] == ["S1"]

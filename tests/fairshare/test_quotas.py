@@ -1,6 +1,11 @@
 import pytest
 
-from jupyter_gpu.broker.quotas import QuotaConfigError, load_quotas, parse_quotas, quotas_from_config
+from jupyter_gpu.broker.quotas import (
+    QuotaConfigError,
+    load_quotas,
+    parse_quotas,
+    quotas_from_config,
+)
 
 
 def test_yaml_teams_users_and_defaults(tmp_path):
@@ -18,9 +23,11 @@ users:
     q = load_quotas(str(path))
     assert q.configured and q.half_life == 1800
     assert q.team_of("alice") == "ml" and q.team_of("bob") == "ml" and q.team_of("carol") == "viz"
-    assert q.team_of("mallory") == "guests" and q.team("guests").guarantee == 0  # unknown: the default team
+    # unknown: the default team
+    assert q.team_of("mallory") == "guests" and q.team("guests").guarantee == 0
     assert q.user_limit("bob") == 1.0 and q.user_limit("alice") is None
-    assert q.team("dave").guarantee == 0.25 and q.team_of("dave") == "dave"  # a user's own guarantee
+    # a user's own guarantee
+    assert q.team("dave").guarantee == 0.25 and q.team_of("dave") == "dave"
     assert q.priority("alice") == 10 and q.team("ml").limit == 3
     assert q.total_guarantee() == pytest.approx(2.75)
 
@@ -32,13 +39,16 @@ def test_toml(tmp_path):
     assert q.team("ml").guarantee == 1.5 and q.team_of("alice") == "ml"
 
 
-@pytest.mark.parametrize("data, message", [
-    ({"teams": {"ml": {"guarantee": 2, "limit": 1}}}, "below its guarantee"),
-    ({"teams": {"ml": {"guarantee": "lots"}}}, "not a number of GPUs"),
-    ({"teams": {"a": {"members": ["x"]}, "b": {"members": ["x"]}}}, "member of two teams"),
-    ({"half-life": "soon"}, "not a duration"),
-    ({"suspend-idle-after": "whenever"}, "suspend-idle-after: 'whenever' is not a duration"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"teams": {"ml": {"guarantee": 2, "limit": 1}}}, "below its guarantee"),
+        ({"teams": {"ml": {"guarantee": "lots"}}}, "not a number of GPUs"),
+        ({"teams": {"a": {"members": ["x"]}, "b": {"members": ["x"]}}}, "member of two teams"),
+        ({"half-life": "soon"}, "not a duration"),
+        ({"suspend-idle-after": "whenever"}, "suspend-idle-after: 'whenever' is not a duration"),
+    ],
+)
 def test_bad_config_names_the_entry(data, message):
     with pytest.raises(QuotaConfigError, match=message):
         parse_quotas(data, source="pool.yaml")

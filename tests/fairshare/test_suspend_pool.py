@@ -1,9 +1,9 @@
-"""Suspension in a real pool (2 virtual 16 GiB GPUs, real kernels of three users): an interactive cell that
-finds no room moves an idle session of another user to host memory and runs; a running session is never
-touched and batch work waits; the suspended owner's next cell says why and gets the variables back. A
-session idle for ``session.standby-after`` (6 s here) has copied its variables already, so suspending it
-hands that copy over; a cell makes the copy stale, and a session suspended before its next copy is written
-moves its variables as they are."""
+"""Suspension in a real pool (2 virtual 16 GiB GPUs, real kernels of three users): an interactive
+cell that finds no room moves an idle session of another user to host memory and runs; a running
+session is never touched and batch work waits; the suspended owner's next cell says why and gets the
+variables back. A session idle for ``session.standby-after`` (6 s here) has copied its variables
+already, so suspending it hands that copy over; a cell makes the copy stale, and a session suspended
+before its next copy is written moves its variables as they are."""
 
 from __future__ import annotations
 
@@ -28,8 +28,11 @@ min-run-time: 0s
 
 @pytest.fixture(scope="module")
 def spool(tmp_path_factory):
-    pool = QuotaPool(tmp_path_factory.mktemp("suspend-pool"), quotas=QUOTAS,
-                     env={"DASK_JUPYTER_GPU__SESSION__STANDBY_AFTER": "6s"})
+    pool = QuotaPool(
+        tmp_path_factory.mktemp("suspend-pool"),
+        quotas=QUOTAS,
+        env={"DASK_JUPYTER_GPU__SESSION__STANDBY_AFTER": "6s"},
+    )
     pool.start()
     yield pool
     pool.stop()
@@ -40,12 +43,15 @@ def by_user(address: str) -> dict:
 
 
 def standby_copy(lease_id: str, pool: QuotaPool) -> list[str]:
-    """The session's standby copy in its worker's host-memory folder (``offload_dir``: ``jupyter-gpu-<worker
-    pid>-...``), if it has one; only this pool's workers' folders count (other pools, earlier or running at
-    the same time, use the same lease ids)."""
-    return [p for base in ("/dev/shm", tempfile.gettempdir())
-            for p in glob.glob(os.path.join(base, "jupyter-gpu-*", lease_id, "standby"))
-            if _worker_pid(os.path.basename(os.path.dirname(os.path.dirname(p)))) in _pool_pids(pool)]
+    """The session's standby copy in its worker's host-memory folder (``offload_dir``:
+    ``jupyter-gpu-<worker pid>-...``), if it has one; only this pool's workers' folders count (other
+    pools, earlier or running at the same time, use the same lease ids)."""
+    return [
+        p
+        for base in ("/dev/shm", tempfile.gettempdir())
+        for p in glob.glob(os.path.join(base, "jupyter-gpu-*", lease_id, "standby"))
+        if _worker_pid(os.path.basename(os.path.dirname(os.path.dirname(p)))) in _pool_pids(pool)
+    ]
 
 
 def _worker_pid(folder: str) -> int | None:
@@ -70,24 +76,39 @@ def test_an_idle_session_is_suspended_for_a_waiting_cell_and_comes_back(spool):
     alice, bob, carol = spool.kernel("alice"), spool.kernel("bob"), spool.kernel("carol")
     a = spool.address
     try:
-        res = alice.run("%%gpu --gpus 1\nimport torch\nt = torch.arange(6.)\nsteps = (i for i in range(3))\n"
-                        "big = torch.ones(64 * 2**20 // 4)")
+        res = alice.run(
+            "%%gpu --gpus 1\nimport torch\nt = torch.arange(6.)\nsteps = (i for i in range(3))\n"
+            "big = torch.ones(64 * 2**20 // 4)"
+        )
         assert res.error is None, res.error_text
-        # her session says what it holds now (what suspending it would move): the 64 MiB tensor, and more
-        assert wait_until(lambda: (by_user(a).get("alice", {}).get("resident_bytes") or 0) >= 60 * 2**20)
-        cell = carol.submit("%%gpu --gpus 1\nimport time\nprint('carol starts', flush=True)\ntime.sleep(12)\n"
-                            "print('carol done')")
+        # her session says what it holds now (what suspending it would move): the 64 MiB tensor, and
+        # more
+        assert wait_until(
+            lambda: (by_user(a).get("alice", {}).get("resident_bytes") or 0) >= 60 * 2**20
+        )
+        cell = carol.submit(
+            "%%gpu --gpus 1\nimport time\nprint('carol starts', flush=True)\ntime.sleep(12)\n"
+            "print('carol done')"
+        )
         carol.wait_for_output(cell, "carol starts", timeout=60)
         assert wait_until(lambda: by_user(a).get("carol", {}).get("state") == "running")
         held = by_user(a)
         # batch work never suspends anybody: it waits, even with alice idle for longer than 2 s
-        batch = call(a, "gpu_request", user="bob", kernel="b", spec={"fraction": 0.5, "priority": "batch"},
-                     token=spool.tokens["bob"])
+        batch = call(
+            a,
+            "gpu_request",
+            user="bob",
+            kernel="b",
+            spec={"fraction": 0.5, "priority": "batch"},
+            token=spool.tokens["bob"],
+        )
         assert batch["state"] == "queued"
         time.sleep(3)
         assert [q["id"] for q in snapshot(a)["queue"]] == [batch["id"]]
         assert by_user(a)["alice"]["id"] == held["alice"]["id"]
-        assert call(a, "gpu_cancel", id=batch["id"], user="bob", token=spool.tokens["bob"])["cancelled"]
+        assert call(a, "gpu_cancel", id=batch["id"], user="bob", token=spool.tokens["bob"])[
+            "cancelled"
+        ]
         # bob's interactive cell moves alice's idle session to host memory (not carol's running one)
         # idle for 6 s, alice's session has copied its variables to host memory already
         assert wait_until(lambda: standby_copy(held["alice"]["id"], spool), timeout=30)
@@ -95,12 +116,24 @@ def test_an_idle_session_is_suspended_for_a_waiting_cell_and_comes_back(spool):
         assert res.error is None and "bob ran" in res.stdout, res.error_text
         now = by_user(a)
         assert now["carol"]["id"] == held["carol"]["id"] and now["carol"]["state"] == "running"
-        ended = call(a, "gpu_lease_info", lease=held["alice"]["id"], user="alice", token=spool.tokens["alice"])
-        assert ended["state"] == "ended" and ended["end_reason"].startswith("suspended after"), ended
+        ended = call(
+            a,
+            "gpu_lease_info",
+            lease=held["alice"]["id"],
+            user="alice",
+            token=spool.tokens["alice"],
+        )
+        assert ended["state"] == "ended" and ended["end_reason"].startswith("suspended after"), (
+            ended
+        )
         assert "bob's cell was waiting for the GPU" in ended["end_reason"]
         # the panel's snapshot lists alice's variables as waiting in host memory
-        assert wait_until(lambda: [(p["id"], p["state"]) for p in snapshot(a)["in_host_memory"]]
-                          == [(held["alice"]["id"], "saved")])
+        assert wait_until(
+            lambda: (
+                [(p["id"], p["state"]) for p in snapshot(a)["in_host_memory"]]
+                == [(held["alice"]["id"], "saved")]
+            )
+        )
         parked = snapshot(a)["in_host_memory"][0]
         assert parked["user"] == "alice" and list(parked["saved"]) == ["big", "t", "torch"]
         assert list(parked["lost"]) == ["steps"]
@@ -116,7 +149,9 @@ def test_an_idle_session_is_suspended_for_a_waiting_cell_and_comes_back(spool):
         assert bob.run("%gpu release").error is None
         res = alice.run("%%gpu\nprint('sum', float(t.sum()))", timeout=120)
         assert res.error is None, res.error_text
-        assert "suspended after" in res.stdout and "were moved to host memory" in res.stdout, res.stdout
+        assert "suspended after" in res.stdout and "were moved to host memory" in res.stdout, (
+            res.stdout
+        )
         assert "Restored 3 variable(s) from host memory: big, t, torch." in res.stdout, res.stdout
         assert "steps (generator)" in res.stdout and "sum 15.0" in res.stdout, res.stdout
         assert not snapshot(a)["in_host_memory"]  # restored: nothing waits in host memory any more
@@ -134,8 +169,8 @@ def test_an_idle_session_is_suspended_for_a_waiting_cell_and_comes_back(spool):
 
 
 def test_a_cell_makes_the_standby_copy_stale_and_suspension_moves_the_variables_as_they_are(spool):
-    """Suspended 2 s into its idleness, before its next copy (6 s), a session writes what it holds now: never
-    the copy taken before its last cell."""
+    """Suspended 2 s into its idleness, before its next copy (6 s), a session writes what it holds
+    now: never the copy taken before its last cell."""
     alice, bob, carol = spool.kernel("alice"), spool.kernel("bob"), spool.kernel("carol")
     a = spool.address
     try:
@@ -143,18 +178,29 @@ def test_a_cell_makes_the_standby_copy_stale_and_suspension_moves_the_variables_
         lease_id = by_user(a)["alice"]["id"]
         assert wait_until(lambda: standby_copy(lease_id, spool), timeout=30)  # a copy holding x = 1
         # the other GPU is busy with carol's running cell: bob's cell can only get alice's
-        cell = carol.submit("%%gpu --gpus 1\nimport time\nprint('carol starts', flush=True)\ntime.sleep(300)")
+        cell = carol.submit(
+            "%%gpu --gpus 1\nimport time\nprint('carol starts', flush=True)\ntime.sleep(300)"
+        )
         carol.wait_for_output(cell, "carol starts", timeout=60)
         assert alice.run("%%gpu\nx = x * 2").error is None
-        assert not standby_copy(lease_id, spool)  # stale from the moment the cell started: its memory given back
+        # stale from the moment the cell started: its memory given back
+        assert not standby_copy(lease_id, spool)
         res = bob.run("%%gpu --gpus 1\nprint('bob ran')", timeout=120)
         assert res.error is None and "bob ran" in res.stdout, res.error_text
-        assert wait_until(lambda: [(p["id"], p["state"]) for p in snapshot(a)["in_host_memory"]]
-                          == [(lease_id, "saved")])
-        assert snapshot(a)["in_host_memory"][0]["standby"] is False  # written when suspended, as it was then
+        assert wait_until(
+            lambda: (
+                [(p["id"], p["state"]) for p in snapshot(a)["in_host_memory"]]
+                == [(lease_id, "saved")]
+            )
+        )
+        # written when suspended, as it was then
+        assert snapshot(a)["in_host_memory"][0]["standby"] is False
         assert bob.run("%gpu release").error is None
         res = alice.run("%%gpu\nprint('x', x.tolist())", timeout=120)
-        assert res.error is None and "x [2.0, 2.0, 2.0, 2.0]" in res.stdout, (res.stdout, res.error_text)
+        assert res.error is None and "x [2.0, 2.0, 2.0, 2.0]" in res.stdout, (
+            res.stdout,
+            res.error_text,
+        )
     finally:
         for k in (alice, bob, carol):
             k.shutdown(now=True)

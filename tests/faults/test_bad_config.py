@@ -1,9 +1,9 @@
 """Bad pool configuration is refused before the pool listens, naming the file, the line and the fix.
 
-Bugs fixed: 10 of 14 malformed quota files raised inside the Dask preload, yet the scheduler printed its
-banner and served without a broker (every request then failed with ``KeyError: 'gpu_request'``); a NaN
-guarantee, ``members: alice`` as text and unknown keys were accepted silently; broken token files made every
-request fail with an internal error.
+Bugs fixed: 10 of 14 malformed quota files raised inside the Dask preload, yet the scheduler printed
+its banner and served without a broker (every request then failed with ``KeyError: 'gpu_request'``);
+a NaN guarantee, ``members: alice`` as text and unknown keys were accepted silently; broken token
+files made every request fail with an internal error.
 """
 
 from __future__ import annotations
@@ -63,8 +63,14 @@ def test_a_missing_quota_file_says_how_to_fix_it(tmp_path):
 
 
 def _pool_up(tmp_path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "jupyter_gpu.cli", "pool", "up", "--port", str(free_port())],
-                          env={**os.environ, **env}, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    return subprocess.run(
+        [sys.executable, "-m", "jupyter_gpu.cli", "pool", "up", "--port", str(free_port())],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
 
 
 def test_pool_up_exits_non_zero_on_a_bad_quota_file_before_listening(tmp_path):
@@ -75,13 +81,16 @@ def test_pool_up_exits_non_zero_on_a_bad_quota_file_before_listening(tmp_path):
     assert "scheduler at" not in done.stdout  # it never listened
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "does not exist. Create it with `jupyter-gpu token create"),
-    ("{not json", "is not JSON"),
-    ('{"people": {}}', 'has no "users" mapping'),
-    ('{"users": {"alice": {"hash": "00"}}}', "lacks a salt and a SHA-256 hash"),
-    ('{"users": {"alice": "secret"}}', "lacks a salt and a SHA-256 hash"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "does not exist. Create it with `jupyter-gpu token create"),
+        ("{not json", "is not JSON"),
+        ('{"people": {}}', 'has no "users" mapping'),
+        ('{"users": {"alice": {"hash": "00"}}}', "lacks a salt and a SHA-256 hash"),
+        ('{"users": {"alice": "secret"}}', "lacks a salt and a SHA-256 hash"),
+    ],
+)
 def test_pool_up_exits_non_zero_on_a_bad_token_file(tmp_path, content, message):
     path = tmp_path / "tokens.json"
     if content is not None:
@@ -94,10 +103,23 @@ def test_pool_up_exits_non_zero_on_a_bad_token_file(tmp_path, content, message):
 def test_a_dask_scheduler_with_the_broker_preloaded_exits_on_bad_config(tmp_path):
     """``dask scheduler --preload jupyter_gpu.broker.plugin`` must not serve without its broker."""
     (tmp_path / "pool.yaml").write_text("teams:\n  ml: {guarantee: .nan}\n")
-    done = subprocess.run([sys.executable, "-m", "distributed.cli.dask_scheduler", "--port", str(free_port()),
-                           "--no-dashboard", "--preload", "jupyter_gpu.broker.plugin"],
-                          env={**os.environ, "DASK_JUPYTER_GPU__POOL_CONFIG": str(tmp_path / "pool.yaml")},
-                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distributed.cli.dask_scheduler",
+            "--port",
+            str(free_port()),
+            "--no-dashboard",
+            "--preload",
+            "jupyter_gpu.broker.plugin",
+        ],
+        env={**os.environ, "DASK_JUPYTER_GPU__POOL_CONFIG": str(tmp_path / "pool.yaml")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert done.returncode == 1, done.stderr[-2000:]
     assert "the broker cannot start" in done.stderr and "not a number of GPUs" in done.stderr
 
@@ -113,10 +135,13 @@ def test_a_token_file_that_turns_bad_while_running_keeps_the_last_good_copy(tmp_
     assert "not JSON" in caplog.text and "keeping the last good copy" in caplog.text
     bob = TokenStore(str(path)).create  # fixing the file (a new token for bob) takes effect at once
     with pytest.raises(TokenFileError):
-        bob("bob")  # create refuses to overwrite a file it cannot read (it would lose alice's token)
+        # create refuses to overwrite a file it cannot read (it would lose alice's token)
+        bob("bob")
     path.write_text(json.dumps({"users": {}}))
     bob_token = TokenStore(str(path)).create("bob")
-    assert store.check("bob", bob_token) is None and "does not know the user 'alice'" in store.check("alice", alice)
+    assert store.check(
+        "bob", bob_token
+    ) is None and "does not know the user 'alice'" in store.check("alice", alice)
 
 
 def test_a_token_file_unreadable_from_the_start_refuses_clearly(tmp_path):

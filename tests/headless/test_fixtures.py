@@ -1,4 +1,5 @@
-"""The ``gpu_pool`` and ``gpu_kernel`` fixtures for users' tests, and what a dead kernel leaves behind."""
+"""The ``gpu_pool`` and ``gpu_kernel`` fixtures for users' tests, and what a dead kernel leaves
+behind."""
 
 from __future__ import annotations
 
@@ -58,14 +59,21 @@ def test_a_killed_kernel_leaves_no_lease_and_no_session(gpu_pool):
 
 
 def test_the_kernel_driver_runs_cells_without_raising_and_interrupts_a_submitted_one(gpu_pool):
-    """What the project's own tests and benchmarks use of the same driver: a user and environment for the
-    kernel, ``run`` (never raises for the cell's error), ``submit``/``wait_for_output``/``collect`` around an
-    interrupt, ``record=False`` for timing, ``alive``, ``shutdown``."""
+    """What the project's own tests and benchmarks use of the same driver: a user and environment
+    for the kernel, ``run`` (never raises for the cell's error),
+    ``submit``/``wait_for_output``/``collect`` around an interrupt, ``record=False`` for timing,
+    ``alive``, ``shutdown``."""
     kernel = GpuKernel(gpu_pool, user="driver-user", env={"DRIVER_MARK": "set"}).start()
     try:
-        res = kernel.run("import os\nprint(os.environ['JUPYTER_GPU_USER'], os.environ['DRIVER_MARK'])\n1 / 0")
+        res = kernel.run(
+            "import os\nprint(os.environ['JUPYTER_GPU_USER'], os.environ['DRIVER_MARK'])\n1 / 0"
+        )
         assert res.stdout == "driver-user set\n" and res.status == "error"
-        assert res.error["ename"] == "ZeroDivisionError" and "1 / 0" in res.error_text and res.elapsed > 0
+        assert (
+            res.error["ename"] == "ZeroDivisionError"
+            and "1 / 0" in res.error_text
+            and res.elapsed > 0
+        )
         assert [o["output_type"] for o in res.outputs] == ["stream", "error"]
         timed = kernel.run("%%gpu\npass", record=False)
         assert timed.status == "ok" and timed.outputs == [] and timed.elapsed > 0
@@ -74,7 +82,9 @@ def test_the_kernel_driver_runs_cells_without_raising_and_interrupts_a_submitted
         t0 = time.monotonic()
         kernel.interrupt()
         res = kernel.collect(msg)
-        assert time.monotonic() - t0 < 5 and res.error["ename"] == "KeyboardInterrupt", res.error_text
+        assert time.monotonic() - t0 < 5 and res.error["ename"] == "KeyboardInterrupt", (
+            res.error_text
+        )
         assert "started" not in res.stdout  # what wait_for_output read is not repeated
         with pytest.raises(TimeoutError, match="still ran after"):
             kernel.run("import time\ntime.sleep(3)", timeout=0.5)

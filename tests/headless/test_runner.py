@@ -1,4 +1,5 @@
-"""``jupyter-gpu run`` / ``run_notebook``: real notebooks on a real pool of virtual GPUs, real kernels."""
+"""``jupyter-gpu run`` / ``run_notebook``: real notebooks on a real pool of virtual GPUs, real
+kernels."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def _outputs_text(cell) -> str:
 
 
 def _running(pid: int | None) -> bool:
-    """Whether a process runs (a zombie waiting for its parent to reap it does not: it holds nothing)."""
+    """Whether a process runs (a zombie waiting for its parent to reap it does not: it holds
+    nothing)."""
     try:
         return bool(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
@@ -44,18 +46,33 @@ def _assert_pool_idle(address: str, wait: float = 10.0) -> dict:
         snap = pool_snapshot(address)
         if not all_leases(snap) and not snap["queue"]:
             return snap
-        assert time.monotonic() < deadline, f"the pool still holds {all_leases(snap)} / queue {snap['queue']}"
+        assert time.monotonic() < deadline, (
+            f"the pool still holds {all_leases(snap)} / queue {snap['queue']}"
+        )
         time.sleep(0.1)
 
 
 def test_parse_value_and_injection_position():
     assert parse_value("3") == 3 and parse_value("0.5") == 0.5 and parse_value("[1, 2]") == [1, 2]
-    assert parse_value("True") is True and parse_value("resnet") == "resnet" and parse_value("'3'") == "3"
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("a = 1"),
-                                         nbformat.v4.new_code_cell("b = 2", metadata={"tags": ["parameters"]}),
-                                         nbformat.v4.new_code_cell("c = 3")])
+    assert (
+        parse_value("True") is True
+        and parse_value("resnet") == "resnet"
+        and parse_value("'3'") == "3"
+    )
+    nb = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_code_cell("a = 1"),
+            nbformat.v4.new_code_cell("b = 2", metadata={"tags": ["parameters"]}),
+            nbformat.v4.new_code_cell("c = 3"),
+        ]
+    )
     inject_parameters(nb, [("b", "5"), ("name", "x y")])
-    assert [c.metadata.get("tags") for c in nb.cells] == [None, ["parameters"], ["injected-parameters"], None]
+    assert [c.metadata.get("tags") for c in nb.cells] == [
+        None,
+        ["parameters"],
+        ["injected-parameters"],
+        None,
+    ]
     assert nb.cells[2].source == "# Parameters\nb = 5\nname = 'x y'\n"
     inject_parameters(nb, [("b", "6")])  # a rerun replaces the injected cell
     assert sum("injected-parameters" in (c.metadata.get("tags") or []) for c in nb.cells) == 1
@@ -69,25 +86,30 @@ def test_passing_notebook(gpu_pool, copy_notebooks, tmp_path):
     err = io.StringIO()
     code = run_notebook(str(nb_path), pool=gpu_pool, stream=err)
     assert code == 0, err.getvalue()
-    # it says where it is while it runs: each cell as it starts and ends (it was silent until the end)
+    # it says where it is while it runs: each cell as it starts and ends (it was silent until the
+    # end)
     said = err.getvalue()
     assert "jupyter-gpu run: cell 2/7: %load_ext jupyter_gpu" in said, said
     assert re.search(r"jupyter-gpu run: cell 4/7: done in [\d.]+ s", said), said
     assert re.search(r"jupyter-gpu run: cell 6/7: raised \w+ in", said), said
-    out = nbformat.read(tmp_path / "passing.out.ipynb", as_version=4)  # the default output, beside it
+    # the default output, beside it
+    out = nbformat.read(tmp_path / "passing.out.ipynb", as_version=4)
     texts = [_outputs_text(c) for c in out.cells]
     assert "remote y = 42" in texts[3] and "local y = 42" in texts[4]
     assert "expected: this cell is tagged raises-exception" in str(out.cells[5].outputs)
     assert out.cells[6].get("outputs") == []  # skip-execution
     assert out.metadata["jupyter_gpu"]["status"] == "passed"
-    assert nbformat.read(nb_path, as_version=4).cells[3].get("outputs") == []  # the source is untouched
+    # the source is untouched
+    assert nbformat.read(nb_path, as_version=4).cells[3].get("outputs") == []
     _assert_pool_idle(gpu_pool)
 
 
 def test_failing_gpu_cell_reports_cell_and_remote_traceback(gpu_pool, copy_notebooks, tmp_path):
     (nb_path,) = copy_notebooks("failing_gpu.ipynb")
     err = io.StringIO()
-    code = run_notebook(str(nb_path), output=str(tmp_path / "executed.ipynb"), pool=gpu_pool, stream=err)
+    code = run_notebook(
+        str(nb_path), output=str(tmp_path / "executed.ipynb"), pool=gpu_pool, stream=err
+    )
     report = err.getvalue()
     assert code == 1, report
     assert "\x1b" not in report
@@ -99,15 +121,23 @@ def test_failing_gpu_cell_reports_cell_and_remote_traceback(gpu_pool, copy_noteb
     assert "run_cell_magic" not in report
     executed = nbformat.read(tmp_path / "executed.ipynb", as_version=4)
     assert "about to divide" in _outputs_text(executed.cells[2])
-    assert executed.cells[3].get("outputs") == [] and executed.metadata["jupyter_gpu"]["failed_cell"] == 3
+    assert (
+        executed.cells[3].get("outputs") == []
+        and executed.metadata["jupyter_gpu"]["failed_cell"] == 3
+    )
     _assert_pool_idle(gpu_pool)
 
 
 def test_parameters_reach_a_gpu_cell(gpu_pool, copy_notebooks, tmp_path):
     (nb_path,) = copy_notebooks("params.ipynb")
     err = io.StringIO()
-    code = run_notebook(str(nb_path), output=str(tmp_path / "o.ipynb"), pool=gpu_pool, stream=err,
-                        parameters=[("batch", "21"), ("model", "resnet")])
+    code = run_notebook(
+        str(nb_path),
+        output=str(tmp_path / "o.ipynb"),
+        pool=gpu_pool,
+        stream=err,
+        parameters=[("batch", "21"), ("model", "resnet")],
+    )
     assert code == 0, err.getvalue()
     out = nbformat.read(tmp_path / "o.ipynb", as_version=4)
     assert out.cells[2].metadata["tags"] == ["injected-parameters"]
@@ -121,7 +151,9 @@ def test_timeout_interrupts_and_frees_the_lease(gpu_pool, copy_notebooks, tmp_pa
     err = io.StringIO()
     started = time.monotonic()
     # the first %%gpu cell (the session start) has its own limit in its metadata: 120 s
-    code = run_notebook(str(nb_path), output=str(tmp_path / "o.ipynb"), pool=gpu_pool, stream=err, timeout=5)
+    code = run_notebook(
+        str(nb_path), output=str(tmp_path / "o.ipynb"), pool=gpu_pool, stream=err, timeout=5
+    )
     elapsed = time.monotonic() - started
     report = err.getvalue()
     assert code == 1, report
@@ -156,10 +188,29 @@ def test_cli_with_a_private_pool(copy_notebooks, tmp_path):
     (nb_path,) = copy_notebooks("params.ipynb")
     out = tmp_path / "o.ipynb"
     env = {k: v for k, v in os.environ.items() if k != "JUPYTER_GPU_SCHEDULER"}
-    env["JUPYTER_RUNTIME_DIR"] = str(tmp_path / "runtime")  # the user's embedded pool is not touched
-    proc = subprocess.run([sys.executable, "-m", "jupyter_gpu.cli", "run", str(nb_path), "-o", str(out),
-                           "-p", "batch", "5", "-p", "model", "vit"], env=env, capture_output=True, text=True,
-                          timeout=240)
+    # the user's embedded pool is not touched
+    env["JUPYTER_RUNTIME_DIR"] = str(tmp_path / "runtime")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jupyter_gpu.cli",
+            "run",
+            str(nb_path),
+            "-o",
+            str(out),
+            "-p",
+            "batch",
+            "5",
+            "-p",
+            "model",
+            "vit",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "passed" in proc.stderr
     executed = nbformat.read(out, as_version=4)
@@ -169,8 +220,12 @@ def test_cli_with_a_private_pool(copy_notebooks, tmp_path):
 
 
 def test_cli_refuses_what_it_cannot_run(tmp_path):
-    missing = subprocess.run([sys.executable, "-m", "jupyter_gpu.cli", "run", str(tmp_path / "nope.ipynb")],
-                             capture_output=True, text=True, timeout=60)
+    missing = subprocess.run(
+        [sys.executable, "-m", "jupyter_gpu.cli", "run", str(tmp_path / "nope.ipynb")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert missing.returncode == 2 and "cannot read" in missing.stderr
     err = io.StringIO()
     nb = tmp_path / "a.ipynb"
@@ -180,11 +235,13 @@ def test_cli_refuses_what_it_cannot_run(tmp_path):
 
 
 def test_a_kernel_that_dies_fails_the_run_and_frees_its_lease(gpu_pool, tmp_path):
-    nb = nbformat.v4.new_notebook(cells=[
-        nbformat.v4.new_code_cell("%load_ext jupyter_gpu"),
-        nbformat.v4.new_code_cell("%%gpu\nz = 1"),
-        nbformat.v4.new_code_cell("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)"),
-    ])
+    nb = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_code_cell("%load_ext jupyter_gpu"),
+            nbformat.v4.new_code_cell("%%gpu\nz = 1"),
+            nbformat.v4.new_code_cell("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)"),
+        ]
+    )
     nbformat.write(nb, tmp_path / "dies.ipynb")
     err = io.StringIO()
     assert run_notebook(str(tmp_path / "dies.ipynb"), pool=gpu_pool, stream=err) == 1
@@ -193,18 +250,24 @@ def test_a_kernel_that_dies_fails_the_run_and_frees_its_lease(gpu_pool, tmp_path
 
 
 def test_unknown_parameters_are_refused_before_anything_runs(tmp_path):
-    """`jupyter-gpu run -p epochs 30` on a notebook whose parameters cell lacks `epochs` (or that has no
-    parameters cell) ran with the notebook's own value, silently. Now it is refused, naming what is declared."""
-    nb = nbformat.v4.new_notebook(cells=[
-        nbformat.v4.new_code_cell("epochs = 150\nlr = 0.01", metadata={"tags": ["parameters"]}),
-        nbformat.v4.new_code_cell("raise SystemExit('never run')")])
+    """`jupyter-gpu run -p epochs 30` on a notebook whose parameters cell lacks `epochs` (or that
+    has no parameters cell) ran with the notebook's own value, silently. Now it is refused, naming
+    what is declared."""
+    nb = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_code_cell("epochs = 150\nlr = 0.01", metadata={"tags": ["parameters"]}),
+            nbformat.v4.new_code_cell("raise SystemExit('never run')"),
+        ]
+    )
     path = tmp_path / "p.ipynb"
     nbformat.write(nb, path)
     err = io.StringIO()
     assert run_notebook(str(path), parameters=[("epoch", "30")], stream=err) == 2
     assert "unknown parameter 'epoch'" in err.getvalue() and "assigns epochs, lr" in err.getvalue()
     untagged = tmp_path / "u.ipynb"
-    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("epochs = 150")]), untagged)
+    nbformat.write(
+        nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("epochs = 150")]), untagged
+    )
     err = io.StringIO()
     assert run_notebook(str(untagged), parameters=[("epochs", "30")], stream=err) == 2
     assert "has no cell tagged 'parameters'" in err.getvalue()

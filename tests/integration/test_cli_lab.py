@@ -1,6 +1,8 @@
-"""``jupyter-gpu lab`` and ``jupyter-gpu pool down``: real processes, a real JupyterLab, a real embedded pool.
+"""``jupyter-gpu lab`` and ``jupyter-gpu pool down``: real processes, a real JupyterLab, a real
+embedded pool.
 
-Each test has its own runtime directory, so the pools here never meet a developer's or another test's.
+Each test has its own runtime directory, so the pools here never meet a developer's or another
+test's.
 """
 
 import os
@@ -16,7 +18,11 @@ pytestmark = pytest.mark.integration
 
 
 def cli_env(tmp_path, virtual: str | None = "2x16GiB") -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("JUPYTER_GPU_SCHEDULER", "JUPYTER_GPU_VIRTUAL_GPUS")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("JUPYTER_GPU_SCHEDULER", "JUPYTER_GPU_VIRTUAL_GPUS")
+    }
     env["JUPYTER_RUNTIME_DIR"] = str(tmp_path / "runtime")
     if virtual:
         env["JUPYTER_GPU_VIRTUAL_GPUS"] = virtual
@@ -28,8 +34,14 @@ def pool_records(tmp_path) -> list:
 
 
 def cli(*args, env, timeout=120, **kwargs):
-    return subprocess.run([sys.executable, "-m", "jupyter_gpu.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "jupyter_gpu.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
+    )
 
 
 def free_port() -> int:
@@ -39,15 +51,19 @@ def free_port() -> int:
 
 
 def test_lab_help_starts_no_pool_and_no_gpu_is_a_message_not_a_traceback(tmp_path):
-    env = cli_env(tmp_path, virtual=None)  # no GPU and no virtual ones: `lab` itself cannot start a pool
+    # no GPU and no virtual ones: `lab` itself cannot start a pool
+    env = cli_env(tmp_path, virtual=None)
     helped = cli("lab", "--help", env=env)
     assert helped.returncode == 0, helped.stderr
-    assert "usage: jupyter-gpu lab" in helped.stdout and "--ServerApp" in helped.stdout  # ours, then Lab's
+    # ours, then Lab's
+    assert "usage: jupyter-gpu lab" in helped.stdout and "--ServerApp" in helped.stdout
     assert not pool_records(tmp_path) and "Traceback" not in helped.stderr
     failed = cli("lab", "--no-browser", env=env)
     assert failed.returncode == 1
     assert "jupyter-gpu lab: could not start the embedded GPU pool:" in failed.stderr, failed.stderr
-    assert "JUPYTER_GPU_VIRTUAL_GPUS" in failed.stderr and "Traceback" not in failed.stderr, failed.stderr
+    assert "JUPYTER_GPU_VIRTUAL_GPUS" in failed.stderr and "Traceback" not in failed.stderr, (
+        failed.stderr
+    )
 
 
 def test_the_pool_that_lab_started_stops_when_lab_exits_or_fails(tmp_path):
@@ -59,9 +75,23 @@ def test_the_pool_that_lab_started_stops_when_lab_exits_or_fails(tmp_path):
     assert not pool_records(tmp_path)
     # Lab runs, then is stopped as a service manager stops it: the pool stops too
     port = free_port()
-    lab = subprocess.Popen([sys.executable, "-m", "jupyter_gpu.cli", "lab", "--no-browser", f"--ServerApp.port={port}",
-                            "--ServerApp.port_retries=0", "--allow-root", f"--ServerApp.root_dir={tmp_path}"],
-                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lab = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "jupyter_gpu.cli",
+            "lab",
+            "--no-browser",
+            f"--ServerApp.port={port}",
+            "--ServerApp.port_retries=0",
+            "--allow-root",
+            f"--ServerApp.root_dir={tmp_path}",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not _listening(port):
@@ -79,9 +109,18 @@ def test_the_pool_that_lab_started_stops_when_lab_exits_or_fails(tmp_path):
 
 def test_pool_down_stops_the_embedded_pool(tmp_path):
     env = cli_env(tmp_path)
-    started = subprocess.run([sys.executable, "-c", "from jupyter_gpu.pool.embedded import ensure_embedded_pool\n"
-                              "print(ensure_embedded_pool(keep=True))"], env=env, capture_output=True, text=True,
-                             timeout=120)
+    started = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from jupyter_gpu.pool.embedded import ensure_embedded_pool\n"
+            "print(ensure_embedded_pool(keep=True))",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert started.returncode == 0, started.stderr
     assert len(pool_records(tmp_path)) == 1
     down = cli("pool", "down", env=env)

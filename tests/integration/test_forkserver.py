@@ -1,4 +1,5 @@
-"""Sessions forked from each worker's zygote (session/zygote.py, worker/forkserver.py), in a real pool."""
+"""Sessions forked from each worker's zygote (session/zygote.py, worker/forkserver.py), in a real
+pool."""
 
 import os
 import signal
@@ -8,8 +9,10 @@ from harness import Kernel, session_starters, wait_until
 
 pytestmark = pytest.mark.integration
 
-DRAW = ("%%gpu --fresh\nimport os, random, numpy, torch\n"
-        "print(os.getppid(), random.random(), numpy.random.rand(), torch.rand(1).item())")
+DRAW = (
+    "%%gpu --fresh\nimport os, random, numpy, torch\n"
+    "print(os.getppid(), random.random(), numpy.random.rand(), torch.rand(1).item())"
+)
 
 
 def test_sessions_are_forks_of_the_zygote_and_draw_their_own_random_numbers(pool):
@@ -25,16 +28,21 @@ def test_sessions_are_forks_of_the_zygote_and_draw_their_own_random_numbers(pool
             parent, *numbers = res.stdout.split()
             assert int(parent) in zygotes, "a session's parent is its worker's zygote"
             draws.append(tuple(numbers))
-        # a fork copies the zygote's generators: each session must have reseeded Python's, NumPy's, torch's
+        # a fork copies the zygote's generators: each session must have reseeded Python's, NumPy's,
+        # torch's
         for i in range(3):
-            assert len({d[i] for d in draws}) == 3, f"generator {i} repeats across sessions: {draws}"
+            assert len({d[i] for d in draws}) == 3, (
+                f"generator {i} repeats across sessions: {draws}"
+            )
     finally:
         a.shutdown(now=True)
         b.shutdown(now=True)
 
 
 def test_a_zygote_that_dies_is_replaced_at_the_next_start(private_pool):
-    assert wait_until(lambda: all(s["ready"] for s in session_starters(private_pool).values()), timeout=120)
+    assert wait_until(
+        lambda: all(s["ready"] for s in session_starters(private_pool).values()), timeout=120
+    )
     before = {w: s["pid"] for w, s in session_starters(private_pool).items()}
     k = Kernel(private_pool)
     try:

@@ -1,4 +1,5 @@
-"""The pool as a set of services: worker loss, a pool started from the CLI across processes, discovery."""
+"""The pool as a set of services: worker loss, a pool started from the CLI across processes,
+discovery."""
 
 import os
 import signal
@@ -13,7 +14,6 @@ pytestmark = pytest.mark.integration
 
 
 def test_worker_killed_mid_cell_gives_a_clear_error_and_frees_the_lease(private_pool):
-
 
     k = Kernel(private_pool, user="frank")
     try:
@@ -44,15 +44,24 @@ def test_pool_up_and_worker_services_span_processes(tmp_path):
         port = s.getsockname()[1]
     address = f"tcp://127.0.0.1:{port}"
     env = {**os.environ, "JUPYTER_GPU_VIRTUAL_GPUS": "1x8GiB"}
-    sched = subprocess.Popen([sys.executable, "-m", "jupyter_gpu.cli", "pool", "up", "--port", str(port)],
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    sched = subprocess.Popen(
+        [sys.executable, "-m", "jupyter_gpu.cli", "pool", "up", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     worker = None
     try:
         from jupyter_gpu.pool.discovery import address_reachable
 
         assert wait_until(lambda: address_reachable(address), timeout=60)
-        worker = subprocess.Popen([sys.executable, "-m", "jupyter_gpu.cli", "worker", address, "--host",
-                                   "127.0.0.1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "jupyter_gpu.cli", "worker", address, "--host", "127.0.0.1"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         assert wait_until(lambda: len(snapshot(address)["gpus"]) == 1, timeout=60)
         k = Kernel(None, env={"JUPYTER_GPU_SCHEDULER": ""})
         try:
@@ -62,11 +71,18 @@ def test_pool_up_and_worker_services_span_processes(tmp_path):
             assert res.stdout.strip().startswith("L"), res.error_text + res.stderr
         finally:
             k.shutdown(now=True)
-        out = subprocess.run([sys.executable, "-m", "jupyter_gpu.cli", "status", "--pool", address],
-                             capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            [sys.executable, "-m", "jupyter_gpu.cli", "status", "--pool", address],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert out.returncode == 0 and "Virtual GPU 0" in out.stdout
         sched.send_signal(signal.SIGTERM)
-        assert "join GPU machines with:  jupyter-gpu worker " + address in sched.communicate(timeout=30)[0]
+        assert (
+            "join GPU machines with:  jupyter-gpu worker " + address
+            in sched.communicate(timeout=30)[0]
+        )
     finally:
         for proc in (worker, sched):
             if proc is not None:
@@ -95,7 +111,9 @@ def test_adaptive_scaling_grows_for_waiting_requests_and_retires_only_idle_worke
         try:
             reply = await r.gpu_scale(minimum=2, maximum=3, user="admin")
             assert reply["adaptive"] == {"minimum": 2, "maximum": 3}, reply
-            grants = [await r.gpu_request(user="u", kernel=f"k{i}", spec={"gpus": 1}) for i in range(3)]
+            grants = [
+                await r.gpu_request(user="u", kernel=f"k{i}", spec={"gpus": 1}) for i in range(3)
+            ]
             ids = [g["id"] for g in grants]
             final = {}
             for rid in ids:  # the third waits until adaptive scaling adds a worker
@@ -111,7 +129,8 @@ def test_adaptive_scaling_grows_for_waiting_requests_and_retires_only_idle_worke
             busy_worker = final[ids[0]]["leases"][0]["worker"]
             for rid in ids[1:]:
                 await r.gpu_cancel(id=final[rid]["leases"][0]["id"], user="u")
-            reply = await r.gpu_scale(n=1, user="admin")  # only idle workers are retired: the lease survives
+            # only idle workers are retired: the lease survives
+            reply = await r.gpu_scale(n=1, user="admin")
             snap = await r.gpu_snapshot()
             assert [g["worker"] for g in snap["gpus"]] == [busy_worker]
             assert snap["gpus"][0]["leases"] and reply["workers"] == 1

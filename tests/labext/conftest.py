@@ -1,8 +1,8 @@
-"""Fixtures for the panel's server-extension tests: a real Jupyter server (pytest-jupyter) and a real
-embedded pool of virtual GPUs.
+"""Fixtures for the panel's server-extension tests: a real Jupyter server (pytest-jupyter) and a
+real embedded pool of virtual GPUs.
 
-pytest-jupyter's fixtures and its async-test hooks are imported here, not registered in the top-level
-conftest, so that its autouse server cleanup applies to these tests only.
+pytest-jupyter's fixtures and its async-test hooks are imported here, not registered in the
+top-level conftest, so that its autouse server cleanup applies to these tests only.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ VIRTUAL_GPUS = "2x16GiB"
 
 @pytest.fixture
 def jp_server_config():
-    """Enable the extension (as jupyter-config/ does for installed wheels) with a fast update rate."""
+    """Enable the extension (as jupyter-config/ does for installed wheels) with a fast update
+    rate."""
     return {
         "ServerApp": {"jpserver_extensions": {"jupyter_gpu.labext": True}},
         "GpuPanelConfig": {"update_interval": 0.2, "snapshot_timeout": 2.0},
@@ -36,7 +37,8 @@ def _pool_env(monkeypatch):
 
 
 def stop_pool(record_path: str) -> None:
-    """Stop an embedded pool started by a test (started with keep=True, it would outlive the test)."""
+    """Stop an embedded pool started by a test (started with keep=True, it would outlive the
+    test)."""
     from jupyter_gpu.pool.embedded import stop_embedded_pool
 
     if stop_embedded_pool(record_path):
@@ -45,7 +47,8 @@ def stop_pool(record_path: str) -> None:
 
 @pytest.fixture(scope="module")
 def virtual_pool(tmp_path_factory):
-    """A real embedded pool with two virtual 16 GiB GPUs, shared by one test module; yields its address."""
+    """A real embedded pool with two virtual 16 GiB GPUs, shared by one test module; yields its
+    address."""
     from jupyter_gpu.pool.embedded import ensure_embedded_pool
 
     path = str(tmp_path_factory.mktemp("pool-runtime") / f"jupyter-gpu-pool-{TEST_USER}.json")

@@ -1,4 +1,5 @@
-"""Every panel route requires a logged-in Jupyter user: it can start, scale and cancel in the user's name."""
+"""Every panel route requires a logged-in Jupyter user: it can start, scale and cancel in the user's
+name."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from jupyter_gpu.labext.handlers import handler_classes
 HTTP_VERBS = ("get", "head", "post", "put", "patch", "delete", "options")
 
 
-# Every function that tornado.web.authenticated returns runs this one code object (functools.wraps copies
-# names and docstrings, so the name cannot tell a wrapper from the bare method; the code can).
+# Every function that tornado.web.authenticated returns runs this one code object (functools.wraps
+# copies names and docstrings, so the name cannot tell a wrapper from the bare method; the code
+# can).
 _AUTHENTICATED_CODE = tornado.web.authenticated(lambda self: None).__code__
 
 
@@ -25,8 +27,8 @@ def _is_authenticated(method) -> bool:
 
 
 def _own_verbs(handler: type) -> list[str]:
-    """HTTP verb methods that this handler (or one of our base classes) defines rather than tornado's
-    defaults, which answer 405 and so need no login."""
+    """HTTP verb methods that this handler (or one of our base classes) defines rather than
+    tornado's defaults, which answer 405 and so need no login."""
     verbs = []
     for verb in HTTP_VERBS:
         method = getattr(handler, verb)
@@ -43,13 +45,21 @@ def _own_verbs(handler: type) -> list[str]:
 def test_every_verb_of_every_route_is_authenticated():
     routes = handler_classes()
     assert {pattern for pattern, _ in routes} == {
-        "api/snapshot", "api/pool", "api/scale", r"api/cancel/(?P<item_id>[^/]+)", "api/stream"}
+        "api/snapshot",
+        "api/pool",
+        "api/scale",
+        r"api/cancel/(?P<item_id>[^/]+)",
+        "api/stream",
+    }
     unwrapped = []
     for pattern, handler in routes:
         verbs = _own_verbs(handler)
         assert verbs, f"{pattern}: no verb handled"
-        unwrapped += [f"{handler.__name__}.{verb} ({pattern})" for verb in verbs
-                      if not _is_authenticated(getattr(handler, verb))]
+        unwrapped += [
+            f"{handler.__name__}.{verb} ({pattern})"
+            for verb in verbs
+            if not _is_authenticated(getattr(handler, verb))
+        ]
     assert not unwrapped, f"not wrapped by tornado.web.authenticated: {unwrapped}"
 
 
@@ -70,12 +80,15 @@ def no_token(jp_serverapp):
     return {"Authorization": ""}
 
 
-@pytest.mark.parametrize(("method", "parts", "body"), [
-    ("GET", ("api", "snapshot"), None),
-    ("POST", ("api", "pool"), b""),
-    ("POST", ("api", "scale"), json.dumps({"n": 1})),
-    ("POST", ("api", "cancel", "R1"), b""),
-])
+@pytest.mark.parametrize(
+    ("method", "parts", "body"),
+    [
+        ("GET", ("api", "snapshot"), None),
+        ("POST", ("api", "pool"), b""),
+        ("POST", ("api", "scale"), json.dumps({"n": 1})),
+        ("POST", ("api", "cancel", "R1"), b""),
+    ],
+)
 async def test_requests_without_token_are_refused(jp_fetch, no_token, method, parts, body):
     with pytest.raises(HTTPClientError) as err:
         await jp_fetch("jupyter-gpu", *parts, method=method, body=body, headers=no_token)

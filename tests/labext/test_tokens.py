@@ -1,9 +1,10 @@
-"""The panel's Cancel against a real pool that checks tokens (Dask config ``jupyter-gpu.token-file``).
+"""The panel's Cancel against a real pool that checks tokens (Dask config
+``jupyter-gpu.token-file``).
 
 The Jupyter server runs as its user, so it sends that user's token (``JUPYTER_GPU_TOKEN`` from its
-environment, or ``c.GpuPanelConfig.token``) with ``gpu_cancel``, as the user's kernels do; a missing or
-wrong token is refused by the broker, and its reason reaches the panel unchanged. The pool also has a quota
-file, so the snapshot the panel reads carries the quotas and ``identity: "tokens"``.
+environment, or ``c.GpuPanelConfig.token``) with ``gpu_cancel``, as the user's kernels do; a missing
+or wrong token is refused by the broker, and its reason reaches the panel unchanged. The pool also
+has a quota file, so the snapshot the panel reads carries the quotas and ``identity: "tokens"``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def _json(response) -> dict:
 
 async def _rpc_call(address: str, handler: str, **kwargs):
     """Act as a notebook kernel would (the magic calls the same broker handlers, with its token)."""
-    from jupyter_gpu.common.security import pool_rpc  # the pool's TLS (the embedded pool's own certificate)
+    # the pool's TLS (the embedded pool's own certificate)
+    from jupyter_gpu.common.security import pool_rpc
 
     async with pool_rpc(address) as r:
         return await getattr(r, handler)(**kwargs)
@@ -45,8 +47,9 @@ async def _rpc_call(address: str, handler: str, **kwargs):
 def token_pool(tmp_path_factory):
     """A real embedded pool (two virtual GPUs) whose scheduler has a token file and a quota file.
 
-    Yields ``(address, tokens)`` with a token issued for each test user. The settings reach only the pool's
-    processes (through their environment at start), as ``DASK_JUPYTER_GPU__*`` does for ``pool up``.
+    Yields ``(address, tokens)`` with a token issued for each test user. The settings reach only
+    the pool's processes (through their environment at start), as ``DASK_JUPYTER_GPU__*`` does
+    for ``pool up``.
     """
     from jupyter_gpu.broker.identity import TokenStore
     from jupyter_gpu.pool.embedded import ensure_embedded_pool
@@ -61,8 +64,10 @@ def token_pool(tmp_path_factory):
         mp.setenv("JUPYTER_GPU_USER", TEST_USER)
         mp.setenv("DASK_JUPYTER_GPU__TOKEN_FILE", str(root / "tokens.json"))
         mp.setenv("DASK_JUPYTER_GPU__POOL_CONFIG", str(root / "pool.yaml"))
-        mp.setenv("DASK_JUPYTER_GPU__SCALE_USERS", f'["{OTHER}"]')  # the server's user may not scale
-        mp.setenv("DASK_JUPYTER_GPU__SESSION__AS_USER", "false")  # the test users have no accounts here
+        # the server's user may not scale
+        mp.setenv("DASK_JUPYTER_GPU__SCALE_USERS", f'["{OTHER}"]')
+        # the test users have no accounts here
+        mp.setenv("DASK_JUPYTER_GPU__SESSION__AS_USER", "false")
         address = ensure_embedded_pool(timeout=120, keep=True, path=path)
     try:
         yield address, tokens
@@ -80,12 +85,22 @@ def pool(token_pool, monkeypatch):
 
 
 async def _granted_lease(address: str, token: str, kernel: str) -> str:
-    """A real lease of TEST_USER's (asked with the user's token); returns its id once its session runs."""
-    req = await _rpc_call(address, "gpu_request", user=TEST_USER, kernel=kernel, spec={"fraction": 0.25},
-                          notebook="tokens.ipynb", token=token)
+    """A real lease of TEST_USER's (asked with the user's token); returns its id once its session
+    runs."""
+    req = await _rpc_call(
+        address,
+        "gpu_request",
+        user=TEST_USER,
+        kernel=kernel,
+        spec={"fraction": 0.25},
+        notebook="tokens.ipynb",
+        token=token,
+    )
     deadline = time.monotonic() + 120
     while req["state"] in ("queued", "starting") and time.monotonic() < deadline:
-        req = await _rpc_call(address, "gpu_wait", id=req["id"], timeout=1.0, user=TEST_USER, token=token)
+        req = await _rpc_call(
+            address, "gpu_wait", id=req["id"], timeout=1.0, user=TEST_USER, token=token
+        )
     assert req["state"] == "granted", req
     return req["leases"][0]["id"]
 
@@ -109,27 +124,35 @@ async def _gone(jp_fetch, lease: str, timeout: float = 30.0) -> bool:
     return True
 
 
-async def test_snapshot_carries_quotas_and_says_whether_the_server_has_a_token(jp_fetch, pool, monkeypatch):
+async def test_snapshot_carries_quotas_and_says_whether_the_server_has_a_token(
+    jp_fetch, pool, monkeypatch
+):
     _, tokens = pool
     snap = _json(await jp_fetch("jupyter-gpu", "api", "snapshot"))
     assert snap["state"] == "ok", snap
     quotas = snap["quotas"]
     assert quotas["configured"] is True and quotas["identity"] == "tokens"
-    assert {t["team"]: t["guarantee"] for t in quotas["teams"]}.items() >= {"panel": 1.0, "others": 1.0}.items()
+    assert {t["team"]: t["guarantee"] for t in quotas["teams"]}.items() >= {
+        "panel": 1.0,
+        "others": 1.0,
+    }.items()
     assert snap["token_set"] is False
     monkeypatch.setenv("JUPYTER_GPU_TOKEN", tokens[TEST_USER])
-    await asyncio.sleep(0.3)  # past the route's reuse of a snapshot younger than half the update interval
+    # past the route's reuse of a snapshot younger than half the update interval
+    await asyncio.sleep(0.3)
     snap = _json(await jp_fetch("jupyter-gpu", "api", "snapshot"))
     assert snap["token_set"] is True
     assert tokens[TEST_USER] not in json.dumps(snap)  # whether there is one, never the token itself
 
 
 async def test_cancel_is_refused_without_or_with_a_wrong_token_and_works_with_the_right_one(
-        jp_fetch, pool, monkeypatch):
+    jp_fetch, pool, monkeypatch
+):
     address, tokens = pool
     lease = await _granted_lease(address, tokens[TEST_USER], "k-tokens")
     try:
-        # no token in the server's environment: the broker's reason, passed through, names the variable
+        # no token in the server's environment: the broker's reason, passed through, names the
+        # variable
         reply = await _cancel(jp_fetch, lease)
         assert reply["cancelled"] is False, reply
         assert "none was sent" in reply["what"] and "JUPYTER_GPU_TOKEN" in reply["what"], reply
@@ -151,7 +174,9 @@ async def test_cancel_is_refused_without_or_with_a_wrong_token_and_works_with_th
         await _rpc_call(address, "gpu_cancel", id=lease, user=TEST_USER, token=tokens[TEST_USER])
 
 
-async def test_configured_token_wins_over_the_environment(jp_fetch, jp_serverapp, pool, monkeypatch):
+async def test_configured_token_wins_over_the_environment(
+    jp_fetch, jp_serverapp, pool, monkeypatch
+):
     from jupyter_gpu.labext.handlers import SETTINGS_KEY
 
     address, tokens = pool
@@ -179,7 +204,9 @@ async def test_scale_is_only_for_the_users_the_pool_allows(jp_fetch, pool, monke
         await jp_fetch("jupyter-gpu", "api", "scale", method="POST", body=json.dumps({"n": 3}))
     assert refused.value.code == 409
     body = json.loads(refused.value.response.body.decode())
-    assert f"user {TEST_USER!r} may not scale this pool" in json.dumps(body) and "scale-users" in json.dumps(body)
+    assert f"user {TEST_USER!r} may not scale this pool" in json.dumps(
+        body
+    ) and "scale-users" in json.dumps(body)
     snap = _json(await jp_fetch("jupyter-gpu", "api", "snapshot"))
     assert snap["pool"]["workers"] == 2  # nothing was scaled
     # the allowed user (with their token) may

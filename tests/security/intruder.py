@@ -1,12 +1,13 @@
-"""What another local account tries against a user's embedded pool. Run by test_embedded_private.py as that
-account: ``python intruder.py CONFIG`` (a JSON text); prints one JSON list, one entry per attempt:
-``{"name", "got_in", "detail"}``.
+"""What another local account tries against a user's embedded pool. Run by test_embedded_private.py
+as that account: ``python intruder.py CONFIG`` (a JSON text); prints one JSON list, one entry per
+attempt: ``{"name", "got_in", "detail"}``.
 
-The config names what the intruder is told (more than it could find out by itself): the pool's scheduler
-address, its workers' and a live session's addresses, and the paths of the runtime file, the credentials
-folder and files, the index entry and the log. Two controls must succeed, so that a refusal means the pool
-refused, not that this script cannot work as this account: a plain TCP connect to the scheduler's port (it is
-reachable), and a TLS Dask server of the intruder's own answering the intruder's own certificate.
+The config names what the intruder is told (more than it could find out by itself): the pool's
+scheduler address, its workers' and a live session's addresses, and the paths of the runtime file,
+the credentials folder and files, the index entry and the log. Two controls must succeed, so that a
+refusal means the pool refused, not that this script cannot work as this account: a plain TCP
+connect to the scheduler's port (it is reachable), and a TLS Dask server of the intruder's own
+answering the intruder's own certificate.
 """
 
 from __future__ import annotations
@@ -52,21 +53,44 @@ def own_certificate(directory: str) -> dict[str, str]:
 
     now = datetime.datetime.now(datetime.timezone.utc)
     ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca = (x509.CertificateBuilder().subject_name(name("intruder CA")).issuer_name(name("intruder CA"))
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    cert = (x509.CertificateBuilder().subject_name(name("jupyter-gpu embedded pool")).issuer_name(ca.subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-            .sign(ca_key, hashes.SHA256()))
-    paths = {"ca": os.path.join(directory, "ca.pem"), "cert": os.path.join(directory, "c.pem"),
-             "key": os.path.join(directory, "c.key")}
-    for path, data in ((paths["ca"], ca.public_bytes(serialization.Encoding.PEM)),
-                       (paths["cert"], cert.public_bytes(serialization.Encoding.PEM)),
-                       (paths["key"], key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                        serialization.NoEncryption()))):
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("intruder CA"))
+        .issuer_name(name("intruder CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name("jupyter-gpu embedded pool"))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = {
+        "ca": os.path.join(directory, "ca.pem"),
+        "cert": os.path.join(directory, "c.pem"),
+        "key": os.path.join(directory, "c.key"),
+    }
+    for path, data in (
+        (paths["ca"], ca.public_bytes(serialization.Encoding.PEM)),
+        (paths["cert"], cert.public_bytes(serialization.Encoding.PEM)),
+        (
+            paths["key"],
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+        ),
+    ):
         with open(path, "wb") as f:
             f.write(data)
     return paths
@@ -107,13 +131,24 @@ def main() -> None:
     mine = own_certificate(tempfile.mkdtemp())
     from distributed.security import Security
 
-    own = Security(require_encryption=True, tls_ca_file=mine["ca"], tls_client_cert=mine["cert"],
-                   tls_client_key=mine["key"], tls_scheduler_cert=mine["cert"], tls_scheduler_key=mine["key"])
+    own = Security(
+        require_encryption=True,
+        tls_ca_file=mine["ca"],
+        tls_client_cert=mine["cert"],
+        tls_client_key=mine["key"],
+        tls_scheduler_cert=mine["cert"],
+        tls_scheduler_key=mine["key"],
+    )
     forged = {"ssl_context": own.get_connection_args("client")["ssl_context"]}
     results = [
-        attempt("control: the scheduler's port is reachable", lambda: socket.create_connection((host, int(port)),
-                                                                                               timeout=5).close()),
-        attempt("control: TLS with my own certificate works against my own server", lambda: _own_server(own)),
+        attempt(
+            "control: the scheduler's port is reachable",
+            lambda: socket.create_connection((host, int(port)), timeout=5).close(),
+        ),
+        attempt(
+            "control: TLS with my own certificate works against my own server",
+            lambda: _own_server(own),
+        ),
     ]
     for path in cfg["secrets"]:
         results.append(attempt(f"read {path}", lambda path=path: read(path)))
@@ -139,21 +174,41 @@ def main() -> None:
             return client.run_on_scheduler(os.getuid)
 
     results.append(attempt("a Dask Client (nothing configured) and run_on_scheduler", dask_client))
-    results.append(attempt("a Dask Client with a certificate of my own CA and run_on_scheduler",
-                           lambda: dask_client(own)))
-    results.append(attempt("gpu_snapshot over plain TCP", lambda: call(f"tcp://{host}:{port}", "gpu_snapshot")))
-    for label, args in (("with no certificate", no_certificate()), ("with a certificate of my own CA", forged)):
-        results.append(attempt(f"gpu_snapshot {label}", lambda args=args: call(address, "gpu_snapshot", args)))
-        results.append(attempt(f"run_function {label}",
-                               lambda args=args: call(address, "run_function", args, function=run_function())))
+    results.append(
+        attempt(
+            "a Dask Client with a certificate of my own CA and run_on_scheduler",
+            lambda: dask_client(own),
+        )
+    )
+    results.append(
+        attempt("gpu_snapshot over plain TCP", lambda: call(f"tcp://{host}:{port}", "gpu_snapshot"))
+    )
+    for label, args in (
+        ("with no certificate", no_certificate()),
+        ("with a certificate of my own CA", forged),
+    ):
+        results.append(
+            attempt(f"gpu_snapshot {label}", lambda args=args: call(address, "gpu_snapshot", args))
+        )
+        results.append(
+            attempt(
+                f"run_function {label}",
+                lambda args=args: call(address, "run_function", args, function=run_function()),
+            )
+        )
         for other in cfg["others"]:  # the workers and a session (they run code too)
-            results.append(attempt(f"identity of {other} {label}", lambda other=other, args=args:
-                                   call(other, "identity", args)))
+            results.append(
+                attempt(
+                    f"identity of {other} {label}",
+                    lambda other=other, args=args: call(other, "identity", args),
+                )
+            )
     print(json.dumps(results))
 
 
 def _own_server(security: Any) -> Any:
-    """A TLS Dask scheduler of the intruder's own, asked for its identity with the intruder's certificate."""
+    """A TLS Dask scheduler of the intruder's own, asked for its identity with the intruder's
+    certificate."""
     from distributed import Scheduler
 
     async def call_in_loop(address: str, sec: Any) -> Any:
@@ -166,8 +221,14 @@ def _own_server(security: Any) -> Any:
             await r.close_rpc()
 
     async def outer() -> Any:
-        async with Scheduler(host="127.0.0.1", port=0, protocol="tls", security=security, dashboard=False,
-                             dashboard_address="127.0.0.1:0") as sched:
+        async with Scheduler(
+            host="127.0.0.1",
+            port=0,
+            protocol="tls",
+            security=security,
+            dashboard=False,
+            dashboard_address="127.0.0.1:0",
+        ) as sched:
             return await call_in_loop(sched.address, security)
 
     return asyncio.run(outer())

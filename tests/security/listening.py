@@ -1,5 +1,5 @@
-"""What a process tree listens on, seen from outside: its listening sockets (psutil) and whether any of them
-answers HTTP.
+"""What a process tree listens on, seen from outside: its listening sockets (psutil) and whether any
+of them answers HTTP.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ def listeners(*pids: int) -> list[Listener]:
 
 
 def listening_sessions(*pids: int) -> int:
-    """How many session processes under ``pids`` listen yet (started as ``python -m jupyter_gpu.session``,
-    or forked from a worker's zygote, whose command line they keep)."""
+    """How many session processes under ``pids`` listen yet (started as ``python -m
+    jupyter_gpu.session``, or forked from a worker's zygote, whose command line they keep)."""
     return len({s.pid for s in listeners(*pids) if "jupyter_gpu.session" in s.command})
 
 
@@ -58,13 +58,16 @@ def wait_for_sessions(count: int, *pids: int, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while listening_sessions(*pids) < count and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert listening_sessions(*pids) >= count, f"only {listening_sessions(*pids)} of {count} sessions listen"
+    assert listening_sessions(*pids) >= count, (
+        f"only {listening_sessions(*pids)} of {count} sessions listen"
+    )
 
 
 @contextlib.contextmanager
 def sessions_on_every_gpu(address: str, gpus: int) -> Iterator[None]:
-    """A real session on each GPU of the pool at ``address`` (a kernel holding a whole GPU each), for as long
-    as the block runs: sessions exist only for leases (a worker's zygote listens on nothing)."""
+    """A real session on each GPU of the pool at ``address`` (a kernel holding a whole GPU each),
+    for as long as the block runs: sessions exist only for leases (a worker's zygote listens on
+    nothing)."""
     from harness import Kernel
 
     kernels = []
@@ -81,10 +84,12 @@ def sessions_on_every_gpu(address: str, gpus: int) -> Iterator[None]:
 
 
 def answers_http(ip: str, port: int) -> bytes | None:
-    """The first bytes of an HTTP answer to ``GET /health`` at ``ip:port``, or None if nothing answers HTTP.
+    """The first bytes of an HTTP answer to ``GET /health`` at ``ip:port``, or None if nothing
+    answers HTTP.
 
-    A Dask comm server speaks first (its handshake): such a port is not HTTP and is sent nothing (Dask would
-    try to read an HTTP request as a frame length). A TLS comm server stays silent and fails the handshake.
+        A Dask comm server speaks first (its handshake): such a port is not HTTP and is sent nothing
+        (Dask would try to read an HTTP request as a frame length). A TLS comm server stays silent
+        and fails the handshake.
     """
     host = "127.0.0.1" if ip in ("0.0.0.0", "") else "::1" if ip == "::" else ip
     try:

@@ -1,11 +1,11 @@
-"""Another local account, for the tests of what a user's pool lets other people on the machine do: a real
-Unix account, and a Python interpreter (with Dask) that account can run.
+"""Another local account, for the tests of what a user's pool lets other people on the machine do: a
+real Unix account, and a Python interpreter (with Dask) that account can run.
 
 Everything made here is removed at the end, whatever happened: the account (``userdel -r``) and the
-interpreter's folder. Nothing on the machine is changed for it: when the test's interpreter lives where other
-accounts cannot go (pyenv under /root on the CI machine), the account gets a view of it instead, a folder
-of hard links (copies across file systems) to the interpreter, its standard library and the installed
-packages Dask needs, readable by everyone as those files already are.
+interpreter's folder. Nothing on the machine is changed for it: when the test's interpreter lives
+where other accounts cannot go (pyenv under /root on the CI machine), the account gets a view of it
+instead, a folder of hard links (copies across file systems) to the interpreter, its standard
+library and the installed packages Dask needs, readable by everyone as those files already are.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ def why_not() -> str | None:
 
 @dataclass
 class Outsider:
-    """A local account with a Python of its own; :meth:`run` runs a script as it (uid, gid, no groups)."""
+    """A local account with a Python of its own; :meth:`run` runs a script as it (uid, gid, no
+    groups)."""
 
     name: str
     uid: int
@@ -50,11 +51,20 @@ class Outsider:
     env: dict[str, str]
     cwd: str
 
-    def run(self, script: str, *args: str, env: dict[str, str] | None = None,
-            timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([*self.python, script, *args], env={**self.env, **(env or {})}, cwd=self.cwd,
-                              user=self.uid, group=self.gid, extra_groups=[], capture_output=True, text=True,
-                              timeout=timeout)
+    def run(
+        self, script: str, *args: str, env: dict[str, str] | None = None, timeout: float = 120
+    ) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*self.python, script, *args],
+            env={**self.env, **(env or {})},
+            cwd=self.cwd,
+            user=self.uid,
+            group=self.gid,
+            extra_groups=[],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
 
 @contextlib.contextmanager
@@ -64,7 +74,9 @@ def outsider() -> Iterator[Outsider]:
     view = tempfile.mkdtemp(prefix="jgpu-outsider-py-")
     made = False
     try:
-        subprocess.run(["useradd", "-m", "-U", "-s", "/bin/sh", name], check=True, capture_output=True)
+        subprocess.run(
+            ["useradd", "-m", "-U", "-s", "/bin/sh", name], check=True, capture_output=True
+        )
         made = True
         entry = pwd.getpwnam(name)
         os.chmod(view, 0o755)
@@ -79,15 +91,24 @@ def outsider() -> Iterator[Outsider]:
 
 def _can_run(uid: int, gid: int, python: list[str], env: dict[str, str]) -> bool:
     try:
-        probe = subprocess.run([*python, "-c", "import distributed, cryptography, jupyter_gpu"], env=env, cwd="/",
-                               user=uid, group=gid, extra_groups=[], capture_output=True, timeout=120)
+        probe = subprocess.run(
+            [*python, "-c", "import distributed, cryptography, jupyter_gpu"],
+            env=env,
+            cwd="/",
+            user=uid,
+            group=gid,
+            extra_groups=[],
+            capture_output=True,
+            timeout=120,
+        )
     except OSError:  # the account cannot even execute it
         return False
     return probe.returncode == 0
 
 
 def _python_for(uid: int, gid: int, view: Path) -> tuple[list[str], dict[str, str]]:
-    """The test's own interpreter if the account can run it with Dask, else a view of it in ``view``."""
+    """The test's own interpreter if the account can run it with Dask, else a view of it in
+    ``view``."""
     env = {"PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"}
     if _can_run(uid, gid, [sys.executable], env):
         return [sys.executable], env
@@ -101,28 +122,44 @@ def _python_for(uid: int, gid: int, view: Path) -> tuple[list[str], dict[str, st
     _link_tree(stdlib, view / stdlib.relative_to(prefix), skip={site, stdlib / "test"})
     packages = view / "site"
     for top in _packages_dask_needs(site):
-        _link_tree(site / top, packages / top) if (site / top).is_dir() else _link(site / top, packages / top)
+        _link_tree(site / top, packages / top) if (site / top).is_dir() else _link(
+            site / top, packages / top
+        )
     python = [str(view / exe.relative_to(prefix))]
-    env.update(PYTHONPATH=f"{packages}:{REPO}", PYTHONHOME=str(view), LD_LIBRARY_PATH=str(view / "lib"))
+    env.update(
+        PYTHONPATH=f"{packages}:{REPO}", PYTHONHOME=str(view), LD_LIBRARY_PATH=str(view / "lib")
+    )
     if not _can_run(uid, gid, python, env):
         raise RuntimeError(f"could not make a Python that account {uid} can run in {view}")
     return python, env
 
 
 def _packages_dask_needs(site: Path) -> list[str]:
-    """The top-level entries of site-packages that a Dask client, a TLS server and jupyter_gpu's client side
-    import (found by importing them here), with their .libs folders and every .dist-info."""
-    code = ("import json, sys, distributed, distributed.comm.tcp, distributed.protocol, cryptography.x509, "
-            "cryptography.hazmat.primitives.asymmetric.ec, jupyter_core.paths, jupyter_gpu.common.security, "
-            "jupyter_gpu.common.pool_credentials\n"
-            "from distributed import Client, Scheduler\n"
-            "print(json.dumps(sorted({m.__file__ for m in list(sys.modules.values()) "
-            "if getattr(m, '__file__', None)})))")
-    files = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                                      cwd=str(REPO)).stdout)
+    """The top-level entries of site-packages that a Dask client, a TLS server and jupyter_gpu's
+    client side import (found by importing them here), with their .libs folders and every
+    .dist-info."""
+    code = (
+        "import json, sys, distributed, distributed.comm.tcp, distributed.protocol, "
+        "cryptography.x509, "
+        "cryptography.hazmat.primitives.asymmetric.ec, jupyter_core.paths, "
+        "jupyter_gpu.common.security, "
+        "jupyter_gpu.common.pool_credentials\n"
+        "from distributed import Client, Scheduler\n"
+        "print(json.dumps(sorted({m.__file__ for m in list(sys.modules.values()) "
+        "if getattr(m, '__file__', None)})))"
+    )
+    files = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=str(REPO)
+        ).stdout
+    )
     tops = {Path(f).relative_to(site).parts[0] for f in files if Path(f).is_relative_to(site)}
-    extra = {p.name for p in site.iterdir() if p.name.endswith(".dist-info")
-             or any(p.name.startswith(t.split(".")[0]) and p.name.endswith(".libs") for t in tops)}
+    extra = {
+        p.name
+        for p in site.iterdir()
+        if p.name.endswith(".dist-info")
+        or any(p.name.startswith(t.split(".")[0]) and p.name.endswith(".libs") for t in tops)
+    }
     return sorted(tops | extra)
 
 

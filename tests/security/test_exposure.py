@@ -1,8 +1,10 @@
-"""Network exposure (issue 12, item 7): `jupyter-gpu pool up --host H` and `jupyter-gpu worker` listen only
-where asked, and serve no HTTP unless it is configured; the embedded pool listens on 127.0.0.1 only.
+"""Network exposure (issue 12, item 7): `jupyter-gpu pool up --host H` and `jupyter-gpu worker`
+listen only where asked, and serve no HTTP unless it is configured; the embedded pool listens on
+127.0.0.1 only.
 
-The services run as real processes (tests/services.py); every listening socket of them and of everything
-they start (nannies, worker processes, session processes) is read with psutil, and each is asked for HTTP.
+The services run as real processes (tests/services.py); every listening socket of them and of
+everything they start (nannies, worker processes, session processes) is read with psutil, and each
+is asked for HTTP.
 """
 
 from __future__ import annotations
@@ -29,16 +31,24 @@ def _lan_ip() -> str | None:
     return None
 
 
-HOSTS = ["127.0.0.1", pytest.param(_lan_ip(), marks=pytest.mark.skipif(_lan_ip() is None,
-                                                                        reason="no non-loopback IPv4 address"))]
+HOSTS = [
+    "127.0.0.1",
+    pytest.param(
+        _lan_ip(),
+        marks=pytest.mark.skipif(_lan_ip() is None, reason="no non-loopback IPv4 address"),
+    ),
+]
 
 
 @pytest.mark.parametrize("host", HOSTS, ids=["loopback", "lan"])
 def test_pool_up_and_worker_listen_only_on_the_asked_host_and_serve_no_http(tmp_path, host):
-    """`pool up --host H` and `worker tcp://H:P` (no --host: it listens where it reaches its scheduler)."""
+    """`pool up --host H` and `worker tcp://H:P` (no --host: it listens where it reaches its
+    scheduler)."""
     env = {k: v for k, v in os.environ.items() if k != "DASK_JUPYTER_GPU__HTTP"}
-    with PoolServices(tmp_path, virtual=f"{GPUS}x8GiB", host=host, env=env) as services, \
-            sessions_on_every_gpu(services.address, GPUS):
+    with (
+        PoolServices(tmp_path, virtual=f"{GPUS}x8GiB", host=host, env=env) as services,
+        sessions_on_every_gpu(services.address, GPUS),
+    ):
         pids = (services.scheduler.pid, services.worker.pid)
         wait_for_sessions(GPUS, services.worker.pid)  # the sessions are checked too
         found = listeners(*pids)
@@ -47,20 +57,25 @@ def test_pool_up_and_worker_listen_only_on_the_asked_host_and_serve_no_http(tmp_
         assert len(found) >= 1 + 3 * GPUS, report
         assert {s.ip for s in found} == {host}, report
         assert any(s.port == services.port for s in found), report
-        answering = [f"{s}: {answers_http(s.ip, s.port)!r}" for s in found if answers_http(s.ip, s.port)]
+        answering = [
+            f"{s}: {answers_http(s.ip, s.port)!r}" for s in found if answers_http(s.ip, s.port)
+        ]
         assert not answering, "\n".join(answering)
 
 
 def test_http_routes_answer_only_when_configured_and_on_the_asked_host(tmp_path):
-    """`jupyter-gpu.http` (here by environment; `--http` on the command line) turns Dask's routes on: the
-    scheduler's and each worker's, on the services' host only."""
-    with PoolServices(tmp_path, virtual=f"{GPUS}x8GiB", env={"DASK_JUPYTER_GPU__HTTP": "True"}) as services:
+    """`jupyter-gpu.http` (here by environment; `--http` on the command line) turns Dask's routes
+    on: the scheduler's and each worker's, on the services' host only."""
+    with PoolServices(
+        tmp_path, virtual=f"{GPUS}x8GiB", env={"DASK_JUPYTER_GPU__HTTP": "True"}
+    ) as services:
         pids = (services.scheduler.pid, services.worker.pid)
         found = listeners(*pids)
         assert {s.ip for s in found} == {"127.0.0.1"}, "\n".join(map(str, found))
         http = [s for s in found if answers_http(s.ip, s.port)]
         assert {s.pid for s in http} >= {services.scheduler.pid}, "\n".join(map(str, found))
-        assert len(http) == 1 + GPUS, "\n".join(map(str, http))  # the scheduler and each worker process
+        # the scheduler and each worker process
+        assert len(http) == 1 + GPUS, "\n".join(map(str, http))
 
 
 def test_the_embedded_pool_listens_on_loopback_only_with_tls_and_no_http(tmp_path, monkeypatch):
@@ -80,7 +95,8 @@ def test_the_embedded_pool_listens_on_loopback_only_with_tls_and_no_http(tmp_pat
             assert address.startswith("tls://127.0.0.1:"), address
             assert len(found) >= 1 + 3 * GPUS and {s.ip for s in found} == {"127.0.0.1"}, report
             assert not [s for s in found if answers_http(s.ip, s.port)], report
-            # every port speaks TLS: none opens with Dask's plain handshake, as a TCP comm server would
+            # every port speaks TLS: none opens with Dask's plain handshake, as a TCP comm server
+            # would
             for s in found:
                 with socket.create_connection((s.ip, s.port), timeout=3) as sock:
                     sock.settimeout(0.5)

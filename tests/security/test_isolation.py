@@ -1,9 +1,11 @@
-"""Two data scientists on one pool: alice tries, from her kernel and from her %%gpu cells, everything that
-used to work against bob; none of it does, and bob's variables, session and leases are untouched.
+"""Two data scientists on one pool: alice tries, from her kernel and from her %%gpu cells,
+everything that used to work against bob; none of it does, and bob's variables, session and leases
+are untouched.
 
-Real parts only: the accounts are real (``useradd``), the pool is ``jupyter-gpu pool up`` + ``jupyter-gpu
-worker`` run as root with a token file, each kernel runs as its user's account with that user's token.
-The attacks are the ones the isolation issue lists (and a few more); each test says which.
+Real parts only: the accounts are real (``useradd``), the pool is ``jupyter-gpu pool up`` +
+``jupyter-gpu worker`` run as root with a token file, each kernel runs as its user's account with
+that user's token. The attacks are the ones the isolation issue lists (and a few more); each test
+says which.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ import pytest
 from harness import snapshot, wait_until
 from team import PREFIX, can_make_accounts, team_pool
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(600),
-              pytest.mark.skipif(can_make_accounts() is not None, reason=str(can_make_accounts()))]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.timeout(600),
+    pytest.mark.skipif(can_make_accounts() is not None, reason=str(can_make_accounts())),
+]
 
 ALICE, BOB, NOBODY = f"{PREFIX}alice", f"{PREFIX}bob", f"{PREFIX}ghost"
 
@@ -28,7 +33,9 @@ ALICE, BOB, NOBODY = f"{PREFIX}alice", f"{PREFIX}bob", f"{PREFIX}ghost"
 def team():
     with team_pool((ALICE, BOB)) as t:
         bob = t.kernel(BOB)
-        res = bob.run("%%gpu\nimport numpy as np\nsecret_weights = np.arange(5) * 7\nprint('bob ready')")
+        res = bob.run(
+            "%%gpu\nimport numpy as np\nsecret_weights = np.arange(5) * 7\nprint('bob ready')"
+        )
         assert res.error is None and "bob ready" in res.stdout, res.error_text
         t.bob = bob
         t.alice = t.kernel(ALICE)
@@ -39,8 +46,10 @@ def team():
 
 def bobs_lease(team) -> dict:
     """Bob's lease as the broker tells bob (the test knows what an attacker may not)."""
-    res = team.bob.run("import json\n_c = get_ipython().find_magic('gpu').__self__.conn\n"
-                       "print(json.dumps(_c.session.lease))")
+    res = team.bob.run(
+        "import json\n_c = get_ipython().find_magic('gpu').__self__.conn\n"
+        "print(json.dumps(_c.session.lease))"
+    )
     return json.loads(res.stdout)
 
 
@@ -56,15 +65,21 @@ def alice_cell(team, code: str) -> str:
 
 
 def test_sessions_run_as_their_users_with_private_tmp_and_shm(team):
-    out = alice_cell(team, "import os, pwd, tempfile\n"
-                           "print(pwd.getpwuid(os.getuid()).pw_name, oct(os.umask(0o077)))\n"
-                           "open('/tmp/alice-was-here', 'w').write('x'); open('/dev/shm/alice-shm', 'w').write('x')\n"
-                           "print(sorted(os.listdir('/dev/shm')))")
+    out = alice_cell(
+        team,
+        "import os, pwd, tempfile\n"
+        "print(pwd.getpwuid(os.getuid()).pw_name, oct(os.umask(0o077)))\n"
+        "open('/tmp/alice-was-here', 'w').write('x'); open('/dev/shm/alice-shm', 'w').write('x')\n"
+        "print(sorted(os.listdir('/dev/shm')))",
+    )
     name, umask, listing = out.split(None, 2)
     assert name == ALICE and umask == "0o77"
-    assert "jupyter-gpu" not in listing or "alice-shm" in listing  # no other session's folder is visible
-    bob = team.bob.run("%%gpu\nimport os\nprint(os.path.exists('/tmp/alice-was-here'), "
-                       "os.path.exists('/dev/shm/alice-shm'), os.getuid())")
+    # no other session's folder is visible
+    assert "jupyter-gpu" not in listing or "alice-shm" in listing
+    bob = team.bob.run(
+        "%%gpu\nimport os\nprint(os.path.exists('/tmp/alice-was-here'), "
+        "os.path.exists('/dev/shm/alice-shm'), os.getuid())"
+    )
     seen_tmp, seen_shm, uid = bob.stdout.split()
     assert seen_tmp == "False" and seen_shm == "False" and int(uid) == team.users[BOB].pw_uid
     lease = bobs_lease(team)
@@ -75,7 +90,9 @@ def test_sessions_run_as_their_users_with_private_tmp_and_shm(team):
 
 def test_alice_cannot_read_or_signal_bobs_session_process(team):
     pid = bobs_lease(team)["pid"]
-    out = alice_cell(team, textwrap.dedent(f"""
+    out = alice_cell(
+        team,
+        textwrap.dedent(f"""
         import os, signal
         for what in ('mem', 'environ', 'cmdline', 'maps'):
             try:
@@ -86,7 +103,8 @@ def test_alice_cannot_read_or_signal_bobs_session_process(team):
             os.kill({pid}, signal.SIGKILL); print('kill WORKED')
         except OSError as exc:
             print('kill', type(exc).__name__)
-        """))
+        """),
+    )
     assert "READ" not in out.replace("cmdline READ", "") and "kill PermissionError" in out, out
     bob_is_fine(team)
 
@@ -95,13 +113,17 @@ def test_session_addresses_are_private_and_a_session_answers_only_its_owner(team
     lease = bobs_lease(team)
     snap = snapshot(team.address)
     seen = [ls for g in snap["gpus"] for ls in g["leases"]]
-    assert seen and all("address" not in ls and "pid" not in ls and "secret" not in ls for ls in seen)
+    assert seen and all(
+        "address" not in ls and "pid" not in ls and "secret" not in ls for ls in seen
+    )
     # alice is given bob's address anyway (worst case): without the secret, nothing runs there
-    out = alice_cell(team, textwrap.dedent(f"""
+    out = alice_cell(
+        team,
+        textwrap.dedent(f"""
         import asyncio
         from distributed.core import rpc
         async def go():
-            async with rpc({lease['address']!r}) as r:
+            async with rpc({lease["address"]!r}) as r:
                 for call in (r.pull(name='secret_weights'), r.execute(code='secret_weights[:] = 0', inputs={{}}),
                              r.ping(), r.pull(name='secret_weights', secret='guess'),
                              r.interrupt(), r.offload(path='/tmp/x')):
@@ -111,27 +133,37 @@ def test_session_addresses_are_private_and_a_session_answers_only_its_owner(team
                         reply = repr(exc)
                     print(str(reply)[:120])
         asyncio.run(go())
-        """))
+        """),
+    )
     assert out.count("answers only the kernel that holds its lease") >= 5, out
     assert "data" not in out
     # the broker does not tell alice about bob's request or lease either
-    res = team.alice.run("_c = get_ipython().find_magic('gpu').__self__.conn\n"
-                         f"print(_c.scheduler_call('gpu_lease_info', lease={lease['id']!r}, user={ALICE!r}))\n"
-                         f"print(_c.scheduler_call('gpu_wait', id={lease['request']!r}, timeout=0, user={ALICE!r}))")
-    assert res.stdout.count("belongs to another user") == 2 and lease["secret"] not in res.stdout, res.stdout
+    res = team.alice.run(
+        "_c = get_ipython().find_magic('gpu').__self__.conn\n"
+        f"print(_c.scheduler_call('gpu_lease_info', lease={lease['id']!r}, user={ALICE!r}))\n"
+        f"print(_c.scheduler_call('gpu_wait', id={lease['request']!r}, timeout=0, user={ALICE!r}))"
+    )
+    assert res.stdout.count("belongs to another user") == 2 and lease["secret"] not in res.stdout, (
+        res.stdout
+    )
     bob_is_fine(team)
 
 
 def test_alice_cannot_reach_bobs_host_memory_copy(team):
     lease = bobs_lease(team)
-    assert wait_until(lambda: _standby_files(lease["id"]), 20), "bob's idle session wrote no standby copy"
+    assert wait_until(lambda: _standby_files(lease["id"]), 20), (
+        "bob's idle session wrote no standby copy"
+    )
     path = _standby_files(lease["id"])[0]
     st = os.stat(path)
     assert st.st_uid == team.users[BOB].pw_uid and st.st_mode & 0o077 == 0
     assert os.stat(os.path.dirname(path)).st_mode & 0o077 == 0
     for where in ("cell", "kernel"):
-        code = f"import os\ntry:\n    open({path!r}, 'rb').read(8); print('READ')\nexcept OSError as exc:\n" \
-               "    print(type(exc).__name__)"
+        code = (
+            f"import os\ntry:\n    open({path!r}, 'rb').read(8); print('READ')\nexcept OSError as "
+            "exc:\n"
+            "    print(type(exc).__name__)"
+        )
         out = alice_cell(team, code) if where == "cell" else team.alice.run(code).stdout
         assert "READ" not in out, (where, out)
     bob_is_fine(team)
@@ -147,16 +179,28 @@ def test_pool_secrets_are_off_limits(team):
     for name in ("tokens.json", "pool.yaml", "audit.sqlite"):
         path = team.secrets / name
         assert os.stat(path).st_mode & 0o077 == 0, (name, oct(os.stat(path).st_mode))
-        code = f"try:\n    open({str(path)!r}).read(1); print('READ')\nexcept OSError as exc:\n" \
-               "    print(type(exc).__name__)"
-        # in her cell the folder is not even there (a private /tmp); in her kernel it is there, and closed
+        code = (
+            f"try:\n    open({str(path)!r}).read(1); print('READ')\nexcept OSError as exc:\n"
+            "    print(type(exc).__name__)"
+        )
+        # in her cell the folder is not even there (a private /tmp); in her kernel it is there, and
+        # closed
         assert alice_cell(team, code).strip() in ("PermissionError", "FileNotFoundError")
         assert "PermissionError" in team.alice.run(code).stdout
-    key = subprocess.run([sys.executable, "-c", "from jupyter_gpu.common import poolkey; "
-                          f"print(poolkey.key_path({team.address!r}))"], capture_output=True, text=True).stdout.strip()
+    key = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"from jupyter_gpu.common import poolkey; print(poolkey.key_path({team.address!r}))",
+        ],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     assert os.stat(key).st_mode & 0o077 == 0
-    res = team.alice.run(f"try:\n    open({key!r}).read(1); print('READ')\nexcept OSError as exc:\n"
-                         "    print(type(exc).__name__)")
+    res = team.alice.run(
+        f"try:\n    open({key!r}).read(1); print('READ')\nexcept OSError as exc:\n"
+        "    print(type(exc).__name__)"
+    )
     assert "PermissionError" in res.stdout
 
 
@@ -185,7 +229,9 @@ DASK_ATTACKS = textwrap.dedent("""
 def test_dasks_generic_api_is_refused_from_a_kernel_and_from_a_cell(team):
     for where in ("kernel", "cell"):
         code = DASK_ATTACKS.format(address=team.address)
-        out = alice_cell(team, code) if where == "cell" else team.alice.run(code, timeout=180).stdout
+        out = (
+            alice_cell(team, code) if where == "cell" else team.alice.run(code, timeout=180).stdout
+        )
         assert "WORKED" not in out and out.count("refused") == 5, (where, out)
     bob_is_fine(team)
 
@@ -222,11 +268,15 @@ WORKER_ATTACKS = textwrap.dedent("""
 
 def test_handlers_meant_for_workers_and_the_broker_refuse_alice(team):
     lease = bobs_lease(team)
-    out = alice_cell(team, WORKER_ATTACKS.format(scheduler=team.address, worker=lease["worker"], lease=lease["id"]))
+    out = alice_cell(
+        team,
+        WORKER_ATTACKS.format(scheduler=team.address, worker=lease["worker"], lease=lease["id"]),
+    )
     assert out.count("only the pool's workers may call this") == 2, out
     assert out.count("only the pool's broker may call this") == 3, out
     assert out.count("not available on a jupyter-gpu worker") == 3, out
-    snap = snapshot(team.address)  # the snapshot works for everyone, and shows no fake GPU or forged peak
+    # the snapshot works for everyone, and shows no fake GPU or forged peak
+    snap = snapshot(team.address)
     assert all(g["uuid"] != "FAKE" for g in snap["gpus"])
     mine = next(ls for g in snap["gpus"] for ls in g["leases"] if ls["id"] == lease["id"])
     assert mine["state"] != "ended" and (mine["peak_bytes"] or 0) < 10**12
@@ -239,18 +289,23 @@ def test_a_user_without_an_account_is_refused_at_once_naming_the_fix(team):
     token = TokenStore(str(team.secrets / "tokens.json")).create(NOBODY)
     from jupyter_gpu.headless.kernel import GpuKernel
 
-    k = GpuKernel(team.address, user=NOBODY, account=ALICE, env={"JUPYTER_GPU_TOKEN": token}).start()
+    k = GpuKernel(
+        team.address, user=NOBODY, account=ALICE, env={"JUPYTER_GPU_TOKEN": token}
+    ).start()
     team.kernels.append(k)
     res = k.run("%%gpu\nprint('should not run')", timeout=120)
     assert res.error is not None and "should not run" not in res.stdout
-    assert "has no account" in res.error_text and f"useradd {NOBODY}" in res.error_text, res.error_text
+    assert "has no account" in res.error_text and f"useradd {NOBODY}" in res.error_text, (
+        res.error_text
+    )
 
 
 def test_without_root_the_pool_works_and_says_users_are_not_isolated():
-    """A worker that does not run as root cannot give sessions their users' accounts: the pool still works,
-    and ``%gpu status`` (and the snapshot the panel and ``jupyter-gpu status`` read) say plainly that users
-    are not isolated from each other."""
-    service, carol = f"{PREFIX}svc", f"{PREFIX}carol"  # not alice: the module's team holds her account
+    """A worker that does not run as root cannot give sessions their users' accounts: the pool still
+    works, and ``%gpu status`` (and the snapshot the panel and ``jupyter-gpu status`` read) say
+    plainly that users are not isolated from each other."""
+    # not alice: the module's team holds her account
+    service, carol = f"{PREFIX}svc", f"{PREFIX}carol"
     with team_pool((carol, service), worker_account=service) as t:
         alice = t.kernel(carol)
         res = alice.run("%%gpu\nimport os, pwd\nprint(pwd.getpwuid(os.getuid()).pw_name)")

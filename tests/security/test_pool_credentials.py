@@ -1,5 +1,5 @@
-"""jupyter_gpu.common.pool_credentials without a pool: the files it makes, what it trusts, and how a client
-finds them from an address (client_security)."""
+"""jupyter_gpu.common.pool_credentials without a pool: the files it makes, what it trusts, and how a
+client finds them from an address (client_security)."""
 
 from __future__ import annotations
 
@@ -18,19 +18,20 @@ from jupyter_gpu.common.security import ROLES, client_security, has_certificate
 
 @pytest.fixture
 def index(tmp_path, monkeypatch):
-    """The index folder of this test: in a home of its own (the account's real home is not touched)."""
+    """The index folder of this test: in a home of its own (the account's real home is not
+    touched)."""
     monkeypatch.setattr(pc, "_account_home", lambda: str(tmp_path / "home"))
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
     return tmp_path / "home" / ".local" / "share" / "jupyter-gpu-tls"
 
 
-def _mode(path) -> int:  # noqa: ANN001
+def _mode(path) -> int:
     return stat.S_IMODE(os.lstat(path).st_mode)
 
 
 def _handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> bool:
-    """Whether a TLS handshake between the two contexts succeeds (and the server accepts the client's first
-    bytes: TLS 1.3 reports a refused client certificate only then)."""
+    """Whether a TLS handshake between the two contexts succeeds (and the server accepts the
+    client's first bytes: TLS 1.3 reports a refused client certificate only then)."""
     s_in, s_out, c_in, c_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
     server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
     client = client_ctx.wrap_bio(c_in, c_out, server_side=False)
@@ -96,19 +97,26 @@ def test_credentials_others_could_touch_are_not_used(tmp_path, spoil):
         assert pc.load_credentials(str(link)) is None
 
 
-def test_a_client_finds_the_certificate_of_its_own_live_pool_by_address(tmp_path, index, monkeypatch):
+def test_a_client_finds_the_certificate_of_its_own_live_pool_by_address(
+    tmp_path, index, monkeypatch
+):
     creds = pc.create_credentials(str(tmp_path / "pool-tls"))
     address = "tls://127.0.0.1:41234"
     pc.register(address, creds)  # this process plays the pool
     assert _mode(index) == 0o700
     (entry,) = index.iterdir()
     assert entry.name == "127.0.0.1-41234.json" and _mode(entry) == 0o600
-    # found whatever the environment says: tools and test harnesses change HOME and JUPYTER_RUNTIME_DIR
+    # found whatever the environment says: tools and test harnesses change HOME and
+    # JUPYTER_RUNTIME_DIR
     monkeypatch.setenv("HOME", str(tmp_path / "elsewhere"))
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "elsewhere"))
     assert pc.credentials_for(address) == creds
     sec = client_security(address)
-    assert sec.tls_client_cert == creds.cert_file and sec.tls_ca_file == creds.ca_file and sec.require_encryption
+    assert (
+        sec.tls_client_cert == creds.cert_file
+        and sec.tls_ca_file == creds.ca_file
+        and sec.require_encryption
+    )
     # other addresses, plain TCP, and no address at all get nothing from it
     for other in ("tls://127.0.0.1:41235", "tcp://127.0.0.1:41234", "127.0.0.1:41234", None):
         assert pc.credentials_for(other) is None
@@ -118,13 +126,15 @@ def test_a_client_finds_the_certificate_of_its_own_live_pool_by_address(tmp_path
 
 
 def test_an_entry_of_a_dead_pool_or_of_another_machine_is_ignored_and_swept(tmp_path, index):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     old = pc.create_credentials(str(tmp_path / "old-tls"))
     pc.register("tls://127.0.0.1:5000", old, pid=int(dead))
     assert pc.credentials_for("tls://127.0.0.1:5000") is None  # its pool is gone
     new = pc.create_credentials(str(tmp_path / "new-tls"))
-    pc.register("tls://127.0.0.1:6000", new)  # the next pool to start sweeps the dead one's entry and folder
+    # the next pool to start sweeps the dead one's entry and folder
+    pc.register("tls://127.0.0.1:6000", new)
     assert not os.path.exists(old.directory)
     assert [p.name for p in index.iterdir()] == ["127.0.0.1-6000.json"]
     # a home shared by several machines: an entry written on another one is not this machine's pool

@@ -1,5 +1,5 @@
-"""Fixtures of the Slurm tests: a real one-node Slurm (``slurm.py``), installed when missing; stopped at the end
-with every job cancelled."""
+"""Fixtures of the Slurm tests: a real one-node Slurm (``slurm.py``), installed when missing;
+stopped at the end with every job cancelled."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from slurm import LocalSlurm, sweep_stale, unavailable  # noqa: E402
+from slurm import LocalSlurm, sweep_stale, unavailable
 
 
 @pytest.fixture(scope="module")

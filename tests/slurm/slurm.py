@@ -1,17 +1,19 @@
-"""A real one-node Slurm cluster on this machine, started by hand: ``munged``, ``slurmctld`` and ``slurmd`` from
-Debian's packages, with a generated ``slurm.conf`` in a folder of their own, so that ``sbatch``, ``squeue``
-and ``scancel`` are real and the pool's cluster manager drives real jobs.
+"""A real one-node Slurm cluster on this machine, started by hand: ``munged``, ``slurmctld`` and
+``slurmd`` from Debian's packages, with a generated ``slurm.conf`` in a folder of their own, so
+that ``sbatch``, ``squeue`` and ``scancel`` are real and the pool's cluster manager drives real
+jobs.
 
-Installed when missing (``apt-get install slurm-wlm munge``: CI runs as root with the Debian mirror);
+Installed when missing (``apt-get install slurm-wlm munge``: CI runs as root with the Debian
+mirror);
 :func:`unavailable` says why when that cannot be done, which is the only reason to skip. Nothing here uses
-systemd or the machine's ``/etc/slurm``: the daemons run in the foreground as children of the test, on
-ports of their own, with ``SLURM_CONF`` pointing the commands at this cluster. Everything is stopped and
-removed by :meth:`LocalSlurm.close`, and :func:`sweep_stale` removes what a killed run left (its folder names
-the run's process id).
+systemd or the machine's ``/etc/slurm``: the daemons run in the foreground as children of the
+test, on ports of their own, with ``SLURM_CONF`` pointing the commands at this cluster.
+Everything is stopped and removed by :meth:`LocalSlurm.close`, and :func:`sweep_stale` removes
+what a killed run left (its folder names the run's process id).
 
 The node has this machine's CPUs and no cgroup plugin (``proctrack/linuxproc``, ``task/none``:
-containers and CI machines rarely let Slurm own cgroups), so a job's processes are found by their parent
-and all of them are signalled when it ends (walltime, ``scancel``).
+containers and CI machines rarely let Slurm own cgroups), so a job's processes are found by their
+parent and all of them are signalled when it ends (walltime, ``scancel``).
 """
 
 from __future__ import annotations
@@ -44,7 +46,9 @@ def _free_port() -> int:
 
 
 def installed() -> bool:
-    return all(shutil.which(d) for d in DAEMONS) and all(shutil.which(c) for c in ("sbatch", "squeue", "scancel"))
+    return all(shutil.which(d) for d in DAEMONS) and all(
+        shutil.which(c) for c in ("sbatch", "squeue", "scancel")
+    )
 
 
 def unavailable() -> str | None:
@@ -52,14 +56,18 @@ def unavailable() -> str | None:
     if installed():
         return None
     if os.geteuid() != 0:
-        return "Slurm is not installed and installing it needs root (apt-get install slurm-wlm munge)"
+        return (
+            "Slurm is not installed and installing it needs root (apt-get install slurm-wlm munge)"
+        )
     if shutil.which("apt-get") is None:
         return "Slurm is not installed and this machine has no apt-get to install Debian's slurm-wlm and munge"
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES]
     done = subprocess.run(install, capture_output=True, text=True, env=env, timeout=900)
     if done.returncode != 0:  # an old package list: update it once and try again
-        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True, env=env, timeout=600)
+        subprocess.run(
+            ["apt-get", "update", "-qq"], capture_output=True, text=True, env=env, timeout=600
+        )
         done = subprocess.run(install, capture_output=True, text=True, env=env, timeout=900)
     if done.returncode != 0 or not installed():
         return f"could not install {' and '.join(PACKAGES)} with apt-get: {(done.stderr or done.stdout).strip()[-500:]}"
@@ -82,7 +90,8 @@ def sweep_stale() -> list[str]:
 
 
 class LocalSlurm(Started):
-    """See the module docstring. ``env()`` is what a process needs to use this cluster (``SLURM_CONF``)."""
+    """See the module docstring. ``env()`` is what a process needs to use this cluster
+    (``SLURM_CONF``)."""
 
     def __init__(self, cpus: int | None = None, memory_mb: int = 4096):
         self.root = Path(tempfile.mkdtemp(prefix=f"{ROOT_PREFIX}{os.getpid()}-", dir=ROOT_BASE))
@@ -100,8 +109,15 @@ class LocalSlurm(Started):
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
         log = open(self.root / f"{name}.out", "ab")
         self._logs.append(log)
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, **self.env()}, cwd=str(self.root), start_new_session=True)
+        proc = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **self.env()},
+            cwd=str(self.root),
+            start_new_session=True,
+        )
         self.procs[name] = proc
         return proc
 
@@ -111,9 +127,19 @@ class LocalSlurm(Started):
         with open(os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400), "wb") as f:
             f.write(os.urandom(1024))
         socket_path = r / "munge.socket"
-        self._spawn("munged", ["munged", "--foreground", "--force", f"--socket={socket_path}", f"--key-file={key}",
-                               f"--pid-file={r / 'munged.pid'}", f"--seed-file={r / 'munged.seed'}",
-                               f"--log-file={r / 'munged.log'}"])
+        self._spawn(
+            "munged",
+            [
+                "munged",
+                "--foreground",
+                "--force",
+                f"--socket={socket_path}",
+                f"--key-file={key}",
+                f"--pid-file={r / 'munged.pid'}",
+                f"--seed-file={r / 'munged.seed'}",
+                f"--log-file={r / 'munged.log'}",
+            ],
+        )
         self._wait(lambda: socket_path.exists(), 20, "munged's socket")
         for folder in ("state", "spool"):
             (r / folder).mkdir()
@@ -129,12 +155,12 @@ SlurmdUser=root
 AuthType=auth/munge
 AuthInfo=socket={socket_path}
 CredType=cred/munge
-StateSaveLocation={r / 'state'}
-SlurmdSpoolDir={r / 'spool'}
-SlurmctldPidFile={r / 'slurmctld.pid'}
-SlurmdPidFile={r / 'slurmd.pid'}
-SlurmctldLogFile={r / 'slurmctld.log'}
-SlurmdLogFile={r / 'slurmd.log'}
+StateSaveLocation={r / "state"}
+SlurmdSpoolDir={r / "spool"}
+SlurmctldPidFile={r / "slurmctld.pid"}
+SlurmdPidFile={r / "slurmd.pid"}
+SlurmctldLogFile={r / "slurmctld.log"}
+SlurmdLogFile={r / "slurmd.log"}
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -154,15 +180,21 @@ NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={self.memory
 PartitionName=jgpu Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """)
         self._spawn("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)])
-        self._wait(lambda: self.run("scontrol", "ping", check=False).returncode == 0, 30, "slurmctld")
+        self._wait(
+            lambda: self.run("scontrol", "ping", check=False).returncode == 0, 30, "slurmctld"
+        )
         self._spawn("slurmd", ["slurmd", "-D", "-N", self.node, "-f", str(self.conf)])
-        self._wait(lambda: "idle" in self.run("sinfo", "-h", "-o", "%T", check=False).stdout, 30,
-                   "the node to be idle")
+        self._wait(
+            lambda: "idle" in self.run("sinfo", "-h", "-o", "%T", check=False).stdout,
+            30,
+            "the node to be idle",
+        )
         return self
 
     def run(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
-        done = subprocess.run(list(argv), capture_output=True, text=True, env={**os.environ, **self.env()},
-                              timeout=30)
+        done = subprocess.run(
+            list(argv), capture_output=True, text=True, env={**os.environ, **self.env()}, timeout=30
+        )
         if check and done.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)}: {done.stderr.strip()}")
         return done
@@ -170,10 +202,18 @@ PartitionName=jgpu Nodes=ALL Default=YES MaxTime=INFINITE State=UP
     def jobs(self) -> dict[str, tuple[str, str]]:
         """``{job id: (state, reason)}`` of every job Slurm remembers, from ``squeue`` itself."""
         out = self.run("squeue", "--noheader", "--states=all", "--format=%i|%T|%r").stdout
-        return {p[0]: (p[1], p[2]) for p in (line.split("|") for line in out.splitlines()) if len(p) == 3}
+        return {
+            p[0]: (p[1], p[2])
+            for p in (line.split("|") for line in out.splitlines())
+            if len(p) == 3
+        }
 
     def live_jobs(self) -> dict[str, tuple[str, str]]:
-        return {j: s for j, s in self.jobs().items() if s[0] in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING")}
+        return {
+            j: s
+            for j, s in self.jobs().items()
+            if s[0] in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING")
+        }
 
     def log(self) -> str:
         parts = []
@@ -183,14 +223,16 @@ PartitionName=jgpu Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                 parts.append(f"--- {name} ---\n{path.read_text(errors='replace')[-3000:]}")
         return "\n".join(parts)
 
-    def _wait(self, predicate, timeout: float, what: str) -> None:  # noqa: ANN001
+    def _wait(self, predicate, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if predicate():
                 return
             for name, proc in self.procs.items():
                 if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited ({proc.returncode}) while waiting for {what}:\n{self.log()}")
+                    raise RuntimeError(
+                        f"{name} exited ({proc.returncode}) while waiting for {what}:\n{self.log()}"
+                    )
             time.sleep(0.2)
         raise RuntimeError(f"timed out waiting for {what}:\n{self.log()}")
 

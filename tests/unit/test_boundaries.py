@@ -1,10 +1,10 @@
 """The house's walls: which code each process may load, and no import cycles anywhere.
 
-The session process runs users' code; the broker and the worker are the control plane. A session that
-imported broker or worker code would carry the control plane's secrets and handlers into the process that
-user code controls, so the session side must never import them. These tests check that in a fresh
-interpreter (what ``python -m jupyter_gpu.session`` really loads) and statically, over every import in the
-package, function-level ones included.
+The session process runs users' code; the broker and the worker are the control plane. A session
+that imported broker or worker code would carry the control plane's secrets and handlers into the
+process that user code controls, so the session side must never import them. These tests check that
+in a fresh interpreter (what ``python -m jupyter_gpu.session`` really loads) and statically, over
+every import in the package, function-level ones included.
 """
 
 from __future__ import annotations
@@ -21,33 +21,56 @@ import jupyter_gpu
 
 PACKAGE = Path(jupyter_gpu.__file__).parent
 CONTROL_PLANE = ("jupyter_gpu.broker", "jupyter_gpu.worker", "jupyter_gpu.pool")
-NOT_IN_A_SESSION = CONTROL_PLANE + ("jupyter_gpu.kernelext", "jupyter_gpu.labext", "jupyter_gpu.headless")
+NOT_IN_A_SESSION = CONTROL_PLANE + (
+    "jupyter_gpu.kernelext",
+    "jupyter_gpu.labext",
+    "jupyter_gpu.headless",
+)
 
 
 def _modules_loaded(code: str) -> list[str]:
-    out = subprocess.run([sys.executable, "-c", code + "\nimport sys, json\n"
-                          "print(json.dumps(sorted(m for m in sys.modules if m.startswith('jupyter_gpu'))))"],
-                         capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(PACKAGE.parent)})
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code + "\nimport sys, json\n"
+            "print(json.dumps(sorted(m for m in sys.modules if m.startswith('jupyter_gpu'))))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(PACKAGE.parent)},
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_the_session_entry_point_loads_no_control_plane_code():
-    """Everything a session process imports before and while it serves: its entry point, its server and
-    executor, and what a cell reaches through ``jupyter_gpu`` (report, checkpoint, offload, standby)."""
+    """Everything a session process imports before and while it serves: its entry point, its server
+    and executor, and what a cell reaches through ``jupyter_gpu`` (report, checkpoint, offload,
+    standby)."""
     loaded = _modules_loaded(
-        "import jupyter_gpu.session.main, jupyter_gpu.session.server, jupyter_gpu.session.executor\n"
-        "import jupyter_gpu.session.offload, jupyter_gpu.session.standby, jupyter_gpu.session.distributed_rank\n"
+        "import jupyter_gpu.session.main, jupyter_gpu.session.server, "
+        "jupyter_gpu.session.executor\n"
+        "import jupyter_gpu.session.offload, jupyter_gpu.session.standby, "
+        "jupyter_gpu.session.distributed_rank\n"
         "import jupyter_gpu.session.isolation, jupyter_gpu.session.memory_meter\n"
-        "import jupyter_gpu")
+        "import jupyter_gpu"
+    )
     assert "jupyter_gpu.session.server" in loaded
     leaked = [m for m in loaded if m.startswith(NOT_IN_A_SESSION)]
     assert not leaked, f"the session process imports {leaked}"
 
 
 def test_importing_the_package_in_a_cell_loads_only_the_cell_api():
-    """``import jupyter_gpu`` in a session's cell (or anywhere) must stay light: the cell API only."""
+    """``import jupyter_gpu`` in a session's cell (or anywhere) must stay light: the cell API
+    only."""
     loaded = _modules_loaded("import jupyter_gpu")
-    assert set(loaded) <= {"jupyter_gpu", "jupyter_gpu._version", "jupyter_gpu.session", "jupyter_gpu.session.api"}
+    assert set(loaded) <= {
+        "jupyter_gpu",
+        "jupyter_gpu._version",
+        "jupyter_gpu.session",
+        "jupyter_gpu.session.api",
+    }
 
 
 def _module_name(path: Path) -> str:
@@ -76,7 +99,9 @@ def import_graph() -> dict[str, set[str]]:
                     mod = ".".join(base + ([node.module] if node.module else []))
                 else:
                     mod = node.module or ""
-                targets = [f"{mod}.{a.name}" if f"{mod}.{a.name}" in modules else mod for a in node.names]
+                targets = [
+                    f"{mod}.{a.name}" if f"{mod}.{a.name}" in modules else mod for a in node.names
+                ]
             for t in targets:
                 while t and t not in modules:
                     t = t.rpartition(".")[0]
@@ -141,7 +166,9 @@ def test_common_modules_import_no_process_code():
     graph = import_graph()
     for module, deps in graph.items():
         if module.startswith("jupyter_gpu.common"):
-            bad = sorted(d for d in deps if not d.startswith(("jupyter_gpu.common", "jupyter_gpu.errors")))
+            bad = sorted(
+                d for d in deps if not d.startswith(("jupyter_gpu.common", "jupyter_gpu.errors"))
+            )
             assert not bad, f"{module} imports {bad}"
 
 

@@ -2,7 +2,14 @@ import numpy as np
 import pytest
 import torch
 
-from jupyter_gpu.common.datacontract import ModuleRef, RemoteObject, cell_names, classify_output, input_item, to_cpu
+from jupyter_gpu.common.datacontract import (
+    ModuleRef,
+    RemoteObject,
+    cell_names,
+    classify_output,
+    input_item,
+    to_cpu,
+)
 
 
 def test_free_and_assigned_names():
@@ -38,15 +45,21 @@ def test_modules_travel_by_name():
     assert input_item(3) == 3
 
 
-@pytest.mark.parametrize("value", [1, 2.5, "s", b"b", None, [1, 2], {"a": (1, 2)}, np.arange(5),
-                                   torch.ones(3), np.float32(1.0)])
+@pytest.mark.parametrize(
+    "value",
+    [1, 2.5, "s", b"b", None, [1, 2], {"a": (1, 2)}, np.arange(5), torch.ones(3), np.float32(1.0)],
+)
 def test_plain_data_comes_back(value):
     assert classify_output("v", value, 1 << 20)[0] == "value"
 
 
 def test_models_functions_and_large_values_stay_remote():
     kind, desc = classify_output("m", torch.nn.Linear(3, 1), 1 << 20)
-    assert kind == "remote" and "4 parameters" in desc["summary"] and "not plain data" in desc["reason"]
+    assert (
+        kind == "remote"
+        and "4 parameters" in desc["summary"]
+        and "not plain data" in desc["reason"]
+    )
     assert classify_output("f", lambda: 1, 1 << 20)[0] == "remote"
     kind, desc = classify_output("big", np.zeros(1 << 18), 1 << 20)
     assert kind == "remote" and "large" in desc["reason"]
@@ -54,7 +67,9 @@ def test_models_functions_and_large_values_stay_remote():
 
 
 def test_remote_object_says_where_it_is_and_how_to_get_it():
-    ref = RemoteObject("model", "torch.nn.Linear", "4 parameters", 100, "cuda:0", "it lives on cuda:0", "L1")
+    ref = RemoteObject(
+        "model", "torch.nn.Linear", "4 parameters", 100, "cuda:0", "it lives on cuda:0", "L1"
+    )
     text = repr(ref)
     assert "model" in text and "%gpu pull model" in text and "cuda:0" in text
     assert "%gpu pull model" in ref._repr_html_()

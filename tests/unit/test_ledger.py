@@ -1,4 +1,5 @@
-"""The broker's ledger on its own (no Dask): grants, ends, and a bad request that must not wedge it."""
+"""The broker's ledger on its own (no Dask): grants, ends, and a bad request that must not wedge
+it."""
 
 from __future__ import annotations
 
@@ -12,8 +13,13 @@ GiB = 2**30
 
 def ledger_with(*sizes_gib: int) -> Ledger:
     ledger = Ledger(FairSharePolicy())
-    ledger.set_worker_gpus("w0", [GpuSlot(worker="w0", index=i, uuid=f"G{i}", name="g", total_bytes=s * GiB)
-                                  for i, s in enumerate(sizes_gib)])
+    ledger.set_worker_gpus(
+        "w0",
+        [
+            GpuSlot(worker="w0", index=i, uuid=f"G{i}", name="g", total_bytes=s * GiB)
+            for i, s in enumerate(sizes_gib)
+        ],
+    )
     return ledger
 
 
@@ -28,7 +34,9 @@ def test_grant_books_bytes_and_the_policy_end_frees_them():
     grants = ledger.schedule(None)
     assert [(r.id, len(leases)) for r, leases in grants] == [("R1", 1), ("R2", 2)]
     assert sorted(g.leased_bytes for g in ledger.gpus.values()) == [4 * GiB, 12 * GiB]
-    assert {ls.rank for ls in grants[1][1]} == {0, 1} and len({ls.worker for ls in grants[1][1]}) == 1
+    assert {ls.rank for ls in grants[1][1]} == {0, 1} and len(
+        {ls.worker for ls in grants[1][1]}
+    ) == 1
     ledger.check()
     lease = grants[0][1][0]
     assert ledger.end(lease.id, "done").end_reason == "done"
@@ -38,8 +46,9 @@ def test_grant_books_bytes_and_the_policy_end_frees_them():
 
 
 def test_a_request_that_breaks_the_pass_is_failed_and_the_others_are_served():
-    """Bug fixed: a request with ``workers: 1.5`` (it got past the broker once) made every later scheduling
-    pass raise TypeError in packing, so nobody's cell was scheduled until the scheduler restarted."""
+    """Bug fixed: a request with ``workers: 1.5`` (it got past the broker once) made every later
+    scheduling pass raise TypeError in packing, so nobody's cell was scheduled until the scheduler
+    restarted."""
     ledger = ledger_with(16)
     bad = request("R1", workers=1, fraction=0.5)
     bad.spec.workers = 1.5  # as it would arrive unchecked
@@ -47,10 +56,19 @@ def test_a_request_that_breaks_the_pass_is_failed_and_the_others_are_served():
     good = request("R2", "bob", fraction=0.5)
     ledger.submit(good)
     failed = []
-    grants = ledger.schedule(None, fail=lambda req, why: (failed.append((req.id, why)), ledger.finish_request(
-        req, "failed", why)))
+    grants = ledger.schedule(
+        None,
+        fail=lambda req, why: (
+            failed.append((req.id, why)),
+            ledger.finish_request(req, "failed", why),
+        ),
+    )
     assert [r.id for r, _ in grants] == ["R2"]
-    assert [rid for rid, _ in failed] == ["R1"] and "TypeError" in failed[0][1] and "not your code's" in failed[0][1]
+    assert (
+        [rid for rid, _ in failed] == ["R1"]
+        and "TypeError" in failed[0][1]
+        and "not your code's" in failed[0][1]
+    )
     assert bad.state == "failed" and bad not in ledger.queue
     ledger.submit(request("R3", "carol", fraction=0.25))
     assert [r.id for r, _ in ledger.schedule(None)] == ["R3"]  # scheduling goes on

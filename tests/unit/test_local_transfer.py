@@ -1,5 +1,5 @@
-"""Large buffers between processes of one machine (common/local_transfer.py): what is sent is what is read,
-into the receiver's own memory, and a marker can name nothing but a pipe of a process."""
+"""Large buffers between processes of one machine (common/local_transfer.py): what is sent is what
+is read, into the receiver's own memory, and a marker can name nothing but a pipe of a process."""
 
 import json
 import os
@@ -53,11 +53,13 @@ def test_a_buffer_is_reused_only_once_nothing_refers_to_it_and_trim_gives_it_bac
     third = _through_pipes(np.full(4 << 20, 3.0, dtype=np.float32), buffers)
     assert buffers.reused == 1 and np.all(third == 3.0) and np.all(second == 2.0)
     third[0] = -1  # still the receiver's own copy: the sender's array is untouched
-    other = _through_pipes(np.full(2 << 20, 4.0, dtype=np.float32), buffers)  # another size: fresh memory
+    # another size: fresh memory
+    other = _through_pipes(np.full(2 << 20, 4.0, dtype=np.float32), buffers)
     assert buffers.reused == 1 and np.all(other == 4.0)
     del second, third, other
     assert buffers.unused_bytes() == (16 + 16 + 8) << 20
-    view = buffers.take(1 << 20)  # the next transfer keeps at most one unused buffer (max_free=1): the newest
+    # the next transfer keeps at most one unused buffer (max_free=1): the newest
+    view = buffers.take(1 << 20)
     assert buffers.unused_bytes() == 8 << 20
     del view
     assert buffers.trim() == 9 << 20 and buffers.unused_bytes() == 0
@@ -74,7 +76,9 @@ def test_frames_in_parts_and_inline_frames_read_back_in_order():
     sending = lt.Sending()
     marker = lt.send({"k": 1}, [data, b"small", memoryview(bytes(2 << 20))], sending)
     frames = marker[lt.MARK]["frames"]
-    assert frames[1] == {"inline": b"small"} and len(frames[0]["parts"]) == min(lt._parallelism(), 3)
+    assert frames[1] == {"inline": b"small"} and len(frames[0]["parts"]) == min(
+        lt._parallelism(), 3
+    )
     header, back = lt.receive(marker)
     assert header == {"k": 1} and bytes(back[1]) == b"small" and bytes(back[2]) == bytes(2 << 20)
     assert np.array_equal(np.frombuffer(back[0], np.uint8), data)
@@ -85,8 +89,17 @@ def _part_marker(parts, size):
     return {lt.MARK: {"header": {}, "frames": [{"parts": parts, "size": size}]}}
 
 
-@pytest.mark.parametrize("path", ["/etc/passwd", "/proc/1/fd/../../self/environ", "/proc/self/fd/0",
-                                  "relative", "/proc/1/fd/1\n", 7])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/etc/passwd",
+        "/proc/1/fd/../../self/environ",
+        "/proc/self/fd/0",
+        "relative",
+        "/proc/1/fd/1\n",
+        7,
+    ],
+)
 def test_a_marker_may_name_only_a_process_fd(path):
     with pytest.raises(lt.TransferError, match="may name only"):
         lt.receive(_part_marker([[path, 4096]], 4096))
@@ -103,13 +116,13 @@ def test_a_marker_naming_a_file_that_is_not_a_pipe_is_refused(tmp_path):
 def test_sizes_that_do_not_add_up_are_refused_and_a_short_pipe_is_an_error():
     sending = lt.Sending()
     marker = lt.send({}, [b"x" * (2 << 20)], sending)
-    (path, length), = marker[lt.MARK]["frames"][0]["parts"]
+    ((path, length),) = marker[lt.MARK]["frames"][0]["parts"]
     with pytest.raises(lt.TransferError, match="do not add up"):
         lt.receive(_part_marker([[path, length]], length + 1))
     sending.close()  # the sender went away: its pipe ends early
     sending = lt.Sending()
     marker = lt.send({}, [b"y" * (2 << 20)], sending)
-    (path, length), = marker[lt.MARK]["frames"][0]["parts"]
+    ((path, length),) = marker[lt.MARK]["frames"][0]["parts"]
     r, w = sending.pipes[0]
     sending._closed.set()
     for t in sending.threads:
@@ -121,9 +134,14 @@ def test_sizes_that_do_not_add_up_are_refused_and_a_short_pipe_is_an_error():
 
 
 def test_a_malformed_marker_is_an_error_not_a_crash():
-    for bad in ({lt.MARK: None}, {lt.MARK: {"header": {}}}, {lt.MARK: {"header": [], "frames": []}},
-                {lt.MARK: {"header": {}, "frames": [{"parts": "x"}]}}, _part_marker([["/proc/1/fd/1"]], 1),
-                _part_marker([["/proc/1/fd/1", -5]], -5)):
+    for bad in (
+        {lt.MARK: None},
+        {lt.MARK: {"header": {}}},
+        {lt.MARK: {"header": [], "frames": []}},
+        {lt.MARK: {"header": {}, "frames": [{"parts": "x"}]}},
+        _part_marker([["/proc/1/fd/1"]], 1),
+        _part_marker([["/proc/1/fd/1", -5]], -5),
+    ):
         with pytest.raises(lt.TransferError):
             lt.receive(bad)
 
@@ -131,7 +149,8 @@ def test_a_malformed_marker_is_an_error_not_a_crash():
 def test_a_sender_whose_receiver_never_reads_gives_up_and_close_never_hangs(monkeypatch):
     monkeypatch.setattr(lt, "STALL", 0.3)
     sending = lt.Sending()
-    lt.send({}, [b"z" * (8 << 20)], sending)  # more than the pipe holds: the feeder waits for a reader
+    # more than the pipe holds: the feeder waits for a reader
+    lt.send({}, [b"z" * (8 << 20)], sending)
     t0 = time.monotonic()
     sending.wait(10)
     assert time.monotonic() - t0 < 5 and sending.errors and "read nothing" in sending.errors[0]
@@ -140,11 +159,17 @@ def test_a_sender_whose_receiver_never_reads_gives_up_and_close_never_hangs(monk
 
 
 def _check_in_another_process(marker: dict, *prefix: str) -> str:
-    code = ("import sys, json; from jupyter_gpu.common import local_transfer as lt; "
-            "print(lt.check_probe(json.loads(sys.argv[1])))")
-    out = subprocess.run([*prefix, sys.executable, "-c", code, json.dumps(marker, default=lambda b: b.decode())],
-                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-                         timeout=60)
+    code = (
+        "import sys, json; from jupyter_gpu.common import local_transfer as lt; "
+        "print(lt.check_probe(json.loads(sys.argv[1])))"
+    )
+    out = subprocess.run(
+        [*prefix, sys.executable, "-c", code, json.dumps(marker, default=lambda b: b.decode())],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
 
@@ -157,7 +182,11 @@ def test_the_probe_passes_for_another_process_of_this_account_and_fails_for_anot
     if os.geteuid() == 0:  # another account cannot open this process's pipes
         sending = lt.Sending()
         marker = lt.probe(sending)
-        assert _check_in_another_process(marker, "setpriv", "--reuid=65534", "--regid=65534",
-                                         "--clear-groups") == "False"
+        assert (
+            _check_in_another_process(
+                marker, "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"
+            )
+            == "False"
+        )
         sending.close()
     assert not lt.check_probe(marker), "a closed probe is gone"

@@ -9,42 +9,50 @@ def test_defaults_use_the_pool_default_fraction():
     assert opts.spec.fraction == 0.25 and opts.spec.workers == 1 and not opts.explicit_request
 
 
-@pytest.mark.parametrize("text,field,value", [
-    ("--gpus 0.5", "fraction", 0.5),
-    ("--gpus 1", "gpus", 1),
-    ("--gpus 1.0", "fraction", 1.0),
-    ("--gpus 2", "gpus", 2),
-    ("--memory 8GiB", "memory", 8 * 2**30),
-    ("--memory 500MB", "memory", 500 * 10**6),
-])
+@pytest.mark.parametrize(
+    "text,field,value",
+    [
+        ("--gpus 0.5", "fraction", 0.5),
+        ("--gpus 1", "gpus", 1),
+        ("--gpus 1.0", "fraction", 1.0),
+        ("--gpus 2", "gpus", 2),
+        ("--memory 8GiB", "memory", 8 * 2**30),
+        ("--memory 500MB", "memory", 500 * 10**6),
+    ],
+)
 def test_requests(text, field, value):
     assert getattr(parse_cell_options(text).spec, field) == value
 
 
 def test_all_options():
-    opts = parse_cell_options("--gpus 0.5 --timeout 5min --priority batch --in a,b --out x --fresh --async "
-                              "--name 'my run'")
+    opts = parse_cell_options(
+        "--gpus 0.5 --timeout 5min --priority batch --in a,b --out x --fresh --async "
+        "--name 'my run'"
+    )
     assert opts.timeout == 300 and opts.spec.priority == "batch"
     assert opts.inputs == ["a", "b"] and opts.outputs == ["x"] and opts.fresh and opts.run_async
     assert opts.name == "my run"
 
 
-@pytest.mark.parametrize("text,needle", [
-    ("--gpus 0", "greater than 0"),
-    ("--gpus -1", "greater than 0"),
-    ("--gpus abc", "fraction of one GPU"),
-    ("--gpus 1.5", "must be whole"),
-    ("--memory 12 apples", "unrecognized arguments"),
-    ("--memory lots", "memory size"),
-    ("--gpus 0.5 --memory 1GiB", "not both"),
-    ("--workers 0", "whole number"),
-    ("--timeout -3", "positive duration"),
-    ("--priority urgent", "interactive"),
-    ("--in 1x", "not a variable name"),
-    ("--frobnicate", "unrecognized arguments: --frobnicate"),
-    ("--gpus 2 --workers 2", "one rank per GPU"),
-    ("'unclosed", "quotes"),
-])
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("--gpus 0", "greater than 0"),
+        ("--gpus -1", "greater than 0"),
+        ("--gpus abc", "fraction of one GPU"),
+        ("--gpus 1.5", "must be whole"),
+        ("--memory 12 apples", "unrecognized arguments"),
+        ("--memory lots", "memory size"),
+        ("--gpus 0.5 --memory 1GiB", "not both"),
+        ("--workers 0", "whole number"),
+        ("--timeout -3", "positive duration"),
+        ("--priority urgent", "interactive"),
+        ("--in 1x", "not a variable name"),
+        ("--frobnicate", "unrecognized arguments: --frobnicate"),
+        ("--gpus 2 --workers 2", "one rank per GPU"),
+        ("'unclosed", "quotes"),
+    ],
+)
 def test_bad_options_are_one_clear_usage_error(text, needle):
     with pytest.raises(UsageError) as info:
         parse_cell_options(text)
@@ -62,20 +70,36 @@ def test_retries_and_no_abbreviations():
 
 
 def test_usage_help_and_the_tables_come_from_the_one_declaration():
-    """Every option the parser takes is in the usage line of every error, in ``%gpu?`` / ``%gpu help``
-    and in the generated tables, with its help text (``--retries`` was parsed but documented nowhere)."""
+    """Every option the parser takes is in the usage line of every error, in ``%gpu?`` / ``%gpu
+    help`` and in the generated tables, with its help text (``--retries`` was parsed but documented
+    nowhere)."""
     from jupyter_gpu.kernelext import options
     from jupyter_gpu.kernelext.magics import GpuMagics
 
     flags = [a.option_strings[0] for a in options._parser()._actions]
-    assert flags == ["--gpus", "--memory", "--workers", "--timeout", "--priority", "--in", "--out", "--fresh",
-                     "--async", "--name", "--resume", "--retries"]
+    assert flags == [
+        "--gpus",
+        "--memory",
+        "--workers",
+        "--timeout",
+        "--priority",
+        "--in",
+        "--out",
+        "--fresh",
+        "--async",
+        "--name",
+        "--resume",
+        "--retries",
+    ]
     help_text, table = options.options_help(), options.options_markdown()
     for flag in flags:
         assert f"[{flag}" in options.USAGE and flag in help_text and f"| `{flag}" in table
-    assert "\n" not in options.USAGE and options.USAGE.startswith("%%gpu [--gpus F] [--memory SIZE]")
+    assert "\n" not in options.USAGE and options.USAGE.startswith(
+        "%%gpu [--gpus F] [--memory SIZE]"
+    )
     assert "preempted cell is requeued" in table and "resumes from its last checkpoint" in table
-    assert "without it every run starts afresh" in table  # --resume: resuming is asked for, never silent
+    # --resume: resuming is asked for, never silent
+    assert "without it every run starts afresh" in table
     assert GpuMagics.gpu.__doc__.startswith(help_text) and "%gpu release" in GpuMagics.gpu.__doc__
 
 
@@ -90,4 +114,6 @@ def test_the_docs_options_table_is_the_generated_one(name):
     text = (Path(__file__).resolve().parents[2] / name).read_text()
     assert options.BEGIN_MARK in text and options.END_MARK in text
     assert options.with_generated_table(text) == text, (
-        f"{name}'s %%gpu options table differs from the declaration: run python -m jupyter_gpu.kernelext.options")
+        f"{name}'s %%gpu options table differs from the declaration: run python -m "
+        "jupyter_gpu.kernelext.options"
+    )

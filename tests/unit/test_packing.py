@@ -12,7 +12,9 @@ def pool(*sizes_per_worker):
     gpus = []
     for w, sizes in enumerate(sizes_per_worker):
         for i, size in enumerate(sizes):
-            gpus.append(GpuSlot(worker=f"w{w}", index=i, uuid=f"u{w}{i}", name="g", total_bytes=size * GiB))
+            gpus.append(
+                GpuSlot(worker=f"w{w}", index=i, uuid=f"u{w}{i}", name="g", total_bytes=size * GiB)
+            )
     return gpus
 
 
@@ -31,7 +33,8 @@ def test_best_fit_packs_fractions_onto_the_fullest_gpu_that_fits():
     gpus = pool([16, 16])
     first = grant(gpus, RequestSpec(fraction=0.5))
     second = grant(gpus, RequestSpec(fraction=0.5))
-    assert first[0][1][0].gpu == second[0][1][0].gpu  # both halves on one GPU, the other stays whole
+    # both halves on one GPU, the other stays whole
+    assert first[0][1][0].gpu == second[0][1][0].gpu
     assert grant(gpus, RequestSpec(gpus=1)) is not None
 
 
@@ -57,11 +60,14 @@ def test_whole_gpus_need_entirely_free_gpus_on_one_worker():
 
 def test_impossible_requests_are_refused_with_the_fix():
     gpus = pool([16, 16])
-    assert "largest GPU in the pool has 16.0 GiB" in packing.never_fits(RequestSpec(memory=40 * GiB), gpus)
+    assert "largest GPU in the pool has 16.0 GiB" in packing.never_fits(
+        RequestSpec(memory=40 * GiB), gpus
+    )
     assert "--workers 2 or fewer" in packing.never_fits(RequestSpec(fraction=0.5, workers=3), gpus)
     assert "no worker has more than 2" in packing.never_fits(RequestSpec(gpus=3), gpus)
     assert packing.never_fits(RequestSpec(memory=16 * GiB), gpus) is None
-    assert packing.never_fits(RequestSpec(fraction=0.5), []) is None  # no GPU yet: wait, don't refuse
+    # no GPU yet: wait, don't refuse
+    assert packing.never_fits(RequestSpec(fraction=0.5), []) is None
 
 
 def test_waiting_reason_names_the_gap():
@@ -76,20 +82,23 @@ specs = st.one_of(
     st.builds(RequestSpec, fraction=st.floats(min_value=0.01, max_value=1.0)),
     st.builds(RequestSpec, memory=st.integers(min_value=1, max_value=24 * GiB)),
     st.builds(RequestSpec, gpus=st.integers(min_value=1, max_value=2)),
-    st.builds(RequestSpec, fraction=st.floats(min_value=0.05, max_value=1.0), workers=st.integers(1, 3)),
+    st.builds(
+        RequestSpec, fraction=st.floats(min_value=0.05, max_value=1.0), workers=st.integers(1, 3)
+    ),
 )
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(specs, max_size=40), st.lists(st.sampled_from([8, 16, 24]), min_size=1, max_size=4))
 def test_no_gpu_is_ever_overcommitted(requests, sizes):
-    gpus = pool(sizes[: len(sizes) // 2 + 1], sizes[len(sizes) // 2 + 1:])
+    gpus = pool(sizes[: len(sizes) // 2 + 1], sizes[len(sizes) // 2 + 1 :])
     for spec in requests:
         placement = grant(gpus, spec)
         if placement is None:
             continue
         ranks_gpus = [a.gpu for _, allocs in placement for a in allocs]
-        assert len(ranks_gpus) == len(set(ranks_gpus))  # never two allocations of one request on one GPU
+        # never two allocations of one request on one GPU
+        assert len(ranks_gpus) == len(set(ranks_gpus))
         for worker, allocs in placement:
             assert all(a.gpu.startswith(worker) for a in allocs)
     for g in gpus:

@@ -15,36 +15,74 @@ def test_suggestion_is_a_readable_power_of_two_above_the_peak_with_headroom():
 
 def test_hint_only_when_far_more_was_reserved_than_used():
     hint = right_size(300 * MiB, 8 * GiB)
-    assert hint is not None and hint.suggestion() == "512MiB" and abs(hint.used_share - 300 / 8192) < 1e-9
-    assert "used at most 300.0 MiB of the 8.0 GiB it reserves: --memory 512MiB would do" in hint.hint()
-    assert right_size(3 * GiB, 8 * GiB) is None          # used more than a quarter
-    assert right_size(None, 8 * GiB) is None             # nothing measured
-    assert right_size(10 * MiB, 512 * MiB) is None       # too small a reservation to matter
+    assert (
+        hint is not None
+        and hint.suggestion() == "512MiB"
+        and abs(hint.used_share - 300 / 8192) < 1e-9
+    )
+    assert (
+        "used at most 300.0 MiB of the 8.0 GiB it reserves: --memory 512MiB would do" in hint.hint()
+    )
+    assert right_size(3 * GiB, 8 * GiB) is None  # used more than a quarter
+    assert right_size(None, 8 * GiB) is None  # nothing measured
+    assert right_size(10 * MiB, 512 * MiB) is None  # too small a reservation to matter
 
 
 def test_quota_line_names_the_team_its_standing_and_mine():
     assert "no quotas configured" in quota_text({"configured": False, "teams": []}, "ann")
-    quotas = {"configured": True, "default_team": "default",
-              "teams": [{"team": "ml", "guarantee": 1.0, "limit": 2.0, "held": 1.5},
-                        {"team": "default", "guarantee": 0.0, "limit": None, "held": 0.0}],
-              "users": [{"user": "ann", "team": "ml", "limit": 1.0, "held": 0.75}]}
+    quotas = {
+        "configured": True,
+        "default_team": "default",
+        "teams": [
+            {"team": "ml", "guarantee": 1.0, "limit": 2.0, "held": 1.5},
+            {"team": "default", "guarantee": 0.0, "limit": None, "held": 0.0},
+        ],
+        "users": [{"user": "ann", "team": "ml", "limit": 1.0, "held": 0.75}],
+    }
     text = quota_text(quotas, "ann")
     assert text.startswith("Quota: team ml is guaranteed 1 GPU, limit 2; it holds 1.5 GPU now")
     assert "over its guarantee" in text and "You hold 0.75 GPU of your limit 1." in text
-    assert quota_text(quotas, "zed") == "Quota: team default is guaranteed 0 GPU, no limit; it holds 0 GPU now."
+    assert (
+        quota_text(quotas, "zed")
+        == "Quota: team default is guaranteed 0 GPU, no limit; it holds 0 GPU now."
+    )
 
 
 def test_status_shows_my_sessions_peak_utilization_and_right_size():
     from jupyter_gpu.kernelext.status_view import StatusView
 
-    lease = {"id": "L3", "user": "ann", "kernel": "k1", "state": "idle", "fraction": 0.5, "bytes": 8 * GiB,
-             "bytes_on_gpu": 8 * GiB, "isolation": "torch-cap", "peak_bytes": 300 * MiB,
-             "gpu_utilization": 37.0, "preemptible": True, "notebook": "a.ipynb"}
-    snap = {"time": 100.0, "pool": {"embedded": False, "workers": 1, "virtual": False},
-            "gpus": [{"name": "H100", "total_bytes": 16 * GiB, "leased_bytes": 8 * GiB, "utilization": 40,
-                      "leases": [lease]}],
-            "queue": [], "quotas": {"configured": False, "teams": []}}
-    plain = StatusView(snap, "ann", "k1", {}, None, "tcp://pool:8786")._repr_mimebundle_()["text/plain"]
+    lease = {
+        "id": "L3",
+        "user": "ann",
+        "kernel": "k1",
+        "state": "idle",
+        "fraction": 0.5,
+        "bytes": 8 * GiB,
+        "bytes_on_gpu": 8 * GiB,
+        "isolation": "torch-cap",
+        "peak_bytes": 300 * MiB,
+        "gpu_utilization": 37.0,
+        "preemptible": True,
+        "notebook": "a.ipynb",
+    }
+    snap = {
+        "time": 100.0,
+        "pool": {"embedded": False, "workers": 1, "virtual": False},
+        "gpus": [
+            {
+                "name": "H100",
+                "total_bytes": 16 * GiB,
+                "leased_bytes": 8 * GiB,
+                "utilization": 40,
+                "leases": [lease],
+            }
+        ],
+        "queue": [],
+        "quotas": {"configured": False, "teams": []},
+    }
+    plain = StatusView(snap, "ann", "k1", {}, None, "tcp://pool:8786")._repr_mimebundle_()[
+        "text/plain"
+    ]
     assert "300.0 MiB of 8.0 GiB, 37% SM busy" in plain
     assert "ask --memory 512MiB" in plain and "idle (preemptible)" in plain
     assert "no quotas configured" in plain

@@ -1,4 +1,5 @@
-"""The standby copy an idle session keeps in host memory, so that suspending it is a rename (standby.py)."""
+"""The standby copy an idle session keeps in host memory, so that suspending it is a rename
+(standby.py)."""
 
 import logging
 import os
@@ -12,13 +13,18 @@ from jupyter_gpu.session.standby import StandbyCopy
 
 def namespace() -> dict:
     net = torch.nn.Linear(4, 2)
-    return {"net": net, "opt": torch.optim.SGD(net.parameters(), lr=0.1), "x": torch.arange(5.0),
-            "arr": np.arange(4096.0), "steps": (i for i in range(3))}
+    return {
+        "net": net,
+        "opt": torch.optim.SGD(net.parameters(), lr=0.1),
+        "x": torch.arange(5.0),
+        "arr": np.arange(4096.0),
+        "steps": (i for i in range(3)),
+    }
 
 
 def after_a_cell(copy: StandbyCopy) -> None:
     copy.changed()  # a cell starts ...
-    copy.idle()     # ... and ends
+    copy.idle()  # ... and ends
 
 
 def never() -> bool:
@@ -46,12 +52,15 @@ def test_a_copy_written_while_idle_is_handed_over_by_rename(tmp_path):
     assert copy.due_in() is None  # one copy per namespace
     moved = copy.hand_over(str(tmp_path / "L1.pkl"))
     assert moved["standby"] and moved["path"] == str(tmp_path / "L1.pkl")
-    assert moved["saved"] == ["arr", "net", "opt", "x"] and [x["name"] for x in moved["lost"]] == ["steps"]
+    assert moved["saved"] == ["arr", "net", "opt", "x"] and [x["name"] for x in moved["lost"]] == [
+        "steps"
+    ]
     assert not os.path.exists(copy.path)
     back: dict = {}
     assert load_namespace(back, moved["path"])["failed"] == []
     assert back["x"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
-    assert back["opt"].param_groups[0]["params"][0] is back["net"].weight  # still one model, one optimizer
+    # still one model, one optimizer
+    assert back["opt"].param_groups[0]["params"][0] is back["net"].weight
     assert copy.hand_over(str(tmp_path / "again.pkl")) is None  # handed over once
 
 
@@ -63,7 +72,8 @@ def test_a_cell_makes_the_copy_stale_removes_it_and_the_next_copy_has_the_new_va
     copy.changed()  # the next cell starts: the copy is of the old namespace
     assert not os.path.exists(copy.path)  # its host memory is given back at once
     ns["x"] = ns["x"] * 2
-    assert copy.hand_over(str(tmp_path / "L3.pkl")) is None  # the offload must write the variables as they are
+    # the offload must write the variables as they are
+    assert copy.hand_over(str(tmp_path / "L3.pkl")) is None
     assert copy.due_in() is None  # still running: no copy of a namespace that is changing
     copy.idle()
     assert copy.take(ns, {}, None, never)
@@ -100,11 +110,14 @@ def test_work_that_arrives_stops_the_copy_and_it_is_written_when_idle_again(tmp_
     assert copy.due_in() == 0.0 and copy.take(ns, {}, None, never)
 
 
-def test_no_copy_when_host_memory_is_short_and_it_is_not_retried_for_the_same_namespace(tmp_path, caplog):
+def test_no_copy_when_host_memory_is_short_and_it_is_not_retried_for_the_same_namespace(
+    tmp_path, caplog
+):
     caplog.set_level(logging.INFO, logger="jupyter_gpu.session.standby")
     copy = StandbyCopy(str(tmp_path / "L5.standby"), 0.0)
     after_a_cell(copy)
-    assert not copy.take({"x": torch.ones(4)}, {}, 1 << 60, never)  # the session holds more than is free
+    # the session holds more than is free
+    assert not copy.take({"x": torch.ones(4)}, {}, 1 << 60, never)
     assert not os.listdir(tmp_path) and "no standby copy" in caplog.text
     assert copy.due_in() is None
     after_a_cell(copy)
@@ -121,7 +134,8 @@ def test_the_worker_gives_sessions_a_copy_path_unless_turned_off_or_misconfigure
     plugin = GpuWorkerPlugin()
     try:
         given = plugin._standby_for({"id": "L9", "world_size": 1})
-        assert given["after"] == 2.0 and given["path"].endswith("/L9/standby")  # the session's own folder
+        # the session's own folder
+        assert given["after"] == 2.0 and given["path"].endswith("/L9/standby")
         assert os.path.dirname(os.path.dirname(given["path"])) == plugin.store.base
         assert plugin._standby_for({"id": "L9", "world_size": 2}) is None  # ranks are never moved
         with dask.config.set({"jupyter-gpu.session.standby-after": None}):
@@ -129,7 +143,8 @@ def test_the_worker_gives_sessions_a_copy_path_unless_turned_off_or_misconfigure
         with dask.config.set({"jupyter-gpu.reclaim-offload": False}):
             assert plugin._standby_for({"id": "L9"}) is None
         with dask.config.set({"jupyter-gpu.session.standby-after": "soon"}):
-            assert plugin._standby_for({"id": "L9"}) is None  # a typo turns copies off; sessions still start
+            # a typo turns copies off; sessions still start
+            assert plugin._standby_for({"id": "L9"}) is None
         assert "standby-after is 'soon', not a duration" in caplog.text and "e.g. 2s" in caplog.text
     finally:
         shutil.rmtree(plugin.store.base, ignore_errors=True)

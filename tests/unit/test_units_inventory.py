@@ -5,8 +5,10 @@ from jupyter_gpu.errors import NoGpuAvailable
 from jupyter_gpu.worker import inventory
 
 
-@pytest.mark.parametrize("text,expected", [("8GiB", 8 * 2**30), ("500MB", 500 * 10**6), ("1.5G", 1.5e9),
-                                           ("1024", 1024), ("2 kib", 2048)])
+@pytest.mark.parametrize(
+    "text,expected",
+    [("8GiB", 8 * 2**30), ("500MB", 500 * 10**6), ("1.5G", 1.5e9), ("1024", 1024), ("2 kib", 2048)],
+)
 def test_parse_size(text, expected):
     assert parse_size(text) == int(expected)
 
@@ -26,7 +28,10 @@ def test_virtual_spec_forms():
     assert [g.total_bytes for g in gpus] == [16 * 2**30] * 2
     assert all(g.virtual and g.name.startswith("Virtual GPU") for g in gpus)
     assert len({g.uuid for g in gpus}) == 2
-    assert [g.total_bytes for g in inventory.parse_virtual_spec("16GiB,8GiB")] == [16 * 2**30, 8 * 2**30]
+    assert [g.total_bytes for g in inventory.parse_virtual_spec("16GiB,8GiB")] == [
+        16 * 2**30,
+        8 * 2**30,
+    ]
 
 
 @pytest.mark.parametrize("spec", ["2xfoo", "0x16GiB", ",", "lots"])
@@ -46,6 +51,9 @@ def test_no_gpu_and_no_virtual_gpus_is_a_clear_message(monkeypatch):
 
 
 def test_cuda_visible_devices_selection_and_order():
-    gpus = [inventory.GpuInfo(index=i, uuid=f"GPU-{i}", name="g", total_bytes=1, nvml_index=i) for i in range(3)]
+    gpus = [
+        inventory.GpuInfo(index=i, uuid=f"GPU-{i}", name="g", total_bytes=1, nvml_index=i)
+        for i in range(3)
+    ]
     chosen = inventory._apply_visible(gpus, ["2", "GPU-0"])
     assert [g.uuid for g in chosen] == ["GPU-2", "GPU-0"]

@@ -1,5 +1,5 @@
-"""The session's reports to its worker (session/worker_link.py) on a real socket pair and a real event loop:
-quick cells' idle notes are merged, and no report overtakes one held back."""
+"""The session's reports to its worker (session/worker_link.py) on a real socket pair and a real
+event loop: quick cells' idle notes are merged, and no report overtakes one held back."""
 
 from __future__ import annotations
 
@@ -35,18 +35,28 @@ def _reports(run) -> list[dict]:
 def test_quick_cells_idle_notes_go_as_one_with_the_largest_peak():
     async def cells(link: WorkerLink) -> None:
         for peak in (10, 30, 20):
-            link.tell_coalesced(0.2, "lease_state", merge_idle_notes, state="idle", peak_bytes=peak, resident_bytes=peak)
+            link.tell_coalesced(
+                0.2,
+                "lease_state",
+                merge_idle_notes,
+                state="idle",
+                peak_bytes=peak,
+                resident_bytes=peak,
+            )
         await asyncio.sleep(0.05)
         assert link._held is not None  # held, not sent yet
         await asyncio.sleep(0.3)
 
-    assert _reports(cells) == [{"op": "lease_state", "state": "idle", "peak_bytes": 30, "resident_bytes": 20}]
+    assert _reports(cells) == [
+        {"op": "lease_state", "state": "idle", "peak_bytes": 30, "resident_bytes": 20}
+    ]
 
 
 def test_a_report_sends_the_held_note_first():
     async def cells(link: WorkerLink) -> None:
         link.tell_coalesced(5.0, "lease_state", merge_idle_notes, state="idle", peak_bytes=None)
-        link.tell_lease_state(state="running", cell="train")  # a long cell: "running" after the held "idle"
+        # a long cell: "running" after the held "idle"
+        link.tell_lease_state(state="running", cell="train")
         link.tell_coalesced(5.0, "lease_state", merge_idle_notes, state="idle", peak_bytes=7)
         link.tell("metrics", step=1)
 
