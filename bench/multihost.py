@@ -5,10 +5,10 @@ with Slurm.
     python bench/multihost.py --quick    # 128 MiB, 1 round; 20 steps; 1 scale-up (a smoke run)
 
 Hosts are Linux network, mount and UTS namespaces joined by a bridge
-(``tests/multihost/hosts.py``, as in the tests): ``pool up`` on one, workers on two (``w1`` with
+(``tests/system/multihost/hosts.py``, as in the tests): ``pool up`` on one, workers on two (``w1`` with
 three virtual GPUs, ``w2`` with one), kernels on a fourth. Needs root, ``ip`` and ``unshare``;
 the Slurm part needs Slurm (``apt-get install slurm-wlm munge``, done when missing, as in
-tests/slurm) and dask-jobqueue.
+tests/system/slurm) and dask-jobqueue.
 
 1. **Restore of a session's variables** (``big``: a float32 tensor of the size asked, plus a small dict) after
    the admin's idle timeout moved them to the host memory (``/dev/shm``) of the worker that ran the session;

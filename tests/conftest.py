@@ -1,15 +1,35 @@
-"""Fixtures: a real embedded pool with two virtual 16 GiB GPUs, started once per test session."""
+"""Fixtures: a real embedded pool with two virtual 16 GiB GPUs, started once per test session; and the
+tier markers (``unit`` for a test that declares none, ``system`` for everything under tests/system)."""
 
 from __future__ import annotations
 
 import os
-import sys
+from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
+# jupyter-gpu's Dask config defaults must exist before ``distributed.utils_test`` snapshots the config
+# that ``gen_cluster`` resets to before every in-process test
+import jupyter_gpu.common.config  # noqa: F401
 
 os.environ.setdefault("JUPYTER_GPU_VIRTUAL_GPUS", "2x16GiB")
+
+TIERS = ("unit", "inprocess", "integration", "system")
+SYSTEM = Path(__file__).parent / "system"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test has exactly one tier: what it declares, ``system`` under tests/system, else ``unit``."""
+    for item in items:
+        if SYSTEM in Path(str(item.path)).parents:
+            item.add_marker(pytest.mark.system)
+        tiers = {m.name for m in item.iter_markers() if m.name in TIERS}
+        if "system" in tiers:
+            tiers = {"system"}
+        if not tiers:
+            item.add_marker(pytest.mark.unit)
+        elif len(tiers) > 1:
+            raise pytest.UsageError(f"{item.nodeid} has more than one tier marker: {sorted(tiers)}")
 
 
 def _start_pool(path: str) -> str:
@@ -43,7 +63,7 @@ def private_pool(tmp_path) -> str:
 
 @pytest.fixture()
 def kernel(pool):
-    from harness import Kernel
+    from tests.support.harness import Kernel
 
     k = Kernel(pool)
     yield k

@@ -172,7 +172,7 @@ class GpuBroker(SchedulerPlugin):
         if self.tokens is not None:
             gate.close(scheduler, self.pool_key)
         self.audit.open_boot()
-        from distributed.compatibility import PeriodicCallback
+        from tornado.ioloop import PeriodicCallback
 
         interval_ms = config.get_seconds("worker.sample-interval") * 1000
         self._sampler = PeriodicCallback(self._sample_virtual, interval_ms)

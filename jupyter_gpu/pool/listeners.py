@@ -82,7 +82,7 @@ class PoolScheduler(_HttpWhenConfigured, Scheduler):
         super().__init__(*args, **kwargs)
         # checked four times per ttl, not once: a lost machine is given up within 1.25 ttl
         if self.worker_ttl:
-            from distributed.compatibility import PeriodicCallback
+            from tornado.ioloop import PeriodicCallback
 
             self.periodic_callbacks["worker-ttl"] = PeriodicCallback(
                 self.check_worker_ttl, self.worker_ttl * 250

@@ -8,7 +8,7 @@ line with its address on its original stdout, then captures fds 1 and 2 for the 
 dies, it dies too (parent-death signal and a watchdog), so no session outlives its worker.
 
 This is the trust boundary's user side: nothing imported from here belongs to the broker or the
-worker (``tests/unit/test_boundaries.py`` checks that in a fresh interpreter).
+worker (``tests/test_architecture.py`` checks that in a fresh interpreter).
 """
 
 from __future__ import annotations

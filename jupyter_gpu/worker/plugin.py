@@ -121,7 +121,7 @@ class GpuWorkerPlugin(WorkerPlugin):
         self.containment = Containment()
         self.host_memory_limit = self._host_memory_limit()
         worker.handlers.update(self.handlers())
-        from distributed.compatibility import PeriodicCallback
+        from tornado.ioloop import PeriodicCallback
 
         self._monitor = PeriodicCallback(self._check_sessions, 250)
         self._monitor.start()

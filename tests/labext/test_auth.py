@@ -10,6 +10,8 @@ import tornado.web
 from tornado.httpclient import HTTPClientError
 from tornado.websocket import WebSocketHandler
 
+pytestmark = pytest.mark.integration  # a real Jupyter server with the routes
+
 from jupyter_gpu.labext.handlers import handler_classes
 
 HTTP_VERBS = ("get", "head", "post", "put", "patch", "delete", "options")

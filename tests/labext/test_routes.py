@@ -12,7 +12,7 @@ from tornado.httpclient import HTTPClientError
 
 from .conftest import TEST_USER, VIRTUAL_GPUS, stop_pool
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.integration]
 
 
 def _json(response) -> dict:

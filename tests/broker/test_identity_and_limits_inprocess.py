@@ -1,0 +1,71 @@
+"""Who may ask and what can never be granted, decided by the broker alone: wrong tokens and unknown
+users are refused, a request beyond a team's limit is refused at once, and a user cannot act for
+another with his own token. No kernel is needed for these rules: the broker and a GPU worker run on an
+in-process Dask cluster (``gen_cluster``) with a real token file and a real quota file."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+from distributed.core import rpc
+from distributed.utils_test import gen_cluster
+
+from jupyter_gpu.broker.audit import AuditStore
+from jupyter_gpu.broker.fair_share import FairSharePolicy
+from jupyter_gpu.broker.identity import TokenStore
+from jupyter_gpu.broker.plugin import GpuBroker
+from jupyter_gpu.broker.quotas import load_quotas
+from tests.broker.inprocess import FAST_SESSIONS, install_pool, teardown
+
+pytestmark = [pytest.mark.inprocess, pytest.mark.timeout(120)]
+
+QUOTAS = """
+reserve-after: 5s
+min-run-time: 0s
+teams:
+  ml:  {guarantee: 1.0, members: [alice, bob]}
+  viz: {guarantee: 1.0, limit: 1.5, members: [carol]}
+"""
+
+
+def _broker(folder: Path) -> tuple[GpuBroker, dict[str, str]]:
+    """A broker with the team's quota file and a token file of alice, bob and carol."""
+    (folder / "pool.yaml").write_text(QUOTAS)
+    store = TokenStore(str(folder / "tokens.json"))
+    tokens = {user: store.create(user) for user in ("alice", "bob", "carol")}
+    policy = FairSharePolicy(load_quotas(str(folder / "pool.yaml")))
+    return GpuBroker(policy=policy, audit=AuditStore(None), tokens=store), tokens
+
+
+@gen_cluster(nthreads=[("127.0.0.1", 1)], config=FAST_SESSIONS)
+async def test_unknown_user_and_wrong_token_are_refused_and_limits_refuse_the_impossible(s, w):
+    with tempfile.TemporaryDirectory() as tmp:
+        broker, tokens = _broker(Path(tmp))
+        broker, plugin = await install_pool(s, w, broker=broker)
+        try:
+            async with rpc(s.address) as sched:
+                spec = {"fraction": 0.25}
+                reply = await sched.gpu_request(user="alice", kernel="t", spec=spec, token="not-it")
+                assert reply["state"] == "refused"
+                assert "token sent for user 'alice' is wrong" in reply["reason"]
+                reply = await sched.gpu_request(user="mallory", kernel="t", spec=spec, token="x")
+                assert reply["state"] == "refused"
+                assert "does not know the user 'mallory'" in reply["reason"]
+                reply = await sched.gpu_request(
+                    user="carol",
+                    kernel="t",
+                    spec={"fraction": 1.0, "workers": 2},
+                    token=tokens["carol"],
+                )
+                assert reply["state"] == "refused" and "limit is 1.5 GPU" in reply["reason"]
+                # carol posing as bob, with her own token
+                reply = await sched.gpu_cancel(id="L1", user="bob", token=tokens["carol"])
+                assert reply["cancelled"] is False and "is wrong" in reply["what"]
+                quotas = (await sched.gpu_snapshot())["quotas"]
+            assert quotas["configured"]
+            assert {t["team"]: t["guarantee"] for t in quotas["teams"]}["viz"] == 1.0
+            assert not broker.leases and not broker.queue
+        finally:
+            await teardown(w, plugin)

@@ -1,0 +1,296 @@
+"""The broker and GPU worker plugins on an in-process Dask cluster
+(``distributed.utils_test.gen_cluster``).
+
+Fast, and real: a real scheduler and worker in this process with the plugins installed as a pool
+installs them, real session processes spawned by the worker plugin (with nothing preloaded, so they
+start in a second), and the handlers called over real comms the way kernels, workers and sessions
+call them. The tables of handlers are pinned here, as dask/distributed pins its shuffle plugin's, so
+a handler cannot be added, renamed or dropped without this file (and ``common/protocol.py``, and
+``docs/interfaces.md``) saying so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+from distributed.core import rpc
+from distributed.utils_test import gen_cluster
+
+from jupyter_gpu.broker.plugin import PLUGIN_NAME
+from jupyter_gpu.common import protocol
+from tests.broker.inprocess import FAST_SESSIONS, granted, install_pool, teardown
+
+pytestmark = [pytest.mark.inprocess, pytest.mark.timeout(120)]
+
+GiB = 2**30
+
+SCHEDULER_OPS = {
+    "gpu_register_worker",
+    "gpu_samples",
+    "gpu_session_ended",
+    "gpu_lease_state",
+    "gpu_run_metrics",
+    "gpu_request",
+    "gpu_wait",
+    "gpu_cancel",
+    "gpu_release",
+    "gpu_lease_info",
+    "gpu_run_update",
+    "gpu_scale",
+    "gpu_snapshot",
+    "gpu_usage",
+}
+WORKER_OPS = {
+    "gpu_session_start",
+    "gpu_session_signal",
+    "gpu_session_offload",
+    "gpu_offload_fetch",
+    "gpu_offload_discard",
+    "gpu_inventory",
+    "gpu_session_starter",
+}
+SESSION_OPS = {"assign", "execute", "interrupt", "pull", "ping", "free_port", "offload", "restore"}
+
+
+def test_the_protocol_declares_exactly_the_pinned_tables():
+    assert protocol.SCHEDULER_OPS == SCHEDULER_OPS
+    assert protocol.WORKER_OPS == WORKER_OPS
+    assert protocol.SESSION_OPS == SESSION_OPS
+
+
+def test_docs_interfaces_carries_the_current_tables():
+    """docs/interfaces.md's handler tables are generated from the protocol (python -m
+    jupyter_gpu.common.protocol); a handler changed without regenerating them fails here."""
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "interfaces.md")
+    with open(path) as f:
+        doc = f.read()
+    assert protocol.GENERATED_BEGIN in doc and protocol.GENERATED_END in doc
+    assert protocol.render_interfaces(doc) == doc, "run: python -m jupyter_gpu.common.protocol"
+
+
+@gen_cluster(nthreads=[("127.0.0.1", 1)], config=FAST_SESSIONS)
+async def test_handler_tables_are_registered_on_the_real_servers(s, w):
+    broker, plugin = await install_pool(s, w)
+    try:
+        assert s.plugins[PLUGIN_NAME] is broker
+        assert SCHEDULER_OPS <= set(s.handlers) and set(broker.handlers()) == SCHEDULER_OPS
+        assert WORKER_OPS <= set(w.handlers) and set(plugin.handlers()) == WORKER_OPS
+        assert sorted(broker.gpus) == [f"{w.address}#0", f"{w.address}#1"]
+        async with rpc(w.address) as worker:
+            inventory = await worker.gpu_inventory()
+        assert [g["total_bytes"] for g in inventory] == [16 * GiB, 16 * GiB] and all(
+            g["virtual"] for g in inventory
+        )
+    finally:
+        await teardown(w, plugin)
+
+
+@gen_cluster(nthreads=[("127.0.0.1", 1)], config=FAST_SESSIONS)
+async def test_a_grant_starts_a_session_that_answers_only_the_session_table(s, w):
+    broker, plugin = await install_pool(s, w)
+    try:
+        async with rpc(s.address) as sched:
+            status = await granted(
+                sched, user="alice", kernel="k1", spec={"fraction": 0.5}, client="c1"
+            )
+            assert status["state"] == "granted", status
+            lease = status["leases"][0]
+            assert lease["bytes"] == 8 * GiB and lease["gpu_names"] and lease["virtual"]
+            assert plugin.sessions[lease["id"]].pid == lease["pid"]
+            async with rpc(lease["address"]) as session:
+                assert (
+                    lease["secret"]
+                    and (await session.ping(secret=lease["secret"]))["lease"] == lease["id"]
+                )
+                # only the lease's owner gets an answer: no secret, or a wrong one, is refused
+                assert "answers only the kernel" in (await session.ping())["error"]
+                assert (
+                    "answers only the kernel"
+                    in (await session.pull(name="x", secret="guess"))["error"]
+                )
+                # nothing beyond the pinned table: Dask drops an unknown op (logs "No handler ...")
+                try:
+                    reply = await session.run_code(code="1")
+                except Exception as exc:
+                    reply = repr(exc)
+                assert reply is None or "No handler run_code" in str(reply), reply
+                # a malformed cell is refused before the main thread sees it, and the session lives
+                # on
+                bad = await session.execute(code=123, inputs={}, secret=lease["secret"])
+                assert bad["status"] == "error" and "code must be text" in bad["error"]["message"]
+                bad = await session.pull(name={"not": "a name"}, secret=lease["secret"])
+                assert "name must be text" in bad["error"]
+                assert (await session.ping(secret=lease["secret"]))["busy"] is False
+            snap = await sched.gpu_snapshot()
+            assert [ls["id"] for g in snap["gpus"] for ls in g["leases"]] == [lease["id"]]
+            assert (await sched.gpu_release(lease=lease["id"], user="alice"))["released"]
+            for _ in range(100):
+                if lease["id"] not in plugin.sessions:
+                    break
+                await asyncio.sleep(0.02)
+            assert lease["id"] not in plugin.sessions
+            assert (await sched.gpu_lease_info(lease=lease["id"]))["state"] == "ended"
+    finally:
+        await teardown(w, plugin)
+
+
+@gen_cluster(nthreads=[("127.0.0.1", 1)], config=FAST_SESSIONS)
+async def test_a_busy_pool_queues_with_a_reason_and_a_cancel_leaves_no_trace(s, w):
+    broker, plugin = await install_pool(s, w, gpus="1x16GiB")
+    try:
+        async with rpc(s.address) as sched:
+            first = await granted(sched, user="alice", kernel="k1", spec={"gpus": 1})
+            assert first["state"] == "granted"
+            second = await sched.gpu_request(user="bob", kernel="k2", spec={"fraction": 0.5})
+            assert second["state"] == "queued" and second["position"] == 1
+            assert second["reason"].startswith("waiting: no GPU has 8.0 GiB free")
+            refused = await sched.gpu_cancel(id=second["id"], user="alice")
+            assert not refused["cancelled"] and "belongs to bob" in refused["what"]
+            assert (await sched.gpu_cancel(id=second["id"], user="bob"))["cancelled"]
+            assert not (await sched.gpu_snapshot())["queue"]
+            impossible = await sched.gpu_request(user="bob", kernel="k2", spec={"memory": 40 * GiB})
+            assert (
+                impossible["state"] == "refused"
+                and "largest GPU in the pool has 16.0 GiB" in impossible["reason"]
+            )
+            broker.ledger.check()
+    finally:
+        await teardown(w, plugin)
+
+
+@gen_cluster(nthreads=[("127.0.0.1", 1)], config=FAST_SESSIONS)
+async def test_a_session_that_dies_ends_its_lease_with_the_reason(s, w):
+    broker, plugin = await install_pool(s, w)
+    try:
+        async with rpc(s.address) as sched:
+            lease = (await granted(sched, user="alice", kernel="k1", spec={"fraction": 0.25}))[
+                "leases"
+            ][0]
+            os.kill(lease["pid"], signal.SIGKILL)
+            for _ in range(200):
+                info = await sched.gpu_lease_info(lease=lease["id"])
+                if info["state"] == "ended":
+                    break
+                await asyncio.sleep(0.05)
+            assert info["end_reason"].startswith("the session process was killed by SIGKILL")
+            assert broker.gpus[lease["gpus"][0]].leased_bytes == 0
+    finally:
+        await teardown(w, plugin)
+
+
+@gen_cluster(nthreads=[("127.0.0.1", 1)], config=FAST_SESSIONS)
+async def test_a_lost_worker_ends_its_leases_and_its_gpus_are_expected_back(s, w):
+    broker, plugin = await install_pool(s, w)
+    try:
+        async with rpc(s.address) as sched:
+            lease = (await granted(sched, user="alice", kernel="k1", spec={"fraction": 0.5}))[
+                "leases"
+            ][0]
+            broker.remove_worker(s, w.address)
+            info = await sched.gpu_lease_info(lease=lease["id"])
+            assert info["state"] == "ended" and f"worker {w.address}" in info["end_reason"]
+            # its GPUs are remembered for a while: a request that needs them waits instead of being
+            # refused
+            waiting = await sched.gpu_request(user="bob", kernel="k2", spec={"gpus": 1})
+            assert waiting["state"] == "queued"
+            assert waiting["reason"] == "waiting: no GPU worker has joined the pool yet"
+    finally:
+        await teardown(w, plugin)
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)], config=FAST_SESSIONS)
+async def test_a_kernel_that_disconnects_frees_its_leases_and_requests(c, s, w):
+    broker, plugin = await install_pool(s, w, gpus="1x16GiB")
+    try:
+        async with rpc(s.address) as sched:
+            held = await granted(sched, user="alice", kernel="k1", spec={"gpus": 1}, client=c.id)
+            queued = await sched.gpu_request(
+                user="alice", kernel="k1", spec={"fraction": 0.5}, client=c.id
+            )
+            assert held["state"] == "granted" and queued["state"] == "queued"
+            broker.remove_client(s, c.id)
+            assert (await sched.gpu_lease_info(lease=held["leases"][0]["id"]))[
+                "end_reason"
+            ] == "its kernel disconnected from the pool"
+            assert (await sched.gpu_wait(id=queued["id"], timeout=0))["state"] == "cancelled"
+            broker.ledger.check()
+    finally:
+        await teardown(w, plugin)
+
+
+@gen_cluster(nthreads=[("127.0.0.1", 1)], config=FAST_SESSIONS)
+async def test_malformed_messages_are_refused_to_their_sender_and_break_nothing(s, w):
+    """Bugs fixed: a ``gpu_request`` with ``workers: 1.5`` was queued and then made every scheduling
+    pass raise; a malformed ``gpu_run_update`` made ``gpu_snapshot`` raise for everyone (status and
+    panel)."""
+    import json
+
+    broker, plugin = await install_pool(s, w)
+    try:
+        async with rpc(s.address) as sched:
+            for spec, field in [
+                ({"fraction": 0.5, "workers": 1.5}, "workers"),
+                ({"fraction": float("nan")}, "fraction"),
+                ({"gpus": "1"}, "gpus"),
+                ({"fraction": 0.5, "nodes": 2}, "nodes"),
+                ({"memory": 2**63}, "memory"),
+                ({"fraction": 0.5, "priority": 3}, "priority"),
+            ]:
+                reply = await sched.gpu_request(user="mallory", kernel="k9", spec=spec)
+                assert reply["state"] == "refused" and field in reply["reason"], (spec, reply)
+            for bad in [{"user": None}, {"user": "x" * 10_000}, {"kernel": ["k"]}, {"extra": 1}]:
+                reply = await sched.gpu_request(
+                    **{"user": "mallory", "kernel": "k9", "spec": {"fraction": 0.5}, **bad}
+                )
+                assert reply["state"] == "refused" and "not valid" in reply["reason"], (bad, reply)
+            assert not broker.queue and not broker.leases
+            # the pool goes on serving
+            good = await granted(sched, user="alice", kernel="k1", spec={"fraction": 0.5})
+            assert good["state"] == "granted"
+            lease = good["leases"][0]["id"]
+            # one-way notes with bad fields are dropped, and change nothing
+            await sched.gpu_lease_state(lease=lease, state="exploded")
+            await sched.gpu_lease_state(lease=lease, state="idle", peak_bytes=-5)
+            await sched.gpu_run_update(run="r1", world_size="two", state="running")
+            await sched.gpu_run_update(run="r2", ranks={"0": "not a list"})
+            # metrics come through a session's worker, with the pool key, for that session's own
+            # lease
+            await sched.gpu_run_metrics(
+                run="r3",
+                rank=0,
+                lease=lease,
+                key=broker.pool_key,
+                items=[{"step": 1, "time": 1.0, "metrics": {"loss": float("nan")}}],
+            )
+            await sched.gpu_run_metrics(
+                run="r4", rank="zero", items=[], lease=lease, key=broker.pool_key
+            )
+            # no key: not a worker
+            await sched.gpu_run_metrics(run="r5", rank=0, items=[], lease=lease)
+            # no key: dropped
+            await sched.gpu_lease_state(lease=lease, state="running", peak_bytes=10**13)
+            assert broker.leases[lease].state == "idle" and broker.leases[lease].peak_bytes is None
+            snap = await sched.gpu_snapshot()
+            json.dumps(snap, allow_nan=False)  # what the panel parses: no NaN, no bytes
+            assert [r["id"] for r in snap["runs"]] == ["r3"]
+            assert snap["runs"][0]["ranks"]["0"][0]["metrics"] == {"loss": "nan"}
+            assert "whole number" in (await sched.gpu_scale(n=1e20, user="alice"))["error"]
+            assert "between 0 and 60" in (await sched.gpu_wait(id="R1", timeout=1e9))["reason"]
+            assert not (await sched.gpu_cancel(id=["R1"], user="alice"))["cancelled"]
+            refused = await sched.gpu_register_worker(
+                worker=w.address, gpus=[{"index": 0, "uuid": "G", "name": "x"}], key=broker.pool_key
+            )
+            assert "lacks total_bytes" in refused["error"]
+            refused = await sched.gpu_register_worker(
+                worker=w.address,
+                gpus=[{"index": 0, "uuid": "G", "name": "x", "total_bytes": 2.5}],
+                key=broker.pool_key,
+            )
+            assert "whole number" in refused["error"]
+            assert len(broker.gpus) == 2  # the real GPUs are still there
+            broker.ledger.check()
+    finally:
+        await teardown(w, plugin)

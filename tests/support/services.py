@@ -1,0 +1,170 @@
+"""A pool as an administrator runs one: ``jupyter-gpu pool up`` and ``jupyter-gpu worker`` as real
+processes.
+
+Used by the fault tests (kill the scheduler, restart it) and anything that needs the services rather
+than the embedded pool. Every process started here is stopped at the end, whatever happened, and the
+logs are kept in the test's folder for the failure report.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class PoolServices:
+    """``pool up`` on a fixed port plus one ``worker`` service; ``restart_scheduler`` kills and
+    restarts it."""
+
+    def __init__(
+        self,
+        root: Path,
+        virtual: str = "2x16GiB",
+        env: dict[str, str] | None = None,
+        host: str = "127.0.0.1",
+        worker_account: str | None = None,
+    ):
+        self.root = Path(root)
+        self.virtual = virtual
+        self.host = host
+        self.port = free_port()
+        self.address = f"tcp://{host}:{self.port}"
+        self.env = {**os.environ, **(env or {})}
+        # run `jupyter-gpu worker` as this account instead of ours
+        self.worker_account = worker_account
+        self.scheduler: subprocess.Popen | None = None
+        self.worker: subprocess.Popen | None = None
+        self._logs: list = []
+
+    def _start(
+        self, name: str, args: list[str], env: dict[str, str], account: str | None = None
+    ) -> subprocess.Popen:
+        log = open(self.root / f"{name}.log", "ab")
+        self._logs.append(log)
+        extra: dict = {}
+        if account is not None:
+            import pwd
+
+            entry = pwd.getpwnam(account)
+            extra = {
+                "user": entry.pw_uid,
+                "group": entry.pw_gid,
+                "extra_groups": os.getgrouplist(entry.pw_name, entry.pw_gid),
+            }
+            env = {**env, "HOME": entry.pw_dir, "USER": account, "LOGNAME": account}
+        return subprocess.Popen(
+            [sys.executable, "-m", "jupyter_gpu.cli", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd="/" if account else str(self.root),
+            start_new_session=True,
+            **extra,
+        )
+
+    def start_scheduler(self) -> None:
+        self.scheduler = self._start(
+            "scheduler", ["pool", "up", "--host", self.host, "--port", str(self.port)], self.env
+        )
+        self.wait_for(lambda: self._answers(), 60, "the scheduler to listen")
+
+    def start(self) -> PoolServices:
+        self.start_scheduler()
+        self.worker = self._start(
+            "worker",
+            ["worker", self.address],
+            {**self.env, "JUPYTER_GPU_VIRTUAL_GPUS": self.virtual},
+            self.worker_account,
+        )
+        self.wait_for(lambda: self.gpu_count() >= self._expected_gpus(), 120, "the worker's GPUs")
+        return self
+
+    def _expected_gpus(self) -> int:
+        from jupyter_gpu.worker.inventory import parse_virtual_spec
+
+        return len(parse_virtual_spec(self.virtual))
+
+    def _answers(self) -> bool:
+        from jupyter_gpu.pool.discovery import address_reachable
+
+        return address_reachable(self.address, timeout=0.5)
+
+    def snapshot(self) -> dict:
+        from tests.support.harness import snapshot
+
+        return snapshot(self.address)
+
+    def gpu_count(self) -> int:
+        try:
+            return len(self.snapshot()["gpus"])
+        except Exception:
+            return 0
+
+    def kill_scheduler(self) -> None:
+        assert self.scheduler is not None
+        os.killpg(self.scheduler.pid, signal.SIGKILL)
+        self.scheduler.wait(10)
+
+    def restart_scheduler(self) -> None:
+        self.kill_scheduler()
+        self.start_scheduler()
+
+    def wait_for(self, predicate, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            for name, proc in (("scheduler", self.scheduler), ("worker", self.worker)):
+                if proc is not None and proc.poll() is not None and name != "worker-expected-exit":
+                    raise AssertionError(
+                        f"the {name} service exited ({proc.returncode}) while waiting for {what}:\n"
+                        + self.log(name)
+                    )
+            time.sleep(0.1)
+        raise AssertionError(
+            f"timed out waiting for {what}:\n" + self.log("scheduler") + self.log("worker")
+        )
+
+    def log(self, name: str) -> str:
+        path = self.root / f"{name}.log"
+        return f"--- {name}.log ---\n" + (
+            path.read_text(errors="replace")[-4000:] if path.exists() else "(none)\n"
+        )
+
+    def stop(self) -> None:
+        for proc in (self.worker, self.scheduler):
+            if proc is not None and proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                    proc.wait(15)
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    try:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                    proc.wait(10)
+        for log in self._logs:
+            log.close()
+
+    def __enter__(self) -> PoolServices:
+        try:
+            return self.start()
+        # a start that fails half way (no GPUs joined) leaves no services running
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
