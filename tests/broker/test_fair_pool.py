@@ -153,6 +153,13 @@ def test_borrowing_is_preemptible_and_a_guarantee_reclaims_it(qpool):
 
 
 def test_audit_rows_are_correct_after_a_scheduler_restart(qpool):
+    # refusals of each kind (a wrong token, an unknown user, over a team's limit) are audited too
+    a, spec = qpool.address, {"fraction": 0.25}
+    call(a, "gpu_request", user="alice", kernel="t", spec=spec, token="not-it")
+    call(a, "gpu_request", user="mallory", kernel="t", spec=spec, token="x")
+    over = {"fraction": 1.0, "workers": 2}
+    reply = call(a, "gpu_request", user="carol", kernel="t", spec=over, token=qpool.tokens["carol"])
+    assert reply["state"] == "refused" and "limit is 1.5 GPU" in reply["reason"]
     db = str(qpool.root / "audit.sqlite")
     qpool.stop()
     store = AuditStore(db)

@@ -137,6 +137,11 @@ class PoolServices:
             f"timed out waiting for {what}:\n" + self.log("scheduler") + self.log("worker")
         )
 
+    def full_log(self, name: str) -> str:
+        """The whole log of a service (``log`` gives the tail, for failure reports)."""
+        path = self.root / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
     def log(self, name: str) -> str:
         path = self.root / f"{name}.log"
         return f"--- {name}.log ---\n" + (

@@ -66,4 +66,4 @@ def test_the_worker_service_exits_non_zero_when_its_scheduler_does_not_come_back
         pool.kill_scheduler()
         assert wait_until(lambda: pool.worker.poll() is not None, 90), pool.log("worker")
         assert pool.worker.returncode == 1, pool.log("worker")
-        assert "exiting so that a supervisor restarts this service" in pool.log("worker")
+        assert "exiting so that a supervisor restarts this service" in pool.full_log("worker")
