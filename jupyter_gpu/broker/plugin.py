@@ -192,7 +192,7 @@ class GpuBroker(SchedulerPlugin):
             self._housekeeper.stop()
         self.audit.heartbeat()
 
-    def remove_worker(self, scheduler, worker: str, **kwargs) -> None:  # noqa: ANN001
+    def remove_worker(self, scheduler, worker: str, **kwargs: Any) -> None:  # noqa: ANN001
         gone, leases = self.ledger.remove_worker(worker)
         for gpu_id in gone:
             self.samples.pop(gpu_id, None)

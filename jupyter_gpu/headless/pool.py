@@ -24,6 +24,7 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ class PrivatePool:
 
 
 @contextlib.contextmanager
-def _env(name: str, value: str | None):
+def _env(name: str, value: str | None) -> Iterator[None]:
     """Set an environment variable for the duration (the pool process inherits it)."""
     if value is None:
         yield

@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from jupyter_gpu.common import config
@@ -63,7 +64,7 @@ class EmbeddedPoolError(RuntimeError):
 
 
 @contextlib.contextmanager
-def _locked(path: str):
+def _locked(path: str) -> Iterator[None]:
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     with open(path + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
