@@ -974,7 +974,7 @@ class GpuBroker(SchedulerPlugin):
 
         try:
             await asyncio.gather(*(start_one(ls) for ls in leases))
-        except Exception as exc:  # a worker failed to start a session: free everything, say why
+        except Exception as exc:  # noqa: BLE001 - a worker's failure comes back as any remote error: free everything, say why
             log.warning("session start for %s failed: %s", req.id, exc)
             for lease in leases:
                 if lease.id in self.leases:
@@ -1017,7 +1017,7 @@ class GpuBroker(SchedulerPlugin):
             await self.scheduler.rpc(lease.worker).gpu_session_signal(
                 lease=lease.id, signal="kill", key=self.pool_key
             )
-        except Exception as exc:  # the worker may be gone already
+        except Exception as exc:  # noqa: BLE001 - the worker may be gone already, failing in any way
             log.debug("could not kill session of %s on %s: %s", lease.id, lease.worker, exc)
 
     def _sample_virtual(self) -> None:

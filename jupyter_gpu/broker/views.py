@@ -37,7 +37,7 @@ def host_of(address: str) -> str:
 
     try:
         return get_address_host(address)
-    except Exception:
+    except Exception:  # noqa: BLE001 - a malformed address, or a scheme whose backend fails to load
         return address
 
 

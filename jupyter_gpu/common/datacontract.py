@@ -23,7 +23,7 @@ def _parse(code: str) -> ast.Module | None:
         from IPython.core.inputtransformer2 import TransformerManager
 
         code = TransformerManager().transform_cell(code)  # %magics and !shell lines to Python
-    except Exception:
+    except Exception:  # noqa: BLE001 - IPython missing or its transform failing: parse the cell as plain Python
         pass
     try:
         return ast.parse(code)
@@ -330,7 +330,7 @@ def classify_output(name: str, value: Any, max_bytes: int) -> tuple[str, dict]:
     device = _tensor_device(value) or _module_device(value)
     try:
         nbytes = int(sizeof(value))
-    except Exception:
+    except Exception:  # noqa: BLE001 - sizeof runs the object's own code: unknown size
         nbytes = None
     desc = {
         "name": name,

@@ -210,7 +210,7 @@ async def async_release_kernel_leases(address: str, kernel: str, wait: float = 1
     while True:
         try:
             leases, queued = kernel_holdings(await async_pool_snapshot(address), kernel)
-        except Exception as exc:  # the pool itself is gone: it holds nothing any more
+        except Exception as exc:  # noqa: BLE001 - the pool itself is gone: it holds nothing any more
             log.debug("pool %s did not answer a snapshot: %s", address, exc)
             return []
         if not leases and not queued:

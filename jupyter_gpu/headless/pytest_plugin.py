@@ -146,7 +146,7 @@ class SessionPool:
         )
         try:
             self._address = self._private.start()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever stopped the pool becomes the usage error
             self._private.stop()
             self._private = None
             self._error = f"jupyter-gpu: could not start the test pool: {exc}"

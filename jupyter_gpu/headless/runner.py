@@ -607,7 +607,7 @@ def run_notebook(
             try:
                 pool = private.start()
             # NoGpuAvailable, EmbeddedPoolError: their messages say what to do
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - NoGpuAvailable, EmbeddedPoolError, ...: their messages say what to do
                 print(f"jupyter-gpu run: could not start a GPU pool for {path}: {exc}", file=err)
                 return EXIT_CANNOT_RUN
         result = execute_notebook(

@@ -44,7 +44,7 @@ def kernel_identity() -> str:
         match = re.search(r"kernel-(.+)\.json$", get_connection_file())
         if match:
             return match.group(1)
-    except Exception:
+    except Exception:  # noqa: BLE001 - not in a kernel, or no connection file: a made-up id
         pass
     return f"proc-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
@@ -169,7 +169,7 @@ class PoolConnection:
             if self.session is not None and self.session.comm is not None:
                 comm = self.session.comm
                 self.call(comm.close, timeout=2)
-        except Exception:
+        except Exception:  # noqa: BLE001 - closing a comm to a session that may be gone: the client still closes
             pass
         self.client.close(timeout=5)
 
@@ -295,7 +295,7 @@ class PoolConnection:
         if session.comm is not None:
             try:
                 self.call(session.comm.close, timeout=2)
-            except Exception:
+            except Exception:  # noqa: BLE001 - the session may be gone already: the lease is released anyway
                 pass
         reply = self.scheduler_call("gpu_release", lease=session.id, user=self.user, reason=reason)
         return bool(reply.get("released"))
@@ -425,7 +425,7 @@ class PoolConnection:
             except (CommClosedError, OSError) as exc:
                 session.comm = None
                 sink({"op": "lost", "error": str(exc), "started": started})
-            except Exception as exc:  # never leave the main thread waiting
+            except Exception as exc:  # noqa: BLE001 - never leave the main thread waiting
                 session.comm = None
                 sink({"op": "lost", "error": f"{type(exc).__name__}: {exc}", "started": started})
             finally:
@@ -463,7 +463,7 @@ class PoolConnection:
 
         try:
             self.call(go, timeout=3)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - an interrupt is best effort: the kill after the grace period follows
             log.debug("interrupt did not reach %s: %s", session.address, exc)
 
     def pull(self, name: str) -> Any:

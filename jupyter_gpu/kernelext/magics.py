@@ -255,7 +255,7 @@ def _show_pool_error(
                 )
             )
             stb.append("\nThe remote code above was stopped:")
-        except Exception:
+        except Exception:  # noqa: BLE001 - IPython's formatter on a rebuilt exception: show the plain line
             stb = []
     stb.append(f"\x1b[0;31m{etype.__name__}\x1b[0m: {value}")
     shell._showtraceback(etype, value, stb)

@@ -63,7 +63,7 @@ def rebuild_exception(error: dict) -> BaseException:
     if error.get("pickled"):
         try:
             exc = pickle.loads(error["pickled"])
-        except Exception:
+        except Exception:  # noqa: BLE001 - unpickling runs the exception's own code: fall back to its type name
             exc = None
     if exc is None:
         if error.get("type") == "jupyter_gpu.errors.GpuPoolError":
@@ -81,7 +81,7 @@ def rebuild_exception(error: dict) -> BaseException:
             exc = exc.with_traceback(remote_tb)
             # where the cell's own frames start (see remote_part)
             setattr(exc, REMOTE_TB, remote_tb)
-        except Exception:
+        except Exception:  # noqa: BLE001 - a traceback that cannot be rebuilt: the exception without it
             pass
     return exc
 

@@ -84,7 +84,7 @@ def run_scaleout(
                 for s in sessions:
                     try:
                         conn.release(s, reason="--workers run finished")
-                    except Exception:
+                    except Exception:  # noqa: BLE001 - releasing one lease never stops releasing the others
                         pass
             if lost and not outcome.stopped and attempt < opts.retries:
                 attempt += 1
@@ -296,7 +296,7 @@ def _finish(
                     f"[jupyter-gpu] raised by rank {rank} of {len(sessions)}"
                     + (f"; also {'; '.join(others)}" if others else "")
                 )
-            except Exception:
+            except Exception:  # noqa: BLE001 - a note is a nicety: the user's exception is raised as it is
                 pass
         if outcome.stopped and opts.timeout:
             raise CellTimeout(

@@ -50,6 +50,6 @@ def make_shell(relay: Relay) -> Any:
         import matplotlib  # noqa: F401
 
         shell.enable_matplotlib("inline")
-    except Exception:
+    except Exception:  # noqa: BLE001 - no usable matplotlib backend: figures are not shown inline
         pass
     return shell

@@ -315,7 +315,7 @@ class GpuWorkerPlugin(WorkerPlugin):
                 accounts=can_switch_users(),
                 key=self.pool_key,
             )
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure to register is logged; the worker runs without GPUs
             log.error(
                 "could not register GPUs with the scheduler (is the broker loaded there? start it "
                 "with `jupyter-gpu pool up` or --preload jupyter_gpu.broker.plugin): %s",
@@ -362,7 +362,7 @@ class GpuWorkerPlugin(WorkerPlugin):
             await self.worker.scheduler.gpu_samples(
                 worker=self.worker.address, samples=samples, key=self.pool_key
             )
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - samples are best effort: the next ones follow
             log.debug("could not send samples: %s", exc)
 
     # ------------------------------------------------------------------ sessions
@@ -405,7 +405,7 @@ class GpuWorkerPlugin(WorkerPlugin):
         async def refill() -> None:
             try:
                 self.spare = await self._spawn()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a spare is an optimisation: a session start spawns its own
                 log.warning("could not pre-warm a session process: %s", exc)
 
         self._spare_task = asyncio.ensure_future(refill())
@@ -624,7 +624,7 @@ class GpuWorkerPlugin(WorkerPlugin):
                 await self.worker.scheduler.gpu_session_ended(
                     lease=lease, reason=reason, worker=self.worker.address, key=self.pool_key
                 )
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the broker may be away: it learns when the worker reconnects
                 log.debug("could not tell the broker: %s", exc)
         if self.spare is not None and self.spare.proc.poll() is not None:
             self.spare = None
