@@ -292,10 +292,11 @@ def _finish(
         exc = rebuild_exception(err["error"])
         if rank != 0 or others:
             try:
-                exc.add_note(
-                    f"[jupyter-gpu] raised by rank {rank} of {len(sessions)}"
-                    + (f"; also {'; '.join(others)}" if others else "")
-                )
+                if hasattr(exc, "add_note"):  # Python 3.11+
+                    exc.add_note(
+                        f"[jupyter-gpu] raised by rank {rank} of {len(sessions)}"
+                        + (f"; also {'; '.join(others)}" if others else "")
+                    )
             except Exception:  # noqa: BLE001 - a note is a nicety: the user's exception is raised as it is
                 pass
         if outcome.stopped and opts.timeout:

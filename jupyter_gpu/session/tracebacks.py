@@ -74,7 +74,8 @@ def explain_oom(exc: BaseException, lease: dict | None) -> None:
         "torch.cuda.empty_cache())."
     )
     try:
-        exc.add_note(note)
+        if hasattr(exc, "add_note"):  # Python 3.11+; on 3.10 the message below carries it
+            exc.add_note(note)
         if exc.args and isinstance(exc.args[0], str):
             exc.args = (f"{exc.args[0]}\n{note}",) + exc.args[1:]
     except Exception:  # noqa: BLE001 - a note is a nicety: the user's exception goes as it is
