@@ -267,6 +267,7 @@ async def _serve(
         scheduler=scheduler, workers=workers, asynchronous=True, name="jupyter-gpu", security=sec
     )
     sched = cluster.scheduler
+    assert sched is not None  # the cluster is started
     broker = sched.plugins[PLUGIN_NAME]
     broker.embedded = True
 
@@ -339,7 +340,7 @@ async def _serve(
         if own is not None:
             unregister(sched.address)
         await broker.scaler.close()
-        await cluster.close()
+        await cluster.close()  # type: ignore[misc]  # asynchronous: Dask types it sync-or-async
 
 
 async def _withdraw(path: str, sched, broker, grace: float = 1.0) -> bool:  # noqa: ANN001

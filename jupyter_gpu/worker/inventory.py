@@ -163,7 +163,7 @@ def _mig_devices(pynvml, handle, parent_uuid: str, nvml_index: int) -> list[GpuI
 
 def _apply_visible(devices: list[GpuInfo], selection: list[str]) -> list[GpuInfo]:
     """Keep the devices CUDA_VISIBLE_DEVICES names, in its order (indices refer to whole GPUs)."""
-    whole = []
+    whole: list[GpuInfo] = []
     for d in devices:
         if d.nvml_index is not None and all(w.nvml_index != d.nvml_index for w in whole):
             whole.append(d)

@@ -11,7 +11,8 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from jupyter_gpu.common import config
 from jupyter_gpu.worker.inventory import GpuInfo
@@ -26,7 +27,7 @@ class NvmlSampler:
         self,
         gpus: list[GpuInfo],
         loop: asyncio.AbstractEventLoop,
-        send: Callable[[dict], Awaitable[None]],
+        send: Callable[[dict[str, Any]], Coroutine[Any, Any, None]],
     ):
         self.gpus = [g for g in gpus if not g.virtual]
         self.loop, self.send = loop, send
