@@ -27,9 +27,12 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import pytest
+
+if TYPE_CHECKING:
+    from _pytest._code.code import TerminalRepr
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +262,9 @@ class NotebookItem(pytest.Item):
                 self.add_report_section("call", f"output of {run.failure.where}", output)
             raise NotebookFailed(run)
 
-    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
+    def repr_failure(
+        self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None
+    ) -> str | TerminalRepr:
         if isinstance(excinfo.value, NotebookFailed):
             return f"{self.path.name}: {excinfo.value.run.failure.report()}"
         return super().repr_failure(excinfo, style=style)

@@ -15,7 +15,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 from distributed import Client
 from distributed.comm import CommClosedError, connect
@@ -27,6 +27,9 @@ from jupyter_gpu.common.security import check_address, client_security, connecti
 from jupyter_gpu.common.units import format_bytes
 from jupyter_gpu.errors import CellTimeout, GpuPoolError, PoolUnreachable, RequestRefused
 from jupyter_gpu.pool.discovery import user_name
+
+if TYPE_CHECKING:
+    from tornado.platform.asyncio import BaseAsyncIOLoop
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +116,8 @@ class PoolConnection:
             timeout=config.get_seconds("connect-timeout"),
             security=self.security,
         )
-        self.loop = self.client.loop.asyncio_loop
+        # an AsyncIOLoop (Dask's client loop), which tornado's IOLoop type does not say
+        self.loop = cast("BaseAsyncIOLoop", self.client.loop).asyncio_loop
         # what goes wrong on the client loop after nobody waits for it any more is ours to log, not
         # the cell's
         self.loop.call_soon_threadsafe(self.loop.set_exception_handler, log_loop_error)
@@ -444,8 +448,10 @@ class PoolConnection:
         answer)."""
         kwargs = {"token": os.environ[TOKEN_ENV]} if os.environ.get(TOKEN_ENV) else {}
         try:
+            scheduler = self.client.scheduler
+            assert scheduler is not None  # connected
             info = await asyncio.wait_for(
-                self.client.scheduler.gpu_lease_info(lease=lease, user=self.user, **kwargs), 5
+                scheduler.gpu_lease_info(lease=lease, user=self.user, **kwargs), 5
             )
         except Exception:  # noqa: BLE001 - then the connection attempt says what happened
             return None

@@ -107,6 +107,7 @@ class GpuMagics(Magics):
     def _ensure_connection(self) -> PoolConnection:
         if self.conn is None:
             self.connect(quiet=True)
+        assert self.conn is not None  # connect() made it, or raised
         return self.conn
 
     # ------------------------------------------------------------------ line magics
@@ -197,6 +198,7 @@ class GpuMagics(Magics):
                 "%gpu pull NAME: give the name of one variable that lives in your GPU session."
             )
         name = args[0]
+        assert self.shell is not None  # a registered magic has its shell
         if name in self.shell.user_ns_hidden or name.startswith("_"):
             raise UsageError(
                 f"%gpu pull {name}: {name!r} is one of IPython's own names in this kernel "

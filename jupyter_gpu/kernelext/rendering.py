@@ -119,7 +119,9 @@ def traceback_from_dict(tb_dict: dict) -> Any:
         try:
             exec(stub, {"__traceback_maker": _TracebackMaker, "__name__": "__main__"})
         except _TracebackMaker:
-            made = sys.exc_info()[2].tb_next  # the stub's own frame
+            caught = sys.exc_info()[2]
+            assert caught is not None  # in the except clause: its traceback
+            made = caught.tb_next  # the stub's own frame
             if top is None:
                 top = made
             if last is not None:

@@ -142,7 +142,9 @@ class DistributedRun:
             else None
         ]
         torch_dist.broadcast_object_list(packed, src=0)
-        return {name: Serialized(header, frames) for name, (header, frames) in packed[0].items()}
+        received = packed[0]
+        assert received is not None  # the broadcast filled it on every rank
+        return {name: Serialized(header, frames) for name, (header, frames) in received.items()}
 
     def _collect(self, msg: dict) -> None:
         with self._lock:
