@@ -318,7 +318,7 @@ class GpuWorkerPlugin(WorkerPlugin):
                 accounts=can_switch_users(),
                 key=self.pool_key,
             )
-        except Exception as exc:  # noqa: BLE001 - any failure to register is logged; the worker runs without GPUs
+        except Exception as exc:  # noqa: BLE001 - any failure to register is logged: the pool gets no GPUs from this worker
             log.error(
                 "could not register GPUs with the scheduler (is the broker loaded there? start it "
                 "with `jupyter-gpu pool up` or --preload jupyter_gpu.broker.plugin): %s",
@@ -624,7 +624,7 @@ class GpuWorkerPlugin(WorkerPlugin):
                 await self.worker.scheduler.gpu_session_ended(
                     lease=lease, reason=reason, worker=self.worker.address, key=self.pool_key
                 )
-            except Exception as exc:  # noqa: BLE001 - the broker may be away: it learns when the worker reconnects
+            except Exception as exc:  # noqa: BLE001 - the broker may be away; the session is gone either way
                 log.debug("could not tell the broker: %s", exc)
         if self.spare is not None and self.spare.proc.poll() is not None:
             self.spare = None
