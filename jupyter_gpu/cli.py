@@ -155,7 +155,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     try:
         snap = asyncio.run(fetch())
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure to reach or read the pool is said in one line
         print(f"Could not read the pool at {address}: {exc}", file=sys.stderr)
         return 1
     view = StatusView(snap, user_name(), kernel="", jobs={}, session=None, address=address)
@@ -242,7 +242,7 @@ def _cmd_usage(args: argparse.Namespace) -> int:
 
         try:
             usage = asyncio.run(fetch())
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure to reach or read the pool is said in one line
             print(f"Could not read usage from the pool at {address}: {exc}", file=sys.stderr)
             return 1
     print(format_usage(usage))

@@ -20,6 +20,7 @@ import time
 import uuid
 from typing import Any
 
+from jupyter_gpu.common.protocol import LeaseView
 from jupyter_gpu.common.rightsizing import MIN_RESERVED_FOR_HINT, OVERSIZED_BELOW
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ class AuditStore:
             (time.time() if now is None else now, self.boot),
         )
 
-    def lease_started(self, lease: dict, preemptible: bool) -> None:
+    def lease_started(self, lease: LeaseView, preemptible: bool) -> None:
         self.db.execute(
             "INSERT OR REPLACE INTO leases (boot, id, request, user, team, kernel, notebook, "
             "worker, gpus, fraction,"
@@ -108,7 +109,9 @@ class AuditStore:
             ),
         )
 
-    def lease_ended(self, lease_id: str, ended: float, reason: str, peak_bytes: int | None) -> None:
+    def lease_ended(
+        self, lease_id: str, ended: float | None, reason: str, peak_bytes: int | None
+    ) -> None:
         self.db.execute(
             "UPDATE leases SET ended = ?, gpu_seconds = fraction * MAX(0, ? - started), end_reason "
             "= ?, "
@@ -116,7 +119,9 @@ class AuditStore:
             (ended, ended, reason, peak_bytes, self.boot, lease_id),
         )
 
-    def preempted(self, lease: dict, request: dict, reason: str, now: float | None = None) -> None:
+    def preempted(
+        self, lease: LeaseView, request: dict[str, Any], reason: str, now: float | None = None
+    ) -> None:
         self.db.execute(
             "INSERT INTO preemptions VALUES (?,?,?,?,?,?,?,?,?)",
             (
@@ -155,7 +160,7 @@ class AuditStore:
         )
 
     # ------------------------------------------------------------------ reading (CLI, handler)
-    def usage(self, since: float = 0.0, now: float | None = None) -> dict:
+    def usage(self, since: float = 0.0, now: float | None = None) -> dict[str, Any]:
         """GPU-hours per user and per team from ``since`` (open leases counted up to now)."""
         now = time.time() if now is None else now
         rows = self.db.execute(
@@ -181,7 +186,7 @@ class AuditStore:
         for row in users:
             measured, oversized = by_user.get(row["user"], (0, 0))
             row["measured"], row["oversized"] = measured, oversized
-        teams: dict[str, dict] = {}
+        teams: dict[str, dict[str, Any]] = {}
         for row in users:
             team = teams.setdefault(
                 row["team"] or "-", {"team": row["team"] or "-", "gpu_hours": 0.0, "leases": 0}
@@ -203,7 +208,7 @@ class AuditStore:
             "refused": refused,
         }
 
-    def rows(self, table: str) -> list[dict]:
+    def rows(self, table: str) -> list[dict[str, Any]]:
         """Every row of ``table`` as dicts (tests, exports)."""
         if table not in ("leases", "preemptions", "refused", "boots"):
             raise ValueError(f"no table {table}")
@@ -222,11 +227,11 @@ def audit_from_config() -> AuditStore:
     return AuditStore(config.get("audit-db"))
 
 
-def _oversized(user: dict) -> str:
+def _oversized(user: dict[str, Any]) -> str:
     return f"{user['oversized']}/{user['measured']}" if user.get("measured") else "-"
 
 
-def format_usage(usage: dict) -> str:
+def format_usage(usage: dict[str, Any]) -> str:
     """``jupyter-gpu usage`` output: GPU-hours per team, then per user."""
     lines = [
         f"GPU-hours from {time.strftime('%Y-%m-%d %H:%M', time.localtime(usage['since']))} "

@@ -31,17 +31,20 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, cast
 
 from jupyter_gpu.broker import packing
 from jupyter_gpu.broker.model import GpuSlot, Request
 from jupyter_gpu.broker.quotas import PoolQuotas
-from jupyter_gpu.common.protocol import RequestSpec
+from jupyter_gpu.common.protocol import EtaBasis, RequestSpec
 
 log = logging.getLogger(__name__)
 
 EPS = 1e-6
 PRIORITY_RANK = {"interactive": 0, "batch": 1}
+# FairSharePolicy.key: (aged gang?, fits the team's room?, team share, user share, -priority,
+# priority rank, submitted, id)
+SortKey = tuple[int, int, float, float, int, int, float, str]
 MIN_WEIGHT = 0.1  # a team with no guarantee counts as guaranteed this much when shares are compared
 
 
@@ -94,7 +97,7 @@ class LeaseEnd:
 
     at: float
     nbytes: int
-    basis: str
+    basis: EtaBasis
 
 
 class DecayedAverage:
@@ -316,7 +319,7 @@ class FairSharePolicy:
         avg_t = self.avg_team.get(team)
         return room, round((held + (avg_t.at(now, self.lam) if avg_t else 0.0)) / weight, 9)
 
-    def key(self, req: Request, now: float, context: tuple[float, float] | None = None) -> tuple:
+    def key(self, req: Request, now: float, context: tuple[float, float] | None = None) -> SortKey:
         """The sort key of the module docstring (smaller is served first)."""
         room, share_t = context or self.team_context(self.team_of(req), now)
         avg_u = self.avg_user.get(req.user)
@@ -378,7 +381,7 @@ class FairSharePolicy:
         if not candidates:
             return None
 
-        def cost(gpu: GpuSlot, victims: list[LeaseRecord]) -> tuple:
+        def cost(gpu: GpuSlot, victims: list[LeaseRecord]) -> tuple[int, int, str]:
             # fewest running
             return sum(1 for v in victims if v.idle_since is None), len(victims), gpu.id
 
@@ -449,13 +452,14 @@ class FairSharePolicy:
         if not candidates:
             return None
 
-        def cost(gpu: GpuSlot, victims: list[LeaseRecord]) -> tuple:
+        def cost(gpu: GpuSlot, victims: list[LeaseRecord]) -> tuple[int, float, str]:
             # the largest state to write out, then the chance that a session runs its next cell soon
             # (it falls the longer the session has been idle)
             largest = max(
                 v.resident if v.resident is not None else v.allocs.get(gpu.id, 0) for v in victims
             )
-            soon = sum(1.0 / (1.0 + now - v.idle_since) for v in victims)
+            # every candidate is idle: idle_since is set
+            soon = sum(1.0 / (1.0 + now - cast(float, v.idle_since)) for v in victims)
             return largest, round(soon, 6), gpu.id
 
         best = min(
@@ -473,7 +477,8 @@ class FairSharePolicy:
         return [
             (
                 rec.id,
-                f"suspended after {now - rec.idle_since:.0f} s idle: {req.user}'s cell was waiting "
+                f"suspended after {now - cast(float, rec.idle_since):.0f} s idle: {req.user}'s cell "
+                "was waiting "
                 "for the GPU",
             )
             for rec in best[1]
@@ -497,7 +502,7 @@ def _victims_by_gpu(
     spec: RequestSpec,
     gpus: list[GpuSlot],
     candidates: dict[str, LeaseRecord],
-    order: Callable[[LeaseRecord], tuple],
+    order: Callable[[LeaseRecord], tuple[Any, ...]],
     budget: dict[str, float] | None = None,
 ) -> Iterable[tuple[GpuSlot, list[LeaseRecord]]]:
     """Each GPU where ``spec`` fits once some of ``candidates`` leave, with the leases that must
@@ -610,6 +615,7 @@ def schedule_pass(
             else None
         )
         if later:
+            assert policy.quotas.suspend_idle_after is not None  # there is no plan without it
             idle = [policy.leases[lid].idle_since for lid, _ in later]
             at = max(now if t is None else t for t in idle) + policy.quotas.suspend_idle_after
             suspend_at[req.id] = max(at, now)
@@ -618,9 +624,9 @@ def schedule_pass(
                 f"{max(0.0, at - now):.0f} s if they stay idle"
             )
         if configured and not within:
-            g = policy.quotas.team(team).guarantee
+            guarantee = policy.quotas.team(team).guarantee
             reason += (
-                f" (team {team} holds {policy.held_team.get(team, 0.0):.1f} of its {g:.1f} GPU "
+                f" (team {team} holds {policy.held_team.get(team, 0.0):.1f} of its {guarantee:.1f} GPU "
                 "guarantee: "
                 "this runs on idle capacity, preemptible)"
             )
@@ -711,7 +717,7 @@ def lease_ends(policy: FairSharePolicy, now: float, interactive: bool) -> dict[s
 
 def estimate_start(
     spec: RequestSpec, gpus: list[GpuSlot], ends: dict[str, list[LeaseEnd]], now: float
-) -> tuple[float, str] | None:
+) -> tuple[float, EtaBasis] | None:
     """When ``spec`` could start if running leases end when ``lease_end`` expects, and what that is
     based on (the basis of the end it waits for): ``(eta, "progress" | "history")``, or None
     (unknowable).
@@ -720,12 +726,13 @@ def estimate_start(
         A lease whose end is unknowable never frees its memory here."""
     if not gpus:
         return None
-    starts: list[tuple[float, str]] = []
+    starts: list[tuple[float, EtaBasis]] = []
     for gpu in gpus:
         need = spec.need_on(gpu)
         if need > gpu.total_bytes:
             continue
         mine = sorted(ends.get(gpu.id, ()), key=lambda e: e.at)
+        basis: EtaBasis
         free, t, basis = gpu.free_bytes, now, "progress"
         if spec.gpus is not None:
             # a whole GPU: free when every lease on it has ended, all of them known
@@ -762,10 +769,10 @@ class FairQueue:
         self.policy = policy
         self.refresh = refresh
         # user -> heap of (rank, submitted, id, req)
-        self._users: dict[str, list[tuple]] = {}
+        self._users: dict[str, list[tuple[int, float, str, Request]]] = {}
         self._team_users: dict[str, set[str]] = collections.defaultdict(set)
         # team -> (at, key, user)
-        self._team_best: dict[str, tuple[float, tuple | None, str | None]] = {}
+        self._team_best: dict[str, tuple[float, SortKey | None, str | None]] = {}
         self._gangs: list[tuple[float, str, Request]] = []
         self._live: dict[str, Request] = {}
         policy.listeners.append(self._changed)
@@ -803,7 +810,7 @@ class FairQueue:
 
     def _best_of_team(
         self, team: str, now: float, may_refresh: bool
-    ) -> tuple[tuple | None, str | None]:
+    ) -> tuple[SortKey | None, str | None]:
         cached = self._team_best.get(team)
         if cached is not None and (not may_refresh or now - cached[0] < self.refresh):
             return cached[1], cached[2]

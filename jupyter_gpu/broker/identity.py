@@ -16,6 +16,7 @@ import logging
 import os
 import secrets
 import time
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ def _hash(token: str, salt: str) -> str:
     return hashlib.sha256(f"{salt}:{token}".encode()).hexdigest()
 
 
-def parse_token_file(text: str, path: str) -> dict[str, dict]:
+def parse_token_file(text: str, path: str) -> dict[str, dict[str, Any]]:
     """The users of a token file's text, checked: ``{"users": {name: {"salt", "hash",
     "created"}}}``."""
     fix = f"Recreate it with `jupyter-gpu token create --file {path} USER` (one line per user)."
@@ -64,7 +65,7 @@ class TokenStore:
     def __init__(self, path: str):
         self.path = os.path.expanduser(path)
         self._stamp: tuple[float, int] | None = None
-        self._users: dict[str, dict] | None = None
+        self._users: dict[str, dict[str, Any]] | None = None
         self._bad_stamp: tuple[float, int] | None = None
 
     def validate(self) -> int:
@@ -95,7 +96,7 @@ class TokenStore:
             return None
         return (st.st_mtime, st.st_size)
 
-    def _load(self) -> dict[str, dict]:
+    def _load(self) -> dict[str, dict[str, Any]]:
         stamp = self._stat()
         if self._users is not None and stamp == self._stamp:
             return self._users

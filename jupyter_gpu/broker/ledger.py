@@ -22,6 +22,7 @@ from typing import Callable
 from jupyter_gpu.broker import packing
 from jupyter_gpu.broker.fair_share import FairSharePolicy, PreemptFn, schedule_pass
 from jupyter_gpu.broker.model import GpuSlot, Lease, Request, new_id
+from jupyter_gpu.common.protocol import LeaseState, RequestState
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ class Ledger:
         """The waiting requests in the policy's order."""
         return self.policy.order(self.queued())
 
-    def finish_request(self, req: Request, state: str, reason: str) -> None:
+    def finish_request(self, req: Request, state: RequestState, reason: str) -> None:
         """``req`` leaves the queue for good: granted, refused, cancelled or failed."""
         req.state = state
         if state != "granted":
@@ -292,7 +293,7 @@ class Ledger:
     def set_state(
         self,
         lease_id: str,
-        state: str,
+        state: LeaseState,
         resident: int | None = None,
         step: float | None = None,
         total: float | None = None,

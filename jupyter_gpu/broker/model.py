@@ -9,8 +9,18 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import Any, cast
 
-from jupyter_gpu.common.protocol import Isolation, LeaseState, LeaseView, RequestSpec, RequestState
+from jupyter_gpu.common.protocol import (
+    EtaBasis,
+    Isolation,
+    LeaseState,
+    LeaseView,
+    OffloadView,
+    Priority,
+    RequestSpec,
+    RequestState,
+)
 
 
 @dataclass
@@ -72,11 +82,11 @@ class Request:
     error: str | None = None
     eta: float | None = None
     # what the estimate rests on: progress, idle (suspension), history
-    eta_basis: str | None = None
+    eta_basis: EtaBasis | None = None
     leases: list[str] = field(default_factory=list)
     # the offload of an earlier lease this request's session starts with
-    restore: dict | None = None
-    restored: dict | None = None  # what the new session got back from it
+    restore: dict[str, Any] | None = None
+    restored: dict[str, Any] | None = None  # what the new session got back from it
 
 
 @dataclass
@@ -98,7 +108,7 @@ class Lease:
     worker: str
     allocations: list[Allocation]
     fraction: float
-    priority: str = "interactive"
+    priority: Priority = "interactive"
     notebook: str | None = None
     cell: str | None = None
     team: str | None = None
@@ -122,7 +132,7 @@ class Lease:
     preemptible: bool = False  # granted beyond its team's guarantee: may be reclaimed
     preempted: bool = False  # ended to give its memory to a request owed by a guarantee
     # where its variables went when it was reclaimed (worker, path, names)
-    offload: dict | None = None
+    offload: dict[str, Any] | None = None
     ended: float | None = None
     end_reason: str | None = None
 
@@ -162,7 +172,9 @@ class Lease:
             "preempted": self.preempted,
             "preemptible": self.preemptible,
             "offload": (
-                {k: v for k, v in self.offload.items() if k != "path"} if self.offload else None
+                cast(OffloadView, {k: v for k, v in self.offload.items() if k != "path"})
+                if self.offload
+                else None
             ),
             "team": self.team,
         }

@@ -23,7 +23,8 @@ import math
 import os
 import secrets
 import time
-from typing import Annotated, Any, Callable, Literal
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Literal
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
@@ -41,7 +42,9 @@ from jupyter_gpu.common.protocol import (
     LiveSession,
     MetricsItem,
     ParkedCopy,
+    PoolInfo,
     RequestSpec,
+    RequestState,
     RequestStatus,
     RunState,
     Sample,
@@ -62,6 +65,9 @@ from jupyter_gpu.common.validation import (
     error_reply,
     validated,
 )
+
+if TYPE_CHECKING:
+    from distributed import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -91,26 +97,37 @@ class GpuBroker(SchedulerPlugin):
         # checked
         if settings is None and (policy is None or audit is None or tokens is None):
             settings = load_settings()
-        # fair share with the configured quotas (none: fair share of use only)
-        self.policy: FairSharePolicy = policy or FairSharePolicy(settings.quotas)
+        if settings is not None:
+            # fair share with the configured quotas (none: fair share of use only)
+            policy = policy or FairSharePolicy(settings.quotas)
+            audit = audit or settings.audit
+            tokens = tokens if tokens is not None else settings.tokens
+        assert policy is not None and audit is not None  # given, or from the settings
+        self.policy: FairSharePolicy = policy
         self.ledger = Ledger(self.policy)
-        self.audit: AuditStore = audit or settings.audit
-        self.tokens: TokenStore | None = tokens if tokens is not None else settings.tokens
+        self.audit: AuditStore = audit
+        self.tokens: TokenStore | None = tokens
         self.embedded = embedded
-        self.samples: dict[str, collections.deque] = {}
-        self.runs: dict[str, dict] = {}
+        self.samples: dict[str, collections.deque[Sample]] = {}
+        self.runs: dict[str, dict[str, Any]] = {}
         self.scaler: Any = None  # a pool that owns a cluster manager: pool/scaling.py's PoolScaler
         self._events: dict[str, asyncio.Event] = {}
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         # request id -> reclaimed sessions it waits to see gone
-        self._drains: dict[str, list[asyncio.Task]] = {}
+        self._drains: dict[str, list[asyncio.Task[None]]] = {}
         # lease id -> when adopted after a restart (its kernel must come back)
         self._adopted: dict[str, float] = {}
         self.start_slots: dict[str, int] = {}  # worker -> session processes it starts at once
         # worker -> whether its sessions run as their users
         self.runs_as_users: dict[str, bool] = {}
         self.pool_key: str | None = None
-        self.scheduler = None
+        self.scheduler: Scheduler | None = None  # set by start()
+
+    @property
+    def sched(self) -> Scheduler:
+        """The scheduler this broker runs on (it is started)."""
+        assert self.scheduler is not None, "the broker is not started"
+        return self.scheduler
 
     # the ledger's state, as the scaler, the embedded pool and tests read it
     @property
@@ -140,7 +157,7 @@ class GpuBroker(SchedulerPlugin):
     # ------------------------------------------------------------------ plugin hooks
     def handlers(self) -> dict[str, Callable[..., Any]]:
         """The broker's scheduler handlers: exactly ``protocol.SCHEDULER_OPS``."""
-        table = {
+        table: dict[str, Callable[..., Any]] = {
             "gpu_register_worker": self.register_worker,
             "gpu_request": self.request,
             "gpu_wait": self.wait,
@@ -161,7 +178,7 @@ class GpuBroker(SchedulerPlugin):
         )
         return table
 
-    async def start(self, scheduler) -> None:  # noqa: ANN001
+    async def start(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
         # what workers and the broker show each other (common/poolkey.py); users never hold it
         self._key_path = poolkey.key_path(scheduler.address)
@@ -192,7 +209,7 @@ class GpuBroker(SchedulerPlugin):
             self._housekeeper.stop()
         self.audit.heartbeat()
 
-    def remove_worker(self, scheduler, worker: str, **kwargs) -> None:  # noqa: ANN001
+    def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
         gone, leases = self.ledger.remove_worker(worker)
         for gpu_id in gone:
             self.samples.pop(gpu_id, None)
@@ -207,7 +224,7 @@ class GpuBroker(SchedulerPlugin):
             )
         self._schedule()
 
-    def remove_client(self, scheduler, client: str) -> None:  # noqa: ANN001
+    def remove_client(self, scheduler: Scheduler, client: str) -> None:
         for req in [r for r in self.queue if r.client == client]:
             self._finish_request(req, "cancelled", "its kernel disconnected")
         for lease in [ls for ls in self.leases.values() if ls.client == client]:
@@ -222,8 +239,10 @@ class GpuBroker(SchedulerPlugin):
 
     async def _discard_offload(self, lease: Lease) -> None:
         offload, lease.offload = lease.offload, None
+        if offload is None:  # discarded already
+            return
         try:
-            await self.scheduler.rpc(offload["worker"]).gpu_offload_discard(
+            await self.sched.rpc(offload["worker"]).gpu_offload_discard(
                 path=offload["path"], key=self.pool_key
             )
         except Exception as exc:  # noqa: BLE001 - the worker is gone, and its files with it
@@ -240,7 +259,7 @@ class GpuBroker(SchedulerPlugin):
         start_slots: Annotated[int, Range(1, 1024)] = 1,
         accounts: bool = False,
         key: Secret | None = None,
-    ) -> dict:
+    ) -> dict[str, Any]:
         """A worker's GPU plugin reports the GPUs it owns (replacing any earlier report). A worker
         that joins a restarted scheduler also reports the sessions and parked variables it kept:
         they are adopted, so their owners' kernels carry on as if nothing had happened."""
@@ -339,13 +358,9 @@ class GpuBroker(SchedulerPlugin):
         """A ``Lease`` rebuilt from the view a worker kept, on that worker's GPUs (None if it does
         not fit them)."""
         indices = view.get("gpu_indices") or []
-        slots = [self.gpus.get(f"{worker}#{i}") for i in indices]
-        if (
-            not indices
-            or not view.get("id")
-            or not view.get("user")
-            or any(s is None for s in slots)
-        ):
+        found = [self.gpus.get(f"{worker}#{i}") for i in indices]
+        slots = [s for s in found if s is not None]
+        if not indices or not view.get("id") or not view.get("user") or len(slots) != len(found):
             return None
         if len(slots) == 1:
             allocations = [
@@ -391,7 +406,7 @@ class GpuBroker(SchedulerPlugin):
             if (
                 lease is not None
                 and lease.client is not None
-                and lease.client not in self.scheduler.clients
+                and lease.client not in self.sched.clients
             ):
                 self._end_lease(
                     lease,
@@ -404,7 +419,7 @@ class GpuBroker(SchedulerPlugin):
             if (
                 parked is not None
                 and parked.client is not None
-                and parked.client not in self.scheduler.clients
+                and parked.client not in self.sched.clients
                 and (parked.offload or {}).get("state") == "saved"
             ):
                 self._spawn(self._discard_offload(parked))
@@ -472,7 +487,7 @@ class GpuBroker(SchedulerPlugin):
     @validated(error_reply)
     def session_ended(
         self, lease: Name, reason: Text, worker: Address | None = None, key: Secret | None = None
-    ) -> dict | None:
+    ) -> dict[str, Any] | None:
         """The worker saw a session process exit."""
         if not poolkey.matches(key, self.pool_key):
             return error_reply(NOT_A_WORKER)
@@ -480,6 +495,7 @@ class GpuBroker(SchedulerPlugin):
         if ls is not None and (worker is None or ls.worker == worker):
             self._end_lease(ls, reason, kill=False)
             self._schedule()
+        return None
 
     @validated(dropped)
     def run_metrics(
@@ -517,7 +533,7 @@ class GpuBroker(SchedulerPlugin):
         self,
         user: Name,
         kernel: Name,
-        spec: dict,
+        spec: dict[Any, Any],  # checked as a mapping here; RequestSpec.from_wire checks its fields
         client: Name | None = None,
         notebook: Text | None = None,
         cell: Text | None = None,
@@ -621,7 +637,9 @@ class GpuBroker(SchedulerPlugin):
         return self._status(req)
 
     @validated(lambda why: {"cancelled": False, "what": why})
-    def cancel(self, id: Name, user: Name | None = None, token: Token | None = None) -> dict:
+    def cancel(
+        self, id: Name, user: Name | None = None, token: Token | None = None
+    ) -> dict[str, Any]:
         """Cancel a queued request or end a lease (its session is killed)."""
         denied = self._identity_error(user, token)
         if denied:
@@ -658,7 +676,7 @@ class GpuBroker(SchedulerPlugin):
         user: Name | None = None,
         reason: Text = "released by its owner",
         token: Token | None = None,
-    ) -> dict:
+    ) -> dict[str, Any]:
         denied = self._identity_error(user, token)
         if denied:
             return {"released": False, "error": denied}
@@ -672,7 +690,9 @@ class GpuBroker(SchedulerPlugin):
         return {"released": True}
 
     @validated(lambda why: {"id": None, "state": "unknown", "end_reason": why})
-    def lease_info(self, lease: Name, user: Name | None = None, token: Token | None = None) -> dict:
+    def lease_info(
+        self, lease: Name, user: Name | None = None, token: Token | None = None
+    ) -> LeaseView | dict[str, Any]:
         """A lease, live or ended, for its owner (why it ended, where its variables went)."""
         ls = self.ledger.lease_or_ended(lease)
         if ls is None:
@@ -687,7 +707,7 @@ class GpuBroker(SchedulerPlugin):
         return ls.public()
 
     @validated(error_reply)
-    def usage(self, since: float = 0.0) -> dict:
+    def usage(self, since: float = 0.0) -> dict[str, Any]:
         """GPU-hours per user and team from the audit store (everyone may read usage)."""
         return self.audit.usage(since=since)
 
@@ -733,7 +753,7 @@ class GpuBroker(SchedulerPlugin):
         maximum: Workers | None = None,
         user: Name | None = None,
         token: Token | None = None,
-    ) -> dict:
+    ) -> dict[str, Any]:
         """Grow or shrink the pool through its cluster manager, where the pool has one, for the
         users the admin allows (Dask config ``jupyter-gpu.scale-users``; everyone when unset).
         Refusals are audited."""
@@ -746,7 +766,7 @@ class GpuBroker(SchedulerPlugin):
                 {"scale": {"n": n, "minimum": minimum, "maximum": maximum}},
                 denied,
             )
-            self.scheduler.log_event(
+            self.sched.log_event(
                 "jupyter-gpu-audit", {"action": "scale refused", "user": user, "reason": denied}
             )
             return {"error": denied}
@@ -755,9 +775,9 @@ class GpuBroker(SchedulerPlugin):
                 "error": "this pool has no cluster manager to scale; add machines with "
                 "`jupyter-gpu worker ADDRESS` instead"
             }
-        result = await self.scaler(n=n, minimum=minimum, maximum=maximum)
+        result: dict[str, Any] = await self.scaler(n=n, minimum=minimum, maximum=maximum)
         log.info("user %s scaled the pool: n=%s minimum=%s maximum=%s", user, n, minimum, maximum)
-        self.scheduler.log_event(
+        self.sched.log_event(
             "jupyter-gpu-audit",
             {"action": "scale", "user": user, "n": n, "minimum": minimum, "maximum": maximum},
         )
@@ -765,7 +785,7 @@ class GpuBroker(SchedulerPlugin):
 
     def snapshot(self) -> Snapshot:
         """The whole pool as the panel, ``%gpu status`` and ``jupyter-gpu status`` show it."""
-        pool = {
+        pool: PoolInfo = {
             "address": self.scheduler.address if self.scheduler else None,
             "embedded": self.embedded,
             "scalable": self.scaler is not None,
@@ -873,7 +893,7 @@ class GpuBroker(SchedulerPlugin):
         started = time.monotonic()
         try:
             reply = await asyncio.wait_for(
-                self.scheduler.rpc(lease.worker).gpu_session_offload(
+                self.sched.rpc(lease.worker).gpu_session_offload(
                     lease=lease.id, timeout=timeout, key=self.pool_key
                 ),
                 timeout + 5,
@@ -911,7 +931,7 @@ class GpuBroker(SchedulerPlugin):
                 lease.offload["seconds"],
                 " (its standby copy)" if reply.get("standby") else "",
             )
-            if lease.client is not None and lease.client not in self.scheduler.clients:
+            if lease.client is not None and lease.client not in self.sched.clients:
                 # its kernel went away meanwhile: nobody will restore them
                 await self._discard_offload(lease)
         await self._kill_session(lease)
@@ -950,9 +970,9 @@ class GpuBroker(SchedulerPlugin):
             )
             # only the worker and the owner's kernel get it
             lease.secret = secrets.token_urlsafe(24)
-            reply = await self.scheduler.rpc(lease.worker).gpu_session_start(
+            reply = await self.sched.rpc(lease.worker).gpu_session_start(
                 lease=lease.public(),
-                scheduler=self.scheduler.address,
+                scheduler=self.sched.address,
                 restore=restore,
                 client=lease.client,
                 secret=lease.secret,
@@ -974,7 +994,7 @@ class GpuBroker(SchedulerPlugin):
 
         try:
             await asyncio.gather(*(start_one(ls) for ls in leases))
-        except Exception as exc:  # a worker failed to start a session: free everything, say why
+        except Exception as exc:  # noqa: BLE001 - a worker's failure comes back as any remote error: free everything, say why
             log.warning("session start for %s failed: %s", req.id, exc)
             for lease in leases:
                 if lease.id in self.leases:
@@ -991,7 +1011,7 @@ class GpuBroker(SchedulerPlugin):
                 if lease.id in self.leases:
                     self._end_lease(lease, "its request was cancelled", kill=True)
 
-    def _finish_request(self, req: Request, state: str, reason: str) -> None:
+    def _finish_request(self, req: Request, state: RequestState, reason: str) -> None:
         self.ledger.finish_request(req, state, reason)
         event = self._events.pop(req.id, None)
         if event is not None:
@@ -999,10 +1019,11 @@ class GpuBroker(SchedulerPlugin):
         if state == "refused":
             self.audit.refused(req.id, req.user, req.team, req.spec.__dict__, reason)
         if state != "granted":
-            self.scheduler and self.scheduler.log_event(
-                "jupyter-gpu-refused" if state == "refused" else "jupyter-gpu-requests",
-                {"id": req.id, "user": req.user, "state": state, "reason": reason},
-            )
+            if self.scheduler is not None:
+                self.scheduler.log_event(
+                    "jupyter-gpu-refused" if state == "refused" else "jupyter-gpu-requests",
+                    {"id": req.id, "user": req.user, "state": state, "reason": reason},
+                )
 
     def _end_lease(self, lease: Lease, reason: str, kill: bool) -> None:
         if self.ledger.end(lease.id, reason) is None:
@@ -1014,10 +1035,10 @@ class GpuBroker(SchedulerPlugin):
 
     async def _kill_session(self, lease: Lease) -> None:
         try:
-            await self.scheduler.rpc(lease.worker).gpu_session_signal(
+            await self.sched.rpc(lease.worker).gpu_session_signal(
                 lease=lease.id, signal="kill", key=self.pool_key
             )
-        except Exception as exc:  # the worker may be gone already
+        except Exception as exc:  # noqa: BLE001 - the worker may be gone already, failing in any way
             log.debug("could not kill session of %s on %s: %s", lease.id, lease.worker, exc)
 
     def _sample_virtual(self) -> None:
@@ -1042,17 +1063,17 @@ class GpuBroker(SchedulerPlugin):
                 }
             )
 
-    def _spawn(self, coro) -> None:  # noqa: ANN001
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
 
-def _plain_metrics(metrics: dict) -> dict:
+def _plain_metrics(metrics: dict[Any, Any]) -> dict[str, Any]:
     """What the panel can show as JSON: numbers, text, true/false and null; NaN and infinities as
     text (JSON has no NaN: one would break the panel's parse for everyone), anything else by its
     repr, cut short."""
-    plain: dict = {}
+    plain: dict[str, Any] = {}
     for key, value in list(metrics.items())[:64]:
         if isinstance(value, float) and not math.isfinite(value):
             value = repr(value)
@@ -1062,7 +1083,7 @@ def _plain_metrics(metrics: dict) -> dict:
     return plain
 
 
-async def dask_setup(scheduler) -> None:  # noqa: ANN001
+async def dask_setup(scheduler: Scheduler) -> None:
     """``--preload jupyter_gpu.broker.plugin``: install the broker on this scheduler.
 
     A scheduler whose broker cannot load its settings exits (code 1) instead of serving without

@@ -27,8 +27,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, overload
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,10 @@ def _seconds(value: Any, what: str) -> float | None:
     return seconds
 
 
+@overload
+def _gpus(value: Any, what: str, allow_none: Literal[False] = False) -> float: ...
+@overload
+def _gpus(value: Any, what: str, allow_none: bool) -> float | None: ...
 def _gpus(value: Any, what: str, allow_none: bool = False) -> float | None:
     if value is None and allow_none:
         return None
@@ -172,7 +177,7 @@ def _priority(value: Any, what: str) -> int:
     return value
 
 
-def _mapping(value: Any, what: str, known: tuple[str, ...] | None = None) -> dict:
+def _mapping(value: Any, what: str, known: tuple[str, ...] | None = None) -> dict[Any, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -325,9 +330,9 @@ def load_quotas(path: str) -> PoolQuotas:
     text = raw.decode("utf-8", "replace")
     try:
         if path.endswith(".toml"):
-            try:
+            if sys.version_info >= (3, 11):
                 import tomllib
-            except ImportError:  # Python 3.10: the same parser, as a package
+            else:  # Python 3.10: the same parser, as a package
                 import tomli as tomllib
 
             data = tomllib.loads(text)

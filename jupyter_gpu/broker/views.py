@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Literal, cast
 
 from jupyter_gpu.broker.ledger import Ledger
 from jupyter_gpu.broker.model import GpuSlot, Lease, Request
@@ -18,7 +18,9 @@ from jupyter_gpu.common.protocol import (
     GpuView,
     HostView,
     LeaseView,
+    OffloadState,
     ParkedView,
+    PoolInfo,
     QueueItem,
     RequestStatus,
     Sample,
@@ -37,11 +39,11 @@ def host_of(address: str) -> str:
 
     try:
         return get_address_host(address)
-    except Exception:
+    except Exception:  # noqa: BLE001 - a malformed address, or a scheme whose backend fails to load
         return address
 
 
-def host_order(host: str) -> tuple:
+def host_order(host: str) -> tuple[int, int, int | str]:
     """Sort key of a host: IPv4/IPv6 addresses by number (10.0.0.9 before 10.0.0.10), names by
     name."""
     import ipaddress
@@ -53,7 +55,9 @@ def host_order(host: str) -> tuple:
     return (0, ip.version, int(ip))
 
 
-def gpu_order(worker: str, index: int) -> tuple:
+def gpu_order(
+    worker: str, index: int
+) -> tuple[tuple[int, int, int | str], int, tuple[int, int, str]]:
     """Sort key of a GPU: by host, then by its device number on that host, then by worker address
     (port by number). Not by the worker's address first: with one worker per GPU, the worker holding
     GPU 1 may have the lower port, and "GPU 1, GPU 0" reads as a mistake."""
@@ -108,7 +112,10 @@ def lease_view(lease: Lease) -> LeaseView:
     return view
 
 
-PRIVATE_FIELDS = ("address", "pid")  # where a session can be reached: its owner's business only
+PRIVATE_FIELDS: tuple[Literal["address", "pid"], ...] = (
+    "address",
+    "pid",
+)  # where a session can be reached: its owner's business only
 
 
 def lease_on_gpu(lease: Lease, gpu_id: str) -> LeaseView:
@@ -141,7 +148,7 @@ def parked(lease: Lease) -> ParkedView:
         "kernel": lease.kernel,
         "notebook": lease.notebook,
         "cell": lease.cell,
-        "state": offload.get("state"),
+        "state": cast(OffloadState, offload.get("state")),  # listed only with a state (snapshot)
         "saved": offload.get("saved") or [],
         "lost": [x.get("name") for x in offload.get("lost") or []],
         "bytes": offload.get("bytes"),
@@ -216,7 +223,7 @@ def starting_reason(ledger: Ledger, req: Request, start_slots: Mapping[str, int]
     return "starting the session process"
 
 
-def quota_view(ledger: Ledger, identity: str) -> dict:
+def quota_view(ledger: Ledger, identity: str) -> dict[str, Any]:
     """Teams' guarantees, limits and GPUs held now, for ``%gpu status`` and the panel."""
     policy = ledger.policy
     if not policy.quotas.configured:
@@ -256,8 +263,8 @@ def quota_view(ledger: Ledger, identity: str) -> dict:
 def snapshot(
     ledger: Ledger,
     samples: Mapping[str, Iterable[Sample]],
-    pool: dict[str, Any],
-    runs: Iterable[dict],
+    pool: PoolInfo,
+    runs: Iterable[dict[str, Any]],
     identity: str,
     waiting_note: str | None = None,
 ) -> Snapshot:

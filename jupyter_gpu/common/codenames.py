@@ -21,7 +21,7 @@ _DYNAMIC = "<dynamic-code>"
 _lock = threading.RLock()
 
 
-def _named_code_reduce(code: types.CodeType) -> tuple[Any, tuple]:
+def _named_code_reduce(code: types.CodeType) -> tuple[Any, tuple[Any, ...]]:
     """cloudpickle's reduction of a code object, with its file name put back."""
     from cloudpickle import cloudpickle
 

@@ -23,7 +23,7 @@ def _parse(code: str) -> ast.Module | None:
         from IPython.core.inputtransformer2 import TransformerManager
 
         code = TransformerManager().transform_cell(code)  # %magics and !shell lines to Python
-    except Exception:
+    except Exception:  # noqa: BLE001 - IPython missing or its transform failing: parse the cell as plain Python
         pass
     try:
         return ast.parse(code)
@@ -66,7 +66,7 @@ class _Names(ast.NodeVisitor):
         self.visit(node.value)
         self.visit(node.target)
 
-    def visit_For(self, node: ast.For) -> None:
+    def visit_For(self, node: ast.For | ast.AsyncFor) -> None:
         self.visit(node.iter)
         self.visit(node.target)
         for stmt in node.body + node.orelse:
@@ -88,7 +88,12 @@ class _Names(ast.NodeVisitor):
             if alias.name != "*":
                 self._use(alias.asname or alias.name, "store")
 
-    def _scope(self, node: ast.AST, args: ast.arguments | None, name: str | None) -> None:
+    def _scope(
+        self,
+        node: ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda,
+        args: ast.arguments | None,
+        name: str | None,
+    ) -> None:
         if name is not None:
             for deco in getattr(node, "decorator_list", []):
                 self.visit(deco)
@@ -110,7 +115,7 @@ class _Names(ast.NodeVisitor):
             else:
                 self.loaded.add(free)
 
-    def visit_FunctionDef(self, node: ast.FunctionDef) -> None:
+    def visit_FunctionDef(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
         self._scope(node, node.args, node.name)
 
     visit_AsyncFunctionDef = visit_FunctionDef
@@ -129,7 +134,9 @@ class _Names(ast.NodeVisitor):
             self.first_use.setdefault(free, "load")
             self.loaded.add(free)
 
-    def visit_comprehension_scope(self, node: ast.AST) -> None:
+    def visit_comprehension_scope(
+        self, node: ast.ListComp | ast.SetComp | ast.GeneratorExp | ast.DictComp
+    ) -> None:
         inner = _Names()
         for gen in node.generators:
             inner.visit(gen.target)
@@ -242,7 +249,7 @@ def unmark(value: Any) -> Any:
     return value
 
 
-def _module_tensors(value: Any) -> list:
+def _module_tensors(value: Any) -> list[Any]:
     try:
         import torch
 
@@ -320,7 +327,7 @@ def _summary(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def classify_output(name: str, value: Any, max_bytes: int) -> tuple[str, dict]:
+def classify_output(name: str, value: Any, max_bytes: int) -> tuple[str, dict[str, Any]]:
     """Decide whether ``value`` comes back (``("value", {...})``) or stays (``("remote",
     description)``)."""
     from dask.sizeof import sizeof
@@ -330,7 +337,7 @@ def classify_output(name: str, value: Any, max_bytes: int) -> tuple[str, dict]:
     device = _tensor_device(value) or _module_device(value)
     try:
         nbytes = int(sizeof(value))
-    except Exception:
+    except Exception:  # noqa: BLE001 - sizeof runs the object's own code: unknown size
         nbytes = None
     desc = {
         "name": name,

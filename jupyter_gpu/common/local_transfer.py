@@ -136,7 +136,7 @@ class Sending:
     """The pipes of one message and the threads that feed them; ``close`` ends them (never blocks
     long)."""
 
-    frames: list = field(default_factory=list)  # kept alive until every pipe is drained
+    frames: list[memoryview] = field(default_factory=list)  # kept alive until every pipe is drained
     pipes: list[tuple[int, int]] = field(default_factory=list)
     threads: list[threading.Thread] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -208,11 +208,13 @@ def _new_pipe() -> tuple[int, int]:
     return r, w
 
 
-def send(header: dict, frames: list, sending: Sending, threshold: int = THRESHOLD) -> dict:
+def send(
+    header: dict[str, Any], frames: list[Any], sending: Sending, threshold: int = THRESHOLD
+) -> dict[str, Any]:
     """A marker for ``frames``: small ones inline, large ones fed to pipes by ``sending``'s threads
     (started now; they end when the receiver has read everything, or ``sending.close()``)."""
     pid = os.getpid()
-    out: list[dict] = []
+    out: list[dict[str, Any]] = []
     for frame in frames:
         view = memoryview(frame).cast("B")
         if view.nbytes < threshold or not view.nbytes:
@@ -376,8 +378,8 @@ def _executor() -> Any:
 
 
 def receive(
-    marker: dict, timeout: float = STALL, buffers: ReceiveBuffers | None = None
-) -> tuple[dict, list]:
+    marker: dict[str, Any], timeout: float = STALL, buffers: ReceiveBuffers | None = None
+) -> tuple[dict[str, Any], list[Any]]:
     """(header, frames) of a marker: every pipe read, in parallel, into memory of this process:
     fresh, or an unused buffer of ``buffers``."""
     try:
@@ -387,7 +389,7 @@ def receive(
         raise TransferError("a transfer marker without frames and a header") from None
     if not isinstance(header, dict):
         raise TransferError("a transfer marker whose header is not a mapping")
-    out: list = []
+    out: list[Any] = []
     jobs = []
     fds: list[int] = []
     try:
@@ -431,7 +433,7 @@ def receive(
 PROBE = b"jupyter-gpu same-host transfer probe"
 
 
-def probe(sending: Sending) -> dict:
+def probe(sending: Sending) -> dict[str, Any]:
     """A small marker the other side reads to prove that it can (same machine, same account, /proc
     open)."""
     return send({"probe": True}, [PROBE], sending, threshold=1)
@@ -454,7 +456,7 @@ def pack(serialized: Any, sending: Sending) -> Any:
     return send(serialized.header, list(frames), sending)
 
 
-def unpack(obj: Any) -> tuple[dict, list]:
+def unpack(obj: Any) -> tuple[dict[str, Any], list[Any]]:
     """(header, frames) of a ``Serialized`` value or of a marker."""
     if is_marker(obj):
         return receive(obj)

@@ -44,6 +44,7 @@ from jupyter_gpu.common.processes import pid_alive
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
+    from cryptography import x509
     from distributed.security import Security
 
 log = logging.getLogger(__name__)
@@ -188,13 +189,17 @@ def create_credentials(directory: str, hostnames: Iterable[str] = ()) -> PoolCre
     return creds
 
 
-def _alt_names(hostnames: Iterable[str]) -> list:
+def _alt_names(hostnames: Iterable[str]) -> list[x509.GeneralName]:
     import ipaddress
 
     from cryptography import x509
 
-    names: list = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    names: list[x509.GeneralName] = [
+        x509.DNSName("localhost"),
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+    ]
     for host in (socket.gethostname(), *hostnames):
+        entry: x509.GeneralName | None
         try:
             entry = x509.IPAddress(ipaddress.ip_address(host))
         except ValueError:

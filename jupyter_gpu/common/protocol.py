@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Final, Literal, NamedTuple, TypedDict
+from typing import Any, ClassVar, Final, Literal, NamedTuple, TypedDict, cast
 
 from jupyter_gpu.common.units import format_bytes
 
@@ -70,7 +70,7 @@ class RequestSpec:
     memory: int | None = None
     gpus: int | None = None
     workers: int = 1
-    priority: str = "interactive"
+    priority: Priority = "interactive"
 
     MAX_RANKS: ClassVar[int] = 4096
     MAX_GPUS: ClassVar[int] = 4096
@@ -144,7 +144,9 @@ class RequestSpec:
         if self.memory is not None:
             return int(self.memory)
         if self.gpus is not None:
-            return gpu.total_bytes
+            total: int = gpu.total_bytes
+            return total
+        assert self.fraction is not None  # exactly one of the three is set (validate)
         return int(math.ceil(float(self.fraction) * gpu.total_bytes))
 
     def describe(self) -> str:
@@ -163,7 +165,8 @@ class RequestSpec:
         elif self.fraction is not None:
             per = float(self.fraction)
         else:
-            per = float(self.memory) / float(gpu_bytes) if gpu_bytes else 1.0
+            # memory is set (validate); unread without gpu_bytes
+            per = float(cast(int, self.memory)) / float(gpu_bytes) if gpu_bytes else 1.0
         return per * self.workers
 
 
@@ -180,7 +183,9 @@ class GpuInfoMsg(TypedDict, total=False):
     mig: bool
     parent_uuid: str | None
     nvml_index: int | None
-    extra: dict
+    # handlers' arguments are checked against these types when they arrive (common/validation.py):
+    # dict[Any, Any] is checked as a mapping only, keys and values as they come
+    extra: dict[Any, Any]
 
 
 class Sample(TypedDict, total=False):
@@ -200,7 +205,7 @@ class OffloadView(TypedDict, total=False):
     state: OffloadState
     worker: str
     saved: list[str]
-    lost: list[dict]  # [{"name", "type", "why"}]
+    lost: list[dict[Any, Any]]  # [{"name", "type", "why"}]
     bytes: int
     standby: bool  # handed over from a standby copy (moving it was a rename)
     seconds: float
@@ -266,7 +271,7 @@ class ParkedCopy(TypedDict):
     client: str | None
     path: str
     saved: list[str]
-    lost: list[dict]
+    lost: list[dict[Any, Any]]  # as OffloadView.lost
     bytes: int
     standby: bool
 
@@ -284,7 +289,7 @@ class RequestStatus(TypedDict, total=False):
     queue_length: int
     leases: list[LeaseView]  # granted: one per rank, with gpu_names
     # granted with ``restore``: {"restored": [names], "failed": [...]}
-    restored: dict | None
+    restored: dict[str, Any] | None
 
 
 class GpuView(TypedDict, total=False):
@@ -415,9 +420,9 @@ class Snapshot(TypedDict, total=False):
     hosts: list[HostView]  # the machines, in the order their GPUs are listed
     queue: list[QueueItem]
     in_host_memory: list[ParkedView]
-    quotas: dict  # {"configured", "teams", "users", "identity", "default_team"}
+    quotas: dict[str, Any]  # {"configured", "teams", "users", "identity", "default_team"}
     # the latest --workers runs: {"id", "ranks": {rank: [metrics]}, ...}
-    runs: list[dict]
+    runs: list[dict[str, Any]]
 
 
 class Account(TypedDict):
@@ -453,7 +458,7 @@ class CellPayload(TypedDict, total=False):
 
     code: str
     # name -> Serialized (Dask frames; modules as ModuleRef) or, on the same
-    inputs: dict
+    inputs: dict[str, Any]
     # machine and account, a pipe marker (common/local_transfer.py)
     # names to send back (plain data comes back, the rest stays remote)
     outputs: list[str]
@@ -463,7 +468,7 @@ class CellPayload(TypedDict, total=False):
     max_bytes: int  # larger values stay remote
     cwd: str | None  # the kernel's working directory
     # --workers: rank, world_size, master_addr/port, run, attempt, ...
-    dist: dict | None
+    dist: dict[str, Any] | None
     checkpoint_dir: str | None  # where jupyter_gpu.checkpoint() writes for this cell
     local: bool  # send large outputs back through pipes (the probe passed)
 
@@ -476,9 +481,9 @@ class StreamMsg(TypedDict):
 
 class DisplayMsg(TypedDict, total=False):
     op: Literal["display"]
-    data: dict
-    metadata: dict
-    transient: dict
+    data: dict[str, Any]
+    metadata: dict[str, Any]
+    transient: dict[str, Any]
     update: bool
 
 
@@ -504,7 +509,7 @@ class MetricsMsg(TypedDict):
     rank: int
     step: int | None
     time: float
-    metrics: dict
+    metrics: dict[str, Any]
 
 
 OutputMsg = StreamMsg | DisplayMsg | ClearMsg | MetricsMsg
@@ -516,7 +521,7 @@ class ErrorPayload(TypedDict, total=False):
     type: str  # module.qualname
     message: str
     pickled: bytes | None
-    traceback: dict | None  # tblib
+    traceback: dict[str, Any] | None  # tblib
     text: str
     cell: str | None
 
@@ -531,8 +536,10 @@ class ExecuteReply(TypedDict, total=False):
     gpu_utilization: float | None
     execution_count: int
     error: ErrorPayload
-    outputs: dict  # name -> {"kind": "value", "data"} | {"kind": "remote", ...}
-    result: dict | None  # the last expression: {"bundle", "value"}
+    outputs: dict[
+        str, dict[str, Any]
+    ]  # name -> {"kind": "value", "data"} | {"kind": "remote", ...}
+    result: dict[str, Any] | None  # the last expression: {"bundle", "value"}
 
 
 # ---------------------------------------------------------------------- handler tables

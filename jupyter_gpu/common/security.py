@@ -134,7 +134,9 @@ def embedded_security(address: str | None, roles: Iterable[Role] = ("client",)) 
 def has_certificate(security: Security, role: Role) -> bool:
     """Whether ``role`` has what Dask needs to build a TLS context: a CA file and its
     certificate."""
-    return bool(security.tls_ca_file and getattr(security, f"tls_{role}_cert"))
+    # Dask's Security sets its tls_* fields with setattr: mypy does not see them
+    ca_file = security.tls_ca_file  # type: ignore[attr-defined]
+    return bool(ca_file and getattr(security, f"tls_{role}_cert"))
 
 
 def uses_tls(security: Security, role: Role) -> bool:
@@ -211,14 +213,16 @@ def listen_args(
         require_certificate(
             sec, role, f"A {role} is to listen on TLS ({address or 'encryption is required'})"
         )
-    return sec.get_listen_args(role)
+    args: dict[str, Any] = sec.get_listen_args(role)
+    return args
 
 
 def connection_args(role: Role = "client", security: Security | None = None) -> dict[str, Any]:
     """``connection_args`` for ``rpc``/``ConnectionPool`` (and ``**`` for
     ``distributed.comm.connect``) of a process in ``role``: ``Security.get_connection_args``.
     Harmless on a pool without TLS (no context)."""
-    return (security or pool_security()).get_connection_args(role)
+    args: dict[str, Any] = (security or pool_security()).get_connection_args(role)
+    return args
 
 
 def check_address(address: str, role: Role = "client", security: Security | None = None) -> None:
@@ -279,7 +283,8 @@ def describe(security: Security, role: Role) -> str:
     if not uses_tls(security, role):
         return "TLS: off (plain TCP: anyone who can reach this port can use the pool; see docs/administration.md)"
     what = "required" if security.require_encryption else "on"
-    return f"TLS: {what}; peers must present a certificate signed by {_short(security.tls_ca_file)}"
+    ca_file = security.tls_ca_file  # type: ignore[attr-defined]  # set with setattr
+    return f"TLS: {what}; peers must present a certificate signed by {_short(ca_file)}"
 
 
 def _short(value: Any) -> str:

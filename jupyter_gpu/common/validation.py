@@ -18,9 +18,21 @@ import math
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import (
+    Annotated,
+    Any,
+    Literal,
+    TypeVar,
+    Union,
+    cast,
+    get_args,
+    get_origin,
+    get_type_hints,
+)
 
 log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])  # a handler: ``validated`` keeps its signature
 
 
 class BadMessage(ValueError):
@@ -59,7 +71,7 @@ Secret = Annotated[str, MaxLen(256)]  # a lease's secret, a spawn key, a pool ke
 def check(value: Any, hint: Any, where: str) -> None:
     """Raise ``BadMessage`` unless ``value`` fits ``hint`` (a type annotation, possibly
     ``Annotated``)."""
-    constraints: tuple = ()
+    constraints: tuple[Any, ...] = ()
     if get_origin(hint) is Annotated:
         hint, *extra = get_args(hint)
         constraints = tuple(extra)
@@ -137,7 +149,7 @@ def check(value: Any, hint: Any, where: str) -> None:
             raise BadMessage(f"{where} is too long ({len(value)} > {c.n})")
 
 
-def check_fields(value: dict, typed: type, where: str) -> None:
+def check_fields(value: dict[Any, Any], typed: type, where: str) -> None:
     """A ``TypedDict``: known keys only, each of its declared type."""
     hints = get_type_hints(typed, include_extras=True)
     unknown = sorted(str(k) for k in value if k not in hints)
@@ -170,7 +182,9 @@ def _show(value: Any) -> str:
     return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
 
 
-def validated(refuse: Callable[[str], Any], skip: tuple[str, ...] = ("self", "comm")) -> Callable:
+def validated(
+    refuse: Callable[[str], Any], skip: tuple[str, ...] = ("self", "comm")
+) -> Callable[[F], F]:
     """Wrap a handler so that its arguments are checked against its annotations first.
 
     ``refuse(message)`` builds the reply a caller gets for a bad message (e.g. ``{"error":
@@ -179,7 +193,7 @@ def validated(refuse: Callable[[str], Any], skip: tuple[str, ...] = ("self", "co
     field silently ignored).
     """
 
-    def wrap(fn: Callable) -> Callable:
+    def wrap(fn: F) -> F:
         sig = inspect.signature(fn)
         hints = get_type_hints(fn, include_extras=True)
         params = {
@@ -189,7 +203,7 @@ def validated(refuse: Callable[[str], Any], skip: tuple[str, ...] = ("self", "co
         }
         op = fn.__name__
 
-        def problem(args: tuple, kwargs: dict) -> str | None:
+        def problem(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
             try:
                 bound = sig.bind(*args, **kwargs)
             except TypeError as exc:
@@ -212,7 +226,7 @@ def validated(refuse: Callable[[str], Any], skip: tuple[str, ...] = ("self", "co
                     return refuse(why)
                 return await fn(*args, **kwargs)
 
-            return async_handler
+            return cast(F, async_handler)
 
         @functools.wraps(fn)
         def handler(*args: Any, **kwargs: Any) -> Any:
@@ -222,12 +236,12 @@ def validated(refuse: Callable[[str], Any], skip: tuple[str, ...] = ("self", "co
                 return refuse(why)
             return fn(*args, **kwargs)
 
-        return handler
+        return cast(F, handler)
 
     return wrap
 
 
-def error_reply(message: str) -> dict:
+def error_reply(message: str) -> dict[str, Any]:
     """The usual refusal: ``{"error": message}``."""
     return {"error": message}
 

@@ -26,7 +26,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from jupyter_gpu.common.protocol import SCHEDULER_ENV, USER_ENV
 
@@ -217,7 +217,8 @@ class _Recorder:
             res.log.append(
                 {"output_type": kind, "data": data, "metadata": metadata, "transient": transient}
             )
-            for i in self.displays.get(transient.get("display_id"), []):
+            # no display id: it updates nothing
+            for i in self.displays.get(cast(str, transient.get("display_id")), []):
                 res.outputs[i]["data"], res.outputs[i]["metadata"] = data, metadata
         elif kind in self.KINDS:
             if self.clear_at_next:

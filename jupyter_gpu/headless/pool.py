@@ -24,6 +24,7 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ class PrivatePool:
 
 
 @contextlib.contextmanager
-def _env(name: str, value: str | None):
+def _env(name: str, value: str | None) -> Iterator[None]:
     """Set an environment variable for the duration (the pool process inherits it)."""
     if value is None:
         yield
@@ -209,7 +210,7 @@ async def async_release_kernel_leases(address: str, kernel: str, wait: float = 1
     while True:
         try:
             leases, queued = kernel_holdings(await async_pool_snapshot(address), kernel)
-        except Exception as exc:  # the pool itself is gone: it holds nothing any more
+        except Exception as exc:  # noqa: BLE001 - the pool itself is gone: it holds nothing any more
             log.debug("pool %s did not answer a snapshot: %s", address, exc)
             return []
         if not leases and not queued:

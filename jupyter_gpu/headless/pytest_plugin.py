@@ -27,9 +27,12 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import pytest
+
+if TYPE_CHECKING:
+    from _pytest._code.code import TerminalRepr
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +149,7 @@ class SessionPool:
         )
         try:
             self._address = self._private.start()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever stopped the pool becomes the usage error
             self._private.stop()
             self._private = None
             self._error = f"jupyter-gpu: could not start the test pool: {exc}"
@@ -259,7 +262,9 @@ class NotebookItem(pytest.Item):
                 self.add_report_section("call", f"output of {run.failure.where}", output)
             raise NotebookFailed(run)
 
-    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
+    def repr_failure(
+        self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None
+    ) -> str | TerminalRepr:
         if isinstance(excinfo.value, NotebookFailed):
             return f"{self.path.name}: {excinfo.value.run.failure.report()}"
         return super().repr_failure(excinfo, style=style)

@@ -36,7 +36,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, cast
 
 import nbformat
 
@@ -281,6 +281,7 @@ async def async_execute_notebook(
     try:
         async with client.async_setup_kernel(env=kernel_env(pool, path), cwd=cwd):
             log.info("kernel %s started in %.1f s", kernel_id, time.monotonic() - started)
+            assert client.kc is not None  # async_setup_kernel made it
             msg_id = await ensure_async(client.kc.kernel_info())
             info = await client.async_wait_for_reply(msg_id)
             if info and "language_info" in info["content"]:
@@ -402,7 +403,8 @@ async def async_execute_notebook(
         stopping = time.monotonic()
         if client.kc is not None:
             with contextlib.suppress(Exception):
-                await ensure_async(client.kc.stop_channels())
+                # a coroutine in some jupyter_client versions, None in others
+                await ensure_async(cast(Any, client.kc).stop_channels())
         with contextlib.suppress(Exception):
             if await km.is_alive():
                 await km.shutdown_kernel(now=kill_now)
@@ -440,7 +442,7 @@ async def _wait_telling(
         step = PROGRESS_EVERY if progress is not None else None
         wait = left if step is None else (step if left is None else max(0.0, min(step, left)))
         done, _ = await asyncio.wait({task}, timeout=wait)
-        if done or (left is not None and left <= wait):
+        if done or (left is not None and wait is not None and left <= wait):
             return done
         latest = _latest_line(cell)
         if progress is not None and latest:
@@ -607,7 +609,7 @@ def run_notebook(
             try:
                 pool = private.start()
             # NoGpuAvailable, EmbeddedPoolError: their messages say what to do
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - NoGpuAvailable, EmbeddedPoolError, ...: their messages say what to do
                 print(f"jupyter-gpu run: could not start a GPU pool for {path}: {exc}", file=err)
                 return EXIT_CANNOT_RUN
         result = execute_notebook(

@@ -15,7 +15,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 from distributed import Client
 from distributed.comm import CommClosedError, connect
@@ -27,6 +27,9 @@ from jupyter_gpu.common.security import check_address, client_security, connecti
 from jupyter_gpu.common.units import format_bytes
 from jupyter_gpu.errors import CellTimeout, GpuPoolError, PoolUnreachable, RequestRefused
 from jupyter_gpu.pool.discovery import user_name
+
+if TYPE_CHECKING:
+    from tornado.platform.asyncio import BaseAsyncIOLoop
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +47,7 @@ def kernel_identity() -> str:
         match = re.search(r"kernel-(.+)\.json$", get_connection_file())
         if match:
             return match.group(1)
-    except Exception:
+    except Exception:  # noqa: BLE001 - not in a kernel, or no connection file: a made-up id
         pass
     return f"proc-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
@@ -113,7 +116,8 @@ class PoolConnection:
             timeout=config.get_seconds("connect-timeout"),
             security=self.security,
         )
-        self.loop = self.client.loop.asyncio_loop
+        # an AsyncIOLoop (Dask's client loop), which tornado's IOLoop type does not say
+        self.loop = cast("BaseAsyncIOLoop", self.client.loop).asyncio_loop
         # what goes wrong on the client loop after nobody waits for it any more is ours to log, not
         # the cell's
         self.loop.call_soon_threadsafe(self.loop.set_exception_handler, log_loop_error)
@@ -169,7 +173,7 @@ class PoolConnection:
             if self.session is not None and self.session.comm is not None:
                 comm = self.session.comm
                 self.call(comm.close, timeout=2)
-        except Exception:
+        except Exception:  # noqa: BLE001 - closing a comm to a session that may be gone: the client still closes
             pass
         self.client.close(timeout=5)
 
@@ -295,7 +299,7 @@ class PoolConnection:
         if session.comm is not None:
             try:
                 self.call(session.comm.close, timeout=2)
-            except Exception:
+            except Exception:  # noqa: BLE001 - the session may be gone already: the lease is released anyway
                 pass
         reply = self.scheduler_call("gpu_release", lease=session.id, user=self.user, reason=reason)
         return bool(reply.get("released"))
@@ -425,7 +429,7 @@ class PoolConnection:
             except (CommClosedError, OSError) as exc:
                 session.comm = None
                 sink({"op": "lost", "error": str(exc), "started": started})
-            except Exception as exc:  # never leave the main thread waiting
+            except Exception as exc:  # noqa: BLE001 - never leave the main thread waiting
                 session.comm = None
                 sink({"op": "lost", "error": f"{type(exc).__name__}: {exc}", "started": started})
             finally:
@@ -444,8 +448,10 @@ class PoolConnection:
         answer)."""
         kwargs = {"token": os.environ[TOKEN_ENV]} if os.environ.get(TOKEN_ENV) else {}
         try:
+            scheduler = self.client.scheduler
+            assert scheduler is not None  # connected
             info = await asyncio.wait_for(
-                self.client.scheduler.gpu_lease_info(lease=lease, user=self.user, **kwargs), 5
+                scheduler.gpu_lease_info(lease=lease, user=self.user, **kwargs), 5
             )
         except Exception:  # noqa: BLE001 - then the connection attempt says what happened
             return None
@@ -463,7 +469,7 @@ class PoolConnection:
 
         try:
             self.call(go, timeout=3)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - an interrupt is best effort: the kill after the grace period follows
             log.debug("interrupt did not reach %s: %s", session.address, exc)
 
     def pull(self, name: str) -> Any:

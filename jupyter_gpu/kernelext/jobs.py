@@ -13,6 +13,7 @@ import concurrent.futures
 import html
 import threading
 import time
+from collections.abc import Generator
 from typing import Any
 
 from IPython.display import DisplayHandle
@@ -49,7 +50,7 @@ class AsyncJob:
         period)."""
         self.cancel_requested.set()
 
-    def __await__(self):
+    def __await__(self) -> Generator[Any, None, Any]:
         return asyncio.wrap_future(self._future).__await__()
 
     # ------------------------------------------------------------------ driven by the runner thread

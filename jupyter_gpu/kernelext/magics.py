@@ -107,6 +107,7 @@ class GpuMagics(Magics):
     def _ensure_connection(self) -> PoolConnection:
         if self.conn is None:
             self.connect(quiet=True)
+        assert self.conn is not None  # connect() made it, or raised
         return self.conn
 
     # ------------------------------------------------------------------ line magics
@@ -197,6 +198,7 @@ class GpuMagics(Magics):
                 "%gpu pull NAME: give the name of one variable that lives in your GPU session."
             )
         name = args[0]
+        assert self.shell is not None  # a registered magic has its shell
         if name in self.shell.user_ns_hidden or name.startswith("_"):
             raise UsageError(
                 f"%gpu pull {name}: {name!r} is one of IPython's own names in this kernel "
@@ -255,7 +257,7 @@ def _show_pool_error(
                 )
             )
             stb.append("\nThe remote code above was stopped:")
-        except Exception:
+        except Exception:  # noqa: BLE001 - IPython's formatter on a rebuilt exception: show the plain line
             stb = []
     stb.append(f"\x1b[0;31m{etype.__name__}\x1b[0m: {value}")
     shell._showtraceback(etype, value, stb)

@@ -20,6 +20,7 @@ import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from IPython.core.error import UsageError
 from IPython.core.magic_arguments import (
@@ -177,7 +178,8 @@ def _option_rows() -> list[tuple[str, str]]:
     parser = _parser()
     rows = []
     for action in parser._actions:
-        invocation = " ".join(filter(None, [action.option_strings[0], action.metavar]))
+        metavar = cast("str | None", action.metavar)  # one word per option here, never a tuple
+        invocation = " ".join(filter(None, [action.option_strings[0], metavar]))
         rows.append((invocation, (action.help or "") % {**vars(action), "prog": parser.prog}))
     return rows
 

@@ -105,7 +105,7 @@ def prepare_inputs(
                 header, frames = serialize(
                     input_item(value), serializers=("dask", "pickle"), on_error="raise"
                 )
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - pickling runs the object's own code: every failure is the user's error
             raise UsageError(
                 f"%%gpu: the input {name!r} ({type(value).__module__}.{type(value).__qualname__}) "
                 "cannot be "

@@ -78,7 +78,9 @@ class Bar:
         self.count += 1
         if not isinstance(step, (int, float)) or isinstance(step, bool):
             step = self.count  # no step numbers: each report is a step
-        at = msg.get("time") if isinstance(msg.get("time"), (int, float)) else time.time()
+        at = msg.get("time")
+        if not isinstance(at, (int, float)):
+            at = time.time()
         if self.first_step is None:
             self.first_step, self.first_time = float(step), float(at)
         self.step, self.time = float(step), float(at)

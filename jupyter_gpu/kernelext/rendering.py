@@ -63,7 +63,7 @@ def rebuild_exception(error: dict) -> BaseException:
     if error.get("pickled"):
         try:
             exc = pickle.loads(error["pickled"])
-        except Exception:
+        except Exception:  # noqa: BLE001 - unpickling runs the exception's own code: fall back to its type name
             exc = None
     if exc is None:
         if error.get("type") == "jupyter_gpu.errors.GpuPoolError":
@@ -81,7 +81,7 @@ def rebuild_exception(error: dict) -> BaseException:
             exc = exc.with_traceback(remote_tb)
             # where the cell's own frames start (see remote_part)
             setattr(exc, REMOTE_TB, remote_tb)
-        except Exception:
+        except Exception:  # noqa: BLE001 - a traceback that cannot be rebuilt: the exception without it
             pass
     return exc
 
@@ -119,7 +119,9 @@ def traceback_from_dict(tb_dict: dict) -> Any:
         try:
             exec(stub, {"__traceback_maker": _TracebackMaker, "__name__": "__main__"})
         except _TracebackMaker:
-            made = sys.exc_info()[2].tb_next  # the stub's own frame
+            caught = sys.exc_info()[2]
+            assert caught is not None  # in the except clause: its traceback
+            made = caught.tb_next  # the stub's own frame
             if top is None:
                 top = made
             if last is not None:

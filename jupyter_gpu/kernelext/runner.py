@@ -31,7 +31,7 @@ import os
 import queue
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from jupyter_gpu.common import config
 from jupyter_gpu.kernelext.connection import PoolConnection, RemoteSession
@@ -92,9 +92,11 @@ class RankRunner:
         events: queue.Queue = queue.Queue()
         cwd = os.getcwd()
         for rank, (session, payload) in enumerate(zip(self.sessions, payloads)):
-            self.conn.start_execute(
-                session, {**payload, "cwd": cwd}, lambda msg, r=rank: events.put((r, msg))
-            )
+
+            def sink(msg: Any, r: int = rank) -> None:
+                events.put((r, msg))
+
+            self.conn.start_execute(session, {**payload, "cwd": cwd}, sink)
         world = len(self.sessions)
         replies: dict[int, dict] = {}
         cause: str | None = None

@@ -76,6 +76,7 @@ def check_remote_refs(
     stale = {n: r for n, r in remote_refs.items() if r.lease and r.lease not in alive}
     if stale:
         name, ref = next(iter(stale.items()))
+        assert ref.lease is not None  # stale: it names its lease
         reason = conn.ended_sessions.get(ref.lease) or "that session has ended"
         raise GpuPoolError(
             f"{name!r} lived in an earlier GPU session (lease {ref.lease}) and is gone: {reason}. "

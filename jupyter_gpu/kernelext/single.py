@@ -169,7 +169,7 @@ class SessionCells:
                     self.lock.release()
                 handle.outputs = {n: self.shell.user_ns.get(n) for n in (done.get("outputs") or {})}
                 handle.finish(value)
-            except BaseException as exc:  # delivered through the handle, never lost
+            except BaseException as exc:  # noqa: BLE001 - delivered through the handle, never lost
                 handle.finish(error=exc)
 
         threading.Thread(target=runner, daemon=True, name=f"jupyter-gpu-{handle.id}").start()

@@ -187,7 +187,7 @@ class StatusView:
                 ]
             )
         gpu_plain, gpu_html = _table(["GPU", "leased", "util", "held by"], gpu_rows)
-        mine = []
+        mine: list[list[str]] = []
         for g in snap["gpus"]:
             for ls in g["leases"]:
                 if ls["user"] == self.user and ls["id"] not in {m[0] for m in mine}:

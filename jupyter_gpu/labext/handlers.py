@@ -191,7 +191,8 @@ class StreamHandler(_PoolHandlerMixin, WebSocketMixin, websocket.WebSocketHandle
         raise tornado.web.HTTPError(403)
 
     @tornado.web.authenticated
-    async def get(self, *args: Any, **kwargs: Any) -> None:
+    # tornado types what authenticated returns as Awaitable | None: narrower than the base's get
+    async def get(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
         res = super().get(*args, **kwargs)
         if res is not None:
             await res

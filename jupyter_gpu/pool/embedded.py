@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from jupyter_gpu.common import config
@@ -63,7 +64,7 @@ class EmbeddedPoolError(RuntimeError):
 
 
 @contextlib.contextmanager
-def _locked(path: str):
+def _locked(path: str) -> Iterator[None]:
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     with open(path + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -266,6 +267,7 @@ async def _serve(
         scheduler=scheduler, workers=workers, asynchronous=True, name="jupyter-gpu", security=sec
     )
     sched = cluster.scheduler
+    assert sched is not None  # the cluster is started
     broker = sched.plugins[PLUGIN_NAME]
     broker.embedded = True
 
@@ -338,7 +340,7 @@ async def _serve(
         if own is not None:
             unregister(sched.address)
         await broker.scaler.close()
-        await cluster.close()
+        await cluster.close()  # type: ignore[misc]  # asynchronous: Dask types it sync-or-async
 
 
 async def _withdraw(path: str, sched, broker, grace: float = 1.0) -> bool:  # noqa: ANN001

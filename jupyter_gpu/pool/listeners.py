@@ -22,7 +22,7 @@ embedded pool the HTTP pages would let any local account read what the pool is d
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from distributed import Scheduler
 
@@ -37,7 +37,13 @@ def http_enabled() -> bool:
     return bool(config.get("http", False))
 
 
-class _HttpWhenConfigured:
+if TYPE_CHECKING:
+    from distributed.node import ServerNode as _HttpBase  # what the mixin is mixed into
+else:
+    _HttpBase = object
+
+
+class _HttpWhenConfigured(_HttpBase):
     """Replaces ``Node.start_http_server``: a no-op unless :func:`http_enabled` (see the module
     docstring)."""
 
@@ -48,14 +54,14 @@ class _HttpWhenConfigured:
             super().start_http_server(
                 routes,
                 dashboard_address,
-                default_port=default_port,  # type: ignore[misc]
+                default_port=default_port,
                 ssl_options=ssl_options,
             )
             log.info(
                 "%s serves Dask's HTTP routes on port %s (jupyter-gpu.http)",
                 type(self).__name__,
-                self.http_server.port,
-            )  # type: ignore[attr-defined]
+                self.http_server.port,  # type: ignore[attr-defined]  # Dask sets it on tornado's server
+            )
         else:
             log.debug("%s: no HTTP server (jupyter-gpu.http is off)", type(self).__name__)
 
@@ -103,6 +109,7 @@ class PoolScheduler(_HttpWhenConfigured, Scheduler):
         from distributed.scheduler import heartbeat_interval
 
         now = time()
+        assert self.worker_ttl is not None  # the callback runs only with a ttl (see __init__)
         ttl = max(self.worker_ttl, 10 * heartbeat_interval(len(self.workers)))
         for ws in list(self.workers.values()):
             if now - ws.last_seen > ttl:

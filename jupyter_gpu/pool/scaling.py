@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from jupyter_gpu.broker.model import GpuSlot
-from jupyter_gpu.common.protocol import ClusterView, JobView
+from jupyter_gpu.common.protocol import AdaptiveView, ClusterView, JobView
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,7 @@ class PoolScaler:
             return {"error": "give a worker count (n), or adaptive bounds (minimum and maximum)"}
         top = n if n is not None else maximum
         low = n if n is not None else minimum
+        assert top is not None and low is not None  # n, or both bounds (checked above)
         floor = 0 if self.allow_zero else 1
         if low < floor or top < low:
             return {
@@ -147,6 +148,7 @@ class PoolScaler:
                 left = await self._scale_jobs(self._jobs_for(n), retire_idle_for=0.0)
                 reply: dict = {"workers": n, "adaptive": None}
             else:
+                assert minimum is not None and maximum is not None  # adaptive: both bounds
                 self.target, self.bounds = None, (minimum, maximum)
                 want = min(max(self.workers_asked(), minimum), maximum)
                 left = await self._scale_jobs(self._jobs_for(want), retire_idle_for=0.0)
@@ -264,7 +266,7 @@ class PoolScaler:
                 }
             )
         jobs.sort(key=lambda j: (j["workers"] > 0, j["since"]))
-        adaptive = (
+        adaptive: AdaptiveView | None = (
             {"minimum": self.bounds[0], "maximum": self.bounds[1], "idle": self.idle}
             if self.bounds
             else None
@@ -394,7 +396,8 @@ class PoolScaler:
             await self._adapt()
 
     async def _adapt(self) -> None:
-        low, high = (self._jobs_for(b) for b in self.bounds)  # type: ignore[misc]
+        assert self.bounds is not None  # adaptive (see _tick)
+        low, high = (self._jobs_for(b) for b in self.bounds)
         jobs = len(self.cluster.worker_spec)
         if jobs < low or jobs > high:
             await self._scale_jobs(min(max(jobs, low), high), retire_idle_for=0.0)
@@ -437,8 +440,8 @@ class PoolScaler:
         spec."""
         if self.states is None:
             return
-        ids = {str(n): self.job_id(str(n)) for n in self.cluster.worker_spec}
-        ids = {n: j for n, j in ids.items() if j}
+        known = {str(n): self.job_id(str(n)) for n in self.cluster.worker_spec}
+        ids = {n: j for n, j in known.items() if j}
         if not ids:
             return
         try:

@@ -83,7 +83,7 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "item") and callable(value.item):
         try:
             return value.item()
-        except Exception:
+        except Exception:  # noqa: BLE001 - item() is the value's own code: its repr then
             return repr(value)
     if isinstance(value, (int, float, str, bool)) or value is None:
         return value

@@ -105,7 +105,7 @@ class DistributedRun:
                 world_size=self.world_size,
                 timeout=datetime.timedelta(seconds=timeout),
             )
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any backend failure becomes one clear error
             raise RuntimeError(
                 f"rank {self.rank} could not join the process group ({backend}, {d['master_addr']}:"
                 f"{d['master_port']}) within {timeout:.0f} s: {type(exc).__name__}: {exc}"
@@ -142,7 +142,9 @@ class DistributedRun:
             else None
         ]
         torch_dist.broadcast_object_list(packed, src=0)
-        return {name: Serialized(header, frames) for name, (header, frames) in packed[0].items()}
+        received = packed[0]
+        assert received is not None  # the broadcast filled it on every rank
+        return {name: Serialized(header, frames) for name, (header, frames) in received.items()}
 
     def _collect(self, msg: dict) -> None:
         with self._lock:
@@ -160,7 +162,7 @@ class DistributedRun:
             return
         try:
             self.link.tell("run_metrics", run=self.dist.get("run"), rank=self.rank, items=items)
-        except Exception as exc:  # the panel misses a beat; training never waits for it
+        except Exception as exc:  # noqa: BLE001 - the panel misses a beat; training never waits for it
             log.debug("could not send metrics: %s", exc)
 
     def _arrive_and_wait(self, timeout: float) -> None:
@@ -176,7 +178,7 @@ class DistributedRun:
             deadline = time.monotonic() + timeout
             while store.add(key, 0) < self.world_size and time.monotonic() < deadline:
                 time.sleep(0.02)
-        except Exception as exc:  # a peer failed or the store is gone: nothing to wait for
+        except Exception as exc:  # noqa: BLE001 - a peer failed or the store is gone: nothing to wait for
             log.debug("teardown rendezvous: %s", exc)
 
     def stop(self, clean: bool = False) -> None:
@@ -187,7 +189,7 @@ class DistributedRun:
             self._flusher.cancel()
             try:
                 asyncio.run_coroutine_threadsafe(self._flush(), self.link.loop).result(5)
-            except Exception:
+            except Exception:  # noqa: BLE001 - the last metrics are best effort: tear down anyway
                 pass
         session_api._state.update({"run_sink": None, "attempt": 0, "run": None})
         if self._group:
@@ -197,6 +199,6 @@ class DistributedRun:
                 self._arrive_and_wait(timeout=30.0)
             try:
                 torch_dist.destroy_process_group()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a broken group is torn down anyway
                 log.debug("destroy_process_group: %s", exc)
             self._group = False

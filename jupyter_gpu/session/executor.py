@@ -262,7 +262,7 @@ class Executor:
         run = DistributedRun(dist, self.gpus, self.link)
         try:
             inputs = run.start(inputs)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure to join the run is the cell's error
             run.stop()
             return {"status": "error", "error": pool_error(str(exc))}
         reply: dict | None = None
@@ -300,7 +300,7 @@ class Executor:
                 if name in ns:
                     replaced.append(ns[name])
                 ns[name] = value
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - unpickling and imports run any code: the cell's error
                 return {
                     "status": "error",
                     "error": pool_error(
@@ -545,6 +545,6 @@ def pack(value: Any) -> Any:
         # functions made in cells keep their file names (tracebacks show their lines)
         with code_names_kept():
             header, frames = serialize(value, serializers=("dask", "pickle"), on_error="raise")
-    except Exception:
+    except Exception:  # noqa: BLE001 - pickling runs the object's own code: the name is reported instead
         return None
     return Serialized(header, frames)

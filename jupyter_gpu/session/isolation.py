@@ -8,9 +8,11 @@ slice is its own device) > ``mps`` (an MPS daemon enforces a pinned memory limit
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +49,10 @@ def apply_memory_cap(lease: dict, gpus: list[dict]) -> str:
     if all(g.get("mig") for g in gpus):
         return "mig"
     level = "mps" if "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT" in os.environ else "none"
-    torch = sys.modules.get("torch")
+    torch: Any = sys.modules.get("torch")
     if torch is None:
         try:
-            import torch
+            torch = importlib.import_module("torch")
         except ImportError:
             return level
     try:
@@ -64,6 +66,6 @@ def apply_memory_cap(lease: dict, gpus: list[dict]) -> str:
             fraction = min(1.0, per_gpu / float(gpu["total_bytes"]))
             torch.cuda.set_per_process_memory_fraction(fraction, device=i)
         return level if level == "mps" else "torch-cap"
-    except Exception as exc:  # pragma: no cover - depends on the driver
+    except Exception as exc:  # pragma: no cover  # noqa: BLE001 - depends on the driver: the session runs uncapped, with a warning
         log.warning("could not apply the memory cap for lease %s: %s", lease["id"], exc)
         return level

@@ -35,7 +35,7 @@ def die_with_parent() -> None:
         libc = ctypes.CDLL(None, use_errno=True)
         PR_SET_PDEATHSIG = 1
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except Exception:  # not Linux: the watchdog thread below still catches it
+    except Exception:  # noqa: BLE001 - not Linux: the watchdog thread below still catches it
         pass
     if os.getppid() != parent:
         os._exit(1)
@@ -60,7 +60,7 @@ def preload(modules: list[str]) -> None:
     for name in modules:
         try:
             importlib.import_module(name)
-        except Exception:
+        except Exception:  # noqa: BLE001 - an optional preload (torch on a CPU-only client machine)
             pass  # an optional preload (torch on a CPU-only client machine)
 
 

@@ -66,7 +66,7 @@ class CellMemoryMeter:
             if torch is not None and torch.cuda.is_initialized():
                 torch.cuda.reset_peak_memory_stats()
                 self._cuda = True
-        except Exception:  # a broken CUDA state is the cell's problem, reported by the cell
+        except Exception:  # noqa: BLE001 - a broken CUDA state is the cell's problem, reported by the cell
             self._cuda = False
         self._util_since = int(time.time() * 1e6)
 
@@ -87,7 +87,7 @@ class CellMemoryMeter:
                 )
             elif not self._cuda:
                 peak = 0  # the cell never touched the GPU
-        except Exception:
+        except Exception:  # noqa: BLE001 - a broken CUDA state: no peak rather than a wrong one
             peak = None
         return peak, self._utilization()
 
@@ -109,7 +109,7 @@ class CellMemoryMeter:
                     sum(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count()))
                 )
                 return cuda + (held or 0)
-        except Exception:  # a broken CUDA state: say nothing rather than something wrong
+        except Exception:  # noqa: BLE001 - a broken CUDA state: say nothing rather than something wrong
             return None
         return held
 
@@ -122,7 +122,7 @@ class CellMemoryMeter:
             import pynvml
 
             pynvml.nvmlInit()
-        except Exception:
+        except Exception:  # noqa: BLE001 - no NVML library or driver: no utilization
             return None
         try:
             samples: list[int] = []
@@ -135,11 +135,11 @@ class CellMemoryMeter:
                 except pynvml.NVMLError:  # no samples in the window (a short cell) or not supported
                     continue
             return sum(samples) / len(samples) if samples else None
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - NVML fails in many ways across drivers: no utilization
             log.debug("NVML process utilization unavailable: %s", exc)
             return None
         finally:
             try:
                 pynvml.nvmlShutdown()
-            except Exception:
+            except pynvml.NVMLError:
                 pass

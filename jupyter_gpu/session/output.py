@@ -172,6 +172,7 @@ class FdCapture:
         self._in_flight = {1: False, 2: False}
         self._locks = {1: threading.Lock(), 2: threading.Lock()}
         self._threads = []
+        self._libc: ctypes.CDLL | None
         try:
             self._libc = ctypes.CDLL(None)
         except OSError:  # pragma: no cover
@@ -228,7 +229,7 @@ class FdCapture:
         if self._libc is not None:
             try:
                 self._libc.fflush(None)  # C stdio buffers first
-            except Exception:  # pragma: no cover
+            except Exception:  # pragma: no cover  # noqa: BLE001 - a libc without fflush: the pipes are still drained
                 pass
         busy = []
         for fd in (1, 2):
@@ -286,6 +287,7 @@ class RelayDisplayPublisher(DisplayPublisher):
         update: bool = False,
         **kwargs: Any,
     ) -> None:
+        assert self.relay is not None  # make_shell sets it first
         self.relay.flush_streams()
         self.relay.emit(
             {
@@ -298,6 +300,7 @@ class RelayDisplayPublisher(DisplayPublisher):
         )
 
     def clear_output(self, wait: bool = False) -> None:
+        assert self.relay is not None  # make_shell sets it first
         self.relay.flush_streams()
         self.relay.emit({"op": "clear", "wait": bool(wait)})
 

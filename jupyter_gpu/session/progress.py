@@ -10,7 +10,7 @@ worker in ``worker/relay.py``).
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, TypeGuard
 
 from jupyter_gpu.session.worker_link import WorkerLink
 
@@ -55,5 +55,5 @@ class ProgressLink:
 _UNSET = object()
 
 
-def _number(value: Any) -> bool:
+def _number(value: Any) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 2**53

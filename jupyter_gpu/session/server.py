@@ -74,7 +74,7 @@ class SessionServer:
 
     def handlers(self) -> dict[str, Callable[..., Any]]:
         """The session's comm handlers: exactly ``protocol.SESSION_OPS``."""
-        table = {
+        table: dict[str, Callable[..., Any]] = {
             "assign": self.h_assign,
             "execute": self.h_execute,
             "interrupt": self.h_interrupt,
@@ -211,7 +211,9 @@ class SessionServer:
         ex = self.executor
         with ex.interrupt_lock:
             if ex.busy:
-                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+                main = threading.main_thread().ident
+                assert main is not None  # it runs
+                signal.pthread_kill(main, signal.SIGINT)
                 return {"interrupted": True}
             if self._executing:
                 # the cell is on its way to the main thread (inputs being read, or queued): it must

@@ -43,13 +43,14 @@ def make_shell(relay: Relay) -> Any:
     # The kernel shows the error, rebuilt from what tracebacks.error_payload sends: formatting it
     # here too (IPython's verbose traceback, with pygments) would cost up to a second on every error
     # and interrupt.
-    shell.showtraceback = lambda *args, **kwargs: None
-    shell.showsyntaxerror = lambda *args, **kwargs: None
-    shell._showtraceback = lambda *args, **kwargs: None
+    patched: Any = shell  # its methods replaced on the instance
+    patched.showtraceback = lambda *args, **kwargs: None
+    patched.showsyntaxerror = lambda *args, **kwargs: None
+    patched._showtraceback = lambda *args, **kwargs: None
     try:
         import matplotlib  # noqa: F401
 
         shell.enable_matplotlib("inline")
-    except Exception:
+    except Exception:  # noqa: BLE001 - no usable matplotlib backend: figures are not shown inline
         pass
     return shell

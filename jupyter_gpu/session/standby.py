@@ -70,6 +70,7 @@ class StandbyCopy:
             or self.generation in (self._copied, self._tried)
         ):
             return None
+        assert self.after is not None  # enabled
         return max(0.0, self.idle_since + self.after - time.monotonic())
 
     def take(
@@ -120,6 +121,7 @@ class StandbyCopy:
         now."""
         if self._copied is None or self._copied != self.generation or self._result is None:
             return None
+        assert self.path is not None  # a copy was written there
         try:
             os.replace(self.path, path)
         except OSError as exc:

@@ -35,7 +35,7 @@ def install() -> bool:
         import tqdm.std as std
     except ImportError:
         return False
-    cls = std.tqdm
+    cls: Any = std.tqdm  # patched below
     if getattr(cls, "_jupyter_gpu", False):
         return True
     original_init = cls.__init__
@@ -52,7 +52,7 @@ def install() -> bool:
     cls.__init__ = __init__
     cls.display = display
     cls._jupyter_gpu = True
-    notebook = sys.modules.get("tqdm.notebook")
+    notebook: Any = sys.modules.get("tqdm.notebook")
     # it draws ipywidgets for a kernel's frontend, which a session has not: the same
     if notebook is not None:
         # bar (not imported here: it imports ipywidgets, which

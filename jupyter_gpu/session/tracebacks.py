@@ -40,16 +40,16 @@ def error_payload(exc: BaseException, cell_name: str | None, lease: dict | None 
         tb = t or tb
     try:
         tb_dict = Traceback(tb).as_dict() if tb is not None else None
-    except Exception:
+    except Exception:  # noqa: BLE001 - the user's exception may carry anything: no traceback then
         tb_dict = None
     try:
         pickled = cloudpickle.dumps(exc.with_traceback(None))
         pickle.loads(pickled)
-    except Exception:
+    except Exception:  # noqa: BLE001 - the user's exception may not pickle: its type and message go
         pickled = None
     try:
         text = "".join(traceback.format_exception(type(exc), exc, tb))
-    except Exception:
+    except Exception:  # noqa: BLE001 - formatting runs the exception's own __str__: its repr then
         text = repr(exc)
     return {
         "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
@@ -74,8 +74,9 @@ def explain_oom(exc: BaseException, lease: dict | None) -> None:
         "torch.cuda.empty_cache())."
     )
     try:
-        exc.add_note(note)
+        if hasattr(exc, "add_note"):  # Python 3.11+; on 3.10 the message below carries it
+            exc.add_note(note)
         if exc.args and isinstance(exc.args[0], str):
             exc.args = (f"{exc.args[0]}\n{note}",) + exc.args[1:]
-    except Exception:
+    except Exception:  # noqa: BLE001 - a note is a nicety: the user's exception goes as it is
         pass

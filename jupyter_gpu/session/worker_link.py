@@ -100,7 +100,7 @@ class WorkerLink:
         nothing more."""
         if self._writer is None:
             return None
-        pending = {"cancelled": False, "sent": False, "lock": threading.Lock()}
+        pending: dict[str, Any] = {"cancelled": False, "sent": False, "lock": threading.Lock()}
 
         def go() -> None:
             with pending["lock"]:
@@ -130,6 +130,7 @@ class WorkerLink:
 
     def _send(self, line: bytes) -> None:
         try:
+            assert self._writer is not None  # connected (callers check)
             self._writer.write(line)
         except Exception as exc:  # noqa: BLE001 - the worker is gone: so is this session, soon
             log.debug("could not tell the worker: %s", exc)

@@ -177,6 +177,7 @@ class Containment:
     def _enable_v2_memory(self, mount: str) -> bool:
         """Turn the memory controller on for our groups (pure v2, at the root of the hierarchy, as
         root)."""
+        assert self.v2_base is not None  # called once our group is made
         try:
             with open(os.path.join(mount, "cgroup.controllers")) as f:
                 if "memory" not in f.read().split():

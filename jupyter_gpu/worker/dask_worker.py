@@ -16,11 +16,14 @@ import asyncio
 import logging
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from distributed import Worker
 from distributed.batched import BatchedSend
 from distributed.core import Status
+
+if TYPE_CHECKING:
+    from distributed.core import ErrorMessage
 
 from jupyter_gpu.common import config, poolkey
 from jupyter_gpu.common.protocol import NANNY_KEY_ENV, STARTUP_KEY
@@ -53,11 +56,11 @@ class GpuDaskWorker(Worker):
             info[STARTUP_KEY] = key
         return info
 
-    async def close(
+    async def close(  # type: ignore[override]  # Dask's Worker.close differs from its bases' too
         self,
         timeout: float = 30,
         executor_wait: bool = True,
-        nanny: bool = True,  # type: ignore[override]
+        nanny: bool = True,
         reason: str = "worker-close",
     ) -> str | None:
         """As Dask's, but a ``GpuNanny`` is asked with its key (it answers nobody else)."""
@@ -71,7 +74,8 @@ class GpuDaskWorker(Worker):
             and self.status not in (Status.closed, Status.closing, Status.failed, Status.init)
         ):
             try:
-                async with self.rpc(self.nanny) as r:
+                # Dask types Worker.nanny as a Nanny; it holds the nanny's address
+                async with self.rpc(self.nanny) as r:  # type: ignore[arg-type]
                     await r.close_gracefully(reason=reason, key=self._nanny_key)
             except Exception as exc:  # noqa: BLE001 - the nanny is gone already: close anyway
                 log.debug("could not ask the nanny to close: %s", exc)
@@ -148,7 +152,7 @@ class GpuDaskWorker(Worker):
 
 
 def _refused(op: str) -> Any:
-    def refused(**kwargs: Any) -> dict:
+    def refused(**kwargs: Any) -> ErrorMessage:
         from distributed.core import error_message
 
         log.warning("refused %r on a GPU worker (it runs no Dask tasks)", op)

@@ -21,7 +21,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import Any, cast
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class ForkServer:
             )
             self.ready.set()
         elif op in ("forked", "failed"):
-            fut = self._waiting.pop(msg.get("id"), None)
+            fut = self._waiting.pop(cast(int, msg.get("id")), None)  # no id: finds nothing
             if fut is not None and not fut.done():
                 if op == "forked":
                     child = ForkedProcess(int(msg["pid"]))
@@ -157,9 +157,9 @@ class ForkServer:
                         RuntimeError(f"the session zygote could not fork: {msg.get('error')}")
                     )
         elif op == "exited":
-            child = self.children.pop(int(msg.get("pid", -1)), None)
-            if child is not None:
-                child._ended(int(msg.get("code", -9)))
+            gone = self.children.pop(int(msg.get("pid", -1)), None)
+            if gone is not None:
+                gone._ended(int(msg.get("code", -9)))
 
     def _lost(self) -> None:
         """The zygote is gone: its children died with it (parent-death signal); nobody waits for a

@@ -103,7 +103,7 @@ def nvml_gpus() -> list[GpuInfo]:
         return []
     try:
         pynvml.nvmlInit()
-    except Exception as exc:  # NVMLError_LibraryNotFound, driver not loaded, ...
+    except Exception as exc:  # noqa: BLE001 - NVMLError_LibraryNotFound, driver not loaded, ...: no GPUs
         log.debug("NVML not available: %s", exc)
         return []
     try:
@@ -129,14 +129,14 @@ def nvml_gpus() -> list[GpuInfo]:
     finally:
         try:
             pynvml.nvmlShutdown()
-        except Exception:  # pragma: no cover
+        except pynvml.NVMLError:  # pragma: no cover
             pass
 
 
 def _mig_devices(pynvml, handle, parent_uuid: str, nvml_index: int) -> list[GpuInfo]:  # noqa: ANN001
     try:
         current, _pending = pynvml.nvmlDeviceGetMigMode(handle)
-    except Exception:
+    except pynvml.NVMLError:  # no MIG on this GPU or driver
         return []
     if current != getattr(pynvml, "NVML_DEVICE_MIG_ENABLE", 1):
         return []
@@ -144,7 +144,7 @@ def _mig_devices(pynvml, handle, parent_uuid: str, nvml_index: int) -> list[GpuI
     for j in range(pynvml.nvmlDeviceGetMaxMigDeviceCount(handle)):
         try:
             mig = pynvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, j)
-        except Exception:
+        except pynvml.NVMLError:  # an empty MIG slot
             continue
         mem = pynvml.nvmlDeviceGetMemoryInfo(mig)
         out.append(
@@ -163,7 +163,7 @@ def _mig_devices(pynvml, handle, parent_uuid: str, nvml_index: int) -> list[GpuI
 
 def _apply_visible(devices: list[GpuInfo], selection: list[str]) -> list[GpuInfo]:
     """Keep the devices CUDA_VISIBLE_DEVICES names, in its order (indices refer to whole GPUs)."""
-    whole = []
+    whole: list[GpuInfo] = []
     for d in devices:
         if d.nvml_index is not None and all(w.nvml_index != d.nvml_index for w in whole):
             whole.append(d)

@@ -14,10 +14,13 @@ import functools
 import hmac
 import logging
 import secrets
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from distributed import Nanny
 from distributed.core import error_message
+
+if TYPE_CHECKING:
+    from distributed.core import ErrorMessage
 
 from jupyter_gpu.common.protocol import NANNY_KEY_ENV
 
@@ -27,9 +30,10 @@ log = logging.getLogger(__name__)
 class GpuNanny(Nanny):
     """See the module docstring. Use it where ``distributed.Nanny`` would be used."""
 
-    def __init__(self, *args: Any, env: dict | None = None, **kwargs: Any):
+    def __init__(self, *args: Any, env: dict[str, str] | None = None, **kwargs: Any):
         self._key = secrets.token_urlsafe(24)
-        super().__init__(*args, env={**(env or {}), NANNY_KEY_ENV: self._key}, **kwargs)
+        kwargs["env"] = {**(env or {}), NANNY_KEY_ENV: self._key}
+        super().__init__(*args, **kwargs)
         close_gracefully = self.handlers["close_gracefully"]
         for op in list(self.handlers):
             if op != "identity":
@@ -50,7 +54,7 @@ class GpuNanny(Nanny):
 
 
 def _refused(op: str) -> Any:
-    def refused(**kwargs: Any) -> dict:
+    def refused(**kwargs: Any) -> ErrorMessage:
         log.warning("refused %r on a GPU nanny (it answers only its own worker)", op)
         return error_message(PermissionError(f"{op!r} is not available on a jupyter-gpu nanny"))
 

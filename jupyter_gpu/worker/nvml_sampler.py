@@ -11,7 +11,8 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from jupyter_gpu.common import config
 from jupyter_gpu.worker.inventory import GpuInfo
@@ -26,7 +27,7 @@ class NvmlSampler:
         self,
         gpus: list[GpuInfo],
         loop: asyncio.AbstractEventLoop,
-        send: Callable[[dict], Awaitable[None]],
+        send: Callable[[dict[str, Any]], Coroutine[Any, Any, None]],
     ):
         self.gpus = [g for g in gpus if not g.virtual]
         self.loop, self.send = loop, send
@@ -44,14 +45,14 @@ class NvmlSampler:
 
         try:
             pynvml.nvmlInit()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - no NVML library or driver: no sampling, the worker runs
             log.warning("NVML sampling disabled: %s", exc)
             return
         handles = {}
         for g in self.gpus:
             try:
                 handles[g.index] = pynvml.nvmlDeviceGetHandleByUUID(g.uuid)
-            except Exception:
+            except pynvml.NVMLError:  # not found by UUID: by index then
                 if g.nvml_index is not None:
                     handles[g.index] = pynvml.nvmlDeviceGetHandleByIndex(g.nvml_index)
         interval = config.get_seconds("worker.sample-interval")
@@ -60,7 +61,7 @@ class NvmlSampler:
             for index, h in handles.items():
                 try:
                     util = pynvml.nvmlDeviceGetUtilizationRates(h).gpu
-                except Exception:
+                except pynvml.NVMLError:
                     util = None  # MIG slices have no utilization counter
                 mem = pynvml.nvmlDeviceGetMemoryInfo(h)
                 samples[str(index)] = {

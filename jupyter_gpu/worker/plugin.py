@@ -20,12 +20,13 @@ this machine's (NVML or ``JUPYTER_GPU_VIRTUAL_GPUS``), restricted to ``JUPYTER_G
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, cast
 
 from distributed.comm import get_address_host
 from distributed.core import rpc
@@ -33,7 +34,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from jupyter_gpu.common import config, poolkey, protocol
 from jupyter_gpu.common.hostmem import sweep_stale
-from jupyter_gpu.common.protocol import DEVICES_ENV, Account, LeaseView, RestoreRef
+from jupyter_gpu.common.protocol import DEVICES_ENV, Account, LeaseView, RestoreRef, StandbyPlan
 from jupyter_gpu.common.security import security_env
 from jupyter_gpu.common.units import format_bytes
 from jupyter_gpu.common.validation import (
@@ -92,7 +93,7 @@ class GpuWorkerPlugin(WorkerPlugin):
     # ------------------------------------------------------------------ lifecycle
     def handlers(self) -> dict[str, Callable[..., Any]]:
         """The GPU plugin's worker handlers: exactly ``protocol.WORKER_OPS``."""
-        table = {
+        table: dict[str, Callable[..., Any]] = {
             "gpu_session_start": self.session_start,
             "gpu_session_signal": self.session_signal,
             "gpu_session_offload": self.session_offload,
@@ -221,7 +222,9 @@ class GpuWorkerPlugin(WorkerPlugin):
             }
         return reply
 
-    async def _restore_file(self, restore: dict, lease: str, account: Account | None) -> str | None:
+    async def _restore_file(
+        self, restore: RestoreRef, lease: str, account: Account | None
+    ) -> str | None:
         """The offloaded namespace as a file in the new session's folder: moved there when it was
         parked on this worker, else fetched from the worker that keeps it (a pool across machines).
         None: it is gone, or it is not a file this session's account may trust."""
@@ -315,7 +318,7 @@ class GpuWorkerPlugin(WorkerPlugin):
                 accounts=can_switch_users(),
                 key=self.pool_key,
             )
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure to register is logged: the pool gets no GPUs from this worker
             log.error(
                 "could not register GPUs with the scheduler (is the broker loaded there? start it "
                 "with `jupyter-gpu pool up` or --preload jupyter_gpu.broker.plugin): %s",
@@ -362,7 +365,7 @@ class GpuWorkerPlugin(WorkerPlugin):
             await self.worker.scheduler.gpu_samples(
                 worker=self.worker.address, samples=samples, key=self.pool_key
             )
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - samples are best effort: the next ones follow
             log.debug("could not send samples: %s", exc)
 
     # ------------------------------------------------------------------ sessions
@@ -405,7 +408,7 @@ class GpuWorkerPlugin(WorkerPlugin):
         async def refill() -> None:
             try:
                 self.spare = await self._spawn()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a spare is an optimisation: a session start spawns its own
                 log.warning("could not pre-warm a session process: %s", exc)
 
         self._spare_task = asyncio.ensure_future(refill())
@@ -467,13 +470,10 @@ class GpuWorkerPlugin(WorkerPlugin):
             self.sessions[lease["id"]] = sp
             if sp.control is not None:  # its reports, checked, to the broker
                 self._relays[lease["id"]] = asyncio.ensure_future(
-                    relay(
-                        sp.control,
-                        lease["id"],
-                        lambda op, fields, sp=sp: self._forward(sp, op, fields),
-                    )
+                    relay(sp.control, lease["id"], functools.partial(self._forward, sp))
                 )
                 sp.control = None
+            assert self.containment is not None  # made by setup()
             sp.group = self.containment.group(lease["id"], self.host_memory_limit)
             if sp.group is not None:
                 sp.group.add(sp.pid)
@@ -537,14 +537,14 @@ class GpuWorkerPlugin(WorkerPlugin):
             }
         except Exception as exc:
             log.exception("could not start a session for lease %s", lease.get("id"))
-            sp = self.sessions.pop(lease.get("id"), None)
+            sp = self.sessions.pop(cast(str, lease.get("id")), None)  # checked above
             if sp is not None:
                 sp.killed = True
                 self._end_process(sp)
                 self.store.forget(lease["id"])
             return {"error": f"{type(exc).__name__}: {exc}"}
 
-    def _standby_for(self, lease: dict) -> dict | None:
+    def _standby_for(self, lease: LeaseView) -> StandbyPlan | None:
         """Where (and after how long idle) a session writes its standby copy (``standby.py``); none
         for the ranks of a --workers run (never moved to host memory) or when idle sessions are not
         offloaded."""
@@ -624,7 +624,7 @@ class GpuWorkerPlugin(WorkerPlugin):
                 await self.worker.scheduler.gpu_session_ended(
                     lease=lease, reason=reason, worker=self.worker.address, key=self.pool_key
                 )
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the broker may be away; the session is gone either way
                 log.debug("could not tell the broker: %s", exc)
         if self.spare is not None and self.spare.proc.poll() is not None:
             self.spare = None

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from jupyter_gpu.common import config
-from jupyter_gpu.common.protocol import DEVICES_ENV, NANNY_KEY_ENV, SPAWN_KEY_ENV
+from jupyter_gpu.common.protocol import DEVICES_ENV, NANNY_KEY_ENV, SPAWN_KEY_ENV, Account
 from jupyter_gpu.worker.containment import SessionGroup
 from jupyter_gpu.worker.forkserver import ForkServer
 
@@ -37,9 +37,9 @@ class SessionProcess:
     lease: str | None = None
     secret: str | None = None  # its lease's secret: asked of every call once it holds the lease
     # the OS account it runs as (worker/accounts.py), when users are isolated
-    account: dict | None = None
+    account: Account | None = None
     # {"lease": LeaseView, "client"}: what a restarted broker needs to adopt it
-    grant: dict | None = None
+    grant: dict[str, Any] | None = None
     # its cgroup: everything it starts, ended with it, capped in host memory
     group: SessionGroup | None = None
     killed: bool = False

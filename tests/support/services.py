@@ -109,7 +109,7 @@ class PoolServices:
     def gpu_count(self) -> int:
         try:
             return len(self.snapshot()["gpus"])
-        except Exception:
+        except Exception:  # noqa: BLE001 - the pool is not up (yet): no GPUs
             return 0
 
     def kill_scheduler(self) -> None:

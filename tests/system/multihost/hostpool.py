@@ -147,7 +147,7 @@ class HostPool:
     def gpus(self) -> list[dict]:
         try:
             return self.snapshot()["gpus"]
-        except Exception:
+        except Exception:  # noqa: BLE001 - the pool is not up (yet): no GPUs
             return []
 
     def leases(self) -> list[dict]:

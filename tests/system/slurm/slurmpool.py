@@ -87,7 +87,7 @@ class SlurmPool:
         try:
             self.snapshot()
             return True
-        except Exception:
+        except Exception:  # noqa: BLE001 - the pool is not up (yet)
             return False
 
     def snapshot(self) -> dict:
