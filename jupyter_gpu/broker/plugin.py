@@ -198,9 +198,9 @@ class GpuBroker(SchedulerPlugin):
         self._housekeeper.start()
 
     async def close(self) -> None:
-        # an embedded pool's key dies with it (a pool up's
+        # an embedded pool's key dies with it (a pool up's stays: its workers rejoin a restarted
+        # scheduler)
         if self.embedded and getattr(self, "_made_key", False):
-            # stays: its workers rejoin a restarted scheduler)
             with contextlib.suppress(OSError):
                 os.unlink(self._key_path)
         if getattr(self, "_sampler", None):

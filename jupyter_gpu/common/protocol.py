@@ -364,9 +364,9 @@ class JobView(TypedDict, total=False):
     name: str
     # the cluster manager's id (a Slurm job id); None where it has none
     job_id: str | None
-    # the cluster manager's own state (Slurm: PENDING, RUNNING, TIMEOUT...), or
+    # the cluster manager's own state (Slurm: PENDING, RUNNING, TIMEOUT...), or "submitted" /
+    # "running" where it tells none
     state: str
-    # "submitted" / "running" where it tells none
     # the cluster manager's reason for that state (Slurm: Resources, TimeLimit)
     reason: str | None
     workers: int  # its GPU workers that have joined the pool
@@ -457,9 +457,9 @@ class CellPayload(TypedDict, total=False):
     """The ``execute`` call of a session (its keyword arguments): one cell to run."""
 
     code: str
-    # name -> Serialized (Dask frames; modules as ModuleRef) or, on the same
+    # name -> Serialized (Dask frames; modules as ModuleRef) or, on the same machine and account, a
+    # pipe marker (common/local_transfer.py)
     inputs: dict[str, Any]
-    # machine and account, a pipe marker (common/local_transfer.py)
     # names to send back (plain data comes back, the rest stays remote)
     outputs: list[str]
     exact_outputs: bool  # --out given: bring back exactly these, whatever they are

@@ -252,9 +252,10 @@ def build(
                 "jupyter-gpu.pool-key-file to a 0600 file on storage the job nodes share",
                 key_file,
             )
-        # what the job reserves for the worker process itself; sessions
+        # what the job reserves for the worker process itself; sessions are counted by the node, not
+        # by Dask
         options.setdefault("cores", 1)
-        options.setdefault("memory", "2GiB")  # are counted by the node, not by Dask
+        options.setdefault("memory", "2GiB")
         # one `jupyter-gpu worker` per job: it starts a worker per GPU
         options.setdefault("processes", 1)
         options.setdefault("job_name", "jupyter-gpu")

@@ -53,11 +53,11 @@ def install() -> bool:
     cls.display = display
     cls._jupyter_gpu = True
     notebook: Any = sys.modules.get("tqdm.notebook")
-    # it draws ipywidgets for a kernel's frontend, which a session has not: the same
+    # tqdm.notebook draws ipywidgets for a kernel's frontend, which a session has not: the same bar
+    # (not imported here: it imports ipywidgets, which would slow every session's start)
     if notebook is not None:
-        # bar (not imported here: it imports ipywidgets, which
         notebook.tqdm = notebook.tqdm_notebook = cls
-        notebook.trange = std.trange  # would slow every session's start)
+        notebook.trange = std.trange
     return True
 
 

@@ -100,9 +100,10 @@ class SessionGroup:
         deadline = time.monotonic() + wait
         while True:
             left = self.pids()
-            # also the fallback when there is no cgroup.kill (a fork racing the kill is caught
+            # also the fallback when there is no cgroup.kill (a fork racing the kill is caught by
+            # the next round)
             for pid in left:
-                try:  # by the next round)
+                try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
