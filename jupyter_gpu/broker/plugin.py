@@ -31,6 +31,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from jupyter_gpu.broker import gate, packing, views
 from jupyter_gpu.broker.audit import AuditStore
 from jupyter_gpu.broker.fair_share import FairSharePolicy
+from jupyter_gpu.broker.id_floor import IdFloor, floor_path
 from jupyter_gpu.broker.identity import TokenStore
 from jupyter_gpu.broker.ledger import Ledger
 from jupyter_gpu.broker.model import Allocation, GpuSlot, Lease, Request, ids_beyond, new_id
@@ -122,6 +123,7 @@ class GpuBroker(SchedulerPlugin):
         self.runs_as_users: dict[str, bool] = {}
         self.pool_key: str | None = None
         self.scheduler: Scheduler | None = None  # set by start()
+        self.ids: IdFloor | None = None  # set by start(): ids stay unique across restarts
 
     @property
     def sched(self) -> Scheduler:
@@ -184,6 +186,8 @@ class GpuBroker(SchedulerPlugin):
         self._key_path = poolkey.key_path(scheduler.address)
         self._made_key = poolkey.read_key(self._key_path) is None
         self.pool_key = poolkey.ensure_key(self._key_path)
+        self.ids = IdFloor(floor_path(self._key_path))
+        self.ids.resume()
         scheduler.handlers.update(self.handlers())
         # a pool shared by several people: nothing but our handlers (broker/gate.py)
         if self.tokens is not None:
@@ -198,11 +202,15 @@ class GpuBroker(SchedulerPlugin):
         self._housekeeper.start()
 
     async def close(self) -> None:
+        if self.ids is not None:
+            self.ids.note(self.ledger)
         # an embedded pool's key dies with it (a pool up's stays: its workers rejoin a restarted
         # scheduler)
         if self.embedded and getattr(self, "_made_key", False):
             with contextlib.suppress(OSError):
                 os.unlink(self._key_path)
+            if self.ids is not None:
+                self.ids.remove()
         if getattr(self, "_sampler", None):
             self._sampler.stop()
         if getattr(self, "_housekeeper", None):
@@ -854,6 +862,8 @@ class GpuBroker(SchedulerPlugin):
             for lease in leases:
                 self.audit.lease_started(lease.public(), lease.preemptible)
             self._spawn(self._start_sessions(req, leases))
+        if self.ids is not None:
+            self.ids.note(self.ledger)  # before any kernel hears of a new id
 
     def _preempt(self, lease_id: str, reason: str, req: Request | None = None) -> None:
         """End a lease for a waiting request (an over-quota lease reclaimed for a guarantee, or an

@@ -77,6 +77,8 @@ async def run_scheduler(host: str, port: int, security: Security | None = None) 
         security=sec,
         dashboard=False,
         preload=["jupyter_gpu.broker.plugin"],
+        # a restart (SIGTERM, Ctrl-C) keeps the workers and their sessions: they wait for it
+        leave_workers=True,
     ) as scheduler:
         print(f"jupyter-gpu pool scheduler at {scheduler.address}", flush=True)
         print(f"  {describe(sec, 'scheduler')}", flush=True)

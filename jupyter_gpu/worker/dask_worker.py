@@ -8,6 +8,13 @@ instead, registers again at the same address when it answers, and tells its GPU 
 (``reconnected``), which reports its live sessions and copies so the restarted broker adopts them.
 It gives up after ``worker.reconnect-timeout`` and closes as a plain worker would (``jupyter-gpu
 worker`` then exits non-zero so a supervisor restarts it).
+
+A scheduler that stops cleanly (SIGTERM from systemd or a supervisor, Ctrl-C) is the same event
+as one that was killed: an administrator restarting the pool. Dask's ``Scheduler.close`` tells every
+worker ``{"op": "close", "reason": "scheduler-close"}`` first, which would end every session; so
+that one order is read as "the scheduler is going away" and the worker waits for it as above. An
+order to close this worker in particular (``close_worker``, ``retire_workers``, removal) still
+closes it.
 """
 
 from __future__ import annotations
@@ -30,6 +37,9 @@ from jupyter_gpu.common.protocol import NANNY_KEY_ENV, STARTUP_KEY
 
 log = logging.getLogger(__name__)
 
+# the reason Dask's ``Scheduler.close`` gives every worker it tells to close as it stops
+SCHEDULER_STOPPING = "scheduler-close"
+
 
 class GpuDaskWorker(Worker):
     """See the module docstring. Start it with ``Nanny(..., worker_class=GpuDaskWorker)``.
@@ -48,6 +58,7 @@ class GpuDaskWorker(Worker):
         for op in list(self.handlers):
             if op != "identity":
                 self.handlers[op] = _refused(op)
+        self.stream_handlers["close"] = self._close_ordered
 
     async def get_startup_information(self) -> dict:
         info = await super().get_startup_information()
@@ -81,6 +92,30 @@ class GpuDaskWorker(Worker):
                 log.debug("could not ask the nanny to close: %s", exc)
         return await super().close(
             timeout=timeout, executor_wait=executor_wait, nanny=False, reason=reason
+        )
+
+    async def _close_ordered(self, reason: str = "scheduler-close", **kwargs: Any) -> None:
+        """The scheduler's ``close`` order on its stream. ``scheduler-close`` is what Dask's
+        ``Scheduler.close`` sends every worker as it stops: a restart, which this worker waits for
+        (the stream ends next, and ``handle_scheduler`` reconnects) unless it cannot reconnect at
+        all. Any other reason is an order to close this worker: it closes."""
+        if reason == SCHEDULER_STOPPING and self._can_reconnect():
+            log.warning(
+                "the scheduler at %s is stopping: keeping this worker's sessions and waiting for it "
+                "to come back",
+                self.scheduler.address,
+            )
+            return
+        await self.close(reason=reason, **kwargs)
+
+    def _can_reconnect(self) -> bool:
+        """Whether this worker outlives its scheduler: it is up, holds no Dask task state, and
+        ``worker.reconnect-timeout`` allows it."""
+        return (
+            self.status in (Status.running, Status.paused)
+            and not self.data
+            and not self.state.tasks
+            and config.get_seconds("worker.reconnect-timeout") > 0
         )
 
     async def handle_scheduler(self, comm) -> None:  # noqa: ANN001 - Dask's own signature
@@ -121,11 +156,9 @@ class GpuDaskWorker(Worker):
     async def _reconnect(self) -> bool:
         """Wait for the scheduler (up to ``worker.reconnect-timeout``) and register again; True on
         success."""
-        if self.status not in (Status.running, Status.paused) or self.data or self.state.tasks:
+        if not self._can_reconnect():
             return False
         timeout = config.get_seconds("worker.reconnect-timeout")
-        if timeout <= 0:
-            return False
         log.warning(
             "lost the scheduler at %s; keeping this worker's sessions and reconnecting for up to "
             "%.0f s",
