@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable, Literal
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from jupyter_gpu.broker import gate, packing, views
+from jupyter_gpu.broker import gate, metrics, packing, views
 from jupyter_gpu.broker.audit import AuditStore
 from jupyter_gpu.broker.fair_share import FairSharePolicy
 from jupyter_gpu.broker.id_floor import IdFloor, floor_path
@@ -106,6 +106,7 @@ class GpuBroker(SchedulerPlugin):
         assert policy is not None and audit is not None  # given, or from the settings
         self.policy: FairSharePolicy = policy
         self.ledger = Ledger(self.policy)
+        self.metrics = metrics.PoolMetrics(self.ledger)  # Prometheus: broker/metrics.py
         self.audit: AuditStore = audit
         self.tokens: TokenStore | None = tokens
         self.embedded = embedded
@@ -188,6 +189,7 @@ class GpuBroker(SchedulerPlugin):
         self.pool_key = poolkey.ensure_key(self._key_path)
         self.ids = IdFloor(floor_path(self._key_path))
         self.ids.resume()
+        metrics.install(self)
         scheduler.handlers.update(self.handlers())
         # a pool shared by several people: nothing but our handlers (broker/gate.py)
         if self.tokens is not None:
@@ -202,6 +204,7 @@ class GpuBroker(SchedulerPlugin):
         self._housekeeper.start()
 
     async def close(self) -> None:
+        metrics.uninstall(self)
         if self.ids is not None:
             self.ids.note(self.ledger)
         # an embedded pool's key dies with it (a pool up's stays: its workers rejoin a restarted
@@ -861,6 +864,7 @@ class GpuBroker(SchedulerPlugin):
         for req, leases in self.ledger.schedule(self._preempt, fail=fail):
             for lease in leases:
                 self.audit.lease_started(lease.public(), lease.preemptible)
+            self.metrics.granted_leases(req, leases)
             self._spawn(self._start_sessions(req, leases))
         if self.ids is not None:
             self.ids.note(self.ledger)  # before any kernel hears of a new id
@@ -887,6 +891,7 @@ class GpuBroker(SchedulerPlugin):
             # the memory is booked for ``req`` now; its session starts once this one has written its
             # variables to host memory and exited (``_start_sessions`` waits for that)
             lease.offload = {"state": "pending"}  # a kernel asking now waits for the outcome
+            self.metrics.suspended(lease)
             self._end_lease(lease, reason, kill=False)
             task = asyncio.ensure_future(self._offload_then_end(lease))
             self._tasks.add(task)
@@ -980,6 +985,7 @@ class GpuBroker(SchedulerPlugin):
             )
             # only the worker and the owner's kernel get it
             lease.secret = secrets.token_urlsafe(24)
+            asked = time.monotonic()
             reply = await self.sched.rpc(lease.worker).gpu_session_start(
                 lease=lease.public(),
                 scheduler=self.sched.address,
@@ -989,6 +995,9 @@ class GpuBroker(SchedulerPlugin):
                 account=lease.user if self.sessions_as_users() else None,
                 key=self.pool_key,
             )
+            took = time.monotonic() - asked
+            back = bool(restore) and reply.get("restored") is not None
+            self.metrics.session_started(lease, took, not reply.get("error"), back)
             if reply.get("error"):
                 raise RuntimeError(reply["error"])
             lease.address, lease.pid = reply["address"], reply["pid"]
@@ -1038,6 +1047,7 @@ class GpuBroker(SchedulerPlugin):
     def _end_lease(self, lease: Lease, reason: str, kill: bool) -> None:
         if self.ledger.end(lease.id, reason) is None:
             return
+        self.metrics.lease_ended(lease)
         self.audit.lease_ended(lease.id, lease.ended, reason, lease.peak_bytes)
         log.info("lease %s of %s ended: %s", lease.id, lease.user, reason)
         if kill and lease.worker in self.worker_gpus:
