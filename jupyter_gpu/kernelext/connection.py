@@ -21,7 +21,7 @@ from distributed import Client
 from distributed.comm import CommClosedError, connect
 from distributed.core import rpc
 
-from jupyter_gpu.common import config, local_transfer
+from jupyter_gpu.common import config, local_transfer, rejoin
 from jupyter_gpu.common.protocol import SCHEDULER_ENV, TOKEN_ENV
 from jupyter_gpu.common.security import check_address, client_security, connection_args
 from jupyter_gpu.common.units import format_bytes
@@ -50,6 +50,31 @@ def kernel_identity() -> str:
     except Exception:  # noqa: BLE001 - not in a kernel, or no connection file: a made-up id
         pass
     return f"proc-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+class PoolClient(Client):
+    """A kernel's Dask client, which finds a restarted scheduler within a second or so of it
+    answering: while it reconnects, it knocks in short rounds (``common/rejoin.py``) before Dask's
+    own connection attempt, whose backoff grows to minutes over a long restart."""
+
+    _rejoining = False
+
+    async def _reconnect(self) -> None:
+        self._rejoining = True
+        try:
+            await super()._reconnect()
+        finally:
+            self._rejoining = False
+
+    async def _ensure_connected(self, timeout: float | None = None) -> None:
+        if self._rejoining and self.scheduler is not None and timeout is not None:
+            await rejoin.until_answering(
+                str(self.scheduler.address),
+                timeout,
+                self.connection_args,
+                wanted=lambda: self.status == "connecting",
+            )
+        await super()._ensure_connected(timeout=timeout)
 
 
 @dataclass
@@ -116,7 +141,7 @@ class PoolConnection:
                 f"(up to {connect_timeout:.0f} s, jupyter-gpu.connect-timeout) ...",
                 flush=True,
             )
-        self.client = Client(
+        self.client = PoolClient(
             address,
             set_as_default=False,
             name=f"jupyter-gpu {self.user}",

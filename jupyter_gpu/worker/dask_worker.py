@@ -32,7 +32,7 @@ from distributed.core import Status
 if TYPE_CHECKING:
     from distributed.core import ErrorMessage
 
-from jupyter_gpu.common import config, poolkey
+from jupyter_gpu.common import config, poolkey, rejoin
 from jupyter_gpu.common.protocol import NANNY_KEY_ENV, STARTUP_KEY
 
 log = logging.getLogger(__name__)
@@ -166,8 +166,18 @@ class GpuDaskWorker(Worker):
             timeout,
         )
         self.batched_stream = BatchedSend(interval="2ms", loop=self.loop)
+        started = time.monotonic()
         try:
-            await asyncio.wait_for(self._register_with_scheduler(), timeout)
+            # knock in short rounds (Dask's own retries back off to minutes): registers within a
+            # second or so of the scheduler answering
+            await rejoin.until_answering(
+                self.scheduler.address,
+                timeout,
+                self.connection_args,
+                wanted=lambda: self.status in (Status.running, Status.paused),
+            )
+            left = max(1.0, timeout - (time.monotonic() - started))
+            await asyncio.wait_for(self._register_with_scheduler(), left)
         except Exception as exc:  # noqa: BLE001 - gone for good, or refused: close as a plain worker would
             log.error(
                 "could not reconnect to the scheduler at %s within %.0f s (%s): closing",
