@@ -291,8 +291,9 @@ def in_a_session(mib: int, rounds: int) -> None:
                     check(kernel, "%%gpu\nn = len(big)")  # an input that stays in the session
                     time.sleep(wait)
                     times[key].append(check(kernel, "%%gpu\npass"))
-                    # (a cell that names ``big`` would send it again)
-                    check(kernel, "%%gpu\nglobals().pop('big', None)")
+                    # (a cell that names ``big`` would send it again; a last expression's value
+                    # would stay in the session's output history)
+                    check(kernel, "%%gpu\ndel globals()['big']")
                     check(kernel, "del big")
         finally:
             kernel.shutdown(now=True)
