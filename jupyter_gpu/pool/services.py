@@ -53,6 +53,10 @@ async def _until_signalled() -> None:
 async def run_scheduler(host: str, port: int, security: Security | None = None) -> None:
     """The pool's scheduler with the broker; runs until SIGTERM/SIGINT.
 
+    Stopping it leaves its workers running with their sessions: they wait for a scheduler at the
+    same address (``worker.reconnect-timeout``), so starting it again on the same port is a restart
+    that users see as a pause (docs/administration.md, Restarting the scheduler).
+
     ``security``: TLS of the ``scheduler`` role (default: Dask config, see
     ``jupyter_gpu.common.security``); when TLS is configured the scheduler listens on ``tls://``
     and accepts only peers with the pool's certificates.
