@@ -20,7 +20,9 @@ from typing import Any
 from jupyter_gpu.broker import packing
 from jupyter_gpu.broker.actuation import SessionActuator
 from jupyter_gpu.broker.audit import AuditStore
+from jupyter_gpu.broker.id_floor import IdFloor
 from jupyter_gpu.broker.ledger import Ledger
+from jupyter_gpu.broker.metrics import PoolMetrics
 from jupyter_gpu.broker.model import GpuSlot, Lease, Offload, Request
 from jupyter_gpu.broker.permissions import Permissions
 from jupyter_gpu.common import config
@@ -43,6 +45,8 @@ class LeaseKeeper:
     ) -> None:
         self.ledger, self.audit, self.permissions = ledger, audit, permissions
         self.actuator = actuator  # set when the broker starts
+        self.metrics: PoolMetrics | None = None  # Prometheus figures (broker/metrics.py)
+        self.ids: IdFloor | None = None  # ids stay unique across restarts (broker/id_floor.py)
         self.log_event: Callable[[str, dict[str, Any]], None] | None = None
         self.clients: Callable[[], Collection[str]] = lambda: ()
         self.events: dict[str, asyncio.Event] = {}  # request id -> set when it leaves the queue
@@ -86,7 +90,11 @@ class LeaseKeeper:
         for req, leases in self.ledger.schedule(self.preempt, fail=fail):
             for lease in leases:
                 self.audit.lease_started(lease.public(), lease.preemptible)
+            if self.metrics is not None:
+                self.metrics.granted_leases(req, leases)
             self.spawn(self.start_sessions(req, leases))
+        if self.ids is not None:
+            self.ids.note(self.ledger)  # before any kernel hears of a new id
 
     def finish_request(self, req: Request, state: RequestState, reason: str) -> None:
         self.ledger.finish_request(req, state, reason)
@@ -111,7 +119,18 @@ class LeaseKeeper:
 
         async def start_one(lease: Lease) -> None:
             restore = req.restore if lease.rank == 0 else None
-            started = await self.workers.start(lease, restore, lease.user if account_of else None)
+            asked = time.monotonic()
+            try:
+                started = await self.workers.start(
+                    lease, restore, lease.user if account_of else None
+                )
+            except BaseException:
+                if self.metrics is not None:
+                    self.metrics.session_started(lease, time.monotonic() - asked, False, False)
+                raise
+            if self.metrics is not None:
+                back = restore is not None and started.get("restored") is not None
+                self.metrics.session_started(lease, time.monotonic() - asked, True, back)
             lease.address, lease.pid = started["address"], started["pid"]
             lease.isolation = started.get("isolation", "none")
             lease.containment = started.get("containment")
@@ -144,6 +163,8 @@ class LeaseKeeper:
     def end_lease(self, lease: Lease, reason: str, kill: bool) -> None:
         if self.ledger.end(lease.id, reason) is None:
             return
+        if self.metrics is not None:
+            self.metrics.lease_ended(lease)
         self.audit.lease_ended(lease.id, lease.ended, reason, lease.peak_bytes)
         log.info("lease %s of %s ended: %s", lease.id, lease.user, reason)
         if kill and lease.worker in self.ledger.worker_gpus:
@@ -171,6 +192,8 @@ class LeaseKeeper:
             # the memory is booked for ``req`` now; its session starts once this one has written its
             # variables to host memory and exited (``start_sessions`` waits for that)
             lease.offload = Offload.pending(lease.worker)  # a kernel asking now waits for it
+            if self.metrics is not None:
+                self.metrics.suspended(lease)
             self.end_lease(lease, reason, kill=False)
             task = self.spawn(self.offload_then_end(lease))
             if req is not None:

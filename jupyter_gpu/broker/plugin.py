@@ -26,11 +26,12 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from jupyter_gpu.broker import gate, views
+from jupyter_gpu.broker import gate, metrics, views
 from jupyter_gpu.broker.actuation import SessionActuator
 from jupyter_gpu.broker.adoption import Adoption
 from jupyter_gpu.broker.audit import AuditStore
 from jupyter_gpu.broker.fair_share import FairSharePolicy
+from jupyter_gpu.broker.id_floor import IdFloor, floor_path
 from jupyter_gpu.broker.identity import TokenStore
 from jupyter_gpu.broker.leasing import LeaseKeeper
 from jupyter_gpu.broker.ledger import Ledger
@@ -104,6 +105,7 @@ class GpuBroker(SchedulerPlugin):
         policy, audit, tokens = _configured(policy, audit, tokens, settings)
         self.policy: FairSharePolicy = policy
         self.ledger = Ledger(self.policy)
+        self.metrics = metrics.PoolMetrics(self.ledger)  # Prometheus: broker/metrics.py
         self.audit: AuditStore = audit
         self.permissions = Permissions(tokens)
         self.embedded = embedded
@@ -115,6 +117,7 @@ class GpuBroker(SchedulerPlugin):
         # a pool that owns a cluster manager: broker/scaling.py's PoolScaler
         self.scaler: PoolScaler | None = None
         self.scheduler: Scheduler | None = None  # set by start()
+        self.ids: IdFloor | None = None  # set by start(): ids stay unique across restarts
 
     @property
     def sched(self) -> Scheduler:
@@ -141,6 +144,11 @@ class GpuBroker(SchedulerPlugin):
         self.keeper.actuator.pool_key = self.pool_key
         self.keeper.log_event = scheduler.log_event
         self.keeper.clients = lambda: scheduler.clients
+        self.ids = IdFloor(floor_path(self._key_path))
+        self.ids.resume()
+        self.keeper.ids = self.ids
+        self.keeper.metrics = self.metrics
+        metrics.install(self)
         ours = self.handlers()
         scheduler.handlers.update(ours)
         # a pool shared by several people: nothing but our handlers (broker/gate.py)
@@ -158,11 +166,16 @@ class GpuBroker(SchedulerPlugin):
         self._housekeeper.start()
 
     async def close(self) -> None:
+        metrics.uninstall(self)
+        if self.ids is not None:
+            self.ids.note(self.ledger)
         # an embedded pool's key dies with it (a pool up's stays: its workers rejoin a restarted
         # scheduler)
         if self.embedded and getattr(self, "_made_key", False):
             with contextlib.suppress(OSError):
                 os.unlink(self._key_path)
+            if self.ids is not None:
+                self.ids.remove()
         if getattr(self, "_sampler", None):
             self._sampler.stop()
         if getattr(self, "_housekeeper", None):
