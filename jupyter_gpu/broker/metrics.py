@@ -152,11 +152,16 @@ class PoolMetrics:
         self, samples: Mapping[str, Iterable[Sample]], name: Callable[[str], str]
     ) -> Iterator[Metric]:
         """Every metric family, named through ``name`` (Dask's namespace and our subsystem)."""
-        from prometheus_client.core import (
-            CounterMetricFamily,
-            GaugeMetricFamily,
-            HistogramMetricFamily,
-        )
+        yield from self._gpu_families(samples, name)
+        yield from self._lease_families(name)
+        yield from self._queue_families(name)
+        yield from self._counter_families(name)
+
+    def _gpu_families(
+        self, samples: Mapping[str, Iterable[Sample]], name: Callable[[str], str]
+    ) -> Iterator[Metric]:
+        """Per GPU: capacity, leased, busy, memory used, utilization."""
+        from prometheus_client.core import GaugeMetricFamily
 
         ledger = self.ledger
         gpu_labels = ["gpu", "worker", "index", "name", "virtual"]
@@ -191,6 +196,11 @@ class PoolMetrics:
                 gauges["utilization_percent"].add_metric(labels, float(utilization))
         yield from gauges.values()
 
+    def _lease_families(self, name: Callable[[str], str]) -> Iterator[Metric]:
+        """Live leases and leased memory per user and team."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        ledger = self.ledger
         leases = GaugeMetricFamily(
             name("leases"),
             "live leases (sessions) per user, team and state (jupyter-gpu)",
@@ -214,6 +224,11 @@ class PoolMetrics:
         yield leases
         yield leased
 
+    def _queue_families(self, name: Callable[[str], str]) -> Iterator[Metric]:
+        """The queue per team: its length, its oldest wait, and the waits and starts so far."""
+        from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+
+        ledger = self.ledger
         queue = GaugeMetricFamily(
             name("queue_length"),
             "requests waiting for a GPU per team (jupyter-gpu)",
@@ -247,6 +262,11 @@ class PoolMetrics:
             "how long starting a session process took on its worker, per team (jupyter-gpu)",
             self.start_seconds,
         )
+
+    def _counter_families(self, name: Callable[[str], str]) -> Iterator[Metric]:
+        """Counters: leases granted, suspensions, restores, session starts, GPU-seconds."""
+        from prometheus_client.core import CounterMetricFamily
+
         counters: list[tuple[str, str, list[str], Mapping[Any, float]]] = [
             ("leases_granted", "leases granted", ["user", "team"], self.granted),
             (

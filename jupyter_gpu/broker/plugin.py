@@ -27,11 +27,9 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from jupyter_gpu.broker import gate, metrics, views
-from jupyter_gpu.broker.actuation import SessionActuator
 from jupyter_gpu.broker.adoption import Adoption
 from jupyter_gpu.broker.audit import AuditStore
 from jupyter_gpu.broker.fair_share import FairSharePolicy
-from jupyter_gpu.broker.id_floor import IdFloor, floor_path
 from jupyter_gpu.broker.identity import TokenStore
 from jupyter_gpu.broker.leasing import LeaseKeeper
 from jupyter_gpu.broker.ledger import Ledger
@@ -41,6 +39,7 @@ from jupyter_gpu.broker.registry import WorkerRegistry
 from jupyter_gpu.broker.runs import RunBook
 from jupyter_gpu.broker.sampling import GpuSamples
 from jupyter_gpu.broker.scaling import PoolScaler
+from jupyter_gpu.broker.session_reports import record_session_report
 from jupyter_gpu.broker.settings import BrokerSettings, PoolConfigError, load_settings
 from jupyter_gpu.common import config, poolkey
 from jupyter_gpu.common.handlers import handler, handlers_of
@@ -105,19 +104,18 @@ class GpuBroker(SchedulerPlugin):
         policy, audit, tokens = _configured(policy, audit, tokens, settings)
         self.policy: FairSharePolicy = policy
         self.ledger = Ledger(self.policy)
-        self.metrics = metrics.PoolMetrics(self.ledger)  # Prometheus: broker/metrics.py
         self.audit: AuditStore = audit
         self.permissions = Permissions(tokens)
         self.embedded = embedded
         self.samples = GpuSamples()
         self.runs = RunBook()
         self.keeper = LeaseKeeper(self.ledger, self.audit, self.permissions)
+        self.metrics = self.keeper.metrics  # Prometheus: broker/metrics.py
         self.adoption = Adoption(self.ledger, self.audit)
         self.workers = WorkerRegistry(self.ledger, self.samples, self.adoption)
         # a pool that owns a cluster manager: broker/scaling.py's PoolScaler
         self.scaler: PoolScaler | None = None
         self.scheduler: Scheduler | None = None  # set by start()
-        self.ids: IdFloor | None = None  # set by start(): ids stay unique across restarts
 
     @property
     def sched(self) -> Scheduler:
@@ -140,14 +138,7 @@ class GpuBroker(SchedulerPlugin):
         self._key_path = poolkey.key_path(scheduler.address)
         self._made_key = poolkey.read_key(self._key_path) is None
         self.permissions.pool_key = poolkey.ensure_key(self._key_path)
-        self.keeper.actuator = SessionActuator(scheduler.rpc, scheduler.address)
-        self.keeper.actuator.pool_key = self.pool_key
-        self.keeper.log_event = scheduler.log_event
-        self.keeper.clients = lambda: scheduler.clients
-        self.ids = IdFloor(floor_path(self._key_path))
-        self.ids.resume()
-        self.keeper.ids = self.ids
-        self.keeper.metrics = self.metrics
+        self.keeper.attach(scheduler, self.pool_key, self._key_path)
         metrics.install(self)
         ours = self.handlers()
         scheduler.handlers.update(ours)
@@ -167,15 +158,13 @@ class GpuBroker(SchedulerPlugin):
 
     async def close(self) -> None:
         metrics.uninstall(self)
-        if self.ids is not None:
-            self.ids.note(self.ledger)
-        # an embedded pool's key dies with it (a pool up's stays: its workers rejoin a restarted
-        # scheduler)
-        if self.embedded and getattr(self, "_made_key", False):
+        # an embedded pool's key and id mark die with it (a pool up's stay: its workers rejoin a
+        # restarted scheduler)
+        forget = self.embedded and getattr(self, "_made_key", False)
+        self.keeper.close_ids(forget)
+        if forget:
             with contextlib.suppress(OSError):
                 os.unlink(self._key_path)
-            if self.ids is not None:
-                self.ids.remove()
         if getattr(self, "_sampler", None):
             self._sampler.stop()
         if getattr(self, "_housekeeper", None):
@@ -257,7 +246,7 @@ class GpuBroker(SchedulerPlugin):
         worker, which alone knows which lease the session holds; a note about a lease on another
         worker is dropped."""
         self.permissions.check_worker(key)
-        self.keeper.session_report(lease, worker, report)
+        record_session_report(self.ledger, lease, worker, report)
 
     @handler("gpu_run_metrics", caller="session", check="pool-key")
     def gpu_run_metrics(
