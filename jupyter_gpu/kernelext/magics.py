@@ -269,17 +269,38 @@ def _show_error(
 ) -> list[str]:
     """How the kernel shows an error: a pool error as its message (``_show_pool_error``), an
     exception a ``%%gpu`` cell raised from its own remote frames on (as it would read had the cell
-    run here), and any other error exactly as IPython does."""
+    run here), one the magic raised here (an interrupt while the cell waited, a kill after the
+    grace period) as its message, and any other error exactly as IPython does.
+
+        In none of the ``%%gpu`` cases does the user read jupyter-gpu's frames or the notebook's
+        ``get_ipython().run_cell_magic('gpu', ..., "<the whole cell>")`` line: they are the
+        machinery, not the user's code. They go to this kernel's log (``jupyter_gpu`` logger, at
+        DEBUG), and ``%debug`` still walks the remote frames."""
     if isinstance(value, GpuPoolError):
         return _show_pool_error(shell, etype, value, tb, tb_offset)
     remote = remote_part(value, tb)
-    if remote is None:
+    if remote is None and (isinstance(value, UsageError) or not _raised_in_the_magic(tb)):
         shell.showtraceback((etype, value, tb), tb_offset=tb_offset, running_compiled_code=True)
         return []
-    sys.last_type, sys.last_value, sys.last_traceback = etype, value, remote  # for %debug
-    stb = shell.InteractiveTB.structured_traceback(etype, value, remote, tb_offset=0)
+    log.debug("%%%%gpu cell error", exc_info=(etype, value, tb))
+    if isinstance(value, SyntaxError) and remote is None:  # the cell's line, with a caret
+        stb = shell.SyntaxTB.structured_traceback(etype, value, [])
+    elif remote is None:
+        stb = [f"\x1b[0;31m{etype.__name__}\x1b[0m: {value}"]
+    else:
+        sys.last_type, sys.last_value, sys.last_traceback = etype, value, remote  # for %debug
+        stb = shell.InteractiveTB.structured_traceback(etype, value, remote, tb_offset=0)
     shell._showtraceback(etype, value, stb)
     return stb
+
+
+def _raised_in_the_magic(tb: Any) -> bool:
+    """Whether ``tb`` went through a ``%%gpu`` cell's run (``GpuMagics._cell``)."""
+    while tb is not None:
+        if tb.tb_frame.f_code is GpuMagics._cell.__code__:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def load(ipython: Any) -> None:
@@ -288,8 +309,9 @@ def load(ipython: Any) -> None:
     ipython.register_magics(_magics)
     # every error passes through _show_error: IPython calls a custom handler by exception type, and
     # a remote exception keeps its own type (ValueError, a user's class), so the handler tells them
-    # apart itself
-    ipython.set_custom_exc((Exception,), _show_error)
+    # apart itself; an interrupt too (KeyboardInterrupt is no Exception), so that an interrupted
+    # %%gpu cell shows its remote frames, not the notebook's run_cell_magic line
+    ipython.set_custom_exc((Exception, KeyboardInterrupt), _show_error)
 
 
 def unload(ipython: Any) -> None:
