@@ -20,6 +20,7 @@ from jupyter_gpu.common.rightsizing import RightSize
 from jupyter_gpu.common.units import format_bytes
 from jupyter_gpu.kernelext.connection import RemoteSession
 from jupyter_gpu.kernelext.jobs import AsyncJob
+from jupyter_gpu.kernelext.status_view import estimated_start
 
 
 def where(session: RemoteSession) -> str:
@@ -70,9 +71,7 @@ class StatusLine:
                 f"queued ({status['id']}, {status.get('request')}): position {pos} of "
                 f"{status.get('queue_length')}, {status.get('reason')}"
             )
-            if status.get("eta"):
-                text += f", estimated start in {max(0, status['eta'] - time.time()):.0f} s"
-                text += f" ({ETA_BASIS.get(status.get('eta_basis') or '', 'a rough guess')})"
+            text += f", estimated start {estimated_start(status, time.time())}"
             self.show(f"{text} {waited}", "queued", None)
 
     def started(self, session: RemoteSession) -> None:
@@ -227,14 +226,6 @@ def _no_idle_flush() -> Iterator[None]:
 
 def _nothing() -> None:
     return None
-
-
-#: how sure an estimated start is, by what the broker based it on (``RequestStatus.eta_basis``)
-ETA_BASIS = {
-    "progress": "from the running cells' reported progress",
-    "idle": "when idle sessions move to host memory",
-    "history": "a rough guess from how long recent sessions lasted",
-}
 
 
 class JobStatus(StatusLine):

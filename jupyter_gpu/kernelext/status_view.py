@@ -11,7 +11,6 @@ from typing import Any
 from jupyter_gpu.common.rightsizing import right_size
 from jupyter_gpu.common.units import format_bytes
 
-
 QUEUE_HEADERS = ["#", "id", "user", "request", "priority", "waiting", "reason", "estimated start"]
 
 
@@ -31,15 +30,20 @@ def _table(headers: list[str], rows: list[list[str]]) -> tuple[str, str]:
     return "\n".join(plain), rich
 
 
+def estimated_start(item: dict, now: float) -> str:
+    """A waiting request's estimated start and what it rests on (``broker/estimates.py``): ``in 40
+    s (median of alice's last 12 cells: 40 s)``, or ``unknown (why)``."""
+    note = f" ({item['eta_note']})" if item.get("eta_note") else ""
+    if item.get("eta") is None:
+        return f"unknown{note}"
+    return f"in {max(0.0, item['eta'] - now):.0f} s{note}"
+
+
 def queue_rows(snapshot: dict) -> list[list[str]]:
     now = snapshot.get("time") or time.time()
     rows = []
     for q in snapshot["queue"]:
-        eta = f"in {max(0, q['eta'] - now):.0f} s" if q.get("eta") else "unknown"
-        if q.get("eta") and q.get("eta_basis"):
-            eta += {"progress": " (from progress)", "idle": " (idle sessions move)"}.get(
-                q["eta_basis"], " (rough)"
-            )
+        eta = estimated_start(q, now)
         rows.append(
             [
                 str(q["position"]),
