@@ -82,7 +82,7 @@ def test_interrupt_tears_down_every_rank_and_frees_every_lease(kernel, pool):
     kernel.wait_for_output(msg, "go", timeout=120)
     assert len([ls for ls in leases(pool) if ls["world_size"] == 2]) == 2
     kernel.interrupt()
-    res = kernel.collect(msg, timeout=30)
+    res = kernel.collect(msg, timeout=120)
     assert res.error["ename"] == "KeyboardInterrupt"
     assert wait_until(lambda: not [ls for ls in leases(pool) if ls["world_size"] == 2])
 
