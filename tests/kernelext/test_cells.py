@@ -232,10 +232,22 @@ def test_async_returns_a_handle(kernel):
         "result_value"
     )
     assert res.error is None and "J1" in res.data()[0]
+    # one live status, never a second one frozen as the cell's value: the cell read "running"
+    # above and "queued" below, for good
+    assert [o["output_type"] for o in res.log].count("execute_result") == 0, res.log
+    states = [
+        re.search(r": (\w+), [\d.]+ s", d).group(1)
+        for d in res.data()
+        if isinstance(d, str) and "--async job J1" in d
+    ]
+    order = ["queued", "running", "done", "failed"]
+    assert states == sorted(states, key=order.index), states
     res = kernel.run("job = _\nprint(job.result(timeout=60), result_value)")
     assert res.stdout == "42 42\n", res.error_text
     res = kernel.run("await job")
     assert res.result == "42"
+    # shown later, the job is shown as it is then
+    assert "job J1 (bg): done" in kernel.run("job").data()[0]
 
 
 def test_fresh_session_is_thrown_away(kernel, pool):
