@@ -16,7 +16,7 @@ from typing import Any
 
 from IPython.display import DisplayHandle
 
-from jupyter_gpu.common.rightsizing import RightSize
+from jupyter_gpu.common.rightsizing import OverUse, RightSize
 from jupyter_gpu.common.units import format_bytes
 from jupyter_gpu.kernelext.connection import RemoteSession
 from jupyter_gpu.kernelext.jobs import AsyncJob
@@ -135,12 +135,12 @@ class StatusLine:
         error: str | None,
         elapsed: float | None = None,
         peak: int | None = None,
-        sizing: RightSize | None = None,
+        sizing: RightSize | OverUse | None = None,
     ) -> None:
         took = f" in {elapsed:.2f} s" if elapsed is not None else ""
         waited = f" ({self.waited_text()})" if self.waited is not None else ""
         peak_text = f", peak {format_bytes(peak)}" if peak else ""
-        hint = f". Right-size: {sizing.hint()}" if sizing is not None else ""
+        hint = f". {sizing.label}: {sizing.hint()}" if sizing is not None else ""
         if error is None:
             self.show(
                 f"done{took}{waited} on {where(session)}{peak_text}{self.note_text()}{hint}",

@@ -609,3 +609,24 @@ def test_a_quick_cell_shows_one_badge_message_and_a_slow_one_shows_running_above
     ]
     # flushed by the output
     assert texts[0].startswith("%%gpu running on ") and "at once" in texts[1], texts
+
+
+def test_a_cell_over_its_memory_share_on_a_virtual_gpu_is_told(pool):
+    """A virtual GPU does not enforce ``--memory``; nothing said so when a cell went over it (on a
+    real GPU the same cell runs out of memory)."""
+    k = Kernel(pool, user="overuser")
+    try:
+        res = k.run(
+            "%%gpu --memory 64MiB\nimport numpy as np\nbig = np.ones(40 * 2**20)\n"
+            "total = float(big.sum())\ndel big"
+        )
+        assert res.error is None, res.error_text
+        badge = [d for d in res.data() if isinstance(d, str) and d.startswith("%%gpu done")][-1]
+        assert "Over its share: this cell's peak" in badge and "64.0 MiB" in badge, badge
+        assert "--memory 512MiB" in badge, badge
+        # a cell within its share hears nothing of it
+        res = k.run("%%gpu\nsmall = 1")
+        badge = [d for d in res.data() if isinstance(d, str) and d.startswith("%%gpu done")][-1]
+        assert "Over its share" not in badge, badge
+    finally:
+        k.shutdown(now=True)
