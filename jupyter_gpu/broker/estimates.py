@@ -188,17 +188,22 @@ def lease_end(
             None, 0, "unknown", "the sessions ahead hold their GPU memory until released"
         )
     after = 0.0 if rec.gang else float(suspend_after or 0.0)
+    # the wait after the cell, said: "8 s" of cells and an ETA of 608 s must not read as a mistake
+    then = f", then {after:.0f} s idle before its session moves out" if after else ""
     cell_end = rec.progress.cell_end(now) if rec.progress is not None else None
     if cell_end is not None:
-        return LeaseEnd(cell_end + after, 0, "progress", "from the reported progress")
+        return LeaseEnd(cell_end + after, 0, "progress", f"from the reported progress{then}")
     if rec.idle_since is not None:
-        return LeaseEnd(max(now, rec.idle_since + after), 0, "idle", "idle sessions move out")
+        idle = f"after {after:.0f} s idle" if after else "now"
+        return LeaseEnd(
+            max(now, rec.idle_since + after), 0, "idle", f"the idle session ahead moves out {idle}"
+        )
     if rec.id not in cells.running:
         return LeaseEnd(None, 0, "unknown", "a session ahead is still starting")
     expected = cells.expectation(rec.id, now)
     if isinstance(expected, str):
         return LeaseEnd(None, 0, "unknown", expected)
-    return LeaseEnd(max(now, expected.ends + after), 0, expected.basis, expected.note)
+    return LeaseEnd(max(now, expected.ends + after), 0, expected.basis, expected.note + then)
 
 
 def lease_ends(

@@ -66,7 +66,9 @@ def test_without_progress_it_rests_on_the_users_recent_cells_and_holds_still():
     # the median of alice's cells (60 s), then her session moves out SUSPEND s after it goes idle
     assert [eta for eta, _, _ in seen] == pytest.approx([started + 60.0 + SUSPEND] * 5)
     assert {basis for _, basis, _ in seen} == {"user-cells"}
-    assert seen[0][2] == "median of alice's last 3 cells: 60 s", seen[0][2]
+    assert seen[0][2] == (
+        "median of alice's last 3 cells: 60 s, then 10 s idle before its session moves out"
+    ), seen[0][2]
 
 
 def test_a_cell_that_runs_past_its_estimate_gets_a_new_one_that_says_why():
@@ -87,7 +89,8 @@ def test_a_cell_that_runs_past_its_estimate_gets_a_new_one_that_says_why():
     # past 65 s: of her cells that ran over 70 s (90, 100, 110), the median
     assert waiting.eta == pytest.approx(started + 100.0 + SUSPEND)
     assert waiting.eta_note == (
-        "ran past the 65 s expected; median of alice's last 6 cells that ran over 70 s: 100 s"
+        "ran past the 65 s expected; median of alice's last 6 cells that ran over 70 s: 100 s, "
+        "then 10 s idle before its session moves out"
     ), waiting.eta_note
 
 
