@@ -10,7 +10,8 @@ attribute 'detach'``) says none of that.
 
 Attribute lookups raise ``AttributeError`` (so ``hasattr`` and IPython's display probes still read
 "no such attribute"), operations ``TypeError``; equality and hashing stay a dataclass's, so a
-placeholder can be compared and kept in containers.
+placeholder can be compared and kept in containers. The methods that raise are hidden from
+tracebacks (``__tracebackhide__``): the user's line is the one that matters, not ours.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def _operation(symbol: str, reflected: bool = False) -> Any:
     """A binary operator that refuses with the placeholder's hint (``y + 1``, ``1 + y``)."""
 
     def refuse(self: RemoteObject, other: Any) -> NoReturn:
+        __tracebackhide__ = True  # the user's line is the one to show
         self._refuse(f"... {symbol} {self.name}" if reflected else f"{self.name} {symbol} ...")
 
     return refuse
@@ -97,9 +99,11 @@ class RemoteObject:
         )
 
     def _refuse(self, what: str) -> NoReturn:
+        __tracebackhide__ = True  # the user's line is the one to show
         raise RemoteValueError(self.hint(what)) from None
 
     def __getattr__(self, attr: str) -> Any:
+        __tracebackhide__ = True  # the user's line is the one to show
         # only for attributes that do not exist: the dataclass's fields and methods never get here
         if attr.startswith("__") and attr.endswith("__"):  # pickle, copy and IPython probe these
             raise AttributeError(attr)
@@ -107,63 +111,81 @@ class RemoteObject:
 
     # containers and conversions
     def __len__(self) -> int:
+        __tracebackhide__ = True  # the user's line is the one to show
         self._refuse(f"len({self.name})")
 
     def __iter__(self) -> NoReturn:
+        __tracebackhide__ = True  # the user's line is the one to show
         self._refuse(f"iterating over {self.name}")
 
     def __contains__(self, item: Any) -> bool:
+        __tracebackhide__ = True  # the user's line is the one to show
         self._refuse(f"`... in {self.name}`")
 
     def __getitem__(self, key: Any) -> NoReturn:
+        __tracebackhide__ = True  # the user's line is the one to show
         self._refuse(f"{self.name}[...]")
 
     def __setitem__(self, key: Any, value: Any) -> NoReturn:
+        __tracebackhide__ = True  # the user's line is the one to show
         self._refuse(f"{self.name}[...] = ...")
 
     def __delitem__(self, key: Any) -> NoReturn:
+        __tracebackhide__ = True  # the user's line is the one to show
         self._refuse(f"del {self.name}[...]")
 
     def __call__(self, *args: Any, **kwargs: Any) -> NoReturn:
+        __tracebackhide__ = True  # the user's line is the one to show
         self._refuse(f"{self.name}(...)")
 
     def __bool__(self) -> bool:
+        __tracebackhide__ = True  # the user's line is the one to show
         self._refuse(f"bool({self.name})")
 
     def __float__(self) -> float:
+        __tracebackhide__ = True  # the user's line is the one to show
         self._refuse(f"float({self.name})")
 
     def __int__(self) -> int:
+        __tracebackhide__ = True  # the user's line is the one to show
         self._refuse(f"int({self.name})")
 
     def __index__(self) -> int:
+        __tracebackhide__ = True  # the user's line is the one to show
         self._refuse(f"using {self.name} as an index")
 
     def __complex__(self) -> complex:
+        __tracebackhide__ = True  # the user's line is the one to show
         self._refuse(f"complex({self.name})")
 
     def __round__(self, ndigits: int | None = None) -> NoReturn:
+        __tracebackhide__ = True  # the user's line is the one to show
         self._refuse(f"round({self.name})")
 
     def __format__(self, spec: str) -> str:
+        __tracebackhide__ = True  # the user's line is the one to show
         if not spec:
             return repr(self)
         self._refuse(f"formatting {self.name} with {spec!r}")
 
     # NumPy (np.asarray, ufuncs, array functions) and torch (torch.* functions) ask these
     def __array__(self, dtype: Any = None, copy: Any = None) -> NoReturn:
+        __tracebackhide__ = True  # the user's line is the one to show
         self._refuse(f"converting {self.name} to a NumPy array")
 
     def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> NoReturn:
+        __tracebackhide__ = True  # the user's line is the one to show
         self._refuse(f"np.{getattr(ufunc, '__name__', 'ufunc')}(... {self.name} ...)")
 
     def __array_function__(self, func: Any, types: Any, args: Any, kwargs: Any) -> NoReturn:
+        __tracebackhide__ = True  # the user's line is the one to show
         self._refuse(f"np.{getattr(func, '__name__', 'function')}(... {self.name} ...)")
 
     @classmethod
     def __torch_function__(
         cls, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> NoReturn:
+        __tracebackhide__ = True  # the user's line is the one to show
         values = [*args, *(kwargs or {}).values()]
         values += [v for a in values if isinstance(a, (list, tuple)) for v in a]  # torch.cat([y])
         mine = next((a for a in values if isinstance(a, RemoteObject)), None)
@@ -190,15 +212,19 @@ class RemoteObject:
     __gt__, __ge__ = _operation(">"), _operation(">=")
 
     def __neg__(self) -> NoReturn:
+        __tracebackhide__ = True  # the user's line is the one to show
         self._refuse(f"-{self.name}")
 
     def __pos__(self) -> NoReturn:
+        __tracebackhide__ = True  # the user's line is the one to show
         self._refuse(f"+{self.name}")
 
     def __abs__(self) -> NoReturn:
+        __tracebackhide__ = True  # the user's line is the one to show
         self._refuse(f"abs({self.name})")
 
     def __invert__(self) -> NoReturn:
+        __tracebackhide__ = True  # the user's line is the one to show
         self._refuse(f"~{self.name}")
 
 

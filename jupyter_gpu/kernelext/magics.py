@@ -22,7 +22,7 @@ from jupyter_gpu.kernelext.connection import PoolConnection, resolve_address
 from jupyter_gpu.kernelext.line_commands import LINE_HELP, parse_line
 from jupyter_gpu.kernelext.options import options_help, parse_cell_options
 from jupyter_gpu.kernelext.pipeline import prepare_cell
-from jupyter_gpu.kernelext.rendering import remote_part
+from jupyter_gpu.kernelext.rendering import remote_part, without_our_tail
 from jupyter_gpu.kernelext.runs import RunBook
 from jupyter_gpu.kernelext.scaleout import run_scaleout
 from jupyter_gpu.kernelext.single import SessionCells
@@ -241,6 +241,7 @@ def _show_error(
         return _show_pool_error(shell, etype, value, tb, tb_offset)
     remote = remote_part(value, tb)
     if remote is None and (isinstance(value, UsageError) or not _raised_in_the_magic(tb)):
+        tb = without_our_tail(tb)
         shell.showtraceback((etype, value, tb), tb_offset=tb_offset, running_compiled_code=True)
         return []
     log.debug("%%%%gpu cell error", exc_info=(etype, value, tb))

@@ -8,6 +8,7 @@ remote exceptions are rebuilt as real exceptions whose traceback shows the cell'
 from __future__ import annotations
 
 import linecache
+import os
 import pickle
 import sys
 import types
@@ -153,6 +154,26 @@ def _stub_frame(filename: str, name: str, first: int, lineno: int) -> Any:
         assert caught is not None and caught.tb_next is not None  # this frame, then the stub's
         return caught.tb_next
     raise AssertionError("the stub frame did not raise")
+
+
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def without_our_tail(tb: Any) -> Any:
+    """``tb`` without the frames of jupyter-gpu's own code it ends in (cut in place): an error that
+    jupyter-gpu raises for the user's line (a ``RemoteObject`` used as a local value, a bad argument
+    to one of its functions) is shown at that line, as a library's hidden frames are. IPython always
+    shows the frame that raised, ``__tracebackhide__`` or not."""
+    last_theirs = None
+    t = tb
+    while t is not None:
+        if not os.path.abspath(t.tb_frame.f_code.co_filename).startswith(PACKAGE_DIR):
+            last_theirs = t
+        t = t.tb_next
+    if last_theirs is None:
+        return tb  # all of it is ours: an error of jupyter-gpu itself, shown whole
+    last_theirs.tb_next = None
+    return tb
 
 
 def remote_part(value: BaseException, tb: Any) -> Any:

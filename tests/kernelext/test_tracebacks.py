@@ -65,9 +65,13 @@ def test_a_remote_value_used_as_a_local_one_says_how_to_get_it(kernel):
     assert res.error["ename"] == "RemoteAttributeError", res.error_text
     assert "\n" not in evalue and "y_pred" in evalue and "stayed in your GPU session" in evalue
     assert "`%gpu pull y_pred`" in evalue and "`%%gpu --out y_pred`" in evalue, evalue
+    # the user's line, and the library code it called: none of jupyter-gpu's frames
+    assert "----> 2 plt.plot(x, y_pred.detach())" in res.error_text, res.error_text
+    assert "remote_value.py" not in res.error_text, res.error_text
     for use in ("y_pred + 1", "len(y_pred)", "import numpy as np; np.asarray(y_pred)"):
         res = kernel.run(use)
         assert "`%gpu pull y_pred`" in res.error["evalue"], (use, res.error_text)
+        assert "remote_value.py" not in res.error_text and "jupyter_gpu/" not in res.error_text
     # the remedy it names works
     assert kernel.run("%gpu pull y_pred").error is None
     assert kernel.run("print(float(y_pred.detach().sum()))").stdout == "5.0\n"
