@@ -338,9 +338,8 @@ def estimate_waiting(
 ) -> None:
     """Give the first ``eta_for`` waiting requests, in queue order, their estimated start
     (``eta``, ``eta_basis``, ``eta_note``): each takes the memory that comes free before those
-    behind it do (an idle session ahead moves out ``suspend-idle-after`` after it went idle, if it
-    stays idle; for the first request it helps, as the reason says). An estimate
-    later than the one the request was told says why (``later_because``)."""
+    behind it do. An estimate later than the one the request was told says why
+    (``later_because``)."""
     passes: dict[bool, QueueEstimate] = {}  # for requests that move idle sessions, and the rest
     told = policy.cells.told
     for i, req in enumerate(waiting):
