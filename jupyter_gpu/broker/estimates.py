@@ -31,15 +31,13 @@ import bisect
 import collections
 import dataclasses
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from jupyter_gpu.broker.model import GpuSlot, Request
+from jupyter_gpu.broker.quotas import PoolQuotas
 from jupyter_gpu.common.protocol import EtaBasis, RequestSpec
-
-if TYPE_CHECKING:  # the policy imports this module
-    from jupyter_gpu.broker.fair_share import FairSharePolicy, LeaseRecord
 
 MIN_CELLS = 3  # cells needed before their lengths are a basis
 KEEP_USER = 50  # recent cells kept per user
@@ -81,6 +79,32 @@ def track_progress(
     if progress is None or step < progress.step:
         return Progress(now, float(step), now, float(step), float(total))
     return Progress(progress.t0, progress.step0, now, float(step), float(total))
+
+
+class LeaseRecord(Protocol):
+    """What an estimate reads of a lease (``fair_share.LeaseRecord``, which imports this module)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def gang(self) -> bool: ...
+    @property
+    def idle_since(self) -> float | None: ...
+    @property
+    def progress(self) -> Progress | None: ...
+    @property
+    def allocs(self) -> dict[str, int]: ...
+
+
+class Policy(Protocol):
+    """What an estimate reads of the policy (``fair_share.FairSharePolicy``)."""
+
+    @property
+    def leases(self) -> Mapping[str, LeaseRecord]: ...
+    @property
+    def cells(self) -> CellTimes: ...
+    @property
+    def quotas(self) -> PoolQuotas: ...
 
 
 @dataclass(frozen=True)
@@ -207,7 +231,7 @@ def lease_end(
 
 
 def lease_ends(
-    policy: FairSharePolicy, now: float, suspend_after: float | None
+    policy: Policy, now: float, suspend_after: float | None
 ) -> dict[str, list[LeaseEnd]]:
     """Every lease's expected end, per GPU it holds memory on."""
     by_gpu: dict[str, list[LeaseEnd]] = collections.defaultdict(list)
@@ -330,7 +354,7 @@ def moves_idle_sessions(spec: RequestSpec) -> bool:
 
 
 def estimate_waiting(
-    policy: FairSharePolicy,
+    policy: Policy,
     waiting: list[Request],
     gpus: list[GpuSlot],
     now: float,
