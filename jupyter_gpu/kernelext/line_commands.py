@@ -153,8 +153,8 @@ def parse_line(line: str) -> tuple[str, argparse.Namespace]:
         )
     try:
         return command, _parser(command).parse_args(rest)
-    except values.OptionValueError:  # a value's own paragraph
-        raise
+    except values.OptionValueError as exc:  # a value's own paragraph, as IPython shows a UsageError
+        raise UsageError(str(exc)) from None
     except UsageError as exc:  # argparse's message: a missing or an extra argument
         raise UsageError(
             f"%gpu {command}: {exc}. Usage: `{command_usage(command)}` ({description(command)})."

@@ -31,7 +31,9 @@ MAX_NAME = 200
 
 
 class OptionValueError(UsageError):
-    """A value that one option does not accept; the message is the whole explanation."""
+    """A value that one option does not accept; the message is the whole explanation. The parsers
+    raise it on as a plain ``UsageError``: IPython shows that type (exactly) as a one-line usage
+    error, anything else as a traceback."""
 
 
 def whole_number(text: str, what: str, lo: int, hi: int, example: str) -> int:

@@ -281,8 +281,8 @@ def _parse(line: str) -> argparse.Namespace:
         ) from None
     try:
         return _parser().parse_args(argv)
-    except values.OptionValueError:  # a value's own paragraph
-        raise
+    except values.OptionValueError as exc:  # a value's own paragraph, as IPython shows a UsageError
+        raise UsageError(str(exc)) from None
     except UsageError as exc:  # argparse's own message (an unknown option, a missing value)
         raise UsageError(
             f"%%gpu: {exc}. Usage: {USAGE}. Run `%gpu?` for what each option means."
