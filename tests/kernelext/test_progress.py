@@ -105,7 +105,7 @@ def test_rank_rows_are_in_rank_order_whichever_reports_first():
     """The widget rows followed the order in which ranks first reported: rank 1 above rank 0."""
     import ipywidgets
 
-    from jupyter_gpu.kernelext.progress import WidgetView
+    from jupyter_gpu.kernelext.progress_bar import WidgetView
 
     view = WidgetView(ipywidgets)
     first, second = Bar(1, None), Bar(0, None)
