@@ -27,7 +27,33 @@ def _security(args: argparse.Namespace, roles: tuple[Role, ...]) -> Security:
     return pool_security(args.tls_ca_file, args.tls_cert, args.tls_key, roles=roles)
 
 
+def _service_settings(args: argparse.Namespace) -> None:
+    """What the command line of ``pool up`` or ``worker`` leaves out comes from Dask config
+    (``jupyter-gpu.scheduler.host/port``, ``jupyter-gpu.worker.scheduler/host``), so that the
+    shipped service units run them with no arguments and every setting is in
+    ``/etc/dask/jupyter-gpu.yaml``."""
+    from jupyter_gpu.common import config
+
+    if args.command == "pool":
+        if getattr(args, "embedded", False):  # one user's pool: never the service's address
+            args.host = args.host or "127.0.0.1"
+            return
+        args.host = args.host or config.get("scheduler.host") or "127.0.0.1"
+        args.port = int(args.port or config.get("scheduler.port") or 8786)
+        return
+    args.address = args.address or config.get("worker.scheduler")
+    if not args.address:
+        raise SystemExit(
+            "jupyter-gpu worker: no scheduler to join. Give its address (jupyter-gpu worker "
+            "tcp://HOST:8786), or set jupyter-gpu.worker.scheduler in the Dask config "
+            "(/etc/dask/jupyter-gpu.yaml for the service unit)."
+        )
+    args.address = str(args.address)
+    args.host = args.host or config.get("worker.host")
+
+
 def _cmd_pool(args: argparse.Namespace) -> int:
+    _service_settings(args)
     from jupyter_gpu.broker.settings import PoolConfigError
     from jupyter_gpu.common.security import TlsConfigError
     from jupyter_gpu.pool.cluster_manager import ClusterManagerError
@@ -93,6 +119,7 @@ def _pool_down() -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
+    _service_settings(args)
     from jupyter_gpu.common.security import TlsConfigError
     from jupyter_gpu.errors import NoGpuAvailable
     from jupyter_gpu.pool.services import run_workers
@@ -172,7 +199,7 @@ def _cmd_token(args: argparse.Namespace) -> int:
         print(
             "No token file is configured: pass --file PATH or set jupyter-gpu.token-file in the "
             "Dask config "
-            "(DASK_JUPYTER_GPU__TOKEN_FILE) of the pool's scheduler.",
+            "of the pool's scheduler (/etc/dask/jupyter-gpu.yaml).",
             file=sys.stderr,
         )
         return 1
@@ -300,10 +327,13 @@ def build_parser() -> argparse.ArgumentParser:
     pool.add_argument("action", choices=["up", "down"])
     pool.add_argument(
         "--host",
-        default="127.0.0.1",
-        help="the address the scheduler listens on (0.0.0.0: every interface); default 127.0.0.1",
+        default=None,
+        help="the address the scheduler listens on (0.0.0.0: every interface); default: "
+        "jupyter-gpu.scheduler.host (127.0.0.1)",
     )
-    pool.add_argument("--port", type=int, default=8786)
+    pool.add_argument(
+        "--port", type=int, default=None, help="default: jupyter-gpu.scheduler.port (8786)"
+    )
     pool.add_argument(
         "--embedded",
         action="store_true",
@@ -312,12 +342,17 @@ def build_parser() -> argparse.ArgumentParser:
     _http_flag(pool)
     _tls_options(pool, "the scheduler's (with --embedded: the whole pool's)")
     worker = sub.add_parser("worker", help="add this machine's GPUs to a pool")
-    worker.add_argument("address")
+    worker.add_argument(
+        "address",
+        nargs="?",
+        default=None,
+        help="the pool's scheduler (default: jupyter-gpu.worker.scheduler)",
+    )
     worker.add_argument(
         "--host",
         default=None,
-        help="the address its workers and sessions listen on (default: the local address "
-        "that reaches the scheduler)",
+        help="the address its workers and sessions listen on (default: jupyter-gpu.worker.host, "
+        "else the local address that reaches the scheduler)",
     )
     worker.add_argument(
         "--virtual-gpus",

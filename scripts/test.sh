@@ -57,6 +57,11 @@ install() {
   python -c "import torch" 2>/dev/null || python -m pip install --quiet torch==2.13.0 || return 1
   # the editable install also builds the panel (jlpm install + build) into jupyter_gpu/labext/static
   python -m pip install --quiet -e ".[test]"
+  # systemd-analyze checks the shipped service units (tests/pool/test_service_units.py)
+  if ! command -v systemd-analyze >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd) >/dev/null \
+      || { echo "could not install systemd (apt-get install systemd)"; return 1; }
+  fi
 }
 
 browser() {
