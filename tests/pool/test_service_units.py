@@ -47,7 +47,7 @@ def test_the_shipped_units_pass_systemd_analyze_verify(tmp_path):
     shutil.copytree(SYSTEM_UNITS, root / "usr/lib/systemd/system", symlinks=True)
     exe = root / "usr/local/bin/jupyter-gpu"
     exe.parent.mkdir(parents=True)
-    exe.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -m jupyter_gpu.cli \"$@\"\n")
+    exe.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m jupyter_gpu.cli "$@"\n')
     exe.chmod(0o755)
     installed = root / "etc/systemd/system"
     installed.mkdir(parents=True)
