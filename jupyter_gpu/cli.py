@@ -316,6 +316,39 @@ def _http_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _job_options(worker: argparse.ArgumentParser) -> None:
+    """dask-worker's arguments, which a cluster manager's job passes (dask-jobqueue:
+    worker_command "jupyter_gpu.cli worker"): a name, where to listen, how long to wait for the
+    scheduler."""
+    jobs = worker.add_argument_group("as a cluster manager's job (dask-worker's arguments)")
+    jobs.add_argument(
+        "--name", default=None, help="the worker's name (one GPU), or NAME-gpuN for each of several"
+    )
+    jobs.add_argument(
+        "--interface", default=None, help="listen on this network interface's address"
+    )
+    jobs.add_argument(
+        "--protocol", default=None, help="the scheduler address's scheme, when it has none"
+    )
+    jobs.add_argument(
+        "--death-timeout",
+        default=None,
+        help="give up when the scheduler cannot be reached this long",
+    )
+    jobs.add_argument("--local-directory", default=None, help="the workers' scratch folder")
+    jobs.add_argument(
+        "--nthreads", default=None, help="accepted and ignored: a GPU worker runs one thread"
+    )
+    jobs.add_argument(
+        "--memory-limit",
+        default=None,
+        help="accepted and ignored: sessions are limited by jupyter-gpu.session.host-memory-limit",
+    )
+    jobs.add_argument(
+        "--nanny", action="store_true", help="accepted and ignored: GPU workers always have a nanny"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jupyter-gpu", description=__doc__)
     parser.add_argument("--version", action="version", version=__version__)
@@ -363,35 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _http_flag(worker)
     _tls_options(worker, "the workers' (their session processes use it too)")
-    # dask-worker's arguments, which a cluster manager's job passes (dask-jobqueue: worker_command
-    # "jupyter_gpu.cli worker"): a name, where to listen, how long to wait for the scheduler
-    jobs = worker.add_argument_group("as a cluster manager's job (dask-worker's arguments)")
-    jobs.add_argument(
-        "--name", default=None, help="the worker's name (one GPU), or NAME-gpuN for each of several"
-    )
-    jobs.add_argument(
-        "--interface", default=None, help="listen on this network interface's address"
-    )
-    jobs.add_argument(
-        "--protocol", default=None, help="the scheduler address's scheme, when it has none"
-    )
-    jobs.add_argument(
-        "--death-timeout",
-        default=None,
-        help="give up when the scheduler cannot be reached this long",
-    )
-    jobs.add_argument("--local-directory", default=None, help="the workers' scratch folder")
-    jobs.add_argument(
-        "--nthreads", default=None, help="accepted and ignored: a GPU worker runs one thread"
-    )
-    jobs.add_argument(
-        "--memory-limit",
-        default=None,
-        help="accepted and ignored: sessions are limited by jupyter-gpu.session.host-memory-limit",
-    )
-    jobs.add_argument(
-        "--nanny", action="store_true", help="accepted and ignored: GPU workers always have a nanny"
-    )
+    _job_options(worker)
     status = sub.add_parser("status", help="print the pool: GPUs, leases, queue")
     status.add_argument("--pool", default=None)
     run = sub.add_parser(

@@ -254,6 +254,14 @@ class LeaseKeeper:
         if offload is not None:  # else: discarded already
             await self.workers.discard(lease.id, offload)
 
+    def take_offload(self, lease_id: str, user: str, kernel: str) -> Offload | None:
+        """The copy of ``offloaded``'s lease, for the one request that restores it."""
+        old = self.offloaded(lease_id, user, kernel)
+        if old is None:
+            return None
+        offload, old.offload = old.offload, None  # restored once, by this request
+        return offload
+
     def offloaded(self, lease_id: str, user: str, kernel: str) -> Lease | None:
         """The ended lease ``lease_id`` of this kernel whose variables wait in host memory on a live
         worker."""

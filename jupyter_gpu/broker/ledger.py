@@ -55,6 +55,8 @@ class Ledger:
         self.queue: list[Request] = []
         self.leases: dict[str, Lease] = {}
         self.ended: collections.OrderedDict[str, Lease] = collections.OrderedDict()
+        # workers being drained (broker/draining.py): no new lease is placed on their GPUs
+        self.draining: set[str] = set()
 
     # ------------------------------------------------------------------ GPUs
     def set_worker_gpus(self, worker: str, slots: list[GpuSlot]) -> list[str]:
@@ -73,6 +75,7 @@ class Ledger:
         """Forget a worker's GPUs (remembered as recently lost); returns their ids and the live
         leases on it, which the caller ends with its reason."""
         gone = self.worker_gpus.pop(worker, [])
+        self.draining.discard(worker)
         for gpu_id in gone:
             slot = self.gpus.pop(gpu_id, None)
             if slot is not None:
@@ -162,7 +165,7 @@ class Ledger:
                 schedule_pass(
                     self.policy,
                     self.queued(),
-                    self.gpus.values(),
+                    self.placeable(),
                     grant,
                     preempt,
                     now=self.clock() if now is None else now,
@@ -188,6 +191,10 @@ class Ledger:
                     else:
                         self.finish_request(req, "failed", reason)
         return grants
+
+    def placeable(self) -> list[GpuSlot]:
+        """The GPUs a new lease may be placed on: not those of a worker being drained."""
+        return [g for g in self.gpus.values() if g.worker not in self.draining]
 
     def _faulty_requests(self) -> list[tuple[Request, str]]:
         """The queued requests that the policy or the packing cannot handle, each with the error."""

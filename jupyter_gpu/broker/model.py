@@ -182,6 +182,8 @@ class Lease:
     preempted: bool = False  # ended to give its memory to a request owed by a guarantee
     # where its variables went when it was reclaimed
     offload: Offload | None = None
+    # its worker was drained: the request whose session carries on with its variables
+    moved_to: str | None = None
     ended: float | None = None
     end_reason: str | None = None
 
@@ -221,5 +223,6 @@ class Lease:
             "preempted": self.preempted,
             "preemptible": self.preemptible,
             "offload": self.offload.view() if self.offload else None,
+            "moved_to": self.moved_to,
             "team": self.team,
         }

@@ -29,6 +29,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from jupyter_gpu.broker import gate, metrics, views
 from jupyter_gpu.broker.adoption import Adoption
 from jupyter_gpu.broker.audit import AuditStore
+from jupyter_gpu.broker.draining import DrainHandlers, moved_session
 from jupyter_gpu.broker.fair_share import FairSharePolicy
 from jupyter_gpu.broker.identity import TokenStore
 from jupyter_gpu.broker.leasing import LeaseKeeper
@@ -88,7 +89,7 @@ PLUGIN_NAME = "jupyter-gpu-broker"
 Workers = Annotated[int, Range(0, 100_000)]  # a pool's worker count (scale)
 
 
-class GpuBroker(SchedulerPlugin):
+class GpuBroker(DrainHandlers, SchedulerPlugin):
     """Grants fractions of GPUs to kernels' sessions; see the module docstring."""
 
     name = PLUGIN_NAME
@@ -288,7 +289,9 @@ class GpuBroker(SchedulerPlugin):
         except (TypeError, ValueError) as exc:
             self.audit.refused(None, user, None, spec, f"not valid: {exc}")
             raise Malformed(f"The request is not valid: {exc}.") from None
-        offloaded = self.keeper.offloaded(restore, user, kernel) if restore else None
+        if restore and (moved := moved_session(self.keeper, restore, user, kernel)):
+            return self._status(moved)  # its worker was drained: the session it moved to
+        offload = self.keeper.take_offload(restore, user, kernel) if restore else None
         req = Request(
             id=new_id("R"),
             user=user,
@@ -298,10 +301,8 @@ class GpuBroker(SchedulerPlugin):
             notebook=notebook,
             cell=cell,
             team=self.policy.quotas.team_of(user),
-            restore=offloaded.offload if offloaded else None,
+            restore=offload,
         )
-        if offloaded is not None:
-            offloaded.offload = None  # restored once, by this request
         # what the pool could grow to counts too: adaptive scaling adds workers for it
         self.keeper.admit(req, self.scaler.headroom() if self.scaler is not None else [])
         return self._status(req)

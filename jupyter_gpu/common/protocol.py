@@ -275,6 +275,9 @@ class LeaseView(TypedDict, total=False):
     resident_bytes: int | None
     preempted: bool
     offload: OffloadView | None
+    # its worker was drained: the request whose session carries on with its variables (its
+    # kernel's next cell takes that session; broker/draining.py)
+    moved_to: str | None
     team: str | None
     preemptible: bool
     bytes_on_gpu: int  # in a snapshot's GPU entry: the part of the lease on that GPU
@@ -358,6 +361,14 @@ class ReleaseReply(TypedDict):
 class AdaptiveBounds(TypedDict):
     minimum: int  # GPU workers
     maximum: int
+
+
+class DrainReport(TypedDict):
+    """``gpu_drain``'s reply: what became of the sessions of the drained workers."""
+
+    moved: list[str]  # leases whose sessions moved to other workers with their variables
+    ended: list[str]  # leases ended without them (a rank of a run, a cell over the bound, no room)
+    waited: float  # seconds the drain waited for running cells and moves
 
 
 class ScaleReply(TypedDict, total=False):

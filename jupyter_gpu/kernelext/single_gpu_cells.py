@@ -262,6 +262,8 @@ def _replace_ended_session(
     reason = ended.get("end_reason") or "the session process stopped answering"
     conn.session = None
     offload = ended.get("offload") or {}
+    if ended.get("moved_to") and offload.get("state") == "saved":
+        return _take_moved_session(conn, session, opts, label, deadline, offload)
     if offload.get("state") == "saved":
         print(
             f"Your previous GPU session (lease {session.id}) ended: {reason}. Starting a new one "
@@ -277,6 +279,24 @@ def _replace_ended_session(
         "the variables that lived there are gone."
     )
     return acquire_session(conn, opts, label, deadline, StatusLine())
+
+
+def _take_moved_session(
+    conn: PoolConnection,
+    session: RemoteSession,
+    opts: CellOptions,
+    label: str,
+    deadline: float | None,
+    offload: dict,
+) -> RemoteSession:
+    """The session's worker was drained (an upgrade, a restart) and the pool moved it, with its
+    variables, to another worker: take that session, and say so."""
+    new = acquire_session(conn, opts, label, deadline, StatusLine(), restore=session.id)
+    reason = conn.ended_lease(session.id, wait=0.0).get("end_reason") or "it moved"
+    print(f"[jupyter-gpu] {reason[:1].upper()}{reason[1:]} (lease {session.id} is now {new.id}).")
+    if new.restored is None or offload.get("lost") or new.restored.get("failed"):
+        print(restored_text(new, offload), flush=True)
+    return new
 
 
 def restored_text(session: RemoteSession, offload: dict) -> str:

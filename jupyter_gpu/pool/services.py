@@ -26,6 +26,7 @@ from jupyter_gpu.common.security import (
     pool_security,
     require_certificate,
 )
+from jupyter_gpu.pool.draining import drain_before_stopping
 from jupyter_gpu.pool.listeners import (
     PoolScheduler,
     PoolWorker,
@@ -163,7 +164,8 @@ async def run_workers(
     death_timeout: float | None = None,
     local_directory: str | None = None,
 ) -> int:
-    """One Nanny-managed worker per GPU of this machine; runs until SIGTERM/SIGINT.
+    """One Nanny-managed worker per GPU of this machine; runs until SIGTERM/SIGINT, then drains
+    (``pool/draining.py``: its sessions move to other workers) and exits 0.
 
     ``security``: TLS of the ``worker`` role (default: Dask config). The workers listen with the
     scheme of ``address`` and hand their TLS settings on to their session processes (see the
@@ -225,6 +227,10 @@ async def run_workers(
                     flush=True,
                 )
                 return 1
+        # stopped (systemd's stop or restart, a supervisor, Ctrl-C): drain, then close
+        await drain_before_stopping(
+            address, [n.worker_address for n in nannies if n.worker_address], sec
+        )
         return 0
     finally:
         signalled.cancel()

@@ -73,3 +73,21 @@ def test_a_request_that_breaks_the_pass_is_failed_and_the_others_are_served():
     ledger.submit(request("R3", "carol", fraction=0.25))
     assert [r.id for r, _ in ledger.schedule(None)] == ["R3"]  # scheduling goes on
     ledger.check()
+
+
+def test_a_worker_being_drained_gets_no_new_lease_until_it_is_gone():
+    """``Ledger.draining`` (broker/draining.py): its GPUs still count (it comes back after its
+    upgrade) but nothing new is placed on them; a request that fits only there waits."""
+    ledger = ledger_with(16)
+    ledger.set_worker_gpus(
+        "w1", [GpuSlot(worker="w1", index=0, uuid="H0", name="g", total_bytes=8 * GiB)]
+    )
+    ledger.draining.add("w0")
+    ledger.submit(request("R1", memory=4 * GiB))
+    ledger.submit(request("R2", "bob", memory=12 * GiB))
+    grants = ledger.schedule(None)
+    assert [(r.id, leases[0].worker) for r, leases in grants] == [("R1", "w1")]
+    assert [r.id for r in ledger.queued()] == ["R2"]  # it fits only on the drained worker
+    assert len(ledger.capacity()) == 2
+    ledger.remove_worker("w0")
+    assert not ledger.draining

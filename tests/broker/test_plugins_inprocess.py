@@ -40,6 +40,7 @@ GiB = 2**30
 
 SCHEDULER_OPS = {
     "gpu_register_worker",
+    "gpu_drain",
     "gpu_samples",
     "gpu_session_ended",
     "gpu_lease_state",

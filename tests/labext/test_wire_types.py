@@ -19,7 +19,7 @@ WIRE = Path(__file__).resolve().parents[2] / "src" / "wire.ts"
 NOT_IN_THE_PANEL = {
     # in a granted request's status (its owner's kernel only), never in a snapshot; how a session is
     # contained is for %gpu status
-    "LeaseView": {"gpu_names", "secret", "virtual", "containment", "host_memory_limit"},
+    "LeaseView": {"gpu_names", "secret", "virtual", "containment", "host_memory_limit", "moved_to"},
     "QueueItem": {"eta_basis"},
 }
 # fields of an interface that no TypedDict has: what the server extension adds, or older brokers

@@ -45,6 +45,7 @@ class PoolServices:
         self.worker_account = worker_account
         self.scheduler: subprocess.Popen | None = None
         self.worker: subprocess.Popen | None = None
+        self.more_workers: dict[str, subprocess.Popen] = {}  # add_worker's, by name
         self._logs: list = []
 
     def _start(
@@ -165,8 +166,26 @@ class PoolServices:
             path.read_text(errors="replace")[-4000:] if path.exists() else "(none)\n"
         )
 
+    def add_worker(self, name: str, virtual: str | None = None) -> subprocess.Popen:
+        """Another `jupyter-gpu worker` service (as if on another machine), logging to
+        ``name``.log; waits for its GPUs."""
+        from jupyter_gpu.common.inventory import parse_virtual_spec
+
+        before = self.gpu_count()
+        proc = self._start(
+            name,
+            ["worker", self.address, "--name", name],  # virtual GPUs' names repeat per machine
+            {**self.env, "JUPYTER_GPU_VIRTUAL_GPUS": virtual or self.virtual},
+            self.worker_account,
+        )
+        self.more_workers[name] = proc
+        n = len(parse_virtual_spec(virtual or self.virtual))
+        self.wait_for(lambda: self.gpu_count() >= before + n, 120, f"{name}'s GPUs")
+        self.wait_for(lambda: "GPU worker(s) joined" in self.full_log(name), 60, f"{name}'s start")
+        return proc
+
     def stop(self) -> None:
-        for proc in (self.worker, self.scheduler):
+        for proc in (*self.more_workers.values(), self.worker, self.scheduler):
             if proc is not None and proc.poll() is None:
                 try:
                     os.killpg(proc.pid, signal.SIGTERM)
