@@ -76,15 +76,13 @@ class Drain:
             ", ".join(sorted(self.workers)),
             len(self._mine()),
         )
-        self.keeper.schedule()  # requests placed there by nothing yet go elsewhere
         while True:
             left = [ls for ls in self._mine() if ls.id not in self._moves]
             for lease in left:
-                if lease.state != "idle":
-                    continue  # starting, or running a cell: it finishes first
                 if lease.world_size == 1 and config.get("reclaim-offload"):
-                    self._moves[lease.id] = asyncio.ensure_future(self.move(lease, deadline))
-                else:
+                    if lease.state in ("idle", "running"):  # a running cell finishes first
+                        self._moves[lease.id] = asyncio.ensure_future(self.move(lease, deadline))
+                elif lease.state == "idle":
                     self._end(lease, "it was a rank of a --workers run")
             if not left or time.monotonic() >= deadline:
                 break
@@ -110,36 +108,38 @@ class Drain:
         self.ended.append(lease.id)
         self.keeper.end_lease(
             lease,
-            f"the pool worker {worker_label(lease.worker)} was drained for maintenance and {why}; "
-            "its variables are gone",
+            f"the pool worker {worker_label(lease.worker)} was drained for maintenance ({why}); "
+            "the session's variables are gone",
             kill=True,
         )
 
     async def move(self, lease: Lease, deadline: float) -> None:
-        """Move one idle session: its variables to host memory on its worker, then a session on
-        another worker that starts with them, on its kernel's behalf."""
+        """Move one session: its variables to host memory on its worker (after its running cell,
+        if any: the session queues the copy behind it), then a session on another worker that
+        starts with them, on its kernel's behalf. The lease stands until the copy is saved, so
+        that a running cell is not taken for lost; a kernel that asks meanwhile waits for the copy
+        (``offload`` pending), whose end it reads with ``moved_to`` set in the same step."""
         keeper, source = self.keeper, lease.worker
         here = worker_label(source)
-        lease.offload = Offload.pending(source)  # its kernel, asking now, waits for it
-        keeper.end_lease(lease, f"the pool worker {here} is being drained for maintenance", False)
+        lease.offload = Offload.pending(source)
         asked = time.monotonic()
+        bound = max(deadline - asked, 0.0) + config.get_seconds("offload-timeout")
         try:
-            result = await keeper.workers.offload(lease, config.get_seconds("offload-timeout"))
+            result = await keeper.workers.offload(lease, bound)
         except Exception as exc:  # noqa: BLE001 - refused, gone or too slow: the variables are lost
             why = str(exc) if isinstance(exc, CallError) else f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, asyncio.TimeoutError):
+                why = f"its cell was still running when the drain's {self.timeout:g} s ran out"
             lease.offload = None
-            self.ended.append(lease.id)
-            lease.end_reason = (
-                f"the pool worker {here} was drained for maintenance; its variables could not be "
-                f"kept ({why})"
-            )
-            await keeper.workers.kill(lease)
+            self._end(lease, f"its variables could not be kept: {why}")
             return
         offload = Offload.saved_as(source, result, time.monotonic() - asked)
-        if lease.client is not None and lease.client not in keeper.clients():
-            lease.offload = offload  # its kernel went away meanwhile: nobody will restore them
+        gone = lease.client is not None and lease.client not in keeper.clients()
+        if gone or lease.id not in self.ledger.leases:
+            # its kernel went away meanwhile (its lease ended with it): nobody will restore them
+            lease.offload = offload
+            keeper.end_lease(lease, "its kernel disconnected from the pool", kill=True)
             await keeper.discard(lease)
-            await keeper.workers.kill(lease)
             return
         req = Request(
             id=new_id("R"),
@@ -154,9 +154,10 @@ class Drain:
         )
         # in the same step as the copy is saved: a kernel reading the lease sees it moving
         lease.offload, lease.moved_to = offload, req.id
-        lease.end_reason = f"the pool worker {here} is being drained; your session is moving"
+        keeper.end_lease(
+            lease, f"the pool worker {here} is being drained; your session is moving", kill=True
+        )
         keeper.admit(req, [])
-        await keeper.workers.kill(lease)
         await keeper.wait(req, max(deadline - time.monotonic(), 0.0) + 60.0)
         if req.state == "granted" and req.restored is not None and req.leases:
             new = self.ledger.leases.get(req.leases[0])
