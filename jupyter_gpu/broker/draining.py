@@ -23,6 +23,7 @@ import logging
 import time
 from typing import Annotated
 
+from jupyter_gpu.broker import packing
 from jupyter_gpu.broker.leasing import LeaseKeeper
 from jupyter_gpu.broker.ledger import Ledger
 from jupyter_gpu.broker.model import Lease, Offload, Request, new_id
@@ -158,7 +159,10 @@ class Drain:
             lease, f"the pool worker {here} is being drained; your session is moving", kill=True
         )
         keeper.admit(req, [])
-        await keeper.wait(req, max(deadline - time.monotonic(), 0.0) + 60.0)
+        # where no other worker could ever hold it (the pool's only machine), do not wait for room
+        elsewhere = self.ledger.placeable()
+        if req.state == "starting" or (elsewhere and not packing.never_fits(req.spec, elsewhere)):
+            await keeper.wait(req, max(deadline - time.monotonic(), 0.0) + 60.0)
         if req.state == "granted" and req.restored is not None and req.leases:
             new = self.ledger.leases.get(req.leases[0])
             there = worker_label(new.worker) if new is not None else "another worker"
@@ -173,7 +177,11 @@ class Drain:
         # goes with the drained worker, and a new session without it is not kept
         why = req.reason or req.state
         if req.state in ("queued", "starting"):
-            why = "no other worker had room for it in time"
+            why = (
+                "no other worker had room for it in time"
+                if elsewhere
+                else "the pool has no other worker to move it to"
+            )
         elif req.state == "granted":
             why = "the new session could not read them"
         lease.moved_to, lease.offload = None, None

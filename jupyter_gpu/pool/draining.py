@@ -32,7 +32,7 @@ async def ask_broker(
     key = poolkey.read_key(poolkey.key_path(address))
     # the broker answers when the drain is done: running cells (timeout), then the last moves
     bound = timeout + config.get_seconds("offload-timeout") + 180.0
-    async with pool_rpc(address, role="worker", security=security) as scheduler:
+    async with pool_rpc(address, role="worker", security=security, timeout=10) as scheduler:
         report: DrainReport = await asyncio.wait_for(
             scheduler.gpu_drain(workers=workers, timeout=timeout, key=key), bound
         )

@@ -73,3 +73,30 @@ def test_a_stopped_worker_drains_its_sessions_to_another_worker_with_their_varia
         finally:
             alice.shutdown(now=True)
             bob.shutdown(now=True)
+
+
+def test_the_only_worker_stops_at_once_and_its_users_are_told_why_their_variables_are_gone(
+    tmp_path,
+):
+    """With no other worker to move to, the drain does not wait for room (it would for
+    drain-timeout): the session ends with the reason, and the service exits 0."""
+    with PoolServices(tmp_path, virtual="1x16GiB") as pool:
+        alice = Kernel(pool.address, user="alice")
+        try:
+            assert alice.run("%%gpu\nx = 41").error is None
+            os.kill(pool.worker.pid, signal.SIGTERM)
+            assert pool.worker.wait(120) == 0, pool.log("worker")
+            assert "0 session(s) moved to other workers with their variables, 1 ended" in (
+                pool.full_log("worker")
+            ), pool.log("worker")
+            pool.worker = None  # stopped for good: another machine joins
+            pool.add_worker("worker-b", "1x16GiB")
+            res = alice.run("%%gpu\nprint('new session')")
+            assert res.error is None, res.error_text
+            assert (
+                "its variables could not be moved (the pool has no other worker to move it to)"
+                in (res.stdout)
+            ), res.stdout
+            assert "the variables that lived there are gone" in res.stdout
+        finally:
+            alice.shutdown(now=True)
