@@ -15,6 +15,7 @@ import contextlib
 import os
 import secrets
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -52,6 +53,7 @@ class HostPool:
         self._kernel_name = hosts.kernelspec(client, self._spec_dir)
         self._old_path = os.environ.get("JUPYTER_PATH")
         self.kernels: list[GpuKernel] = []
+        self.worker_procs: dict[str, subprocess.Popen] = {}  # each worker host's service, now
 
     # ------------------------------------------------------------------ the services
     def _key_copy(self, host: str) -> str:
@@ -103,7 +105,7 @@ class HostPool:
 
     def start_worker(self, name: str) -> None:
         host = self.hosts[name]
-        self.hosts.spawn(
+        self.worker_procs[name] = self.hosts.spawn(
             host,
             [
                 "python",
