@@ -16,9 +16,47 @@ import logging
 import os
 import secrets
 import time
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+if TYPE_CHECKING:
+    from jupyter_gpu.broker.quotas import PoolQuotas
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the pool's identity source says about a call's user name and token.
+
+    ``error``: why the call is refused (None: accepted). ``admin``: the caller may see and cancel
+    every user's work (a JupyterHub admin, or a token with the pool's admin scope; a token file has
+    no admins). ``groups``: the caller's groups where the source knows them (JupyterHub's)."""
+
+    error: str | None
+    admin: bool = False
+    groups: frozenset[str] = field(default_factory=frozenset)
+
+
+class Identities(Protocol):
+    """The broker's one question to an identity source (a token file, or JupyterHub:
+    ``broker/hub_identity.py``): is this token this user's, and what may they do?"""
+
+    kind: Literal["tokens", "hub"]
+
+    async def verify(self, user: str | None, token: str | None) -> Verdict:
+        """The verdict on ``user``/``token``; never raises (a source that cannot answer refuses,
+        saying why)."""
+        ...
+
+    def start(self, quotas: PoolQuotas) -> None:
+        """Begin what runs in the background (JupyterHub: reading group membership into
+        ``quotas``)."""
+        ...
+
+    async def close(self) -> None:
+        """Stop what ``start`` began."""
+        ...
 
 
 class TokenFileError(ValueError):
@@ -61,6 +99,8 @@ class TokenStore:
     A file that turns bad while the pool runs (half written, edited by hand, unreadable) does
     not lock everybody out: the last good copy stays in use and the error is logged once.
     """
+
+    kind: Literal["tokens", "hub"] = "tokens"
 
     def __init__(self, path: str):
         self.path = os.path.expanduser(path)
@@ -174,6 +214,17 @@ class TokenStore:
                 "this user, or ask the pool's admin for a new one."
             )
         return None
+
+    async def verify(self, user: str | None, token: str | None) -> Verdict:
+        """``check`` as the broker asks it (``Identities``): a token file knows no admins or
+        groups."""
+        return Verdict(self.check(user, token))
+
+    def start(self, quotas: PoolQuotas) -> None:
+        """Nothing runs in the background: the file is read again when it changes."""
+
+    async def close(self) -> None:
+        """Nothing to stop."""
 
 
 def tokens_from_config() -> TokenStore | None:

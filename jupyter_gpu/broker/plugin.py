@@ -31,7 +31,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from jupyter_gpu.broker import gate, packing, views
 from jupyter_gpu.broker.audit import AuditStore
 from jupyter_gpu.broker.fair_share import FairSharePolicy
-from jupyter_gpu.broker.identity import TokenStore
+from jupyter_gpu.broker.identity import Identities, Verdict
 from jupyter_gpu.broker.ledger import Ledger
 from jupyter_gpu.broker.model import Allocation, GpuSlot, Lease, Request, ids_beyond, new_id
 from jupyter_gpu.broker.settings import BrokerSettings, PoolConfigError, load_settings
@@ -90,7 +90,7 @@ class GpuBroker(SchedulerPlugin):
         policy: FairSharePolicy | None = None,
         embedded: bool = False,
         audit: AuditStore | None = None,
-        tokens: TokenStore | None = None,
+        tokens: Identities | None = None,
         settings: BrokerSettings | None = None,
     ):
         # what is not given comes from Dask config (jupyter-gpu.pool-config, token-file, audit-db),
@@ -106,7 +106,7 @@ class GpuBroker(SchedulerPlugin):
         self.policy: FairSharePolicy = policy
         self.ledger = Ledger(self.policy)
         self.audit: AuditStore = audit
-        self.tokens: TokenStore | None = tokens
+        self.tokens: Identities | None = tokens  # a token file, JupyterHub, or None
         self.embedded = embedded
         self.samples: dict[str, collections.deque[Sample]] = {}
         self.runs: dict[str, dict[str, Any]] = {}
@@ -188,6 +188,7 @@ class GpuBroker(SchedulerPlugin):
         # a pool shared by several people: nothing but our handlers (broker/gate.py)
         if self.tokens is not None:
             gate.close(scheduler, self.pool_key)
+            self.tokens.start(self.policy.quotas)  # JupyterHub: the groups quota teams name
         self.audit.open_boot()
         from tornado.ioloop import PeriodicCallback
 
@@ -207,6 +208,8 @@ class GpuBroker(SchedulerPlugin):
             self._sampler.stop()
         if getattr(self, "_housekeeper", None):
             self._housekeeper.stop()
+        if self.tokens is not None:
+            await self.tokens.close()
         self.audit.heartbeat()
 
     def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
@@ -529,7 +532,7 @@ class GpuBroker(SchedulerPlugin):
     @validated(
         lambda why: {"id": None, "state": "refused", "reason": f"The request is not valid: {why}."}
     )
-    def request(
+    async def request(
         self,
         user: Name,
         kernel: Name,
@@ -542,7 +545,7 @@ class GpuBroker(SchedulerPlugin):
     ) -> RequestStatus:
         """Queue a request for GPU memory; grant it at once if it fits, refuse it if it never
         can."""
-        denied = self._identity_error(user, token)
+        denied = (await self._verify(user, token)).error
         if denied:
             self.audit.refused(None, user, None, spec, denied)
             return {"id": None, "state": "refused", "reason": denied}
@@ -625,7 +628,7 @@ class GpuBroker(SchedulerPlugin):
                 "state": "unknown",
                 "reason": f"no request {id} is known to the broker",
             }
-        denied = self._identity_error(user, token) or self._owner_refusal(req.user, user, id)
+        denied = (await self._verify(user, token)).error or self._owner_refusal(req.user, user, id)
         if denied:
             return {"id": id, "state": "refused", "reason": denied}
         event = self._events.get(id)
@@ -637,16 +640,20 @@ class GpuBroker(SchedulerPlugin):
         return self._status(req)
 
     @validated(lambda why: {"cancelled": False, "what": why})
-    def cancel(
+    async def cancel(
         self, id: Name, user: Name | None = None, token: Token | None = None
     ) -> dict[str, Any]:
-        """Cancel a queued request or end a lease (its session is killed)."""
-        denied = self._identity_error(user, token)
-        if denied:
-            return {"cancelled": False, "what": denied}
+        """Cancel a queued request or end a lease (its session is killed): the owner's, or anyone's
+        for the pool's admins (JupyterHub admins, or the Hub's admin scope)."""
+        verdict = await self._verify(user, token)
+        if verdict.error:
+            return {"cancelled": False, "what": verdict.error}
+        by = "cancelled by its owner"
         req = self.requests.get(id)
         if req is not None and req.state in ("queued", "starting"):
-            if user is not None and req.user != user:
+            if verdict.admin and req.user != user:
+                by = f"cancelled by {user}, an administrator of the pool"
+            elif user is not None and req.user != user:
                 return {
                     "cancelled": False,
                     "what": f"{id} belongs to {req.user}; you can cancel only your own work",
@@ -654,30 +661,33 @@ class GpuBroker(SchedulerPlugin):
             for lease_id in list(req.leases):
                 if lease_id in self.leases:
                     self._end_lease(self.leases[lease_id], "its request was cancelled", kill=True)
-            self._finish_request(req, "cancelled", "cancelled by its owner")
+            self._finish_request(req, "cancelled", by)
             self._schedule()
             return {"cancelled": True, "what": f"queued request {id}"}
         lease = self.leases.get(id)
         if lease is not None:
-            if user is not None and lease.user != user:
+            if verdict.admin and lease.user != user:
+                by = f"cancelled by {user}, an administrator of the pool"
+                log.info("%s (an administrator) cancels lease %s of %s", user, id, lease.user)
+            elif user is not None and lease.user != user:
                 return {
                     "cancelled": False,
                     "what": f"{id} belongs to {lease.user}; you can cancel only your own work",
                 }
-            self._end_lease(lease, "cancelled by its owner", kill=True)
+            self._end_lease(lease, by, kill=True)
             self._schedule()
             return {"cancelled": True, "what": f"lease {id} (its session was ended)"}
         return {"cancelled": False, "what": f"nothing queued or running is called {id}"}
 
     @validated(lambda why: {"released": False, "error": why})
-    def release(
+    async def release(
         self,
         lease: Name,
         user: Name | None = None,
         reason: Text = "released by its owner",
         token: Token | None = None,
     ) -> dict[str, Any]:
-        denied = self._identity_error(user, token)
+        denied = (await self._verify(user, token)).error
         if denied:
             return {"released": False, "error": denied}
         ls = self.leases.get(lease)
@@ -690,7 +700,7 @@ class GpuBroker(SchedulerPlugin):
         return {"released": True}
 
     @validated(lambda why: {"id": None, "state": "unknown", "end_reason": why})
-    def lease_info(
+    async def lease_info(
         self, lease: Name, user: Name | None = None, token: Token | None = None
     ) -> LeaseView | dict[str, Any]:
         """A lease, live or ended, for its owner (why it ended, where its variables went)."""
@@ -701,15 +711,24 @@ class GpuBroker(SchedulerPlugin):
                 "state": "unknown",
                 "end_reason": "the broker has no record of this lease",
             }
-        denied = self._identity_error(user, token) or self._owner_refusal(ls.user, user, lease)
+        denied = (await self._verify(user, token)).error or self._owner_refusal(
+            ls.user, user, lease
+        )
         if denied:
             return {"id": lease, "state": "unknown", "end_reason": denied}
         return ls.public()
 
     @validated(error_reply)
-    def usage(self, since: float = 0.0) -> dict[str, Any]:
-        """GPU-hours per user and team from the audit store (everyone may read usage)."""
-        return self.audit.usage(since=since)
+    async def usage(
+        self, since: float = 0.0, user: Name | None = None, token: Token | None = None
+    ) -> dict[str, Any]:
+        """GPU-hours per user and team from the audit store. Everyone may read it; behind
+        JupyterHub, a user who is not an admin sees their own row beside the teams' totals."""
+        usage = self.audit.usage(since=since)
+        if self.tokens is None or self.tokens.kind != "hub":
+            return usage
+        verdict = await self._verify(user, token)
+        return views.usage_for(usage, None if verdict.error else user, verdict.admin)
 
     @validated(dropped)
     def run_update(
@@ -757,7 +776,7 @@ class GpuBroker(SchedulerPlugin):
         """Grow or shrink the pool through its cluster manager, where the pool has one, for the
         users the admin allows (Dask config ``jupyter-gpu.scale-users``; everyone when unset).
         Refusals are audited."""
-        denied = self._identity_error(user, token) or self._scale_refusal(user)
+        denied = (await self._verify(user, token)).error or self._scale_refusal(user)
         if denied:
             self.audit.refused(
                 None,
@@ -783,8 +802,11 @@ class GpuBroker(SchedulerPlugin):
         )
         return result
 
-    def snapshot(self) -> Snapshot:
-        """The whole pool as the panel, ``%gpu status`` and ``jupyter-gpu status`` show it."""
+    @validated(error_reply)
+    async def snapshot(self, user: Name | None = None, token: Token | None = None) -> Snapshot:
+        """The whole pool as the panel, ``%gpu status`` and ``jupyter-gpu status`` show it; with a
+        user and token, also what the pool makes of them (``viewer``: whether they may see and
+        cancel everyone's work)."""
         pool: PoolInfo = {
             "address": self.scheduler.address if self.scheduler else None,
             "embedded": self.embedded,
@@ -795,14 +817,18 @@ class GpuBroker(SchedulerPlugin):
             "users_isolated": self.users_isolated(),
             "shared": self.tokens is not None,
         }
-        return views.snapshot(
+        snap = views.snapshot(
             self.ledger,
             self.samples,
             pool,
             self.runs.values(),
-            "tokens" if self.tokens is not None else "names",
+            self.tokens.kind if self.tokens is not None else "names",
             waiting_note=self._waiting_note(),
         )
+        if user is not None:
+            verdict = await self._verify(user, token)
+            snap["viewer"] = views.viewer(user, verdict)
+        return snap
 
     # ------------------------------------------------------------------ who may
     def sessions_as_users(self) -> bool:
@@ -840,10 +866,10 @@ class GpuBroker(SchedulerPlugin):
             return None
         return f"{what} belongs to another user; you can see only your own work"
 
-    def _identity_error(self, user: str | None, token: str | None) -> str | None:
-        """With a token file configured, the reason ``user``/``token`` is not accepted (None:
-        accepted)."""
-        return self.tokens.check(user, token) if self.tokens is not None else None
+    async def _verify(self, user: str | None, token: str | None) -> Verdict:
+        """What the pool's identity source (a token file, JupyterHub) says about ``user``/``token``;
+        a pool without one accepts every name, and has no admins."""
+        return await self.tokens.verify(user, token) if self.tokens is not None else Verdict(None)
 
     # ------------------------------------------------------------------ scheduling
     def _schedule(self) -> None:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal, cast
 
+from jupyter_gpu.broker.identity import Verdict
 from jupyter_gpu.broker.ledger import Ledger
 from jupyter_gpu.broker.model import GpuSlot, Lease, Request
 from jupyter_gpu.common.protocol import (
@@ -25,6 +26,7 @@ from jupyter_gpu.common.protocol import (
     RequestStatus,
     Sample,
     Snapshot,
+    Viewer,
 )
 from jupyter_gpu.common.rightsizing import right_size
 from jupyter_gpu.common.units import format_bytes
@@ -345,3 +347,23 @@ def snapshot(
             for run in list(runs)[-RUNS_SHOWN:]
         ],
     }
+
+
+def viewer(user: str, verdict: Verdict) -> Viewer:
+    """What a snapshot says about the user who asked: whether they may see and cancel everyone's
+    work (the panel then lists every session with a Cancel button, ``%gpu status`` every user's)."""
+    return {
+        "user": user,
+        "admin": verdict.error is None and verdict.admin,
+        "groups": sorted(verdict.groups),
+        "error": verdict.error,
+    }
+
+
+def usage_for(usage: dict[str, Any], user: str | None, admin: bool) -> dict[str, Any]:
+    """``usage`` as ``user`` may read it behind JupyterHub: everything for an admin; otherwise
+    their own rows beside the teams' totals (the pool-wide view), other users' rows left out."""
+    if admin:
+        return usage
+    users = [row for row in usage.get("users", []) if user is not None and row["user"] == user]
+    return {**usage, "users": users, "others_hidden": True}

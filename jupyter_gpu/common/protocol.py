@@ -410,6 +410,17 @@ class PoolInfo(TypedDict, total=False):
     users_isolated: bool  # every session runs as its user's account (docs/security.md)
 
 
+class Viewer(TypedDict):
+    """Who asked for a snapshot, as the pool's identity source says (``gpu_snapshot`` with a user
+    and token): ``admin`` may see and cancel everyone's work (a JupyterHub admin, or the Hub's
+    admin scope); ``error`` why the token was not accepted (then the pool-wide view only)."""
+
+    user: str
+    admin: bool
+    groups: list[str]
+    error: str | None
+
+
 class Snapshot(TypedDict, total=False):
     """``gpu_snapshot``: the whole pool as ``%gpu status``, ``jupyter-gpu status`` and the panel
     show it."""
@@ -423,6 +434,7 @@ class Snapshot(TypedDict, total=False):
     quotas: dict[str, Any]  # {"configured", "teams", "users", "identity", "default_team"}
     # the latest --workers runs: {"id", "ranks": {rank: [metrics]}, ...}
     runs: list[dict[str, Any]]
+    viewer: Viewer  # only when the caller sent a user name (and token)
 
 
 class Account(TypedDict):
@@ -630,9 +642,18 @@ SCHEDULER_HANDLERS: Final[dict[str, Op]] = {
         "submitted and cancelled; a worker holding a session or a host-memory copy is never retired",
     ),
     "gpu_snapshot": Op(
-        "anyone", "-", "Snapshot", "the whole pool: GPUs, leases, queue, quotas, runs"
+        "anyone",
+        "user?, token?",
+        "Snapshot",
+        "the whole pool: GPUs, leases, queue, quotas, runs (and the caller's viewer rights)",
     ),
-    "gpu_usage": Op("anyone", "since", "usage", "GPU-hours per user and team from the audit store"),
+    "gpu_usage": Op(
+        "anyone",
+        "since, user?, token?",
+        "usage",
+        "GPU-hours per user and team from the audit store (behind JupyterHub: one's own rows "
+        "unless an admin)",
+    ),
 }
 
 WORKER_HANDLERS: Final[dict[str, Op]] = {
