@@ -232,11 +232,16 @@ def _cmd_usage(args: argparse.Namespace) -> int:
             return 1
 
         from jupyter_gpu.common.security import pool_rpc
+        from jupyter_gpu.pool.discovery import pool_token, user_name
+
+        # behind JupyterHub, an admin's token shows every user's rows (others see their own)
+        token = pool_token(embedded=not (args.pool or os.environ.get("JUPYTER_GPU_SCHEDULER")))
+        who = {"user": user_name(), **({"token": token} if token else {})}
 
         async def fetch() -> dict:
             r = pool_rpc(address)
             try:
-                return await asyncio.wait_for(r.gpu_usage(since=since), 10)
+                return await asyncio.wait_for(r.gpu_usage(since=since, **who), 10)
             finally:
                 await r.close_rpc()
 

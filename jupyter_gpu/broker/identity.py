@@ -227,6 +227,55 @@ class TokenStore:
         """Nothing to stop."""
 
 
+def session_account(user: str) -> str:
+    """The OS account on the GPU machines that ``user``'s sessions run as (Dask config
+    ``jupyter-gpu.session.accounts``): by default the account of the same name (a Hub with
+    LocalProcessSpawner, SystemdSpawner or batchspawner, whose users have accounts). Where users
+    have none there (KubeSpawner), the administrator maps them: a template such as
+    ``"gpu-{user}"``, or a mapping ``{hub name: account}`` (names it leaves out keep their own).
+    Each pool user must map to an account of their own: sessions of two users on one account are
+    not isolated from each other."""
+    from jupyter_gpu.common import config
+
+    accounts = config.get("session.accounts")
+    if isinstance(accounts, str):
+        return accounts.replace("{user}", user)
+    if isinstance(accounts, dict):
+        return str(accounts.get(user, user))
+    return user
+
+
+def check_session_accounts(accounts: Any) -> str | None:
+    """Why Dask config ``jupyter-gpu.session.accounts`` cannot be used (None: it can)."""
+    if accounts is None:
+        return None
+    if isinstance(accounts, str):
+        return (
+            None
+            if "{user}" in accounts
+            else (
+                f"jupyter-gpu.session.accounts {accounts!r} has no {{user}}: every user would share "
+                "one account and not be isolated. Write a template such as gpu-{user}."
+            )
+        )
+    if isinstance(accounts, dict) and all(
+        isinstance(k, str) and isinstance(v, str) and v for k, v in accounts.items()
+    ):
+        taken = [v for v in accounts.values() if list(accounts.values()).count(v) > 1]
+        return (
+            None
+            if not taken
+            else (
+                f"jupyter-gpu.session.accounts maps several users to {sorted(set(taken))}: users "
+                "sharing an account are not isolated. Give each user an account of their own."
+            )
+        )
+    return (
+        f"jupyter-gpu.session.accounts must be null, a template with {{user}} or a mapping of "
+        f"user names to account names, not {accounts!r}"
+    )
+
+
 def tokens_from_config() -> TokenStore | None:
     """The token store at Dask config ``jupyter-gpu.token-file``, or None: names are trusted as
     given."""

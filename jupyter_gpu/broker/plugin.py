@@ -31,7 +31,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from jupyter_gpu.broker import gate, packing, views
 from jupyter_gpu.broker.audit import AuditStore
 from jupyter_gpu.broker.fair_share import FairSharePolicy
-from jupyter_gpu.broker.identity import Identities, Verdict
+from jupyter_gpu.broker.identity import Identities, Verdict, session_account
 from jupyter_gpu.broker.ledger import Ledger
 from jupyter_gpu.broker.model import Allocation, GpuSlot, Lease, Request, ids_beyond, new_id
 from jupyter_gpu.broker.settings import BrokerSettings, PoolConfigError, load_settings
@@ -1002,7 +1002,7 @@ class GpuBroker(SchedulerPlugin):
                 restore=restore,
                 client=lease.client,
                 secret=lease.secret,
-                account=lease.user if self.sessions_as_users() else None,
+                account=session_account(lease.user) if self.sessions_as_users() else None,
                 key=self.pool_key,
             )
             if reply.get("error"):

@@ -21,7 +21,12 @@ from jupyter_gpu.broker.hub_identity import (
     HubSettingsError,
     hub_settings_from_config,
 )
-from jupyter_gpu.broker.identity import Identities, TokenFileError, tokens_from_config
+from jupyter_gpu.broker.identity import (
+    Identities,
+    TokenFileError,
+    check_session_accounts,
+    tokens_from_config,
+)
 from jupyter_gpu.broker.quotas import PoolQuotas, QuotaConfigError, quotas_from_config
 
 log = logging.getLogger(__name__)
@@ -98,6 +103,9 @@ def load_settings() -> BrokerSettings:
     except (TokenFileError, HubSettingsError) as exc:
         raise PoolConfigError(str(exc)) from None
     tokens: Identities | None = hub_identity(hub, quotas) if hub is not None else store
+    accounts = check_session_accounts(config.get("session.accounts"))
+    if accounts is not None:
+        raise PoolConfigError(accounts)
     try:
         audit = audit_from_config()
     except (sqlite3.Error, OSError) as exc:

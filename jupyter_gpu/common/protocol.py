@@ -31,6 +31,10 @@ from jupyter_gpu.common.units import format_bytes
 SCHEDULER_ENV: Final = "JUPYTER_GPU_SCHEDULER"  # the pool a kernel joins (else the embedded pool)
 USER_ENV: Final = "JUPYTER_GPU_USER"  # who a kernel acts for (else the login name)
 TOKEN_ENV: Final = "JUPYTER_GPU_TOKEN"  # that user's token, for pools with a token file
+# what JupyterHub puts in the environment of a server it starts (and so of its kernels): behind a
+# Hub they take the place of JUPYTER_GPU_USER and JUPYTER_GPU_TOKEN (docs/jupyterhub.md)
+HUB_USER_ENV: Final = "JUPYTERHUB_USER"
+HUB_TOKEN_ENV: Final = "JUPYTERHUB_API_TOKEN"
 # e.g. 2x16GiB: virtual GPUs for machines without one
 VIRTUAL_ENV: Final = "JUPYTER_GPU_VIRTUAL_GPUS"
 # worker-internal: which of the machine's GPUs a worker owns

@@ -22,11 +22,11 @@ from distributed.comm import CommClosedError, connect
 from distributed.core import rpc
 
 from jupyter_gpu.common import config, local_transfer
-from jupyter_gpu.common.protocol import SCHEDULER_ENV, TOKEN_ENV
+from jupyter_gpu.common.protocol import SCHEDULER_ENV
 from jupyter_gpu.common.security import check_address, client_security, connection_args
 from jupyter_gpu.common.units import format_bytes
 from jupyter_gpu.errors import CellTimeout, GpuPoolError, PoolUnreachable, RequestRefused
-from jupyter_gpu.pool.discovery import user_name
+from jupyter_gpu.pool.discovery import pool_token, user_name
 
 if TYPE_CHECKING:
     from tornado.platform.asyncio import BaseAsyncIOLoop
@@ -149,10 +149,11 @@ class PoolConnection:
     def scheduler_call(self, op: str, **kwargs: Any) -> Any:
         """One broker handler, answered; a scheduler that does not answer is a ``PoolUnreachable``
         saying so (a cell's session lives on its worker and is not affected)."""
-        if op in _TOKEN_OPS and os.environ.get(TOKEN_ENV):
-            # a pool with a token file accepts requests, cancels and releases only with the user's
-            # token
-            kwargs.setdefault("token", os.environ[TOKEN_ENV])
+        token = pool_token(self.embedded)
+        if token and (op in _TOKEN_OPS or (op == "gpu_snapshot" and "user" in kwargs)):
+            # a pool with a token file (or behind JupyterHub) accepts requests, cancels and
+            # releases only with the user's token
+            kwargs.setdefault("token", token)
 
         async def go() -> Any:
             return await getattr(self.client.scheduler, op)(**kwargs)
@@ -446,7 +447,8 @@ class PoolConnection:
     async def _lease_ended(self, lease: str) -> str | None:
         """Why the broker ended ``lease``, or None while it stands (or when the broker does not
         answer)."""
-        kwargs = {"token": os.environ[TOKEN_ENV]} if os.environ.get(TOKEN_ENV) else {}
+        token = pool_token(self.embedded)
+        kwargs = {"token": token} if token else {}
         try:
             scheduler = self.client.scheduler
             assert scheduler is not None  # connected

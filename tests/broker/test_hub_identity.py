@@ -188,3 +188,18 @@ def test_quota_teams_take_the_members_of_their_hub_groups_and_lose_who_left():
 def test_a_hub_group_must_be_a_name():
     with pytest.raises(QuotaConfigError, match="teams.ml.hub-group: must be the name"):
         parse_quotas({"teams": {"ml": {"hub-group": ["ml"]}}})
+
+
+def test_sessions_run_as_the_same_name_unless_the_administrator_maps_users_to_accounts():
+    from jupyter_gpu.broker.identity import check_session_accounts, session_account
+
+    assert session_account("alice") == "alice"
+    with dask.config.set({"jupyter-gpu.session.accounts": "gpu-{user}"}):
+        assert session_account("alice") == "gpu-alice"
+    with dask.config.set({"jupyter-gpu.session.accounts": {"alice@example.org": "alice"}}):
+        assert session_account("alice@example.org") == "alice"
+        assert session_account("bob") == "bob"
+    assert check_session_accounts(None) is None and check_session_accounts("gpu-{user}") is None
+    assert "not be isolated" in check_session_accounts("gpu")
+    assert "several users" in check_session_accounts({"a": "shared", "b": "shared"})
+    assert "must be null" in check_session_accounts(["alice"])
