@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ADMIN_SCOPE = "custom:jupyter-gpu:admin"
 GROUPS_PAGE = 200  # groups per page of the Hub's listing
 
 

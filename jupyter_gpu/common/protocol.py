@@ -35,6 +35,8 @@ TOKEN_ENV: Final = "JUPYTER_GPU_TOKEN"  # that user's token, for pools with a to
 # Hub they take the place of JUPYTER_GPU_USER and JUPYTER_GPU_TOKEN (docs/jupyterhub.md)
 HUB_USER_ENV: Final = "JUPYTERHUB_USER"
 HUB_TOKEN_ENV: Final = "JUPYTERHUB_API_TOKEN"
+# a JupyterHub custom scope: its holders may see and cancel everyone's work on the pool
+HUB_ADMIN_SCOPE: Final = "custom:jupyter-gpu:admin"
 # e.g. 2x16GiB: virtual GPUs for machines without one
 VIRTUAL_ENV: Final = "JUPYTER_GPU_VIRTUAL_GPUS"
 # worker-internal: which of the machine's GPUs a worker owns

@@ -50,6 +50,13 @@ class GpuPanelConfig(Configurable):
         help="Seconds the Start button waits for the embedded pool, and Scale for workers to start "
         "or retire.",
     )
+    hub_activity_interval = Float(
+        60.0,
+        config=True,
+        help="Behind JupyterHub: seconds between two looks at the pool; when a kernel of this "
+        "server runs a %%gpu cell (also --async and --workers) or waits for a GPU, its activity "
+        "is posted to the Hub, so jupyterhub-idle-culler does not stop it. 0: never.",
+    )
     user = Unicode(
         "",
         config=True,
