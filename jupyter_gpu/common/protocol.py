@@ -624,7 +624,7 @@ SCHEDULER_HANDLERS: Final[dict[str, Op]] = {
     ),
     "gpu_release": Op(
         "kernel",
-        "lease, user, reason?, token?",
+        "lease, user, reason?, token?, secret?",
         "{released: bool, error?}",
         "end my lease now (%gpu release, --fresh cells, --workers runs)",
     ),

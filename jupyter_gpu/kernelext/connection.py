@@ -302,7 +302,12 @@ class PoolConnection:
                 self.call(session.comm.close, timeout=2)
             except Exception:  # noqa: BLE001 - the session may be gone already: the lease is released anyway
                 pass
-        reply = self.scheduler_call("gpu_release", lease=session.id, user=self.user, reason=reason)
+        # with the lease's secret: the proof of ownership even when the pool no longer accepts this
+        # kernel's token (a revoked JupyterHub token, the Hub down)
+        extra = {"secret": session.secret} if session.secret else {}
+        reply = self.scheduler_call(
+            "gpu_release", lease=session.id, user=self.user, reason=reason, **extra
+        )
         return bool(reply.get("released"))
 
     def lease_end_reason(self, lease: str, wait: float = 3.0) -> str:
