@@ -137,8 +137,10 @@ class Hub:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise HubError(f"JupyterHub exited ({self.proc.returncode}):\n{self.log()}")
-            try:
+            try:  # its API, and its login page through its proxy (routed once the Hub is up)
                 with urllib.request.urlopen(f"{self.api_url}/", timeout=2):
+                    pass
+                with urllib.request.urlopen(f"{self.url}/hub/login", timeout=2):
                     return self
             except OSError:
                 time.sleep(0.3)

@@ -12,6 +12,7 @@ this checkout.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import secrets
 import shutil
@@ -55,7 +56,9 @@ class HubPool:
         return self.services.address
 
     def snapshot(self) -> dict:
-        return snapshot(self.address)
+        # in a thread of its own: Playwright's sync API keeps an event loop on the test's thread
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(snapshot, self.address).result()
 
     def leases_of(self, user: str) -> list[dict]:
         seen = {}
