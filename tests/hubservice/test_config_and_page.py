@@ -62,3 +62,24 @@ def test_the_page_escapes_what_users_name_and_says_who_is_admin():
     assert "<script>" not in html and "&lt;script&gt;" in html
     assert "administrator" in html and "10 s" in html and 'id="teams"' in html
     assert "administrator" not in page({**snap, "viewer": {"admin": False}}, "alice")
+
+
+def test_the_zero_to_jupyterhub_values_say_what_configure_does():
+    """The shipped values.yaml fragment and ``configure`` must not drift apart."""
+    from pathlib import Path
+
+    import yaml
+
+    import jupyter_gpu.hubservice
+    from jupyter_gpu.hubservice.config import roles, server_token_scopes
+
+    values = yaml.safe_load(
+        (Path(jupyter_gpu.hubservice.__file__).parent / "z2jh-values.yaml").read_text()
+    )
+    hub = values["hub"]
+    for role in roles(admin_groups=["gpu-admins"]):
+        shipped = hub["loadRoles"][role["name"]]
+        assert shipped["scopes"] == role["scopes"], role["name"]
+    assert hub["config"]["KubeSpawner"]["server_token_scopes"] == server_token_scopes()
+    assert "custom:jupyter-gpu:admin" in hub["config"]["JupyterHub"]["custom_scopes"]
+    assert "JUPYTER_GPU_SCHEDULER" in values["singleuser"]["extraEnv"]

@@ -59,7 +59,11 @@ class Hub:
         extra_config: str = "",
         spawner_args: list[str] | None = None,
         spawner_env: dict[str, str] | None = None,
+        authenticator: str = "pam",
     ):
+        """``authenticator``: ``pam`` (the users' Unix passwords), or ``dummy`` (one random
+        password nobody is told) for a Hub whose users need no account on this machine, as with an
+        OAuth login."""
         self.root = Path(tempfile.mkdtemp(prefix="jgh-hub-", dir="/var/tmp"))  # 0700, root's
         self.port, self.hub_port, self.api_port = free_port(), free_port(), free_port()
         self.service_port = free_port()
@@ -90,8 +94,9 @@ class Hub:
             c.ConfigurableHTTPProxy.pid_file = "{self.root}/proxy.pid"
             # a Hub that stops (the tests stop it on purpose) leaves the users' servers running
             c.JupyterHub.cleanup_servers = False
-            c.JupyterHub.authenticator_class = "pam"
+            c.JupyterHub.authenticator_class = {authenticator!r}
             c.PAMAuthenticator.open_sessions = False
+            c.DummyAuthenticator.password = {secrets.token_hex(16)!r}
             c.Authenticator.allowed_users = {set(users)!r}
             c.Authenticator.admin_users = {set(admins)!r}
             c.JupyterHub.spawner_class = "localprocess"
