@@ -12,6 +12,8 @@ export JUPYTER_GPU_VIRTUAL_GPUS="${JUPYTER_GPU_VIRTUAL_GPUS:-2x16GiB}"
 python -c "import torch" 2>/dev/null || python -m pip install --quiet torch==2.13.0
 # the editable install also builds the panel (jlpm install + build) into jupyter_gpu/labext/static
 python -m pip install --quiet -e ".[test]"
+# tests/system/hub: JupyterHub's proxy comes from npm (JupyterHub itself is in the test extra)
+command -v configurable-http-proxy >/dev/null 2>&1 || npm install --global --quiet configurable-http-proxy@5
 # lint, format and types ([tool.ruff] and [tool.mypy] in pyproject.toml; CONTRIBUTING.md, "Lint")
 ruff check jupyter_gpu tests bench ui-tests/*.py
 ruff format --check jupyter_gpu tests bench ui-tests/*.py

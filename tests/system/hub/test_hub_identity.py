@@ -106,3 +106,32 @@ def test_with_the_hub_down_running_cells_finish_and_new_requests_say_why(hubpool
         kernel.shutdown(now=True)
         if hubpool.hub.proc is None or hubpool.hub.proc.poll() is not None:
             hubpool.hub.start()
+
+
+def test_an_admin_sees_and_cancels_everyones_work_others_only_their_own(hubpool):
+    from tests.system.hub.conftest import ADMIN
+
+    alice = hub_kernel(hubpool, ALICE, hubpool.hub.user_token(ALICE)[0])
+    bob = hub_kernel(hubpool, BOB, hubpool.hub.user_token(BOB)[0])
+    admin = hub_kernel(hubpool, ADMIN, hubpool.hub.user_token(ADMIN)[0])
+    try:
+        res = alice.run("%%gpu\nx = 1")
+        assert res.error is None, res.error_text
+        (lease,) = hubpool.leases_of(ALICE)
+        # bob sees who holds what (the pool-wide view), not a list of others' work to cancel
+        status = bob.run("%gpu status").text
+        assert ALICE in status and "Everyone else's work" not in status
+        res = bob.run(f"%gpu cancel {lease['id']}")
+        assert "you can cancel only your own work" in res.text + res.error_text
+        assert hubpool.leases_of(ALICE)
+        # the Hub's admin: everyone's work, and a cancel that works
+        status = admin.run("%gpu status").text
+        assert "Everyone else's work" in status and lease["id"] in status, status
+        res = admin.run(f"%gpu cancel {lease['id']}")
+        assert res.error is None, res.error_text
+        assert wait_until(lambda: not hubpool.leases_of(ALICE), 30)
+        res = alice.run("%%gpu\nprint(x)")
+        assert f"cancelled by {ADMIN}, an administrator of the pool" in res.error_text + res.text
+    finally:
+        for kernel in (alice, bob, admin):
+            kernel.shutdown(now=True)
