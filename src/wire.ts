@@ -198,7 +198,7 @@ export interface IPoolInfo {
   cluster?: ICluster | null;
 }
 
-/** A team as broker/views.py's ``quota_view`` lists it (GPUs; fractions allowed). */
+/** protocol.TeamQuotaView: a team as broker/views.py's ``quota_view`` lists it (GPUs; fractions allowed). */
 export interface IQuotaTeam {
   team: string;
   guarantee: number;
@@ -210,8 +210,8 @@ export interface IQuotaTeam {
 }
 
 /**
- * A user as ``quota_view`` lists it: everyone the quota file names (team members included) and everyone
- * holding GPUs now, each with the team whose quota holds them.
+ * protocol.UserQuotaView: a user as ``quota_view`` lists it: everyone the quota file names (team members
+ * included) and everyone holding GPUs now, each with the team whose quota holds them.
  */
 export interface IQuotaUser {
   user: string;
@@ -221,7 +221,7 @@ export interface IQuotaUser {
   held: number;
 }
 
-/** The snapshot's ``quotas``: ``configured`` is false for a pool without a quota file (the embedded pool). */
+/** protocol.QuotasView: ``configured`` is false for a pool without a quota file (the embedded pool). */
 export interface IQuotas {
   configured: boolean;
   /** The team of every user the broker does not list (named nowhere, holding nothing). */
@@ -251,7 +251,7 @@ export interface IRunMetric {
   [key: string]: unknown;
 }
 
-/** One batched report of a rank, as the broker keeps it (protocol.MetricsMsg without ``op``). */
+/** protocol.MetricsItem: one batched report of a rank, as the broker keeps it. */
 export interface IRankReport {
   step?: number | null;
   time?: number | null;
@@ -259,9 +259,9 @@ export interface IRankReport {
 }
 
 /**
- * A scale-out run as the broker's ``gpu_run_update`` / ``gpu_run_metrics`` record it: ``ranks`` maps each
- * rank to its stream of reports. A summary per rank (``IRunRank``) is accepted too. Every run of a cell
- * has an id of its own (jupyter_gpu/kernelext/runs.py).
+ * protocol.RunView: a scale-out run as the broker's ``gpu_run_update`` / ``gpu_run_metrics`` record it:
+ * ``ranks`` maps each rank to its stream of reports. A summary per rank (``IRunRank``) is accepted too. Every
+ * run of a cell has an id of its own (jupyter_gpu/kernelext/runs.py).
  */
 export interface IRun {
   id: string;
@@ -279,6 +279,8 @@ export interface IRun {
   ended?: number | null;
   /** The earlier run whose checkpoints this one continues (``%%gpu --resume``). */
   resumes?: string | null;
+  /** Its ranks' leases, as its kernel declared them (only they may report metrics to it). */
+  leases?: string[];
 }
 
 /** What GET jupyter-gpu/api/snapshot and the stream websocket send: protocol.Snapshot with a ``state``. */

@@ -13,6 +13,7 @@ JUPYTER_RUNTIME_DIR (the tests' teardown). It talks to the scheduler with the sa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -111,8 +112,11 @@ async def clear(user: str = ME, timeout: float = 30.0) -> list:
         return sorted(leases) + [q["id"] for q in snap["queue"] if q.get("user") == user]
 
     ids = mine(snap)
+    from jupyter_gpu.common.refusals import Refused
+
     for i in ids:
-        await _call("gpu_cancel", id=i, user=None)
+        with contextlib.suppress(Refused):  # it ended meanwhile
+            await _call("gpu_cancel", id=i, user=None)
     deadline = time.monotonic() + timeout
     while mine(snap) and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
@@ -126,7 +130,7 @@ async def clear(user: str = ME, timeout: float = 30.0) -> list:
 def stop() -> None:
     """Stop the pool the tests started (it was started with keep=True, so it would otherwise stay
     up)."""
-    from jupyter_gpu.pool.embedded import stop_embedded_pool
+    from jupyter_gpu.pool.launcher import stop_embedded_pool
 
     if stop_embedded_pool():
         log.info("stopped the tests' embedded pool")

@@ -20,7 +20,7 @@ import time
 import uuid
 from typing import Any
 
-from jupyter_gpu.common.protocol import LeaseView
+from jupyter_gpu.common.protocol import LeaseView, TeamUsage, UsageReport, UserUsage
 from jupyter_gpu.common.rightsizing import MIN_RESERVED_FOR_HINT, OVERSIZED_BELOW
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ class AuditStore:
         )
 
     # ------------------------------------------------------------------ reading (CLI, handler)
-    def usage(self, since: float = 0.0, now: float | None = None) -> dict[str, Any]:
+    def usage(self, since: float = 0.0, now: float | None = None) -> UsageReport:
         """GPU-hours per user and per team from ``since`` (open leases counted up to now)."""
         now = time.time() if now is None else now
         rows = self.db.execute(
@@ -170,7 +170,7 @@ class AuditStore:
             "ORDER BY user",
             (now, now, since, now, since),
         ).fetchall()
-        users = [
+        users: list[UserUsage] = [
             {"user": u, "team": t or None, "gpu_hours": round(h or 0.0, 6), "leases": n}
             for u, t, h, n in rows
         ]
@@ -186,7 +186,7 @@ class AuditStore:
         for row in users:
             measured, oversized = by_user.get(row["user"], (0, 0))
             row["measured"], row["oversized"] = measured, oversized
-        teams: dict[str, dict[str, Any]] = {}
+        teams: dict[str, TeamUsage] = {}
         for row in users:
             team = teams.setdefault(
                 row["team"] or "-", {"team": row["team"] or "-", "gpu_hours": 0.0, "leases": 0}
@@ -227,11 +227,11 @@ def audit_from_config() -> AuditStore:
     return AuditStore(config.get("audit-db"))
 
 
-def _oversized(user: dict[str, Any]) -> str:
+def _oversized(user: UserUsage) -> str:
     return f"{user['oversized']}/{user['measured']}" if user.get("measured") else "-"
 
 
-def format_usage(usage: dict[str, Any]) -> str:
+def format_usage(usage: UsageReport) -> str:
     """``jupyter-gpu usage`` output: GPU-hours per team, then per user."""
     lines = [
         f"GPU-hours from {time.strftime('%Y-%m-%d %H:%M', time.localtime(usage['since']))} "

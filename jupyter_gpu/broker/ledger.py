@@ -345,3 +345,24 @@ class Ledger:
         assert set(self.policy.leases) == set(self.leases), set(self.policy.leases) ^ set(
             self.leases
         )
+
+    # ------------------------------------------------------------------ queries (broker/scaling.py)
+    def largest_gpu_bytes(self) -> int:
+        """The memory of the pool's largest GPU (0: no GPU yet)."""
+        return max((g.total_bytes for g in self.gpus.values()), default=0)
+
+    def busy_workers(self) -> set[str]:
+        """Workers holding a session (a live lease, starting ones included) or a session's variables
+        in host memory (saved there, or being written there): a worker to keep."""
+        busy = {ls.worker for ls in self.leases.values()}
+        for ls in self.ended.values():
+            if ls.offload is not None:
+                busy.add(ls.offload.worker)
+        return busy
+
+    def note_end_on(self, workers: set[str], note: str) -> None:
+        """Add ``note`` (how the machine they ran on ended) to the end reasons of the leases that
+        ended on ``workers`` and do not say it yet."""
+        for lease in self.ended.values():
+            if lease.worker in workers and lease.end_reason and "ended:" not in lease.end_reason:
+                lease.end_reason = f"{lease.end_reason} ({note})"

@@ -51,7 +51,7 @@ def kernel_env(
         headless run holds GPUs for.
     """
     env = dict(os.environ)
-    # no widget frontend here: progress as text (kernelext/progress.py)
+    # no widget frontend here: progress as text (kernelext/progress_bar.py)
     env["JUPYTER_GPU_PROGRESS"] = "text"
     if pool is not None:
         env[SCHEDULER_ENV] = pool

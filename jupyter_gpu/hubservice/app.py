@@ -92,15 +92,9 @@ def make_app(address: str, prefix: str) -> Any:
     from jupyter_gpu.common.security import pool_rpc
 
     async def snapshot(user: str, token: str | None) -> dict[str, Any]:
-        r = pool_rpc(address)
-        try:
-            return dict(
-                await asyncio.wait_for(
-                    r.gpu_snapshot(user=user, **({"token": token} if token else {})), 10
-                )
-            )
-        finally:
-            await r.close_rpc()
+        async with pool_rpc(address) as r:
+            who = {"user": user, **({"token": token} if token else {})}
+            return dict(await asyncio.wait_for(r.gpu_snapshot(**who), 10))
 
     class PoolHandler(HubOAuthenticated, web.RequestHandler):
         """Only users whose Hub login carries the service's access scope get in (HubOAuth)."""

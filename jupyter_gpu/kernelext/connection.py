@@ -1,14 +1,17 @@
-"""A kernel's link to the pool: its Dask client, its lease and remote session, and running cells
-there.
+"""A kernel's link to the pool: its Dask client, the broker's handlers, its leases and remote
+session.
 
-All network I/O runs on the Dask client's event loop thread: ``start_execute`` sends a cell to a
-session there and hands every message it answers with to a callback; ``runner.RankRunner`` waits for
-them on the kernel's main thread (where interrupts land).
+All network I/O runs on the Dask client's event loop thread; the kernel's main thread waits for it
+(``call``), where interrupts land. A broker's refusal raises its ``CallError``
+(``common/refusals.py``); a scheduler that does not answer raises ``PoolUnreachable``. The calls to
+sessions themselves (running a cell, interrupting it, pulling a variable) are
+``session_calls.py``'s.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -18,11 +21,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, cast
 
 from distributed import Client
-from distributed.comm import CommClosedError, connect
-from distributed.core import rpc
+from distributed.comm import CommClosedError
 
-from jupyter_gpu.common import config, local_transfer
+from jupyter_gpu.common import config
 from jupyter_gpu.common.protocol import SCHEDULER_ENV
+from jupyter_gpu.common.refusals import Refused
 from jupyter_gpu.common.security import check_address, client_security, connection_args
 from jupyter_gpu.common.units import format_bytes
 from jupyter_gpu.errors import CellTimeout, GpuPoolError, PoolUnreachable, RequestRefused
@@ -208,12 +211,15 @@ class PoolConnection:
                 **extra,
             )
 
-        status = submit()
+        try:
+            status = submit()
+        except Refused as exc:
+            raise RequestRefused(f"The pool refused this %%gpu cell at once. {exc}") from None
         try:
             while status["state"] in ("queued", "starting"):
                 on_wait(status)
                 if deadline is not None and time.monotonic() > deadline:
-                    self.scheduler_call("gpu_cancel", id=status["id"], user=self.user)
+                    self._withdraw(status["id"])
                     raise CellTimeout(
                         f"the request {status['id']} was still waiting when --timeout ran out "
                         f"({status.get('reason')}); it was withdrawn from the queue"
@@ -221,8 +227,10 @@ class PoolConnection:
                 status = self._wait_through_restarts(status, submit)
         except KeyboardInterrupt:
             if status.get("id"):
-                self.scheduler_call("gpu_cancel", id=status["id"], user=self.user)
+                self._withdraw(status["id"])
             raise
+        except Refused as exc:
+            raise RequestRefused(f"The pool refused this %%gpu cell at once. {exc}") from None
         if status["state"] == "refused":
             raise RequestRefused(f"The pool refused this %%gpu cell at once. {status['reason']}")
         if status["state"] != "granted":
@@ -231,6 +239,11 @@ class PoolConnection:
             )
         on_wait(status)
         return status
+
+    def _withdraw(self, request: str) -> None:
+        """Cancel a request this kernel stops waiting for (it may have left the queue meanwhile)."""
+        with contextlib.suppress(Refused):
+            self.scheduler_call("gpu_cancel", id=request, user=self.user)
 
     def _wait_through_restarts(self, status: dict, submit: Callable[[], dict]) -> dict:
         """``gpu_wait`` for a queued request; when the scheduler restarts meanwhile, wait for it (up
@@ -335,163 +348,6 @@ class PoolConnection:
                 return info
             time.sleep(0.1)
 
-    # ------------------------------------------------------------------ running a cell
-    def local_transfer(self, session: RemoteSession) -> bool:
-        """Whether this kernel and ``session`` pass large values through pipes
-        (``common/local_transfer.py``): asked once per session, by each side reading a small probe
-        of the other's (same machine, same account, ``/proc`` readable), so a setting that would
-        fail mid-cell is found before it matters."""
-        if session.local is None:
-            session.local = False
-            if config.get("local-transfer", True) and local_transfer.available():
-                sending = local_transfer.Sending()
-                try:
-                    reply = self.session_call(session, "ping", probe=local_transfer.probe(sending))
-                    session.local = bool(reply.get("probe_ok")) and local_transfer.check_probe(
-                        reply.get("probe")
-                    )
-                except Exception as exc:  # noqa: BLE001 - the comm always works
-                    log.debug("same-host transfer probe of %s failed: %s", session.address, exc)
-                finally:
-                    sending.close()
-        return session.local
-
-    def session_call(
-        self, session: RemoteSession, op: str, timeout: float | None = 10, **kwargs: Any
-    ) -> dict:
-        """One call to the session (with its secret), waited for on the client loop."""
-
-        async def go() -> dict:
-            r = rpc(
-                session.address,
-                deserializers=None,
-                deserialize=False,
-                connection_args=self.connection_args,
-            )
-            try:
-                return await asyncio.wait_for(
-                    getattr(r, op)(secret=session.secret, **kwargs), timeout
-                )
-            finally:
-                await r.close_rpc()
-
-        return self.call(go, timeout=None if timeout is None else timeout + 5)
-
-    def start_execute(
-        self, session: RemoteSession, payload: dict, sink: Callable[[Any], None]
-    ) -> Any:
-        """Start the cell on the client loop; every message (and finally the done reply) goes to
-        ``sink``. Large inputs go through pipes when the session can read them; this returns once
-        the session has read them (or the cell ended), so the kernel's objects may change again
-        (``--async`` cells)."""
-        sending = local_transfer.Sending()
-        if self.local_transfer(session):
-            payload = {
-                **payload,
-                "local": True,
-                "inputs": {
-                    name: local_transfer.pack(v, sending)
-                    for name, v in (payload.get("inputs") or {}).items()
-                },
-            }
-
-        async def run() -> None:
-            started = False
-            try:
-                comm = session.comm
-                try:
-                    if comm is None or comm.closed():
-                        raise CommClosedError("not connected")
-                    await comm.write(
-                        {"op": "execute", "reply": True, "secret": session.secret, **payload}
-                    )
-                except (CommClosedError, OSError):
-                    # a fresh connection; failing that, the session is gone and the cell never
-                    # started. Ask the broker first: a session whose lease ended (moved to host
-                    # memory, timed out) listens no more, and connecting would retry its closed port
-                    # for the whole connect timeout
-                    ended = await self._lease_ended(session.id)
-                    if ended is not None:
-                        session.comm = None
-                        sink({"op": "lost", "error": ended, "started": False})
-                        return
-                    try:
-                        session.comm = comm = await connect(
-                            session.address, deserialize=False, timeout=5, **self.connection_args
-                        )
-                    except (CommClosedError, OSError) as exc:
-                        session.comm = None
-                        sink({"op": "lost", "error": str(exc), "started": False})
-                        return
-                    await comm.write(
-                        {"op": "execute", "reply": True, "secret": session.secret, **payload}
-                    )
-                started = True
-                while True:
-                    msg = await comm.read()
-                    sink(msg)
-                    if isinstance(msg, dict):
-                        return
-            except (CommClosedError, OSError) as exc:
-                session.comm = None
-                sink({"op": "lost", "error": str(exc), "started": started})
-            except Exception as exc:  # noqa: BLE001 - never leave the main thread waiting
-                session.comm = None
-                sink({"op": "lost", "error": f"{type(exc).__name__}: {exc}", "started": started})
-            finally:
-                sending.close()
-
-        future = asyncio.run_coroutine_threadsafe(run(), self.loop)
-        try:
-            sending.wait()
-        # stop sending: the session refuses the cell (its inputs are incomplete)
-        except KeyboardInterrupt:
-            sending.close()
-        return future
-
-    async def _lease_ended(self, lease: str) -> str | None:
-        """Why the broker ended ``lease``, or None while it stands (or when the broker does not
-        answer)."""
-        token = pool_token(self.embedded)
-        kwargs = {"token": token} if token else {}
-        try:
-            scheduler = self.client.scheduler
-            assert scheduler is not None  # connected
-            info = await asyncio.wait_for(
-                scheduler.gpu_lease_info(lease=lease, user=self.user, **kwargs), 5
-            )
-        except Exception:  # noqa: BLE001 - then the connection attempt says what happened
-            return None
-        return (
-            (info.get("end_reason") or "its lease ended") if info.get("state") == "ended" else None
-        )
-
-    def interrupt(self, session: RemoteSession) -> None:
-        async def go() -> None:
-            r = rpc(session.address, connection_args=self.connection_args)
-            try:
-                await asyncio.wait_for(r.interrupt(secret=session.secret), 2)
-            finally:
-                await r.close_rpc()
-
-        try:
-            self.call(go, timeout=3)
-        except Exception as exc:  # noqa: BLE001 - an interrupt is best effort: the kill after the grace period follows
-            log.debug("interrupt did not reach %s: %s", session.address, exc)
-
-    def pull(self, name: str) -> Any:
-        from distributed.protocol import deserialize
-
-        if self.session is None:
-            raise GpuPoolError("This kernel has no GPU session yet: run a %%gpu cell first.")
-        session = self.session
-        reply = self.session_call(
-            session, "pull", timeout=None, name=name, local=self.local_transfer(session)
-        )
-        if reply.get("error"):
-            raise GpuPoolError(f"%gpu pull {name}: {reply['error']}")
-        return deserialize(*local_transfer.unpack(reply["data"]))
-
 
 def log_loop_error(loop: asyncio.AbstractEventLoop, context: dict) -> None:
     """The client loop's unhandled errors, in jupyter-gpu's log (at debug) instead of stderr.
@@ -516,6 +372,6 @@ def resolve_address(address: str | None, keep: bool = False) -> tuple[str, bool]
     explicit = os.environ.get(SCHEDULER_ENV)
     if explicit:
         return explicit, False
-    from jupyter_gpu.pool.embedded import ensure_embedded_pool
+    from jupyter_gpu.pool.launcher import ensure_embedded_pool
 
     return ensure_embedded_pool(keep=keep), True

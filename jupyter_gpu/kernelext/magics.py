@@ -16,6 +16,7 @@ from typing import Any, Callable
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 
+from jupyter_gpu.common.refusals import Refused
 from jupyter_gpu.errors import GpuPoolError
 from jupyter_gpu.kernelext.connection import PoolConnection, resolve_address
 from jupyter_gpu.kernelext.options import options_help, parse_cell_options, whole_number
@@ -23,7 +24,8 @@ from jupyter_gpu.kernelext.pipeline import prepare_cell
 from jupyter_gpu.kernelext.rendering import remote_part
 from jupyter_gpu.kernelext.runs import RunBook
 from jupyter_gpu.kernelext.scaleout import run_scaleout
-from jupyter_gpu.kernelext.single import SessionCells
+from jupyter_gpu.kernelext.session_calls import pull
+from jupyter_gpu.kernelext.single_gpu_cells import SessionCells
 
 log = logging.getLogger(__name__)
 
@@ -162,9 +164,10 @@ class GpuMagics(Magics):
             print(f"Cancelling --async job {target}.")
             return
         conn = self._ensure_connection()
-        reply = conn.scheduler_call("gpu_cancel", id=target, user=conn.user)
-        if not reply.get("cancelled"):
-            raise UsageError(f"%gpu cancel {target}: {reply.get('what')}.")
+        try:
+            reply = conn.scheduler_call("gpu_cancel", id=target, user=conn.user)
+        except Refused as exc:
+            raise UsageError(f"%gpu cancel {target}: {exc}.") from None
         if conn.session is not None and conn.session.id == target:
             conn.session = None
         print(f"Cancelled {reply['what']}.")
@@ -178,9 +181,10 @@ class GpuMagics(Magics):
         # 0: a cluster manager's jobs
         n = whole_number(args[0], "%gpu scale", 0, MAX_WORKERS, "%gpu scale 3")
         conn = self._ensure_connection()
-        reply = conn.scheduler_call("gpu_scale", n=n, user=conn.user)
-        if reply.get("error"):
-            raise UsageError(f"%gpu scale: {reply['error']}")
+        try:
+            reply = conn.scheduler_call("gpu_scale", n=n, user=conn.user)
+        except Refused as exc:
+            raise UsageError(f"%gpu scale: {exc}") from None
         print(
             f"The pool now has {reply['workers']} worker(s)"
             + (
@@ -210,7 +214,7 @@ class GpuMagics(Magics):
                 f"(e.g. `my_{name.strip('_') or 'copy'} = {name}`)."
             )
         conn = self._ensure_connection()
-        self.shell.user_ns[name] = conn.pull(name)
+        self.shell.user_ns[name] = pull(conn, name)
         print(f"{name} is now a local copy ({type(self.shell.user_ns[name]).__name__}).")
 
     def _cmd_release(self, args: list[str]) -> None:

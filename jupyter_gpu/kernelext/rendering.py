@@ -10,12 +10,13 @@ from __future__ import annotations
 import linecache
 import pickle
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 from IPython.display import clear_output, publish_display_data
 
 from jupyter_gpu.errors import RemoteError
-from jupyter_gpu.kernelext.progress import ProgressDisplay
+from jupyter_gpu.kernelext.progress_bar import ProgressDisplay
 
 
 class CellRenderer:
@@ -56,7 +57,7 @@ def register_cell_source(cell_name: str, code: str) -> None:
     linecache.cache[cell_name] = (len(code), None, lines, cell_name)
 
 
-def rebuild_exception(error: dict) -> BaseException:
+def rebuild_exception(error: Mapping[str, Any]) -> BaseException:
     """The remote exception as a real exception (original type where importable) with the remote
     traceback attached, so the kernel's traceback shows the cell's own lines."""
     exc: BaseException | None = None

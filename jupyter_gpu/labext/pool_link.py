@@ -23,6 +23,8 @@ from typing import Any
 from traitlets import Float, Unicode
 from traitlets.config import Configurable
 
+from jupyter_gpu.common.refusals import CallError
+
 log = logging.getLogger(__name__)
 
 Listener = Callable[[str], Any]
@@ -205,7 +207,7 @@ class PoolLink:
 
     async def call(self, handler: str, timeout: float | None = None, **kwargs: Any) -> Any:
         """Call a scheduler handler (``gpu_scale``, ``gpu_cancel``...); raise ``PoolUnavailable`` if
-        no pool.
+        no pool, and the broker's refusal as its ``CallError`` (``common/refusals.py``).
 
                 ``timeout`` defaults to twice the snapshot timeout; scaling passes a longer one,
                 since the broker answers only once workers have started or retired.
@@ -218,6 +220,8 @@ class PoolLink:
             return await asyncio.wait_for(
                 method(**kwargs), timeout or self.config.snapshot_timeout * 2
             )
+        except CallError:  # the broker's refusal: the pool and its comm are fine
+            raise
         except Exception:
             self._forget_address()  # a dead comm or a gone pool must not poison the next call
             raise

@@ -17,6 +17,7 @@ import logging
 import signal
 from typing import TYPE_CHECKING
 
+from jupyter_gpu.common.inventory import discover
 from jupyter_gpu.common.protocol import DEVICES_ENV, VIRTUAL_ENV
 from jupyter_gpu.common.security import (
     check_address,
@@ -31,7 +32,6 @@ from jupyter_gpu.pool.listeners import (
     quiet_reachability_probes,
     worker_host,
 )
-from jupyter_gpu.worker.inventory import discover
 from jupyter_gpu.worker.nanny import GpuNanny
 
 if TYPE_CHECKING:
@@ -92,8 +92,8 @@ async def run_managed_scheduler(
     (``jupyter-gpu.cluster-manager``): the broker's ``scaler`` submits and cancels its jobs. Every
     job is cancelled when this returns."""
     from jupyter_gpu.broker.plugin import PLUGIN_NAME
+    from jupyter_gpu.broker.scaling import PoolScaler
     from jupyter_gpu.pool import cluster_manager
-    from jupyter_gpu.pool.scaling import PoolScaler
     from jupyter_gpu.pool.slurm import SlurmStates
 
     cluster = cluster_manager.build(settings, host, port, protocol, security)
@@ -104,7 +104,8 @@ async def run_managed_scheduler(
         slurm = "SLURM" in type(cluster).__name__.upper()
         scaler = PoolScaler(
             cluster,
-            broker,
+            cluster.scheduler,
+            broker.ledger,
             per_job=settings.gpus_per_job,
             states=SlurmStates() if slurm else None,
             kind="slurm" if slurm else "dask",

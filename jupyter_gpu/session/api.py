@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:  # `import jupyter_gpu` in a cell stays light: the cell API only
+    from jupyter_gpu.common.protocol import MetricsMsg
 
 # Filled in by the session process when it is assigned a lease (jupyter_gpu.session.server).
 _state: dict[str, Any] = {
@@ -68,9 +71,15 @@ def report(step: int | None = None, **metrics: Any) -> None:
     reporting every n-th step is fine (the rate comes from the step numbers). Never blocks
     training: the message is queued and sent by the session's I/O thread.
     """
-    emit: Callable[[dict], None] | None = _state["emit"]
+    emit: Callable[[MetricsMsg], None] | None = _state["emit"]
     values = {k: _plain(v) for k, v in metrics.items()}
-    msg = {"op": "metrics", "rank": rank(), "step": step, "time": time.time(), "metrics": values}
+    msg: MetricsMsg = {
+        "op": "metrics",
+        "rank": rank(),
+        "step": step,
+        "time": time.time(),
+        "metrics": values,
+    }
     if emit is not None:
         emit(msg)
     for sink in (_state["run_sink"], _state["progress"]):

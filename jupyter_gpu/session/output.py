@@ -22,7 +22,9 @@ from typing import Any, Callable
 from IPython.core.displayhook import DisplayHook
 from IPython.core.displaypub import DisplayPublisher
 
-Emit = Callable[[dict], None]
+from jupyter_gpu.common.protocol import ClearMsg, DisplayMsg, OutputMsg, StreamMsg
+
+Emit = Callable[[OutputMsg], None]  # a running cell's output, to its kernel
 
 
 class Relay:
@@ -51,11 +53,11 @@ class Relay:
     def end(self) -> None:
         self._emit = None
 
-    def emit(self, msg: dict) -> None:
+    def emit(self, msg: OutputMsg) -> None:
         sink = self._emit
         if sink is None:
             return
-        if self.limit is not None and msg.get("op") == "stream":
+        if self.limit is not None and msg["op"] == "stream":
             text = msg["text"]
             with self._lock:
                 room = self.limit - self._sent
@@ -68,7 +70,7 @@ class Relay:
                     self._dropped_bytes += len(text) - cut
                     self._dropped_lines += text.count("\n", cut)
                     text = text[:cut]
-                    msg = {**msg, "text": text}
+                    msg = stream_msg(msg["name"], text)
                 self._sent += len(text)
         sink(msg)
 
@@ -148,11 +150,16 @@ class RelayStream(io.TextIOBase):
             text = "".join(self._buf)
             self._buf.clear()
             self._size = 0
-        self.relay.emit({"op": "stream", "name": self.name, "text": text})
+        self.relay.emit(stream_msg(self.name, text))
 
     def due(self) -> bool:
         with self._lock:
             return bool(self._buf) and time.monotonic() - self._first >= self.max_delay
+
+
+def stream_msg(name: str, text: str) -> StreamMsg:
+    """Text written to stdout or stderr, as the kernel shows it in the cell."""
+    return {"op": "stream", "name": "stderr" if name == "stderr" else "stdout", "text": text}
 
 
 class FdCapture:
@@ -223,7 +230,7 @@ class FdCapture:
                 self._in_flight[fd] = bool(pending)
 
     def _send(self, name: str, data: bytes) -> None:
-        self.relay.emit({"op": "stream", "name": name, "text": data.decode("utf-8", "replace")})
+        self.relay.emit(stream_msg(name, data.decode("utf-8", "replace")))
 
     def sync(self, timeout: float = 2.0) -> None:
         if self._libc is not None:
@@ -289,20 +296,20 @@ class RelayDisplayPublisher(DisplayPublisher):
     ) -> None:
         assert self.relay is not None  # make_shell sets it first
         self.relay.flush_streams()
-        self.relay.emit(
-            {
-                "op": "display",
-                "data": data,
-                "metadata": metadata or {},
-                "transient": transient or {},
-                "update": bool(update),
-            }
-        )
+        shown: DisplayMsg = {
+            "op": "display",
+            "data": data,
+            "metadata": metadata or {},
+            "transient": transient or {},
+            "update": bool(update),
+        }
+        self.relay.emit(shown)
 
     def clear_output(self, wait: bool = False) -> None:
         assert self.relay is not None  # make_shell sets it first
         self.relay.flush_streams()
-        self.relay.emit({"op": "clear", "wait": bool(wait)})
+        cleared: ClearMsg = {"op": "clear", "wait": bool(wait)}
+        self.relay.emit(cleared)
 
 
 class CapturingDisplayHook(DisplayHook):

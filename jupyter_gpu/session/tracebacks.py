@@ -11,19 +11,14 @@ from __future__ import annotations
 
 import traceback
 
+from jupyter_gpu.common.protocol import ErrorPayload, LeaseView, pool_error
 
-def pool_error(message: str) -> dict:
-    """An error about the pool, not the user's code, in the shape the kernel rebuilds."""
-    return {
-        "type": "jupyter_gpu.errors.GpuPoolError",
-        "pickled": None,
-        "traceback": None,
-        "message": message,
-        "text": "",
-    }
+__all__ = ["error_payload", "explain_oom", "pool_error"]
 
 
-def error_payload(exc: BaseException, cell_name: str | None, lease: dict | None = None) -> dict:
+def error_payload(
+    exc: BaseException, cell_name: str | None, lease: LeaseView | dict | None = None
+) -> ErrorPayload:
     """An exception as the kernel rebuilds it: pickled if possible, its traceback via tblib, and
     text."""
     import pickle
@@ -61,7 +56,7 @@ def error_payload(exc: BaseException, cell_name: str | None, lease: dict | None 
     }
 
 
-def explain_oom(exc: BaseException, lease: dict | None) -> None:
+def explain_oom(exc: BaseException, lease: LeaseView | dict | None) -> None:
     """Add the lease and the fix to a CUDA out-of-memory error."""
     if lease is None or "out of memory" not in str(exc).lower():
         return

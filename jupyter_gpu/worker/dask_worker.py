@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from distributed.core import ErrorMessage
 
 from jupyter_gpu.common import config, poolkey
+from jupyter_gpu.common.handlers import closed, is_closed, is_declared
 from jupyter_gpu.common.protocol import NANNY_KEY_ENV, STARTUP_KEY
 
 log = logging.getLogger(__name__)
@@ -45,9 +46,21 @@ class GpuDaskWorker(Worker):
     def __init__(self, *args: Any, **kwargs: Any):
         self._nanny_key = os.environ.pop(NANNY_KEY_ENV, None)
         super().__init__(*args, **kwargs)
-        for op in list(self.handlers):
-            if op != "identity":
+        self._close_generic_api()
+
+    def _close_generic_api(self) -> None:
+        """Everything but ``identity`` and the handlers jupyter-gpu declares (``@handler``)."""
+        for op, fn in list(self.handlers.items()):
+            if op != "identity" and not is_closed(fn) and not is_declared(fn):
                 self.handlers[op] = _refused(op)
+
+    async def plugin_add(self, *args: Any, **kwargs: Any) -> Any:
+        """As Dask's, and the handlers a plugin adds are closed too, but for jupyter-gpu's own: the
+        scheduler hands every worker Dask's shuffle plugin when it registers, which opened
+        ``shuffle_receive`` and ``shuffle_inputs_done`` to anyone (a GPU worker runs no shuffle)."""
+        result = await super().plugin_add(*args, **kwargs)
+        self._close_generic_api()
+        return result
 
     async def get_startup_information(self) -> dict:
         info = await super().get_startup_information()
@@ -163,4 +176,4 @@ def _refused(op: str) -> Any:
             )
         )
 
-    return refused
+    return closed(refused)

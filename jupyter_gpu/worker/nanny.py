@@ -22,6 +22,7 @@ from distributed.core import error_message
 if TYPE_CHECKING:
     from distributed.core import ErrorMessage
 
+from jupyter_gpu.common.handlers import closed
 from jupyter_gpu.common.protocol import NANNY_KEY_ENV
 
 log = logging.getLogger(__name__)
@@ -58,4 +59,4 @@ def _refused(op: str) -> Any:
         log.warning("refused %r on a GPU nanny (it answers only its own worker)", op)
         return error_message(PermissionError(f"{op!r} is not available on a jupyter-gpu nanny"))
 
-    return refused
+    return closed(refused)

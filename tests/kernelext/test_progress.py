@@ -1,9 +1,9 @@
-"""The cell's progress display (kernelext/progress.py): what it counts and draws from the
+"""The cell's progress display (kernelext/progress_bar.py): what it counts and draws from the
 reports."""
 
 import re
 
-from jupyter_gpu.kernelext.progress import Bar, ProgressDisplay, Series, sparkline
+from jupyter_gpu.kernelext.progress_bar import Bar, ProgressDisplay, Series, sparkline
 
 
 def reports(steps, every=1.0, total=None, **metrics):

@@ -113,7 +113,7 @@ def test_pool_down_stops_the_embedded_pool(tmp_path):
         [
             sys.executable,
             "-c",
-            "from jupyter_gpu.pool.embedded import ensure_embedded_pool\n"
+            "from jupyter_gpu.pool.launcher import ensure_embedded_pool\n"
             "print(ensure_embedded_pool(keep=True))",
         ],
         env=env,

@@ -108,8 +108,7 @@ def test_adaptive_scaling_grows_for_waiting_requests_and_retires_only_idle_worke
     from jupyter_gpu.common.security import pool_rpc
 
     async def scenario() -> None:
-        r = pool_rpc(private_pool)
-        try:
+        async with pool_rpc(private_pool) as r:
             reply = await r.gpu_scale(minimum=2, maximum=3, user="admin")
             assert reply["adaptive"] == {"minimum": 2, "maximum": 3}, reply
             grants = [
@@ -135,7 +134,5 @@ def test_adaptive_scaling_grows_for_waiting_requests_and_retires_only_idle_worke
             snap = await r.gpu_snapshot()
             assert [g["worker"] for g in snap["gpus"]] == [busy_worker]
             assert snap["gpus"][0]["leases"] and reply["workers"] == 1
-        finally:
-            await r.close_rpc()
 
     asyncio.run(scenario())

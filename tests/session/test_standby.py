@@ -129,22 +129,23 @@ def test_the_worker_gives_sessions_a_copy_path_unless_turned_off_or_misconfigure
 
     import dask.config
 
-    from jupyter_gpu.worker.plugin import GpuWorkerPlugin
+    from jupyter_gpu.worker.hoststore import HostStore
+    from jupyter_gpu.worker.session_manager import standby_plan
 
-    plugin = GpuWorkerPlugin()
+    store = HostStore()
     try:
-        given = plugin._standby_for({"id": "L9", "world_size": 1})
+        given = standby_plan({"id": "L9", "world_size": 1}, store)
         # the session's own folder
         assert given["after"] == 2.0 and given["path"].endswith("/L9/standby")
-        assert os.path.dirname(os.path.dirname(given["path"])) == plugin.store.base
-        assert plugin._standby_for({"id": "L9", "world_size": 2}) is None  # ranks are never moved
+        assert os.path.dirname(os.path.dirname(given["path"])) == store.base
+        assert standby_plan({"id": "L9", "world_size": 2}, store) is None  # ranks are never moved
         with dask.config.set({"jupyter-gpu.session.standby-after": None}):
-            assert plugin._standby_for({"id": "L9"}) is None
+            assert standby_plan({"id": "L9"}, store) is None
         with dask.config.set({"jupyter-gpu.reclaim-offload": False}):
-            assert plugin._standby_for({"id": "L9"}) is None
+            assert standby_plan({"id": "L9"}, store) is None
         with dask.config.set({"jupyter-gpu.session.standby-after": "soon"}):
             # a typo turns copies off; sessions still start
-            assert plugin._standby_for({"id": "L9"}) is None
+            assert standby_plan({"id": "L9"}, store) is None
         assert "standby-after is 'soon', not a duration" in caplog.text and "e.g. 2s" in caplog.text
     finally:
-        shutil.rmtree(plugin.store.base, ignore_errors=True)
+        shutil.rmtree(store.base, ignore_errors=True)

@@ -43,11 +43,8 @@ def snapshot(pool: str) -> dict:
     from jupyter_gpu.common.security import pool_rpc
 
     async def go() -> dict:
-        r = pool_rpc(pool)
-        try:
+        async with pool_rpc(pool) as r:
             return await r.gpu_snapshot()
-        finally:
-            await r.close_rpc()
 
     return asyncio.run(go())
 
@@ -64,11 +61,8 @@ def session_starters(pool: str) -> dict[str, dict]:
     async def go() -> dict[str, dict]:
         out = {}
         for address in workers:
-            r = pool_rpc(address, security=client_security(pool))
-            try:
+            async with pool_rpc(address, security=client_security(pool)) as r:
                 out[address] = await r.gpu_session_starter()
-            finally:
-                await r.close_rpc()
         return out
 
     return asyncio.run(go())

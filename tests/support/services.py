@@ -92,7 +92,7 @@ class PoolServices:
         return self
 
     def _expected_gpus(self) -> int:
-        from jupyter_gpu.worker.inventory import parse_virtual_spec
+        from jupyter_gpu.common.inventory import parse_virtual_spec
 
         return len(parse_virtual_spec(self.virtual))
 
