@@ -185,7 +185,10 @@ class Hub:
                 os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
             except (ValueError, ProcessLookupError):
                 pass
-        marker = f"127.0.0.1:{self.service_port}"
+        # what the Hub started has the Hub's API in its environment as JupyterHub names it (the
+        # pool, which names it in its own setting, is stopped by whoever started it)
+        api = f"JUPYTERHUB_API_URL={self.api_url}".encode()
+        page = f"JUPYTERHUB_SERVICE_URL=http://127.0.0.1:{self.service_port}".encode()
         for proc in Path("/proc").iterdir():
             if not proc.name.isdigit():
                 continue
@@ -193,8 +196,7 @@ class Hub:
                 env = (proc / "environ").read_bytes()
             except OSError:
                 continue
-            # the users' servers and the service page of this Hub carry its API port or page address
-            if f":{self.hub_port}/hub/api".encode() in env or marker.encode() in env:
+            if api in env or page in env:
                 try:
                     os.kill(int(proc.name), signal.SIGKILL)
                 except ProcessLookupError:

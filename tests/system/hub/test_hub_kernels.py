@@ -43,7 +43,7 @@ def test_a_hub_kernel_runs_gpu_cells_as_its_hub_user_with_nothing_set_by_hand(hu
         )
         assert out.error is None and f"session of {ALICE}" in out.stdout, out
         (lease,) = hubpool.leases_of(ALICE)
-        # the Hub's name, and the team its group gives (quota file: ml is the Hub group jghml)
-        assert lease["team"] == "ml" and GROUP
+        # the Hub's name, and the team its Hub group gives (the quota file: team ml is GROUP)
+        assert lease["user"] == ALICE and lease["team"] == "ml", (lease, GROUP)
     finally:
         kernel.close()
