@@ -25,6 +25,7 @@ NOT_IN_A_SESSION = CONTROL_PLANE + (
     "jupyter_gpu.kernelext",
     "jupyter_gpu.labext",
     "jupyter_gpu.headless",
+    "jupyter_gpu.hubservice",
 )
 
 
@@ -229,8 +230,6 @@ MAX_CLASS_LINES = 350
 TOO_LONG_FOR_NOW = {
     "broker/fair_share.py:FairSharePolicy",
     "broker/fair_share.py:schedule_pass",
-    "kernelext/options.py:parse_cell_options",
-    "kernelext/status_view.py:_parts",
 }
 
 

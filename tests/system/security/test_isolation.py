@@ -18,7 +18,7 @@ import textwrap
 
 import pytest
 
-from tests.support.harness import snapshot, wait_until
+from tests.support.harness import snapshot, wait_until, worker_pid
 from tests.system.security.team import PREFIX, can_make_accounts, team_pool
 
 pytestmark = [
@@ -30,9 +30,10 @@ pytestmark = [
 ALICE, BOB, NOBODY = f"{PREFIX}alice", f"{PREFIX}bob", f"{PREFIX}ghost"
 
 
-@pytest.fixture(scope="module")
-def team():
-    with team_pool((ALICE, BOB)) as t:
+@pytest.fixture(scope="module", params=["tokens", "hub"])
+def team(request):
+    """The team, its pool checking identities with its token file or with JupyterHub's tokens."""
+    with team_pool((ALICE, BOB), identity=request.param) as t:
         bob = t.kernel(BOB)
         res = bob.run(
             "%%gpu\nimport numpy as np\nsecret_weights = np.arange(5) * 7\nprint('bob ready')"
@@ -157,10 +158,11 @@ def test_session_addresses_are_private_and_a_session_answers_only_its_owner(team
 
 def test_alice_cannot_reach_bobs_host_memory_copy(team):
     lease = bobs_lease(team)
-    assert wait_until(lambda: _standby_files(lease["id"]), 20), (
+    worker = worker_pid(lease["worker"])  # its folder, not another pool's with a lease of that id
+    assert wait_until(lambda: _standby_files(lease["id"], worker), 20), (
         "bob's idle session wrote no standby copy"
     )
-    path = _standby_files(lease["id"])[0]
+    path = _standby_files(lease["id"], worker)[0]
     st = os.stat(path)
     assert st.st_uid == team.users[BOB].pw_uid and st.st_mode & 0o077 == 0
     assert os.stat(os.path.dirname(path)).st_mode & 0o077 == 0
@@ -175,14 +177,15 @@ def test_alice_cannot_reach_bobs_host_memory_copy(team):
     bob_is_fine(team)
 
 
-def _standby_files(lease: str) -> list[str]:
+def _standby_files(lease: str, worker: int) -> list[str]:
     import glob
 
-    return glob.glob(f"/dev/shm/jupyter-gpu-*/{lease}/standby")
+    return glob.glob(f"/dev/shm/jupyter-gpu-{worker}-*/{lease}/standby")
 
 
 def test_pool_secrets_are_off_limits(team):
-    for name in ("tokens.json", "pool.yaml", "audit.sqlite"):
+    identities = "hub.token" if team.hub is not None else "tokens.json"
+    for name in (identities, "pool.yaml", "audit.sqlite"):
         path = team.secrets / name
         assert os.stat(path).st_mode & 0o077 == 0, (name, oct(os.stat(path).st_mode))
         code = (
@@ -296,10 +299,9 @@ def test_handlers_meant_for_workers_and_the_broker_refuse_alice(team):
 
 
 def test_a_user_without_an_account_is_refused_at_once_naming_the_fix(team):
-    from jupyter_gpu.broker.identity import TokenStore
-
-    token = TokenStore(str(team.secrets / "tokens.json")).create(NOBODY)
     from jupyter_gpu.headless.kernel import GpuKernel
+
+    token = team.new_token(NOBODY)
 
     k = GpuKernel(
         team.address, user=NOBODY, account=ALICE, env={"JUPYTER_GPU_TOKEN": token}
