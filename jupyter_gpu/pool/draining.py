@@ -5,7 +5,7 @@ Why: ``jupyter-gpu worker`` is stopped for upgrades and restarts (``systemctl st
 session on them with its variables. Instead the service asks the broker to drain its workers
 (``gpu_drain``, ``broker/draining.py``: no new leases, running cells finish within
 ``jupyter-gpu.worker.drain-timeout``, idle sessions move to other workers with their variables),
-and closes them when the broker answers. A second SIGTERM (or Ctrl-C) stops at once.
+and closes them when the broker answers. A second SIGTERM (or SIGINT) stops at once.
 """
 
 from __future__ import annotations

@@ -227,7 +227,7 @@ async def run_workers(
                     flush=True,
                 )
                 return 1
-        # stopped (systemd's stop or restart, a supervisor, Ctrl-C): drain, then close
+        # stopped (systemd's stop or restart: SIGTERM to this process only): drain, then close
         await drain_before_stopping(
             address, [n.worker_address for n in nannies if n.worker_address], sec
         )
