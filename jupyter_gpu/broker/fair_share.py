@@ -546,7 +546,7 @@ PreemptFn = Callable[[str, str, Request], None]
 def schedule_pass(
     policy: FairSharePolicy,
     queue: list[Request],
-    gpus: Iterable[GpuSlot],
+    packer: packing.Packer,
     grant: GrantFn,
     preempt: PreemptFn | None = None,
     now: float | None = None,
@@ -563,7 +563,7 @@ def schedule_pass(
         (at least one), so they cannot idle the pool.
     """
     now = policy.clock() if now is None else now
-    gpus = list(gpus)
+    gpus = list(packer.gpus.values())
     if gpus:
         policy.reference_bytes = max(g.total_bytes for g in gpus)
     configured = policy.quotas.configured
@@ -586,29 +586,28 @@ def schedule_pass(
             req.reason = blocked
             waiting.append(req)
             continue
-        avail = (
-            [g for g in gpus if reserved_by.get(g.id, req.id) == req.id] if reserved_by else gpus
-        )
+        held = {g for g, rid in reserved_by.items() if rid != req.id} if reserved_by else set()
+        avail = [g for g in gpus if g.id not in held] if held else gpus
         within = policy.within_guarantee(team, need)
-        placement = packing.place(req.spec, avail)
+        placement = packer.place(req.spec, held)
         if placement is None and configured and within and preempt is not None:
             plan = policy.reclaim_plan(req, avail, now)
             if plan:
                 for lease_id, reason in plan:
                     preempt(lease_id, reason, req)
-                placement = packing.place(req.spec, avail)
+                placement = packer.place(req.spec, held)
         if placement is None and preempt is not None:
             plan = policy.suspend_plan(req, avail, now)
             if plan:
                 for lease_id, reason in plan:
                     preempt(lease_id, reason, req)
-                placement = packing.place(req.spec, avail)
+                placement = packer.place(req.spec, held)
         if placement is not None:
             grant(req, placement, configured and not within)
             for g in policy.reservations.pop(req.id, ()):
                 reserved_by.pop(g, None)
             continue
-        reason = packing.why_waiting(req.spec, avail or gpus)
+        reason = packing.why_waiting(req.spec, avail or gpus, packer.hosts, packer.defaults)
         later = (
             policy.suspend_plan(req, avail, now, after=0.0)
             if preempt is not None and len(waiting) < eta_for

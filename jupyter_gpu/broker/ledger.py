@@ -7,9 +7,10 @@ the session starts around it), the pool simulator (``bench/pool_sim.py``) and th
 figure the simulator prints is then a figure of the broker's own code, not of a copy of it.
 
 The ledger keeps these invariants: a GPU's ``leased_bytes`` is the sum of its leases' allocations
-and never exceeds its memory (packing only places into free memory); a lease is counted by the
-fair-share policy from its grant to its end, once; the queue holds only requests in state
-``queued``.
+and never exceeds its memory (packing only places into free memory); a machine's booked host
+memory and cores are the sums of its leases' and never exceed what it leaves to sessions
+(``hosts.py``); a lease is counted by the fair-share policy from its grant to its end, once; the
+queue holds only requests in state ``queued``.
 """
 
 from __future__ import annotations
@@ -21,8 +22,11 @@ from typing import Callable
 
 from jupyter_gpu.broker import packing
 from jupyter_gpu.broker.fair_share import FairSharePolicy, PreemptFn, schedule_pass
+from jupyter_gpu.broker.fragmentation import Workload
+from jupyter_gpu.broker.hosts import HostSlot, SessionDefaults, cpu_milli, format_cpus
 from jupyter_gpu.broker.model import GpuSlot, Lease, Request, new_id
 from jupyter_gpu.common.protocol import LeaseState, RequestState
+from jupyter_gpu.common.units import format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,11 @@ class Ledger:
         self.new_id = new_id
         self.gpus: dict[str, GpuSlot] = {}
         self.worker_gpus: dict[str, list[str]] = {}
+        # each worker's machine: host memory and cores left to sessions, and what leases hold
+        self.hosts: dict[str, HostSlot] = {}
+        # the request shapes seen: what fragmentation-aware placement measures against
+        self.workload = Workload(policy.quotas.session_defaults)
+        self.packer = packing.Packer(self.gpus, self.hosts, self.workload)
         # GPUs of workers lost recently (a Nanny restarting one, a node rebooting): a request that
         # needs them waits for them instead of being refused as impossible
         self.recently_lost: dict[str, tuple[GpuSlot, float]] = {}
@@ -56,7 +65,11 @@ class Ledger:
         self.leases: dict[str, Lease] = {}
         self.ended: collections.OrderedDict[str, Lease] = collections.OrderedDict()
 
-    # ------------------------------------------------------------------ GPUs
+    @property
+    def defaults(self) -> SessionDefaults:
+        return self.workload.defaults
+
+    # ------------------------------------------------------------------ GPUs and machines
     def set_worker_gpus(self, worker: str, slots: list[GpuSlot]) -> list[str]:
         """A worker offers ``slots`` (replacing what it offered before); returns their ids."""
         for gpu_id in self.worker_gpus.pop(worker, []):
@@ -67,16 +80,29 @@ class Ledger:
             self.recently_lost.pop(slot.uuid, None)
             ids.append(slot.id)
         self.worker_gpus[worker] = ids
+        self.hosts.setdefault(worker, HostSlot(worker=worker)).gpu_count = len(ids)
+        self.packer.rebuild()
         return ids
 
+    def set_host(self, worker: str, memory: int | None = None, cpus: float | None = None) -> None:
+        """What ``worker``'s machine leaves to sessions: host memory (bytes) and CPU cores (None:
+        not reported, unbounded). A report below what its leases hold already takes nothing
+        from them; new leases wait until it fits again."""
+        host = self.hosts.setdefault(worker, HostSlot(worker=worker))
+        host.memory = None if memory is None else int(memory)
+        host.cpu_milli = None if cpus is None else cpu_milli(cpus)
+        self.packer.touch(worker)
+
     def remove_worker(self, worker: str) -> tuple[list[str], list[Lease]]:
-        """Forget a worker's GPUs (remembered as recently lost); returns their ids and the live
-        leases on it, which the caller ends with its reason."""
+        """Forget a worker's GPUs (remembered as recently lost) and its machine; returns their ids
+        and the live leases on it, which the caller ends with its reason."""
         gone = self.worker_gpus.pop(worker, [])
         for gpu_id in gone:
             slot = self.gpus.pop(gpu_id, None)
             if slot is not None:
                 self.recently_lost[slot.uuid] = (slot, self.clock())
+        self.hosts.pop(worker, None)
+        self.packer.rebuild()
         return gone, [ls for ls in self.leases.values() if ls.worker == worker]
 
     def capacity(self, remember: float = 120.0) -> list[GpuSlot]:
@@ -106,6 +132,7 @@ class Ledger:
         req.state = "queued"
         self.requests[req.id] = req
         self.queue.append(req)
+        self.workload.observe(req.spec)
 
     def record(self, req: Request) -> None:
         """Keep a request that never queues (refused at once) so its outcome can be read."""
@@ -162,7 +189,7 @@ class Ledger:
                 schedule_pass(
                     self.policy,
                     self.queued(),
-                    self.gpus.values(),
+                    self.packer,
                     grant,
                     preempt,
                     now=self.clock() if now is None else now,
@@ -199,8 +226,8 @@ class Ledger:
                 req.spec.validate()
                 self.policy.key(req, now)
                 self.policy.limit_reason(req)
-                packing.place(req.spec, gpus)
-                packing.why_waiting(req.spec, gpus)
+                self.packer.place(req.spec)
+                packing.why_waiting(req.spec, gpus, self.hosts, self.defaults)
             except Exception as exc:  # noqa: BLE001 - exactly what is looked for
                 faulty.append((req, f"{type(exc).__name__}: {exc}"))
         return faulty
@@ -235,10 +262,10 @@ class Ledger:
                 started=now,
                 preemptible=preemptible,
             )
-            for a in allocations:
-                slot = self.gpus[a.gpu]
-                slot.leased_bytes += a.bytes
-                slot.leases.add(lease.id)
+            lease.host_memory, lease.cpu_milli = self.packer.host_need(
+                req.spec, worker, allocations
+            )
+            self._book(lease, +1)
             self.leases[lease.id] = lease
             req.leases.append(lease.id)
             leases.append(lease)
@@ -270,9 +297,18 @@ class Ledger:
                 return f"its GPU {a.gpu} is not in the pool"
             if slot.free_bytes < a.bytes:
                 return f"its GPU {a.gpu} has only {slot.free_bytes} bytes free, not {a.bytes}"
-        for a in lease.allocations:
-            self.gpus[a.gpu].leased_bytes += a.bytes
-            self.gpus[a.gpu].leases.add(lease.id)
+        host = self.hosts.get(lease.worker)
+        if host is not None and lease.host_memory > host.free_memory:
+            return (
+                f"its machine has {format_bytes(host.free_memory)} of host memory free for "
+                f"sessions, not {format_bytes(lease.host_memory)}"
+            )
+        if host is not None and lease.cpu_milli > host.free_cpu_milli:
+            return (
+                f"its machine has {format_cpus(host.free_cpu_milli)} free for sessions, not "
+                f"{format_cpus(lease.cpu_milli)}"
+            )
+        self._book(lease, +1)
         self.leases[lease.id] = lease
         team = lease.team or self.policy.quotas.team_of(lease.user)
         self.policy.lease_started(
@@ -314,11 +350,7 @@ class Ledger:
         lease = self.leases.pop(lease_id, None)
         if lease is None:
             return None
-        for a in lease.allocations:
-            slot = self.gpus.get(a.gpu)
-            if slot is not None:
-                slot.leased_bytes -= a.bytes
-                slot.leases.discard(lease.id)
+        self._book(lease, -1)
         lease.state, lease.ended, lease.end_reason = (
             "ended",
             self.clock() if now is None else now,
@@ -329,6 +361,21 @@ class Ledger:
         while len(self.ended) > ENDED_KEPT:
             self.ended.popitem(last=False)
         return lease
+
+    def _book(self, lease: Lease, sign: int) -> None:
+        """Add (+1) or take back (-1) a lease's GPU memory, host memory and cores."""
+        for a in lease.allocations:
+            slot = self.gpus.get(a.gpu)
+            if slot is not None:
+                slot.leased_bytes += sign * a.bytes
+                (slot.leases.add if sign > 0 else slot.leases.discard)(lease.id)
+        host = self.hosts.get(lease.worker)
+        if host is not None:
+            host.leased_memory += sign * lease.host_memory
+            host.leased_cpu_milli += sign * lease.cpu_milli
+            (host.leases.add if sign > 0 else host.leases.discard)(lease.id)
+        if lease.worker in self.worker_gpus:
+            self.packer.touch(lease.worker)
 
     def lease_or_ended(self, lease_id: str) -> Lease | None:
         return self.leases.get(lease_id) or self.ended.get(lease_id)
@@ -341,6 +388,13 @@ class Ledger:
             )
             assert total == g.leased_bytes, (g.id, total, g.leased_bytes)
             assert 0 <= g.leased_bytes <= g.total_bytes, (g.id, g.leased_bytes, g.total_bytes)
+        for h in self.hosts.values():
+            mine = [ls for ls in self.leases.values() if ls.worker == h.worker]
+            assert h.leases == {ls.id for ls in mine}, (h.worker, h.leases)
+            assert h.leased_memory == sum(ls.host_memory for ls in mine), h
+            assert h.leased_cpu_milli == sum(ls.cpu_milli for ls in mine), h
+            assert h.memory is None or h.leased_memory <= h.memory, h
+            assert h.cpu_milli is None or h.leased_cpu_milli <= h.cpu_milli, h
         assert all(r.state == "queued" for r in self.queue), [r.state for r in self.queue]
         assert set(self.policy.leases) == set(self.leases), set(self.policy.leases) ^ set(
             self.leases

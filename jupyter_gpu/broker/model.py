@@ -120,6 +120,8 @@ class Lease:
     # how its processes are kept together and capped (worker/containment.py)
     containment: str | None = None
     host_memory_limit: int | None = None  # the host memory its processes may use together
+    host_memory: int = 0  # host memory booked for it on its machine (broker/hosts.py)
+    cpu_milli: int = 0  # thousandths of a CPU core booked for it on its machine
     address: str | None = None  # the session process's comm address
     # what its session asks of every call: owner only
     secret: str | None = field(default=None, repr=False)
@@ -164,6 +166,8 @@ class Lease:
             "pid": self.pid,
             "containment": self.containment,
             "host_memory_limit": self.host_memory_limit,
+            "host_memory": self.host_memory,
+            "cpus": self.cpu_milli / 1000,
             "cell_started": self.cell_started,
             "peak_bytes": self.peak_bytes,
             "end_reason": self.end_reason,

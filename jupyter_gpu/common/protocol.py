@@ -63,7 +63,9 @@ class RequestSpec:
 
     Exactly one of ``fraction`` (of one GPU, 0 < f <= 1), ``memory`` (bytes on one GPU) or
     ``gpus`` (whole GPUs on one worker, >= 1) is set. ``workers`` > 1 asks for that many such
-    allocations, each on a distinct GPU, granted together (a gang).
+    allocations, each on a distinct GPU, granted together (a gang). ``host_memory`` (bytes) and
+    ``cpus`` (cores, fractions allowed) are what each session needs on its machine; None leaves
+    them to the pool's policy (``broker/hosts.py``: in proportion to the GPU share by default).
     """
 
     fraction: float | None = None
@@ -71,9 +73,12 @@ class RequestSpec:
     gpus: int | None = None
     workers: int = 1
     priority: Priority = "interactive"
+    host_memory: int | None = None
+    cpus: float | None = None
 
     MAX_RANKS: ClassVar[int] = 4096
     MAX_GPUS: ClassVar[int] = 4096
+    MAX_CPUS: ClassVar[int] = 1 << 20
 
     @classmethod
     def from_wire(cls, data: Any) -> RequestSpec:
@@ -98,7 +103,12 @@ class RequestSpec:
             raise ValueError(
                 f"a GPU fraction must be a finite number in (0, 1]; got {spec.fraction!r}"
             )
-        for name, top in (("memory", 2**62), ("gpus", cls.MAX_GPUS), ("workers", cls.MAX_RANKS)):
+        for name, top in (
+            ("memory", 2**62),
+            ("gpus", cls.MAX_GPUS),
+            ("workers", cls.MAX_RANKS),
+            ("host_memory", 2**62),
+        ):
             value = getattr(spec, name)
             if value is None:
                 continue
@@ -106,6 +116,15 @@ class RequestSpec:
                 raise ValueError(f"{name} must be a whole number; got {value!r}")
             if value > top:
                 raise ValueError(f"{name} must be at most {top}; got {value}")
+        if spec.cpus is not None and (
+            isinstance(spec.cpus, bool)
+            or not isinstance(spec.cpus, (int, float))
+            or not math.isfinite(spec.cpus)
+            or spec.cpus > cls.MAX_CPUS
+        ):
+            raise ValueError(
+                f"cpus must be a finite number of CPU cores up to {cls.MAX_CPUS}; got {spec.cpus!r}"
+            )
         if not isinstance(spec.priority, str):
             raise ValueError(
                 f"priority must be one of {', '.join(PRIORITIES)}; got {spec.priority!r}"
@@ -137,6 +156,10 @@ class RequestSpec:
             raise ValueError(
                 f"priority must be one of {', '.join(PRIORITIES)}; got {self.priority!r}"
             )
+        if self.host_memory is not None and self.host_memory < 0:
+            raise ValueError(f"host memory must be 0 or more bytes; got {self.host_memory}")
+        if self.cpus is not None and not (self.cpus >= 0):  # NaN fails too
+            raise ValueError(f"cpus must be 0 or more CPU cores; got {self.cpus}")
 
     def need_on(self, gpu: Any) -> int:
         """Bytes this spec reserves on ``gpu`` (anything with ``total_bytes``) for one allocation
@@ -156,6 +179,13 @@ class RequestSpec:
             what = f"{self.gpus} whole GPU" + ("s" if self.gpus > 1 else "")
         else:
             what = f"{self.fraction:g} GPU"
+        host = (
+            [f"{format_bytes(self.host_memory)} host memory"]
+            if self.host_memory is not None
+            else []
+        )
+        host += [f"{self.cpus:g} CPU cores"] if self.cpus is not None else []
+        what += f" with {' and '.join(host)}" if host else ""
         return what if self.workers == 1 else f"{self.workers} x {what}"
 
     def gpu_equivalents(self, gpu_bytes: int | None = None) -> float:
@@ -235,6 +265,8 @@ class LeaseView(TypedDict, total=False):
     # how its processes are kept together: "cgroup v2", ..., "process group"
     containment: str | None
     host_memory_limit: int | None  # the host memory its processes may use together (bytes)
+    host_memory: int  # host memory booked for it on its machine (bytes; 0: none reported there)
+    cpus: float  # CPU cores booked for it on its machine (0: none reported there)
     address: str | None  # the session's comm address
     pid: int | None
     cell_started: float | None
