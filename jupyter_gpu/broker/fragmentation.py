@@ -96,6 +96,8 @@ class Weighted:
     weight: float  # share of the workload (the weights sum to 1)
     gpus: float  # GPUs one session of it holds (a fraction of one for a memory shape: 1)
     cpu_milli: int | None  # what it asks for explicitly (None: the default)
+    count: int  # GPUs it needs on one machine (whole GPUs), else 1
+    explicit: bool  # asks for both host memory and cores (no default to work out per machine)
 
 
 class Workload:
@@ -146,7 +148,8 @@ class Workload:
                 float(whole) if whole is not None else (fraction if fraction is not None else 1.0)
             )
             milli = None if cpus is None else int(math.ceil(cpus * CPU_MILLI - 1e-9))
-            shapes.append(Weighted(key, spec, w / total, held, milli))
+            explicit = host_memory is not None and milli is not None
+            shapes.append(Weighted(key, spec, w / total, held, milli, whole or 1, explicit))
             if milli is not None:
                 cpu += w * milli
                 gpu += w * held
@@ -171,30 +174,44 @@ class Scorer:
             self._hostable.clear()
             self._version = self.workload.version
 
-    def hosts(self, key: StateKey, shape: Weighted) -> bool:
-        parts, free_mem, free_cpu = key[0], key[1], key[2]
-        if not parts:
-            return False
-        total = max(t for _, t in parts)
-        need = per_gpu_need(shape.shape, total)
-        count = shape.shape[2] or 1
-        able = sum(1 for f, t in parts if (f == t if shape.shape[2] else f >= need))
-        if able < count:
-            return False
-        if free_mem is None and free_cpu is None:
-            return True
-        mem, milli = host_need(
-            shape.spec, [(need, total)] * count, host_of(key), self.workload.defaults
-        )
-        return (free_mem is None or mem <= free_mem) and (free_cpu is None or milli <= free_cpu)
-
     def hostable(self, key: StateKey) -> frozenset[int]:
-        """The indices (in ``workload.shapes``) of the shapes the machine can host now."""
+        """The indices (in ``workload.shapes``) of the shapes the machine can host now: enough
+        GPUs with room (entirely free ones for whole GPUs), host memory and cores."""
         self._fresh()
         found = self._hostable.get(key)
-        if found is None:
-            found = frozenset(i for i, s in enumerate(self.workload.shapes) if self.hosts(key, s))
-            self._hostable[key] = found
+        if found is not None:
+            return found
+        parts, free_mem, free_cpu = key[0], key[1], key[2]
+        able: list[int] = []
+        if parts:
+            total = max(t for _, t in parts)
+            whole_free = sum(1 for f, t in parts if f == t)
+            frees = sorted(f for f, _ in parts)
+            bounded = free_mem is not None or free_cpu is not None
+            host = host_of(key) if bounded else None
+            defaults = self.workload.defaults
+            for i, shape in enumerate(self.workload.shapes):
+                if shape.shape[2] is not None:
+                    if whole_free < shape.count:
+                        continue
+                    need = total
+                else:
+                    need = per_gpu_need(shape.shape, total)
+                    if frees[-1] < need:
+                        continue
+                if bounded:
+                    if shape.explicit:
+                        mem, milli = shape.spec.host_memory or 0, shape.cpu_milli or 0
+                    else:
+                        mem, milli = host_need(
+                            shape.spec, [(need, total)] * shape.count, host, defaults
+                        )
+                    if (free_mem is not None and mem > free_mem) or (
+                        free_cpu is not None and milli > free_cpu
+                    ):
+                        continue
+                able.append(i)
+        found = self._hostable[key] = frozenset(able)
         return found
 
     def score(self, key: StateKey) -> float:
@@ -208,21 +225,24 @@ class Scorer:
 
     def _fragmentation(self, key: StateKey) -> float:
         parts = key[0]
-        free = [f / t for f, t in parts if t > 0]
-        total_free = sum(free)
+        free = [(f / t, f, t) for f, t in parts if t > 0 and f > 0]
+        total_free = sum(x for x, _, _ in free)
         if total_free <= 0:
             return 0.0
         able = self.hostable(key)
+        partial = sum(x for x, f, t in free if f < t)  # lost to whole-GPU shapes
         value = 0.0
         for i, shape in enumerate(self.workload.shapes):
             if i not in able:
                 value += shape.weight * total_free
-            elif shape.shape[2] is None:  # a share of one GPU: GPUs too small for it are lost
-                value += shape.weight * sum(
-                    f / t for f, t in parts if t > 0 and f < per_gpu_need(shape.shape, t)
-                )
-            else:  # whole GPUs: partly used GPUs are lost to it
-                value += shape.weight * sum(f / t for f, t in parts if t > 0 and f < t)
+            elif shape.shape[2] is not None:
+                value += shape.weight * partial
+            else:  # a share of one GPU: the GPUs too small for it are lost to it
+                lost = 0.0
+                for x, f, t in free:
+                    if f < per_gpu_need(shape.shape, t):
+                        lost += x
+                value += shape.weight * lost
         return value
 
     def _stranded(self, key: StateKey) -> float:

@@ -21,10 +21,12 @@ import time
 from typing import Callable
 
 from jupyter_gpu.broker import packing
-from jupyter_gpu.broker.fair_share import FairSharePolicy, PreemptFn, schedule_pass
+from jupyter_gpu.broker.fair_share import FairSharePolicy
 from jupyter_gpu.broker.fragmentation import Workload
 from jupyter_gpu.broker.hosts import HostSlot, SessionDefaults, cpu_milli, format_cpus
 from jupyter_gpu.broker.model import GpuSlot, Lease, Request, new_id
+from jupyter_gpu.broker.scheduling import PreemptFn, schedule_pass
+from jupyter_gpu.broker.waiting import WaitingRoom
 from jupyter_gpu.common.protocol import LeaseState, RequestState
 from jupyter_gpu.common.units import format_bytes
 
@@ -61,7 +63,8 @@ class Ledger:
         # needs them waits for them instead of being refused as impossible
         self.recently_lost: dict[str, tuple[GpuSlot, float]] = {}
         self.requests: dict[str, Request] = {}
-        self.queue: list[Request] = []
+        # the queued requests, indexed by team, user and shape (waiting.py)
+        self.queue = WaitingRoom(policy.team_of)
         self.leases: dict[str, Lease] = {}
         self.ended: collections.OrderedDict[str, Lease] = collections.OrderedDict()
 
@@ -81,7 +84,7 @@ class Ledger:
             ids.append(slot.id)
         self.worker_gpus[worker] = ids
         self.hosts.setdefault(worker, HostSlot(worker=worker)).gpu_count = len(ids)
-        self.packer.rebuild()
+        self.packer.reindex(worker, slots)
         return ids
 
     def set_host(self, worker: str, memory: int | None = None, cpus: float | None = None) -> None:
@@ -102,7 +105,7 @@ class Ledger:
             if slot is not None:
                 self.recently_lost[slot.uuid] = (slot, self.clock())
         self.hosts.pop(worker, None)
-        self.packer.rebuild()
+        self.packer.reindex(worker, [])
         return gone, [ls for ls in self.leases.values() if ls.worker == worker]
 
     def capacity(self, remember: float = 120.0) -> list[GpuSlot]:
@@ -139,7 +142,7 @@ class Ledger:
         self.requests[req.id] = req
 
     def queued(self) -> list[Request]:
-        return [r for r in self.queue if r.state == "queued"]
+        return list(self.queue)
 
     def ordered_queue(self) -> list[Request]:
         """The waiting requests in the policy's order."""
@@ -188,7 +191,7 @@ class Ledger:
             try:
                 schedule_pass(
                     self.policy,
-                    self.queued(),
+                    self.queue,
                     self.packer,
                     grant,
                     preempt,
@@ -282,6 +285,7 @@ class Ledger:
                 gang=len(placement) > 1,
                 priority=req.spec.priority,
                 idle=self.sessions_start_idle,
+                host=(lease.host_memory, lease.cpu_milli),
             )
         return leases
 
@@ -323,6 +327,7 @@ class Ledger:
             gang=lease.world_size > 1,
             priority=lease.priority,
             idle=idle,
+            host=(lease.host_memory, lease.cpu_milli),
         )
         return None
 

@@ -6,6 +6,7 @@ run the real code on their own.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -37,8 +38,8 @@ class GpuSlot:
     leased_bytes: int = 0
     leases: set[str] = field(default_factory=set)
 
-    @property
-    def id(self) -> str:
+    @functools.cached_property
+    def id(self) -> str:  # cached: placement and scheduling read it for every GPU
         return f"{self.worker}#{self.index}"
 
     @property

@@ -41,6 +41,7 @@ from jupyter_gpu.broker.fragmentation import (
 )
 from jupyter_gpu.broker.hosts import HostSlot, SessionDefaults, format_cpus, host_need
 from jupyter_gpu.broker.model import Allocation, GpuSlot
+from jupyter_gpu.broker.waiting import Room
 from jupyter_gpu.common.protocol import RequestSpec
 from jupyter_gpu.common.units import format_bytes
 
@@ -85,6 +86,7 @@ class Packer:
 
     # ------------------------------------------------------------------ the index
     def rebuild(self) -> None:
+        """Index everything afresh (after the ledger's dicts were replaced wholesale)."""
         self._by_worker: dict[str, list[GpuSlot]] = collections.defaultdict(list)
         for g in self.gpus.values():
             self._by_worker[g.worker].append(g)
@@ -94,12 +96,31 @@ class Packer:
         self._entry: dict[str, tuple[int, int, str]] = {}
         self._whole: SortedList = SortedList()
         self._whole_entry: dict[str, tuple[int, str]] = {}
+        self._free_whole = 0  # entirely free GPUs in the pool
+        # free host memory and thousandths of a core of the machines that report them
+        self._host_free: tuple[SortedList, SortedList] = (SortedList(), SortedList())
+        self._host_entry: dict[str, tuple[tuple[float, str], tuple[float, str]]] = {}
+        self._unbounded: set[str] = set()  # machines that report no memory or no cores
         self._state: dict[str, StateKey] = {}
+        self._entries: dict[str, tuple[Any, ...]] = {}  # each worker's entry in its group
         self._groups: dict[StateKey, SortedList] = {}
         self._capable: collections.Counter[int] = collections.Counter()
         self._capable_version = -1
         for worker in list(self._by_worker) + [w for w in self.hosts if w not in self._by_worker]:
             self.touch(worker)
+
+    def reindex(self, worker: str, slots: Iterable[GpuSlot] | None = None) -> None:
+        """Re-index ``worker`` after it joined (with ``slots``), left or offered other GPUs."""
+        for g in self._by_worker.pop(worker, []):
+            old = self._entry.pop(g.id, None)
+            if old is not None:
+                self._free[old[0]].discard(old[1:])
+        if slots is None:
+            slots = (g for g in self.gpus.values() if g.worker == worker)
+        slots = sorted(slots, key=lambda g: g.index)
+        if slots:
+            self._by_worker[worker] = slots
+        self.touch(worker)
 
     def touch(self, worker: str) -> None:
         """Re-index ``worker`` after its GPUs' or its host's bookings changed."""
@@ -113,21 +134,38 @@ class Packer:
         old_whole = self._whole_entry.pop(worker, None)
         if old_whole is not None:
             self._whole.discard(old_whole)
+            self._free_whole -= old_whole[0]
         free_whole = sum(1 for g in self._by_worker.get(worker, ()) if g.leased_bytes == 0)
         if free_whole:
             self._whole_entry[worker] = (free_whole, worker)
             self._whole.add((free_whole, worker))
+            self._free_whole += free_whole
+        old_host = self._host_entry.pop(worker, None)
+        if old_host is not None:
+            self._host_free[0].discard(old_host[0])
+            self._host_free[1].discard(old_host[1])
+        self._unbounded.discard(worker)
+        host = self.hosts.get(worker)
+        if worker in self._by_worker:
+            if host is None or host.memory is None or host.cpu_milli is None:
+                self._unbounded.add(worker)
+            else:
+                free = ((host.free_memory, worker), (host.free_cpu_milli, worker))
+                self._host_entry[worker] = free
+                self._host_free[0].add(free[0])
+                self._host_free[1].add(free[1])
         old_key = self._state.pop(worker, None)
         if old_key is not None:
             members = self._groups[old_key]
-            members.discard(self._order(worker))
+            members.discard(self._entries.pop(worker))
             if not members:
                 del self._groups[old_key]
             self._count(old_key, -1)
         if worker in self._by_worker or worker in self.hosts:
             key = self._key_of(worker)
             self._state[worker] = key
-            self._groups.setdefault(key, SortedList()).add(self._order(worker))
+            self._entries[worker] = entry = self.order_key(worker)
+            self._groups.setdefault(key, SortedList()).add(entry)
             self._count(key, 1)
 
     def _key_of(
@@ -155,8 +193,9 @@ class Packer:
             )
         return key
 
-    def _order(self, worker: str) -> tuple[float, str]:
-        """Ties go to the machine with the fewest cores, then in worker order."""
+    def order_key(self, worker: str) -> tuple[Any, ...]:
+        """Ties go to the machine with the fewest cores, then in worker order (the worker's name
+        comes last: the index stores these)."""
         host = self.hosts.get(worker)
         cores = host.cpu_milli if host is not None and host.cpu_milli is not None else math.inf
         return (cores, worker)
@@ -175,6 +214,51 @@ class Packer:
                     self._capable[i] += len(members)
             self._capable_version = self.workload.version
         return self._capable
+
+    # ------------------------------------------------------------------ what the pool has
+    def largest_gpu(self) -> int:
+        return max(self._free) if self._free else 0
+
+    def room(self) -> Room:
+        """The most one request could get now, per kind of need (``waiting.Room``): a necessary
+        condition for fitting, in constant time."""
+        frac = bytes_ = 0.0
+        for total, entries in self._free.items():
+            if entries:
+                top = entries[-1][0]
+                frac, bytes_ = max(frac, top / total), max(bytes_, top)
+        whole = float(self._whole[-1][0]) if self._whole else 0.0
+        if self._unbounded:
+            memory = cpu = math.inf
+        else:
+            memory = float(self._host_free[0][-1][0]) if self._host_free[0] else 0.0
+            cpu = float(self._host_free[1][-1][0]) if self._host_free[1] else 0.0
+        return Room((frac, bytes_, whole), memory, cpu)
+
+    def why_waiting(self, spec: RequestSpec, held: Collection[str] = ()) -> str:
+        """``why_waiting`` on the GPUs not ``held`` for others (all of them if none is left)."""
+        avail = [self.gpus[g] for g in self.gpus if g not in held] if held else None
+        if self.scored or (held and avail):
+            return why_waiting(spec, avail or list(self.gpus.values()), self.hosts, self.defaults)
+        if not self.gpus:
+            return "waiting: no GPU worker has joined the pool yet"
+        if spec.gpus is not None:
+            return (
+                f"waiting: needs {spec.gpus} entirely free GPU(s) on one worker; "
+                f"{self._free_whole} free in the pool"
+            )
+        needs = sorted({spec.need_on(_Size(t)) for t in self._free if self._free[t]})
+        need_text = format_bytes(needs[0]) if len(needs) == 1 else f"{format_bytes(needs[0])}+"
+        largest_gap = max(e[-1][0] for e in self._free.values() if e)
+        if spec.workers > 1:
+            fitting = sum(
+                len(e) - e.bisect_left((spec.need_on(_Size(t)), "")) for t, e in self._free.items()
+            )
+            return (
+                f"waiting: {spec.workers} ranks need {need_text} each on distinct GPUs; {fitting} "
+                "GPU(s) have that free now"
+            )
+        return f"waiting: no GPU has {need_text} free; largest gap {format_bytes(largest_gap)}"
 
     # ------------------------------------------------------------------ placing
     def host_need(
@@ -263,14 +347,14 @@ class Packer:
             nonlocal best
             found = self._best_option(key, spec, capable)
             if found is not None:
-                rank = found[0] + self._order(worker)
+                rank = found[0] + self.order_key(worker)
                 if best is None or rank < best[0]:
                     best = (rank, worker, key, found[1])
 
         for key, members in self._groups.items():
-            for _, worker in members:
-                if worker not in touched:
-                    consider(key, worker)
+            for entry in members:
+                if entry[-1] not in touched:
+                    consider(key, entry[-1])
                     break
         for worker in touched:
             if worker in self._by_worker:
@@ -363,8 +447,8 @@ class Packer:
                 n,
             )
             option = self.host_option(key, after)
-            worker = members[0][1]
-            rank = (self._protect(option[2], capable),) + option[0] + self._order(worker)
+            worker = members[0][-1]
+            rank = (self._protect(option[2], capable),) + option[0] + self.order_key(worker)
             if best is None or rank < best[0]:
                 best = (rank, worker)
         return best[1] if best is not None else None
@@ -480,37 +564,69 @@ def never_fits(
                 f"only {fitting} GPU(s) in the pool have {format_bytes(spec.memory)}, fewer than "
                 f"the {spec.workers} ranks asked for."
             )
-    return _never_fits_host(spec, per_worker, hosts or {}, defaults or SessionDefaults())
+    by_worker: dict[str, list[GpuSlot]] = collections.defaultdict(list)
+    for g in gpus:
+        by_worker[g.worker].append(g)
+    return _never_fits_host(spec, by_worker, hosts or {}, defaults or SessionDefaults())
 
 
 def _never_fits_host(
     spec: RequestSpec,
-    per_worker: Mapping[str, int],
+    by_worker: Mapping[str, list[GpuSlot]],
     hosts: Mapping[str, HostSlot],
     defaults: SessionDefaults,
 ) -> str | None:
-    """Why no machine, empty, has the host memory or cores ``spec`` asks for (None: one has)."""
-    machines = [hosts.get(w) or HostSlot(worker=w) for w in per_worker]
-    if spec.host_memory is not None:
-        sizes = [h.memory for h in machines]
-        if None not in sizes and spec.host_memory > max(s or 0 for s in sizes):
-            largest = max(s or 0 for s in sizes)
-            return (
-                f"it asks for {format_bytes(spec.host_memory)} of host memory but no machine in "
-                f"the pool leaves more than {format_bytes(largest)} to sessions. Ask for less "
-                f"(--host-memory {format_bytes(largest).replace(' ', '')}), or ask the pool's "
-                "admin for a machine with more memory."
-            )
-    if spec.cpus is not None:
-        cores = [h.cpu_milli for h in machines]
-        if None not in cores and spec.cpus * 1000 > max(c or 0 for c in cores) + 1e-6:
-            most = max(c or 0 for c in cores)
-            return (
-                f"it asks for {spec.cpus:g} CPU cores but no machine in the pool leaves more than "
-                f"{format_cpus(most)} to sessions. Ask for fewer (--cpus {most / 1000:g}), or ask "
-                "the pool's admin for a machine with more cores."
-            )
-    return None
+    """Why no machine, empty, has the host memory or cores ``spec`` asks for beside the GPUs it
+    needs (None: enough do). Only machines with the GPUs count: a machine with the memory but
+    too few GPUs, or the GPUs but too little memory, runs nothing of it. A ``--workers`` run needs
+    room for all its ranks, several on one machine adding up."""
+    ranks = 0
+    short_mem = short_cpu = False
+    most_mem = most_cpu = 0
+    for worker, slots in by_worker.items():
+        host = hosts.get(worker) or HostSlot(worker=worker, gpu_count=len(slots))
+        if spec.gpus is not None:
+            if len(slots) < spec.gpus:
+                continue
+            able = 1
+            parts = [(g.total_bytes, g.total_bytes) for g in slots[: int(spec.gpus)]]
+        else:
+            fit = [g for g in slots if spec.need_on(g) <= g.total_bytes]
+            if not fit:
+                continue
+            able = len(fit)
+            parts = [(spec.need_on(fit[0]), fit[0].total_bytes)]
+        memory, milli = host_need(spec, parts, host, defaults)
+        if host.memory is not None:
+            most_mem = max(most_mem, host.memory)
+            short_mem |= memory > host.memory
+            able = min(able, host.memory // memory if memory else able)
+        if host.cpu_milli is not None:
+            most_cpu = max(most_cpu, host.cpu_milli)
+            short_cpu |= milli > host.cpu_milli
+            able = min(able, host.cpu_milli // milli if milli else able)
+        ranks += able
+        if ranks >= spec.workers:
+            return None
+    where = "no machine in the pool with the GPUs it needs"
+    if short_mem and spec.host_memory is not None and spec.workers == 1:
+        return (
+            f"it asks for {format_bytes(spec.host_memory)} of host memory but {where} leaves "
+            f"more than {format_bytes(most_mem)} to sessions. Ask for less (--host-memory "
+            f"{format_bytes(most_mem).replace(' ', '')}), or ask the pool's admin for a machine "
+            "with more memory."
+        )
+    if short_cpu and spec.cpus is not None and spec.workers == 1:
+        return (
+            f"it asks for {spec.cpus:g} CPU cores but {where} leaves more than "
+            f"{format_cpus(most_cpu)} to sessions. Ask for fewer (--cpus {most_cpu / 1000:g}), or "
+            "ask the pool's admin for a machine with more cores."
+        )
+    return (
+        f"it asks for {spec.workers} ranks with {spec.describe()} each, but the machines with the "
+        f"GPUs it needs have host memory and cores for only {ranks} of them. Ask for fewer "
+        "ranks, less host memory (--host-memory) or fewer cores (--cpus)."
+    )
 
 
 def why_waiting(

@@ -35,6 +35,7 @@ from jupyter_gpu.broker.identity import TokenStore
 from jupyter_gpu.broker.ledger import Ledger
 from jupyter_gpu.broker.model import Allocation, GpuSlot, Lease, Request, ids_beyond, new_id
 from jupyter_gpu.broker.settings import BrokerSettings, PoolConfigError, load_settings
+from jupyter_gpu.broker.waiting import WaitingRoom
 from jupyter_gpu.common import config, poolkey, protocol
 from jupyter_gpu.common.protocol import (
     GpuInfoMsg,
@@ -139,7 +140,7 @@ class GpuBroker(SchedulerPlugin):
         return self.ledger.leases
 
     @property
-    def queue(self) -> list[Request]:
+    def queue(self) -> WaitingRoom:
         return self.ledger.queue
 
     @property
