@@ -69,6 +69,21 @@ class HostSlot:
     def fits(self, memory: int, milli: int) -> bool:
         return memory <= self.free_memory and milli <= self.free_cpu_milli
 
+    def lacks(self, memory: int, milli: int) -> str | None:
+        """What the machine lacks for ``memory`` bytes and ``milli`` thousandths of a core (None:
+        nothing)."""
+        if memory > self.free_memory:
+            return (
+                f"its machine has {format_bytes(self.free_memory)} of host memory free for "
+                f"sessions, not {format_bytes(memory)}"
+            )
+        if milli > self.free_cpu_milli:
+            return (
+                f"its machine has {format_cpus(self.free_cpu_milli)} free for sessions, not "
+                f"{format_cpus(milli)}"
+            )
+        return None
+
 
 @dataclass(frozen=True)
 class SessionDefaults:

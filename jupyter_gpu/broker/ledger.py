@@ -23,12 +23,11 @@ from typing import Callable
 from jupyter_gpu.broker import packing
 from jupyter_gpu.broker.fair_share import FairSharePolicy
 from jupyter_gpu.broker.fragmentation import Workload
-from jupyter_gpu.broker.hosts import HostSlot, SessionDefaults, cpu_milli, format_cpus
+from jupyter_gpu.broker.hosts import HostSlot, SessionDefaults, cpu_milli
 from jupyter_gpu.broker.model import GpuSlot, Lease, Request, new_id
 from jupyter_gpu.broker.scheduling import PreemptFn, schedule_pass
 from jupyter_gpu.broker.waiting import WaitingRoom
 from jupyter_gpu.common.protocol import LeaseState, RequestState
-from jupyter_gpu.common.units import format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +202,7 @@ class Ledger:
                 log.exception(
                     "a scheduling pass failed; looking for the request that makes it fail"
                 )
-                culprits = self._faulty_requests()
+                culprits = faulty_requests(self)
                 if not culprits:
                     return grants  # not a request's fault: the next event tries again
                 for req, why in culprits:
@@ -218,22 +217,6 @@ class Ledger:
                     else:
                         self.finish_request(req, "failed", reason)
         return grants
-
-    def _faulty_requests(self) -> list[tuple[Request, str]]:
-        """The queued requests that the policy or the packing cannot handle, each with the error."""
-        now = self.clock()
-        gpus = list(self.gpus.values())
-        faulty = []
-        for req in self.queued():
-            try:
-                req.spec.validate()
-                self.policy.key(req, now)
-                self.policy.limit_reason(req)
-                self.packer.place(req.spec)
-                packing.why_waiting(req.spec, gpus, self.hosts, self.defaults)
-            except Exception as exc:  # noqa: BLE001 - exactly what is looked for
-                faulty.append((req, f"{type(exc).__name__}: {exc}"))
-        return faulty
 
     def grant(self, req: Request, placement: packing.Placement, preemptible: bool) -> list[Lease]:
         """Book ``placement`` for ``req``: one lease per rank, the GPUs' bytes, the policy's
@@ -273,20 +256,7 @@ class Ledger:
             req.leases.append(lease.id)
             leases.append(lease)
             # the exact share is what quotas count (the lease shows it rounded)
-            self.policy.lease_started(
-                lease.id,
-                req.user,
-                team,
-                fraction,
-                preemptible,
-                now=now,
-                allocs={a.gpu: a.bytes for a in allocations},
-                request=req.id,
-                gang=len(placement) > 1,
-                priority=req.spec.priority,
-                idle=self.sessions_start_idle,
-                host=(lease.host_memory, lease.cpu_milli),
-            )
+            self._count(lease, team, fraction, now, idle=self.sessions_start_idle)
         return leases
 
     def adopt(self, lease: Lease, idle: bool) -> str | None:
@@ -302,26 +272,24 @@ class Ledger:
             if slot.free_bytes < a.bytes:
                 return f"its GPU {a.gpu} has only {slot.free_bytes} bytes free, not {a.bytes}"
         host = self.hosts.get(lease.worker)
-        if host is not None and lease.host_memory > host.free_memory:
-            return (
-                f"its machine has {format_bytes(host.free_memory)} of host memory free for "
-                f"sessions, not {format_bytes(lease.host_memory)}"
-            )
-        if host is not None and lease.cpu_milli > host.free_cpu_milli:
-            return (
-                f"its machine has {format_cpus(host.free_cpu_milli)} free for sessions, not "
-                f"{format_cpus(lease.cpu_milli)}"
-            )
+        short = host.lacks(lease.host_memory, lease.cpu_milli) if host is not None else None
+        if short:
+            return short
         self._book(lease, +1)
         self.leases[lease.id] = lease
         team = lease.team or self.policy.quotas.team_of(lease.user)
+        self._count(lease, team, lease.fraction, lease.started, idle=idle)
+        return None
+
+    def _count(self, lease: Lease, team: str, fraction: float, now: float, idle: bool) -> None:
+        """Have the policy count a booked lease against its user and team."""
         self.policy.lease_started(
             lease.id,
             lease.user,
             team,
-            lease.fraction,
+            fraction,
             lease.preemptible,
-            now=lease.started,
+            now=now,
             allocs={a.gpu: a.bytes for a in lease.allocations},
             request=lease.request,
             gang=lease.world_size > 1,
@@ -329,7 +297,6 @@ class Ledger:
             idle=idle,
             host=(lease.host_memory, lease.cpu_milli),
         )
-        return None
 
     def set_state(
         self,
@@ -387,20 +354,42 @@ class Ledger:
 
     def check(self) -> None:
         """Assert the invariants of the module docstring (tests and the simulator call it)."""
-        for g in self.gpus.values():
-            total = sum(
-                a.bytes for ls in self.leases.values() for a in ls.allocations if a.gpu == g.id
-            )
-            assert total == g.leased_bytes, (g.id, total, g.leased_bytes)
-            assert 0 <= g.leased_bytes <= g.total_bytes, (g.id, g.leased_bytes, g.total_bytes)
-        for h in self.hosts.values():
-            mine = [ls for ls in self.leases.values() if ls.worker == h.worker]
-            assert h.leases == {ls.id for ls in mine}, (h.worker, h.leases)
-            assert h.leased_memory == sum(ls.host_memory for ls in mine), h
-            assert h.leased_cpu_milli == sum(ls.cpu_milli for ls in mine), h
-            assert h.memory is None or h.leased_memory <= h.memory, h
-            assert h.cpu_milli is None or h.leased_cpu_milli <= h.cpu_milli, h
-        assert all(r.state == "queued" for r in self.queue), [r.state for r in self.queue]
-        assert set(self.policy.leases) == set(self.leases), set(self.policy.leases) ^ set(
-            self.leases
+        check_invariants(self)
+
+
+def check_invariants(ledger: Ledger) -> None:
+    """The invariants of the module docstring, asserted."""
+    for g in ledger.gpus.values():
+        total = sum(
+            a.bytes for ls in ledger.leases.values() for a in ls.allocations if a.gpu == g.id
         )
+        assert total == g.leased_bytes, (g.id, total, g.leased_bytes)
+        assert 0 <= g.leased_bytes <= g.total_bytes, (g.id, g.leased_bytes, g.total_bytes)
+    for h in ledger.hosts.values():
+        mine = [ls for ls in ledger.leases.values() if ls.worker == h.worker]
+        assert h.leases == {ls.id for ls in mine}, (h.worker, h.leases)
+        assert h.leased_memory == sum(ls.host_memory for ls in mine), h
+        assert h.leased_cpu_milli == sum(ls.cpu_milli for ls in mine), h
+        assert h.memory is None or h.leased_memory <= h.memory, h
+        assert h.cpu_milli is None or h.leased_cpu_milli <= h.cpu_milli, h
+    assert all(r.state == "queued" for r in ledger.queue), [r.state for r in ledger.queue]
+    assert set(ledger.policy.leases) == set(ledger.leases), set(ledger.policy.leases) ^ set(
+        ledger.leases
+    )
+
+
+def faulty_requests(ledger: Ledger) -> list[tuple[Request, str]]:
+    """The queued requests that the policy or the packing cannot handle, each with the error."""
+    now = ledger.clock()
+    gpus = list(ledger.gpus.values())
+    faulty = []
+    for req in ledger.queued():
+        try:
+            req.spec.validate()
+            ledger.policy.key(req, now)
+            ledger.policy.limit_reason(req)
+            ledger.packer.place(req.spec)
+            packing.why_waiting(req.spec, gpus, ledger.hosts, ledger.defaults)
+        except Exception as exc:  # noqa: BLE001 - exactly what is looked for
+            faulty.append((req, f"{type(exc).__name__}: {exc}"))
+    return faulty
