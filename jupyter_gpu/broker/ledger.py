@@ -27,7 +27,7 @@ from jupyter_gpu.broker.hosts import HostSlot, SessionDefaults, cpu_milli
 from jupyter_gpu.broker.model import GpuSlot, Lease, Request, new_id
 from jupyter_gpu.broker.scheduling import PreemptFn, schedule_pass
 from jupyter_gpu.broker.waiting import WaitingRoom
-from jupyter_gpu.common.protocol import LeaseState, RequestState
+from jupyter_gpu.common.protocol import LeaseState, RequestSpec, RequestState
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ class Ledger:
         # the request shapes seen: what fragmentation-aware placement measures against
         self.workload = Workload(policy.quotas.session_defaults)
         self.packer = packing.Packer(self.gpus, self.hosts, self.workload)
+        self.fit_memo = packing.NeverFitsMemo()  # forgets all when workers come, go or report
         # GPUs of workers lost recently (a Nanny restarting one, a node rebooting): a request that
         # needs them waits for them instead of being refused as impossible
         self.recently_lost: dict[str, tuple[GpuSlot, float]] = {}
@@ -84,6 +85,7 @@ class Ledger:
         self.worker_gpus[worker] = ids
         self.hosts.setdefault(worker, HostSlot(worker=worker)).gpu_count = len(ids)
         self.packer.reindex(worker, slots)
+        self.fit_memo.clear()
         return ids
 
     def set_host(self, worker: str, memory: int | None = None, cpus: float | None = None) -> None:
@@ -94,6 +96,7 @@ class Ledger:
         host.memory = None if memory is None else int(memory)
         host.cpu_milli = None if cpus is None else cpu_milli(cpus)
         self.packer.touch(worker)
+        self.fit_memo.clear()
 
     def remove_worker(self, worker: str) -> tuple[list[str], list[Lease]]:
         """Forget a worker's GPUs (remembered as recently lost) and its machine; returns their ids
@@ -105,28 +108,29 @@ class Ledger:
                 self.recently_lost[slot.uuid] = (slot, self.clock())
         self.hosts.pop(worker, None)
         self.packer.reindex(worker, [])
+        self.fit_memo.clear()
         return gone, [ls for ls in self.leases.values() if ls.worker == worker]
 
     def capacity(self, remember: float = 120.0) -> list[GpuSlot]:
         """The GPUs the pool has, plus those lost in the last ``remember`` seconds (likely to come
         back)."""
+        self._forget_lost(remember)
+        return list(self.gpus.values()) + [lost_copy(s) for s, _ in self.recently_lost.values()]
+
+    def _forget_lost(self, remember: float = 120.0) -> None:
         now = self.clock()
         for uuid, (_, lost_at) in list(self.recently_lost.items()):
             if now - lost_at > remember:
                 del self.recently_lost[uuid]
-        back = [
-            GpuSlot(
-                worker=f"lost:{slot.worker}",
-                index=slot.index,
-                uuid=slot.uuid,
-                name=slot.name,
-                total_bytes=slot.total_bytes,
-                virtual=slot.virtual,
-                mig=slot.mig,
-            )
-            for slot, _ in self.recently_lost.values()
-        ]
-        return list(self.gpus.values()) + back
+                self.fit_memo.clear()
+
+    def never_fits(self, spec: RequestSpec, headroom: list[GpuSlot] | None = None) -> str | None:
+        """``packing.never_fits`` on the pool's capacity, its machines and ``headroom`` (what a
+        cluster manager could add), once per request shape until the pool changes."""
+        self._forget_lost()
+        return self.fit_memo.check(
+            spec, lambda: self.capacity() + (headroom or []), self.hosts, self.defaults, headroom
+        )
 
     # ------------------------------------------------------------------ requests
     def submit(self, req: Request) -> None:
@@ -393,3 +397,17 @@ def faulty_requests(ledger: Ledger) -> list[tuple[Request, str]]:
         except Exception as exc:  # noqa: BLE001 - exactly what is looked for
             faulty.append((req, f"{type(exc).__name__}: {exc}"))
     return faulty
+
+
+def lost_copy(slot: GpuSlot) -> GpuSlot:
+    """A lost GPU as capacity counts it: on a worker that is not in the pool (nothing is placed
+    there)."""
+    return GpuSlot(
+        worker=f"lost:{slot.worker}",
+        index=slot.index,
+        uuid=slot.uuid,
+        name=slot.name,
+        total_bytes=slot.total_bytes,
+        virtual=slot.virtual,
+        mig=slot.mig,
+    )

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable, Literal
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from jupyter_gpu.broker import gate, packing, views
+from jupyter_gpu.broker import gate, views
 from jupyter_gpu.broker.audit import AuditStore
 from jupyter_gpu.broker.fair_share import FairSharePolicy
 from jupyter_gpu.broker.identity import TokenStore
@@ -572,10 +572,8 @@ class GpuBroker(SchedulerPlugin):
         self._events[req.id] = asyncio.Event()
         # what the pool could grow to counts too: a cluster manager's adaptive scaling adds workers
         # for it
-        could_have = self.ledger.capacity() + (
-            self.scaler.headroom() if self.scaler is not None else []
-        )
-        impossible = packing.never_fits(rspec, could_have) or self.policy.never_within_limits(
+        headroom = self.scaler.headroom() if self.scaler is not None else []
+        impossible = self.ledger.never_fits(rspec, headroom) or self.policy.never_within_limits(
             user, rspec
         )
         if impossible:

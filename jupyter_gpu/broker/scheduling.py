@@ -233,14 +233,16 @@ def _serve(
     held = state.held_for_others(req)
     within = policy.within_guarantee(team, need)
     placement = state.packer.place(req.spec, held)
-    if placement is None and state.configured and within and preempt is not None:
+    # (``look`` found whether anything could be reclaimed or suspended at all)
+    if placement is None and state.reclaiming and within and preempt is not None:
         placement = _make_room(state, req, held, preempt, reclaim=True)
-    if placement is None and preempt is not None:
+    if placement is None and state.suspending and preempt is not None:
         placement = _make_room(state, req, held, preempt, reclaim=False)
     if placement is None:
         return True
     state.freeze(team, req.user)
     grant(req, placement, state.configured and not within)
+    state.room = state.packer.room()  # what is left for those after it
     released = policy.reservations.pop(req.id, ())
     for g in released:
         state.reserved_by.pop(g, None)

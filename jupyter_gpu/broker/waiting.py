@@ -315,6 +315,8 @@ class Walk:
                 req, where = cast(Request, item[1]), item[2]
                 if req.id in self._seen or req not in self.room:
                     continue
+                if where is not None and not self.full and not self._still_worth(req, where):
+                    continue
                 self._seen.add(req.id)
                 self._cursor = self.key(req)
                 if where is not None:  # the next of its group follows it
@@ -377,6 +379,17 @@ class Walk:
                 continue
             self._push(k, ("req", req, (team, user, gkey, phase)))
             return
+
+    def _still_worth(self, req: Request, where: tuple[str, str, GroupKey, int]) -> bool:
+        """Whether ``req``'s group may still act, now that the pass granted what came before it
+        (its room shrank since the group was opened); if not, the group is passed over until room
+        is made."""
+        team, user, gkey, phase = where
+        group = self.room.teams[team].users[user].groups[gkey]
+        if self._admits(group.spec, group.items[0][0]):
+            return True
+        self._passed.append(("group", team, user, gkey, phase, None))
+        return False
 
     def skip_group(self, req: Request) -> None:
         """The rest of ``req``'s group cannot act in this pass (as ``req`` could not)."""

@@ -89,3 +89,24 @@ def test_never_fits_counts_only_machines_with_the_gpus_the_request_needs():
     assert never_fits(three, gpus, ledger.hosts) is None
     four = RequestSpec(workers=3, fraction=0.5, host_memory=3 * GiB)
     assert "for only 2 of them" in (never_fits(four, gpus, ledger.hosts) or "")
+
+
+def test_the_ledger_checks_each_request_shape_once_until_the_pool_changes():
+    """A flood of requests of one shape costs one look at every GPU, not one per request; a worker
+    that joins (or reports its machine) is seen by the next check."""
+    ledger = pool((2, 4 * GiB, None))
+    big = RequestSpec(fraction=0.5, host_memory=8 * GiB)
+    assert "8.0 GiB of host memory" in (ledger.never_fits(big) or "")
+    assert ledger.never_fits(big) is ledger.never_fits(big)
+    looked: list[int] = []
+    real = ledger.capacity
+    ledger.capacity = lambda remember=120.0: looked.append(1) or real(remember)  # type: ignore[method-assign]
+    for _ in range(100):
+        assert ledger.never_fits(big)
+    assert looked == []
+    ledger.set_worker_gpus(
+        "w9", [GpuSlot(worker="w9", index=0, uuid="G9", name="g", total_bytes=16 * GiB)]
+    )
+    assert ledger.never_fits(big) is None and looked == [1]
+    ledger.set_host("w9", memory=2 * GiB)
+    assert ledger.never_fits(big) and looked == [1, 1]

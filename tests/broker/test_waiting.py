@@ -26,3 +26,14 @@ def test_a_whole_gpu_request_that_cannot_fit_now_still_gets_gpus_reserved_once_i
     pool.schedule()
     assert whole.id in pool.policy.reservations, whole.reason
     assert "reserved for it" in whole.reason
+
+
+def test_the_simulators_fifo_baseline_is_served_in_arrival_order_by_the_walk(caplog):
+    """Bug fixed: the simulator's FIFO baseline kept its old two-part sort key, which the indexed
+    walk could not order against its teams: every pass failed (logged) and its figures were
+    nonsense. With the fair-share key's shape, passes run and cells are served."""
+    sim = pool_sim()
+    with caplog.at_level("ERROR"):
+        r = sim.simulate("fifo", 24, 8, 2, 3, sim.MoveCosts(), 0.0)
+    assert not [rec for rec in caplog.records if rec.levelname == "ERROR"]
+    assert r.waits and r.alloc_area > 0
