@@ -113,7 +113,7 @@ class Pool:
         self.start_s = float("nan")
 
     def __enter__(self) -> Pool:
-        from jupyter_gpu.pool.embedded import ensure_embedded_pool
+        from jupyter_gpu.pool.launcher import ensure_embedded_pool
 
         t0 = time.perf_counter()
         # keep=True: the pool must not shut itself down between phases while no client is connected
@@ -122,7 +122,7 @@ class Pool:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        from jupyter_gpu.pool.embedded import stop_embedded_pool
+        from jupyter_gpu.pool.launcher import stop_embedded_pool
 
         stop_embedded_pool(self.path)
         if exc[0] is None:  # keep the pool's log (in self.dir) when something failed

@@ -8,7 +8,7 @@ a private embedded pool on ONE real GPU (``CUDA_VISIBLE_DEVICES=<--gpu>`` for th
 sessions below must share it; ``JUPYTER_GPU_VIRTUAL_GPUS`` is ignored here), runs two real
 kernels against it, prints PASS/FAIL per check and exits 1 if any check failed:
 
-  nvml-inventory   jupyter_gpu.worker.inventory.nvml_gpus() lists the GPU(s) with a GPU-/MIG- UUID, a name and
+  nvml-inventory   jupyter_gpu.common.inventory.nvml_gpus() lists the GPU(s) with a GPU-/MIG- UUID, a name and
                    memory, and the pool offers exactly the selected GPU, not virtual, with the same UUID
   session-pinned   inside a ``%%gpu --gpus 0.5`` cell: CUDA_VISIBLE_DEVICES == the leased GPU's UUID,
                    torch.cuda.device_count() == 1, and the lease's isolation is enforced (not "none")
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
 
-    from jupyter_gpu.worker.inventory import nvml_gpus
+    from jupyter_gpu.common.inventory import nvml_gpus
 
     set_virtual(None)  # real GPUs only, whatever the environment says
     all_gpus = nvml_gpus()

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from jupyter_gpu import __version__
 
@@ -77,7 +77,7 @@ def _pool_down() -> int:
     """``jupyter-gpu pool down``: stop this user's embedded pool (the one ``jupyter-gpu lab``, a
     kernel or ``pool up --embedded`` started here), its workers and sessions with it."""
     from jupyter_gpu.pool.discovery import runtime_file
-    from jupyter_gpu.pool.embedded import stop_embedded_pool
+    from jupyter_gpu.pool.launcher import stop_embedded_pool
 
     path = runtime_file()
     if stop_embedded_pool(path):
@@ -146,12 +146,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     from jupyter_gpu.common.security import pool_rpc
 
-    async def fetch() -> dict:
-        r = pool_rpc(address)  # the pool's TLS, client role (Dask config)
-        try:
-            return await asyncio.wait_for(r.gpu_snapshot(), 10)
-        finally:
-            await r.close_rpc()
+    async def fetch() -> dict[str, Any]:
+        async with pool_rpc(address) as r:  # the pool's TLS, client role (Dask config)
+            snap: dict[str, Any] = await asyncio.wait_for(r.gpu_snapshot(), 10)
+        return snap
 
     try:
         snap = asyncio.run(fetch())
@@ -196,6 +194,7 @@ def _cmd_usage(args: argparse.Namespace) -> int:
 
     from jupyter_gpu.broker.audit import AuditStore, format_usage
     from jupyter_gpu.common import config
+    from jupyter_gpu.common.protocol import UsageReport
 
     since = 0.0
     if args.since:
@@ -232,13 +231,16 @@ def _cmd_usage(args: argparse.Namespace) -> int:
             return 1
 
         from jupyter_gpu.common.security import pool_rpc
+        from jupyter_gpu.pool.discovery import pool_token, user_name
 
-        async def fetch() -> dict:
-            r = pool_rpc(address)
-            try:
-                return await asyncio.wait_for(r.gpu_usage(since=since), 10)
-            finally:
-                await r.close_rpc()
+        # behind JupyterHub, an admin's token shows every user's rows (others see their own)
+        token = pool_token(embedded=not (args.pool or os.environ.get("JUPYTER_GPU_SCHEDULER")))
+        who = {"user": user_name(), **({"token": token} if token else {})}
+
+        async def fetch() -> UsageReport:
+            async with pool_rpc(address) as r:
+                report: UsageReport = await asyncio.wait_for(r.gpu_usage(since=since, **who), 10)
+            return report
 
         try:
             usage = asyncio.run(fetch())

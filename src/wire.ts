@@ -13,6 +13,9 @@
 /** protocol.Priority */
 export type Priority = 'interactive' | 'batch';
 
+/** protocol.EtaBasis: what an estimated start rests on (broker/estimates.py). */
+export type EtaBasis = 'progress' | 'idle' | 'user-cells' | 'pool-cells' | 'unknown';
+
 /** protocol.OffloadState: ``pending`` while the variables are being written, then ``saved``. */
 export type OffloadState = 'pending' | 'saved';
 
@@ -112,6 +115,9 @@ export interface IQueueItem {
   reason: string;
   /** Estimated start (epoch seconds), "not before". */
   eta?: number | null;
+  /** What the estimate rests on, and the same in words (why it is unknown, when it is). */
+  eta_basis?: EtaBasis | null;
+  eta_note?: string | null;
   since?: number | null;
 }
 
@@ -198,7 +204,7 @@ export interface IPoolInfo {
   cluster?: ICluster | null;
 }
 
-/** A team as broker/views.py's ``quota_view`` lists it (GPUs; fractions allowed). */
+/** protocol.TeamQuotaView: a team as broker/views.py's ``quota_view`` lists it (GPUs; fractions allowed). */
 export interface IQuotaTeam {
   team: string;
   guarantee: number;
@@ -210,8 +216,8 @@ export interface IQuotaTeam {
 }
 
 /**
- * A user as ``quota_view`` lists it: everyone the quota file names (team members included) and everyone
- * holding GPUs now, each with the team whose quota holds them.
+ * protocol.UserQuotaView: a user as ``quota_view`` lists it: everyone the quota file names (team members
+ * included) and everyone holding GPUs now, each with the team whose quota holds them.
  */
 export interface IQuotaUser {
   user: string;
@@ -221,7 +227,7 @@ export interface IQuotaUser {
   held: number;
 }
 
-/** The snapshot's ``quotas``: ``configured`` is false for a pool without a quota file (the embedded pool). */
+/** protocol.QuotasView: ``configured`` is false for a pool without a quota file (the embedded pool). */
 export interface IQuotas {
   configured: boolean;
   /** The team of every user the broker does not list (named nowhere, holding nothing). */
@@ -251,7 +257,7 @@ export interface IRunMetric {
   [key: string]: unknown;
 }
 
-/** One batched report of a rank, as the broker keeps it (protocol.MetricsMsg without ``op``). */
+/** protocol.MetricsItem: one batched report of a rank, as the broker keeps it. */
 export interface IRankReport {
   step?: number | null;
   time?: number | null;
@@ -259,9 +265,9 @@ export interface IRankReport {
 }
 
 /**
- * A scale-out run as the broker's ``gpu_run_update`` / ``gpu_run_metrics`` record it: ``ranks`` maps each
- * rank to its stream of reports. A summary per rank (``IRunRank``) is accepted too. Every run of a cell
- * has an id of its own (jupyter_gpu/kernelext/runs.py).
+ * protocol.RunView: a scale-out run as the broker's ``gpu_run_update`` / ``gpu_run_metrics`` record it:
+ * ``ranks`` maps each rank to its stream of reports. A summary per rank (``IRunRank``) is accepted too. Every
+ * run of a cell has an id of its own (jupyter_gpu/kernelext/runs.py).
  */
 export interface IRun {
   id: string;
@@ -279,6 +285,8 @@ export interface IRun {
   ended?: number | null;
   /** The earlier run whose checkpoints this one continues (``%%gpu --resume``). */
   resumes?: string | null;
+  /** Its ranks' leases, as its kernel declared them (only they may report metrics to it). */
+  leases?: string[];
 }
 
 /** What GET jupyter-gpu/api/snapshot and the stream websocket send: protocol.Snapshot with a ``state``. */
@@ -301,4 +309,14 @@ export type ISnapshot =
       quotas?: IQuotas;
       /** Whether this Jupyter server has a pool token to send with cancels (never the token itself). */
       token_set?: boolean;
+      /** What the pool makes of this server's user and token (protocol.Viewer; older brokers send none). */
+      viewer?: IViewer;
     };
+
+/** protocol.Viewer: ``admin`` may see and cancel every user's work (a JupyterHub admin, or the Hub's admin scope). */
+export interface IViewer {
+  user: string;
+  admin: boolean;
+  groups: string[];
+  error: string | null;
+}

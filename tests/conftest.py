@@ -33,7 +33,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def _start_pool(path: str) -> str:
-    from jupyter_gpu.pool.embedded import ensure_embedded_pool
+    from jupyter_gpu.pool.launcher import ensure_embedded_pool
 
     return ensure_embedded_pool(keep=True, path=path, timeout=120)
 
@@ -42,7 +42,7 @@ def _start_pool(path: str) -> str:
 def pool(tmp_path_factory) -> str:
     """The address of a private embedded pool (2 virtual GPUs), stopped at the end of the
     session."""
-    from jupyter_gpu.pool.embedded import stop_embedded_pool
+    from jupyter_gpu.pool.launcher import stop_embedded_pool
 
     path = str(tmp_path_factory.mktemp("pool") / "pool.json")
     address = _start_pool(path)
@@ -53,7 +53,7 @@ def pool(tmp_path_factory) -> str:
 @pytest.fixture()
 def private_pool(tmp_path) -> str:
     """A pool of its own for a test that breaks things (kills workers)."""
-    from jupyter_gpu.pool.embedded import stop_embedded_pool
+    from jupyter_gpu.pool.launcher import stop_embedded_pool
 
     path = str(tmp_path / "pool.json")
     address = _start_pool(path)

@@ -20,7 +20,7 @@ import time
 import uuid
 from typing import Any
 
-from jupyter_gpu.common.protocol import LeaseView
+from jupyter_gpu.common.protocol import LeaseView, TeamUsage, UsageReport, UserUsage
 from jupyter_gpu.common.rightsizing import MIN_RESERVED_FOR_HINT, OVERSIZED_BELOW
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ class AuditStore:
         )
 
     # ------------------------------------------------------------------ reading (CLI, handler)
-    def usage(self, since: float = 0.0, now: float | None = None) -> dict[str, Any]:
+    def usage(self, since: float = 0.0, now: float | None = None) -> UsageReport:
         """GPU-hours per user and per team from ``since`` (open leases counted up to now)."""
         now = time.time() if now is None else now
         rows = self.db.execute(
@@ -170,7 +170,7 @@ class AuditStore:
             "ORDER BY user",
             (now, now, since, now, since),
         ).fetchall()
-        users = [
+        users: list[UserUsage] = [
             {"user": u, "team": t or None, "gpu_hours": round(h or 0.0, 6), "leases": n}
             for u, t, h, n in rows
         ]
@@ -186,7 +186,7 @@ class AuditStore:
         for row in users:
             measured, oversized = by_user.get(row["user"], (0, 0))
             row["measured"], row["oversized"] = measured, oversized
-        teams: dict[str, dict[str, Any]] = {}
+        teams: dict[str, TeamUsage] = {}
         for row in users:
             team = teams.setdefault(
                 row["team"] or "-", {"team": row["team"] or "-", "gpu_hours": 0.0, "leases": 0}
@@ -199,9 +199,11 @@ class AuditStore:
         refused = self.db.execute(
             "SELECT COUNT(*) FROM refused WHERE time >= ?", (since,)
         ).fetchone()[0]
+        first = self.db.execute("SELECT MIN(started) FROM leases").fetchone()[0]
         return {
             "since": since,
             "until": now,
+            "first": first,  # the first lease recorded (None: none yet)
             "users": users,
             "teams": sorted(teams.values(), key=lambda t: t["team"]),
             "preemptions": preemptions,
@@ -227,16 +229,32 @@ def audit_from_config() -> AuditStore:
     return AuditStore(config.get("audit-db"))
 
 
-def _oversized(user: dict[str, Any]) -> str:
+def _oversized(user: UserUsage) -> str:
     return f"{user['oversized']}/{user['measured']}" if user.get("measured") else "-"
 
 
-def format_usage(usage: dict[str, Any]) -> str:
-    """``jupyter-gpu usage`` output: GPU-hours per team, then per user."""
-    lines = [
-        f"GPU-hours from {time.strftime('%Y-%m-%d %H:%M', time.localtime(usage['since']))} "
-        f"to {time.strftime('%Y-%m-%d %H:%M', time.localtime(usage['until']))}",
-        "",
+def _period(usage: UsageReport) -> str:
+    """``GPU-hours from ... to ...``: the period asked for, or from the first lease recorded."""
+
+    def when(t: float) -> str:
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
+
+    until = when(usage["until"])
+    first = usage.get("first")
+    if usage["since"] > 0:
+        return f"GPU-hours from {when(usage['since'])} to {until}"
+    if first is None:
+        return f"GPU-hours to {until}: no lease has been recorded yet"
+    return f"GPU-hours from the first lease recorded ({when(first)}) to {until}"
+
+
+def format_usage(usage: UsageReport) -> str:
+    """``jupyter-gpu usage`` output: GPU-hours per team, then per user.
+
+    Without ``--since`` the period starts with the store's first lease, and says so (it read
+    "from 1970-01-01": the start of the epoch, which is what ``since=0`` meant)."""
+    lines = [_period(usage), ""]
+    lines += [
         f"{'team':<20} {'GPU-hours':>10} {'leases':>7}",
     ]
     lines += [f"{t['team']:<20} {t['gpu_hours']:>10.3f} {t['leases']:>7}" for t in usage["teams"]]
@@ -251,5 +269,7 @@ def format_usage(usage: dict[str, Any]) -> str:
         "those "
         "measured)"
     ]
+    if usage.get("others_hidden"):
+        lines += ["(other users' rows are shown to the pool's administrators only)"]
     lines += ["", f"preemptions: {usage['preemptions']}   refused requests: {usage['refused']}"]
     return "\n".join(lines)

@@ -21,14 +21,14 @@ import collections
 import heapq
 import logging
 import math
-import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from jupyter_gpu.broker.model import GpuSlot, Request
+from jupyter_gpu.broker.estimates import CellTimes, Progress, track_progress
+from jupyter_gpu.broker.model import Request
 from jupyter_gpu.broker.quotas import PoolQuotas
-from jupyter_gpu.common.protocol import EtaBasis, RequestSpec
+from jupyter_gpu.common.protocol import RequestSpec
 
 log = logging.getLogger(__name__)
 
@@ -61,36 +61,6 @@ class LeaseRecord:
     # how far its running cell is, when the cell reports step/total
     progress: Progress | None = None
     host: tuple[int, int] = (0, 0)  # host memory and thousandths of a core it holds
-
-
-@dataclass(frozen=True)
-class Progress:
-    """A running cell's reported steps: the first and the latest (time, step) seen, and its
-    total."""
-
-    t0: float
-    step0: float
-    t: float
-    step: float
-    total: float
-
-    def cell_end(self, now: float) -> float | None:
-        """When the cell should end at the rate seen so far (not before now); None until it has
-        moved."""
-        if self.t <= self.t0 or self.step <= self.step0:
-            return None
-        rate = (self.step - self.step0) / (self.t - self.t0)
-        return max(now, self.t + max(0.0, self.total - self.step) / rate)
-
-
-@dataclass(frozen=True)
-class LeaseEnd:
-    """When a lease's memory is expected to come free, and what that is based on: ``progress`` (its
-    running cell's reported steps) or ``history`` (how long recent leases lasted: a rough guess)."""
-
-    at: float
-    nbytes: int
-    basis: EtaBasis
 
 
 class DecayedAverage:
@@ -134,7 +104,8 @@ class FairSharePolicy:
         self.avg_team: dict[str, DecayedAverage] = {}
         self.avg_user: dict[str, DecayedAverage] = {}
         self.leases: dict[str, LeaseRecord] = {}
-        self.durations: collections.deque[float] = collections.deque(maxlen=200)
+        # how long recent cells ran, and when the running ones should end (the queue's estimates)
+        self.cells = CellTimes()
         # the pool's largest GPU: what a --memory request is worth
         self.reference_bytes: int | None = None
         self.listeners: list[Callable[[str, str], None]] = []  # (team, user) whose standing changed
@@ -194,7 +165,7 @@ class FairSharePolicy:
         self.preemptible.discard(lease_id)
         now = self.clock() if now is None else now
         self._step(rec.user, rec.team, now, -rec.gpus)
-        self.durations.append(max(0.0, now - rec.started))
+        self.cells.lease_ended(lease_id)
         return rec
 
     def lease_state(
@@ -216,16 +187,8 @@ class FairSharePolicy:
             (self.idle.discard if state == "running" else self.idle.add)(lease_id)
             if resident is not None:
                 rec.resident = int(resident)
-            if state != "running":
-                rec.progress = None
-            elif step is not None and total:
-                p = rec.progress
-                if p is None or step < p.step:  # a new cell (or a new loop) counts from here
-                    rec.progress = Progress(now, float(step), now, float(step), float(total))
-                else:
-                    rec.progress = Progress(p.t0, p.step0, now, float(step), float(total))
-            else:  # a cell started: what an earlier cell reported says nothing about this one
-                rec.progress = None
+            rec.progress = track_progress(rec.progress, state, now, step, total)
+            self.cells.cell_state(lease_id, rec.user, state, now)
 
     def _step(self, user: str, team: str, now: float, delta: float) -> None:
         self.held_team[team] += delta
@@ -238,11 +201,6 @@ class FairSharePolicy:
         self.avg_user.setdefault(user, DecayedAverage(now)).step(now, self.lam, delta)
         for listener in self.listeners:
             listener(team, user)
-
-    def typical_duration(self) -> float | None:
-        """The median length of recent leases: the estimate for how long a running lease still holds
-        on."""
-        return statistics.median(self.durations) if self.durations else None
 
     # ------------------------------------------------------------------ quotas
     def team_of(self, req: Request) -> str:
@@ -382,80 +340,6 @@ class FairSharePolicy:
             for r in self.leases.values()
             if not r.gang and r.idle_since is not None and now - r.idle_since > limit
         ]
-
-
-def lease_end(
-    rec: LeaseRecord, now: float, typical: float | None, suspend_after: float | None
-) -> LeaseEnd | None:
-    """When ``rec``'s memory should come free (None: unknowable).
-
-    With a running cell that reports its progress: a ``--workers`` rank's lease ends with its
-    run; a session's lease comes free ``suspend_after`` seconds after its cell ends (its idle
-    session moves to host memory for an interactive request; ``suspend_after`` None: not for
-    this request). Otherwise from how long recent leases lasted: a lease that has already
-    outlived the typical one is expected to last as long again as its age (the longer a session
-    has lived, the longer it tends to go on), never to end "now". Only the progress-based end
-    holds still while one waits."""
-    nbytes = 0
-    cell_end = rec.progress.cell_end(now) if rec.progress is not None else None
-    if cell_end is not None and (rec.gang or suspend_after is not None):
-        return LeaseEnd(cell_end + (0.0 if rec.gang else suspend_after or 0.0), nbytes, "progress")
-    if typical is None:
-        return None
-    at = rec.started + typical if rec.started + typical > now else now + (now - rec.started)
-    return LeaseEnd(at, nbytes, "history")
-
-
-def lease_ends(policy: FairSharePolicy, now: float, interactive: bool) -> dict[str, list[LeaseEnd]]:
-    """Every lease's expected end, per GPU it holds memory on (for an interactive request or a batch
-    one: only an interactive request gets idle sessions moved out of its way)."""
-    typical = policy.typical_duration()
-    suspend_after = policy.quotas.suspend_idle_after if interactive else None
-    by_gpu: dict[str, list[LeaseEnd]] = collections.defaultdict(list)
-    for rec in policy.leases.values():
-        end = lease_end(rec, now, typical, suspend_after)
-        if end is None:
-            continue
-        for gpu_id, nbytes in rec.allocs.items():
-            by_gpu[gpu_id].append(LeaseEnd(end.at, nbytes, end.basis))
-    return by_gpu
-
-
-def estimate_start(
-    spec: RequestSpec, gpus: list[GpuSlot], ends: dict[str, list[LeaseEnd]], now: float
-) -> tuple[float, EtaBasis] | None:
-    """When ``spec`` could start if running leases end when ``lease_end`` expects, and what that is
-    based on (the basis of the end it waits for): ``(eta, "progress" | "history")``, or None
-    (unknowable).
-
-        Optimistic on purpose: it ignores requests ahead in the queue, so it reads as "not before".
-        A lease whose end is unknowable never frees its memory here."""
-    if not gpus:
-        return None
-    starts: list[tuple[float, EtaBasis]] = []
-    for gpu in gpus:
-        need = spec.need_on(gpu)
-        if need > gpu.total_bytes:
-            continue
-        mine = sorted(ends.get(gpu.id, ()), key=lambda e: e.at)
-        basis: EtaBasis
-        free, t, basis = gpu.free_bytes, now, "progress"
-        if spec.gpus is not None:
-            # a whole GPU: free when every lease on it has ended, all of them known
-            if len(mine) < len(gpu.leases):
-                continue
-            free = gpu.total_bytes
-            if mine:
-                t, basis = mine[-1].at, mine[-1].basis
-        for end in mine:
-            if free >= need:
-                break
-            free, t, basis = free + end.nbytes, end.at, end.basis
-        if free >= need:
-            starts.append((t, basis))
-    if len(starts) < spec.workers:
-        return None
-    return sorted(starts)[spec.workers - 1]
 
 
 # ---------------------------------------------------------------------- the incremental queue

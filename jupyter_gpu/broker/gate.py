@@ -22,10 +22,11 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
-from jupyter_gpu.common import poolkey, protocol
+from jupyter_gpu.common import poolkey
+from jupyter_gpu.common.handlers import closed
 from jupyter_gpu.common.protocol import STARTUP_KEY
 
 log = logging.getLogger(__name__)
@@ -71,11 +72,11 @@ def refusal(op: str) -> str:
     )
 
 
-def close(scheduler: Any, key: str | None) -> None:
+def close(scheduler: Any, key: str | None, ours: Collection[str]) -> None:
     """Shut the generic API of ``scheduler`` (see the module docstring). ``key``: the pool key that
-    ``register-worker`` must carry."""
+    ``register-worker`` must carry; ``ours``: the broker's handlers, which stay open."""
     for op in list(scheduler.handlers):
-        if op in CONNECT_OPS or op in protocol.SCHEDULER_OPS:
+        if op in CONNECT_OPS or op in ours:
             continue
         scheduler.handlers[op] = _refuse(op, scheduler.handlers[op])
     scheduler.handlers["register-worker"] = _checked_registration(
@@ -106,7 +107,7 @@ def _refuse(op: str, handler: Callable[..., Any] | None = None) -> Callable[...,
         # Dask's own error shape: the caller raises it
         return error_message(PermissionError(refusal(op)))
 
-    return refused
+    return closed(refused)
 
 
 def _expects_comm(handler: Callable[..., Any]) -> bool:

@@ -175,7 +175,7 @@ class Ledger:
         eta_for: int = 100,
         fail: Callable[[Request, str], None] | None = None,
     ) -> list[tuple[Request, list[Lease]]]:
-        """One scheduling pass (``fair_share.schedule_pass``) over the queue: grants, in policy
+        """One scheduling pass (``scheduling.schedule_pass``) over the queue: grants, in policy
         order, what fits; ``preempt(lease_id, reason, req)`` takes a lease back for a waiting
         request (it must end the lease through ``end``). Returns the grants made, each request with
         its new leases.
@@ -228,7 +228,7 @@ class Ledger:
         self.queue.remove(req)
         req.state = "starting"
         req.reason = "starting the session process"
-        req.eta, req.eta_basis = None, None
+        req.eta, req.eta_basis, req.eta_note = None, None, None
         now = self.clock()
         team = req.team or self.policy.quotas.team_of(req.user)
         leases = []
@@ -355,6 +355,27 @@ class Ledger:
 
     def lease_or_ended(self, lease_id: str) -> Lease | None:
         return self.leases.get(lease_id) or self.ended.get(lease_id)
+
+    # ------------------------------------------------------------------ queries (broker/scaling.py)
+    def largest_gpu_bytes(self) -> int:
+        """The memory of the pool's largest GPU (0: no GPU yet)."""
+        return max((g.total_bytes for g in self.gpus.values()), default=0)
+
+    def busy_workers(self) -> set[str]:
+        """Workers holding a session (a live lease, starting ones included) or a session's variables
+        in host memory (saved there, or being written there): a worker to keep."""
+        busy = {ls.worker for ls in self.leases.values()}
+        for ls in self.ended.values():
+            if ls.offload is not None:
+                busy.add(ls.offload.worker)
+        return busy
+
+    def note_end_on(self, workers: set[str], note: str) -> None:
+        """Add ``note`` (how the machine they ran on ended) to the end reasons of the leases that
+        ended on ``workers`` and do not say it yet."""
+        for lease in self.ended.values():
+            if lease.worker in workers and lease.end_reason and "ended:" not in lease.end_reason:
+                lease.end_reason = f"{lease.end_reason} ({note})"
 
     def check(self) -> None:
         """Assert the invariants of the module docstring (tests and the simulator call it)."""

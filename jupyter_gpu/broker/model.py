@@ -10,17 +10,20 @@ import functools
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Any, cast
 
 from jupyter_gpu.common.protocol import (
     EtaBasis,
     Isolation,
     LeaseState,
     LeaseView,
+    LostVariable,
+    OffloadResult,
+    OffloadState,
     OffloadView,
     Priority,
     RequestSpec,
     RequestState,
+    RestoreResult,
 )
 
 
@@ -66,6 +69,51 @@ def ids_beyond(taken: list[str]) -> None:
 
 
 @dataclass
+class Offload:
+    """Where a reclaimed session's variables went: ``pending`` while its session writes them to
+    host memory on its worker, then ``saved`` there (``path`` never leaves the pool: kernels and the
+    panel see ``view()``). Built here only: from a worker's ``OffloadResult``, whether the broker
+    just asked for it or a worker reported it after a scheduler restart."""
+
+    state: OffloadState
+    worker: str
+    path: str | None = None
+    saved: list[str] = field(default_factory=list)
+    lost: list[LostVariable] = field(default_factory=list)
+    bytes: int = 0
+    standby: bool = False  # handed over from a standby copy (moving it was a rename)
+    seconds: float | None = None  # how long moving it took (None: adopted after a restart)
+
+    @classmethod
+    def pending(cls, worker: str) -> Offload:
+        return cls(state="pending", worker=worker)
+
+    @classmethod
+    def saved_as(cls, worker: str, result: OffloadResult, seconds: float | None) -> Offload:
+        return cls(
+            state="saved",
+            worker=worker,
+            path=result["path"],
+            saved=list(result["saved"]),
+            lost=list(result["lost"]),
+            bytes=int(result["bytes"]),
+            standby=bool(result["standby"]),
+            seconds=seconds,
+        )
+
+    def view(self) -> OffloadView:
+        return {
+            "state": self.state,
+            "worker": self.worker,
+            "saved": self.saved,
+            "lost": self.lost,
+            "bytes": self.bytes,
+            "standby": self.standby,
+            "seconds": self.seconds,
+        }
+
+
+@dataclass
 class Request:
     """A request waiting in (or just leaving) the queue."""
 
@@ -82,12 +130,13 @@ class Request:
     reason: str = ""
     error: str | None = None
     eta: float | None = None
-    # what the estimate rests on: progress, idle (suspension), history
+    # what the estimate rests on (broker/estimates.py), and the same in words
     eta_basis: EtaBasis | None = None
+    eta_note: str | None = None
     leases: list[str] = field(default_factory=list)
     # the offload of an earlier lease this request's session starts with
-    restore: dict[str, Any] | None = None
-    restored: dict[str, Any] | None = None  # what the new session got back from it
+    restore: Offload | None = None
+    restored: RestoreResult | None = None  # what the new session got back from it
 
 
 @dataclass
@@ -134,8 +183,8 @@ class Lease:
     resident_bytes: int | None = None
     preemptible: bool = False  # granted beyond its team's guarantee: may be reclaimed
     preempted: bool = False  # ended to give its memory to a request owed by a guarantee
-    # where its variables went when it was reclaimed (worker, path, names)
-    offload: dict[str, Any] | None = None
+    # where its variables went when it was reclaimed
+    offload: Offload | None = None
     ended: float | None = None
     end_reason: str | None = None
 
@@ -176,10 +225,6 @@ class Lease:
             "resident_bytes": self.resident_bytes,
             "preempted": self.preempted,
             "preemptible": self.preemptible,
-            "offload": (
-                cast(OffloadView, {k: v for k, v in self.offload.items() if k != "path"})
-                if self.offload
-                else None
-            ),
+            "offload": self.offload.view() if self.offload else None,
             "team": self.team,
         }

@@ -13,12 +13,11 @@ cannot act, so that what can never run, or cannot until the pool changes, costs 
 from __future__ import annotations
 
 import collections
-import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from jupyter_gpu.broker import preemption
-from jupyter_gpu.broker.fair_share import estimate_start, lease_ends
+from jupyter_gpu.broker.estimates import estimate_waiting
 from jupyter_gpu.broker.model import Allocation, GpuSlot, Request
 from jupyter_gpu.broker.waiting import Needs, Room, WaitingRoom, Walk
 from jupyter_gpu.common.protocol import RequestSpec
@@ -203,19 +202,18 @@ def schedule_pass(
     now = policy.clock() if now is None else now
     state = PassState(policy, packer, queue, now, preempt, reserve_share)
     waiting: list[Request] = []
-    suspend_at: dict[str, float] = {}
     state.walk.full = eta_for > 0
     for req in state.walk:
         served = _serve(state, req, grant, preempt)
         if served is None:
             continue
         if served:  # no room for it: say why, and hold GPUs for it once it waited long enough
-            _explain(state, req, len(waiting) < eta_for, suspend_at)
+            _explain(state, req, len(waiting) < eta_for)
         waiting.append(req)
         state.walk.full = len(waiting) < eta_for
         if not state.walk.full and not (served and _may_reserve(state, req)):
             state.walk.skip_group(req)  # the same shape of the same user cannot act either
-    _estimate(policy, packer, queue, waiting[:eta_for], now, suspend_at)
+    _estimate(policy, packer, queue, waiting[:eta_for], now)
     return waiting
 
 
@@ -294,7 +292,7 @@ def _may_reserve(state: PassState, req: Request) -> bool:
     return len(state.reserved_by) < state.budget and state.policy.should_reserve(req, state.now)
 
 
-def _explain(state: PassState, req: Request, estimate: bool, suspend_at: dict[str, float]) -> None:
+def _explain(state: PassState, req: Request, estimate: bool) -> None:
     """The reason ``req`` waits (what is short, when idle sessions will make room, its quota
     standing, GPUs reserved for it), and a reservation when it has waited long enough."""
     policy, now = state.policy, state.now
@@ -310,7 +308,6 @@ def _explain(state: PassState, req: Request, estimate: bool, suspend_at: dict[st
         assert policy.quotas.suspend_idle_after is not None  # there is no plan without it
         idle = [policy.leases[lid].idle_since for lid, _ in later]
         at = max(now if t is None else t for t in idle) + policy.quotas.suspend_idle_after
-        suspend_at[req.id] = max(at, now)
         reason += (
             f"; {len(later)} idle session(s) there move to host memory for it in "
             f"{max(0.0, at - now):.0f} s if they stay idle"
@@ -335,35 +332,17 @@ def _explain(state: PassState, req: Request, estimate: bool, suspend_at: dict[st
 
 
 def _estimate(
-    policy: FairSharePolicy,
-    packer: Packer,
-    queue: WaitingRoom,
-    waiting: list[Request],
-    now: float,
-    suspend_at: dict[str, float],
+    policy: FairSharePolicy, packer: Packer, queue: WaitingRoom, waiting: list[Request], now: float
 ) -> None:
-    """Estimated starts of the first waiting requests (``estimates``: leases' expected ends); the
-    others have none (those estimated before and no longer first lose theirs)."""
+    """Estimated starts of the first waiting requests (``estimates.estimate_waiting``); the others
+    have none (those estimated before and no longer first lose theirs)."""
     for rid in queue.estimated - {r.id for r in waiting}:
         req = queue.get(rid)
         if req is not None:
-            req.eta, req.eta_basis = None, None
+            req.eta, req.eta_basis, req.eta_note = None, None, None
     queue.estimated = {r.id for r in waiting}
-    if not waiting:
-        return
-    gpus = list(packer.gpus.values())
-    # interactive? -> GPU id -> its leases' ends
-    ends: dict[bool, Any] = {}
-    for req in waiting:
-        req.eta, req.eta_basis = None, None
-        interactive = req.spec.priority == "interactive"
-        if interactive not in ends:
-            ends[interactive] = lease_ends(policy, now, interactive)
-        estimate = estimate_start(req.spec, gpus, ends[interactive], now)
-        if estimate is not None:
-            req.eta, req.eta_basis = estimate
-        if req.id in suspend_at and suspend_at[req.id] < (req.eta or math.inf):
-            req.eta, req.eta_basis = suspend_at[req.id], "idle"
+    if waiting:
+        estimate_waiting(policy, waiting, list(packer.gpus.values()), now, len(waiting))
 
 
 def reserve(spec: RequestSpec, gpus: list[GpuSlot]) -> set[str]:

@@ -10,21 +10,28 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any, Literal, cast
+from typing import Literal, cast
 
+from jupyter_gpu.broker.identity import Verdict
 from jupyter_gpu.broker.ledger import Ledger
 from jupyter_gpu.broker.model import GpuSlot, Lease, Request
 from jupyter_gpu.common.protocol import (
     GpuView,
     HostView,
     LeaseView,
-    OffloadState,
     ParkedView,
     PoolInfo,
     QueueItem,
+    QuotasView,
     RequestStatus,
+    RunView,
     Sample,
     Snapshot,
+    TeamQuotaView,
+    UsageReport,
+    UsageView,
+    UserQuotaView,
+    Viewer,
 )
 from jupyter_gpu.common.rightsizing import right_size
 from jupyter_gpu.common.units import format_bytes
@@ -141,19 +148,20 @@ def lease_with_gpus(lease: Lease, gpus: Mapping[str, GpuSlot]) -> LeaseView:
 
 def parked(lease: Lease) -> ParkedView:
     """A session whose variables wait in host memory (no file path: that stays with the workers)."""
-    offload = lease.offload or {}
+    offload = lease.offload
+    assert offload is not None  # listed only with an offload (snapshot)
     return {
         "id": lease.id,
         "user": lease.user,
         "kernel": lease.kernel,
         "notebook": lease.notebook,
         "cell": lease.cell,
-        "state": cast(OffloadState, offload.get("state")),  # listed only with a state (snapshot)
-        "saved": offload.get("saved") or [],
-        "lost": [x.get("name") for x in offload.get("lost") or []],
-        "bytes": offload.get("bytes"),
-        "standby": offload.get("standby"),
-        "move_seconds": offload.get("seconds"),
+        "state": offload.state,
+        "saved": offload.saved,
+        "lost": [x.get("name", "?") for x in offload.lost],
+        "bytes": offload.bytes if offload.state == "saved" else None,
+        "standby": offload.standby if offload.state == "saved" else None,
+        "move_seconds": offload.seconds,
         "since": lease.ended,
         "reason": lease.end_reason,
     }
@@ -183,6 +191,7 @@ def request_status(
         "request": req.spec.describe(),
     }
     status["eta_basis"] = req.eta_basis
+    status["eta_note"] = req.eta_note
     if req.state == "starting":
         status["reason"] = starting_reason(ledger, req, start_slots or {})
     if req.state == "queued":
@@ -223,12 +232,12 @@ def starting_reason(ledger: Ledger, req: Request, start_slots: Mapping[str, int]
     return "starting the session process"
 
 
-def quota_view(ledger: Ledger, identity: str) -> dict[str, Any]:
+def quota_view(ledger: Ledger, identity: Literal["tokens", "hub", "names"]) -> QuotasView:
     """Teams' guarantees, limits and GPUs held now, for ``%gpu status`` and the panel."""
     policy = ledger.policy
     if not policy.quotas.configured:
         return {"configured": False, "teams": [], "users": [], "identity": identity}
-    teams = [
+    teams: list[TeamQuotaView] = [
         {
             "team": t.name,
             "guarantee": t.guarantee,
@@ -241,7 +250,7 @@ def quota_view(ledger: Ledger, identity: str) -> dict[str, Any]:
     ]
     quotas = policy.quotas
     names = set(quotas.users) | {u for u, held in policy.held_user.items() if held > 0}
-    users = [
+    users: list[UserQuotaView] = [
         {
             "user": u,
             "team": quotas.team_of(u),
@@ -264,8 +273,8 @@ def snapshot(
     ledger: Ledger,
     samples: Mapping[str, Iterable[Sample]],
     pool: PoolInfo,
-    runs: Iterable[dict[str, Any]],
-    identity: str,
+    runs: Iterable[RunView],
+    identity: Literal["tokens", "hub", "names"],
     waiting_note: str | None = None,
 ) -> Snapshot:
     """The whole pool as the panel, ``%gpu status`` and ``jupyter-gpu status`` show it
@@ -311,6 +320,7 @@ def snapshot(
             "reason": waiting_reason(req, waiting_note),
             "eta": req.eta,
             "eta_basis": req.eta_basis,
+            "eta_note": req.eta_note,
             "since": req.submitted,
         }
         for pos, req in enumerate(ledger.ordered_queue(), start=1)
@@ -327,21 +337,41 @@ def snapshot(
         "queue": queue,
         # sessions taken off their GPU whose variables wait in host memory for their owner's next
         # cell
-        "in_host_memory": [
-            parked(ls)
-            for ls in ledger.ended.values()
-            if (ls.offload or {}).get("state") in ("pending", "saved")
-        ],
+        "in_host_memory": [parked(ls) for ls in ledger.ended.values() if ls.offload is not None],
         "quotas": quota_view(ledger, identity),
         # the latest runs, each rank's stream thinned to its last points: the panel polls this every
         # second
         "runs": [
-            {
-                **run,
-                "ranks": {
-                    r: items[-RUN_POINTS_SHOWN:] for r, items in run.get("ranks", {}).items()
+            cast(
+                RunView,
+                {
+                    **run,
+                    "ranks": {
+                        r: items[-RUN_POINTS_SHOWN:] for r, items in run.get("ranks", {}).items()
+                    },
                 },
-            }
+            )
             for run in list(runs)[-RUNS_SHOWN:]
         ],
     }
+
+
+def viewer(user: str, verdict: Verdict) -> Viewer:
+    """What a snapshot says about the user who asked: whether they may see and cancel everyone's
+    work (the panel then lists every session with a Cancel button, ``%gpu status`` every user's)."""
+    return {
+        "user": user,
+        "admin": verdict.error is None and verdict.admin,
+        "groups": sorted(verdict.groups),
+        "error": verdict.error,
+    }
+
+
+def usage_for(usage: UsageReport, user: str | None, admin: bool) -> UsageView:
+    """``usage`` as ``user`` may read it behind JupyterHub: everything for an admin; otherwise
+    their own rows beside the teams' totals (the pool-wide view), other users' rows left out."""
+    view = cast(UsageView, dict(usage))  # the report, which lacks only the optional key
+    if not admin:
+        view["users"] = [r for r in usage["users"] if user is not None and r.get("user") == user]
+        view["others_hidden"] = True
+    return view

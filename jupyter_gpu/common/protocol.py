@@ -1,4 +1,4 @@
-"""The wire protocol: every message that crosses a process boundary, and every handler table.
+"""The wire protocol: every message that crosses a process boundary.
 
 Four kinds of process talk to each other (``docs/architecture.md``): the notebook kernel, the
 Dask scheduler with the broker, the Dask worker with the GPU plugin, and the session process
@@ -9,11 +9,14 @@ This module declares, in one place:
 - the value sets of states and options, as ``Literal`` types;
 - the request a ``%%gpu`` cell sends (``RequestSpec``, the one message with behaviour: it validates itself
   with the error the notebook user reads, in the kernel before anything waits and again in the broker);
-- the shapes of the other messages as ``TypedDict``s (what a field holds is in its comment);
-- the handler tables of the three servers (``SCHEDULER_HANDLERS``, ``WORKER_HANDLERS``,
-  ``SESSION_HANDLERS``): each op, who may call it and what it does. Each server registers exactly these ops
-  (``broker/plugin.py``, ``worker/plugin.py``, ``session/server.py``), the tests pin them, and
-  ``docs/interfaces.md`` is generated from them (``python -m jupyter_gpu.common.protocol``).
+- the shapes of the other messages as ``TypedDict``s (what a field holds is in its comment): the
+  arguments and replies of every handler, what a running cell streams, the zygote's datagrams and
+  what a session reports to its worker.
+
+The handlers themselves are declared next to their code (``common/handlers.py``): their annotated
+signatures, with these types, are the protocol; ``jupyter_gpu/interfaces.py`` builds the tables of
+``docs/interfaces.md`` from them. Field types may carry the limits ``common/validation.py`` checks
+(``Name``, ``Bytes``...). A refusal is not a message: it is an exception (``common/refusals.py``).
 
 Nothing here imports Dask or any process's code, so every side can import it.
 """
@@ -21,16 +24,32 @@ Nothing here imports Dask or any process's code, so every side can import it.
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Final, Literal, NamedTuple, TypedDict, cast
+from typing import Annotated, Any, ClassVar, Final, Literal, TypedDict, cast
 
 from jupyter_gpu.common.units import format_bytes
+from jupyter_gpu.common.validation import (
+    Bytes,
+    Count,
+    MaxLen,
+    Name,
+    Percent,
+    Range,
+    Steps,
+    Text,
+    Token,
+)
 
 # ---------------------------------------------------------------------- environment (the user contract)
 SCHEDULER_ENV: Final = "JUPYTER_GPU_SCHEDULER"  # the pool a kernel joins (else the embedded pool)
 USER_ENV: Final = "JUPYTER_GPU_USER"  # who a kernel acts for (else the login name)
 TOKEN_ENV: Final = "JUPYTER_GPU_TOKEN"  # that user's token, for pools with a token file
+# what JupyterHub puts in the environment of a server it starts (and so of its kernels): behind a
+# Hub they take the place of JUPYTER_GPU_USER and JUPYTER_GPU_TOKEN (docs/jupyterhub.md)
+HUB_USER_ENV: Final = "JUPYTERHUB_USER"
+HUB_TOKEN_ENV: Final = "JUPYTERHUB_API_TOKEN"
+# a JupyterHub custom scope: its holders may see and cancel everyone's work on the pool
+HUB_ADMIN_SCOPE: Final = "custom:jupyter-gpu:admin"
 # e.g. 2x16GiB: virtual GPUs for machines without one
 VIRTUAL_ENV: Final = "JUPYTER_GPU_VIRTUAL_GPUS"
 # worker-internal: which of the machine's GPUs a worker owns
@@ -50,10 +69,10 @@ LeaseState = Literal["starting", "idle", "running", "ended"]
 Isolation = Literal["none", "torch-cap", "mps", "mig"]
 OffloadState = Literal["pending", "saved"]
 RunState = Literal["running", "done", "failed", "stopped"]
-# what an estimated start rests on: the running cells' reported progress, idle sessions moving to
-# host memory for it, or how long recent leases lasted (a rough guess)
-EtaBasis = Literal["progress", "idle", "history"]
-Caller = Literal["kernel", "session", "worker", "broker", "anyone"]
+# what an estimated start rests on (broker/estimates.py): the running cells' reported progress,
+# idle sessions moving to host memory for it, how long the user's (or the pool's) recent cells ran,
+# or nothing known (no estimate then; the note says why)
+EtaBasis = Literal["progress", "idle", "user-cells", "pool-cells", "unknown"]
 
 
 # ---------------------------------------------------------------------- the request of a %%gpu cell
@@ -202,7 +221,7 @@ class RequestSpec:
 
 # ---------------------------------------------------------------------- worker -> broker
 class GpuInfoMsg(TypedDict, total=False):
-    """One GPU a worker offers (``gpu_register_worker``'s ``gpus``; ``worker/inventory.py``'s
+    """One GPU a worker offers (``gpu_register_worker``'s ``gpus``; ``common/inventory.py``'s
     ``GpuInfo``)."""
 
     index: int  # position on its worker: what a lease names
@@ -227,18 +246,37 @@ class Sample(TypedDict, total=False):
     memory_used_bytes: int | None
 
 
+class LostVariable(TypedDict, total=False):
+    """A variable that could not be moved to host memory (or brought back), and why."""
+
+    name: str
+    type: str
+    why: str
+
+
+class OffloadResult(TypedDict):
+    """What a session wrote to host memory when its lease was taken back: the session's
+    ``offload`` reply, and the worker's ``gpu_session_offload`` reply to the broker."""
+
+    path: str  # the file, on the worker that keeps it (never shown outside the pool)
+    saved: list[str]
+    lost: list[LostVariable]
+    bytes: int
+    standby: bool  # handed over from a standby copy (moving it was a rename)
+
+
 # ---------------------------------------------------------------------- broker -> kernel, panel, CLI
 class OffloadView(TypedDict, total=False):
     """Where an idle session's variables went when its lease was taken back (no file path: that
-    stays between the broker and the workers)."""
+    stays between the broker and the workers; ``broker/model.py``'s ``Offload.view``)."""
 
     state: OffloadState
     worker: str
     saved: list[str]
-    lost: list[dict[Any, Any]]  # [{"name", "type", "why"}]
+    lost: list[LostVariable]
     bytes: int
     standby: bool  # handed over from a standby copy (moving it was a rename)
-    seconds: float
+    seconds: float | None  # how long moving it took (None: adopted after a restart)
 
 
 class LeaseView(TypedDict, total=False):
@@ -287,6 +325,15 @@ class LeaseView(TypedDict, total=False):
     virtual: bool  # in a granted request's status
 
 
+class UnknownLease(TypedDict):
+    """``gpu_lease_info`` about a lease the broker has no record of (it restarted, or it never
+    was)."""
+
+    id: str
+    state: Literal["unknown"]
+    end_reason: str
+
+
 class LiveSession(TypedDict):
     """A session a worker reports when it joins a (restarted) scheduler, for the broker to adopt."""
 
@@ -295,17 +342,26 @@ class LiveSession(TypedDict):
     busy: bool  # running a cell right now
 
 
-class ParkedCopy(TypedDict):
+class ParkedCopy(OffloadResult):
     """An ended session's variables a worker keeps in host memory, reported for adoption the same
     way."""
 
     lease: LeaseView
     client: str | None
-    path: str
-    saved: list[str]
-    lost: list[dict[Any, Any]]  # as OffloadView.lost
-    bytes: int
-    standby: bool
+
+
+class WorkerRegistered(TypedDict):
+    """``gpu_register_worker``'s reply."""
+
+    gpus: list[str]  # the GPU ids the broker gave the worker's GPUs
+    refused_sessions: list[str]  # leases the broker could not adopt: the worker ends their sessions
+
+
+class RestoreResult(TypedDict):
+    """What an earlier session's variables became in a new session (its ``restore`` reply)."""
+
+    restored: list[str]
+    failed: list[LostVariable]
 
 
 class RequestStatus(TypedDict, total=False):
@@ -316,12 +372,40 @@ class RequestStatus(TypedDict, total=False):
     reason: str
     eta: float | None  # estimated start (epoch seconds), "not before"
     eta_basis: EtaBasis | None  # what the estimate rests on (how sure it is)
+    eta_note: str | None  # the same in words ("median of alice's last 12 cells: 40 s")
     request: str  # RequestSpec.describe()
     position: int | None  # queued: place in the fair order
     queue_length: int
     leases: list[LeaseView]  # granted: one per rank, with gpu_names
-    # granted with ``restore``: {"restored": [names], "failed": [...]}
-    restored: dict[str, Any] | None
+    # granted with ``restore``: what the new session got back (None: the copy was gone)
+    restored: RestoreResult | None
+
+
+class CancelReply(TypedDict):
+    """``gpu_cancel``'s reply (a refusal raises: ``common/refusals.py``)."""
+
+    cancelled: Literal[True]
+    what: str  # "queued request R12", "lease L3 (its session was ended)"
+
+
+class ReleaseReply(TypedDict):
+    """``gpu_release``'s reply."""
+
+    released: bool  # False: the lease had ended already
+
+
+class AdaptiveBounds(TypedDict):
+    minimum: int  # GPU workers
+    maximum: int
+
+
+class ScaleReply(TypedDict, total=False):
+    """``gpu_scale``'s reply: what the pool is asked to have now."""
+
+    workers: int
+    adaptive: AdaptiveBounds | None
+    jobs: int  # the cluster manager's jobs (a job may start several GPU workers)
+    note: str  # why some jobs stay for now (they hold sessions or host-memory copies)
 
 
 class GpuView(TypedDict, total=False):
@@ -357,6 +441,7 @@ class QueueItem(TypedDict, total=False):
     reason: str  # why it waits, always set
     eta: float | None
     eta_basis: EtaBasis | None
+    eta_note: str | None
     since: float
 
 
@@ -406,9 +491,7 @@ class JobView(TypedDict, total=False):
     ended: float | None  # when it was seen to end (in ``ClusterView.ended``)
 
 
-class AdaptiveView(TypedDict):
-    minimum: int  # GPU workers
-    maximum: int
+class AdaptiveView(AdaptiveBounds):
     # seconds a worker with no session and no host-memory copy waits to be retired
     idle: float
 
@@ -430,6 +513,8 @@ class ClusterView(TypedDict, total=False):
 
 
 class PoolInfo(TypedDict, total=False):
+    """The snapshot's ``pool``: what kind of pool this is and who may do what in it."""
+
     address: str | None
     embedded: bool
     scalable: bool  # the pool owns a cluster manager (%gpu scale works)
@@ -442,6 +527,86 @@ class PoolInfo(TypedDict, total=False):
     users_isolated: bool  # every session runs as its user's account (docs/security.md)
 
 
+class Viewer(TypedDict):
+    """Who asked for a snapshot, as the pool's identity source says (``gpu_snapshot`` with a user
+    and token): ``admin`` may see and cancel everyone's work (a JupyterHub admin, or the Hub's
+    admin scope); ``error`` why the token was not accepted (then the pool-wide view only)."""
+
+    user: str
+    admin: bool
+    groups: list[str]
+    error: str | None
+
+
+class TeamQuotaView(TypedDict):
+    """A team of the quota file, with the GPUs its leases hold now."""
+
+    team: str
+    guarantee: float
+    limit: float | None
+    priority: int
+    held: float
+    members: list[str]
+
+
+class UserQuotaView(TypedDict):
+    """A user the quota file names or who holds GPUs now, with the team whose quota holds them."""
+
+    user: str
+    team: str
+    limit: float | None
+    priority: int
+    held: float
+
+
+class QuotasView(TypedDict, total=False):
+    """The snapshot's ``quotas`` (``broker/views.py``'s ``quota_view``)."""
+
+    configured: bool  # False: a pool without a quota file
+    default_team: str
+    teams: list[TeamQuotaView]
+    users: list[UserQuotaView]
+    # the broker checks tokens (a token file's, or JupyterHub's), or trusts names
+    identity: Literal["tokens", "hub", "names"]
+
+
+class Caller(TypedDict, total=False):
+    """Who asks, where anyone may ask (``gpu_usage``): a user name and token, both optional."""
+
+    user: Name | None
+    token: Token | None
+
+
+class RunUpdate(TypedDict, total=False):
+    """What a kernel says of its ``--workers`` run (``gpu_run_update``): each field it sends."""
+
+    user: Name | None
+    notebook: Text | None
+    cell: Text | None
+    world_size: Annotated[int, Range(1, RequestSpec.MAX_RANKS)] | None
+    attempt: Count | None
+    state: RunState | None
+    leases: Annotated[list[Name], MaxLen(RequestSpec.MAX_RANKS)] | None  # its ranks' leases
+    resumes: Name | None  # the earlier run whose checkpoints it continues
+
+
+class RunView(TypedDict, total=False):
+    """A ``--workers`` run as the broker keeps it for the panel (``broker/runs.py``)."""
+
+    id: str
+    user: str
+    notebook: str | None
+    cell: str | None
+    world_size: int
+    attempt: int
+    state: RunState
+    leases: list[str]  # its ranks' leases, as its kernel declared them
+    resumes: str | None  # the earlier run whose checkpoints it continues
+    started: float
+    ended: float | None
+    ranks: dict[str, list[MetricsItem]]  # rank -> its reports, oldest first
+
+
 class Snapshot(TypedDict, total=False):
     """``gpu_snapshot``: the whole pool as ``%gpu status``, ``jupyter-gpu status`` and the panel
     show it."""
@@ -452,11 +617,46 @@ class Snapshot(TypedDict, total=False):
     hosts: list[HostView]  # the machines, in the order their GPUs are listed
     queue: list[QueueItem]
     in_host_memory: list[ParkedView]
-    quotas: dict[str, Any]  # {"configured", "teams", "users", "identity", "default_team"}
-    # the latest --workers runs: {"id", "ranks": {rank: [metrics]}, ...}
-    runs: list[dict[str, Any]]
+    quotas: QuotasView
+    runs: list[RunView]  # the latest --workers runs, each rank's stream thinned to its last points
+    viewer: Viewer  # only when the caller sent a user name (and token)
 
 
+class UserUsage(TypedDict, total=False):
+    user: str
+    team: str | None
+    gpu_hours: float
+    leases: int
+    measured: int  # leases whose peak memory was measured
+    oversized: int  # ... of them, those that used under a quarter of what they reserved
+
+
+class TeamUsage(TypedDict):
+    team: str
+    gpu_hours: float
+    leases: int
+
+
+class UsageReport(TypedDict):
+    """``gpu_usage``: GPU-hours from the audit store (``broker/audit.py``)."""
+
+    since: float
+    until: float
+    first: float | None  # the first lease recorded (None: none yet)
+    users: list[UserUsage]
+    teams: list[TeamUsage]
+    preemptions: int
+    refused: int
+
+
+class UsageView(UsageReport, total=False):
+    """``gpu_usage``'s reply: the report; behind JupyterHub, a user who is not an admin gets their
+    own rows only (``others_hidden``)."""
+
+    others_hidden: bool
+
+
+# ---------------------------------------------------------------------- broker -> worker -> session
 class Account(TypedDict):
     """The OS account a session runs as (worker -> session at ``assign``, when users are
     isolated)."""
@@ -484,24 +684,149 @@ class StandbyPlan(TypedDict):
     after: float
 
 
-# ---------------------------------------------------------------------- kernel <-> session
-class CellPayload(TypedDict, total=False):
-    """The ``execute`` call of a session (its keyword arguments): one cell to run."""
+class SessionStarted(TypedDict):
+    """``gpu_session_start``'s reply: where the session answers and how it is contained."""
 
-    code: str
+    address: str
+    pid: int
+    isolation: Isolation
+    restored: RestoreResult | None  # with ``restore``: what came back (None: nothing could)
+    as_user: bool  # the session runs as its user's account
+    containment: str  # "cgroup v2", "rlimit", "process group"
+    host_memory_limit: int | None
+
+
+class FetchedOffload(TypedDict):
+    """``gpu_offload_fetch``'s reply: an offloaded namespace, for the worker of its new session."""
+
+    data: bytes
+
+
+class StarterInfo(TypedDict, total=False):
+    """``gpu_session_starter``: how a worker starts sessions, and whether a start is warm now."""
+
+    kind: Literal["fork", "spare"]  # its zygote, or a spare process
+    ready: bool
+    worker_pid: int
+    pid: int | None  # the zygote's
+    sessions: int  # sessions forked by the zygote and alive
+
+
+class AssignReply(TypedDict):
+    """``assign``'s reply: the session took the lease."""
+
+    isolation: Isolation
+    pid: int
+
+
+# ---------------------------------------------------------------------- worker <-> zygote
+# JSON datagrams on the SOCK_SEQPACKET socket between a worker's forkserver and its zygote
+# (worker/forkserver.py, session/zygote.py)
+class ForkRequest(TypedDict):
+    """Worker -> zygote: fork a session (two descriptors travel with it: the session's end of its
+    private socket to the worker, and the pipe on which the child announces its address)."""
+
+    op: Literal["fork"]
+    id: int
+    env: dict[str, str]  # the session's whole environment
+    host: str
+    worker: str
+
+
+class ZygoteReady(TypedDict):
+    op: Literal["ready"]
+    pid: int
+
+
+class Forked(TypedDict):
+    op: Literal["forked"]
+    id: int
+    pid: int
+
+
+class ForkFailed(TypedDict):
+    op: Literal["failed"]
+    id: int | None
+    error: str
+
+
+class ChildExited(TypedDict):
+    """A session the zygote forked ended: ``code`` is its exit code, or minus the signal."""
+
+    op: Literal["exited"]
+    pid: int
+    code: int
+
+
+ZygoteMessage = ZygoteReady | Forked | ForkFailed | ChildExited
+
+
+# ---------------------------------------------------------------------- session -> worker -> broker
+# JSON lines on a session's private socket to its worker (session/worker_link.py); the worker checks
+# each field against these types (worker/relay.py), names the lease itself and forwards them to the
+# broker's gpu_lease_state / gpu_run_metrics, which check them again
+class MetricsItem(TypedDict, total=False):
+    """One ``report()`` of a --workers rank, as the session batches it to the broker
+    (``gpu_run_metrics``)."""
+
+    step: int | None
+    time: float
+    # scalars; the broker keeps numbers, text and null (NaN becomes "nan")
+    metrics: dict[str, Any]
+
+
+class _LeaseStateFields(TypedDict):
+    state: Literal["running", "idle"]
+
+
+class LeaseStateReport(_LeaseStateFields, total=False):
+    """A session's cell started (``running``), how far it is (``running`` with ``step`` of
+    ``total``) or that it ended (``idle``, with what it measured)."""
+
+    cell: Text | None  # the cell's label
+    peak_bytes: Bytes | None
+    gpu_utilization: Percent | None
+    resident_bytes: Bytes | None  # what the session holds now (what suspending it would move)
+    step: Steps | None
+    total: Steps | None
+
+
+class RunMetricsReport(TypedDict):
+    """A ``--workers`` rank's ``jupyter_gpu.report()`` calls, batched."""
+
+    run: Name
+    rank: Annotated[int, Range(0, RequestSpec.MAX_RANKS)]
+    items: Annotated[list[MetricsItem], MaxLen(100_000)]
+
+
+# what a session may report, by op (nothing else is passed on)
+SESSION_REPORTS: Final[dict[str, type]] = {
+    "lease_state": LeaseStateReport,
+    "run_metrics": RunMetricsReport,
+}
+
+
+# ---------------------------------------------------------------------- kernel <-> session
+class _CellFields(TypedDict):
+    code: Annotated[str, MaxLen(64 * 2**20)]
     # name -> Serialized (Dask frames; modules as ModuleRef) or, on the same machine and account, a
     # pipe marker (common/local_transfer.py)
     inputs: dict[str, Any]
+
+
+class CellPayload(_CellFields, total=False):
+    """The ``execute`` call of a session (its keyword arguments besides the secret): one cell."""
+
     # names to send back (plain data comes back, the rest stays remote)
-    outputs: list[str]
+    outputs: Annotated[list[Name], MaxLen(100_000)] | None
     exact_outputs: bool  # --out given: bring back exactly these, whatever they are
-    cell_name: str  # "<%%gpu cell In[n]>": the file name of the cell's code
-    label: str | None  # for the panel and the queue
-    max_bytes: int  # larger values stay remote
-    cwd: str | None  # the kernel's working directory
+    cell_name: Text  # "<%%gpu cell In[n]>": the file name of the cell's code
+    label: Text | None  # for the panel and the queue
+    max_bytes: Bytes  # larger values stay remote
+    cwd: Text | None  # the kernel's working directory
     # --workers: rank, world_size, master_addr/port, run, attempt, ...
     dist: dict[str, Any] | None
-    checkpoint_dir: str | None  # where jupyter_gpu.checkpoint() writes for this cell
+    checkpoint_dir: Text | None  # where jupyter_gpu.checkpoint() writes for this cell
     local: bool  # send large outputs back through pipes (the probe passed)
 
 
@@ -524,16 +849,6 @@ class ClearMsg(TypedDict):
     wait: bool
 
 
-class MetricsItem(TypedDict, total=False):
-    """One ``report()`` of a --workers rank, as the session batches it to the broker
-    (``gpu_run_metrics``)."""
-
-    step: int | None
-    time: float
-    # scalars; the broker keeps numbers, text and null (NaN becomes "nan")
-    metrics: dict[str, Any]
-
-
 class MetricsMsg(TypedDict):
     """``jupyter_gpu.report(step=..., **metrics)`` inside a cell."""
 
@@ -544,6 +859,7 @@ class MetricsMsg(TypedDict):
     metrics: dict[str, Any]
 
 
+# what a running cell streams to its kernel, in batches (lists), before the ``ExecuteReply``
 OutputMsg = StreamMsg | DisplayMsg | ClearMsg | MetricsMsg
 
 
@@ -558,9 +874,45 @@ class ErrorPayload(TypedDict, total=False):
     cell: str | None
 
 
-class ExecuteReply(TypedDict, total=False):
-    """The final message of ``execute``."""
+def pool_error(message: str) -> ErrorPayload:
+    """An error about the pool, not the user's code, as the kernel rebuilds it (a
+    ``GpuPoolError``): the session's, and the kernel's own for a cell its session refused."""
+    return {
+        "type": "jupyter_gpu.errors.GpuPoolError",
+        "pickled": None,
+        "traceback": None,
+        "message": message,
+        "text": "",
+    }
 
+
+class OutputItem(TypedDict, total=False):
+    """One name a cell sends back: its value (``kind: value``), or what stays remote and why
+    (``common/datacontract.py``'s ``classify_output``)."""
+
+    kind: Literal["value", "remote"]
+    data: Any  # value: Serialized, or a pipe marker (common/local_transfer.py)
+    name: str  # remote: what it is, where it lives, why it stays there
+    type_name: str
+    summary: str
+    nbytes: int | None
+    device: str | None
+    reason: str
+    lease: str | None
+
+
+class LastValue(TypedDict):
+    """The cell's last expression: its display bundle, and its value when it may come back."""
+
+    bundle: dict[str, Any]
+    value: Any
+
+
+class ExecuteReply(TypedDict, total=False):
+    """The final message of ``execute`` (the session's; the kernel's own outcomes of a rank, a lost
+    session or one it killed, are ``kernelext/rank_runner.py``'s ``LostRank`` and ``KilledRank``)."""
+
+    # retired: the session's variables were just moved to host memory; it runs no more cells
     status: Literal["ok", "error", "retired"]
     elapsed: float
     finished: float
@@ -568,222 +920,30 @@ class ExecuteReply(TypedDict, total=False):
     gpu_utilization: float | None
     execution_count: int
     error: ErrorPayload
-    outputs: dict[
-        str, dict[str, Any]
-    ]  # name -> {"kind": "value", "data"} | {"kind": "remote", ...}
-    result: dict[str, Any] | None  # the last expression: {"bundle", "value"}
+    outputs: dict[str, OutputItem]
+    result: LastValue | None
+    timed_out: bool  # added by the kernel: the cell failed after --timeout interrupted it
 
 
-# ---------------------------------------------------------------------- handler tables
-class Op(NamedTuple):
-    """One handler: who may call it, its arguments and reply, and what it is for."""
+class PingReply(TypedDict, total=False):
+    """``ping``: the session is alive; with a probe, whether the kernel's pipes can be read."""
 
-    caller: Caller
-    arguments: str
-    returns: str
-    doc: str
-
-
-SCHEDULER_HANDLERS: Final[dict[str, Op]] = {
-    "gpu_register_worker": Op(
-        "worker",
-        "worker, gpus: list[GpuInfoMsg], sessions?: list[LiveSession], "
-        "parked?: list[ParkedCopy], start_slots?: int",
-        "{gpus: [GPU id], refused_sessions: [lease id]}",
-        "a worker's GPU plugin offers its GPUs (replacing any earlier offer); after a "
-        "scheduler restart, with the sessions and parked variables it keeps, to adopt",
-    ),
-    "gpu_samples": Op(
-        "worker",
-        "worker, samples: {index: Sample}",
-        "-",
-        "NVML utilization samples from a worker's sampling thread",
-    ),
-    "gpu_session_ended": Op(
-        "worker",
-        "lease, reason",
-        "-",
-        "the worker saw a session process exit (crash, OOM kill, exit)",
-    ),
-    "gpu_lease_state": Op(
-        "session",
-        "lease, state, cell?, peak_bytes?, gpu_utilization?, resident_bytes?",
-        "-",
-        "a session's cell started (running) or ended (idle, with its peak and what it holds)",
-    ),
-    "gpu_run_metrics": Op(
-        "session",
-        "run, rank, items: [metrics]",
-        "-",
-        "a --workers rank's jupyter_gpu.report() metrics, batched, for the panel",
-    ),
-    "gpu_request": Op(
-        "kernel",
-        "user, kernel, spec: RequestSpec, client?, notebook?, cell?, token?, restore?",
-        "RequestStatus",
-        "queue a request for GPU memory; granted at once if it fits, refused "
-        "at once if it never can",
-    ),
-    "gpu_wait": Op(
-        "kernel",
-        "id, timeout",
-        "RequestStatus",
-        "long-poll a request until it leaves queued/starting, or the timeout",
-    ),
-    "gpu_cancel": Op(
-        "kernel",
-        "id, user, token?",
-        "{cancelled: bool, what: str}",
-        "cancel my queued request, or end my lease (its session is killed)",
-    ),
-    "gpu_release": Op(
-        "kernel",
-        "lease, user, reason?, token?",
-        "{released: bool, error?}",
-        "end my lease now (%gpu release, --fresh cells, --workers runs)",
-    ),
-    "gpu_lease_info": Op(
-        "kernel",
-        "lease",
-        "LeaseView",
-        "a lease, live or ended (with why it ended and where its variables went)",
-    ),
-    "gpu_run_update": Op(
-        "kernel",
-        "run, ...fields",
-        "-",
-        "how a --workers run stands (ranks, state, attempt), for the panel",
-    ),
-    "gpu_scale": Op(
-        "kernel",
-        "n | minimum, maximum, user, token?",
-        "{workers, adaptive, jobs?, note?} | {error}",
-        "grow or shrink a pool that owns a cluster manager (jupyter-gpu.scale-users may): jobs are "
-        "submitted and cancelled; a worker holding a session or a host-memory copy is never retired",
-    ),
-    "gpu_snapshot": Op(
-        "anyone", "-", "Snapshot", "the whole pool: GPUs, leases, queue, quotas, runs"
-    ),
-    "gpu_usage": Op("anyone", "since", "usage", "GPU-hours per user and team from the audit store"),
-}
-
-WORKER_HANDLERS: Final[dict[str, Op]] = {
-    "gpu_session_start": Op(
-        "broker",
-        "lease: LeaseView, scheduler, restore?: {worker, path}, client?",
-        "{address, pid, isolation, restored} | {error}",
-        "give a (pre-warmed) session process the lease: pinned, capped, restored",
-    ),
-    "gpu_session_signal": Op(
-        "broker",
-        'lease, signal: "interrupt" | "kill"',
-        "{ok}",
-        "interrupt or kill a lease's session",
-    ),
-    "gpu_session_offload": Op(
-        "broker",
-        "lease, timeout",
-        "{path, saved, lost, bytes, standby?} | {error}",
-        "move a session's variables to host memory (its lease is being taken back)",
-    ),
-    "gpu_offload_fetch": Op(
-        "worker",
-        "path",
-        "{data: bytes} | {error}",
-        "hand an offloaded namespace to the worker where its owner's next session starts",
-    ),
-    "gpu_offload_discard": Op(
-        "broker", "path", "{ok}", "forget an offloaded namespace nobody will restore"
-    ),
-    "gpu_inventory": Op("anyone", "-", "[GpuInfoMsg]", "the GPUs this worker owns"),
-    "gpu_session_starter": Op(
-        "anyone",
-        "-",
-        "{kind: fork | spare, ready, worker_pid, pid?, sessions?}",
-        "how this worker starts sessions (its zygote, or a spare) and whether one is warm",
-    ),
-}
-
-SESSION_HANDLERS: Final[dict[str, Op]] = {
-    "assign": Op(
-        "worker",
-        "lease, gpus, scheduler?, env?, standby?: {path, after}",
-        "{isolation, pid} | {error}",
-        "take a lease: pin the GPU, cap memory, start measuring",
-    ),
-    "execute": Op(
-        "kernel",
-        "CellPayload (streams OutputMsg batches)",
-        "ExecuteReply",
-        "run one cell in the session's namespace, streaming its output",
-    ),
-    "interrupt": Op("kernel", "-", "{interrupted: bool}", "SIGINT to the running cell"),
-    "pull": Op(
-        "kernel", "name, local?", "{data} | {error}", "a copy of one variable (moved to CPU)"
-    ),
-    "ping": Op(
-        "kernel",
-        "probe?: pipe marker",
-        "{pid, busy, lease, probe_ok?, probe?}",
-        "is the session alive, and busy; with a probe, can the two read each other's pipes",
-    ),
-    "free_port": Op(
-        "kernel", "-", "{host, port}", "a free port on this host for a --workers rendezvous"
-    ),
-    "offload": Op(
-        "worker",
-        "path",
-        "{path, saved, lost, bytes}",
-        "write the variables to host memory; the session runs no more cells",
-    ),
-    "restore": Op(
-        "worker",
-        "path",
-        "{restored: [names], failed: [...]}",
-        "load an earlier session's offloaded variables into this one",
-    ),
-}
-
-SCHEDULER_OPS: Final = frozenset(SCHEDULER_HANDLERS)
-WORKER_OPS: Final = frozenset(WORKER_HANDLERS)
-SESSION_OPS: Final = frozenset(SESSION_HANDLERS)
+    pid: int
+    busy: bool
+    lease: str | None
+    probe_ok: bool
+    probe: dict[str, Any]  # the session's own probe, for the kernel to read
 
 
-def handler_tables_markdown() -> str:
-    """The three handler tables as Markdown (the generated part of ``docs/interfaces.md``)."""
-    out = []
-    for title, table in (
-        ("Scheduler handlers (the broker, `broker/plugin.py`)", SCHEDULER_HANDLERS),
-        ("Worker handlers (the GPU worker plugin, `worker/plugin.py`)", WORKER_HANDLERS),
-        ("Session handlers (the session process, `session/server.py`)", SESSION_HANDLERS),
-    ):
-        out += [
-            f"### {title}",
-            "",
-            "| handler | caller | arguments | returns | what it does |",
-            "| --- | --- | --- | --- | --- |",
-        ]
-        for name, op in sorted(table.items()):
-            cells = [f"`{name}`", op.caller, op.arguments, op.returns, op.doc]
-            out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-        out.append("")
-    return "\n".join(out)
+class InterruptReply(TypedDict, total=False):
+    interrupted: bool  # False: no cell was running or on its way
+    before_start: bool  # the cell had not reached the main thread: it will not start
 
 
-GENERATED_BEGIN: Final = "<!-- BEGIN GENERATED: python -m jupyter_gpu.common.protocol -->"
-GENERATED_END: Final = "<!-- END GENERATED -->"
+class PullReply(TypedDict):
+    data: Any  # Serialized, or a pipe marker
 
 
-def render_interfaces(doc: str) -> str:
-    """``doc`` (docs/interfaces.md) with its generated section replaced by the current tables."""
-    head, _, rest = doc.partition(GENERATED_BEGIN)
-    _, _, tail = rest.partition(GENERATED_END)
-    return f"{head}{GENERATED_BEGIN}\n\n{handler_tables_markdown()}\n{GENERATED_END}{tail}"
-
-
-if __name__ == "__main__":  # regenerate docs/interfaces.md's tables in place
-    path = sys.argv[1] if len(sys.argv) > 1 else "docs/interfaces.md"
-    with open(path) as f:
-        text = f.read()
-    with open(path, "w") as f:
-        f.write(render_interfaces(text))
+class FreePort(TypedDict):
+    host: str
+    port: int

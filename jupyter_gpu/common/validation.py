@@ -5,8 +5,8 @@ Why: a Dask handler is called with whatever keyword arguments arrive on the comm
 the snapshot for everyone. Every handler of the broker, the worker plugin and the session is
 therefore wrapped by ``validated``: each argument is checked against the handler's own annotation
 (``Annotated`` types below carry ranges and lengths), unknown arguments are refused, numbers must be
-finite, and a refusal is answered to the sender in the handler's own reply shape, naming the field
-and the fix. Nothing is coerced: a string where a number belongs is refused, not parsed.
+finite, and a refusal (``Malformed``, in Dask's error envelope: ``common/refusals.py``) names the
+field and the fix. Nothing is coerced: a string where a number belongs is refused, not parsed.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import functools
 import inspect
 import logging
 import math
+import sys
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +30,13 @@ from typing import (
     get_origin,
     get_type_hints,
 )
+
+from jupyter_gpu.common.refusals import Malformed
+
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+else:  # pragma: no cover - Python 3.10
+    from typing_extensions import Unpack
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +74,7 @@ Bytes = Annotated[int, Range(0, 2**62)]
 Percent = Annotated[float, Range(0, 100)]
 Address = Annotated[str, MaxLen(512)]
 Secret = Annotated[str, MaxLen(256)]  # a lease's secret, a spawn key, a pool key
+Token = Annotated[str, MaxLen(512)]  # a user's token (pools with a token file)
 
 
 def check(value: Any, hint: Any, where: str) -> None:
@@ -149,19 +158,28 @@ def check(value: Any, hint: Any, where: str) -> None:
             raise BadMessage(f"{where} is too long ({len(value)} > {c.n})")
 
 
-def check_fields(value: dict[Any, Any], typed: type, where: str) -> None:
-    """A ``TypedDict``: known keys only, each of its declared type."""
-    hints = get_type_hints(typed, include_extras=True)
+def check_fields(value: dict[Any, Any], typed: type, where: str = "") -> None:
+    """A ``TypedDict``: known keys only, each of its declared type (``where``: the message's name
+    in the reasons; none for keyword arguments)."""
+    hints = typed_fields(typed)
     unknown = sorted(str(k) for k in value if k not in hints)
     if unknown:
         raise BadMessage(
-            f"{where} has unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(hints))}"
+            f"{where or 'the message'} has unknown field(s) {', '.join(unknown)}; known: "
+            f"{', '.join(sorted(hints))}"
         )
     for key, v in value.items():
-        check(v, hints[key], f"{where}.{key}")
+        check(v, hints[key], f"{where}.{key}" if where else key)
     missing = sorted(getattr(typed, "__required_keys__", set()) - set(value))
     if missing:
-        raise BadMessage(f"{where} lacks {', '.join(missing)}")
+        raise BadMessage(f"{where or 'the message'} lacks {', '.join(missing)}")
+
+
+@functools.lru_cache(maxsize=None)
+def typed_fields(typed: type) -> dict[str, Any]:
+    """A TypedDict's fields and their types (resolved once: every message of its type is checked
+    against them)."""
+    return get_type_hints(typed, include_extras=True)
 
 
 def _is_typeddict(hint: Any) -> bool:
@@ -182,70 +200,69 @@ def _show(value: Any) -> str:
     return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
 
 
-def validated(
-    refuse: Callable[[str], Any], skip: tuple[str, ...] = ("self", "comm")
-) -> Callable[[F], F]:
-    """Wrap a handler so that its arguments are checked against its annotations first.
+def validated(fn: F, op: str | None = None, skip: tuple[str, ...] = ("self", "comm")) -> F:
+    """``fn`` with its arguments checked against its annotations first: a message that does not fit
+    raises ``Malformed`` naming the op, the field and what it must be (``common/refusals.py``: the
+    caller gets it in Dask's error envelope; for a one-way message it is logged and dropped).
 
-    ``refuse(message)`` builds the reply a caller gets for a bad message (e.g. ``{"error":
-    message}``, or a refused request status); for a one-way handler it is logged and dropped.
     Unknown keyword arguments are refused too (a typo is a bug the sender must hear about, not a
-    field silently ignored).
+    field silently ignored). ``**fields: Unpack[SomeTypedDict]`` takes the TypedDict's fields as
+    keyword arguments, each checked against its declared type (the session's ``execute`` takes a
+    ``CellPayload`` so).
     """
+    sig = inspect.signature(fn)
+    hints = get_type_hints(fn, include_extras=True)
+    params = {
+        n: p
+        for n, p in sig.parameters.items()
+        if n not in skip and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
+    unpacked = {
+        n: unpacked_typeddict(hints[n])
+        for n, p in sig.parameters.items()
+        if p.kind is p.VAR_KEYWORD and n in hints and unpacked_typeddict(hints[n]) is not None
+    }
+    name_of_op = op or fn.__name__
 
-    def wrap(fn: F) -> F:
-        sig = inspect.signature(fn)
-        hints = get_type_hints(fn, include_extras=True)
-        params = {
-            n: p
-            for n, p in sig.parameters.items()
-            if n not in skip and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-        }
-        op = fn.__name__
-
-        def problem(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
-            try:
-                bound = sig.bind(*args, **kwargs)
-            except TypeError as exc:
-                return f"{op}: {exc}"
+    def problem(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        try:
+            bound = sig.bind(*args, **kwargs)
+        except TypeError as exc:
+            return f"{name_of_op}: {exc}"
+        try:
             for name, value in bound.arguments.items():
                 if name in params and name in hints:
-                    try:
-                        check(value, hints[name], name)
-                    except BadMessage as exc:
-                        return f"{op}: {exc}"
-            return None
+                    check(value, hints[name], name)
+                elif name in unpacked:
+                    check_fields(value, cast(type, unpacked[name]))
+        except BadMessage as exc:
+            return f"{name_of_op}: {exc}"
+        return None
 
-        if inspect.iscoroutinefunction(fn):
-
-            @functools.wraps(fn)
-            async def async_handler(*args: Any, **kwargs: Any) -> Any:
-                why = problem(args, kwargs)
-                if why is not None:
-                    log.warning("refused a malformed message: %s", why)
-                    return refuse(why)
-                return await fn(*args, **kwargs)
-
-            return cast(F, async_handler)
+    if inspect.iscoroutinefunction(fn):
 
         @functools.wraps(fn)
-        def handler(*args: Any, **kwargs: Any) -> Any:
+        async def async_handler(*args: Any, **kwargs: Any) -> Any:
             why = problem(args, kwargs)
             if why is not None:
-                log.warning("refused a malformed message: %s", why)
-                return refuse(why)
-            return fn(*args, **kwargs)
+                raise Malformed(why)
+            return await fn(*args, **kwargs)
 
-        return cast(F, handler)
+        return cast(F, async_handler)
 
-    return wrap
+    @functools.wraps(fn)
+    def handler(*args: Any, **kwargs: Any) -> Any:
+        why = problem(args, kwargs)
+        if why is not None:
+            raise Malformed(why)
+        return fn(*args, **kwargs)
+
+    return cast(F, handler)
 
 
-def error_reply(message: str) -> dict[str, Any]:
-    """The usual refusal: ``{"error": message}``."""
-    return {"error": message}
-
-
-def dropped(message: str) -> None:
-    """For one-way messages: nobody reads a reply; the refusal is logged by ``validated``."""
+def unpacked_typeddict(hint: Any) -> type | None:
+    """The TypedDict of ``**kwargs: Unpack[TD]`` (None for any other annotation)."""
+    if getattr(hint, "__origin__", None) is Unpack or get_origin(hint) is Unpack:
+        (inner,) = get_args(hint)
+        return cast(type, inner) if _is_typeddict(inner) else None
     return None

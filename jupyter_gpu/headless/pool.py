@@ -27,6 +27,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from jupyter_gpu.common.refusals import Refused
+
 log = logging.getLogger(__name__)
 
 POOL_START_TIMEOUT = 120.0
@@ -67,7 +69,7 @@ class PrivatePool:
         from jupyter_gpu.common.protocol import VIRTUAL_ENV
         from jupyter_gpu.common.security import client_security
         from jupyter_gpu.pool.discovery import read_record
-        from jupyter_gpu.pool.embedded import ensure_embedded_pool
+        from jupyter_gpu.pool.launcher import ensure_embedded_pool
 
         started = time.monotonic()
         with _env(VIRTUAL_ENV, self.virtual_gpus):
@@ -101,7 +103,7 @@ class PrivatePool:
     def stop(self) -> None:
         """Stop the pool (its workers and sessions with it) and remove its files."""
         from jupyter_gpu.pool.discovery import pid_alive
-        from jupyter_gpu.pool.embedded import forget_credentials, stop_embedded_pool
+        from jupyter_gpu.pool.launcher import forget_credentials, stop_embedded_pool
 
         if self._client is not None:
             with contextlib.suppress(Exception):
@@ -161,11 +163,9 @@ async def async_pool_snapshot(address: str, timeout: float = 10.0) -> dict:
     """The broker's ``gpu_snapshot``: GPUs with their leases, and the queue."""
     from jupyter_gpu.common.security import pool_rpc
 
-    r = pool_rpc(address)  # the pool's TLS, client role
-    try:
-        return await asyncio.wait_for(r.gpu_snapshot(), timeout)
-    finally:
-        await r.close_rpc()
+    async with pool_rpc(address) as r:  # the pool's TLS, client role
+        snap: dict = await asyncio.wait_for(r.gpu_snapshot(), timeout)
+    return snap
 
 
 def pool_snapshot(address: str, timeout: float = 10.0) -> dict:
@@ -224,14 +224,12 @@ async def async_release_kernel_leases(address: str, kernel: str, wait: float = 1
         ", ".join(leases + queued),
         address,
     )
-    r = pool_rpc(address)
-    try:
+    async with pool_rpc(address) as r:
         for rid in queued:
-            await r.gpu_cancel(id=rid)
+            with contextlib.suppress(Refused):  # it left the queue meanwhile
+                await r.gpu_cancel(id=rid)
         for lid in leases:
             await r.gpu_release(lease=lid, reason="its headless kernel stopped")
-    finally:
-        await r.close_rpc()
     return leases + queued
 
 

@@ -159,8 +159,8 @@ class SessionPool:
     def _virtual_spec(self) -> str | None:
         """Real GPUs where the machine has them; else virtual ones (JUPYTER_GPU_VIRTUAL_GPUS
         wins)."""
+        from jupyter_gpu.common.inventory import nvml_gpus
         from jupyter_gpu.common.protocol import VIRTUAL_ENV
-        from jupyter_gpu.worker.inventory import nvml_gpus
 
         if os.environ.get(VIRTUAL_ENV):
             return None

@@ -250,10 +250,6 @@ async def async_execute_notebook(
     from jupyter_client.manager import AsyncKernelManager
     from jupyter_core.utils import ensure_async
     from nbclient import NotebookClient
-    from nbclient.exceptions import DeadKernelError
-
-    from jupyter_gpu.common import config
-    from jupyter_gpu.headless.pool import async_release_kernel_leases
 
     started = time.monotonic()
     cwd = cwd or (os.path.dirname(os.path.abspath(path)) if path else os.getcwd())
@@ -269,15 +265,7 @@ async def async_execute_notebook(
         resources={"metadata": {"path": cwd}},
     )
     run = NotebookRun(nb=nb, kernel_id=kernel_id, pool=pool)
-    replies: dict[int, dict] = {}
-    client.on_cell_executed = lambda cell, cell_index, execute_reply: replies.__setitem__(
-        cell_index, execute_reply
-    )
-    numbers = _source_numbers(nb)
-    total = sum(1 for n in numbers if n is not None)
-    deadline = started + notebook_timeout if notebook_timeout else None
-    grace = config.get_seconds("interrupt-grace") + _AFTER_INTERRUPT_MARGIN
-    kill_now = False
+    cells = _CellRunner(client, km, run, cell_timeout, notebook_timeout, progress, started)
     try:
         async with client.async_setup_kernel(env=kernel_env(pool, path), cwd=cwd):
             log.info("kernel %s started in %.1f s", kernel_id, time.monotonic() - started)
@@ -286,143 +274,199 @@ async def async_execute_notebook(
             info = await client.async_wait_for_reply(msg_id)
             if info and "language_info" in info["content"]:
                 nb.metadata["language_info"] = info["content"]["language_info"]
-            for index, cell in enumerate(nb.cells):
-                if cell.cell_type != "code" or not cell.source.strip() or SKIP_TAG in _tags(cell):
-                    continue
-                limit, kind = _limit(_cell_timeout(cell, cell_timeout), deadline)
-                if limit is not None and limit <= 0:
-                    run.failure = CellFailure(
-                        index,
-                        numbers[index],
-                        cell.source,
-                        "notebook-timeout",
-                        timeout=notebook_timeout,
-                    )
-                    break
-                cell_started = time.monotonic()
-                task = asyncio.ensure_future(
-                    client.async_execute_cell(
-                        cell, index, execution_count=client.code_cells_executed + 1
-                    )
-                )
-                timed_out = False
-                where = f"cell {numbers[index] or 'injected'}/{total}"
-                if progress is not None:
-                    progress(f"{where}: {_first_line(cell.source)}")
-                try:
-                    done = await _wait_telling(task, limit, cell, where, progress)
-                    # interrupt like a user would: the magic stops and frees the remote work
-                    if not done:
-                        timed_out = True
-                        log.info(
-                            "cell %s ran past %s s: interrupting the kernel", numbers[index], limit
-                        )
-                        await km.interrupt_kernel()
-                        done, _ = await asyncio.wait({task}, timeout=grace)
-                        # a second interrupt makes the magic kill the remote session at once
-                        if not done:
-                            await km.interrupt_kernel()
-                            done, _ = await asyncio.wait({task}, timeout=5)
-                        if not done:
-                            log.warning("the kernel did not stop after two interrupts: killing it")
-                            kill_now = True
-                            task.cancel()
-                            await km.shutdown_kernel(now=True)
-                    await task
-                except (DeadKernelError, asyncio.CancelledError):
-                    run.cells_run += 1
-                    if timed_out:
-                        run.failure = _timeout_failure(
-                            index,
-                            numbers[index],
-                            cell,
-                            kind,
-                            _cell_timeout(cell, cell_timeout),
-                            notebook_timeout,
-                            None,
-                        )
-                    else:
-                        run.failure = CellFailure(index, numbers[index], cell.source, "dead-kernel")
-                    kill_now = True
-                    break
-                run.cells_run += 1
-                log.info("cell %s ran in %.1f s", numbers[index], time.monotonic() - cell_started)
-                reply = (replies.get(index) or {}).get("content", {})
-                if progress is not None:
-                    outcome = (
-                        "timed out"
-                        if timed_out
-                        else (
-                            "raised " + str(reply.get("ename"))
-                            if reply.get("status") == "error"
-                            else "done"
-                        )
-                    )
-                    progress(f"{where}: {outcome} in {time.monotonic() - cell_started:.1f} s")
-                if timed_out:
-                    run.failure = _timeout_failure(
-                        index,
-                        numbers[index],
-                        cell,
-                        kind,
-                        _cell_timeout(cell, cell_timeout),
-                        notebook_timeout,
-                        reply,
-                    )
-                    cell.outputs.append(
-                        nbformat.v4.new_output(
-                            "stream", name="stderr", text=f"[jupyter-gpu] {run.failure.summary()}\n"
-                        )
-                    )
-                    break
-                if reply.get("status") == "error":
-                    if RAISES_TAG in _tags(cell):
-                        continue
-                    run.failure = CellFailure(
-                        index,
-                        numbers[index],
-                        cell.source,
-                        "error",
-                        execution_count=cell.get("execution_count"),
-                        ename=reply.get("ename"),
-                        evalue=reply.get("evalue"),
-                        traceback=strip_ansi("\n".join(reply.get("traceback", []))),
-                    )
-                    break
-                if RAISES_TAG in _tags(cell):
-                    run.failure = CellFailure(
-                        index,
-                        numbers[index],
-                        cell.source,
-                        "no-exception",
-                        execution_count=cell.get("execution_count"),
-                    )
-                    break
+            await cells.run_all()
             client.set_widgets_metadata()
     finally:
-        stopping = time.monotonic()
-        if client.kc is not None:
-            with contextlib.suppress(Exception):
-                # a coroutine in some jupyter_client versions, None in others
-                await ensure_async(cast(Any, client.kc).stop_channels())
-        with contextlib.suppress(Exception):
-            if await km.is_alive():
-                await km.shutdown_kernel(now=kill_now)
-        with contextlib.suppress(Exception):
-            await km.cleanup_resources()
-        stopped = time.monotonic()
-        with contextlib.suppress(Exception):
-            run.leftovers = await async_release_kernel_leases(pool, kernel_id)
-        log.info(
-            "kernel shut down in %.1f s, its leases checked in %.1f s",
-            stopped - stopping,
-            time.monotonic() - stopped,
-        )
+        await _shut_down(client, km, run, cells.kill_now)
         import shutil
 
         shutil.rmtree(directory, ignore_errors=True)
         run.duration = time.monotonic() - started
     return run
+
+
+class _CellRunner:
+    """The cells of one notebook on one kernel, one after another until the first failure: each
+    within its time limit (interrupted like a user would, then killed), each judged by its reply
+    and its tags."""
+
+    def __init__(
+        self,
+        client: Any,
+        km: Any,
+        run: NotebookRun,
+        cell_timeout: float | None,
+        notebook_timeout: float | None,
+        progress: Progress | None,
+        started: float,
+    ) -> None:
+        from jupyter_gpu.common import config
+
+        self.client, self.km, self.run, self.progress = client, km, run, progress
+        self.cell_timeout, self.notebook_timeout = cell_timeout, notebook_timeout
+        self.replies: dict[int, dict] = {}
+        client.on_cell_executed = lambda cell, cell_index, execute_reply: self.replies.__setitem__(
+            cell_index, execute_reply
+        )
+        self.numbers = _source_numbers(run.nb)
+        self.total = sum(1 for n in self.numbers if n is not None)
+        self.deadline = started + notebook_timeout if notebook_timeout else None
+        self.grace = config.get_seconds("interrupt-grace") + _AFTER_INTERRUPT_MARGIN
+        self.kill_now = False  # the kernel did not stop: shut it down at once
+        self.timed_out = False  # the cell running now ran past its limit
+
+    async def run_all(self) -> None:
+        for index, cell in enumerate(self.run.nb.cells):
+            if cell.cell_type != "code" or not cell.source.strip() or SKIP_TAG in _tags(cell):
+                continue
+            limit, kind = _limit(_cell_timeout(cell, self.cell_timeout), self.deadline)
+            if limit is not None and limit <= 0:
+                self.run.failure = CellFailure(
+                    index,
+                    self.numbers[index],
+                    cell.source,
+                    "notebook-timeout",
+                    timeout=self.notebook_timeout,
+                )
+                return
+            if not await self._run_one(index, cell, limit, kind):
+                return
+
+    async def _run_one(self, index: int, cell: Any, limit: float | None, kind: str) -> bool:
+        """Run one cell; whether to go on with the next."""
+        from nbclient.exceptions import DeadKernelError
+
+        number = self.numbers[index]
+        cell_started = time.monotonic()
+        where = f"cell {number or 'injected'}/{self.total}"
+        if self.progress is not None:
+            self.progress(f"{where}: {_first_line(cell.source)}")
+        self.timed_out = False
+        try:
+            await self._execute(index, cell, limit, where)
+        except (DeadKernelError, asyncio.CancelledError):
+            self.run.cells_run += 1
+            self.run.failure = (
+                self._timeout(index, cell, kind, None)
+                if self.timed_out
+                else CellFailure(index, number, cell.source, "dead-kernel")
+            )
+            self.kill_now = True
+            return False
+        self.run.cells_run += 1
+        log.info("cell %s ran in %.1f s", number, time.monotonic() - cell_started)
+        reply = (self.replies.get(index) or {}).get("content", {})
+        timed_out = self.timed_out
+        if self.progress is not None:
+            outcome = (
+                "timed out"
+                if timed_out
+                else (
+                    "raised " + str(reply.get("ename"))
+                    if reply.get("status") == "error"
+                    else "done"
+                )
+            )
+            self.progress(f"{where}: {outcome} in {time.monotonic() - cell_started:.1f} s")
+        if timed_out:
+            self.run.failure = self._timeout(index, cell, kind, reply)
+            cell.outputs.append(
+                nbformat.v4.new_output(
+                    "stream", name="stderr", text=f"[jupyter-gpu] {self.run.failure.summary()}\n"
+                )
+            )
+            return False
+        self.run.failure = _judged(index, number, cell, reply)
+        return self.run.failure is None
+
+    async def _execute(self, index: int, cell: Any, limit: float | None, where: str) -> None:
+        """Execute the cell within ``limit``; past it (``timed_out``), interrupt the kernel like a
+        user would (the magic stops and frees the remote work), again (the magic kills the remote
+        session at once), then kill the kernel."""
+        task = asyncio.ensure_future(
+            self.client.async_execute_cell(
+                cell, index, execution_count=self.client.code_cells_executed + 1
+            )
+        )
+        done = await _wait_telling(task, limit, cell, where, self.progress)
+        if done:
+            await task
+            return
+        self.timed_out = True
+        log.info("cell %s ran past %s s: interrupting the kernel", self.numbers[index], limit)
+        await self.km.interrupt_kernel()
+        done, _ = await asyncio.wait({task}, timeout=self.grace)
+        if not done:
+            await self.km.interrupt_kernel()
+            done, _ = await asyncio.wait({task}, timeout=5)
+        if not done:
+            log.warning("the kernel did not stop after two interrupts: killing it")
+            self.kill_now = True
+            task.cancel()
+            await self.km.shutdown_kernel(now=True)
+        await task
+
+    def _timeout(self, index: int, cell: Any, kind: str, reply: dict | None) -> CellFailure:
+        return _timeout_failure(
+            index,
+            self.numbers[index],
+            cell,
+            kind,
+            _cell_timeout(cell, self.cell_timeout),
+            self.notebook_timeout,
+            reply,
+        )
+
+
+def _judged(index: int, number: int | None, cell: Any, reply: dict) -> CellFailure | None:
+    """A cell's failure by its reply and tags: an error (unless tagged ``raises-exception``), or
+    no error where the tag expects one."""
+    raises = RAISES_TAG in _tags(cell)
+    if reply.get("status") == "error":
+        if raises:
+            return None
+        return CellFailure(
+            index,
+            number,
+            cell.source,
+            "error",
+            execution_count=cell.get("execution_count"),
+            ename=reply.get("ename"),
+            evalue=reply.get("evalue"),
+            traceback=strip_ansi("\n".join(reply.get("traceback", []))),
+        )
+    if raises:
+        return CellFailure(
+            index, number, cell.source, "no-exception", execution_count=cell.get("execution_count")
+        )
+    return None
+
+
+async def _shut_down(client: Any, km: Any, run: NotebookRun, kill_now: bool) -> None:
+    """Stop the kernel (at once when it would not stop), then end whatever it still held in the
+    pool."""
+    from jupyter_core.utils import ensure_async
+
+    from jupyter_gpu.headless.pool import async_release_kernel_leases
+
+    stopping = time.monotonic()
+    if client.kc is not None:
+        with contextlib.suppress(Exception):
+            # a coroutine in some jupyter_client versions, None in others
+            await ensure_async(cast(Any, client.kc).stop_channels())
+    with contextlib.suppress(Exception):
+        if await km.is_alive():
+            await km.shutdown_kernel(now=kill_now)
+    with contextlib.suppress(Exception):
+        await km.cleanup_resources()
+    stopped = time.monotonic()
+    with contextlib.suppress(Exception):
+        run.leftovers = await async_release_kernel_leases(run.pool, run.kernel_id)
+    log.info(
+        "kernel shut down in %.1f s, its leases checked in %.1f s",
+        stopped - stopping,
+        time.monotonic() - stopped,
+    )
 
 
 Progress = Callable[[str], None]

@@ -1,14 +1,17 @@
-"""A kernel's link to the pool: its Dask client, its lease and remote session, and running cells
-there.
+"""A kernel's link to the pool: its Dask client, the broker's handlers, its leases and remote
+session.
 
-All network I/O runs on the Dask client's event loop thread: ``start_execute`` sends a cell to a
-session there and hands every message it answers with to a callback; ``runner.RankRunner`` waits for
-them on the kernel's main thread (where interrupts land).
+All network I/O runs on the Dask client's event loop thread; the kernel's main thread waits for it
+(``call``), where interrupts land. A broker's refusal raises its ``CallError``
+(``common/refusals.py``); a scheduler that does not answer raises ``PoolUnreachable``. The calls to
+sessions themselves (running a cell, interrupting it, pulling a variable) are
+``session_calls.py``'s.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -18,15 +21,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, cast
 
 from distributed import Client
-from distributed.comm import CommClosedError, connect
-from distributed.core import rpc
+from distributed.comm import CommClosedError
 
-from jupyter_gpu.common import config, local_transfer
-from jupyter_gpu.common.protocol import SCHEDULER_ENV, TOKEN_ENV
+from jupyter_gpu.common import config, rejoin
+from jupyter_gpu.common.protocol import SCHEDULER_ENV
+from jupyter_gpu.common.refusals import Refused
 from jupyter_gpu.common.security import check_address, client_security, connection_args
 from jupyter_gpu.common.units import format_bytes
 from jupyter_gpu.errors import CellTimeout, GpuPoolError, PoolUnreachable, RequestRefused
-from jupyter_gpu.pool.discovery import user_name
+from jupyter_gpu.pool.discovery import address_reachable, pool_token, user_name
 
 if TYPE_CHECKING:
     from tornado.platform.asyncio import BaseAsyncIOLoop
@@ -50,6 +53,31 @@ def kernel_identity() -> str:
     except Exception:  # noqa: BLE001 - not in a kernel, or no connection file: a made-up id
         pass
     return f"proc-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+class PoolClient(Client):
+    """A kernel's Dask client, which finds a restarted scheduler within a second or so of it
+    answering: while it reconnects, it knocks in short rounds (``common/rejoin.py``) before Dask's
+    own connection attempt, whose backoff grows to minutes over a long restart."""
+
+    _rejoining = False
+
+    async def _reconnect(self) -> None:
+        self._rejoining = True
+        try:
+            await super()._reconnect()
+        finally:
+            self._rejoining = False
+
+    async def _ensure_connected(self, timeout: float | None = None) -> None:
+        if self._rejoining and self.scheduler is not None and timeout is not None:
+            await rejoin.until_answering(
+                str(self.scheduler.address),
+                timeout,
+                self.connection_args,
+                wanted=lambda: self.status == "connecting",
+            )
+        await super()._ensure_connected(timeout=timeout)
 
 
 @dataclass
@@ -109,13 +137,24 @@ class PoolConnection:
         self.security = client_security(address)
         check_address(address, "client", self.security)
         self.connection_args = connection_args("client", self.security)
-        self.client = Client(
+        connect_timeout = config.get_seconds("connect-timeout")
+        if not embedded and not address_reachable(address, timeout=1.0):
+            print(
+                f"[jupyter-gpu] the pool's scheduler at {address} is not answering; waiting for it "
+                f"(up to {connect_timeout:.0f} s, jupyter-gpu.connect-timeout) ...",
+                flush=True,
+            )
+        self.client = PoolClient(
             address,
             set_as_default=False,
             name=f"jupyter-gpu {self.user}",
-            timeout=config.get_seconds("connect-timeout"),
+            timeout=connect_timeout,
             security=self.security,
         )
+        # the client reconnects by itself when its scheduler goes away, for as long as its
+        # ``timeout`` (then it closes for good); a restarting pool's workers keep their sessions
+        # for ``worker.reconnect-timeout``, so this kernel, which owns some of them, waits as long
+        self.client._timeout = max(connect_timeout, restart_wait())
         # an AsyncIOLoop (Dask's client loop), which tornado's IOLoop type does not say
         self.loop = cast("BaseAsyncIOLoop", self.client.loop).asyncio_loop
         # what goes wrong on the client loop after nobody waits for it any more is ours to log, not
@@ -146,13 +185,22 @@ class PoolConnection:
             future.cancel()
             raise
 
-    def scheduler_call(self, op: str, **kwargs: Any) -> Any:
+    def scheduler_call(self, op: str, *, wait_for_restart: bool = True, **kwargs: Any) -> Any:
         """One broker handler, answered; a scheduler that does not answer is a ``PoolUnreachable``
-        saying so (a cell's session lives on its worker and is not affected)."""
-        if op in _TOKEN_OPS and os.environ.get(TOKEN_ENV):
-            # a pool with a token file accepts requests, cancels and releases only with the user's
-            # token
-            kwargs.setdefault("token", os.environ[TOKEN_ENV])
+        saying so (a cell's session lives on its worker and is not affected).
+
+        While this kernel's client has lost the scheduler (it is restarting), the call first waits
+        for it, saying so in the cell (:meth:`_await_scheduler`); ``wait_for_restart=False`` is
+        for checks that must not hold the cell up: they get the ``PoolUnreachable`` at once."""
+        if wait_for_restart:
+            self._await_scheduler()
+        elif self.scheduler_away():
+            raise PoolUnreachable(f"The pool's scheduler at {self.address} is not answering.")
+        token = pool_token(self.embedded)
+        if token and (op in _TOKEN_OPS or (op == "gpu_snapshot" and "user" in kwargs)):
+            # a pool with a token file (or behind JupyterHub) accepts requests, cancels and
+            # releases only with the user's token
+            kwargs.setdefault("token", token)
 
         async def go() -> Any:
             return await getattr(self.client.scheduler, op)(**kwargs)
@@ -167,6 +215,40 @@ class PoolConnection:
                 "the cell again "
                 "in a moment (`%gpu status` shows when the pool is back)."
             ) from None
+
+    def scheduler_away(self) -> bool:
+        """Whether this kernel's client has lost its scheduler (it is reconnecting, or gave
+        up)."""
+        return self.client.status not in ("running", "newly-created")
+
+    def _await_scheduler(self) -> None:
+        """Return once this kernel's client is connected to its scheduler. While it is not (the
+        pool's scheduler is restarting), say so in the cell at once and wait for it, up to
+        ``worker.reconnect-timeout`` (what the pool's workers wait, keeping their sessions);
+        interrupting stops the wait. Past that, or once the client gave up, a
+        ``PoolUnreachable`` says what to do.
+
+            Why: a call made while the scheduler is away blocks on Dask's connect timeout and
+            fails, and a cell that needs the broker (a new session) showed nothing for minutes."""
+        if not self.scheduler_away():
+            return
+        window = restart_wait()
+        print(
+            f"[jupyter-gpu] the pool's scheduler at {self.address} is not answering; waiting for "
+            f"it (up to {window:.0f} s; interrupt to stop waiting). Sessions already on the pool "
+            "keep running and keep their variables.",
+            flush=True,
+        )
+        deadline = time.monotonic() + window
+        while self.scheduler_away():
+            if self.client.status in ("closing", "closed") or time.monotonic() > deadline:
+                raise PoolUnreachable(
+                    f"The pool's scheduler at {self.address} did not come back within "
+                    f"{window:.0f} s. Ask the pool's administrator whether it is running; once it "
+                    "is, run `%gpu connect` to join it again."
+                )
+            time.sleep(0.2)
+        print("[jupyter-gpu] the pool's scheduler is back.", flush=True)
 
     def close(self) -> None:
         try:
@@ -193,7 +275,7 @@ class PoolConnection:
         new session starts with them. A KeyboardInterrupt while queued cancels the request
         at once.
         """
-        extra = {"restore": restore} if restore else {}
+        extra: dict[str, Any] = {"restore": restore} if restore else {}
 
         def submit() -> dict:
             return self.scheduler_call(
@@ -207,12 +289,15 @@ class PoolConnection:
                 **extra,
             )
 
-        status = submit()
+        try:
+            status = submit()
+        except Refused as exc:
+            raise RequestRefused(f"The pool refused this %%gpu cell at once. {exc}") from None
         try:
             while status["state"] in ("queued", "starting"):
                 on_wait(status)
                 if deadline is not None and time.monotonic() > deadline:
-                    self.scheduler_call("gpu_cancel", id=status["id"], user=self.user)
+                    self._withdraw(status["id"])
                     raise CellTimeout(
                         f"the request {status['id']} was still waiting when --timeout ran out "
                         f"({status.get('reason')}); it was withdrawn from the queue"
@@ -220,8 +305,10 @@ class PoolConnection:
                 status = self._wait_through_restarts(status, submit)
         except KeyboardInterrupt:
             if status.get("id"):
-                self.scheduler_call("gpu_cancel", id=status["id"], user=self.user)
+                self._withdraw(status["id"])
             raise
+        except Refused as exc:
+            raise RequestRefused(f"The pool refused this %%gpu cell at once. {exc}") from None
         if status["state"] == "refused":
             raise RequestRefused(f"The pool refused this %%gpu cell at once. {status['reason']}")
         if status["state"] != "granted":
@@ -230,6 +317,11 @@ class PoolConnection:
             )
         on_wait(status)
         return status
+
+    def _withdraw(self, request: str) -> None:
+        """Cancel a request this kernel stops waiting for (it may have left the queue meanwhile)."""
+        with contextlib.suppress(Refused):
+            self.scheduler_call("gpu_cancel", id=request, user=self.user)
 
     def _wait_through_restarts(self, status: dict, submit: Callable[[], dict]) -> dict:
         """``gpu_wait`` for a queued request; when the scheduler restarts meanwhile, wait for it (up
@@ -301,7 +393,12 @@ class PoolConnection:
                 self.call(session.comm.close, timeout=2)
             except Exception:  # noqa: BLE001 - the session may be gone already: the lease is released anyway
                 pass
-        reply = self.scheduler_call("gpu_release", lease=session.id, user=self.user, reason=reason)
+        # with the lease's secret: the proof of ownership even when the pool no longer accepts this
+        # kernel's token (a revoked JupyterHub token, the Hub down)
+        extra: dict[str, Any] = {"secret": session.secret} if session.secret else {}
+        reply = self.scheduler_call(
+            "gpu_release", lease=session.id, user=self.user, reason=reason, **extra
+        )
         return bool(reply.get("released"))
 
     def lease_end_reason(self, lease: str, wait: float = 3.0) -> str:
@@ -329,161 +426,11 @@ class PoolConnection:
                 return info
             time.sleep(0.1)
 
-    # ------------------------------------------------------------------ running a cell
-    def local_transfer(self, session: RemoteSession) -> bool:
-        """Whether this kernel and ``session`` pass large values through pipes
-        (``common/local_transfer.py``): asked once per session, by each side reading a small probe
-        of the other's (same machine, same account, ``/proc`` readable), so a setting that would
-        fail mid-cell is found before it matters."""
-        if session.local is None:
-            session.local = False
-            if config.get("local-transfer", True) and local_transfer.available():
-                sending = local_transfer.Sending()
-                try:
-                    reply = self.session_call(session, "ping", probe=local_transfer.probe(sending))
-                    session.local = bool(reply.get("probe_ok")) and local_transfer.check_probe(
-                        reply.get("probe")
-                    )
-                except Exception as exc:  # noqa: BLE001 - the comm always works
-                    log.debug("same-host transfer probe of %s failed: %s", session.address, exc)
-                finally:
-                    sending.close()
-        return session.local
 
-    def session_call(
-        self, session: RemoteSession, op: str, timeout: float | None = 10, **kwargs: Any
-    ) -> dict:
-        """One call to the session (with its secret), waited for on the client loop."""
-
-        async def go() -> dict:
-            r = rpc(
-                session.address,
-                deserializers=None,
-                deserialize=False,
-                connection_args=self.connection_args,
-            )
-            try:
-                return await asyncio.wait_for(
-                    getattr(r, op)(secret=session.secret, **kwargs), timeout
-                )
-            finally:
-                await r.close_rpc()
-
-        return self.call(go, timeout=None if timeout is None else timeout + 5)
-
-    def start_execute(
-        self, session: RemoteSession, payload: dict, sink: Callable[[Any], None]
-    ) -> Any:
-        """Start the cell on the client loop; every message (and finally the done reply) goes to
-        ``sink``. Large inputs go through pipes when the session can read them; this returns once
-        the session has read them (or the cell ended), so the kernel's objects may change again
-        (``--async`` cells)."""
-        sending = local_transfer.Sending()
-        if self.local_transfer(session):
-            payload = {
-                **payload,
-                "local": True,
-                "inputs": {
-                    name: local_transfer.pack(v, sending)
-                    for name, v in (payload.get("inputs") or {}).items()
-                },
-            }
-
-        async def run() -> None:
-            started = False
-            try:
-                comm = session.comm
-                try:
-                    if comm is None or comm.closed():
-                        raise CommClosedError("not connected")
-                    await comm.write(
-                        {"op": "execute", "reply": True, "secret": session.secret, **payload}
-                    )
-                except (CommClosedError, OSError):
-                    # a fresh connection; failing that, the session is gone and the cell never
-                    # started. Ask the broker first: a session whose lease ended (moved to host
-                    # memory, timed out) listens no more, and connecting would retry its closed port
-                    # for the whole connect timeout
-                    ended = await self._lease_ended(session.id)
-                    if ended is not None:
-                        session.comm = None
-                        sink({"op": "lost", "error": ended, "started": False})
-                        return
-                    try:
-                        session.comm = comm = await connect(
-                            session.address, deserialize=False, timeout=5, **self.connection_args
-                        )
-                    except (CommClosedError, OSError) as exc:
-                        session.comm = None
-                        sink({"op": "lost", "error": str(exc), "started": False})
-                        return
-                    await comm.write(
-                        {"op": "execute", "reply": True, "secret": session.secret, **payload}
-                    )
-                started = True
-                while True:
-                    msg = await comm.read()
-                    sink(msg)
-                    if isinstance(msg, dict):
-                        return
-            except (CommClosedError, OSError) as exc:
-                session.comm = None
-                sink({"op": "lost", "error": str(exc), "started": started})
-            except Exception as exc:  # noqa: BLE001 - never leave the main thread waiting
-                session.comm = None
-                sink({"op": "lost", "error": f"{type(exc).__name__}: {exc}", "started": started})
-            finally:
-                sending.close()
-
-        future = asyncio.run_coroutine_threadsafe(run(), self.loop)
-        try:
-            sending.wait()
-        # stop sending: the session refuses the cell (its inputs are incomplete)
-        except KeyboardInterrupt:
-            sending.close()
-        return future
-
-    async def _lease_ended(self, lease: str) -> str | None:
-        """Why the broker ended ``lease``, or None while it stands (or when the broker does not
-        answer)."""
-        kwargs = {"token": os.environ[TOKEN_ENV]} if os.environ.get(TOKEN_ENV) else {}
-        try:
-            scheduler = self.client.scheduler
-            assert scheduler is not None  # connected
-            info = await asyncio.wait_for(
-                scheduler.gpu_lease_info(lease=lease, user=self.user, **kwargs), 5
-            )
-        except Exception:  # noqa: BLE001 - then the connection attempt says what happened
-            return None
-        return (
-            (info.get("end_reason") or "its lease ended") if info.get("state") == "ended" else None
-        )
-
-    def interrupt(self, session: RemoteSession) -> None:
-        async def go() -> None:
-            r = rpc(session.address, connection_args=self.connection_args)
-            try:
-                await asyncio.wait_for(r.interrupt(secret=session.secret), 2)
-            finally:
-                await r.close_rpc()
-
-        try:
-            self.call(go, timeout=3)
-        except Exception as exc:  # noqa: BLE001 - an interrupt is best effort: the kill after the grace period follows
-            log.debug("interrupt did not reach %s: %s", session.address, exc)
-
-    def pull(self, name: str) -> Any:
-        from distributed.protocol import deserialize
-
-        if self.session is None:
-            raise GpuPoolError("This kernel has no GPU session yet: run a %%gpu cell first.")
-        session = self.session
-        reply = self.session_call(
-            session, "pull", timeout=None, name=name, local=self.local_transfer(session)
-        )
-        if reply.get("error"):
-            raise GpuPoolError(f"%gpu pull {name}: {reply['error']}")
-        return deserialize(*local_transfer.unpack(reply["data"]))
+def restart_wait() -> float:
+    """How long a kernel waits for a pool's scheduler that went away (it is restarting): as long
+    as the pool's workers keep their sessions for it (``worker.reconnect-timeout``)."""
+    return config.get_seconds("worker.reconnect-timeout")
 
 
 def log_loop_error(loop: asyncio.AbstractEventLoop, context: dict) -> None:
@@ -509,6 +456,6 @@ def resolve_address(address: str | None, keep: bool = False) -> tuple[str, bool]
     explicit = os.environ.get(SCHEDULER_ENV)
     if explicit:
         return explicit, False
-    from jupyter_gpu.pool.embedded import ensure_embedded_pool
+    from jupyter_gpu.pool.launcher import ensure_embedded_pool
 
     return ensure_embedded_pool(keep=keep), True

@@ -19,7 +19,9 @@ from IPython.core.error import UsageError
 
 from jupyter_gpu.common import config
 from jupyter_gpu.common.codenames import code_names_kept
-from jupyter_gpu.common.datacontract import RemoteObject, cell_names, input_item
+from jupyter_gpu.common.datacontract import cell_names, input_item
+from jupyter_gpu.common.protocol import CellPayload
+from jupyter_gpu.common.remote_value import RemoteObject
 from jupyter_gpu.kernelext.connection import PoolConnection
 from jupyter_gpu.kernelext.options import CellOptions
 from jupyter_gpu.kernelext.rendering import register_cell_source
@@ -40,7 +42,7 @@ class CellJob:
     inputs: dict  # name -> serialized value, for the session (rank 0 of a --workers run)
     remote_refs: dict[str, RemoteObject]  # inputs that already live in a GPU session
     outputs: list[str]  # the names to bring back
-    payload: dict  # the execute request, without the cwd (taken when it runs)
+    payload: CellPayload  # the execute request, without the cwd (taken when it runs)
 
 
 def cell_number(shell: Any) -> int:
@@ -146,7 +148,7 @@ def prepare_cell(
     label = opts.name or cell_label(count, cell)
     inputs, remote_refs, outputs = prepare_inputs(shell.user_ns, opts, cell)
     plan = runs.plan(conn.user, conn.kernel, opts.name, cell, opts.resume)
-    payload = {
+    payload: CellPayload = {
         "code": cell,
         "inputs": inputs,
         "outputs": outputs,

@@ -8,10 +8,11 @@ cell's own lines. A ``--workers`` run finishes through here with rank 0's reply.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from jupyter_gpu.common import local_transfer
-from jupyter_gpu.common.datacontract import RemoteObject
+from jupyter_gpu.common.protocol import ErrorPayload, ExecuteReply, LastValue
+from jupyter_gpu.common.remote_value import RemoteObject
 from jupyter_gpu.errors import CellTimeout
 from jupyter_gpu.kernelext.connection import RemoteSession
 from jupyter_gpu.kernelext.options import CellOptions
@@ -28,7 +29,7 @@ class RemoteDisplay:
         return dict(self.bundle.get("data") or {}), dict(self.bundle.get("metadata") or {})
 
 
-def land_outputs(ns: dict, done: dict, session: RemoteSession) -> None:
+def land_outputs(ns: dict, done: ExecuteReply, session: RemoteSession) -> None:
     """Put the names the cell assigned into the kernel's namespace: real objects where they could be
     rebuilt, placeholders (naming the session that holds them) otherwise."""
     from distributed.protocol import deserialize
@@ -58,7 +59,7 @@ def land_outputs(ns: dict, done: dict, session: RemoteSession) -> None:
         )
 
 
-def finish_cell(shell: Any, done: dict, session: RemoteSession, opts: CellOptions) -> Any:
+def finish_cell(shell: Any, done: ExecuteReply, session: RemoteSession, opts: CellOptions) -> Any:
     """Land the outputs, then raise the cell's error or return its last value (the cell's
     ``Out[n]``)."""
     __tracebackhide__ = True
@@ -66,14 +67,14 @@ def finish_cell(shell: Any, done: dict, session: RemoteSession, opts: CellOption
 
     land_outputs(shell.user_ns, done, session)
     if done.get("status") == "error":
-        exc = rebuild_exception(done["error"])
+        exc = rebuild_exception(done.get("error", cast(ErrorPayload, {})))
         if done.get("timed_out"):
             raise CellTimeout(
                 f"--timeout {opts.timeout:g} s was reached: the cell was interrupted (its "
                 "session and its variables are kept)."
             ) from exc
         raise exc
-    result = done.get("result")
+    result: LastValue | None = done.get("result")
     if not result:
         return None
     if result.get("value") is not None:

@@ -4,7 +4,7 @@ resume.
 Why a new id per run: ``jupyter_gpu.checkpoint()`` writes to a folder named after the run, and
 ``jupyter_gpu.restore()`` reads from it. Were the id stable per cell, rerunning a cell with new
 hyperparameters would silently start at the old run's last step. So only the run that lost a worker
-(the retry loop in ``scaleout.py``, and a preempted batch cell in ``single.py``, which rerun the
+(the retry loop in ``scaleout.py``, and a preempted batch cell in ``single_gpu_cells.py``, which rerun the
 *same* job) finds its own checkpoints; a new run of a cell starts from scratch unless it says
 ``--resume``, which picks the latest earlier run of the same cell (same ``--name``, or same source)
 and is always announced.

@@ -18,21 +18,24 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, cast
 
 from IPython.core.error import UsageError
 
 from jupyter_gpu.common import config
+from jupyter_gpu.common.protocol import CellPayload, ExecuteReply
 from jupyter_gpu.errors import CellTimeout, GpuPoolError, SessionLost
 from jupyter_gpu.kernelext.badge import StatusLine
 from jupyter_gpu.kernelext.connection import PoolConnection, RemoteSession
 from jupyter_gpu.kernelext.options import CellOptions
 from jupyter_gpu.kernelext.pipeline import CellJob, notebook_name
-from jupyter_gpu.kernelext.progress import duration
+from jupyter_gpu.kernelext.progress_bar import duration
+from jupyter_gpu.kernelext.rank_runner import RankRunner, RunOutcome
 from jupyter_gpu.kernelext.rendering import CellRenderer, rebuild_exception
 from jupyter_gpu.kernelext.results import finish_cell
-from jupyter_gpu.kernelext.runner import RankRunner, RunOutcome
 from jupyter_gpu.kernelext.runs import RunBook
+from jupyter_gpu.kernelext.session_calls import session_call
 
 RANKS_STOPPED = "stopped: another rank failed, or the run was interrupted"
 
@@ -184,10 +187,9 @@ def _run_ranks(
     they ended, and the ranks whose sessions were lost, with the reason the pool gives (asked before
     the leases are released, which would overwrite it)."""
     world = len(sessions)
-    rendezvous = conn.call(
-        _free_port, sessions[0].address, conn.connection_args, sessions[0].secret
-    )
-    payloads = []
+    # a free port on rank 0's host for the rendezvous, asked over the kernel's (TLS) comm
+    rendezvous = session_call(conn, sessions[0], "free_port", timeout=None)
+    payloads: list[CellPayload] = []
     for rank in range(world):
         dist = {
             "rank": rank,
@@ -231,20 +233,6 @@ def _show(renderer: CellRenderer, rank: int, item: dict) -> None:
         renderer.handle({**item, "text": text})
 
 
-async def _free_port(
-    address: str, connection_args: dict | None = None, secret: str | None = None
-) -> dict:
-    """A free port on rank 0's host for the rendezvous, asked over the kernel's (TLS) comm to the
-    session."""
-    from distributed.core import rpc
-
-    r = rpc(address, connection_args=connection_args)
-    try:
-        return await r.free_port(secret=secret)
-    finally:
-        await r.close_rpc()
-
-
 def _state(outcome: RunOutcome) -> str:
     statuses = [d.get("status") for d in outcome.replies.values()]
     if all(s == "ok" for s in statuses):
@@ -252,7 +240,7 @@ def _state(outcome: RunOutcome) -> str:
     return "stopped" if outcome.stopped else "failed"
 
 
-def first_failure(errors: dict[int, dict]) -> tuple[int, dict]:
+def first_failure(errors: Mapping[int, ExecuteReply]) -> tuple[int, ExecuteReply]:
     """The rank whose cell failed first, by when its code ended (``finished``), not by which reply
     came first: a rank that raises tears its process group down before it replies, so the others'
     collective errors ("connection closed by peer") can arrive before the exception that caused
@@ -272,8 +260,8 @@ def _finish(
 ) -> Any:
     __tracebackhide__ = True
     done = outcome.replies
-    first = done.get(0, {})
-    errors = {r: d for r, d in done.items() if d.get("status") == "error"}
+    first = done.get(0, cast(ExecuteReply, {}))
+    errors: dict[int, ExecuteReply] = {r: d for r, d in done.items() if d["status"] == "error"}
     if lost:
         rank, reason = next(iter(lost.items()))
         raise SessionLost(
@@ -284,12 +272,12 @@ def _finish(
         # the others mostly follow from it (a collective losing a peer)
         rank, err = first_failure(errors)
         others = [
-            f"rank {r}: {d['error'].get('type', '').split('.')[-1]}: "
-            f"{d['error'].get('message', '')}"
+            f"rank {r}: {d.get('error', {}).get('type', '').split('.')[-1]}: "
+            f"{d.get('error', {}).get('message', '')}"
             for r, d in errors.items()
             if r != rank
         ]
-        exc = rebuild_exception(err["error"])
+        exc = rebuild_exception(err.get("error", {}))
         if rank != 0 or others:
             try:
                 if hasattr(exc, "add_note"):  # Python 3.11+
@@ -310,4 +298,4 @@ def _finish(
         if opts.timeout:
             raise CellTimeout(f"--timeout {opts.timeout:g} s was reached: {message}.")
         raise KeyboardInterrupt(f"The --workers run was interrupted: {message}.")
-    return finish_cell(shell, first, sessions[0], opts)
+    return finish_cell(shell, cast(ExecuteReply, first), sessions[0], opts)  # ok: the rest raised

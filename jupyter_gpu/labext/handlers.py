@@ -27,6 +27,7 @@ from jupyter_server.base.websocket import WebSocketMixin
 from jupyter_server.utils import url_path_join
 from tornado import websocket
 
+from jupyter_gpu.common.refusals import CallError
 from jupyter_gpu.labext.pool_link import PoolLink, PoolUnavailable, server_token, server_user
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class StartPoolHandler(_ApiBase):
 
     @tornado.web.authenticated
     async def post(self) -> None:
-        from jupyter_gpu.pool.embedded import ensure_embedded_pool
+        from jupyter_gpu.pool.launcher import ensure_embedded_pool
 
         timeout = self.pool.config.start_timeout
         loop = asyncio.get_running_loop()
@@ -142,13 +143,13 @@ class ScaleHandler(_ApiBase):
             )
         except PoolUnavailable as exc:
             raise tornado.web.HTTPError(409, str(exc)) from exc
+        except CallError as exc:  # the broker refused: e.g. a pool without a cluster manager
+            self.reply({"error": str(exc)}, status=409)
+            return
         except Exception as exc:
             error = str(exc) or type(exc).__name__
             log.warning("gpu_scale failed: %s", error)
             raise tornado.web.HTTPError(502, f"the pool did not scale: {error}") from exc
-        if isinstance(result, dict) and result.get("error"):
-            self.reply(result, status=409)  # e.g. a pool without a cluster manager
-            return
         self.reply(result)
 
 
@@ -157,9 +158,8 @@ class CancelHandler(_ApiBase):
 
     A pool with a token file (Dask config ``jupyter-gpu.token-file``) also checks the user's
     token, so the server sends its own (``GpuPanelConfig.token`` or ``JUPYTER_GPU_TOKEN``), as
-    the user's kernels do. The broker's refusal (``{"cancelled": false, "what": reason}``:
-    someone else's work, a missing or wrong token) is passed through as is, for the panel to
-    show.
+    the user's kernels do. The broker's refusal (a ``Refused``: someone else's work, a missing or
+    wrong token) is answered as ``{"cancelled": false, "what": reason}``, for the panel to show.
     """
 
     @tornado.web.authenticated
@@ -173,6 +173,9 @@ class CancelHandler(_ApiBase):
             result = await self.pool.call("gpu_cancel", **kwargs)
         except PoolUnavailable as exc:
             raise tornado.web.HTTPError(409, str(exc)) from exc
+        except CallError as exc:  # someone else's work, a missing or wrong token: said as is
+            self.reply({"cancelled": False, "what": str(exc)})
+            return
         except Exception as exc:
             error = str(exc) or type(exc).__name__
             log.warning("gpu_cancel %s failed: %s", item_id, error)

@@ -151,7 +151,7 @@ def load_settings(value: Any = None) -> ManagerSettings | None:
             )
     virtual = value.get("virtual-gpus")
     if virtual is not None:
-        from jupyter_gpu.worker.inventory import parse_virtual_spec
+        from jupyter_gpu.common.inventory import parse_virtual_spec
 
         try:
             parse_virtual_spec(str(virtual))
@@ -213,7 +213,7 @@ def gpu_bytes(settings: ManagerSettings) -> int | None:
     """The size of one GPU a job brings, when the settings say (virtual GPUs)."""
     if not settings.virtual_gpus:
         return None
-    from jupyter_gpu.worker.inventory import parse_virtual_spec
+    from jupyter_gpu.common.inventory import parse_virtual_spec
 
     return max(g.total_bytes for g in parse_virtual_spec(settings.virtual_gpus))
 

@@ -1,11 +1,10 @@
-"""The embedded pool: a whole GPU pool on this machine, started on demand, in its own processes.
+"""The embedded pool: a whole GPU pool on this machine, in its own process, started on demand.
 
-``ensure_embedded_pool()`` returns the address of this user's pool, starting one if none runs: a
-detached process (so it never blocks a kernel and survives the kernel that started it) that runs a
-Dask scheduler with the broker and one worker per GPU (a Nanny-managed process each, with the GPU
-worker plugin). It advertises itself in the Jupyter runtime directory and shuts itself down once
-nobody has used it for ``jupyter-gpu.embedded.idle-timeout`` (no clients, no leases, no queue)
-unless started with ``keep``.
+This is the pool's process (``pool/launcher.py`` starts it, detached, for a kernel, the panel, the
+CLI or a headless run): a Dask scheduler with the broker and one worker per GPU (a Nanny-managed
+process each, with the GPU worker plugin). It advertises itself in the Jupyter runtime directory and
+shuts itself down once nobody has used it for ``jupyter-gpu.embedded.idle-timeout`` (no clients, no
+leases, no queue) unless started with ``keep``.
 
 It is private to its user: it listens on 127.0.0.1 only, serves no HTTP, and, unless the
 administrator configured TLS in Dask config, runs every comm on mutual TLS with a CA and certificate
@@ -25,13 +24,13 @@ import fcntl
 import logging
 import os
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from jupyter_gpu.broker.plugin import PLUGIN_NAME, GpuBroker
+from jupyter_gpu.broker.scaling import PoolScaler
 from jupyter_gpu.common import config
+from jupyter_gpu.common.inventory import discover, parse_virtual_spec
 from jupyter_gpu.common.pool_credentials import (
     PoolCredentials,
     create_credentials,
@@ -51,114 +50,11 @@ from jupyter_gpu.common.security import (
 )
 from jupyter_gpu.pool.discovery import PoolRecord, live_embedded_pool, runtime_file, write_record
 from jupyter_gpu.pool.listeners import PoolScheduler, PoolWorker, quiet_reachability_probes
-from jupyter_gpu.worker.inventory import discover, parse_virtual_spec
 
 if TYPE_CHECKING:
     from distributed.security import Security
 
 log = logging.getLogger(__name__)
-
-
-class EmbeddedPoolError(RuntimeError):
-    """The embedded pool could not be started; the message carries the log's tail."""
-
-
-@contextlib.contextmanager
-def _locked(path: str) -> Iterator[None]:
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    with open(path + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def ensure_embedded_pool(
-    timeout: float | None = None, keep: bool = False, path: str | None = None
-) -> str:
-    """The scheduler address of this user's embedded pool, starting one if none is alive.
-
-    Kernels of one user race here when several start at once; a file lock makes exactly one of
-    them start the pool and the others join it.
-    """
-    path = path or runtime_file()
-    timeout = timeout if timeout is not None else config.get_seconds("connect-timeout")
-    with _locked(path):
-        record = live_embedded_pool(path)
-        if record is not None:
-            return record.address
-        # fail here, in the kernel, with the inventory's own message if the machine has no GPU at
-        # all
-        discover()
-        log_path = path[: -len(".json")] + ".log"
-        cmd = [sys.executable, "-m", "jupyter_gpu.pool.embedded", "--runtime-file", path]
-        if keep:
-            cmd.append("--keep")
-        # the log names the pool's address and its credentials' folder: this user's only, like the
-        # rest
-        with os.fdopen(
-            os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab"
-        ) as logf:
-            proc = subprocess.Popen(
-                cmd,
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                cwd=os.getcwd(),
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            record = live_embedded_pool(path)
-            if record is not None and record.pid == proc.pid:
-                return record.address
-            if proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        if proc.poll() is None:
-            proc.kill()
-        raise EmbeddedPoolError(
-            f"The embedded GPU pool did not start within {timeout:.0f} s. Its log ({log_path}) "
-            "ends with:\n" + _tail(log_path)
-        )
-
-
-def stop_embedded_pool(path: str | None = None, timeout: float = 30.0) -> bool:
-    """Ask the embedded pool advertised at ``path`` to shut down (workers and sessions included) and
-    wait."""
-    from jupyter_gpu.pool.discovery import pid_alive, read_record
-
-    path = path or runtime_file()
-    record = read_record(path)
-    if record is None or not pid_alive(record.pid):
-        return False
-    os.kill(record.pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while pid_alive(record.pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if pid_alive(record.pid):
-        os.kill(record.pid, signal.SIGKILL)
-    with contextlib.suppress(OSError):
-        os.remove(path)
-    forget_credentials(record)  # what a pool killed before it could clean up leaves behind
-    return True
-
-
-def forget_credentials(record: PoolRecord) -> None:
-    """Remove the TLS credentials a stopped pool made, and their index entry (it removes them itself
-    when it stops cleanly; this is for a pool that was killed)."""
-    if record.tls:
-        unregister(record.address)
-        remove_credentials(record.tls)
-
-
-def _tail(path: str, lines: int = 15) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-lines:])
-    except OSError:
-        return "(no log)"
 
 
 def _worker_spec(
@@ -220,6 +116,9 @@ async def run_pool(
     listens on ``tls://``, the workers follow it, and kernels present the client certificate.
     """
     quiet_reachability_probes()
+    # its credentials go next to the runtime file: `pool up --embedded` may be the first thing this
+    # account runs, before Jupyter has made its runtime folder (private, as Jupyter makes it)
+    os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
     sec, own = pool_tls(path, security)
     try:
         await _serve(path, keep, host, sec, own)
@@ -231,16 +130,46 @@ async def run_pool(
 async def _serve(
     path: str, keep: bool, host: str, sec: Security, own: PoolCredentials | None
 ) -> None:
-    from distributed import SpecCluster
+    virtual = os.environ.get(VIRTUAL_ENV) or config.get("embedded.virtual-gpus")
+    n_gpus = len(discover(virtual))
+    cluster, broker = await _start_cluster(host, sec, virtual, n_gpus)
+    sched = broker.sched
+    try:
+        # the pool is ready when every worker has reported its GPUs to the broker
+        deadline = time.monotonic() + 120
+        while len(broker.ledger.gpus) < n_gpus and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        _advertise(path, keep, sched.address, sec, own)
+        log.info(
+            "embedded GPU pool at %s with %d GPU(s); %s%s",
+            sched.address,
+            len(broker.ledger.gpus),
+            describe(sec, "scheduler"),
+            f" (its own, in {own.directory})" if own else "",
+        )
+        await _until_idle(path, keep, broker)
+    finally:
+        record = live_embedded_pool(path)
+        if record is None or record.pid == os.getpid():
+            with contextlib.suppress(OSError):
+                os.remove(path)
+        if own is not None:
+            unregister(sched.address)
+        assert broker.scaler is not None  # set by _start_cluster
+        await broker.scaler.close()
+        await cluster.close()
 
-    from jupyter_gpu.broker.plugin import PLUGIN_NAME
+
+async def _start_cluster(
+    host: str, sec: Security, virtual: str | None, n_gpus: int
+) -> tuple[Any, GpuBroker]:
+    """The pool's ``SpecCluster``: a scheduler with the broker (whose scaler adds a worker per GPU
+    it is asked for) and a worker per GPU."""
+    from distributed import SpecCluster
 
     protocol = listen_scheme("scheduler", sec)
     if protocol == "tls":
         require_certificate(sec, "scheduler", "The embedded pool's scheduler is to listen on TLS")
-    virtual = os.environ.get(VIRTUAL_ENV) or config.get("embedded.virtual-gpus")
-    gpus = discover(virtual)
-    n_gpus = len(gpus)
 
     class GpuPool(SpecCluster):
         """SpecCluster whose new workers each take the next GPU."""
@@ -268,28 +197,29 @@ async def _serve(
     )
     sched = cluster.scheduler
     assert sched is not None  # the cluster is started
-    broker = sched.plugins[PLUGIN_NAME]
+    broker: GpuBroker = sched.plugins[PLUGIN_NAME]
     broker.embedded = True
-
-    from jupyter_gpu.pool.scaling import PoolScaler
-
     broker.scaler = PoolScaler(
         cluster,
-        broker,
+        sched,
+        broker.ledger,
         max_workers=None if virtual else n_gpus,
         kind="embedded",
         manager="jupyter-gpu embedded pool",
     )
-    # the pool is ready when every worker has reported its GPUs to the broker
-    deadline = time.monotonic() + 120
-    while len(broker.gpus) < n_gpus and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+    return cluster, broker
+
+
+def _advertise(
+    path: str, keep: bool, address: str, sec: Security, own: PoolCredentials | None
+) -> None:
+    """Write the pool's record in the runtime directory (its credentials' index entry first: a
+    kernel that finds the pool finds its key)."""
     if own is not None:
-        # before the advertisement: a kernel that finds the pool finds its key
-        register(sched.address, own)
+        register(address, own)
     write_record(
         PoolRecord(
-            address=sched.address,
+            address=address,
             pid=os.getpid(),
             started=time.time(),
             keep=keep,
@@ -298,13 +228,16 @@ async def _serve(
         ),
         path,
     )
-    log.info(
-        "embedded GPU pool at %s with %d GPU(s); %s%s",
-        sched.address,
-        len(broker.gpus),
-        describe(sec, "scheduler"),
-        f" (its own, in {own.directory})" if own else "",
-    )
+
+
+def _in_use(broker: GpuBroker) -> bool:
+    """Whether anyone uses the pool: a kernel connected, a lease, a request waiting."""
+    clients = [c for c in broker.sched.clients if c != "fire-and-forget"]
+    return bool(clients or broker.ledger.leases or broker.ledger.queue)
+
+
+async def _until_idle(path: str, keep: bool, broker: GpuBroker) -> None:
+    """Serve until nobody has used the pool for the idle timeout (or SIGTERM, SIGINT)."""
     idle_timeout = config.get_seconds(
         "embedded.keep-idle-timeout" if keep else "embedded.idle-timeout"
     )
@@ -314,41 +247,29 @@ async def _serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         # stop_embedded_pool(): close workers and sessions cleanly
         loop.add_signal_handler(sig, stop.set)
-    try:
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), 0.5)
-                break
-            except asyncio.TimeoutError:
-                pass
-            clients = [c for c in sched.clients if c != "fire-and-forget"]
-            idle = not clients and not broker.leases and not broker.queue
-            if not idle:
-                idle_since = None
-            elif idle_since is None:
-                idle_since = time.monotonic()
-            elif time.monotonic() - idle_since > idle_timeout:
-                if await _withdraw(path, sched, broker):
-                    log.info("embedded pool idle for %.0f s: shutting down", idle_timeout)
-                    break
-                idle_since = None
-    finally:
-        record = live_embedded_pool(path)
-        if record is None or record.pid == os.getpid():
-            with contextlib.suppress(OSError):
-                os.remove(path)
-        if own is not None:
-            unregister(sched.address)
-        await broker.scaler.close()
-        await cluster.close()  # type: ignore[misc]  # asynchronous: Dask types it sync-or-async
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), 0.5)
+            break
+        except asyncio.TimeoutError:
+            pass
+        if _in_use(broker):
+            idle_since = None
+        elif idle_since is None:
+            idle_since = time.monotonic()
+        elif time.monotonic() - idle_since > idle_timeout:
+            if await _withdraw(path, broker):
+                log.info("embedded pool idle for %.0f s: shutting down", idle_timeout)
+                return
+            idle_since = None
 
 
-async def _withdraw(path: str, sched, broker, grace: float = 1.0) -> bool:  # noqa: ANN001
+async def _withdraw(path: str, broker: GpuBroker, grace: float = 1.0) -> bool:
     """Stop advertising the pool, then give a kernel that read the file just before a moment to
     connect.
 
-        Returns True if nobody came (shut down), False if somebody did (the pool is advertised
-        again).
+    Returns True if nobody came (shut down), False if somebody did (the pool is advertised
+    again).
     """
     record = live_embedded_pool(path)
     with open(path + ".lock", "w") as lock:
@@ -360,7 +281,7 @@ async def _withdraw(path: str, sched, broker, grace: float = 1.0) -> bool:  # no
             os.remove(path)
         fcntl.flock(lock, fcntl.LOCK_UN)
     await asyncio.sleep(grace)
-    if [c for c in sched.clients if c != "fire-and-forget"] or broker.leases or broker.queue:
+    if _in_use(broker):
         if record is not None:
             write_record(record, path)
         return False

@@ -43,7 +43,7 @@ def run_lab(args: list[str], out: TextIO | None = None) -> int:
     from jupyter_gpu.common.protocol import SCHEDULER_ENV
     from jupyter_gpu.errors import GpuPoolError
     from jupyter_gpu.pool.discovery import live_embedded_pool
-    from jupyter_gpu.pool.embedded import (
+    from jupyter_gpu.pool.launcher import (
         EmbeddedPoolError,
         ensure_embedded_pool,
         stop_embedded_pool,

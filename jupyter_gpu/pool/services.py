@@ -17,6 +17,7 @@ import logging
 import signal
 from typing import TYPE_CHECKING
 
+from jupyter_gpu.common.inventory import discover
 from jupyter_gpu.common.protocol import DEVICES_ENV, VIRTUAL_ENV
 from jupyter_gpu.common.security import (
     check_address,
@@ -31,7 +32,6 @@ from jupyter_gpu.pool.listeners import (
     quiet_reachability_probes,
     worker_host,
 )
-from jupyter_gpu.worker.inventory import discover
 from jupyter_gpu.worker.nanny import GpuNanny
 
 if TYPE_CHECKING:
@@ -52,6 +52,10 @@ async def _until_signalled() -> None:
 
 async def run_scheduler(host: str, port: int, security: Security | None = None) -> None:
     """The pool's scheduler with the broker; runs until SIGTERM/SIGINT.
+
+    Stopping it leaves its workers running with their sessions: they wait for a scheduler at the
+    same address (``worker.reconnect-timeout``), so starting it again on the same port is a restart
+    that users see as a pause (docs/administration.md, Restarting the scheduler).
 
     ``security``: TLS of the ``scheduler`` role (default: Dask config, see
     ``jupyter_gpu.common.security``); when TLS is configured the scheduler listens on ``tls://``
@@ -77,6 +81,8 @@ async def run_scheduler(host: str, port: int, security: Security | None = None) 
         security=sec,
         dashboard=False,
         preload=["jupyter_gpu.broker.plugin"],
+        # a restart (SIGTERM, Ctrl-C) keeps the workers and their sessions: they wait for it
+        leave_workers=True,
     ) as scheduler:
         print(f"jupyter-gpu pool scheduler at {scheduler.address}", flush=True)
         print(f"  {describe(sec, 'scheduler')}", flush=True)
@@ -92,8 +98,8 @@ async def run_managed_scheduler(
     (``jupyter-gpu.cluster-manager``): the broker's ``scaler`` submits and cancels its jobs. Every
     job is cancelled when this returns."""
     from jupyter_gpu.broker.plugin import PLUGIN_NAME
+    from jupyter_gpu.broker.scaling import PoolScaler
     from jupyter_gpu.pool import cluster_manager
-    from jupyter_gpu.pool.scaling import PoolScaler
     from jupyter_gpu.pool.slurm import SlurmStates
 
     cluster = cluster_manager.build(settings, host, port, protocol, security)
@@ -104,7 +110,8 @@ async def run_managed_scheduler(
         slurm = "SLURM" in type(cluster).__name__.upper()
         scaler = PoolScaler(
             cluster,
-            broker,
+            cluster.scheduler,
+            broker.ledger,
             per_job=settings.gpus_per_job,
             states=SlurmStates() if slurm else None,
             kind="slurm" if slurm else "dask",

@@ -50,6 +50,11 @@ class SlurmStates:
     def ended(state: str | None) -> bool:
         return state in ENDED_STATES
 
+    @staticmethod
+    def describe(state: str, reason: str | None) -> str:
+        """The state and reason of a job, for people (see :func:`describe`)."""
+        return describe(state, reason)
+
     async def poll(self, job_ids: list[str]) -> dict[str, tuple[str, str | None]]:
         """``{job id: (state, reason)}`` for the ids Slurm still knows (ended ones too, for a
         while); raises ``RuntimeError`` when ``squeue`` fails (the caller keeps what it knew)."""

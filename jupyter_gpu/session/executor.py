@@ -20,7 +20,9 @@ import time
 from typing import Any
 
 from jupyter_gpu.common import local_transfer
-from jupyter_gpu.session import tqdm_bridge
+from jupyter_gpu.common.protocol import OutputMsg, PullReply
+from jupyter_gpu.common.refusals import CallError, Failed, NotPossible
+from jupyter_gpu.session import sendback, tqdm_bridge
 from jupyter_gpu.session.memory_meter import CellMemoryMeter
 from jupyter_gpu.session.output import Relay
 from jupyter_gpu.session.progress import ProgressLink
@@ -40,13 +42,23 @@ class Job:
         self.reply: asyncio.Future = loop.create_future()
         self.messages: asyncio.Queue = asyncio.Queue()
 
-    def emit(self, msg: dict) -> None:
+    def emit(self, msg: OutputMsg) -> None:
         self.loop.call_soon_threadsafe(self.messages.put_nowait, msg)
 
     def finish(self, value: Any) -> None:
         def _set() -> None:
             if not self.reply.done():
                 self.reply.set_result(value)
+
+        self.loop.call_soon_threadsafe(_set)
+
+    def fail(self, exc: CallError) -> None:
+        """The job is refused or failed: the handler waiting for it raises ``exc`` (its caller gets
+        it in Dask's error envelope)."""
+
+        def _set() -> None:
+            if not self.reply.done():
+                self.reply.set_exception(exc)
 
         self.loop.call_soon_threadsafe(_set)
 
@@ -97,22 +109,33 @@ class Executor:
                 continue
             except KeyboardInterrupt:  # an interrupt that arrived just after a cell ended
                 continue
-            try:
-                result = getattr(self, f"do_{job.kind}")(job, **job.kwargs)
-            except KeyboardInterrupt:
-                result = {"status": "error", "error": error_payload(KeyboardInterrupt(), None)}
-            except BaseException as exc:  # never let a job kill the session silently
-                log.exception("session job %s failed", job.kind)
-                result = {"status": "error", "error": error_payload(exc, None)}
-            finally:
-                self.busy = False
-                self.relay.end()
-            job.finish(result)
+            self._run(job)
             self.standby.idle()
             self._trim_at = time.monotonic() + TRIM_AFTER
             after, self._after_reply = self._after_reply, None
             if after:
                 self._tell_idle(**after)
+
+    def _run(self, job: Job) -> None:
+        """One job, answered: its result, or (but for a cell, whose failure is its outcome) the
+        refusal or failure its handler raises."""
+        try:
+            result = getattr(self, f"do_{job.kind}")(job, **job.kwargs)
+        except CallError as exc:
+            job.fail(exc)
+            return
+        except KeyboardInterrupt:
+            result = {"status": "error", "error": error_payload(KeyboardInterrupt(), None)}
+        except BaseException as exc:
+            log.exception("session job %s failed", job.kind)
+            if job.kind != "execute":
+                job.fail(Failed(f"{type(exc).__name__}: {exc}"))
+                return
+            result = {"status": "error", "error": error_payload(exc, None)}
+        finally:
+            self.busy = False
+            self.relay.end()
+        job.finish(result)
 
     def _tell_idle(self, heard_running: bool, **fields: Any) -> None:
         """The cell is over: tell the broker "idle" with what it measured. At once when the
@@ -156,7 +179,7 @@ class Executor:
         from jupyter_gpu.session.isolation import apply_memory_cap, pin_environment
 
         if self.lease is not None:
-            return {"error": f"this session already holds lease {self.lease['id']}"}
+            raise NotPossible(f"this session already holds lease {self.lease['id']}")
         # users are isolated: this process becomes its user before any cell runs
         if account is not None:
             from jupyter_gpu.session.account import AccountError, become, private_mounts
@@ -165,7 +188,7 @@ class Executor:
                 private_mounts(hostmem)
                 become(account)
             except AccountError as exc:
-                return {"error": f"the session could not run as {account['user']}: {exc}"}
+                raise Failed(f"the session could not run as {account['user']}: {exc}") from None
         os.environ.update(pin_environment(lease, gpus))
         os.environ.update(env)
         self.lease, self.gpus = lease, gpus
@@ -222,26 +245,10 @@ class Executor:
         started = time.time()
         if self.retired:
             return {"status": "retired"}
-        if cwd and cwd != os.getcwd() and os.path.isdir(cwd):
-            # same machine as the kernel: relative paths mean what they mean in the notebook
-            try:
-                os.chdir(cwd)
-            # a folder this session may not enter: run where it is, and say so once
-            except OSError as exc:
-                if cwd != self._cwd_refused:
-                    self._cwd_refused = cwd
-                    job.emit(
-                        {
-                            "op": "stream",
-                            "name": "stderr",
-                            "text": (
-                                "[jupyter-gpu] the GPU session cannot enter this notebook's "
-                                f"folder {cwd} "
-                                f"({exc.strerror}); relative paths in this cell refer to "
-                                f"{os.getcwd()}.\n"
-                            ),
-                        }
-                    )
+        note = enter_folder(cwd, self._cwd_refused)
+        if note is not None:  # a folder this session may not enter: said once
+            self._cwd_refused = cwd
+            job.emit({"op": "stream", "name": "stderr", "text": note})
         # checkpoint()/restore() of this cell: per user, kernel and cell, so no other run's state is
         # restored
         session_api._state["checkpoint_dir"] = checkpoint_dir
@@ -357,8 +364,12 @@ class Executor:
             reply["error"] = error_payload(error, cell_name, lease=self.lease)
         else:
             reply["status"] = "ok"
-        reply["outputs"] = self._collect_outputs(outputs, exact_outputs, max_bytes)
-        reply["result"] = self._last_value(max_bytes) if error is None else None
+        lease_id = (self.lease or {}).get("id")
+        ns = self.shell.user_ns
+        reply["outputs"] = sendback.outputs(ns, outputs, exact_outputs, max_bytes, lease_id)
+        reply["result"] = (
+            sendback.last_value(self.shell.displayhook, max_bytes) if not error else None
+        )
         # told once the reply is on its way
         self._after_reply = {
             "heard_running": heard_running,
@@ -368,51 +379,6 @@ class Executor:
             "resident_bytes": meter.resident(),
         }
         return reply
-
-    def _collect_outputs(self, names: list[str], exact: bool, max_bytes: int) -> dict:
-        from jupyter_gpu.common.datacontract import classify_output, to_cpu
-
-        ns = self.shell.user_ns
-        out: dict[str, dict] = {}
-        for name in names:
-            if name not in ns:
-                continue
-            value = ns[name]
-            kind, desc = classify_output(name, value, max_bytes)
-            if kind == "skip":
-                continue
-            if exact:  # --out: bring it back whatever it is, if it can travel
-                too_big = transfer_refusal(name, value)
-                if too_big is not None:
-                    out[name] = {
-                        "kind": "remote",
-                        **desc,
-                        "reason": too_big,
-                        "lease": (self.lease or {}).get("id"),
-                    }
-                    continue
-                value, kind = to_cpu(value), "value"
-            if kind == "value":
-                packed = pack(value)
-                if packed is None:
-                    kind, desc = "remote", {**desc, "reason": "it cannot be serialized"}
-                else:
-                    out[name] = {"kind": "value", "data": packed}
-                    continue
-            out[name] = {"kind": "remote", **desc, "lease": (self.lease or {}).get("id")}
-        return out
-
-    def _last_value(self, max_bytes: int) -> dict | None:
-        from jupyter_gpu.common.datacontract import classify_output
-
-        hook = self.shell.displayhook
-        if hook.last_bundle is None:
-            return None
-        value = None
-        kind, _ = classify_output("_", hook.last_value, max_bytes)
-        if kind == "value":
-            value = pack(hook.last_value)
-        return {"bundle": hook.last_bundle, "value": value}
 
     def _virtual_device(self) -> Any:
         """``jupyter_gpu.device()`` on a virtual GPU: the device whose tensors stay in the session,
@@ -433,7 +399,10 @@ class Executor:
         copy = self.standby.hand_over(path)  # written while idle: nothing left to write
         if copy is not None:
             return copy
-        return save_namespace(self.shell.user_ns, self.shell.user_ns_hidden, path)
+        return {
+            **save_namespace(self.shell.user_ns, self.shell.user_ns_hidden, path),
+            "standby": False,
+        }
 
     def do_restore(self, job: Job, path: str) -> dict:
         from jupyter_gpu.session.offload import load_namespace
@@ -441,22 +410,26 @@ class Executor:
         self.standby.changed()
         return load_namespace(self.shell.user_ns, path)
 
-    def do_pull(self, job: Job, name: str) -> dict:
-        from jupyter_gpu.common.datacontract import to_cpu
+    def do_pull(self, job: Job, name: str) -> PullReply:
+        return {"data": sendback.pulled(self.shell.user_ns, name)}
 
-        ns = self.shell.user_ns
-        if name not in ns:
-            return {"error": f"your GPU session has no variable named {name!r}"}
-        too_big = transfer_refusal(name, ns[name])
-        if too_big is not None:
-            return {"error": too_big}
-        packed = pack(to_cpu(ns[name]))
-        if packed is None:
-            return {
-                "error": f"{name!r} ({type(ns[name]).__name__}) cannot be serialized to bring it "
-                "back"
-            }
-        return {"data": packed}
+
+def enter_folder(cwd: str | None, refused_before: str | None) -> str | None:
+    """Run in the kernel's folder ``cwd`` (same machine: relative paths mean what they mean in the
+    notebook); a note for the cell when this session may not enter it (None: entered, or said
+    already for this folder)."""
+    if not cwd or cwd == os.getcwd() or not os.path.isdir(cwd):
+        return None
+    try:
+        os.chdir(cwd)
+    except OSError as exc:
+        if cwd == refused_before:
+            return None
+        return (
+            f"[jupyter-gpu] the GPU session cannot enter this notebook's folder {cwd} "
+            f"({exc.strerror}); relative paths in this cell refer to {os.getcwd()}.\n"
+        )
+    return None
 
 
 RUNNING_NOTE = 0.05  # seconds
@@ -499,52 +472,3 @@ def let_go(values: list) -> None:
             target=drain, args=(_letting_go,), daemon=True, name="jupyter-gpu-let-go"
         ).start()
     _letting_go.put(values)
-
-
-def transfer_refusal(name: str, value: Any) -> str | None:
-    """Why ``value`` is too large to send back to the kernel (None: it may go), checked before
-    serializing: serializing a value takes up to its size again in host memory, and a session that
-    runs out of it while answering ``--out`` or ``%gpu pull`` would lose everything."""
-    import psutil
-    from dask.sizeof import sizeof
-
-    from jupyter_gpu.common import config
-    from jupyter_gpu.common.units import format_bytes
-
-    try:
-        size = int(sizeof(value))
-    except Exception:  # noqa: BLE001 - unknown size: let pickling find out
-        return None
-    limit = config.get_bytes("transfer-max-bytes")
-    room = psutil.virtual_memory().available // 2
-    if size <= min(limit, room):
-        return None
-    why = (
-        f"more than a cell can send back ({format_bytes(limit)}: jupyter-gpu.transfer-max-bytes)"
-        if size > limit
-        else f"more than this machine has free to copy it ({format_bytes(room)})"
-    )
-    return (
-        f"{name} is {format_bytes(size)}, {why}. Keep it in the GPU session and bring back what "
-        "you need "
-        f"(a slice or a summary, e.g. `small = {name}[:1000]` and --out small), or save it to "
-        "storage the "
-        "notebook can read."
-    )
-
-
-def pack(value: Any) -> Any:
-    """Serialize now (in the main thread) so a failure is reported for this name, not for the
-    reply."""
-    from distributed.protocol import serialize
-    from distributed.protocol.serialize import Serialized
-
-    from jupyter_gpu.common.codenames import code_names_kept
-
-    try:
-        # functions made in cells keep their file names (tracebacks show their lines)
-        with code_names_kept():
-            header, frames = serialize(value, serializers=("dask", "pickle"), on_error="raise")
-    except Exception:  # noqa: BLE001 - pickling runs the object's own code: the name is reported instead
-        return None
-    return Serialized(header, frames)

@@ -2,13 +2,14 @@
 
 Handlers here never run user code: they queue a ``Job`` for the main thread (``executor.py``) and
 stream its messages back while it runs (coalesced, so a print loop costs few writes). The handler
-table is declared once, in ``handlers()``, against ``protocol.SESSION_OPS``; Dask's default handlers
-that would let anyone open a stream or dump the server's state are removed.
+table is its methods declared with ``@handler`` (``common/handlers.py``); Dask's default handlers that
+would let anyone open a stream or dump the server's state are removed (``REMOVED_DEFAULTS``).
 
 Only the lease's owner gets an answer: ``assign`` needs the key the worker gave this process when it
 started it (in its environment, readable by nobody else), and every later call needs the lease's
 secret, which the broker gave only to the worker and to the kernel that asked for the lease. The
-secret is compared in constant time; a wrong one gets a refusal and nothing runs.
+secret is compared in constant time; a wrong one gets a refusal (``NotAuthorized``, in Dask's error
+envelope) and nothing runs.
 """
 
 from __future__ import annotations
@@ -22,9 +23,30 @@ import threading
 import time
 from typing import Annotated, Any, Callable
 
-from jupyter_gpu.common import local_transfer, protocol
-from jupyter_gpu.common.protocol import Account, GpuInfoMsg, LeaseView, StandbyPlan
-from jupyter_gpu.common.validation import Bytes, MaxLen, Name, Secret, Text, error_reply, validated
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+else:  # pragma: no cover - Python 3.10
+    from typing_extensions import Unpack
+
+from jupyter_gpu.common import local_transfer
+from jupyter_gpu.common.handlers import handler, handlers_of
+from jupyter_gpu.common.protocol import (
+    Account,
+    AssignReply,
+    CellPayload,
+    ExecuteReply,
+    FreePort,
+    GpuInfoMsg,
+    InterruptReply,
+    LeaseView,
+    OffloadResult,
+    PingReply,
+    PullReply,
+    RestoreResult,
+    StandbyPlan,
+)
+from jupyter_gpu.common.refusals import NotAuthorized
+from jupyter_gpu.common.validation import Bytes, MaxLen, Name, Secret, Text
 from jupyter_gpu.session.executor import Executor, Job
 from jupyter_gpu.session.output import FdCapture, Relay, RelayStream
 from jupyter_gpu.session.shell import make_shell
@@ -46,7 +68,7 @@ class SessionServer:
         self.host, self.worker = host, worker
         self._spawn_key = spawn_key
         self.secret: str | None = None  # the lease's secret, from ``assign`` on
-        relay = Relay(limit=output_limit())
+        relay = Relay(limit=output_limit(), rate=output_limit("session.output-rate"))
         capture = FdCapture(relay)
         sys.stdout = RelayStream(relay, "stdout")
         sys.stderr = RelayStream(relay, "stderr")
@@ -73,21 +95,8 @@ class SessionServer:
         self.executor.run_forever()
 
     def handlers(self) -> dict[str, Callable[..., Any]]:
-        """The session's comm handlers: exactly ``protocol.SESSION_OPS``."""
-        table: dict[str, Callable[..., Any]] = {
-            "assign": self.h_assign,
-            "execute": self.h_execute,
-            "interrupt": self.h_interrupt,
-            "pull": self.h_pull,
-            "ping": self.h_ping,
-            "free_port": self.h_free_port,
-            "offload": self.h_offload,
-            "restore": self.h_restore,
-        }
-        assert set(table) == protocol.SESSION_OPS, (
-            "session handlers and protocol.SESSION_OPS disagree"
-        )
-        return table
+        """The session's comm handlers: its methods declared with ``@handler``."""
+        return handlers_of(self)
 
     # ------------------------------------------------------------------ I/O thread
     def _run_loop(self) -> None:
@@ -96,12 +105,8 @@ class SessionServer:
         self.loop.run_forever()
 
     async def _serve(self) -> None:
-        from distributed.core import Server
 
-        self.server = Server(self.handlers(), deserialize=False)
-        # Dask's defaults: a stream in, a state dump out
-        for op in ("connection_stream", "dump_state", "echo"):
-            self.server.handlers.pop(op, None)
+        self.server = session_comm_server(self.handlers())
         await self.link.open()
         await self.server.listen(self._listen_at, **self._listen_args)
         self.address = self.server.address
@@ -128,37 +133,35 @@ class SessionServer:
         return self._sent
 
     # ------------------------------------------------------------------ handlers
-    def _refused(self, secret: str | None) -> str | None:
-        """Why a call is not the owner's (None: it is)."""
+    def _check_owner(self, secret: str | None) -> None:
+        """Only the lease's owner gets an answer (its kernel, and its worker)."""
         if self.secret is None:
-            return "this session has no lease yet"
+            raise NotAuthorized("this session has no lease yet")
         if secret is None or not hmac.compare_digest(secret, self.secret):
-            return "this session answers only the kernel that holds its lease (wrong or missing secret)"
-        return None
+            raise NotAuthorized(
+                "this session answers only the kernel that holds its lease (wrong or missing "
+                "secret)"
+            )
 
-    @validated(error_reply)
-    async def h_free_port(self, secret: Secret | None = None) -> dict:
-        """A port free right now on this host, for torch.distributed's rendezvous (never a fixed
-        one)."""
+    @handler("free_port", caller="kernel", check="lease-secret")
+    async def free_port(self, secret: Secret | None = None) -> FreePort:
+        """A port free right now on this host, for a ``--workers`` run's torch.distributed
+        rendezvous (never a fixed one)."""
         import socket
 
-        if why := self._refused(secret):
-            return error_reply(why)
-
+        self._check_owner(secret)
         with socket.socket() as sock:
             sock.bind((self.host, 0))
             return {"host": self.host, "port": sock.getsockname()[1]}
 
-    @validated(error_reply)
-    async def h_ping(
+    @handler("ping", caller="kernel", check="lease-secret")
+    async def ping(
         self, secret: Secret | None = None, probe: dict[str, Any] | None = None
-    ) -> dict:
-        """Alive and busy; with the kernel's ``probe`` marker: whether this process can read the
-        kernel's pipes, and a probe of its own for the kernel to try the other way
-        (``common/local_transfer.py``)."""
-        if why := self._refused(secret):
-            return error_reply(why)
-        reply = {
+    ) -> PingReply:
+        """Is the session alive, and busy; with the kernel's ``probe`` marker, whether the two can
+        read each other's pipes (``common/local_transfer.py``)."""
+        self._check_owner(secret)
+        reply: PingReply = {
             "pid": os.getpid(),
             "busy": self.executor.busy,
             "lease": (self.executor.lease or {}).get("id"),
@@ -171,8 +174,8 @@ class SessionServer:
                 reply["probe"] = local_transfer.probe(self._sending())
         return reply
 
-    @validated(error_reply)
-    async def h_assign(
+    @handler("assign", caller="worker", check="spawn-key")
+    async def assign(
         self,
         key: Secret,
         secret: Secret,
@@ -183,10 +186,11 @@ class SessionServer:
         memory_rlimit: Bytes | None = None,
         account: Account | None = None,
         hostmem: Text | None = None,
-    ) -> dict:
-        """Take the lease (once, from the worker that started this process)."""
+    ) -> AssignReply:
+        """Take a lease, once, from the worker that started this process: become its user, pin
+        the GPU, cap memory, start measuring."""
         if self._spawn_key is None or not hmac.compare_digest(key, self._spawn_key):
-            return error_reply("only the worker that started this session may give it a lease")
+            raise NotAuthorized("only the worker that started this session may give it a lease")
         self._spawn_key = None  # once
         job = await self._submit(
             "assign",
@@ -198,16 +202,14 @@ class SessionServer:
             account=account,
             hostmem=hostmem,
         )
-        reply = await job.reply
-        if not reply.get("error"):
-            self.secret = secret
+        reply: AssignReply = await job.reply
+        self.secret = secret
         return reply
 
-    @validated(error_reply)
-    async def h_interrupt(self, secret: Secret | None = None) -> dict:
-        """SIGINT to the main thread: raises KeyboardInterrupt in the running cell."""
-        if why := self._refused(secret):
-            return error_reply(why)
+    @handler("interrupt", caller="kernel", check="lease-secret")
+    async def interrupt(self, secret: Secret | None = None) -> InterruptReply:
+        """SIGINT to the running cell (raises KeyboardInterrupt in it)."""
+        self._check_owner(secret)
         ex = self.executor
         with ex.interrupt_lock:
             if ex.busy:
@@ -223,45 +225,16 @@ class SessionServer:
                 return {"interrupted": True, "before_start": True}
         return {"interrupted": False}
 
-    @validated(
-        lambda why: {"status": "error", "error": pool_error(f"The cell was not run: {why}.")}
-    )
-    async def h_execute(
-        self,
-        comm: Any,
-        code: Annotated[str, MaxLen(64 * 2**20)],
-        inputs: dict[str, Any],
-        outputs: Annotated[list[Name], MaxLen(100_000)] | None = None,
-        exact_outputs: bool = False,
-        cell_name: Text = "<gpu-cell>",
-        label: Text | None = None,
-        max_bytes: Bytes = 64 * 2**20,
-        cwd: Text | None = None,
-        dist: dict[str, Any] | None = None,
-        checkpoint_dir: Text | None = None,
-        secret: Secret | None = None,
-        local: bool = False,
-    ) -> dict:
-        """Run a cell; stream output messages on ``comm`` while it runs; the reply is the ``done``
-        message."""
-        if why := self._refused(secret):
-            return {"status": "error", "error": pool_error(f"The cell was not run: {why}.")}
+    @handler("execute", caller="kernel", check="lease-secret")
+    async def execute(
+        self, comm: Any, secret: Secret | None = None, **cell: Unpack[CellPayload]
+    ) -> ExecuteReply:
+        """Run one cell in the session's namespace, streaming its output (batches of
+        ``OutputMsg``) on ``comm`` while it runs; the reply is the cell's outcome."""
+        self._check_owner(secret)
         self._executing += 1
         try:
-            return await self._execute(
-                comm,
-                code,
-                inputs,
-                outputs,
-                exact_outputs,
-                cell_name,
-                label,
-                max_bytes,
-                cwd,
-                dist,
-                checkpoint_dir,
-                local,
-            )
+            return await self._execute(comm, cell)
         finally:
             with self.executor.interrupt_lock:
                 self._executing -= 1
@@ -269,46 +242,31 @@ class SessionServer:
                     # meant for this cell only, never for a later one
                     self.executor.interrupt_pending = False
 
-    async def _execute(
-        self,
-        comm: Any,
-        code: str,
-        inputs: dict[str, Any],
-        outputs: list[str] | None,
-        exact_outputs: bool,
-        cell_name: str,
-        label: str | None,
-        max_bytes: int,
-        cwd: str | None,
-        dist: dict[str, Any] | None,
-        checkpoint_dir: str | None,
-        local: bool,
-    ) -> dict:
+    async def _execute(self, comm: Any, cell: CellPayload) -> ExecuteReply:
         try:
             inputs = await self.loop.run_in_executor(
-                None, receive_inputs, inputs, self.executor.input_buffers
+                None, receive_inputs, cell["inputs"], self.executor.input_buffers
             )
         except local_transfer.TransferError as exc:
             return {
                 "status": "error",
                 "error": pool_error(
                     f"The cell was not run: its inputs could not be read from the kernel ({exc}). "
-                    "Run it again; "
-                    "if this repeats, set jupyter-gpu.local-transfer to false."
+                    "Run it again; if this repeats, set jupyter-gpu.local-transfer to false."
                 ),
             }
         job = await self._submit(
             "execute",
-            code=code,
+            code=cell["code"],
             inputs=inputs,
-            outputs=outputs or [],
-            exact_outputs=exact_outputs,
-            cell_name=cell_name,
-            label=label,
-            max_bytes=max_bytes,
-            cwd=cwd,
-            dist=dist,
-            checkpoint_dir=checkpoint_dir,
+            outputs=cell.get("outputs") or [],
+            exact_outputs=cell.get("exact_outputs", False),
+            cell_name=cell.get("cell_name", "<gpu-cell>"),
+            label=cell.get("label"),
+            max_bytes=cell.get("max_bytes", 64 * 2**20),
+            cwd=cell.get("cwd"),
+            dist=cell.get("dist"),
+            checkpoint_dir=cell.get("checkpoint_dir"),
         )
         while True:
             getter = asyncio.ensure_future(job.messages.get())
@@ -325,45 +283,60 @@ class SessionServer:
                     rest.append(job.messages.get_nowait())
                 if rest:
                     await comm.write(coalesce(rest))
-                reply = job.reply.result()
-                if local:
+                reply: ExecuteReply = job.reply.result()
+                if cell.get("local"):
                     reply = await self.loop.run_in_executor(
                         None, pack_reply, reply, self._sending()
                     )
                 return reply
 
-    @validated(error_reply)
-    async def h_pull(self, name: Name, secret: Secret | None = None, local: bool = False) -> dict:
-        if why := self._refused(secret):
-            return error_reply(why)
+    @handler("pull", caller="kernel", check="lease-secret")
+    async def pull(
+        self, name: Name, secret: Secret | None = None, local: bool = False
+    ) -> PullReply:
+        """A copy of one variable, moved to CPU (``%gpu pull``)."""
+        self._check_owner(secret)
         job = await self._submit("pull", name=name)
-        reply = await job.reply
-        if local and reply.get("data") is not None:
+        reply: PullReply = await job.reply
+        if local:
             reply = {
-                **reply,
                 "data": await self.loop.run_in_executor(
                     None, local_transfer.pack, reply["data"], self._sending()
-                ),
+                )
             }
         return reply
 
-    @validated(error_reply)
-    async def h_offload(self, path: Text, secret: Secret | None = None) -> dict:
-        """Move the variables to host memory (the lease is being reclaimed); the session runs no
+    @handler("offload", caller="worker", check="lease-secret")
+    async def offload(self, path: Text, secret: Secret | None = None) -> OffloadResult:
+        """Write the variables to host memory (the lease is being taken back); the session runs no
         more cells."""
-        if why := self._refused(secret):
-            return error_reply(why)
+        self._check_owner(secret)
         job = await self._submit("offload", path=path)
-        return await job.reply
+        result: OffloadResult = await job.reply
+        return result
 
-    @validated(error_reply)
-    async def h_restore(self, path: Text, secret: Secret | None = None) -> dict:
-        """Bring back the variables an earlier session of this kernel offloaded (see
-        ``offload``)."""
-        if why := self._refused(secret):
-            return error_reply(why)
+    @handler("restore", caller="worker", check="lease-secret")
+    async def restore(self, path: Text, secret: Secret | None = None) -> RestoreResult:
+        """Load an earlier session's offloaded variables into this one."""
+        self._check_owner(secret)
         job = await self._submit("restore", path=path)
-        return await job.reply
+        result: RestoreResult = await job.reply
+        return result
+
+
+def session_comm_server(handlers: dict[str, Callable[..., Any]]) -> Any:
+    """The session's comm server: its handlers, and of Dask's defaults ``identity`` only (the
+    others open a stream in, or dump the server's state: ``REMOVED_DEFAULTS``). Nothing is
+    deserialized on arrival: inputs stay frames until the main thread rebuilds them."""
+    from distributed.core import Server
+
+    server = Server(handlers, deserialize=False)
+    for op in REMOVED_DEFAULTS:
+        server.handlers.pop(op, None)
+    return server
+
+
+REMOVED_DEFAULTS = ("connection_stream", "dump_state", "echo")
 
 
 def receive_inputs(inputs: dict, buffers: local_transfer.ReceiveBuffers | None = None) -> dict:
@@ -381,7 +354,7 @@ def receive_inputs(inputs: dict, buffers: local_transfer.ReceiveBuffers | None =
     }
 
 
-def pack_reply(reply: dict, sending: local_transfer.Sending) -> dict:
+def pack_reply(reply: ExecuteReply, sending: local_transfer.Sending) -> ExecuteReply:
     """The ``done`` reply with its large values (outputs, the last expression) sent through
     pipes."""
     outputs = reply.get("outputs")
@@ -400,16 +373,12 @@ def pack_reply(reply: dict, sending: local_transfer.Sending) -> dict:
     return reply
 
 
-def output_limit() -> int | None:
-    """``session.output-limit``: the most text one cell may send to the notebook (None: no
-    limit)."""
+def output_limit(key: str = "session.output-limit") -> int | None:
+    """``session.output-limit``: the most text one cell may send to the notebook; with
+    ``session.output-rate``, how much a second (None: no limit)."""
     from jupyter_gpu.common import config
 
-    return (
-        config.get_bytes("session.output-limit")
-        if config.get("session.output-limit") is not None
-        else None
-    )
+    return config.get_bytes(key) if config.get(key) is not None else None
 
 
 def coalesce(batch: list[dict]) -> list[dict]:

@@ -9,8 +9,9 @@ trusting what it says, checks every field, and forwards it to the broker with it
 The session only ever reports on itself: cell started or ended (with its measured memory), and the
 metrics of a ``--workers`` rank.
 
-Messages are JSON lines; writes are fire-and-forget on the session's I/O loop, so reporting never
-sits on a cell's path.
+Messages are JSON lines, ``{"op": ..., **fields}`` with the fields of ``common/protocol.py``'s
+``SESSION_REPORTS`` (``LeaseStateReport``, ``RunMetricsReport``); writes are fire-and-forget on the
+session's I/O loop, so reporting never sits on a cell's path.
 """
 
 from __future__ import annotations
@@ -19,9 +20,17 @@ import asyncio
 import json
 import logging
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
+
+from jupyter_gpu.common.protocol import LeaseStateReport
+
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+else:  # pragma: no cover - Python 3.10
+    from typing_extensions import Unpack
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +144,6 @@ class WorkerLink:
         except Exception as exc:  # noqa: BLE001 - the worker is gone: so is this session, soon
             log.debug("could not tell the worker: %s", exc)
 
-    def tell_lease_state(self, **fields: Any) -> None:
+    def tell_lease_state(self, **fields: Unpack[LeaseStateReport]) -> None:
         """Cell running / idle, with what the session measured (the worker adds which lease)."""
         self.tell("lease_state", **fields)

@@ -9,7 +9,8 @@ what it changed, not a torch). The child drops to its user's account, pins its G
 memory at ``assign``, before any CUDA call, exactly like a session started on its own
 (``main.py``).
 
-Protocol, on the ``SOCK_SEQPACKET`` socket the worker gave us (one message per packet, JSON):
+Protocol, on the ``SOCK_SEQPACKET`` socket the worker gave us (one message per packet, JSON; the
+types are ``common/protocol.py``'s ``ForkRequest`` and ``ZygoteMessage``):
 
 * worker -> zygote ``{"op": "fork", "id", "env", "host", "worker"}`` with two file descriptors attached:
   the session's end of its private socket to the worker (``worker_link.py``) and the write end of a pipe on
@@ -36,8 +37,9 @@ import socket
 import sys
 import threading
 import traceback
+from typing import cast
 
-from jupyter_gpu.common.protocol import SPAWN_KEY_ENV
+from jupyter_gpu.common.protocol import SPAWN_KEY_ENV, ForkRequest, ZygoteMessage
 
 log = logging.getLogger("jupyter_gpu.session.zygote")
 
@@ -79,7 +81,7 @@ SESSION_MODULES = (
 )
 
 
-def _send(sock: socket.socket, msg: dict) -> None:
+def _send(sock: socket.socket, msg: ZygoteMessage) -> None:
     try:
         sock.send(json.dumps(msg).encode())
     except OSError as exc:  # the worker is gone: the parent check ends us
@@ -126,7 +128,7 @@ def _apply_environment(env: dict[str, str]) -> None:
         dask.config.update(dask.config.config, dask.config.collect_env(changed), priority="new")
 
 
-def _child(sock: socket.socket, msg: dict, control_fd: int, ready_fd: int) -> None:
+def _child(sock: socket.socket, msg: ForkRequest, control_fd: int, ready_fd: int) -> None:
     """In the forked child: become a session process (never returns)."""
     code = 1
     try:
@@ -154,7 +156,7 @@ def _child(sock: socket.socket, msg: dict, control_fd: int, ready_fd: int) -> No
         os._exit(code)
 
 
-def _fork(sock: socket.socket, msg: dict, fds: list[int]) -> None:
+def _fork(sock: socket.socket, msg: ForkRequest, fds: list[int]) -> None:
     if msg.get("op") != "fork" or len(fds) != 2:
         for fd in fds:
             os.close(fd)
@@ -201,7 +203,8 @@ def serve_forks(sock: socket.socket, parent: int) -> None:
                 msg = json.loads(data)
             except ValueError:
                 msg = {}
-            _fork(sock, msg if isinstance(msg, dict) else {}, fds)
+            # anything but a fork request is answered as a failed one
+            _fork(sock, cast(ForkRequest, msg if isinstance(msg, dict) else {}), fds)
         _reap(sock)
 
 

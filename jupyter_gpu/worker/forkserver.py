@@ -21,9 +21,21 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any, cast
+from typing import TypedDict, cast
+
+from jupyter_gpu.common.protocol import ForkRequest, StarterInfo, ZygoteMessage
 
 log = logging.getLogger(__name__)
+
+ZYGOTE_OPS = frozenset({"ready", "forked", "failed", "exited"})
+
+
+class ForkFields(TypedDict):
+    """What a fork request says besides its op and id (``protocol.ForkRequest``)."""
+
+    env: dict[str, str]
+    host: str
+    worker: str
 
 
 class ZygoteLost(RuntimeError):
@@ -130,33 +142,35 @@ class ForkServer:
                     msg = json.loads(data)
                 except ValueError:
                     continue
-                self._handle(msg)
+                if isinstance(msg, dict) and msg.get("op") in ZYGOTE_OPS:
+                    self._handle(cast(ZygoteMessage, msg))
         except (OSError, asyncio.CancelledError):
             pass
         finally:
             self._lost()
 
-    def _handle(self, msg: dict) -> None:
-        op = msg.get("op")
-        if op == "ready":
+    def _handle(self, msg: ZygoteMessage) -> None:
+        """One datagram of the zygote (``common/protocol.py``'s ``ZygoteMessage``)."""
+        if msg["op"] == "ready":
             log.info(
                 "session zygote %s ready after %.1f s",
                 msg.get("pid"),
                 time.monotonic() - self.started_at,
             )
             self.ready.set()
-        elif op in ("forked", "failed"):
+        elif msg["op"] == "forked" or msg["op"] == "failed":
             fut = self._waiting.pop(cast(int, msg.get("id")), None)  # no id: finds nothing
-            if fut is not None and not fut.done():
-                if op == "forked":
-                    child = ForkedProcess(int(msg["pid"]))
-                    self.children[child.pid] = child
-                    fut.set_result(child)
-                else:
-                    fut.set_exception(
-                        RuntimeError(f"the session zygote could not fork: {msg.get('error')}")
-                    )
-        elif op == "exited":
+            if fut is None or fut.done():
+                return
+            if msg["op"] == "forked":
+                child = ForkedProcess(int(msg["pid"]))
+                self.children[child.pid] = child
+                fut.set_result(child)
+            else:
+                fut.set_exception(
+                    RuntimeError(f"the session zygote could not fork: {msg.get('error')}")
+                )
+        elif msg["op"] == "exited":
             gone = self.children.pop(int(msg.get("pid", -1)), None)
             if gone is not None:
                 gone._ended(int(msg.get("code", -9)))
@@ -175,7 +189,7 @@ class ForkServer:
             self.sock.close()
             self.sock = None
 
-    async def fork(self, msg: dict, fds: list[int], timeout: float) -> ForkedProcess:
+    async def fork(self, msg: ForkFields, fds: list[int], timeout: float) -> ForkedProcess:
         """A new session process (``msg``: its environment, host and worker; ``fds``: handed to it).
 
         A zygote that died just before (killed, its death not yet seen here) is replaced and
@@ -191,7 +205,7 @@ class ForkServer:
             self.start()
             return await self._fork(msg, fds, timeout)
 
-    async def _fork(self, msg: dict, fds: list[int], timeout: float) -> ForkedProcess:
+    async def _fork(self, msg: ForkFields, fds: list[int], timeout: float) -> ForkedProcess:
         if not self.alive() or self.sock is None:
             log.warning("the session zygote is not running: starting a new one")
             self.close()
@@ -200,7 +214,8 @@ class ForkServer:
         ident = next(self._ids)
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         self._waiting[ident] = fut
-        data = json.dumps({**msg, "op": "fork", "id": ident}).encode()
+        request: ForkRequest = {"op": "fork", "id": ident, **msg}
+        data = json.dumps(request).encode()
         while True:
             if self.sock is None:
                 self._waiting.pop(ident, None)
@@ -230,7 +245,7 @@ class ForkServer:
             self.proc = None
         self._lost()
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> StarterInfo:
         return {
             "pid": self.proc.pid if self.proc else None,
             "ready": self.ready.is_set(),

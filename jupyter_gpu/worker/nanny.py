@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import hmac
+import inspect
 import logging
 import secrets
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,7 @@ from distributed.core import error_message
 if TYPE_CHECKING:
     from distributed.core import ErrorMessage
 
+from jupyter_gpu.common.handlers import closed
 from jupyter_gpu.common.protocol import NANNY_KEY_ENV
 
 log = logging.getLogger(__name__)
@@ -48,7 +50,12 @@ class GpuNanny(Nanny):
             if key is None or not hmac.compare_digest(key, self._key):
                 log.warning("refused close_gracefully from a caller without this nanny's key")
                 return error_message(PermissionError("only this nanny's own worker may close it"))
-            return await handler(reason=reason)
+            # Dask's Nanny.close_gracefully is a plain function (it only marks the nanny as
+            # closing): awaiting its None raised a TypeError in the worker's close
+            result = handler(reason=reason)
+            if inspect.isawaitable(result):
+                result = await result
+            return result
 
         return close_gracefully
 
@@ -58,4 +65,4 @@ def _refused(op: str) -> Any:
         log.warning("refused %r on a GPU nanny (it answers only its own worker)", op)
         return error_message(PermissionError(f"{op!r} is not available on a jupyter-gpu nanny"))
 
-    return refused
+    return closed(refused)

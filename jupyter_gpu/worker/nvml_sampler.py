@@ -15,7 +15,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from jupyter_gpu.common import config
-from jupyter_gpu.worker.inventory import GpuInfo
+from jupyter_gpu.common.inventory import GpuInfo
 
 log = logging.getLogger(__name__)
 

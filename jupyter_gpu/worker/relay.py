@@ -2,9 +2,10 @@
 
 A session holds no credential of the pool (``session/worker_link.py``): it writes JSON lines on the
 private socket its worker gave it. The worker reads them here, keeps only the reports a session may
-make about itself, with fields of the right types and ranges, names the lease itself (the session
-cannot claim another one), and forwards them with the pool key. Anything else is dropped with a log
-line.
+make about itself (``common/protocol.py``'s ``SESSION_REPORTS``: ``LeaseStateReport``,
+``RunMetricsReport``), with fields of the right types and ranges, names the lease itself (the
+session cannot claim another one), and forwards them with the pool key. Anything else is dropped
+with a log line.
 """
 
 from __future__ import annotations
@@ -14,53 +15,24 @@ import json
 import logging
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, Literal
+from typing import Any
 
-from jupyter_gpu.common.protocol import MetricsItem
-from jupyter_gpu.common.validation import (
-    BadMessage,
-    Bytes,
-    MaxLen,
-    Name,
-    Percent,
-    Steps,
-    Text,
-    check,
-)
+from jupyter_gpu.common.protocol import SESSION_REPORTS
+from jupyter_gpu.common.validation import BadMessage, check_fields
 
 log = logging.getLogger(__name__)
 
 MAX_LINE = 1 << 20
-FIELDS: dict[str, dict[str, Any]] = {
-    "lease_state": {
-        "state": Literal["running", "idle"],
-        "cell": Text | None,
-        "peak_bytes": Bytes | None,
-        "gpu_utilization": Percent | None,
-        "resident_bytes": Bytes | None,
-        "step": Steps | None,
-        "total": Steps | None,
-    },
-    "run_metrics": {
-        "run": Name,
-        "rank": int,
-        "items": Annotated[list[MetricsItem], MaxLen(100_000)],
-    },
-}
 Forward = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 
 def checked(message: Any) -> tuple[str, dict[str, Any]] | None:
     """(op, fields) of a report a session may make, or None."""
-    if not isinstance(message, dict) or message.get("op") not in FIELDS:
+    if not isinstance(message, dict) or message.get("op") not in SESSION_REPORTS:
         return None
     op = message.pop("op")
-    expected = FIELDS[op]
-    if set(message) - set(expected):
-        return None
     try:
-        for name, value in message.items():
-            check(value, expected[name], name)
+        check_fields(message, SESSION_REPORTS[op])
     except BadMessage as exc:
         log.warning("dropped a %s report from a session: %s", op, exc)
         return None

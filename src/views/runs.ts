@@ -4,7 +4,7 @@
  *
  * Every run of a cell has a run id of its own (a rerun is a new run, not more points on the old curve), and
  * the newest run comes first. Steps read as the notebook's progress bar reads them
- * (jupyter_gpu/kernelext/progress.py): a loop that reported ``step=0`` first counts from zero, so its last
+ * (jupyter_gpu/kernelext/progress_bar.py): a loop that reported ``step=0`` first counts from zero, so its last
  * step ``total - 1`` is ``total/total`` done, and so is a finished run whose last step is ``total - 1``.
  */
 import { formatClock, formatDuration, notebookLabel } from '../format';

@@ -3,10 +3,13 @@
  * right-sizing hint.
  */
 import { formatBytes, formatDuration } from '../format';
-import { IGpu } from '../wire';
+import { IGpu, ILease } from '../wire';
 
 export interface ISessionView {
   id: string;
+  /** Whose session: mine, or (for the pool's administrators) another user's. */
+  user: string;
+  mine: boolean;
   /** Where it runs: ``<index>@<host>`` per GPU. */
   gpus: string[];
   notebook: string | null;
@@ -27,6 +30,21 @@ export interface ISessionView {
   rightSize: string | null;
   /** Granted beyond the team's guarantee: the pool may reclaim it for a team that is owed its guarantee. */
   preemptible: boolean;
+  /**
+   * It has run a cell (or runs one): its namespace holds what the notebook's %%gpu cells built, which ending
+   * the session loses, so the panel asks before its Cancel ends it.
+   */
+  holdsVariables: boolean;
+}
+
+/** Whether a lease's session has run (or runs) a cell: a measured peak, a cell running or one started. */
+export function ranCells(lease: ILease): boolean {
+  return (
+    typeof lease.peak_bytes === 'number' ||
+    lease.state === 'running' ||
+    typeof lease.cell_started === 'number' ||
+    (lease.resident_bytes ?? 0) > 0
+  );
 }
 
 /** ``peak X of Y reserved``, or ``Y reserved`` while no peak has been measured (no CUDA use yet). */
@@ -41,14 +59,15 @@ function gpuLabel(gpu: IGpu): string {
 }
 
 /**
- * My sessions, in snapshot order. A lease over several GPUs (whole GPUs) is listed under each of them in
- * the snapshot: it is one session here, with all its GPUs. Elapsed times count from ``now`` (seconds).
+ * My sessions, in snapshot order; with ``everyone`` (the pool's administrators), every user's, mine first. A
+ * lease over several GPUs (whole GPUs) is listed under each of them in the snapshot: it is one session here,
+ * with all its GPUs. Elapsed times count from ``now`` (seconds).
  */
-export function mySessions(gpus: IGpu[], me: string, now: number): ISessionView[] {
+export function mySessions(gpus: IGpu[], me: string, now: number, everyone = false): ISessionView[] {
   const sessions = new Map<string, ISessionView>();
   for (const gpu of gpus) {
     for (const lease of gpu.leases ?? []) {
-      if (lease.user !== me) {
+      if (lease.user !== me && !everyone) {
         continue;
       }
       const existing = sessions.get(lease.id);
@@ -60,6 +79,8 @@ export function mySessions(gpus: IGpu[], me: string, now: number): ISessionView[
       const bytes = lease.bytes ?? 0;
       sessions.set(lease.id, {
         id: lease.id,
+        user: lease.user,
+        mine: lease.user === me,
         gpus: [gpuLabel(gpu)],
         notebook: lease.notebook ?? null,
         cell: lease.cell ?? null,
@@ -71,9 +92,11 @@ export function mySessions(gpus: IGpu[], me: string, now: number): ISessionView[
         isolation: lease.isolation || 'none',
         usage: usageText(peakBytes, bytes),
         rightSize: lease.right_size ?? null,
-        preemptible: !!lease.preemptible
+        preemptible: !!lease.preemptible,
+        holdsVariables: ranCells(lease)
       });
     }
   }
-  return [...sessions.values()];
+  const all = [...sessions.values()];
+  return [...all.filter(s => s.mine), ...all.filter(s => !s.mine)];
 }

@@ -29,7 +29,7 @@ async def install_pool(
     plugin = GpuWorkerPlugin(virtual_gpus=gpus)
     await w.plugin_add(plugin, name="jupyter-gpu-worker")
     for _ in range(200):
-        if broker.gpus:
+        if broker.ledger.gpus:
             break
         await asyncio.sleep(0.02)
     return broker, plugin
@@ -37,7 +37,7 @@ async def install_pool(
 
 async def teardown(w, plugin: GpuWorkerPlugin) -> None:
     await plugin.teardown(w)
-    for sp in list(plugin._reaping):
+    for sp in list(plugin.manager.reaping):
         sp.wait()
 
 

@@ -5,8 +5,9 @@ Fast, and real: a real scheduler and worker in this process with the plugins ins
 installs them, real session processes spawned by the worker plugin (with nothing preloaded, so they
 start in a second), and the handlers called over real comms the way kernels, workers and sessions
 call them. The tables of handlers are pinned here, as dask/distributed pins its shuffle plugin's, so
-a handler cannot be added, renamed or dropped without this file (and ``common/protocol.py``, and
-``docs/interfaces.md``) saying so.
+a handler cannot be added, renamed or dropped without this file (and ``docs/interfaces.md``) saying
+so; and ``jupyter_gpu.interfaces.handler_table()`` (what the security tests enumerate) is compared
+with what the real servers answer.
 """
 
 from __future__ import annotations
@@ -19,8 +20,18 @@ import pytest
 from distributed.core import rpc
 from distributed.utils_test import gen_cluster
 
-from jupyter_gpu.broker.plugin import PLUGIN_NAME
-from jupyter_gpu.common import protocol
+from jupyter_gpu import interfaces
+from jupyter_gpu.broker import gate
+from jupyter_gpu.broker.audit import AuditStore
+from jupyter_gpu.broker.fair_share import FairSharePolicy
+from jupyter_gpu.broker.identity import TokenStore
+from jupyter_gpu.broker.plugin import PLUGIN_NAME, GpuBroker
+from jupyter_gpu.broker.quotas import PoolQuotas
+from jupyter_gpu.common.handlers import declared, is_closed
+from jupyter_gpu.common.refusals import Malformed, NotAuthorized, NotFound, NotYours
+from jupyter_gpu.session.server import SessionServer, session_comm_server
+from jupyter_gpu.worker.dask_worker import GpuDaskWorker
+from jupyter_gpu.worker.nanny import GpuNanny
 from tests.broker.inprocess import FAST_SESSIONS, granted, install_pool, teardown
 
 pytestmark = [pytest.mark.inprocess, pytest.mark.timeout(120)]
@@ -55,20 +66,80 @@ WORKER_OPS = {
 SESSION_OPS = {"assign", "execute", "interrupt", "pull", "ping", "free_port", "offload", "restore"}
 
 
-def test_the_protocol_declares_exactly_the_pinned_tables():
-    assert protocol.SCHEDULER_OPS == SCHEDULER_OPS
-    assert protocol.WORKER_OPS == WORKER_OPS
-    assert protocol.SESSION_OPS == SESSION_OPS
+def _ops(server: str, kind: str = "handler") -> set[str]:
+    return {
+        r.op
+        for r in interfaces.handler_table()
+        if r.server == server and r.kind == kind and r.op != "*"
+    }
+
+
+def test_the_servers_declare_exactly_the_pinned_tables():
+    declared_ops = {
+        (r.server, r.op): r for r in interfaces.declared_rows()
+    }  # what @handler declares
+    assert {op for server, op in declared_ops if server == "scheduler"} == SCHEDULER_OPS
+    assert {op for server, op in declared_ops if server == "worker"} == WORKER_OPS
+    assert {op for server, op in declared_ops if server == "session"} == SESSION_OPS
+    # every declared handler says who calls it and how the caller is checked, and what it answers
+    for row in declared_ops.values():
+        assert row.caller and row.check and row.doc and row.reply, row
 
 
 def test_docs_interfaces_carries_the_current_tables():
-    """docs/interfaces.md's handler tables are generated from the protocol (python -m
-    jupyter_gpu.common.protocol); a handler changed without regenerating them fails here."""
+    """docs/interfaces.md's tables are generated from the handlers' declarations (python -m
+    jupyter_gpu.interfaces docs/interfaces.md); a handler changed without regenerating them fails
+    here."""
     path = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "interfaces.md")
     with open(path) as f:
         doc = f.read()
-    assert protocol.GENERATED_BEGIN in doc and protocol.GENERATED_END in doc
-    assert protocol.render_interfaces(doc) == doc, "run: python -m jupyter_gpu.common.protocol"
+    assert interfaces.GENERATED_BEGIN in doc and interfaces.GENERATED_END in doc
+    assert interfaces.render_interfaces(doc) == doc, (
+        "run: python -m jupyter_gpu.interfaces docs/interfaces.md"
+    )
+
+
+def test_a_handler_must_be_named_as_its_op():
+    from jupyter_gpu.common.handlers import handler
+
+    with pytest.raises(TypeError, match="must be named gpu_thing"):
+
+        @handler("gpu_thing", caller="kernel", check="none")
+        def thing() -> None: ...
+
+
+@gen_cluster(nthreads=[("127.0.0.1", 1)], Worker=GpuDaskWorker, config=FAST_SESSIONS)
+async def test_the_table_lists_exactly_what_the_real_servers_leave_open(
+    s, w, tmp_path_factory=None
+):
+    """What a shared pool's scheduler, a GPU worker, a GPU nanny and a session answer is what
+    ``handler_table()`` lists, each with its caller and check: the security tests enumerate that
+    table against a live pool, so a handler nobody declared must not be open."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokens = TokenStore(os.path.join(tmp, "tokens.json"))
+        broker = GpuBroker(
+            policy=FairSharePolicy(PoolQuotas()), audit=AuditStore(None), tokens=tokens
+        )
+        broker, plugin = await install_pool(s, w, broker=broker)
+        try:
+            open_ops = {op for op, h in s.handlers.items() if not is_closed(h)}
+            assert open_ops == _ops("scheduler")
+            # every other one of Dask's scheduler handlers is closed (but to the inproc listener)
+            assert {op for op, h in s.handlers.items() if is_closed(h)} and all(
+                r.check == "in-process" for r in interfaces.handler_table() if r.op == "*"
+            )
+            assert _ops("scheduler", "stream") == gate.CLIENT_STREAM_OPS | gate.WORKER_STREAM_OPS
+            assert {op for op, h in w.handlers.items() if not is_closed(h)} == _ops("worker")
+            nanny = GpuNanny(s.address)
+            assert {op for op, h in nanny.handlers.items() if not is_closed(h)} == _ops("nanny")
+            session = session_comm_server(
+                {meta.op: meta.function for meta in declared(SessionServer)}
+            )
+            assert set(session.handlers) == _ops("session")
+        finally:
+            await teardown(w, plugin)
 
 
 @gen_cluster(nthreads=[("127.0.0.1", 1)], config=FAST_SESSIONS)
@@ -78,7 +149,7 @@ async def test_handler_tables_are_registered_on_the_real_servers(s, w):
         assert s.plugins[PLUGIN_NAME] is broker
         assert SCHEDULER_OPS <= set(s.handlers) and set(broker.handlers()) == SCHEDULER_OPS
         assert WORKER_OPS <= set(w.handlers) and set(plugin.handlers()) == WORKER_OPS
-        assert sorted(broker.gpus) == [f"{w.address}#0", f"{w.address}#1"]
+        assert sorted(broker.ledger.gpus) == [f"{w.address}#0", f"{w.address}#1"]
         async with rpc(w.address) as worker:
             inventory = await worker.gpu_inventory()
         assert [g["total_bytes"] for g in inventory] == [16 * GiB, 16 * GiB] and all(
@@ -99,18 +170,17 @@ async def test_a_grant_starts_a_session_that_answers_only_the_session_table(s, w
             assert status["state"] == "granted", status
             lease = status["leases"][0]
             assert lease["bytes"] == 8 * GiB and lease["gpu_names"] and lease["virtual"]
-            assert plugin.sessions[lease["id"]].pid == lease["pid"]
+            assert plugin.manager.sessions[lease["id"]].pid == lease["pid"]
             async with rpc(lease["address"]) as session:
                 assert (
                     lease["secret"]
                     and (await session.ping(secret=lease["secret"]))["lease"] == lease["id"]
                 )
                 # only the lease's owner gets an answer: no secret, or a wrong one, is refused
-                assert "answers only the kernel" in (await session.ping())["error"]
-                assert (
-                    "answers only the kernel"
-                    in (await session.pull(name="x", secret="guess"))["error"]
-                )
+                with pytest.raises(NotAuthorized, match="answers only the kernel"):
+                    await session.ping()
+                with pytest.raises(NotAuthorized, match="answers only the kernel"):
+                    await session.pull(name="x", secret="guess")
                 # nothing beyond the pinned table: Dask drops an unknown op (logs "No handler ...")
                 try:
                     reply = await session.run_code(code="1")
@@ -119,20 +189,26 @@ async def test_a_grant_starts_a_session_that_answers_only_the_session_table(s, w
                 assert reply is None or "No handler run_code" in str(reply), reply
                 # a malformed cell is refused before the main thread sees it, and the session lives
                 # on
-                bad = await session.execute(code=123, inputs={}, secret=lease["secret"])
-                assert bad["status"] == "error" and "code must be text" in bad["error"]["message"]
-                bad = await session.pull(name={"not": "a name"}, secret=lease["secret"])
-                assert "name must be text" in bad["error"]
+                with pytest.raises(Malformed, match="code must be text"):
+                    await session.execute(code=123, inputs={}, secret=lease["secret"])
+                with pytest.raises(Malformed, match="has unknown field.* cells"):
+                    await session.execute(code="1", inputs={}, cells=2, secret=lease["secret"])
+                with pytest.raises(Malformed, match="name must be text"):
+                    await session.pull(name={"not": "a name"}, secret=lease["secret"])
+                with pytest.raises(NotFound, match="no variable named 'x'"):
+                    await session.pull(name="x", secret=lease["secret"])
                 assert (await session.ping(secret=lease["secret"]))["busy"] is False
             snap = await sched.gpu_snapshot()
             assert [ls["id"] for g in snap["gpus"] for ls in g["leases"]] == [lease["id"]]
             assert (await sched.gpu_release(lease=lease["id"], user="alice"))["released"]
             for _ in range(100):
-                if lease["id"] not in plugin.sessions:
+                if lease["id"] not in plugin.manager.sessions:
                     break
                 await asyncio.sleep(0.02)
-            assert lease["id"] not in plugin.sessions
+            assert lease["id"] not in plugin.manager.sessions
             assert (await sched.gpu_lease_info(lease=lease["id"]))["state"] == "ended"
+            # released already: nothing more to release
+            assert (await sched.gpu_release(lease=lease["id"], user="alice")) == {"released": False}
     finally:
         await teardown(w, plugin)
 
@@ -147,9 +223,14 @@ async def test_a_busy_pool_queues_with_a_reason_and_a_cancel_leaves_no_trace(s, 
             second = await sched.gpu_request(user="bob", kernel="k2", spec={"fraction": 0.5})
             assert second["state"] == "queued" and second["position"] == 1
             assert second["reason"].startswith("waiting: no GPU has 8.0 GiB free")
-            refused = await sched.gpu_cancel(id=second["id"], user="alice")
-            assert not refused["cancelled"] and "belongs to bob" in refused["what"]
-            assert (await sched.gpu_cancel(id=second["id"], user="bob"))["cancelled"]
+            with pytest.raises(NotYours, match="belongs to bob"):
+                await sched.gpu_cancel(id=second["id"], user="alice")
+            assert (await sched.gpu_cancel(id=second["id"], user="bob")) == {
+                "cancelled": True,
+                "what": f"queued request {second['id']}",
+            }
+            with pytest.raises(NotFound, match="nothing queued or running is called R999"):
+                await sched.gpu_cancel(id="R999", user="bob")
             assert not (await sched.gpu_snapshot())["queue"]
             impossible = await sched.gpu_request(user="bob", kernel="k2", spec={"memory": 40 * GiB})
             assert (
@@ -176,7 +257,7 @@ async def test_a_session_that_dies_ends_its_lease_with_the_reason(s, w):
                     break
                 await asyncio.sleep(0.05)
             assert info["end_reason"].startswith("the session process was killed by SIGKILL")
-            assert broker.gpus[lease["gpus"][0]].leased_bytes == 0
+            assert broker.ledger.gpus[lease["gpus"][0]].leased_bytes == 0
     finally:
         await teardown(w, plugin)
 
@@ -239,23 +320,35 @@ async def test_malformed_messages_are_refused_to_their_sender_and_break_nothing(
                 ({"memory": 2**63}, "memory"),
                 ({"fraction": 0.5, "priority": 3}, "priority"),
             ]:
-                reply = await sched.gpu_request(user="mallory", kernel="k9", spec=spec)
-                assert reply["state"] == "refused" and field in reply["reason"], (spec, reply)
-            for bad in [{"user": None}, {"user": "x" * 10_000}, {"kernel": ["k"]}, {"extra": 1}]:
-                reply = await sched.gpu_request(
-                    **{"user": "mallory", "kernel": "k9", "spec": {"fraction": 0.5}, **bad}
-                )
-                assert reply["state"] == "refused" and "not valid" in reply["reason"], (bad, reply)
-            assert not broker.queue and not broker.leases
+                with pytest.raises(Malformed, match=f"The request is not valid: .*{field}"):
+                    await sched.gpu_request(user="mallory", kernel="k9", spec=spec)
+            for bad, field in [
+                ({"user": None}, "user"),
+                ({"user": "x" * 10_000}, "user"),
+                ({"kernel": ["k"]}, "kernel"),
+                ({"extra": 1}, "extra"),
+            ]:
+                with pytest.raises(Malformed, match=f"gpu_request: .*{field}"):
+                    await sched.gpu_request(
+                        **{"user": "mallory", "kernel": "k9", "spec": {"fraction": 0.5}, **bad}
+                    )
+            assert not broker.ledger.queue and not broker.ledger.leases
             # the pool goes on serving
             good = await granted(sched, user="alice", kernel="k1", spec={"fraction": 0.5})
             assert good["state"] == "granted"
             lease = good["leases"][0]["id"]
-            # one-way notes with bad fields are dropped, and change nothing
-            await sched.gpu_lease_state(lease=lease, state="exploded")
-            await sched.gpu_lease_state(lease=lease, state="idle", peak_bytes=-5)
-            await sched.gpu_run_update(run="r1", world_size="two", state="running")
-            await sched.gpu_run_update(run="r2", ranks={"0": "not a list"})
+            # one-way notes with bad fields change nothing (a sender that asks for a reply hears why)
+            key = broker.pool_key
+            with pytest.raises(Malformed, match="state must be one of"):
+                await sched.gpu_lease_state(lease=lease, state="exploded", key=key)
+            with pytest.raises(Malformed, match="peak_bytes must be between"):
+                await sched.gpu_lease_state(lease=lease, state="idle", peak_bytes=-5, key=key)
+            with pytest.raises(Malformed, match="world_size must be a whole number"):
+                await sched.gpu_run_update(run="r1", world_size="two", state="running")
+            with pytest.raises(Malformed, match=r"unknown field\(s\) ranks; known: attempt"):
+                await sched.gpu_run_update(run="r2", ranks={"0": "not a list"})
+            # ... and a one-way sender (reply=False) hears nothing: the note is dropped
+            await sched.gpu_lease_state(lease=lease, state="exploded", key=key, reply=False)
             # metrics come through a session's worker, with the pool key, for that session's own
             # lease
             await sched.gpu_run_metrics(
@@ -265,32 +358,40 @@ async def test_malformed_messages_are_refused_to_their_sender_and_break_nothing(
                 key=broker.pool_key,
                 items=[{"step": 1, "time": 1.0, "metrics": {"loss": float("nan")}}],
             )
-            await sched.gpu_run_metrics(
-                run="r4", rank="zero", items=[], lease=lease, key=broker.pool_key
-            )
+            with pytest.raises(Malformed, match="rank must be a whole number"):
+                await sched.gpu_run_metrics(
+                    run="r4", rank="zero", items=[], lease=lease, key=broker.pool_key
+                )
             # no key: not a worker
-            await sched.gpu_run_metrics(run="r5", rank=0, items=[], lease=lease)
-            # no key: dropped
-            await sched.gpu_lease_state(lease=lease, state="running", peak_bytes=10**13)
-            assert broker.leases[lease].state == "idle" and broker.leases[lease].peak_bytes is None
+            with pytest.raises(NotAuthorized, match="only the pool's workers"):
+                await sched.gpu_run_metrics(run="r5", rank=0, items=[], lease=lease)
+            with pytest.raises(NotAuthorized, match="only the pool's workers"):
+                await sched.gpu_lease_state(lease=lease, state="running", peak_bytes=10**13)
+            live = broker.ledger.leases[lease]
+            assert live.state == "idle" and live.peak_bytes is None
             snap = await sched.gpu_snapshot()
             json.dumps(snap, allow_nan=False)  # what the panel parses: no NaN, no bytes
             assert [r["id"] for r in snap["runs"]] == ["r3"]
             assert snap["runs"][0]["ranks"]["0"][0]["metrics"] == {"loss": "nan"}
-            assert "whole number" in (await sched.gpu_scale(n=1e20, user="alice"))["error"]
-            assert "between 0 and 60" in (await sched.gpu_wait(id="R1", timeout=1e9))["reason"]
-            assert not (await sched.gpu_cancel(id=["R1"], user="alice"))["cancelled"]
-            refused = await sched.gpu_register_worker(
-                worker=w.address, gpus=[{"index": 0, "uuid": "G", "name": "x"}], key=broker.pool_key
-            )
-            assert "lacks total_bytes" in refused["error"]
-            refused = await sched.gpu_register_worker(
-                worker=w.address,
-                gpus=[{"index": 0, "uuid": "G", "name": "x", "total_bytes": 2.5}],
-                key=broker.pool_key,
-            )
-            assert "whole number" in refused["error"]
-            assert len(broker.gpus) == 2  # the real GPUs are still there
+            with pytest.raises(Malformed, match="whole number"):
+                await sched.gpu_scale(n=1e20, user="alice")
+            with pytest.raises(Malformed, match="between 0 and 60"):
+                await sched.gpu_wait(id="R1", timeout=1e9)
+            with pytest.raises(Malformed, match="id must be text"):
+                await sched.gpu_cancel(id=["R1"], user="alice")
+            with pytest.raises(Malformed, match="lacks total_bytes"):
+                await sched.gpu_register_worker(
+                    worker=w.address,
+                    gpus=[{"index": 0, "uuid": "G", "name": "x"}],
+                    key=broker.pool_key,
+                )
+            with pytest.raises(Malformed, match="whole number"):
+                await sched.gpu_register_worker(
+                    worker=w.address,
+                    gpus=[{"index": 0, "uuid": "G", "name": "x", "total_bytes": 2.5}],
+                    key=broker.pool_key,
+                )
+            assert len(broker.ledger.gpus) == 2  # the real GPUs are still there
             broker.ledger.check()
     finally:
         await teardown(w, plugin)

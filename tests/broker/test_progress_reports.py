@@ -13,6 +13,7 @@ import pytest
 from distributed.core import rpc
 from distributed.utils_test import gen_cluster
 
+from jupyter_gpu.common.refusals import Malformed, NotAuthorized
 from jupyter_gpu.worker.relay import checked
 from tests.broker.inprocess import FAST_SESSIONS, granted, install_pool, teardown
 
@@ -42,14 +43,17 @@ async def test_the_broker_keeps_a_running_cells_progress_from_its_worker_only(s,
                 "leases"
             ][0]["id"]
             record = broker.policy.leases[lease]
-            # without the pool key (not a worker), or with fields of the wrong kind: dropped
-            await sched.gpu_lease_state(lease=lease, state="running", step=3, total=10)
-            await sched.gpu_lease_state(
-                lease=lease, state="running", step=-3, total=10, key=broker.pool_key
-            )
-            await sched.gpu_lease_state(
-                lease=lease, state="running", step="3", total=10, key=broker.pool_key
-            )
+            # without the pool key (not a worker), or with fields of the wrong kind: refused
+            with pytest.raises(NotAuthorized):
+                await sched.gpu_lease_state(lease=lease, state="running", step=3, total=10)
+            with pytest.raises(Malformed, match="step must be between 0"):
+                await sched.gpu_lease_state(
+                    lease=lease, state="running", step=-3, total=10, key=broker.pool_key
+                )
+            with pytest.raises(Malformed, match="step must be a whole number"):
+                await sched.gpu_lease_state(
+                    lease=lease, state="running", step="3", total=10, key=broker.pool_key
+                )
             assert record.progress is None
             await sched.gpu_lease_state(
                 lease=lease, state="running", cell="train", key=broker.pool_key
@@ -67,8 +71,8 @@ async def test_the_broker_keeps_a_running_cells_progress_from_its_worker_only(s,
             )
             # a progress report is not a new cell: the cell keeps its name and when it started
             assert (
-                broker.leases[lease].cell == "train"
-                and broker.leases[lease].cell_started is not None
+                broker.ledger.leases[lease].cell == "train"
+                and broker.ledger.leases[lease].cell_started is not None
             )
             await sched.gpu_lease_state(lease=lease, state="idle", key=broker.pool_key)
             assert record.progress is None  # the cell ended: its progress says nothing any more

@@ -167,11 +167,8 @@ def test_timeout_interrupts_and_frees_the_lease(gpu_pool, copy_notebooks, tmp_pa
     async def lease_info():
         from jupyter_gpu.common.security import pool_rpc
 
-        r = pool_rpc(gpu_pool)
-        try:
+        async with pool_rpc(gpu_pool) as r:
             return await r.gpu_lease_info(lease=lease)
-        finally:
-            await r.close_rpc()
 
     import asyncio
 

@@ -39,7 +39,7 @@ def _pool_env(monkeypatch):
 def stop_pool(record_path: str) -> None:
     """Stop an embedded pool started by a test (started with keep=True, it would outlive the
     test)."""
-    from jupyter_gpu.pool.embedded import stop_embedded_pool
+    from jupyter_gpu.pool.launcher import stop_embedded_pool
 
     if stop_embedded_pool(record_path):
         log.info("stopped the embedded pool advertised at %s", record_path)
@@ -49,7 +49,7 @@ def stop_pool(record_path: str) -> None:
 def virtual_pool(tmp_path_factory):
     """A real embedded pool with two virtual 16 GiB GPUs, shared by one test module; yields its
     address."""
-    from jupyter_gpu.pool.embedded import ensure_embedded_pool
+    from jupyter_gpu.pool.launcher import ensure_embedded_pool
 
     path = str(tmp_path_factory.mktemp("pool-runtime") / f"jupyter-gpu-pool-{TEST_USER}.json")
     with pytest.MonkeyPatch.context() as mp:

@@ -11,11 +11,11 @@ from distributed.security import Security
 
 from jupyter_gpu.broker.model import Request
 from jupyter_gpu.broker.views import gpu_order, host_order, hosts_view, waiting_reason
+from jupyter_gpu.common.inventory import parse_virtual_spec
 from jupyter_gpu.common.protocol import RequestSpec
 from jupyter_gpu.pool import cluster_manager as cm
 from jupyter_gpu.pool.services import worker_names
 from jupyter_gpu.pool.slurm import SlurmStates, describe, parse_squeue
-from jupyter_gpu.worker.inventory import parse_virtual_spec
 
 SLURM = "dask_jobqueue.SLURMCluster"
 

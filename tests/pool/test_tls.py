@@ -160,11 +160,8 @@ def call(address: str, op: str, security, **kwargs):
     from jupyter_gpu.common.security import pool_rpc
 
     async def go():
-        r = pool_rpc(address, security=security, timeout=10)
-        try:
+        async with pool_rpc(address, security=security, timeout=10) as r:
             return await getattr(r, op)(**kwargs)
-        finally:
-            await r.close_rpc()
 
     return asyncio.run(go())
 
@@ -210,7 +207,7 @@ def assert_only_pool_certificates_are_accepted(address: str, pki: dict) -> None:
 @pytest.fixture(scope="module")
 def tls_pool(pki, tmp_path_factory):
     """The embedded pool (2 virtual GPUs) with TLS required by Dask config in its environment."""
-    from jupyter_gpu.pool.embedded import ensure_embedded_pool, stop_embedded_pool
+    from jupyter_gpu.pool.launcher import ensure_embedded_pool, stop_embedded_pool
 
     path = str(tmp_path_factory.mktemp("tls-pool") / "pool.json")
     # the pool is also a client of its own scheduler

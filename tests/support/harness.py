@@ -43,11 +43,8 @@ def snapshot(pool: str) -> dict:
     from jupyter_gpu.common.security import pool_rpc
 
     async def go() -> dict:
-        r = pool_rpc(pool)
-        try:
+        async with pool_rpc(pool) as r:
             return await r.gpu_snapshot()
-        finally:
-            await r.close_rpc()
 
     return asyncio.run(go())
 
@@ -64,11 +61,8 @@ def session_starters(pool: str) -> dict[str, dict]:
     async def go() -> dict[str, dict]:
         out = {}
         for address in workers:
-            r = pool_rpc(address, security=client_security(pool))
-            try:
+            async with pool_rpc(address, security=client_security(pool)) as r:
                 out[address] = await r.gpu_session_starter()
-            finally:
-                await r.close_rpc()
         return out
 
     return asyncio.run(go())
@@ -78,7 +72,9 @@ def leases(pool: str) -> list[dict]:
     return [ls for g in snapshot(pool)["gpus"] for ls in g["leases"]]
 
 
-def wait_until(predicate, timeout: float = 15.0, interval: float = 0.1) -> bool:
+def wait_until(predicate, timeout: float = 60.0, interval: float = 0.1) -> bool:
+    """Whether ``predicate()`` became true within ``timeout`` seconds (polled): a bound for a hung
+    pool, wide enough for a loaded 2-core machine; a test that passes returns as soon as it holds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():

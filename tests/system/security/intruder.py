@@ -101,11 +101,8 @@ def call(address: str, op: str, connection_args: dict | None = None, **kwargs: A
     from distributed.core import rpc
 
     async def go() -> Any:
-        r = rpc(address, connection_args=connection_args or {}, timeout=TIMEOUT)
-        try:
+        async with rpc(address, connection_args=connection_args or {}, timeout=TIMEOUT) as r:
             return await asyncio.wait_for(getattr(r, op)(**kwargs), TIMEOUT)
-        finally:
-            await r.close_rpc()
 
     return asyncio.run(go())
 
@@ -157,11 +154,8 @@ def main() -> None:
         from jupyter_gpu.common.security import pool_rpc
 
         async def go() -> Any:
-            r = pool_rpc(address, timeout=TIMEOUT)
-            try:
+            async with pool_rpc(address, timeout=TIMEOUT) as r:
                 return await asyncio.wait_for(r.gpu_snapshot(), TIMEOUT)
-            finally:
-                await r.close_rpc()
 
         return asyncio.run(go())
 
@@ -214,11 +208,10 @@ def _own_server(security: Any) -> Any:
     async def call_in_loop(address: str, sec: Any) -> Any:
         from distributed.core import rpc
 
-        r = rpc(address, connection_args=sec.get_connection_args("client"), timeout=TIMEOUT)
-        try:
+        async with rpc(
+            address, connection_args=sec.get_connection_args("client"), timeout=TIMEOUT
+        ) as r:
             return (await asyncio.wait_for(r.identity(), TIMEOUT))["type"]
-        finally:
-            await r.close_rpc()
 
     async def outer() -> Any:
         async with Scheduler(

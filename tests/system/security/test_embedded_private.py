@@ -59,7 +59,7 @@ def owner_pool(shared_runtime):
     """This user's embedded pool (two virtual GPUs), as a kernel would start it; stopped at the
     end."""
     from jupyter_gpu.pool.discovery import read_record
-    from jupyter_gpu.pool.embedded import ensure_embedded_pool, stop_embedded_pool
+    from jupyter_gpu.pool.launcher import ensure_embedded_pool, stop_embedded_pool
 
     path = os.path.join(shared_runtime, "jupyter-gpu-pool-owner.json")
     try:
@@ -206,7 +206,7 @@ def test_a_plain_gpu_cell_starts_a_private_pool_with_nothing_configured(tmp_path
     pool it starts is on TLS, and its credentials go with it."""
     from jupyter_gpu.common.pool_credentials import entry_path
     from jupyter_gpu.pool.discovery import read_record
-    from jupyter_gpu.pool.embedded import stop_embedded_pool
+    from jupyter_gpu.pool.launcher import stop_embedded_pool
 
     runtime = tmp_path / "runtime"
     env = {

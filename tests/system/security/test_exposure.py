@@ -86,7 +86,7 @@ def test_http_routes_answer_only_when_configured_and_on_the_asked_host(tmp_path)
 
 def test_the_embedded_pool_listens_on_loopback_only_with_tls_and_no_http(tmp_path, monkeypatch):
     from jupyter_gpu.pool.discovery import read_record
-    from jupyter_gpu.pool.embedded import ensure_embedded_pool, stop_embedded_pool
+    from jupyter_gpu.pool.launcher import ensure_embedded_pool, stop_embedded_pool
 
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
     monkeypatch.setenv("JUPYTER_GPU_VIRTUAL_GPUS", f"{GPUS}x8GiB")

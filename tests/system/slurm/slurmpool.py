@@ -109,11 +109,8 @@ class SlurmPool:
             kwargs.setdefault("token", self.tokens[kwargs["user"]])
 
         async def go():
-            r = pool_rpc(self.address)
-            try:
+            async with pool_rpc(self.address) as r:
                 return await getattr(r, op)(**kwargs)
-            finally:
-                await r.close_rpc()
 
         return asyncio.run(go())
 

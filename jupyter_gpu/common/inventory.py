@@ -1,5 +1,9 @@
 """What GPUs this machine offers to the pool.
 
+Why in ``common/``: a GPU worker offers these GPUs, the embedded pool starts one worker per GPU,
+and a kernel that is about to start an embedded pool checks first that the machine has one (with
+this module's message when it has none); none of them may import another's process code.
+
 Real GPUs come from NVML (nvidia-ml-py), in the order and subset that ``CUDA_VISIBLE_DEVICES``
 selects, with MIG slices listed in place of their parent when MIG is enabled. Machines without a GPU
 can offer virtual GPUs (``JUPYTER_GPU_VIRTUAL_GPUS=2x16GiB``) so that the whole pool runs and is
@@ -13,9 +17,10 @@ import os
 import re
 import uuid as uuidlib
 from dataclasses import asdict, dataclass, field
+from typing import Any, cast
 
 from jupyter_gpu.common import config as _config
-from jupyter_gpu.common.protocol import VIRTUAL_ENV
+from jupyter_gpu.common.protocol import VIRTUAL_ENV, GpuInfoMsg
 from jupyter_gpu.common.units import format_bytes, parse_size
 from jupyter_gpu.errors import NoGpuAvailable
 
@@ -35,10 +40,14 @@ class GpuInfo:
     mig: bool = False
     parent_uuid: str | None = None
     nvml_index: int | None = None
-    extra: dict = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def message(self) -> GpuInfoMsg:
+        """As the worker sends it (``gpu_register_worker``, ``assign``)."""
+        return cast(GpuInfoMsg, asdict(self))
 
     @property
     def best_isolation(self) -> str:
@@ -133,7 +142,7 @@ def nvml_gpus() -> list[GpuInfo]:
             pass
 
 
-def _mig_devices(pynvml, handle, parent_uuid: str, nvml_index: int) -> list[GpuInfo]:  # noqa: ANN001
+def _mig_devices(pynvml: Any, handle: Any, parent_uuid: str, nvml_index: int) -> list[GpuInfo]:
     try:
         current, _pending = pynvml.nvmlDeviceGetMigMode(handle)
     except pynvml.NVMLError:  # no MIG on this GPU or driver
@@ -181,7 +190,7 @@ def _apply_visible(devices: list[GpuInfo], selection: list[str]) -> list[GpuInfo
     return chosen
 
 
-def _text(value) -> str:  # noqa: ANN001
+def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 

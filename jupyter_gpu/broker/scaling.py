@@ -1,5 +1,10 @@
 """Growing and shrinking a pool through the cluster manager it owns: the broker's ``scaler``.
 
+It runs inside the scheduler, next to the broker, and reads the broker's ``Ledger`` through narrow
+queries only (``largest_gpu_bytes``, ``busy_workers``, ``queued``, ``note_end_on``): what is held
+where, what waits. The cluster's jobs and what the cluster manager says about them are
+``ClusterJobs``; the targets and the adaptive loop are ``PoolScaler``.
+
 A pool that owns a Dask cluster manager (the embedded pool's ``SpecCluster``, or ``jupyter-gpu
 pool up`` with ``jupyter-gpu.cluster-manager``: dask-jobqueue's ``SLURMCluster`` and the like)
 grows and shrinks by its
@@ -36,10 +41,15 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+from jupyter_gpu.broker.ledger import Ledger
 from jupyter_gpu.broker.model import GpuSlot
-from jupyter_gpu.common.protocol import AdaptiveView, ClusterView, JobView
+from jupyter_gpu.common.protocol import AdaptiveView, ClusterView, JobView, ScaleReply
+from jupyter_gpu.common.refusals import Malformed, NotPossible
+
+if TYPE_CHECKING:
+    from distributed import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +67,9 @@ class JobStates(Protocol):
     @staticmethod
     def ended(state: str | None) -> bool: ...
 
+    @staticmethod
+    def describe(state: str, reason: str | None) -> str: ...
+
 
 @dataclass
 class JobRecord:
@@ -72,21 +85,215 @@ class JobRecord:
     workers: set[str] = field(default_factory=set)  # addresses of its workers that joined
 
 
+class ClusterJobs:
+    """The jobs of a started ``SpecCluster`` (one entry of its worker spec each), their workers in
+    the scheduler, and what its cluster manager (``states``; None: it tells none) says of them."""
+
+    def __init__(
+        self, cluster: Any, scheduler: Scheduler, ledger: Ledger, states: JobStates | None
+    ) -> None:
+        self.cluster, self.scheduler, self.ledger, self.states = cluster, scheduler, ledger, states
+        self.records: dict[str, JobRecord] = {
+            name: JobRecord(str(name)) for name in cluster.worker_spec
+        }
+        self.ended: collections.deque[JobView] = collections.deque(maxlen=ENDED_KEPT)
+        # worker address -> job name (kept after the worker left)
+        self.worker_job: dict[str, str] = {}
+
+    def names(self) -> list[str]:
+        return [str(n) for n in self.cluster.worker_spec]
+
+    def record(self, name: str) -> JobRecord:
+        return self.records.setdefault(name, JobRecord(name))
+
+    def job_id(self, name: str) -> str | None:
+        job = self.cluster.workers.get(name)
+        value = getattr(job, "job_id", None)
+        return str(value) if value is not None else None
+
+    def label(self, name: str) -> str:
+        return f"job {self.job_id(name) or name}"
+
+    def job_of(self, worker_name: str) -> str | None:
+        spec = set(self.names())
+        if worker_name in spec:
+            return worker_name
+        m = _GPU_SUFFIX.match(worker_name)
+        return m.group(1) if m and m.group(1) in spec else None
+
+    def joined(self) -> dict[str, list[str]]:
+        """Job name -> addresses of its workers connected to the scheduler now."""
+        joined: dict[str, list[str]] = {}
+        for addr, ws in self.scheduler.workers.items():
+            job = self.job_of(str(ws.name))
+            if job is not None:
+                joined.setdefault(job, []).append(addr)
+                self.worker_job[addr] = job
+                self.record(job).workers.add(addr)
+        return joined
+
+    def pending(self) -> list[str]:
+        """Jobs asked for whose workers have not joined yet, oldest first."""
+        joined = self.joined()
+        waiting = [n for n in self.names() if not joined.get(n)]
+        return sorted(waiting, key=lambda n: self.records.get(n, JobRecord(n)).asked)
+
+    def waiting_note(self) -> str | None:
+        """For the reasons of waiting requests: ``waiting for a new worker (job 123 pending)``, with
+        what the cluster manager says about that job; None when no job is on its way."""
+        pending = self.pending()
+        if not pending:
+            return None
+        ids = [self.job_id(n) or n for n in pending]
+        what = f"job {ids[0]}" if len(ids) == 1 else f"jobs {', '.join(ids)}"
+        note = f"waiting for a new worker ({what} pending)"
+        rec = self.records.get(pending[0])
+        if rec is not None and rec.state and self.states is not None:
+            note += f", {self.states.kind.capitalize()}: "
+            note += self.states.describe(rec.state, rec.reason)
+        return note
+
+    def lost_note(self, worker: str) -> str | None:
+        """What the cluster manager adds to "the worker was lost": the job it ran in (and how it
+        ended)."""
+        self.joined()
+        name = self.worker_job.get(worker)
+        if name is None or self.states is None:
+            return None
+        rec = self.records.get(name)
+        note = f"it ran in {self.states.kind.capitalize()} {self.label(name)}"
+        if rec is not None and rec.state and self.states.ended(rec.state):
+            note += f", which ended: {self.states.describe(rec.state, rec.reason)}"
+        return note
+
+    def views(self) -> list[JobView]:
+        joined = self.joined()
+        jobs: list[JobView] = []
+        for name in self.names():
+            rec = self.record(name)
+            jobs.append(
+                {
+                    "name": name,
+                    "job_id": self.job_id(name),
+                    "state": rec.state or ("running" if joined.get(name) else "submitted"),
+                    "reason": rec.reason,
+                    "workers": len(joined.get(name, [])),
+                    "since": rec.since,
+                    "ended": None,
+                }
+            )
+        jobs.sort(key=lambda j: (j["workers"] > 0, j["since"]))
+        return jobs
+
+    async def read_states(self) -> list[str]:
+        """Read the cluster manager's job states; returns the jobs it says ended (or forgot)."""
+        if self.states is None:
+            return []
+        ids = {n: j for n in self.names() if (j := self.job_id(n))}
+        if not ids:
+            return []
+        try:
+            states = await self.states.poll(list(ids.values()))
+        except Exception as exc:  # noqa: BLE001 - keep what we knew; say so once in a while
+            log.warning("could not read the job states: %s", exc)
+            return []
+        ended = []
+        for name, job_id in ids.items():
+            rec = self.record(name)
+            if job_id in states:
+                rec.state, rec.reason = states[job_id]
+                rec.seen = True
+                if self.states.ended(rec.state):
+                    ended.append(name)
+            elif rec.seen:  # gone from the cluster manager's memory: it ended a while ago
+                if not self.states.ended(rec.state):
+                    rec.state = "ENDED"
+                ended.append(name)
+        return ended
+
+    async def job_ended(self, name: str) -> None:
+        """A job ended by itself (walltime, node failure, cancelled outside the pool): forget it,
+        keep it in ``ended`` for the panel, and add how it ended to the end reasons of the sessions
+        it held."""
+        assert self.states is not None  # only a cluster manager that tells states says so
+        rec = self.records.pop(name, JobRecord(name))
+        job_id = self.job_id(name)
+        how = self.states.describe(rec.state or "ENDED", rec.reason)
+        log.warning(
+            "%s (%s) ended: %s; its workers and their sessions are lost",
+            self.label(name),
+            name,
+            how,
+        )
+        self.ended.appendleft(
+            {
+                "name": name,
+                "job_id": job_id,
+                "state": rec.state or "ENDED",
+                "reason": rec.reason,
+                "workers": 0,
+                "since": rec.since,
+                "ended": time.time(),
+            }
+        )
+        self.scheduler.log_event(
+            "jupyter-gpu-audit",
+            {
+                "action": "job ended",
+                "job": job_id,
+                "name": name,
+                "state": rec.state,
+                "reason": rec.reason,
+            },
+        )
+        self.ledger.note_end_on(rec.workers, f"{self.label(name)} ended: {how}")
+        with contextlib.suppress(Exception):
+            await self.cluster.scale_down([name])  # its scancel finds nothing to cancel
+        self.cluster.worker_spec.pop(name, None)
+        self.cluster.workers.pop(name, None)
+
+
+def checked_counts(
+    n: int | None,
+    minimum: int | None,
+    maximum: int | None,
+    floor: int,
+    max_workers: int | None,
+) -> tuple[int, int]:
+    """(low, top) of a scale request: a count, or adaptive bounds; refused with the reason."""
+    if n is None and (minimum is None or maximum is None):
+        raise Malformed("give a worker count (n), or adaptive bounds (minimum and maximum)")
+    top = n if n is not None else maximum
+    low = n if n is not None else minimum
+    assert top is not None and low is not None  # n, or both bounds (checked above)
+    if low < floor or top < low:
+        raise Malformed(
+            f"worker counts must satisfy {floor} <= minimum <= maximum (got {low}..{top})"
+        )
+    if max_workers is not None and top > max_workers:
+        raise NotPossible(
+            f"this machine has {max_workers} GPU(s); the embedded pool cannot grow past that. "
+            "Add machines with `jupyter-gpu worker ADDRESS`."
+        )
+    return low, top
+
+
 class PoolScaler:
     """The broker's ``scaler``: ``await scaler(n=...)`` or ``await scaler(minimum=...,
     maximum=...)``.
 
-        ``cluster``: a started ``SpecCluster`` whose scheduler runs the broker. ``max_workers``: a
-        hardware bound (the embedded pool on real GPUs), None for none. ``states``: the cluster
-        manager's job states (None: it tells none). ``allow_zero``: whether the pool may have no
-        worker (a cluster manager's pool; not the embedded one). ``gpu_bytes``: the size of the GPUs
-        a new job brings, when known before one joins.
+    ``cluster``: a started ``SpecCluster`` whose scheduler runs the broker; ``ledger``: the broker's.
+    ``max_workers``: a hardware bound (the embedded pool on real GPUs), None for none. ``states``:
+    the cluster manager's job states (None: it tells none). ``allow_zero``: whether the pool may
+    have no worker (a cluster manager's pool; not the embedded one). ``gpu_bytes``: the size of the
+    GPUs a new job brings, when known before one joins.
     """
 
     def __init__(
         self,
         cluster: Any,
-        broker: Any,
+        scheduler: Scheduler,
+        ledger: Ledger,
         *,
         max_workers: int | None = None,
         per_job: int = 1,
@@ -99,54 +306,33 @@ class PoolScaler:
         interval: float = 2.0,
         gpu_bytes: int | None = None,
     ):
-        self.cluster, self.broker = cluster, broker
+        self.cluster, self.ledger, self.scheduler = cluster, ledger, scheduler
+        self.jobs = ClusterJobs(cluster, scheduler, ledger, states)
         self.max_workers = max_workers
         self.per_job = max(1, int(per_job))
-        self.states = states
         self.kind, self.manager = kind, manager
         self.allow_zero = allow_zero
         self.idle, self.cooldown, self.interval = idle, cooldown, interval
         self.gpu_bytes = gpu_bytes
         self.target: int | None = None  # manual: GPU workers to keep
         self.bounds: tuple[int, int] | None = None  # adaptive: GPU workers, minimum and maximum
-        self.records: dict[str, JobRecord] = {
-            name: JobRecord(str(name)) for name in cluster.worker_spec
-        }
-        self.ended: collections.deque[JobView] = collections.deque(maxlen=ENDED_KEPT)
         self._idle_since: dict[str, float] = {}
         self._last_growth = -math.inf
         self._lock = asyncio.Lock()
-        self._task: asyncio.Task | None = None
-        # worker address -> job name (kept after the worker left)
-        self._worker_job: dict[str, str] = {}
+        self._task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ the gpu_scale handler
     async def __call__(
         self, n: int | None = None, minimum: int | None = None, maximum: int | None = None
-    ) -> dict:
-        if n is None and (minimum is None or maximum is None):
-            return {"error": "give a worker count (n), or adaptive bounds (minimum and maximum)"}
-        top = n if n is not None else maximum
-        low = n if n is not None else minimum
-        assert top is not None and low is not None  # n, or both bounds (checked above)
+    ) -> ScaleReply:
         floor = 0 if self.allow_zero else 1
-        if low < floor or top < low:
-            return {
-                "error": f"worker counts must satisfy {floor} <= minimum <= maximum (got "
-                f"{low}..{top})"
-            }
-        if self.max_workers is not None and top > self.max_workers:
-            return {
-                "error": f"this machine has {self.max_workers} GPU(s); the embedded pool cannot "
-                "grow past "
-                "that. Add machines with `jupyter-gpu worker ADDRESS`."
-            }
+        checked_counts(n, minimum, maximum, floor, self.max_workers)
         self.start()
         async with self._lock:
             if n is not None:
                 self.target, self.bounds = n, None
                 left = await self._scale_jobs(self._jobs_for(n), retire_idle_for=0.0)
-                reply: dict = {"workers": n, "adaptive": None}
+                reply: ScaleReply = {"workers": n, "adaptive": None}
             else:
                 assert minimum is not None and maximum is not None  # adaptive: both bounds
                 self.target, self.bounds = None, (minimum, maximum)
@@ -159,6 +345,19 @@ class PoolScaler:
                 f"{left} job(s) hold a session or a session's variables in host memory: they are "
                 "retired once they hold none"
             )
+        return reply
+
+    async def scale_for(
+        self, user: str | None, n: int | None, minimum: int | None, maximum: int | None
+    ) -> ScaleReply:
+        """Scale as ``user`` asked (``gpu_scale``, its permission checked), and record who changed
+        the pool's size to what: the log and the scheduler's ``jupyter-gpu-audit`` events."""
+        reply = await self(n=n, minimum=minimum, maximum=maximum)
+        log.info("user %s scaled the pool: n=%s minimum=%s maximum=%s", user, n, minimum, maximum)
+        self.scheduler.log_event(
+            "jupyter-gpu-audit",
+            {"action": "scale", "user": user, "n": n, "minimum": minimum, "maximum": maximum},
+        )
         return reply
 
     def start(self) -> None:
@@ -181,60 +380,21 @@ class PoolScaler:
         """GPU workers the cluster's jobs (running or on their way) start."""
         return len(self.cluster.worker_spec) * self.per_job
 
-    def job_id(self, name: str) -> str | None:
-        job = self.cluster.workers.get(name)
-        value = getattr(job, "job_id", None)
-        return str(value) if value is not None else None
-
-    def _label(self, name: str) -> str:
-        return f"job {self.job_id(name) or name}"
-
-    def pending_jobs(self) -> list[str]:
-        """Jobs asked for whose workers have not joined yet, oldest first."""
-        joined = self._joined()
-        pending = [str(n) for n in self.cluster.worker_spec if not joined.get(str(n))]
-        return sorted(pending, key=lambda n: self.records.get(n, JobRecord(n)).asked)
-
     def waiting_note(self) -> str | None:
-        """For the reasons of waiting requests: ``waiting for a new worker (job 123 pending)``, with
-        what the cluster manager says about that job; None when no job is on its way."""
-        pending = self.pending_jobs()
-        if not pending:
-            return None
-        ids = [self.job_id(n) or n for n in pending]
-        what = f"job {ids[0]}" if len(ids) == 1 else f"jobs {', '.join(ids)}"
-        note = f"waiting for a new worker ({what} pending)"
-        rec = self.records.get(pending[0])
-        if rec is not None and rec.state and self.states is not None:
-            from jupyter_gpu.pool.slurm import describe
-
-            note += f", {self.states.kind.capitalize()}: {describe(rec.state, rec.reason)}"
-        return note
+        return self.jobs.waiting_note()
 
     def lost_note(self, worker: str) -> str | None:
-        """What the cluster manager adds to "the worker was lost": the job it ran in (and how it
-        ended)."""
-        self._joined()
-        name = self._worker_job.get(worker)
-        if name is None or self.states is None:
-            return None
-        rec = self.records.get(name)
-        note = f"it ran in {self.states.kind.capitalize()} {self._label(name)}"
-        if rec is not None and rec.state and self.states.ended(rec.state):
-            from jupyter_gpu.pool.slurm import describe
-
-            note += f", which ended: {describe(rec.state, rec.reason)}"
-        return note
+        return self.jobs.lost_note(worker)
 
     def headroom(self) -> list[GpuSlot]:
         """The GPUs adaptive scaling could still add (for the broker: a request larger than today's
         pool waits for them instead of being refused)."""
         if self.bounds is None:
             return []
-        size = self.gpu_bytes or max((g.total_bytes for g in self.broker.gpus.values()), default=0)
+        size = self.gpu_bytes or self.ledger.largest_gpu_bytes()
         if not size:
             return []
-        joined_jobs = len(self.cluster.worker_spec) - len(self.pending_jobs())
+        joined_jobs = len(self.cluster.worker_spec) - len(self.jobs.pending())
         count = max(0, self._jobs_for(self.bounds[1]) - joined_jobs) * self.per_job
         return [
             GpuSlot(
@@ -249,83 +409,38 @@ class PoolScaler:
         ]
 
     def view(self) -> ClusterView:
-        joined = self._joined()
-        jobs: list[JobView] = []
-        for name in [str(n) for n in self.cluster.worker_spec]:
-            rec = self.records.setdefault(name, JobRecord(name))
-            state = rec.state or ("running" if joined.get(name) else "submitted")
-            jobs.append(
-                {
-                    "name": name,
-                    "job_id": self.job_id(name),
-                    "state": state,
-                    "reason": rec.reason,
-                    "workers": len(joined.get(name, [])),
-                    "since": rec.since,
-                    "ended": None,
-                }
-            )
-        jobs.sort(key=lambda j: (j["workers"] > 0, j["since"]))
         adaptive: AdaptiveView | None = (
             {"minimum": self.bounds[0], "maximum": self.bounds[1], "idle": self.idle}
             if self.bounds
             else None
         )
+        states = self.jobs.states
         return {
-            "kind": self.states.kind if self.states else self.kind,
+            "kind": states.kind if states else self.kind,
             "manager": self.manager,
             "gpus_per_job": self.per_job,
             "target": self.target,
             "adaptive": adaptive,
-            "jobs": jobs,
-            "ended": list(self.ended),
+            "jobs": self.jobs.views(),
+            "ended": list(self.jobs.ended),
         }
 
     # ------------------------------------------------------------------ jobs and their workers
     def _jobs_for(self, workers: int) -> int:
         return math.ceil(workers / self.per_job)
 
-    def _job_of(self, worker_name: str) -> str | None:
-        spec = {str(n) for n in self.cluster.worker_spec}
-        if worker_name in spec:
-            return worker_name
-        m = _GPU_SUFFIX.match(worker_name)
-        return m.group(1) if m and m.group(1) in spec else None
-
-    def _joined(self) -> dict[str, list[str]]:
-        """Job name -> addresses of its workers connected to the scheduler now."""
-        joined: dict[str, list[str]] = {}
-        for addr, ws in self.broker.scheduler.workers.items():
-            job = self._job_of(str(ws.name))
-            if job is not None:
-                joined.setdefault(job, []).append(addr)
-                self._worker_job[addr] = job
-                self.records.setdefault(job, JobRecord(job)).workers.add(addr)
-        return joined
-
-    def _busy_workers(self) -> set[str]:
-        """Workers holding a session (a live lease, starting ones included) or a session's variables
-        in host memory (saved there, or being written there): never retired."""
-        busy = {ls.worker for ls in self.broker.leases.values()}
-        for ls in self.broker.ended.values():
-            offload = ls.offload or {}
-            if offload.get("state") == "saved":
-                busy.add(offload.get("worker") or ls.worker)
-            elif offload.get("state") == "pending":
-                busy.add(ls.worker)
-        return busy
-
     def _retirable(self, idle_for: float) -> list[str]:
         """Jobs that may go now, in the order to retire them: jobs whose workers have not joined
         (the newest first), then jobs whose workers held nothing for ``idle_for`` seconds (the
-        longest idle first)."""
-        joined = self._joined()
-        busy = self._busy_workers()
+        longest idle first). Never a job whose workers hold a session or a session's variables in
+        host memory."""
+        joined = self.jobs.joined()
+        busy = self.ledger.busy_workers()
         now = time.monotonic()
         pending, idle = [], []
-        for name in [str(n) for n in self.cluster.worker_spec]:
+        for name in self.jobs.names():
             addrs = joined.get(name, [])
-            rec = self.records.setdefault(name, JobRecord(name))
+            rec = self.jobs.record(name)
             if set(addrs) & busy:
                 self._idle_since.pop(name, None)
                 continue
@@ -347,7 +462,7 @@ class PoolScaler:
                 spec = self.cluster.new_worker_spec()
                 self.cluster.worker_spec.update(spec)
                 for name in spec:
-                    self.records[str(name)] = JobRecord(str(name))
+                    self.jobs.records[str(name)] = JobRecord(str(name))
             self._last_growth = time.monotonic()
             # submits them (sbatch) or starts them; it does not wait for them to join
             await self.cluster
@@ -364,7 +479,7 @@ class PoolScaler:
                     self._idle_since.pop(name, None)
                 log.info(
                     "retired %s (they held no session and no host-memory copy): %d job(s) left",
-                    ", ".join(self._label(n) for n in retire),
+                    ", ".join(self.jobs.label(n) for n in retire),
                     len(self.cluster.worker_spec),
                 )
                 self._audit(len(self.cluster.worker_spec))
@@ -372,7 +487,7 @@ class PoolScaler:
         return 0
 
     def _audit(self, jobs: int) -> None:
-        self.broker.scheduler.log_event(
+        self.jobs.scheduler.log_event(
             "jupyter-gpu-audit", {"action": "scaled", "jobs": jobs, "workers": jobs * self.per_job}
         )
 
@@ -389,7 +504,9 @@ class PoolScaler:
             await asyncio.sleep(self.interval)
 
     async def _tick(self) -> None:
-        await self._read_states()
+        for name in await self.jobs.read_states():
+            self._idle_since.pop(name, None)
+            await self.jobs.job_ended(name)
         if self.target is not None:
             await self._scale_jobs(self._jobs_for(self.target), retire_idle_for=0.0)
         elif self.bounds is not None:
@@ -403,7 +520,7 @@ class PoolScaler:
             await self._scale_jobs(min(max(jobs, low), high), retire_idle_for=0.0)
             return
         need = self._gpus_needed()
-        on_their_way = len(self.pending_jobs()) * self.per_job
+        on_their_way = len(self.jobs.pending()) * self.per_job
         if need > on_their_way and jobs < high:
             await self._scale_jobs(
                 min(high, jobs + math.ceil((need - on_their_way) / self.per_job)), 0.0
@@ -418,13 +535,9 @@ class PoolScaler:
         each; shares add up), leaving out requests that wait for their quota, which new GPUs do not
         change."""
         now, total = time.time(), 0.0
-        size = self.gpu_bytes or max((g.total_bytes for g in self.broker.gpus.values()), default=0)
-        for req in self.broker.queue:
-            if (
-                req.state != "queued"
-                or now - req.submitted < self.interval
-                or "quota" in (req.reason or "")
-            ):
+        size = self.gpu_bytes or self.ledger.largest_gpu_bytes()
+        for req in self.ledger.queued():
+            if now - req.submitted < self.interval or "quota" in (req.reason or ""):
                 continue
             spec = req.spec
             if spec.workers > 1 or spec.gpus is not None:
@@ -432,83 +545,6 @@ class PoolScaler:
             elif spec.fraction is not None:
                 total += spec.fraction
             else:
+                assert spec.memory is not None  # exactly one of the three (RequestSpec.validate)
                 total += min(1.0, spec.memory / size) if size else 1.0
         return math.ceil(total - 1e-9)
-
-    async def _read_states(self) -> None:
-        """Read the cluster manager's job states; a job it says ended (or forgot) leaves the
-        spec."""
-        if self.states is None:
-            return
-        known = {str(n): self.job_id(str(n)) for n in self.cluster.worker_spec}
-        ids = {n: j for n, j in known.items() if j}
-        if not ids:
-            return
-        try:
-            states = await self.states.poll(list(ids.values()))
-        except Exception as exc:  # noqa: BLE001 - keep what we knew; say so once in a while
-            log.warning("could not read the job states: %s", exc)
-            return
-        ended = []
-        for name, job_id in ids.items():
-            rec = self.records.setdefault(name, JobRecord(name))
-            if job_id in states:
-                rec.state, rec.reason = states[job_id]
-                rec.seen = True
-                if self.states.ended(rec.state):
-                    ended.append(name)
-            elif rec.seen:  # gone from the cluster manager's memory: it ended a while ago
-                if not self.states.ended(rec.state):
-                    rec.state = "ENDED"
-                ended.append(name)
-        for name in ended:
-            await self._job_ended(name)
-
-    async def _job_ended(self, name: str) -> None:
-        """A job ended by itself (walltime, node failure, cancelled outside the pool): forget it,
-        keep it in ``ended`` for the panel, and add how it ended to the end reasons of the sessions
-        it held."""
-        from jupyter_gpu.pool.slurm import describe
-
-        rec = self.records.pop(name, JobRecord(name))
-        job_id = self.job_id(name)
-        how = describe(rec.state or "ENDED", rec.reason)
-        log.warning(
-            "%s (%s) ended: %s; its workers and their sessions are lost",
-            self._label(name),
-            name,
-            how,
-        )
-        self.ended.appendleft(
-            {
-                "name": name,
-                "job_id": job_id,
-                "state": rec.state or "ENDED",
-                "reason": rec.reason,
-                "workers": 0,
-                "since": rec.since,
-                "ended": time.time(),
-            }
-        )
-        self._idle_since.pop(name, None)
-        self.broker.scheduler.log_event(
-            "jupyter-gpu-audit",
-            {
-                "action": "job ended",
-                "job": job_id,
-                "name": name,
-                "state": rec.state,
-                "reason": rec.reason,
-            },
-        )
-        for lease in self.broker.ended.values():
-            if (
-                lease.worker in rec.workers
-                and lease.end_reason
-                and "ended:" not in lease.end_reason
-            ):
-                lease.end_reason = f"{lease.end_reason} ({self._label(name)} ended: {how})"
-        with contextlib.suppress(Exception):
-            await self.cluster.scale_down([name])  # its scancel finds nothing to cancel
-        self.cluster.worker_spec.pop(name, None)
-        self.cluster.workers.pop(name, None)

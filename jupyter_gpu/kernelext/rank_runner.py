@@ -31,15 +31,38 @@ import os
 import queue
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal, TypedDict, cast
 
 from jupyter_gpu.common import config
+from jupyter_gpu.common.protocol import CellPayload, ExecuteReply, pool_error
+from jupyter_gpu.common.refusals import from_text
 from jupyter_gpu.kernelext.connection import PoolConnection, RemoteSession
+from jupyter_gpu.kernelext.session_calls import interrupt, start_execute
 
 log = logging.getLogger(__name__)
 
 Show = Callable[[int, dict], None]  # (rank, message) -> render one output message of that rank
 LEASE_CHECK = 2.0  # seconds between asking the broker whether the running ranks' leases still stand
+
+
+class LostRank(TypedDict):
+    """The kernel's outcome of a rank whose session went away (its connection broke, the broker
+    ended its lease, or it was moved to host memory before the cell began)."""
+
+    status: Literal["lost"]
+    error: str | None
+    started: bool  # whether the cell had begun (a cell that had not is run again elsewhere)
+
+
+class KilledRank(TypedDict):
+    """The kernel's outcome of a rank it killed (its code did not stop after SIGINT)."""
+
+    status: Literal["killed"]
+    cause: str | None  # "timeout", "interrupt", or None (another rank failed)
+
+
+# a rank's outcome: the session's reply, or what the kernel made of a rank without one
+RankOutcome = ExecuteReply | LostRank | KilledRank
 
 
 @dataclass
@@ -48,7 +71,7 @@ class RunOutcome:
     cause), and what stopped the run: ``"timeout"``, ``"interrupt"`` (also a cancelled --async job),
     or None."""
 
-    replies: dict[int, dict]
+    replies: dict[int, RankOutcome]
     cause: str | None = None
 
     @property
@@ -86,7 +109,7 @@ class RankRunner:
         self.release_reason = release_reason
         self.grace = config.get_seconds("interrupt-grace")
 
-    def run(self, payloads: list[dict]) -> RunOutcome:
+    def run(self, payloads: list[CellPayload]) -> RunOutcome:
         """Start every rank (payload i on session i) and wait until each has replied or was
         killed."""
         events: queue.Queue = queue.Queue()
@@ -96,9 +119,9 @@ class RankRunner:
             def sink(msg: Any, r: int = rank) -> None:
                 events.put((r, msg))
 
-            self.conn.start_execute(session, {**payload, "cwd": cwd}, sink)
+            start_execute(self.conn, session, {**payload, "cwd": cwd}, sink)
         world = len(self.sessions)
-        replies: dict[int, dict] = {}
+        replies: dict[int, RankOutcome] = {}
         cause: str | None = None
         # when to SIGINT the ranks still running (a rank failed, or stop now)
         stop_at: float | None = None
@@ -128,7 +151,7 @@ class RankRunner:
                     kill_at = now + self.grace
                     for r, session in enumerate(self.sessions):
                         if r not in replies:
-                            self.conn.interrupt(session)
+                            interrupt(self.conn, session)
                 if kill_at is not None and now > kill_at:
                     self._kill(replies, cause)
                     break
@@ -158,21 +181,21 @@ class RankRunner:
                 continue
             replies[rank] = reply = self._reply(msg, cause)
             if (
-                reply.get("status") == "lost"
-                and reply.get("started")
+                reply["status"] == "lost"
+                and reply["started"]
                 and rank not in heard
                 and self._moved_out(rank)
             ):
                 # its session had been moved to host memory: it ran no more cells
                 reply["started"] = False
             if world > 1 and reply.get("status") != "ok" and stop_at is None and kill_at is None:
-                lost = reply.get("status") == "lost"
+                lost = reply["status"] == "lost"
                 stop_at = time.monotonic() + (
                     0 if lost else config.get_seconds("scaleout.error-grace")
                 )
         return RunOutcome(replies, cause)
 
-    def _ended_leases(self, replies: dict[int, dict]) -> dict[int, str]:
+    def _ended_leases(self, replies: dict[int, RankOutcome]) -> dict[int, str]:
         """The ranks still running whose lease the broker has ended (their worker was given up),
         with why."""
         ended = {}
@@ -180,8 +203,9 @@ class RankRunner:
             if rank in replies:
                 continue
             try:
+                # never held up by a restarting scheduler: the cell runs on without it
                 info = self.conn.scheduler_call(
-                    "gpu_lease_info", lease=session.id, user=self.conn.user
+                    "gpu_lease_info", wait_for_restart=False, lease=session.id, user=self.conn.user
                 )
             except Exception as exc:  # noqa: BLE001 - the pool does not answer now: the connections will tell
                 log.debug("could not ask about lease %s: %s", session.id, exc)
@@ -198,7 +222,10 @@ class RankRunner:
         back: it did start."""
         try:
             info = self.conn.scheduler_call(
-                "gpu_lease_info", lease=self.sessions[rank].id, user=self.conn.user
+                "gpu_lease_info",
+                wait_for_restart=False,
+                lease=self.sessions[rank].id,
+                user=self.conn.user,
             )
         except Exception:  # noqa: BLE001 - the pool does not answer: keep what the connection said
             return False
@@ -208,9 +235,10 @@ class RankRunner:
         )
 
     @staticmethod
-    def _reply(msg: dict, cause: str | None) -> dict:
+    def _reply(msg: dict, cause: str | None) -> RankOutcome:
         """A rank's final message as an outcome: ``lost`` when its session went away (``started``
-        says whether the cell had begun), the session's reply otherwise."""
+        says whether the cell had begun), the session's reply otherwise (its refusal, in Dask's
+        error envelope, as a cell that was not run)."""
         if msg.get("op") == "lost":
             return {
                 "status": "lost",
@@ -220,11 +248,19 @@ class RankRunner:
         # its variables were just offloaded: the cell did not run
         if msg.get("status") == "retired":
             return {"status": "lost", "error": "the session was retired", "started": False}
-        if cause == "timeout" and msg.get("status") == "error":
-            msg["timed_out"] = True
-        return msg
+        refusal = (
+            from_text(str(msg.get("exception_text")))
+            if msg.get("status") == "uncaught-error"
+            else None
+        )
+        if refusal is not None:  # the session refused the cell (its secret, a malformed field)
+            return {"status": "error", "error": pool_error(f"The cell was not run: {refusal}.")}
+        reply = cast(ExecuteReply, msg)
+        if cause == "timeout" and reply.get("status") == "error":
+            reply["timed_out"] = True
+        return reply
 
-    def _kill(self, replies: dict[int, dict], cause: str | None) -> None:
+    def _kill(self, replies: dict[int, RankOutcome], cause: str | None) -> None:
         """The code did not stop after SIGINT: end the sessions still running (their state is
         lost)."""
         for rank, session in enumerate(self.sessions):

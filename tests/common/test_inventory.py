@@ -1,8 +1,8 @@
 import pytest
 
+from jupyter_gpu.common import inventory
 from jupyter_gpu.common.units import format_bytes, parse_size
 from jupyter_gpu.errors import NoGpuAvailable
-from jupyter_gpu.worker import inventory
 
 
 @pytest.mark.parametrize(

@@ -17,21 +17,22 @@ import itertools
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, cast
 
 from jupyter_gpu.common import config
-from jupyter_gpu.common.rightsizing import RightSize, right_size
+from jupyter_gpu.common.protocol import ExecuteReply
+from jupyter_gpu.common.rightsizing import OverUse, RightSize, over_use, right_size
 from jupyter_gpu.errors import CellTimeout, GpuPoolError, SessionLost
 from jupyter_gpu.kernelext.badge import JobStatus, StatusLine
 from jupyter_gpu.kernelext.connection import PoolConnection, RemoteSession
 from jupyter_gpu.kernelext.jobs import AsyncJob
 from jupyter_gpu.kernelext.options import CellOptions
 from jupyter_gpu.kernelext.pipeline import CellJob
+from jupyter_gpu.kernelext.rank_runner import RankOutcome, RankRunner
 from jupyter_gpu.kernelext.rendering import CellRenderer
 from jupyter_gpu.kernelext.results import finish_cell
-from jupyter_gpu.kernelext.runner import RankRunner
 from jupyter_gpu.kernelext.runs import RunBook
-from jupyter_gpu.kernelext.sessions import acquire_session, check_remote_refs
+from jupyter_gpu.kernelext.session_choice import acquire_session, check_remote_refs
 
 # : a cell that used less than this on its GPU, in less than this time, says nothing about the size
 # a session : needs (``x = 1`` measures the session's own few MiB): no right-size hint after it
@@ -94,7 +95,7 @@ class SessionCells:
         runs.finished(job.plan, done.get("status") == "ok")
         return finish_cell(self.shell, done, session, opts)
 
-    def _right_size(self, session: RemoteSession, done: dict) -> RightSize | None:
+    def _right_size(self, session: RemoteSession, done: ExecuteReply) -> RightSize | OverUse | None:
         """Far more reserved than the session ever used? Then the badge says what to ask next time:
         once per session, and only after a cell that did some work on its GPU (``x = 1`` says
         nothing about how much a session needs; the panel keeps showing the hint for as long as it
@@ -102,6 +103,11 @@ class SessionCells:
         peak = done.get("peak_bytes")
         if peak is None:
             return None
+        # over its share where nothing enforces it (a virtual GPU): said after every such cell
+        if session.lease.get("isolation", "none") == "none":
+            over = over_use(int(peak), session.lease.get("bytes"))
+            if over is not None:
+                return over
         peak = self.peaks[session.id] = max(self.peaks.get(session.id, 0), int(peak))
         worked = (
             int(done.get("peak_bytes") or 0) >= HINT_AFTER_PEAK
@@ -186,7 +192,7 @@ class SessionCells:
         deadline: float | None,
         cancel: Callable[[], bool] | None = None,
         tick: Callable[[], float | None] | None = None,
-    ) -> tuple[dict, RemoteSession]:
+    ) -> tuple[ExecuteReply, RemoteSession]:
         """Run the cell; returns its outcome and the session it finally ran in (a new one when the
         old session had ended between cells, or when a preempted batch cell was requeued)."""
         done = _attempt(conn, session, job, show, deadline, cancel, tick)
@@ -225,7 +231,7 @@ class SessionCells:
                     conn.release(session, reason="--fresh cell finished")
                 raise
         raise_for_outcome(done, conn, session, opts.timeout)
-        return done, session
+        return cast(ExecuteReply, done), session  # ok or error: the others raised
 
 
 def _attempt(
@@ -236,7 +242,7 @@ def _attempt(
     deadline: float | None,
     cancel: Callable[[], bool] | None,
     tick: Callable[[], float | None] | None = None,
-) -> dict:
+) -> RankOutcome:
     """One run of the cell in ``session``: a RankRunner with one rank."""
     check_remote_refs(conn, session, job.remote_refs)
     runner = RankRunner(conn, [session], lambda rank, msg: show(msg), deadline, cancel, tick=tick)
@@ -301,7 +307,7 @@ def restored_text(session: RemoteSession, offload: dict) -> str:
 
 
 def raise_for_outcome(
-    outcome: dict, conn: PoolConnection, session: RemoteSession, timeout: float | None
+    outcome: RankOutcome, conn: PoolConnection, session: RemoteSession, timeout: float | None
 ) -> None:
     """Turn a lost/killed outcome into the exception the user sees."""
     status = outcome.get("status")
