@@ -803,12 +803,12 @@ def pass_time(n_gpus: int, n_queued: int, decisions: int, seed: int, eta_for: in
     }
 
 
-def flood(n_gpus: int, n_flood: int, seed: int) -> dict:
+def flood(n_gpus: int, n_flood: int, seed: int, eta_for: int = 100) -> dict:
     """Another user's cell against a flood: one user submits ``n_flood`` requests (a third can
     never fit, a third not until the pool changes, a third fit the free gaps), then another user
     submits one that fits once a lease ends. The figure is the CPU time from that user's submission
-    to its grant (every pass in between, as the broker runs them), against the same without the
-    flood."""
+    to its grant (every pass in between, as the broker runs them, with estimated starts for the
+    first ``eta_for`` waiting), against the same without the flood."""
 
     def once(n: int) -> float:
         pool, users, rng = scale_pool(n_gpus, seed)
@@ -817,7 +817,7 @@ def flood(n_gpus: int, n_flood: int, seed: int) -> dict:
             Request(id=f"X{i}", user="u0", kernel="k", client=None, spec=shapes[i % 3])
             for i in range(n)
         ]
-        pool.eta_for = 100
+        pool.eta_for = eta_for
         t0 = time.perf_counter()
         submit_all(pool, reqs)
         pool.schedule()  # the flood's first pass: each is told why it waits
@@ -1007,6 +1007,11 @@ def scale_tables(n_gpus: int, n_queued: int, decisions: int, seed: int) -> None:
             f"{d['p99_ms']:.2f} ms, max {d['max_ms']:.2f} ms; a submission (with the never-fits "
             f"check): p50 {d['submit_p50_ms']:.3f} ms, p99 {d['submit_p99_ms']:.3f} ms"
         )
+    f0 = flood(n_gpus, 10_000, seed, eta_for=0)
+    print(
+        f"Flood, no estimated starts: another user's grant {f0['quiet_s'] * 1e3:.2f} ms without "
+        f"the flood, {f0['flood_s'] * 1e3:.2f} ms with it (+{f0['delta_s'] * 1e3:.2f} ms)"
+    )
     f = flood(n_gpus, 10_000, seed)
     print(
         f"Flood: one user submits 10,000 requests ({f['flood_submit_s']:.1f} s to submit them and "
