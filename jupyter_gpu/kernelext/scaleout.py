@@ -103,7 +103,9 @@ def run_scaleout(
     finally:
         renderer.close()
     final = _state(outcome)
-    conn.scheduler_call("gpu_run_update", run=job.run_id, state=final, attempt=attempt)
+    conn.scheduler_call(
+        "gpu_run_update", run=job.run_id, user=conn.user, state=final, attempt=attempt
+    )
     runs.finished(job.plan, final == "done")
     badge.show(
         final_badge(

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import signal
-from typing import TYPE_CHECKING
+import tempfile
+from typing import TYPE_CHECKING, Any
 
+from jupyter_gpu.common import no_pickle
 from jupyter_gpu.common.inventory import discover
 from jupyter_gpu.common.protocol import DEVICES_ENV, VIRTUAL_ENV
 from jupyter_gpu.common.security import (
@@ -168,16 +171,18 @@ async def run_workers(
     """
     from distributed.core import Status
 
+    no_pickle.install()  # the nannies run in this process (common/no_pickle.py)
     sec = security or pool_security(roles=("worker",))
     check_address(address, "worker", sec)
     gpus = discover(virtual)
     host = host or worker_host(address)
     env = {VIRTUAL_ENV: virtual} if virtual else {}
-    extra = {
-        k: v
-        for k, v in (("death_timeout", death_timeout), ("local_directory", local_directory))
-        if v is not None
-    }
+    # Dask puts a worker's local directory on its module path: a fresh private one, never a
+    # predictable name another account could make first (Dask's /tmp/dask-scratch-space)
+    scratch = private_scratch(local_directory)
+    extra: dict[str, Any] = {"local_directory": scratch}
+    if death_timeout is not None:
+        extra["death_timeout"] = death_timeout
     nannies = [
         GpuNanny(
             address,
@@ -223,3 +228,10 @@ async def run_workers(
     finally:
         signalled.cancel()
         await asyncio.gather(*(n.close() for n in nannies), return_exceptions=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def private_scratch(under: str | None = None) -> str:
+    """A new folder for the workers' scratch space: random name, 0700, this account's (in
+    ``under`` when a cluster manager's job names one)."""
+    return tempfile.mkdtemp(prefix="jupyter-gpu-dask-", dir=under)

@@ -172,23 +172,12 @@ class Executor:
         env: dict,
         standby: dict | None = None,
         memory_rlimit: int | None = None,
-        account: dict | None = None,
-        hostmem: str | None = None,
     ) -> dict:
         from jupyter_gpu.session import api as session_api
         from jupyter_gpu.session.isolation import apply_memory_cap, pin_environment
 
         if self.lease is not None:
             raise NotPossible(f"this session already holds lease {self.lease['id']}")
-        # users are isolated: this process becomes its user before any cell runs
-        if account is not None:
-            from jupyter_gpu.session.account import AccountError, become, private_mounts
-
-            try:
-                private_mounts(hostmem)
-                become(account)
-            except AccountError as exc:
-                raise Failed(f"the session could not run as {account['user']}: {exc}") from None
         os.environ.update(pin_environment(lease, gpus))
         os.environ.update(env)
         self.lease, self.gpus = lease, gpus

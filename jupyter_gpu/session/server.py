@@ -6,7 +6,7 @@ table is its methods declared with ``@handler`` (``common/handlers.py``); Dask's
 would let anyone open a stream or dump the server's state are removed (``REMOVED_DEFAULTS``).
 
 Only the lease's owner gets an answer: ``assign`` needs the key the worker gave this process when it
-started it (in its environment, readable by nobody else), and every later call needs the lease's
+started it (on its private socket: ``main.read_spawn_key``), and every later call needs the lease's
 secret, which the broker gave only to the worker and to the kernel that asked for the lease. The
 secret is compared in constant time; a wrong one gets a refusal (``NotAuthorized``, in Dask's error
 envelope) and nothing runs.
@@ -31,7 +31,6 @@ else:  # pragma: no cover - Python 3.10
 from jupyter_gpu.common import local_transfer
 from jupyter_gpu.common.handlers import handler, handlers_of
 from jupyter_gpu.common.protocol import (
-    Account,
     AssignReply,
     CellPayload,
     ExecuteReply,
@@ -184,11 +183,10 @@ class SessionServer:
         env: dict[str, str] | None = None,
         standby: StandbyPlan | None = None,
         memory_rlimit: Bytes | None = None,
-        account: Account | None = None,
-        hostmem: Text | None = None,
     ) -> AssignReply:
-        """Take a lease, once, from the worker that started this process: become its user, pin
-        the GPU, cap memory, start measuring."""
+        """Take a lease, once, from the worker that started this process: pin the GPU, cap
+        memory, start measuring (a session of an isolated pool is its user's already: the launcher
+        started it so)."""
         if self._spawn_key is None or not hmac.compare_digest(key, self._spawn_key):
             raise NotAuthorized("only the worker that started this session may give it a lease")
         self._spawn_key = None  # once
@@ -199,8 +197,6 @@ class SessionServer:
             env=env or {},
             standby=standby,
             memory_rlimit=memory_rlimit,
-            account=account,
-            hostmem=hostmem,
         )
         reply: AssignReply = await job.reply
         self.secret = secret
