@@ -89,6 +89,8 @@ class Executor:
         self._cwd_refused: str | None = None
         self.virtual = False
         self.vdev: Any = None  # VirtualDevice, on a virtual GPU once torch is used
+        # the listening socket of the next --workers run's rendezvous store (server.free_port)
+        self.rendezvous: Any = None
 
     # ------------------------------------------------------------------ the loop
     def run_forever(self) -> None:
@@ -162,6 +164,12 @@ class Executor:
             )
         except KeyboardInterrupt:  # an interrupt meant for a cell that had just ended
             pass
+
+    def take_rendezvous(self, sock: Any) -> None:
+        """The socket ``free_port`` made, for the next run's rank 0 (an earlier one is closed)."""
+        old, self.rendezvous = self.rendezvous, sock
+        if old is not None:
+            old.close()
 
     # ------------------------------------------------------------------ jobs
     def do_assign(
@@ -255,7 +263,8 @@ class Executor:
             )
         from jupyter_gpu.session.distributed_rank import DistributedRun
 
-        run = DistributedRun(dist, self.gpus, self.link)
+        listen, self.rendezvous = self.rendezvous, None
+        run = DistributedRun(dist, self.gpus, self.link, listen if dist.get("rank") == 0 else None)
         try:
             inputs = run.start(inputs)
         except Exception as exc:  # noqa: BLE001 - any failure to join the run is the cell's error

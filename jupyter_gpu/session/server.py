@@ -144,14 +144,16 @@ class SessionServer:
 
     @handler("free_port", caller="kernel", check="lease-secret")
     async def free_port(self, secret: Secret | None = None) -> FreePort:
-        """A port free right now on this host, for a ``--workers`` run's torch.distributed
-        rendezvous (never a fixed one)."""
+        """A port for a ``--workers`` run's rendezvous store on this host, listening from now on
+        this session's address only; rank 0's store takes the socket over (so nobody can take the
+        port in between, and nothing listens on the machine's other addresses)."""
         import socket
 
         self._check_owner(secret)
-        with socket.socket() as sock:
-            sock.bind((self.host, 0))
-            return {"host": self.host, "port": sock.getsockname()[1]}
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.create_server((self.host, 0), family=family, backlog=256)
+        self.executor.take_rendezvous(sock)
+        return {"host": self.host, "port": sock.getsockname()[1]}
 
     @handler("ping", caller="kernel", check="lease-secret")
     async def ping(
