@@ -108,13 +108,14 @@ def _pool_down() -> int:
 def _cmd_worker(args: argparse.Namespace) -> int:
     if args.protocol and "://" not in args.address:
         args.address = f"{args.protocol.replace('://', '')}://{args.address}"
+    launcher = None
     if os.geteuid() == 0:
         # first, before threads and Dask: the launcher forked, then root given up
         # (pool/privileges.py)
         from jupyter_gpu.pool.privileges import PrivilegeError, worker_as_service
 
         try:
-            worker_as_service(args.address)
+            launcher = worker_as_service(args.address)
         except PrivilegeError as exc:
             print(f"jupyter-gpu worker: {exc}", file=sys.stderr)
             return 1
@@ -140,6 +141,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
                 name=args.name,
                 death_timeout=death_timeout,
                 local_directory=args.local_directory,
+                launcher=launcher,
             )
         )
     except (TlsConfigError, NoGpuAvailable, ValueError) as exc:

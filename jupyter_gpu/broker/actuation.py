@@ -42,8 +42,8 @@ class SessionActuator:
             ref = {"worker": restore.worker, "path": restore.path, "lease": restore.lease}
         lease.secret = secrets.token_urlsafe(24)
         grant = None
-        if account is not None and self.signing_key is not None:
-            grant = grant_for(lease, self.signing_key)
+        if self.signing_key is not None:  # a launcher starts it (as the user, or the service)
+            grant = grant_for(lease, self.signing_key, as_user=account is not None)
         async with self.rpc(lease.worker) as worker:
             started: SessionStarted = await worker.gpu_session_start(
                 lease=lease.public(),

@@ -52,9 +52,9 @@ def signing_key(scheduler_address: str) -> Any | None:
     return key
 
 
-def grant_for(lease: Lease, key: Any) -> str:
-    """The signed grant for ``lease``'s session: its user, lease, worker, GPUs and bytes."""
-    grant = grants.new_grant(
-        lease.user, lease.id, lease.worker, [a.index for a in lease.allocations], lease.bytes
-    )
+def grant_for(lease: Lease, key: Any, as_user: bool) -> str:
+    """The signed grant for ``lease``'s session: its user, lease, worker, GPUs and bytes, and
+    whether it runs as the user's account (else as the pool's service account)."""
+    gpus = [a.index for a in lease.allocations]
+    grant = grants.new_grant(lease.user, lease.id, lease.worker, gpus, lease.bytes, as_user)
     return grants.sign(grant, key)

@@ -8,8 +8,9 @@ private key is read by ``jupyter-gpu pool up`` as root before it drops to the se
 lives only in the scheduler's memory, which other processes of that account cannot read: it is not
 dumpable), and the launcher checks it with the public key, which only root can replace.
 
-A grant names the user, the lease, the worker, the GPUs and limits it may use and when it expires;
-it is single-use (the launcher remembers its nonce until it expires). On the wire it is text:
+A grant names the user, the lease, the worker, the GPUs and limits it may use and when it expires,
+and whether the session runs as the user's account (a pool that isolates its users) or as the pool's
+service account (one that does not: still confined, never root); it is single-use (the launcher remembers its nonce until it expires). On the wire it is text:
 ``base64url(payload) "." base64url(signature)``, where the payload is canonical JSON (sorted keys,
 no spaces) and the signature covers ``DOMAIN + payload``.
 
@@ -38,7 +39,8 @@ class Grant(TypedDict):
     """What a grant says (its payload)."""
 
     v: int
-    user: str  # the pool user: the session runs as the OS account of this name
+    user: str  # the pool user (for the record; the session's account when ``as_user``)
+    as_user: bool  # run as the OS account named like ``user``; else as the pool's service account
     lease: str
     worker: str  # the worker address that may start it
     gpus: list[int]  # GPU indices on that worker
@@ -66,12 +68,19 @@ def payload_bytes(grant: Grant) -> bytes:
 
 
 def new_grant(
-    user: str, lease: str, worker: str, gpus: list[int], nbytes: int, now: float | None = None
+    user: str,
+    lease: str,
+    worker: str,
+    gpus: list[int],
+    nbytes: int,
+    as_user: bool = True,
+    now: float | None = None,
 ) -> Grant:
     issued = time.time() if now is None else now
     return {
         "v": 1,
         "user": user,
+        "as_user": as_user,
         "lease": lease,
         "worker": worker,
         "gpus": list(gpus),

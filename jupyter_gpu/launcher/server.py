@@ -205,7 +205,10 @@ class Launcher:
         if len(fds) != DESCRIPTORS:
             raise Refusal(f"a start needs {DESCRIPTORS} descriptors")
         grant = self._checked_grant(conn, msg)
-        account = account_of(grant["user"], self.settings.service_uid)
+        if grant.get("as_user", True):
+            account = account_of(grant["user"], self.settings.service_uid)
+        else:  # a pool that does not isolate its users: the service account, confined all the same
+            account = account_of_uid(self.settings.service_uid)
         limits = {
             "memory.max": self.settings.host_memory_limit,
             "pids.max": self.settings.pids_limit,
@@ -404,6 +407,19 @@ def account_of(user: str, service_uid: int) -> Account:
             f"the pool user {user!r} maps to the administrator's or the pool's own account on "
             f"{os.uname().nodename}: sessions never run as those. Use a personal account."
         )
+    return {
+        "user": entry.pw_name,
+        "uid": entry.pw_uid,
+        "gid": entry.pw_gid,
+        "groups": sorted(set(os.getgrouplist(entry.pw_name, entry.pw_gid)) - {0}),
+        "home": entry.pw_dir,
+    }
+
+
+def account_of_uid(uid: int) -> Account:
+    entry = pwd.getpwuid(uid)
+    if entry.pw_uid == 0 or entry.pw_gid == 0:
+        raise Refusal("a session never runs as root")
     return {
         "user": entry.pw_name,
         "uid": entry.pw_uid,

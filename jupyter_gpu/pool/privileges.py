@@ -129,10 +129,10 @@ def pool_up_as_service(port: int) -> Any:
     return key
 
 
-def worker_as_service(address: str) -> str:
+def worker_as_service(address: str) -> int:
     """``worker`` started as root: the launcher forked (with its settings, read here as root),
-    then root given up. Returns the launcher's socket path (also in the environment, for the
-    worker processes)."""
+    then root given up. Returns the launcher's pid (its socket's path is in the environment, for
+    the worker processes)."""
     import psutil
 
     from jupyter_gpu.common import config, grants
@@ -160,4 +160,4 @@ def worker_as_service(address: str) -> str:
     log.info("the launcher (pid %d) listens at %s", pid, path)
     drop_to(entry)
     os.environ[SOCKET_ENV] = path
-    return path
+    return pid

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import signal
 import tempfile
@@ -159,6 +160,7 @@ async def run_workers(
     name: str | None = None,
     death_timeout: float | None = None,
     local_directory: str | None = None,
+    launcher: int | None = None,
 ) -> int:
     """One Nanny-managed worker per GPU of this machine; runs until SIGTERM/SIGINT.
 
@@ -167,7 +169,8 @@ async def run_workers(
     worker plugin). ``host``: where the nannies, workers and sessions listen; None: the address
     that reaches the scheduler (``worker_host``), not every interface. ``name``,
     ``death_timeout``, ``local_directory``: as dask-worker's (a cluster manager's job passes
-    them).
+    them). ``launcher``: the pid of the launcher this (root-started) service forked: if it dies,
+    the service exits non-zero too (no session could start).
     """
     from distributed.core import Status
 
@@ -221,6 +224,13 @@ async def run_workers(
                     f"jupyter-gpu worker: {len(closed)} of {len(nannies)} GPU worker(s) stopped "
                     "(their scheduler "
                     f"at {address} is gone); exiting so that a supervisor restarts this service",
+                    flush=True,
+                )
+                return 1
+            if launcher is not None and os.waitpid(launcher, os.WNOHANG)[0] != 0:
+                print(
+                    "jupyter-gpu worker: its launcher exited (see above); exiting so that a "
+                    "supervisor restarts this service",
                     flush=True,
                 )
                 return 1

@@ -141,19 +141,20 @@ class GpuWorkerPlugin(WorkerPlugin):
         key: Secret | None = None,
     ) -> SessionStarted:
         """Start a session for the lease: pinned, capped, restored; returns its address.
-        ``account``, ``grant``: the pool user whose OS account the session runs as, and the
-        broker's signed grant for it (the pool isolates users); the launcher checks the grant, and
-        a worker without one runs sessions as its own account (users not isolated)."""
+        ``account``: the pool user whose OS account the session runs as (the pool isolates users);
+        ``grant``: the broker's signed grant, which a worker started as root hands to its launcher
+        (it checks it: as the user, or as the pool's service account, confined either way); a
+        worker without one runs sessions as its own account (users not isolated)."""
         self._check_broker(key)
         self.manager.check_lease(lease)
-        isolated: tuple[str, str] | None = None
-        if account is not None and self.manager.launcher is not None:
-            if grant is None:
-                raise NotPossible(
-                    "the broker sent no signed grant for a session that runs as its user: start "
-                    "`jupyter-gpu pool up` as root (it signs grants with a key only root reads)"
-                )
-            isolated = (account, grant)
+        launched: tuple[str | None, str] | None = None
+        if self.manager.launcher is not None and grant is not None:
+            launched = (account, grant)  # the launcher checks the grant: as the user, or us
+        elif self.manager.launcher is not None and account is not None:
+            raise NotPossible(
+                "the broker sent no signed grant for a session that runs as its user: start "
+                "`jupyter-gpu pool up` as root (it signs grants with a key only root reads)"
+            )
         elif account is not None and os.geteuid() == 0:
             raise NotPossible(
                 "this worker runs as root without jupyter-gpu's launcher, so its sessions would "
@@ -161,7 +162,7 @@ class GpuWorkerPlugin(WorkerPlugin):
                 "launcher, which runs sessions as their users)"
             )
         return await self.manager.start(
-            lease, client, secret or "", isolated, restore, forwarding(self._forward)
+            lease, client, secret or "", launched, restore, forwarding(self._forward)
         )
 
     @handler("gpu_session_signal", caller="broker", check="pool-key")

@@ -244,14 +244,15 @@ class SessionManager:
         lease: LeaseView,
         client: str | None,
         secret: str,
-        grant: tuple[str, str] | None,
+        grant: tuple[str | None, str] | None,
         restore: RestoreRef | None,
         forward: Callable[[SessionProcess], Forward],
     ) -> SessionStarted:
         """Give a session process the lease: pinned, capped, restored; ``forward(sp)`` passes its
-        reports on. ``grant``: (the pool user, the broker's signed grant) for a session that runs
-        as its user, which the launcher starts; None: one of this worker's account, from its zygote
-        or its spare. A failure ends the process and raises ``Failed`` with what went wrong."""
+        reports on. ``grant``: (the pool user it runs as, or None: the service account; the
+        broker's signed grant) for a session the launcher starts; None: one of this worker's
+        account, from its zygote or its spare. A failure ends the process and raises ``Failed``
+        with what went wrong."""
         lease_id = lease["id"]
         t0 = time.monotonic()
         try:
@@ -294,14 +295,14 @@ class SessionManager:
             "pid": sp.pid,
             "isolation": isolation,
             "restored": restored,
-            "as_user": sp.launched,
+            "as_user": sp.user is not None,
             "containment": containment[0],
             "host_memory_limit": containment[1],
         }
 
-    async def launch(self, lease_id: str, user: str, grant: str) -> SessionProcess:
-        """A session as ``user``, started by the launcher on the broker's ``grant``: confined and
-        in its cgroup before it runs anything (``launcher/``)."""
+    async def launch(self, lease_id: str, user: str | None, grant: str) -> SessionProcess:
+        """A session as ``user`` (None: the service account), started by the launcher on the
+        broker's ``grant``: confined and in its cgroup before it runs anything (``launcher/``)."""
         assert self.launcher is not None and self.copies.launched is not None  # a root start
         async with self._start_slots:
             sp, folder = await launch_session(

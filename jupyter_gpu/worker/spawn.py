@@ -221,7 +221,12 @@ async def spawn_session(
 
 
 async def launch_session(
-    launcher: LauncherLink, lease: str, user: str, grant: str, host: str, env: dict[str, str]
+    launcher: LauncherLink,
+    lease: str,
+    user: str | None,
+    grant: str,
+    host: str,
+    env: dict[str, str],
 ) -> tuple[SessionProcess, str]:
     """A session of ``user`` for ``lease``, started by the launcher on the broker's ``grant``
     (confined and in its cgroup before it runs anything); with its host-memory folder."""
