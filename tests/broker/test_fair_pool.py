@@ -82,6 +82,16 @@ def call(address: str, op: str, **kwargs):
     return asyncio.run(go())
 
 
+def connected_client(address: str):
+    """A kernel's Dask client (synchronous), to name in requests: a shared pool takes requests of
+    connected kernels only, for as long as they stay connected."""
+    from distributed import Client
+
+    from jupyter_gpu.common.security import client_security
+
+    return Client(address, security=client_security(address), set_as_default=False, timeout=60)
+
+
 def with_client(address: str, op: str, **kwargs):
     """``call``, as a connected kernel: with its Dask client (a shared pool takes requests of
     connected kernels only)."""

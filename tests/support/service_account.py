@@ -40,3 +40,27 @@ def give(entry: pwd.struct_passwd, *paths: os.PathLike | str) -> None:
             for root, dirs, files in os.walk(path):
                 for item in dirs + files:
                     os.chown(os.path.join(root, item), entry.pw_uid, entry.pw_gid)
+
+
+@contextlib.contextmanager
+def services_env(*files: str) -> Iterator[tuple[dict[str, str], dict[str, str]]]:
+    """What a test adds to the environment of ``pool up``/``worker`` it starts itself, and where
+    ``files`` (TLS keys...) are for them: run as root, a fresh service account (its name in the
+    environment) and a copy of ``files`` it owns, in a folder of its own; otherwise nothing and the
+    files as they are. Everything made is removed at the end."""
+    if os.geteuid() != 0:
+        yield {}, {f: f for f in files}
+        return
+    import shutil
+    import tempfile
+
+    with service_account() as entry:
+        folder = tempfile.mkdtemp(prefix="jgpusvc-files-", dir="/var/tmp")
+        try:
+            copies = {}
+            for f in files:
+                copies[f] = shutil.copy(f, os.path.join(folder, os.path.basename(f)))
+            give(entry, folder)
+            yield {ENV: entry.pw_name}, copies
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
