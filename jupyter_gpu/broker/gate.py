@@ -213,7 +213,12 @@ def _checked_heartbeat(
 
         if proofs is not None and not proofs.check(proof, key, "heartbeat", str(address)):
             log.warning("refused a heartbeat for %s without a proof of the pool key", address)
-            return error_message(PermissionError(refusal("heartbeat_worker")))
+            return error_message(
+                PermissionError(
+                    "heartbeat_worker: only a worker about itself, with a proof that it holds the "
+                    "pool key (see docs/security.md)"
+                )
+            )
         return handler(address=address, **msg)
 
     return heartbeat_worker

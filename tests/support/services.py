@@ -112,14 +112,16 @@ class PoolServices:
         self.env[ENV] = self.service.pw_name
 
     def pool_key_path(self) -> str:
-        """Where ``pool up`` keeps the pool key: the runtime folder of the account it runs as."""
-        port = self.port
-        if self.service is None:
-            from jupyter_gpu.common import poolkey
+        """Where ``pool up`` keeps the pool key: the runtime folder of the account it runs as (a
+        service that kept root, as before issue 20, kept it in root's)."""
+        from jupyter_gpu.common import poolkey
 
-            return poolkey.key_path(self.address)
-        runtime = os.path.join(self.service.pw_dir, ".local", "share", "jupyter", "runtime")
-        return os.path.join(runtime, f"jupyter-gpu-pool-{port}.key")
+        if self.service is not None:
+            runtime = os.path.join(self.service.pw_dir, ".local", "share", "jupyter", "runtime")
+            path = os.path.join(runtime, f"jupyter-gpu-pool-{self.port}.key")
+            if os.path.exists(path):
+                return path
+        return poolkey.key_path(self.address)
 
     def _expected_gpus(self) -> int:
         from jupyter_gpu.common.inventory import parse_virtual_spec
