@@ -124,7 +124,13 @@ class HostFolders:
         """Remove a session's folder and what is in it (never following a link)."""
         try:
             fd = self._folder(name)
-        except (FileNotFoundError, UnsafeCopy):
+        except UnsafeCopy:
+            return
+        except OSError:  # gone, or not a folder (a link): removed, never followed
+            try:
+                os.unlink(name, dir_fd=self._base_fd)
+            except OSError:
+                pass
             return
         try:
             _empty(fd)
