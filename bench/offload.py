@@ -19,7 +19,19 @@ GB/s = namespace bytes / seconds (10^9 bytes); methods are interleaved, one each
 Then the standby copy (``standby.py``): what suspending a session costs once it has copied its
 variables while idle (the hand-over, a rename), and how long a cell that arrives while the copy is
 being written waits for it to stop (the copy is told to stop a third of the way through a save; it
-stops at its next write).
+stops within a few MiB of writing).
+
+Then one large tensor (``--big-mib``, 2 GiB; 256 MiB with --quick), the case of issue 21 (a no-op
+cell 8 s after a 2 GiB input stayed in its session took 0.44-0.99 s): how long a cell waits for the
+copy of that one record when it arrives a third of the way through it, and for the copy to be
+dropped when it arrives after the copy is complete; anchors: writing the record's bytes to a file
+(what waiting for the whole record cost) and unlinking a file that size (what dropping it on the
+cell's thread cost).
+
+Last, the same in a real session (``--no-session`` skips it): a private pool and kernel, a
+``--big-mib`` array sent as an input and left in the session, then a no-op ``%%gpu`` cell 3 s
+later (the copy is being written) and 8 s later (it is done), against a no-op cell in a session
+that holds nothing large (the anchor).
 """
 
 from __future__ import annotations
@@ -64,9 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--mib", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--big-mib", type=int, default=None)
+    parser.add_argument("--no-session", action="store_true")
     args = parser.parse_args(argv)
     mib = args.mib or (128 if args.quick else 512)
     rounds = args.rounds or (3 if args.quick else 5)
+    big_mib = args.big_mib or (256 if args.quick else 2048)
     header("offload: a session's variables to host memory and back", args.quick)
     import numpy as np
 
@@ -161,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
             for k, v in standby.items()
         ],
     )
+    one_record(big_mib, rounds)
+    if not args.no_session:
+        in_a_session(big_mib, rounds)
     move = 1 / (1 / gbps["save_namespace"] + 1 / gbps["load_namespace"])
     print(
         f"\nA whole move (out and back) here: {move:.2f} GB/s. bench/pool_sim.py charges 2.0 GB/s "
@@ -169,6 +187,126 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"{loadavg()} at the end")
     return 0
+
+
+def one_record(mib: int, rounds: int) -> None:
+    """A cell and the standby copy of a namespace that is one ``mib`` MiB tensor (see the module
+    docstring)."""
+    import numpy as np
+    import torch
+
+    folder = offload_dir("bench-big")
+    ns = {"x": torch.ones(mib * 2**20 // 4)}
+    flat = ns["x"].numpy().view(np.uint8)
+    times: dict[str, list[float]] = {
+        "a cell arrives mid-record: waits for the copy to stop": [],
+        "a cell arrives after the copy: waits for it to be dropped": [],
+        "anchor: write the record's bytes": [],
+        "anchor: unlink a file of that size": [],
+    }
+    keys = list(times)
+    try:
+        for _ in range(rounds):
+            raw = os.path.join(folder, "raw.bin")
+            t0 = time.perf_counter()
+            with open(raw, "wb") as f:
+                f.write(memoryview(flat))
+            record_s = time.perf_counter() - t0
+            times[keys[2]].append(record_s)
+            t0 = time.perf_counter()
+            os.unlink(raw)
+            times[keys[3]].append(time.perf_counter() - t0)
+
+            copy = StandbyCopy(os.path.join(folder, "L3.standby"), 0.0)
+            copy.changed()
+            copy.idle()
+            cell = threading.Event()
+            stopped = threading.Event()
+
+            def write(c: StandbyCopy = copy) -> None:
+                c.take(ns, {}, flat.nbytes, cell.is_set)
+                stopped.set()
+
+            writer = threading.Thread(target=write)
+            writer.start()
+            time.sleep(record_s / 3)
+            t0 = time.perf_counter()
+            cell.set()
+            stopped.wait()
+            times[keys[0]].append(time.perf_counter() - t0)
+            writer.join()
+
+            copy.idle()
+            assert copy.take(ns, {}, flat.nbytes, lambda: False)
+            t0 = time.perf_counter()
+            copy.changed()  # what a cell does first: the copy is of the namespace before it
+            times[keys[1]].append(time.perf_counter() - t0)
+            deadline = time.monotonic() + 30
+            while os.listdir(folder) and time.monotonic() < deadline:
+                time.sleep(0.01)  # its pages are freed on a thread: wait before the next round
+    finally:
+        for name in os.listdir(folder):
+            os.unlink(os.path.join(folder, name))
+        os.rmdir(folder)
+    p50 = {k: percentile(v, 50) for k, v in times.items()}
+    table(
+        f"standby copy of one {mib} MiB tensor and a cell that arrives, {rounds} rounds, p50 "
+        "(the cell's wait)",
+        ["what", "ms", "/ write the record", "/ unlink"],
+        [
+            [
+                k,
+                f"{p50[k] * 1e3:.2f}",
+                f"{p50[k] / p50[keys[2]]:.4f}",
+                f"{p50[k] / p50[keys[3]]:.3f}",
+            ]
+            for k in keys
+        ],
+    )
+
+
+def in_a_session(mib: int, rounds: int) -> None:
+    """The issue's case in a real session: a no-op cell 3 s and 8 s after a ``mib`` MiB input was
+    left in the session, against a no-op cell in a session that holds nothing large."""
+    from _common import Pool, check, start_kernel
+
+    times: dict[str, list[float]] = {
+        "no-op cell, nothing large in the session (anchor)": [],
+        f"no-op cell 3 s after a {mib} MiB input stayed (copy being written)": [],
+        f"no-op cell 8 s after a {mib} MiB input stayed (copy done)": [],
+    }
+    keys = list(times)
+    with Pool() as pool:
+        pool.wait_spares()
+        kernel = start_kernel(pool.address)
+        try:
+            check(kernel, "%load_ext jupyter_gpu")
+            check(kernel, "%%gpu\npass")
+            for _ in range(rounds):
+                check(kernel, "%%gpu\npass")
+                time.sleep(3)  # idle past session.standby-after (2 s): nothing to copy
+                times[keys[0]].append(check(kernel, "%%gpu\npass"))
+                for key, wait in ((keys[1], 3.0), (keys[2], 8.0)):
+                    check(kernel, f"import numpy as np\nbig = np.ones({mib * 2**20 // 8})")
+                    check(kernel, "%%gpu\nn = len(big)")  # an input that stays in the session
+                    time.sleep(wait)
+                    times[key].append(check(kernel, "%%gpu\npass"))
+                    # (a cell that names ``big`` would send it again; a last expression's value
+                    # would stay in the session's output history)
+                    check(kernel, "%%gpu\ndel globals()['big']")
+                    check(kernel, "del big")
+        finally:
+            kernel.shutdown(now=True)
+    p50 = {k: percentile(v, 50) for k, v in times.items()}
+    worst = {k: max(v) for k, v in times.items()}
+    table(
+        f"in a real session (private pool, virtual GPUs), {rounds} rounds",
+        ["cell", "p50 ms", "max ms", "p50 / anchor"],
+        [
+            [k, f"{p50[k] * 1e3:.0f}", f"{worst[k] * 1e3:.0f}", f"{p50[k] / p50[keys[0]]:.2f}"]
+            for k in keys
+        ],
+    )
 
 
 if __name__ == "__main__":

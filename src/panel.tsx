@@ -6,7 +6,7 @@
  * lives in the tested view builders, and every rule the broker owns arrives in the snapshot. The one state
  * it keeps is the usage history behind the charts (views/history.ts), fed by every snapshot.
  */
-import { ReactWidget } from '@jupyterlab/apputils';
+import { Dialog, ReactWidget, showDialog } from '@jupyterlab/apputils';
 import { UseSignal } from '@jupyterlab/ui-components';
 import * as React from 'react';
 
@@ -22,8 +22,10 @@ import { QuotaSection } from './components/QuotaSection';
 import { RunList } from './components/RunList';
 import { openScaleDialog } from './components/ScaleDialog';
 import { UsageSection } from './components/UsageSection';
+import { notebookLabel } from './format';
 import { gpuIcon } from './icon';
 import { UsageHistory } from './views/history';
+import { ISessionView } from './views/sessions';
 import { IViewModel, buildViewModel } from './views/viewmodel';
 import { ISnapshot } from './wire';
 
@@ -47,6 +49,23 @@ async function cancelOrExplain(id: string): Promise<void> {
   if (!reply.cancelled) {
     throw new Error(`Not cancelled: ${reply.what}`);
   }
+}
+
+/**
+ * Ask before ending a session that holds variables: what the notebook's %%gpu cells built lives only there,
+ * and the Cancel button sits beside the session it ends. True to go on.
+ */
+export async function confirmEndSession(session: ISessionView): Promise<boolean> {
+  const where = session.notebook ? ` of ${notebookLabel(session.notebook)}` : '';
+  const result = await showDialog({
+    title: `End GPU session ${session.id}?`,
+    body:
+      `Its variables are lost: what the %%gpu cells${where} built (models, tensors, data) lives only in this ` +
+      'session. The next %%gpu cell starts a new, empty one. To keep a value, bring it back first with ' +
+      '%gpu pull NAME.',
+    buttons: [Dialog.cancelButton({ label: 'Keep it' }), Dialog.warnButton({ label: 'End session' })]
+  });
+  return result.button.accept;
 }
 
 /** Start the embedded pool, or fail with the server's reason. */
@@ -137,6 +156,14 @@ function PanelView(props: IViewProps): JSX.Element {
     }
   };
   const isBusy = busy !== null;
+  /** Cancel a request, or end a session: asking first when the session holds variables. */
+  const cancel = async (id: string) => {
+    const session = vm.state === 'ok' ? vm.sessions.find(s => s.id === id) : undefined;
+    if (session?.holdsVariables && !(await confirmEndSession(session))) {
+      return;
+    }
+    await run(`cancel ${id}`, () => cancelOrExplain(id));
+  };
 
   let body: JSX.Element;
   if (vm.state === 'loading') {
@@ -159,7 +186,7 @@ function PanelView(props: IViewProps): JSX.Element {
         history={props.history}
         actions={props.actions}
         busy={isBusy}
-        onCancel={id => void run(`cancel ${id}`, () => cancelOrExplain(id))}
+        onCancel={id => void cancel(id)}
       />
     );
   }

@@ -13,6 +13,9 @@
 /** protocol.Priority */
 export type Priority = 'interactive' | 'batch';
 
+/** protocol.EtaBasis: what an estimated start rests on (broker/estimates.py). */
+export type EtaBasis = 'progress' | 'idle' | 'user-cells' | 'pool-cells' | 'unknown';
+
 /** protocol.OffloadState: ``pending`` while the variables are being written, then ``saved``. */
 export type OffloadState = 'pending' | 'saved';
 
@@ -112,6 +115,9 @@ export interface IQueueItem {
   reason: string;
   /** Estimated start (epoch seconds), "not before". */
   eta?: number | null;
+  /** What the estimate rests on, and the same in words (why it is unknown, when it is). */
+  eta_basis?: EtaBasis | null;
+  eta_note?: string | null;
   since?: number | null;
 }
 

@@ -200,9 +200,11 @@ class AuditStore:
         refused = self.db.execute(
             "SELECT COUNT(*) FROM refused WHERE time >= ?", (since,)
         ).fetchone()[0]
+        first = self.db.execute("SELECT MIN(started) FROM leases").fetchone()[0]
         return {
             "since": since,
             "until": now,
+            "first": first,  # the first lease recorded (None: none yet)
             "users": users,
             "teams": sorted(teams.values(), key=lambda t: t["team"]),
             "preemptions": preemptions,
@@ -232,12 +234,28 @@ def _oversized(user: UserUsage) -> str:
     return f"{user['oversized']}/{user['measured']}" if user.get("measured") else "-"
 
 
+def _period(usage: UsageReport) -> str:
+    """``GPU-hours from ... to ...``: the period asked for, or from the first lease recorded."""
+
+    def when(t: float) -> str:
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
+
+    until = when(usage["until"])
+    first = usage.get("first")
+    if usage["since"] > 0:
+        return f"GPU-hours from {when(usage['since'])} to {until}"
+    if first is None:
+        return f"GPU-hours to {until}: no lease has been recorded yet"
+    return f"GPU-hours from the first lease recorded ({when(first)}) to {until}"
+
+
 def format_usage(usage: UsageReport) -> str:
-    """``jupyter-gpu usage`` output: GPU-hours per team, then per user."""
-    lines = [
-        f"GPU-hours from {time.strftime('%Y-%m-%d %H:%M', time.localtime(usage['since']))} "
-        f"to {time.strftime('%Y-%m-%d %H:%M', time.localtime(usage['until']))}",
-        "",
+    """``jupyter-gpu usage`` output: GPU-hours per team, then per user.
+
+    Without ``--since`` the period starts with the store's first lease, and says so (it read
+    "from 1970-01-01": the start of the epoch, which is what ``since=0`` meant)."""
+    lines = [_period(usage), ""]
+    lines += [
         f"{'team':<20} {'GPU-hours':>10} {'leases':>7}",
     ]
     lines += [f"{t['team']:<20} {t['gpu_hours']:>10.3f} {t['leases']:>7}" for t in usage["teams"]]

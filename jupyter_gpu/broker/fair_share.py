@@ -28,15 +28,15 @@ import collections
 import heapq
 import logging
 import math
-import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, cast
 
 from jupyter_gpu.broker import packing
+from jupyter_gpu.broker.estimates import CellTimes, Progress, estimate_waiting, track_progress
 from jupyter_gpu.broker.model import GpuSlot, Request
 from jupyter_gpu.broker.quotas import PoolQuotas
-from jupyter_gpu.common.protocol import EtaBasis, RequestSpec
+from jupyter_gpu.common.protocol import RequestSpec
 
 log = logging.getLogger(__name__)
 
@@ -68,36 +68,6 @@ class LeaseRecord:
     resident: int | None = None
     # how far its running cell is, when the cell reports step/total
     progress: Progress | None = None
-
-
-@dataclass(frozen=True)
-class Progress:
-    """A running cell's reported steps: the first and the latest (time, step) seen, and its
-    total."""
-
-    t0: float
-    step0: float
-    t: float
-    step: float
-    total: float
-
-    def cell_end(self, now: float) -> float | None:
-        """When the cell should end at the rate seen so far (not before now); None until it has
-        moved."""
-        if self.t <= self.t0 or self.step <= self.step0:
-            return None
-        rate = (self.step - self.step0) / (self.t - self.t0)
-        return max(now, self.t + max(0.0, self.total - self.step) / rate)
-
-
-@dataclass(frozen=True)
-class LeaseEnd:
-    """When a lease's memory is expected to come free, and what that is based on: ``progress`` (its
-    running cell's reported steps) or ``history`` (how long recent leases lasted: a rough guess)."""
-
-    at: float
-    nbytes: int
-    basis: EtaBasis
 
 
 class DecayedAverage:
@@ -141,7 +111,8 @@ class FairSharePolicy:
         self.avg_team: dict[str, DecayedAverage] = {}
         self.avg_user: dict[str, DecayedAverage] = {}
         self.leases: dict[str, LeaseRecord] = {}
-        self.durations: collections.deque[float] = collections.deque(maxlen=200)
+        # how long recent cells ran, and when the running ones should end (the queue's estimates)
+        self.cells = CellTimes()
         # the pool's largest GPU: what a --memory request is worth
         self.reference_bytes: int | None = None
         self.listeners: list[Callable[[str, str], None]] = []  # (team, user) whose standing changed
@@ -190,7 +161,7 @@ class FairSharePolicy:
             return None
         now = self.clock() if now is None else now
         self._step(rec.user, rec.team, now, -rec.gpus)
-        self.durations.append(max(0.0, now - rec.started))
+        self.cells.lease_ended(lease_id)
         return rec
 
     def lease_state(
@@ -211,16 +182,8 @@ class FairSharePolicy:
             rec.idle_since = None if state == "running" else (rec.idle_since or now)
             if resident is not None:
                 rec.resident = int(resident)
-            if state != "running":
-                rec.progress = None
-            elif step is not None and total:
-                p = rec.progress
-                if p is None or step < p.step:  # a new cell (or a new loop) counts from here
-                    rec.progress = Progress(now, float(step), now, float(step), float(total))
-                else:
-                    rec.progress = Progress(p.t0, p.step0, now, float(step), float(total))
-            else:  # a cell started: what an earlier cell reported says nothing about this one
-                rec.progress = None
+            rec.progress = track_progress(rec.progress, state, now, step, total)
+            self.cells.cell_state(lease_id, rec.user, state, now)
 
     def _step(self, user: str, team: str, now: float, delta: float) -> None:
         self.held_team[team] += delta
@@ -233,11 +196,6 @@ class FairSharePolicy:
         self.avg_user.setdefault(user, DecayedAverage(now)).step(now, self.lam, delta)
         for listener in self.listeners:
             listener(team, user)
-
-    def typical_duration(self) -> float | None:
-        """The median length of recent leases: the estimate for how long a running lease still holds
-        on."""
-        return statistics.median(self.durations) if self.durations else None
 
     # ------------------------------------------------------------------ quotas
     def team_of(self, req: Request) -> str:
@@ -578,7 +536,6 @@ def schedule_pass(
         g: rid for rid, gs in policy.reservations.items() for g in gs if g in ids
     }
     waiting: list[Request] = []
-    suspend_at: dict[str, float] = {}
     for req in policy.order(queue):
         team, need = policy.team_of(req), policy.need(req.spec)
         blocked = policy.limit_reason(req)
@@ -618,7 +575,6 @@ def schedule_pass(
             assert policy.quotas.suspend_idle_after is not None  # there is no plan without it
             idle = [policy.leases[lid].idle_since for lid, _ in later]
             at = max(now if t is None else t for t in idle) + policy.quotas.suspend_idle_after
-            suspend_at[req.id] = max(at, now)
             reason += (
                 f"; {len(later)} idle session(s) there move to host memory for it in "
                 f"{max(0.0, at - now):.0f} s if they stay idle"
@@ -646,20 +602,7 @@ def schedule_pass(
             )
         req.reason = reason
         waiting.append(req)
-    if waiting:
-        # interactive? -> GPU id -> its leases' ends
-        ends: dict[bool, dict[str, list[LeaseEnd]]] = {}
-        for i, req in enumerate(waiting):
-            req.eta, req.eta_basis = None, None
-            if i < eta_for:
-                interactive = req.spec.priority == "interactive"
-                if interactive not in ends:
-                    ends[interactive] = lease_ends(policy, now, interactive)
-                estimate = estimate_start(req.spec, gpus, ends[interactive], now)
-                if estimate is not None:
-                    req.eta, req.eta_basis = estimate
-            if req.id in suspend_at and suspend_at[req.id] < (req.eta or math.inf):
-                req.eta, req.eta_basis = suspend_at[req.id], "idle"
+    estimate_waiting(policy, waiting, gpus, now, eta_for)
     return waiting
 
 
@@ -676,80 +619,6 @@ def reserve(spec: RequestSpec, gpus: list[GpuSlot]) -> set[str]:
         fits = [gs for gs in by_worker.values() if len(gs) >= ranks]
         return {g.id for g in fits[0][:ranks]} if fits else set()
     return {g.id for g in able[:ranks]}
-
-
-def lease_end(
-    rec: LeaseRecord, now: float, typical: float | None, suspend_after: float | None
-) -> LeaseEnd | None:
-    """When ``rec``'s memory should come free (None: unknowable).
-
-    With a running cell that reports its progress: a ``--workers`` rank's lease ends with its
-    run; a session's lease comes free ``suspend_after`` seconds after its cell ends (its idle
-    session moves to host memory for an interactive request; ``suspend_after`` None: not for
-    this request). Otherwise from how long recent leases lasted: a lease that has already
-    outlived the typical one is expected to last as long again as its age (the longer a session
-    has lived, the longer it tends to go on), never to end "now". Only the progress-based end
-    holds still while one waits."""
-    nbytes = 0
-    cell_end = rec.progress.cell_end(now) if rec.progress is not None else None
-    if cell_end is not None and (rec.gang or suspend_after is not None):
-        return LeaseEnd(cell_end + (0.0 if rec.gang else suspend_after or 0.0), nbytes, "progress")
-    if typical is None:
-        return None
-    at = rec.started + typical if rec.started + typical > now else now + (now - rec.started)
-    return LeaseEnd(at, nbytes, "history")
-
-
-def lease_ends(policy: FairSharePolicy, now: float, interactive: bool) -> dict[str, list[LeaseEnd]]:
-    """Every lease's expected end, per GPU it holds memory on (for an interactive request or a batch
-    one: only an interactive request gets idle sessions moved out of its way)."""
-    typical = policy.typical_duration()
-    suspend_after = policy.quotas.suspend_idle_after if interactive else None
-    by_gpu: dict[str, list[LeaseEnd]] = collections.defaultdict(list)
-    for rec in policy.leases.values():
-        end = lease_end(rec, now, typical, suspend_after)
-        if end is None:
-            continue
-        for gpu_id, nbytes in rec.allocs.items():
-            by_gpu[gpu_id].append(LeaseEnd(end.at, nbytes, end.basis))
-    return by_gpu
-
-
-def estimate_start(
-    spec: RequestSpec, gpus: list[GpuSlot], ends: dict[str, list[LeaseEnd]], now: float
-) -> tuple[float, EtaBasis] | None:
-    """When ``spec`` could start if running leases end when ``lease_end`` expects, and what that is
-    based on (the basis of the end it waits for): ``(eta, "progress" | "history")``, or None
-    (unknowable).
-
-        Optimistic on purpose: it ignores requests ahead in the queue, so it reads as "not before".
-        A lease whose end is unknowable never frees its memory here."""
-    if not gpus:
-        return None
-    starts: list[tuple[float, EtaBasis]] = []
-    for gpu in gpus:
-        need = spec.need_on(gpu)
-        if need > gpu.total_bytes:
-            continue
-        mine = sorted(ends.get(gpu.id, ()), key=lambda e: e.at)
-        basis: EtaBasis
-        free, t, basis = gpu.free_bytes, now, "progress"
-        if spec.gpus is not None:
-            # a whole GPU: free when every lease on it has ended, all of them known
-            if len(mine) < len(gpu.leases):
-                continue
-            free = gpu.total_bytes
-            if mine:
-                t, basis = mine[-1].at, mine[-1].basis
-        for end in mine:
-            if free >= need:
-                break
-            free, t, basis = free + end.nbytes, end.at, end.basis
-        if free >= need:
-            starts.append((t, basis))
-    if len(starts) < spec.workers:
-        return None
-    return sorted(starts)[spec.workers - 1]
 
 
 # ---------------------------------------------------------------------- the incremental queue

@@ -20,11 +20,13 @@ from typing import Any
 from jupyter_gpu.broker import packing
 from jupyter_gpu.broker.actuation import SessionActuator
 from jupyter_gpu.broker.audit import AuditStore
+from jupyter_gpu.broker.id_floor import IdFloor, floor_path
 from jupyter_gpu.broker.ledger import Ledger
+from jupyter_gpu.broker.metrics import PoolMetrics
 from jupyter_gpu.broker.model import GpuSlot, Lease, Offload, Request
 from jupyter_gpu.broker.permissions import Permissions
 from jupyter_gpu.common import config
-from jupyter_gpu.common.protocol import CancelReply, LeaseStateReport, RequestState
+from jupyter_gpu.common.protocol import CancelReply, RequestState
 from jupyter_gpu.common.refusals import CallError, NotFound
 
 log = logging.getLogger(__name__)
@@ -43,12 +45,33 @@ class LeaseKeeper:
     ) -> None:
         self.ledger, self.audit, self.permissions = ledger, audit, permissions
         self.actuator = actuator  # set when the broker starts
+        self.metrics = PoolMetrics(ledger)  # Prometheus figures (broker/metrics.py)
+        self.ids: IdFloor | None = None  # ids stay unique across restarts (broker/id_floor.py)
         self.log_event: Callable[[str, dict[str, Any]], None] | None = None
         self.clients: Callable[[], Collection[str]] = lambda: ()
         self.events: dict[str, asyncio.Event] = {}  # request id -> set when it leaves the queue
         self._tasks: set[asyncio.Task[None]] = set()
         # request id -> reclaimed sessions it waits to see gone
         self._drains: dict[str, list[asyncio.Task[None]]] = {}
+
+    def attach(self, scheduler: Any, pool_key: str | None, key_path: str) -> None:
+        """The broker started on ``scheduler``: its calls to workers, its event log, its clients;
+        request and lease ids continue after those of this pool's earlier brokers
+        (``broker/id_floor.py``: a mark next to the pool key at ``key_path``)."""
+        self.actuator = SessionActuator(scheduler.rpc, scheduler.address)
+        self.actuator.pool_key = pool_key
+        self.log_event = scheduler.log_event
+        self.clients = lambda: scheduler.clients
+        self.ids = IdFloor(floor_path(key_path))
+        self.ids.resume()
+
+    def close_ids(self, forget: bool) -> None:
+        """Record the newest id when the broker stops; ``forget``: remove the mark (an embedded pool,
+        whose sessions never outlive it)."""
+        if self.ids is not None:
+            self.ids.note(self.ledger)
+            if forget:
+                self.ids.remove()
 
     @property
     def workers(self) -> SessionActuator:
@@ -86,7 +109,10 @@ class LeaseKeeper:
         for req, leases in self.ledger.schedule(self.preempt, fail=fail):
             for lease in leases:
                 self.audit.lease_started(lease.public(), lease.preemptible)
+            self.metrics.granted_leases(req, leases)
             self.spawn(self.start_sessions(req, leases))
+        if self.ids is not None:
+            self.ids.note(self.ledger)  # before any kernel hears of a new id
 
     def finish_request(self, req: Request, state: RequestState, reason: str) -> None:
         self.ledger.finish_request(req, state, reason)
@@ -111,7 +137,16 @@ class LeaseKeeper:
 
         async def start_one(lease: Lease) -> None:
             restore = req.restore if lease.rank == 0 else None
-            started = await self.workers.start(lease, restore, lease.user if account_of else None)
+            asked = time.monotonic()
+            try:
+                started = await self.workers.start(
+                    lease, restore, lease.user if account_of else None
+                )
+            except BaseException:
+                self.metrics.session_started(lease, time.monotonic() - asked, False, False)
+                raise
+            back = restore is not None and started.get("restored") is not None
+            self.metrics.session_started(lease, time.monotonic() - asked, True, back)
             lease.address, lease.pid = started["address"], started["pid"]
             lease.isolation = started.get("isolation", "none")
             lease.containment = started.get("containment")
@@ -144,6 +179,7 @@ class LeaseKeeper:
     def end_lease(self, lease: Lease, reason: str, kill: bool) -> None:
         if self.ledger.end(lease.id, reason) is None:
             return
+        self.metrics.lease_ended(lease)
         self.audit.lease_ended(lease.id, lease.ended, reason, lease.peak_bytes)
         log.info("lease %s of %s ended: %s", lease.id, lease.user, reason)
         if kill and lease.worker in self.ledger.worker_gpus:
@@ -172,6 +208,7 @@ class LeaseKeeper:
             # variables to host memory and exited (``start_sessions`` waits for that)
             # a kernel asking now waits for it
             lease.offload = Offload.pending(lease.worker, lease.id)
+            self.metrics.suspended(lease)
             self.end_lease(lease, reason, kill=False)
             task = self.spawn(self.offload_then_end(lease))
             if req is not None:
@@ -297,35 +334,6 @@ class LeaseKeeper:
         self.end_lease(lease, "cancelled by its owner", kill=True)
         self.schedule()
         return {"cancelled": True, "what": f"lease {item} (its session was ended)"}
-
-    def session_report(self, lease_id: str, worker: str | None, report: LeaseStateReport) -> None:
-        """A session's cell started (``running``), how far it is (``running`` with ``step``) or
-        that it ended (``idle``, with what it measured); a report about a lease that is not live on
-        ``worker`` is dropped."""
-        live = self.ledger.leases.get(lease_id)
-        if live is None or (worker is not None and live.worker != worker):
-            return
-        state, step = report["state"], report.get("step")
-        resident = report.get("resident_bytes")
-        ls = self.ledger.set_state(
-            lease_id, state, resident=resident, step=step, total=report.get("total")
-        )
-        if ls is None:
-            return
-        if state == "running":
-            # a cell started (a progress report is not a new cell: it keeps its start)
-            if step is None:
-                ls.cell_started = time.time()
-                ls.cell = report.get("cell") or ls.cell
-        else:
-            ls.cell_started = None
-        peak, utilization = report.get("peak_bytes"), report.get("gpu_utilization")
-        if peak is not None:
-            ls.peak_bytes = max(ls.peak_bytes or 0, int(peak))
-        if utilization is not None:
-            ls.gpu_utilization = float(utilization)
-        if resident is not None:
-            ls.resident_bytes = int(resident)
 
     def housekeeping(self, now: float, orphans: tuple[list[Lease], list[Lease]]) -> None:
         """Once a second: adopted leases whose kernel did not come back (``orphans``: live ones to

@@ -211,7 +211,7 @@ class Ledger:
         self.queue.remove(req)
         req.state = "starting"
         req.reason = "starting the session process"
-        req.eta, req.eta_basis = None, None
+        req.eta, req.eta_basis, req.eta_note = None, None, None
         now = self.clock()
         team = req.team or self.policy.quotas.team_of(req.user)
         leases = []

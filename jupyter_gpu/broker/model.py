@@ -133,8 +133,9 @@ class Request:
     reason: str = ""
     error: str | None = None
     eta: float | None = None
-    # what the estimate rests on: progress, idle (suspension), history
+    # what the estimate rests on (broker/estimates.py), and the same in words
     eta_basis: EtaBasis | None = None
+    eta_note: str | None = None
     leases: list[str] = field(default_factory=list)
     # the offload of an earlier lease this request's session starts with
     restore: Offload | None = None

@@ -26,8 +26,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from jupyter_gpu.broker import gate, grant_signer, views
-from jupyter_gpu.broker.actuation import SessionActuator
+from jupyter_gpu.broker import gate, grant_signer, metrics, views
 from jupyter_gpu.broker.admission import Admission
 from jupyter_gpu.broker.adoption import Adoption
 from jupyter_gpu.broker.audit import AuditStore
@@ -41,6 +40,7 @@ from jupyter_gpu.broker.registry import WorkerRegistry
 from jupyter_gpu.broker.runs import RunBook
 from jupyter_gpu.broker.sampling import GpuSamples
 from jupyter_gpu.broker.scaling import PoolScaler
+from jupyter_gpu.broker.session_reports import record_session_report
 from jupyter_gpu.broker.settings import BrokerSettings, PoolConfigError, load_settings
 from jupyter_gpu.common import config, no_pickle, poolkey
 from jupyter_gpu.common.handlers import handler, handlers_of
@@ -108,6 +108,7 @@ class GpuBroker(SchedulerPlugin):
         self.samples = GpuSamples()
         self.runs = RunBook()
         self.keeper = LeaseKeeper(self.ledger, self.audit, self.permissions)
+        self.metrics = self.keeper.metrics  # Prometheus: broker/metrics.py
         self.adoption = Adoption(self.ledger, self.audit)
         self.admission = Admission(self.ledger, self.audit, self.permissions)
         self.workers = WorkerRegistry(self.ledger, self.samples, self.adoption)
@@ -140,13 +141,11 @@ class GpuBroker(SchedulerPlugin):
         self._key_path = poolkey.key_path(scheduler.address)
         self._made_key = poolkey.read_key(self._key_path) is None
         self.permissions.pool_key = poolkey.ensure_key(self._key_path)
-        self.keeper.actuator = SessionActuator(scheduler.rpc, scheduler.address)
-        self.keeper.actuator.pool_key = self.pool_key
+        self.keeper.attach(scheduler, self.pool_key, self._key_path)
         # grants for sessions that run as their users (broker/grant_signer.py)
-        self.keeper.actuator.signing_key = grant_signer.signing_key(scheduler.address)
-        self.keeper.log_event = scheduler.log_event
-        self.keeper.clients = lambda: scheduler.clients
+        self.keeper.workers.signing_key = grant_signer.signing_key(scheduler.address)
         self.admission.clients = lambda: scheduler.clients
+        metrics.install(self)
         # our handlers, and in a pool shared by several people nothing else (broker/gate.py)
         gate.install(
             scheduler,
@@ -167,9 +166,12 @@ class GpuBroker(SchedulerPlugin):
         self._housekeeper.start()
 
     async def close(self) -> None:
-        # an embedded pool's key dies with it (a pool up's stays: its workers rejoin a restarted
-        # scheduler)
-        if self.embedded and getattr(self, "_made_key", False):
+        metrics.uninstall(self)
+        # an embedded pool's key and id mark die with it (a pool up's stay: its workers rejoin a
+        # restarted scheduler)
+        forget = self.embedded and getattr(self, "_made_key", False)
+        self.keeper.close_ids(forget)
+        if forget:
             with contextlib.suppress(OSError):
                 os.unlink(self._key_path)
         if getattr(self, "_sampler", None):
@@ -238,9 +240,11 @@ class GpuBroker(SchedulerPlugin):
         self, worker: Address, lease: Name, **report: Unpack[LeaseStateReport]
     ) -> None:
         """A session's cell started (``running``), how far it is (``running`` with ``step`` of
-        ``total``) or that it ended (``idle``, with its peak memory, utilization and what it holds
-        now), through its worker; a note about a lease on another worker is dropped."""
-        self.keeper.session_report(lease, worker, report)
+        ``total``: the queue's estimates use it) or that it ended (``idle``, with its peak memory,
+        its mean utilization on real GPUs and what it holds now). It comes on the stream of the
+        session's worker, which alone knows which lease the session holds; a note about a lease
+        on another worker is dropped."""
+        record_session_report(self.ledger, lease, worker, report)
 
     @handler("gpu_run_metrics", caller="session", check="worker-stream", stream=True)
     def gpu_run_metrics(

@@ -187,6 +187,7 @@ def request_status(
         "request": req.spec.describe(),
     }
     status["eta_basis"] = req.eta_basis
+    status["eta_note"] = req.eta_note
     if req.state == "starting":
         status["reason"] = starting_reason(ledger, req, start_slots or {})
     if req.state == "queued":
@@ -315,6 +316,7 @@ def snapshot(
             "reason": waiting_reason(req, waiting_note),
             "eta": req.eta,
             "eta_basis": req.eta_basis,
+            "eta_note": req.eta_note,
             "since": req.submitted,
         }
         for pos, req in enumerate(ledger.ordered_queue(), start=1)

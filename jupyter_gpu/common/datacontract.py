@@ -3,7 +3,7 @@
 Inputs: the cell's free names that exist in the kernel, found from the cell's syntax tree (modules
 travel as their import name and are re-imported remotely). Outputs: the names the cell assigns;
 those holding plain data come back as real objects, the rest stay remote behind a ``RemoteObject``
-placeholder that says so. Both sides import this module, so the rules are the same everywhere.
+placeholder that says so (``common/remote_value.py``). Both sides import this module, so the rules are the same everywhere.
 """
 
 from __future__ import annotations
@@ -187,42 +187,6 @@ def input_item(value: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- outputs
-@dataclass
-class RemoteObject:
-    """Stands in the kernel for a value that stayed in the remote GPU session.
-
-    ``%gpu pull NAME`` replaces it with the real object (moved to CPU).
-    """
-
-    name: str
-    type_name: str
-    summary: str
-    nbytes: int | None
-    device: str | None
-    reason: str
-    lease: str | None = None
-
-    def __repr__(self) -> str:
-        return (
-            f"<remote {self.type_name} '{self.name}' in your GPU session: {self.summary}; "
-            f"{self.reason}. "
-            f"It is used as-is by later %%gpu cells; run `%gpu pull {self.name}` to bring a CPU "
-            "copy here>"
-        )
-
-    def _repr_html_(self) -> str:
-        import html
-
-        return (
-            f"<div class='jupyter-gpu-remote'><b>{html.escape(self.name)}</b> stays in your GPU "
-            "session "
-            f"(<code>{html.escape(self.type_name)}</code>, {html.escape(self.summary)}; "
-            f"{html.escape(self.reason)}). <code>%gpu pull {html.escape(self.name)}</code> brings "
-            "a CPU "
-            "copy here.</div>"
-        )
-
-
 # : the attribute a session on a virtual GPU puts on tensors and modules that are on
 # ``jupyter_gpu.device()`` : (``session/virtual_device.py``): they stay remote, as CUDA tensors do
 # on a real GPU

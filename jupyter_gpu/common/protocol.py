@@ -61,9 +61,10 @@ LeaseState = Literal["starting", "idle", "running", "ended"]
 Isolation = Literal["none", "torch-cap", "mps", "mig"]
 OffloadState = Literal["pending", "saved"]
 RunState = Literal["running", "done", "failed", "stopped"]
-# what an estimated start rests on: the running cells' reported progress, idle sessions moving to
-# host memory for it, or how long recent leases lasted (a rough guess)
-EtaBasis = Literal["progress", "idle", "history"]
+# what an estimated start rests on (broker/estimates.py): the running cells' reported progress,
+# idle sessions moving to host memory for it, how long the user's (or the pool's) recent cells ran,
+# or nothing known (no estimate then; the note says why)
+EtaBasis = Literal["progress", "idle", "user-cells", "pool-cells", "unknown"]
 
 
 # ---------------------------------------------------------------------- the request of a %%gpu cell
@@ -331,6 +332,7 @@ class RequestStatus(TypedDict, total=False):
     reason: str
     eta: float | None  # estimated start (epoch seconds), "not before"
     eta_basis: EtaBasis | None  # what the estimate rests on (how sure it is)
+    eta_note: str | None  # the same in words ("median of alice's last 12 cells: 40 s")
     request: str  # RequestSpec.describe()
     position: int | None  # queued: place in the fair order
     queue_length: int
@@ -399,6 +401,7 @@ class QueueItem(TypedDict, total=False):
     reason: str  # why it waits, always set
     eta: float | None
     eta_basis: EtaBasis | None
+    eta_note: str | None
     since: float
 
 
@@ -579,6 +582,7 @@ class UsageReport(TypedDict):
 
     since: float
     until: float
+    first: float | None  # the first lease recorded (None: none yet)
     users: list[UserUsage]
     teams: list[TeamUsage]
     preemptions: int

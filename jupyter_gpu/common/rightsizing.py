@@ -40,6 +40,8 @@ class RightSize:
         n = self.suggestion_bytes
         return f"{n >> 30}GiB" if n >= 1 << 30 else f"{n >> 20}MiB"
 
+    label = "Right-size"
+
     def hint(self) -> str:
         return (
             f"this session used at most {format_bytes(self.peak_bytes)} of the "
@@ -68,3 +70,34 @@ def right_size(peak_bytes: int | None, reserved_bytes: int | None) -> RightSize 
     if suggestion >= reserved_bytes:
         return None
     return RightSize(peak, int(reserved_bytes), suggestion)
+
+
+@dataclass(frozen=True)
+class OverUse:
+    """A cell whose measured peak went over the share its session reserves, where nothing enforces
+    the share (isolation ``none``: a virtual GPU). On a real GPU with a cap the same cell fails
+    with CUDA out of memory, so a notebook that passes in CI must hear of it there."""
+
+    peak_bytes: int
+    reserved_bytes: int
+
+    label = "Over its share"
+
+    def suggestion(self) -> str:
+        n = suggest_bytes(self.peak_bytes)
+        return f"{n >> 30}GiB" if n >= 1 << 30 else f"{n >> 20}MiB"
+
+    def hint(self) -> str:
+        return (
+            f"this cell's peak, {format_bytes(self.peak_bytes)}, is more than the "
+            f"{format_bytes(self.reserved_bytes)} its session reserves. A virtual GPU does not "
+            "enforce the share; on a real GPU this cell would run out of memory: ask for "
+            f"--memory {self.suggestion()} (with %gpu release first)"
+        )
+
+
+def over_use(peak_bytes: int | None, reserved_bytes: int | None) -> OverUse | None:
+    """An ``OverUse`` when a cell's peak went over its session's reservation (None otherwise)."""
+    if peak_bytes is None or not reserved_bytes or peak_bytes <= reserved_bytes:
+        return None
+    return OverUse(int(peak_bytes), int(reserved_bytes))

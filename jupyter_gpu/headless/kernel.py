@@ -484,9 +484,10 @@ class GpuKernel:
             result.traceback = strip_ansi("\n".join(content.get("traceback", [])))
         return result
 
-    def wait_for_output(self, msg_id: str, needle: str, timeout: float = 30.0) -> CellResult:
+    def wait_for_output(self, msg_id: str, needle: str, timeout: float = 120.0) -> CellResult:
         """Read the running cell ``msg_id``'s outputs until ``needle`` appears in its stdout;
-        returns them.
+        returns them. The default ``timeout`` leaves room for a first cell that starts a session
+        on a loaded machine (30 s did not, with a CPU hog per core).
 
                 Raises :class:`TimeoutError` if it does not appear in time, :class:`RuntimeError` if
                 the cell ends first. :meth:`collect` then returns what the cell sends after this

@@ -16,10 +16,11 @@ from typing import Any
 
 from IPython.display import DisplayHandle
 
-from jupyter_gpu.common.rightsizing import RightSize
+from jupyter_gpu.common.rightsizing import OverUse, RightSize
 from jupyter_gpu.common.units import format_bytes
 from jupyter_gpu.kernelext.connection import RemoteSession
 from jupyter_gpu.kernelext.jobs import AsyncJob
+from jupyter_gpu.kernelext.status_view import estimated_start
 
 
 def where(session: RemoteSession) -> str:
@@ -70,9 +71,7 @@ class StatusLine:
                 f"queued ({status['id']}, {status.get('request')}): position {pos} of "
                 f"{status.get('queue_length')}, {status.get('reason')}"
             )
-            if status.get("eta"):
-                text += f", estimated start in {max(0, status['eta'] - time.time()):.0f} s"
-                text += f" ({ETA_BASIS.get(status.get('eta_basis') or '', 'a rough guess')})"
+            text += f", estimated start {estimated_start(status, time.time())}"
             self.show(f"{text} {waited}", "queued", None)
 
     def started(self, session: RemoteSession) -> None:
@@ -136,12 +135,12 @@ class StatusLine:
         error: str | None,
         elapsed: float | None = None,
         peak: int | None = None,
-        sizing: RightSize | None = None,
+        sizing: RightSize | OverUse | None = None,
     ) -> None:
         took = f" in {elapsed:.2f} s" if elapsed is not None else ""
         waited = f" ({self.waited_text()})" if self.waited is not None else ""
         peak_text = f", peak {format_bytes(peak)}" if peak else ""
-        hint = f". Right-size: {sizing.hint()}" if sizing is not None else ""
+        hint = f". {sizing.label}: {sizing.hint()}" if sizing is not None else ""
         if error is None:
             self.show(
                 f"done{took}{waited} on {where(session)}{peak_text}{self.note_text()}{hint}",
@@ -227,14 +226,6 @@ def _no_idle_flush() -> Iterator[None]:
 
 def _nothing() -> None:
     return None
-
-
-#: how sure an estimated start is, by what the broker based it on (``RequestStatus.eta_basis``)
-ETA_BASIS = {
-    "progress": "from the running cells' reported progress",
-    "idle": "when idle sessions move to host memory",
-    "history": "a rough guess from how long recent sessions lasted",
-}
 
 
 class JobStatus(StatusLine):

@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING, Any, Callable, cast
 from distributed import Client
 from distributed.comm import CommClosedError
 
-from jupyter_gpu.common import config
+from jupyter_gpu.common import config, rejoin
 from jupyter_gpu.common.protocol import SCHEDULER_ENV, TOKEN_ENV
 from jupyter_gpu.common.refusals import Refused
 from jupyter_gpu.common.security import check_address, client_security, connection_args
 from jupyter_gpu.common.units import format_bytes
 from jupyter_gpu.errors import CellTimeout, GpuPoolError, PoolUnreachable, RequestRefused
-from jupyter_gpu.pool.discovery import user_name
+from jupyter_gpu.pool.discovery import address_reachable, user_name
 
 if TYPE_CHECKING:
     from tornado.platform.asyncio import BaseAsyncIOLoop
@@ -61,6 +61,31 @@ def kernel_identity() -> str:
     except Exception:  # noqa: BLE001 - not in a kernel, or no connection file: a made-up id
         pass
     return f"proc-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+class PoolClient(Client):
+    """A kernel's Dask client, which finds a restarted scheduler within a second or so of it
+    answering: while it reconnects, it knocks in short rounds (``common/rejoin.py``) before Dask's
+    own connection attempt, whose backoff grows to minutes over a long restart."""
+
+    _rejoining = False
+
+    async def _reconnect(self) -> None:
+        self._rejoining = True
+        try:
+            await super()._reconnect()
+        finally:
+            self._rejoining = False
+
+    async def _ensure_connected(self, timeout: float | None = None) -> None:
+        if self._rejoining and self.scheduler is not None and timeout is not None:
+            await rejoin.until_answering(
+                str(self.scheduler.address),
+                timeout,
+                self.connection_args,
+                wanted=lambda: self.status == "connecting",
+            )
+        await super()._ensure_connected(timeout=timeout)
 
 
 @dataclass
@@ -120,13 +145,24 @@ class PoolConnection:
         self.security = client_security(address)
         check_address(address, "client", self.security)
         self.connection_args = connection_args("client", self.security)
-        self.client = Client(
+        connect_timeout = config.get_seconds("connect-timeout")
+        if not embedded and not address_reachable(address, timeout=1.0):
+            print(
+                f"[jupyter-gpu] the pool's scheduler at {address} is not answering; waiting for it "
+                f"(up to {connect_timeout:.0f} s, jupyter-gpu.connect-timeout) ...",
+                flush=True,
+            )
+        self.client = PoolClient(
             address,
             set_as_default=False,
             name=f"jupyter-gpu {self.user}",
-            timeout=config.get_seconds("connect-timeout"),
+            timeout=connect_timeout,
             security=self.security,
         )
+        # the client reconnects by itself when its scheduler goes away, for as long as its
+        # ``timeout`` (then it closes for good); a restarting pool's workers keep their sessions
+        # for ``worker.reconnect-timeout``, so this kernel, which owns some of them, waits as long
+        self.client._timeout = max(connect_timeout, restart_wait())
         # an AsyncIOLoop (Dask's client loop), which tornado's IOLoop type does not say
         self.loop = cast("BaseAsyncIOLoop", self.client.loop).asyncio_loop
         # what goes wrong on the client loop after nobody waits for it any more is ours to log, not
@@ -157,9 +193,17 @@ class PoolConnection:
             future.cancel()
             raise
 
-    def scheduler_call(self, op: str, **kwargs: Any) -> Any:
+    def scheduler_call(self, op: str, *, wait_for_restart: bool = True, **kwargs: Any) -> Any:
         """One broker handler, answered; a scheduler that does not answer is a ``PoolUnreachable``
-        saying so (a cell's session lives on its worker and is not affected)."""
+        saying so (a cell's session lives on its worker and is not affected).
+
+        While this kernel's client has lost the scheduler (it is restarting), the call first waits
+        for it, saying so in the cell (:meth:`_await_scheduler`); ``wait_for_restart=False`` is
+        for checks that must not hold the cell up: they get the ``PoolUnreachable`` at once."""
+        if wait_for_restart:
+            self._await_scheduler()
+        elif self.scheduler_away():
+            raise PoolUnreachable(f"The pool's scheduler at {self.address} is not answering.")
         if op in _TOKEN_OPS and os.environ.get(TOKEN_ENV):
             # a pool with a token file accepts requests, cancels and releases only with the user's
             # token
@@ -178,6 +222,40 @@ class PoolConnection:
                 "the cell again "
                 "in a moment (`%gpu status` shows when the pool is back)."
             ) from None
+
+    def scheduler_away(self) -> bool:
+        """Whether this kernel's client has lost its scheduler (it is reconnecting, or gave
+        up)."""
+        return self.client.status not in ("running", "newly-created")
+
+    def _await_scheduler(self) -> None:
+        """Return once this kernel's client is connected to its scheduler. While it is not (the
+        pool's scheduler is restarting), say so in the cell at once and wait for it, up to
+        ``worker.reconnect-timeout`` (what the pool's workers wait, keeping their sessions);
+        interrupting stops the wait. Past that, or once the client gave up, a
+        ``PoolUnreachable`` says what to do.
+
+            Why: a call made while the scheduler is away blocks on Dask's connect timeout and
+            fails, and a cell that needs the broker (a new session) showed nothing for minutes."""
+        if not self.scheduler_away():
+            return
+        window = restart_wait()
+        print(
+            f"[jupyter-gpu] the pool's scheduler at {self.address} is not answering; waiting for "
+            f"it (up to {window:.0f} s; interrupt to stop waiting). Sessions already on the pool "
+            "keep running and keep their variables.",
+            flush=True,
+        )
+        deadline = time.monotonic() + window
+        while self.scheduler_away():
+            if self.client.status in ("closing", "closed") or time.monotonic() > deadline:
+                raise PoolUnreachable(
+                    f"The pool's scheduler at {self.address} did not come back within "
+                    f"{window:.0f} s. Ask the pool's administrator whether it is running; once it "
+                    "is, run `%gpu connect` to join it again."
+                )
+            time.sleep(0.2)
+        print("[jupyter-gpu] the pool's scheduler is back.", flush=True)
 
     def close(self) -> None:
         try:
@@ -204,7 +282,7 @@ class PoolConnection:
         new session starts with them. A KeyboardInterrupt while queued cancels the request
         at once.
         """
-        extra = {"restore": restore} if restore else {}
+        extra: dict[str, Any] = {"restore": restore} if restore else {}
 
         def submit() -> dict:
             return self.scheduler_call(
@@ -349,6 +427,12 @@ class PoolConnection:
             ):
                 return info
             time.sleep(0.1)
+
+
+def restart_wait() -> float:
+    """How long a kernel waits for a pool's scheduler that went away (it is restarting): as long
+    as the pool's workers keep their sessions for it (``worker.reconnect-timeout``)."""
+    return config.get_seconds("worker.reconnect-timeout")
 
 
 def log_loop_error(loop: asyncio.AbstractEventLoop, context: dict) -> None:

@@ -34,6 +34,7 @@ class AsyncJob:
         self._lock = threading.Lock()
         self._handle = DisplayHandle()
         self._shown = False
+        self._shown_in: int | None = None  # the execution count of the cell that shows it live
         self._last_render = 0.0
         self.cancel_requested = threading.Event()
 
@@ -84,6 +85,7 @@ class AsyncJob:
     def show(self) -> None:
         self._handle.display(self._bundle(), raw=True)
         self._shown = True
+        self._shown_in = _execution_count()
 
     def render(self, force: bool = False) -> None:
         if not self._shown or (not force and time.monotonic() - self._last_render < 0.2):
@@ -124,3 +126,22 @@ class AsyncJob:
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict:
         return self._bundle()
+
+    def _ipython_display_(self) -> None:
+        """The handle as a cell's value: in the cell that started the job, nothing more (its live
+        display is there already; the value shown as ``Out[n]`` kept the state of the moment the
+        cell ended, so the cell read "running" above and "queued" below, for good); later, the job
+        as it is then."""
+        if self._shown and self._shown_in == _execution_count():
+            return
+        from IPython.display import display
+
+        display(self._bundle(), raw=True)
+
+
+def _execution_count() -> int | None:
+    """The running cell's execution count (None outside IPython)."""
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    return None if shell is None else int(shell.execution_count)

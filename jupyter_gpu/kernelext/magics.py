@@ -9,6 +9,7 @@ The line form manages the pool.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from typing import Any, Callable
@@ -19,28 +20,16 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class
 from jupyter_gpu.common.refusals import Refused
 from jupyter_gpu.errors import GpuPoolError
 from jupyter_gpu.kernelext.connection import PoolConnection, resolve_address
-from jupyter_gpu.kernelext.options import options_help, parse_cell_options, whole_number
+from jupyter_gpu.kernelext.line_commands import LINE_HELP, parse_line
+from jupyter_gpu.kernelext.options import options_help, parse_cell_options
 from jupyter_gpu.kernelext.pipeline import prepare_cell
-from jupyter_gpu.kernelext.rendering import remote_part
+from jupyter_gpu.kernelext.rendering import remote_part, without_our_tail
 from jupyter_gpu.kernelext.runs import RunBook
 from jupyter_gpu.kernelext.scaleout import run_scaleout
 from jupyter_gpu.kernelext.session_calls import pull
 from jupyter_gpu.kernelext.single_gpu_cells import SessionCells
 
 log = logging.getLogger(__name__)
-
-MAX_WORKERS = 100_000  # what %gpu scale accepts (the broker checks the same bound)
-
-LINE_HELP = """The line form, %gpu COMMAND:
-
-%gpu connect [ADDRESS] [--keep]   join a pool (no address: JUPYTER_GPU_SCHEDULER or the embedded pool)
-%gpu status                        the pool, my sessions, my quota
-%gpu queue                         the queue, with the reason each item waits
-%gpu cancel ID                     cancel my queued request, lease or --async job
-%gpu scale N                       scale the pool to N workers (if allowed; jobs of its cluster manager)
-%gpu pull NAME                     bring a remote-only object back (as a CPU copy)
-%gpu release                       end my remote session now (its variables are lost)
-"""
 
 
 def _documented(func: Callable) -> Callable:
@@ -114,50 +103,32 @@ class GpuMagics(Magics):
 
     # ------------------------------------------------------------------ line magics
     def _line(self, line: str) -> Any:
-        parts = line.split()
-        if not parts or parts[0] in ("help", "-h", "--help"):
-            print(f"{LINE_HELP}\n{options_help()}")
-            return None
-        cmd, args = parts[0], parts[1:]
-        handler = getattr(self, f"_cmd_{cmd}", None)
-        if handler is None:
-            raise UsageError(
-                f"%gpu {cmd}: unknown command. Commands: connect, status, queue, cancel, scale, "
-                "pull, release. Run `%gpu help` for their arguments; `%%gpu` (two %) on the first "
-                "line of a cell runs the cell on a GPU."
-            )
-        return handler(args)
+        """``%gpu COMMAND ...``: the command's arguments are parsed and checked by its declaration
+        (``line_commands.py``), then its ``_cmd_`` method runs."""
+        command, args = parse_line(line)
+        return getattr(self, f"_cmd_{command}")(args)
 
-    def _cmd_connect(self, args: list[str]) -> None:
-        keep = "--keep" in args
-        rest = [a for a in args if a != "--keep"]
-        if len(rest) > 1 or any(a.startswith("-") for a in rest):
-            raise UsageError(
-                "%gpu connect takes at most one address, e.g. `%gpu connect tcp://10.0.0.5:8786`, "
-                "and the flag --keep (keep the embedded pool up across kernel restarts)."
-            )
-        self.connect(rest[0] if rest else None, keep=keep)
+    def _cmd_help(self, args: argparse.Namespace) -> None:
+        print(f"{LINE_HELP}\n{options_help()}")
 
-    def _cmd_status(self, args: list[str]) -> Any:
+    def _cmd_connect(self, args: argparse.Namespace) -> None:
+        self.connect(args.address, keep=args.keep)
+
+    def _cmd_status(self, args: argparse.Namespace) -> Any:
         from jupyter_gpu.kernelext.status_view import StatusView
 
         conn = self._ensure_connection()
         snap = conn.scheduler_call("gpu_snapshot")
         return StatusView(snap, conn.user, conn.kernel, self.jobs, conn.session, conn.address)
 
-    def _cmd_queue(self, args: list[str]) -> Any:
+    def _cmd_queue(self, args: argparse.Namespace) -> Any:
         from jupyter_gpu.kernelext.status_view import QueueView
 
         conn = self._ensure_connection()
         return QueueView(conn.scheduler_call("gpu_snapshot"), conn.user)
 
-    def _cmd_cancel(self, args: list[str]) -> None:
-        if len(args) != 1 or len(args[0]) > 200 or not args[0].isprintable():
-            raise UsageError(
-                "%gpu cancel ID: give one id from `%gpu queue` or `%gpu status` (R.. for a queued "
-                "request, L.. for a lease, J.. for an --async job)."
-            )
-        target = args[0]
+    def _cmd_cancel(self, args: argparse.Namespace) -> None:
+        target = args.id
         if target in self.jobs:
             self.jobs[target].cancel()
             print(f"Cancelling --async job {target}.")
@@ -171,14 +142,8 @@ class GpuMagics(Magics):
             conn.session = None
         print(f"Cancelled {reply['what']}.")
 
-    def _cmd_scale(self, args: list[str]) -> None:
-        if len(args) != 1:
-            raise UsageError(
-                "%gpu scale N: give the number of workers the pool should have, e.g. `%gpu scale "
-                "3`."
-            )
-        # 0: a cluster manager's jobs
-        n = whole_number(args[0], "%gpu scale", 0, MAX_WORKERS, "%gpu scale 3")
+    def _cmd_scale(self, args: argparse.Namespace) -> None:
+        n = args.n
         conn = self._ensure_connection()
         try:
             reply = conn.scheduler_call("gpu_scale", n=n, user=conn.user)
@@ -196,12 +161,8 @@ class GpuMagics(Magics):
         if reply.get("note"):
             print(reply["note"][0].upper() + reply["note"][1:] + ".")
 
-    def _cmd_pull(self, args: list[str]) -> None:
-        if len(args) != 1 or not args[0].isidentifier() or len(args[0]) > 200:
-            raise UsageError(
-                "%gpu pull NAME: give the name of one variable that lives in your GPU session."
-            )
-        name = args[0]
+    def _cmd_pull(self, args: argparse.Namespace) -> None:
+        name = args.name
         assert self.shell is not None  # a registered magic has its shell
         if name in self.shell.user_ns_hidden or name.startswith("_"):
             raise UsageError(
@@ -216,7 +177,7 @@ class GpuMagics(Magics):
         self.shell.user_ns[name] = pull(conn, name)
         print(f"{name} is now a local copy ({type(self.shell.user_ns[name]).__name__}).")
 
-    def _cmd_release(self, args: list[str]) -> None:
+    def _cmd_release(self, args: argparse.Namespace) -> None:
         if self.conn is None or self.conn.session is None:
             print("This kernel holds no GPU session.")
             return
@@ -273,17 +234,39 @@ def _show_error(
 ) -> list[str]:
     """How the kernel shows an error: a pool error as its message (``_show_pool_error``), an
     exception a ``%%gpu`` cell raised from its own remote frames on (as it would read had the cell
-    run here), and any other error exactly as IPython does."""
+    run here), one the magic raised here (an interrupt while the cell waited, a kill after the
+    grace period) as its message, and any other error exactly as IPython does.
+
+        In none of the ``%%gpu`` cases does the user read jupyter-gpu's frames or the notebook's
+        ``get_ipython().run_cell_magic('gpu', ..., "<the whole cell>")`` line: they are the
+        machinery, not the user's code. They go to this kernel's log (``jupyter_gpu`` logger, at
+        DEBUG), and ``%debug`` still walks the remote frames."""
     if isinstance(value, GpuPoolError):
         return _show_pool_error(shell, etype, value, tb, tb_offset)
     remote = remote_part(value, tb)
-    if remote is None:
+    if remote is None and (isinstance(value, UsageError) or not _raised_in_the_magic(tb)):
+        tb = without_our_tail(tb)
         shell.showtraceback((etype, value, tb), tb_offset=tb_offset, running_compiled_code=True)
         return []
-    sys.last_type, sys.last_value, sys.last_traceback = etype, value, remote  # for %debug
-    stb = shell.InteractiveTB.structured_traceback(etype, value, remote, tb_offset=0)
+    log.debug("%%%%gpu cell error", exc_info=(etype, value, tb))
+    if isinstance(value, SyntaxError) and remote is None:  # the cell's line, with a caret
+        stb = shell.SyntaxTB.structured_traceback(etype, value, [])
+    elif remote is None:
+        stb = [f"\x1b[0;31m{etype.__name__}\x1b[0m: {value}"]
+    else:
+        sys.last_type, sys.last_value, sys.last_traceback = etype, value, remote  # for %debug
+        stb = shell.InteractiveTB.structured_traceback(etype, value, remote, tb_offset=0)
     shell._showtraceback(etype, value, stb)
     return stb
+
+
+def _raised_in_the_magic(tb: Any) -> bool:
+    """Whether ``tb`` went through a ``%%gpu`` cell's run (``GpuMagics._cell``)."""
+    while tb is not None:
+        if tb.tb_frame.f_code is GpuMagics._cell.__code__:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def load(ipython: Any) -> None:
@@ -292,8 +275,9 @@ def load(ipython: Any) -> None:
     ipython.register_magics(_magics)
     # every error passes through _show_error: IPython calls a custom handler by exception type, and
     # a remote exception keeps its own type (ValueError, a user's class), so the handler tells them
-    # apart itself
-    ipython.set_custom_exc((Exception,), _show_error)
+    # apart itself; an interrupt too (KeyboardInterrupt is no Exception), so that an interrupted
+    # %%gpu cell shows its remote frames, not the notebook's run_cell_magic line
+    ipython.set_custom_exc((Exception, KeyboardInterrupt), _show_error)
 
 
 def unload(ipython: Any) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import math
 import re
 import shlex
 import sys
@@ -32,8 +31,8 @@ from IPython.core.magic_arguments import (
 )
 
 from jupyter_gpu.common import config
-from jupyter_gpu.common.protocol import PRIORITIES, RequestSpec
-from jupyter_gpu.common.units import parse_size
+from jupyter_gpu.common.protocol import RequestSpec
+from jupyter_gpu.kernelext import option_values as values
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +41,7 @@ END_MARK = "<!-- END %%gpu options -->"
 DOC_FILES = ("README.md", "docs/user-guide.md")
 
 
-class _HelpFormatter(MagicHelpFormatter):
+class HelpFormatter(MagicHelpFormatter):
     """IPython's magic help layout at a fixed width, so that ``%gpu?`` reads the same in every
     terminal, with metavars as declared (``--in a,b``, not ``--in <a,b>``)."""
 
@@ -55,10 +54,11 @@ class _HelpFormatter(MagicHelpFormatter):
 
 # the prog: IPython's help prefixes one more %, so the usage reads "%%gpu ..."
 @magic_arguments("%gpu")
-@kwds(formatter_class=_HelpFormatter)
+@kwds(formatter_class=HelpFormatter)
 @argument(
     "--gpus",
     metavar="F",
+    type=values.gpus,
     default=None,
     help="a fraction in (0, 1] of one GPU (0.25 is a quarter of its memory), or a whole number of "
     "GPUs "
@@ -67,12 +67,14 @@ class _HelpFormatter(MagicHelpFormatter):
 @argument(
     "--memory",
     metavar="SIZE",
+    type=values.memory,
     default=None,
     help="ask by bytes on one GPU instead of --gpus, e.g. 8GiB, 500MB",
 )
 @argument(
     "--workers",
     metavar="N",
+    type=values.whole("%%gpu --workers", 1, RequestSpec.MAX_RANKS, "--workers 2"),
     default="1",
     help="run the cell on N GPUs at once, one rank per GPU, with torch.distributed initialised "
     "(default 1)",
@@ -80,6 +82,7 @@ class _HelpFormatter(MagicHelpFormatter):
 @argument(
     "--timeout",
     metavar="S",
+    type=values.duration,
     default=None,
     help="stop the cell after S seconds (5min, 2h also work), the time it waits in the queue "
     "included",
@@ -87,6 +90,7 @@ class _HelpFormatter(MagicHelpFormatter):
 @argument(
     "--priority",
     metavar="interactive|batch",
+    type=values.priority,
     default="interactive",
     help="interactive (the default) for cells you wait on; batch for long runs that may wait "
     "behind "
@@ -96,6 +100,7 @@ class _HelpFormatter(MagicHelpFormatter):
     "--in",
     dest="inputs",
     metavar="a,b",
+    type=values.names("--in"),
     default=None,
     help="send exactly these local variables (default: the free names the cell uses that exist "
     "here)",
@@ -104,6 +109,7 @@ class _HelpFormatter(MagicHelpFormatter):
     "--out",
     dest="outputs",
     metavar="x,y",
+    type=values.names("--out"),
     default=None,
     help="bring back exactly these (default: the plain data the cell assigns; the rest stays "
     "remote)",
@@ -122,6 +128,7 @@ class _HelpFormatter(MagicHelpFormatter):
 @argument(
     "--name",
     metavar="TEXT",
+    type=values.label,
     default=None,
     help="a label for the panel and the queue; --resume finds this cell's earlier runs by it",
 )
@@ -135,6 +142,7 @@ class _HelpFormatter(MagicHelpFormatter):
 @argument(
     "--retries",
     metavar="N",
+    type=values.whole("%%gpu --retries", 0, 100, "--retries 2"),
     default="2",
     help="for batch cells, how many times a preempted cell is requeued; for --workers runs, how "
     "many "
@@ -219,57 +227,52 @@ def with_generated_table(text: str) -> str:
     return pattern.sub(lambda _: f"{BEGIN_MARK}\n{options_markdown()}\n{END_MARK}", text)
 
 
-def _names(text: str | None, option: str) -> list[str] | None:
-    if text is None:
-        return None
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    bad = [n for n in names if not n.isidentifier() or len(n) > MAX_NAME]
-    if bad:
-        raise UsageError(
-            f"%%gpu {option}: {', '.join(map(repr, bad))} is not a variable name. Give names "
-            f"separated by commas, e.g. {option} x,y"
-        )
-    return names
-
-
-def _duration(text: str) -> float | None:
-    """Seconds from ``300``, ``90s``, ``5min``, ``2h`` (Dask's units, plus ``min``), or None."""
-    from dask.utils import parse_timedelta
-
-    text = text.strip()
-    if text.endswith("min"):
-        text = text[:-3] + "m"
-    # plain decimals with a unit: no 1e400, nan, inf, ²
-    if not re.fullmatch(r"[0-9.]+\s*[a-z]*", text):
-        return None
-    try:
-        return float(parse_timedelta(text, default="seconds"))
-    except (ValueError, KeyError, TypeError, OverflowError):
-        return None
-
-
-# plain ASCII decimals: no 1e400, nan, inf, ²
-_DECIMAL = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
-_WHOLE = re.compile(r"[0-9]+")
-MAX_TIMEOUT = 366 * 86400.0  # a year: anything longer is a typo, not a limit
-MAX_NAME = 200
-
-
-def whole_number(text: str, what: str, lo: int, hi: int, example: str) -> int:
-    """``text`` as a whole number in [lo, hi], or UsageError naming ``what`` and an example."""
-    if not _WHOLE.fullmatch(text or "") or not lo <= int(text) <= hi:
-        raise UsageError(
-            f"{what} {text}: write a whole number >= {lo} (at most {hi}), e.g. {example}."
-        )
-    return int(text)
-
-
 def parse_cell_options(line: str) -> CellOptions:
     """Parse the text after ``%%gpu``; raise UsageError naming the wrong option and the fix.
 
-    Every value is checked here, before anything is sent or waits: numbers are plain ASCII
-    decimals within their range (``--gpus nan``, ``--workers ²``, ``--timeout 1e400`` are
-    mistakes, not values)."""
+    Each value is checked by its option's ``type=`` (``option_values.py``) as it is parsed, before
+    anything is sent or waits; what is left here is how the options go together."""
+    args = _parse(line)
+    if args.gpus is not None and args.memory is not None:
+        raise UsageError(
+            "%%gpu: give either --gpus (a fraction or a number of GPUs) or --memory (bytes on one "
+            "GPU), not both: they are two ways to say how much GPU this cell needs."
+        )
+    spec = RequestSpec(priority=args.priority)
+    if isinstance(args.gpus, int):
+        spec.gpus = args.gpus
+    elif args.gpus is not None:
+        spec.fraction = args.gpus
+    elif args.memory is not None:
+        spec.memory = args.memory
+    else:
+        spec.fraction = float(config.get("default-fraction"))
+    spec.workers = args.workers
+    try:
+        spec.validate()
+    except ValueError as exc:
+        raise UsageError(f"%%gpu: {exc}.") from None
+    if args.fresh and spec.workers > 1:
+        raise UsageError(
+            "%%gpu: --fresh applies to single-GPU cells; every --workers run already gets its own "
+            "sessions."
+        )
+    return CellOptions(
+        spec=spec,
+        timeout=args.timeout,
+        inputs=args.inputs,
+        outputs=args.outputs,
+        fresh=args.fresh,
+        run_async=args.run_async,
+        name=args.name,
+        explicit_request=args.gpus is not None or args.memory is not None,
+        retries=args.retries,
+        resume=args.resume,
+    )
+
+
+def _parse(line: str) -> argparse.Namespace:
+    """The options of one ``%%gpu`` line, each converted by its ``type=``."""
     try:
         argv = shlex.split(line)
     except ValueError as exc:
@@ -277,100 +280,13 @@ def parse_cell_options(line: str) -> CellOptions:
             f"%%gpu: cannot read the options ({exc}); check the quotes. Usage: {USAGE}"
         ) from None
     try:
-        args = _parser().parse_args(argv)
+        return _parser().parse_args(argv)
+    except values.OptionValueError as exc:  # a value's own paragraph, as IPython shows a UsageError
+        raise UsageError(str(exc)) from None
     except UsageError as exc:  # argparse's own message (an unknown option, a missing value)
         raise UsageError(
             f"%%gpu: {exc}. Usage: {USAGE}. Run `%gpu?` for what each option means."
         ) from None
-    if args.gpus is not None and args.memory is not None:
-        raise UsageError(
-            "%%gpu: give either --gpus (a fraction or a number of GPUs) or --memory (bytes on one "
-            "GPU), not both: they are two ways to say how much GPU this cell needs."
-        )
-    spec = RequestSpec(priority=args.priority)
-    if args.gpus is not None:
-        if not _DECIMAL.fullmatch(args.gpus.strip()):
-            raise UsageError(
-                f"%%gpu --gpus {args.gpus}: write a fraction of one GPU in (0, 1] such as 0.25, or "
-                "a "
-                "whole number of GPUs such as 2."
-            )
-        value = float(args.gpus)
-        if value <= 0:
-            raise UsageError(
-                f"%%gpu --gpus {args.gpus}: a GPU share must be greater than 0. Write a fraction "
-                "in "
-                "(0, 1] such as 0.25 (a quarter of one GPU) or a whole number such as 1."
-            )
-        if value <= 1 and not (value == 1 and "." not in args.gpus):
-            spec.fraction = value
-        elif value == int(value) and value <= RequestSpec.MAX_GPUS:
-            spec.gpus = int(value)
-        elif value == int(value):
-            raise UsageError(
-                f"%%gpu --gpus {args.gpus}: at most {RequestSpec.MAX_GPUS} whole GPUs in one "
-                "session."
-            )
-        else:
-            raise UsageError(
-                f"%%gpu --gpus {args.gpus}: above 1 the count must be whole (2, not 1.5): one "
-                "session gets whole GPUs, or a fraction of one."
-            )
-    elif args.memory is not None:
-        try:
-            spec.memory = parse_size(args.memory)
-        except (ValueError, OverflowError) as exc:
-            raise UsageError(
-                f"%%gpu --memory {args.memory}: {exc}. Write a size such as 8GiB or 500MB."
-            ) from None
-        if not 0 < spec.memory <= 2**62:
-            raise UsageError(
-                f"%%gpu --memory {args.memory}: write a size above 0 such as 8GiB or 500MB."
-            )
-    else:
-        spec.fraction = float(config.get("default-fraction"))
-    spec.workers = whole_number(
-        args.workers, "%%gpu --workers", 1, RequestSpec.MAX_RANKS, "--workers 2"
-    )
-    if args.priority not in PRIORITIES:
-        raise UsageError(
-            f"%%gpu --priority {args.priority}: use 'interactive' (the default, for cells you "
-            "wait on) or 'batch' (long runs that may wait behind interactive work)."
-        )
-    timeout = None
-    if args.timeout is not None:
-        timeout = _duration(args.timeout)
-        if timeout is None or not math.isfinite(timeout) or not 0 < timeout <= MAX_TIMEOUT:
-            raise UsageError(
-                f"%%gpu --timeout {args.timeout}: write a positive duration in seconds (300) or "
-                "with a unit (90s, 5min, 2h), at most a year."
-            )
-    try:
-        spec.validate()
-    except ValueError as exc:
-        raise UsageError(f"%%gpu: {exc}.") from None
-    retries = whole_number(args.retries, "%%gpu --retries", 0, 100, "--retries 2")
-    if args.fresh and spec.workers > 1:
-        raise UsageError(
-            "%%gpu: --fresh applies to single-GPU cells; every --workers run already gets its own "
-            "sessions."
-        )
-    if args.name is not None and (len(args.name) > MAX_NAME or not args.name.isprintable()):
-        raise UsageError(
-            f"%%gpu --name: give a short printable label (at most {MAX_NAME} characters)."
-        )
-    return CellOptions(
-        spec=spec,
-        timeout=timeout,
-        inputs=_names(args.inputs, "--in"),
-        outputs=_names(args.outputs, "--out"),
-        fresh=args.fresh,
-        run_async=args.run_async,
-        name=args.name,
-        explicit_request=args.gpus is not None or args.memory is not None,
-        retries=retries,
-        resume=args.resume,
-    )
 
 
 def main(argv: list[str] | None = None) -> int:

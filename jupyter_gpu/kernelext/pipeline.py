@@ -19,8 +19,9 @@ from IPython.core.error import UsageError
 
 from jupyter_gpu.common import config
 from jupyter_gpu.common.codenames import code_names_kept
-from jupyter_gpu.common.datacontract import RemoteObject, cell_names, input_item
+from jupyter_gpu.common.datacontract import cell_names, input_item
 from jupyter_gpu.common.protocol import CellPayload
+from jupyter_gpu.common.remote_value import RemoteObject
 from jupyter_gpu.kernelext.connection import PoolConnection
 from jupyter_gpu.kernelext.options import CellOptions
 from jupyter_gpu.kernelext.rendering import register_cell_source

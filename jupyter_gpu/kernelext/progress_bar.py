@@ -279,7 +279,10 @@ class WidgetView:
                 meter.add_class("jupyter-gpu-progress-bar")
                 text = w.HTML(layout=w.Layout(width="auto"))
                 self.rows[key] = (label, meter, text)
-                self.box.children = (*[w.HBox(row) for row in self.rows.values()], self.curve)
+                # by rank (then bar name), whichever reported first: rank 1's row above rank 0's
+                # when rank 1 happened to report first read as out of order
+                ordered = sorted(self.rows, key=lambda k: (k[0], k[1] or ""))
+                self.box.children = (*[w.HBox(self.rows[k]) for k in ordered], self.curve)
             _, meter, text = self.rows[key]
             fraction = bar.fraction
             if fraction is not None:
@@ -322,7 +325,10 @@ def _count(value: float | None) -> str:
 
 
 def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    """A metric as shown: 4 significant digits; zero as 0 (a loss of -0.0 read ``loss=-0``)."""
+    if isinstance(value, float):
+        return "0" if value == 0 else f"{value:.4g}"
+    return str(value)
 
 
 def sparkline(values: list[float], width: int = 160, height: int = 28) -> str:

@@ -203,8 +203,9 @@ class RankRunner:
             if rank in replies:
                 continue
             try:
+                # never held up by a restarting scheduler: the cell runs on without it
                 info = self.conn.scheduler_call(
-                    "gpu_lease_info", lease=session.id, user=self.conn.user
+                    "gpu_lease_info", wait_for_restart=False, lease=session.id, user=self.conn.user
                 )
             except Exception as exc:  # noqa: BLE001 - the pool does not answer now: the connections will tell
                 log.debug("could not ask about lease %s: %s", session.id, exc)
@@ -221,7 +222,10 @@ class RankRunner:
         back: it did start."""
         try:
             info = self.conn.scheduler_call(
-                "gpu_lease_info", lease=self.sessions[rank].id, user=self.conn.user
+                "gpu_lease_info",
+                wait_for_restart=False,
+                lease=self.sessions[rank].id,
+                user=self.conn.user,
             )
         except Exception:  # noqa: BLE001 - the pool does not answer: keep what the connection said
             return False

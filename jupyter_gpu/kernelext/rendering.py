@@ -8,8 +8,10 @@ remote exceptions are rebuilt as real exceptions whose traceback shows the cell'
 from __future__ import annotations
 
 import linecache
+import os
 import pickle
 import sys
+import types
 from collections.abc import Mapping
 from typing import Any
 
@@ -95,15 +97,18 @@ class _TracebackMaker(Exception):
 
 
 def traceback_from_dict(tb_dict: dict) -> Any:
-    """A real traceback from tblib's ``Traceback.as_dict()``: one stub frame per remote frame, with
-    the remote file name, function name and line number, so IPython shows the cell's own lines from
+    """A real traceback from the session's frames (``session/tracebacks.frames_dict``, the shape of
+    tblib's ``Traceback.as_dict()``): one stub frame per remote frame, with the remote file name,
+    function name, first line and line number, so IPython shows the cell's own lines from
     ``linecache``.
 
-        Why not ``tblib.Traceback.as_traceback``: tblib 3 makes each stub a one-line code object
-        whose first line is the frame's line, and IPython 9 reads a frame's source from its code's
-        first line: a failure on line 3 of a function showed the function's first line labelled 3.
-        Here the stub's code starts at line 1 and reaches the frame's line, as a real module's code
-        does, which IPython 8 and 9 both show right."""
+        Why stubs of our own: IPython reads a frame's source from its code's first line (IPython 9
+        always for a cell's file, which does not exist on disk; IPython 8 when a frame's file is
+        long). tblib's stubs are one-line codes starting at the frame's line, so a failure on line
+        3 of a function showed the function's first line labelled 3; a stub starting at line 1
+        showed nothing under ``Cell In[3], line 22`` for a function that starts on line 10 (the
+        block read from line 1 was the cell's first statement). Here a function's stub starts
+        where the function does and reaches the frame's line, as the real code does."""
     top = last = None
     node: Any = tb_dict
     while isinstance(node, dict):
@@ -112,24 +117,64 @@ def traceback_from_dict(tb_dict: dict) -> Any:
             str(code.get("co_filename") or "<unknown>"),
             str(code.get("co_name") or "<module>"),
         )
-        lineno = node.get("tb_lineno")
-        lineno = lineno if isinstance(lineno, int) and 0 < lineno <= 1_000_000 else 1
-        stub = compile("\n" * (lineno - 1) + "raise __traceback_maker", filename, "exec").replace(
-            co_name=name
-        )
-        try:
-            exec(stub, {"__traceback_maker": _TracebackMaker, "__name__": "__main__"})
-        except _TracebackMaker:
-            caught = sys.exc_info()[2]
-            assert caught is not None  # in the except clause: its traceback
-            made = caught.tb_next  # the stub's own frame
-            if top is None:
-                top = made
-            if last is not None:
-                last.tb_next = made
-            last = made
+        lineno = _line(node.get("tb_lineno"), 1)
+        first = _line(code.get("co_firstlineno"), 1)
+        made = _stub_frame(filename, name, first if first <= lineno else 1, lineno)
+        if top is None:
+            top = made
+        if last is not None:
+            last.tb_next = made
+        last = made
         node = node.get("tb_next")
     return top
+
+
+def _line(value: Any, default: int) -> int:
+    return value if isinstance(value, int) and 0 < value <= 1_000_000 else default
+
+
+def _stub_frame(filename: str, name: str, first: int, lineno: int) -> Any:
+    """A traceback entry in a code object named ``name`` of ``filename`` that starts on line
+    ``first`` and raised on line ``lineno`` (a function, so that its first line is ``first`` for
+    any value; a module's code is one starting on line 1)."""
+    body = (
+        " raise __traceback_maker"
+        if lineno == first
+        else ("\n" * (lineno - first) + " raise __traceback_maker")
+    )
+    module = compile("\n" * (first - 1) + "def _stub():" + body, filename, "exec")
+    code = next(c for c in module.co_consts if isinstance(c, types.CodeType))
+    code = code.replace(co_name=name)
+    if sys.version_info >= (3, 11):
+        code = code.replace(co_qualname=name)
+    stub = types.FunctionType(code, {"__traceback_maker": _TracebackMaker, "__name__": "__main__"})
+    try:
+        stub()
+    except _TracebackMaker:
+        caught = sys.exc_info()[2]
+        assert caught is not None and caught.tb_next is not None  # this frame, then the stub's
+        return caught.tb_next
+    raise AssertionError("the stub frame did not raise")
+
+
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def without_our_tail(tb: Any) -> Any:
+    """``tb`` without the frames of jupyter-gpu's own code it ends in (cut in place): an error that
+    jupyter-gpu raises for the user's line (a ``RemoteObject`` used as a local value, a bad argument
+    to one of its functions) is shown at that line, as a library's hidden frames are. IPython always
+    shows the frame that raised, ``__tracebackhide__`` or not."""
+    last_theirs = None
+    t = tb
+    while t is not None:
+        if not os.path.abspath(t.tb_frame.f_code.co_filename).startswith(PACKAGE_DIR):
+            last_theirs = t
+        t = t.tb_next
+    if last_theirs is None:
+        return tb  # all of it is ours: an error of jupyter-gpu itself, shown whole
+    last_theirs.tb_next = None
+    return tb
 
 
 def remote_part(value: BaseException, tb: Any) -> Any:

@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import Any, cast
 
 from jupyter_gpu.common import local_transfer
-from jupyter_gpu.common.datacontract import RemoteObject
 from jupyter_gpu.common.protocol import ErrorPayload, ExecuteReply, LastValue
+from jupyter_gpu.common.remote_value import RemoteObject
 from jupyter_gpu.errors import CellTimeout
 from jupyter_gpu.kernelext.connection import RemoteSession
 from jupyter_gpu.kernelext.options import CellOptions

@@ -150,6 +150,8 @@ def start_execute(
 async def lease_ended(conn: PoolConnection, lease: str) -> str | None:
     """Why the broker ended ``lease``, or None while it stands (or when the broker does not
     answer)."""
+    if conn.scheduler_away():  # restarting: it could not say (the connection will)
+        return None
     kwargs = {"token": os.environ[TOKEN_ENV]} if os.environ.get(TOKEN_ENV) else {}
     try:
         scheduler = conn.client.scheduler

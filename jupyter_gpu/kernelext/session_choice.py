@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from IPython.core.error import UsageError
 
-from jupyter_gpu.common.datacontract import RemoteObject
 from jupyter_gpu.common.protocol import RequestSpec
+from jupyter_gpu.common.remote_value import RemoteObject
 from jupyter_gpu.common.units import format_bytes
 from jupyter_gpu.errors import GpuPoolError
 from jupyter_gpu.kernelext.badge import StatusLine

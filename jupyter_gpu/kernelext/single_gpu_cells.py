@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, cast
 
 from jupyter_gpu.common import config
 from jupyter_gpu.common.protocol import ExecuteReply
-from jupyter_gpu.common.rightsizing import RightSize, right_size
+from jupyter_gpu.common.rightsizing import OverUse, RightSize, over_use, right_size
 from jupyter_gpu.errors import CellTimeout, GpuPoolError, SessionLost
 from jupyter_gpu.kernelext.badge import JobStatus, StatusLine
 from jupyter_gpu.kernelext.connection import PoolConnection, RemoteSession
@@ -95,7 +95,7 @@ class SessionCells:
         runs.finished(job.plan, done.get("status") == "ok")
         return finish_cell(self.shell, done, session, opts)
 
-    def _right_size(self, session: RemoteSession, done: ExecuteReply) -> RightSize | None:
+    def _right_size(self, session: RemoteSession, done: ExecuteReply) -> RightSize | OverUse | None:
         """Far more reserved than the session ever used? Then the badge says what to ask next time:
         once per session, and only after a cell that did some work on its GPU (``x = 1`` says
         nothing about how much a session needs; the panel keeps showing the hint for as long as it
@@ -103,6 +103,11 @@ class SessionCells:
         peak = done.get("peak_bytes")
         if peak is None:
             return None
+        # over its share where nothing enforces it (a virtual GPU): said after every such cell
+        if session.lease.get("isolation", "none") == "none":
+            over = over_use(int(peak), session.lease.get("bytes"))
+            if over is not None:
+                return over
         peak = self.peaks[session.id] = max(self.peaks.get(session.id, 0), int(peak))
         worked = (
             int(done.get("peak_bytes") or 0) >= HINT_AFTER_PEAK

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import html
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from jupyter_gpu.common.rightsizing import right_size
 from jupyter_gpu.common.units import format_bytes
+
+QUEUE_HEADERS = ["#", "id", "user", "request", "priority", "waiting", "reason", "estimated start"]
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> tuple[str, str]:
@@ -27,15 +30,20 @@ def _table(headers: list[str], rows: list[list[str]]) -> tuple[str, str]:
     return "\n".join(plain), rich
 
 
+def estimated_start(item: dict, now: float) -> str:
+    """A waiting request's estimated start and what it rests on (``broker/estimates.py``): ``in 40
+    s (median of alice's last 12 cells: 40 s)``, or ``unknown (why)``."""
+    note = f" ({item['eta_note']})" if item.get("eta_note") else ""
+    if item.get("eta") is None:
+        return f"unknown{note}"
+    return f"in {max(0.0, item['eta'] - now):.0f} s{note}"
+
+
 def queue_rows(snapshot: dict) -> list[list[str]]:
     now = snapshot.get("time") or time.time()
     rows = []
     for q in snapshot["queue"]:
-        eta = f"in {max(0, q['eta'] - now):.0f} s" if q.get("eta") else "unknown"
-        if q.get("eta") and q.get("eta_basis"):
-            eta += {"progress": " (from progress)", "idle": " (idle sessions move)"}.get(
-                q["eta_basis"], " (rough)"
-            )
+        eta = estimated_start(q, now)
         rows.append(
             [
                 str(q["position"]),
@@ -131,13 +139,113 @@ class QueueView:
                 "The queue is empty: every request has been granted.",
                 "<p>The queue is empty.</p>",
             )
-        return _table(
-            ["#", "id", "user", "request", "priority", "waiting", "reason", "estimated start"], rows
-        )
+        return _table(QUEUE_HEADERS, rows)
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict:
         plain, rich = self._parts()
         return {"text/plain": plain, "text/html": rich}
+
+
+@dataclass
+class Section:
+    """One part of ``%gpu status``: a title, a note under it, a table (or what to say when it has no
+    rows; a section without rows and without ``empty`` is left out)."""
+
+    title: str
+    headers: list[str]
+    rows: list[list[str]]
+    empty: str | None = "none"
+    note: str = ""
+
+    def plain(self) -> list[str]:
+        if not self.rows and self.empty is None:
+            return []
+        title = f"{self.title} ({self.note}):" if self.note else f"{self.title}:"
+        return ["", title, _table(self.headers, self.rows)[0] if self.rows else self.empty or ""]
+
+    def rich(self) -> str:
+        if not self.rows and self.empty is None:
+            return ""
+        note = f"<p>{html.escape(self.note[0].upper() + self.note[1:])}.</p>" if self.note else ""
+        body = _table(self.headers, self.rows)[1] if self.rows else f"<p>{self.empty}</p>"
+        return f"<h4>{html.escape(self.title)}</h4>{note}{body}"
+
+
+def gpu_rows(snap: dict) -> list[list[str]]:
+    """Every GPU: its name (and host, in a pool across machines), memory leased, utilization and
+    who holds which share."""
+    several_hosts = len({g.get("host") for g in snap["gpus"]}) > 1
+    rows = []
+    for g in snap["gpus"]:
+        holders = ", ".join(
+            f"{ls['user']} {ls.get('bytes_on_gpu', ls['bytes']) / g['total_bytes']:.2g}"
+            f" ({ls['state']})"
+            for ls in g["leases"]
+        )
+        util = g.get("utilization")
+        rows.append(
+            [
+                (f"{g.get('host')}: " if several_hosts else "")
+                + g["name"]
+                + (" [virtual]" if g.get("virtual") else "")
+                + (" [MIG]" if g.get("mig") else ""),
+                f"{format_bytes(g['leased_bytes'])} / {format_bytes(g['total_bytes'])}",
+                "-" if util is None else f"{util:.0f}%",
+                holders or "-",
+            ]
+        )
+    return rows
+
+
+def session_rows(snap: dict, user: str, kernel: str) -> list[list[str]]:
+    """``user``'s leases, once each: share, state, isolation, peak memory, right-size hint."""
+    rows: list[list[str]] = []
+    for g in snap["gpus"]:
+        for ls in g["leases"]:
+            if ls["user"] != user or ls["id"] in {r[0] for r in rows}:
+                continue
+            here = " (this kernel)" if ls["kernel"] == kernel else ""
+            peak = format_bytes(ls["peak_bytes"]) if ls.get("peak_bytes") is not None else "-"
+            busy = ls.get("gpu_utilization")
+            sizing = right_size(ls.get("peak_bytes"), ls.get("bytes"))
+            rows.append(
+                [
+                    ls["id"],
+                    f"{ls['fraction']:g} of {g['name']}{here}",
+                    ls["state"] + (" (preemptible)" if ls.get("preemptible") else ""),
+                    ls.get("isolation", "none"),
+                    f"{peak} of {format_bytes(ls['bytes'])}"
+                    + (f", {busy:.0f}% SM busy" if busy is not None else ""),
+                    f"ask --memory {sizing.suggestion()}" if sizing else "-",
+                    ls.get("notebook") or "-",
+                ]
+            )
+    return rows
+
+
+def host_memory_rows(snap: dict, user: str, kernel: str) -> list[list[str]]:
+    """``user``'s sessions whose variables wait in host memory for their kernel's next cell."""
+    now = snap.get("time") or time.time()
+    rows = []
+    for p in snap.get("in_host_memory") or ():
+        if p["user"] != user:
+            continue
+        size = f", {format_bytes(p['bytes'])}" if p.get("bytes") is not None else ""
+        kept = (
+            "being moved"
+            if p.get("state") == "pending"
+            else (f"{len(p.get('saved') or ())} variable(s){size}")
+        )
+        rows.append(
+            [
+                p["id"],
+                "this kernel" if p.get("kernel") == kernel else (p.get("notebook") or "-"),
+                kept,
+                f"{now - p['since']:.0f} s ago" if p.get("since") else "-",
+                p.get("reason") or "-",
+            ]
+        )
+    return rows
 
 
 class StatusView:
@@ -149,12 +257,11 @@ class StatusView:
         self.snapshot, self.user, self.kernel = snapshot, user, kernel
         self.jobs, self.session, self.address = jobs, session, address
 
-    def _parts(self) -> tuple[str, str]:
-        snap = self.snapshot
-        pool = snap["pool"]
-        head = (
+    def _head(self) -> str:
+        pool = self.snapshot["pool"]
+        return (
             f"Pool {self.address} ({'embedded' if pool.get('embedded') else 'shared'}): "
-            f"{len(snap['gpus'])} GPU(s) on {pool.get('workers')} worker(s)"
+            f"{len(self.snapshot['gpus'])} GPU(s) on {pool.get('workers')} worker(s)"
             + (
                 ", virtual GPUs (fractions are counted, not enforced)"
                 if pool.get("virtual")
@@ -162,120 +269,50 @@ class StatusView:
             )
             + isolation_note(pool)
         )
-        gpu_rows = []
-        # a pool across machines: say which
-        several_hosts = len({g.get("host") for g in snap["gpus"]}) > 1
-        for g in snap["gpus"]:
-            holders = (
-                ", ".join(
-                    f"{ls['user']} {ls.get('bytes_on_gpu', ls['bytes']) / g['total_bytes']:.2g}"
-                    f" ({ls['state']})"
-                    for ls in g["leases"]
-                )
-                or "-"
-            )
-            util = g.get("utilization")
-            gpu_rows.append(
-                [
-                    (f"{g.get('host')}: " if several_hosts else "")
-                    + g["name"]
-                    + (" [virtual]" if g.get("virtual") else "")
-                    + (" [MIG]" if g.get("mig") else ""),
-                    f"{format_bytes(g['leased_bytes'])} / {format_bytes(g['total_bytes'])}",
-                    "-" if util is None else f"{util:.0f}%",
-                    holders,
-                ]
-            )
-        gpu_plain, gpu_html = _table(["GPU", "leased", "util", "held by"], gpu_rows)
-        mine: list[list[str]] = []
-        for g in snap["gpus"]:
-            for ls in g["leases"]:
-                if ls["user"] == self.user and ls["id"] not in {m[0] for m in mine}:
-                    here = " (this kernel)" if ls["kernel"] == self.kernel else ""
-                    peak = (
-                        format_bytes(ls["peak_bytes"]) if ls.get("peak_bytes") is not None else "-"
-                    )
-                    sizing = right_size(ls.get("peak_bytes"), ls.get("bytes"))
-                    state = ls["state"] + (" (preemptible)" if ls.get("preemptible") else "")
-                    mine.append(
-                        [
-                            ls["id"],
-                            f"{ls['fraction']:g} of {g['name']}{here}",
-                            state,
-                            ls.get("isolation", "none"),
-                            f"{peak} of {format_bytes(ls['bytes'])}"
-                            + (
-                                f", {ls['gpu_utilization']:.0f}% SM busy"
-                                if ls.get("gpu_utilization") is not None
-                                else ""
-                            ),
-                            f"ask --memory {sizing.suggestion()}" if sizing else "-",
-                            ls.get("notebook") or "-",
-                        ]
-                    )
-        my_plain, my_html = _table(
-            ["lease", "share", "state", "isolation", "peak memory", "right-size", "notebook"], mine
-        )
-        now = snap.get("time") or time.time()
-        parked = [
-            [
-                p["id"],
-                "this kernel" if p.get("kernel") == self.kernel else (p.get("notebook") or "-"),
-                (
-                    "being moved"
-                    if p.get("state") == "pending"
-                    else f"{len(p.get('saved') or ())} variable(s)"
-                    + (f", {format_bytes(p['bytes'])}" if p.get("bytes") is not None else "")
-                ),
-                f"{now - p['since']:.0f} s ago" if p.get("since") else "-",
-                p.get("reason") or "-",
-            ]
-            for p in snap.get("in_host_memory") or ()
-            if p["user"] == self.user
+
+    def _sections(self) -> list[Section]:
+        snap, me = self.snapshot, self.user
+        return [
+            Section(
+                f"My sessions ({me})",
+                ["lease", "share", "state", "isolation", "peak memory", "right-size", "notebook"],
+                session_rows(snap, me, self.kernel),
+            ),
+            Section(
+                "My sessions in host memory",
+                ["lease", "kernel", "kept", "left its GPU", "why"],
+                host_memory_rows(snap, me, self.kernel),
+                empty=None,
+                note="the next %%gpu cell of their kernel brings them back",
+            ),
+            Section(
+                "My queued requests",
+                QUEUE_HEADERS,
+                [r for r in queue_rows(snap) if r[2] == me],
+            ),
+            Section(
+                "My --async jobs in this kernel",
+                ["job", "cell", "state"],
+                [[j.id, j.label, j.state] for j in self.jobs.values()],
+                empty=None,
+            ),
         ]
-        p_plain, p_html = _table(["lease", "kernel", "kept", "left its GPU", "why"], parked)
-        queued = [r for r in queue_rows(snap) if r[2] == self.user]
-        q_plain, q_html = _table(
-            ["#", "id", "user", "request", "priority", "waiting", "reason", "estimated start"],
-            queued,
-        )
-        jobs = [[j.id, j.label, j.state] for j in self.jobs.values()]
-        j_plain, j_html = _table(["job", "cell", "state"], jobs)
-        cluster = cluster_text(pool)
-        plain = (
-            [head]
-            + ([cluster] if cluster else [])
-            + ["", gpu_plain, "", f"My sessions ({self.user}):", my_plain if mine else "none"]
-        )
-        if parked:
-            plain += [
-                "",
-                "My sessions in host memory (the next %%gpu cell of their kernel brings them back):",
-                p_plain,
-            ]
-        plain += ["", "My queued requests:", q_plain if queued else "none"]
-        if jobs:
-            plain += ["", "My --async jobs in this kernel:", j_plain]
-        quota = quota_text(snap.get("quotas") or {}, self.user)
-        plain += ["", quota]
+
+    def _parts(self) -> tuple[str, str]:
+        head, cluster = self._head(), cluster_text(self.snapshot["pool"])
+        gpu_plain, gpu_html = _table(["GPU", "leased", "util", "held by"], gpu_rows(self.snapshot))
+        quota = quota_text(self.snapshot.get("quotas") or {}, self.user)
+        sections = self._sections()
+        plain = [head, *([cluster] if cluster else []), "", gpu_plain]
+        plain += [line for section in sections for line in section.plain()]
         rich = (
             f"<p><b>{html.escape(head)}</b></p>"
             + (f"<p>{html.escape(cluster)}</p>" if cluster else "")
-            + f"{gpu_html}<h4>My sessions ({html.escape(self.user)})</h4>"
-            + (my_html if mine else "<p>none</p>")
-            + (
-                "<h4>My sessions in host memory</h4><p>The next <code>%%gpu</code> cell of their "
-                "kernel brings "
-                f"them back.</p>{p_html}"
-                if parked
-                else ""
-            )
-            + "<h4>My queued requests</h4>"
-            + (q_html if queued else "<p>none</p>")
-            + (f"<h4>My --async jobs</h4>{j_html}" if jobs else "")
+            + gpu_html
+            + "".join(section.rich() for section in sections)
             + f"<h4>My quota</h4><p>{html.escape(quota)}</p>"
         )
-        return "\n".join(plain), rich
+        return "\n".join([*plain, "", quota]), rich
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict:
         plain, rich = self._parts()

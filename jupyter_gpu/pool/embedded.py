@@ -135,6 +135,9 @@ async def run_pool(
     """
     no_pickle.install()  # the nannies of this process too (common/no_pickle.py)
     quiet_reachability_probes()
+    # its credentials go next to the runtime file: `pool up --embedded` may be the first thing this
+    # account runs, before Jupyter has made its runtime folder (private, as Jupyter makes it)
+    os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
     sec, own = pool_tls(path, security)
     try:
         await _serve(path, keep, host, sec, own)

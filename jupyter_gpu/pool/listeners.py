@@ -74,10 +74,22 @@ class PoolScheduler(_HttpWhenConfigured, Scheduler):
     ``SpecCluster`` that owns this scheduler (``pool/cluster_manager.py``) connects its own comm
     to. In a pool that checks tokens the gate (``broker/gate.py``) lets that comm use Dask's
     cluster API (worker status, retiring workers), which it closes to everyone else.
+
+    ``leave_workers``: when it stops, leave its workers running instead of telling each to close
+    (:meth:`close`): a team pool's scheduler that stops is being restarted (systemd, a supervisor,
+    Ctrl-C), and its workers keep their sessions and wait for it (``worker/dask_worker.py``). A
+    pool that owns its workers (the embedded pool, a cluster manager) closes them itself first.
     """
 
-    def __init__(self, *args: Any, in_process_listener: bool = False, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        in_process_listener: bool = False,
+        leave_workers: bool = False,
+        **kwargs: Any,
+    ):
         no_pickle.install()  # before it listens: nothing it reads runs code (common/no_pickle.py)
+        self.leave_workers = leave_workers
         if in_process_listener:
             protocol = (kwargs.get("protocol") or "tcp").replace("://", "")
             kwargs.update(
@@ -121,6 +133,43 @@ class PoolScheduler(_HttpWhenConfigured, Scheduler):
                     now - ws.last_seen,
                 )
                 await self.remove_worker(ws.address, stimulus_id=f"check-worker-ttl-{now}")
+
+    async def close(self, timeout: float | None = None, reason: str = "unknown") -> None:
+        """As Dask's, except that with ``leave_workers`` the workers are let go rather than told to
+        close: Dask's ``close`` sends each ``{"op": "close"}`` (ending their sessions).
+
+        First nothing new connects (a worker that notices must not register with a scheduler that
+        is going away), then each worker's stream is dropped without a word, which the worker reads
+        as its scheduler restarting; they are not removed either (removing ends their leases in the
+        audit store as lost, which they are not: the next scheduler adopts them)."""
+        from distributed.core import Status
+
+        if self.leave_workers and self.status not in (Status.closing, Status.closed):
+            self._stop_listeners()
+            streams = list(self.stream_comms.values())
+            self.stream_comms.clear()
+            for stream in streams:
+                stream.abort()
+            if streams:
+                log.warning(
+                    "the pool's scheduler is stopping (%s): its %d worker(s) keep their sessions "
+                    "and wait for a scheduler at %s (worker.reconnect-timeout)",
+                    reason,
+                    len(streams),
+                    self.address,
+                )
+        await super().close(timeout=timeout, reason=reason)
+
+    def remove_client(self, client: str, stimulus_id: str | None = None) -> None:
+        """As Dask's, except while a ``leave_workers`` scheduler stops: its kernels' connections
+        drop because it is going away, not because the kernels went (the broker would end their
+        leases and kill their sessions); they reconnect to the next scheduler, which adopts
+        them."""
+        from distributed.core import Status
+
+        if self.leave_workers and self.status in (Status.closing, Status.closed):
+            return
+        super().remove_client(client, stimulus_id=stimulus_id)
 
     async def start_unsafe(self) -> PoolScheduler:
         await super().start_unsafe()

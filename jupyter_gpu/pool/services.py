@@ -57,6 +57,10 @@ async def _until_signalled() -> None:
 async def run_scheduler(host: str, port: int, security: Security | None = None) -> None:
     """The pool's scheduler with the broker; runs until SIGTERM/SIGINT.
 
+    Stopping it leaves its workers running with their sessions: they wait for a scheduler at the
+    same address (``worker.reconnect-timeout``), so starting it again on the same port is a restart
+    that users see as a pause (docs/administration.md, Restarting the scheduler).
+
     ``security``: TLS of the ``scheduler`` role (default: Dask config, see
     ``jupyter_gpu.common.security``); when TLS is configured the scheduler listens on ``tls://``
     and accepts only peers with the pool's certificates.
@@ -81,6 +85,8 @@ async def run_scheduler(host: str, port: int, security: Security | None = None) 
         security=sec,
         dashboard=False,
         preload=["jupyter_gpu.broker.plugin"],
+        # a restart (SIGTERM, Ctrl-C) keeps the workers and their sessions: they wait for it
+        leave_workers=True,
     ) as scheduler:
         print(f"jupyter-gpu pool scheduler at {scheduler.address}", flush=True)
         print(f"  {describe(sec, 'scheduler')}", flush=True)

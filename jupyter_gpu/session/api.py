@@ -115,8 +115,15 @@ def checkpoint(state: Any, name: str = "checkpoint") -> str:
     return path
 
 
-def restore(name: str = "checkpoint", default: Any = None) -> Any:
-    """The last ``checkpoint()`` of this run, or ``default`` if there is none yet.
+def restore(default: Any = None, *, name: str = "checkpoint") -> Any:
+    """The last ``checkpoint()`` of this run, or ``default`` if there is none yet::
+
+        state = jupyter_gpu.restore({"step": -1})          # or restore(default={"step": -1})
+        best = jupyter_gpu.restore(None, name="best")      # what checkpoint(x, name="best") saved
+
+    As in ``checkpoint(state)``, the value comes first and the checkpoint's name is a keyword.
+    ``restore("best")`` (a name where the default goes) is refused with a ``TypeError`` saying so
+    when this run has a checkpoint of that name, rather than quietly returning ``"best"``.
 
     A new run of a cell has none: only a run that lost a worker (and reruns) or a cell run with
     ``%%gpu --resume`` finds checkpoints, and it says so in the cell.
@@ -127,13 +134,29 @@ def restore(name: str = "checkpoint", default: Any = None) -> Any:
     """
     import torch
 
+    if not isinstance(name, str) or not name:
+        raise TypeError(
+            f"jupyter_gpu.restore(name={name!r}): a checkpoint's name is a non-empty string, as "
+            "given to jupyter_gpu.checkpoint(state, name=...)."
+        )
     distributed = (
         world_size() > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
     )
-    state = default
+    state, misuse = default, None
     if rank() == 0:
-        path = os.path.join(_checkpoint_dir(), f"{name}.pt")
-        if os.path.exists(path):
+        directory = _checkpoint_dir()
+        path = os.path.join(directory, f"{name}.pt")
+        if (
+            isinstance(default, str)
+            and default != name
+            and os.path.exists(os.path.join(directory, f"{default}.pt"))
+        ):
+            misuse = (
+                f"jupyter_gpu.restore({default!r}): the first argument is what to return when "
+                f"there is no checkpoint yet, not a checkpoint's name. To read the checkpoint "
+                f"{default!r} this run saved, write jupyter_gpu.restore(name={default!r})."
+            )
+        elif os.path.exists(path):
             state = torch.load(path, map_location="cpu", weights_only=False)
             # a run finds checkpoints only when it resumes (a retry after a lost worker, or
             # --resume): say so
@@ -146,9 +169,11 @@ def restore(name: str = "checkpoint", default: Any = None) -> Any:
             why = f"attempt {_state['attempt'] + 1}" if _state["attempt"] else "--resume"
             print(f"[jupyter-gpu] {note} ({why})", flush=True)
     if distributed:
-        box = [state]
+        box = [(state, misuse)]
         torch.distributed.broadcast_object_list(box, src=0)
-        state = box[0]
+        state, misuse = box[0]
+    if misuse is not None:
+        raise TypeError(misuse)
     return state
 
 

@@ -30,6 +30,9 @@ from jupyter_gpu.session.worker_link import WorkerLink
 
 log = logging.getLogger(__name__)
 
+# seconds rank 0 of a run whose cell failed on it waits for the other ranks to let go of the store
+LEAVE_AFTER_FAILURE = 2.0
+
 
 def route_interface(peer: str) -> str | None:
     """The name of the network interface this machine uses to reach ``peer`` (an IP address), or
@@ -196,26 +199,44 @@ class DistributedRun:
         except Exception as exc:  # noqa: BLE001 - the panel misses a beat; training never waits for it
             log.debug("could not send metrics: %s", exc)
 
-    def _arrive_and_wait(self, timeout: float) -> None:
-        """Count this rank in at the rendezvous store and wait (bounded) for the others. The store
-        is not the process group's transport, so this never interferes with a collective a peer is
-        finishing."""
+    def _take_leave(self, clean: bool, timeout: float) -> None:
+        """Count this rank out at the rendezvous store, in an order that leaves the store to rank
+        0 until the last: every rank counts itself in (``arrived``); a rank whose cell succeeded
+        waits (bounded) until all have, so that no rank leaves its last collective early and
+        closes connections a peer still finishing it needs; then every other rank says it is
+        done with the store (``left``) and touches it no more, and rank 0 waits (bounded) for
+        them before its group, and with it the store, goes.
+
+            Why: the store is served by rank 0's process. A rank still asking it whether everyone
+            had arrived when rank 0 destroyed it printed some 30 lines of a C++ "TCPStore
+            recvValue failed ... Connection was likely closed" stack into the cell (whenever rank
+            0 happened to finish last). The store is not the process group's transport, so this
+            never interferes with a collective."""
         try:
             from torch.distributed import distributed_c10d
 
             store = distributed_c10d._get_default_store()
             key = f"jupyter-gpu/teardown/{self.dist.get('run')}/{self.dist.get('attempt', 0)}"
-            store.add(key, 1)
+            arrived, left = f"{key}/arrived", f"{key}/left"
+            store.add(arrived, 1)
             deadline = time.monotonic() + timeout
-            while store.add(key, 0) < self.world_size and time.monotonic() < deadline:
+            if clean:
+                while store.add(arrived, 0) < self.world_size and time.monotonic() < deadline:
+                    time.sleep(0.02)
+            if self.rank != 0:
+                store.add(left, 1)  # the last time this rank uses the store
+                return
+            if not clean:  # this cell failed: wait only briefly for the others to let go
+                deadline = min(deadline, time.monotonic() + LEAVE_AFTER_FAILURE)
+            while store.add(left, 0) < self.world_size - 1 and time.monotonic() < deadline:
                 time.sleep(0.02)
         except Exception as exc:  # noqa: BLE001 - a peer failed or the store is gone: nothing to wait for
             log.debug("teardown rendezvous: %s", exc)
 
     def stop(self, clean: bool = False) -> None:
-        """Tear down. After a cell that succeeded on this rank, first wait (bounded) for every rank
-        to get here: a rank that left its last collective early and closed its connections would
-        make a peer still finishing that collective fail with "connection closed by peer"."""
+        """Tear down: the last metrics, then leave the rendezvous store in order
+        (:meth:`_take_leave`: after a cell that succeeded on this rank, first wait, bounded, for
+        every rank to get here), then destroy the process group."""
         if self.listen is not None:  # the run never got as far as its store
             self.listen.close()
             self.listen = None
@@ -229,8 +250,7 @@ class DistributedRun:
         if self._group:
             import torch.distributed as torch_dist
 
-            if clean:
-                self._arrive_and_wait(timeout=30.0)
+            self._take_leave(clean, timeout=30.0)
             try:
                 torch_dist.destroy_process_group()
             except Exception as exc:  # noqa: BLE001 - a broken group is torn down anyway

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import io
+import math
 import os
 import threading
 import time
@@ -30,72 +31,104 @@ Emit = Callable[[OutputMsg], None]  # a running cell's output, to its kernel
 class Relay:
     """Routes messages to the running cell's sink; drops them between cells.
 
-    Text output is capped per cell (``limit`` bytes, ``session.output-limit``): a loop that
-    prints for minutes must not push tens of megabytes into the notebook (the browser and the
-    saved notebook suffer, not the cell). Beyond the cap, stream text is dropped and counted;
-    ``finish_cell`` says how much, once.
+    Text output is held to two budgets, so that printing in a loop shows what it can and says
+    once, naming the setting, what it did not show:
+
+    - per cell (``limit`` bytes, ``session.output-limit``): a loop that prints for minutes must not
+      push tens of megabytes into the notebook (the browser and the saved notebook suffer, not the
+      cell);
+    - per second (``rate`` bytes, ``session.output-rate``, after a first ``BURST``): the Jupyter
+      server stops passing a kernel's output on when it comes faster than its
+      ``iopub_data_rate_limit`` (1 MB/s over 3 s by default), with a message of its own naming that
+      setting, and then shows nothing: printing 100 MB showed two limit messages and no output.
+      Kept under the server's rate, the cell's output is shown and only ours is said.
+
+    Beyond either budget, stream text is dropped and counted; ``finish_cell`` says how much, once.
     """
 
-    def __init__(self, limit: int | None = None) -> None:
+    BURST = 1 << 20  # bytes a cell may print at once before the rate applies
+
+    def __init__(
+        self,
+        limit: int | None = None,
+        rate: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._emit: Emit | None = None
         self.streams: list[RelayStream] = []
-        self.limit = limit
+        self.limit, self.rate, self.clock = limit, rate, clock
         self._lock = threading.Lock()
         self._sent = 0
         self._dropped_bytes = 0
         self._dropped_lines = 0
+        self._tokens, self._refilled = float(self.BURST), clock()
+        self._by_rate = False  # whether the rate (not the cell's total) dropped output
 
     def begin(self, emit: Emit) -> None:
         with self._lock:
             self._sent = self._dropped_bytes = self._dropped_lines = 0
+            self._tokens, self._refilled, self._by_rate = float(self.BURST), self.clock(), False
         self._emit = emit
 
     def end(self) -> None:
         self._emit = None
 
+    def _room(self) -> tuple[float, bool]:
+        """Bytes the running cell may print now, and whether the rate is what limits it."""
+        room = math.inf if self.limit is None else float(self.limit - self._sent)
+        if self.rate is None:
+            return room, False
+        now = self.clock()
+        self._tokens = min(self.BURST, self._tokens + max(0.0, now - self._refilled) * self.rate)
+        self._refilled = now
+        return max(0.0, min(room, self._tokens)), self._tokens < room
+
     def emit(self, msg: OutputMsg) -> None:
         sink = self._emit
         if sink is None:
             return
-        if self.limit is not None and msg["op"] == "stream":
+        if (self.limit is not None or self.rate is not None) and msg["op"] == "stream":
             text = msg["text"]
             with self._lock:
-                room = self.limit - self._sent
-                if room <= 0:
-                    self._dropped_bytes += len(text)
-                    self._dropped_lines += text.count("\n")
-                    return
+                room, by_rate = self._room()
                 if len(text) > room:
-                    cut = text.rfind("\n", 0, room) + 1 or room
+                    cut = text.rfind("\n", 0, int(room)) + 1 or int(room)
                     self._dropped_bytes += len(text) - cut
                     self._dropped_lines += text.count("\n", cut)
+                    self._by_rate = self._by_rate or by_rate
+                    if cut <= 0:
+                        return
                     text = text[:cut]
                     msg = stream_msg(msg["name"], text)
                 self._sent += len(text)
+                self._tokens -= len(text)
         sink(msg)
 
     def finish_cell(self) -> None:
-        """After the cell's output is flushed: one note saying what the cap dropped (if
-        anything)."""
+        """After the cell's output is flushed: one note saying what a budget dropped (if
+        anything), and the setting that makes room."""
         with self._lock:
-            dropped, lines = self._dropped_bytes, self._dropped_lines
+            dropped, lines, by_rate = self._dropped_bytes, self._dropped_lines, self._by_rate
             self._dropped_bytes = self._dropped_lines = 0
-        if dropped and self._emit is not None:
-            from jupyter_gpu.common.units import format_bytes
+        if not dropped or self._emit is None:
+            return
+        from jupyter_gpu.common.units import format_bytes
 
-            self._emit(
-                {
-                    "op": "stream",
-                    "name": "stderr",
-                    "text": (
-                        f"[jupyter-gpu] {lines} line(s) ({format_bytes(dropped)}) of output were "
-                        "dropped: this cell printed "
-                        f"more than {format_bytes(self.limit)}. Write large output to a file, "
-                        "print less often, or raise "
-                        "jupyter-gpu.session.output-limit.\n"
-                    ),
-                }
+        if by_rate:
+            why = (
+                f"this cell printed faster than {format_bytes(self.rate)} a second after its first "
+                f"{format_bytes(self.BURST)} (faster, the notebook server stops showing output). "
+                "Write large output to a file, print less often, or raise "
+                "jupyter-gpu.session.output-rate (and the Jupyter server's "
+                "iopub_data_rate_limit with it)."
             )
+        else:
+            why = (
+                f"this cell printed more than {format_bytes(self.limit)}. Write large output to a "
+                "file, print less often, or raise jupyter-gpu.session.output-limit."
+            )
+        text = f"[jupyter-gpu] {lines} line(s) ({format_bytes(dropped)}) of output were dropped: {why}\n"
+        self._emit({"op": "stream", "name": "stderr", "text": text})
 
     def flush_streams(self) -> None:
         for stream in self.streams:

@@ -67,7 +67,7 @@ class SessionServer:
         self.host, self.worker = host, worker
         self._spawn_key = spawn_key
         self.secret: str | None = None  # the lease's secret, from ``assign`` on
-        relay = Relay(limit=output_limit())
+        relay = Relay(limit=output_limit(), rate=output_limit("session.output-rate"))
         capture = FdCapture(relay)
         sys.stdout = RelayStream(relay, "stdout")
         sys.stderr = RelayStream(relay, "stderr")
@@ -371,16 +371,12 @@ def pack_reply(reply: ExecuteReply, sending: local_transfer.Sending) -> ExecuteR
     return reply
 
 
-def output_limit() -> int | None:
-    """``session.output-limit``: the most text one cell may send to the notebook (None: no
-    limit)."""
+def output_limit(key: str = "session.output-limit") -> int | None:
+    """``session.output-limit``: the most text one cell may send to the notebook; with
+    ``session.output-rate``, how much a second (None: no limit)."""
     from jupyter_gpu.common import config
 
-    return (
-        config.get_bytes("session.output-limit")
-        if config.get("session.output-limit") is not None
-        else None
-    )
+    return config.get_bytes(key) if config.get(key) is not None else None
 
 
 def coalesce(batch: list[dict]) -> list[dict]:

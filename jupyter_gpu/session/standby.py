@@ -9,10 +9,11 @@ then suspends it, the copy is handed over by a rename and the GPU is free at onc
 
 A copy is only ever used for the namespace it was taken of: a cell (or a restore) makes it stale,
 and it is deleted there and then, so host memory holds at most one copy per idle session. A cell
-that arrives while the copy is being written stops it at the next write (``should_stop``): the cell
-waits at most for the record being written (one tensor's storage), never for the whole copy. A copy
-is skipped when the folder would be left with less than twice its size free, so that copies never
-crowd out real offloads.
+that arrives while the copy is being written stops it within a few MiB of writing (``should_stop``,
+asked between pieces of every large record: ``offload._StoppableFile``), never waiting for a whole
+tensor, let alone the whole copy; a stale copy, or the part of one that was stopped, is freed on a
+thread, so the cell does not wait for its pages either. A copy is skipped when the folder would be
+left with less than twice its size free, so that copies never crowd out real offloads.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import shutil
 import time
 from typing import Callable
 
-from jupyter_gpu.common.hostmem import discard
+from jupyter_gpu.common.hostmem import discard, discard_soon
 from jupyter_gpu.session.offload import CopyStopped, save_namespace
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,8 @@ class StandbyCopy:
         return {**self._result, "path": path, "standby": True}
 
     def drop(self) -> None:
+        """The copy is stale (a cell starts, variables are restored): its host memory goes, on a
+        thread (``discard_soon``: the cell does not wait for the pages to be freed)."""
         if self._copied is not None and self.path:
-            discard(self.path)
+            discard_soon(self.path)
         self._copied, self._result = None, None

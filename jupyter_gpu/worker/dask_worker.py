@@ -8,6 +8,13 @@ instead, registers again at the same address when it answers, and tells its GPU 
 (``reconnected``), which reports its live sessions and copies so the restarted broker adopts them.
 It gives up after ``worker.reconnect-timeout`` and closes as a plain worker would (``jupyter-gpu
 worker`` then exits non-zero so a supervisor restarts it).
+
+A scheduler that stops cleanly (SIGTERM from systemd or a supervisor, Ctrl-C) is the same event
+as one that was killed: an administrator restarting the pool. Dask's ``Scheduler.close`` tells every
+worker ``{"op": "close", "reason": "scheduler-close"}`` first, which would end every session; so
+that one order is read as "the scheduler is going away" and the worker waits for it as above. An
+order to close this worker in particular (``close_worker``, ``retire_workers``, removal) still
+closes it.
 """
 
 from __future__ import annotations
@@ -25,11 +32,14 @@ from distributed.core import Status
 if TYPE_CHECKING:
     from distributed.core import ErrorMessage
 
-from jupyter_gpu.common import config, poolkey
+from jupyter_gpu.common import config, poolkey, rejoin
 from jupyter_gpu.common.handlers import closed, is_closed, is_declared
 from jupyter_gpu.common.protocol import NANNY_KEY_ENV, STARTUP_PROOF
 
 log = logging.getLogger(__name__)
+
+# the reason Dask's ``Scheduler.close`` gives every worker it tells to close as it stops
+SCHEDULER_STOPPING = "scheduler-close"
 
 
 class GpuDaskWorker(Worker):
@@ -53,6 +63,7 @@ class GpuDaskWorker(Worker):
         for op, fn in list(self.handlers.items()):
             if op != "identity" and not is_closed(fn) and not is_declared(fn):
                 self.handlers[op] = _refused(op)
+        self.stream_handlers["close"] = self._close_ordered
 
     async def plugin_add(self, *args: Any, **kwargs: Any) -> Any:
         """As Dask's, and the handlers a plugin adds are closed too, but for jupyter-gpu's own: the
@@ -97,6 +108,30 @@ class GpuDaskWorker(Worker):
             timeout=timeout, executor_wait=executor_wait, nanny=False, reason=reason
         )
 
+    async def _close_ordered(self, reason: str = "scheduler-close", **kwargs: Any) -> None:
+        """The scheduler's ``close`` order on its stream. ``scheduler-close`` is what Dask's
+        ``Scheduler.close`` sends every worker as it stops: a restart, which this worker waits for
+        (the stream ends next, and ``handle_scheduler`` reconnects) unless it cannot reconnect at
+        all. Any other reason is an order to close this worker: it closes."""
+        if reason == SCHEDULER_STOPPING and self._can_reconnect():
+            log.warning(
+                "the scheduler at %s is stopping: keeping this worker's sessions and waiting for it "
+                "to come back",
+                self.scheduler.address,
+            )
+            return
+        await self.close(reason=reason, **kwargs)
+
+    def _can_reconnect(self) -> bool:
+        """Whether this worker outlives its scheduler: it is up, holds no Dask task state, and
+        ``worker.reconnect-timeout`` allows it."""
+        return (
+            self.status in (Status.running, Status.paused)
+            and not self.data
+            and not self.state.tasks
+            and config.get_seconds("worker.reconnect-timeout") > 0
+        )
+
     async def handle_scheduler(self, comm) -> None:  # noqa: ANN001 - Dask's own signature
         try:
             await self.handle_stream(comm)
@@ -136,11 +171,9 @@ class GpuDaskWorker(Worker):
     async def _reconnect(self) -> bool:
         """Wait for the scheduler (up to ``worker.reconnect-timeout``) and register again; True on
         success."""
-        if self.status not in (Status.running, Status.paused) or self.data or self.state.tasks:
+        if not self._can_reconnect():
             return False
         timeout = config.get_seconds("worker.reconnect-timeout")
-        if timeout <= 0:
-            return False
         log.warning(
             "lost the scheduler at %s; keeping this worker's sessions and reconnecting for up to "
             "%.0f s",
@@ -148,8 +181,18 @@ class GpuDaskWorker(Worker):
             timeout,
         )
         self.batched_stream = BatchedSend(interval="2ms", loop=self.loop)
+        started = time.monotonic()
         try:
-            await asyncio.wait_for(self._register_with_scheduler(), timeout)
+            # knock in short rounds (Dask's own retries back off to minutes): registers within a
+            # second or so of the scheduler answering
+            await rejoin.until_answering(
+                self.scheduler.address,
+                timeout,
+                self.connection_args,
+                wanted=lambda: self.status in (Status.running, Status.paused),
+            )
+            left = max(1.0, timeout - (time.monotonic() - started))
+            await asyncio.wait_for(self._register_with_scheduler(), left)
         except Exception as exc:  # noqa: BLE001 - gone for good, or refused: close as a plain worker would
             log.error(
                 "could not reconnect to the scheduler at %s within %.0f s (%s): closing",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import hmac
+import inspect
 import logging
 import secrets
 from typing import TYPE_CHECKING, Any
@@ -49,7 +50,12 @@ class GpuNanny(Nanny):
             if key is None or not hmac.compare_digest(key, self._key):
                 log.warning("refused close_gracefully from a caller without this nanny's key")
                 return error_message(PermissionError("only this nanny's own worker may close it"))
-            return await handler(reason=reason)
+            # Dask's Nanny.close_gracefully is a plain function (it only marks the nanny as
+            # closing): awaiting its None raised a TypeError in the worker's close
+            result = handler(reason=reason)
+            if inspect.isawaitable(result):
+                result = await result
+            return result
 
         return close_gracefully
 

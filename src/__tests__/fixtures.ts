@@ -147,6 +147,8 @@ export function snapshot(): ISnapshot {
         position: 1,
         reason: 'waiting: no GPU has 8.0 GiB free; largest gap 4.0 GiB',
         eta: 1125,
+        eta_basis: 'user-cells',
+        eta_note: "median of bob's last 12 cells: 40 s",
         since: 940
       }
     ],

@@ -23,4 +23,22 @@ describe('mySessions', () => {
     const [older] = mySessions([{ ...gpu, leases: [lease] }], 'alice', 0); // an older broker: no right_size
     expect(older.rightSize).toBeNull();
   });
+
+  it('says which sessions hold variables, so that Cancel asks before ending them', () => {
+    const gpu = { id: 'w#0', index: 0, host: 'h', total_bytes: 16 * GiB };
+    const base = { user: 'alice', bytes: GiB, bytes_on_gpu: GiB };
+    const leases = [
+      { ...base, id: 'L1', state: 'idle' }, // granted, no cell run yet: nothing to lose
+      { ...base, id: 'L2', state: 'idle', peak_bytes: 0 }, // ran a cell
+      { ...base, id: 'L3', state: 'running', cell_started: 5 }, // runs one
+      { ...base, id: 'L4', state: 'idle', resident_bytes: MiB } // holds memory it made
+    ];
+    const views = mySessions([{ ...gpu, leases }], 'alice', 10);
+    expect(views.map(v => [v.id, v.holdsVariables])).toEqual([
+      ['L1', false],
+      ['L2', true],
+      ['L3', true],
+      ['L4', true]
+    ]);
+  });
 });

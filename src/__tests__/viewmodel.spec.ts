@@ -48,6 +48,8 @@ describe('buildViewModel', () => {
       [2, 'R9', true, 'unknown', '50s']
     ]);
     expect(vm.myQueued).toBe(1);
+    // what the estimate rests on, in the broker's words
+    expect(vm.queue.map(q => q.etaNote)).toEqual(["median of bob's last 12 cells: 40 s", null]);
   });
 
   it('lists my sessions waiting in host memory, and only mine', () => {

@@ -43,6 +43,7 @@ export function QueueList(props: IQueueListProps): JSX.Element {
               <div className="jp-GpuPanel-reason">{q.reason}</div>
               <div className="jp-GpuPanel-sub">
                 waiting {q.waited} · eta {q.eta}
+                {q.etaNote ? <span className="jp-GpuPanel-etaNote"> ({q.etaNote})</span> : null}
                 {q.notebook ? ` · ${notebookLabel(q.notebook)}` : ''}
               </div>
             </li>

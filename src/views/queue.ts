@@ -12,6 +12,8 @@ export interface IQueueView {
   reason: string;
   /** Time until the broker's estimated start, or ``unknown``. */
   eta: string;
+  /** What the estimate rests on, in the broker's words (``median of alice's last 12 cells: 40 s``). */
+  etaNote: string | null;
   waited: string;
   notebook: string | null;
 }
@@ -28,6 +30,7 @@ export function queueViews(queue: IQueueItem[], me: string, now: number): IQueue
       request: q.request,
       reason: q.reason,
       eta: typeof q.eta === 'number' ? formatDuration(q.eta - now) : 'unknown',
+      etaNote: q.eta_note ?? null,
       waited: formatDuration(typeof q.since === 'number' ? now - q.since : null),
       notebook: q.notebook ?? null
     }));

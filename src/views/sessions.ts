@@ -3,7 +3,7 @@
  * right-sizing hint.
  */
 import { formatBytes, formatDuration } from '../format';
-import { IGpu } from '../wire';
+import { IGpu, ILease } from '../wire';
 
 export interface ISessionView {
   id: string;
@@ -27,6 +27,21 @@ export interface ISessionView {
   rightSize: string | null;
   /** Granted beyond the team's guarantee: the pool may reclaim it for a team that is owed its guarantee. */
   preemptible: boolean;
+  /**
+   * It has run a cell (or runs one): its namespace holds what the notebook's %%gpu cells built, which ending
+   * the session loses, so the panel asks before its Cancel ends it.
+   */
+  holdsVariables: boolean;
+}
+
+/** Whether a lease's session has run (or runs) a cell: a measured peak, a cell running or one started. */
+export function ranCells(lease: ILease): boolean {
+  return (
+    typeof lease.peak_bytes === 'number' ||
+    lease.state === 'running' ||
+    typeof lease.cell_started === 'number' ||
+    (lease.resident_bytes ?? 0) > 0
+  );
 }
 
 /** ``peak X of Y reserved``, or ``Y reserved`` while no peak has been measured (no CUDA use yet). */
@@ -71,7 +86,8 @@ export function mySessions(gpus: IGpu[], me: string, now: number): ISessionView[
         isolation: lease.isolation || 'none',
         usage: usageText(peakBytes, bytes),
         rightSize: lease.right_size ?? null,
-        preemptible: !!lease.preemptible
+        preemptible: !!lease.preemptible,
+        holdsVariables: ranCells(lease)
       });
     }
   }

@@ -3,6 +3,7 @@ commands."""
 
 import json
 import os
+import time
 
 import pytest
 
@@ -124,3 +125,25 @@ def test_usage_counts_oversized_leases_per_user(tmp_path):
     assert (alice["leases"], alice["measured"], alice["oversized"]) == (3, 2, 1)
     assert "1/2" in format_usage(usage).splitlines()[-4]
     store.close()
+
+
+def test_usage_without_since_starts_at_the_first_lease_recorded(tmp_path):
+    """``jupyter-gpu usage`` said "GPU-hours from 1970-01-01": no ``--since`` meant since the epoch."""
+    from jupyter_gpu.broker.audit import format_usage
+
+    store = AuditStore(str(tmp_path / "audit.sqlite"))
+    try:
+        assert "no lease has been recorded yet" in format_usage(store.usage(now=100.0))
+        store.open_boot(now=0.0)
+        started = time.mktime((2026, 3, 14, 9, 30, 0, 0, 0, -1))
+        store.lease_started(lease("L1", "erin", "ml", 0.5, started), preemptible=False)
+        store.lease_ended("L1", started + 3600, "done", None)
+        head = format_usage(store.usage(now=started + 7200)).splitlines()[0]
+        assert head.startswith("GPU-hours from the first lease recorded (2026-03-14 09:30) to"), (
+            head
+        )
+        assert "1970" not in head
+        since = format_usage(store.usage(since=started - 60, now=started + 7200)).splitlines()[0]
+        assert since.startswith("GPU-hours from 2026-03-14 09:29 to"), since
+    finally:
+        store.close()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from jupyter_gpu.broker.fair_share import FairQueue, FairSharePolicy, estimate_start
+from jupyter_gpu.broker.fair_share import FairQueue, FairSharePolicy
 from jupyter_gpu.broker.quotas import PoolQuotas
 from jupyter_gpu.common.protocol import RequestSpec
 from tests.broker.fairsim import GiB, gpus, pool_sim, quotas, req
@@ -156,27 +156,6 @@ def test_aged_gang_goes_first_and_gets_gpus_reserved():
     assert gang not in pool.queue and len(gang.leases) == 2
 
 
-def test_eta_is_null_without_history_and_estimated_from_recent_leases():
-    pool = make_pool(PoolQuotas(suspend_idle_after=None), sizes=(16,))
-    pool.eta_for = 100
-    pool.submit(req("a", 0, gpus=1))
-    pool.schedule()
-    waiting = req("b", 1, gpus=1)
-    pool.submit(waiting)
-    pool.now = 5
-    pool.schedule()
-    assert waiting.eta is None
-    pool.policy.durations.extend([100.0, 100.0, 100.0])
-    pool.schedule()
-    assert waiting.eta == pytest.approx(100.0)
-    assert waiting.eta_basis == "history"  # a rough guess, and the badge says so
-    assert estimate_start(RequestSpec(fraction=0.5), [], {}, 0.0) is None
-    # a lease that outlived the typical one is not expected to end "now" (the badge said "in 0 s")
-    pool.now = 160.0
-    pool.schedule()
-    assert waiting.eta == pytest.approx(160.0 + 160.0)
-
-
 def test_an_estimate_from_reported_progress_holds_still_while_one_waits():
     """The queue said 22 -> 27 -> 39 s for a cell behind a training run that reported step/total:
     running work was assumed to need as long again as it had run. With its progress (100 steps, one
@@ -188,8 +167,9 @@ def test_an_estimate_from_reported_progress_holds_still_while_one_waits():
     pool.schedule()
     lease = next(iter(pool.leases))
     pool.policy.leases[lease].gang = True  # a --workers run's rank: its lease ends with the run
-    # recent leases lasted 20 s: history would say so
-    pool.policy.durations.extend([20.0, 20.0, 20.0])
+    # recent cells lasted 20 s: they would say so
+    for _ in range(3):
+        pool.policy.cells.add("a", 20.0)
     waiting = req("b", 1, gpus=1)
     pool.submit(waiting)
     estimates = []
@@ -199,7 +179,7 @@ def test_an_estimate_from_reported_progress_holds_still_while_one_waits():
         pool.policy.lease_state(lease, "running", now=now, step=now - 10.0, total=100.0)
         pool.schedule()
         estimates.append((waiting.eta, waiting.eta_basis))
-    assert estimates[0][0] is None or estimates[0][1] == "history"  # one report: no rate yet
+    assert estimates[0][1] == "user-cells"  # one report: no rate yet, a's recent cells
     assert [basis for _, basis in estimates[1:]] == ["progress"] * 3
     # 100 steps at 1/s from 10 s
     assert [eta for eta, _ in estimates[1:]] == pytest.approx([110.0] * 3)

@@ -90,7 +90,7 @@ def test_an_idle_session_is_suspended_for_a_waiting_cell_and_comes_back(spool):
             "%%gpu --gpus 1\nimport time\nprint('carol starts', flush=True)\ntime.sleep(12)\n"
             "print('carol done')"
         )
-        carol.wait_for_output(cell, "carol starts", timeout=60)
+        carol.wait_for_output(cell, "carol starts", timeout=180)
         assert wait_until(lambda: by_user(a).get("carol", {}).get("state") == "running")
         held = by_user(a)
         # batch work never suspends anybody: it waits, even with alice idle for longer than 2 s
@@ -113,7 +113,7 @@ def test_an_idle_session_is_suspended_for_a_waiting_cell_and_comes_back(spool):
             ]
         # bob's interactive cell moves alice's idle session to host memory (not carol's running one)
         # idle for 6 s, alice's session has copied its variables to host memory already
-        assert wait_until(lambda: standby_copy(held["alice"]["id"], spool), timeout=30)
+        assert wait_until(lambda: standby_copy(held["alice"]["id"], spool), timeout=90)
         res = bob.run("%%gpu --gpus 0.5\nprint('bob ran')", timeout=120)
         assert res.error is None and "bob ran" in res.stdout, res.error_text
         now = by_user(a)
@@ -146,7 +146,7 @@ def test_an_idle_session_is_suspended_for_a_waiting_cell_and_comes_back(spool):
         status = alice.run("%gpu status").data()[0]
         assert "My sessions in host memory" in status and held["alice"]["id"] in status, status
         assert "this kernel" in status and "3 variable(s)" in status, status
-        assert "done" in carol.collect(cell, timeout=60).stdout
+        assert "done" in carol.collect(cell, timeout=180).stdout
         # alice's next cell says why, starts a new session and gets her variables back
         assert bob.run("%gpu release").error is None
         res = alice.run("%%gpu\nprint('sum', float(t.sum()))", timeout=120)
@@ -178,12 +178,12 @@ def test_a_cell_makes_the_standby_copy_stale_and_suspension_moves_the_variables_
     try:
         assert alice.run("%%gpu --gpus 1\nimport torch\nx = torch.ones(4)").error is None
         lease_id = by_user(a)["alice"]["id"]
-        assert wait_until(lambda: standby_copy(lease_id, spool), timeout=30)  # a copy holding x = 1
+        assert wait_until(lambda: standby_copy(lease_id, spool), timeout=90)  # a copy holding x = 1
         # the other GPU is busy with carol's running cell: bob's cell can only get alice's
         cell = carol.submit(
             "%%gpu --gpus 1\nimport time\nprint('carol starts', flush=True)\ntime.sleep(300)"
         )
-        carol.wait_for_output(cell, "carol starts", timeout=60)
+        carol.wait_for_output(cell, "carol starts", timeout=180)
         assert alice.run("%%gpu\nx = x * 2").error is None
         # stale from the moment the cell started: its memory given back
         assert not standby_copy(lease_id, spool)

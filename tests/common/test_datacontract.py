@@ -4,7 +4,6 @@ import torch
 
 from jupyter_gpu.common.datacontract import (
     ModuleRef,
-    RemoteObject,
     cell_names,
     classify_output,
     input_item,
@@ -64,15 +63,6 @@ def test_models_functions_and_large_values_stay_remote():
     kind, desc = classify_output("big", np.zeros(1 << 18), 1 << 20)
     assert kind == "remote" and "large" in desc["reason"]
     assert classify_output("np", np, 1 << 20)[0] == "skip"
-
-
-def test_remote_object_says_where_it_is_and_how_to_get_it():
-    ref = RemoteObject(
-        "model", "torch.nn.Linear", "4 parameters", 100, "cuda:0", "it lives on cuda:0", "L1"
-    )
-    text = repr(ref)
-    assert "model" in text and "%gpu pull model" in text and "cuda:0" in text
-    assert "%gpu pull model" in ref._repr_html_()
 
 
 def test_to_cpu_copies_modules_without_touching_the_original():

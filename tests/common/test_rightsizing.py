@@ -86,3 +86,15 @@ def test_status_shows_my_sessions_peak_utilization_and_right_size():
     assert "300.0 MiB of 8.0 GiB, 37% SM busy" in plain
     assert "ask --memory 512MiB" in plain and "idle (preemptible)" in plain
     assert "no quotas configured" in plain
+
+
+def test_a_cell_over_its_share_is_told_what_to_ask():
+    """``--memory`` is not enforced on a virtual GPU: a cell that goes over its share must hear of
+    it there, or a notebook that passes in CI runs out of memory on a real GPU."""
+    from jupyter_gpu.common.rightsizing import over_use
+
+    assert over_use(100 << 20, 256 << 20) is None and over_use(None, 256 << 20) is None
+    over = over_use(700 << 20, 256 << 20)
+    assert over is not None and over.label == "Over its share"
+    assert "700.0 MiB" in over.hint() and "256.0 MiB" in over.hint()
+    assert "--memory 1GiB" in over.hint() and "run out of memory" in over.hint()

@@ -232,10 +232,22 @@ def test_async_returns_a_handle(kernel):
         "result_value"
     )
     assert res.error is None and "J1" in res.data()[0]
+    # one live status, never a second one frozen as the cell's value: the cell read "running"
+    # above and "queued" below, for good
+    assert [o["output_type"] for o in res.log].count("execute_result") == 0, res.log
+    states = [
+        re.search(r": (\w+), [\d.]+ s", d).group(1)
+        for d in res.data()
+        if isinstance(d, str) and "--async job J1" in d
+    ]
+    order = ["queued", "running", "done", "failed"]
+    assert states == sorted(states, key=order.index), states
     res = kernel.run("job = _\nprint(job.result(timeout=60), result_value)")
     assert res.stdout == "42 42\n", res.error_text
     res = kernel.run("await job")
     assert res.result == "42"
+    # shown later, the job is shown as it is then
+    assert "job J1 (bg): done" in kernel.run("job").data()[0]
 
 
 def test_fresh_session_is_thrown_away(kernel, pool):
@@ -269,14 +281,14 @@ def test_queue_shows_position_and_reason_and_cancel_works(pool):
         assert b.run("%%gpu --gpus 1\nx = 1").error is None
         res = a.run("%%gpu --gpus 1 --fresh --async\nprint('ran')")
         assert res.error is None
-        assert wait_until(lambda: snapshot(pool)["queue"], timeout=10)
+        assert wait_until(lambda: snapshot(pool)["queue"], timeout=60)
         queue = a.run("%gpu queue").result
         assert "carol" in queue and "waiting:" in queue
         item = snapshot(pool)["queue"][0]
         refused = b.run(f"%gpu cancel {item['id']}")
         assert "belongs to carol" in refused.stderr
         b.run("%gpu release")  # frees a whole GPU: the queued request is granted and runs
-        assert wait_until(lambda: not snapshot(pool)["queue"], timeout=30)
+        assert wait_until(lambda: not snapshot(pool)["queue"], timeout=120)
         done = a.run(
             "import jupyter_gpu\njob = _gpu_magics_job = "
             "get_ipython().find_magic('gpu').__self__.jobs['J1']\n"
@@ -293,7 +305,7 @@ def test_dead_kernel_releases_its_lease(pool):
     assert k.run("%%gpu\nx = 1").error is None
     assert any(ls["user"] == "erin" for ls in leases(pool))
     k.km.provisioner.process.kill()  # the kernel dies: no shutdown, no goodbye
-    assert wait_until(lambda: not any(ls["user"] == "erin" for ls in leases(pool)), timeout=20)
+    assert wait_until(lambda: not any(ls["user"] == "erin" for ls in leases(pool)), timeout=60)
     k.kc.stop_channels()
 
 
@@ -355,7 +367,7 @@ def test_a_queued_cell_that_is_cancelled_says_so_in_its_badge(pool):
                 return await r.gpu_cancel(id=request["id"], user="hal")
 
         assert asyncio.run(cancel())["cancelled"] is True
-        res = c.collect(cell, timeout=30)
+        res = c.collect(cell, timeout=120)
         assert res.error is not None and "cancelled by its owner" in res.error["evalue"], (
             res.error_text
         )
@@ -597,3 +609,24 @@ def test_a_quick_cell_shows_one_badge_message_and_a_slow_one_shows_running_above
     ]
     # flushed by the output
     assert texts[0].startswith("%%gpu running on ") and "at once" in texts[1], texts
+
+
+def test_a_cell_over_its_memory_share_on_a_virtual_gpu_is_told(pool):
+    """A virtual GPU does not enforce ``--memory``; nothing said so when a cell went over it (on a
+    real GPU the same cell runs out of memory)."""
+    k = Kernel(pool, user="overuser")
+    try:
+        res = k.run(
+            "%%gpu --memory 64MiB\nimport numpy as np\nbig = np.ones(40 * 2**20)\n"
+            "total = float(big.sum())\ndel big"
+        )
+        assert res.error is None, res.error_text
+        badge = [d for d in res.data() if isinstance(d, str) and d.startswith("%%gpu done")][-1]
+        assert "Over its share: this cell's peak" in badge and "64.0 MiB" in badge, badge
+        assert "--memory 512MiB" in badge, badge
+        # a cell within its share hears nothing of it
+        res = k.run("%%gpu\nsmall = 1")
+        badge = [d for d in res.data() if isinstance(d, str) and d.startswith("%%gpu done")][-1]
+        assert "Over its share" not in badge, badge
+    finally:
+        k.shutdown(now=True)

@@ -117,3 +117,97 @@ def test_the_docs_options_table_is_the_generated_one(name):
         f"{name}'s %%gpu options table differs from the declaration: run python -m "
         "jupyter_gpu.kernelext.options"
     )
+
+
+def test_each_option_converts_through_its_own_type():
+    """The checks live in each option's ``type=`` (``option_values.py``), not in one long
+    function: every option that takes a value has one, and the parsed values are the converted
+    ones."""
+    from jupyter_gpu.kernelext import option_values, options
+
+    for action in options._parser()._actions:
+        if action.nargs != 0:  # flags (--fresh, --async, --resume) take no value
+            assert callable(action.type) and action.type.__module__ == option_values.__name__, (
+                action.option_strings
+            )
+    opts = parse_cell_options("--gpus 1 --workers 3 --retries 0 --timeout 2h --in a --name x")
+    assert (opts.spec.gpus, opts.spec.fraction, opts.spec.workers) == (1, None, 3)
+    assert (opts.retries, opts.timeout, opts.inputs, opts.name) == (0, 7200.0, ["a"], "x")
+
+
+@pytest.mark.parametrize(
+    "line,parsed",
+    [
+        ("connect", ("connect", {"address": None, "keep": False})),
+        (
+            "connect tcp://10.0.0.5:8786 --keep",
+            ("connect", {"address": "tcp://10.0.0.5:8786", "keep": True}),
+        ),
+        ("scale 3", ("scale", {"n": 3})),
+        ("pull model", ("pull", {"name": "model"})),
+        ("cancel R12", ("cancel", {"id": "R12"})),
+        ("status", ("status", {})),
+        ("", ("help", {})),
+    ],
+)
+def test_line_commands_parse_through_their_declarations(line, parsed):
+    from jupyter_gpu.kernelext.line_commands import parse_line
+
+    command, args = parse_line(line)
+    assert (command, vars(args)) == parsed
+
+
+@pytest.mark.parametrize(
+    "line,needle",
+    [
+        ("scale", "the following arguments are required: N. Usage: `%gpu scale N`"),
+        ("scale x", "%gpu scale x: write a whole number >= 0"),
+        ("connect a b", "unrecognized arguments: b. Usage: `%gpu connect [--keep] [ADDRESS]`"),
+        ("connect --kee", "unrecognized arguments: --kee"),  # not silently --keep
+        ("status now", "unrecognized arguments: now. Usage: `%gpu status`"),
+        ("pull 1x", "give the name of one variable"),
+        ("cancel", "required: ID"),
+        ("bogus", "unknown command"),
+        ("pull 'x", "check the quotes"),
+    ],
+)
+def test_a_wrong_line_command_names_the_mistake_and_the_commands_usage(line, needle):
+    from jupyter_gpu.kernelext.line_commands import parse_line
+
+    with pytest.raises(UsageError) as info:
+        parse_line(line)
+    assert needle in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+def test_the_line_commands_help_is_generated_from_their_declarations():
+    """``%gpu help`` and ``%gpu?`` list every command with its usage and every argument with its
+    help, from the same declarations the commands are parsed with (the help was a hand-written
+    string beside a ``str.split()`` parser)."""
+    from jupyter_gpu.kernelext import line_commands
+    from jupyter_gpu.kernelext.magics import GpuMagics
+
+    text = line_commands.LINE_HELP
+    for command in line_commands.COMMANDS:
+        usage = line_commands.command_usage(command)
+        assert usage.startswith(f"%gpu {command}") and usage in text
+        assert line_commands.description(command) in text
+        for action in line_commands._parser(command)._actions:
+            assert action.help and action.help in text, (command, action.dest)
+    assert "%gpu scale N" in text and "%gpu connect [--keep] [ADDRESS]" in text
+    assert text in GpuMagics.gpu.__doc__
+
+
+def test_the_option_and_view_functions_are_short():
+    """No function of the option parsing or the status views is over 100 lines (``parse_cell_options``
+    was 107, ``StatusView._parts`` 127)."""
+    import ast
+    from pathlib import Path
+
+    from jupyter_gpu.kernelext import line_commands, option_values, options, status_view
+
+    for module in (options, option_values, line_commands, status_view):
+        tree = ast.parse(Path(module.__file__).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                assert length <= 100, f"{module.__name__}.{node.name} is {length} lines"

@@ -88,3 +88,31 @@ def test_the_text_fallback_names_ranks_and_bars():
     assert text[0].startswith("rank 0: 3/3 steps (100%)") and text[1].startswith(
         "rank 1 · epochs: 5/10 steps (50%)"
     )
+
+
+def test_a_zero_loss_reads_0_not_minus_0():
+    """A loss of -0.0 (a log-likelihood at a perfect fit, ``-(x - x)``) read ``loss=-0``."""
+    bar = Bar(0, None)
+    for msg in reports(range(3), total=3, loss=-0.0):
+        bar.add(msg)
+    assert bar.text().endswith("loss=0") and "-0" not in bar.text(), bar.text()
+    small = Bar(0, None)
+    small.add(reports([0], total=3, loss=-2.5e-9)[0])
+    assert small.text().endswith("loss=-2.5e-09")  # a small negative value is shown as it is
+
+
+def test_rank_rows_are_in_rank_order_whichever_reports_first():
+    """The widget rows followed the order in which ranks first reported: rank 1 above rank 0."""
+    import ipywidgets
+
+    from jupyter_gpu.kernelext.progress_bar import WidgetView
+
+    view = WidgetView(ipywidgets)
+    first, second = Bar(1, None), Bar(0, None)
+    for bar in (first, second):
+        for msg in reports(range(2), total=4):
+            bar.add({**msg, "rank": bar.rank})
+    view.update([first], finished=False)  # rank 1 reports first
+    view.update([first, second], finished=False)
+    labels = [row.children[0].value for row in view.box.children[:-1]]
+    assert labels == ["rank 0", "rank 1"], labels

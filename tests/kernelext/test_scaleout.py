@@ -82,7 +82,7 @@ def test_interrupt_tears_down_every_rank_and_frees_every_lease(kernel, pool):
     kernel.wait_for_output(msg, "go", timeout=120)
     assert len([ls for ls in leases(pool) if ls["world_size"] == 2]) == 2
     kernel.interrupt()
-    res = kernel.collect(msg, timeout=30)
+    res = kernel.collect(msg, timeout=120)
     assert res.error["ename"] == "KeyboardInterrupt"
     assert wait_until(lambda: not [ls for ls in leases(pool) if ls["world_size"] == 2])
 
@@ -218,7 +218,7 @@ def test_a_cell_waiting_behind_a_run_that_reports_progress_gets_a_steady_estimat
         assert all(eta > t for t, eta in estimates) and etas[-1] - estimates[-1][0] < 20, estimates
         res = c.collect(waiting, timeout=120)
         badges = [d for d in res.data() if d.startswith("%%gpu queued")]
-        assert any("(from the running cells' reported progress)" in b for b in badges), badges
+        assert any("(from the reported progress)" in b for b in badges), badges
         assert res.stdout == "ran\n"
         assert a.collect(run, timeout=120).error is None
     finally:

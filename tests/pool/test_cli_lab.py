@@ -133,3 +133,36 @@ def test_pool_down_stops_the_embedded_pool(tmp_path):
 def _listening(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_pool_up_embedded_makes_the_runtime_folder_it_needs(tmp_path):
+    """Bug fixed: ``jupyter-gpu pool up --embedded`` on an account whose Jupyter runtime folder did
+    not exist yet failed with a FileNotFoundError traceback (making its TLS credentials next to
+    the runtime file). It makes the folder, private, as Jupyter does."""
+    env = cli_env(tmp_path)
+    runtime = tmp_path / "runtime"
+    assert not runtime.exists()
+    log = open(tmp_path / "pool-up.log", "wb")
+    up = subprocess.Popen(
+        [sys.executable, "-m", "jupyter_gpu.cli", "pool", "up", "--embedded"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not pool_records(tmp_path) and up.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        output = (tmp_path / "pool-up.log").read_text(errors="replace")
+        assert up.poll() is None and pool_records(tmp_path), output
+        assert "Traceback" not in output, output
+        assert runtime.stat().st_mode & 0o777 == 0o700
+        down = cli("pool", "down", env=env)
+        assert down.returncode == 0 and "stopped the embedded pool" in down.stderr, down.stderr
+        assert up.wait(60) == 0
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait(10)
+        log.close()

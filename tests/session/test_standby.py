@@ -7,8 +7,9 @@ import os
 import numpy as np
 import torch
 
-from jupyter_gpu.session.offload import load_namespace
+from jupyter_gpu.session.offload import STOP_CHECK_BYTES, load_namespace
 from jupyter_gpu.session.standby import StandbyCopy
+from tests.support.harness import wait_until
 
 
 def namespace() -> dict:
@@ -104,7 +105,8 @@ def test_work_that_arrives_stops_the_copy_and_it_is_written_when_idle_again(tmp_
 
     assert not copy.take(ns, {}, None, cell_arrives_after_two_writes)
     assert len(asked) < len(writes) - 2  # stopped at the next write, not at the end of the copy
-    assert sorted(os.listdir(tmp_path)) == []  # no partial file left in host memory
+    # no partial file left in host memory (freed on a thread: the cell does not wait for it)
+    assert wait_until(lambda: sorted(os.listdir(tmp_path)) == [])
     assert copy.hand_over(str(tmp_path / "L4.pkl")) is None
     copy.idle()  # the work was a pull, say: the namespace is the same, a copy is due again
     assert copy.due_in() == 0.0 and copy.take(ns, {}, None, never)
@@ -149,3 +151,58 @@ def test_the_worker_gives_sessions_a_copy_path_unless_turned_off_or_misconfigure
         assert "standby-after is 'soon', not a duration" in caplog.text and "e.g. 2s" in caplog.text
     finally:
         shutil.rmtree(store.base, ignore_errors=True)
+
+
+def test_a_cell_stops_the_copy_inside_one_large_tensor_not_after_it(tmp_path):
+    """Bug fixed: a no-op cell 8 s after a 2 GiB input stayed in the session took 0.44-0.99 s: the
+    copy stopped only between writes, and a tensor's storage is one write. Now it looks between
+    pieces of a few MiB: here a cell "arrives" once 8 MiB of a 64 MiB tensor are written, and the
+    copy stops with far less than the tensor written."""
+    record = 64 * 2**20
+    ns = {"big": torch.ones(record // 4)}
+    copy = StandbyCopy(str(tmp_path / "L6.standby"), 0.0)
+    after_a_cell(copy)
+    part = tmp_path / "L6.standby.part"
+    written_when_stopped = []
+
+    def cell_arrives_once_8_mib_are_written() -> bool:
+        size = part.stat().st_size if part.exists() else 0
+        if size >= 8 * 2**20:
+            written_when_stopped.append(size)
+            return True
+        return False
+
+    assert not copy.take(ns, {}, None, cell_arrives_once_8_mib_are_written)
+    assert written_when_stopped and written_when_stopped[0] <= 8 * 2**20 + STOP_CHECK_BYTES
+    assert written_when_stopped[0] < record
+    assert wait_until(lambda: sorted(os.listdir(tmp_path)) == [])
+    copy.idle()
+    assert copy.take(ns, {}, None, never)  # idle again: the whole copy, intact
+    back: dict = {}
+    load_namespace(back, copy.hand_over(str(tmp_path / "L6.pkl"))["path"])
+    assert back["big"].shape == ns["big"].shape and float(back["big"].sum()) == record // 4
+
+
+def test_a_stale_copy_is_freed_off_the_cells_thread(tmp_path, monkeypatch):
+    """A cell makes the copy stale; freeing its host memory (0.1-0.2 s per GiB of /dev/shm) is not
+    the cell's to wait for: the file is moved aside at once and unlinked on another thread."""
+    import threading
+
+    from jupyter_gpu.common import hostmem
+
+    ns = {"x": torch.ones(2**20)}
+    copy = StandbyCopy(str(tmp_path / "L7.standby"), 0.0)
+    after_a_cell(copy)
+    assert copy.take(ns, {}, None, never) and os.path.exists(copy.path)
+    freed_by = []
+    real = hostmem.discard
+
+    def discard(path: str) -> None:
+        freed_by.append(threading.current_thread())
+        real(path)
+
+    monkeypatch.setattr(hostmem, "discard", discard)
+    copy.changed()  # the next cell starts
+    assert not os.path.exists(copy.path)  # its name is free at once
+    assert wait_until(lambda: sorted(os.listdir(tmp_path)) == [])
+    assert freed_by and threading.main_thread() not in freed_by

@@ -72,7 +72,9 @@ def leases(pool: str) -> list[dict]:
     return [ls for g in snapshot(pool)["gpus"] for ls in g["leases"]]
 
 
-def wait_until(predicate, timeout: float = 15.0, interval: float = 0.1) -> bool:
+def wait_until(predicate, timeout: float = 60.0, interval: float = 0.1) -> bool:
+    """Whether ``predicate()`` became true within ``timeout`` seconds (polled): a bound for a hung
+    pool, wide enough for a loaded 2-core machine; a test that passes returns as soon as it holds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():

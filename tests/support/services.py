@@ -96,6 +96,11 @@ class PoolServices:
             self.worker_account,
         )
         self.wait_for(lambda: self.gpu_count() >= self._expected_gpus(), 120, "the worker's GPUs")
+        # and until every nanny has finished starting: a scheduler stopped before that makes the
+        # service fail its start (a traceback), not wait for the scheduler
+        self.wait_for(
+            lambda: "GPU worker(s) joined" in self.full_log("worker"), 60, "the worker's start"
+        )
         return self
 
     def _service_account(self) -> None:
@@ -149,8 +154,20 @@ class PoolServices:
         os.killpg(self.scheduler.pid, signal.SIGKILL)
         self.scheduler.wait(10)
 
-    def restart_scheduler(self) -> None:
-        self.kill_scheduler()
+    def stop_scheduler(self, timeout: float = 60) -> None:
+        """Stop the scheduler as systemd, a supervisor or Ctrl-C do: SIGTERM, and wait for it to
+        exit."""
+        assert self.scheduler is not None
+        os.killpg(self.scheduler.pid, signal.SIGTERM)
+        self.scheduler.wait(timeout)
+
+    def restart_scheduler(self, how: str = "kill") -> None:
+        """``kill``: ``kill -9`` the scheduler; ``term``: stop it with SIGTERM. Then `pool up`
+        again on the same port."""
+        if how == "term":
+            self.stop_scheduler()
+        else:
+            self.kill_scheduler()
         self.start_scheduler()
 
     def wait_for(self, predicate, timeout: float, what: str) -> None:

@@ -12,8 +12,9 @@
 import { expect, galata, IJupyterLabPageFixture, test } from '@jupyterlab/galata';
 import type { Locator } from '@playwright/test';
 import { execFileSync } from 'child_process';
-import * as fs from 'fs';
 import * as path from 'path';
+
+import { docsImage } from './docs-images';
 
 const PANEL_ID = 'jupyter-gpu-panel';
 const helper = path.join(__dirname, '..', 'pool_helper.py');
@@ -34,12 +35,6 @@ function luminance(colour: string): number {
   return 0.2126 * r + 0.7152 * g + 0.0722 * b;
 }
 
-/** Keep a screenshot of the real run in docs/images (the docs show it). */
-function keepDocShot(shot: string, name: string): void {
-  const docs = path.join(__dirname, '..', '..', 'docs', 'images');
-  fs.mkdirSync(docs, { recursive: true });
-  fs.copyFileSync(shot, path.join(docs, name));
-}
 
 function poolHelper(...args: string[]): any {
   const out = execFileSync(python, [helper, ...args], { encoding: 'utf-8', stdio: ['ignore', 'pipe', 'inherit'] });
@@ -361,7 +356,7 @@ test.describe('%%gpu notebooks and the panel', () => {
     const cell = (await page.notebook.getCellLocator(1))!;
     const shot = test.info().outputPath('progress-widget-running.png');
     await cell.screenshot({ path: shot });
-    keepDocShot(shot, 'progress-widget.png');
+    docsImage(shot, 'progress-widget.png'); // the docs' picture, when asked to (docs-images.ts)
     await expect(text).toHaveText(/^60\/60 steps \(100%\) · [\d.]+ steps\/s · loss=0\.01667$/, { timeout: CELL });
     await expect(out.locator('.jupyter-gpu-progress-curve svg polyline')).toHaveCount(1);
     await expect(out).toContainText('%%gpu done in');

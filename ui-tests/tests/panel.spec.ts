@@ -172,6 +172,10 @@ test.describe('GPU panel', () => {
     await expect(waitingMine).toHaveCount(0);
     await expect(queue.locator('h3')).toHaveText('Queue (1)');
     await mine.locator(`li[data-lease-id="${myLease}"]`).getByRole('button', { name: 'Cancel' }).click();
+    // its session measured a peak (it ran a cell): Cancel asks before ending it and its variables
+    const dialog = page.locator('.jp-Dialog');
+    await expect(dialog).toContainText(`End GPU session ${myLease}?`);
+    await dialog.getByRole('button', { name: 'End session' }).click();
     await expect(mine.locator('h3')).toHaveText('My sessions (0)', { timeout: 20000 });
     await expect(myRow).toHaveCount(0);
     // freeing my half empties that GPU, so the broker grants the waiting whole-GPU request: both GPUs full

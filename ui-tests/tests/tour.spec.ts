@@ -6,20 +6,22 @@
  * embedded pool of two virtual 16 GiB GPUs (the kernel starts it). The scale-out cell is run twice, as a user
  * tuning it would. The panel is read at JupyterLab's default side bar width: names wrap instead of being cut,
  * the runs are newest first, each GPU has a chart over time with its axes. The screenshots land in the
- * test's output folder, the panel's also in docs/images/panel.png (the README's), and with
- * JUPYTER_GPU_DOCS_SHOTS=PREFIX set in docs/images/ as PREFIX-training-cell.png, PREFIX-panel.png and
- * PREFIX-panel-runs.png (the before/after pictures of issue 14 were taken so).
+ * test's output folder; asked to (docs-images.ts), the panel's also in docs/images/panel.png (the README's,
+ * JUPYTER_GPU_DOCS_IMAGES=1), and with JUPYTER_GPU_DOCS_SHOTS=PREFIX in docs/images/ as
+ * PREFIX-training-cell.png, PREFIX-panel.png and PREFIX-panel-runs.png (the before/after pictures of issue
+ * 14 were taken so).
  */
 import { expect, galata, IJupyterLabPageFixture, test } from '@jupyterlab/galata';
 import { execFileSync } from 'child_process';
 import * as fs from 'fs';
 import * as path from 'path';
 
+import { docsImage, docsShot } from './docs-images';
+
 const PANEL_ID = 'jupyter-gpu-panel';
 const helper = path.join(__dirname, '..', 'pool_helper.py');
 const python = process.env.PYTHON || 'python';
 const NOTEBOOKS = path.join(__dirname, '..', '..', 'notebooks');
-const DOCS = path.join(__dirname, '..', '..', 'docs', 'images');
 const CELL = 120000;
 
 function poolHelper(...args: string[]): any {
@@ -28,13 +30,7 @@ function poolHelper(...args: string[]): any {
 }
 
 /** Save a screenshot in the test's output folder, and in docs/images when asked to. */
-function keep(shot: string, name: string): void {
-  const prefix = process.env.JUPYTER_GPU_DOCS_SHOTS;
-  if (prefix) {
-    fs.mkdirSync(DOCS, { recursive: true });
-    fs.copyFileSync(shot, path.join(DOCS, `${prefix}-${name}`));
-  }
-}
+const keep = docsShot;
 
 const FOLDER = 'notebooks';
 
@@ -140,7 +136,7 @@ test.describe('the shipped notebooks in the browser', () => {
     const panelShot = test.info().outputPath('panel.png');
     await page.screenshot({ path: panelShot });
     keep(panelShot, 'panel.png');
-    fs.copyFileSync(panelShot, path.join(DOCS, 'panel.png')); // the README's picture: real notebooks
+    docsImage(panelShot, 'panel.png'); // the README's picture: real notebooks
     await panel.locator('.jp-GpuPanel-runs').scrollIntoViewIfNeeded();
     const runsShot = test.info().outputPath('panel-runs.png');
     await page.screenshot({ path: runsShot });

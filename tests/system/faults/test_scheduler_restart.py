@@ -67,3 +67,71 @@ def test_the_worker_service_exits_non_zero_when_its_scheduler_does_not_come_back
         assert wait_until(lambda: pool.worker.poll() is not None, 90), pool.log("worker")
         assert pool.worker.returncode == 1, pool.log("worker")
         assert "exiting so that a supervisor restarts this service" in pool.full_log("worker")
+
+
+def test_a_sigterm_restart_keeps_every_session_and_cells_carry_on_or_say_they_wait(tmp_path):
+    """A scheduler stopped as systemd, a supervisor or Ctrl-C stop it (SIGTERM), then started
+    again: nothing a user holds is lost.
+
+    Bug fixed: Dask's ``Scheduler.close`` told every worker to close, the GPU nanny's wrapper
+    raised ``TypeError: object NoneType can't be used in 'await' expression``, ``jupyter-gpu
+    worker`` exited, every session and its variables were gone, and the next ``%%gpu`` cell
+    showed nothing for minutes. Now the workers wait for their scheduler with their sessions, a
+    running cell finishes, a session's cells run on while the scheduler is away, and a cell that
+    needs the broker says at once that it waits for it."""
+    with PoolServices(tmp_path) as pool:
+        alice, bob = Kernel(pool.address, user="alice"), Kernel(pool.address, user="bob")
+        carol = Kernel(pool.address, user="carol")
+        try:
+            assert alice.run("%%gpu\nx = 41\nprint('set')").stdout.strip() == "set"
+            assert bob.run("%%gpu --gpus 0.5\ny = 'kept'").error is None
+            assert carol.run("%gpu status").error is None  # connected, no session yet
+            before = {ls["user"]: ls["id"] for ls in leases(pool.address)}
+            running = alice.submit(
+                "%%gpu\nimport time\nfor i in range(10):\n    print('tick', i, flush=True)\n"
+                "    time.sleep(1)\nprint('done', x + 1)"
+            )
+            alice.wait_for_output(running, "tick 1")
+            pool.stop_scheduler()
+            assert pool.scheduler.returncode == 0, pool.log("scheduler")
+
+            # a cell that needs a new session says at once that the scheduler is away, and waits
+            waiting = carol.submit("%%gpu\nprint('carol ran')")
+            seen = carol.wait_for_output(waiting, "is not answering; waiting for it", timeout=20)
+            assert "[jupyter-gpu] the pool's scheduler at " + pool.address in seen.stdout
+            # a cell in a session runs without the scheduler
+            meanwhile = bob.run("%%gpu\nprint(y)", timeout=60)
+            assert meanwhile.error is None and meanwhile.stdout.strip() == "kept", (
+                meanwhile.error_text
+            )
+            assert pool.worker.poll() is None, pool.log("worker")
+
+            pool.start_scheduler()
+            out = alice.collect(running, timeout=90)
+            assert out.error is None, out.error_text
+            assert "tick 9" in out.stdout and "done 42" in out.stdout
+            late = carol.collect(waiting, timeout=120)
+            assert late.error is None and "carol ran" in late.stdout, late.error_text
+            assert "the pool's scheduler is back" in late.stdout
+            # both sessions were adopted under their lease ids, with their variables
+            assert wait_until(
+                lambda: (
+                    {
+                        u: i
+                        for u, i in ((ls["user"], ls["id"]) for ls in leases(pool.address))
+                        if u != "carol"
+                    }
+                    == before
+                ),
+                30,
+            ), (before, leases(pool.address), pool.log("scheduler"))
+            again = alice.run("%%gpu\nprint(x)")
+            assert again.error is None and again.stdout.strip() == "41", again.error_text
+            kept = bob.run("%%gpu\nprint(y)")
+            assert kept.error is None and kept.stdout.strip() == "kept", kept.error_text
+            assert pool.worker.poll() is None  # the worker service never went away
+            log = pool.full_log("worker")
+            assert "TypeError" not in log and "Stopping worker" not in log, log[-4000:]
+        finally:
+            for kernel in (alice, bob, carol):
+                kernel.shutdown(now=True)
