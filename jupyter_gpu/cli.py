@@ -256,10 +256,15 @@ def _cmd_usage(args: argparse.Namespace) -> int:
             return 1
 
         from jupyter_gpu.common.security import pool_rpc
+        from jupyter_gpu.pool.discovery import pool_token, user_name
+
+        # behind JupyterHub, an admin's token shows every user's rows (others see their own)
+        token = pool_token(embedded=not (args.pool or os.environ.get("JUPYTER_GPU_SCHEDULER")))
+        who = {"user": user_name(), **({"token": token} if token else {})}
 
         async def fetch() -> UsageReport:
             async with pool_rpc(address) as r:
-                report: UsageReport = await asyncio.wait_for(r.gpu_usage(since=since), 10)
+                report: UsageReport = await asyncio.wait_for(r.gpu_usage(since=since, **who), 10)
             return report
 
         try:

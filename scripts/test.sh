@@ -56,7 +56,9 @@ install() {
   # torch first, pinned: an unpinned torch would pull several GB of CUDA packages on a CPU machine
   python -c "import torch" 2>/dev/null || python -m pip install --quiet torch==2.13.0 || return 1
   # the editable install also builds the panel (jlpm install + build) into jupyter_gpu/labext/static
-  python -m pip install --quiet -e ".[test]"
+  python -m pip install --quiet -e ".[test]" || return 1
+  # tests/system/hub: JupyterHub's proxy comes from npm (JupyterHub itself is in the test extra)
+  command -v configurable-http-proxy >/dev/null 2>&1 || npm install --global --quiet configurable-http-proxy@5
 }
 
 browser() {

@@ -121,6 +121,7 @@ function PoolSections(props: {
       <MySessions
         sessions={vm.sessions}
         inHostMemory={vm.inHostMemory}
+        admin={vm.admin}
         goToCell={props.actions.goToCell}
         busy={props.busy}
         onCancel={props.onCancel}

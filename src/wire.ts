@@ -309,4 +309,14 @@ export type ISnapshot =
       quotas?: IQuotas;
       /** Whether this Jupyter server has a pool token to send with cancels (never the token itself). */
       token_set?: boolean;
+      /** What the pool makes of this server's user and token (protocol.Viewer; older brokers send none). */
+      viewer?: IViewer;
     };
+
+/** protocol.Viewer: ``admin`` may see and cancel every user's work (a JupyterHub admin, or the Hub's admin scope). */
+export interface IViewer {
+  user: string;
+  admin: boolean;
+  groups: string[];
+  error: string | null;
+}

@@ -25,6 +25,7 @@ NOT_IN_A_SESSION = CONTROL_PLANE + (
     "jupyter_gpu.kernelext",
     "jupyter_gpu.labext",
     "jupyter_gpu.headless",
+    "jupyter_gpu.hubservice",
 )
 
 

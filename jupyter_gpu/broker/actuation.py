@@ -43,7 +43,7 @@ class SessionActuator:
         lease.secret = secrets.token_urlsafe(24)
         grant = None
         if self.signing_key is not None:  # a launcher starts it (as the user, or the service)
-            grant = grant_for(lease, self.signing_key, as_user=account is not None)
+            grant = grant_for(lease, self.signing_key, account)
         async with self.rpc(lease.worker) as worker:
             started: SessionStarted = await worker.gpu_session_start(
                 lease=lease.public(),

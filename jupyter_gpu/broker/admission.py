@@ -42,13 +42,13 @@ class Admission:
         self.client_users: dict[str, str] = {}  # a kernel's client -> the user it acts for
         self._audited: dict[str, float] = {}
 
-    def admitted(
+    async def admitted(
         self, user: str, token: str | None, client: str | None, spec: dict[Any, Any]
     ) -> RequestSpec:
         """The request ``spec`` of ``user`` (with ``token``, through ``client``), checked; or the
         refusal, raised (and audited once the caller proved who they are: a wrong token is not,
         anyone could fill the store with it)."""
-        self.permissions.check_identity(user, token)
+        await self.permissions.check_identity(user, token)
         self.check(user, client, spec)
         try:
             return RequestSpec.from_wire(spec)

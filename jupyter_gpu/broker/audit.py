@@ -270,5 +270,7 @@ def format_usage(usage: UsageReport) -> str:
         "those "
         "measured)"
     ]
+    if usage.get("others_hidden"):
+        lines += ["(other users' rows are shown to the pool's administrators only)"]
     lines += ["", f"preemptions: {usage['preemptions']}   refused requests: {usage['refused']}"]
     return "\n".join(lines)

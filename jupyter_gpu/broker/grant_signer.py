@@ -52,9 +52,13 @@ def signing_key(scheduler_address: str) -> Any | None:
     return key
 
 
-def grant_for(lease: Lease, key: Any, as_user: bool) -> str:
-    """The signed grant for ``lease``'s session: its user, lease, worker, GPUs and bytes, and
-    whether it runs as the user's account (else as the pool's service account)."""
+def grant_for(lease: Lease, key: Any, account: str | None) -> str:
+    """The signed grant for ``lease``'s session: the OS account it runs as (``account``: the one
+    the broker mapped its user to, ``jupyter-gpu.session.accounts``; None: the pool's service
+    account, and the grant names the pool user for the record), its lease, worker, GPUs and
+    bytes."""
     gpus = [a.index for a in lease.allocations]
-    grant = grants.new_grant(lease.user, lease.id, lease.worker, gpus, lease.bytes, as_user)
+    grant = grants.new_grant(
+        account or lease.user, lease.id, lease.worker, gpus, lease.bytes, account is not None
+    )
     return grants.sign(grant, key)

@@ -16,9 +16,47 @@ import logging
 import os
 import secrets
 import time
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+if TYPE_CHECKING:
+    from jupyter_gpu.broker.quotas import PoolQuotas
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the pool's identity source says about a call's user name and token.
+
+    ``error``: why the call is refused (None: accepted). ``admin``: the caller may see and cancel
+    every user's work (a JupyterHub admin, or a token with the pool's admin scope; a token file has
+    no admins). ``groups``: the caller's groups where the source knows them (JupyterHub's)."""
+
+    error: str | None
+    admin: bool = False
+    groups: frozenset[str] = field(default_factory=frozenset)
+
+
+class Identities(Protocol):
+    """The broker's one question to an identity source (a token file, or JupyterHub:
+    ``broker/hub_identity.py``): is this token this user's, and what may they do?"""
+
+    kind: Literal["tokens", "hub"]
+
+    async def verify(self, user: str | None, token: str | None) -> Verdict:
+        """The verdict on ``user``/``token``; never raises (a source that cannot answer refuses,
+        saying why)."""
+        ...
+
+    def start(self, quotas: PoolQuotas) -> None:
+        """Begin what runs in the background (JupyterHub: reading group membership into
+        ``quotas``)."""
+        ...
+
+    async def close(self) -> None:
+        """Stop what ``start`` began."""
+        ...
 
 
 class TokenFileError(ValueError):
@@ -61,6 +99,8 @@ class TokenStore:
     A file that turns bad while the pool runs (half written, edited by hand, unreadable) does
     not lock everybody out: the last good copy stays in use and the error is logged once.
     """
+
+    kind: Literal["tokens", "hub"] = "tokens"
 
     def __init__(self, path: str):
         self.path = os.path.expanduser(path)
@@ -174,6 +214,66 @@ class TokenStore:
                 "this user, or ask the pool's admin for a new one."
             )
         return None
+
+    async def verify(self, user: str | None, token: str | None) -> Verdict:
+        """``check`` as the broker asks it (``Identities``): a token file knows no admins or
+        groups."""
+        return Verdict(self.check(user, token))
+
+    def start(self, quotas: PoolQuotas) -> None:
+        """Nothing runs in the background: the file is read again when it changes."""
+
+    async def close(self) -> None:
+        """Nothing to stop."""
+
+
+def session_account(user: str) -> str:
+    """The OS account on the GPU machines that ``user``'s sessions run as (Dask config
+    ``jupyter-gpu.session.accounts``): by default the account of the same name (a Hub with
+    LocalProcessSpawner, SystemdSpawner or batchspawner, whose users have accounts). Where users
+    have none there (KubeSpawner), the administrator maps them: a template such as
+    ``"gpu-{user}"``, or a mapping ``{hub name: account}`` (names it leaves out keep their own).
+    Each pool user must map to an account of their own: sessions of two users on one account are
+    not isolated from each other."""
+    from jupyter_gpu.common import config
+
+    accounts = config.get("session.accounts")
+    if isinstance(accounts, str):
+        return accounts.replace("{user}", user)
+    if isinstance(accounts, dict):
+        return str(accounts.get(user, user))
+    return user
+
+
+def check_session_accounts(accounts: Any) -> str | None:
+    """Why Dask config ``jupyter-gpu.session.accounts`` cannot be used (None: it can)."""
+    if accounts is None:
+        return None
+    if isinstance(accounts, str):
+        return (
+            None
+            if "{user}" in accounts
+            else (
+                f"jupyter-gpu.session.accounts {accounts!r} has no {{user}}: every user would share "
+                "one account and not be isolated. Write a template such as gpu-{user}."
+            )
+        )
+    if isinstance(accounts, dict) and all(
+        isinstance(k, str) and isinstance(v, str) and v for k, v in accounts.items()
+    ):
+        taken = [v for v in accounts.values() if list(accounts.values()).count(v) > 1]
+        return (
+            None
+            if not taken
+            else (
+                f"jupyter-gpu.session.accounts maps several users to {sorted(set(taken))}: users "
+                "sharing an account are not isolated. Give each user an account of their own."
+            )
+        )
+    return (
+        f"jupyter-gpu.session.accounts must be null, a template with {{user}} or a mapping of "
+        f"user names to account names, not {accounts!r}"
+    )
 
 
 def tokens_from_config() -> TokenStore | None:

@@ -21,6 +21,7 @@ from jupyter_gpu.broker import packing
 from jupyter_gpu.broker.actuation import SessionActuator
 from jupyter_gpu.broker.audit import AuditStore
 from jupyter_gpu.broker.id_floor import IdFloor, floor_path
+from jupyter_gpu.broker.identity import Verdict
 from jupyter_gpu.broker.ledger import Ledger
 from jupyter_gpu.broker.metrics import PoolMetrics
 from jupyter_gpu.broker.model import GpuSlot, Lease, Offload, Request
@@ -137,11 +138,10 @@ class LeaseKeeper:
 
         async def start_one(lease: Lease) -> None:
             restore = req.restore if lease.rank == 0 else None
+            account = self.permissions.account_of(lease.user) if account_of else None
             asked = time.monotonic()
             try:
-                started = await self.workers.start(
-                    lease, restore, lease.user if account_of else None
-                )
+                started = await self.workers.start(lease, restore, account)
             except BaseException:
                 self.metrics.session_started(lease, time.monotonic() - asked, False, False)
                 raise
@@ -313,25 +313,35 @@ class LeaseKeeper:
         self.ledger.submit(req)
         self.schedule()
 
-    def cancel(self, item: str, user: str | None) -> CancelReply:
-        """Cancel a queued request, or end a lease (its session is killed)."""
+    def cancel(self, item: str, user: str | None, verdict: Verdict | None = None) -> CancelReply:
+        """Cancel a queued request, or end a lease (its session is killed): the caller's own, or
+        anyone's for the pool's admins (``verdict``: the identity source's word on the caller,
+        e.g. a JupyterHub admin)."""
+        admin = verdict is not None and verdict.admin
         why = f"{item} belongs to %s; you can cancel only your own work"
         req = self.ledger.requests.get(item)
+
+        def by(owner: str) -> str:
+            if admin and owner != user:
+                log.info("%s (an administrator of the pool) cancels %s of %s", user, item, owner)
+                return f"cancelled by {user}, an administrator of the pool"
+            self.permissions.check_acting_for(owner, user, why % owner)
+            return "cancelled by its owner"
+
         if req is not None and req.state in ("queued", "starting"):
-            self.permissions.check_acting_for(req.user, user, why % req.user)
+            reason = by(req.user)
             for lease_id in list(req.leases):
                 if lease_id in self.ledger.leases:
                     self.end_lease(
                         self.ledger.leases[lease_id], "its request was cancelled", kill=True
                     )
-            self.finish_request(req, "cancelled", "cancelled by its owner")
+            self.finish_request(req, "cancelled", reason)
             self.schedule()
             return {"cancelled": True, "what": f"queued request {item}"}
         lease = self.ledger.leases.get(item)
         if lease is None:
             raise NotFound(f"nothing queued or running is called {item}")
-        self.permissions.check_acting_for(lease.user, user, why % lease.user)
-        self.end_lease(lease, "cancelled by its owner", kill=True)
+        self.end_lease(lease, by(lease.user), kill=True)
         self.schedule()
         return {"cancelled": True, "what": f"lease {item} (its session was ended)"}
 

@@ -10,19 +10,26 @@ worded the same for every user. A check passes silently or raises a ``Refused``
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal, cast
 
 from jupyter_gpu.broker.audit import AuditStore
-from jupyter_gpu.broker.identity import TokenStore
+from jupyter_gpu.broker.identity import Identities, Verdict, session_account
+from jupyter_gpu.broker.model import Lease
+from jupyter_gpu.broker.quotas import PoolQuotas
+from jupyter_gpu.broker.views import usage_for, viewer
 from jupyter_gpu.common import config
+from jupyter_gpu.common.protocol import Snapshot, UsageReport, UsageView
 from jupyter_gpu.common.refusals import NotAuthorized, NotYours
 
 
 class Permissions:
-    """The checks of one pool: its token file (None: names are trusted) and its pool key."""
+    """The checks of one pool: its identity source (a token file, JupyterHub; None: names are
+    trusted) and its pool key. Identity checks are coroutines: JupyterHub's answer is a network
+    call (``broker/hub_identity.py``), never made synchronously on the scheduler's loop."""
 
-    def __init__(self, tokens: TokenStore | None) -> None:
+    def __init__(self, tokens: Identities | None) -> None:
         self.tokens = tokens
         self.pool_key: str | None = None  # set when the broker starts
 
@@ -31,14 +38,73 @@ class Permissions:
         """The pool checks tokens: several people use it."""
         return self.tokens is not None
 
-    def identity_error(self, user: str | None, token: str | None) -> str | None:
-        """With a token file, why ``user``/``token`` is not accepted (None: accepted)."""
-        return self.tokens.check(user, token) if self.tokens is not None else None
+    @property
+    def kind(self) -> Literal["tokens", "hub", "names"]:
+        """How the pool knows its users: ``tokens`` (a token file), ``hub``, or ``names``."""
+        return self.tokens.kind if self.tokens is not None else "names"
 
-    def check_identity(self, user: str | None, token: str | None) -> None:
-        denied = self.identity_error(user, token)
-        if denied:
-            raise NotAuthorized(denied)
+    async def verify(self, user: str | None, token: str | None) -> Verdict:
+        """What the identity source says of ``user``/``token`` (accepted or why not, admin,
+        groups); a pool without one accepts every name and has no admins."""
+        return await self.tokens.verify(user, token) if self.tokens is not None else Verdict(None)
+
+    def start(self, quotas: PoolQuotas) -> None:
+        if self.tokens is not None:
+            self.tokens.start(quotas)
+
+    async def close(self) -> None:
+        if self.tokens is not None:
+            await self.tokens.close()
+
+    @staticmethod
+    def holds(lease: Lease | None, user: str | None, secret: str | None) -> bool:
+        """Whether ``secret`` is ``lease``'s (only its kernel got it with the grant): proof enough
+        to give it back, even when the identity source no longer accepts the kernel's token (a
+        revoked JupyterHub token, the Hub down)."""
+        return (
+            lease is not None
+            and lease.user == user
+            and secret is not None
+            and lease.secret is not None
+            and hmac.compare_digest(secret, lease.secret)
+        )
+
+    async def check_holder(
+        self, lease: Lease | None, user: str | None, token: str | None, secret: str | None
+    ) -> None:
+        """The holder of ``lease`` may give it back: its secret, or an accepted identity of its
+        owner."""
+        if not self.holds(lease, user, secret):
+            await self.check_identity(user, token)
+        if lease is not None:
+            self.check_acting_for(lease.user, user, f"{lease.id} belongs to {lease.user}")
+
+    async def with_viewer(self, snap: Snapshot, user: str | None, token: str | None) -> Snapshot:
+        """``snap`` with what the pool makes of ``user`` (``viewer``), when one is named."""
+        if user is not None:
+            snap["viewer"] = viewer(user, await self.verify(user, token))
+        return snap
+
+    async def usage_view(
+        self, usage: UsageReport, user: str | None = None, token: str | None = None
+    ) -> UsageView:
+        """The usage report as ``user`` may read it: everything, except behind JupyterHub, where
+        a user who is not an admin sees their own rows beside the teams' totals."""
+        if self.kind != "hub":
+            return cast(UsageView, usage)  # the report: its optional key left out
+        verdict = await self.verify(user, token)
+        return usage_for(usage, None if verdict.error else user, verdict.admin)
+
+    async def identity_error(self, user: str | None, token: str | None) -> str | None:
+        """Why ``user``/``token`` is not accepted (None: accepted)."""
+        return (await self.verify(user, token)).error
+
+    async def check_identity(self, user: str | None, token: str | None) -> Verdict:
+        """The verdict on an accepted caller; a refused one raises ``NotAuthorized``."""
+        verdict = await self.verify(user, token)
+        if verdict.error:
+            raise NotAuthorized(verdict.error)
+        return verdict
 
     def check_owner(self, owner: str, user: str | None, what: str) -> None:
         """In a pool that checks tokens, only the owner may read their work."""
@@ -59,9 +125,9 @@ class Permissions:
             return None
         return [str(u) for u in ([allowed] if isinstance(allowed, str) else allowed)]
 
-    def scale_refusal(self, user: str | None, token: str | None) -> str | None:
+    async def scale_refusal(self, user: str | None, token: str | None) -> str | None:
         """Why ``user`` may not scale the pool (None: they may)."""
-        denied = self.identity_error(user, token)
+        denied = await self.identity_error(user, token)
         if denied:
             return denied
         allowed = self.scale_users()
@@ -73,7 +139,7 @@ class Permissions:
             "administrator."
         )
 
-    def check_scale(
+    async def check_scale(
         self,
         user: str | None,
         token: str | None,
@@ -83,8 +149,8 @@ class Permissions:
     ) -> None:
         """Refuse a scale ``user`` may not ask for: audited when the caller proved who they are
         (a wrong token is not: anyone could fill the store with it)."""
-        self.check_identity(user, token)
-        denied = self.scale_refusal(user, token)
+        await self.check_identity(user, token)
+        denied = await self.scale_refusal(user, token)
         if denied:
             audit.refused(None, user, None, {"scale": asked}, denied)
             log_event(
@@ -97,6 +163,11 @@ class Permissions:
         unless the admin turned it off (``session.as-user: false``, e.g. tokens kept for
         accounting only)."""
         return self.tokens is not None and config.get("session.as-user") is not False
+
+    @staticmethod
+    def account_of(user: str) -> str:
+        """The account ``user``'s sessions run as (``jupyter-gpu.session.accounts``)."""
+        return session_account(user)
 
     def users_isolated(self, workers_run_as_users: Iterable[bool]) -> bool:
         """Whether every session runs as its user (as above, and every worker runs as root)."""

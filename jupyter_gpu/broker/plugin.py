@@ -31,7 +31,7 @@ from jupyter_gpu.broker.admission import Admission
 from jupyter_gpu.broker.adoption import Adoption
 from jupyter_gpu.broker.audit import AuditStore
 from jupyter_gpu.broker.fair_share import FairSharePolicy
-from jupyter_gpu.broker.identity import TokenStore
+from jupyter_gpu.broker.identity import Identities
 from jupyter_gpu.broker.leasing import LeaseKeeper
 from jupyter_gpu.broker.ledger import Ledger
 from jupyter_gpu.broker.model import Request, new_id
@@ -45,6 +45,7 @@ from jupyter_gpu.broker.settings import BrokerSettings, PoolConfigError, load_se
 from jupyter_gpu.common import config, no_pickle, poolkey
 from jupyter_gpu.common.handlers import handler, handlers_of
 from jupyter_gpu.common.protocol import (
+    Caller,
     CancelReply,
     GpuInfoMsg,
     LeaseStateReport,
@@ -60,7 +61,7 @@ from jupyter_gpu.common.protocol import (
     ScaleReply,
     Snapshot,
     UnknownLease,
-    UsageReport,
+    UsageView,
 )
 from jupyter_gpu.common.refusals import NotPossible
 from jupyter_gpu.common.validation import (
@@ -68,6 +69,7 @@ from jupyter_gpu.common.validation import (
     MaxLen,
     Name,
     Range,
+    Secret,
     Text,
     Token,
 )
@@ -96,7 +98,7 @@ class GpuBroker(SchedulerPlugin):
         policy: FairSharePolicy | None = None,
         embedded: bool = False,
         audit: AuditStore | None = None,
-        tokens: TokenStore | None = None,
+        tokens: Identities | None = None,
         settings: BrokerSettings | None = None,
     ):
         policy, audit, tokens = _configured(policy, audit, tokens, settings)
@@ -154,6 +156,7 @@ class GpuBroker(SchedulerPlugin):
             self.stream_handlers(),
             shared=self.permissions.shared,
         )
+        self.permissions.start(self.policy.quotas)  # JupyterHub: the groups quota teams name
         self.audit.open_boot()
         from tornado.ioloop import PeriodicCallback
 
@@ -178,6 +181,7 @@ class GpuBroker(SchedulerPlugin):
             self._sampler.stop()
         if getattr(self, "_housekeeper", None):
             self._housekeeper.stop()
+        await self.permissions.close()
         self.audit.heartbeat()
 
     def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
@@ -260,7 +264,7 @@ class GpuBroker(SchedulerPlugin):
 
     # ------------------------------------------------------------------ handlers: kernels
     @handler("gpu_request", caller="kernel", check="user-token")
-    def gpu_request(
+    async def gpu_request(
         self,
         user: Name,
         kernel: Name,
@@ -277,7 +281,7 @@ class GpuBroker(SchedulerPlugin):
         kernel whose variables the new session starts with. In a shared pool it must come from a
         connected kernel, and each user's waiting requests are capped (``broker/admission.py``);
         refusals are audited once the caller proved who they are."""
-        rspec = self.admission.admitted(user, token, client, spec)
+        rspec = await self.admission.admitted(user, token, client, spec)
         offloaded = self.keeper.offloaded(restore, user, kernel) if restore else None
         req = Request(
             id=new_id("R"),
@@ -323,40 +327,39 @@ class GpuBroker(SchedulerPlugin):
                 "state": "unknown",
                 "reason": f"no request {id} is known to the broker",
             }
-        self.permissions.check_identity(user, token)
+        await self.permissions.check_identity(user, token)
         self.permissions.check_owner(req.user, user, id)
         await self.keeper.wait(req, timeout)
         return self._status(req)
 
     @handler("gpu_cancel", caller="kernel", check="user-token")
-    def gpu_cancel(
+    async def gpu_cancel(
         self, id: Name, user: Name | None = None, token: Token | None = None
     ) -> CancelReply:
-        """Cancel my queued request, or end my lease (its session is killed)."""
-        self.permissions.check_identity(user, token)
-        return self.keeper.cancel(id, user)
+        """Cancel my queued request, or end my lease (its session is killed); admins: anyone's."""
+        return self.keeper.cancel(id, user, await self.permissions.check_identity(user, token))
 
     @handler("gpu_release", caller="kernel", check="user-token")
-    def gpu_release(
+    async def gpu_release(
         self,
         lease: Name,
         user: Name | None = None,
         reason: Text = "released by its owner",
         token: Token | None = None,
+        secret: Secret | None = None,
     ) -> ReleaseReply:
         """End my lease now (``%gpu release``, ``--fresh`` cells, ``--workers`` runs); a lease that
-        has ended already is not released again."""
-        self.permissions.check_identity(user, token)
+        has ended already is not released again. Its secret is proof enough of ownership."""
         ls = self.ledger.leases.get(lease)
+        await self.permissions.check_holder(ls, user, token, secret)
         if ls is None:
             return {"released": False}
-        self.permissions.check_acting_for(ls.user, user, f"{lease} belongs to {ls.user}")
         self.keeper.end_lease(ls, reason, kill=True)
         self.keeper.schedule()
         return {"released": True}
 
     @handler("gpu_lease_info", caller="kernel", check="user-token")
-    def gpu_lease_info(
+    async def gpu_lease_info(
         self, lease: Name, user: Name | None = None, token: Token | None = None
     ) -> LeaseView | UnknownLease:
         """A lease of mine, live or ended (why it ended, where its variables went); one the broker
@@ -364,19 +367,19 @@ class GpuBroker(SchedulerPlugin):
         ls = self.ledger.lease_or_ended(lease)
         if ls is None:
             return {"id": lease, "state": "unknown", "end_reason": "the broker has no record of it"}
-        self.permissions.check_identity(user, token)
+        await self.permissions.check_identity(user, token)
         self.permissions.check_owner(ls.user, user, lease)
         return ls.public()
 
     @handler("gpu_run_update", caller="kernel", check="user-token")
-    def gpu_run_update(
+    async def gpu_run_update(
         self, run: Name, token: Token | None = None, **update: Unpack[RunUpdate]
     ) -> None:
         """How a ``--workers`` run of mine stands (ranks, state, attempt, the earlier run whose
         checkpoints it continues), for the panel. A run is its first reporter's; the leases it
         names must be that user's."""
         user = update.get("user")
-        self.permissions.check_identity(user, token)
+        await self.permissions.check_identity(user, token)
         if self.permissions.shared:
             self.runs.check_reporter(run, user, update.get("leases") or (), self.ledger.leases)
         self.runs.update(run, update)
@@ -394,24 +397,18 @@ class GpuBroker(SchedulerPlugin):
         config ``jupyter-gpu.scale-users``; everyone when unset): jobs are submitted and cancelled;
         a worker holding a session or a host-memory copy is never retired. Refusals are audited."""
         asked = {"n": n, "minimum": minimum, "maximum": maximum}
-        self.permissions.check_scale(user, token, asked, self.audit, self.sched.log_event)
+        await self.permissions.check_scale(user, token, asked, self.audit, self.sched.log_event)
         if self.scaler is None:
             raise NotPossible(
                 "this pool has no cluster manager to scale; add machines with "
                 "`jupyter-gpu worker ADDRESS` instead"
             )
-        result: ScaleReply = await self.scaler(n=n, minimum=minimum, maximum=maximum)
-        log.info("user %s scaled the pool: n=%s minimum=%s maximum=%s", user, n, minimum, maximum)
-        self.sched.log_event(
-            "jupyter-gpu-audit",
-            {"action": "scale", "user": user, "n": n, "minimum": minimum, "maximum": maximum},
-        )
-        return result
+        return await self.scaler.scale_for(user, n, minimum, maximum)
 
     @handler("gpu_snapshot", caller="anyone", check="none")
-    def gpu_snapshot(self) -> Snapshot:
+    async def gpu_snapshot(self, user: Name | None = None, token: Token | None = None) -> Snapshot:
         """The whole pool as the panel, ``%gpu status`` and ``jupyter-gpu status`` show it: GPUs,
-        leases, queue, quotas, runs."""
+        leases, queue, quotas, runs; with a user, their ``viewer`` rights."""
         pool: PoolInfo = {
             "address": self.scheduler.address if self.scheduler else None,
             "embedded": self.embedded,
@@ -422,27 +419,28 @@ class GpuBroker(SchedulerPlugin):
             "users_isolated": self.workers.users_isolated(self.permissions),
             "shared": self.permissions.shared,
         }
-        return views.snapshot(
+        snap = views.snapshot(
             self.ledger,
             self.samples.by_gpu,
             pool,
             self.runs.views(),
-            "tokens" if self.permissions.shared else "names",
+            self.permissions.kind,
             waiting_note=self._waiting_note(),
         )
+        return await self.permissions.with_viewer(snap, user, token)
 
     @handler("gpu_usage", caller="anyone", check="none")
-    def gpu_usage(self, since: float = 0.0) -> UsageReport:
-        """GPU-hours per user and team from the audit store (everyone may read usage)."""
-        return self.audit.usage(since=since)
+    async def gpu_usage(self, since: float = 0.0, **who: Unpack[Caller]) -> UsageView:
+        """GPU-hours per user and team from the audit store (behind a Hub: others' for admins)."""
+        return await self.permissions.usage_view(self.audit.usage(since=since), **who)
 
 
 def _configured(
     policy: FairSharePolicy | None,
     audit: AuditStore | None,
-    tokens: TokenStore | None,
+    tokens: Identities | None,
     settings: BrokerSettings | None,
-) -> tuple[FairSharePolicy, AuditStore, TokenStore | None]:
+) -> tuple[FairSharePolicy, AuditStore, Identities | None]:
     """What is not given comes from Dask config (``jupyter-gpu.pool-config``, ``token-file``,
     ``audit-db``), checked: fair share with the configured quotas (none: of use only)."""
     if settings is None and (policy is None or audit is None or tokens is None):

@@ -14,9 +14,15 @@ by fair share of recent use, priority and age only. The file looks like::
     teams:
       ml:   {guarantee: 2.0, limit: 3, priority: 10, members: [alice, bob]}
       viz:  {guarantee: 0.5, members: [carol]}
+      nlp:  {guarantee: 1.0, hub-group: nlp}   # members: the JupyterHub group nlp, read from the Hub
     users:
       bob:  {limit: 1.0}         # a user's own limit inside their team
       dave: {guarantee: 0.25}    # a user with a guarantee and no team gets a team of their own
+
+A team with ``hub-group`` (a pool behind JupyterHub, ``broker/hub_identity.py``) holds the members of
+that Hub group as the Hub lists them, read again every ``jupyter-gpu.hub.groups-refresh``: a user
+added to the group in the Hub gets the team's quota at the next refresh, and one removed loses it. A
+user the file puts in a team stays there; a user in two such groups is in the first of the file.
 
 Guarantees and limits are in GPUs (fractions allowed); a member's use counts against their team's quota.
 Use beyond the guarantee is allowed when capacity is idle, and such leases are marked ``preemptible``.
@@ -28,6 +34,7 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, overload
 
@@ -49,6 +56,7 @@ class Team:
     limit: float | None = None
     priority: int = 0
     members: set[str] = field(default_factory=set)
+    hub_group: str | None = None  # members also come from this JupyterHub group
 
 
 @dataclass
@@ -75,9 +83,54 @@ class PoolQuotas:
     suspend_idle_after: float | None = 60.0
     configured: bool = False
     source: str | None = None
+    # users whose team the file names (a team's members, a user's team or own guarantee): Hub groups
+    # do not move them
+    placed: set[str] = field(default_factory=set)
+    # user -> team, as the last Hub group listing placed them (``set_hub_members``)
+    hub_members: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.teams.setdefault(self.default_team, Team(self.default_team))
+
+    def hub_groups(self) -> dict[str, str]:
+        """Team -> the JupyterHub group whose members it holds (``hub-group``), in file order."""
+        return {t.name: t.hub_group for t in self.teams.values() if t.hub_group}
+
+    def set_hub_members(self, groups: Mapping[str, Collection[str]]) -> bool:
+        """Place the members of the Hub groups that teams name (``groups``: group -> user names,
+        as the Hub lists them now) in those teams, and take out whoever left; returns whether
+        anyone moved. Requests made from now on count against the new team; leases already
+        granted keep the team they were granted under."""
+        placed: dict[str, str] = {}
+        for team, group in self.hub_groups().items():
+            for user in sorted(groups.get(group, ())):
+                if user not in self.placed and user not in placed:
+                    placed[user] = team
+        if placed == self.hub_members:
+            return False
+        for user, team in self.hub_members.items():
+            self.teams[team].members.discard(user)
+            quota = self.users.get(user)
+            if quota is not None and quota.team == team:
+                if quota.limit is None and quota.priority == 0:
+                    del self.users[user]  # the Hub alone had named them
+                else:
+                    quota.team = self.default_team
+                    self.teams[self.default_team].members.add(user)
+        for user, team in placed.items():
+            quota = self.users.get(user)
+            if quota is None:
+                self.users[user] = UserQuota(name=user, team=team)
+            else:
+                self.teams[quota.team].members.discard(user)
+                quota.team = team
+            self.teams[team].members.add(user)
+        log.info(
+            "quota teams from JupyterHub groups: %s",
+            ", ".join(f"{u} in {t}" for u, t in sorted(placed.items())) or "no members",
+        )
+        self.hub_members = placed
+        return True
 
     def team_of(self, user: str) -> str:
         """The team whose quota holds ``user``; unknown users fall into the default team."""
@@ -110,7 +163,7 @@ TOP_KEYS = (
     "teams",
     "users",
 )
-TEAM_KEYS = ("guarantee", "limit", "priority", "members")
+TEAM_KEYS = ("guarantee", "limit", "priority", "members", "hub-group")
 USER_KEYS = ("team", "guarantee", "limit", "priority")
 
 
@@ -219,14 +272,22 @@ def parse_quotas(
         )
     teams: dict[str, Team] = {}
     users: dict[str, UserQuota] = {}
+    placed: set[str] = set()
     for name, entry in _mapping(data.get("teams"), where("teams")).items():
         entry = _mapping(entry, where("teams", name), TEAM_KEYS)
+        hub_group = entry.get("hub-group")
+        if hub_group is not None and (not isinstance(hub_group, str) or not hub_group):
+            raise QuotaConfigError(
+                f"{where('teams', name, 'hub-group')}: must be the name of a JupyterHub group, "
+                f"e.g. hub-group: ml, not {hub_group!r}"
+            )
         team = Team(
             name=str(name),
             guarantee=_gpus(entry.get("guarantee", 0), where("teams", name, "guarantee")),
             limit=_gpus(entry.get("limit"), where("teams", name, "limit"), allow_none=True),
             priority=_priority(entry.get("priority", 0), where("teams", name, "priority")),
             members=_names(entry.get("members"), where("teams", name, "members")),
+            hub_group=hub_group,
         )
         if team.limit is not None and team.limit < team.guarantee:
             raise QuotaConfigError(
@@ -241,6 +302,7 @@ def parse_quotas(
                     f"teams ({users[member].team} and {name})"
                 )
             users[member] = UserQuota(name=member, team=team.name)
+            placed.add(member)
     for name, entry in _mapping(data.get("users"), where("users")).items():
         entry = _mapping(entry, where("users", name), USER_KEYS)
         name = str(name)
@@ -254,6 +316,8 @@ def parse_quotas(
             team_name = name
             teams.setdefault(name, Team(name=name, members={name}))
             teams[name].guarantee = _gpus(entry["guarantee"], where("users", name, "guarantee"))
+        if team_name is not None:
+            placed.add(name)
         team_name = team_name or default_team
         if team_name not in teams:
             teams[team_name] = Team(name=team_name)
@@ -277,6 +341,7 @@ def parse_quotas(
         ),
         configured=True,
         source=source,
+        placed=placed,
     )
 
 

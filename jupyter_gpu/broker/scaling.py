@@ -306,7 +306,7 @@ class PoolScaler:
         interval: float = 2.0,
         gpu_bytes: int | None = None,
     ):
-        self.cluster, self.ledger = cluster, ledger
+        self.cluster, self.ledger, self.scheduler = cluster, ledger, scheduler
         self.jobs = ClusterJobs(cluster, scheduler, ledger, states)
         self.max_workers = max_workers
         self.per_job = max(1, int(per_job))
@@ -345,6 +345,19 @@ class PoolScaler:
                 f"{left} job(s) hold a session or a session's variables in host memory: they are "
                 "retired once they hold none"
             )
+        return reply
+
+    async def scale_for(
+        self, user: str | None, n: int | None, minimum: int | None, maximum: int | None
+    ) -> ScaleReply:
+        """Scale as ``user`` asked (``gpu_scale``, its permission checked), and record who changed
+        the pool's size to what: the log and the scheduler's ``jupyter-gpu-audit`` events."""
+        reply = await self(n=n, minimum=minimum, maximum=maximum)
+        log.info("user %s scaled the pool: n=%s minimum=%s maximum=%s", user, n, minimum, maximum)
+        self.scheduler.log_event(
+            "jupyter-gpu-audit",
+            {"action": "scale", "user": user, "n": n, "minimum": minimum, "maximum": maximum},
+        )
         return reply
 
     def start(self) -> None:

@@ -15,7 +15,18 @@ import stat
 from dataclasses import dataclass
 
 from jupyter_gpu.broker.audit import AuditStore, audit_from_config
-from jupyter_gpu.broker.identity import TokenFileError, TokenStore, tokens_from_config
+from jupyter_gpu.broker.hub_identity import (
+    HubIdentity,
+    HubSettings,
+    HubSettingsError,
+    hub_settings_from_config,
+)
+from jupyter_gpu.broker.identity import (
+    Identities,
+    TokenFileError,
+    check_session_accounts,
+    tokens_from_config,
+)
 from jupyter_gpu.broker.quotas import PoolQuotas, QuotaConfigError, quotas_from_config
 
 log = logging.getLogger(__name__)
@@ -28,7 +39,7 @@ class PoolConfigError(Exception):
 @dataclass
 class BrokerSettings:
     quotas: PoolQuotas
-    tokens: TokenStore | None
+    tokens: Identities | None  # a token file, JupyterHub, or None: names are trusted as given
     audit: AuditStore
 
 
@@ -67,14 +78,15 @@ def secure_file(path: str, what: str) -> None:
 
 
 def load_settings() -> BrokerSettings:
-    """Quotas (``jupyter-gpu.pool-config``), tokens (``jupyter-gpu.token-file``) and the audit store
-    (``jupyter-gpu.audit-db``) from Dask config, each checked (and kept private: ``secure_file``);
-    raises ``PoolConfigError``."""
+    """Quotas (``jupyter-gpu.pool-config``), identities (``jupyter-gpu.token-file``, or
+    JupyterHub's tokens: ``jupyter-gpu.hub.*``) and the audit store (``jupyter-gpu.audit-db``) from
+    Dask config, each checked (and kept private: ``secure_file``); raises ``PoolConfigError``."""
     from jupyter_gpu.common import config
 
     for key, what in (
         ("pool-config", "quota file"),
         ("token-file", "token file"),
+        ("hub.api-token-file", "JupyterHub service token file"),
         ("audit-db", "audit store"),
     ):
         if config.get(key):
@@ -83,12 +95,17 @@ def load_settings() -> BrokerSettings:
         quotas = quotas_from_config()
     except QuotaConfigError as exc:
         raise PoolConfigError(str(exc)) from None
-    tokens = tokens_from_config()
-    if tokens is not None:
-        try:
-            tokens.validate()
-        except TokenFileError as exc:
-            raise PoolConfigError(str(exc)) from None
+    store = tokens_from_config()
+    try:
+        hub = hub_settings_from_config()
+        if store is not None:
+            store.validate()
+    except (TokenFileError, HubSettingsError) as exc:
+        raise PoolConfigError(str(exc)) from None
+    tokens: Identities | None = hub_identity(hub, quotas) if hub is not None else store
+    accounts = check_session_accounts(config.get("session.accounts"))
+    if accounts is not None:
+        raise PoolConfigError(accounts)
     try:
         audit = audit_from_config()
     except (sqlite3.Error, OSError) as exc:
@@ -99,3 +116,21 @@ def load_settings() -> BrokerSettings:
             "Its folder must exist and be writable by the pool's service account."
         ) from None
     return BrokerSettings(quotas=quotas, tokens=tokens, audit=audit)
+
+
+def hub_identity(hub: HubSettings, quotas: PoolQuotas) -> HubIdentity:
+    """JupyterHub as the identity source, checked against the quotas; JupyterHub's own client
+    library must be installed where the pool runs."""
+    try:
+        import jupyterhub.services.auth  # noqa: F401
+    except ImportError:
+        raise PoolConfigError(
+            "jupyter-gpu.hub.api-url is set but JupyterHub's client library is not installed "
+            "where the pool runs: `pip install 'jupyter-gpu[hub]'` (or unset the Hub's URL)."
+        ) from None
+    identity = HubIdentity(hub)
+    try:
+        identity.check_requirements(quotas)
+    except HubSettingsError as exc:
+        raise PoolConfigError(str(exc)) from None
+    return identity

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Literal, cast
 
+from jupyter_gpu.broker.identity import Verdict
 from jupyter_gpu.broker.ledger import Ledger
 from jupyter_gpu.broker.model import GpuSlot, Lease, Request
 from jupyter_gpu.common.protocol import (
@@ -27,7 +28,10 @@ from jupyter_gpu.common.protocol import (
     Sample,
     Snapshot,
     TeamQuotaView,
+    UsageReport,
+    UsageView,
     UserQuotaView,
+    Viewer,
 )
 from jupyter_gpu.common.rightsizing import right_size
 from jupyter_gpu.common.units import format_bytes
@@ -228,7 +232,7 @@ def starting_reason(ledger: Ledger, req: Request, start_slots: Mapping[str, int]
     return "starting the session process"
 
 
-def quota_view(ledger: Ledger, identity: Literal["tokens", "names"]) -> QuotasView:
+def quota_view(ledger: Ledger, identity: Literal["tokens", "hub", "names"]) -> QuotasView:
     """Teams' guarantees, limits and GPUs held now, for ``%gpu status`` and the panel."""
     policy = ledger.policy
     if not policy.quotas.configured:
@@ -270,7 +274,7 @@ def snapshot(
     samples: Mapping[str, Iterable[Sample]],
     pool: PoolInfo,
     runs: Iterable[RunView],
-    identity: Literal["tokens", "names"],
+    identity: Literal["tokens", "hub", "names"],
     waiting_note: str | None = None,
 ) -> Snapshot:
     """The whole pool as the panel, ``%gpu status`` and ``jupyter-gpu status`` show it
@@ -350,3 +354,24 @@ def snapshot(
             for run in list(runs)[-RUNS_SHOWN:]
         ],
     }
+
+
+def viewer(user: str, verdict: Verdict) -> Viewer:
+    """What a snapshot says about the user who asked: whether they may see and cancel everyone's
+    work (the panel then lists every session with a Cancel button, ``%gpu status`` every user's)."""
+    return {
+        "user": user,
+        "admin": verdict.error is None and verdict.admin,
+        "groups": sorted(verdict.groups),
+        "error": verdict.error,
+    }
+
+
+def usage_for(usage: UsageReport, user: str | None, admin: bool) -> UsageView:
+    """``usage`` as ``user`` may read it behind JupyterHub: everything for an admin; otherwise
+    their own rows beside the teams' totals (the pool-wide view), other users' rows left out."""
+    view = cast(UsageView, dict(usage))  # the report, which lacks only the optional key
+    if not admin:
+        view["users"] = [r for r in usage["users"] if user is not None and r.get("user") == user]
+        view["others_hidden"] = True
+    return view

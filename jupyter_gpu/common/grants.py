@@ -39,7 +39,7 @@ class Grant(TypedDict):
     """What a grant says (its payload)."""
 
     v: int
-    user: str  # the pool user (for the record; the session's account when ``as_user``)
+    user: str  # the OS account the session runs as when ``as_user`` (else the pool user, a record)
     as_user: bool  # run as the OS account named like ``user``; else as the pool's service account
     lease: str
     worker: str  # the worker address that may start it

@@ -38,12 +38,19 @@ from jupyter_gpu.common.validation import (
     Range,
     Steps,
     Text,
+    Token,
 )
 
 # ---------------------------------------------------------------------- environment (the user contract)
 SCHEDULER_ENV: Final = "JUPYTER_GPU_SCHEDULER"  # the pool a kernel joins (else the embedded pool)
 USER_ENV: Final = "JUPYTER_GPU_USER"  # who a kernel acts for (else the login name)
 TOKEN_ENV: Final = "JUPYTER_GPU_TOKEN"  # that user's token, for pools with a token file
+# what JupyterHub puts in the environment of a server it starts (and so of its kernels): behind a
+# Hub they take the place of JUPYTER_GPU_USER and JUPYTER_GPU_TOKEN (docs/jupyterhub.md)
+HUB_USER_ENV: Final = "JUPYTERHUB_USER"
+HUB_TOKEN_ENV: Final = "JUPYTERHUB_API_TOKEN"
+# a JupyterHub custom scope: its holders may see and cancel everyone's work on the pool
+HUB_ADMIN_SCOPE: Final = "custom:jupyter-gpu:admin"
 # e.g. 2x16GiB: virtual GPUs for machines without one
 VIRTUAL_ENV: Final = "JUPYTER_GPU_VIRTUAL_GPUS"
 # worker-internal: which of the machine's GPUs a worker owns
@@ -487,6 +494,17 @@ class PoolInfo(TypedDict, total=False):
     users_isolated: bool  # every session runs as its user's account (docs/security.md)
 
 
+class Viewer(TypedDict):
+    """Who asked for a snapshot, as the pool's identity source says (``gpu_snapshot`` with a user
+    and token): ``admin`` may see and cancel everyone's work (a JupyterHub admin, or the Hub's
+    admin scope); ``error`` why the token was not accepted (then the pool-wide view only)."""
+
+    user: str
+    admin: bool
+    groups: list[str]
+    error: str | None
+
+
 class TeamQuotaView(TypedDict):
     """A team of the quota file, with the GPUs its leases hold now."""
 
@@ -515,7 +533,15 @@ class QuotasView(TypedDict, total=False):
     default_team: str
     teams: list[TeamQuotaView]
     users: list[UserQuotaView]
-    identity: Literal["tokens", "names"]  # the broker checks tokens, or trusts names
+    # the broker checks tokens (a token file's, or JupyterHub's), or trusts names
+    identity: Literal["tokens", "hub", "names"]
+
+
+class Caller(TypedDict, total=False):
+    """Who asks, where anyone may ask (``gpu_usage``): a user name and token, both optional."""
+
+    user: Name | None
+    token: Token | None
 
 
 class RunUpdate(TypedDict, total=False):
@@ -560,6 +586,7 @@ class Snapshot(TypedDict, total=False):
     in_host_memory: list[ParkedView]
     quotas: QuotasView
     runs: list[RunView]  # the latest --workers runs, each rank's stream thinned to its last points
+    viewer: Viewer  # only when the caller sent a user name (and token)
 
 
 class UserUsage(TypedDict, total=False):
@@ -587,6 +614,13 @@ class UsageReport(TypedDict):
     teams: list[TeamUsage]
     preemptions: int
     refused: int
+
+
+class UsageView(UsageReport, total=False):
+    """``gpu_usage``'s reply: the report; behind JupyterHub, a user who is not an admin gets their
+    own rows only (``others_hidden``)."""
+
+    others_hidden: bool
 
 
 # ---------------------------------------------------------------------- broker -> worker -> session

@@ -24,12 +24,12 @@ from distributed import Client
 from distributed.comm import CommClosedError
 
 from jupyter_gpu.common import config, rejoin
-from jupyter_gpu.common.protocol import SCHEDULER_ENV, TOKEN_ENV
+from jupyter_gpu.common.protocol import SCHEDULER_ENV
 from jupyter_gpu.common.refusals import Refused
 from jupyter_gpu.common.security import check_address, client_security, connection_args
 from jupyter_gpu.common.units import format_bytes
 from jupyter_gpu.errors import CellTimeout, GpuPoolError, PoolUnreachable, RequestRefused
-from jupyter_gpu.pool.discovery import address_reachable, user_name
+from jupyter_gpu.pool.discovery import address_reachable, pool_token, user_name
 
 if TYPE_CHECKING:
     from tornado.platform.asyncio import BaseAsyncIOLoop
@@ -204,10 +204,11 @@ class PoolConnection:
             self._await_scheduler()
         elif self.scheduler_away():
             raise PoolUnreachable(f"The pool's scheduler at {self.address} is not answering.")
-        if op in _TOKEN_OPS and os.environ.get(TOKEN_ENV):
-            # a pool with a token file accepts requests, cancels and releases only with the user's
-            # token
-            kwargs.setdefault("token", os.environ[TOKEN_ENV])
+        token = pool_token(self.embedded)
+        if token and (op in _TOKEN_OPS or (op == "gpu_snapshot" and "user" in kwargs)):
+            # a pool with a token file (or behind JupyterHub) accepts requests, cancels and
+            # releases only with the user's token
+            kwargs.setdefault("token", token)
 
         async def go() -> Any:
             return await getattr(self.client.scheduler, op)(**kwargs)
@@ -400,8 +401,13 @@ class PoolConnection:
                 self.call(session.comm.close, timeout=2)
             except Exception:  # noqa: BLE001 - the session may be gone already: the lease is released anyway
                 pass
-        reply = self.scheduler_call("gpu_release", lease=session.id, user=self.user, reason=reason)
-        return bool(reply["released"])
+        # with the lease's secret: the proof of ownership even when the pool no longer accepts this
+        # kernel's token (a revoked JupyterHub token, the Hub down)
+        extra: dict[str, Any] = {"secret": session.secret} if session.secret else {}
+        reply = self.scheduler_call(
+            "gpu_release", lease=session.id, user=self.user, reason=reason, **extra
+        )
+        return bool(reply.get("released"))
 
     def lease_end_reason(self, lease: str, wait: float = 3.0) -> str:
         """Why a lease ended, waiting briefly for the worker's report to reach the broker."""

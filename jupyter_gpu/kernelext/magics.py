@@ -118,7 +118,8 @@ class GpuMagics(Magics):
         from jupyter_gpu.kernelext.status_view import StatusView
 
         conn = self._ensure_connection()
-        snap = conn.scheduler_call("gpu_snapshot")
+        # with this kernel's user (and token): the pool says whether they may see everyone's work
+        snap = conn.scheduler_call("gpu_snapshot", user=conn.user)
         return StatusView(snap, conn.user, conn.kernel, self.jobs, conn.session, conn.address)
 
     def _cmd_queue(self, args: argparse.Namespace) -> Any:

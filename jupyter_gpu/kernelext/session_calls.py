@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from typing import Any, Callable
 
 from distributed.comm import CommClosedError, connect
 from distributed.core import rpc
 
 from jupyter_gpu.common import config, local_transfer
-from jupyter_gpu.common.protocol import TOKEN_ENV, CellPayload
+from jupyter_gpu.common.protocol import CellPayload
 from jupyter_gpu.common.refusals import CallError, reraised
 from jupyter_gpu.errors import GpuPoolError
 from jupyter_gpu.kernelext.connection import PoolConnection, RemoteSession
+from jupyter_gpu.pool.discovery import pool_token
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,8 @@ async def lease_ended(conn: PoolConnection, lease: str) -> str | None:
     answer)."""
     if conn.scheduler_away():  # restarting: it could not say (the connection will)
         return None
-    kwargs = {"token": os.environ[TOKEN_ENV]} if os.environ.get(TOKEN_ENV) else {}
+    token = pool_token(conn.embedded)
+    kwargs = {"token": token} if token else {}
     try:
         scheduler = conn.client.scheduler
         assert scheduler is not None  # connected

@@ -316,4 +316,30 @@ class StatusView:
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict:
         plain, rich = self._parts()
+        others = everyones_sessions(self.snapshot, self.user)
+        if others is not None:
+            plain, rich = plain + "\n\n" + others[0], rich + others[1]
         return {"text/plain": plain, "text/html": rich}
+
+
+def everyones_sessions(snapshot: dict, user: str) -> tuple[str, str] | None:
+    """For the pool's administrators (a JupyterHub admin, or the Hub's admin scope: the
+    snapshot's ``viewer``), every other user's sessions and queued requests, which ``%gpu cancel
+    ID`` may end; None for everyone else, who see whose work holds each GPU in the table above."""
+    if not (snapshot.get("viewer") or {}).get("admin"):
+        return None
+    seen: set[str] = set()
+    rows = []
+    for g in snapshot.get("gpus") or ():
+        for ls in g["leases"]:
+            if ls["user"] != user and ls["id"] not in seen:
+                seen.add(ls["id"])
+                share = f"{ls['fraction']:g} of {g['name']}"
+                rows.append([ls["id"], ls["user"], share, ls["state"], ls.get("notebook") or "-"])
+    rows += [[r[1], r[2], r[3], "queued", "-"] for r in queue_rows(snapshot) if r[2] != user]
+    plain, rich = _table(["id", "user", "share", "state", "notebook"], rows)
+    title = "Everyone else's work (you are an administrator of this pool: %gpu cancel ID ends it)"
+    return (
+        f"{title}:\n{plain if rows else 'none'}",
+        f"<h4>{html.escape(title)}</h4>" + (rich if rows else "<p>none</p>"),
+    )

@@ -13,6 +13,7 @@ import logging
 from jupyter_server.extension.application import ExtensionApp
 
 from jupyter_gpu.labext.handlers import SETTINGS_KEY, handler_classes, route_pattern
+from jupyter_gpu.labext.hub_activity import HubActivity
 from jupyter_gpu.labext.pool_link import GpuPanelConfig, PoolLink
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,17 @@ class GpuPanelExtension(ExtensionApp):
         self.panel_config = GpuPanelConfig(parent=self.serverapp)
         self.pool_link = PoolLink(self.panel_config)
         self.settings[SETTINGS_KEY] = self.pool_link
+        # behind JupyterHub: GPU work of this server's kernels is activity (labext/hub_activity.py)
+        server = self.serverapp
+        assert server is not None  # linked to its server before its settings are made
+        self.hub_activity = HubActivity(
+            self.pool_link.call,
+            lambda: server.kernel_manager.list_kernel_ids(),
+            self.panel_config.hub_activity_interval,
+        )
+
+    async def _start_jupyter_server_extension(self, serverapp: object) -> None:
+        self.hub_activity.start()
 
     def initialize_handlers(self) -> None:
         # ExtensionApp prefixes patterns with the server's base_url itself: pass them without it.
@@ -41,6 +53,9 @@ class GpuPanelExtension(ExtensionApp):
         )
 
     async def stop_extension(self) -> None:
+        activity = getattr(self, "hub_activity", None)
+        if activity is not None:
+            await activity.close()
         link = getattr(self, "pool_link", None)
         if link is not None:
             await link.close()

@@ -52,17 +52,26 @@ class GpuPanelConfig(Configurable):
         help="Seconds the Start button waits for the embedded pool, and Scale for workers to start "
         "or retire.",
     )
+    hub_activity_interval = Float(
+        60.0,
+        config=True,
+        help="Behind JupyterHub: seconds between two looks at the pool; when a kernel of this "
+        "server runs a %%gpu cell (also --async and --workers) or waits for a GPU, its activity "
+        "is posted to the Hub, so jupyterhub-idle-culler does not stop it. 0: never.",
+    )
     user = Unicode(
         "",
         config=True,
-        help="User name shown to the broker for cancel/scale; default: JUPYTER_GPU_USER, else the "
-        "login name.",
+        help="User name shown to the broker for cancel/scale; default: JUPYTER_GPU_USER, else "
+        "JUPYTERHUB_USER (a server JupyterHub started), else the login name.",
     )
     token = Unicode(
         "",
         config=True,
         help="The user's pool token, sent with cancels to a pool that checks tokens (Dask config "
-        "jupyter-gpu.token-file); default: JUPYTER_GPU_TOKEN from the server's environment.",
+        "jupyter-gpu.token-file) or behind JupyterHub; default: JUPYTER_GPU_TOKEN from the "
+        "server's environment, else the Hub's own JUPYTERHUB_API_TOKEN for a pool named by "
+        "JUPYTER_GPU_SCHEDULER.",
     )
 
 
@@ -86,15 +95,16 @@ def server_token(config: GpuPanelConfig | None = None) -> str | None:
     """The pool token of ``server_user``, or None when this server has none.
 
     The server acts for its user as the user's kernels do, so it sends the same
-    ``JUPYTER_GPU_TOKEN`` (the kernels inherit it from this server's environment). It goes to
+    ``JUPYTER_GPU_TOKEN`` (the kernels inherit it from this server's environment), or behind
+    JupyterHub the Hub's token of this server (``discovery.pool_token``). It goes to
     the scheduler only, never to the browser: the snapshot says just whether there is one
     (``token_set``).
     """
     if config is not None and config.token:
         return config.token
-    from jupyter_gpu.common.protocol import TOKEN_ENV
+    from jupyter_gpu.pool.discovery import pool_token
 
-    return os.environ.get(TOKEN_ENV) or None
+    return pool_token()
 
 
 def _discover_address() -> str | None:
@@ -237,9 +247,15 @@ class PoolLink:
             }
         if not address:
             return {"state": "no-pool", "me": me}
+        token = server_token(self.config)
         try:
+            # with this server's user and token: the broker says whether they may see and cancel
+            # everyone's work (``viewer``: a JupyterHub admin), for the panel's Cancel buttons
             snap = await asyncio.wait_for(
-                self._scheduler(address).gpu_snapshot(), self.config.snapshot_timeout
+                self._scheduler(address).gpu_snapshot(
+                    user=me, **({"token": token} if token else {})
+                ),
+                self.config.snapshot_timeout,
             )
         except Exception as exc:  # noqa: BLE001 - every failure becomes the "unreachable" state
             self._forget_address()

@@ -16,12 +16,39 @@ from dataclasses import dataclass
 from jupyter_core.paths import jupyter_runtime_dir
 
 from jupyter_gpu.common import processes
-from jupyter_gpu.common.protocol import SCHEDULER_ENV, USER_ENV
+from jupyter_gpu.common.protocol import (
+    HUB_TOKEN_ENV,
+    HUB_USER_ENV,
+    SCHEDULER_ENV,
+    TOKEN_ENV,
+    USER_ENV,
+)
 
 
 def user_name() -> str:
-    """Who this process acts for: ``JUPYTER_GPU_USER`` or the login name."""
-    return os.environ.get(USER_ENV) or getpass.getuser()
+    """Who this process acts for: ``JUPYTER_GPU_USER``, else the JupyterHub user of a server the
+    Hub started (``JUPYTERHUB_USER``, its kernels inherit it), else the login name."""
+    return os.environ.get(USER_ENV) or os.environ.get(HUB_USER_ENV) or getpass.getuser()
+
+
+def pool_token(embedded: bool | None = None) -> str | None:
+    """The token this process shows the pool for ``user_name()``: ``JUPYTER_GPU_TOKEN``; else, in
+    a server JupyterHub started (and its kernels), the Hub's own token of its user
+    (``JUPYTERHUB_API_TOKEN``), which a pool behind the Hub accepts (``broker/hub_identity.py``).
+
+    The Hub's token goes only to a pool named for this process (``embedded`` False; by default:
+    ``JUPYTER_GPU_SCHEDULER`` is set, as the Hub's spawner sets it), never to an embedded pool,
+    and only when the pool user is the Hub's user: it also opens the user's own server.
+    """
+    explicit = os.environ.get(TOKEN_ENV)
+    if explicit:
+        return explicit
+    hub_token = os.environ.get(HUB_TOKEN_ENV)
+    if embedded is None:
+        embedded = not os.environ.get(SCHEDULER_ENV)
+    if not hub_token or embedded or user_name() != os.environ.get(HUB_USER_ENV):
+        return None
+    return hub_token
 
 
 def runtime_file(user: str | None = None) -> str:

@@ -42,3 +42,21 @@ describe('mySessions', () => {
     ]);
   });
 });
+
+describe('mySessions for the pool administrator', () => {
+  const gpu = { id: 'w#0', index: 0, host: 'h', total_bytes: 16 * GiB };
+  const leases = [
+    { id: 'L1', user: 'bob', bytes: 4 * GiB, bytes_on_gpu: 4 * GiB },
+    { id: 'L2', user: 'alice', bytes: 4 * GiB, bytes_on_gpu: 4 * GiB }
+  ];
+  it('lists only my sessions for a user', () => {
+    expect(mySessions([{ ...gpu, leases }], 'alice', 0).map(s => s.id)).toEqual(['L2']);
+  });
+  it("lists every user's sessions for an admin, mine first, each with its owner", () => {
+    const all = mySessions([{ ...gpu, leases }], 'alice', 0, true);
+    expect(all.map(s => [s.id, s.user, s.mine])).toEqual([
+      ['L2', 'alice', true],
+      ['L1', 'bob', false]
+    ]);
+  });
+});

@@ -52,8 +52,14 @@ export function SessionList(props: ISessionListProps): JSX.Element {
   return (
     <ul className="jp-GpuPanel-list">
       {props.sessions.map(s => (
-        <li key={s.id} className="jp-GpuPanel-item jp-mod-mine" data-lease-id={s.id}>
+        <li
+          key={s.id}
+          className={`jp-GpuPanel-item${s.mine ? ' jp-mod-mine' : ''}`}
+          data-lease-id={s.id}
+          data-user={s.user}
+        >
           <div className="jp-GpuPanel-itemMain">
+            {s.mine ? null : <span className="jp-GpuPanel-owner">{s.user}</span>}
             <SessionWhere session={s} goToCell={props.goToCell} />
             <CancelButton title={`end session ${s.id}`} disabled={props.busy} onClick={() => props.onCancel(s.id)} />
           </div>

@@ -7,6 +7,9 @@ import { IGpu, ILease } from '../wire';
 
 export interface ISessionView {
   id: string;
+  /** Whose session: mine, or (for the pool's administrators) another user's. */
+  user: string;
+  mine: boolean;
   /** Where it runs: ``<index>@<host>`` per GPU. */
   gpus: string[];
   notebook: string | null;
@@ -56,14 +59,15 @@ function gpuLabel(gpu: IGpu): string {
 }
 
 /**
- * My sessions, in snapshot order. A lease over several GPUs (whole GPUs) is listed under each of them in
- * the snapshot: it is one session here, with all its GPUs. Elapsed times count from ``now`` (seconds).
+ * My sessions, in snapshot order; with ``everyone`` (the pool's administrators), every user's, mine first. A
+ * lease over several GPUs (whole GPUs) is listed under each of them in the snapshot: it is one session here,
+ * with all its GPUs. Elapsed times count from ``now`` (seconds).
  */
-export function mySessions(gpus: IGpu[], me: string, now: number): ISessionView[] {
+export function mySessions(gpus: IGpu[], me: string, now: number, everyone = false): ISessionView[] {
   const sessions = new Map<string, ISessionView>();
   for (const gpu of gpus) {
     for (const lease of gpu.leases ?? []) {
-      if (lease.user !== me) {
+      if (lease.user !== me && !everyone) {
         continue;
       }
       const existing = sessions.get(lease.id);
@@ -75,6 +79,8 @@ export function mySessions(gpus: IGpu[], me: string, now: number): ISessionView[
       const bytes = lease.bytes ?? 0;
       sessions.set(lease.id, {
         id: lease.id,
+        user: lease.user,
+        mine: lease.user === me,
         gpus: [gpuLabel(gpu)],
         notebook: lease.notebook ?? null,
         cell: lease.cell ?? null,
@@ -91,5 +97,6 @@ export function mySessions(gpus: IGpu[], me: string, now: number): ISessionView[
       });
     }
   }
-  return [...sessions.values()];
+  const all = [...sessions.values()];
+  return [...all.filter(s => s.mine), ...all.filter(s => !s.mine)];
 }

@@ -32,6 +32,8 @@ export interface IViewModel {
   cluster: IClusterView | null;
   queue: IQueueView[];
   sessions: ISessionView[];
+  /** The pool's administrator (a JupyterHub admin): ``sessions`` holds every user's, each with a Cancel. */
+  admin: boolean;
   /** My sessions whose variables wait in host memory; my next ``%%gpu`` cell there brings them back. */
   inHostMemory: IParkedView[];
   /** Scale-out runs, newest first. */
@@ -64,6 +66,7 @@ const EMPTY: Omit<IViewModel, 'state' | 'me'> = {
   cluster: null,
   queue: [],
   sessions: [],
+  admin: false,
   inHostMemory: [],
   runs: [],
   quotas: null,
@@ -116,11 +119,12 @@ export function buildViewModel(snapshot: ISnapshot | null, nowSeconds: number, m
     hostGroups: hostGroups(gpus),
     cluster: clusterView(pool.cluster, now),
     queue,
-    sessions: mySessions(snapshot.gpus ?? [], me, now),
+    sessions: mySessions(snapshot.gpus ?? [], me, now, !!snapshot.viewer?.admin),
+    admin: !!snapshot.viewer?.admin,
     inHostMemory: myParked(snapshot.in_host_memory ?? [], me, now),
     runs: runViews(snapshot.runs ?? [], me, now),
     quotas: quotaView(snapshot.quotas, me, shares.myShare),
-    tokenMissing: snapshot.quotas?.identity === 'tokens' && snapshot.token_set === false,
+    tokenMissing: ['tokens', 'hub'].includes(snapshot.quotas?.identity ?? '') && snapshot.token_set === false,
     notIsolated: !pool.embedded && !!pool.shared && pool.users_isolated === false,
     myShare: shares.myShare,
     myQueued: queue.filter(q => q.mine).length,

@@ -2,6 +2,11 @@
 root by `jupyter-gpu pool up` and `jupyter-gpu worker`, and kernels that run as their users'
 accounts.
 
+The pool checks identities one of two ways (``identity``): its token file (``jupyter-gpu token
+create``), or JupyterHub's tokens: then a real JupyterHub runs beside it (tests/support/hub.py), the
+pool takes the Hub's tokens (``jupyter-gpu.hub.*``), and each kernel has what a Hub-started kernel
+has (``JUPYTERHUB_USER``, ``JUPYTERHUB_API_TOKEN``) instead of the pool's variables.
+
 Everything made here is removed at the end, whatever happened: the accounts (``userdel -r``; the
 users' and the pool's service account), the pool's processes, the service account's folder of its
 token file, quota file and audit store, and the one change to the machine the test needs: its Python
@@ -22,6 +27,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from jupyter_gpu.broker.identity import TokenStore
 from jupyter_gpu.headless.kernel import GpuKernel
@@ -29,7 +35,9 @@ from tests.support.service_account import ENV as SERVICE_ENV
 from tests.support.service_account import give, service_account
 from tests.support.services import PoolServices
 
-PREFIX = "jgpu"  # test accounts are jgpu<name>: nobody's real account
+# test accounts are jgpu<name>: nobody's real account. Two runs on one machine at once (engineers
+# sharing a machine) each set their own prefix, or they would delete each other's accounts
+PREFIX = os.environ.get("JUPYTER_GPU_TEST_ACCOUNTS", "jgpu")
 
 
 def can_make_accounts() -> str | None:
@@ -153,28 +161,32 @@ class Team:
     users: dict[str, pwd.struct_passwd]
     service: pwd.struct_passwd
     kernels: list[GpuKernel] = field(default_factory=list)
+    hub: Any = None  # the JupyterHub whose tokens the pool takes (identity "hub"), else None
 
     @property
     def address(self) -> str:
         return self.services.address
 
     def new_token(self, name: str) -> str:
-        """A token for pool user ``name``, added to the token file as the administrator does (the
-        file stays the service account's)."""
+        """A token for pool user ``name`` (who may have no account), as the administrator (or
+        the Hub) issues one (a token file stays the service account's)."""
+        if self.hub is not None:
+            self.hub.ensure_user(name)
+            return self.hub.user_token(name)[0]
         token = TokenStore(str(self.secrets / "tokens.json")).create(name)
         give(self.service, self.secrets / "tokens.json")
         return token
 
     def kernel(self, name: str, **kwargs: object) -> GpuKernel:
-        """A kernel running as ``name``'s account, with that user's pool name and token."""
-        k = GpuKernel(
-            self.address,
-            user=name,
-            account=name,
-            env={"JUPYTER_GPU_TOKEN": self.tokens[name]},
-            cwd=self.users[name].pw_dir,
-            **kwargs,
-        )
+        """A kernel running as ``name``'s account, with that user's pool name and token (behind
+        the Hub: the Hub's user and token, as a Hub-started kernel has them)."""
+        if self.hub is not None:
+            who: dict[str, Any] = {
+                "env": {"JUPYTERHUB_USER": name, "JUPYTERHUB_API_TOKEN": self.tokens[name]}
+            }
+        else:
+            who = {"user": name, "env": {"JUPYTER_GPU_TOKEN": self.tokens[name]}}
+        k = GpuKernel(self.address, account=name, cwd=self.users[name].pw_dir, **who, **kwargs)
         self.kernels.append(k)
         return k.start()
 
@@ -184,6 +196,7 @@ def team_pool(
     names: tuple[str, ...],
     extra_env: dict[str, str] | None = None,
     worker_account: str | None = None,
+    identity: str = "tokens",
 ) -> Iterator[Team]:
     """The services run as root, as an administrator starts them: they give root up for the pool's
     service account (made here, ``jgpusvc...``), which owns the token file, quota file and audit
@@ -196,14 +209,12 @@ def team_pool(
         python_reachable_by_everyone(),
     ):
         secrets = Path(tempfile.mkdtemp(prefix="jgpu-secrets-", dir="/var/tmp"))  # 0700
+        hub = None
         try:
-            store = TokenStore(str(secrets / "tokens.json"))
-            tokens = {name: store.create(name) for name in names}
             (secrets / "pool.yaml").write_text("suspend-idle-after: null\n")
             os.chmod(secrets / "pool.yaml", 0o600)
             give(service, secrets)
             env = {
-                "DASK_JUPYTER_GPU__TOKEN_FILE": str(secrets / "tokens.json"),
                 "DASK_JUPYTER_GPU__POOL_CONFIG": str(secrets / "pool.yaml"),
                 "DASK_JUPYTER_GPU__AUDIT_DB": str(secrets / "audit.sqlite"),
                 "DASK_JUPYTER_GPU__SESSION__STANDBY_AFTER": "0.5s",
@@ -225,8 +236,32 @@ def team_pool(
             services = PoolServices(
                 secrets, env=env, worker_account=worker_account, worker_env=worker_env
             )
+            if identity == "hub":
+                from tests.support.hub import Hub
+
+                # its users need no account here (an OAuth login): a user with none is refused by
+                # the pool, as the isolation contract says
+                hub = Hub(services.address, users=list(names), admins=[], authenticator="dummy")
+                (secrets / "hub.token").write_text(hub.service_token)
+                os.chmod(secrets / "hub.token", 0o600)
+                services.env["DASK_JUPYTER_GPU__HUB__API_URL"] = hub.api_url
+                services.env["DASK_JUPYTER_GPU__HUB__API_TOKEN_FILE"] = str(secrets / "hub.token")
+                hub.start()
+                for name in names:
+                    hub.ensure_user(name)
+                tokens = {name: hub.user_token(name)[0] for name in names}
+            else:
+                store = TokenStore(str(secrets / "tokens.json"))
+                tokens = {name: store.create(name) for name in names}
+                services.env["DASK_JUPYTER_GPU__TOKEN_FILE"] = str(secrets / "tokens.json")
+            give(service, secrets)  # the token file or the Hub's token too
             team = Team(
-                services=services, secrets=secrets, tokens=tokens, users=users, service=service
+                services=services,
+                secrets=secrets,
+                tokens=tokens,
+                users=users,
+                service=service,
+                hub=hub,
             )
             try:
                 services.start()
@@ -236,4 +271,6 @@ def team_pool(
                     k.shutdown(now=True)
                 services.stop()
         finally:
+            if hub is not None:
+                hub.close()
             shutil.rmtree(secrets, ignore_errors=True)

@@ -14,9 +14,10 @@ import json
 import os
 import textwrap
 
+import psutil
 import pytest
 
-from tests.support.harness import snapshot, wait_until
+from tests.support.harness import snapshot, wait_until, worker_pid
 from tests.system.security.team import PREFIX, can_make_accounts, team_pool
 
 pytestmark = [
@@ -28,9 +29,10 @@ pytestmark = [
 ALICE, BOB, NOBODY = f"{PREFIX}alice", f"{PREFIX}bob", f"{PREFIX}ghost"
 
 
-@pytest.fixture(scope="module")
-def team():
-    with team_pool((ALICE, BOB)) as t:
+@pytest.fixture(scope="module", params=["tokens", "hub"])
+def team(request):
+    """The team, its pool checking identities with its token file or with JupyterHub's tokens."""
+    with team_pool((ALICE, BOB), identity=request.param) as t:
         bob = t.kernel(BOB)
         res = bob.run(
             "%%gpu\nimport numpy as np\nsecret_weights = np.arange(5) * 7\nprint('bob ready')"
@@ -155,10 +157,16 @@ def test_session_addresses_are_private_and_a_session_answers_only_its_owner(team
 
 def test_alice_cannot_reach_bobs_host_memory_copy(team):
     lease = bobs_lease(team)
-    assert wait_until(lambda: _standby_files(lease["id"]), 20), (
+    worker = worker_pid(lease["worker"])  # its folder, not another pool's with a lease of that id
+    launchers = [  # a root-started worker's sessions are its launcher's
+        p.pid
+        for p in psutil.Process(team.services.worker.pid).children()
+        if p.uids().effective == 0
+    ]
+    assert wait_until(lambda: _standby_files(lease["id"], worker, launchers), 20), (
         "bob's idle session wrote no standby copy"
     )
-    path = _standby_files(lease["id"])[0]
+    path = _standby_files(lease["id"], worker, launchers)[0]
     st = os.stat(path)
     assert st.st_uid == team.users[BOB].pw_uid and st.st_mode & 0o077 == 0
     assert os.stat(os.path.dirname(path)).st_mode & 0o077 == 0
@@ -173,17 +181,19 @@ def test_alice_cannot_reach_bobs_host_memory_copy(team):
     bob_is_fine(team)
 
 
-def _standby_files(lease: str) -> list[str]:
+def _standby_files(lease: str, worker: int, launchers: list[int]) -> list[str]:
     import glob
 
-    # the launcher's folder of the session (``<lease>-<random>``), or a worker's own (``<lease>``)
-    return glob.glob(f"/dev/shm/jupyter-gpu-*/{lease}-*/standby") + glob.glob(
-        f"/dev/shm/jupyter-gpu-*/{lease}/standby"
-    )
+    # this pool's only: a worker's own folder (``<lease>``), or its launcher's (``<lease>-<random>``)
+    found = glob.glob(f"/dev/shm/jupyter-gpu-{worker}-*/{lease}/standby")
+    for launcher in launchers:
+        found += glob.glob(f"/dev/shm/jupyter-gpu-{launcher}-launcher-*/{lease}-*/standby")
+    return found
 
 
 def test_pool_secrets_are_off_limits(team):
-    for name in ("tokens.json", "pool.yaml", "audit.sqlite"):
+    identities = "hub.token" if team.hub is not None else "tokens.json"
+    for name in (identities, "pool.yaml", "audit.sqlite"):
         path = team.secrets / name
         assert os.stat(path).st_mode & 0o077 == 0, (name, oct(os.stat(path).st_mode))
         code = (
@@ -289,8 +299,9 @@ def test_handlers_meant_for_workers_and_the_broker_refuse_alice(team):
 
 
 def test_a_user_without_an_account_is_refused_at_once_naming_the_fix(team):
-    token = team.new_token(NOBODY)
     from jupyter_gpu.headless.kernel import GpuKernel
+
+    token = team.new_token(NOBODY)
 
     k = GpuKernel(
         team.address, user=NOBODY, account=ALICE, env={"JUPYTER_GPU_TOKEN": token}
