@@ -117,6 +117,33 @@ def test_zygotes_start_from_root_with_nothing_anyone_else_can_write_on_their_pat
         assert all(why_unsafe(entry, p.uids().effective) is None for entry in path), path
 
 
+def test_dask_workers_scratch_space_is_a_private_folder_of_the_service_account(team):
+    """Before: root workers used Dask's default ``/tmp/dask-scratch-space``, which Dask puts on
+    the worker's module path: a user who made that folder first (after a reboot, a tmp cleaner)
+    had her ``pynvml.py`` imported as root. The folder Dask works in (it holds each worker's lock
+    file open) is a fresh one of the service account's, which nobody else may write, and nothing
+    on its way down may be written by another account either."""
+    locks = []
+    for p in tree(team.services.worker.pid):
+        try:
+            locks += [f.path for f in p.open_files() if f.path.endswith(".dirlock")]
+        except psutil.Error:
+            continue
+    assert locks, "no Dask worker holds a scratch-space lock"
+    for lock in locks:
+        assert not lock.startswith("/tmp/dask-scratch-space/"), lock
+        folder, private = os.path.dirname(lock), None
+        while folder not in ("/", ""):
+            st = os.stat(folder)
+            if os.path.basename(folder).startswith("jupyter-gpu-dask-"):
+                private = st
+                break
+            assert st.st_uid == team.service.pw_uid and not st.st_mode & 0o022, (folder, lock)
+            folder = os.path.dirname(folder)
+        assert private is not None, lock
+        assert private.st_uid == team.service.pw_uid and not private.st_mode & 0o077, lock
+
+
 # ---------------------------------------------------------------------- the pool key
 def test_the_pool_key_never_leaves_the_pools_account(team):
     """Before: the scheduler's ``identity`` (open to anyone, and ``Client.scheduler_info()`` in a
