@@ -205,7 +205,8 @@ class LeaseKeeper:
         if lease.state == "idle" and lease.world_size == 1 and config.get("reclaim-offload"):
             # the memory is booked for ``req`` now; its session starts once this one has written its
             # variables to host memory and exited (``start_sessions`` waits for that)
-            lease.offload = Offload.pending(lease.worker)  # a kernel asking now waits for it
+            # a kernel asking now waits for it
+            lease.offload = Offload.pending(lease.worker, lease.id)
             self.metrics.suspended(lease)
             self.end_lease(lease, reason, kill=False)
             task = self.spawn(self.offload_then_end(lease))
@@ -229,7 +230,9 @@ class LeaseKeeper:
         else:
             # ``standby``: the session had copied its variables while idle, so moving it was a
             # rename
-            lease.offload = Offload.saved_as(lease.worker, result, time.monotonic() - started)
+            lease.offload = Offload.saved_as(
+                lease.worker, lease.id, result, time.monotonic() - started
+            )
             lease.end_reason = (
                 f"{lease.end_reason}; its {len(result['saved'])} variable(s) were moved to host "
                 "memory and come back with your next %%gpu cell"

@@ -77,6 +77,7 @@ class Offload:
 
     state: OffloadState
     worker: str
+    lease: str  # the ended lease whose session wrote it: what the worker knows it by
     path: str | None = None
     saved: list[str] = field(default_factory=list)
     lost: list[LostVariable] = field(default_factory=list)
@@ -85,14 +86,17 @@ class Offload:
     seconds: float | None = None  # how long moving it took (None: adopted after a restart)
 
     @classmethod
-    def pending(cls, worker: str) -> Offload:
-        return cls(state="pending", worker=worker)
+    def pending(cls, worker: str, lease: str) -> Offload:
+        return cls(state="pending", worker=worker, lease=lease)
 
     @classmethod
-    def saved_as(cls, worker: str, result: OffloadResult, seconds: float | None) -> Offload:
+    def saved_as(
+        cls, worker: str, lease: str, result: OffloadResult, seconds: float | None
+    ) -> Offload:
         return cls(
             state="saved",
             worker=worker,
+            lease=lease,
             path=result["path"],
             saved=list(result["saved"]),
             lost=list(result["lost"]),
@@ -167,7 +171,7 @@ class Lease:
     started: float = field(default_factory=time.time)
     state: LeaseState = "starting"
     isolation: Isolation = "none"
-    # how its processes are kept together and capped (worker/containment.py)
+    # how its processes are kept together and capped (launcher/cgroups.py)
     containment: str | None = None
     host_memory_limit: int | None = None  # the host memory its processes may use together
     host_memory: int = 0  # host memory booked for it on its machine (broker/hosts.py)

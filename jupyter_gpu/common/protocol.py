@@ -29,6 +29,7 @@ from typing import Annotated, Any, ClassVar, Final, Literal, TypedDict, cast
 
 from jupyter_gpu.common.units import format_bytes
 from jupyter_gpu.common.validation import (
+    Address,
     Bytes,
     Count,
     MaxLen,
@@ -54,12 +55,10 @@ HUB_ADMIN_SCOPE: Final = "custom:jupyter-gpu:admin"
 VIRTUAL_ENV: Final = "JUPYTER_GPU_VIRTUAL_GPUS"
 # worker-internal: which of the machine's GPUs a worker owns
 DEVICES_ENV: Final = "JUPYTER_GPU_DEVICES"
-# worker -> session: the key its first ``assign`` must carry
-SPAWN_KEY_ENV: Final = "JUPYTER_GPU_SESSION_KEY"
 # nanny -> its worker: the key to ask the nanny to close
 NANNY_KEY_ENV: Final = "JUPYTER_GPU_NANNY_KEY"
-# where a GPU worker shows the pool key when it registers
-STARTUP_KEY: Final = "jupyter-gpu-pool-key"
+# where a GPU worker proves, when it registers, that it holds the pool key (common/poolkey.py)
+STARTUP_PROOF: Final = "jupyter-gpu-proof"
 
 # ---------------------------------------------------------------------- value sets
 Priority = Literal["interactive", "batch"]
@@ -669,11 +668,12 @@ class Account(TypedDict):
 
 
 class RestoreRef(TypedDict):
-    """Where an offloaded namespace waits: the worker that keeps it and the file there (broker ->
-    worker)."""
+    """Where an offloaded namespace waits: the worker that keeps it, the ended lease whose session
+    wrote it (what that worker knows it by), and the file there (broker -> worker)."""
 
     worker: str
     path: str
+    lease: str
 
 
 class StandbyPlan(TypedDict):
@@ -722,15 +722,20 @@ class AssignReply(TypedDict):
 # ---------------------------------------------------------------------- worker <-> zygote
 # JSON datagrams on the SOCK_SEQPACKET socket between a worker's forkserver and its zygote
 # (worker/forkserver.py, session/zygote.py)
-class ForkRequest(TypedDict):
-    """Worker -> zygote: fork a session (two descriptors travel with it: the session's end of its
-    private socket to the worker, and the pipe on which the child announces its address)."""
-
+class _ForkFields(TypedDict):
     op: Literal["fork"]
     id: int
-    env: dict[str, str]  # the session's whole environment
+    env: dict[str, str]  # the session's whole environment (the launcher's zygote: its settings)
     host: str
     worker: str
+
+
+class ForkRequest(_ForkFields, total=False):
+    """Parent -> zygote: fork a session (three descriptors travel with it: the session's end of its
+    private socket to the worker, the pipe on which the child announces its address, the pipe its
+    log goes to)."""
+
+    confine: Any  # the launcher's zygote: launcher/confine.py's Confinement for this child
 
 
 class ZygoteReady(TypedDict):
@@ -759,6 +764,100 @@ class ChildExited(TypedDict):
 
 
 ZygoteMessage = ZygoteReady | Forked | ForkFailed | ChildExited
+
+
+# ---------------------------------------------------------------------- worker <-> launcher
+# JSON messages on the SOCK_SEQPACKET connection between a worker (the pool's service account) and
+# the privileged launcher of its machine (launcher/server.py, worker/launcher_link.py). Every
+# request has an ``op`` and an ``id``; the reply carries the same ``id``. A lease a request names
+# must be one this connection started.
+class LaunchHello(TypedDict):
+    """The worker names itself (its Dask address) before anything else: grants name it too."""
+
+    op: Literal["hello"]
+    id: int
+    worker: Address
+
+
+class LaunchStart(TypedDict):
+    """Start a session for a lease the broker granted (three descriptors travel with it: the
+    session's end of its private socket to the worker, the write end of the pipe on which it
+    announces its address, the write end of the pipe its log goes to)."""
+
+    op: Literal["start"]
+    id: int
+    lease: Name
+    grant: Text  # signed by the broker (common/grants.py)
+    host: Name  # where the session listens
+    env: Annotated[
+        dict[Name, Text], MaxLen(256)
+    ]  # its Dask settings (launcher/confine.py keeps some)
+
+
+class LaunchSignal(TypedDict):
+    op: Literal["signal"]
+    id: int
+    lease: Name
+    signal: Literal["interrupt", "kill"]
+
+
+class LaunchEnd(TypedDict):
+    """The session is over: its group is killed and removed, and its folder too unless its
+    variables are parked there (``keep_folder``)."""
+
+    op: Literal["end"]
+    id: int
+    lease: Name
+    keep_folder: bool
+
+
+class LaunchCopy(TypedDict, total=False):
+    """A session's variables in host memory: ``move_copy`` (a parked copy of ``lease`` into the
+    folder of ``to_lease``, the same user's), ``open_copy`` (a descriptor to read it, to send it to
+    another machine), ``create_copy`` (a descriptor to write one fetched from another machine into
+    ``lease``'s folder), ``forget_copy`` (remove a parked folder)."""
+
+    op: Literal["move_copy", "open_copy", "create_copy", "forget_copy"]
+    id: int
+    lease: Name
+    to_lease: Name
+
+
+LAUNCHER_REQUESTS: Final[dict[str, type]] = {
+    "hello": LaunchHello,
+    "start": LaunchStart,
+    "signal": LaunchSignal,
+    "end": LaunchEnd,
+    "move_copy": LaunchCopy,
+    "open_copy": LaunchCopy,
+    "create_copy": LaunchCopy,
+    "forget_copy": LaunchCopy,
+}
+
+
+class LauncherReply(TypedDict, total=False):
+    """The launcher's answer to request ``id``: ``error`` (why not), or what it did. A descriptor
+    travels with the reply to ``open_copy`` and ``create_copy``."""
+
+    id: int
+    error: str
+    pid: int  # start: the session's
+    folder: str  # start: its host-memory folder (bound at the same path in its namespace)
+    containment: str  # start: "cgroup v2", "cgroup v2 + v1 memory", ...
+    host_memory_limit: int | None
+    pids_limit: int | None
+    path: str  # move_copy / create_copy: the copy's path in the session's folder
+
+
+class LauncherEvent(TypedDict):
+    """Launcher -> worker, unasked: a session of this connection exited (``code``: its exit code, or
+    minus the signal; ``oom``: its cgroup counted an out-of-memory kill)."""
+
+    event: Literal["exited"]
+    lease: str
+    pid: int
+    code: int
+    oom: bool
 
 
 # ---------------------------------------------------------------------- session -> worker -> broker
