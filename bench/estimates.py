@@ -42,6 +42,7 @@ from jupyter_gpu.broker.estimates import RAISE_SLACK, LeaseEnd, estimate_start
 from jupyter_gpu.broker.fair_share import FairSharePolicy
 from jupyter_gpu.broker.ledger import Ledger
 from jupyter_gpu.broker.model import GpuSlot, Request
+from jupyter_gpu.broker.preemption import suspend_plan
 from jupyter_gpu.broker.quotas import PoolQuotas
 from jupyter_gpu.common.protocol import RequestSpec
 
@@ -184,7 +185,7 @@ class Replay:
                 for gpu_id, nbytes in rec.allocs.items():
                     ends[gpu_id].append(LeaseEnd(at, nbytes, "unknown", ""))
             eta = estimate_start(req.spec, gpus, ends, self.now)[0]
-        later = self.policy.suspend_plan(req, gpus, self.now, after=0.0)
+        later = suspend_plan(self.policy, req, self.ledger.gpus, self.now, after=0.0)
         after = self.policy.quotas.suspend_idle_after
         if later and after is not None:
             idle = [self.policy.leases[lid].idle_since or self.now for lid, _ in later]

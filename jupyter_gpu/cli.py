@@ -54,6 +54,19 @@ def _service_settings(args: argparse.Namespace) -> None:
 
 def _cmd_pool(args: argparse.Namespace) -> int:
     _service_settings(args)
+    if args.action == "up" and not args.embedded and os.geteuid() == 0:
+        # first, before Dask: the grant-signing key as root, then root given up
+        # (pool/privileges.py)
+        from jupyter_gpu.pool.privileges import PrivilegeError, pool_up_as_service
+
+        try:
+            key = pool_up_as_service(args.port)
+        except PrivilegeError as exc:
+            print(f"jupyter-gpu pool up: {exc}", file=sys.stderr)
+            return 1
+        from jupyter_gpu.broker import grant_signer
+
+        grant_signer.install(key)
     from jupyter_gpu.broker.settings import PoolConfigError
     from jupyter_gpu.common.security import TlsConfigError
     from jupyter_gpu.pool.cluster_manager import ClusterManagerError
@@ -120,6 +133,19 @@ def _pool_down() -> int:
 
 def _cmd_worker(args: argparse.Namespace) -> int:
     _service_settings(args)
+    if args.protocol and "://" not in args.address:
+        args.address = f"{args.protocol.replace('://', '')}://{args.address}"
+    launcher = None
+    if os.geteuid() == 0:
+        # first, before threads and Dask: the launcher forked, then root given up
+        # (pool/privileges.py)
+        from jupyter_gpu.pool.privileges import PrivilegeError, worker_as_service
+
+        try:
+            launcher = worker_as_service(args.address)
+        except PrivilegeError as exc:
+            print(f"jupyter-gpu worker: {exc}", file=sys.stderr)
+            return 1
     from jupyter_gpu.common.security import TlsConfigError
     from jupyter_gpu.errors import NoGpuAvailable
     from jupyter_gpu.pool.services import run_workers
@@ -132,8 +158,6 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
             host = get_ip_interface(args.interface)
         virtual = args.virtual_gpus or os.environ.get("JUPYTER_GPU_VIRTUAL_GPUS")
-        if args.protocol and "://" not in args.address:
-            args.address = f"{args.protocol.replace('://', '')}://{args.address}"
         death_timeout = _seconds(args.death_timeout) if args.death_timeout else None
         return asyncio.run(
             run_workers(
@@ -144,6 +168,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
                 name=args.name,
                 death_timeout=death_timeout,
                 local_directory=args.local_directory,
+                launcher=launcher,
             )
         )
     except (TlsConfigError, NoGpuAvailable, ValueError) as exc:

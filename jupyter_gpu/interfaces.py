@@ -30,7 +30,7 @@ from jupyter_gpu.common import protocol, validation
 from jupyter_gpu.common.handlers import Caller, Check, declared
 from jupyter_gpu.common.validation import MaxLen, Range, unpacked_typeddict
 
-Server = Literal["scheduler", "worker", "nanny", "session", "jupyter"]
+Server = Literal["scheduler", "worker", "nanny", "session", "launcher", "jupyter"]
 
 
 @dataclass(frozen=True)
@@ -55,15 +55,29 @@ def _scheduler_dask_rows() -> list[HandlerRecord]:
     from jupyter_gpu.broker import gate
 
     connect: dict[str, tuple[Caller, Check, str]] = {
-        "identity": ("anyone", "none", "who this server is (a Dask client asks first)"),
+        "identity": (
+            "anyone",
+            "none",
+            "who this server is (a Dask client asks first): its type, id and address, not its "
+            "workers (but to the in-process cluster manager)",
+        ),
         "register-client": ("client", "none", "a Dask client joins (a kernel, the panel, the CLI)"),
         "register-worker": (
             "worker",
-            "pool-key",
-            "a Dask worker joins: only with the pool key in its start-up information",
+            "pool-key-proof",
+            "a Dask worker joins: only with a proof of the pool key in its start-up information",
         ),
-        "register_nanny": ("worker", "none", "a nanny asks for the scheduler's worker plugins"),
-        "heartbeat_worker": ("worker", "none", "a worker's heartbeat (an unknown one is told so)"),
+        "register_nanny": (
+            "worker",
+            "none",
+            "a nanny asks for the scheduler's nanny plugins: a shared pool has none (registering "
+            "one is closed), whoever asks",
+        ),
+        "heartbeat_worker": (
+            "worker",
+            "pool-key-proof",
+            "a worker's heartbeat, about itself, with a fresh proof of the pool key",
+        ),
     }
     assert set(connect) == set(gate.CONNECT_OPS), "broker/gate.py's CONNECT_OPS changed"
     rows = [
@@ -119,6 +133,21 @@ def _dask_rows() -> list[HandlerRecord]:
     rows.append(
         HandlerRecord(
             "worker",
+            "gpu_sessions_refused",
+            "scheduler",
+            "scheduler-stream",
+            "leases: list[Name]",
+            "-",
+            "after a scheduler restart, the sessions the broker could not adopt: the worker ends "
+            "them (on the stream it opened to its scheduler; Dask's own stream handlers are the "
+            "scheduler's too)",
+            "worker/plugin.py: GpuWorkerPlugin.gpu_sessions_refused",
+            "stream",
+        )
+    )
+    rows.append(
+        HandlerRecord(
+            "worker",
             "identity",
             "anyone",
             "none",
@@ -161,6 +190,39 @@ def _dask_rows() -> list[HandlerRecord]:
             "session/server.py",
         ),
     ]
+    return rows
+
+
+LAUNCHER_DOCS = {
+    "hello": "the worker names itself (its Dask address) once: grants must name it",
+    "start": "a session for a lease, as the grant's user, in its cgroup, confined before it runs",
+    "signal": "interrupt or kill a session this connection started",
+    "end": "end it: its group killed and removed, its folder too unless its copy is parked",
+    "move_copy": "a parked copy into the folder of the same user's next session (renameat)",
+    "open_copy": "a descriptor to read a parked copy (checked on the descriptor)",
+    "create_copy": "a descriptor to write a copy from another machine into a session's folder",
+    "forget_copy": "remove a parked copy's folder",
+}
+
+
+def _launcher_rows() -> list[HandlerRecord]:
+    """The privileged launcher's requests (``launcher/server.py``): from the pool's service
+    account only; ``start`` only on a signed grant."""
+    rows = []
+    for op, typed in protocol.LAUNCHER_REQUESTS.items():
+        fields = [f for f in fields_text(typed).split(", ") if not f.startswith(("op", "id"))]
+        rows.append(
+            HandlerRecord(
+                "launcher",
+                op,
+                "worker",
+                "grant" if op == "start" else "service-account",
+                ", ".join(fields),
+                "LauncherReply",
+                LAUNCHER_DOCS[op],
+                "launcher/server.py: Launcher._" + op,
+            )
+        )
     return rows
 
 
@@ -217,6 +279,7 @@ def declared_rows() -> list[HandlerRecord]:
                     reply_text(meta.function),
                     _first_sentence(inspect.getdoc(meta.function) or ""),
                     f"{path}: {cls.__name__}.{meta.function.__name__}",
+                    "stream" if meta.stream else "handler",
                 )
             )
     return rows
@@ -225,7 +288,7 @@ def declared_rows() -> list[HandlerRecord]:
 def handler_table() -> list[HandlerRecord]:
     """Every entry point of the pool's servers and the panel's routes (see the module
     docstring)."""
-    return declared_rows() + _dask_rows() + _route_rows()
+    return declared_rows() + _dask_rows() + _launcher_rows() + _route_rows()
 
 
 # ---------------------------------------------------------------------- types as text
@@ -321,6 +384,7 @@ TITLES: dict[Server, str] = {
     "worker": "Worker (the GPU worker plugin, `worker/plugin.py`; `worker/dask_worker.py`)",
     "nanny": "Nanny (`worker/nanny.py`)",
     "session": "Session (the session process, `session/server.py`)",
+    "launcher": "Launcher (root, on a GPU machine started as root, `launcher/server.py`)",
     "jupyter": "Jupyter server routes (the panel's, `labext/handlers.py`)",
 }
 

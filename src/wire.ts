@@ -69,6 +69,9 @@ export interface ILease {
   end_reason?: string | null;
   gpu_utilization?: number | null;
   resident_bytes?: number | null;
+  /** Host memory (bytes) and CPU cores booked for it on its machine (issue 24). */
+  host_memory?: number;
+  cpus?: number;
   preempted?: boolean;
   offload?: IOffload | null;
   team?: string | null;

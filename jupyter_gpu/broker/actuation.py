@@ -15,6 +15,7 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
+from jupyter_gpu.broker.grant_signer import grant_for
 from jupyter_gpu.broker.model import Lease, Offload
 from jupyter_gpu.common.protocol import OffloadResult, RestoreRef, SessionStarted
 
@@ -28,16 +29,21 @@ class SessionActuator:
         self.rpc = rpc
         self.scheduler_address = scheduler_address
         self.pool_key: str | None = None
+        self.signing_key: Any = None  # the grants' (broker/grant_signer.py); None: none signed
 
     async def start(
         self, lease: Lease, restore: Offload | None, account: str | None
     ) -> SessionStarted:
         """A session for ``lease`` on its worker (with ``restore``: an earlier session's variables);
-        the lease gets its secret, which only the worker and the owner's kernel learn."""
+        the lease gets its secret, which only the worker and the owner's kernel learn. ``account``:
+        the user whose account it runs as (then with the signed grant the launcher asks for)."""
         ref: RestoreRef | None = None
         if restore is not None and restore.path is not None:
-            ref = {"worker": restore.worker, "path": restore.path}
+            ref = {"worker": restore.worker, "path": restore.path, "lease": restore.lease}
         lease.secret = secrets.token_urlsafe(24)
+        grant = None
+        if self.signing_key is not None:  # a launcher starts it (as the user, or the service)
+            grant = grant_for(lease, self.signing_key, account)
         async with self.rpc(lease.worker) as worker:
             started: SessionStarted = await worker.gpu_session_start(
                 lease=lease.public(),
@@ -46,6 +52,7 @@ class SessionActuator:
                 client=lease.client,
                 secret=lease.secret,
                 account=account,
+                grant=grant,
                 key=self.pool_key,
             )
         return started
@@ -69,12 +76,12 @@ class SessionActuator:
         return result
 
     async def discard(self, lease_id: str, offload: Offload) -> None:
-        """Forget a copy nobody will restore (best effort: the worker may be gone, and its files
-        with it)."""
+        """Forget the copy of ended lease ``lease_id`` nobody will restore (best effort: the
+        worker may be gone, and its files with it)."""
         if offload.path is None:
             return
         try:
             async with self.rpc(offload.worker) as worker:
-                await worker.gpu_offload_discard(path=offload.path, key=self.pool_key)
+                await worker.gpu_offload_discard(lease=lease_id, key=self.pool_key)
         except Exception as exc:  # noqa: BLE001 - the worker is gone, and its files with it
             log.debug("could not discard the offload of %s: %s", lease_id, exc)

@@ -69,7 +69,7 @@ class Adoption:
             lease.end_reason = (
                 copy["lease"].get("end_reason") or "its session was moved to host memory"
             )
-            lease.offload = Offload.saved_as(worker, copy, seconds=None)
+            lease.offload = Offload.saved_as(worker, lease.id, copy, seconds=None)
             self.ledger.ended[lease.id] = lease
             self.adopted[lease.id] = now
         return refused

@@ -24,6 +24,7 @@ from jupyter_gpu.common.protocol import LeaseView, TeamUsage, UsageReport, UserU
 from jupyter_gpu.common.rightsizing import MIN_RESERVED_FOR_HINT, OVERSIZED_BELOW
 
 log = logging.getLogger(__name__)
+MAX_SPEC = 2048  # characters of a refused request (and its reason) kept in the store
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS leases (
@@ -154,8 +155,8 @@ class AuditStore:
                 request,
                 user,
                 team,
-                json.dumps(spec, default=str),
-                reason,
+                json.dumps(spec, default=str)[:MAX_SPEC],  # what a caller sent: bounded
+                reason[:MAX_SPEC],
             ),
         )
 

@@ -21,18 +21,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 from jupyter_gpu.broker import packing
 from jupyter_gpu.broker.leasing import LeaseKeeper
 from jupyter_gpu.broker.ledger import Ledger
-from jupyter_gpu.broker.model import Lease, Offload, Request, new_id
+from jupyter_gpu.broker.model import GpuSlot, Lease, Offload, Request, new_id
 from jupyter_gpu.broker.permissions import Permissions
-from jupyter_gpu.common import config
+from jupyter_gpu.common import config, poolkey
 from jupyter_gpu.common.handlers import handler
 from jupyter_gpu.common.protocol import DrainReport, RequestSpec
-from jupyter_gpu.common.refusals import CallError
-from jupyter_gpu.common.validation import Address, MaxLen, Range, Secret
+from jupyter_gpu.common.refusals import CallError, NotAuthorized
+from jupyter_gpu.common.validation import Address, MaxLen, Range
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,19 @@ def spec_of(lease: Lease, original: Request | None) -> RequestSpec:
     if original is not None and original.spec.workers == 1:
         return RequestSpec(**{**original.spec.__dict__})
     return RequestSpec(memory=lease.bytes, priority=lease.priority)
+
+
+def drain_worker(ledger: Ledger, worker: str) -> None:
+    """``worker`` is being drained: its GPUs still count (it comes back after its upgrade), but
+    the packer places nothing new on them (``Ledger.draining``, kept when it registers again)."""
+    ledger.draining.add(worker)
+    ledger.packer.reindex(worker, [])
+    ledger.fit_memo.clear()
+
+
+def placeable(ledger: Ledger) -> list[GpuSlot]:
+    """The GPUs a new lease may be placed on: not those of a worker being drained."""
+    return [g for g in ledger.gpus.values() if g.worker not in ledger.draining]
 
 
 class Drain:
@@ -71,7 +84,8 @@ class Drain:
     async def run(self) -> DrainReport:
         started = time.monotonic()
         deadline = started + self.timeout
-        self.ledger.draining |= self.workers
+        for worker in self.workers:
+            drain_worker(self.ledger, worker)
         log.info(
             "draining %s: no new leases there; %d session(s) to move or end",
             ", ".join(sorted(self.workers)),
@@ -122,7 +136,7 @@ class Drain:
         (``offload`` pending), whose end it reads with ``moved_to`` set in the same step."""
         keeper, source = self.keeper, lease.worker
         here = worker_label(source)
-        lease.offload = Offload.pending(source)
+        lease.offload = Offload.pending(source, lease.id)
         asked = time.monotonic()
         bound = max(deadline - asked, 0.0) + config.get_seconds("offload-timeout")
         try:
@@ -134,7 +148,7 @@ class Drain:
             lease.offload = None
             self._end(lease, f"its variables could not be kept: {why}")
             return
-        offload = Offload.saved_as(source, result, time.monotonic() - asked)
+        offload = Offload.saved_as(source, lease.id, result, time.monotonic() - asked)
         gone = lease.client is not None and lease.client not in keeper.clients()
         if gone or lease.id not in self.ledger.leases:
             # its kernel went away meanwhile (its lease ended with it): nobody will restore them
@@ -160,7 +174,7 @@ class Drain:
         )
         keeper.admit(req, [])
         # where no other worker could ever hold it (the pool's only machine), do not wait for room
-        elsewhere = self.ledger.placeable()
+        elsewhere = placeable(self.ledger)
         if req.state == "starting" or (elsewhere and not packing.never_fits(req.spec, elsewhere)):
             await keeper.wait(req, max(deadline - time.monotonic(), 0.0) + 60.0)
         if req.state == "granted" and req.restored is not None and req.leases:
@@ -215,6 +229,11 @@ def moved_session(keeper: LeaseKeeper, restore: str, user: str, kernel: str) -> 
     return None
 
 
+def drain_subject(workers: list[str]) -> str:
+    """What a drain's proof of the pool key is made over: the workers it names, in order."""
+    return ",".join(sorted(workers))
+
+
 class DrainHandlers:
     """The broker's handler for drains (``GpuBroker`` inherits it): declared here, next to the
     drain itself."""
@@ -222,17 +241,25 @@ class DrainHandlers:
     keeper: LeaseKeeper
     ledger: Ledger
     permissions: Permissions
+    _drain_proofs: poolkey.ProofChecker | None = None
 
-    @handler("gpu_drain", caller="worker", check="pool-key")
+    @handler("gpu_drain", caller="worker", check="pool-key-proof")
     async def gpu_drain(
         self,
         workers: Annotated[list[Address], MaxLen(1024)],
         timeout: Annotated[float, Range(0, 86_400)] = 600.0,
-        key: Secret | None = None,
+        proof: dict[Any, Any] | None = None,
     ) -> DrainReport:
         """A GPU machine's service is stopping (an upgrade, a restart): its workers take no new
         leases, running cells finish (at most ``timeout`` s), idle sessions move to other workers
         with their variables, and what cannot move ends with the reason."""
-        self.permissions.check_worker(key)
+        if self._drain_proofs is None:
+            self._drain_proofs = poolkey.ProofChecker()
+        key = self.permissions.pool_key
+        if not self._drain_proofs.check(proof, key, "drain", drain_subject(workers)):
+            raise NotAuthorized(
+                "only the pool's own worker services may drain workers: the call must carry a "
+                "fresh proof of the pool key (poolkey.proof) over the workers it names"
+            )
         known = {w for w in workers if w in self.ledger.worker_gpus}
         return await Drain(self.keeper, known, timeout).run()

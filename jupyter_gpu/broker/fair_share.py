@@ -1,5 +1,4 @@
-"""The fair queue: who goes first when GPUs are short, and what to take back when a guarantee is
-owed.
+"""The fair queue: who goes first when GPUs are short; the lease book it is counted from.
 
 Order (smallest key first):
 
@@ -11,15 +10,9 @@ Order (smallest key first):
 4. priority: configured team/user priority, then interactive above batch;
 5. age.
 
-When a request does not fit, ``schedule_pass`` first reclaims borrowed capacity for a request
-within its team's guarantee (``reclaim_plan``), then, for an interactive request, moves idle
-sessions to host memory (``suspend_plan``, after ``suspend-idle-after``).
-
-``schedule_pass`` is the whole scheduling decision on plain state (``GpuSlot``s, ``Request``s and
-the policy's lease book) with the real packing; the broker applies its grants and preemptions
-through callbacks, and the simulator (``bench/pool_sim.py``) and the property tests drive the
-very same code. ``FairQueue`` is the same order kept incrementally, for queues of 100,000
-requests.
+A scheduling pass (``scheduling.py``) serves requests in this order; when one does not fit, it
+reclaims borrowed capacity or suspends idle sessions (``preemption.py``), which reads the policy's
+indexes of idle and of preemptible leases. ``FairQueue`` is the same order kept incrementally.
 """
 
 from __future__ import annotations
@@ -30,11 +23,10 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, cast
+from typing import Callable
 
-from jupyter_gpu.broker import packing
-from jupyter_gpu.broker.estimates import CellTimes, Progress, estimate_waiting, track_progress
-from jupyter_gpu.broker.model import GpuSlot, Request
+from jupyter_gpu.broker.estimates import CellTimes, Progress, track_progress
+from jupyter_gpu.broker.model import Request
 from jupyter_gpu.broker.quotas import PoolQuotas
 from jupyter_gpu.common.protocol import RequestSpec
 
@@ -68,6 +60,7 @@ class LeaseRecord:
     resident: int | None = None
     # how far its running cell is, when the cell reports step/total
     progress: Progress | None = None
+    host: tuple[int, int] = (0, 0)  # host memory and thousandths of a core it holds
 
 
 class DecayedAverage:
@@ -116,9 +109,12 @@ class FairSharePolicy:
         # the pool's largest GPU: what a --memory request is worth
         self.reference_bytes: int | None = None
         self.listeners: list[Callable[[str, str], None]] = []  # (team, user) whose standing changed
-        # request id -> GPU ids held for it (see schedule_pass)
+        # request id -> GPU ids held for it (see scheduling.py)
         self.reservations: dict[str, set[str]] = {}
         self._priority: dict[str, int] = {}
+        # leases that may be idle, and the preemptible ones: what preemption.py chooses from
+        self.idle: set[str] = set()
+        self.preemptible: set[str] = set()
 
     # ------------------------------------------------------------------ accounting
     def lease_started(
@@ -134,6 +130,7 @@ class FairSharePolicy:
         gang: bool = False,
         priority: str = "interactive",
         idle: bool = True,
+        host: tuple[int, int] = (0, 0),
     ) -> LeaseRecord:
         """Count a new lease against its user and team (the broker calls this on every grant, with
         ``idle=False``: a session that is still starting is busy until it says it is idle)."""
@@ -150,8 +147,13 @@ class FairSharePolicy:
             gang=gang,
             idle_since=now if idle else None,
             priority=priority,
+            host=host,
         )
         self.leases[lease_id] = rec
+        if idle:
+            self.idle.add(lease_id)
+        if preemptible:
+            self.preemptible.add(lease_id)
         self._step(user, team, now, gpus)
         return rec
 
@@ -159,6 +161,8 @@ class FairSharePolicy:
         rec = self.leases.pop(lease_id, None)
         if rec is None:
             return None
+        self.idle.discard(lease_id)
+        self.preemptible.discard(lease_id)
         now = self.clock() if now is None else now
         self._step(rec.user, rec.team, now, -rec.gpus)
         self.cells.lease_ended(lease_id)
@@ -180,6 +184,7 @@ class FairSharePolicy:
         if rec is not None:
             now = self.clock() if now is None else now
             rec.idle_since = None if state == "running" else (rec.idle_since or now)
+            (self.idle.discard if state == "running" else self.idle.add)(lease_id)
             if resident is not None:
                 rec.resident = int(resident)
             rec.progress = track_progress(rec.progress, state, now, step, total)
@@ -265,10 +270,11 @@ class FairSharePolicy:
     def aged_gang(self, req: Request, now: float) -> bool:
         return req.spec.workers > 1 and now - req.submitted >= self.quotas.reserve_after
 
-    def team_context(self, team: str, now: float) -> tuple[float, float]:
+    def team_context(self, team: str, now: float, held: float | None = None) -> tuple[float, float]:
         """(room: the most a request of ``team`` may need and still be within its guarantee, team
-        share); computed once per team when many of its requests are keyed."""
-        held = self.held_team.get(team, 0.0)
+        share); computed once per team when many of its requests are keyed. ``held`` overrides
+        what the team holds now (a pass orders by what it held when the pass began)."""
+        held = self.held_team.get(team, 0.0) if held is None else held
         if self.quotas.configured:
             g = self.quotas.team(team).guarantee
             room, weight = g - held + EPS, max(g, MIN_WEIGHT)
@@ -277,11 +283,19 @@ class FairSharePolicy:
         avg_t = self.avg_team.get(team)
         return room, round((held + (avg_t.at(now, self.lam) if avg_t else 0.0)) / weight, 9)
 
-    def key(self, req: Request, now: float, context: tuple[float, float] | None = None) -> SortKey:
-        """The sort key of the module docstring (smaller is served first)."""
+    def key(
+        self,
+        req: Request,
+        now: float,
+        context: tuple[float, float] | None = None,
+        user_held: float | None = None,
+    ) -> SortKey:
+        """The sort key of the module docstring (smaller is served first); ``user_held`` overrides
+        what the user holds now."""
         room, share_t = context or self.team_context(self.team_of(req), now)
         avg_u = self.avg_user.get(req.user)
-        share_u = self.held_user.get(req.user, 0.0) + (avg_u.at(now, self.lam) if avg_u else 0.0)
+        held_u = self.held_user.get(req.user, 0.0) if user_held is None else user_held
+        share_u = held_u + (avg_u.at(now, self.lam) if avg_u else 0.0)
         prio = self._priority.get(req.user)
         if prio is None:
             prio = self._priority[req.user] = self.quotas.priority(req.user)
@@ -313,135 +327,7 @@ class FairSharePolicy:
             self.team_of(req), self.need(req.spec)
         )
 
-    # ------------------------------------------------------------------ reclaim
-    def reclaim_plan(
-        self, req: Request, gpus: list[GpuSlot], now: float
-    ) -> list[tuple[str, str]] | None:
-        """Over-quota leases to end so that the within-guarantee ``req`` fits: idle ones first,
-        then running preemptible ones, never one younger than ``min-run-time`` (nor one granted
-        this very instant: no grant-then-reclaim churn within a pass), never a gang's rank. None
-        if no plan."""
-        spec = req.spec
-        if spec.workers > 1 or (spec.gpus or 1) > 1:
-            return None  # gangs and multi-GPU sessions wait for reservations instead
-        team = self.team_of(req)
-        over = {t: self.over_guarantee(t) for t in {r.team for r in self.leases.values()}}
-        candidates = {
-            r.id: r
-            for r in self.leases.values()
-            if r.preemptible
-            and not r.gang
-            and r.team != team
-            and over.get(r.team, 0) > EPS
-            and now - r.started >= self.quotas.min_run_time
-            and r.started < now
-        }
-        if not candidates:
-            return None
-
-        def cost(gpu: GpuSlot, victims: list[LeaseRecord]) -> tuple[int, int, str]:
-            # fewest running
-            return sum(1 for v in victims if v.idle_since is None), len(victims), gpu.id
-
-        # idle first, then the team furthest over, then the youngest; a team stops losing leases
-        # once it is no longer over (its remaining leases are its guarantee)
-        best = min(
-            (
-                (cost(gpu, victims), victims)
-                for gpu, victims in _victims_by_gpu(
-                    spec,
-                    gpus,
-                    candidates,
-                    order=lambda r: (r.idle_since is None, -over[r.team], -r.started),
-                    budget=over,
-                )
-            ),
-            key=lambda p: p[0],
-            default=None,
-        )
-        if best is None:
-            return None
-        plan = []
-        for rec in best[1]:
-            state = "idle" if rec.idle_since is not None else "running preemptible work"
-            plan.append(
-                (
-                    rec.id,
-                    f"reclaimed for a request within team {team}'s guarantee: team {rec.team} was "
-                    f"over its guarantee ({self.held_team[rec.team]:.2f}/"
-                    f"{self.quotas.team(rec.team).guarantee:.2f} GPU) and this session was {state} "
-                    "on borrowed, preemptible capacity",
-                )
-            )
-        return plan
-
-    def suspend_plan(
-        self, req: Request, gpus: list[GpuSlot], now: float, after: float | None = None
-    ) -> list[tuple[str, str]] | None:
-        """Idle sessions to move to host memory so that the interactive ``req`` fits now.
-
-        Why: an idle session holds GPU memory while its owner reads and types; a person
-        waiting on a cell should not wait for that. Any team's session qualifies once idle
-        for ``suspend-idle-after`` (its owner's next cell reads the variables back, and a
-        within-guarantee owner reclaims room for that), never a gang's rank, a session still
-        starting, or one granted this very instant. The waiting cell waits for the sessions
-        it displaces to write their state out, so of the GPUs where enough could move, the
-        one where the largest of them holds least is chosen (what each held when it last
-        went idle, as its session measured it; its lease's size when unknown), then the one
-        whose sessions are least likely to be back soon (idle longest). Batch work never
-        suspends anybody: it waits for free memory. None if no plan (or suspension is off).
-        ``after`` overrides the idle time required (0: the plan that today's idle sessions
-        will allow once idle long enough, for the reason a request waits).
-        """
-        if self.quotas.suspend_idle_after is None:
-            return None
-        after = self.quotas.suspend_idle_after if after is None else after
-        spec = req.spec
-        if spec.workers > 1 or (spec.gpus or 1) > 1 or spec.priority != "interactive":
-            return None
-        candidates = {
-            r.id: r
-            for r in self.leases.values()
-            if not r.gang
-            and r.idle_since is not None
-            and now - r.idle_since >= after
-            and r.started < now
-        }
-        if not candidates:
-            return None
-
-        def cost(gpu: GpuSlot, victims: list[LeaseRecord]) -> tuple[int, float, str]:
-            # the largest state to write out, then the chance that a session runs its next cell soon
-            # (it falls the longer the session has been idle)
-            largest = max(
-                v.resident if v.resident is not None else v.allocs.get(gpu.id, 0) for v in victims
-            )
-            # every candidate is idle: idle_since is set
-            soon = sum(1.0 / (1.0 + now - cast(float, v.idle_since)) for v in victims)
-            return largest, round(soon, 6), gpu.id
-
-        best = min(
-            (
-                (cost(gpu, victims), victims)
-                for gpu, victims in _victims_by_gpu(
-                    spec, gpus, candidates, order=lambda r: (r.idle_since, r.id)
-                )
-            ),
-            key=lambda p: p[0],
-            default=None,
-        )
-        if best is None:
-            return None
-        return [
-            (
-                rec.id,
-                f"suspended after {now - cast(float, rec.idle_since):.0f} s idle: {req.user}'s cell "
-                "was waiting "
-                "for the GPU",
-            )
-            for rec in best[1]
-        ]
-
+    # ------------------------------------------------------------------ idle leases
     def idle_expired(self, now: float) -> list[str]:
         """Leases idle for longer than the admin ``idle-timeout`` (none when it is unset), never a
         gang's rank: the ranks of a ``--workers`` run sit idle while the others' sessions start
@@ -454,171 +340,6 @@ class FairSharePolicy:
             for r in self.leases.values()
             if not r.gang and r.idle_since is not None and now - r.idle_since > limit
         ]
-
-
-def _victims_by_gpu(
-    spec: RequestSpec,
-    gpus: list[GpuSlot],
-    candidates: dict[str, LeaseRecord],
-    order: Callable[[LeaseRecord], tuple[Any, ...]],
-    budget: dict[str, float] | None = None,
-) -> Iterable[tuple[GpuSlot, list[LeaseRecord]]]:
-    """Each GPU where ``spec`` fits once some of ``candidates`` leave, with the leases that must
-    leave: all of the GPU's leases for whole GPUs (so all must be candidates), else candidates in
-    ``order`` until the request fits. With ``budget`` (team -> GPUs it may still lose), a lease
-    whose team has none left stays. Shared by reclaim (for guarantees) and suspension (for waiting
-    cells), which differ only in who may leave, in what order, and what a GPU's plan costs."""
-    for gpu in gpus:
-        need = spec.need_on(gpu)
-        if need > gpu.total_bytes:
-            continue
-        # in id order, not the set's: ties in ``order`` must not depend on the process's string hash
-        # seed
-        on_gpu = [candidates[lid] for lid in sorted(gpu.leases) if lid in candidates]
-        if spec.gpus is not None:
-            if on_gpu and len(on_gpu) == len(gpu.leases):
-                yield gpu, on_gpu
-            continue
-        on_gpu.sort(key=order)
-        free, victims, left = gpu.free_bytes, [], dict(budget or {})
-        for rec in on_gpu:
-            if free >= need:
-                break
-            if budget is not None:
-                if left[rec.team] <= EPS:
-                    continue
-                left[rec.team] -= rec.gpus
-            victims.append(rec)
-            free += rec.allocs.get(gpu.id, 0)
-        if victims and free >= need:
-            yield gpu, victims
-
-
-# ---------------------------------------------------------------------- one scheduling pass
-
-Placement = packing.Placement
-GrantFn = Callable[[Request, Placement, bool], None]
-PreemptFn = Callable[[str, str, Request], None]
-
-
-def schedule_pass(
-    policy: FairSharePolicy,
-    queue: list[Request],
-    gpus: Iterable[GpuSlot],
-    grant: GrantFn,
-    preempt: PreemptFn | None = None,
-    now: float | None = None,
-    eta_for: int = 100,
-    reserve_share: float = 0.25,
-) -> list[Request]:
-    """Grant, in policy order, every queued request that fits; reclaim for guarantees; give the rest
-    a reason and an estimated start. Returns the requests still waiting, in order.
-
-        ``grant(req, placement, preemptible)`` must book the placement on the GpuSlots (and call
-        ``policy.lease_started``); ``preempt(lease_id, reason, req)`` must free the lease (and call
-        ``policy.lease_ended``). Requests granted here are the caller's to take out of its queue.
-        Reservations (aged gangs first: they sort first) hold at most ``reserve_share`` of the GPUs
-        (at least one), so they cannot idle the pool.
-    """
-    now = policy.clock() if now is None else now
-    gpus = list(gpus)
-    if gpus:
-        policy.reference_bytes = max(g.total_bytes for g in gpus)
-    configured = policy.quotas.configured
-    # reservations are sticky (a request keeps the GPUs it was given until it starts), so that the
-    # GPUs held for it drain instead of moving to whichever GPU happens to be emptiest at the next
-    # pass
-    live = {r.id for r in queue}
-    ids = {g.id for g in gpus}
-    for rid in [rid for rid in policy.reservations if rid not in live]:
-        del policy.reservations[rid]
-    reserved_by: dict[str, str] = {
-        g: rid for rid, gs in policy.reservations.items() for g in gs if g in ids
-    }
-    waiting: list[Request] = []
-    for req in policy.order(queue):
-        team, need = policy.team_of(req), policy.need(req.spec)
-        blocked = policy.limit_reason(req)
-        if blocked:
-            req.reason = blocked
-            waiting.append(req)
-            continue
-        avail = (
-            [g for g in gpus if reserved_by.get(g.id, req.id) == req.id] if reserved_by else gpus
-        )
-        within = policy.within_guarantee(team, need)
-        placement = packing.place(req.spec, avail)
-        if placement is None and configured and within and preempt is not None:
-            plan = policy.reclaim_plan(req, avail, now)
-            if plan:
-                for lease_id, reason in plan:
-                    preempt(lease_id, reason, req)
-                placement = packing.place(req.spec, avail)
-        if placement is None and preempt is not None:
-            plan = policy.suspend_plan(req, avail, now)
-            if plan:
-                for lease_id, reason in plan:
-                    preempt(lease_id, reason, req)
-                placement = packing.place(req.spec, avail)
-        if placement is not None:
-            grant(req, placement, configured and not within)
-            for g in policy.reservations.pop(req.id, ()):
-                reserved_by.pop(g, None)
-            continue
-        reason = packing.why_waiting(req.spec, avail or gpus)
-        later = (
-            policy.suspend_plan(req, avail, now, after=0.0)
-            if preempt is not None and len(waiting) < eta_for
-            else None
-        )
-        if later:
-            assert policy.quotas.suspend_idle_after is not None  # there is no plan without it
-            idle = [policy.leases[lid].idle_since for lid, _ in later]
-            at = max(now if t is None else t for t in idle) + policy.quotas.suspend_idle_after
-            reason += (
-                f"; {len(later)} idle session(s) there move to host memory for it in "
-                f"{max(0.0, at - now):.0f} s if they stay idle"
-            )
-        if configured and not within:
-            guarantee = policy.quotas.team(team).guarantee
-            reason += (
-                f" (team {team} holds {policy.held_team.get(team, 0.0):.1f} of its {guarantee:.1f} GPU "
-                "guarantee: "
-                "this runs on idle capacity, preemptible)"
-            )
-        mine = policy.reservations.get(req.id)
-        if (
-            not mine
-            and policy.should_reserve(req, now)
-            and len(reserved_by) < max(1, int(len(gpus) * reserve_share))
-        ):
-            mine = reserve(req.spec, avail)
-            if mine:
-                policy.reservations[req.id] = mine
-                reserved_by.update({g: req.id for g in mine})
-        if mine:
-            reason += (
-                f"; {len(mine)} GPU(s) reserved for it after {now - req.submitted:.0f} s of waiting"
-            )
-        req.reason = reason
-        waiting.append(req)
-    estimate_waiting(policy, waiting, gpus, now, eta_for)
-    return waiting
-
-
-def reserve(spec: RequestSpec, gpus: list[GpuSlot]) -> set[str]:
-    """The GPUs to hold for ``spec``: those closest to fitting it (most free memory), one per
-    rank."""
-    ranks = spec.workers * (int(spec.gpus) if spec.gpus and spec.workers == 1 else 1)
-    able = [g for g in gpus if spec.need_on(g) <= g.total_bytes]
-    able.sort(key=lambda g: (-g.free_bytes, len(g.leases), g.id))
-    if spec.gpus is not None and spec.workers == 1:
-        by_worker: dict[str, list[GpuSlot]] = collections.defaultdict(list)
-        for g in able:
-            by_worker[g.worker].append(g)
-        fits = [gs for gs in by_worker.values() if len(gs) >= ranks]
-        return {g.id for g in fits[0][:ranks]} if fits else set()
-    return {g.id for g in able[:ranks]}
 
 
 # ---------------------------------------------------------------------- the incremental queue

@@ -5,11 +5,19 @@ Why: a Dask scheduler answers a large generic API (``run_function``, ``broadcast
 ``update-graph`` to run tasks, plugin registration, state dumps, ``terminate``...). Any of these in
 a user's hands is code running in the scheduler or on every worker, under the pool's account. GPU
 pools run no Dask tasks, so in a pool that checks tokens the broker closes all of it when it starts:
-what stays open is what a Dask client needs to connect (``identity``, ``register-client`` and its
-heartbeat), what a worker needs to join (``register-worker``, only with the pool key in its start-up
-information; its own stream; heartbeats), and the broker's handlers, each of which checks who calls
-it (a kernel's token, the pool key). A refused call is answered with the reason and logged; a
-refused message on a client's stream is dropped and logged.
+what stays open is what a Dask client needs to connect (``identity``, filtered to what a client
+needs; ``register-client`` and its own stream), what a worker needs to join (``register-worker``
+and ``heartbeat_worker``, each only with a proof that it holds the pool key, ``poolkey.proof``; its
+own stream; ``register_nanny``, which answers the scheduler's nanny plugins, of which a shared pool
+has none: registering one is closed), and the broker's handlers, each of which
+checks who calls it (a kernel's token; a worker's own stream). A refused call is answered with the
+reason and logged; a refused message on a client's stream is dropped and logged.
+
+Streams, in every pool: Dask merges a stream's own identity (``client=`` or ``worker=``) *under*
+each message, so a message could name another client or worker than the one whose stream it came
+on (alice closing bob's client, a kernel posing as a worker). :func:`own_identity_streams` removes
+those names from every message before the merge: a stream handler's ``client``/``worker`` is the
+stream's.
 
 One caller keeps Dask's API: a comm that comes in on the scheduler's ``inproc://`` listener, which
 only code running in the scheduler's own process can open (user code never runs there). That is the
@@ -27,7 +35,7 @@ from typing import Any
 
 from jupyter_gpu.common import poolkey
 from jupyter_gpu.common.handlers import closed
-from jupyter_gpu.common.protocol import STARTUP_KEY
+from jupyter_gpu.common.protocol import STARTUP_PROOF
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +72,12 @@ WORKER_STREAM_OPS = frozenset(
 TOPICS = frozenset({"print", "warn"})
 
 
+WORKERS_ONLY = (
+    "only the pool's workers may call this, on the stream they registered with (a proof that "
+    "they hold the pool key; see docs/security.md)"
+)
+
+
 def refusal(op: str) -> str:
     return (
         f"{op!r} is not available in this pool: it runs no Dask tasks, and a pool shared by "
@@ -72,18 +86,41 @@ def refusal(op: str) -> str:
     )
 
 
-def close(scheduler: Any, key: str | None, ours: Collection[str]) -> None:
+def install(
+    scheduler: Any,
+    key: str | None,
+    ours: dict[str, Callable[..., Any]],
+    ours_stream: dict[str, Callable[..., Any]],
+    shared: bool,
+) -> None:
+    """The broker's handlers on ``scheduler``; every stream's messages its own client's or
+    worker's; workers' proofs of the pool key taken (and, in a ``shared`` pool, required, and the
+    rest of Dask's API closed)."""
+    scheduler.handlers.update(ours)
+    scheduler.stream_handlers.update(ours_stream)
+    own_identity_streams(scheduler)
+    if shared:
+        close(scheduler, key, set(ours), set(ours_stream))
+    else:
+        workers_prove(scheduler, key, checked=False)
+
+
+def close(
+    scheduler: Any, key: str | None, ours: Collection[str], ours_stream: Collection[str] = ()
+) -> None:
     """Shut the generic API of ``scheduler`` (see the module docstring). ``key``: the pool key that
-    ``register-worker`` must carry; ``ours``: the broker's handlers, which stay open."""
+    workers prove they hold; ``ours``: the broker's handlers, which stay open; ``ours_stream``: its
+    worker-stream handlers."""
     for op in list(scheduler.handlers):
         if op in CONNECT_OPS or op in ours:
             continue
         scheduler.handlers[op] = _refuse(op, scheduler.handlers[op])
-    scheduler.handlers["register-worker"] = _checked_registration(
-        scheduler.handlers["register-worker"], key
-    )
+    workers_prove(scheduler, key, checked=True)
+    for op in ours_stream:  # a worker's reports come on its own stream, never as a call
+        scheduler.handlers[op] = _workers_only(op)
+    scheduler.handlers["identity"] = _filtered_identity(scheduler)
     for op, handler in list(scheduler.stream_handlers.items()):
-        scheduler.stream_handlers[op] = _stream_gate(scheduler, op, handler)
+        scheduler.stream_handlers[op] = _stream_gate(scheduler, op, handler, set(ours_stream))
     log.info(
         "the scheduler answers only jupyter-gpu's handlers and what clients and workers need to "
         "connect"
@@ -110,17 +147,44 @@ def _refuse(op: str, handler: Callable[..., Any] | None = None) -> Callable[...,
     return closed(refused)
 
 
+def _workers_only(op: str) -> Callable[..., Any]:
+    def refused(comm: Any = None, **kwargs: Any) -> Any:
+        from distributed.core import error_message
+
+        log.warning("refused %r as a call: it comes on a worker's own stream only", op)
+        return error_message(PermissionError(WORKERS_ONLY))
+
+    return closed(refused)
+
+
 def _expects_comm(handler: Callable[..., Any]) -> bool:
     params = inspect.signature(handler).parameters
     return bool(params) and next(iter(params)) == "comm"
 
 
-def _checked_registration(handler: Callable[..., Any], key: str | None) -> Callable[..., Any]:
+def workers_prove(scheduler: Any, key: str | None, checked: bool) -> None:
+    """``register-worker`` and ``heartbeat_worker`` take a worker's proof of the pool key, and,
+    when ``checked`` (a shared pool), refuse without it. Installed by the broker in every pool (a
+    GPU worker always sends its proof; Dask's own handlers would not take the argument)."""
+    proofs = poolkey.ProofChecker() if checked else None
+    scheduler.handlers["register-worker"] = _checked_registration(
+        scheduler.handlers["register-worker"], key, proofs
+    )
+    scheduler.handlers["heartbeat_worker"] = _checked_heartbeat(
+        scheduler.handlers["heartbeat_worker"], key, proofs
+    )
+
+
+def _checked_registration(
+    handler: Callable[..., Any], key: str | None, proofs: poolkey.ProofChecker | None
+) -> Callable[..., Any]:
     @functools.wraps(handler)
     async def register_worker(comm: Any = None, **msg: Any) -> Any:
-        given = (msg.get("extra") or {}).get(STARTUP_KEY)
-        if not poolkey.matches(given, key):
-            log.warning("refused a worker at %s: it did not show the pool key", msg.get("address"))
+        extra = msg.get("extra") or {}
+        given = extra.pop(STARTUP_PROOF, None) if isinstance(extra, dict) else None
+        address = str(msg.get("address"))
+        if proofs is not None and not proofs.check(given, key, "register", address):
+            log.warning("refused a worker at %s: no proof that it holds the pool key", address)
             await comm.write(
                 {
                     "status": "error",
@@ -137,8 +201,88 @@ def _checked_registration(handler: Callable[..., Any], key: str | None) -> Calla
     return register_worker
 
 
-def _stream_gate(scheduler: Any, op: str, handler: Callable[..., Any]) -> Callable[..., Any]:
-    worker_op, client_op = op in WORKER_STREAM_OPS, op in CLIENT_STREAM_OPS
+def _checked_heartbeat(
+    handler: Callable[..., Any], key: str | None, proofs: poolkey.ProofChecker | None
+) -> Callable[..., Any]:
+    """``heartbeat_worker`` (it rewrites a worker's resources and keeps it alive) for workers that
+    prove they hold the pool key, each about itself."""
+
+    @functools.wraps(handler)
+    def heartbeat_worker(*, address: str, proof: Any = None, **msg: Any) -> Any:
+        from distributed.core import error_message
+
+        if proofs is not None and not proofs.check(proof, key, "heartbeat", str(address)):
+            log.warning("refused a heartbeat for %s without a proof of the pool key", address)
+            return error_message(
+                PermissionError(
+                    "heartbeat_worker: only a worker about itself, with a proof that it holds the "
+                    "pool key (see docs/security.md)"
+                )
+            )
+        return handler(address=address, **msg)
+
+    return heartbeat_worker
+
+
+def _filtered_identity(scheduler: Any) -> Callable[..., Any]:
+    """``identity``: what a Dask client needs (the scheduler's type, id, address), not its
+    workers' addresses and start-up information, but for the pool's own in-process callers."""
+    full = scheduler.handlers["identity"]
+
+    def identity(comm: Any = None, n_workers: int = -1, **kwargs: Any) -> dict[str, Any]:
+        info = dict(full(n_workers=n_workers))
+        if not in_process(comm):
+            info["workers"] = {}
+        return info
+
+    return identity
+
+
+def own_identity_streams(scheduler: Any) -> None:
+    """Every stream's messages carry the stream's own ``client``/``worker`` (see the module
+    docstring); installed by the broker in every pool."""
+    original = scheduler.handle_stream
+
+    async def handle_stream(comm: Any, extra: dict[str, Any] | None = None) -> None:
+        await original(_OwnIdentity(comm, extra or {}), extra=extra)
+
+    scheduler.handle_stream = handle_stream
+
+
+IDENTITY_KEYS = ("client", "worker")
+
+
+class _OwnIdentity:
+    """A stream's comm whose messages name no client or worker: the stream's own is merged in."""
+
+    def __init__(self, comm: Any, extra: dict[str, Any]) -> None:
+        self._comm, self._extra = comm, extra
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._comm, name)
+
+    async def read(self, *args: Any, **kwargs: Any) -> Any:
+        msgs = await self._comm.read(*args, **kwargs)
+        for msg in msgs if isinstance(msgs, (list, tuple)) else (msgs,):
+            if isinstance(msg, dict):
+                for key in IDENTITY_KEYS:
+                    named = msg.pop(key, None)
+                    if named is not None and named != self._extra.get(key):
+                        log.warning(
+                            "a %r message on the stream of %s named another %s (%r): dropped",
+                            msg.get("op"),
+                            self._comm.peer_address,
+                            key,
+                            str(named)[:80],
+                        )
+        return msgs
+
+
+def _stream_gate(
+    scheduler: Any, op: str, handler: Callable[..., Any], ours: Collection[str] = ()
+) -> Callable[..., Any]:
+    worker_op = op in WORKER_STREAM_OPS or op in ours
+    client_op = op in CLIENT_STREAM_OPS
 
     @functools.wraps(handler)
     def gated(*args: Any, **kwargs: Any) -> Any:

@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable, Collection, Coroutine
 from typing import Any
 
-from jupyter_gpu.broker import packing
 from jupyter_gpu.broker.actuation import SessionActuator
 from jupyter_gpu.broker.audit import AuditStore
 from jupyter_gpu.broker.id_floor import IdFloor, floor_path
@@ -206,7 +205,8 @@ class LeaseKeeper:
         if lease.state == "idle" and lease.world_size == 1 and config.get("reclaim-offload"):
             # the memory is booked for ``req`` now; its session starts once this one has written its
             # variables to host memory and exited (``start_sessions`` waits for that)
-            lease.offload = Offload.pending(lease.worker)  # a kernel asking now waits for it
+            # a kernel asking now waits for it
+            lease.offload = Offload.pending(lease.worker, lease.id)
             self.metrics.suspended(lease)
             self.end_lease(lease, reason, kill=False)
             task = self.spawn(self.offload_then_end(lease))
@@ -230,7 +230,9 @@ class LeaseKeeper:
         else:
             # ``standby``: the session had copied its variables while idle, so moving it was a
             # rename
-            lease.offload = Offload.saved_as(lease.worker, result, time.monotonic() - started)
+            lease.offload = Offload.saved_as(
+                lease.worker, lease.id, result, time.monotonic() - started
+            )
             lease.end_reason = (
                 f"{lease.end_reason}; its {len(result['saved'])} variable(s) were moved to host "
                 "memory and come back with your next %%gpu cell"
@@ -307,8 +309,9 @@ class LeaseKeeper:
         """A new request: refused at once (a state, with the fix) if no GPU of the pool, nor one
         its cluster manager could add (``headroom``), can ever satisfy it; queued otherwise."""
         self.submit(req)
-        impossible = packing.never_fits(
-            req.spec, self.ledger.capacity() + headroom
+        # (once per request shape until the pool changes; with the machines' host memory and cores)
+        impossible = self.ledger.never_fits(
+            req.spec, headroom
         ) or self.ledger.policy.never_within_limits(req.user, req.spec)
         if impossible:
             self.finish_request(

@@ -7,9 +7,10 @@ the session starts around it), the pool simulator (``bench/pool_sim.py``) and th
 figure the simulator prints is then a figure of the broker's own code, not of a copy of it.
 
 The ledger keeps these invariants: a GPU's ``leased_bytes`` is the sum of its leases' allocations
-and never exceeds its memory (packing only places into free memory); a lease is counted by the
-fair-share policy from its grant to its end, once; the queue holds only requests in state
-``queued``.
+and never exceeds its memory (packing only places into free memory); a machine's booked host
+memory and cores are the sums of its leases' and never exceed what it leaves to sessions
+(``hosts.py``); a lease is counted by the fair-share policy from its grant to its end, once; the
+queue holds only requests in state ``queued``.
 """
 
 from __future__ import annotations
@@ -20,9 +21,13 @@ import time
 from typing import Callable
 
 from jupyter_gpu.broker import packing
-from jupyter_gpu.broker.fair_share import FairSharePolicy, PreemptFn, schedule_pass
+from jupyter_gpu.broker.fair_share import FairSharePolicy
+from jupyter_gpu.broker.fragmentation import Workload
+from jupyter_gpu.broker.hosts import HostSlot, SessionDefaults, cpu_milli
 from jupyter_gpu.broker.model import GpuSlot, Lease, Request, new_id
-from jupyter_gpu.common.protocol import LeaseState, RequestState
+from jupyter_gpu.broker.scheduling import PreemptFn, schedule_pass
+from jupyter_gpu.broker.waiting import WaitingRoom
+from jupyter_gpu.common.protocol import LeaseState, RequestSpec, RequestState
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +53,28 @@ class Ledger:
         self.new_id = new_id
         self.gpus: dict[str, GpuSlot] = {}
         self.worker_gpus: dict[str, list[str]] = {}
+        # each worker's machine: host memory and cores left to sessions, and what leases hold
+        self.hosts: dict[str, HostSlot] = {}
+        # the request shapes seen: what fragmentation-aware placement measures against
+        self.workload = Workload(policy.quotas.session_defaults)
+        self.packer = packing.Packer(self.gpus, self.hosts, self.workload)
+        self.fit_memo = packing.NeverFitsMemo()  # forgets all when workers come, go or report
         # GPUs of workers lost recently (a Nanny restarting one, a node rebooting): a request that
         # needs them waits for them instead of being refused as impossible
         self.recently_lost: dict[str, tuple[GpuSlot, float]] = {}
         self.requests: dict[str, Request] = {}
-        self.queue: list[Request] = []
+        # the queued requests, indexed by team, user and shape (waiting.py)
+        self.queue = WaitingRoom(policy.team_of)
         self.leases: dict[str, Lease] = {}
         self.ended: collections.OrderedDict[str, Lease] = collections.OrderedDict()
-        # workers being drained (broker/draining.py): no new lease is placed on their GPUs
+        # workers being drained (broker/draining.py): nothing new is placed on their GPUs
         self.draining: set[str] = set()
 
-    # ------------------------------------------------------------------ GPUs
+    @property
+    def defaults(self) -> SessionDefaults:
+        return self.workload.defaults
+
+    # ------------------------------------------------------------------ GPUs and machines
     def set_worker_gpus(self, worker: str, slots: list[GpuSlot]) -> list[str]:
         """A worker offers ``slots`` (replacing what it offered before); returns their ids."""
         for gpu_id in self.worker_gpus.pop(worker, []):
@@ -69,39 +85,55 @@ class Ledger:
             self.recently_lost.pop(slot.uuid, None)
             ids.append(slot.id)
         self.worker_gpus[worker] = ids
+        self.hosts.setdefault(worker, HostSlot(worker=worker)).gpu_count = len(ids)
+        self.packer.reindex(worker, [] if worker in self.draining else slots)
+        self.fit_memo.clear()
         return ids
 
+    def set_host(self, worker: str, memory: int | None = None, cpus: float | None = None) -> None:
+        """What ``worker``'s machine leaves to sessions: host memory (bytes) and CPU cores (None:
+        not reported, unbounded). A report below what its leases hold already takes nothing
+        from them; new leases wait until it fits again."""
+        host = self.hosts.setdefault(worker, HostSlot(worker=worker))
+        host.memory = None if memory is None else int(memory)
+        host.cpu_milli = None if cpus is None else cpu_milli(cpus)
+        self.packer.touch(worker)
+        self.fit_memo.clear()
+
     def remove_worker(self, worker: str) -> tuple[list[str], list[Lease]]:
-        """Forget a worker's GPUs (remembered as recently lost); returns their ids and the live
-        leases on it, which the caller ends with its reason."""
+        """Forget a worker's GPUs (remembered as recently lost) and its machine; returns their ids
+        and the live leases on it, which the caller ends with its reason."""
         gone = self.worker_gpus.pop(worker, [])
         self.draining.discard(worker)
         for gpu_id in gone:
             slot = self.gpus.pop(gpu_id, None)
             if slot is not None:
                 self.recently_lost[slot.uuid] = (slot, self.clock())
+        self.hosts.pop(worker, None)
+        self.packer.reindex(worker, [])
+        self.fit_memo.clear()
         return gone, [ls for ls in self.leases.values() if ls.worker == worker]
 
     def capacity(self, remember: float = 120.0) -> list[GpuSlot]:
         """The GPUs the pool has, plus those lost in the last ``remember`` seconds (likely to come
         back)."""
+        self._forget_lost(remember)
+        return list(self.gpus.values()) + [lost_copy(s) for s, _ in self.recently_lost.values()]
+
+    def _forget_lost(self, remember: float = 120.0) -> None:
         now = self.clock()
         for uuid, (_, lost_at) in list(self.recently_lost.items()):
             if now - lost_at > remember:
                 del self.recently_lost[uuid]
-        back = [
-            GpuSlot(
-                worker=f"lost:{slot.worker}",
-                index=slot.index,
-                uuid=slot.uuid,
-                name=slot.name,
-                total_bytes=slot.total_bytes,
-                virtual=slot.virtual,
-                mig=slot.mig,
-            )
-            for slot, _ in self.recently_lost.values()
-        ]
-        return list(self.gpus.values()) + back
+                self.fit_memo.clear()
+
+    def never_fits(self, spec: RequestSpec, headroom: list[GpuSlot] | None = None) -> str | None:
+        """``packing.never_fits`` on the pool's capacity, its machines and ``headroom`` (what a
+        cluster manager could add), once per request shape until the pool changes."""
+        self._forget_lost()
+        return self.fit_memo.check(
+            spec, lambda: self.capacity() + (headroom or []), self.hosts, self.defaults, headroom
+        )
 
     # ------------------------------------------------------------------ requests
     def submit(self, req: Request) -> None:
@@ -109,13 +141,14 @@ class Ledger:
         req.state = "queued"
         self.requests[req.id] = req
         self.queue.append(req)
+        self.workload.observe(req.spec)
 
     def record(self, req: Request) -> None:
         """Keep a request that never queues (refused at once) so its outcome can be read."""
         self.requests[req.id] = req
 
     def queued(self) -> list[Request]:
-        return [r for r in self.queue if r.state == "queued"]
+        return list(self.queue)
 
     def ordered_queue(self) -> list[Request]:
         """The waiting requests in the policy's order."""
@@ -145,7 +178,7 @@ class Ledger:
         eta_for: int = 100,
         fail: Callable[[Request, str], None] | None = None,
     ) -> list[tuple[Request, list[Lease]]]:
-        """One scheduling pass (``fair_share.schedule_pass``) over the queue: grants, in policy
+        """One scheduling pass (``scheduling.schedule_pass``) over the queue: grants, in policy
         order, what fits; ``preempt(lease_id, reason, req)`` takes a lease back for a waiting
         request (it must end the lease through ``end``). Returns the grants made, each request with
         its new leases.
@@ -164,8 +197,8 @@ class Ledger:
             try:
                 schedule_pass(
                     self.policy,
-                    self.queued(),
-                    self.placeable(),
+                    self.queue,
+                    self.packer,
                     grant,
                     preempt,
                     now=self.clock() if now is None else now,
@@ -176,7 +209,7 @@ class Ledger:
                 log.exception(
                     "a scheduling pass failed; looking for the request that makes it fail"
                 )
-                culprits = self._faulty_requests()
+                culprits = faulty_requests(self)
                 if not culprits:
                     return grants  # not a request's fault: the next event tries again
                 for req, why in culprits:
@@ -191,26 +224,6 @@ class Ledger:
                     else:
                         self.finish_request(req, "failed", reason)
         return grants
-
-    def placeable(self) -> list[GpuSlot]:
-        """The GPUs a new lease may be placed on: not those of a worker being drained."""
-        return [g for g in self.gpus.values() if g.worker not in self.draining]
-
-    def _faulty_requests(self) -> list[tuple[Request, str]]:
-        """The queued requests that the policy or the packing cannot handle, each with the error."""
-        now = self.clock()
-        gpus = list(self.gpus.values())
-        faulty = []
-        for req in self.queued():
-            try:
-                req.spec.validate()
-                self.policy.key(req, now)
-                self.policy.limit_reason(req)
-                packing.place(req.spec, gpus)
-                packing.why_waiting(req.spec, gpus)
-            except Exception as exc:  # noqa: BLE001 - exactly what is looked for
-                faulty.append((req, f"{type(exc).__name__}: {exc}"))
-        return faulty
 
     def grant(self, req: Request, placement: packing.Placement, preemptible: bool) -> list[Lease]:
         """Book ``placement`` for ``req``: one lease per rank, the GPUs' bytes, the policy's
@@ -242,27 +255,15 @@ class Ledger:
                 started=now,
                 preemptible=preemptible,
             )
-            for a in allocations:
-                slot = self.gpus[a.gpu]
-                slot.leased_bytes += a.bytes
-                slot.leases.add(lease.id)
+            lease.host_memory, lease.cpu_milli = self.packer.host_need(
+                req.spec, worker, allocations
+            )
+            self._book(lease, +1)
             self.leases[lease.id] = lease
             req.leases.append(lease.id)
             leases.append(lease)
             # the exact share is what quotas count (the lease shows it rounded)
-            self.policy.lease_started(
-                lease.id,
-                req.user,
-                team,
-                fraction,
-                preemptible,
-                now=now,
-                allocs={a.gpu: a.bytes for a in allocations},
-                request=req.id,
-                gang=len(placement) > 1,
-                priority=req.spec.priority,
-                idle=self.sessions_start_idle,
-            )
+            self._count(lease, team, fraction, now, idle=self.sessions_start_idle)
         return leases
 
     def adopt(self, lease: Lease, idle: bool) -> str | None:
@@ -277,25 +278,32 @@ class Ledger:
                 return f"its GPU {a.gpu} is not in the pool"
             if slot.free_bytes < a.bytes:
                 return f"its GPU {a.gpu} has only {slot.free_bytes} bytes free, not {a.bytes}"
-        for a in lease.allocations:
-            self.gpus[a.gpu].leased_bytes += a.bytes
-            self.gpus[a.gpu].leases.add(lease.id)
+        host = self.hosts.get(lease.worker)
+        short = host.lacks(lease.host_memory, lease.cpu_milli) if host is not None else None
+        if short:
+            return short
+        self._book(lease, +1)
         self.leases[lease.id] = lease
         team = lease.team or self.policy.quotas.team_of(lease.user)
+        self._count(lease, team, lease.fraction, lease.started, idle=idle)
+        return None
+
+    def _count(self, lease: Lease, team: str, fraction: float, now: float, idle: bool) -> None:
+        """Have the policy count a booked lease against its user and team."""
         self.policy.lease_started(
             lease.id,
             lease.user,
             team,
-            lease.fraction,
+            fraction,
             lease.preemptible,
-            now=lease.started,
+            now=now,
             allocs={a.gpu: a.bytes for a in lease.allocations},
             request=lease.request,
             gang=lease.world_size > 1,
             priority=lease.priority,
             idle=idle,
+            host=(lease.host_memory, lease.cpu_milli),
         )
-        return None
 
     def set_state(
         self,
@@ -321,11 +329,7 @@ class Ledger:
         lease = self.leases.pop(lease_id, None)
         if lease is None:
             return None
-        for a in lease.allocations:
-            slot = self.gpus.get(a.gpu)
-            if slot is not None:
-                slot.leased_bytes -= a.bytes
-                slot.leases.discard(lease.id)
+        self._book(lease, -1)
         lease.state, lease.ended, lease.end_reason = (
             "ended",
             self.clock() if now is None else now,
@@ -337,21 +341,23 @@ class Ledger:
             self.ended.popitem(last=False)
         return lease
 
+    def _book(self, lease: Lease, sign: int) -> None:
+        """Add (+1) or take back (-1) a lease's GPU memory, host memory and cores."""
+        for a in lease.allocations:
+            slot = self.gpus.get(a.gpu)
+            if slot is not None:
+                slot.leased_bytes += sign * a.bytes
+                (slot.leases.add if sign > 0 else slot.leases.discard)(lease.id)
+        host = self.hosts.get(lease.worker)
+        if host is not None:
+            host.leased_memory += sign * lease.host_memory
+            host.leased_cpu_milli += sign * lease.cpu_milli
+            (host.leases.add if sign > 0 else host.leases.discard)(lease.id)
+        if lease.worker in self.worker_gpus:
+            self.packer.touch(lease.worker)
+
     def lease_or_ended(self, lease_id: str) -> Lease | None:
         return self.leases.get(lease_id) or self.ended.get(lease_id)
-
-    def check(self) -> None:
-        """Assert the invariants of the module docstring (tests and the simulator call it)."""
-        for g in self.gpus.values():
-            total = sum(
-                a.bytes for ls in self.leases.values() for a in ls.allocations if a.gpu == g.id
-            )
-            assert total == g.leased_bytes, (g.id, total, g.leased_bytes)
-            assert 0 <= g.leased_bytes <= g.total_bytes, (g.id, g.leased_bytes, g.total_bytes)
-        assert all(r.state == "queued" for r in self.queue), [r.state for r in self.queue]
-        assert set(self.policy.leases) == set(self.leases), set(self.policy.leases) ^ set(
-            self.leases
-        )
 
     # ------------------------------------------------------------------ queries (broker/scaling.py)
     def largest_gpu_bytes(self) -> int:
@@ -373,3 +379,59 @@ class Ledger:
         for lease in self.ended.values():
             if lease.worker in workers and lease.end_reason and "ended:" not in lease.end_reason:
                 lease.end_reason = f"{lease.end_reason} ({note})"
+
+    def check(self) -> None:
+        """Assert the invariants of the module docstring (tests and the simulator call it)."""
+        check_invariants(self)
+
+
+def check_invariants(ledger: Ledger) -> None:
+    """The invariants of the module docstring, asserted."""
+    for g in ledger.gpus.values():
+        total = sum(
+            a.bytes for ls in ledger.leases.values() for a in ls.allocations if a.gpu == g.id
+        )
+        assert total == g.leased_bytes, (g.id, total, g.leased_bytes)
+        assert 0 <= g.leased_bytes <= g.total_bytes, (g.id, g.leased_bytes, g.total_bytes)
+    for h in ledger.hosts.values():
+        mine = [ls for ls in ledger.leases.values() if ls.worker == h.worker]
+        assert h.leases == {ls.id for ls in mine}, (h.worker, h.leases)
+        assert h.leased_memory == sum(ls.host_memory for ls in mine), h
+        assert h.leased_cpu_milli == sum(ls.cpu_milli for ls in mine), h
+        assert h.memory is None or h.leased_memory <= h.memory, h
+        assert h.cpu_milli is None or h.leased_cpu_milli <= h.cpu_milli, h
+    assert all(r.state == "queued" for r in ledger.queue), [r.state for r in ledger.queue]
+    assert set(ledger.policy.leases) == set(ledger.leases), set(ledger.policy.leases) ^ set(
+        ledger.leases
+    )
+
+
+def faulty_requests(ledger: Ledger) -> list[tuple[Request, str]]:
+    """The queued requests that the policy or the packing cannot handle, each with the error."""
+    now = ledger.clock()
+    gpus = list(ledger.gpus.values())
+    faulty = []
+    for req in ledger.queued():
+        try:
+            req.spec.validate()
+            ledger.policy.key(req, now)
+            ledger.policy.limit_reason(req)
+            ledger.packer.place(req.spec)
+            packing.why_waiting(req.spec, gpus, ledger.hosts, ledger.defaults)
+        except Exception as exc:  # noqa: BLE001 - exactly what is looked for
+            faulty.append((req, f"{type(exc).__name__}: {exc}"))
+    return faulty
+
+
+def lost_copy(slot: GpuSlot) -> GpuSlot:
+    """A lost GPU as capacity counts it: on a worker that is not in the pool (nothing is placed
+    there)."""
+    return GpuSlot(
+        worker=f"lost:{slot.worker}",
+        index=slot.index,
+        uuid=slot.uuid,
+        name=slot.name,
+        total_bytes=slot.total_bytes,
+        virtual=slot.virtual,
+        mig=slot.mig,
+    )

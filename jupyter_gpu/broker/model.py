@@ -6,6 +6,7 @@ run the real code on their own.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -40,8 +41,8 @@ class GpuSlot:
     leased_bytes: int = 0
     leases: set[str] = field(default_factory=set)
 
-    @property
-    def id(self) -> str:
+    @functools.cached_property
+    def id(self) -> str:  # cached: placement and scheduling read it for every GPU
         return f"{self.worker}#{self.index}"
 
     @property
@@ -76,6 +77,7 @@ class Offload:
 
     state: OffloadState
     worker: str
+    lease: str  # the ended lease whose session wrote it: what the worker knows it by
     path: str | None = None
     saved: list[str] = field(default_factory=list)
     lost: list[LostVariable] = field(default_factory=list)
@@ -84,14 +86,17 @@ class Offload:
     seconds: float | None = None  # how long moving it took (None: adopted after a restart)
 
     @classmethod
-    def pending(cls, worker: str) -> Offload:
-        return cls(state="pending", worker=worker)
+    def pending(cls, worker: str, lease: str) -> Offload:
+        return cls(state="pending", worker=worker, lease=lease)
 
     @classmethod
-    def saved_as(cls, worker: str, result: OffloadResult, seconds: float | None) -> Offload:
+    def saved_as(
+        cls, worker: str, lease: str, result: OffloadResult, seconds: float | None
+    ) -> Offload:
         return cls(
             state="saved",
             worker=worker,
+            lease=lease,
             path=result["path"],
             saved=list(result["saved"]),
             lost=list(result["lost"]),
@@ -166,9 +171,11 @@ class Lease:
     started: float = field(default_factory=time.time)
     state: LeaseState = "starting"
     isolation: Isolation = "none"
-    # how its processes are kept together and capped (worker/containment.py)
+    # how its processes are kept together and capped (launcher/cgroups.py)
     containment: str | None = None
     host_memory_limit: int | None = None  # the host memory its processes may use together
+    host_memory: int = 0  # host memory booked for it on its machine (broker/hosts.py)
+    cpu_milli: int = 0  # thousandths of a CPU core booked for it on its machine
     address: str | None = None  # the session process's comm address
     # what its session asks of every call: owner only
     secret: str | None = field(default=None, repr=False)
@@ -215,6 +222,8 @@ class Lease:
             "pid": self.pid,
             "containment": self.containment,
             "host_memory_limit": self.host_memory_limit,
+            "host_memory": self.host_memory,
+            "cpus": self.cpu_milli / 1000,
             "cell_started": self.cell_started,
             "peak_bytes": self.peak_bytes,
             "end_reason": self.end_reason,

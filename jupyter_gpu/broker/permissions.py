@@ -2,8 +2,8 @@
 reads.
 
 Why one module: every handler of the broker starts with one of these questions (is this the user
-the token says; is this their work; is this one of the pool's workers; may this user scale the
-pool; do sessions run as their users), and the answers must be the same in every handler and
+the token says; is this their work; may this user scale the pool; do sessions run as their users),
+and the answers must be the same in every handler and
 worded the same for every user. A check passes silently or raises a ``Refused``
 (``common/refusals.py``), which the handler's caller receives in Dask's error envelope.
 """
@@ -19,13 +19,9 @@ from jupyter_gpu.broker.identity import Identities, Verdict, session_account
 from jupyter_gpu.broker.model import Lease
 from jupyter_gpu.broker.quotas import PoolQuotas
 from jupyter_gpu.broker.views import usage_for, viewer
-from jupyter_gpu.common import config, poolkey
+from jupyter_gpu.common import config
 from jupyter_gpu.common.protocol import Snapshot, UsageReport, UsageView
 from jupyter_gpu.common.refusals import NotAuthorized, NotYours
-
-NOT_A_WORKER = (
-    "only the pool's workers may call this (they hold the pool key; see docs/security.md)"
-)
 
 
 class Permissions:
@@ -121,14 +117,6 @@ class Permissions:
         if user is not None and owner != user:
             raise NotYours(why)
 
-    def is_worker(self, key: str | None) -> bool:
-        return poolkey.matches(key, self.pool_key)
-
-    def check_worker(self, key: str | None) -> None:
-        """Only the pool's workers hold the pool key."""
-        if not self.is_worker(key):
-            raise NotAuthorized(NOT_A_WORKER)
-
     @staticmethod
     def scale_users() -> list[str] | None:
         """Who may scale the pool (None: everyone), from Dask config ``jupyter-gpu.scale-users``."""
@@ -159,7 +147,9 @@ class Permissions:
         audit: AuditStore,
         log_event: Callable[[str, dict[str, Any]], None],
     ) -> None:
-        """Refuse (and audit) a scale ``user`` may not ask for."""
+        """Refuse a scale ``user`` may not ask for: audited when the caller proved who they are
+        (a wrong token is not: anyone could fill the store with it)."""
+        await self.check_identity(user, token)
         denied = await self.scale_refusal(user, token)
         if denied:
             audit.refused(None, user, None, {"scale": asked}, denied)

@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from jupyter_gpu.broker import gate, metrics, views
+from jupyter_gpu.broker import gate, grant_signer, metrics, views
+from jupyter_gpu.broker.admission import Admission
 from jupyter_gpu.broker.adoption import Adoption
 from jupyter_gpu.broker.audit import AuditStore
 from jupyter_gpu.broker.draining import DrainHandlers, moved_session
@@ -42,7 +43,7 @@ from jupyter_gpu.broker.sampling import GpuSamples
 from jupyter_gpu.broker.scaling import PoolScaler
 from jupyter_gpu.broker.session_reports import record_session_report
 from jupyter_gpu.broker.settings import BrokerSettings, PoolConfigError, load_settings
-from jupyter_gpu.common import config, poolkey
+from jupyter_gpu.common import config, no_pickle, poolkey
 from jupyter_gpu.common.handlers import handler, handlers_of
 from jupyter_gpu.common.protocol import (
     Caller,
@@ -54,7 +55,6 @@ from jupyter_gpu.common.protocol import (
     ParkedCopy,
     PoolInfo,
     ReleaseReply,
-    RequestSpec,
     RequestStatus,
     RunMetricsReport,
     RunUpdate,
@@ -63,9 +63,8 @@ from jupyter_gpu.common.protocol import (
     Snapshot,
     UnknownLease,
     UsageView,
-    WorkerRegistered,
 )
-from jupyter_gpu.common.refusals import Malformed, NotAuthorized, NotPossible
+from jupyter_gpu.common.refusals import NotPossible
 from jupyter_gpu.common.validation import (
     Address,
     MaxLen,
@@ -114,6 +113,7 @@ class GpuBroker(DrainHandlers, SchedulerPlugin):
         self.keeper = LeaseKeeper(self.ledger, self.audit, self.permissions)
         self.metrics = self.keeper.metrics  # Prometheus: broker/metrics.py
         self.adoption = Adoption(self.ledger, self.audit)
+        self.admission = Admission(self.ledger, self.audit, self.permissions)
         self.workers = WorkerRegistry(self.ledger, self.samples, self.adoption)
         # a pool that owns a cluster manager: broker/scaling.py's PoolScaler
         self.scaler: PoolScaler | None = None
@@ -134,6 +134,10 @@ class GpuBroker(DrainHandlers, SchedulerPlugin):
         """The broker's scheduler handlers: its methods declared with ``@handler``."""
         return handlers_of(self)
 
+    def stream_handlers(self) -> dict[str, Callable[..., Any]]:
+        """The broker's handlers of workers' streams (declared with ``stream=True``)."""
+        return handlers_of(self, stream=True)
+
     async def start(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
         # what workers and the broker show each other (common/poolkey.py); users never hold it
@@ -141,12 +145,18 @@ class GpuBroker(DrainHandlers, SchedulerPlugin):
         self._made_key = poolkey.read_key(self._key_path) is None
         self.permissions.pool_key = poolkey.ensure_key(self._key_path)
         self.keeper.attach(scheduler, self.pool_key, self._key_path)
+        # grants for sessions that run as their users (broker/grant_signer.py)
+        self.keeper.workers.signing_key = grant_signer.signing_key(scheduler.address)
+        self.admission.clients = lambda: scheduler.clients
         metrics.install(self)
-        ours = self.handlers()
-        scheduler.handlers.update(ours)
-        # a pool shared by several people: nothing but our handlers (broker/gate.py)
-        if self.permissions.shared:
-            gate.close(scheduler, self.pool_key, set(ours))
+        # our handlers, and in a pool shared by several people nothing else (broker/gate.py)
+        gate.install(
+            scheduler,
+            self.pool_key,
+            self.handlers(),
+            self.stream_handlers(),
+            shared=self.permissions.shared,
+        )
         self.permissions.start(self.policy.quotas)  # JupyterHub: the groups quota teams name
         self.audit.open_boot()
         from tornado.ioloop import PeriodicCallback
@@ -184,6 +194,7 @@ class GpuBroker(DrainHandlers, SchedulerPlugin):
 
     def remove_client(self, scheduler: Scheduler, client: str) -> None:
         self.keeper.client_gone(client)
+        self.admission.client_gone(client)
 
     def _housekeeping(self) -> None:
         """Once a second: the admin idle timeout, reservations that aged, orphans of a restart, the
@@ -193,7 +204,9 @@ class GpuBroker(DrainHandlers, SchedulerPlugin):
         self.keeper.housekeeping(now, self.adoption.orphans(now, self.sched.clients))
 
     # ------------------------------------------------------------------ handlers: workers
-    @handler("gpu_register_worker", caller="worker", check="pool-key")
+    # each on the worker's own stream: ``worker`` is the stream's (broker/gate.py), which only a
+    # worker that proved it holds the pool key registered
+    @handler("gpu_register_worker", caller="worker", check="worker-stream", stream=True)
     def gpu_register_worker(
         self,
         worker: Address,
@@ -202,69 +215,52 @@ class GpuBroker(DrainHandlers, SchedulerPlugin):
         parked: Annotated[list[ParkedCopy], MaxLen(10_000)] | None = None,
         start_slots: Annotated[int, Range(1, 1024)] = 1,
         accounts: bool = False,
-        key: Secret | None = None,
-    ) -> WorkerRegistered:
+    ) -> None:
         """A worker's GPU plugin offers its GPUs (replacing any earlier offer); after a scheduler
-        restart, with the sessions and parked variables it kept, which are adopted so that their
-        owners' kernels carry on as if nothing had happened."""
-        self.permissions.check_worker(key)
+        restart, with the sessions and parked variables it kept, which are adopted (those that
+        cannot be are named back to it: ``gpu_sessions_refused``)."""
         offer = self.workers.register(
             worker, gpus, sessions or [], parked or [], start_slots, accounts
         )
+        self.workers.tell_refused(self.sched, worker, offer["refused_sessions"])
         self.keeper.schedule()
-        return offer
 
-    @handler("gpu_samples", caller="worker", check="pool-key")
+    @handler("gpu_samples", caller="worker", check="worker-stream", stream=True)
     def gpu_samples(
-        self,
-        worker: Address,
-        samples: Annotated[dict[str, Sample], MaxLen(1024)],
-        key: Secret | None = None,
+        self, worker: Address, samples: Annotated[dict[str, Sample], MaxLen(1024)]
     ) -> None:
         """NVML utilization samples from a worker's sampling thread, keyed by GPU index."""
-        self.permissions.check_worker(key)
         self.samples.add(worker, samples)
 
-    @handler("gpu_session_ended", caller="worker", check="pool-key")
-    def gpu_session_ended(
-        self, lease: Name, reason: Text, worker: Address | None = None, key: Secret | None = None
-    ) -> None:
-        """The worker saw a session process exit (crash, OOM kill, exit)."""
-        self.permissions.check_worker(key)
+    @handler("gpu_session_ended", caller="worker", check="worker-stream", stream=True)
+    def gpu_session_ended(self, worker: Address, lease: Name, reason: Text) -> None:
+        """The worker saw a session process of its own exit (crash, OOM kill, exit)."""
         ls = self.ledger.leases.get(lease)
-        if ls is not None and (worker is None or ls.worker == worker):
+        if ls is not None and ls.worker == worker:
             self.keeper.end_lease(ls, reason, kill=False)
             self.keeper.schedule()
 
-    @handler("gpu_lease_state", caller="session", check="pool-key")
+    @handler("gpu_lease_state", caller="session", check="worker-stream", stream=True)
     def gpu_lease_state(
-        self,
-        lease: Name,
-        worker: Address | None = None,
-        key: Secret | None = None,
-        **report: Unpack[LeaseStateReport],
+        self, worker: Address, lease: Name, **report: Unpack[LeaseStateReport]
     ) -> None:
         """A session's cell started (``running``), how far it is (``running`` with ``step`` of
         ``total``: the queue's estimates use it) or that it ended (``idle``, with its peak memory,
-        its mean utilization on real GPUs and what it holds now). It comes through the session's
-        worker, which alone knows which lease the session holds; a note about a lease on another
-        worker is dropped."""
-        self.permissions.check_worker(key)
+        its mean utilization on real GPUs and what it holds now). It comes on the stream of the
+        session's worker, which alone knows which lease the session holds; a note about a lease
+        on another worker is dropped."""
         record_session_report(self.ledger, lease, worker, report)
 
-    @handler("gpu_run_metrics", caller="session", check="pool-key")
+    @handler("gpu_run_metrics", caller="session", check="worker-stream", stream=True)
     def gpu_run_metrics(
-        self,
-        lease: Name | None = None,
-        key: Secret | None = None,
-        **report: Unpack[RunMetricsReport],
+        self, worker: Address, lease: Name, **report: Unpack[RunMetricsReport]
     ) -> None:
         """A ``--workers`` rank's ``jupyter_gpu.report()`` metrics, batched by its session and
         passed on by its worker, kept for the panel's replay. Only a lease of the run (as its
-        kernel declared it) may add to it, as its own rank."""
-        self.permissions.check_worker(key)
+        kernel declared it) on that worker may add to it, as its own rank."""
         run, rank = report["run"], report["rank"]
-        if self.runs.may_report(run, rank, self.ledger.leases.get(lease or "")):
+        ls = self.ledger.leases.get(lease)
+        if ls is not None and ls.worker == worker and self.runs.may_report(run, rank, ls):
             self.runs.add_metrics(run, rank, report["items"])
 
     # ------------------------------------------------------------------ handlers: kernels
@@ -273,7 +269,8 @@ class GpuBroker(DrainHandlers, SchedulerPlugin):
         self,
         user: Name,
         kernel: Name,
-        spec: dict[Any, Any],  # checked as a mapping here; RequestSpec.from_wire checks its fields
+        # checked as a mapping here; RequestSpec.from_wire checks its fields
+        spec: Annotated[dict[Any, Any], MaxLen(64)],
         client: Name | None = None,
         notebook: Text | None = None,
         cell: Text | None = None,
@@ -282,16 +279,10 @@ class GpuBroker(DrainHandlers, SchedulerPlugin):
     ) -> RequestStatus:
         """Queue a request for GPU memory: granted at once if it fits, refused at once (a state,
         with the fix) if no GPU of the pool can ever satisfy it. ``restore``: an ended lease of this
-        kernel whose variables the new session starts with."""
-        denied = await self.permissions.identity_error(user, token)
-        if denied:
-            self.audit.refused(None, user, None, spec, denied)
-            raise NotAuthorized(denied)
-        try:
-            rspec = RequestSpec.from_wire(spec)
-        except (TypeError, ValueError) as exc:
-            self.audit.refused(None, user, None, spec, f"not valid: {exc}")
-            raise Malformed(f"The request is not valid: {exc}.") from None
+        kernel whose variables the new session starts with. In a shared pool it must come from a
+        connected kernel, and each user's waiting requests are capped (``broker/admission.py``);
+        refusals are audited once the caller proved who they are."""
+        rspec = await self.admission.admitted(user, token, client, spec)
         if restore and (moved := moved_session(self.keeper, restore, user, kernel)):
             return self._status(moved)  # its worker was drained: the session it moved to
         offload = self.keeper.take_offload(restore, user, kernel) if restore else None
@@ -381,10 +372,17 @@ class GpuBroker(DrainHandlers, SchedulerPlugin):
         self.permissions.check_owner(ls.user, user, lease)
         return ls.public()
 
-    @handler("gpu_run_update", caller="kernel", check="none")
-    def gpu_run_update(self, run: Name, **update: Unpack[RunUpdate]) -> None:
-        """How a ``--workers`` run stands (ranks, state, attempt, the earlier run whose checkpoints
-        it continues), for the panel."""
+    @handler("gpu_run_update", caller="kernel", check="user-token")
+    async def gpu_run_update(
+        self, run: Name, token: Token | None = None, **update: Unpack[RunUpdate]
+    ) -> None:
+        """How a ``--workers`` run of mine stands (ranks, state, attempt, the earlier run whose
+        checkpoints it continues), for the panel. A run is its first reporter's; the leases it
+        names must be that user's."""
+        user = update.get("user")
+        await self.permissions.check_identity(user, token)
+        if self.permissions.shared:
+            self.runs.check_reporter(run, user, update.get("leases") or (), self.ledger.leases)
         self.runs.update(run, update)
 
     @handler("gpu_scale", caller="kernel", check="user-token")
@@ -463,6 +461,7 @@ async def dask_setup(scheduler: Scheduler) -> None:
     a broker: a supervisor sees the failure, and the log says which file to fix."""
     if PLUGIN_NAME in scheduler.plugins:
         return
+    no_pickle.install()  # a scheduler of the pool reads no pickles (common/no_pickle.py)
     try:
         settings = load_settings()
     except PoolConfigError as exc:

@@ -11,6 +11,9 @@ by fair share of recent use, priority and age only. The file looks like::
     idle-timeout: null           # admin limit: idle leases are released after this long (null: never)
     suspend-idle-after: 60s      # an interactive cell that finds no room moves sessions idle this long to host
                                  # memory (their next cell reads them back); 0s for a busy team pool, null: never
+    host-memory-per-gpu: proportional  # a session that does not ask gets this much host memory per GPU
+                                 # it holds: its machine's memory for sessions / its GPUs, or a size (16GiB)
+    cpus-per-gpu: proportional   # ... and this many CPU cores per GPU: the machine's share, or a number (4)
     teams:
       ml:   {guarantee: 2.0, limit: 3, priority: 10, members: [alice, bob]}
       viz:  {guarantee: 0.5, members: [carol]}
@@ -37,6 +40,8 @@ import sys
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, overload
+
+from jupyter_gpu.broker.hosts import SessionDefaults
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +88,8 @@ class PoolQuotas:
     suspend_idle_after: float | None = 60.0
     configured: bool = False
     source: str | None = None
+    # what a session that does not ask gets on its machine (broker/hosts.py)
+    session_defaults: SessionDefaults = field(default_factory=SessionDefaults)
     # users whose team the file names (a team's members, a user's team or own guarantee): Hub groups
     # do not move them
     placed: set[str] = field(default_factory=set)
@@ -160,6 +167,8 @@ TOP_KEYS = (
     "min-run-time",
     "idle-timeout",
     "suspend-idle-after",
+    "host-memory-per-gpu",
+    "cpus-per-gpu",
     "teams",
     "users",
 )
@@ -222,6 +231,36 @@ def _gpus(value: Any, what: str, allow_none: bool = False) -> float | None:
     return number
 
 
+def session_defaults(memory: Any, cpus: Any, what: _Where | None = None) -> SessionDefaults:
+    """``SessionDefaults`` from ``host-memory-per-gpu`` and ``cpus-per-gpu`` as written: the word
+    ``proportional`` (or null) for the machine's share, else a size and a number of cores."""
+    from jupyter_gpu.common.units import parse_size
+
+    where = what or _Where("Dask config jupyter-gpu.session-defaults")
+    per_gpu_memory: int | None = None
+    if memory not in (None, "proportional"):
+        try:
+            per_gpu_memory = (
+                memory if isinstance(memory, int) and memory > 0 else parse_size(memory)
+            )
+        except ValueError as exc:
+            raise QuotaConfigError(
+                f"{where('host-memory-per-gpu')}: {exc}; or write proportional for each "
+                "machine's memory for sessions divided by its GPUs"
+            ) from None
+    per_gpu_cpus: float | None = None
+    if cpus not in (None, "proportional"):
+        if isinstance(cpus, bool) or not isinstance(cpus, (int, float)) or not cpus >= 0:
+            raise QuotaConfigError(
+                f"{where('cpus-per-gpu')}: {cpus!r} is not a number of CPU cores (write e.g. 4, "
+                "or proportional for each machine's cores for sessions divided by its GPUs)"
+            )
+        if not math.isfinite(cpus):
+            raise QuotaConfigError(f"{where('cpus-per-gpu')}: {cpus!r} is not finite")
+        per_gpu_cpus = float(cpus)
+    return SessionDefaults(host_memory_per_gpu=per_gpu_memory, cpus_per_gpu=per_gpu_cpus)
+
+
 def _priority(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise QuotaConfigError(
@@ -258,7 +297,10 @@ def _names(value: Any, what: str) -> set[str]:
 
 
 def parse_quotas(
-    data: Any, source: str | None = None, lines: dict[tuple[str, ...], int] | None = None
+    data: Any,
+    source: str | None = None,
+    lines: dict[tuple[str, ...], int] | None = None,
+    defaults: SessionDefaults | None = None,
 ) -> PoolQuotas:
     """Build ``PoolQuotas`` from the parsed file; raises ``QuotaConfigError`` naming the file, the line (when
     known) and the entry, and saying what to write instead. Unknown settings are refused (a typo would
@@ -328,10 +370,17 @@ def parse_quotas(
             limit=_gpus(entry.get("limit"), where("users", name, "limit"), allow_none=True),
             priority=_priority(entry.get("priority", 0), where("users", name, "priority")),
         )
+    base = defaults or SessionDefaults()
+    per_gpu = session_defaults(
+        data.get("host-memory-per-gpu", base.host_memory_per_gpu),
+        data.get("cpus-per-gpu", base.cpus_per_gpu),
+        where,
+    )
     return PoolQuotas(
         teams=teams,
         users=users,
         default_team=default_team,
+        session_defaults=per_gpu,
         half_life=_seconds(data.get("half-life", "1h"), where("half-life")) or 3600.0,
         reserve_after=_seconds(data.get("reserve-after", "60s"), where("reserve-after")) or 0.0,
         min_run_time=_seconds(data.get("min-run-time", "60s"), where("min-run-time")) or 0.0,
@@ -380,7 +429,7 @@ def _toml_lines(text: str) -> dict[tuple[str, ...], int]:
     return lines
 
 
-def load_quotas(path: str) -> PoolQuotas:
+def load_quotas(path: str, defaults: SessionDefaults | None = None) -> PoolQuotas:
     """Read a quota file (``.toml`` as TOML, anything else as YAML)."""
     path = os.path.expanduser(path)
     try:
@@ -413,7 +462,7 @@ def load_quotas(path: str) -> PoolQuotas:
             f"the pool's quota file {path} is not valid "
             f"{'TOML' if path.endswith('.toml') else 'YAML'}: {exc}"
         ) from exc
-    quotas = parse_quotas(data, source=path, lines=lines)
+    quotas = parse_quotas(data, source=path, lines=lines, defaults=defaults)
     log.info(
         "pool quotas from %s: %d team(s), %d user(s), %.2f GPU guaranteed",
         path,
@@ -429,4 +478,10 @@ def quotas_from_config() -> PoolQuotas:
     from jupyter_gpu.common import config
 
     path = config.get("pool-config")
-    return load_quotas(str(path)) if path else PoolQuotas()
+    defaults = session_defaults(
+        config.get("session-defaults.host-memory-per-gpu"),
+        config.get("session-defaults.cpus-per-gpu"),
+    )
+    if path:
+        return load_quotas(str(path), defaults)
+    return PoolQuotas(session_defaults=defaults)

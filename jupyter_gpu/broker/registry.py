@@ -10,6 +10,7 @@ caller.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from jupyter_gpu.broker.adoption import Adoption
 from jupyter_gpu.broker.ledger import Ledger
@@ -56,6 +57,13 @@ class WorkerRegistry:
             else "",
         )
         return {"gpus": ids, "refused_sessions": refused}
+
+    @staticmethod
+    def tell_refused(scheduler: Any, worker: str, leases: list[str]) -> None:
+        """Name the sessions the broker could not adopt back to their worker, on the scheduler's
+        stream to it (the worker ends them)."""
+        if leases and worker in scheduler.stream_comms:
+            scheduler.stream_comms[worker].send({"op": "gpu_sessions_refused", "leases": leases})
 
     def users_isolated(self, permissions: Permissions) -> bool:
         """Whether every session of the pool runs as its user's account."""

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
 from jupyter_gpu.broker.model import Lease
 from jupyter_gpu.common.protocol import MetricsItem, RunUpdate, RunView
+from jupyter_gpu.common.refusals import NotYours
 
 RUNS_KEPT = 50  # the latest runs' streams, for the panel's replay
 POINTS_KEPT = 1000  # per rank
@@ -35,6 +36,8 @@ class RunBook:
         (done, failed, stopped) gets its end time."""
         record = self._record(run)
         given = {k: v for k, v in update.items() if v is not None}
+        if record.get("user") is not None:
+            given.pop("user", None)  # a run stays its first reporter's
         record.update(cast(RunView, given))
         state = update.get("state")
         if state is not None:
@@ -42,6 +45,24 @@ class RunBook:
         # keep the latest runs' streams for replay, not every run forever
         while len(self.runs) > RUNS_KEPT:
             self.runs.pop(next(iter(self.runs)))
+
+    def owner(self, run: str) -> str | None:
+        """Who reported the run first (None: nobody yet, or a run kept from before names)."""
+        known = self.runs.get(run)
+        return known.get("user") if known is not None else None
+
+    def check_reporter(
+        self, run: str, user: str | None, leases: Iterable[str], live: Mapping[str, Lease]
+    ) -> None:
+        """In a shared pool, a run is its first reporter's, and it names only that user's leases
+        (``NotYours`` otherwise: a run forged under another's name, or posing as his ranks)."""
+        owner = self.owner(run)
+        if owner is not None and owner != user:
+            raise NotYours(f"run {run} belongs to another user; you can report only your own")
+        for lease in leases:
+            ls = live.get(lease)
+            if ls is not None and ls.user != user:
+                raise NotYours(f"{lease} belongs to another user; a run names only your leases")
 
     def may_report(self, run: str, rank: int, lease: Lease | None) -> bool:
         """Only a live lease of the run (as its kernel declared it) may add to it, as its own

@@ -30,22 +30,35 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # who calls a handler: a notebook kernel (or the panel's server and the CLI, acting for a user like
 # it), a session (through its worker: worker/relay.py), a GPU worker, the broker, any Dask client
-# that connects, the cluster manager inside the scheduler, a nanny's own worker, a user's browser
+# that connects, the cluster manager inside the scheduler, a nanny's own worker, a user's browser,
+# the scheduler (on its stream to a worker)
 Caller = Literal[
-    "kernel", "session", "worker", "broker", "anyone", "client", "cluster-manager", "browser"
+    "kernel",
+    "session",
+    "worker",
+    "broker",
+    "anyone",
+    "client",
+    "cluster-manager",
+    "browser",
+    "scheduler",
 ]
 # how the caller is checked before the handler acts
 Check = Literal[
     "none",  # nothing: anyone who reaches the port is answered
     "user-token",  # the user's name, with its token in a pool with a token file; owners only
-    "pool-key",  # the pool key (common/poolkey.py): workers and the broker
+    "pool-key",  # the pool key (common/poolkey.py): the broker and workers, towards workers
+    "pool-key-proof",  # a fresh, single-use HMAC of the pool key over the call (poolkey.proof)
     "worker-stream",  # on a registered worker's own stream (Dask's batched stream)
+    "scheduler-stream",  # on the scheduler's stream to this worker (the worker opened it)
     "client-stream",  # on a registered client's own stream
     "lease-secret",  # the lease's secret, which only the worker and the owner's kernel hold
     "spawn-key",  # the key the worker gave the session process when it started it
     "nanny-key",  # the key a GPU nanny gave its own worker
     "in-process",  # only a comm from the scheduler's own process (its inproc:// listener)
     "jupyter-auth",  # the Jupyter server's authentication (tornado.web.authenticated)
+    "service-account",  # the launcher: the peer's uid (SO_PEERCRED) is the pool's service account's
+    "grant",  # ... and a grant the broker signed (common/grants.py), for this worker, used once
 ]
 ATTRIBUTE = "__jupyter_gpu_handler__"
 CLOSED = "__jupyter_gpu_closed__"
@@ -60,19 +73,21 @@ class Declared:
     caller: Caller
     check: Check
     function: Callable[..., Any]
+    stream: bool = False  # a stream handler (a message on a registered stream), not an rpc
 
 
-def handler(op: str, *, caller: Caller, check: Check) -> Callable[[F], F]:
+def handler(op: str, *, caller: Caller, check: Check, stream: bool = False) -> Callable[[F], F]:
     """Declare a server's handler ``op`` (see the module docstring): its arguments are checked
-    against its annotations, a ``CallError`` it raises is answered in Dask's error envelope, and
-    ``handlers_of`` registers it. A handler method is named as its op (one naming scheme in every
-    server: what a caller calls is what a reader finds)."""
+    against its annotations, a ``CallError`` it raises is answered in Dask's error envelope (on a
+    ``stream``, where nothing is answered, it is logged), and ``handlers_of`` registers it. A
+    handler method is named as its op (one naming scheme in every server: what a caller calls is
+    what a reader finds)."""
 
     def wrap(fn: F) -> F:
         if fn.__name__ != op:
             raise TypeError(f"the handler of {op!r} must be named {op}, not {fn.__name__}")
         wrapped = answering_refusals(validated(fn, op), op)
-        setattr(wrapped, ATTRIBUTE, Declared(op, caller, check, fn))
+        setattr(wrapped, ATTRIBUTE, Declared(op, caller, check, fn, stream))
         return wrapped
 
     return wrap
@@ -136,13 +151,13 @@ def declared(cls: type) -> list[Declared]:
     return found
 
 
-def handlers_of(server: object) -> dict[str, Callable[..., Any]]:
-    """Op -> bound method for every handler ``server``'s class declares: what the server
-    registers (nothing else)."""
+def handlers_of(server: object, stream: bool = False) -> dict[str, Callable[..., Any]]:
+    """Op -> bound method for every handler (``stream``: every stream handler) ``server``'s class
+    declares: what the server registers (nothing else)."""
     table: dict[str, Callable[..., Any]] = {}
     for klass in type(server).__mro__:
         for name, value in vars(klass).items():
             meta = getattr(value, ATTRIBUTE, None)
-            if isinstance(meta, Declared) and meta.op not in table:
+            if isinstance(meta, Declared) and meta.stream == stream and meta.op not in table:
                 table[meta.op] = getattr(server, name)
     return table

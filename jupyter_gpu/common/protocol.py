@@ -29,6 +29,7 @@ from typing import Annotated, Any, ClassVar, Final, Literal, TypedDict, cast
 
 from jupyter_gpu.common.units import format_bytes
 from jupyter_gpu.common.validation import (
+    Address,
     Bytes,
     Count,
     MaxLen,
@@ -54,12 +55,10 @@ HUB_ADMIN_SCOPE: Final = "custom:jupyter-gpu:admin"
 VIRTUAL_ENV: Final = "JUPYTER_GPU_VIRTUAL_GPUS"
 # worker-internal: which of the machine's GPUs a worker owns
 DEVICES_ENV: Final = "JUPYTER_GPU_DEVICES"
-# worker -> session: the key its first ``assign`` must carry
-SPAWN_KEY_ENV: Final = "JUPYTER_GPU_SESSION_KEY"
 # nanny -> its worker: the key to ask the nanny to close
 NANNY_KEY_ENV: Final = "JUPYTER_GPU_NANNY_KEY"
-# where a GPU worker shows the pool key when it registers
-STARTUP_KEY: Final = "jupyter-gpu-pool-key"
+# where a GPU worker proves, when it registers, that it holds the pool key (common/poolkey.py)
+STARTUP_PROOF: Final = "jupyter-gpu-proof"
 
 # ---------------------------------------------------------------------- value sets
 Priority = Literal["interactive", "batch"]
@@ -82,7 +81,9 @@ class RequestSpec:
 
     Exactly one of ``fraction`` (of one GPU, 0 < f <= 1), ``memory`` (bytes on one GPU) or
     ``gpus`` (whole GPUs on one worker, >= 1) is set. ``workers`` > 1 asks for that many such
-    allocations, each on a distinct GPU, granted together (a gang).
+    allocations, each on a distinct GPU, granted together (a gang). ``host_memory`` (bytes) and
+    ``cpus`` (cores, fractions allowed) are what each session needs on its machine; None leaves
+    them to the pool's policy (``broker/hosts.py``: in proportion to the GPU share by default).
     """
 
     fraction: float | None = None
@@ -90,9 +91,12 @@ class RequestSpec:
     gpus: int | None = None
     workers: int = 1
     priority: Priority = "interactive"
+    host_memory: int | None = None
+    cpus: float | None = None
 
     MAX_RANKS: ClassVar[int] = 4096
     MAX_GPUS: ClassVar[int] = 4096
+    MAX_CPUS: ClassVar[int] = 1 << 20
 
     @classmethod
     def from_wire(cls, data: Any) -> RequestSpec:
@@ -117,7 +121,12 @@ class RequestSpec:
             raise ValueError(
                 f"a GPU fraction must be a finite number in (0, 1]; got {spec.fraction!r}"
             )
-        for name, top in (("memory", 2**62), ("gpus", cls.MAX_GPUS), ("workers", cls.MAX_RANKS)):
+        for name, top in (
+            ("memory", 2**62),
+            ("gpus", cls.MAX_GPUS),
+            ("workers", cls.MAX_RANKS),
+            ("host_memory", 2**62),
+        ):
             value = getattr(spec, name)
             if value is None:
                 continue
@@ -125,6 +134,15 @@ class RequestSpec:
                 raise ValueError(f"{name} must be a whole number; got {value!r}")
             if value > top:
                 raise ValueError(f"{name} must be at most {top}; got {value}")
+        if spec.cpus is not None and (
+            isinstance(spec.cpus, bool)
+            or not isinstance(spec.cpus, (int, float))
+            or not math.isfinite(spec.cpus)
+            or spec.cpus > cls.MAX_CPUS
+        ):
+            raise ValueError(
+                f"cpus must be a finite number of CPU cores up to {cls.MAX_CPUS}; got {spec.cpus!r}"
+            )
         if not isinstance(spec.priority, str):
             raise ValueError(
                 f"priority must be one of {', '.join(PRIORITIES)}; got {spec.priority!r}"
@@ -156,6 +174,10 @@ class RequestSpec:
             raise ValueError(
                 f"priority must be one of {', '.join(PRIORITIES)}; got {self.priority!r}"
             )
+        if self.host_memory is not None and self.host_memory < 0:
+            raise ValueError(f"host memory must be 0 or more bytes; got {self.host_memory}")
+        if self.cpus is not None and not (self.cpus >= 0):  # NaN fails too
+            raise ValueError(f"cpus must be 0 or more CPU cores; got {self.cpus}")
 
     def need_on(self, gpu: Any) -> int:
         """Bytes this spec reserves on ``gpu`` (anything with ``total_bytes``) for one allocation
@@ -175,6 +197,13 @@ class RequestSpec:
             what = f"{self.gpus} whole GPU" + ("s" if self.gpus > 1 else "")
         else:
             what = f"{self.fraction:g} GPU"
+        host = (
+            [f"{format_bytes(self.host_memory)} host memory"]
+            if self.host_memory is not None
+            else []
+        )
+        host += [f"{self.cpus:g} CPU cores"] if self.cpus is not None else []
+        what += f" with {' and '.join(host)}" if host else ""
         return what if self.workers == 1 else f"{self.workers} x {what}"
 
     def gpu_equivalents(self, gpu_bytes: int | None = None) -> float:
@@ -273,6 +302,8 @@ class LeaseView(TypedDict, total=False):
     # how its processes are kept together: "cgroup v2", ..., "process group"
     containment: str | None
     host_memory_limit: int | None  # the host memory its processes may use together (bytes)
+    host_memory: int  # host memory booked for it on its machine (bytes; 0: none reported there)
+    cpus: float  # CPU cores booked for it on its machine (0: none reported there)
     address: str | None  # the session's comm address
     pid: int | None
     cell_started: float | None
@@ -648,11 +679,12 @@ class Account(TypedDict):
 
 
 class RestoreRef(TypedDict):
-    """Where an offloaded namespace waits: the worker that keeps it and the file there (broker ->
-    worker)."""
+    """Where an offloaded namespace waits: the worker that keeps it, the ended lease whose session
+    wrote it (what that worker knows it by), and the file there (broker -> worker)."""
 
     worker: str
     path: str
+    lease: str
 
 
 class StandbyPlan(TypedDict):
@@ -701,15 +733,20 @@ class AssignReply(TypedDict):
 # ---------------------------------------------------------------------- worker <-> zygote
 # JSON datagrams on the SOCK_SEQPACKET socket between a worker's forkserver and its zygote
 # (worker/forkserver.py, session/zygote.py)
-class ForkRequest(TypedDict):
-    """Worker -> zygote: fork a session (two descriptors travel with it: the session's end of its
-    private socket to the worker, and the pipe on which the child announces its address)."""
-
+class _ForkFields(TypedDict):
     op: Literal["fork"]
     id: int
-    env: dict[str, str]  # the session's whole environment
+    env: dict[str, str]  # the session's whole environment (the launcher's zygote: its settings)
     host: str
     worker: str
+
+
+class ForkRequest(_ForkFields, total=False):
+    """Parent -> zygote: fork a session (three descriptors travel with it: the session's end of its
+    private socket to the worker, the pipe on which the child announces its address, the pipe its
+    log goes to)."""
+
+    confine: Any  # the launcher's zygote: launcher/confine.py's Confinement for this child
 
 
 class ZygoteReady(TypedDict):
@@ -738,6 +775,100 @@ class ChildExited(TypedDict):
 
 
 ZygoteMessage = ZygoteReady | Forked | ForkFailed | ChildExited
+
+
+# ---------------------------------------------------------------------- worker <-> launcher
+# JSON messages on the SOCK_SEQPACKET connection between a worker (the pool's service account) and
+# the privileged launcher of its machine (launcher/server.py, worker/launcher_link.py). Every
+# request has an ``op`` and an ``id``; the reply carries the same ``id``. A lease a request names
+# must be one this connection started.
+class LaunchHello(TypedDict):
+    """The worker names itself (its Dask address) before anything else: grants name it too."""
+
+    op: Literal["hello"]
+    id: int
+    worker: Address
+
+
+class LaunchStart(TypedDict):
+    """Start a session for a lease the broker granted (three descriptors travel with it: the
+    session's end of its private socket to the worker, the write end of the pipe on which it
+    announces its address, the write end of the pipe its log goes to)."""
+
+    op: Literal["start"]
+    id: int
+    lease: Name
+    grant: Text  # signed by the broker (common/grants.py)
+    host: Name  # where the session listens
+    env: Annotated[
+        dict[Name, Text], MaxLen(256)
+    ]  # its Dask settings (launcher/confine.py keeps some)
+
+
+class LaunchSignal(TypedDict):
+    op: Literal["signal"]
+    id: int
+    lease: Name
+    signal: Literal["interrupt", "kill"]
+
+
+class LaunchEnd(TypedDict):
+    """The session is over: its group is killed and removed, and its folder too unless its
+    variables are parked there (``keep_folder``)."""
+
+    op: Literal["end"]
+    id: int
+    lease: Name
+    keep_folder: bool
+
+
+class LaunchCopy(TypedDict, total=False):
+    """A session's variables in host memory: ``move_copy`` (a parked copy of ``lease`` into the
+    folder of ``to_lease``, the same user's), ``open_copy`` (a descriptor to read it, to send it to
+    another machine), ``create_copy`` (a descriptor to write one fetched from another machine into
+    ``lease``'s folder), ``forget_copy`` (remove a parked folder)."""
+
+    op: Literal["move_copy", "open_copy", "create_copy", "forget_copy"]
+    id: int
+    lease: Name
+    to_lease: Name
+
+
+LAUNCHER_REQUESTS: Final[dict[str, type]] = {
+    "hello": LaunchHello,
+    "start": LaunchStart,
+    "signal": LaunchSignal,
+    "end": LaunchEnd,
+    "move_copy": LaunchCopy,
+    "open_copy": LaunchCopy,
+    "create_copy": LaunchCopy,
+    "forget_copy": LaunchCopy,
+}
+
+
+class LauncherReply(TypedDict, total=False):
+    """The launcher's answer to request ``id``: ``error`` (why not), or what it did. A descriptor
+    travels with the reply to ``open_copy`` and ``create_copy``."""
+
+    id: int
+    error: str
+    pid: int  # start: the session's
+    folder: str  # start: its host-memory folder (bound at the same path in its namespace)
+    containment: str  # start: "cgroup v2", "cgroup v2 + v1 memory", ...
+    host_memory_limit: int | None
+    pids_limit: int | None
+    path: str  # move_copy / create_copy: the copy's path in the session's folder
+
+
+class LauncherEvent(TypedDict):
+    """Launcher -> worker, unasked: a session of this connection exited (``code``: its exit code, or
+    minus the signal; ``oom``: its cgroup counted an out-of-memory kill)."""
+
+    event: Literal["exited"]
+    lease: str
+    pid: int
+    code: int
+    oom: bool
 
 
 # ---------------------------------------------------------------------- session -> worker -> broker

@@ -38,7 +38,15 @@ log = logging.getLogger(__name__)
 
 # the calls that act on or read one user's work: the user's name and token go with them
 _TOKEN_OPS = frozenset(
-    {"gpu_request", "gpu_wait", "gpu_cancel", "gpu_release", "gpu_lease_info", "gpu_scale"}
+    {
+        "gpu_request",
+        "gpu_wait",
+        "gpu_cancel",
+        "gpu_release",
+        "gpu_lease_info",
+        "gpu_scale",
+        "gpu_run_update",
+    }
 )
 
 

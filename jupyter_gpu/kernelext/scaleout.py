@@ -17,6 +17,7 @@ each rank's last progress.
 from __future__ import annotations
 
 import math
+import secrets
 import time
 from collections.abc import Mapping
 from typing import Any, cast
@@ -103,7 +104,9 @@ def run_scaleout(
     finally:
         renderer.close()
     final = _state(outcome)
-    conn.scheduler_call("gpu_run_update", run=job.run_id, state=final, attempt=attempt)
+    conn.scheduler_call(
+        "gpu_run_update", run=job.run_id, user=conn.user, state=final, attempt=attempt
+    )
     runs.finished(job.plan, final == "done")
     badge.show(
         final_badge(
@@ -189,6 +192,7 @@ def _run_ranks(
     world = len(sessions)
     # a free port on rank 0's host for the rendezvous, asked over the kernel's (TLS) comm
     rendezvous = session_call(conn, sessions[0], "free_port", timeout=None)
+    store_key = secrets.token_urlsafe(24)
     payloads: list[CellPayload] = []
     for rank in range(world):
         dist = {
@@ -197,6 +201,8 @@ def _run_ranks(
             "master_addr": rendezvous["host"],
             "master_port": rendezvous["port"],
             "run": job.run_id,
+            # the rendezvous store's keys are under this: only the run's ranks can name them
+            "store_key": store_key,
             "checkpoint_dir": job.payload["checkpoint_dir"],
             "attempt": attempt,
             "startup_timeout": config.get_seconds("scaleout.startup-timeout"),

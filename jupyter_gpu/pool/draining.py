@@ -28,13 +28,17 @@ log = logging.getLogger(__name__)
 async def ask_broker(
     address: str, workers: list[str], security: Security | None, timeout: float
 ) -> DrainReport:
-    """Have the broker at ``address`` drain ``workers`` (with the pool key); its report."""
+    """Have the broker at ``address`` drain ``workers`` (with a proof of the pool key, which
+    never leaves this machine); its report."""
+    from jupyter_gpu.broker.draining import drain_subject
+
     key = poolkey.read_key(poolkey.key_path(address))
+    proof = poolkey.proof(key, "drain", drain_subject(workers))
     # the broker answers when the drain is done: running cells (timeout), then the last moves
     bound = timeout + config.get_seconds("offload-timeout") + 180.0
     async with pool_rpc(address, role="worker", security=security, timeout=10) as scheduler:
         report: DrainReport = await asyncio.wait_for(
-            scheduler.gpu_drain(workers=workers, timeout=timeout, key=key), bound
+            scheduler.gpu_drain(workers=workers, timeout=timeout, proof=proof), bound
         )
     return report
 

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from jupyter_gpu.broker.plugin import PLUGIN_NAME, GpuBroker
 from jupyter_gpu.broker.scaling import PoolScaler
-from jupyter_gpu.common import config
+from jupyter_gpu.common import config, no_pickle
 from jupyter_gpu.common.inventory import discover, parse_virtual_spec
 from jupyter_gpu.common.pool_credentials import (
     PoolCredentials,
@@ -73,10 +73,28 @@ def _worker_spec(
         "worker_class": PoolWorker,
         "preload": ["jupyter_gpu.worker.plugin"],
         "dashboard": False,
+        # Dask puts it on the worker's module path: private, never a name another account could
+        # make first (Dask's default /tmp/dask-scratch-space)
+        "local_directory": _scratch(),
     }
     if security is not None:
         options["security"] = security
     return {"cls": Nanny, "options": options}
+
+
+_scratch_folder: list[str] = []
+
+
+def _scratch() -> str:
+    """This pool's private scratch folder (random name, 0700; removed when the process exits)."""
+    if not _scratch_folder:
+        import atexit
+        import shutil
+        import tempfile
+
+        _scratch_folder.append(tempfile.mkdtemp(prefix="jupyter-gpu-dask-"))
+        atexit.register(shutil.rmtree, _scratch_folder[0], True)
+    return _scratch_folder[0]
 
 
 def _extend_virtual(spec: str, count: int) -> str:
@@ -115,6 +133,7 @@ async def run_pool(
     without a certificate there, the pool makes its own (:func:`pool_tls`). The scheduler
     listens on ``tls://``, the workers follow it, and kernels present the client certificate.
     """
+    no_pickle.install()  # the nannies of this process too (common/no_pickle.py)
     quiet_reachability_probes()
     # its credentials go next to the runtime file: `pool up --embedded` may be the first thing this
     # account runs, before Jupyter has made its runtime folder (private, as Jupyter makes it)

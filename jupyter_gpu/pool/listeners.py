@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from distributed import Scheduler
 
-from jupyter_gpu.common import config
+from jupyter_gpu.common import config, no_pickle
 from jupyter_gpu.worker.dask_worker import GpuDaskWorker
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,7 @@ class PoolScheduler(_HttpWhenConfigured, Scheduler):
         leave_workers: bool = False,
         **kwargs: Any,
     ):
+        no_pickle.install()  # before it listens: nothing it reads runs code (common/no_pickle.py)
         self.leave_workers = leave_workers
         if in_process_listener:
             protocol = (kwargs.get("protocol") or "tcp").replace("://", "")
@@ -185,7 +186,11 @@ class PoolScheduler(_HttpWhenConfigured, Scheduler):
 
 class PoolWorker(_HttpWhenConfigured, GpuDaskWorker):
     """The pool's GPU worker (``GpuDaskWorker``): its comm port only (plus HTTP routes when
-    configured)."""
+    configured), reading no pickles (``common/no_pickle.py``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        no_pickle.install()
+        super().__init__(*args, **kwargs)
 
 
 class _ProbeFilter(logging.Filter):

@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
 import signal
-from typing import TYPE_CHECKING
+import tempfile
+from typing import TYPE_CHECKING, Any
 
+from jupyter_gpu.common import no_pickle
 from jupyter_gpu.common.inventory import discover
 from jupyter_gpu.common.protocol import DEVICES_ENV, VIRTUAL_ENV
 from jupyter_gpu.common.security import (
@@ -163,6 +167,7 @@ async def run_workers(
     name: str | None = None,
     death_timeout: float | None = None,
     local_directory: str | None = None,
+    launcher: int | None = None,
 ) -> int:
     """One Nanny-managed worker per GPU of this machine; runs until SIGTERM/SIGINT, then drains
     (``pool/draining.py``: its sessions move to other workers) and exits 0.
@@ -172,20 +177,23 @@ async def run_workers(
     worker plugin). ``host``: where the nannies, workers and sessions listen; None: the address
     that reaches the scheduler (``worker_host``), not every interface. ``name``,
     ``death_timeout``, ``local_directory``: as dask-worker's (a cluster manager's job passes
-    them).
+    them). ``launcher``: the pid of the launcher this (root-started) service forked: if it dies,
+    the service exits non-zero too (no session could start).
     """
     from distributed.core import Status
 
+    no_pickle.install()  # the nannies run in this process (common/no_pickle.py)
     sec = security or pool_security(roles=("worker",))
     check_address(address, "worker", sec)
     gpus = discover(virtual)
     host = host or worker_host(address)
     env = {VIRTUAL_ENV: virtual} if virtual else {}
-    extra = {
-        k: v
-        for k, v in (("death_timeout", death_timeout), ("local_directory", local_directory))
-        if v is not None
-    }
+    # Dask puts a worker's local directory on its module path: a fresh private one, never a
+    # predictable name another account could make first (Dask's /tmp/dask-scratch-space)
+    scratch = private_scratch(local_directory)
+    extra: dict[str, Any] = {"local_directory": scratch}
+    if death_timeout is not None:
+        extra["death_timeout"] = death_timeout
     nannies = [
         GpuNanny(
             address,
@@ -227,6 +235,13 @@ async def run_workers(
                     flush=True,
                 )
                 return 1
+            if launcher is not None and os.waitpid(launcher, os.WNOHANG)[0] != 0:
+                print(
+                    "jupyter-gpu worker: its launcher exited (see above); exiting so that a "
+                    "supervisor restarts this service",
+                    flush=True,
+                )
+                return 1
         # stopped (systemd's stop or restart: SIGTERM to this process only): drain, then close
         await drain_before_stopping(
             address, [n.worker_address for n in nannies if n.worker_address], sec
@@ -235,3 +250,10 @@ async def run_workers(
     finally:
         signalled.cancel()
         await asyncio.gather(*(n.close() for n in nannies), return_exceptions=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def private_scratch(under: str | None = None) -> str:
+    """A new folder for the workers' scratch space: random name, 0700, this account's (in
+    ``under`` when a cluster manager's job names one)."""
+    return tempfile.mkdtemp(prefix="jupyter-gpu-dask-", dir=under)

@@ -5,6 +5,14 @@ the process group (nccl on real GPUs, gloo on CPU and virtual GPUs) with a start
 the cell's inputs, which the kernel sends to rank 0 only and rank 0 broadcasts to the others. During
 the cell: ``jupyter_gpu.report`` metrics are batched to the broker (through the worker), which keeps
 the run's stream for the panel. After the cell, whatever happened: the process group is destroyed.
+
+The rendezvous store (torch's ``TCPStore``) of rank 0 listens on the socket its session made when
+the kernel asked for a port (``server.free_port``): on the address the ranks use, not on every
+interface, and from before the port was handed out. Every key of the run is under a prefix only its
+ranks know (``store_key``, made by the kernel per attempt and sent to each rank over its
+secret-checked comm): someone else who connects to the store can name none of the run's keys, so
+can neither read where the ranks listen nor post a rank of their own. What stays open is gloo's (or
+NCCL's) own connections between the ranks, which torch does not authenticate (docs/security.md).
 """
 
 from __future__ import annotations
@@ -70,8 +78,9 @@ def _pin_interface(backend: str, master_addr: str) -> None:
 class DistributedRun:
     """Sets up and tears down one rank; see the module docstring."""
 
-    def __init__(self, dist: dict, gpus: list[dict], link: WorkerLink):
+    def __init__(self, dist: dict, gpus: list[dict], link: WorkerLink, listen: Any = None):
         self.dist, self.gpus, self.link = dist, gpus, link
+        self.listen = listen  # rank 0: the store's listening socket (server.free_port)
         self.rank, self.world_size = int(dist["rank"]), int(dist["world_size"])
         self._buffer: list[dict] = []
         self._lock = threading.Lock()
@@ -103,7 +112,7 @@ class DistributedRun:
         try:
             torch_dist.init_process_group(
                 backend,
-                init_method=f"tcp://{d['master_addr']}:{d['master_port']}",
+                store=self._store(datetime.timedelta(seconds=timeout)),
                 rank=self.rank,
                 world_size=self.world_size,
                 timeout=datetime.timedelta(seconds=timeout),
@@ -132,6 +141,28 @@ class DistributedRun:
         )
         self._flusher = asyncio.run_coroutine_threadsafe(self._flush_forever(), self.link.loop)
         return self._broadcast(inputs)
+
+    def _store(self, timeout: datetime.timedelta) -> Any:
+        """The run's rendezvous store (see the module docstring): rank 0 serves it on the socket
+        its session made; every key under the run's secret prefix."""
+        from torch.distributed import PrefixStore, TCPStore
+
+        d = self.dist
+        host, port = d["master_addr"], int(d["master_port"])
+        if self.listen is not None:
+            fd, self.listen = self.listen.detach(), None  # the store's from now on
+            store = TCPStore(
+                host,
+                port,
+                self.world_size,
+                True,
+                timeout,
+                wait_for_workers=False,
+                master_listen_fd=fd,
+            )
+        else:
+            store = TCPStore(host, port, self.world_size, False, timeout)
+        return PrefixStore(f"jupyter-gpu/{d.get('store_key') or ''}/", store)
 
     def _broadcast(self, inputs: dict) -> dict:
         """Rank 0 holds the inputs as the kernel serialized them; every other rank gets the same
@@ -206,6 +237,9 @@ class DistributedRun:
         """Tear down: the last metrics, then leave the rendezvous store in order
         (:meth:`_take_leave`: after a cell that succeeded on this rank, first wait, bounded, for
         every rank to get here), then destroy the process group."""
+        if self.listen is not None:  # the run never got as far as its store
+            self.listen.close()
+            self.listen = None
         if self._flusher is not None:
             self._flusher.cancel()
             try:

@@ -89,6 +89,8 @@ class Executor:
         self._cwd_refused: str | None = None
         self.virtual = False
         self.vdev: Any = None  # VirtualDevice, on a virtual GPU once torch is used
+        # the listening socket of the next --workers run's rendezvous store (server.free_port)
+        self.rendezvous: Any = None
 
     # ------------------------------------------------------------------ the loop
     def run_forever(self) -> None:
@@ -163,6 +165,12 @@ class Executor:
         except KeyboardInterrupt:  # an interrupt meant for a cell that had just ended
             pass
 
+    def take_rendezvous(self, sock: Any) -> None:
+        """The socket ``free_port`` made, for the next run's rank 0 (an earlier one is closed)."""
+        old, self.rendezvous = self.rendezvous, sock
+        if old is not None:
+            old.close()
+
     # ------------------------------------------------------------------ jobs
     def do_assign(
         self,
@@ -172,23 +180,12 @@ class Executor:
         env: dict,
         standby: dict | None = None,
         memory_rlimit: int | None = None,
-        account: dict | None = None,
-        hostmem: str | None = None,
     ) -> dict:
         from jupyter_gpu.session import api as session_api
         from jupyter_gpu.session.isolation import apply_memory_cap, pin_environment
 
         if self.lease is not None:
             raise NotPossible(f"this session already holds lease {self.lease['id']}")
-        # users are isolated: this process becomes its user before any cell runs
-        if account is not None:
-            from jupyter_gpu.session.account import AccountError, become, private_mounts
-
-            try:
-                private_mounts(hostmem)
-                become(account)
-            except AccountError as exc:
-                raise Failed(f"the session could not run as {account['user']}: {exc}") from None
         os.environ.update(pin_environment(lease, gpus))
         os.environ.update(env)
         self.lease, self.gpus = lease, gpus
@@ -266,7 +263,8 @@ class Executor:
             )
         from jupyter_gpu.session.distributed_rank import DistributedRun
 
-        run = DistributedRun(dist, self.gpus, self.link)
+        listen, self.rendezvous = self.rendezvous, None
+        run = DistributedRun(dist, self.gpus, self.link, listen if dist.get("rank") == 0 else None)
         try:
             inputs = run.start(inputs)
         except Exception as exc:  # noqa: BLE001 - any failure to join the run is the cell's error

@@ -6,7 +6,7 @@ table is its methods declared with ``@handler`` (``common/handlers.py``); Dask's
 would let anyone open a stream or dump the server's state are removed (``REMOVED_DEFAULTS``).
 
 Only the lease's owner gets an answer: ``assign`` needs the key the worker gave this process when it
-started it (in its environment, readable by nobody else), and every later call needs the lease's
+started it (on its private socket: ``main.read_spawn_key``), and every later call needs the lease's
 secret, which the broker gave only to the worker and to the kernel that asked for the lease. The
 secret is compared in constant time; a wrong one gets a refusal (``NotAuthorized``, in Dask's error
 envelope) and nothing runs.
@@ -31,7 +31,6 @@ else:  # pragma: no cover - Python 3.10
 from jupyter_gpu.common import local_transfer
 from jupyter_gpu.common.handlers import handler, handlers_of
 from jupyter_gpu.common.protocol import (
-    Account,
     AssignReply,
     CellPayload,
     ExecuteReply,
@@ -145,14 +144,16 @@ class SessionServer:
 
     @handler("free_port", caller="kernel", check="lease-secret")
     async def free_port(self, secret: Secret | None = None) -> FreePort:
-        """A port free right now on this host, for a ``--workers`` run's torch.distributed
-        rendezvous (never a fixed one)."""
+        """A port for a ``--workers`` run's rendezvous store on this host, listening from now on
+        this session's address only; rank 0's store takes the socket over (so nobody can take the
+        port in between, and nothing listens on the machine's other addresses)."""
         import socket
 
         self._check_owner(secret)
-        with socket.socket() as sock:
-            sock.bind((self.host, 0))
-            return {"host": self.host, "port": sock.getsockname()[1]}
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.create_server((self.host, 0), family=family, backlog=256)
+        self.executor.take_rendezvous(sock)
+        return {"host": self.host, "port": sock.getsockname()[1]}
 
     @handler("ping", caller="kernel", check="lease-secret")
     async def ping(
@@ -184,11 +185,10 @@ class SessionServer:
         env: dict[str, str] | None = None,
         standby: StandbyPlan | None = None,
         memory_rlimit: Bytes | None = None,
-        account: Account | None = None,
-        hostmem: Text | None = None,
     ) -> AssignReply:
-        """Take a lease, once, from the worker that started this process: become its user, pin
-        the GPU, cap memory, start measuring."""
+        """Take a lease, once, from the worker that started this process: pin the GPU, cap
+        memory, start measuring (a session of an isolated pool is its user's already: the launcher
+        started it so)."""
         if self._spawn_key is None or not hmac.compare_digest(key, self._spawn_key):
             raise NotAuthorized("only the worker that started this session may give it a lease")
         self._spawn_key = None  # once
@@ -199,8 +199,6 @@ class SessionServer:
             env=env or {},
             standby=standby,
             memory_rlimit=memory_rlimit,
-            account=account,
-            hostmem=hostmem,
         )
         reply: AssignReply = await job.reply
         self.secret = secret

@@ -1,27 +1,33 @@
-"""The worker's zygote: one process that has imported what sessions need, and forks them in
-milliseconds.
+"""A zygote: one process that has imported what sessions need, and forks them in milliseconds.
 
 Why: a session started from scratch spends seconds importing torch, and eight of them at once on
 a small machine take minutes. The zygote imports Python, NumPy, torch (CUDA is never touched
 here: a forked CUDA context is unusable), matplotlib, IPython and the session's own server once;
 every session is then a ``fork`` of it, sharing those pages copy-on-write (an idle session costs
-what it changed, not a torch). The child drops to its user's account, pins its GPU and caps its
-memory at ``assign``, before any CUDA call, exactly like a session started on its own
-(``main.py``).
+what it changed, not a torch). The child pins its GPU and caps its memory at ``assign``, before any
+CUDA call, exactly like a session started on its own (``main.py``).
 
-Protocol, on the ``SOCK_SEQPACKET`` socket the worker gave us (one message per packet, JSON; the
+Two kinds run this code: a worker's own zygote, whose sessions run as the worker's account (users
+not isolated; ``worker/forkserver.py``), and the launcher's, which is root and confines each child
+to its user before it serves (``launcher/zygote.py`` passes its ``child``). Both are started with
+``python -I`` and only safe folders on their path (``common/safe_python.py``), from ``/``.
+
+Protocol, on the ``SOCK_SEQPACKET`` socket its parent gave it (one message per packet, JSON; the
 types are ``common/protocol.py``'s ``ForkRequest`` and ``ZygoteMessage``):
 
-* worker -> zygote ``{"op": "fork", "id", "env", "host", "worker"}`` with two file descriptors attached:
-  the session's end of its private socket to the worker (``worker_link.py``) and the write end of a pipe on
-  which the child announces its address (as ``main.py`` does on stdout);
-* zygote -> worker ``{"op": "ready", "pid"}`` once the imports are done, ``{"op": "forked", "id", "pid"}``,
-  ``{"op": "failed", "id", "error"}`` and ``{"op": "exited", "pid", "code"}`` (a negative code: the signal)
-  when it reaps a child, so the worker learns how each session ended.
+* parent -> zygote ``{"op": "fork", "id", "env", "host", "worker"}`` (and the launcher's ``confine``)
+  with three descriptors attached: the session's end of its private socket to the worker
+  (``worker_link.py``), the write end of a pipe on which the child announces its address, and the
+  write end of the pipe its log goes to (its fds 1 and 2). Nothing secret travels here: what a
+  zygote was told stays in its memory, which every later child inherits (the session's key for its
+  first ``assign`` comes on its private socket, from the worker);
+* zygote -> parent ``{"op": "ready", "pid"}`` once the imports are done, ``{"op": "forked", "id",
+  "pid"}``, ``{"op": "failed", "id", "error"}`` and ``{"op": "exited", "pid", "code"}`` (a negative
+  code: the signal) when it reaps a child, so its parent learns how each session ended.
 
 The zygote runs no user code and holds no lease or pool secret; it is single-threaded whenever it
-forks (the import thread has ended), and it dies with its worker (parent-death signal and a check
-of its parent).
+forks (the import thread has ended), each child closes every descriptor but its three before
+anything else, and the zygote dies with its parent (parent-death signal and a check of its parent).
 """
 
 from __future__ import annotations
@@ -37,9 +43,11 @@ import socket
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 from typing import cast
 
-from jupyter_gpu.common.protocol import SPAWN_KEY_ENV, ForkRequest, ZygoteMessage
+from jupyter_gpu.common.fds import keep_only
+from jupyter_gpu.common.protocol import ForkRequest, ZygoteMessage
 
 log = logging.getLogger("jupyter_gpu.session.zygote")
 
@@ -66,7 +74,6 @@ SESSION_MODULES = (
     "jupyter_gpu.session.offload",
     "jupyter_gpu.session.standby",
     "jupyter_gpu.session.memory_meter",
-    "jupyter_gpu.session.account",
     "jupyter_gpu.session.isolation",
     "jupyter_gpu.session.distributed_rank",
     "jupyter_gpu.session.api",
@@ -128,25 +135,30 @@ def _apply_environment(env: dict[str, str]) -> None:
         dask.config.update(dask.config.config, dask.config.collect_env(changed), priority="new")
 
 
-def _child(sock: socket.socket, msg: ForkRequest, control_fd: int, ready_fd: int) -> None:
-    """In the forked child: become a session process (never returns)."""
+Child = Callable[[socket.socket, ForkRequest, list[int]], None]
+DESCRIPTORS = 3  # the session's private socket, its address pipe, its log pipe
+
+
+def start_session(host: str, worker: str | None, fds: list[int]) -> None:
+    """In a new, set-up child: serve as a session (``fds``: its private socket and its address
+    pipe, already where they stay)."""
+    control_fd, ready_fd = fds
+    _reseed()
+    from jupyter_gpu.session.main import die_with_parent, serve
+
+    die_with_parent()
+    serve(host, worker, control_fd, os.fdopen(ready_fd, "w"))
+
+
+def _child(sock: socket.socket, msg: ForkRequest, fds: list[int]) -> None:
+    """In the forked child: become a session process of this zygote's account (never
+    returns)."""
     code = 1
     try:
         sock.close()
-        env = {str(k): str(v) for k, v in (msg.get("env") or {}).items()}
-        _apply_environment(env)
-        spawn_key = os.environ.pop(SPAWN_KEY_ENV, None)
-        _reseed()
-        from jupyter_gpu.session.main import die_with_parent, serve
-
-        die_with_parent()
-        serve(
-            str(msg.get("host") or "127.0.0.1"),
-            msg.get("worker"),
-            control_fd,
-            os.fdopen(ready_fd, "w"),
-            spawn_key,
-        )
+        _apply_environment({str(k): str(v) for k, v in (msg.get("env") or {}).items()})
+        kept = keep_only(fds)  # nothing of the zygote's (its log, its socket) stays open
+        start_session(str(msg.get("host") or "127.0.0.1"), msg.get("worker"), kept)
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
@@ -156,30 +168,33 @@ def _child(sock: socket.socket, msg: ForkRequest, control_fd: int, ready_fd: int
         os._exit(code)
 
 
-def _fork(sock: socket.socket, msg: ForkRequest, fds: list[int]) -> None:
-    if msg.get("op") != "fork" or len(fds) != 2:
+def _fork(sock: socket.socket, msg: ForkRequest, fds: list[int], child: Child = _child) -> None:
+    if msg.get("op") != "fork" or len(fds) != DESCRIPTORS:
         for fd in fds:
             os.close(fd)
         _send(
             sock,
-            {"op": "failed", "id": msg.get("id"), "error": "a fork request needs two descriptors"},
+            {
+                "op": "failed",
+                "id": msg.get("id"),
+                "error": f"a fork request needs {DESCRIPTORS} descriptors",
+            },
         )
         return
-    control_fd, ready_fd = fds
     try:
         pid = os.fork()
     except OSError as exc:
         _send(sock, {"op": "failed", "id": msg.get("id"), "error": f"fork: {exc.strerror}"})
     else:
         if pid == 0:
-            _child(sock, msg, control_fd, ready_fd)
+            child(sock, msg, fds)
         _send(sock, {"op": "forked", "id": msg.get("id"), "pid": pid})
     finally:
-        os.close(control_fd)
-        os.close(ready_fd)
+        for fd in fds:
+            os.close(fd)
 
 
-def serve_forks(sock: socket.socket, parent: int) -> None:
+def serve_forks(sock: socket.socket, parent: int, child: Child = _child) -> None:
     """Answer fork requests until the worker closes its end or dies."""
     while True:
         if os.getppid() != parent:
@@ -190,7 +205,7 @@ def serve_forks(sock: socket.socket, parent: int) -> None:
             readable = []
         if readable:
             try:
-                data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 2)
+                data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, DESCRIPTORS)
             except OSError as exc:
                 if exc.errno in (errno.EAGAIN, errno.EINTR):
                     continue
@@ -204,11 +219,11 @@ def serve_forks(sock: socket.socket, parent: int) -> None:
             except ValueError:
                 msg = {}
             # anything but a fork request is answered as a failed one
-            _fork(sock, cast(ForkRequest, msg if isinstance(msg, dict) else {}), fds)
+            _fork(sock, cast(ForkRequest, msg if isinstance(msg, dict) else {}), fds, child)
         _reap(sock)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, child: Child = _child) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--socket-fd", type=int, required=True, help="the worker's SOCK_SEQPACKET socket"
@@ -245,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
             log.warning("the zygote could not import %s: %s", name, exc)
 
     _send(sock, {"op": "ready", "pid": os.getpid()})
-    serve_forks(sock, parent)
+    serve_forks(sock, parent, child)
     os._exit(0)
 
 

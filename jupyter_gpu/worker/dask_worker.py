@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 from jupyter_gpu.common import config, poolkey, rejoin
 from jupyter_gpu.common.handlers import closed, is_closed, is_declared
-from jupyter_gpu.common.protocol import NANNY_KEY_ENV, STARTUP_KEY
+from jupyter_gpu.common.protocol import NANNY_KEY_ENV, STARTUP_PROOF
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +48,9 @@ class GpuDaskWorker(Worker):
     It also keeps Dask's generic worker API closed (``run``, ``run_coroutine``, ``plugin-add``,
     task data, inbound streams...): a GPU worker runs no tasks, and in a pool shared by several
     people each of those would run code as the pool's account. What stays open is ``identity``
-    and the GPU plugin's handlers, which ask for the pool key. It shows the pool key to the
-    scheduler when it registers (its start-up information), and asks its nanny to close with the
-    nanny's key.
+    and the GPU plugin's handlers, which ask for the pool key. It proves it holds the pool key
+    when it registers (its start-up information) and with each heartbeat, without sending the key
+    (``poolkey.proof``), and asks its nanny to close with the nanny's key.
     """
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -73,11 +73,12 @@ class GpuDaskWorker(Worker):
         self._close_generic_api()
         return result
 
+    def _pool_key(self) -> str | None:
+        return poolkey.read_key(poolkey.key_path(self.scheduler.address))
+
     async def get_startup_information(self) -> dict:
         info = await super().get_startup_information()
-        key = poolkey.read_key(poolkey.key_path(self.scheduler.address))
-        if key is not None:
-            info[STARTUP_KEY] = key
+        info[STARTUP_PROOF] = poolkey.proof(self._pool_key(), "register", str(self.contact_address))
         return info
 
     async def close(  # type: ignore[override]  # Dask's Worker.close differs from its bases' too
@@ -155,6 +156,7 @@ class GpuDaskWorker(Worker):
                 metrics=await self.get_metrics(),
                 executing={},
                 extensions={},
+                proof=poolkey.proof(self._pool_key(), "heartbeat", str(self.contact_address)),
             )
         except OSError:
             log.info("heartbeat: the scheduler at %s does not answer", self.scheduler.address)

@@ -19,11 +19,11 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from typing import TypedDict, cast
 
 from jupyter_gpu.common.protocol import ForkRequest, StarterInfo, ZygoteMessage
+from jupyter_gpu.common.safe_python import python_command
 
 log = logging.getLogger(__name__)
 
@@ -105,22 +105,19 @@ class ForkServer:
     def start(self) -> None:
         """Start the zygote (its imports take seconds; ``fork`` waits for them)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        cmd = [
-            sys.executable,
-            "-m",
+        # from /, with python -I and only safe folders on its path: no module of anyone else's
+        # (the worker's working folder, a user's folder on PYTHONPATH) is imported here
+        cmd = python_command(
             "jupyter_gpu.session.zygote",
-            "--socket-fd",
-            str(theirs.fileno()),
-            "--preload",
-            ",".join(self.preload),
-        ]
+            *("--socket-fd", str(theirs.fileno()), "--preload", ",".join(self.preload)),
+        )
         try:
             self.proc = subprocess.Popen(
                 cmd,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 env=self.env,
-                cwd=os.getcwd(),
+                cwd="/",
                 pass_fds=(theirs.fileno(),),
             )
         finally:
@@ -190,7 +187,8 @@ class ForkServer:
             self.sock = None
 
     async def fork(self, msg: ForkFields, fds: list[int], timeout: float) -> ForkedProcess:
-        """A new session process (``msg``: its environment, host and worker; ``fds``: handed to it).
+        """A new session process (``msg``: its environment, host and worker; ``fds``: its three
+        descriptors, handed to it).
 
         A zygote that died just before (killed, its death not yet seen here) is replaced and
         the fork asked of the new one, once: the start must not fail because the old zygote

@@ -3,24 +3,24 @@ kept for their owner, handed to the worker of the owner's next session.
 
 Why apart from the sessions: a copy outlives its session (its owner's next cell brings the variables
 back, maybe on another machine) and a restart of the scheduler (a restarted broker is told of it:
-``ParkedCopy``). The files are the ``HostStore``'s (``worker/hoststore.py``: per-session folders,
-0600 files, checked before a restore trusts them).
+``ParkedCopy``). The files are the store's (``worker/hoststore.py``): the worker's own for sessions
+of its account, the launcher's for sessions that run as their users. Copies are named by the lease
+whose session wrote them, never by a path a caller gives.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
 from distributed.core import rpc
 
-from jupyter_gpu.common.protocol import Account, OffloadResult, ParkedCopy, RestoreRef
+from jupyter_gpu.common.protocol import OffloadResult, ParkedCopy, RestoreRef
 from jupyter_gpu.common.refusals import CallError, Failed, NotFound
 from jupyter_gpu.common.validation import BadMessage, check
-from jupyter_gpu.worker.hoststore import HostStore, UnsafeFile
+from jupyter_gpu.worker.hoststore import HostStore, LaunchedStore
 from jupyter_gpu.worker.spawn import SessionProcess
 
 log = logging.getLogger(__name__)
@@ -29,10 +29,11 @@ log = logging.getLogger(__name__)
 @dataclass
 class Parked:
     """An ended session's variables kept in host memory here, with their owner (what a restarted
-    broker needs to give them back) and the account whose files they are."""
+    broker needs to give them back) and the pool user whose account the files are (None: this
+    worker's own)."""
 
     copy: ParkedCopy
-    account: Account | None
+    user: str | None
 
 
 def checked_reply(reply: Any, shape: Any, op: str) -> None:
@@ -45,13 +46,21 @@ def checked_reply(reply: Any, shape: Any, op: str) -> None:
 
 
 class HostCopies:
-    """The copies of one worker (``worker``: the Dask worker, for its TLS and its rpc)."""
+    """The copies of one worker (``worker``: the Dask worker, for its TLS and its rpc;
+    ``launched``: the store of its launcher's sessions, when it has a launcher)."""
 
-    def __init__(self, worker: Any) -> None:
+    def __init__(self, worker: Any, launched: LaunchedStore | None = None) -> None:
         self.worker = worker
-        self.store = HostStore()
+        self.local = HostStore()
+        self.launched = launched
         self.parked: dict[str, Parked] = {}  # lease id -> its variables kept here
         self.pool_key: str | None = None  # what another worker asks of a fetch (the plugin's)
+
+    def store(self, lease: str) -> HostStore:
+        """Where ``lease``'s folder is: the launcher's if it made it, else this worker's."""
+        if self.launched is not None and lease in self.launched.folders:
+            return self.launched
+        return self.local
 
     async def offload(self, sp: SessionProcess, lease: str, timeout: float) -> OffloadResult:
         """Have ``sp`` write its variables here; kept with its owner, so that a restarted broker
@@ -59,7 +68,7 @@ class HostCopies:
         try:
             async with rpc(sp.address, connection_args=self.worker.connection_args) as session:
                 result: OffloadResult = await asyncio.wait_for(
-                    session.offload(path=self.store.offload_path(lease), secret=sp.secret),
+                    session.offload(path=self.store(lease).offload_path(lease), secret=sp.secret),
                     timeout,
                 )
         except CallError:
@@ -78,59 +87,57 @@ class HostCopies:
                 "bytes": result["bytes"],
                 "standby": bool(result.get("standby")),
             }
-            self.parked[lease] = Parked(copy, sp.account)
+            self.parked[lease] = Parked(copy, sp.user)
         return result
 
-    async def restore_file(
-        self, restore: RestoreRef, lease: str, account: Account | None
-    ) -> str | None:
-        """The offloaded namespace as a file in the new session's folder: moved there when it was
-        parked on this worker, else fetched from the worker that keeps it (a pool across machines).
-        None: it is gone, or it is not a file this session's account may trust."""
-        path = restore["path"]
+    async def restore_file(self, restore: RestoreRef, lease: str, user: str | None) -> str | None:
+        """The offloaded namespace of lease ``restore["lease"]`` as a file in the new session's
+        folder: moved there when it was parked on this worker, else fetched from the worker that
+        keeps it (a pool across machines). None: it is gone, or it is not a file this session's
+        account may trust."""
+        old = restore["lease"]
         try:
-            if self.store.owns(path) and os.path.exists(path):
-                moved = self.store.hand_over(path, lease, account)
-                self.forget(path)
+            if old in self.parked:
+                if self.parked[old].user != user:
+                    raise PermissionError(f"the copy of {old} belongs to another user")
+                moved = await self.store(old).move(old, lease)
+                self.forget(old)
                 return moved
             async with self.worker.rpc(restore["worker"]) as keeper:
-                fetched = await keeper.gpu_offload_fetch(path=path, key=self.pool_key)
-        except UnsafeFile as exc:
-            log.warning("not restoring %s for lease %s: %s", path, lease, exc)
+                fetched = await keeper.gpu_offload_fetch(lease=old, key=self.pool_key)
+            return await self.store(lease).write(fetched["data"], lease)
+        except Exception as exc:  # noqa: BLE001 - refused, unsafe, or that worker is gone: the variables are lost, said by the kernel
+            log.warning("not restoring the variables of %s for lease %s: %s", old, lease, exc)
             return None
-        except Exception as exc:  # noqa: BLE001 - that worker refused or is gone: the variables are lost, said by the kernel
-            log.warning(
-                "could not fetch offloaded variables %s from %s: %s", path, restore["worker"], exc
-            )
-            return None
-        return self.store.receive(fetched["data"], lease, account)
 
-    def fetch(self, path: str) -> bytes:
-        """An offloaded namespace, for the worker where its kernel's new session starts; forgotten
-        here."""
-        if not self.store.owns(path) or not os.path.isfile(path):
-            raise NotFound(f"no offloaded variables at {path} on this worker")
-        with open(path, "rb") as f:
-            data = f.read()
-        os.unlink(path)
-        self.forget(path)
+    async def fetch(self, lease: str) -> bytes:
+        """The copy of ``lease`` parked here, for the worker where its kernel's new session starts;
+        forgotten here."""
+        entry = self.parked.get(lease)
+        if entry is None:
+            raise NotFound(f"no offloaded variables of {lease} on this worker")
+        data = await self.store(lease).read(lease)
+        self.forget(lease)
         return data
 
-    def forget(self, path: str, live: frozenset[str] = frozenset()) -> None:
-        """Forget the copy at ``path`` (its folder goes too, unless its session still runs:
+    def forget(self, lease: str, live: frozenset[str] = frozenset()) -> None:
+        """Forget the copy of ``lease`` (its folder goes too, unless its session still runs:
         ``live``)."""
-        for lease, entry in list(self.parked.items()):
-            if entry.copy["path"] == path:
-                del self.parked[lease]
-                if lease not in live:
-                    self.store.forget(lease)
+        if self.parked.pop(lease, None) is not None and lease not in live:
+            self.store(lease).forget(lease)
 
     def session_ended(self, lease: str) -> None:
-        """A session ended: its folder goes, unless its variables are parked there for its owner."""
+        """A session ended: its folder goes, unless its variables are parked there for its
+        owner."""
+        store = self.store(lease)
         if lease not in self.parked:
-            self.store.forget(lease)
-        else:  # a standby copy it was writing is of no use now
-            try:
-                os.unlink(self.store.standby_path(lease))
-            except OSError:
-                pass
+            store.forget(lease)
+        elif store is self.local:  # a standby copy it was writing is of no use now
+            from jupyter_gpu.common.hostmem import discard
+
+            discard(self.local.standby_path(lease))
+
+    def close(self) -> None:
+        self.local.close()
+        if self.launched is not None:
+            self.launched.close()

@@ -1,25 +1,33 @@
-"""The worker's store of sessions' variables in host memory: one folder per session, owned by its
-user.
+"""The worker's store of sessions' variables in host memory: one folder per session.
 
-Layout: ``<base>/<lease>/`` per session (``base`` is the worker's private folder in ``/dev/shm``,
-``common/hostmem.py``); the session writes its standby copy (``standby``) and, when it is moved off
-its GPU, its offload (``offload.pkl``) there. When sessions run as their users, a session's folder
-belongs to its user (0700) and its files are 0600: no other account can read or replace them, and
-the session sees no other session's folder (its /dev/shm is private; ``session/account.py``).
+Layout: one folder per session (``<lease>``), where the session writes its standby copy
+(``standby``) and, when it is moved off its GPU, its offload (``offload.pkl``). A restore hands the
+file to the next session of the same kernel: moved (never copied) into its folder, or, from another
+machine, written into it.
 
-A restore hands a file to the new session of the same kernel: moved (never copied) into the new
-session's folder, and only if it is a plain file that belongs to that session's account and nobody
-else may read or write, so that no session ever loads a file another account could have written.
+Two stores, one interface, named by lease (never by a path someone gave):
+
+- :class:`HostStore`: sessions that run as the worker's own account (users not isolated). The
+  folders are in the worker's private folder in ``/dev/shm`` (``common/hostmem.py``); a file is
+  opened with ``O_NOFOLLOW`` and checked on its descriptor (a plain file of this account that
+  nobody else may read or write) before it is trusted.
+- :class:`LaunchedStore`: sessions that run as their users. Their folders belong to them and to the
+  launcher (``launcher/hostfiles.py``), which moves, opens and creates the files on descriptors; the
+  worker only holds paths to hand to sessions, and descriptors the launcher hands it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import stat
+from typing import TYPE_CHECKING
 
 from jupyter_gpu.common.hostmem import offload_dir
-from jupyter_gpu.common.protocol import Account
+
+if TYPE_CHECKING:
+    from jupyter_gpu.worker.launcher_link import LauncherLink
 
 OFFLOAD = "offload.pkl"
 STANDBY = "standby"
@@ -29,8 +37,18 @@ class UnsafeFile(PermissionError):
     """A file in the store is not what it must be (owner, mode, type): it is not used."""
 
 
+def _read_fd(fd: int) -> bytes:
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
+def _write_fd(fd: int, data: bytes) -> None:
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
 class HostStore:
-    """See the module docstring. Folders are made on first use."""
+    """Folders of sessions that run as this worker's account (see the module docstring)."""
 
     def __init__(self) -> None:
         self._base: str | None = None
@@ -41,16 +59,10 @@ class HostStore:
             self._base = offload_dir()
         return self._base
 
-    @property
-    def started(self) -> bool:
-        return self._base is not None
-
-    def folder(self, lease: str, account: Account | None = None) -> str:
-        """The session's folder (made if missing), owned by its account when it has one."""
+    def folder(self, lease: str) -> str:
+        """The session's folder (made if missing)."""
         path = os.path.join(self.base, lease)
         os.makedirs(path, mode=0o700, exist_ok=True)
-        if account is not None:
-            os.chown(path, account["uid"], account["gid"])
         os.chmod(path, 0o700)
         return path
 
@@ -60,51 +72,82 @@ class HostStore:
     def standby_path(self, lease: str) -> str:
         return os.path.join(self.base, lease, STANDBY)
 
-    def owns(self, path: str) -> bool:
-        """Whether ``path`` names a file of this store (no symlinks, no ``..``)."""
-        if not self.started:
-            return False
-        real = os.path.realpath(path)
-        return os.path.commonpath([real, self.base]) == self.base and real == os.path.abspath(path)
+    def _open_copy(self, lease: str) -> int:
+        """A descriptor on ``lease``'s copy, checked on the descriptor itself (no check-then-open
+        race)."""
+        fd = os.open(self.offload_path(lease), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            os.close(fd)
+            raise UnsafeFile(f"the copy of {lease} is not a private plain file of this account")
+        os.set_blocking(fd, True)
+        return fd
 
-    def check(self, path: str, uid: int) -> None:
-        """Raise ``UnsafeFile`` unless ``path`` is a regular file of ``uid`` that only its owner can
-        access."""
-        st = os.lstat(path)
-        if not stat.S_ISREG(st.st_mode):
-            raise UnsafeFile(f"{path} is not a plain file")
-        if st.st_uid != uid:
-            raise UnsafeFile(f"{path} belongs to uid {st.st_uid}, not {uid}")
-        if st.st_mode & 0o077:
-            raise UnsafeFile(
-                f"{path} can be read or written by others (mode {stat.S_IMODE(st.st_mode):o})"
-            )
-
-    def hand_over(self, path: str, lease: str, account: Account | None) -> str:
-        """Move a parked offload into the new session's folder (checked first); returns its new
-        path."""
-        uid = account["uid"] if account is not None else os.geteuid()
-        self.check(path, uid)
-        target = os.path.join(self.folder(lease, account), OFFLOAD)
-        os.replace(path, target)
+    async def move(self, old: str, new: str) -> str:
+        """Move ``old``'s copy into ``new``'s folder; returns its new path."""
+        os.close(self._open_copy(old))
+        target = os.path.join(self.folder(new), OFFLOAD)
+        os.replace(self.offload_path(old), target)
         return target
 
-    def receive(self, data: bytes, lease: str, account: Account | None) -> str:
-        """Write an offload fetched from another machine into the new session's folder (0600, its
-        owner)."""
-        target = os.path.join(self.folder(lease, account), OFFLOAD)
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        if account is not None:
-            os.chown(target, account["uid"], account["gid"])
+    async def read(self, lease: str) -> bytes:
+        fd = self._open_copy(lease)
+        return await asyncio.get_running_loop().run_in_executor(None, _read_fd, fd)
+
+    async def write(self, data: bytes, lease: str) -> str:
+        """A copy fetched from another machine, written into ``lease``'s folder (0600)."""
+        target = os.path.join(self.folder(lease), OFFLOAD)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        await asyncio.get_running_loop().run_in_executor(None, _write_fd, fd, data)
         return target
 
     def forget(self, lease: str) -> None:
         """Remove a session's folder and everything in it."""
-        if self.started:
-            shutil.rmtree(os.path.join(self.base, lease), ignore_errors=True)
+        if self._base is not None:
+            shutil.rmtree(os.path.join(self._base, lease), ignore_errors=True)
 
     def close(self) -> None:
         if self._base is not None:
             shutil.rmtree(self._base, ignore_errors=True)
+
+
+class LaunchedStore(HostStore):
+    """Folders of sessions the launcher started as their users (see the module docstring)."""
+
+    def __init__(self, link: LauncherLink) -> None:
+        super().__init__()
+        self.link = link
+        self.folders: dict[str, str] = {}  # lease -> its folder, as the launcher made it
+
+    def register(self, lease: str, folder: str) -> None:
+        self.folders[lease] = folder
+
+    def folder(self, lease: str) -> str:
+        return self.folders[lease]
+
+    def offload_path(self, lease: str) -> str:
+        return os.path.join(self.folders[lease], OFFLOAD)
+
+    def standby_path(self, lease: str) -> str:
+        return os.path.join(self.folders[lease], STANDBY)
+
+    async def move(self, old: str, new: str) -> str:
+        return await self.link.move_copy(old, new)
+
+    async def read(self, lease: str) -> bytes:
+        fd = await self.link.open_copy(lease)
+        return await asyncio.get_running_loop().run_in_executor(None, _read_fd, fd)
+
+    async def write(self, data: bytes, lease: str) -> str:
+        fd, path = await self.link.create_copy(lease)
+        await asyncio.get_running_loop().run_in_executor(None, _write_fd, fd, data)
+        return path
+
+    def forget(self, lease: str) -> None:
+        """A parked copy nobody will restore: its folder goes (a live session's goes when the
+        launcher ends it)."""
+        if self.folders.pop(lease, None) is not None:
+            self.link.spawn(self.link.forget_copy(lease))
+
+    def close(self) -> None:
+        self.folders.clear()  # the launcher removes them when this worker's connection closes

@@ -13,8 +13,10 @@ variables in host memory, are the ``SessionManager``'s (``worker/session_manager
 
 Who may call it: the broker (and, for a parked namespace, another worker) with the pool key
 (``common/poolkey.py``); nobody else. Sessions report through their private socket
-(``worker/relay.py``). When the broker says the pool isolates users and this worker runs as root,
-each session runs as its user (``worker/accounts.py``, ``session/account.py``).
+(``worker/relay.py``). When the pool isolates users and ``jupyter-gpu worker`` was started as root,
+each session runs as its user: the launcher it forked starts it on the broker's signed grant
+(``worker/launcher_link.py``, ``launcher/``); this worker itself runs as the pool's service
+account.
 
 Load it into any Dask worker with ``--preload jupyter_gpu.worker.plugin``. The GPUs it offers are
 this machine's (NVML or ``JUPYTER_GPU_VIRTUAL_GPUS``), restricted to ``JUPYTER_GPU_DEVICES=0,1``
@@ -26,17 +28,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from typing import Any, Callable, Literal
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from jupyter_gpu.common import poolkey
+from jupyter_gpu.common import no_pickle, poolkey
 from jupyter_gpu.common.handlers import handler, handlers_of
 from jupyter_gpu.common.hostmem import sweep_stale
 from jupyter_gpu.common.inventory import GpuInfo, discover
 from jupyter_gpu.common.protocol import (
     DEVICES_ENV,
-    Account,
     FetchedOffload,
     GpuInfoMsg,
     LeaseView,
@@ -45,9 +47,9 @@ from jupyter_gpu.common.protocol import (
     SessionStarted,
     StarterInfo,
 )
-from jupyter_gpu.common.refusals import CallError, NotAuthorized, NotPossible
+from jupyter_gpu.common.refusals import NotAuthorized, NotPossible
 from jupyter_gpu.common.validation import Address, Name, Seconds, Secret, Text
-from jupyter_gpu.worker.accounts import NoAccount, account_of, can_switch_users
+from jupyter_gpu.worker.launcher_link import LauncherLink
 from jupyter_gpu.worker.nvml_sampler import NvmlSampler
 from jupyter_gpu.worker.session_manager import SessionManager, forwarding, start_concurrency
 from jupyter_gpu.worker.spawn import SessionProcess
@@ -91,9 +93,21 @@ class GpuWorkerPlugin(WorkerPlugin):
         # folders (and, in the session manager, cgroups)
         for folder in sweep_stale():
             log.warning("removed the host-memory folder %s of a worker that is gone", folder)
-        self.manager = SessionManager(worker, gpus)
+        launcher = LauncherLink.from_environment()
+        if launcher is not None:
+            await launcher.open(worker.address)
+            launcher.on_exit = lambda proc: None  # seen by _check_sessions (LaunchedProcess.poll)
+        elif os.geteuid() == 0:
+            log.warning(
+                "this worker runs as root without jupyter-gpu's launcher: in a pool that isolates "
+                "users it refuses sessions (start it with `jupyter-gpu worker`, which gives root up "
+                "and keeps it only in the launcher)"
+            )
+        self.manager = SessionManager(worker, gpus, launcher)
         self.manager.copies.pool_key = self.pool_key
         worker.handlers.update(self.handlers())
+        # what the broker tells this worker on the scheduler's stream (nobody else writes there)
+        worker.stream_handlers["gpu_sessions_refused"] = self.gpu_sessions_refused
         from tornado.ioloop import PeriodicCallback
 
         self._monitor = PeriodicCallback(self._check_sessions, 250)
@@ -123,22 +137,32 @@ class GpuWorkerPlugin(WorkerPlugin):
         client: Name | None = None,
         secret: Secret | None = None,
         account: Name | None = None,
+        grant: Text | None = None,
         key: Secret | None = None,
     ) -> SessionStarted:
-        """Give a (pre-warmed) session process the lease: its account, its group, pinned, capped,
-        restored; returns its address. ``account``: the pool user whose OS account the session runs
-        as (the broker sends it when the pool isolates users; it applies when this worker runs as
-        root)."""
+        """Start a session for the lease: pinned, capped, restored; returns its address.
+        ``account``: the pool user whose OS account the session runs as (the pool isolates users);
+        ``grant``: the broker's signed grant, which a worker started as root hands to its launcher
+        (it checks it: as the user, or as the pool's service account, confined either way); a
+        worker without one runs sessions as its own account (users not isolated)."""
         self._check_broker(key)
         self.manager.check_lease(lease)
-        who: Account | None = None
-        if account is not None and can_switch_users():
-            try:
-                who = account_of(account)
-            except NoAccount as exc:
-                raise NotPossible(str(exc)) from None
+        launched: tuple[str | None, str] | None = None
+        if self.manager.launcher is not None and grant is not None:
+            launched = (account, grant)  # the launcher checks the grant: as the user, or us
+        elif self.manager.launcher is not None and account is not None:
+            raise NotPossible(
+                "the broker sent no signed grant for a session that runs as its user: start "
+                "`jupyter-gpu pool up` as root (it signs grants with a key only root reads)"
+            )
+        elif account is not None and os.geteuid() == 0:
+            raise NotPossible(
+                "this worker runs as root without jupyter-gpu's launcher, so its sessions would "
+                "run as root: start it with `jupyter-gpu worker` (it keeps root only in the "
+                "launcher, which runs sessions as their users)"
+            )
         return await self.manager.start(
-            lease, client, secret or "", who, restore, forwarding(self._forward)
+            lease, client, secret or "", launched, restore, forwarding(self._forward)
         )
 
     @handler("gpu_session_signal", caller="broker", check="pool-key")
@@ -176,18 +200,18 @@ class GpuWorkerPlugin(WorkerPlugin):
         return await self.manager.offload(lease, timeout)
 
     @handler("gpu_offload_fetch", caller="worker", check="pool-key")
-    def gpu_offload_fetch(self, path: Text, key: Secret | None = None) -> FetchedOffload:
-        """Hand an offloaded namespace to the worker where its owner's next session starts, and
-        forget it."""
+    async def gpu_offload_fetch(self, lease: Name, key: Secret | None = None) -> FetchedOffload:
+        """Hand the offloaded namespace of ended lease ``lease`` to the worker where its owner's
+        next session starts, and forget it."""
         self._check_broker(key)
-        return {"data": self.manager.copies.fetch(path)}
+        return {"data": await self.manager.copies.fetch(lease)}
 
     @handler("gpu_offload_discard", caller="broker", check="pool-key")
-    def gpu_offload_discard(self, path: Text, key: Secret | None = None) -> None:
-        """Forget an offloaded namespace nobody will restore (its kernel ended)."""
+    def gpu_offload_discard(self, lease: Name, key: Secret | None = None) -> None:
+        """Forget the offloaded namespace of ended lease ``lease``: nobody will restore it (its
+        kernel ended)."""
         self._check_broker(key)
-        if self.manager.copies.store.owns(path):
-            self.manager.copies.forget(path, frozenset(self.manager.sessions))
+        self.manager.copies.forget(lease, frozenset(self.manager.sessions))
 
     # ------------------------------------------------------------------ talking to the broker
     async def _report_when_registered(self) -> None:
@@ -206,32 +230,27 @@ class GpuWorkerPlugin(WorkerPlugin):
         await self._report()
 
     async def _report(self) -> None:
-        live = await self.manager.live()
-        parked = [entry.copy for entry in self.manager.copies.parked.values()]
-        try:
-            reply = await self.worker.scheduler.gpu_register_worker(
-                worker=self.worker.address,
-                gpus=self.gpu_inventory(),
-                sessions=live,
-                parked=parked,
-                start_slots=start_concurrency(),
-                accounts=can_switch_users(),
-                key=self.pool_key,
-            )
-        except CallError as exc:
-            log.error("the broker refused this worker's GPUs: %s", exc)
-            return
-        except Exception as exc:  # noqa: BLE001 - any failure to register is logged: the pool gets no GPUs from this worker
+        """Offer the GPUs on this worker's own stream (only it can write there: the broker takes
+        the worker's address from the stream, not from what the message says)."""
+        try:  # a scheduler without the broker would drop this worker's stream for an unknown op
+            await self.worker.scheduler.gpu_usage(since=time.time())
+        except Exception as exc:  # noqa: BLE001 - any failure: the pool gets no GPUs from this worker, said once
             log.error(
                 "could not register GPUs with the scheduler (is the broker loaded there? start it "
                 "with `jupyter-gpu pool up` or --preload jupyter_gpu.broker.plugin): %s",
                 exc,
             )
             return
-        # the broker could not take them back: end them
-        for lease in reply.get("refused_sessions") or ():
-            log.warning("the broker did not adopt the session of lease %s: ending it", lease)
-            self.manager.kill(lease)
+        live = await self.manager.live()
+        parked = [entry.copy for entry in self.manager.copies.parked.values()]
+        self._tell(
+            "gpu_register_worker",
+            gpus=self.gpu_inventory(),
+            sessions=live,
+            parked=parked,
+            start_slots=start_concurrency(),
+            accounts=self.manager.launcher is not None,
+        )
         if live or parked:
             log.info(
                 "reported %d live session(s) and %d parked namespace(s) to the broker",
@@ -239,37 +258,40 @@ class GpuWorkerPlugin(WorkerPlugin):
                 len(parked),
             )
 
+    def _tell(self, op: str, **fields: Any) -> None:
+        """One report to the broker, on this worker's stream to the scheduler."""
+        if self.worker.batched_stream is None or self.worker.batched_stream.comm is None:
+            log.debug("not connected to the scheduler: %s not sent", op)
+            return
+        self.worker.batched_stream.send({"op": op, **fields})
+
+    def gpu_sessions_refused(self, leases: list[str] | tuple[str, ...] = (), **_: Any) -> None:
+        """The broker (on the scheduler's stream to this worker) could not adopt these sessions
+        after a restart: end them."""
+        for lease in leases:
+            if isinstance(lease, str):
+                log.warning("the broker did not adopt the session of lease %s: ending it", lease)
+                self.manager.kill(lease)
+
     async def _forward(self, sp: SessionProcess, op: str, fields: dict[str, Any]) -> None:
         """A session's checked report, on to the broker, about its own lease
         (``worker/relay.py``)."""
         if op == "lease_state":
-            await self.worker.scheduler.gpu_lease_state(
-                lease=sp.lease, worker=self.worker.address, key=self.pool_key, reply=False, **fields
-            )
+            self._tell("gpu_lease_state", lease=sp.lease, **fields)
         elif op == "run_metrics":
-            await self.worker.scheduler.gpu_run_metrics(
-                lease=sp.lease, key=self.pool_key, reply=False, **fields
-            )
+            self._tell("gpu_run_metrics", lease=sp.lease, **fields)
 
     async def _send_samples(self, samples: dict[str, Any]) -> None:
-        try:
-            await self.worker.scheduler.gpu_samples(
-                worker=self.worker.address, samples=samples, key=self.pool_key
-            )
-        except Exception as exc:  # noqa: BLE001 - samples are best effort: the next ones follow
-            log.debug("could not send samples: %s", exc)
+        self._tell("gpu_samples", samples=samples)
 
     async def _check_sessions(self) -> None:
         for lease, reason in self.manager.exits():
             log.warning("session for lease %s ended: %s", lease, reason)
-            try:
-                await self.worker.scheduler.gpu_session_ended(
-                    lease=lease, reason=reason, worker=self.worker.address, key=self.pool_key
-                )
-            except Exception as exc:  # noqa: BLE001 - the broker may be away; the session is gone either way
-                log.debug("could not tell the broker: %s", exc)
+            self._tell("gpu_session_ended", lease=lease, reason=reason)
 
 
 async def dask_setup(worker) -> None:  # noqa: ANN001
-    """``--preload jupyter_gpu.worker.plugin``: install the GPU plugin on this worker."""
+    """``--preload jupyter_gpu.worker.plugin``: install the GPU plugin on this worker (which then
+    reads no pickles: ``common/no_pickle.py``)."""
+    no_pickle.install()
     await worker.plugin_add(GpuWorkerPlugin(), name=PLUGIN_NAME)

@@ -3,11 +3,14 @@ variables in host memory.
 
 Why apart from the plugin: the plugin (``worker/plugin.py``) is Dask's side of the worker, its
 handlers and the reports to the broker; the sessions are this worker's own state, which outlives a
-scheduler restart. A session comes from the worker's zygote (``worker/forkserver.py``) or, without
-one, from a spare process kept warm; it is given its lease (``assign``) with its account, its
-cgroup (``worker/containment.py``) and its standby plan, and restored from an earlier session's
-variables when its request asks. Starts are queued ``session.start-concurrency`` at a time: on a
-busy machine eight sessions importing torch at once each take eight times as long.
+scheduler restart. A session whose user is isolated comes from the privileged launcher
+(``worker/launcher_link.py``), already its user's, in its cgroup, on the broker's signed grant;
+any other runs as the worker's account and comes from the worker's zygote
+(``worker/forkserver.py``) or, without one, from a spare process kept warm (in a cgroup the worker
+makes where it may: ``launcher/cgroups.py``). Either is then given its lease (``assign``) and its
+standby plan, and restored from an earlier session's variables when its request asks. Starts are
+queued ``session.start-concurrency`` at a time: on a busy machine eight sessions importing torch
+at once each take eight times as long.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ from distributed.core import rpc
 from jupyter_gpu.common import config
 from jupyter_gpu.common.inventory import GpuInfo
 from jupyter_gpu.common.protocol import (
-    Account,
     AssignReply,
     GpuInfoMsg,
     LeaseView,
@@ -42,12 +44,20 @@ from jupyter_gpu.common.protocol import (
 from jupyter_gpu.common.refusals import CallError, Failed, Malformed, NotFound, NotPossible
 from jupyter_gpu.common.security import security_env
 from jupyter_gpu.common.units import format_bytes
-from jupyter_gpu.worker.containment import Containment, host_memory_limit
+from jupyter_gpu.launcher.cgroups import Containment, host_memory_limit
 from jupyter_gpu.worker.forkserver import ForkServer
 from jupyter_gpu.worker.host_copies import HostCopies, checked_reply
-from jupyter_gpu.worker.hoststore import HostStore
+from jupyter_gpu.worker.hoststore import HostStore, LaunchedStore
+from jupyter_gpu.worker.launcher_link import LauncherLink
 from jupyter_gpu.worker.relay import Forward, relay
-from jupyter_gpu.worker.spawn import SessionProcess, exit_reason, kill, session_env, spawn_session
+from jupyter_gpu.worker.spawn import (
+    SessionProcess,
+    exit_reason,
+    kill,
+    launch_session,
+    session_env,
+    spawn_session,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +65,14 @@ log = logging.getLogger(__name__)
 class SessionManager:
     """The sessions of one GPU worker (``worker``: the Dask worker; ``gpus``: the GPUs it owns)."""
 
-    def __init__(self, worker: Any, gpus: list[GpuInfo]) -> None:
+    def __init__(
+        self, worker: Any, gpus: list[GpuInfo], launcher: LauncherLink | None = None
+    ) -> None:
         self.worker, self.gpus = worker, gpus
+        self.launcher = launcher  # the privileged launcher of this machine (a root start)
         self.sessions: dict[str, SessionProcess] = {}
-        self.copies = HostCopies(worker)  # variables of sessions, in host memory here
+        # variables of sessions, in host memory here
+        self.copies = HostCopies(worker, LaunchedStore(launcher) if launcher else None)
         self.spare: SessionProcess | None = None
         self._spare_task: asyncio.Task[None] | None = None
         self.forkserver: ForkServer | None = None  # the zygote sessions are forked from
@@ -71,15 +85,16 @@ class SessionManager:
         self.reaping: list[subprocess.Popen[bytes]] = []
 
     def prewarm(self) -> None:
-        """Start the zygote (or a spare process) now, so the first session starts warm."""
+        """Start the zygote (or a spare process) now, so the first session starts warm (a worker
+        with a launcher: the launcher's zygote is warm already; its own is made when needed)."""
         if config.get("session.fork-server") and sys.platform == "linux":
             tls = security_env(self.worker.security)
             self.forkserver = ForkServer(
                 list(config.get("session.preload-modules") or []), session_env(tls)
             )
-            if config.get("session.prewarm"):
+            if config.get("session.prewarm") and self.launcher is None:
                 self.forkserver.start()
-        elif config.get("session.prewarm"):
+        elif config.get("session.prewarm") and self.launcher is None:
             self.refill_spare()
 
     def close(self) -> None:
@@ -89,7 +104,9 @@ class SessionManager:
         if self.forkserver is not None:
             self.forkserver.close()
         self.containment.close()
-        self.copies.store.close()  # offloaded namespaces die with their worker
+        self.copies.close()  # offloaded namespaces die with their worker
+        if self.launcher is not None:  # the launcher ends this connection's sessions and folders
+            self.launcher.close()
 
     # ------------------------------------------------------------------ processes
     async def spawn(self) -> SessionProcess:
@@ -145,18 +162,26 @@ class SessionManager:
 
     def end_process(self, sp: SessionProcess) -> None:
         """Kill a session and everything it started (its group), and reap it."""
+        if sp.launched and self.launcher is not None:  # the launcher's: its group, its folder
+            keep = sp.lease in self.copies.parked
+            self.launcher.spawn(self.launcher.end(sp.lease or "", keep_folder=keep))
+            self._end_link(sp)
+            return
         kill(sp.proc)
         if sp.group is not None:
             sp.group.kill()
             sp.group.remove()
             sp.group = None
+        self._end_link(sp)
+        self.reaping.append(sp.proc)
+
+    def _end_link(self, sp: SessionProcess) -> None:
         if sp.control is not None:
             sp.control.close()
             sp.control = None
         task = self._relays.pop(sp.lease or "", None)
         if task is not None:
             task.cancel()
-        self.reaping.append(sp.proc)
 
     def kill(self, lease: str) -> bool:
         """End ``lease``'s session (False: none runs here)."""
@@ -178,8 +203,10 @@ class SessionManager:
             if code is None:
                 continue
             self.sessions.pop(lease, None)
-            over = sp.group is not None and sp.group.oom_killed()
-            limit = sp.group.memory_limit if sp.group is not None else None
+            over = bool(getattr(sp.proc, "oom", False)) or (
+                sp.group is not None and sp.group.oom_killed()
+            )
+            limit = sp.group.memory_limit if sp.group is not None else self.host_memory_limit
             self.end_process(sp)  # what the session started ends with it
             self.copies.session_ended(lease)
             if sp.killed:
@@ -217,21 +244,26 @@ class SessionManager:
         lease: LeaseView,
         client: str | None,
         secret: str,
-        who: Account | None,
+        grant: tuple[str | None, str] | None,
         restore: RestoreRef | None,
         forward: Callable[[SessionProcess], Forward],
     ) -> SessionStarted:
-        """Give a (pre-warmed) session process the lease: its account, its group, pinned, capped,
-        restored; ``forward(sp)`` passes its reports on. A failure ends the process and raises
-        ``Failed`` with what went wrong."""
+        """Give a session process the lease: pinned, capped, restored; ``forward(sp)`` passes its
+        reports on. ``grant``: (the pool user it runs as, or None: the service account; the
+        broker's signed grant) for a session the launcher starts; None: one of this worker's
+        account, from its zygote or its spare. A failure ends the process and raises ``Failed``
+        with what went wrong."""
         lease_id = lease["id"]
         t0 = time.monotonic()
         try:
-            sp = await self.take_process()
+            if grant is not None:
+                sp = await self.launch(lease_id, *grant)
+            else:
+                sp = await self.take_process()
             t_process = time.monotonic()
             by_index = {g.index: g for g in self.gpus}
             gpus: list[GpuInfoMsg] = [by_index[i].message() for i in lease["gpu_indices"]]
-            sp.lease, sp.secret, sp.account = lease_id, secret, who
+            sp.lease, sp.secret = lease_id, secret
             sp.grant = {"lease": dict(lease), "client": client}
             self.sessions[lease_id] = sp
             if sp.control is not None:  # its reports, checked, to the broker
@@ -240,7 +272,7 @@ class SessionManager:
                 )
                 sp.control = None
             containment, rlimit = self._contain(sp, lease_id, gpus)
-            restored = await self._assign(sp, lease, gpus, secret, who, rlimit, restore)
+            restored = await self._assign(sp, lease, gpus, secret, rlimit, restore)
         except Exception as exc:
             log.exception("could not start a session for lease %s", lease_id)
             self.kill(lease_id)
@@ -263,25 +295,45 @@ class SessionManager:
             "pid": sp.pid,
             "isolation": isolation,
             "restored": restored,
-            "as_user": who is not None,
+            "as_user": sp.user is not None,
             "containment": containment[0],
             "host_memory_limit": containment[1],
         }
 
+    async def launch(self, lease_id: str, user: str | None, grant: str) -> SessionProcess:
+        """A session as ``user`` (None: the service account), started by the launcher on the
+        broker's ``grant``: confined and in its cgroup before it runs anything (``launcher/``)."""
+        assert self.launcher is not None and self.copies.launched is not None  # a root start
+        async with self._start_slots:
+            sp, folder = await launch_session(
+                self.launcher,
+                lease_id,
+                user,
+                grant,
+                get_address_host(self.worker.address),
+                session_env(security_env(self.worker.security)),
+            )
+        self.copies.launched.register(lease_id, folder)
+        return sp
+
     def _contain(
         self, sp: SessionProcess, lease_id: str, gpus: list[GpuInfoMsg]
     ) -> tuple[tuple[str, int | None], int | None]:
-        """Put the session in its cgroup, capped in host memory; without one, a data-size rlimit
-        stands in for the cap on virtual GPUs (CUDA maps more than it uses). Returns what the lease
-        says of it (how it is contained, its host-memory limit), and the rlimit."""
-        sp.group = self.containment.group(lease_id, self.host_memory_limit)
+        """Put the session in its cgroup, capped in host memory and processes (the launcher's
+        sessions are in theirs already); without one, a data-size rlimit stands in for the memory
+        cap on virtual GPUs (CUDA maps more than it uses). Returns what the lease says of it (how
+        it is contained, its host-memory limit), and the rlimit."""
+        virtual = all(g.get("virtual") for g in gpus)
+        if sp.launched and sp.containment is not None:
+            kind, limit = sp.containment
+            if kind == "process group" and virtual and self.host_memory_limit:
+                return ("rlimit", self.host_memory_limit), self.host_memory_limit
+            return (kind, limit), None
+        limits = {"memory.max": self.host_memory_limit, "pids.max": pids_limit()}
+        sp.group = self.containment.group(lease_id, limits)
         if sp.group is not None:
             sp.group.add(sp.pid)
-        rlimit = (
-            self.host_memory_limit
-            if sp.group is None and all(g.get("virtual") for g in gpus)
-            else None
-        )
+        rlimit = self.host_memory_limit if sp.group is None and virtual else None
         kind = (
             self.containment.kind
             if sp.group is not None
@@ -296,12 +348,12 @@ class SessionManager:
         lease: LeaseView,
         gpus: list[GpuInfoMsg],
         secret: str,
-        who: Account | None,
         rlimit: int | None,
         restore: RestoreRef | None,
     ) -> RestoreResult | None:
         """``assign`` (and ``restore``) on the session, over the worker's TLS."""
-        folder = self.copies.store.folder(lease["id"], who)
+        store = self.copies.store(lease["id"])
+        store.folder(lease["id"])  # made now (this worker's), or the launcher's already
         restored: RestoreResult | None = None
         async with rpc(sp.address, connection_args=self.worker.connection_args) as session:
             reply = await session.assign(
@@ -309,14 +361,12 @@ class SessionManager:
                 secret=secret,
                 lease=lease,
                 gpus=gpus,
-                standby=standby_plan(lease, self.copies.store),
+                standby=standby_plan(lease, store),
                 memory_rlimit=rlimit,
-                account=who,
-                hostmem=folder if who is not None else None,
             )
             checked_reply(reply, AssignReply, "assign")
             if restore:
-                path = await self.copies.restore_file(restore, lease["id"], who)
+                path = await self.copies.restore_file(restore, lease["id"], sp.user)
                 restored = await session.restore(path=path, secret=secret) if path else None
                 checked_reply(restored, RestoreResult | None, "restore")
         assert sp.grant is not None  # set by start
@@ -376,6 +426,12 @@ def standby_plan(lease: LeaseView, store: HostStore) -> StandbyPlan | None:
         )
         return None
     return {"path": store.standby_path(lease["id"]), "after": after}
+
+
+def pids_limit() -> int | None:
+    """How many processes one session (with all it starts) may have (``session.pids-limit``)."""
+    value = config.get("session.pids-limit")
+    return int(value) if value else None
 
 
 def start_concurrency() -> int:

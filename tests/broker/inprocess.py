@@ -48,3 +48,19 @@ async def granted(sched: rpc, **request) -> dict:
             break
         status = await sched.gpu_wait(id=status["id"], timeout=0.5)
     return status
+
+
+def tell(w, op: str, **fields) -> None:
+    """A worker's report to the broker, on its own stream to the scheduler (how a GPU worker sends
+    every report: the broker takes the worker from the stream)."""
+    w.batched_stream.send({"op": op, **fields})
+
+
+async def until(predicate, timeout: float = 20.0) -> bool:
+    """Wait (polling) until ``predicate()`` holds; False if it never did."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True

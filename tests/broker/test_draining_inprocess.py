@@ -11,6 +11,7 @@ from distributed import Client
 from distributed.core import rpc
 from distributed.utils_test import gen_cluster
 
+from jupyter_gpu.common import poolkey
 from jupyter_gpu.common.refusals import NotAuthorized
 from jupyter_gpu.worker.dask_worker import GpuDaskWorker
 from jupyter_gpu.worker.plugin import GpuWorkerPlugin
@@ -41,7 +42,10 @@ async def test_a_drained_workers_idle_session_moves_and_its_kernel_is_given_it(s
             # only the pool's own (workers, with the pool key) may drain
             with pytest.raises(NotAuthorized):
                 await sched.gpu_drain(workers=[a.address], timeout=30)
-            report = await sched.gpu_drain(workers=[a.address], timeout=30, key=broker.pool_key)
+            proof = poolkey.proof(broker.pool_key, "drain", a.address)
+            with pytest.raises(NotAuthorized):  # a proof is for the workers it names
+                await sched.gpu_drain(workers=[b.address], timeout=30, proof=proof)
+            report = await sched.gpu_drain(workers=[a.address], timeout=30, proof=proof)
             assert list(report["moved"]) == [old["id"]] and not report["ended"], report
 
             info = await sched.gpu_lease_info(lease=old["id"], user="alice")
@@ -54,6 +58,8 @@ async def test_a_drained_workers_idle_session_moves_and_its_kernel_is_given_it(s
             assert new["worker"] == b.address and again["restored"] is not None, again
             assert [ls.id for ls in broker.ledger.leases.values()] == [new["id"]]
 
+            with pytest.raises(NotAuthorized):  # ... and for one call
+                await sched.gpu_drain(workers=[a.address], timeout=30, proof=proof)
             # the drained worker takes no new lease: a new request goes to the other one
             other = await granted(sched, spec={"fraction": 0.25}, user="bob", kernel="k2")
             assert other["leases"][0]["worker"] == b.address, other

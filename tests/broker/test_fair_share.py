@@ -3,6 +3,7 @@
 import pytest
 
 from jupyter_gpu.broker.fair_share import FairQueue, FairSharePolicy
+from jupyter_gpu.broker.preemption import suspend_plan
 from jupyter_gpu.broker.quotas import PoolQuotas
 from jupyter_gpu.common.protocol import RequestSpec
 from tests.broker.fairsim import GiB, gpus, pool_sim, quotas, req
@@ -365,8 +366,6 @@ def test_a_session_still_starting_is_never_taken():
     )
     pool.gpus["w0#0"].leased_bytes = 16 * GiB
     pool.gpus["w0#0"].leases.add("S1")
-    assert policy.suspend_plan(req("bob", 5.0), list(pool.gpus.values()), 5.0) is None
+    assert suspend_plan(policy, req("bob", 5.0), pool.gpus, 5.0) is None
     policy.lease_state("S1", "idle", 6.0)  # the session is up and says so
-    assert [
-        lid for lid, _ in policy.suspend_plan(req("bob", 7.0), list(pool.gpus.values()), 7.0)
-    ] == ["S1"]
+    assert [lid for lid, _ in suspend_plan(policy, req("bob", 7.0), pool.gpus, 7.0)] == ["S1"]

@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from jupyter_gpu.broker.fair_share import FairSharePolicy
-from jupyter_gpu.broker.model import Request
+from jupyter_gpu.broker.model import GpuSlot, Request
+from jupyter_gpu.broker.packing import never_fits
 from jupyter_gpu.broker.quotas import PoolQuotas, Team, UserQuota
 from jupyter_gpu.common.protocol import RequestSpec
 from tests.broker.fairsim import GiB, gpus, pool_sim
@@ -293,3 +294,102 @@ def test_standby_copies_in_the_simulator_move_sessions_for_free_only_when_comple
     assert on.pct(95) < off.pct(95)
     # a copy that is never needed still cost its writes: copies written exceed what the moves used
     assert on.copy_bytes > on.moved_by_copy * sim.GiB
+
+
+host_specs = st.tuples(
+    st.one_of(
+        st.builds(lambda f: {"fraction": f}, st.sampled_from([0.1, 0.25, 0.5, 1.0])),
+        st.builds(lambda n: {"gpus": n}, st.integers(1, 2)),
+        st.builds(lambda f: {"fraction": f, "workers": 2}, st.sampled_from([0.25, 0.5])),
+    ),
+    st.one_of(st.none(), st.sampled_from([1, 3, 8, 20]).map(lambda g: g * GiB)),
+    st.one_of(st.none(), st.sampled_from([0.5, 1.0, 2.5, 6.0])),
+)
+machines = st.lists(
+    st.tuples(
+        st.integers(1, 3),  # GPUs (16 GiB each)
+        st.one_of(st.none(), st.sampled_from([4, 16, 32]).map(lambda g: g * GiB)),
+        st.one_of(st.none(), st.sampled_from([2.0, 4.5, 8.0])),
+    ),
+    min_size=1,
+    max_size=4,
+)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    machines,
+    st.lists(
+        st.tuples(st.floats(0, 100), st.integers(0, 3), host_specs, st.floats(1, D)), max_size=30
+    ),
+    st.sampled_from([None, 0.0]),
+)
+def test_the_host_memory_and_cores_booked_on_a_machine_never_exceed_what_it_leaves_to_sessions(
+    machines, workload, suspend_after
+):
+    """Whatever the machines report (memory and cores left to sessions, or nothing: unbounded) and
+    whatever the requests ask for (explicit host memory and cores, or the pool's defaults in
+    proportion to their GPU share), at every step the leases on a machine book no more host memory
+    and cores than it leaves to sessions, and no more GPU memory than its GPUs have; every request
+    that fits some empty machine is served in the end (none is lost in the queue's index), and each
+    lease's machine had room for what it books."""
+    sim = pool_sim()
+    slots = [
+        GpuSlot(worker=f"w{m}", index=i, uuid=f"G{m}.{i}", name="g", total_bytes=16 * GiB)
+        for m, (n, _, _) in enumerate(machines)
+        for i in range(n)
+    ]
+    policy = FairSharePolicy(PoolQuotas(suspend_idle_after=suspend_after, min_run_time=0.0))
+    pool = sim.SimPool(slots, policy)
+    for m, (_, memory, cpus) in enumerate(machines):
+        pool.ledger.set_host(f"w{m}", memory=memory, cpus=cpus)
+    events, seq = [], 0
+    fits: set[str] = set()
+    served: set[str] = set()
+    durations: dict[str, float] = {}
+    for n, (t, u, (spec, host_memory, cpus), dur) in enumerate(workload):
+        r = Request(
+            id=f"R{n}",
+            user=f"u{u}",
+            kernel="k",
+            client=None,
+            spec=RequestSpec(host_memory=host_memory, cpus=cpus, **spec),
+        )
+        if never_fits(r.spec, slots, pool.ledger.hosts) is not None:
+            continue  # the broker refuses it at once
+        heapq.heappush(events, (t, seq := seq + 1, "arrive", (r, dur)))
+    horizon = 100 + (len(workload) + 2) * (D + TICK)
+    for k in range(int(horizon / TICK)):
+        heapq.heappush(events, (k * TICK, seq := seq + 1, "tick", None))
+    while events:
+        t, _, kind, obj = heapq.heappop(events)
+        pool.now = t
+        if kind == "arrive":
+            r, dur = obj
+            pool.submit(r)
+            fits.add(r.id)
+            durations[r.id] = dur
+        elif kind == "end":
+            for lid in obj:
+                pool.end(lid)
+        grants, _ = pool.schedule()
+        pool.check_invariants()
+        for host in pool.ledger.hosts.values():
+            mine = [ls for ls in pool.leases.values() if ls.worker == host.worker]
+            if host.memory is not None:
+                assert sum(ls.host_memory for ls in mine) <= host.memory, host
+            if host.cpu_milli is not None:
+                assert sum(ls.cpu_milli for ls in mine) <= host.cpu_milli, host
+        for req, lease in grants:
+            if lease.id == req.leases[0]:
+                served.add(req.id)
+                for lid in req.leases:
+                    ls = pool.leases[lid]
+                    if req.spec.host_memory is not None:
+                        assert ls.host_memory == req.spec.host_memory
+                heapq.heappush(
+                    events, (t + durations[req.id], seq := seq + 1, "end", list(req.leases))
+                )
+    assert not pool.queue, [(r.id, r.spec.describe(), r.reason) for r in pool.queue]
+    assert not pool.leases
+    assert served == fits

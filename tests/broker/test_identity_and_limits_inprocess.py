@@ -40,8 +40,8 @@ def _broker(folder: Path) -> tuple[GpuBroker, dict[str, str]]:
     return GpuBroker(policy=policy, audit=AuditStore(None), tokens=store), tokens
 
 
-@gen_cluster(nthreads=[("127.0.0.1", 1)], config=FAST_SESSIONS)
-async def test_unknown_user_and_wrong_token_are_refused_and_limits_refuse_the_impossible(s, w):
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)], config=FAST_SESSIONS)
+async def test_unknown_user_and_wrong_token_are_refused_and_limits_refuse_the_impossible(c, s, w):
     with tempfile.TemporaryDirectory() as tmp:
         broker, tokens = _broker(Path(tmp))
         broker, plugin = await install_pool(s, w, broker=broker)
@@ -57,6 +57,7 @@ async def test_unknown_user_and_wrong_token_are_refused_and_limits_refuse_the_im
                     kernel="t",
                     spec={"fraction": 1.0, "workers": 2},
                     token=tokens["carol"],
+                    client=c.id,
                 )
                 assert reply["state"] == "refused" and "limit is 1.5 GPU" in reply["reason"]
                 # carol posing as bob, with her own token

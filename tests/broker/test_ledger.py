@@ -3,6 +3,7 @@ it."""
 
 from __future__ import annotations
 
+from jupyter_gpu.broker.draining import drain_worker
 from jupyter_gpu.broker.fair_share import FairSharePolicy
 from jupyter_gpu.broker.ledger import Ledger
 from jupyter_gpu.broker.model import GpuSlot, Request
@@ -82,7 +83,7 @@ def test_a_worker_being_drained_gets_no_new_lease_until_it_is_gone():
     ledger.set_worker_gpus(
         "w1", [GpuSlot(worker="w1", index=0, uuid="H0", name="g", total_bytes=8 * GiB)]
     )
-    ledger.draining.add("w0")
+    drain_worker(ledger, "w0")
     ledger.submit(request("R1", memory=4 * GiB))
     ledger.submit(request("R2", "bob", memory=12 * GiB))
     grants = ledger.schedule(None)

@@ -32,19 +32,22 @@ from jupyter_gpu.common.refusals import Malformed, NotAuthorized, NotFound, NotY
 from jupyter_gpu.session.server import SessionServer, session_comm_server
 from jupyter_gpu.worker.dask_worker import GpuDaskWorker
 from jupyter_gpu.worker.nanny import GpuNanny
-from tests.broker.inprocess import FAST_SESSIONS, granted, install_pool, teardown
+from tests.broker.inprocess import FAST_SESSIONS, granted, install_pool, teardown, tell, until
 
 pytestmark = [pytest.mark.inprocess, pytest.mark.timeout(120)]
 
 GiB = 2**30
 
-SCHEDULER_OPS = {
+# a worker's reports: on its own stream to the scheduler, never as calls
+SCHEDULER_STREAM_OPS = {
     "gpu_register_worker",
-    "gpu_drain",
     "gpu_samples",
     "gpu_session_ended",
     "gpu_lease_state",
     "gpu_run_metrics",
+}
+SCHEDULER_OPS = {
+    "gpu_drain",  # a stopping worker service's call (a proof of the pool key): it waits for the answer
     "gpu_request",
     "gpu_wait",
     "gpu_cancel",
@@ -79,7 +82,11 @@ def test_the_servers_declare_exactly_the_pinned_tables():
     declared_ops = {
         (r.server, r.op): r for r in interfaces.declared_rows()
     }  # what @handler declares
-    assert {op for server, op in declared_ops if server == "scheduler"} == SCHEDULER_OPS
+    scheduler = {op for server, op in declared_ops if server == "scheduler"}
+    assert scheduler == SCHEDULER_OPS | SCHEDULER_STREAM_OPS
+    assert {
+        r.op for r in interfaces.declared_rows() if r.server == "scheduler" and r.kind == "stream"
+    } == SCHEDULER_STREAM_OPS
     assert {op for server, op in declared_ops if server == "worker"} == WORKER_OPS
     assert {op for server, op in declared_ops if server == "session"} == SESSION_OPS
     # every declared handler says who calls it and how the caller is checked, and what it answers
@@ -131,7 +138,13 @@ async def test_the_table_lists_exactly_what_the_real_servers_leave_open(
             assert {op for op, h in s.handlers.items() if is_closed(h)} and all(
                 r.check == "in-process" for r in interfaces.handler_table() if r.op == "*"
             )
-            assert _ops("scheduler", "stream") == gate.CLIENT_STREAM_OPS | gate.WORKER_STREAM_OPS
+            assert (
+                _ops("scheduler", "stream")
+                == gate.CLIENT_STREAM_OPS | gate.WORKER_STREAM_OPS | SCHEDULER_STREAM_OPS
+            )
+            assert SCHEDULER_STREAM_OPS <= set(s.stream_handlers)
+            # as calls, the workers' reports are refused (closed), not answered
+            assert all(is_closed(s.handlers[op]) for op in SCHEDULER_STREAM_OPS)
             assert {op for op, h in w.handlers.items() if not is_closed(h)} == _ops("worker")
             nanny = GpuNanny(s.address)
             assert {op for op, h in nanny.handlers.items() if not is_closed(h)} == _ops("nanny")
@@ -149,6 +162,8 @@ async def test_handler_tables_are_registered_on_the_real_servers(s, w):
     try:
         assert s.plugins[PLUGIN_NAME] is broker
         assert SCHEDULER_OPS <= set(s.handlers) and set(broker.handlers()) == SCHEDULER_OPS
+        assert set(broker.stream_handlers()) == SCHEDULER_STREAM_OPS
+        assert SCHEDULER_STREAM_OPS <= set(s.stream_handlers)
         assert WORKER_OPS <= set(w.handlers) and set(plugin.handlers()) == WORKER_OPS
         assert sorted(broker.ledger.gpus) == [f"{w.address}#0", f"{w.address}#1"]
         async with rpc(w.address) as worker:
@@ -338,41 +353,34 @@ async def test_malformed_messages_are_refused_to_their_sender_and_break_nothing(
             good = await granted(sched, user="alice", kernel="k1", spec={"fraction": 0.5})
             assert good["state"] == "granted"
             lease = good["leases"][0]["id"]
-            # one-way notes with bad fields change nothing (a sender that asks for a reply hears why)
-            key = broker.pool_key
-            with pytest.raises(Malformed, match="state must be one of"):
-                await sched.gpu_lease_state(lease=lease, state="exploded", key=key)
-            with pytest.raises(Malformed, match="peak_bytes must be between"):
-                await sched.gpu_lease_state(lease=lease, state="idle", peak_bytes=-5, key=key)
+            # a worker's notes with bad fields change nothing; neither do notes sent as calls
+            tell(w, "gpu_lease_state", lease=lease, state="exploded")
+            tell(w, "gpu_lease_state", lease=lease, state="idle", peak_bytes=-5)
             with pytest.raises(Malformed, match="world_size must be a whole number"):
                 await sched.gpu_run_update(run="r1", world_size="two", state="running")
             with pytest.raises(Malformed, match=r"unknown field\(s\) ranks; known: attempt"):
                 await sched.gpu_run_update(run="r2", ranks={"0": "not a list"})
-            # ... and a one-way sender (reply=False) hears nothing: the note is dropped
-            await sched.gpu_lease_state(lease=lease, state="exploded", key=key, reply=False)
-            # metrics come through a session's worker, with the pool key, for that session's own
-            # lease
-            await sched.gpu_run_metrics(
+            await sched.gpu_run_update(run="r3", user="alice", leases=[lease], state="running")
+            # metrics come through a session's worker, on its stream, for that session's own lease
+            tell(
+                w,
+                "gpu_run_metrics",
                 run="r3",
                 rank=0,
                 lease=lease,
-                key=broker.pool_key,
                 items=[{"step": 1, "time": 1.0, "metrics": {"loss": float("nan")}}],
             )
-            with pytest.raises(Malformed, match="rank must be a whole number"):
-                await sched.gpu_run_metrics(
-                    run="r4", rank="zero", items=[], lease=lease, key=broker.pool_key
+            tell(w, "gpu_run_metrics", run="r4", rank="zero", items=[], lease=lease)
+            assert await until(lambda: "0" in broker.runs.runs["r3"].get("ranks", {}))
+            for op in ("gpu_run_metrics", "gpu_lease_state"):
+                assert (
+                    await getattr(sched, op)(lease=lease, run="r5", rank=0, state="running") is None
                 )
-            # no key: not a worker
-            with pytest.raises(NotAuthorized, match="only the pool's workers"):
-                await sched.gpu_run_metrics(run="r5", rank=0, items=[], lease=lease)
-            with pytest.raises(NotAuthorized, match="only the pool's workers"):
-                await sched.gpu_lease_state(lease=lease, state="running", peak_bytes=10**13)
             live = broker.ledger.leases[lease]
             assert live.state == "idle" and live.peak_bytes is None
             snap = await sched.gpu_snapshot()
             json.dumps(snap, allow_nan=False)  # what the panel parses: no NaN, no bytes
-            assert [r["id"] for r in snap["runs"]] == ["r3"]
+            assert [r["id"] for r in snap["runs"]] == ["r3"] and "r4" not in broker.runs.runs
             assert snap["runs"][0]["ranks"]["0"][0]["metrics"] == {"loss": "nan"}
             with pytest.raises(Malformed, match="whole number"):
                 await sched.gpu_scale(n=1e20, user="alice")
@@ -380,18 +388,14 @@ async def test_malformed_messages_are_refused_to_their_sender_and_break_nothing(
                 await sched.gpu_wait(id="R1", timeout=1e9)
             with pytest.raises(Malformed, match="id must be text"):
                 await sched.gpu_cancel(id=["R1"], user="alice")
-            with pytest.raises(Malformed, match="lacks total_bytes"):
-                await sched.gpu_register_worker(
-                    worker=w.address,
-                    gpus=[{"index": 0, "uuid": "G", "name": "x"}],
-                    key=broker.pool_key,
-                )
-            with pytest.raises(Malformed, match="whole number"):
-                await sched.gpu_register_worker(
-                    worker=w.address,
-                    gpus=[{"index": 0, "uuid": "G", "name": "x", "total_bytes": 2.5}],
-                    key=broker.pool_key,
-                )
+            tell(w, "gpu_register_worker", gpus=[{"index": 0, "uuid": "G", "name": "x"}])
+            tell(
+                w,
+                "gpu_register_worker",
+                gpus=[{"index": 0, "uuid": "G", "name": "x", "total_bytes": 2.5}],
+            )
+            tell(w, "gpu_session_ended", lease="L-none", reason="a barrier")
+            await asyncio.sleep(0.5)
             assert len(broker.ledger.gpus) == 2  # the real GPUs are still there
             broker.ledger.check()
     finally:

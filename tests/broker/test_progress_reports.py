@@ -2,9 +2,9 @@
 hop.
 
 Sessions report ``step``/``total`` through their worker (``worker/relay.py`` checks every field of
-what a session sends), the worker forwards with the pool key (``gpu_lease_state``, checked against
-its annotations), and the broker's policy keeps the progress of the lease's running cell
-(``fair_share.py``).
+what a session sends), the worker forwards it on its own stream to the scheduler
+(``gpu_lease_state``, checked against its annotations; the worker is the stream's), and the
+broker's policy keeps the progress of the lease's running cell (``fair_share.py``).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import pytest
 from distributed.core import rpc
 from distributed.utils_test import gen_cluster
 
-from jupyter_gpu.common.refusals import Malformed, NotAuthorized
+from jupyter_gpu.common.refusals import NotAuthorized
 from jupyter_gpu.worker.relay import checked
-from tests.broker.inprocess import FAST_SESSIONS, granted, install_pool, teardown
+from tests.broker.inprocess import FAST_SESSIONS, granted, install_pool, teardown, tell, until
 
 pytestmark = [pytest.mark.inprocess, pytest.mark.timeout(120)]
 
@@ -43,27 +43,20 @@ async def test_the_broker_keeps_a_running_cells_progress_from_its_worker_only(s,
                 "leases"
             ][0]["id"]
             record = broker.policy.leases[lease]
-            # without the pool key (not a worker), or with fields of the wrong kind: refused
-            with pytest.raises(NotAuthorized):
+            # as a call (not on a worker's stream): nothing happens
+            try:
                 await sched.gpu_lease_state(lease=lease, state="running", step=3, total=10)
-            with pytest.raises(Malformed, match="step must be between 0"):
-                await sched.gpu_lease_state(
-                    lease=lease, state="running", step=-3, total=10, key=broker.pool_key
-                )
-            with pytest.raises(Malformed, match="step must be a whole number"):
-                await sched.gpu_lease_state(
-                    lease=lease, state="running", step="3", total=10, key=broker.pool_key
-                )
+            except NotAuthorized:
+                pass
+            # on the worker's stream, fields of the wrong kind are dropped
+            tell(w, "gpu_lease_state", lease=lease, state="running", step=-3, total=10)
+            tell(w, "gpu_lease_state", lease=lease, state="running", step="3", total=10)
+            tell(w, "gpu_lease_state", lease=lease, state="running", cell="train")
+            assert await until(lambda: broker.ledger.leases[lease].cell == "train")
             assert record.progress is None
-            await sched.gpu_lease_state(
-                lease=lease, state="running", cell="train", key=broker.pool_key
-            )
-            await sched.gpu_lease_state(
-                lease=lease, state="running", step=3, total=10, key=broker.pool_key
-            )
-            await sched.gpu_lease_state(
-                lease=lease, state="running", step=5, total=10, key=broker.pool_key
-            )
+            tell(w, "gpu_lease_state", lease=lease, state="running", step=3, total=10)
+            tell(w, "gpu_lease_state", lease=lease, state="running", step=5, total=10)
+            assert await until(lambda: record.progress is not None and record.progress.step == 5)
             assert (record.progress.step0, record.progress.step, record.progress.total) == (
                 3,
                 5,
@@ -74,7 +67,8 @@ async def test_the_broker_keeps_a_running_cells_progress_from_its_worker_only(s,
                 broker.ledger.leases[lease].cell == "train"
                 and broker.ledger.leases[lease].cell_started is not None
             )
-            await sched.gpu_lease_state(lease=lease, state="idle", key=broker.pool_key)
-            assert record.progress is None  # the cell ended: its progress says nothing any more
+            tell(w, "gpu_lease_state", lease=lease, state="idle")
+            # the cell ended: its progress says nothing any more
+            assert await until(lambda: record.progress is None)
     finally:
         await teardown(w, plugin)

@@ -11,13 +11,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from jupyter_gpu.broker.identity import TokenFileError, TokenStore
 from jupyter_gpu.broker.quotas import QuotaConfigError, load_quotas
+from tests.support.service_account import ENV as SERVICE_ENV
+from tests.support.service_account import give, service_account
 from tests.support.services import free_port
 
 BAD_QUOTAS = [
@@ -62,23 +67,44 @@ def test_a_missing_quota_file_says_how_to_fix_it(tmp_path):
         load_quotas(str(tmp_path / "nowhere.yaml"))
 
 
-def _pool_up(tmp_path, env: dict[str, str]) -> subprocess.CompletedProcess:
+@pytest.fixture
+def pool_files(tmp_path):
+    """Where a test puts the pool's files, and how ``pool up`` is run on them: run as root, the
+    folder is a fresh service account's (pool up gives root up for it before it reads them)."""
+    if os.geteuid() != 0:
+        yield tmp_path, lambda env: _pool_up(tmp_path, env)
+        return
+    with service_account() as entry:
+        folder = Path(tempfile.mkdtemp(prefix="jgpusvc-settings-", dir="/var/tmp"))
+        try:
+
+            def run(env: dict[str, str]) -> subprocess.CompletedProcess:
+                give(entry, folder)
+                return _pool_up(folder, {**env, SERVICE_ENV: entry.pw_name})
+
+            yield folder, run
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _pool_up(folder, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "jupyter_gpu.cli", "pool", "up", "--port", str(free_port())],
         env={**os.environ, **env},
         capture_output=True,
         text=True,
         timeout=60,
-        cwd=tmp_path,
+        cwd=folder,
     )
 
 
 @pytest.mark.integration
-def test_pool_up_exits_non_zero_on_a_bad_quota_file_before_listening(tmp_path):
-    (tmp_path / "pool.yaml").write_text("teams:\n  ml:\n    guarantee: 1\n    members: alice\n")
-    done = _pool_up(tmp_path, {"DASK_JUPYTER_GPU__POOL_CONFIG": str(tmp_path / "pool.yaml")})
+def test_pool_up_exits_non_zero_on_a_bad_quota_file_before_listening(pool_files):
+    folder, pool_up = pool_files
+    (folder / "pool.yaml").write_text("teams:\n  ml:\n    guarantee: 1\n    members: alice\n")
+    done = pool_up({"DASK_JUPYTER_GPU__POOL_CONFIG": str(folder / "pool.yaml")})
     assert done.returncode == 1, done.stdout + done.stderr
-    assert f"{tmp_path / 'pool.yaml'}, line 4: teams.ml.members: must be a list" in done.stderr
+    assert f"{folder / 'pool.yaml'}, line 4: teams.ml.members: must be a list" in done.stderr
     assert "scheduler at" not in done.stdout  # it never listened
 
 
@@ -93,11 +119,12 @@ def test_pool_up_exits_non_zero_on_a_bad_quota_file_before_listening(tmp_path):
         ('{"users": {"alice": "secret"}}', "lacks a salt and a SHA-256 hash"),
     ],
 )
-def test_pool_up_exits_non_zero_on_a_bad_token_file(tmp_path, content, message):
-    path = tmp_path / "tokens.json"
+def test_pool_up_exits_non_zero_on_a_bad_token_file(pool_files, content, message):
+    folder, pool_up = pool_files
+    path = folder / "tokens.json"
     if content is not None:
         path.write_text(content)
-    done = _pool_up(tmp_path, {"DASK_JUPYTER_GPU__TOKEN_FILE": str(path)})
+    done = pool_up({"DASK_JUPYTER_GPU__TOKEN_FILE": str(path)})
     assert done.returncode == 1, done.stdout + done.stderr
     assert str(path) in done.stderr and message in done.stderr, done.stderr
 

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from jupyter_gpu.broker.audit import AuditStore
-from tests.broker.test_fair_pool import QuotaPool, call
+from tests.broker.test_fair_pool import QuotaPool, call, connected_client
 from tests.support.harness import leases, snapshot, wait_until
 
 pytestmark = pytest.mark.integration
@@ -94,21 +94,23 @@ def test_an_idle_session_is_suspended_for_a_waiting_cell_and_comes_back(spool):
         assert wait_until(lambda: by_user(a).get("carol", {}).get("state") == "running")
         held = by_user(a)
         # batch work never suspends anybody: it waits, even with alice idle for longer than 2 s
-        batch = call(
-            a,
-            "gpu_request",
-            user="bob",
-            kernel="b",
-            spec={"fraction": 0.5, "priority": "batch"},
-            token=spool.tokens["bob"],
-        )
-        assert batch["state"] == "queued"
-        time.sleep(3)
-        assert [q["id"] for q in snapshot(a)["queue"]] == [batch["id"]]
-        assert by_user(a)["alice"]["id"] == held["alice"]["id"]
-        assert call(a, "gpu_cancel", id=batch["id"], user="bob", token=spool.tokens["bob"])[
-            "cancelled"
-        ]
+        with connected_client(a) as client:
+            batch = call(
+                a,
+                "gpu_request",
+                user="bob",
+                kernel="b",
+                spec={"fraction": 0.5, "priority": "batch"},
+                token=spool.tokens["bob"],
+                client=client.id,
+            )
+            assert batch["state"] == "queued"
+            time.sleep(3)
+            assert [q["id"] for q in snapshot(a)["queue"]] == [batch["id"]]
+            assert by_user(a)["alice"]["id"] == held["alice"]["id"]
+            assert call(a, "gpu_cancel", id=batch["id"], user="bob", token=spool.tokens["bob"])[
+                "cancelled"
+            ]
         # bob's interactive cell moves alice's idle session to host memory (not carol's running one)
         # idle for 6 s, alice's session has copied its variables to host memory already
         assert wait_until(lambda: standby_copy(held["alice"]["id"], spool), timeout=90)

@@ -87,9 +87,23 @@ def pool(token_pool, monkeypatch):
     return address, tokens
 
 
-async def _granted_lease(address: str, token: str, kernel: str) -> str:
-    """A real lease of TEST_USER's (asked with the user's token); returns its id once its session
-    runs."""
+@contextlib.asynccontextmanager
+async def _kernel_client(address: str):
+    """A kernel's Dask client: a pool shared by several people grants requests of a connected
+    kernel only, for as long as it stays connected."""
+    from distributed import Client
+
+    from jupyter_gpu.common.security import client_security
+
+    async with Client(
+        address, security=client_security(address), asynchronous=True, set_as_default=False
+    ) as client:
+        yield client
+
+
+async def _granted_lease(address: str, token: str, kernel: str, client: str) -> str:
+    """A real lease of TEST_USER's (asked with the user's token, by the kernel whose Dask client is
+    ``client``); returns its id once its session runs."""
     req = await _rpc_call(
         address,
         "gpu_request",
@@ -98,6 +112,7 @@ async def _granted_lease(address: str, token: str, kernel: str) -> str:
         spec={"fraction": 0.25},
         notebook="tokens.ipynb",
         token=token,
+        client=client,
     )
     deadline = time.monotonic() + 120
     while req["state"] in ("queued", "starting") and time.monotonic() < deadline:
@@ -152,7 +167,12 @@ async def test_cancel_is_refused_without_or_with_a_wrong_token_and_works_with_th
     jp_fetch, pool, monkeypatch
 ):
     address, tokens = pool
-    lease = await _granted_lease(address, tokens[TEST_USER], "k-tokens")
+    async with _kernel_client(address) as client:
+        await _cancel_is_checked(jp_fetch, address, tokens, monkeypatch, client.id)
+
+
+async def _cancel_is_checked(jp_fetch, address, tokens, monkeypatch, client: str) -> None:
+    lease = await _granted_lease(address, tokens[TEST_USER], "k-tokens", client)
     try:
         # no token in the server's environment: the broker's reason, passed through, names the
         # variable
@@ -187,18 +207,19 @@ async def test_configured_token_wins_over_the_environment(
 
     address, tokens = pool
     config = jp_serverapp.web_app.settings[SETTINGS_KEY].config
-    lease = await _granted_lease(address, tokens[TEST_USER], "k-config")
-    monkeypatch.setenv("JUPYTER_GPU_TOKEN", "a-stale-token")
-    monkeypatch.setattr(config, "token", tokens[TEST_USER])  # as c.GpuPanelConfig.token sets it
-    try:
-        reply = await _cancel(jp_fetch, lease)
-        assert reply["cancelled"] is True, reply
-        assert await _gone(jp_fetch, lease)
-    finally:
-        with contextlib.suppress(Refused):  # gone already
-            await _rpc_call(
-                address, "gpu_cancel", id=lease, user=TEST_USER, token=tokens[TEST_USER]
-            )
+    async with _kernel_client(address) as client:
+        lease = await _granted_lease(address, tokens[TEST_USER], "k-config", client.id)
+        monkeypatch.setenv("JUPYTER_GPU_TOKEN", "a-stale-token")
+        monkeypatch.setattr(config, "token", tokens[TEST_USER])  # as c.GpuPanelConfig.token sets it
+        try:
+            reply = await _cancel(jp_fetch, lease)
+            assert reply["cancelled"] is True, reply
+            assert await _gone(jp_fetch, lease)
+        finally:
+            with contextlib.suppress(Refused):  # gone already
+                await _rpc_call(
+                    address, "gpu_cancel", id=lease, user=TEST_USER, token=tokens[TEST_USER]
+                )
 
 
 async def test_scale_is_only_for_the_users_the_pool_allows(jp_fetch, pool, monkeypatch):

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from tests.support.harness import Kernel, leases, snapshot, wait_until, worker_pid
+from tests.support.service_account import services_env
 
 pytestmark = pytest.mark.integration
 
@@ -37,14 +38,19 @@ def test_worker_killed_mid_cell_gives_a_clear_error_and_frees_the_lease(private_
 
 
 def test_pool_up_and_worker_services_span_processes(tmp_path):
-    """`jupyter-gpu pool up` + `jupyter-gpu worker ADDRESS`, joined by `%gpu connect tcp://...`."""
+    """`jupyter-gpu pool up` + `jupyter-gpu worker ADDRESS`, joined by `%gpu connect tcp://...`
+    (run as root, both give root up for a service account)."""
+    with services_env() as (extra, _):
+        _services_span_processes({**os.environ, "JUPYTER_GPU_VIRTUAL_GPUS": "1x8GiB", **extra})
+
+
+def _services_span_processes(env: dict[str, str]) -> None:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     address = f"tcp://127.0.0.1:{port}"
-    env = {**os.environ, "JUPYTER_GPU_VIRTUAL_GPUS": "1x8GiB"}
     sched = subprocess.Popen(
         [sys.executable, "-m", "jupyter_gpu.cli", "pool", "up", "--port", str(port)],
         env=env,

@@ -23,6 +23,7 @@ import time
 import pytest
 
 from tests.support.harness import Kernel, own_lease, wait_until
+from tests.support.service_account import services_env
 
 pytestmark = pytest.mark.integration
 
@@ -339,7 +340,18 @@ def test_a_two_rank_run_over_tls(tls_kernel):
 
 def test_pool_up_and_worker_with_tls_options(tls_kernel, pki):
     """`jupyter-gpu pool up --tls-*` and `jupyter-gpu worker tls://... --tls-*` with no TLS in Dask
-    config: the session processes get the worker's certificate from the worker."""
+    config: the session processes get the worker's certificate from the worker (run as root, both
+    give root up for a service account, which owns the pool's certificates)."""
+    files = [pki["ca"], *pki["scheduler"], *pki["worker"]]
+    with services_env(*files) as (extra, copies):
+        theirs = {
+            "ca": copies[pki["ca"]],
+            **{role: tuple(copies[f] for f in pki[role]) for role in ("scheduler", "worker")},
+        }
+        _tls_services(tls_kernel, pki, theirs, extra)
+
+
+def _tls_services(tls_kernel, pki, theirs, extra) -> None:
     import socket
 
     with socket.socket() as s:
@@ -347,10 +359,11 @@ def test_pool_up_and_worker_with_tls_options(tls_kernel, pki):
         port = s.getsockname()[1]
     address = f"tls://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_DISTRIBUTED__COMM__")}
-    env["JUPYTER_GPU_VIRTUAL_GPUS"] = "1x8GiB"
+    env.update(JUPYTER_GPU_VIRTUAL_GPUS="1x8GiB", **extra)
 
     def tls(role: str) -> list[str]:
-        return ["--tls-ca-file", pki["ca"], "--tls-cert", pki[role][0], "--tls-key", pki[role][1]]
+        ca, (cert, key) = theirs["ca"], theirs[role]
+        return ["--tls-ca-file", ca, "--tls-cert", cert, "--tls-key", key]
 
     sched = subprocess.Popen(
         [

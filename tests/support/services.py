@@ -3,12 +3,16 @@ processes.
 
 Used by the fault tests (kill the scheduler, restart it) and anything that needs the services rather
 than the embedded pool. Every process started here is stopped at the end, whatever happened, and the
-logs are kept in the test's folder for the failure report.
+logs are kept in the test's folder for the failure report. Run as root, the services give root up
+for a service account of the pool's own (``tests/support/service_account.py``), made for it and
+removed with it, unless the caller names one (``DASK_JUPYTER_GPU__SERVICE_ACCOUNT`` in ``env``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -34,6 +38,7 @@ class PoolServices:
         env: dict[str, str] | None = None,
         host: str = "127.0.0.1",
         worker_account: str | None = None,
+        worker_env: dict[str, str] | None = None,
     ):
         self.root = Path(root)
         self.virtual = virtual
@@ -41,12 +46,15 @@ class PoolServices:
         self.port = free_port()
         self.address = f"tcp://{host}:{self.port}"
         self.env = {**os.environ, **(env or {})}
-        # run `jupyter-gpu worker` as this account instead of ours
+        # run `jupyter-gpu worker` as this account instead of ours, with this added to its env
         self.worker_account = worker_account
+        self.worker_env = dict(worker_env or {})
         self.scheduler: subprocess.Popen | None = None
         self.worker: subprocess.Popen | None = None
         self.more_workers: dict[str, subprocess.Popen] = {}  # add_worker's, by name
         self._logs: list = []
+        self._account: contextlib.ExitStack | None = None
+        self.service: pwd.struct_passwd | None = None  # the account the services run as (root)
 
     def _start(
         self, name: str, args: list[str], env: dict[str, str], account: str | None = None
@@ -55,8 +63,6 @@ class PoolServices:
         self._logs.append(log)
         extra: dict = {}
         if account is not None:
-            import pwd
-
             entry = pwd.getpwnam(account)
             extra = {
                 "user": entry.pw_uid,
@@ -82,11 +88,12 @@ class PoolServices:
         self.wait_for(lambda: self._answers(), 60, "the scheduler to listen")
 
     def start(self) -> PoolServices:
+        self._service_account()
         self.start_scheduler()
         self.worker = self._start(
             "worker",
             ["worker", self.address],
-            {**self.env, "JUPYTER_GPU_VIRTUAL_GPUS": self.virtual},
+            {**self.env, "JUPYTER_GPU_VIRTUAL_GPUS": self.virtual, **self.worker_env},
             self.worker_account,
         )
         self.wait_for(lambda: self.gpu_count() >= self._expected_gpus(), 120, "the worker's GPUs")
@@ -96,6 +103,31 @@ class PoolServices:
             lambda: "GPU worker(s) joined" in self.full_log("worker"), 60, "the worker's start"
         )
         return self
+
+    def _service_account(self) -> None:
+        """Run as root: the account the services give root up for (made here unless named)."""
+        from tests.support.service_account import ENV, service_account
+
+        if os.geteuid() != 0 or self.service is not None:
+            return
+        if self.env.get(ENV):
+            self.service = pwd.getpwnam(self.env[ENV])
+            return
+        self._account = contextlib.ExitStack()
+        self.service = self._account.enter_context(service_account())
+        self.env[ENV] = self.service.pw_name
+
+    def pool_key_path(self) -> str:
+        """Where ``pool up`` keeps the pool key: the runtime folder of the account it runs as (a
+        service that kept root, as before issue 20, kept it in root's)."""
+        from jupyter_gpu.common import poolkey
+
+        if self.service is not None:
+            runtime = os.path.join(self.service.pw_dir, ".local", "share", "jupyter", "runtime")
+            path = os.path.join(runtime, f"jupyter-gpu-pool-{self.port}.key")
+            if os.path.exists(path):
+                return path
+        return poolkey.key_path(self.address)
 
     def _expected_gpus(self) -> int:
         from jupyter_gpu.common.inventory import parse_virtual_spec
@@ -175,7 +207,7 @@ class PoolServices:
         proc = self._start(
             name,
             ["worker", self.address, "--name", name],  # virtual GPUs' names repeat per machine
-            {**self.env, "JUPYTER_GPU_VIRTUAL_GPUS": virtual or self.virtual},
+            {**self.env, "JUPYTER_GPU_VIRTUAL_GPUS": virtual or self.virtual, **self.worker_env},
             self.worker_account,
         )
         self.more_workers[name] = proc
@@ -198,6 +230,10 @@ class PoolServices:
                     proc.wait(10)
         for log in self._logs:
             log.close()
+        if self._account is not None:
+            self._account.close()
+            self._account = None
+            self.service = None
 
     def __enter__(self) -> PoolServices:
         try:

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from tests.support.harness import Kernel, leases, wait_until
+from tests.support.harness import Kernel, leases, wait_until, worker_pid
 from tests.support.services import PoolServices
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(300)]
@@ -93,12 +93,18 @@ def test_a_killed_workers_host_memory_folder_and_standby_copy_are_removed_by_the
     try:
         assert k.run("%%gpu\nimport numpy as np\nbig = np.zeros(4_000_000)").error is None
         lease = next(ls for ls in leases(pool.address) if ls["user"] == "carol")
-        copies = lambda: glob.glob(f"/dev/shm/jupyter-gpu-*/{lease['id']}/standby")
+        # the session's folder: the launcher's (``<lease>-<random>``, a root start) or the
+        # worker's own (``<lease>``)
+        copies = lambda: (
+            glob.glob(f"/dev/shm/jupyter-gpu-*/{lease['id']}-*/standby")
+            + glob.glob(f"/dev/shm/jupyter-gpu-*/{lease['id']}/standby")
+        )
         assert wait_until(lambda: bool(copies()), 20), "no standby copy was written"
-        # the worker's folder, named after its pid
-        folder = os.path.dirname(os.path.dirname(copies()[0]))
-        worker_pid = int(os.path.basename(folder).split("-")[2])
-        os.kill(worker_pid, signal.SIGKILL)  # no teardown runs: the nanny starts a new worker
+        launched = "-launcher-" in copies()[0]
+        # what goes: the session's folder (the launcher's, when the worker's connection to it
+        # closes), or the worker's whole folder, named after its pid (the next worker sweeps it)
+        folder = os.path.dirname(copies()[0] if launched else os.path.dirname(copies()[0]))
+        os.kill(worker_pid(lease["worker"]), signal.SIGKILL)  # no teardown: a new worker starts
         assert wait_until(lambda: not os.path.exists(folder), 60), os.listdir(folder)
         assert not copies()
         res = k.run("%%gpu\nprint('after')")  # the kernel is told and carries on in a new session
@@ -175,9 +181,10 @@ def test_workers_starting_together_sweep_a_dead_workers_cgroups_without_failing(
     import subprocess
     import threading
 
-    from jupyter_gpu.worker.containment import Containment, _mounts
+    from jupyter_gpu.launcher.cgroups import Containment, _mounts
 
-    mounts = [m for m in _mounts() if m and os.access(m, os.W_OK)]
+    v2, v1 = _mounts()
+    mounts = [m for m in (v2, *v1.values()) if m and os.access(m, os.W_OK)]
     if os.geteuid() != 0 or not mounts:
         pytest.skip("needs root and a writable cgroup mount")
     made = []

@@ -2,7 +2,8 @@
 
 Real parts, started here and removed at the end whatever happened: Unix accounts ``jgh*`` with
 passwords (``chpasswd``) that PAM checks at the Hub's login page; ``jupyter-gpu pool up`` and a
-root ``jupyter-gpu worker`` (virtual GPUs) whose broker takes JupyterHub's tokens
+root ``jupyter-gpu worker`` (virtual GPUs; both give root up for a service account of their own,
+which owns the pool's files) whose broker takes JupyterHub's tokens
 (``jupyter-gpu.hub.*``) and whose quota file names the Hub group ``jghml`` as team ``ml``; the
 Hub (PAMAuthenticator, LocalProcessSpawner, configurable-http-proxy) configured by
 ``jupyter_gpu.hubservice.config.configure`` as an administrator would, so users' servers get the
@@ -25,6 +26,8 @@ import pytest
 
 from tests.support.harness import snapshot
 from tests.support.hub import Hub, can_run_a_hub
+from tests.support.service_account import ENV as SERVICE_ENV
+from tests.support.service_account import give, service_account
 from tests.support.services import PoolServices
 from tests.system.security.team import accounts, can_make_accounts, python_reachable_by_everyone
 
@@ -85,14 +88,19 @@ def hubpool():
     if reason:
         pytest.skip(reason)
     passwords = {name: secrets.token_urlsafe(12) for name in USERS}
-    with accounts(*USERS) as users, python_reachable_by_everyone():
+    with (
+        accounts(*USERS) as users,
+        service_account() as service,  # what pool up and worker give root up for (issue 20)
+        python_reachable_by_everyone(),
+    ):
         subprocess.run(
             ["chpasswd"],
             input="".join(f"{n}:{p}\n" for n, p in passwords.items()),
             text=True,
             check=True,
         )
-        folder = Path(tempfile.mkdtemp(prefix="jgh-secrets-", dir="/var/tmp"))  # 0700, root's
+        # 0700; the service account's, as are the files in it
+        folder = Path(tempfile.mkdtemp(prefix="jgh-secrets-", dir="/var/tmp"))
         panel = _panel_folder()
         hub = services = None
         try:
@@ -113,6 +121,7 @@ def hubpool():
             )
             (folder / "hub.token").write_text(hub.service_token)
             os.chmod(folder / "hub.token", 0o600)
+            give(service, folder)
             services.env.update(
                 {
                     "DASK_JUPYTER_GPU__HUB__API_URL": hub.api_url,
@@ -122,6 +131,7 @@ def hubpool():
                     "DASK_JUPYTER_GPU__POOL_CONFIG": str(folder / "pool.yaml"),
                     "DASK_JUPYTER_GPU__AUDIT_DB": str(folder / "audit.sqlite"),
                     "DASK_JUPYTER_GPU__SESSION__STANDBY_AFTER": "0.5s",
+                    SERVICE_ENV: service.pw_name,
                 }
             )
             services.start()

@@ -34,6 +34,7 @@ def hpool(hosts):
         scheduler="pool",
         workers=WORKERS,
         client="desk",
+        pool_files=[quotas],
         # a worker whose host is cut off is given up after 10 s without a heartbeat (the default, 5
         # minutes, would keep its GPUs booked that long): docs/administration.md
         scheduler_env={

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import secrets
 import shutil
 import subprocess
@@ -37,6 +38,7 @@ class HostPool:
         client: str,
         scheduler_env: dict[str, str] | None = None,
         worker_env: dict[str, str] | None = None,
+        pool_files: list[Path] | None = None,
     ):
         self.hosts, self.scheduler_host, self.workers, self.client = (
             hosts,
@@ -47,6 +49,7 @@ class HostPool:
         self.address = f"tcp://{hosts[scheduler].ip}:{PORT}"
         self.scheduler_env = dict(scheduler_env or {})
         self.worker_env = dict(worker_env or {})
+        self.pool_files = list(pool_files or [])  # the pool's own (a quota file): its account's
         self.checkpoints = hosts.shared / "checkpoints"
         self.checkpoints.mkdir(exist_ok=True)
         self._spec_dir = hosts.root / "jupyter-path"
@@ -54,8 +57,37 @@ class HostPool:
         self._old_path = os.environ.get("JUPYTER_PATH")
         self.kernels: list[GpuKernel] = []
         self.worker_procs: dict[str, subprocess.Popen] = {}  # each worker host's service, now
+        self._account: contextlib.ExitStack | None = None
+        self.service: pwd.struct_passwd | None = None  # the account the services run as (root)
 
     # ------------------------------------------------------------------ the services
+    def _service_account(self) -> None:
+        """Run as root, the services give root up for the pool's service account (made here,
+        removed at ``stop``): the pool key copies are its, and the worker hosts find the broker's
+        grant public key where the scheduler host made it (the hosts share that folder)."""
+        if os.geteuid() != 0 or self.service is not None:
+            return
+        from tests.support.service_account import ENV, service_account
+
+        self._account = contextlib.ExitStack()
+        self.service = self._account.enter_context(service_account())
+        for path in self.pool_files:
+            os.chown(path, self.service.pw_uid, self.service.pw_gid)
+            os.chmod(path, 0o600)
+        # without a token file sessions run as that account too: the checkpoints are its
+        os.chown(self.checkpoints, self.service.pw_uid, self.service.pw_gid)
+        grant = str(self.hosts[self.scheduler_host].folder / "grant.key")
+        self.scheduler_env = {
+            ENV: self.service.pw_name,
+            "DASK_JUPYTER_GPU__GRANT_KEY_FILE": grant,
+            **self.scheduler_env,
+        }
+        self.worker_env = {
+            ENV: self.service.pw_name,
+            "DASK_JUPYTER_GPU__GRANT_PUBLIC_KEY_FILE": f"{grant}.pub",
+            **self.worker_env,
+        }
+
     def _key_copy(self, host: str) -> str:
         """The pool key as the administrator copies it onto ``host``: 0600, owned by the service
         account."""
@@ -67,9 +99,12 @@ class HostPool:
         if host != self.scheduler_host:
             shutil.copyfile(master, copy)
             os.chmod(copy, 0o600)
+        if self.service is not None:
+            os.chown(copy, self.service.pw_uid, self.service.pw_gid)
         return str(copy)
 
     def start(self) -> HostPool:
+        self._service_account()
         os.environ["JUPYTER_PATH"] = os.pathsep.join(
             filter(None, [str(self._spec_dir), self._old_path])
         )
@@ -134,6 +169,9 @@ class HostPool:
             os.environ.pop("JUPYTER_PATH", None)
         else:
             os.environ["JUPYTER_PATH"] = self._old_path
+        if self._account is not None:
+            self._account.close()
+            self._account, self.service = None, None
 
     # ------------------------------------------------------------------ looking at it
     def _answers(self) -> bool:

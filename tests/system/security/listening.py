@@ -38,7 +38,10 @@ def listeners(*pids: int) -> list[Listener]:
     for pid in pids:
         for proc in process_tree(pid):
             try:
-                command = " ".join(proc.cmdline()[1:4])[:80]
+                cmd = proc.cmdline()
+                if cmd[1:3] == ["-I", "-c"] and len(cmd) > 4:  # common/safe_python's runner
+                    cmd = [cmd[0], "-m", cmd[4]]  # shown as the module it runs
+                command = " ".join(cmd[1:4])[:80]
                 for conn in proc.net_connections(kind="inet"):
                     if conn.status == psutil.CONN_LISTEN:
                         found.append(Listener(proc.pid, command, conn.laddr.ip, conn.laddr.port))
@@ -49,8 +52,10 @@ def listeners(*pids: int) -> list[Listener]:
 
 def listening_sessions(*pids: int) -> int:
     """How many session processes under ``pids`` listen yet (started as ``python -m
-    jupyter_gpu.session``, or forked from a worker's zygote, whose command line they keep)."""
-    return len({s.pid for s in listeners(*pids) if "jupyter_gpu.session" in s.command})
+    jupyter_gpu.session``, or forked from a worker's or the launcher's zygote, whose command line
+    they keep: a zygote itself listens on nothing)."""
+    kinds = ("jupyter_gpu.session", "jupyter_gpu.launcher.zygote")
+    return len({s.pid for s in listeners(*pids) if any(k in s.command for k in kinds)})
 
 
 def wait_for_sessions(count: int, *pids: int, timeout: float = 120.0) -> None:

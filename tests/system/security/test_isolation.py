@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
+import psutil
 import pytest
 
 from tests.support.harness import snapshot, wait_until, worker_pid
@@ -159,10 +158,15 @@ def test_session_addresses_are_private_and_a_session_answers_only_its_owner(team
 def test_alice_cannot_reach_bobs_host_memory_copy(team):
     lease = bobs_lease(team)
     worker = worker_pid(lease["worker"])  # its folder, not another pool's with a lease of that id
-    assert wait_until(lambda: _standby_files(lease["id"], worker), 20), (
+    launchers = [  # a root-started worker's sessions are its launcher's
+        p.pid
+        for p in psutil.Process(team.services.worker.pid).children()
+        if p.uids().effective == 0
+    ]
+    assert wait_until(lambda: _standby_files(lease["id"], worker, launchers), 20), (
         "bob's idle session wrote no standby copy"
     )
-    path = _standby_files(lease["id"], worker)[0]
+    path = _standby_files(lease["id"], worker, launchers)[0]
     st = os.stat(path)
     assert st.st_uid == team.users[BOB].pw_uid and st.st_mode & 0o077 == 0
     assert os.stat(os.path.dirname(path)).st_mode & 0o077 == 0
@@ -177,10 +181,14 @@ def test_alice_cannot_reach_bobs_host_memory_copy(team):
     bob_is_fine(team)
 
 
-def _standby_files(lease: str, worker: int) -> list[str]:
+def _standby_files(lease: str, worker: int, launchers: list[int]) -> list[str]:
     import glob
 
-    return glob.glob(f"/dev/shm/jupyter-gpu-{worker}-*/{lease}/standby")
+    # this pool's only: a worker's own folder (``<lease>``), or its launcher's (``<lease>-<random>``)
+    found = glob.glob(f"/dev/shm/jupyter-gpu-{worker}-*/{lease}/standby")
+    for launcher in launchers:
+        found += glob.glob(f"/dev/shm/jupyter-gpu-{launcher}-launcher-*/{lease}-*/standby")
+    return found
 
 
 def test_pool_secrets_are_off_limits(team):
@@ -196,15 +204,7 @@ def test_pool_secrets_are_off_limits(team):
         # closed
         assert alice_cell(team, code).strip() in ("PermissionError", "FileNotFoundError")
         assert "PermissionError" in team.alice.run(code).stdout
-    key = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            f"from jupyter_gpu.common import poolkey; print(poolkey.key_path({team.address!r}))",
-        ],
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
+    key = team.services.pool_key_path()  # the service account's, where pool up made it
     assert os.stat(key).st_mode & 0o077 == 0
     res = team.alice.run(
         f"try:\n    open({key!r}).read(1); print('READ')\nexcept OSError as exc:\n"
@@ -271,7 +271,7 @@ WORKER_ATTACKS = textwrap.dedent("""
                     pass
         async with rpc({worker!r}) as w:
             for call in (w.gpu_session_signal(lease={lease!r}, signal='kill'),
-                         w.gpu_session_offload(lease={lease!r}), w.gpu_offload_fetch(path='/etc/shadow'),
+                         w.gpu_session_offload(lease={lease!r}), w.gpu_offload_fetch(lease={lease!r}),
                          w.run(function=b''), getattr(w, 'plugin-add')(plugin=b''), w.get_data(keys=[])):
                 try:
                     print(show(await call))

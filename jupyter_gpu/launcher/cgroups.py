@@ -1,19 +1,25 @@
-"""Every process of a session in one control group: ended as a whole, and capped in host memory.
+"""Every process of a session in one control group: ended as a whole, and limited in host memory and
+in how many processes it may start.
 
 Why: a cell can start processes of its own (``subprocess.Popen(..., start_new_session=True)``, a
-data loader's workers, a server), and killing the session's process must end them all; and a cell
-that allocates more host memory than the machine has must be stopped alone, not leave the host's OOM
-killer to pick among everyone's processes. A cgroup does both: ``cgroup.kill`` (or killing every pid
-it lists) ends all its processes, and its memory limit makes the kernel kill inside the group only.
+data loader's workers, a server), and killing the session's process must end them all; a cell that
+allocates more host memory than the machine has must be stopped alone, not leave the host's OOM
+killer to pick among everyone's processes; and a fork bomb must stop at the session's own limit,
+not at the machine's. A cgroup does all three: ``cgroup.kill`` (or killing every pid it lists) ends
+all its processes, ``memory.max`` makes the kernel kill inside the group only, ``pids.max`` refuses
+the fork.
 
-The worker creates one group per session under a folder of its own (``jupyter-gpu-<worker pid>``)
-and moves the session's process into it when the session gets its lease; what the session starts
-inherits the group. Machines differ: a pure cgroup v2 hierarchy gives both (``memory.max``,
-``cgroup.kill``); a hybrid one (v1 memory controller next to an empty v2 hierarchy) gives the v1
-memory limit plus v2 grouping. Creating groups needs root (or a delegated subtree). Without either,
-sessions run in a process group of their own (killed as a whole, but a process that leaves the group
-escapes) and host memory is capped with ``RLIMIT_DATA`` on virtual GPUs only (CUDA maps more than it
-uses); ``kind`` says which, and the lease shows it.
+The launcher (root) makes one group per session under a folder of its own (``jupyter-gpu-<pid>``);
+the session's process joins it before anything else runs (``confine.py``); what it starts inherits
+it. A worker that does not run as root makes its groups here too where it may (a delegated
+subtree). Machines differ: a pure cgroup v2 hierarchy gives everything; a hybrid one (v1
+controllers next to a v2 hierarchy with none) gives v2 grouping plus the v1 memory and pids
+controllers. Without either, sessions run in a process group of their own (killed as a whole, but a
+process that leaves the group escapes) and host memory is capped with ``RLIMIT_DATA`` on virtual
+GPUs only; ``kind`` says which, and the lease shows it.
+
+Limits are a table (``LIMITS``: a v2 file, its controller, its v1 file if v1 has one): a new limit
+(``memory.high``, ``cpu.max``) is a row there and a value in ``Containment.group(limits=...)``.
 """
 
 from __future__ import annotations
@@ -28,11 +34,20 @@ from jupyter_gpu.common.processes import pid_alive
 
 log = logging.getLogger(__name__)
 
+# v2 file -> (controller, the v1 file of that controller, or None where v1 has none)
+LIMITS: dict[str, tuple[str, str | None]] = {
+    "memory.max": ("memory", "memory.limit_in_bytes"),
+    "pids.max": ("pids", "pids.max"),
+    "memory.high": ("memory", None),
+    "cpu.max": ("cpu", None),
+}
+CONTROLLERS = ("memory", "pids")  # enabled for every session's group
 
-def _mounts() -> tuple[str | None, str | None]:
-    """(the cgroup v2 mount, the cgroup v1 memory controller's mount) of this machine, from
-    mountinfo."""
-    v2 = v1_memory = None
+
+def _mounts() -> tuple[str | None, dict[str, str]]:
+    """(the cgroup v2 mount, {v1 controller: its mount}) of this machine, from mountinfo."""
+    v2: str | None = None
+    v1: dict[str, str] = {}
     try:
         with open("/proc/self/mountinfo") as f:
             for line in f:
@@ -43,53 +58,51 @@ def _mounts() -> tuple[str | None, str | None]:
                 mount = left.split()[4]
                 if fstype == "cgroup2" and v2 is None:
                     v2 = mount
-                elif fstype == "cgroup" and "memory" in options.split(",") and v1_memory is None:
-                    v1_memory = mount
+                elif fstype == "cgroup":
+                    for controller in CONTROLLERS:
+                        if controller in options.split(","):
+                            v1.setdefault(controller, mount)
     except OSError:
         pass
-    return v2, v1_memory
-
-
-def _own_group(hierarchy: str) -> str:
-    """This process's group in a hierarchy: '' for v2, else the v1 controller's name."""
-    try:
-        with open("/proc/self/cgroup") as f:
-            for line in f:
-                _, controllers, path = line.rstrip("\n").split(":", 2)
-                if controllers == hierarchy:
-                    return path
-    except OSError:
-        pass
-    return "/"
+    return v2, v1
 
 
 @dataclass
 class SessionGroup:
-    """One session's control group(s); ``memory_limit`` in bytes (None: none)."""
+    """One session's control group(s); ``limits`` as written (bytes, counts)."""
 
     name: str
     paths: list[str] = field(default_factory=list)
     kill_file: str | None = None  # cgroup.kill (v2), when the kernel has it
     memory_events: str | None = None  # where OOM kills are counted
-    memory_limit: int | None = None
+    limits: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def memory_limit(self) -> int | None:
+        return self.limits.get("memory.max")
+
+    @property
+    def procs_files(self) -> list[str]:
+        """What a process writes ``0`` to, to join the group (``confine.join_cgroup``)."""
+        return [os.path.join(path, "cgroup.procs") for path in self.paths]
 
     def add(self, pid: int) -> None:
-        for path in self.paths:
-            with open(os.path.join(path, "cgroup.procs"), "w") as f:
+        for path in self.procs_files:
+            with open(path, "w") as f:
                 f.write(str(pid))
 
     def pids(self) -> set[int]:
         found: set[int] = set()
-        for path in self.paths:
+        for path in self.procs_files:
             try:
-                with open(os.path.join(path, "cgroup.procs")) as f:
+                with open(path) as f:
                     found.update(int(x) for x in f.read().split())
             except OSError:
                 pass
         return found
 
     def kill(self, wait: float = 2.0) -> int:
-        """End every process in the group; returns how many were still there."""
+        """End every process in the group; returns how many were there."""
         alive = self.pids()
         if self.kill_file is not None:
             try:
@@ -100,8 +113,7 @@ class SessionGroup:
         deadline = time.monotonic() + wait
         while True:
             left = self.pids()
-            # also the fallback when there is no cgroup.kill (a fork racing the kill is caught by
-            # the next round)
+            # also the fallback without cgroup.kill (a fork racing the kill is caught next round)
             for pid in left:
                 try:
                     os.kill(pid, signal.SIGKILL)
@@ -138,31 +150,36 @@ class SessionGroup:
 
 
 class Containment:
-    """Makes ``SessionGroup``s for one worker; ``kind`` names the mechanism this machine allows."""
+    """Makes ``SessionGroup``s for one launcher or worker; ``kind`` names what this machine
+    allows."""
 
     def __init__(self, tag: str | None = None):
         self.tag = tag or f"jupyter-gpu-{os.getpid()}"
         self.v2_base: str | None = None
-        self.v2_memory = False
-        self.v1_memory_base: str | None = None
-        v2, v1_memory = _mounts()
+        self.v2_controllers: set[str] = set()
+        self.v1_bases: dict[str, str] = {}
+        v2, v1 = _mounts()
         if v2 is not None:
             self.v2_base = self._make(os.path.join(v2, self.tag))
             if self.v2_base is not None:
-                self.v2_memory = self._enable_v2_memory(v2)
-        if v1_memory is not None and not self.v2_memory:
-            self.v1_memory_base = self._make(os.path.join(v1_memory, self.tag))
+                self.v2_controllers = self._enable_v2(v2)
+        for controller, mount in v1.items():
+            if controller not in self.v2_controllers:
+                base = self._make(os.path.join(mount, self.tag))
+                if base is not None:
+                    self.v1_bases[controller] = base
         self.kind = self._kind()
         log.info("session containment: %s", self.kind)
 
     def _kind(self) -> str:
-        if self.v2_base and self.v2_memory:
+        memory = "memory" in self.v2_controllers or "memory" in self.v1_bases
+        if self.v2_base and "memory" in self.v2_controllers:
             return "cgroup v2"
-        if self.v2_base and self.v1_memory_base:
+        if self.v2_base and memory:
             return "cgroup v2 + v1 memory"
         if self.v2_base:
             return "cgroup v2 (no memory controller)"
-        if self.v1_memory_base:
+        if "memory" in self.v1_bases:
             return "cgroup v1 memory"
         return "process group"
 
@@ -175,25 +192,32 @@ class Containment:
             log.info("no cgroup at %s: %s", path, exc)
             return None
 
-    def _enable_v2_memory(self, mount: str) -> bool:
-        """Turn the memory controller on for our groups (pure v2, at the root of the hierarchy, as
-        root)."""
+    def _enable_v2(self, mount: str) -> set[str]:
+        """Turn the controllers on for our groups (pure v2, at the root of the hierarchy, as
+        root); the ones that could be."""
         assert self.v2_base is not None  # called once our group is made
         try:
             with open(os.path.join(mount, "cgroup.controllers")) as f:
-                if "memory" not in f.read().split():
-                    return False
-            for parent in (mount, self.v2_base):
-                with open(os.path.join(parent, "cgroup.subtree_control"), "w") as f:
-                    f.write("+memory")
-            return True
-        except OSError as exc:
-            log.info("cgroup v2 memory controller not available: %s", exc)
-            return False
+                available = set(f.read().split())
+        except OSError:
+            return set()
+        enabled = set()
+        for controller in CONTROLLERS:
+            if controller not in available:
+                continue
+            try:
+                for parent in (mount, self.v2_base):
+                    with open(os.path.join(parent, "cgroup.subtree_control"), "w") as f:
+                        f.write(f"+{controller}")
+                enabled.add(controller)
+            except OSError as exc:
+                log.info("cgroup v2 controller %s not available: %s", controller, exc)
+        return enabled
 
-    def group(self, name: str, memory_limit: int | None) -> SessionGroup | None:
-        """A new group for one session (None when the machine gives none)."""
-        grp = SessionGroup(name=name, memory_limit=memory_limit)
+    def group(self, name: str, limits: dict[str, int | None]) -> SessionGroup | None:
+        """A new group for one session with ``limits`` (``LIMITS``' files; None: none), or None
+        when the machine gives none."""
+        grp = SessionGroup(name=name)
         try:
             if self.v2_base is not None:
                 path = os.path.join(self.v2_base, name)
@@ -201,18 +225,17 @@ class Containment:
                 grp.paths.append(path)
                 if os.path.exists(os.path.join(path, "cgroup.kill")):
                     grp.kill_file = os.path.join(path, "cgroup.kill")
-                if self.v2_memory and memory_limit:
-                    with open(os.path.join(path, "memory.max"), "w") as f:
-                        f.write(str(memory_limit))
+                if "memory" in self.v2_controllers:
                     grp.memory_events = os.path.join(path, "memory.events")
-            if self.v1_memory_base is not None:
-                path = os.path.join(self.v1_memory_base, name)
+            for controller, base in self.v1_bases.items():
+                path = os.path.join(base, name)
                 os.makedirs(path, exist_ok=True)
                 grp.paths.append(path)
-                if memory_limit:
-                    with open(os.path.join(path, "memory.limit_in_bytes"), "w") as f:
-                        f.write(str(memory_limit))
+                if controller == "memory":
                     grp.memory_events = os.path.join(path, "memory.oom_control")
+            for limit, value in limits.items():
+                if value is not None:
+                    self._limit(grp, limit, value)
         except OSError as exc:
             log.warning(
                 "could not make a cgroup for session %s (%s): its processes are not contained",
@@ -223,12 +246,25 @@ class Containment:
             return None
         return grp if grp.paths else None
 
+    def _limit(self, grp: SessionGroup, limit: str, value: int) -> None:
+        controller, v1_file = LIMITS[limit]
+        if controller in self.v2_controllers and self.v2_base is not None:
+            target = os.path.join(self.v2_base, grp.name, limit)
+        elif controller in self.v1_bases and v1_file is not None:
+            target = os.path.join(self.v1_bases[controller], grp.name, v1_file)
+        else:
+            return  # this machine has no such controller for us: not enforced, not claimed
+        with open(target, "w") as f:
+            f.write(str(value))
+        grp.limits[limit] = value
+
     @staticmethod
     def sweep_stale() -> int:
-        """Kill and remove the groups of workers that died without cleaning up (their pid is gone);
-        returns how many folders were removed. Run at worker start."""
+        """Kill and remove the groups of launchers and workers that died without cleaning up
+        (their pid is gone); returns how many folders were removed. Run at start."""
         removed = 0
-        for mount in _mounts():
+        v2, v1 = _mounts()
+        for mount in {v2, *v1.values()}:
             if mount is None or not os.path.isdir(mount):
                 continue
             for entry in os.scandir(mount):
@@ -239,17 +275,16 @@ class Containment:
         return removed
 
     def close(self) -> None:
-        """Remove this worker's folders (their groups must be gone: ``SessionGroup.remove``)."""
-        for base in (self.v2_base, self.v1_memory_base):
+        """Remove our folders (their groups must be gone: ``SessionGroup.remove``)."""
+        for base in (self.v2_base, *self.v1_bases.values()):
             if base is not None:
                 _sweep_group_folder(base)
 
 
 def _sweep_group_folder(path: str) -> int:
-    """End the groups in a worker's folder and remove it (a dead worker's at start, our own at
-    close); 1 if this call removed it. The workers of a machine start together and sweep together: a
-    folder or group another one removed first is not an error (it used to fail the worker's start
-    with FileNotFoundError, and the pool had no GPUs)."""
+    """End the groups in a folder and remove it (a dead one's at start, our own at close); 1 if
+    this call removed it. Workers of a machine start together and sweep together: a folder another
+    one removed first is not an error."""
     try:
         subs = [sub for sub in os.scandir(path) if sub.is_dir()]
     except FileNotFoundError:
@@ -269,7 +304,7 @@ def _sweep_group_folder(path: str) -> int:
 
 
 def _pid_of(name: str) -> int | None:
-    """The worker pid in a folder name ``jupyter-gpu-<pid>`` (or ``jupyter-gpu-<pid>-<random>``)."""
+    """The pid in a folder name ``jupyter-gpu-<pid>`` (or ``jupyter-gpu-<pid>-<random>``)."""
     if not name.startswith("jupyter-gpu-"):
         return None
     head = name[len("jupyter-gpu-") :].split("-", 1)[0]

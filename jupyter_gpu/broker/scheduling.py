@@ -1,0 +1,360 @@
+"""One scheduling pass: grant, in the policy's order, what fits; reclaim and suspend for what is
+owed; explain, reserve for and estimate what still waits.
+
+``schedule_pass`` is the whole scheduling decision on plain state (the ledger's ``Packer`` of GPUs
+and machines, its ``WaitingRoom`` of requests, the policy's lease book); the broker applies its
+grants and preemptions through callbacks, and the simulator (``bench/pool_sim.py``) and the property
+tests drive the very same code. The order is ``FairSharePolicy.key`` as at the start of the pass
+(``PassState.key``): a request is served, reclaimed for, suspended for, reserved for and explained
+exactly as if the whole queue had been sorted and visited; ``waiting.Walk`` only leaves out what
+cannot act, so that what can never run, or cannot until the pool changes, costs nothing.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from jupyter_gpu.broker import preemption
+from jupyter_gpu.broker.estimates import estimate_waiting
+from jupyter_gpu.broker.model import Allocation, GpuSlot, Request
+from jupyter_gpu.broker.waiting import Needs, Room, WaitingRoom, Walk
+from jupyter_gpu.common.protocol import RequestSpec
+
+if TYPE_CHECKING:
+    from jupyter_gpu.broker.fair_share import FairSharePolicy, LeaseRecord
+    from jupyter_gpu.broker.packing import Packer, Placement
+
+EPS = 1e-6
+GrantFn = Callable[[Request, "Placement", bool], None]
+PreemptFn = Callable[[str, str, Request], None]
+
+
+class PassState:
+    """What one pass knows: the order frozen at its start, the GPUs held for reservations, the
+    room it could give, and what can act (``worth``, for ``waiting.Walk``)."""
+
+    def __init__(
+        self,
+        policy: FairSharePolicy,
+        packer: Packer,
+        queue: WaitingRoom,
+        now: float,
+        preempt: PreemptFn | None,
+        reserve_share: float,
+    ):
+        self.policy, self.packer, self.queue, self.now = policy, packer, queue, now
+        self.preempt = preempt
+        self.configured = policy.quotas.configured
+        if packer.gpus:
+            policy.reference_bytes = packer.largest_gpu()
+        # reservations are sticky (a request keeps the GPUs it was given until it starts), so that
+        # the GPUs held for it drain instead of moving to whichever GPU happens to be emptiest at
+        # the next pass
+        for rid in [rid for rid in policy.reservations if queue.get(rid) is None]:
+            del policy.reservations[rid]
+        self.reserved_by: dict[str, str] = {
+            g: rid for rid, gs in policy.reservations.items() for g in gs if g in packer.gpus
+        }
+        self.budget = max(1, int(len(packer.gpus) * reserve_share))
+        self._held_team: dict[str, float] = {}  # as at the start, for the frozen order
+        self._held_user: dict[str, float] = {}
+        self._contexts: dict[str, tuple[float, float]] = {}
+        reserving = [r for r in map(queue.get, policy.reservations) if r is not None]
+        self.look()
+        self.walk = Walk(
+            queue,
+            lambda team: self.context(team)[1],
+            self.key,
+            self.aged_gang,
+            self.worth,
+            self.group_worth,
+            reserving,
+        )
+
+    # ------------------------------------------------------------------ the frozen order
+    def context(self, team: str) -> tuple[float, float]:
+        found = self._contexts.get(team)
+        if found is None:
+            held = self._held_team.get(team)
+            found = self._contexts[team] = self.policy.team_context(team, self.now, held)
+        return found
+
+    def key(self, req: Request) -> tuple[Any, ...]:
+        return self.policy.key(
+            req, self.now, self.context(self.policy.team_of(req)), self._held_user.get(req.user)
+        )
+
+    def aged_gang(self, req: Request) -> bool:
+        return self.policy.aged_gang(req, self.now)
+
+    def freeze(self, team: str, user: str) -> None:
+        """Remember a team's and a user's holdings before the pass changes them."""
+        self._held_team.setdefault(team, self.policy.held_team.get(team, 0.0))
+        self._held_user.setdefault(user, self.policy.held_user.get(user, 0.0))
+
+    # ------------------------------------------------------------------ what can act
+    def look(self) -> None:
+        """The room this pass could give, and whether preemption could add to it."""
+        self.room: Room = self.packer.room()
+        quotas = self.policy.quotas
+        self.suspending = bool(
+            self.preempt is not None
+            and quotas.suspend_idle_after is not None
+            and preemption.suspend_candidates(self.policy, self.now, quotas.suspend_idle_after)
+        )
+        self.reclaiming = bool(
+            self.preempt is not None
+            and self.configured
+            and any(
+                r.preemptible
+                and not r.gang
+                and self.policy.over_guarantee(r.team) > EPS
+                and self.now - r.started >= quotas.min_run_time
+                and r.started < self.now
+                for r in map(self.policy.leases.get, self.policy.preemptible)
+                if r is not None
+            )
+        )
+
+    def worth(self, needs: Needs, team: str, user: str | None) -> bool:
+        """Could any request of ``team`` (of ``user``) act now? False only when none can: all over
+        a limit, none fitting the room, none to reserve for, none to preempt for."""
+        policy = self.policy
+        smallest = needs.equivalents.smallest()
+        limit = policy.quotas.team(team).limit
+        if limit is not None and policy.held_team.get(team, 0.0) + smallest > limit + EPS:
+            return False
+        ulimit = policy.quotas.user_limit(user) if user is not None else None
+        if ulimit is not None and policy.held_user.get(user or "", 0.0) + smallest > ulimit + EPS:
+            return False
+        if len(self.reserved_by) < self.budget and (self.configured or needs.reservable):
+            if self.now - needs.submitted.smallest() >= policy.quotas.reserve_after:
+                return True
+        if (self.suspending and needs.interactive_single) or (self.reclaiming and needs.single):
+            return True
+        return self.room.admits(needs)
+
+    def group_worth(self, spec: RequestSpec, oldest: float) -> bool:
+        """Could a group's requests (of ``spec``, the oldest submitted at ``oldest``) act now?
+        The group-level ``worth``: its team and user passed their limits already."""
+        policy, single = self.policy, spec.workers == 1 and (spec.gpus or 1) <= 1
+        reservable = spec.workers > 1 or spec.gpus is not None
+        if len(self.reserved_by) < self.budget and (self.configured or reservable):
+            if self.now - oldest >= policy.quotas.reserve_after:
+                return True
+        if single and (self.reclaiming or (self.suspending and spec.priority == "interactive")):
+            return True
+        return self.room.admits_spec(spec)
+
+    def held_for_others(self, req: Request) -> set[str]:
+        return (
+            {g for g, rid in self.reserved_by.items() if rid != req.id}
+            if self.reserved_by
+            else set()
+        )
+
+    def host_fits(self, req: Request) -> preemption.HostFits | None:
+        """Whether a GPU's machine has host room for ``req`` once ``victims`` left (None: no
+        machine reports host resources, so any does)."""
+        if not self.packer.scored:
+            return None
+
+        def fits(gpu: GpuSlot, victims: list[LeaseRecord]) -> bool:
+            host = self.packer.hosts.get(gpu.worker)
+            if host is None:
+                return True
+            mem, milli = self.packer.host_need(
+                req.spec, gpu.worker, [_alloc(gpu, req.spec.need_on(gpu))]
+            )
+            back_mem = sum(v.host[0] for v in victims)
+            back_cpu = sum(v.host[1] for v in victims)
+            return mem <= host.free_memory + back_mem and milli <= host.free_cpu_milli + back_cpu
+
+        return fits
+
+
+def _alloc(gpu: GpuSlot, nbytes: int) -> Allocation:
+    return Allocation(gpu=gpu.id, index=gpu.index, bytes=nbytes)
+
+
+def schedule_pass(
+    policy: FairSharePolicy,
+    queue: WaitingRoom,
+    packer: Packer,
+    grant: GrantFn,
+    preempt: PreemptFn | None = None,
+    now: float | None = None,
+    eta_for: int = 100,
+    reserve_share: float = 0.25,
+) -> list[Request]:
+    """Grant, in policy order, every queued request that fits; reclaim for guarantees; give the rest
+    a reason and an estimated start. Returns the requests it looked at that still wait, in order.
+
+        ``grant(req, placement, preemptible)`` must book the placement (taking ``req`` out of
+        ``queue`` and calling ``policy.lease_started``); ``preempt(lease_id, reason, req)`` must
+        free the lease (and call ``policy.lease_ended``). Reservations (aged gangs first: they sort
+        first) hold at most ``reserve_share`` of the GPUs (at least one), so they cannot idle the
+        pool. The first ``eta_for`` waiting requests get their reasons and estimated starts
+        refreshed; the others keep what they were told when last looked at.
+    """
+    now = policy.clock() if now is None else now
+    state = PassState(policy, packer, queue, now, preempt, reserve_share)
+    waiting: list[Request] = []
+    state.walk.full = eta_for > 0
+    for req in state.walk:
+        served = _serve(state, req, grant, preempt)
+        if served is None:
+            continue
+        if served:  # no room for it: say why, and hold GPUs for it once it waited long enough
+            _explain(state, req, len(waiting) < eta_for)
+        waiting.append(req)
+        state.walk.full = len(waiting) < eta_for
+        if not state.walk.full and not (served and _may_reserve(state, req)):
+            state.walk.skip_group(req)  # the same shape of the same user cannot act either
+    _estimate(policy, packer, queue, waiting[:eta_for], now)
+    return waiting
+
+
+def _serve(
+    state: PassState, req: Request, grant: GrantFn, preempt: PreemptFn | None
+) -> bool | None:
+    """Grant ``req`` if it fits (after reclaim or suspension if need be): None. Else True when it
+    lacks room, False when a limit holds it back (its reason is set then)."""
+    policy = state.policy
+    team, need = policy.team_of(req), policy.need(req.spec)
+    blocked = policy.limit_reason(req)
+    if blocked:
+        req.reason = blocked
+        return False
+    held = state.held_for_others(req)
+    within = policy.within_guarantee(team, need)
+    placement = state.packer.place(req.spec, held)
+    # (``look`` found whether anything could be reclaimed or suspended at all)
+    if placement is None and state.reclaiming and within and preempt is not None:
+        placement = _make_room(state, req, held, preempt, reclaim=True)
+    if placement is None and state.suspending and preempt is not None:
+        placement = _make_room(state, req, held, preempt, reclaim=False)
+    if placement is None:
+        return True
+    state.freeze(team, req.user)
+    grant(req, placement, state.configured and not within)
+    state.room = state.packer.room()  # what is left for those after it
+    released = policy.reservations.pop(req.id, ())
+    for g in released:
+        state.reserved_by.pop(g, None)
+    if released:  # GPUs held for it are free for the others again
+        state.walk.unskip()
+    if state.configured and not within and not state.reclaiming:
+        state.look()  # a team over its guarantee: its borrowed leases may be reclaimed now
+        if state.reclaiming:
+            state.walk.revive()
+    return None
+
+
+def _make_room(
+    state: PassState, req: Request, held: set[str], preempt: PreemptFn, reclaim: bool
+) -> Placement | None:
+    """Reclaim borrowed leases (``reclaim``) or suspend idle sessions for ``req``, then place it."""
+    policy = state.policy
+    gpus = _Avail(state.packer.gpus, held)
+    if reclaim:
+        plan = preemption.reclaim_plan(policy, req, gpus, state.now, state.host_fits(req))
+    else:
+        plan = preemption.suspend_plan(policy, req, gpus, state.now, host_fits=state.host_fits(req))
+    if not plan:
+        return None
+    for lease_id, reason in plan:
+        rec = policy.leases.get(lease_id)
+        if rec is not None:
+            state.freeze(rec.team, rec.user)
+        preempt(lease_id, reason, req)
+    state.look()
+    state.walk.revive()
+    return state.packer.place(req.spec, held)
+
+
+class _Avail:
+    """The GPUs a request may use (all but those held for others), looked up by id."""
+
+    def __init__(self, gpus: dict[str, GpuSlot], held: set[str]):
+        self._gpus, self._held = gpus, held
+
+    def get(self, gpu_id: str) -> GpuSlot | None:
+        return None if gpu_id in self._held else self._gpus.get(gpu_id)
+
+    def all(self) -> list[GpuSlot]:
+        return [g for g in self._gpus.values() if g.id not in self._held]
+
+
+def _may_reserve(state: PassState, req: Request) -> bool:
+    return len(state.reserved_by) < state.budget and state.policy.should_reserve(req, state.now)
+
+
+def _explain(state: PassState, req: Request, estimate: bool) -> None:
+    """The reason ``req`` waits (what is short, when idle sessions will make room, its quota
+    standing, GPUs reserved for it), and a reservation when it has waited long enough."""
+    policy, now = state.policy, state.now
+    team, need = policy.team_of(req), policy.need(req.spec)
+    held = state.held_for_others(req)
+    reason = state.packer.why_waiting(req.spec, held)
+    later = (
+        preemption.suspend_plan(policy, req, _Avail(state.packer.gpus, held), now, after=0.0)
+        if state.preempt is not None and estimate
+        else None
+    )
+    if later:
+        assert policy.quotas.suspend_idle_after is not None  # there is no plan without it
+        idle = [policy.leases[lid].idle_since for lid, _ in later]
+        at = max(now if t is None else t for t in idle) + policy.quotas.suspend_idle_after
+        reason += (
+            f"; {len(later)} idle session(s) there move to host memory for it in "
+            f"{max(0.0, at - now):.0f} s if they stay idle"
+        )
+    if state.configured and not policy.within_guarantee(team, need):
+        guarantee = policy.quotas.team(team).guarantee
+        reason += (
+            f" (team {team} holds {policy.held_team.get(team, 0.0):.1f} of its {guarantee:.1f} GPU "
+            "guarantee: this runs on idle capacity, preemptible)"
+        )
+    mine = policy.reservations.get(req.id)
+    if not mine and _may_reserve(state, req):
+        mine = reserve(req.spec, _Avail(state.packer.gpus, held).all())
+        if mine:
+            policy.reservations[req.id] = mine
+            state.reserved_by.update({g: req.id for g in mine})
+    if mine:
+        reason += (
+            f"; {len(mine)} GPU(s) reserved for it after {now - req.submitted:.0f} s of waiting"
+        )
+    req.reason = reason
+
+
+def _estimate(
+    policy: FairSharePolicy, packer: Packer, queue: WaitingRoom, waiting: list[Request], now: float
+) -> None:
+    """Estimated starts of the first waiting requests (``estimates.estimate_waiting``); the others
+    have none (those estimated before and no longer first lose theirs)."""
+    for rid in queue.estimated - {r.id for r in waiting}:
+        req = queue.get(rid)
+        if req is not None:
+            req.eta, req.eta_basis, req.eta_note = None, None, None
+    queue.estimated = {r.id for r in waiting}
+    if waiting:
+        estimate_waiting(policy, waiting, list(packer.gpus.values()), now, len(waiting))
+
+
+def reserve(spec: RequestSpec, gpus: list[GpuSlot]) -> set[str]:
+    """The GPUs to hold for ``spec``: those closest to fitting it (most free memory), one per
+    rank."""
+    ranks = spec.workers * (int(spec.gpus) if spec.gpus and spec.workers == 1 else 1)
+    able = [g for g in gpus if spec.need_on(g) <= g.total_bytes]
+    able.sort(key=lambda g: (-g.free_bytes, len(g.leases), g.id))
+    if spec.gpus is not None and spec.workers == 1:
+        by_worker: dict[str, list[GpuSlot]] = collections.defaultdict(list)
+        for g in able:
+            by_worker[g.worker].append(g)
+        fits = [gs for gs in by_worker.values() if len(gs) >= ranks]
+        return {g.id for g in fits[0][:ranks]} if fits else set()
+    return {g.id for g in able[:ranks]}

@@ -1,0 +1,412 @@
+"""The queue of waiting requests, indexed so that a scheduling pass visits only what could act.
+
+Why: a pass used to sort the whole queue and try every request against every GPU, so the queue's
+cost grew with what could not run: 10,000 requests that did not fit made every event (and every
+second) cost seconds, and another user's cell waited minutes behind them (issue 24). A pass still
+serves requests in the policy's order (``FairSharePolicy.key``, computed as at the start of the
+pass, as sorting the queue did), and it still grants, reclaims, suspends, reserves and explains
+exactly what the full pass did; it just does not look at what cannot act.
+
+The index: team -> user -> group (one user's requests of one shape and priority, oldest first). A
+user and a team carry summaries of what their requests need: the smallest share of a GPU, bytes of
+one GPU, whole GPUs, host memory and cores, and the oldest submission. ``Walk`` visits teams, then
+users, then groups in the policy's order, and passes over a whole team or user whose smallest needs
+exceed the largest room the pool has (free, or to be made by moving idle sessions or reclaiming
+borrowed ones), unless something else makes it act (a reservation, one to be made, or the first
+``eta_for`` waiting requests, whose reasons and estimated starts the pass refreshes). In a group,
+requests are interchangeable except for their age: once one finds no room, the others are passed
+over for the rest of the pass. When a pass makes room (a preemption), what it passed over is looked
+at again.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from sortedcontainers import SortedList
+
+from jupyter_gpu.broker.fragmentation import ShapeKey, shape_of
+from jupyter_gpu.broker.model import Request
+from jupyter_gpu.common.protocol import RequestSpec
+
+INF = math.inf
+GroupKey = tuple[ShapeKey, int, str]  # (shape, priority rank, priority)
+PRIORITY_RANK = {"interactive": 0, "batch": 1}
+
+
+def family(spec: RequestSpec) -> tuple[int, float]:
+    """(kind, amount) of one rank's GPU need: 0 a share of a GPU, 1 bytes of one GPU, 2 whole
+    GPUs on one machine."""
+    if spec.gpus is not None:
+        return 2, float(spec.gpus)
+    if spec.memory is not None:
+        return 1, float(spec.memory)
+    return 0, float(spec.fraction or 0.0)
+
+
+@dataclass
+class Room:
+    """The most a pass could give one request: per kind of GPU need (a share of a GPU, bytes of one
+    GPU, whole GPUs on one machine), host memory and cores on one machine. A request whose needs
+    all exceed these cannot act."""
+
+    gpu: tuple[float, float, float] = (INF, INF, INF)
+    memory: float = INF
+    cpu_milli: float = INF
+
+    def admits(self, needs: Needs) -> bool:
+        return (
+            any(needs.smallest(k) <= self.gpu[k] for k in range(3))
+            and needs.host_memory.smallest() <= self.memory
+            and needs.cpu_milli.smallest() <= self.cpu_milli
+        )
+
+    def admits_spec(self, spec: RequestSpec) -> bool:
+        kind, amount = family(spec)
+        return (
+            amount <= self.gpu[kind]
+            and (spec.host_memory or 0) <= self.memory
+            and (spec.cpus or 0.0) * 1000 <= self.cpu_milli
+        )
+
+    def widest(self, other: Room) -> Room:
+        return Room(
+            tuple(max(a, b) for a, b in zip(self.gpu, other.gpu)),  # type: ignore[arg-type]
+            max(self.memory, other.memory),
+            max(self.cpu_milli, other.cpu_milli),
+        )
+
+
+class Smallest:
+    """A multiset of numbers that knows its smallest (additions and removals in log time)."""
+
+    __slots__ = ("_values",)
+
+    def __init__(self) -> None:
+        self._values = SortedList()
+
+    def add(self, value: float) -> None:
+        self._values.add(value)
+
+    def remove(self, value: float) -> None:
+        self._values.discard(value)
+
+    def smallest(self) -> float:
+        return float(self._values[0]) if self._values else INF
+
+
+class Needs:
+    """The smallest needs of a set of requests, kept as requests come and go."""
+
+    __slots__ = (
+        "gpu",
+        "host_memory",
+        "cpu_milli",
+        "equivalents",
+        "submitted",
+        "reservable",
+        "single",
+        "interactive_single",
+    )
+
+    def __init__(self) -> None:
+        self.gpu = (Smallest(), Smallest(), Smallest())
+        self.host_memory = Smallest()  # explicit asks (a default counts as 0: it always fits)
+        self.cpu_milli = Smallest()
+        self.equivalents = Smallest()  # GPUs, for limits (a --memory request counts as 0)
+        self.submitted = Smallest()
+        self.reservable = 0  # gangs and whole GPUs: reserved for once they waited long enough
+        self.single = 0  # one session on at most one GPU: what reclaim makes room for
+        self.interactive_single = 0  # ... and interactive: what idle sessions move out for
+
+    def change(self, req: Request, add: bool) -> None:
+        kind, amount = family(req.spec)
+        spec = req.spec
+        step = 1 if add else -1
+        single = spec.workers == 1 and (spec.gpus or 1) <= 1
+        self.reservable += step * (spec.workers > 1 or spec.gpus is not None)
+        self.single += step * single
+        self.interactive_single += step * (single and spec.priority == "interactive")
+        values: list[tuple[Smallest, float]] = [
+            (self.gpu[kind], amount),
+            (self.host_memory, float(spec.host_memory or 0)),
+            (self.cpu_milli, float(spec.cpus or 0.0) * 1000),
+            (self.equivalents, 0.0 if kind == 1 else amount * spec.workers),
+            (self.submitted, req.submitted),
+        ]
+        for tracker, value in values:
+            (tracker.add if add else tracker.remove)(value)
+
+    def smallest(self, kind: int) -> float:
+        return self.gpu[kind].smallest()
+
+
+@dataclass
+class Group:
+    """One user's waiting requests of one shape and priority, oldest first."""
+
+    key: GroupKey
+    spec: RequestSpec
+    items: SortedList = field(default_factory=SortedList)  # (submitted, id)
+
+
+@dataclass
+class UserQueue:
+    user: str
+    team: str
+    groups: dict[GroupKey, Group] = field(default_factory=dict)
+    needs: Needs = field(default_factory=Needs)
+    count: int = 0
+
+
+@dataclass
+class TeamQueue:
+    team: str
+    users: dict[str, UserQueue] = field(default_factory=dict)
+    needs: Needs = field(default_factory=Needs)
+
+
+class WaitingRoom:
+    """The ledger's queue: the requests in state ``queued``, in submission order for iteration
+    (``for req in queue``, ``req in queue``, ``len``, ``queue[0]``, ``remove``), and indexed for
+    ``Walk``."""
+
+    def __init__(self, team_of: Callable[[Request], str]):
+        self._team_of = team_of
+        self._reqs: dict[str, Request] = {}
+        self._where: dict[str, tuple[str, str, GroupKey]] = {}  # id -> (team, user, group)
+        self.teams: dict[str, TeamQueue] = {}
+        self.gangs: SortedList = SortedList()  # (submitted, id) of multi-rank requests
+        self.estimated: set[str] = set()  # ids of those with an estimated start
+        self.fresh: set[str] = set()  # ids of those no pass has looked at yet
+
+    # ------------------------------------------------------------------ a list's manners
+    def __iter__(self) -> Iterator[Request]:
+        return iter(list(self._reqs.values()))
+
+    def __len__(self) -> int:
+        return len(self._reqs)
+
+    def __bool__(self) -> bool:
+        return bool(self._reqs)
+
+    def __contains__(self, req: object) -> bool:
+        return isinstance(req, Request) and self._reqs.get(req.id) is req
+
+    def __getitem__(self, index: int) -> Request:
+        return list(self._reqs.values())[index]
+
+    def get(self, req_id: str) -> Request | None:
+        return self._reqs.get(req_id)
+
+    def append(self, req: Request) -> None:
+        if req.id in self._reqs:
+            self.remove(self._reqs[req.id])
+        team = self._team_of(req)
+        key: GroupKey = (
+            shape_of(req.spec),
+            PRIORITY_RANK.get(req.spec.priority, 1),
+            req.spec.priority,
+        )
+        tq = self.teams.setdefault(team, TeamQueue(team))
+        uq = tq.users.setdefault(req.user, UserQueue(req.user, team))
+        group = uq.groups.setdefault(key, Group(key, req.spec))
+        group.items.add((req.submitted, req.id))
+        uq.needs.change(req, True)
+        tq.needs.change(req, True)
+        uq.count += 1
+        if req.spec.workers > 1:
+            self.gangs.add((req.submitted, req.id))
+        self._reqs[req.id] = req
+        self._where[req.id] = (team, req.user, key)
+        self.fresh.add(req.id)
+
+    def remove(self, req: Request) -> None:
+        if self._reqs.get(req.id) is not req:
+            raise ValueError(f"{req.id} is not queued")
+        del self._reqs[req.id]
+        self.fresh.discard(req.id)
+        self.estimated.discard(req.id)
+        team, user, key = self._where.pop(req.id)
+        tq = self.teams[team]
+        uq = tq.users[user]
+        group = uq.groups[key]
+        group.items.discard((req.submitted, req.id))
+        if not group.items:
+            del uq.groups[key]
+        uq.needs.change(req, False)
+        tq.needs.change(req, False)
+        uq.count -= 1
+        if not uq.count:
+            del tq.users[user]
+        if not tq.users:
+            del self.teams[team]
+        if req.spec.workers > 1:
+            self.gangs.discard((req.submitted, req.id))
+
+
+# ---------------------------------------------------------------------- the walk of one pass
+class Walk:
+    """The waiting requests in the policy's order (as at the start of the pass), without those
+    that cannot act (see the module docstring).
+
+    ``key(req)`` is the frozen sort key and ``team_share(team)`` its team part; ``worth(needs,
+    team, user)`` says whether a team's or a user's requests could act (the pass's test);
+    ``admits(spec, oldest)`` whether a group of one shape could; ``sticky`` requests are shown whatever their groups
+    do (those holding reservations). ``full`` shows everything (the first waiting
+    requests, whose reasons and estimates the pass refreshes). ``skip_group(req)`` passes over the
+    rest of ``req``'s group; ``unskip()`` and ``revive()`` look again at what was passed over, from
+    the current position on (after a reservation was released, after room was made)."""
+
+    def __init__(
+        self,
+        room: WaitingRoom,
+        team_share: Callable[[str], float],
+        key: Callable[[Request], tuple[Any, ...]],
+        aged_gang: Callable[[Request], bool],
+        worth: Callable[[Needs, str, str | None], bool],
+        admits: Callable[[RequestSpec, float], bool],
+        sticky: Iterable[Request] = (),
+    ):
+        self.room = room
+        self.key = key
+        self._aged_gang = aged_gang
+        self._worth = worth
+        self._admits = admits
+        self._heap: list[tuple[tuple[Any, ...], int, tuple[Any, ...]]] = []
+        self._seq = itertools.count()
+        self._skipped: dict[tuple[str, GroupKey], tuple[str, int]] = {}  # -> (team, phase)
+        self._passed: list[tuple[Any, ...]] = []  # teams, users and groups passed over
+        self._cursor: tuple[Any, ...] = ()
+        self._seen: set[str] = set()
+        self.full = True
+        for _, rid in room.gangs:
+            req = room.get(rid)
+            if req is not None and aged_gang(req):
+                self._push(key(req), ("req", req, None))
+        for req in sticky:
+            self._push(key(req), ("req", req, None))
+        for rid in room.fresh:  # each request is looked at at least once, to be told why it waits
+            req = room.get(rid)
+            if req is not None:
+                self._push(key(req), ("req", req, None))
+        room.fresh = set()
+        for team in room.teams:
+            share = team_share(team)
+            for phase in (0, 1):
+                self._push((1, phase, share, -INF), ("team", team, phase))
+
+    def _push(self, key: tuple[Any, ...], item: tuple[Any, ...]) -> None:
+        heapq.heappush(self._heap, (key, next(self._seq), item))
+
+    def __iter__(self) -> Walk:
+        return self
+
+    def __next__(self) -> Request:
+        while self._heap:
+            _, _, item = heapq.heappop(self._heap)
+            kind = item[0]
+            if kind == "req":
+                req, where = cast(Request, item[1]), item[2]
+                if req.id in self._seen or req not in self.room:
+                    continue
+                if where is not None and not self.full and not self._still_worth(req, where):
+                    continue
+                self._seen.add(req.id)
+                self._cursor = self.key(req)
+                if where is not None:  # the next of its group follows it
+                    self._push(self._cursor + (0,), ("group",) + where + ((req.submitted, req.id),))
+                return req
+            if kind == "team":
+                self._open_team(item[1], item[2])
+            elif kind == "user":
+                self._open_user(item[1], item[2], item[3])
+            elif kind == "group":
+                self._next_in_group(*item[1:])
+        raise StopIteration
+
+    def _open_team(self, team: str, phase: int) -> None:
+        tq = self.room.teams.get(team)
+        if tq is None:
+            return
+        if not self.full and not self._worth(tq.needs, team, None):
+            self._passed.append(("team", team, phase))
+            return
+        for user in list(tq.users):
+            self._open_user(team, user, phase)
+
+    def _open_user(self, team: str, user: str, phase: int) -> None:
+        uq = self.room.teams[team].users.get(user) if team in self.room.teams else None
+        if uq is None:
+            return
+        if not self.full and not self._worth(uq.needs, team, user):
+            self._passed.append(("user", team, user, phase))
+            return
+        for gkey, group in uq.groups.items():
+            if not self.full and not self._admits(group.spec, group.items[0][0]):
+                self._passed.append(("group", team, user, gkey, phase, None))
+                continue
+            self._next_in_group(team, user, gkey, phase, None)
+
+    def _next_in_group(
+        self, team: str, user: str, gkey: GroupKey, phase: int, after: tuple[float, str] | None
+    ) -> None:
+        """Push the next request of the group after ``after`` (its first when None) that comes
+        after the walk's position, unless the group is passed over."""
+        tq = self.room.teams.get(team)
+        uq = tq.users.get(user) if tq is not None else None
+        group = uq.groups.get(gkey) if uq is not None else None
+        if group is None:
+            return
+        if (user, gkey) in self._skipped:
+            return
+        items = (
+            group.items.irange(minimum=after, inclusive=(False, False)) if after else group.items
+        )
+        for _, rid in items:
+            req = self.room.get(rid)
+            if req is None or rid in self._seen or self._aged_gang(req):
+                continue
+            k = self.key(req)
+            if k[1] != phase:
+                return  # a group's requests share their within-guarantee flag
+            if k <= self._cursor:
+                continue
+            self._push(k, ("req", req, (team, user, gkey, phase)))
+            return
+
+    def _still_worth(self, req: Request, where: tuple[str, str, GroupKey, int]) -> bool:
+        """Whether ``req``'s group may still act, now that the pass granted what came before it
+        (its room shrank since the group was opened); if not, the group is passed over until room
+        is made."""
+        team, user, gkey, phase = where
+        group = self.room.teams[team].users[user].groups[gkey]
+        if self._admits(group.spec, group.items[0][0]):
+            return True
+        self._passed.append(("group", team, user, gkey, phase, None))
+        return False
+
+    def skip_group(self, req: Request) -> None:
+        """The rest of ``req``'s group cannot act in this pass (as ``req`` could not)."""
+        where = self.room._where.get(req.id)
+        if where is not None:
+            team, user, gkey = where
+            self._skipped[(user, gkey)] = (team, self.key(req)[1])
+
+    def unskip(self) -> None:
+        """Groups passed over after a failure may act again (GPUs held for another came free)."""
+        skipped, self._skipped = self._skipped, {}
+        for (user, gkey), (team, phase) in skipped.items():
+            self._push(self._cursor, ("group", team, user, gkey, phase, None))
+
+    def revive(self) -> None:
+        """Room grew during the pass: look again at everything passed over."""
+        self.unskip()
+        passed, self._passed = self._passed, []
+        for item in passed:
+            self._push(self._cursor, item)

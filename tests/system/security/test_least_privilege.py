@@ -1,0 +1,459 @@
+"""Least privilege (issue 20): no Dask process runs as root, the pool key stays in the pool's account,
+nothing a peer sends is unpickled, and a session is confined before anything in it runs.
+
+The pool is ``jupyter-gpu pool up`` and ``jupyter-gpu worker`` started as root with a token file, as
+an administrator starts them (``team.py``): both give root up for a service account of their own,
+and the worker's launcher keeps root. alice attacks from her kernel and her cells (a valid token,
+arbitrary code); the test, as root, checks what the machine says (``/proc``, the logs, the files).
+Each test names the attack of the issue it replays; every one of them worked before.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import secrets
+import textwrap
+
+import psutil
+import pytest
+
+from tests.support.harness import snapshot, wait_until, worker_pid
+from tests.system.security.team import PREFIX, can_make_accounts, team_pool
+
+pytestmark = [
+    pytest.mark.system,
+    pytest.mark.timeout(600),
+    pytest.mark.skipif(can_make_accounts() is not None, reason=str(can_make_accounts())),
+]
+
+ALICE, BOB = f"{PREFIX}alice", f"{PREFIX}bob"
+PIDS_LIMIT = 96
+
+
+@pytest.fixture(scope="module")
+def team():
+    env = {"DASK_JUPYTER_GPU__SESSION__PIDS_LIMIT": str(PIDS_LIMIT)}
+    with team_pool((ALICE, BOB), extra_env=env) as t:
+        t.bob = t.kernel(BOB)
+        res = t.bob.run(
+            "%%gpu\nimport numpy as np\nsecret_weights = np.arange(5) * 7\nprint('bob ready')"
+        )
+        assert res.error is None and "bob ready" in res.stdout, res.error_text
+        t.alice = t.kernel(ALICE)
+        res = t.alice.run("%%gpu\nprint('alice ready')")
+        assert res.error is None, res.error_text
+        yield t
+
+
+def lease_of(team, kernel) -> dict:
+    res = kernel.run(
+        "import json\n_c = get_ipython().find_magic('gpu').__self__.conn\n"
+        "print(json.dumps(_c.session.lease))"
+    )
+    return json.loads(res.stdout)
+
+
+def bob_is_fine(team) -> None:
+    res = team.bob.run("%%gpu\nprint(int(secret_weights.sum()))")
+    assert res.error is None and res.stdout.strip() == "70", (res.stdout, res.error_text)
+
+
+def alice_cell(team, code: str, timeout: float = 180) -> str:
+    res = team.alice.run("%%gpu\n" + code, timeout=timeout)
+    assert res.error is None, res.error_text
+    return res.stdout
+
+
+def tree(pid: int) -> list[psutil.Process]:
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+# ---------------------------------------------------------------------- who runs as whom
+def test_no_dask_process_runs_as_root_only_the_launcher_and_its_zygote_do(team):
+    """Before: the scheduler, the nannies, the Dask workers and the zygote ran as root (any of them
+    taken over was root on the GPU machine)."""
+    svc = team.service.pw_uid
+    scheduler = tree(team.services.scheduler.pid)
+    assert {p.uids().effective for p in scheduler} == {svc}, [(p.pid, p.uids()) for p in scheduler]
+    worker = tree(team.services.worker.pid)
+    root = [p for p in worker if p.uids().effective == 0]
+    launcher = [p for p in root if p.ppid() == team.services.worker.pid]
+    zygote = [p for p in root if "jupyter_gpu.launcher.zygote" in " ".join(p.cmdline())]
+    assert len(launcher) == 1 and set(root) == {*launcher, *zygote}, [
+        (p.pid, " ".join(p.cmdline())[:120]) for p in root
+    ]
+    assert psutil.Process(team.services.worker.pid).uids().effective == svc
+    dask = [p for p in worker if p not in root]
+    users = {team.users[ALICE].pw_uid, team.users[BOB].pw_uid}
+    # the nannies' process, the Dask workers: the service account; sessions: their users
+    assert {p.uids().effective for p in dask} <= {svc} | users
+    sessions = {lease_of(team, k)["pid"]: k for k in (team.alice, team.bob)}
+    assert psutil.Process(lease_of(team, team.alice)["pid"]).uids().effective == (
+        team.users[ALICE].pw_uid
+    )
+    assert sessions and all(
+        psutil.Process(pid).ppid() in {p.pid for p in zygote} for pid in sessions
+    )
+
+
+def test_zygotes_start_from_root_with_nothing_anyone_else_can_write_on_their_path(team):
+    """Before: the zygote was started with ``-m`` from the worker's working folder (on its module
+    path): a module there was imported as root."""
+    modules = ("jupyter_gpu.launcher.zygote", "jupyter_gpu.session.zygote")
+    forked = [p for p in tree(team.services.worker.pid) if set(modules) & set(p.cmdline())]
+    # a session forked from a zygote keeps its command line: the zygotes are the others
+    zygotes = [p for p in forked if p.ppid() not in {q.pid for q in forked}]
+    assert [p for p in zygotes if "jupyter_gpu.launcher.zygote" in p.cmdline()]
+    for p in zygotes:
+        cmd = p.cmdline()
+        assert cmd[1:3] == ["-I", "-c"], cmd
+        assert p.cwd() == "/", p.cwd()
+        path = json.loads(cmd[5])
+        from jupyter_gpu.common.safe_python import why_unsafe
+
+        assert all(why_unsafe(entry, p.uids().effective) is None for entry in path), path
+
+
+def test_dask_workers_scratch_space_is_a_private_folder_of_the_service_account(team):
+    """Before: root workers used Dask's default ``/tmp/dask-scratch-space``, which Dask puts on
+    the worker's module path: a user who made that folder first (after a reboot, a tmp cleaner)
+    had her ``pynvml.py`` imported as root. The folder Dask works in (it holds each worker's lock
+    file open) is a fresh one of the service account's, which nobody else may write, and nothing
+    on its way down may be written by another account either."""
+    locks = []
+    for p in tree(team.services.worker.pid):
+        try:
+            locks += [f.path for f in p.open_files() if f.path.endswith(".dirlock")]
+        except psutil.Error:
+            continue
+    assert locks, "no Dask worker holds a scratch-space lock"
+    for lock in locks:
+        assert not lock.startswith("/tmp/dask-scratch-space/"), lock
+        folder, private = os.path.dirname(lock), None
+        while folder not in ("/", ""):
+            st = os.stat(folder)
+            if os.path.basename(folder).startswith("jupyter-gpu-dask-"):
+                private = st
+                break
+            assert st.st_uid == team.service.pw_uid and not st.st_mode & 0o022, (folder, lock)
+            folder = os.path.dirname(folder)
+        assert private is not None, lock
+        assert private.st_uid == team.service.pw_uid and not private.st_mode & 0o077, lock
+
+
+# ---------------------------------------------------------------------- the pool key
+def test_the_pool_key_never_leaves_the_pools_account(team):
+    """Before: the scheduler's ``identity`` (open to anyone, and ``Client.scheduler_info()`` in a
+    cell) carried every worker's start-up information, with the pool key."""
+    with open(team.services.pool_key_path()) as f:
+        key = f.read().strip()
+    st = os.stat(team.services.pool_key_path())
+    assert st.st_uid == team.service.pw_uid and st.st_mode & 0o077 == 0
+    out = alice_cell(
+        team,
+        textwrap.dedent(f"""
+        import asyncio, json
+        from distributed import Client
+        from distributed.core import rpc
+        async def go():
+            async with rpc({team.address!r}) as r:
+                return await r.identity()
+        ident = asyncio.run(go())
+        c = Client({team.address!r}, timeout=30, set_as_default=False)
+        info = c.scheduler_info()
+        c.close()
+        print(json.dumps({{"identity": ident, "info": info}}, default=str))
+        """),
+    )
+    seen = json.loads(out)
+    assert seen["identity"]["workers"] == {} and seen["info"]["workers"] == {}, out[:2000]
+    assert key not in out
+    assert key not in json.dumps(snapshot(team.address))
+    for name in ("scheduler", "worker"):
+        assert key not in team.services.full_log(name), name
+    for k in (team.alice, team.bob):
+        with open(f"/proc/{lease_of(team, k)['pid']}/environ", "rb") as f:
+            assert key.encode() not in f.read()
+
+
+def test_a_worker_that_cannot_prove_the_pool_key_cannot_join_beat_or_offer(team):
+    """Before: anyone holding the key (anyone: it was public) registered a fake worker with a fake
+    GPU, and ``heartbeat_worker`` (no key at all) rewrote a real worker's resources."""
+    worker = sorted({g["worker"] for g in snapshot(team.address)["gpus"]})[0]
+    out = alice_cell(
+        team,
+        textwrap.dedent(f"""
+        import asyncio
+        from distributed import Worker
+        from distributed.core import rpc
+        async def go():
+            try:  # a real Dask worker of hers, with whatever start-up information she likes
+                w = Worker({team.address!r}, nthreads=1, dashboard=False, host="127.0.0.1")
+                await asyncio.wait_for(w.start(), 30)
+                print("JOINED")
+                await w.close()
+            except BaseException as exc:
+                print("join refused", type(exc).__name__)
+            metrics = {{"bandwidth": {{"total": 1, "workers": {{}}, "types": {{}}}},
+                        "digests_total_since_heartbeat": {{}}, "memory": 1,
+                        "spilled_bytes": {{"memory": 0, "disk": 0}}}}
+            async with rpc({team.address!r}) as s:
+                try:
+                    reply = await s.heartbeat_worker(address={worker!r}, metrics=metrics,
+                                                     resources={{"GPU": 1000}})
+                    if isinstance(reply, dict) and reply.get("status") == "error":
+                        print("beat refused", reply["exception_text"][:160])
+                    else:
+                        print("BEAT", reply)
+                except Exception as exc:
+                    print("beat refused", str(exc)[:120])
+        asyncio.run(go())
+        """),
+    )
+    assert "JOINED" not in out and "BEAT" not in out and "beat refused" in out, out
+    assert "with a proof that it holds the pool key" in out, out
+    # her client's stream: a worker's report there names no worker (the stream's own is a client)
+    res = team.alice.run(
+        "_c = get_ipython().find_magic('gpu').__self__.conn.client\n"
+        "_c._send_to_scheduler({'op': 'gpu_register_worker', 'worker': 'tcp://6.6.6.6:1', "
+        "'gpus': [{'index': 0, 'uuid': 'FAKE', 'name': 'fake', 'total_bytes': 2**50}]})\n"
+        "_c._send_to_scheduler({'op': 'gpu_session_ended', 'worker': "
+        f"{worker!r}, 'lease': {lease_of(team, team.bob)['id']!r}, 'reason': 'forged'}})\n"
+        "print('sent')"
+    )
+    assert "sent" in res.stdout, res.error_text
+    assert not wait_until(
+        lambda: any(g["uuid"] == "FAKE" for g in snapshot(team.address)["gpus"]), 3
+    )
+    bob_is_fine(team)
+
+
+def test_a_message_on_alices_client_stream_cannot_act_as_bobs_client(team):
+    """Before: Dask merged the stream's own ``client`` under the message: alice's ``close-client``
+    naming bob's client closed it, and his leases ended with it."""
+    bobs = team.bob.run(
+        "print(get_ipython().find_magic('gpu').__self__.conn.client.id)"
+    ).stdout.strip()
+    lease = lease_of(team, team.bob)["id"]
+    # a client of hers besides her kernel's (the message closes the client it came from)
+    res = team.alice.run(
+        "from distributed import Client\n"
+        f"_c = Client({team.address!r}, set_as_default=False, timeout=30)\n"
+        f"_c._send_to_scheduler({{'op': 'close-client', 'client': {bobs!r}}})\n"
+        "import time; time.sleep(1); print('sent')"
+    )
+    assert "sent" in res.stdout, res.error_text
+    assert not wait_until(
+        lambda: (
+            lease not in {ls["id"] for g in snapshot(team.address)["gpus"] for ls in g["leases"]}
+        ),
+        3,
+    )
+    bob_is_fine(team)
+
+
+# ---------------------------------------------------------------------- nothing is unpickled
+PICKLE_ATTACK = textwrap.dedent("""
+    import asyncio, json, os
+    from distributed.core import rpc
+    from distributed.protocol import Serialize, ToPickle
+    class Planted:
+        def __init__(self, path):
+            self.path = path
+        def __reduce__(self):
+            return (open, (self.path, "w"))
+    async def one(address, path, wrap):
+        try:
+            async with rpc(address) as r:
+                reply = await asyncio.wait_for(r.identity(junk=wrap(Planted(path))), 20)
+            return "answered: " + str(reply)[:80]
+        except Exception as exc:
+            return f"{type(exc).__name__}: {str(exc)[:160]}"
+    async def go():
+        out = {}
+        for kind, (address, path) in TARGETS.items():
+            for wrap in (ToPickle, Serialize):
+                out[f"{kind} {wrap.__name__}"] = await one(address, path + wrap.__name__, wrap)
+        print(json.dumps(out))
+    asyncio.run(go())
+    """)
+
+
+def test_no_server_of_the_pool_unpickles_what_a_peer_sends(team, tmp_path):
+    """Before: ``identity(junk=ToPickle(obj))`` ran ``obj.__reduce__`` in the scheduler, a worker,
+    a nanny, and bob's session (as bob, before his lease secret was checked): Dask unpickles while
+    it reads, before any handler."""
+    folder = f"/var/tmp/jgpu-pickles-{secrets.token_hex(4)}"
+    os.mkdir(folder)
+    os.chmod(folder, 0o1777)
+    try:
+        worker = lease_of(team, team.bob)["worker"]
+        nanny = [
+            s.laddr.port
+            for s in psutil.Process(team.services.worker.pid).net_connections(kind="tcp")
+            if s.status == psutil.CONN_LISTEN
+        ]
+        assert nanny, "the nanny's port"
+        targets = {
+            "scheduler": team.address,
+            "worker": worker,
+            "nanny": f"tcp://127.0.0.1:{nanny[0]}",
+            "session": lease_of(team, team.bob)["address"],
+        }
+        planted = {kind: (address, f"{folder}/{kind}-") for kind, address in targets.items()}
+        out = alice_cell(team, f"TARGETS = {planted!r}\n" + PICKLE_ATTACK)
+        replies = json.loads(out)
+        assert os.listdir(folder) == [], (os.listdir(folder), replies)
+        for what, reply in replies.items():
+            # a pickle is refused as it is read; a serialized value is refused by a server that
+            # deserializes, and left unread (frames) by one that does not (the scheduler, a
+            # session): either way, nothing ran
+            if what.endswith("ToPickle") or what.split()[0] in ("worker", "nanny"):
+                assert "reads no pickled data" in reply, (what, reply)
+        # everyone still answers
+        assert snapshot(team.address)["gpus"]
+        bob_is_fine(team)
+    finally:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- a confined session
+CONFINED = textwrap.dedent("""
+    import json, os, resource
+    tids = os.listdir('/proc/self/task')
+    namespaces = {t: os.readlink(f'/proc/self/task/{t}/ns/mnt') for t in tids}
+    for t in tids:  # each thread's view of /tmp: the session's own, or (before) the host's
+        try:
+            open(f'/proc/self/task/{t}/root/tmp/{MARK}-{t}', 'w').close()
+        except OSError:
+            pass
+    fds = {}
+    for fd in os.listdir('/proc/self/fd'):
+        try:
+            fds[fd] = os.readlink(f'/proc/self/fd/{fd}')
+        except OSError:
+            pass
+    for fd, target in fds.items():  # a forged line, on every pipe it holds
+        if target.startswith('pipe:'):
+            try:
+                os.set_blocking(int(fd), False)
+                os.write(int(fd), f'\\n{MARK} forged by alice\\n'.encode())
+            except OSError:
+                pass
+    print(json.dumps({"threads": len(tids), "ns": namespaces, "fds": fds, "cwd": os.getcwd(),
+                      "core": resource.getrlimit(resource.RLIMIT_CORE),
+                      "nproc": resource.getrlimit(resource.RLIMIT_NPROC),
+                      "cgroup": open('/proc/self/cgroup').read()}))
+    """)
+
+
+def test_a_session_is_confined_before_any_thread_or_user_code_exists(team):
+    """Before: private /tmp and /dev/shm were entered after the session's threads existed (7 of 8
+    stayed in the host's mount namespace: ``/proc/self/task/<tid>/root/tmp`` wrote the host's
+    /tmp); the session kept root-opened descriptors (the worker's log, read and forged through
+    ``os.dup(2)``); no pids limit."""
+    mark = f"jgpu-confined-{secrets.token_hex(4)}"
+    out = alice_cell(team, f"MARK = {mark!r}\n" + CONFINED)
+    seen = json.loads(out.strip().splitlines()[-1])
+    assert seen["threads"] > 1 and len(set(seen["ns"].values())) == 1, seen["ns"]
+    assert next(iter(seen["ns"].values())) != os.readlink("/proc/self/ns/mnt")
+    assert not [f for f in os.listdir("/tmp") if f.startswith(mark)]
+    worker_log = str(team.services.root / "worker.log")
+    paths = {fd: t for fd, t in seen["fds"].items() if t.startswith("/")}
+    # /dev/null, and what the session opened itself in its own, private /tmp
+    assert all(t == "/dev/null" or t.startswith("/tmp/") for t in paths.values()), paths
+    assert worker_log not in paths.values()
+    # the session's /tmp is not the host's: what it opened there is not here
+    assert not any(os.path.exists(t) for t in paths.values() if t.startswith("/tmp/")), paths
+    assert seen["cwd"] == team.users[ALICE].pw_dir
+    assert tuple(seen["core"]) == (0, 0) and tuple(seen["nproc"]) == (PIDS_LIMIT, PIDS_LIMIT)
+    # her forged lines reach the worker's log marked as her session's, never as the worker's own
+    assert wait_until(lambda: mark in team.services.full_log("worker"), 10)
+    lease = lease_of(team, team.alice)["id"]
+    forged = [ln for ln in team.services.full_log("worker").splitlines() if mark in ln]
+    assert forged and all(
+        ln.startswith(f"[session {lease}]") or f"[session {lease}]" in ln for ln in forged
+    ), forged
+
+
+def test_a_session_cannot_start_more_processes_than_its_pids_limit(team):
+    """Before: no pids limit (RLIMIT_NPROC above pid_max): a fork bomb took the machine."""
+    out = alice_cell(
+        team,
+        textwrap.dedent(f"""
+        import subprocess
+        started, error = [], None
+        try:
+            for i in range({PIDS_LIMIT * 2}):
+                started.append(subprocess.Popen(['sleep', '60']))
+        except OSError as exc:
+            error = type(exc).__name__
+        for p in started:
+            p.kill(); p.wait()
+        print(len(started), error)
+        """),
+    )
+    count, error = out.split()
+    assert int(count) < PIDS_LIMIT and error != "None", out
+    bob_is_fine(team)
+
+
+# ---------------------------------------------------------------------- the launcher's grant
+def test_with_the_pool_key_a_session_still_never_runs_as_root_or_as_someone_unsigned(team):
+    """Before: ``gpu_session_start(account=None)`` with the pool key started a session that stayed
+    root (it read the token file). Even holding the key (the test reads it, as root), a worker
+    call starts no session as another user without the broker's grant, and none as root."""
+    import asyncio
+
+    from distributed.core import rpc
+
+    from jupyter_gpu.common import grants
+    from jupyter_gpu.common.refusals import Refused
+
+    with open(team.services.pool_key_path()) as f:
+        key = f.read().strip()
+    worker = lease_of(team, team.bob)["worker"]
+    index = next(g["index"] for g in snapshot(team.address)["gpus"] if g["worker"] == worker)
+    lease = {"id": "L-forged", "gpu_indices": [index], "bytes": 2**20, "isolation": "none"}
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    forged = grants.sign(
+        grants.new_grant(BOB, "L-forged", worker, [index], 2**20), Ed25519PrivateKey.generate()
+    )
+
+    async def start(**kwargs) -> str:
+        try:
+            async with rpc(worker) as w:
+                reply = await w.gpu_session_start(lease=lease, secret="s", key=key, **kwargs)
+            return f"started pid {reply['pid']}"
+        except Refused as exc:
+            return f"refused: {exc}"
+        except Exception as exc:  # noqa: BLE001 - any failure is a refusal here
+            return f"refused: {exc}"
+
+    async def go() -> list[str]:
+        return [
+            await start(account=BOB),  # no grant
+            await start(account=BOB, grant=forged),  # a grant the broker did not sign
+            await start(account="root", grant=forged),
+        ]
+
+    replies = asyncio.run(go())
+    assert all(r.startswith("refused") for r in replies), replies
+    assert "no signed grant" in replies[0] and "signature is not the broker's" in replies[1], (
+        replies
+    )
+    for p in tree(team.services.worker.pid):
+        if p.uids().effective == 0:
+            assert "jupyter_gpu.session" not in " ".join(p.cmdline()[3:]) or "zygote" in " ".join(
+                p.cmdline()
+            )
+    assert pwd.getpwuid(psutil.Process(worker_pid(worker)).uids().effective).pw_name == (
+        team.service.pw_name
+    )
+    bob_is_fine(team)
