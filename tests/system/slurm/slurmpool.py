@@ -6,10 +6,13 @@ and ``bench/multihost.py``."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +36,31 @@ class SlurmPool:
         from jupyter_gpu.broker.identity import TokenStore
         from tests.support.services import free_port
 
+        self._made = contextlib.ExitStack()
+        self.service = None
+        if os.geteuid() == 0:
+            # started as root, `pool up` gives root up for the pool's service account (issue 20):
+            # a fresh one, and the pool's files in a folder it can reach (pytest's are root's
+            # alone); its Slurm jobs run as that account too
+            from tests.support.service_account import ENV, service_account
+
+            self.service = self._made.enter_context(service_account())
+            old_root, root = root, Path(tempfile.mkdtemp(prefix="jgpusvc-slurm-", dir="/var/tmp"))
+            self._made.callback(shutil.rmtree, root, True)
+            os.chmod(root, 0o755)
+            options = manager.get("options") or {}
+            if str(options.get("log_directory", "")).startswith(str(old_root)):
+                options["log_directory"] = (
+                    str(root) + options["log_directory"][len(str(old_root)) :]
+                )
+            keys = Path(tempfile.mkdtemp(prefix="jgpusvc-keys-", dir="/var/tmp"))  # root's
+            self._made.callback(shutil.rmtree, keys, True)
+            self._service_env = {
+                ENV: self.service.pw_name,
+                "DASK_JUPYTER_GPU__GRANT_KEY_FILE": str(keys / "grant.key"),
+            }
+        else:
+            self._service_env = {}
         self.root, self.slurm = root, slurm
         self.port = free_port()
         self.address = f"tcp://127.0.0.1:{self.port}"
@@ -53,7 +81,11 @@ class SlurmPool:
                 {"token-file": str(root / "tokens.json"), "session": {"as-user": False}}
             )
         (config / "jupyter-gpu.yaml").write_text(yaml.safe_dump({"jupyter-gpu": settings}))
-        self.env = {**os.environ, **slurm.env(), "DASK_CONFIG": str(config)}
+        if self.service is not None:
+            from tests.support.service_account import give
+
+            give(self.service, root)
+        self.env = {**os.environ, **slurm.env(), "DASK_CONFIG": str(config), **self._service_env}
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> SlurmPool:
@@ -80,7 +112,11 @@ class SlurmPool:
             start_new_session=True,
         )
         log.close()
-        self.wait_for(self._answers, 60, "the pool's scheduler")
+        try:
+            self.wait_for(self._answers, 60, "the pool's scheduler")
+        except BaseException:
+            self.stop()  # nobody else holds this pool yet: remove what it made
+            raise
         return self
 
     def _answers(self) -> bool:
@@ -143,6 +179,7 @@ class SlurmPool:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
+        self._made.close()  # the service account and its folders, whatever happened
 
 
 def slurm_pool(

@@ -22,6 +22,7 @@ import time
 
 import pytest
 
+from tests.broker.test_fair_pool import connected_client
 from tests.support.harness import wait_until
 from tests.system.slurm.slurmpool import slurm_pool
 
@@ -106,16 +107,20 @@ def test_scale_up_from_zero_to_two_workers_and_down_without_losing_a_session(spo
         30,
         "the third job to be PENDING (Resources)",
     )
-    waiting = spool.call("gpu_request", user="carol", kernel="k-carol", spec={"gpus": 1})
-    try:
-        assert waiting["state"] == "queued", waiting
-        status = spool.call("gpu_wait", id=waiting["id"], timeout=0.1, user="carol")
-        assert f"waiting for a new worker (job {third} pending)" in status["reason"], status
-        assert "Slurm: PENDING (Resources)" in status["reason"], status
-        queue = spool.snapshot()["queue"]
-        assert f"(job {third} pending)" in queue[0]["reason"], queue
-    finally:
-        spool.call("gpu_cancel", id=waiting["id"], user="carol")
+    # a shared pool takes requests of kernels connected to it (issue 20): carol's Dask client
+    with connected_client(spool.address) as client:
+        waiting = spool.call(
+            "gpu_request", user="carol", kernel="k-carol", spec={"gpus": 1}, client=client.id
+        )
+        try:
+            assert waiting["state"] == "queued", waiting
+            status = spool.call("gpu_wait", id=waiting["id"], timeout=0.1, user="carol")
+            assert f"waiting for a new worker (job {third} pending)" in status["reason"], status
+            assert "Slurm: PENDING (Resources)" in status["reason"], status
+            queue = spool.snapshot()["queue"]
+            assert f"(job {third} pending)" in queue[0]["reason"], queue
+        finally:
+            spool.call("gpu_cancel", id=waiting["id"], user="carol")
 
     # down to 0 while a holds its session: the others go at once, a's job when a holds nothing there
     held = next(
