@@ -20,11 +20,13 @@ import asyncio
 import json
 import sqlite3
 import textwrap
+import time
 
 import psutil
 import pytest
 
 from jupyter_gpu import interfaces
+from jupyter_gpu.common import poolkey
 from tests.support.harness import snapshot
 from tests.system.security.team import PREFIX, can_make_accounts, team_pool
 
@@ -256,6 +258,21 @@ def test_each_listed_handler_refuses_alice_with_bobs_ids(team):
             {"run": "run-bob", "user": BOB, "leases": [bob["lease"]], "state": "failed"},
         ],
         ("scheduler", "gpu_scale"): [{"n": 0, **as_me}, {"n": 0, **as_bob}],
+        ("scheduler", "gpu_drain"): [
+            # bob's worker drained by alice (it would move or end his session): no proof, a
+            # made-up one, and a proof made with a key that is not the pool's
+            {"workers": [theirs["worker"]], "timeout": 1},
+            {
+                "workers": [theirs["worker"]],
+                "timeout": 1,
+                "proof": {"time": time.time(), "nonce": "n", "mac": "0" * 64},
+            },
+            {
+                "workers": [theirs["worker"]],
+                "timeout": 1,
+                "proof": poolkey.proof("not-the-pool-key", "drain", theirs["worker"]),
+            },
+        ],
         ("scheduler", "register-worker"): [
             {"address": "tcp://6.6.6.6:1", "nthreads": 1, "resources": {"GPU": 1000}}
         ],
