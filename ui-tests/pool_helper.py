@@ -73,25 +73,40 @@ async def load() -> dict:
     }
 
 
-async def peak(lease: str, peak_bytes: int) -> dict:
-    """Report ``peak_bytes`` for ``lease`` the way a session process does when a cell ends
-    (``gpu_lease_state`` with its current state), then return the lease as the broker now has it."""
-    from jupyter_gpu.common import poolkey
+async def peak(request: str, peak_bytes: int, timeout: float = 60.0) -> dict:
+    """Run a cell in the session of ``request`` (granted) that holds ``peak_bytes`` of memory at
+    its peak, as a kernel runs one (the session's ``execute``, with the lease's secret); the
+    session measures the peak and reports it through its worker (nobody else may: issue 20). Then
+    wait until the broker has it and return the lease as the broker now has it."""
+    from distributed.comm import connect
+
+    from jupyter_gpu.common.security import client_security
     from jupyter_gpu.pool.discovery import pool_address
 
-    info = await _call("gpu_lease_info", lease=lease)
-    # a session's report reaches the broker through its worker, with the pool key (the embedded
-    # pool's is this account's): without it the broker ignores the report
-    key = poolkey.read_key(poolkey.key_path(pool_address()))
-    await _call(
-        "gpu_lease_state",
-        lease=lease,
-        state=info.get("state") or "idle",
-        peak_bytes=peak_bytes,
-        key=key,
-        worker=info.get("worker"),
-    )
-    return await _call("gpu_lease_info", lease=lease)
+    status = await _call("gpu_wait", id=request, timeout=1.0)
+    lease = status["leases"][0]
+    args = client_security(pool_address()).get_connection_args("client")
+    comm = await connect(lease["address"], deserialize=False, timeout=30, **args)
+    try:
+        code = f"_held = bytearray({int(peak_bytes)})\n_held[::4096] = b'x' * len(_held[::4096])\n"
+        code += "del _held"
+        await comm.write(
+            {"op": "execute", "reply": True, "secret": lease["secret"], "code": code, "inputs": {}}
+        )
+        while True:  # batches of output, then the cell's outcome (a dict)
+            msg = await comm.read()
+            if isinstance(msg, dict):
+                if msg.get("status") != "ok":
+                    raise SystemExit(f"the cell in {lease['id']}'s session failed: {msg}")
+                break
+    finally:
+        await comm.close()
+    deadline = time.monotonic() + timeout
+    info = await _call("gpu_lease_info", lease=lease["id"])
+    while (info.get("peak_bytes") or 0) < peak_bytes and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+        info = await _call("gpu_lease_info", lease=lease["id"])
+    return info
 
 
 async def cancel(ids: list[str]) -> list:

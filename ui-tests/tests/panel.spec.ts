@@ -123,10 +123,15 @@ test.describe('GPU panel', () => {
     const mySession = mine.locator(`li[data-lease-id="${myLease}"]`);
     await expect(mySession.locator('.jp-GpuPanel-usage')).toHaveText('8.0 GiB reserved');
     await expect(mySession.locator('.jp-GpuPanel-rightSize')).toHaveCount(0);
-    expect(poolHelper('peak', myLease, String(600 * MiB)).peak_bytes).toBe(600 * MiB);
-    await expect(mySession.locator('.jp-GpuPanel-usage')).toHaveText('peak 600.0 MiB of 8.0 GiB reserved');
+    // a real cell in my session holds 600 MiB; the session measures its peak (on a virtual GPU: the
+    // process's host memory, so a little more) and reports it through its worker
+    const peak: number = poolHelper('peak', work.mine.id, String(600 * MiB)).peak_bytes;
+    expect(peak).toBeGreaterThanOrEqual(600 * MiB);
+    expect(peak).toBeLessThan(700 * MiB);
+    const shown = `${(peak / MiB).toFixed(1)} MiB`;
+    await expect(mySession.locator('.jp-GpuPanel-usage')).toHaveText(`peak ${shown} of 8.0 GiB reserved`);
     await expect(mySession.locator('.jp-GpuPanel-rightSize')).toHaveText(
-      'used 600.0 MiB of 8.0 GiB: ask --memory 1GiB next time'
+      `used ${shown} of 8.0 GiB: ask --memory 1GiB next time`
     );
 
     // (the README's picture, docs/images/panel.png, is tour.spec.ts's: real notebooks, not this test's work)
