@@ -13,7 +13,6 @@ JUPYTER_RUNTIME_DIR (the tests' teardown). It talks to the scheduler with the sa
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -138,11 +137,7 @@ async def clear(user: str = ME, timeout: float = 30.0) -> list:
         return sorted(leases) + [q["id"] for q in snap["queue"] if q.get("user") == user]
 
     ids = mine(snap)
-    from jupyter_gpu.common.refusals import Refused
-
-    for i in ids:
-        with contextlib.suppress(Refused):  # it ended meanwhile
-            await _call("gpu_cancel", id=i, user=None)
+    await cancel(ids)  # one that ended meanwhile is passed over
     deadline = time.monotonic() + timeout
     while mine(snap) and time.monotonic() < deadline:
         await asyncio.sleep(0.2)

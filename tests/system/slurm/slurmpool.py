@@ -45,14 +45,9 @@ class SlurmPool:
             from tests.support.service_account import ENV, service_account
 
             self.service = self._made.enter_context(service_account())
-            old_root, root = root, Path(tempfile.mkdtemp(prefix="jgpusvc-slurm-", dir="/var/tmp"))
+            root = Path(tempfile.mkdtemp(prefix="jgpusvc-slurm-", dir="/var/tmp"))
             self._made.callback(shutil.rmtree, root, True)
             os.chmod(root, 0o755)
-            options = manager.get("options") or {}
-            if str(options.get("log_directory", "")).startswith(str(old_root)):
-                options["log_directory"] = (
-                    str(root) + options["log_directory"][len(str(old_root)) :]
-                )
             keys = Path(tempfile.mkdtemp(prefix="jgpusvc-keys-", dir="/var/tmp"))  # root's
             self._made.callback(shutil.rmtree, keys, True)
             self._service_env = {
@@ -61,6 +56,8 @@ class SlurmPool:
             }
         else:
             self._service_env = {}
+        # the jobs' logs go with the pool's other files (in the folder chosen above)
+        manager.setdefault("options", {}).setdefault("log_directory", str(root / "jobs"))
         self.root, self.slurm = root, slurm
         self.port = free_port()
         self.address = f"tcp://127.0.0.1:{self.port}"
@@ -190,7 +187,7 @@ def slurm_pool(
     settings = {
         "class": "dask_jobqueue.SLURMCluster",
         "virtual-gpus": "1x4GiB",
-        "options": {"cores": 1, "memory": "1GiB", "log_directory": str(root / "jobs")},
+        "options": {"cores": 1, "memory": "1GiB"},
         "interval": "1s",
         **manager,
     }
