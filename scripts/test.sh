@@ -91,7 +91,8 @@ stage "install" install
 stage "ruff check" ruff check jupyter_gpu tests bench ui-tests/*.py
 stage "ruff format" ruff format --check jupyter_gpu tests bench ui-tests/*.py
 stage "mypy" mypy jupyter_gpu
-stage "pytest" python -m pytest "$@"
+# the 25 slowest tests, to keep CI under its 30 minutes
+stage "pytest" python -m pytest --durations=25 "$@"
 # the shipped notebooks, as notebook tests through the project's own pytest plugin
 stage "notebooks" python -m pytest --nbgpu notebooks "$@"
 stage "jlpm lint" jlpm lint:check
