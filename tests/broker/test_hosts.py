@@ -3,6 +3,9 @@ where it may go, and what it is told when a machine's memory or cores are what i
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from jupyter_gpu.broker.fair_share import FairSharePolicy
 from jupyter_gpu.broker.hosts import HostSlot, SessionDefaults, host_need
 from jupyter_gpu.broker.ledger import Ledger
@@ -112,10 +115,10 @@ def test_the_ledger_checks_each_request_shape_once_until_the_pool_changes():
     assert ledger.never_fits(big) and looked == [1, 1]
 
 
-def parked_copy(ledger: Ledger, rid: str, user: str, nbytes: int) -> str:
+def parked_copy(ledger: Ledger, rid: str, user: str, nbytes: int, host_memory: int = GiB) -> str:
     """A lease of ``user`` granted, taken back and its variables (``nbytes``) saved on its
     machine, booked as the broker does when the session has written them."""
-    ledger.submit(request(rid, user, fraction=0.25, host_memory=GiB))
+    ledger.submit(request(rid, user, fraction=0.25, host_memory=host_memory))
     [(_, [lease])] = ledger.schedule(None)
     ledger.end(lease.id, "suspended")
     result = {"path": "p", "saved": ["x"], "lost": [], "bytes": nbytes, "standby": False}
@@ -164,3 +167,45 @@ def test_copies_on_a_machine_that_reports_nothing_are_booked_and_never_spilled()
     parked_copy(ledger, "R1", "alice", 64 * GiB)
     assert ledger.hosts["w0"].parked_memory == 64 * GiB and ledger.parking.take_spills() == []
     ledger.check()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["lease", "end", "park", "restore", "report"]),
+            st.integers(0, 20),  # GiB: a lease's host memory, a copy's size, a report
+        ),
+        max_size=40,
+    )
+)
+def test_leases_and_booked_copies_never_exceed_a_machines_memory_and_no_copy_is_lost(steps):
+    """Whatever the order of grants, ends, copies saved, restored and smaller reports: leases and
+    the copies booked on a machine never exceed what it leaves to sessions, and every saved copy
+    is either booked there or spilled (told to its worker) exactly once."""
+    ledger = pool((4, 16 * GiB, 8.0))
+    host, live, saved, n = ledger.hosts["w0"], [], [], 0
+    spilled: list[str] = []
+    for op, size in steps:
+        n += 1
+        if op == "lease" and len(live) < 8:  # a quarter GPU stays free for the copies' sessions
+            req = request(f"R{n}", f"u{n}", fraction=0.25, host_memory=size * GiB)
+            ledger.submit(req)
+            live += [ls.id for _, leases in ledger.schedule(None) for ls in leases]
+            if req.state == "queued":  # no room now: it waits no further here
+                ledger.finish_request(req, "cancelled", "no room")
+        elif op == "end" and live:
+            ledger.end(live.pop(0), "ended")
+        elif op == "park":
+            saved.append(parked_copy(ledger, f"R{n}", f"u{n}", size * GiB, host_memory=0))
+        elif op == "restore" and saved:
+            ledger.parking.unpark(ledger.ended[saved.pop(0)])
+        elif op == "report":  # never below its leases: they keep what they hold (set_host)
+            memory = max((16 + size) * GiB, host.leased_memory)
+            ledger.set_host("w0", memory=memory, cpus=8.0)
+        spilled += [ls.id for ls in ledger.parking.take_spills()]
+        ledger.check()
+        assert len(spilled) == len(set(spilled))
+        for lease_id in saved:
+            copy = ledger.ended[lease_id].offload
+            assert (lease_id in host.parked) != (lease_id in spilled) == copy.spilled, lease_id
