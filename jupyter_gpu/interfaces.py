@@ -201,6 +201,7 @@ LAUNCHER_DOCS = {
     "move_copy": "a parked copy into the folder of the same user's next session (renameat)",
     "open_copy": "a descriptor to read a parked copy (checked on the descriptor)",
     "create_copy": "a descriptor to write a copy from another machine into a session's folder",
+    "spill_copy": "a parked copy out of host memory into the launcher's disk folder (descriptors)",
     "forget_copy": "remove a parked copy's folder",
 }
 

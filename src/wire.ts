@@ -139,6 +139,8 @@ export interface IParked {
   bytes?: number | null;
   /** The session had copied its variables while idle: moving it was a rename (standby.py). */
   standby?: boolean | null;
+  /** Moved to its machine's disk folder to leave host memory to sessions; restored from there. */
+  spilled?: boolean | null;
   /** How long moving it off its GPU took (seconds). */
   move_seconds?: number | null;
   since?: number | null;
@@ -153,6 +155,17 @@ export interface IHost {
   gpus?: string[];
   total_bytes?: number;
   leased_bytes?: number;
+  /** Host memory its workers leave to sessions (bytes; null: one reports none, unbounded). */
+  host_memory?: number | null;
+  /** ... booked by its leases. */
+  host_memory_leased?: number;
+  /** ... held by idle sessions' copies of their variables. */
+  host_memory_parked?: number;
+  /** Idle sessions' copies moved to its disk folder to leave memory to sessions (bytes). */
+  host_memory_spilled?: number;
+  /** CPU cores its workers leave to sessions (null: unbounded). */
+  cpus?: number | null;
+  cpus_leased?: number;
 }
 
 /** protocol.JobView: a job of the pool's cluster manager (a Slurm job...), with the manager's own words. */
@@ -228,6 +241,8 @@ export interface IQuotaUser {
   limit?: number | null;
   priority?: number;
   held: number;
+  /** Her idle sessions' copies booked in host memory (bytes). */
+  parked_bytes?: number;
 }
 
 /** protocol.QuotasView: ``configured`` is false for a pool without a quota file (the embedded pool). */

@@ -85,3 +85,15 @@ class SessionActuator:
                 await worker.gpu_offload_discard(lease=lease_id, key=self.pool_key)
         except Exception as exc:  # noqa: BLE001 - the worker is gone, and its files with it
             log.debug("could not discard the offload of %s: %s", lease_id, exc)
+
+    async def spill(self, lease: Lease) -> None:
+        """Have the worker keeping ended ``lease``'s copy move it to its disk folder, to leave its
+        host memory to sessions (``broker/hosts.py``); best effort: if it cannot, the copy stays in
+        memory (the worker may be gone, and its files with it)."""
+        if lease.offload is None:
+            return
+        try:
+            async with self.rpc(lease.offload.worker) as worker:
+                await worker.gpu_offload_spill(lease=lease.id, key=self.pool_key)
+        except Exception as exc:  # noqa: BLE001 - best effort: the worker may be gone or refuse
+            log.warning("could not spill the copy of %s to disk: %s", lease.id, exc)

@@ -71,6 +71,7 @@ class Adoption:
             )
             lease.offload = Offload.saved_as(worker, lease.id, copy, seconds=None)
             self.ledger.ended[lease.id] = lease
+            self.ledger.parking.park(lease)
             self.adopted[lease.id] = now
         return refused
 

@@ -18,6 +18,13 @@ memory or cores before its GPUs, so only requests that ask for more than their s
 resources the limit.
 
 Cores are booked in thousandths (``CPU_MILLI``) so that sums of fractional cores stay exact.
+
+Idle sessions' variables parked in host memory (``/dev/shm``, ``worker/host_copies.py``) use the
+same RAM, so they are booked on their machine too (``HostSlot.parked``), oldest first: a copy is
+booked while it fits beside the leases, and the oldest copies are spilled to the pool's disk folder
+when a new lease (or a newer copy) needs the memory. Placement counts parked memory as free (a copy
+never keeps a session from starting: it moves to disk), and the sum of leases and parked copies on a
+machine never exceeds what it leaves to sessions.
 """
 
 from __future__ import annotations
@@ -53,6 +60,42 @@ class HostSlot:
     leased_memory: int = 0
     leased_cpu_milli: int = 0
     leases: set[str] = field(default_factory=set)
+    # ended leases whose variables are parked in this machine's memory -> their bytes, oldest first
+    parked: dict[str, int] = field(default_factory=dict)
+    parked_memory: int = 0
+
+    def park(self, lease: str, nbytes: int) -> None:
+        self.parked[lease] = nbytes
+        self.parked_memory += nbytes
+
+    def unpark(self, lease: str) -> bool:
+        """Stop booking ``lease``'s copy here; False if it was not booked here."""
+        nbytes = self.parked.pop(lease, None)
+        if nbytes is None:
+            return False
+        self.parked_memory -= nbytes
+        return True
+
+    def overbooked(self) -> int:
+        """Bytes by which leases and parked copies together exceed what the machine leaves to
+        sessions (0: they fit)."""
+        if self.memory is None:
+            return 0
+        return max(0, self.leased_memory + self.parked_memory - self.memory)
+
+    def to_spill(self, room: int = 0) -> list[str]:
+        """The parked copies, oldest first, to move to disk so that leases, the remaining copies
+        and ``room`` more bytes fit."""
+        if self.memory is None:
+            return []
+        excess = self.leased_memory + self.parked_memory + room - self.memory
+        spill: list[str] = []
+        for lease, nbytes in self.parked.items():
+            if excess <= 0:
+                break
+            spill.append(lease)
+            excess -= nbytes
+        return spill
 
     @property
     def bounded(self) -> bool:

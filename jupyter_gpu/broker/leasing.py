@@ -64,6 +64,8 @@ class LeaseKeeper:
         self.clients = lambda: scheduler.clients
         self.ids = IdFloor(floor_path(key_path))
         self.ids.resume()
+        # the copies the ledger spills to leave host memory to sessions go to disk on their worker
+        self.ledger.parking.on_spill = lambda ls: self.spawn(self.workers.spill(ls))
 
     def close_ids(self, forget: bool) -> None:
         """Record the newest id when the broker stops; ``forget``: remove the mark (an embedded pool,
@@ -248,10 +250,12 @@ class LeaseKeeper:
             if lease.client is not None and lease.client not in self.clients():
                 # its kernel went away meanwhile: nobody will restore them
                 await self.discard(lease)
+        self.ledger.parking.park(lease)  # booked in its machine's memory, or spilled to disk
         await self.workers.kill(lease)
 
     async def discard(self, lease: Lease) -> None:
         """Forget ``lease``'s copy in host memory: nobody will restore it."""
+        self.ledger.parking.unpark(lease)
         offload, lease.offload = lease.offload, None
         if offload is not None:  # else: discarded already
             await self.workers.discard(lease.id, offload)
@@ -261,6 +265,7 @@ class LeaseKeeper:
         old = self.offloaded(lease_id, user, kernel)
         if old is None:
             return None
+        self.ledger.parking.unpark(old)
         offload, old.offload = old.offload, None  # restored once, by this request
         return offload
 

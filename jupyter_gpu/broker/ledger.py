@@ -9,8 +9,9 @@ figure the simulator prints is then a figure of the broker's own code, not of a 
 The ledger keeps these invariants: a GPU's ``leased_bytes`` is the sum of its leases' allocations
 and never exceeds its memory (packing only places into free memory); a machine's booked host
 memory and cores are the sums of its leases' and never exceed what it leaves to sessions
-(``hosts.py``); a lease is counted by the fair-share policy from its grant to its end, once; the
-queue holds only requests in state ``queued``.
+(``hosts.py``), idle sessions' copies parked in host memory included (the oldest are spilled to
+disk to make room: ``parking.py``); a lease is counted by the fair-share policy from its grant to
+its end, once; the queue holds only requests in state ``queued``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from jupyter_gpu.broker.fair_share import FairSharePolicy
 from jupyter_gpu.broker.fragmentation import Workload
 from jupyter_gpu.broker.hosts import HostSlot, SessionDefaults, cpu_milli
 from jupyter_gpu.broker.model import GpuSlot, Lease, Request, new_id
+from jupyter_gpu.broker.parking import ParkedCopies
 from jupyter_gpu.broker.scheduling import PreemptFn, schedule_pass
 from jupyter_gpu.broker.waiting import WaitingRoom
 from jupyter_gpu.common.protocol import LeaseState, RequestSpec, RequestState
@@ -69,6 +71,7 @@ class Ledger:
         self.ended: collections.OrderedDict[str, Lease] = collections.OrderedDict()
         # workers being drained (broker/draining.py): nothing new is placed on their GPUs
         self.draining: set[str] = set()
+        self.parking = ParkedCopies(self.hosts, self.ended)  # idle sessions' copies (parking.py)
 
     @property
     def defaults(self) -> SessionDefaults:
@@ -97,6 +100,7 @@ class Ledger:
         host = self.hosts.setdefault(worker, HostSlot(worker=worker))
         host.memory = None if memory is None else int(memory)
         host.cpu_milli = None if cpus is None else cpu_milli(cpus)
+        self.parking.spill_over(host)
         self.packer.touch(worker)
         self.fit_memo.clear()
 
@@ -181,13 +185,10 @@ class Ledger:
         """One scheduling pass (``scheduling.schedule_pass``) over the queue: grants, in policy
         order, what fits; ``preempt(lease_id, reason, req)`` takes a lease back for a waiting
         request (it must end the lease through ``end``). Returns the grants made, each request with
-        its new leases.
-
-                A request that makes the pass raise (it should never get in: handlers validate what
-                they accept) is taken out with the reason, through ``fail`` (default:
-                ``finish_request(req, "failed", ...)``), and the pass runs again without it: one bad
-                request never stops scheduling for everybody else.
-        """
+        its new leases. A request that makes the pass raise (it should never get in: handlers
+        validate what they accept) is taken out with the reason, through ``fail`` (default:
+        ``finish_request(req, "failed", ...)``), and the pass runs again without it: one bad request
+        never stops scheduling for everybody else."""
         grants: list[tuple[Request, list[Lease]]] = []
 
         def grant(req: Request, placement: packing.Placement, preemptible: bool) -> None:
@@ -259,6 +260,7 @@ class Ledger:
                 req.spec, worker, allocations
             )
             self._book(lease, +1)
+            self.parking.spill_over(self.hosts.get(worker))
             self.leases[lease.id] = lease
             req.leases.append(lease.id)
             leases.append(lease)
@@ -338,7 +340,7 @@ class Ledger:
         self.policy.lease_ended(lease.id, now=lease.ended)
         self.ended[lease.id] = lease
         while len(self.ended) > ENDED_KEPT:
-            self.ended.popitem(last=False)
+            self.parking.unpark(self.ended.popitem(last=False)[1])
         return lease
 
     def _book(self, lease: Lease, sign: int) -> None:
@@ -400,6 +402,7 @@ def check_invariants(ledger: Ledger) -> None:
         assert h.leased_cpu_milli == sum(ls.cpu_milli for ls in mine), h
         assert h.memory is None or h.leased_memory <= h.memory, h
         assert h.cpu_milli is None or h.leased_cpu_milli <= h.cpu_milli, h
+    ledger.parking.check()
     assert all(r.state == "queued" for r in ledger.queue), [r.state for r in ledger.queue]
     assert set(ledger.policy.leases) == set(ledger.leases), set(ledger.policy.leases) ^ set(
         ledger.leases

@@ -84,6 +84,8 @@ class Offload:
     bytes: int = 0
     standby: bool = False  # handed over from a standby copy (moving it was a rename)
     seconds: float | None = None  # how long moving it took (None: adopted after a restart)
+    # moved to the pool's disk folder on its worker to leave host memory to sessions (hosts.py)
+    spilled: bool = False
 
     @classmethod
     def pending(cls, worker: str, lease: str) -> Offload:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Literal, cast
 
+from jupyter_gpu.broker.hosts import CPU_MILLI
 from jupyter_gpu.broker.identity import Verdict
 from jupyter_gpu.broker.ledger import Ledger
 from jupyter_gpu.broker.model import GpuSlot, Lease, Request
@@ -73,22 +74,56 @@ def gpu_order(
     return (host_order(host), index, (0, int(port), "") if port.isdigit() else (1, 0, worker))
 
 
-def hosts_view(gpus: list[GpuView]) -> list[HostView]:
-    """The machines of the pool, each with its workers' GPUs, in the order of ``gpus`` (already by
-    host)."""
+def hosts_view(gpus: list[GpuView], ledger: Ledger) -> list[HostView]:
+    """The machines of the pool, each with its workers' GPUs, host memory and cores, in the order
+    of ``gpus`` (already by host)."""
     hosts: dict[str, HostView] = {}
     workers: dict[str, set[str]] = {}
     for g in gpus:
         h = hosts.setdefault(
             g["host"],
-            {"host": g["host"], "workers": 0, "gpus": [], "total_bytes": 0, "leased_bytes": 0},
+            {
+                "host": g["host"],
+                "workers": 0,
+                "gpus": [],
+                "total_bytes": 0,
+                "leased_bytes": 0,
+                "host_memory": 0,
+                "host_memory_leased": 0,
+                "host_memory_parked": 0,
+                "host_memory_spilled": 0,
+                "cpus": 0.0,
+                "cpus_leased": 0.0,
+            },
         )
         h["gpus"].append(g["id"])
         h["total_bytes"] += g["total_bytes"]
         h["leased_bytes"] += g["leased_bytes"]
         workers.setdefault(g["host"], set()).add(g["worker"])
+    spilled: dict[str, int] = {}
+    for ls in ledger.ended.values():
+        if ls.offload is not None and ls.offload.spilled:
+            spilled[ls.offload.worker] = spilled.get(ls.offload.worker, 0) + ls.offload.bytes
     for name, h in hosts.items():
         h["workers"] = len(workers[name])
+        for worker in sorted(workers[name]):
+            slot = ledger.hosts.get(worker)
+            if slot is None:  # not booked here: unbounded
+                h["host_memory"], h["cpus"] = None, None
+                continue
+            memory, cpus = h["host_memory"], h["cpus"]
+            h["host_memory"] = (
+                None if memory is None or slot.memory is None else memory + slot.memory
+            )
+            h["cpus"] = (
+                None
+                if cpus is None or slot.cpu_milli is None
+                else cpus + slot.cpu_milli / CPU_MILLI
+            )
+            h["host_memory_leased"] += slot.leased_memory
+            h["host_memory_parked"] += slot.parked_memory
+            h["host_memory_spilled"] += spilled.get(worker, 0)
+            h["cpus_leased"] += slot.leased_cpu_milli / CPU_MILLI
     return list(hosts.values())
 
 
@@ -161,6 +196,7 @@ def parked(lease: Lease) -> ParkedView:
         "lost": [x.get("name", "?") for x in offload.lost],
         "bytes": offload.bytes if offload.state == "saved" else None,
         "standby": offload.standby if offload.state == "saved" else None,
+        "spilled": offload.spilled if offload.state == "saved" else None,
         "move_seconds": offload.seconds,
         "since": lease.ended,
         "reason": lease.end_reason,
@@ -249,7 +285,12 @@ def quota_view(ledger: Ledger, identity: Literal["tokens", "hub", "names"]) -> Q
         for t in policy.quotas.teams.values()
     ]
     quotas = policy.quotas
-    names = set(quotas.users) | {u for u, held in policy.held_user.items() if held > 0}
+    parked_bytes = ledger.parking.bytes_by_user()
+    names = (
+        set(quotas.users)
+        | {u for u, held in policy.held_user.items() if held > 0}
+        | set(parked_bytes)
+    )
     users: list[UserQuotaView] = [
         {
             "user": u,
@@ -257,6 +298,7 @@ def quota_view(ledger: Ledger, identity: Literal["tokens", "hub", "names"]) -> Q
             "limit": quotas.user_limit(u),
             "priority": quotas.priority(u),
             "held": round(policy.held_user.get(u, 0.0), 4),
+            "parked_bytes": parked_bytes.get(u, 0),
         }
         for u in sorted(names)
     ]
@@ -333,7 +375,7 @@ def snapshot(
             "virtual": any(g.virtual for g in ledger.gpus.values()),
         },
         "gpus": gpus,
-        "hosts": hosts_view(gpus),
+        "hosts": hosts_view(gpus, ledger),
         "queue": queue,
         # sessions taken off their GPU whose variables wait in host memory for their owner's next
         # cell

@@ -34,6 +34,44 @@ def host_memory_base() -> str:
     )
 
 
+def spill_base() -> str:
+    """The pool's disk folder where parked copies go when host memory is short
+    (``jupyter-gpu.worker.spill-dir``; default ``/var/tmp``: on disk, unlike ``/tmp`` on many
+    machines)."""
+    from jupyter_gpu.common import config
+
+    return str(config.get("worker.spill-dir") or "/var/tmp")
+
+
+def spill_dir(tag: str | None = None) -> str:
+    """A new private folder (0700, ``mkdtemp``) on disk for copies spilled out of host memory;
+    named like the host-memory folders so that ``sweep_stale(spill_base())`` removes a dead
+    worker's."""
+    prefix = f"{PREFIX}{os.getpid()}-spill-" + (f"{tag}-" if tag else "")
+    os.makedirs(spill_base(), exist_ok=True)
+    return tempfile.mkdtemp(prefix=prefix, dir=spill_base())
+
+
+def copy_fd(source: int, target: int) -> int:
+    """Copy everything from descriptor ``source`` (at its start) to ``target``; returns the bytes
+    copied. ``copy_file_range`` in the kernel where it can, else through a buffer."""
+    copied = 0
+    try:
+        while True:
+            n = os.copy_file_range(source, target, 1 << 30)
+            if n == 0:
+                return copied
+            copied += n
+    except OSError:
+        if copied:
+            raise
+    os.lseek(source, 0, os.SEEK_SET)
+    while chunk := os.read(source, 1 << 22):
+        os.write(target, chunk)
+        copied += len(chunk)
+    return copied
+
+
 def offload_dir(tag: str | None = None) -> str:
     """A new private folder in host memory for a worker's offloaded namespaces (``tag``: what it is
     for)."""
@@ -45,7 +83,9 @@ def sweep_stale(base: str | None = None) -> list[str]:
     """Remove the host-memory folders of workers that are gone (their pid no longer runs) and that
     this account owns; returns what was removed."""
     base = base or host_memory_base()
-    removed = []
+    removed: list[str] = []
+    if not os.path.isdir(base):  # a spill folder not made yet
+        return removed
     for entry in os.scandir(base):
         if not entry.name.startswith(PREFIX):
             continue

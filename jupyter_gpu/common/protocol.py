@@ -468,19 +468,27 @@ class ParkedView(TypedDict, total=False):
     lost: list[str]
     bytes: int | None
     standby: bool | None
+    spilled: bool | None  # moved to disk to leave host memory to sessions
     move_seconds: float | None
     since: float | None
     reason: str | None
 
 
 class HostView(TypedDict):
-    """One machine of the pool in a snapshot: its workers' GPUs (the panel groups GPUs by host)."""
+    """One machine of the pool in a snapshot: its workers' GPUs (the panel groups GPUs by host),
+    and its host memory and cores (``broker/hosts.py``), summed over its workers."""
 
     host: str  # the address its workers listen on
     workers: int
     gpus: list[str]  # GPU ids, in the snapshot's order
     total_bytes: int
     leased_bytes: int
+    host_memory: int | None  # bytes left to sessions (None: a worker reports none, unbounded)
+    host_memory_leased: int  # booked by its leases
+    host_memory_parked: int  # idle sessions' copies booked in its memory
+    host_memory_spilled: int  # idle sessions' copies moved to its disk folder
+    cpus: float | None  # cores left to sessions (None: not reported, unbounded)
+    cpus_leased: float
 
 
 class JobView(TypedDict, total=False):
@@ -567,6 +575,7 @@ class UserQuotaView(TypedDict):
     limit: float | None
     priority: int
     held: float
+    parked_bytes: int  # her idle sessions' copies booked in host memory
 
 
 class QuotasView(TypedDict, total=False):
@@ -826,9 +835,10 @@ class LaunchCopy(TypedDict, total=False):
     """A session's variables in host memory: ``move_copy`` (a parked copy of ``lease`` into the
     folder of ``to_lease``, the same user's), ``open_copy`` (a descriptor to read it, to send it to
     another machine), ``create_copy`` (a descriptor to write one fetched from another machine into
-    ``lease``'s folder), ``forget_copy`` (remove a parked folder)."""
+    ``lease``'s folder), ``spill_copy`` (move a parked copy to the launcher's disk folder, where
+    the others find it), ``forget_copy`` (remove a parked folder)."""
 
-    op: Literal["move_copy", "open_copy", "create_copy", "forget_copy"]
+    op: Literal["move_copy", "open_copy", "create_copy", "spill_copy", "forget_copy"]
     id: int
     lease: Name
     to_lease: Name
@@ -842,6 +852,7 @@ LAUNCHER_REQUESTS: Final[dict[str, type]] = {
     "move_copy": LaunchCopy,
     "open_copy": LaunchCopy,
     "create_copy": LaunchCopy,
+    "spill_copy": LaunchCopy,
     "forget_copy": LaunchCopy,
 }
 
@@ -858,6 +869,7 @@ class LauncherReply(TypedDict, total=False):
     host_memory_limit: int | None
     pids_limit: int | None
     path: str  # move_copy / create_copy: the copy's path in the session's folder
+    bytes: int  # spill_copy: the bytes moved to disk
 
 
 class LauncherEvent(TypedDict):

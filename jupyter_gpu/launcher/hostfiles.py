@@ -13,7 +13,12 @@ checked with ``fstat`` on what it opened):
 - ``open_for_reading``: a descriptor on a parked copy (checked the same way), which the worker reads
   to send it to the machine of the next session;
 - ``create_for_writing``: a new file in a session's folder (``O_CREAT | O_EXCL | O_NOFOLLOW``, 0600,
-  given to its user), whose descriptor the worker writes a copy from another machine into.
+  given to its user), whose descriptor the worker writes a copy from another machine into;
+- ``spill``: a parked copy out of host memory into the launcher's disk folder
+  (``<spill-dir>/jupyter-gpu-<pid>-spill-<random>/``, root, 0700, one ``<folder name>`` file per
+  copy, still its user's, 0600), copied between descriptors and then unlinked in its folder; ``move``
+  and ``open_for_reading`` take a spilled copy from there (back into host memory for a restore).
+  Users cannot reach the disk folder at all: nothing there can be swapped.
 
 The old way checked a path and then opened it again as root: a user who owned the folder swapped in
 a symlink between the two and read another user's variables (or any file root can read).
@@ -26,7 +31,7 @@ import secrets
 import stat
 import tempfile
 
-from jupyter_gpu.common.hostmem import host_memory_base
+from jupyter_gpu.common.hostmem import copy_fd, host_memory_base, spill_dir
 
 COPY = "offload.pkl"
 
@@ -43,6 +48,61 @@ class HostFolders:
             prefix=f"jupyter-gpu-{os.getpid()}-launcher-", dir=host_memory_base()
         )
         self._base_fd = os.open(self.base, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        self.spill_base: str | None = None  # made at the first spill
+        self._spill_fd: int | None = None
+        self.spilled: set[str] = set()  # folders whose copy is in the disk folder
+
+    def _spill_folder(self) -> int:
+        if self._spill_fd is None:
+            self.spill_base = spill_dir("launcher")
+            self._spill_fd = os.open(self.spill_base, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        return self._spill_fd
+
+    def _open_spilled(self, name: str, uid: int) -> int:
+        """A descriptor to read the spilled copy of folder ``name`` (checked like a copy)."""
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self._spill_folder())
+        try:
+            self._check_copy(os.fstat(fd), uid, f"the spilled copy of {name}")
+        except UnsafeCopy:
+            os.close(fd)
+            raise
+        return fd
+
+    def _drop_spilled(self, name: str) -> None:
+        if name in self.spilled and self._spill_fd is not None:
+            self.spilled.discard(name)
+            try:
+                os.unlink(name, dir_fd=self._spill_fd)
+            except OSError:
+                pass
+
+    def spill(self, name: str, uid: int) -> int:
+        """Move the copy in folder ``name`` (``uid``'s) to the disk folder; returns its bytes."""
+        if name in self.spilled:
+            return 0
+        source = self.open_for_reading(name, uid)
+        spill = self._spill_folder()
+        try:
+            out = os.open(
+                name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=spill
+            )
+            try:
+                os.fchown(out, uid, os.fstat(source).st_gid)
+                copied = copy_fd(source, out)
+            except BaseException:
+                os.unlink(name, dir_fd=spill)
+                raise
+            finally:
+                os.close(out)
+        finally:
+            os.close(source)
+        self.spilled.add(name)
+        folder = self._folder(name, uid)
+        try:
+            os.unlink(COPY, dir_fd=folder)
+        finally:
+            os.close(folder)
+        return copied
 
     def make(self, lease: str, uid: int, gid: int) -> str:
         """A new folder for a session of ``uid``; returns its name (under ``base``)."""
@@ -82,6 +142,18 @@ class HostFolders:
     def move(self, source: str, target: str, uid: int) -> str:
         """Move the copy in folder ``source`` into folder ``target`` (both ``uid``'s); returns its
         new path."""
+        if source in self.spilled:  # from disk back into host memory
+            spilled = self._open_spilled(source, uid)
+            try:
+                out, path = self.create_for_writing(target, uid, os.fstat(spilled).st_gid)
+                try:
+                    copy_fd(spilled, out)
+                finally:
+                    os.close(out)
+            finally:
+                os.close(spilled)
+            self._drop_spilled(source)
+            return path
         src, dst = self._folder(source, uid), self._folder(target, uid)
         try:
             st = os.stat(COPY, dir_fd=src, follow_symlinks=False)
@@ -94,6 +166,8 @@ class HostFolders:
 
     def open_for_reading(self, name: str, uid: int) -> int:
         """A descriptor to read the copy in folder ``name`` (a plain 0600 file of ``uid``)."""
+        if name in self.spilled:
+            return self._open_spilled(name, uid)
         folder = self._folder(name, uid)
         try:
             fd = os.open(COPY, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=folder)
@@ -122,6 +196,7 @@ class HostFolders:
 
     def remove(self, name: str) -> None:
         """Remove a session's folder and what is in it (never following a link)."""
+        self._drop_spilled(name)
         try:
             fd = self._folder(name)
         except UnsafeCopy:
@@ -149,6 +224,13 @@ class HostFolders:
             os.rmdir(self.base)
         except OSError:
             pass
+        if self._spill_fd is not None:
+            _empty(self._spill_fd)
+            os.close(self._spill_fd)
+            try:
+                os.rmdir(self.spill_base or "")
+            except OSError:
+                pass
 
 
 def _empty(folder: int) -> None:

@@ -100,6 +100,7 @@ class Launcher:
         self.nonces: dict[str, float] = {}  # grants used, until they expire
         Containment.sweep_stale()
         hostmem.sweep_stale()
+        hostmem.sweep_stale(hostmem.spill_base())
         self.groups = Containment()
         self.folders = HostFolders()
         self.zygote = Zygote(settings.preload, self) if settings.fork_server else None
@@ -321,6 +322,14 @@ class Launcher:
         target = self._session(conn, msg["lease"])
         fd, path = self.folders.create_for_writing(target.folder, target.uid, target.gid)
         return {"path": path}, [fd]
+
+    def _spill_copy(
+        self, conn: Connection, msg: dict[str, Any], fds: list[int]
+    ) -> tuple[dict, list]:
+        source = conn.parked.get(msg["lease"])
+        if source is None:
+            raise Refusal(f"no parked copy of lease {msg['lease']} was kept for this worker")
+        return {"bytes": self.folders.spill(source.folder, source.uid)}, []
 
     def _forget_copy(
         self, conn: Connection, msg: dict[str, Any], fds: list[int]

@@ -5,7 +5,8 @@ Why apart from the sessions: a copy outlives its session (its owner's next cell 
 back, maybe on another machine) and a restart of the scheduler (a restarted broker is told of it:
 ``ParkedCopy``). The files are the store's (``worker/hoststore.py``): the worker's own for sessions
 of its account, the launcher's for sessions that run as their users. Copies are named by the lease
-whose session wrote them, never by a path a caller gives.
+whose session wrote them, never by a path a caller gives. When host memory is short the broker has
+the oldest spilled to the pool's disk folder (``spill``); a restore takes them from there.
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ class HostCopies:
         self.launched = launched
         self.parked: dict[str, Parked] = {}  # lease id -> its variables kept here
         self.pool_key: str | None = None  # what another worker asks of a fetch (the plugin's)
+        # one move at a time per copy: a spill and a restore of one copy never overlap
+        self._moving: dict[str, asyncio.Lock] = {}
+
+    def _lock(self, lease: str) -> asyncio.Lock:
+        return self._moving.setdefault(lease, asyncio.Lock())
 
     def store(self, lease: str) -> HostStore:
         """Where ``lease``'s folder is: the launcher's if it made it, else this worker's."""
@@ -97,12 +103,13 @@ class HostCopies:
         account may trust."""
         old = restore["lease"]
         try:
-            if old in self.parked:
-                if self.parked[old].user != user:
-                    raise PermissionError(f"the copy of {old} belongs to another user")
-                moved = await self.store(old).move(old, lease)
-                self.forget(old)
-                return moved
+            async with self._lock(old):
+                if old in self.parked:
+                    if self.parked[old].user != user:
+                        raise PermissionError(f"the copy of {old} belongs to another user")
+                    moved = await self.store(old).move(old, lease)
+                    self.forget(old)
+                    return moved
             async with self.worker.rpc(restore["worker"]) as keeper:
                 fetched = await keeper.gpu_offload_fetch(lease=old, key=self.pool_key)
             return await self.store(lease).write(fetched["data"], lease)
@@ -113,16 +120,27 @@ class HostCopies:
     async def fetch(self, lease: str) -> bytes:
         """The copy of ``lease`` parked here, for the worker where its kernel's new session starts;
         forgotten here."""
-        entry = self.parked.get(lease)
-        if entry is None:
-            raise NotFound(f"no offloaded variables of {lease} on this worker")
-        data = await self.store(lease).read(lease)
-        self.forget(lease)
-        return data
+        async with self._lock(lease):
+            if self.parked.get(lease) is None:
+                raise NotFound(f"no offloaded variables of {lease} on this worker")
+            data = await self.store(lease).read(lease)
+            self.forget(lease)
+            return data
+
+    async def spill(self, lease: str) -> int:
+        """Move the copy of ``lease`` parked here from host memory to the pool's disk folder (the
+        broker needs the memory for sessions); returns its bytes (0: on disk already)."""
+        async with self._lock(lease):
+            if lease not in self.parked:
+                raise NotFound(f"no offloaded variables of {lease} on this worker")
+            copied = await self.store(lease).spill(lease)
+        log.info("the copy of %s moved to disk (%d bytes)", lease, copied)
+        return copied
 
     def forget(self, lease: str, live: frozenset[str] = frozenset()) -> None:
         """Forget the copy of ``lease`` (its folder goes too, unless its session still runs:
         ``live``)."""
+        self._moving.pop(lease, None)
         if self.parked.pop(lease, None) is not None and lease not in live:
             self.store(lease).forget(lease)
 

@@ -5,6 +5,10 @@ Layout: one folder per session (``<lease>``), where the session writes its stand
 file to the next session of the same kernel: moved (never copied) into its folder, or, from another
 machine, written into it.
 
+When host memory is short the broker has a parked copy spilled (``spill``): moved to a disk folder
+of the pool's (``common/hostmem.py``'s ``spill_dir``), from where a restore (``move``, ``read``)
+takes it transparently, back into the next session's folder in host memory.
+
 Two stores, one interface, named by lease (never by a path someone gave):
 
 - :class:`HostStore`: sessions that run as the worker's own account (users not isolated). The
@@ -24,7 +28,7 @@ import shutil
 import stat
 from typing import TYPE_CHECKING
 
-from jupyter_gpu.common.hostmem import offload_dir
+from jupyter_gpu.common.hostmem import copy_fd, offload_dir, spill_dir
 
 if TYPE_CHECKING:
     from jupyter_gpu.worker.launcher_link import LauncherLink
@@ -52,6 +56,17 @@ class HostStore:
 
     def __init__(self) -> None:
         self._base: str | None = None
+        self._spill_base: str | None = None
+        self.spilled: set[str] = set()  # leases whose copy is on disk
+
+    @property
+    def spill_base(self) -> str:
+        if self._spill_base is None:
+            self._spill_base = spill_dir()
+        return self._spill_base
+
+    def spill_path(self, lease: str) -> str:
+        return os.path.join(self.spill_base, f"{lease}.pkl")
 
     @property
     def base(self) -> str:
@@ -73,9 +88,10 @@ class HostStore:
         return os.path.join(self.base, lease, STANDBY)
 
     def _open_copy(self, lease: str) -> int:
-        """A descriptor on ``lease``'s copy, checked on the descriptor itself (no check-then-open
-        race)."""
-        fd = os.open(self.offload_path(lease), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        """A descriptor on ``lease``'s copy (in memory, or on disk if spilled), checked on the
+        descriptor itself (no check-then-open race)."""
+        path = self.spill_path(lease) if lease in self.spilled else self.offload_path(lease)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
             os.close(fd)
@@ -85,10 +101,49 @@ class HostStore:
 
     async def move(self, old: str, new: str) -> str:
         """Move ``old``'s copy into ``new``'s folder; returns its new path."""
-        os.close(self._open_copy(old))
+        fd = self._open_copy(old)
         target = os.path.join(self.folder(new), OFFLOAD)
-        os.replace(self.offload_path(old), target)
+        if old not in self.spilled:
+            os.close(fd)
+            os.replace(self.offload_path(old), target)
+            return target
+        out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, copy_fd, fd, out)
+        finally:
+            os.close(fd)
+            os.close(out)
+        self._unspill(old)
         return target
+
+    async def spill(self, lease: str) -> int:
+        """Move ``lease``'s parked copy from host memory to the disk folder; returns its bytes."""
+        if lease in self.spilled:
+            return 0
+        fd = self._open_copy(lease)
+        out = os.open(
+            self.spill_path(lease), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600
+        )
+        try:
+            copied = await asyncio.get_running_loop().run_in_executor(None, copy_fd, fd, out)
+        except BaseException:
+            os.close(out)
+            os.unlink(self.spill_path(lease))
+            raise
+        finally:
+            os.close(fd)
+        os.close(out)
+        self.spilled.add(lease)
+        os.unlink(self.offload_path(lease))
+        return copied
+
+    def _unspill(self, lease: str) -> None:
+        if lease in self.spilled:
+            self.spilled.discard(lease)
+            try:
+                os.unlink(self.spill_path(lease))
+            except OSError:
+                pass
 
     async def read(self, lease: str) -> bytes:
         fd = self._open_copy(lease)
@@ -103,12 +158,14 @@ class HostStore:
 
     def forget(self, lease: str) -> None:
         """Remove a session's folder and everything in it."""
+        self._unspill(lease)
         if self._base is not None:
             shutil.rmtree(os.path.join(self._base, lease), ignore_errors=True)
 
     def close(self) -> None:
-        if self._base is not None:
-            shutil.rmtree(self._base, ignore_errors=True)
+        for base in (self._base, self._spill_base):
+            if base is not None:
+                shutil.rmtree(base, ignore_errors=True)
 
 
 class LaunchedStore(HostStore):
@@ -133,6 +190,11 @@ class LaunchedStore(HostStore):
 
     async def move(self, old: str, new: str) -> str:
         return await self.link.move_copy(old, new)
+
+    async def spill(self, lease: str) -> int:
+        """The launcher moves the copy to its disk folder, on descriptors
+        (``launcher/hostfiles.py``)."""
+        return await self.link.spill_copy(lease)
 
     async def read(self, lease: str) -> bytes:
         fd = await self.link.open_copy(lease)

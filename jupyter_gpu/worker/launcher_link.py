@@ -201,5 +201,9 @@ class LauncherLink:
         reply, fds = await self.call({"op": "create_copy", "lease": lease})
         return fds[0], reply["path"]
 
+    async def spill_copy(self, lease: str) -> int:
+        reply, _ = await self.call({"op": "spill_copy", "lease": lease})
+        return int(reply["bytes"])
+
     async def forget_copy(self, lease: str) -> None:
         await self.call({"op": "forget_copy", "lease": lease})

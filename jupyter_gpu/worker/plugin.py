@@ -35,7 +35,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from jupyter_gpu.common import no_pickle, poolkey
 from jupyter_gpu.common.handlers import handler, handlers_of
-from jupyter_gpu.common.hostmem import sweep_stale
+from jupyter_gpu.common.hostmem import spill_base, sweep_stale
 from jupyter_gpu.common.inventory import GpuInfo, discover
 from jupyter_gpu.common.protocol import (
     DEVICES_ENV,
@@ -90,9 +90,9 @@ class GpuWorkerPlugin(WorkerPlugin):
         self.gpus = gpus
         self.pool_key = poolkey.read_key(poolkey.key_path(worker.scheduler.address))
         # what earlier workers on this machine left behind when they were killed: host-memory
-        # folders (and, in the session manager, cgroups)
-        for folder in sweep_stale():
-            log.warning("removed the host-memory folder %s of a worker that is gone", folder)
+        # folders, disk folders of spilled copies (and, in the session manager, cgroups)
+        for folder in sweep_stale() + sweep_stale(spill_base()):
+            log.warning("removed the copies' folder %s of a worker that is gone", folder)
         launcher = LauncherLink.from_environment()
         if launcher is not None:
             await launcher.open(worker.address)
@@ -212,6 +212,14 @@ class GpuWorkerPlugin(WorkerPlugin):
         kernel ended)."""
         self._check_broker(key)
         self.manager.copies.forget(lease, frozenset(self.manager.sessions))
+
+    @handler("gpu_offload_spill", caller="broker", check="pool-key")
+    async def gpu_offload_spill(self, lease: Name, key: Secret | None = None) -> int:
+        """Move the offloaded namespace of ended lease ``lease`` from host memory to the pool's
+        disk folder: the broker needs the memory for sessions (``broker/hosts.py``); its owner's
+        next cell restores it from there. Returns the bytes moved."""
+        self._check_broker(key)
+        return await self.manager.copies.spill(lease)
 
     # ------------------------------------------------------------------ talking to the broker
     async def _report_when_registered(self) -> None:

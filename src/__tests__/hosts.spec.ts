@@ -1,5 +1,11 @@
+/// <reference path="./react-dom-server.d.ts" />
 /** A pool across machines in the panel: GPUs grouped by host, the cluster manager's jobs with its own words. */
-import { gpuView, hostGroups } from '../views/gpus';
+import * as React from 'react';
+import { renderToStaticMarkup } from 'react-dom/server';
+
+import { GpuList } from '../components/GpuList';
+import { UsageHistory } from '../views/history';
+import { gpuView, hostGroups, hostResources } from '../views/gpus';
 import { clusterView, jobStatus } from '../views/jobs';
 import { buildViewModel } from '../views/viewmodel';
 import { ISnapshot } from '../wire';
@@ -59,6 +65,46 @@ describe('hostGroups', () => {
       ['10.0.0.9', 2, 8 * GiB, GiB],
       ['10.0.0.10', 1, 4 * GiB, 2 * GiB]
     ]);
+  });
+  it("gives each machine's host memory and cores, parked copies and copies on disk", () => {
+    const snap = multiHost() as any;
+    snap.hosts[0] = {
+      ...snap.hosts[0],
+      host_memory: 64 * GiB,
+      host_memory_leased: 12 * GiB,
+      host_memory_parked: 2 * GiB,
+      host_memory_spilled: GiB,
+      cpus: 16,
+      cpus_leased: 3.5
+    };
+    snap.hosts[1] = { ...snap.hosts[1], host_memory: null, host_memory_leased: GiB, cpus: null, cpus_leased: 1 };
+    const vm = buildViewModel(snap, 1000);
+    expect(vm.hostGroups.map(g => g.resources)).toEqual([
+      '12.0 GiB of 64.0 GiB host memory booked, 2.0 GiB parked, 1.0 GiB on disk · 3.5 of 16 cores',
+      '1.0 GiB host memory booked (no limit) · 1 cores booked (no limit)'
+    ]);
+    expect(hostResources({ host: 'old-broker', total_bytes: GiB })).toBeNull();
+  });
+  it("draws each machine's memory and cores in its header, one machine too", () => {
+    const snap = multiHost() as any;
+    snap.hosts[0] = { ...snap.hosts[0], host_memory: 64 * GiB, host_memory_leased: 12 * GiB, cpus: 16, cpus_leased: 4 };
+    const history = new UsageHistory();
+    const draw = (s: any) => {
+      const vm = buildViewModel(s, 1000);
+      return renderToStaticMarkup(React.createElement(GpuList, { gpus: vm.gpus, history, groups: vm.hostGroups }));
+    };
+    const html = draw(snap);
+    expect(html).toContain('12.0 GiB of 64.0 GiB host memory booked · 4 of 16 cores');
+    expect(html.match(/jp-GpuPanel-hostHeader/g)?.length).toBe(2);
+    const one = { ...snap, gpus: snap.gpus.slice(0, 2), hosts: snap.hosts.slice(0, 1) };
+    expect(draw(one)).toContain('12.0 GiB of 64.0 GiB host memory booked · 4 of 16 cores');
+    const old = {
+      ...one,
+      hosts: [{ host: '10.0.0.9', workers: 2, gpus: [], total_bytes: 8 * GiB, leased_bytes: GiB }]
+    };
+    expect(draw(old)).not.toContain('jp-GpuPanel-hostHeader');
+    const unbounded = { ...one, hosts: [{ ...one.hosts[0], host_memory: null, cpus: null }] };
+    expect(draw(unbounded)).not.toContain('jp-GpuPanel-hostHeader');
   });
   it('makes one group of a one-machine pool (the list then draws no headings)', () => {
     const groups = hostGroups([gpuView(gpu('127.0.0.1', 1, 0), 'x'), gpuView(gpu('127.0.0.1', 2, 0), 'x')]);

@@ -54,6 +54,14 @@ describe('quotas', () => {
     expect(myQuotaText(carol)).toBe('0 GPU held · no limit of your own');
   });
 
+  it("counts my idle sessions' copies in host memory in my line", () => {
+    const q = quotas();
+    q.users = (q.users ?? []).map(u => (u.user === 'alice' ? { ...u, parked_bytes: 64 * MiB } : u));
+    expect(myQuotaText(quotaView(q, 'alice', 0)!)).toBe(
+      '0.25 GPU held · your limit 1 GPU · 64.0 MiB of idle sessions in host memory'
+    );
+  });
+
   it('warns when the pool checks tokens and this server has none to send', () => {
     const snap = snapshot() as any;
     snap.quotas = quotas();

@@ -9,7 +9,8 @@ import { chartSpan } from './TimeChart';
 /**
  * The GPUs section: a card per GPU, in the broker's order (by host, worker, then index), charts on one time
  * axis. When the pool spans several machines the cards are grouped under a heading per host, with that
- * host's memory leased and total.
+ * host's GPU memory leased and total, and its host memory and cores (booked, parked copies, total); a
+ * one-machine pool draws them above its cards once its worker reports what it leaves to sessions.
  */
 export function GpuList(props: { gpus: IGpuView[]; history: UsageHistory; groups?: IHostGroup[] }): JSX.Element {
   const { gpus, history } = props;
@@ -23,7 +24,7 @@ export function GpuList(props: { gpus: IGpuView[]; history: UsageHistory; groups
   let body: React.ReactNode;
   if (!gpus.length) {
     body = <div className="jp-GpuPanel-empty">No GPU workers yet.</div>;
-  } else if (groups.length > 1) {
+  } else if (groups.length > 1 || groups[0]?.bounded) {
     body = groups.map(group => (
       <div className="jp-GpuPanel-hostGroup" key={group.host} data-host={group.host}>
         <div className="jp-GpuPanel-hostHeader">
@@ -33,6 +34,7 @@ export function GpuList(props: { gpus: IGpuView[]; history: UsageHistory; groups
             {formatBytes(group.totalBytes)} leased
           </span>
         </div>
+        {group.resources ? <div className="jp-GpuPanel-hostResources">{group.resources}</div> : null}
         {group.gpus.map(card)}
       </div>
     ));

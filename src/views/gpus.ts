@@ -3,7 +3,7 @@
  * memory series for the sparklines, and the badge that says a GPU is virtual or a MIG slice.
  */
 import { formatBytes, formatShare, notebookLabel } from '../format';
-import { IGpu, ILease } from '../wire';
+import { IGpu, IHost, ILease } from '../wire';
 
 /** One coloured segment of a GPU's memory bar, and its row in the card's lease list. */
 export interface ISegmentView {
@@ -153,19 +153,57 @@ export interface IHostGroup {
   gpus: IGpuView[];
   totalBytes: number;
   leasedBytes: number;
+  /** Its host memory and cores as the header says them (null: the broker sent none). */
+  resources: string | null;
+  /** Its workers report what they leave to sessions (memory or cores): worth a header alone. */
+  bounded: boolean;
+}
+
+/**
+ * A machine's host memory and cores for its header: what its sessions' leases book of what it leaves to
+ * sessions, what idle sessions' copies hold in memory and on disk, and cores booked of its cores
+ * (``64.0 GiB of 256.0 GiB host memory booked, 2.0 GiB parked · 6 of 32 cores``). Null when the broker
+ * sends none (an older broker).
+ */
+export function hostResources(host: IHost | undefined): string | null {
+  if (!host || host.host_memory_leased === undefined) {
+    return null;
+  }
+  const booked = formatBytes(host.host_memory_leased);
+  const memory =
+    host.host_memory === null || host.host_memory === undefined
+      ? `${booked} host memory booked (no limit)`
+      : `${booked} of ${formatBytes(host.host_memory)} host memory booked`;
+  const parked = host.host_memory_parked ? `, ${formatBytes(host.host_memory_parked)} parked` : '';
+  const spilled = host.host_memory_spilled ? `, ${formatBytes(host.host_memory_spilled)} on disk` : '';
+  const leased = +(host.cpus_leased ?? 0).toFixed(3);
+  const cores =
+    host.cpus === null || host.cpus === undefined
+      ? `${leased} cores booked (no limit)`
+      : `${leased} of ${+host.cpus.toFixed(3)} cores`;
+  return `${memory}${parked}${spilled} · ${cores}`;
 }
 
 /**
  * The GPUs grouped by machine, in the snapshot's order (the broker lists them by host, then worker, then
  * index); one group per host. The list draws groups only when the pool spans several hosts.
  */
-export function hostGroups(gpus: IGpuView[]): IHostGroup[] {
+export function hostGroups(gpus: IGpuView[], hosts: IHost[] = []): IHostGroup[] {
   const groups: IHostGroup[] = [];
   const byHost = new Map<string, IHostGroup>();
+  const sent = new Map(hosts.map(h => [h.host, h]));
   for (const gpu of gpus) {
     let group = byHost.get(gpu.host);
     if (!group) {
-      group = { host: gpu.host, gpus: [], totalBytes: 0, leasedBytes: 0 };
+      const host = sent.get(gpu.host);
+      group = {
+        host: gpu.host,
+        gpus: [],
+        totalBytes: 0,
+        leasedBytes: 0,
+        resources: hostResources(host),
+        bounded: typeof host?.host_memory === 'number' || typeof host?.cpus === 'number'
+      };
       byHost.set(gpu.host, group);
       groups.push(group);
     }

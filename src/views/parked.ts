@@ -25,6 +25,7 @@ export function parkedView(p: IParked, nowSeconds: number): IParkedView {
     : typeof p.move_seconds === 'number'
       ? `, moved in ${p.move_seconds.toFixed(1)} s`
       : '';
+  const disk = p.spilled ? ', on disk (host memory was short)' : '';
   return {
     id: p.id,
     notebook: p.notebook ?? null,
@@ -32,7 +33,7 @@ export function parkedView(p: IParked, nowSeconds: number): IParkedView {
     what:
       p.state === 'pending'
         ? 'being moved to host memory'
-        : `${names.length} variable${names.length === 1 ? '' : 's'}${size}${moved}`,
+        : `${names.length} variable${names.length === 1 ? '' : 's'}${size}${moved}${disk}`,
     since: formatDuration(typeof p.since === 'number' ? nowSeconds - p.since : null),
     reason: p.reason ?? null,
     lost: p.lost ?? []

@@ -5,7 +5,7 @@
  * quota file names, team members included, under ``users`` with their team; the panel only looks itself
  * up there, falling back to the default team where users named nowhere land.
  */
-import { formatShare } from '../format';
+import { formatBytes, formatShare } from '../format';
 import { IQuotaTeam, IQuotas } from '../wire';
 
 /** One team's row in the Quotas section. */
@@ -32,6 +32,8 @@ export interface IQuotaView {
   myTeam: string | null;
   myHeld: number;
   myLimit: number | null;
+  /** My idle sessions' copies booked in host memory (bytes; broker/hosts.py). */
+  myParkedBytes: number;
   identity: 'tokens' | 'names' | null;
 }
 
@@ -98,7 +100,15 @@ export function quotaView(quotas: IQuotas | undefined, me: string, myShare: numb
     return null;
   }
   if (!quotas.configured) {
-    return { configured: false, teams: [], myTeam: null, myHeld: myShare, myLimit: null, identity: null };
+    return {
+      configured: false,
+      teams: [],
+      myTeam: null,
+      myHeld: myShare,
+      myLimit: null,
+      myParkedBytes: 0,
+      identity: null
+    };
   }
   const entry = (quotas.users ?? []).find(u => u.user === me);
   return {
@@ -107,6 +117,7 @@ export function quotaView(quotas: IQuotas | undefined, me: string, myShare: numb
     myTeam: myTeamOf(quotas, me),
     myHeld: entry ? entry.held : myShare,
     myLimit: entry && typeof entry.limit === 'number' ? entry.limit : null,
+    myParkedBytes: entry?.parked_bytes ?? 0,
     identity: quotas.identity ?? null
   };
 }
@@ -115,5 +126,6 @@ export function quotaView(quotas: IQuotas | undefined, me: string, myShare: numb
 export function myQuotaText(q: IQuotaView): string {
   const held = `${formatShare(q.myHeld)} GPU held`;
   const limit = q.myLimit !== null ? `your limit ${formatShare(q.myLimit)} GPU` : 'no limit of your own';
-  return `${held} · ${limit}`;
+  const parked = q.myParkedBytes > 0 ? ` · ${formatBytes(q.myParkedBytes)} of idle sessions in host memory` : '';
+  return `${held} · ${limit}${parked}`;
 }

@@ -116,7 +116,7 @@ export function buildViewModel(snapshot: ISnapshot | null, nowSeconds: number, m
     workers: pool.workers ?? 0,
     defaultFraction: validFraction(pool.default_fraction),
     gpus,
-    hostGroups: hostGroups(gpus),
+    hostGroups: hostGroups(gpus, snapshot.hosts ?? []),
     cluster: clusterView(pool.cluster, now),
     queue,
     sessions: mySessions(snapshot.gpus ?? [], me, now, !!snapshot.viewer?.admin),

@@ -3,10 +3,13 @@ where it may go, and what it is told when a machine's memory or cores are what i
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from jupyter_gpu.broker.fair_share import FairSharePolicy
 from jupyter_gpu.broker.hosts import HostSlot, SessionDefaults, host_need
 from jupyter_gpu.broker.ledger import Ledger
-from jupyter_gpu.broker.model import GpuSlot, Request
+from jupyter_gpu.broker.model import GpuSlot, Offload, Request
 from jupyter_gpu.broker.packing import never_fits
 from jupyter_gpu.common.protocol import RequestSpec
 
@@ -110,3 +113,99 @@ def test_the_ledger_checks_each_request_shape_once_until_the_pool_changes():
     assert ledger.never_fits(big) is None and looked == [1]
     ledger.set_host("w9", memory=2 * GiB)
     assert ledger.never_fits(big) and looked == [1, 1]
+
+
+def parked_copy(ledger: Ledger, rid: str, user: str, nbytes: int, host_memory: int = GiB) -> str:
+    """A lease of ``user`` granted, taken back and its variables (``nbytes``) saved on its
+    machine, booked as the broker does when the session has written them."""
+    ledger.submit(request(rid, user, fraction=0.25, host_memory=host_memory))
+    [(_, [lease])] = ledger.schedule(None)
+    ledger.end(lease.id, "suspended")
+    result = {"path": "p", "saved": ["x"], "lost": [], "bytes": nbytes, "standby": False}
+    lease.offload = Offload.saved_as(lease.worker, lease.id, result, 0.1)
+    ledger.parking.park(lease)
+    return lease.id
+
+
+def test_parked_copies_are_booked_while_they_fit_and_the_oldest_spill_for_a_new_lease():
+    ledger = pool((4, 16 * GiB, 8.0))
+    host = ledger.hosts["w0"]
+    old = parked_copy(ledger, "R1", "alice", 4 * GiB)
+    new = parked_copy(ledger, "R2", "bob", 6 * GiB)
+    assert list(host.parked) == [old, new] and host.parked_memory == 10 * GiB
+    assert ledger.parking.bytes_by_user() == {"alice": 4 * GiB, "bob": 6 * GiB}
+    assert ledger.parking.take_spills() == []
+    ledger.check()
+    # a lease of 8 GiB fits beside the 6 GiB copy only: the oldest copy (alice's) goes to disk
+    ledger.submit(request("R3", "carol", fraction=0.25, host_memory=8 * GiB))
+    [(_, [lease])] = ledger.schedule(None)
+    assert [ls.id for ls in ledger.parking.take_spills()] == [old]
+    assert ledger.ended[old].offload.spilled and list(host.parked) == [new]
+    assert host.leased_memory + host.parked_memory == 14 * GiB <= host.memory
+    ledger.check()
+    # a copy restored (or discarded) leaves the machine's memory
+    ledger.parking.unpark(ledger.ended[new])
+    assert host.parked_memory == 0 and ledger.parking.bytes_by_user() == {}
+    ledger.check()
+
+
+def test_a_copy_that_cannot_fit_beside_the_leases_goes_to_disk_and_a_smaller_report_spills():
+    ledger = pool((4, 16 * GiB, 8.0))
+    ledger.submit(request("R0", "dave", fraction=0.25, host_memory=12 * GiB))
+    assert len(ledger.schedule(None)) == 1
+    big = parked_copy(ledger, "R1", "alice", 4 * GiB + 1)  # 12 GiB leased: 4 GiB left
+    assert [ls.id for ls in ledger.parking.take_spills()] == [big] and not ledger.hosts["w0"].parked
+    small = parked_copy(ledger, "R2", "bob", 2 * GiB)
+    assert ledger.parking.take_spills() == [] and list(ledger.hosts["w0"].parked) == [small]
+    ledger.set_host("w0", memory=13 * GiB, cpus=8.0)  # the admin leaves less to sessions
+    assert [ls.id for ls in ledger.parking.take_spills()] == [small]
+    ledger.check()
+
+
+def test_copies_on_a_machine_that_reports_nothing_are_booked_and_never_spilled():
+    ledger = pool((1, None, None))
+    parked_copy(ledger, "R1", "alice", 64 * GiB)
+    assert ledger.hosts["w0"].parked_memory == 64 * GiB and ledger.parking.take_spills() == []
+    ledger.check()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["lease", "end", "park", "restore", "report"]),
+            st.integers(0, 20),  # GiB: a lease's host memory, a copy's size, a report
+        ),
+        max_size=40,
+    )
+)
+def test_leases_and_booked_copies_never_exceed_a_machines_memory_and_no_copy_is_lost(steps):
+    """Whatever the order of grants, ends, copies saved, restored and smaller reports: leases and
+    the copies booked on a machine never exceed what it leaves to sessions, and every saved copy
+    is either booked there or spilled (told to its worker) exactly once."""
+    ledger = pool((4, 16 * GiB, 8.0))
+    host, live, saved, n = ledger.hosts["w0"], [], [], 0
+    spilled: list[str] = []
+    for op, size in steps:
+        n += 1
+        if op == "lease" and len(live) < 8:  # a quarter GPU stays free for the copies' sessions
+            req = request(f"R{n}", f"u{n}", fraction=0.25, host_memory=size * GiB)
+            ledger.submit(req)
+            live += [ls.id for _, leases in ledger.schedule(None) for ls in leases]
+            if req.state == "queued":  # no room now: it waits no further here
+                ledger.finish_request(req, "cancelled", "no room")
+        elif op == "end" and live:
+            ledger.end(live.pop(0), "ended")
+        elif op == "park":
+            saved.append(parked_copy(ledger, f"R{n}", f"u{n}", size * GiB, host_memory=0))
+        elif op == "restore" and saved:
+            ledger.parking.unpark(ledger.ended[saved.pop(0)])
+        elif op == "report":  # never below its leases: they keep what they hold (set_host)
+            memory = max((16 + size) * GiB, host.leased_memory)
+            ledger.set_host("w0", memory=memory, cpus=8.0)
+        spilled += [ls.id for ls in ledger.parking.take_spills()]
+        ledger.check()
+        assert len(spilled) == len(set(spilled))
+        for lease_id in saved:
+            copy = ledger.ended[lease_id].offload
+            assert (lease_id in host.parked) != (lease_id in spilled) == copy.spilled, lease_id

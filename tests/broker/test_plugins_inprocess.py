@@ -64,6 +64,7 @@ WORKER_OPS = {
     "gpu_session_offload",
     "gpu_offload_fetch",
     "gpu_offload_discard",
+    "gpu_offload_spill",
     "gpu_inventory",
     "gpu_session_starter",
 }

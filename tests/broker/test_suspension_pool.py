@@ -15,6 +15,8 @@ import time
 import pytest
 
 from jupyter_gpu.broker.audit import AuditStore
+from jupyter_gpu.common import poolkey
+from jupyter_gpu.common.security import client_security, pool_rpc
 from tests.broker.test_fair_pool import QuotaPool, call, connected_client
 from tests.support.harness import leases, snapshot, wait_until
 
@@ -52,6 +54,42 @@ def standby_copy(lease_id: str, pool: QuotaPool) -> list[str]:
         for p in glob.glob(os.path.join(base, "jupyter-gpu-*", lease_id, "standby"))
         if _worker_pid(os.path.basename(os.path.dirname(os.path.dirname(p)))) in _pool_pids(pool)
     ]
+
+
+def copy_files(lease_id: str, pool: QuotaPool) -> tuple[list[str], list[str]]:
+    """``lease_id``'s parked copy in this pool's host-memory folders, and in its disk folders
+    (spilled: ``worker.spill-dir``, ``/var/tmp`` by default); the worker's own folders name it
+    ``<lease>``, the launcher's ``<lease>-<random>``."""
+    pids = _pool_pids(pool)
+
+    def found(*patterns: str) -> list[str]:
+        paths = [p for pattern in patterns for p in glob.glob(pattern)]
+        return [p for p in paths if _worker_pid(p.split("/")[3]) in pids]
+
+    return (
+        found(
+            f"/dev/shm/jupyter-gpu-*/{lease_id}/offload.pkl",
+            f"/dev/shm/jupyter-gpu-*/{lease_id}-*/offload.pkl",
+        ),
+        found(
+            f"/var/tmp/jupyter-gpu-*-spill-*/{lease_id}.pkl",
+            f"/var/tmp/jupyter-gpu-*-spill-*/{lease_id}-*",
+        ),
+    )
+
+
+def spill(pool: QuotaPool, worker: str, lease_id: str) -> int:
+    """What the broker asks of a worker when a lease needs its machine's memory
+    (``broker/parking.py``): the copy moved to its disk folder (with the pool key)."""
+    import asyncio
+
+    key = poolkey.read_key(poolkey.key_path(pool.address))
+
+    async def go() -> int:
+        async with pool_rpc(worker, security=client_security(pool.address)) as w:
+            return await w.gpu_offload_spill(lease=lease_id, key=key)
+
+    return asyncio.run(go())
 
 
 def _worker_pid(folder: str) -> int | None:
@@ -142,6 +180,12 @@ def test_an_idle_session_is_suspended_for_a_waiting_cell_and_comes_back(spool):
         assert parked["bytes"] >= 64 * 2**20 and parked["reason"].startswith("suspended after")
         assert parked["standby"] is True  # her copy was handed over: nothing was left to write
         assert not standby_copy(held["alice"]["id"], spool)
+        # host memory short: her copy is spilled to the worker's disk folder; her next cell still
+        # restores it (below)
+        assert copy_files(held["alice"]["id"], spool)[0]
+        assert spill(spool, held["alice"]["worker"], held["alice"]["id"]) >= 64 * 2**20
+        in_memory, on_disk = copy_files(held["alice"]["id"], spool)
+        assert not in_memory and len(on_disk) == 1, (in_memory, on_disk)
         # alice's %gpu status says so too (a line magic: it does not restore anything)
         status = alice.run("%gpu status").data()[0]
         assert "My sessions in host memory" in status and held["alice"]["id"] in status, status
@@ -157,6 +201,7 @@ def test_an_idle_session_is_suspended_for_a_waiting_cell_and_comes_back(spool):
         assert "Restored 3 variable(s) from host memory: big, t, torch." in res.stdout, res.stdout
         assert "steps (generator)" in res.stdout and "sum 15.0" in res.stdout, res.stdout
         assert not snapshot(a)["in_host_memory"]  # restored: nothing waits in host memory any more
+        assert copy_files(held["alice"]["id"], spool) == ([], [])  # nor on disk
     finally:
         for k in (alice, bob, carol):
             k.shutdown(now=True)

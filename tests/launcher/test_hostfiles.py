@@ -101,3 +101,46 @@ def test_a_copy_others_may_read_or_a_folder_of_another_uid_is_refused(folders):
         folders.move(a, b, UID)
     with pytest.raises(UnsafeCopy, match="not a private folder of uid"):
         folders.open_for_reading(a, UID + 1)
+
+
+def test_a_spilled_copy_goes_to_the_disk_folder_and_comes_back_on_descriptors(tmp_path):
+    """Host memory short: the launcher moves a parked copy to its disk folder (root's, 0700), from
+    where a restore takes it back into the next session's folder; a link the user puts in place of
+    her copy is not followed."""
+    import dask.config
+
+    folders = HostFolders()
+    with dask.config.set({"jupyter-gpu.worker.spill-dir": str(tmp_path / "spill")}):
+        try:
+            a, b = folders.make("L1", UID, GID), folders.make("L2", UID, GID)
+            write_copy(folders, a, b"variables" * 1000)
+            assert folders.spill(a, UID) == 9000
+            assert not os.listdir(folders.path(a))  # out of host memory
+            spill_base = folders.spill_base or ""
+            assert spill_base.startswith(str(tmp_path / "spill"))
+            assert os.stat(spill_base).st_mode & 0o777 == 0o700
+            assert os.stat(os.path.join(spill_base, a)).st_mode & 0o777 == 0o600
+            assert folders.spill(a, UID) == 0  # spilled already
+            with os.fdopen(folders.open_for_reading(a, UID), "rb") as f:
+                assert f.read() == b"variables" * 1000
+            with pytest.raises(UnsafeCopy, match="belongs to uid"):
+                folders.open_for_reading(a, UID + 1)
+            moved = folders.move(a, b, UID)  # restored: back into host memory
+            with open(moved, "rb") as f:
+                assert f.read() == b"variables" * 1000
+            assert not os.listdir(spill_base)
+            # a link in place of a copy to spill: nothing is read through it
+            victim = tmp_path / "victims-variables"
+            victim.write_bytes(b"bob's weights")
+            os.chmod(victim, 0o600)
+            c = folders.make("L3", UID, GID)
+            os.symlink(victim, os.path.join(folders.path(c), COPY))
+            with pytest.raises(OSError):
+                folders.spill(c, UID)
+            assert not os.listdir(spill_base) and victim.read_bytes() == b"bob's weights"
+            d = folders.make("L4", UID, GID)
+            write_copy(folders, d)
+            folders.spill(d, UID)
+        finally:
+            folders.close()
+    assert not os.path.exists(folders.base) and not os.path.exists(spill_base)

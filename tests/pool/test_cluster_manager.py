@@ -9,6 +9,8 @@ import asyncio
 import pytest
 from distributed.security import Security
 
+from jupyter_gpu.broker.fair_share import FairSharePolicy
+from jupyter_gpu.broker.ledger import Ledger
 from jupyter_gpu.broker.model import Request
 from jupyter_gpu.broker.views import gpu_order, host_order, hosts_view, waiting_reason
 from jupyter_gpu.common.inventory import parse_virtual_spec
@@ -114,13 +116,26 @@ def test_hosts_are_listed_in_address_order_with_their_gpus():
         }
         for h, p, lb in ((9, 1, 1), (9, 2, 0), (10, 1, 2))
     ]
-    assert hosts_view(gpus) == [
+    # each worker's machine as it reports it (host 10.0.0.10's reports nothing: unbounded)
+    ledger = Ledger(FairSharePolicy())
+    ledger.set_host("tcp://10.0.0.9:1", memory=100, cpus=4)
+    ledger.set_host("tcp://10.0.0.9:2", memory=50, cpus=2.5)
+    ledger.hosts["tcp://10.0.0.9:2"].leased_memory = 20  # what its leases book
+    ledger.set_host("tcp://10.0.0.10:1")
+    unbounded = {"host_memory": None, "cpus": None}
+    assert hosts_view(gpus, ledger) == [
         {
             "host": "10.0.0.9",
             "workers": 2,
             "gpus": [gpus[0]["id"], gpus[1]["id"]],
             "total_bytes": 8,
             "leased_bytes": 1,
+            "host_memory": 150,
+            "host_memory_leased": 20,
+            "host_memory_parked": 0,
+            "host_memory_spilled": 0,
+            "cpus": 6.5,
+            "cpus_leased": 0.0,
         },
         {
             "host": "10.0.0.10",
@@ -128,6 +143,11 @@ def test_hosts_are_listed_in_address_order_with_their_gpus():
             "gpus": [gpus[2]["id"]],
             "total_bytes": 4,
             "leased_bytes": 2,
+            "host_memory_leased": 0,
+            "host_memory_parked": 0,
+            "host_memory_spilled": 0,
+            "cpus_leased": 0.0,
+            **unbounded,
         },
     ]
 

@@ -290,6 +290,7 @@ def test_each_listed_handler_refuses_alice_with_bobs_ids(team):
         ("worker", "gpu_session_offload"): [{"lease": bob["lease"]}],
         ("worker", "gpu_offload_fetch"): [{"lease": bob["lease"], "key": "not-the-pool-key"}],
         ("worker", "gpu_offload_discard"): [{"lease": bob["lease"]}],
+        ("worker", "gpu_offload_spill"): [{"lease": bob["lease"], "key": "not-the-pool-key"}],
         ("nanny", "close_gracefully"): [{"key": "not-the-nannys-key"}, {}],
         # bob's session, with the secret of alice's own lease
         ("session", "execute"): [
