@@ -17,7 +17,10 @@ themselves.)
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
+import secrets
 import sqlite3
 import textwrap
 import time
@@ -25,9 +28,7 @@ import time
 import psutil
 import pytest
 
-from jupyter_gpu import interfaces
-from jupyter_gpu.common import poolkey
-from tests.support.harness import snapshot
+from tests.support.harness import snapshot, wait_until
 from tests.system.security.team import PREFIX, can_make_accounts, team_pool
 
 pytestmark = [
@@ -153,6 +154,8 @@ def nanny_address(team) -> str:
 
 def open_ops(server: str) -> dict[str, str]:
     """Op -> check of what the table says ``server`` answers as calls."""
+    from jupyter_gpu import interfaces
+
     return {
         r.op: r.check
         for r in interfaces.handler_table()
@@ -164,6 +167,8 @@ def test_every_live_server_answers_only_what_the_table_lists(team):
     """Each of Dask's handlers, each op of any table and a few made-up ones, called on the live
     scheduler, worker, nanny and bob's session: what is not in that server's table is closed (its
     refusal) or has no handler; what is open without a check is what a client needs."""
+    from jupyter_gpu import interfaces
+
     bob = bobs_state(team)
     alice = kernel_facts(team.alice)
     bob_lease = kernel_facts(team.bob)["lease"]
@@ -270,7 +275,7 @@ def test_each_listed_handler_refuses_alice_with_bobs_ids(team):
             {
                 "workers": [theirs["worker"]],
                 "timeout": 1,
-                "proof": poolkey.proof("not-the-pool-key", "drain", theirs["worker"]),
+                "proof": proof_with("not-the-pool-key", "drain", theirs["worker"]),
             },
         ],
         ("scheduler", "register-worker"): [
@@ -330,13 +335,6 @@ def test_each_listed_handler_refuses_alice_with_bobs_ids(team):
         "nanny": nanny_address(team),
         "session": theirs["address"],
     }
-    table = {
-        (r.server, r.op)
-        for r in interfaces.handler_table()
-        if r.server in servers and r.kind == "handler" and r.op not in ("*", "register-client")
-    }
-    # the test knows how to attack every handler the table lists, and no other
-    assert table == set(calls) | set(anyone), table ^ (set(calls) | set(anyone))
     probes = [(servers[s], op, kw) for (s, op), variants in calls.items() for kw in variants]
     probes += [(servers[s], op, kw) for (s, op), kw in sorted(anyone.items())]
     leaks = (f'"{theirs["address"]}"', f'"pid": {theirs["pid"]}', theirs["secret"])
@@ -352,10 +350,33 @@ def test_each_listed_handler_refuses_alice_with_bobs_ids(team):
             continue  # a granted request is gone: nothing of bob's is said
         elif reply.startswith("answered") or reply == "no reply":
             wrong.append((server, op, kwargs, reply[:300]))
-    assert wrong == [], wrong
-    assert bobs_state(team) == bob
     runs = snapshot(team.address).get("runs") or []
-    assert not [r for r in runs if r.get("id") in ("run-alice", "run-bob")], runs
+    forged_runs = [r for r in runs if r.get("id") in ("run-alice", "run-bob")]
+    opened = sorted({f"{w[0]}.{w[1]}" for w in wrong})  # the doors, then what each answered
+    assert wrong == [] and not forged_runs, ([r.get("id") for r in forged_runs], opened, wrong)
+    assert bobs_state(team) == bob
+    # the test knows how to attack every handler the table lists, and no other (checked after the
+    # attack: the table is what issue 20 added, the attack is what a user could always do)
+    from jupyter_gpu import interfaces
+
+    table = {
+        (r.server, r.op)
+        for r in interfaces.handler_table()
+        if r.server in servers and r.kind == "handler" and r.op not in ("*", "register-client")
+    }
+    assert table == set(calls) | set(anyone), table ^ (set(calls) | set(anyone))
+
+
+def proof_with(key: str, purpose: str, address: str) -> dict:
+    """A proof of holding ``key`` in the pool's format (``common/poolkey.py``: an HMAC over the
+    purpose, address, time and a nonce), as anyone can make one with a key of their own."""
+    t, nonce = time.time(), secrets.token_urlsafe(12)
+    text = f"jupyter-gpu|{purpose}|{address}|{t!r}|{nonce}"
+    return {
+        "time": t,
+        "nonce": nonce,
+        "mac": hmac.new(key.encode(), text.encode(), hashlib.sha256).hexdigest(),
+    }
 
 
 def test_a_users_queue_is_capped_and_a_wrong_token_is_never_audited(team):
@@ -386,25 +407,80 @@ def test_a_users_queue_is_capped_and_a_wrong_token_is_never_audited(team):
     ]
     replies = probe(team, flood)
     wrong_token = [r for _, _, kw, r in replies if kw["user"] == BOB]
-    assert all(r.startswith("error") and "NotAuthorized" in r for r in wrong_token), {
-        r[:120] for r in wrong_token
-    }
     answered = [
         json.loads(r.split(": ", 1)[1]) for _, _, kw, r in replies if r.startswith("answered")
     ]
+    mine = [q for q in answered if q.get("id")]  # hers (a wrong token's answer, if any, has none)
     full = [r for _, _, kw, r in replies if "as many as one user may" in r]
     try:
         # the cap counts what waits: one of them may have found a GPU free (and be starting)
-        waiting = [q for q in answered if q["state"] == "queued"]
-        assert len(waiting) == QUEUE_CAP and len(answered) <= QUEUE_CAP + 1, answered[:2]
-        assert len(full) == QUEUE_CAP * 4 - len(answered), full[:2]
-        assert refused_rows(BOB) == before
+        waiting = [q for q in mine if q["state"] == "queued"]
+        broken = []
+        if refused_rows(BOB) != before:
+            broken.append(f"{refused_rows(BOB) - before} wrong-token requests audited as bob's")
+        if len(waiting) != QUEUE_CAP or len(mine) > QUEUE_CAP + 1:
+            broken.append(f"{len(waiting)} of her requests wait (the cap is {QUEUE_CAP})")
         # her full queue is audited once (not once a refusal): the store does not fill either
-        assert refused_rows(ALICE) <= 2
+        if refused_rows(ALICE) > 2:
+            broken.append(f"{refused_rows(ALICE)} refusals of hers audited")
+        assert broken == [], broken
+        assert all(r.startswith("error") and "NotAuthorized" in r for r in wrong_token), {
+            r[:120] for r in wrong_token
+        }
+        assert len(full) == QUEUE_CAP * 4 - len(mine), full[:2]
         assert bobs_state(team) == bob
     finally:
         cancel = [
-            (team.address, "gpu_cancel", {"id": q["id"], "user": ALICE, "token": tok})
-            for q in answered
+            (team.address, "gpu_cancel", {"id": q["id"], "user": ALICE, "token": tok}) for q in mine
         ]
         probe(team, cancel)
+
+
+GONE_CLIENT = textwrap.dedent("""
+    import json, os
+    from distributed import Client
+    c = Client(ADDRESS, timeout=30, set_as_default=False)
+    def ask(spec, **client):
+        try:
+            return c.sync(c.scheduler.gpu_request, user=USER, kernel=KERNEL, spec=spec,
+                          token=os.environ["JUPYTER_GPU_TOKEN"], **client)
+        except Exception as exc:
+            return {"id": None, "state": "refused", "reason": repr(exc)[:200]}
+    made = [
+        # her client's: granted at once, and granted or waiting
+        ask({"memory": 2**20}, client=c.id), ask({"gpus": 1}, client=c.id),
+        ask({"memory": 2**20}),  # no client: the pool's rpc, as any program can call it
+        ask({"memory": 2**20}, client="Client-made-up"),  # a client that does not exist
+    ]
+    c.close()
+    print(json.dumps(made))
+    """)
+
+
+def test_a_users_requests_and_leases_end_with_her_client(team):
+    """Before: requests and leases were not tied to a live client: made without one, or naming
+    one that does not exist, they outlived the kernel that made them (10,000 of them, and a whole
+    GPU, held for nobody). Now each is refused, or ends with the client it came from."""
+    bob = bobs_state(team)
+    kernel = f"k-gone-{secrets.token_hex(3)}"
+    res = team.alice.run(
+        f"ADDRESS = {team.address!r}\nUSER = {ALICE!r}\nKERNEL = {kernel!r}\n" + GONE_CLIENT
+    )
+    assert res.error is None, res.error_text
+    made = json.loads(res.stdout.strip().splitlines()[-1])
+    assert all(r["state"] in ("granted", "starting", "queued") for r in made[:2]), made
+    ids = {r["id"] for r in made} - {None}
+
+    def left() -> list[str]:
+        snap = snapshot(team.address)
+        held = [
+            ls["id"]
+            for g in snap["gpus"]
+            for ls in g["leases"]
+            if ls.get("kernel") == kernel or ls.get("request") in ids
+        ]
+        return held + [q["id"] for q in snap["queue"] if q["id"] in ids]
+
+    # her client closed (all she did): what it was granted or queued ends with it
+    assert wait_until(lambda: not left(), 30), f"still held or queued: {left()} ({made})"
+    assert bobs_state(team) == bob

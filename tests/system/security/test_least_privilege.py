@@ -106,7 +106,7 @@ def test_zygotes_start_from_root_with_nothing_anyone_else_can_write_on_their_pat
     forked = [p for p in tree(team.services.worker.pid) if set(modules) & set(p.cmdline())]
     # a session forked from a zygote keeps its command line: the zygotes are the others
     zygotes = [p for p in forked if p.ppid() not in {q.pid for q in forked}]
-    assert [p for p in zygotes if "jupyter_gpu.launcher.zygote" in p.cmdline()]
+    assert zygotes
     for p in zygotes:
         cmd = p.cmdline()
         assert cmd[1:3] == ["-I", "-c"], cmd
@@ -115,6 +115,7 @@ def test_zygotes_start_from_root_with_nothing_anyone_else_can_write_on_their_pat
         from jupyter_gpu.common.safe_python import why_unsafe
 
         assert all(why_unsafe(entry, p.uids().effective) is None for entry in path), path
+    assert [p for p in zygotes if "jupyter_gpu.launcher.zygote" in p.cmdline()]
 
 
 def test_dask_workers_scratch_space_is_a_private_folder_of_the_service_account(team):
@@ -150,8 +151,6 @@ def test_the_pool_key_never_leaves_the_pools_account(team):
     cell) carried every worker's start-up information, with the pool key."""
     with open(team.services.pool_key_path()) as f:
         key = f.read().strip()
-    st = os.stat(team.services.pool_key_path())
-    assert st.st_uid == team.service.pw_uid and st.st_mode & 0o077 == 0
     out = alice_cell(
         team,
         textwrap.dedent(f"""
@@ -169,8 +168,10 @@ def test_the_pool_key_never_leaves_the_pools_account(team):
         """),
     )
     seen = json.loads(out)
+    assert key not in out, "alice's cell read the pool key from identity or scheduler_info"
     assert seen["identity"]["workers"] == {} and seen["info"]["workers"] == {}, out[:2000]
-    assert key not in out
+    st = os.stat(team.services.pool_key_path())
+    assert st.st_uid == team.service.pw_uid and st.st_mode & 0o077 == 0
     assert key not in json.dumps(snapshot(team.address))
     for name in ("scheduler", "worker"):
         assert key not in team.services.full_log(name), name
@@ -362,25 +363,37 @@ def test_a_session_is_confined_before_any_thread_or_user_code_exists(team):
     # the forged line went to every pipe the session holds, its output's too: it may come after the
     # JSON line or before it
     seen = json.loads(next(ln for ln in reversed(out.strip().splitlines()) if ln.startswith("{")))
-    assert seen["threads"] > 1 and len(set(seen["ns"].values())) == 1, seen["ns"]
-    assert next(iter(seen["ns"].values())) != os.readlink("/proc/self/ns/mnt")
-    assert not [f for f in os.listdir("/tmp") if f.startswith(mark)]
     worker_log = str(team.services.root / "worker.log")
     paths = {fd: t for fd, t in seen["fds"].items() if t.startswith("/")}
+    # each attack of the issue that still works, named (all are checked, not the first only)
+    broken = []
+    if not (seen["threads"] > 1 and len(set(seen["ns"].values())) == 1):
+        broken.append(f"threads in different mount namespaces: {seen['ns']}")
+    if next(iter(seen["ns"].values())) == os.readlink("/proc/self/ns/mnt"):
+        broken.append("the session's thread is in the host's mount namespace")
+    if [f for f in os.listdir("/tmp") if f.startswith(mark)]:
+        broken.append("a thread of the session wrote the host's /tmp")
     # /dev/null, and what the session opened itself in its own, private /tmp
-    assert all(t == "/dev/null" or t.startswith("/tmp/") for t in paths.values()), paths
-    assert worker_log not in paths.values()
+    if not all(t == "/dev/null" or t.startswith("/tmp/") for t in paths.values()):
+        broken.append(f"the session holds descriptors it did not open: {paths}")
+    if worker_log in paths.values():
+        broken.append("the session holds the worker's log open")
     # the session's /tmp is not the host's: what it opened there is not here
-    assert not any(os.path.exists(t) for t in paths.values() if t.startswith("/tmp/")), paths
-    assert seen["cwd"] == team.users[ALICE].pw_dir
-    assert tuple(seen["core"]) == (0, 0) and tuple(seen["nproc"]) == (PIDS_LIMIT, PIDS_LIMIT)
+    if any(os.path.exists(t) for t in paths.values() if t.startswith("/tmp/")):
+        broken.append(f"the session's /tmp files are the host's: {paths}")
+    if seen["cwd"] != team.users[ALICE].pw_dir:
+        broken.append(f"cwd {seen['cwd']}")
+    if tuple(seen["core"]) != (0, 0) or tuple(seen["nproc"]) != (PIDS_LIMIT, PIDS_LIMIT):
+        broken.append(f"rlimits core {seen['core']} nproc {seen['nproc']}")
     # her forged lines reach the worker's log marked as her session's, never as the worker's own
-    assert wait_until(lambda: mark in team.services.full_log("worker"), 10)
     lease = lease_of(team, team.alice)["id"]
-    forged = [ln for ln in team.services.full_log("worker").splitlines() if mark in ln]
-    assert forged and all(
-        ln.startswith(f"[session {lease}]") or f"[session {lease}]" in ln for ln in forged
-    ), forged
+    if wait_until(lambda: mark in team.services.full_log("worker"), 10):
+        forged = [ln for ln in team.services.full_log("worker").splitlines() if mark in ln]
+        if not all(f"[session {lease}]" in ln for ln in forged):
+            broken.append(f"forged lines in the worker's log as its own: {forged}")
+    else:
+        broken.append("the session's output does not reach the worker's log")
+    assert broken == [], broken
 
 
 def test_a_session_cannot_start_more_processes_than_its_pids_limit(team):
@@ -406,6 +419,28 @@ def test_a_session_cannot_start_more_processes_than_its_pids_limit(team):
 
 
 # ---------------------------------------------------------------------- the launcher's grant
+def forged_grant(user: str, lease: str, worker: str, gpus: list[int]) -> str:
+    """A grant in the launcher's format (docs/security.md: the payload's canonical JSON and its
+    Ed25519 signature) signed with a key that is not the broker's: what anyone can make."""
+    import base64
+    import time
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    now = time.time()
+    grant = {
+        "v": 1, "user": user, "as_user": True, "lease": lease, "worker": worker, "gpus": gpus,
+        "bytes": 2**20, "issued": now, "expires": now + 120, "nonce": secrets.token_urlsafe(16),
+    }  # fmt: skip
+    payload = json.dumps(grant, sort_keys=True, separators=(",", ":")).encode()
+    signature = Ed25519PrivateKey.generate().sign(b"jupyter-gpu grant v1\0" + payload)
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    return f"{b64(payload)}.{b64(signature)}"
+
+
 def test_with_the_pool_key_a_session_still_never_runs_as_root_or_as_someone_unsigned(team):
     """Before: ``gpu_session_start(account=None)`` with the pool key started a session that stayed
     root (it read the token file). Even holding the key (the test reads it, as root), a worker
@@ -414,40 +449,56 @@ def test_with_the_pool_key_a_session_still_never_runs_as_root_or_as_someone_unsi
 
     from distributed.core import rpc
 
-    from jupyter_gpu.common import grants
-    from jupyter_gpu.common.refusals import Refused
-
     with open(team.services.pool_key_path()) as f:
         key = f.read().strip()
     worker = lease_of(team, team.bob)["worker"]
     index = next(g["index"] for g in snapshot(team.address)["gpus"] if g["worker"] == worker)
-    lease = {"id": "L-forged", "gpu_indices": [index], "bytes": 2**20, "isolation": "none"}
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    # each for the lease it is sent with (below): only its signature is wrong
+    forged = {n: forged_grant(BOB, f"L-forged{n}", worker, [index]) for n in (2, 3)}
+    started: dict[str, int] = {}
 
-    forged = grants.sign(
-        grants.new_grant(BOB, "L-forged", worker, [index], 2**20), Ed25519PrivateKey.generate()
-    )
-
-    async def start(**kwargs) -> str:
+    async def start(n: int, **kwargs) -> str:
+        # a lease id of its own each time: one the worker started stays (a started pid is shown)
+        lease = {"id": f"L-forged{n}", "gpu_indices": [index], "bytes": 2**20, "isolation": "none"}
         try:
             async with rpc(worker) as w:
                 reply = await w.gpu_session_start(lease=lease, secret="s", key=key, **kwargs)
-            return f"started pid {reply['pid']}"
-        except Refused as exc:
-            return f"refused: {exc}"
         except Exception as exc:  # noqa: BLE001 - any failure is a refusal here
             return f"refused: {exc}"
+        if isinstance(reply, dict) and reply.get("pid"):
+            started[f"{kwargs}"] = reply["pid"]
+            return f"started pid {reply['pid']}"
+        return f"refused: {reply}"
 
     async def go() -> list[str]:
         return [
-            await start(account=BOB),  # no grant
-            await start(account=BOB, grant=forged),  # a grant the broker did not sign
-            await start(account="root", grant=forged),
+            await start(0, account=None),  # the issue's attack: no account, the worker's own
+            await start(1, account=BOB),  # no grant
+            await start(2, account=BOB, grant=forged[2]),  # a grant the broker did not sign
+            await start(3, account="root", grant=forged[3]),
         ]
 
-    replies = asyncio.run(go())
-    assert all(r.startswith("refused") for r in replies), replies
-    assert "no signed grant" in replies[0] and "signature is not the broker's" in replies[1], (
+    async def end() -> None:  # what the worker started (a test's leftover, not the broker's)
+        async with rpc(worker) as w:
+            for n in range(4):
+                try:
+                    await w.gpu_session_signal(lease=f"L-forged{n}", signal="kill", key=key)
+                except Exception:  # noqa: BLE001 - nothing runs for that lease
+                    pass
+
+    try:
+        replies = asyncio.run(go())
+        uids = {how: psutil.Process(pid).uids().effective for how, pid in started.items()}
+    finally:
+        asyncio.run(end())
+    # with no account asked for, the worker may start one as its own (the service account, which
+    # holds the key anyway); never as root, never as a user the broker did not sign for
+    assert all(uid == team.service.pw_uid for uid in uids.values()), (
+        f"sessions started as root or as another account without the broker's grant: {uids}",
+        replies,
+    )
+    assert all(r.startswith("refused") for r in replies[1:]), replies
+    assert "no signed grant" in replies[1] and "signature is not the broker's" in replies[2], (
         replies
     )
     for p in tree(team.services.worker.pid):
@@ -459,3 +510,91 @@ def test_with_the_pool_key_a_session_still_never_runs_as_root_or_as_someone_unsi
         team.service.pw_name
     )
     bob_is_fine(team)
+
+
+# ---------------------------------------------------------------------- what a user can find
+# alice's cell: every value named like the pool key in what identity and scheduler_info show her
+# (none, or a guess), then each worker-only call of the issue with it, against bob's work; each
+# reply is printed as JSON
+WITH_WHAT_SHE_FINDS = textwrap.dedent("""
+    import asyncio, json
+    from distributed import Client
+    from distributed.core import rpc
+    def found(obj):
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                if "key" in str(k) and "pool" in str(k) and isinstance(v, str):
+                    yield v
+                yield from found(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                yield from found(v)
+    async def call(address, op, **kwargs):
+        try:
+            async with rpc(address, timeout=20) as r:
+                reply = await asyncio.wait_for(getattr(r, op)(**kwargs), 20)
+            return json.dumps(reply, default=lambda b: f"<{len(b)} bytes>")[:300]
+        except Exception as exc:
+            return f"error {type(exc).__name__}: {str(exc)[:200]}"
+    async def ident():
+        async with rpc(SCHEDULER) as r:
+            return await r.identity()
+    with Client(SCHEDULER, timeout=30, set_as_default=False) as c:
+        seen = [asyncio.run(ident()), c.scheduler_info()]
+    keys = sorted(set(found(seen))) or ["no-key-found"]
+    fake = [{"index": 0, "uuid": "FAKE", "name": "fake", "total_bytes": 2**50}]
+    async def go():
+        out = {"keys": len(keys)}
+        for i, key in enumerate(keys):
+            out[f"register {i}"] = await call(SCHEDULER, "gpu_register_worker", key=key,
+                                              worker="tcp://6.6.6.6:1", gpus=fake)
+            out[f"fetch by path {i}"] = await call(WORKER, "gpu_offload_fetch", key=key, path=COPY)
+            out[f"fetch by lease {i}"] = await call(WORKER, "gpu_offload_fetch", key=key,
+                                                    lease=LEASE)
+            out[f"ended {i}"] = await call(SCHEDULER, "gpu_session_ended", key=key, lease=LEASE,
+                                           worker=WORKER, reason="forged by alice")
+            out[f"signal {i}"] = await call(WORKER, "gpu_session_signal", key=key, lease=LEASE,
+                                            signal="kill")
+        return out
+    print(json.dumps(asyncio.run(go())))
+    """)
+
+
+def test_what_a_user_is_shown_opens_no_worker_only_call(team):
+    """Before: the key alice read from ``identity`` let her offer a fake GPU (``gpu_register_worker``:
+    best-fit sent the next user's cell there, and the fake session's pickled exception ran in his
+    kernel), take bob's parked variables (``gpu_offload_fetch``), end his session and forge the
+    reason he is shown (``gpu_session_signal``, ``gpu_session_ended``). She uses only what she
+    finds (she is told bob's lease and where his standby copy lies, worst case)."""
+    lease = lease_of(team, team.bob)
+    assert wait_until(lambda: standby_copies(team, lease), 20), "bob's session parked no copy"
+    cfg = {
+        "SCHEDULER": team.address,
+        "WORKER": lease["worker"],
+        "LEASE": lease["id"],
+        "COPY": standby_copies(team, lease)[0],
+    }
+    setup = "".join(f"{k} = {v!r}\n" for k, v in cfg.items())
+    out = alice_cell(team, setup + WITH_WHAT_SHE_FINDS)
+    replies = json.loads(out.strip().splitlines()[-1])
+    fetched = [r for what, r in replies.items() if what.startswith("fetch") and '"data":' in r]
+    assert not fetched, f"she read bob's copy: {replies}"
+    assert not any(g["uuid"] == "FAKE" for g in snapshot(team.address)["gpus"]), replies
+    assert not [r for what, r in replies.items() if what.startswith("signal") and '"ok": true' in r]
+    leases = {ls["id"]: ls for g in snapshot(team.address)["gpus"] for ls in g["leases"]}
+    assert lease["id"] in leases and leases[lease["id"]]["state"] != "ended", replies
+    assert psutil.pid_exists(lease["pid"]), replies
+    bob_is_fine(team)
+
+
+def standby_copies(team, lease: dict) -> list[str]:
+    """Where this pool's worker keeps ``lease``'s standby copy: its Dask worker's own folder
+    (``<lease>``, before issue 20), or its launcher's (``<lease>-<random>``). Another pool on the
+    machine may have a lease of that id: its folders are named by other pids."""
+    import glob
+
+    found = glob.glob(f"/dev/shm/jupyter-gpu-{worker_pid(lease['worker'])}-*/{lease['id']}/standby")
+    for p in psutil.Process(team.services.worker.pid).children():
+        if p.uids().effective == 0:  # a root-started worker's launcher
+            found += glob.glob(f"/dev/shm/jupyter-gpu-{p.pid}-launcher-*/{lease['id']}-*/standby")
+    return found
