@@ -182,8 +182,20 @@ def burst(pool: Pool, pool_pid: int, n: int, loaded: bool, env: dict[str, str]) 
     finally:
         for k in kernels:
             k.shutdown(now=True)
+        settle(pool_pid)
     times = [r.elapsed for r in results if r is not None and r.status == "ok"]
     return {"times": times, "failed": n - len(times), "cpu": cpu_by_part(before, after)}
+
+
+def settle(pool_pid: int, timeout: float = 120.0) -> None:
+    """Wait until the pool's sessions of the kernels that just ended have exited (their ending,
+    standby copies included, would otherwise fall into the next burst, on this pool or another)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if PARTS[4] not in pool_processes(pool_pid).values():
+            break
+        time.sleep(0.2)
+    time.sleep(1.0)
 
 
 @contextlib.contextmanager
@@ -213,12 +225,15 @@ def bursts(
     pools: dict[str, tuple[Pool, str | None]], n: int, rounds: int
 ) -> dict[tuple[str, str], list[dict]]:
     """Quiet and loaded bursts on each pool (its code tree), interleaved (round by round: each
-    pool quiet, then loaded) so that drift in the machine's other load falls on all of them."""
+    pool quiet, then loaded; the pools' order alternating) so that drift in the machine's other
+    load falls on all of them."""
     import json
 
     out: dict[tuple[str, str], list[dict]] = {}
     for r in range(rounds):
-        for code, (pool, tree) in pools.items():
+        # each round in the other order (ABBA...): what one pool leaves behind falls on both
+        order = list(pools.items()) if r % 2 == 0 else list(reversed(pools.items()))
+        for code, (pool, tree) in order:
             with open(pool.path) as f:
                 pool_pid = json.load(f)["pid"]
             for cond in ("quiet", "loaded"):
