@@ -46,32 +46,38 @@ CHECK = textwrap.dedent(
 )
 
 
-def _warm(kind: str) -> dict:
-    proc = subprocess.run(
-        [sys.executable, "-c", CHECK, kind],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "MPLBACKEND": "agg"},
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def _warm(*kinds: str) -> list[dict]:
+    """Run CHECK once per kind, at the same time (each a fresh interpreter)."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CHECK, kind],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "MPLBACKEND": "agg"},
+        )
+        for kind in kinds
+    ]
+    outs = []
+    for proc in procs:
+        try:
+            stdout, stderr = proc.communicate(timeout=120)
+        finally:
+            proc.kill()
+        assert proc.returncode == 0, stderr
+        outs.append(json.loads(stdout.strip().splitlines()[-1]))
+    return outs
 
 
-def test_a_workers_zygote_makes_the_sessions_shell_and_stays_single_threaded():
-    out = _warm("own")
+def test_a_zygote_warms_what_sessions_need_and_stays_single_threaded():
+    own, launcher = _warm("own", "launcher")
     # a zygote forks single-threaded: nothing warmed may leave a thread behind
-    assert out["threads"] == 1
-    assert out["shell"] and out["tls"] == 1 and out["backends"]
+    assert own["threads"] == 1 and launcher["threads"] == 1
+    assert own["shell"] and own["tls"] == 1 and own["backends"]
     # the forked session's shell is the zygote's, displaying through the session's own relay
-    assert out["same"] and out["value"] == 42
-    assert "display" in out["sent"], out["sent"]
-    assert "inline" in out["backend"], out["backend"]
-
-
-def test_the_launchers_root_zygote_leaves_the_shell_to_each_confined_session():
-    out = _warm("launcher")
-    assert out["threads"] == 1
-    assert not out["shell"], "a shell made as root would keep root's home in a user's session"
-    assert out["tls"] == 1 and out["backends"]
+    assert own["same"] and own["value"] == 42
+    assert "display" in own["sent"], own["sent"]
+    assert "inline" in own["backend"], own["backend"]
+    # the launcher's root zygote leaves the shell to each confined session
+    assert not launcher["shell"], "a shell made as root would keep root's home in a user's session"
+    assert launcher["tls"] == 1 and launcher["backends"]
