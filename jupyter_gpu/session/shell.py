@@ -15,11 +15,24 @@ from jupyter_gpu.session.output import Relay
 
 def make_shell(relay: Relay) -> Any:
     """An IPython shell whose display machinery sends messages instead of printing."""
+    from jupyter_gpu.session.output import RelayDisplayPublisher
+
+    RelayDisplayPublisher.relay = relay
+    return prepare_shell()
+
+
+def prepare_shell() -> Any:
+    """This process's shell, made on the first call (about 40 ms of CPU: IPython's magics and
+    matplotlib's backends), the same one afterwards: a worker's zygote calls it before it forks, so
+    each forked session gets it made (``session/zygote.py``); ``make_shell`` gives it its relay."""
     from IPython.core.compilerop import CachingCompiler
     from IPython.core.interactiveshell import InteractiveShell
     from traitlets.config import Config
 
     from jupyter_gpu.session.output import CapturingDisplayHook, RelayDisplayPublisher
+
+    if InteractiveShell.initialized():  # made already (here, or in the zygote before the fork)
+        return InteractiveShell.instance()
 
     class CellNameCompiler(CachingCompiler):
         """Names each cell's code after the kernel's cell, so remote tracebacks point at the cell's
@@ -33,7 +46,6 @@ def make_shell(relay: Relay) -> Any:
     cfg = Config()
     cfg.HistoryManager.hist_file = ":memory:"
     cfg.HistoryManager.enabled = False
-    RelayDisplayPublisher.relay = relay
     shell = InteractiveShell.instance(
         config=cfg,
         display_pub_class=RelayDisplayPublisher,

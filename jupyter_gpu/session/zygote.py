@@ -64,6 +64,7 @@ SESSION_MODULES = (
     "cloudpickle",
     "tblib",
     "psutil",
+    "jupyter_gpu.common.config",  # the settings' defaults (YAML): 0.07 s of CPU per session
     "jupyter_gpu.common.security",
     "jupyter_gpu.common.datacontract",
     "jupyter_gpu.common.local_transfer",
@@ -133,6 +134,44 @@ def _apply_environment(env: dict[str, str]) -> None:
         dask.config.refresh()
     elif changed:
         dask.config.update(dask.config.config, dask.config.collect_env(changed), priority="new")
+
+
+def warm_caches(own_account: bool) -> None:
+    """Fill, once, the caches every session fills on its way to its first cell, so that a burst
+    of first cells (eight kernels at once on two cores) does not pay them eight times (issue 24).
+
+    * tornado's default client TLS context (the system's CA store: 0.03 s of CPU), which its
+      ``SSLIOStream`` makes for the first connection the session's comm server accepts, even
+      though the server's own context is the one used;
+    * matplotlib's registry of backends (every installed distribution's entry points), read the
+      first time a shell enables the inline backend;
+    * with ``own_account`` (the worker's zygote, whose sessions run as its account), the IPython
+      shell itself (``shell.prepare_shell``: 0.04 s). The launcher's root zygote does not: a shell
+      made as root would keep root's home and IPython folder in a user's session.
+
+    None of these holds a secret or anything of one session's, and none starts a thread (the
+    zygote forks single-threaded)."""
+    try:
+        from tornado import netutil
+
+        make_context = getattr(netutil, "_client_ssl_defaults", None)  # tornado >= 6.5
+        if callable(make_context):
+            make_context()
+    except Exception as exc:  # noqa: BLE001 - only a cache: each session makes it otherwise
+        log.debug("could not make tornado's default TLS context: %s", exc)
+    try:
+        from matplotlib.backends.registry import backend_registry
+
+        backend_registry.list_all()
+    except Exception as exc:  # noqa: BLE001 - only a cache; no matplotlib: nothing to warm
+        log.debug("could not read matplotlib's backends: %s", exc)
+    if own_account:
+        try:
+            from jupyter_gpu.session.shell import prepare_shell
+
+            prepare_shell()
+        except Exception as exc:  # noqa: BLE001 - each session makes its shell otherwise
+            log.warning("the zygote could not prepare the sessions' shell: %s", exc)
 
 
 Child = Callable[[socket.socket, ForkRequest, list[int]], None]
@@ -258,6 +297,7 @@ def main(argv: list[str] | None = None, child: Child = _child) -> None:
             importlib.import_module(name)
         except Exception as exc:  # noqa: BLE001 - the session will say what it lacks
             log.warning("the zygote could not import %s: %s", name, exc)
+    warm_caches(own_account=child is _child)
 
     _send(sock, {"op": "ready", "pid": os.getpid()})
     serve_forks(sock, parent, child)
