@@ -52,15 +52,18 @@ HIGH_SHARE = 0.9  # memory.high: the kernel slows a session down there, before m
 
 
 def session_limits(
-    host_memory: int, cpu_milli: int, cap: int | None, pids: int | None
+    host_memory: int, cpu_milli: int, cap: int | None, pids: int | None, min_cpu_milli: int = 0
 ) -> dict[str, int | None]:
     """The cgroup limits of a session the broker booked ``host_memory`` bytes and ``cpu_milli``
     thousandths of a core for on this machine (0: nothing booked, its machine reports no bound):
     ``memory.max`` is what it booked (never above ``cap``, ``session.host-memory-limit``),
     ``memory.high`` is ``HIGH_SHARE`` of it (the kernel reclaims and slows the session there, so
-    it slows before it is killed), ``cpu.max`` its cores (as a quota per ``CPU_PERIOD``)."""
+    it slows before it is killed), ``cpu.max`` its cores (as a quota per ``CPU_PERIOD``), never
+    below ``min_cpu_milli`` (``session.min-cpus``: CPU time is not lost by sharing, unlike
+    memory, and a session held below a core is slow at everything)."""
     memory = min((m for m in (host_memory or None, cap) if m), default=None)
-    quota = max(MIN_CPU_QUOTA, cpu_milli * CPU_PERIOD // 1000) if cpu_milli > 0 else None
+    milli = max(cpu_milli, min_cpu_milli) if cpu_milli > 0 else 0
+    quota = max(MIN_CPU_QUOTA, milli * CPU_PERIOD // 1000) if milli > 0 else None
     return {
         "memory.max": memory,
         "memory.high": int(memory * HIGH_SHARE) if memory else None,

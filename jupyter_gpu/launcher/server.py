@@ -69,6 +69,7 @@ class Settings:
     pids_limit: int
     preload: list[str] = field(default_factory=list)
     fork_server: bool = True
+    min_cpu_milli: int = 0  # session.min-cpus: cpu.max never below it (cgroups.session_limits)
 
 
 @dataclass
@@ -217,6 +218,7 @@ class Launcher:
             _whole(grant.get("cpu_milli")),
             self.settings.host_memory_limit,
             self.settings.pids_limit,
+            self.settings.min_cpu_milli,
         )
         session = Session(
             lease=grant["lease"],

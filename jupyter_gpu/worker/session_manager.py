@@ -204,7 +204,7 @@ class SessionManager:
             if code is None:
                 continue
             self.sessions.pop(lease, None)
-            use = self._memory_use(sp)  # read before its group goes
+            use = memory_use(sp)  # read before its group goes
             self.end_process(sp)  # what the session started ends with it
             self.copies.session_ended(lease)
             if sp.killed:
@@ -215,32 +215,6 @@ class SessionManager:
             if config.get("session.prewarm"):
                 self.refill_spare()
         return gone
-
-    @staticmethod
-    def _memory_use(sp: SessionProcess) -> MemoryUse | None:
-        """What the session's cgroup counted of its host memory (the launcher's exit event, or
-        this worker's own group); None where it had no group (nothing was counted)."""
-        if sp.group is not None:
-            return sp.group.memory_use()
-        if sp.launched and sp.containment is not None and sp.containment[0] != "process group":
-            proc = sp.proc
-            limit = getattr(proc, "memory_limit", None)
-            return MemoryUse(
-                peak=getattr(proc, "memory_peak", None),
-                limit=limit if limit is not None else sp.containment[1],
-                oom_kills=int(bool(getattr(proc, "oom", False))),
-            )
-        return None
-
-    def limits(self, lease: LeaseView) -> dict[str, int | None]:
-        """The cgroup limits of ``lease``'s session: what the broker booked for it here (its
-        host memory and cores), under the admin's cap ``session.host-memory-limit``."""
-        cpus = lease.get("cpus") or 0
-        milli = int(round(cpus * 1000)) if isinstance(cpus, (int, float)) else 0
-        memory = lease.get("host_memory") or 0
-        return session_limits(
-            memory if isinstance(memory, int) else 0, milli, self.host_memory_limit, pids_limit()
-        )
 
     # ------------------------------------------------------------------ a lease's session
     def check_lease(self, lease: LeaseView) -> None:
@@ -341,7 +315,7 @@ class SessionManager:
         GPUs (CUDA maps more than it uses). Returns what the lease says of it (how it is
         contained, its host-memory limit), and the rlimit."""
         virtual = all(g.get("virtual") for g in gpus)
-        limits = self.limits(lease)
+        limits = lease_limits(lease, self.host_memory_limit)
         memory = limits["memory.max"]
         if sp.launched and sp.containment is not None:
             kind, limit = sp.containment
@@ -446,6 +420,33 @@ def standby_plan(lease: LeaseView, store: HostStore) -> StandbyPlan | None:
     return {"path": store.standby_path(lease["id"]), "after": after}
 
 
+def memory_use(sp: SessionProcess) -> MemoryUse | None:
+    """What the session's cgroup counted of its host memory (the launcher's exit event, or this
+    worker's own group); None where it had no group (nothing was counted)."""
+    if sp.group is not None:
+        return sp.group.memory_use()
+    if sp.launched and sp.containment is not None and sp.containment[0] != "process group":
+        proc = sp.proc
+        limit = getattr(proc, "memory_limit", None)
+        return MemoryUse(
+            peak=getattr(proc, "memory_peak", None),
+            limit=limit if limit is not None else sp.containment[1],
+            oom_kills=int(bool(getattr(proc, "oom", False))),
+        )
+    return None
+
+
+def lease_limits(lease: LeaseView, cap: int | None) -> dict[str, int | None]:
+    """The cgroup limits of ``lease``'s session: what the broker booked for it here (its host
+    memory and cores), under the admin's ``cap`` (``session.host-memory-limit``)."""
+    cpus = lease.get("cpus") or 0
+    milli = int(round(cpus * 1000)) if isinstance(cpus, (int, float)) else 0
+    memory = lease.get("host_memory") or 0
+    return session_limits(
+        memory if isinstance(memory, int) else 0, milli, cap, pids_limit(), min_cpu_milli()
+    )
+
+
 def ended_reason(lease: str, code: int, use: MemoryUse | None) -> str:
     """Why a session ended, saying only what is known: that it went over its own host-memory
     limit only when its cgroup counted an OOM kill inside it (a cgroup's limit kills inside the
@@ -464,10 +465,10 @@ def ended_reason(lease: str, code: int, use: MemoryUse | None) -> str:
     if use is not None and use.limit and code == -signal.SIGKILL:
         peak = f" (peak {format_bytes(use.peak)})" if use.peak else ""
         reason = (
-            f"the session process of lease {lease} was killed by SIGKILL from outside it: it "
-            f"stayed within its own host-memory limit of {format_bytes(use.limit)}{peak}, so "
-            "this was the machine's out-of-memory killer (the machine itself ran short) or an "
-            "administrator"
+            f"the session process was killed by SIGKILL from outside it (lease {lease}): it "
+            f"stayed within its own host-memory limit of {format_bytes(use.limit)}{peak}, so that "
+            "limit did not stop it; the machine's out-of-memory killer (the machine itself ran "
+            "short of memory) or a process allowed to signal it did"
         )
     return reason
 
@@ -483,6 +484,16 @@ def pids_limit() -> int | None:
     """How many processes one session (with all it starts) may have (``session.pids-limit``)."""
     value = config.get("session.pids-limit")
     return int(value) if value else None
+
+
+def min_cpu_milli() -> int:
+    """``session.min-cpus`` in thousandths of a core: the least ``cpu.max`` a session gets (a
+    setting that is not a number is said, and counts as 0: strict)."""
+    value = config.get("session.min-cpus") or 0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e6:
+        log.error("jupyter-gpu.session.min-cpus is %r, not a number of cores: 0 is used", value)
+        return 0
+    return int(value * 1000)
 
 
 def start_concurrency() -> int:

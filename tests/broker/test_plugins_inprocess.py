@@ -235,6 +235,7 @@ async def test_a_grant_starts_a_session_that_answers_only_the_session_table(s, w
         **FAST_SESSIONS,
         "jupyter-gpu.worker.reserved-memory": "1GiB",
         "jupyter-gpu.worker.reserved-cpus": 0.5,
+        "jupyter-gpu.session.min-cpus": 0,  # cpu.max exactly the booked cores
     },
 )
 async def test_a_worker_reports_what_it_leaves_to_sessions_and_a_lease_books_and_enforces_it(s, w):

@@ -65,6 +65,10 @@ def test_a_booking_becomes_memory_max_high_below_it_and_cpu_max():
         ("memory.max", "memory.high", "cpu.max", "pids.max")
     )
     assert session_limits(0, 1, None, None)["cpu.max"] == 1000  # the kernel's smallest quota
+    # session.min-cpus: cpu.max never below it; nothing booked (an unbounded machine): no cpu.max
+    assert session_limits(0, 250, None, None, min_cpu_milli=1000)["cpu.max"] == 100_000
+    assert session_limits(0, 2500, None, None, min_cpu_milli=1000)["cpu.max"] == 250_000
+    assert session_limits(0, 0, None, None, min_cpu_milli=1000)["cpu.max"] is None
 
 
 def test_an_over_use_is_said_only_when_the_sessions_own_cgroup_counted_it():
@@ -75,6 +79,9 @@ def test_an_over_use_is_said_only_when_the_sessions_own_cgroup_counted_it():
     assert "its peak was 310.0 MiB" in over and "%%gpu --host-memory 600MiB" in over
     # killed from outside (the machine's OOM killer): never told it went over its own limit
     outside = ended_reason("L8", -signal.SIGKILL, MemoryUse(peak=GiB, limit=2 * GiB, oom_kills=0))
+    assert outside.startswith(
+        "the session process was killed by SIGKILL from outside it (lease L8)"
+    )
     assert "stayed within its own host-memory limit of 2.0 GiB (peak 1.0 GiB)" in outside
     assert "more host memory than its limit" not in outside
     # no cgroup: nothing was counted, nothing is claimed
