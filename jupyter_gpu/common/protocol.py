@@ -863,7 +863,8 @@ class LauncherReply(TypedDict, total=False):
 
 class LauncherEvent(TypedDict):
     """Launcher -> worker, unasked: a session of this connection exited (``code``: its exit code, or
-    minus the signal; ``oom``: its cgroup counted an out-of-memory kill; ``peak``, ``limit``: its
+    minus the signal; ``oom``: its cgroup counted an out-of-memory kill after its usage reached its
+    own limit; ``peak``, ``limit``: its
     host memory's peak and limit as its cgroup counted them, None where it has none)."""
 
     event: Literal["exited"]

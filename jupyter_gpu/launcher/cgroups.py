@@ -75,11 +75,20 @@ def session_limits(
 @dataclass(frozen=True)
 class MemoryUse:
     """What a session's group counted of its host memory: its peak (bytes; None: this kernel does
-    not count it), its limit, and how many of its processes the kernel killed for going over it."""
+    not count it), its limit, how many of its processes the kernel's OOM killer killed (for any
+    reason: a machine-wide OOM kill counts there too), and how often an allocation failed at its
+    own limit (``memory.events``' ``oom``, v1's ``memory.failcnt``)."""
 
     peak: int | None
     limit: int | None
     oom_kills: int
+    limit_hits: int = 0
+
+    @property
+    def over_its_limit(self) -> bool:
+        """Killed by the OOM killer after reaching its own limit: its own over-use, not the
+        machine's (whose OOM kills count in ``oom_kills`` too)."""
+        return bool(self.oom_kills and self.limit_hits and self.limit)
 
 
 def _mounts() -> tuple[str | None, dict[str, str]]:
@@ -163,12 +172,12 @@ class SessionGroup:
 
     def oom_killed(self) -> bool:
         """Whether the kernel killed a process of this group for going over its memory limit."""
-        return self.memory_use().oom_kills > 0
+        return self.memory_use().over_its_limit
 
     def memory_use(self) -> MemoryUse:
         """Its peak, limit and OOM kills, as the group's own files count them (read before the
         group is removed: what an over-use message says comes from here, nothing else)."""
-        kills, peak = 0, None
+        kills, hits, peak = 0, 0, None
         if self.memory_events is not None:
             folder = os.path.dirname(self.memory_events)
             try:
@@ -177,6 +186,13 @@ class SessionGroup:
                         key, _, value = line.partition(" ")
                         if key == "oom_kill":
                             kills = int(value)
+                        elif key == "oom":  # v2: an allocation failed at memory.max
+                            hits = int(value)
+            except (OSError, ValueError):
+                pass
+            try:  # v1: how often usage hit memory.limit_in_bytes
+                with open(os.path.join(folder, "memory.failcnt")) as f:
+                    hits = hits or int(f.read())
             except (OSError, ValueError):
                 pass
             for name in ("memory.peak", "memory.max_usage_in_bytes"):  # v2 (5.19+), v1
@@ -186,7 +202,7 @@ class SessionGroup:
                     break
                 except (OSError, ValueError, IndexError):
                     continue
-        return MemoryUse(peak=peak, limit=self.memory_limit, oom_kills=kills)
+        return MemoryUse(peak=peak, limit=self.memory_limit, oom_kills=kills, limit_hits=hits)
 
     def remove(self) -> None:
         for path in reversed(self.paths):

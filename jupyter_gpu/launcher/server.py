@@ -375,7 +375,7 @@ class Launcher:
                         conn,
                         {
                             **event,
-                            "oom": bool(use and use.oom_kills),
+                            "oom": bool(use and use.over_its_limit),
                             "peak": use.peak if use else None,
                             "limit": use.limit if use else None,
                         },

@@ -431,7 +431,8 @@ def memory_use(sp: SessionProcess) -> MemoryUse | None:
         return MemoryUse(
             peak=getattr(proc, "memory_peak", None),
             limit=limit if limit is not None else sp.containment[1],
-            oom_kills=int(bool(getattr(proc, "oom", False))),
+            oom_kills=int(bool(getattr(proc, "oom", False))),  # the launcher: over its limit
+            limit_hits=int(bool(getattr(proc, "oom", False))),
         )
     return None
 
@@ -449,10 +450,11 @@ def lease_limits(lease: LeaseView, cap: int | None) -> dict[str, int | None]:
 
 def ended_reason(lease: str, code: int, use: MemoryUse | None) -> str:
     """Why a session ended, saying only what is known: that it went over its own host-memory
-    limit only when its cgroup counted an OOM kill inside it (a cgroup's limit kills inside the
-    group, so no other session was stopped for it); a SIGKILL its group did not count came from
-    outside it (the machine's OOM killer, an administrator), and is said so."""
-    if use is not None and use.oom_kills and use.limit:
+    limit only when its cgroup counted an OOM kill after its usage reached that limit (a cgroup's
+    limit kills inside the group, so no other session was stopped for it); any other SIGKILL came
+    from outside it (the machine's OOM killer, which its group counts too, or a signal), and is
+    said so."""
+    if use is not None and use.over_its_limit and use.limit:
         peak = f"; its peak was {format_bytes(use.peak)}" if use.peak else ""
         return (
             f"this cell's session (lease {lease}) used more host memory than its limit of "

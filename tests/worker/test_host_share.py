@@ -73,7 +73,9 @@ def test_a_booking_becomes_memory_max_high_below_it_and_cpu_max():
 
 def test_an_over_use_is_said_only_when_the_sessions_own_cgroup_counted_it():
     over = ended_reason(
-        "L7", -signal.SIGKILL, MemoryUse(peak=310 * 2**20, limit=300 * 2**20, oom_kills=1)
+        "L7",
+        -signal.SIGKILL,
+        MemoryUse(peak=310 * 2**20, limit=300 * 2**20, oom_kills=1, limit_hits=4),
     )
     assert "(lease L7) used more host memory than its limit of 300.0 MiB" in over
     assert "its peak was 310.0 MiB" in over and "%%gpu --host-memory 600MiB" in over
@@ -84,6 +86,9 @@ def test_an_over_use_is_said_only_when_the_sessions_own_cgroup_counted_it():
     )
     assert "stayed within its own host-memory limit of 2.0 GiB (peak 1.0 GiB)" in outside
     assert "more host memory than its limit" not in outside
+    # the machine's OOM killer picked it (counted in its group too) before it reached its limit
+    machine = ended_reason("L8", -signal.SIGKILL, MemoryUse(peak=GiB, limit=2 * GiB, oom_kills=1))
+    assert "from outside it" in machine and "more host memory than its limit" not in machine
     # no cgroup: nothing was counted, nothing is claimed
     assert ended_reason("L9", -signal.SIGKILL, None) == (
         "the session process was killed by SIGKILL (often the operating system's out-of-memory "
