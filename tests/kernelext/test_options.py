@@ -238,3 +238,15 @@ def test_a_session_is_kept_only_when_its_lease_booked_the_host_memory_and_cores_
     ]:
         opts = parse_cell_options(line)
         assert opts.explicit_request and fits_lease(opts.spec, lease) is fits, line
+
+
+def test_the_badge_says_what_the_lease_booked_on_its_machine():
+    from jupyter_gpu.kernelext.badge import host_share
+
+    assert host_share({"host_memory": 3 * 2**30, "cpus": 1}) == (
+        " with 3.0 GiB host memory and 1 CPU core"
+    )
+    assert host_share({"host_memory": 2**29, "cpus": 0.187}) == (
+        " with 512.0 MiB host memory and 0.187 CPU cores"
+    )
+    assert host_share({"host_memory": 0, "cpus": 0}) == ""  # a machine that reports no bound

@@ -136,6 +136,8 @@ def test_host_memory_and_cores_are_booked_and_enforced_and_an_over_use_stops_tha
         )
         assert first.error is None and second.error is None, (first.error_text, second.error_text)
         bob_pid, alice_pid = int(first.stdout), int(second.stdout)
+        badge = " ".join(d for d in second.data() if isinstance(d, str))
+        assert "with 300.0 MiB host memory and 0.5 CPU cores" in badge, badge  # what it got
         mine = {ls["user"]: ls for ls in leases(pool.address)}
         alice, bob = mine["j5a-alice"], mine["j5a-bob"]
         assert alice["worker"] == bob["worker"] != mine["j5a-carol"]["worker"], mine
