@@ -56,9 +56,16 @@ def grant_for(lease: Lease, key: Any, account: str | None) -> str:
     """The signed grant for ``lease``'s session: the OS account it runs as (``account``: the one
     the broker mapped its user to, ``jupyter-gpu.session.accounts``; None: the pool's service
     account, and the grant names the pool user for the record), its lease, worker, GPUs and
-    bytes."""
+    bytes, and the host memory and cores booked for it (the launcher's cgroup limits)."""
     gpus = [a.index for a in lease.allocations]
     grant = grants.new_grant(
-        account or lease.user, lease.id, lease.worker, gpus, lease.bytes, account is not None
+        account or lease.user,
+        lease.id,
+        lease.worker,
+        gpus,
+        lease.bytes,
+        account is not None,
+        host_memory=lease.host_memory,
+        cpu_milli=lease.cpu_milli,
     )
     return grants.sign(grant, key)

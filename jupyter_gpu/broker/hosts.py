@@ -132,10 +132,13 @@ class HostSlot:
 class SessionDefaults:
     """What a session that does not say gets, per GPU it holds (a fraction of a GPU gets that
     share): a fixed amount, or None for its machine's part for one GPU (what the machine leaves to
-    sessions divided by its GPUs)."""
+    sessions divided by its GPUs); never less than ``min_host_memory``."""
 
     host_memory_per_gpu: int | None = None
     cpus_per_gpu: float | None = None
+    # the least host memory a session that does not ask books (a Python process with its
+    # libraries needs some whatever its GPU share: a 1/256 share of a machine is a few MiB)
+    min_host_memory: int = 0
 
     def describe(self) -> str:
         mem = (
@@ -170,6 +173,14 @@ def host_need(
         memory = sum(b * host.memory // (t * gpus) for b, t in parts)
     else:
         memory = 0
+    if spec.host_memory is None and memory and defaults.min_host_memory > memory:
+        # the floor, but never more than the machine leaves to sessions (it must still fit)
+        room = host.memory if host is not None and host.memory is not None else None
+        memory = (
+            defaults.min_host_memory
+            if room is None
+            else max(memory, min(room, defaults.min_host_memory))
+        )
     if spec.cpus is not None:
         milli = cpu_milli(spec.cpus)
     elif defaults.cpus_per_gpu is not None:

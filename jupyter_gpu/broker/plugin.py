@@ -55,6 +55,7 @@ from jupyter_gpu.common.protocol import (
     ParkedCopy,
     PoolInfo,
     ReleaseReply,
+    RequestSpec,
     RequestStatus,
     RunMetricsReport,
     RunUpdate,
@@ -67,6 +68,7 @@ from jupyter_gpu.common.protocol import (
 from jupyter_gpu.common.refusals import NotPossible
 from jupyter_gpu.common.validation import (
     Address,
+    Bytes,
     MaxLen,
     Name,
     Range,
@@ -215,10 +217,15 @@ class GpuBroker(DrainHandlers, SchedulerPlugin):
         parked: Annotated[list[ParkedCopy], MaxLen(10_000)] | None = None,
         start_slots: Annotated[int, Range(1, 1024)] = 1,
         accounts: bool = False,
+        host_memory: Bytes | None = None,
+        cpus: Annotated[float, Range(0, RequestSpec.MAX_CPUS)] | None = None,
     ) -> None:
-        """A worker's GPU plugin offers its GPUs (replacing any earlier offer); after a scheduler
-        restart, with the sessions and parked variables it kept, which are adopted (those that
-        cannot be are named back to it: ``gpu_sessions_refused``)."""
+        """A worker's GPU plugin offers its GPUs (replacing any earlier offer) and says what its
+        part of its machine leaves to sessions (``host_memory`` bytes, ``cpus`` cores; None:
+        unbounded), which the ledger books leases against; after a scheduler restart, with the
+        sessions and parked variables it kept, which are adopted (those that cannot be are named
+        back to it: ``gpu_sessions_refused``)."""
+        self.ledger.set_host(worker, host_memory, cpus)
         offer = self.workers.register(
             worker, gpus, sessions or [], parked or [], start_slots, accounts
         )

@@ -231,7 +231,9 @@ def _gpus(value: Any, what: str, allow_none: bool = False) -> float | None:
     return number
 
 
-def session_defaults(memory: Any, cpus: Any, what: _Where | None = None) -> SessionDefaults:
+def session_defaults(
+    memory: Any, cpus: Any, what: _Where | None = None, minimum: Any = None
+) -> SessionDefaults:
     """``SessionDefaults`` from ``host-memory-per-gpu`` and ``cpus-per-gpu`` as written: the word
     ``proportional`` (or null) for the machine's share, else a size and a number of cores."""
     from jupyter_gpu.common.units import parse_size
@@ -258,7 +260,17 @@ def session_defaults(memory: Any, cpus: Any, what: _Where | None = None) -> Sess
         if not math.isfinite(cpus):
             raise QuotaConfigError(f"{where('cpus-per-gpu')}: {cpus!r} is not finite")
         per_gpu_cpus = float(cpus)
-    return SessionDefaults(host_memory_per_gpu=per_gpu_memory, cpus_per_gpu=per_gpu_cpus)
+    least = 0
+    if minimum:
+        try:
+            least = minimum if isinstance(minimum, int) else parse_size(minimum)
+        except ValueError as exc:
+            raise QuotaConfigError(
+                f"{where('min-host-memory')}: {exc}; write a size (1GiB)"
+            ) from None
+    return SessionDefaults(
+        host_memory_per_gpu=per_gpu_memory, cpus_per_gpu=per_gpu_cpus, min_host_memory=least
+    )
 
 
 def _priority(value: Any, what: str) -> int:
@@ -375,6 +387,7 @@ def parse_quotas(
         data.get("host-memory-per-gpu", base.host_memory_per_gpu),
         data.get("cpus-per-gpu", base.cpus_per_gpu),
         where,
+        data.get("min-host-memory", base.min_host_memory),
     )
     return PoolQuotas(
         teams=teams,
@@ -481,6 +494,7 @@ def quotas_from_config() -> PoolQuotas:
     defaults = session_defaults(
         config.get("session-defaults.host-memory-per-gpu"),
         config.get("session-defaults.cpus-per-gpu"),
+        minimum=config.get("session-defaults.min-host-memory"),
     )
     if path:
         return load_quotas(str(path), defaults)

@@ -8,7 +8,9 @@ private key is read by ``jupyter-gpu pool up`` as root before it drops to the se
 lives only in the scheduler's memory, which other processes of that account cannot read: it is not
 dumpable), and the launcher checks it with the public key, which only root can replace.
 
-A grant names the user, the lease, the worker, the GPUs and limits it may use and when it expires,
+A grant names the user, the lease, the worker, the GPUs and limits it may use (GPU memory, and the
+host memory and CPU cores the broker booked for it on its machine, which the launcher enforces in
+the session's cgroup: a worker cannot raise them) and when it expires,
 and whether the session runs as the user's account (a pool that isolates its users) or as the pool's
 service account (one that does not: still confined, never root); it is single-use (the launcher remembers its nonce until it expires). On the wire it is text:
 ``base64url(payload) "." base64url(signature)``, where the payload is canonical JSON (sorted keys,
@@ -45,6 +47,8 @@ class Grant(TypedDict):
     worker: str  # the worker address that may start it
     gpus: list[int]  # GPU indices on that worker
     bytes: int  # GPU memory leased
+    host_memory: int  # host memory booked for it on its machine (bytes; 0: none booked)
+    cpu_milli: int  # thousandths of a CPU core booked for it (0: none booked)
     issued: float
     expires: float
     nonce: str
@@ -75,6 +79,8 @@ def new_grant(
     nbytes: int,
     as_user: bool = True,
     now: float | None = None,
+    host_memory: int = 0,
+    cpu_milli: int = 0,
 ) -> Grant:
     issued = time.time() if now is None else now
     return {
@@ -85,6 +91,8 @@ def new_grant(
         "worker": worker,
         "gpus": list(gpus),
         "bytes": int(nbytes),
+        "host_memory": int(host_memory),
+        "cpu_milli": int(cpu_milli),
         "issued": issued,
         "expires": issued + LIFETIME,
         "nonce": secrets.token_urlsafe(16),

@@ -867,6 +867,7 @@ class LauncherReply(TypedDict, total=False):
     folder: str  # start: its host-memory folder (bound at the same path in its namespace)
     containment: str  # start: "cgroup v2", "cgroup v2 + v1 memory", ...
     host_memory_limit: int | None
+    cpu_quota: int | None  # start: its cpu.max, microseconds per 100 ms (None: no CPU limit)
     pids_limit: int | None
     path: str  # move_copy / create_copy: the copy's path in the session's folder
     bytes: int  # spill_copy: the bytes moved to disk
@@ -874,13 +875,17 @@ class LauncherReply(TypedDict, total=False):
 
 class LauncherEvent(TypedDict):
     """Launcher -> worker, unasked: a session of this connection exited (``code``: its exit code, or
-    minus the signal; ``oom``: its cgroup counted an out-of-memory kill)."""
+    minus the signal; ``oom``: its cgroup counted an out-of-memory kill after its usage reached its
+    own limit; ``peak``, ``limit``: its
+    host memory's peak and limit as its cgroup counted them, None where it has none)."""
 
     event: Literal["exited"]
     lease: str
     pid: int
     code: int
     oom: bool
+    peak: int | None
+    limit: int | None
 
 
 # ---------------------------------------------------------------------- session -> worker -> broker

@@ -27,7 +27,20 @@ def where(session: RemoteSession) -> str:
     """The GPU(s), share, lease and isolation level of a session, as the badge names them."""
     lease = session.lease
     names = ", ".join(lease.get("gpu_names") or [f"GPU {i}" for i in lease.get("gpu_indices", ())])
-    return f"{names} ({lease['fraction']:g} of a GPU, lease {session.id}, isolation {lease.get('isolation', 'none')})"
+    share = f"{lease['fraction']:g} of a GPU, lease {session.id}, isolation {lease.get('isolation', 'none')}"
+    return f"{names} ({share}){host_share(lease)}"
+
+
+def host_share(lease: dict) -> str:
+    """What the lease booked on its machine (``--host-memory``, ``--cpus`` or the pool's
+    default), as the badge says it; nothing where its machine reports no bound."""
+    parts = []
+    if lease.get("host_memory"):
+        parts.append(f"{format_bytes(lease['host_memory'])} host memory")
+    if lease.get("cpus"):
+        cores = lease["cpus"]
+        parts.append(f"{cores:g} CPU core" + ("" if cores == 1 else "s"))
+    return f" with {' and '.join(parts)}" if parts else ""
 
 
 class StatusLine:

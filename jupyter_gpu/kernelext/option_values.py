@@ -97,6 +97,31 @@ def memory(text: str) -> int:
     return size
 
 
+def host_memory(text: str) -> int:
+    """``--host-memory``: bytes of the GPU machine's own memory (RAM) for the cell's session."""
+    try:
+        size = parse_size(text)
+    except (ValueError, OverflowError) as exc:
+        raise OptionValueError(
+            f"%%gpu --host-memory {text}: {exc}. Write a size of host memory (RAM) such as 8GiB."
+        ) from None
+    if not 0 < size <= 2**62:
+        raise OptionValueError(
+            f"%%gpu --host-memory {text}: write a size above 0 such as 8GiB or 500MB."
+        )
+    return size
+
+
+def cpus(text: str) -> float:
+    """``--cpus``: CPU cores of the GPU machine for the cell's session (fractions allowed)."""
+    if not _DECIMAL.fullmatch(text.strip()) or not 0 < float(text) <= RequestSpec.MAX_CPUS:
+        raise OptionValueError(
+            f"%%gpu --cpus {text}: write a number of CPU cores above 0 (at most "
+            f"{RequestSpec.MAX_CPUS}) such as 2 or 0.5."
+        )
+    return float(text)
+
+
 def duration(text: str) -> float:
     """``--timeout``: seconds from ``300``, ``90s``, ``5min``, ``2h`` (Dask's units, plus
     ``min``), positive and at most a year."""

@@ -72,6 +72,22 @@ class HelpFormatter(MagicHelpFormatter):
     help="ask by bytes on one GPU instead of --gpus, e.g. 8GiB, 500MB",
 )
 @argument(
+    "--host-memory",
+    metavar="SIZE",
+    type=values.host_memory,
+    default=None,
+    help="the GPU machine's memory (RAM) the cell's session may use, e.g. 16GiB; over it the "
+    "session alone is stopped (default: the pool's share for the GPU share asked for)",
+)
+@argument(
+    "--cpus",
+    metavar="N",
+    type=values.cpus,
+    default=None,
+    help="CPU cores of the GPU machine for the cell's session, e.g. 2 or 0.5 (default: the "
+    "pool's share for the GPU share asked for)",
+)
+@argument(
     "--workers",
     metavar="N",
     type=values.whole("%%gpu --workers", 1, RequestSpec.MAX_RANKS, "--workers 2"),
@@ -248,6 +264,7 @@ def parse_cell_options(line: str) -> CellOptions:
     else:
         spec.fraction = float(config.get("default-fraction"))
     spec.workers = args.workers
+    spec.host_memory, spec.cpus = args.host_memory, args.cpus
     try:
         spec.validate()
     except ValueError as exc:
@@ -265,7 +282,9 @@ def parse_cell_options(line: str) -> CellOptions:
         fresh=args.fresh,
         run_async=args.run_async,
         name=args.name,
-        explicit_request=args.gpus is not None or args.memory is not None,
+        explicit_request=any(
+            value is not None for value in (args.gpus, args.memory, args.host_memory, args.cpus)
+        ),
         retries=args.retries,
         resume=args.resume,
     )

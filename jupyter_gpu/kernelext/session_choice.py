@@ -11,14 +11,19 @@ from jupyter_gpu.common.protocol import RequestSpec
 from jupyter_gpu.common.remote_value import RemoteObject
 from jupyter_gpu.common.units import format_bytes
 from jupyter_gpu.errors import GpuPoolError
-from jupyter_gpu.kernelext.badge import StatusLine
+from jupyter_gpu.kernelext.badge import StatusLine, host_share
 from jupyter_gpu.kernelext.connection import PoolConnection, RemoteSession
 from jupyter_gpu.kernelext.options import CellOptions
 from jupyter_gpu.kernelext.pipeline import notebook_name
 
 
 def fits_lease(spec: RequestSpec, lease: dict) -> bool:
-    """Whether a lease already holds what ``spec`` asks for."""
+    """Whether a lease already holds what ``spec`` asks for: its GPU share, and the host memory
+    and cores it asks for (``--host-memory``, ``--cpus``) booked on its machine."""
+    if spec.host_memory is not None and (lease.get("host_memory") or 0) < spec.host_memory:
+        return False
+    if spec.cpus is not None and (lease.get("cpus") or 0) + 1e-9 < spec.cpus:
+        return False
     if spec.gpus is not None:
         return (
             len(lease.get("gpu_indices") or ()) >= spec.gpus
@@ -45,7 +50,7 @@ def acquire_session(
         if not fits_lease(spec, have):
             raise UsageError(
                 f"%%gpu: your GPU session holds {have['fraction']:g} of a GPU "
-                f"({format_bytes(have['bytes'])}, "
+                f"({format_bytes(have['bytes'])}{host_share(have)}, "
                 f"lease {have['id']}) and this cell asks for {spec.describe()}. A session keeps "
                 "its lease for "
                 "its life: run `%gpu release` and rerun this cell to start a bigger session (the "

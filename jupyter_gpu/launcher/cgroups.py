@@ -19,7 +19,11 @@ process that leaves the group escapes) and host memory is capped with ``RLIMIT_D
 GPUs only; ``kind`` says which, and the lease shows it.
 
 Limits are a table (``LIMITS``: a v2 file, its controller, its v1 file if v1 has one): a new limit
-(``memory.high``, ``cpu.max``) is a row there and a value in ``Containment.group(limits=...)``.
+is a row there and a value in ``Containment.group(limits=...)``. What a session gets is what the
+broker booked for it on its machine (``session_limits``: ``memory.max``, ``memory.high`` below it
+so that it slows before it is killed, ``cpu.max`` for its cores); the launcher takes those from the
+broker's signed grant, never from the worker. A limit this machine has no controller for (v1 has
+no ``memory.high``) is neither written nor claimed: ``SessionGroup.limits`` holds what was.
 """
 
 from __future__ import annotations
@@ -39,9 +43,52 @@ LIMITS: dict[str, tuple[str, str | None]] = {
     "memory.max": ("memory", "memory.limit_in_bytes"),
     "pids.max": ("pids", "pids.max"),
     "memory.high": ("memory", None),
-    "cpu.max": ("cpu", None),
+    "cpu.max": ("cpu", "cpu.cfs_quota_us"),  # microseconds of CPU per CPU_PERIOD
 }
-CONTROLLERS = ("memory", "pids")  # enabled for every session's group
+CONTROLLERS = ("memory", "pids", "cpu")  # enabled for every session's group
+CPU_PERIOD = 100_000  # microseconds: cpu.max's period (v1's cpu.cfs_period_us default)
+MIN_CPU_QUOTA = 1_000  # the kernel's smallest quota (1 ms per period)
+HIGH_SHARE = 0.9  # memory.high: the kernel slows a session down there, before memory.max kills
+
+
+def session_limits(
+    host_memory: int, cpu_milli: int, cap: int | None, pids: int | None, min_cpu_milli: int = 0
+) -> dict[str, int | None]:
+    """The cgroup limits of a session the broker booked ``host_memory`` bytes and ``cpu_milli``
+    thousandths of a core for on this machine (0: nothing booked, its machine reports no bound):
+    ``memory.max`` is what it booked (never above ``cap``, ``session.host-memory-limit``),
+    ``memory.high`` is ``HIGH_SHARE`` of it (the kernel reclaims and slows the session there, so
+    it slows before it is killed), ``cpu.max`` its cores (as a quota per ``CPU_PERIOD``), never
+    below ``min_cpu_milli`` (``session.min-cpus``: CPU time is not lost by sharing, unlike
+    memory, and a session held below a core is slow at everything)."""
+    memory = min((m for m in (host_memory or None, cap) if m), default=None)
+    milli = max(cpu_milli, min_cpu_milli) if cpu_milli > 0 else 0
+    quota = max(MIN_CPU_QUOTA, milli * CPU_PERIOD // 1000) if milli > 0 else None
+    return {
+        "memory.max": memory,
+        "memory.high": int(memory * HIGH_SHARE) if memory else None,
+        "cpu.max": quota,
+        "pids.max": pids,
+    }
+
+
+@dataclass(frozen=True)
+class MemoryUse:
+    """What a session's group counted of its host memory: its peak (bytes; None: this kernel does
+    not count it), its limit, how many of its processes the kernel's OOM killer killed (for any
+    reason: a machine-wide OOM kill counts there too), and how often an allocation failed at its
+    own limit (``memory.events``' ``oom``, v1's ``memory.failcnt``)."""
+
+    peak: int | None
+    limit: int | None
+    oom_kills: int
+    limit_hits: int = 0
+
+    @property
+    def over_its_limit(self) -> bool:
+        """Killed by the OOM killer after reaching its own limit: its own over-use, not the
+        machine's (whose OOM kills count in ``oom_kills`` too)."""
+        return bool(self.oom_kills and self.limit_hits and self.limit)
 
 
 def _mounts() -> tuple[str | None, dict[str, str]]:
@@ -125,17 +172,37 @@ class SessionGroup:
 
     def oom_killed(self) -> bool:
         """Whether the kernel killed a process of this group for going over its memory limit."""
-        if self.memory_events is None:
-            return False
-        try:
-            with open(self.memory_events) as f:
-                for line in f:
-                    key, _, value = line.partition(" ")
-                    if key == "oom_kill" and int(value) > 0:
-                        return True
-        except (OSError, ValueError):
-            pass
-        return False
+        return self.memory_use().over_its_limit
+
+    def memory_use(self) -> MemoryUse:
+        """Its peak, limit and OOM kills, as the group's own files count them (read before the
+        group is removed: what an over-use message says comes from here, nothing else)."""
+        kills, hits, peak = 0, 0, None
+        if self.memory_events is not None:
+            folder = os.path.dirname(self.memory_events)
+            try:
+                with open(self.memory_events) as f:
+                    for line in f:
+                        key, _, value = line.partition(" ")
+                        if key == "oom_kill":
+                            kills = int(value)
+                        elif key == "oom":  # v2: an allocation failed at memory.max
+                            hits = int(value)
+            except (OSError, ValueError):
+                pass
+            try:  # v1: how often usage hit memory.limit_in_bytes
+                with open(os.path.join(folder, "memory.failcnt")) as f:
+                    hits = hits or int(f.read())
+            except (OSError, ValueError):
+                pass
+            for name in ("memory.peak", "memory.max_usage_in_bytes"):  # v2 (5.19+), v1
+                try:
+                    with open(os.path.join(folder, name)) as f:
+                        peak = int(f.read().split()[0])
+                    break
+                except (OSError, ValueError, IndexError):
+                    continue
+        return MemoryUse(peak=peak, limit=self.memory_limit, oom_kills=kills, limit_hits=hits)
 
     def remove(self) -> None:
         for path in reversed(self.paths):
@@ -254,8 +321,11 @@ class Containment:
             target = os.path.join(self.v1_bases[controller], grp.name, v1_file)
         else:
             return  # this machine has no such controller for us: not enforced, not claimed
+        text = str(value)
+        if limit == "cpu.max" and target.endswith("cpu.max"):  # v2: "quota period"
+            text = f"{value} {CPU_PERIOD}"
         with open(target, "w") as f:
-            f.write(str(value))
+            f.write(text)
         grp.limits[limit] = value
 
     @staticmethod

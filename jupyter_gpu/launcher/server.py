@@ -10,7 +10,8 @@ What it does, per worker connection (``common/protocol.py``'s ``Launch*`` messag
 
 - ``start`` a session for a lease, only on a grant the broker signed (``common/grants.py``) for this
   worker, used once and before it expires; as the OS account of the grant's user (never root, never
-  the service account); in a cgroup of its own with memory and pids limits (``cgroups.py``); with a
+  the service account); in a cgroup of its own with the host memory and CPU cores the grant
+  books and a pids limit (``cgroups.py``); with a
   host-memory folder of its own (``hostfiles.py``); confined before it runs anything
   (``confine.py``): forked from the launcher's zygote (``zygote.py``), or a new interpreter;
 - ``signal`` and ``end`` those sessions; move, open and create their copies in host memory for the
@@ -42,7 +43,7 @@ from jupyter_gpu.common import grants, hostmem
 from jupyter_gpu.common.protocol import LAUNCHER_REQUESTS, LauncherReply
 from jupyter_gpu.common.safe_python import python_command
 from jupyter_gpu.common.validation import BadMessage, check_fields
-from jupyter_gpu.launcher.cgroups import Containment, SessionGroup
+from jupyter_gpu.launcher.cgroups import Containment, SessionGroup, session_limits
 from jupyter_gpu.launcher.confine import Account, Confinement, confine
 from jupyter_gpu.launcher.hostfiles import HostFolders
 
@@ -68,6 +69,7 @@ class Settings:
     pids_limit: int
     preload: list[str] = field(default_factory=list)
     fork_server: bool = True
+    min_cpu_milli: int = 0  # session.min-cpus: cpu.max never below it (cgroups.session_limits)
 
 
 @dataclass
@@ -210,10 +212,15 @@ class Launcher:
             account = account_of(grant["user"], self.settings.service_uid)
         else:  # a pool that does not isolate its users: the service account, confined all the same
             account = account_of_uid(self.settings.service_uid)
-        limits = {
-            "memory.max": self.settings.host_memory_limit,
-            "pids.max": self.settings.pids_limit,
-        }
+        # what the broker booked for this lease on this machine, from its signature: a worker
+        # cannot raise it (a grant without the fields books nothing: only the admin's cap holds)
+        limits = session_limits(
+            _whole(grant.get("host_memory")),
+            _whole(grant.get("cpu_milli")),
+            self.settings.host_memory_limit,
+            self.settings.pids_limit,
+            self.settings.min_cpu_milli,
+        )
         session = Session(
             lease=grant["lease"],
             uid=account["uid"],
@@ -243,6 +250,7 @@ class Launcher:
             "folder": self.folders.path(session.folder),
             "containment": self.groups.kind if session.group is not None else "process group",
             "host_memory_limit": (session.group.memory_limit if session.group else None),
+            "cpu_quota": (session.group.limits.get("cpu.max") if session.group else None),
             "pids_limit": (session.group.limits.get("pids.max") if session.group else None),
         }, []
 
@@ -370,9 +378,17 @@ class Launcher:
         for conn in self.connections.values():
             for session in conn.sessions.values():
                 if session.pid == pid:
-                    oom = session.group is not None and session.group.oom_killed()
+                    use = session.group.memory_use() if session.group is not None else None
                     event = {"event": "exited", "lease": session.lease, "pid": pid, "code": code}
-                    self._send(conn, {**event, "oom": oom})
+                    self._send(
+                        conn,
+                        {
+                            **event,
+                            "oom": bool(use and use.over_its_limit),
+                            "peak": use.peak if use else None,
+                            "limit": use.limit if use else None,
+                        },
+                    )
                     return
 
     def _reap(self) -> None:
@@ -391,6 +407,11 @@ class Launcher:
                 self.zygote.lost()
             else:
                 self.exited(pid, os.waitstatus_to_exitcode(status))
+
+
+def _whole(value: object) -> int:
+    """A signed grant's count (bytes, thousandths of a core): 0 unless a whole number >= 0."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def _kill(pid: int, sig: int) -> None:

@@ -155,6 +155,7 @@ def worker_as_service(address: str) -> int:
         pids_limit=int(config.get("session.pids-limit") or 4096),
         preload=[str(m) for m in config.get("session.preload-modules") or []],
         fork_server=bool(config.get("session.fork-server")),
+        min_cpu_milli=int(float(config.get("session.min-cpus") or 0) * 1000),
     )
     pid, path = fork_launcher(settings)
     log.info("the launcher (pid %d) listens at %s", pid, path)

@@ -43,6 +43,8 @@ class LaunchedProcess:
         self.pid, self.lease, self.link = pid, lease, link
         self.returncode: int | None = None
         self.oom = False
+        self.memory_peak: int | None = None  # as its cgroup counted it (the exit event's)
+        self.memory_limit: int | None = None
 
     def poll(self) -> int | None:
         return self.returncode
@@ -169,6 +171,9 @@ class LauncherLink:
         if proc is not None and proc.pid == event.get("pid"):
             proc.returncode = int(event["code"])
             proc.oom = bool(event.get("oom"))
+            peak, limit = event.get("peak"), event.get("limit")
+            proc.memory_peak = peak if isinstance(peak, int) else None
+            proc.memory_limit = limit if isinstance(limit, int) else None
             self.on_exit(proc)
 
     # ------------------------------------------------------------------ requests

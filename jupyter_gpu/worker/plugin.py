@@ -49,6 +49,7 @@ from jupyter_gpu.common.protocol import (
 )
 from jupyter_gpu.common.refusals import NotAuthorized, NotPossible
 from jupyter_gpu.common.validation import Address, Name, Seconds, Secret, Text
+from jupyter_gpu.worker.host_share import HostShare, left_to_sessions
 from jupyter_gpu.worker.launcher_link import LauncherLink
 from jupyter_gpu.worker.nvml_sampler import NvmlSampler
 from jupyter_gpu.worker.session_manager import SessionManager, forwarding, start_concurrency
@@ -74,6 +75,7 @@ class GpuWorkerPlugin(WorkerPlugin):
         self.manager: SessionManager  # its sessions: made by setup(), with the worker
         self._sampler: NvmlSampler | None = None
         self.pool_key: str | None = None
+        self.host_share = HostShare(None, None)  # its part of the machine (host_share.py)
 
     # ------------------------------------------------------------------ lifecycle
     def handlers(self) -> dict[str, Callable[..., Any]]:
@@ -83,11 +85,16 @@ class GpuWorkerPlugin(WorkerPlugin):
     async def setup(self, worker) -> None:  # noqa: ANN001
         self.worker = worker
         gpus = discover(self.virtual_gpus)
+        machine_gpus = len(gpus)
         wanted = self.devices or os.environ.get(DEVICES_ENV)
         if wanted:
             keep = {int(i) for i in wanted.split(",") if i.strip()}
             gpus = [g for g in gpus if g.index in keep]
         self.gpus = gpus
+        try:  # what this worker's part of the machine leaves to sessions, said at registration
+            self.host_share = left_to_sessions(len(gpus), machine_gpus)
+        except ValueError as exc:
+            log.error("%s. Until then this worker's sessions book no host memory or cores.", exc)
         self.pool_key = poolkey.read_key(poolkey.key_path(worker.scheduler.address))
         # what earlier workers on this machine left behind when they were killed: host-memory
         # folders, disk folders of spilled copies (and, in the session manager, cgroups)
@@ -258,6 +265,8 @@ class GpuWorkerPlugin(WorkerPlugin):
             parked=parked,
             start_slots=start_concurrency(),
             accounts=self.manager.launcher is not None,
+            host_memory=self.host_share.memory,
+            cpus=self.host_share.cpus,
         )
         if live or parked:
             log.info(

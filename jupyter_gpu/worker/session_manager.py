@@ -19,6 +19,7 @@ import asyncio
 import functools
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -44,7 +45,7 @@ from jupyter_gpu.common.protocol import (
 from jupyter_gpu.common.refusals import CallError, Failed, Malformed, NotFound, NotPossible
 from jupyter_gpu.common.security import security_env
 from jupyter_gpu.common.units import format_bytes
-from jupyter_gpu.launcher.cgroups import Containment, host_memory_limit
+from jupyter_gpu.launcher.cgroups import Containment, MemoryUse, host_memory_limit, session_limits
 from jupyter_gpu.worker.forkserver import ForkServer
 from jupyter_gpu.worker.host_copies import HostCopies, checked_reply
 from jupyter_gpu.worker.hoststore import HostStore, LaunchedStore
@@ -203,23 +204,12 @@ class SessionManager:
             if code is None:
                 continue
             self.sessions.pop(lease, None)
-            over = bool(getattr(sp.proc, "oom", False)) or (
-                sp.group is not None and sp.group.oom_killed()
-            )
-            limit = sp.group.memory_limit if sp.group is not None else self.host_memory_limit
+            use = memory_use(sp)  # read before its group goes
             self.end_process(sp)  # what the session started ends with it
             self.copies.session_ended(lease)
             if sp.killed:
                 continue
-            reason = exit_reason(code)
-            if over:
-                reason = (
-                    f"the session used more host memory than its limit of {format_bytes(limit)} "
-                    "and the operating system stopped it (jupyter-gpu.session.host-memory-limit); "
-                    "other sessions were not affected. Use less memory in the cell, or ask the "
-                    "admin for a higher limit"
-                )
-            gone.append((lease, reason))
+            gone.append((lease, ended_reason(lease, code, use)))
         if self.spare is not None and self.spare.proc.poll() is not None:
             self.spare = None
             if config.get("session.prewarm"):
@@ -271,7 +261,7 @@ class SessionManager:
                     relay(sp.control, lease_id, forward(sp))
                 )
                 sp.control = None
-            containment, rlimit = self._contain(sp, lease_id, gpus)
+            containment, rlimit = self._contain(sp, lease, gpus)
             restored = await self._assign(sp, lease, gpus, secret, rlimit, restore)
         except Exception as exc:
             log.exception("could not start a session for lease %s", lease_id)
@@ -317,29 +307,31 @@ class SessionManager:
         return sp
 
     def _contain(
-        self, sp: SessionProcess, lease_id: str, gpus: list[GpuInfoMsg]
+        self, sp: SessionProcess, lease: LeaseView, gpus: list[GpuInfoMsg]
     ) -> tuple[tuple[str, int | None], int | None]:
-        """Put the session in its cgroup, capped in host memory and processes (the launcher's
-        sessions are in theirs already); without one, a data-size rlimit stands in for the memory
-        cap on virtual GPUs (CUDA maps more than it uses). Returns what the lease says of it (how
-        it is contained, its host-memory limit), and the rlimit."""
+        """Put the session in its cgroup with the host memory and cores its lease booked, and a
+        processes cap (the launcher's sessions are in theirs already, with the limits of their
+        signed grant); without one, a data-size rlimit stands in for the memory limit on virtual
+        GPUs (CUDA maps more than it uses). Returns what the lease says of it (how it is
+        contained, its host-memory limit), and the rlimit."""
         virtual = all(g.get("virtual") for g in gpus)
+        limits = lease_limits(lease, self.host_memory_limit)
+        memory = limits["memory.max"]
         if sp.launched and sp.containment is not None:
             kind, limit = sp.containment
-            if kind == "process group" and virtual and self.host_memory_limit:
-                return ("rlimit", self.host_memory_limit), self.host_memory_limit
+            if kind == "process group" and virtual and memory:
+                return ("rlimit", memory), memory
             return (kind, limit), None
-        limits = {"memory.max": self.host_memory_limit, "pids.max": pids_limit()}
-        sp.group = self.containment.group(lease_id, limits)
+        sp.group = self.containment.group(lease["id"], limits)
         if sp.group is not None:
             sp.group.add(sp.pid)
-        rlimit = self.host_memory_limit if sp.group is None and virtual else None
+        rlimit = memory if sp.group is None and virtual else None
         kind = (
             self.containment.kind
             if sp.group is not None
             else ("rlimit" if rlimit else "process group")
         )
-        limit = self.host_memory_limit if (sp.group is not None or rlimit) else None
+        limit = sp.group.memory_limit if sp.group is not None else rlimit
         return (kind, limit), rlimit
 
     async def _assign(
@@ -428,10 +420,82 @@ def standby_plan(lease: LeaseView, store: HostStore) -> StandbyPlan | None:
     return {"path": store.standby_path(lease["id"]), "after": after}
 
 
+def memory_use(sp: SessionProcess) -> MemoryUse | None:
+    """What the session's cgroup counted of its host memory (the launcher's exit event, or this
+    worker's own group); None where it had no group (nothing was counted)."""
+    if sp.group is not None:
+        return sp.group.memory_use()
+    if sp.launched and sp.containment is not None and sp.containment[0] != "process group":
+        proc = sp.proc
+        limit = getattr(proc, "memory_limit", None)
+        return MemoryUse(
+            peak=getattr(proc, "memory_peak", None),
+            limit=limit if limit is not None else sp.containment[1],
+            oom_kills=int(bool(getattr(proc, "oom", False))),  # the launcher: over its limit
+            limit_hits=int(bool(getattr(proc, "oom", False))),
+        )
+    return None
+
+
+def lease_limits(lease: LeaseView, cap: int | None) -> dict[str, int | None]:
+    """The cgroup limits of ``lease``'s session: what the broker booked for it here (its host
+    memory and cores), under the admin's ``cap`` (``session.host-memory-limit``)."""
+    cpus = lease.get("cpus") or 0
+    milli = int(round(cpus * 1000)) if isinstance(cpus, (int, float)) else 0
+    memory = lease.get("host_memory") or 0
+    return session_limits(
+        memory if isinstance(memory, int) else 0, milli, cap, pids_limit(), min_cpu_milli()
+    )
+
+
+def ended_reason(lease: str, code: int, use: MemoryUse | None) -> str:
+    """Why a session ended, saying only what is known: that it went over its own host-memory
+    limit only when its cgroup counted an OOM kill after its usage reached that limit (a cgroup's
+    limit kills inside the group, so no other session was stopped for it); any other SIGKILL came
+    from outside it (the machine's OOM killer, which its group counts too, or a signal), and is
+    said so."""
+    if use is not None and use.over_its_limit and use.limit:
+        peak = f"; its peak was {format_bytes(use.peak)}" if use.peak else ""
+        return (
+            f"this cell's session (lease {lease}) used more host memory than its limit of "
+            f"{format_bytes(use.limit)}{peak}; the "
+            "operating system stopped this session alone, and its variables are lost. Ask for "
+            f"more with `%%gpu --host-memory {_typed_size(2 * use.limit)}` (the "
+            "pool's limit per session permitting), or use less memory in the cell"
+        )
+    reason = exit_reason(code)
+    if use is not None and use.limit and code == -signal.SIGKILL:
+        peak = f" (peak {format_bytes(use.peak)})" if use.peak else ""
+        reason = (
+            f"the session process was killed by SIGKILL from outside it (lease {lease}): it "
+            f"stayed within its own host-memory limit of {format_bytes(use.limit)}{peak}, so that "
+            "limit did not stop it; the machine's out-of-memory killer (the machine itself ran "
+            "short of memory) or a process allowed to signal it did"
+        )
+    return reason
+
+
+def _typed_size(n: int) -> str:
+    """``n`` bytes rounded up to a size one types (``1200MiB``, ``3GiB``)."""
+    if n >= 2**30:
+        return f"{-(-n // 2**30)}GiB"
+    return f"{-(-n // 2**20)}MiB"
+
+
 def pids_limit() -> int | None:
     """How many processes one session (with all it starts) may have (``session.pids-limit``)."""
     value = config.get("session.pids-limit")
     return int(value) if value else None
+
+
+def min_cpu_milli() -> int:
+    """``session.min-cpus`` in thousandths of a core: the least ``cpu.max`` a session gets (a
+    setting that is not a number is said, and counts as 0: strict)."""
+    value = config.get("session.min-cpus") or 0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e6:
+        log.error("jupyter-gpu.session.min-cpus is %r, not a number of cores: 0 is used", value)
+        return 0
+    return int(value * 1000)
 
 
 def start_concurrency() -> int:

@@ -209,3 +209,25 @@ def test_leases_and_booked_copies_never_exceed_a_machines_memory_and_no_copy_is_
         for lease_id in saved:
             copy = ledger.ended[lease_id].offload
             assert (lease_id in host.parked) != (lease_id in spilled) == copy.spilled, lease_id
+
+
+def test_a_default_share_books_at_least_the_floor_but_never_more_than_the_machine_leaves():
+    """Bug fixed: a ``--memory 64MiB`` cell on a 16 GiB GPU booked 42 MiB of host memory by
+    default, less than its Python process needs, and was stopped (``min-host-memory``)."""
+    from jupyter_gpu.broker.hosts import HostSlot, SessionDefaults, host_need
+    from jupyter_gpu.common.protocol import RequestSpec
+
+    GiB, MiB = 2**30, 2**20
+    floor = SessionDefaults(min_host_memory=GiB)
+    host = HostSlot("w", memory=10 * GiB, cpu_milli=1000, gpu_count=2)
+    tiny = [(160 * MiB, 16 * GiB)]  # 1 % of a GPU: 50 MiB of host memory in proportion
+    assert host_need(RequestSpec(fraction=0.01), tiny, host, SessionDefaults())[0] == 50 * MiB
+    assert host_need(RequestSpec(fraction=0.01), tiny, host, floor)[0] == GiB
+    big = [(16 * GiB, 16 * GiB)]  # above the floor: the proportional share
+    assert host_need(RequestSpec(gpus=1), big, host, floor)[0] == 5 * GiB
+    asked = RequestSpec(fraction=0.01, host_memory=100 * MiB)  # what a cell asks for is kept
+    assert host_need(asked, tiny, host, floor)[0] == 100 * MiB
+    small = HostSlot("w", memory=512 * MiB, cpu_milli=1000, gpu_count=1)  # the floor must fit
+    assert host_need(RequestSpec(fraction=0.01), tiny, small, floor)[0] == 512 * MiB
+    unbounded = HostSlot("w")  # a machine that reports nothing: nothing booked, as before
+    assert host_need(RequestSpec(fraction=0.01), tiny, unbounded, floor)[0] == 0

@@ -230,6 +230,55 @@ async def test_a_grant_starts_a_session_that_answers_only_the_session_table(s, w
         await teardown(w, plugin)
 
 
+@gen_cluster(
+    nthreads=[("127.0.0.1", 1)],
+    config={
+        **FAST_SESSIONS,
+        "jupyter-gpu.worker.reserved-memory": "1GiB",
+        "jupyter-gpu.worker.reserved-cpus": 0.5,
+        "jupyter-gpu.session.min-cpus": 0,  # cpu.max exactly the booked cores
+    },
+)
+async def test_a_worker_reports_what_it_leaves_to_sessions_and_a_lease_books_and_enforces_it(s, w):
+    """Issue 24: ``Ledger.set_host`` was never called outside tests: no lease booked host memory
+    or cores, and every session got half the machine whatever it asked for."""
+    import psutil
+
+    broker, plugin = await install_pool(s, w)
+    try:
+        total, cpus = psutil.virtual_memory().total, len(os.sched_getaffinity(0))
+        host = broker.ledger.hosts[w.address]  # this worker has both GPUs: all that is left
+        assert await until(lambda: host.memory is not None)
+        assert host.memory == total - GiB and host.cpu_milli == int((cpus - 0.5) * 1000)
+        async with rpc(s.address) as sched:
+            status = await granted(sched, user="alice", kernel="k1", spec={"fraction": 0.5})
+            lease = status["leases"][0]
+            # half of one of two GPUs: a quarter of what the machine leaves to sessions
+            assert lease["host_memory"] == (total - GiB) // 4
+            assert lease["cpus"] == host.cpu_milli // 4 / 1000
+            group = plugin.manager.sessions[lease["id"]].group
+            if os.geteuid() == 0:  # CI: root, with cgroups: the kernel holds the limits
+                assert group is not None and group.limits["memory.max"] == lease["host_memory"]
+                assert group.limits.get("memory.high", 0) in (0, int(lease["host_memory"] * 0.9))
+                assert group.limits.get("cpu.max") in (None, host.cpu_milli // 4 * 100)
+            asked = await granted(
+                sched,
+                user="bob",
+                kernel="k2",
+                spec={"fraction": 0.25, "host_memory": GiB, "cpus": 0.25},
+            )
+            assert asked["leases"][0]["host_memory"] == GiB and asked["leases"][0]["cpus"] == 0.25
+            never = await sched.gpu_request(
+                user="carol", kernel="k3", spec={"fraction": 0.25, "host_memory": total}
+            )
+            assert (
+                never["state"] == "refused"
+                and "GiB of host memory but no machine" in never["reason"]
+            )
+    finally:
+        await teardown(w, plugin)
+
+
 @gen_cluster(nthreads=[("127.0.0.1", 1)], config=FAST_SESSIONS)
 async def test_a_busy_pool_queues_with_a_reason_and_a_cancel_leaves_no_trace(s, w):
     broker, plugin = await install_pool(s, w, gpus="1x16GiB")

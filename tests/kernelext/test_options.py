@@ -18,6 +18,11 @@ def test_defaults_use_the_pool_default_fraction():
         ("--gpus 2", "gpus", 2),
         ("--memory 8GiB", "memory", 8 * 2**30),
         ("--memory 500MB", "memory", 500 * 10**6),
+        ("--host-memory 16GiB", "host_memory", 16 * 2**30),
+        ("--cpus 2", "cpus", 2.0),
+        ("--cpus 0.5 --gpus 0.25", "cpus", 0.5),
+        ("", "host_memory", None),  # the pool's default share: decided where the lease is placed
+        ("", "cpus", None),
     ],
 )
 def test_requests(text, field, value):
@@ -51,6 +56,11 @@ def test_all_options():
         ("--frobnicate", "unrecognized arguments: --frobnicate"),
         ("--gpus 2 --workers 2", "one rank per GPU"),
         ("'unclosed", "quotes"),
+        ("--host-memory lots", "--host-memory lots"),
+        ("--host-memory 0", "greater than zero"),
+        ("--cpus 0", "CPU cores above 0"),
+        ("--cpus nan", "CPU cores above 0"),
+        ("--cpus 1e400", "CPU cores above 0"),
     ],
 )
 def test_bad_options_are_one_clear_usage_error(text, needle):
@@ -80,6 +90,8 @@ def test_usage_help_and_the_tables_come_from_the_one_declaration():
     assert flags == [
         "--gpus",
         "--memory",
+        "--host-memory",
+        "--cpus",
         "--workers",
         "--timeout",
         "--priority",
@@ -211,3 +223,30 @@ def test_the_option_and_view_functions_are_short():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 length = node.end_lineno - node.lineno + 1
                 assert length <= 100, f"{module.__name__}.{node.name} is {length} lines"
+
+
+def test_a_session_is_kept_only_when_its_lease_booked_the_host_memory_and_cores_asked_for():
+    from jupyter_gpu.kernelext.session_choice import fits_lease
+
+    lease = {"fraction": 0.25, "bytes": 4 * 2**30, "gpu_indices": [0], "host_memory": 2**30}
+    lease["cpus"] = 0.5
+    for line, fits in [
+        ("--host-memory 1GiB --cpus 0.5", True),
+        ("--host-memory 2GiB", False),
+        ("--cpus 1", False),
+        ("--gpus 0.25", True),
+    ]:
+        opts = parse_cell_options(line)
+        assert opts.explicit_request and fits_lease(opts.spec, lease) is fits, line
+
+
+def test_the_badge_says_what_the_lease_booked_on_its_machine():
+    from jupyter_gpu.kernelext.badge import host_share
+
+    assert host_share({"host_memory": 3 * 2**30, "cpus": 1}) == (
+        " with 3.0 GiB host memory and 1 CPU core"
+    )
+    assert host_share({"host_memory": 2**29, "cpus": 0.187}) == (
+        " with 512.0 MiB host memory and 0.187 CPU cores"
+    )
+    assert host_share({"host_memory": 0, "cpus": 0}) == ""  # a machine that reports no bound

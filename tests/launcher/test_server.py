@@ -170,3 +170,35 @@ def test_a_connection_acts_only_on_sessions_it_started(launcher):
     # ending or forgetting what it never started does nothing
     assert link.call("end", lease="L-not-mine", keep_folder=False) == {"id": link.n}
     assert link.call("forget_copy", lease="L-not-mine") == {"id": link.n}
+
+
+def test_a_session_gets_the_host_memory_and_cores_its_signed_grant_booked(launcher):
+    """Issue 24: the launcher gave every session the machine's ``session.host-memory-limit``
+    whatever its lease booked; now the limits are the grant's (the broker's signature: a worker
+    cannot raise them), ``memory.high`` below ``memory.max`` so that it slows before it is killed,
+    and ``cpu.max`` for its cores."""
+    import secrets
+
+    from tests.support.service_account import service_account
+
+    path, key = launcher
+    link = Link(path)
+    link.call("hello", worker=WORKER)
+    with service_account("j5a" + secrets.token_hex(3)) as user:
+        booked = grants.new_grant(
+            user.pw_name, "L7", WORKER, [0], 2**20, host_memory=256 * 2**20, cpu_milli=250
+        )
+        unbooked = grants.new_grant(user.pw_name, "L8", WORKER, [0], 2**20)  # its machine: none
+        replies = [link.start("L7", grants.sign(booked, key))]
+        replies.append(link.start("L8", grants.sign(unbooked, key)))
+        try:
+            assert all("error" not in r for r in replies), replies
+            if not replies[0]["containment"].startswith("cgroup"):
+                assert not os.access("/sys/fs/cgroup", os.W_OK), replies  # none to be had here
+                return
+            assert replies[0]["host_memory_limit"] == 256 * 2**20
+            assert replies[0]["cpu_quota"] in (25_000, None)  # None: no cpu controller here
+            assert replies[1]["host_memory_limit"] is None and replies[1]["cpu_quota"] is None
+        finally:
+            for lease in ("L7", "L8"):
+                link.call("end", lease=lease, keep_folder=False)
