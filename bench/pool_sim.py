@@ -178,7 +178,10 @@ class SimPool:
         """One pass; returns (grants, preemptions) made by it, one (request, lease) per granted
         rank."""
         self._preempted = []
-        grants = self.ledger.schedule(self._preempt, now=self.now, eta_for=self.eta_for)
+        grants = self.ledger.schedule(self._preempt, now=self.now)
+        if self.eta_for:  # what a kernel reading its request would be told now
+            self.ledger.eta_for = self.eta_for
+            self.ledger.refresh_waiting(self.now, force=True)
         return [(req, lease) for req, leases in grants for lease in leases], self._preempted
 
     def check_invariants(self) -> None:

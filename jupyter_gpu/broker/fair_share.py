@@ -115,6 +115,10 @@ class FairSharePolicy:
         # leases that may be idle, and the preemptible ones: what preemption.py chooses from
         self.idle: set[str] = set()
         self.preemptible: set[str] = set()
+        # bumped by every change to the lease book (a lease started, ended, went idle or busy):
+        # what a scheduling pass caches against (``scheduling.PassState.look``)
+        self.version = 0
+        self.look_cache: dict[str, tuple[int, float, bool]] = {}
 
     # ------------------------------------------------------------------ accounting
     def lease_started(
@@ -150,6 +154,7 @@ class FairSharePolicy:
             host=host,
         )
         self.leases[lease_id] = rec
+        self.version += 1
         if idle:
             self.idle.add(lease_id)
         if preemptible:
@@ -161,6 +166,7 @@ class FairSharePolicy:
         rec = self.leases.pop(lease_id, None)
         if rec is None:
             return None
+        self.version += 1
         self.idle.discard(lease_id)
         self.preemptible.discard(lease_id)
         now = self.clock() if now is None else now
@@ -182,6 +188,7 @@ class FairSharePolicy:
         how far it is (``step`` of ``total``: the queue's estimates use it)."""
         rec = self.leases.get(lease_id)
         if rec is not None:
+            self.version += 1
             now = self.clock() if now is None else now
             rec.idle_since = None if state == "running" else (rec.idle_since or now)
             (self.idle.discard if state == "running" else self.idle.add)(lease_id)

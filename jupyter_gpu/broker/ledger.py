@@ -25,7 +25,7 @@ from jupyter_gpu.broker.fair_share import FairSharePolicy
 from jupyter_gpu.broker.fragmentation import Workload
 from jupyter_gpu.broker.hosts import HostSlot, SessionDefaults, cpu_milli
 from jupyter_gpu.broker.model import GpuSlot, Lease, Request, new_id
-from jupyter_gpu.broker.scheduling import PreemptFn, schedule_pass
+from jupyter_gpu.broker.scheduling import PreemptFn, explain_waiting, schedule_pass
 from jupyter_gpu.broker.waiting import WaitingRoom
 from jupyter_gpu.common.protocol import LeaseState, RequestSpec, RequestState
 
@@ -69,6 +69,13 @@ class Ledger:
         self.ended: collections.OrderedDict[str, Lease] = collections.OrderedDict()
         # workers being drained (broker/draining.py): nothing new is placed on their GPUs
         self.draining: set[str] = set()
+        # bumped by every change a queue view shows (a request queued or gone, a grant, an end, a
+        # worker's GPUs or machine): the waiting requests' reasons and estimated starts are
+        # refreshed lazily against it (``refresh_waiting``), not in the scheduling pass
+        self.version = 0
+        self.eta_for = 100  # how many waiting requests, first in order, get an estimated start
+        self._views: tuple[tuple[int, int], float] | None = None  # (versions, clock) refreshed at
+        self._views_after = 0.0  # monotonic time before which no refresh runs again
 
     @property
     def defaults(self) -> SessionDefaults:
@@ -88,6 +95,7 @@ class Ledger:
         self.hosts.setdefault(worker, HostSlot(worker=worker)).gpu_count = len(ids)
         self.packer.reindex(worker, [] if worker in self.draining else slots)
         self.fit_memo.clear()
+        self.version += 1
         return ids
 
     def set_host(self, worker: str, memory: int | None = None, cpus: float | None = None) -> None:
@@ -99,6 +107,7 @@ class Ledger:
         host.cpu_milli = None if cpus is None else cpu_milli(cpus)
         self.packer.touch(worker)
         self.fit_memo.clear()
+        self.version += 1
 
     def remove_worker(self, worker: str) -> tuple[list[str], list[Lease]]:
         """Forget a worker's GPUs (remembered as recently lost) and its machine; returns their ids
@@ -112,6 +121,7 @@ class Ledger:
         self.hosts.pop(worker, None)
         self.packer.reindex(worker, [])
         self.fit_memo.clear()
+        self.version += 1
         return gone, [ls for ls in self.leases.values() if ls.worker == worker]
 
     def capacity(self, remember: float = 120.0) -> list[GpuSlot]:
@@ -142,6 +152,7 @@ class Ledger:
         self.requests[req.id] = req
         self.queue.append(req)
         self.workload.observe(req.spec)
+        self.version += 1
 
     def record(self, req: Request) -> None:
         """Keep a request that never queues (refused at once) so its outcome can be read."""
@@ -162,6 +173,7 @@ class Ledger:
         req.reason = reason
         if req in self.queue:
             self.queue.remove(req)
+            self.version += 1
         # finished requests are kept briefly so a waiting kernel can read the outcome
         if len(self.requests) > ENDED_KEPT:
             finished = [
@@ -175,13 +187,14 @@ class Ledger:
         self,
         preempt: PreemptFn | None,
         now: float | None = None,
-        eta_for: int = 100,
+        eta_for: int = 0,
         fail: Callable[[Request, str], None] | None = None,
     ) -> list[tuple[Request, list[Lease]]]:
         """One scheduling pass (``scheduling.schedule_pass``) over the queue: grants, in policy
         order, what fits; ``preempt(lease_id, reason, req)`` takes a lease back for a waiting
         request (it must end the lease through ``end``). Returns the grants made, each request with
-        its new leases.
+        its new leases. The waiting requests' full reasons and estimated starts are not part of
+        it (``eta_for`` 0): a queue view asks for them (``refresh_waiting``).
 
                 A request that makes the pass raise (it should never get in: handlers validate what
                 they accept) is taken out with the reason, through ``fail`` (default:
@@ -225,10 +238,34 @@ class Ledger:
                         self.finish_request(req, "failed", reason)
         return grants
 
+    def refresh_waiting(self, now: float | None = None, force: bool = False) -> None:
+        """Give the first ``eta_for`` waiting requests their full reason and estimated start
+        (``scheduling.explain_waiting``), if the ledger or its leases changed since the last
+        refresh, or a second passed (estimates move with time).
+
+        Called by what shows the queue (``views.request_status``, ``views.snapshot``), never by
+        a scheduling decision. Its cost grows with the pool (every GPU and lease per estimated
+        request: 2 s at 10,000 GPUs), so, unless ``force``d (a simulator reading what a kernel
+        would be told), it takes at most a tenth of the scheduler's time: after a refresh that
+        took ``d`` seconds, the next runs ``9 d`` later at the earliest, and until then views
+        show what it found."""
+        now = self.clock() if now is None else now
+        versions = (self.version, self.policy.version)
+        if self._views is not None and not force:
+            seen, at = self._views
+            if (seen == versions and now - at < 1.0) or time.monotonic() < self._views_after:
+                return
+        started = time.monotonic()
+        explain_waiting(self.policy, self.queue, self.packer, now, self.eta_for)
+        done = time.monotonic()
+        self._views = (versions, now)
+        self._views_after = done + 9 * (done - started)
+
     def grant(self, req: Request, placement: packing.Placement, preemptible: bool) -> list[Lease]:
         """Book ``placement`` for ``req``: one lease per rank, the GPUs' bytes, the policy's
         accounting."""
         self.queue.remove(req)
+        self.version += 1
         req.state = "starting"
         req.reason = "starting the session process"
         req.eta, req.eta_basis, req.eta_note = None, None, None
@@ -330,12 +367,19 @@ class Ledger:
         if lease is None:
             return None
         self._book(lease, -1)
+        self.version += 1
         lease.state, lease.ended, lease.end_reason = (
             "ended",
             self.clock() if now is None else now,
             reason,
         )
         self.policy.lease_ended(lease.id, now=lease.ended)
+        quotas = self.policy.quotas
+        if quotas.team(lease.team or quotas.team_of(lease.user)).limit is not None or (
+            quotas.user_limit(lease.user) is not None
+        ):
+            # its team or user holds less now: a request that a limit held back may fit anywhere
+            self.packer.mark_all()
         self.ended[lease.id] = lease
         while len(self.ended) > ENDED_KEPT:
             self.ended.popitem(last=False)
