@@ -184,6 +184,7 @@ class WaitingRoom:
         self.gangs: SortedList = SortedList()  # (submitted, id) of multi-rank requests
         self.estimated: set[str] = set()  # ids of those with an estimated start
         self.fresh: set[str] = set()  # ids of those no pass has looked at yet
+        self._per_user: dict[str, int] = {}  # how many each user has waiting (admission's cap)
 
     # ------------------------------------------------------------------ a list's manners
     def __iter__(self) -> Iterator[Request]:
@@ -203,6 +204,10 @@ class WaitingRoom:
 
     def get(self, req_id: str) -> Request | None:
         return self._reqs.get(req_id)
+
+    def waiting_of(self, user: str) -> int:
+        """How many requests ``user`` has waiting (in constant time: checked on every request)."""
+        return self._per_user.get(user, 0)
 
     def append(self, req: Request) -> None:
         if req.id in self._reqs:
@@ -224,6 +229,7 @@ class WaitingRoom:
             self.gangs.add((req.submitted, req.id))
         self._reqs[req.id] = req
         self._where[req.id] = (team, req.user, key)
+        self._per_user[req.user] = self._per_user.get(req.user, 0) + 1
         self.fresh.add(req.id)
 
     def remove(self, req: Request) -> None:
@@ -231,6 +237,9 @@ class WaitingRoom:
             raise ValueError(f"{req.id} is not queued")
         del self._reqs[req.id]
         self.fresh.discard(req.id)
+        left = self._per_user.pop(req.user) - 1
+        if left:
+            self._per_user[req.user] = left
         self.estimated.discard(req.id)
         team, user, key = self._where.pop(req.id)
         tq = self.teams[team]
