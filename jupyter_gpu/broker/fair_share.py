@@ -115,6 +115,7 @@ class FairSharePolicy:
         # leases that may be idle, and the preemptible ones: what preemption.py chooses from
         self.idle: set[str] = set()
         self.preemptible: set[str] = set()
+        self.preemptible_of: dict[str, set[str]] = {}  # the same by team
         # bumped by every change to the lease book (a lease started, ended, went idle or busy):
         # what a scheduling pass caches against (``scheduling.PassState.look``)
         self.version = 0
@@ -159,6 +160,7 @@ class FairSharePolicy:
             self.idle.add(lease_id)
         if preemptible:
             self.preemptible.add(lease_id)
+            self.preemptible_of.setdefault(team, set()).add(lease_id)
         self._step(user, team, now, gpus)
         return rec
 
@@ -168,7 +170,12 @@ class FairSharePolicy:
             return None
         self.version += 1
         self.idle.discard(lease_id)
-        self.preemptible.discard(lease_id)
+        if lease_id in self.preemptible:
+            self.preemptible.discard(lease_id)
+            of_team = self.preemptible_of.get(rec.team, set())
+            of_team.discard(lease_id)
+            if not of_team:
+                self.preemptible_of.pop(rec.team, None)
         now = self.clock() if now is None else now
         self._step(rec.user, rec.team, now, -rec.gpus)
         self.cells.lease_ended(lease_id)

@@ -32,6 +32,9 @@ from jupyter_gpu.common.protocol import LeaseState, RequestSpec, RequestState
 log = logging.getLogger(__name__)
 
 ENDED_KEPT = 2000  # ended leases and finished requests kept so a kernel can read how they ended
+# GPUs read by one refresh of the queue's estimates (each estimated request reads every GPU): the
+# first 100 waiting are estimated up to 1,000 GPUs, the first 10 at 10,000
+ESTIMATE_WORK = 100_000
 
 
 class Ledger:
@@ -248,7 +251,8 @@ class Ledger:
         request: 2 s at 10,000 GPUs), so, unless ``force``d (a simulator reading what a kernel
         would be told), it takes at most a tenth of the scheduler's time: after a refresh that
         took ``d`` seconds, the next runs ``9 d`` later at the earliest, and until then views
-        show what it found."""
+        show what it found. At most ``ESTIMATE_WORK`` GPU readings are spent on estimates: in a
+        pool of more than 1,000 GPUs fewer than ``eta_for`` requests get one."""
         now = self.clock() if now is None else now
         versions = (self.version, self.policy.version)
         if self._views is not None and not force:
@@ -256,7 +260,9 @@ class Ledger:
             if (seen == versions and now - at < 1.0) or time.monotonic() < self._views_after:
                 return
         started = time.monotonic()
-        explain_waiting(self.policy, self.queue, self.packer, now, self.eta_for)
+        # each estimate reads every GPU: a bounded number of them per refresh
+        n = min(self.eta_for, max(1, ESTIMATE_WORK // max(1, len(self.gpus))))
+        explain_waiting(self.policy, self.queue, self.packer, now, n)
         done = time.monotonic()
         self._views = (versions, now)
         self._views_after = done + 9 * (done - started)

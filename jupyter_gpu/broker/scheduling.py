@@ -72,6 +72,8 @@ class PassState:
             self.worth,
             self.group_worth,
             reserving,
+            phase_of=lambda team, spec: 0 if policy.need(spec) <= self.context(team)[0] else 1,
+            phase_room=lambda team: self.context(team)[0],
         )
 
     # ------------------------------------------------------------------ the frozen order
@@ -205,12 +207,15 @@ def _reclaimable(state: PassState) -> tuple[bool, float]:
     """Whether a borrowed lease may be reclaimed now; if none may, when the first could."""
     policy, now, until = state.policy, state.now, math.inf
     min_run = policy.quotas.min_run_time
-    for r in map(policy.leases.get, policy.preemptible):
-        if r is None or not r.preemptible or r.gang or policy.over_guarantee(r.team) <= EPS:
-            continue
-        if now - r.started >= min_run and r.started < now:
-            return True, math.inf
-        until = min(until, max(r.started + min_run, math.nextafter(r.started, math.inf)))
+    for team, ids in policy.preemptible_of.items():
+        if policy.over_guarantee(team) <= EPS:
+            continue  # (a team's standing changes only with the lease book)
+        for r in map(policy.leases.get, ids):
+            if r is None or r.gang:
+                continue
+            if now - r.started >= min_run and r.started < now:
+                return True, math.inf
+            until = min(until, max(r.started + min_run, math.nextafter(r.started, math.inf)))
     return False, until
 
 

@@ -281,8 +281,14 @@ class Walk:
         worth: Callable[[Needs, str, str | None], bool],
         admits: Callable[[RequestSpec, float], bool],
         sticky: Iterable[Request] = (),
+        phase_of: Callable[[str, RequestSpec], int] | None = None,
+        phase_room: Callable[[str], float] | None = None,
     ):
         self.room = room
+        # a group's phase (0: within its team's guarantee) from its shape, and a team's room in
+        # its guarantee: a team or group of the other phase is not opened
+        self._phase_of = phase_of
+        self._phase_room = phase_room
         self.key = key
         self._aged_gang = aged_gang
         self._worth = worth
@@ -343,6 +349,9 @@ class Walk:
         tq = self.room.teams.get(team)
         if tq is None:
             return
+        if phase == 0 and self._phase_room is not None:
+            if tq.needs.equivalents.smallest() > self._phase_room(team):
+                return  # nothing of it fits in its guarantee (its --memory asks count as 0)
         if not self.full and not self._worth(tq.needs, team, None):
             self._passed.append(("team", team, phase))
             return
@@ -357,6 +366,8 @@ class Walk:
             self._passed.append(("user", team, user, phase))
             return
         for gkey, group in uq.groups.items():
+            if self._phase_of is not None and self._phase_of(team, group.spec) != phase:
+                continue  # (its aged gangs were pushed on their own)
             if not self.full and not self._admits(group.spec, group.items[0][0]):
                 self._passed.append(("group", team, user, gkey, phase, None))
                 continue
