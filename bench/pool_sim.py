@@ -180,8 +180,8 @@ class SimPool:
         self._preempted = []
         grants = self.ledger.schedule(self._preempt, now=self.now)
         if self.eta_for:  # what a kernel reading its request would be told now
-            self.ledger.eta_for = self.eta_for
-            self.ledger.refresh_waiting(self.now, force=True)
+            self.ledger.view.eta_for = self.eta_for
+            self.ledger.view.refresh(self.now, force=True)
         return [(req, lease) for req, leases in grants for lease in leases], self._preempted
 
     def check_invariants(self) -> None:
@@ -770,7 +770,7 @@ def pass_time(n_gpus: int, n_queued: int, decisions: int, seed: int, views: int 
     submitted, some of which can never fit. One decision: a lease ends (``Ledger.end``) and the
     one pass that follows decides what starts (``Ledger.schedule``: order, room, placement,
     reclaim, reservations), timed from the end to the pass's return, every grant it makes
-    included. Then what a queue view costs when it asks (``Ledger.refresh_waiting``: reasons and
+    included. Then what a queue view costs when it asks (``QueueView.refresh``: reasons and
     estimated starts of the first 100 waiting), ``views`` times, after a decision each."""
     pool, users, rng = scale_pool(n_gpus, seed)
     names = list(users)
@@ -804,13 +804,13 @@ def pass_time(n_gpus: int, n_queued: int, decisions: int, seed: int, views: int 
         placed.append(tries[0])
         granted += len(grants)
     view_times = []
-    pool.ledger.eta_for = 100
+    pool.ledger.view.eta_for = 100
     for _ in range(views):
         pool.now += 0.01
         pool.end(next(iter(pool.leases)))
         pool.schedule()
         t0 = time.perf_counter()
-        pool.ledger.refresh_waiting(pool.now, force=True)
+        pool.ledger.view.refresh(pool.now, force=True)
         view_times.append(time.perf_counter() - t0)
     s, sub, v = sorted(times), sorted(submit_times), sorted(view_times)
     return {

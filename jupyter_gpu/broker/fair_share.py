@@ -120,6 +120,9 @@ class FairSharePolicy:
         # what a scheduling pass caches against (``scheduling.PassState.look``)
         self.version = 0
         self.look_cache: dict[str, tuple[int, float, bool]] = {}
+        # a lease of a team or user with a limit ended: a request the limit held back may fit
+        # anywhere now, not only where room grew (the next pass looks everywhere)
+        self.limits_loosened = False
 
     # ------------------------------------------------------------------ accounting
     def lease_started(
@@ -170,6 +173,9 @@ class FairSharePolicy:
             return None
         self.version += 1
         self.idle.discard(lease_id)
+        limit = self.quotas.team(rec.team).limit
+        if limit is not None or self.quotas.user_limit(rec.user) is not None:
+            self.limits_loosened = True
         if lease_id in self.preemptible:
             self.preemptible.discard(lease_id)
             of_team = self.preemptible_of.get(rec.team, set())

@@ -25,16 +25,14 @@ from jupyter_gpu.broker.fair_share import FairSharePolicy
 from jupyter_gpu.broker.fragmentation import Workload
 from jupyter_gpu.broker.hosts import HostSlot, SessionDefaults, cpu_milli
 from jupyter_gpu.broker.model import GpuSlot, Lease, Request, new_id
-from jupyter_gpu.broker.scheduling import PreemptFn, explain_waiting, schedule_pass
+from jupyter_gpu.broker.queue_view import QueueView
+from jupyter_gpu.broker.scheduling import PreemptFn, schedule_pass
 from jupyter_gpu.broker.waiting import WaitingRoom
 from jupyter_gpu.common.protocol import LeaseState, RequestSpec, RequestState
 
 log = logging.getLogger(__name__)
 
 ENDED_KEPT = 2000  # ended leases and finished requests kept so a kernel can read how they ended
-# GPUs read by one refresh of the queue's estimates (each estimated request reads every GPU): the
-# first 100 waiting are estimated up to 1,000 GPUs, the first 10 at 10,000
-ESTIMATE_WORK = 100_000
 
 
 class Ledger:
@@ -72,13 +70,7 @@ class Ledger:
         self.ended: collections.OrderedDict[str, Lease] = collections.OrderedDict()
         # workers being drained (broker/draining.py): nothing new is placed on their GPUs
         self.draining: set[str] = set()
-        # bumped by every change a queue view shows (a request queued or gone, a grant, an end, a
-        # worker's GPUs or machine): the waiting requests' reasons and estimated starts are
-        # refreshed lazily against it (``refresh_waiting``), not in the scheduling pass
-        self.version = 0
-        self.eta_for = 100  # how many waiting requests, first in order, get an estimated start
-        self._views: tuple[tuple[int, int], float] | None = None  # (versions, clock) refreshed at
-        self._views_after = 0.0  # monotonic time before which no refresh runs again
+        self.view = QueueView(policy, self.queue, self.packer, clock)  # reasons, estimates
 
     @property
     def defaults(self) -> SessionDefaults:
@@ -98,7 +90,6 @@ class Ledger:
         self.hosts.setdefault(worker, HostSlot(worker=worker)).gpu_count = len(ids)
         self.packer.reindex(worker, [] if worker in self.draining else slots)
         self.fit_memo.clear()
-        self.version += 1
         return ids
 
     def set_host(self, worker: str, memory: int | None = None, cpus: float | None = None) -> None:
@@ -110,7 +101,6 @@ class Ledger:
         host.cpu_milli = None if cpus is None else cpu_milli(cpus)
         self.packer.touch(worker)
         self.fit_memo.clear()
-        self.version += 1
 
     def remove_worker(self, worker: str) -> tuple[list[str], list[Lease]]:
         """Forget a worker's GPUs (remembered as recently lost) and its machine; returns their ids
@@ -124,7 +114,6 @@ class Ledger:
         self.hosts.pop(worker, None)
         self.packer.reindex(worker, [])
         self.fit_memo.clear()
-        self.version += 1
         return gone, [ls for ls in self.leases.values() if ls.worker == worker]
 
     def capacity(self, remember: float = 120.0) -> list[GpuSlot]:
@@ -155,7 +144,6 @@ class Ledger:
         self.requests[req.id] = req
         self.queue.append(req)
         self.workload.observe(req.spec)
-        self.version += 1
 
     def record(self, req: Request) -> None:
         """Keep a request that never queues (refused at once) so its outcome can be read."""
@@ -176,7 +164,6 @@ class Ledger:
         req.reason = reason
         if req in self.queue:
             self.queue.remove(req)
-            self.version += 1
         # finished requests are kept briefly so a waiting kernel can read the outcome
         if len(self.requests) > ENDED_KEPT:
             finished = [
@@ -196,8 +183,7 @@ class Ledger:
         """One scheduling pass (``scheduling.schedule_pass``) over the queue: grants, in policy
         order, what fits; ``preempt(lease_id, reason, req)`` takes a lease back for a waiting
         request (it must end the lease through ``end``). Returns the grants made, each request with
-        its new leases. The waiting requests' full reasons and estimated starts are not part of
-        it (``eta_for`` 0): a queue view asks for them (``refresh_waiting``).
+        its new leases (estimated starts are not worked out: a view asks, ``queue_view.py``).
 
                 A request that makes the pass raise (it should never get in: handlers validate what
                 they accept) is taken out with the reason, through ``fail`` (default:
@@ -241,37 +227,10 @@ class Ledger:
                         self.finish_request(req, "failed", reason)
         return grants
 
-    def refresh_waiting(self, now: float | None = None, force: bool = False) -> None:
-        """Give the first ``eta_for`` waiting requests their full reason and estimated start
-        (``scheduling.explain_waiting``), if the ledger or its leases changed since the last
-        refresh, or a second passed (estimates move with time).
-
-        Called by what shows the queue (``views.request_status``, ``views.snapshot``), never by
-        a scheduling decision. Its cost grows with the pool (every GPU and lease per estimated
-        request: 2 s at 10,000 GPUs), so, unless ``force``d (a simulator reading what a kernel
-        would be told), it takes at most a tenth of the scheduler's time: after a refresh that
-        took ``d`` seconds, the next runs ``9 d`` later at the earliest, and until then views
-        show what it found. At most ``ESTIMATE_WORK`` GPU readings are spent on estimates: in a
-        pool of more than 1,000 GPUs fewer than ``eta_for`` requests get one."""
-        now = self.clock() if now is None else now
-        versions = (self.version, self.policy.version)
-        if self._views is not None and not force:
-            seen, at = self._views
-            if (seen == versions and now - at < 1.0) or time.monotonic() < self._views_after:
-                return
-        started = time.monotonic()
-        # each estimate reads every GPU: a bounded number of them per refresh
-        n = min(self.eta_for, max(1, ESTIMATE_WORK // max(1, len(self.gpus))))
-        explain_waiting(self.policy, self.queue, self.packer, now, n)
-        done = time.monotonic()
-        self._views = (versions, now)
-        self._views_after = done + 9 * (done - started)
-
     def grant(self, req: Request, placement: packing.Placement, preemptible: bool) -> list[Lease]:
         """Book ``placement`` for ``req``: one lease per rank, the GPUs' bytes, the policy's
         accounting."""
         self.queue.remove(req)
-        self.version += 1
         req.state = "starting"
         req.reason = "starting the session process"
         req.eta, req.eta_basis, req.eta_note = None, None, None
@@ -373,19 +332,12 @@ class Ledger:
         if lease is None:
             return None
         self._book(lease, -1)
-        self.version += 1
         lease.state, lease.ended, lease.end_reason = (
             "ended",
             self.clock() if now is None else now,
             reason,
         )
         self.policy.lease_ended(lease.id, now=lease.ended)
-        quotas = self.policy.quotas
-        if quotas.team(lease.team or quotas.team_of(lease.user)).limit is not None or (
-            quotas.user_limit(lease.user) is not None
-        ):
-            # its team or user holds less now: a request that a limit held back may fit anywhere
-            self.packer.mark_all()
         self.ended[lease.id] = lease
         while len(self.ended) > ENDED_KEPT:
             self.ended.popitem(last=False)

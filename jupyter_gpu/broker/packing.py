@@ -102,6 +102,7 @@ class Packer(ScoredChoice):
         # the workers whose room may have grown since the last complete scheduling pass (None:
         # all of them): a request the last pass could not place can only fit there now
         self.changed: set[str] | None = None
+        self.version = getattr(self, "version", 0) + 1  # bumped by every change (queue_view.py)
         for worker in list(self._by_worker) + [w for w in self.hosts if w not in self._by_worker]:
             self.touch(worker)
 
@@ -121,6 +122,7 @@ class Packer(ScoredChoice):
     def touch(self, worker: str) -> None:
         """Re-index ``worker`` after its GPUs' or its host's bookings changed."""
         self.mark(worker)
+        self.version += 1
         for g in self._by_worker.get(worker, ()):
             old = self._entry.pop(g.id, None)
             if old is not None:

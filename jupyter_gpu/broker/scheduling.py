@@ -48,6 +48,9 @@ class PassState:
         self.policy, self.packer, self.queue, self.now = policy, packer, queue, now
         self.preempt = preempt
         self.configured = policy.quotas.configured
+        if policy.limits_loosened:
+            packer.mark_all()
+            policy.limits_loosened = False
         if packer.gpus:
             policy.reference_bytes = packer.largest_gpu()
         # reservations are sticky (a request keeps the GPUs it was given until it starts), so that
@@ -401,7 +404,7 @@ def explain_waiting(
 
     Why apart from ``schedule_pass``: both cost every lease or every GPU per request (2 s at
     10,000 GPUs for 100 requests), and nobody needs them at each event, only when a queue view
-    is read (``Ledger.refresh_waiting``); in the pass they made every decision wait for them.
+    is read (``QueueView.refresh``); in the pass they made every decision wait for them.
     ``preempting``: whether the pool moves idle sessions out (the broker's passes do)."""
     fresh = queue.fresh  # the next pass still owes these their first look
     state = PassState(

@@ -184,7 +184,7 @@ def request_status(
     waiting_note: str | None = None,
 ) -> RequestStatus:
     if req.state == "queued":
-        ledger.refresh_waiting()  # its reason and estimated start, if they are out of date
+        ledger.view.refresh()  # its reason and estimated start, if they are out of date
     status: RequestStatus = {
         "id": req.id,
         "state": req.state,
@@ -282,7 +282,7 @@ def snapshot(
     """The whole pool as the panel, ``%gpu status`` and ``jupyter-gpu status`` show it
     (``waiting_note``: the cluster manager's word on new workers on their way, for the queue's
     reasons)."""
-    ledger.refresh_waiting()  # the queue's reasons and estimated starts, if out of date
+    ledger.view.refresh()  # the queue's reasons and estimated starts, if out of date
     gpus: list[GpuView] = []
     # grouped by machine: the panel draws one group per host when the pool spans several
     for gpu in sorted(ledger.gpus.values(), key=lambda g: gpu_order(g.worker, g.index)):

@@ -185,6 +185,7 @@ class WaitingRoom:
         self.estimated: set[str] = set()  # ids of those with an estimated start
         self.fresh: set[str] = set()  # ids of those no pass has looked at yet
         self._per_user: dict[str, int] = {}  # how many each user has waiting (admission's cap)
+        self.version = 0  # bumped by every request queued or gone (``queue_view.py``)
 
     # ------------------------------------------------------------------ a list's manners
     def __iter__(self) -> Iterator[Request]:
@@ -230,6 +231,7 @@ class WaitingRoom:
         self._reqs[req.id] = req
         self._where[req.id] = (team, req.user, key)
         self._per_user[req.user] = self._per_user.get(req.user, 0) + 1
+        self.version += 1
         self.fresh.add(req.id)
 
     def remove(self, req: Request) -> None:
@@ -237,6 +239,7 @@ class WaitingRoom:
             raise ValueError(f"{req.id} is not queued")
         del self._reqs[req.id]
         self.fresh.discard(req.id)
+        self.version += 1
         left = self._per_user.pop(req.user) - 1
         if left:
             self._per_user[req.user] = left
