@@ -1049,8 +1049,9 @@ def scale_tables(n_gpus: int, n_queued: int, decisions: int, seed: int) -> None:
         f"{d['submit_p50_ms']:.3f} ms, p99 {d['submit_p99_ms']:.3f} ms"
     )
     print(
-        f"A queue view's refresh (reasons and estimated starts of the first 100 waiting, when a "
-        f"view asks; not part of any decision): p50 {d['view_p50_ms']:.0f} ms, max "
+        f"A queue view's refresh (reasons and estimated starts of the first waiting, 100 or as "
+        f"many as 100,000 GPU readings allow, when a view asks; not part of any decision): p50 "
+        f"{d['view_p50_ms']:.0f} ms, max "
         f"{d['view_max_ms']:.0f} ms"
     )
     f = flood(n_gpus, 10_000, seed, eta_for=0)
