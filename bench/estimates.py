@@ -165,6 +165,7 @@ class Replay:
             if req.id in self.waited:
                 self.waited[req.id].started = self.now
             self.start_cell(u)
+        self.ledger.view.refresh(self.now, force=True)  # what a kernel would read now
         for req in self.ledger.queue:
             record = self.waited.setdefault(req.id, Waited(req.submitted))
             if sample or not record.new:

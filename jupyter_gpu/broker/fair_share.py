@@ -115,6 +115,14 @@ class FairSharePolicy:
         # leases that may be idle, and the preemptible ones: what preemption.py chooses from
         self.idle: set[str] = set()
         self.preemptible: set[str] = set()
+        self.preemptible_of: dict[str, set[str]] = {}  # the same by team
+        # bumped by every change to the lease book (a lease started, ended, went idle or busy):
+        # what a scheduling pass caches against (``scheduling.PassState.look``)
+        self.version = 0
+        self.look_cache: dict[str, tuple[int, float, bool]] = {}
+        # a lease of a team or user with a limit ended: a request the limit held back may fit
+        # anywhere now, not only where room grew (the next pass looks everywhere)
+        self.limits_loosened = False
 
     # ------------------------------------------------------------------ accounting
     def lease_started(
@@ -150,10 +158,12 @@ class FairSharePolicy:
             host=host,
         )
         self.leases[lease_id] = rec
+        self.version += 1
         if idle:
             self.idle.add(lease_id)
         if preemptible:
             self.preemptible.add(lease_id)
+            self.preemptible_of.setdefault(team, set()).add(lease_id)
         self._step(user, team, now, gpus)
         return rec
 
@@ -161,8 +171,17 @@ class FairSharePolicy:
         rec = self.leases.pop(lease_id, None)
         if rec is None:
             return None
+        self.version += 1
         self.idle.discard(lease_id)
-        self.preemptible.discard(lease_id)
+        limit = self.quotas.team(rec.team).limit
+        if limit is not None or self.quotas.user_limit(rec.user) is not None:
+            self.limits_loosened = True
+        if lease_id in self.preemptible:
+            self.preemptible.discard(lease_id)
+            of_team = self.preemptible_of.get(rec.team, set())
+            of_team.discard(lease_id)
+            if not of_team:
+                self.preemptible_of.pop(rec.team, None)
         now = self.clock() if now is None else now
         self._step(rec.user, rec.team, now, -rec.gpus)
         self.cells.lease_ended(lease_id)
@@ -182,6 +201,7 @@ class FairSharePolicy:
         how far it is (``step`` of ``total``: the queue's estimates use it)."""
         rec = self.leases.get(lease_id)
         if rec is not None:
+            self.version += 1
             now = self.clock() if now is None else now
             rec.idle_since = None if state == "running" else (rec.idle_since or now)
             (self.idle.discard if state == "running" else self.idle.add)(lease_id)

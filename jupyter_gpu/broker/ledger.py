@@ -27,6 +27,7 @@ from jupyter_gpu.broker.fragmentation import Workload
 from jupyter_gpu.broker.hosts import HostSlot, SessionDefaults, cpu_milli
 from jupyter_gpu.broker.model import GpuSlot, Lease, Request, new_id
 from jupyter_gpu.broker.parking import ParkedCopies
+from jupyter_gpu.broker.queue_view import QueueView
 from jupyter_gpu.broker.scheduling import PreemptFn, schedule_pass
 from jupyter_gpu.broker.waiting import WaitingRoom
 from jupyter_gpu.common.protocol import LeaseState, RequestSpec, RequestState
@@ -72,6 +73,7 @@ class Ledger:
         # workers being drained (broker/draining.py): nothing new is placed on their GPUs
         self.draining: set[str] = set()
         self.parking = ParkedCopies(self.hosts, self.ended)  # idle sessions' copies (parking.py)
+        self.view = QueueView(policy, self.queue, self.packer, clock)  # reasons, estimates
 
     @property
     def defaults(self) -> SessionDefaults:
@@ -179,16 +181,16 @@ class Ledger:
         self,
         preempt: PreemptFn | None,
         now: float | None = None,
-        eta_for: int = 100,
+        eta_for: int = 0,
         fail: Callable[[Request, str], None] | None = None,
     ) -> list[tuple[Request, list[Lease]]]:
         """One scheduling pass (``scheduling.schedule_pass``) over the queue: grants, in policy
         order, what fits; ``preempt(lease_id, reason, req)`` takes a lease back for a waiting
         request (it must end the lease through ``end``). Returns the grants made, each request with
-        its new leases. A request that makes the pass raise (it should never get in: handlers
-        validate what they accept) is taken out with the reason, through ``fail`` (default:
-        ``finish_request(req, "failed", ...)``), and the pass runs again without it: one bad request
-        never stops scheduling for everybody else."""
+        its new leases (estimated starts are left to a view: ``queue_view.py``). A request that
+        makes the pass raise (it should never get in: handlers validate what they accept) is taken
+        out with the reason, through ``fail`` (default: ``finish_request(req, "failed", ...)``), and
+        the pass runs again without it: one bad request never stops scheduling for everybody else."""
         grants: list[tuple[Request, list[Lease]]] = []
 
         def grant(req: Request, placement: packing.Placement, preemptible: bool) -> None:

@@ -99,6 +99,10 @@ class Packer(ScoredChoice):
         self._groups: dict[StateKey, SortedList] = {}
         self._capable: collections.Counter[int] = collections.Counter()
         self._capable_version = -1
+        # the workers whose room may have grown since the last complete scheduling pass (None:
+        # all of them): a request the last pass could not place can only fit there now
+        self.changed: set[str] | None = None
+        self.version = getattr(self, "version", 0) + 1  # bumped by every change (queue_view.py)
         for worker in list(self._by_worker) + [w for w in self.hosts if w not in self._by_worker]:
             self.touch(worker)
 
@@ -117,6 +121,8 @@ class Packer(ScoredChoice):
 
     def touch(self, worker: str) -> None:
         """Re-index ``worker`` after its GPUs' or its host's bookings changed."""
+        self.mark(worker)
+        self.version += 1
         for g in self._by_worker.get(worker, ()):
             old = self._entry.pop(g.id, None)
             if old is not None:
@@ -190,6 +196,41 @@ class Packer(ScoredChoice):
     # ------------------------------------------------------------------ what the pool has
     def largest_gpu(self) -> int:
         return max(self._free) if self._free else 0
+
+    def mark(self, worker: str) -> None:
+        """``worker`` may have more room than the last pass saw (a booking ended, GPUs held for
+        another request were let go)."""
+        if self.changed is not None:
+            self.changed.add(worker)
+
+    def mark_all(self) -> None:
+        """Anything may fit anywhere again (a limit loosened, the pool was re-indexed)."""
+        self.changed = None
+
+    def changed_room(self) -> Room:
+        """``room`` over the workers ``changed`` since the last complete pass: what a request that
+        the last pass found no place for could get now. Costs the changed workers' GPUs, not the
+        pool's."""
+        if self.changed is None:
+            return self.room()
+        frac = bytes_ = whole = memory = cpu = 0.0
+        for worker in self.changed:
+            slots = self._by_worker.get(worker, ())
+            if not slots:
+                continue
+            free_whole = 0
+            for g in slots:
+                free = g.free_bytes
+                frac, bytes_ = max(frac, free / g.total_bytes), max(bytes_, float(free))
+                free_whole += g.leased_bytes == 0
+            whole = max(whole, float(free_whole))
+            host = self.hosts.get(worker)
+            if host is None or host.memory is None or host.cpu_milli is None:
+                memory = cpu = math.inf
+            else:
+                memory = max(memory, float(host.free_memory))
+                cpu = max(cpu, float(host.free_cpu_milli))
+        return Room((frac, bytes_, whole), memory, cpu)
 
     def room(self) -> Room:
         """The most one request could get now, per kind of need (``waiting.Room``): a necessary

@@ -13,7 +13,8 @@ cannot act, so that what can never run, or cannot until the pool changes, costs 
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from jupyter_gpu.broker import preemption
@@ -47,13 +48,16 @@ class PassState:
         self.policy, self.packer, self.queue, self.now = policy, packer, queue, now
         self.preempt = preempt
         self.configured = policy.quotas.configured
+        if policy.limits_loosened:
+            packer.mark_all()
+            policy.limits_loosened = False
         if packer.gpus:
             policy.reference_bytes = packer.largest_gpu()
         # reservations are sticky (a request keeps the GPUs it was given until it starts), so that
         # the GPUs held for it drain instead of moving to whichever GPU happens to be emptiest at
         # the next pass
         for rid in [rid for rid in policy.reservations if queue.get(rid) is None]:
-            del policy.reservations[rid]
+            _let_go(packer, policy.reservations.pop(rid))
         self.reserved_by: dict[str, str] = {
             g: rid for rid, gs in policy.reservations.items() for g in gs if g in packer.gpus
         }
@@ -71,6 +75,8 @@ class PassState:
             self.worth,
             self.group_worth,
             reserving,
+            phase_of=lambda team, spec: 0 if policy.need(spec) <= self.context(team)[0] else 1,
+            phase_room=lambda team: self.context(team)[0],
         )
 
     # ------------------------------------------------------------------ the frozen order
@@ -96,26 +102,25 @@ class PassState:
 
     # ------------------------------------------------------------------ what can act
     def look(self) -> None:
-        """The room this pass could give, and whether preemption could add to it."""
-        self.room: Room = self.packer.room()
+        """The room this pass could give, and whether preemption could add to it.
+
+        The room is that of the workers whose room grew since the last complete pass
+        (``Packer.changed_room``): that pass found no place for anything still waiting, so a
+        request can only fit where something changed. Whether an idle session could be suspended
+        or a borrowed lease reclaimed is remembered until the lease book changes or a lease ages
+        into it (``_cached``): both scan every lease."""
+        self.room: Room = self.packer.changed_room()
         quotas = self.policy.quotas
-        self.suspending = bool(
+        after = quotas.suspend_idle_after
+        self.suspending = (
             self.preempt is not None
-            and quotas.suspend_idle_after is not None
-            and preemption.suspend_candidates(self.policy, self.now, quotas.suspend_idle_after)
+            and after is not None
+            and _cached(self.policy, "suspend", self.now, lambda: _suspendable(self, after))
         )
-        self.reclaiming = bool(
+        self.reclaiming = (
             self.preempt is not None
             and self.configured
-            and any(
-                r.preemptible
-                and not r.gang
-                and self.policy.over_guarantee(r.team) > EPS
-                and self.now - r.started >= quotas.min_run_time
-                and r.started < self.now
-                for r in map(self.policy.leases.get, self.policy.preemptible)
-                if r is not None
-            )
+            and _cached(self.policy, "reclaim", self.now, lambda: _reclaimable(self))
         )
 
     def worth(self, needs: Needs, team: str, user: str | None) -> bool:
@@ -175,6 +180,56 @@ class PassState:
         return fits
 
 
+def _cached(
+    policy: FairSharePolicy, what: str, now: float, compute: Callable[[], tuple[bool, float]]
+) -> bool:
+    """``compute()``'s answer (and until when it holds if the lease book does not change), kept
+    in ``policy.look_cache`` against the book's version."""
+    found = policy.look_cache.get(what)
+    if found is not None and found[0] == policy.version and now < found[1]:
+        return found[2]
+    value, until = compute()
+    policy.look_cache[what] = (policy.version, until, value)
+    return value
+
+
+def _suspendable(state: PassState, after: float) -> tuple[bool, float]:
+    """Whether an idle session may move out now; if none may, when the first could."""
+    now, until = state.now, math.inf
+    if preemption.suspend_candidates(state.policy, now, after):
+        return True, math.inf
+    for lid in state.policy.idle:
+        r = state.policy.leases.get(lid)
+        if r is not None and not r.gang and r.idle_since is not None:
+            # (one granted this very instant may move out at the next)
+            until = min(until, max(r.idle_since + after, math.nextafter(r.started, math.inf)))
+    return False, until
+
+
+def _reclaimable(state: PassState) -> tuple[bool, float]:
+    """Whether a borrowed lease may be reclaimed now; if none may, when the first could."""
+    policy, now, until = state.policy, state.now, math.inf
+    min_run = policy.quotas.min_run_time
+    for team, ids in policy.preemptible_of.items():
+        if policy.over_guarantee(team) <= EPS:
+            continue  # (a team's standing changes only with the lease book)
+        for r in map(policy.leases.get, ids):
+            if r is None or r.gang:
+                continue
+            if now - r.started >= min_run and r.started < now:
+                return True, math.inf
+            until = min(until, max(r.started + min_run, math.nextafter(r.started, math.inf)))
+    return False, until
+
+
+def _let_go(packer: Packer, gpus: Iterable[str]) -> None:
+    """GPUs held for a request are free for others again: their workers' room grew."""
+    for g in gpus:
+        slot = packer.gpus.get(g)
+        if slot is not None:
+            packer.mark(slot.worker)
+
+
 def _alloc(gpu: GpuSlot, nbytes: int) -> Allocation:
     return Allocation(gpu=gpu.id, index=gpu.index, bytes=nbytes)
 
@@ -214,6 +269,7 @@ def schedule_pass(
         if not state.walk.full and not (served and _may_reserve(state, req)):
             state.walk.skip_group(req)  # the same shape of the same user cannot act either
     _estimate(policy, packer, queue, waiting[:eta_for], now)
+    packer.changed = set()  # nothing still waiting fits anywhere: only what changes next counts
     return waiting
 
 
@@ -240,8 +296,9 @@ def _serve(
         return True
     state.freeze(team, req.user)
     grant(req, placement, state.configured and not within)
-    state.room = state.packer.room()  # what is left for those after it
     released = policy.reservations.pop(req.id, ())
+    _let_go(state.packer, released)
+    state.room = state.packer.changed_room()  # what is left for those after it
     for g in released:
         state.reserved_by.pop(g, None)
     if released:  # GPUs held for it are free for the others again
@@ -292,9 +349,10 @@ def _may_reserve(state: PassState, req: Request) -> bool:
     return len(state.reserved_by) < state.budget and state.policy.should_reserve(req, state.now)
 
 
-def _explain(state: PassState, req: Request, estimate: bool) -> None:
+def _explain(state: PassState, req: Request, estimate: bool, reserve_now: bool = True) -> None:
     """The reason ``req`` waits (what is short, when idle sessions will make room, its quota
-    standing, GPUs reserved for it), and a reservation when it has waited long enough."""
+    standing, GPUs reserved for it), and a reservation when it has waited long enough (unless
+    ``reserve_now`` is False: a view's refresh decides nothing)."""
     policy, now = state.policy, state.now
     team, need = policy.team_of(req), policy.need(req.spec)
     held = state.held_for_others(req)
@@ -319,7 +377,7 @@ def _explain(state: PassState, req: Request, estimate: bool) -> None:
             "guarantee: this runs on idle capacity, preemptible)"
         )
     mine = policy.reservations.get(req.id)
-    if not mine and _may_reserve(state, req):
+    if not mine and reserve_now and _may_reserve(state, req):
         mine = reserve(req.spec, _Avail(state.packer.gpus, held).all())
         if mine:
             policy.reservations[req.id] = mine
@@ -329,6 +387,47 @@ def _explain(state: PassState, req: Request, estimate: bool) -> None:
             f"; {len(mine)} GPU(s) reserved for it after {now - req.submitted:.0f} s of waiting"
         )
     req.reason = reason
+
+
+def explain_waiting(
+    policy: FairSharePolicy,
+    queue: WaitingRoom,
+    packer: Packer,
+    now: float,
+    eta_for: int = 100,
+    preempting: bool = True,
+    reserve_share: float = 0.25,
+) -> list[Request]:
+    """The first ``eta_for`` waiting requests in the policy's order, each given its full reason
+    (when idle sessions would move out for it) and its estimated start; decides nothing (no
+    grant, preemption or reservation). Returns them in order.
+
+    Why apart from ``schedule_pass``: both cost every lease or every GPU per request (2 s at
+    10,000 GPUs for 100 requests), and nobody needs them at each event, only when a queue view
+    is read (``QueueView.refresh``); in the pass they made every decision wait for them.
+    ``preempting``: whether the pool moves idle sessions out (the broker's passes do)."""
+    fresh = queue.fresh  # the next pass still owes these their first look
+    state = PassState(
+        policy, packer, queue, now, _no_preempt if preempting else None, reserve_share
+    )
+    queue.fresh = fresh
+    state.walk.full = True
+    waiting: list[Request] = []
+    for req in state.walk if eta_for > 0 else ():
+        blocked = policy.limit_reason(req)
+        if blocked:
+            req.reason = blocked
+        else:
+            _explain(state, req, estimate=True, reserve_now=False)
+        waiting.append(req)
+        if len(waiting) >= eta_for:
+            break
+    _estimate(policy, packer, queue, waiting, now)
+    return waiting
+
+
+def _no_preempt(lease_id: str, reason: str, req: Request) -> None:
+    raise AssertionError("a view's refresh preempts nothing")  # pragma: no cover
 
 
 def _estimate(

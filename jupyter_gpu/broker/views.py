@@ -219,6 +219,8 @@ def request_status(
     start_slots: Mapping[str, int] | None = None,
     waiting_note: str | None = None,
 ) -> RequestStatus:
+    if req.state == "queued":
+        ledger.view.refresh()  # its reason and estimated start, if they are out of date
     status: RequestStatus = {
         "id": req.id,
         "state": req.state,
@@ -322,6 +324,7 @@ def snapshot(
     """The whole pool as the panel, ``%gpu status`` and ``jupyter-gpu status`` show it
     (``waiting_note``: the cluster manager's word on new workers on their way, for the queue's
     reasons)."""
+    ledger.view.refresh()  # the queue's reasons and estimated starts, if out of date
     gpus: list[GpuView] = []
     # grouped by machine: the panel draws one group per host when the pool spans several
     for gpu in sorted(ledger.gpus.values(), key=lambda g: gpu_order(g.worker, g.index)):

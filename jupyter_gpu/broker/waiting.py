@@ -184,6 +184,8 @@ class WaitingRoom:
         self.gangs: SortedList = SortedList()  # (submitted, id) of multi-rank requests
         self.estimated: set[str] = set()  # ids of those with an estimated start
         self.fresh: set[str] = set()  # ids of those no pass has looked at yet
+        self._per_user: dict[str, int] = {}  # how many each user has waiting (admission's cap)
+        self.version = 0  # bumped by every request queued or gone (``queue_view.py``)
 
     # ------------------------------------------------------------------ a list's manners
     def __iter__(self) -> Iterator[Request]:
@@ -203,6 +205,10 @@ class WaitingRoom:
 
     def get(self, req_id: str) -> Request | None:
         return self._reqs.get(req_id)
+
+    def waiting_of(self, user: str) -> int:
+        """How many requests ``user`` has waiting (in constant time: checked on every request)."""
+        return self._per_user.get(user, 0)
 
     def append(self, req: Request) -> None:
         if req.id in self._reqs:
@@ -224,6 +230,8 @@ class WaitingRoom:
             self.gangs.add((req.submitted, req.id))
         self._reqs[req.id] = req
         self._where[req.id] = (team, req.user, key)
+        self._per_user[req.user] = self._per_user.get(req.user, 0) + 1
+        self.version += 1
         self.fresh.add(req.id)
 
     def remove(self, req: Request) -> None:
@@ -231,6 +239,10 @@ class WaitingRoom:
             raise ValueError(f"{req.id} is not queued")
         del self._reqs[req.id]
         self.fresh.discard(req.id)
+        self.version += 1
+        left = self._per_user.pop(req.user) - 1
+        if left:
+            self._per_user[req.user] = left
         self.estimated.discard(req.id)
         team, user, key = self._where.pop(req.id)
         tq = self.teams[team]
@@ -272,8 +284,14 @@ class Walk:
         worth: Callable[[Needs, str, str | None], bool],
         admits: Callable[[RequestSpec, float], bool],
         sticky: Iterable[Request] = (),
+        phase_of: Callable[[str, RequestSpec], int] | None = None,
+        phase_room: Callable[[str], float] | None = None,
     ):
         self.room = room
+        # a group's phase (0: within its team's guarantee) from its shape, and a team's room in
+        # its guarantee: a team or group of the other phase is not opened
+        self._phase_of = phase_of
+        self._phase_room = phase_room
         self.key = key
         self._aged_gang = aged_gang
         self._worth = worth
@@ -334,6 +352,9 @@ class Walk:
         tq = self.room.teams.get(team)
         if tq is None:
             return
+        if phase == 0 and self._phase_room is not None:
+            if tq.needs.equivalents.smallest() > self._phase_room(team):
+                return  # nothing of it fits in its guarantee (its --memory asks count as 0)
         if not self.full and not self._worth(tq.needs, team, None):
             self._passed.append(("team", team, phase))
             return
@@ -348,6 +369,8 @@ class Walk:
             self._passed.append(("user", team, user, phase))
             return
         for gkey, group in uq.groups.items():
+            if self._phase_of is not None and self._phase_of(team, group.spec) != phase:
+                continue  # (its aged gangs were pushed on their own)
             if not self.full and not self._admits(group.spec, group.items[0][0]):
                 self._passed.append(("group", team, user, gkey, phase, None))
                 continue

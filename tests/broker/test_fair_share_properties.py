@@ -393,3 +393,56 @@ def test_the_host_memory_and_cores_booked_on_a_machine_never_exceed_what_it_leav
     assert not pool.queue, [(r.id, r.spec.describe(), r.reason) for r in pool.queue]
     assert not pool.leases
     assert served == fits
+
+
+def _pool(sizes, guarantees):
+    sim = pool_sim()
+    users = {f"u{i}": f"t{i % 3}" for i in range(6)}
+    q = PoolQuotas(
+        teams={f"t{i}": Team(name=f"t{i}", guarantee=g) for i, g in enumerate(guarantees)},
+        users={u: UserQuota(name=u, team=t) for u, t in users.items()},
+        reserve_after=RESERVE_AFTER,
+        min_run_time=0.0,
+        configured=True,
+    )
+    return sim.SimPool(gpus(*sizes), FairSharePolicy(q))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pools(), jobs)
+def test_a_pass_that_looks_only_where_room_grew_grants_what_looking_everywhere_grants(pool, work):
+    """The scheduling pass looks only at the room of the workers that changed since the last pass
+    (``Packer.changed_room``, issue 24): on any workload it grants, reclaims and places exactly
+    what a pass that looks at the whole pool's room does."""
+    sizes, guarantees = pool
+    narrow, everywhere = _pool(sizes, guarantees), _pool(sizes, guarantees)
+    events, seq = initial_events(
+        [(t, u, spec, dur, prio) for t, u, spec, dur, prio in work], len(sizes), 400.0
+    )
+    twin: dict[str, Request] = {}
+    while events:
+        t, _, kind, obj = heapq.heappop(events)
+        narrow.now = everywhere.now = t
+        if kind == "arrive":
+            r, dur = obj
+            twin[r.id] = Request(id=r.id, user=r.user, kernel="k", client=None, spec=r.spec)
+            narrow.submit(r)
+            everywhere.submit(twin[r.id])
+        elif kind == "end":
+            for lid in obj:
+                narrow.end(lid)
+                everywhere.end(lid)
+        everywhere.ledger.packer.mark_all()
+        done = [narrow.schedule(), everywhere.schedule()]
+        seen = [
+            (
+                [(r.id, ls.id, [(a.gpu, a.bytes) for a in ls.allocations]) for r, ls in grants],
+                sorted(ls.id for ls, _ in taken),
+            )
+            for grants, taken in done
+        ]
+        assert seen[0] == seen[1], (t, kind)
+        ends = [ls.id for _, ls in done[0][0]]
+        if ends:
+            dur = 10.0 + len(ends)
+            heapq.heappush(events, (t + dur, seq := seq + 1, "end", ends))

@@ -172,3 +172,23 @@ def test_quota_users_list_every_member_with_their_team_so_the_panel_looks_its_te
     assert view["default_team"] == "default"  # where a user the broker does not list lands
     alice = next(u for u in view["users"] if u["user"] == "alice")
     assert alice["limit"] == 1
+
+
+def test_estimated_starts_are_worked_out_when_a_view_asks_not_in_the_scheduling_pass():
+    """Bug fixed (issue 24): every scheduling pass worked out the first 100 waiting requests'
+    estimated starts, each over every GPU and lease (2 s a pass at 10,000 GPUs), so every grant
+    waited for them. The pass now decides only; a view of the queue works them out, once per
+    change of the ledger."""
+    ledger = pool()
+    for user in ("ann", "ben"):
+        lease = grant(ledger, user, RequestSpec(gpus=1))
+        ledger.set_state(lease.id, "running")
+    waiting = Request(id="R-cy", user="cy", kernel="k-cy", client=None, spec=RequestSpec(gpus=1))
+    ledger.submit(waiting)
+    assert ledger.schedule(None) == []
+    assert (waiting.eta_basis, waiting.eta_note) == (None, None)  # the pass estimated nothing
+    status = views.request_status(ledger, waiting)
+    assert status["eta_basis"] == "unknown" and status["eta_note"], status
+    assert status["reason"].startswith("waiting"), status
+    queued = views.snapshot(ledger, {}, {"embedded": True}, [], "names")["queue"]
+    assert [(q["id"], q["eta_note"]) for q in queued] == [("R-cy", status["eta_note"])]
