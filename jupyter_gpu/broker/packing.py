@@ -353,7 +353,7 @@ class Packer(ScoredChoice):
         docstring); machines touched by this placement's earlier ranks or by ``skip`` are scored
         as they are without those GPUs."""
         touched = {self.gpus[g].worker for g in skip if g in self.gpus} | set(pending)
-        capable = self._capable_now() if self.protects else None
+        capable = self._capable_now() if self.protecting() else None
         best: tuple[tuple[Any, ...], str, StateKey, int] | None = None
 
         def consider(key: StateKey, worker: str) -> None:

@@ -41,12 +41,20 @@ class ScoredChoice:
     shape of the workload."""
 
     protects = True  # the last machines able to host a shape keep it (see the module docstring)
+    # ... in a pool of more machines than this only: in a small pool every machine is one of "the
+    # last" able to host each shape, so keeping that ability would forbid filling any machine and
+    # spread halves over GPUs that best fit and FGD would pack (two 0.5 sessions on two GPUs)
+    PROTECT_FROM_MACHINES = 4 * LAST_CAPABLE
     workload: Workload
     scorer: Scorer
     hosts: dict[str, HostSlot]
     _groups: dict[StateKey, SortedList]
     _capable: collections.Counter[int]
     _capable_version: int
+
+    def protecting(self) -> bool:
+        """Whether the last machines able to host a shape keep it (``PROTECT_FROM_MACHINES``)."""
+        return self.protects and len(self.hosts) > self.PROTECT_FROM_MACHINES
 
     def order_key(self, worker: str) -> tuple[Any, ...]:
         """Ties go to the machine with the fewest cores, then in worker order (the worker's name
@@ -127,7 +135,7 @@ class ScoredChoice:
     def choose_host(self, memory: int, milli: int) -> str | None:
         """The machine where host memory and cores alone (no GPU) fit with the least added
         fragmentation: for work that is not a session (the benchmark's CPU-only tasks)."""
-        capable = self._capable_now() if self.protects else None
+        capable = self._capable_now() if self.protecting() else None
         best: tuple[tuple[Any, ...], str] | None = None
         for key, members in self._groups.items():
             _, fm, fc, mem, cpu, n = key

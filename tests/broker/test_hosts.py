@@ -231,3 +231,19 @@ def test_a_default_share_books_at_least_the_floor_but_never_more_than_the_machin
     assert host_need(RequestSpec(fraction=0.01), tiny, small, floor)[0] == 512 * MiB
     unbounded = HostSlot("w")  # a machine that reports nothing: nothing booked, as before
     assert host_need(RequestSpec(fraction=0.01), tiny, unbounded, floor)[0] == 0
+
+
+def test_in_a_small_pool_two_halves_share_one_gpu_when_machines_report_their_host():
+    """Bug fixed: once workers reported host memory and cores, two ``--gpus 0.5`` sessions in a
+    pool of two one-GPU workers went to both GPUs (each machine was one of "the last" able to host
+    a half, so neither was filled), and a ``--gpus 1`` cell then waited for a GPU best fit leaves
+    whole."""
+    ledger = pool((1, 10 * GiB, 1.0), (1, 10 * GiB, 1.0))
+    for rid, user in (("R1", "alice"), ("R2", "bob")):
+        ledger.submit(request(rid, user, fraction=0.5))
+    halves = [ls for _, leases in ledger.schedule(None) for ls in leases]
+    assert [ls.worker for ls in halves] == ["w0", "w0"]
+    ledger.submit(request("R3", "carol", gpus=1))
+    [(_, [whole])] = ledger.schedule(None)
+    assert whole.worker == "w1"
+    ledger.check()
