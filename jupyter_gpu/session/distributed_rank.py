@@ -10,9 +10,12 @@ The rendezvous store (torch's ``TCPStore``) of rank 0 listens on the socket its 
 the kernel asked for a port (``server.free_port``): on the address the ranks use, not on every
 interface, and from before the port was handed out. Every key of the run is under a prefix only its
 ranks know (``store_key``, made by the kernel per attempt and sent to each rank over its
-secret-checked comm): someone else who connects to the store can name none of the run's keys, so
-can neither read where the ranks listen nor post a rank of their own. What stays open is gloo's (or
-NCCL's) own connections between the ranks, which torch does not authenticate (docs/security.md).
+secret-checked comm), so a guess names none of them. That does NOT keep the store private: torch's
+``TCPStore`` serves ``list_keys()`` to anyone who connects, prefix included, and the ranks' address
+is reachable by every account of the machine (``127.0.0.1`` when all ranks are on one), so another
+user can read where the ranks listen and post a rank under the run's prefix
+(tests/system/security/test_least_privilege.py, strict xfail). Neither is gloo's (or NCCL's) own
+traffic between the ranks authenticated by torch (docs/security.md, "What is not covered").
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """A ``--workers`` run's rendezvous store (issue 20, rank traffic): rank 0's torch ``TCPStore``
 serves on the socket its session bound when the kernel asked for a port (the ranks' address only,
 never every interface, and from before the port was handed out), and every key of the run is under
-a prefix only the run's ranks know. Before, the store listened on all interfaces and anyone who
-connected read where the ranks listen and could post a rank of their own.
+a prefix only the run's ranks know, so a guessed prefix reads nothing. Before, the store listened
+on all interfaces. The prefix does not make the store private (torch serves ``list_keys()`` to any
+client): that hole is tests/system/security/test_least_privilege.py's strict xfail.
 
 Real torch stores in this process (what ``session/distributed_rank.py`` builds), no process group.
 """
