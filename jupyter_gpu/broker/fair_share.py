@@ -313,23 +313,28 @@ class FairSharePolicy:
         """The sort key of the module docstring (smaller is served first); ``user_held`` overrides
         what the user holds now."""
         room, share_t = context or self.team_context(self.team_of(req), now)
-        avg_u = self.avg_user.get(req.user)
-        held_u = self.held_user.get(req.user, 0.0) if user_held is None else user_held
-        share_u = held_u + (avg_u.at(now, self.lam) if avg_u else 0.0)
-        prio = self._priority.get(req.user)
-        if prio is None:
-            prio = self._priority[req.user] = self.quotas.priority(req.user)
+        share_u, prio = self.user_rank(req.user, now, user_held)
         spec = req.spec
         return (
             0 if spec.workers > 1 and now - req.submitted >= self.quotas.reserve_after else 1,
             0 if self.need(spec) <= room else 1,
             share_t,
-            round(share_u, 9),
-            -prio,
+            share_u,
+            prio,
             PRIORITY_RANK.get(spec.priority, 1),
             req.submitted,
             req.id,
         )
+
+    def user_rank(self, user: str, now: float, user_held: float | None = None) -> tuple[float, int]:
+        """The user's part of ``key``: (user share, -priority)."""
+        avg_u = self.avg_user.get(user)
+        held_u = self.held_user.get(user, 0.0) if user_held is None else user_held
+        share_u = held_u + (avg_u.at(now, self.lam) if avg_u else 0.0)
+        prio = self._priority.get(user)
+        if prio is None:
+            prio = self._priority[user] = self.quotas.priority(user)
+        return round(share_u, 9), -prio
 
     def order(self, queue: list[Request]) -> list[Request]:
         """The queue sorted by ``key``: the first request is the one to serve first."""

@@ -19,12 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 from jupyter_gpu.broker import preemption
 from jupyter_gpu.broker.estimates import estimate_waiting
+from jupyter_gpu.broker.fair_share import FairSharePolicy
 from jupyter_gpu.broker.model import Allocation, GpuSlot, Request
 from jupyter_gpu.broker.waiting import Needs, Room, WaitingRoom, Walk
 from jupyter_gpu.common.protocol import RequestSpec
 
 if TYPE_CHECKING:
-    from jupyter_gpu.broker.fair_share import FairSharePolicy, LeaseRecord
+    from jupyter_gpu.broker.fair_share import LeaseRecord
     from jupyter_gpu.broker.packing import Packer, Placement
 
 EPS = 1e-6
@@ -77,6 +78,9 @@ class PassState:
             reserving,
             phase_of=lambda team, spec: 0 if policy.need(spec) <= self.context(team)[0] else 1,
             phase_room=lambda team: self.context(team)[0],
+            narrow=self.narrow,
+            # (a policy with a key of its own, the simulator's baselines: users opened at once)
+            user_key=self.user_key if type(policy).key is FairSharePolicy.key else None,
         )
 
     # ------------------------------------------------------------------ the frozen order
@@ -90,6 +94,12 @@ class PassState:
     def key(self, req: Request) -> tuple[Any, ...]:
         return self.policy.key(
             req, self.now, self.context(self.policy.team_of(req)), self._held_user.get(req.user)
+        )
+
+    def user_key(self, team: str, user: str, phase: int) -> tuple[Any, ...]:
+        """A prefix of ``key`` of each of ``user``'s requests of ``phase`` (not an aged gang)."""
+        return (1, phase, self.context(team)[1]) + self.policy.user_rank(
+            user, self.now, self._held_user.get(user)
         )
 
     def aged_gang(self, req: Request) -> bool:
@@ -140,6 +150,18 @@ class PassState:
         if (self.suspending and needs.interactive_single) or (self.reclaiming and needs.single):
             return True
         return self.room.admits(needs)
+
+    def narrow(self, needs: Needs, team: str) -> Room | None:
+        """The room, when nothing but room can make any of these requests act (none to reserve
+        for, none to preempt for): then ``worth`` and ``group_worth`` are False for every user
+        and group whose GPU need exceeds it, and the walk looks only at the others (``waiting.
+        admitted``). Else None."""
+        if len(self.reserved_by) < self.budget and (self.configured or needs.reservable):
+            if self.now - needs.submitted.smallest() >= self.policy.quotas.reserve_after:
+                return None
+        if (self.suspending and needs.interactive_single) or (self.reclaiming and needs.single):
+            return None
+        return self.room
 
     def group_worth(self, spec: RequestSpec, oldest: float) -> bool:
         """Could a group's requests (of ``spec``, the oldest submitted at ``oldest``) act now?

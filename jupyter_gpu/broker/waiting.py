@@ -17,6 +17,15 @@ borrowed ones), unless something else makes it act (a reservation, one to be mad
 requests are interchangeable except for their age: once one finds no room, the others are passed
 over for the rest of the pass. When a pass makes room (a preemption), what it passed over is looked
 at again.
+
+What a room admits is found without looking at each user or group: a team keeps its users, and a
+user its groups, sorted by their smallest GPU need of each kind (``by_need``), so that when only
+room can make a team's requests act (nothing to reserve or preempt for: ``PassState.narrow``) the
+walk opens only the users and groups whose need fits it, and a user only when its turn comes (its
+requests' keys share a prefix, ``PassState.user_key``): by then the grants before it have usually
+shrunk the room, and a user it no longer admits is passed over in one test instead of each of its
+groups being keyed, pushed and popped. At 100,000 waiting that took a decision from keying about
+560 groups to about 15 (its ~40 users are still tested one by one; docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from sortedcontainers import SortedList
+from sortedcontainers import SortedKeyList, SortedList
 
 from jupyter_gpu.broker.fragmentation import ShapeKey, shape_of
 from jupyter_gpu.broker.model import Request
@@ -146,6 +155,28 @@ class Needs:
         return self.gpu[kind].smallest()
 
 
+def _by_amount() -> tuple[SortedKeyList, SortedKeyList, SortedKeyList]:
+    """Per kind of GPU need, (amount, what) sorted by amount: what a room of that kind admits is a
+    prefix."""
+    return cast(
+        tuple[SortedKeyList, SortedKeyList, SortedKeyList],
+        tuple(SortedKeyList(key=lambda item: item[0]) for _ in range(3)),
+    )
+
+
+def admitted(index: tuple[SortedKeyList, ...], room: Room) -> list[Any]:
+    """What ``index`` (``_by_amount``) holds whose GPU need fits ``room``, once each, in index
+    order: those a room admits (its host memory and cores are left to the caller)."""
+    found: dict[Any, None] = {}
+    for kind in range(3):
+        limit = room.gpu[kind]
+        if limit < 0:
+            continue
+        for _, what in index[kind].irange_key(max_key=limit):
+            found[what] = None
+    return list(found)
+
+
 @dataclass
 class Group:
     """One user's waiting requests of one shape and priority, oldest first."""
@@ -162,6 +193,8 @@ class UserQueue:
     groups: dict[GroupKey, Group] = field(default_factory=dict)
     needs: Needs = field(default_factory=Needs)
     count: int = 0
+    # per kind of GPU need, (amount, group key) of each group: the groups a room admits
+    by_need: tuple[SortedKeyList, SortedKeyList, SortedKeyList] = field(default_factory=_by_amount)
 
 
 @dataclass
@@ -169,6 +202,17 @@ class TeamQueue:
     team: str
     users: dict[str, UserQueue] = field(default_factory=dict)
     needs: Needs = field(default_factory=Needs)
+    # per kind of GPU need, (the user's smallest, user): the users a room admits
+    by_need: tuple[SortedKeyList, SortedKeyList, SortedKeyList] = field(default_factory=_by_amount)
+
+    def restate(self, uq: UserQueue, kind: int, before: float) -> None:
+        """Keep ``by_need`` in step after ``uq``'s smallest need of ``kind`` was ``before``."""
+        after = uq.needs.smallest(kind)
+        if after != before:
+            if before != INF:
+                self.by_need[kind].discard((before, uq.user))
+            if after != INF:
+                self.by_need[kind].add((after, uq.user))
 
 
 class WaitingRoom:
@@ -186,6 +230,9 @@ class WaitingRoom:
         self.fresh: set[str] = set()  # ids of those no pass has looked at yet
         self._per_user: dict[str, int] = {}  # how many each user has waiting (admission's cap)
         self.version = 0  # bumped by every request queued or gone (``queue_view.py``)
+        # whether a pass may find the users and groups a room admits by what they need (``Walk``);
+        # off only to check that it changes nothing
+        self.indexed = True
 
     # ------------------------------------------------------------------ a list's manners
     def __iter__(self) -> Iterator[Request]:
@@ -221,9 +268,15 @@ class WaitingRoom:
         )
         tq = self.teams.setdefault(team, TeamQueue(team))
         uq = tq.users.setdefault(req.user, UserQueue(req.user, team))
-        group = uq.groups.setdefault(key, Group(key, req.spec))
+        group = uq.groups.get(key)
+        kind, amount = family(req.spec)
+        if group is None:
+            group = uq.groups[key] = Group(key, req.spec)
+            uq.by_need[kind].add((amount, key))
         group.items.add((req.submitted, req.id))
+        before = uq.needs.smallest(kind)
         uq.needs.change(req, True)
+        tq.restate(uq, kind, before)
         tq.needs.change(req, True)
         uq.count += 1
         if req.spec.workers > 1:
@@ -249,9 +302,13 @@ class WaitingRoom:
         uq = tq.users[user]
         group = uq.groups[key]
         group.items.discard((req.submitted, req.id))
+        kind, amount = family(group.spec)
         if not group.items:
             del uq.groups[key]
+            uq.by_need[kind].discard((amount, key))
+        before = uq.needs.smallest(kind)
         uq.needs.change(req, False)
+        tq.restate(uq, kind, before)
         tq.needs.change(req, False)
         uq.count -= 1
         if not uq.count:
@@ -286,8 +343,15 @@ class Walk:
         sticky: Iterable[Request] = (),
         phase_of: Callable[[str, RequestSpec], int] | None = None,
         phase_room: Callable[[str], float] | None = None,
+        narrow: Callable[[Needs, str], Room | None] | None = None,
+        user_key: Callable[[str, str, int], tuple[Any, ...]] | None = None,
     ):
         self.room = room
+        # the room, when only it can make a team's (a user's) requests act: then the index of
+        # what they need finds those that can, and the others are not looked at one by one
+        self._narrow = narrow if room.indexed else None
+        # a prefix of the keys of a user's requests of one phase (none of them comes before it)
+        self._user_key = user_key
         # a group's phase (0: within its team's guarantee) from its shape, and a team's room in
         # its guarantee: a team or group of the other phase is not opened
         self._phase_of = phase_of
@@ -346,6 +410,10 @@ class Walk:
                 self._open_user(item[1], item[2], item[3])
             elif kind == "group":
                 self._next_in_group(*item[1:])
+            elif kind == "users":
+                self._open_users_but(item[1], item[2], item[3])
+            elif kind == "groups":
+                self._open_groups_but(item[1], item[2], item[3], item[4])
         raise StopIteration
 
     def _open_team(self, team: str, phase: int) -> None:
@@ -358,8 +426,33 @@ class Walk:
         if not self.full and not self._worth(tq.needs, team, None):
             self._passed.append(("team", team, phase))
             return
-        for user in list(tq.users):
-            self._open_user(team, user, phase)
+        room = self._narrowed(tq.needs, team)
+        if room is None:
+            for user in list(tq.users):
+                self._open_user(team, user, phase)
+            return
+        users = admitted(tq.by_need, room)
+        for user in users:  # each when its turn comes: the room may have shrunk by then
+            if self._user_key is None:
+                self._open_user(team, user, phase)
+            else:
+                self._push(self._user_key(team, user, phase), ("user", team, user, phase))
+        if len(users) < len(tq.users):  # the others need more than the room: passed over
+            self._passed.append(("users", team, frozenset(users), phase))
+
+    def _narrowed(self, needs: Needs, team: str) -> Room | None:
+        """The room, when only it can make these requests act (so that the index of what they
+        need finds those that can), else None (look at each)."""
+        if self.full or self._narrow is None:
+            return None
+        return self._narrow(needs, team)
+
+    def _open_users_but(self, team: str, opened: frozenset[str], phase: int) -> None:
+        """Look again at the users of ``team`` that the index passed over."""
+        tq = self.room.teams.get(team)
+        for user in list(tq.users) if tq is not None else ():
+            if user not in opened:
+                self._open_user(team, user, phase)
 
     def _open_user(self, team: str, user: str, phase: int) -> None:
         uq = self.room.teams[team].users.get(user) if team in self.room.teams else None
@@ -368,13 +461,35 @@ class Walk:
         if not self.full and not self._worth(uq.needs, team, user):
             self._passed.append(("user", team, user, phase))
             return
-        for gkey, group in uq.groups.items():
-            if self._phase_of is not None and self._phase_of(team, group.spec) != phase:
-                continue  # (its aged gangs were pushed on their own)
-            if not self.full and not self._admits(group.spec, group.items[0][0]):
-                self._passed.append(("group", team, user, gkey, phase, None))
-                continue
-            self._next_in_group(team, user, gkey, phase, None)
+        room = self._narrowed(uq.needs, team)
+        if room is None:
+            for gkey in list(uq.groups):
+                self._open_group(team, user, gkey, phase)
+            return
+        gkeys = admitted(uq.by_need, room)
+        for gkey in gkeys:
+            self._open_group(team, user, gkey, phase)
+        if len(gkeys) < len(uq.groups):  # the others need more than the room: passed over
+            self._passed.append(("groups", team, user, frozenset(gkeys), phase))
+
+    def _open_groups_but(
+        self, team: str, user: str, opened: frozenset[GroupKey], phase: int
+    ) -> None:
+        """Look again at the groups of ``user`` that the index passed over."""
+        tq = self.room.teams.get(team)
+        uq = tq.users.get(user) if tq is not None else None
+        for gkey in list(uq.groups) if uq is not None else ():
+            if gkey not in opened:
+                self._open_group(team, user, gkey, phase)
+
+    def _open_group(self, team: str, user: str, gkey: GroupKey, phase: int) -> None:
+        group = self.room.teams[team].users[user].groups[gkey]
+        if self._phase_of is not None and self._phase_of(team, group.spec) != phase:
+            return  # (its aged gangs were pushed on their own)
+        if not self.full and not self._admits(group.spec, group.items[0][0]):
+            self._passed.append(("group", team, user, gkey, phase, None))
+            return
+        self._next_in_group(team, user, gkey, phase, None)
 
     def _next_in_group(
         self, team: str, user: str, gkey: GroupKey, phase: int, after: tuple[float, str] | None

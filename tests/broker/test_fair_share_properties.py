@@ -446,3 +446,54 @@ def test_a_pass_that_looks_only_where_room_grew_grants_what_looking_everywhere_g
         if ends:
             dur = 10.0 + len(ends)
             heapq.heappush(events, (t + dur, seq := seq + 1, "end", ends))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pools(), jobs, st.sampled_from([None, 0.0, 5.0]), st.booleans())
+def test_a_pass_that_finds_what_the_room_admits_by_its_index_grants_what_looking_at_each_does(
+    pool, work, after, configured
+):
+    """A pass finds the users and groups the room admits through the waiting room's index of what
+    they need, and opens a user only when its turn comes (``waiting.Walk``): on any workload, with
+    reclaim (quotas) or suspension of idle sessions on or off, it grants, reclaims, suspends and
+    places exactly what a pass that looks at every user and group of a team does."""
+    sizes, guarantees = pool
+    twins = []
+    for indexed in (True, False):
+        p = _pool(sizes, guarantees)
+        p.policy.quotas.configured = configured
+        p.policy.quotas.suspend_idle_after = after
+        p.queue.indexed = indexed
+        twins.append(p)
+    events, seq = initial_events(work, len(sizes), 400.0)
+    while events:
+        t, _, kind, obj = heapq.heappop(events)
+        for p in twins:
+            p.now = t
+            if kind == "arrive":
+                r, _dur = obj
+                p.submit(Request(id=r.id, user=r.user, kernel="k", client=None, spec=r.spec))
+            elif kind == "idle":
+                for lid in obj:
+                    p.policy.lease_state(lid, "idle", t)
+            elif kind == "end":
+                for lid in obj:
+                    if lid in p.leases:
+                        p.end(lid)
+        done = [p.schedule() for p in twins]
+        seen = [
+            (
+                [(r.id, ls.id, [(a.gpu, a.bytes) for a in ls.allocations]) for r, ls in grants],
+                sorted((ls.id, why) for ls, why in taken),
+            )
+            for grants, taken in done
+        ]
+        assert seen[0] == seen[1], (t, kind)
+        event(f"preempted: {'some' if seen[0][1] else 'none'}")
+        ends = [ls.id for _, ls in done[0][0]]
+        if ends:
+            for p in twins:
+                for lid in ends:
+                    p.policy.lease_state(lid, "running", t)
+            heapq.heappush(events, (t + 5.0 + len(ends), seq := seq + 1, "idle", ends))
+            heapq.heappush(events, (t + 40.0 + len(ends), seq := seq + 1, "end", ends))
