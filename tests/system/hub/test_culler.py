@@ -21,8 +21,8 @@ from tests.system.hub.lab import ServerKernel
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(900)]
 
-CULL_AFTER_S, CULL_EVERY_S = 25, 5
-WORK_S = 75  # longer than the culler's timeout, with no output
+CULL_AFTER_S, CULL_EVERY_S = 15, 3  # 5 times the servers' activity interval (conftest ACTIVITY_S)
+WORK_S = 45  # three times the culler's timeout, with no output
 
 
 def last_activity(hub, user: str) -> float:
