@@ -13,6 +13,7 @@ import platform
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -205,6 +206,23 @@ def check(kernel: GpuKernel, code: str, timeout: float = 120) -> float:
     if res.status != "ok":
         raise RuntimeError(f"cell failed: {code!r}: {res.ename}: {res.evalue}")
     return res.elapsed
+
+
+def run_at_once(kernels: list[GpuKernel], code: str, timeout: float = 600) -> list[Any]:
+    """``code`` sent to every kernel at the same moment, then each reply collected in a thread of
+    its own (so that no kernel's cell waits for another's to be read): the replies, in order."""
+    results: list[Any] = [None] * len(kernels)
+    msgs = [k.submit(code) for k in kernels]
+
+    def collect(i: int) -> None:
+        results[i] = kernels[i].collect(msgs[i], timeout=timeout, record=False)
+
+    threads = [threading.Thread(target=collect, args=(i,)) for i in range(len(kernels))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
 
 
 def capture(kernel: GpuKernel, code: str, timeout: float = 180) -> tuple[str, list[dict]]:

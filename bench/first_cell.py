@@ -37,7 +37,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 
@@ -51,6 +50,7 @@ from _common import (
     loadavg,
     log,
     ms,
+    run_at_once,
     set_virtual,
     start_kernel,
     summary,
@@ -165,19 +165,9 @@ def burst(pool: Pool, pool_pid: int, n: int, loaded: bool, env: dict[str, str]) 
         for k in kernels:
             check(k, "%load_ext jupyter_gpu")
         pids = [k.km.provisioner.process.pid for k in kernels]
-        results: list = [None] * n
         with cpu_hog(loaded):
             before = cpu_snapshot(pool_pid, pids)
-            msgs = [k.submit(FIRST) for k in kernels]
-
-            def collect(i: int) -> None:
-                results[i] = kernels[i].collect(msgs[i], timeout=600, record=False)
-
-            threads = [threading.Thread(target=collect, args=(i,)) for i in range(n)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            results = run_at_once(kernels, FIRST)
             after = cpu_snapshot(pool_pid, pids)
     finally:
         for k in kernels:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -39,6 +38,7 @@ from _common import (
     loadavg,
     log,
     ms,
+    run_at_once,
     set_virtual,
     start_kernel,
     summary,
@@ -102,17 +102,7 @@ def first_cells_at_once(pool: Pool, n: int) -> tuple[list[float], int]:
     try:
         for k in kernels:
             check(k, "%load_ext jupyter_gpu")
-        results: list = [None] * n
-        msgs = [k.submit(FIRST) for k in kernels]
-
-        def collect(i: int) -> None:
-            results[i] = kernels[i].collect(msgs[i], timeout=600, record=False)
-
-        threads = [threading.Thread(target=collect, args=(i,)) for i in range(n)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        results = run_at_once(kernels, FIRST)
         for r in results:
             if r is None or r.status != "ok":
                 failures += 1

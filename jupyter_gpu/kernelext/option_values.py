@@ -82,34 +82,28 @@ def gpus(text: str) -> float | int:
     )
 
 
-def memory(text: str) -> int:
-    """``--memory``: bytes on one GPU (``8GiB``, ``500MB``)."""
+def _size(option: str, text: str, example: str) -> int:
+    """A size in bytes for ``option`` (above 0, at most 2**62), or the error that says how to
+    write one (``example``: what a good value looks like for this option)."""
     try:
         size = parse_size(text)
     except (ValueError, OverflowError) as exc:
-        raise OptionValueError(
-            f"%%gpu --memory {text}: {exc}. Write a size such as 8GiB or 500MB."
-        ) from None
+        raise OptionValueError(f"%%gpu {option} {text}: {exc}. Write {example}.") from None
     if not 0 < size <= 2**62:
         raise OptionValueError(
-            f"%%gpu --memory {text}: write a size above 0 such as 8GiB or 500MB."
+            f"%%gpu {option} {text}: write a size above 0 such as 8GiB or 500MB."
         )
     return size
+
+
+def memory(text: str) -> int:
+    """``--memory``: bytes on one GPU (``8GiB``, ``500MB``)."""
+    return _size("--memory", text, "a size such as 8GiB or 500MB")
 
 
 def host_memory(text: str) -> int:
     """``--host-memory``: bytes of the GPU machine's own memory (RAM) for the cell's session."""
-    try:
-        size = parse_size(text)
-    except (ValueError, OverflowError) as exc:
-        raise OptionValueError(
-            f"%%gpu --host-memory {text}: {exc}. Write a size of host memory (RAM) such as 8GiB."
-        ) from None
-    if not 0 < size <= 2**62:
-        raise OptionValueError(
-            f"%%gpu --host-memory {text}: write a size above 0 such as 8GiB or 500MB."
-        )
-    return size
+    return _size("--host-memory", text, "a size of host memory (RAM) such as 8GiB")
 
 
 def cpus(text: str) -> float:
