@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from jupyter_gpu.common.units import format_bytes
+from jupyter_gpu.common.units import format_bytes, typed_size
 
 #: a session that used less than this share of its reservation was over-sized
 OVERSIZED_BELOW = 0.25
@@ -37,8 +37,7 @@ class RightSize:
 
     def suggestion(self) -> str:
         """The ``--memory`` value to ask next time, e.g. ``2GiB`` or ``512MiB``."""
-        n = self.suggestion_bytes
-        return f"{n >> 30}GiB" if n >= 1 << 30 else f"{n >> 20}MiB"
+        return typed_size(self.suggestion_bytes)
 
     label = "Right-size"
 
@@ -84,8 +83,7 @@ class OverUse:
     label = "Over its share"
 
     def suggestion(self) -> str:
-        n = suggest_bytes(self.peak_bytes)
-        return f"{n >> 30}GiB" if n >= 1 << 30 else f"{n >> 20}MiB"
+        return typed_size(suggest_bytes(self.peak_bytes))
 
     def hint(self) -> str:
         return (

@@ -40,6 +40,14 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
+def typed_size(n: int) -> str:
+    """``n`` bytes as a size one types in an option (``512MiB``, ``3GiB``), rounded up to whole
+    MiB (whole GiB from 1 GiB on): the value an error or a hint tells the user to ask for."""
+    if n >= 2**30:
+        return f"{-(-n // 2**30)}GiB"
+    return f"{-(-n // 2**20)}MiB"
+
+
 def format_bytes(n: float | int | None) -> str:
     """Short human form with binary units, e.g. ``16.0 GiB``."""
     if n is None:

@@ -44,7 +44,7 @@ from jupyter_gpu.common.protocol import (
 )
 from jupyter_gpu.common.refusals import CallError, Failed, Malformed, NotFound, NotPossible
 from jupyter_gpu.common.security import security_env
-from jupyter_gpu.common.units import format_bytes
+from jupyter_gpu.common.units import format_bytes, typed_size
 from jupyter_gpu.launcher.cgroups import Containment, MemoryUse, host_memory_limit, session_limits
 from jupyter_gpu.worker.forkserver import ForkServer
 from jupyter_gpu.worker.host_copies import HostCopies, checked_reply
@@ -460,7 +460,7 @@ def ended_reason(lease: str, code: int, use: MemoryUse | None) -> str:
             f"this cell's session (lease {lease}) used more host memory than its limit of "
             f"{format_bytes(use.limit)}{peak}; the "
             "operating system stopped this session alone, and its variables are lost. Ask for "
-            f"more with `%%gpu --host-memory {_typed_size(2 * use.limit)}` (the "
+            f"more with `%%gpu --host-memory {typed_size(2 * use.limit)}` (the "
             "pool's limit per session permitting), or use less memory in the cell"
         )
     reason = exit_reason(code)
@@ -473,13 +473,6 @@ def ended_reason(lease: str, code: int, use: MemoryUse | None) -> str:
             "short of memory) or a process allowed to signal it did"
         )
     return reason
-
-
-def _typed_size(n: int) -> str:
-    """``n`` bytes rounded up to a size one types (``1200MiB``, ``3GiB``)."""
-    if n >= 2**30:
-        return f"{-(-n // 2**30)}GiB"
-    return f"{-(-n // 2**20)}MiB"
 
 
 def pids_limit() -> int | None:
