@@ -102,16 +102,7 @@ def initial_events(workload, n_gpus: int, horizon: float) -> tuple[list, int]:
 
 
 def run(sizes, guarantees, workload, reclaim=True):
-    sim = pool_sim()
-    users = {f"u{i}": f"t{i % 3}" for i in range(6)}
-    q = PoolQuotas(
-        teams={f"t{i}": Team(name=f"t{i}", guarantee=g) for i, g in enumerate(guarantees)},
-        users={u: UserQuota(name=u, team=t) for u, t in users.items()},
-        reserve_after=RESERVE_AFTER,
-        min_run_time=0.0,
-        configured=True,
-    )
-    pool = sim.SimPool(gpus(*sizes), FairSharePolicy(q))
+    pool = _pool(sizes, guarantees)
     if not reclaim:
         pool._preempt = None
     events, seq = initial_events(
