@@ -6,16 +6,13 @@ the cell's inputs, which the kernel sends to rank 0 only and rank 0 broadcasts t
 the cell: ``jupyter_gpu.report`` metrics are batched to the broker (through the worker), which keeps
 the run's stream for the panel. After the cell, whatever happened: the process group is destroyed.
 
-The rendezvous store (torch's ``TCPStore``) of rank 0 listens on the socket its session made when
-the kernel asked for a port (``server.free_port``): on the address the ranks use, not on every
-interface, and from before the port was handed out. Every key of the run is under a prefix only its
-ranks know (``store_key``, made by the kernel per attempt and sent to each rank over its
-secret-checked comm), so a guess names none of them. That does NOT keep the store private: torch's
-``TCPStore`` serves ``list_keys()`` to anyone who connects, prefix included, and the ranks' address
-is reachable by every account of the machine (``127.0.0.1`` when all ranks are on one), so another
-user can read where the ranks listen and post a rank under the run's prefix
-(tests/system/security/test_least_privilege.py, strict xfail). Neither is gloo's (or NCCL's) own
-traffic between the ranks authenticated by torch (docs/security.md, "What is not covered").
+The rendezvous store of rank 0 (``session/rendezvous_store.py``) listens on the socket its session
+made when the kernel asked for a port (``server.free_port``): on the address the ranks use, not on
+every interface, and from before the port was handed out. It answers only connections that prove,
+by a challenge, that they know the run's secret (``store_key``, made by the kernel per attempt and
+sent to each rank over its secret-checked comm): another account of the machine that connects reads
+and writes nothing. gloo's (or NCCL's) own traffic between the ranks is not authenticated by torch
+(docs/security.md, "What is not covered").
 """
 
 from __future__ import annotations
@@ -89,6 +86,8 @@ class DistributedRun:
         self._lock = threading.Lock()
         self._flusher: Any = None
         self._group = False
+        self._server: Any = None  # rank 0: the rendezvous store it serves
+        self._client: Any = None  # this rank's connection to it
 
     def start(self, inputs: dict) -> dict:
         import torch
@@ -147,25 +146,20 @@ class DistributedRun:
 
     def _store(self, timeout: datetime.timedelta) -> Any:
         """The run's rendezvous store (see the module docstring): rank 0 serves it on the socket
-        its session made; every key under the run's secret prefix."""
-        from torch.distributed import PrefixStore, TCPStore
+        its session made, to connections that prove they know the run's secret; every rank,
+        rank 0 included, is a client of it."""
+        from jupyter_gpu.session.rendezvous_store import RunStore, StoreServer
 
         d = self.dist
+        secret = str(d.get("store_key") or "").encode()
+        if not secret:
+            raise RuntimeError("this run has no store secret (the kernel sends one per attempt)")
         host, port = d["master_addr"], int(d["master_port"])
         if self.listen is not None:
-            fd, self.listen = self.listen.detach(), None  # the store's from now on
-            store = TCPStore(
-                host,
-                port,
-                self.world_size,
-                True,
-                timeout,
-                wait_for_workers=False,
-                master_listen_fd=fd,
-            )
-        else:
-            store = TCPStore(host, port, self.world_size, False, timeout)
-        return PrefixStore(f"jupyter-gpu/{d.get('store_key') or ''}/", store)
+            listen, self.listen = self.listen, None  # the store's from now on
+            self._server = StoreServer(listen, secret)
+        self._client = RunStore(host, port, secret, timeout)
+        return self._client
 
     def _broadcast(self, inputs: dict) -> dict:
         """Rank 0 holds the inputs as the kernel serialized them; every other rank gets the same
@@ -259,3 +253,9 @@ class DistributedRun:
             except Exception as exc:  # noqa: BLE001 - a broken group is torn down anyway
                 log.debug("destroy_process_group: %s", exc)
             self._group = False
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self._server is not None:
+            self._server.close()
+            self._server = None

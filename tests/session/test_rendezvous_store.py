@@ -1,25 +1,117 @@
-"""A ``--workers`` run's rendezvous store (issue 20, rank traffic): rank 0's torch ``TCPStore``
-serves on the socket its session bound when the kernel asked for a port (the ranks' address only,
-never every interface, and from before the port was handed out), and every key of the run is under
-a prefix only the run's ranks know, so a guessed prefix reads nothing. Before, the store listened
-on all interfaces. The prefix does not make the store private (torch serves ``list_keys()`` to any
-client): that hole is tests/system/security/test_least_privilege.py's strict xfail.
+"""A ``--workers`` run's rendezvous store (issue 20, rank traffic): rank 0 serves it on the socket
+its session bound when the kernel asked for a port (the ranks' address only), and answers only
+connections that prove they know the run's secret (``session/rendezvous_store.py``). Before, it was
+torch's ``TCPStore``, which serves ``list_keys()`` to anyone who connects.
 
-Real torch stores in this process (what ``session/distributed_rank.py`` builds), no process group.
+Real stores and a real gloo process group in this process; the live attack is
+tests/system/security/test_least_privilege.py.
 """
 
 from __future__ import annotations
 
 import datetime
 import socket
+import threading
+import time
 
 import pytest
 
-from jupyter_gpu.session.distributed_rank import DistributedRun
-
 torch_dist = pytest.importorskip("torch.distributed")
 
+from jupyter_gpu.session.distributed_rank import DistributedRun
+from jupyter_gpu.session.rendezvous_store import RunStore, StoreServer
+
 TIMEOUT = datetime.timedelta(seconds=30)
+SECRET = b"the-runs-secret"
+HANDSHAKE_S = 1.0  # the time a connection has to prove the secret (5 s in a run)
+
+
+@pytest.fixture
+def served():
+    """A store served on a socket bound as ``server.free_port`` binds it; closed after."""
+    listen = socket.create_server(("127.0.0.1", 0), backlog=16)
+    server = StoreServer(listen, SECRET, handshake_s=HANDSHAKE_S)
+    clients: list[RunStore] = []
+
+    def client(secret: bytes = SECRET, timeout: datetime.timedelta = TIMEOUT) -> RunStore:
+        store = RunStore("127.0.0.1", server.address[1], secret, timeout)
+        clients.append(store)
+        return store
+
+    yield server, client
+    for store in clients:
+        store.close()
+    server.close()
+    assert listen.fileno() == -1  # the server closed the socket it was given
+
+
+def test_the_runs_ranks_share_keys_with_the_semantics_of_torchs_stores(served):
+    _, client = served
+    rank0, rank1 = client(), client()
+    rank0.set("rank0/address", b"10.0.0.1:29500")
+    assert rank1.get("rank0/address") == b"10.0.0.1:29500"
+    assert (rank0.add("arrived", 1), rank1.add("arrived", 1), rank0.add("arrived", 0)) == (1, 2, 2)
+    assert rank1.check(["rank0/address", "arrived"]) and not rank1.check(["missing"])
+    assert rank0.compare_set("c", b"", b"1") == b"1"  # missing and expected empty: set
+    assert rank0.compare_set("c", b"0", b"2") == b"1"  # not what was expected: unchanged
+    assert rank0.compare_set("c", b"1", b"3") == b"3"
+    assert rank1.compare_set("new", b"x", b"y") == b"x"  # missing, expected not empty
+    assert rank0.num_keys() == 3 and rank1.delete_key("c") and not rank1.delete_key("c")
+    # get and wait block until another rank sets the key
+    threading.Timer(0.3, lambda: rank0.set("late", "x")).start()
+    rank1.wait(["late"])
+    assert rank1.get("late") == b"x"
+    # ... or until the store's timeout, with torch's error
+    rank1.set_timeout(datetime.timedelta(seconds=0.3))
+    with pytest.raises(RuntimeError, match="'never' not set within"):
+        rank1.get("never")
+    with pytest.raises(RuntimeError, match="not set in time"):
+        rank1.wait(["never"], datetime.timedelta(seconds=0.2))
+    # gloo's rendezvous runs over it (as init_process_group does, with a one-rank group here)
+    group = torch_dist.ProcessGroupGloo(torch_dist.PrefixStore("pg/", rank0), 0, 1, TIMEOUT)
+    assert group.size() == 1
+
+
+def test_a_stranger_who_connects_reads_and_writes_nothing(served):
+    server, client = served
+    rank0 = client()
+    rank0.set("rank0/address", b"10.0.0.1:29500")
+    # the wrong secret: refused before any op
+    with pytest.raises(ConnectionError):
+        client(secret=b"a-guess")
+    # torch's own client (what read every key of the old store): it cannot even connect
+    with pytest.raises(RuntimeError):
+        torch_dist.TCPStore(
+            "127.0.0.1", server.address[1], is_master=False, timeout=datetime.timedelta(seconds=1)
+        )
+    # raw bytes in place of the proof: the connection is closed, nothing answered
+    with socket.create_connection(server.address, timeout=10) as raw:
+        nonce = raw.recv(64)
+        assert len(nonce) == 32
+        raw.sendall(b"\x00" * 64)
+        assert raw.recv(64) == b""
+    assert server.refused >= 3
+    # the run's keys are as its ranks left them
+    assert client().get("rank0/address") == b"10.0.0.1:29500"
+    assert rank0.num_keys() == 1
+
+
+def test_a_silent_stranger_does_not_hold_up_the_ranks(served):
+    server, client = served
+    silent = [socket.create_connection(server.address, timeout=10) for _ in range(20)]
+    try:
+        started = time.monotonic()
+        rank1 = client()  # served at once beside the strangers who say nothing
+        rank1.set("k", b"v")
+        assert time.monotonic() - started < HANDSHAKE_S
+        # and the strangers are let go after the handshake's time limit
+        for sock in silent:
+            sock.settimeout(HANDSHAKE_S * 4)
+            sock.recv(32)  # the server's challenge
+            assert sock.recv(32) == b""
+    finally:
+        for sock in silent:
+            sock.close()
 
 
 def rank(listen: socket.socket | None, port: int, index: int, key: str) -> DistributedRun:
@@ -33,30 +125,20 @@ def rank(listen: socket.socket | None, port: int, index: int, key: str) -> Distr
     return DistributedRun(dist, [], link=None, listen=listen)  # type: ignore[arg-type]
 
 
-def test_the_store_serves_on_the_sessions_socket_and_only_under_the_runs_secret_prefix():
+def test_a_runs_ranks_reach_the_store_rank_0_serves_on_its_sessions_socket():
     listen = socket.create_server(("127.0.0.1", 0), backlog=16)  # what free_port binds
     port = listen.getsockname()[1]
-    assert listen.getsockname()[0] == "127.0.0.1"
-    rank0 = rank(listen, port, 0, "the-runs-secret")
+    rank0, rank1 = rank(listen, port, 0, "k1"), rank(None, port, 1, "k1")
     store0 = rank0._store(TIMEOUT)
     assert rank0.listen is None  # the store owns the socket now
     store0.set("rank0/address", "10.0.0.1:29500")
-    # a rank of the run names the same keys
-    store1 = rank(None, port, 1, "the-runs-secret")._store(TIMEOUT)
-    assert store1.get("rank0/address") == b"10.0.0.1:29500"
-    # anyone else who connects to the port: no key of the run is one they can name
-    stranger = torch_dist.TCPStore(
-        "127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=1)
-    )
-    for guess in ("rank0/address", "jupyter-gpu//rank0/address", "default_pg/rank0/address"):
-        assert not stranger.check([guess]), guess
-    with pytest.raises(RuntimeError):
-        stranger.get("rank0/address")
-    guessed = torch_dist.PrefixStore("jupyter-gpu/a-guess/", stranger)
-    assert not guessed.check(["rank0/address"])
-    # what the stranger writes under names it can make is not what the run reads
-    stranger.set("rank0/address", "6.6.6.6:1")
-    assert store1.get("rank0/address") == b"10.0.0.1:29500"
+    assert rank1._store(TIMEOUT).get("rank0/address") == b"10.0.0.1:29500"
+    # a rank of another attempt (another secret) is not let in
+    with pytest.raises(ConnectionError):
+        rank(None, port, 1, "k2")._store(TIMEOUT)
+    rank1.stop()
+    rank0.stop()
+    assert listen.fileno() == -1
 
 
 def test_a_run_that_never_reached_its_store_closes_the_socket():

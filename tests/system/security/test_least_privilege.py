@@ -755,17 +755,12 @@ HELD_RUN = textwrap.dedent("""
 """)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open (found by this test): torch's TCPStore client has list_keys(), so anyone who can "
-    "connect to the ranks' address (every account on the machine, on 127.0.0.1) reads the run's "
-    "secret prefix and every key under it (docs/security.md)",
-)
 def test_a_runs_rendezvous_store_is_reachable_and_readable_by_its_ranks_only(team):
     """Before: rank 0's rendezvous store (torch's ``TCPStore``) listened on every interface, and
-    anyone who connected read where the ranks listen and could post a rank of their own. Here bob
+    anyone who connected read where the ranks listen and could post a rank of their own (and even
+    on the ranks' address only, torch's store serves ``list_keys()`` to any client). Here bob
     tries it while alice's ``--workers 2`` run holds its store: he may reach it on no address but
-    the one its ranks use, and read no key of the run there."""
+    the one its ranks use, and read or post no key of the run there."""
     import subprocess
     import sys
     import threading
@@ -802,4 +797,5 @@ def test_a_runs_rendezvous_store_is_reachable_and_readable_by_its_ranks_only(tea
     print("bob at the store:", out)
     assert set(out["answered"]) <= {store["addr"]}, f"the store answers elsewhere too: {out}"
     assert not out["read"], f"bob read the run's keys: {out}"
+    assert not out["posted"], f"bob posted a key in the run's store: {out}"
     bob_is_fine(team)
