@@ -95,3 +95,51 @@ def test_an_over_use_is_said_only_when_the_sessions_own_cgroup_counted_it():
         "killer)"
     )
     assert ended_reason("L9", 3, None) == "the session process exited with code 3"
+
+
+# a worker in a container or a Slurm job: it reads what its control groups allow, not the machine
+REPORT_IN_GROUP = """
+import json, sys
+sys.stdin.readline()  # joined the group
+import dask
+from jupyter_gpu.worker.host_share import left_to_sessions
+with dask.config.set({"jupyter-gpu.worker.reserved-memory": "10%",
+                      "jupyter-gpu.worker.reserved-cpus": 0}):
+    print(json.dumps(left_to_sessions(1, 2)._asdict()))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="makes a control group (root)")
+def test_a_worker_in_a_limited_cgroup_reports_its_part_of_that_limit_not_of_the_machine():
+    """Before: the report came from /proc/meminfo and the affinity only, so a worker in a job
+    limited to 3 GiB and 1.5 cores on this machine offered sessions ~10 GiB and ~1 core each."""
+    import json
+    import subprocess
+    import sys
+
+    from jupyter_gpu.launcher.cgroups import Containment
+
+    containment = Containment(tag=f"jupyter-gpu-hostshare-{os.getpid()}")
+    group = containment.group("job", {"memory.max": 3 * GiB, "cpu.max": 150_000})
+    try:
+        if group is None or "cpu.max" not in group.limits or "memory.max" not in group.limits:
+            pytest.skip(f"this machine gives no memory and cpu limits ({containment.kind})")
+        cores = len(os.sched_getaffinity(0))
+        if cores <= 1.5:
+            pytest.skip("the limit must be below the machine's cores to show")
+        proc = subprocess.Popen(
+            [sys.executable, "-c", REPORT_IN_GROUP],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        group.add(proc.pid)
+        out, _ = proc.communicate("joined\n", timeout=120)
+        share = json.loads(out)
+        assert share["memory"] == int(3 * GiB * 0.9 / 2), share  # 10 % of the job's 3 GiB kept
+        assert share["cpus"] == 0.75, share  # half of the job's 1.5 cores
+    finally:
+        if group is not None:
+            group.kill()
+            group.remove()
+        containment.close()
