@@ -70,6 +70,7 @@ class Adoption:
                 copy["lease"].get("end_reason") or "its session was moved to host memory"
             )
             lease.offload = Offload.saved_as(worker, lease.id, copy, seconds=None)
+            lease.offload.spilled = bool(copy.get("spilled"))  # on disk: no host memory to book
             self.ledger.ended[lease.id] = lease
             self.ledger.parking.park(lease)
             self.adopted[lease.id] = now

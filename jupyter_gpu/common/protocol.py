@@ -344,9 +344,13 @@ class LiveSession(TypedDict):
     busy: bool  # running a cell right now
 
 
-class ParkedCopy(OffloadResult):
-    """An ended session's variables a worker keeps in host memory, reported for adoption the same
-    way."""
+class _ParkedCopyPlace(TypedDict, total=False):
+    spilled: bool  # moved to the pool's disk folder: takes no host memory (absent: in memory)
+
+
+class ParkedCopy(OffloadResult, _ParkedCopyPlace):
+    """An ended session's variables a worker keeps in host memory (or, spilled, on disk),
+    reported for adoption the same way."""
 
     lease: LeaseView
     client: str | None

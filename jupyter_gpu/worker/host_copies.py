@@ -134,6 +134,7 @@ class HostCopies:
             if lease not in self.parked:
                 raise NotFound(f"no offloaded variables of {lease} on this worker")
             copied = await self.store(lease).spill(lease)
+            self.parked[lease].copy["spilled"] = True  # a restarted broker books no memory for it
         log.info("the copy of %s moved to disk (%d bytes)", lease, copied)
         return copied
 

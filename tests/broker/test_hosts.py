@@ -247,3 +247,26 @@ def test_in_a_small_pool_two_halves_share_one_gpu_when_machines_report_their_hos
     [(_, [whole])] = ledger.schedule(None)
     assert whole.worker == "w1"
     ledger.check()
+
+
+def test_copies_adopted_after_a_restart_are_booked_only_if_they_are_still_in_host_memory():
+    """Before: a restarted broker booked every copy its workers reported, also those the old
+    broker had spilled to disk (the worker did not say), so the machine's memory looked taken by
+    copies that held none of it."""
+    from jupyter_gpu.broker.adoption import Adoption
+    from jupyter_gpu.broker.audit import AuditStore
+
+    ledger = pool((4, 16 * GiB, None))
+
+    def copy(lease_id: str, nbytes: int, **place) -> dict:
+        view = {"id": lease_id, "user": "alice", "kernel": "k", "gpu_indices": [0], "bytes": GiB}
+        result = {"path": "p", "saved": ["x"], "lost": [], "bytes": nbytes, "standby": False}
+        return {**result, "lease": view, "client": None, **place}
+
+    reported = [copy("L1", 4 * GiB), copy("L2", 8 * GiB, spilled=True), copy("L3", 2 * GiB)]
+    refused = Adoption(ledger, AuditStore(None)).adopt("w0", [], reported)  # type: ignore[arg-type]
+    assert refused == []
+    host = ledger.hosts["w0"]
+    assert host.parked == {"L1": 4 * GiB, "L3": 2 * GiB} and host.parked_memory == 6 * GiB
+    assert ledger.ended["L2"].offload.spilled and not ledger.ended["L1"].offload.spilled
+    ledger.parking.check()
