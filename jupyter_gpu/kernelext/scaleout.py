@@ -201,7 +201,8 @@ def _run_ranks(
             "master_addr": rendezvous["host"],
             "master_port": rendezvous["port"],
             "run": job.run_id,
-            # the rendezvous store's keys are under this: only the run's ranks can name them
+            # the rendezvous store answers only connections that prove they know this (a challenge:
+            # it never crosses the wire), so only the run's ranks, of this attempt, reach it
             "store_key": store_key,
             "checkpoint_dir": job.payload["checkpoint_dir"],
             "attempt": attempt,
