@@ -41,6 +41,8 @@ HANDSHAKE_S = 5.0
 MAX_MESSAGE = 16 * 2**20
 # connections the server holds at once; more are closed at once (a stranger's flood is bounded)
 MAX_CONNECTIONS = 512
+# seconds a rank waits for a reply beyond what the op itself may wait (rank 0's machine lost)
+REPLY_GRACE_S = 30.0
 _LENGTH = struct.Struct("!I")
 
 
@@ -248,13 +250,21 @@ class RunStore(torch_dist.Store):
             sock.close()
             raise
 
-    def _call(self, op: str, *args: Any) -> Any:
+    def _call(self, op: str, *args: Any, waits: float = 0.0) -> Any:
+        """One request and its reply. A reply that does not come within the store's timeout (and
+        what the op itself may wait) means rank 0 is gone without closing the connection (its
+        machine lost): the connection is closed and torch's error raised."""
         with self._lock:
-            self._sock.sendall(_frame([op, *args]))
-            (length,) = _LENGTH.unpack(_recv_exactly(self._sock, _LENGTH.size))
-            if length > MAX_MESSAGE:
-                raise StoreRefused(f"a reply of {length} bytes (at most {MAX_MESSAGE})")
-            status, value = msgpack.unpackb(_recv_exactly(self._sock, length), raw=False)
+            try:
+                self._sock.settimeout(self._timeout.total_seconds() + waits + REPLY_GRACE_S)
+                self._sock.sendall(_frame([op, *args]))
+                (length,) = _LENGTH.unpack(_recv_exactly(self._sock, _LENGTH.size))
+                if length > MAX_MESSAGE:
+                    raise StoreRefused(f"a reply of {length} bytes (at most {MAX_MESSAGE})")
+                status, value = msgpack.unpackb(_recv_exactly(self._sock, length), raw=False)
+            except TimeoutError:
+                self._sock.close()
+                raise _timeout_error(f"rendezvous store: no answer to {op} in time") from None
         if status != "ok":
             raise RuntimeError(f"rendezvous store: {value}")
         return value
@@ -267,7 +277,7 @@ class RunStore(torch_dist.Store):
         self._call("set", key, value.encode() if isinstance(value, str) else bytes(value))
 
     def get(self, key: str) -> bytes:
-        reply = self._call("get", key, self._seconds(None))
+        reply = self._call("get", key, self._seconds(None), waits=self._seconds(None))
         if reply[0] == "timeout":
             raise _timeout_error(
                 f"rendezvous store: key {reply[1]!r} not set within {self._timeout}"
@@ -284,7 +294,7 @@ class RunStore(torch_dist.Store):
         return bytes(self._call("compare_set", key, raw(expected), raw(desired)))
 
     def wait(self, keys: list[str], timeout: datetime.timedelta | None = None) -> None:
-        reply = self._call("wait", list(keys), self._seconds(timeout))
+        reply = self._call("wait", list(keys), self._seconds(timeout), waits=self._seconds(timeout))
         if reply[0] == "timeout":
             raise _timeout_error(f"rendezvous store: keys {reply[1]} not set in time")
 

@@ -146,3 +146,40 @@ def test_a_run_that_never_reached_its_store_closes_the_socket():
     run = rank(listen, listen.getsockname()[1], 0, "k")
     run.stop()
     assert listen.fileno() == -1
+
+
+def test_a_rank_whose_store_went_silent_gets_torchs_error_not_a_hang(monkeypatch):
+    """Rank 0's machine lost without a word (no FIN): a rank's call ends after the store's timeout
+    and a grace, with torch's store error, instead of blocking the rank for ever."""
+    import os
+
+    from jupyter_gpu.session import rendezvous_store
+
+    monkeypatch.setattr(rendezvous_store, "REPLY_GRACE_S", 0.5)
+    listen = socket.create_server(("127.0.0.1", 0), backlog=4)
+    held: list[socket.socket] = []
+
+    def silent_rank0() -> None:  # proves the secret, then answers nothing
+        conn, _ = listen.accept()
+        held.append(conn)
+        server_nonce = os.urandom(32)
+        conn.sendall(server_nonce)
+        data = b""
+        while len(data) < 64:
+            data += conn.recv(64 - len(data))
+        client_nonce = data[:32]
+        conn.sendall(rendezvous_store._proof(SECRET, b"server", client_nonce, server_nonce))
+
+    threading.Thread(target=silent_rank0, daemon=True).start()
+    try:
+        store = RunStore(
+            "127.0.0.1", listen.getsockname()[1], SECRET, datetime.timedelta(seconds=0.5)
+        )
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match="no answer to add in time"):
+            store.add("arrived", 1)
+        assert time.monotonic() - started < 30
+    finally:
+        for conn in held:
+            conn.close()
+        listen.close()
