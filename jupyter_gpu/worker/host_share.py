@@ -21,7 +21,7 @@ from typing import NamedTuple
 import psutil
 
 from jupyter_gpu.common import config
-from jupyter_gpu.launcher.cgroups import host_memory_limit, own_limits
+from jupyter_gpu.launcher.cgroups import host_memory_limit, mounts
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,68 @@ def machine_cpus() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def _read_first(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _ancestors(mount: str, path: str) -> list[str]:
+    """The folders of ``path``'s group and of every group above it, up to the mount's root.
+    Where ``path`` is not under the mount as seen here (a container that sees only its own
+    subtree, without a cgroup namespace), the mount's root alone: that is the container's group."""
+    folders = [mount]
+    parts = [p for p in path.split("/") if p]
+    for depth in range(1, len(parts) + 1):
+        folder = os.path.join(mount, *parts[:depth])
+        if not os.path.isdir(folder):
+            break
+        folders.append(folder)
+    return folders
+
+
+def own_limits(cgroup_file: str = "/proc/self/cgroup") -> tuple[int | None, float | None]:
+    """(bytes, cores) the control groups this process runs in allow it, or None where nothing
+    limits it: the smallest ``memory.max`` (v1: ``memory.limit_in_bytes``) and ``cpu.max`` quota
+    (v1: ``cpu.cfs_quota_us``) along its groups' paths up to the root.
+
+        Why: a worker inside a container or a Slurm job sees the whole machine in ``/proc/meminfo``
+        and ``os.cpu_count()``, but may use only what its groups allow; reporting the machine
+        would let the broker book sessions the job's limit then kills."""
+    v2, v1 = mounts()
+    memories: list[int] = []
+    cores: list[float] = []
+    try:
+        with open(cgroup_file) as f:
+            lines = [line.rstrip("\n").split(":", 2) for line in f if line.count(":") >= 2]
+    except OSError:
+        return None, None
+    for _, controllers, path in lines:
+        names = set(controllers.split(",")) if controllers else set()
+        if not controllers and v2 is not None:  # the v2 line: "0::/path"
+            for folder in _ancestors(v2, path):
+                text = _read_first(os.path.join(folder, "memory.max"))
+                if text and text != "max":
+                    memories.append(int(text))
+                quota = (_read_first(os.path.join(folder, "cpu.max")) or "max").split()
+                if quota[0] != "max" and len(quota) == 2:
+                    cores.append(int(quota[0]) / int(quota[1]))
+        if "memory" in names and "memory" in v1:
+            for folder in _ancestors(v1["memory"], path):
+                text = _read_first(os.path.join(folder, "memory.limit_in_bytes"))
+                if text and int(text) < 2**62:  # v1 writes "unlimited" as about 2**63
+                    memories.append(int(text))
+        if "cpu" in names and "cpu" in v1:
+            for folder in _ancestors(v1["cpu"], path):
+                quota_us = _read_first(os.path.join(folder, "cpu.cfs_quota_us"))
+                period_us = _read_first(os.path.join(folder, "cpu.cfs_period_us"))
+                if quota_us and period_us and int(quota_us) > 0:
+                    cores.append(int(quota_us) / int(period_us))
+    return min(memories, default=None), min(cores, default=None)
 
 
 def machine() -> tuple[int, float]:

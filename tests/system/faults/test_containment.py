@@ -271,9 +271,9 @@ def test_workers_starting_together_sweep_a_dead_workers_cgroups_without_failing(
     import subprocess
     import threading
 
-    from jupyter_gpu.launcher.cgroups import Containment, _mounts
+    from jupyter_gpu.launcher.cgroups import Containment, mounts
 
-    v2, v1 = _mounts()
+    v2, v1 = mounts()
     mounts = [m for m in (v2, *v1.values()) if m and os.access(m, os.W_OK)]
     if os.geteuid() != 0 or not mounts:
         pytest.skip("needs root and a writable cgroup mount")
