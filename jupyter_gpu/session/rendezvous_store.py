@@ -27,6 +27,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from typing import Any
 
 import msgpack  # type: ignore[import-untyped]  # no stubs; Dask's own dependency
@@ -39,8 +40,11 @@ NONCE = 32
 HANDSHAKE_S = 5.0
 # the largest message either side accepts (store values are addresses and counters)
 MAX_MESSAGE = 16 * 2**20
-# connections the server holds at once; more are closed at once (a stranger's flood is bounded)
+# connections of ranks the server holds at once; more are closed at once
 MAX_CONNECTIONS = 512
+# connections still proving the secret; a new one beyond this closes the oldest (a flood is bounded
+# and cannot keep the ranks out: they try again)
+MAX_PENDING = 64
 # seconds a rank waits for a reply beyond what the op itself may wait (rank 0's machine lost)
 REPLY_GRACE_S = 30.0
 _LENGTH = struct.Struct("!I")
@@ -132,7 +136,9 @@ class StoreServer:
         self.address = listen.getsockname()[:2]
         self.refused = 0  # connections that did not prove the secret
         self._table: _Table | None = None
-        self._connections = 0
+        # connections still proving the secret (oldest first) and those that did
+        self._pending: dict[asyncio.StreamWriter, None] = {}
+        self._ranks: set[asyncio.StreamWriter] = set()
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._stopped: asyncio.Event | None = None
@@ -155,7 +161,10 @@ class StoreServer:
         async with server:
             await self._stopped.wait()
             server.close()
+            for writer in [*self._pending, *self._ranks]:
+                writer.close()  # their handlers end on the closed stream
             await server.wait_closed()
+            await asyncio.sleep(0)
 
     async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         server_nonce = os.urandom(NONCE)
@@ -170,41 +179,58 @@ class StoreServer:
         await writer.drain()
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        assert self._table is not None
-        if self._connections >= MAX_CONNECTIONS:
+        """One connection: the challenge first (at most ``handshake_s``), then the ops of one rank
+        until it lets go. Connections still proving themselves are at most ``MAX_PENDING``: a new
+        one closes the oldest of them, so that strangers who connect and say nothing cannot keep
+        the run's ranks out (a rank whose connection was closed so tries again)."""
+        assert self._table is not None and self._stopped is not None
+        if self._stopped.is_set() or len(self._ranks) >= MAX_CONNECTIONS:
             writer.close()
             return
-        self._connections += 1
         peer = writer.get_extra_info("peername")
+        if len(self._pending) >= MAX_PENDING:
+            oldest = next(iter(self._pending))
+            del self._pending[oldest]
+            oldest.close()
+        self._pending[writer] = None
         try:
             try:
                 await asyncio.wait_for(self._handshake(reader, writer), self.handshake_s)
             except (StoreRefused, asyncio.TimeoutError, asyncio.IncompleteReadError, OSError):
-                self.refused += 1
-                if self.refused in (1, 10, 100, 1000, 10000):  # a flood does not fill the log
-                    log.warning(
-                        "rendezvous store: refused a connection from %s that did not prove the "
-                        "run's secret (%d so far)",
-                        peer,
-                        self.refused,
-                    )
+                self._refuse(peer)
                 return
+            finally:
+                self._pending.pop(writer, None)
+            self._ranks.add(writer)
             while True:
                 try:
                     request = await _read(reader)
                 except asyncio.IncompleteReadError:
                     return  # the rank let go
-                op, args = request[0], request[1:]
                 try:
-                    writer.write(_frame(["ok", await self._table.answer(op, args)]))
-                except (StoreRefused, ValueError, TypeError, IndexError) as exc:
-                    writer.write(_frame(["error", f"{type(exc).__name__}: {exc}"]))
+                    op, args = str(request[0]), list(request[1:])
+                    reply = ["ok", await self._table.answer(op, args)]
+                except (StoreRefused, ValueError, TypeError, IndexError, KeyError) as exc:
+                    reply = ["error", f"{type(exc).__name__}: {exc}"]
+                writer.write(_frame(reply))
                 await writer.drain()
-        except (OSError, StoreRefused, ValueError, msgpack.ExtraData) as exc:
+        except asyncio.CancelledError:
+            pass  # the store is closing
+        except Exception as exc:  # noqa: BLE001 - one broken connection never stops the store
             log.debug("rendezvous store: connection from %s ended: %s", peer, exc)
         finally:
-            self._connections -= 1
+            self._ranks.discard(writer)
             writer.close()
+
+    def _refuse(self, peer: object) -> None:
+        self.refused += 1
+        if self.refused in (1, 10, 100, 1000, 10000):  # a flood does not fill the log
+            log.warning(
+                "rendezvous store: refused a connection from %s that did not prove the run's "
+                "secret (%d so far)",
+                peer,
+                self.refused,
+            )
 
     def close(self) -> None:
         """Stop serving and close the socket (the run is over)."""
@@ -228,7 +254,26 @@ class RunStore(torch_dist.Store):
         super().__init__()
         self._timeout = timeout
         self._lock = threading.Lock()
-        self._sock = self._connect(host, port, secret, timeout.total_seconds())
+        self._sock = self._reach(host, port, secret, timeout.total_seconds())
+
+    @classmethod
+    def _reach(cls, host: str, port: int, secret: bytes, timeout: float) -> socket.socket:
+        """A proven connection to the store, trying again (with a growing pause) while it is
+        refused or closed, for at most ``timeout`` seconds: rank 0's store may not serve yet, or
+        strangers' connections may have pushed this one out (``MAX_PENDING``)."""
+        deadline, pause = time.monotonic() + timeout, 0.05
+        while True:
+            try:
+                return cls._connect(host, port, secret, max(1.0, deadline - time.monotonic()))
+            except OSError as exc:
+                if time.monotonic() + pause > deadline:
+                    raise _timeout_error(
+                        f"could not join this run's rendezvous store at {host}:{port} within "
+                        f"{timeout:.0f} s ({type(exc).__name__}: {exc}): rank 0's session is gone, "
+                        "or this rank is not of this attempt of the run"
+                    ) from None
+            time.sleep(pause)
+            pause = min(1.0, pause * 2)
 
     @staticmethod
     def _connect(host: str, port: int, secret: bytes, timeout: float) -> socket.socket:
