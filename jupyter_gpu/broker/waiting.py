@@ -189,6 +189,12 @@ def admitted(index: tuple[SortedKeyList, ...], room: Room) -> list[Any]:
     return list(found)
 
 
+def _admits_any(index: tuple[SortedKeyList, ...], room: Room) -> bool:
+    """Whether ``room`` admits the GPU need of anything in ``index`` (``_by_amount``): its
+    smallest of some kind fits."""
+    return any(index[k] and index[k][0][0] <= room.gpu[k] for k in range(3))
+
+
 @dataclass
 class Group:
     """One user's waiting requests of one shape and priority, oldest first."""
@@ -412,8 +418,9 @@ class Walk:
         self._beyond_room = beyond_room if self._narrow is not None else None
         self._team_share = team_share
         # (key, item) of the teams and users whose turn came, or was to come, while the room
-        # admitted none of their needs: looked at again if room grows (``unskip``, ``revive``)
-        self._unopened: list[tuple[tuple[Any, ...], tuple[Any, ...]]] = []
+        # admitted none of their needs: looked at again if room grows (``unskip``, ``revive``);
+        # (None, a team) is keyed then, (None, ("turns", turns, at)) stands for turns from at
+        self._unopened: list[tuple[tuple[Any, ...] | None, tuple[Any, ...]]] = []
         # a group's phase (0: within its team's guarantee) from its shape, and a team's room in
         # its guarantee: a team or group of the other phase is not opened
         self._phase_of = phase_of
@@ -502,8 +509,8 @@ class Walk:
         chosen = dict.fromkeys(admitted(self.room.by_need, room))
         chosen.update(dict.fromkeys(beyond))
         for team in self.room.teams:
-            if team not in chosen:
-                self._unopened.append((self._team_key(team, phase), ("team", team, phase)))
+            if team not in chosen:  # (keyed only if room grows)
+                self._unopened.append((None, ("team", team, phase)))
         teams = [t for t in chosen if t in self.room.teams]
         self._turns(_Turns(None, phase, sorted((self._team_key(t, phase), t) for t in teams)))
 
@@ -522,9 +529,15 @@ class Walk:
         if team is None:
             found = self._beyond_room() if self._beyond_room is not None else None
             room, beyond = found if found is not None else (None, ())
+            index = self.room.by_need
         else:
             room = self._narrow(tq.needs, team) if tq is not None and self._narrow else None
-            beyond = ()
+            beyond, index = (), tq.by_need if tq is not None else self.room.by_need
+        if room is not None and not self.full and not beyond and not _admits_any(index, room):
+            # the room admits none of them any more: all left for when room grows, in one go
+            self._unopened.append((None, ("turns", turns, turns.at)))
+            turns.at = len(order)
+            return
         while turns.at < len(order):
             key, name = order[turns.at]
             turns.at += 1
@@ -551,12 +564,27 @@ class Walk:
         uq = tq.users.get(name) if tq is not None else None
         return uq.needs if uq is not None else None
 
+    def _left(self) -> Iterator[tuple[tuple[Any, ...], tuple[Any, ...]]]:
+        """(key, item) of each team and user left for when room grows."""
+        for key, item in self._unopened:
+            if item[0] == "turns":
+                turns, at = item[1], item[2]
+                for k, name in turns.order[at:]:
+                    if turns.team is None:
+                        yield k, ("team", name, turns.phase)
+                    else:
+                        yield k, ("user", turns.team, name, turns.phase)
+            elif key is None:
+                yield self._team_key(item[1], item[2]), item
+            else:
+                yield key, item
+
     def _reopen(self, revive: bool) -> None:
         """Room grew: the teams and users left for it are pushed at their turn, or, when
         ``revive`` and their turn is passed, at the walk's position (as those passed over are);
         after a reservation was released (not ``revive``) only those whose turn is to come."""
-        kept = []
-        for key, item in self._unopened:
+        kept: list[tuple[tuple[Any, ...] | None, tuple[Any, ...]]] = []
+        for key, item in self._left():
             if key > self._cursor:
                 self._push(key, item)
             elif revive:

@@ -210,19 +210,20 @@ def test_a_pass_leaves_nothing_for_the_garbage_collector():
     assert [w() for w in walks] == [None, None]
 
 
-def _walked(indexed: bool, grow: str, teams: list[tuple[float, ...]], rooms: list[float]):
+def _walked(indexed: bool, grow: str, teams: list[tuple[float, ...]], rooms: list[float], fresh=()):
     """The requests a walk gives, in order: team ``t<n>`` (share n: t0 first) has one user with a
     request of each fraction of ``teams[n]``; the pass's room is ``rooms[k]`` once ``k`` were
     given (a grant fills it, or room is made), and when the last of ``rooms`` is reached the
     room grew: ``grow`` is "revive" (room made by a preemption) or "unskip" (GPUs held for a
-    reservation were let go)."""
+    reservation were let go). ``fresh``: the requests no pass looked at yet (the walk gives
+    them, in their turn, whatever the room)."""
     room = WaitingRoom(lambda r: r.team or "")
     for n, fractions in enumerate(teams):
         for fraction in fractions:
             r = req(f"u{n}", fraction=fraction)
             r.id, r.team = f"{n}-{fraction}", f"t{n}"
             room.append(r)
-    room.indexed, room.fresh = indexed, set()  # (each was looked at once already)
+    room.indexed, room.fresh = indexed, set(fresh)
     box = [Room((rooms[0], INF, INF))]
 
     def share(team: str) -> float:
@@ -264,11 +265,15 @@ def test_teams_left_out_while_the_room_was_small_are_looked_at_when_it_grows():
     passed = [(0.2, 0.6), (0.6,), (0.05,), (0.2, 0.6)], [1.0, 0.1, 1.0]
     # t1 and t2 are left when the walk begins (room 0.1), then room grows when t0's is given
     ahead = [(0.05,), (0.6,), (0.6,)], [0.1, 1.0]
+    # t1 and t2 are left at t1's turn, together (0.6 > 0.1: ``_take_turn``'s one go), then
+    # room grows when t1's request, never looked at yet, is given anyway
+    together = [(0.2,), (0.6,), (0.6,)], [1.0, 0.1, 1.0], ["1-0.6"]
     seen = {}
-    for name, (teams, rooms) in {"passed": passed, "ahead": ahead}.items():
+    cases = {"passed": passed, "ahead": ahead, "together": together}
+    for name, (teams, rooms, *fresh) in cases.items():
         for grow in ("revive", "unskip"):
-            seen[name, grow] = _walked(True, grow, teams, rooms)
-            assert seen[name, grow] == _walked(False, grow, teams, rooms), (name, grow)
+            seen[name, grow] = _walked(True, grow, teams, rooms, *fresh)
+            assert seen[name, grow] == _walked(False, grow, teams, rooms, *fresh), (name, grow)
     # (t1's request comes before the walk's position: passed over for good, in both walks)
     assert (
         seen["passed", "revive"]
@@ -276,3 +281,4 @@ def test_teams_left_out_while_the_room_was_small_are_looked_at_when_it_grows():
         == ["0-0.2", "2-0.05", "3-0.2", "3-0.6"]
     )
     assert seen["ahead", "revive"] == seen["ahead", "unskip"] == ["0-0.05", "1-0.6", "2-0.6"]
+    assert seen["together", "revive"] == seen["together", "unskip"] == ["0-0.2", "1-0.6", "2-0.6"]
