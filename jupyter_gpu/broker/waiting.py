@@ -18,14 +18,18 @@ requests are interchangeable except for their age: once one finds no room, the o
 over for the rest of the pass. When a pass makes room (a preemption), what it passed over is looked
 at again.
 
-What a room admits is found without looking at each user or group: a team keeps its users, and a
-user its groups, sorted by their smallest GPU need of each kind (``by_need``), so that when only
-room can make a team's requests act (nothing to reserve or preempt for: ``PassState.narrow``) the
-walk opens only the users and groups whose need fits it, and a user only when its turn comes (its
-requests' keys share a prefix, ``PassState.user_key``): by then the grants before it have usually
-shrunk the room, and a user it no longer admits is passed over in one test instead of each of its
-groups being keyed, pushed and popped. At 100,000 waiting that took a decision from keying about
-560 groups to about 15 (its ~40 users are still tested one by one; docs/benchmarks.md).
+What a room admits is found without looking at each team, user or group: the waiting room keeps its
+teams, a team its users, and a user its groups sorted by their smallest GPU need of each kind
+(``by_need``), so that when only room (or, for a team, a reservation) can make a team's requests act
+(nothing to preempt for: ``PassState.narrow``, ``PassState.beyond_room``) the walk opens only the teams,
+users and groups whose need fits it, and a team or user only when its turn in the fair-share order
+comes (``_Turns``; a user's requests' keys share a prefix, ``PassState.user_key``): by then the grants
+before it have usually shrunk the room, and those it no longer admits are passed over in one test each,
+or all at once when the room admits nothing of them any more, instead of each of their groups being
+keyed, pushed and popped; they are looked at again if the pass makes room (``unskip``, ``revive``), as
+a walk that opens each in its turn would. At 100,000 waiting that took a decision from keying about 560
+groups to about 15, and from about 100 team and 39 user openings to 1-2 of each (the teams, and the
+users of a team opened, are still keyed to be put in order: docs/benchmarks.md).
 """
 
 from __future__ import annotations
