@@ -13,6 +13,7 @@ cannot act, so that what can never run, or cannot until the pool changes, costs 
 from __future__ import annotations
 
 import collections
+import math
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -75,8 +76,8 @@ class PassState:
             self.worth,
             self.group_worth,
             reserving,
-            phase_of=lambda team, spec: 0 if policy.need(spec) <= self.context(team)[0] else 1,
-            phase_room=lambda team: self.context(team)[0],
+            phase_of=lambda team, spec: 0 if policy.need(spec) <= self.guarantee_room(team) else 1,
+            phase_room=self.guarantee_room,
             narrow=self.narrow,
             # (a policy with a key of its own, the simulator's baselines: users opened at once)
             user_key=self.user_key if type(policy).key is FairSharePolicy.key else None,
@@ -90,6 +91,20 @@ class PassState:
             held = self._held_team.get(team)
             found = self._contexts[team] = self.policy.team_context(team, self.now, held)
         return found
+
+    def guarantee_room(self, team: str) -> float:
+        """The most a request of ``team`` may need and still be within its guarantee (the first
+        part of ``context``), as at the start of the pass; without the team's decayed use, which
+        only its place in the order needs: a team that nothing fits in its guarantee is passed over
+        in that phase without being keyed."""
+        found = self._contexts.get(team)
+        if found is not None or type(self.policy).team_context is not FairSharePolicy.team_context:
+            return self.context(team)[0]  # (a policy with a context of its own: the simulator's)
+        if not self.configured:
+            return math.inf
+        held = self._held_team.get(team)
+        held = self.policy.held_team.get(team, 0.0) if held is None else held
+        return self.policy.quotas.team(team).guarantee - held + EPS
 
     def key(self, req: Request) -> tuple[Any, ...]:
         return self.policy.key(

@@ -425,6 +425,7 @@ class Walk:
         # admitted none of their needs: looked at again if room grows (``unskip``, ``revive``);
         # (None, a team) is keyed then, (None, ("turns", turns, at)) stands for turns from at
         self._unopened: list[tuple[tuple[Any, ...] | None, tuple[Any, ...]]] = []
+        self._outside: set[str] = set()  # teams that nothing fits in their guarantee (phase 0)
         # a group's phase (0: within its team's guarantee) from its shape, and a team's room in
         # its guarantee: a team or group of the other phase is not opened
         self._phase_of = phase_of
@@ -512,8 +513,14 @@ class Walk:
         room, beyond = found
         chosen = dict.fromkeys(admitted(self.room.by_need, room))
         chosen.update(dict.fromkeys(beyond))
+        if phase == 0 and self._phase_room is not None:
+            for team in list(chosen):  # nothing of it fits in its guarantee: see ``_open_team``
+                tq = self.room.teams.get(team)
+                if tq is not None and tq.needs.equivalents.least > self._phase_room(team):
+                    del chosen[team]
+                    self._outside.add(team)
         for team in self.room.teams:
-            if team not in chosen:  # (keyed only if room grows)
+            if team not in chosen and team not in self._outside:  # (keyed only if room grows)
                 self._unopened.append((None, ("team", team, phase)))
         teams = [t for t in chosen if t in self.room.teams]
         self._turns(_Turns(None, phase, sorted((self._team_key(t, phase), t) for t in teams)))

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from jupyter_gpu.broker.fair_share import FairSharePolicy
 from jupyter_gpu.broker.model import Allocation, Request
 from jupyter_gpu.broker.quotas import PoolQuotas
+from jupyter_gpu.broker.scheduling import EPS, PassState
 from jupyter_gpu.broker.waiting import Room, WaitingRoom, Walk, admitted
 from jupyter_gpu.common.protocol import RequestSpec
 from tests.broker.fairsim import GiB, gpus, pool_sim, quotas, req
@@ -282,3 +283,34 @@ def test_teams_left_out_while_the_room_was_small_are_looked_at_when_it_grows():
     )
     assert seen["ahead", "revive"] == seen["ahead", "unskip"] == ["0-0.05", "1-0.6", "2-0.6"]
     assert seen["together", "revive"] == seen["together", "unskip"] == ["0-0.2", "1-0.6", "2-0.6"]
+
+
+def test_the_room_in_a_teams_guarantee_is_read_without_its_decayed_use_as_its_context_gives_it():
+    """A pass tells whether anything of a team fits in its guarantee before keying the team
+    (``PassState.guarantee_room``, without the decayed use that only the team's place in the
+    order needs): it is the room of the team's context (``FairSharePolicy.team_context``), for
+    teams under, at and over their guarantee, and as held at the start of the pass."""
+    sim = pool_sim()
+    teams = quotas(
+        teams={
+            "a": {"guarantee": 1.0, "members": ["alice"]},
+            "b": {"guarantee": 0.5, "members": ["bob"]},
+            "c": {"guarantee": 2.0, "members": ["carol"]},
+        }
+    )
+    pool = sim.SimPool(gpus(16, 16, 16), FairSharePolicy(teams))
+    for user, fraction in (("alice", 1.0), ("bob", 0.75), ("carol", 0.5)):
+        pool.submit(req(user, fraction=fraction))
+    pool.schedule()
+    pool.now = 30.0
+    state = PassState(pool.policy, pool.ledger.packer, pool.ledger.queue, 30.0, None, 0.25)
+    try:
+        for team in ("a", "b", "c", "nobody"):
+            expected = pool.policy.team_context(team, 30.0)[0]
+            assert state.guarantee_room(team) == expected, team
+        state.freeze("a", "alice")  # (as a grant to it in the pass does) ...
+        pool.end(next(lid for lid, ls in pool.leases.items() if ls.user == "alice"))  # ... then
+        assert pool.policy.team_context("a", 30.0)[0] == 1.0 + EPS
+        assert state.guarantee_room("a") == 0.0 + EPS == state.context("a")[0]  # as at the start
+    finally:
+        state.close()
