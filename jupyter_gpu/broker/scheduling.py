@@ -185,7 +185,7 @@ class PassState:
             return None
         return self.room
 
-    def beyond_room(self) -> tuple[Room, list[str]] | None:
+    def beyond_room(self) -> tuple[Room, set[str]] | None:
         """(The room, the teams that may be owed a reservation), when nothing but room or a
         reservation can make a team's requests act (nothing to preempt for): then ``worth`` is
         False for every other team whose smallest need the room does not admit, and the walk
@@ -193,8 +193,8 @@ class PassState:
         if self.suspending or self.reclaiming:
             return None
         if len(self.reserved_by) >= self.budget:
-            return self.room, []
-        return self.room, self.queue.waited(self.now, self.policy.quotas.reserve_after)
+            return self.room, set()
+        return self.room, set(self.queue.waited(self.now, self.policy.quotas.reserve_after))
 
     def group_worth(self, spec: RequestSpec, oldest: float) -> bool:
         """Could a group's requests (of ``spec``, the oldest submitted at ``oldest``) act now?

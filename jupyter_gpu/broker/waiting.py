@@ -37,7 +37,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -409,7 +409,7 @@ class Walk:
         phase_room: Callable[[str], float] | None = None,
         narrow: Callable[[Needs, str], Room | None] | None = None,
         user_key: Callable[[str, str, int], tuple[Any, ...]] | None = None,
-        beyond_room: Callable[[], tuple[Room, Iterable[str]] | None] | None = None,
+        beyond_room: Callable[[], tuple[Room, Collection[str]] | None] | None = None,
     ):
         self.room = room
         # the room, when only it can make a team's (a user's) requests act: then the index of
