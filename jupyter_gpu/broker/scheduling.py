@@ -66,6 +66,7 @@ class PassState:
         self._held_team: dict[str, float] = {}  # as at the start, for the frozen order
         self._held_user: dict[str, float] = {}
         self._contexts: dict[str, tuple[float, float]] = {}
+        self._rooms: dict[str, float] = {}  # guarantee_room's
         reserving = [r for r in map(queue.get, policy.reservations) if r is not None]
         self.look()
         self.walk = Walk(
@@ -97,14 +98,21 @@ class PassState:
         part of ``context``), as at the start of the pass; without the team's decayed use, which
         only its place in the order needs: a team that nothing fits in its guarantee is passed over
         in that phase without being keyed."""
+        room = self._rooms.get(team)
+        if room is not None:
+            return room
         found = self._contexts.get(team)
         if found is not None or type(self.policy).team_context is not FairSharePolicy.team_context:
-            return self.context(team)[0]  # (a policy with a context of its own: the simulator's)
-        if not self.configured:
-            return math.inf
-        held = self._held_team.get(team)
-        held = self.policy.held_team.get(team, 0.0) if held is None else held
-        return self.policy.quotas.team(team).guarantee - held + EPS
+            room = self.context(team)[0]  # (a policy with a context of its own: the simulator's)
+        elif not self.configured:
+            room = math.inf
+        else:
+            held = self._held_team.get(team)
+            held = self.policy.held_team.get(team, 0.0) if held is None else held
+            room = self.policy.quotas.team(team).guarantee - held + EPS
+        # (what a team holds changes in the pass only after ``freeze`` kept what it held before)
+        self._rooms[team] = room
+        return room
 
     def key(self, req: Request) -> tuple[Any, ...]:
         return self.policy.key(
