@@ -16,22 +16,29 @@ whatever it was when it was indexed), so the answers are exactly those of a scan
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from typing import Protocol
 
 from sortedcontainers import SortedList
 
-if TYPE_CHECKING:
-    from collections.abc import Callable
-
-    from jupyter_gpu.broker.fair_share import LeaseRecord
-
 EPS = 1e-6
+
+
+class LeaseRecord(Protocol):
+    """What the index reads of a lease (``fair_share.LeaseRecord``, which imports this module)."""
+
+    id: str
+    team: str
+    started: float
+    idle_since: float | None
+    gang: bool
+    preemptible: bool
 
 
 class TakeBackIndex:
     """Idle leases by ``idle_since`` and preemptible leases, per team, by ``started``."""
 
-    def __init__(self, leases: dict[str, LeaseRecord]):
+    def __init__(self, leases: Mapping[str, LeaseRecord]):
         self._leases = leases  # the policy's lease book (read, never changed here)
         self._idle = SortedList()  # (idle_since, lease id)
         self._idle_key: dict[str, tuple[float, str]] = {}

@@ -193,6 +193,16 @@ def admitted(index: tuple[SortedKeyList, ...], room: Room) -> list[Any]:
     return list(found)
 
 
+def _needs_of(room: WaitingRoom, team: str | None, name: str) -> Needs | None:
+    """The needs of team ``name`` (``team`` None) or of user ``name`` of ``team``."""
+    if team is None:
+        tq = room.teams.get(name)
+        return tq.needs if tq is not None else None
+    tq = room.teams.get(team)
+    uq = tq.users.get(name) if tq is not None else None
+    return uq.needs if uq is not None else None
+
+
 def _admits_any(index: tuple[SortedKeyList, ...], room: Room) -> bool:
     """Whether ``room`` admits the GPU need of anything in ``index`` (``_by_amount``): its
     smallest of some kind fits."""
@@ -552,7 +562,7 @@ class Walk:
         while turns.at < len(order):
             key, name = order[turns.at]
             turns.at += 1
-            needs = self._needs_of(team, name)
+            needs = _needs_of(self.room, team, name)
             if needs is None:
                 continue  # (none of it waits any more)
             if room is None or self.full or name in beyond or room.admits_gpu(needs):
@@ -565,15 +575,6 @@ class Walk:
                 return
             item = ("team", name, phase) if team is None else ("user", team, name, phase)
             self._unopened.append((key, item))
-
-    def _needs_of(self, team: str | None, name: str) -> Needs | None:
-        """The needs of team ``name`` (``team`` None) or of user ``name`` of ``team``."""
-        if team is None:
-            tq = self.room.teams.get(name)
-            return tq.needs if tq is not None else None
-        tq = self.room.teams.get(team)
-        uq = tq.users.get(name) if tq is not None else None
-        return uq.needs if uq is not None else None
 
     def _left(self) -> Iterator[tuple[tuple[Any, ...], tuple[Any, ...]]]:
         """(key, item) of each team and user left for when room grows."""
