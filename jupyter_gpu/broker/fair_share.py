@@ -28,6 +28,7 @@ from typing import Callable
 from jupyter_gpu.broker.estimates import CellTimes, Progress, track_progress
 from jupyter_gpu.broker.model import Request
 from jupyter_gpu.broker.quotas import PoolQuotas
+from jupyter_gpu.broker.takeback import TakeBackIndex
 from jupyter_gpu.common.protocol import RequestSpec
 
 log = logging.getLogger(__name__)
@@ -117,9 +118,11 @@ class FairSharePolicy:
         self.preemptible: set[str] = set()
         self.preemptible_of: dict[str, set[str]] = {}  # the same by team
         # bumped by every change to the lease book (a lease started, ended, went idle or busy):
-        # what a scheduling pass caches against (``scheduling.PassState.look``)
+        # what a queue view caches against (``queue_view.py``)
         self.version = 0
-        self.look_cache: dict[str, tuple[int, float, bool]] = {}
+        # the idle and the borrowed leases, sorted by when they could be taken back: whether a
+        # pass may suspend or reclaim at all (``scheduling.PassState.look``)
+        self.takeback = TakeBackIndex(self.leases)
         # a lease of a team or user with a limit ended: a request the limit held back may fit
         # anywhere now, not only where room grew (the next pass looks everywhere)
         self.limits_loosened = False
@@ -164,6 +167,7 @@ class FairSharePolicy:
         if preemptible:
             self.preemptible.add(lease_id)
             self.preemptible_of.setdefault(team, set()).add(lease_id)
+        self.takeback.started(rec)
         self._step(user, team, now, gpus)
         return rec
 
@@ -173,6 +177,7 @@ class FairSharePolicy:
             return None
         self.version += 1
         self.idle.discard(lease_id)
+        self.takeback.ended(rec)
         limit = self.quotas.team(rec.team).limit
         if limit is not None or self.quotas.user_limit(rec.user) is not None:
             self.limits_loosened = True
@@ -205,6 +210,7 @@ class FairSharePolicy:
             now = self.clock() if now is None else now
             rec.idle_since = None if state == "running" else (rec.idle_since or now)
             (self.idle.discard if state == "running" else self.idle.add)(lease_id)
+            self.takeback.idle_changed(rec)
             if resident is not None:
                 rec.resident = int(resident)
             rec.progress = track_progress(rec.progress, state, now, step, total)

@@ -66,6 +66,7 @@ class PassState:
         self._held_team: dict[str, float] = {}  # as at the start, for the frozen order
         self._held_user: dict[str, float] = {}
         self._contexts: dict[str, tuple[float, float]] = {}
+        self._rooms: dict[str, float] = {}  # guarantee_room's
         reserving = [r for r in map(queue.get, policy.reservations) if r is not None]
         self.look()
         self.walk = Walk(
@@ -76,11 +77,12 @@ class PassState:
             self.worth,
             self.group_worth,
             reserving,
-            phase_of=lambda team, spec: 0 if policy.need(spec) <= self.context(team)[0] else 1,
-            phase_room=lambda team: self.context(team)[0],
+            phase_of=lambda team, spec: 0 if policy.need(spec) <= self.guarantee_room(team) else 1,
+            phase_room=self.guarantee_room,
             narrow=self.narrow,
             # (a policy with a key of its own, the simulator's baselines: users opened at once)
             user_key=self.user_key if type(policy).key is FairSharePolicy.key else None,
+            beyond_room=self.beyond_room,
         )
 
     # ------------------------------------------------------------------ the frozen order
@@ -90,6 +92,27 @@ class PassState:
             held = self._held_team.get(team)
             found = self._contexts[team] = self.policy.team_context(team, self.now, held)
         return found
+
+    def guarantee_room(self, team: str) -> float:
+        """The most a request of ``team`` may need and still be within its guarantee (the first
+        part of ``context``), as at the start of the pass; without the team's decayed use, which
+        only its place in the order needs: a team that nothing fits in its guarantee is passed over
+        in that phase without being keyed."""
+        room = self._rooms.get(team)
+        if room is not None:
+            return room
+        found = self._contexts.get(team)
+        if found is not None or type(self.policy).team_context is not FairSharePolicy.team_context:
+            room = self.context(team)[0]  # (a policy with a context of its own: the simulator's)
+        elif not self.configured:
+            room = math.inf
+        else:
+            held = self._held_team.get(team)
+            held = self.policy.held_team.get(team, 0.0) if held is None else held
+            room = self.policy.quotas.team(team).guarantee - held + EPS
+        # (what a team holds changes in the pass only after ``freeze`` kept what it held before)
+        self._rooms[team] = room
+        return room
 
     def key(self, req: Request) -> tuple[Any, ...]:
         return self.policy.key(
@@ -105,6 +128,13 @@ class PassState:
     def aged_gang(self, req: Request) -> bool:
         return self.policy.aged_gang(req, self.now)
 
+    def close(self) -> None:
+        """The pass is over: let go of the walk. It holds this state's methods and the state
+        holds it: without this, the pair and every entry of the walk's heap (thousands at
+        100,000 waiting) lived until the cyclic garbage collector found them, and a collection
+        that did cost 1-3 ms in the middle of a later decision (docs/benchmarks.md)."""
+        del self.walk
+
     def freeze(self, team: str, user: str) -> None:
         """Remember a team's and a user's holdings before the pass changes them."""
         self._held_team.setdefault(team, self.policy.held_team.get(team, 0.0))
@@ -117,20 +147,20 @@ class PassState:
         The room is that of the workers whose room grew since the last complete pass
         (``Packer.changed_room``): that pass found no place for anything still waiting, so a
         request can only fit where something changed. Whether an idle session could be suspended
-        or a borrowed lease reclaimed is remembered until the lease book changes or a lease ages
-        into it (``_cached``): both scan every lease."""
+        or a borrowed lease reclaimed is read from the lease book's index of when each could be
+        (``takeback.TakeBackIndex``: the oldest entries only, not a scan of every lease)."""
         self.room: Room = self.packer.changed_room()
-        quotas = self.policy.quotas
+        policy, quotas = self.policy, self.policy.quotas
         after = quotas.suspend_idle_after
         self.suspending = (
             self.preempt is not None
             and after is not None
-            and _cached(self.policy, "suspend", self.now, lambda: _suspendable(self, after))
+            and policy.takeback.may_suspend(self.now, after)
         )
         self.reclaiming = (
             self.preempt is not None
             and self.configured
-            and _cached(self.policy, "reclaim", self.now, lambda: _reclaimable(self))
+            and policy.takeback.may_reclaim(self.now, quotas.min_run_time, policy.over_guarantee)
         )
 
     def worth(self, needs: Needs, team: str, user: str | None) -> bool:
@@ -162,6 +192,17 @@ class PassState:
         if (self.suspending and needs.interactive_single) or (self.reclaiming and needs.single):
             return None
         return self.room
+
+    def beyond_room(self) -> tuple[Room, set[str]] | None:
+        """(The room, the teams that may be owed a reservation), when nothing but room or a
+        reservation can make a team's requests act (nothing to preempt for): then ``worth`` is
+        False for every other team whose smallest need the room does not admit, and the walk
+        opens only the teams the room admits (``waiting.Walk._open_teams``). Else None."""
+        if self.suspending or self.reclaiming:
+            return None
+        if len(self.reserved_by) >= self.budget:
+            return self.room, set()
+        return self.room, set(self.queue.waited(self.now, self.policy.quotas.reserve_after))
 
     def group_worth(self, spec: RequestSpec, oldest: float) -> bool:
         """Could a group's requests (of ``spec``, the oldest submitted at ``oldest``) act now?
@@ -202,48 +243,6 @@ class PassState:
         return fits
 
 
-def _cached(
-    policy: FairSharePolicy, what: str, now: float, compute: Callable[[], tuple[bool, float]]
-) -> bool:
-    """``compute()``'s answer (and until when it holds if the lease book does not change), kept
-    in ``policy.look_cache`` against the book's version."""
-    found = policy.look_cache.get(what)
-    if found is not None and found[0] == policy.version and now < found[1]:
-        return found[2]
-    value, until = compute()
-    policy.look_cache[what] = (policy.version, until, value)
-    return value
-
-
-def _suspendable(state: PassState, after: float) -> tuple[bool, float]:
-    """Whether an idle session may move out now; if none may, when the first could."""
-    now, until = state.now, math.inf
-    if preemption.suspend_candidates(state.policy, now, after):
-        return True, math.inf
-    for lid in state.policy.idle:
-        r = state.policy.leases.get(lid)
-        if r is not None and not r.gang and r.idle_since is not None:
-            # (one granted this very instant may move out at the next)
-            until = min(until, max(r.idle_since + after, math.nextafter(r.started, math.inf)))
-    return False, until
-
-
-def _reclaimable(state: PassState) -> tuple[bool, float]:
-    """Whether a borrowed lease may be reclaimed now; if none may, when the first could."""
-    policy, now, until = state.policy, state.now, math.inf
-    min_run = policy.quotas.min_run_time
-    for team, ids in policy.preemptible_of.items():
-        if policy.over_guarantee(team) <= EPS:
-            continue  # (a team's standing changes only with the lease book)
-        for r in map(policy.leases.get, ids):
-            if r is None or r.gang:
-                continue
-            if now - r.started >= min_run and r.started < now:
-                return True, math.inf
-            until = min(until, max(r.started + min_run, math.nextafter(r.started, math.inf)))
-    return False, until
-
-
 def _let_go(packer: Packer, gpus: Iterable[str]) -> None:
     """GPUs held for a request are free for others again: their workers' room grew."""
     for g in gpus:
@@ -278,6 +277,17 @@ def schedule_pass(
     """
     now = policy.clock() if now is None else now
     state = PassState(policy, packer, queue, now, preempt, reserve_share)
+    try:
+        return _walk(state, grant, preempt, eta_for)
+    finally:
+        state.close()
+
+
+def _walk(
+    state: PassState, grant: GrantFn, preempt: PreemptFn | None, eta_for: int
+) -> list[Request]:
+    """The pass proper: serve, explain and reserve along the walk."""
+    policy, packer, queue, now = state.policy, state.packer, state.queue, state.now
     waiting: list[Request] = []
     state.walk.full = eta_for > 0
     for req in state.walk:
@@ -435,15 +445,18 @@ def explain_waiting(
     queue.fresh = fresh
     state.walk.full = True
     waiting: list[Request] = []
-    for req in state.walk if eta_for > 0 else ():
-        blocked = policy.limit_reason(req)
-        if blocked:
-            req.reason = blocked
-        else:
-            _explain(state, req, estimate=True, reserve_now=False)
-        waiting.append(req)
-        if len(waiting) >= eta_for:
-            break
+    try:
+        for req in state.walk if eta_for > 0 else ():
+            blocked = policy.limit_reason(req)
+            if blocked:
+                req.reason = blocked
+            else:
+                _explain(state, req, estimate=True, reserve_now=False)
+            waiting.append(req)
+            if len(waiting) >= eta_for:
+                break
+    finally:
+        state.close()
     _estimate(policy, packer, queue, waiting, now)
     return waiting
 

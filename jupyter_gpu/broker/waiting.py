@@ -18,14 +18,18 @@ requests are interchangeable except for their age: once one finds no room, the o
 over for the rest of the pass. When a pass makes room (a preemption), what it passed over is looked
 at again.
 
-What a room admits is found without looking at each user or group: a team keeps its users, and a
-user its groups, sorted by their smallest GPU need of each kind (``by_need``), so that when only
-room can make a team's requests act (nothing to reserve or preempt for: ``PassState.narrow``) the
-walk opens only the users and groups whose need fits it, and a user only when its turn comes (its
-requests' keys share a prefix, ``PassState.user_key``): by then the grants before it have usually
-shrunk the room, and a user it no longer admits is passed over in one test instead of each of its
-groups being keyed, pushed and popped. At 100,000 waiting that took a decision from keying about
-560 groups to about 15 (its ~40 users are still tested one by one; docs/benchmarks.md).
+What a room admits is found without looking at each team, user or group: the waiting room keeps its
+teams, a team its users, and a user its groups sorted by their smallest GPU need of each kind
+(``by_need``), so that when only room (or, for a team, a reservation) can make a team's requests act
+(nothing to preempt for: ``PassState.narrow``, ``PassState.beyond_room``) the walk opens only the teams,
+users and groups whose need fits it, and a team or user only when its turn in the fair-share order
+comes (``_Turns``; a user's requests' keys share a prefix, ``PassState.user_key``): by then the grants
+before it have usually shrunk the room, and those it no longer admits are passed over in one test each,
+or all at once when the room admits nothing of them any more, instead of each of their groups being
+keyed, pushed and popped; they are looked at again if the pass makes room (``unskip``, ``revive``), as
+a walk that opens each in its turn would. At 100,000 waiting that took a decision from keying about 560
+groups to about 15, and from about 100 team and 39 user openings to 1-2 of each (the teams, and the
+users of a team opened, are still keyed to be put in order: docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -69,11 +73,17 @@ class Room:
     cpu_milli: float = INF
 
     def admits(self, needs: Needs) -> bool:
+        gpu, room = needs.gpu, self.gpu
         return (
-            any(needs.smallest(k) <= self.gpu[k] for k in range(3))
-            and needs.host_memory.smallest() <= self.memory
-            and needs.cpu_milli.smallest() <= self.cpu_milli
+            (gpu[0].least <= room[0] or gpu[1].least <= room[1] or gpu[2].least <= room[2])
+            and needs.host_memory.least <= self.memory
+            and needs.cpu_milli.least <= self.cpu_milli
         )
+
+    def admits_gpu(self, needs: Needs) -> bool:
+        """Whether the GPU need of any of these requests fits (host memory and cores aside)."""
+        gpu, room = needs.gpu, self.gpu
+        return gpu[0].least <= room[0] or gpu[1].least <= room[1] or gpu[2].least <= room[2]
 
     def admits_spec(self, spec: RequestSpec) -> bool:
         kind, amount = family(spec)
@@ -92,21 +102,27 @@ class Room:
 
 
 class Smallest:
-    """A multiset of numbers that knows its smallest (additions and removals in log time)."""
+    """A multiset of numbers that knows its smallest (additions and removals in log time; the
+    smallest is kept at hand: a pass reads it for every team and user it tests)."""
 
-    __slots__ = ("_values",)
+    __slots__ = ("_values", "least")
 
     def __init__(self) -> None:
         self._values = SortedList()
+        self.least = INF
 
     def add(self, value: float) -> None:
         self._values.add(value)
+        if value < self.least:
+            self.least = float(value)
 
     def remove(self, value: float) -> None:
         self._values.discard(value)
+        if value == self.least:
+            self.least = float(self._values[0]) if self._values else INF
 
     def smallest(self) -> float:
-        return float(self._values[0]) if self._values else INF
+        return self.least
 
 
 class Needs:
@@ -152,7 +168,7 @@ class Needs:
             (tracker.add if add else tracker.remove)(value)
 
     def smallest(self, kind: int) -> float:
-        return self.gpu[kind].smallest()
+        return self.gpu[kind].least
 
 
 def _by_amount() -> tuple[SortedKeyList, SortedKeyList, SortedKeyList]:
@@ -175,6 +191,22 @@ def admitted(index: tuple[SortedKeyList, ...], room: Room) -> list[Any]:
         for _, what in index[kind].irange_key(max_key=limit):
             found[what] = None
     return list(found)
+
+
+def _needs_of(room: WaitingRoom, team: str | None, name: str) -> Needs | None:
+    """The needs of team ``name`` (``team`` None) or of user ``name`` of ``team``."""
+    if team is None:
+        tq = room.teams.get(name)
+        return tq.needs if tq is not None else None
+    tq = room.teams.get(team)
+    uq = tq.users.get(name) if tq is not None else None
+    return uq.needs if uq is not None else None
+
+
+def _admits_any(index: tuple[SortedKeyList, ...], room: Room) -> bool:
+    """Whether ``room`` admits the GPU need of anything in ``index`` (``_by_amount``): its
+    smallest of some kind fits."""
+    return any(index[k] and index[k][0][0] <= room.gpu[k] for k in range(3))
 
 
 @dataclass
@@ -225,6 +257,11 @@ class WaitingRoom:
         self._reqs: dict[str, Request] = {}
         self._where: dict[str, tuple[str, str, GroupKey]] = {}  # id -> (team, user, group)
         self.teams: dict[str, TeamQueue] = {}
+        # per kind of GPU need, (the team's smallest, team): the teams a room admits; and (the
+        # team's oldest submission, team): those that may have waited long enough for a
+        # reservation
+        self.by_need: tuple[SortedKeyList, SortedKeyList, SortedKeyList] = _by_amount()
+        self.by_age: SortedList = SortedList()
         self.gangs: SortedList = SortedList()  # (submitted, id) of multi-rank requests
         self.estimated: set[str] = set()  # ids of those with an estimated start
         self.fresh: set[str] = set()  # ids of those no pass has looked at yet
@@ -277,7 +314,7 @@ class WaitingRoom:
         before = uq.needs.smallest(kind)
         uq.needs.change(req, True)
         tq.restate(uq, kind, before)
-        tq.needs.change(req, True)
+        self._change_team(tq, req, kind, True)
         uq.count += 1
         if req.spec.workers > 1:
             self.gangs.add((req.submitted, req.id))
@@ -309,7 +346,7 @@ class WaitingRoom:
         before = uq.needs.smallest(kind)
         uq.needs.change(req, False)
         tq.restate(uq, kind, before)
-        tq.needs.change(req, False)
+        self._change_team(tq, req, kind, False)
         uq.count -= 1
         if not uq.count:
             del tq.users[user]
@@ -318,8 +355,45 @@ class WaitingRoom:
         if req.spec.workers > 1:
             self.gangs.discard((req.submitted, req.id))
 
+    def _change_team(self, tq: TeamQueue, req: Request, kind: int, add: bool) -> None:
+        """Count ``req`` in (out of) its team's needs, and keep the teams' indexes in step."""
+        before, oldest = tq.needs.smallest(kind), tq.needs.submitted.smallest()
+        tq.needs.change(req, add)
+        after, now_oldest = tq.needs.smallest(kind), tq.needs.submitted.smallest()
+        if after != before:
+            if before != INF:
+                self.by_need[kind].discard((before, tq.team))
+            if after != INF:
+                self.by_need[kind].add((after, tq.team))
+        if now_oldest != oldest:
+            if oldest != INF:
+                self.by_age.discard((oldest, tq.team))
+            if now_oldest != INF:
+                self.by_age.add((now_oldest, tq.team))
+
+    def waited(self, now: float, after: float) -> list[str]:
+        """The teams whose oldest request has waited ``after`` seconds at ``now`` (those that may
+        be owed a reservation), oldest first."""
+        found = []
+        for oldest, team in self.by_age:
+            if not now - oldest >= after:
+                break  # (nor any team whose oldest is younger)
+            found.append(team)
+        return found
+
 
 # ---------------------------------------------------------------------- the walk of one pass
+@dataclass
+class _Turns:
+    """Teams of a phase (``team`` None) or users of a team, in the order of the pass, each
+    looked at in its turn (``Walk._take_turn``); ``at``: the next."""
+
+    team: str | None
+    phase: int
+    order: list[tuple[tuple[Any, ...], str]]
+    at: int = 0
+
+
 class Walk:
     """The waiting requests in the policy's order (as at the start of the pass), without those
     that cannot act (see the module docstring).
@@ -345,6 +419,7 @@ class Walk:
         phase_room: Callable[[str], float] | None = None,
         narrow: Callable[[Needs, str], Room | None] | None = None,
         user_key: Callable[[str, str, int], tuple[Any, ...]] | None = None,
+        beyond_room: Callable[[], tuple[Room, Collection[str]] | None] | None = None,
     ):
         self.room = room
         # the room, when only it can make a team's (a user's) requests act: then the index of
@@ -352,6 +427,15 @@ class Walk:
         self._narrow = narrow if room.indexed else None
         # a prefix of the keys of a user's requests of one phase (none of them comes before it)
         self._user_key = user_key
+        # (the room, the teams that may act for something else than room: a reservation), or None
+        # when any team may (something to preempt for): which teams a phase opens
+        self._beyond_room = beyond_room if self._narrow is not None else None
+        self._team_share = team_share
+        # (key, item) of the teams and users whose turn came, or was to come, while the room
+        # admitted none of their needs: looked at again if room grows (``unskip``, ``revive``);
+        # (None, a team) is keyed then, (None, ("turns", turns, at)) stands for turns from at
+        self._unopened: list[tuple[tuple[Any, ...] | None, tuple[Any, ...]]] = []
+        self._outside: set[str] = set()  # teams that nothing fits in their guarantee (phase 0)
         # a group's phase (0: within its team's guarantee) from its shape, and a team's room in
         # its guarantee: a team or group of the other phase is not opened
         self._phase_of = phase_of
@@ -378,10 +462,12 @@ class Walk:
             if req is not None:
                 self._push(key(req), ("req", req, None))
         room.fresh = set()
-        for team in room.teams:
-            share = team_share(team)
-            for phase in (0, 1):
-                self._push((1, phase, share, -INF), ("team", team, phase))
+        for phase in (0, 1):
+            if self._beyond_room is not None:  # the teams of a phase found when it begins
+                self._push((1, phase, -INF, -INF), ("teams", phase))
+            else:
+                for team in room.teams:
+                    self._push(self._team_key(team, phase), ("team", team, phase))
 
     def _push(self, key: tuple[Any, ...], item: tuple[Any, ...]) -> None:
         heapq.heappush(self._heap, (key, next(self._seq), item))
@@ -414,7 +500,110 @@ class Walk:
                 self._open_users_but(item[1], item[2], item[3])
             elif kind == "groups":
                 self._open_groups_but(item[1], item[2], item[3], item[4])
+            elif kind == "turn":
+                self._take_turn(item[1])
+            elif kind == "teams":
+                self._open_teams(item[1])
         raise StopIteration
+
+    def _team_key(self, team: str, phase: int) -> tuple[Any, ...]:
+        return (1, phase, self._team_share(team), -INF)
+
+    def _open_teams(self, phase: int) -> None:
+        """A phase begins: the teams whose turn may come, in the order. When only room or a
+        reservation can make a team act (``beyond_room``), those are the teams whose smallest
+        need the room admits (``WaitingRoom.by_need``) and those that waited long enough for a
+        reservation, and each is looked at in its turn (``_Turns``); the others are left for
+        when room grows."""
+        found = None if self.full or self._beyond_room is None else self._beyond_room()
+        if found is None:
+            for team in self.room.teams:
+                self._push(self._team_key(team, phase), ("team", team, phase))
+            return
+        room, beyond = found
+        chosen = dict.fromkeys(admitted(self.room.by_need, room))
+        chosen.update(dict.fromkeys(beyond))
+        if phase == 0 and self._phase_room is not None:
+            for team in list(chosen):  # nothing of it fits in its guarantee: see ``_open_team``
+                tq = self.room.teams.get(team)
+                if tq is not None and tq.needs.equivalents.least > self._phase_room(team):
+                    del chosen[team]
+                    self._outside.add(team)
+        for team in self.room.teams:
+            if team not in chosen and team not in self._outside:  # (keyed only if room grows)
+                self._unopened.append((None, ("team", team, phase)))
+        teams = [t for t in chosen if t in self.room.teams]
+        self._turns(_Turns(None, phase, sorted((self._team_key(t, phase), t) for t in teams)))
+
+    def _turns(self, turns: _Turns) -> None:
+        """Give the first of ``turns`` its turn (nothing is looked at before it)."""
+        if turns.order:
+            self._push(turns.order[0][0], ("turn", turns))
+
+    def _take_turn(self, turns: _Turns) -> None:
+        """The next team (user of ``turns.team``) in ``turns`` whose needs the room still admits
+        is opened now, in its turn; those before it that it no longer admits are left for when
+        room grows, as a pass that looked at each in its turn would pass them over. The one after
+        it gets its turn."""
+        order, team, phase = turns.order, turns.team, turns.phase
+        tq = self.room.teams.get(team) if team is not None else None
+        if team is None:
+            found = self._beyond_room() if self._beyond_room is not None else None
+            room, beyond = found if found is not None else (None, ())
+            index = self.room.by_need
+        else:
+            room = self._narrow(tq.needs, team) if tq is not None and self._narrow else None
+            beyond, index = (), tq.by_need if tq is not None else self.room.by_need
+        if room is not None and not self.full and not beyond and not _admits_any(index, room):
+            # the room admits none of them any more: all left for when room grows, in one go
+            self._unopened.append((None, ("turns", turns, turns.at)))
+            turns.at = len(order)
+            return
+        while turns.at < len(order):
+            key, name = order[turns.at]
+            turns.at += 1
+            needs = _needs_of(self.room, team, name)
+            if needs is None:
+                continue  # (none of it waits any more)
+            if room is None or self.full or name in beyond or room.admits_gpu(needs):
+                if turns.at < len(order):
+                    self._push(order[turns.at][0], ("turn", turns))
+                if team is None:
+                    self._open_team(name, phase)
+                else:
+                    self._open_user(team, name, phase)
+                return
+            item = ("team", name, phase) if team is None else ("user", team, name, phase)
+            self._unopened.append((key, item))
+
+    def _left(self) -> Iterator[tuple[tuple[Any, ...], tuple[Any, ...]]]:
+        """(key, item) of each team and user left for when room grows."""
+        for key, item in self._unopened:
+            if item[0] == "turns":
+                turns, at = item[1], item[2]
+                for k, name in turns.order[at:]:
+                    if turns.team is None:
+                        yield k, ("team", name, turns.phase)
+                    else:
+                        yield k, ("user", turns.team, name, turns.phase)
+            elif key is None:
+                yield self._team_key(item[1], item[2]), item
+            else:
+                yield key, item
+
+    def _reopen(self, revive: bool) -> None:
+        """Room grew: the teams and users left for it are pushed at their turn, or, when
+        ``revive`` and their turn is passed, at the walk's position (as those passed over are);
+        after a reservation was released (not ``revive``) only those whose turn is to come."""
+        kept: list[tuple[tuple[Any, ...] | None, tuple[Any, ...]]] = []
+        for key, item in self._left():
+            if key > self._cursor:
+                self._push(key, item)
+            elif revive:
+                self._push(self._cursor, item)
+            else:
+                kept.append((key, item))
+        self._unopened = kept
 
     def _open_team(self, team: str, phase: int) -> None:
         tq = self.room.teams.get(team)
@@ -432,11 +621,12 @@ class Walk:
                 self._open_user(team, user, phase)
             return
         users = admitted(tq.by_need, room)
-        for user in users:  # each when its turn comes: the room may have shrunk by then
-            if self._user_key is None:
+        if self._user_key is None:
+            for user in users:
                 self._open_user(team, user, phase)
-            else:
-                self._push(self._user_key(team, user, phase), ("user", team, user, phase))
+        else:  # each when its turn comes: the room may have shrunk by then
+            user_key = self._user_key
+            self._turns(_Turns(team, phase, sorted((user_key(team, u, phase), u) for u in users)))
         if len(users) < len(tq.users):  # the others need more than the room: passed over
             self._passed.append(("users", team, frozenset(users), phase))
 
@@ -541,10 +731,12 @@ class Walk:
         skipped, self._skipped = self._skipped, {}
         for (user, gkey), (team, phase) in skipped.items():
             self._push(self._cursor, ("group", team, user, gkey, phase, None))
+        self._reopen(revive=False)
 
     def revive(self) -> None:
         """Room grew during the pass: look again at everything passed over."""
         self.unskip()
+        self._reopen(revive=True)
         passed, self._passed = self._passed, []
         for item in passed:
             self._push(self._cursor, item)

@@ -3,10 +3,21 @@ is passed over, and nothing that can act is."""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from jupyter_gpu.broker.fair_share import FairSharePolicy
-from jupyter_gpu.broker.model import Allocation
+from jupyter_gpu.broker.model import Allocation, Request
 from jupyter_gpu.broker.quotas import PoolQuotas
-from tests.broker.fairsim import gpus, pool_sim, quotas, req
+from jupyter_gpu.broker.scheduling import EPS, PassState
+from jupyter_gpu.broker.waiting import Room, WaitingRoom, Walk, admitted
+from jupyter_gpu.common.protocol import RequestSpec
+from tests.broker.fairsim import GiB, gpus, pool_sim, quotas, req
+
+INF = float("inf")
 
 
 def test_a_whole_gpu_request_that_cannot_fit_now_still_gets_gpus_reserved_once_it_waited():
@@ -119,3 +130,187 @@ def test_a_request_held_back_by_its_teams_limit_starts_where_nothing_changed():
     pool.end(next(lid for lid, ls in pool.leases.items() if ls.user == "carol"))
     grants, _ = pool.schedule()
     assert [(r.id, lease.worker) for r, lease in grants] == [(waiting.id, "w1")]
+
+
+# one change of the waiting room: (submit or take out, which request, its user, its shape, when)
+room_changes = st.lists(
+    st.tuples(
+        st.booleans(),
+        st.integers(0, 15),
+        st.integers(0, 8),
+        st.sampled_from(
+            [{"fraction": 0.1}, {"fraction": 0.5}, {"gpus": 1}, {"gpus": 2}, {"memory": 4 * GiB}]
+        ),
+        st.sampled_from([0.0, 10.0, 30.0]),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(room_changes, st.sampled_from([0.05, 0.3, 1.0]), st.sampled_from([0.0, 1.0, 2.0]))
+def test_the_teams_a_room_admits_and_those_that_waited_are_what_a_look_at_each_team_finds(
+    changes, fraction, whole
+):
+    """The waiting room's index of teams by their smallest need (``WaitingRoom.by_need``) and by
+    their oldest request (``by_age``): after any requests came and went, the teams it gives for a
+    room, and those that waited long enough, are those a look at each team's requests finds."""
+    room = WaitingRoom(lambda r: f"t{int(r.user[1:]) % 3}")
+    queued: dict[str, Request] = {}
+    for add, n, user, spec, at in changes:
+        rid = f"r{n}"
+        if add and rid not in queued:
+            queued[rid] = Request(
+                id=rid, user=f"u{user}", kernel="k", client=None, spec=RequestSpec(**spec)
+            )
+            queued[rid].submitted = at
+            room.append(queued[rid])
+        elif not add and rid in queued:
+            room.remove(queued.pop(rid))
+        for gib in (2, 8):
+            limit = Room((fraction, gib * GiB, whole))
+            teams: dict[str, list[Request]] = {}
+            for r in queued.values():
+                teams.setdefault(room._team_of(r), []).append(r)
+            fits = {t for t, rs in teams.items() if any(limit.admits_spec(r.spec) for r in rs)}
+            assert set(admitted(room.by_need, limit)) == fits
+            for now, after in ((30.0, 20.0), (40.0, 10.0), (10.0, 0.0)):
+                waited = {
+                    t for t, rs in teams.items() if min(r.submitted for r in rs) <= now - after
+                }
+                assert set(room.waited(now, after)) == waited
+
+
+def test_a_pass_leaves_nothing_for_the_garbage_collector():
+    """Bug fixed (issue 24: the decisions' p99 was 3 times their p50 at 10,000 GPUs and 100,000
+    waiting): a pass's state and its walk held each other (the walk calls the state's methods),
+    so every pass's few thousand heap entries and keys lived on until the cyclic garbage
+    collector ran, and that collection, 1-30 ms, fell in a later decision. A pass now lets go of
+    its walk: what it made is freed as it ends."""
+    sim = pool_sim()
+    pool = sim.SimPool(gpus(16, 16), FairSharePolicy(PoolQuotas()))
+    for n in range(6):
+        pool.submit(req(f"u{n}", fraction=0.5))
+    walks: list[weakref.ref] = []
+    made = Walk.__init__
+
+    def remembered(self, *args, **kwargs):
+        made(self, *args, **kwargs)
+        walks.append(weakref.ref(self))
+
+    gc.collect()
+    gc.disable()
+    try:
+        Walk.__init__ = remembered
+        grants, _ = pool.schedule()
+        pool.ledger.view.refresh(pool.now, force=True)  # (a view's look at the queue: a walk too)
+    finally:
+        Walk.__init__ = made
+        gc.enable()
+    assert len(grants) == 4 and len(walks) == 2
+    assert [w() for w in walks] == [None, None]
+
+
+def _walked(indexed: bool, grow: str, teams: list[tuple[float, ...]], rooms: list[float], fresh=()):
+    """The requests a walk gives, in order: team ``t<n>`` (share n: t0 first) has one user with a
+    request of each fraction of ``teams[n]``; the pass's room is ``rooms[k]`` once ``k`` were
+    given (a grant fills it, or room is made), and when the last of ``rooms`` is reached the
+    room grew: ``grow`` is "revive" (room made by a preemption) or "unskip" (GPUs held for a
+    reservation were let go). ``fresh``: the requests no pass looked at yet (the walk gives
+    them, in their turn, whatever the room)."""
+    room = WaitingRoom(lambda r: r.team or "")
+    for n, fractions in enumerate(teams):
+        for fraction in fractions:
+            r = req(f"u{n}", fraction=fraction)
+            r.id, r.team = f"{n}-{fraction}", f"t{n}"
+            room.append(r)
+    room.indexed, room.fresh = indexed, set(fresh)
+    box = [Room((rooms[0], INF, INF))]
+
+    def share(team: str) -> float:
+        return float(team[1:])
+
+    def key(r):
+        return (1, 0, share(r.team), 0.0, 0, 0, r.spec.fraction, r.id)
+
+    walk = Walk(
+        room,
+        share,
+        key,
+        lambda r: False,
+        lambda needs, team, user: box[0].admits(needs),
+        lambda spec, oldest: box[0].admits_spec(spec),
+        phase_of=lambda team, spec: 0,
+        phase_room=lambda team: INF,
+        narrow=lambda needs, team: box[0],
+        user_key=lambda team, user, phase: (1, phase, share(team), 0.0, 0),
+        beyond_room=lambda: (box[0], []),
+    )
+    walk.full = False
+    given = []
+    for r in walk:
+        given.append(r.id)
+        room.remove(r)
+        box[0] = Room((rooms[min(len(given), len(rooms) - 1)], INF, INF))
+        if len(given) == len(rooms) - 1:
+            walk.revive() if grow == "revive" else walk.unskip()
+    return given
+
+
+def test_teams_left_out_while_the_room_was_small_are_looked_at_when_it_grows():
+    """The walk opens only the teams (users) whose smallest need the room admits, each in its
+    turn (``Walk._take_turn``), and leaves the others for when room grows: after a preemption
+    (``revive``) it looks again at every one it left, after a reservation is let go (``unskip``)
+    at those whose turn is still to come, as a walk that opens each team in its turn does."""
+    # t1 is left at its turn (0.6 > 0.1), then room grows when t2's 0.05 is given
+    passed = [(0.2, 0.6), (0.6,), (0.05,), (0.2, 0.6)], [1.0, 0.1, 1.0]
+    # t1 and t2 are left when the walk begins (room 0.1), then room grows when t0's is given
+    ahead = [(0.05,), (0.6,), (0.6,)], [0.1, 1.0]
+    # t1 and t2 are left at t1's turn, together (0.6 > 0.1: ``_take_turn``'s one go), then
+    # room grows when t1's request, never looked at yet, is given anyway
+    together = [(0.2,), (0.6,), (0.6,)], [1.0, 0.1, 1.0], ["1-0.6"]
+    seen = {}
+    cases = {"passed": passed, "ahead": ahead, "together": together}
+    for name, (teams, rooms, *fresh) in cases.items():
+        for grow in ("revive", "unskip"):
+            seen[name, grow] = _walked(True, grow, teams, rooms, *fresh)
+            assert seen[name, grow] == _walked(False, grow, teams, rooms, *fresh), (name, grow)
+    # (t1's request comes before the walk's position: passed over for good, in both walks)
+    assert (
+        seen["passed", "revive"]
+        == seen["passed", "unskip"]
+        == ["0-0.2", "2-0.05", "3-0.2", "3-0.6"]
+    )
+    assert seen["ahead", "revive"] == seen["ahead", "unskip"] == ["0-0.05", "1-0.6", "2-0.6"]
+    assert seen["together", "revive"] == seen["together", "unskip"] == ["0-0.2", "1-0.6", "2-0.6"]
+
+
+def test_the_room_in_a_teams_guarantee_is_read_without_its_decayed_use_as_its_context_gives_it():
+    """A pass tells whether anything of a team fits in its guarantee before keying the team
+    (``PassState.guarantee_room``, without the decayed use that only the team's place in the
+    order needs): it is the room of the team's context (``FairSharePolicy.team_context``), for
+    teams under, at and over their guarantee, and as held at the start of the pass."""
+    sim = pool_sim()
+    teams = quotas(
+        teams={
+            "a": {"guarantee": 1.0, "members": ["alice"]},
+            "b": {"guarantee": 0.5, "members": ["bob"]},
+            "c": {"guarantee": 2.0, "members": ["carol"]},
+        }
+    )
+    pool = sim.SimPool(gpus(16, 16, 16), FairSharePolicy(teams))
+    for user, fraction in (("alice", 1.0), ("bob", 0.75), ("carol", 0.5)):
+        pool.submit(req(user, fraction=fraction))
+    pool.schedule()
+    pool.now = 30.0
+    state = PassState(pool.policy, pool.ledger.packer, pool.ledger.queue, 30.0, None, 0.25)
+    try:
+        for team in ("a", "b", "c", "nobody"):
+            expected = pool.policy.team_context(team, 30.0)[0]
+            assert state.guarantee_room(team) == expected, team
+        state.freeze("a", "alice")  # (as a grant to it in the pass does) ...
+        pool.end(next(lid for lid, ls in pool.leases.items() if ls.user == "alice"))  # ... then
+        assert pool.policy.team_context("a", 30.0)[0] == 1.0 + EPS
+        assert state.guarantee_room("a") == 0.0 + EPS == state.context("a")[0]  # as at the start
+    finally:
+        state.close()
