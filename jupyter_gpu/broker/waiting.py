@@ -482,6 +482,10 @@ class Walk:
             if kind == "req":
                 req, where = cast(Request, item[1]), item[2]
                 if req.id in self._seen or req not in self.room:
+                    if where is not None:  # walked on its own entry (a reservation's, an aged
+                        # gang's, a fresh request's) or gone: the rest of its group still follows
+                        team, user, gkey, phase = where
+                        self._next_in_group(team, user, gkey, phase, (req.submitted, req.id))
                     continue
                 if where is not None and not self.full and not self._still_worth(req, where):
                     continue
