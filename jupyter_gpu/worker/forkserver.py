@@ -144,7 +144,10 @@ class ForkServer:
         except (OSError, asyncio.CancelledError):
             pass
         finally:
-            self._lost()
+            # only if this zygote is still ours: a reader cancelled by ``close`` runs this after
+            # ``start`` made the next zygote's socket, which it must not close
+            if self.sock is sock:
+                self._lost()
 
     def _handle(self, msg: ZygoteMessage) -> None:
         """One datagram of the zygote (``common/protocol.py``'s ``ZygoteMessage``)."""
