@@ -60,50 +60,51 @@ def _proof(secret: bytes, role: bytes, *nonces: bytes) -> bytes:
 
 # ---------------------------------------------------------------------------------- server
 class _Table:
-    """The store's keys, in the server's event loop."""
+    """The store's keys, in the server's event loop. Every op runs under the one lock, so that a
+    read and the write that follows it (``add``, ``compare_set``) are one step: two ranks adding
+    at once both count."""
 
     def __init__(self) -> None:
         self.data: dict[str, bytes] = {}
         self.changed = asyncio.Condition()
 
-    async def _set(self, key: str, value: bytes) -> None:
-        async with self.changed:
-            self.data[key] = value
-            self.changed.notify_all()
+    def _put(self, key: str, value: bytes) -> None:  # the lock held
+        self.data[key] = value
+        self.changed.notify_all()
 
-    async def _wait(self, keys: list[str], timeout: float) -> bool:
-        async with self.changed:
-            try:
-                await asyncio.wait_for(
-                    self.changed.wait_for(lambda: all(k in self.data for k in keys)), timeout
-                )
-            except asyncio.TimeoutError:
-                return False
+    async def _until(self, keys: list[str], timeout: float) -> bool:  # the lock held
+        try:
+            await asyncio.wait_for(
+                self.changed.wait_for(lambda: all(k in self.data for k in keys)), timeout
+            )
+        except asyncio.TimeoutError:
+            return False  # (the condition has the lock again)
         return True
 
     async def answer(self, op: str, args: list[Any]) -> Any:
         """One request's answer; the ops of torch's ``Store``."""
+        async with self.changed:
+            if op in ("get", "wait"):
+                keys = [str(args[0])] if op == "get" else [str(k) for k in args[0]]
+                if not await self._until(keys, float(args[1])):
+                    return ["timeout", ", ".join(keys)]
+                return ["ok", self.data[keys[0]]] if op == "get" else ["ok"]
+            return self._apply(op, args)
+
+    def _apply(self, op: str, args: list[Any]) -> Any:  # the lock held
         if op == "set":
-            await self._set(str(args[0]), bytes(args[1]))
+            self._put(str(args[0]), bytes(args[1]))
             return None
-        if op == "get":
-            key, timeout = str(args[0]), float(args[1])
-            if not await self._wait([key], timeout):
-                return ["timeout", key]
-            return ["ok", self.data[key]]
-        if op == "wait":
-            keys, timeout = [str(k) for k in args[0]], float(args[1])
-            return ["ok"] if await self._wait(keys, timeout) else ["timeout", ", ".join(keys)]
         if op == "add":
             key, amount = str(args[0]), int(args[1])
             value = int(self.data.get(key, b"0")) + amount
-            await self._set(key, str(value).encode())
+            self._put(key, str(value).encode())
             return value
         if op == "compare_set":
             key, expected, desired = str(args[0]), bytes(args[1]), bytes(args[2])
             current = self.data.get(key)
             if (current is None and not expected) or current == expected:
-                await self._set(key, desired)
+                self._put(key, desired)
                 return desired
             return expected if current is None else current
         if op == "check":

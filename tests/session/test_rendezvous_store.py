@@ -73,6 +73,33 @@ def test_the_runs_ranks_share_keys_with_the_semantics_of_torchs_stores(served):
     assert group.size() == 1
 
 
+def test_ranks_adding_at_once_while_others_wait_all_count(served):
+    """Before: ``add`` read the count, then waited for the store's lock to write it; with ranks
+    waiting on keys (torch's barrier, the teardown's counts) the lock had waiters, so two adds read
+    the same count and one was lost (66 of 320 counted)."""
+    _, client = served
+    adders, waiters = [client() for _ in range(8)], [client() for _ in range(8)]
+
+    def wait_for_ticks(store: RunStore) -> None:
+        for i in range(40):
+            store.wait([f"tick{i}"])
+
+    def add(store: RunStore, first: bool) -> None:
+        for i in range(40):
+            store.add("arrived", 1)
+            if first:
+                store.set(f"tick{i}", b"x")
+
+    threads = [threading.Thread(target=wait_for_ticks, args=(w,)) for w in waiters] + [
+        threading.Thread(target=add, args=(a, n == 0)) for n, a in enumerate(adders)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert adders[0].add("arrived", 0) == 8 * 40
+
+
 def test_a_stranger_who_connects_reads_and_writes_nothing(served):
     server, client = served
     rank0 = client()
