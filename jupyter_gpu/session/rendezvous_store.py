@@ -320,7 +320,7 @@ class RunStore(torch_dist.Store):
 
     # ------------------------------------------------------------ torch.distributed.Store
     def set(self, key: str, value: bytes | str) -> None:
-        self._call("set", key, value.encode() if isinstance(value, str) else bytes(value))
+        self._call("set", key, _raw(value))
 
     def get(self, key: str) -> bytes:
         reply = self._call("get", key, self._seconds(None), waits=self._seconds(None))
@@ -334,10 +334,7 @@ class RunStore(torch_dist.Store):
         return int(self._call("add", key, int(amount)))
 
     def compare_set(self, key: str, expected: bytes | str, desired: bytes | str) -> bytes:
-        def raw(value: bytes | str) -> bytes:
-            return value.encode() if isinstance(value, str) else bytes(value)
-
-        return bytes(self._call("compare_set", key, raw(expected), raw(desired)))
+        return bytes(self._call("compare_set", key, _raw(expected), _raw(desired)))
 
     def wait(self, keys: list[str], timeout: datetime.timedelta | None = None) -> None:
         reply = self._call("wait", list(keys), self._seconds(timeout), waits=self._seconds(timeout))
@@ -358,6 +355,11 @@ class RunStore(torch_dist.Store):
 
     def close(self) -> None:
         self._sock.close()
+
+
+def _raw(value: bytes | str) -> bytes:
+    """A value as torch hands it (``str`` or bytes-like), as the bytes the store keeps."""
+    return value.encode() if isinstance(value, str) else bytes(value)
 
 
 def _recv_exactly(sock: socket.socket, size: int) -> bytes:

@@ -2,11 +2,12 @@
 
 Why the worker says it: the broker books each lease's host memory and cores on its worker
 (``broker/hosts.py``) and places a lease only where they fit, so that the sessions of one machine
-can never together take more than the machine has. Only the machine knows what it has; the
-machine is what this worker may use of it (its memory and cores, capped by its control
-groups' limits, such as a container's or a Slurm job's); the administrator keeps part of it for the system (``jupyter-gpu.worker.reserved-memory``, a size or a
-share of the machine, and ``reserved-cpus``, cores): the rest is left to sessions, shared among the
-machine's GPU workers in proportion to their GPUs (``jupyter-gpu worker`` runs one per GPU).
+can never together take more than the machine has. Only the machine knows what it has: its memory
+and cores, capped by the limits of the control groups the worker runs in (a container's, a Slurm
+job's). The administrator keeps part of it for the system (``jupyter-gpu.worker.reserved-memory``,
+a size or a share of the machine, and ``reserved-cpus``, cores): the rest is left to sessions,
+shared among the machine's GPU workers in proportion to their GPUs (``jupyter-gpu worker`` runs one
+per GPU).
 
 What the broker books is enforced on the session itself (its cgroup's ``memory.max`` and
 ``cpu.max``: ``launcher/cgroups.py``), so a report here is a bound, not a hope.
