@@ -116,7 +116,6 @@ class FairSharePolicy:
         # leases that may be idle, and the preemptible ones: what preemption.py chooses from
         self.idle: set[str] = set()
         self.preemptible: set[str] = set()
-        self.preemptible_of: dict[str, set[str]] = {}  # the same by team
         # bumped by every change to the lease book (a lease started, ended, went idle or busy):
         # what a queue view caches against (``queue_view.py``)
         self.version = 0
@@ -166,7 +165,6 @@ class FairSharePolicy:
             self.idle.add(lease_id)
         if preemptible:
             self.preemptible.add(lease_id)
-            self.preemptible_of.setdefault(team, set()).add(lease_id)
         self.takeback.started(rec)
         self._step(user, team, now, gpus)
         return rec
@@ -181,12 +179,7 @@ class FairSharePolicy:
         limit = self.quotas.team(rec.team).limit
         if limit is not None or self.quotas.user_limit(rec.user) is not None:
             self.limits_loosened = True
-        if lease_id in self.preemptible:
-            self.preemptible.discard(lease_id)
-            of_team = self.preemptible_of.get(rec.team, set())
-            of_team.discard(lease_id)
-            if not of_team:
-                self.preemptible_of.pop(rec.team, None)
+        self.preemptible.discard(lease_id)
         now = self.clock() if now is None else now
         self._step(rec.user, rec.team, now, -rec.gpus)
         self.cells.lease_ended(lease_id)

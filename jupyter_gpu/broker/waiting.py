@@ -73,9 +73,8 @@ class Room:
     cpu_milli: float = INF
 
     def admits(self, needs: Needs) -> bool:
-        gpu, room = needs.gpu, self.gpu
         return (
-            (gpu[0].least <= room[0] or gpu[1].least <= room[1] or gpu[2].least <= room[2])
+            self.admits_gpu(needs)
             and needs.host_memory.least <= self.memory
             and needs.cpu_milli.least <= self.cpu_milli
         )
@@ -193,6 +192,16 @@ def admitted(index: tuple[SortedKeyList, ...], room: Room) -> list[Any]:
     return list(found)
 
 
+def _move(index: SortedList | SortedKeyList, what: str, before: float, after: float) -> None:
+    """Keep ``what``'s entry ``(value, what)`` in ``index`` in step: its value went from
+    ``before`` to ``after`` (INF: none, not in the index)."""
+    if after != before:
+        if before != INF:
+            index.discard((before, what))
+        if after != INF:
+            index.add((after, what))
+
+
 def _needs_of(room: WaitingRoom, team: str | None, name: str) -> Needs | None:
     """The needs of team ``name`` (``team`` None) or of user ``name`` of ``team``."""
     if team is None:
@@ -239,12 +248,7 @@ class TeamQueue:
 
     def restate(self, uq: UserQueue, kind: int, before: float) -> None:
         """Keep ``by_need`` in step after ``uq``'s smallest need of ``kind`` was ``before``."""
-        after = uq.needs.smallest(kind)
-        if after != before:
-            if before != INF:
-                self.by_need[kind].discard((before, uq.user))
-            if after != INF:
-                self.by_need[kind].add((after, uq.user))
+        _move(self.by_need[kind], uq.user, before, uq.needs.smallest(kind))
 
 
 class WaitingRoom:
@@ -359,17 +363,8 @@ class WaitingRoom:
         """Count ``req`` in (out of) its team's needs, and keep the teams' indexes in step."""
         before, oldest = tq.needs.smallest(kind), tq.needs.submitted.smallest()
         tq.needs.change(req, add)
-        after, now_oldest = tq.needs.smallest(kind), tq.needs.submitted.smallest()
-        if after != before:
-            if before != INF:
-                self.by_need[kind].discard((before, tq.team))
-            if after != INF:
-                self.by_need[kind].add((after, tq.team))
-        if now_oldest != oldest:
-            if oldest != INF:
-                self.by_age.discard((oldest, tq.team))
-            if now_oldest != INF:
-                self.by_age.add((now_oldest, tq.team))
+        _move(self.by_need[kind], tq.team, before, tq.needs.smallest(kind))
+        _move(self.by_age, tq.team, oldest, tq.needs.submitted.smallest())
 
     def waited(self, now: float, after: float) -> list[str]:
         """The teams whose oldest request has waited ``after`` seconds at ``now`` (those that may
