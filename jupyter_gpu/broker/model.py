@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import secrets
 import time
 from dataclasses import dataclass, field
 
@@ -143,6 +144,9 @@ class Request:
     # the offload of an earlier lease this request's session starts with
     restore: Offload | None = None
     restored: RestoreResult | None = None  # what the new session got back from it
+    # proof enough to withdraw it (its kernel got it with the request's first status: owner only),
+    # even when the identity source no longer accepts the kernel's token
+    secret: str = field(default_factory=lambda: secrets.token_urlsafe(24), repr=False)
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Any, Literal, cast
 
 from jupyter_gpu.broker.audit import AuditStore
 from jupyter_gpu.broker.identity import Identities, Verdict, session_account
-from jupyter_gpu.broker.model import Lease
+from jupyter_gpu.broker.model import Lease, Request
 from jupyter_gpu.broker.quotas import PoolQuotas
 from jupyter_gpu.broker.views import usage_for, viewer
 from jupyter_gpu.common import config
@@ -68,6 +68,22 @@ class Permissions:
             and lease.secret is not None
             and hmac.compare_digest(secret, lease.secret)
         )
+
+    async def cancel_verdict(
+        self, req: Request | None, user: str | None, token: str | None, secret: str | None
+    ) -> Verdict | None:
+        """Who may cancel: a request's own secret (only the kernel that asked got it, with the
+        request's first status) is proof enough to withdraw it, even once the identity source
+        stops accepting the kernel's token while it waits (a revoked JupyterHub token): nothing is
+        then granted to a cell that will not run. Otherwise the caller's accepted identity."""
+        if (
+            req is not None
+            and req.user == user
+            and secret is not None
+            and hmac.compare_digest(secret, req.secret)
+        ):
+            return None
+        return await self.check_identity(user, token)
 
     async def check_holder(
         self, lease: Lease | None, user: str | None, token: str | None, secret: str | None

@@ -342,10 +342,17 @@ class GpuBroker(DrainHandlers, SchedulerPlugin):
 
     @handler("gpu_cancel", caller="kernel", check="user-token")
     async def gpu_cancel(
-        self, id: Name, user: Name | None = None, token: Token | None = None
+        self,
+        id: Name,
+        user: Name | None = None,
+        token: Token | None = None,
+        secret: Secret | None = None,
     ) -> CancelReply:
-        """Cancel my queued request, or end my lease (its session is killed); admins: anyone's."""
-        return self.keeper.cancel(id, user, await self.permissions.check_identity(user, token))
+        """Cancel my queued request (its secret is proof enough: ``Permissions.cancel_verdict``),
+        or end my lease (its session is killed); admins: anyone's."""
+        req = self.ledger.requests.get(id)
+        verdict = await self.permissions.cancel_verdict(req, user, token, secret)
+        return self.keeper.cancel(id, user, verdict)
 
     @handler("gpu_release", caller="kernel", check="user-token")
     async def gpu_release(
@@ -417,20 +424,10 @@ class GpuBroker(DrainHandlers, SchedulerPlugin):
     async def gpu_snapshot(self, user: Name | None = None, token: Token | None = None) -> Snapshot:
         """The whole pool as the panel, ``%gpu status`` and ``jupyter-gpu status`` show it: GPUs,
         leases, queue, quotas, runs; with a user, their ``viewer`` rights."""
-        pool: PoolInfo = {
-            "address": self.scheduler.address if self.scheduler else None,
-            "embedded": self.embedded,
-            "scalable": self.scaler is not None,
-            "scale_users": self.permissions.scale_users(),
-            "cluster": self.scaler.view() if self.scaler is not None else None,
-            "default_fraction": float(config.get("default-fraction")),
-            "users_isolated": self.workers.users_isolated(self.permissions),
-            "shared": self.permissions.shared,
-        }
         snap = views.snapshot(
             self.ledger,
             self.samples.by_gpu,
-            pool,
+            _pool_info(self),
             self.runs.views(),
             self.permissions.kind,
             waiting_note=self._waiting_note(),
@@ -441,6 +438,21 @@ class GpuBroker(DrainHandlers, SchedulerPlugin):
     async def gpu_usage(self, since: float = 0.0, **who: Unpack[Caller]) -> UsageView:
         """GPU-hours per user and team from the audit store (behind a Hub: others' for admins)."""
         return await self.permissions.usage_view(self.audit.usage(since=since), **who)
+
+
+def _pool_info(broker: GpuBroker) -> PoolInfo:
+    """What the pool says of itself in a snapshot: where it is, how it scales, whom it isolates."""
+    scaler = broker.scaler
+    return {
+        "address": broker.scheduler.address if broker.scheduler else None,
+        "embedded": broker.embedded,
+        "scalable": scaler is not None,
+        "scale_users": broker.permissions.scale_users(),
+        "cluster": scaler.view() if scaler is not None else None,
+        "default_fraction": float(config.get("default-fraction")),
+        "users_isolated": broker.workers.users_isolated(broker.permissions),
+        "shared": broker.permissions.shared,
+    }
 
 
 def _configured(

@@ -227,6 +227,7 @@ def request_status(
         "reason": waiting_reason(req, waiting_note),
         "eta": req.eta,
         "request": req.spec.describe(),
+        "secret": req.secret,
     }
     status["eta_basis"] = req.eta_basis
     status["eta_note"] = req.eta_note

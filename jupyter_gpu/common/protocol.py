@@ -385,6 +385,9 @@ class RequestStatus(TypedDict, total=False):
     leases: list[LeaseView]  # granted: one per rank, with gpu_names
     # granted with ``restore``: what the new session got back (None: the copy was gone)
     restored: RestoreResult | None
+    # the request's own secret, for its owner only: proof enough to withdraw it (``gpu_cancel``)
+    # when the pool no longer accepts the kernel's token (a revoked JupyterHub token)
+    secret: str
 
 
 class CancelReply(TypedDict):

@@ -301,21 +301,28 @@ class PoolConnection:
             status = submit()
         except Refused as exc:
             raise RequestRefused(f"The pool refused this %%gpu cell at once. {exc}") from None
+        # the request's own secret withdraws it even once the pool stops accepting this kernel's
+        # token while it waits (a revoked JupyterHub token): nothing is left granted to a cell
+        # that will not run. A resubmission after a scheduler restart brings a new one.
+        secret = status.get("secret")
         try:
             while status["state"] in ("queued", "starting"):
                 on_wait(status)
                 if deadline is not None and time.monotonic() > deadline:
-                    self._withdraw(status["id"])
+                    self._withdraw(status["id"], secret)
                     raise CellTimeout(
                         f"the request {status['id']} was still waiting when --timeout ran out "
                         f"({status.get('reason')}); it was withdrawn from the queue"
                     )
                 status = self._wait_through_restarts(status, submit)
+                secret = status.get("secret", secret)
         except KeyboardInterrupt:
             if status.get("id"):
-                self._withdraw(status["id"])
+                self._withdraw(status["id"], secret)
             raise
         except Refused as exc:
+            if status.get("id"):
+                self._withdraw(status["id"], secret)
             raise RequestRefused(f"The pool refused this %%gpu cell at once. {exc}") from None
         if status["state"] == "refused":
             raise RequestRefused(f"The pool refused this %%gpu cell at once. {status['reason']}")
@@ -326,10 +333,12 @@ class PoolConnection:
         on_wait(status)
         return status
 
-    def _withdraw(self, request: str) -> None:
-        """Cancel a request this kernel stops waiting for (it may have left the queue meanwhile)."""
+    def _withdraw(self, request: str, secret: str | None) -> None:
+        """Cancel a request this kernel stops waiting for (it may have left the queue meanwhile),
+        with its secret as the proof of ownership."""
+        extra: dict[str, Any] = {"secret": secret} if secret else {}
         with contextlib.suppress(Refused):
-            self.scheduler_call("gpu_cancel", id=request, user=self.user)
+            self.scheduler_call("gpu_cancel", id=request, user=self.user, **extra)
 
     def _wait_through_restarts(self, status: dict, submit: Callable[[], dict]) -> dict:
         """``gpu_wait`` for a queued request; when the scheduler restarts meanwhile, wait for it (up

@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from distributed import Client
 from distributed.core import rpc
 from distributed.utils_test import gen_cluster
 
@@ -17,7 +18,7 @@ from jupyter_gpu.broker.fair_share import FairSharePolicy
 from jupyter_gpu.broker.identity import TokenStore
 from jupyter_gpu.broker.plugin import GpuBroker
 from jupyter_gpu.broker.quotas import load_quotas
-from jupyter_gpu.common.refusals import NotAuthorized
+from jupyter_gpu.common.refusals import NotAuthorized, NotYours
 from tests.broker.inprocess import FAST_SESSIONS, install_pool, teardown
 
 pytestmark = [pytest.mark.inprocess, pytest.mark.timeout(120)]
@@ -67,5 +68,67 @@ async def test_unknown_user_and_wrong_token_are_refused_and_limits_refuse_the_im
             assert quotas["configured"]
             assert {t["team"]: t["guarantee"] for t in quotas["teams"]}["viz"] == 1.0
             assert not broker.ledger.leases and not broker.ledger.queue
+        finally:
+            await teardown(w, plugin)
+
+
+# sessions as the worker's account: root here runs no launcher, and who runs them is not the point
+@gen_cluster(
+    client=True,
+    nthreads=[("127.0.0.1", 1)],
+    config={**FAST_SESSIONS, "jupyter-gpu.session.as-user": False},
+)
+async def test_a_request_whose_token_is_revoked_while_it_waits_is_withdrawn_with_its_secret(
+    c, s, w
+):
+    """The kernel's token stops being accepted while its request waits (a revoked JupyterHub
+    token): its wait is refused, and its kernel withdraws the request with the request's own
+    secret, so no lease is granted later to a cell that will never run. Before, the kernel had only
+    the token to cancel with: the request stayed queued (or its lease, starting, stayed held)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        broker, tokens = _broker(Path(tmp))
+        broker, plugin = await install_pool(s, w, broker=broker)
+        try:
+            async with rpc(s.address) as sched, Client(s.address, asynchronous=True) as bobs:
+                whole = {"fraction": 1.0, "workers": 2}
+                first = await sched.gpu_request(
+                    user="alice", kernel="a", spec=whole, token=tokens["alice"], client=c.id
+                )
+                assert first["state"] in ("starting", "granted"), first
+                waiting = await sched.gpu_request(
+                    user="bob",
+                    kernel="b",
+                    spec={"fraction": 0.5},
+                    token=tokens["bob"],
+                    client=bobs.id,
+                )
+                assert waiting["state"] == "queued" and waiting["secret"], waiting
+                broker.permissions.tokens.create("bob")  # bob's token changes: the old one is wrong
+                with pytest.raises(NotAuthorized, match="is wrong"):
+                    await sched.gpu_wait(id=waiting["id"], user="bob", token=tokens["bob"])
+                with pytest.raises(NotAuthorized, match="is wrong"):
+                    await sched.gpu_cancel(id=waiting["id"], user="bob", token=tokens["bob"])
+                with pytest.raises(NotAuthorized, match="is wrong"):
+                    await sched.gpu_cancel(
+                        id=waiting["id"], user="bob", token=tokens["bob"], secret="guessed"
+                    )
+                # carol holds bob's secret but names herself: it is not hers to cancel
+                with pytest.raises(NotYours):
+                    await sched.gpu_cancel(
+                        id=waiting["id"],
+                        user="carol",
+                        token=tokens["carol"],
+                        secret=waiting["secret"],
+                    )
+                assert broker.ledger.requests[waiting["id"]].state == "queued"
+                reply = await sched.gpu_cancel(
+                    id=waiting["id"], user="bob", token=tokens["bob"], secret=waiting["secret"]
+                )
+                assert reply["cancelled"], reply
+                assert broker.ledger.requests.get(waiting["id"]) is None or (
+                    broker.ledger.requests[waiting["id"]].state == "cancelled"
+                )
+                assert not [r for r in broker.ledger.queue if r.user == "bob"]
+                assert not [ls for ls in broker.ledger.leases.values() if ls.user == "bob"]
         finally:
             await teardown(w, plugin)

@@ -99,6 +99,7 @@ def log_in(browser, hubpool, user: str):
 
 
 def run_notebook(page, hubpool, user: str) -> None:
+    from playwright.sync_api import Error as PlaywrightError
     from playwright.sync_api import expect
 
     page.goto(f"{hubpool.hub.url}/user/{user}/lab/tree/gpu.ipynb")
@@ -111,19 +112,47 @@ def run_notebook(page, hubpool, user: str) -> None:
     # where a queued or running cell shows "[*]"): then press again
     cells = page.locator(".jp-NotebookPanel .jp-Cell")
     prompts = page.locator(".jp-NotebookPanel .jp-Cell .jp-InputPrompt")
-    for i in range(len(NOTEBOOK["cells"])):
-        for _ in range(10):
-            cells.nth(i).locator(".jp-InputArea-editor").click()
-            page.keyboard.press("Shift+Enter")
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and prompts.nth(i).inner_text().strip() == "[ ]:":
-                page.wait_for_timeout(200)
-            if prompts.nth(i).inner_text().strip() != "[ ]:":
-                break
-        expect(prompts.nth(i)).to_have_text(re.compile(r"\[\d+\]"), timeout=240_000)
-    expect(page.locator(".jp-OutputArea-output", has_text=f"on the GPU as {user}")).to_be_visible(
-        timeout=240_000
-    )
+    dialogs: list[str] = []
+    try:
+        for i in range(len(NOTEBOOK["cells"])):
+            for _ in range(10):
+                answer_dialog(page, dialogs)
+                try:
+                    cells.nth(i).locator(".jp-InputArea-editor").click(timeout=10_000)
+                except PlaywrightError:
+                    continue  # covered (a dialog came meanwhile): answered on the next turn
+                page.keyboard.press("Shift+Enter")
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline and prompts.nth(i).inner_text().strip() == "[ ]:":
+                    page.wait_for_timeout(200)
+                if prompts.nth(i).inner_text().strip() != "[ ]:":
+                    break
+            expect(prompts.nth(i)).to_have_text(re.compile(r"\[\d+\]"), timeout=240_000)
+        expect(
+            page.locator(".jp-OutputArea-output", has_text=f"on the GPU as {user}")
+        ).to_be_visible(timeout=240_000)
+    except (AssertionError, PlaywrightError) as exc:
+        dialogs += page.locator(".jp-Dialog").all_inner_texts()  # one still up
+        raise AssertionError(
+            f"{user}'s notebook did not run (dialogs shown: {dialogs}): {exc}"
+        ) from exc
+
+
+def answer_dialog(page, seen: list[str]) -> None:
+    """A dialog JupyterLab raised while the notebook opened, answered as a person would (its
+    default button), its words kept in ``seen`` for the failure message if the cells still do
+    not run. (Once in CI a dialog covered the first cell; its words were not kept then.)"""
+    dialog = page.locator(".jp-Dialog")
+    if not dialog.count():
+        return
+    seen.append(" | ".join(dialog.all_inner_texts()))
+    print(f"JupyterLab showed a dialog: {seen[-1]}", flush=True)
+    accept = dialog.locator(".jp-mod-accept")
+    if accept.count():
+        accept.first.click()
+    else:
+        page.keyboard.press("Escape")
+    dialog.first.wait_for(state="detached", timeout=30_000)
 
 
 def open_panel(page):
