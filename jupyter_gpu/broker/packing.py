@@ -15,7 +15,7 @@ Two ways to choose among the places a request fits:
 ``Packer`` keeps the pool's GPUs and machines indexed, so that a placement costs about the logarithm
 of the pool's size in best-fit mode, and one cached score per distinct machine state in
 fragmentation-aware mode, not a scan of every GPU (10,000 GPUs: 37 ms per scan). The ledger tells it
-what changed (``touch``). The module-level ``place``, ``never_fits`` and ``why_waiting`` take plain
+what changed (``touch``, ``free_index.py``). The module-level ``place``, ``never_fits`` and ``why_waiting`` take plain
 lists of GPUs (and machines), for callers that hold no ledger.
 """
 
@@ -26,14 +26,13 @@ import math
 from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
-from sortedcontainers import SortedList
-
 from jupyter_gpu.broker.fragmentation import (
     Scorer,
     StateKey,
     Workload,
     state_key,
 )
+from jupyter_gpu.broker.free_index import FreeIndex
 from jupyter_gpu.broker.hosts import HostSlot, SessionDefaults, format_cpus, host_need
 from jupyter_gpu.broker.model import Allocation, GpuSlot
 from jupyter_gpu.broker.scored_choice import ScoredChoice
@@ -44,7 +43,7 @@ from jupyter_gpu.common.units import format_bytes
 Placement = list[tuple[str, list[Allocation]]]  # one (worker, allocations) per rank
 
 
-class Packer(ScoredChoice):
+class Packer(ScoredChoice, FreeIndex):
     """The pool's GPUs and machines, indexed for placement (see the module docstring).
 
     ``gpus`` and ``hosts`` are the ledger's own dicts; call ``touch(worker)`` after a worker's
@@ -76,98 +75,6 @@ class Packer(ScoredChoice):
             return self.force_scored
         return bool(self._bounded)
 
-    # ------------------------------------------------------------------ the index
-    def rebuild(self) -> None:
-        """Index everything afresh (after the ledger's dicts were replaced wholesale)."""
-        self._by_worker: dict[str, list[GpuSlot]] = collections.defaultdict(list)
-        for g in self.gpus.values():
-            self._by_worker[g.worker].append(g)
-        for slots in self._by_worker.values():
-            slots.sort(key=lambda g: g.index)
-        self._free: dict[int, SortedList] = collections.defaultdict(SortedList)
-        self._entry: dict[str, tuple[int, int, str]] = {}
-        self._whole: SortedList = SortedList()
-        self._whole_entry: dict[str, tuple[int, str]] = {}
-        self._free_whole = 0  # entirely free GPUs in the pool
-        # free host memory and thousandths of a core of the machines that report them
-        self._host_free: tuple[SortedList, SortedList] = (SortedList(), SortedList())
-        self._host_entry: dict[str, tuple[tuple[float, str], tuple[float, str]]] = {}
-        self._unbounded: set[str] = set()  # machines that report no memory or no cores
-        self._bounded: set[str] = set()  # machines that report memory or cores
-        self._state: dict[str, StateKey] = {}
-        self._entries: dict[str, tuple[Any, ...]] = {}  # each worker's entry in its group
-        self._groups: dict[StateKey, SortedList] = {}
-        self._capable: collections.Counter[int] = collections.Counter()
-        self._capable_version = -1
-        # the workers whose room may have grown since the last complete scheduling pass (None:
-        # all of them): a request the last pass could not place can only fit there now
-        self.changed: set[str] | None = None
-        self.version = getattr(self, "version", 0) + 1  # bumped by every change (queue_view.py)
-        for worker in list(self._by_worker) + [w for w in self.hosts if w not in self._by_worker]:
-            self.touch(worker)
-
-    def reindex(self, worker: str, slots: Iterable[GpuSlot] | None = None) -> None:
-        """Re-index ``worker`` after it joined (with ``slots``), left or offered other GPUs."""
-        for g in self._by_worker.pop(worker, []):
-            old = self._entry.pop(g.id, None)
-            if old is not None:
-                self._free[old[0]].discard(old[1:])
-        if slots is None:
-            slots = (g for g in self.gpus.values() if g.worker == worker)
-        slots = sorted(slots, key=lambda g: g.index)
-        if slots:
-            self._by_worker[worker] = slots
-        self.touch(worker)
-
-    def touch(self, worker: str) -> None:
-        """Re-index ``worker`` after its GPUs' or its host's bookings changed."""
-        self.mark(worker)
-        self.version += 1
-        for g in self._by_worker.get(worker, ()):
-            old = self._entry.pop(g.id, None)
-            if old is not None:
-                self._free[old[0]].discard(old[1:])
-            entry = (g.total_bytes, g.free_bytes, g.id)
-            self._entry[g.id] = entry
-            self._free[g.total_bytes].add(entry[1:])
-        old_whole = self._whole_entry.pop(worker, None)
-        if old_whole is not None:
-            self._whole.discard(old_whole)
-            self._free_whole -= old_whole[0]
-        free_whole = sum(1 for g in self._by_worker.get(worker, ()) if g.leased_bytes == 0)
-        if free_whole:
-            self._whole_entry[worker] = (free_whole, worker)
-            self._whole.add((free_whole, worker))
-            self._free_whole += free_whole
-        old_host = self._host_entry.pop(worker, None)
-        if old_host is not None:
-            self._host_free[0].discard(old_host[0])
-            self._host_free[1].discard(old_host[1])
-        self._unbounded.discard(worker)
-        host = self.hosts.get(worker)
-        (self._bounded.add if host is not None and host.bounded else self._bounded.discard)(worker)
-        if worker in self._by_worker:
-            if host is None or host.memory is None or host.cpu_milli is None:
-                self._unbounded.add(worker)
-            else:
-                free = ((host.free_memory, worker), (host.free_cpu_milli, worker))
-                self._host_entry[worker] = free
-                self._host_free[0].add(free[0])
-                self._host_free[1].add(free[1])
-        old_key = self._state.pop(worker, None)
-        if old_key is not None:
-            members = self._groups[old_key]
-            members.discard(self._entries.pop(worker))
-            if not members:
-                del self._groups[old_key]
-            self._count(old_key, -1)
-        if worker in self._by_worker or worker in self.hosts:
-            key = self._key_of(worker)
-            self._state[worker] = key
-            self._entries[worker] = entry = self.order_key(worker)
-            self._groups.setdefault(key, SortedList()).add(entry)
-            self._count(key, 1)
-
     def _key_of(
         self,
         worker: str,
@@ -196,16 +103,6 @@ class Packer(ScoredChoice):
     # ------------------------------------------------------------------ what the pool has
     def largest_gpu(self) -> int:
         return max(self._free) if self._free else 0
-
-    def mark(self, worker: str) -> None:
-        """``worker`` may have more room than the last pass saw (a booking ended, GPUs held for
-        another request were let go)."""
-        if self.changed is not None:
-            self.changed.add(worker)
-
-    def mark_all(self) -> None:
-        """Anything may fit anywhere again (a limit loosened, the pool was re-indexed)."""
-        self.changed = None
 
     def changed_room(self) -> Room:
         """``room`` over the workers ``changed`` since the last complete pass: what a request that

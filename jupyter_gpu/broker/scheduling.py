@@ -67,7 +67,10 @@ class PassState:
         self._held_user: dict[str, float] = {}
         self._contexts: dict[str, tuple[float, float]] = {}
         self._rooms: dict[str, float] = {}  # guarantee_room's
+        self._plain_context = type(policy).team_context is FairSharePolicy.team_context
         reserving = [r for r in map(queue.get, policy.reservations) if r is not None]
+        # (a policy with a key of its own, the simulator's baselines: users opened at once)
+        plain_key = type(policy).key is FairSharePolicy.key
         self.look()
         self.walk = Walk(
             queue,
@@ -80,9 +83,9 @@ class PassState:
             phase_of=lambda team, spec: 0 if policy.need(spec) <= self.guarantee_room(team) else 1,
             phase_room=self.guarantee_room,
             narrow=self.narrow,
-            # (a policy with a key of its own, the simulator's baselines: users opened at once)
-            user_key=self.user_key if type(policy).key is FairSharePolicy.key else None,
+            user_keys=self.user_keys if plain_key else None,
             beyond_room=self.beyond_room,
+            team_shares=self.team_shares,
         )
 
     # ------------------------------------------------------------------ the frozen order
@@ -93,6 +96,15 @@ class PassState:
             found = self._contexts[team] = self.policy.team_context(team, self.now, held)
         return found
 
+    def team_shares(self, teams: list[str]) -> list[float]:
+        """``context(team)[1]`` of each of ``teams`` (the teams a phase opens, keyed at once)."""
+        contexts = self._contexts
+        missing = [t for t in teams if t not in contexts]
+        if missing and self._plain_context:
+            found = self.policy.team_contexts(missing, self.now, self._held_team)
+            contexts.update(zip(missing, found))
+        return [self.context(t)[1] for t in teams]
+
     def guarantee_room(self, team: str) -> float:
         """The most a request of ``team`` may need and still be within its guarantee (the first
         part of ``context``), as at the start of the pass; without the team's decayed use, which
@@ -102,7 +114,7 @@ class PassState:
         if room is not None:
             return room
         found = self._contexts.get(team)
-        if found is not None or type(self.policy).team_context is not FairSharePolicy.team_context:
+        if found is not None or not self._plain_context:
             room = self.context(team)[0]  # (a policy with a context of its own: the simulator's)
         elif not self.configured:
             room = math.inf
@@ -119,11 +131,13 @@ class PassState:
             req, self.now, self.context(self.policy.team_of(req)), self._held_user.get(req.user)
         )
 
-    def user_key(self, team: str, user: str, phase: int) -> tuple[Any, ...]:
-        """A prefix of ``key`` of each of ``user``'s requests of ``phase`` (not an aged gang)."""
-        return (1, phase, self.context(team)[1]) + self.policy.user_rank(
-            user, self.now, self._held_user.get(user)
-        )
+    def user_keys(self, team: str, users: list[str], phase: int) -> list[tuple[Any, ...]]:
+        """The prefix of ``key`` of each of ``users``' requests of ``phase`` (not an aged gang):
+        their keys are the prefix + (priority rank, submitted, id)."""
+        team_part = (1, phase, self.context(team)[1])
+        return [
+            team_part + rank for rank in self.policy.user_ranks(users, self.now, self._held_user)
+        ]
 
     def aged_gang(self, req: Request) -> bool:
         return self.policy.aged_gang(req, self.now)

@@ -43,12 +43,18 @@ class TakeBackIndex:
         self._idle = SortedList()  # (idle_since, lease id)
         self._idle_key: dict[str, tuple[float, str]] = {}
         self._borrowed: dict[str, SortedList] = {}  # team -> (started, lease id)
+        # (when its oldest borrowed lease started, team): the teams that may have one to reclaim
+        # first, so that a pass reads only teams whose oldest ran ``min_run``, not every team
+        self._oldest = SortedList()
 
     # ------------------------------------------------------------------ kept in step with the book
     def started(self, rec: LeaseRecord) -> None:
         """A lease was booked (``FairSharePolicy.lease_started``)."""
         if rec.preemptible:
-            self._borrowed.setdefault(rec.team, SortedList()).add((rec.started, rec.id))
+            of_team = self._borrowed.setdefault(rec.team, SortedList())
+            before = of_team[0] if of_team else None
+            of_team.add((rec.started, rec.id))
+            self._restate(rec.team, before, of_team)
         self.idle_changed(rec)
 
     def ended(self, rec: LeaseRecord) -> None:
@@ -58,9 +64,20 @@ class TakeBackIndex:
             self._idle.discard(key)
         of_team = self._borrowed.get(rec.team)
         if of_team is not None:
+            before = of_team[0] if of_team else None
             of_team.discard((rec.started, rec.id))
+            self._restate(rec.team, before, of_team)
             if not of_team:
                 del self._borrowed[rec.team]
+
+    def _restate(self, team: str, before: tuple[float, str] | None, of_team: SortedList) -> None:
+        """Keep ``_oldest`` in step after ``team``'s oldest borrowed lease was ``before``."""
+        after = of_team[0] if of_team else None
+        if after != before:
+            if before is not None:
+                self._oldest.discard((before[0], team))
+            if after is not None:
+                self._oldest.add((after[0], team))
 
     def idle_changed(self, rec: LeaseRecord) -> None:
         """A lease went idle or started a cell (its ``idle_since`` may have changed)."""
@@ -91,10 +108,12 @@ class TakeBackIndex:
         """Whether a borrowed lease may be reclaimed now: preemptible, no gang's rank, of a team
         over its guarantee (``over(team) > EPS``), run for ``min_run`` seconds and not granted this
         very instant (``preemption.reclaim_candidates``, for some other team)."""
-        for team, ids in self._borrowed.items():
+        for oldest, team in self._oldest:
+            if not (now - oldest >= min_run and oldest < now):
+                break  # (nor any team whose oldest started later)
             if over(team) <= EPS:
                 continue
-            for started, lid in ids:
+            for started, lid in self._borrowed[team]:
                 if not (now - started >= min_run and started < now):
                     break  # (nor any started later)
                 r = self._leases.get(lid)

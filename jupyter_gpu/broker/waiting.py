@@ -34,6 +34,7 @@ users of a team opened, are still keyed to be put in order: docs/benchmarks.md).
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 import math
@@ -41,15 +42,15 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from sortedcontainers import SortedKeyList, SortedList
+from sortedcontainers import SortedList
 
+from jupyter_gpu.broker.fair_share import PRIORITY_RANK
 from jupyter_gpu.broker.fragmentation import ShapeKey, shape_of
 from jupyter_gpu.broker.model import Request
 from jupyter_gpu.common.protocol import RequestSpec
 
 INF = math.inf
-GroupKey = tuple[ShapeKey, int, str]  # (shape, priority rank, priority)
-PRIORITY_RANK = {"interactive": 0, "batch": 1}
+GroupKey = tuple[ShapeKey, int, str]  # (shape, priority rank in the policy's key, priority)
 
 
 def family(spec: RequestSpec) -> tuple[int, float]:
@@ -102,23 +103,43 @@ class Room:
 
 class Smallest:
     """A multiset of numbers that knows its smallest (additions and removals in log time; the
-    smallest is kept at hand: a pass reads it for every team and user it tests)."""
+    smallest is kept at hand: a pass reads it for every team and user it tests).
 
-    __slots__ = ("_values", "least")
+    Kept as a count per distinct value and a plain sorted list of the distinct values: most
+    values repeat (the default host memory and cores, a few shapes), and granting a request takes
+    it out of ten of these (its user's and its team's); a ``SortedList`` made each removal cost
+    microseconds of Python, a twentieth of a decision at 100,000 waiting."""
+
+    __slots__ = ("_counts", "_values", "least")
 
     def __init__(self) -> None:
-        self._values = SortedList()
+        self._counts: dict[float, int] = {}
+        self._values: list[float] = []  # the distinct values, sorted
         self.least = INF
 
     def add(self, value: float) -> None:
-        self._values.add(value)
+        n = self._counts.get(value)
+        if n is not None:
+            self._counts[value] = n + 1
+            return
+        self._counts[value] = 1
+        bisect.insort(self._values, value)
         if value < self.least:
             self.least = float(value)
 
     def remove(self, value: float) -> None:
-        self._values.discard(value)
+        """Take one ``value`` out (none there: nothing changes)."""
+        n = self._counts.get(value)
+        if n is None:
+            return
+        if n > 1:
+            self._counts[value] = n - 1
+            return
+        del self._counts[value]
+        values = self._values
+        del values[bisect.bisect_left(values, value)]
         if value == self.least:
-            self.least = float(self._values[0]) if self._values else INF
+            self.least = float(values[0]) if values else INF
 
     def smallest(self) -> float:
         return self.least
@@ -148,51 +169,99 @@ class Needs:
         self.single = 0  # one session on at most one GPU: what reclaim makes room for
         self.interactive_single = 0  # ... and interactive: what idle sessions move out for
 
-    def change(self, req: Request, add: bool) -> None:
-        kind, amount = family(req.spec)
+    def change(self, req: Request, add: bool, family_of: tuple[int, float] | None = None) -> None:
+        """Count ``req`` in (``add``) or out; ``family_of``: its ``family``, when known."""
         spec = req.spec
-        step = 1 if add else -1
+        kind, amount = family_of or family(spec)
         single = spec.workers == 1 and (spec.gpus or 1) <= 1
+        values = (
+            amount,
+            float(spec.host_memory or 0),
+            float(spec.cpus or 0.0) * 1000,
+            0.0 if kind == 1 else amount * spec.workers,
+            req.submitted,
+        )
+        trackers = (self.gpu[kind], self.host_memory, self.cpu_milli, self.equivalents)
+        step = 1 if add else -1
         self.reservable += step * (spec.workers > 1 or spec.gpus is not None)
         self.single += step * single
         self.interactive_single += step * (single and spec.priority == "interactive")
-        values: list[tuple[Smallest, float]] = [
-            (self.gpu[kind], amount),
-            (self.host_memory, float(spec.host_memory or 0)),
-            (self.cpu_milli, float(spec.cpus or 0.0) * 1000),
-            (self.equivalents, 0.0 if kind == 1 else amount * spec.workers),
-            (self.submitted, req.submitted),
-        ]
-        for tracker, value in values:
-            (tracker.add if add else tracker.remove)(value)
+        if add:
+            for tracker, value in zip(trackers, values):
+                tracker.add(value)
+            self.submitted.add(values[4])
+        else:
+            for tracker, value in zip(trackers, values):
+                tracker.remove(value)
+            self.submitted.remove(values[4])
 
     def smallest(self, kind: int) -> float:
         return self.gpu[kind].least
 
 
-def _by_amount() -> tuple[SortedKeyList, SortedKeyList, SortedKeyList]:
-    """Per kind of GPU need, (amount, what) sorted by amount: what a room of that kind admits is a
-    prefix."""
-    return cast(
-        tuple[SortedKeyList, SortedKeyList, SortedKeyList],
-        tuple(SortedKeyList(key=lambda item: item[0]) for _ in range(3)),
-    )
+class ByAmount:
+    """(amount, what) pairs sorted by amount, ``what`` once: the teams, users or groups of one
+    kind of GPU need, by their smallest. What a room admits is a prefix (``upto``).
+
+    Why not a ``SortedKeyList``: these hold tens of entries (the teams, a team's users, a user's
+    groups) and a pass reads prefixes of them for every team and user it opens; two plain lists
+    with ``bisect`` read a prefix as one slice, several times faster at these sizes."""
+
+    __slots__ = ("amounts", "items")
+
+    def __init__(self) -> None:
+        self.amounts: list[float] = []
+        self.items: list[Any] = []
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def __getitem__(self, index: int) -> tuple[float, Any]:
+        return self.amounts[index], self.items[index]
+
+    def __iter__(self) -> Iterator[tuple[float, Any]]:
+        return zip(self.amounts, self.items)
+
+    def add(self, entry: tuple[float, Any]) -> None:
+        amount, what = entry
+        i = bisect.bisect_right(self.amounts, amount)
+        self.amounts.insert(i, amount)
+        self.items.insert(i, what)
+
+    def discard(self, entry: tuple[float, Any]) -> None:
+        amount, what = entry
+        i = bisect.bisect_left(self.amounts, amount)
+        j = bisect.bisect_right(self.amounts, amount, i)
+        for k in range(i, j):
+            if self.items[k] == what:
+                del self.amounts[k], self.items[k]
+                return
+
+    def upto(self, limit: float) -> list[Any]:
+        """What needs at most ``limit``, smallest first."""
+        return self.items[: bisect.bisect_right(self.amounts, limit)]
 
 
-def admitted(index: tuple[SortedKeyList, ...], room: Room) -> list[Any]:
+def _by_amount() -> tuple[ByAmount, ByAmount, ByAmount]:
+    """Per kind of GPU need, (amount, what) sorted by amount."""
+    return ByAmount(), ByAmount(), ByAmount()
+
+
+def admitted(index: tuple[ByAmount, ...], room: Room) -> list[Any]:
     """What ``index`` (``_by_amount``) holds whose GPU need fits ``room``, once each, in index
     order: those a room admits (its host memory and cores are left to the caller)."""
-    found: dict[Any, None] = {}
-    for kind in range(3):
-        limit = room.gpu[kind]
-        if limit < 0:
-            continue
-        for _, what in index[kind].irange_key(max_key=limit):
-            found[what] = None
-    return list(found)
+    gpu = room.gpu
+    found = index[0].upto(gpu[0]) if gpu[0] >= 0 else []
+    more = [index[k].upto(gpu[k]) for k in (1, 2) if gpu[k] >= 0]
+    if not any(more):
+        return found
+    return list(dict.fromkeys(itertools.chain(found, *more)))
 
 
-def _move(index: SortedList | SortedKeyList, what: str, before: float, after: float) -> None:
+def _move(index: SortedList | ByAmount, what: Any, before: float, after: float) -> None:
     """Keep ``what``'s entry ``(value, what)`` in ``index`` in step: its value went from
     ``before`` to ``after`` (INF: none, not in the index)."""
     if after != before:
@@ -212,7 +281,7 @@ def _needs_of(room: WaitingRoom, team: str | None, name: str) -> Needs | None:
     return uq.needs if uq is not None else None
 
 
-def _admits_any(index: tuple[SortedKeyList, ...], room: Room) -> bool:
+def _admits_any(index: tuple[ByAmount, ...], room: Room) -> bool:
     """Whether ``room`` admits the GPU need of anything in ``index`` (``_by_amount``): its
     smallest of some kind fits."""
     return any(index[k] and index[k][0][0] <= room.gpu[k] for k in range(3))
@@ -235,7 +304,7 @@ class UserQueue:
     needs: Needs = field(default_factory=Needs)
     count: int = 0
     # per kind of GPU need, (amount, group key) of each group: the groups a room admits
-    by_need: tuple[SortedKeyList, SortedKeyList, SortedKeyList] = field(default_factory=_by_amount)
+    by_need: tuple[ByAmount, ByAmount, ByAmount] = field(default_factory=_by_amount)
 
 
 @dataclass
@@ -244,7 +313,7 @@ class TeamQueue:
     users: dict[str, UserQueue] = field(default_factory=dict)
     needs: Needs = field(default_factory=Needs)
     # per kind of GPU need, (the user's smallest, user): the users a room admits
-    by_need: tuple[SortedKeyList, SortedKeyList, SortedKeyList] = field(default_factory=_by_amount)
+    by_need: tuple[ByAmount, ByAmount, ByAmount] = field(default_factory=_by_amount)
 
     def restate(self, uq: UserQueue, kind: int, before: float) -> None:
         """Keep ``by_need`` in step after ``uq``'s smallest need of ``kind`` was ``before``."""
@@ -264,7 +333,7 @@ class WaitingRoom:
         # per kind of GPU need, (the team's smallest, team): the teams a room admits; and (the
         # team's oldest submission, team): those that may have waited long enough for a
         # reservation
-        self.by_need: tuple[SortedKeyList, SortedKeyList, SortedKeyList] = _by_amount()
+        self.by_need: tuple[ByAmount, ByAmount, ByAmount] = _by_amount()
         self.by_age: SortedList = SortedList()
         self.gangs: SortedList = SortedList()  # (submitted, id) of multi-rank requests
         self.estimated: set[str] = set()  # ids of those with an estimated start
@@ -316,9 +385,9 @@ class WaitingRoom:
             uq.by_need[kind].add((amount, key))
         group.items.add((req.submitted, req.id))
         before = uq.needs.smallest(kind)
-        uq.needs.change(req, True)
+        uq.needs.change(req, True, (kind, amount))
         tq.restate(uq, kind, before)
-        self._change_team(tq, req, kind, True)
+        self._change_team(tq, req, (kind, amount), True)
         uq.count += 1
         if req.spec.workers > 1:
             self.gangs.add((req.submitted, req.id))
@@ -348,9 +417,9 @@ class WaitingRoom:
             del uq.groups[key]
             uq.by_need[kind].discard((amount, key))
         before = uq.needs.smallest(kind)
-        uq.needs.change(req, False)
+        uq.needs.change(req, False, (kind, amount))
         tq.restate(uq, kind, before)
-        self._change_team(tq, req, kind, False)
+        self._change_team(tq, req, (kind, amount), False)
         uq.count -= 1
         if not uq.count:
             del tq.users[user]
@@ -359,10 +428,14 @@ class WaitingRoom:
         if req.spec.workers > 1:
             self.gangs.discard((req.submitted, req.id))
 
-    def _change_team(self, tq: TeamQueue, req: Request, kind: int, add: bool) -> None:
-        """Count ``req`` in (out of) its team's needs, and keep the teams' indexes in step."""
+    def _change_team(
+        self, tq: TeamQueue, req: Request, family_of: tuple[int, float], add: bool
+    ) -> None:
+        """Count ``req`` (of ``family_of``) in (out of) its team's needs, and keep the teams'
+        indexes in step."""
+        kind = family_of[0]
         before, oldest = tq.needs.smallest(kind), tq.needs.submitted.smallest()
-        tq.needs.change(req, add)
+        tq.needs.change(req, add, family_of)
         _move(self.by_need[kind], tq.team, before, tq.needs.smallest(kind))
         _move(self.by_age, tq.team, oldest, tq.needs.submitted.smallest())
 
@@ -389,7 +462,131 @@ class _Turns:
     at: int = 0
 
 
-class Walk:
+class _GroupSteps:
+    """The walk's steps within one user's groups: each group's first request after the walk's
+    position is pushed when the user's turn comes, the next when one is walked; a group that cannot
+    act is passed over (``Walk`` holds the state read here)."""
+
+    room: WaitingRoom
+    full: bool
+    key: Callable[[Request], tuple[Any, ...]]
+    _heap: list[tuple[tuple[Any, ...], int, tuple[Any, ...]]]
+    _seq: Iterator[int]
+    _phase_of: Callable[[str, RequestSpec], int] | None
+    _admits: Callable[[RequestSpec, float], bool]
+    _aged_gang: Callable[[Request], bool]
+    _passed: list[tuple[Any, ...]]
+    _skipped: dict[tuple[str, GroupKey], tuple[str, int]]
+    _seen: set[str]
+    _cursor: tuple[Any, ...]
+    _prefix: dict[tuple[str, int], tuple[Any, ...]]
+
+    def _push(self, key: tuple[Any, ...], item: tuple[Any, ...]) -> None:
+        heapq.heappush(self._heap, (key, next(self._seq), item))
+
+    def _open_groups_but(
+        self, team: str, user: str, opened: frozenset[GroupKey], phase: int
+    ) -> None:
+        """Look again at the groups of ``user`` that the index passed over."""
+        tq = self.room.teams.get(team)
+        uq = tq.users.get(user) if tq is not None else None
+        for gkey in list(uq.groups) if uq is not None else ():
+            if gkey not in opened:
+                self._open_group(team, user, gkey, phase)
+
+    def _open_group(self, team: str, user: str, gkey: GroupKey, phase: int) -> None:
+        group = self.room.teams[team].users[user].groups[gkey]
+        if self._phase_of is not None and self._phase_of(team, group.spec) != phase:
+            return  # (its aged gangs were pushed on their own)
+        if not self.full and not self._admits(group.spec, group.items[0][0]):
+            self._passed.append(("group", team, user, gkey, phase, None))
+            return
+        self._next_in_group(team, user, gkey, phase, None)
+
+    def _open_keyed_groups(
+        self, team: str, user: str, uq: UserQueue, gkeys: list[GroupKey], phase: int
+    ) -> None:
+        """``_open_group`` of each of ``gkeys`` of a user whose key prefix is known, in one loop
+        (a decision opens a dozen or two groups: the calls were a tenth of it at 100,000
+        waiting): each pushes its first request after the walk's position."""
+        prefix = self._prefix[(user, phase)]
+        phase_of, admits, full = self._phase_of, self._admits, self.full
+        get, seen, cursor, aged_gang = self.room.get, self._seen, self._cursor, self._aged_gang
+        skipped = self._skipped
+        for gkey in gkeys:
+            group = uq.groups[gkey]
+            spec, items = group.spec, group.items
+            if phase_of is not None and phase_of(team, spec) != phase:
+                continue
+            if not full and not admits(spec, items[0][0]):
+                self._passed.append(("group", team, user, gkey, phase, None))
+                continue
+            if (user, gkey) in skipped:
+                continue
+            gang = spec.workers > 1
+            for item in items:
+                rid = item[1]
+                req = get(rid)
+                if req is None or rid in seen or (gang and aged_gang(req)):
+                    continue
+                k = prefix + (gkey[1],) + item  # = self.key(req), without the policy
+                if k <= cursor:
+                    continue
+                self._push(k, ("req", req, (team, user, gkey, phase)))
+                break
+
+    def _next_in_group(
+        self, team: str, user: str, gkey: GroupKey, phase: int, after: tuple[float, str] | None
+    ) -> None:
+        """Push the next request of the group after ``after`` (its first when None) that comes
+        after the walk's position, unless the group is passed over."""
+        tq = self.room.teams.get(team)
+        uq = tq.users.get(user) if tq is not None else None
+        group = uq.groups.get(gkey) if uq is not None else None
+        if group is None:
+            return
+        if (user, gkey) in self._skipped:
+            return
+        items = (
+            group.items.irange(minimum=after, inclusive=(False, False)) if after else group.items
+        )
+        prefix = self._prefix.get((user, phase))
+        for item in items:
+            rid = item[1]
+            req = self.room.get(rid)
+            if req is None or rid in self._seen or self._aged_gang(req):
+                continue
+            if prefix is not None:
+                k = prefix + (gkey[1],) + item  # = self.key(req), without the policy
+            else:
+                k = self.key(req)
+                if k[1] != phase:
+                    return  # a group's requests share their within-guarantee flag
+            if k <= self._cursor:
+                continue
+            self._push(k, ("req", req, (team, user, gkey, phase)))
+            return
+
+    def _still_worth(self, req: Request, where: tuple[str, str, GroupKey, int]) -> bool:
+        """Whether ``req``'s group may still act, now that the pass granted what came before it
+        (its room shrank since the group was opened); if not, the group is passed over until room
+        is made."""
+        team, user, gkey, phase = where
+        group = self.room.teams[team].users[user].groups[gkey]
+        if self._admits(group.spec, group.items[0][0]):
+            return True
+        self._passed.append(("group", team, user, gkey, phase, None))
+        return False
+
+    def skip_group(self, req: Request) -> None:
+        """The rest of ``req``'s group cannot act in this pass (as ``req`` could not)."""
+        where = self.room._where.get(req.id)
+        if where is not None:
+            team, user, gkey = where
+            self._skipped[(user, gkey)] = (team, self.key(req)[1])
+
+
+class Walk(_GroupSteps):
     """The waiting requests in the policy's order (as at the start of the pass), without those
     that cannot act (see the module docstring).
 
@@ -413,19 +610,25 @@ class Walk:
         phase_of: Callable[[str, RequestSpec], int] | None = None,
         phase_room: Callable[[str], float] | None = None,
         narrow: Callable[[Needs, str], Room | None] | None = None,
-        user_key: Callable[[str, str, int], tuple[Any, ...]] | None = None,
+        user_keys: Callable[[str, list[str], int], list[tuple[Any, ...]]] | None = None,
         beyond_room: Callable[[], tuple[Room, Collection[str]] | None] | None = None,
+        team_shares: Callable[[list[str]], list[float]] | None = None,
     ):
         self.room = room
         # the room, when only it can make a team's (a user's) requests act: then the index of
         # what they need finds those that can, and the others are not looked at one by one
         self._narrow = narrow if room.indexed else None
-        # a prefix of the keys of a user's requests of one phase (none of them comes before it)
-        self._user_key = user_key
+        # the prefix of the keys of each user's requests of one phase (not an aged gang): a
+        # request's key is its prefix + (priority rank, submitted, id), its group's key[1] and
+        # its (submitted, id); kept per (user, phase) once keyed, so that a group's requests are
+        # keyed without the policy
+        self._user_keys = user_keys
+        self._prefix: dict[tuple[str, int], tuple[Any, ...]] = {}
         # (the room, the teams that may act for something else than room: a reservation), or None
         # when any team may (something to preempt for): which teams a phase opens
         self._beyond_room = beyond_room if self._narrow is not None else None
         self._team_share = team_share
+        self._team_shares = team_shares or (lambda teams: [team_share(t) for t in teams])
         # (key, item) of the teams and users whose turn came, or was to come, while the room
         # admitted none of their needs: looked at again if room grows (``unskip``, ``revive``);
         # (None, a team) is keyed then, (None, ("turns", turns, at)) stands for turns from at
@@ -464,15 +667,12 @@ class Walk:
                 for team in room.teams:
                     self._push(self._team_key(team, phase), ("team", team, phase))
 
-    def _push(self, key: tuple[Any, ...], item: tuple[Any, ...]) -> None:
-        heapq.heappush(self._heap, (key, next(self._seq), item))
-
     def __iter__(self) -> Walk:
         return self
 
     def __next__(self) -> Request:
         while self._heap:
-            _, _, item = heapq.heappop(self._heap)
+            key, _, item = heapq.heappop(self._heap)
             kind = item[0]
             if kind == "req":
                 req, where = cast(Request, item[1]), item[2]
@@ -485,7 +685,7 @@ class Walk:
                 if where is not None and not self.full and not self._still_worth(req, where):
                     continue
                 self._seen.add(req.id)
-                self._cursor = self.key(req)
+                self._cursor = key  # (a request is pushed at its key)
                 if where is not None:  # the next of its group follows it
                     self._push(self._cursor + (0,), ("group",) + where + ((req.submitted, req.id),))
                 return req
@@ -528,11 +728,12 @@ class Walk:
                 if tq is not None and tq.needs.equivalents.least > self._phase_room(team):
                     del chosen[team]
                     self._outside.add(team)
-        for team in self.room.teams:
-            if team not in chosen and team not in self._outside:  # (keyed only if room grows)
-                self._unopened.append((None, ("team", team, phase)))
+        # the teams not chosen: listed (and keyed) only if room grows (``_left``)
+        self._unopened.append((None, ("rest", phase, self._outside.union(chosen))))
         teams = [t for t in chosen if t in self.room.teams]
-        self._turns(_Turns(None, phase, sorted((self._team_key(t, phase), t) for t in teams)))
+        shares = self._team_shares(teams)
+        order = sorted(((1, phase, share, -INF), t) for share, t in zip(shares, teams))
+        self._turns(_Turns(None, phase, order))
 
     def _turns(self, turns: _Turns) -> None:
         """Give the first of ``turns`` its turn (nothing is looked at before it)."""
@@ -585,6 +786,11 @@ class Walk:
                         yield k, ("team", name, turns.phase)
                     else:
                         yield k, ("user", turns.team, name, turns.phase)
+            elif item[0] == "rest":
+                phase, chosen = item[1], item[2]
+                for team in self.room.teams:
+                    if team not in chosen:
+                        yield self._team_key(team, phase), ("team", team, phase)
             elif key is None:
                 yield self._team_key(item[1], item[2]), item
             else:
@@ -620,12 +826,13 @@ class Walk:
                 self._open_user(team, user, phase)
             return
         users = admitted(tq.by_need, room)
-        if self._user_key is None:
+        if self._user_keys is None:
             for user in users:
                 self._open_user(team, user, phase)
         else:  # each when its turn comes: the room may have shrunk by then
-            user_key = self._user_key
-            self._turns(_Turns(team, phase, sorted((user_key(team, u, phase), u) for u in users)))
+            prefixes = self._user_keys(team, users, phase)
+            self._prefix.update(((u, phase), k) for u, k in zip(users, prefixes))
+            self._turns(_Turns(team, phase, sorted(zip(prefixes, users))))
         if len(users) < len(tq.users):  # the others need more than the room: passed over
             self._passed.append(("users", team, frozenset(users), phase))
 
@@ -656,74 +863,13 @@ class Walk:
                 self._open_group(team, user, gkey, phase)
             return
         gkeys = admitted(uq.by_need, room)
-        for gkey in gkeys:
-            self._open_group(team, user, gkey, phase)
+        if self._prefix.get((user, phase)) is None:
+            for gkey in gkeys:
+                self._open_group(team, user, gkey, phase)
+        else:
+            self._open_keyed_groups(team, user, uq, gkeys, phase)
         if len(gkeys) < len(uq.groups):  # the others need more than the room: passed over
             self._passed.append(("groups", team, user, frozenset(gkeys), phase))
-
-    def _open_groups_but(
-        self, team: str, user: str, opened: frozenset[GroupKey], phase: int
-    ) -> None:
-        """Look again at the groups of ``user`` that the index passed over."""
-        tq = self.room.teams.get(team)
-        uq = tq.users.get(user) if tq is not None else None
-        for gkey in list(uq.groups) if uq is not None else ():
-            if gkey not in opened:
-                self._open_group(team, user, gkey, phase)
-
-    def _open_group(self, team: str, user: str, gkey: GroupKey, phase: int) -> None:
-        group = self.room.teams[team].users[user].groups[gkey]
-        if self._phase_of is not None and self._phase_of(team, group.spec) != phase:
-            return  # (its aged gangs were pushed on their own)
-        if not self.full and not self._admits(group.spec, group.items[0][0]):
-            self._passed.append(("group", team, user, gkey, phase, None))
-            return
-        self._next_in_group(team, user, gkey, phase, None)
-
-    def _next_in_group(
-        self, team: str, user: str, gkey: GroupKey, phase: int, after: tuple[float, str] | None
-    ) -> None:
-        """Push the next request of the group after ``after`` (its first when None) that comes
-        after the walk's position, unless the group is passed over."""
-        tq = self.room.teams.get(team)
-        uq = tq.users.get(user) if tq is not None else None
-        group = uq.groups.get(gkey) if uq is not None else None
-        if group is None:
-            return
-        if (user, gkey) in self._skipped:
-            return
-        items = (
-            group.items.irange(minimum=after, inclusive=(False, False)) if after else group.items
-        )
-        for _, rid in items:
-            req = self.room.get(rid)
-            if req is None or rid in self._seen or self._aged_gang(req):
-                continue
-            k = self.key(req)
-            if k[1] != phase:
-                return  # a group's requests share their within-guarantee flag
-            if k <= self._cursor:
-                continue
-            self._push(k, ("req", req, (team, user, gkey, phase)))
-            return
-
-    def _still_worth(self, req: Request, where: tuple[str, str, GroupKey, int]) -> bool:
-        """Whether ``req``'s group may still act, now that the pass granted what came before it
-        (its room shrank since the group was opened); if not, the group is passed over until room
-        is made."""
-        team, user, gkey, phase = where
-        group = self.room.teams[team].users[user].groups[gkey]
-        if self._admits(group.spec, group.items[0][0]):
-            return True
-        self._passed.append(("group", team, user, gkey, phase, None))
-        return False
-
-    def skip_group(self, req: Request) -> None:
-        """The rest of ``req``'s group cannot act in this pass (as ``req`` could not)."""
-        where = self.room._where.get(req.id)
-        if where is not None:
-            team, user, gkey = where
-            self._skipped[(user, gkey)] = (team, self.key(req)[1])
 
     def unskip(self) -> None:
         """Groups passed over after a failure may act again (GPUs held for another came free)."""

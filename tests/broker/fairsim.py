@@ -56,10 +56,13 @@ _n = [0]
 
 
 def req(user: str, submitted: float = 0.0, priority: str = "interactive", **spec) -> Request:
+    """A request; ids sort as they were made (the simulator submits at its clock, so requests
+    made together tie on age and go by id: "R10" before "R9" made a test's outcome depend on how
+    many requests the tests before it had made)."""
     _n[0] += 1
     spec = spec or {"fraction": 0.5}
     return Request(
-        id=f"R{_n[0]}",
+        id=f"R{_n[0]:06d}",
         user=user,
         kernel="k",
         client=None,

@@ -20,6 +20,8 @@ from tests.broker.fairsim import GiB, gpus, pool_sim
 D = 50.0  # longest lease
 TICK = 5.0  # the broker re-runs the pass every second; the simulation every TICK
 RESERVE_AFTER = 20.0
+# how long a request owed by its team's guarantee may wait (docs/fair-share.md)
+BOUND = RESERVE_AFTER + 3 * D + 2 * TICK
 
 specs = st.one_of(
     st.builds(lambda f: {"fraction": f}, st.sampled_from([0.1, 0.23, 0.25, 0.47, 0.5, 0.81, 1.0])),
@@ -182,22 +184,45 @@ def test_no_overcommit_distinct_gang_gpus_and_no_starvation(pool_def, workload, 
         (20.0, 0, {"fraction": 0.1}, 22.0, "interactive"),
     ],
 )
+# found by Hypothesis (2026-12-07), on stop 27's code too: R19, a guaranteed 0.1 GPU request,
+# waited 133 s. When it aged, GPUs were held for another request (R6: it drained in 30 s); then two
+# gangs that had aged went first, as the order says (docs/fair-share.md: aged gangs first): R4, its
+# own user's, drained in 14 s; R20, of a team with no guarantee, drained in 46 s and ran 43 s on
+# borrowed capacity, which is not reclaimed from a gang (its ranks are never taken back). This
+# test's old bound (reserve-after + 2 leases) left no room for a gang ahead; the documented one
+# (reserve-after + 3 leases, as under a steady stream) holds
+@example(
+    ([8, 8], [1.94, 0.0, 0.0]),
+    [(0.0, 0, {"gpus": 1}, 1.0, "interactive")] * 2
+    + [(0.0, 0, {"fraction": 0.1}, 1.0, "interactive")] * 2
+    + [(15.0, 0, {"fraction": 0.25, "workers": 2}, 46.0, "interactive")]
+    + [(0.0, 0, {"gpus": 1}, 1.0, "interactive"), (0.0, 1, {"gpus": 1}, 14.0, "interactive")]
+    + [(0.0, 0, {"fraction": 0.1}, 1.0, "interactive")] * 8
+    + [
+        (0.0, 0, {"fraction": 1.0}, 12.0, "interactive"),
+        (0.0, 0, {"fraction": 1.0}, 21.0, "interactive"),
+        (0.0, 1, {"fraction": 0.1}, 18.0, "interactive"),
+        (58.0, 0, {"fraction": 0.1}, 44.0, "interactive"),
+        (72.0, 0, {"fraction": 0.1}, 1.0, "interactive"),
+        (20.0, 1, {"fraction": 1.0, "workers": 2}, 43.0, "interactive"),
+        (1.0, 0, {"gpus": 1}, 36.0, "interactive"),
+        (0.0, 0, {"fraction": 0.1}, 1.0, "interactive"),
+        (0.0, 0, {"fraction": 0.25, "workers": 2}, 31.0, "interactive"),
+    ],
+)
 def test_every_guarantee_is_met_within_a_bounded_time(pool_def, workload):
     sizes, guarantees = pool_def
     _, _, _, worst, _ = run(sizes, guarantees, workload, reclaim=True)
     # owed since t: reserved after RESERVE_AFTER, then GPUs held for it drain within one lease,
-    # possibly after one reservation ahead of it (at most 1/4 of the GPUs, at least one, are held at
-    # once)
-    assert worst <= RESERVE_AFTER + 2 * D + 2 * TICK, worst
+    # after the reservation ahead of it when it aged (at most 1/4 of the GPUs, at least one, are
+    # held at once) and a gang that aged first (its drain and its run: a gang is not reclaimed)
+    assert worst <= BOUND, worst
 
 
 def test_memory_requests_count_against_the_largest_gpu():
     p = FairSharePolicy(PoolQuotas())
     p.reference_bytes = 80 * GiB
     assert p.need(RequestSpec(memory=40 * GiB)) == 0.5
-
-
-BOUND = RESERVE_AFTER + 3 * D + 2 * TICK
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -230,8 +230,8 @@ def _walked(indexed: bool, grow: str, teams: list[tuple[float, ...]], rooms: lis
     def share(team: str) -> float:
         return float(team[1:])
 
-    def key(r):
-        return (1, 0, share(r.team), 0.0, 0, 0, r.spec.fraction, r.id)
+    def key(r):  # (a user's requests: the prefix of user_keys + (priority rank, submitted, id))
+        return (1, 0, share(r.team), 0.0, 0, 0, r.submitted, r.id)
 
     walk = Walk(
         room,
@@ -243,7 +243,7 @@ def _walked(indexed: bool, grow: str, teams: list[tuple[float, ...]], rooms: lis
         phase_of=lambda team, spec: 0,
         phase_room=lambda team: INF,
         narrow=lambda needs, team: box[0],
-        user_key=lambda team, user, phase: (1, phase, share(team), 0.0, 0),
+        user_keys=lambda team, users, phase: [(1, phase, share(team), 0.0, 0) for _ in users],
         beyond_room=lambda: (box[0], []),
     )
     walk.full = False
@@ -285,24 +285,28 @@ def test_teams_left_out_while_the_room_was_small_are_looked_at_when_it_grows():
     assert seen["together", "revive"] == seen["together", "unskip"] == ["0-0.2", "1-0.6", "2-0.6"]
 
 
+def _holding(teams: dict, leases: tuple[tuple[str, float], ...], now: float):
+    """A simulated pool of three 16 GiB GPUs with ``teams``' quotas whose users hold ``leases``
+    (user, fraction), at ``now``."""
+    pool = pool_sim().SimPool(gpus(16, 16, 16), FairSharePolicy(quotas(teams=teams)))
+    for user, fraction in leases:
+        pool.submit(req(user, fraction=fraction))
+    pool.schedule()
+    pool.now = now
+    return pool
+
+
 def test_the_room_in_a_teams_guarantee_is_read_without_its_decayed_use_as_its_context_gives_it():
     """A pass tells whether anything of a team fits in its guarantee before keying the team
     (``PassState.guarantee_room``, without the decayed use that only the team's place in the
     order needs): it is the room of the team's context (``FairSharePolicy.team_context``), for
     teams under, at and over their guarantee, and as held at the start of the pass."""
-    sim = pool_sim()
-    teams = quotas(
-        teams={
-            "a": {"guarantee": 1.0, "members": ["alice"]},
-            "b": {"guarantee": 0.5, "members": ["bob"]},
-            "c": {"guarantee": 2.0, "members": ["carol"]},
-        }
-    )
-    pool = sim.SimPool(gpus(16, 16, 16), FairSharePolicy(teams))
-    for user, fraction in (("alice", 1.0), ("bob", 0.75), ("carol", 0.5)):
-        pool.submit(req(user, fraction=fraction))
-    pool.schedule()
-    pool.now = 30.0
+    teams = {
+        "a": {"guarantee": 1.0, "members": ["alice"]},
+        "b": {"guarantee": 0.5, "members": ["bob"]},
+        "c": {"guarantee": 2.0, "members": ["carol"]},
+    }
+    pool = _holding(teams, (("alice", 1.0), ("bob", 0.75), ("carol", 0.5)), now=30.0)
     state = PassState(pool.policy, pool.ledger.packer, pool.ledger.queue, 30.0, None, 0.25)
     try:
         for team in ("a", "b", "c", "nobody"):
@@ -312,5 +316,83 @@ def test_the_room_in_a_teams_guarantee_is_read_without_its_decayed_use_as_its_co
         pool.end(next(lid for lid, ls in pool.leases.items() if ls.user == "alice"))  # ... then
         assert pool.policy.team_context("a", 30.0)[0] == 1.0 + EPS
         assert state.guarantee_room("a") == 0.0 + EPS == state.context("a")[0]  # as at the start
+    finally:
+        state.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.booleans(), st.sampled_from([0.0, 0.1, 0.25, 0.5, 1.0, 3.0])), max_size=40
+    )
+)
+def test_the_small_indexes_answer_as_a_sorted_list_does(ops):
+    """``Smallest`` (a multiset: counts per value and a sorted list of the values) and ``ByAmount``
+    (two parallel sorted lists) replaced ``SortedList``s for speed: the same least value, the same
+    entries and the same prefixes after random additions and removals (removing what is not there
+    changes nothing)."""
+    from jupyter_gpu.broker.waiting import ByAmount, Smallest
+
+    smallest, expected = Smallest(), []
+    by_amount, entries = ByAmount(), []
+    for n, (add, value) in enumerate(ops):
+        what = f"t{n % 5}"
+        if add:
+            smallest.add(value)
+            expected.append(value)
+            if (value, what) not in entries and all(w != what for _, w in entries):
+                by_amount.add((value, what))
+                entries.append((value, what))
+        else:
+            smallest.remove(value)
+            if value in expected:
+                expected.remove(value)
+            by_amount.discard((value, what))
+            if (value, what) in entries:
+                entries.remove((value, what))
+        assert smallest.least == (min(expected) if expected else INF)
+        assert sorted(entries, key=lambda e: e[0]) == sorted(by_amount, key=lambda e: e[0])
+        assert list(by_amount.amounts) == sorted(by_amount.amounts)
+        for limit in (-1.0, 0.0, 0.3, 1.0, INF):
+            assert sorted(by_amount.upto(limit)) == sorted(w for v, w in entries if v <= limit)
+
+
+def test_a_users_key_prefix_and_its_groups_make_each_requests_full_key():
+    """The walk keys a group's requests as the user's prefix (``PassState.user_keys``) + (the
+    group's priority rank, submitted, id), without the policy: that must be exactly
+    ``PassState.key`` for every waiting request that is not an aged gang, users holding GPUs and
+    not, priorities and teams mixed, within and beyond their guarantees, and after a grant in the
+    pass (the order is frozen at its start)."""
+    teams = {
+        "a": {"guarantee": 1.0, "members": ["alice", "bob"]},
+        "b": {"guarantee": 0.5, "members": ["carol"]},
+    }
+    pool = _holding(teams, (("alice", 1.0), ("carol", 0.75), ("bob", 0.25)), now=40.0)
+    waiting = [
+        req(user, submitted=float(n), priority=prio, fraction=fraction)
+        for n, (user, prio, fraction) in enumerate(
+            [
+                ("alice", "interactive", 1.0),
+                ("alice", "batch", 0.5),
+                ("bob", "interactive", 0.25),
+                ("bob", "batch", 1.0),
+                ("carol", "interactive", 0.75),
+                ("carol", "batch", 0.1),
+            ]
+        )
+    ]
+    for r in waiting:
+        pool.submit(r)
+    state = PassState(pool.policy, pool.ledger.packer, pool.ledger.queue, 40.0, None, 0.25)
+    try:
+        state.freeze("a", "alice")  # a grant in the pass changes what they hold: keys do not move
+        pool.policy.held_user["alice"] += 1.0
+        pool.policy.held_team["a"] += 1.0
+        for r in waiting:
+            team = pool.policy.team_of(r)
+            phase = state.key(r)[1]
+            (prefix,) = state.user_keys(team, [r.user], phase)
+            rank = 0 if r.spec.priority == "interactive" else 1
+            assert prefix + (rank, r.submitted, r.id) == state.key(r), r.id
     finally:
         state.close()
