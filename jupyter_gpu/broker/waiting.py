@@ -7,7 +7,8 @@ serves requests in the policy's order (``FairSharePolicy.key``, computed as at t
 pass, as sorting the queue did), and it still grants, reclaims, suspends, reserves and explains
 exactly what the full pass did; it just does not look at what cannot act.
 
-The index: team -> user -> group (one user's requests of one shape and priority, oldest first). A
+The index: team -> user -> group (one user's requests of one shape, priority and number of ranks,
+oldest first). A
 user and a team carry summaries of what their requests need: the smallest share of a GPU, bytes of
 one GPU, whole GPUs, host memory and cores, and the oldest submission. ``Walk`` visits teams, then
 users, then groups in the policy's order, and passes over a whole team or user whose smallest needs
@@ -50,7 +51,9 @@ from jupyter_gpu.broker.model import Request
 from jupyter_gpu.common.protocol import RequestSpec
 
 INF = math.inf
-GroupKey = tuple[ShapeKey, int, str]  # (shape, priority rank in the policy's key, priority)
+# (shape of a rank, priority rank in the policy's key, priority, ranks): requests alike but for
+# their age (a gang and a single request of the same fraction are not)
+GroupKey = tuple[ShapeKey, int, str, int]
 
 
 def family(spec: RequestSpec) -> tuple[int, float]:
@@ -289,7 +292,7 @@ def _admits_any(index: tuple[ByAmount, ...], room: Room) -> bool:
 
 @dataclass
 class Group:
-    """One user's waiting requests of one shape and priority, oldest first."""
+    """One user's waiting requests of one shape, priority and number of ranks, oldest first."""
 
     key: GroupKey
     spec: RequestSpec
@@ -375,6 +378,7 @@ class WaitingRoom:
             shape_of(req.spec),
             PRIORITY_RANK.get(req.spec.priority, 1),
             req.spec.priority,
+            req.spec.workers,
         )
         tq = self.teams.setdefault(team, TeamQueue(team))
         uq = tq.users.setdefault(req.user, UserQueue(req.user, team))

@@ -396,3 +396,30 @@ def test_a_users_key_prefix_and_its_groups_make_each_requests_full_key():
             assert prefix + (rank, r.submitted, r.id) == state.key(r), r.id
     finally:
         state.close()
+
+
+def test_a_gang_and_single_requests_of_the_same_fraction_are_not_one_group():
+    """Bug fixed: a user's requests were grouped by their shape per rank and priority, not by how
+    many ranks they have, so a gang of two 0.5 ranks and a single 0.5 request were one group, "the
+    same but for their age": when the gang (older) found no room in a pass, the rest of its group,
+    the single request, was passed over with it, and since the passes after look only where room
+    changed, it waited beside 0.5 GPU free."""
+    sim = pool_sim()
+    pool = sim.SimPool(gpus(16, 16, per_worker=2), FairSharePolicy(PoolQuotas()))
+    first, second = pool.gpus
+    _book(pool, "holder", first, 1.0)
+    half = _book(pool, "holder", second, 0.5)
+    _book(pool, "holder", second, 0.5)
+    pool.schedule()
+    gang = req("e", workers=2, fraction=0.5)
+    pool.submit(gang)
+    pool.now = 1.0
+    single = req("e", fraction=0.5)
+    pool.submit(single)
+    pool.schedule()  # (each is looked at once, to be told why it waits: nothing is free)
+    assert gang in pool.queue and single in pool.queue
+    pool.end(half)  # 0.5 free on one GPU: room for the single, not for the gang's two ranks
+    pool.now = 2.0
+    grants, _ = pool.schedule()
+    assert [r.id for r, _ in grants] == [single.id], (single.reason, gang.reason)
+    assert gang in pool.queue
