@@ -27,6 +27,10 @@ class FreeIndex:
     gpus: dict[str, GpuSlot]
     hosts: dict[str, HostSlot]
 
+    @property
+    def scored(self) -> bool:
+        raise NotImplementedError
+
     def order_key(self, worker: str) -> tuple[Any, ...]:
         raise NotImplementedError
 
@@ -58,6 +62,7 @@ class FreeIndex:
         self._state: dict[str, StateKey] = {}
         self._entries: dict[str, tuple[Any, ...]] = {}  # each worker's entry in its group
         self._groups: dict[StateKey, SortedList] = {}
+        self._states_stale = False  # (see ``states``)
         self._capable: collections.Counter[int] = collections.Counter()
         self._capable_version = -1
         # the workers whose room may have grown since the last complete scheduling pass (None:
@@ -96,7 +101,20 @@ class FreeIndex:
             self._free[g.total_bytes].add(entry[1:])
         self._index_whole(worker, sum(1 for g in slots if g.leased_bytes == 0))
         self._index_host(worker)
-        self._index_state(worker)
+        if self.scored:
+            self._index_state(worker)
+        else:  # (read by fragmentation-aware placement only: brought up to date when it reads)
+            self._states_stale = True
+
+    def states(self) -> dict[StateKey, SortedList]:
+        """The machines grouped by their state of free room, each at its ``order_key``, up to
+        date. Why not kept at every ``touch``: only fragmentation-aware placement reads them, and
+        while no machine reports its host (best fit) keeping them was a third of each booking."""
+        if self._states_stale:
+            self._states_stale = False
+            for worker in sorted(set(self._state) | set(self._by_worker) | set(self.hosts)):
+                self._index_state(worker)
+        return self._groups
 
     def _index_whole(self, worker: str, free_whole: int) -> None:
         """Keep ``worker``'s count of entirely free GPUs in ``_whole`` (unchanged: untouched)."""

@@ -261,7 +261,7 @@ class Packer(ScoredChoice, FreeIndex):
                 if best is None or rank < best[0]:
                     best = (rank, worker, key, found[1])
 
-        for key, members in self._groups.items():
+        for key, members in self.states().items():
             for entry in members:
                 if entry[-1] not in touched:
                     consider(key, entry[-1])

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import collections
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from sortedcontainers import SortedList
@@ -49,6 +49,7 @@ class ScoredChoice:
     scorer: Scorer
     hosts: dict[str, HostSlot]
     _groups: dict[StateKey, SortedList]
+    states: Callable[[], dict[StateKey, SortedList]]  # (free_index.FreeIndex)
     _capable: collections.Counter[int]
     _capable_version: int
 
@@ -72,7 +73,7 @@ class ScoredChoice:
         """How many machines can host each shape of the workload (recounted when it changes)."""
         if self._capable_version != self.workload.version:
             self._capable = collections.Counter()
-            for key, members in self._groups.items():
+            for key, members in self.states().items():
                 for i in self.scorer.hostable(key):
                     self._capable[i] += len(members)
             self._capable_version = self.workload.version
@@ -137,7 +138,7 @@ class ScoredChoice:
         fragmentation: for work that is not a session (the benchmark's CPU-only tasks)."""
         capable = self._capable_now() if self.protecting() else None
         best: tuple[tuple[Any, ...], str] | None = None
-        for key, members in self._groups.items():
+        for key, members in self.states().items():
             _, fm, fc, mem, cpu, n = key
             if (fm is not None and fm < memory) or (fc is not None and fc < milli):
                 continue

@@ -724,17 +724,21 @@ class Walk(_GroupSteps):
                 self._push(self._team_key(team, phase), ("team", team, phase))
             return
         room, beyond = found
-        chosen = dict.fromkeys(admitted(self.room.by_need, room))
-        chosen.update(dict.fromkeys(beyond))
-        if phase == 0 and self._phase_room is not None:
-            for team in list(chosen):  # nothing of it fits in its guarantee: see ``_open_team``
-                tq = self.room.teams.get(team)
-                if tq is not None and tq.needs.equivalents.least > self._phase_room(team):
-                    del chosen[team]
-                    self._outside.add(team)
+        teams_of, chosen, teams = self.room.teams, set(), []
+        check = self._phase_room if phase == 0 else None
+        for team in itertools.chain(admitted(self.room.by_need, room), beyond):
+            if team in chosen:
+                continue
+            chosen.add(team)
+            tq = teams_of.get(team)
+            if tq is None:
+                continue
+            if check is not None and tq.needs.equivalents.least > check(team):
+                self._outside.add(team)  # nothing of it fits in its guarantee: see ``_open_team``
+                continue
+            teams.append(team)
         # the teams not chosen: listed (and keyed) only if room grows (``_left``)
-        self._unopened.append((None, ("rest", phase, self._outside.union(chosen))))
-        teams = [t for t in chosen if t in self.room.teams]
+        self._unopened.append((None, ("rest", phase, self._outside | chosen)))
         shares = self._team_shares(teams)
         order = sorted(((1, phase, share, -INF), t) for share, t in zip(shares, teams))
         self._turns(_Turns(None, phase, order))
