@@ -83,7 +83,7 @@ class PassState:
             phase_of=lambda team, spec: 0 if policy.need(spec) <= self.guarantee_room(team) else 1,
             phase_room=self.guarantee_room,
             narrow=self.narrow,
-            user_keys=self.user_keys if plain_key else None,
+            user_ranks=self.user_ranks if plain_key else None,
             beyond_room=self.beyond_room,
             team_shares=self.team_shares,
         )
@@ -131,13 +131,11 @@ class PassState:
             req, self.now, self.context(self.policy.team_of(req)), self._held_user.get(req.user)
         )
 
-    def user_keys(self, team: str, users: list[str], phase: int) -> list[tuple[Any, ...]]:
-        """The prefix of ``key`` of each of ``users``' requests of ``phase`` (not an aged gang):
-        their keys are the prefix + (priority rank, submitted, id)."""
-        team_part = (1, phase, self.context(team)[1])
-        return [
-            team_part + rank for rank in self.policy.user_ranks(users, self.now, self._held_user)
-        ]
+    def user_ranks(self, users: list[str]) -> list[tuple[Any, ...]]:
+        """The user part of ``key`` of each of ``users`` (as at the start of the pass): the keys of
+        a user's requests of a phase (not an aged gang) are (1, phase, its team's share) + this +
+        (priority rank, submitted, id)."""
+        return list(self.policy.user_ranks(users, self.now, self._held_user))
 
     def aged_gang(self, req: Request) -> bool:
         return self.policy.aged_gang(req, self.now)

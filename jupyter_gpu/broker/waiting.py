@@ -462,8 +462,14 @@ class _Turns:
 
     team: str | None
     phase: int
+    # (the rest of each one's key, name), sorted: their keys share ``head`` (sorting the rest
+    # alone compares short tuples)
     order: list[tuple[tuple[Any, ...], str]]
+    head: tuple[Any, ...]
     at: int = 0
+
+    def key(self, at: int) -> tuple[Any, ...]:
+        return self.head + self.order[at][0]
 
 
 class _GroupSteps:
@@ -614,7 +620,7 @@ class Walk(_GroupSteps):
         phase_of: Callable[[str, RequestSpec], int] | None = None,
         phase_room: Callable[[str], float] | None = None,
         narrow: Callable[[Needs, str], Room | None] | None = None,
-        user_keys: Callable[[str, list[str], int], list[tuple[Any, ...]]] | None = None,
+        user_ranks: Callable[[list[str]], list[tuple[Any, ...]]] | None = None,
         beyond_room: Callable[[], tuple[Room, Collection[str]] | None] | None = None,
         team_shares: Callable[[list[str]], list[float]] | None = None,
     ):
@@ -626,7 +632,7 @@ class Walk(_GroupSteps):
         # request's key is its prefix + (priority rank, submitted, id), its group's key[1] and
         # its (submitted, id); kept per (user, phase) once keyed, so that a group's requests are
         # keyed without the policy
-        self._user_keys = user_keys
+        self._user_ranks = user_ranks
         self._prefix: dict[tuple[str, int], tuple[Any, ...]] = {}
         # (the room, the teams that may act for something else than room: a reservation), or None
         # when any team may (something to preempt for): which teams a phase opens
@@ -740,13 +746,13 @@ class Walk(_GroupSteps):
         # the teams not chosen: listed (and keyed) only if room grows (``_left``)
         self._unopened.append((None, ("rest", phase, self._outside | chosen)))
         shares = self._team_shares(teams)
-        order = sorted(((1, phase, share, -INF), t) for share, t in zip(shares, teams))
-        self._turns(_Turns(None, phase, order))
+        order = sorted(((share, -INF), t) for share, t in zip(shares, teams))
+        self._turns(_Turns(None, phase, order, (1, phase)))
 
     def _turns(self, turns: _Turns) -> None:
         """Give the first of ``turns`` its turn (nothing is looked at before it)."""
         if turns.order:
-            self._push(turns.order[0][0], ("turn", turns))
+            self._push(turns.key(0), ("turn", turns))
 
     def _take_turn(self, turns: _Turns) -> None:
         """The next team (user of ``turns.team``) in ``turns`` whose needs the room still admits
@@ -768,17 +774,19 @@ class Walk(_GroupSteps):
             turns.at = len(order)
             return
         while turns.at < len(order):
-            key, name = order[turns.at]
+            name = order[turns.at][1]
+            key = turns.key(turns.at)
             turns.at += 1
             needs = _needs_of(self.room, team, name)
             if needs is None:
                 continue  # (none of it waits any more)
             if room is None or self.full or name in beyond or room.admits_gpu(needs):
                 if turns.at < len(order):
-                    self._push(order[turns.at][0], ("turn", turns))
+                    self._push(turns.key(turns.at), ("turn", turns))
                 if team is None:
                     self._open_team(name, phase)
                 else:
+                    self._prefix[(name, phase)] = key  # its requests' keys begin with it
                     self._open_user(team, name, phase)
                 return
             item = ("team", name, phase) if team is None else ("user", team, name, phase)
@@ -789,11 +797,11 @@ class Walk(_GroupSteps):
         for key, item in self._unopened:
             if item[0] == "turns":
                 turns, at = item[1], item[2]
-                for k, name in turns.order[at:]:
+                for rest, name in turns.order[at:]:
                     if turns.team is None:
-                        yield k, ("team", name, turns.phase)
+                        yield turns.head + rest, ("team", name, turns.phase)
                     else:
-                        yield k, ("user", turns.team, name, turns.phase)
+                        yield turns.head + rest, ("user", turns.team, name, turns.phase)
             elif item[0] == "rest":
                 phase, chosen = item[1], item[2]
                 for team in self.room.teams:
@@ -834,13 +842,12 @@ class Walk(_GroupSteps):
                 self._open_user(team, user, phase)
             return
         users = admitted(tq.by_need, room)
-        if self._user_keys is None:
+        if self._user_ranks is None:
             for user in users:
                 self._open_user(team, user, phase)
         else:  # each when its turn comes: the room may have shrunk by then
-            prefixes = self._user_keys(team, users, phase)
-            self._prefix.update(((u, phase), k) for u, k in zip(users, prefixes))
-            self._turns(_Turns(team, phase, sorted(zip(prefixes, users))))
+            order = sorted(zip(self._user_ranks(users), users))
+            self._turns(_Turns(team, phase, order, (1, phase, self._team_share(team))))
         if len(users) < len(tq.users):  # the others need more than the room: passed over
             self._passed.append(("users", team, frozenset(users), phase))
 

@@ -230,7 +230,9 @@ def _walked(indexed: bool, grow: str, teams: list[tuple[float, ...]], rooms: lis
     def share(team: str) -> float:
         return float(team[1:])
 
-    def key(r):  # (a user's requests: the prefix of user_keys + (priority rank, submitted, id))
+    def key(
+        r,
+    ):  # (a user's requests: (1, phase, team share) + user rank + (priority rank, age, id))
         return (1, 0, share(r.team), 0.0, 0, 0, r.submitted, r.id)
 
     walk = Walk(
@@ -243,7 +245,7 @@ def _walked(indexed: bool, grow: str, teams: list[tuple[float, ...]], rooms: lis
         phase_of=lambda team, spec: 0,
         phase_room=lambda team: INF,
         narrow=lambda needs, team: box[0],
-        user_keys=lambda team, users, phase: [(1, phase, share(team), 0.0, 0) for _ in users],
+        user_ranks=lambda users: [(0.0, 0) for _ in users],
         beyond_room=lambda: (box[0], []),
     )
     walk.full = False
@@ -358,11 +360,11 @@ def test_the_small_indexes_answer_as_a_sorted_list_does(ops):
 
 
 def test_a_users_key_prefix_and_its_groups_make_each_requests_full_key():
-    """The walk keys a group's requests as the user's prefix (``PassState.user_keys``) + (the
-    group's priority rank, submitted, id), without the policy: that must be exactly
-    ``PassState.key`` for every waiting request that is not an aged gang, users holding GPUs and
-    not, priorities and teams mixed, within and beyond their guarantees, and after a grant in the
-    pass (the order is frozen at its start)."""
+    """The walk keys a group's requests as (1, phase, the team's share) + the user's rank
+    (``PassState.user_ranks``) + (the group's priority rank, submitted, id), without the policy:
+    that must be exactly ``PassState.key`` for every waiting request that is not an aged gang,
+    users holding GPUs and not, priorities and teams mixed, within and beyond their guarantees,
+    and after a grant in the pass (the order is frozen at its start)."""
     teams = {
         "a": {"guarantee": 1.0, "members": ["alice", "bob"]},
         "b": {"guarantee": 0.5, "members": ["carol"]},
@@ -391,7 +393,7 @@ def test_a_users_key_prefix_and_its_groups_make_each_requests_full_key():
         for r in waiting:
             team = pool.policy.team_of(r)
             phase = state.key(r)[1]
-            (prefix,) = state.user_keys(team, [r.user], phase)
+            prefix = (1, phase, state.context(team)[1]) + state.user_ranks([r.user])[0]
             rank = 0 if r.spec.priority == "interactive" else 1
             assert prefix + (rank, r.submitted, r.id) == state.key(r), r.id
     finally:
