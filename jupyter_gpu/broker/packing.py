@@ -15,8 +15,8 @@ Two ways to choose among the places a request fits:
 ``Packer`` keeps the pool's GPUs and machines indexed, so that a placement costs about the logarithm
 of the pool's size in best-fit mode, and one cached score per distinct machine state in
 fragmentation-aware mode, not a scan of every GPU (10,000 GPUs: 37 ms per scan). The ledger tells it
-what changed (``touch``, ``free_index.py``). The module-level ``place``, ``never_fits`` and ``why_waiting`` take plain
-lists of GPUs (and machines), for callers that hold no ledger.
+what changed (``touch``, ``free_index.py``). The module-level ``place``, ``never_fits`` and
+``why_waiting`` take plain lists of GPUs (and machines), for callers that hold no ledger.
 """
 
 from __future__ import annotations

@@ -57,16 +57,16 @@ class Permissions:
             await self.tokens.close()
 
     @staticmethod
-    def holds(lease: Lease | None, user: str | None, secret: str | None) -> bool:
-        """Whether ``secret`` is ``lease``'s (only its kernel got it with the grant): proof enough
-        to give it back, even when the identity source no longer accepts the kernel's token (a
-        revoked JupyterHub token, the Hub down)."""
+    def holds(item: Lease | Request | None, user: str | None, secret: str | None) -> bool:
+        """Whether ``secret`` is ``item``'s, a lease's or a waiting request's (only its kernel got
+        it): proof enough to give it back, even when the identity source no longer accepts the
+        kernel's token (a revoked JupyterHub token, the Hub down)."""
         return (
-            lease is not None
-            and lease.user == user
+            item is not None
+            and item.user == user
             and secret is not None
-            and lease.secret is not None
-            and hmac.compare_digest(secret, lease.secret)
+            and item.secret is not None
+            and hmac.compare_digest(secret, item.secret)
         )
 
     async def cancel_verdict(
@@ -76,14 +76,7 @@ class Permissions:
         request's first status) is proof enough to withdraw it, even once the identity source
         stops accepting the kernel's token while it waits (a revoked JupyterHub token): nothing is
         then granted to a cell that will not run. Otherwise the caller's accepted identity."""
-        if (
-            req is not None
-            and req.user == user
-            and secret is not None
-            and hmac.compare_digest(secret, req.secret)
-        ):
-            return None
-        return await self.check_identity(user, token)
+        return None if self.holds(req, user, secret) else await self.check_identity(user, token)
 
     async def check_holder(
         self, lease: Lease | None, user: str | None, token: str | None, secret: str | None

@@ -135,7 +135,7 @@ class PassState:
         """The user part of ``key`` of each of ``users`` (as at the start of the pass): the keys of
         a user's requests of a phase (not an aged gang) are (1, phase, its team's share) + this +
         (priority rank, submitted, id)."""
-        return list(self.policy.user_ranks(users, self.now, self._held_user))
+        return self.policy.user_ranks(users, self.now, self._held_user)
 
     def aged_gang(self, req: Request) -> bool:
         return self.policy.aged_gang(req, self.now)

@@ -8,9 +8,8 @@ pass, as sorting the queue did), and it still grants, reclaims, suspends, reserv
 exactly what the full pass did; it just does not look at what cannot act.
 
 The index: team -> user -> group (one user's requests of one shape, priority and number of ranks,
-oldest first). A
-user and a team carry summaries of what their requests need: the smallest share of a GPU, bytes of
-one GPU, whole GPUs, host memory and cores, and the oldest submission. ``Walk`` visits teams, then
+oldest first). A user and a team carry summaries of what their requests need: the smallest share of
+a GPU, bytes of one GPU, whole GPUs, host memory and cores, and the oldest submission. ``Walk`` visits teams, then
 users, then groups in the policy's order, and passes over a whole team or user whose smallest needs
 exceed the largest room the pool has (free, or to be made by moving idle sessions or reclaiming
 borrowed ones), unless something else makes it act (a reservation, one to be made, or the first
@@ -184,19 +183,19 @@ class Needs:
             0.0 if kind == 1 else amount * spec.workers,
             req.submitted,
         )
-        trackers = (self.gpu[kind], self.host_memory, self.cpu_milli, self.equivalents)
+        trackers = (
+            self.gpu[kind],
+            self.host_memory,
+            self.cpu_milli,
+            self.equivalents,
+            self.submitted,
+        )
         step = 1 if add else -1
         self.reservable += step * (spec.workers > 1 or spec.gpus is not None)
         self.single += step * single
         self.interactive_single += step * (single and spec.priority == "interactive")
-        if add:
-            for tracker, value in zip(trackers, values):
-                tracker.add(value)
-            self.submitted.add(values[4])
-        else:
-            for tracker, value in zip(trackers, values):
-                tracker.remove(value)
-            self.submitted.remove(values[4])
+        for tracker, value in zip(trackers, values):
+            (tracker.add if add else tracker.remove)(value)
 
     def smallest(self, kind: int) -> float:
         return self.gpu[kind].least
@@ -513,38 +512,6 @@ class _GroupSteps:
             return
         self._next_in_group(team, user, gkey, phase, None)
 
-    def _open_keyed_groups(
-        self, team: str, user: str, uq: UserQueue, gkeys: list[GroupKey], phase: int
-    ) -> None:
-        """``_open_group`` of each of ``gkeys`` of a user whose key prefix is known, in one loop
-        (a decision opens a dozen or two groups: the calls were a tenth of it at 100,000
-        waiting): each pushes its first request after the walk's position."""
-        prefix = self._prefix[(user, phase)]
-        phase_of, admits, full = self._phase_of, self._admits, self.full
-        get, seen, cursor, aged_gang = self.room.get, self._seen, self._cursor, self._aged_gang
-        skipped = self._skipped
-        for gkey in gkeys:
-            group = uq.groups[gkey]
-            spec, items = group.spec, group.items
-            if phase_of is not None and phase_of(team, spec) != phase:
-                continue
-            if not full and not admits(spec, items[0][0]):
-                self._passed.append(("group", team, user, gkey, phase, None))
-                continue
-            if (user, gkey) in skipped:
-                continue
-            gang = spec.workers > 1
-            for item in items:
-                rid = item[1]
-                req = get(rid)
-                if req is None or rid in seen or (gang and aged_gang(req)):
-                    continue
-                k = prefix + (gkey[1],) + item  # = self.key(req), without the policy
-                if k <= cursor:
-                    continue
-                self._push(k, ("req", req, (team, user, gkey, phase)))
-                break
-
     def _next_in_group(
         self, team: str, user: str, gkey: GroupKey, phase: int, after: tuple[float, str] | None
     ) -> None:
@@ -628,10 +595,10 @@ class Walk(_GroupSteps):
         # the room, when only it can make a team's (a user's) requests act: then the index of
         # what they need finds those that can, and the others are not looked at one by one
         self._narrow = narrow if room.indexed else None
-        # the prefix of the keys of each user's requests of one phase (not an aged gang): a
-        # request's key is its prefix + (priority rank, submitted, id), its group's key[1] and
-        # its (submitted, id); kept per (user, phase) once keyed, so that a group's requests are
-        # keyed without the policy
+        # the user part of each user's keys (``PassState.user_ranks``): with it a team's users
+        # are put in order, and the prefix of the keys of a user's requests of one phase (not an
+        # aged gang) is kept per (user, phase) when its turn comes; a request's key is that
+        # prefix + (its group's priority rank, submitted, id), computed without the policy
         self._user_ranks = user_ranks
         self._prefix: dict[tuple[str, int], tuple[Any, ...]] = {}
         # (the room, the teams that may act for something else than room: a reservation), or None
@@ -878,11 +845,8 @@ class Walk(_GroupSteps):
                 self._open_group(team, user, gkey, phase)
             return
         gkeys = admitted(uq.by_need, room)
-        if self._prefix.get((user, phase)) is None:
-            for gkey in gkeys:
-                self._open_group(team, user, gkey, phase)
-        else:
-            self._open_keyed_groups(team, user, uq, gkeys, phase)
+        for gkey in gkeys:
+            self._open_group(team, user, gkey, phase)
         if len(gkeys) < len(uq.groups):  # the others need more than the room: passed over
             self._passed.append(("groups", team, user, frozenset(gkeys), phase))
 
