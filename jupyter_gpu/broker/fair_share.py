@@ -41,13 +41,6 @@ SortKey = tuple[int, int, float, float, int, int, float, str]
 MIN_WEIGHT = 0.1  # a team with no guarantee counts as guaranteed this much when shares are compared
 
 
-def _quantized(share: float) -> float:
-    """``share`` to the nearest billionth: float noise in decayed averages does not split ties
-    between teams or users that used the same (``round(share, 9)`` did this at twice the cost,
-    and a pass computes one for each team and user it keys). Shares are never negative."""
-    return int(share * 1e9 + 0.5) / 1e9
-
-
 @dataclass
 class LeaseRecord:
     """What the policy remembers of a granted lease: who holds how much, since when, and on which
@@ -308,7 +301,7 @@ class FairSharePolicy:
         """``team_context`` of each of ``teams`` in one loop (a pass keys the few dozen teams a
         phase opens at once: a call each cost a tenth of a decision at 10,000 GPUs); ``held``
         overrides what a team holds now."""
-        held_now, averages, lam = self.held_team, self.avg_team, self.lam
+        held_now, averages, lam, exp = self.held_team, self.avg_team, self.lam, math.exp
         configured, team_quota = self.quotas.configured, self.quotas.team
         found = []
         for team in teams:
@@ -321,9 +314,29 @@ class FairSharePolicy:
             else:
                 room, weight = math.inf, 1.0
             avg = averages.get(team)
-            if avg is not None:
-                h += avg.at(now, lam)
-            found.append((room, _quantized(h / weight)))
+            if avg is not None:  # (``avg.at(now, lam)``, inline: at 10,000 GPUs a call for each
+                # team and user keyed was a twentieth of a decision)
+                if now > avg.t:
+                    d = exp(-lam * (now - avg.t))
+                    h += avg.value * d + avg.rate * (1.0 - d)
+                else:
+                    h += avg.value
+            # the share to the nearest billionth: float noise in decayed averages does not split
+            # ties between teams or users that used the same (shares are never negative)
+            found.append((room, int(h / weight * 1e9 + 0.5) / 1e9))
+        return found
+
+    def guarantee_rooms(self, teams: Iterable[str], held: Mapping[str, float]) -> list[float]:
+        """The first part of ``team_context`` of each of ``teams`` (quotas configured), without
+        the decayed use: a phase of a pass reads it for every team the room admits, and keys only
+        those with something that fits; ``held`` overrides what a team holds now."""
+        held_now, team_quota = self.held_team, self.quotas.team
+        found = []
+        for team in teams:
+            h = held.get(team)
+            if h is None:
+                h = held_now.get(team, 0.0)
+            found.append(team_quota(team).guarantee - h + EPS)
         return found
 
     def key(
@@ -364,18 +377,22 @@ class FairSharePolicy:
             self.lam,
             self._priority,
         )
-        found = []
+        exp, found = math.exp, []
         for user in users:
             h = held.get(user)
             if h is None:
                 h = held_now.get(user, 0.0)
             avg = averages.get(user)
-            if avg is not None:
-                h += avg.at(now, lam)
+            if avg is not None:  # (as in ``team_contexts``)
+                if now > avg.t:
+                    d = exp(-lam * (now - avg.t))
+                    h += avg.value * d + avg.rate * (1.0 - d)
+                else:
+                    h += avg.value
             prio = priorities.get(user)
             if prio is None:
                 prio = priorities[user] = self.quotas.priority(user)
-            found.append((_quantized(h), -prio))
+            found.append((int(h * 1e9 + 0.5) / 1e9, -prio))  # (as in ``team_contexts``)
         return found
 
     def order(self, queue: list[Request]) -> list[Request]:

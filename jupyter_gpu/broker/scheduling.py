@@ -82,6 +82,7 @@ class PassState:
             reserving,
             phase_of=lambda team, spec: 0 if policy.need(spec) <= self.guarantee_room(team) else 1,
             phase_room=self.guarantee_room,
+            phase_rooms=self.guarantee_rooms,
             narrow=self.narrow,
             user_ranks=self.user_ranks if plain_key else None,
             beyond_room=self.beyond_room,
@@ -125,6 +126,14 @@ class PassState:
         # (what a team holds changes in the pass only after ``freeze`` kept what it held before)
         self._rooms[team] = room
         return room
+
+    def guarantee_rooms(self, teams: list[str]) -> list[float]:
+        """``guarantee_room`` of each of ``teams`` (those a phase may open, tested at once)."""
+        rooms = self._rooms
+        missing = [t for t in teams if t not in rooms and t not in self._contexts]
+        if missing and self._plain_context and self.configured:
+            rooms.update(zip(missing, self.policy.guarantee_rooms(missing, self._held_team)))
+        return [self.guarantee_room(t) if t not in rooms else rooms[t] for t in teams]
 
     def key(self, req: Request) -> tuple[Any, ...]:
         return self.policy.key(

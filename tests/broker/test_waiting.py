@@ -211,13 +211,21 @@ def test_a_pass_leaves_nothing_for_the_garbage_collector():
     assert [w() for w in walks] == [None, None]
 
 
-def _walked(indexed: bool, grow: str, teams: list[tuple[float, ...]], rooms: list[float], fresh=()):
+def _walked(
+    indexed: bool,
+    grow: str,
+    teams: list[tuple[float, ...]],
+    rooms: list[float],
+    fresh=(),
+    outside=(),
+):
     """The requests a walk gives, in order: team ``t<n>`` (share n: t0 first) has one user with a
     request of each fraction of ``teams[n]``; the pass's room is ``rooms[k]`` once ``k`` were
     given (a grant fills it, or room is made), and when the last of ``rooms`` is reached the
     room grew: ``grow`` is "revive" (room made by a preemption) or "unskip" (GPUs held for a
     reservation were let go). ``fresh``: the requests no pass looked at yet (the walk gives
-    them, in their turn, whatever the room)."""
+    them, in their turn, whatever the room); ``outside``: the teams with no room left in their
+    guarantee (their requests come in the second phase)."""
     room = WaitingRoom(lambda r: r.team or "")
     for n, fractions in enumerate(teams):
         for fraction in fractions:
@@ -230,10 +238,13 @@ def _walked(indexed: bool, grow: str, teams: list[tuple[float, ...]], rooms: lis
     def share(team: str) -> float:
         return float(team[1:])
 
+    def phase(team: str) -> int:
+        return 1 if team in outside else 0
+
     def key(
         r,
     ):  # (a user's requests: (1, phase, team share) + user rank + (priority rank, age, id))
-        return (1, 0, share(r.team), 0.0, 0, 0, r.submitted, r.id)
+        return (1, phase(r.team), share(r.team), 0.0, 0, 0, r.submitted, r.id)
 
     walk = Walk(
         room,
@@ -242,8 +253,8 @@ def _walked(indexed: bool, grow: str, teams: list[tuple[float, ...]], rooms: lis
         lambda r: False,
         lambda needs, team, user: box[0].admits(needs),
         lambda spec, oldest: box[0].admits_spec(spec),
-        phase_of=lambda team, spec: 0,
-        phase_room=lambda team: INF,
+        phase_of=lambda team, spec: phase(team),
+        phase_room=lambda team: 0.0 if team in outside else INF,
         narrow=lambda needs, team: box[0],
         user_ranks=lambda users: [(0.0, 0) for _ in users],
         beyond_room=lambda: (box[0], []),
@@ -271,12 +282,27 @@ def test_teams_left_out_while_the_room_was_small_are_looked_at_when_it_grows():
     # t1 and t2 are left at t1's turn, together (0.6 > 0.1: ``_take_turn``'s one go), then
     # room grows when t1's request, never looked at yet, is given anyway
     together = [(0.2,), (0.6,), (0.6,)], [1.0, 0.1, 1.0], ["1-0.6"]
+    # t0's user has three groups the room admits when its turn comes; once its 0.2 is given, the
+    # room admits none of the others and both are left at once (``_take_group_turn``), then
+    # room grows when t1's is given: they come before the walk's position (passed over for good)
+    groups = [(0.2, 0.6, 0.3), (0.05,)], [1.0, 0.1, 1.0]
+    # bug fixed: t1 and t2 have no room left in their guarantee. The first phase finds them
+    # (the room admits their needs) and passes them over; in the second, once t0's is given, the
+    # room admits t1's need only, and t2 was not left for when it grows, so it was never looked
+    # at again in this pass
+    second_phase = [(0.05,), (0.05,), (0.6,)], [1.0, 0.1, 1.0], [], ["t1", "t2"]
     seen = {}
-    cases = {"passed": passed, "ahead": ahead, "together": together}
-    for name, (teams, rooms, *fresh) in cases.items():
+    cases = {
+        "passed": passed,
+        "ahead": ahead,
+        "together": together,
+        "groups": groups,
+        "second phase": second_phase,
+    }
+    for name, (teams, rooms, *more) in cases.items():
         for grow in ("revive", "unskip"):
-            seen[name, grow] = _walked(True, grow, teams, rooms, *fresh)
-            assert seen[name, grow] == _walked(False, grow, teams, rooms, *fresh), (name, grow)
+            seen[name, grow] = _walked(True, grow, teams, rooms, *more)
+            assert seen[name, grow] == _walked(False, grow, teams, rooms, *more), (name, grow)
     # (t1's request comes before the walk's position: passed over for good, in both walks)
     assert (
         seen["passed", "revive"]
@@ -285,6 +311,9 @@ def test_teams_left_out_while_the_room_was_small_are_looked_at_when_it_grows():
     )
     assert seen["ahead", "revive"] == seen["ahead", "unskip"] == ["0-0.05", "1-0.6", "2-0.6"]
     assert seen["together", "revive"] == seen["together", "unskip"] == ["0-0.2", "1-0.6", "2-0.6"]
+    assert seen["groups", "revive"] == seen["groups", "unskip"] == ["0-0.2", "1-0.05"]
+    assert seen["second phase", "revive"] == ["0-0.05", "1-0.05", "2-0.6"]
+    assert seen["second phase", "unskip"] == ["0-0.05", "1-0.05", "2-0.6"]
 
 
 def _holding(teams: dict, leases: tuple[tuple[str, float], ...], now: float):
