@@ -6,7 +6,7 @@ from __future__ import annotations
 import gc
 import weakref
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from jupyter_gpu.broker.fair_share import FairSharePolicy
@@ -349,6 +349,30 @@ def test_the_room_in_a_teams_guarantee_is_read_without_its_decayed_use_as_its_co
         assert state.guarantee_room("a") == 0.0 + EPS == state.context("a")[0]  # as at the start
     finally:
         state.close()
+
+
+@settings(max_examples=60, deadline=None)
+@example(1, [(True, 1, 0.0), (False, 1, 0.0), (True, 2, 1.0)])  # emptied, then a newer one
+@given(
+    st.sampled_from([0, 1]),
+    st.lists(st.tuples(st.booleans(), st.integers(0, 6), st.sampled_from([0.0, 1.0, 2.0]))),
+)
+def test_a_groups_first_is_its_oldest_request_after_any_arrivals_and_departures(rank, ops):
+    """A group keeps the part of its keys the walk orders a user's groups by, (priority rank,
+    submitted, id) of its oldest request, at hand (``Group.first``) instead of reading its sorted
+    list: after random additions and removals (of what is there or not, older or newer than the
+    rest) it is what the sorted list's first entry gives."""
+    from jupyter_gpu.broker.waiting import Group
+
+    group = Group(((0.5, None, None, None, None), rank, "interactive", 1), RequestSpec())
+    for add, n, submitted in ops:
+        item = (submitted, f"R{n}")
+        if add and item not in group.items and all(i[1] != item[1] for i in group.items):
+            group.add(item)
+        elif not add:
+            group.discard(item)
+        if group.items:
+            assert group.first == (rank,) + group.items[0]
 
 
 @settings(max_examples=60, deadline=None)
