@@ -27,8 +27,9 @@ comes (``_Turns``; a user's requests' keys share a prefix, ``PassState.user_key`
 before it have usually shrunk the room, and those it no longer admits are passed over in one test each,
 or all at once when the room admits nothing of them any more, instead of each of their groups being
 keyed, pushed and popped; they are looked at again if the pass makes room (``unskip``, ``revive``), as
-a walk that opens each in its turn would. At 100,000 waiting that took a decision from keying about 560
-groups to about 15, and from about 100 team and 39 user openings to 1-2 of each (the teams, and the
+a walk that opens each in its turn would. A user's groups are opened the same way, each when the walk
+reaches its oldest request (``_GroupTurns``). At 100,000 waiting that took a decision from keying about
+560 groups to 1-10, and from about 100 team and 39 user openings to 1-2 of each (the teams, and the
 users of a team opened, are still keyed to be put in order: docs/benchmarks.md).
 """
 
@@ -850,8 +851,9 @@ class Walk(_GroupSteps):
             elif item[0] == "gturns":
                 gturns, at = item[1], item[2]
                 for rest, gkey in gturns.order[at:]:
-                    yield gturns.head + rest, (
-                        "ogroup", gturns.team, gturns.user, gkey, gturns.phase
+                    yield (
+                        gturns.head + rest,
+                        ("ogroup", gturns.team, gturns.user, gkey, gturns.phase),
                     )
             elif item[0] == "rest":
                 phase, chosen = item[1], item[2]
