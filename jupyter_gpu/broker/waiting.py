@@ -682,7 +682,9 @@ class Walk(_GroupSteps):
         self._team_shares = team_shares or (lambda teams: [team_share(t) for t in teams])
         # (key, item) of the teams and users whose turn came, or was to come, while the room
         # admitted none of their needs: looked at again if room grows (``unskip``, ``revive``);
-        # (None, a team) is keyed then, (None, ("turns", turns, at)) stands for turns from at
+        # (None, a team) is keyed then, (None, ("turns", turns, at)) stands for turns from at, as
+        # (None, ("gturns", group turns, at)) for a user's groups, and (None, ("rest", phase,
+        # chosen)) for the teams of a phase not chosen when it began
         self._unopened: list[tuple[tuple[Any, ...] | None, tuple[Any, ...]]] = []
         # a group's phase (0: within its team's guarantee) from its shape, and a team's room in
         # its guarantee: a team or group of the other phase is not opened
