@@ -64,6 +64,13 @@ class LeaseRecord:
     host: tuple[int, int] = (0, 0)  # host memory and thousandths of a core it holds
 
 
+def _quantized(share: float) -> float:
+    """``share`` to the nearest billionth: float noise in decayed averages does not split ties
+    between teams or users that used the same (``round(share, 9)`` did this at twice the cost,
+    and a pass computes one for each team and user it keys). Shares are never negative."""
+    return int(share * 1e9 + 0.5) / 1e9
+
+
 class DecayedAverage:
     """An exponentially weighted average of a step function (GPUs held), updated only when it steps.
 
@@ -301,7 +308,7 @@ class FairSharePolicy:
         """``team_context`` of each of ``teams`` in one loop (a pass keys the few dozen teams a
         phase opens at once: a call each cost a tenth of a decision at 10,000 GPUs); ``held``
         overrides what a team holds now."""
-        held_now, averages, lam, exp = self.held_team, self.avg_team, self.lam, math.exp
+        held_now, averages, lam = self.held_team, self.avg_team, self.lam
         configured, team_quota = self.quotas.configured, self.quotas.team
         found = []
         for team in teams:
@@ -314,16 +321,9 @@ class FairSharePolicy:
             else:
                 room, weight = math.inf, 1.0
             avg = averages.get(team)
-            if avg is not None:  # (``avg.at(now, lam)``, inline: at 10,000 GPUs a call for each
-                # team and user keyed was a twentieth of a decision)
-                if now > avg.t:
-                    d = exp(-lam * (now - avg.t))
-                    h += avg.value * d + avg.rate * (1.0 - d)
-                else:
-                    h += avg.value
-            # the share to the nearest billionth: float noise in decayed averages does not split
-            # ties between teams or users that used the same (shares are never negative)
-            found.append((room, int(h / weight * 1e9 + 0.5) / 1e9))
+            if avg is not None:
+                h += avg.at(now, lam)
+            found.append((room, _quantized(h / weight)))
         return found
 
     def guarantee_rooms(self, teams: Iterable[str], held: Mapping[str, float]) -> list[float]:
@@ -377,22 +377,18 @@ class FairSharePolicy:
             self.lam,
             self._priority,
         )
-        exp, found = math.exp, []
+        found = []
         for user in users:
             h = held.get(user)
             if h is None:
                 h = held_now.get(user, 0.0)
             avg = averages.get(user)
-            if avg is not None:  # (as in ``team_contexts``)
-                if now > avg.t:
-                    d = exp(-lam * (now - avg.t))
-                    h += avg.value * d + avg.rate * (1.0 - d)
-                else:
-                    h += avg.value
+            if avg is not None:
+                h += avg.at(now, lam)
             prio = priorities.get(user)
             if prio is None:
                 prio = priorities[user] = self.quotas.priority(user)
-            found.append((int(h * 1e9 + 0.5) / 1e9, -prio))  # (as in ``team_contexts``)
+            found.append((_quantized(h), -prio))
         return found
 
     def order(self, queue: list[Request]) -> list[Request]:
