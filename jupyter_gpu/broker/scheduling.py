@@ -112,28 +112,21 @@ class PassState:
         only its place in the order needs: a team that nothing fits in its guarantee is passed over
         in that phase without being keyed."""
         room = self._rooms.get(team)
-        if room is not None:
-            return room
-        found = self._contexts.get(team)
-        if found is not None or not self._plain_context:
-            room = self.context(team)[0]  # (a policy with a context of its own: the simulator's)
-        elif not self.configured:
-            room = math.inf
-        else:
-            held = self._held_team.get(team)
-            held = self.policy.held_team.get(team, 0.0) if held is None else held
-            room = self.policy.quotas.team(team).guarantee - held + EPS
-        # (what a team holds changes in the pass only after ``freeze`` kept what it held before)
-        self._rooms[team] = room
-        return room
+        return room if room is not None else self.guarantee_rooms([team])[0]
 
     def guarantee_rooms(self, teams: list[str]) -> list[float]:
         """``guarantee_room`` of each of ``teams`` (those a phase may open, tested at once)."""
         rooms = self._rooms
-        missing = [t for t in teams if t not in rooms and t not in self._contexts]
-        if missing and self._plain_context and self.configured:
-            rooms.update(zip(missing, self.policy.guarantee_rooms(missing, self._held_team)))
-        return [self.guarantee_room(t) if t not in rooms else rooms[t] for t in teams]
+        missing = [t for t in teams if t not in rooms]
+        if missing:
+            if not self._plain_context:  # (a policy with a context of its own: the simulator's)
+                found = [self.context(t)[0] for t in missing]
+            elif not self.configured:
+                found = [math.inf] * len(missing)
+            else:  # (held as at the start: ``freeze`` keeps it before a grant changes it)
+                found = self.policy.guarantee_rooms(missing, self._held_team)
+            rooms.update(zip(missing, found))
+        return [rooms[t] for t in teams]
 
     def key(self, req: Request) -> tuple[Any, ...]:
         return self.policy.key(
