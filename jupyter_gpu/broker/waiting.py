@@ -28,7 +28,7 @@ before it have usually shrunk the room, and those it no longer admits are passed
 or all at once when the room admits nothing of them any more, instead of each of their groups being
 keyed, pushed and popped; they are looked at again if the pass makes room (``unskip``, ``revive``), as
 a walk that opens each in its turn would. A user's groups are opened the same way, each when the walk
-reaches its oldest request (``_GroupTurns``). At 100,000 waiting that took a decision from keying about
+reaches its oldest request (``_Turns`` too). At 100,000 waiting that took a decision from keying about
 560 groups to 1-10, and from about 100 team and 39 user openings to 1-2 of each (the teams, and the
 users of a team opened, are still keyed to be put in order: docs/benchmarks.md).
 """
@@ -471,38 +471,33 @@ class WaitingRoom:
 # ---------------------------------------------------------------------- the walk of one pass
 @dataclass
 class _Turns:
-    """Teams of a phase (``team`` None) or users of a team, in the order of the pass, each
-    looked at in its turn (``Walk._take_turn``); ``at``: the next."""
+    """Teams of a phase (``team`` None), users of a team (``user`` None) or a user's groups, in
+    the order of the pass, each looked at in its turn (``Walk._take_turn``,
+    ``_GroupSteps._take_group_turn``); ``at``: the next. A user's groups are those the room
+    admitted when the user's turn came, in the order of their oldest requests: a user's first
+    grant usually leaves no room for the rest, which are then passed over at once instead of each
+    being tested, pushed and popped."""
 
     team: str | None
     phase: int
-    # (the rest of each one's key, name), sorted: their keys share ``head`` (sorting the rest
-    # alone compares short tuples)
-    order: list[tuple[tuple[Any, ...], str]]
+    # (the rest of each one's key, name or group key), sorted: their keys share ``head`` (a
+    # user's groups: the user's key prefix, ``Walk._prefix``), and sorting the rest alone
+    # compares short tuples
+    order: list[tuple[tuple[Any, ...], Any]]
     head: tuple[Any, ...]
     at: int = 0
+    user: str | None = None
 
     def key(self, at: int) -> tuple[Any, ...]:
         return self.head + self.order[at][0]
 
-
-@dataclass
-class _GroupTurns:
-    """The groups of ``user`` that the room admitted when the user's turn came, in the order of
-    their first requests' keys, each opened in its turn (``_GroupSteps._take_group_turn``): a
-    user's first grant usually leaves no room for the rest, which are then passed over at once
-    instead of each being tested, pushed and popped."""
-
-    team: str
-    user: str
-    phase: int
-    # (the rest of its first request's key: priority rank, submitted, id; group key), sorted
-    order: list[tuple[tuple[Any, ...], GroupKey]]
-    head: tuple[Any, ...]  # the user's key prefix (``Walk._prefix``)
-    at: int = 0
-
-    def key(self, at: int) -> tuple[Any, ...]:
-        return self.head + self.order[at][0]
+    def item(self, name: Any) -> tuple[Any, ...]:
+        """What opens ``name`` (a team, a user, a group key) when its turn comes."""
+        if self.team is None:
+            return ("team", name, self.phase)
+        if self.user is None:
+            return ("user", self.team, name, self.phase)
+        return ("ogroup", self.team, self.user, name, self.phase)
 
 
 class _GroupSteps:
@@ -546,13 +541,14 @@ class _GroupSteps:
         turn: each is opened when the walk reaches its first request's key."""
         groups = self.room.teams[team].users[user].groups
         order = sorted((groups[gkey].first, gkey) for gkey in gkeys)
-        turns = _GroupTurns(team, user, phase, order, prefix)
+        turns = _Turns(team, phase, order, prefix, user=user)
         self._push(turns.key(0), ("gturn", turns))
 
-    def _take_group_turn(self, turns: _GroupTurns) -> None:
-        """Open the next group of ``turns`` that still waits, and give the one after it its turn;
-        when the room admits no group of the user any more, leave them all for when it grows."""
-        order, team, user = turns.order, turns.team, turns.user
+    def _take_group_turn(self, turns: _Turns) -> None:
+        """Open the next group of ``turns`` (a user's) that still waits, and give the one after it
+        its turn; when the room admits no group of the user any more, leave them all for when it
+        grows."""
+        order, team, user = turns.order, cast(str, turns.team), cast(str, turns.user)
         tq = self.room.teams.get(team)
         uq = tq.users.get(user) if tq is not None else None
         if uq is None:
@@ -560,7 +556,7 @@ class _GroupSteps:
         if not self.full and self._narrow is not None:
             room = self._narrow(uq.needs, team)
             if room is not None and not _admits_any(uq.by_need, room):
-                self._unopened.append((None, ("gturns", turns, turns.at)))
+                self._unopened.append((None, ("turns", turns, turns.at)))
                 turns.at = len(order)
                 return
         while turns.at < len(order):
@@ -682,9 +678,9 @@ class Walk(_GroupSteps):
         self._team_shares = team_shares or (lambda teams: [team_share(t) for t in teams])
         # (key, item) of the teams and users whose turn came, or was to come, while the room
         # admitted none of their needs: looked at again if room grows (``unskip``, ``revive``);
-        # (None, a team) is keyed then, (None, ("turns", turns, at)) stands for turns from at, as
-        # (None, ("gturns", group turns, at)) for a user's groups, and (None, ("rest", phase,
-        # chosen)) for the teams of a phase not chosen when it began
+        # (None, a team) is keyed then, (None, ("turns", turns, at)) stands for turns from at (of
+        # teams, users or a user's groups), and (None, ("rest", phase, chosen)) for the teams of a
+        # phase not chosen when it began
         self._unopened: list[tuple[tuple[Any, ...] | None, tuple[Any, ...]]] = []
         # a group's phase (0: within its team's guarantee) from its shape, and a team's room in
         # its guarantee: a team or group of the other phase is not opened
@@ -837,8 +833,7 @@ class Walk(_GroupSteps):
                     self._prefix[(name, phase)] = key  # its requests' keys begin with it
                     self._open_user(team, name, phase)
                 return
-            item = ("team", name, phase) if team is None else ("user", team, name, phase)
-            self._unopened.append((key, item))
+            self._unopened.append((key, turns.item(name)))
 
     def _left(self) -> Iterator[tuple[tuple[Any, ...], tuple[Any, ...]]]:
         """(key, item) of each team and user left for when room grows."""
@@ -846,17 +841,7 @@ class Walk(_GroupSteps):
             if item[0] == "turns":
                 turns, at = item[1], item[2]
                 for rest, name in turns.order[at:]:
-                    if turns.team is None:
-                        yield turns.head + rest, ("team", name, turns.phase)
-                    else:
-                        yield turns.head + rest, ("user", turns.team, name, turns.phase)
-            elif item[0] == "gturns":
-                gturns, at = item[1], item[2]
-                for rest, gkey in gturns.order[at:]:
-                    yield (
-                        gturns.head + rest,
-                        ("ogroup", gturns.team, gturns.user, gkey, gturns.phase),
-                    )
+                    yield turns.head + rest, turns.item(name)
             elif item[0] == "rest":
                 phase, chosen = item[1], item[2]
                 for team in self.room.teams:

@@ -241,9 +241,8 @@ def _walked(
     def phase(team: str) -> int:
         return 1 if team in outside else 0
 
-    def key(
-        r,
-    ):  # (a user's requests: (1, phase, team share) + user rank + (priority rank, age, id))
+    def key(r):
+        # a user's requests: (1, phase, team share) + user rank + (priority rank, age, id)
         return (1, phase(r.team), share(r.team), 0.0, 0, 0, r.submitted, r.id)
 
     walk = Walk(
